@@ -1,0 +1,37 @@
+"""One command checks everything: `nox` runs tests, lint and types."""
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "types"]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    session.install("-e", ".[test]")
+    session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "ckpt_async", "tests", "benchmarks")
+
+
+@nox.session
+def types(session: nox.Session) -> None:
+    session.install("-e", ".", "mypy")
+    session.run("mypy", "ckpt_async")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Runs every docs example script (they are part of the docs build)."""
+    session.install("-e", ".[test]")
+    session.run("python", "docs/examples/api_overview.py")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Side-by-side benchmark against Orbax, NumPy and safetensors (`-- --quick`)."""
+    session.install("-e", ".[bench]")
+    session.run("python", "benchmarks/run.py", *session.posargs)
