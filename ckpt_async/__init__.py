@@ -1,0 +1,60 @@
+"""ckpt_async: async-first checkpointing for JAX, with Orbax's API and on-disk format.
+
+``import ckpt_async as ocp`` runs Orbax's API Overview unchanged. This module is the whole
+public map.
+"""
+
+from . import (
+    aio,
+    args,
+    checkpoint_managers,
+    errors,
+    handlers,
+    metadata,
+    test_utils,
+    tree,
+    type_handlers,
+)
+from ._checkpointer import AsyncOptions
+from ._runtime import CommitFuture
+from .checkpointers import AsyncCheckpointer, Checkpointer, PyTreeCheckpointer, StandardCheckpointer
+from .errors import CheckpointError
+from .handlers import (
+    AsyncCheckpointHandler,
+    CheckpointHandler,
+    CompositeCheckpointHandler,
+    JsonCheckpointHandler,
+    PyTreeCheckpointHandler,
+    StandardCheckpointHandler,
+)
+from .type_handlers import ArrayRestoreArgs, RestoreArgs, SaveArgs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArrayRestoreArgs",
+    "AsyncCheckpointHandler",
+    "AsyncCheckpointer",
+    "AsyncOptions",
+    "CheckpointError",
+    "CheckpointHandler",
+    "Checkpointer",
+    "CommitFuture",
+    "CompositeCheckpointHandler",
+    "JsonCheckpointHandler",
+    "PyTreeCheckpointHandler",
+    "PyTreeCheckpointer",
+    "RestoreArgs",
+    "SaveArgs",
+    "StandardCheckpointHandler",
+    "StandardCheckpointer",
+    "aio",
+    "args",
+    "checkpoint_managers",
+    "errors",
+    "handlers",
+    "metadata",
+    "test_utils",
+    "tree",
+    "type_handlers",
+]

@@ -1,0 +1,231 @@
+"""The async checkpointer: one checkpoint at one path, staged then committed in the background.
+
+``await save(path, args)`` plans (raises on bad input before anything is written), stages the
+item into host memory, starts the background write and commit on the engine loop, and returns
+its :class:`~ckpt_async._runtime.CommitFuture`. The sync faces in ``checkpointers.py`` hold one
+of these and forward every call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from . import _commit
+from . import _format as fmt
+from . import _storage as storage
+from ._runtime import CommitFuture, get_runtime
+from .args import CheckpointArgs, Composite, args_classes_for, handler_class_for
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ClosedError,
+    CommitError,
+    CommitTimeoutError,
+    HandlerError,
+    InvalidArgumentError,
+    StepAlreadyExistsError,
+)
+from .handlers.base import CheckpointHandler
+from .handlers.composite import CompositeCheckpointHandler
+from .metadata import StepMetadata
+
+log = logging.getLogger("ckpt_async")
+
+
+@dataclasses.dataclass(frozen=True)
+class AsyncOptions:
+    """Options of background commits: ``timeout_secs`` fails a commit that takes longer."""
+
+    timeout_secs: float | None = 600
+    barrier_sync_fn: Any = None
+    post_finalization_callback: Any = None
+    create_directories_asynchronously: bool = True
+
+
+def as_path(directory: Any) -> Path:
+    if isinstance(directory, str) and "://" in directory:
+        raise InvalidArgumentError(f"{directory}: object stores are not supported by this backend")
+    return Path(os.fspath(directory)).absolute()
+
+
+def make_args(handler: CheckpointHandler, kind: str, item: Any, kwargs: dict) -> CheckpointArgs:
+    """Orbax's legacy call style ``save(path, item, save_args=...)`` as args for ``handler``."""
+    cls = args_classes_for(type(handler)).get(kind)
+    if cls is None:
+        raise InvalidArgumentError(f"{type(handler).__name__} needs explicit args= for {kind}")
+    if kind == "save":
+        return cls(item, **kwargs)
+    if "target" in kwargs:
+        kwargs["item"] = kwargs.pop("target")
+    return cls(item, **kwargs) if item is not None else cls(**kwargs)
+
+
+class AsyncCheckpointer:
+    """Saves and restores one checkpoint at one path with ``handler``; coroutines throughout.
+
+    >>> ckptr = AsyncCheckpointer(StandardCheckpointHandler())       # doctest: +SKIP
+    >>> fut = await ckptr.save('/tmp/ckpt', args=StandardSave(state)) # staged; commit runs on
+    >>> await fut                                                     # durable and visible
+    """
+
+    def __init__(self, handler: CheckpointHandler, *, async_options: AsyncOptions | None = None,
+                 **_orbax_options: Any) -> None:
+        if not isinstance(handler, CheckpointHandler):
+            raise InvalidArgumentError(
+                f"{handler!r} is not a ckpt_async CheckpointHandler instance")
+        self.handler = handler
+        self.async_options = async_options or AsyncOptions()
+        self._pending: list[CommitFuture] = []
+        self._closed = False
+
+    # -- save -----------------------------------------------------------------------------------
+    def _check_args(self, args: CheckpointArgs, directory: Path) -> None:
+        cls = handler_class_for(args)
+        if cls is None or not isinstance(self.handler, cls):
+            raise HandlerError(
+                f"{directory}: {type(args).__name__} cannot be saved by "
+                f"{type(self.handler).__name__}")
+
+    async def save(self, directory: Any, args: CheckpointArgs | None = None, *items: Any,
+                   force: bool = False, custom_metadata: dict | None = None,
+                   **legacy: Any) -> CommitFuture:
+        """Stages the item and starts its commit; returns the commit's future."""
+        self._check_open()
+        self.check_for_errors()
+        path = as_path(directory)
+        if args is None or not isinstance(args, CheckpointArgs):
+            args = make_args(self.handler, "save", args if args is not None else
+                             (items[0] if items else None), legacy)
+        self._check_args(args, path)
+        if await storage.exists(path) and not force:
+            raise StepAlreadyExistsError(f"{path} already exists; pass force=True to overwrite it")
+        return await self.save_staged(path, args, force=force, custom_metadata=custom_metadata)
+
+    async def save_staged(self, path: Path, args: CheckpointArgs, *, force: bool = False,
+                          custom_metadata: dict | None = None,
+                          step_metadata: fmt.StepMetadata | None = None,
+                          on_commit: Any = None) -> CommitFuture:
+        """The save pipeline (used by the manager too): tmp dir, stage, background commit."""
+        init_ns = time.time_ns()
+        tmp = await _commit.create_tmp(path)
+        try:
+            writer = await self.handler.stage(tmp, args)
+        except BaseException:
+            await _commit.abort(tmp)
+            raise
+        meta = step_metadata or fmt.StepMetadata()
+        meta.init_timestamp_nsecs = meta.init_timestamp_nsecs or init_ns
+        meta.item_handlers = self._item_handlers()
+        if custom_metadata is not None:
+            meta.custom_metadata = custom_metadata
+        item_dirs = [tmp / n for n in (args.keys() if isinstance(args, Composite) else ())
+                     if args[n] is not None]
+        fut = get_runtime().spawn(self._finish(writer, tmp, path, meta, item_dirs, force, on_commit))
+        self._pending.append(fut)
+        return fut
+
+    def _item_handlers(self) -> Any:
+        if isinstance(self.handler, CompositeCheckpointHandler):
+            return dict(getattr(self.handler, "last_item_handlers", {}))
+        return self.handler.typestr
+
+    async def _finish(self, writer: Any, tmp: Path, path: Path, meta: fmt.StepMetadata,
+                      item_dirs: list[Path], force: bool, on_commit: Any) -> Path:
+        async def run() -> None:
+            await writer.write()
+            await _commit.commit(tmp, path, meta, item_dirs, replace=force)
+
+        try:
+            timeout = self.async_options.timeout_secs
+            await asyncio.wait_for(run(), timeout)
+        except BaseException as exc:
+            await _commit.abort(tmp)
+            if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+                raise CommitTimeoutError(
+                    f"commit of {path} did not finish within {timeout} s") from exc
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CommitError(f"saving {path} failed: {exc}") from exc
+        if on_commit is not None:
+            await on_commit(path, meta)
+        log.debug("committed %s", path)
+        return path
+
+    # -- waiting --------------------------------------------------------------------------------
+    async def wait_until_finished(self) -> None:
+        """Waits for every pending commit; raises the first failure."""
+        pending, self._pending = self._pending, []
+        errors = []
+        for fut in pending:
+            try:
+                await fut
+            except BaseException as exc:  # noqa: BLE001 - collected, first re-raised
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def check_for_errors(self) -> None:
+        """Raises the error of a finished, failed commit (once), without waiting."""
+        for fut in list(self._pending):
+            if fut.done():
+                self._pending.remove(fut)
+                exc = fut.exception()
+                if exc is not None:
+                    raise exc
+
+    def is_saving_in_progress(self) -> bool:
+        return any(not f.done() for f in self._pending)
+
+    # -- restore --------------------------------------------------------------------------------
+    async def restore(self, directory: Any, args: CheckpointArgs | None = None, *items: Any,
+                      **legacy: Any) -> Any:
+        self._check_open()
+        await self.wait_until_finished()  # a restore sees every save issued before it
+        path = as_path(directory)
+        if not await storage.is_dir(path):
+            raise CheckpointNotFoundError(f"checkpoint {path} does not exist")
+        if args is not None and not isinstance(args, CheckpointArgs):
+            items, args = (args, *items), None
+        if args is None and (items or legacy):
+            args = make_args(self.handler, "restore", items[0] if items else None, legacy)
+        return await self.handler.restore(path, args)
+
+    async def metadata(self, directory: Any) -> StepMetadata:
+        await self.wait_until_finished()
+        path = as_path(directory)
+        meta_path = path / fmt.CHECKPOINT_METADATA
+        doc = fmt.StepMetadata()
+        if await storage.exists(meta_path):
+            doc = fmt.decode(await storage.read_bytes(meta_path), fmt.StepMetadata,
+                             where=str(meta_path))
+        elif not await storage.is_dir(path):
+            raise CheckpointNotFoundError(f"checkpoint {path} does not exist")
+        return StepMetadata(
+            item_handlers=doc.item_handlers,
+            item_metadata=await self.handler.metadata(path),
+            metrics=doc.metrics, performance_metrics=doc.performance_metrics,
+            init_timestamp_nsecs=doc.init_timestamp_nsecs,
+            commit_timestamp_nsecs=doc.commit_timestamp_nsecs,
+            custom_metadata=doc.custom_metadata,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("this checkpointer is closed")
+
+    async def close(self) -> None:
+        """Waits for pending commits, then closes; raises a commit's failure."""
+        if self._closed:
+            return
+        try:
+            await self.wait_until_finished()
+        finally:
+            self._closed = True
+            self.handler.close()

@@ -1,0 +1,122 @@
+"""Every on-disk document, as msgspec Structs (Orbax 0.12's layout; see shared ORBAX_FORMAT.md).
+
+Decoders are built once. Unknown fields on disk are tolerated (newer writers may add some);
+sizes are checked before decoding; a document that fails to decode raises
+:class:`~ckpt_async.errors.CorruptCheckpointError` naming the file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from .errors import CorruptCheckpointError
+
+# File and directory names, as Orbax writes them.
+CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
+PYTREE_METADATA = "_METADATA"
+SHARDING = "_sharding"
+STRINGS = "_strings.json"
+ARRAY_METADATAS = "array_metadatas"
+COMMIT_SUCCESS = "commit_success.txt"
+JSON_ITEM = "metadata"
+ROOT_METADATA_DIR = "metadata"
+ROOT_METADATA = "_ROOT_METADATA"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+#: Largest small document read (metadata files); a bigger one is treated as corrupt.
+MAX_DOCUMENT_BYTES = 1 << 30
+
+# Handler type strings written into _CHECKPOINT_METADATA (Orbax's, so each side resolves them).
+_ORBAX = "orbax.checkpoint._src.handlers."
+STANDARD_TYPESTR = _ORBAX + "standard_checkpoint_handler.StandardCheckpointHandler"
+PYTREE_TYPESTR = _ORBAX + "pytree_checkpoint_handler.PyTreeCheckpointHandler"
+JSON_TYPESTR = _ORBAX + "json_checkpoint_handler.JsonCheckpointHandler"
+COMPOSITE_TYPESTR = _ORBAX + "composite_checkpoint_handler.CompositeCheckpointHandler"
+
+KEY_SEQUENCE = 1
+KEY_DICT = 2
+
+
+class StepMetadata(msgspec.Struct):
+    """``_CHECKPOINT_METADATA``: what a step holds and when it was written."""
+
+    item_handlers: dict[str, str] | str | None = None
+    metrics: dict[str, Any] = {}
+    performance_metrics: dict[str, Any] = {}
+    init_timestamp_nsecs: int | None = None
+    commit_timestamp_nsecs: int | None = None
+    custom_metadata: dict[str, Any] = {}
+
+
+class KeyEntry(msgspec.Struct):
+    key: str
+    key_type: int
+
+
+class ValueMetadata(msgspec.Struct, omit_defaults=True):
+    value_type: str
+    skip_deserialize: bool  # no default: Orbax requires the field, omit_defaults would drop it
+    write_shape: list[int] | None = None
+
+
+class TreeEntry(msgspec.Struct):
+    key_metadata: list[KeyEntry]
+    value_metadata: ValueMetadata
+
+
+class TreeMetadata(msgspec.Struct):
+    """``_METADATA`` of a pytree item. ``ckpt_async`` is our extension, ignored by Orbax: the
+    exact container types and key types, so a tree restores as it was saved."""
+
+    tree_metadata: dict[str, TreeEntry]
+    use_ocdbt: bool = True
+    use_zarr3: bool = False
+    store_array_data_equal_to_fill_value: bool = True
+    custom_metadata: dict[str, Any] | None = None
+    ckpt_async: dict[str, Any] | None = None
+
+
+class ArrayMetadataEntry(msgspec.Struct):
+    param_name: str
+    write_shape: list[int]
+    chunk_shape: list[int]
+    ext_metadata: Any = None
+
+
+class ArrayMetadataWrapper(msgspec.Struct):
+    array_metadata: ArrayMetadataEntry
+
+
+class ArrayMetadatas(msgspec.Struct):
+    """``array_metadatas/process_<i>``: the write and chunk shapes of one process's arrays."""
+
+    array_metadatas: list[ArrayMetadataWrapper]
+
+
+class RootMetadata(msgspec.Struct):
+    """``metadata/_ROOT_METADATA`` of a manager directory."""
+
+    custom_metadata: dict[str, Any] | None = None
+
+
+_encoder = msgspec.json.Encoder()
+_decoders: dict[type, msgspec.json.Decoder[Any]] = {}
+
+
+def encode(doc: Any) -> bytes:
+    return _encoder.encode(doc)
+
+
+def decode(data: bytes, type_: type[Any], *, where: str) -> Any:
+    """Decodes ``data`` as ``type_``; ``where`` names the file in the error."""
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise CorruptCheckpointError(f"{where}: {len(data)} bytes is larger than any valid document")
+    dec = _decoders.get(type_)
+    if dec is None:
+        dec = _decoders[type_] = msgspec.json.Decoder(type_)
+    try:
+        return dec.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise CorruptCheckpointError(f"{where}: cannot decode ({exc})") from exc

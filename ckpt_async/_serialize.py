@@ -1,0 +1,183 @@
+"""Array bytes to and from TensorStore, in Orbax's layout (zarr in an OCDBT database).
+
+Runs on the engine loop; TensorStore's own threads do the I/O and its futures are awaited
+directly. One TensorStore context is used per save or restore. Writes are uncompressed by
+default (weight-like data barely compresses and zstd costs far more CPU than it saves disk
+time); Orbax restores either. Reads accept everything Orbax 0.12 writes: OCDBT or one zarr
+array per directory, zarr v2 or v3, compressed or not.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import tensorstore as ts
+
+from .errors import CheckpointNotFoundError, CorruptCheckpointError
+
+#: OCDBT data files are split at this size (Orbax uses 2 GiB on local filesystems).
+TARGET_DATA_FILE_SIZE = 2 << 30
+
+
+def new_context() -> ts.Context:
+    return ts.Context(
+        {"file_io_concurrency": {"limit": 128}, "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}}
+    )
+
+
+def kvstore_spec(item_dir: Path, *, use_ocdbt: bool, write: bool) -> dict[str, Any]:
+    """The kvstore holding an item's arrays; for OCDBT, the item directory's database."""
+    base = {"driver": "file", "path": str(item_dir) + "/"}
+    if not use_ocdbt:
+        return base
+    spec: dict[str, Any] = {"driver": "ocdbt", "base": base, "cache_pool": "cache_pool#ocdbt"}
+    if write:
+        # Data files need no atomic rename (the step is renamed as a whole); the manifest does.
+        spec["base"] = {**base, "file_io_locking": {"mode": "non_atomic"}}
+        spec["manifest"] = base
+        spec["config"] = {
+            "max_inline_value_bytes": 1024,
+            "max_decoded_node_bytes": 100_000_000,
+            "manifest_kind": "single",
+        }
+        spec["assume_config"] = True
+        spec["target_data_file_size"] = TARGET_DATA_FILE_SIZE
+    return spec
+
+
+def _zarr_metadata(shape: tuple[int, ...], chunks: tuple[int, ...], compress: bool) -> dict:
+    return {
+        "shape": list(shape),
+        # zarr forbids zero-length chunks; a zero-size array has no chunk to write anyway.
+        "chunks": [max(1, c) for c in chunks],
+        "compressor": {"id": "zstd", "level": 1} if compress else None,
+    }
+
+
+def array_spec(
+    item_dir: Path,
+    name: str,
+    *,
+    use_ocdbt: bool = True,
+    use_zarr3: bool = False,
+    write: bool = False,
+) -> dict[str, Any]:
+    kv = kvstore_spec(item_dir, use_ocdbt=use_ocdbt, write=write)
+    if use_ocdbt:
+        kv["path"] = name + "/"
+    else:
+        kv["path"] = str(item_dir / name) + "/"
+    return {"driver": "zarr3" if use_zarr3 else "zarr", "kvstore": kv, "recheck_cached_data": False}
+
+
+@dataclass(frozen=True, slots=True)
+class StoredArray:
+    """A host copy of one array ready to write: global shape, and shards with their index."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[int, ...]
+    shards: tuple[tuple[tuple[slice, ...], np.ndarray], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for _, a in self.shards)
+
+
+async def write_array(
+    ctx: ts.Context, item_dir: Path, arr: StoredArray, *, compress: bool = False
+) -> None:
+    spec = array_spec(item_dir, arr.name, write=True)
+    spec["metadata"] = _zarr_metadata(arr.shape, arr.chunks, compress)
+    spec["dtype"] = arr.dtype.name
+    store = await ts.open(spec, create=True, open=True, context=ctx)
+    for index, data in arr.shards:
+        if data.size:
+            await store[index].write(data)
+
+
+async def read_array(
+    ctx: ts.Context,
+    item_dir: Path,
+    name: str,
+    *,
+    use_ocdbt: bool,
+    use_zarr3: bool,
+    index: tuple[slice, ...] | None = None,
+) -> np.ndarray:
+    """Reads one stored array (or the ``index`` region of it) into host memory."""
+    spec = array_spec(item_dir, name, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3)
+    try:
+        store = await ts.open(spec, open=True, read=True, context=ctx)
+        if index is not None:
+            store = store[index]
+        return await store.read()
+    except ValueError as exc:
+        msg = str(exc)
+        if "NOT_FOUND" in msg or "not found" in msg.lower():
+            raise CheckpointNotFoundError(f"{item_dir}: array {name!r} is missing ({msg})") from exc
+        raise CorruptCheckpointError(f"{item_dir}: array {name!r} cannot be read ({msg})") from exc
+
+
+async def read_shape_dtype(
+    ctx: ts.Context, item_dir: Path, name: str, *, use_ocdbt: bool, use_zarr3: bool
+) -> tuple[tuple[int, ...], np.dtype, tuple[int, ...]]:
+    """Shape, dtype and chunk shape of a stored array, without reading its data."""
+    spec = array_spec(item_dir, name, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3)
+    try:
+        store = await ts.open(spec, open=True, read=True, context=ctx)
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"{item_dir}: array {name!r} cannot be opened ({exc})") from exc
+    chunks = tuple(store.chunk_layout.read_chunk.shape or store.shape)
+    return tuple(store.shape), np.dtype(store.dtype.numpy_dtype), chunks
+
+
+# --- shardings, as Orbax writes them into ``_sharding`` -----------------------------------------
+def sharding_to_json(sharding: jax.sharding.Sharding) -> str | None:
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        (device,) = sharding.device_set
+        return json.dumps({"sharding_type": "SingleDeviceSharding", "device_str": str(device)})
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        mesh = sharding.mesh
+        return json.dumps(
+            {
+                "sharding_type": "NamedSharding",
+                "shape": [int(s) for s in mesh.devices.shape],
+                "axis_names": list(mesh.axis_names),
+                "partition_spec": [list(p) if isinstance(p, tuple) else p for p in sharding.spec],
+                "device_mesh": {
+                    "mesh": jax.tree.map(lambda d: {"id": d.id}, mesh.devices.tolist())
+                },
+            }
+        )
+    return None
+
+
+def sharding_from_json(text: str) -> jax.sharding.Sharding | None:
+    """The sharding a ``_sharding`` entry describes, or None when this process lacks its devices."""
+    data = json.loads(text)
+    by_id = {d.id: d for d in jax.devices()}
+    by_str = {str(d): d for d in jax.devices()}
+    if data.get("sharding_type") == "SingleDeviceSharding":
+        dev = by_str.get(str(data.get("device_str", "")).replace("TFRT_CPU_", "cpu:"))
+        return jax.sharding.SingleDeviceSharding(dev) if dev is not None else None
+    if data.get("sharding_type") == "NamedSharding":
+        mesh_ids = data.get("device_mesh", {}).get("mesh")
+        shape = tuple(data["shape"])
+        if mesh_ids is None:
+            return None
+        ids = np.array(jax.tree.map(lambda d: d["id"], mesh_ids, is_leaf=lambda x: "id" in x))
+        if not all(int(i) in by_id for i in ids.flat):
+            return None
+        devices = np.vectorize(lambda i: by_id[int(i)], otypes=[object])(ids).reshape(shape)
+        spec = jax.sharding.PartitionSpec(
+            *[tuple(p) if isinstance(p, list) else p for p in data["partition_spec"]]
+        )
+        return jax.sharding.NamedSharding(jax.sharding.Mesh(devices, data["axis_names"]), spec)
+    return None

@@ -1,0 +1,229 @@
+"""Pytrees as checkpoints see them: flattened leaves with Orbax key paths, and back.
+
+Pure functions, no I/O. A tree is flattened into :class:`Leaf` records (keys, key types,
+value) plus a *skeleton*: a JSON description of the exact containers (dict with str or int
+keys, list, tuple, namedtuple, None) so that a tree restores as it was saved. Orbax ignores
+the skeleton and rebuilds dicts and lists from the key metadata, as it always does.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+
+from . import _format as fmt
+from .errors import InvalidArgumentError, StructureMismatchError
+
+EMPTY_TYPES = {"Dict": dict, "List": list, "Tuple": tuple, "None": type(None)}
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    """One leaf: its key path, the kind of each key (1 sequence, 2 dict) and its value."""
+
+    keys: tuple[Any, ...]
+    key_types: tuple[int, ...]
+    value: Any
+
+    @property
+    def name(self) -> str:
+        """The parameter name Orbax stores the leaf under (``params.w``)."""
+        return ".".join(str(k) for k in self.keys)
+
+    @property
+    def tuple_key(self) -> str:
+        """The ``_METADATA`` key (``"('params', 'w')"``)."""
+        return str(tuple(str(k) for k in self.keys))
+
+
+def is_namedtuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(x, "_fields")
+
+
+def _is_custom_node(x: Any) -> bool:
+    return not jax.tree_util.all_leaves([x])
+
+
+def _key_of(entry: Any) -> tuple[Any, int]:
+    """A jax key-path entry as (key, Orbax key type)."""
+    if isinstance(entry, jax.tree_util.SequenceKey):
+        return entry.idx, fmt.KEY_SEQUENCE
+    if isinstance(entry, jax.tree_util.DictKey):
+        return entry.key, fmt.KEY_DICT
+    if isinstance(entry, jax.tree_util.GetAttrKey):
+        return entry.name, fmt.KEY_DICT
+    if isinstance(entry, jax.tree_util.FlattenedIndexKey):
+        return entry.key, fmt.KEY_SEQUENCE
+    raise InvalidArgumentError(f"unsupported pytree key {entry!r}")
+
+
+def _check_key(key: Any, path: tuple[Any, ...]) -> None:
+    if isinstance(key, bool) or not isinstance(key, (str, int)):
+        raise InvalidArgumentError(
+            f"key {key!r} at {path!r} is a {type(key).__name__}; dict keys must be str or int"
+        )
+    if key == "":
+        raise InvalidArgumentError(f"empty key at {path!r}: every key must be non-empty")
+
+
+def flatten(tree: Any) -> tuple[list[Leaf], Any]:
+    """Flattens ``tree`` into leaves (empty containers and None included) and its skeleton."""
+    leaves: list[Leaf] = []
+
+    def walk(x: Any, keys: tuple[Any, ...], kts: tuple[int, ...]) -> Any:
+        if x is None:
+            leaves.append(Leaf(keys, kts, None))
+            return ["N", len(leaves) - 1]
+        if isinstance(x, dict):
+            if not x:
+                leaves.append(Leaf(keys, kts, {}))
+                return ["E", len(leaves) - 1, "Dict"]
+            items = []
+            for k, v in x.items():
+                _check_key(k, keys)
+                kt = "i" if isinstance(k, int) else "s"
+                items.append([k, kt, walk(v, (*keys, k), (*kts, fmt.KEY_DICT))])
+            return ["D", items]
+        if is_namedtuple(x):
+            children = [walk(v, (*keys, f), (*kts, fmt.KEY_DICT)) for f, v in zip(x._fields, x)]
+            cls = type(x)
+            return ["T", f"{cls.__module__}:{cls.__qualname__}", list(x._fields), children]
+        if isinstance(x, (list, tuple)):
+            if not x:
+                kind = "List" if isinstance(x, list) else "Tuple"
+                leaves.append(Leaf(keys, kts, x))
+                return ["E", len(leaves) - 1, kind]
+            tag = "l" if isinstance(x, list) else "t"
+            return [tag, [walk(v, (*keys, i), (*kts, fmt.KEY_SEQUENCE)) for i, v in enumerate(x)]]
+        if _is_custom_node(x):
+            pairs, _ = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
+            items = []
+            for path, v in pairs:
+                k, kt = _key_of(path[0])
+                items.append([k, "i" if isinstance(k, int) else "s", walk(v, (*keys, k), (*kts, kt))])
+            return ["D", items]
+        leaves.append(Leaf(keys, kts, x))
+        return ["L", len(leaves) - 1]
+
+    skeleton = walk(tree, (), ())
+    seen: dict[str, tuple[Any, ...]] = {}
+    for leaf in leaves:
+        other = seen.setdefault(leaf.name, leaf.keys)
+        if other != leaf.keys:
+            raise InvalidArgumentError(
+                f"keys {other!r} and {leaf.keys!r} would both be stored as {leaf.name!r}; "
+                "rename one of them"
+            )
+    return leaves, skeleton
+
+
+def _namedtuple_class(path: str, fields: list[str]) -> type:
+    module, _, qualname = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        if isinstance(obj, type) and list(getattr(obj, "_fields", ())) == fields:
+            return obj
+    except Exception:  # noqa: BLE001 - fall back to an equivalent namedtuple
+        pass
+    return collections.namedtuple(qualname.rpartition(".")[2] or "NamedTuple", fields)  # type: ignore[misc]
+
+
+def unflatten(skeleton: Any, value_of: Callable[[int], Any]) -> Any:
+    """Rebuilds a tree from its skeleton; ``value_of(i)`` gives leaf ``i``'s value."""
+    tag = skeleton[0]
+    if tag in ("L", "N", "E"):
+        return value_of(skeleton[1])
+    if tag == "D":
+        return {k: unflatten(child, value_of) for k, _kt, child in skeleton[1]}
+    if tag == "l":
+        return [unflatten(c, value_of) for c in skeleton[1]]
+    if tag == "t":
+        return tuple(unflatten(c, value_of) for c in skeleton[1])
+    if tag == "T":
+        cls = _namedtuple_class(skeleton[1], skeleton[2])
+        return cls(*[unflatten(c, value_of) for c in skeleton[3]])
+    raise ValueError(f"unknown skeleton node {tag!r}")
+
+
+def skeleton_leaf_order(skeleton: Any) -> Iterator[int]:
+    tag = skeleton[0]
+    if tag in ("L", "N", "E"):
+        yield skeleton[1]
+    elif tag == "D":
+        for _k, _kt, child in skeleton[1]:
+            yield from skeleton_leaf_order(child)
+    elif tag in ("l", "t"):
+        for c in skeleton[1]:
+            yield from skeleton_leaf_order(c)
+    elif tag == "T":
+        for c in skeleton[3]:
+            yield from skeleton_leaf_order(c)
+
+
+def tree_from_key_metadata(entries: Sequence[tuple[list[fmt.KeyEntry], Any]]) -> Any:
+    """Orbax's rebuild: nested dicts for dict keys, lists for sequence keys (str keys)."""
+    if len(entries) == 1 and not entries[0][0]:
+        return entries[0][1]
+    root: dict[str, Any] = {}
+    kinds: dict[int, int] = {}
+    for key_meta, value in entries:
+        node = root
+        for depth, entry in enumerate(key_meta):
+            last = depth == len(key_meta) - 1
+            kinds[id(node)] = entry.key_type
+            if last:
+                node[entry.key] = value
+            else:
+                node = node.setdefault(entry.key, {})
+
+    def fix(node: Any) -> Any:
+        if not isinstance(node, dict) or not node:
+            return node
+        kind = kinds.get(id(node))
+        fixed = {k: fix(v) for k, v in node.items()}
+        if kind == fmt.KEY_SEQUENCE:
+            return [fixed[k] for k in sorted(fixed, key=int)]
+        return fixed
+
+    return fix(root)
+
+
+def target_leaves(target: Any) -> tuple[list[tuple[str, str, Any]], Any]:
+    """Flattens a restore target with jax: ``(tuple_key, name, leaf)`` and its treedef.
+
+    None and empty containers are kept as leaves so a target may mirror them.
+    """
+
+    def is_leaf(x: Any) -> bool:
+        return x is None or (isinstance(x, (dict, list, tuple)) and not is_namedtuple(x) and not x)
+
+    pairs, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=is_leaf)
+    out = []
+    for path, leaf in pairs:
+        keys = [_key_of(p)[0] for p in path]
+        out.append((str(tuple(str(k) for k in keys)), ".".join(str(k) for k in keys), leaf))
+    return out, treedef
+
+
+def check_structure(
+    saved: set[str], wanted: set[str], *, where: str, allow_missing: bool = False
+) -> None:
+    """Raises StructureMismatchError naming the keys missing from or unexpected in a target."""
+    missing = sorted(saved - wanted) if not allow_missing else []
+    unexpected = sorted(wanted - saved)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing from the target: {', '.join(missing[:20])}")
+        if unexpected:
+            parts.append(f"not in the checkpoint: {', '.join(unexpected[:20])}")
+        raise StructureMismatchError(
+            f"{where}: the target tree's structure differs from the checkpoint's ({'; '.join(parts)})"
+        )

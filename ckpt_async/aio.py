@@ -1,0 +1,11 @@
+"""The async face: every operation as a coroutine.
+
+>>> mngr = ckpt_async.aio.AsyncCheckpointManager('/tmp/run')        # doctest: +SKIP
+>>> fut = await mngr.save(step, args=ckpt_async.args.StandardSave(state))
+>>> await fut   # step is durable
+"""
+
+from ._checkpointer import AsyncCheckpointer, AsyncOptions
+from ._runtime import CommitFuture
+
+__all__ = ["AsyncCheckpointer", "AsyncOptions", "CommitFuture"]

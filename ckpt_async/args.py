@@ -1,0 +1,151 @@
+"""Checkpoint args: what to save or restore for one item, and which handler does it.
+
+The names and fields are Orbax's. Each args class is registered with the handler class that
+handles it (:func:`register_with_handler`); a manager uses that to resolve the handler of an
+item from the first args it sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
+
+A = TypeVar("A", bound=type)
+
+#: args class -> handler class; filled by register_with_handler.
+_HANDLER_FOR_ARGS: dict[type, type] = {}
+#: handler class -> (save args class, restore args class)
+_ARGS_FOR_HANDLER: dict[type, dict[str, type]] = {}
+
+
+class CheckpointArgs:
+    """Base of every args class."""
+
+
+def register_with_handler(
+    handler_cls: type, *, for_save: bool = False, for_restore: bool = False
+) -> Callable[[A], A]:
+    """Class decorator: ``args_cls`` is handled by ``handler_cls`` (Orbax's name and meaning)."""
+
+    def deco(args_cls: A) -> A:
+        _HANDLER_FOR_ARGS[args_cls] = handler_cls
+        pair = _ARGS_FOR_HANDLER.setdefault(handler_cls, {})
+        if for_save:
+            pair["save"] = args_cls
+        if for_restore:
+            pair["restore"] = args_cls
+        return args_cls
+
+    return deco
+
+
+def handler_class_for(args: CheckpointArgs | type) -> type | None:
+    cls = args if isinstance(args, type) else type(args)
+    for klass in cls.__mro__:
+        if klass in _HANDLER_FOR_ARGS:
+            return _HANDLER_FOR_ARGS[klass]
+    return None
+
+
+def args_classes_for(handler_cls: type) -> dict[str, type]:
+    for klass in handler_cls.__mro__:
+        if klass in _ARGS_FOR_HANDLER:
+            return _ARGS_FOR_HANDLER[klass]
+    return {}
+
+
+@dataclasses.dataclass
+class StandardSave(CheckpointArgs):
+    """Save a pytree of arrays and scalars (StandardCheckpointHandler)."""
+
+    item: Any
+    save_args: Any = None
+    custom_metadata: Any = None
+
+
+@dataclasses.dataclass
+class StandardRestore(CheckpointArgs):
+    """Restore a pytree, optionally into a target tree of abstract or concrete arrays."""
+
+    item: Any = None
+    strict: bool = True
+    support_layout: bool = False
+
+
+@dataclasses.dataclass
+class PyTreeSave(CheckpointArgs):
+    """Save a pytree that may also hold strings (PyTreeCheckpointHandler)."""
+
+    item: Any
+    save_args: Any = None
+    ocdbt_target_data_file_size: int | None = None
+    enable_pinned_host_transfer: bool | None = None
+    partial_update: bool = False
+    custom_metadata: Any = None
+
+
+@dataclasses.dataclass
+class PyTreeRestore(CheckpointArgs):
+    """Restore a pytree; ``partial_restore`` allows a target holding a subset of the keys."""
+
+    item: Any = None
+    restore_args: Any = None
+    legacy_transform_fn: Any = None
+    transforms: Any = None
+    transforms_default_to_original: bool = True
+    partial_restore: bool = False
+
+
+@dataclasses.dataclass
+class JsonSave(CheckpointArgs):
+    """Save a JSON-serializable document (JsonCheckpointHandler)."""
+
+    item: Any
+
+
+@dataclasses.dataclass
+class JsonRestore(CheckpointArgs):
+    """Restore a JSON document."""
+
+    item: Any = None
+
+
+class Composite(CheckpointArgs, Mapping[str, Any]):
+    """Several named items, each with its own args (or ``None``): ``Composite(state=..., ...)``.
+
+    Also the type of a multi-item restore's result: ``result.state`` and ``result['state']``.
+    """
+
+    def __init__(self, **items: Any) -> None:
+        for name in items:
+            if not name or "/" in name or name in (".", ".."):
+                raise ValueError(f"invalid item name {name!r}: it names a directory")
+        object.__setattr__(self, "_items", dict(sorted(items.items())))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_items"][name]
+        except KeyError:
+            raise AttributeError(f"Composite has no item {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Composite is immutable")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"Composite({self._items!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Composite) and self._items == other._items
+
+    def __hash__(self) -> int:
+        return id(self)

@@ -1,0 +1,81 @@
+"""The sync face of the Checkpointer layer (Orbax's names). Each class holds an
+:class:`ckpt_async.aio.AsyncCheckpointer` and forwards every call through the runtime."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._checkpointer import AsyncCheckpointer as _AsyncCore
+from ._checkpointer import AsyncOptions
+from ._runtime import CommitFuture, get_runtime
+from .handlers.base import CheckpointHandler
+from .handlers.pytree import PyTreeCheckpointHandler, StandardCheckpointHandler
+
+
+class AsyncCheckpointer:
+    """Saves in the background: ``save`` returns once the item is staged in host memory.
+
+    >>> with AsyncCheckpointer(StandardCheckpointHandler()) as ckptr:   # doctest: +SKIP
+    ...     ckptr.save('/tmp/ckpt', args=args.StandardSave(state))
+    ...     ckptr.wait_until_finished()
+    """
+
+    _wait_on_save = False
+
+    def __init__(self, handler: CheckpointHandler, *, async_options: AsyncOptions | None = None,
+                 **orbax_options: Any) -> None:
+        self._rt = get_runtime()
+        self.async_checkpointer = _AsyncCore(handler, async_options=async_options, **orbax_options)
+        self.last_commit: CommitFuture | None = None
+
+    @property
+    def handler(self) -> CheckpointHandler:
+        return self.async_checkpointer.handler
+
+    def save(self, directory: Any, *args: Any, **kwargs: Any) -> None:
+        """Saves to ``directory`` (``args=...`` or Orbax's legacy ``save(path, item)``)."""
+        self.last_commit = self._rt.call(self.async_checkpointer.save, directory, *args, **kwargs)
+        if self._wait_on_save:
+            self.last_commit.result()
+
+    def restore(self, directory: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._rt.call(self.async_checkpointer.restore, directory, *args, **kwargs)
+
+    def metadata(self, directory: Any) -> Any:
+        return self._rt.call(self.async_checkpointer.metadata, directory)
+
+    def wait_until_finished(self) -> None:
+        self._rt.call(self.async_checkpointer.wait_until_finished)
+
+    def check_for_errors(self) -> None:
+        self.async_checkpointer.check_for_errors()
+
+    def close(self) -> None:
+        self._rt.call(self.async_checkpointer.close)
+
+    def __enter__(self) -> AsyncCheckpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Checkpointer(AsyncCheckpointer):
+    """Saves synchronously: ``save`` returns once the checkpoint is durable and visible."""
+
+    _wait_on_save = True
+
+
+class StandardCheckpointer(AsyncCheckpointer):
+    """``AsyncCheckpointer(StandardCheckpointHandler())``: ``save(path, state)``,
+    ``restore(path, abstract_state)``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(StandardCheckpointHandler(), **kwargs)
+
+
+class PyTreeCheckpointer(Checkpointer):
+    """``Checkpointer(PyTreeCheckpointHandler())``: ``save(path, tree)``, ``restore(path)``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(PyTreeCheckpointHandler(), **kwargs)

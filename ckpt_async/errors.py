@@ -1,0 +1,92 @@
+"""One exception tree for ckpt_async.
+
+Every error the library raises derives from :class:`CheckpointError`. The categories follow
+the pipeline (plan, stage/serialize, commit, restore) and mix in the builtin that fits, so code
+written against Orbax that catches ``ValueError`` or ``FileNotFoundError`` keeps working.
+Foreign errors (TensorStore, OS, msgspec) are mapped at one boundary with ``__cause__`` kept.
+"""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Raised for any failure of ckpt_async; the base of every other error here."""
+
+
+# --- plan: bad input, caught before anything is written -------------------------------------
+class InvalidArgumentError(CheckpointError, ValueError):
+    """Raised when arguments, options or a tree are invalid, before anything is written."""
+
+
+class UnsupportedLeafError(InvalidArgumentError, TypeError):
+    """Raised when a tree holds a leaf that cannot be checkpointed (objects, object arrays)."""
+
+
+class StructureMismatchError(InvalidArgumentError):
+    """Raised when a restore target's tree structure differs from the checkpoint's."""
+
+
+class ShapeMismatchError(InvalidArgumentError):
+    """Raised when a restore target's shape differs from the stored array's."""
+
+
+class HandlerError(InvalidArgumentError):
+    """Raised when an item's handler is unknown, or args do not match its locked-in handler."""
+
+
+class StepAlreadyExistsError(CheckpointError, FileExistsError):
+    """Raised when saving to a path or step that already exists without ``force``."""
+
+
+class ReadOnlyError(CheckpointError, PermissionError):
+    """Raised when a write is attempted through a read-only manager."""
+
+
+# --- restore ----------------------------------------------------------------------------------
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """Raised when a checkpoint path, item or key does not exist."""
+
+
+class StepNotFoundError(CheckpointNotFoundError):
+    """Raised when a step is not among a manager's committed steps."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """Raised when stored data or metadata fails to decode or verify."""
+
+
+# --- serialize / commit (background) -----------------------------------------------------------
+class CommitError(CheckpointError):
+    """Raised when writing or committing a checkpoint failed; no step was made visible."""
+
+
+class CommitTimeoutError(CommitError, TimeoutError):
+    """Raised when a background commit exceeded ``AsyncOptions.timeout_secs``."""
+
+
+# --- runtime ------------------------------------------------------------------------------------
+class RuntimeUsageError(CheckpointError, RuntimeError):
+    """Raised when the sync face is called from the engine loop (it would deadlock)."""
+
+
+class ClosedError(CheckpointError, RuntimeError):
+    """Raised when an operation is attempted on a closed checkpointer or manager."""
+
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "ClosedError",
+    "CommitError",
+    "CommitTimeoutError",
+    "CorruptCheckpointError",
+    "HandlerError",
+    "InvalidArgumentError",
+    "ReadOnlyError",
+    "RuntimeUsageError",
+    "ShapeMismatchError",
+    "StepAlreadyExistsError",
+    "StepNotFoundError",
+    "StructureMismatchError",
+    "UnsupportedLeafError",
+]

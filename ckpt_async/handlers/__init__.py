@@ -1,0 +1,18 @@
+"""Checkpoint handlers: how each kind of item is saved and restored."""
+
+from .base import AsyncCheckpointHandler, CheckpointHandler, Writer
+from .composite import CompositeCheckpointHandler
+from .json_handler import JsonCheckpointHandler
+from .pytree import PyTreeCheckpointHandler, StandardCheckpointHandler
+from .registry import DefaultCheckpointHandlerRegistry
+
+__all__ = [
+    "AsyncCheckpointHandler",
+    "CheckpointHandler",
+    "CompositeCheckpointHandler",
+    "DefaultCheckpointHandlerRegistry",
+    "JsonCheckpointHandler",
+    "PyTreeCheckpointHandler",
+    "StandardCheckpointHandler",
+    "Writer",
+]

@@ -1,0 +1,48 @@
+"""The handler interface: how one item is staged, written, restored and described.
+
+Call order for a save, all on the engine loop: ``await handler.stage(directory, args)`` copies
+the item into host memory (the only phase the caller waits for) and returns a :class:`Writer`;
+``await writer.write()`` then writes every file of the item into ``directory`` in the
+background. The checkpointer makes the files durable and commits; a handler never renames.
+``restore`` and ``metadata`` read a committed item.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+class Writer:
+    """The background half of a save: ``await write()`` writes the staged item's files."""
+
+    def __init__(self, write: Callable[[], Awaitable[None]], nbytes: int = 0) -> None:
+        self._write = write
+        self.nbytes = nbytes
+
+    async def write(self) -> None:
+        await self._write()
+
+
+class CheckpointHandler:
+    """Base of every handler. Subclasses implement the coroutines below."""
+
+    #: The type string written into ``_CHECKPOINT_METADATA`` (Orbax's, for compatibility).
+    typestr: ClassVar[str] = ""
+
+    async def stage(self, directory: Path, args: Any) -> Writer:
+        raise NotImplementedError
+
+    async def restore(self, directory: Path, args: Any = None) -> Any:
+        raise NotImplementedError
+
+    async def metadata(self, directory: Path) -> Any:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Releases resources; the handler is not used afterwards."""
+
+
+# Orbax's name for a handler that may save asynchronously; every handler here does.
+AsyncCheckpointHandler = CheckpointHandler

@@ -1,0 +1,110 @@
+"""CompositeCheckpointHandler: several named items, one folder each, in one checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from .. import _format as fmt
+from .. import _storage as storage
+from ..args import CheckpointArgs, Composite, register_with_handler
+from ..errors import CheckpointNotFoundError, HandlerError
+from .base import CheckpointHandler, Writer
+from .registry import DefaultCheckpointHandlerRegistry, handler_for_typestr
+
+
+class CompositeCheckpointHandler(CheckpointHandler):
+    """Saves ``Composite(name=args, ...)``: each item with its own handler, in ``<dir>/<name>``.
+
+    Handlers come from the registry (eager configuration) or are locked in by the first args
+    seen for an item; ``Composite(name=None)`` on restore uses the locked-in handler, or the
+    handler recorded in the checkpoint's ``_CHECKPOINT_METADATA``.
+    """
+
+    typestr = fmt.COMPOSITE_TYPESTR
+
+    def __init__(
+        self,
+        *item_names: str,
+        handler_registry: DefaultCheckpointHandlerRegistry | None = None,
+        **item_handlers: CheckpointHandler,
+    ) -> None:
+        self.registry = handler_registry or DefaultCheckpointHandlerRegistry()
+        for name, handler in item_handlers.items():
+            self.registry.add(name, None, handler)
+        self.item_names = tuple(item_names)
+
+    def handler_for_save(self, name: str, args: CheckpointArgs) -> CheckpointHandler:
+        return self.registry.resolve(name, args)
+
+    async def stage(self, directory: Path, args: Composite) -> Writer:
+        handlers = {name: self.handler_for_save(name, a) for name, a in args.items()
+                    if a is not None}
+        if not handlers:
+            raise HandlerError(f"{directory}: Composite holds no item to save")
+        writers = {}
+        for name, a in args.items():
+            if a is None:
+                continue
+            writers[name] = await handlers[name].stage(directory / name, a)
+
+        async def write() -> None:
+            await asyncio.gather(*(w.write() for w in writers.values()))
+
+        self.last_item_handlers = {n: h.typestr for n, h in handlers.items()}
+        return Writer(write, sum(w.nbytes for w in writers.values()))
+
+    async def _stored_items(self, directory: Path) -> dict[str, str | None]:
+        """Item names in a checkpoint, with the handler typestr its metadata records."""
+        recorded: dict[str, str] = {}
+        path = directory / fmt.CHECKPOINT_METADATA
+        if await storage.exists(path):
+            meta = fmt.decode(await storage.read_bytes(path), fmt.StepMetadata, where=str(path))
+            if isinstance(meta.item_handlers, dict):
+                recorded = meta.item_handlers
+        names = {n: recorded.get(n) for n in await storage.listdir(directory)
+                 if await storage.is_dir(directory / n)}
+        return names
+
+    def _handler_for_restore(self, name: str, args: Any, typestr: str | None,
+                             directory: Path) -> CheckpointHandler:
+        if args is not None:
+            return self.registry.resolve(name, args)
+        handler = self.registry.locked(name)
+        if handler is not None:
+            return handler
+        handler = handler_for_typestr(typestr) if typestr else None
+        if handler is None:
+            raise HandlerError(
+                f"{directory}: no handler is configured for item {name!r}; pass its restore args "
+                f"(e.g. Composite({name}=StandardRestore())) or register one with "
+                f"handlers.DefaultCheckpointHandlerRegistry().add({name!r}, StandardRestore)"
+            )
+        return handler
+
+    async def restore(self, directory: Path, args: Composite | None = None) -> Composite:
+        stored = await self._stored_items(directory)
+        wanted = dict(args.items()) if args is not None else {n: None for n in stored}
+        for name in wanted:
+            if name not in stored:
+                raise CheckpointNotFoundError(f"{directory}: item {name!r} is not in the checkpoint"
+                                              f" (it holds {sorted(stored)})")
+        handlers = {n: self._handler_for_restore(n, a, stored.get(n), directory)
+                    for n, a in wanted.items()}
+        results = await asyncio.gather(*(handlers[n].restore(directory / n, a)
+                                         for n, a in wanted.items()))
+        return Composite(**dict(zip(wanted, results)))
+
+    async def metadata(self, directory: Path) -> Composite:
+        stored = await self._stored_items(directory)
+        out = {}
+        for name, typestr in stored.items():
+            handler = self.registry.locked(name)
+            if handler is None and typestr:
+                handler = handler_for_typestr(typestr)
+            out[name] = await handler.metadata(directory / name) if handler is not None else None
+        return Composite(**out)
+
+
+register_with_handler(CompositeCheckpointHandler, for_save=True, for_restore=True)(Composite)

@@ -1,0 +1,54 @@
+"""JsonCheckpointHandler: one JSON document per item (``<item>/metadata``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .. import _format as fmt
+from .. import _storage as storage
+from ..args import JsonRestore, JsonSave, register_with_handler
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
+from .base import CheckpointHandler, Writer
+
+
+class JsonCheckpointHandler(CheckpointHandler):
+    """Saves and restores a JSON-serializable document (dicts, lists, numbers, strings)."""
+
+    typestr = fmt.JSON_TYPESTR
+
+    def __init__(self, filename: str | None = None) -> None:
+        self._filename = filename or fmt.JSON_ITEM
+
+    async def stage(self, directory: Path, args: JsonSave) -> Writer:
+        try:
+            # Encoding now is the snapshot: later mutation of the caller's dict is not saved.
+            data = msgspec.json.encode(args.item)
+        except (TypeError, msgspec.EncodeError) as exc:
+            raise InvalidArgumentError(f"{directory}: item is not JSON-serializable: {exc}") from exc
+
+        async def write() -> None:
+            await storage.makedirs(directory)
+            await storage.write_bytes(directory / self._filename, data)
+
+        return Writer(write, len(data))
+
+    async def restore(self, directory: Path, args: JsonRestore | None = None) -> Any:
+        path = directory / self._filename
+        try:
+            data = await storage.read_bytes(path)
+        except CheckpointNotFoundError:
+            raise CheckpointNotFoundError(f"{path} does not exist: no JSON item here") from None
+        try:
+            return msgspec.json.decode(data)
+        except msgspec.DecodeError as exc:
+            raise CorruptCheckpointError(f"{path}: invalid JSON ({exc})") from exc
+
+    async def metadata(self, directory: Path) -> None:
+        return None
+
+
+register_with_handler(JsonCheckpointHandler, for_save=True)(JsonSave)
+register_with_handler(JsonCheckpointHandler, for_restore=True)(JsonRestore)

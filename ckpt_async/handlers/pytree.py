@@ -1,0 +1,407 @@
+"""PyTreeCheckpointHandler and StandardCheckpointHandler: pytrees of arrays, scalars, strings.
+
+Layout of an item directory (Orbax's): ``_METADATA`` (tree), ``_sharding``,
+``array_metadatas/process_0``, ``_strings.json`` when the tree holds strings, and the arrays
+in an OCDBT database (``manifest.ocdbt``, ``d/``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from .. import _format as fmt
+from .. import _serialize as ser
+from .. import _storage as storage
+from .. import _tree
+from .._runtime import get_runtime
+from .._stage import ByteBudget, stage
+from ..args import (
+    PyTreeRestore,
+    PyTreeSave,
+    StandardRestore,
+    StandardSave,
+    register_with_handler,
+)
+from ..errors import (
+    CheckpointNotFoundError,
+    InvalidArgumentError,
+    ShapeMismatchError,
+    UnsupportedLeafError,
+)
+from ..metadata import (
+    ArrayMetadata,
+    ScalarMetadata,
+    StorageMetadata,
+    StringMetadata,
+    TreeMetadata,
+    sharding_metadata_from_json,
+)
+from ..type_handlers import ArrayRestoreArgs, RestoreArgs, SaveArgs
+from .base import CheckpointHandler, Writer
+
+_SCALAR_DTYPES = {bool: np.dtype(bool), int: np.dtype(np.int64), float: np.dtype(np.float64),
+                  complex: np.dtype(np.complex128)}
+
+
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    """One leaf of a save plan: its metadata entry, and what to stage for it."""
+
+    leaf: _tree.Leaf
+    value_type: str
+    dtype: np.dtype | None
+    scalar_tag: str | None = None
+
+
+def _classify(leaf: _tree.Leaf, save_arg: SaveArgs | None, where: str) -> _Planned:
+    v = leaf.value
+    cast = np.dtype(save_arg.dtype) if save_arg is not None and save_arg.dtype is not None else None
+    if v is None:
+        return _Planned(leaf, "None", None)
+    if isinstance(v, (dict, list, tuple)) and not v:
+        kind = "Dict" if isinstance(v, dict) else "List"
+        return _Planned(leaf, kind, None, "tuple" if isinstance(v, tuple) else None)
+    if isinstance(v, jax.Array):
+        return _Planned(leaf, "jax.Array", cast)
+    if isinstance(v, np.ndarray):
+        if v.dtype.hasobject or v.dtype.kind in "OSUV":
+            raise UnsupportedLeafError(f"{where}: leaf {leaf.name!r} has dtype {v.dtype}, which "
+                                       "cannot be checkpointed")
+        return _Planned(leaf, "np.ndarray", cast)
+    if isinstance(v, np.generic) and v.dtype.kind not in "OSUV":
+        return _Planned(leaf, "scalar", cast or v.dtype, f"np:{v.dtype.name}")
+    if type(v) in _SCALAR_DTYPES:
+        return _Planned(leaf, "scalar", cast or _SCALAR_DTYPES[type(v)], type(v).__name__)
+    if isinstance(v, str):
+        return _Planned(leaf, "string", None)
+    raise UnsupportedLeafError(
+        f"{where}: leaf {leaf.name!r} is a {type(v).__module__}.{type(v).__qualname__}; supported "
+        "leaves are jax.Array, np.ndarray, Python and NumPy scalars, strings and None"
+    )
+
+
+def _save_args_by_name(save_args: Any, where: str) -> dict[str, SaveArgs]:
+    if save_args is None:
+        return {}
+    pairs, _ = _tree.target_leaves(save_args)
+    return {name: a for _k, name, a in pairs if isinstance(a, SaveArgs)}
+
+
+class PyTreeCheckpointHandler(CheckpointHandler):
+    """Saves and restores a pytree (``PyTreeSave`` / ``PyTreeRestore``).
+
+    ``host_memory_budget_bytes`` bounds the bytes staged in host memory but not yet written:
+    with a budget smaller than the state, ``save`` waits for writes (slower, never wrong).
+    ``use_compression`` writes zstd-compressed chunks (Orbax's default; off here by default).
+    """
+
+    typestr = fmt.PYTREE_TYPESTR
+    _allow_strings = True
+
+    def __init__(
+        self,
+        *,
+        host_memory_budget_bytes: int | None = None,
+        use_compression: bool = False,
+        **_orbax_options: Any,
+    ) -> None:
+        self._budget = host_memory_budget_bytes
+        self._compress = use_compression
+
+    # -- save -----------------------------------------------------------------------------------
+    def plan(self, item: Any, save_args: Any, where: str) -> tuple[list[_Planned], Any]:
+        """Pure: validates the tree and decides what each leaf becomes. Raises before any I/O."""
+        if item is None:
+            raise InvalidArgumentError(f"{where}: nothing to save (item is None)")
+        leaves, skeleton = _tree.flatten(item)
+        by_name = _save_args_by_name(save_args, where)
+        planned = [_classify(leaf, by_name.get(leaf.name), where) for leaf in leaves]
+        if not self._allow_strings:
+            for p in planned:
+                if p.value_type == "string":
+                    raise UnsupportedLeafError(
+                        f"{where}: leaf {p.leaf.name!r} is a string; StandardSave takes arrays and"
+                        " scalars (use PyTreeSave for strings)"
+                    )
+        return planned, skeleton
+
+    async def stage(self, directory: Path, args: PyTreeSave | StandardSave) -> Writer:
+        where = str(directory)
+        planned, skeleton = self.plan(args.item, args.save_args, where)
+        ctx = ser.new_context()
+        await storage.makedirs(directory)
+        to_stage = [(p.leaf.value, p.leaf.name, p.dtype) for p in planned
+                    if p.value_type in ("jax.Array", "np.ndarray", "scalar")]
+        compress = self._compress
+
+        async def write_one(arr: ser.StoredArray) -> None:
+            await ser.write_array(ctx, directory, arr, compress=compress)
+
+        tasks = await stage(to_stage, ByteBudget(self._budget), write_one)
+        docs = self._documents(planned, skeleton, args.custom_metadata)
+        nbytes = sum(int(np.prod(np.shape(v))) * (d or np.asarray(v).dtype).itemsize
+                     for v, _, d in to_stage)
+
+        async def write() -> None:
+            try:
+                await asyncio.gather(*tasks)
+            except BaseException:
+                for t in tasks:
+                    t.cancel()
+                raise
+            for name, data in docs.items():
+                await storage.makedirs((directory / name).parent)
+                await storage.write_bytes(directory / name, data, durable=False)
+
+        return Writer(write, nbytes)
+
+    def _documents(self, planned: list[_Planned], skeleton: Any, custom: Any) -> dict[str, bytes]:
+        entries: dict[str, fmt.TreeEntry] = {}
+        shardings: dict[str, str] = {}
+        array_metas: list[fmt.ArrayMetadataWrapper] = []
+        strings: dict[str, str] = {}
+        scalars: dict[str, str] = {}
+        for p in planned:
+            leaf = p.leaf
+            write_shape = None
+            if p.value_type == "jax.Array":
+                v = leaf.value
+                shard_shape = list(v.sharding.shard_shape(v.shape))
+                write_shape = shard_shape
+                sjson = ser.sharding_to_json(v.sharding)
+                if sjson is not None:
+                    shardings[base64.b64encode(leaf.name.encode()).decode()] = sjson
+                array_metas.append(fmt.ArrayMetadataWrapper(fmt.ArrayMetadataEntry(
+                    leaf.name, shard_shape, shard_shape)))
+            elif p.value_type == "string":
+                strings[leaf.name] = leaf.value
+            if p.scalar_tag is not None:
+                scalars[leaf.name] = p.scalar_tag
+            keys = [fmt.KeyEntry(str(k), kt) for k, kt in zip(leaf.keys, leaf.key_types)]
+            skip = p.value_type in _tree.EMPTY_TYPES
+            entries[leaf.tuple_key] = fmt.TreeEntry(
+                keys, fmt.ValueMetadata(p.value_type, skip, write_shape))
+        tree_doc = fmt.TreeMetadata(
+            entries, custom_metadata=custom,
+            ckpt_async={"version": 1, "skeleton": skeleton, "scalars": scalars})
+        docs = {
+            fmt.PYTREE_METADATA: fmt.encode(tree_doc),
+            fmt.SHARDING: fmt.encode(shardings),
+            f"{fmt.ARRAY_METADATAS}/process_0": fmt.encode(fmt.ArrayMetadatas(array_metas)),
+        }
+        if strings:
+            docs[fmt.STRINGS] = fmt.encode(strings)
+        return docs
+
+    # -- read -----------------------------------------------------------------------------------
+    async def _read_docs(self, directory: Path) -> tuple[fmt.TreeMetadata, dict[str, str], dict]:
+        path = directory / fmt.PYTREE_METADATA
+        try:
+            raw = await storage.read_bytes(path)
+        except CheckpointNotFoundError:
+            raise CheckpointNotFoundError(
+                f"{directory} holds no pytree checkpoint ({fmt.PYTREE_METADATA} is missing)"
+            ) from None
+        tree_doc = fmt.decode(raw, fmt.TreeMetadata, where=str(path))
+        shardings: dict[str, str] = {}
+        if await storage.exists(directory / fmt.SHARDING):
+            enc = fmt.decode(await storage.read_bytes(directory / fmt.SHARDING), dict[str, str],
+                             where=str(directory / fmt.SHARDING))
+            shardings = {base64.b64decode(k).decode(): v for k, v in enc.items()}
+        strings: dict = {}
+        if await storage.exists(directory / fmt.STRINGS):
+            strings = fmt.decode(await storage.read_bytes(directory / fmt.STRINGS), dict,
+                                 where=str(directory / fmt.STRINGS))
+        return tree_doc, shardings, strings
+
+    async def restore(self, directory: Path, args: PyTreeRestore | StandardRestore | None = None
+                      ) -> Any:
+        directory = Path(directory)
+        tree_doc, shardings, strings = await self._read_docs(directory)
+        target = getattr(args, "item", None)
+        restore_args = getattr(args, "restore_args", None)
+        partial = bool(getattr(args, "partial_restore", False)) or (
+            isinstance(args, StandardRestore) and not args.strict)
+        reader = _Reader(directory, tree_doc, shardings, strings)
+        if target is None and restore_args is None:
+            return await reader.restore_as_saved()
+        return await reader.restore_into(target if target is not None else restore_args,
+                                         restore_args, partial=partial)
+
+    async def metadata(self, directory: Path) -> TreeMetadata:
+        directory = Path(directory)
+        tree_doc, shardings, _ = await self._read_docs(directory)
+        return await _Reader(directory, tree_doc, shardings, {}).metadata()
+
+
+class StandardCheckpointHandler(PyTreeCheckpointHandler):
+    """Saves and restores a pytree of arrays and scalars (``StandardSave`` / ``StandardRestore``)."""
+
+    typestr = fmt.STANDARD_TYPESTR
+    _allow_strings = True
+
+
+class _Reader:
+    """Restores one pytree item from its decoded documents."""
+
+    def __init__(self, directory: Path, doc: fmt.TreeMetadata, shardings: dict[str, str],
+                 strings: dict[str, Any]) -> None:
+        self.dir = directory
+        self.doc = doc
+        self.shardings = shardings
+        self.strings = strings
+        self.ctx = ser.new_context()
+        ext = doc.ckpt_async or {}
+        self.skeleton = ext.get("skeleton")
+        self.scalars: dict[str, str] = ext.get("scalars", {})
+        # name -> (tuple key, entry), in the order they were stored
+        self.by_key = {k: e for k, e in doc.tree_metadata.items()}
+
+    def _name(self, entry: fmt.TreeEntry) -> str:
+        return ".".join(k.key for k in entry.key_metadata)
+
+    async def _read(self, name: str) -> np.ndarray:
+        return await ser.read_array(self.ctx, self.dir, name, use_ocdbt=self.doc.use_ocdbt,
+                                    use_zarr3=self.doc.use_zarr3)
+
+    def _empty(self, value_type: str, name: str) -> Any:
+        if value_type == "List" and self.scalars.get(name) == "tuple":
+            return ()
+        return _tree.EMPTY_TYPES[value_type]() if value_type != "None" else None
+
+    def _scalar(self, name: str, arr: np.ndarray) -> Any:
+        tag = self.scalars.get(name)
+        if tag in ("int", "float", "bool", "complex"):
+            return {"int": int, "float": float, "bool": bool, "complex": complex}[tag](arr.item())
+        if tag and tag.startswith("np:"):
+            return arr.dtype.type(arr.item()) if arr.dtype.name == tag[3:] else arr[()]
+        return arr.item()
+
+    async def _value_as_saved(self, entry: fmt.TreeEntry) -> Any:
+        vt = entry.value_metadata.value_type
+        name = self._name(entry)
+        if vt in _tree.EMPTY_TYPES:
+            return self._empty(vt, name)
+        if vt == "string":
+            return self.strings[name]
+        arr = await self._read(name)
+        if vt == "scalar":
+            return self._scalar(name, arr)
+        if vt == "jax.Array":
+            sharding = None
+            if name in self.shardings:
+                sharding = ser.sharding_from_json(self.shardings[name])
+            return jax.device_put(arr, sharding) if sharding is not None else jax.device_put(arr)
+        return arr
+
+    async def restore_as_saved(self) -> Any:
+        entries = list(self.by_key.values())
+        values = await asyncio.gather(*(self._value_as_saved(e) for e in entries))
+        if self.skeleton is not None:
+            return _tree.unflatten(self.skeleton, lambda i: values[i])
+        return _tree.tree_from_key_metadata([(e.key_metadata, v) for e, v in zip(entries, values)])
+
+    async def restore_into(self, target: Any, restore_args: Any, *, partial: bool) -> Any:
+        pairs, treedef = _tree.target_leaves(target)
+        rargs: dict[str, Any] = {}
+        if restore_args is not None and restore_args is not target:
+            rpairs, _ = _tree.target_leaves(restore_args)
+            rargs = {k: a for k, _n, a in rpairs}
+        wanted = {k for k, _n, _l in pairs}
+        _tree.check_structure(set(self.by_key), wanted, where=str(self.dir), allow_missing=partial)
+
+        async def one(key: str, name: str, tleaf: Any) -> Any:
+            entry = self.by_key[key]
+            vt = entry.value_metadata.value_type
+            if vt in _tree.EMPTY_TYPES:
+                return tleaf if tleaf is not None or vt == "None" else self._empty(vt, name)
+            if vt == "string":
+                return self.strings[name]
+            rarg = rargs.get(key, tleaf if isinstance(tleaf, RestoreArgs) else None)
+            arr = await self._read(name)
+            return self._place(name, arr, tleaf, rarg, vt)
+
+        values = await asyncio.gather(*(one(k, n, leaf) for k, n, leaf in pairs))
+        return jax.tree_util.tree_unflatten(treedef, values)
+
+    def _place(self, name: str, arr: np.ndarray, tleaf: Any, rarg: Any, vt: str) -> Any:
+        """Casts and places one restored array as the target leaf (or restore arg) asks."""
+        shape = getattr(tleaf, "shape", None)
+        if shape is not None and not isinstance(tleaf, RestoreArgs) and tuple(shape) != arr.shape:
+            raise ShapeMismatchError(
+                f"{self.dir}: key {name!r} is stored with shape {arr.shape}, the target asks for "
+                f"{tuple(shape)}")
+        dtype = getattr(rarg, "dtype", None) or getattr(tleaf, "dtype", None)
+        if dtype is not None and not isinstance(tleaf, RestoreArgs) or getattr(rarg, "dtype", None):
+            arr = arr.astype(dtype, copy=False)
+        if isinstance(rarg, ArrayRestoreArgs) or (rarg is not None and rarg.restore_type is jax.Array):
+            sharding = rarg.resolved_sharding() if isinstance(rarg, ArrayRestoreArgs) else None
+            return jax.device_put(arr, sharding) if sharding is not None else jax.device_put(arr)
+        if rarg is not None and rarg.restore_type is np.ndarray:
+            return arr
+        if isinstance(tleaf, (jax.Array, jax.ShapeDtypeStruct)):
+            sharding = getattr(tleaf, "sharding", None)
+            if sharding is None and vt == "np.ndarray":
+                return arr  # an abstract target without sharding keeps the saved kind (Orbax)
+            if sharding is None and name in self.shardings:
+                sharding = ser.sharding_from_json(self.shardings[name])
+            return jax.device_put(arr, sharding) if sharding is not None else jax.device_put(arr)
+        if isinstance(tleaf, ArrayMetadata) and not isinstance(tleaf, ScalarMetadata):
+            return jax.device_put(arr) if tleaf.sharding is not None else arr
+        if isinstance(tleaf, np.ndarray):
+            return arr
+        if isinstance(tleaf, np.generic):
+            return tleaf.dtype.type(arr.item())
+        if type(tleaf) in _SCALAR_DTYPES:
+            return type(tleaf)(arr.item())
+        if vt == "scalar":
+            return self._scalar(name, arr)
+        if vt == "jax.Array":
+            return jax.device_put(arr)
+        return arr
+
+    async def metadata(self) -> TreeMetadata:
+        entries = list(self.by_key.values())
+
+        async def one(entry: fmt.TreeEntry) -> Any:
+            vt = entry.value_metadata.value_type
+            name = self._name(entry)
+            if vt in _tree.EMPTY_TYPES:
+                return self._empty(vt, name)
+            if vt == "string":
+                return StringMetadata(name, self.dir)
+            shape, dtype, chunks = await ser.read_shape_dtype(
+                self.ctx, self.dir, name, use_ocdbt=self.doc.use_ocdbt,
+                use_zarr3=self.doc.use_zarr3)
+            if vt == "scalar":
+                return ScalarMetadata(name, self.dir, shape, None, dtype, None)
+            sharding = None
+            if name in self.shardings:
+                sharding = sharding_metadata_from_json(json.loads(self.shardings[name]))
+            ws = entry.value_metadata.write_shape
+            storage_meta = StorageMetadata(chunks, tuple(ws) if ws is not None else None)
+            return ArrayMetadata(name, self.dir, shape, sharding, dtype, storage_meta)
+
+        values = await asyncio.gather(*(one(e) for e in entries))
+        if self.skeleton is not None:
+            tree = _tree.unflatten(self.skeleton, lambda i: values[i])
+        else:
+            tree = _tree.tree_from_key_metadata(
+                [(e.key_metadata, v) for e, v in zip(entries, values)])
+        return TreeMetadata(tree, self.doc.custom_metadata, self.doc.use_zarr3)
+
+
+register_with_handler(PyTreeCheckpointHandler, for_save=True)(PyTreeSave)
+register_with_handler(PyTreeCheckpointHandler, for_restore=True)(PyTreeRestore)
+register_with_handler(StandardCheckpointHandler, for_save=True)(StandardSave)
+register_with_handler(StandardCheckpointHandler, for_restore=True)(StandardRestore)
+
+__all__ = ["PyTreeCheckpointHandler", "StandardCheckpointHandler", "get_runtime"]

@@ -1,0 +1,99 @@
+"""Which handler serves which item: the registry and its lock-in rules.
+
+An item's handler is fixed by the first of: an ``add`` to the registry (eager), or the first
+args seen for the item (lazy). Args of another handler for a locked item raise HandlerError.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import _format as fmt
+from ..args import CheckpointArgs, args_classes_for, handler_class_for
+from ..errors import HandlerError
+from .base import CheckpointHandler
+
+
+def _new_handler(cls: type) -> CheckpointHandler:
+    return cls()
+
+
+def handler_for_typestr(typestr: str) -> CheckpointHandler | None:
+    """A fresh handler for a type string recorded in ``_CHECKPOINT_METADATA``."""
+    from .json_handler import JsonCheckpointHandler
+    from .pytree import PyTreeCheckpointHandler, StandardCheckpointHandler
+
+    known = {
+        fmt.STANDARD_TYPESTR: StandardCheckpointHandler,
+        fmt.PYTREE_TYPESTR: PyTreeCheckpointHandler,
+        fmt.JSON_TYPESTR: JsonCheckpointHandler,
+    }
+    cls = known.get(typestr)
+    if cls is None:  # Orbax's public aliases and ours, by class name
+        tail = typestr.rsplit(".", 1)[-1]
+        cls = {c.__name__: c for c in known.values()}.get(tail)
+    return cls() if cls is not None else None
+
+
+class DefaultCheckpointHandlerRegistry:
+    """Maps item names to handlers: ``add(item, args_type_or_handler)``, ``get``, ``has``."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, CheckpointHandler] = {}
+        self._args: dict[tuple[str, type], CheckpointHandler] = {}
+
+    def add(self, item: str | None, args: type | None, handler: Any = None) -> None:
+        """Registers ``handler`` (or the handler class of ``args``) for ``item``."""
+        if handler is None:
+            cls = handler_class_for(args) if args is not None else None
+            if cls is None:
+                raise HandlerError(f"no handler is known for args type {args!r}; pass one")
+            handler = self._handlers.get(item) if isinstance(self._handlers.get(item), cls) else cls()
+        elif isinstance(handler, type):
+            handler = handler()
+        current = self._handlers.get(item)  # type: ignore[arg-type]
+        if current is not None and type(current) is not type(handler):
+            raise HandlerError(
+                f"item {item!r} is already handled by {type(current).__name__}; cannot also "
+                f"register {type(handler).__name__}")
+        self._handlers[item] = handler  # type: ignore[index]
+        if args is not None:
+            self._args[(item, args)] = handler  # type: ignore[index]
+        else:
+            for a in args_classes_for(type(handler)).values():
+                self._args[(item, a)] = handler  # type: ignore[index]
+
+    def get(self, item: str | None, args: type | None = None) -> CheckpointHandler:
+        if args is None:
+            handler = self._handlers.get(item)  # type: ignore[arg-type]
+        else:
+            handler = self._args.get((item, args)) or self._args.get((None, args))  # type: ignore[arg-type]
+        if handler is None:
+            raise HandlerError(f"no handler registered for item {item!r} and args {args!r}")
+        return handler
+
+    def has(self, item: str | None, args: type | None = None) -> bool:
+        try:
+            self.get(item, args)
+        except HandlerError:
+            return False
+        return True
+
+    def locked(self, item: str) -> CheckpointHandler | None:
+        return self._handlers.get(item)
+
+    def resolve(self, item: str, args: CheckpointArgs) -> CheckpointHandler:
+        """The handler for ``args`` of ``item``: locked in on first use, enforced afterwards."""
+        cls = handler_class_for(args)
+        if cls is None:
+            raise HandlerError(f"item {item!r}: {type(args).__name__} is not a checkpoint args type")
+        current = self._handlers.get(item)
+        if current is None:
+            self.add(item, type(args))
+            return self._handlers[item]
+        if isinstance(current, cls):
+            return current
+        raise HandlerError(
+            f'Item "{item}" and args "{args!r}" does not match with any registered handler! '
+            f"Item {item!r} is locked to {type(current).__name__}, and {type(args).__name__} is "
+            f"handled by {cls.__name__}; use a new manager to change an item's type")

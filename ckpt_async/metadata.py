@@ -1,0 +1,143 @@
+"""What ``metadata()`` and ``item_metadata()`` return: shapes, dtypes, shardings, no arrays.
+
+The reprs follow Orbax's, so printed results read the same in both libraries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageMetadata:
+    chunk_shape: tuple[int, ...] | None = None
+    write_shape: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SingleDeviceShardingMetadata:
+    device_str: str
+
+    def __repr__(self) -> str:
+        return f"SingleDeviceShardingMetadata(device_str={self.device_str})"
+
+
+@dataclasses.dataclass(frozen=True)
+class NamedShardingMetadata:
+    shape: tuple[int, ...]
+    axis_names: tuple[str, ...]
+    partition_spec: tuple[Any, ...]
+
+    def __repr__(self) -> str:
+        return (
+            f"NamedShardingMetadata(shape={list(self.shape)}, axis_names={list(self.axis_names)},"
+            f" partition_spec={self.partition_spec})"
+        )
+
+
+def sharding_metadata_from_json(data: Mapping[str, Any] | None) -> Any:
+    if not data:
+        return None
+    if data.get("sharding_type") == "SingleDeviceSharding":
+        return SingleDeviceShardingMetadata(str(data.get("device_str")))
+    if data.get("sharding_type") == "NamedSharding":
+        return NamedShardingMetadata(
+            tuple(data.get("shape", ())),
+            tuple(data.get("axis_names", ())),
+            tuple(tuple(p) if isinstance(p, list) else p for p in data.get("partition_spec", ())),
+        )
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayMetadata:
+    """A stored array: name, shape, dtype, sharding and chunking."""
+
+    name: str
+    directory: Path | None
+    shape: tuple[int, ...]
+    sharding: Any
+    dtype: np.dtype
+    storage: StorageMetadata | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"ArrayMetadata :  name={self.name},  directory={self.directory},  shape={self.shape},"
+            f"  sharding={self.sharding},  dtype={self.dtype},  storage={self.storage},"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalarMetadata(ArrayMetadata):
+    """A stored Python or NumPy scalar."""
+
+    def __repr__(self) -> str:
+        return (
+            f"ScalarMetadata(name={self.name!r}, directory={self.directory!r}, shape={self.shape},"
+            f" sharding={self.sharding}, dtype={self.dtype!r}, storage={self.storage})"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class StringMetadata:
+    """A stored string."""
+
+    name: str
+    directory: Path | None
+
+
+class TreeMetadata(Mapping[str, Any]):
+    """The metadata of a pytree item: ``tree`` mirrors the saved tree with metadata leaves."""
+
+    def __init__(self, tree: Any, custom_metadata: Any = None, use_zarr3: bool = False) -> None:
+        self.tree = tree
+        self.custom_metadata = custom_metadata
+        self.use_zarr3 = use_zarr3
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.tree[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.tree)
+
+    def __len__(self) -> int:
+        return len(self.tree)
+
+    def __repr__(self) -> str:
+        return (
+            f"TreeMetadata(\n  custom_metadata={self.custom_metadata}\n  tree={self.tree}\n"
+            f"  use_zarr3={self.use_zarr3}\n)"
+        )
+
+
+jax.tree_util.register_pytree_node(
+    TreeMetadata,
+    lambda m: ((m.tree,), (m.custom_metadata, m.use_zarr3)),
+    lambda aux, children: TreeMetadata(children[0], *aux),
+)
+
+
+@dataclasses.dataclass
+class StepMetadata:
+    """A step's metadata: its items' handlers and metadata, metrics, timestamps."""
+
+    item_handlers: Any = None
+    item_metadata: Any = None
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    performance_metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    init_timestamp_nsecs: int | None = None
+    commit_timestamp_nsecs: int | None = None
+    custom_metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class RootMetadata:
+    """A manager directory's metadata (``CheckpointManager(metadata=...)``)."""
+
+    custom_metadata: dict[str, Any] | None = None

@@ -1,0 +1,51 @@
+"""Per-leaf save and restore options (Orbax's ``type_handlers`` names)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+
+@dataclasses.dataclass
+class SaveArgs:
+    """How to save one leaf: ``dtype`` casts before writing."""
+
+    aggregate: bool = False
+    dtype: Any = None
+    write_chunk_shape: tuple[int, ...] | None = None
+    read_chunk_shape: tuple[int, ...] | None = None
+    chunk_byte_size: int | None = None
+
+
+@dataclasses.dataclass
+class RestoreArgs:
+    """How to restore one leaf: as ``restore_type`` (np.ndarray, jax.Array, int, ...), cast to
+    ``dtype``."""
+
+    restore_type: Any = None
+    dtype: Any = None
+
+
+@dataclasses.dataclass
+class ArrayRestoreArgs(RestoreArgs):
+    """Restore one leaf as a ``jax.Array`` placed on ``sharding`` (or ``mesh`` + ``mesh_axes``)."""
+
+    restore_type: Any = jax.Array
+    mesh: jax.sharding.Mesh | None = None
+    mesh_axes: jax.sharding.PartitionSpec | None = None
+    sharding: jax.sharding.Sharding | None = None
+    global_shape: tuple[int, ...] | None = None
+    shape: tuple[int, ...] | None = None
+    strict: bool = True
+
+    def resolved_sharding(self) -> jax.sharding.Sharding | None:
+        if self.sharding is not None:
+            return self.sharding
+        if self.mesh is not None and self.mesh_axes is not None:
+            return jax.sharding.NamedSharding(self.mesh, self.mesh_axes)
+        return None
+
+
+__all__ = ["ArrayRestoreArgs", "RestoreArgs", "SaveArgs"]
