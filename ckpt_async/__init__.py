@@ -27,6 +27,7 @@ from .handlers import (
     PyTreeCheckpointHandler,
     StandardCheckpointHandler,
 )
+from .manager import AsyncCheckpointManager, CheckpointManager, CheckpointManagerOptions
 from .type_handlers import ArrayRestoreArgs, RestoreArgs, SaveArgs
 
 __version__ = "0.1.0"
@@ -36,7 +37,10 @@ __all__ = [
     "AsyncCheckpointHandler",
     "AsyncCheckpointer",
     "AsyncOptions",
+    "AsyncCheckpointManager",
     "CheckpointError",
+    "CheckpointManager",
+    "CheckpointManagerOptions",
     "CheckpointHandler",
     "Checkpointer",
     "CommitFuture",

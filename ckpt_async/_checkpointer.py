@@ -9,6 +9,7 @@ of these and forward every call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -110,8 +111,14 @@ class AsyncCheckpointer:
     async def save_staged(self, path: Path, args: CheckpointArgs, *, force: bool = False,
                           custom_metadata: dict | None = None,
                           step_metadata: fmt.StepMetadata | None = None,
-                          on_commit: Any = None) -> CommitFuture:
-        """The save pipeline (used by the manager too): tmp dir, stage, background commit."""
+                          on_commit: Any = None, after: Any = None,
+                          track: bool = True) -> CommitFuture:
+        """The save pipeline (used by the manager too): tmp dir, stage, background commit.
+
+        ``after`` (an awaitable) is awaited before the commit, so commits land in order;
+        ``on_commit(path, meta)`` runs once the checkpoint is visible. ``track=False`` leaves
+        the future to the caller (the manager tracks its own) instead of ``wait_until_finished``.
+        """
         init_ns = time.time_ns()
         tmp = await _commit.create_tmp(path)
         try:
@@ -126,8 +133,10 @@ class AsyncCheckpointer:
             meta.custom_metadata = custom_metadata
         item_dirs = [tmp / n for n in (args.keys() if isinstance(args, Composite) else ())
                      if args[n] is not None]
-        fut = get_runtime().spawn(self._finish(writer, tmp, path, meta, item_dirs, force, on_commit))
-        self._pending.append(fut)
+        fut = get_runtime().spawn(
+            self._finish(writer, tmp, path, meta, item_dirs, force, on_commit, after))
+        if track:
+            self._pending.append(fut)
         return fut
 
     def _item_handlers(self) -> Any:
@@ -136,9 +145,12 @@ class AsyncCheckpointer:
         return self.handler.typestr
 
     async def _finish(self, writer: Any, tmp: Path, path: Path, meta: fmt.StepMetadata,
-                      item_dirs: list[Path], force: bool, on_commit: Any) -> Path:
+                      item_dirs: list[Path], force: bool, on_commit: Any, after: Any) -> Path:
         async def run() -> None:
             await writer.write()
+            if after is not None:
+                with contextlib.suppress(BaseException):
+                    await after  # the earlier save's own failure is reported by its future
             await _commit.commit(tmp, path, meta, item_dirs, replace=force)
 
         try:

@@ -98,6 +98,7 @@ class ArrayMetadatas(msgspec.Struct):
 class RootMetadata(msgspec.Struct):
     """``metadata/_ROOT_METADATA`` of a manager directory."""
 
+    internal_metadata: dict[str, Any] | None = {}
     custom_metadata: dict[str, Any] | None = None
 
 

@@ -24,6 +24,17 @@ from .errors import CheckpointNotFoundError, CorruptCheckpointError
 TARGET_DATA_FILE_SIZE = 2 << 30
 
 
+def is_storable(dtype: np.dtype) -> bool:
+    """Whether TensorStore's zarr driver stores ``dtype`` (ml_dtypes included, objects not)."""
+    if dtype.hasobject or dtype.kind in "OSU" or dtype.fields is not None:
+        return False
+    try:
+        ts.dtype(dtype.name)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 def new_context() -> ts.Context:
     return ts.Context(
         {"file_io_concurrency": {"limit": 128}, "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}}

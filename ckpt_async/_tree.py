@@ -195,8 +195,10 @@ def tree_from_key_metadata(entries: Sequence[tuple[list[fmt.KeyEntry], Any]]) ->
     return fix(root)
 
 
-def target_leaves(target: Any) -> tuple[list[tuple[str, str, Any]], Any]:
-    """Flattens a restore target with jax: ``(tuple_key, name, leaf)`` and its treedef.
+def target_leaves(
+    target: Any,
+) -> tuple[list[tuple[str, str, Any]], Callable[[Sequence[Any]], Any]]:
+    """Flattens a restore target: ``(tuple_key, name, leaf)`` and a function rebuilding it.
 
     None and empty containers are kept as leaves so a target may mirror them.
     """
@@ -204,12 +206,18 @@ def target_leaves(target: Any) -> tuple[list[tuple[str, str, Any]], Any]:
     def is_leaf(x: Any) -> bool:
         return x is None or (isinstance(x, (dict, list, tuple)) and not is_namedtuple(x) and not x)
 
-    pairs, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=is_leaf)
+    try:
+        pairs, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=is_leaf)
+    except ValueError:
+        # jax sorts dict keys and cannot order a dict mixing str and int keys; our walk can.
+        leaves, skeleton = flatten(target)
+        out = [(leaf.tuple_key, leaf.name, leaf.value) for leaf in leaves]
+        return out, lambda values: unflatten(skeleton, values.__getitem__)
     out = []
     for path, leaf in pairs:
         keys = [_key_of(p)[0] for p in path]
         out.append((str(tuple(str(k) for k in keys)), ".".join(str(k) for k in keys), leaf))
-    return out, treedef
+    return out, lambda values: jax.tree_util.tree_unflatten(treedef, values)
 
 
 def check_structure(

@@ -7,5 +7,6 @@
 
 from ._checkpointer import AsyncCheckpointer, AsyncOptions
 from ._runtime import CommitFuture
+from .manager.async_manager import AsyncCheckpointManager
 
-__all__ = ["AsyncCheckpointer", "AsyncOptions", "CommitFuture"]
+__all__ = ["AsyncCheckpointManager", "AsyncCheckpointer", "AsyncOptions", "CommitFuture"]

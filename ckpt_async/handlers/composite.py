@@ -84,17 +84,26 @@ class CompositeCheckpointHandler(CheckpointHandler):
         return handler
 
     async def restore(self, directory: Path, args: Composite | None = None) -> Composite:
+        """Restores the items ``args`` names; with no args, every stored item, and ``None`` for
+        an item this handler knows (locked in) that the checkpoint does not hold (Orbax)."""
         stored = await self._stored_items(directory)
-        wanted = dict(args.items()) if args is not None else {n: None for n in stored}
-        for name in wanted:
-            if name not in stored:
-                raise CheckpointNotFoundError(f"{directory}: item {name!r} is not in the checkpoint"
-                                              f" (it holds {sorted(stored)})")
-        handlers = {n: self._handler_for_restore(n, a, stored.get(n), directory)
-                    for n, a in wanted.items()}
-        results = await asyncio.gather(*(handlers[n].restore(directory / n, a)
-                                         for n, a in wanted.items()))
-        return Composite(**dict(zip(wanted, results)))
+        if args is None:
+            wanted = {n: None for n in sorted(set(stored) | set(self.registry.locked_items()))}
+        else:
+            wanted = dict(args.items())
+            for name in wanted:
+                if name not in stored:
+                    raise CheckpointNotFoundError(
+                        f"{directory}: item {name!r} is not in the checkpoint (it holds "
+                        f"{sorted(stored)})")
+        present = [n for n in wanted if n in stored]
+        handlers = {n: self._handler_for_restore(n, wanted[n], stored.get(n), directory)
+                    for n in present}
+        results = await asyncio.gather(*(handlers[n].restore(directory / n, wanted[n])
+                                         for n in present))
+        out = dict.fromkeys(wanted)
+        out.update(zip(present, results))
+        return Composite(**out)
 
     async def metadata(self, directory: Path) -> Composite:
         stored = await self._stored_items(directory)

@@ -69,14 +69,16 @@ def _classify(leaf: _tree.Leaf, save_arg: SaveArgs | None, where: str) -> _Plann
     if isinstance(v, (dict, list, tuple)) and not v:
         kind = "Dict" if isinstance(v, dict) else "List"
         return _Planned(leaf, kind, None, "tuple" if isinstance(v, tuple) else None)
+    if isinstance(v, (jax.Array, np.ndarray, np.generic)):
+        for dt in (v.dtype, cast):
+            if dt is not None and not ser.is_storable(np.dtype(dt)):
+                raise UnsupportedLeafError(f"{where}: leaf {leaf.name!r} has dtype {dt}, which "
+                                           "cannot be checkpointed")
     if isinstance(v, jax.Array):
         return _Planned(leaf, "jax.Array", cast)
     if isinstance(v, np.ndarray):
-        if v.dtype.hasobject or v.dtype.kind in "OSUV":
-            raise UnsupportedLeafError(f"{where}: leaf {leaf.name!r} has dtype {v.dtype}, which "
-                                       "cannot be checkpointed")
         return _Planned(leaf, "np.ndarray", cast)
-    if isinstance(v, np.generic) and v.dtype.kind not in "OSUV":
+    if isinstance(v, np.generic):
         return _Planned(leaf, "scalar", cast or v.dtype, f"np:{v.dtype.name}")
     if type(v) in _SCALAR_DTYPES:
         return _Planned(leaf, "scalar", cast or _SCALAR_DTYPES[type(v)], type(v).__name__)
@@ -310,7 +312,7 @@ class _Reader:
         return _tree.tree_from_key_metadata([(e.key_metadata, v) for e, v in zip(entries, values)])
 
     async def restore_into(self, target: Any, restore_args: Any, *, partial: bool) -> Any:
-        pairs, treedef = _tree.target_leaves(target)
+        pairs, rebuild = _tree.target_leaves(target)
         rargs: dict[str, Any] = {}
         if restore_args is not None and restore_args is not target:
             rpairs, _ = _tree.target_leaves(restore_args)
@@ -330,7 +332,7 @@ class _Reader:
             return self._place(name, arr, tleaf, rarg, vt)
 
         values = await asyncio.gather(*(one(k, n, leaf) for k, n, leaf in pairs))
-        return jax.tree_util.tree_unflatten(treedef, values)
+        return rebuild(values)
 
     def _place(self, name: str, arr: np.ndarray, tleaf: Any, rarg: Any, vt: str) -> Any:
         """Casts and places one restored array as the target leaf (or restore arg) asks."""

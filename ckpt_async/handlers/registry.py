@@ -79,6 +79,9 @@ class DefaultCheckpointHandlerRegistry:
             return False
         return True
 
+    def locked_items(self) -> list[str]:
+        return [n for n in self._handlers if n is not None]
+
     def locked(self, item: str) -> CheckpointHandler | None:
         return self._handlers.get(item)
 

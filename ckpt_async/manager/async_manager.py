@@ -1,0 +1,443 @@
+"""AsyncCheckpointManager: a series of steps in one directory, saved in the background.
+
+``await save(step, args=...)`` decides (policy), stages the state into host memory and returns
+the step's :class:`~ckpt_async._runtime.CommitFuture` (or ``None`` when the policy skips the
+step). Commits run on the engine loop, in step order, at most ``max_concurrent_saves`` in
+flight; retention deletes old steps only after the new step is committed. What
+``all_steps()``, ``latest_step()`` and ``best_step()`` answer matches Orbax 0.12, which lists
+a step as soon as its save starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import _format as fmt
+from .. import _storage as storage
+from .._checkpointer import AsyncCheckpointer, AsyncOptions, as_path
+from .._runtime import CommitFuture, get_runtime
+from ..args import CheckpointArgs, Composite, JsonSave
+from ..checkpoint_managers import CheckpointInfo, DecisionContext, PreservationContext
+from ..errors import (
+    InvalidArgumentError,
+    StepAlreadyExistsError,
+    StepNotFoundError,
+)
+from ..handlers.base import CheckpointHandler
+from ..handlers.composite import CompositeCheckpointHandler
+from ..handlers.registry import DefaultCheckpointHandlerRegistry
+from ..metadata import RootMetadata, StepMetadata
+from . import _steps
+from .options import (
+    CheckpointManagerOptions,
+    preservation_policy_of,
+    save_decision_policy_of,
+    uses_metrics,
+)
+
+log = logging.getLogger("ckpt_async")
+
+DEFAULT_ITEM_NAME = "default"
+METRIC_ITEM_NAME = "metrics"
+
+
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not hasattr(step, "__index__"):
+        raise InvalidArgumentError(f"step must be a non-negative integer, got {step!r}")
+    step = int(step.__index__())
+    if step < 0:
+        raise InvalidArgumentError(f"step must be a non-negative integer, got {step}")
+    return step
+
+
+def _utc(ns: int | None, fallback: float) -> datetime.datetime:
+    secs = ns / 1e9 if ns else fallback
+    return datetime.datetime.fromtimestamp(secs, tz=datetime.UTC)
+
+
+class AsyncCheckpointManager:
+    """Saves, lists, restores and retains the steps of one training run (coroutines).
+
+    >>> mngr = AsyncCheckpointManager('/tmp/run', CheckpointManagerOptions(max_to_keep=3))
+    >>> fut = await mngr.save(100, args=ckpt_async.args.StandardSave(state))  # doctest: +SKIP
+    >>> fut.add_done_callback(lambda f: print('step 100 is durable'))          # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        directory: Any,
+        options: CheckpointManagerOptions | None = None,
+        item_names: Any = None,
+        item_handlers: CheckpointHandler | dict[str, CheckpointHandler] | None = None,
+        handler_registry: DefaultCheckpointHandlerRegistry | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.directory = as_path(directory)
+        self.options = options or CheckpointManagerOptions()
+        self._name_format = self.options.step_name_format or _steps.standard_name_format(
+            self.options.step_prefix, self.options.step_format_fixed_length)
+        self._save_policy = save_decision_policy_of(self.options)
+        self._preservation_policy = preservation_policy_of(self.options)
+        self._persist_metrics = uses_metrics(self._preservation_policy) or bool(self.options.best_fn)
+        registry = handler_registry or DefaultCheckpointHandlerRegistry()
+        self._default_item: bool | None = None
+        if isinstance(item_handlers, CheckpointHandler):
+            registry.add(DEFAULT_ITEM_NAME, None, item_handlers)
+            self._default_item = True
+        elif item_handlers:
+            for name, handler in item_handlers.items():
+                registry.add(name, None, handler)
+            self._default_item = False
+        if item_names is not None:
+            self._default_item = False
+        self._registry = registry
+        self._checkpointer = AsyncCheckpointer(
+            CompositeCheckpointHandler(handler_registry=registry),
+            async_options=self.options.async_options or AsyncOptions())
+        self._checkpoints: list[CheckpointInfo] = []
+        self._futures: dict[int, CommitFuture] = {}
+        self._failures: list[BaseException] = []
+        self._root_metadata = metadata
+        self._closed = False
+        self._initialized = False
+
+    # -- setup (on the engine loop, on first use) ------------------------------------------------
+    async def _ensure_init(self) -> None:
+        if self._initialized:
+            return
+        self._initialized = True
+        if self.options.create and not self.options.read_only:
+            if await storage.exists(self.directory) and not await storage.is_dir(self.directory):
+                raise InvalidArgumentError(f"{self.directory} exists and is not a directory")
+            await storage.makedirs(self.directory)
+        if self.options.cleanup_tmp_directories:
+            await self._cleanup_leftovers()
+        self._checkpoints = await self._load_checkpoint_infos()
+        if self._root_metadata is not None and not self.options.read_only:
+            await self._save_root_metadata(self._root_metadata)
+
+    async def _cleanup_leftovers(self) -> None:
+        for name in await storage.listdir(self.directory):
+            if _steps.is_leftover(name):
+                await storage.rmtree(self.directory / name)
+
+    async def _save_root_metadata(self, custom: dict[str, Any]) -> None:
+        path = self.directory / fmt.ROOT_METADATA_DIR / fmt.ROOT_METADATA
+        if await storage.exists(path):
+            return  # written by an earlier run; root metadata is written once
+        await storage.makedirs(path.parent)
+        await storage.write_bytes(path, fmt.encode(fmt.RootMetadata({}, dict(custom))))
+
+    async def _step_names(self) -> dict[int, str]:
+        return _steps.steps_in(await storage.listdir(self.directory), self._name_format)
+
+    async def _load_checkpoint_infos(self) -> list[CheckpointInfo]:
+        infos = []
+        for step, name in sorted((await self._step_names()).items()):
+            path = self.directory / name
+            meta = await self._read_step_doc(path)
+            metrics = await self._read_metrics(path, meta)
+            mtime = (await get_runtime().to_thread(os.stat, path)).st_mtime if meta is None else 0.0
+            infos.append(CheckpointInfo(step, _utc(meta and meta.commit_timestamp_nsecs, mtime),
+                                        metrics))
+        return infos
+
+    async def _read_step_doc(self, path: Path) -> fmt.StepMetadata | None:
+        doc_path = path / fmt.CHECKPOINT_METADATA
+        if not await storage.exists(doc_path):
+            return None
+        return fmt.decode(await storage.read_bytes(doc_path), fmt.StepMetadata, where=str(doc_path))
+
+    async def _read_metrics(self, path: Path, meta: fmt.StepMetadata | None) -> Any:
+        item = path / METRIC_ITEM_NAME / METRIC_ITEM_NAME
+        if await storage.exists(item):  # Orbax writes metrics as a JSON item when best_fn is set
+            return fmt.decode(await storage.read_bytes(item), Any, where=str(item))
+        if self._persist_metrics and meta is not None and meta.metrics:
+            return meta.metrics
+        return None
+
+    # -- listing ---------------------------------------------------------------------------------
+    def all_steps(self, read: bool = False) -> list[int]:
+        return [c.step for c in self._checkpoints]
+
+    def latest_step(self) -> int | None:
+        return self._checkpoints[-1].step if self._checkpoints else None
+
+    def best_step(self) -> int | None:
+        """The best step by ``best_fn`` (the latest one when no best_fn is set)."""
+        if self.options.best_fn is None:
+            return self.latest_step()
+        ranked = [c for c in self._checkpoints if c.metrics is not None]
+        if not ranked:
+            return None
+        ranked.sort(key=lambda c: self.options.best_fn(c.metrics),  # type: ignore[misc]
+                    reverse=self.options.best_mode == "min")
+        return ranked[-1].step
+
+    async def reload(self) -> None:
+        """Re-reads the steps from the directory (after another writer changed it)."""
+        await self._ensure_init()
+        self._checkpoints = await self._load_checkpoint_infos()
+
+    def reached_preemption(self, step: int) -> bool:
+        try:
+            from jax.experimental import multihost_utils
+
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        except Exception:  # noqa: BLE001 - no preemption service: not preempted
+            return False
+
+    def is_saving_in_progress(self) -> bool:
+        return any(not f.done() for f in self._futures.values())
+
+    def should_save(self, step: int) -> bool:
+        """Whether ``save(step)`` would write a checkpoint (Orbax's rules)."""
+        if self.options.read_only:
+            log.warning("%s is read only, save will be skipped", self.directory)
+            return False
+        latest = self.latest_step()
+        if latest is not None and latest >= step:
+            return False
+        in_progress = (self.is_saving_in_progress()
+                       if self.options.enable_should_save_is_saving_in_progress_check else False)
+        context = DecisionContext(
+            is_saving_in_progress=in_progress, reached_preemption=self.reached_preemption(step),
+            multiprocessing_options=self.options.multiprocessing_options)
+        now = CheckpointInfo(step, datetime.datetime.now(tz=datetime.UTC), None)
+        return bool(self._save_policy.should_save(now, list(self._checkpoints), context=context))
+
+    # -- save ------------------------------------------------------------------------------------
+    def _step_path(self, step: int) -> Path:
+        return self.directory / self._name_format.build_name(step)
+
+    def _as_composite(self, args: CheckpointArgs | None) -> Composite:
+        if args is None:
+            raise InvalidArgumentError("Must provide `args` for `save`.")
+        if not isinstance(args, CheckpointArgs):
+            raise InvalidArgumentError(
+                f"Expected args of type `CheckpointArgs`; found {type(args).__name__}")
+        is_composite = isinstance(args, Composite)
+        if self._default_item is None:
+            self._default_item = not is_composite
+        if self._default_item and is_composite:
+            raise InvalidArgumentError(
+                "Cannot provide `args` of type `Composite` when dealing with a single, unnamed "
+                "(default) checkpointable object.")
+        if not self._default_item and not is_composite:
+            raise InvalidArgumentError(
+                "Must provide `args` of type `Composite` when dealing with multiple "
+                "checkpointable objects.")
+        return Composite(**{DEFAULT_ITEM_NAME: args}) if self._default_item else args
+
+    def _raise_failure(self) -> None:
+        if self._failures:
+            exc = self._failures.pop(0)
+            self._failures.clear()
+            raise exc
+
+    async def save(self, step: int, args: CheckpointArgs | None = None, metrics: Any = None,
+                   force: bool = False, custom_metadata: dict | None = None) -> CommitFuture | None:
+        """Stages ``args`` as ``step``; returns the commit's future, or None when skipped."""
+        await self._ensure_init()
+        step = _check_step(step)
+        self._raise_failure()
+        composite = self._as_composite(args)
+        if not force and not self.should_save(step):
+            log.info("step %d of %s: not saved (policy, or not after the latest step %s)",
+                     step, self.directory, self.latest_step())
+            return None
+        if self.options.read_only:
+            log.warning("%s is read only: step %d was not saved", self.directory, step)
+            return None
+        if step in self.all_steps():
+            raise StepAlreadyExistsError(f"Checkpoint for step {step} already exists in "
+                                         f"{self.directory}.")
+        await self._bound_in_flight()
+        items = dict(composite.items())
+        if metrics is not None and self.options.best_fn is not None and \
+                not self.options.prevent_write_metrics:
+            items[METRIC_ITEM_NAME] = JsonSave(metrics)
+        meta = fmt.StepMetadata(custom_metadata=dict(custom_metadata or {}))
+        if metrics is not None and not self.options.prevent_write_metrics:
+            meta.metrics = dict(metrics) if isinstance(metrics, dict) else {"value": metrics}
+        info = CheckpointInfo(step, datetime.datetime.now(tz=datetime.UTC), metrics)
+        candidates = [*self._checkpoints, info]
+        keep = self._preservation_policy.should_preserve(candidates, context=PreservationContext())
+        to_remove = [c for c, k in zip(candidates, keep, strict=True) if not k]
+        prev = self._futures[max(self._futures)] if self._futures else None
+
+        async def retain(path: Path, _meta: Any) -> None:
+            await self._delete_steps([c.step for c in to_remove if c.step != step])
+
+        t0 = time.perf_counter()
+        fut = await self._checkpointer.save_staged(
+            self._step_path(step), Composite(**items), step_metadata=meta, on_commit=retain,
+            after=prev, track=False)
+        log.debug("step %d staged in %.3f s", step, time.perf_counter() - t0)
+        self._futures[step] = fut
+        self._checkpoints = [c for c in candidates if c not in to_remove or c.step == step]
+        fut.add_done_callback(lambda f: self._on_done(step, f, to_remove))
+        if not self.options.enable_async_checkpointing:
+            await fut
+        return fut
+
+    async def _bound_in_flight(self) -> None:
+        while sum(not f.done() for f in self._futures.values()) >= self.options.max_concurrent_saves:
+            oldest = min(s for s, f in self._futures.items() if not f.done())
+            try:
+                await self._futures[oldest]
+            except BaseException:  # noqa: BLE001 - recorded by _on_done, raised below
+                pass
+            self._raise_failure()
+
+    def _on_done(self, step: int, fut: CommitFuture, removed: list[CheckpointInfo]) -> None:
+        """Runs when a commit ends (any thread): a failed step leaves the listing, and the
+        steps it would have retired come back (they were never deleted)."""
+        exc = fut.exception()
+        if exc is None:
+            return
+        self._failures.append(exc)
+        kept = [c for c in self._checkpoints if c.step != step]
+        back = [c for c in removed if c.step != step and c.step not in {k.step for k in kept}]
+        self._checkpoints = sorted(kept + back, key=lambda c: c.step)
+
+    def commit_future(self, step: int) -> CommitFuture:
+        """The completion future of ``step``'s commit (saves made by this manager)."""
+        try:
+            return self._futures[step]
+        except KeyError:
+            raise StepNotFoundError(f"no save of step {step} was made by this manager") from None
+
+    async def wait_until_finished(self) -> None:
+        """Waits for every in-flight commit; raises the first failure."""
+        for step in sorted(self._futures):
+            fut = self._futures[step]
+            try:
+                await fut
+            except BaseException:  # noqa: BLE001 - recorded by _on_done
+                pass
+        self._raise_failure()
+
+    def check_for_errors(self) -> None:
+        """Raises the failure of a finished commit, without waiting."""
+        self._raise_failure()
+
+    # -- delete / retain -------------------------------------------------------------------------
+    async def _delete_steps(self, steps: list[int]) -> None:
+        names = await self._step_names()
+        for step in steps:
+            name = names.get(step)
+            if name is None:
+                continue
+            path = self.directory / name
+            # Unlist first (one rename), then remove: a kill in between leaves a leftover,
+            # never a listed step with missing files.
+            if self.options.todelete_subdir:
+                dest_dir = self.directory / self.options.todelete_subdir
+                await storage.makedirs(dest_dir)
+                await storage.rename_durable(path, dest_dir / name)
+                continue
+            doomed = self.directory / f"{name}{_steps.TODELETE_MARK}-{time.time_ns()}"
+            await storage.rename_durable(path, doomed)
+            await storage.rmtree(doomed)
+
+    async def delete(self, step: int) -> None:
+        await self._ensure_init()
+        step = _check_step(step)
+        if self.options.read_only:
+            log.warning("%s is read only, delete will be skipped", self.directory)
+            return
+        if step not in self.all_steps():
+            raise StepNotFoundError(f"Requested deleting a non-existent step: {step} "
+                                    f"(in {self.directory}).")
+        fut = self._futures.get(step)
+        if fut is not None:
+            await asyncio.shield(asyncio.wrap_future(fut))
+        await self._delete_steps([step])
+        self._checkpoints = [c for c in self._checkpoints if c.step != step]
+
+    # -- restore / metadata ----------------------------------------------------------------------
+    async def _resolve_step_dir(self, step: int | None, directory: Any = None) -> tuple[int, Path]:
+        await self._ensure_init()
+        root = as_path(directory) if directory is not None else self.directory
+        if step is None:
+            if directory is None:
+                step = self.latest_step()
+            else:
+                names = _steps.steps_in(await storage.listdir(root), self._name_format)
+                step = max(names) if names else None
+            if step is None:
+                raise StepNotFoundError(f"No steps found in {root}.")
+        step = _check_step(step)
+        fut = self._futures.get(step)
+        if fut is not None and not fut.done():
+            await fut
+        names = _steps.steps_in(await storage.listdir(root), self._name_format)
+        if step not in names:
+            raise StepNotFoundError(f"step {step} does not exist in {root} (steps: "
+                                    f"{sorted(names)[-10:]})")
+        path = root / names[step]
+        if self._default_item is None:
+            self._default_item = await storage.is_dir(path / DEFAULT_ITEM_NAME)
+        return step, path
+
+    async def restore(self, step: int | None = None, args: CheckpointArgs | None = None,
+                      directory: Any = None) -> Any:
+        """Restores ``step`` (default: the latest): every item as saved, or as ``args`` ask."""
+        step, path = await self._resolve_step_dir(step, directory)
+        if self._default_item:
+            if isinstance(args, Composite):
+                raise InvalidArgumentError("Cannot restore a single (default) item with Composite")
+            result = await self._checkpointer.handler.restore(
+                path, Composite(**{DEFAULT_ITEM_NAME: args}))
+            return result[DEFAULT_ITEM_NAME]
+        if args is not None and not isinstance(args, Composite):
+            raise InvalidArgumentError(
+                f"step {step}: restoring several items needs Composite args, got "
+                f"{type(args).__name__}")
+        return await self._checkpointer.handler.restore(path, args)
+
+    async def item_metadata(self, step: int) -> Any:
+        return (await self.metadata(step)).item_metadata
+
+    async def metadata(self, step: int | None = None) -> StepMetadata | RootMetadata:
+        """Step metadata (metrics, timestamps, items) for ``step``; root metadata for None."""
+        if step is None:
+            await self._ensure_init()
+            path = self.directory / fmt.ROOT_METADATA_DIR / fmt.ROOT_METADATA
+            if not await storage.exists(path):
+                return RootMetadata(custom_metadata=dict(self._root_metadata or {}))
+            doc = fmt.decode(await storage.read_bytes(path), fmt.RootMetadata, where=str(path))
+            return RootMetadata(custom_metadata=doc.custom_metadata)
+        step, path = await self._resolve_step_dir(step)
+        meta = await self._checkpointer.metadata(path)
+        if self._default_item and meta.item_metadata is not None:
+            meta.item_metadata = meta.item_metadata.get(DEFAULT_ITEM_NAME)
+        metrics = await self._read_metrics(path, await self._read_step_doc(path))
+        if metrics is not None:
+            meta.metrics = metrics
+        return meta
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def close(self) -> None:
+        """Waits for in-flight commits and retention; raises a commit's failure."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.wait_until_finished()
+
+    async def __aenter__(self) -> AsyncCheckpointManager:
+        await self._ensure_init()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+__all__ = ["AsyncCheckpointManager"]

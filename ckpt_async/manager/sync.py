@@ -1,0 +1,99 @@
+"""CheckpointManager: the sync face of :class:`AsyncCheckpointManager` (Orbax's API).
+
+Every call is forwarded to the async manager through the runtime; ``save`` keeps Orbax's
+``bool`` return, and the step's completion future stays reachable with :meth:`commit_future`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._runtime import CommitFuture, get_runtime
+from ..args import CheckpointArgs
+from .async_manager import AsyncCheckpointManager
+from .options import CheckpointManagerOptions
+
+
+class CheckpointManager:
+    """Saves a series of steps in ``directory``; Orbax's ``CheckpointManager``.
+
+    >>> mngr = CheckpointManager('/tmp/run', CheckpointManagerOptions(max_to_keep=2))
+    >>> mngr.save(0, args=ckpt_async.args.StandardSave(state))      # doctest: +SKIP
+    True
+    >>> mngr.wait_until_finished(); mngr.restore(0)                  # doctest: +SKIP
+    """
+
+    def __init__(self, directory: Any, options: CheckpointManagerOptions | None = None,
+                 item_names: Any = None, item_handlers: Any = None,
+                 handler_registry: Any = None, metadata: dict[str, Any] | None = None) -> None:
+        self._rt = get_runtime()
+        self.async_manager = AsyncCheckpointManager(
+            directory, options, item_names=item_names, item_handlers=item_handlers,
+            handler_registry=handler_registry, metadata=metadata)
+        self._rt.call(self.async_manager._ensure_init)
+
+    @property
+    def directory(self) -> Any:
+        return self.async_manager.directory
+
+    def save(self, step: int, args: CheckpointArgs | None = None, metrics: Any = None,
+             force: bool = False, custom_metadata: dict | None = None) -> bool:
+        """Saves ``step`` (returns once staged); True when a save was started."""
+        fut = self._rt.call(self.async_manager.save, step, args=args, metrics=metrics,
+                            force=force, custom_metadata=custom_metadata)
+        return fut is not None
+
+    def commit_future(self, step: int) -> CommitFuture:
+        """The completion future of ``step``'s commit: ``.result()``, ``add_done_callback``."""
+        return self.async_manager.commit_future(step)
+
+    def restore(self, step: int | None = None, args: CheckpointArgs | None = None,
+                directory: Any = None) -> Any:
+        return self._rt.call(self.async_manager.restore, step, args, directory)
+
+    def item_metadata(self, step: int) -> Any:
+        return self._rt.call(self.async_manager.item_metadata, step)
+
+    def metadata(self, step: int | None = None) -> Any:
+        return self._rt.call(self.async_manager.metadata, step)
+
+    def all_steps(self, read: bool = False) -> list[int]:
+        if read:
+            self.reload()
+        return self.async_manager.all_steps()
+
+    def latest_step(self) -> int | None:
+        return self.async_manager.latest_step()
+
+    def best_step(self) -> int | None:
+        return self.async_manager.best_step()
+
+    def should_save(self, step: int) -> bool:
+        return self.async_manager.should_save(step)
+
+    def reached_preemption(self, step: int) -> bool:
+        return self.async_manager.reached_preemption(step)
+
+    def is_saving_in_progress(self) -> bool:
+        return self.async_manager.is_saving_in_progress()
+
+    def delete(self, step: int) -> None:
+        self._rt.call(self.async_manager.delete, step)
+
+    def reload(self) -> None:
+        self._rt.call(self.async_manager.reload)
+
+    def wait_until_finished(self) -> None:
+        self._rt.call(self.async_manager.wait_until_finished)
+
+    def check_for_errors(self) -> None:
+        self.async_manager.check_for_errors()
+
+    def close(self) -> None:
+        self._rt.call(self.async_manager.close)
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
