@@ -20,7 +20,7 @@ from typing import Any
 from . import _commit
 from . import _format as fmt
 from . import _storage as storage
-from ._runtime import CommitFuture, get_runtime
+from ._runtime import CommitFuture, get_runtime, on_engine
 from .args import CheckpointArgs, Composite, args_classes_for, handler_class_for
 from .errors import (
     CheckpointError,
@@ -93,6 +93,7 @@ class AsyncCheckpointer:
                 f"{directory}: {type(args).__name__} cannot be saved by "
                 f"{type(self.handler).__name__}")
 
+    @on_engine
     async def save(self, directory: Any, args: CheckpointArgs | None = None, *items: Any,
                    force: bool = False, custom_metadata: dict | None = None,
                    **legacy: Any) -> CommitFuture:
@@ -108,6 +109,7 @@ class AsyncCheckpointer:
             raise StepAlreadyExistsError(f"{path} already exists; pass force=True to overwrite it")
         return await self.save_staged(path, args, force=force, custom_metadata=custom_metadata)
 
+    @on_engine
     async def save_staged(self, path: Path, args: CheckpointArgs, *, force: bool = False,
                           custom_metadata: dict | None = None,
                           step_metadata: fmt.StepMetadata | None = None,
@@ -170,6 +172,7 @@ class AsyncCheckpointer:
         return path
 
     # -- waiting --------------------------------------------------------------------------------
+    @on_engine
     async def wait_until_finished(self) -> None:
         """Waits for every pending commit; raises the first failure."""
         pending, self._pending = self._pending, []
@@ -195,6 +198,7 @@ class AsyncCheckpointer:
         return any(not f.done() for f in self._pending)
 
     # -- restore --------------------------------------------------------------------------------
+    @on_engine
     async def restore(self, directory: Any, args: CheckpointArgs | None = None, *items: Any,
                       **legacy: Any) -> Any:
         self._check_open()
@@ -208,6 +212,7 @@ class AsyncCheckpointer:
             args = make_args(self.handler, "restore", items[0] if items else None, legacy)
         return await self.handler.restore(path, args)
 
+    @on_engine
     async def metadata(self, directory: Any) -> StepMetadata:
         await self.wait_until_finished()
         path = as_path(directory)
@@ -232,6 +237,7 @@ class AsyncCheckpointer:
         if self._closed:
             raise ClosedError("this checkpointer is closed")
 
+    @on_engine
     async def close(self) -> None:
         """Waits for pending commits, then closes; raises a commit's failure."""
         if self._closed:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import os
 import threading
 import weakref
@@ -145,6 +146,17 @@ class Runtime:
 
 _runtime: Runtime | None = None
 _lock = threading.Lock()
+
+
+def on_engine(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., Coroutine[Any, Any, T]]:
+    """Decorates a coroutine method of the async face so it always runs on the engine loop,
+    whichever loop awaits it (background tasks it starts must live on the engine loop)."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        return await get_runtime().run(fn, *args, **kwargs)
+
+    return wrapper
 
 
 def get_runtime() -> Runtime:

@@ -80,6 +80,9 @@ def _classify(leaf: _tree.Leaf, save_arg: SaveArgs | None, where: str) -> _Plann
         return _Planned(leaf, "np.ndarray", cast)
     if isinstance(v, np.generic):
         return _Planned(leaf, "scalar", cast or v.dtype, f"np:{v.dtype.name}")
+    if type(v) is int and not np.iinfo(np.int64).min <= v <= np.iinfo(np.int64).max:
+        raise UnsupportedLeafError(f"{where}: leaf {leaf.name!r} is an int outside the int64 "
+                                   "range, which cannot be checkpointed")
     if type(v) in _SCALAR_DTYPES:
         return _Planned(leaf, "scalar", cast or _SCALAR_DTYPES[type(v)], type(v).__name__)
     if isinstance(v, str):
@@ -336,7 +339,7 @@ class _Reader:
 
     def _place(self, name: str, arr: np.ndarray, tleaf: Any, rarg: Any, vt: str) -> Any:
         """Casts and places one restored array as the target leaf (or restore arg) asks."""
-        shape = getattr(tleaf, "shape", None)
+        shape = () if type(tleaf) in _SCALAR_DTYPES else getattr(tleaf, "shape", None)
         if shape is not None and not isinstance(tleaf, RestoreArgs) and tuple(shape) != arr.shape:
             raise ShapeMismatchError(
                 f"{self.dir}: key {name!r} is stored with shape {arr.shape}, the target asks for "

@@ -21,7 +21,7 @@ from typing import Any
 from .. import _format as fmt
 from .. import _storage as storage
 from .._checkpointer import AsyncCheckpointer, AsyncOptions, as_path
-from .._runtime import CommitFuture, get_runtime
+from .._runtime import CommitFuture, get_runtime, on_engine
 from ..args import CheckpointArgs, Composite, JsonSave
 from ..checkpoint_managers import CheckpointInfo, DecisionContext, PreservationContext
 from ..errors import (
@@ -180,6 +180,7 @@ class AsyncCheckpointManager:
                     reverse=self.options.best_mode == "min")
         return ranked[-1].step
 
+    @on_engine
     async def reload(self) -> None:
         """Re-reads the steps from the directory (after another writer changed it)."""
         await self._ensure_init()
@@ -241,6 +242,7 @@ class AsyncCheckpointManager:
             self._failures.clear()
             raise exc
 
+    @on_engine
     async def save(self, step: int, args: CheckpointArgs | None = None, metrics: Any = None,
                    force: bool = False, custom_metadata: dict | None = None) -> CommitFuture | None:
         """Stages ``args`` as ``step``; returns the commit's future, or None when skipped."""
@@ -314,6 +316,7 @@ class AsyncCheckpointManager:
         except KeyError:
             raise StepNotFoundError(f"no save of step {step} was made by this manager") from None
 
+    @on_engine
     async def wait_until_finished(self) -> None:
         """Waits for every in-flight commit; raises the first failure."""
         for step in sorted(self._futures):
@@ -347,6 +350,7 @@ class AsyncCheckpointManager:
             await storage.rename_durable(path, doomed)
             await storage.rmtree(doomed)
 
+    @on_engine
     async def delete(self, step: int) -> None:
         await self._ensure_init()
         step = _check_step(step)
@@ -387,6 +391,7 @@ class AsyncCheckpointManager:
             self._default_item = await storage.is_dir(path / DEFAULT_ITEM_NAME)
         return step, path
 
+    @on_engine
     async def restore(self, step: int | None = None, args: CheckpointArgs | None = None,
                       directory: Any = None) -> Any:
         """Restores ``step`` (default: the latest): every item as saved, or as ``args`` ask."""
@@ -403,9 +408,11 @@ class AsyncCheckpointManager:
                 f"{type(args).__name__}")
         return await self._checkpointer.handler.restore(path, args)
 
+    @on_engine
     async def item_metadata(self, step: int) -> Any:
         return (await self.metadata(step)).item_metadata
 
+    @on_engine
     async def metadata(self, step: int | None = None) -> StepMetadata | RootMetadata:
         """Step metadata (metrics, timestamps, items) for ``step``; root metadata for None."""
         if step is None:
@@ -425,6 +432,7 @@ class AsyncCheckpointManager:
         return meta
 
     # -- lifecycle -------------------------------------------------------------------------------
+    @on_engine
     async def close(self) -> None:
         """Waits for in-flight commits and retention; raises a commit's failure."""
         if self._closed:
@@ -432,10 +440,12 @@ class AsyncCheckpointManager:
         self._closed = True
         await self.wait_until_finished()
 
+    @on_engine
     async def __aenter__(self) -> AsyncCheckpointManager:
         await self._ensure_init()
         return self
 
+    @on_engine
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 

@@ -1,0 +1,489 @@
+"""Checkpointers end to end, through the sync face and the async face (``ckpt_async.aio``)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import ckpt_async as ocp
+import ckpt_async._serialize as ser
+import ckpt_async.aio
+from ckpt_async.errors import (
+    CommitError,
+    ShapeMismatchError,
+    StepAlreadyExistsError,
+    StructureMismatchError,
+    UnsupportedLeafError,
+)
+
+Pair = collections.namedtuple("Pair", ["first", "second"])
+
+# dtypes a jax.Array holds without jax_enable_x64, and those TensorStore stores (probed).
+JAX_DTYPES = [
+    np.bool_, np.int8, np.int16, np.int32, np.uint8, np.uint16, np.uint32,
+    np.float16, ml_dtypes.bfloat16, np.float32, np.complex64,
+    ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2, ml_dtypes.float8_e4m3fnuz,
+    ml_dtypes.float8_e5m2fnuz, ml_dtypes.float8_e4m3b11fnuz, ml_dtypes.float8_e3m4,
+    ml_dtypes.float8_e8m0fnu, ml_dtypes.float4_e2m1fn, ml_dtypes.int4, ml_dtypes.int2,
+]
+# ml_dtypes types that TensorStore has no data type for: rejected before anything is written.
+UNSTORABLE_DTYPES = [ml_dtypes.float8_e4m3, ml_dtypes.uint4, ml_dtypes.uint2]
+NP_DTYPES = JAX_DTYPES + [np.int64, np.uint64, np.float64, np.complex128]
+
+
+def sample(dtype, shape=(3, 4)) -> np.ndarray:
+    dt = np.dtype(dtype)
+    n = int(np.prod(shape))
+    if dt == np.bool_:
+        return (np.arange(n) % 3 == 0).reshape(shape)
+    if dt.kind in "iu" or dt.name in ("int4", "int2"):
+        return (np.arange(n) % 2).astype(dt).reshape(shape)
+    return (np.arange(n) / 4).astype(dt).reshape(shape)
+
+
+def assert_bits_equal(actual, expected):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.dtype == expected.dtype
+    assert actual.shape == expected.shape
+    if expected.dtype.itemsize:
+        np.testing.assert_array_equal(actual.reshape(-1).view(np.uint8),
+                                      expected.reshape(-1).view(np.uint8))
+
+
+def no_tmp_dirs(parent) -> bool:
+    return not [n for n in os.listdir(parent) if ".orbax-checkpoint-tmp" in n]
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    assert len(jax.devices()) == 4, "tests/conftest.py sets four CPU devices"
+    return Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y"))
+
+
+SYNC_FACES = {
+    "standard": lambda: ocp.StandardCheckpointer(),
+    "checkpointer": lambda: ocp.Checkpointer(ocp.PyTreeCheckpointHandler()),
+    "async": lambda: ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler()),
+    "pytree": lambda: ocp.PyTreeCheckpointer(),
+}
+
+
+def save_restore(ckptr, path, tree, *, target=None):
+    ckptr.save(path, tree)
+    ckptr.wait_until_finished()
+    return ckptr.restore(path) if target is None else ckptr.restore(path, target)
+
+
+# --- dtypes -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("face", sorted(SYNC_FACES))
+def test_every_jax_dtype_round_trips(tmp_path, face):
+    tree = {np.dtype(d).name: jnp.asarray(sample(d)) for d in JAX_DTYPES}
+    for name, x in tree.items():
+        assert x.dtype == np.dtype(name), name  # jax holds this dtype as is
+    with SYNC_FACES[face]() as ckptr:
+        out = save_restore(ckptr, tmp_path / "c", tree)
+    assert set(out) == set(tree)
+    for name, x in tree.items():
+        assert isinstance(out[name], jax.Array), name
+        assert_bits_equal(out[name], x)
+
+
+def test_every_numpy_dtype_round_trips(tmp_path):
+    tree = {np.dtype(d).name: sample(d) for d in NP_DTYPES}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        out = save_restore(ckptr, tmp_path / "c", tree)
+    for name, x in tree.items():
+        assert type(out[name]) is np.ndarray, name
+        assert_bits_equal(out[name], x)
+
+
+@pytest.mark.parametrize("dtype", UNSTORABLE_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_unstorable_dtype_is_rejected_before_writing(tmp_path, dtype):
+    with ocp.StandardCheckpointer() as ckptr:
+        with pytest.raises(UnsupportedLeafError, match=np.dtype(dtype).name):
+            ckptr.save(tmp_path / "c", {"x": np.zeros(3, dtype)})
+    assert os.listdir(tmp_path) == []
+
+
+def test_zero_dim_and_zero_size_arrays(tmp_path):
+    tree = {
+        "j0": jnp.asarray(3.5, jnp.float32), "n0": np.array(7, np.int16),
+        "jz": jnp.zeros((0, 3), jnp.bfloat16), "nz": np.zeros((2, 0), np.float64),
+        "nzz": np.zeros((0,), np.uint8),
+    }
+    with ocp.StandardCheckpointer() as ckptr:
+        out = save_restore(ckptr, tmp_path / "c", tree)
+    for k, x in tree.items():
+        assert_bits_equal(out[k], x)
+    assert isinstance(out["j0"], jax.Array) and isinstance(out["jz"], jax.Array)
+    assert type(out["n0"]) is np.ndarray and type(out["nz"]) is np.ndarray
+
+
+def test_special_float_values_are_bit_exact(tmp_path):
+    vals = [np.nan, np.inf, -np.inf, -0.0, 0.0, 1e-45, -np.nan]
+    tree = {
+        "f32": np.array(vals, np.float32), "f64": np.array(vals, np.float64),
+        "f16": jnp.asarray(np.array(vals, np.float16)),
+        "bf16": jnp.asarray(np.array(vals, ml_dtypes.bfloat16)),
+        "c64": np.array([complex(np.nan, -0.0), complex(-np.inf, np.inf)], np.complex64),
+        "payload": np.array([0x7FC00001, 0xFFC12345], np.uint32).view(np.float32),
+    }
+    with ocp.StandardCheckpointer() as ckptr:
+        out = save_restore(ckptr, tmp_path / "c", tree)
+    for k, x in tree.items():
+        assert_bits_equal(out[k], x)
+    assert np.signbit(np.asarray(out["f32"])[3])
+
+
+# --- sharding -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", [PartitionSpec("x", "y"), PartitionSpec(None, "y"),
+                                  PartitionSpec(("x", "y")), PartitionSpec()])
+def test_sharded_arrays_restore_with_their_sharding(tmp_path, mesh, spec):
+    sharding = NamedSharding(mesh, spec)
+    x = jax.device_put(np.arange(8 * 6, dtype=np.float32).reshape(8, 6), sharding)
+    b = jax.device_put(sample(ml_dtypes.bfloat16, (8, 6)), sharding)
+    with ocp.StandardCheckpointer() as ckptr:
+        out = save_restore(ckptr, tmp_path / "c", {"x": x, "b": b})
+    for k, v in (("x", x), ("b", b)):
+        assert_bits_equal(out[k], v)
+        assert out[k].sharding == sharding
+        for s_out, s_in in zip(out[k].addressable_shards, v.addressable_shards):
+            assert s_out.device == s_in.device
+            assert_bits_equal(s_out.data, s_in.data)
+
+
+def test_restore_into_shape_dtype_struct_places_and_casts(tmp_path, mesh):
+    x = np.arange(32, dtype=np.float32).reshape(8, 4)
+    target_sharding = NamedSharding(mesh, PartitionSpec("y", "x"))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", {"x": jnp.asarray(x), "n": x})
+        ckptr.wait_until_finished()
+        out = ckptr.restore(tmp_path / "c", {
+            "x": jax.ShapeDtypeStruct((8, 4), jnp.bfloat16, sharding=target_sharding),
+            "n": jax.ShapeDtypeStruct((8, 4), jnp.float16, sharding=target_sharding),
+        })
+    for k in ("x", "n"):
+        assert isinstance(out[k], jax.Array)
+        assert out[k].dtype == jnp.bfloat16 if k == "x" else out[k].dtype == jnp.float16
+        assert out[k].sharding == target_sharding
+        np.testing.assert_array_equal(np.asarray(out[k]), x.astype(out[k].dtype))
+
+
+def test_restore_into_concrete_and_numpy_targets(tmp_path, mesh):
+    x = np.arange(12, dtype=np.int32).reshape(3, 4)
+    sharding = NamedSharding(mesh, PartitionSpec(None, "x"))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", {"a": jnp.asarray(x), "b": x, "s": 3})
+        ckptr.wait_until_finished()
+        out = ckptr.restore(tmp_path / "c", {
+            "a": np.zeros((3, 4), np.int16),
+            "b": jax.device_put(np.zeros((3, 4), np.float32), sharding),
+            "s": 0,
+        })
+    assert type(out["a"]) is np.ndarray and out["a"].dtype == np.int16
+    np.testing.assert_array_equal(out["a"], x.astype(np.int16))
+    assert isinstance(out["b"], jax.Array) and out["b"].dtype == np.float32
+    assert out["b"].sharding == sharding
+    np.testing.assert_array_equal(np.asarray(out["b"]), x.astype(np.float32))
+    assert type(out["s"]) is int and out["s"] == 3
+
+
+# --- leaf kinds and containers ------------------------------------------------------------------
+def test_scalars_keep_their_types(tmp_path):
+    tree = {
+        "i": 7, "big": 2**62 + 1, "neg": -3, "f": 0.1, "b": True, "bf": False,
+        "np_i8": np.int8(-5), "np_u64": np.uint64(2**64 - 1), "np_f32": np.float32(1.5),
+        "np_f16": np.float16(-0.0), "np_bool": np.bool_(True),
+        "np_bf16": ml_dtypes.bfloat16(2.5), "np_c64": np.complex64(1 - 2j),
+    }
+    with ocp.StandardCheckpointer() as ckptr:
+        out = save_restore(ckptr, tmp_path / "c", tree)
+    for k, v in tree.items():
+        assert type(out[k]) is type(v), k
+        if isinstance(v, np.generic):
+            assert out[k].dtype == v.dtype, k
+            assert_bits_equal(np.asarray(out[k]), np.asarray(v))
+        else:
+            assert out[k] == v, k
+
+
+def test_strings_round_trip(tmp_path):
+    tree = {"s": "hello", "u": "ünïcødé ✓", "e": "", "n": {"t": "x" * 10_000}}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        out = save_restore(ckptr, tmp_path / "c", tree)
+    assert out == tree
+
+
+def test_containers_keep_their_types(tmp_path):
+    x = np.arange(3, dtype=np.float32)
+    tree = {
+        0: x, 5: {"a": x + 1, 2: x + 2},
+        "l": [x, [x * 2]], "t": (x, (1, 2.0)), "p": Pair(first=x, second=Pair(3, None)),
+        "none": None, "empty_d": {}, "empty_l": [], "empty_t": (),
+    }
+    with ocp.StandardCheckpointer() as ckptr:
+        out = save_restore(ckptr, tmp_path / "c", tree)
+    assert set(out) == {0, 5, "l", "t", "p", "none", "empty_d", "empty_l", "empty_t"}
+    assert 2 in out[5] and "2" not in out[5]
+    assert type(out["l"]) is list and type(out["l"][1]) is list
+    assert type(out["t"]) is tuple and type(out["t"][1]) is tuple
+    assert out["t"][1] == (1, 2.0) and type(out["t"][1][0]) is int
+    assert type(out["p"]) is Pair and type(out["p"].second) is Pair
+    assert out["p"].second == Pair(3, None)
+    assert out["none"] is None
+    assert out["empty_d"] == {} and type(out["empty_d"]) is dict
+    assert out["empty_l"] == [] and type(out["empty_l"]) is list
+    assert out["empty_t"] == () and type(out["empty_t"]) is tuple
+    np.testing.assert_array_equal(out[5][2], x + 2)
+    np.testing.assert_array_equal(out["p"].first, x)
+
+
+def test_restore_into_target_with_int_and_str_keys(tmp_path):
+    tree = {0: np.arange(3), "a": np.ones(2, np.float16)}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", tree)
+        ckptr.wait_until_finished()
+        out = ckptr.restore(tmp_path / "c", {0: np.zeros(3, np.int64), "a": np.zeros(2, np.float16)})
+    assert set(out) == {0, "a"}
+    np.testing.assert_array_equal(out[0], tree[0])
+    assert out["a"].dtype == np.float16
+
+
+# --- errors -------------------------------------------------------------------------------------
+def test_strict_restore_names_missing_and_unexpected_keys(tmp_path):
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", {"a": np.zeros(2), "b": {"c": np.ones(3)}})
+        ckptr.wait_until_finished()
+        with pytest.raises(StructureMismatchError) as ei:
+            ckptr.restore(tmp_path / "c", ocp.args.StandardRestore(
+                {"a": np.zeros(2), "z": np.zeros(1)}, strict=True))
+    msg = str(ei.value)
+    assert "missing from the target: b.c" in msg or "('b', 'c')" in msg
+    assert "z" in msg.split("not in the checkpoint")[1]
+
+
+def test_wrong_shape_names_the_key(tmp_path):
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", {"layer": {"w": np.zeros((2, 3))}})
+        ckptr.wait_until_finished()
+        with pytest.raises(ShapeMismatchError, match="layer.w"):
+            ckptr.restore(tmp_path / "c", {"layer": {"w": jax.ShapeDtypeStruct((3, 2), jnp.float32)}})
+
+
+def test_scalar_target_for_an_array_is_a_shape_mismatch(tmp_path):
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", {"v": np.zeros(3)})
+        ckptr.wait_until_finished()
+        with pytest.raises(ShapeMismatchError, match="'v'"):
+            ckptr.restore(tmp_path / "c", {"v": 0.0})
+
+
+def test_save_args_cast_before_writing(tmp_path):
+    tree = {"n": np.linspace(0, 1, 5, dtype=np.float32), "j": jnp.arange(4, dtype=jnp.float32)}
+    save_args = {"n": ocp.SaveArgs(dtype=ml_dtypes.bfloat16), "j": ocp.SaveArgs(dtype=np.float16)}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave(tree, save_args=save_args))
+        out = ckptr.restore(tmp_path / "c")
+        meta = ckptr.metadata(tmp_path / "c").item_metadata
+    assert_bits_equal(out["n"], tree["n"].astype(ml_dtypes.bfloat16))
+    assert_bits_equal(out["j"], np.asarray(tree["j"]).astype(np.float16))
+    assert meta["n"].dtype == ml_dtypes.bfloat16 and meta["j"].dtype == np.float16
+
+
+def test_partial_restore_restores_a_subset(tmp_path):
+    tree = {"a": np.arange(4), "b": {"c": np.ones(3, np.float16), "d": 5}, "s": "x"}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", tree)
+        out = ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(
+            item={"b": {"c": np.zeros(3, np.float16)}}, partial_restore=True))
+    assert set(out) == {"b"} and set(out["b"]) == {"c"}
+    assert_bits_equal(out["b"]["c"], tree["b"]["c"])
+
+
+class _Opaque:
+    pass
+
+
+@pytest.mark.parametrize(
+    "leaf",
+    [_Opaque(), lambda: 1, np.array([1, "a"], dtype=object), np.array(["ab"]), {1, 2}, 2**63,
+     np.zeros(2, [("a", np.int32)])],
+    ids=["object", "lambda", "object-array", "str-array", "set", "int-overflow", "structured"])
+@pytest.mark.parametrize("face", ["standard", "pytree"])
+def test_unsupported_leaf_raises_and_writes_nothing(tmp_path, leaf, face):
+    with SYNC_FACES[face]() as ckptr:
+        with pytest.raises(UnsupportedLeafError):
+            ckptr.save(tmp_path / "c", {"ok": np.zeros(2), "bad": leaf})
+        ckptr.wait_until_finished()
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_path_raises_unless_forced(tmp_path):
+    path = tmp_path / "c"
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, {"a": np.zeros(2), "old": np.ones(1)})
+        ckptr.wait_until_finished()
+        with pytest.raises(StepAlreadyExistsError):
+            ckptr.save(path, {"a": np.ones(2)})
+        ckptr.save(path, {"a": np.full(2, 7.0)}, force=True)
+        ckptr.wait_until_finished()
+        out = ckptr.restore(path)
+    assert set(out) == {"a"}
+    np.testing.assert_array_equal(out["a"], np.full(2, 7.0))
+    assert sorted(os.listdir(tmp_path)) == ["c"]
+
+
+# --- snapshot and background failures --------------------------------------------------------
+def test_save_snapshots_values_before_returning(tmp_path):
+    n = np.arange(1 << 16, dtype=np.float32)
+    j = jnp.arange(1 << 16, dtype=jnp.int32) * 3
+    expected_n, expected_j = n.copy(), np.asarray(j).copy()
+    with ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        ckptr.save(tmp_path / "c", args=ocp.args.StandardSave({"n": n, "j": j}))
+        n[:] = -1.0
+        j.delete()
+        ckptr.wait_until_finished()
+        out = ckptr.restore(tmp_path / "c")
+    assert_bits_equal(out["n"], expected_n)
+    assert_bits_equal(out["j"], expected_j)
+
+
+def test_background_write_failure_raises_commit_error_and_leaves_nothing(tmp_path, monkeypatch):
+    async def failing_write(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ser, "write_array", failing_write)
+    with ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        ckptr.save(tmp_path / "c", args=ocp.args.StandardSave({"a": np.zeros(4)}))
+        with pytest.raises(CommitError) as ei:
+            ckptr.wait_until_finished()
+        assert isinstance(ei.value.__cause__, OSError)
+        monkeypatch.undo()
+        ckptr.save(tmp_path / "d", args=ocp.args.StandardSave({"a": np.ones(4)}))
+        ckptr.wait_until_finished()
+    assert sorted(os.listdir(tmp_path)) == ["d"]
+
+
+def test_metadata_reports_shapes_and_dtypes(tmp_path, mesh):
+    sharding = NamedSharding(mesh, PartitionSpec("x"))
+    tree = {"w": jax.device_put(np.zeros((4, 6), ml_dtypes.bfloat16), sharding),
+            "n": np.zeros((2, 0), np.int8), "s": 3}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", tree)
+        ckptr.wait_until_finished()
+        meta = ckptr.metadata(tmp_path / "c").item_metadata
+    assert meta["w"].shape == (4, 6) and meta["w"].dtype == ml_dtypes.bfloat16
+    assert meta["w"].storage.write_shape == (2, 6)
+    assert meta["w"].sharding.partition_spec == ("x",)
+    assert meta["n"].shape == (2, 0) and meta["n"].dtype == np.int8
+    assert meta["s"].shape == () and meta["s"].dtype == np.int64
+
+
+def test_metadata_does_not_read_array_data(tmp_path, monkeypatch):
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", {"a": np.zeros((5, 2), np.float16)})
+        ckptr.wait_until_finished()
+
+        async def no_read(*_a, **_k):
+            raise AssertionError("metadata() read array data")
+
+        monkeypatch.setattr(ser, "read_array", no_read)
+        meta = ckptr.metadata(tmp_path / "c").item_metadata
+    assert meta["a"].shape == (5, 2) and meta["a"].dtype == np.float16
+
+
+def test_host_memory_budget_smaller_than_state_round_trips(tmp_path, mesh):
+    rng = np.random.default_rng(0)
+    tree = {f"p{i}": rng.standard_normal((64, 64)).astype(np.float32) for i in range(12)}
+    tree["sharded"] = jax.device_put(rng.standard_normal((64, 64)).astype(np.float32),
+                                     NamedSharding(mesh, PartitionSpec("x", "y")))
+    handler = ocp.PyTreeCheckpointHandler(host_memory_budget_bytes=3 * 64 * 64 * 4)
+    with ocp.AsyncCheckpointer(handler) as ckptr:
+        ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave(tree))
+        ckptr.wait_until_finished()
+        out = ckptr.restore(tmp_path / "c")
+    for k, v in tree.items():
+        assert_bits_equal(out[k], v)
+
+
+# --- the async face -----------------------------------------------------------------------------
+#: Bounds each await in the async-face tests, so a hang fails the test instead of the run.
+AWAIT_LIMIT_S = 3
+
+
+def settle(futures) -> None:
+    """Wakes the engine loop and lets stray commit futures finish, so exit does not hang on them."""
+    from ckpt_async._runtime import get_runtime
+
+    get_runtime().loop.call_soon_threadsafe(lambda: None)
+    for fut in futures:
+        try:
+            fut.result(timeout=AWAIT_LIMIT_S)
+        except BaseException:  # noqa: BLE001, S110 - only the hang matters here
+            pass
+
+
+def test_async_face_round_trip(tmp_path, mesh):
+    sharding = NamedSharding(mesh, PartitionSpec("x", None))
+    tree = {"j": jax.device_put(sample(ml_dtypes.bfloat16, (4, 4)), sharding),
+            "n": sample(np.uint16), "i": 3, "t": (1.5, Pair(np.float32(2), None))}
+
+    futures = []
+
+    async def main():
+        ckptr = ckpt_async.aio.AsyncCheckpointer(ocp.StandardCheckpointHandler())
+        fut = await ckptr.save(tmp_path / "c", args=ocp.args.StandardSave(tree))
+        futures.append(fut)
+        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), AWAIT_LIMIT_S)
+        assert fut.done() and fut.exception() is None
+        assert (tmp_path / "c").is_dir() and no_tmp_dirs(tmp_path)
+        out = await ckptr.restore(tmp_path / "c")
+        meta = await ckptr.metadata(tmp_path / "c")
+        with pytest.raises(StepAlreadyExistsError):
+            await ckptr.save(tmp_path / "c", args=ocp.args.StandardSave(tree))
+        await ckptr.close()
+        return out, meta
+
+    try:
+        out, meta = asyncio.run(main())
+    finally:
+        settle(futures)
+    assert_bits_equal(out["j"], tree["j"])
+    assert out["j"].sharding == sharding
+    assert_bits_equal(out["n"], tree["n"])
+    assert type(out["i"]) is int and out["i"] == 3
+    assert type(out["t"]) is tuple and type(out["t"][1]) is Pair
+    assert type(out["t"][1].first) is np.float32
+    assert meta.item_metadata["n"].dtype == np.uint16
+
+
+def test_async_face_background_failure(tmp_path, monkeypatch):
+    async def failing_write(*_a, **_k):
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(ser, "write_array", failing_write)
+
+    futures = []
+
+    async def main():
+        ckptr = ckpt_async.aio.AsyncCheckpointer(ocp.StandardCheckpointHandler())
+        fut = await ckptr.save(tmp_path / "c", args=ocp.args.StandardSave({"a": np.zeros(3)}))
+        futures.append(fut)
+        with pytest.raises(CommitError):
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), AWAIT_LIMIT_S)
+        with pytest.raises(CommitError):
+            await asyncio.wait_for(ckptr.wait_until_finished(), AWAIT_LIMIT_S)
+
+    try:
+        asyncio.run(main())
+    finally:
+        settle(futures)
+    assert os.listdir(tmp_path) == []

@@ -1,0 +1,208 @@
+"""Checkpoints move both ways between ckpt_async and the real orbax-checkpoint 0.12.8."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import ckpt_async as ocp
+
+orbax = pytest.importorskip("orbax.checkpoint")
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    assert len(jax.devices()) == 4, "tests/conftest.py sets four CPU devices"
+    return Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y"))
+
+
+def assert_bits_equal(actual, expected):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.dtype == expected.dtype
+    assert actual.shape == expected.shape
+    np.testing.assert_array_equal(actual.reshape(-1).view(np.uint8),
+                                  expected.reshape(-1).view(np.uint8))
+
+
+def make_state(mesh) -> dict:
+    rng = np.random.default_rng(1)
+    f32 = rng.standard_normal((8, 4)).astype(np.float32)
+    f32[0, :4] = [np.nan, np.inf, -np.inf, -0.0]
+    return {
+        "params": {
+            "w": jax.device_put(f32, NamedSharding(mesh, PartitionSpec("x", "y"))),
+            "b": jnp.asarray(rng.standard_normal(6).astype(ml_dtypes.bfloat16)),
+            "h": jax.device_put(rng.standard_normal((4, 8)).astype(ml_dtypes.bfloat16),
+                                NamedSharding(mesh, PartitionSpec(None, ("x", "y")))),
+        },
+        "opt": [jnp.arange(5, dtype=jnp.int32), jnp.asarray(np.float16(1.5))],
+        "host": np.arange(12, dtype=np.uint16).reshape(3, 4),
+        "step": jnp.asarray(7, jnp.int32),
+    }
+
+
+def abstract(tree):
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        tree)
+
+
+def assert_state_equal(out, state, *, check_sharding=True):
+    flat_out = jax.tree_util.tree_flatten_with_path(out)[0]
+    flat_in = jax.tree_util.tree_flatten_with_path(state)[0]
+    assert [jax.tree_util.keystr(p) for p, _ in flat_out] == [
+        jax.tree_util.keystr(p) for p, _ in flat_in]
+    for (path, a), (_, b) in zip(flat_out, flat_in):
+        assert_bits_equal(a, b)
+        if check_sharding and isinstance(b, jax.Array):
+            assert isinstance(a, jax.Array), jax.tree_util.keystr(path)
+            assert a.sharding.is_equivalent_to(b.sharding, b.ndim), jax.tree_util.keystr(path)
+
+
+# --- ckpt_async writes, Orbax restores -------------------------------------------------------
+def test_standard_checkpointer_to_orbax(tmp_path, mesh):
+    state = make_state(mesh)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", state)
+        ckptr.wait_until_finished()
+    with orbax.StandardCheckpointer() as ockptr:
+        out = ockptr.restore(tmp_path / "c", abstract(state))
+    assert_state_equal(out, state)
+
+
+SHARDING_FROM_FILE = pytest.mark.filterwarnings("ignore:Sharding info not provided:UserWarning")
+
+
+@SHARDING_FROM_FILE
+def test_pytree_checkpointer_to_orbax(tmp_path, mesh):
+    state = make_state(mesh)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", state)
+    with orbax.PyTreeCheckpointer() as ockptr:
+        out = ockptr.restore(tmp_path / "c")
+    # Orbax rebuilds sequences as lists and places arrays on their saved shardings.
+    assert_state_equal(out, state)
+
+
+@SHARDING_FROM_FILE
+def test_compressed_pytree_to_orbax(tmp_path, mesh):
+    state = make_state(mesh)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=True)) as ckptr:
+        ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave(state))
+    with orbax.PyTreeCheckpointer() as ockptr:
+        out = ockptr.restore(tmp_path / "c")
+    assert_state_equal(out, state)
+
+
+def test_composite_with_json_to_orbax(tmp_path, mesh):
+    state = make_state(mesh)
+    extra = {"version": 1.0, "step": 4, "tags": ["a", "b"]}
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(tmp_path / "c", args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)))
+    with orbax.Checkpointer(orbax.CompositeCheckpointHandler()) as ockptr:
+        out = ockptr.restore(tmp_path / "c", args=orbax.args.Composite(
+            state=orbax.args.StandardRestore(abstract(state)), extra=orbax.args.JsonRestore()))
+    assert_state_equal(out.state, state)
+    assert out.extra == extra
+
+
+# --- Orbax writes, ckpt_async restores -------------------------------------------------------
+FORMATS = [
+    pytest.param(True, False, id="ocdbt-zarr2"),
+    pytest.param(True, True, id="ocdbt-zarr3"),
+    pytest.param(False, False, id="plain-zarr2"),
+    pytest.param(False, True, id="plain-zarr3"),
+]
+
+
+@pytest.mark.parametrize(("use_ocdbt", "use_zarr3"), FORMATS)
+def test_orbax_pytree_to_ckpt_async(tmp_path, mesh, use_ocdbt, use_zarr3):
+    state = make_state(mesh)
+    handler = orbax.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3)
+    with orbax.Checkpointer(handler) as ockptr:
+        ockptr.save(tmp_path / "c", args=orbax.args.PyTreeSave(state))
+    # the format under test is the one Orbax wrote
+    assert (tmp_path / "c" / "manifest.ocdbt").exists() == use_ocdbt
+    if not use_ocdbt:
+        marker = "zarr.json" if use_zarr3 else ".zarray"
+        assert (tmp_path / "c" / "params.w" / marker).is_file()
+    with ocp.PyTreeCheckpointer() as ckptr:
+        as_saved = ckptr.restore(tmp_path / "c")
+        into = ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(
+            abstract(state), restore_args=jax.tree_util.tree_map(
+                lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding)
+                if isinstance(x, jax.Array) else ocp.RestoreArgs(restore_type=np.ndarray), state)))
+        meta = ckptr.metadata(tmp_path / "c").item_metadata
+    assert_state_equal(as_saved, state)
+    assert_state_equal(into, state)
+    assert meta["params"]["b"].dtype == ml_dtypes.bfloat16
+    assert meta["params"]["w"].shape == (8, 4)
+
+
+def test_orbax_standard_to_ckpt_async_with_target(tmp_path, mesh):
+    state = make_state(mesh)
+    with orbax.StandardCheckpointer() as ockptr:  # OCDBT, zarr v2, zstd: Orbax's defaults
+        ockptr.save(tmp_path / "c", state)
+    other = NamedSharding(mesh, PartitionSpec("y", "x"))
+    target = abstract(state)
+    target["params"]["w"] = jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=other)
+    with ocp.StandardCheckpointer() as ckptr:
+        out = ckptr.restore(tmp_path / "c", target)
+    assert out["params"]["w"].sharding == other
+    assert_state_equal(out, state, check_sharding=False)
+    assert out["params"]["h"].sharding == state["params"]["h"].sharding
+
+
+@pytest.mark.parametrize("item", ["default", "state"])
+def test_orbax_manager_directory_to_ckpt_async(tmp_path, mesh, item):
+    state = make_state(mesh)
+    with orbax.CheckpointManager(tmp_path / "run") as mngr:
+        for step in (1, 2):
+            args = orbax.args.StandardSave(jax.tree_util.tree_map(lambda x: x * step, state))
+            if item != "default":
+                args = orbax.args.Composite(**{item: args})
+            mngr.save(step, args=args)
+        mngr.wait_until_finished()
+    # Orbax puts a single unnamed item in <step>/default, a named one in <step>/<name>.
+    assert sorted(p.name for p in (tmp_path / "run" / "2").iterdir() if p.is_dir()) == [item]
+    with ocp.StandardCheckpointer() as ckptr:
+        out = ckptr.restore(tmp_path / "run" / "2" / item, abstract(state))
+    assert_state_equal(out, jax.tree_util.tree_map(lambda x: x * 2, state))
+
+
+MIXED = {"i": 3, "f": 0.5, "b": True, "npf": np.float32(2.5), "s": "hello",
+         "nested": {"t": "ünï"}, "n": None, "e": {}, "l": [1, 2.0]}
+
+
+def test_orbax_scalars_strings_and_empties_restore_as_orbax_restores_them(tmp_path):
+    with orbax.PyTreeCheckpointer() as ockptr:
+        ockptr.save(tmp_path / "c", MIXED)
+        expected = ockptr.restore(tmp_path / "c")
+    with ocp.PyTreeCheckpointer() as ckptr:
+        out = ckptr.restore(tmp_path / "c")
+    assert out == expected
+    assert jax.tree_util.tree_map(type, out) == jax.tree_util.tree_map(type, expected)
+
+
+def test_ckpt_async_scalars_strings_and_empties_to_orbax(tmp_path):
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", MIXED)
+    with orbax.PyTreeCheckpointer() as ockptr:
+        out = ockptr.restore(tmp_path / "c")
+    assert out == {**MIXED, "npf": 2.5}
+    assert type(out["i"]) is int and type(out["b"]) is bool and out["n"] is None
+
+
+def test_ckpt_async_zero_size_arrays_to_orbax(tmp_path):
+    tree = {"z": np.zeros((0, 3), np.float32), "a": np.arange(2, dtype=np.int8)}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", tree)
+    with orbax.PyTreeCheckpointer() as ockptr:
+        out = ockptr.restore(tmp_path / "c")
+    for k, v in tree.items():
+        assert_bits_equal(out[k], v)
