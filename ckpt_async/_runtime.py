@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import logging
 import os
 import threading
 import weakref
@@ -32,6 +33,8 @@ import anyio.to_thread
 from .errors import RuntimeUsageError
 
 T = TypeVar("T")
+
+log = logging.getLogger("ckpt_async")
 
 #: Worker threads for blocking work (file system calls, staging copies, restores).
 DEFAULT_THREADS = max(4, min(32, (os.cpu_count() or 2) * 2))
@@ -67,6 +70,9 @@ class Runtime:
         self._thread_ident = self._portal.call(threading.get_ident)
         self._limiter = self._portal.call(anyio.CapacityLimiter, threads)
         self._pending: weakref.WeakSet[concurrent.futures.Future[Any]] = weakref.WeakSet()
+        # The loop holds tasks weakly only: keep every task we start until it is done, so a
+        # background commit cannot be garbage-collected mid-flight.
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
 
     # -- where are we ---------------------------------------------------------------------------
@@ -100,14 +106,28 @@ class Runtime:
                 if not fut.cancelled():
                     fut.set_result(result)
 
-        self.loop.call_soon_threadsafe(self.loop.create_task, runner())
+        self.loop.call_soon_threadsafe(self._start_task, runner())
         return fut
+
+    def _start_task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Creates a task on the engine loop and holds it until it is done (engine loop only)."""
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def run(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
         """Awaits ``fn`` on the engine loop from any loop (directly when already on it)."""
-        if self.on_engine_thread():
+        if not self.on_engine_thread():
+            return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+        try:
             return await fn(*args, **kwargs)
-        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+        except BaseExceptionGroup as group:
+            exc = _unwrap(group)
+            if exc is group:
+                raise
+        # Raised outside the handler, so the member is not chained to its group (as submit does).
+        raise exc
 
     def spawn(self, coro: Awaitable[T]) -> CommitFuture:
         """Starts a background task on the engine loop (call from the engine loop)."""
@@ -122,7 +142,7 @@ class Runtime:
             else:
                 fut.set_result(result)
 
-        self.loop.create_task(runner())
+        self._start_task(runner())
         self._pending.add(fut)
         return fut
 
@@ -137,9 +157,11 @@ class Runtime:
             return
         self._closed = True
         if wait and not self.on_engine_thread():
-            for fut in list(self._pending):
-                with contextlib.suppress(BaseException):
+            for fut in [f for f in self._pending if not f.done()]:
+                try:
                     fut.result()
+                except BaseException as exc:  # noqa: BLE001 - nobody is left to raise it to
+                    log.error("a background commit failed at exit: %s", exc)
         with contextlib.suppress(BaseException):
             self._portal_cm.__exit__(None, None, None)
 
@@ -167,6 +189,7 @@ def get_runtime() -> Runtime:
         with _lock:
             if _runtime is None:
                 _runtime = Runtime()
+                _register_exit_hook()
             rt = _runtime
     return rt
 
@@ -185,7 +208,20 @@ def _reset_after_fork() -> None:
     _lock = threading.Lock()
 
 
-# Registered with threading (not atexit) so it runs before Python joins non-daemon worker
-# threads; otherwise an idle worker of the running loop would block interpreter exit.
-threading._register_atexit(_shutdown_at_exit)  # type: ignore[attr-defined]
+def _register_exit_hook() -> None:
+    """Registers :func:`_shutdown_at_exit` with threading (not atexit), so it runs before
+    Python joins non-daemon worker threads (an idle worker of the running loop would otherwise
+    block interpreter exit).
+
+    Threading's exit hooks run last registered, first. ``concurrent.futures.thread`` registers
+    one that refuses new work in every thread pool, the event loop's default executor included
+    (aiofiles runs there); a commit still in flight would then fail at exit. Importing it first
+    and registering at runtime creation puts our hook after it, so commits finish first.
+    """
+    import concurrent.futures.thread  # noqa: F401 - registers its exit hook before ours
+
+    with contextlib.suppress(RuntimeError):  # "can't register atexit after shutdown"
+        threading._register_atexit(_shutdown_at_exit)  # type: ignore[attr-defined]
+
+
 os.register_at_fork(after_in_child=_reset_after_fork)

@@ -9,6 +9,7 @@ array per directory, zarr v2 or v3, compressed or not.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,76 @@ async def write_array(
     for index, data in arr.shards:
         if data.size:
             await store[index].write(data)
+
+
+#: Arrays up to this size are written as raw zarr chunks straight into the OCDBT kvstore:
+#: no TensorStore driver is opened per array, which is most of the cost of a small array.
+DIRECT_WRITE_MAX_BYTES = 8 << 20
+# ml_dtypes names TensorStore's zarr v2 driver writes as the ``dtype`` of ``.zarray``.
+_ZARR_V2_NAMED = {"bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e4m3b11fnuz",
+                  "float8_e5m2", "float8_e5m2fnuz"}
+
+
+def zarr_v2_dtype(dtype: np.dtype) -> str | None:
+    """The ``.zarray`` dtype string TensorStore writes for ``dtype``; None: not handled here."""
+    if dtype.kind in "biufc" and dtype.type.__module__ == "numpy":  # ml_dtypes' float8 is "f"
+        return dtype.str
+    if dtype.name in _ZARR_V2_NAMED:
+        return dtype.name
+    return None
+
+
+def zarray_document(shape: tuple[int, ...], chunks: tuple[int, ...], zdtype: str) -> bytes:
+    """``.zarray`` exactly as TensorStore writes it for an uncompressed zarr v2 array."""
+    return json.dumps({
+        "chunks": [max(1, c) for c in chunks], "compressor": None, "dimension_separator": ".",
+        "dtype": zdtype, "fill_value": None, "filters": None, "order": "C",
+        "shape": list(shape), "zarr_format": 2,
+    }, separators=(",", ":")).encode()
+
+
+def chunk_key(index: tuple[slice, ...], chunks: tuple[int, ...]) -> str:
+    """The zarr v2 key of the chunk starting at ``index`` (``"0"`` for a 0-d array)."""
+    if not chunks:
+        return "0"
+    return ".".join(str((s.start or 0) // max(1, c)) for s, c in zip(index, chunks, strict=True))
+
+
+class ItemWriter:
+    """Writes one item's arrays into its OCDBT database: one context, one kvstore handle.
+
+    Small uncompressed arrays go straight into the kvstore as a ``.zarray`` document and raw
+    chunks (what TensorStore's zarr driver would write, byte for byte); others go through
+    the zarr driver. Both share the context, hence the same OCDBT database instance.
+    """
+
+    def __init__(self, item_dir: Path, *, compress: bool = False) -> None:
+        self.item_dir = item_dir
+        self.compress = compress
+        self.ctx = new_context()
+        self._kv: ts.KvStore | None = None
+        self._kv_lock = asyncio.Lock()
+
+    async def _kvstore(self) -> ts.KvStore:
+        async with self._kv_lock:
+            if self._kv is None:
+                spec = kvstore_spec(self.item_dir, use_ocdbt=True, write=True)
+                self._kv = await ts.KvStore.open(spec, context=self.ctx)
+            return self._kv
+
+    async def write(self, arr: StoredArray) -> None:
+        zdtype = zarr_v2_dtype(arr.dtype)
+        if self.compress or zdtype is None or arr.nbytes > DIRECT_WRITE_MAX_BYTES:
+            await write_array(self.ctx, self.item_dir, arr, compress=self.compress)
+            return
+        kv = await self._kvstore()
+        futures = [kv.write(f"{arr.name}/.zarray", zarray_document(arr.shape, arr.chunks, zdtype))]
+        for index, data in arr.shards:
+            if data.size:
+                futures.append(kv.write(f"{arr.name}/{chunk_key(index, arr.chunks)}",
+                                        np.ascontiguousarray(data).tobytes()))
+        for fut in futures:
+            await fut
 
 
 async def read_array(

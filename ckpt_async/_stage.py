@@ -46,14 +46,15 @@ class ByteBudget:
             self._cond.notify_all()
 
 
-def _on_cpu(x: jax.Array) -> bool:
-    return all(d.platform == "cpu" for d in x.sharding.device_set)
-
-
 def host_copy(value: Any, name: str, dtype: np.dtype | None) -> StoredArray:
-    """A private host copy of one leaf (jax.Array, np.ndarray or scalar), cast to ``dtype``."""
+    """A host snapshot of one leaf (jax.Array, np.ndarray or scalar), cast to ``dtype``.
+
+    NumPy leaves are copied (the caller may mutate them in place). A jax.Array is immutable:
+    its host view is the snapshot. On CPU that view aliases the device buffer, and holding it
+    keeps the buffer alive: jax neither frees it on ``delete()`` nor reuses it for donation
+    while an external reference exists (``tests/test_checkpointer.py`` checks both).
+    """
     if isinstance(value, jax.Array):
-        copy_needed = _on_cpu(value)  # on CPU, np.asarray would alias the device buffer
         shards = []
         for shard in value.addressable_shards:
             if shard.replica_id != 0:
@@ -61,8 +62,6 @@ def host_copy(value: Any, name: str, dtype: np.dtype | None) -> StoredArray:
             host = np.asarray(shard.data)
             if dtype is not None and host.dtype != dtype:
                 host = host.astype(dtype)
-            elif copy_needed:
-                host = np.array(host, copy=True)
             shards.append((shard.index, host))
         chunks = shards[0][1].shape if shards else value.shape
         out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(value.dtype)

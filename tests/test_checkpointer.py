@@ -360,7 +360,7 @@ def test_background_write_failure_raises_commit_error_and_leaves_nothing(tmp_pat
     async def failing_write(*_a, **_k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ser, "write_array", failing_write)
+    monkeypatch.setattr(ser.ItemWriter, "write", failing_write)
     with ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler()) as ckptr:
         ckptr.save(tmp_path / "c", args=ocp.args.StandardSave({"a": np.zeros(4)}))
         with pytest.raises(CommitError) as ei:
@@ -469,7 +469,7 @@ def test_async_face_background_failure(tmp_path, monkeypatch):
     async def failing_write(*_a, **_k):
         raise OSError(5, "I/O error")
 
-    monkeypatch.setattr(ser, "write_array", failing_write)
+    monkeypatch.setattr(ser.ItemWriter, "write", failing_write)
 
     futures = []
 

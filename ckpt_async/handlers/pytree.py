@@ -141,18 +141,13 @@ class PyTreeCheckpointHandler(CheckpointHandler):
     async def stage(self, directory: Path, args: PyTreeSave | StandardSave) -> Writer:
         where = str(directory)
         planned, skeleton = self.plan(args.item, args.save_args, where)
-        ctx = ser.new_context()
         await storage.makedirs(directory)
         to_stage = [(p.leaf.value, p.leaf.name, p.dtype) for p in planned
                     if p.value_type in ("jax.Array", "np.ndarray", "scalar")]
-        compress = self._compress
-
-        async def write_one(arr: ser.StoredArray) -> None:
-            await ser.write_array(ctx, directory, arr, compress=compress)
-
-        tasks = await stage(to_stage, ByteBudget(self._budget), write_one)
+        writer = ser.ItemWriter(directory, compress=self._compress)
+        tasks = await stage(to_stage, ByteBudget(self._budget), writer.write)
         docs = self._documents(planned, skeleton, args.custom_metadata)
-        nbytes = sum(int(np.prod(np.shape(v))) * (d or np.asarray(v).dtype).itemsize
+        nbytes = sum(int(np.prod(np.shape(v))) * np.dtype(d or v.dtype).itemsize
                      for v, _, d in to_stage)
 
         async def write() -> None:

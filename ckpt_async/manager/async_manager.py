@@ -275,7 +275,9 @@ class AsyncCheckpointManager:
         prev = self._futures[max(self._futures)] if self._futures else None
 
         async def retain(path: Path, _meta: Any) -> None:
-            await self._delete_steps([c.step for c in to_remove if c.step != step])
+            # Orbax retires the new step too when the policy does not keep it (BestN with a
+            # worse metric): unlisted now, deleted once committed.
+            await self._delete_steps([c.step for c in to_remove])
 
         t0 = time.perf_counter()
         fut = await self._checkpointer.save_staged(
@@ -283,7 +285,7 @@ class AsyncCheckpointManager:
             after=prev, track=False)
         log.debug("step %d staged in %.3f s", step, time.perf_counter() - t0)
         self._futures[step] = fut
-        self._checkpoints = [c for c in candidates if c not in to_remove or c.step == step]
+        self._checkpoints = [c for c in candidates if c not in to_remove]
         fut.add_done_callback(lambda f: self._on_done(step, f, to_remove))
         if not self.options.enable_async_checkpointing:
             await fut

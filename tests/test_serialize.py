@@ -1,0 +1,64 @@
+"""The direct zarr writer produces what TensorStore's zarr driver produces, byte for byte."""
+
+from __future__ import annotations
+
+import asyncio
+
+import ml_dtypes
+import numpy as np
+import pytest
+import tensorstore as ts
+
+from ckpt_async import _serialize as ser
+
+DTYPES = [np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
+          np.uint64, np.float16, np.float32, np.float64, np.complex64, np.complex128,
+          ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2,
+          ml_dtypes.float8_e4m3fnuz, ml_dtypes.float8_e5m2fnuz, ml_dtypes.float8_e4m3b11fnuz]
+SHAPES = [(), (0, 3), (5,), (2, 3, 4)]
+
+
+async def _via_tensorstore(root, name, arr):
+    spec = ser.array_spec(root, name, write=True)
+    spec["metadata"] = {"shape": list(arr.shape), "chunks": [max(1, s) for s in arr.shape],
+                        "compressor": None}
+    spec["dtype"] = arr.dtype.name
+    store = await ts.open(spec, create=True, open=True, context=ser.new_context())
+    if arr.size:
+        await store.write(arr)
+
+
+async def _contents(root):
+    kv = await ts.KvStore.open(ser.kvstore_spec(root, use_ocdbt=True, write=False),
+                               context=ser.new_context())
+    return {k.decode().split("/", 1)[1]: (await kv.read(k)).value for k in await kv.list()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_direct_write_matches_tensorstore(tmp_path, dtype, shape):
+    dtype = np.dtype(dtype)
+    assert ser.zarr_v2_dtype(dtype) is not None
+    arr = (np.arange(int(np.prod(shape))) % 7).astype(np.float32).astype(dtype).reshape(shape)
+
+    async def main():
+        await _via_tensorstore(tmp_path / "ts", "x", arr)
+        full = tuple(slice(None) for _ in shape)
+        stored = ser.StoredArray("x", shape, dtype, shape, ((full, arr),))
+        writer = ser.ItemWriter(tmp_path / "direct")
+        await writer.write(stored)
+        return await _contents(tmp_path / "ts"), await _contents(tmp_path / "direct")
+
+    theirs, ours = asyncio.run(main())
+    assert ours == theirs
+
+
+def test_dtypes_outside_the_direct_path_are_left_to_tensorstore():
+    assert ser.zarr_v2_dtype(np.dtype(ml_dtypes.int4)) is None
+    assert ser.zarr_v2_dtype(np.dtype([("a", "i4")])) is None
+
+
+def test_chunk_keys_of_shards():
+    assert ser.chunk_key((), ()) == "0"
+    assert ser.chunk_key((slice(None), slice(None)), (4, 3)) == "0.0"
+    assert ser.chunk_key((slice(4, 8), slice(3, 6)), (4, 3)) == "1.1"
