@@ -10,6 +10,7 @@ array per directory, zarr v2 or v3, compressed or not.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,7 @@ def zarr_v2_dtype(dtype: np.dtype) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)
 def zarray_document(shape: tuple[int, ...], chunks: tuple[int, ...], zdtype: str) -> bytes:
     """``.zarray`` exactly as TensorStore writes it for an uncompressed zarr v2 array."""
     return json.dumps({
@@ -169,19 +171,29 @@ class ItemWriter:
                 self._kv = await ts.KvStore.open(spec, context=self.ctx)
             return self._kv
 
-    async def write(self, arr: StoredArray) -> None:
+    def _direct(self, arr: StoredArray) -> str | None:
         zdtype = zarr_v2_dtype(arr.dtype)
         if self.compress or zdtype is None or arr.nbytes > DIRECT_WRITE_MAX_BYTES:
-            await write_array(self.ctx, self.item_dir, arr, compress=self.compress)
-            return
-        kv = await self._kvstore()
-        futures = [kv.write(f"{arr.name}/.zarray", zarray_document(arr.shape, arr.chunks, zdtype))]
-        for index, data in arr.shards:
-            if data.size:
-                futures.append(kv.write(f"{arr.name}/{chunk_key(index, arr.chunks)}",
-                                        np.ascontiguousarray(data).tobytes()))
-        for fut in futures:
-            await fut
+            return None
+        return zdtype
+
+    async def write(self, batch: list[StoredArray]) -> None:
+        """Writes a batch of arrays: the small ones in one OCDBT transaction (one commit,
+        one future to await), the others through the zarr driver, concurrently."""
+        direct = [(arr, z) for arr in batch if (z := self._direct(arr)) is not None]
+        others = [write_array(self.ctx, self.item_dir, arr, compress=self.compress)
+                  for arr in batch if self._direct(arr) is None]
+        if direct:
+            txn = ts.Transaction()
+            kv = (await self._kvstore()).with_transaction(txn)
+            for arr, zdtype in direct:
+                kv.write(f"{arr.name}/.zarray", zarray_document(arr.shape, arr.chunks, zdtype))
+                for index, data in arr.shards:
+                    if data.size:
+                        kv.write(f"{arr.name}/{chunk_key(index, arr.chunks)}",
+                                 np.ascontiguousarray(data).tobytes())
+            others.append(txn.commit_async())
+        await asyncio.gather(*others)
 
 
 async def read_array(
@@ -221,6 +233,7 @@ async def read_shape_dtype(
 
 
 # --- shardings, as Orbax writes them into ``_sharding`` -----------------------------------------
+@functools.lru_cache(maxsize=1024)
 def sharding_to_json(sharding: jax.sharding.Sharding) -> str | None:
     if isinstance(sharding, jax.sharding.SingleDeviceSharding):
         (device,) = sharding.device_set

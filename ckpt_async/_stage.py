@@ -10,6 +10,7 @@ delete its arrays. An optional :class:`ByteBudget` bounds the bytes staged but n
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,6 +39,12 @@ class ByteBudget:
                 self._cond.wait()
             self._used += n
 
+    def would_block(self, n: int) -> bool:
+        if self.limit is None:
+            return False
+        with self._cond:
+            return self._used > 0 and self._used + n > self.limit
+
     def release(self, n: int) -> None:
         if self.limit is None:
             return
@@ -55,6 +62,12 @@ def host_copy(value: Any, name: str, dtype: np.dtype | None) -> StoredArray:
     while an external reference exists (``tests/test_checkpointer.py`` checks both).
     """
     if isinstance(value, jax.Array):
+        if len(value.sharding.device_set) == 1:  # the common case, without Shard objects
+            host = np.asarray(value)
+            if dtype is not None and host.dtype != dtype:
+                host = host.astype(dtype)
+            full = tuple(slice(None) for _ in host.shape)
+            return StoredArray(name, host.shape, host.dtype, host.shape, ((full, host),))
         shards = []
         for shard in value.addressable_shards:
             if shard.replica_id != 0:
@@ -71,42 +84,84 @@ def host_copy(value: Any, name: str, dtype: np.dtype | None) -> StoredArray:
     return StoredArray(name, host.shape, host.dtype, host.shape, ((full, host),))
 
 
+#: Staged arrays are handed to the engine loop in batches of about this many bytes (or
+#: BATCH_MAX_ARRAYS arrays): one wake-up and one write task per batch, not per array, keeps
+#: per-array Python cost off the blocking path. A larger array is handed over alone, at once.
+BATCH_BYTES = 4 << 20
+BATCH_MAX_ARRAYS = 512
+
+
+def _host_resident(value: Any) -> bool:
+    """Whether a leaf's bytes are already in host memory (NumPy, scalars, CPU jax arrays)."""
+    if isinstance(value, jax.Array):
+        return all(d.platform == "cpu" for d in value.sharding.device_set)
+    return True
+
+
+def _nbytes(value: Any, dtype: np.dtype | None) -> int:
+    itemsize = np.dtype(dtype if dtype is not None else value.dtype).itemsize
+    return math.prod(np.shape(value)) * itemsize
+
+
 def stage_sync(
     leaves: Sequence[tuple[Any, str, np.dtype | None]],
     budget: ByteBudget,
-    hand_over: Callable[[StoredArray], None],
+    hand_over: Callable[[list[StoredArray], int], None],
 ) -> None:
-    """Runs in a worker thread: copies each leaf to host and hands it over in order."""
+    """Runs in a worker thread: copies each leaf to host and hands them over, in order, in
+    batches (with the bytes reserved for them in ``budget``)."""
     for value, _, _ in leaves:
         if isinstance(value, jax.Array):
             try:
                 value.copy_to_host_async()
             except Exception:  # noqa: BLE001 - a hint only; np.asarray copies anyway
                 pass
+    batch: list[StoredArray] = []
+    reserved = 0
     for value, name, dtype in leaves:
-        itemsize = np.dtype(dtype).itemsize if dtype is not None else np.dtype(value.dtype).itemsize
-        budget.acquire(int(np.prod(np.shape(value), dtype=np.int64)) * itemsize)
-        hand_over(host_copy(value, name, dtype))
+        n = _nbytes(value, dtype)
+        if batch and budget.would_block(n):
+            # The held batch must be written before its bytes come back: hand it over first.
+            hand_over(batch, reserved)
+            batch, reserved = [], 0
+        budget.acquire(n)
+        batch.append(host_copy(value, name, dtype))
+        reserved += n
+        if reserved >= BATCH_BYTES or len(batch) >= BATCH_MAX_ARRAYS:
+            hand_over(batch, reserved)
+            batch, reserved = [], 0
+    if batch:
+        hand_over(batch, reserved)
 
 
 async def stage(
     leaves: Sequence[tuple[Any, str, np.dtype | None]],
     budget: ByteBudget,
-    write: Callable[[StoredArray], Any],
+    write: Callable[[list[StoredArray]], Any],
 ) -> list[asyncio.Task[None]]:
-    """Stages ``leaves``; returns the write tasks, started as each array reached the host."""
+    """Stages ``leaves``; returns the write tasks, started as each batch reached the host."""
     loop = asyncio.get_running_loop()
     tasks: list[asyncio.Task[None]] = []
 
-    async def write_then_release(arr: StoredArray) -> None:
+    async def write_then_release(batch: list[StoredArray], reserved: int) -> None:
         try:
-            await write(arr)
+            await write(batch)
         finally:
-            budget.release(arr.nbytes)
+            budget.release(reserved)
 
-    def hand_over(arr: StoredArray) -> None:
-        loop.call_soon_threadsafe(lambda: tasks.append(loop.create_task(write_then_release(arr))))
+    def hand_over(batch: list[StoredArray], reserved: int) -> None:
+        loop.call_soon_threadsafe(
+            lambda: tasks.append(loop.create_task(write_then_release(batch, reserved))))
 
+    if budget.limit is None and all(_host_resident(v) for v, _, _ in leaves):
+        # Nothing to transfer: staging is a few microseconds per array, so it runs right here.
+        # A worker thread would only fight the engine loop for the GIL (and lose by the
+        # interpreter's 5 ms switch interval, again and again).
+        def hand_over_inline(batch: list[StoredArray], reserved: int) -> None:
+            tasks.append(loop.create_task(write_then_release(batch, reserved)))
+
+        stage_sync(leaves, budget, hand_over_inline)
+        return tasks
     try:
         await get_runtime().to_thread(stage_sync, leaves, budget, hand_over)
     except BaseException:

@@ -46,7 +46,7 @@ def test_direct_write_matches_tensorstore(tmp_path, dtype, shape):
         full = tuple(slice(None) for _ in shape)
         stored = ser.StoredArray("x", shape, dtype, shape, ((full, arr),))
         writer = ser.ItemWriter(tmp_path / "direct")
-        await writer.write(stored)
+        await writer.write([stored])
         return await _contents(tmp_path / "ts"), await _contents(tmp_path / "direct")
 
     theirs, ours = asyncio.run(main())

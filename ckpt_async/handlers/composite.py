@@ -53,16 +53,24 @@ class CompositeCheckpointHandler(CheckpointHandler):
             await asyncio.gather(*(w.write() for w in writers.values()))
 
         self.last_item_handlers = {n: h.typestr for n, h in handlers.items()}
+        for name, a in args.items():  # named with None: recorded, restored as None (Orbax)
+            locked = self.registry.locked(name) if a is None else None
+            if locked is not None:
+                self.last_item_handlers[name] = locked.typestr
         return Writer(write, sum(w.nbytes for w in writers.values()))
 
-    async def _stored_items(self, directory: Path) -> dict[str, str | None]:
-        """Item names in a checkpoint, with the handler typestr its metadata records."""
-        recorded: dict[str, str] = {}
+    async def _recorded(self, directory: Path) -> dict[str, str]:
+        """The item handlers a checkpoint's ``_CHECKPOINT_METADATA`` records."""
         path = directory / fmt.CHECKPOINT_METADATA
         if await storage.exists(path):
             meta = fmt.decode(await storage.read_bytes(path), fmt.StepMetadata, where=str(path))
             if isinstance(meta.item_handlers, dict):
-                recorded = meta.item_handlers
+                return meta.item_handlers
+        return {}
+
+    async def _stored_items(self, directory: Path) -> dict[str, str | None]:
+        """Item names in a checkpoint, with the handler typestr its metadata records."""
+        recorded = await self._recorded(directory)
         names = {n: recorded.get(n) for n in await storage.listdir(directory)
                  if await storage.is_dir(directory / n)}
         return names
@@ -85,10 +93,11 @@ class CompositeCheckpointHandler(CheckpointHandler):
 
     async def restore(self, directory: Path, args: Composite | None = None) -> Composite:
         """Restores the items ``args`` names; with no args, every stored item, and ``None`` for
-        an item this handler knows (locked in) that the checkpoint does not hold (Orbax)."""
+        an item the step's save named with ``None`` (Orbax 0.12: ``Composite(x=None)`` on save
+        records ``x``; an item only registered here, never saved, is left out)."""
         stored = await self._stored_items(directory)
-        if args is None:
-            wanted = {n: None for n in sorted(set(stored) | set(self.registry.locked_items()))}
+        if args is None or not dict(args.items()):
+            wanted = {n: None for n in sorted(set(stored) | set(await self._recorded(directory)))}
         else:
             wanted = dict(args.items())
             for name in wanted:

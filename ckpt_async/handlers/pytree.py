@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,7 @@ class PyTreeCheckpointHandler(CheckpointHandler):
         writer = ser.ItemWriter(directory, compress=self._compress)
         tasks = await stage(to_stage, ByteBudget(self._budget), writer.write)
         docs = self._documents(planned, skeleton, args.custom_metadata)
-        nbytes = sum(int(np.prod(np.shape(v))) * np.dtype(d or v.dtype).itemsize
+        nbytes = sum(math.prod(np.shape(v)) * np.dtype(d or v.dtype).itemsize
                      for v, _, d in to_stage)
 
         async def write() -> None:

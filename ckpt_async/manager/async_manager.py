@@ -31,6 +31,7 @@ from ..errors import (
 )
 from ..handlers.base import CheckpointHandler
 from ..handlers.composite import CompositeCheckpointHandler
+from ..handlers.json_handler import JsonCheckpointHandler
 from ..handlers.registry import DefaultCheckpointHandlerRegistry
 from ..metadata import RootMetadata, StepMetadata
 from . import _steps
@@ -96,6 +97,10 @@ class AsyncCheckpointManager:
             self._default_item = False
         if item_names is not None:
             self._default_item = False
+        if not registry.has(METRIC_ITEM_NAME):
+            # Orbax's metrics item: JSON in ``<step>/metrics/metrics``, so each library reads
+            # the other's metrics (a default JsonCheckpointHandler would use ``metadata``).
+            registry.add(METRIC_ITEM_NAME, None, JsonCheckpointHandler(filename=METRIC_ITEM_NAME))
         self._registry = registry
         self._checkpointer = AsyncCheckpointer(
             CompositeCheckpointHandler(handler_registry=registry),

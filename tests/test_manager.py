@@ -1,0 +1,569 @@
+"""CheckpointManager (sync face) and AsyncCheckpointManager (async face): futures, in-flight
+saves, failures, retention after commit, items and handlers, options, metadata."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import os
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import ckpt_async as ocp
+import ckpt_async._commit as ca_commit
+import ckpt_async.aio
+from ckpt_async import _format as fmt
+from ckpt_async.errors import (
+    CommitError,
+    CommitTimeoutError,
+    HandlerError,
+    InvalidArgumentError,
+    StepAlreadyExistsError,
+    StepNotFoundError,
+)
+
+LIMIT_S = 10
+
+
+def tree(step: int) -> dict:
+    return {"a": np.arange(6, dtype=np.float32).reshape(2, 3) + step, "b": np.int64(step)}
+
+
+def steps_on_disk(directory) -> list[str]:
+    return sorted(p for p in os.listdir(directory) if p != fmt.ROOT_METADATA_DIR)
+
+
+def assert_tree_equal(actual, expected):
+    assert set(actual) == set(expected)
+    for k, v in expected.items():
+        a, e = np.asarray(actual[k]), np.asarray(v)
+        assert a.dtype == e.dtype and a.shape == e.shape
+        np.testing.assert_array_equal(a.reshape(-1).view(np.uint8), e.reshape(-1).view(np.uint8))
+
+
+class CommitGate:
+    """Holds the commit of chosen steps until released; records the order commits land in."""
+
+    def __init__(self, monkeypatch):
+        self.gates: dict[str, threading.Event] = {}
+        self.order: list[str] = []
+        real = ca_commit.commit
+
+        async def gated(tmp, path, *args, **kwargs):
+            gate = self.gates.get(path.name)
+            deadline = time.monotonic() + LIMIT_S
+            while gate is not None and not gate.is_set() and time.monotonic() < deadline:  # noqa: ASYNC110, E501 - a threading.Event
+                await asyncio.sleep(0.005)
+            out = await real(tmp, path, *args, **kwargs)
+            self.order.append(path.name)
+            return out
+
+        monkeypatch.setattr(ca_commit, "commit", gated)
+
+    def hold(self, name: str) -> threading.Event:
+        self.gates[name] = threading.Event()
+        return self.gates[name]
+
+
+@pytest.fixture
+def gate(monkeypatch):
+    return CommitGate(monkeypatch)
+
+
+@pytest.fixture
+def mesh():
+    return Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("x", "y"))
+
+
+def fail_commit_of(monkeypatch, step_name: str):
+    """Makes the commit of one step fail (an I/O error in the background)."""
+    real = ca_commit.commit
+
+    async def commit(tmp, path, *args, **kwargs):
+        if path.name == step_name:
+            raise OSError(5, "I/O error")
+        return await real(tmp, path, *args, **kwargs)
+
+    monkeypatch.setattr(ca_commit, "commit", commit)
+
+
+# --- futures, both faces -------------------------------------------------------------------------
+def test_async_save_returns_commit_future_awaitable_from_caller_loop(tmp_path, gate):
+    release = gate.hold("1")
+    seen = []
+
+    async def main():
+        mngr = ckpt_async.aio.AsyncCheckpointManager(tmp_path)
+        fut = await mngr.save(1, args=ocp.args.StandardSave(tree(1)))
+        assert not fut.done()
+        fut.add_done_callback(lambda f: seen.append(f.exception()))
+        assert mngr.commit_future(1) is fut
+        assert mngr.all_steps() == [1]  # listed as soon as the save starts (Orbax)
+        assert not (tmp_path / "1").exists()
+        release.set()
+        path = await asyncio.wait_for(fut, LIMIT_S)
+        assert path == tmp_path / "1" and fut.done() and fut.result(0) == path
+        assert (tmp_path / "1" / fmt.CHECKPOINT_METADATA).is_file()
+        skipped = await mngr.save(1, args=ocp.args.StandardSave(tree(1)))
+        assert skipped is None  # not after the latest step: the policy skips it
+        out = await mngr.restore(1)
+        await mngr.close()
+        return out
+
+    assert_tree_equal(asyncio.run(main()), tree(1))
+    assert seen == [None]
+
+
+def test_sync_save_returns_bool_and_commit_future_is_reachable(tmp_path, gate):
+    release = gate.hold("0")
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        assert mngr.save(0, args=ocp.args.StandardSave(tree(0))) is True
+        fut = mngr.commit_future(0)
+        assert fut is mngr.async_manager.commit_future(0)
+        assert not fut.done() and mngr.is_saving_in_progress()
+        release.set()
+        assert fut.result(LIMIT_S) == tmp_path / "0"
+        assert mngr.save(0, args=ocp.args.StandardSave(tree(0))) is False
+        with pytest.raises(StepAlreadyExistsError):
+            mngr.save(0, args=ocp.args.StandardSave(tree(0)), force=True)
+        with pytest.raises(StepNotFoundError):
+            mngr.commit_future(7)
+        assert_tree_equal(mngr.restore(0), tree(0))
+
+
+def test_saves_in_flight_are_bounded_and_commit_in_step_order(tmp_path, gate):
+    releases = {s: gate.hold(str(s)) for s in (1, 2)}
+
+    async def main():
+        mngr = ckpt_async.aio.AsyncCheckpointManager(
+            tmp_path, ocp.CheckpointManagerOptions(max_concurrent_saves=2))
+        f1 = await mngr.save(1, args=ocp.args.StandardSave(tree(1)))
+        f2 = await mngr.save(2, args=ocp.args.StandardSave(tree(2)))
+        third = asyncio.ensure_future(mngr.save(3, args=ocp.args.StandardSave(tree(3))))
+        await asyncio.sleep(0.2)
+        assert not third.done()  # two commits in flight: the third save waits
+        releases[2].set()  # step 2 is ready first, yet lands after step 1
+        await asyncio.sleep(0.1)
+        assert not f2.done() and not third.done()
+        releases[1].set()
+        f3 = await asyncio.wait_for(third, LIMIT_S)
+        await asyncio.wait_for(mngr.wait_until_finished(), LIMIT_S)
+        assert f1.done() and f2.done() and f3.done()
+        await mngr.close()
+
+    asyncio.run(main())
+    assert gate.order == ["1", "2", "3"]
+    assert steps_on_disk(tmp_path) == ["1", "2", "3"]
+
+
+def test_enable_async_checkpointing_false_returns_after_commit(tmp_path):
+    opts = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
+    with ocp.CheckpointManager(tmp_path, opts) as mngr:
+        mngr.save(0, args=ocp.args.StandardSave(tree(0)))
+        assert mngr.commit_future(0).done()
+        assert (tmp_path / "0").is_dir()
+
+
+# --- failures -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("raised_by", ["future", "next_save", "wait", "close", "check"])
+def test_failed_commit_is_raised_and_leaves_no_step(tmp_path, monkeypatch, raised_by):
+    fail_commit_of(monkeypatch, "2")
+    mngr = ocp.CheckpointManager(tmp_path, ocp.CheckpointManagerOptions(max_to_keep=1))
+    mngr.save(1, args=ocp.args.StandardSave(tree(1)))
+    mngr.save(2, args=ocp.args.StandardSave(tree(2)))
+    fut = mngr.commit_future(2)
+    with pytest.raises(CommitError) as ei:
+        if raised_by == "future":
+            fut.result(LIMIT_S)
+        elif raised_by == "next_save":
+            with pytest.raises(BaseException):
+                fut.result(LIMIT_S)
+            mngr.save(3, args=ocp.args.StandardSave(tree(3)))
+        elif raised_by == "wait":
+            mngr.wait_until_finished()
+        elif raised_by == "check":
+            with pytest.raises(BaseException):
+                fut.result(LIMIT_S)
+            mngr.check_for_errors()
+        else:
+            mngr.close()
+    assert isinstance(ei.value.__cause__, OSError)
+    if raised_by == "future":  # seen by the future only: the manager still reports it once
+        with pytest.raises(CommitError):
+            mngr.close()
+    else:
+        mngr.close()  # already reported: not raised twice
+    # The failed step is gone, and the step it would have retired is back (never deleted).
+    assert mngr.all_steps() == [1] and mngr.latest_step() == 1
+    assert steps_on_disk(tmp_path) == ["1"]
+    assert_tree_equal(mngr.restore(1), tree(1))
+
+
+def test_failed_commit_raised_by_async_face(tmp_path, monkeypatch):
+    fail_commit_of(monkeypatch, "0")
+
+    async def main():
+        mngr = ckpt_async.aio.AsyncCheckpointManager(tmp_path)
+        fut = await mngr.save(0, args=ocp.args.StandardSave(tree(0)))
+        with pytest.raises(CommitError):
+            await asyncio.wait_for(fut, LIMIT_S)
+        with pytest.raises(CommitError):
+            await mngr.save(1, args=ocp.args.StandardSave(tree(1)))
+        monkeypatch.undo()
+        await mngr.save(1, args=ocp.args.StandardSave(tree(1)))
+        await mngr.close()
+        return mngr.all_steps()
+
+    assert asyncio.run(main()) == [1]
+    assert steps_on_disk(tmp_path) == ["1"]
+
+
+def test_commit_timeout_fails_the_step(tmp_path, gate):
+    gate.hold("0")  # never released within the timeout
+    opts = ocp.CheckpointManagerOptions(async_options=ocp.AsyncOptions(timeout_secs=0.3))
+    mngr = ocp.CheckpointManager(tmp_path, opts)
+    mngr.save(0, args=ocp.args.StandardSave(tree(0)))
+    with pytest.raises(CommitTimeoutError):
+        mngr.wait_until_finished()
+    mngr.close()
+    assert mngr.all_steps() == [] and steps_on_disk(tmp_path) == []
+
+
+# --- retention ------------------------------------------------------------------------------------
+def test_retention_deletes_old_steps_only_after_the_new_step_is_committed(tmp_path, gate):
+    with ocp.CheckpointManager(tmp_path, ocp.CheckpointManagerOptions(max_to_keep=1)) as mngr:
+        mngr.save(0, args=ocp.args.StandardSave(tree(0)))
+        mngr.wait_until_finished()
+        release = gate.hold("1")
+        mngr.save(1, args=ocp.args.StandardSave(tree(1)))
+        assert mngr.all_steps() == [1]  # Orbax's listing: step 0 is already retired
+        time.sleep(0.2)
+        assert (tmp_path / "0").is_dir() and not (tmp_path / "1").exists()
+        release.set()
+        mngr.wait_until_finished()
+        assert steps_on_disk(tmp_path) == ["1"]
+
+
+def test_best_n_retires_a_new_step_worse_than_the_kept_ones(tmp_path):
+    opts = ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["loss"],
+                                        best_mode="min")
+    with ocp.CheckpointManager(tmp_path, opts) as mngr:
+        mngr.save(0, args=ocp.args.StandardSave(tree(0)), metrics={"loss": 1.0})
+        assert mngr.save(1, args=ocp.args.StandardSave(tree(1)), metrics={"loss": 2.0})
+        assert mngr.all_steps() == [0] and mngr.best_step() == 0
+        mngr.wait_until_finished()
+        assert steps_on_disk(tmp_path) == ["0"]
+
+
+def test_metrics_persist_for_best_n_policy_without_best_fn(tmp_path):
+    """An improvement over Orbax: BestN ranks the same after a restart."""
+    def opts():
+        return ocp.CheckpointManagerOptions(preservation_policy=ocp.checkpoint_managers.BestN(
+            get_metric_fn=lambda m: m["acc"], reverse=False, n=2,
+            keep_checkpoints_without_metrics=False))
+
+    with ocp.CheckpointManager(tmp_path, opts()) as mngr:
+        for step, acc in [(0, 0.5), (1, 0.9), (2, 0.7)]:
+            mngr.save(step, args=ocp.args.StandardSave(tree(step)), metrics={"acc": acc})
+        assert mngr.all_steps() == [1, 2]
+    with ocp.CheckpointManager(tmp_path, opts()) as mngr:
+        assert mngr.all_steps() == [1, 2]
+        assert mngr.metadata(1).metrics == {"acc": 0.9}
+        mngr.save(3, args=ocp.args.StandardSave(tree(3)), metrics={"acc": 0.8})
+        mngr.wait_until_finished()
+        assert mngr.all_steps() == [1, 3]  # 0.7 is the worst of 0.9, 0.7, 0.8
+    assert steps_on_disk(tmp_path) == ["1", "3"]
+
+
+def test_metrics_are_not_written_when_no_policy_uses_them_or_prevented(tmp_path):
+    opts = ocp.CheckpointManagerOptions(best_fn=lambda m: m["loss"], prevent_write_metrics=True)
+    with ocp.CheckpointManager(tmp_path, opts) as mngr:
+        mngr.save(0, args=ocp.args.StandardSave(tree(0)), metrics={"loss": 1.0})
+    assert not (tmp_path / "0" / "metrics").exists()
+    with ocp.CheckpointManager(tmp_path / "b") as mngr:
+        mngr.save(0, args=ocp.args.StandardSave(tree(0)), metrics={"loss": 1.0})
+    assert not (tmp_path / "b" / "0" / "metrics").exists()
+
+
+# --- items and handlers ---------------------------------------------------------------------------
+def test_composite_items_restore_all_subset_and_with_target(tmp_path, mesh):
+    sharding = NamedSharding(mesh, PartitionSpec("x", "y"))
+    state = {"w": np.arange(16, dtype=np.float32).reshape(4, 4)}
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             meta=ocp.args.JsonSave({"lr": 0.1, "n": [1, 2]})))
+        mngr.wait_until_finished()
+    assert sorted(os.listdir(tmp_path / "5")) == sorted(
+        ["_CHECKPOINT_METADATA", "state", "meta"] + (
+            ["commit_success.txt"] if (tmp_path / "5" / "commit_success.txt").exists() else []))
+    with ocp.CheckpointManager(tmp_path) as mngr:  # a fresh manager: handlers from metadata
+        out = mngr.restore(5)
+        assert set(out.keys()) == {"state", "meta"}
+        assert_tree_equal(out["state"], state)
+        assert out["meta"] == {"lr": 0.1, "n": [1, 2]}
+        sub = mngr.restore(5, args=ocp.args.Composite(meta=None))
+        assert set(sub.keys()) == {"meta"} and sub["meta"]["lr"] == 0.1
+        target = {"w": jax.ShapeDtypeStruct((4, 4), jax.numpy.bfloat16, sharding=sharding)}
+        cast = mngr.restore(5, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        assert cast["state"]["w"].dtype == jax.numpy.bfloat16
+        assert cast["state"]["w"].sharding == sharding
+        np.testing.assert_array_equal(np.asarray(cast["state"]["w"], np.float32), state["w"])
+        meta = mngr.item_metadata(5)
+        assert meta["state"]["w"].shape == (4, 4) and meta["state"]["w"].dtype == np.float32
+
+
+def test_first_args_lock_in_the_handler(tmp_path):
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(0, args=ocp.args.Composite(x=ocp.args.JsonSave({"a": 1})))
+        with pytest.raises(HandlerError) as ei:
+            mngr.save(1, args=ocp.args.Composite(x=ocp.args.StandardSave(tree(1))))
+        assert isinstance(ei.value, ValueError)
+        assert mngr.all_steps() == [0]
+    assert steps_on_disk(tmp_path) == ["0"]
+
+
+def test_single_item_mode_and_composite_do_not_mix(tmp_path):
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(0, args=ocp.args.StandardSave(tree(0)))
+        with pytest.raises(InvalidArgumentError):
+            mngr.save(1, args=ocp.args.Composite(a=ocp.args.StandardSave(tree(1))))
+        with pytest.raises(InvalidArgumentError):
+            mngr.save(1)
+    with ocp.CheckpointManager(tmp_path / "m", item_names=("a",)) as mngr:
+        with pytest.raises(InvalidArgumentError):
+            mngr.save(0, args=ocp.args.StandardSave(tree(0)))
+
+
+def test_registry_configures_items_eagerly(tmp_path):
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add("state", ocp.args.StandardSave)
+    registry.add("state", ocp.args.StandardRestore)
+    registry.add("cfg", ocp.args.JsonSave)
+    registry.add("cfg", ocp.args.JsonRestore)
+    assert registry.has("state", ocp.args.StandardSave)
+    assert isinstance(registry.get("cfg", ocp.args.JsonRestore), ocp.JsonCheckpointHandler)
+    assert not registry.has("other", ocp.args.StandardSave)
+    with pytest.raises(HandlerError):
+        registry.get("other", ocp.args.StandardSave)
+    with ocp.CheckpointManager(tmp_path, handler_registry=registry) as mngr:
+        with pytest.raises(HandlerError):
+            mngr.save(0, args=ocp.args.Composite(cfg=ocp.args.StandardSave(tree(0))))
+        mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(tree(0)),
+                                             cfg=ocp.args.JsonSave({"k": "v"})))
+    os.remove(tmp_path / "0" / fmt.CHECKPOINT_METADATA)  # no recorded handlers left
+    with ocp.CheckpointManager(tmp_path, handler_registry=registry) as mngr:
+        out = mngr.restore(0)
+        assert_tree_equal(out["state"], tree(0))
+        assert out["cfg"] == {"k": "v"}
+
+
+def test_item_whose_handler_cannot_be_known(tmp_path):
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(tree(0))))
+    os.remove(tmp_path / "0" / fmt.CHECKPOINT_METADATA)
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        with pytest.raises(HandlerError, match="DefaultCheckpointHandlerRegistry|restore args"):
+            mngr.restore(0)
+        assert mngr.item_metadata(0)["state"] is None
+        out = mngr.restore(0, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        assert_tree_equal(out["state"], tree(0))
+
+
+def test_item_handlers_configure_items(tmp_path):
+    handlers = {"state": ocp.StandardCheckpointHandler(), "cfg": ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(tmp_path, item_handlers=handlers) as mngr:
+        mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(tree(0)),
+                                             cfg=ocp.args.JsonSave([1, 2])))
+    os.remove(tmp_path / "0" / fmt.CHECKPOINT_METADATA)
+    with ocp.CheckpointManager(tmp_path, item_handlers=handlers) as mngr:
+        out = mngr.restore(0)
+        assert out["cfg"] == [1, 2]
+        assert mngr.item_metadata(0)["state"]["a"].shape == (2, 3)
+    with ocp.CheckpointManager(tmp_path / "single",
+                               item_handlers=ocp.StandardCheckpointHandler()) as mngr:
+        mngr.save(0, args=ocp.args.StandardSave(tree(0)))
+        assert_tree_equal(mngr.restore(0), tree(0))
+        assert mngr.item_metadata(0)["b"].shape == ()
+
+
+# --- listing, metadata, naming, options -----------------------------------------------------------
+def test_step_metadata_and_root_metadata(tmp_path):
+    before = time.time()
+    with ocp.CheckpointManager(tmp_path, metadata={"run": "abc"}) as mngr:
+        mngr.save(3, args=ocp.args.StandardSave(tree(3)), metrics={"loss": 0.5},
+                  custom_metadata={"note": "x"})
+        mngr.wait_until_finished()
+        meta = mngr.metadata(3)
+        assert meta.metrics == {"loss": 0.5}
+        assert meta.custom_metadata == {"note": "x"}
+        assert before <= meta.init_timestamp_nsecs / 1e9 <= meta.commit_timestamp_nsecs / 1e9
+        assert meta.commit_timestamp_nsecs / 1e9 <= time.time()
+        assert mngr.metadata().custom_metadata == {"run": "abc"}
+        with pytest.raises(StepNotFoundError):
+            mngr.metadata(4)
+    doc = json.loads((tmp_path / "3" / fmt.CHECKPOINT_METADATA).read_text())
+    assert doc["custom_metadata"] == {"note": "x"}
+    with ocp.CheckpointManager(tmp_path, metadata={"run": "other"}) as mngr:
+        assert mngr.metadata().custom_metadata == {"run": "abc"}  # written once
+
+
+def test_step_prefix_fixed_length_delete_and_reload(tmp_path):
+    opts = ocp.CheckpointManagerOptions(step_prefix="ckpt", step_format_fixed_length=4)
+    with ocp.CheckpointManager(tmp_path, opts) as mngr:
+        for s in (1, 2, 3):
+            mngr.save(s, args=ocp.args.StandardSave(tree(s)))
+        mngr.wait_until_finished()
+        assert steps_on_disk(tmp_path) == ["ckpt_0001", "ckpt_0002", "ckpt_0003"]
+        mngr.delete(2)
+        assert mngr.all_steps() == [1, 3]
+        assert steps_on_disk(tmp_path) == ["ckpt_0001", "ckpt_0003"]
+        with pytest.raises(StepNotFoundError):
+            mngr.delete(2)
+        with pytest.raises(StepNotFoundError):
+            mngr.restore(2)
+        os.rename(tmp_path / "ckpt_0001", tmp_path / "ckpt_0007")
+        assert mngr.all_steps() == [1, 3]
+        mngr.reload()
+        assert mngr.all_steps() == [3, 7] and mngr.latest_step() == 7
+        assert_tree_equal(mngr.restore(7), tree(1))
+        assert_tree_equal(mngr.restore(), tree(1))
+
+
+def test_todelete_subdir_moves_retired_steps(tmp_path):
+    opts = ocp.CheckpointManagerOptions(max_to_keep=1, todelete_subdir="trash")
+    with ocp.CheckpointManager(tmp_path, opts) as mngr:
+        mngr.save(0, args=ocp.args.StandardSave(tree(0)))
+        mngr.save(1, args=ocp.args.StandardSave(tree(1)))
+    assert sorted(os.listdir(tmp_path / "trash")) == ["0"]
+    assert "1" in os.listdir(tmp_path) and "0" not in os.listdir(tmp_path)
+
+
+def test_cleanup_tmp_directories_and_leftovers_are_never_steps(tmp_path):
+    (tmp_path / "4.orbax-checkpoint-tmp-123").mkdir()
+    (tmp_path / "5.orbax-checkpoint-todelete-1").mkdir()
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        assert mngr.all_steps() == []
+    assert (tmp_path / "4.orbax-checkpoint-tmp-123").exists()
+    opts = ocp.CheckpointManagerOptions(cleanup_tmp_directories=True)
+    with ocp.CheckpointManager(tmp_path, opts) as mngr:
+        assert mngr.all_steps() == []
+    assert steps_on_disk(tmp_path) == []
+
+
+def test_read_only_and_create_false(tmp_path):
+    with ocp.CheckpointManager(tmp_path / "absent",
+                               ocp.CheckpointManagerOptions(create=False)) as mngr:
+        assert mngr.all_steps() == [] and mngr.latest_step() is None  # Orbax: no error
+    assert not (tmp_path / "absent").exists()
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(0, args=ocp.args.StandardSave(tree(0)))
+    opts = ocp.CheckpointManagerOptions(read_only=True)
+    with ocp.CheckpointManager(tmp_path, opts) as mngr:
+        assert mngr.should_save(1) is False
+        assert mngr.save(1, args=ocp.args.StandardSave(tree(1))) is False
+        assert mngr.save(1, args=ocp.args.StandardSave(tree(1)), force=True) is False
+        mngr.delete(0)
+        assert mngr.all_steps() == [0]
+        assert_tree_equal(mngr.restore(0), tree(0))
+    assert steps_on_disk(tmp_path) == ["0"]
+
+
+@pytest.mark.parametrize(("fields", "names"), [
+    ({"save_decision_policy": "P", "save_on_steps": [1]}, ["save_decision_policy", "save_on_steps"]),
+    ({"save_decision_policy": "P", "should_save_fn": lambda s, last: True},
+     ["save_decision_policy", "should_save_fn"]),
+    ({"preservation_policy": "P", "max_to_keep": 2}, ["preservation_policy", "max_to_keep"]),
+    ({"preservation_policy": "P", "best_fn": len}, ["preservation_policy", "best_fn"]),
+    ({"preservation_policy": "P", "keep_period": 3}, ["preservation_policy", "keep_period"]),
+    ({"step_name_format": "F", "step_prefix": "p"}, ["step_name_format", "step_prefix"]),
+    ({"best_mode": "median"}, ["best_mode"]),
+    ({"max_concurrent_saves": 0}, ["max_concurrent_saves"]),
+])
+def test_invalid_option_combinations_name_the_fields(fields, names):
+    policies = {"save_decision_policy": ocp.checkpoint_managers.FixedIntervalPolicy(1),
+                "preservation_policy": ocp.checkpoint_managers.LatestN(1)}
+    kwargs = {k: policies.get(k, v) if v == "P" else v for k, v in fields.items()}
+    if kwargs.get("step_name_format") == "F":
+        kwargs["step_name_format"] = object()
+    with pytest.raises(InvalidArgumentError) as ei:
+        ocp.CheckpointManagerOptions(**kwargs)
+    for name in names:
+        assert name in str(ei.value)
+
+
+def test_should_save_reached_preemption_and_interval(tmp_path):
+    opts = ocp.CheckpointManagerOptions(save_interval_steps=5)
+    with ocp.CheckpointManager(tmp_path, opts) as mngr:
+        assert mngr.reached_preemption(3) is False
+        assert [mngr.should_save(s) for s in (0, 1, 5)] == [True, True, True]  # initial save
+        assert mngr.save(1, args=ocp.args.StandardSave(tree(1)))
+        assert [mngr.should_save(s) for s in (1, 2, 5, 10)] == [False, False, True, True]
+        assert mngr.save(3, args=ocp.args.StandardSave(tree(3))) is False
+        assert mngr.save(3, args=ocp.args.StandardSave(tree(3)), force=True) is True
+        assert mngr.all_steps() == [1, 3]
+
+
+def test_step_must_be_a_non_negative_int(tmp_path):
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        for bad in (-1, 1.5, "3", True):
+            with pytest.raises(InvalidArgumentError):
+                mngr.save(bad, args=ocp.args.StandardSave(tree(0)))
+        assert mngr.save(np.int64(2), args=ocp.args.StandardSave(tree(2)))
+        assert mngr.all_steps() == [2]
+
+
+def test_async_context_manager_and_keep_time_interval(tmp_path):
+    async def main():
+        opts = ocp.CheckpointManagerOptions(
+            max_to_keep=1, keep_time_interval=datetime.timedelta(hours=1))
+        async with ckpt_async.aio.AsyncCheckpointManager(tmp_path, opts) as mngr:
+            for s in range(3):
+                await mngr.save(s, args=ocp.args.StandardSave(tree(s)))
+            assert mngr.all_steps() == [0, 2]
+        return mngr
+
+    mngr = asyncio.run(main())
+    assert not mngr.is_saving_in_progress()
+    assert steps_on_disk(tmp_path) == ["0", "2"]
+
+
+def test_metrics_item_is_where_orbax_reads_it(tmp_path):
+    opts = ocp.CheckpointManagerOptions(best_fn=lambda m: m["loss"], best_mode="min")
+    with ocp.CheckpointManager(tmp_path, opts) as mngr:
+        mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(tree(0))),
+                  metrics={"loss": 0.25})
+    assert json.loads((tmp_path / "0" / "metrics" / "metrics").read_text()) == {"loss": 0.25}
+    with ocp.CheckpointManager(tmp_path, opts) as mngr:
+        out = mngr.restore(0)  # Orbax 0.12.8 restores the metrics item too
+        assert set(out.keys()) == {"metrics", "state"} and out["metrics"] == {"loss": 0.25}
+        assert mngr.best_step() == 0
+
+
+def test_registered_item_absent_from_the_checkpoint_is_left_out(tmp_path):
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add("extra", ocp.args.JsonSave)
+    registry.add("extra", ocp.args.JsonRestore)
+    with ocp.CheckpointManager(tmp_path, handler_registry=registry) as mngr:
+        mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(tree(0))))
+        assert set(mngr.restore(0).keys()) == {"state"}  # as Orbax 0.12.8
+        with pytest.raises(FileNotFoundError):
+            mngr.restore(0, args=ocp.args.Composite(extra=None))
+
+
+def test_item_saved_as_none_restores_as_none_also_after_reopen(tmp_path):
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(tree(0)),
+                                             x=ocp.args.JsonSave([1])))
+        mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(tree(1)), x=None))
+        out = mngr.restore(1)
+        assert set(out.keys()) == {"state", "x"} and out["x"] is None
+    assert not (tmp_path / "1" / "x").exists()
+    with ocp.CheckpointManager(tmp_path) as mngr:  # as Orbax 0.12.8: x is None, not missing
+        out = mngr.restore(1)
+        assert out["x"] is None and mngr.restore(0)["x"] == [1]

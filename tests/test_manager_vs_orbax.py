@@ -1,0 +1,226 @@
+"""CheckpointManager side by side with Orbax 0.12.8 on seeded randomized sequences.
+
+After every call, what ``save()``, ``should_save()``, ``all_steps()``, ``latest_step()`` and
+``best_step()`` answer must match Orbax's answers, through the sync face and the async face
+(where commits are still in flight when the listing is read), and again after both managers
+reopen their directories. Orbax loses the metrics of a step unless ``best_fn`` is set (ckpt_async
+keeps them), so a ``BestN`` preservation policy without ``best_fn`` is not compared after reopen;
+``test_manager.py`` tests that improvement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import random
+
+import numpy as np
+import orbax.checkpoint as orbax
+import pytest
+
+import ckpt_async as ca
+import ckpt_async._commit as ca_commit
+import ckpt_async.aio
+
+
+def _loss(m):
+    return m["loss"]
+
+
+def random_config(rng: random.Random) -> tuple[dict, dict, bool]:
+    """Options for ckpt_async and for Orbax (policy objects of each library), and whether
+    the reopened managers are comparable."""
+    opts: dict = {}
+    lib_opts = {"ca": {}, "orbax": {}}
+    comparable_after_reopen = True
+    kind = rng.choice(["legacy", "legacy", "legacy", "policies"])
+    if kind == "legacy":
+        if rng.random() < 0.6:
+            opts["save_interval_steps"] = rng.choice([1, 2, 3])
+        if rng.random() < 0.3:
+            opts["save_on_steps"] = sorted(rng.sample(range(40), 6))
+        if rng.random() < 0.15:
+            opts = {"should_save_fn": lambda step, last: step % 3 == 0 or last is None}
+        if rng.random() < 0.7:
+            opts["max_to_keep"] = rng.choice([1, 2, 3])
+        if rng.random() < 0.3:
+            opts["keep_period"] = rng.choice([2, 4, 5])
+        if rng.random() < 0.15:
+            opts["keep_time_interval"] = datetime.timedelta(hours=1)
+        if rng.random() < 0.5:
+            opts["best_fn"] = _loss
+            opts["best_mode"] = rng.choice(["min", "max"])
+            opts["keep_checkpoints_without_metrics"] = rng.random() < 0.5
+        for name in lib_opts:
+            lib_opts[name] = dict(opts)
+        return lib_opts["ca"], lib_opts["orbax"], comparable_after_reopen
+
+    interval = rng.choice([1, 2])
+    specific = sorted(rng.sample(range(40), 5))
+    n = rng.choice([1, 2, 3])
+    period = rng.choice([2, 3])
+    preservation = rng.choice(["latest", "best", "every", "any"])
+    for name, mod in (("ca", ca.checkpoint_managers), ("orbax", orbax.checkpoint_managers)):
+        save = mod.AnySavePolicy([mod.FixedIntervalPolicy(interval),
+                                  mod.SpecificStepsPolicy(specific),
+                                  mod.InitialSavePolicy()])
+        best = mod.BestN(get_metric_fn=_loss, reverse=True, n=n,
+                         keep_checkpoints_without_metrics=False)
+        keep = {"latest": mod.LatestN(n=n), "best": best,
+                "every": mod.EveryNSteps(interval_steps=period),
+                "any": mod.AnyPreservationPolicy([mod.LatestN(n=1), best])}[preservation]
+        lib_opts[name] = {"save_decision_policy": save, "preservation_policy": keep}
+    # Orbax reopens a BestN manager without best_fn with no metrics: not comparable.
+    comparable_after_reopen = preservation not in ("best", "any")
+    return lib_opts["ca"], lib_opts["orbax"], comparable_after_reopen
+
+
+def random_calls(rng: random.Random, count: int) -> list[tuple]:
+    calls = []
+    step = rng.randrange(3)
+    for _ in range(count):
+        r = rng.random()
+        if r < 0.1 and calls:
+            calls.append(("save", rng.choice(calls)[1] if calls else 0, None, False))  # repeat
+            continue
+        if r < 0.2:
+            calls.append(("should_save", step + rng.randrange(3), None, False))
+            continue
+        step += rng.choice([1, 1, 1, 2, 3])
+        metrics = None if rng.random() < 0.15 else {"loss": round(rng.uniform(0, 10), 2)}
+        calls.append(("save", step, metrics, rng.random() < 0.1))
+    return calls
+
+
+def tree_for(step: int) -> dict:
+    return {"a": np.arange(4, dtype=np.int32) + step}
+
+
+def answers(m) -> tuple:
+    return (list(m.all_steps()), m.latest_step(), m.best_step())
+
+
+def run_orbax(directory, options: dict, calls: list[tuple]) -> list:
+    out = []
+    mngr = orbax.CheckpointManager(directory, options=orbax.CheckpointManagerOptions(**options))
+    try:
+        for op, step, metrics, force in calls:
+            if op == "should_save":
+                out.append((op, mngr.should_save(step), answers(mngr)))
+                continue
+            try:
+                saved = mngr.save(step, args=orbax.args.StandardSave(tree_for(step)),
+                                  metrics=metrics, force=force)
+            except Exception as exc:  # noqa: BLE001 - the error's name is compared
+                saved = type(exc).__name__
+            out.append((op, saved, answers(mngr)))
+        mngr.wait_until_finished()
+        out.append(("finished", answers(mngr)))
+    finally:
+        mngr.close()
+    return out
+
+
+def run_ca_sync(directory, options: dict, calls: list[tuple]) -> list:
+    out = []
+    with ca.CheckpointManager(directory, options=ca.CheckpointManagerOptions(**options)) as mngr:
+        for op, step, metrics, force in calls:
+            if op == "should_save":
+                out.append((op, mngr.should_save(step), answers(mngr)))
+                continue
+            try:
+                saved = mngr.save(step, args=ca.args.StandardSave(tree_for(step)),
+                                  metrics=metrics, force=force)
+            except Exception as exc:  # noqa: BLE001 - the error's name is compared
+                saved = type(exc).__name__
+            out.append((op, saved, answers(mngr)))
+        mngr.wait_until_finished()
+        out.append(("finished", answers(mngr)))
+    return out
+
+
+def run_ca_async(directory, options: dict, calls: list[tuple], in_flight: list | None = None
+                 ) -> list:
+    async def main() -> list:
+        out = []
+        mngr = ckpt_async.aio.AsyncCheckpointManager(
+            directory, options=ca.CheckpointManagerOptions(max_concurrent_saves=3, **options))
+        for op, step, metrics, force in calls:
+            if op == "should_save":
+                out.append((op, mngr.should_save(step), answers(mngr)))
+                continue
+            if in_flight is not None:
+                in_flight.append(mngr.is_saving_in_progress())
+            try:
+                fut = await mngr.save(step, args=ca.args.StandardSave(tree_for(step)),
+                                      metrics=metrics, force=force)
+                saved = fut is not None
+            except Exception as exc:  # noqa: BLE001 - the error's name is compared
+                saved = type(exc).__name__
+            out.append((op, saved, answers(mngr)))
+        await asyncio.wait_for(mngr.wait_until_finished(), 30)
+        out.append(("finished", answers(mngr)))
+        await mngr.close()
+        return out
+
+    return asyncio.run(main())
+
+
+def reopen_answers(lib, directory, options: dict) -> tuple:
+    mngr = lib.CheckpointManager(directory, options=lib.CheckpointManagerOptions(**options))
+    try:
+        return answers(mngr), list(mngr.all_steps(read=True))
+    finally:
+        mngr.close()
+
+
+@pytest.fixture
+def slow_commit(monkeypatch):
+    """Every commit takes 40 ms more, so the async face reads listings with commits in flight."""
+    real = ca_commit.commit
+
+    async def slow(*args, **kwargs):
+        await asyncio.sleep(0.04)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(ca_commit, "commit", slow)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_sequence_matches_orbax(tmp_path, seed, slow_commit):
+    rng = random.Random(seed)
+    ca_opts, orbax_opts, comparable = random_config(rng)
+    calls = random_calls(rng, 12)
+    expected = run_orbax(tmp_path / "orbax", orbax_opts, calls)
+    in_flight: list[bool] = []
+    if seed % 2:
+        actual = run_ca_async(tmp_path / "ca", ca_opts, calls, in_flight)
+        assert any(in_flight)  # some save started while an earlier commit was in flight
+    else:
+        actual = run_ca_sync(tmp_path / "ca", ca_opts, calls)
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert a == e, f"call {i} {calls[i] if i < len(calls) else 'end'}: {a} != {e} " \
+                       f"(options {ca_opts})"
+    on_disk = sorted(int(p.name) for p in (tmp_path / "ca").iterdir() if p.name.isdigit())
+    assert on_disk == actual[-1][1][0]
+    if comparable:
+        reopened = reopen_answers(orbax, tmp_path / "orbax", orbax_opts)
+        assert reopen_answers(ca, tmp_path / "ca", ca_opts) == reopened
+        # Each library reads the other's directory as its own.
+        assert reopen_answers(ca, tmp_path / "orbax", ca_opts) == reopened
+        assert reopen_answers(orbax, tmp_path / "ca", orbax_opts) == reopened
+
+
+@pytest.mark.parametrize("seed", [100, 101])
+def test_sequence_continues_after_reopen_like_orbax(tmp_path, seed):
+    """Saves, reopens, saves more: both managers agree at every call of the second run."""
+    rng = random.Random(seed)
+    opts = {"max_to_keep": 2, "save_interval_steps": 2, "best_fn": _loss, "best_mode": "min",
+            "keep_checkpoints_without_metrics": False}
+    first = random_calls(rng, 6)
+    last = max(c[1] for c in first)
+    second = [(op, s + last + 1, m, f) for op, s, m, f in random_calls(rng, 6)]
+    for calls in (first, second):
+        expected = run_orbax(tmp_path / "orbax", opts, calls)
+        actual = run_ca_sync(tmp_path / "ca", opts, calls)
+        assert actual == expected

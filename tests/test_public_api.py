@@ -1,0 +1,197 @@
+"""The public map: what ``ckpt_async`` and ``ckpt_async.aio`` export, and the exception tree.
+
+Every exported name exists and is documented; each sync facade holds its async object and
+forwards to it (no behaviour written twice); every error derives from ``CheckpointError``,
+has a one-line "raised when" docstring and mixes in exactly the builtins it declares, so code
+written against Orbax that catches ``ValueError`` or ``FileNotFoundError`` keeps working.
+"""
+
+from __future__ import annotations
+
+import builtins
+import inspect
+import types
+from pathlib import Path
+
+import pytest
+
+import ckpt_async
+import ckpt_async as ocp
+from ckpt_async import aio, errors
+
+
+def _documented(obj: object) -> bool:
+    # __doc__ directly: inspect.getdoc would borrow a parent class's docstring.
+    doc = obj.__doc__
+    return bool(doc and doc.strip())
+
+
+@pytest.mark.parametrize("module", [ckpt_async, aio, errors], ids=lambda m: m.__name__)
+def test_all_names_exist_are_unique_and_documented(module: types.ModuleType) -> None:
+    names = module.__all__
+    assert len(names) == len(set(names)), "duplicate names in __all__"
+    missing = [n for n in names if not hasattr(module, n)]
+    assert not missing, f"{module.__name__}.__all__ names that do not exist: {missing}"
+    undocumented = [n for n in names if not _documented(getattr(module, n))]
+    assert not undocumented, f"{module.__name__}: undocumented public names {undocumented}"
+
+
+@pytest.mark.parametrize("module", [ckpt_async, aio], ids=lambda m: m.__name__)
+def test_star_import_gives_exactly_all(module: types.ModuleType) -> None:
+    namespace: dict[str, object] = {}
+    exec(f"from {module.__name__} import *", namespace)  # noqa: S102 - the point of the test
+    namespace.pop("__builtins__")
+    assert set(namespace) == set(module.__all__)
+
+
+def test_orbax_names_of_the_api_overview_are_exported() -> None:
+    # The names Orbax's "API Overview" reaches through ``ocp.`` (a sample, not Orbax's whole map).
+    orbax_names = {
+        "CheckpointManager", "CheckpointManagerOptions", "AsyncCheckpointer", "Checkpointer",
+        "StandardCheckpointer", "PyTreeCheckpointer", "StandardCheckpointHandler",
+        "PyTreeCheckpointHandler", "JsonCheckpointHandler", "CompositeCheckpointHandler",
+        "args", "tree", "checkpoint_managers", "test_utils", "RestoreArgs", "ArrayRestoreArgs",
+        "SaveArgs", "type_handlers", "metadata", "handlers",
+    }
+    assert orbax_names <= set(ckpt_async.__all__)
+
+
+def test_aio_exports_the_async_classes_and_the_future() -> None:
+    assert set(aio.__all__) >= {"AsyncCheckpointManager", "AsyncCheckpointer", "CommitFuture"}
+    assert ocp.aio.AsyncCheckpointManager is ocp.AsyncCheckpointManager
+    assert ocp.aio.CommitFuture is ocp.CommitFuture
+    # The sync ocp.AsyncCheckpointer (Orbax's name) and the async one are different classes.
+    assert ocp.aio.AsyncCheckpointer is not ocp.AsyncCheckpointer
+    for name in ("save", "restore", "wait_until_finished", "close", "metadata"):
+        assert inspect.iscoroutinefunction(getattr(aio.AsyncCheckpointer, name)), name
+    for name in ("save", "restore", "wait_until_finished", "close", "metadata", "delete",
+                 "reload", "item_metadata", "__aenter__", "__aexit__"):
+        assert inspect.iscoroutinefunction(getattr(aio.AsyncCheckpointManager, name)), name
+
+
+# -- each sync facade holds its async object and forwards ------------------------------------
+def _public_methods(cls: type) -> set[str]:
+    return {n for n, v in vars(cls).items() if callable(v) and not n.startswith("_")}
+
+
+def test_checkpoint_manager_exposes_its_async_manager(tmp_path: Path) -> None:
+    with ocp.CheckpointManager(tmp_path / "m") as mngr:
+        assert isinstance(mngr.async_manager, aio.AsyncCheckpointManager)
+        assert mngr.directory == mngr.async_manager.directory
+        # Every sync method has its async counterpart: behaviour lives on the async side.
+        lacking = {n for n in _public_methods(ocp.CheckpointManager)
+                   if not hasattr(mngr.async_manager, n)}
+        assert not lacking, f"sync-only methods of CheckpointManager: {lacking}"
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler()),
+    lambda: ocp.Checkpointer(ocp.PyTreeCheckpointHandler()),
+    ocp.StandardCheckpointer,
+    ocp.PyTreeCheckpointer,
+], ids=["AsyncCheckpointer", "Checkpointer", "StandardCheckpointer", "PyTreeCheckpointer"])
+def test_checkpointers_expose_their_async_checkpointer(make) -> None:
+    ckptr = make()
+    try:
+        assert isinstance(ckptr.async_checkpointer, aio.AsyncCheckpointer)
+        assert ckptr.handler is ckptr.async_checkpointer.handler
+        lacking = {n for n in _public_methods(type(ckptr)) | _public_methods(ocp.AsyncCheckpointer)
+                   if not hasattr(ckptr.async_checkpointer, n)}
+        assert not lacking, f"sync-only methods of {type(ckptr).__name__}: {lacking}"
+    finally:
+        ckptr.close()
+
+
+def test_sync_save_semantics_follow_orbax_names(tmp_path: Path) -> None:
+    import numpy as np
+
+    # Checkpointer: durable when save() returns; AsyncCheckpointer: staged, commit pending.
+    sync = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    sync.save(tmp_path / "s", args=ocp.args.StandardSave({"a": np.zeros(4)}))
+    assert (tmp_path / "s" / "commit_success.txt").exists()
+    assert sync.last_commit is not None and sync.last_commit.done()
+    sync.close()
+    asyn = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler())
+    asyn.save(tmp_path / "a", args=ocp.args.StandardSave({"a": np.zeros(4)}))
+    assert isinstance(asyn.last_commit, ocp.CommitFuture)
+    asyn.wait_until_finished()
+    assert asyn.last_commit.done() and (tmp_path / "a" / "commit_success.txt").exists()
+    asyn.close()
+
+
+# -- the exception tree -----------------------------------------------------------------------
+#: Each error and the builtin exceptions it declares (beyond Exception). A new error must be
+#: added here, so its mix-ins are a decision, not an accident.
+EXPECTED_BUILTINS: dict[str, set[type[BaseException]]] = {
+    "CheckpointError": set(),
+    "InvalidArgumentError": {ValueError},
+    "UnsupportedLeafError": {ValueError, TypeError},
+    "StructureMismatchError": {ValueError},
+    "ShapeMismatchError": {ValueError},
+    "HandlerError": {ValueError},
+    "StepAlreadyExistsError": {FileExistsError, OSError},
+    "ReadOnlyError": {PermissionError, OSError},
+    "CheckpointNotFoundError": {FileNotFoundError, OSError},
+    "StepNotFoundError": {FileNotFoundError, OSError},
+    "CorruptCheckpointError": set(),
+    "CommitError": set(),
+    "CommitTimeoutError": {TimeoutError, OSError},
+    "RuntimeUsageError": {RuntimeError},
+    "ClosedError": {RuntimeError},
+}
+
+
+def _error_classes() -> dict[str, type[BaseException]]:
+    return {n: c for n, c in vars(errors).items()
+            if isinstance(c, type) and issubclass(c, BaseException)
+            and c.__module__ == errors.__name__}
+
+
+def test_every_error_is_exported_and_listed_here() -> None:
+    classes = _error_classes()
+    assert set(classes) == set(errors.__all__)
+    assert set(classes) == set(EXPECTED_BUILTINS)
+    assert ocp.CheckpointError is errors.CheckpointError
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_BUILTINS))
+def test_error_derives_from_checkpoint_error_with_its_builtins(name: str) -> None:
+    cls = getattr(errors, name)
+    assert issubclass(cls, errors.CheckpointError)
+    builtin_bases = {b for b in cls.__mro__
+                     if b.__module__ == "builtins" and b not in (Exception, BaseException, object)}
+    assert builtin_bases == EXPECTED_BUILTINS[name]
+    # Each is catchable as each of its builtins, and constructible with just a message.
+    exc = cls("message naming the path")
+    for builtin in EXPECTED_BUILTINS[name]:
+        assert isinstance(exc, builtin)
+    assert str(exc) == "message naming the path"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_BUILTINS))
+def test_error_has_a_one_line_raised_when_docstring(name: str) -> None:
+    doc = getattr(errors, name).__doc__
+    assert doc, f"{name} has no docstring"
+    lines = doc.strip().splitlines()
+    assert len(lines) == 1, f"{name}: docstring is {len(lines)} lines"
+    assert lines[0].startswith("Raised "), lines[0]
+    assert lines[0].endswith("."), lines[0]
+
+
+def test_orbax_compatible_catches() -> None:
+    # What Orbax code catches keeps catching ckpt_async's errors.
+    assert issubclass(errors.StepNotFoundError, FileNotFoundError)
+    assert issubclass(errors.StepNotFoundError, errors.CheckpointNotFoundError)
+    assert issubclass(errors.StepAlreadyExistsError, FileExistsError)
+    assert issubclass(errors.UnsupportedLeafError, errors.InvalidArgumentError)
+    assert issubclass(errors.CommitTimeoutError, errors.CommitError)
+    assert not issubclass(errors.CheckpointError, (ValueError, OSError, RuntimeError))
+    # No error shadows a builtin name (``StepAlreadyExistsError`` is defined once, here).
+    assert not set(_error_classes()) & set(dir(builtins))
+
+
+def test_step_not_found_is_raised_as_file_not_found(tmp_path: Path) -> None:
+    with ocp.CheckpointManager(tmp_path / "m") as mngr:
+        with pytest.raises(FileNotFoundError) as ei:
+            mngr.restore(3)
+    assert type(ei.value) is errors.StepNotFoundError

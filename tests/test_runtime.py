@@ -1,0 +1,520 @@
+"""The runtime: the only code that makes threads or loops, one per process, the sync bridge.
+
+Covers the rules of ``ckpt_async/_runtime.py``: no thread or event loop is created anywhere
+else; the runtime is made lazily, once; a sync call from the engine loop raises instead of
+deadlocking; exceptions cross the bridge unchanged; the async face works from any loop; commit
+futures work from sync code and from any loop; a forked child gets a fresh runtime; and a
+commit still in flight at interpreter exit is finished, not lost. Every subprocess has a
+timeout, so a hang fails the test instead of the CI job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ckpt_async as ocp
+from ckpt_async import _runtime
+from ckpt_async._runtime import CommitFuture, Runtime, get_runtime
+from ckpt_async.errors import RuntimeUsageError, StepNotFoundError
+
+PACKAGE = Path(ocp.__file__).parent
+SUBPROCESS_TIMEOUT = 60
+
+
+def _run_python(source: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Runs ``source`` in a fresh interpreter (CPU-only JAX), failing on a hang."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(source), *args],
+        capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=env, cwd=cwd)
+
+
+def _on_engine(fn):
+    """Runs the coroutine function ``fn`` on the engine loop and returns its result."""
+    return get_runtime().call(fn)
+
+
+# -- (a) the runtime is the only code that creates threads or event loops ----------------------
+FORBIDDEN = ("threading.Thread(", "asyncio.run(", "new_event_loop(", "start_blocking_portal(",
+             "ThreadPoolExecutor(")
+
+
+def _forbidden_uses(root: Path) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text()
+        for pattern in FORBIDDEN:
+            for m in re.finditer(re.escape(pattern), text):
+                line = text.count("\n", 0, m.start()) + 1
+                found.setdefault(path.relative_to(root).as_posix(), []).append(
+                    f"{pattern} (line {line})")
+    return found
+
+
+def test_only_the_runtime_creates_threads_or_event_loops() -> None:
+    found = _forbidden_uses(PACKAGE)
+    assert set(found) <= {"_runtime.py"}, {k: v for k, v in found.items() if k != "_runtime.py"}
+    # The scan itself must see the one legitimate use, or it scans nothing.
+    assert any("start_blocking_portal(" in hit for hit in found.get("_runtime.py", []))
+
+
+def test_the_source_scan_catches_a_thread_made_elsewhere(tmp_path: Path) -> None:
+    (tmp_path / "_runtime.py").write_text("threading.Thread(target=f)\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "rogue.py").write_text("x = 1\nloop = asyncio.new_event_loop()\n")
+    found = _forbidden_uses(tmp_path)
+    assert found == {"_runtime.py": ["threading.Thread( (line 1)"],
+                     "sub/rogue.py": ["new_event_loop( (line 2)"]}
+
+
+# -- (b) one runtime per process, created lazily ------------------------------------------------
+def test_importing_creates_no_thread_and_first_use_creates_one() -> None:
+    out = _run_python("""
+        import threading
+        before = threading.active_count()
+        import ckpt_async, ckpt_async.aio
+        from ckpt_async import _runtime
+        assert threading.active_count() == before, threading.enumerate()
+        assert _runtime._runtime is None
+        ckpt_async.aio.AsyncCheckpointManager('unused-dir')  # the async face alone: still lazy
+        assert threading.active_count() == before, threading.enumerate()
+        rt = _runtime.get_runtime()
+        names = [t.name for t in threading.enumerate()]
+        assert 'ckpt_async-engine' in names, names
+        assert threading.active_count() == before + 1, names
+        assert _runtime.get_runtime() is rt
+        print('ok')
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_one_runtime_per_process_across_threads_and_facades(tmp_path: Path) -> None:
+    seen: list[Runtime] = []
+    threads = [threading.Thread(target=lambda: seen.append(get_runtime())) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(seen) == 8 and all(rt is seen[0] for rt in seen)
+    with ocp.CheckpointManager(tmp_path / "m") as mngr:
+        assert mngr._rt is seen[0]
+    with ocp.StandardCheckpointer() as ckptr:
+        assert ckptr._rt is seen[0]
+    engines = [t for t in threading.enumerate() if t.name == "ckpt_async-engine"]
+    assert len(engines) == 1 and engines[0].daemon
+
+
+# -- (c) a sync call from the engine loop raises instead of deadlocking -------------------------
+def test_runtime_call_from_the_engine_loop_raises() -> None:
+    rt = get_runtime()
+
+    async def inner() -> int:
+        return 1
+
+    async def outer() -> int:
+        return rt.call(inner)
+
+    with pytest.raises(RuntimeUsageError, match="deadlock") as ei:
+        rt.call(outer)
+    assert "ckpt_async.aio" in str(ei.value)
+    assert isinstance(ei.value, RuntimeError)  # the builtin mix-in
+
+
+def test_sync_facade_save_from_the_engine_loop_raises(tmp_path: Path) -> None:
+    ckptr = ocp.StandardCheckpointer()
+
+    async def save_from_engine() -> None:
+        ckptr.save(tmp_path / "c", {"a": np.zeros(3)})
+
+    with pytest.raises(RuntimeUsageError, match="AsyncCheckpointer.save"):
+        _on_engine(save_from_engine)
+    assert not (tmp_path / "c").exists()
+    ckptr.save(tmp_path / "c", {"a": np.zeros(3)})  # the same object still works off the loop
+    ckptr.wait_until_finished()
+    assert (tmp_path / "c" / "commit_success.txt").exists()
+
+
+def test_sync_call_in_a_commit_callback_raises_instead_of_deadlocking(tmp_path: Path) -> None:
+    # Done callbacks of commit futures run on the engine thread: the classic deadlock.
+    errors: list[BaseException] = []
+    done = threading.Event()
+    with ocp.CheckpointManager(tmp_path / "m") as mngr:
+        mngr.save(0, args=ocp.args.StandardSave({"a": np.arange(4)}))
+
+        def callback(_f: CommitFuture) -> None:
+            try:
+                mngr.restore(0)
+            except BaseException as exc:  # noqa: BLE001 - asserted below
+                errors.append(exc)
+            finally:
+                done.set()
+
+        mngr.commit_future(0).add_done_callback(callback)
+        assert done.wait(30), "the callback never ran (deadlock?)"
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeUsageError)
+
+
+# -- (d) exceptions cross the bridge unchanged ----------------------------------------------------
+class _Custom(Exception):
+    pass
+
+
+def test_exception_crosses_the_bridge_as_the_same_object() -> None:
+    err = _Custom("boom")
+
+    async def fail() -> None:
+        raise err
+
+    with pytest.raises(_Custom) as ei:
+        get_runtime().call(fail)
+    assert ei.value is err
+
+    async def from_user_loop() -> BaseException:
+        try:
+            await get_runtime().run(fail)
+        except _Custom as exc:
+            return exc
+        raise AssertionError("not raised")
+
+    assert asyncio.run(from_user_loop()) is err
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_single_member_exception_groups_are_unwrapped(depth: int) -> None:
+    err = KeyError("inner")
+
+    async def fail() -> None:
+        exc: BaseException = err
+        for i in range(depth):
+            exc = ExceptionGroup(f"level {i}", [exc])
+        raise exc
+
+    with pytest.raises(KeyError) as ei:
+        get_runtime().call(fail)
+    assert ei.value is err
+
+    async def on_engine_via_run() -> BaseException:  # run() on the engine loop itself
+        try:
+            await get_runtime().run(fail)
+        except KeyError as exc:
+            return exc
+        raise AssertionError("not raised")
+
+    assert _on_engine(on_engine_via_run) is err
+
+    async def spawn_it() -> CommitFuture:
+        return get_runtime().spawn(fail())
+
+    fut = _on_engine(spawn_it)
+    assert fut.exception(timeout=10) is err
+
+
+def test_a_task_group_failure_arrives_as_its_member() -> None:
+    err = OSError(28, "No space left on device")
+
+    async def fail_in_task_group() -> None:
+        async def boom() -> None:
+            raise err
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(boom())
+            tg.create_task(asyncio.sleep(10))
+
+    with pytest.raises(OSError) as ei:
+        get_runtime().call(fail_in_task_group)
+    assert ei.value is err
+
+
+def test_multi_member_exception_groups_are_kept() -> None:
+    async def fail() -> None:
+        raise ExceptionGroup("two", [ValueError("a"), KeyError("b")])
+
+    with pytest.raises(ExceptionGroup) as ei:
+        get_runtime().call(fail)
+    assert len(ei.value.exceptions) == 2
+
+
+def test_library_errors_cross_the_sync_facade_with_their_type(tmp_path: Path) -> None:
+    with ocp.CheckpointManager(tmp_path / "m") as mngr:
+        with pytest.raises(StepNotFoundError) as ei:
+            mngr.restore(7)
+    assert isinstance(ei.value, FileNotFoundError)
+    assert str(tmp_path / "m") in str(ei.value)
+
+
+# -- (e) the async face from the user's loop and from the engine loop ---------------------------
+def _state(n: int = 1000) -> dict[str, np.ndarray]:
+    return {"w": np.arange(n, dtype=np.float32), "b": np.ones((3, 4))}
+
+
+async def _save_and_restore(root: Path) -> tuple[dict, list[int], asyncio.AbstractEventLoop]:
+    mngr = ocp.aio.AsyncCheckpointManager(root, ocp.CheckpointManagerOptions(max_to_keep=2))
+    futs = []
+    for step in range(3):
+        fut = await mngr.save(step, args=ocp.args.StandardSave(_state()))
+        assert isinstance(fut, CommitFuture)
+        futs.append(fut)
+    results = [await f for f in futs]
+    assert all(Path(r).name == str(s) for s, r in enumerate(results))
+    restored = await mngr.restore(2)
+    await mngr.close()
+    return restored, mngr.all_steps(), asyncio.get_running_loop()
+
+
+def test_async_face_from_the_users_own_loop(tmp_path: Path) -> None:
+    restored, steps, loop = asyncio.run(_save_and_restore(tmp_path / "m"))
+    assert loop is not get_runtime().loop
+    assert steps == [1, 2]
+    np.testing.assert_array_equal(restored["w"], _state()["w"])
+    assert sorted(os.listdir(tmp_path / "m")) == ["1", "2"]
+
+
+def test_async_face_from_the_engine_loop(tmp_path: Path) -> None:
+    async def on_engine():
+        return await _save_and_restore(tmp_path / "m")
+
+    restored, steps, loop = _on_engine(on_engine)
+    assert loop is get_runtime().loop
+    assert steps == [1, 2]
+    np.testing.assert_array_equal(restored["b"], np.ones((3, 4)))
+
+
+def test_user_loop_keeps_running_while_the_commit_runs(tmp_path: Path) -> None:
+    # The commit lives on the engine loop: the user's loop is free to tick meanwhile.
+    async def main() -> int:
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        ckptr = ocp.aio.AsyncCheckpointer(ocp.StandardCheckpointHandler())
+        fut = await ckptr.save(tmp_path / "c", args=ocp.args.StandardSave(_state(1 << 20)))
+        await fut
+        stop.set()
+        await task
+        await ckptr.close()
+        return ticks
+
+    assert asyncio.run(main()) > 0
+    assert (tmp_path / "c" / "commit_success.txt").exists()
+
+
+def test_commit_future_awaited_from_another_loop_than_the_one_that_saved(tmp_path: Path) -> None:
+    ckptr = ocp.aio.AsyncCheckpointer(ocp.StandardCheckpointHandler())
+
+    async def save() -> CommitFuture:
+        return await ckptr.save(tmp_path / "c", args=ocp.args.StandardSave(_state()))
+
+    fut = asyncio.run(save())          # that loop is closed now
+    path = asyncio.run(_await(fut))    # a second, unrelated loop
+    assert Path(path) == tmp_path / "c"
+    assert fut.result(timeout=0) == path
+
+
+async def _await(fut: CommitFuture):
+    return await fut
+
+
+def _blocked_future() -> tuple[CommitFuture, threading.Event]:
+    """A background task on the engine loop that finishes once the returned event is set."""
+    release = threading.Event()
+
+    async def work() -> str:
+        await get_runtime().to_thread(release.wait, 30)
+        return "committed"
+
+    async def spawn_it() -> CommitFuture:
+        return get_runtime().spawn(work())
+
+    return _on_engine(spawn_it), release
+
+
+def test_commit_future_from_sync_code() -> None:
+    fut, release = _blocked_future()
+    assert isinstance(fut, CommitFuture) and not fut.done()
+    with pytest.raises(TimeoutError):
+        fut.result(timeout=0.05)
+    calls: list[tuple[str, bool]] = []
+    fut.add_done_callback(lambda f: calls.append((f.result(), threading.current_thread().name
+                                                  == "ckpt_async-engine")))
+    release.set()
+    assert fut.result(timeout=10) == "committed"
+    assert fut.done() and fut.exception() is None
+    assert calls == [("committed", True)]  # callbacks run on the engine thread
+    late: list[str] = []
+    fut.add_done_callback(lambda f: late.append(f.result()))  # already done: runs at once
+    assert late == ["committed"]
+
+
+def test_commit_future_is_awaitable_on_the_users_loop() -> None:
+    fut, release = _blocked_future()
+
+    async def main() -> str:
+        asyncio.get_running_loop().call_later(0.05, release.set)
+        return await asyncio.wait_for(fut, 10)
+
+    assert asyncio.run(main()) == "committed"
+
+
+def test_commit_futures_of_the_sync_faces(tmp_path: Path) -> None:
+    with ocp.CheckpointManager(tmp_path / "m") as mngr:
+        assert mngr.save(0, args=ocp.args.StandardSave(_state()))
+        fut = mngr.commit_future(0)
+        assert isinstance(fut, CommitFuture)
+        assert Path(fut.result(timeout=30)).name == "0"
+        assert fut.done()
+    ckptr = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler())
+    ckptr.save(tmp_path / "c", args=ocp.args.StandardSave(_state()))
+    assert isinstance(ckptr.last_commit, CommitFuture)
+    assert Path(ckptr.last_commit.result(timeout=30)) == tmp_path / "c"
+    ckptr.close()
+
+
+# -- (f) after fork, the child gets a fresh runtime ------------------------------------------------
+FORK_SCRIPT = """
+    import os, sys, numpy as np
+    import ckpt_async as ocp
+    from ckpt_async import _runtime
+    root = sys.argv[1]
+    # The parent uses its runtime (engine thread, worker threads) before forking. TensorStore
+    # aborts a forked child once the parent has used it, so the parent writes JSON only.
+    json_ckptr = ocp.Checkpointer(ocp.JsonCheckpointHandler())
+    json_ckptr.save(os.path.join(root, 'parent'), args=ocp.args.JsonSave({'x': 1}))
+    parent_rt = _runtime.get_runtime()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            assert _runtime._runtime is None, 'the child inherited the parent runtime'
+            state = {'w': np.arange(100_000, dtype=np.float32)}
+            with ocp.CheckpointManager(os.path.join(root, 'child')) as mngr:
+                mngr.save(3, args=ocp.args.StandardSave(state))
+                mngr.wait_until_finished()
+                restored = mngr.restore(3)
+            np.testing.assert_array_equal(restored['w'], state['w'])
+            got = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+                os.path.join(root, 'parent'))
+            assert got == {'x': 1}, got
+            assert _runtime.get_runtime() is not parent_rt
+            print('child ok', flush=True)
+            code = 0
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, status
+    # The parent's runtime survives the fork.
+    assert _runtime.get_runtime() is parent_rt
+    json_ckptr.save(os.path.join(root, 'parent2'), args=ocp.args.JsonSave({'y': 2}))
+    print('parent ok', flush=True)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork semantics tested on Linux")
+def test_forked_child_gets_a_fresh_runtime_and_can_save_and_restore(tmp_path: Path) -> None:
+    out = _run_python(FORK_SCRIPT, str(tmp_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.split() == ["child", "ok", "parent", "ok"]
+    assert sorted(os.listdir(tmp_path)) == ["child", "parent", "parent2"]
+    assert sorted(os.listdir(tmp_path / "child")) == ["3"]
+
+
+# -- (g) at exit, an in-flight commit is finished, not lost, and exit does not hang --------------
+EXIT_SCRIPT = """
+    import asyncio, sys, numpy as np
+    import ckpt_async as ocp
+    from ckpt_async import _commit
+    kind, path = sys.argv[1], sys.argv[2]
+    # Hold each commit back a little, so it is surely still in flight when the script ends.
+    real_commit = _commit.commit
+    async def slow_commit(*args, **kwargs):
+        await asyncio.sleep(0.5)
+        await real_commit(*args, **kwargs)
+    _commit.commit = slow_commit
+    state = {'w': np.arange(1 << 20, dtype=np.float32), 'b': np.ones((256, 256))}  # ~4.5 MB
+    if kind == 'checkpointer':
+        ckptr = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler())
+        ckptr.save(path, args=ocp.args.StandardSave(state))
+        fut = ckptr.last_commit
+    else:
+        mngr = ocp.CheckpointManager(path)
+        mngr.save(5, args=ocp.args.StandardSave(state))
+        fut = mngr.commit_future(5)
+    print('in flight at exit:', not fut.done(), flush=True)
+    # No wait_until_finished(), no close(): the interpreter exits here.
+"""
+
+
+@pytest.mark.parametrize("kind", ["checkpointer", "manager"])
+def test_in_flight_commit_is_finished_at_exit(tmp_path: Path, kind: str) -> None:
+    target = tmp_path / "ckpt"
+    t0 = time.monotonic()
+    out = _run_python(EXIT_SCRIPT, kind, str(target))
+    took = time.monotonic() - t0
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "in flight at exit: True"
+    assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr
+    assert took < 30  # a clean exit, not a timeout
+    step_dir = target if kind == "checkpointer" else target / "5"
+    assert (step_dir / "commit_success.txt").exists()
+    assert not [n for n in os.listdir(step_dir.parent) if ".orbax-checkpoint-tmp" in n]
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(step_dir / "default" if kind == "manager" else step_dir)
+    np.testing.assert_array_equal(restored["w"], np.arange(1 << 20, dtype=np.float32))
+    np.testing.assert_array_equal(restored["b"], np.ones((256, 256)))
+
+
+def test_exit_without_any_save_is_quick() -> None:
+    t0 = time.monotonic()
+    out = _run_python("""
+        import ckpt_async
+        from ckpt_async import _runtime
+        _runtime.get_runtime()
+        print('bye')
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "bye"
+    assert time.monotonic() - t0 < 30
+
+
+def test_failed_commit_at_exit_is_logged_not_lost(tmp_path: Path) -> None:
+    out = _run_python("""
+        import logging, sys, numpy as np
+        import ckpt_async as ocp
+        from ckpt_async import _commit
+        async def broken_commit(*args, **kwargs):
+            raise OSError(28, 'No space left on device')
+        _commit.commit = broken_commit
+        ckptr = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler())
+        ckptr.save(sys.argv[1], args=ocp.args.StandardSave({'a': np.zeros(4)}))
+    """, str(tmp_path / "c"))
+    assert out.returncode == 0, out.stderr
+    assert "a background commit failed at exit" in out.stderr
+    assert "No space left on device" in out.stderr
+    assert os.listdir(tmp_path) == []  # nothing visible, no tmp directory left behind
+
+
+def test_runtime_module_state_is_a_single_global() -> None:
+    # get_runtime() returns the module's runtime; nothing else caches a second one.
+    assert _runtime._runtime is get_runtime()
