@@ -16,6 +16,7 @@ from . import (
     type_handlers,
 )
 from ._checkpointer import AsyncOptions
+from ._integrity import VerifyReport, verify
 from ._runtime import CommitFuture
 from .checkpointers import AsyncCheckpointer, Checkpointer, PyTreeCheckpointer, StandardCheckpointer
 from .errors import CheckpointError
@@ -52,6 +53,7 @@ __all__ = [
     "SaveArgs",
     "StandardCheckpointHandler",
     "StandardCheckpointer",
+    "VerifyReport",
     "aio",
     "args",
     "checkpoint_managers",
@@ -61,4 +63,5 @@ __all__ = [
     "test_utils",
     "tree",
     "type_handlers",
+    "verify",
 ]

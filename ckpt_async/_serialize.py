@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,8 @@ import jax
 import numpy as np
 import tensorstore as ts
 
-from .errors import CheckpointNotFoundError, CorruptCheckpointError
+from ._runtime import get_runtime
+from .errors import CorruptCheckpointError
 
 #: OCDBT data files are split at this size (Orbax uses 2 GiB on local filesystems).
 TARGET_DATA_FILE_SIZE = 2 << 30
@@ -163,6 +166,9 @@ class ItemWriter:
         self.ctx = new_context()
         self._kv: ts.KvStore | None = None
         self._kv_lock = asyncio.Lock()
+        #: name -> chunk key -> crc32 of the chunk's bytes as written (``_CHECKSUMS``).
+        self.checksums: dict[str, dict[str, int]] = {}
+        self.chunks: dict[str, tuple[int, ...]] = {}
 
     async def _kvstore(self) -> ts.KvStore:
         async with self._kv_lock:
@@ -180,20 +186,33 @@ class ItemWriter:
     async def write(self, batch: list[StoredArray]) -> None:
         """Writes a batch of arrays: the small ones in one OCDBT transaction (one commit,
         one future to await), the others through the zarr driver, concurrently."""
+        for arr in batch:
+            self.chunks[arr.name] = arr.chunks
         direct = [(arr, z) for arr in batch if (z := self._direct(arr)) is not None]
-        others = [write_array(self.ctx, self.item_dir, arr, compress=self.compress)
-                  for arr in batch if self._direct(arr) is None]
+        others = [self._write_large(arr) for arr in batch if self._direct(arr) is None]
         if direct:
             txn = ts.Transaction()
             kv = (await self._kvstore()).with_transaction(txn)
             for arr, zdtype in direct:
                 kv.write(f"{arr.name}/.zarray", zarray_document(arr.shape, arr.chunks, zdtype))
+                sums = self.checksums.setdefault(arr.name, {})
                 for index, data in arr.shards:
                     if data.size:
-                        kv.write(f"{arr.name}/{chunk_key(index, arr.chunks)}",
-                                 np.ascontiguousarray(data).tobytes())
+                        key = chunk_key(index, arr.chunks)
+                        raw = np.ascontiguousarray(data).tobytes()
+                        sums[key] = zlib.crc32(raw)
+                        kv.write(f"{arr.name}/{key}", raw)
             others.append(txn.commit_async())
         await asyncio.gather(*others)
+
+    async def _write_large(self, arr: StoredArray) -> None:
+        def checksum() -> dict[str, int]:  # zlib releases the GIL on large buffers
+            return {chunk_key(i, arr.chunks): crc32_of(d) for i, d in arr.shards if d.size}
+
+        sums, _ = await asyncio.gather(
+            get_runtime().to_thread(checksum),
+            write_array(self.ctx, self.item_dir, arr, compress=self.compress))
+        self.checksums[arr.name] = sums
 
 
 async def read_array(
@@ -213,10 +232,28 @@ async def read_array(
             store = store[index]
         return await store.read()
     except ValueError as exc:
-        msg = str(exc)
-        if "NOT_FOUND" in msg or "not found" in msg.lower():
-            raise CheckpointNotFoundError(f"{item_dir}: array {name!r} is missing ({msg})") from exc
-        raise CorruptCheckpointError(f"{item_dir}: array {name!r} cannot be read ({msg})") from exc
+        # The item's metadata lists the array: a missing, truncated or garbled one is damage.
+        raise CorruptCheckpointError(f"{item_dir}: array {name!r} cannot be read ({exc})") from exc
+
+
+def crc32_of(arr: np.ndarray) -> int:
+    """crc32 of an array's bytes in C order (as its zarr chunk holds them)."""
+    return zlib.crc32(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+
+
+def chunk_checksums(arr: np.ndarray, chunks: tuple[int, ...]) -> dict[str, int]:
+    """crc32 of every chunk of a whole array, keyed like the stored chunks."""
+    if arr.size == 0:
+        return {}
+    if not chunks or tuple(chunks) == arr.shape:
+        return {chunk_key(tuple(slice(0, s) for s in arr.shape), chunks):
+                crc32_of(arr)}
+    out = {}
+    grid = [range(0, s, max(1, c)) for s, c in zip(arr.shape, chunks, strict=True)]
+    for starts in itertools.product(*grid):
+        index = tuple(slice(st, st + c) for st, c in zip(starts, chunks, strict=True))
+        out[chunk_key(index, chunks)] = crc32_of(arr[index])
+    return out
 
 
 async def read_shape_dtype(

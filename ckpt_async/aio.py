@@ -6,7 +6,8 @@
 """
 
 from ._checkpointer import AsyncCheckpointer, AsyncOptions
+from ._integrity import averify as verify
 from ._runtime import CommitFuture
 from .manager.async_manager import AsyncCheckpointManager
 
-__all__ = ["AsyncCheckpointManager", "AsyncCheckpointer", "AsyncOptions", "CommitFuture"]
+__all__ = ["AsyncCheckpointManager", "AsyncCheckpointer", "AsyncOptions", "CommitFuture", "verify"]

@@ -19,9 +19,9 @@ import jax
 import numpy as np
 
 from .. import _format as fmt
+from .. import _integrity, _tree
 from .. import _serialize as ser
 from .. import _storage as storage
-from .. import _tree
 from .._runtime import get_runtime
 from .._stage import ByteBudget, stage
 from ..args import (
@@ -158,6 +158,8 @@ class PyTreeCheckpointHandler(CheckpointHandler):
                 for t in tasks:
                     t.cancel()
                 raise
+            docs[_integrity.CHECKSUMS] = _integrity.checksums_document(
+                docs, writer.checksums, writer.chunks)
             for name, data in docs.items():
                 await storage.makedirs((directory / name).parent)
                 await storage.write_bytes(directory / name, data, durable=False)
@@ -203,35 +205,43 @@ class PyTreeCheckpointHandler(CheckpointHandler):
         return docs
 
     # -- read -----------------------------------------------------------------------------------
-    async def _read_docs(self, directory: Path) -> tuple[fmt.TreeMetadata, dict[str, str], dict]:
-        path = directory / fmt.PYTREE_METADATA
-        try:
-            raw = await storage.read_bytes(path)
-        except CheckpointNotFoundError:
-            raise CheckpointNotFoundError(
-                f"{directory} holds no pytree checkpoint ({fmt.PYTREE_METADATA} is missing)"
-            ) from None
-        tree_doc = fmt.decode(raw, fmt.TreeMetadata, where=str(path))
+    async def read_documents(self, directory: Path) -> tuple[
+            fmt.TreeMetadata, dict[str, str], dict, _integrity.Checksums | None]:
+        """The item's documents, each checked against ``_CHECKSUMS`` when present."""
+        sums = await _integrity.read_checksums(directory)
+
+        async def read(name: str, required: bool) -> bytes | None:
+            path = directory / name
+            if not required and not await storage.exists(path):
+                return None
+            try:
+                data = await storage.read_bytes(path)
+            except CheckpointNotFoundError:
+                raise CheckpointNotFoundError(
+                    f"{directory} holds no pytree checkpoint ({name} is missing)") from None
+            _integrity.check_document(directory, name, data, sums)
+            return data
+
+        raw = await read(fmt.PYTREE_METADATA, True)
+        tree_doc = fmt.decode(raw, fmt.TreeMetadata, where=str(directory / fmt.PYTREE_METADATA))
         shardings: dict[str, str] = {}
-        if await storage.exists(directory / fmt.SHARDING):
-            enc = fmt.decode(await storage.read_bytes(directory / fmt.SHARDING), dict[str, str],
-                             where=str(directory / fmt.SHARDING))
+        if (raw := await read(fmt.SHARDING, False)) is not None:
+            enc = fmt.decode(raw, dict[str, str], where=str(directory / fmt.SHARDING))
             shardings = {base64.b64decode(k).decode(): v for k, v in enc.items()}
         strings: dict = {}
-        if await storage.exists(directory / fmt.STRINGS):
-            strings = fmt.decode(await storage.read_bytes(directory / fmt.STRINGS), dict,
-                                 where=str(directory / fmt.STRINGS))
-        return tree_doc, shardings, strings
+        if (raw := await read(fmt.STRINGS, False)) is not None:
+            strings = fmt.decode(raw, dict, where=str(directory / fmt.STRINGS))
+        return tree_doc, shardings, strings, sums
 
     async def restore(self, directory: Path, args: PyTreeRestore | StandardRestore | None = None
                       ) -> Any:
         directory = Path(directory)
-        tree_doc, shardings, strings = await self._read_docs(directory)
+        tree_doc, shardings, strings, sums = await self.read_documents(directory)
         target = getattr(args, "item", None)
         restore_args = getattr(args, "restore_args", None)
         partial = bool(getattr(args, "partial_restore", False)) or (
             isinstance(args, StandardRestore) and not args.strict)
-        reader = _Reader(directory, tree_doc, shardings, strings)
+        reader = _Reader(directory, tree_doc, shardings, strings, sums)
         if target is None and restore_args is None:
             return await reader.restore_as_saved()
         return await reader.restore_into(target if target is not None else restore_args,
@@ -239,8 +249,8 @@ class PyTreeCheckpointHandler(CheckpointHandler):
 
     async def metadata(self, directory: Path) -> TreeMetadata:
         directory = Path(directory)
-        tree_doc, shardings, _ = await self._read_docs(directory)
-        return await _Reader(directory, tree_doc, shardings, {}).metadata()
+        tree_doc, shardings, _, sums = await self.read_documents(directory)
+        return await _Reader(directory, tree_doc, shardings, {}, sums).metadata()
 
 
 class StandardCheckpointHandler(PyTreeCheckpointHandler):
@@ -254,8 +264,9 @@ class _Reader:
     """Restores one pytree item from its decoded documents."""
 
     def __init__(self, directory: Path, doc: fmt.TreeMetadata, shardings: dict[str, str],
-                 strings: dict[str, Any]) -> None:
+                 strings: dict[str, Any], sums: _integrity.Checksums | None = None) -> None:
         self.dir = directory
+        self.sums = sums
         self.doc = doc
         self.shardings = shardings
         self.strings = strings
@@ -270,8 +281,10 @@ class _Reader:
         return ".".join(k.key for k in entry.key_metadata)
 
     async def _read(self, name: str) -> np.ndarray:
-        return await ser.read_array(self.ctx, self.dir, name, use_ocdbt=self.doc.use_ocdbt,
-                                    use_zarr3=self.doc.use_zarr3)
+        arr = await ser.read_array(self.ctx, self.dir, name, use_ocdbt=self.doc.use_ocdbt,
+                                   use_zarr3=self.doc.use_zarr3)
+        await _integrity.check_array(self.dir, name, arr, self.sums)
+        return arr
 
     def _empty(self, value_type: str, name: str) -> Any:
         if value_type == "List" and self.scalars.get(name) == "tuple":

@@ -1,0 +1,99 @@
+"""Damaged checkpoints never restore silently wrong: CorruptCheckpointError, and verify()."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ckpt_async as ocp
+from ckpt_async.errors import CorruptCheckpointError
+
+
+def _save(path: Path) -> dict:
+    tree = {"big": np.arange(1 << 18, dtype=np.float32),          # 1 MiB: its own data file
+            "w": jnp.linspace(0, 1, 4096, dtype=jnp.float32), "b": np.ones(3), "s": 7}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(path, tree)
+    return tree
+
+
+def _largest_data_file(path: Path) -> Path:
+    files = [p for p in (path / "d").iterdir() if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _restore(path: Path):
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return ckptr.restore(path)
+
+
+def test_intact_checkpoint_verifies_and_restores(tmp_path):
+    tree = _save(tmp_path / "c")
+    report = ocp.verify(tmp_path / "c")
+    assert report.ok, report.problems
+    assert report.arrays_checked == 4 and report.bytes_checked >= tree["big"].nbytes
+    np.testing.assert_array_equal(_restore(tmp_path / "c")["big"], tree["big"])
+    assert (tmp_path / "c" / "_CHECKSUMS").is_file()
+
+
+def test_flipped_byte_in_array_data(tmp_path):
+    _save(tmp_path / "c")
+    f = _largest_data_file(tmp_path / "c")
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    f.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="big"):
+        _restore(tmp_path / "c")
+    report = ocp.verify(tmp_path / "c")
+    assert not report.ok and any("big" in p for p in report.problems)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_truncated_or_missing_data_file(tmp_path, damage):
+    _save(tmp_path / "c")
+    f = _largest_data_file(tmp_path / "c")
+    if damage == "truncate":
+        os.truncate(f, f.stat().st_size // 3)
+    else:
+        f.unlink()
+    with pytest.raises(CorruptCheckpointError) as ei:
+        _restore(tmp_path / "c")
+    assert str(tmp_path / "c") in str(ei.value)
+    assert not ocp.verify(tmp_path / "c").ok
+
+
+def test_garbled_metadata(tmp_path):
+    _save(tmp_path / "c")
+    (tmp_path / "c" / "_METADATA").write_bytes(b'{"tree_metadata": {"(\'big\',)": 1')
+    with pytest.raises(CorruptCheckpointError, match="_METADATA"):
+        _restore(tmp_path / "c")
+    assert not ocp.verify(tmp_path / "c").ok
+
+
+def test_document_that_still_parses_but_changed(tmp_path):
+    # A flipped digit leaves valid JSON: only the checksum can tell.
+    _save(tmp_path / "c")
+    meta = tmp_path / "c" / "array_metadatas" / "process_0"
+    meta.write_bytes(meta.read_bytes().replace(b"4096", b"4097"))
+    sharding = tmp_path / "c" / "_sharding"
+    sharding.write_bytes(sharding.read_bytes().replace(b"cpu:0", b"cpu:1"))
+    with pytest.raises(CorruptCheckpointError, match="_sharding"):
+        _restore(tmp_path / "c")
+
+
+def test_manager_step_corruption_names_step_and_item(tmp_path):
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(3, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"big": np.arange(1 << 18, dtype=np.float32)})))
+    f = _largest_data_file(tmp_path / "3" / "state")
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 1
+    f.write_bytes(bytes(data))
+    with ocp.CheckpointManager(tmp_path) as mngr, pytest.raises(CorruptCheckpointError) as ei:
+        mngr.restore(3)
+    msg = str(ei.value)
+    assert f"{tmp_path}/3/state" in msg and "'big'" in msg
