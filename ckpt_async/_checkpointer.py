@@ -67,6 +67,24 @@ def make_args(handler: CheckpointHandler, kind: str, item: Any, kwargs: dict) ->
     return cls(item, **kwargs) if item is not None else cls(**kwargs)
 
 
+def _record_statistics(meta: fmt.StepMetadata, stats: dict[str, Any], t_write: float,
+                       t_wait: float) -> None:
+    """Puts the save's figures into the step metadata it is about to commit."""
+    now = time.perf_counter()
+    meta.performance_metrics = {  # the fields Orbax knows, so it reads them back
+        "checkpointer_blocking_duration_secs": float(stats["blocking_secs"]),
+        "wait_for_prev_duration_secs": float(now - t_wait),
+    }
+    write = t_wait - t_write
+    meta.ckpt_async_statistics = {
+        "bytes": stats["bytes"], "arrays": stats["arrays"],
+        "blocking_secs": stats["blocking_secs"], "write_secs": write,
+        "wait_for_previous_secs": now - t_wait,
+        "staged_to_written_secs": t_wait - stats["started"],
+        "write_bytes_per_sec": stats["bytes"] / write if write > 0 else None,
+    }
+
+
 class AsyncCheckpointer:
     """Saves and restores one checkpoint at one path with ``handler``; coroutines throughout.
 
@@ -122,6 +140,7 @@ class AsyncCheckpointer:
         the future to the caller (the manager tracks its own) instead of ``wait_until_finished``.
         """
         init_ns = time.time_ns()
+        t0 = time.perf_counter()
         tmp = await _commit.create_tmp(path)
         try:
             writer = await self.handler.stage(tmp, args)
@@ -135,8 +154,10 @@ class AsyncCheckpointer:
             meta.custom_metadata = custom_metadata
         item_dirs = [tmp / n for n in (args.keys() if isinstance(args, Composite) else ())
                      if args[n] is not None]
+        stats = {"bytes": writer.nbytes, "arrays": writer.arrays,
+                 "blocking_secs": time.perf_counter() - t0, "started": t0}
         fut = get_runtime().spawn(
-            self._finish(writer, tmp, path, meta, item_dirs, force, on_commit, after))
+            self._finish(writer, tmp, path, meta, item_dirs, force, on_commit, after, stats))
         if track:
             self._pending.append(fut)
         return fut
@@ -147,12 +168,16 @@ class AsyncCheckpointer:
         return self.handler.typestr
 
     async def _finish(self, writer: Any, tmp: Path, path: Path, meta: fmt.StepMetadata,
-                      item_dirs: list[Path], force: bool, on_commit: Any, after: Any) -> Path:
+                      item_dirs: list[Path], force: bool, on_commit: Any, after: Any,
+                      stats: dict[str, Any]) -> Path:
         async def run() -> None:
+            t_write = time.perf_counter()
             await writer.write()
+            t_wait = time.perf_counter()
             if after is not None:
                 with contextlib.suppress(BaseException):
                     await after  # the earlier save's own failure is reported by its future
+            _record_statistics(meta, stats, t_write, t_wait)
             await _commit.commit(tmp, path, meta, item_dirs, replace=force)
 
         try:
@@ -168,7 +193,10 @@ class AsyncCheckpointer:
             raise CommitError(f"saving {path} failed: {exc}") from exc
         if on_commit is not None:
             await on_commit(path, meta)
-        log.debug("committed %s", path)
+        total = time.perf_counter() - stats["started"]
+        log.info("committed %s: %d arrays, %.1f MiB, save() blocked %.1f ms, durable after %.3f s "
+                 "(%.0f MiB/s)", path, stats["arrays"], stats["bytes"] / 2**20,
+                 stats["blocking_secs"] * 1e3, total, stats["bytes"] / 2**20 / max(total, 1e-9))
         return path
 
     # -- waiting --------------------------------------------------------------------------------
@@ -226,7 +254,8 @@ class AsyncCheckpointer:
         return StepMetadata(
             item_handlers=doc.item_handlers,
             item_metadata=await self.handler.metadata(path),
-            metrics=doc.metrics, performance_metrics=doc.performance_metrics,
+            metrics=doc.metrics,
+            performance_metrics={**doc.performance_metrics, **(doc.ckpt_async_statistics or {})},
             init_timestamp_nsecs=doc.init_timestamp_nsecs,
             commit_timestamp_nsecs=doc.commit_timestamp_nsecs,
             custom_metadata=doc.custom_metadata,

@@ -48,6 +48,9 @@ class StepMetadata(msgspec.Struct):
     init_timestamp_nsecs: int | None = None
     commit_timestamp_nsecs: int | None = None
     custom_metadata: dict[str, Any] = {}
+    # Ours, ignored by Orbax: bytes, arrays and phase durations of the save. (Orbax rebuilds
+    # ``performance_metrics`` into a dataclass and rejects keys it does not know.)
+    ckpt_async_statistics: dict[str, Any] | None = None
 
 
 class KeyEntry(msgspec.Struct):

@@ -17,9 +17,11 @@ from typing import Any, ClassVar
 class Writer:
     """The background half of a save: ``await write()`` writes the staged item's files."""
 
-    def __init__(self, write: Callable[[], Awaitable[None]], nbytes: int = 0) -> None:
+    def __init__(self, write: Callable[[], Awaitable[None]], nbytes: int = 0,
+                 arrays: int = 0) -> None:
         self._write = write
         self.nbytes = nbytes
+        self.arrays = arrays
 
     async def write(self) -> None:
         await self._write()

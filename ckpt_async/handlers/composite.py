@@ -57,7 +57,8 @@ class CompositeCheckpointHandler(CheckpointHandler):
             locked = self.registry.locked(name) if a is None else None
             if locked is not None:
                 self.last_item_handlers[name] = locked.typestr
-        return Writer(write, sum(w.nbytes for w in writers.values()))
+        return Writer(write, sum(w.nbytes for w in writers.values()),
+                      sum(w.arrays for w in writers.values()))
 
     async def _recorded(self, directory: Path) -> dict[str, str]:
         """The item handlers a checkpoint's ``_CHECKPOINT_METADATA`` records."""

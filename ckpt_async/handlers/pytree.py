@@ -164,7 +164,7 @@ class PyTreeCheckpointHandler(CheckpointHandler):
                 await storage.makedirs((directory / name).parent)
                 await storage.write_bytes(directory / name, data, durable=False)
 
-        return Writer(write, nbytes)
+        return Writer(write, nbytes, len(to_stage))
 
     def _documents(self, planned: list[_Planned], skeleton: Any, custom: Any) -> dict[str, bytes]:
         entries: dict[str, fmt.TreeEntry] = {}
