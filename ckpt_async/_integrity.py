@@ -90,32 +90,30 @@ class VerifyReport:
         return not self.problems
 
 
-async def _verify_pytree(item: Path, report: VerifyReport,
-                         progress: Callable[[int, int], None] | None) -> None:
+async def _pytree_plan(item: Path, report: VerifyReport) -> tuple[Any, Any, list[str]] | None:
+    """Reads (and checks) an item's documents; the names of its stored arrays."""
     from .handlers.pytree import PyTreeCheckpointHandler
 
-    handler = PyTreeCheckpointHandler()
     try:
-        tree_doc, _shardings, _strings, sums = await handler.read_documents(item)
+        tree_doc, _shardings, _strings, sums = await PyTreeCheckpointHandler().read_documents(item)
     except CheckpointError as exc:
         report.problems.append(str(exc))
-        return
+        return None
     report.documents_checked += len(sums.documents) if sums else 1
     names = [".".join(k.key for k in e.key_metadata) for e in tree_doc.tree_metadata.values()
              if e.value_metadata.value_type in ("jax.Array", "np.ndarray", "scalar")]
-    ctx = ser.new_context()
-    total = sum(len(e.crc) for e in sums.arrays.values()) if sums else len(names)
-    for name in names:
+    return tree_doc, sums, names
+
+
+async def _verify_json(item: Path, report: VerifyReport) -> None:
+    for name in sorted(await storage.listdir(item)):
+        if name == fmt.COMMIT_SUCCESS or await storage.is_dir(item / name):
+            continue
         try:
-            arr = await ser.read_array(ctx, item, name, use_ocdbt=tree_doc.use_ocdbt,
-                                       use_zarr3=tree_doc.use_zarr3)
-            await check_array(item, name, arr, sums)
-            report.bytes_checked += arr.nbytes
-        except CheckpointError as exc:
-            report.problems.append(str(exc))
-        report.arrays_checked += 1
-        if progress is not None:
-            progress(report.arrays_checked, total)
+            msgspec.json.decode(await storage.read_bytes(item / name))
+            report.documents_checked += 1
+        except msgspec.DecodeError as exc:
+            report.problems.append(f"{item / name}: invalid JSON ({exc})")
 
 
 def verify(path: Any, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
@@ -152,14 +150,32 @@ async def averify(path: Any, progress: Callable[[int, int], None] | None = None)
             report.documents_checked += 1
         except CheckpointError as exc:
             report.problems.append(str(exc))
+    if not items:
+        report.problems.append(f"{root}: no checkpoint items found")
+    plans = {}
     for item in items:
         report.items_checked += 1
         if await storage.exists(item / fmt.PYTREE_METADATA):
-            await _verify_pytree(item, report, progress)
-        elif await storage.exists(item / fmt.JSON_ITEM):
+            plans[item] = await _pytree_plan(item, report)
+        else:
+            await _verify_json(item, report)
+    total = sum(len(p[2]) for p in plans.values() if p is not None)
+    done = 0
+    for item, plan in plans.items():
+        if plan is None:
+            continue
+        tree_doc, sums, names = plan
+        ctx = ser.new_context()
+        for name in names:
             try:
-                msgspec.json.decode(await storage.read_bytes(item / fmt.JSON_ITEM))
-                report.documents_checked += 1
-            except msgspec.DecodeError as exc:
-                report.problems.append(f"{item / fmt.JSON_ITEM}: invalid JSON ({exc})")
+                arr = await ser.read_array(ctx, item, name, use_ocdbt=tree_doc.use_ocdbt,
+                                           use_zarr3=tree_doc.use_zarr3)
+                await check_array(item, name, arr, sums)
+                report.arrays_checked += 1
+                report.bytes_checked += arr.nbytes
+            except CheckpointError as exc:
+                report.problems.append(str(exc))
+            done += 1
+            if progress is not None:
+                progress(done, total)
     return report

@@ -1,0 +1,425 @@
+"""The ckpt-async command line, run in-process on checkpoints written by ckpt_async and Orbax."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import ckpt_async
+import ckpt_async as ocp
+from ckpt_async import cli
+
+Pair = collections.namedtuple("Pair", ["left", "right"])
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys, *argv):
+    code, out, err = run(capsys, *argv, "--json")
+    return code, json.loads(out), err
+
+
+def state(step: int, mesh: Mesh) -> dict:
+    w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64) + step  # big enough for d/ files
+    return {
+        "params": {
+            "w": jax.device_put(w, NamedSharding(mesh, PartitionSpec("x", "y"))),
+            "b": jnp.arange(6, dtype=jnp.bfloat16),
+        },
+        "opt": [np.arange(3, dtype=np.uint16), ()],
+        "step": step,
+    }
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("x", "y"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, mesh) -> Path:
+    """A manager directory: steps 0, 10, 20 (state + extra JSON), a tmp and a todelete leftover."""
+    root = tmp_path_factory.mktemp("cli") / "run"
+    options = ocp.CheckpointManagerOptions(max_to_keep=5)
+    with ocp.CheckpointManager(root, options=options) as mngr:
+        for step in (0, 10, 20):
+            mngr.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state(step, mesh)),
+                extra=ocp.args.JsonSave({"data_index": step * 2})),
+                metrics={"loss": 1.0 / (step + 1)})
+        mngr.wait_until_finished()
+    (root / "30.orbax-checkpoint-tmp-1234" / "state").mkdir(parents=True)
+    (root / "30.orbax-checkpoint-tmp-1234" / "state" / "junk").write_bytes(b"x" * 100)
+    (root / "5.orbax-checkpoint-todelete-99").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def orbax_ckpt(tmp_path_factory) -> Path:
+    orbax = pytest.importorskip("orbax.checkpoint")
+    path = tmp_path_factory.mktemp("orbax") / "ckpt"
+    tree = {"a": np.arange(6.0, dtype=np.float32).reshape(2, 3),
+            "b": {"c": np.int32(3), "d": [jnp.ones(2, jnp.bfloat16)]}}
+    ckptr = orbax.StandardCheckpointer()
+    ckptr.save(path, tree)
+    ckptr.wait_until_finished()
+    ckptr.close()
+    return path
+
+
+def copy_step(run_dir: Path, tmp_path: Path, step: int = 10) -> Path:
+    dest = tmp_path / str(step)
+    shutil.copytree(run_dir / str(step), dest)
+    return dest
+
+
+# -- ls ----------------------------------------------------------------------------------------
+
+
+def test_ls_json_lists_steps_items_metrics_and_leftovers(capsys, run_dir):
+    code, doc, _ = run_json(capsys, "ls", run_dir)
+    assert code == 0
+    assert [s["step"] for s in doc["steps"]] == [0, 10, 20]
+    s10 = doc["steps"][1]
+    assert s10["items"] == ["extra", "state"]
+    assert s10["metrics"] == {"loss": pytest.approx(1 / 11)}
+    assert s10["bytes"] > 64 * 64 * 4
+    assert s10["commit_time"].endswith("Z") and s10["commit_timestamp_nsecs"] > 0
+    assert {(lo["name"], lo["kind"]) for lo in doc["leftovers"]} == {
+        ("30.orbax-checkpoint-tmp-1234", "tmp"), ("5.orbax-checkpoint-todelete-99", "todelete")}
+
+
+def test_ls_text(capsys, run_dir):
+    code, out, _ = run(capsys, "ls", run_dir)
+    assert code == 0
+    assert "leftover (tmp)" in out and "leftover (todelete)" in out
+    assert "3 step(s)" in out and "loss=" in out
+
+
+def test_ls_step_prefix(capsys, tmp_path):
+    opts = ocp.CheckpointManagerOptions(step_prefix="ckpt", step_format_fixed_length=4)
+    with ocp.CheckpointManager(tmp_path / "r", options=opts) as mngr:
+        for step in (1, 2):
+            mngr.save(step, args=ocp.args.StandardSave({"x": np.ones(3)}))
+        mngr.wait_until_finished()
+    _, doc, _ = run_json(capsys, "ls", tmp_path / "r", "--step-prefix", "ckpt")
+    assert [(s["step"], s["name"]) for s in doc["steps"]] == [(1, "ckpt_0001"), (2, "ckpt_0002")]
+    _, doc, _ = run_json(capsys, "ls", tmp_path / "r")  # any prefix by default
+    assert [s["step"] for s in doc["steps"]] == [1, 2]
+    _, doc, _ = run_json(capsys, "ls", tmp_path / "r", "--step-prefix", "other")
+    assert doc["steps"] == []
+
+
+# -- show --------------------------------------------------------------------------------------
+
+
+def test_show_json_tree_without_loading(capsys, run_dir):
+    code, doc, _ = run_json(capsys, "show", run_dir / "10")
+    assert code == 0
+    items = {i["name"]: i for i in doc["items"]}
+    assert items["extra"]["document"] == {"data_index": 20}
+    leaves = {r["key"]: r for r in items["state"]["leaves"]}
+    w = leaves["params.w"]
+    assert (w["shape"], w["dtype"], w["bytes"]) == ([64, 64], "float32", 64 * 64 * 4)
+    assert "NamedSharding" in w["sharding"] and "x:2" in w["sharding"]
+    assert leaves["params.b"]["dtype"] == "bfloat16"
+    assert leaves["step"]["kind"] == "scalar" and leaves["step"]["shape"] == []
+    assert leaves["opt.1"]["kind"] == "empty"
+    assert doc["metrics"] == {"loss": pytest.approx(1 / 11)}
+
+
+def test_show_manager_dir_uses_latest_or_step(capsys, run_dir):
+    code, out, _ = run(capsys, "show", run_dir)
+    assert code == 0 and "(step 20)" in out and "params.w" in out and "float32[64,64]" in out
+    _, doc, _ = run_json(capsys, "show", run_dir, "--step", "0", "--item", "state")
+    assert doc["step"] == 0 and [i["name"] for i in doc["items"]] == ["state"]
+
+
+def test_show_item_folder(capsys, run_dir):
+    _, doc, _ = run_json(capsys, "show", run_dir / "20" / "state")
+    assert {r["key"] for r in doc["items"][0]["leaves"]} == {
+        "params.w", "params.b", "opt.0", "opt.1", "step"}
+
+
+def test_orbax_checkpoint_show_verify_export(capsys, orbax_ckpt, tmp_path):
+    code, doc, _ = run_json(capsys, "show", orbax_ckpt)
+    assert code == 0
+    leaves = {r["key"]: r for r in doc["items"][0]["leaves"]}
+    assert leaves["a"]["shape"] == [2, 3] and leaves["b.d.0"]["dtype"] == "bfloat16"
+    code, doc, _ = run_json(capsys, "verify", orbax_ckpt)
+    assert code == 0 and doc["ok"] and doc["checkpoints"][0]["arrays_checked"] == 3
+    assert run(capsys, "export", orbax_ckpt, "--to", tmp_path / "o.safetensors")[0] == 0
+    assert run(capsys, "import", tmp_path / "o.safetensors", "--to", tmp_path / "back")[0] == 0
+    code, out, _ = run(capsys, "diff", orbax_ckpt, tmp_path / "back", "--values")
+    assert code == 0, out
+
+
+# -- verify ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["library", "fallback"])
+def verify_impl(request, monkeypatch):
+    if request.param == "fallback":
+        monkeypatch.delattr(ckpt_async, "verify", raising=False)
+    elif getattr(ckpt_async, "verify", None) is None:
+        pytest.skip("ckpt_async.verify is not there yet")
+    return request.param
+
+
+def test_verify_all_steps_ok(capsys, run_dir, verify_impl):
+    code, doc, _ = run_json(capsys, "verify", run_dir)
+    assert code == 0 and doc["ok"]
+    assert [c["step"] for c in doc["checkpoints"]] == [0, 10, 20]
+    assert all(c["arrays_checked"] == 4 for c in doc["checkpoints"])
+    assert all(c["bytes_checked"] >= 64 * 64 * 4 for c in doc["checkpoints"])
+
+
+def test_verify_progress_plain_lines_when_not_a_tty(capsys, run_dir, verify_impl):
+    code, out, _ = run(capsys, "verify", run_dir / "20")
+    assert code == 0
+    assert "verifying" in out and "%" in out and "\r" not in out
+    assert out.strip().splitlines()[-1].startswith("OK")
+
+
+def _corrupt_data(step: Path) -> None:
+    files = [p for p in (step / "state" / "d").iterdir() if p.is_file()]
+    assert files, "the fixture's arrays should have data files"
+    for p in files:
+        data = p.read_bytes()
+        p.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "metadata"])
+def test_verify_fails_on_corruption(capsys, run_dir, tmp_path, verify_impl, damage):
+    step = copy_step(run_dir, tmp_path)
+    if damage == "truncate":
+        _corrupt_data(step)
+    elif damage == "delete":
+        for p in (step / "state" / "d").iterdir():
+            p.unlink()
+    else:
+        (step / "state" / "_METADATA").write_bytes(b'{"tree_metadata": {"garbled')
+    code, out, err = run(capsys, "verify", step)
+    assert code == 1, out
+    assert "FAIL" in out and "problem:" in out
+    assert "failed" in err and "Traceback" not in err
+
+
+def test_verify_missing_path(capsys, tmp_path):
+    code, _, err = run(capsys, "verify", tmp_path / "nope")
+    assert code == 1 and "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+# -- diff --------------------------------------------------------------------------------------
+
+
+def test_diff_structure_and_values(capsys, run_dir, tmp_path):
+    code, doc, _ = run_json(capsys, "diff", run_dir / "0", run_dir / "10")
+    assert code == 1  # the JSON item differs
+    assert doc["added"] == [] and doc["removed"] == []
+    assert [c["key"] for c in doc["changed"]] == ["extra"]
+    code, doc, _ = run_json(capsys, "diff", run_dir / "0", run_dir / "10", "--values")
+    by_key = {v["key"]: v for v in doc["values"]}
+    assert set(by_key) == {"state/params.w", "state/step"}
+    assert by_key["state/params.w"]["differing"] == 64 * 64
+    assert by_key["state/params.w"]["max_abs_diff"] == pytest.approx(10.0)
+    assert by_key["state/step"]["max_abs_diff"] == 10
+
+    other = tmp_path / "other"
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(other, args=ocp.args.StandardSave({
+        "params": {"w": np.zeros((64, 32), np.float32), "b": np.zeros(6, np.float32)},
+        "new": np.ones(2), "step": 0, "opt": [np.arange(3, dtype=np.uint16), ()]}))
+    ckptr.wait_until_finished()
+    ckptr.close()
+    code, doc, _ = run_json(capsys, "diff", run_dir / "0" / "state", other)
+    assert code == 1
+    assert doc["added"] == ["new"] and doc["removed"] == []
+    changed = {c["key"]: (c["a"], c["b"]) for c in doc["changed"]}
+    assert changed == {"params.w": ("float32[64,64]", "float32[64,32]"),
+                       "params.b": ("bfloat16[6]", "float32[6]")}
+
+
+def test_diff_identical(capsys, run_dir):
+    code, out, _ = run(capsys, "diff", run_dir / "10", run_dir / "10", "--values")
+    assert code == 0 and "identical" in out
+
+
+def test_compare_arrays_nan_and_ints():
+    a = np.array([1.0, np.nan, 3.0], ml_dtypes.bfloat16)
+    b = np.array([1.0, np.nan, 5.0], ml_dtypes.bfloat16)
+    assert cli.compare_arrays(a, b) == (1, 2.0)
+    assert cli.compare_arrays(np.array([2**63 - 1], np.int64), np.array([0], np.int64)) == (
+        1, float(2**63 - 1))
+
+
+# -- gc ----------------------------------------------------------------------------------------
+
+
+def test_gc_removes_exactly_the_leftovers(capsys, run_dir, tmp_path):
+    work = tmp_path / "run"
+    shutil.copytree(run_dir, work)
+    before = sorted(os.listdir(work))
+    code, out, _ = run(capsys, "gc", work, "--dry-run")
+    assert code == 0 and "would remove 30.orbax-checkpoint-tmp-1234" in out
+    assert sorted(os.listdir(work)) == before
+    code, doc, _ = run_json(capsys, "gc", work)
+    assert code == 0
+    assert sorted(doc["removed"]) == ["30.orbax-checkpoint-tmp-1234",
+                                      "5.orbax-checkpoint-todelete-99"]
+    assert sorted(os.listdir(work)) == ["0", "10", "20"]
+    assert run(capsys, "verify", work, "-q")[0] == 0
+    code, out, _ = run(capsys, "gc", work)
+    assert code == 0 and "no leftovers" in out
+
+
+def test_gc_older_than_keeps_fresh_leftovers(capsys, run_dir, tmp_path):
+    work = tmp_path / "run"
+    shutil.copytree(run_dir, work)
+    _, doc, _ = run_json(capsys, "gc", work, "--older-than", "3600")
+    assert doc["removed"] == [] and len(os.listdir(work)) == 5
+
+
+# -- export / import ---------------------------------------------------------------------------
+
+
+def assert_same_tree(a, b, path=()):
+    """Same containers (types, key order and key types), same leaf types, same bits."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), path
+        assert [type(k) for k in a] == [type(k) for k in b], path
+        for k in a:
+            assert_same_tree(a[k], b[k], (*path, k))
+    elif isinstance(a, (list, tuple)):
+        assert type(a).__name__ == type(b).__name__ and len(a) == len(b), path
+        assert getattr(a, "_fields", None) == getattr(b, "_fields", None), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, (*path, i))
+    else:
+        assert type(a) is type(b), (path, type(a), type(b))
+        if isinstance(a, (str, type(None))):
+            assert a == b, path
+            return
+        x, y = np.asarray(a), np.asarray(b)
+        assert (x.dtype, x.shape) == (y.dtype, y.shape), path
+        assert x.tobytes() == y.tobytes(), path
+
+
+def test_export_import_round_trip_bit_exact(capsys, tmp_path, mesh):
+    f32 = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    f32[0, :4] = [np.nan, np.inf, -np.inf, -0.0]
+    tree = {
+        "params": {"w": jax.device_put(f32, NamedSharding(mesh, PartitionSpec("x"))),
+                   "b": jnp.asarray(np.arange(6).astype(ml_dtypes.bfloat16))},
+        3: (np.arange(4, dtype=np.float64), [np.int8(-3), 2.5, True, 7]),
+        "pair": Pair(np.zeros((0, 2), np.int32), np.complex128(1 + 2j)),
+        "none": None, "empty": {}, "emptyt": (), "name": "model-1",
+        "f8": np.arange(4).astype(ml_dtypes.float8_e4m3fn),
+    }
+    src = tmp_path / "src"
+    ckptr = ocp.PyTreeCheckpointer()
+    ckptr.save(src, args=ocp.args.PyTreeSave(tree))
+    ckptr.close()
+    code, out, _ = run(capsys, "export", src, "--to", tmp_path / "m.safetensors")
+    assert code == 0 and "wrote" in out
+    code, _, _ = run(capsys, "import", tmp_path / "m.safetensors", "--to", tmp_path / "back")
+    assert code == 0
+    original = ocp.PyTreeCheckpointer().restore(src)
+    back = ocp.PyTreeCheckpointer().restore(tmp_path / "back")
+    assert_same_tree(back, original)
+    assert list(back) == list(original) and isinstance(back[3], tuple)
+    assert type(back["pair"]).__name__ == "Pair" and isinstance(back["params"]["w"], jax.Array)
+    assert run(capsys, "diff", src, tmp_path / "back", "--values")[0] == 0
+
+    # the file is a plain safetensors file for other readers
+    safetensors = pytest.importorskip("safetensors")
+    data = (tmp_path / "m.safetensors").read_bytes()
+    got = {name: (v["dtype"], list(v["shape"])) for name, v in safetensors.deserialize(data)}
+    assert got["params.w"] == ("F32", [8, 4]) and got["params.b"] == ("BF16", [6])
+    assert got["3.1.1"] == ("F64", []) and got["3.1.3"] == ("I64", [])
+    assert got["f8"] == ("F8_E4M3", [4])
+    with safetensors.safe_open(tmp_path / "m.safetensors", framework="np") as f:
+        assert f.metadata()["format"] == "pt" and "ckpt_async" in f.metadata()
+        np.testing.assert_array_equal(f.get_tensor("3.0"), np.arange(4, dtype=np.float64))
+
+
+def test_export_needs_item_for_several_pytrees(capsys, tmp_path, run_dir):
+    step = tmp_path / "two"
+    with ocp.CheckpointManager(tmp_path / "m") as mngr:
+        mngr.save(1, args=ocp.args.Composite(a=ocp.args.StandardSave({"x": np.ones(2)}),
+                                             b=ocp.args.StandardSave({"y": np.ones(2)})))
+        mngr.wait_until_finished()
+    step = tmp_path / "m" / "1"
+    code, _, err = run(capsys, "export", step, "--to", tmp_path / "x.safetensors")
+    assert code == 1 and "--item" in err
+    code, _, _ = run(capsys, "export", step, "--item", "b", "--to", tmp_path / "x.safetensors")
+    assert code == 0
+    # a manager dir with one pytree item per step: the latest step's state
+    code, out, _ = run(capsys, "export", run_dir, "--to", tmp_path / "s.safetensors")
+    assert code == 0 and str(run_dir / "20" / "state") in out
+    code, _, err = run(capsys, "export", run_dir, "--to", tmp_path / "s.safetensors")
+    assert code == 1 and "--force" in err
+
+
+def test_import_plain_safetensors_nests_names(capsys, tmp_path):
+    st_numpy = pytest.importorskip("safetensors.numpy")
+    st_numpy.save_file({"model.layer.0.weight": np.ones((2, 2), np.float32),
+                        "model.layer.0.bias": np.arange(2, dtype=np.int64)},
+                       str(tmp_path / "hf.safetensors"))
+    code, _, _ = run(capsys, "import", tmp_path / "hf.safetensors", "--to", tmp_path / "c")
+    assert code == 0
+    tree = ocp.PyTreeCheckpointer().restore(tmp_path / "c")
+    np.testing.assert_array_equal(tree["model"]["layer"]["0"]["bias"], [0, 1])
+    code, _, _ = run(capsys, "import", tmp_path / "hf.safetensors", "--to", tmp_path / "f",
+                     "--flat")
+    assert code == 0
+    assert set(ocp.PyTreeCheckpointer().restore(tmp_path / "f")) == {
+        "model.layer.0.weight", "model.layer.0.bias"}
+
+
+def test_import_rejects_a_non_safetensors_file(capsys, tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 64)
+    code, _, err = run(capsys, "import", tmp_path / "bad.safetensors", "--to", tmp_path / "c")
+    assert code == 1 and "not a safetensors file" in err
+
+
+# -- errors and entry points -------------------------------------------------------------------
+
+
+def test_usage_errors_exit_2(capsys):
+    assert run(capsys, "frobnicate")[0] == 2
+    assert run(capsys)[0] == 2
+    code, _, err = run(capsys, "export", "x")  # --to is required
+    assert code == 2 and "--to" in err
+
+
+def test_failures_exit_1_one_line_and_debug_raises(capsys, tmp_path):
+    code, _, err = run(capsys, "show", tmp_path / "missing")
+    assert code == 1 and err.strip().count("\n") == 0 and "Traceback" not in err
+    with pytest.raises(cli.CLIError):
+        cli.main(["show", str(tmp_path / "missing"), "--debug"])
+
+
+@pytest.mark.slow
+def test_python_dash_m(run_dir):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "ckpt_async", "ls", "--json", str(run_dir)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert [s["step"] for s in json.loads(proc.stdout)["steps"]] == [0, 10, 20]
