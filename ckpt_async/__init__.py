@@ -17,6 +17,7 @@ from . import (
 )
 from ._checkpointer import AsyncOptions
 from ._integrity import VerifyReport, verify
+from ._progress import ProgressEvent, progress
 from ._runtime import CommitFuture
 from .checkpointers import AsyncCheckpointer, Checkpointer, PyTreeCheckpointer, StandardCheckpointer
 from .errors import CheckpointError
@@ -47,6 +48,7 @@ __all__ = [
     "CommitFuture",
     "CompositeCheckpointHandler",
     "JsonCheckpointHandler",
+    "ProgressEvent",
     "PyTreeCheckpointHandler",
     "PyTreeCheckpointer",
     "RestoreArgs",
@@ -60,6 +62,7 @@ __all__ = [
     "errors",
     "handlers",
     "metadata",
+    "progress",
     "test_utils",
     "tree",
     "type_handlers",

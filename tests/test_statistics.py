@@ -28,3 +28,23 @@ def test_save_statistics_recorded_and_logged(tmp_path, caplog):
     assert set(doc["performance_metrics"]) == {"checkpointer_blocking_duration_secs",
                                                "wait_for_prev_duration_secs"}
     assert doc["ckpt_async_statistics"]["bytes"] == perf["bytes"]
+
+
+def test_progress_reports_bytes_written_and_read(tmp_path):
+    state = {f"a{i}": np.full((1 << 16,), i, np.float32) for i in range(40)}  # 10 MiB
+    total = sum(a.nbytes for a in state.values())
+    events: list[ocp.ProgressEvent] = []
+    with ocp.progress(events.append), ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(1, args=ocp.args.StandardSave(state))
+        mngr.wait_until_finished()
+        mngr.restore(1)
+    saves = [e for e in events if e.kind == "save"]
+    restores = [e for e in events if e.kind == "restore"]
+    assert len(saves) >= 2  # batches, not one event at the end
+    assert [e.done_bytes for e in saves] == sorted(e.done_bytes for e in saves)
+    assert saves[-1].done_bytes == saves[-1].total_bytes == total
+    assert len(restores) == 40 and restores[-1].done_bytes == total
+    events.clear()
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.restore(1)
+    assert events == []  # the listener is gone after the block

@@ -22,7 +22,7 @@ from .. import _format as fmt
 from .. import _integrity, _tree
 from .. import _serialize as ser
 from .. import _storage as storage
-from .._runtime import get_runtime
+from .._progress import Tracker
 from .._stage import ByteBudget, stage
 from ..args import (
     PyTreeRestore,
@@ -146,10 +146,16 @@ class PyTreeCheckpointHandler(CheckpointHandler):
         to_stage = [(p.leaf.value, p.leaf.name, p.dtype) for p in planned
                     if p.value_type in ("jax.Array", "np.ndarray", "scalar")]
         writer = ser.ItemWriter(directory, compress=self._compress)
-        tasks = await stage(to_stage, ByteBudget(self._budget), writer.write)
-        docs = self._documents(planned, skeleton, args.custom_metadata)
         nbytes = sum(math.prod(np.shape(v)) * np.dtype(d or v.dtype).itemsize
                      for v, _, d in to_stage)
+        tracker = Tracker("save", directory, nbytes)
+
+        async def write_batch(batch: list[ser.StoredArray]) -> None:
+            await writer.write(batch)
+            tracker.add(sum(a.nbytes for a in batch))
+
+        tasks = await stage(to_stage, ByteBudget(self._budget), write_batch)
+        docs = self._documents(planned, skeleton, args.custom_metadata)
 
         async def write() -> None:
             try:
@@ -267,6 +273,7 @@ class _Reader:
                  strings: dict[str, Any], sums: _integrity.Checksums | None = None) -> None:
         self.dir = directory
         self.sums = sums
+        self.tracker = Tracker("restore", directory, None)
         self.doc = doc
         self.shardings = shardings
         self.strings = strings
@@ -284,6 +291,7 @@ class _Reader:
         arr = await ser.read_array(self.ctx, self.dir, name, use_ocdbt=self.doc.use_ocdbt,
                                    use_zarr3=self.doc.use_zarr3)
         await _integrity.check_array(self.dir, name, arr, self.sums)
+        self.tracker.add(arr.nbytes)
         return arr
 
     def _empty(self, value_type: str, name: str) -> Any:
@@ -418,4 +426,4 @@ register_with_handler(PyTreeCheckpointHandler, for_restore=True)(PyTreeRestore)
 register_with_handler(StandardCheckpointHandler, for_save=True)(StandardSave)
 register_with_handler(StandardCheckpointHandler, for_restore=True)(StandardRestore)
 
-__all__ = ["PyTreeCheckpointHandler", "StandardCheckpointHandler", "get_runtime"]
+__all__ = ["PyTreeCheckpointHandler", "StandardCheckpointHandler"]
