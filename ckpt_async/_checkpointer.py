@@ -152,8 +152,8 @@ class AsyncCheckpointer:
         meta.item_handlers = self._item_handlers()
         if custom_metadata is not None:
             meta.custom_metadata = custom_metadata
-        item_dirs = [tmp / n for n in (args.keys() if isinstance(args, Composite) else ())
-                     if args[n] is not None]
+        item_dirs = ([tmp / n for n, a in args.items() if a is not None]
+                     if isinstance(args, Composite) else [])
         stats = {"bytes": writer.nbytes, "arrays": writer.arrays,
                  "blocking_secs": time.perf_counter() - t0, "started": t0}
         fut = get_runtime().spawn(

@@ -14,6 +14,7 @@ import functools
 import itertools
 import json
 import zlib
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,7 +190,8 @@ class ItemWriter:
         for arr in batch:
             self.chunks[arr.name] = arr.chunks
         direct = [(arr, z) for arr in batch if (z := self._direct(arr)) is not None]
-        others = [self._write_large(arr) for arr in batch if self._direct(arr) is None]
+        others: list[Awaitable[Any]] = [
+            self._write_large(arr) for arr in batch if self._direct(arr) is None]
         if direct:
             txn = ts.Transaction()
             kv = (await self._kvstore()).with_transaction(txn)
@@ -238,7 +240,8 @@ async def read_array(
 
 def crc32_of(arr: np.ndarray) -> int:
     """crc32 of an array's bytes in C order (as its zarr chunk holds them)."""
-    return zlib.crc32(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+    flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+    return zlib.crc32(flat.data)
 
 
 def chunk_checksums(arr: np.ndarray, chunks: tuple[int, ...]) -> dict[str, int]:
@@ -265,7 +268,7 @@ async def read_shape_dtype(
         store = await ts.open(spec, open=True, read=True, context=ctx)
     except ValueError as exc:
         raise CorruptCheckpointError(f"{item_dir}: array {name!r} cannot be opened ({exc})") from exc
-    chunks = tuple(store.chunk_layout.read_chunk.shape or store.shape)
+    chunks = tuple(int(c or 0) for c in (store.chunk_layout.read_chunk.shape or store.shape))
     return tuple(store.shape), np.dtype(store.dtype.numpy_dtype), chunks
 
 

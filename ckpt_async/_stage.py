@@ -94,7 +94,7 @@ BATCH_MAX_ARRAYS = 512
 def _host_resident(value: Any) -> bool:
     """Whether a leaf's bytes are already in host memory (NumPy, scalars, CPU jax arrays)."""
     if isinstance(value, jax.Array):
-        return all(d.platform == "cpu" for d in value.sharding.device_set)
+        return all(d.platform == "cpu" for d in value.sharding.device_set)  # type: ignore[attr-defined]
     return True
 
 

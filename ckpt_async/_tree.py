@@ -104,8 +104,9 @@ def flatten(tree: Any) -> tuple[list[Leaf], Any]:
             pairs, _ = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
             items = []
             for path, v in pairs:
-                k, kt = _key_of(path[0])
-                items.append([k, "i" if isinstance(k, int) else "s", walk(v, (*keys, k), (*kts, kt))])
+                k, key_type = _key_of(path[0])
+                items.append([k, "i" if isinstance(k, int) else "s",
+                              walk(v, (*keys, k), (*kts, key_type))])
             return ["D", items]
         leaves.append(Leaf(keys, kts, x))
         return ["L", len(leaves) - 1]

@@ -578,7 +578,7 @@ def fallback_verify(path: Any, progress: Callable[[int, int], None] | None = Non
     return report
 
 
-def _tidy(problem: str) -> str:
+def _tidy(problem: object) -> str:
     """A problem without TensorStore's spec dump."""
     return re.sub(r"\s*\[tensorstore_spec='.*?'\]", "", str(problem), flags=re.S)
 
@@ -659,8 +659,8 @@ def cmd_verify(a: argparse.Namespace, out: Any) -> int:
             status = "FAIL" if problems else "OK"
             print(f"{status}  {label}: {report.arrays_checked} arrays, "
                   f"{human_bytes(report.bytes_checked)} checked", file=out)
-            for p in problems:
-                print(f"  problem: {p}", file=out)
+            for problem in problems:
+                print(f"  problem: {problem}", file=out)
             for s in getattr(report, "skipped", []):
                 print(f"  skipped: {s}", file=out)
     if a.json:
@@ -953,7 +953,7 @@ def _leaf_spec(value: Any) -> tuple[dict[str, Any], np.ndarray | None]:
     if isinstance(value, np.generic):
         return {"kind": "scalar", "type": f"np:{value.dtype.name}"}, np.asarray(value)
     if type(value) in (bool, int, float, complex):
-        arr = np.asarray(value, dtype={bool: np.bool_, int: np.int64, float: np.float64,
+        arr: np.ndarray = np.asarray(value, dtype={bool: np.bool_, int: np.int64, float: np.float64,
                                        complex: np.complex128}[type(value)])
         return {"kind": "scalar", "type": type(value).__name__}, arr
     raise CLIError(f"cannot export a leaf of type {type(value).__name__}")
@@ -1046,7 +1046,8 @@ def _rebuild(tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> Any:
         if kind == "none":
             return None
         if kind == "empty":
-            return _tree.EMPTY_TYPES.get(empties.get(i, "Dict"), dict)()
+            empty: Any = _tree.EMPTY_TYPES.get(empties.get(i, "Dict"), dict)
+            return empty()
         if kind == "string":
             return spec["value"]
         name = spec["name"]
@@ -1113,9 +1114,9 @@ def build_parser() -> argparse.ArgumentParser:
     real_add = sub.add_parser
 
     def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
-        return real_add(name, parents=[common], **kw)
+        return real_add(name, parents=[common], **kw)  # type: ignore[list-item]
 
-    sub.add_parser = add_parser  # type: ignore[method-assign]
+    sub.add_parser = add_parser  # type: ignore[method-assign,assignment]
     sub.required = True
 
     def step_opts(sp: argparse.ArgumentParser, step: bool = True) -> None:
@@ -1185,7 +1186,7 @@ def _x64() -> Iterator[None]:
     """64-bit arrays stay 64-bit while the CLI reads and writes them."""
     import jax
 
-    prev = jax.config.jax_enable_x64
+    prev = jax.config.jax_enable_x64  # type: ignore[attr-defined]
     jax.config.update("jax_enable_x64", True)
     try:
         yield

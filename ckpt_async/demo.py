@@ -57,9 +57,13 @@ def train_step(state: dict[str, Any]) -> tuple[dict[str, Any], jax.Array]:
     return {"params": params, "mu": mu, "nu": nu, "step": t, "rng": rng}, loss
 
 
+def _announce(step: int) -> Any:
+    return lambda _fut: print(f"  step {step:4d} durable")
+
+
 def assert_same(a: Any, b: Any) -> int:
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert jax.tree.structure(a) == jax.tree.structure(b), "tree structure differs"
+    assert str(jax.tree.structure(a)) == str(jax.tree.structure(b)), "tree structure differs"
     for x, y in zip(leaves_a, leaves_b, strict=True):
         x, y = np.asarray(x), np.asarray(y)
         assert x.dtype == y.dtype and x.shape == y.shape, (x.dtype, y.dtype, x.shape, y.shape)
@@ -97,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                     info=ocp.args.JsonSave({"step": step, "loss": float(loss)})))
                 blocked.append(time.perf_counter() - t0)
                 saved[step] = jax.tree.map(np.asarray, state)
-                mngr.commit_future(step).add_done_callback(
-                    lambda f, s=step: print(f"  step {s:4d} durable"))
+                mngr.commit_future(step).add_done_callback(_announce(step))
                 print(f"step {step:4d}  loss {float(loss):.5f}  save() blocked "
                       f"{blocked[-1] * 1e3:7.2f} ms")
         mngr.wait_until_finished()

@@ -229,6 +229,7 @@ class PyTreeCheckpointHandler(CheckpointHandler):
             return data
 
         raw = await read(fmt.PYTREE_METADATA, True)
+        assert raw is not None  # required=True raised otherwise
         tree_doc = fmt.decode(raw, fmt.TreeMetadata, where=str(directory / fmt.PYTREE_METADATA))
         shardings: dict[str, str] = {}
         if (raw := await read(fmt.SHARDING, False)) is not None:
@@ -297,7 +298,8 @@ class _Reader:
     def _empty(self, value_type: str, name: str) -> Any:
         if value_type == "List" and self.scalars.get(name) == "tuple":
             return ()
-        return _tree.EMPTY_TYPES[value_type]() if value_type != "None" else None
+        empty: Any = _tree.EMPTY_TYPES[value_type]
+        return empty() if value_type != "None" else None
 
     def _scalar(self, name: str, arr: np.ndarray) -> Any:
         tag = self.scalars.get(name)

@@ -48,7 +48,8 @@ class DefaultCheckpointHandlerRegistry:
             cls = handler_class_for(args) if args is not None else None
             if cls is None:
                 raise HandlerError(f"no handler is known for args type {args!r}; pass one")
-            handler = self._handlers.get(item) if isinstance(self._handlers.get(item), cls) else cls()
+            current = self._handlers.get(item)  # type: ignore[arg-type]
+            handler = current if isinstance(current, cls) else cls()
         elif isinstance(handler, type):
             handler = handler()
         current = self._handlers.get(item)  # type: ignore[arg-type]
