@@ -30,6 +30,7 @@ from .errors import (
     CommitTimeoutError,
     HandlerError,
     InvalidArgumentError,
+    NotWritableError,
     StepAlreadyExistsError,
 )
 from .handlers.base import CheckpointHandler
@@ -53,6 +54,19 @@ def as_path(directory: Any) -> Path:
     if isinstance(directory, str) and "://" in directory:
         raise InvalidArgumentError(f"{directory}: object stores are not supported by this backend")
     return Path(os.fspath(directory)).absolute()
+
+
+def check_writable(path: Path) -> None:
+    """Raises before anything is written when ``path`` cannot become a checkpoint directory."""
+    if path.exists() and not path.is_dir():
+        raise InvalidArgumentError(f"{path} exists and is not a directory")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InvalidArgumentError(f"cannot save to {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise NotWritableError(f"cannot save to {path}: {parent} is not writable")
 
 
 def make_args(handler: CheckpointHandler, kind: str, item: Any, kwargs: dict) -> CheckpointArgs:
@@ -123,6 +137,7 @@ class AsyncCheckpointer:
             args = make_args(self.handler, "save", args if args is not None else
                              (items[0] if items else None), legacy)
         self._check_args(args, path)
+        await get_runtime().to_thread(check_writable, path)
         if await storage.exists(path) and not force:
             raise StepAlreadyExistsError(f"{path} already exists; pass force=True to overwrite it")
         return await self.save_staged(path, args, force=force, custom_metadata=custom_metadata)

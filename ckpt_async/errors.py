@@ -42,6 +42,10 @@ class ReadOnlyError(CheckpointError, PermissionError):
     """Raised when a write is attempted through a read-only manager."""
 
 
+class NotWritableError(CheckpointError, PermissionError):
+    """Raised when the checkpoint's directory cannot be written (permissions, read-only FS)."""
+
+
 # --- restore ----------------------------------------------------------------------------------
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """Raised when a checkpoint path, item or key does not exist."""
@@ -82,6 +86,7 @@ __all__ = [
     "CorruptCheckpointError",
     "HandlerError",
     "InvalidArgumentError",
+    "NotWritableError",
     "ReadOnlyError",
     "RuntimeUsageError",
     "ShapeMismatchError",

@@ -131,6 +131,7 @@ EXPECTED_BUILTINS: dict[str, set[type[BaseException]]] = {
     "HandlerError": {ValueError},
     "StepAlreadyExistsError": {FileExistsError, OSError},
     "ReadOnlyError": {PermissionError, OSError},
+    "NotWritableError": {PermissionError, OSError},
     "CheckpointNotFoundError": {FileNotFoundError, OSError},
     "StepNotFoundError": {FileNotFoundError, OSError},
     "CorruptCheckpointError": set(),

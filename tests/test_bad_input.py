@@ -1,0 +1,106 @@
+"""Careless input gets a named exception before anything is written; odd values round-trip."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ckpt_async as ocp
+from ckpt_async.errors import (
+    HandlerError,
+    InvalidArgumentError,
+    NotWritableError,
+    StepNotFoundError,
+    UnsupportedLeafError,
+)
+
+
+def _round_trip(path, tree):
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(path, tree)
+        return ckptr.restore(path)
+
+
+def test_odd_keys_and_values_round_trip_exactly(tmp_path):
+    special = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 5e-324], np.float64)
+    tree = {".": np.ones(2), "a/b": np.arange(3), "ünï€": np.float32(1.5), "x.y": {"z": 1},
+            "nan": special, "j": jnp.array([jnp.nan, -0.0], jnp.float32),
+            "empty": np.zeros((0, 4), np.int16), "scalar0d": np.array(7, np.uint8)}
+    out = _round_trip(tmp_path / "c", tree)
+    assert set(out) == set(tree)
+    assert out["nan"].tobytes() == special.tobytes()  # NaN payload and -0.0 sign kept
+    assert np.asarray(out["j"]).tobytes() == np.asarray(tree["j"]).tobytes()
+    assert out["empty"].shape == (0, 4) and out["empty"].dtype == np.int16
+    assert out["scalar0d"].shape == () and out["scalar0d"] == 7
+    assert type(out["ünï€"]) is np.float32 and out["x.y"] == {"z": 1}
+
+
+def test_deep_and_wide_trees_round_trip(tmp_path):
+    deep: dict = {"leaf": np.arange(2)}
+    for i in range(100):
+        deep = {f"k{i}": deep}
+    wide = {f"w{i}": np.full((2,), i, np.int32) for i in range(10_000)}
+    out = _round_trip(tmp_path / "deep", deep)
+    for i in reversed(range(100)):
+        out = out[f"k{i}"]
+    np.testing.assert_array_equal(out["leaf"], np.arange(2))
+    out = _round_trip(tmp_path / "wide", wide)
+    assert len(out) == 10_000 and all(out[f"w{i}"][0] == i for i in (0, 4321, 9999))
+
+
+@pytest.mark.parametrize("leaf", [object(), lambda x: x, np.array([object()]),
+                                  np.array(["a", "b"])])
+def test_unsupported_leaves_write_nothing(tmp_path, leaf):
+    with ocp.PyTreeCheckpointer() as ckptr, pytest.raises(UnsupportedLeafError):
+        ckptr.save(tmp_path / "c", {"ok": np.ones(2), "bad": leaf})
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_paths(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with ocp.StandardCheckpointer() as ckptr:
+        with pytest.raises(InvalidArgumentError, match="not a directory"):
+            ckptr.save(tmp_path / "file", {"a": np.ones(2)})
+        with pytest.raises(InvalidArgumentError, match="is a file"):
+            ckptr.save(tmp_path / "file" / "sub", {"a": np.ones(2)})
+    with pytest.raises(InvalidArgumentError, match="not a directory"):
+        ocp.CheckpointManager(tmp_path / "file")
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_unwritable_directory(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        with ocp.StandardCheckpointer() as ckptr, pytest.raises(NotWritableError):
+            ckptr.save(ro / "c", {"a": np.ones(2)})
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_manager_bad_steps_and_args_leave_earlier_steps(tmp_path):
+    state = {"a": np.arange(4)}
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(1, args=ocp.args.StandardSave(state))
+        mngr.wait_until_finished()
+        for step in (-1, 1.5, "2", True):
+            with pytest.raises(InvalidArgumentError):
+                mngr.save(step, args=ocp.args.StandardSave(state))
+        with pytest.raises(InvalidArgumentError):
+            mngr.save(2, args={"a": 1})  # not CheckpointArgs
+        with pytest.raises(HandlerError):
+            mngr.save(2, args=ocp.args.JsonSave({"a": 1}))  # item locked to StandardSave
+        with pytest.raises(UnsupportedLeafError):
+            mngr.save(2, args=ocp.args.StandardSave({"a": object()}))
+        with pytest.raises(StepNotFoundError):
+            mngr.restore(7)
+        assert mngr.all_steps() == [1]
+        np.testing.assert_array_equal(mngr.restore(1)["a"], state["a"])
+    assert sorted(os.listdir(tmp_path)) == ["1"]
