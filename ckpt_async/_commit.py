@@ -59,19 +59,35 @@ async def commit(
         await storage.write_bytes(d / fmt.COMMIT_SUCCESS, _marker(d), durable=False)
     await storage.write_bytes(tmp / fmt.COMMIT_SUCCESS, _marker(tmp), durable=False)
     await storage.fsync_tree(tmp)
-    old: Path | None = None
-    if replace and await storage.exists(final):
-        # Move the old checkpoint aside first, so the final name always holds a whole one.
-        old = final.parent / f"{final.name}.orbax-checkpoint-todelete-{time.time_ns()}"
-        await storage.rename_durable(final, old)
     try:
+        if replace and await storage.exists(final):
+            await _replace(tmp, final)
+            return
         await storage.rename_durable(tmp, final)
     except FileExistsError as exc:
-        raise StepAlreadyExistsError(f"{final} was created by another writer during the save") from exc
+        raise StepAlreadyExistsError(
+            f"{final} already exists: another writer committed it during this save; "
+            "this save was discarded") from exc
     except OSError as exc:
         raise CommitError(f"cannot rename {tmp} to {final}: {exc.strerror or exc}") from exc
-    if old is not None:
-        await storage.rmtree(old)
+
+
+async def _replace(tmp: Path, final: Path) -> None:
+    """Puts ``tmp`` at ``final`` (which holds an older checkpoint) so that the final name holds
+    a whole checkpoint at every moment: one atomic exchange where the kernel offers it, else
+    move the old one aside, rename, and move it back when the rename fails."""
+    if await storage.exchange_durable(tmp, final):
+        await storage.rmtree(tmp)  # now holds the old checkpoint under a leftover name
+        return
+    old = final.parent / f"{final.name}.orbax-checkpoint-todelete-{time.time_ns()}"
+    await storage.rename_durable(final, old)
+    try:
+        await storage.rename_durable(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            await storage.rename_durable(old, final)
+        raise
+    await storage.rmtree(old)
 
 
 async def abort(tmp: Path) -> None:

@@ -8,10 +8,14 @@ path, with ``__cause__`` kept.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import os
 import shutil
+import sys
 from pathlib import Path
+from typing import Any
 
 import aiofiles
 import aiofiles.os
@@ -101,14 +105,80 @@ async def fsync_dir(path: Path) -> None:
     await get_runtime().to_thread(_fsync_path, str(path), True)
 
 
+# -- create-once rename ------------------------------------------------------------------------
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+_renameat2_fn: Any = None  # ctypes function, False when the platform has none
+
+
+def _renameat2_or_none() -> Any:
+    global _renameat2_fn
+    if _renameat2_fn is None:
+        _renameat2_fn = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+                fn = libc.renameat2
+                fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                               ctypes.c_uint]
+                fn.restype = ctypes.c_int
+                _renameat2_fn = fn
+            except (OSError, AttributeError):  # old glibc or no libc: fall back
+                pass
+    return _renameat2_fn or None
+
+
+def renameat2(src: str, dst: str, flags: int) -> bool:
+    """``renameat2(AT_FDCWD, src, AT_FDCWD, dst, flags)``; False when the kernel, libc or file
+    system does not support it (the caller falls back), OSError for any other failure."""
+    fn = _renameat2_or_none()
+    if fn is None:
+        return False
+    if fn(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), src, None, dst)
+
+
+def rename_noreplace_sync(src: Path, dst: Path) -> None:
+    """Renames ``src`` to ``dst``; FileExistsError when ``dst`` exists, decided atomically by
+    the kernel (``RENAME_NOREPLACE``) where it can, else by a check just before the rename."""
+    if renameat2(str(src), str(dst), RENAME_NOREPLACE):
+        return
+    # Fallback: check, then rename. rename(2) replaces an empty directory silently, so refuse
+    # one that exists; a non-empty one makes rename fail with ENOTEMPTY/EEXIST.
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, "destination exists", str(dst))
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(errno.EEXIST, "destination exists", str(dst)) from exc
+        raise
+
+
 async def rename_durable(src: Path, dst: Path) -> None:
-    """Renames ``src`` to ``dst`` (which must not exist) and fsyncs the parent directory."""
+    """Renames ``src`` to ``dst`` (which must not exist: FileExistsError, create-once) and
+    fsyncs the parent directory, so the rename survives a power loss."""
 
     def _rename() -> None:
-        # os.rename replaces an empty directory silently on POSIX; refuse instead.
-        if os.path.lexists(dst):
-            raise FileExistsError(errno.EEXIST, "destination exists", str(dst))
-        os.rename(src, dst)
+        rename_noreplace_sync(src, dst)
         _fsync_path(str(dst.parent), directory=True)
 
     await get_runtime().to_thread(_rename)
+
+
+async def exchange_durable(src: Path, dst: Path) -> bool:
+    """Atomically swaps ``src`` and ``dst`` (both exist) and fsyncs the parent; False when the
+    platform cannot (the caller then moves ``dst`` aside and renames)."""
+
+    def _exchange() -> bool:
+        if not renameat2(str(src), str(dst), RENAME_EXCHANGE):
+            return False
+        _fsync_path(str(dst.parent), directory=True)
+        return True
+
+    return await get_runtime().to_thread(_exchange)

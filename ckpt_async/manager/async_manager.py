@@ -262,7 +262,9 @@ class AsyncCheckpointManager:
         if self.options.read_only:
             log.warning("%s is read only: step %d was not saved", self.directory, step)
             return None
-        if step in self.all_steps():
+        if step in self.all_steps() or (not force and await storage.exists(self._step_path(step))):
+            # (on disk too: another writer may have committed it; the commit's create-once
+            # rename is what decides a race, this only reports the common case early)
             raise StepAlreadyExistsError(f"Checkpoint for step {step} already exists in "
                                          f"{self.directory}.")
         await self._bound_in_flight()
@@ -281,8 +283,13 @@ class AsyncCheckpointManager:
 
         async def retain(path: Path, _meta: Any) -> None:
             # Orbax retires the new step too when the policy does not keep it (BestN with a
-            # worse metric): unlisted now, deleted once committed.
-            await self._delete_steps([c.step for c in to_remove])
+            # worse metric): unlisted now, deleted once committed. The step is committed by
+            # now, so a failed deletion must not make its future report a failed save.
+            try:
+                await self._delete_steps([c.step for c in to_remove])
+            except Exception as exc:  # noqa: BLE001 - logged; the old steps stay on disk
+                log.error("step %d is committed, but deleting old steps %s failed: %s", step,
+                          [c.step for c in to_remove], exc)
 
         t0 = time.perf_counter()
         fut = await self._checkpointer.save_staged(
@@ -351,10 +358,16 @@ class AsyncCheckpointManager:
             if self.options.todelete_subdir:
                 dest_dir = self.directory / self.options.todelete_subdir
                 await storage.makedirs(dest_dir)
-                await storage.rename_durable(path, dest_dir / name)
+                try:
+                    await storage.rename_durable(path, dest_dir / name)
+                except FileNotFoundError:
+                    pass  # already deleted (by another manager on this directory)
                 continue
             doomed = self.directory / f"{name}{_steps.TODELETE_MARK}-{time.time_ns()}"
-            await storage.rename_durable(path, doomed)
+            try:
+                await storage.rename_durable(path, doomed)
+            except FileNotFoundError:
+                continue  # already deleted (by another manager on this directory)
             await storage.rmtree(doomed)
 
     @on_engine
