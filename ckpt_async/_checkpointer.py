@@ -238,12 +238,14 @@ class AsyncCheckpointer:
                     raise exc
 
     def is_saving_in_progress(self) -> bool:
+        """Whether any commit started by this checkpointer is still in flight."""
         return any(not f.done() for f in self._pending)
 
     # -- restore --------------------------------------------------------------------------------
     @on_engine
     async def restore(self, directory: Any, args: CheckpointArgs | None = None, *items: Any,
                       **legacy: Any) -> Any:
+        """Restores the checkpoint at ``directory`` (after pending saves finish)."""
         self._check_open()
         await self.wait_until_finished()  # a restore sees every save issued before it
         path = as_path(directory)
@@ -257,6 +259,7 @@ class AsyncCheckpointer:
 
     @on_engine
     async def metadata(self, directory: Any) -> StepMetadata:
+        """Step metadata of ``directory``, with its items' metadata (no arrays are read)."""
         await self.wait_until_finished()
         path = as_path(directory)
         meta_path = path / fmt.CHECKPOINT_METADATA

@@ -20,6 +20,7 @@ import ckpt_async._commit as ca_commit
 import ckpt_async.aio
 from ckpt_async import _format as fmt
 from ckpt_async.errors import (
+    ClosedError,
     CommitError,
     CommitTimeoutError,
     HandlerError,
@@ -567,3 +568,29 @@ def test_item_saved_as_none_restores_as_none_also_after_reopen(tmp_path):
     with ocp.CheckpointManager(tmp_path) as mngr:  # as Orbax 0.12.8: x is None, not missing
         out = mngr.restore(1)
         assert out["x"] is None and mngr.restore(0)["x"] == [1]
+
+
+def test_save_of_earlier_step_returns_false_with_a_warning(tmp_path, caplog):
+    import logging
+
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        assert mngr.save(5, args=ocp.args.StandardSave({"a": np.ones(2)})) is True
+        with caplog.at_level(logging.WARNING, logger="ckpt_async"):
+            assert mngr.save(3, args=ocp.args.StandardSave({"a": np.ones(2)})) is False
+            assert mngr.save(5, args=ocp.args.StandardSave({"a": np.ones(2)})) is False
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("step 3" in w and "latest step 5" in w for w in warnings)
+        assert mngr.all_steps() == [5]
+    with ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(read_only=True)
+                               ) as mngr, caplog.at_level(logging.WARNING, logger="ckpt_async"):
+        caplog.clear()
+        assert mngr.save(9, args=ocp.args.StandardSave({"a": np.ones(2)})) is False
+        assert any("read only" in r.getMessage() for r in caplog.records)
+    assert sorted(os.listdir(tmp_path)) == ["5"]
+
+
+def test_closed_manager_refuses_to_save(tmp_path):
+    mngr = ocp.CheckpointManager(tmp_path)
+    mngr.close()
+    with pytest.raises(ClosedError):
+        mngr.save(1, args=ocp.args.StandardSave({"a": np.ones(2)}))

@@ -25,6 +25,7 @@ from .._runtime import CommitFuture, get_runtime, on_engine
 from ..args import CheckpointArgs, Composite, JsonSave
 from ..checkpoint_managers import CheckpointInfo, DecisionContext, PreservationContext
 from ..errors import (
+    ClosedError,
     InvalidArgumentError,
     StepAlreadyExistsError,
     StepNotFoundError,
@@ -149,8 +150,8 @@ class AsyncCheckpointManager:
             meta = await self._read_step_doc(path)
             metrics = await self._read_metrics(path, meta)
             mtime = (await get_runtime().to_thread(os.stat, path)).st_mtime if meta is None else 0.0
-            infos.append(CheckpointInfo(step, _utc(meta and meta.commit_timestamp_nsecs, mtime),
-                                        metrics))
+            ns = meta.commit_timestamp_nsecs if meta is not None else None
+            infos.append(CheckpointInfo(step, _utc(ns, mtime), metrics))
         return infos
 
     async def _read_step_doc(self, path: Path) -> fmt.StepMetadata | None:
@@ -169,9 +170,11 @@ class AsyncCheckpointManager:
 
     # -- listing ---------------------------------------------------------------------------------
     def all_steps(self, read: bool = False) -> list[int]:
+        """The steps this manager lists, in order (in-flight saves included, as in Orbax)."""
         return [c.step for c in self._checkpoints]
 
     def latest_step(self) -> int | None:
+        """The highest listed step, or None."""
         return self._checkpoints[-1].step if self._checkpoints else None
 
     def best_step(self) -> int | None:
@@ -192,6 +195,7 @@ class AsyncCheckpointManager:
         self._checkpoints = await self._load_checkpoint_infos()
 
     def reached_preemption(self, step: int) -> bool:
+        """Whether JAX's preemption sync point was reached at ``step`` (False without one)."""
         try:
             from jax.experimental import multihost_utils
 
@@ -200,6 +204,7 @@ class AsyncCheckpointManager:
             return False
 
     def is_saving_in_progress(self) -> bool:
+        """Whether any commit of this manager is still in flight."""
         return any(not f.done() for f in self._futures.values())
 
     def should_save(self, step: int) -> bool:
@@ -239,7 +244,10 @@ class AsyncCheckpointManager:
             raise InvalidArgumentError(
                 "Must provide `args` of type `Composite` when dealing with multiple "
                 "checkpointable objects.")
-        return Composite(**{DEFAULT_ITEM_NAME: args}) if self._default_item else args
+        if self._default_item:
+            return Composite(**{DEFAULT_ITEM_NAME: args})
+        assert isinstance(args, Composite)
+        return args
 
     def _raise_failure(self) -> None:
         if self._failures:
@@ -252,12 +260,20 @@ class AsyncCheckpointManager:
                    force: bool = False, custom_metadata: dict | None = None) -> CommitFuture | None:
         """Stages ``args`` as ``step``; returns the commit's future, or None when skipped."""
         await self._ensure_init()
+        if self._closed:
+            raise ClosedError(f"the manager of {self.directory} is closed")
         step = _check_step(step)
         self._raise_failure()
         composite = self._as_composite(args)
         if not force and not self.should_save(step):
-            log.info("step %d of %s: not saved (policy, or not after the latest step %s)",
-                     step, self.directory, self.latest_step())
+            latest = self.latest_step()
+            if not self.options.read_only and latest is not None and step <= latest:
+                # Orbax answers False here; training loops rely on that, so keep it, but say why.
+                log.warning("step %d of %s was not saved: it is not after the latest step %d",
+                            step, self.directory, latest)
+            else:
+                log.debug("step %d of %s: the save decision policy skips it", step,
+                          self.directory)
             return None
         if self.options.read_only:
             log.warning("%s is read only: step %d was not saved", self.directory, step)
@@ -298,7 +314,7 @@ class AsyncCheckpointManager:
         log.debug("step %d staged in %.3f s", step, time.perf_counter() - t0)
         self._futures[step] = fut
         self._checkpoints = [c for c in candidates if c not in to_remove]
-        fut.add_done_callback(lambda f: self._on_done(step, f, to_remove))
+        fut.add_done_callback(lambda f: self._on_done(step, f, to_remove))  # type: ignore[arg-type]
         if not self.options.enable_async_checkpointing:
             await fut
         return fut
@@ -372,6 +388,7 @@ class AsyncCheckpointManager:
 
     @on_engine
     async def delete(self, step: int) -> None:
+        """Deletes a listed step (after its commit, if in flight); unlisted first, then removed."""
         await self._ensure_init()
         step = _check_step(step)
         if self.options.read_only:
@@ -430,7 +447,10 @@ class AsyncCheckpointManager:
 
     @on_engine
     async def item_metadata(self, step: int) -> Any:
-        return (await self.metadata(step)).item_metadata
+        """The metadata of ``step``'s items (None for an item whose handler is unknown)."""
+        meta = await self.metadata(step)
+        assert isinstance(meta, StepMetadata)
+        return meta.item_metadata
 
     @on_engine
     async def metadata(self, step: int | None = None) -> StepMetadata | RootMetadata:
