@@ -119,7 +119,9 @@ class PyTreeCheckpointHandler(CheckpointHandler):
         use_compression: bool = False,
         **_orbax_options: Any,
     ) -> None:
-        self._budget = host_memory_budget_bytes
+        # One budget per handler: it bounds the bytes staged-but-unwritten of all its saves in
+        # flight together, not of each save alone.
+        self._budget = ByteBudget(host_memory_budget_bytes)
         self._compress = use_compression
 
     # -- save -----------------------------------------------------------------------------------
@@ -154,7 +156,7 @@ class PyTreeCheckpointHandler(CheckpointHandler):
             await writer.write(batch)
             tracker.add(sum(a.nbytes for a in batch))
 
-        tasks = await stage(to_stage, ByteBudget(self._budget), write_batch)
+        tasks = await stage(to_stage, self._budget, write_batch)
         docs = self._documents(planned, skeleton, args.custom_metadata)
 
         async def write() -> None:
