@@ -104,3 +104,13 @@ def test_manager_bad_steps_and_args_leave_earlier_steps(tmp_path):
         assert mngr.all_steps() == [1]
         np.testing.assert_array_equal(mngr.restore(1)["a"], state["a"])
     assert sorted(os.listdir(tmp_path)) == ["1"]
+
+
+def test_unsupported_orbax_options_raise_instead_of_being_ignored(tmp_path):
+    with ocp.PyTreeCheckpointer() as ckptr:
+        with pytest.raises(InvalidArgumentError, match="partial_update"):
+            ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave({"a": np.ones(2)},
+                                                                partial_update=True))
+        ckptr.save(tmp_path / "c", {"a": np.ones(2)})
+        with pytest.raises(InvalidArgumentError, match="transforms"):
+            ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(transforms={}))

@@ -143,6 +143,8 @@ class PyTreeCheckpointHandler(CheckpointHandler):
 
     async def stage(self, directory: Path, args: PyTreeSave | StandardSave) -> Writer:
         where = str(directory)
+        if getattr(args, "partial_update", False):
+            raise InvalidArgumentError(f"{where}: PyTreeSave(partial_update=True) is not supported")
         planned, skeleton = self.plan(args.item, args.save_args, where)
         await storage.makedirs(directory)
         to_stage = [(p.leaf.value, p.leaf.name, p.dtype) for p in planned
@@ -245,6 +247,11 @@ class PyTreeCheckpointHandler(CheckpointHandler):
     async def restore(self, directory: Path, args: PyTreeRestore | StandardRestore | None = None
                       ) -> Any:
         directory = Path(directory)
+        if getattr(args, "transforms", None) is not None or getattr(
+                args, "legacy_transform_fn", None) is not None:
+            raise InvalidArgumentError(
+                f"{directory}: restore transforms are not supported by ckpt_async; restore the "
+                "tree as saved and transform it afterwards")
         tree_doc, shardings, strings, sums = await self.read_documents(directory)
         target = getattr(args, "item", None)
         restore_args = getattr(args, "restore_args", None)
