@@ -17,6 +17,7 @@ from . import (
 )
 from ._checkpointer import AsyncOptions
 from ._integrity import VerifyReport, verify
+from ._paths import set_s3_options
 from ._progress import ProgressEvent, progress
 from ._runtime import CommitFuture
 from .checkpointers import AsyncCheckpointer, Checkpointer, PyTreeCheckpointer, StandardCheckpointer
@@ -63,6 +64,7 @@ __all__ = [
     "handlers",
     "metadata",
     "progress",
+    "set_s3_options",
     "test_utils",
     "tree",
     "type_handlers",

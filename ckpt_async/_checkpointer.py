@@ -20,6 +20,7 @@ from typing import Any
 from . import _commit
 from . import _format as fmt
 from . import _storage as storage
+from ._paths import AnyPath, StorePath
 from ._runtime import CommitFuture, get_runtime, on_engine
 from .args import CheckpointArgs, Composite, args_classes_for, handler_class_for
 from .errors import (
@@ -50,14 +51,19 @@ class AsyncOptions:
     create_directories_asynchronously: bool = True
 
 
-def as_path(directory: Any) -> Path:
+def as_path(directory: Any) -> AnyPath:
+    """A checkpoint location: an absolute local Path, or a StorePath for ``s3://`` URLs."""
+    if isinstance(directory, StorePath):
+        return directory
     if isinstance(directory, str) and "://" in directory:
-        raise InvalidArgumentError(f"{directory}: object stores are not supported by this backend")
+        return StorePath.parse(directory)
     return Path(os.fspath(directory)).absolute()
 
 
-def check_writable(path: Path) -> None:
+def check_writable(path: AnyPath) -> None:
     """Raises before anything is written when ``path`` cannot become a checkpoint directory."""
+    if isinstance(path, StorePath):
+        return  # no directories to check; a denied write fails the commit, naming the key
     if path.exists() and not path.is_dir():
         raise InvalidArgumentError(f"{path} exists and is not a directory")
     parent = path.parent
@@ -118,7 +124,7 @@ class AsyncCheckpointer:
         self._closed = False
 
     # -- save -----------------------------------------------------------------------------------
-    def _check_args(self, args: CheckpointArgs, directory: Path) -> None:
+    def _check_args(self, args: CheckpointArgs, directory: AnyPath) -> None:
         cls = handler_class_for(args)
         if cls is None or not isinstance(self.handler, cls):
             raise HandlerError(
@@ -138,12 +144,12 @@ class AsyncCheckpointer:
                              (items[0] if items else None), legacy)
         self._check_args(args, path)
         await get_runtime().to_thread(check_writable, path)
-        if await storage.exists(path) and not force:
+        if await _commit.is_visible(path) and not force:
             raise StepAlreadyExistsError(f"{path} already exists; pass force=True to overwrite it")
         return await self.save_staged(path, args, force=force, custom_metadata=custom_metadata)
 
     @on_engine
-    async def save_staged(self, path: Path, args: CheckpointArgs, *, force: bool = False,
+    async def save_staged(self, path: AnyPath, args: CheckpointArgs, *, force: bool = False,
                           custom_metadata: dict | None = None,
                           step_metadata: fmt.StepMetadata | None = None,
                           on_commit: Any = None, after: Any = None,
@@ -182,9 +188,9 @@ class AsyncCheckpointer:
             return dict(getattr(self.handler, "last_item_handlers", {}))
         return self.handler.typestr
 
-    async def _finish(self, writer: Any, tmp: Path, path: Path, meta: fmt.StepMetadata,
-                      item_dirs: list[Path], force: bool, on_commit: Any, after: Any,
-                      stats: dict[str, Any]) -> Path:
+    async def _finish(self, writer: Any, tmp: AnyPath, path: AnyPath, meta: fmt.StepMetadata,
+                      item_dirs: list[AnyPath], force: bool, on_commit: Any, after: Any,
+                      stats: dict[str, Any]) -> AnyPath:
         async def run() -> None:
             t_write = time.perf_counter()
             await writer.write()
@@ -249,7 +255,7 @@ class AsyncCheckpointer:
         self._check_open()
         await self.wait_until_finished()  # a restore sees every save issued before it
         path = as_path(directory)
-        if not await storage.is_dir(path):
+        if not await _commit.is_visible(path):
             raise CheckpointNotFoundError(f"checkpoint {path} does not exist")
         if args is not None and not isinstance(args, CheckpointArgs):
             items, args = (args, *items), None
@@ -264,11 +270,11 @@ class AsyncCheckpointer:
         path = as_path(directory)
         meta_path = path / fmt.CHECKPOINT_METADATA
         doc = fmt.StepMetadata()
+        if not await _commit.is_visible(path):
+            raise CheckpointNotFoundError(f"checkpoint {path} does not exist")
         if await storage.exists(meta_path):
             doc = fmt.decode(await storage.read_bytes(meta_path), fmt.StepMetadata,
                              where=str(meta_path))
-        elif not await storage.is_dir(path):
-            raise CheckpointNotFoundError(f"checkpoint {path} does not exist")
         return StepMetadata(
             item_handlers=doc.item_handlers,
             item_metadata=await self.handler.metadata(path),

@@ -4,6 +4,11 @@ On a POSIX filesystem a checkpoint is written under ``<name>.orbax-checkpoint-tm
 commit writes ``_CHECKPOINT_METADATA`` and the ``commit_success.txt`` markers, fsyncs every
 file and directory, renames the temporary directory to its final name and fsyncs the parent.
 A failure removes the temporary directory; nothing partial is ever visible at the final path.
+
+An object store has no rename: a checkpoint is written in place at its final prefix, and the
+step's ``commit_success.txt`` is written last, after every other object; a checkpoint without
+it is invisible (:func:`is_visible`, :func:`scan`) and is removed like a temporary directory.
+Removal deletes the marker first (``_storage.rmtree``).
 """
 
 from __future__ import annotations
@@ -11,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import _format as fmt
 from . import _storage as storage
+from ._paths import AnyPath
 from .errors import CommitError, StepAlreadyExistsError
 
 
@@ -27,36 +34,68 @@ def is_tmp_name(name: str) -> bool:
     return fmt.TMP_SUFFIX in name
 
 
-async def create_tmp(final: Path) -> Path:
-    tmp = tmp_path_for(final)
-    try:
-        await storage.mkdir_exclusive(tmp)
-    except FileExistsError:  # two saves in the same nanosecond: take the next name
-        await asyncio.sleep(0)
+async def is_visible(path: AnyPath) -> bool:
+    """Whether a committed checkpoint is at ``path``: on a local filesystem, the directory
+    (the rename is the commit); on an object store, its commit marker."""
+    if storage.has_rename(path):
+        return await storage.is_dir(path)
+    return await storage.exists(path / fmt.COMMIT_SUCCESS)
+
+
+async def scan(directory: AnyPath) -> tuple[list[str], set[str]]:
+    """The entries of ``directory`` and the visible ones among them. Locally every entry is
+    visible (unfinished saves have temporary names); on an object store only the entries that
+    hold a commit marker (one listing of the prefix)."""
+    if storage.has_rename(directory):
+        names = await storage.listdir(directory)
+        return names, set(names)
+    keys = await storage.listfiles(directory)
+    names = sorted({k.split("/", 1)[0] for k in keys})
+    visible = {k.split("/", 1)[0] for k in keys if k.endswith("/" + fmt.COMMIT_SUCCESS)
+               and k.count("/") == 1}
+    return names, visible
+
+
+async def create_tmp(final: AnyPath) -> AnyPath:
+    """Where a save of ``final`` writes: a new temporary directory, or, on an object store,
+    ``final`` itself, cleared first (unlisted, then removed: leftovers of an unfinished save, or
+    the checkpoint a forced save replaces)."""
+    if storage.has_rename(final):
         tmp = tmp_path_for(final)
-        await storage.mkdir_exclusive(tmp)
-    except OSError as exc:
-        raise CommitError(f"cannot create {tmp}: {exc.strerror or exc}") from exc
-    return tmp
+        try:
+            await storage.mkdir_exclusive(tmp)
+        except FileExistsError:  # two saves in the same nanosecond: take the next name
+            await asyncio.sleep(0)
+            tmp = tmp_path_for(final)
+            await storage.mkdir_exclusive(tmp)
+        except OSError as exc:
+            raise CommitError(f"cannot create {tmp}: {exc.strerror or exc}") from exc
+        return tmp
+    await storage.rmtree(final)
+    return final
 
 
-def _marker(path: Path) -> bytes:
+def _marker(path: AnyPath) -> bytes:
     return f"Checkpoint commit was successful to {path}".encode()
 
 
 async def commit(
-    tmp: Path,
-    final: Path,
+    tmp: AnyPath,
+    final: AnyPath,
     step_meta: fmt.StepMetadata,
-    item_dirs: list[Path],
+    item_dirs: Sequence[AnyPath],
     *,
     replace: bool = False,
 ) -> None:
-    """Writes the step's documents and markers, fsyncs everything, renames ``tmp`` to ``final``."""
+    """Writes the step's documents and markers, fsyncs everything, renames ``tmp`` to ``final``.
+    On an object store (``tmp`` is ``final``) the step's marker, written last, is the commit."""
     step_meta.commit_timestamp_nsecs = time.time_ns()
     await storage.write_bytes(tmp / fmt.CHECKPOINT_METADATA, fmt.encode(step_meta), durable=False)
     for d in item_dirs:
         await storage.write_bytes(d / fmt.COMMIT_SUCCESS, _marker(d), durable=False)
+    if not (storage.has_rename(final) and storage.has_rename(tmp)):
+        await storage.write_bytes(final / fmt.COMMIT_SUCCESS, _marker(final))
+        return
     await storage.write_bytes(tmp / fmt.COMMIT_SUCCESS, _marker(tmp), durable=False)
     await storage.fsync_tree(tmp)
     try:
@@ -90,7 +129,7 @@ async def _replace(tmp: Path, final: Path) -> None:
     await storage.rmtree(old)
 
 
-async def abort(tmp: Path) -> None:
+async def abort(tmp: AnyPath) -> None:
     """Removes a failed save's temporary directory (shielded: cleanup must not be cancelled)."""
     with contextlib.suppress(Exception):
         await asyncio.shield(storage.rmtree(tmp))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -21,6 +20,7 @@ import numpy as np
 from . import _format as fmt
 from . import _serialize as ser
 from . import _storage as storage
+from ._paths import AnyPath
 from ._runtime import get_runtime, on_engine
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 
@@ -48,20 +48,20 @@ def checksums_document(documents: dict[str, bytes], arrays: dict[str, dict[str, 
         arrays={name: ArraySums(list(chunks[name]), crc) for name, crc in arrays.items()}))
 
 
-async def read_checksums(directory: Path) -> Checksums | None:
+async def read_checksums(directory: AnyPath) -> Checksums | None:
     path = directory / CHECKSUMS
     if not await storage.exists(path):
         return None
     return fmt.decode(await storage.read_bytes(path), Checksums, where=str(path))
 
 
-def check_document(directory: Path, name: str, data: bytes, sums: Checksums | None) -> None:
+def check_document(directory: AnyPath, name: str, data: bytes, sums: Checksums | None) -> None:
     expected = sums.documents.get(name) if sums is not None else None
     if expected is not None and zlib.crc32(data) != expected:
         raise CorruptCheckpointError(f"{directory / name}: checksum mismatch (the file is damaged)")
 
 
-async def check_array(directory: Path, name: str, arr: np.ndarray, sums: Checksums | None) -> None:
+async def check_array(directory: AnyPath, name: str, arr: np.ndarray, sums: Checksums | None) -> None:
     """Raises CorruptCheckpointError when ``arr`` (a whole stored array) fails its checksums."""
     entry = sums.arrays.get(name) if sums is not None else None
     if entry is None:
@@ -78,7 +78,7 @@ async def check_array(directory: Path, name: str, arr: np.ndarray, sums: Checksu
 class VerifyReport:
     """What :func:`verify` checked and what it found (empty ``problems``: all good)."""
 
-    path: Path
+    path: AnyPath
     items_checked: int = 0
     arrays_checked: int = 0
     bytes_checked: int = 0
@@ -90,7 +90,7 @@ class VerifyReport:
         return not self.problems
 
 
-async def _pytree_plan(item: Path, report: VerifyReport) -> tuple[Any, Any, list[str]] | None:
+async def _pytree_plan(item: AnyPath, report: VerifyReport) -> tuple[Any, Any, list[str]] | None:
     """Reads (and checks) an item's documents; the names of its stored arrays."""
     from .handlers.pytree import PyTreeCheckpointHandler
 
@@ -105,7 +105,7 @@ async def _pytree_plan(item: Path, report: VerifyReport) -> tuple[Any, Any, list
     return tree_doc, sums, names
 
 
-async def _verify_json(item: Path, report: VerifyReport) -> None:
+async def _verify_json(item: AnyPath, report: VerifyReport) -> None:
     for name in sorted(await storage.listdir(item)):
         if name == fmt.COMMIT_SUCCESS or await storage.is_dir(item / name):
             continue
@@ -136,7 +136,7 @@ async def averify(path: Any, progress: Callable[[int, int], None] | None = None)
     report = VerifyReport(root)
     if not await storage.is_dir(root):
         raise CheckpointNotFoundError(f"checkpoint {root} does not exist")
-    items: list[Path] = []
+    items: list[AnyPath] = []
     if await storage.exists(root / fmt.PYTREE_METADATA):
         items = [root]
     else:
@@ -152,7 +152,7 @@ async def averify(path: Any, progress: Callable[[int, int], None] | None = None)
             report.problems.append(str(exc))
     if not items:
         report.problems.append(f"{root}: no checkpoint items found")
-    plans = {}
+    plans: dict[Any, Any] = {}
     for item in items:
         report.items_checked += 1
         if await storage.exists(item / fmt.PYTREE_METADATA):

@@ -16,13 +16,13 @@ import json
 import zlib
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import tensorstore as ts
 
+from ._paths import AnyPath, kvstore_base
 from ._runtime import get_runtime
 from .errors import CorruptCheckpointError
 
@@ -47,15 +47,17 @@ def new_context() -> ts.Context:
     )
 
 
-def kvstore_spec(item_dir: Path, *, use_ocdbt: bool, write: bool) -> dict[str, Any]:
-    """The kvstore holding an item's arrays; for OCDBT, the item directory's database."""
-    base = {"driver": "file", "path": str(item_dir) + "/"}
+def kvstore_spec(item_dir: AnyPath, *, use_ocdbt: bool, write: bool) -> dict[str, Any]:
+    """The kvstore holding an item's arrays; for OCDBT, the item directory's database (on the
+    local filesystem, or on an object store's key prefix for a StorePath)."""
+    base = kvstore_base(item_dir)
     if not use_ocdbt:
         return base
     spec: dict[str, Any] = {"driver": "ocdbt", "base": base, "cache_pool": "cache_pool#ocdbt"}
     if write:
         # Data files need no atomic rename (the step is renamed as a whole); the manifest does.
-        spec["base"] = {**base, "file_io_locking": {"mode": "non_atomic"}}
+        if base["driver"] == "file":
+            spec["base"] = {**base, "file_io_locking": {"mode": "non_atomic"}}
         spec["manifest"] = base
         spec["config"] = {
             "max_inline_value_bytes": 1024,
@@ -77,18 +79,18 @@ def _zarr_metadata(shape: tuple[int, ...], chunks: tuple[int, ...], compress: bo
 
 
 def array_spec(
-    item_dir: Path,
+    item_dir: AnyPath,
     name: str,
     *,
     use_ocdbt: bool = True,
     use_zarr3: bool = False,
     write: bool = False,
 ) -> dict[str, Any]:
-    kv = kvstore_spec(item_dir, use_ocdbt=use_ocdbt, write=write)
     if use_ocdbt:
+        kv = kvstore_spec(item_dir, use_ocdbt=True, write=write)
         kv["path"] = name + "/"
     else:
-        kv["path"] = str(item_dir / name) + "/"
+        kv = kvstore_base(item_dir / name)
     return {"driver": "zarr3" if use_zarr3 else "zarr", "kvstore": kv, "recheck_cached_data": False}
 
 
@@ -108,7 +110,7 @@ class StoredArray:
 
 
 async def write_array(
-    ctx: ts.Context, item_dir: Path, arr: StoredArray, *, compress: bool = False
+    ctx: ts.Context, item_dir: AnyPath, arr: StoredArray, *, compress: bool = False
 ) -> None:
     spec = array_spec(item_dir, arr.name, write=True)
     spec["metadata"] = _zarr_metadata(arr.shape, arr.chunks, compress)
@@ -161,7 +163,7 @@ class ItemWriter:
     the zarr driver. Both share the context, hence the same OCDBT database instance.
     """
 
-    def __init__(self, item_dir: Path, *, compress: bool = False) -> None:
+    def __init__(self, item_dir: AnyPath, *, compress: bool = False) -> None:
         self.item_dir = item_dir
         self.compress = compress
         self.ctx = new_context()
@@ -219,7 +221,7 @@ class ItemWriter:
 
 async def read_array(
     ctx: ts.Context,
-    item_dir: Path,
+    item_dir: AnyPath,
     name: str,
     *,
     use_ocdbt: bool,
@@ -260,7 +262,7 @@ def chunk_checksums(arr: np.ndarray, chunks: tuple[int, ...]) -> dict[str, int]:
 
 
 async def read_shape_dtype(
-    ctx: ts.Context, item_dir: Path, name: str, *, use_ocdbt: bool, use_zarr3: bool
+    ctx: ts.Context, item_dir: AnyPath, name: str, *, use_ocdbt: bool, use_zarr3: bool
 ) -> tuple[tuple[int, ...], np.dtype, tuple[int, ...]]:
     """Shape, dtype and chunk shape of a stored array, without reading its data."""
     spec = array_spec(item_dir, name, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3)

@@ -1,4 +1,10 @@
-"""The local filesystem backend: small documents, directories, durability and atomic rename.
+"""Storage: small documents, directories, durability and atomic rename.
+
+Every function takes a local :class:`~pathlib.Path` or an object-store
+:class:`~ckpt_async._paths.StorePath` and dispatches on its type: local paths use the POSIX
+filesystem (below), object-store paths go to ``_s3`` (TensorStore's kvstore), where directories
+are key prefixes, ``makedirs`` and the fsyncs are no-ops, and there is no rename
+(:func:`has_rename` says which; ``_commit`` decides how to commit from it).
 
 Every call is a coroutine that runs on the engine loop; blocking system calls leave it through
 the runtime's limiter. Array data does not pass through here: TensorStore writes it (and fsyncs
@@ -14,14 +20,23 @@ import errno
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import aiofiles
 import aiofiles.os
 
+from . import _s3
+from ._format import COMMIT_SUCCESS
+from ._paths import AnyPath, StorePath
 from ._runtime import get_runtime
 from .errors import CheckpointNotFoundError, CommitError
+
+
+def has_rename(path: Any) -> TypeGuard[Path]:
+    """Whether ``path``'s storage renames atomically (local filesystems; not object stores)."""
+    return not isinstance(path, StorePath)
 
 
 def _fsync_path(path: str, directory: bool) -> None:
@@ -40,8 +55,10 @@ def fsync_tree_sync(root: Path) -> None:
         _fsync_path(dirpath, directory=True)
 
 
-async def write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
+async def write_bytes(path: AnyPath, data: bytes, *, durable: bool = True) -> None:
     """Writes ``data`` to ``path`` (create or truncate) and fsyncs it."""
+    if isinstance(path, StorePath):
+        return await _s3.write_bytes(path, data)  # a completed PUT is durable
     try:
         async with aiofiles.open(path, "wb") as f:
             await f.write(data)
@@ -52,8 +69,10 @@ async def write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
         raise CommitError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
-async def read_bytes(path: Path) -> bytes:
+async def read_bytes(path: AnyPath) -> bytes:
     """Reads the whole file; a missing file raises CheckpointNotFoundError naming it."""
+    if isinstance(path, StorePath):
+        return await _s3.read_bytes(path)
     try:
         async with aiofiles.open(path, "rb") as f:
             return await f.read()
@@ -61,22 +80,53 @@ async def read_bytes(path: Path) -> bytes:
         raise CheckpointNotFoundError(f"{path} does not exist") from exc
 
 
-async def exists(path: Path) -> bool:
+async def exists(path: AnyPath) -> bool:
+    if isinstance(path, StorePath):
+        return await _s3.exists(path)
     return await aiofiles.os.path.exists(path)
 
 
-async def is_dir(path: Path) -> bool:
+async def is_dir(path: AnyPath) -> bool:
+    if isinstance(path, StorePath):
+        return await _s3.is_dir(path)
     return await aiofiles.os.path.isdir(path)
 
 
-async def listdir(path: Path) -> list[str]:
+async def listdir(path: AnyPath) -> list[str]:
+    if isinstance(path, StorePath):
+        return await _s3.listdir(path)
     try:
         return await aiofiles.os.listdir(path)
     except FileNotFoundError:
         return []
 
 
-async def makedirs(path: Path) -> None:
+async def listfiles(path: AnyPath) -> list[str]:
+    """Every file under ``path``, as paths relative to it with "/" separators."""
+    if isinstance(path, StorePath):
+        return await _s3.list_keys(path)
+
+    def _walk() -> list[str]:
+        out = []
+        for dirpath, _dirnames, filenames in os.walk(path):
+            rel = os.path.relpath(dirpath, path)
+            out += [name if rel == "." else f"{rel}/{name}".replace(os.sep, "/")
+                    for name in filenames]
+        return sorted(out)
+
+    return await get_runtime().to_thread(_walk)
+
+
+async def mtime(path: AnyPath) -> float:
+    """Modification time of ``path`` (object stores: now, they have no directory times)."""
+    if isinstance(path, StorePath):
+        return time.time()
+    return (await get_runtime().to_thread(os.stat, path)).st_mtime
+
+
+async def makedirs(path: AnyPath) -> None:
+    if isinstance(path, StorePath):
+        return  # object stores have no directories
     try:
         await aiofiles.os.makedirs(path, exist_ok=True)
     except OSError as exc:
@@ -85,24 +135,40 @@ async def makedirs(path: Path) -> None:
 
 async def mkdir_exclusive(path: Path) -> None:
     """Creates ``path``; raises FileExistsError when it exists (create-once)."""
+    _no_rename(path)
     await makedirs(path.parent)
     await aiofiles.os.mkdir(path)
 
 
-async def rmtree(path: Path) -> None:
-    """Removes a directory tree; missing is fine."""
+async def rmtree(path: AnyPath) -> None:
+    """Removes a directory tree; missing is fine. On an object store the commit marker goes
+    first, so a removal that stops half-way leaves an unlisted leftover, never a listed step
+    with missing objects."""
+    if isinstance(path, StorePath):
+        await _s3.delete(path / COMMIT_SUCCESS)
+        await _s3.delete_prefix(path)
+        return
     await get_runtime().to_thread(lambda: shutil.rmtree(path, ignore_errors=True))
 
 
-async def fsync_tree(root: Path) -> None:
+async def fsync_tree(root: AnyPath) -> None:
+    if isinstance(root, StorePath):
+        return  # a completed PUT is durable
     try:
         await get_runtime().to_thread(fsync_tree_sync, root)
     except OSError as exc:
         raise CommitError(f"cannot fsync {exc.filename or root}: {exc.strerror or exc}") from exc
 
 
-async def fsync_dir(path: Path) -> None:
+async def fsync_dir(path: AnyPath) -> None:
+    if isinstance(path, StorePath):
+        return
     await get_runtime().to_thread(_fsync_path, str(path), True)
+
+
+def _no_rename(path: Any) -> None:
+    if isinstance(path, StorePath):  # callers check has_rename(); this is a programming error
+        raise CommitError(f"{path}: object stores have no directories to create or rename")
 
 
 # -- create-once rename ------------------------------------------------------------------------
@@ -163,6 +229,7 @@ def rename_noreplace_sync(src: Path, dst: Path) -> None:
 async def rename_durable(src: Path, dst: Path) -> None:
     """Renames ``src`` to ``dst`` (which must not exist: FileExistsError, create-once) and
     fsyncs the parent directory, so the rename survives a power loss."""
+    _no_rename(src)
 
     def _rename() -> None:
         rename_noreplace_sync(src, dst)
@@ -174,6 +241,7 @@ async def rename_durable(src: Path, dst: Path) -> None:
 async def exchange_durable(src: Path, dst: Path) -> bool:
     """Atomically swaps ``src`` and ``dst`` (both exist) and fsyncs the parent; False when the
     platform cannot (the caller then moves ``dst`` aside and renames)."""
+    _no_rename(src)
 
     def _exchange() -> bool:
         if not renameat2(str(src), str(dst), RENAME_EXCHANGE):

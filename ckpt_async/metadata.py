@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+
+from ._paths import AnyPath
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +61,7 @@ class ArrayMetadata:
     """A stored array: name, shape, dtype, sharding and chunking."""
 
     name: str
-    directory: Path | None
+    directory: AnyPath | None
     shape: tuple[int, ...]
     sharding: Any
     dtype: np.dtype
@@ -89,7 +90,7 @@ class StringMetadata:
     """A stored string."""
 
     name: str
-    directory: Path | None
+    directory: AnyPath | None
 
 
 class TreeMetadata(Mapping[str, Any]):

@@ -10,8 +10,9 @@ background. The checkpointer makes the files durable and commits; a handler neve
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, ClassVar
+
+from .._paths import AnyPath
 
 
 class Writer:
@@ -33,13 +34,13 @@ class CheckpointHandler:
     #: The type string written into ``_CHECKPOINT_METADATA`` (Orbax's, for compatibility).
     typestr: ClassVar[str] = ""
 
-    async def stage(self, directory: Path, args: Any) -> Writer:
+    async def stage(self, directory: AnyPath, args: Any) -> Writer:
         raise NotImplementedError
 
-    async def restore(self, directory: Path, args: Any = None) -> Any:
+    async def restore(self, directory: AnyPath, args: Any = None) -> Any:
         raise NotImplementedError
 
-    async def metadata(self, directory: Path) -> Any:
+    async def metadata(self, directory: AnyPath) -> Any:
         raise NotImplementedError
 
     def close(self) -> None:

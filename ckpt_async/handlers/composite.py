@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 from .. import _format as fmt
 from .. import _storage as storage
+from .._paths import AnyPath
 from ..args import CheckpointArgs, Composite, register_with_handler
 from ..errors import CheckpointNotFoundError, HandlerError
 from .base import CheckpointHandler, Writer
@@ -38,7 +38,7 @@ class CompositeCheckpointHandler(CheckpointHandler):
     def handler_for_save(self, name: str, args: CheckpointArgs) -> CheckpointHandler:
         return self.registry.resolve(name, args)
 
-    async def stage(self, directory: Path, args: Composite) -> Writer:
+    async def stage(self, directory: AnyPath, args: Composite) -> Writer:
         handlers = {name: self.handler_for_save(name, a) for name, a in args.items()
                     if a is not None}
         if not handlers:
@@ -60,7 +60,7 @@ class CompositeCheckpointHandler(CheckpointHandler):
         return Writer(write, sum(w.nbytes for w in writers.values()),
                       sum(w.arrays for w in writers.values()))
 
-    async def _recorded(self, directory: Path) -> dict[str, str]:
+    async def _recorded(self, directory: AnyPath) -> dict[str, str]:
         """The item handlers a checkpoint's ``_CHECKPOINT_METADATA`` records."""
         path = directory / fmt.CHECKPOINT_METADATA
         if await storage.exists(path):
@@ -69,7 +69,7 @@ class CompositeCheckpointHandler(CheckpointHandler):
                 return meta.item_handlers
         return {}
 
-    async def _stored_items(self, directory: Path) -> dict[str, str | None]:
+    async def _stored_items(self, directory: AnyPath) -> dict[str, str | None]:
         """Item names in a checkpoint, with the handler typestr its metadata records."""
         recorded = await self._recorded(directory)
         names = {n: recorded.get(n) for n in await storage.listdir(directory)
@@ -77,7 +77,7 @@ class CompositeCheckpointHandler(CheckpointHandler):
         return names
 
     def _handler_for_restore(self, name: str, args: Any, typestr: str | None,
-                             directory: Path) -> CheckpointHandler:
+                             directory: AnyPath) -> CheckpointHandler:
         if args is not None:
             return self.registry.resolve(name, args)
         handler = self.registry.locked(name)
@@ -92,7 +92,7 @@ class CompositeCheckpointHandler(CheckpointHandler):
             )
         return handler
 
-    async def restore(self, directory: Path, args: Composite | None = None) -> Composite:
+    async def restore(self, directory: AnyPath, args: Composite | None = None) -> Composite:
         """Restores the items ``args`` names; with no args, every stored item, and ``None`` for
         an item the step's save named with ``None`` (Orbax 0.12: ``Composite(x=None)`` on save
         records ``x``; an item only registered here, never saved, is left out)."""
@@ -115,7 +115,7 @@ class CompositeCheckpointHandler(CheckpointHandler):
         out.update(zip(present, results))
         return Composite(**out)
 
-    async def metadata(self, directory: Path) -> Composite:
+    async def metadata(self, directory: AnyPath) -> Composite:
         stored = await self._stored_items(directory)
         out = {}
         for name, typestr in stored.items():

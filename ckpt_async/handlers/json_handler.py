@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from .. import _format as fmt
 from .. import _storage as storage
+from .._paths import AnyPath
 from ..args import JsonRestore, JsonSave, register_with_handler
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
 from .base import CheckpointHandler, Writer
@@ -22,7 +22,7 @@ class JsonCheckpointHandler(CheckpointHandler):
     def __init__(self, filename: str | None = None) -> None:
         self._filename = filename or fmt.JSON_ITEM
 
-    async def stage(self, directory: Path, args: JsonSave) -> Writer:
+    async def stage(self, directory: AnyPath, args: JsonSave) -> Writer:
         try:
             # Encoding now is the snapshot: later mutation of the caller's dict is not saved.
             data = msgspec.json.encode(args.item)
@@ -35,7 +35,7 @@ class JsonCheckpointHandler(CheckpointHandler):
 
         return Writer(write, len(data))
 
-    async def restore(self, directory: Path, args: JsonRestore | None = None) -> Any:
+    async def restore(self, directory: AnyPath, args: JsonRestore | None = None) -> Any:
         path = directory / self._filename
         try:
             data = await storage.read_bytes(path)
@@ -46,7 +46,7 @@ class JsonCheckpointHandler(CheckpointHandler):
         except msgspec.DecodeError as exc:
             raise CorruptCheckpointError(f"{path}: invalid JSON ({exc})") from exc
 
-    async def metadata(self, directory: Path) -> None:
+    async def metadata(self, directory: AnyPath) -> None:
         return None
 
 

@@ -12,7 +12,6 @@ import base64
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -22,6 +21,7 @@ from .. import _format as fmt
 from .. import _integrity, _tree
 from .. import _serialize as ser
 from .. import _storage as storage
+from .._paths import AnyPath, coerce
 from .._progress import Tracker
 from .._stage import ByteBudget, stage
 from ..args import (
@@ -141,7 +141,7 @@ class PyTreeCheckpointHandler(CheckpointHandler):
                     )
         return planned, skeleton
 
-    async def stage(self, directory: Path, args: PyTreeSave | StandardSave) -> Writer:
+    async def stage(self, directory: AnyPath, args: PyTreeSave | StandardSave) -> Writer:
         where = str(directory)
         if getattr(args, "partial_update", False):
             raise InvalidArgumentError(f"{where}: PyTreeSave(partial_update=True) is not supported")
@@ -215,7 +215,7 @@ class PyTreeCheckpointHandler(CheckpointHandler):
         return docs
 
     # -- read -----------------------------------------------------------------------------------
-    async def read_documents(self, directory: Path) -> tuple[
+    async def read_documents(self, directory: AnyPath) -> tuple[
             fmt.TreeMetadata, dict[str, str], dict, _integrity.Checksums | None]:
         """The item's documents, each checked against ``_CHECKSUMS`` when present."""
         sums = await _integrity.read_checksums(directory)
@@ -244,9 +244,9 @@ class PyTreeCheckpointHandler(CheckpointHandler):
             strings = fmt.decode(raw, dict, where=str(directory / fmt.STRINGS))
         return tree_doc, shardings, strings, sums
 
-    async def restore(self, directory: Path, args: PyTreeRestore | StandardRestore | None = None
+    async def restore(self, directory: AnyPath, args: PyTreeRestore | StandardRestore | None = None
                       ) -> Any:
-        directory = Path(directory)
+        directory = coerce(directory)
         if getattr(args, "transforms", None) is not None or getattr(
                 args, "legacy_transform_fn", None) is not None:
             raise InvalidArgumentError(
@@ -263,8 +263,8 @@ class PyTreeCheckpointHandler(CheckpointHandler):
         return await reader.restore_into(target if target is not None else restore_args,
                                          restore_args, partial=partial)
 
-    async def metadata(self, directory: Path) -> TreeMetadata:
-        directory = Path(directory)
+    async def metadata(self, directory: AnyPath) -> TreeMetadata:
+        directory = coerce(directory)
         tree_doc, shardings, _, sums = await self.read_documents(directory)
         return await _Reader(directory, tree_doc, shardings, {}, sums).metadata()
 
@@ -279,7 +279,7 @@ class StandardCheckpointHandler(PyTreeCheckpointHandler):
 class _Reader:
     """Restores one pytree item from its decoded documents."""
 
-    def __init__(self, directory: Path, doc: fmt.TreeMetadata, shardings: dict[str, str],
+    def __init__(self, directory: AnyPath, doc: fmt.TreeMetadata, shardings: dict[str, str],
                  strings: dict[str, Any], sums: _integrity.Checksums | None = None) -> None:
         self.dir = directory
         self.sums = sums

@@ -13,15 +13,16 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from .. import _commit
 from .. import _format as fmt
 from .. import _storage as storage
 from .._checkpointer import AsyncCheckpointer, AsyncOptions, as_path
-from .._runtime import CommitFuture, get_runtime, on_engine
+from .._paths import AnyPath
+from .._runtime import CommitFuture, on_engine
 from ..args import CheckpointArgs, Composite, JsonSave
 from ..checkpoint_managers import CheckpointInfo, DecisionContext, PreservationContext
 from ..errors import (
@@ -129,8 +130,12 @@ class AsyncCheckpointManager:
             await self._save_root_metadata(self._root_metadata)
 
     async def _cleanup_leftovers(self) -> None:
-        for name in await storage.listdir(self.directory):
-            if _steps.is_leftover(name):
+        names, visible = await _commit.scan(self.directory)
+        for name in names:
+            # (on an object store, a step written in place without its commit marker is an
+            # unfinished save too)
+            if _steps.is_leftover(name) or (
+                    name not in visible and self._name_format.parse(name) is not None):
                 await storage.rmtree(self.directory / name)
 
     async def _save_root_metadata(self, custom: dict[str, Any]) -> None:
@@ -140,8 +145,10 @@ class AsyncCheckpointManager:
         await storage.makedirs(path.parent)
         await storage.write_bytes(path, fmt.encode(fmt.RootMetadata({}, dict(custom))))
 
-    async def _step_names(self) -> dict[int, str]:
-        return _steps.steps_in(await storage.listdir(self.directory), self._name_format)
+    async def _step_names(self, root: Any = None) -> dict[int, str]:
+        """Committed steps in ``root`` (default: this manager's directory): step -> name."""
+        _names, visible = await _commit.scan(self.directory if root is None else root)
+        return _steps.steps_in(sorted(visible), self._name_format)
 
     async def _load_checkpoint_infos(self) -> list[CheckpointInfo]:
         infos = []
@@ -149,18 +156,18 @@ class AsyncCheckpointManager:
             path = self.directory / name
             meta = await self._read_step_doc(path)
             metrics = await self._read_metrics(path, meta)
-            mtime = (await get_runtime().to_thread(os.stat, path)).st_mtime if meta is None else 0.0
+            mtime = await storage.mtime(path) if meta is None else 0.0
             ns = meta.commit_timestamp_nsecs if meta is not None else None
             infos.append(CheckpointInfo(step, _utc(ns, mtime), metrics))
         return infos
 
-    async def _read_step_doc(self, path: Path) -> fmt.StepMetadata | None:
+    async def _read_step_doc(self, path: AnyPath) -> fmt.StepMetadata | None:
         doc_path = path / fmt.CHECKPOINT_METADATA
         if not await storage.exists(doc_path):
             return None
         return fmt.decode(await storage.read_bytes(doc_path), fmt.StepMetadata, where=str(doc_path))
 
-    async def _read_metrics(self, path: Path, meta: fmt.StepMetadata | None) -> Any:
+    async def _read_metrics(self, path: AnyPath, meta: fmt.StepMetadata | None) -> Any:
         item = path / METRIC_ITEM_NAME / METRIC_ITEM_NAME
         if await storage.exists(item):  # Orbax writes metrics as a JSON item when best_fn is set
             return fmt.decode(await storage.read_bytes(item), Any, where=str(item))
@@ -224,7 +231,7 @@ class AsyncCheckpointManager:
         return bool(self._save_policy.should_save(now, list(self._checkpoints), context=context))
 
     # -- save ------------------------------------------------------------------------------------
-    def _step_path(self, step: int) -> Path:
+    def _step_path(self, step: int) -> AnyPath:
         return self.directory / self._name_format.build_name(step)
 
     def _as_composite(self, args: CheckpointArgs | None) -> Composite:
@@ -278,7 +285,7 @@ class AsyncCheckpointManager:
         if self.options.read_only:
             log.warning("%s is read only: step %d was not saved", self.directory, step)
             return None
-        if step in self.all_steps() or (not force and await storage.exists(self._step_path(step))):
+        if step in self.all_steps() or (not force and await _commit.is_visible(self._step_path(step))):
             # (on disk too: another writer may have committed it; the commit's create-once
             # rename is what decides a race, this only reports the common case early)
             raise StepAlreadyExistsError(f"Checkpoint for step {step} already exists in "
@@ -297,7 +304,7 @@ class AsyncCheckpointManager:
         to_remove = [c for c, k in zip(candidates, keep, strict=True) if not k]
         prev = self._futures[max(self._futures)] if self._futures else None
 
-        async def retain(path: Path, _meta: Any) -> None:
+        async def retain(path: AnyPath, _meta: Any) -> None:
             # Orbax retires the new step too when the policy does not keep it (BestN with a
             # worse metric): unlisted now, deleted once committed. The step is committed by
             # now, so a failed deletion must not make its future report a failed save.
@@ -368,23 +375,31 @@ class AsyncCheckpointManager:
             name = names.get(step)
             if name is None:
                 continue
-            path = self.directory / name
-            # Unlist first (one rename), then remove: a kill in between leaves a leftover,
-            # never a listed step with missing files.
-            if self.options.todelete_subdir:
-                dest_dir = self.directory / self.options.todelete_subdir
-                await storage.makedirs(dest_dir)
-                try:
-                    await storage.rename_durable(path, dest_dir / name)
-                except FileNotFoundError:
-                    pass  # already deleted (by another manager on this directory)
-                continue
-            doomed = self.directory / f"{name}{_steps.TODELETE_MARK}-{time.time_ns()}"
+            if storage.has_rename(self.directory):
+                await self._delete_local(self.directory, name)
+            else:
+                # Object store: rmtree deletes the commit marker (unlists) before the objects;
+                # todelete_subdir is not honoured (moving means copying every object).
+                await storage.rmtree(self.directory / name)
+
+    async def _delete_local(self, directory: Path, name: str) -> None:
+        path = directory / name
+        # Unlist first (one rename), then remove: a kill in between leaves a leftover,
+        # never a listed step with missing files.
+        if self.options.todelete_subdir:
+            dest_dir = directory / self.options.todelete_subdir
+            await storage.makedirs(dest_dir)
             try:
-                await storage.rename_durable(path, doomed)
+                await storage.rename_durable(path, dest_dir / name)
             except FileNotFoundError:
-                continue  # already deleted (by another manager on this directory)
-            await storage.rmtree(doomed)
+                pass  # already deleted (by another manager on this directory)
+            return
+        doomed = directory / f"{name}{_steps.TODELETE_MARK}-{time.time_ns()}"
+        try:
+            await storage.rename_durable(path, doomed)
+        except FileNotFoundError:
+            return  # already deleted (by another manager on this directory)
+        await storage.rmtree(doomed)
 
     @on_engine
     async def delete(self, step: int) -> None:
@@ -404,14 +419,14 @@ class AsyncCheckpointManager:
         self._checkpoints = [c for c in self._checkpoints if c.step != step]
 
     # -- restore / metadata ----------------------------------------------------------------------
-    async def _resolve_step_dir(self, step: int | None, directory: Any = None) -> tuple[int, Path]:
+    async def _resolve_step_dir(self, step: int | None, directory: Any = None) -> tuple[int, AnyPath]:
         await self._ensure_init()
         root = as_path(directory) if directory is not None else self.directory
         if step is None:
             if directory is None:
                 step = self.latest_step()
             else:
-                names = _steps.steps_in(await storage.listdir(root), self._name_format)
+                names = await self._step_names(root)
                 step = max(names) if names else None
             if step is None:
                 raise StepNotFoundError(f"No steps found in {root}.")
@@ -419,7 +434,7 @@ class AsyncCheckpointManager:
         fut = self._futures.get(step)
         if fut is not None and not fut.done():
             await fut
-        names = _steps.steps_in(await storage.listdir(root), self._name_format)
+        names = await self._step_names(root)
         if step not in names:
             raise StepNotFoundError(f"step {step} does not exist in {root} (steps: "
                                     f"{sorted(names)[-10:]})")

@@ -1,0 +1,115 @@
+"""The object-store backend of ``_storage``: small documents and "directories" (key prefixes)
+through TensorStore's kvstore (``ts.KvStore.read/write/list/delete_range``).
+
+An object store has no directories, no rename and no fsync: a "directory" exists while some
+object's key starts with its prefix, a completed PUT is durable, and visibility is decided by
+the commit marker (see ``_commit``). TensorStore failures are mapped to ckpt_async errors that
+name the ``s3://`` path, with ``__cause__`` kept.
+"""
+
+from __future__ import annotations
+
+import os
+
+import tensorstore as ts
+
+from . import _paths
+from .errors import CheckpointError, CheckpointNotFoundError, CommitError
+
+_roots: dict[tuple[str, str | None, str | None], ts.KvStore] = {}
+os.register_at_fork(after_in_child=_roots.clear)  # TensorStore handles do not survive a fork
+
+
+async def _root(path: _paths.StorePath) -> ts.KvStore:
+    """The bucket's kvstore (opened once per bucket, endpoint and region; keys are relative)."""
+    spec = _paths.kvstore_base(_paths.StorePath(path.bucket, "", path.scheme))
+    cache_key = (path.bucket, spec.get("endpoint"), spec.get("aws_region"))
+    kv = _roots.get(cache_key)
+    if kv is None:
+        try:
+            kv = await ts.KvStore.open(spec)
+        except Exception as exc:
+            raise CheckpointError(f"cannot open {path.scheme}://{path.bucket}: {exc}") from exc
+        _roots[cache_key] = kv
+    return kv
+
+
+def _prefix_range(prefix: str) -> ts.KvStore.KeyRange:
+    """Every key starting with ``prefix`` ("" : the whole bucket)."""
+    if not prefix:
+        return ts.KvStore.KeyRange()
+    return ts.KvStore.KeyRange(prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1))
+
+
+def _dir_prefix(path: _paths.StorePath) -> str:
+    return path.key + "/" if path.key else ""
+
+
+async def list_keys(path: _paths.StorePath) -> list[str]:
+    """Keys under the "directory" ``path``, relative to it."""
+    prefix = _dir_prefix(path)
+    kv = await _root(path)
+    try:
+        keys = await kv.list(_prefix_range(prefix))
+    except Exception as exc:
+        raise CheckpointError(f"cannot list {path}: {exc}") from exc
+    return sorted(k.decode()[len(prefix):] for k in keys)
+
+
+async def write_bytes(path: _paths.StorePath, data: bytes) -> None:
+    kv = await _root(path)
+    try:
+        await kv.write(path.key, data)
+    except Exception as exc:
+        raise CommitError(f"cannot write {path}: {exc}") from exc
+
+
+async def read_bytes(path: _paths.StorePath) -> bytes:
+    kv = await _root(path)
+    try:
+        result = await kv.read(path.key)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    if result.state != "value":
+        raise CheckpointNotFoundError(f"{path} does not exist")
+    return bytes(result.value)
+
+
+async def exists(path: _paths.StorePath) -> bool:
+    """An object at ``path``, or any object under it (a "directory")."""
+    kv = await _root(path)
+    try:
+        keys = await kv.list(ts.KvStore.KeyRange(path.key, path.key + "0"))
+    except Exception as exc:
+        raise CheckpointError(f"cannot list {path}: {exc}") from exc
+    own, below = path.key.encode(), path.key.encode() + b"/"
+    return any(k == own or k.startswith(below) for k in keys)
+
+
+async def is_dir(path: _paths.StorePath) -> bool:
+    return bool(await list_keys(path))
+
+
+async def listdir(path: _paths.StorePath) -> list[str]:
+    """The first component of every key under ``path`` (files and "directories" alike)."""
+    return sorted({k.split("/", 1)[0] for k in await list_keys(path)})
+
+
+async def delete(path: _paths.StorePath) -> None:
+    """Deletes the one object at ``path`` (missing is fine)."""
+    kv = await _root(path)
+    try:
+        await kv.delete_range(ts.KvStore.KeyRange(path.key, path.key + "\x00"))
+    except Exception as exc:
+        raise CommitError(f"cannot delete {path}: {exc}") from exc
+
+
+async def delete_prefix(path: _paths.StorePath) -> None:
+    """Deletes every object under ``path`` (missing is fine)."""
+    if not path.key:
+        raise CommitError(f"{path}: refusing to delete a whole bucket")
+    kv = await _root(path)
+    try:
+        await kv.delete_range(_prefix_range(_dir_prefix(path)))
+    except Exception as exc:
+        raise CommitError(f"cannot delete {path}: {exc}") from exc
