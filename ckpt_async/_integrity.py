@@ -25,6 +25,8 @@ from ._runtime import get_runtime, on_engine
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 
 CHECKSUMS = "_CHECKSUMS"
+#: Arrays smaller than this are checked on the engine loop; larger ones in a worker thread.
+INLINE_CHECK_BYTES = 1 << 20
 
 
 class ArraySums(msgspec.Struct):
@@ -66,7 +68,10 @@ async def check_array(directory: AnyPath, name: str, arr: np.ndarray, sums: Chec
     entry = sums.arrays.get(name) if sums is not None else None
     if entry is None:
         return
-    got = await get_runtime().to_thread(ser.chunk_checksums, arr, tuple(entry.chunks))
+    if arr.nbytes < INLINE_CHECK_BYTES:  # a thread hop costs more than the crc itself
+        got = ser.chunk_checksums(arr, tuple(entry.chunks))
+    else:
+        got = await get_runtime().to_thread(ser.chunk_checksums, arr, tuple(entry.chunks))
     bad = sorted(k for k, crc in entry.crc.items() if got.get(k) != crc)
     if bad:
         raise CorruptCheckpointError(

@@ -284,6 +284,7 @@ class _Reader:
         self.dir = directory
         self.sums = sums
         self.tracker = Tracker("restore", directory, None)
+        self._prefetched: dict[str, np.ndarray] = {}
         self.doc = doc
         self.shardings = shardings
         self.strings = strings
@@ -297,12 +298,23 @@ class _Reader:
     def _name(self, entry: fmt.TreeEntry) -> str:
         return ".".join(k.key for k in entry.key_metadata)
 
+    async def prefetch(self, names: list[str]) -> None:
+        """Reads the named arrays in one batch (checked); ``_read`` then returns them."""
+        reader = ser.ItemReader(self.dir, use_ocdbt=self.doc.use_ocdbt,
+                                use_zarr3=self.doc.use_zarr3)
+        arrays = await reader.read_many(names)
+        await asyncio.gather(*(_integrity.check_array(self.dir, n, a, self.sums)
+                               for n, a in arrays.items()))
+        for arr in arrays.values():
+            self.tracker.add(arr.nbytes)
+        self._prefetched.update(arrays)
+
     async def _read(self, name: str) -> np.ndarray:
-        arr = await ser.read_array(self.ctx, self.dir, name, use_ocdbt=self.doc.use_ocdbt,
-                                   use_zarr3=self.doc.use_zarr3)
-        await _integrity.check_array(self.dir, name, arr, self.sums)
-        self.tracker.add(arr.nbytes)
-        return arr
+        arr = self._prefetched.pop(name, None)
+        if arr is not None:
+            return arr
+        await self.prefetch([name])
+        return self._prefetched.pop(name)
 
     def _empty(self, value_type: str, name: str) -> Any:
         if value_type == "List" and self.scalars.get(name) == "tuple":
@@ -335,8 +347,14 @@ class _Reader:
             return jax.device_put(arr, sharding) if sharding is not None else jax.device_put(arr)
         return arr
 
+    def _stored_arrays(self, keys: Any) -> list[str]:
+        return [self._name(self.by_key[k]) for k in keys
+                if self.by_key[k].value_metadata.value_type in ("jax.Array", "np.ndarray",
+                                                                 "scalar")]
+
     async def restore_as_saved(self) -> Any:
         entries = list(self.by_key.values())
+        await self.prefetch(self._stored_arrays(self.by_key))
         values = await asyncio.gather(*(self._value_as_saved(e) for e in entries))
         if self.skeleton is not None:
             return _tree.unflatten(self.skeleton, lambda i: values[i])
@@ -350,6 +368,7 @@ class _Reader:
             rargs = {k: a for k, _n, a in rpairs}
         wanted = {k for k, _n, _l in pairs}
         _tree.check_structure(set(self.by_key), wanted, where=str(self.dir), allow_missing=partial)
+        await self.prefetch(self._stored_arrays(k for k in wanted if k in self.by_key))
 
         async def one(key: str, name: str, tleaf: Any) -> Any:
             entry = self.by_key[key]
