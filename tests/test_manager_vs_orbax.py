@@ -100,16 +100,17 @@ def answers(m) -> tuple:
     return (list(m.all_steps()), m.latest_step(), m.best_step())
 
 
-def run_orbax(directory, options: dict, calls: list[tuple]) -> list:
+def run_sync(lib, directory, options: dict, calls: list[tuple]) -> list:
+    """Plays ``calls`` on ``lib``'s CheckpointManager (orbax or ckpt_async), recording answers."""
     out = []
-    mngr = orbax.CheckpointManager(directory, options=orbax.CheckpointManagerOptions(**options))
+    mngr = lib.CheckpointManager(directory, options=lib.CheckpointManagerOptions(**options))
     try:
         for op, step, metrics, force in calls:
             if op == "should_save":
                 out.append((op, mngr.should_save(step), answers(mngr)))
                 continue
             try:
-                saved = mngr.save(step, args=orbax.args.StandardSave(tree_for(step)),
+                saved = mngr.save(step, args=lib.args.StandardSave(tree_for(step)),
                                   metrics=metrics, force=force)
             except Exception as exc:  # noqa: BLE001 - the error's name is compared
                 saved = type(exc).__name__
@@ -121,22 +122,12 @@ def run_orbax(directory, options: dict, calls: list[tuple]) -> list:
     return out
 
 
+def run_orbax(directory, options: dict, calls: list[tuple]) -> list:
+    return run_sync(orbax, directory, options, calls)
+
+
 def run_ca_sync(directory, options: dict, calls: list[tuple]) -> list:
-    out = []
-    with ca.CheckpointManager(directory, options=ca.CheckpointManagerOptions(**options)) as mngr:
-        for op, step, metrics, force in calls:
-            if op == "should_save":
-                out.append((op, mngr.should_save(step), answers(mngr)))
-                continue
-            try:
-                saved = mngr.save(step, args=ca.args.StandardSave(tree_for(step)),
-                                  metrics=metrics, force=force)
-            except Exception as exc:  # noqa: BLE001 - the error's name is compared
-                saved = type(exc).__name__
-            out.append((op, saved, answers(mngr)))
-        mngr.wait_until_finished()
-        out.append(("finished", answers(mngr)))
-    return out
+    return run_sync(ca, directory, options, calls)
 
 
 def run_ca_async(directory, options: dict, calls: list[tuple], in_flight: list | None = None
