@@ -242,8 +242,9 @@ async def read_array(
 
 
 #: Arrays up to this size are read straight from the OCDBT kvstore when they are stored as
-#: uncompressed zarr v2 (what ckpt_async writes): no zarr driver is opened per array.
-DIRECT_READ_MAX_BYTES = 64 << 20
+#: uncompressed zarr v2 (what ckpt_async writes): no zarr driver is opened per array. Larger
+#: ones go through the driver, which reads into one buffer (the kvstore path copies twice).
+DIRECT_READ_MAX_BYTES = 1 << 20
 
 
 def _direct_plan(meta: dict[str, Any]) -> tuple[np.dtype, tuple[int, ...], tuple[int, ...]] | None:
