@@ -487,95 +487,8 @@ def cmd_show(a: argparse.Namespace, out: Any) -> int:
 # -- verify ------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class VerifyReport:
-    """What ``ckpt_async.verify`` returns (the CLI's stand-in until it exists)."""
-
-    arrays_checked: int = 0
-    bytes_checked: int = 0
-    problems: list[str] = dataclasses.field(default_factory=list)
-    skipped: list[str] = dataclasses.field(default_factory=list)
-
-
-def _check_documents(item: Item, problems: list[str]) -> None:
-    """Decodes every JSON document of a pytree item."""
-    for rel in (fmt.PYTREE_METADATA, fmt.SHARDING, fmt.STRINGS):
-        p = item.path / rel
-        if p.exists():
-            try:
-                _read_json(p)
-            except CLIError as exc:
-                problems.append(str(exc))
-    am = item.path / fmt.ARRAY_METADATAS
-    if am.is_dir():
-        for p in sorted(am.iterdir()):
-            try:
-                fmt.decode(p.read_bytes(), fmt.ArrayMetadatas, where=str(p))
-            except Exception as exc:  # noqa: BLE001
-                problems.append(str(exc))
-
-
 def _restored_leaves(tree: Any) -> dict[str, Any]:
     return {".".join(k): v for k, v in walk_tree(tree)}
-
-
-def fallback_verify(path: Any, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
-    """Reads every array and document of the checkpoint at ``path``; never raises for
-    corruption, reports it in ``problems``."""
-    report = VerifyReport()
-    path = Path(path)
-    try:
-        if (path / fmt.CHECKPOINT_METADATA).exists():
-            _step_doc(path)
-        items = checkpoint_items(path)
-    except Exception as exc:  # noqa: BLE001 - reported
-        report.problems.append(str(exc))
-        return report
-    if not items:
-        report.problems.append(f"{path}: no items found")
-    plans: list[tuple[Item, list[dict[str, Any]]]] = []
-    for item in items:
-        if item.kind == "pytree":
-            _check_documents(item, report.problems)
-            try:
-                plans.append((item, item_records(item)))
-            except Exception as exc:  # noqa: BLE001
-                report.problems.append(f"{item.label}: {exc}")
-        elif item.kind == "json":
-            for p in _json_files(item):
-                try:
-                    _read_json(p)
-                except CLIError as exc:
-                    report.problems.append(f"{item.label}: {exc}")
-        else:
-            report.skipped.append(f"{item.label}: handler {_short_handler(item.typestr)} is "
-                                  "not known to ckpt_async, not checked")
-    total = sum(r.get("bytes", 0) for _i, recs in plans for r in recs)
-    done = 0
-    if progress is not None:
-        progress(0, total)
-    for item, recs in plans:
-        nbytes = sum(r.get("bytes", 0) for r in recs)
-        try:
-            values = _restored_leaves(restore_item(item))
-            for r in recs:
-                if r["kind"] not in ("array", "scalar"):
-                    continue
-                v = values.get(r["key"])
-                arr = np.asarray(v)
-                if list(arr.shape) != r["shape"] or arr.dtype.name != r["dtype"]:
-                    report.problems.append(
-                        f"{item.label}: {r['key']} read as {arr.dtype.name}{list(arr.shape)}, "
-                        f"metadata says {r['dtype']}{r['shape']}")
-                    continue
-                report.arrays_checked += 1
-                report.bytes_checked += arr.nbytes
-        except Exception as exc:  # noqa: BLE001 - reported
-            report.problems.append(f"{item.label}: {type(exc).__name__}: {exc}")
-        done += nbytes
-        if progress is not None:
-            progress(done, total)
-    return report
 
 
 def _tidy(problem: object) -> str:
@@ -586,7 +499,7 @@ def _tidy(problem: object) -> str:
 def _verify_fn() -> Callable[..., Any]:
     import ckpt_async
 
-    return getattr(ckpt_async, "verify", None) or fallback_verify
+    return ckpt_async.verify
 
 
 class Progress:
@@ -643,7 +556,7 @@ def cmd_verify(a: argparse.Namespace, out: Any) -> int:
     for step, target in targets:
         label = f"step {step}" if step is not None else str(target)
         bar = None if a.quiet else Progress(f"verifying {label}", prog_out, tty,
-                                            in_bytes=verify is fallback_verify)
+                                            in_bytes=False)  # verify() counts arrays
         try:
             report = verify(target, progress=bar)
         finally:

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-import ckpt_async
 import ckpt_async as ocp
 from ckpt_async import cli
 
@@ -72,7 +71,7 @@ def run_dir(tmp_path_factory, mesh) -> Path:
 
 @pytest.fixture(scope="module")
 def orbax_ckpt(tmp_path_factory) -> Path:
-    orbax = pytest.importorskip("orbax.checkpoint")
+    import orbax.checkpoint as orbax
     path = tmp_path_factory.mktemp("orbax") / "ckpt"
     tree = {"a": np.arange(6.0, dtype=np.float32).reshape(2, 3),
             "b": {"c": np.int32(3), "d": [jnp.ones(2, jnp.bfloat16)]}}
@@ -173,16 +172,7 @@ def test_orbax_checkpoint_show_verify_export(capsys, orbax_ckpt, tmp_path):
 # -- verify ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["library", "fallback"])
-def verify_impl(request, monkeypatch):
-    if request.param == "fallback":
-        monkeypatch.delattr(ckpt_async, "verify", raising=False)
-    elif getattr(ckpt_async, "verify", None) is None:
-        pytest.skip("ckpt_async.verify is not there yet")
-    return request.param
-
-
-def test_verify_all_steps_ok(capsys, run_dir, verify_impl):
+def test_verify_all_steps_ok(capsys, run_dir):
     code, doc, _ = run_json(capsys, "verify", run_dir)
     assert code == 0 and doc["ok"]
     assert [c["step"] for c in doc["checkpoints"]] == [0, 10, 20]
@@ -190,7 +180,7 @@ def test_verify_all_steps_ok(capsys, run_dir, verify_impl):
     assert all(c["bytes_checked"] >= 64 * 64 * 4 for c in doc["checkpoints"])
 
 
-def test_verify_progress_plain_lines_when_not_a_tty(capsys, run_dir, verify_impl):
+def test_verify_progress_plain_lines_when_not_a_tty(capsys, run_dir):
     code, out, _ = run(capsys, "verify", run_dir / "20")
     assert code == 0
     assert "verifying" in out and "%" in out and "\r" not in out
@@ -206,7 +196,7 @@ def _corrupt_data(step: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete", "metadata"])
-def test_verify_fails_on_corruption(capsys, run_dir, tmp_path, verify_impl, damage):
+def test_verify_fails_on_corruption(capsys, run_dir, tmp_path, damage):
     step = copy_step(run_dir, tmp_path)
     if damage == "truncate":
         _corrupt_data(step)
@@ -348,7 +338,7 @@ def test_export_import_round_trip_bit_exact(capsys, tmp_path, mesh):
     assert run(capsys, "diff", src, tmp_path / "back", "--values")[0] == 0
 
     # the file is a plain safetensors file for other readers
-    safetensors = pytest.importorskip("safetensors")
+    import safetensors
     data = (tmp_path / "m.safetensors").read_bytes()
     got = {name: (v["dtype"], list(v["shape"])) for name, v in safetensors.deserialize(data)}
     assert got["params.w"] == ("F32", [8, 4]) and got["params.b"] == ("BF16", [6])
@@ -378,7 +368,7 @@ def test_export_needs_item_for_several_pytrees(capsys, tmp_path, run_dir):
 
 
 def test_import_plain_safetensors_nests_names(capsys, tmp_path):
-    st_numpy = pytest.importorskip("safetensors.numpy")
+    import safetensors.numpy as st_numpy
     st_numpy.save_file({"model.layer.0.weight": np.ones((2, 2), np.float32),
                         "model.layer.0.bias": np.arange(2, dtype=np.int64)},
                        str(tmp_path / "hf.safetensors"))

@@ -6,12 +6,11 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as orbax  # noqa: E402 - a test dependency: missing is a failure
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import ckpt_async as ocp
-
-orbax = pytest.importorskip("orbax.checkpoint")
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,8 @@ from pathlib import Path
 import pytest
 
 _ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # the package is not installed in the venv
-    sys.path.insert(0, str(_ROOT))
 
-from ckpt_async import checkpoint_managers as cm  # noqa: E402
-from ckpt_async.checkpoint_managers import preservation_policy as pp  # noqa: E402
-from ckpt_async.checkpoint_managers import save_decision_policy as sdp  # noqa: E402
-
-ocm = pytest.importorskip("orbax.checkpoint.checkpoint_managers")
+import orbax.checkpoint.checkpoint_managers as ocm  # noqa: E402
 from orbax.checkpoint import options as o_options  # noqa: E402
 from orbax.checkpoint._src.checkpoint_managers import (  # noqa: E402
     preservation_policy as o_pp,
@@ -27,6 +21,10 @@ from orbax.checkpoint._src.checkpoint_managers import (  # noqa: E402
 from orbax.checkpoint._src.metadata.checkpoint_info import (  # noqa: E402
     CheckpointInfo as OInfo,
 )
+
+from ckpt_async import checkpoint_managers as cm  # noqa: E402
+from ckpt_async.checkpoint_managers import preservation_policy as pp  # noqa: E402
+from ckpt_async.checkpoint_managers import save_decision_policy as sdp  # noqa: E402
 
 UTC = datetime.UTC
 BASE = datetime.datetime(2024, 1, 1, tzinfo=UTC)
@@ -475,7 +473,7 @@ def test_checkpoint_info_identity_is_step_and_time():
     b = cm.CheckpointInfo(3, BASE, None)
     assert a == b and hash(a) == hash(b) and len({a, b}) == 1
     assert a != cm.CheckpointInfo(3, BASE + SEC)
-    np = pytest.importorskip("numpy")
+    import numpy as np
     step = cm.CheckpointInfo(np.int64(7), BASE).step
     assert step == 7 and type(step) is int
 

@@ -13,8 +13,10 @@ import logging
 import os
 import uuid
 
+import boto3  # noqa: E402
 import jax.numpy as jnp
 import ml_dtypes
+import moto.server as moto_server  # noqa: E402 - test dependencies: missing is a failure
 import numpy as np
 import pytest
 
@@ -26,9 +28,6 @@ from ckpt_async.errors import (
     StepAlreadyExistsError,
     StepNotFoundError,
 )
-
-moto_server = pytest.importorskip("moto.server")
-boto3 = pytest.importorskip("boto3")
 
 BUCKET = "ckpt-async-test"
 REGION = "us-east-1"
