@@ -164,9 +164,11 @@ class ItemWriter:
     the zarr driver. Both share the context, hence the same OCDBT database instance.
     """
 
-    def __init__(self, item_dir: AnyPath, *, compress: bool = False) -> None:
+    def __init__(self, item_dir: AnyPath, *, compress: bool = False,
+                 direct_max_bytes: float = DIRECT_WRITE_MAX_BYTES) -> None:
         self.item_dir = item_dir
         self.compress = compress
+        self.direct_max_bytes = direct_max_bytes
         self.ctx = new_context()
         self._kv: ts.KvStore | None = None
         self._kv_lock = asyncio.Lock()
@@ -183,7 +185,7 @@ class ItemWriter:
 
     def _direct(self, arr: StoredArray) -> str | None:
         zdtype = zarr_v2_dtype(arr.dtype)
-        if self.compress or zdtype is None or arr.nbytes > DIRECT_WRITE_MAX_BYTES:
+        if self.compress or zdtype is None or arr.nbytes > self.direct_max_bytes:
             return None
         return zdtype
 

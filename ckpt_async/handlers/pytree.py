@@ -149,7 +149,10 @@ class PyTreeCheckpointHandler(CheckpointHandler):
         await storage.makedirs(directory)
         to_stage = [(p.leaf.value, p.leaf.name, p.dtype) for p in planned
                     if p.value_type in ("jax.Array", "np.ndarray", "scalar")]
-        writer = ser.ItemWriter(directory, compress=self._compress)
+        # Under a memory budget every array takes the kvstore path: its bytes are freed when
+        # the write lands, while the zarr driver keeps its own buffers past the budget's release.
+        writer = ser.ItemWriter(directory, compress=self._compress, direct_max_bytes=(
+            math.inf if self._budget.limit is not None else ser.DIRECT_WRITE_MAX_BYTES))
         nbytes = sum(math.prod(np.shape(v)) * np.dtype(d or v.dtype).itemsize
                      for v, _, d in to_stage)
         tracker = Tracker("save", directory, nbytes)

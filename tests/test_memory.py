@@ -1,0 +1,68 @@
+"""Saves issued faster than they commit stay within the host-memory budget plus one state."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = r"""
+import json, shutil, sys, threading, time
+import numpy as np
+import ckpt_async as ocp
+from ckpt_async import _commit
+
+original = _commit.commit
+async def slow_commit(*args, **kwargs):  # commits slower than saves are issued
+    import asyncio
+    await asyncio.sleep(0.3)
+    return await original(*args, **kwargs)
+_commit.commit = slow_commit
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+peak = [0]
+def sample():
+    while True:
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.002)
+
+budget = 32 << 20
+state = {f"a{i}": np.full((1 << 22,), i, np.float32) for i in range(8)}  # 128 MiB of NumPy
+handler = ocp.StandardCheckpointHandler(host_memory_budget_bytes=budget)
+options = ocp.CheckpointManagerOptions(max_concurrent_saves=2)
+with ocp.CheckpointManager(sys.argv[1], options=options, item_handlers=handler) as mngr:
+    mngr.save(0, args=ocp.args.StandardSave(state))
+    mngr.wait_until_finished()
+    base = rss()
+    threading.Thread(target=sample, daemon=True).start()
+    futures = []
+    for step in range(1, 7):
+        mngr.save(step, args=ocp.args.StandardSave(state))
+        futures.append(mngr.commit_future(step))
+    mngr.wait_until_finished()
+    time.sleep(0.01)
+    extra = peak[0] - base  # before the restore, which holds a tree of its own
+    restored = mngr.restore(6)
+    steps = mngr.all_steps()
+ok = all(np.array_equal(restored[k], v) for k, v in state.items())
+print(json.dumps({"extra": extra, "budget": budget, "state": 128 << 20,
+                  "steps": steps, "committed": all(f.exception() is None for f in futures),
+                  "bit_exact": ok}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_burst_of_saves_stays_within_budget_plus_one_state(tmp_path):
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["committed"] and r["bit_exact"] and r["steps"] == list(range(7))
+    # The guarantee is budget + one state (128 MiB); what we hold to is far tighter: twice the
+    # budget and one array (without the kvstore write path this measured 208-256 MiB).
+    assert r["extra"] <= 2 * r["budget"] + (16 << 20) <= r["budget"] + r["state"], r
