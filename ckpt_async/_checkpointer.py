@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import _commit
+from . import _commit, _integrity
 from . import _format as fmt
-from . import _storage as storage
 from ._paths import AnyPath, StorePath
 from ._runtime import CommitFuture, get_runtime, on_engine
 from .args import CheckpointArgs, Composite, args_classes_for, handler_class_for
@@ -88,15 +87,15 @@ def make_args(handler: CheckpointHandler, kind: str, item: Any, kwargs: dict) ->
 
 
 def _record_statistics(meta: fmt.StepMetadata, stats: dict[str, Any], t_write: float,
-                       t_wait: float) -> None:
-    """Puts the save's figures into the step metadata it is about to commit."""
+                       t_wait: float) -> dict[str, Any]:
+    """Puts Orbax's fields into the step metadata; returns our figures (for ``_CKPT_ASYNC``)."""
     now = time.perf_counter()
     meta.performance_metrics = {  # the fields Orbax knows, so it reads them back
         "checkpointer_blocking_duration_secs": float(stats["blocking_secs"]),
         "wait_for_prev_duration_secs": float(now - t_wait),
     }
     write = t_wait - t_write
-    meta.ckpt_async_statistics = {
+    return {
         "bytes": stats["bytes"], "arrays": stats["arrays"],
         "blocking_secs": stats["blocking_secs"], "write_secs": write,
         "wait_for_previous_secs": now - t_wait,
@@ -198,8 +197,8 @@ class AsyncCheckpointer:
             if after is not None:
                 with contextlib.suppress(BaseException):
                     await after  # the earlier save's own failure is reported by its future
-            _record_statistics(meta, stats, t_write, t_wait)
-            await _commit.commit(tmp, path, meta, item_dirs, replace=force)
+            figures = _record_statistics(meta, stats, t_write, t_wait)
+            await _commit.commit(tmp, path, meta, item_dirs, replace=force, statistics=figures)
 
         try:
             timeout = self.async_options.timeout_secs
@@ -268,18 +267,16 @@ class AsyncCheckpointer:
         """Step metadata of ``directory``, with its items' metadata (no arrays are read)."""
         await self.wait_until_finished()
         path = as_path(directory)
-        meta_path = path / fmt.CHECKPOINT_METADATA
-        doc = fmt.StepMetadata()
         if not await _commit.is_visible(path):
             raise CheckpointNotFoundError(f"checkpoint {path} does not exist")
-        if await storage.exists(meta_path):
-            doc = fmt.decode(await storage.read_bytes(meta_path), fmt.StepMetadata,
-                             where=str(meta_path))
+        found, ext = await _integrity.read_step_metadata(path)
+        doc = found or fmt.StepMetadata()
+        statistics = (ext.statistics if ext is not None else None) or {}
         return StepMetadata(
             item_handlers=doc.item_handlers,
             item_metadata=await self.handler.metadata(path),
             metrics=doc.metrics,
-            performance_metrics={**doc.performance_metrics, **(doc.ckpt_async_statistics or {})},
+            performance_metrics={**doc.performance_metrics, **statistics},
             init_timestamp_nsecs=doc.init_timestamp_nsecs,
             commit_timestamp_nsecs=doc.commit_timestamp_nsecs,
             custom_metadata=doc.custom_metadata,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -86,11 +87,15 @@ async def commit(
     item_dirs: Sequence[AnyPath],
     *,
     replace: bool = False,
+    statistics: dict | None = None,
 ) -> None:
     """Writes the step's documents and markers, fsyncs everything, renames ``tmp`` to ``final``.
     On an object store (``tmp`` is ``final``) the step's marker, written last, is the commit."""
     step_meta.commit_timestamp_nsecs = time.time_ns()
-    await storage.write_bytes(tmp / fmt.CHECKPOINT_METADATA, fmt.encode(step_meta), durable=False)
+    doc = fmt.encode(step_meta)
+    await storage.write_bytes(tmp / fmt.CHECKPOINT_METADATA, doc, durable=False)
+    await storage.write_bytes(tmp / fmt.STEP_EXTENSION, fmt.encode(fmt.StepExtension(
+        checkpoint_metadata_crc32=zlib.crc32(doc), statistics=statistics)), durable=False)
     for d in item_dirs:
         await storage.write_bytes(d / fmt.COMMIT_SUCCESS, _marker(d), durable=False)
     if not (storage.has_rename(final) and storage.has_rename(tmp)):

@@ -15,6 +15,7 @@ from .errors import CorruptCheckpointError
 
 # File and directory names, as Orbax writes them.
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
+STEP_EXTENSION = "_CKPT_ASYNC"
 PYTREE_METADATA = "_METADATA"
 SHARDING = "_sharding"
 STRINGS = "_strings.json"
@@ -48,9 +49,17 @@ class StepMetadata(msgspec.Struct):
     init_timestamp_nsecs: int | None = None
     commit_timestamp_nsecs: int | None = None
     custom_metadata: dict[str, Any] = {}
-    # Ours, ignored by Orbax: bytes, arrays and phase durations of the save. (Orbax rebuilds
-    # ``performance_metrics`` into a dataclass and rejects keys it does not know.)
-    ckpt_async_statistics: dict[str, Any] | None = None
+
+
+class StepExtension(msgspec.Struct):
+    """``_CKPT_ASYNC`` beside ``_CHECKPOINT_METADATA``: what ckpt_async adds to a step, kept
+    out of Orbax's document (Orbax folds unknown keys into ``custom_metadata``, or rejects them
+    when that is set). The crc32 catches damage to ``_CHECKPOINT_METADATA`` that still parses;
+    the statistics are the save's bytes, arrays and phase durations."""
+
+    version: int = 1
+    checkpoint_metadata_crc32: int | None = None
+    statistics: dict[str, Any] | None = None
 
 
 class KeyEntry(msgspec.Struct):

@@ -79,6 +79,23 @@ async def check_array(directory: AnyPath, name: str, arr: np.ndarray, sums: Chec
             "the stored data is damaged")
 
 
+async def read_step_metadata(
+        step: AnyPath) -> tuple[fmt.StepMetadata | None, fmt.StepExtension | None]:
+    """A step's ``_CHECKPOINT_METADATA`` (None when absent) and our ``_CKPT_ASYNC`` beside it,
+    the former checked against the latter's crc32 when there is one."""
+    path = step / fmt.CHECKPOINT_METADATA
+    if not await storage.exists(path):
+        return None, None
+    data = await storage.read_bytes(path)
+    ext = None
+    if await storage.exists(step / fmt.STEP_EXTENSION):
+        ext = fmt.decode(await storage.read_bytes(step / fmt.STEP_EXTENSION), fmt.StepExtension,
+                         where=str(step / fmt.STEP_EXTENSION))
+        if ext.checkpoint_metadata_crc32 not in (None, zlib.crc32(data)):
+            raise CorruptCheckpointError(f"{path}: checksum mismatch (the file is damaged)")
+    return fmt.decode(data, fmt.StepMetadata, where=str(path)), ext
+
+
 @dataclasses.dataclass
 class VerifyReport:
     """What :func:`verify` checked and what it found (empty ``problems``: all good)."""
@@ -111,12 +128,21 @@ async def _pytree_plan(item: AnyPath, report: VerifyReport) -> tuple[Any, Any, l
 
 
 async def _verify_json(item: AnyPath, report: VerifyReport) -> None:
+    try:
+        sums = await read_checksums(item)
+    except CheckpointError as exc:
+        report.problems.append(str(exc))
+        return
     for name in sorted(await storage.listdir(item)):
-        if name == fmt.COMMIT_SUCCESS or await storage.is_dir(item / name):
+        if name in (fmt.COMMIT_SUCCESS, CHECKSUMS) or await storage.is_dir(item / name):
             continue
         try:
-            msgspec.json.decode(await storage.read_bytes(item / name))
+            data = await storage.read_bytes(item / name)
+            check_document(item, name, data, sums)
+            msgspec.json.decode(data)
             report.documents_checked += 1
+        except CheckpointError as exc:
+            report.problems.append(str(exc))
         except msgspec.DecodeError as exc:
             report.problems.append(f"{item / name}: invalid JSON ({exc})")
 
@@ -150,8 +176,7 @@ async def averify(path: Any, progress: Callable[[int, int], None] | None = None)
                 items.append(root / name)
     if await storage.exists(root / fmt.CHECKPOINT_METADATA):
         try:
-            fmt.decode(await storage.read_bytes(root / fmt.CHECKPOINT_METADATA), fmt.StepMetadata,
-                       where=str(root / fmt.CHECKPOINT_METADATA))
+            await read_step_metadata(root)
             report.documents_checked += 1
         except CheckpointError as exc:
             report.problems.append(str(exc))

@@ -97,3 +97,37 @@ def test_manager_step_corruption_names_step_and_item(tmp_path):
         mngr.restore(3)
     msg = str(ei.value)
     assert f"{tmp_path}/3/state" in msg and "'big'" in msg
+
+
+def test_step_metadata_and_json_item_changes_that_still_parse(tmp_path):
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"a": np.ones(3)}),
+                                             info=ocp.args.JsonSave({"lr": 0.125, "step": 1})))
+    info = tmp_path / "1" / "info" / "metadata"
+    info.write_bytes(info.read_bytes().replace(b"0.125", b"0.126"))
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        with pytest.raises(CorruptCheckpointError, match="info"):
+            mngr.restore(1, args=ocp.args.Composite(info=ocp.args.JsonRestore()))
+        assert mngr.restore(1, args=ocp.args.Composite(state=None)).state["a"].sum() == 3
+    assert not ocp.verify(tmp_path / "1").ok
+    step_doc = tmp_path / "1" / "_CHECKPOINT_METADATA"
+    step_doc.write_bytes(step_doc.read_bytes().replace(b'"metrics":{}', b'"metrics":{"x":1}'))
+    with pytest.raises(CorruptCheckpointError, match="_CHECKPOINT_METADATA"):
+        ocp.CheckpointManager(tmp_path)
+
+
+def test_orbax_reads_step_metadata_with_our_checksum(tmp_path):
+    import orbax.checkpoint as orbax
+
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(2, args=ocp.args.StandardSave({"a": np.arange(3)}), metrics={"loss": 0.5},
+                  custom_metadata={"run": "r1"})
+    mngr = orbax.CheckpointManager(tmp_path)
+    try:
+        assert mngr.all_steps() == [2]
+        meta = mngr.metadata(2)
+        assert meta.metrics == {"loss": 0.5} and meta.custom_metadata == {"run": "r1"}
+        np.testing.assert_array_equal(
+            mngr.restore(2, args=orbax.args.StandardRestore())["a"], np.arange(3))
+    finally:
+        mngr.close()

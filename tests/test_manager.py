@@ -301,7 +301,7 @@ def test_composite_items_restore_all_subset_and_with_target(tmp_path, mesh):
                                              meta=ocp.args.JsonSave({"lr": 0.1, "n": [1, 2]})))
         mngr.wait_until_finished()
     assert sorted(os.listdir(tmp_path / "5")) == sorted(
-        ["_CHECKPOINT_METADATA", "state", "meta"] + (
+        ["_CHECKPOINT_METADATA", "_CKPT_ASYNC", "state", "meta"] + (
             ["commit_success.txt"] if (tmp_path / "5" / "commit_success.txt").exists() else []))
     with ocp.CheckpointManager(tmp_path) as mngr:  # a fresh manager: handlers from metadata
         out = mngr.restore(5)

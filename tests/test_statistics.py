@@ -27,7 +27,10 @@ def test_save_statistics_recorded_and_logged(tmp_path, caplog):
     doc = json.loads((tmp_path / "5" / "_CHECKPOINT_METADATA").read_text())
     assert set(doc["performance_metrics"]) == {"checkpointer_blocking_duration_secs",
                                                "wait_for_prev_duration_secs"}
-    assert doc["ckpt_async_statistics"]["bytes"] == perf["bytes"]
+    assert set(doc) == {"item_handlers", "metrics", "performance_metrics", "init_timestamp_nsecs",
+                        "commit_timestamp_nsecs", "custom_metadata"}  # Orbax's keys only
+    ext = json.loads((tmp_path / "5" / "_CKPT_ASYNC").read_text())
+    assert ext["statistics"]["bytes"] == perf["bytes"]
 
 
 def test_progress_reports_bytes_written_and_read(tmp_path):

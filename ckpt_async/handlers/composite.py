@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from .. import _format as fmt
+from .. import _integrity
 from .. import _storage as storage
 from .._paths import AnyPath
 from ..args import CheckpointArgs, Composite, register_with_handler
@@ -62,11 +63,9 @@ class CompositeCheckpointHandler(CheckpointHandler):
 
     async def _recorded(self, directory: AnyPath) -> dict[str, str]:
         """The item handlers a checkpoint's ``_CHECKPOINT_METADATA`` records."""
-        path = directory / fmt.CHECKPOINT_METADATA
-        if await storage.exists(path):
-            meta = fmt.decode(await storage.read_bytes(path), fmt.StepMetadata, where=str(path))
-            if isinstance(meta.item_handlers, dict):
-                return meta.item_handlers
+        meta, _ = await _integrity.read_step_metadata(directory)
+        if meta is not None and isinstance(meta.item_handlers, dict):
+            return meta.item_handlers
         return {}
 
     async def _stored_items(self, directory: AnyPath) -> dict[str, str | None]:

@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 
 from .. import _format as fmt
+from .. import _integrity
 from .. import _storage as storage
 from .._paths import AnyPath
 from ..args import JsonRestore, JsonSave, register_with_handler
@@ -32,6 +33,8 @@ class JsonCheckpointHandler(CheckpointHandler):
         async def write() -> None:
             await storage.makedirs(directory)
             await storage.write_bytes(directory / self._filename, data)
+            await storage.write_bytes(directory / _integrity.CHECKSUMS,
+                                      _integrity.checksums_document({self._filename: data}, {}, {}))
 
         return Writer(write, len(data))
 
@@ -41,6 +44,8 @@ class JsonCheckpointHandler(CheckpointHandler):
             data = await storage.read_bytes(path)
         except CheckpointNotFoundError:
             raise CheckpointNotFoundError(f"{path} does not exist: no JSON item here") from None
+        _integrity.check_document(directory, self._filename, data,
+                                  await _integrity.read_checksums(directory))
         try:
             return msgspec.json.decode(data)
         except msgspec.DecodeError as exc:

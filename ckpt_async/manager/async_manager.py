@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import _commit
+from .. import _commit, _integrity
 from .. import _format as fmt
 from .. import _storage as storage
 from .._checkpointer import AsyncCheckpointer, AsyncOptions, as_path
@@ -162,10 +162,8 @@ class AsyncCheckpointManager:
         return infos
 
     async def _read_step_doc(self, path: AnyPath) -> fmt.StepMetadata | None:
-        doc_path = path / fmt.CHECKPOINT_METADATA
-        if not await storage.exists(doc_path):
-            return None
-        return fmt.decode(await storage.read_bytes(doc_path), fmt.StepMetadata, where=str(doc_path))
+        meta, _ = await _integrity.read_step_metadata(path)
+        return meta
 
     async def _read_metrics(self, path: AnyPath, meta: fmt.StepMetadata | None) -> Any:
         item = path / METRIC_ITEM_NAME / METRIC_ITEM_NAME
