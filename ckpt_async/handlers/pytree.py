@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import json
 import math
 from dataclasses import dataclass
@@ -162,7 +163,7 @@ class PyTreeCheckpointHandler(CheckpointHandler):
             tracker.add(sum(a.nbytes for a in batch))
 
         tasks = await stage(to_stage, self._budget, write_batch)
-        docs = self._documents(planned, skeleton, args.custom_metadata)
+        custom = copy.deepcopy(args.custom_metadata)  # the caller may change it after save()
 
         async def write() -> None:
             try:
@@ -171,6 +172,8 @@ class PyTreeCheckpointHandler(CheckpointHandler):
                 for t in tasks:
                     t.cancel()
                 raise
+            # Built here, off the blocking path: it needs only names, kinds and shardings.
+            docs = self._documents(planned, skeleton, custom)
             docs[_integrity.CHECKSUMS] = _integrity.checksums_document(
                 docs, writer.checksums, writer.chunks)
             for name, data in docs.items():
