@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import _commit, _integrity
+from . import _commit, _integrity, multihost
 from . import _format as fmt
 from ._paths import AnyPath, StorePath
 from ._runtime import CommitFuture, get_runtime, on_engine
@@ -31,6 +31,7 @@ from .errors import (
     HandlerError,
     InvalidArgumentError,
     NotWritableError,
+    ProcessFailedError,
     StepAlreadyExistsError,
 )
 from .handlers.base import CheckpointHandler
@@ -113,12 +114,13 @@ class AsyncCheckpointer:
     """
 
     def __init__(self, handler: CheckpointHandler, *, async_options: AsyncOptions | None = None,
-                 **_orbax_options: Any) -> None:
+                 multiprocessing_options: Any = None, **_orbax_options: Any) -> None:
         if not isinstance(handler, CheckpointHandler):
             raise InvalidArgumentError(
                 f"{handler!r} is not a ckpt_async CheckpointHandler instance")
         self.handler = handler
         self.async_options = async_options or AsyncOptions()
+        self.multiprocessing_options = multiprocessing_options
         self._pending: list[CommitFuture] = []
         self._closed = False
 
@@ -161,26 +163,56 @@ class AsyncCheckpointer:
         """
         init_ns = time.time_ns()
         t0 = time.perf_counter()
-        tmp = await _commit.create_tmp(path)
+        roles = multihost.roles_for(self.multiprocessing_options)
+        sync = multihost.Sync(f"save:{path}", roles, self.async_options.timeout_secs,
+                              getattr(self.multiprocessing_options, "barrier_sync_key_prefix",
+                                      None), label=f"saving {path}") if roles.multi else None
+        token = multihost.use_roles(roles)  # the handlers read it; tasks spawned here copy it
         try:
-            writer = await self.handler.stage(tmp, args)
-        except BaseException:
-            await _commit.abort(tmp)
-            raise
-        meta = step_metadata or fmt.StepMetadata()
-        meta.init_timestamp_nsecs = meta.init_timestamp_nsecs or init_ns
-        meta.item_handlers = self._item_handlers()
-        if custom_metadata is not None:
-            meta.custom_metadata = custom_metadata
-        item_dirs = ([tmp / n for n, a in args.items() if a is not None]
-                     if isinstance(args, Composite) else [])
-        stats = {"bytes": writer.nbytes, "arrays": writer.arrays,
-                 "blocking_secs": time.perf_counter() - t0, "started": t0}
-        fut = get_runtime().spawn(
-            self._finish(writer, tmp, path, meta, item_dirs, force, on_commit, after, stats))
+            tmp = await self._start(path, sync)
+            try:
+                writer = await self.handler.stage(tmp, args)
+            except BaseException as exc:
+                if sync is not None:  # the others must not wait for this process's part
+                    await sync.arrive("written", exc)
+                if sync is None or roles.is_primary:
+                    await _commit.abort(tmp)
+                raise
+            meta = step_metadata or fmt.StepMetadata()
+            meta.init_timestamp_nsecs = meta.init_timestamp_nsecs or init_ns
+            meta.item_handlers = self._item_handlers()
+            if custom_metadata is not None:
+                meta.custom_metadata = custom_metadata
+            item_dirs = ([tmp / n for n, a in args.items() if a is not None]
+                         if isinstance(args, Composite) else [])
+            stats = {"bytes": writer.nbytes, "arrays": writer.arrays,
+                     "blocking_secs": time.perf_counter() - t0, "started": t0}
+            fut = get_runtime().spawn(self._finish(
+                writer, tmp, path, meta, item_dirs, force, on_commit, after, stats, sync))
+        finally:
+            multihost._current.reset(token)
         if track:
             self._pending.append(fut)
         return fut
+
+    async def _start(self, path: AnyPath, sync: multihost.Sync | None) -> AnyPath:
+        """Where this save writes: the temporary directory, created by the primary process
+        and announced to the others."""
+        if sync is None:
+            return await _commit.create_tmp(path)
+        if sync.roles.is_primary:
+            try:
+                tmp = await _commit.create_tmp(path)
+            except BaseException as exc:
+                await sync.broadcast("tmp", f"error:{exc}")
+                raise
+            await sync.broadcast("tmp", f"ok:{tmp}")
+            return tmp
+        answer = await sync.broadcast("tmp")
+        if answer.startswith("error:"):
+            raise ProcessFailedError(f"{path}: primary process {sync.roles.primary} could not "
+                                     f"start the save: {answer[6:]}")
+        return as_path(answer[3:])
 
     def _item_handlers(self) -> Any:
         if isinstance(self.handler, CompositeCheckpointHandler):
@@ -189,23 +221,48 @@ class AsyncCheckpointer:
 
     async def _finish(self, writer: Any, tmp: AnyPath, path: AnyPath, meta: fmt.StepMetadata,
                       item_dirs: list[AnyPath], force: bool, on_commit: Any, after: Any,
-                      stats: dict[str, Any]) -> AnyPath:
+                      stats: dict[str, Any], sync: multihost.Sync | None = None) -> AnyPath:
+        primary = sync is None or sync.roles.is_primary
+
         async def run() -> None:
             t_write = time.perf_counter()
-            await writer.write()
+            if sync is None:
+                await writer.write()
+            else:  # every process writes its part, then they meet; any failure stops them all
+                try:
+                    await writer.write()
+                except BaseException as exc:
+                    await sync.arrive("written", exc)
+                    raise
+                await sync.arrive("written")
             t_wait = time.perf_counter()
             if after is not None:
                 with contextlib.suppress(BaseException):
                     await after  # the earlier save's own failure is reported by its future
-            figures = _record_statistics(meta, stats, t_write, t_wait)
-            await _commit.commit(tmp, path, meta, item_dirs, replace=force, statistics=figures)
+            if primary:
+                try:
+                    await writer.finalize()
+                    figures = _record_statistics(meta, stats, t_write, t_wait)
+                    await _commit.commit(tmp, path, meta, item_dirs, replace=force,
+                                         statistics=figures)
+                except BaseException as exc:
+                    if sync is not None:
+                        await sync.arrive("committed", exc)
+                    raise
+            if sync is not None:  # nobody's save returns before the step is visible
+                await sync.arrive("committed")
+                await sync.cleanup()
 
+        timeout = self.async_options.timeout_secs
         try:
-            timeout = self.async_options.timeout_secs
-            await asyncio.wait_for(run(), timeout)
+            # With several processes the barriers time out first, naming who is missing.
+            await asyncio.wait_for(run(), None if timeout is None else
+                                   timeout * (1 if sync is None else 1.5))
         except BaseException as exc:
-            await _commit.abort(tmp)
-            if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+            if primary:
+                await _commit.abort(tmp)
+            if isinstance(exc, TimeoutError | asyncio.TimeoutError) and \
+                    not isinstance(exc, CheckpointError):
                 raise CommitTimeoutError(
                     f"commit of {path} did not finish within {timeout} s") from exc
             if isinstance(exc, CheckpointError):

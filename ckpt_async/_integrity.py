@@ -50,6 +50,31 @@ def checksums_document(documents: dict[str, bytes], arrays: dict[str, dict[str, 
         arrays={name: ArraySums(list(chunks[name]), crc) for name, crc in arrays.items()}))
 
 
+PARTIAL_CHECKSUMS = f"{CHECKSUMS}.parts"
+
+
+def partial_checksums_name(index: int) -> str:
+    """Where process ``index`` of a multi-process save leaves its checksums for the primary."""
+    return f"{PARTIAL_CHECKSUMS}/process_{index}"
+
+
+async def merge_partial_checksums(directory: AnyPath, count: int) -> None:
+    """Writes the item's ``_CHECKSUMS`` from every process's partial one (the union of their
+    chunks and documents), and removes the partial ones."""
+    merged = Checksums()
+    for i in range(count):
+        path = directory / partial_checksums_name(i)
+        if not await storage.exists(path):
+            continue  # a process that wrote nothing in this item
+        part = fmt.decode(await storage.read_bytes(path), Checksums, where=str(path))
+        merged.documents.update(part.documents)
+        for name, sums in part.arrays.items():
+            have = merged.arrays.setdefault(name, ArraySums(sums.chunks, {}))
+            have.crc.update(sums.crc)
+    await storage.write_bytes(directory / CHECKSUMS, fmt.encode(merged), durable=False)
+    await storage.rmtree(directory / PARTIAL_CHECKSUMS)
+
+
 async def read_checksums(directory: AnyPath) -> Checksums | None:
     path = directory / CHECKSUMS
     if not await storage.exists(path):

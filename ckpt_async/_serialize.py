@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import tensorstore as ts
 
+from . import _storage as storage
 from ._paths import AnyPath, kvstore_base
 from ._runtime import get_runtime
 from .errors import CorruptCheckpointError
@@ -68,6 +69,31 @@ def kvstore_spec(item_dir: AnyPath, *, use_ocdbt: bool, write: bool) -> dict[str
         spec["assume_config"] = True
         spec["target_data_file_size"] = TARGET_DATA_FILE_SIZE
     return spec
+
+
+def process_dir(index: int) -> str:
+    """The folder of process ``index``'s OCDBT database inside an item (Orbax's name)."""
+    return f"ocdbt.process_{index}"
+
+
+async def merge_process_databases(item_dir: AnyPath, count: int) -> None:
+    """Makes the item's root OCDBT database list every key of the per-process databases
+    (Orbax's merge: the root manifest references their data files where they lie; nothing is
+    copied). Runs on the primary process after every process has written."""
+    children = [item_dir / process_dir(i) for i in range(count)]
+    present = await asyncio.gather(*(storage.exists(c / "manifest.ocdbt") for c in children))
+    children = [c for c, ok in zip(children, present, strict=True) if ok]
+    if not children:
+        return  # nothing but documents in this item
+    ctx = new_context()
+    parent, *kids = await asyncio.gather(
+        ts.KvStore.open(kvstore_spec(item_dir, use_ocdbt=True, write=True), context=ctx),
+        *(ts.KvStore.open(kvstore_spec(c, use_ocdbt=True, write=True), context=ctx)
+          for c in children))
+    txn = ts.Transaction(atomic=True)
+    await asyncio.gather(*(kid.experimental_copy_range_to(parent.with_transaction(txn))
+                           for kid in kids))
+    await txn.commit_async()
 
 
 def _zarr_metadata(shape: tuple[int, ...], chunks: tuple[int, ...], compress: bool) -> dict:
@@ -192,6 +218,8 @@ class ItemWriter:
     async def write(self, batch: list[StoredArray]) -> None:
         """Writes a batch of arrays: the small ones in one OCDBT transaction (one commit,
         one future to await), the others through the zarr driver, concurrently."""
+        # (an array none of whose shards this process owns is written by the others)
+        batch = [arr for arr in batch if arr.shards]
         for arr in batch:
             self.chunks[arr.name] = arr.chunks
         direct = [(arr, z) for arr in batch if (z := self._direct(arr)) is not None]

@@ -76,7 +76,9 @@ def host_copy(value: Any, name: str, dtype: np.dtype | None) -> StoredArray:
             if dtype is not None and host.dtype != dtype:
                 host = host.astype(dtype)
             shards.append((shard.index, host))
-        chunks = shards[0][1].shape if shards else value.shape
+        # One chunk per shard (Orbax's layout), the same on every process, even one that owns
+        # no replica-0 shard of this array.
+        chunks = tuple(value.sharding.shard_shape(value.shape))
         out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(value.dtype)
         return StoredArray(name, tuple(value.shape), out_dtype, tuple(chunks), tuple(shards))
     host = np.array(value, dtype=dtype, copy=True, order="C")

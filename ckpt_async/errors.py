@@ -68,6 +68,15 @@ class CommitTimeoutError(CommitError, TimeoutError):
     """Raised when a background commit exceeded ``AsyncOptions.timeout_secs``."""
 
 
+# --- several processes ----------------------------------------------------------------------------
+class ProcessFailedError(CommitError):
+    """Raised on every process of a multi-process save when one of them failed; names it."""
+
+
+class BarrierTimeoutError(CommitTimeoutError):
+    """Raised on every waiting process when others did not reach a barrier in time; names them."""
+
+
 # --- runtime ------------------------------------------------------------------------------------
 class RuntimeUsageError(CheckpointError, RuntimeError):
     """Raised when the sync face is called from the engine loop (it would deadlock)."""
@@ -81,12 +90,14 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "ClosedError",
+    "BarrierTimeoutError",
     "CommitError",
     "CommitTimeoutError",
     "CorruptCheckpointError",
     "HandlerError",
     "InvalidArgumentError",
     "NotWritableError",
+    "ProcessFailedError",
     "ReadOnlyError",
     "RuntimeUsageError",
     "ShapeMismatchError",

@@ -137,6 +137,8 @@ EXPECTED_BUILTINS: dict[str, set[type[BaseException]]] = {
     "CorruptCheckpointError": set(),
     "CommitError": set(),
     "CommitTimeoutError": {TimeoutError, OSError},
+    "ProcessFailedError": set(),
+    "BarrierTimeoutError": {TimeoutError, OSError},
     "RuntimeUsageError": {RuntimeError},
     "ClosedError": {RuntimeError},
 }

@@ -3,7 +3,9 @@
 Call order for a save, all on the engine loop: ``await handler.stage(directory, args)`` copies
 the item into host memory (the only phase the caller waits for) and returns a :class:`Writer`;
 ``await writer.write()`` then writes every file of the item into ``directory`` in the
-background. The checkpointer makes the files durable and commits; a handler never renames.
+background, and ``await writer.finalize()`` completes it: with several processes every one of
+them writes its part, and the primary alone finalizes once all have written (merging what the
+processes wrote). The checkpointer makes the files durable and commits; a handler never renames.
 ``restore`` and ``metadata`` read a committed item.
 """
 
@@ -16,16 +18,23 @@ from .._paths import AnyPath
 
 
 class Writer:
-    """The background half of a save: ``await write()`` writes the staged item's files."""
+    """The background half of a save: ``await write()`` writes this process's part of the
+    staged item; ``await finalize()`` (primary process only, after every process wrote)
+    completes the item."""
 
     def __init__(self, write: Callable[[], Awaitable[None]], nbytes: int = 0,
-                 arrays: int = 0) -> None:
+                 arrays: int = 0, finalize: Callable[[], Awaitable[None]] | None = None) -> None:
         self._write = write
+        self._finalize = finalize
         self.nbytes = nbytes
         self.arrays = arrays
 
     async def write(self) -> None:
         await self._write()
+
+    async def finalize(self) -> None:
+        if self._finalize is not None:
+            await self._finalize()
 
 
 class CheckpointHandler:

@@ -53,13 +53,16 @@ class CompositeCheckpointHandler(CheckpointHandler):
         async def write() -> None:
             await asyncio.gather(*(w.write() for w in writers.values()))
 
+        async def finalize() -> None:
+            await asyncio.gather(*(w.finalize() for w in writers.values()))
+
         self.last_item_handlers = {n: h.typestr for n, h in handlers.items()}
         for name, a in args.items():  # named with None: recorded, restored as None (Orbax)
             locked = self.registry.locked(name) if a is None else None
             if locked is not None:
                 self.last_item_handlers[name] = locked.typestr
         return Writer(write, sum(w.nbytes for w in writers.values()),
-                      sum(w.arrays for w in writers.values()))
+                      sum(w.arrays for w in writers.values()), finalize)
 
     async def _recorded(self, directory: AnyPath) -> dict[str, str]:
         """The item handlers a checkpoint's ``_CHECKPOINT_METADATA`` records."""

@@ -12,6 +12,7 @@ from .. import _storage as storage
 from .._paths import AnyPath
 from ..args import JsonRestore, JsonSave, register_with_handler
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
+from ..multihost import current_roles
 from .base import CheckpointHandler, Writer
 
 
@@ -31,6 +32,8 @@ class JsonCheckpointHandler(CheckpointHandler):
             raise InvalidArgumentError(f"{directory}: item is not JSON-serializable: {exc}") from exc
 
         async def write() -> None:
+            if not current_roles().is_primary:
+                return  # one document per item: the primary process writes it
             await storage.makedirs(directory)
             await storage.write_bytes(directory / self._filename, data)
             await storage.write_bytes(directory / _integrity.CHECKSUMS,

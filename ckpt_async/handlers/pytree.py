@@ -46,6 +46,7 @@ from ..metadata import (
     TreeMetadata,
     sharding_metadata_from_json,
 )
+from ..multihost import Roles, current_roles
 from ..type_handlers import ArrayRestoreArgs, RestoreArgs, SaveArgs
 from .base import CheckpointHandler, Writer
 
@@ -148,11 +149,18 @@ class PyTreeCheckpointHandler(CheckpointHandler):
             raise InvalidArgumentError(f"{where}: PyTreeSave(partial_update=True) is not supported")
         planned, skeleton = self.plan(args.item, args.save_args, where)
         await storage.makedirs(directory)
+        roles = current_roles()
+        # With several processes each writes the shards it owns (replica 0) into its own OCDBT
+        # database, as Orbax does; arrays held whole by every process (NumPy, scalars, jax
+        # arrays on this process's devices only) are written once, by the primary.
         to_stage = [(p.leaf.value, p.leaf.name, p.dtype) for p in planned
-                    if p.value_type in ("jax.Array", "np.ndarray", "scalar")]
+                    if p.value_type in ("jax.Array", "np.ndarray", "scalar")
+                    and (roles.is_primary or (p.value_type == "jax.Array"
+                                              and not p.leaf.value.is_fully_addressable))]
+        array_dir = directory / ser.process_dir(roles.index) if roles.multi else directory
         # Under a memory budget every array takes the kvstore path: its bytes are freed when
         # the write lands, while the zarr driver keeps its own buffers past the budget's release.
-        writer = ser.ItemWriter(directory, compress=self._compress, direct_max_bytes=(
+        writer = ser.ItemWriter(array_dir, compress=self._compress, direct_max_bytes=(
             math.inf if self._budget.limit is not None else ser.DIRECT_WRITE_MAX_BYTES))
         nbytes = sum(math.prod(np.shape(v)) * np.dtype(d or v.dtype).itemsize
                      for v, _, d in to_stage)
@@ -173,16 +181,28 @@ class PyTreeCheckpointHandler(CheckpointHandler):
                     t.cancel()
                 raise
             # Built here, off the blocking path: it needs only names, kinds and shardings.
-            docs = self._documents(planned, skeleton, custom)
-            docs[_integrity.CHECKSUMS] = _integrity.checksums_document(
-                docs, writer.checksums, writer.chunks)
+            docs = self._documents(planned, skeleton, custom, roles)
+            if roles.multi:  # the primary merges every process's checksums when finalizing
+                docs[_integrity.partial_checksums_name(roles.index)] = \
+                    _integrity.checksums_document(docs, writer.checksums, writer.chunks)
+            else:
+                docs[_integrity.CHECKSUMS] = _integrity.checksums_document(
+                    docs, writer.checksums, writer.chunks)
             for name, data in docs.items():
                 await storage.makedirs((directory / name).parent)
                 await storage.write_bytes(directory / name, data, durable=False)
 
-        return Writer(write, nbytes, len(to_stage))
+        async def finalize() -> None:
+            if roles.multi:
+                await ser.merge_process_databases(directory, roles.count)
+                await _integrity.merge_partial_checksums(directory, roles.count)
 
-    def _documents(self, planned: list[_Planned], skeleton: Any, custom: Any) -> dict[str, bytes]:
+        return Writer(write, nbytes, len(to_stage), finalize)
+
+    def _documents(self, planned: list[_Planned], skeleton: Any, custom: Any,
+                   roles: Roles) -> dict[str, bytes]:
+        """The item's documents this process writes: every one on the primary, only its own
+        ``array_metadatas/process_<i>`` on the others."""
         entries: dict[str, fmt.TreeEntry] = {}
         shardings: dict[str, str] = {}
         array_metas: list[fmt.ArrayMetadataWrapper] = []
@@ -211,11 +231,12 @@ class PyTreeCheckpointHandler(CheckpointHandler):
         tree_doc = fmt.TreeMetadata(
             entries, custom_metadata=custom,
             ckpt_async={"version": 1, "skeleton": skeleton, "scalars": scalars})
-        docs = {
-            fmt.PYTREE_METADATA: fmt.encode(tree_doc),
-            fmt.SHARDING: fmt.encode(shardings),
-            f"{fmt.ARRAY_METADATAS}/process_0": fmt.encode(fmt.ArrayMetadatas(array_metas)),
-        }
+        docs = {f"{fmt.ARRAY_METADATAS}/process_{roles.index}":
+                fmt.encode(fmt.ArrayMetadatas(array_metas))}
+        if not roles.is_primary:
+            return docs
+        docs[fmt.PYTREE_METADATA] = fmt.encode(tree_doc)
+        docs[fmt.SHARDING] = fmt.encode(shardings)
         if strings:
             docs[fmt.STRINGS] = fmt.encode(strings)
         return docs
@@ -280,6 +301,17 @@ class StandardCheckpointHandler(PyTreeCheckpointHandler):
 
     typestr = fmt.STANDARD_TYPESTR
     _allow_strings = True
+
+
+def _put(arr: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """``arr`` as a jax.Array laid out as ``sharding`` says. A sharding that spans other
+    processes' devices gets only this process's shards from ``arr``; the others come from the
+    same restore running in those processes."""
+    if sharding is None:
+        return jax.device_put(arr)
+    if sharding.is_fully_addressable:
+        return jax.device_put(arr, sharding)
+    return jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])
 
 
 class _Reader:
@@ -350,7 +382,7 @@ class _Reader:
             sharding = None
             if name in self.shardings:
                 sharding = ser.sharding_from_json(self.shardings[name])
-            return jax.device_put(arr, sharding) if sharding is not None else jax.device_put(arr)
+            return _put(arr, sharding)
         return arr
 
     def _stored_arrays(self, keys: Any) -> list[str]:
@@ -402,7 +434,7 @@ class _Reader:
             arr = arr.astype(dtype, copy=False)
         if isinstance(rarg, ArrayRestoreArgs) or (rarg is not None and rarg.restore_type is jax.Array):
             sharding = rarg.resolved_sharding() if isinstance(rarg, ArrayRestoreArgs) else None
-            return jax.device_put(arr, sharding) if sharding is not None else jax.device_put(arr)
+            return _put(arr, sharding)
         if rarg is not None and rarg.restore_type is np.ndarray:
             return arr
         if isinstance(tleaf, (jax.Array, jax.ShapeDtypeStruct)):
@@ -411,7 +443,7 @@ class _Reader:
                 return arr  # an abstract target without sharding keeps the saved kind (Orbax)
             if sharding is None and name in self.shardings:
                 sharding = ser.sharding_from_json(self.shardings[name])
-            return jax.device_put(arr, sharding) if sharding is not None else jax.device_put(arr)
+            return _put(arr, sharding)
         if isinstance(tleaf, ArrayMetadata) and not isinstance(tleaf, ScalarMetadata):
             return jax.device_put(arr) if tleaf.sharding is not None else arr
         if isinstance(tleaf, np.ndarray):

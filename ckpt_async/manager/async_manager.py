@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import _commit, _integrity
+from .. import _commit, _integrity, multihost
 from .. import _format as fmt
 from .. import _storage as storage
 from .._checkpointer import AsyncCheckpointer, AsyncOptions, as_path
@@ -106,27 +106,32 @@ class AsyncCheckpointManager:
         self._registry = registry
         self._checkpointer = AsyncCheckpointer(
             CompositeCheckpointHandler(handler_registry=registry),
-            async_options=self.options.async_options or AsyncOptions())
+            async_options=self.options.async_options or AsyncOptions(),
+            multiprocessing_options=self.options.multiprocessing_options)
         self._checkpoints: list[CheckpointInfo] = []
         self._futures: dict[int, CommitFuture] = {}
         self._failures: list[BaseException] = []
         self._root_metadata = metadata
         self._closed = False
         self._initialized = False
+        self._roles = multihost.Roles()
 
     # -- setup (on the engine loop, on first use) ------------------------------------------------
     async def _ensure_init(self) -> None:
         if self._initialized:
             return
         self._initialized = True
+        self._roles = multihost.roles_for(self.options.multiprocessing_options)
         if self.options.create and not self.options.read_only:
             if await storage.exists(self.directory) and not await storage.is_dir(self.directory):
                 raise InvalidArgumentError(f"{self.directory} exists and is not a directory")
             await storage.makedirs(self.directory)
-        if self.options.cleanup_tmp_directories:
+        # (with several processes the primary alone removes and writes shared files)
+        if self.options.cleanup_tmp_directories and self._roles.is_primary:
             await self._cleanup_leftovers()
         self._checkpoints = await self._load_checkpoint_infos()
-        if self._root_metadata is not None and not self.options.read_only:
+        if self._root_metadata is not None and not self.options.read_only and \
+                self._roles.is_primary:
             await self._save_root_metadata(self._root_metadata)
 
     async def _cleanup_leftovers(self) -> None:
@@ -270,7 +275,8 @@ class AsyncCheckpointManager:
         step = _check_step(step)
         self._raise_failure()
         composite = self._as_composite(args)
-        if not force and not self.should_save(step):
+        if not await self._agree(f"decide:{self.directory}:{step}",
+                                 force or self.should_save(step)):
             latest = self.latest_step()
             if not self.options.read_only and latest is not None and step <= latest:
                 # Orbax answers False here; training loops rely on that, so keep it, but say why.
@@ -324,6 +330,17 @@ class AsyncCheckpointManager:
             await fut
         return fut
 
+    async def _agree(self, what: str, decision: bool) -> bool:
+        """``decision`` on one process; the primary's on every process of a multi-process run
+        (a time-based policy may decide differently on each)."""
+        if not self._roles.multi:
+            return decision
+        sync = multihost.Sync(what, self._roles, (self.options.async_options or AsyncOptions())
+                              .timeout_secs, self.options.multiprocessing_options
+                              .barrier_sync_key_prefix)
+        answer = await sync.broadcast("decision", "save" if decision else "skip")
+        return answer == "save"
+
     async def _bound_in_flight(self) -> None:
         while sum(not f.done() for f in self._futures.values()) >= self.options.max_concurrent_saves:
             oldest = min(s for s, f in self._futures.items() if not f.done())
@@ -368,6 +385,8 @@ class AsyncCheckpointManager:
 
     # -- delete / retain -------------------------------------------------------------------------
     async def _delete_steps(self, steps: list[int]) -> None:
+        if not self._roles.is_primary:
+            return  # the primary process deletes; the others only unlist
         names = await self._step_names()
         for step in steps:
             name = names.get(step)

@@ -1,0 +1,201 @@
+"""Several processes under ``jax.distributed``: who is primary, barriers and small agreements.
+
+Every process of a multi-controller JAX run calls ``save`` and ``restore`` together. Each one
+writes the shards it owns; the primary process (``MultiprocessingOptions.primary_host``, default
+0) creates the step's temporary directory, writes the documents, merges the per-process OCDBT
+databases and commits. They meet at barriers kept in the distributed client's key-value store:
+
+- a process arrives at a barrier with ``ok`` or with its error; everyone waits until all have
+  arrived, and raises :class:`~ckpt_async.errors.ProcessFailedError` naming the processes that
+  failed (and why) as soon as one arrives with an error;
+- a barrier that is not complete within the timeout raises
+  :class:`~ckpt_async.errors.BarrierTimeoutError` on every waiting process, naming the processes
+  that did not arrive; no step becomes visible.
+
+Keys are ``ckpt_async/<operation>/<phase>/<process>``; an operation is named after what it does
+and where (``save:/ckpts/7:0``), counted per process, so every process derives the same names
+as long as they call the same operations in the same order, as multi-controller JAX requires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import time
+from typing import Any
+
+import jax
+
+from ._runtime import get_runtime
+from .errors import BarrierTimeoutError, InvalidArgumentError, ProcessFailedError
+
+KEY_PREFIX = "ckpt_async"
+
+
+@dataclasses.dataclass(frozen=True)
+class Roles:
+    """This process's place in the run: its index, how many there are, which one is primary."""
+
+    index: int = 0
+    count: int = 1
+    primary: int = 0
+
+    @property
+    def is_primary(self) -> bool:
+        return self.index == self.primary
+
+    @property
+    def multi(self) -> bool:
+        return self.count > 1
+
+
+_current: contextvars.ContextVar[Roles | None] = contextvars.ContextVar("ckpt_async_roles",
+                                                                       default=None)
+
+
+def process_index() -> int:
+    return jax.process_index()
+
+
+def process_count() -> int:
+    return jax.process_count()
+
+
+def is_primary_host(primary_host: int | None = 0) -> bool:
+    return process_index() == (primary_host or 0)
+
+
+def roles_for(options: Any = None) -> Roles:
+    """The roles under ``options`` (a ``MultiprocessingOptions``, or None for the defaults)."""
+    primary = getattr(options, "primary_host", 0) or 0
+    if getattr(options, "active_processes", None) is not None:
+        raise InvalidArgumentError(
+            "MultiprocessingOptions.active_processes is not supported: every process of the "
+            "run takes part in each save")
+    count = process_count()
+    if not 0 <= primary < count:
+        raise InvalidArgumentError(f"primary_host={primary} is not a process of this run "
+                                   f"(processes 0..{count - 1})")
+    return Roles(process_index(), count, primary)
+
+
+def current_roles() -> Roles:
+    """The roles of the save or restore running in this context (set by the checkpointer)."""
+    roles = _current.get()
+    return roles if roles is not None else roles_for()
+
+
+def use_roles(roles: Roles) -> contextvars.Token[Roles | None]:
+    return _current.set(roles)
+
+
+def _client() -> Any:
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:
+        raise InvalidArgumentError(
+            "several JAX processes but no distributed client: call jax.distributed.initialize()")
+    return client
+
+
+_counters: dict[str, int] = {}
+
+
+class Sync:
+    """Barriers and broadcasts of one collective operation, over the distributed KV store."""
+
+    def __init__(self, what: str, roles: Roles, timeout: float | None,
+                 key_prefix: str | None = None, *, label: str | None = None) -> None:
+        n = _counters.get(what, 0)
+        _counters[what] = n + 1
+        self.what = label or what  # errors say this
+        self.roles = roles
+        self.timeout = 600.0 if timeout is None else float(timeout)
+        self.root = f"{key_prefix or KEY_PREFIX}/{what}:{n}"
+        self._mine: list[str] = []
+
+    def _key(self, phase: str, index: int | None = None) -> str:
+        return f"{self.root}/{phase}/" + ("" if index is None else str(index))
+
+    async def arrive(self, phase: str, error: BaseException | str | None = None) -> None:
+        """Arrives at ``phase`` and waits until every process has.
+
+        Arriving with ``error`` tells the others this process failed; a failed process other
+        than the primary returns at once (its caller raises its own error), while the primary
+        still waits for everyone, so it cleans up only once nobody writes any more. Raises
+        ProcessFailedError naming the processes that arrived with an error, and
+        BarrierTimeoutError naming those that did not arrive within the timeout.
+        """
+        client = _client()
+        key = self._key(phase, self.roles.index)
+        value = "ok" if error is None else "error:" + (str(error) or type(error).__name__)
+        rt = get_runtime()
+        await rt.to_thread(client.key_value_set, key, value)
+        self._mine.append(key)
+        if error is not None and not self.roles.is_primary:
+            return
+        deadline = time.monotonic() + self.timeout
+        delay = 0.001
+        while True:
+            entries = await rt.to_thread(client.key_value_dir_get, self._key(phase))
+            arrived = {int(k.rsplit("/", 1)[1]): v for k, v in entries}
+            everyone = len(arrived) >= self.roles.count
+            failed = {i: v[6:] for i, v in arrived.items()
+                      if v.startswith("error:") and i != self.roles.index}
+            if failed and (everyone or not self.roles.is_primary):
+                raise ProcessFailedError(
+                    f"{self.what}: process{'es' if len(failed) > 1 else ''} "
+                    + ", ".join(f"{i} ({msg})" for i, msg in sorted(failed.items()))
+                    + f" failed before '{phase}'; nothing was committed")
+            if everyone:
+                return
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(self.roles.count)) - set(arrived))
+                raise BarrierTimeoutError(
+                    f"{self.what}: process{'es' if len(missing) > 1 else ''} "
+                    f"{', '.join(map(str, missing))} did not reach '{phase}' within "
+                    f"{self.timeout:g} s; nothing was committed")
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.05)
+
+    async def broadcast(self, phase: str, value: str | None = None) -> str:
+        """The primary's ``value`` on every process (the primary passes it, others None)."""
+        client = _client()
+        key = self._key(phase, self.roles.primary)
+        rt = get_runtime()
+        if self.roles.is_primary:
+            assert value is not None
+            await rt.to_thread(client.key_value_set, key, value)
+            self._mine.append(key)
+            return value
+        try:
+            return await rt.to_thread(client.blocking_key_value_get, key,
+                                      int(self.timeout * 1000))
+        except Exception as exc:  # jax raises a plain XlaRuntimeError on DEADLINE_EXCEEDED
+            raise BarrierTimeoutError(
+                f"{self.what}: primary process {self.roles.primary} did not provide "
+                f"'{phase}' within {self.timeout:g} s ({exc}); nothing was committed") from exc
+
+    async def cleanup(self) -> None:
+        """Deletes this process's keys once this operation's last barrier is complete: those
+        of its earlier phases (everyone is past them), and the last-barrier keys of the
+        operation before (everyone is past that one too). This operation's last-barrier key
+        stays until the next one: a slower process may still be reading it."""
+        global _stale
+        client = _client()
+        keys = [*_stale, *self._mine[:-1]]
+        _stale, self._mine = self._mine[-1:], []
+        for key in keys:
+            try:
+                await get_runtime().to_thread(client.key_value_delete, key)
+            except Exception:  # noqa: BLE001 - a leftover key costs a few bytes
+                pass
+
+
+_stale: list[str] = []
+
+
+__all__ = ["Roles", "Sync", "current_roles", "is_primary_host", "process_count",
+           "process_index", "roles_for"]

@@ -1,0 +1,233 @@
+"""One process of a multi-process test run (started by ``tests/_multihost.py``).
+
+``python multihost_worker.py SCENARIO PROCESS_ID NUM_PROCESSES PORT CONFIG_JSON``: joins the
+``jax.distributed`` run whose coordinator is process 0 on 127.0.0.1:PORT, runs SCENARIO and
+writes its findings to ``<config dir>/<SCENARIO>.<PROCESS_ID>.json``. Every check compares
+bytes; a failed check raises, and the launcher then kills the sibling processes.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import sys
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_SHAPES = {1: (1, 1), 4: (2, 2), 8: (4, 2)}
+#: name -> (shape, dtype, partition spec as saved, partition spec of the "swapped" target)
+ARRAYS = {
+    "w": ((16, 8), np.float32, P("a", "b"), P("b", "a")),
+    "m": ((16, 8), ml_dtypes.bfloat16, P("a", None), P(None, "b")),
+    "r": ((4, 4), np.float32, P(), P("a")),
+}
+
+
+def full(name: str) -> np.ndarray:
+    shape, dtype, _, _ = ARRAYS[name]
+    seed = sum(map(ord, name))
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def make_mesh(devices=None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    return Mesh(np.array(devices).reshape(MESH_SHAPES[len(devices)]), ("a", "b"))
+
+
+def make_state(mesh: Mesh) -> dict:
+    state = {}
+    for name, (shape, _, spec, _) in ARRAYS.items():
+        data = full(name)
+        state[name] = jax.make_array_from_callback(shape, NamedSharding(mesh, spec),
+                                                   lambda idx, d=data: d[idx])
+    state["host"] = np.arange(10, dtype=np.int32)
+    state["step"] = 7
+    return state
+
+
+def target(mesh: Mesh, swapped: bool = False) -> dict:
+    out = {}
+    for name, (shape, dtype, spec, other) in ARRAYS.items():
+        out[name] = jax.ShapeDtypeStruct(shape, dtype,
+                                         sharding=NamedSharding(mesh, other if swapped else spec))
+    out["host"] = np.zeros(10, np.int32)
+    out["step"] = 0
+    return out
+
+
+def check_state(restored: dict, mesh: Mesh | None = None, swapped: bool = False) -> int:
+    """Compares every addressable shard with the expected bytes; returns how many it checked."""
+    checked = 0
+    for name, (shape, dtype, spec, other) in ARRAYS.items():
+        arr = restored[name]
+        assert isinstance(arr, jax.Array), (name, type(arr))
+        assert arr.shape == shape and arr.dtype == np.dtype(dtype), (name, arr.shape, arr.dtype)
+        if mesh is not None:
+            want = NamedSharding(mesh, other if swapped else spec)
+            assert arr.sharding.is_equivalent_to(want, len(shape)), (name, arr.sharding, want)
+        expected = full(name)
+        for shard in arr.addressable_shards:
+            got = np.asarray(shard.data)
+            assert got.tobytes() == np.ascontiguousarray(expected[shard.index]).tobytes(), (
+                name, shard.index, shard.device)
+            checked += 1
+    assert np.array_equal(restored["host"], np.arange(10, dtype=np.int32))
+    assert int(restored["step"]) == 7
+    return checked
+
+
+def barrier(name: str) -> None:
+    from jax._src import distributed
+
+    distributed.global_state.client.wait_at_barrier(name, 60_000)
+
+
+# --- scenarios ---------------------------------------------------------------------------------
+def scenario_save(cfg: dict, out: dict) -> None:
+    """Saves the state laid out over every device of the run to each of cfg['save']."""
+    import ckpt_async as ocp
+
+    mesh = make_mesh()
+    ckptr = ocp.StandardCheckpointer()
+    for path in cfg["save"]:
+        ckptr.save(path, make_state(mesh))
+        ckptr.wait_until_finished()
+        out["checked"][f"saved {path}"] = check_state(ckptr.restore(path, target(mesh)), mesh)
+
+
+def scenario_restore(cfg: dict, out: dict) -> None:
+    """Restores each of cfg['restore'] onto this run's devices, as saved and swapped."""
+    import ckpt_async as ocp
+
+    mesh = make_mesh()
+    ckptr = ocp.StandardCheckpointer()
+    for path in cfg["restore"]:
+        meta = ckptr.metadata(path)
+        assert meta.item_metadata["w"].shape == (16, 8), meta
+        for swapped in (False, True):
+            restored = ckptr.restore(path, target(mesh, swapped))
+            out["checked"][f"{path} swapped={swapped}"] = check_state(restored, mesh, swapped)
+
+
+def scenario_restore_orbax(cfg: dict, out: dict) -> None:
+    """Orbax restores each of cfg['orbax_restore'] (written by ckpt_async) on this run."""
+    import orbax.checkpoint as orbax
+
+    mesh = make_mesh()
+    ckptr = orbax.StandardCheckpointer()
+    for path in cfg.get("orbax_restore", []):
+        out["checked"][f"orbax restored {path}"] = check_state(
+            ckptr.restore(path, target(mesh, True)), mesh, True)
+    ckptr.close()
+
+
+def scenario_main(cfg: dict, out: dict) -> None:
+    """The 2 x 2 run: restores, saves, manager, failures, and Orbax both ways."""
+    import ckpt_async as ocp
+    from ckpt_async import _serialize
+    from ckpt_async.errors import BarrierTimeoutError, CommitError, ProcessFailedError
+
+    me = jax.process_index()
+    mesh = make_mesh()
+    scenario_restore(cfg, out)
+    scenario_save(cfg, out)
+
+    # A manager: every process saves each step; retention runs on the primary only.
+    class PrimaryOnlyPolicy:  # decides differently on each process: the primary's wins
+        def should_save(self, step, previous_steps=None, *, context=None):
+            return me == 0
+
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=2, save_decision_policy=PrimaryOnlyPolicy(),
+        async_options=ocp.AsyncOptions(timeout_secs=30))
+    mngr = ocp.CheckpointManager(cfg["manager"], options=options)
+    for step in range(3):
+        fut = mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(make_state(mesh)),
+            meta=ocp.args.JsonSave({"step": step})))
+        assert fut is not None, f"process {me}: step {step} was skipped"
+    mngr.wait_until_finished()
+    out["steps"] = mngr.all_steps()
+    restored = mngr.restore(2, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target(mesh, True)), meta=ocp.args.JsonRestore()))
+    out["checked"]["manager step 2"] = check_state(restored.state, mesh, True)
+    assert restored.meta == {"step": 2}
+
+    # Process 1 fails while writing step 3: both raise, naming it; nothing becomes visible.
+    original = _serialize.ItemWriter.write
+
+    async def failing_write(self, batch):
+        raise OSError("injected failure on process 1")
+
+    if me == 1:
+        _serialize.ItemWriter.write = failing_write
+    mngr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(make_state(mesh)),
+                                         meta=ocp.args.JsonSave({"step": 3})))
+    try:
+        mngr.wait_until_finished()
+        raise AssertionError("the failed save of step 3 raised nothing")
+    except ProcessFailedError as exc:
+        out["step3_error"] = ["ProcessFailedError", str(exc)]
+    except CommitError as exc:
+        out["step3_error"] = [type(exc).__name__, str(exc)]
+    _serialize.ItemWriter.write = original
+    out["steps_after_failure"] = mngr.all_steps()
+    barrier("after-step-3")
+
+    # Process 1 never arrives: process 0's save times out naming it.
+    if me == 0:
+        ckptr = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler(),
+                                      async_options=ocp.AsyncOptions(timeout_secs=3))
+        ckptr.save(cfg["timeout_path"], args=ocp.args.StandardSave(make_state(mesh)))
+        try:
+            ckptr.wait_until_finished()
+            raise AssertionError("a save that process 1 never joined raised nothing")
+        except BarrierTimeoutError as exc:
+            out["timeout_error"] = str(exc)
+    barrier("after-timeout")
+
+    # The run goes on: the next step saves on both.
+    mngr.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(make_state(mesh)),
+                                         meta=ocp.args.JsonSave({"step": 4})))
+    mngr.wait_until_finished()
+    out["steps_final"] = mngr.all_steps()
+    mngr.close()
+
+    # Orbax writes across these processes; ckpt_async restores what it wrote.
+    import orbax.checkpoint as orbax
+
+    ock = orbax.StandardCheckpointer()
+    ock.save(cfg["orbax_save"], make_state(mesh))
+    ock.wait_until_finished()
+    ock.close()
+    restored = ocp.StandardCheckpointer().restore(cfg["orbax_save"], target(mesh, True))
+    out["checked"][f"orbax wrote {cfg['orbax_save']}"] = check_state(restored, mesh, True)
+    scenario_restore_orbax(cfg, out)
+
+
+def main() -> None:
+    scenario, pid, n, port, cfg_path = sys.argv[1:6]
+    cfg = json.loads(Path(cfg_path).read_text())
+    # A hung process shows where it hangs before the launcher's deadline kills it.
+    faulthandler.dump_traceback_later(cfg.get("dump_after_s", 100))
+    os.environ.update(cfg.get("env", {}))
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=int(n), process_id=int(pid),
+                               initialization_timeout=60, heartbeat_timeout_seconds=10)
+    out: dict = {"process": jax.process_index(), "devices": len(jax.devices()),
+                 "local_devices": len(jax.local_devices()), "checked": {}}
+    globals()[f"scenario_{scenario}"](cfg, out)
+    barrier(f"done-{scenario}")
+    Path(cfg_path).with_name(f"{scenario}.{pid}.json").write_text(json.dumps(out))
+    sys.stdout.flush()
+    # Orbax 0.12.8 can wait minutes at interpreter exit for its background threads.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

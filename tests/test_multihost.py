@@ -1,0 +1,191 @@
+"""Multi-host: real ``jax.distributed`` runs of several processes on this machine.
+
+Three launches (``tests/_multihost.py``), in order, each with several checks:
+
+1. 4 processes x 2 devices save the state sharded over all 8 devices (local and S3);
+2. 2 x 2: restore what 4 x 2, 1 x 4 and 1 x 1 saved (the reverse direction), save, run a
+   manager (retention on the primary, the primary's save decision), a process failing mid-write,
+   a process never arriving, and Orbax writing and reading across the processes;
+3. 4 x 2: restore what 2 x 2 saved.
+
+This process (one process, four CPU devices) saves the 1 x 4 and 1 x 1 checkpoints and
+restores the 2 x 2 ones. The S3 checkpoints live on moto's server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import boto3
+import jax
+import moto.server as moto_server
+import numpy as np
+import orbax.checkpoint as orbax
+import pytest
+import tensorstore as ts
+from _multihost import launch
+from multihost_worker import check_state, make_mesh, make_state, target
+
+import ckpt_async as ocp
+
+BUCKET = "multihost"
+S3_ENV = {
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    env = {**S3_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server._server.server_port}"}
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                                             "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"]}
+    for k in saved:
+        os.environ.pop(k, None)
+    os.environ.update(env)
+    try:
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
+                     region_name="us-east-1").create_bucket(Bucket=BUCKET)
+        yield env
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, s3_env):
+    wd = tmp_path_factory.mktemp("multihost")
+    s3 = f"s3://{BUCKET}/{wd.name}"
+    p = {name: str(wd / name) for name in
+         ("p1x4", "p1x1", "p4x2", "p2x2", "orbax2x2", "run", "timeout")}
+    p.update(s3_p4x2=f"{s3}/p4x2", s3_p2x2=f"{s3}/p2x2")
+
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(p["p1x4"], make_state(make_mesh()))
+    ckptr.save(p["p1x1"], make_state(make_mesh(jax.devices()[:1])))
+    ckptr.wait_until_finished()
+
+    env = {"env": s3_env}
+    out = {"paths": p, "dir": wd}
+    out["save4x2"] = launch("save", 4, 2, {**env, "save": [p["p4x2"], p["s3_p4x2"]]}, wd)
+    out["main"] = launch("main", 2, 2, {
+        **env,
+        "restore": [p["p4x2"], p["p1x4"], p["p1x1"], p["s3_p4x2"]],
+        "save": [p["p2x2"], p["s3_p2x2"]],
+        "manager": p["run"], "timeout_path": p["timeout"], "orbax_save": p["orbax2x2"],
+        "orbax_restore": [p["p2x2"]],
+    }, wd)
+    out["restore4x2"] = launch("restore", 4, 2, {
+        **env, "restore": [p["p2x2"], p["s3_p2x2"], p["orbax2x2"]]}, wd)
+    return out
+
+
+def test_every_process_joins_with_its_devices(runs):
+    assert [(r["process"], r["devices"], r["local_devices"]) for r in runs["save4x2"]] == [
+        (i, 8, 2) for i in range(4)]
+    assert [(r["process"], r["devices"]) for r in runs["main"]] == [(0, 4), (1, 4)]
+
+
+def test_each_process_writes_its_shards_into_its_own_database(runs):
+    item = Path(runs["paths"]["p2x2"])
+    names = sorted(os.listdir(item))
+    assert {"ocdbt.process_0", "ocdbt.process_1", "manifest.ocdbt", "_METADATA", "_sharding",
+            "_CHECKSUMS", "commit_success.txt"} <= set(names)
+    assert sorted(os.listdir(item / "array_metadatas")) == ["process_0", "process_1"]
+    assert "_CHECKSUMS.parts" not in names  # merged by the primary, then removed
+
+    def keys(d: Path) -> set[str]:
+        kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{d}"}).result()
+        return {k.decode() for k in kv.list().result() if not k.endswith(b".zarray")}
+
+    p0, p1 = keys(item / "ocdbt.process_0"), keys(item / "ocdbt.process_1")
+    # w is sharded over both processes' devices; m is split by rows (and replicated over b);
+    # r is replicated on every device: written once. NumPy and scalars: by the primary.
+    assert p0 == {"w/0.0", "w/0.1", "m/0.0", "r/0.0", "host/0", "step/0"}
+    assert p1 == {"w/1.0", "w/1.1", "m/1.0"}
+    assert keys(item) == p0 | p1  # the root database lists both (merged, nothing copied)
+
+
+def test_restore_reshards_what_other_topologies_saved(runs):
+    p = runs["paths"]
+    for result in runs["main"]:  # on 2 x 2: saved on 4 x 2, 1 x 4, 1 x 1 and on S3
+        for path in (p["p4x2"], p["p1x4"], p["p1x1"], p["s3_p4x2"]):
+            for swapped in (False, True):
+                assert result["checked"][f"{path} swapped={swapped}"] == 3 * 2
+    for result in runs["restore4x2"]:  # on 4 x 2: saved on 2 x 2 (local and S3)
+        for path in (p["p2x2"], p["s3_p2x2"]):
+            for swapped in (False, True):
+                assert result["checked"][f"{path} swapped={swapped}"] == 3 * 2
+
+
+@pytest.mark.parametrize("devices", [4, 1])
+def test_one_process_restores_what_two_processes_saved(runs, devices):
+    p = runs["paths"]
+    mesh = make_mesh(jax.devices()[:devices])
+    ckptr = ocp.StandardCheckpointer()
+    for path in (p["p2x2"], p["s3_p2x2"], p["orbax2x2"]):
+        for swapped in (False, True):
+            assert check_state(ckptr.restore(path, target(mesh, swapped)), mesh, swapped) == (
+                3 * devices)
+        # metadata on a topology whose devices do not match the saved ones
+        meta = ckptr.metadata(path).item_metadata
+        assert (meta["w"].shape, meta["m"].dtype) == ((16, 8), np.dtype("bfloat16"))
+    assert ocp.verify(p["p2x2"]).ok and ocp.verify(p["s3_p2x2"]).ok
+
+
+def test_orbax_and_ckpt_async_read_each_others_multiprocess_checkpoints(runs):
+    p = runs["paths"]
+    for result in runs["main"]:
+        assert result["checked"][f"orbax wrote {p['orbax2x2']}"] == 6
+        assert result["checked"][f"orbax restored {p['p2x2']}"] == 6
+    for result in runs["restore4x2"]:
+        assert result["checked"][f"{p['orbax2x2']} swapped=True"] == 6
+    mesh = make_mesh()
+    restored = orbax.StandardCheckpointer().restore(p["p2x2"], target(mesh))
+    assert check_state(restored, mesh) == 12
+
+
+def test_manager_retention_and_decisions_follow_the_primary(runs):
+    run = Path(runs["paths"]["run"])
+    for result in runs["main"]:
+        assert result["steps"] == [1, 2]  # the primary's decision saved every step everywhere
+        assert result["steps_after_failure"] == [1, 2]
+        assert result["steps_final"] == [2, 4]
+    assert sorted(os.listdir(run)) == ["2", "4"]  # deleted by the primary; no leftovers
+
+
+def test_a_failing_process_fails_the_save_everywhere_and_nothing_is_visible(runs):
+    p0, p1 = runs["main"]
+    kind, message = p0["step3_error"]
+    assert kind == "ProcessFailedError"
+    assert "process 1 (injected failure on process 1)" in message
+    assert p1["step3_error"][0] == "CommitError" and "injected failure" in p1["step3_error"][1]
+    assert not (Path(runs["paths"]["run"]) / "3").exists()
+
+
+def test_a_missing_process_times_out_naming_it(runs):
+    message = runs["main"][0]["timeout_error"]
+    assert "process 1 did not reach 'written' within 3 s" in message
+    timeout = Path(runs["paths"]["timeout"])
+    assert not timeout.exists()
+    assert not [n for n in os.listdir(timeout.parent) if n.startswith(timeout.name + ".")]
+
+
+def test_object_store_layout_and_marker(runs, s3_env):
+    client = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    prefix = f"{Path(runs['dir']).name}/p4x2/"
+    listed = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]
+    names = {o["Key"][len(prefix):].split("/")[0] for o in listed}
+    assert {f"ocdbt.process_{i}" for i in range(4)} <= names
+    assert {"commit_success.txt", "manifest.ocdbt", "_CHECKSUMS"} <= names
