@@ -104,6 +104,30 @@ async def check_array(directory: AnyPath, name: str, arr: np.ndarray, sums: Chec
             "the stored data is damaged")
 
 
+async def check_region(directory: AnyPath, name: str, region: np.ndarray,
+                       origin: tuple[int, ...], sums: Checksums | None) -> None:
+    """Raises CorruptCheckpointError when a chunk-aligned ``region`` of a stored array (its
+    corner at ``origin``) fails the checksums of the chunks it holds."""
+    entry = sums.arrays.get(name) if sums is not None else None
+    if entry is None:
+        return
+    chunks = tuple(entry.chunks)
+    offset = [o // max(1, c) for o, c in zip(origin, chunks, strict=True)]
+
+    def compute() -> dict[str, int]:
+        local = ser.chunk_checksums(region, chunks)  # keys relative to the region's corner
+        return {".".join(str(int(k) + o) for k, o in zip(key.split("."), offset, strict=True))
+                if chunks else key: crc for key, crc in local.items()}
+
+    got = (compute() if region.nbytes < INLINE_CHECK_BYTES
+           else await get_runtime().to_thread(compute))
+    bad = sorted(k for k, crc in got.items() if entry.crc.get(k, crc) != crc)
+    if bad:
+        raise CorruptCheckpointError(
+            f"{directory}: key {name!r} fails its checksum (chunks {', '.join(bad[:8])}); "
+            "the stored data is damaged")
+
+
 async def read_step_metadata(
         step: AnyPath) -> tuple[fmt.StepMetadata | None, fmt.StepExtension | None]:
     """A step's ``_CHECKPOINT_METADATA`` (None when absent) and our ``_CKPT_ASYNC`` beside it,

@@ -250,6 +250,16 @@ class ItemWriter:
         self.checksums[arr.name] = sums
 
 
+async def open_array(ctx: ts.Context, item_dir: AnyPath, name: str, *, use_ocdbt: bool,
+                     use_zarr3: bool) -> Any:
+    """Opens one stored array for reading (a TensorStore; nothing is read yet)."""
+    spec = array_spec(item_dir, name, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3)
+    try:
+        return await ts.open(spec, open=True, read=True, context=ctx)
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"{item_dir}: array {name!r} cannot be opened ({exc})") from exc
+
+
 async def read_array(
     ctx: ts.Context,
     item_dir: AnyPath,
@@ -410,11 +420,7 @@ async def read_shape_dtype(
     ctx: ts.Context, item_dir: AnyPath, name: str, *, use_ocdbt: bool, use_zarr3: bool
 ) -> tuple[tuple[int, ...], np.dtype, tuple[int, ...]]:
     """Shape, dtype and chunk shape of a stored array, without reading its data."""
-    spec = array_spec(item_dir, name, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3)
-    try:
-        store = await ts.open(spec, open=True, read=True, context=ctx)
-    except ValueError as exc:
-        raise CorruptCheckpointError(f"{item_dir}: array {name!r} cannot be opened ({exc})") from exc
+    store = await open_array(ctx, item_dir, name, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3)
     chunks = tuple(int(c or 0) for c in (store.chunk_layout.read_chunk.shape or store.shape))
     return tuple(store.shape), np.dtype(store.dtype.numpy_dtype), chunks
 

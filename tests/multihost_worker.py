@@ -23,8 +23,8 @@ from jax.sharding import PartitionSpec as P
 MESH_SHAPES = {1: (1, 1), 4: (2, 2), 8: (4, 2)}
 #: name -> (shape, dtype, partition spec as saved, partition spec of the "swapped" target)
 ARRAYS = {
-    "w": ((16, 8), np.float32, P("a", "b"), P("b", "a")),
-    "m": ((16, 8), ml_dtypes.bfloat16, P("a", None), P(None, "b")),
+    "w": ((128, 32), np.float32, P("a", "b"), P("b", "a")),
+    "m": ((128, 32), ml_dtypes.bfloat16, P("a", None), P(None, "b")),
     "r": ((4, 4), np.float32, P(), P("a")),
 }
 
@@ -109,7 +109,7 @@ def scenario_restore(cfg: dict, out: dict) -> None:
     ckptr = ocp.StandardCheckpointer()
     for path in cfg["restore"]:
         meta = ckptr.metadata(path)
-        assert meta.item_metadata["w"].shape == (16, 8), meta
+        assert meta.item_metadata["w"].shape == (128, 32), meta
         for swapped in (False, True):
             restored = ckptr.restore(path, target(mesh, swapped))
             out["checked"][f"{path} swapped={swapped}"] = check_state(restored, mesh, swapped)
@@ -131,12 +131,36 @@ def scenario_main(cfg: dict, out: dict) -> None:
     """The 2 x 2 run: restores, saves, manager, failures, and Orbax both ways."""
     import ckpt_async as ocp
     from ckpt_async import _serialize
-    from ckpt_async.errors import BarrierTimeoutError, CommitError, ProcessFailedError
+    from ckpt_async.errors import (
+        BarrierTimeoutError,
+        CommitError,
+        CorruptCheckpointError,
+        ProcessFailedError,
+    )
 
     me = jax.process_index()
     mesh = make_mesh()
     scenario_restore(cfg, out)
     scenario_save(cfg, out)
+
+    # Each process reads only the region its devices hold: damage in the data file process 1
+    # wrote fails process 1's restore, while process 0 never reads those bytes.
+    damaged = cfg["save"][0] + ".damaged"
+    if me == 0:
+        import shutil
+
+        shutil.copytree(cfg["save"][0], damaged)
+        data = max((Path(damaged) / "ocdbt.process_1" / "d").iterdir(),
+                   key=lambda f: f.stat().st_size)
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        data.write_bytes(bytes(raw))
+    barrier("damaged")
+    try:
+        out["damaged"] = ["restored", check_state(
+            ocp.StandardCheckpointer().restore(damaged, target(mesh)), mesh)]
+    except CorruptCheckpointError as exc:
+        out["damaged"] = ["CorruptCheckpointError", str(exc)]
 
     # A manager: every process saves each step; retention runs on the primary only.
     class PrimaryOnlyPolicy:  # decides differently on each process: the primary's wins
@@ -222,9 +246,10 @@ def main() -> None:
     out: dict = {"process": jax.process_index(), "devices": len(jax.devices()),
                  "local_devices": len(jax.local_devices()), "checked": {}}
     globals()[f"scenario_{scenario}"](cfg, out)
-    barrier(f"done-{scenario}")
     Path(cfg_path).with_name(f"{scenario}.{pid}.json").write_text(json.dumps(out))
     sys.stdout.flush()
+    # Leaves together: process 0 hosts the coordination service, which must outlive the rest.
+    jax.distributed.shutdown()
     # Orbax 0.12.8 can wait minutes at interpreter exit for its background threads.
     os._exit(0)
 

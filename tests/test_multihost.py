@@ -112,6 +112,7 @@ def test_each_process_writes_its_shards_into_its_own_database(runs):
     p0, p1 = keys(item / "ocdbt.process_0"), keys(item / "ocdbt.process_1")
     # w is sharded over both processes' devices; m is split by rows (and replicated over b);
     # r is replicated on every device: written once. NumPy and scalars: by the primary.
+    # (Chunks over 1 KiB lie in the process's data files, smaller ones inline in its b-tree.)
     assert p0 == {"w/0.0", "w/0.1", "m/0.0", "r/0.0", "host/0", "step/0"}
     assert p1 == {"w/1.0", "w/1.1", "m/1.0"}
     assert keys(item) == p0 | p1  # the root database lists both (merged, nothing copied)
@@ -140,8 +141,16 @@ def test_one_process_restores_what_two_processes_saved(runs, devices):
                 3 * devices)
         # metadata on a topology whose devices do not match the saved ones
         meta = ckptr.metadata(path).item_metadata
-        assert (meta["w"].shape, meta["m"].dtype) == ((16, 8), np.dtype("bfloat16"))
+        assert (meta["w"].shape, meta["m"].dtype) == ((128, 32), np.dtype("bfloat16"))
     assert ocp.verify(p["p2x2"]).ok and ocp.verify(p["s3_p2x2"]).ok
+
+
+def test_each_process_reads_and_checks_only_its_region(runs):
+    p0, p1 = runs["main"]
+    assert p0["damaged"] == ["restored", 6]
+    kind, message = p1["damaged"]
+    assert kind == "CorruptCheckpointError" and "fails its checksum" in message
+    assert message.startswith(runs["paths"]["p2x2"] + ".damaged")
 
 
 def test_orbax_and_ckpt_async_read_each_others_multiprocess_checkpoints(runs):

@@ -34,6 +34,7 @@ from ..args import (
 )
 from ..errors import (
     CheckpointNotFoundError,
+    CorruptCheckpointError,
     InvalidArgumentError,
     ShapeMismatchError,
     UnsupportedLeafError,
@@ -303,6 +304,17 @@ class StandardCheckpointHandler(PyTreeCheckpointHandler):
     _allow_strings = True
 
 
+def _target_sharding(tleaf: Any, rarg: Any) -> jax.sharding.Sharding | None:
+    """The sharding a restore target (or its ArrayRestoreArgs) asks for, if any."""
+    if isinstance(rarg, ArrayRestoreArgs):
+        return rarg.resolved_sharding()
+    if isinstance(tleaf, ArrayRestoreArgs):
+        return tleaf.resolved_sharding()
+    if isinstance(tleaf, (jax.Array, jax.ShapeDtypeStruct)):
+        return getattr(tleaf, "sharding", None)
+    return None
+
+
 def _put(arr: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
     """``arr`` as a jax.Array laid out as ``sharding`` says. A sharding that spans other
     processes' devices gets only this process's shards from ``arr``; the others come from the
@@ -406,7 +418,13 @@ class _Reader:
             rargs = {k: a for k, _n, a in rpairs}
         wanted = {k for k, _n, _l in pairs}
         _tree.check_structure(set(self.by_key), wanted, where=str(self.dir), allow_missing=partial)
-        await self.prefetch(self._stored_arrays(k for k in wanted if k in self.by_key))
+        # A target sharded over other processes' devices too: this process reads only the
+        # region its own devices hold (each process restores its part of the global array).
+        spread = {k: sh for k, _n, leaf in pairs if k in self.by_key
+                  and (sh := _target_sharding(leaf, rargs.get(k))) is not None
+                  and not sh.is_fully_addressable}
+        await self.prefetch(self._stored_arrays(k for k in wanted
+                                                if k in self.by_key and k not in spread))
 
         async def one(key: str, name: str, tleaf: Any) -> Any:
             entry = self.by_key[key]
@@ -416,11 +434,54 @@ class _Reader:
             if vt == "string":
                 return self.strings[name]
             rarg = rargs.get(key, tleaf if isinstance(tleaf, RestoreArgs) else None)
+            if key in spread:
+                return await self._read_spread(name, tleaf, rarg, spread[key])
             arr = await self._read(name)
             return self._place(name, arr, tleaf, rarg, vt)
 
         values = await asyncio.gather(*(one(k, n, leaf) for k, n, leaf in pairs))
         return rebuild(values)
+
+    async def _read_spread(self, name: str, tleaf: Any, rarg: Any,
+                           sharding: jax.sharding.Sharding) -> jax.Array:
+        """The global array ``sharding`` describes, from the stored region this process's
+        devices hold (widened to whole chunks, so that every chunk read is checked)."""
+        store = await ser.open_array(self.ctx, self.dir, name, use_ocdbt=self.doc.use_ocdbt,
+                                     use_zarr3=self.doc.use_zarr3)
+        shape = tuple(store.shape)
+        want = getattr(tleaf, "shape", None)
+        if want is not None and tuple(want) != shape:
+            raise ShapeMismatchError(f"{self.dir}: key {name!r} is stored with shape {shape}, "
+                                     f"the target asks for {tuple(want)}")
+        entry = self.sums.arrays.get(name) if self.sums is not None else None
+        chunks = tuple(entry.chunks) if entry is not None else (1,) * len(shape)
+        def bounds(index: tuple[slice, ...] | None) -> list[tuple[int, int, int]]:
+            index = index or tuple(slice(None) for _ in shape)
+            return [s.indices(n) for s, n in zip(index, shape, strict=True)]
+
+        indices = [[slice(a, z) for a, z, _ in bounds(idx)]
+                   for idx in sharding.addressable_devices_indices_map(shape).values()]
+        box = tuple(
+            slice(min(i[d].start for i in indices) // c * c,
+                  min(n, -(-max(i[d].stop for i in indices) // c) * c))
+            for d, (n, c) in enumerate(zip(shape, chunks, strict=True)))
+        try:
+            region = await store[box].read()
+        except ValueError as exc:
+            raise CorruptCheckpointError(
+                f"{self.dir}: array {name!r} cannot be read ({exc})") from exc
+        await _integrity.check_region(self.dir, name, region, tuple(b.start for b in box),
+                                      self.sums)
+        self.tracker.add(region.nbytes)
+        dtype = getattr(rarg, "dtype", None) or getattr(tleaf, "dtype", None)
+        if dtype is not None:
+            region = region.astype(dtype, copy=False)
+
+        def local(index: tuple[slice, ...] | None) -> np.ndarray:
+            return region[tuple(slice(a - b.start, z - b.start)
+                                for (a, z, _), b in zip(bounds(index), box, strict=True))]
+
+        return jax.make_array_from_callback(shape, sharding, local)
 
     def _place(self, name: str, arr: np.ndarray, tleaf: Any, rarg: Any, vt: str) -> Any:
         """Casts and places one restored array as the target leaf (or restore arg) asks."""
