@@ -100,6 +100,14 @@ def _client() -> Any:
     return client
 
 
+def sync_global_processes(name: str, timeout_secs: float = 600,
+                          processes: list[int] | None = None) -> None:
+    """Blocks until every process (or those in ``processes``) has called this with ``name``.
+    Single-process: returns at once."""
+    if process_count() > 1:
+        _client().wait_at_barrier(f"{KEY_PREFIX}/{name}", int(timeout_secs * 1000), processes)
+
+
 _counters: dict[str, int] = {}
 
 
@@ -198,4 +206,4 @@ _stale: list[str] = []
 
 
 __all__ = ["Roles", "Sync", "current_roles", "is_primary_host", "process_count",
-           "process_index", "roles_for"]
+           "process_index", "roles_for", "sync_global_processes"]
