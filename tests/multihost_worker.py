@@ -202,7 +202,7 @@ def scenario_main(cfg: dict, out: dict) -> None:
         out["step3_error"] = [type(exc).__name__, str(exc)]
     _serialize.ItemWriter.write = original
     out["steps_after_failure"] = mngr.all_steps()
-    barrier("after-step-3")
+    ocp.multihost.sync_global_processes("after-step-3")
 
     # Process 1 never arrives: process 0's save times out naming it.
     if me == 0:

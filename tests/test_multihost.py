@@ -198,3 +198,22 @@ def test_object_store_layout_and_marker(runs, s3_env):
     names = {o["Key"][len(prefix):].split("/")[0] for o in listed}
     assert {f"ocdbt.process_{i}" for i in range(4)} <= names
     assert {"commit_success.txt", "manifest.ocdbt", "_CHECKSUMS"} <= names
+
+
+def test_one_process_roles_and_unsupported_options(tmp_path):
+    assert (ocp.multihost.process_index(), ocp.multihost.process_count()) == (0, 1)
+    assert ocp.multihost.is_primary_host(0)
+    ocp.multihost.sync_global_processes("alone")  # nobody to wait for
+    bad = [ocp.options.MultiprocessingOptions(primary_host=3),
+           ocp.options.MultiprocessingOptions(active_processes={0})]
+    for options in bad:
+        with pytest.raises(ocp.errors.InvalidArgumentError):
+            ocp.multihost.roles_for(options)
+        with pytest.raises(ocp.errors.InvalidArgumentError):  # when the manager starts
+            ocp.CheckpointManager(tmp_path / "run", ocp.CheckpointManagerOptions(
+                multiprocessing_options=options))
+        ckptr = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler(),
+                                      multiprocessing_options=options)
+        with pytest.raises(ocp.errors.InvalidArgumentError):
+            ckptr.save(tmp_path / "run" / "0", args=ocp.args.StandardSave({"x": np.zeros(2)}))
+    assert not (tmp_path / "run" / "0").exists()
