@@ -387,15 +387,20 @@ class _Reader:
             return self._empty(vt, name)
         if vt == "string":
             return self.strings[name]
+        sharding = self._saved_sharding(name) if vt == "jax.Array" else None
+        if sharding is not None and not sharding.is_fully_addressable:
+            return await self._read_spread(name, None, None, sharding)
         arr = await self._read(name)
         if vt == "scalar":
             return self._scalar(name, arr)
         if vt == "jax.Array":
-            sharding = None
-            if name in self.shardings:
-                sharding = ser.sharding_from_json(self.shardings[name])
             return _put(arr, sharding)
         return arr
+
+    def _saved_sharding(self, name: str) -> jax.sharding.Sharding | None:
+        """The sharding an array was saved with, when this run has all its devices."""
+        text = self.shardings.get(name)
+        return ser.sharding_from_json(text) if text is not None else None
 
     def _stored_arrays(self, keys: Any) -> list[str]:
         return [self._name(self.by_key[k]) for k in keys
@@ -404,7 +409,10 @@ class _Reader:
 
     async def restore_as_saved(self) -> Any:
         entries = list(self.by_key.values())
-        await self.prefetch(self._stored_arrays(self.by_key))
+        spread = {k for k, e in self.by_key.items() if e.value_metadata.value_type == "jax.Array"
+                  and (sh := self._saved_sharding(self._name(e))) is not None
+                  and not sh.is_fully_addressable}
+        await self.prefetch(self._stored_arrays(k for k in self.by_key if k not in spread))
         values = await asyncio.gather(*(self._value_as_saved(e) for e in entries))
         if self.skeleton is not None:
             return _tree.unflatten(self.skeleton, lambda i: values[i])
@@ -502,8 +510,8 @@ class _Reader:
             sharding = getattr(tleaf, "sharding", None)
             if sharding is None and vt == "np.ndarray":
                 return arr  # an abstract target without sharding keeps the saved kind (Orbax)
-            if sharding is None and name in self.shardings:
-                sharding = ser.sharding_from_json(self.shardings[name])
+            if sharding is None:
+                sharding = self._saved_sharding(name)
             return _put(arr, sharding)
         if isinstance(tleaf, ArrayMetadata) and not isinstance(tleaf, ScalarMetadata):
             return jax.device_put(arr) if tleaf.sharding is not None else arr
