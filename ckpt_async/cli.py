@@ -2,15 +2,19 @@
 
 ``ckpt-async ls DIR``, ``show PATH``, ``verify PATH``, ``diff A B``, ``gc DIR``,
 ``export PATH --to F.safetensors`` and ``import F.safetensors --to PATH`` (see docs/cli.md).
-Also ``python -m ckpt_async``. Works on local paths, reads arrays only where a command needs
-their values (``verify``, ``diff --values``, ``export``). ``main(argv)`` returns the exit
-status: 0 success, 1 a failure (or, for ``verify`` and ``diff``, problems or differences),
-2 a usage error.
+Also ``python -m ckpt_async``. A location is a local path or an object-store URL
+(``s3://bucket/prefix``): each command is one coroutine on the engine loop that reaches storage
+only through the library (``_storage``, ``_commit.scan``, ``_integrity``, the checkpointers and
+handlers), so one code path serves both. Arrays are read only where a command needs their
+values (``verify``, ``diff --values``, ``export``). ``main(argv)`` returns the exit status:
+0 success, 1 a failure (or, for ``verify`` and ``diff``, problems or differences), 2 a usage
+error.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import datetime
@@ -18,17 +22,25 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from . import _commit, _integrity, _paths
 from . import _format as fmt
+from . import _storage as storage
+from ._checkpointer import AsyncCheckpointer, as_path
+from ._paths import AnyPath
+from ._runtime import get_runtime
+from .errors import CheckpointError, InvalidArgumentError, StepAlreadyExistsError
+from .handlers import JsonCheckpointHandler, PyTreeCheckpointHandler, StandardCheckpointHandler
 from .manager import _steps
+
+T = TypeVar("T")
 
 # -- errors ----------------------------------------------------------------------------------
 
@@ -90,7 +102,50 @@ def _print_json(doc: Any, out: Any) -> None:
     print(json.dumps(doc, indent=2, default=_json_default, allow_nan=True), file=out)
 
 
-# -- the filesystem view ---------------------------------------------------------------------
+# -- locations -------------------------------------------------------------------------------
+
+
+def location(arg: str) -> AnyPath:
+    """A checkpoint location from the command line: a URL (``s3://bucket/prefix``) as the
+    library parses it, else a local path as typed."""
+    if "://" not in arg:
+        return Path(arg)
+    try:
+        return as_path(arg)
+    except InvalidArgumentError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def local_file(arg: str, what: str) -> Path:
+    """A safetensors file: local only (the CLI writes and reads it with ``open``)."""
+    if "://" in arg:
+        raise UsageError(f"{what} {arg}: the safetensors file must be a local path "
+                         "(checkpoints may be URLs)")
+    return Path(arg)
+
+
+async def _gather(coros: list[Coroutine[Any, Any, T]], limit: int = 16) -> list[T]:
+    """Awaits ``coros`` concurrently, at most ``limit`` at a time, results in order."""
+    sem = asyncio.Semaphore(limit)
+
+    async def one(c: Coroutine[Any, Any, T]) -> T:
+        async with sem:
+            return await c
+
+    return list(await asyncio.gather(*(one(c) for c in coros)))
+
+
+# -- the storage view --------------------------------------------------------------------------
+
+
+async def check_dir(path: AnyPath) -> None:
+    """Raises CLIError unless ``path`` is a directory (on an object store: a prefix that holds
+    objects)."""
+    if await storage.is_dir(path):
+        return
+    if await storage.exists(path):
+        raise CLIError(f"{path} is not a directory")
+    raise CLIError(f"{path} does not exist")
 
 
 def _du(path: Path) -> int:
@@ -105,63 +160,108 @@ def _du(path: Path) -> int:
     return total
 
 
+async def stored_bytes(path: AnyPath) -> int | None:
+    """Bytes of the files under ``path``; None on an object store (the library's listings
+    give keys, not sizes)."""
+    if _paths.is_store(path):
+        return None
+    try:
+        return await get_runtime().to_thread(_du, path)
+    except OSError:
+        return None
+
+
+async def modified(path: AnyPath) -> float | None:
+    """Modification time of ``path``; None on an object store, which has no directory times."""
+    if not storage.has_rename(path):
+        return None
+    try:
+        return await storage.mtime(path)
+    except OSError:
+        return None
+
+
 _ANY_STEP = re.compile(r"(?:(.+)_)?(\d+)")
 
 
-def _parse_step(name: str, prefix: str | None) -> int | None:
+def _parse_step(name: str, prefix: str | None) -> tuple[str | None, int] | None:
+    """(prefix, step) of a step directory's name; ``prefix`` None accepts any prefix."""
     if _steps.is_leftover(name):
         return None
     if prefix is not None:
-        return _steps.NameFormat(prefix or None).parse(name)
+        step = _steps.NameFormat(prefix or None).parse(name)
+        return None if step is None else (prefix or None, step)
     m = _ANY_STEP.fullmatch(name)  # any prefix, any padding (Orbax's legacy rule)
-    return int(m.group(2)) if m else None
-
-
-def _step_dirs(directory: Path, prefix: str | None) -> dict[int, Path]:
-    out: dict[int, Path] = {}
-    for entry in sorted(os.listdir(directory)):
-        path = directory / entry
-        step = _parse_step(entry, prefix)
-        if step is not None and path.is_dir():
-            out.setdefault(step, path)
-    return dict(sorted(out.items()))
+    return (m.group(1), int(m.group(2))) if m else None
 
 
 def _leftover_kind(name: str) -> str | None:
-    if fmt.TMP_SUFFIX in name:
+    if _commit.is_tmp_name(name):
         return "tmp"
     if _steps.TODELETE_MARK in name:
         return "todelete"
     return None
 
 
-def _leftovers(directory: Path) -> list[dict[str, Any]]:
-    out = []
-    for name in sorted(os.listdir(directory)):
+@dataclasses.dataclass
+class DirView:
+    """A manager directory: its committed steps (step -> entry name) and its leftovers
+    ((name, kind), kind "tmp", "todelete" or "uncommitted")."""
+
+    steps: dict[int, str]
+    leftovers: list[tuple[str, str]]
+
+
+async def scan_dir(directory: AnyPath, prefix: str | None) -> DirView:
+    """The steps and leftovers of ``directory`` as the library sees them (``_commit.scan``).
+
+    Locally every entry is committed, and the leftovers are the temporary and to-delete
+    entries. On an object store a step is committed iff its ``commit_success.txt`` exists; a
+    step-named entry without one is a save that never finished ("uncommitted"), as the
+    manager's ``cleanup_tmp_directories`` sees it. Without ``prefix`` such an entry counts only
+    when it is a bare number or shares the prefix of a committed step, so that no other data
+    under the prefix is taken for a leftover."""
+    names, visible = await _commit.scan(directory)
+    parsed = {n: p for n in sorted(names) if (p := _parse_step(n, prefix)) is not None}
+    candidates = [n for n in parsed if n in visible]
+    # the library's test of a committed checkpoint at a path (locally: a directory, not a file)
+    committed = await _gather([_commit.is_visible(directory / n) for n in candidates])
+    steps: dict[int, str] = {}
+    for name, ok in zip(candidates, committed):
+        if ok:
+            steps.setdefault(parsed[name][1], name)
+    used = {parsed[n][0] for n in steps.values()} | {None}
+    leftovers = []
+    for name in sorted(names):
         kind = _leftover_kind(name)
+        if kind is None and name in parsed and name not in visible and (
+                prefix is not None or parsed[name][0] in used):
+            kind = "uncommitted"
         if kind is not None:
-            path = directory / name
-            out.append({"name": name, "path": str(path), "kind": kind, "bytes": _du(path),
-                        "mtime": path.lstat().st_mtime})
-    return out
+            leftovers.append((name, kind))
+    return DirView(dict(sorted(steps.items())), leftovers)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CLIError(f"{path} does not exist") from None
-    try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CLIError(f"{path}: invalid JSON ({exc})") from exc
+async def step_doc(path: AnyPath) -> fmt.StepMetadata | None:
+    """A step's ``_CHECKPOINT_METADATA`` (checked against its recorded crc32), or None."""
+    doc, _ext = await _integrity.read_step_metadata(path)
+    return doc
 
 
-def _step_doc(path: Path) -> fmt.StepMetadata | None:
-    doc_path = path / fmt.CHECKPOINT_METADATA
-    if not doc_path.exists():
-        return None
-    return fmt.decode(doc_path.read_bytes(), fmt.StepMetadata, where=str(doc_path))
+def _split(keys: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """The files directly in a directory, and the keys below each subdirectory."""
+    files: list[str] = []
+    dirs: dict[str, list[str]] = {}
+    for key in keys:
+        head, sep, rest = key.partition("/")
+        if sep:
+            dirs.setdefault(head, []).append(rest)
+        else:
+            files.append(head)
+    return files, dirs
+
+
+_NOT_DOCUMENTS = {fmt.COMMIT_SUCCESS, _integrity.CHECKSUMS}
 
 
 @dataclasses.dataclass
@@ -169,7 +269,7 @@ class Item:
     """One item of a checkpoint: ``name`` None for a single-item checkpoint."""
 
     name: str | None
-    path: Path
+    path: AnyPath
     kind: str  # "pytree" | "json" | "unknown"
     typestr: str | None = None
 
@@ -178,104 +278,113 @@ class Item:
         return self.name if self.name is not None else "(item)"
 
 
-def _kind_of(typestr: str | None, path: Path) -> str:
+def _kind_of(typestr: str | None, keys: list[str]) -> str:
+    """An item's kind from its recorded handler, else from its files (``keys``)."""
     tail = _short_handler(typestr) if typestr else ""
     if tail in ("StandardCheckpointHandler", "PyTreeCheckpointHandler"):
         return "pytree"
     if tail == "JsonCheckpointHandler":
         return "json"
-    if (path / fmt.PYTREE_METADATA).is_file():
+    if fmt.PYTREE_METADATA in keys:
         return "pytree"
-    if typestr is None and path.is_dir():
-        files = [p for p in path.iterdir() if p.name != fmt.COMMIT_SUCCESS]
-        if len(files) == 1 and files[0].is_file():
+    if typestr is None:
+        files, dirs = _split(keys)
+        docs = [f for f in files if f not in _NOT_DOCUMENTS]
+        if len(docs) == 1 and not dirs:
             return "json"  # a JSON item (Orbax names its file after the item or `metadata`)
     return "unknown"
 
 
-def is_checkpoint(path: Path) -> bool:
-    return path.is_dir() and ((path / fmt.CHECKPOINT_METADATA).is_file()
-                              or (path / fmt.PYTREE_METADATA).is_file())
+async def is_checkpoint(path: AnyPath) -> bool:
+    return (await storage.exists(path / fmt.CHECKPOINT_METADATA)
+            or await storage.exists(path / fmt.PYTREE_METADATA))
 
 
-def checkpoint_items(path: Path) -> list[Item]:
-    """The items of a checkpoint (a step directory, a checkpointer's path or one item folder)."""
-    doc = _step_doc(path)
+async def _items_of(path: AnyPath, doc: fmt.StepMetadata | None) -> list[Item]:
+    keys = await storage.listfiles(path)
+    files, dirs = _split(keys)
     handlers = doc.item_handlers if doc is not None else None
-    if isinstance(handlers, str) or (handlers is None and (path / fmt.PYTREE_METADATA).is_file()):
-        return [Item(None, path, _kind_of(handlers, path), handlers)]
-    items = []
+    if isinstance(handlers, str) or (handlers is None and fmt.PYTREE_METADATA in files):
+        return [Item(None, path, _kind_of(handlers, keys), handlers)]
+    if handlers is None and not dirs and _kind_of(None, keys) == "json":
+        return [Item(None, path, "json")]  # a JSON item's folder
     recorded = handlers if isinstance(handlers, dict) else {}
-    names = set(recorded) | {p.name for p in path.iterdir() if p.is_dir()}
-    for name in sorted(names):
-        sub = path / name
-        if not sub.is_dir():
+    items = []
+    for name in sorted(set(recorded) | set(dirs)):
+        if name not in dirs:
             continue  # recorded but saved as None
         typestr = recorded.get(name)
-        items.append(Item(name, sub, _kind_of(typestr, sub), typestr))
+        items.append(Item(name, path / name, _kind_of(typestr, dirs[name]), typestr))
     return items
 
 
-def resolve_checkpoint(path: Path, step: int | None, prefix: str | None) -> tuple[Path, int | None]:
+async def checkpoint_items(path: AnyPath) -> list[Item]:
+    """The items of a checkpoint (a step, a checkpointer's path or one item folder)."""
+    return await _items_of(path, await step_doc(path))
+
+
+async def _check_committed(path: AnyPath) -> None:
+    if not await _commit.is_visible(path):
+        raise CLIError(f"{path} is not committed (no {fmt.COMMIT_SUCCESS}): a save that did "
+                       "not finish, which no manager lists; `ckpt-async gc` removes it")
+
+
+async def resolve_checkpoint(path: AnyPath, step: int | None,
+                             prefix: str | None) -> tuple[AnyPath, int | None]:
     """``path`` itself when it is a checkpoint, else a step of the manager directory ``path``
     (``step``, or the latest)."""
-    if not path.exists():
-        raise CLIError(f"{path} does not exist")
-    if not path.is_dir():
-        raise CLIError(f"{path} is not a directory")
-    if step is None and is_checkpoint(path):
+    await check_dir(path)
+    if step is None and await is_checkpoint(path):
+        await _check_committed(path)
         return path, None
-    steps = _step_dirs(path, prefix)
+    steps = (await scan_dir(path, prefix)).steps
     if not steps:
         if step is not None:
             raise CLIError(f"{path} holds no steps")
-        if any(i.kind != "unknown" for i in checkpoint_items(path)):
+        if any(i.kind != "unknown" for i in await checkpoint_items(path)):
+            await _check_committed(path)
             return path, None
         raise CLIError(f"{path} holds no checkpoint and no steps")
     if step is None:
         step = max(steps)
     if step not in steps:
         raise CLIError(f"step {step} is not in {path} (steps: {list(steps)[-10:]})")
-    return steps[step], step
+    return path / steps[step], step
 
 
 # -- reading items -----------------------------------------------------------------------------
 
 
-def _pytree_checkpointer() -> Any:
-    from . import PyTreeCheckpointer
-
-    return PyTreeCheckpointer()
-
-
-def item_metadata(item: Item) -> Any:
+async def item_metadata(item: Item) -> Any:
     """The ``TreeMetadata`` of a pytree item, read without loading arrays."""
-    ckptr = _pytree_checkpointer()
+    ckptr = AsyncCheckpointer(PyTreeCheckpointHandler())
     try:
-        return ckptr.metadata(item.path).item_metadata
+        return (await ckptr.metadata(item.path)).item_metadata
     finally:
-        ckptr.close()
+        await ckptr.close()
 
 
-def restore_item(item: Item) -> Any:
+async def restore_item(item: Item) -> Any:
     """A pytree item's tree as saved (every array read)."""
-    ckptr = _pytree_checkpointer()
+    ckptr = AsyncCheckpointer(PyTreeCheckpointHandler())
     try:
-        return ckptr.restore(item.path)
+        return await ckptr.restore(item.path)
     finally:
-        ckptr.close()
+        await ckptr.close()
 
 
-def _json_files(item: Item) -> list[Path]:
-    return sorted(p for p in item.path.iterdir() if p.is_file() and p.name != fmt.COMMIT_SUCCESS)
+async def read_json_item(path: AnyPath, filename: str) -> Any:
+    """The document of a JSON item (checked against its ``_CHECKSUMS`` when it has one)."""
+    return await JsonCheckpointHandler(filename=filename).restore(path)
 
 
-def json_document(item: Item) -> Any:
-    files = _json_files(item)
-    if not files:
+async def json_document(item: Item) -> Any:
+    files, _dirs = _split(await storage.listfiles(item.path))
+    docs = sorted(f for f in files if f not in _NOT_DOCUMENTS)
+    if not docs:
         raise CLIError(f"{item.path}: the JSON item holds no document")
-    preferred = [p for p in files if p.name in (fmt.JSON_ITEM, item.path.name)]
-    return _read_json((preferred or files)[0])
+    preferred = [f for f in docs if f in (fmt.JSON_ITEM, item.path.name)]
+    return await read_json_item(item.path, (preferred or docs)[0])
 
 
 def _is_namedtuple(x: Any) -> bool:
@@ -337,8 +446,8 @@ def leaf_record(keys: tuple[str, ...], leaf: Any) -> dict[str, Any]:
     return rec
 
 
-def item_records(item: Item) -> list[dict[str, Any]]:
-    meta = item_metadata(item)
+async def item_records(item: Item) -> list[dict[str, Any]]:
+    meta = await item_metadata(item)
     tree = getattr(meta, "tree", meta)
     return [leaf_record(k, leaf) for k, leaf in walk_tree(tree)]
 
@@ -346,35 +455,52 @@ def item_records(item: Item) -> list[dict[str, Any]]:
 # -- ls ----------------------------------------------------------------------------------------
 
 
-def _step_entry(step: int, path: Path) -> dict[str, Any]:
+_METRICS = "metrics"  # Orbax's metrics item, <step>/metrics/metrics
+
+
+def _size(n: int | None) -> str:
+    return "-" if n is None else human_bytes(n)
+
+
+async def _step_entry(step: int, path: AnyPath) -> dict[str, Any]:
     entry: dict[str, Any] = {"step": step, "name": path.name, "path": str(path),
-                             "bytes": _du(path)}
+                             "bytes": await stored_bytes(path)}
     problems = []
+    doc = None
     try:
-        doc = _step_doc(path)
+        doc = await step_doc(path)
     except Exception as exc:  # noqa: BLE001 - listed, not fatal
-        doc = None
-        problems.append(str(exc))
+        problems.append(_tidy(exc))
     try:
-        items = checkpoint_items(path)
+        items = await _items_of(path, doc)
     except Exception as exc:  # noqa: BLE001
         items = []
-        problems.append(str(exc))
+        problems.append(_tidy(exc))
     entry["items"] = [i.name for i in items if i.name is not None] or (
         ["(single)"] if items else [])
     ns = doc.commit_timestamp_nsecs if doc else None
     entry["commit_timestamp_nsecs"] = ns
-    entry["commit_time"] = _iso(ns) or _iso(int(path.stat().st_mtime * 1e9))
+    mtime = None if ns else await modified(path)
+    entry["commit_time"] = _iso(ns) or _iso(int(mtime * 1e9) if mtime else None)
     metrics = (doc.metrics if doc else None) or None
-    metrics_file = path / "metrics" / "metrics"
-    if metrics_file.is_file():
-        with contextlib.suppress(CLIError):
-            metrics = _read_json(metrics_file)
+    if await storage.exists(path / _METRICS / _METRICS):
+        with contextlib.suppress(CheckpointError):
+            metrics = await read_json_item(path / _METRICS, _METRICS)
     entry["metrics"] = metrics
-    entry["committed"] = doc is not None or (path / fmt.COMMIT_SUCCESS).exists()
+    entry["committed"] = doc is not None or await storage.exists(path / fmt.COMMIT_SUCCESS)
     if problems:
         entry["problems"] = problems
     return entry
+
+
+async def _leftover_entry(directory: AnyPath, name: str, kind: str) -> dict[str, Any]:
+    path = directory / name
+    return {"name": name, "path": str(path), "kind": kind, "bytes": await stored_bytes(path),
+            "mtime": await modified(path)}
+
+
+async def leftovers(directory: AnyPath, view: DirView) -> list[dict[str, Any]]:
+    return await _gather([_leftover_entry(directory, n, k) for n, k in view.leftovers])
 
 
 def _fmt_metrics(m: Any) -> str:
@@ -386,30 +512,31 @@ def _fmt_metrics(m: Any) -> str:
     return str(m)
 
 
-def cmd_ls(a: argparse.Namespace, out: Any) -> int:
-    directory = Path(a.dir)
-    if not directory.is_dir():
-        raise CLIError(f"{directory} is not a directory")
-    steps = [_step_entry(s, p) for s, p in _step_dirs(directory, a.step_prefix).items()]
-    leftovers = _leftovers(directory)
+async def cmd_ls(a: argparse.Namespace, out: Any) -> int:
+    directory = location(a.dir)
+    await check_dir(directory)
+    view = await scan_dir(directory, a.step_prefix)
+    steps = await _gather([_step_entry(s, directory / n) for s, n in view.steps.items()])
+    found = await leftovers(directory, view)
     if a.json:
-        _print_json({"directory": str(directory.absolute()), "steps": steps,
-                     "leftovers": leftovers}, out)
+        _print_json({"directory": str(as_path(directory)), "steps": steps,
+                     "leftovers": found}, out)
         return 0
     rows = [["STEP", "COMMITTED (UTC)", "SIZE", "ITEMS", "METRICS"]]
     for s in steps:
         flag = "" if s["committed"] else "  (no _CHECKPOINT_METADATA)"
-        rows.append([str(s["step"]), s["commit_time"] or "-", human_bytes(s["bytes"]),
+        rows.append([str(s["step"]), s["commit_time"] or "-", _size(s["bytes"]),
                      ",".join(s["items"]) or "-", _fmt_metrics(s["metrics"]) + flag])
-    for lo in leftovers:
-        rows.append([lo["name"], f"leftover ({lo['kind']})", human_bytes(lo["bytes"]), "-", "-"])
+    for lo in found:
+        rows.append([lo["name"], f"leftover ({lo['kind']})", _size(lo["bytes"]), "-", "-"])
     if len(rows) == 1:
         print(f"{directory}: no steps", file=out)
         return 0
     _table(rows, out)
-    total = sum(s["bytes"] for s in steps)
-    tail = f", {len(leftovers)} leftover(s) (remove with: ckpt-async gc)" if leftovers else ""
-    print(f"{len(steps)} step(s), {human_bytes(total)}{tail}", file=out)
+    sizes = [s["bytes"] for s in steps]
+    total = f", {human_bytes(sum(sizes))}" if None not in sizes else ""
+    tail = f", {len(found)} leftover(s) (remove with: ckpt-async gc)" if found else ""
+    print(f"{len(steps)} step(s){total}{tail}", file=out)
     return 0
 
 
@@ -436,10 +563,10 @@ def _print_tree(records: list[dict[str, Any]], out: Any, indent: str = "  ") -> 
     _table(rows, out)
 
 
-def cmd_show(a: argparse.Namespace, out: Any) -> int:
-    path, step = resolve_checkpoint(Path(a.path), a.step, a.step_prefix)
-    doc = _step_doc(path)
-    items = checkpoint_items(path)
+async def cmd_show(a: argparse.Namespace, out: Any) -> int:
+    path, step = await resolve_checkpoint(location(a.path), a.step, a.step_prefix)
+    doc = await step_doc(path)
+    items = await _items_of(path, doc)
     if a.item is not None:
         items = [i for i in items if i.name == a.item]
         if not items:
@@ -452,12 +579,12 @@ def cmd_show(a: argparse.Namespace, out: Any) -> int:
         entry: dict[str, Any] = {"name": item.name, "handler": _short_handler(item.typestr),
                                  "kind": item.kind, "path": str(item.path)}
         if item.kind == "pytree":
-            recs = item_records(item)
+            recs = await item_records(item)
             entry["leaves"] = recs
             entry["arrays"] = sum(1 for r in recs if r["kind"] in ("array", "scalar"))
             entry["bytes"] = sum(r.get("bytes", 0) for r in recs)
         elif item.kind == "json":
-            entry["document"] = json_document(item)
+            entry["document"] = await json_document(item)
         result["items"].append(entry)
     if a.json:
         _print_json(result, out)
@@ -491,15 +618,12 @@ def _restored_leaves(tree: Any) -> dict[str, Any]:
     return {".".join(k): v for k, v in walk_tree(tree)}
 
 
+_ANNOTATION = re.compile(r"\s*\[[\w .-]+='.*?'\]", re.S)
+
+
 def _tidy(problem: object) -> str:
-    """A problem without TensorStore's spec dump."""
-    return re.sub(r"\s*\[tensorstore_spec='.*?'\]", "", str(problem), flags=re.S)
-
-
-def _verify_fn() -> Callable[..., Any]:
-    import ckpt_async
-
-    return ckpt_async.verify
+    """A message without TensorStore's annotations (its spec dump, an HTTP response body)."""
+    return _ANNOTATION.sub("", str(problem))
 
 
 class Progress:
@@ -538,17 +662,15 @@ class Progress:
             print(file=self.out, flush=True)
 
 
-def cmd_verify(a: argparse.Namespace, out: Any) -> int:
-    path = Path(a.path)
-    if not path.exists():
-        raise CLIError(f"{path} does not exist")
-    steps = _step_dirs(path, a.step_prefix) if path.is_dir() else {}
-    if a.step is None and steps and not is_checkpoint(path):
-        targets: list[tuple[int | None, Path]] = list(steps.items())  # every step
+async def cmd_verify(a: argparse.Namespace, out: Any) -> int:
+    path = location(a.path)
+    await check_dir(path)
+    steps = (await scan_dir(path, a.step_prefix)).steps
+    if a.step is None and steps and not await is_checkpoint(path):
+        targets: list[tuple[int | None, AnyPath]] = [(s, path / n) for s, n in steps.items()]
     else:
-        p, s = resolve_checkpoint(path, a.step, a.step_prefix)
+        p, s = await resolve_checkpoint(path, a.step, a.step_prefix)
         targets = [(s, p)]
-    verify = _verify_fn()
     prog_out = sys.stderr if a.json else out
     tty = bool(getattr(prog_out, "isatty", lambda: False)())
     results = []
@@ -556,9 +678,9 @@ def cmd_verify(a: argparse.Namespace, out: Any) -> int:
     for step, target in targets:
         label = f"step {step}" if step is not None else str(target)
         bar = None if a.quiet else Progress(f"verifying {label}", prog_out, tty,
-                                            in_bytes=False)  # verify() counts arrays
+                                            in_bytes=False)  # averify() counts arrays
         try:
-            report = verify(target, progress=bar)
+            report = await _integrity.averify(target, bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -566,16 +688,13 @@ def cmd_verify(a: argparse.Namespace, out: Any) -> int:
         failed = failed or bool(problems)
         results.append({"step": step, "path": str(target), "ok": not problems,
                         "arrays_checked": report.arrays_checked,
-                        "bytes_checked": report.bytes_checked, "problems": problems,
-                        "skipped": list(getattr(report, "skipped", []))})
+                        "bytes_checked": report.bytes_checked, "problems": problems})
         if not a.json:
             status = "FAIL" if problems else "OK"
             print(f"{status}  {label}: {report.arrays_checked} arrays, "
                   f"{human_bytes(report.bytes_checked)} checked", file=out)
             for problem in problems:
                 print(f"  problem: {problem}", file=out)
-            for s in getattr(report, "skipped", []):
-                print(f"  skipped: {s}", file=out)
     if a.json:
         _print_json({"ok": not failed, "checkpoints": results}, out)
     if failed:
@@ -587,20 +706,20 @@ def cmd_verify(a: argparse.Namespace, out: Any) -> int:
 # -- diff --------------------------------------------------------------------------------------
 
 
-def _flat_records(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Item]]:
+async def _flat_records(path: AnyPath) -> tuple[dict[str, dict[str, Any]], dict[str, Item]]:
     """Every leaf of every pytree item (and every JSON item) of a checkpoint, by name."""
     recs: dict[str, dict[str, Any]] = {}
     items: dict[str, Item] = {}
-    for item in checkpoint_items(path):
+    for item in await checkpoint_items(path):
         prefix = f"{item.name}/" if item.name is not None else ""
         if item.kind == "pytree":
-            for r in item_records(item):
+            for r in await item_records(item):
                 key = prefix + r["key"]
                 recs[key] = dict(r, item=item.name)
                 items[key] = item
         elif item.kind == "json":
             key = prefix.rstrip("/") or "(json)"
-            recs[key] = {"key": key, "kind": "json", "document": json_document(item),
+            recs[key] = {"key": key, "kind": "json", "document": await json_document(item),
                          "item": item.name}
             items[key] = item
     return recs, items
@@ -641,11 +760,11 @@ def compare_arrays(a: Any, b: Any) -> tuple[int, float]:
     return count, float(d.max())
 
 
-def cmd_diff(a: argparse.Namespace, out: Any) -> int:
-    pa, _ = resolve_checkpoint(Path(a.a), None, a.step_prefix)
-    pb, _ = resolve_checkpoint(Path(a.b), None, a.step_prefix)
-    ra, ia = _flat_records(pa)
-    rb, ib = _flat_records(pb)
+async def cmd_diff(a: argparse.Namespace, out: Any) -> int:
+    pa, _ = await resolve_checkpoint(location(a.a), None, a.step_prefix)
+    pb, _ = await resolve_checkpoint(location(a.b), None, a.step_prefix)
+    ra, ia = await _flat_records(pa)
+    rb, ib = await _flat_records(pb)
     added = sorted(set(rb) - set(ra))
     removed = sorted(set(ra) - set(rb))
     changed = []
@@ -665,16 +784,16 @@ def cmd_diff(a: argparse.Namespace, out: Any) -> int:
     if a.values and same_sig:
         cache: dict[tuple[str, str], dict[str, Any]] = {}
 
-        def leaves(item: Item, side: str) -> dict[str, Any]:
+        async def leaves(item: Item, side: str) -> dict[str, Any]:
             k = (side, str(item.path))
             if k not in cache:
-                cache[k] = _restored_leaves(restore_item(item))
+                cache[k] = _restored_leaves(await restore_item(item))
             return cache[k]
 
         for key in same_sig:
             x, y = ra[key], rb[key]
-            va = leaves(ia[key], "a")[x["key"]]
-            vb = leaves(ib[key], "b")[y["key"]]
+            va = (await leaves(ia[key], "a"))[x["key"]]
+            vb = (await leaves(ib[key], "b"))[y["key"]]
             count, max_abs = compare_arrays(va, vb)
             if count:
                 values.append({"key": key, "differing": count,
@@ -704,36 +823,40 @@ def cmd_diff(a: argparse.Namespace, out: Any) -> int:
 # -- gc ----------------------------------------------------------------------------------------
 
 
-def cmd_gc(a: argparse.Namespace, out: Any) -> int:
-    directory = Path(a.dir)
-    if not directory.is_dir():
-        raise CLIError(f"{directory} is not a directory")
-    now = time.time()
-    found = [lo for lo in _leftovers(directory) if now - lo["mtime"] >= a.older_than]
+async def cmd_gc(a: argparse.Namespace, out: Any) -> int:
+    directory = location(a.dir)
+    await check_dir(directory)
+    found = await leftovers(directory, await scan_dir(directory, a.step_prefix))
+    if a.older_than > 0:
+        ageless = [lo["name"] for lo in found if lo["mtime"] is None]
+        if ageless:
+            raise UsageError(f"--older-than: the age of {directory / ageless[0]} is unknown "
+                             "(object stores keep no directory times); run gc without it "
+                             "while no job writes there")
+        now = time.time()
+        found = [lo for lo in found if now - lo["mtime"] >= a.older_than]
     removed = []
     for lo in found:
         verb = "would remove" if a.dry_run else "removing"
         if not a.json:
-            print(f"{verb} {lo['name']}  ({lo['kind']}, {human_bytes(lo['bytes'])})", file=out)
+            size = f", {human_bytes(lo['bytes'])}" if lo["bytes"] is not None else ""
+            print(f"{verb} {lo['name']}  ({lo['kind']}{size})", file=out)
         if not a.dry_run:
-            p = Path(lo["path"])
-            try:
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink()
-            except OSError as exc:
-                raise CLIError(f"cannot remove {p}: {exc}") from exc
+            path = directory / lo["name"]
+            await storage.rmtree(path)  # on an object store: the commit marker first
+            if await storage.exists(path):
+                raise CLIError(f"cannot remove {path} (not a directory, or not permitted)")
             removed.append(lo["name"])
-    total = sum(lo["bytes"] for lo in found)
     if a.json:
         _print_json({"directory": str(directory), "leftovers": found, "removed": removed,
                      "dry_run": a.dry_run}, out)
     elif not found:
         print(f"{directory}: no leftovers", file=out)
     else:
+        sizes = [lo["bytes"] for lo in found]
         verb = "would free" if a.dry_run else "freed"
-        print(f"{len(found)} leftover(s), {verb} {human_bytes(total)}", file=out)
+        freed = f", {verb} {human_bytes(sum(sizes))}" if None not in sizes else ""
+        print(f"{len(found)} leftover(s){freed}", file=out)
     return 0
 
 
@@ -826,8 +949,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
         return out, metadata
 
 
-def _pick_item(path: Path, name: str | None) -> Item:
-    items = checkpoint_items(path)
+async def _pick_item(path: AnyPath, name: str | None) -> Item:
+    items = await checkpoint_items(path)
     if name is not None:
         for item in items:
             if item.name == name:
@@ -844,11 +967,12 @@ def _pick_item(path: Path, name: str | None) -> Item:
                    "choose one with --item")
 
 
-def _disk_skeleton(item: Item) -> Any:
+async def _disk_skeleton(item: Item) -> tuple[Any, Any] | None:
+    """The skeleton and custom metadata recorded in the item's ``_METADATA``."""
     try:
-        doc = fmt.decode((item.path / fmt.PYTREE_METADATA).read_bytes(), fmt.TreeMetadata,
-                         where=str(item.path / fmt.PYTREE_METADATA))
-    except Exception:  # noqa: BLE001 - fall back to the restored tree's structure
+        doc, _shardings, _strings, _sums = await PyTreeCheckpointHandler().read_documents(
+            item.path)
+    except CheckpointError:  # fall back to the restored tree's structure
         return None
     return (doc.ckpt_async or {}).get("skeleton"), doc.custom_metadata
 
@@ -872,14 +996,17 @@ def _leaf_spec(value: Any) -> tuple[dict[str, Any], np.ndarray | None]:
     raise CLIError(f"cannot export a leaf of type {type(value).__name__}")
 
 
-def cmd_export(a: argparse.Namespace, out: Any) -> int:
+async def cmd_export(a: argparse.Namespace, out: Any) -> int:
     from . import _tree
 
-    path, _ = resolve_checkpoint(Path(a.path), a.step, a.step_prefix)
-    item = _pick_item(path, a.item)
-    tree = restore_item(item)
+    dest = local_file(a.to, "--to")
+    if dest.exists() and not a.force:
+        raise CLIError(f"{dest} exists; pass --force to overwrite it")
+    path, _ = await resolve_checkpoint(location(a.path), a.step, a.step_prefix)
+    item = await _pick_item(path, a.item)
+    tree = await restore_item(item)
     leaves, skeleton = _tree.flatten(tree)
-    disk = _disk_skeleton(item)
+    disk = await _disk_skeleton(item)
     custom = None
     if disk is not None:
         disk_skel, custom = disk
@@ -901,10 +1028,8 @@ def cmd_export(a: argparse.Namespace, out: Any) -> int:
             spec["name"] = leaf.name
         specs.append(spec)
     meta = {"version": 1, "skeleton": skeleton, "leaves": specs, "custom_metadata": custom}
-    dest = Path(a.to)
-    if dest.exists() and not a.force:
-        raise CLIError(f"{dest} exists; pass --force to overwrite it")
-    write_safetensors(dest, tensors, {"format": "pt", META_KEY: json.dumps(meta)})
+    await get_runtime().to_thread(write_safetensors, dest, tensors,
+                                  {"format": "pt", META_KEY: json.dumps(meta)})
     total = sum(t.nbytes for t in tensors.values())
     print(f"wrote {dest}: {len(tensors)} tensors, {human_bytes(total)} (from {item.path})",
           file=out)
@@ -982,12 +1107,15 @@ def _rebuild(tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> Any:
     return _tree.unflatten(meta["skeleton"], value)
 
 
-def cmd_import(a: argparse.Namespace, out: Any) -> int:
-    from . import StandardCheckpointer
+async def cmd_import(a: argparse.Namespace, out: Any) -> int:
     from . import args as ocp_args
-    from .errors import StepAlreadyExistsError
 
-    tensors, metadata = read_safetensors(Path(a.file))
+    source = local_file(a.file, "FILE")
+    dest = location(a.to)
+    if not a.force and await storage.exists(dest):
+        # (on an object store a save clears a prefix that holds no committed checkpoint)
+        raise CLIError(f"{dest} exists; pass --force to overwrite it")
+    tensors, metadata = await get_runtime().to_thread(read_safetensors, source)
     custom = None
     if META_KEY in metadata:
         try:
@@ -998,16 +1126,15 @@ def cmd_import(a: argparse.Namespace, out: Any) -> int:
         custom = meta.get("custom_metadata")
     else:
         tree = tensors if a.flat else _nested_from_names(tensors)
-    dest = Path(a.to)
-    ckptr = StandardCheckpointer()
+    ckptr = AsyncCheckpointer(StandardCheckpointHandler())
     try:
-        ckptr.save(dest.absolute(), args=ocp_args.StandardSave(tree, custom_metadata=custom),
-                   force=a.force)
-        ckptr.wait_until_finished()
+        commit = await ckptr.save(dest, args=ocp_args.StandardSave(tree, custom_metadata=custom),
+                                  force=a.force)
+        await commit
     except StepAlreadyExistsError:
         raise CLIError(f"{dest} exists; pass --force to overwrite it") from None
     finally:
-        ckptr.close()
+        await ckptr.close()
     total = sum(t.nbytes for t in tensors.values())
     print(f"wrote {dest}: {len(tensors)} tensors, {human_bytes(total)} (from {a.file})", file=out)
     return 0
@@ -1015,10 +1142,9 @@ def cmd_import(a: argparse.Namespace, out: Any) -> int:
 
 # -- the parser --------------------------------------------------------------------------------
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ckpt-async", description="Inspect, verify, compare, clean and convert "
-                "Orbax / ckpt_async checkpoints on local paths.")
+                "Orbax / ckpt_async checkpoints, on local paths and s3:// URLs.")
     p.add_argument("--debug", action="store_true", help="print tracebacks on errors")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -1073,6 +1199,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--older-than", type=float, default=0.0, metavar="SECONDS",
                     help="only leftovers last modified at least this long ago")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
+    step_opts(sp, step=False)
     sp.set_defaults(fn=cmd_gc)
 
     sp = sub.add_parser("export", help="write a pytree item as a safetensors file")
@@ -1120,14 +1247,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         with _x64():
-            return int(a.fn(a, sys.stdout))
+            return int(get_runtime().call(a.fn, a, sys.stdout))
     except KeyboardInterrupt:
         print("ckpt-async: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - one line, unless --debug
         if debug or a.debug:
             raise
-        msg = str(exc) if isinstance(exc, CLIError) else f"{type(exc).__name__}: {_tidy(exc)}"
+        msg = _tidy(exc) if isinstance(exc, CLIError) else f"{type(exc).__name__}: {_tidy(exc)}"
         line = msg.splitlines()[0] if msg.strip() else repr(exc)
         print(f"ckpt-async {a.command}: error: {line}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1

@@ -156,6 +156,13 @@ def test_show_item_folder(capsys, run_dir):
         "params.w", "params.b", "opt.0", "opt.1", "step"}
 
 
+def test_show_json_item_folder(capsys, run_dir):
+    code, doc, _ = run_json(capsys, "show", run_dir / "20" / "extra")
+    assert code == 0
+    assert [(i["name"], i["kind"], i["document"]) for i in doc["items"]] == [
+        (None, "json", {"data_index": 40})]
+
+
 def test_orbax_checkpoint_show_verify_export(capsys, orbax_ckpt, tmp_path):
     code, doc, _ = run_json(capsys, "show", orbax_ckpt)
     assert code == 0
