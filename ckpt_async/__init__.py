@@ -19,7 +19,7 @@ from . import (
 )
 from ._checkpointer import AsyncOptions
 from ._integrity import VerifyReport, verify
-from ._paths import set_s3_options
+from ._paths import set_gcs_options, set_s3_options
 from ._progress import ProgressEvent, progress
 from ._runtime import CommitFuture
 from .checkpointers import AsyncCheckpointer, Checkpointer, PyTreeCheckpointer, StandardCheckpointer
@@ -68,6 +68,7 @@ __all__ = [
     "multihost",
     "options",
     "progress",
+    "set_gcs_options",
     "set_s3_options",
     "test_utils",
     "tree",

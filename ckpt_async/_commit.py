@@ -8,7 +8,10 @@ A failure removes the temporary directory; nothing partial is ever visible at th
 An object store has no rename: a checkpoint is written in place at its final prefix, and the
 step's ``commit_success.txt`` is written last, after every other object; a checkpoint without
 it is invisible (:func:`is_visible`, :func:`scan`) and is removed like a temporary directory.
-Removal deletes the marker first (``_storage.rmtree``).
+Removal deletes the marker first (``_storage.rmtree``). The marker is written create-once (a
+conditional write, ``_storage.write_new``): of two writers of one step, the store lets one
+marker in and the other commit raises StepAlreadyExistsError, as the local create-once rename
+does; a forced save (``replace``) writes it unconditionally.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from . import _format as fmt
 from . import _storage as storage
-from ._paths import AnyPath
+from ._paths import AnyPath, StorePath
 from .errors import CommitError, StepAlreadyExistsError
 
 
@@ -91,6 +94,8 @@ async def commit(
 ) -> None:
     """Writes the step's documents and markers, fsyncs everything, renames ``tmp`` to ``final``.
     On an object store (``tmp`` is ``final``) the step's marker, written last, is the commit."""
+    if not storage.has_rename(final) and not replace:
+        await _refuse_committed(final)  # before its documents are overwritten
     step_meta.commit_timestamp_nsecs = time.time_ns()
     doc = fmt.encode(step_meta)
     await storage.write_bytes(tmp / fmt.CHECKPOINT_METADATA, doc, durable=False)
@@ -99,7 +104,7 @@ async def commit(
     for d in item_dirs:
         await storage.write_bytes(d / fmt.COMMIT_SUCCESS, _marker(d), durable=False)
     if not (storage.has_rename(final) and storage.has_rename(tmp)):
-        await storage.write_bytes(final / fmt.COMMIT_SUCCESS, _marker(final))
+        await _write_store_marker(final, replace)
         return
     await storage.write_bytes(tmp / fmt.COMMIT_SUCCESS, _marker(tmp), durable=False)
     await storage.fsync_tree(tmp)
@@ -114,6 +119,35 @@ async def commit(
             "this save was discarded") from exc
     except OSError as exc:
         raise CommitError(f"cannot rename {tmp} to {final}: {exc.strerror or exc}") from exc
+
+
+def _lost_race(final: AnyPath) -> StepAlreadyExistsError:
+    return StepAlreadyExistsError(
+        f"{final} already exists: another writer committed it during this save; this save's "
+        "commit was refused (its objects were written in place under the same prefix, so "
+        "objects of both saves may be mixed there: check it with ckpt_async.verify)")
+
+
+async def _refuse_committed(final: AnyPath) -> None:
+    """Object store: raises when ``final`` already holds a committed checkpoint (the common
+    case of a race, reported before this save's documents replace the winner's)."""
+    if await storage.exists(final / fmt.COMMIT_SUCCESS):
+        raise _lost_race(final)
+
+
+async def _write_store_marker(final: AnyPath, replace: bool) -> None:
+    """Object store: the commit. Create-once unless ``replace`` (a forced save, which cleared
+    the old checkpoint when it started and overwrites whatever marker is there now)."""
+    marker = final / fmt.COMMIT_SUCCESS
+    if replace:
+        await storage.write_bytes(marker, _marker(final))
+        return
+    if not isinstance(marker, StorePath):  # callers check has_rename(): a programming error
+        raise CommitError(f"{final}: not an object store")
+    try:
+        await storage.write_new(marker, _marker(final))
+    except FileExistsError as exc:
+        raise _lost_race(final) from exc
 
 
 async def _replace(tmp: Path, final: Path) -> None:
@@ -135,6 +169,13 @@ async def _replace(tmp: Path, final: Path) -> None:
 
 
 async def abort(tmp: AnyPath) -> None:
-    """Removes a failed save's temporary directory (shielded: cleanup must not be cancelled)."""
+    """Removes a failed save's temporary directory (shielded: cleanup must not be cancelled).
+    On an object store ``tmp`` is the final prefix: when it holds a commit marker, another
+    writer committed the step there, and its checkpoint is left alone."""
+    async def _remove() -> None:
+        if not storage.has_rename(tmp) and await is_visible(tmp):
+            return
+        await storage.rmtree(tmp)
+
     with contextlib.suppress(Exception):
-        await asyncio.shield(storage.rmtree(tmp))
+        await asyncio.shield(_remove())

@@ -6,10 +6,20 @@ manager build paths the same way for both; ``_storage`` and ``_serialize`` decid
 reach them. It deliberately has no ``__fspath__``: no object-store path can reach ``open`` or
 ``os`` by accident.
 
-Endpoint, region and credentials of S3 come from the standard environment variables
+:func:`kvstore_base` turns a path into the TensorStore kvstore spec every byte goes through:
+``file`` locally, ``s3`` for ``s3://`` and ``gcs`` (the JSON API over HTTP) for ``gs://``.
+
+S3: endpoint, region and credentials come from the standard environment variables
 (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``,
 ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, or a profile), or
 from :func:`set_s3_options`, which wins over the environment.
+
+GCS: TensorStore takes the endpoint only from ``TENSORSTORE_GCS_HTTP_URL`` (process-wide; unset:
+``https://storage.googleapis.com``), so :func:`set_gcs_options` ``(endpoint=...)`` sets that
+variable; credentials come from Google's default chain as TensorStore implements it
+(``GOOGLE_AUTH_TOKEN_FOR_TESTING``, ``GOOGLE_APPLICATION_CREDENTIALS``, gcloud's
+application-default credentials, then the GCE metadata server at ``GCE_METADATA_ROOT``); a
+requester-pays billing project is set with ``set_gcs_options(user_project=...)``.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from typing import Any
 
 from .errors import InvalidArgumentError
 
-SCHEMES = ("s3",)
+SCHEMES = ("s3", "gs")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -38,7 +48,7 @@ class StorePath:
         if not sep or scheme not in SCHEMES:
             raise InvalidArgumentError(
                 f"{url}: object stores other than {', '.join(s + '://' for s in SCHEMES)} "
-                "are not supported (gs:// is not implemented)")
+                "are not supported")
         bucket, _, key = rest.partition("/")
         if not bucket:
             raise InvalidArgumentError(f"{url}: no bucket name")
@@ -100,12 +110,60 @@ def s3_endpoint_region() -> tuple[str | None, str | None]:
     return endpoint, region
 
 
+# -- GCS options ----------------------------------------------------------------------------------
+GCS_ENDPOINT_ENV = "TENSORSTORE_GCS_HTTP_URL"
+_gcs_options: dict[str, str | None] = {"endpoint": None, "user_project": None}
+_gcs_env_before: list[str | None] = []  # TENSORSTORE_GCS_HTTP_URL before set_gcs_options set it
+
+
+def set_gcs_options(*, endpoint: str | None = None, user_project: str | None = None) -> None:
+    """Sets the Google Cloud Storage endpoint and billing project used for ``gs://`` paths.
+
+    ``endpoint`` (e.g. ``http://127.0.0.1:4443`` for an emulator): TensorStore reads it only
+    from the ``TENSORSTORE_GCS_HTTP_URL`` environment variable, so this sets that variable for
+    the whole process (every TensorStore ``gcs`` kvstore opened afterwards uses it);
+    ``None`` puts back the value it had before. ``user_project``: the project billed for
+    requests (needed for requester-pays buckets); ``None``: the bucket's owner pays.
+    Credentials always come from Google's default chain (``GOOGLE_APPLICATION_CREDENTIALS``,
+    gcloud's application-default credentials, the GCE metadata server).
+
+    >>> ckpt_async.set_gcs_options(endpoint='http://127.0.0.1:4443')
+    """
+    if endpoint is not None:
+        if not endpoint.startswith(("http://", "https://")):
+            raise InvalidArgumentError(f"GCS endpoint {endpoint!r} must be an http:// or "
+                                       "https:// URL")
+        if not _gcs_env_before:
+            _gcs_env_before.append(os.environ.get(GCS_ENDPOINT_ENV))
+        os.environ[GCS_ENDPOINT_ENV] = endpoint.rstrip("/")
+    elif _gcs_env_before:
+        before = _gcs_env_before.pop()
+        if before is None:
+            os.environ.pop(GCS_ENDPOINT_ENV, None)
+        else:
+            os.environ[GCS_ENDPOINT_ENV] = before
+    _gcs_options["endpoint"] = endpoint
+    _gcs_options["user_project"] = user_project
+
+
+def gcs_endpoint_project() -> tuple[str | None, str | None]:
+    """The endpoint TensorStore's gcs driver will use (None: Google's) and the billing project."""
+    return os.environ.get(GCS_ENDPOINT_ENV) or None, _gcs_options["user_project"]
+
+
 def kvstore_base(path: AnyPath) -> dict[str, Any]:
     """TensorStore kvstore spec of the "directory" ``path`` (its key prefix, ending in "/")."""
+    spec: dict[str, Any]
     if not isinstance(path, StorePath):
         return {"driver": "file", "path": str(path) + "/"}
-    spec: dict[str, Any] = {"driver": "s3", "bucket": path.bucket,
-                            "path": path.key + "/" if path.key else ""}
+    key_prefix = path.key + "/" if path.key else ""
+    if path.scheme == "gs":
+        spec = {"driver": "gcs", "bucket": path.bucket, "path": key_prefix}
+        _endpoint, project = gcs_endpoint_project()
+        if project:
+            spec["gcs_user_project"] = {"project_id": project}
+        return spec
+    spec = {"driver": "s3", "bucket": path.bucket, "path": key_prefix}
     endpoint, region = s3_endpoint_region()
     if endpoint:
         spec["endpoint"] = endpoint

@@ -2,9 +2,10 @@
 
 Every function takes a local :class:`~pathlib.Path` or an object-store
 :class:`~ckpt_async._paths.StorePath` and dispatches on its type: local paths use the POSIX
-filesystem (below), object-store paths go to ``_s3`` (TensorStore's kvstore), where directories
-are key prefixes, ``makedirs`` and the fsyncs are no-ops, and there is no rename
-(:func:`has_rename` says which; ``_commit`` decides how to commit from it).
+filesystem (below), object-store paths (``s3://``, ``gs://``) go to ``_objstore`` (TensorStore's
+kvstore), where directories are key prefixes, ``makedirs`` and the fsyncs are no-ops, and there
+is no rename (:func:`has_rename` says which; ``_commit`` decides how to commit from it); the
+create-once primitive there is :func:`write_new` (a conditional write).
 
 Every call is a coroutine that runs on the engine loop; blocking system calls leave it through
 the runtime's limiter. Array data does not pass through here: TensorStore writes it (and fsyncs
@@ -27,7 +28,7 @@ from typing import Any, TypeGuard
 import aiofiles
 import aiofiles.os
 
-from . import _s3
+from . import _objstore
 from ._format import COMMIT_SUCCESS
 from ._paths import AnyPath, StorePath
 from ._runtime import get_runtime
@@ -58,7 +59,7 @@ def fsync_tree_sync(root: Path) -> None:
 async def write_bytes(path: AnyPath, data: bytes, *, durable: bool = True) -> None:
     """Writes ``data`` to ``path`` (create or truncate) and fsyncs it."""
     if isinstance(path, StorePath):
-        return await _s3.write_bytes(path, data)  # a completed PUT is durable
+        return await _objstore.write_bytes(path, data)  # a completed PUT is durable
     try:
         async with aiofiles.open(path, "wb") as f:
             await f.write(data)
@@ -69,10 +70,17 @@ async def write_bytes(path: AnyPath, data: bytes, *, durable: bool = True) -> No
         raise CommitError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
+async def write_new(path: StorePath, data: bytes) -> None:
+    """Writes the object ``path`` only when none is there (create-once): FileExistsError, with
+    nothing written, when one is. A conditional write, decided by the store (the object-store
+    counterpart of the create-once rename; see ``_objstore.write_new``)."""
+    await _objstore.write_new(path, data)
+
+
 async def read_bytes(path: AnyPath) -> bytes:
     """Reads the whole file; a missing file raises CheckpointNotFoundError naming it."""
     if isinstance(path, StorePath):
-        return await _s3.read_bytes(path)
+        return await _objstore.read_bytes(path)
     try:
         async with aiofiles.open(path, "rb") as f:
             return await f.read()
@@ -82,19 +90,19 @@ async def read_bytes(path: AnyPath) -> bytes:
 
 async def exists(path: AnyPath) -> bool:
     if isinstance(path, StorePath):
-        return await _s3.exists(path)
+        return await _objstore.exists(path)
     return await aiofiles.os.path.exists(path)
 
 
 async def is_dir(path: AnyPath) -> bool:
     if isinstance(path, StorePath):
-        return await _s3.is_dir(path)
+        return await _objstore.is_dir(path)
     return await aiofiles.os.path.isdir(path)
 
 
 async def listdir(path: AnyPath) -> list[str]:
     if isinstance(path, StorePath):
-        return await _s3.listdir(path)
+        return await _objstore.listdir(path)
     try:
         return await aiofiles.os.listdir(path)
     except FileNotFoundError:
@@ -104,7 +112,7 @@ async def listdir(path: AnyPath) -> list[str]:
 async def listfiles(path: AnyPath) -> list[str]:
     """Every file under ``path``, as paths relative to it with "/" separators."""
     if isinstance(path, StorePath):
-        return await _s3.list_keys(path)
+        return await _objstore.list_keys(path)
 
     def _walk() -> list[str]:
         out = []
@@ -145,8 +153,8 @@ async def rmtree(path: AnyPath) -> None:
     first, so a removal that stops half-way leaves an unlisted leftover, never a listed step
     with missing objects."""
     if isinstance(path, StorePath):
-        await _s3.delete(path / COMMIT_SUCCESS)
-        await _s3.delete_prefix(path)
+        await _objstore.delete(path / COMMIT_SUCCESS)
+        await _objstore.delete_prefix(path)
         return
     await get_runtime().to_thread(lambda: shutil.rmtree(path, ignore_errors=True))
 

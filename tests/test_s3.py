@@ -1,40 +1,70 @@
 """``s3://`` checkpoints against a real S3-compatible server (moto's) on 127.0.0.1.
 
-Objects are written in place; a step becomes visible when its ``commit_success.txt`` (written
-last) exists; a step without it is never listed or restored and is cleaned up like a temporary
-directory; deletion removes the marker first. Every listing and byte here goes through
-TensorStore's s3 kvstore; boto3 is used only to set up the bucket and to look behind the
-library's back (list, damage and remove objects).
+The shared object-store tests (``_objstore_suite.py``) run here through TensorStore's s3
+kvstore; boto3 is used only to set up the bucket and to look behind the library's back (list,
+damage and remove objects). Below them, what is S3's own: the path type, the options, errors,
+and a race of writers on one commit marker decided by the server (``If-None-Match: *``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-import uuid
 
-import boto3  # noqa: E402
-import jax.numpy as jnp
-import ml_dtypes
-import moto.server as moto_server  # noqa: E402 - test dependencies: missing is a failure
+import boto3
+import moto.server as moto_server  # test dependencies: missing is a failure, not a skip
 import numpy as np
 import pytest
+import tensorstore as ts
+from _objstore_suite import Bucket, ObjectStoreSuite
 
 import ckpt_async as ocp
-from ckpt_async._paths import StorePath
-from ckpt_async.errors import (
-    CorruptCheckpointError,
-    InvalidArgumentError,
-    StepAlreadyExistsError,
-    StepNotFoundError,
-)
+from ckpt_async import _objstore
+from ckpt_async._paths import StorePath, kvstore_base
+from ckpt_async.errors import InvalidArgumentError
 
 BUCKET = "ckpt-async-test"
 REGION = "us-east-1"
 
 
+class S3Bucket(Bucket):
+    scheme = "s3"
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.name = BUCKET
+        self.client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
+
+    def keys(self, prefix: str) -> list[str]:
+        out, token = [], None
+        while True:
+            kw = {"Bucket": BUCKET, "Prefix": prefix + "/"}
+            if token:
+                kw["ContinuationToken"] = token
+            page = self.client.list_objects_v2(**kw)
+            out += [o["Key"][len(prefix) + 1:] for o in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                return sorted(out)
+            token = page["NextContinuationToken"]
+
+    def get(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+    def put(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=BUCKET, Key=key, Body=data)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=BUCKET, Key=key)
+
+    def size(self, key: str) -> int:
+        return self.client.head_object(Bucket=BUCKET, Key=key)["ContentLength"]
+
+
 @pytest.fixture(scope="module")
-def endpoint():
+def store():
+    """moto's S3 server on loopback, and an environment that reaches only it (no metadata
+    service, no profile files, test credentials), restored afterwards."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -51,8 +81,9 @@ def endpoint():
         os.environ.pop(k, None)
     os.environ.update(env)
     try:
-        boto3.client("s3", endpoint_url=url, region_name=REGION).create_bucket(Bucket=BUCKET)
-        yield url
+        bucket = S3Bucket(url)
+        bucket.client.create_bucket(Bucket=BUCKET)
+        yield bucket
     finally:
         server.stop()
         for k, v in saved.items():
@@ -62,206 +93,80 @@ def endpoint():
                 os.environ[k] = v
 
 
-@pytest.fixture
-def s3(endpoint):
-    return boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
+class TestS3(ObjectStoreSuite):
+    def test_store_path_is_a_path_for_the_rest_of_the_code(self):
+        p = StorePath.parse("s3://bucket/run//1/")
+        assert str(p) == "s3://bucket/run/1" and p.name == "1" and p.parent == StorePath.parse(
+            "s3://bucket/run")
+        assert p / "default" / "_METADATA" == StorePath("bucket", "run/1/default/_METADATA")
+        assert not hasattr(p, "__fspath__")
+        with pytest.raises(InvalidArgumentError, match="az://"):
+            StorePath.parse("az://bucket/run")
+        with pytest.raises(InvalidArgumentError):
+            StorePath.parse("s3://bucket/../x")
+        with pytest.raises(InvalidArgumentError):
+            StorePath.parse("s3:///run")
 
+    def test_set_s3_options_instead_of_the_environment(self, store, prefix, monkeypatch):
+        monkeypatch.delenv("AWS_ENDPOINT_URL")
+        monkeypatch.delenv("AWS_REGION")
+        ocp.set_s3_options(endpoint=store.endpoint, region=REGION)
+        try:
+            url = store.url(prefix)
+            with ocp.StandardCheckpointer() as ckptr:
+                ckptr.save(url, {"x": np.arange(3)})
+                np.testing.assert_array_equal(ckptr.restore(url)["x"], np.arange(3))
+        finally:
+            ocp.set_s3_options()
+        assert "commit_success.txt" in store.keys(prefix)
 
-@pytest.fixture
-def prefix(endpoint):
-    return f"t-{uuid.uuid4().hex[:12]}"
-
-
-def keys(s3, prefix: str) -> list[str]:
-    out, token = [], None
-    while True:
-        kw = {"Bucket": BUCKET, "Prefix": prefix + "/"}
-        if token:
-            kw["ContinuationToken"] = token
-        page = s3.list_objects_v2(**kw)
-        out += [o["Key"][len(prefix) + 1:] for o in page.get("Contents", [])]
-        if not page.get("IsTruncated"):
-            return sorted(out)
-        token = page["NextContinuationToken"]
-
-
-def state(seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    return {
-        "w": jnp.asarray(rng.standard_normal((64, 32), dtype=np.float32)),
-        "big": rng.standard_normal(3 << 20).astype(np.float32),  # 12 MiB: the zarr driver path
-        "bf": rng.standard_normal(100).astype(ml_dtypes.bfloat16),
-        "i": np.arange(10, dtype=np.int64) * seed,
-        "step": seed,
-    }
-
-
-def assert_same(got: dict, want: dict) -> None:
-    assert set(got) == set(want)
-    for k, v in want.items():
-        g = np.asarray(got[k])
-        assert g.dtype == np.asarray(v).dtype, k
-        assert g.tobytes() == np.asarray(v).tobytes(), k  # bit-exact
-
-
-def test_store_path_is_a_path_for_the_rest_of_the_code():
-    p = StorePath.parse("s3://bucket/run//1/")
-    assert str(p) == "s3://bucket/run/1" and p.name == "1" and p.parent == StorePath.parse(
-        "s3://bucket/run")
-    assert p / "default" / "_METADATA" == StorePath("bucket", "run/1/default/_METADATA")
-    assert not hasattr(p, "__fspath__")
-    with pytest.raises(InvalidArgumentError):
-        StorePath.parse("gs://bucket/run")
-    with pytest.raises(InvalidArgumentError):
-        StorePath.parse("s3://bucket/../x")
-
-
-def test_manager_save_restore_retention_delete_reload(s3, prefix):
-    url = f"s3://{BUCKET}/{prefix}"
-    opts = ocp.CheckpointManagerOptions(
-        preservation_policy=ocp.checkpoint_managers.LatestN(2))
-    states = {s: state(s) for s in range(4)}
-    with ocp.CheckpointManager(url, options=opts, metadata={"run": "s3"}) as mngr:
-        for s, st in states.items():
-            assert mngr.save(s, args=ocp.args.StandardSave(st), metrics={"loss": 1.0 / (s + 1)})
-        mngr.wait_until_finished()
-        assert mngr.all_steps() == [2, 3] and mngr.latest_step() == 3
-        for s in (2, 3):
-            assert_same(mngr.restore(s), states[s])
-        meta = mngr.metadata(3)
-        assert meta.metrics == {"loss": 0.25}
-        assert mngr.item_metadata(3)["w"].shape == (64, 32)
-        assert mngr.metadata().custom_metadata == {"run": "s3"}
-    stored = keys(s3, prefix)
-    # old steps' objects are really gone; committed steps carry their marker
-    assert not [k for k in stored if k.split("/")[0] in ("0", "1")]
-    assert {"2/commit_success.txt", "3/commit_success.txt", "3/_CHECKPOINT_METADATA",
-            "3/default/_METADATA", "3/default/manifest.ocdbt"} <= set(stored)
-    assert not [k for k in stored if ".orbax-checkpoint-tmp" in k]
-
-    with ocp.CheckpointManager(url) as mngr:  # a fresh manager lists what is committed
-        assert mngr.all_steps() == [2, 3]
-        assert_same(mngr.restore(), states[3])
-        mngr.delete(2)
-        assert mngr.all_steps() == [3]
-        mngr.reload()
-        assert mngr.all_steps() == [3]
-    assert not [k for k in keys(s3, prefix) if k.startswith("2/")]
-
-
-def test_composite_with_a_json_item(s3, prefix):
-    url = f"s3://{BUCKET}/{prefix}"
-    st = state(7)
-    with ocp.CheckpointManager(url) as mngr:
-        mngr.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(st),
-                                             extra=ocp.args.JsonSave({"lr": 0.1, "tags": ["a"]})))
-        mngr.wait_until_finished()
-        got = mngr.restore(7)
-        assert_same(got.state, st)
-        assert got.extra == {"lr": 0.1, "tags": ["a"]}
-        partial = mngr.restore(7, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
-        assert partial.extra == {"lr": 0.1, "tags": ["a"]}
-    assert {"7/extra/metadata", "7/state/_METADATA", "7/commit_success.txt"} <= set(
-        keys(s3, prefix))
-
-
-def test_step_without_marker_is_not_listed_and_is_cleaned_up(s3, prefix):
-    url = f"s3://{BUCKET}/{prefix}"
-    with ocp.CheckpointManager(url) as mngr:
-        for s in (1, 2):
-            mngr.save(s, args=ocp.args.StandardSave({"x": np.full(5, s)}))
-    s3.delete_object(Bucket=BUCKET, Key=f"{prefix}/2/commit_success.txt")  # a save cut short
-    with ocp.CheckpointManager(url) as mngr:
-        assert mngr.all_steps() == [1]
-        with pytest.raises(StepNotFoundError):
-            mngr.restore(2)
-    assert any(k.startswith("2/") for k in keys(s3, prefix))  # left alone without cleanup
-    opts = ocp.CheckpointManagerOptions(cleanup_tmp_directories=True)
-    with ocp.CheckpointManager(url, options=opts) as mngr:
-        assert mngr.all_steps() == [1]
-        assert not any(k.startswith("2/") for k in keys(s3, prefix))
-        mngr.save(2, args=ocp.args.StandardSave({"x": np.full(5, 22)}))  # the step again
-        mngr.wait_until_finished()
-        np.testing.assert_array_equal(mngr.restore(2)["x"], np.full(5, 22))
-    with ocp.StandardCheckpointer() as ckptr:  # nor does a checkpointer restore one
-        s3.delete_object(Bucket=BUCKET, Key=f"{prefix}/1/commit_success.txt")
-        with pytest.raises(ocp.errors.CheckpointNotFoundError):
-            ckptr.restore(f"{url}/1")
-
-
-def test_checkpointers(s3, prefix):
-    url = f"s3://{BUCKET}/{prefix}"
-    st = state(3)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(f"{url}/std", st)
-        ckptr.wait_until_finished()
-        assert_same(ckptr.restore(f"{url}/std"), st)
-        abstract = {k: v if isinstance(v, int) else ocp.tree.to_shape_dtype_struct(v)
-                    for k, v in st.items()}
-        assert_same(ckptr.restore(f"{url}/std", abstract), st)
-        meta = ckptr.metadata(f"{url}/std")
-        assert meta.item_metadata["big"].shape == st["big"].shape
-        with pytest.raises(StepAlreadyExistsError):
-            ckptr.save(f"{url}/std", st)
-        ckptr.save(f"{url}/std", {"only": np.ones(2)}, force=True)
-        ckptr.wait_until_finished()
-        assert list(ckptr.restore(f"{url}/std")) == ["only"]
-    assert not [k for k in keys(s3, prefix) if k.startswith("std/") and "big" in k]
-    with ocp.PyTreeCheckpointer() as ckptr:
-        ckptr.save(f"{url}/pt", {"s": "text", "a": np.arange(4)})
-        got = ckptr.restore(f"{url}/pt")
-        assert got["s"] == "text"
-        np.testing.assert_array_equal(got["a"], np.arange(4))
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(f"{url}/comp", ocp.args.Composite(
-            a=ocp.args.StandardSave(st), b=ocp.args.JsonSave({"k": 1})))
-        got = ckptr.restore(f"{url}/comp", ocp.args.Composite(
-            a=ocp.args.StandardRestore(), b=ocp.args.JsonRestore()))
-        assert_same(got.a, st)
-        assert got.b == {"k": 1}
-
-
-def test_verify_and_corrupt_object(s3, prefix):
-    url = f"s3://{BUCKET}/{prefix}"
-    st = state(5)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(url, st)
-    report = ocp.verify(url)
-    assert report.ok, report.problems
-    assert report.arrays_checked == 5 and report.bytes_checked >= st["big"].nbytes
-    data_keys = [k for k in keys(s3, prefix) if k.startswith("d/")]
-    largest = max(data_keys, key=lambda k: s3.head_object(
-        Bucket=BUCKET, Key=f"{prefix}/{k}")["ContentLength"])
-    body = bytearray(s3.get_object(Bucket=BUCKET, Key=f"{prefix}/{largest}")["Body"].read())
-    body[len(body) // 2] ^= 0x40
-    s3.put_object(Bucket=BUCKET, Key=f"{prefix}/{largest}", Body=bytes(body))
-    with ocp.StandardCheckpointer() as ckptr, pytest.raises(CorruptCheckpointError, match="big"):
-        ckptr.restore(url)
-    report = ocp.verify(url)
-    assert not report.ok and any("big" in p for p in report.problems)
-    # a damaged document is named too
-    s3.put_object(Bucket=BUCKET, Key=f"{prefix}/_METADATA", Body=b"{not json")
-    with ocp.StandardCheckpointer() as ckptr, pytest.raises(CorruptCheckpointError):
-        ckptr.restore(url)
-
-
-def test_set_s3_options_instead_of_the_environment(endpoint, prefix, monkeypatch):
-    monkeypatch.delenv("AWS_ENDPOINT_URL")
-    monkeypatch.delenv("AWS_REGION")
-    ocp.set_s3_options(endpoint=endpoint, region=REGION)
-    try:
-        url = f"s3://{BUCKET}/{prefix}"
+    def test_unknown_scheme_and_missing_bucket(self, store):
+        with pytest.raises(InvalidArgumentError, match="hdfs://"):
+            ocp.CheckpointManager("hdfs://bucket/run")
+        # a missing bucket fails the save when it checks the path, before anything is written
         with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(url, {"x": np.arange(3)})
-            np.testing.assert_array_equal(ckptr.restore(url)["x"], np.arange(3))
-    finally:
-        ocp.set_s3_options()
+            with pytest.raises(ocp.errors.CheckpointError, match="no-such-bucket-here"):
+                ckptr.save("s3://no-such-bucket-here/run", {"x": np.arange(3)})
 
+    def test_racing_writers_of_one_marker_exactly_one_wins(self, store, prefix):
+        """Eight writers create one marker at once, twenty times over: exactly one is let in
+        (the others get FileExistsError), and the object holds that writer's bytes."""
 
-def test_unknown_scheme_and_missing_bucket(endpoint):
-    with pytest.raises(InvalidArgumentError, match="gs://"):
-        ocp.CheckpointManager("gs://bucket/run")
-    # a missing bucket fails the save when it checks the path, before anything is written
-    with ocp.StandardCheckpointer() as ckptr:
-        with pytest.raises(ocp.errors.CheckpointError, match="no-such-bucket-here"):
-            ckptr.save("s3://no-such-bucket-here/run", {"x": np.arange(3)})
+        async def race(key: str) -> list[int]:
+            path = StorePath.parse(store.url(key))
+
+            async def one(i: int) -> int | None:
+                try:
+                    await _objstore.write_new(path, f"writer {i}".encode())
+                except FileExistsError:
+                    return None
+                return i
+
+            return [i for i in await asyncio.gather(*(one(i) for i in range(8)))
+                    if i is not None]
+
+        for trial in range(20):
+            key = f"{prefix}/{trial}/commit_success.txt"
+            winners = asyncio.run(race(key))
+            assert len(winners) == 1, (trial, winners)
+            assert store.get(key) == f"writer {winners[0]}".encode()
+
+    def test_the_server_decides_with_if_none_match(self, store, prefix):
+        """What decides a race that gets past every check: TensorStore's PUT with
+        ``If-None-Match: *`` (the condition write_new asks for). Sent here without TensorStore's
+        HEAD check first (``use_conditional_write``), eight PUTs issued together after one
+        read: the server accepts exactly one, every time."""
+
+        async def race(key: str) -> list[int]:
+            spec = {**kvstore_base(StorePath(BUCKET, "", "s3")), "use_conditional_write": True}
+            kv = await ts.KvStore.open(spec, context=ts.Context())
+            no_value = (await kv.read(key)).stamp.generation
+            stamps = await asyncio.gather(
+                *(kv.write(key, f"writer {i}".encode(), if_equal=no_value) for i in range(8)))
+            return [i for i, stamp in enumerate(stamps) if stamp.generation]
+
+        for trial in range(20):
+            key = f"{prefix}/{trial}/commit_success.txt"
+            winners = asyncio.run(race(key))
+            assert len(winners) == 1, (trial, winners)
+            assert store.get(key) == f"writer {winners[0]}".encode()

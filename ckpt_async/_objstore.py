@@ -1,10 +1,12 @@
-"""The object-store backend of ``_storage``: small documents and "directories" (key prefixes)
-through TensorStore's kvstore (``ts.KvStore.read/write/list/delete_range``).
+"""The object-store backend of ``_storage`` (``s3://`` and ``gs://``): small documents and
+"directories" (key prefixes) through TensorStore's kvstore (``ts.KvStore.read/write/list/
+delete_range``), with the per-scheme kvstore spec from :func:`_paths.kvstore_base`.
 
 An object store has no directories, no rename and no fsync: a "directory" exists while some
 object's key starts with its prefix, a completed PUT is durable, and visibility is decided by
-the commit marker (see ``_commit``). TensorStore failures are mapped to ckpt_async errors that
-name the ``s3://`` path, with ``__cause__`` kept.
+the commit marker (see ``_commit``), written create-once by :func:`write_new`. TensorStore
+failures are mapped to ckpt_async errors that name the ``s3://`` / ``gs://`` path, with
+``__cause__`` kept.
 """
 
 from __future__ import annotations
@@ -16,18 +18,23 @@ import tensorstore as ts
 from . import _paths
 from .errors import CheckpointError, CheckpointNotFoundError, CommitError
 
-_roots: dict[tuple[str, str | None, str | None], ts.KvStore] = {}
+_roots: dict[tuple[str, ...], ts.KvStore] = {}
 os.register_at_fork(after_in_child=_roots.clear)  # TensorStore handles do not survive a fork
 
 
 async def _root(path: _paths.StorePath) -> ts.KvStore:
-    """The bucket's kvstore (opened once per bucket, endpoint and region; keys are relative)."""
+    """The bucket's kvstore (keys are relative to the bucket), opened once per bucket and
+    configuration; a changed endpoint, region or project opens a new one."""
     spec = _paths.kvstore_base(_paths.StorePath(path.bucket, "", path.scheme))
-    cache_key = (path.bucket, spec.get("endpoint"), spec.get("aws_region"))
+    endpoint = (_paths.gcs_endpoint_project()[0] if path.scheme == "gs"
+                else spec.get("endpoint"))
+    cache_key = (path.scheme, path.bucket, str(endpoint), repr(sorted(spec.items())))
     kv = _roots.get(cache_key)
     if kv is None:
         try:
-            kv = await ts.KvStore.open(spec)
+            # Its own context: TensorStore reuses an open driver for an equal spec within one
+            # context, and the gcs driver's endpoint (an environment variable) is not in it.
+            kv = await ts.KvStore.open(spec, context=ts.Context())
         except Exception as exc:
             raise CheckpointError(f"cannot open {path.scheme}://{path.bucket}: {exc}") from exc
         _roots[cache_key] = kv
@@ -62,6 +69,26 @@ async def write_bytes(path: _paths.StorePath, data: bytes) -> None:
         await kv.write(path.key, data)
     except Exception as exc:
         raise CommitError(f"cannot write {path}: {exc}") from exc
+
+
+async def write_new(path: _paths.StorePath, data: bytes) -> None:
+    """Writes ``data`` at ``path`` only when no object is there: FileExistsError (and nothing
+    written) when one is. The read gives the key's "no value" generation, and the write is
+    conditional on it: TensorStore sends it as ``ifGenerationMatch=0`` to GCS and as
+    ``If-None-Match: *`` to S3 (after a HEAD check on endpoints other than AWS's), so the
+    store decides a race between two writers atomically where it honours the precondition."""
+    kv = await _root(path)
+    try:
+        current = await kv.read(path.key)
+        if current.state == "value":
+            raise FileExistsError(f"{path} exists")
+        stamp = await kv.write(path.key, data, if_equal=current.stamp.generation)
+    except FileExistsError:
+        raise
+    except Exception as exc:
+        raise CommitError(f"cannot write {path}: {exc}") from exc
+    if not stamp.generation:  # the precondition failed: another writer created it first
+        raise FileExistsError(f"{path} exists")
 
 
 async def read_bytes(path: _paths.StorePath) -> bytes:
@@ -105,7 +132,9 @@ async def delete(path: _paths.StorePath) -> None:
 
 
 async def delete_prefix(path: _paths.StorePath) -> None:
-    """Deletes every object under ``path`` (missing is fine)."""
+    """Deletes every object under ``path`` (missing is fine). TensorStore lists the prefix and
+    issues the deletions concurrently, at most its request-concurrency limit at once (32 by
+    default: ``TENSORSTORE_S3_REQUEST_CONCURRENCY`` / ``TENSORSTORE_GCS_REQUEST_CONCURRENCY``)."""
     if not path.key:
         raise CommitError(f"{path}: refusing to delete a whole bucket")
     kv = await _root(path)

