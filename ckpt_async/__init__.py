@@ -19,7 +19,7 @@ from ._checkpointer import AsyncOptions
 from ._integrity import VerifyReport, verify
 from ._paths import set_s3_options
 from ._progress import ProgressEvent, progress
-from ._runtime import CommitFuture
+from ._runtime import CommitFuture, set_background_priority
 from .checkpointers import AsyncCheckpointer, Checkpointer, PyTreeCheckpointer, StandardCheckpointer
 from .errors import CheckpointError
 from .handlers import (
@@ -64,6 +64,7 @@ __all__ = [
     "handlers",
     "metadata",
     "progress",
+    "set_background_priority",
     "set_s3_options",
     "test_utils",
     "tree",

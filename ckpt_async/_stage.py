@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._runtime import get_runtime
+from ._runtime import get_runtime, mark_background
 from ._serialize import StoredArray
 
 
@@ -144,6 +144,7 @@ async def stage(
     tasks: list[asyncio.Task[None]] = []
 
     async def write_then_release(batch: list[StoredArray], reserved: int) -> None:
+        mark_background()  # the writes outlive save(): they run at the background priority
         try:
             await write(batch)
         finally:
