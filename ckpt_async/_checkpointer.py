@@ -20,7 +20,7 @@ from typing import Any
 from . import _commit, _integrity
 from . import _format as fmt
 from ._paths import AnyPath, StorePath
-from ._runtime import CommitFuture, get_runtime, on_engine
+from ._runtime import CommitFuture, gc_paused, get_runtime, on_engine
 from .args import CheckpointArgs, Composite, args_classes_for, handler_class_for
 from .errors import (
     CheckpointError,
@@ -163,7 +163,8 @@ class AsyncCheckpointer:
         t0 = time.perf_counter()
         tmp = await _commit.create_tmp(path)
         try:
-            writer = await self.handler.stage(tmp, args)
+            with gc_paused():  # no full collection in the middle of the blocking part
+                writer = await self.handler.stage(tmp, args)
         except BaseException:
             await _commit.abort(tmp)
             raise

@@ -23,6 +23,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import functools
+import gc
 import logging
 import os
 import sys
@@ -166,9 +167,10 @@ class Runtime:
         # Background work (commits) runs in its own threads, each put at the background
         # priority when it starts; foreground work (save()'s blocking part, restores) keeps
         # anyio's threads at the caller's priority. Threads start on first use.
-        self._bg_pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=threads, thread_name_prefix="ckpt_async-bg")
         self._bg_local = threading.local()
+        self._bg_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="ckpt_async-bg",
+            initializer=self._set_background_priority)
         self._ts_levels: dict[int, str] = {}  # TensorStore thread id -> the level it is at
         self._ts_other: set[int] = set()  # thread ids known not to be TensorStore's
         self._scan_lock = threading.Lock()
@@ -266,11 +268,16 @@ class Runtime:
     def _in_background(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         """Runs in a background thread: puts it at the background priority first (once per
         thread and level)."""
+        self._set_background_priority()
+        return fn(*args)
+
+    def _set_background_priority(self) -> None:
+        """Puts the calling background thread at the background priority (when it starts,
+        and again after the level changed)."""
         level = _priority
         if getattr(self._bg_local, "level", "normal") != level:
             set_thread_priority(threading.get_native_id(), level)
             self._bg_local.level = level  # not retried: a refusal would repeat on every call
-        return fn(*args)
 
     def _track_background(self, task: asyncio.Task[Any]) -> None:
         """Counts background tasks in flight (engine loop only); while there are any,
@@ -342,6 +349,32 @@ class Runtime:
 
 _runtime: Runtime | None = None
 _lock = threading.Lock()
+_gc_lock = threading.Lock()
+_gc_pauses = 0
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def gc_paused() -> Any:
+    """Suspends Python's cyclic garbage collector (process-wide) for a short, allocation-heavy
+    stretch such as ``save()``'s blocking part: its per-array records are acyclic and freed by
+    reference counting, and a full collection triggered there would traverse every object of
+    the process (tens of ms for a few thousand arrays, growing with the heap). Nested and
+    concurrent pauses are counted; the collector is enabled again when the last one ends, if
+    it was enabled when the first began."""
+    global _gc_pauses, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 def on_engine(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., Coroutine[Any, Any, T]]:

@@ -31,6 +31,7 @@ from .errors import CorruptCheckpointError
 TARGET_DATA_FILE_SIZE = 2 << 30
 
 
+@functools.lru_cache(maxsize=256)
 def is_storable(dtype: np.dtype) -> bool:
     """Whether TensorStore's zarr driver stores ``dtype`` (ml_dtypes included, objects not)."""
     if dtype.hasobject or dtype.kind in "OSU" or dtype.fields is not None:
@@ -130,6 +131,7 @@ _ZARR_V2_NAMED = {"bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e4m3b1
                   "float8_e5m2", "float8_e5m2fnuz"}
 
 
+@functools.lru_cache(maxsize=256)
 def zarr_v2_dtype(dtype: np.dtype) -> str | None:
     """The ``.zarray`` dtype string TensorStore writes for ``dtype``; None: not handled here."""
     if dtype.kind in "biufc" and dtype.type.__module__ == "numpy":  # ml_dtypes' float8 is "f"

@@ -24,7 +24,8 @@ from .. import _serialize as ser
 from .. import _storage as storage
 from .._paths import AnyPath, coerce
 from .._progress import Tracker
-from .._stage import ByteBudget, stage
+from .._runtime import gc_paused
+from .._stage import ByteBudget, stage, total_bytes
 from ..args import (
     PyTreeRestore,
     PyTreeSave,
@@ -154,8 +155,7 @@ class PyTreeCheckpointHandler(CheckpointHandler):
         # the write lands, while the zarr driver keeps its own buffers past the budget's release.
         writer = ser.ItemWriter(directory, compress=self._compress, direct_max_bytes=(
             math.inf if self._budget.limit is not None else ser.DIRECT_WRITE_MAX_BYTES))
-        nbytes = sum(math.prod(np.shape(v)) * np.dtype(d or v.dtype).itemsize
-                     for v, _, d in to_stage)
+        nbytes = total_bytes(to_stage)
         tracker = Tracker("save", directory, nbytes)
 
         async def write_batch(batch: list[ser.StoredArray]) -> None:
@@ -173,9 +173,11 @@ class PyTreeCheckpointHandler(CheckpointHandler):
                     t.cancel()
                 raise
             # Built here, off the blocking path: it needs only names, kinds and shardings.
-            docs = self._documents(planned, skeleton, custom)
-            docs[_integrity.CHECKSUMS] = _integrity.checksums_document(
-                docs, writer.checksums, writer.chunks)
+            # Its per-array objects are acyclic and die before the pause ends: no collection.
+            with gc_paused():
+                docs = self._documents(planned, skeleton, custom)
+                docs[_integrity.CHECKSUMS] = _integrity.checksums_document(
+                    docs, writer.checksums, writer.chunks)
             for name, data in docs.items():
                 await storage.makedirs((directory / name).parent)
                 await storage.write_bytes(directory / name, data, durable=False)
