@@ -415,6 +415,7 @@ def sharding_to_json(sharding: jax.sharding.Sharding) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=256)  # one text per sharding; not one parse per array
 def sharding_from_json(text: str) -> jax.sharding.Sharding | None:
     """The sharding a ``_sharding`` entry describes, or None when this process lacks its devices."""
     data = json.loads(text)

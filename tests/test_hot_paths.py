@@ -105,3 +105,22 @@ def test_host_arrays_are_staged_without_a_transfer_hint(monkeypatch) -> None:
                       lambda b, n: batches.append(b))
     assert calls == []  # on CPU the bytes are already on the host
     assert [a.name for b in batches for a in b] == ["a"]
+
+
+def test_restore_runs_with_the_collector_paused(tmp_path, monkeypatch) -> None:
+    from ckpt_async.handlers import pytree
+
+    seen: list[bool] = []
+    real = pytree._Reader.restore_as_saved
+
+    async def spy(self):
+        seen.append(gc.isenabled())
+        return await real(self)
+
+    monkeypatch.setattr(pytree._Reader, "restore_as_saved", spy)
+    state = {"a": jnp.arange(4.0), "b": [np.ones(2), 3]}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "x", args=ocp.args.StandardSave(state))
+        out = ckptr.restore(tmp_path / "x")
+    assert seen == [False] and gc.isenabled()
+    assert np.array_equal(out["a"], state["a"]) and out["b"][1] == 3

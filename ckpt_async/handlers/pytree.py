@@ -254,7 +254,11 @@ class PyTreeCheckpointHandler(CheckpointHandler):
 
     async def restore(self, directory: AnyPath, args: PyTreeRestore | StandardRestore | None = None
                       ) -> Any:
-        directory = coerce(directory)
+        with gc_paused():  # per-array records are acyclic: no full collections mid-restore
+            return await self._restore(coerce(directory), args)
+
+    async def _restore(self, directory: AnyPath, args: PyTreeRestore | StandardRestore | None
+                       ) -> Any:
         if getattr(args, "transforms", None) is not None or getattr(
                 args, "legacy_transform_fn", None) is not None:
             raise InvalidArgumentError(
