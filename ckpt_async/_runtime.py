@@ -79,7 +79,8 @@ def set_background_priority(level: str) -> None:
     longer while the machine keeps every core busy; ``"low"`` (nice 19) still takes a small
     share of a busy core. The caller's threads, the engine loop (which runs ``save()`` and
     ``restore()``) and XLA's threads are never touched. TensorStore's threads serve every
-    TensorStore user in the process (restores included) and stay at the lower priority after
+    TensorStore user in the process (restores included); at ``"idle"`` they return to the normal
+    priority when no commit is in flight, at ``"low"`` they stay at the lower priority after
     the commit; going back to ``"normal"`` raises them again only where the process may raise
     a thread's priority (root or ``CAP_SYS_NICE``). Linux only; elsewhere it does nothing.
     """
@@ -284,12 +285,20 @@ class Runtime:
         TensorStore's new threads are looked for every ``_SCAN_INTERVAL`` seconds."""
         self._bg_tasks += 1
         task.add_done_callback(self._background_done)
-        if not self._ticking and _priority != "normal" and _CAN_SET_PRIORITY:
+        if _priority == "normal" or not _CAN_SET_PRIORITY:
+            return
+        self.apply_tensorstore_priority()  # at once: the threads there are now, then each tick
+        if not self._ticking:
             self._ticking = True
-            self._scan_tick()
+            self.loop.call_later(_SCAN_INTERVAL, self._scan_tick)
 
     def _background_done(self, _task: asyncio.Task[Any]) -> None:
         self._bg_tasks -= 1
+        if self._bg_tasks == 0 and _priority == "idle" and self._ts_levels:
+            # No commit in flight: restores and every other TensorStore user in the process
+            # get TensorStore's threads back at the normal priority (an unprivileged thread
+            # may leave SCHED_IDLE; from nice 19 it could not come back, so "low" stays).
+            self.apply_tensorstore_priority("normal")
 
     def _scan_tick(self) -> None:
         if self._bg_tasks <= 0 or _priority == "normal":

@@ -64,7 +64,9 @@ def kvstore_spec(item_dir: AnyPath, *, use_ocdbt: bool, write: bool) -> dict[str
         spec["manifest"] = base
         spec["config"] = {
             "max_inline_value_bytes": 1024,
-            "max_decoded_node_bytes": 100_000_000,
+            # Orbax uses 100 MB; with values inline, a read then searches ever larger nodes:
+            # 1 MB nodes made reading 50,000 small arrays 3x faster (any reader handles both).
+            "max_decoded_node_bytes": 1_000_000,
             "manifest_kind": "single",
         }
         spec["assume_config"] = True

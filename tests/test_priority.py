@@ -52,9 +52,20 @@ PROBE = textwrap.dedent("""
     ckptr.save(sys.argv[1] + "/a", args=ocp.args.StandardSave(state))
     ckptr.wait_until_finished()
     before = threads()  # TensorStore's threads now exist; the second save finds them at once
+    # Seen from inside the second commit (the background work is in flight there).
+    from ckpt_async import _commit
+    during = {}
+    commit = _commit.commit
+
+    async def spy(*args, **kwargs):
+        during.update(threads())
+        return await commit(*args, **kwargs)
+
+    _commit.commit = spy
     ckptr.save(sys.argv[1] + "/b", args=ocp.args.StandardSave(state))
     ckptr.wait_until_finished()
-    after = threads()
+    after = during
+    idle_again = threads()
     rt = _runtime.get_runtime()
     engine = rt._portal.call(threading.get_native_id)
     py = {t.native_id: t.name for t in threading.enumerate()}
@@ -62,6 +73,8 @@ PROBE = textwrap.dedent("""
         "main": threading.get_native_id(), "engine": engine, "python_names": py,
         "threads": {tid: v for tid, v in after.items() if tid in before or py.get(tid)},
         "ts_before": [tid for tid, v in before.items() if v[0] == "ts_pool_worker"],
+        "ts_after_commit": sorted({tuple(v[1:]) for tid, v in idle_again.items()
+                                   if v[0] == "ts_pool_worker" and tid in before}),
     }))
 """)
 
@@ -108,7 +121,12 @@ NORMAL = (os.SCHED_OTHER, 0) if hasattr(os, "SCHED_OTHER") else None
     ("normal", {}, "normal"),
 ])
 def test_commit_threads_run_at_the_background_priority(tmp_path, level, env, expected) -> None:
-    groups = _classify(_probe(tmp_path, level, env))
+    out = _probe(tmp_path, level, env)
+    groups = _classify(out)
+    # Once no commit runs, restores get TensorStore's threads back at the normal priority,
+    # except from nice 19 ("low"), which an unprivileged thread cannot leave.
+    after = {"idle": NORMAL, "low": (os.SCHED_OTHER, 19), "normal": NORMAL}[expected]
+    assert {tuple(v) for v in out["ts_after_commit"]} == {after}
     want = {"idle": (os.SCHED_IDLE, 0), "low": (os.SCHED_OTHER, 19), "normal": NORMAL}[expected]
     assert groups["bg"] and groups["ts"], groups  # the probe saw both kinds of thread
     assert set(map(tuple, groups["bg"])) == {want}, groups
