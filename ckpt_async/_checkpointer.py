@@ -20,7 +20,7 @@ from typing import Any
 from . import _commit, _integrity, multihost
 from . import _format as fmt
 from ._paths import AnyPath, StorePath
-from ._runtime import CommitFuture, get_runtime, on_engine
+from ._runtime import CommitFuture, gc_paused, get_runtime, on_engine
 from .args import CheckpointArgs, Composite, args_classes_for, handler_class_for
 from .errors import (
     CheckpointError,
@@ -171,7 +171,8 @@ class AsyncCheckpointer:
         try:
             tmp = await self._start(path, sync)
             try:
-                writer = await self.handler.stage(tmp, args)
+                with gc_paused():  # no full collection in the middle of the blocking part
+                    writer = await self.handler.stage(tmp, args)
             except BaseException as exc:
                 if sync is not None:  # the others must not wait for this process's part
                     await sync.arrive("written", exc)

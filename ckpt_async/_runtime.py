@@ -6,7 +6,10 @@ enforces it). One :class:`Runtime` exists per process, created lazily by :func:`
 - a daemon thread runs the engine's asyncio loop (an anyio blocking portal); background
   commits live on it, so they progress while the caller's thread or loop runs a training step;
 - blocking work (file system calls, host copies) leaves the loop through :meth:`Runtime.to_thread`,
-  bounded by one capacity limiter;
+  bounded by one capacity limiter; called from background work (a task that ran
+  :func:`mark_background`, such as a commit), it runs in the background pool instead, whose
+  threads run at the background CPU priority (:func:`set_background_priority`), as do
+  TensorStore's I/O threads once a commit ran;
 - the sync face reaches the async face through :meth:`Runtime.call`; a sync call from the engine
   loop itself raises :class:`~ckpt_async.errors.RuntimeUsageError` instead of deadlocking;
 - at interpreter exit, pending commits are finished and the loop is stopped (before Python joins
@@ -18,9 +21,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import functools
+import gc
 import logging
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
@@ -38,6 +44,96 @@ log = logging.getLogger("ckpt_async")
 
 #: Worker threads for blocking work (file system calls, staging copies, restores).
 DEFAULT_THREADS = max(4, min(32, (os.cpu_count() or 2) * 2))
+
+# -- CPU priority of background work ---------------------------------------------------------------
+#: ``"idle"``: Linux SCHED_IDLE, background work runs only on CPU time nothing else in the
+#: machine wants; ``"low"``: nice 19, a small share of a busy CPU; ``"normal"``: unchanged.
+PRIORITIES = ("idle", "low", "normal")
+PRIORITY_ENV = "CKPT_ASYNC_BACKGROUND_PRIORITY"
+#: comm names (``/proc/self/task/<tid>/comm``) of TensorStore's I/O and copy threads.
+TENSORSTORE_THREAD_NAMES = ("ts_pool_worker",)
+#: TensorStore starts threads on demand: look for new ones at most this often (seconds).
+_SCAN_INTERVAL = 0.05
+_CAN_SET_PRIORITY = sys.platform.startswith("linux") and hasattr(os, "SCHED_IDLE")
+
+
+def _priority_from_env() -> str:
+    value = os.environ.get(PRIORITY_ENV, "idle").strip().lower() or "idle"
+    if value not in PRIORITIES:
+        log.warning("%s=%r is not one of %s; using 'idle'", PRIORITY_ENV, value, PRIORITIES)
+        return "idle"
+    return value
+
+
+_priority = _priority_from_env()
+
+
+def set_background_priority(level: str) -> None:
+    """Sets the CPU priority of background commit work, process-wide: ``"idle"`` (default),
+    ``"low"`` or ``"normal"`` (also ``CKPT_ASYNC_BACKGROUND_PRIORITY``).
+
+    Background work is everything a commit does after ``save()`` returned: checksums, raw
+    chunk copies, file writes and fsyncs, in ckpt_async's background threads and in
+    TensorStore's I/O threads. At ``"idle"`` (Linux ``SCHED_IDLE``) it runs only on CPU time
+    that nothing else wants, so it slows a training loop as little as it can, and commits take
+    longer while the machine keeps every core busy; ``"low"`` (nice 19) still takes a small
+    share of a busy core. The caller's threads, the engine loop (which runs ``save()`` and
+    ``restore()``) and XLA's threads are never touched. TensorStore's threads serve every
+    TensorStore user in the process (restores included); at ``"idle"`` they return to the normal
+    priority when no commit is in flight, at ``"low"`` they stay at the lower priority after
+    the commit; going back to ``"normal"`` raises them again only where the process may raise
+    a thread's priority (root or ``CAP_SYS_NICE``). Linux only; elsewhere it does nothing.
+    """
+    global _priority
+    if level not in PRIORITIES:
+        raise ValueError(f"background priority must be one of {PRIORITIES}, not {level!r}")
+    _priority = level
+    rt = _runtime
+    if rt is not None:
+        rt.apply_tensorstore_priority(level)
+
+
+def background_priority() -> str:
+    """The CPU priority background commit work runs at (:func:`set_background_priority`)."""
+    return _priority
+
+
+def set_thread_priority(tid: int, level: str) -> bool:
+    """Puts the Linux thread ``tid`` at ``level``; False when not permitted or not Linux."""
+    if not _CAN_SET_PRIORITY:
+        return False
+    try:
+        if level == "idle":
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        else:
+            if os.sched_getscheduler(tid) != os.SCHED_OTHER:
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            os.setpriority(os.PRIO_PROCESS, tid, 19 if level == "low" else 0)
+    except OSError as exc:  # not permitted (raising needs CAP_SYS_NICE), or the thread ended
+        log.debug("cannot put thread %d at %s CPU priority: %s", tid, level, exc)
+        return False
+    return True
+
+
+_background: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "ckpt_async_background", default=False)
+
+
+def mark_background() -> None:
+    """Marks the running task (and the tasks it starts from now on) as background work: its
+    :meth:`Runtime.to_thread` calls run in the low-priority background pool, and while it runs
+    TensorStore's threads are put at the background priority as they appear. Each asyncio
+    task has its own copy of the context, so this does not leak into the caller's task."""
+    if _background.get():
+        return
+    _background.set(True)
+    rt, task = _runtime, asyncio.current_task()
+    if rt is not None and task is not None and rt.on_engine_thread():
+        rt._track_background(task)
+
+
+def in_background() -> bool:
+    return _background.get()
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -69,6 +165,18 @@ class Runtime:
         self.loop: asyncio.AbstractEventLoop = self._portal.call(asyncio.get_running_loop)
         self._thread_ident = self._portal.call(threading.get_ident)
         self._limiter = self._portal.call(anyio.CapacityLimiter, threads)
+        # Background work (commits) runs in its own threads, each put at the background
+        # priority when it starts; foreground work (save()'s blocking part, restores) keeps
+        # anyio's threads at the caller's priority. Threads start on first use.
+        self._bg_local = threading.local()
+        self._bg_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="ckpt_async-bg",
+            initializer=self._set_background_priority)
+        self._ts_levels: dict[int, str] = {}  # TensorStore thread id -> the level it is at
+        self._ts_other: set[int] = set()  # thread ids known not to be TensorStore's
+        self._scan_lock = threading.Lock()
+        self._bg_tasks = 0
+        self._ticking = False
         self._pending: weakref.WeakSet[concurrent.futures.Future[Any]] = weakref.WeakSet()
         # The loop holds tasks weakly only: keep every task we start until it is done, so a
         # background commit cannot be garbage-collected mid-flight.
@@ -135,6 +243,7 @@ class Runtime:
         fut.set_running_or_notify_cancel()
 
         async def runner() -> None:
+            mark_background()
             try:
                 result = await coro
             except BaseException as exc:  # noqa: BLE001 - handed to the future
@@ -147,8 +256,88 @@ class Runtime:
         return fut
 
     async def to_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """Runs blocking ``fn`` in a worker thread, bounded by the runtime's limiter."""
+        """Runs blocking ``fn`` in a worker thread, bounded by the runtime's limiter; from
+        background work (:func:`mark_background`), in a background-priority thread."""
+        if _background.get():
+            return await self.to_background_thread(fn, *args)
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def to_background_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs blocking ``fn`` in a background-priority worker thread."""
+        return await asyncio.wrap_future(self._bg_pool.submit(self._in_background, fn, args))
+
+    def _in_background(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        """Runs in a background thread: puts it at the background priority first (once per
+        thread and level)."""
+        self._set_background_priority()
+        return fn(*args)
+
+    def _set_background_priority(self) -> None:
+        """Puts the calling background thread at the background priority (when it starts,
+        and again after the level changed)."""
+        level = _priority
+        if getattr(self._bg_local, "level", "normal") != level:
+            set_thread_priority(threading.get_native_id(), level)
+            self._bg_local.level = level  # not retried: a refusal would repeat on every call
+
+    def _track_background(self, task: asyncio.Task[Any]) -> None:
+        """Counts background tasks in flight (engine loop only); while there are any,
+        TensorStore's new threads are looked for every ``_SCAN_INTERVAL`` seconds."""
+        self._bg_tasks += 1
+        task.add_done_callback(self._background_done)
+        if _priority == "normal" or not _CAN_SET_PRIORITY:
+            return
+        self.apply_tensorstore_priority()  # at once: the threads there are now, then each tick
+        if not self._ticking:
+            self._ticking = True
+            self.loop.call_later(_SCAN_INTERVAL, self._scan_tick)
+
+    def _background_done(self, _task: asyncio.Task[Any]) -> None:
+        self._bg_tasks -= 1
+        if self._bg_tasks == 0 and _priority == "idle" and self._ts_levels:
+            # No commit in flight: restores and every other TensorStore user in the process
+            # get TensorStore's threads back at the normal priority (an unprivileged thread
+            # may leave SCHED_IDLE; from nice 19 it could not come back, so "low" stays).
+            self.apply_tensorstore_priority("normal")
+
+    def _scan_tick(self) -> None:
+        if self._bg_tasks <= 0 or _priority == "normal":
+            self._ticking = False
+            return
+        self.apply_tensorstore_priority()
+        self.loop.call_later(_SCAN_INTERVAL, self._scan_tick)
+
+    def apply_tensorstore_priority(self, level: str | None = None) -> list[int]:
+        """Puts TensorStore's threads (found by name in ``/proc/self/task``) at ``level``
+        (default: the background priority); returns the thread ids it changed."""
+        level = level or _priority
+        changed: list[int] = []
+        if not _CAN_SET_PRIORITY or (level == "normal" and not self._ts_levels):
+            return changed
+        with self._scan_lock:
+            try:
+                tids = {int(t) for t in os.listdir("/proc/self/task")}
+            except OSError:
+                return changed
+            # Forget threads that ended (their ids may be reused).
+            self._ts_other &= tids
+            for tid in [t for t in self._ts_levels if t not in tids]:
+                del self._ts_levels[tid]
+            for tid in tids - self._ts_other:
+                if tid not in self._ts_levels:
+                    try:
+                        with open(f"/proc/self/task/{tid}/comm", "rb") as f:
+                            comm = f.read().strip().decode(errors="replace")
+                    except OSError:
+                        continue
+                    if comm not in TENSORSTORE_THREAD_NAMES:
+                        self._ts_other.add(tid)
+                        continue
+                    self._ts_levels[tid] = "normal"
+                if self._ts_levels[tid] != level and set_thread_priority(tid, level):
+                    self._ts_levels[tid] = level
+                    changed.append(tid)
+        return changed
 
     # -- lifecycle ------------------------------------------------------------------------------
     def shutdown(self, wait: bool = True) -> None:
@@ -164,10 +353,37 @@ class Runtime:
                     log.error("a background commit failed at exit: %s", exc)
         with contextlib.suppress(BaseException):
             self._portal_cm.__exit__(None, None, None)
+        self._bg_pool.shutdown(wait=False)
 
 
 _runtime: Runtime | None = None
 _lock = threading.Lock()
+_gc_lock = threading.Lock()
+_gc_pauses = 0
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def gc_paused() -> Any:
+    """Suspends Python's cyclic garbage collector (process-wide) for a short, allocation-heavy
+    stretch such as ``save()``'s blocking part: its per-array records are acyclic and freed by
+    reference counting, and a full collection triggered there would traverse every object of
+    the process (tens of ms for a few thousand arrays, growing with the heap). Nested and
+    concurrent pauses are counted; the collector is enabled again when the last one ends, if
+    it was enabled when the first began."""
+    global _gc_pauses, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 def on_engine(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., Coroutine[Any, Any, T]]:

@@ -32,6 +32,7 @@ from .errors import CorruptCheckpointError
 TARGET_DATA_FILE_SIZE = 2 << 30
 
 
+@functools.lru_cache(maxsize=256)
 def is_storable(dtype: np.dtype) -> bool:
     """Whether TensorStore's zarr driver stores ``dtype`` (ml_dtypes included, objects not)."""
     if dtype.hasobject or dtype.kind in "OSU" or dtype.fields is not None:
@@ -63,7 +64,9 @@ def kvstore_spec(item_dir: AnyPath, *, use_ocdbt: bool, write: bool) -> dict[str
         spec["manifest"] = base
         spec["config"] = {
             "max_inline_value_bytes": 1024,
-            "max_decoded_node_bytes": 100_000_000,
+            # Orbax uses 100 MB; with values inline, a read then searches ever larger nodes:
+            # 1 MB nodes made reading 50,000 small arrays 3x faster (any reader handles both).
+            "max_decoded_node_bytes": 1_000_000,
             "manifest_kind": "single",
         }
         spec["assume_config"] = True
@@ -156,6 +159,7 @@ _ZARR_V2_NAMED = {"bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e4m3b1
                   "float8_e5m2", "float8_e5m2fnuz"}
 
 
+@functools.lru_cache(maxsize=256)
 def zarr_v2_dtype(dtype: np.dtype) -> str | None:
     """The ``.zarray`` dtype string TensorStore writes for ``dtype``; None: not handled here."""
     if dtype.kind in "biufc" and dtype.type.__module__ == "numpy":  # ml_dtypes' float8 is "f"
@@ -447,7 +451,7 @@ def sharding_to_json(sharding: jax.sharding.Sharding) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=1024)  # one text per sharding; not one parse per array
 def sharding_from_json(text: str) -> jax.sharding.Sharding | None:
     """The sharding a ``_sharding`` entry describes, or None when this process lacks its devices."""
     data = json.loads(text)

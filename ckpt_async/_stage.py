@@ -10,6 +10,7 @@ delete its arrays. An optional :class:`ByteBudget` bounds the bytes staged but n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._runtime import get_runtime
+from ._runtime import get_runtime, mark_background
 from ._serialize import StoredArray
 
 
@@ -53,6 +54,17 @@ class ByteBudget:
             self._cond.notify_all()
 
 
+_FULL_INDEX: dict[int, tuple[slice, ...]] = {}
+
+
+def _full_index(ndim: int) -> tuple[slice, ...]:
+    """``(slice(None),) * ndim``, built once per rank."""
+    index = _FULL_INDEX.get(ndim)
+    if index is None:
+        index = _FULL_INDEX[ndim] = (slice(None),) * ndim
+    return index
+
+
 def host_copy(value: Any, name: str, dtype: np.dtype | None) -> StoredArray:
     """A host snapshot of one leaf (jax.Array, np.ndarray or scalar), cast to ``dtype``.
 
@@ -66,8 +78,8 @@ def host_copy(value: Any, name: str, dtype: np.dtype | None) -> StoredArray:
             host = np.asarray(value)
             if dtype is not None and host.dtype != dtype:
                 host = host.astype(dtype)
-            full = tuple(slice(None) for _ in host.shape)
-            return StoredArray(name, host.shape, host.dtype, host.shape, ((full, host),))
+            shape = host.shape
+            return StoredArray(name, shape, host.dtype, shape, ((_full_index(len(shape)), host),))
         shards = []
         for shard in value.addressable_shards:
             if shard.replica_id != 0:
@@ -82,8 +94,8 @@ def host_copy(value: Any, name: str, dtype: np.dtype | None) -> StoredArray:
         out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(value.dtype)
         return StoredArray(name, tuple(value.shape), out_dtype, tuple(chunks), tuple(shards))
     host = np.array(value, dtype=dtype, copy=True, order="C")
-    full = tuple(slice(None) for _ in host.shape)
-    return StoredArray(name, host.shape, host.dtype, host.shape, ((full, host),))
+    shape = host.shape
+    return StoredArray(name, shape, host.dtype, shape, ((_full_index(len(shape)), host),))
 
 
 #: Staged arrays are handed to the engine loop in batches of about this many bytes (or
@@ -91,33 +103,59 @@ def host_copy(value: Any, name: str, dtype: np.dtype | None) -> StoredArray:
 #: per-array Python cost off the blocking path. A larger array is handed over alone, at once.
 BATCH_BYTES = 4 << 20
 BATCH_MAX_ARRAYS = 512
+#: Seconds a write waits before it starts (see ``write_then_release``).
+HANDOFF_DELAY = 0.001
+
+
+#: sharding -> whether all its devices are CPUs; shardings are shared by many arrays.
+_CPU_SHARDINGS: dict[Any, bool] = {}
 
 
 def _host_resident(value: Any) -> bool:
     """Whether a leaf's bytes are already in host memory (NumPy, scalars, CPU jax arrays)."""
     if isinstance(value, jax.Array):
-        return all(d.platform == "cpu" for d in value.sharding.device_set)  # type: ignore[attr-defined]
+        sharding = value.sharding
+        try:
+            return _CPU_SHARDINGS[sharding]
+        except (KeyError, TypeError):  # TypeError: an unhashable sharding
+            on_cpu = all(d.platform == "cpu" for d in sharding.device_set)  # type: ignore[attr-defined]
+        if len(_CPU_SHARDINGS) < 256:
+            with contextlib.suppress(TypeError):
+                _CPU_SHARDINGS[sharding] = on_cpu
+        return on_cpu
     return True
 
 
 def _nbytes(value: Any, dtype: np.dtype | None) -> int:
-    itemsize = np.dtype(dtype if dtype is not None else value.dtype).itemsize
-    return math.prod(np.shape(value)) * itemsize
+    dt = dtype if dtype is not None else value.dtype
+    if not isinstance(dt, np.dtype):
+        dt = np.dtype(dt)
+    shape = getattr(value, "shape", ())  # Python scalars have none
+    return math.prod(shape) * dt.itemsize
+
+
+def total_bytes(leaves: Sequence[tuple[Any, str, np.dtype | None]]) -> int:
+    """Bytes the staged ``leaves`` will take on the host."""
+    return sum(_nbytes(v, d) for v, _, d in leaves)
 
 
 def stage_sync(
     leaves: Sequence[tuple[Any, str, np.dtype | None]],
     budget: ByteBudget,
     hand_over: Callable[[list[StoredArray], int], None],
+    *,
+    transfer: bool = True,
 ) -> None:
     """Runs in a worker thread: copies each leaf to host and hands them over, in order, in
-    batches (with the bytes reserved for them in ``budget``)."""
-    for value, _, _ in leaves:
-        if isinstance(value, jax.Array):
-            try:
-                value.copy_to_host_async()
-            except Exception:  # noqa: BLE001 - a hint only; np.asarray copies anyway
-                pass
+    batches (with the bytes reserved for them in ``budget``). ``transfer=False``: every leaf
+    is host-resident, no device-to-host copy to start."""
+    if transfer:
+        for value, _, _ in leaves:
+            if isinstance(value, jax.Array) and not _host_resident(value):
+                try:
+                    value.copy_to_host_async()
+                except Exception:  # noqa: BLE001 - a hint only; np.asarray copies anyway
+                    pass
     batch: list[StoredArray] = []
     reserved = 0
     for value, name, dtype in leaves:
@@ -146,6 +184,11 @@ async def stage(
     tasks: list[asyncio.Task[None]] = []
 
     async def write_then_release(batch: list[StoredArray], reserved: int) -> None:
+        mark_background()  # the writes outlive save(): they run at the background priority
+        # Let the engine loop go idle first, so that the caller's thread, woken by save()'s
+        # result, takes the GIL at once instead of after the interpreter's switch interval
+        # (5 ms) of our writes' Python work.
+        await asyncio.sleep(HANDOFF_DELAY)
         try:
             await write(batch)
         finally:
@@ -162,7 +205,7 @@ async def stage(
         def hand_over_inline(batch: list[StoredArray], reserved: int) -> None:
             tasks.append(loop.create_task(write_then_release(batch, reserved)))
 
-        stage_sync(leaves, budget, hand_over_inline)
+        stage_sync(leaves, budget, hand_over_inline, transfer=False)
         return tasks
     try:
         await get_runtime().to_thread(stage_sync, leaves, budget, hand_over)

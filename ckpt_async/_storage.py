@@ -56,16 +56,21 @@ def fsync_tree_sync(root: Path) -> None:
         _fsync_path(dirpath, directory=True)
 
 
+def _write_file(path: Path, data: bytes, durable: bool) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+
+
 async def write_bytes(path: AnyPath, data: bytes, *, durable: bool = True) -> None:
-    """Writes ``data`` to ``path`` (create or truncate) and fsyncs it."""
+    """Writes ``data`` to ``path`` (create or truncate) and fsyncs it; one worker-thread call
+    (a background one during a commit)."""
     if isinstance(path, StorePath):
         return await _objstore.write_bytes(path, data)  # a completed PUT is durable
     try:
-        async with aiofiles.open(path, "wb") as f:
-            await f.write(data)
-            await f.flush()
-            if durable:
-                await get_runtime().to_thread(os.fsync, f.fileno())
+        await get_runtime().to_thread(_write_file, path, data, durable)
     except OSError as exc:
         raise CommitError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
@@ -82,8 +87,7 @@ async def read_bytes(path: AnyPath) -> bytes:
     if isinstance(path, StorePath):
         return await _objstore.read_bytes(path)
     try:
-        async with aiofiles.open(path, "rb") as f:
-            return await f.read()
+        return await get_runtime().to_thread(Path(path).read_bytes)
     except FileNotFoundError as exc:
         raise CheckpointNotFoundError(f"{path} does not exist") from exc
 

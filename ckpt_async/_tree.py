@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import numpy as np
 
 from . import _format as fmt
 from .errors import InvalidArgumentError, StructureMismatchError
@@ -24,16 +25,13 @@ EMPTY_TYPES = {"Dict": dict, "List": list, "Tuple": tuple, "None": type(None)}
 
 @dataclass(frozen=True, slots=True)
 class Leaf:
-    """One leaf: its key path, the kind of each key (1 sequence, 2 dict) and its value."""
+    """One leaf: its key path, the kind of each key (1 sequence, 2 dict), its value, and the
+    parameter name Orbax stores it under (``params.w``: the keys joined by dots)."""
 
     keys: tuple[Any, ...]
     key_types: tuple[int, ...]
     value: Any
-
-    @property
-    def name(self) -> str:
-        """The parameter name Orbax stores the leaf under (``params.w``)."""
-        return ".".join(str(k) for k in self.keys)
+    name: str
 
     @property
     def tuple_key(self) -> str:
@@ -47,6 +45,21 @@ def is_namedtuple(x: Any) -> bool:
 
 def _is_custom_node(x: Any) -> bool:
     return not jax.tree_util.all_leaves([x])
+
+
+#: Exact types known to be leaves, so most leaves skip jax's registry lookup; jax.Array
+#: implementations are added as they are met (an array type is never a pytree node).
+_LEAF_TYPES: set[type] = {int, float, bool, complex, str, bytes, np.ndarray}
+
+
+def _is_leaf_type(x: Any) -> bool:
+    t = type(x)
+    if t in _LEAF_TYPES or isinstance(x, np.generic):
+        return True
+    if isinstance(x, jax.Array) and not _is_custom_node(x):
+        _LEAF_TYPES.add(t)
+        return True
+    return False
 
 
 def _key_of(entry: Any) -> tuple[Any, int]:
@@ -75,43 +88,49 @@ def flatten(tree: Any) -> tuple[list[Leaf], Any]:
     """Flattens ``tree`` into leaves (empty containers and None included) and its skeleton."""
     leaves: list[Leaf] = []
 
-    def walk(x: Any, keys: tuple[Any, ...], kts: tuple[int, ...]) -> Any:
+    def walk(x: Any, keys: tuple[Any, ...], kts: tuple[int, ...], name: str) -> Any:
+        if _is_leaf_type(x):  # the common case first: one set lookup
+            leaves.append(Leaf(keys, kts, x, name))
+            return ["L", len(leaves) - 1]
         if x is None:
-            leaves.append(Leaf(keys, kts, None))
+            leaves.append(Leaf(keys, kts, None, name))
             return ["N", len(leaves) - 1]
+        prefix = name + "." if keys else ""
         if isinstance(x, dict):
             if not x:
-                leaves.append(Leaf(keys, kts, {}))
+                leaves.append(Leaf(keys, kts, {}, name))
                 return ["E", len(leaves) - 1, "Dict"]
             items = []
             for k, v in x.items():
                 _check_key(k, keys)
                 kt = "i" if isinstance(k, int) else "s"
-                items.append([k, kt, walk(v, (*keys, k), (*kts, fmt.KEY_DICT))])
+                items.append([k, kt, walk(v, (*keys, k), (*kts, fmt.KEY_DICT), f"{prefix}{k!s}")])
             return ["D", items]
         if is_namedtuple(x):
-            children = [walk(v, (*keys, f), (*kts, fmt.KEY_DICT)) for f, v in zip(x._fields, x)]
+            children = [walk(v, (*keys, f), (*kts, fmt.KEY_DICT), f"{prefix}{f!s}")
+                        for f, v in zip(x._fields, x)]
             cls = type(x)
             return ["T", f"{cls.__module__}:{cls.__qualname__}", list(x._fields), children]
         if isinstance(x, (list, tuple)):
             if not x:
                 kind = "List" if isinstance(x, list) else "Tuple"
-                leaves.append(Leaf(keys, kts, x))
+                leaves.append(Leaf(keys, kts, x, name))
                 return ["E", len(leaves) - 1, kind]
             tag = "l" if isinstance(x, list) else "t"
-            return [tag, [walk(v, (*keys, i), (*kts, fmt.KEY_SEQUENCE)) for i, v in enumerate(x)]]
+            return [tag, [walk(v, (*keys, i), (*kts, fmt.KEY_SEQUENCE), f"{prefix}{i!s}")
+                          for i, v in enumerate(x)]]
         if _is_custom_node(x):
             pairs, _ = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
             items = []
             for path, v in pairs:
                 k, key_type = _key_of(path[0])
                 items.append([k, "i" if isinstance(k, int) else "s",
-                              walk(v, (*keys, k), (*kts, key_type))])
+                              walk(v, (*keys, k), (*kts, key_type), f"{prefix}{k!s}")])
             return ["D", items]
-        leaves.append(Leaf(keys, kts, x))
+        leaves.append(Leaf(keys, kts, x, name))
         return ["L", len(leaves) - 1]
 
-    skeleton = walk(tree, (), ())
+    skeleton = walk(tree, (), (), "")
     seen: dict[str, tuple[Any, ...]] = {}
     for leaf in leaves:
         other = seen.setdefault(leaf.name, leaf.keys)

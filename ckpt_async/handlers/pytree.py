@@ -24,7 +24,8 @@ from .. import _serialize as ser
 from .. import _storage as storage
 from .._paths import AnyPath, coerce
 from .._progress import Tracker
-from .._stage import ByteBudget, stage
+from .._runtime import gc_paused
+from .._stage import ByteBudget, stage, total_bytes
 from ..args import (
     PyTreeRestore,
     PyTreeSave,
@@ -163,8 +164,7 @@ class PyTreeCheckpointHandler(CheckpointHandler):
         # the write lands, while the zarr driver keeps its own buffers past the budget's release.
         writer = ser.ItemWriter(array_dir, compress=self._compress, direct_max_bytes=(
             math.inf if self._budget.limit is not None else ser.DIRECT_WRITE_MAX_BYTES))
-        nbytes = sum(math.prod(np.shape(v)) * np.dtype(d or v.dtype).itemsize
-                     for v, _, d in to_stage)
+        nbytes = total_bytes(to_stage)
         tracker = Tracker("save", directory, nbytes)
 
         async def write_batch(batch: list[ser.StoredArray]) -> None:
@@ -182,12 +182,12 @@ class PyTreeCheckpointHandler(CheckpointHandler):
                     t.cancel()
                 raise
             # Built here, off the blocking path: it needs only names, kinds and shardings.
-            docs = self._documents(planned, skeleton, custom, roles)
-            if roles.multi:  # the primary merges every process's checksums when finalizing
-                docs[_integrity.partial_checksums_name(roles.index)] = \
-                    _integrity.checksums_document(docs, writer.checksums, writer.chunks)
-            else:
-                docs[_integrity.CHECKSUMS] = _integrity.checksums_document(
+            # Its per-array objects are acyclic and die before the pause ends: no collection.
+            with gc_paused():
+                docs = self._documents(planned, skeleton, custom, roles)
+                # (with several processes the primary merges their checksums when finalizing)
+                docs[_integrity.partial_checksums_name(roles.index) if roles.multi
+                     else _integrity.CHECKSUMS] = _integrity.checksums_document(
                     docs, writer.checksums, writer.chunks)
             for name, data in docs.items():
                 await storage.makedirs((directory / name).parent)
@@ -274,7 +274,11 @@ class PyTreeCheckpointHandler(CheckpointHandler):
 
     async def restore(self, directory: AnyPath, args: PyTreeRestore | StandardRestore | None = None
                       ) -> Any:
-        directory = coerce(directory)
+        with gc_paused():  # per-array records are acyclic: no full collections mid-restore
+            return await self._restore(coerce(directory), args)
+
+    async def _restore(self, directory: AnyPath, args: PyTreeRestore | StandardRestore | None
+                       ) -> Any:
         if getattr(args, "transforms", None) is not None or getattr(
                 args, "legacy_transform_fn", None) is not None:
             raise InvalidArgumentError(

@@ -1,0 +1,126 @@
+"""The per-array fast paths of save(): same results as the general code, no cyclic GC pass.
+
+``_tree.flatten`` skips jax's registry lookup for known leaf types and builds names as it
+walks; ``save()``'s blocking part runs with the cyclic collector paused (a full collection
+there traverses every object in the process), and the collector's state is restored after.
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ckpt_async as ocp
+from ckpt_async import _stage, _tree
+from ckpt_async._runtime import gc_paused
+
+Point = collections.namedtuple("Point", ["x", "y"])
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Custom:
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def tree_flatten_with_keys(self):
+        return ((jax.tree_util.GetAttrKey("a"), self.a), (jax.tree_util.GetAttrKey("b"), self.b)), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+
+def test_flatten_names_match_the_key_paths() -> None:
+    tree = {"params": {"w": jnp.ones(3), 0: np.zeros(2), "n": None, "e": {}},
+            "opt": [Point(np.float32(1), 2.5), (True, "s")], "c": Custom(jnp.zeros(1), 3)}
+    leaves, skeleton = _tree.flatten(tree)
+    assert [leaf.name for leaf in leaves] == [".".join(str(k) for k in leaf.keys) for leaf in leaves]
+    assert {leaf.name for leaf in leaves} >= {"params.w", "params.0", "params.n", "params.e",
+                                              "opt.0.x", "opt.0.y", "opt.1.0", "opt.1.1", "c.a", "c.b"}
+    rebuilt = _tree.unflatten(skeleton, lambda i: leaves[i].value)
+    assert isinstance(rebuilt["opt"][0], Point) and rebuilt["opt"][1][1] == "s"
+    # A leaf at the root has the empty name.
+    (root,), _ = _tree.flatten(np.ones(2))
+    assert root.name == "" and root.keys == ()
+
+
+def test_gc_pause_nests_and_restores_the_collector_state() -> None:
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # the caller had it off: it stays off
+    finally:
+        gc.enable()
+
+
+def test_staging_runs_with_the_collector_paused(tmp_path, monkeypatch) -> None:
+    seen: list[bool] = []
+    real = _stage.stage_sync
+
+    def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_stage, "stage_sync", spy)
+    state = {f"p{i}": jnp.full((4,), i, jnp.float32) for i in range(50)}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "x", args=ocp.args.StandardSave(state))
+    assert seen == [False]
+    assert gc.isenabled()
+    with ocp.StandardCheckpointer() as ckptr:
+        out = ckptr.restore(tmp_path / "x")
+    assert all(np.array_equal(out[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("value,dtype,expected", [
+    (jnp.ones((3, 5), jnp.bfloat16), None, 30),
+    (np.ones((2, 2), np.float64), np.dtype(np.float32), 16),
+    (np.float16(1), None, 2),
+    (7, np.dtype(np.int64), 8),
+])
+def test_staged_byte_counts(value, dtype, expected) -> None:
+    assert _stage.total_bytes([(value, "x", dtype)]) == expected
+
+
+def test_host_arrays_are_staged_without_a_transfer_hint(monkeypatch) -> None:
+    calls = []
+    arr = jnp.arange(8.0)
+    monkeypatch.setattr(type(arr), "copy_to_host_async", lambda self: calls.append(1),
+                        raising=True)
+    batches: list = []
+    _stage.stage_sync([(arr, "a", None)], _stage.ByteBudget(None),
+                      lambda b, n: batches.append(b))
+    assert calls == []  # on CPU the bytes are already on the host
+    assert [a.name for b in batches for a in b] == ["a"]
+
+
+def test_restore_runs_with_the_collector_paused(tmp_path, monkeypatch) -> None:
+    from ckpt_async.handlers import pytree
+
+    seen: list[bool] = []
+    real = pytree._Reader.restore_as_saved
+
+    async def spy(self):
+        seen.append(gc.isenabled())
+        return await real(self)
+
+    monkeypatch.setattr(pytree._Reader, "restore_as_saved", spy)
+    state = {"a": jnp.arange(4.0), "b": [np.ones(2), 3]}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "x", args=ocp.args.StandardSave(state))
+        out = ckptr.restore(tmp_path / "x")
+    assert seen == [False] and gc.isenabled()
+    assert np.array_equal(out["a"], state["a"]) and out["b"][1] == 3

@@ -1,0 +1,190 @@
+"""Background commit work runs at a lower CPU priority than the caller (Linux).
+
+A commit's worker threads and TensorStore's I/O threads are put at the background priority
+(``SCHED_IDLE`` by default, nice 19 for ``"low"``); the caller's thread, the engine loop and
+every other thread (XLA's) keep theirs. Priorities are checked in a fresh interpreter so that
+this test process's threads are left as they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+import ckpt_async as ocp
+from ckpt_async import _runtime
+from ckpt_async._runtime import get_runtime
+
+linux_only = pytest.mark.skipif(not _runtime._CAN_SET_PRIORITY, reason="Linux thread priorities")
+
+PROBE = textwrap.dedent("""
+    import json, os, sys, threading
+    import numpy as np
+    import jax.numpy as jnp
+    import ckpt_async as ocp
+    from ckpt_async import _runtime
+    if sys.argv[2] != "env":
+        ocp.set_background_priority(sys.argv[2])
+
+    def threads():
+        out = {}
+        for t in os.listdir("/proc/self/task"):
+            tid = int(t)
+            try:
+                with open(f"/proc/self/task/{t}/comm") as f:
+                    comm = f.read().strip()
+                out[tid] = (comm, os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid))
+            except OSError:
+                pass
+        return out
+
+    # Large arrays (checksums in background threads) and small ones (raw chunks).
+    state = {"big": jnp.arange(1 << 21, dtype=jnp.float32), "small": np.arange(100.0),
+             "j": jnp.ones((64, 64))}
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(sys.argv[1] + "/a", args=ocp.args.StandardSave(state))
+    ckptr.wait_until_finished()
+    before = threads()  # TensorStore's threads now exist; the second save finds them at once
+    # Seen from inside the second commit (the background work is in flight there).
+    from ckpt_async import _commit
+    during = {}
+    commit = _commit.commit
+
+    async def spy(*args, **kwargs):
+        during.update(threads())
+        return await commit(*args, **kwargs)
+
+    _commit.commit = spy
+    ckptr.save(sys.argv[1] + "/b", args=ocp.args.StandardSave(state))
+    ckptr.wait_until_finished()
+    after = during
+    idle_again = threads()
+    rt = _runtime.get_runtime()
+    engine = rt._portal.call(threading.get_native_id)
+    py = {t.native_id: t.name for t in threading.enumerate()}
+    print(json.dumps({
+        "main": threading.get_native_id(), "engine": engine, "python_names": py,
+        "threads": {tid: v for tid, v in after.items() if tid in before or py.get(tid)},
+        "ts_before": [tid for tid, v in before.items() if v[0] == "ts_pool_worker"],
+        "ts_after_commit": sorted({tuple(v[1:]) for tid, v in idle_again.items()
+                                   if v[0] == "ts_pool_worker" and tid in before}),
+    }))
+""")
+
+
+def _probe(tmp_path, level: str, env: dict | None = None) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, str(tmp_path), level], capture_output=True, text=True,
+        timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["threads"] = {int(k): v for k, v in out["threads"].items()}
+    out["python_names"] = {int(k): v for k, v in out["python_names"].items()}
+    return out
+
+
+def _classify(out: dict) -> dict[str, list[tuple[int, int]]]:
+    groups: dict[str, list[tuple[int, int]]] = {"main": [], "engine": [], "bg": [], "ts": [],
+                                                 "other": []}
+    for tid, (comm, policy, nice) in out["threads"].items():
+        name = out["python_names"].get(tid, "")
+        if tid == out["main"]:
+            key = "main"
+        elif tid == out["engine"]:
+            key = "engine"
+        elif name.startswith("ckpt_async-bg"):
+            key = "bg"
+        elif comm == "ts_pool_worker":
+            key = "ts" if tid in out["ts_before"] else "other"  # a new one may be unscanned
+        else:
+            key = "other"  # XLA's threads, anyio's (foreground) workers, ...
+        groups[key].append((policy, nice))
+    return groups
+
+
+NORMAL = (os.SCHED_OTHER, 0) if hasattr(os, "SCHED_OTHER") else None
+
+
+@linux_only
+@pytest.mark.parametrize("level,env,expected", [
+    ("env", {}, "idle"),  # the default
+    ("idle", {}, "idle"),
+    ("low", {}, "low"),
+    ("env", {"CKPT_ASYNC_BACKGROUND_PRIORITY": "low"}, "low"),
+    ("normal", {}, "normal"),
+])
+def test_commit_threads_run_at_the_background_priority(tmp_path, level, env, expected) -> None:
+    out = _probe(tmp_path, level, env)
+    groups = _classify(out)
+    # Once no commit runs, restores get TensorStore's threads back at the normal priority,
+    # except from nice 19 ("low"), which an unprivileged thread cannot leave.
+    after = {"idle": NORMAL, "low": (os.SCHED_OTHER, 19), "normal": NORMAL}[expected]
+    assert {tuple(v) for v in out["ts_after_commit"]} == {after}
+    want = {"idle": (os.SCHED_IDLE, 0), "low": (os.SCHED_OTHER, 19), "normal": NORMAL}[expected]
+    assert groups["bg"] and groups["ts"], groups  # the probe saw both kinds of thread
+    assert set(map(tuple, groups["bg"])) == {want}, groups
+    assert set(map(tuple, groups["ts"])) == {want}, groups
+    # The caller, the engine loop (save() and restore() run there) and XLA keep theirs.
+    for key in ("main", "engine", "other"):
+        if key == "other" and expected != "normal":
+            # A TensorStore thread started after the last scan may not be lowered yet.
+            continue
+        assert set(map(tuple, groups[key])) == {NORMAL}, (key, groups)
+    assert set(map(tuple, groups["main"] + groups["engine"])) == {NORMAL}
+
+
+def test_background_priority_option_is_validated() -> None:
+    with pytest.raises(ValueError, match="background priority"):
+        ocp.set_background_priority("realtime")
+    assert _runtime.background_priority() in _runtime.PRIORITIES
+
+
+def test_a_bad_environment_value_falls_back_to_idle(monkeypatch) -> None:
+    monkeypatch.setenv(_runtime.PRIORITY_ENV, "fastest")
+    assert _runtime._priority_from_env() == "idle"
+    monkeypatch.setenv(_runtime.PRIORITY_ENV, " LOW ")
+    assert _runtime._priority_from_env() == "low"
+
+
+def test_background_tasks_use_the_background_pool_and_do_not_mark_the_caller() -> None:
+    rt = get_runtime()
+
+    def name() -> str:
+        return threading.current_thread().name
+
+    async def probe() -> tuple[str, str, bool, bool]:
+        foreground = await rt.to_thread(name)
+
+        async def background() -> str:
+            _runtime.mark_background()
+            return await rt.to_thread(name)
+
+        in_bg = await asyncio.get_running_loop().create_task(background())
+        return foreground, in_bg, _runtime.in_background(), rt.on_engine_thread()
+
+    fg, bg, caller_marked, on_engine = rt.call(probe)
+    assert on_engine
+    assert bg.startswith("ckpt_async-bg"), bg
+    assert not fg.startswith("ckpt_async-bg"), fg
+    assert not caller_marked  # marking a task leaves its parent's context alone
+
+
+def test_save_leaves_the_callers_task_in_the_foreground(tmp_path) -> None:
+    # On the engine loop, save() runs in the caller's own task: its writes, started there,
+    # are background work, the task itself is not.
+    async def save_then_look() -> bool:
+        ckptr = ocp.aio.AsyncCheckpointer(ocp.StandardCheckpointHandler())
+        fut = await ckptr.save(tmp_path / "x", args=ocp.args.StandardSave({"a": [1.0, 2.0]}))
+        marked = _runtime.in_background()
+        await fut
+        await ckptr.close()
+        return marked
+
+    assert get_runtime().call(save_then_look) is False
