@@ -19,6 +19,7 @@ from typing import Any
 
 from . import _commit, _integrity, multihost
 from . import _format as fmt
+from . import _storage as storage
 from ._paths import AnyPath, StorePath
 from ._runtime import CommitFuture, gc_paused, get_runtime, on_engine
 from .args import CheckpointArgs, Composite, args_classes_for, handler_class_for
@@ -147,6 +148,11 @@ class AsyncCheckpointer:
         await get_runtime().to_thread(check_writable, path)
         if await _commit.is_visible(path) and not force:
             raise StepAlreadyExistsError(f"{path} already exists; pass force=True to overwrite it")
+        if not force and not storage.has_rename(path) and await storage.listfiles(path):
+            # A save writes in place there, clearing the prefix first: never unasked.
+            raise StepAlreadyExistsError(
+                f"{path} holds objects but no committed checkpoint (an unfinished save, a "
+                "manager's directory, other data); pass force=True to replace them")
         return await self.save_staged(path, args, force=force, custom_metadata=custom_metadata)
 
     @on_engine

@@ -305,6 +305,20 @@ class ObjectStoreSuite:
                 np.testing.assert_array_equal(got["b"], np.full(3, i))
         assert store.get(f"{prefix}/f/commit_success.txt").startswith(b"Checkpoint commit")
 
+    def test_a_checkpointer_never_deletes_other_objects_under_its_path(self, store: Bucket,
+                                                                       prefix: str):
+        # A manager's run directory, or any data: objects but no commit marker of its own.
+        store.put(f"{prefix}/run/notes.txt", b"keep me")
+        with ocp.StandardCheckpointer() as ckptr:
+            with pytest.raises(StepAlreadyExistsError, match="holds objects but no committed"):
+                ckptr.save(f"{store.url(prefix)}/run", {"a": np.arange(3)})
+            assert store.get(f"{prefix}/run/notes.txt") == b"keep me"
+            ckptr.save(f"{store.url(prefix)}/run", {"a": np.arange(3)}, force=True)
+            ckptr.wait_until_finished()
+            np.testing.assert_array_equal(ckptr.restore(f"{store.url(prefix)}/run")["a"],
+                                          np.arange(3))
+        assert "notes.txt" not in store.keys(f"{prefix}/run")  # force: replaced, as asked
+
     # -- retention deletes ---------------------------------------------------------------------
     def test_retention_deletes_in_the_background_one_step_at_a_time(
             self, store: Bucket, prefix: str, monkeypatch: pytest.MonkeyPatch):

@@ -251,6 +251,34 @@ def test_retention_deletes_old_steps_only_after_the_new_step_is_committed(tmp_pa
         assert steps_on_disk(tmp_path) == ["1"]
 
 
+def test_a_slow_deletion_of_old_steps_holds_up_no_save_or_commit(tmp_path, monkeypatch):
+    held, entered = threading.Event(), threading.Event()
+    deleting = ocp.aio.AsyncCheckpointManager._delete_steps
+
+    async def slow_delete(self, steps):
+        entered.set()
+        await asyncio.to_thread(held.wait, 30)
+        await deleting(self, steps)
+
+    monkeypatch.setattr(ocp.aio.AsyncCheckpointManager, "_delete_steps", slow_delete)
+    with ocp.CheckpointManager(tmp_path, ocp.CheckpointManagerOptions(
+            max_to_keep=1, max_concurrent_saves=1)) as mngr:
+        mngr.save(0, args=ocp.args.StandardSave(tree(0)))
+        mngr.commit_future(0).result(timeout=30)
+        mngr.save(1, args=ocp.args.StandardSave(tree(1)))  # its commit retires step 0
+        mngr.commit_future(1).result(timeout=30)
+        assert entered.wait(30)
+        # Step 0's deletion hangs; later steps save and commit all the same.
+        for step in (2, 3):
+            mngr.save(step, args=ocp.args.StandardSave(tree(step)))
+            mngr.commit_future(step).result(timeout=30)
+        assert mngr.all_steps() == [3]
+        assert (tmp_path / "0").is_dir() and (tmp_path / "3").is_dir()
+        held.set()
+        mngr.wait_until_finished()  # waits for the queued deletions too
+        assert steps_on_disk(tmp_path) == ["3"]
+
+
 def test_best_n_retires_a_new_step_worse_than_the_kept_ones(tmp_path):
     opts = ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["loss"],
                                         best_mode="min")

@@ -22,7 +22,7 @@ from .. import _format as fmt
 from .. import _storage as storage
 from .._checkpointer import AsyncCheckpointer, AsyncOptions, as_path
 from .._paths import AnyPath
-from .._runtime import CommitFuture, on_engine
+from .._runtime import CommitFuture, get_runtime, on_engine
 from ..args import CheckpointArgs, Composite, JsonSave
 from ..checkpoint_managers import CheckpointInfo, DecisionContext, PreservationContext
 from ..errors import (
@@ -115,6 +115,9 @@ class AsyncCheckpointManager:
         self._closed = False
         self._initialized = False
         self._roles = multihost.Roles()
+        #: retention deletions waiting for the background deleter: (retiring step, steps)
+        self._deletions: list[tuple[int, list[int]]] = []
+        self._deleter: CommitFuture | None = None
 
     # -- setup (on the engine loop, on first use) ------------------------------------------------
     async def _ensure_init(self) -> None:
@@ -310,13 +313,9 @@ class AsyncCheckpointManager:
 
         async def retain(path: AnyPath, _meta: Any) -> None:
             # Orbax retires the new step too when the policy does not keep it (BestN with a
-            # worse metric): unlisted now, deleted once committed. The step is committed by
-            # now, so a failed deletion must not make its future report a failed save.
-            try:
-                await self._delete_steps([c.step for c in to_remove])
-            except Exception as exc:  # noqa: BLE001 - logged; the old steps stay on disk
-                log.error("step %d is committed, but deleting old steps %s failed: %s", step,
-                          [c.step for c in to_remove], exc)
+            # worse metric): unlisted now, deleted once committed.
+            if to_remove:
+                self._queue_deletion(step, [c.step for c in to_remove])
 
         t0 = time.perf_counter()
         fut = await self._checkpointer.save_staged(
@@ -340,6 +339,23 @@ class AsyncCheckpointManager:
                               .barrier_sync_key_prefix)
         answer = await sync.broadcast("decision", "save" if decision else "skip")
         return answer == "save"
+
+    def _queue_deletion(self, step: int, steps: list[int]) -> None:
+        """Deletes ``steps`` (retired by ``step``'s commit) in the background, one deletion at
+        a time, outside every commit: a slow deletion never holds up a save or a commit."""
+        self._deletions.append((step, steps))
+        if self._deleter is None or self._deleter.done():
+            self._deleter = get_runtime().spawn(self._drain_deletions())
+
+    async def _drain_deletions(self) -> None:
+        while self._deletions:
+            step, steps = self._deletions.pop(0)
+            try:
+                await self._delete_steps(steps)
+            except Exception as exc:  # noqa: BLE001 - logged; the old steps stay on disk
+                # The step is committed: a failed deletion is not a failed save.
+                log.error("step %d is committed, but deleting old steps %s of %s failed: %s",
+                          step, steps, self.directory, exc)
 
     async def _bound_in_flight(self) -> None:
         while sum(not f.done() for f in self._futures.values()) >= self.options.max_concurrent_saves:
@@ -377,6 +393,8 @@ class AsyncCheckpointManager:
                 await fut
             except BaseException:  # noqa: BLE001 - recorded by _on_done
                 pass
+        while self._deleter is not None and not self._deleter.done():
+            await self._deleter  # (logs its own failures; a deletion queued meanwhile is seen)
         self._raise_failure()
 
     def check_for_errors(self) -> None:
