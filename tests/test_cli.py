@@ -31,6 +31,7 @@ def run(capsys, *argv):
 
 def run_json(capsys, *argv):
     code, out, err = run(capsys, *argv, "--json")
+    assert out, err  # a document on stdout, whatever the exit status
     return code, json.loads(out), err
 
 

@@ -9,87 +9,41 @@ CLI's back (list, damage and remove objects).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
-import boto3
 import jax
 import jax.numpy as jnp
 import ml_dtypes
-import moto.server as moto_server  # test dependency: missing is a failure, not a skip
 import numpy as np
 import pytest
+from _moto import client_for, list_keys, moto_s3
+from test_cli import run, run_json
 
 import ckpt_async as ocp
-from ckpt_async import cli
 
 BUCKET = "ckpt-async-cli-test"
-REGION = "us-east-1"
 
 
 @pytest.fixture(scope="module")
 def endpoint():
-    """moto's S3 server on loopback, and an environment that reaches only it (no metadata
-    service, no profile files, test credentials), restored afterwards."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{server._server.server_port}"
-    env = {
-        "AWS_EC2_METADATA_DISABLED": "true",  # never probe a cloud metadata service
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": REGION, "AWS_ENDPOINT_URL": url,
-        "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    }
-    saved = {k: os.environ.get(k) for k in [*env, "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3",
-                                             "AWS_PROFILE", "AWS_DEFAULT_REGION"]}
-    for k in saved:
-        os.environ.pop(k, None)
-    os.environ.update(env)
-    try:
-        boto3.client("s3", endpoint_url=url, region_name=REGION).create_bucket(Bucket=BUCKET)
-        yield url
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    """moto's S3 server on loopback, in an environment that reaches only it."""
+    with moto_s3(BUCKET) as env:
+        yield env["AWS_ENDPOINT_URL"]
 
 
 @pytest.fixture(scope="module")
 def s3(endpoint):
-    return boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
+    return client_for({"AWS_ENDPOINT_URL": endpoint})
 
 
 def keys(s3, prefix: str) -> list[str]:
-    out, token = [], None
-    while True:
-        kw = {"Bucket": BUCKET, "Prefix": prefix + "/"}
-        if token:
-            kw["ContinuationToken"] = token
-        page = s3.list_objects_v2(**kw)
-        out += [o["Key"][len(prefix) + 1:] for o in page.get("Contents", [])]
-        if not page.get("IsTruncated"):
-            return sorted(out)
-        token = page["NextContinuationToken"]
+    return list_keys(s3, BUCKET, prefix)
 
 
-def run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_json(capsys, *argv):
-    code, out, err = run(capsys, *argv, "--json")
-    assert out, err  # a document on stdout, whatever the exit status
-    return code, json.loads(out), err
 
 
 def state(step: int) -> dict:

@@ -14,53 +14,27 @@ restores the 2 x 2 ones. The S3 checkpoints live on moto's server on 127.0.0.1.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
-import boto3
 import jax
-import moto.server as moto_server
 import numpy as np
 import orbax.checkpoint as orbax
 import pytest
 import tensorstore as ts
+from _moto import client_for, moto_s3
 from _multihost import launch
 from multihost_worker import check_state, make_mesh, make_state, target
 
 import ckpt_async as ocp
 
 BUCKET = "multihost"
-S3_ENV = {
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-}
 
 
 @pytest.fixture(scope="module")
 def s3_env():
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    env = {**S3_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server._server.server_port}"}
-    saved = {k: os.environ.get(k) for k in [*env, "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                                             "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"]}
-    for k in saved:
-        os.environ.pop(k, None)
-    os.environ.update(env)
-    try:
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
-                     region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    with moto_s3(BUCKET) as env:
         yield env
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +167,7 @@ def test_a_missing_process_times_out_naming_it(runs):
 
 
 def test_object_store_layout_and_marker(runs, s3_env):
-    client = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    client = client_for(s3_env)
     prefix = f"{Path(runs['dir']).name}/p4x2/"
     listed = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]
     names = {o["Key"][len(prefix):].split("/")[0] for o in listed}

@@ -9,14 +9,11 @@ and a race of writers on one commit marker decided by the server (``If-None-Matc
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
 
-import boto3
-import moto.server as moto_server  # test dependencies: missing is a failure, not a skip
 import numpy as np
 import pytest
 import tensorstore as ts
+from _moto import REGION, client_for, list_keys, moto_s3
 from _objstore_suite import Bucket, ObjectStoreSuite
 
 import ckpt_async as ocp
@@ -25,28 +22,18 @@ from ckpt_async._paths import StorePath, kvstore_base
 from ckpt_async.errors import InvalidArgumentError
 
 BUCKET = "ckpt-async-test"
-REGION = "us-east-1"
 
 
 class S3Bucket(Bucket):
     scheme = "s3"
 
-    def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint
+    def __init__(self, env: dict[str, str]) -> None:
+        self.endpoint = env["AWS_ENDPOINT_URL"]
         self.name = BUCKET
-        self.client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
+        self.client = client_for(env)
 
     def keys(self, prefix: str) -> list[str]:
-        out, token = [], None
-        while True:
-            kw = {"Bucket": BUCKET, "Prefix": prefix + "/"}
-            if token:
-                kw["ContinuationToken"] = token
-            page = self.client.list_objects_v2(**kw)
-            out += [o["Key"][len(prefix) + 1:] for o in page.get("Contents", [])]
-            if not page.get("IsTruncated"):
-                return sorted(out)
-            token = page["NextContinuationToken"]
+        return list_keys(self.client, BUCKET, prefix)
 
     def get(self, key: str) -> bytes:
         return self.client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
@@ -63,34 +50,9 @@ class S3Bucket(Bucket):
 
 @pytest.fixture(scope="module")
 def store():
-    """moto's S3 server on loopback, and an environment that reaches only it (no metadata
-    service, no profile files, test credentials), restored afterwards."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{server._server.server_port}"
-    env = {
-        "AWS_EC2_METADATA_DISABLED": "true",  # never probe a cloud metadata service
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": REGION, "AWS_ENDPOINT_URL": url,
-        "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    }
-    saved = {k: os.environ.get(k) for k in [*env, "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3",
-                                             "AWS_PROFILE", "AWS_DEFAULT_REGION"]}
-    for k in saved:
-        os.environ.pop(k, None)
-    os.environ.update(env)
-    try:
-        bucket = S3Bucket(url)
-        bucket.client.create_bucket(Bucket=BUCKET)
-        yield bucket
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    """moto's S3 server on loopback, in an environment that reaches only it."""
+    with moto_s3(BUCKET) as env:
+        yield S3Bucket(env)
 
 
 class TestS3(ObjectStoreSuite):
