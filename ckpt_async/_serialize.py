@@ -333,9 +333,9 @@ def _assemble(dtype: np.dtype, shape: tuple[int, ...], chunks: tuple[int, ...],
 
 
 class ItemReader:
-    """Reads an item's arrays. Small uncompressed zarr v2 arrays in an OCDBT database (what
+    """Reads an item's small arrays: uncompressed zarr v2 arrays in an OCDBT database (what
     ckpt_async writes) come straight from the kvstore, all requests issued at once and waited
-    for in one worker thread; everything else goes through TensorStore's zarr driver."""
+    for in one worker thread (the others go through TensorStore's zarr driver, ``open_array``)."""
 
     def __init__(self, item_dir: AnyPath, *, use_ocdbt: bool, use_zarr3: bool) -> None:
         self.item_dir = item_dir
@@ -343,16 +343,12 @@ class ItemReader:
         self.use_zarr3 = use_zarr3
         self.ctx = new_context()
 
-    async def read_many(self, names: list[str]) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
+    async def read_small(self, names: list[str]) -> dict[str, np.ndarray]:
+        """The arrays among ``names`` that are small uncompressed zarr v2 chunks in OCDBT (what
+        ckpt_async writes), read in one batch; the others are left to the zarr driver."""
         if self.use_ocdbt and not self.use_zarr3 and names:
-            out = await self._read_direct(names)
-        rest = [n for n in names if n not in out]
-        arrays = await asyncio.gather(*(read_array(
-            self.ctx, self.item_dir, n, use_ocdbt=self.use_ocdbt, use_zarr3=self.use_zarr3)
-            for n in rest))
-        out.update(zip(rest, arrays, strict=True))
-        return out
+            return await self._read_direct(names)
+        return {}
 
     async def _read_direct(self, names: list[str]) -> dict[str, np.ndarray]:
         try:

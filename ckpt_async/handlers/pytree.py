@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import json
 import math
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -330,6 +332,31 @@ def _put(arr: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
     return jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])
 
 
+#: Bytes of arrays read but not yet placed, at most (one larger array is read alone).
+READ_WINDOW_BYTES = 256 << 20
+
+
+class _ByteWindow:
+    """At most ``limit`` bytes held at once on the engine loop; one larger hold goes alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self.used -= n
+                self._cond.notify_all()
+
+
 class _Reader:
     """Restores one pytree item from its decoded documents."""
 
@@ -339,6 +366,7 @@ class _Reader:
         self.sums = sums
         self.tracker = Tracker("restore", directory, None)
         self._prefetched: dict[str, np.ndarray] = {}
+        self._window = _ByteWindow(READ_WINDOW_BYTES)
         self.doc = doc
         self.shardings = shardings
         self.strings = strings
@@ -353,22 +381,40 @@ class _Reader:
         return ".".join(k.key for k in entry.key_metadata)
 
     async def prefetch(self, names: list[str]) -> None:
-        """Reads the named arrays in one batch (checked); ``_read`` then returns them."""
+        """Reads the small ones among the named arrays in one batch (checked); the others are
+        read one by one when placed (``_reading``)."""
         reader = ser.ItemReader(self.dir, use_ocdbt=self.doc.use_ocdbt,
                                 use_zarr3=self.doc.use_zarr3)
-        arrays = await reader.read_many(names)
+        arrays = await reader.read_small(names)
         await asyncio.gather(*(_integrity.check_array(self.dir, n, a, self.sums)
                                for n, a in arrays.items()))
         for arr in arrays.values():
             self.tracker.add(arr.nbytes)
         self._prefetched.update(arrays)
 
-    async def _read(self, name: str) -> np.ndarray:
+    @contextlib.asynccontextmanager
+    async def _reading(self, name: str) -> AsyncIterator[np.ndarray]:
+        """The stored array ``name`` (checked), for as long as the caller places it. Arrays not
+        prefetched are read within a window of READ_WINDOW_BYTES: each host copy is freed once
+        placed before the next reads start, so a restore peaks near the restored size, not
+        twice it (on CPU, ``jax.device_put`` copies)."""
         arr = self._prefetched.pop(name, None)
         if arr is not None:
-            return arr
-        await self.prefetch([name])
-        return self._prefetched.pop(name)
+            yield arr
+            return
+        store = await ser.open_array(self.ctx, self.dir, name, use_ocdbt=self.doc.use_ocdbt,
+                                     use_zarr3=self.doc.use_zarr3)
+        nbytes = math.prod(store.shape) * np.dtype(store.dtype.numpy_dtype).itemsize
+        async with self._window.hold(nbytes):
+            try:
+                arr = await store.read()
+            except ValueError as exc:
+                raise CorruptCheckpointError(
+                    f"{self.dir}: array {name!r} cannot be read ({exc})") from exc
+            await _integrity.check_array(self.dir, name, arr, self.sums)
+            self.tracker.add(arr.nbytes)
+            yield arr
+            del arr
 
     def _empty(self, value_type: str, name: str) -> Any:
         if value_type == "List" and self.scalars.get(name) == "tuple":
@@ -394,12 +440,12 @@ class _Reader:
         sharding = self._saved_sharding(name) if vt == "jax.Array" else None
         if sharding is not None and not sharding.is_fully_addressable:
             return await self._read_spread(name, None, None, sharding)
-        arr = await self._read(name)
-        if vt == "scalar":
-            return self._scalar(name, arr)
-        if vt == "jax.Array":
-            return _put(arr, sharding)
-        return arr
+        async with self._reading(name) as arr:
+            if vt == "scalar":
+                return self._scalar(name, arr)
+            if vt == "jax.Array":
+                return _put(arr, sharding)
+            return arr
 
     def _saved_sharding(self, name: str) -> jax.sharding.Sharding | None:
         """The sharding an array was saved with, when this run has all its devices."""
@@ -448,8 +494,8 @@ class _Reader:
             rarg = rargs.get(key, tleaf if isinstance(tleaf, RestoreArgs) else None)
             if key in spread:
                 return await self._read_spread(name, tleaf, rarg, spread[key])
-            arr = await self._read(name)
-            return self._place(name, arr, tleaf, rarg, vt)
+            async with self._reading(name) as arr:
+                return self._place(name, arr, tleaf, rarg, vt)
 
         values = await asyncio.gather(*(one(k, n, leaf) for k, n, leaf in pairs))
         return rebuild(values)
