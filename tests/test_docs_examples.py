@@ -27,6 +27,11 @@ EXPECTED_LAST_LINES: dict[str, list[str]] = {
         r"kept on disk: \[40, 50, 60\]",
         r"restored step 60: bit-exact",
     ],
+    "multihost.py": [
+        r"steps kept: \[2, 3\]",
+        r"process 0: restored its 2 shards, bit-exact: True",
+        r"process 1: restored its 2 shards, bit-exact: True",
+    ],
 }
 
 SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py") if p.name not in HAS_OWN_TEST)
