@@ -251,7 +251,7 @@ def test_retention_deletes_old_steps_only_after_the_new_step_is_committed(tmp_pa
         assert steps_on_disk(tmp_path) == ["1"]
 
 
-def test_a_slow_deletion_of_old_steps_holds_up_no_save_or_commit(tmp_path, monkeypatch):
+def test_background_delete_a_slow_deletion_holds_up_no_save_or_commit(tmp_path, monkeypatch):
     held, entered = threading.Event(), threading.Event()
     deleting = ocp.aio.AsyncCheckpointManager._delete_steps
 
@@ -262,7 +262,7 @@ def test_a_slow_deletion_of_old_steps_holds_up_no_save_or_commit(tmp_path, monke
 
     monkeypatch.setattr(ocp.aio.AsyncCheckpointManager, "_delete_steps", slow_delete)
     with ocp.CheckpointManager(tmp_path, ocp.CheckpointManagerOptions(
-            max_to_keep=1, max_concurrent_saves=1)) as mngr:
+            max_to_keep=1, max_concurrent_saves=1, enable_background_delete=True)) as mngr:
         mngr.save(0, args=ocp.args.StandardSave(tree(0)))
         mngr.commit_future(0).result(timeout=30)
         mngr.save(1, args=ocp.args.StandardSave(tree(1)))  # its commit retires step 0

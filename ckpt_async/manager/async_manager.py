@@ -314,8 +314,12 @@ class AsyncCheckpointManager:
         async def retain(path: AnyPath, _meta: Any) -> None:
             # Orbax retires the new step too when the policy does not keep it (BestN with a
             # worse metric): unlisted now, deleted once committed.
-            if to_remove:
+            if not to_remove:
+                return
+            if self.options.enable_background_delete:
                 self._queue_deletion(step, [c.step for c in to_remove])
+            else:  # Orbax's default: at most max_to_keep + 1 steps on disk at any moment
+                await self._delete_logged(step, [c.step for c in to_remove])
 
         t0 = time.perf_counter()
         fut = await self._checkpointer.save_staged(
@@ -341,21 +345,25 @@ class AsyncCheckpointManager:
         return answer == "save"
 
     def _queue_deletion(self, step: int, steps: list[int]) -> None:
-        """Deletes ``steps`` (retired by ``step``'s commit) in the background, one deletion at
-        a time, outside every commit: a slow deletion never holds up a save or a commit."""
+        """``enable_background_delete``: deletes ``steps`` (retired by ``step``'s commit) in
+        the background, one deletion at a time, outside every commit, so that a slow deletion
+        never holds up a save or a commit (steps may then outnumber ``max_to_keep`` + 1 on
+        disk for a while)."""
         self._deletions.append((step, steps))
         if self._deleter is None or self._deleter.done():
             self._deleter = get_runtime().spawn(self._drain_deletions())
 
     async def _drain_deletions(self) -> None:
         while self._deletions:
-            step, steps = self._deletions.pop(0)
-            try:
-                await self._delete_steps(steps)
-            except Exception as exc:  # noqa: BLE001 - logged; the old steps stay on disk
-                # The step is committed: a failed deletion is not a failed save.
-                log.error("step %d is committed, but deleting old steps %s of %s failed: %s",
-                          step, steps, self.directory, exc)
+            await self._delete_logged(*self._deletions.pop(0))
+
+    async def _delete_logged(self, step: int, steps: list[int]) -> None:
+        try:
+            await self._delete_steps(steps)
+        except Exception as exc:  # noqa: BLE001 - logged; the old steps stay on disk
+            # The step is committed: a failed deletion is not a failed save.
+            log.error("step %d is committed, but deleting old steps %s of %s failed: %s",
+                      step, steps, self.directory, exc)
 
     async def _bound_in_flight(self) -> None:
         while sum(not f.done() for f in self._futures.values()) >= self.options.max_concurrent_saves:
