@@ -197,7 +197,7 @@ class AsyncCheckpointer:
             fut = get_runtime().spawn(self._finish(
                 writer, tmp, path, meta, item_dirs, force, on_commit, after, stats, sync))
         finally:
-            multihost._current.reset(token)
+            multihost.reset_roles(token)
         if track:
             self._pending.append(fut)
         return fut

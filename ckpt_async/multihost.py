@@ -87,7 +87,12 @@ def current_roles() -> Roles:
 
 
 def use_roles(roles: Roles) -> contextvars.Token[Roles | None]:
+    """Makes ``roles`` the current roles (``current_roles``) until ``reset_roles(token)``."""
     return _current.set(roles)
+
+
+def reset_roles(token: contextvars.Token[Roles | None]) -> None:
+    _current.reset(token)
 
 
 def _client() -> Any:
