@@ -88,40 +88,28 @@ def check_document(directory: AnyPath, name: str, data: bytes, sums: Checksums |
         raise CorruptCheckpointError(f"{directory / name}: checksum mismatch (the file is damaged)")
 
 
-async def check_array(directory: AnyPath, name: str, arr: np.ndarray, sums: Checksums | None) -> None:
-    """Raises CorruptCheckpointError when ``arr`` (a whole stored array) fails its checksums."""
-    entry = sums.arrays.get(name) if sums is not None else None
-    if entry is None:
-        return
-    if arr.nbytes < INLINE_CHECK_BYTES:  # a thread hop costs more than the crc itself
-        got = ser.chunk_checksums(arr, tuple(entry.chunks))
-    else:
-        got = await get_runtime().to_thread(ser.chunk_checksums, arr, tuple(entry.chunks))
-    bad = sorted(k for k, crc in entry.crc.items() if got.get(k) != crc)
-    if bad:
-        raise CorruptCheckpointError(
-            f"{directory}: key {name!r} fails its checksum (chunks {', '.join(bad[:8])}); "
-            "the stored data is damaged")
-
-
-async def check_region(directory: AnyPath, name: str, region: np.ndarray,
-                       origin: tuple[int, ...], sums: Checksums | None) -> None:
-    """Raises CorruptCheckpointError when a chunk-aligned ``region`` of a stored array (its
-    corner at ``origin``) fails the checksums of the chunks it holds."""
+async def check_array(directory: AnyPath, name: str, arr: np.ndarray, sums: Checksums | None,
+                      origin: tuple[int, ...] | None = None) -> None:
+    """Raises CorruptCheckpointError when ``arr`` fails its checksums: the whole stored array,
+    or with ``origin`` a chunk-aligned region of it whose corner lies there (then only the
+    chunks the region holds are checked)."""
     entry = sums.arrays.get(name) if sums is not None else None
     if entry is None:
         return
     chunks = tuple(entry.chunks)
-    offset = [o // max(1, c) for o, c in zip(origin, chunks, strict=True)]
 
     def compute() -> dict[str, int]:
-        local = ser.chunk_checksums(region, chunks)  # keys relative to the region's corner
-        return {".".join(str(int(k) + o) for k, o in zip(key.split("."), offset, strict=True))
-                if chunks else key: crc for key, crc in local.items()}
+        got = ser.chunk_checksums(arr, chunks)  # keys relative to arr's corner
+        if not origin or not chunks:
+            return got
+        offset = [o // max(1, c) for o, c in zip(origin, chunks, strict=True)]
+        return {".".join(str(int(k) + o) for k, o in zip(key.split("."), offset, strict=True)):
+                crc for key, crc in got.items()}
 
-    got = (compute() if region.nbytes < INLINE_CHECK_BYTES
-           else await get_runtime().to_thread(compute))
-    bad = sorted(k for k, crc in got.items() if entry.crc.get(k, crc) != crc)
+    # a thread hop costs more than the crc of a small array
+    got = compute() if arr.nbytes < INLINE_CHECK_BYTES else await get_runtime().to_thread(compute)
+    expected = entry.crc if origin is None else {k: entry.crc[k] for k in got if k in entry.crc}
+    bad = sorted(k for k, crc in expected.items() if got.get(k) != crc)
     if bad:
         raise CorruptCheckpointError(
             f"{directory}: key {name!r} fails its checksum (chunks {', '.join(bad[:8])}); "

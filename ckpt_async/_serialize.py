@@ -91,6 +91,8 @@ async def merge_process_databases(item_dir: AnyPath, count: int) -> None:
     ctx = new_context()
     parent, *kids = await asyncio.gather(
         ts.KvStore.open(kvstore_spec(item_dir, use_ocdbt=True, write=True), context=ctx),
+        # (the children opened with the parent's write spec: TensorStore copies a range by
+        # reference only between databases whose base kvstores are configured alike)
         *(ts.KvStore.open(kvstore_spec(c, use_ocdbt=True, write=True), context=ctx)
           for c in children))
     txn = ts.Transaction(atomic=True)

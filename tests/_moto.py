@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import boto3
 import moto.server as moto_server  # test dependency: missing is a failure, not a skip
+import pytest
 
 REGION = "us-east-1"
 
@@ -30,23 +31,19 @@ def moto_s3(*buckets: str) -> Iterator[dict[str, str]]:
         "AWS_REGION": REGION, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server._server.server_port}",
         "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
     }
-    saved = {k: os.environ.get(k) for k in [*env, "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3",
-                                             "AWS_PROFILE", "AWS_DEFAULT_REGION"]}
-    for k in saved:
-        os.environ.pop(k, None)
-    os.environ.update(env)
     try:
-        client = client_for(env)
-        for bucket in buckets:
-            client.create_bucket(Bucket=bucket)
-        yield env
+        with pytest.MonkeyPatch.context() as mp:  # the environment is restored on exit
+            for k in ("AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",
+                      "AWS_DEFAULT_REGION"):
+                mp.delenv(k, raising=False)
+            for k, v in env.items():
+                mp.setenv(k, v)
+            client = client_for(env)
+            for bucket in buckets:
+                client.create_bucket(Bucket=bucket)
+            yield env
     finally:
         server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def client_for(env: dict[str, str]):  # noqa: ANN201 - boto3's client type is generated

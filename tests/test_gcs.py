@@ -145,15 +145,15 @@ def store(tmp_path_factory: pytest.TempPathFactory):
     and nowhere else (restored afterwards)."""
     log = tmp_path_factory.mktemp("fake-gcs-server") / "server.log"
     proc, url = _start(log)
-    saved = {k: os.environ.get(k) for k in [*ENV, *CLEARED]}
-    for k in CLEARED:
-        os.environ.pop(k, None)
-    os.environ.update(ENV)
-    os.environ[_paths.GCS_ENDPOINT_ENV] = url
     try:
-        bucket = GcsBucket(url, log)
-        bucket.create()
-        yield bucket
+        with pytest.MonkeyPatch.context() as mp:  # the environment is restored on exit
+            for k in CLEARED:
+                mp.delenv(k, raising=False)
+            for k, v in {**ENV, _paths.GCS_ENDPOINT_ENV: url}.items():
+                mp.setenv(k, v)
+            bucket = GcsBucket(url, log)
+            bucket.create()
+            yield bucket
     finally:
         proc.terminate()
         try:
@@ -161,11 +161,6 @@ def store(tmp_path_factory: pytest.TempPathFactory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class TestGcs(ObjectStoreSuite):

@@ -131,3 +131,23 @@ def test_orbax_reads_step_metadata_with_our_checksum(tmp_path):
             mngr.restore(2, args=orbax.args.StandardRestore())["a"], np.arange(3))
     finally:
         mngr.close()
+
+
+def test_a_region_is_checked_against_the_chunks_it_holds(tmp_path):
+    import asyncio
+
+    from ckpt_async import _integrity
+    from ckpt_async import _serialize as ser
+
+    arr = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
+    chunks = (4, 3)
+    sums = _integrity.Checksums(arrays={"w": _integrity.ArraySums(
+        list(chunks), ser.chunk_checksums(arr, chunks))})
+    region = arr[4:8, 3:6].copy()  # chunk 1.1 alone
+    asyncio.run(_integrity.check_array(tmp_path, "w", region, sums, origin=(4, 3)))
+    asyncio.run(_integrity.check_array(tmp_path, "w", arr, sums))
+    with pytest.raises(CorruptCheckpointError, match=r"chunks 0\.0"):  # placed at the wrong corner
+        asyncio.run(_integrity.check_array(tmp_path, "w", region, sums, origin=(0, 0)))
+    region[0, 0] += 1
+    with pytest.raises(CorruptCheckpointError, match=r"'w' fails its checksum \(chunks 1\.1\)"):
+        asyncio.run(_integrity.check_array(tmp_path, "w", region, sums, origin=(4, 3)))

@@ -528,8 +528,8 @@ class _Reader:
         except ValueError as exc:
             raise CorruptCheckpointError(
                 f"{self.dir}: array {name!r} cannot be read ({exc})") from exc
-        await _integrity.check_region(self.dir, name, region, tuple(b.start for b in box),
-                                      self.sums)
+        await _integrity.check_array(self.dir, name, region, self.sums,
+                                     origin=tuple(b.start for b in box))
         self.tracker.add(region.nbytes)
         dtype = getattr(rarg, "dtype", None) or getattr(tleaf, "dtype", None)
         if dtype is not None:
