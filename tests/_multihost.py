@@ -33,7 +33,7 @@ class MultihostFailure(AssertionError):
 
 
 def launch(scenario: str, processes: int, devices: int, config: dict[str, Any],
-           workdir: Path, *, deadline_s: float = 180) -> list[dict[str, Any]]:
+           workdir: Path, *, deadline_s: float = 300) -> list[dict[str, Any]]:
     """Runs ``scenario`` on ``processes`` x ``devices``; returns each process's results."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}

@@ -85,7 +85,7 @@ def check_state(restored: dict, mesh: Mesh | None = None, swapped: bool = False)
 def barrier(name: str) -> None:
     from jax._src import distributed
 
-    distributed.global_state.client.wait_at_barrier(name, 60_000)
+    distributed.global_state.client.wait_at_barrier(name, 180_000)
 
 
 # --- scenarios ---------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def scenario_main(cfg: dict, out: dict) -> None:
 
     options = ocp.CheckpointManagerOptions(
         max_to_keep=2, save_decision_policy=PrimaryOnlyPolicy(),
-        async_options=ocp.AsyncOptions(timeout_secs=30))
+        async_options=ocp.AsyncOptions(timeout_secs=120))
     mngr = ocp.CheckpointManager(cfg["manager"], options=options)
     for step in range(3):
         fut = mngr.save(step, args=ocp.args.Composite(
@@ -244,10 +244,10 @@ def main() -> None:
     scenario, pid, n, port, cfg_path = sys.argv[1:6]
     cfg = json.loads(Path(cfg_path).read_text())
     # A hung process shows where it hangs before the launcher's deadline kills it.
-    faulthandler.dump_traceback_later(cfg.get("dump_after_s", 100))
+    faulthandler.dump_traceback_later(cfg.get("dump_after_s", 240))
     os.environ.update(cfg.get("env", {}))
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=int(n), process_id=int(pid),
-                               initialization_timeout=60, heartbeat_timeout_seconds=10)
+                               initialization_timeout=120, heartbeat_timeout_seconds=60)
     out: dict = {"process": jax.process_index(), "devices": len(jax.devices()),
                  "local_devices": len(jax.local_devices()), "checked": {}}
     globals()[f"scenario_{scenario}"](cfg, out)
