@@ -76,6 +76,18 @@ def check_writable(path: AnyPath) -> None:
         raise NotWritableError(f"cannot save to {path}: {parent} is not writable")
 
 
+async def _create_tmp(path: AnyPath, clear_leftovers: bool) -> AnyPath:
+    """``_commit.create_tmp``, except that an object-store prefix with objects but no commit
+    marker (an unfinished save, a manager's directory, other data) is refused unless
+    ``clear_leftovers``: a save writes in place there, clearing the prefix first. With several
+    processes the primary alone decides, before any process writes there."""
+    if not clear_leftovers and not storage.has_rename(path) and await storage.listfiles(path):
+        raise StepAlreadyExistsError(
+            f"{path} holds objects but no committed checkpoint (an unfinished save, a "
+            "manager's directory, other data); pass force=True to replace them")
+    return await _commit.create_tmp(path)
+
+
 def make_args(handler: CheckpointHandler, kind: str, item: Any, kwargs: dict) -> CheckpointArgs:
     """Orbax's legacy call style ``save(path, item, save_args=...)`` as args for ``handler``."""
     cls = args_classes_for(type(handler)).get(kind)
@@ -148,24 +160,22 @@ class AsyncCheckpointer:
         await get_runtime().to_thread(check_writable, path)
         if await _commit.is_visible(path) and not force:
             raise StepAlreadyExistsError(f"{path} already exists; pass force=True to overwrite it")
-        if not force and not storage.has_rename(path) and await storage.listfiles(path):
-            # A save writes in place there, clearing the prefix first: never unasked.
-            raise StepAlreadyExistsError(
-                f"{path} holds objects but no committed checkpoint (an unfinished save, a "
-                "manager's directory, other data); pass force=True to replace them")
-        return await self.save_staged(path, args, force=force, custom_metadata=custom_metadata)
+        return await self.save_staged(path, args, force=force, custom_metadata=custom_metadata,
+                                      clear_leftovers=force)
 
     @on_engine
     async def save_staged(self, path: AnyPath, args: CheckpointArgs, *, force: bool = False,
                           custom_metadata: dict | None = None,
                           step_metadata: fmt.StepMetadata | None = None,
                           on_commit: Any = None, after: Any = None,
-                          track: bool = True) -> CommitFuture:
+                          track: bool = True, clear_leftovers: bool = True) -> CommitFuture:
         """The save pipeline (used by the manager too): tmp dir, stage, background commit.
 
         ``after`` (an awaitable) is awaited before the commit, so commits land in order;
         ``on_commit(path, meta)`` runs once the checkpoint is visible. ``track=False`` leaves
         the future to the caller (the manager tracks its own) instead of ``wait_until_finished``.
+        ``clear_leftovers=False``: an object-store prefix holding objects but no committed
+        checkpoint is refused rather than cleared (the manager clears its unfinished steps).
         """
         init_ns = time.time_ns()
         t0 = time.perf_counter()
@@ -175,7 +185,7 @@ class AsyncCheckpointer:
                                       None), label=f"saving {path}") if roles.multi else None
         token = multihost.use_roles(roles)  # the handlers read it; tasks spawned here copy it
         try:
-            tmp = await self._start(path, sync)
+            tmp = await self._start(path, sync, clear_leftovers)
             try:
                 with gc_paused():  # no full collection in the middle of the blocking part
                     writer = await self.handler.stage(tmp, args)
@@ -202,14 +212,15 @@ class AsyncCheckpointer:
             self._pending.append(fut)
         return fut
 
-    async def _start(self, path: AnyPath, sync: multihost.Sync | None) -> AnyPath:
+    async def _start(self, path: AnyPath, sync: multihost.Sync | None,
+                     clear_leftovers: bool) -> AnyPath:
         """Where this save writes: the temporary directory, created by the primary process
         and announced to the others."""
         if sync is None:
-            return await _commit.create_tmp(path)
+            return await _create_tmp(path, clear_leftovers)
         if sync.roles.is_primary:
             try:
-                tmp = await _commit.create_tmp(path)
+                tmp = await _create_tmp(path, clear_leftovers)
             except BaseException as exc:
                 await sync.broadcast("tmp", f"error:{exc}")
                 raise
