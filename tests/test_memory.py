@@ -66,3 +66,57 @@ def test_burst_of_saves_stays_within_budget_plus_one_state(tmp_path):
     # The guarantee is budget + one state (128 MiB); what we hold to is far tighter: twice the
     # budget and one array (without the kvstore write path this measured 208-256 MiB).
     assert r["extra"] <= 2 * r["budget"] + (16 << 20) <= r["budget"] + r["state"], r
+
+
+JAX_SCRIPT = r"""
+import json, sys, threading, time
+import jax, jax.numpy as jnp
+import numpy as np
+import ckpt_async as ocp
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+peak = [0]
+def sample():
+    while True:
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.002)
+
+threading.Thread(target=sample, daemon=True).start()
+state = {f"a{i}": jnp.arange(i, i + (1 << 22), dtype=jnp.float32) for i in range(8)}  # 128 MiB
+jax.block_until_ready(state)
+abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+with ocp.CheckpointManager(sys.argv[1]) as mngr:
+    mngr.save(0, args=ocp.args.StandardSave({"w": np.zeros(4)}))  # warm-up: one-time costs
+    mngr.wait_until_finished()
+    time.sleep(0.05); base = rss(); peak[0] = base
+    mngr.save(1, args=ocp.args.StandardSave(state))
+    mngr.wait_until_finished()
+    time.sleep(0.05); save_extra = peak[0] - base
+    base = rss(); peak[0] = base
+    restored = mngr.restore(1, args=ocp.args.StandardRestore(abstract))
+    jax.block_until_ready(restored)
+    time.sleep(0.05); restore_extra = peak[0] - base
+ok = all(np.array_equal(np.asarray(restored[k]), np.asarray(v)) for k, v in state.items())
+print(json.dumps({"save_extra": save_extra, "restore_extra": restore_extra,
+                  "state": 128 << 20, "bit_exact": ok}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_cpu_save_and_restore_copy_each_byte_at_most_once(tmp_path):
+    """On CPU a save writes straight from the arrays (TensorStore references the snapshot
+    instead of copying it) and a restore reads straight into the buffers that become the
+    restored arrays: save holds almost nothing extra, restore about the restored tree."""
+    out = subprocess.run([sys.executable, "-c", JAX_SCRIPT, str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["bit_exact"], r
+    # Measured: save 0.02x, restore 1.13x (the tree itself and a few arrays' pages in flight).
+    # Before, with TensorStore copying into its chunk cache and jax copying out of
+    # TensorStore's read buffers: save 0.64x, restore 1.63x.
+    assert r["save_extra"] <= 0.25 * r["state"], r
+    assert r["restore_extra"] <= 1.3 * r["state"], r

@@ -89,3 +89,42 @@ def test_item_reader_reads_what_tensorstore_wrote(tmp_path, shape, chunks, compr
         assert out.dtype == np.float32 and out.shape == shape
         assert out.tobytes() == arr.tobytes()
         assert out.flags.writeable
+
+
+@pytest.mark.parametrize("shape,dtype", [((0,), np.float32), ((3, 5), np.int16),
+                                         ((512, 1024), np.float32), ((1 << 21,), "bfloat16")])
+def test_read_into_buffer_returns_the_stored_values_in_a_page_aligned_buffer(tmp_path, shape,
+                                                                             dtype):
+    dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    arr = (np.arange(int(np.prod(shape))) % 251).astype(dtype).reshape(shape)
+
+    async def main():
+        await _via_tensorstore(tmp_path, "x", arr)
+        ctx = ser.new_context()
+        store = await ser.open_array(ctx, tmp_path, "x", use_ocdbt=True, use_zarr3=False)
+        return await ser.read_into_buffer(ctx, store)
+
+    out = asyncio.run(main())
+    assert out.dtype == dtype and out.shape == shape and out.flags.c_contiguous
+    assert out.flags.writeable
+    np.testing.assert_array_equal(out.view(np.uint8), arr.view(np.uint8))
+    if arr.nbytes >= ser.POPULATED_BUFFER_MIN_BYTES:
+        # (page-aligned: a CPU jax.device_put adopts the buffer instead of copying it)
+        assert out.ctypes.data % 4096 == 0
+        import jax
+        assert jax.device_put(out).unsafe_buffer_pointer() == out.ctypes.data
+
+
+def test_reads_of_local_files_go_through_a_mapping_and_writes_do_not(tmp_path):
+    read = ser.kvstore_spec(tmp_path, use_ocdbt=True, write=False)
+    write = ser.kvstore_spec(tmp_path, use_ocdbt=True, write=True)
+    assert read["base"]["file_io_mode"] == {"mode": ser.READ_FILE_IO_MODE}
+    assert "file_io_mode" not in write["base"] and "file_io_mode" not in write["manifest"]
+    assert ser.array_spec(tmp_path, "x", use_ocdbt=False)["kvstore"]["file_io_mode"] == {
+        "mode": ser.READ_FILE_IO_MODE}
+
+
+def test_a_save_spreads_over_several_data_files_within_bounds():
+    assert ser.data_file_size(0) == ser.MIN_DATA_FILE_SIZE
+    assert ser.data_file_size(2 << 30) == ser.TARGET_DATA_FILE_SIZE == 256 << 20
+    assert ser.data_file_size(512 << 20) == 64 << 20
