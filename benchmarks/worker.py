@@ -497,6 +497,7 @@ def interference(args: argparse.Namespace, res: dict[str, Any]) -> None:
         if during:
             res["step_during_ms"] = statistics.fmean(during) * 1e3
             res["step_during_median_ms"] = statistics.median(during) * 1e3
+            res["steps_during_ms"] = [round(d * 1e3, 2) for d in during]
             res["interference"] = statistics.fmean(during) / mean_base - 1.0
     except BaseException as e:  # noqa: BLE001
         res["error"] = f"interference: {type(e).__name__}: {e}"

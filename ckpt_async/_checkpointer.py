@@ -21,7 +21,7 @@ from . import _commit, _integrity, multihost
 from . import _format as fmt
 from . import _storage as storage
 from ._paths import AnyPath, StorePath
-from ._runtime import CommitFuture, gc_paused, get_runtime, on_engine
+from ._runtime import CommitFuture, gc_paused, get_runtime, heap_frozen, on_engine
 from .args import CheckpointArgs, Composite, args_classes_for, handler_class_for
 from .errors import (
     CheckpointError,
@@ -274,8 +274,9 @@ class AsyncCheckpointer:
         timeout = self.async_options.timeout_secs
         try:
             # With several processes the barriers time out first, naming who is missing.
-            await asyncio.wait_for(run(), None if timeout is None else
-                                   timeout * (1 if sync is None else 1.5))
+            with heap_frozen():
+                await asyncio.wait_for(run(), None if timeout is None else
+                                       timeout * (1 if sync is None else 1.5))
         except BaseException as exc:
             if primary:
                 await _commit.abort(tmp)

