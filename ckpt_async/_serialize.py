@@ -383,6 +383,10 @@ async def read_into_buffer(ctx: ts.Context, store: Any) -> np.ndarray:
 #: uncompressed zarr v2 (what ckpt_async writes): no zarr driver is opened per array. Larger
 #: ones go through the driver, which reads into one buffer (the kvstore path copies twice).
 DIRECT_READ_MAX_BYTES = 1 << 20
+#: ... in batches of about this many bytes: the raw chunks of one batch are held while its
+#: arrays are assembled, so a restore of many small arrays peaks near the restored size plus
+#: one batch, not twice the restored size.
+DIRECT_READ_BATCH_BYTES = 32 << 20
 
 
 def _direct_plan(meta: dict[str, Any]) -> tuple[np.dtype, tuple[int, ...], tuple[int, ...]] | None:
@@ -465,30 +469,43 @@ class ItemReader:
             return out
 
         plans = await get_runtime().to_thread(wait_metas)
-        wanted = {}
+        batches: list[list[tuple[str, Any]]] = [[]]
+        held = 0
         for name, plan in zip(names, plans, strict=True):
             if plan is None:
                 continue
-            dtype, shape, chunks = plan
-            keys = ([".".join(str(st // c) for st, c in zip(starts, chunks, strict=True)) or "0"
-                     for starts in itertools.product(
-                         *[range(0, s, c) for s, c in zip(shape, chunks, strict=True)])]
-                    if math.prod(shape) else [])
-            wanted[name] = (plan, {k: kv.read(f"{name}/{k}") for k in keys})
+            nbytes = math.prod(plan[1]) * plan[0].itemsize
+            if held and held + nbytes > DIRECT_READ_BATCH_BYTES:
+                batches.append([])
+                held = 0
+            batches[-1].append((name, plan))
+            held += nbytes
 
-        def wait_chunks() -> dict[str, np.ndarray]:
+        def wait_chunks(wanted: list[tuple[str, Any, dict[str, Any]]]) -> dict[str, np.ndarray]:
             out = {}
-            for name, (plan, futs) in wanted.items():
+            for name, plan, futs in wanted:
                 try:
                     raw = {k: v for k, f in futs.items() if (v := f.result().value)}
                 except ValueError:
                     continue
+                futs.clear()  # (each chunk's bytes go as soon as its array is assembled)
                 arr = _assemble(plan[0], plan[1], plan[2], raw)
                 if arr is not None:
                     out[name] = arr
             return out
 
-        return await get_runtime().to_thread(wait_chunks)
+        out: dict[str, np.ndarray] = {}
+        for batch in batches:
+            wanted = []
+            for name, plan in batch:
+                _dtype, shape, chunks = plan
+                keys = ([".".join(str(st // c) for st, c in zip(starts, chunks, strict=True))
+                         or "0" for starts in itertools.product(
+                             *[range(0, s, c) for s, c in zip(shape, chunks, strict=True)])]
+                        if math.prod(shape) else [])
+                wanted.append((name, plan, {k: kv.read(f"{name}/{k}") for k in keys}))
+            out.update(await get_runtime().to_thread(wait_chunks, wanted))
+        return out
 
 
 def crc32_of(arr: np.ndarray) -> int:

@@ -168,3 +168,18 @@ def test_a_background_commit_runs_with_the_heap_frozen(tmp_path, monkeypatch) ->
         ckptr.wait_until_finished()
     assert len(seen) == 1 and seen[0] > 0
     assert gc.get_freeze_count() == 0  # thawed once the commit ended
+
+
+def test_deferred_placement_matches_one_put_per_array() -> None:
+    from ckpt_async.handlers.pytree import _Deferred, _put_deferred
+
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    arrays = [np.arange(3.0), np.ones((2, 2), np.int8), np.float32(2)]
+    values = ["kept", _Deferred(arrays[0], None), _Deferred(arrays[1], sharding),
+              _Deferred(np.asarray(arrays[2]), None)]
+    out = _put_deferred(values)
+    assert out[0] == "kept"
+    for got, want, committed in zip(out[1:], arrays, (False, True, False), strict=True):
+        assert isinstance(got, jax.Array)
+        np.testing.assert_array_equal(np.asarray(got), want)
+        assert got.committed is committed  # as jax.device_put(arr[, sharding]) leaves it

@@ -128,3 +128,26 @@ def test_a_save_spreads_over_several_data_files_within_bounds():
     assert ser.data_file_size(0) == ser.MIN_DATA_FILE_SIZE
     assert ser.data_file_size(2 << 30) == ser.TARGET_DATA_FILE_SIZE == 256 << 20
     assert ser.data_file_size(512 << 20) == 64 << 20
+
+
+@pytest.mark.parametrize("batch_bytes", [1, 300, 1 << 20])
+def test_small_arrays_read_in_batches_come_back_whole(tmp_path, monkeypatch, batch_bytes):
+    monkeypatch.setattr(ser, "DIRECT_READ_BATCH_BYTES", batch_bytes)
+    arrays = {f"a{i}": (np.arange(i * 7, dtype=np.int32) * (i + 1)).reshape(-1)
+              for i in range(12)}
+    arrays["s"] = np.array(3.5, np.float64)
+
+    async def main():
+        writer = ser.ItemWriter(tmp_path)
+        await writer.write([ser.StoredArray(n, a.shape, a.dtype, a.shape,
+                                            ((tuple(slice(None) for _ in a.shape), a),))
+                            for n, a in arrays.items()])
+        reader = ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
+        return await reader.read_small([*arrays, "missing"])
+
+    out = asyncio.run(main())
+    assert set(out) == set(arrays)  # an unknown name is left to the driver path
+    for name, arr in arrays.items():
+        assert out[name].dtype == arr.dtype and out[name].shape == arr.shape
+        np.testing.assert_array_equal(out[name], arr)
+        assert not arr.size or out[name].ctypes.data % ser.HOST_ALIGNMENT == 0
