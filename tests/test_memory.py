@@ -8,6 +8,21 @@ import sys
 
 import pytest
 
+# The scripts' peak-RSS sampler: a daemon thread polls /proc/self/statm every 2 ms.
+RSS_SAMPLER = r"""
+import time
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+peak = [0]
+def sample():
+    while True:
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.002)
+"""
+
 SCRIPT = r"""
 import json, shutil, sys, threading, time
 import numpy as np
@@ -21,15 +36,7 @@ async def slow_commit(*args, **kwargs):  # commits slower than saves are issued
     return await original(*args, **kwargs)
 _commit.commit = slow_commit
 
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-peak = [0]
-def sample():
-    while True:
-        peak[0] = max(peak[0], rss())
-        time.sleep(0.002)
+RSS_SAMPLER
 
 budget = 32 << 20
 state = {f"a{i}": np.full((1 << 22,), i, np.float32) for i in range(8)}  # 128 MiB of NumPy
@@ -53,7 +60,7 @@ ok = all(np.array_equal(restored[k], v) for k, v in state.items())
 print(json.dumps({"extra": extra, "budget": budget, "state": 128 << 20,
                   "steps": steps, "committed": all(f.exception() is None for f in futures),
                   "bit_exact": ok}))
-"""
+""".replace("RSS_SAMPLER", RSS_SAMPLER)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
@@ -74,15 +81,7 @@ import jax, jax.numpy as jnp
 import numpy as np
 import ckpt_async as ocp
 
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-peak = [0]
-def sample():
-    while True:
-        peak[0] = max(peak[0], rss())
-        time.sleep(0.002)
+RSS_SAMPLER
 
 threading.Thread(target=sample, daemon=True).start()
 state = {f"a{i}": jnp.arange(i, i + (1 << 22), dtype=jnp.float32) for i in range(8)}  # 128 MiB
@@ -102,7 +101,7 @@ with ocp.CheckpointManager(sys.argv[1]) as mngr:
 ok = all(np.array_equal(np.asarray(restored[k]), np.asarray(v)) for k, v in state.items())
 print(json.dumps({"save_extra": save_extra, "restore_extra": restore_extra,
                   "state": 128 << 20, "bit_exact": ok}))
-"""
+""".replace("RSS_SAMPLER", RSS_SAMPLER)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
