@@ -337,6 +337,7 @@ async def read_array(
 #: Restore buffers from this size on are mapped with their pages populated up front.
 POPULATED_BUFFER_MIN_BYTES = 1 << 20
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_ANONYMOUS_MAPPINGS = hasattr(mmap, "MAP_ANONYMOUS")  # not on Windows
 
 
 #: jax.device_put adopts CPU host buffers aligned to this many bytes instead of copying them.
@@ -363,7 +364,7 @@ def host_buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
-    if nbytes < POPULATED_BUFFER_MIN_BYTES:
+    if nbytes < POPULATED_BUFFER_MIN_BYTES or not _ANONYMOUS_MAPPINGS:
         return aligned_empty(shape, dtype)
     m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE)
     return np.frombuffer(m, dtype, count=count).reshape(shape)

@@ -151,3 +151,14 @@ def test_small_arrays_read_in_batches_come_back_whole(tmp_path, monkeypatch, bat
         assert out[name].dtype == arr.dtype and out[name].shape == arr.shape
         np.testing.assert_array_equal(out[name], arr)
         assert not arr.size or out[name].ctypes.data % ser.HOST_ALIGNMENT == 0
+
+
+@pytest.mark.parametrize("mappings", [True, False])
+def test_host_buffer_is_aligned_with_or_without_anonymous_mappings(monkeypatch, mappings):
+    monkeypatch.setattr(ser, "_ANONYMOUS_MAPPINGS", mappings)
+    for shape in [(3,), (1 << 19,), (512, 1024)]:  # below and above the mapping threshold
+        buf = ser.host_buffer(shape, np.dtype(np.float32))
+        assert buf.shape == shape and buf.flags.writeable and buf.flags.c_contiguous
+        assert buf.ctypes.data % ser.HOST_ALIGNMENT == 0
+        buf[...] = 7
+        assert float(buf.reshape(-1)[-1]) == 7.0
