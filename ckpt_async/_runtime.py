@@ -395,7 +395,7 @@ def heap_frozen() -> Any:
     """Keeps the objects that exist now out of Python's garbage collections (``gc.freeze``)
     while a background commit runs, so that a collection triggered meanwhile, in whichever
     thread allocates next (often the training loop's), traverses only what was allocated
-    since: a full collection of a process that imported jax took 10-30 ms and stalled
+    since: a full collection of a process that imported jax took up to 60 ms and stalled
     training steps by as much. Collections still run, so cyclic garbage made during the
     commit is still freed; what was garbage before waits until the last freeze ends. Left
     alone when the caller has frozen objects of its own (it may count on them staying so).
