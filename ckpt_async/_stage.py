@@ -101,7 +101,10 @@ def host_copy(value: Any, name: str, dtype: np.dtype | None) -> StoredArray:
 #: Staged arrays are handed to the engine loop in batches of about this many bytes (or
 #: BATCH_MAX_ARRAYS arrays): one wake-up and one write task per batch, not per array, keeps
 #: per-array Python cost off the blocking path. A larger array is handed over alone, at once.
-BATCH_BYTES = 4 << 20
+#: Small arrays of one batch share one OCDBT commit: 16 MiB rather than 4 made the durable
+#: commit of 4,096 arrays of 64 KiB about 20% faster (median of 6 interleaved, 0.38 s against
+#: 0.48 s), with no change in interference beyond the noise.
+BATCH_BYTES = 16 << 20
 BATCH_MAX_ARRAYS = 512
 #: Seconds a write waits before it starts (see ``write_then_release``).
 HANDOFF_DELAY = 0.001

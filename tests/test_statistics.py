@@ -34,7 +34,7 @@ def test_save_statistics_recorded_and_logged(tmp_path, caplog):
 
 
 def test_progress_reports_bytes_written_and_read(tmp_path):
-    state = {f"a{i}": np.full((1 << 16,), i, np.float32) for i in range(40)}  # 10 MiB
+    state = {f"a{i}": np.full((1 << 18,), i, np.float32) for i in range(40)}  # 40 MiB
     total = sum(a.nbytes for a in state.values())
     events: list[ocp.ProgressEvent] = []
     with ocp.progress(events.append), ocp.CheckpointManager(tmp_path) as mngr:
