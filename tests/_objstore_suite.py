@@ -77,6 +77,17 @@ def assert_same(got: dict, want: dict) -> None:
         assert g.tobytes() == np.asarray(v).tobytes(), k  # bit-exact
 
 
+def small_round_trip(store: Bucket, prefix: str) -> None:
+    """Saves and restores a one-array tree at ``prefix`` with whatever endpoint options are
+    set (the tests of ``set_s3_options`` / ``set_gcs_options``); checks the value and that
+    the step's marker landed in the bucket."""
+    url = store.url(prefix)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(url, {"x": np.arange(3)})
+        np.testing.assert_array_equal(ckptr.restore(url)["x"], np.arange(3))
+    assert "commit_success.txt" in store.keys(prefix)
+
+
 class ObjectStoreSuite:
     """The shared tests; a subclass named ``Test...`` in a test module runs them (with that
     module's ``store`` fixture). Every test works under its own fresh key prefix."""
