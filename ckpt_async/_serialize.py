@@ -72,7 +72,7 @@ def new_context() -> ts.Context:
 READ_FILE_IO_MODE = os.environ.get("CKPT_ASYNC_FILE_IO_MODE", "memmap")
 
 
-def _reading(base: dict[str, Any]) -> dict[str, Any]:
+def _for_reading(base: dict[str, Any]) -> dict[str, Any]:
     if base["driver"] != "file" or READ_FILE_IO_MODE == "default":
         return base
     return {**base, "file_io_mode": {"mode": READ_FILE_IO_MODE}}
@@ -85,7 +85,7 @@ def kvstore_spec(item_dir: AnyPath, *, use_ocdbt: bool, write: bool,
     of about ``file_size`` bytes."""
     base = kvstore_base(item_dir)
     if not write:
-        base = _reading(base)
+        base = _for_reading(base)
     if not use_ocdbt:
         return base
     spec: dict[str, Any] = {"driver": "ocdbt", "base": base, "cache_pool": "cache_pool#ocdbt"}
@@ -373,8 +373,11 @@ def host_buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 async def read_into_buffer(ctx: ts.Context, store: Any) -> np.ndarray:
     """All of ``store`` read straight into a fresh :func:`host_buffer` (``store.read()``
     would return TensorStore's own, 16-byte-aligned buffer, which jax copies again)."""
-    dest = await get_runtime().to_thread(
-        host_buffer, tuple(store.shape), np.dtype(store.dtype.numpy_dtype))
+    shape, dtype = tuple(store.shape), np.dtype(store.dtype.numpy_dtype)
+    # (only a mapping blocks long enough to be worth a thread hop)
+    dest = (await get_runtime().to_thread(host_buffer, shape, dtype)
+            if math.prod(shape) * dtype.itemsize >= POPULATED_BUFFER_MIN_BYTES
+            else host_buffer(shape, dtype))
     if dest.size:
         await ts.array(dest, copy=False, write=True, context=ctx).write(store)
     return dest
