@@ -10,6 +10,8 @@ enforces it). One :class:`Runtime` exists per process, created lazily by :func:`
   :func:`mark_background`, such as a commit), it runs in the background pool instead, whose
   threads run at the background CPU priority (:func:`set_background_priority`), as do
   TensorStore's I/O threads once a commit ran;
+- the Python part of a commit's writes runs on a second loop, in its own thread at the
+  background priority (:meth:`Runtime.in_background_loop`);
 - the sync face reaches the async face through :meth:`Runtime.call`; a sync call from the engine
   loop itself raises :class:`~ckpt_async.errors.RuntimeUsageError` instead of deadlocking;
 - at interpreter exit, pending commits are finished and the loop is stopped (before Python joins
@@ -81,8 +83,12 @@ def set_background_priority(level: str) -> None:
     ``restore()``) and XLA's threads are never touched. TensorStore's threads serve every
     TensorStore user in the process (restores included); at ``"idle"`` they return to the normal
     priority when no commit is in flight, at ``"low"`` they stay at the lower priority after
-    the commit; going back to ``"normal"`` raises them again only where the process may raise
-    a thread's priority (root or ``CAP_SYS_NICE``). Linux only; elsewhere it does nothing.
+    the commit. Raising a thread's priority again needs a privilege (:func:`may_raise_priority`:
+    root, ``CAP_SYS_NICE``, or ``RLIMIT_NICE`` of 20 or more); without it TensorStore's threads
+    stay lowered after the first commit, so later restores in the process run at the
+    background priority too (which costs time only while other work keeps the CPU busy), and
+    going back to ``"normal"`` leaves lowered threads where they are. Linux only; elsewhere it
+    does nothing.
     """
     global _priority
     if level not in PRIORITIES:
@@ -115,6 +121,23 @@ def set_thread_priority(tid: int, level: str) -> bool:
     return True
 
 
+def may_raise_priority() -> bool:
+    """Whether this process may raise a thread's CPU priority again (leave ``SCHED_IDLE``,
+    lower a nice value to 0): root or ``CAP_SYS_NICE``, or an ``RLIMIT_NICE`` of 20 or more."""
+    if not _CAN_SET_PRIORITY:
+        return False
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20:
+        return True
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(line for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return os.geteuid() == 0
+    return bool(int(caps.split()[1], 16) >> 23 & 1)  # CAP_SYS_NICE
+
+
 _background: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "ckpt_async_background", default=False)
 
@@ -134,6 +157,16 @@ def mark_background() -> None:
 
 def in_background() -> bool:
     return _background.get()
+
+
+def _settle(fut: concurrent.futures.Future[T], task: asyncio.Task[T]) -> None:
+    """Copies a finished task's outcome into a thread-safe future."""
+    if task.cancelled():
+        fut.cancel()
+    elif (exc := task.exception()) is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(task.result())
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -172,6 +205,10 @@ class Runtime:
         self._bg_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="ckpt_async-bg",
             initializer=self._set_background_priority)
+        # The loop the Python part of background writes runs on (``in_background_loop``):
+        # its own thread, at the background priority, started on first use.
+        self._bg_loop: asyncio.AbstractEventLoop | None = None
+        self._bg_loop_lock = threading.Lock()
         self._ts_levels: dict[int, str] = {}  # TensorStore thread id -> the level it is at
         self._ts_other: set[int] = set()  # thread ids known not to be TensorStore's
         self._scan_lock = threading.Lock()
@@ -272,6 +309,56 @@ class Runtime:
         self._set_background_priority()
         return fn(*args)
 
+    async def in_background_loop(self, fn: Callable[..., Coroutine[Any, Any, T]],
+                                 *args: Any) -> T:
+        """Awaits ``fn(*args)`` run on the background loop, in the caller's context.
+
+        The Python work of a commit's writes (raw chunk copies, checksums, kvstore calls: tens
+        of microseconds per array) runs there, in a thread at the background priority, so that
+        it takes CPU time from a training loop's threads only when they leave it idle; the
+        engine loop, which serves ``save()`` and ``restore()``, keeps the caller's priority.
+        Cancelling the caller cancels ``fn`` and returns only once it has stopped (nothing it
+        started is left writing)."""
+        loop = self._background_loop()
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+        task: list[asyncio.Task[T]] = []
+
+        def start() -> None:  # on the background loop, in the caller's copied context
+            self._set_background_priority()  # again, should the level have changed
+            t = loop.create_task(fn(*args))
+            task.append(t)
+            t.add_done_callback(functools.partial(_settle, done))
+
+        loop.call_soon_threadsafe(start)  # (the handle carries a copy of our context)
+        waiter = asyncio.wrap_future(done)
+        try:
+            return await asyncio.shield(waiter)
+        except asyncio.CancelledError:
+            if not done.done():
+                loop.call_soon_threadsafe(lambda: task[0].cancel())  # start() ran first (FIFO)
+                with contextlib.suppress(BaseException):
+                    await waiter
+            raise
+
+    def _background_loop(self) -> asyncio.AbstractEventLoop:
+        with self._bg_loop_lock:
+            if self._bg_loop is None:
+                ready: concurrent.futures.Future[asyncio.AbstractEventLoop] = \
+                    concurrent.futures.Future()
+
+                def main() -> None:
+                    self._set_background_priority()
+                    loop = asyncio.new_event_loop()
+                    ready.set_result(loop)
+                    try:
+                        loop.run_forever()
+                    finally:
+                        loop.close()
+
+                threading.Thread(target=main, name="ckpt_async-bg-loop", daemon=True).start()
+                self._bg_loop = ready.result()
+            return self._bg_loop
+
     def _set_background_priority(self) -> None:
         """Puts the calling background thread at the background priority (when it starts,
         and again after the level changed)."""
@@ -294,10 +381,11 @@ class Runtime:
 
     def _background_done(self, _task: asyncio.Task[Any]) -> None:
         self._bg_tasks -= 1
-        if self._bg_tasks == 0 and _priority == "idle" and self._ts_levels:
+        if self._bg_tasks == 0 and _priority == "idle" and self._ts_levels and \
+                may_raise_priority():
             # No commit in flight: restores and every other TensorStore user in the process
-            # get TensorStore's threads back at the normal priority (an unprivileged thread
-            # may leave SCHED_IDLE; from nice 19 it could not come back, so "low" stays).
+            # get TensorStore's threads back at the normal priority (from nice 19 a thread
+            # could not come back without the same privilege, so "low" stays).
             self.apply_tensorstore_priority("normal")
 
     def _scan_tick(self) -> None:
@@ -353,6 +441,8 @@ class Runtime:
                     log.error("a background commit failed at exit: %s", exc)
         with contextlib.suppress(BaseException):
             self._portal_cm.__exit__(None, None, None)
+        if self._bg_loop is not None:
+            self._bg_loop.call_soon_threadsafe(self._bg_loop.stop)
         self._bg_pool.shutdown(wait=False)
 
 

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import jax
@@ -180,7 +180,7 @@ def stage_sync(
 async def stage(
     leaves: Sequence[tuple[Any, str, np.dtype | None]],
     budget: ByteBudget,
-    write: Callable[[list[StoredArray]], Any],
+    write: Callable[[list[StoredArray]], Coroutine[Any, Any, None]],
 ) -> list[asyncio.Task[None]]:
     """Stages ``leaves``; returns the write tasks, started as each batch reached the host."""
     loop = asyncio.get_running_loop()
@@ -193,7 +193,9 @@ async def stage(
         # (5 ms) of our writes' Python work.
         await asyncio.sleep(HANDOFF_DELAY)
         try:
-            await write(batch)
+            # Off the engine loop: the writes' Python work (tens of microseconds per small
+            # array) runs at the background priority too, not at the caller's.
+            await get_runtime().in_background_loop(write, batch)
         finally:
             budget.release(reserved)
 

@@ -11,6 +11,7 @@ timeout, so a hang fails the test instead of the CI job.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import re
 import subprocess
@@ -518,3 +519,57 @@ def test_failed_commit_at_exit_is_logged_not_lost(tmp_path: Path) -> None:
 def test_runtime_module_state_is_a_single_global() -> None:
     # get_runtime() returns the module's runtime; nothing else caches a second one.
     assert _runtime._runtime is get_runtime()
+
+
+# -- (f) the background loop: the Python part of a commit's writes --------------------------------
+def test_background_loop_runs_off_the_engine_in_the_callers_context() -> None:
+    rt = get_runtime()
+    flag: contextvars.ContextVar[str] = contextvars.ContextVar("flag", default="unset")
+
+    async def where() -> tuple[str, bool, str, str]:
+        name = await rt.to_thread(lambda: threading.current_thread().name)
+        return (threading.current_thread().name, rt.on_engine_thread(), flag.get(), name)
+
+    async def probe() -> tuple[str, bool, str, str]:
+        flag.set("caller")
+        _runtime.mark_background()
+        return await rt.in_background_loop(where)
+
+    thread, on_engine, seen, worker = _on_engine(probe)
+    assert thread == "ckpt_async-bg-loop" and not on_engine
+    assert seen == "caller"  # the caller's context travels, so does the background flag:
+    assert worker.startswith("ckpt_async-bg")  # its blocking calls go to the background pool
+
+
+def test_background_loop_hands_back_errors() -> None:
+    rt = get_runtime()
+
+    async def fail() -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        _on_engine(lambda: rt.in_background_loop(fail))
+
+
+def test_cancelling_the_caller_stops_the_background_work_first() -> None:
+    rt = get_runtime()
+    events: list[str] = []
+
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.05)  # cleanup that takes a while, like a TensorStore write
+            events.append("stopped")
+            raise
+
+    async def caller() -> None:
+        task = asyncio.get_running_loop().create_task(rt.in_background_loop(slow))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        events.append("caller saw the cancellation")
+
+    _on_engine(caller)
+    assert events == ["stopped", "caller saw the cancellation"]
