@@ -106,16 +106,37 @@ def kvstore_spec(item_dir: AnyPath, *, use_ocdbt: bool, write: bool,
     return spec
 
 
-def process_dir(index: int) -> str:
-    """The folder of process ``index``'s OCDBT database inside an item (Orbax's name)."""
-    return f"ocdbt.process_{index}"
+#: A save of at least ``LANE_BYTES`` per lane writes into several OCDBT databases at once
+#: (``MAX_LANES`` at most), merged into the item's root database when all are written. One
+#: database commits one batch at a time, each commit a chain of writes and fsyncs; in
+#: parallel databases they overlap. Durable write of the full ``mixed`` state (1.5 GiB in
+#: 1,165 arrays), interleaved: 2.1-2.8 s in one database, 0.74-1.2 s in 4 (merge included);
+#: 4,096 arrays of 64 KiB: 0.37-0.41 s against 0.28-0.30 s. Saves under ~64 MiB gain nothing.
+MAX_LANES = 4
+LANE_BYTES = 32 << 20
+
+
+def process_dir(index: int, lane: int = 0) -> str:
+    """The folder of process ``index``'s OCDBT database inside an item (Orbax's name), or of
+    its further ``lane``."""
+    return f"ocdbt.process_{index}" if lane == 0 else f"ocdbt.process_{index}.{lane}"
+
+
+def lane_count(total_bytes: int) -> int:
+    """How many OCDBT databases a process writes ``total_bytes`` into."""
+    return int(min(MAX_LANES, max(1, total_bytes // LANE_BYTES)))
 
 
 async def merge_process_databases(item_dir: AnyPath, count: int) -> None:
     """Makes the item's root OCDBT database list every key of the per-process databases
     (Orbax's merge: the root manifest references their data files where they lie; nothing is
     copied). Runs on the primary process after every process has written."""
-    children = [item_dir / process_dir(i) for i in range(count)]
+    await merge_databases(item_dir, [item_dir / process_dir(i, lane) for i in range(count)
+                                     for lane in range(MAX_LANES)])
+
+
+async def merge_databases(item_dir: AnyPath, children: list[AnyPath]) -> None:
+    """Merges the OCDBT databases among ``children`` that exist into the item's root one."""
     present = await asyncio.gather(*(storage.exists(c / "manifest.ocdbt") for c in children))
     children = [c for c, ok in zip(children, present, strict=True) if ok]
     if not children:
@@ -230,36 +251,47 @@ def chunk_key(index: tuple[slice, ...], chunks: tuple[int, ...]) -> str:
 
 
 class ItemWriter:
-    """Writes one item's arrays into its OCDBT database: one context, one kvstore handle.
+    """Writes one process's arrays of an item into OCDBT: one context, one kvstore handle
+    per database.
 
     Small uncompressed arrays go straight into the kvstore as a ``.zarray`` document and raw
     chunks (what TensorStore's zarr driver would write, byte for byte); others go through
-    the zarr driver. Both share the context, hence the same OCDBT database instance.
+    the zarr driver. Both share the context, hence the same OCDBT database instance. Each
+    batch goes to the least loaded of ``lane_count(total_bytes)`` databases ("lanes"): the
+    item directory itself when there is one lane and one process, else ``process_dir(index,
+    lane)`` folders, which :attr:`merged` lists for :func:`merge_databases`.
     """
 
     def __init__(self, item_dir: AnyPath, *, compress: bool = False,
                  direct_max_bytes: float = DIRECT_WRITE_MAX_BYTES,
-                 total_bytes: int = 0) -> None:
-        self.item_dir = item_dir
+                 total_bytes: int = 0, process_index: int | None = None) -> None:
         self.compress = compress
-        # (one value for the whole item: the kvstore and the zarr driver must open the same
-        # OCDBT database instance of the shared context)
-        self.file_size = data_file_size(total_bytes)
+        lanes = lane_count(total_bytes)
+        if lanes == 1 and process_index is None:
+            self.dirs = [item_dir]
+        else:
+            self.dirs = [item_dir / process_dir(process_index or 0, i) for i in range(lanes)]
+        #: The lane databases to merge into the item's root database (none: written there).
+        self.merged = self.dirs if self.dirs != [item_dir] else []
+        # (one value per database: the kvstore and the zarr driver must open the same OCDBT
+        # database instance of the shared context)
+        self.file_size = data_file_size(total_bytes // lanes)
         self.direct_max_bytes = direct_max_bytes
         self.ctx = new_context()
-        self._kv: ts.KvStore | None = None
+        self._kv: dict[int, ts.KvStore] = {}
         self._kv_lock = asyncio.Lock()
+        self._load = [0] * lanes
         #: name -> chunk key -> crc32 of the chunk's bytes as written (``_CHECKSUMS``).
         self.checksums: dict[str, dict[str, int]] = {}
         self.chunks: dict[str, tuple[int, ...]] = {}
 
-    async def _kvstore(self) -> ts.KvStore:
+    async def _kvstore(self, lane: int) -> ts.KvStore:
         async with self._kv_lock:
-            if self._kv is None:
-                spec = kvstore_spec(self.item_dir, use_ocdbt=True, write=True,
+            if lane not in self._kv:
+                spec = kvstore_spec(self.dirs[lane], use_ocdbt=True, write=True,
                                     file_size=self.file_size)
-                self._kv = await ts.KvStore.open(spec, context=self.ctx)
-            return self._kv
+                self._kv[lane] = await ts.KvStore.open(spec, context=self.ctx)
+            return self._kv[lane]
 
     def _direct(self, arr: StoredArray) -> str | None:
         zdtype = zarr_v2_dtype(arr.dtype)
@@ -272,14 +304,18 @@ class ItemWriter:
         one future to await), the others through the zarr driver, concurrently."""
         # (an array none of whose shards this process owns is written by the others)
         batch = [arr for arr in batch if arr.shards]
+        if not batch:
+            return
+        lane = self._load.index(min(self._load))
         for arr in batch:
             self.chunks[arr.name] = arr.chunks
+            self._load[lane] += arr.nbytes
         direct = [(arr, z) for arr in batch if (z := self._direct(arr)) is not None]
         others: list[Awaitable[Any]] = [
-            self._write_large(arr) for arr in batch if self._direct(arr) is None]
+            self._write_large(arr, lane) for arr in batch if self._direct(arr) is None]
         if direct:
             txn = ts.Transaction()
-            kv = (await self._kvstore()).with_transaction(txn)
+            kv = (await self._kvstore(lane)).with_transaction(txn)
             for arr, zdtype in direct:
                 kv.write(f"{arr.name}/.zarray", zarray_document(arr.shape, arr.chunks, zdtype))
                 sums = self.checksums.setdefault(arr.name, {})
@@ -292,13 +328,13 @@ class ItemWriter:
             others.append(txn.commit_async())
         await asyncio.gather(*others)
 
-    async def _write_large(self, arr: StoredArray) -> None:
+    async def _write_large(self, arr: StoredArray, lane: int) -> None:
         def checksum() -> dict[str, int]:  # zlib releases the GIL on large buffers
             return {chunk_key(i, arr.chunks): crc32_of(d) for i, d in arr.shards if d.size}
 
         sums, _ = await asyncio.gather(
             get_runtime().to_thread(checksum),
-            write_array(self.ctx, self.item_dir, arr, compress=self.compress,
+            write_array(self.ctx, self.dirs[lane], arr, compress=self.compress,
                         file_size=self.file_size))
         self.checksums[arr.name] = sums
 

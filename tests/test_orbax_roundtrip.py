@@ -73,6 +73,26 @@ def test_standard_checkpointer_to_orbax(tmp_path, mesh):
     assert_state_equal(out, state)
 
 
+def test_a_save_written_in_several_databases_restores_in_orbax(tmp_path, mesh, monkeypatch):
+    # A large save goes into several OCDBT databases ("lanes"), merged into the item's root
+    # one; made to happen here with a small lane size and one array a batch.
+    from ckpt_async import _serialize, _stage
+
+    monkeypatch.setattr(_serialize, "LANE_BYTES", 64)
+    monkeypatch.setattr(_stage, "BATCH_MAX_ARRAYS", 1)
+    state = make_state(mesh)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", state)
+        ckptr.wait_until_finished()
+        assert_state_equal(ckptr.restore(tmp_path / "c", abstract(state)), state)
+    lanes = sorted(p.name for p in (tmp_path / "c").iterdir() if p.name.startswith("ocdbt."))
+    assert lanes == [_serialize.process_dir(0, i) for i in range(len(lanes))]
+    assert len(lanes) > 1
+    with orbax.StandardCheckpointer() as ockptr:
+        out = ockptr.restore(tmp_path / "c", abstract(state))
+    assert_state_equal(out, state)
+
+
 SHARDING_FROM_FILE = pytest.mark.filterwarnings("ignore:Sharding info not provided:UserWarning")
 
 

@@ -130,6 +130,57 @@ def test_a_save_spreads_over_several_data_files_within_bounds():
     assert ser.data_file_size(512 << 20) == 64 << 20
 
 
+def test_lanes_follow_the_size_of_the_save():
+    assert ser.lane_count(0) == ser.lane_count(ser.LANE_BYTES * 2 - 1) == 1
+    assert ser.lane_count(ser.LANE_BYTES * 2) == 2
+    assert ser.lane_count(64 << 30) == ser.MAX_LANES
+
+
+def _stored(name: str, arr: np.ndarray) -> ser.StoredArray:
+    return ser.StoredArray(name, arr.shape, arr.dtype, arr.shape,
+                           ((tuple(slice(None) for _ in arr.shape), arr),))
+
+
+@pytest.mark.parametrize("processes", [None, 2])
+def test_batches_spread_over_lanes_and_merge_into_the_root_database(tmp_path, monkeypatch,
+                                                                    processes):
+    # Small arrays (raw chunks) and ones over the direct limit (zarr driver) alike; with
+    # several processes each writes its own lanes and the primary merges them all.
+    monkeypatch.setattr(ser, "LANE_BYTES", 1)
+    arrays = {f"a{i}": np.full((64 << i,), i, np.float32) for i in range(12)}
+    names = list(arrays)
+
+    async def main():
+        writers = [ser.ItemWriter(tmp_path, total_bytes=3, direct_max_bytes=16 << 10,
+                                  process_index=p)
+                   for p in ([None] if processes is None else range(processes))]
+        for i, name in enumerate(names):  # one array a batch, writers taking turns
+            await writers[i % len(writers)].write([_stored(name, arrays[name])])
+        if processes is None:
+            await ser.merge_databases(tmp_path, writers[0].merged)
+        else:
+            await ser.merge_process_databases(tmp_path, processes)
+        reader = ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
+        small = await reader.read_small(names)
+        ctx = ser.new_context()
+        big = {n: await ser.read_into_buffer(ctx, await ser.open_array(
+            ctx, tmp_path, n, use_ocdbt=True, use_zarr3=False)) for n in names if n not in small}
+        return writers, {**small, **big}
+
+    writers, out = asyncio.run(main())
+    for name, arr in arrays.items():
+        np.testing.assert_array_equal(out[name], arr)
+    index = [0] if processes is None else list(range(processes))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ocdbt.")) == sorted(
+        ser.process_dir(i, lane) for i in index for lane in range(3))
+    assert all(len(w.dirs) == 3 and w.merged == w.dirs for w in writers)
+
+
+def test_one_lane_of_one_process_writes_into_the_item_directory(tmp_path):
+    writer = ser.ItemWriter(tmp_path, total_bytes=ser.LANE_BYTES)
+    assert writer.dirs == [tmp_path] and writer.merged == []
+
+
 @pytest.mark.parametrize("batch_bytes", [1, 300, 1 << 20])
 def test_small_arrays_read_in_batches_come_back_whole(tmp_path, monkeypatch, batch_bytes):
     monkeypatch.setattr(ser, "DIRECT_READ_BATCH_BYTES", batch_bytes)

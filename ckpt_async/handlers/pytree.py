@@ -161,13 +161,12 @@ class PyTreeCheckpointHandler(CheckpointHandler):
                     if p.value_type in ("jax.Array", "np.ndarray", "scalar")
                     and (roles.is_primary or (p.value_type == "jax.Array"
                                               and not p.leaf.value.is_fully_addressable))]
-        array_dir = directory / ser.process_dir(roles.index) if roles.multi else directory
         # Under a memory budget every array takes the kvstore path: its bytes are freed when
         # the write lands, while the zarr driver keeps its own buffers past the budget's release.
         nbytes = total_bytes(to_stage)
-        writer = ser.ItemWriter(array_dir, compress=self._compress, direct_max_bytes=(
+        writer = ser.ItemWriter(directory, compress=self._compress, direct_max_bytes=(
             math.inf if self._budget.limit is not None else ser.DIRECT_WRITE_MAX_BYTES),
-            total_bytes=nbytes)
+            total_bytes=nbytes, process_index=roles.index if roles.multi else None)
         tracker = Tracker("save", directory, nbytes)
 
         async def write_batch(batch: list[ser.StoredArray]) -> None:
@@ -200,6 +199,8 @@ class PyTreeCheckpointHandler(CheckpointHandler):
             if roles.multi:
                 await ser.merge_process_databases(directory, roles.count)
                 await _integrity.merge_partial_checksums(directory, roles.count)
+            elif writer.merged:
+                await ser.merge_databases(directory, writer.merged)
 
         return Writer(write, nbytes, len(to_stage), finalize)
 
