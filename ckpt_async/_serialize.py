@@ -1,7 +1,8 @@
 """Array bytes to and from TensorStore, in Orbax's layout (zarr in an OCDBT database).
 
-Runs on the engine loop; TensorStore's own threads do the I/O and its futures are awaited
-directly. One TensorStore context is used per save or restore. Writes are uncompressed by
+Reads run on the engine loop, a commit's writes on the background loop
+(``Runtime.in_background_loop``); TensorStore's own threads do the I/O and its futures are
+awaited directly. One TensorStore context is used per save or restore. Writes are uncompressed by
 default (weight-like data barely compresses and zstd costs far more CPU than it saves disk
 time); Orbax restores either. Reads accept everything Orbax 0.12 writes: OCDBT or one zarr
 array per directory, zarr v2 or v3, compressed or not.
