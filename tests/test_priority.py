@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 
+import numpy as np
 import pytest
 
 import ckpt_async as ocp
@@ -192,3 +193,43 @@ def test_save_leaves_the_callers_task_in_the_foreground(tmp_path) -> None:
         return marked
 
     assert get_runtime().call(save_then_look) is False
+
+
+@linux_only
+def test_may_raise_priority_says_whether_a_thread_can_leave_sched_idle() -> None:
+    # Asked of a fresh interpreter that actually tries (and so is left lowered itself).
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import os
+        from ckpt_async import _runtime
+        said = _runtime.may_raise_priority()
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        try:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            could = True
+        except PermissionError:
+            could = False
+        print(said, could)
+    """)], capture_output=True, text=True, timeout=60, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr
+    said, could = proc.stdout.split()
+    assert said == could
+
+
+def test_a_commits_writes_run_on_the_background_loop(tmp_path, monkeypatch) -> None:
+    from ckpt_async import _serialize
+
+    seen: list[str] = []
+    write = _serialize.ItemWriter.write
+
+    async def spy(self, batch):
+        seen.append(threading.current_thread().name)
+        return await write(self, batch)
+
+    monkeypatch.setattr(_serialize.ItemWriter, "write", spy)
+    state = {"big": np.arange(1 << 18, dtype=np.float32), "small": np.arange(10.0)}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", state)
+        ckptr.wait_until_finished()
+        out = ckptr.restore(tmp_path / "c")
+    np.testing.assert_array_equal(out["big"], state["big"])
+    assert seen and set(seen) == {"ckpt_async-bg-loop"}
