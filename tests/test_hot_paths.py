@@ -7,6 +7,7 @@ there traverses every object in the process), and the collector's state is resto
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import gc
 
@@ -183,3 +184,75 @@ def test_deferred_placement_matches_one_put_per_array() -> None:
         assert isinstance(got, jax.Array)
         np.testing.assert_array_equal(np.asarray(got), want)
         assert got.committed is committed  # as jax.device_put(arr[, sharding]) leaves it
+
+
+# -- the restore window: FIFO, each waiter woken once, cancellation gives bytes back ------------
+def test_read_window_admits_in_order_within_its_limit() -> None:
+    from ckpt_async.handlers.pytree import _ByteWindow
+
+    async def main() -> tuple[list[int], int]:
+        window = _ByteWindow(10)
+        order: list[int] = []
+        peak = 0
+
+        async def read(i: int, n: int) -> None:
+            nonlocal peak
+            async with window.hold(n):
+                order.append(i)
+                # over the limit only when held alone
+                assert window.used <= window.limit or window.used == n
+                peak = max(peak, window.used)
+                await asyncio.sleep(0.001 * (5 - i % 3))
+
+        await asyncio.gather(*(read(i, n) for i, n in enumerate([6, 6, 3, 20, 1, 4, 5])))
+        assert window.used == 0 and not window._waiting
+        return order, peak
+
+    order, peak = asyncio.run(main())
+    assert order == list(range(7))
+    assert peak == 20  # the large one, alone
+
+
+def test_read_window_cancellation_gives_bytes_back_and_lets_others_in() -> None:
+    from ckpt_async.handlers.pytree import _ByteWindow
+
+    async def main() -> list[str]:
+        window = _ByteWindow(10)
+        seen: list[str] = []
+
+        async def read(name: str, n: int, wait: asyncio.Event) -> None:
+            async with window.hold(n):
+                seen.append(name)
+                await wait.wait()
+
+        go = asyncio.Event()
+        first = asyncio.create_task(read("first", 8, go))
+        await asyncio.sleep(0)
+        blocked = asyncio.create_task(read("blocked", 8, go))  # waits behind "first"
+        behind = asyncio.create_task(read("behind", 2, go))  # FIFO: waits behind "blocked"
+        await asyncio.sleep(0.01)
+        assert seen == ["first"]
+        blocked.cancel()  # cancelled while waiting: "behind" now fits next to "first"
+        await asyncio.sleep(0.01)
+        assert seen == ["first", "behind"] and window.used == 10
+        first.cancel()  # cancelled while holding: its bytes come back
+        go.set()
+        await asyncio.gather(first, blocked, behind, return_exceptions=True)
+        assert window.used == 0 and not window._waiting
+        return seen
+
+    assert asyncio.run(main()) == ["first", "behind"]
+
+
+def test_restore_through_a_window_smaller_than_any_array_is_exact(tmp_path, monkeypatch) -> None:
+    from ckpt_async.handlers import pytree
+
+    monkeypatch.setattr(pytree, "READ_WINDOW_BYTES", 1)
+    monkeypatch.setattr(pytree.ser, "DIRECT_READ_MAX_BYTES", 0)  # every array through the window
+    state = {f"a{i}": np.arange(1000 * (i + 1), dtype=np.float32) * i for i in range(6)}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", state)
+        ckptr.wait_until_finished()
+        out = ckptr.restore(tmp_path / "c")
+    for k, v in state.items():
+        np.testing.assert_array_equal(np.asarray(out[k]), v)
