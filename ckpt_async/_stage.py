@@ -110,22 +110,28 @@ BATCH_MAX_ARRAYS = 512
 HANDOFF_DELAY = 0.001
 
 
-#: sharding -> whether all its devices are CPUs; shardings are shared by many arrays.
-_CPU_SHARDINGS: dict[Any, bool] = {}
+#: sharding -> (whether all its devices are CPUs, how many devices it spans).
+_CPU_SHARDINGS: dict[Any, tuple[bool, int]] = {}
+
+
+def cpu_sharding(sharding: Any) -> tuple[bool, int]:
+    """Whether all of ``sharding``'s devices are CPUs, and how many devices it spans; cached,
+    as shardings are shared by many arrays."""
+    try:
+        return _CPU_SHARDINGS[sharding]
+    except (KeyError, TypeError):  # TypeError: an unhashable sharding
+        devices = sharding.device_set
+        found = (all(d.platform == "cpu" for d in devices), len(devices))
+    if len(_CPU_SHARDINGS) < 256:
+        with contextlib.suppress(TypeError):
+            _CPU_SHARDINGS[sharding] = found
+    return found
 
 
 def _host_resident(value: Any) -> bool:
     """Whether a leaf's bytes are already in host memory (NumPy, scalars, CPU jax arrays)."""
     if isinstance(value, jax.Array):
-        sharding = value.sharding
-        try:
-            return _CPU_SHARDINGS[sharding]
-        except (KeyError, TypeError):  # TypeError: an unhashable sharding
-            on_cpu = all(d.platform == "cpu" for d in sharding.device_set)  # type: ignore[attr-defined]
-        if len(_CPU_SHARDINGS) < 256:
-            with contextlib.suppress(TypeError):
-                _CPU_SHARDINGS[sharding] = on_cpu
-        return on_cpu
+        return cpu_sharding(value.sharding)[0]
     return True
 
 

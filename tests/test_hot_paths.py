@@ -256,3 +256,27 @@ def test_restore_through_a_window_smaller_than_any_array_is_exact(tmp_path, monk
         out = ckptr.restore(tmp_path / "c")
     for k, v in state.items():
         np.testing.assert_array_equal(np.asarray(out[k]), v)
+
+
+def test_arrays_restored_onto_one_cpu_device_are_placed_in_one_batch(tmp_path,
+                                                                     monkeypatch) -> None:
+    state = {f"w{i}": jnp.arange((1 << 18) + i, dtype=jnp.float32) * i for i in range(5)}
+    state["small"] = jnp.ones(3)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", state)
+        ckptr.wait_until_finished()
+        calls: list[int] = []
+        put = jax.device_put
+
+        def counting_put(x, *args, **kwargs):
+            calls.append(len(x) if isinstance(x, list) else 1)
+            return put(x, *args, **kwargs)
+
+        monkeypatch.setattr(jax, "device_put", counting_put)
+        target = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        out = ckptr.restore(tmp_path / "c", target)
+    assert calls == [6]  # every array, large ones (read one by one) included, in one put
+    for k, v in state.items():
+        assert out[k].sharding == v.sharding and out[k].committed
+        np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(v))
