@@ -311,9 +311,14 @@ class ItemWriter:
         for arr in batch:
             self.chunks[arr.name] = arr.chunks
             self._load[lane] += arr.nbytes
-        direct = [(arr, z) for arr in batch if (z := self._direct(arr)) is not None]
-        others: list[Awaitable[Any]] = [
-            self._write_large(arr, lane) for arr in batch if self._direct(arr) is None]
+        direct: list[tuple[StoredArray, str]] = []
+        others: list[Awaitable[Any]] = []
+        for arr in batch:
+            zdtype = self._direct(arr)
+            if zdtype is None:
+                others.append(self._write_large(arr, lane))
+            else:
+                direct.append((arr, zdtype))
         if direct:
             txn = ts.Transaction()
             kv = (await self._kvstore(lane)).with_transaction(txn)

@@ -186,6 +186,23 @@ def test_deferred_placement_matches_one_put_per_array() -> None:
         assert got.committed is committed  # as jax.device_put(arr[, sharding]) leaves it
 
 
+def test_restore_defers_small_arrays_and_ones_bound_for_one_cpu_device() -> None:
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from ckpt_async import _serialize
+    from ckpt_async.handlers.pytree import _Deferred, _put
+
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    four = NamedSharding(Mesh(np.array(jax.devices()[:4]), ("x",)), PartitionSpec("x"))
+    big = np.zeros(_serialize.DIRECT_READ_MAX_BYTES // 4 + 4, np.float32)
+    small = np.zeros(8, np.float32)
+    assert type(_put(big, one)) is _Deferred  # adopted: waiting costs no memory
+    assert type(_put(small, four)) is _Deferred and type(_put(small, None)) is _Deferred
+    # copied into several devices' buffers (or placed by default): placed at once, so the
+    # host copy can go before more is read
+    assert isinstance(_put(big, four), jax.Array) and isinstance(_put(big, None), jax.Array)
+
+
 # -- the restore window: FIFO, each waiter woken once, cancellation gives bytes back ------------
 def test_read_window_admits_in_order_within_its_limit() -> None:
     from ckpt_async.handlers.pytree import _ByteWindow

@@ -325,9 +325,8 @@ def _target_sharding(tleaf: Any, rarg: Any) -> jax.sharding.Sharding | None:
 
 
 class _Deferred:
-    """An array to become a jax.Array in one batched ``jax.device_put`` with the others: a
-    small one (about 100 us of jax's Python per call: a quarter of restoring 4,096 small
-    arrays), or any bound for one CPU device, whose buffer jax adopts."""
+    """An array to become a jax.Array in one batched ``jax.device_put`` with the others
+    (:func:`_put_deferred`)."""
 
     __slots__ = ("arr", "sharding")
 
@@ -336,18 +335,20 @@ class _Deferred:
         self.sharding = sharding
 
 
-def _put(arr: np.ndarray, sharding: jax.sharding.Sharding | None,
-         defer: bool = False) -> Any:
-    """``arr`` as a jax.Array laid out as ``sharding`` says (or, with ``defer``, a
-    :class:`_Deferred` for :func:`_put_deferred`). A sharding that spans other processes'
-    devices gets only this process's shards from ``arr``; the others come from the same
-    restore running in those processes."""
+def _put(arr: np.ndarray, sharding: jax.sharding.Sharding | None) -> Any:
+    """``arr`` as a jax.Array laid out as ``sharding`` says, or a :class:`_Deferred` to be
+    placed with the others of the restore. A sharding that spans other processes' devices
+    gets only this process's shards from ``arr``; the others come from the same restore
+    running in those processes.
+
+    Deferred: small arrays (about 100 us of jax's Python per put: a quarter of restoring
+    4,096 small arrays), and any array bound for one CPU device, whose buffer jax adopts, so
+    that waiting holds no extra memory (one put per array cost ~300 us inside a restore, GIL
+    hand-offs with the reading threads, against ~25 us in a batch)."""
     if sharding is not None and not sharding.is_fully_addressable:
         return jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])
-    if defer or (sharding is not None and cpu_sharding(sharding) == (True, 1)):
-        # On one CPU device jax adopts the buffer, so waiting for the batched put holds no
-        # extra memory; one put per array cost ~300 us inside a restore (GIL hand-offs with
-        # the reading threads) against ~25 us in a batch.
+    if arr.nbytes <= ser.DIRECT_READ_MAX_BYTES or (
+            sharding is not None and cpu_sharding(sharding) == (True, 1)):
         return _Deferred(arr, sharding)
     return jax.device_put(arr) if sharding is None else jax.device_put(arr, sharding)
 
@@ -504,12 +505,11 @@ class _Reader:
         sharding = self._saved_sharding(name) if vt == "jax.Array" else None
         if sharding is not None and not sharding.is_fully_addressable:
             return await self._read_spread(name, None, None, sharding)
-        defer = name in self._prefetched
         async with self._reading(name) as arr:
             if vt == "scalar":
                 return self._scalar(name, arr)
             if vt == "jax.Array":
-                return _put(arr, sharding, defer)
+                return _put(arr, sharding)
             return arr
 
     def _saved_sharding(self, name: str) -> jax.sharding.Sharding | None:
@@ -560,9 +560,8 @@ class _Reader:
             rarg = rargs.get(key, tleaf if isinstance(tleaf, RestoreArgs) else None)
             if key in spread:
                 return await self._read_spread(name, tleaf, rarg, spread[key])
-            defer = name in self._prefetched
             async with self._reading(name) as arr:
-                return self._place(name, arr, tleaf, rarg, vt, defer)
+                return self._place(name, arr, tleaf, rarg, vt)
 
         values = await asyncio.gather(*(one(k, n, leaf) for k, n, leaf in pairs))
         return rebuild(_put_deferred(values))
@@ -608,10 +607,9 @@ class _Reader:
 
         return jax.make_array_from_callback(shape, sharding, local)
 
-    def _place(self, name: str, arr: np.ndarray, tleaf: Any, rarg: Any, vt: str,
-               defer: bool = False) -> Any:
-        """Casts and places one restored array as the target leaf (or restore arg) asks;
-        ``defer``: a jax.Array comes back as a :class:`_Deferred`."""
+    def _place(self, name: str, arr: np.ndarray, tleaf: Any, rarg: Any, vt: str) -> Any:
+        """Casts and places one restored array as the target leaf (or restore arg) asks (a
+        jax.Array may come back as a :class:`_Deferred`)."""
         shape = () if type(tleaf) in _SCALAR_DTYPES else getattr(tleaf, "shape", None)
         if shape is not None and not isinstance(tleaf, RestoreArgs) and tuple(shape) != arr.shape:
             raise ShapeMismatchError(
@@ -622,7 +620,7 @@ class _Reader:
             arr = arr.astype(dtype, copy=False)
         if isinstance(rarg, ArrayRestoreArgs) or (rarg is not None and rarg.restore_type is jax.Array):
             sharding = rarg.resolved_sharding() if isinstance(rarg, ArrayRestoreArgs) else None
-            return _put(arr, sharding, defer)
+            return _put(arr, sharding)
         if rarg is not None and rarg.restore_type is np.ndarray:
             return arr
         if isinstance(tleaf, (jax.Array, jax.ShapeDtypeStruct)):
@@ -631,9 +629,9 @@ class _Reader:
                 return arr  # an abstract target without sharding keeps the saved kind (Orbax)
             if sharding is None:
                 sharding = self._saved_sharding(name)
-            return _put(arr, sharding, defer)
+            return _put(arr, sharding)
         if isinstance(tleaf, ArrayMetadata) and not isinstance(tleaf, ScalarMetadata):
-            return _put(arr, None, defer) if tleaf.sharding is not None else arr
+            return _put(arr, None) if tleaf.sharding is not None else arr
         if isinstance(tleaf, np.ndarray):
             return arr
         if isinstance(tleaf, np.generic):
@@ -643,7 +641,7 @@ class _Reader:
         if vt == "scalar":
             return self._scalar(name, arr)
         if vt == "jax.Array":
-            return _put(arr, None, defer)
+            return _put(arr, None)
         return arr
 
     async def metadata(self) -> TreeMetadata:
