@@ -109,11 +109,9 @@ async def check_array(directory: AnyPath, name: str, arr: np.ndarray, sums: Chec
     # a thread hop costs more than the crc of a small array
     got = compute() if arr.nbytes < INLINE_CHECK_BYTES else await get_runtime().to_thread(compute)
     expected = entry.crc if origin is None else {k: entry.crc[k] for k in got if k in entry.crc}
-    bad = sorted(k for k, crc in expected.items() if got.get(k) != crc)
+    bad = [k for k, crc in expected.items() if got.get(k) != crc]
     if bad:
-        raise CorruptCheckpointError(
-            f"{directory}: key {name!r} fails its checksum (chunks {', '.join(bad[:8])}); "
-            "the stored data is damaged")
+        raise ser.checksum_error(directory, name, bad)
 
 
 async def read_step_metadata(

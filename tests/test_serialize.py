@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import zlib
 
 import ml_dtypes
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 import tensorstore as ts
 
 from ckpt_async import _serialize as ser
+from ckpt_async.errors import CorruptCheckpointError
 
 DTYPES = [np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
           np.uint64, np.float16, np.float32, np.float64, np.complex64, np.complex128,
@@ -213,3 +216,51 @@ def test_host_buffer_is_aligned_with_or_without_anonymous_mappings(monkeypatch, 
         assert buf.ctypes.data % ser.HOST_ALIGNMENT == 0
         buf[...] = 7
         assert float(buf.reshape(-1)[-1]) == 7.0
+
+
+def _write_whole(tmp_path, arrays):
+    async def main():
+        await ser.ItemWriter(tmp_path).write([
+            ser.StoredArray(n, a.shape, a.dtype, a.shape,
+                            ((tuple(slice(None) for _ in a.shape), a),))
+            for n, a in arrays.items()])
+    asyncio.run(main())
+
+
+def test_small_reads_check_each_chunk_against_its_checksum_as_read(tmp_path):
+    arrays = {"a": np.arange(10, dtype=np.int32), "b": np.ones((4, 4), np.float64)}
+    _write_whole(tmp_path, arrays)
+    right = {n: {".".join("0" * a.ndim): zlib.crc32(a.tobytes())} for n, a in arrays.items()}
+
+    def read(sums):
+        reader = ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
+        return asyncio.run(reader.read_small(list(arrays), sums.get))
+
+    out = read(right)
+    for name, arr in arrays.items():
+        np.testing.assert_array_equal(out[name], arr)
+    wrong = {**right, "b": {"0.0": right["b"]["0.0"] ^ 1}}
+    with pytest.raises(CorruptCheckpointError,
+                       match=rf"{re.escape(str(tmp_path))}: key 'b' fails its checksum \(chunks 0\.0\)"):
+        read(wrong)
+
+
+@pytest.mark.parametrize("mappings", [True, False])
+def test_host_buffers_share_one_region_each_aligned_and_apart(monkeypatch, mappings):
+    monkeypatch.setattr(ser, "_ANONYMOUS_MAPPINGS", mappings)
+    specs = [((3,), np.dtype(np.int8)), ((0, 4), np.dtype(np.float32)),
+             ((16, 1024), np.dtype(np.float32)), ((5,), np.dtype(ml_dtypes.bfloat16)),
+             ((1 << 18,), np.dtype(np.float64))]  # 2 MiB in all: a populated mapping
+    bufs = ser.host_buffers(specs)
+    for i, ((shape, dtype), buf) in enumerate(zip(specs, bufs, strict=True)):
+        assert buf.shape == shape and buf.dtype == dtype and buf.flags.c_contiguous
+        assert buf.flags.writeable and buf.ctypes.data % ser.HOST_ALIGNMENT == 0
+        buf[...] = i
+    for i, buf in enumerate(bufs):  # no two overlap
+        assert not buf.size or (buf == i).all()
+    # one region (its pages populated at once): laid out one after the other
+    starts = [b.ctypes.data for b in bufs]
+    span = sum(-(-b.nbytes // ser.HOST_ALIGNMENT) * ser.HOST_ALIGNMENT for b in bufs)
+    assert starts == sorted(starts) and starts[-1] + bufs[-1].nbytes - starts[0] <= span
+    import jax
+    assert jax.device_put(bufs[2]).unsafe_buffer_pointer() == bufs[2].ctypes.data  # adopted
