@@ -21,7 +21,7 @@ from ._checkpointer import AsyncOptions
 from ._integrity import VerifyReport, verify
 from ._paths import set_gcs_options, set_s3_options
 from ._progress import ProgressEvent, progress
-from ._runtime import CommitFuture, set_background_priority
+from ._runtime import CommitFuture, set_background_pace, set_background_priority
 from .checkpointers import AsyncCheckpointer, Checkpointer, PyTreeCheckpointer, StandardCheckpointer
 from .errors import CheckpointError
 from .handlers import (
@@ -68,6 +68,7 @@ __all__ = [
     "multihost",
     "options",
     "progress",
+    "set_background_pace",
     "set_background_priority",
     "set_gcs_options",
     "set_s3_options",

@@ -191,6 +191,7 @@ async def stage(
     """Stages ``leaves``; returns the write tasks, started as each batch reached the host."""
     loop = asyncio.get_running_loop()
     tasks: list[asyncio.Task[None]] = []
+    staged = False
 
     async def write_then_release(batch: list[StoredArray], reserved: int) -> None:
         mark_background()  # the writes outlive save(): they run at the background priority
@@ -198,10 +199,14 @@ async def stage(
         # result, takes the GIL at once instead of after the interpreter's switch interval
         # (5 ms) of our writes' Python work.
         await asyncio.sleep(HANDOFF_DELAY)
+        rt = get_runtime()
         try:
-            # Off the engine loop: the writes' Python work (tens of microseconds per small
-            # array) runs at the background priority too, not at the caller's.
-            await get_runtime().in_background_loop(write, batch)
+            # Paced while other threads keep the CPU busy, once save() has returned (a batch
+            # written while it stages may be what its memory budget waits for).
+            async with rt.paced(reserved) if staged else contextlib.nullcontext():
+                # Off the engine loop: the writes' Python work (tens of microseconds per small
+                # array) runs at the background priority too, not at the caller's.
+                await rt.in_background_loop(write, batch)
         finally:
             budget.release(reserved)
 
@@ -217,6 +222,7 @@ async def stage(
             tasks.append(loop.create_task(write_then_release(batch, reserved)))
 
         stage_sync(leaves, budget, hand_over_inline, transfer=False)
+        staged = True  # (before any of the tasks runs)
         return tasks
     try:
         await get_runtime().to_thread(stage_sync, leaves, budget, hand_over)
@@ -226,4 +232,5 @@ async def stage(
             t.cancel()
         raise
     await asyncio.sleep(0)  # the last call_soon_threadsafe callbacks run before we return
+    staged = True
     return tasks

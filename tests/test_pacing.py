@@ -1,0 +1,173 @@
+"""Background commits are paced while the process's other threads keep the CPU busy (Linux).
+
+The runtime measures the CPU time the process uses beyond ckpt_async's and TensorStore's own
+threads (``Runtime.observe_cpu``); while that is high, a commit's batches go one at a time, no
+faster than ``set_background_pace`` bytes per second, and at full speed again as soon as the
+other threads rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import ckpt_async as ocp
+from ckpt_async import _runtime, _stage
+from ckpt_async import _serialize as ser
+from ckpt_async._runtime import get_runtime
+
+linux_only = pytest.mark.skipif(not _runtime._CAN_SET_PRIORITY, reason="Linux thread clocks")
+
+
+def _spin(seconds: float, own: bool = False) -> None:
+    """Keeps a core busy in a new thread (one of ckpt_async's own, with ``own``), then
+    observes the CPU while that thread still exists."""
+    spun, leave = threading.Event(), threading.Event()
+
+    def run() -> None:
+        if own:
+            get_runtime()._own_tids.add(threading.get_native_id())
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            pass
+        spun.set()
+        leave.wait()
+
+    t = threading.Thread(target=run)
+    t.start()
+    spun.wait()
+    get_runtime().observe_cpu()
+    leave.set()
+    t.join()
+
+
+@pytest.fixture
+def pace():
+    before = _runtime.background_pace()
+    yield ocp.set_background_pace
+    ocp.set_background_pace(before)
+
+
+@linux_only
+def test_the_other_threads_cpu_is_measured_and_ours_is_not() -> None:
+    rt = get_runtime()
+    time.sleep(0.6)  # an idle window
+    rt.observe_cpu()
+    assert rt.foreground_cores < 0.2
+    _spin(0.3)
+    assert rt.foreground_cores > 0.5  # about one core, averaged with the idle past
+    _spin(0.3, own=True)
+    assert rt.foreground_cores < 0.3  # ckpt_async's own work does not count
+
+
+def _run_batches(count: int, nbytes: int) -> list[tuple[float, float]]:
+    """Runs ``count`` concurrent batches through the pacer; their (start, end) times."""
+    rt = get_runtime()
+    times: list[tuple[float, float]] = []
+
+    async def batch() -> None:
+        async with rt.paced(nbytes):
+            start = time.monotonic()
+            await asyncio.sleep(0.01)
+            times.append((start, time.monotonic()))
+
+    async def main() -> None:
+        await asyncio.gather(*(batch() for _ in range(count)))
+
+    rt.call(main)
+    return sorted(times)
+
+
+def test_paced_batches_go_one_at_a_time_at_the_pace(monkeypatch, pace) -> None:
+    monkeypatch.setattr(_runtime, "_CAN_SET_PRIORITY", True)
+    monkeypatch.setattr(get_runtime(), "_busy", True)
+    pace(1_000_000)
+    times = _run_batches(4, 50_000)  # 50 ms each at the pace
+    for (s0, e0), (s1, _e1) in zip(times, times[1:]):
+        assert s1 >= e0  # one at a time
+        assert s1 - s0 >= 0.05 * 0.95  # (the pacer's clock starts a moment before ours)
+
+
+def test_unpaced_batches_run_together(monkeypatch, pace) -> None:
+    monkeypatch.setattr(get_runtime(), "_busy", False)
+    pace(1_000_000)
+    times = _run_batches(4, 50_000)
+    assert max(s for s, _ in times) < min(e for _, e in times)  # all in flight at once
+    monkeypatch.setattr(get_runtime(), "_busy", True)
+    pace(None)  # no pace set: busy or not, nothing waits
+    times = _run_batches(4, 50_000)
+    assert max(s for s, _ in times) < min(e for _, e in times)
+
+
+def test_a_waiting_batch_goes_as_soon_as_the_other_threads_rest(monkeypatch, pace) -> None:
+    rt = get_runtime()
+    monkeypatch.setattr(_runtime, "_CAN_SET_PRIORITY", True)
+    monkeypatch.setattr(rt, "_busy", True)
+    pace(1.0)  # one byte per second: the second batch would wait a day
+    order: list[str] = []
+
+    async def main() -> None:
+        async def batch(name: str) -> None:
+            async with rt.paced(86_400):
+                order.append(name)
+
+        first = asyncio.ensure_future(batch("first"))
+        second = asyncio.ensure_future(batch("second"))
+        await asyncio.sleep(0.1)
+        assert order == ["first"] and not first.done() and not second.done()
+        rt._busy = False  # what observe_cpu decides when the other threads go quiet
+        rt._wake_paced()  # (as the scan tick does)
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+
+    rt.call(main)
+    assert order == ["first", "second"]
+
+
+@linux_only
+def test_a_commit_beside_a_busy_thread_is_paced(tmp_path, monkeypatch, pace) -> None:
+    monkeypatch.setattr(_runtime, "PACE_BUSY_SHARE", 0.1)
+    monkeypatch.setattr(_runtime, "PACE_IDLE_SHARE", 0.05)
+    monkeypatch.setattr(_stage, "BATCH_BYTES", 1)  # one array per batch
+    nbytes, count = 64 << 10, 6
+    pace(nbytes / 0.05)  # a batch every 50 ms at most
+    writes: list[tuple[float, float]] = []
+    write = ser.ItemWriter.write
+
+    async def logged(self, batch):
+        start = time.monotonic()
+        await write(self, batch)
+        writes.append((start, time.monotonic()))
+
+    monkeypatch.setattr(ser.ItemWriter, "write", logged)
+    state = {f"a{i}": np.full(nbytes // 4, i, np.float32) for i in range(count)}
+    stop = threading.Event()
+
+    def train() -> None:  # a training loop's CPU time
+        while not stop.is_set():
+            pass
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "warm", args=ocp.args.StandardSave({"x": np.ones(3)}))
+        ckptr.wait_until_finished()  # the next commit looks back from its end
+        writes.clear()
+        trainer = threading.Thread(target=train)
+        trainer.start()
+        try:
+            time.sleep(0.3)
+            ckptr.save(tmp_path / "c", args=ocp.args.StandardSave(state))
+            ckptr.wait_until_finished()
+        finally:
+            stop.set()
+            trainer.join()
+        restored = ckptr.restore(tmp_path / "c")
+    writes.sort()
+    assert len(writes) == count
+    for (s0, e0), (s1, _e1) in zip(writes, writes[1:]):
+        assert s1 >= e0  # one batch at a time
+    assert writes[-1][0] - writes[0][0] >= (count - 1) * 0.05 * 0.9
+    for name, arr in state.items():
+        np.testing.assert_array_equal(restored[name], arr)
