@@ -21,7 +21,7 @@ from . import _commit, _integrity, multihost
 from . import _format as fmt
 from . import _storage as storage
 from ._paths import AnyPath, StorePath
-from ._runtime import CommitFuture, gc_paused, get_runtime, heap_frozen, on_engine
+from ._runtime import CommitFuture, gc_paused, get_runtime, heap_frozen, on_engine, pace_until
 from .args import CheckpointArgs, Composite, args_classes_for, handler_class_for
 from .errors import (
     CheckpointError,
@@ -184,6 +184,8 @@ class AsyncCheckpointer:
                               getattr(self.multiprocessing_options, "barrier_sync_key_prefix",
                                       None), label=f"saving {path}") if roles.multi else None
         token = multihost.use_roles(roles)  # the handlers read it; tasks spawned here copy it
+        timeout = self.async_options.timeout_secs
+        pace_token = pace_until.set(None if timeout is None else time.monotonic() + timeout / 2)
         try:
             tmp = await self._start(path, sync, clear_leftovers)
             try:
@@ -207,6 +209,7 @@ class AsyncCheckpointer:
             fut = get_runtime().spawn(self._finish(
                 writer, tmp, path, meta, item_dirs, force, on_commit, after, stats, sync))
         finally:
+            pace_until.reset(pace_token)
             multihost.reset_roles(token)
         if track:
             self._pending.append(fut)

@@ -119,6 +119,13 @@ def background_pace() -> float | None:
     return _pace
 
 
+#: The (monotonic) time after which the batches of the commit being staged are no longer
+#: paced: set by the checkpointer to half its timeout, so that pacing never makes a commit
+#: time out (the write tasks copy it with the context).
+pace_until: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "ckpt_async_pace_until", default=None)
+
+
 def _thread_cpu(tid: int) -> float | None:
     """CPU seconds used by thread ``tid`` of this process (Linux per-thread CPU clock,
     ``MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)``); None once the thread has ended."""
@@ -539,16 +546,22 @@ class Runtime:
     async def paced(self, nbytes: int) -> AsyncIterator[None]:
         """Around one batch of ``nbytes`` of a background commit's writes (engine loop):
         while :meth:`pacing`, batches go one at a time, the next starting no sooner than
-        this one's bytes allow at the pace; at full speed again as soon as pacing stops."""
-        while self._paced_in_flight and self.pacing():
+        this one's bytes allow at the pace; at full speed again as soon as pacing stops, or
+        once the commit's :data:`pace_until` has passed."""
+        until = pace_until.get()
+
+        def paced_now() -> bool:
+            return self.pacing() and (until is None or time.monotonic() < until)
+
+        while self._paced_in_flight and paced_now():
             await self._paced_wait()
         self._paced_in_flight += 1
         try:
             start = time.monotonic()
             yield
-            while self.pacing() and _pace is not None and (
+            while paced_now() and _pace is not None and (
                     left := start + nbytes / _pace - time.monotonic()) > 0:
-                await self._paced_wait(left)
+                await self._paced_wait(left)  # (woken at every scan tick: until is seen)
         finally:
             self._paced_in_flight -= 1
             self._wake_paced()

@@ -19,6 +19,7 @@ import ckpt_async as ocp
 from ckpt_async import _runtime, _stage
 from ckpt_async import _serialize as ser
 from ckpt_async._runtime import get_runtime
+from ckpt_async.handlers import pytree
 
 linux_only = pytest.mark.skipif(not _runtime._CAN_SET_PRIORITY, reason="Linux thread clocks")
 
@@ -171,3 +172,58 @@ def test_a_commit_beside_a_busy_thread_is_paced(tmp_path, monkeypatch, pace) -> 
     assert writes[-1][0] - writes[0][0] >= (count - 1) * 0.05 * 0.9
     for name, arr in state.items():
         np.testing.assert_array_equal(restored[name], arr)
+
+
+def test_pacing_never_holds_a_commit_past_half_its_timeout(monkeypatch, pace) -> None:
+    rt = get_runtime()
+    monkeypatch.setattr(_runtime, "_CAN_SET_PRIORITY", True)
+    monkeypatch.setattr(rt, "_busy", True)
+    pace(1.0)  # one byte per second: the second batch would wait a day
+    order: list[str] = []
+
+    async def main() -> None:
+        async def batch(name: str) -> None:
+            async with rt.paced(86_400):
+                order.append(name)
+
+        # (set as the checkpointer sets it: the write tasks copy it with the context)
+        token = _runtime.pace_until.set(time.monotonic() + 0.2)
+        try:
+            tasks = [asyncio.ensure_future(batch(n)) for n in ("first", "second")]
+        finally:
+            _runtime.pace_until.reset(token)
+        await asyncio.sleep(0.05)
+        assert order == ["first"]
+        ticks = asyncio.ensure_future(tick())  # the scan tick's wake-ups, without a commit
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        ticks.cancel()
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(_runtime._SCAN_INTERVAL)
+            rt._wake_paced()
+
+    rt.call(main)
+    assert order == ["first", "second"]
+
+
+def test_the_checkpointer_gives_its_commits_half_their_timeout_of_pacing(tmp_path,
+                                                                         monkeypatch) -> None:
+    seen: list[float | None] = []
+    stage = _stage.stage
+
+    async def spy(*args, **kwargs):
+        seen.append(_runtime.pace_until.get())
+        return await stage(*args, **kwargs)
+
+    monkeypatch.setattr(pytree, "stage", spy)
+    for timeout in (40.0, None):
+        with ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler(),
+                                   async_options=ocp.AsyncOptions(timeout_secs=timeout)) as ck:
+            before = time.monotonic()
+            ck.save(tmp_path / str(timeout), args=ocp.args.StandardSave({"x": np.ones(3)}))
+            ck.wait_until_finished()
+        if timeout is None:
+            assert seen[-1] is None
+        else:
+            assert before + 19 <= seen[-1] <= time.monotonic() + 20
