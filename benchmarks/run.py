@@ -209,7 +209,7 @@ def targets(cells: dict[str, Any], rat: dict[str, Any], workloads: list[str]) ->
                 f"{b['value'] * 1e3:.1f} ms vs budget {b['budget_s'] * 1e3:.1f} ms")
         if "interference" in r:
             v = r["interference"]["value"]
-            add("interference <= 10%", wl, v <= 0.10, f"+{v:.0%} step time during commit")
+            add("interference <= 10%", wl, v <= 0.10, f"{v:+.0%} step time during commit")
     return out
 
 
