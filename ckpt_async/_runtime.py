@@ -75,20 +75,29 @@ PACE_IDLE_SHARE = 0.25
 #: Seconds over which the other threads' CPU use is averaged (exponentially).
 PACE_AVERAGE_SECONDS = 0.15
 PACE_ENV = "CKPT_ASYNC_BACKGROUND_PACE"
-#: Default pace (bytes per second) of a commit while other threads keep the CPU busy.
-DEFAULT_PACE = 128 << 20
+#: Default pace of a commit while other threads keep the CPU busy, in bytes per second per
+#: CPU the process may use (the commit's CPU time grows with its bytes, the step's share of
+#: it shrinks with the CPUs): 128 MiB/s on the 2-core benchmark machine.
+DEFAULT_PACE_PER_CPU = 64 << 20
+
+
+def _usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _pace_from_env() -> float | None:
+    default = float(DEFAULT_PACE_PER_CPU * _usable_cpus())
     value = os.environ.get(PACE_ENV, "").strip()
     if not value:
-        return DEFAULT_PACE
+        return default
     try:
         pace = float(value)
     except ValueError:
         log.warning("%s=%r is not a number of bytes per second; using %d", PACE_ENV, value,
-                    DEFAULT_PACE)
-        return DEFAULT_PACE
+                    default)
+        return default
     return pace if pace > 0 else None
 
 
@@ -98,7 +107,8 @@ _pace = _pace_from_env()
 def set_background_pace(bytes_per_second: float | None) -> None:
     """Sets how fast a background commit writes while the process's other threads keep at
     least half of its CPUs busy (a training step running), process-wide: ``None`` or ``0``
-    for as fast as it can (also ``CKPT_ASYNC_BACKGROUND_PACE``; default 128 MiB/s).
+    for as fast as it can (also ``CKPT_ASYNC_BACKGROUND_PACE``; default 64 MiB/s per CPU the
+    process may use).
 
     Checksums, copies and the kernel's work for file writes take CPU time whatever their
     priority; on a machine whose cores a training step keeps busy, a commit at full speed
@@ -293,8 +303,7 @@ class Runtime:
         self._cpu_seen: tuple[float, float, dict[int, float]] | None = None
         self.foreground_cores = 0.0
         self._busy = False
-        self._cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
+        self._cpus = _usable_cpus()
         self._paced_in_flight = 0
         self._paced_waiting: collections.deque[asyncio.Future[None]] = collections.deque()
         self._ts_other: set[int] = set()  # thread ids known not to be TensorStore's

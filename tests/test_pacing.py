@@ -53,6 +53,19 @@ def pace():
     ocp.set_background_pace(before)
 
 
+def test_the_pace_comes_from_the_environment_or_the_cpus(monkeypatch, pace) -> None:
+    default = 64 * 2**20 * _runtime._usable_cpus()
+    monkeypatch.delenv(_runtime.PACE_ENV, raising=False)
+    assert _runtime._pace_from_env() == default
+    for value, expected in [("268435456", 268435456.0), ("0", None), ("fast", default)]:
+        monkeypatch.setenv(_runtime.PACE_ENV, value)
+        assert _runtime._pace_from_env() == expected
+    pace(0)
+    assert _runtime.background_pace() is None
+    with pytest.raises(ValueError, match="background pace"):
+        pace(-1)
+
+
 @linux_only
 def test_the_other_threads_cpu_is_measured_and_ours_is_not() -> None:
     rt = get_runtime()
