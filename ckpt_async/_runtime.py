@@ -304,6 +304,10 @@ class Runtime:
         self.foreground_cores = 0.0
         self._busy = False
         self._cpus = _usable_cpus()
+        # (a sandbox may refuse other threads' CPU clocks: their time would then count as the
+        # foreground's, and a commit would pace itself)
+        self._can_pace = _CAN_SET_PRIORITY and _thread_cpu(
+            self._portal.call(threading.get_native_id)) is not None
         self._paced_in_flight = 0
         self._paced_waiting: collections.deque[asyncio.Future[None]] = collections.deque()
         self._ts_other: set[int] = set()  # thread ids known not to be TensorStore's
@@ -536,7 +540,7 @@ class Runtime:
 
     def pacing(self) -> bool:
         """Whether background commits are paced now (:func:`set_background_pace`)."""
-        return self._busy and _pace is not None and _priority != "normal" and _CAN_SET_PRIORITY
+        return self._busy and _pace is not None and _priority != "normal" and self._can_pace
 
     def _wake_paced(self) -> None:
         while self._paced_waiting:

@@ -97,7 +97,7 @@ def _run_batches(count: int, nbytes: int) -> list[tuple[float, float]]:
 
 
 def test_paced_batches_go_one_at_a_time_at_the_pace(monkeypatch, pace) -> None:
-    monkeypatch.setattr(_runtime, "_CAN_SET_PRIORITY", True)
+    monkeypatch.setattr(get_runtime(), "_can_pace", True)
     monkeypatch.setattr(get_runtime(), "_busy", True)
     pace(1_000_000)
     times = _run_batches(4, 50_000)  # 50 ms each at the pace
@@ -166,7 +166,7 @@ def test_a_commit_beside_a_busy_thread_is_paced(tmp_path, monkeypatch, pace) -> 
 @pytest.mark.parametrize("release", ["the other threads rest", "half the timeout passed"])
 def test_a_held_batch_goes_as_soon_as(monkeypatch, pace, release) -> None:
     rt = get_runtime()
-    monkeypatch.setattr(_runtime, "_CAN_SET_PRIORITY", True)
+    monkeypatch.setattr(rt, "_can_pace", True)
     monkeypatch.setattr(rt, "_busy", True)
     pace(1.0)  # one byte per second: the second batch would wait a day
     order: list[str] = []
@@ -220,3 +220,13 @@ def test_the_checkpointer_gives_its_commits_half_their_timeout_of_pacing(tmp_pat
             assert seen[-1] is None
         else:
             assert before + 19 <= seen[-1] <= time.monotonic() + 20
+
+
+def test_no_pacing_where_other_threads_cpu_clocks_are_refused(monkeypatch) -> None:
+    monkeypatch.setattr(_runtime, "_thread_cpu", lambda tid: None)  # (a sandbox's answer)
+    rt = _runtime.Runtime()
+    try:
+        rt._busy = True
+        assert not rt._can_pace and not rt.pacing()
+    finally:
+        rt.shutdown()
