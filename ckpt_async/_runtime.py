@@ -319,6 +319,8 @@ class Runtime:
         # background commit cannot be garbage-collected mid-flight.
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        if self._can_pace:
+            self.observe_cpu()  # the first commit looks back from here (training since then)
 
     # -- where are we ---------------------------------------------------------------------------
     def on_engine_thread(self) -> bool:
@@ -511,8 +513,8 @@ class Runtime:
     def observe_cpu(self) -> None:
         """Updates :attr:`foreground_cores`: the CPU time the process used since the last
         observation, less that of ckpt_async's and TensorStore's threads, per second. Called
-        when a commit starts (looking back to the end of the last one), every scan interval
-        while commits run, and when they end."""
+        when the runtime starts, when a commit starts (looking back to the end of the last
+        one, or to the start), every scan interval while commits run, and when they end."""
         now, process = time.monotonic(), time.process_time()
         cpu = {}
         for tid in [*self._own_tids, *self._ts_levels]:

@@ -24,14 +24,15 @@ from ckpt_async.handlers import pytree
 linux_only = pytest.mark.skipif(not _runtime._CAN_SET_PRIORITY, reason="Linux thread clocks")
 
 
-def _spin(seconds: float, own: bool = False) -> None:
+def _spin(seconds: float, own: bool = False, rt: _runtime.Runtime | None = None) -> None:
     """Keeps a core busy in a new thread (one of ckpt_async's own, with ``own``), then
-    observes the CPU while that thread still exists."""
+    observes the CPU (of ``rt``, default the process's runtime) while that thread exists."""
+    rt = rt or get_runtime()
     spun, leave = threading.Event(), threading.Event()
 
     def run() -> None:
         if own:
-            get_runtime()._own_tids.add(threading.get_native_id())
+            rt._own_tids.add(threading.get_native_id())
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             pass
@@ -41,7 +42,7 @@ def _spin(seconds: float, own: bool = False) -> None:
     t = threading.Thread(target=run)
     t.start()
     spun.wait()
-    get_runtime().observe_cpu()
+    rt.observe_cpu()
     leave.set()
     t.join()
 
@@ -227,6 +228,17 @@ def test_no_pacing_where_other_threads_cpu_clocks_are_refused(monkeypatch) -> No
     rt = _runtime.Runtime()
     try:
         rt._busy = True
-        assert not rt._can_pace and not rt.pacing()
+        assert not rt._can_pace and not rt.pacing() and rt._cpu_seen is None
+    finally:
+        rt.shutdown()
+
+
+@linux_only
+def test_the_first_commit_looks_back_to_the_runtimes_start() -> None:
+    rt = _runtime.Runtime()
+    try:
+        assert rt._can_pace and rt._cpu_seen is not None
+        _spin(0.3, rt=rt)  # (a training loop before the first save)
+        assert rt.foreground_cores > 0.5
     finally:
         rt.shutdown()
