@@ -136,6 +136,7 @@ class AsyncCheckpointer:
         self.multiprocessing_options = multiprocessing_options
         self._pending: list[CommitFuture] = []
         self._closed = False
+        self._last_save: float | None = None  # (monotonic) when save_staged last started
 
     # -- save -----------------------------------------------------------------------------------
     def _check_args(self, args: CheckpointArgs, directory: AnyPath) -> None:
@@ -184,8 +185,7 @@ class AsyncCheckpointer:
                               getattr(self.multiprocessing_options, "barrier_sync_key_prefix",
                                       None), label=f"saving {path}") if roles.multi else None
         token = multihost.use_roles(roles)  # the handlers read it; tasks spawned here copy it
-        timeout = self.async_options.timeout_secs
-        pace_token = pace_until.set(None if timeout is None else time.monotonic() + timeout / 2)
+        pace_token = pace_until.set(self._pace_until())
         try:
             tmp = await self._start(path, sync, clear_leftovers)
             try:
@@ -214,6 +214,17 @@ class AsyncCheckpointer:
         if track:
             self._pending.append(fut)
         return fut
+
+    def _pace_until(self) -> float | None:
+        """When this save's commit stops being paced (``_runtime.pace_until``): after half its
+        timeout, so that pacing never times it out, or after half the time since the previous
+        save, so that it is done before the next save (likely as far off) would wait for it."""
+        now = time.monotonic()
+        spans = [t / 2 for t in (self.async_options.timeout_secs,
+                                 None if self._last_save is None else now - self._last_save)
+                 if t is not None]
+        self._last_save = now
+        return now + min(spans) if spans else None
 
     async def _start(self, path: AnyPath, sync: multihost.Sync | None,
                      clear_leftovers: bool) -> AnyPath:

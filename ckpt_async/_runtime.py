@@ -115,8 +115,9 @@ def set_background_pace(bytes_per_second: float | None) -> None:
     slowed the steps by 30-50% (2 GiB on 2 cores), at 128 MiB/s by 6-10%, for a commit that
     took 17 s instead of 3. The pace applies only while the other threads are busy (measured
     every 50 ms from the CPU time of the process and of ckpt_async's and TensorStore's own
-    threads): a commit nobody trains beside, or that a caller waits for, runs at full speed.
-    Linux only, and not at the ``"normal"`` background priority.
+    threads): a commit nobody trains beside, or that a caller waits for, runs at full speed,
+    and none is paced past half its ``timeout_secs`` or half the time since the previous save
+    of its manager. Linux only, and not at the ``"normal"`` background priority.
     """
     global _pace
     if bytes_per_second is not None and bytes_per_second < 0:
@@ -130,8 +131,8 @@ def background_pace() -> float | None:
 
 
 #: The (monotonic) time after which the batches of the commit being staged are no longer
-#: paced: set by the checkpointer to half its timeout, so that pacing never makes a commit
-#: time out (the write tasks copy it with the context).
+#: paced, set by the checkpointer (half the commit's timeout, or half the time since its
+#: previous save); the write tasks copy it with the context.
 pace_until: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "ckpt_async_pace_until", default=None)
 

@@ -141,10 +141,11 @@ def test_a_commit_beside_a_busy_thread_is_paced(tmp_path, monkeypatch, pace) -> 
         while not stop.is_set():
             pass
 
+    with ocp.StandardCheckpointer() as other:  # (another checkpointer: no save interval)
+        other.save(tmp_path / "warm", args=ocp.args.StandardSave({"x": np.ones(3)}))
+    # the next commit looks back from the end of that one
+    writes.clear()
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(tmp_path / "warm", args=ocp.args.StandardSave({"x": np.ones(3)}))
-        ckptr.wait_until_finished()  # the next commit looks back from its end
-        writes.clear()
         trainer = threading.Thread(target=train)
         trainer.start()
         try:
@@ -201,26 +202,32 @@ def test_a_held_batch_goes_as_soon_as(monkeypatch, pace, release) -> None:
     assert order == ["first", "second"]
 
 
-def test_the_checkpointer_gives_its_commits_half_their_timeout_of_pacing(tmp_path,
-                                                                         monkeypatch) -> None:
-    seen: list[float | None] = []
-    stage = _stage.stage
+def test_a_commit_is_paced_for_half_its_timeout_or_half_the_time_since_the_last_save(
+        tmp_path, monkeypatch) -> None:
+    seen: list[tuple[float, float | None]] = []
+    stage = pytree.stage
 
     async def spy(*args, **kwargs):
-        seen.append(_runtime.pace_until.get())
+        seen.append((time.monotonic(), _runtime.pace_until.get()))
         return await stage(*args, **kwargs)
 
     monkeypatch.setattr(pytree, "stage", spy)
     for timeout in (40.0, None):
         with ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler(),
                                    async_options=ocp.AsyncOptions(timeout_secs=timeout)) as ck:
-            before = time.monotonic()
-            ck.save(tmp_path / str(timeout), args=ocp.args.StandardSave({"x": np.ones(3)}))
-            ck.wait_until_finished()
+            for i in range(2):
+                if i:
+                    time.sleep(0.4)
+                ck.save(tmp_path / f"{timeout}-{i}", args=ocp.args.StandardSave({"x": np.ones(3)}))
+                ck.wait_until_finished()
+        (t0, first), (t1, second) = seen[-2:]
         if timeout is None:
-            assert seen[-1] is None
+            assert first is None  # nothing to bound the first; the second by the interval
         else:
-            assert before + 19 <= seen[-1] <= time.monotonic() + 20
+            assert 19 <= first - t0 <= 20
+        gap = t1 - t0  # between the two saves: 0.4 s and the first's commit
+        assert second is not None and gap >= 0.4
+        assert abs((second - t1) - gap / 2) < 0.05  # paced for half of it at most
 
 
 def test_no_pacing_where_other_threads_cpu_clocks_are_refused(monkeypatch) -> None:
