@@ -21,7 +21,15 @@ from . import _commit, _integrity, multihost
 from . import _format as fmt
 from . import _storage as storage
 from ._paths import AnyPath, StorePath
-from ._runtime import CommitFuture, gc_paused, get_runtime, heap_frozen, on_engine, pace_until
+from ._runtime import (
+    CommitFuture,
+    PaceWindow,
+    gc_paused,
+    get_runtime,
+    heap_frozen,
+    on_engine,
+    pace_window,
+)
 from .args import CheckpointArgs, Composite, args_classes_for, handler_class_for
 from .errors import (
     CheckpointError,
@@ -137,6 +145,7 @@ class AsyncCheckpointer:
         self._pending: list[CommitFuture] = []
         self._closed = False
         self._last_save: float | None = None  # (monotonic) when save_staged last started
+        self._window: PaceWindow | None = None  # how long its commit may be paced
 
     # -- save -----------------------------------------------------------------------------------
     def _check_args(self, args: CheckpointArgs, directory: AnyPath) -> None:
@@ -185,7 +194,7 @@ class AsyncCheckpointer:
                               getattr(self.multiprocessing_options, "barrier_sync_key_prefix",
                                       None), label=f"saving {path}") if roles.multi else None
         token = multihost.use_roles(roles)  # the handlers read it; tasks spawned here copy it
-        pace_token = pace_until.set(self._pace_until())
+        pace_token = pace_window.set(self._pace_window())
         try:
             tmp = await self._start(path, sync, clear_leftovers)
             try:
@@ -209,22 +218,26 @@ class AsyncCheckpointer:
             fut = get_runtime().spawn(self._finish(
                 writer, tmp, path, meta, item_dirs, force, on_commit, after, stats, sync))
         finally:
-            pace_until.reset(pace_token)
+            pace_window.reset(pace_token)
             multihost.reset_roles(token)
         if track:
             self._pending.append(fut)
         return fut
 
-    def _pace_until(self) -> float | None:
-        """When this save's commit stops being paced (``_runtime.pace_until``): after half its
-        timeout, so that pacing never times it out, or after half the time since the previous
-        save, so that it is done before the next save (likely as far off) would wait for it."""
+    def _pace_window(self) -> PaceWindow:
+        """How long this save's commit may be paced (``_runtime.pace_window``): half its
+        timeout, so that pacing never times it out, and half the time since the previous
+        save, so that it is done before the next save, likely as far off. That next save
+        ends the window of the commit before it at once."""
         now = time.monotonic()
         spans = [t / 2 for t in (self.async_options.timeout_secs,
                                  None if self._last_save is None else now - self._last_save)
                  if t is not None]
+        if self._window is not None:
+            self._window.until = 0.0
         self._last_save = now
-        return now + min(spans) if spans else None
+        self._window = PaceWindow(now + min(spans) if spans else None)
+        return self._window
 
     async def _start(self, path: AnyPath, sync: multihost.Sync | None,
                      clear_leftovers: bool) -> AnyPath:

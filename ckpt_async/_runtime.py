@@ -130,11 +130,23 @@ def background_pace() -> float | None:
     return _pace
 
 
-#: The (monotonic) time after which the batches of the commit being staged are no longer
-#: paced, set by the checkpointer (half the commit's timeout, or half the time since its
-#: previous save); the write tasks copy it with the context.
-pace_until: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "ckpt_async_pace_until", default=None)
+class PaceWindow:
+    """Until when (monotonic time) the batches of one commit may be paced; None: no limit.
+    The checkpointer sets it (half the commit's timeout, or half the time since its previous
+    save) and ends it early (``until = 0``) when the next save starts."""
+
+    __slots__ = ("until",)
+
+    def __init__(self, until: float | None) -> None:
+        self.until = until
+
+    def open(self) -> bool:
+        return self.until is None or time.monotonic() < self.until
+
+
+#: The pace window of the commit being staged (the write tasks copy it with the context).
+pace_window: contextvars.ContextVar[PaceWindow | None] = contextvars.ContextVar(
+    "ckpt_async_pace_window", default=None)
 
 
 def _thread_cpu(tid: int) -> float | None:
@@ -563,11 +575,11 @@ class Runtime:
         """Around one batch of ``nbytes`` of a background commit's writes (engine loop):
         while :meth:`pacing`, batches go one at a time, the next starting no sooner than
         this one's bytes allow at the pace; at full speed again as soon as pacing stops, or
-        once the commit's :data:`pace_until` has passed."""
-        until = pace_until.get()
+        once the commit's :data:`pace_window` has closed."""
+        window = pace_window.get()
 
         def paced_now() -> bool:
-            return self.pacing() and (until is None or time.monotonic() < until)
+            return self.pacing() and (window is None or window.open())
 
         while self._paced_in_flight and paced_now():
             await self._paced_wait()
@@ -577,7 +589,7 @@ class Runtime:
             yield
             while paced_now() and _pace is not None and (
                     left := start + nbytes / _pace - time.monotonic()) > 0:
-                await self._paced_wait(left)  # (woken at every scan tick: until is seen)
+                await self._paced_wait(left)  # (woken at every scan tick: a closed window is seen)
         finally:
             self._paced_in_flight -= 1
             self._wake_paced()

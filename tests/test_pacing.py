@@ -165,7 +165,8 @@ def test_a_commit_beside_a_busy_thread_is_paced(tmp_path, monkeypatch, pace) -> 
         np.testing.assert_array_equal(restored[name], arr)
 
 
-@pytest.mark.parametrize("release", ["the other threads rest", "half the timeout passed"])
+@pytest.mark.parametrize("release", ["the other threads rest", "its window closed in time",
+                                     "the next save closed its window"])
 def test_a_held_batch_goes_as_soon_as(monkeypatch, pace, release) -> None:
     rt = get_runtime()
     monkeypatch.setattr(rt, "_can_pace", True)
@@ -179,16 +180,19 @@ def test_a_held_batch_goes_as_soon_as(monkeypatch, pace, release) -> None:
                 order.append(name)
 
         # (set as the checkpointer sets it: the write tasks copy it with the context)
-        token = _runtime.pace_until.set(
-            time.monotonic() + 0.2 if release == "half the timeout passed" else None)
+        window = _runtime.PaceWindow(
+            time.monotonic() + 0.2 if release == "its window closed in time" else None)
+        token = _runtime.pace_window.set(window)
         try:
             tasks = [asyncio.ensure_future(batch(n)) for n in ("first", "second")]
         finally:
-            _runtime.pace_until.reset(token)
+            _runtime.pace_window.reset(token)
         await asyncio.sleep(0.05)
         assert order == ["first"] and not any(t.done() for t in tasks)
         if release == "the other threads rest":
             rt._busy = False  # what observe_cpu decides when they go quiet
+        elif release == "the next save closed its window":
+            window.until = 0.0
         ticks = asyncio.ensure_future(tick())  # the scan tick's wake-ups, without a commit
         await asyncio.wait_for(asyncio.gather(*tasks), 5)
         ticks.cancel()
@@ -204,11 +208,11 @@ def test_a_held_batch_goes_as_soon_as(monkeypatch, pace, release) -> None:
 
 def test_a_commit_is_paced_for_half_its_timeout_or_half_the_time_since_the_last_save(
         tmp_path, monkeypatch) -> None:
-    seen: list[tuple[float, float | None]] = []
+    seen: list[tuple[float, _runtime.PaceWindow]] = []
     stage = pytree.stage
 
     async def spy(*args, **kwargs):
-        seen.append((time.monotonic(), _runtime.pace_until.get()))
+        seen.append((time.monotonic(), _runtime.pace_window.get()))
         return await stage(*args, **kwargs)
 
     monkeypatch.setattr(pytree, "stage", spy)
@@ -219,15 +223,20 @@ def test_a_commit_is_paced_for_half_its_timeout_or_half_the_time_since_the_last_
                 if i:
                     time.sleep(0.4)
                 ck.save(tmp_path / f"{timeout}-{i}", args=ocp.args.StandardSave({"x": np.ones(3)}))
-                ck.wait_until_finished()
         (t0, first), (t1, second) = seen[-2:]
-        if timeout is None:
-            assert first is None  # nothing to bound the first; the second by the interval
-        else:
-            assert 19 <= first - t0 <= 20
-        gap = t1 - t0  # between the two saves: 0.4 s and the first's commit
-        assert second is not None and gap >= 0.4
-        assert abs((second - t1) - gap / 2) < 0.05  # paced for half of it at most
+        assert first.until == 0.0  # the second save closed the first one's window
+        gap = t1 - t0  # between the two saves: 0.4 s and the first's staging
+        assert second.until is not None and gap >= 0.4
+        assert abs((second.until - t1) - gap / 2) < 0.05  # paced for half of it at most
+    with ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler(),
+                               async_options=ocp.AsyncOptions(timeout_secs=40.0)) as ck:
+        ck.save(tmp_path / "once", args=ocp.args.StandardSave({"x": np.ones(3)}))
+    t, window = seen[-1]
+    assert window.until is not None and 19 <= window.until - t <= 20  # half the timeout
+    with ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler(),
+                               async_options=ocp.AsyncOptions(timeout_secs=None)) as ck:
+        ck.save(tmp_path / "unbounded", args=ocp.args.StandardSave({"x": np.ones(3)}))
+    assert seen[-1][1].until is None  # nothing bounds a first save without a timeout
 
 
 def test_no_pacing_where_other_threads_cpu_clocks_are_refused(monkeypatch) -> None:
