@@ -445,8 +445,9 @@ class _Reader:
         return ".".join(k.key for k in entry.key_metadata)
 
     async def prefetch(self, names: list[str]) -> None:
-        """Reads the small ones among the named arrays in one batch (checked); the others are
-        read one by one when placed (``_reading``)."""
+        """Reads the small ones among the named arrays in batches, each chunk checked against
+        ``_CHECKSUMS`` as it is read; the others are read one by one when placed
+        (``_reading``)."""
         reader = ser.ItemReader(self.dir, use_ocdbt=self.doc.use_ocdbt,
                                 use_zarr3=self.doc.use_zarr3)
         arrays = await reader.read_small(names, self._expected)
