@@ -500,8 +500,9 @@ def checksum_error(directory: AnyPath, name: str, bad: list[str]) -> CorruptChec
 
 class ItemReader:
     """Reads an item's small arrays: uncompressed zarr v2 arrays in an OCDBT database (what
-    ckpt_async writes) come straight from the kvstore, all requests issued at once and waited
-    for in a worker thread (the others go through TensorStore's zarr driver, ``open_array``)."""
+    ckpt_async writes) come straight from the kvstore, a batch's requests issued at once and
+    waited for, checked and assembled in a worker thread (the others go through TensorStore's
+    zarr driver, ``open_array``)."""
 
     def __init__(self, item_dir: AnyPath, *, use_ocdbt: bool, use_zarr3: bool) -> None:
         self.item_dir = item_dir
