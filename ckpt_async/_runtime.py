@@ -312,15 +312,15 @@ class Runtime:
         # Pacing: the native ids of ckpt_async's own threads, the last CPU observation (wall
         # time, process CPU time, thread id -> CPU time), the cores the process's other threads
         # used since the one before, and the batches in flight and waiting (engine loop only).
-        self._own_tids = {self._portal.call(threading.get_native_id)}
+        engine_tid = self._portal.call(threading.get_native_id)
+        self._own_tids = {engine_tid}
         self._cpu_seen: tuple[float, float, dict[int, float]] | None = None
         self.foreground_cores = 0.0
         self._busy = False
         self._cpus = _usable_cpus()
         # (a sandbox may refuse other threads' CPU clocks: their time would then count as the
         # foreground's, and a commit would pace itself)
-        self._can_pace = _CAN_SET_PRIORITY and _thread_cpu(
-            self._portal.call(threading.get_native_id)) is not None
+        self._can_pace = _CAN_SET_PRIORITY and _thread_cpu(engine_tid) is not None
         self._paced_in_flight = 0
         self._paced_waiting: collections.deque[asyncio.Future[None]] = collections.deque()
         self._ts_other: set[int] = set()  # thread ids known not to be TensorStore's
@@ -332,8 +332,7 @@ class Runtime:
         # background commit cannot be garbage-collected mid-flight.
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
-        if self._can_pace:
-            self.observe_cpu()  # the first commit looks back from here (training since then)
+        self.observe_cpu()  # the first commit looks back from here (training since then)
 
     # -- where are we ---------------------------------------------------------------------------
     def on_engine_thread(self) -> bool:
@@ -504,7 +503,7 @@ class Runtime:
 
     def _background_done(self, _task: asyncio.Task[Any]) -> None:
         self._bg_tasks -= 1
-        if self._bg_tasks == 0 and _priority != "normal" and _CAN_SET_PRIORITY:
+        if self._bg_tasks == 0:
             self.observe_cpu()  # (the next commit looks back from here)
         if self._bg_tasks == 0 and _priority == "idle" and self._ts_levels and \
                 may_raise_priority():
@@ -528,6 +527,8 @@ class Runtime:
         observation, less that of ckpt_async's and TensorStore's threads, per second. Called
         when the runtime starts, when a commit starts (looking back to the end of the last
         one, or to the start), every scan interval while commits run, and when they end."""
+        if not self._can_pace:
+            return
         now, process = time.monotonic(), time.process_time()
         cpu = {}
         for tid in [*self._own_tids, *self._ts_levels]:

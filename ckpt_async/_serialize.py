@@ -251,6 +251,19 @@ def chunk_key(index: tuple[slice, ...], chunks: tuple[int, ...]) -> str:
     return ".".join(str((s.start or 0) // max(1, c)) for s, c in zip(index, chunks, strict=True))
 
 
+def chunk_grid(shape: tuple[int, ...], chunks: tuple[int, ...]) -> list[tuple[str, tuple[slice, ...]]]:
+    """Every chunk of an array of ``shape`` stored in ``chunks``: its zarr v2 key and the region
+    of the array it holds (none for an empty array; ``("0", ())`` for a 0-d one)."""
+    if math.prod(shape) == 0:
+        return []
+    steps = [max(1, c) for c in chunks]
+    return [(".".join(str(st // c) for st, c in zip(starts, steps, strict=True)) or "0",
+             tuple(slice(st, min(st + c, n)) for st, c, n in zip(starts, steps, shape,
+                                                                   strict=True)))
+            for starts in itertools.product(*(range(0, n, c) for n, c in zip(shape, steps,
+                                                                              strict=True)))]
+
+
 class ItemWriter:
     """Writes one process's arrays of an item into OCDBT: one context, one kvstore handle
     per database.
@@ -478,15 +491,11 @@ def _assemble(out: np.ndarray, chunks: tuple[int, ...], raw: dict[str, bytes]) -
             return False
         out.reshape(-1)[...] = np.frombuffer(data, dtype)
         return True
-    grid = [range(0, s, c) for s, c in zip(shape, chunks, strict=True)]
-    for starts in itertools.product(*grid):
-        key = ".".join(str(st // c) for st, c in zip(starts, chunks, strict=True))
+    for key, region in chunk_grid(shape, chunks):
         data = raw.get(key)
         if data is None:
             return False
         block = np.frombuffer(data, dtype).reshape(chunks)
-        region = tuple(slice(st, min(st + c, s)) for st, c, s in zip(starts, chunks, shape,
-                                                                       strict=True))
         out[region] = block[tuple(slice(0, r.stop - r.start) for r in region)]
     return True
 
@@ -556,15 +565,9 @@ class ItemReader:
             held += nbytes
 
         def issue(batch: list[tuple[str, Any]]) -> list[tuple[str, Any, dict[str, Any]]]:
-            wanted = []
-            for name, plan in batch:
-                _dtype, shape, chunks = plan
-                keys = ([".".join(str(st // c) for st, c in zip(starts, chunks, strict=True))
-                         or "0" for starts in itertools.product(
-                             *[range(0, s, c) for s, c in zip(shape, chunks, strict=True)])]
-                        if math.prod(shape) else [])
-                wanted.append((name, plan, {k: kv.read(f"{name}/{k}") for k in keys}))
-            return wanted
+            return [(name, plan, {k: kv.read(f"{name}/{k}") for k, _ in chunk_grid(plan[1],
+                                                                                  plan[2])})
+                    for name, plan in batch]
 
         def wait_chunks(wanted: list[tuple[str, Any, dict[str, Any]]]) -> dict[str, np.ndarray]:
             out = {}
@@ -600,17 +603,7 @@ def crc32_of(arr: np.ndarray) -> int:
 
 def chunk_checksums(arr: np.ndarray, chunks: tuple[int, ...]) -> dict[str, int]:
     """crc32 of every chunk of a whole array, keyed like the stored chunks."""
-    if arr.size == 0:
-        return {}
-    if not chunks or tuple(chunks) == arr.shape:
-        return {chunk_key(tuple(slice(0, s) for s in arr.shape), chunks):
-                crc32_of(arr)}
-    out = {}
-    grid = [range(0, s, max(1, c)) for s, c in zip(arr.shape, chunks, strict=True)]
-    for starts in itertools.product(*grid):
-        index = tuple(slice(st, st + c) for st, c in zip(starts, chunks, strict=True))
-        out[chunk_key(index, chunks)] = crc32_of(arr[index])
-    return out
+    return {key: crc32_of(arr[region]) for key, region in chunk_grid(arr.shape, chunks)}
 
 
 async def read_shape_dtype(

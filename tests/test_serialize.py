@@ -67,6 +67,28 @@ def test_chunk_keys_of_shards():
     assert ser.chunk_key((slice(4, 8), slice(3, 6)), (4, 3)) == "1.1"
 
 
+def test_chunk_grid_keys_and_regions_agree_with_tensorstore(tmp_path):
+    assert ser.chunk_grid((), ()) == [("0", ())]
+    assert ser.chunk_grid((0, 3), (1, 3)) == []
+    grid = ser.chunk_grid((5, 3), (2, 3))  # the last row of chunks is clipped
+    assert grid == [("0.0", (slice(0, 2), slice(0, 3))), ("1.0", (slice(2, 4), slice(0, 3))),
+                    ("2.0", (slice(4, 5), slice(0, 3)))]
+    arr = np.arange(15, dtype=np.int32).reshape(5, 3)
+
+    async def stored():
+        spec = ser.array_spec(tmp_path, "x", write=True)
+        spec["metadata"] = {"shape": [5, 3], "chunks": [2, 3], "compressor": None}
+        spec["dtype"] = "int32"
+        await (await ts.open(spec, create=True, open=True, context=ser.new_context())).write(arr)
+        return await _contents(tmp_path)
+
+    chunks = {k: v for k, v in asyncio.run(stored()).items() if k != ".zarray"}
+    assert sorted(chunks) == [k for k, _ in grid]
+    for key, region in grid:  # each stored chunk holds its region (padded to a whole chunk)
+        held = np.frombuffer(chunks[key], np.int32).reshape(2, 3)
+        np.testing.assert_array_equal(held[:region[0].stop - region[0].start], arr[region])
+
+
 @pytest.mark.parametrize("compressor", [None, {"id": "zstd", "level": 1}])
 @pytest.mark.parametrize("shape,chunks", [((5, 3), (2, 2)), ((7,), (3,)), ((), ()), ((0, 2), (1, 2)),
                                           ((4, 4), (4, 4))])
