@@ -20,12 +20,14 @@ import os
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import tensorstore as ts
 
+from . import _ocdbt
 from . import _storage as storage
 from ._paths import AnyPath, kvstore_base
 from ._runtime import get_runtime
@@ -265,28 +267,41 @@ def chunk_grid(shape: tuple[int, ...], chunks: tuple[int, ...]) -> list[tuple[st
 
 
 class ItemWriter:
-    """Writes one process's arrays of an item into OCDBT: one context, one kvstore handle
-    per database.
+    """Writes one process's arrays of an item into OCDBT.
 
-    Small uncompressed arrays go straight into the kvstore as a ``.zarray`` document and raw
-    chunks (what TensorStore's zarr driver would write, byte for byte); others go through
-    the zarr driver. Both share the context, hence the same OCDBT database instance. Each
-    batch goes to the least loaded of ``lane_count(total_bytes)`` databases ("lanes"): the
-    item directory itself when there is one lane and one process, else ``process_dir(index,
-    lane)`` folders, which :attr:`merged` lists for :func:`merge_databases`.
+    On a local filesystem, uncompressed arrays go into a database this module writes itself
+    (:class:`_ocdbt.DatabaseWriter`: each batch's chunks from their host buffers into one data
+    file, then the B+tree): the item directory's own database with one process, else
+    ``process_dir(index)``. What it cannot take (compression, a dtype without a zarr v2 name, a
+    shard smaller than its chunk) and everything on an object store goes through TensorStore:
+    small arrays straight into its kvstore as a ``.zarray`` document and raw chunks, others
+    through the zarr driver, all sharing one context and hence one OCDBT database instance per
+    lane. Each such batch goes to the least loaded of ``lane_count(total_bytes)`` databases
+    ("lanes"): the item directory itself when it is the only database of a single process, else
+    ``process_dir(index, lane)`` folders, which :attr:`merged` lists for
+    :func:`merge_databases`.
+
+    Call order: :meth:`write` for each batch (concurrently), then :meth:`finish` once.
     """
 
     def __init__(self, item_dir: AnyPath, *, compress: bool = False,
                  direct_max_bytes: float = DIRECT_WRITE_MAX_BYTES,
-                 total_bytes: int = 0, process_index: int | None = None) -> None:
+                 total_bytes: int = 0, process_index: int | None = None,
+                 own_database: bool = True) -> None:
         self.compress = compress
+        self.db: _ocdbt.DatabaseWriter | None = None
         lanes = lane_count(total_bytes)
-        if lanes == 1 and process_index is None:
+        first_lane = 0
+        if own_database and isinstance(item_dir, Path) and not compress:
+            self.db = _ocdbt.DatabaseWriter(
+                item_dir if process_index is None else item_dir / process_dir(process_index))
+            lanes, first_lane = min(lanes, MAX_LANES - 1), 1
+        if lanes == 1 and process_index is None and self.db is None:
             self.dirs = [item_dir]
         else:
-            self.dirs = [item_dir / process_dir(process_index or 0, i) for i in range(lanes)]
-        #: The lane databases to merge into the item's root database (none: written there).
-        self.merged = self.dirs if self.dirs != [item_dir] else []
+            self.dirs = [item_dir / process_dir(process_index or 0, first_lane + i)
+                         for i in range(lanes)]
+        self._item_dir = item_dir
         # (one value per database: the kvstore and the zarr driver must open the same OCDBT
         # database instance of the shared context)
         self.file_size = data_file_size(total_bytes // lanes)
@@ -295,9 +310,17 @@ class ItemWriter:
         self._kv: dict[int, ts.KvStore] = {}
         self._kv_lock = asyncio.Lock()
         self._load = [0] * lanes
+        self._used: set[int] = set()
         #: name -> chunk key -> crc32 of the chunk's bytes as written (``_CHECKSUMS``).
         self.checksums: dict[str, dict[str, int]] = {}
         self.chunks: dict[str, tuple[int, ...]] = {}
+
+    @property
+    def merged(self) -> list[AnyPath]:
+        """The lane databases TensorStore wrote, to merge into the item's root database (none:
+        everything is there already)."""
+        used = [self.dirs[i] for i in sorted(self._used)]
+        return [] if used == [self._item_dir] else used
 
     async def _kvstore(self, lane: int) -> ts.KvStore:
         async with self._kv_lock:
@@ -313,16 +336,67 @@ class ItemWriter:
             return None
         return zdtype
 
+    def _own(self, arr: StoredArray) -> str | None:
+        """The ``.zarray`` dtype of an array :attr:`db` takes (each shard one whole chunk)."""
+        zdtype = zarr_v2_dtype(arr.dtype)
+        if self.db is None or zdtype is None:
+            return None
+        if any(data.shape != arr.chunks for _, data in arr.shards if data.size):
+            return None  # an edge shard: zarr stores whole chunks, padded
+        return zdtype
+
     async def write(self, batch: list[StoredArray]) -> None:
-        """Writes a batch of arrays: the small ones in one OCDBT transaction (one commit,
-        one future to await), the others through the zarr driver, concurrently."""
+        """Writes a batch of arrays: those :attr:`db` takes in one data file (in a worker
+        thread); through TensorStore, the small ones in one OCDBT transaction (one commit, one
+        future to await) and the others through the zarr driver; all concurrently."""
         # (an array none of whose shards this process owns is written by the others)
         batch = [arr for arr in batch if arr.shards]
         if not batch:
             return
-        lane = self._load.index(min(self._load))
         for arr in batch:
             self.chunks[arr.name] = arr.chunks
+        own: list[tuple[StoredArray, str]] = []
+        rest: list[StoredArray] = []
+        for arr in batch:
+            zdtype = self._own(arr)
+            if zdtype is None:
+                rest.append(arr)
+            else:
+                own.append((arr, zdtype))
+        writes: list[Awaitable[Any]] = []
+        if own:
+            writes.append(self._write_own(own))
+        if rest:
+            writes.append(self._write_tensorstore(rest))
+        await asyncio.gather(*writes)
+
+    async def _write_own(self, batch: list[tuple[StoredArray, str]]) -> None:
+        """Writes a batch into :attr:`db` in one worker thread while another checksums it
+        (both without the GIL, on the arrays' own host buffers)."""
+        assert self.db is not None
+        values: list[tuple[str, bytes | memoryview]] = []
+        chunks: list[tuple[dict[str, int], str, memoryview]] = []
+        for arr, zdtype in batch:
+            values.append((f"{arr.name}/.zarray", zarray_document(arr.shape, arr.chunks, zdtype)))
+            sums = self.checksums.setdefault(arr.name, {})
+            for index, data in arr.shards:
+                if data.size:
+                    key = chunk_key(index, arr.chunks)
+                    raw = _ocdbt.as_bytes(np.ascontiguousarray(data))
+                    chunks.append((sums, key, raw))
+                    values.append((f"{arr.name}/{key}", raw))
+
+        def checksum() -> None:  # (zlib releases the GIL on large buffers)
+            for sums, key, raw in chunks:
+                sums[key] = zlib.crc32(raw)
+
+        rt = get_runtime()
+        await asyncio.gather(rt.to_thread(checksum), rt.to_thread(self.db.write_values, values))
+
+    async def _write_tensorstore(self, batch: list[StoredArray]) -> None:
+        lane = self._load.index(min(self._load))
+        self._used.add(lane)
+        for arr in batch:
             self._load[lane] += arr.nbytes
         direct: list[tuple[StoredArray, str]] = []
         others: list[Awaitable[Any]] = []
@@ -346,6 +420,11 @@ class ItemWriter:
                         kv.write(f"{arr.name}/{key}", raw)
             others.append(txn.commit_async())
         await asyncio.gather(*others)
+
+    async def finish(self) -> None:
+        """After every :meth:`write`: completes :attr:`db` (its B+tree and manifest)."""
+        if self.db is not None:
+            await get_runtime().to_thread(self.db.finish)
 
     async def _write_large(self, arr: StoredArray, lane: int) -> None:
         def checksum() -> dict[str, int]:  # zlib releases the GIL on large buffers

@@ -46,9 +46,11 @@ PROBE = textwrap.dedent("""
                 pass
         return out
 
-    # Large arrays (checksums in background threads) and small ones (raw chunks).
+    import ml_dtypes
+    # Large arrays and small ones (ckpt_async's own OCDBT writer, in background threads), and
+    # int4 ones, which only TensorStore's zarr driver writes (in TensorStore's threads).
     state = {"big": jnp.arange(1 << 21, dtype=jnp.float32), "small": np.arange(100.0),
-             "j": jnp.ones((64, 64))}
+             "j": jnp.ones((64, 64)), "i4": np.arange(1 << 20).astype(ml_dtypes.int4)}
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(sys.argv[1] + "/a", args=ocp.args.StandardSave(state))
     ckptr.wait_until_finished()

@@ -37,9 +37,11 @@ async def _contents(root):
     return {k.decode().split("/", 1)[1]: (await kv.read(k)).value for k in await kv.list()}
 
 
+@pytest.mark.parametrize("own", [True, False], ids=["own-database", "tensorstore-kvstore"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_direct_write_matches_tensorstore(tmp_path, dtype, shape):
+def test_direct_write_matches_tensorstore(tmp_path, dtype, shape, own):
+    # Both ways ckpt_async writes raw chunks store what TensorStore's zarr driver stores.
     dtype = np.dtype(dtype)
     assert ser.zarr_v2_dtype(dtype) is not None
     arr = (np.arange(int(np.prod(shape))) % 7).astype(np.float32).astype(dtype).reshape(shape)
@@ -48,8 +50,10 @@ def test_direct_write_matches_tensorstore(tmp_path, dtype, shape):
         await _via_tensorstore(tmp_path / "ts", "x", arr)
         full = tuple(slice(None) for _ in shape)
         stored = ser.StoredArray("x", shape, dtype, shape, ((full, arr),))
-        writer = ser.ItemWriter(tmp_path / "direct")
+        writer = ser.ItemWriter(tmp_path / "direct", own_database=own)
         await writer.write([stored])
+        await writer.finish()
+        assert (writer.db is not None) == own
         return await _contents(tmp_path / "ts"), await _contents(tmp_path / "direct")
 
     theirs, ours = asyncio.run(main())
@@ -177,7 +181,7 @@ def test_batches_spread_over_lanes_and_merge_into_the_root_database(tmp_path, mo
 
     async def main():
         writers = [ser.ItemWriter(tmp_path, total_bytes=3, direct_max_bytes=16 << 10,
-                                  process_index=p)
+                                  process_index=p, own_database=False)
                    for p in ([None] if processes is None else range(processes))]
         for i, name in enumerate(names):  # one array a batch, writers taking turns
             await writers[i % len(writers)].write([_stored(name, arrays[name])])
@@ -202,7 +206,7 @@ def test_batches_spread_over_lanes_and_merge_into_the_root_database(tmp_path, mo
 
 
 def test_one_lane_of_one_process_writes_into_the_item_directory(tmp_path):
-    writer = ser.ItemWriter(tmp_path, total_bytes=ser.LANE_BYTES)
+    writer = ser.ItemWriter(tmp_path, total_bytes=ser.LANE_BYTES, own_database=False)
     assert writer.dirs == [tmp_path] and writer.merged == []
 
 
@@ -218,6 +222,7 @@ def test_small_arrays_read_in_batches_come_back_whole(tmp_path, monkeypatch, bat
         await writer.write([ser.StoredArray(n, a.shape, a.dtype, a.shape,
                                             ((tuple(slice(None) for _ in a.shape), a),))
                             for n, a in arrays.items()])
+        await writer.finish()
         reader = ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
         return await reader.read_small([*arrays, "missing"])
 
@@ -242,10 +247,12 @@ def test_host_buffer_is_aligned_with_or_without_anonymous_mappings(monkeypatch, 
 
 def _write_whole(tmp_path, arrays):
     async def main():
-        await ser.ItemWriter(tmp_path).write([
+        writer = ser.ItemWriter(tmp_path)
+        await writer.write([
             ser.StoredArray(n, a.shape, a.dtype, a.shape,
                             ((tuple(slice(None) for _ in a.shape), a),))
             for n, a in arrays.items()])
+        await writer.finish()
     asyncio.run(main())
 
 

@@ -184,6 +184,7 @@ class PyTreeCheckpointHandler(CheckpointHandler):
                 for t in tasks:
                     t.cancel()
                 raise
+            await writer.finish()
             # Built here, off the blocking path: it needs only names, kinds and shardings.
             # Its per-array objects are acyclic and die before the pause ends: no collection.
             with gc_paused():

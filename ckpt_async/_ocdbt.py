@@ -1,0 +1,362 @@
+"""Writes an OCDBT database on a local filesystem without TensorStore's writer.
+
+TensorStore's OCDBT writer takes each value as a Python ``bytes`` object: for every array one
+copy into ``bytes``, a second into TensorStore's buffers, a Python call per key, then the
+kernel's copy into the page cache. Here the values go from the arrays' own host buffers to the
+kernel in one ``writev`` per batch, in a worker thread without the GIL; this module then
+encodes the B+tree over them itself (TensorStore's documented format, ``kvstore/ocdbt``
+"Storage format") and has TensorStore encode the manifest (``ts.ocdbt.undump_manifest``).
+TensorStore and Orbax read the result like any database TensorStore wrote: one version whose
+B+tree holds every key; small values (the ``.zarray`` documents) inline in its leaves, the
+chunks in ``d/<random id>`` data files, one per batch.
+
+Call order: :meth:`DatabaseWriter.write_values` from any number of worker threads, then
+:meth:`DatabaseWriter.finish` once, after every write returned.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorstore as ts
+
+#: The configuration TensorStore gives a database it creates from ``_serialize.kvstore_spec``
+#: (which later writers, such as a merge, assume without reading it).
+MAX_INLINE_VALUE_BYTES = 1024
+MAX_DECODED_NODE_BYTES = 1_000_000
+_VERSION_TREE_ARITY_LOG2 = 4
+_BTREE_MAGIC = 0x0CDB20DE
+#: Nodes are cut at about this many decoded bytes, safely below the configured limit (an
+#: entry's size is estimated from above).
+_NODE_BYTES = 900_000
+_IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 1024
+
+
+# -- CRC-32C (Castagnoli), the checksum of every node ----------------------------------------
+def _crc_table() -> np.ndarray:
+    table = np.arange(256, dtype=np.uint32)
+    for _ in range(8):
+        table = np.where(table & 1, (table >> 1) ^ np.uint32(0x82F63B78), table >> 1)
+    return table.astype(np.uint32)
+
+
+_TABLE = _crc_table()
+_TABLE_LIST = [int(v) for v in _TABLE]
+
+
+@functools.lru_cache(maxsize=64)
+def _shift(log2_bytes: int) -> tuple[np.ndarray, ...]:
+    """Tables applying ``2**log2_bytes`` zero bytes to a CRC register (a linear map, one table
+    per register byte): ``_apply(_shift(k), r)`` is the register after those bytes."""
+    if log2_bytes == 0:
+        b = np.arange(256, dtype=np.uint32)
+        return tuple((_TABLE[(b << (8 * j)) & 0xFF] ^ ((b << (8 * j)) >> 8)).astype(np.uint32)
+                     for j in range(4))
+    half = _shift(log2_bytes - 1)
+    return tuple(_apply(half, t) for t in half)
+
+
+def _apply(tables: tuple[np.ndarray, ...], r: np.ndarray) -> np.ndarray:
+    t0, t1, t2, t3 = tables
+    return t0[r & 0xFF] ^ t1[(r >> 8) & 0xFF] ^ t2[(r >> 16) & 0xFF] ^ t3[r >> 24]
+
+
+def _advance(r: int, nbytes: int) -> int:
+    """The register ``r`` after ``nbytes`` zero bytes."""
+    reg = np.array(r, dtype=np.uint32)
+    k = 0
+    while nbytes:
+        if nbytes & 1:
+            reg = _apply(_shift(k), reg)
+        nbytes >>= 1
+        k += 1
+    return int(reg)
+
+
+def _crc0(buf: np.ndarray) -> int:
+    """The CRC register after ``buf`` (uint8), starting from 0, no final inversion."""
+    n = len(buf)
+    if n < 2048:
+        r, table = 0, _TABLE_LIST
+        for b in buf.tobytes():
+            r = table[(r ^ b) & 0xFF] ^ (r >> 8)
+        return r
+    # 2**k blocks of 256 bytes, each block's register computed at once (one numpy step per
+    # byte column), then combined pairwise: crc(A + B) = advance(crc(A), len(B)) ^ crc(B).
+    width = 256
+    k = (n // width).bit_length() - 1
+    blocks = 1 << k
+    head = blocks * width
+    columns = np.ascontiguousarray(buf[:head].reshape(blocks, width).T)
+    reg = np.zeros(blocks, dtype=np.uint32)
+    for col in columns:
+        reg = _TABLE[(reg ^ col) & 0xFF] ^ (reg >> 8)
+    level = width.bit_length() - 1
+    while len(reg) > 1:
+        reg = _apply(_shift(level), reg[0::2]) ^ reg[1::2]
+        level += 1
+    tail = buf[head:]
+    return _advance(int(reg[0]), len(tail)) ^ _crc0(tail) if len(tail) else int(reg[0])
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C of ``data`` (as ``google_crc32c`` / absl compute it)."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    return _advance(0xFFFFFFFF, len(buf)) ^ _crc0(buf) ^ 0xFFFFFFFF
+
+
+# -- encoding ---------------------------------------------------------------------------------
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_SMALL_VARINTS = [_encode_varint(n) for n in range(1 << 14)]
+
+
+def _varint(n: int) -> bytes:
+    """``n`` as an unsigned LEB128 varint."""
+    return _SMALL_VARINTS[n] if n < 16384 else _encode_varint(n)
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    """The length of the longest common prefix of ``a`` and ``b``."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    # (the highest differing bit of the two as big-endian integers is in the first differing byte)
+    diff = int.from_bytes(a[:n], "big") ^ int.from_bytes(b[:n], "big")
+    return n - (diff.bit_length() + 7) // 8
+
+
+def _key_columns(keys: Sequence[bytes]) -> list[bytes]:
+    """``key_prefix_length`` (after the first), ``key_suffix_length`` and the suffixes."""
+    prefixes = [0] + [_common_prefix(a, b) for a, b in zip(keys, keys[1:])]
+    return [b"".join(_varint(p) for p in prefixes[1:]),
+            b"".join(_varint(len(k) - p) for k, p in zip(keys, prefixes)),
+            b"".join(k[p:] for k, p in zip(keys, prefixes))]
+
+
+def _file_table(files: list[str]) -> tuple[bytes, dict[str, int]]:
+    """A node's data file table (every base path empty) and each file's index in it."""
+    files = sorted(set(files))
+    paths = [f.encode() for f in files]
+    prefixes = [0] + [_common_prefix(a, b) for a, b in zip(paths, paths[1:])]
+    table = b"".join([
+        _varint(len(paths)),
+        *(_varint(p) for p in prefixes[1:]),
+        *(_varint(len(p) - q) for p, q in zip(paths, prefixes)),
+        *(_varint(0) for _ in paths),
+        *(p[q:] for p, q in zip(paths, prefixes)),
+    ])
+    return table, {f: i for i, f in enumerate(files)}
+
+
+def _node(height: int, body: bytes) -> bytes:
+    """An encoded B+tree node: header, uncompressed body, CRC-32C of everything before it."""
+    payload = _varint(0) + _varint(0) + bytes([height]) + body  # version 0, uncompressed
+    head = struct.pack(">I", _BTREE_MAGIC) + struct.pack("<Q", 12 + len(payload) + 4)
+    data = head + payload
+    return data + struct.pack("<I", crc32c(data))
+
+
+#: A leaf entry's value: inline bytes, or (data file, offset, length).
+Value = bytes | tuple[str, int, int]
+
+
+def encode_leaf(entries: Sequence[tuple[bytes, Value]]) -> bytes:
+    keys = [k for k, _ in entries]
+    indirect = [v for _, v in entries if isinstance(v, tuple)]
+    table, index = _file_table([v[0] for v in indirect])
+    return _node(0, b"".join([
+        table, _varint(len(entries)), *_key_columns(keys),
+        *(_varint(len(v) if isinstance(v, bytes) else v[2]) for _, v in entries),
+        bytes(0 if isinstance(v, bytes) else 1 for _, v in entries),
+        *(_varint(index[v[0]]) for v in indirect),
+        *(_varint(v[1]) for v in indirect),
+        *(v for _, v in entries if isinstance(v, bytes)),
+    ]))
+
+
+@dataclass(frozen=True)
+class _Child:
+    """A node as its parent references it: its first key, (data file, offset, length), and the
+    statistics of its subtree."""
+
+    key: bytes
+    where: tuple[str, int, int]
+    keys: int
+    tree_bytes: int
+    indirect_bytes: int
+
+
+def encode_interior(height: int, children: Sequence[_Child]) -> bytes:
+    # (every child's keys are stored whole: no subtree common prefix is taken out)
+    table, index = _file_table([c.where[0] for c in children])
+    return _node(height, b"".join([
+        table, _varint(len(children)), *_key_columns([c.key for c in children])[:2],
+        *(_varint(0) for _ in children),
+        _key_columns([c.key for c in children])[2],
+        *(_varint(index[c.where[0]]) for c in children),
+        *(_varint(c.where[1]) for c in children),
+        *(_varint(c.where[2]) for c in children),
+        *(_varint(c.keys) for c in children),
+        *(_varint(c.tree_bytes) for c in children),
+        *(_varint(c.indirect_bytes) for c in children),
+    ]))
+
+
+def _leaf_groups(entries: list[tuple[bytes, Value]]) -> list[list[tuple[bytes, Value]]]:
+    groups: list[list[tuple[bytes, Value]]] = [[]]
+    size = 0
+    for key, value in entries:
+        n = len(key) + 40 + (len(value) if isinstance(value, bytes) else 0)
+        if groups[-1] and size + n > _NODE_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append((key, value))
+        size += n
+    return groups
+
+
+def encode_tree(entries: list[tuple[bytes, Value]], node_file: str
+                ) -> tuple[bytes, _Child, int]:
+    """Every node of a B+tree over ``entries`` (sorted, unique keys), as the bytes of
+    ``node_file`` (children first), the root's reference and its height."""
+    out = bytearray()
+    level: list[_Child] = []
+    for group in _leaf_groups(entries):
+        node = encode_leaf(group)
+        level.append(_Child(group[0][0], (node_file, len(out), len(node)), len(group),
+                            len(node), sum(v[2] for _, v in group if isinstance(v, tuple))))
+        out += node
+    height = 0
+    while len(level) > 1:
+        height += 1
+        per_node = max(2, _NODE_BYTES // (80 + max(len(c.key) for c in level)))
+        parents = []
+        for i in range(0, len(level), per_node):
+            children = level[i:i + per_node]
+            node = encode_interior(height, children)
+            parents.append(_Child(children[0].key, (node_file, len(out), len(node)),
+                                  sum(c.keys for c in children),
+                                  len(node) + sum(c.tree_bytes for c in children),
+                                  sum(c.indirect_bytes for c in children)))
+            out += node
+        level = parents
+    return bytes(out), level[0], height
+
+
+def manifest(root: _Child, height: int, db_uuid: str) -> bytes:
+    """The encoded manifest of a database with one version (generation 1) rooted at ``root``."""
+    return ts.ocdbt.undump_manifest({
+        "config": {"compression": {"id": "zstd"},
+                   "max_decoded_node_bytes": MAX_DECODED_NODE_BYTES,
+                   "max_inline_value_bytes": MAX_INLINE_VALUE_BYTES,
+                   "uuid": db_uuid, "version_tree_arity_log2": _VERSION_TREE_ARITY_LOG2},
+        "version_tree_nodes": [],
+        "versions": [{
+            "commit_time": time.time_ns(), "generation_number": 1, "root_height": height,
+            "root": {"location": "btreenode::{}:{}:{}".format(*root.where),
+                     "statistics": {"num_keys": root.keys, "num_tree_bytes": root.tree_bytes,
+                                    "num_indirect_value_bytes": root.indirect_bytes}},
+        }],
+    })
+
+
+# -- the writer -------------------------------------------------------------------------------
+def _new_file() -> str:
+    return "d/" + os.urandom(16).hex()
+
+
+def _write_durable(path: Path, buffers: Sequence[memoryview | bytes]) -> None:
+    """Writes ``buffers`` one after the other into a new file ``path`` and fsyncs it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        for i in range(0, len(buffers), _IOV_MAX):
+            group = list(buffers[i:i + _IOV_MAX])
+            want = sum(len(b) for b in group)
+            done = os.writev(fd, group)
+            if done != want:  # a short write: finish it buffer by buffer
+                for b in group:
+                    view = memoryview(b)
+                    if done >= len(view):
+                        done -= len(view)
+                        continue
+                    view = view[done:]
+                    done = 0
+                    while view:
+                        view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def as_bytes(arr: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array, without a copy (any dtype, ml_dtypes included)."""
+    return arr.reshape(-1).view(np.uint8).data
+
+
+class DatabaseWriter:
+    """One OCDBT database in directory ``root`` (created here), written by this process."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._entries: list[tuple[bytes, Value]] = []
+        self._lock = threading.Lock()
+        self._made = False
+
+    def write_values(self, values: Sequence[tuple[str, bytes | memoryview]]) -> None:
+        """Runs in a worker thread: writes ``values`` (key, bytes), the large ones into one
+        new data file, durably, and records their entries."""
+        if not values:
+            return
+        self._makedirs()
+        name = _new_file()
+        entries: list[tuple[bytes, Value]] = []
+        out: list[bytes | memoryview] = []
+        offset = 0
+        for key, data in values:
+            n = len(data)
+            if n <= MAX_INLINE_VALUE_BYTES:
+                entries.append((key.encode(), bytes(data)))
+            else:
+                entries.append((key.encode(), (name, offset, n)))
+                out.append(data)
+                offset += n
+        if out:
+            _write_durable(self.root / name, out)
+        with self._lock:
+            self._entries.extend(entries)
+
+    def _makedirs(self) -> None:
+        if not self._made:
+            (self.root / "d").mkdir(parents=True, exist_ok=True)
+            self._made = True
+
+    def finish(self) -> None:
+        """Runs in a worker thread, after every write: writes the B+tree and the manifest."""
+        if not self._entries:
+            return
+        self._makedirs()
+        entries = sorted(self._entries)
+        for a, b in zip(entries, entries[1:]):
+            if a[0] == b[0]:
+                raise ValueError(f"{self.root}: key {a[0].decode()!r} written twice")
+        node_file = _new_file()
+        nodes, root, height = encode_tree(entries, node_file)
+        _write_durable(self.root / node_file, [nodes])
+        _write_durable(self.root / "manifest.ocdbt", [manifest(root, height, uuid.uuid4().hex)])

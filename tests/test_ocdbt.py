@@ -1,0 +1,161 @@
+"""ckpt_async's own OCDBT writer: what it writes, TensorStore and Orbax read exactly."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import jax
+import numpy as np
+import orbax.checkpoint as orbax
+import pytest
+import tensorstore as ts
+
+import ckpt_async as ocp
+from ckpt_async import _ocdbt
+from ckpt_async import _serialize as ser
+from ckpt_async.errors import CommitError
+
+
+def _reference_crc32c(data: bytes) -> int:
+    r = 0xFFFFFFFF
+    for b in data:
+        r ^= b
+        for _ in range(8):
+            r = (r >> 1) ^ (0x82F63B78 if r & 1 else 0)
+    return r ^ 0xFFFFFFFF
+
+
+def test_crc32c_matches_the_standard_and_tensorstore():
+    assert _ocdbt.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    assert _ocdbt.crc32c(b"") == 0
+    rng = np.random.default_rng(0)
+    # around the vectorised path's thresholds: bytewise below 2,048, blocks of 256 above
+    for n in [1, 255, 2047, 2048, 2049, 4096, 4097, 65536 + 300, 300_001]:
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert _ocdbt.crc32c(data) == _reference_crc32c(data), n
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": "memory://"}).result()
+    kv["a"] = b"b"
+    encoded = kv.base["manifest.ocdbt"]  # TensorStore's manifest ends in its own CRC-32C
+    assert struct.unpack("<I", encoded[-4:])[0] == _ocdbt.crc32c(encoded[:-4])
+
+
+def _values(count: int, seed: int = 0) -> dict[str, bytes]:
+    rng = np.random.default_rng(seed)
+    return {f"params.layer_{i % 7}.w{i:05d}/{'.zarray' if i % 3 == 0 else '0.0'}":
+            rng.integers(0, 256, int(rng.integers(0, 4000)), dtype=np.uint8).tobytes()
+            for i in range(count)}
+
+
+def _read_all(root) -> dict[str, bytes]:
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{root}"}).result()
+    return {k.decode(): kv.read(k).result().value for k in kv.list().result()}
+
+
+def _manifest(root) -> dict:
+    return ts.ocdbt.dump(ts.KvStore.open(f"file://{root}/").result()).result()
+
+
+@pytest.mark.parametrize("node_bytes", [None, 2_000], ids=["one-leaf", "interior-levels"])
+def test_every_key_reads_back_exactly(tmp_path, monkeypatch, node_bytes):
+    if node_bytes:
+        monkeypatch.setattr(_ocdbt, "_NODE_BYTES", node_bytes)
+    values = _values(3000)
+    writer = _ocdbt.DatabaseWriter(tmp_path)
+    items = list(values.items())
+    for i in range(0, len(items), 700):  # several batches, hence several data files
+        writer.write_values([(k, memoryview(v)) for k, v in items[i:i + 700]])
+    writer.finish()
+    assert _read_all(tmp_path) == values
+    version, = _manifest(tmp_path)["versions"]
+    assert version["generation_number"] == 1
+    assert version["root"]["statistics"]["num_keys"] == len(values)
+    assert version["root"]["statistics"]["num_indirect_value_bytes"] == sum(
+        len(v) for v in values.values() if len(v) > _ocdbt.MAX_INLINE_VALUE_BYTES)
+    if node_bytes:
+        assert version["root_height"] >= 2
+    else:
+        assert version["root_height"] == 0
+    # 5 data files for the batches, 1 for the nodes
+    assert len(os.listdir(tmp_path / "d")) == 6
+
+
+def test_small_values_are_inline_and_large_ones_in_data_files(tmp_path):
+    writer = _ocdbt.DatabaseWriter(tmp_path)
+    writer.write_values([("a/.zarray", b"{}"), ("a/0", b"x" * 1024), ("b/0", b"y" * 1025)])
+    writer.finish()
+    root = _manifest(tmp_path)["versions"][0]["root"]["location"]
+    node = ts.ocdbt.dump(ts.KvStore.open(f"file://{tmp_path}/").result(), root).result()
+    kinds = {e["key"]: ("inline" if "inline_value" in e else "indirect") for e in node["entries"]}
+    assert kinds == {b"a/.zarray": "inline", b"a/0": "inline", b"b/0": "indirect"}
+    # the data file holds exactly the out-of-line value
+    data_files = [f for f in os.listdir(tmp_path / "d")
+                  if (tmp_path / "d" / f).stat().st_size == 1025]
+    assert len(data_files) == 1
+
+
+def test_a_database_with_nothing_written_leaves_no_files(tmp_path):
+    writer = _ocdbt.DatabaseWriter(tmp_path / "db")
+    writer.write_values([])
+    writer.finish()
+    assert not (tmp_path / "db").exists()
+
+
+def test_a_key_written_twice_is_refused_by_name(tmp_path):
+    writer = _ocdbt.DatabaseWriter(tmp_path)
+    writer.write_values([("a/0", b"1")])
+    writer.write_values([("a/0", b"2")])
+    with pytest.raises(ValueError, match=r"key 'a/0' written twice"):
+        writer.finish()
+    assert not (tmp_path / "manifest.ocdbt").exists()
+
+
+def test_tensorstore_merges_its_databases_into_ours(tmp_path):
+    ours = _values(500, seed=1)
+    writer = _ocdbt.DatabaseWriter(tmp_path)
+    writer.write_values([(k, memoryview(v)) for k, v in ours.items()])
+    writer.finish()
+    theirs = {f"z{i}/0": bytes([i]) * (i * 40) for i in range(1, 60)}
+    kv = ts.KvStore.open(ser.kvstore_spec(tmp_path / "lane", use_ocdbt=True, write=True),
+                         context=ser.new_context()).result()
+    for k, v in theirs.items():
+        kv[k] = v
+
+    import asyncio
+    asyncio.run(ser.merge_databases(tmp_path, [tmp_path / "lane"]))
+    assert _read_all(tmp_path) == {**ours, **theirs}
+    assert [v["generation_number"] for v in _manifest(tmp_path)["versions"]] == [1, 2]
+
+
+def _state():
+    rng = np.random.default_rng(3)
+    return {"w": {f"k{i:04d}": rng.standard_normal((8, 16)).astype(np.float32)
+                  for i in range(600)},
+            "big": jax.device_put(rng.standard_normal((512, 1024)).astype(np.float32))}
+
+
+def test_orbax_restores_a_checkpoint_whose_tree_has_interior_nodes(tmp_path, monkeypatch):
+    monkeypatch.setattr(_ocdbt, "_NODE_BYTES", 20_000)
+    state = _state()
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", state)
+        ckptr.wait_until_finished()
+    assert _manifest(tmp_path / "c")["versions"][0]["root_height"] >= 1
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    with orbax.StandardCheckpointer() as ockptr:
+        out = ockptr.restore(tmp_path / "c", target)
+    for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(state), strict=True):
+        assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
+
+
+def test_a_failed_data_file_write_fails_the_commit_and_leaves_nothing(tmp_path, monkeypatch):
+    def full(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_ocdbt.os, "writev", full)
+    with ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        ckptr.save(tmp_path / "c", args=ocp.args.StandardSave(_state()))
+        with pytest.raises(CommitError) as ei:
+            ckptr.wait_until_finished()
+    assert isinstance(ei.value.__cause__, OSError)
+    assert os.listdir(tmp_path) == []
