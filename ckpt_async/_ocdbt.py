@@ -10,8 +10,7 @@ TensorStore and Orbax read the result like any database TensorStore wrote: one v
 B+tree holds every key; small values (the ``.zarray`` documents) inline in its leaves, the
 chunks in ``d/<random id>`` data files, one per batch.
 
-Call order: :meth:`DatabaseWriter.write_values` from any number of worker threads, then
-:meth:`DatabaseWriter.finish` once, after every write returned.
+See :class:`DatabaseWriter` for the order of its calls.
 """
 
 from __future__ import annotations
@@ -310,8 +309,21 @@ def as_bytes(arr: np.ndarray) -> memoryview:
     return arr.reshape(-1).view(np.uint8).data
 
 
+@dataclass(frozen=True)
+class DataFile:
+    """A data file to write: its name in the database and its contents, in order."""
+
+    name: str
+    buffers: list[bytes | memoryview]
+
+
 class DatabaseWriter:
-    """One OCDBT database in directory ``root`` (created here), written by this process."""
+    """One OCDBT database in directory ``root`` (created here), written by this process.
+
+    Call order: :meth:`add` for each batch (cheap, any thread), and :meth:`write` of what it
+    returned (in a worker thread), any number of times and concurrently; then, once every
+    write returned, :meth:`finish` (in a worker thread).
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -319,12 +331,9 @@ class DatabaseWriter:
         self._lock = threading.Lock()
         self._made = False
 
-    def write_values(self, values: Sequence[tuple[str, bytes | memoryview]]) -> None:
-        """Runs in a worker thread: writes ``values`` (key, bytes), the large ones into one
-        new data file, durably, and records their entries."""
-        if not values:
-            return
-        self._makedirs()
+    def add(self, values: Sequence[tuple[str, bytes | memoryview]]) -> DataFile:
+        """Records ``values`` (key, bytes): small ones inline in the B+tree, the others in one
+        new data file, which :meth:`write` writes."""
         name = _new_file()
         entries: list[tuple[bytes, Value]] = []
         out: list[bytes | memoryview] = []
@@ -337,10 +346,15 @@ class DatabaseWriter:
                 entries.append((key.encode(), (name, offset, n)))
                 out.append(data)
                 offset += n
-        if out:
-            _write_durable(self.root / name, out)
         with self._lock:
             self._entries.extend(entries)
+        return DataFile(name, out)
+
+    def write(self, data_file: DataFile) -> None:
+        """Runs in a worker thread: writes a data file durably."""
+        if data_file.buffers:
+            self._makedirs()
+            _write_durable(self.root / data_file.name, data_file.buffers)
 
     def _makedirs(self) -> None:
         if not self._made:
@@ -350,13 +364,13 @@ class DatabaseWriter:
     def finish(self) -> None:
         """Runs in a worker thread, after every write: writes the B+tree and the manifest."""
         if not self._entries:
-            return
-        self._makedirs()
+            return  # nothing was added: no database
         entries = sorted(self._entries)
         for a, b in zip(entries, entries[1:]):
             if a[0] == b[0]:
                 raise ValueError(f"{self.root}: key {a[0].decode()!r} written twice")
         node_file = _new_file()
         nodes, root, height = encode_tree(entries, node_file)
+        self._makedirs()
         _write_durable(self.root / node_file, [nodes])
         _write_durable(self.root / "manifest.ocdbt", [manifest(root, height, uuid.uuid4().hex)])

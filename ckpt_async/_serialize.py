@@ -390,8 +390,9 @@ class ItemWriter:
             for sums, key, raw in chunks:
                 sums[key] = zlib.crc32(raw)
 
+        data_file = self.db.add(values)
         rt = get_runtime()
-        await asyncio.gather(rt.to_thread(checksum), rt.to_thread(self.db.write_values, values))
+        await asyncio.gather(rt.to_thread(checksum), rt.to_thread(self.db.write, data_file))
 
     async def _write_tensorstore(self, batch: list[StoredArray]) -> None:
         lane = self._load.index(min(self._load))

@@ -47,6 +47,10 @@ def _values(count: int, seed: int = 0) -> dict[str, bytes]:
             for i in range(count)}
 
 
+def _write(writer: _ocdbt.DatabaseWriter, values) -> None:
+    writer.write(writer.add(values))
+
+
 def _read_all(root) -> dict[str, bytes]:
     kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{root}"}).result()
     return {k.decode(): kv.read(k).result().value for k in kv.list().result()}
@@ -64,7 +68,7 @@ def test_every_key_reads_back_exactly(tmp_path, monkeypatch, node_bytes):
     writer = _ocdbt.DatabaseWriter(tmp_path)
     items = list(values.items())
     for i in range(0, len(items), 700):  # several batches, hence several data files
-        writer.write_values([(k, memoryview(v)) for k, v in items[i:i + 700]])
+        _write(writer, [(k, memoryview(v)) for k, v in items[i:i + 700]])
     writer.finish()
     assert _read_all(tmp_path) == values
     version, = _manifest(tmp_path)["versions"]
@@ -82,7 +86,7 @@ def test_every_key_reads_back_exactly(tmp_path, monkeypatch, node_bytes):
 
 def test_small_values_are_inline_and_large_ones_in_data_files(tmp_path):
     writer = _ocdbt.DatabaseWriter(tmp_path)
-    writer.write_values([("a/.zarray", b"{}"), ("a/0", b"x" * 1024), ("b/0", b"y" * 1025)])
+    _write(writer, [("a/.zarray", b"{}"), ("a/0", b"x" * 1024), ("b/0", b"y" * 1025)])
     writer.finish()
     root = _manifest(tmp_path)["versions"][0]["root"]["location"]
     node = ts.ocdbt.dump(ts.KvStore.open(f"file://{tmp_path}/").result(), root).result()
@@ -96,15 +100,15 @@ def test_small_values_are_inline_and_large_ones_in_data_files(tmp_path):
 
 def test_a_database_with_nothing_written_leaves_no_files(tmp_path):
     writer = _ocdbt.DatabaseWriter(tmp_path / "db")
-    writer.write_values([])
+    _write(writer, [])
     writer.finish()
     assert not (tmp_path / "db").exists()
 
 
 def test_a_key_written_twice_is_refused_by_name(tmp_path):
     writer = _ocdbt.DatabaseWriter(tmp_path)
-    writer.write_values([("a/0", b"1")])
-    writer.write_values([("a/0", b"2")])
+    _write(writer, [("a/0", b"1")])
+    _write(writer, [("a/0", b"2")])
     with pytest.raises(ValueError, match=r"key 'a/0' written twice"):
         writer.finish()
     assert not (tmp_path / "manifest.ocdbt").exists()
@@ -113,7 +117,7 @@ def test_a_key_written_twice_is_refused_by_name(tmp_path):
 def test_tensorstore_merges_its_databases_into_ours(tmp_path):
     ours = _values(500, seed=1)
     writer = _ocdbt.DatabaseWriter(tmp_path)
-    writer.write_values([(k, memoryview(v)) for k, v in ours.items()])
+    _write(writer, [(k, memoryview(v)) for k, v in ours.items()])
     writer.finish()
     theirs = {f"z{i}/0": bytes([i]) * (i * 40) for i in range(1, 60)}
     kv = ts.KvStore.open(ser.kvstore_spec(tmp_path / "lane", use_ocdbt=True, write=True),
