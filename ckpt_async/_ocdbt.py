@@ -21,7 +21,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,24 +281,42 @@ def _new_file() -> str:
     return "d/" + os.urandom(16).hex()
 
 
+#: Bytes handed to the kernel per ``writev``: between calls a background writer returns to
+#: user space, where the scheduler may run the training loop's threads instead.
+WRITE_PIECE_BYTES = int(os.environ.get("CKPT_PIECE", 1 << 20))
+
+
+def _pieces(buffers: Sequence[memoryview | bytes]) -> Iterator[list[memoryview]]:
+    """``buffers`` as lists of views of about ``WRITE_PIECE_BYTES`` (at most ``_IOV_MAX``)."""
+    group: list[memoryview] = []
+    size = 0
+    for b in buffers:
+        view = memoryview(b).cast("B")
+        for start in range(0, len(view), WRITE_PIECE_BYTES):
+            part = view[start:start + WRITE_PIECE_BYTES]
+            group.append(part)
+            size += len(part)
+            if size >= WRITE_PIECE_BYTES or len(group) == _IOV_MAX:
+                yield group
+                group, size = [], 0
+    if group:
+        yield group
+
+
 def _write_durable(path: Path, buffers: Sequence[memoryview | bytes]) -> None:
     """Writes ``buffers`` one after the other into a new file ``path`` and fsyncs it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        for i in range(0, len(buffers), _IOV_MAX):
-            group = list(buffers[i:i + _IOV_MAX])
-            want = sum(len(b) for b in group)
+        for group in _pieces(buffers):
             done = os.writev(fd, group)
-            if done != want:  # a short write: finish it buffer by buffer
-                for b in group:
-                    view = memoryview(b)
-                    if done >= len(view):
-                        done -= len(view)
-                        continue
-                    view = view[done:]
-                    done = 0
-                    while view:
-                        view = view[os.write(fd, view):]
+            for view in group:  # after a short write, the rest buffer by buffer
+                if done >= len(view):
+                    done -= len(view)
+                    continue
+                view = view[done:]
+                done = 0
+                while view:
+                    view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)

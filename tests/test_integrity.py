@@ -22,7 +22,8 @@ def _save(path: Path) -> dict:
 
 
 def _largest_data_file(path: Path) -> Path:
-    files = [p for p in (path / "d").iterdir() if p.is_file()]
+    # (in the item's database or a merged one: ocdbt.process_0.1/d/...)
+    files = [p for p in path.rglob("d/*") if p.is_file()]
     return max(files, key=lambda p: p.stat().st_size)
 
 
