@@ -269,11 +269,12 @@ def chunk_grid(shape: tuple[int, ...], chunks: tuple[int, ...]) -> list[tuple[st
 class ItemWriter:
     """Writes one process's arrays of an item into OCDBT.
 
-    On a local filesystem, uncompressed arrays go into a database this module writes itself
-    (:class:`_ocdbt.DatabaseWriter`: each batch's chunks from their host buffers into one data
-    file, then the B+tree): the item directory's own database with one process, else
-    ``process_dir(index)``. What it cannot take (compression, a dtype without a zarr v2 name, a
-    shard smaller than its chunk) and everything on an object store goes through TensorStore:
+    On a local filesystem, uncompressed arrays up to ``direct_max_bytes`` go into a database
+    this module writes itself (:class:`_ocdbt.DatabaseWriter`: each batch's chunks from their
+    host buffers into one data file, then the B+tree): the item directory's own database with
+    one process, else ``process_dir(index)``. Larger arrays, what it cannot take (compression,
+    a dtype without a zarr v2 name, a shard smaller than its chunk) and everything on an object
+    store go through TensorStore:
     small arrays straight into its kvstore as a ``.zarray`` document and raw chunks, others
     through the zarr driver, all sharing one context and hence one OCDBT database instance per
     lane. Each such batch goes to the least loaded of ``lane_count(total_bytes)`` databases
