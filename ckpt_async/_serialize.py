@@ -269,12 +269,11 @@ def chunk_grid(shape: tuple[int, ...], chunks: tuple[int, ...]) -> list[tuple[st
 class ItemWriter:
     """Writes one process's arrays of an item into OCDBT.
 
-    On a local filesystem, uncompressed arrays up to ``direct_max_bytes`` go into a database
-    this module writes itself (:class:`_ocdbt.DatabaseWriter`: each batch's chunks from their
-    host buffers into one data file, then the B+tree): the item directory's own database with
-    one process, else ``process_dir(index)``. Larger arrays, what it cannot take (compression,
-    a dtype without a zarr v2 name, a shard smaller than its chunk) and everything on an object
-    store go through TensorStore:
+    On a local filesystem, uncompressed arrays go into a database this module writes itself
+    (:class:`_ocdbt.DatabaseWriter`: each batch's chunks from their host buffers into one data
+    file, then the B+tree): the item directory's own database with one process, else
+    ``process_dir(index)``. What it cannot take (compression, a dtype without a zarr v2 name,
+    a shard smaller than its chunk) and everything on an object store goes through TensorStore:
     small arrays straight into its kvstore as a ``.zarray`` document and raw chunks, others
     through the zarr driver, all sharing one context and hence one OCDBT database instance per
     lane. Each such batch goes to the least loaded of ``lane_count(total_bytes)`` databases
@@ -338,12 +337,9 @@ class ItemWriter:
         return zdtype
 
     def _own(self, arr: StoredArray) -> str | None:
-        """The ``.zarray`` dtype of an array :attr:`db` takes: one up to ``direct_max_bytes``
-        whose every shard is one whole chunk. Larger arrays stay with the zarr driver: written
-        from the arrays' buffers by ckpt_async's threads instead, a full `large` commit beside
-        the benchmark's training loop slowed its steps +9% to +28% (5 runs) against +5% to +8%
-        (3 runs)."""
-        zdtype = self._direct(arr) if self.db is not None else None
+        """The ``.zarray`` dtype of an array :attr:`db` takes: any whose every shard is one
+        whole chunk."""
+        zdtype = zarr_v2_dtype(arr.dtype) if self.db is not None else None
         if zdtype is None or any(data.shape != arr.chunks for _, data in arr.shards if data.size):
             return None  # (an edge shard: zarr stores whole chunks, padded)
         return zdtype

@@ -131,26 +131,29 @@ def test_tensorstore_merges_its_databases_into_ours(tmp_path):
     assert [v["generation_number"] for v in _manifest(tmp_path)["versions"]] == [1, 2]
 
 
-def test_small_arrays_go_into_our_database_and_large_ones_through_tensorstore(tmp_path):
-    arrays = {"small": np.arange(100, dtype=np.float32),
-              "large": np.arange(1 << 16, dtype=np.float32)}
+def test_what_only_tensorstore_writes_is_merged_into_our_database(tmp_path):
+    import ml_dtypes
+    arrays = {"f": np.arange(1 << 16, dtype=np.float32),  # any size: ours
+              "i4": np.arange(100).astype(ml_dtypes.int4)}  # no zarr v2 name: TensorStore's
 
     async def main():
-        writer = ser.ItemWriter(tmp_path, total_bytes=64 << 20, direct_max_bytes=1 << 10)
+        writer = ser.ItemWriter(tmp_path, total_bytes=64 << 20)
         await writer.write([ser.StoredArray(n, a.shape, a.dtype, a.shape,
                                             ((tuple(slice(None) for _ in a.shape), a),))
                             for n, a in arrays.items()])
         await writer.finish()
         assert writer.merged == [tmp_path / ser.process_dir(0, 1)]
-        assert {k.split("/")[0] for k in _read_all(tmp_path)} == {"small"}
+        assert {k.split("/")[0] for k in _read_all(tmp_path)} == {"f"}
         await ser.merge_databases(tmp_path, writer.merged)
-        reader = ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
-        return await reader.read_small(list(arrays))
+        assert {k.split("/")[0] for k in _read_all(tmp_path)} == {"f", "i4"}
+        ctx = ser.new_context()
+        return {n: await ser.read_into_buffer(ctx, await ser.open_array(
+            ctx, tmp_path, n, use_ocdbt=True, use_zarr3=False)) for n in arrays}
 
     import asyncio
     out = asyncio.run(main())
     for name, arr in arrays.items():
-        assert out[name].tobytes() == arr.tobytes()
+        assert out[name].dtype == arr.dtype and out[name].tobytes() == arr.tobytes()
 
 
 def _state():
