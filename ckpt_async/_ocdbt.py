@@ -3,7 +3,7 @@
 TensorStore's OCDBT writer takes each value as a Python ``bytes`` object: for every array one
 copy into ``bytes``, a second into TensorStore's buffers, a Python call per key, then the
 kernel's copy into the page cache. Here the values go from the arrays' own host buffers to the
-kernel in one ``writev`` per batch, in a worker thread without the GIL; this module then
+kernel (``writev`` calls of 1 MiB), in a worker thread without the GIL; this module then
 encodes the B+tree over them itself (TensorStore's documented format, ``kvstore/ocdbt``
 "Storage format") and has TensorStore encode the manifest (``ts.ocdbt.undump_manifest``).
 TensorStore and Orbax read the result like any database TensorStore wrote: one version whose
