@@ -205,10 +205,11 @@ class _Child:
 def encode_interior(height: int, children: Sequence[_Child]) -> bytes:
     # (every child's keys are stored whole: no subtree common prefix is taken out)
     table, index = _file_table([c.where[0] for c in children])
+    prefix_lengths, suffix_lengths, suffixes = _key_columns([c.key for c in children])
     return _node(height, b"".join([
-        table, _varint(len(children)), *_key_columns([c.key for c in children])[:2],
-        *(_varint(0) for _ in children),
-        _key_columns([c.key for c in children])[2],
+        table, _varint(len(children)), prefix_lengths, suffix_lengths,
+        *(_varint(0) for _ in children),  # subtree_common_prefix_length
+        suffixes,
         *(_varint(index[c.where[0]]) for c in children),
         *(_varint(c.where[1]) for c in children),
         *(_varint(c.where[2]) for c in children),
