@@ -292,7 +292,8 @@ class ItemWriter:
         self.db: _ocdbt.DatabaseWriter | None = None
         lanes = lane_count(total_bytes)
         first_lane = 0
-        if own_database and isinstance(item_dir, Path) and not compress:
+        # (os.writev: POSIX only; elsewhere TensorStore writes everything)
+        if own_database and isinstance(item_dir, Path) and not compress and hasattr(os, "writev"):
             self.db = _ocdbt.DatabaseWriter(
                 item_dir if process_index is None else item_dir / process_dir(process_index))
             lanes, first_lane = min(lanes, MAX_LANES - 1), 1
