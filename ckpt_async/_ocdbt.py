@@ -348,7 +348,6 @@ class DatabaseWriter:
         self.root = root
         self._entries: list[tuple[bytes, Value]] = []
         self._lock = threading.Lock()
-        self._made = False
 
     def add(self, values: Sequence[tuple[str, bytes | memoryview]]) -> DataFile:
         """Records ``values`` (key, bytes): small ones inline in the B+tree, the others in one
@@ -372,13 +371,8 @@ class DatabaseWriter:
     def write(self, data_file: DataFile) -> None:
         """Runs in a worker thread: writes a data file durably."""
         if data_file.buffers:
-            self._makedirs()
-            _write_durable(self.root / data_file.name, data_file.buffers)
-
-    def _makedirs(self) -> None:
-        if not self._made:
             (self.root / "d").mkdir(parents=True, exist_ok=True)
-            self._made = True
+            _write_durable(self.root / data_file.name, data_file.buffers)
 
     def finish(self) -> None:
         """Runs in a worker thread, after every write: writes the B+tree and the manifest."""
@@ -390,6 +384,6 @@ class DatabaseWriter:
                 raise ValueError(f"{self.root}: key {a[0].decode()!r} written twice")
         node_file = _new_file()
         nodes, root, height = encode_tree(entries, node_file)
-        self._makedirs()
+        (self.root / "d").mkdir(parents=True, exist_ok=True)
         _write_durable(self.root / node_file, [nodes])
         _write_durable(self.root / "manifest.ocdbt", [manifest(root, height, uuid.uuid4().hex)])

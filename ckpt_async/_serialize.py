@@ -331,50 +331,21 @@ class ItemWriter:
                 self._kv[lane] = await ts.KvStore.open(spec, context=self.ctx)
             return self._kv[lane]
 
-    def _direct(self, arr: StoredArray) -> str | None:
+    @staticmethod
+    def _raw_dtype(arr: StoredArray) -> str | None:
+        """The ``.zarray`` dtype of an array that can be stored as raw chunks, one per shard:
+        a dtype with a zarr v2 name, every shard one whole chunk (zarr pads an edge chunk)."""
         zdtype = zarr_v2_dtype(arr.dtype)
-        if self.compress or zdtype is None or arr.nbytes > self.direct_max_bytes:
+        if zdtype is None or any(data.shape != arr.chunks for _, data in arr.shards if data.size):
             return None
         return zdtype
 
-    def _own(self, arr: StoredArray) -> str | None:
-        """The ``.zarray`` dtype of an array :attr:`db` takes: any whose every shard is one
-        whole chunk."""
-        zdtype = zarr_v2_dtype(arr.dtype) if self.db is not None else None
-        if zdtype is None or any(data.shape != arr.chunks for _, data in arr.shards if data.size):
-            return None  # (an edge shard: zarr stores whole chunks, padded)
-        return zdtype
-
-    async def write(self, batch: list[StoredArray]) -> None:
-        """Writes a batch of arrays: those :attr:`db` takes in one data file (in a worker
-        thread); through TensorStore, the small ones in one OCDBT transaction (one commit, one
-        future to await) and the others through the zarr driver; all concurrently."""
-        # (an array none of whose shards this process owns is written by the others)
-        batch = [arr for arr in batch if arr.shards]
-        if not batch:
-            return
-        for arr in batch:
-            self.chunks[arr.name] = arr.chunks
-        own: list[tuple[StoredArray, str]] = []
-        rest: list[StoredArray] = []
-        for arr in batch:
-            zdtype = self._own(arr)
-            if zdtype is None:
-                rest.append(arr)
-            else:
-                own.append((arr, zdtype))
-        writes: list[Awaitable[Any]] = []
-        if own:
-            writes.append(self._write_own(own))
-        if rest:
-            writes.append(self._write_tensorstore(rest))
-        await asyncio.gather(*writes)
-
-    async def _write_own(self, batch: list[tuple[StoredArray, str]]) -> None:
-        """Writes a batch into :attr:`db` in one worker thread while another checksums it
-        (both without the GIL, on the arrays' own host buffers)."""
-        assert self.db is not None
-        values: list[tuple[str, bytes | memoryview]] = []
+    def _raw_values(self, batch: list[tuple[StoredArray, str]]
+                    ) -> tuple[list[tuple[str, memoryview | bytes]], Callable[[], None]]:
+        """A batch's keys and values as raw zarr (``.zarray`` documents and chunks, the chunks
+        views of the arrays' host buffers), and a function, for a worker thread, that records
+        each chunk's crc32 in :attr:`checksums`."""
+        values: list[tuple[str, memoryview | bytes]] = []
         chunks: list[tuple[dict[str, int], str, memoryview]] = []
         for arr, zdtype in batch:
             values.append((f"{arr.name}/.zarray", zarray_document(arr.shape, arr.chunks, zdtype)))
@@ -390,36 +361,62 @@ class ItemWriter:
             for sums, key, raw in chunks:
                 sums[key] = zlib.crc32(raw)
 
+        return values, checksum
+
+    async def write(self, batch: list[StoredArray]) -> None:
+        """Writes a batch of arrays: those :attr:`db` takes in one data file (in a worker
+        thread); through TensorStore, the small ones in one OCDBT transaction (one commit, one
+        future to await) and the others through the zarr driver; all concurrently."""
+        # (an array none of whose shards this process owns is written by the others)
+        batch = [arr for arr in batch if arr.shards]
+        if not batch:
+            return
+        own: list[tuple[StoredArray, str]] = []
+        rest: list[tuple[StoredArray, str | None]] = []
+        for arr in batch:
+            self.chunks[arr.name] = arr.chunks
+            zdtype = self._raw_dtype(arr)
+            if self.db is not None and zdtype is not None:
+                own.append((arr, zdtype))
+            else:
+                rest.append((arr, zdtype))
+        writes: list[Awaitable[Any]] = []
+        if own:
+            writes.append(self._write_own(own))
+        if rest:
+            writes.append(self._write_tensorstore(rest))
+        await asyncio.gather(*writes)
+
+    async def _write_own(self, batch: list[tuple[StoredArray, str]]) -> None:
+        """Writes a batch into :attr:`db` in one worker thread while another checksums it
+        (both without the GIL, on the arrays' own host buffers)."""
+        assert self.db is not None
+        values, checksum = self._raw_values(batch)
         data_file = self.db.add(values)
         rt = get_runtime()
         await asyncio.gather(rt.to_thread(checksum), rt.to_thread(self.db.write, data_file))
 
-    async def _write_tensorstore(self, batch: list[StoredArray]) -> None:
+    async def _write_tensorstore(self, batch: list[tuple[StoredArray, str | None]]) -> None:
+        """Writes a batch through TensorStore into the least loaded lane: arrays up to
+        ``direct_max_bytes`` that can be stored as raw chunks straight into its kvstore (one
+        transaction), the others through the zarr driver."""
         lane = self._load.index(min(self._load))
         self._used.add(lane)
-        for arr in batch:
-            self._load[lane] += arr.nbytes
         direct: list[tuple[StoredArray, str]] = []
         others: list[Awaitable[Any]] = []
-        for arr in batch:
-            zdtype = self._direct(arr)
-            if zdtype is None:
+        for arr, zdtype in batch:
+            self._load[lane] += arr.nbytes
+            if self.compress or zdtype is None or arr.nbytes > self.direct_max_bytes:
                 others.append(self._write_large(arr, lane))
             else:
                 direct.append((arr, zdtype))
         if direct:
+            values, checksum = self._raw_values(direct)
             txn = ts.Transaction()
             kv = (await self._kvstore(lane)).with_transaction(txn)
-            for arr, zdtype in direct:
-                kv.write(f"{arr.name}/.zarray", zarray_document(arr.shape, arr.chunks, zdtype))
-                sums = self.checksums.setdefault(arr.name, {})
-                for index, data in arr.shards:
-                    if data.size:
-                        key = chunk_key(index, arr.chunks)
-                        raw = np.ascontiguousarray(data).tobytes()
-                        sums[key] = zlib.crc32(raw)
-                        kv.write(f"{arr.name}/{key}", raw)
-            others.append(txn.commit_async())
+            for key, value in values:
+                kv.write(key, bytes(value))  # (TensorStore takes bytes only)
+            others += [get_runtime().to_thread(checksum), txn.commit_async()]
         await asyncio.gather(*others)
 
     async def finish(self) -> None:

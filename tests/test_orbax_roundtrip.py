@@ -81,9 +81,9 @@ def test_a_save_written_in_several_databases_restores_in_orbax(tmp_path, mesh, m
     # happen here for about half the arrays, with a small lane size and one array a batch.
     from ckpt_async import _serialize, _stage
 
-    own = _serialize.ItemWriter._own
-    monkeypatch.setattr(_serialize.ItemWriter, "_own", lambda self, arr: (
-        own(self, arr) if zlib.crc32(arr.name.encode()) % 2 else None))
+    raw = _serialize.ItemWriter._raw_dtype
+    monkeypatch.setattr(_serialize.ItemWriter, "_raw_dtype", staticmethod(lambda arr: (
+        raw(arr) if zlib.crc32(arr.name.encode()) % 2 else None)))
     monkeypatch.setattr(_serialize, "LANE_BYTES", 64)
     monkeypatch.setattr(_stage, "BATCH_MAX_ARRAYS", 1)
     state = make_state(mesh)

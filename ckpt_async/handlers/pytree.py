@@ -162,8 +162,9 @@ class PyTreeCheckpointHandler(CheckpointHandler):
                     if p.value_type in ("jax.Array", "np.ndarray", "scalar")
                     and (roles.is_primary or (p.value_type == "jax.Array"
                                               and not p.leaf.value.is_fully_addressable))]
-        # Under a memory budget every array takes the kvstore path: its bytes are freed when
-        # the write lands, while the zarr driver keeps its own buffers past the budget's release.
+        # Under a memory budget every array TensorStore writes takes its kvstore path (as every
+        # one ckpt_async writes itself does): its bytes are freed when the write lands, while
+        # the zarr driver keeps its own buffers past the budget's release.
         nbytes = total_bytes(to_stage)
         writer = ser.ItemWriter(directory, compress=self._compress, direct_max_bytes=(
             math.inf if self._budget.limit is not None else ser.DIRECT_WRITE_MAX_BYTES),
