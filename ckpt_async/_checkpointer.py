@@ -195,11 +195,17 @@ class AsyncCheckpointer:
                                       None), label=f"saving {path}") if roles.multi else None
         token = multihost.use_roles(roles)  # the handlers read it; tasks spawned here copy it
         pace_token = pace_window.set(self._pace_window())
+        # Objects kept out of collections while the commit runs (``heap_frozen``): frozen
+        # before the collector resumes, so that what the blocking part allocated is frozen
+        # with the rest, not traversed by a collection at once (4-10 ms for 4,096 arrays).
+        frozen = contextlib.ExitStack()
+        fut: CommitFuture | None = None
         try:
             tmp = await self._start(path, sync, clear_leftovers)
             try:
                 with gc_paused():  # no full collection in the middle of the blocking part
                     writer = await self.handler.stage(tmp, args)
+                    frozen.enter_context(heap_frozen())
             except BaseException as exc:
                 if sync is not None:  # the others must not wait for this process's part
                     await sync.arrive("written", exc)
@@ -217,7 +223,10 @@ class AsyncCheckpointer:
                      "blocking_secs": time.perf_counter() - t0, "started": t0}
             fut = get_runtime().spawn(self._finish(
                 writer, tmp, path, meta, item_dirs, force, on_commit, after, stats, sync))
+            fut.add_done_callback(lambda _: frozen.close())
         finally:
+            if fut is None:
+                frozen.close()
             pace_window.reset(pace_token)
             multihost.reset_roles(token)
         if track:
@@ -301,9 +310,8 @@ class AsyncCheckpointer:
         timeout = self.async_options.timeout_secs
         try:
             # With several processes the barriers time out first, naming who is missing.
-            with heap_frozen():
-                await asyncio.wait_for(run(), None if timeout is None else
-                                       timeout * (1 if sync is None else 1.5))
+            await asyncio.wait_for(run(), None if timeout is None else
+                                   timeout * (1 if sync is None else 1.5))
         except BaseException as exc:
             if primary:
                 await _commit.abort(tmp)

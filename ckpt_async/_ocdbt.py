@@ -368,10 +368,16 @@ class DatabaseWriter:
             self._entries.extend(entries)
         return DataFile(name, out)
 
+    def _make_dirs(self) -> None:
+        # (not the parents: a writer left running after a failed save removed them fails
+        # rather than making them again)
+        self.root.mkdir(exist_ok=True)
+        (self.root / "d").mkdir(exist_ok=True)
+
     def write(self, data_file: DataFile) -> None:
         """Runs in a worker thread: writes a data file durably."""
         if data_file.buffers:
-            (self.root / "d").mkdir(parents=True, exist_ok=True)
+            self._make_dirs()
             _write_durable(self.root / data_file.name, data_file.buffers)
 
     def finish(self) -> None:
@@ -384,6 +390,6 @@ class DatabaseWriter:
                 raise ValueError(f"{self.root}: key {a[0].decode()!r} written twice")
         node_file = _new_file()
         nodes, root, height = encode_tree(entries, node_file)
-        (self.root / "d").mkdir(parents=True, exist_ok=True)
+        self._make_dirs()
         _write_durable(self.root / node_file, [nodes])
         _write_durable(self.root / "manifest.ocdbt", [manifest(root, height, uuid.uuid4().hex)])

@@ -49,6 +49,9 @@ log = logging.getLogger("ckpt_async")
 
 #: Worker threads for blocking work (file system calls, staging copies, restores).
 DEFAULT_THREADS = max(4, min(32, (os.cpu_count() or 2) * 2))
+#: Worker threads for a commit's blocking work: most of them wait on the disk (writes,
+#: fsyncs) while others checksum or encode.
+BACKGROUND_THREADS = 2 * DEFAULT_THREADS
 
 # -- CPU priority of background work ---------------------------------------------------------------
 #: ``"idle"``: Linux SCHED_IDLE, background work runs only on CPU time nothing else in the
@@ -304,7 +307,7 @@ class Runtime:
         # anyio's threads at the caller's priority. Threads start on first use.
         self._bg_local = threading.local()
         self._bg_pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=threads, thread_name_prefix="ckpt_async-bg",
+            max_workers=max(threads, BACKGROUND_THREADS), thread_name_prefix="ckpt_async-bg",
             initializer=self._set_background_priority)
         # The loop the Python part of background writes runs on (``in_background_loop``):
         # its own thread, at the background priority, started on first use.
@@ -422,7 +425,28 @@ class Runtime:
 
     async def to_background_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs blocking ``fn`` in a background-priority worker thread."""
-        return await asyncio.wrap_future(self._bg_pool.submit(self._in_background, fn, args))
+        return await asyncio.wrap_future(self.submit_background(fn, *args))
+
+    def submit_background(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """Starts blocking ``fn`` in a background-priority worker thread; returns its future
+        (which, unlike an awaited :meth:`to_thread`, can still be waited for once the task
+        awaiting it was cancelled)."""
+        return self._bg_pool.submit(self._in_background, fn, args)
+
+    def start_background(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """Runs blocking ``fn`` in a new background-priority thread of its own, at once (not
+        queued behind the pool's work); returns its future."""
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(self._in_background(fn, args))
+                except BaseException as exc:  # noqa: BLE001 - handed to the future
+                    fut.set_exception(exc)
+
+        threading.Thread(target=run, name="ckpt_async-bg-now", daemon=True).start()
+        return fut
 
     def _in_background(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         """Runs in a background thread: puts it at the background priority first (once per

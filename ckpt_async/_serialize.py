@@ -11,12 +11,14 @@ array per directory, zarr v2 or v3, compressed or not.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import itertools
 import json
 import math
 import mmap
 import os
+import threading
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -282,6 +284,9 @@ class ItemWriter:
     :func:`merge_databases`.
 
     Call order: :meth:`write` for each batch (concurrently), then :meth:`finish` once.
+    :meth:`expect_batches` (optional, any time before :meth:`finish`) says how many batches
+    there will be: once the last one is in, :attr:`db`'s B+tree is written while the data
+    files still are. After a failure, :meth:`settle` waits for the threads still writing.
     """
 
     def __init__(self, item_dir: AnyPath, *, compress: bool = False,
@@ -315,6 +320,13 @@ class ItemWriter:
         #: name -> chunk key -> crc32 of the chunk's bytes as written (``_CHECKSUMS``).
         self.checksums: dict[str, dict[str, int]] = {}
         self.chunks: dict[str, tuple[int, ...]] = {}
+        # Batches :attr:`db` has taken, how many there will be, and the thread finishing it.
+        self._added = 0
+        self._expected: int | None = None
+        self._count_lock = threading.Lock()
+        self._finishing: concurrent.futures.Future[None] | None = None
+        self._all_added: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._threads: list[concurrent.futures.Future[None]] = []
 
     @property
     def merged(self) -> list[AnyPath]:
@@ -369,8 +381,6 @@ class ItemWriter:
         future to await) and the others through the zarr driver; all concurrently."""
         # (an array none of whose shards this process owns is written by the others)
         batch = [arr for arr in batch if arr.shards]
-        if not batch:
-            return
         own: list[tuple[StoredArray, str]] = []
         rest: list[tuple[StoredArray, str | None]] = []
         for arr in batch:
@@ -382,19 +392,39 @@ class ItemWriter:
                 rest.append((arr, zdtype))
         writes: list[Awaitable[Any]] = []
         if own:
-            writes.append(self._write_own(own))
+            assert self.db is not None
+            values, checksum = self._raw_values(own)
+            data_file = self.db.add(values)
+            # One data file written in one worker thread while another checksums it (both
+            # without the GIL, on the arrays' own host buffers).
+            rt = get_runtime()
+            for job in (checksum, functools.partial(self.db.write, data_file)):
+                self._threads.append(rt.submit_background(job))
+                writes.append(asyncio.wrap_future(self._threads[-1]))
+        self._count(added=1)
         if rest:
             writes.append(self._write_tensorstore(rest))
         await asyncio.gather(*writes)
 
-    async def _write_own(self, batch: list[tuple[StoredArray, str]]) -> None:
-        """Writes a batch into :attr:`db` in one worker thread while another checksums it
-        (both without the GIL, on the arrays' own host buffers)."""
-        assert self.db is not None
-        values, checksum = self._raw_values(batch)
-        data_file = self.db.add(values)
-        rt = get_runtime()
-        await asyncio.gather(rt.to_thread(checksum), rt.to_thread(self.db.write, data_file))
+    def expect_batches(self, count: int) -> concurrent.futures.Future[None]:
+        """Says that :meth:`write` is given ``count`` batches in all; returns a future done
+        once every one is in (its data on the way to the disk)."""
+        self._count(expected=count)
+        return self._all_added
+
+    def _count(self, added: int = 0, expected: int | None = None) -> None:
+        with self._count_lock:
+            self._added += added
+            if expected is not None:
+                self._expected = expected
+            if self._added == self._expected and not self._all_added.done():
+                self._start_finish()
+                self._all_added.set_result(None)
+
+    def _start_finish(self) -> None:
+        """Starts :attr:`db`'s B+tree and manifest in a worker thread, once (under the lock)."""
+        if self.db is not None and self._finishing is None:
+            self._finishing = get_runtime().start_background(self.db.finish)
 
     async def _write_tensorstore(self, batch: list[tuple[StoredArray, str | None]]) -> None:
         """Writes a batch through TensorStore into the least loaded lane: arrays up to
@@ -421,8 +451,17 @@ class ItemWriter:
 
     async def finish(self) -> None:
         """After every :meth:`write`: completes :attr:`db` (its B+tree and manifest)."""
-        if self.db is not None:
-            await get_runtime().to_thread(self.db.finish)
+        with self._count_lock:
+            self._start_finish()
+        if self._finishing is not None:
+            await asyncio.wrap_future(self._finishing)
+
+    async def settle(self) -> None:
+        """Waits for every thread this writer started, whatever their outcome: after a
+        failure, nothing is left writing into the directory it is about to remove."""
+        threads = [*self._threads, self._finishing]
+        await asyncio.gather(*(asyncio.wrap_future(t) for t in threads if t is not None),
+                             return_exceptions=True)
 
     async def _write_large(self, arr: StoredArray, lane: int) -> None:
         def checksum() -> dict[str, int]:  # zlib releases the GIL on large buffers

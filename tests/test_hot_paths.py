@@ -171,6 +171,38 @@ def test_a_background_commit_runs_with_the_heap_frozen(tmp_path, monkeypatch) ->
     assert gc.get_freeze_count() == 0  # thawed once the commit ended
 
 
+def test_save_leaves_no_collection_for_the_end_of_its_blocking_part(tmp_path) -> None:
+    """The commit's heap freeze begins before the collector resumes, so the thousands of
+    objects the blocking part allocated are frozen rather than collected at once (a
+    generation-0 pass over them took 4-10 ms of every 4,096-array save())."""
+    import threading
+
+    state = {f"p{i}": jnp.full((4,), i, jnp.float32) for i in range(3000)}
+    collections_in_save: list[str] = []
+    saving = threading.Event()
+
+    def record(phase: str, info: dict) -> None:
+        if phase == "start" and saving.is_set():
+            collections_in_save.append(threading.current_thread().name)
+
+    with ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        ckptr.save(tmp_path / "warm", args=ocp.args.StandardSave(state))
+        ckptr.wait_until_finished()
+        gc.callbacks.append(record)
+        try:
+            saving.set()
+            ckptr.save(tmp_path / "x", args=ocp.args.StandardSave(state))
+            saving.clear()
+        finally:
+            gc.callbacks.remove(record)
+        ckptr.wait_until_finished()
+    assert collections_in_save == []
+    assert gc.get_freeze_count() == 0
+    with ocp.StandardCheckpointer() as ckptr:
+        out = ckptr.restore(tmp_path / "x")
+    assert all(np.array_equal(out[k], v) for k, v in state.items())
+
+
 def test_deferred_placement_matches_one_put_per_array() -> None:
     from ckpt_async.handlers.pytree import _Deferred, _put_deferred
 

@@ -27,7 +27,7 @@ from .. import _serialize as ser
 from .. import _storage as storage
 from .._paths import AnyPath, coerce
 from .._progress import Tracker
-from .._runtime import gc_paused
+from .._runtime import gc_paused, get_runtime
 from .._stage import ByteBudget, cpu_sharding, stage, total_bytes
 from ..args import (
     PyTreeRestore,
@@ -176,24 +176,38 @@ class PyTreeCheckpointHandler(CheckpointHandler):
             tracker.add(sum(a.nbytes for a in batch))
 
         tasks = await stage(to_stage, self._budget, write_batch)
+        all_added = writer.expect_batches(len(tasks))
         custom = copy.deepcopy(args.custom_metadata)  # the caller may change it after save()
 
+        def documents() -> dict[str, bytes]:
+            # Built off the blocking path: it needs only names, kinds and shardings. Its
+            # per-array objects are acyclic and die before the pause ends: no collection.
+            with gc_paused():
+                return self._documents(planned, skeleton, custom, roles)
+
+        async def build_documents() -> dict[str, bytes]:
+            await asyncio.wrap_future(all_added)
+            return await asyncio.wrap_future(get_runtime().start_background(documents))
+
         async def write() -> None:
+            # The documents are built while the arrays are written, once every batch is on its
+            # way to the disk (the writes' threads then wait on it, not on the GIL), in a
+            # thread of their own (not queued behind the writes in the pool).
+            building = asyncio.ensure_future(build_documents())
             try:
                 await asyncio.gather(*tasks)
+                await writer.finish()
+                docs = await building
             except BaseException:
-                for t in tasks:
+                for t in (*tasks, building):
                     t.cancel()
+                await asyncio.gather(*tasks, building, return_exceptions=True)
+                await writer.settle()
                 raise
-            await writer.finish()
-            # Built here, off the blocking path: it needs only names, kinds and shardings.
-            # Its per-array objects are acyclic and die before the pause ends: no collection.
-            with gc_paused():
-                docs = self._documents(planned, skeleton, custom, roles)
-                # (with several processes the primary merges their checksums when finalizing)
-                docs[_integrity.partial_checksums_name(roles.index) if roles.multi
-                     else _integrity.CHECKSUMS] = _integrity.checksums_document(
-                    docs, writer.checksums, writer.chunks)
+            # (with several processes the primary merges their checksums when finalizing)
+            docs[_integrity.partial_checksums_name(roles.index) if roles.multi
+                 else _integrity.CHECKSUMS] = _integrity.checksums_document(
+                docs, writer.checksums, writer.chunks)
             for name, data in docs.items():
                 await storage.makedirs((directory / name).parent)
                 await storage.write_bytes(directory / name, data, durable=False)
