@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
+import threading
 import zlib
 
 import ml_dtypes
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
+from ckpt_async import _ocdbt
 from ckpt_async import _serialize as ser
 from ckpt_async.errors import CorruptCheckpointError
 
@@ -293,3 +296,85 @@ def test_host_buffers_share_one_region_each_aligned_and_apart(monkeypatch, mappi
     assert starts == sorted(starts) and starts[-1] + bufs[-1].nbytes - starts[0] <= span
     import jax
     assert jax.device_put(bufs[2]).unsafe_buffer_pointer() == bufs[2].ctypes.data  # adopted
+
+
+def _stored(name, arr):
+    return ser.StoredArray(name, arr.shape, arr.dtype, arr.shape,
+                           ((tuple(slice(None) for _ in arr.shape), arr),))
+
+
+def test_the_btree_is_written_while_the_last_data_file_still_is(tmp_path, monkeypatch):
+    # expect_batches: once every batch is in, the B+tree and manifest go to the disk without
+    # waiting for the data files; finish() then only waits for them.
+
+    arrays = {f"a{i}": np.full((300,), i, np.float64) for i in range(4)}
+    release = threading.Event()
+    manifest_during_write: list[bool] = []
+    real_write = _ocdbt.DatabaseWriter.write
+
+    def slow_write(self, data_file):
+        if data_file.buffers and not release.is_set():
+            release.wait(5)  # the first data file is held until the manifest is there
+        real_write(self, data_file)
+
+    monkeypatch.setattr(_ocdbt.DatabaseWriter, "write", slow_write)
+
+    async def main():
+        writer = ser.ItemWriter(tmp_path)
+        added = writer.expect_batches(2)
+        items = list(arrays.items())
+        first = asyncio.ensure_future(writer.write([_stored(n, a) for n, a in items[:2]]))
+        second = asyncio.ensure_future(writer.write([_stored(n, a) for n, a in items[2:]]))
+        await asyncio.wrap_future(added)
+        for _ in range(500):  # the manifest appears while the first data file is held
+            if (tmp_path / "manifest.ocdbt").exists():
+                break
+            await asyncio.sleep(0.01)
+        manifest_during_write.append((tmp_path / "manifest.ocdbt").exists())
+        release.set()
+        await asyncio.gather(first, second)
+        await writer.finish()
+        reader = ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
+        return await reader.read_small(list(arrays))
+
+    out = asyncio.run(main())
+    assert manifest_during_write == [True]
+    assert all(np.array_equal(out[n], a) for n, a in arrays.items())
+
+
+def test_settle_waits_for_the_threads_a_failed_batch_left_running(tmp_path, monkeypatch):
+    # One batch fails at once while another's data file is still being written: settle()
+    # returns only when that thread is done, so removing the directory afterwards leaves it
+    # removed.
+    started, release = threading.Event(), threading.Event()
+    real_write = _ocdbt.DatabaseWriter.write
+
+    def write(self, data_file):
+        if b"bad" in b"".join(bytes(b[:3]) for b in data_file.buffers):
+            raise OSError(28, "No space left on device")
+        started.set()
+        release.wait(5)
+        real_write(self, data_file)
+
+    monkeypatch.setattr(_ocdbt.DatabaseWriter, "write", write)
+    item = tmp_path / "item"
+    item.mkdir()
+
+    async def main():
+        writer = ser.ItemWriter(item)
+        good = asyncio.ensure_future(writer.write([_stored("good", np.zeros(400, np.float64))]))
+        bad = np.frombuffer(b"bad" + bytes(4000 - 3), np.uint8)
+        with pytest.raises(OSError):
+            await writer.write([_stored("bad", bad)])
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)
+        good.cancel()
+        settling = asyncio.ensure_future(writer.settle())
+        await asyncio.sleep(0.05)
+        assert not settling.done()  # the good batch's thread is still writing
+        release.set()
+        await settling
+
+    asyncio.run(main())
+    shutil.rmtree(item)
+    assert not item.exists()
+    assert list(tmp_path.iterdir()) == []
