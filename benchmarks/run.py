@@ -203,6 +203,16 @@ def targets(cells: dict[str, Any], rat: dict[str, Any], workloads: list[str]) ->
         if wl in ("large", "large_bf16") and "vs_limit" in cr:
             add("cold restore >= 85% of read bw", wl, cr["vs_limit"] >= 0.85,
                 f"{cr['vs_limit']:.0%} of cold read bw")
+        if cr.get("vs_best_peer") is not None:
+            add("cold restore faster than fastest peer", wl, cr["vs_best_peer"] < 1.0,
+                f"{cr['vs_best_peer']:.2f}x the fastest peer's time")
+        state_mib = c["bytes"] / 2**20
+        for key, what in (("save_extra_rss_mib", "save"), ("warm_restore_extra_rss_mib",
+                                                             "restore")):
+            if key in c and state_mib > 0:
+                ratio = c[key] / state_mib
+                add(f"{what} +RSS <= 1.1x the state", wl, ratio <= 1.1,
+                    f"{c[key]:.0f} MiB, {ratio:.2f}x the state")
         b = r["block_s"]
         if "budget_s" in b:
             add("blocking <= 1.2x memcpy + 20 us/array", wl, b["value"] <= b["budget_s"],

@@ -37,7 +37,7 @@ _BTREE_MAGIC = 0x0CDB20DE
 #: Nodes are cut at about this many decoded bytes, safely below the configured limit (an
 #: entry's size is estimated from above).
 _NODE_BYTES = 900_000
-_IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 1024
+IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 1024
 
 
 # -- CRC-32C (Castagnoli), the checksum of every node ----------------------------------------
@@ -288,7 +288,7 @@ WRITE_PIECE_BYTES = int(os.environ.get("CKPT_PIECE", 1 << 20))
 
 
 def _pieces(buffers: Sequence[memoryview | bytes]) -> Iterator[list[memoryview]]:
-    """``buffers`` as lists of views of about ``WRITE_PIECE_BYTES`` (at most ``_IOV_MAX``)."""
+    """``buffers`` as lists of views of about ``WRITE_PIECE_BYTES`` (at most ``IOV_MAX``)."""
     group: list[memoryview] = []
     size = 0
     for b in buffers:
@@ -297,7 +297,7 @@ def _pieces(buffers: Sequence[memoryview | bytes]) -> Iterator[list[memoryview]]
             part = view[start:start + WRITE_PIECE_BYTES]
             group.append(part)
             size += len(part)
-            if size >= WRITE_PIECE_BYTES or len(group) == _IOV_MAX:
+            if size >= WRITE_PIECE_BYTES or len(group) == IOV_MAX:
                 yield group
                 group, size = [], 0
     if group:
@@ -393,3 +393,58 @@ class DatabaseWriter:
         self._make_dirs()
         _write_durable(self.root / node_file, [nodes])
         _write_durable(self.root / "manifest.ocdbt", [manifest(root, height, uuid.uuid4().hex)])
+
+
+# -- reading ----------------------------------------------------------------------------------
+#: A value as :func:`read_index` gives it: its bytes (inline in the B+tree), or the data file
+#: (a path), offset and length where its bytes lie.
+Located = bytes | tuple[str, int, int]
+
+
+def _located(root: str, ref: str) -> tuple[str, int, int]:
+    """A dumped reference ``<kind>:<base path>:<relative path>:<offset>:<length>`` as the
+    file's path, the offset and the length."""
+    _kind, base, rest = ref.split(":", 2)
+    path, offset, length = rest.rsplit(":", 2)
+    return f"{root}/{base}{path}", int(offset), int(length)
+
+
+def read_index(root: Path) -> dict[str, Located] | None:
+    """Every key of the newest version of the OCDBT database in local directory ``root``,
+    with its value or where the value lies, from TensorStore's dump of the manifest and of
+    each B+tree node (whoever wrote them, compressed or not: a few calls in all, where reading
+    key by key costs a TensorStore future each). None: no database there. Blocks: call it
+    from a worker thread. Raises ValueError for a database TensorStore cannot read."""
+    if not (root / "manifest.ocdbt").is_file():
+        return None
+    base = ts.KvStore.open({"driver": "file", "path": f"{root}/"}).result()
+    versions = ts.ocdbt.dump(base).result().get("versions") or []
+    out: dict[str, Located] = {}
+    top = versions[-1]["root"].get("location") if versions else None
+    pending = [(top, b"")] if top else []
+    prefix_of = str(root)
+    while pending:
+        location, prefix = pending.pop()
+        node = ts.ocdbt.dump(base, location).result()
+        if node["height"] > 0:  # (a child's keys exclude the subtree prefix its parent took)
+            pending += [(e["location"], prefix + e["subtree_common_prefix"])
+                        for e in node["entries"]]
+            continue
+        for e in node["entries"]:
+            key = (prefix + e["key"]).decode()
+            inline = e.get("inline_value")
+            out[key] = inline if inline is not None else _located(prefix_of,
+                                                                   e["indirect_value"])
+    return out
+
+
+def read_exactly(fd: int, view: memoryview, offset: int) -> int:
+    """Reads ``len(view)`` bytes at ``offset`` into ``view``; returns how many it got (fewer
+    only at the end of the file)."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done

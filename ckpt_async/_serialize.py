@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import itertools
 import json
@@ -578,8 +579,10 @@ DIRECT_READ_MAX_BYTES = 1 << 20
 DIRECT_READ_BATCH_BYTES = 32 << 20
 
 
-def _direct_plan(meta: dict[str, Any]) -> tuple[np.dtype, tuple[int, ...], tuple[int, ...]] | None:
-    """dtype, shape and chunks of a ``.zarray`` that can be read as raw chunks; else None."""
+def _direct_plan(meta: dict[str, Any], max_bytes: float = DIRECT_READ_MAX_BYTES,
+                 ) -> tuple[np.dtype, tuple[int, ...], tuple[int, ...]] | None:
+    """dtype, shape and chunks of a ``.zarray`` that can be read as raw chunks (an array of at
+    most ``max_bytes``); else None."""
     try:
         if (meta.get("zarr_format") != 2 or meta.get("compressor") is not None
                 or meta.get("filters") or meta.get("order", "C") != "C"
@@ -590,7 +593,7 @@ def _direct_plan(meta: dict[str, Any]) -> tuple[np.dtype, tuple[int, ...], tuple
         chunks = tuple(int(c) for c in meta["chunks"])
     except (KeyError, TypeError, ValueError):
         return None
-    if dtype.hasobject or math.prod(shape) * dtype.itemsize > DIRECT_READ_MAX_BYTES:
+    if dtype.hasobject or math.prod(shape) * dtype.itemsize > max_bytes:
         return None
     return dtype, shape, chunks
 
@@ -623,29 +626,246 @@ def checksum_error(directory: AnyPath, name: str, bad: list[str]) -> CorruptChec
         "the stored data is damaged")
 
 
+#: A local array as :meth:`ItemReader.local_plan` gives it: dtype, shape, chunk shape, and for
+#: each chunk its key, its region of the array and its stored value (``_ocdbt.Located``).
+LocalPlan = tuple[np.dtype, tuple[int, ...], tuple[int, ...],
+                  list[tuple[str, tuple[slice, ...], "_ocdbt.Located"]]]
+
+
 class ItemReader:
-    """Reads an item's small arrays: uncompressed zarr v2 arrays in an OCDBT database (what
-    ckpt_async writes) come straight from the kvstore, a batch's requests issued at once and
-    waited for, checked and assembled in a worker thread (the others go through TensorStore's
-    zarr driver, ``open_array``)."""
+    """Reads an item's uncompressed zarr v2 arrays in OCDBT (what ckpt_async writes) without
+    TensorStore's zarr driver, checking each chunk against its crc32 as it is read.
+
+    In a local directory, the database's index (every key and where its value lies,
+    :func:`_ocdbt.read_index`) is read once, and each array's chunks are read from the data
+    files straight into the array's host buffer (``preadv``, in worker threads): any size,
+    whoever wrote the database. Elsewhere (object stores), small arrays come from the kvstore,
+    a batch's requests issued at once and waited for. Anything else (compressed arrays,
+    missing chunks, zarr3) is left to the zarr driver (``open_array``)."""
 
     def __init__(self, item_dir: AnyPath, *, use_ocdbt: bool, use_zarr3: bool) -> None:
         self.item_dir = item_dir
         self.use_ocdbt = use_ocdbt
         self.use_zarr3 = use_zarr3
         self.ctx = new_context()
+        self._index: dict[str, _ocdbt.Located] | None = None
+        self._indexed: asyncio.Future[None] | None = None
+        self._plans: dict[bytes, tuple[np.dtype, tuple[int, ...], tuple[int, ...]] | None] = {}
+
+    async def index(self) -> dict[str, _ocdbt.Located] | None:
+        """The local database's index, read once; None where there is none to read (not a
+        local directory, not OCDBT with zarr v2, or one TensorStore cannot read: the driver
+        path then reports what is wrong)."""
+        if self._indexed is None:
+            self._indexed = asyncio.get_running_loop().create_future()
+            try:
+                if isinstance(self.item_dir, Path) and self.use_ocdbt and not self.use_zarr3:
+                    with contextlib.suppress(ValueError):
+                        self._index = await get_runtime().to_thread(_ocdbt.read_index,
+                                                                    self.item_dir)
+            finally:
+                self._indexed.set_result(None)
+        else:
+            await asyncio.shield(self._indexed)
+        return self._index
+
+    def local_plan(self, name: str, max_bytes: float = math.inf) -> LocalPlan | None:
+        """How to read stored array ``name`` from the local index (after :meth:`index`): None
+        if it is not there as uncompressed zarr v2 of at most ``max_bytes`` with every chunk
+        stored (a chunk never written holds the fill value: the driver path fills it in)."""
+        index = self._index
+        meta = index.get(f"{name}/.zarray") if index is not None else None
+        if not isinstance(meta, bytes):
+            return None
+        if meta in self._plans:
+            plan = self._plans[meta]
+        else:
+            try:
+                plan = _direct_plan(json.loads(meta), max_bytes=math.inf)
+            except ValueError:
+                plan = None
+            self._plans[meta] = plan
+        if plan is None or math.prod(plan[1]) * plan[0].itemsize > max_bytes:
+            return None
+        assert index is not None
+        dtype, shape, chunks = plan
+        refs = []
+        for key, region in chunk_grid(shape, chunks):
+            ref = index.get(f"{name}/{key}")
+            if ref is None:
+                return None
+            refs.append((key, region, ref))
+        return dtype, shape, chunks, refs
+
+    def read_planned(self, name: str, plan: LocalPlan, out: np.ndarray,
+                     sums: dict[str, int] | None, files: dict[str, int]) -> bool:
+        """Blocks (a worker thread): reads array ``name`` into ``out`` (C-contiguous, its
+        shape and dtype) as ``plan`` says, checking each chunk against ``sums``; ``files``:
+        the data files open so far (path -> descriptor), which the caller closes. False: a
+        chunk is not stored raw (its length is not a whole chunk's); the driver path reads
+        it."""
+        dtype, shape, chunks, refs = plan
+        whole = len(refs) == 1 and tuple(chunks) == shape
+        n = math.prod(chunks) * dtype.itemsize  # (zarr stores edge chunks whole, padded)
+        bad = []
+        for key, region, ref in refs:
+            dest = _ocdbt.as_bytes(out) if whole else memoryview(bytearray(n))
+            if isinstance(ref, bytes):
+                if len(ref) != n:
+                    return False
+                dest[:] = ref
+            else:
+                path, offset, length = ref
+                if length != n:
+                    return False
+                fd = files.get(path)
+                try:
+                    if fd is None:
+                        fd = files[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                    got = _ocdbt.read_exactly(fd, dest, offset)
+                except FileNotFoundError as exc:
+                    raise CorruptCheckpointError(
+                        f"{self.item_dir}: key {name!r}: data file {path} is missing") from exc
+                if got != n:
+                    raise CorruptCheckpointError(
+                        f"{self.item_dir}: key {name!r}: data file {path} ends at byte "
+                        f"{offset + got}, inside chunk {key} ({n} bytes from {offset})")
+            if sums and key in sums and zlib.crc32(dest) != sums[key]:
+                bad.append(key)
+            if not whole:
+                block = np.frombuffer(dest, dtype).reshape(chunks)
+                out[region] = block[tuple(slice(0, r.stop - r.start) for r in region)]
+        if bad:
+            raise checksum_error(self.item_dir, name, bad)
+        return True
+
+    def _read_runs(self, batch: list[tuple[str, LocalPlan]], buffers: list[np.ndarray],
+                   expected: Callable[[str], dict[str, int] | None], files: dict[str, int],
+                   out: dict[str, np.ndarray]) -> list[tuple[tuple[str, LocalPlan], np.ndarray]]:
+        """Reads the arrays of ``batch`` stored as one chunk each, back to back in a data file,
+        with one ``preadv`` per run of adjacent chunks (up to IOV_MAX of them): few large
+        reads where one per array would meet a cold disk at a queue depth of one. Returns the
+        others, for :meth:`read_planned`."""
+        rest = []
+        # path, offset, length, array name, its buffer, the chunk's key
+        whole: list[tuple[str, int, int, str, np.ndarray, str]] = []
+        for (name, plan), buffer in zip(batch, buffers, strict=True):
+            dtype, shape, chunks, refs = plan
+            ref = refs[0][2] if len(refs) == 1 and tuple(chunks) == shape else None
+            if isinstance(ref, tuple) and ref[2] == buffer.nbytes:
+                whole.append((ref[0], ref[1], ref[2], name, buffer, refs[0][0]))
+            else:
+                rest.append(((name, plan), buffer))
+        whole.sort(key=lambda w: (w[0], w[1]))
+        i = 0
+        while i < len(whole):
+            path, start = whole[i][0], whole[i][1]
+            j, end = i + 1, start + whole[i][2]
+            while (j < len(whole) and j - i < _ocdbt.IOV_MAX and whole[j][0] == path
+                   and whole[j][1] == end):
+                end += whole[j][2]
+                j += 1
+            run = whole[i:j]
+            fd = files.get(path)
+            try:
+                if fd is None:
+                    fd = files[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                got = os.preadv(fd, [_ocdbt.as_bytes(w[4]) for w in run], start)
+            except FileNotFoundError as exc:
+                raise CorruptCheckpointError(
+                    f"{self.item_dir}: key {run[0][3]!r}: data file {path} is missing") from exc
+            for _path, offset, n, name, buffer, key in run:
+                view = _ocdbt.as_bytes(buffer)
+                if got < offset - start + n:  # (a short read: the rest one by one)
+                    done = max(0, got - (offset - start))
+                    if _ocdbt.read_exactly(fd, view[done:], offset + done) != n - done:
+                        raise CorruptCheckpointError(
+                            f"{self.item_dir}: key {name!r}: data file {path} ends inside "
+                            f"its chunk ({n} bytes from {offset})")
+                sums = expected(name)
+                if sums and key in sums and zlib.crc32(view) != sums[key]:
+                    raise checksum_error(self.item_dir, name, [key])
+                out[name] = buffer
+            i = j
+        return rest
+
+    async def read_array(self, name: str, plan: LocalPlan,
+                         sums: dict[str, int] | None) -> np.ndarray | None:
+        """Array ``name`` read as :meth:`local_plan` planned it, into a buffer of its own
+        (:func:`host_buffer`); None: left to the driver path."""
+        def read() -> np.ndarray | None:
+            out = host_buffer(plan[1], plan[0])
+            files: dict[str, int] = {}
+            try:
+                return out if self.read_planned(name, plan, out, sums, files) else None
+            finally:
+                for fd in files.values():
+                    os.close(fd)
+
+        return await get_runtime().to_thread(read)
 
     async def read_small(self, names: list[str],
                          expected: Callable[[str], dict[str, int] | None] | None = None,
                          ) -> dict[str, np.ndarray]:
-        """The arrays among ``names`` that are small uncompressed zarr v2 chunks in OCDBT (what
-        ckpt_async writes), read in batches; the others are left to the zarr driver.
+        """The arrays among ``names`` of at most DIRECT_READ_MAX_BYTES that are uncompressed
+        zarr v2 chunks in OCDBT (what ckpt_async writes), read in batches; the others are left
+        to :meth:`read_array` or the zarr driver.
 
         ``expected(name)``: the crc32 of each of the array's chunks (``_CHECKSUMS``), checked
         on the raw bytes as they arrive, in the reading thread (CorruptCheckpointError)."""
-        if self.use_ocdbt and not self.use_zarr3 and names:
-            return await self._read_direct(names, expected or (lambda name: None))
-        return {}
+        if not (self.use_ocdbt and not self.use_zarr3 and names):
+            return {}
+        expected = expected or (lambda name: None)
+        if await self.index() is not None:
+            return await self._read_local(names, expected)
+        return await self._read_direct(names, expected)
+
+    async def _read_local(self, names: list[str],
+                          expected: Callable[[str], dict[str, int] | None],
+                          ) -> dict[str, np.ndarray]:
+        """Small arrays from the local index, in batches read concurrently, each batch into
+        buffers carved from one region (:func:`host_buffers`)."""
+        def where(item: tuple[str, LocalPlan]) -> tuple[str, int]:
+            ref = item[1][3][0][2] if item[1][3] else b""
+            return (ref[0], ref[1]) if isinstance(ref, tuple) else ("", 0)
+
+        def plan() -> list[list[tuple[str, LocalPlan]]]:
+            # In the order they lie on disk (the names come in any order), so that a batch
+            # reads whole stretches of its data files.
+            planned = sorted(((name, p) for name in names
+                              if (p := self.local_plan(name, DIRECT_READ_MAX_BYTES)) is not None),
+                             key=where)
+            batches: list[list[tuple[str, LocalPlan]]] = [[]]
+            held = 0
+            for name, p in planned:
+                nbytes = math.prod(p[1]) * p[0].itemsize
+                if held and held + nbytes > DIRECT_READ_BATCH_BYTES:
+                    batches.append([])
+                    held = 0
+                batches[-1].append((name, p))
+                held += nbytes
+            return batches
+
+        def read(batch: list[tuple[str, LocalPlan]]) -> dict[str, np.ndarray]:
+            buffers = host_buffers([(p[1], p[0]) for _name, p in batch])
+            out: dict[str, np.ndarray] = {}
+            files: dict[str, int] = {}
+            try:
+                rest = self._read_runs(batch, buffers, expected, files, out)
+                for (name, p), buffer in rest:
+                    if self.read_planned(name, p, buffer, expected(name), files):
+                        out[name] = buffer
+            finally:
+                for fd in files.values():
+                    os.close(fd)
+            return out
+
+        rt = get_runtime()
+        out: dict[str, np.ndarray] = {}
+        for part in await asyncio.gather(*(rt.to_thread(read, b)
+                                           for b in await rt.to_thread(plan) if b)):
+            out.update(part)
+        return out
 
     async def _read_direct(self, names: list[str],
                            expected: Callable[[str], dict[str, int] | None],

@@ -84,6 +84,66 @@ def test_every_key_reads_back_exactly(tmp_path, monkeypatch, node_bytes):
     assert len(os.listdir(tmp_path / "d")) == 6
 
 
+def _resolved_index(root) -> dict[str, bytes]:
+    """read_index's answer with every located value read from its data file."""
+    out = {}
+    for key, value in _ocdbt.read_index(root).items():
+        if isinstance(value, tuple):
+            path, offset, length = value
+            with open(path, "rb") as f:
+                f.seek(offset)
+                value = f.read(length)
+                assert len(value) == length
+        out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("node_bytes", [None, 2_000], ids=["one-leaf", "interior-levels"])
+def test_read_index_finds_every_key_where_tensorstore_reads_it(tmp_path, monkeypatch,
+                                                              node_bytes):
+    if node_bytes:
+        monkeypatch.setattr(_ocdbt, "_NODE_BYTES", node_bytes)
+    values = _values(3000, seed=3)
+    writer = _ocdbt.DatabaseWriter(tmp_path)
+    items = list(values.items())
+    for i in range(0, len(items), 700):
+        _write(writer, [(k, memoryview(v)) for k, v in items[i:i + 700]])
+    writer.finish()
+    assert _resolved_index(tmp_path) == values == _read_all(tmp_path)
+    assert _ocdbt.read_index(tmp_path / "nothing-here") is None
+
+
+def test_read_index_follows_references_into_merged_databases(tmp_path):
+    # TensorStore's merge (and Orbax's per-process databases) leave keys whose values lie in
+    # another directory's data files, under B+tree nodes TensorStore wrote (zstd, key prefixes).
+    ours = _values(400, seed=4)
+    writer = _ocdbt.DatabaseWriter(tmp_path)
+    _write(writer, [(k, memoryview(v)) for k, v in ours.items()])
+    writer.finish()
+    theirs = {f"params.z{i:03d}/0.0": bytes([i]) * (i * 40) for i in range(1, 80)}
+    kv = ts.KvStore.open(ser.kvstore_spec(tmp_path / "lane", use_ocdbt=True, write=True),
+                         context=ser.new_context()).result()
+    for k, v in theirs.items():
+        kv[k] = v
+
+    import asyncio
+    asyncio.run(ser.merge_databases(tmp_path, [tmp_path / "lane"]))
+    index = _ocdbt.read_index(tmp_path)
+    assert any(isinstance(v, tuple) and "/lane/" in v[0] for v in index.values())
+    assert _resolved_index(tmp_path) == {**ours, **theirs} == _read_all(tmp_path)
+
+
+def test_read_index_of_an_orbax_checkpoint(tmp_path):
+    state = {"a": np.arange(5000, dtype=np.float32), "b": {"c": np.ones((3, 4))}}
+    ckptr = orbax.StandardCheckpointer()
+    ckptr.save(tmp_path / "x", state)
+    ckptr.wait_until_finished()
+    assert _resolved_index(tmp_path / "x") == _read_all(tmp_path / "x")
+    with ocp.StandardCheckpointer() as ours:  # (compressed: read through TensorStore's driver)
+        out = ours.restore(tmp_path / "x")
+    assert np.array_equal(out["a"], state["a"]) and np.array_equal(out["b"]["c"], state["b"]["c"])
+
+
 def test_small_values_are_inline_and_large_ones_in_data_files(tmp_path):
     writer = _ocdbt.DatabaseWriter(tmp_path)
     _write(writer, [("a/.zarray", b"{}"), ("a/0", b"x" * 1024), ("b/0", b"y" * 1025)])

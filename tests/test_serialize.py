@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import threading
@@ -378,3 +379,85 @@ def test_settle_waits_for_the_threads_a_failed_batch_left_running(tmp_path, monk
     shutil.rmtree(item)
     assert not item.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def _write_items(root, arrays):
+    async def main():
+        writer = ser.ItemWriter(root)
+        await writer.write(list(arrays))
+        await writer.finish()
+    asyncio.run(main())
+
+
+def test_local_reads_return_what_was_written_chunked_or_whole(tmp_path):
+    import ml_dtypes
+    rng = np.random.default_rng(5)
+    grid = rng.standard_normal((4, 6)).astype(np.float32)
+    whole = {"s": np.array(2.5, np.float64), "e": np.zeros((0, 3), np.int32),
+             "v": np.arange(5, dtype=np.int16), "t": rng.standard_normal((2, 3, 4)),
+             "bf": rng.standard_normal((64, 64)).astype(ml_dtypes.bfloat16)}
+    sharded = ser.StoredArray("g", (4, 6), grid.dtype, (2, 6), (
+        ((slice(0, 2), slice(None)), grid[:2]), ((slice(2, 4), slice(None)), grid[2:])))
+    _write_items(tmp_path, [_stored(n, a) for n, a in whole.items()] + [sharded])
+    expect = {**whole, "g": grid}
+
+    async def main():
+        reader = ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
+        assert await reader.index() is not None
+        one_by_one = {}
+        for name in expect:
+            plan = reader.local_plan(name)
+            assert plan is not None, name
+            one_by_one[name] = await reader.read_array(name, plan, None)
+        return one_by_one, await reader.read_small(list(expect))
+
+    one_by_one, batched = asyncio.run(main())
+    for out in (one_by_one, batched):
+        assert set(out) == set(expect)
+        for name, arr in expect.items():
+            assert out[name].dtype == arr.dtype and out[name].shape == arr.shape
+            assert out[name].tobytes() == arr.tobytes()
+
+
+def test_small_arrays_lying_side_by_side_take_one_read_per_run(tmp_path, monkeypatch):
+    arrays = {f"a{i:03d}": np.full((300,), i, np.float32) for i in range(300)}  # (not inline)
+    _write_items(tmp_path, [_stored(n, a) for n, a in arrays.items()])
+    monkeypatch.setattr(_ocdbt, "IOV_MAX", 256)
+    calls = []
+    real = os.preadv
+
+    def counting(fd, buffers, offset):
+        calls.append(len(buffers))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", counting)
+    reader = ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
+    names = sorted(arrays, reverse=True)  # (any order: they are read in the order they lie)
+    out = asyncio.run(reader.read_small(names))
+    assert all(np.array_equal(out[n], a) for n, a in arrays.items())
+    assert calls == [256, 44]  # one data file, at most IOV_MAX buffers per call
+
+
+def test_local_reads_check_each_chunk_and_leave_foreign_encodings_to_the_driver(tmp_path):
+    arr = np.arange(1000, dtype=np.float64)
+    _write_items(tmp_path, [_stored("x", arr)])
+
+    async def read(sums):
+        reader = ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
+        await reader.index()
+        return await reader.read_array("x", reader.local_plan("x"), sums)
+
+    good = asyncio.run(read({"0": zlib.crc32(arr.tobytes())}))
+    assert np.array_equal(good, arr)
+    with pytest.raises(CorruptCheckpointError, match=r"'x' fails its checksum \(chunks 0\)"):
+        asyncio.run(read({"0": zlib.crc32(arr.tobytes()) ^ 1}))
+
+    async def plan_with_length(length):
+        reader = ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
+        await reader.index()
+        dtype, shape, chunks, refs = reader.local_plan("x")
+        (key, region, (path, offset, _n)), = refs
+        plan = (dtype, shape, chunks, [(key, region, (path, offset, length))])
+        return await reader.read_array("x", plan, None)
+
+    assert asyncio.run(plan_with_length(arr.nbytes - 8)) is None  # (say, compressed)

@@ -451,6 +451,7 @@ class _Reader:
         self.shardings = shardings
         self.strings = strings
         self.ctx = ser.new_context()
+        self.items = ser.ItemReader(directory, use_ocdbt=doc.use_ocdbt, use_zarr3=doc.use_zarr3)
         ext = doc.ckpt_async or {}
         self.skeleton = ext.get("skeleton")
         self.scalars: dict[str, str] = ext.get("scalars", {})
@@ -464,9 +465,7 @@ class _Reader:
         """Reads the small ones among the named arrays in batches, each chunk checked against
         ``_CHECKSUMS`` as it is read; the others are read one by one when placed
         (``_reading``)."""
-        reader = ser.ItemReader(self.dir, use_ocdbt=self.doc.use_ocdbt,
-                                use_zarr3=self.doc.use_zarr3)
-        arrays = await reader.read_small(names, self._expected)
+        arrays = await self.items.read_small(names, self._expected)
         for arr in arrays.values():
             self.tracker.add(arr.nbytes)
         self._prefetched.update(arrays)
@@ -479,13 +478,22 @@ class _Reader:
     async def _reading(self, name: str) -> AsyncIterator[np.ndarray]:
         """The stored array ``name`` (checked), for as long as the caller places it. Arrays not
         prefetched are read within a window of READ_WINDOW_BYTES, each into a buffer of its own
-        (:func:`ser.read_into_buffer`): on CPU that buffer becomes the restored jax.Array, on
+        (``ItemReader.read_array`` from a local index, else :func:`ser.read_into_buffer`): on CPU that buffer becomes the restored jax.Array, on
         an accelerator it is freed once copied over, before the window admits more reads; so
         a restore peaks near the restored size, not twice it."""
         arr = self._prefetched.pop(name, None)
         if arr is not None:
             yield arr
             return
+        plan = self.items.local_plan(name) if await self.items.index() is not None else None
+        if plan is not None:
+            async with self._window.hold(math.prod(plan[1]) * plan[0].itemsize):
+                arr = await self.items.read_array(name, plan, self._expected(name))
+                if arr is not None:
+                    self.tracker.add(arr.nbytes)
+                    yield arr
+                    del arr
+                    return
         store = await ser.open_array(self.ctx, self.dir, name, use_ocdbt=self.doc.use_ocdbt,
                                      use_zarr3=self.doc.use_zarr3)
         nbytes = math.prod(store.shape) * np.dtype(store.dtype.numpy_dtype).itemsize
