@@ -221,7 +221,12 @@ async def stage(
         def hand_over_inline(batch: list[StoredArray], reserved: int) -> None:
             tasks.append(loop.create_task(write_then_release(batch, reserved)))
 
-        stage_sync(leaves, budget, hand_over_inline, transfer=False)
+        try:
+            stage_sync(leaves, budget, hand_over_inline, transfer=False)
+        except BaseException:
+            for t in tasks:  # (none has run yet: the loop was busy here)
+                t.cancel()
+            raise
         staged = True  # (before any of the tasks runs)
         return tasks
     try:

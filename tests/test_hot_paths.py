@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
+import time
 
 import jax
 import jax.numpy as jnp
@@ -329,3 +330,31 @@ def test_arrays_restored_onto_one_cpu_device_are_placed_in_one_batch(tmp_path,
     for k, v in state.items():
         assert out[k].sharding == v.sharding and out[k].committed
         np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(v))
+
+
+def test_a_failure_while_staging_leaves_no_file_behind(tmp_path, monkeypatch):
+    """The write tasks of the batches staged before a leaf failed never run: nothing is
+    written into the directory the failed save removes."""
+    import os
+
+    monkeypatch.setattr(_stage, "BATCH_BYTES", 64 << 10)
+    real = _stage.host_copy
+    calls = []
+
+    def failing(value, name, dtype):
+        calls.append(name)
+        if len(calls) == 7:
+            raise MemoryError("no room for the copy")
+        return real(value, name, dtype)
+
+    monkeypatch.setattr(_stage, "host_copy", failing)
+    from ckpt_async import _ocdbt
+    written = []
+    monkeypatch.setattr(_ocdbt.DatabaseWriter, "write", lambda self, f: written.append(f))
+    state = {f"p{i}": np.full((8192,), i, np.float32) for i in range(8)}
+    with ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        with pytest.raises(MemoryError, match="no room"):
+            ckptr.save(tmp_path / "x", args=ocp.args.StandardSave(state))
+        time.sleep(0.2)  # (time enough for a stray write task to run)
+    assert written == []
+    assert os.listdir(tmp_path) == []
