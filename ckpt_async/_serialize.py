@@ -186,7 +186,7 @@ def array_spec(
     return {"driver": "zarr3" if use_zarr3 else "zarr", "kvstore": kv, "recheck_cached_data": False}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)  # (not frozen: a frozen __init__ costs 4x, per array)
 class StoredArray:
     """A host copy of one array ready to write: global shape, and shards with their index."""
 

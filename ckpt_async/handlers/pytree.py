@@ -59,7 +59,7 @@ _SCALAR_DTYPES = {bool: np.dtype(bool), int: np.dtype(np.int64), float: np.dtype
                   complex: np.dtype(np.complex128)}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)  # (not frozen: a frozen __init__ costs 4x, per leaf)
 class _Planned:
     """One leaf of a save plan: its metadata entry, and what to stage for it."""
 
