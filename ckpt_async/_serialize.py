@@ -24,7 +24,7 @@ import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -619,6 +619,24 @@ def _assemble(out: np.ndarray, chunks: tuple[int, ...], raw: dict[str, bytes]) -
     return True
 
 
+PlanT = TypeVar("PlanT", bound=tuple)
+
+
+def _read_batches(planned: list[tuple[str, PlanT]]) -> list[list[tuple[str, PlanT]]]:
+    """``planned`` arrays (name, plan starting with dtype and shape), in order, cut into
+    batches of about DIRECT_READ_BATCH_BYTES."""
+    batches: list[list[tuple[str, PlanT]]] = [[]]
+    held = 0
+    for name, plan in planned:
+        nbytes = math.prod(plan[1]) * plan[0].itemsize
+        if held and held + nbytes > DIRECT_READ_BATCH_BYTES:
+            batches.append([])
+            held = 0
+        batches[-1].append((name, plan))
+        held += nbytes
+    return batches
+
+
 def checksum_error(directory: AnyPath, name: str, bad: list[str]) -> CorruptCheckpointError:
     """The error for stored array ``name`` whose chunks ``bad`` fail their checksums."""
     return CorruptCheckpointError(
@@ -832,19 +850,9 @@ class ItemReader:
         def plan() -> list[list[tuple[str, LocalPlan]]]:
             # In the order they lie on disk (the names come in any order), so that a batch
             # reads whole stretches of its data files.
-            planned = sorted(((name, p) for name in names
-                              if (p := self.local_plan(name, DIRECT_READ_MAX_BYTES)) is not None),
-                             key=where)
-            batches: list[list[tuple[str, LocalPlan]]] = [[]]
-            held = 0
-            for name, p in planned:
-                nbytes = math.prod(p[1]) * p[0].itemsize
-                if held and held + nbytes > DIRECT_READ_BATCH_BYTES:
-                    batches.append([])
-                    held = 0
-                batches[-1].append((name, p))
-                held += nbytes
-            return batches
+            return _read_batches(sorted(
+                ((name, p) for name in names
+                 if (p := self.local_plan(name, DIRECT_READ_MAX_BYTES)) is not None), key=where))
 
         def read(batch: list[tuple[str, LocalPlan]]) -> dict[str, np.ndarray]:
             buffers = host_buffers([(p[1], p[0]) for _name, p in batch])
@@ -888,17 +896,8 @@ class ItemReader:
             return out
 
         plans = await get_runtime().to_thread(wait_metas)
-        batches: list[list[tuple[str, Any]]] = [[]]
-        held = 0
-        for name, plan in zip(names, plans, strict=True):
-            if plan is None:
-                continue
-            nbytes = math.prod(plan[1]) * plan[0].itemsize
-            if held and held + nbytes > DIRECT_READ_BATCH_BYTES:
-                batches.append([])
-                held = 0
-            batches[-1].append((name, plan))
-            held += nbytes
+        batches = _read_batches([(name, plan) for name, plan in zip(names, plans, strict=True)
+                                 if plan is not None])
 
         def issue(batch: list[tuple[str, Any]]) -> list[tuple[str, Any, dict[str, Any]]]:
             return [(name, plan, {k: kv.read(f"{name}/{k}") for k, _ in chunk_grid(plan[1],

@@ -116,18 +116,7 @@ def test_read_index_finds_every_key_where_tensorstore_reads_it(tmp_path, monkeyp
 def test_read_index_follows_references_into_merged_databases(tmp_path):
     # TensorStore's merge (and Orbax's per-process databases) leave keys whose values lie in
     # another directory's data files, under B+tree nodes TensorStore wrote (zstd, key prefixes).
-    ours = _values(400, seed=4)
-    writer = _ocdbt.DatabaseWriter(tmp_path)
-    _write(writer, [(k, memoryview(v)) for k, v in ours.items()])
-    writer.finish()
-    theirs = {f"params.z{i:03d}/0.0": bytes([i]) * (i * 40) for i in range(1, 80)}
-    kv = ts.KvStore.open(ser.kvstore_spec(tmp_path / "lane", use_ocdbt=True, write=True),
-                         context=ser.new_context()).result()
-    for k, v in theirs.items():
-        kv[k] = v
-
-    import asyncio
-    asyncio.run(ser.merge_databases(tmp_path, [tmp_path / "lane"]))
+    ours, theirs = _merged_database(tmp_path)
     index = _ocdbt.read_index(tmp_path)
     assert any(isinstance(v, tuple) and "/lane/" in v[0] for v in index.values())
     assert _resolved_index(tmp_path) == {**ours, **theirs} == _read_all(tmp_path)
@@ -174,19 +163,26 @@ def test_a_key_written_twice_is_refused_by_name(tmp_path):
     assert not (tmp_path / "manifest.ocdbt").exists()
 
 
-def test_tensorstore_merges_its_databases_into_ours(tmp_path):
+def _merged_database(root) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """Our database in ``root`` with a database TensorStore wrote in ``root/lane`` merged
+    into it by reference; the values of each."""
+    import asyncio
+
     ours = _values(500, seed=1)
-    writer = _ocdbt.DatabaseWriter(tmp_path)
+    writer = _ocdbt.DatabaseWriter(root)
     _write(writer, [(k, memoryview(v)) for k, v in ours.items()])
     writer.finish()
-    theirs = {f"z{i}/0": bytes([i]) * (i * 40) for i in range(1, 60)}
-    kv = ts.KvStore.open(ser.kvstore_spec(tmp_path / "lane", use_ocdbt=True, write=True),
+    theirs = {f"params.z{i:03d}/0.0": bytes([i]) * (i * 40) for i in range(1, 80)}
+    kv = ts.KvStore.open(ser.kvstore_spec(root / "lane", use_ocdbt=True, write=True),
                          context=ser.new_context()).result()
     for k, v in theirs.items():
         kv[k] = v
+    asyncio.run(ser.merge_databases(root, [root / "lane"]))
+    return ours, theirs
 
-    import asyncio
-    asyncio.run(ser.merge_databases(tmp_path, [tmp_path / "lane"]))
+
+def test_tensorstore_merges_its_databases_into_ours(tmp_path):
+    ours, theirs = _merged_database(tmp_path)
     assert _read_all(tmp_path) == {**ours, **theirs}
     assert [v["generation_number"] for v in _manifest(tmp_path)["versions"]] == [1, 2]
 
