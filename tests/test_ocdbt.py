@@ -122,6 +122,26 @@ def test_read_index_follows_references_into_merged_databases(tmp_path):
     assert _resolved_index(tmp_path) == {**ours, **theirs} == _read_all(tmp_path)
 
 
+def test_read_index_of_a_deep_tree_tensorstore_wrote(tmp_path):
+    # Small nodes: interior levels whose entries carry subtree common prefixes, which the
+    # child nodes' keys leave out.
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{tmp_path}",
+                          "config": {"max_decoded_node_bytes": 400,
+                                     "max_inline_value_bytes": 64}}).result()
+    values = {f"params.block_{i // 40:02d}.layer_{i:04d}/{'.zarray' if i % 2 else '0.0'}":
+              bytes([i % 251]) * (10 + i % 120) for i in range(600)}
+    txn = ts.Transaction()
+    for k, v in values.items():
+        kv.with_transaction(txn)[k] = v
+    txn.commit_async().result()
+    version = _manifest(tmp_path)["versions"][-1]
+    assert version["root_height"] >= 2
+    base = ts.KvStore.open(f"file://{tmp_path}/").result()
+    root = ts.ocdbt.dump(base, version["root"]["location"]).result()
+    assert any(e["subtree_common_prefix"] for e in root["entries"])
+    assert _resolved_index(tmp_path) == values == _read_all(tmp_path)
+
+
 def test_read_index_of_an_orbax_checkpoint(tmp_path):
     state = {"a": np.arange(5000, dtype=np.float32), "b": {"c": np.ones((3, 4))}}
     ckptr = orbax.StandardCheckpointer()
