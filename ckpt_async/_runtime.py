@@ -309,6 +309,11 @@ class Runtime:
         self._bg_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(threads, BACKGROUND_THREADS), thread_name_prefix="ckpt_async-bg",
             initializer=self._set_background_priority)
+        # Short jobs a commit wants started at once, such as its B+tree and its documents
+        # (``start_background``), beside the writes that fill the pool above.
+        self._now_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="ckpt_async-bg-now",
+            initializer=self._set_background_priority)
         # The loop the Python part of background writes runs on (``in_background_loop``):
         # its own thread, at the background priority, started on first use.
         self._bg_loop: asyncio.AbstractEventLoop | None = None
@@ -434,19 +439,11 @@ class Runtime:
         return self._bg_pool.submit(self._in_background, fn, args)
 
     def start_background(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
-        """Runs blocking ``fn`` in a new background-priority thread of its own, at once (not
-        queued behind the pool's work); returns its future."""
-        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def run() -> None:
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(self._in_background(fn, args))
-                except BaseException as exc:  # noqa: BLE001 - handed to the future
-                    fut.set_exception(exc)
-
-        threading.Thread(target=run, name="ckpt_async-bg-now", daemon=True).start()
-        return fut
+        """Runs blocking ``fn`` at the background priority in a pool of its own, so that it
+        starts at once rather than queued behind the data writes; returns its future. (Its
+        threads live on: a thread that ended between two CPU observations would have its time
+        counted as the foreground's, and a commit paced for it.)"""
+        return self._now_pool.submit(self._in_background, fn, args)
 
     def _in_background(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         """Runs in a background thread: puts it at the background priority first (once per
@@ -670,6 +667,7 @@ class Runtime:
         if self._bg_loop is not None:
             self._bg_loop.call_soon_threadsafe(self._bg_loop.stop)
         self._bg_pool.shutdown(wait=False)
+        self._now_pool.shutdown(wait=False)
 
 
 _runtime: Runtime | None = None

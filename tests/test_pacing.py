@@ -79,6 +79,27 @@ def test_the_other_threads_cpu_is_measured_and_ours_is_not() -> None:
     assert rt.foreground_cores < 0.3  # ckpt_async's own work does not count
 
 
+@linux_only
+def test_a_commits_jobs_started_at_once_count_as_ours() -> None:
+    # start_background (a commit's B+tree and documents) runs in threads that live on: one
+    # that ended between two observations would have its CPU time counted as the foreground's.
+    rt = get_runtime()
+    time.sleep(0.6)
+    rt.observe_cpu()
+
+    def job() -> int:
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            pass
+        return threading.get_native_id()
+
+    tid = rt.start_background(job).result()
+    rt.observe_cpu()
+    assert rt.foreground_cores < 0.3
+    assert tid in rt._own_tids
+    assert any(t.native_id == tid and t.is_alive() for t in threading.enumerate())
+
+
 def _run_batches(count: int, nbytes: int) -> list[tuple[float, float]]:
     """Runs ``count`` concurrent batches through the pacer; their (start, end) times."""
     rt = get_runtime()
