@@ -191,8 +191,8 @@ class PyTreeCheckpointHandler(CheckpointHandler):
 
         async def write() -> None:
             # The documents are built while the arrays are written, once every batch is on its
-            # way to the disk (the writes' threads then wait on it, not on the GIL), in a
-            # thread of their own (not queued behind the writes in the pool).
+            # way to the disk (the writes' threads then wait on it, not on the GIL), started
+            # at once (``start_background``: not queued behind the writes in the pool).
             building = asyncio.ensure_future(build_documents())
             try:
                 await asyncio.gather(*tasks)
