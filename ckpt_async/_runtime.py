@@ -51,7 +51,7 @@ log = logging.getLogger("ckpt_async")
 DEFAULT_THREADS = max(4, min(32, (os.cpu_count() or 2) * 2))
 #: Worker threads for a commit's blocking work: most of them wait on the disk (writes,
 #: fsyncs) while others checksum or encode.
-BACKGROUND_THREADS = 2 * DEFAULT_THREADS
+BACKGROUND_THREADS = min(32, 2 * DEFAULT_THREADS)
 
 # -- CPU priority of background work ---------------------------------------------------------------
 #: ``"idle"``: Linux SCHED_IDLE, background work runs only on CPU time nothing else in the
