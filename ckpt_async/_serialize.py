@@ -667,25 +667,23 @@ class ItemReader:
         self.use_zarr3 = use_zarr3
         self.ctx = new_context()
         self._index: dict[str, _ocdbt.Located] | None = None
-        self._indexed: asyncio.Future[None] | None = None
+        self._indexing: asyncio.Task[dict[str, _ocdbt.Located] | None] | None = None
         self._plans: dict[bytes, tuple[np.dtype, tuple[int, ...], tuple[int, ...]] | None] = {}
 
     async def index(self) -> dict[str, _ocdbt.Located] | None:
         """The local database's index, read once; None where there is none to read (not a
         local directory, not OCDBT with zarr v2, or one TensorStore cannot read: the driver
         path then reports what is wrong)."""
-        if self._indexed is None:
-            self._indexed = asyncio.get_running_loop().create_future()
-            try:
-                if isinstance(self.item_dir, Path) and self.use_ocdbt and not self.use_zarr3:
-                    with contextlib.suppress(ValueError):
-                        self._index = await get_runtime().to_thread(_ocdbt.read_index,
-                                                                    self.item_dir)
-            finally:
-                self._indexed.set_result(None)
-        else:
-            await asyncio.shield(self._indexed)
-        return self._index
+        async def read() -> dict[str, _ocdbt.Located] | None:
+            if isinstance(self.item_dir, Path) and self.use_ocdbt and not self.use_zarr3:
+                with contextlib.suppress(ValueError):
+                    self._index = await get_runtime().to_thread(_ocdbt.read_index,
+                                                                self.item_dir)
+            return self._index
+
+        if self._indexing is None:  # (the arrays of a restore ask for it concurrently)
+            self._indexing = asyncio.ensure_future(read())
+        return await asyncio.shield(self._indexing)
 
     def local_plan(self, name: str, max_bytes: float = math.inf) -> LocalPlan | None:
         """How to read stored array ``name`` from the local index (after :meth:`index`): None
@@ -715,13 +713,44 @@ class ItemReader:
             refs.append((key, region, ref))
         return dtype, shape, chunks, refs
 
-    def read_planned(self, name: str, plan: LocalPlan, out: np.ndarray,
+    def _read_batch(self, batch: list[tuple[str, LocalPlan]], buffers: list[np.ndarray],
+                    expected: Callable[[str], dict[str, int] | None]) -> dict[str, np.ndarray]:
+        """Blocks (a worker thread): reads the planned arrays of ``batch`` into ``buffers``
+        (C-contiguous, of their shapes and dtypes), each chunk checked against
+        ``expected(name)``; returns those read (the others are left to the driver path)."""
+        out: dict[str, np.ndarray] = {}
+        files: dict[str, int] = {}
+        try:
+            for (name, plan), buffer in self._read_runs(batch, buffers, expected, files, out):
+                if self._read_chunks(name, plan, buffer, expected(name), files):
+                    out[name] = buffer
+        finally:
+            for fd in files.values():
+                os.close(fd)
+        return out
+
+    def _data_file(self, files: dict[str, int], path: str, name: str) -> int:
+        """The descriptor of data file ``path`` (opened once per batch, in ``files``)."""
+        fd = files.get(path)
+        if fd is None:
+            try:
+                fd = files[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError as exc:
+                raise CorruptCheckpointError(
+                    f"{self.item_dir}: key {name!r}: data file {path} is missing") from exc
+        return fd
+
+    def _read_exactly(self, files: dict[str, int], path: str, name: str, view: memoryview,
+                      offset: int) -> None:
+        if _ocdbt.read_exactly(self._data_file(files, path, name), view, offset) != len(view):
+            raise CorruptCheckpointError(
+                f"{self.item_dir}: key {name!r}: data file {path} ends inside a chunk "
+                f"({len(view)} bytes from {offset})")
+
+    def _read_chunks(self, name: str, plan: LocalPlan, out: np.ndarray,
                      sums: dict[str, int] | None, files: dict[str, int]) -> bool:
-        """Blocks (a worker thread): reads array ``name`` into ``out`` (C-contiguous, its
-        shape and dtype) as ``plan`` says, checking each chunk against ``sums``; ``files``:
-        the data files open so far (path -> descriptor), which the caller closes. False: a
-        chunk is not stored raw (its length is not a whole chunk's); the driver path reads
-        it."""
+        """Reads array ``name`` into ``out`` chunk by chunk, checking each against ``sums``.
+        False: a chunk is not stored raw (its length is not a whole chunk's)."""
         dtype, shape, chunks, refs = plan
         whole = len(refs) == 1 and tuple(chunks) == shape
         n = math.prod(chunks) * dtype.itemsize  # (zarr stores edge chunks whole, padded)
@@ -736,18 +765,7 @@ class ItemReader:
                 path, offset, length = ref
                 if length != n:
                     return False
-                fd = files.get(path)
-                try:
-                    if fd is None:
-                        fd = files[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                    got = _ocdbt.read_exactly(fd, dest, offset)
-                except FileNotFoundError as exc:
-                    raise CorruptCheckpointError(
-                        f"{self.item_dir}: key {name!r}: data file {path} is missing") from exc
-                if got != n:
-                    raise CorruptCheckpointError(
-                        f"{self.item_dir}: key {name!r}: data file {path} ends at byte "
-                        f"{offset + got}, inside chunk {key} ({n} bytes from {offset})")
+                self._read_exactly(files, path, name, dest, offset)
             if sums and key in sums and zlib.crc32(dest) != sums[key]:
                 bad.append(key)
             if not whole:
@@ -763,7 +781,7 @@ class ItemReader:
         """Reads the arrays of ``batch`` stored as one chunk each, back to back in a data file,
         with one ``preadv`` per run of adjacent chunks (up to IOV_MAX of them): few large
         reads where one per array would meet a cold disk at a queue depth of one. Returns the
-        others, for :meth:`read_planned`."""
+        others, for :meth:`_read_chunks`."""
         rest = []
         # path, offset, length, array name, its buffer, the chunk's key
         whole: list[tuple[str, int, int, str, np.ndarray, str]] = []
@@ -784,22 +802,13 @@ class ItemReader:
                 end += whole[j][2]
                 j += 1
             run = whole[i:j]
-            fd = files.get(path)
-            try:
-                if fd is None:
-                    fd = files[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                got = os.preadv(fd, [_ocdbt.as_bytes(w[4]) for w in run], start)
-            except FileNotFoundError as exc:
-                raise CorruptCheckpointError(
-                    f"{self.item_dir}: key {run[0][3]!r}: data file {path} is missing") from exc
+            fd = self._data_file(files, path, run[0][3])
+            got = os.preadv(fd, [_ocdbt.as_bytes(w[4]) for w in run], start)
             for _path, offset, n, name, buffer, key in run:
                 view = _ocdbt.as_bytes(buffer)
                 if got < offset - start + n:  # (a short read: the rest one by one)
                     done = max(0, got - (offset - start))
-                    if _ocdbt.read_exactly(fd, view[done:], offset + done) != n - done:
-                        raise CorruptCheckpointError(
-                            f"{self.item_dir}: key {name!r}: data file {path} ends inside "
-                            f"its chunk ({n} bytes from {offset})")
+                    self._read_exactly(files, path, name, view[done:], offset + done)
                 sums = expected(name)
                 if sums and key in sums and zlib.crc32(view) != sums[key]:
                     raise checksum_error(self.item_dir, name, [key])
@@ -812,13 +821,8 @@ class ItemReader:
         """Array ``name`` read as :meth:`local_plan` planned it, into a buffer of its own
         (:func:`host_buffer`); None: left to the driver path."""
         def read() -> np.ndarray | None:
-            out = host_buffer(plan[1], plan[0])
-            files: dict[str, int] = {}
-            try:
-                return out if self.read_planned(name, plan, out, sums, files) else None
-            finally:
-                for fd in files.values():
-                    os.close(fd)
+            return self._read_batch([(name, plan)], [host_buffer(plan[1], plan[0])],
+                                    lambda _name: sums).get(name)
 
         return await get_runtime().to_thread(read)
 
@@ -855,18 +859,8 @@ class ItemReader:
                  if (p := self.local_plan(name, DIRECT_READ_MAX_BYTES)) is not None), key=where))
 
         def read(batch: list[tuple[str, LocalPlan]]) -> dict[str, np.ndarray]:
-            buffers = host_buffers([(p[1], p[0]) for _name, p in batch])
-            out: dict[str, np.ndarray] = {}
-            files: dict[str, int] = {}
-            try:
-                rest = self._read_runs(batch, buffers, expected, files, out)
-                for (name, p), buffer in rest:
-                    if self.read_planned(name, p, buffer, expected(name), files):
-                        out[name] = buffer
-            finally:
-                for fd in files.values():
-                    os.close(fd)
-            return out
+            return self._read_batch(batch, host_buffers([(p[1], p[0]) for _name, p in batch]),
+                                    expected)
 
         rt = get_runtime()
         out: dict[str, np.ndarray] = {}

@@ -478,9 +478,10 @@ class _Reader:
     async def _reading(self, name: str) -> AsyncIterator[np.ndarray]:
         """The stored array ``name`` (checked), for as long as the caller places it. Arrays not
         prefetched are read within a window of READ_WINDOW_BYTES, each into a buffer of its own
-        (``ItemReader.read_array`` from a local index, else :func:`ser.read_into_buffer`): on CPU that buffer becomes the restored jax.Array, on
-        an accelerator it is freed once copied over, before the window admits more reads; so
-        a restore peaks near the restored size, not twice it."""
+        (``ItemReader.read_array`` from a local index, else :func:`ser.read_into_buffer`): on
+        CPU that buffer becomes the restored jax.Array, on an accelerator it is freed once
+        copied over, before the window admits more reads; so a restore peaks near the
+        restored size, not twice it."""
         arr = self._prefetched.pop(name, None)
         if arr is not None:
             yield arr
