@@ -16,6 +16,7 @@ from . import (
     test_utils,
     tree,
     type_handlers,
+    utils,
 )
 from ._checkpointer import AsyncOptions
 from ._integrity import VerifyReport, verify
@@ -75,5 +76,6 @@ __all__ = [
     "test_utils",
     "tree",
     "type_handlers",
+    "utils",
     "verify",
 ]

@@ -7,6 +7,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from .errors import InvalidArgumentError
+
 
 def to_shape_dtype_struct(x: Any, dtype: Any = None, scalar_dtype: Any = None) -> Any:
     """The abstract version of a leaf: ``jax.ShapeDtypeStruct`` with its sharding, if any."""
@@ -23,6 +25,114 @@ def to_shape_dtype_struct(x: Any, dtype: Any = None, scalar_dtype: Any = None) -
     return x
 
 
+def _key_name(key: Any) -> int | str:
+    """A jax key path entry as Orbax names it: a sequence index, or a dict key / attribute as str."""
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return key.idx
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return key.name
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
+        return key.key
+    raise InvalidArgumentError(f"unsupported key {key!r} ({type(key).__name__}) in a tree path")
+
+
+def _is_empty_or_leaf(x: Any) -> bool:
+    """A leaf, or a container without children (``{}``, ``[]``, ``()``, None)."""
+    children = jax.tree_util.tree_leaves(x, is_leaf=lambda y: y is not x)
+    return not children or (len(children) == 1 and children[0] is x)
+
+
+def _flat_with_path(tree: Any, keep_empty_nodes: bool, is_leaf: Any = None) -> list:
+    return jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=is_leaf or (_is_empty_or_leaf if keep_empty_nodes else None))[0]
+
+
 def serialize_tree(tree: Any, keep_empty_nodes: bool = False) -> Any:
-    """A nested dict/list version of ``tree`` (Orbax's name)."""
-    return jax.tree_util.tree_map(lambda v: v, tree)
+    """``tree`` as nested dicts and lists, keyed as the checkpoint names its leaves: tuples
+    become lists, namedtuples and other keyed nodes dicts (Orbax's ``serialize_tree``). Empty
+    containers and None are dropped unless ``keep_empty_nodes``."""
+    flat = _flat_with_path(tree, keep_empty_nodes)
+    if not flat:
+        raise InvalidArgumentError("cannot serialize an empty tree: it could be {} or []")
+    if not flat[0][0]:
+        return flat[0][1]  # the tree is one leaf
+    root: Any = [] if isinstance(flat[0][0][0], jax.tree_util.SequenceKey) else {}
+    for path, value in flat:
+        node = root
+        for i, key in enumerate(path):
+            name = _key_name(key)
+            last = i == len(path) - 1
+            if not last:
+                child: Any = [] if isinstance(path[i + 1], jax.tree_util.SequenceKey) else {}
+            if isinstance(node, list):
+                if not isinstance(name, int):
+                    raise InvalidArgumentError(f"key {name!r} mixed with sequence indices")
+                node.extend([None] * (name + 1 - len(node)))
+                if last:
+                    node[name] = value
+                elif node[name] is None:
+                    node[name] = child
+            elif last:
+                node[name] = value
+            else:
+                node.setdefault(name, child)
+            if not last:
+                node = node[name]
+    return root
+
+
+def deserialize_tree(serialized: Any, target: Any, keep_empty_nodes: bool = False) -> Any:
+    """The inverse of :func:`serialize_tree`: ``serialized``'s values in ``target``'s
+    structure (tuples, namedtuples and custom nodes as in ``target``)."""
+
+    def lookup(path: tuple[Any, ...], _: Any) -> Any:
+        node = serialized
+        for key in path:
+            name = _key_name(key)
+            if isinstance(node, dict) and name not in node:
+                name = str(name)
+            try:
+                node = node[name]
+            except (KeyError, IndexError, TypeError) as exc:
+                where = "/".join(str(_key_name(k)) for k in path)
+                raise InvalidArgumentError(f"no value for {where!r} in the serialized tree") from exc
+        return node
+
+    return jax.tree_util.tree_map_with_path(
+        lookup, target, is_leaf=_is_empty_or_leaf if keep_empty_nodes else None)
+
+
+def to_flat_dict(tree: Any, sep: str | None = None, keep_empty_nodes: bool = False,
+                 is_leaf: Any = None) -> dict[Any, Any]:
+    """``{('layer', 'w'): leaf, ...}`` (or ``{'layer/w': leaf}`` with ``sep='/'``): every leaf
+    by its key path, the keys as strings (Orbax's ``to_flat_dict``)."""
+    flat = {tuple(str(_key_name(k)) for k in path): v
+            for path, v in _flat_with_path(tree, keep_empty_nodes, is_leaf)}
+    return flat if sep is None else {sep.join(k): v for k, v in flat.items()}
+
+
+def from_flat_dict(flat_dict: dict[Any, Any], target: Any = None, sep: str | None = None, *,
+                   inplace: bool = False) -> Any:
+    """The inverse of :func:`to_flat_dict`: with ``target``, its structure filled with
+    ``flat_dict``'s values; without, nested dicts. ``inplace`` empties ``flat_dict`` as it goes."""
+    take = flat_dict.pop if inplace else flat_dict.__getitem__
+    if target is not None:
+        keys = to_flat_dict(target, sep=sep)
+        missing = [k for k in keys if k not in flat_dict]
+        if missing:
+            raise InvalidArgumentError(f"flat_dict has no value for {missing[:5]} of the target")
+        return jax.tree.unflatten(jax.tree.structure(target), [take(k) for k in keys])
+    if sep is None and () in flat_dict:
+        if len(flat_dict) != 1:
+            raise InvalidArgumentError(f"the empty path () must be the only key, got {list(flat_dict)}")
+        return take(())
+    out: dict[str, Any] = {}
+    for key in list(flat_dict):
+        parts = tuple(key.split(sep)) if sep is not None else key
+        node = out
+        for name in parts[:-1]:
+            node = node.setdefault(name, {})
+        node[parts[-1]] = take(key)
+    return out

@@ -179,6 +179,12 @@ class ObjectStoreSuite:
             assert mngr.all_steps() == [1]
             with pytest.raises(StepNotFoundError):
                 mngr.restore(2)
+        # ocp.utils sees the store as the manager does
+        assert ocp.utils.checkpoint_steps(url) == [1]
+        assert ocp.utils.is_checkpoint_finalized(f"{url}/1")
+        assert not ocp.utils.is_checkpoint_finalized(f"{url}/2")
+        assert ocp.utils.is_tmp_checkpoint(f"{url}/2") and not ocp.utils.is_tmp_checkpoint(f"{url}/1")
+        assert ocp.utils.tmp_checkpoints(url) == ["2"]
         assert any(k.startswith("2/") for k in store.keys(prefix))  # left alone without cleanup
         opts = ocp.CheckpointManagerOptions(cleanup_tmp_directories=True)
         with ocp.CheckpointManager(url, options=opts) as mngr:

@@ -1,0 +1,122 @@
+"""``ocp.utils`` and the ``ocp.tree`` helpers, against the real ``orbax.checkpoint`` on the
+same trees and the same directories (object stores: ``_objstore_suite``)."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as orbax
+import pytest
+
+import ckpt_async as ocp
+from ckpt_async.errors import InvalidArgumentError
+
+NT = collections.namedtuple("NT", "x y")
+
+TREES = [
+    {"a": (1, 2), "b": NT(3, {"c": 4}), "e": {}, "n": None, "l": [5, [6, 7]]},
+    [{"w": np.arange(3)}, (np.float32(1.5),), []],
+    {"params": {"dense": {"kernel": np.ones((2, 2)), "bias": np.zeros(2)}}, "step": 7},
+    {1: "int key", 2: {"t": {"u": ()}}},
+    np.arange(4),
+]
+
+
+def _same(a, b) -> None:
+    assert jax.tree.structure(a) == jax.tree.structure(b), (a, b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert type(x) is type(y) and np.array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("tree", TREES, ids=range(len(TREES)))
+def test_serialize_and_flat_dicts_match_orbax(tree, keep: bool) -> None:
+    _same(ocp.tree.serialize_tree(tree, keep), orbax.tree.serialize_tree(tree, keep))
+    for sep in (None, "/"):
+        ours = ocp.utils.to_flat_dict(tree, sep=sep, keep_empty_nodes=keep)
+        theirs = orbax.utils.to_flat_dict(tree, sep=sep, keep_empty_nodes=keep)
+        assert list(ours) == list(theirs)
+        _same(list(ours.values()), list(theirs.values()))
+        _same(ocp.utils.from_flat_dict(dict(ours), target=tree, sep=sep),
+              orbax.utils.from_flat_dict(dict(theirs), target=tree, sep=sep))
+        if not keep and isinstance(tree, dict) and sep is None:
+            _same(ocp.utils.from_flat_dict(dict(ours)), orbax.utils.from_flat_dict(dict(theirs)))
+    serialized = ocp.tree.serialize_tree(tree, keep)
+    _same(ocp.tree.deserialize_tree(serialized, tree, keep),
+          orbax.tree.deserialize_tree(serialized, tree, keep))
+
+
+def test_serialize_tree_turns_tuples_into_lists_and_namedtuples_into_dicts() -> None:
+    got = ocp.tree.serialize_tree({"t": (1, NT(2, 3)), "gap": [None, 4]})
+    assert got == {"t": [1, {"x": 2, "y": 3}], "gap": [None, 4]}
+    with pytest.raises(InvalidArgumentError):
+        ocp.tree.serialize_tree({"a": {}, "b": None})  # nothing to serialize
+
+
+def test_from_flat_dict_inplace_and_errors() -> None:
+    flat = {"a/b": 1, "a/c": 2, "d": 3}
+    assert ocp.utils.from_flat_dict(flat, sep="/", inplace=True) == {"a": {"b": 1, "c": 2}, "d": 3}
+    assert flat == {}
+    assert ocp.utils.from_flat_dict({(): 5}) == 5
+    with pytest.raises(InvalidArgumentError, match="'b'"):
+        ocp.utils.from_flat_dict({("a",): 1}, target={"a": 0, "b": 0})
+    with pytest.raises(InvalidArgumentError, match="no value for 'a/z'"):
+        ocp.tree.deserialize_tree({"a": {}}, {"a": {"z": 1}})
+
+
+def test_to_shape_dtype_struct_is_the_tree_helper() -> None:
+    x = jnp.ones((2, 3), jnp.bfloat16)
+    s = ocp.utils.to_shape_dtype_struct(x)
+    assert (s.shape, s.dtype, s.sharding) == ((2, 3), jnp.bfloat16, x.sharding)
+
+
+@pytest.mark.parametrize("name,step", [("12", 12), ("ckpt_0012", 12), ("a_b_7", 7),
+                                       ("3.orbax-checkpoint-tmp-1712", 3),
+                                       ("ckpt_5.orbax-checkpoint-tmp-99", 5)])
+def test_step_from_checkpoint_name_matches_orbax(name: str, step: int) -> None:
+    assert ocp.utils.step_from_checkpoint_name(name) == step
+    assert orbax.utils.step_from_checkpoint_name(name) == step
+
+
+@pytest.mark.parametrize("name", ["ckpt", "x.json", "_"])
+def test_step_from_checkpoint_name_refuses_other_names(name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        ocp.utils.step_from_checkpoint_name(name)
+
+
+def test_step_queries_on_a_manager_directory_match_orbax(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    assert ocp.utils.checkpoint_steps(root) == [] and ocp.utils.any_checkpoint_step(root) is None
+    with ocp.CheckpointManager(root) as mngr:
+        for step in (0, 5, 10):
+            mngr.save(step, args=ocp.args.StandardSave({"w": np.arange(4) * step}))
+    with ocp.CheckpointManager(tmp_path / "prefixed",
+                               ocp.CheckpointManagerOptions(step_prefix="ckpt",
+                                                            step_format_fixed_length=4)) as mngr:
+        mngr.save(3, args=ocp.args.StandardSave({"w": np.arange(2)}))
+    (root / "20.orbax-checkpoint-tmp-123").mkdir()  # a save cut short
+    (root / "30").write_text("a stray file, not a step")
+    (root / "notes").mkdir()
+
+    assert ocp.utils.checkpoint_steps(root) == [0, 5, 10]
+    assert sorted(orbax.utils.checkpoint_steps(root)) == [0, 5, 10]
+    assert ocp.utils.checkpoint_steps(tmp_path / "prefixed") == [3]
+    assert orbax.utils.checkpoint_steps(tmp_path / "prefixed") == [3]
+    assert ocp.utils.any_checkpoint_step(root) == 10
+    assert ocp.utils.tmp_checkpoints(root) == ["20.orbax-checkpoint-tmp-123"]
+    for path, final in [(root / "5", True), (root / "20.orbax-checkpoint-tmp-123", False),
+                        (tmp_path / "prefixed" / "ckpt_0003", True)]:
+        assert ocp.utils.is_checkpoint_finalized(path) is final
+        assert orbax.utils.is_checkpoint_finalized(path) is final
+        assert ocp.utils.is_tmp_checkpoint(path) is (not final)
+        assert orbax.utils.is_tmp_checkpoint(path) is (not final)
+    assert ocp.utils.TMP_DIR_SUFFIX == orbax.utils.TMP_DIR_SUFFIX
+
+
+def test_primary_host_and_barrier_in_one_process() -> None:
+    assert ocp.utils.is_primary_host(0) and not ocp.utils.is_primary_host(1)
+    ocp.utils.sync_global_processes("test_utils")  # one process: returns at once
