@@ -40,9 +40,9 @@ def point(n: int, elems: int, root: Path) -> dict:
     """One measurement, in this (fresh) process; returns its figures."""
     import jax
     import numpy as np
+    from worker import drop_cache
 
     import ckpt_async as ocp
-    from worker import drop_cache
 
     nbytes = n * elems * 4
     root.mkdir(parents=True, exist_ok=True)

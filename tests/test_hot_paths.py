@@ -20,6 +20,7 @@ import pytest
 import ckpt_async as ocp
 from ckpt_async import _stage, _tree
 from ckpt_async._runtime import gc_paused
+from ckpt_async.handlers import pytree
 
 Point = collections.namedtuple("Point", ["x", "y"])
 
@@ -219,6 +220,65 @@ def test_deferred_placement_matches_one_put_per_array() -> None:
         assert got.committed is committed  # as jax.device_put(arr[, sharding]) leaves it
 
 
+def _four_devices() -> jax.sharding.Sharding:
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    return NamedSharding(Mesh(np.array(jax.devices()[:4]), ("x",)), PartitionSpec("x"))
+
+
+def _put_many_cases() -> tuple[list[np.ndarray], list]:
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[1])
+    arrays = [np.arange(3.0, dtype=np.float32), np.ones((2, 3, 4), jnp.bfloat16),
+              np.asarray(np.int8(7)), np.zeros(0, np.int32), np.array([True, False]),
+              np.arange(4.0),  # float64 without x64: jax makes it float32 (a copy)
+              np.arange(8, dtype=np.uint16), np.arange(12, dtype=np.float32)[::2]]
+    shardings = [None, one, one, None, one, one, _four_devices(), None]
+    return arrays, shardings
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "jax.device_put"])
+def test_device_put_many_matches_jax_device_put(monkeypatch, direct: bool) -> None:
+    if not direct:
+        monkeypatch.setattr(pytree, "_batched_device_put", None)
+    arrays, shardings = _put_many_cases()
+    got = pytree.device_put_many(arrays, shardings)
+    for arr, sharding, g in zip(arrays, shardings, got, strict=True):
+        want = jax.device_put(arr) if sharding is None else jax.device_put(arr, sharding)
+        assert isinstance(g, jax.Array)
+        assert (g.aval, g.sharding, g.committed) == (want.aval, want.sharding, want.committed)
+        assert g.aval.weak_type is False
+        assert np.asarray(g).tobytes() == np.asarray(want).tobytes()
+        np.testing.assert_array_equal(np.asarray(jax.jit(lambda x: x * 2)(g)),
+                                      np.asarray(want) * 2)
+
+
+def test_device_put_many_adopts_aligned_cpu_buffers_directly(monkeypatch) -> None:
+    from ckpt_async import _serialize
+
+    bufs = _serialize.host_buffers([((256,), np.dtype(np.float32))] * 3)
+    for i, b in enumerate(bufs):
+        b[:] = i
+    calls: list[int] = []
+    real = jax.device_put
+    monkeypatch.setattr(jax, "device_put", lambda x, *a, **k: calls.append(1) or real(x, *a, **k))
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    got = pytree.device_put_many(bufs, [one] * 3)
+    assert calls == []  # no array went through jax.device_put
+    for b, g in zip(bufs, got, strict=True):
+        assert g.unsafe_buffer_pointer() == b.ctypes.data  # adopted, not copied
+        np.testing.assert_array_equal(np.asarray(g), b)
+
+
+def test_device_put_many_falls_back_when_the_direct_placement_fails(monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise TypeError("incompatible internals")
+
+    monkeypatch.setattr(pytree, "_batched_device_put", broken)
+    arrays, shardings = _put_many_cases()
+    for arr, g in zip(arrays, pytree.device_put_many(arrays, shardings), strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(jax.device_put(arr)))
+
+
 def test_restore_defers_small_arrays_and_ones_bound_for_one_cpu_device() -> None:
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -316,17 +376,17 @@ def test_arrays_restored_onto_one_cpu_device_are_placed_in_one_batch(tmp_path,
         ckptr.save(tmp_path / "c", state)
         ckptr.wait_until_finished()
         calls: list[int] = []
-        put = jax.device_put
+        put = pytree.device_put_many
 
-        def counting_put(x, *args, **kwargs):
-            calls.append(len(x) if isinstance(x, list) else 1)
-            return put(x, *args, **kwargs)
+        def counting_put(arrays, shardings):
+            calls.append(len(arrays))
+            return put(arrays, shardings)
 
-        monkeypatch.setattr(jax, "device_put", counting_put)
+        monkeypatch.setattr(pytree, "device_put_many", counting_put)
         target = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         out = ckptr.restore(tmp_path / "c", target)
-    assert calls == [6]  # every array, large ones (read one by one) included, in one put
+    assert calls == [6]  # every array, large ones (read one by one) included, in one batch
     for k, v in state.items():
         assert out[k].sharding == v.sharding and out[k].committed
         np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(v))

@@ -370,19 +370,75 @@ def _put(arr: np.ndarray, sharding: jax.sharding.Sharding | None) -> Any:
 
 
 def _put_deferred(values: list[Any]) -> list[Any]:
-    """``values`` with every :class:`_Deferred` placed: one ``jax.device_put`` for those
-    without a sharding (left uncommitted, as a single put leaves them), one for the others."""
-    for with_sharding in (False, True):
-        idx = [i for i, v in enumerate(values)
-               if type(v) is _Deferred and (v.sharding is not None) == with_sharding]
-        if not idx:
-            continue
-        arrays = [values[i].arr for i in idx]
-        placed = (jax.device_put(arrays, [values[i].sharding for i in idx]) if with_sharding
-                  else jax.device_put(arrays))
-        for i, v in zip(idx, placed, strict=True):
-            values[i] = v
+    """``values`` with every :class:`_Deferred` placed (:func:`device_put_many`)."""
+    idx = [i for i, v in enumerate(values) if type(v) is _Deferred]
+    placed = device_put_many([values[i].arr for i in idx], [values[i].sharding for i in idx])
+    for i, v in zip(idx, placed, strict=True):
+        values[i] = v
     return values
+
+
+try:  # the per-shard placement jax.device_put ends in (jax internals: used where it applies)
+    from jax._src.core import ShapedArray as _ShapedArray
+    from jax._src.interpreters.pxla import batched_device_put as _batched_device_put
+except ImportError:  # pragma: no cover - a jax without them: jax.device_put for all
+    _batched_device_put = None
+
+
+def device_put_many(arrays: list[np.ndarray], shardings: list[Any]) -> list[jax.Array]:
+    """``jax.device_put(arrays[i], shardings[i])`` for each host array; a None sharding means
+    jax's default device, uncommitted, as ``jax.device_put(array)`` leaves it.
+
+    An array in jax's canonical dtype bound for one device goes straight to the per-shard
+    placement that ``jax.device_put`` ends in, with the abstract value ``jax.device_put`` would
+    give it (4 us an array against 27-35 us through ``jax.device_put``'s Python, measured on
+    10,000 arrays: half of restoring them); on a CPU device jax adopts the 64-byte-aligned
+    buffer either way. The others, and every array if that placement is missing or fails,
+    go through ``jax.device_put`` (one batched call for those without a sharding, one for
+    the others)."""
+    out: list[Any] = [None] * len(arrays)
+    if _batched_device_put is not None and arrays:
+        try:
+            _put_direct(arrays, shardings, out)
+        except (TypeError, ValueError, AttributeError, RuntimeError):
+            out = [None] * len(arrays)
+    for with_sharding in (False, True):
+        idx = [i for i, v in enumerate(out)
+               if v is None and (shardings[i] is not None) == with_sharding]
+        if idx:
+            batch = [arrays[i] for i in idx]
+            placed = (jax.device_put(batch, [shardings[i] for i in idx]) if with_sharding
+                      else jax.device_put(batch))
+            for i, v in zip(idx, placed, strict=True):
+                out[i] = v
+    return out
+
+
+def _put_direct(arrays: list[np.ndarray], shardings: list[Any], out: list[Any]) -> None:
+    """Fills ``out[i]`` for the arrays :func:`device_put_many` places directly."""
+    avals: dict[tuple[Any, ...], Any] = {}
+    devices: dict[Any, list[Any]] = {}
+    default: Any = None
+    for i, (arr, sharding) in enumerate(zip(arrays, shardings, strict=True)):
+        if type(arr) is not np.ndarray or arr.dtype != jax.dtypes.canonicalize_dtype(arr.dtype):
+            continue
+        committed = sharding is not None
+        if sharding is None:
+            if default is None:  # the default device as jax.device_put chooses it
+                out[i] = jax.device_put(arr)
+                default = out[i].sharding
+                continue
+            sharding = default
+        if not isinstance(sharding, jax.sharding.SingleDeviceSharding):
+            continue
+        device = devices.get(sharding)
+        if device is None:
+            device = devices[sharding] = list(sharding.device_set)
+        key = (arr.shape, arr.dtype)
+        aval = avals.get(key)
+        if aval is None:
+            aval = avals[key] = _ShapedArray(arr.shape, arr.dtype)
+        out[i] = _batched_device_put(aval, sharding, [arr], device, committed)
 
 
 #: Bytes of arrays being read, at most (one larger array is read alone). On CPU the buffers
