@@ -256,17 +256,35 @@ def chunk_key(index: tuple[slice, ...], chunks: tuple[int, ...]) -> str:
     return ".".join(str((s.start or 0) // max(1, c)) for s, c in zip(index, chunks, strict=True))
 
 
-def chunk_grid(shape: tuple[int, ...], chunks: tuple[int, ...]) -> list[tuple[str, tuple[slice, ...]]]:
+#: Grids of at most this many chunks are kept (per shape and chunk shape) once computed.
+CACHED_GRID_CHUNKS = 64
+
+
+def chunk_grid(shape: tuple[int, ...], chunks: tuple[int, ...]
+               ) -> tuple[tuple[str, tuple[slice, ...]], ...]:
     """Every chunk of an array of ``shape`` stored in ``chunks``: its zarr v2 key and the region
-    of the array it holds (none for an empty array; ``("0", ())`` for a 0-d one)."""
+    of the array it holds (none for an empty array; ``("0", ())`` for a 0-d one). Small grids
+    are computed once per shape (a restore of many arrays of one shape asks for each)."""
+    shape, chunks = tuple(shape), tuple(chunks)
+    if math.prod(-(-n // max(1, c)) for n, c in zip(shape, chunks, strict=True)) <= \
+            CACHED_GRID_CHUNKS:
+        return _cached_grid(shape, chunks)
+    return _grid(shape, chunks)
+
+
+def _grid(shape: tuple[int, ...], chunks: tuple[int, ...]
+          ) -> tuple[tuple[str, tuple[slice, ...]], ...]:
     if math.prod(shape) == 0:
-        return []
+        return ()
     steps = [max(1, c) for c in chunks]
-    return [(".".join(str(st // c) for st, c in zip(starts, steps, strict=True)) or "0",
-             tuple(slice(st, min(st + c, n)) for st, c, n in zip(starts, steps, shape,
-                                                                   strict=True)))
-            for starts in itertools.product(*(range(0, n, c) for n, c in zip(shape, steps,
-                                                                              strict=True)))]
+    return tuple((".".join(str(st // c) for st, c in zip(starts, steps, strict=True)) or "0",
+                  tuple(slice(st, min(st + c, n)) for st, c, n in zip(starts, steps, shape,
+                                                                        strict=True)))
+                 for starts in itertools.product(*(range(0, n, c) for n, c in zip(shape, steps,
+                                                                                   strict=True))))
+
+
+_cached_grid = functools.lru_cache(maxsize=4096)(_grid)
 
 
 class ItemWriter:

@@ -76,11 +76,15 @@ def test_chunk_keys_of_shards():
 
 
 def test_chunk_grid_keys_and_regions_agree_with_tensorstore(tmp_path):
-    assert ser.chunk_grid((), ()) == [("0", ())]
-    assert ser.chunk_grid((0, 3), (1, 3)) == []
+    assert ser.chunk_grid((), ()) == (("0", ()),)
+    assert ser.chunk_grid((0, 3), (1, 3)) == ()
     grid = ser.chunk_grid((5, 3), (2, 3))  # the last row of chunks is clipped
-    assert grid == [("0.0", (slice(0, 2), slice(0, 3))), ("1.0", (slice(2, 4), slice(0, 3))),
-                    ("2.0", (slice(4, 5), slice(0, 3)))]
+    assert grid == (("0.0", (slice(0, 2), slice(0, 3))), ("1.0", (slice(2, 4), slice(0, 3))),
+                    ("2.0", (slice(4, 5), slice(0, 3))))
+    assert ser.chunk_grid((5, 3), (2, 3)) is grid  # small grids are computed once
+    big = ser.chunk_grid((ser.CACHED_GRID_CHUNKS + 1,), (1,))  # larger ones each time
+    assert len(big) == ser.CACHED_GRID_CHUNKS + 1 and ser.chunk_grid(*((len(big),), (1,))) == big
+    assert ser.chunk_grid((len(big),), (1,)) is not big
     arr = np.arange(15, dtype=np.int32).reshape(5, 3)
 
     async def stored():

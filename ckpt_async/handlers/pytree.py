@@ -14,7 +14,7 @@ import contextlib
 import copy
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -382,7 +382,7 @@ try:  # the per-shard placement jax.device_put ends in (jax internals: used wher
     from jax._src.core import ShapedArray as _ShapedArray
     from jax._src.interpreters.pxla import batched_device_put as _batched_device_put
 except ImportError:  # pragma: no cover - a jax without them: jax.device_put for all
-    _batched_device_put = None
+    _batched_device_put = None  # type: ignore[assignment]
 
 
 def device_put_many(arrays: list[np.ndarray], shardings: list[Any]) -> list[jax.Array]:
@@ -493,6 +493,10 @@ class _ByteWindow:
             self._admit()
 
 
+#: Value types whose values are stored arrays.
+_STORED = frozenset({"jax.Array", "np.ndarray", "scalar"})
+
+
 class _Reader:
     """Restores one pytree item from its decoded documents."""
 
@@ -579,7 +583,8 @@ class _Reader:
             return arr.dtype.type(arr.item()) if arr.dtype.name == tag[3:] else arr[()]
         return arr.item()
 
-    async def _value_as_saved(self, entry: fmt.TreeEntry) -> Any:
+    def _value_as_saved(self, entry: fmt.TreeEntry) -> Any:
+        """The value of ``entry`` as it was saved, or a coroutine that reads it."""
         vt = entry.value_metadata.value_type
         name = self._name(entry)
         if vt in _tree.EMPTY_TYPES:
@@ -588,13 +593,49 @@ class _Reader:
             return self.strings[name]
         sharding = self._saved_sharding(name) if vt == "jax.Array" else None
         if sharding is not None and not sharding.is_fully_addressable:
-            return await self._read_spread(name, None, None, sharding)
+            return self._read_spread(name, None, None, sharding)
+        arr = self._prefetched.pop(name, None)
+        if arr is not None:
+            return self._saved_value(name, arr, vt, sharding)
+        return self._read_as_saved(name, vt, sharding)
+
+    def _saved_value(self, name: str, arr: np.ndarray, vt: str,
+                     sharding: jax.sharding.Sharding | None) -> Any:
+        if vt == "scalar":
+            return self._scalar(name, arr)
+        if vt == "jax.Array":
+            return _put(arr, sharding)
+        return arr
+
+    async def _read_as_saved(self, name: str, vt: str,
+                             sharding: jax.sharding.Sharding | None) -> Any:
         async with self._reading(name) as arr:
-            if vt == "scalar":
-                return self._scalar(name, arr)
-            if vt == "jax.Array":
-                return _put(arr, sharding)
-            return arr
+            return self._saved_value(name, arr, vt, sharding)
+
+    async def _read_placed(self, name: str, tleaf: Any, rarg: Any, vt: str) -> Any:
+        async with self._reading(name) as arr:
+            return self._place(name, arr, tleaf, rarg, vt)
+
+    @staticmethod
+    async def _resolve(value_of: Callable[..., Any], items: Iterable[tuple[Any, ...]]) -> list[Any]:
+        """``value_of(*item)`` for each item, where it returns either the value or a coroutine
+        that reads it: the coroutines awaited together, then every deferred array placed.
+        Values ready at once (prefetched arrays: most of a restore of many small arrays) cost
+        no task of their own."""
+        values: list[Any] = []
+        try:
+            for item in items:
+                values.append(value_of(*item))
+        except BaseException:
+            for v in values:  # (never started: nothing to wait for)
+                if asyncio.iscoroutine(v):
+                    v.close()
+            raise
+        idx = [i for i, v in enumerate(values) if asyncio.iscoroutine(v)]
+        if idx:
+            for i, v in zip(idx, await asyncio.gather(*(values[i] for i in idx)), strict=True):
+                values[i] = v
+        return _put_deferred(values)
 
     def _saved_sharding(self, name: str) -> jax.sharding.Sharding | None:
         """The sharding an array was saved with, when this run has all its devices."""
@@ -603,8 +644,7 @@ class _Reader:
 
     def _stored_arrays(self, keys: Any) -> list[str]:
         return [self._name(self.by_key[k]) for k in keys
-                if self.by_key[k].value_metadata.value_type in ("jax.Array", "np.ndarray",
-                                                                 "scalar")]
+                if self.by_key[k].value_metadata.value_type in _STORED]
 
     async def restore_as_saved(self) -> Any:
         entries = list(self.by_key.values())
@@ -612,8 +652,7 @@ class _Reader:
                   and (sh := self._saved_sharding(self._name(e))) is not None
                   and not sh.is_fully_addressable}
         await self.prefetch(self._stored_arrays(k for k in self.by_key if k not in spread))
-        values = _put_deferred(await asyncio.gather(*(self._value_as_saved(e)
-                                                       for e in entries)))
+        values = await self._resolve(self._value_as_saved, ((e,) for e in entries))
         if self.skeleton is not None:
             return _tree.unflatten(self.skeleton, lambda i: values[i])
         return _tree.tree_from_key_metadata([(e.key_metadata, v) for e, v in zip(entries, values)])
@@ -628,13 +667,19 @@ class _Reader:
         _tree.check_structure(set(self.by_key), wanted, where=str(self.dir), allow_missing=partial)
         # A target sharded over other processes' devices too: this process reads only the
         # region its own devices hold (each process restores its part of the global array).
-        spread = {k: sh for k, _n, leaf in pairs if k in self.by_key
-                  and (sh := _target_sharding(leaf, rargs.get(k))) is not None
-                  and not sh.is_fully_addressable}
-        await self.prefetch(self._stored_arrays(k for k in wanted
-                                                if k in self.by_key and k not in spread))
+        spanning: dict[int, bool] = {}  # id(sharding) -> spans other processes (asked once)
 
-        async def one(key: str, name: str, tleaf: Any) -> Any:
+        def spans(sh: jax.sharding.Sharding) -> bool:
+            if (known := spanning.get(id(sh))) is None:
+                known = spanning[id(sh)] = not sh.is_fully_addressable
+            return known
+
+        spread = {k: sh for k, _n, leaf in pairs if k in self.by_key
+                  and (sh := _target_sharding(leaf, rargs.get(k))) is not None and spans(sh)}
+        await self.prefetch([n for k, n, _leaf in pairs if k in self.by_key and k not in spread
+                             and self.by_key[k].value_metadata.value_type in _STORED])
+
+        def one(key: str, name: str, tleaf: Any) -> Any:  # the value, or a coroutine
             entry = self.by_key[key]
             vt = entry.value_metadata.value_type
             if vt in _tree.EMPTY_TYPES:
@@ -643,12 +688,13 @@ class _Reader:
                 return self.strings[name]
             rarg = rargs.get(key, tleaf if isinstance(tleaf, RestoreArgs) else None)
             if key in spread:
-                return await self._read_spread(name, tleaf, rarg, spread[key])
-            async with self._reading(name) as arr:
+                return self._read_spread(name, tleaf, rarg, spread[key])
+            arr = self._prefetched.pop(name, None)
+            if arr is not None:
                 return self._place(name, arr, tleaf, rarg, vt)
+            return self._read_placed(name, tleaf, rarg, vt)
 
-        values = await asyncio.gather(*(one(k, n, leaf) for k, n, leaf in pairs))
-        return rebuild(_put_deferred(values))
+        return rebuild(await self._resolve(one, pairs))
 
     async def _read_spread(self, name: str, tleaf: Any, rarg: Any,
                            sharding: jax.sharding.Sharding) -> jax.Array:
