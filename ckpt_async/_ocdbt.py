@@ -131,36 +131,57 @@ def _varint(n: int) -> bytes:
     return _SMALL_VARINTS[n] if n < 16384 else _encode_varint(n)
 
 
-def _common_prefix(a: bytes, b: bytes) -> int:
-    """The length of the longest common prefix of ``a`` and ``b``."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    # (the highest differing bit of the two as big-endian integers is in the first differing byte)
-    diff = int.from_bytes(a[:n], "big") ^ int.from_bytes(b[:n], "big")
-    return n - (diff.bit_length() + 7) // 8
+def _varints(values: Sequence[int] | np.ndarray) -> bytes:
+    """Each of ``values`` (non-negative, below 2**64) as an unsigned LEB128 varint, back to
+    back: a B+tree node's columns, encoded column-wise with numpy (not value by value)."""
+    v = np.asarray(values, dtype=np.uint64).reshape(-1)
+    if v.size == 0:
+        return b""
+    if int(v.max()) < 0x80:
+        return v.astype(np.uint8).tobytes()
+    groups = [v >> np.uint64(7 * j) for j in range(10)]
+    count = np.ones(len(v), np.int64)  # bytes per value
+    for g in groups[1:]:
+        count += g != 0
+    width = int(count.max())
+    out = np.empty((len(v), width), np.uint8)
+    for j in range(width):
+        more = np.where(count > j + 1, 0x80, 0).astype(np.uint8)
+        out[:, j] = (groups[j] & np.uint64(0x7F)).astype(np.uint8) | more
+    return out[np.arange(width) < count[:, None]].tobytes()
+
+
+def _prefix_lengths(keys: Sequence[bytes]) -> np.ndarray:
+    """The length of the common prefix of each key with the one before it (0 for the first)."""
+    n = len(keys)
+    out = np.zeros(n, np.int64)
+    if n > 1:
+        lens = np.fromiter(map(len, keys), np.int64, n)
+        width = max(1, int(lens.max()))
+        grid = np.frombuffer(b"".join(k.ljust(width, b"\0") for k in keys),
+                             np.uint8).reshape(n, width)
+        differ = grid[1:] != grid[:-1]
+        first = np.where(differ.any(axis=1), differ.argmax(axis=1), width)
+        # (padding matches padding: a prefix never runs past the shorter key)
+        out[1:] = np.minimum(first, np.minimum(lens[1:], lens[:-1]))
+    return out
 
 
 def _key_columns(keys: Sequence[bytes]) -> list[bytes]:
     """``key_prefix_length`` (after the first), ``key_suffix_length`` and the suffixes."""
-    prefixes = [0] + [_common_prefix(a, b) for a, b in zip(keys, keys[1:])]
-    return [b"".join(_varint(p) for p in prefixes[1:]),
-            b"".join(_varint(len(k) - p) for k, p in zip(keys, prefixes)),
-            b"".join(k[p:] for k, p in zip(keys, prefixes))]
+    prefixes = _prefix_lengths(keys)
+    lens = np.fromiter(map(len, keys), np.int64, len(keys))
+    return [_varints(prefixes[1:]), _varints(lens - prefixes),
+            b"".join(k[p:] for k, p in zip(keys, prefixes.tolist()))]
 
 
 def _file_table(files: list[str]) -> tuple[bytes, dict[str, int]]:
     """A node's data file table (every base path empty) and each file's index in it."""
     files = sorted(set(files))
     paths = [f.encode() for f in files]
-    prefixes = [0] + [_common_prefix(a, b) for a, b in zip(paths, paths[1:])]
-    table = b"".join([
-        _varint(len(paths)),
-        *(_varint(p) for p in prefixes[1:]),
-        *(_varint(len(p) - q) for p, q in zip(paths, prefixes)),
-        *(_varint(0) for _ in paths),
-        *(p[q:] for p, q in zip(paths, prefixes)),
-    ])
+    prefix_lengths, suffix_lengths, suffixes = _key_columns(paths)
+    table = b"".join([_varint(len(paths)), prefix_lengths, suffix_lengths,
+                      _varints([0] * len(paths)), suffixes])
     return table, {f: i for i, f in enumerate(files)}
 
 
@@ -178,15 +199,17 @@ Value = bytes | tuple[str, int, int]
 
 def encode_leaf(entries: Sequence[tuple[bytes, Value]]) -> bytes:
     keys = [k for k, _ in entries]
-    indirect = [v for _, v in entries if isinstance(v, tuple)]
+    values = [v for _, v in entries]
+    inline = [v for v in values if isinstance(v, bytes)]
+    indirect = [v for v in values if isinstance(v, tuple)]
     table, index = _file_table([v[0] for v in indirect])
     return _node(0, b"".join([
         table, _varint(len(entries)), *_key_columns(keys),
-        *(_varint(len(v) if isinstance(v, bytes) else v[2]) for _, v in entries),
-        bytes(0 if isinstance(v, bytes) else 1 for _, v in entries),
-        *(_varint(index[v[0]]) for v in indirect),
-        *(_varint(v[1]) for v in indirect),
-        *(v for _, v in entries if isinstance(v, bytes)),
+        _varints([len(v) if isinstance(v, bytes) else v[2] for v in values]),
+        bytes(0 if isinstance(v, bytes) else 1 for v in values),
+        _varints([index[v[0]] for v in indirect]),
+        _varints([v[1] for v in indirect]),
+        *inline,
     ]))
 
 
@@ -208,28 +231,29 @@ def encode_interior(height: int, children: Sequence[_Child]) -> bytes:
     prefix_lengths, suffix_lengths, suffixes = _key_columns([c.key for c in children])
     return _node(height, b"".join([
         table, _varint(len(children)), prefix_lengths, suffix_lengths,
-        *(_varint(0) for _ in children),  # subtree_common_prefix_length
+        _varints([0] * len(children)),  # subtree_common_prefix_length
         suffixes,
-        *(_varint(index[c.where[0]]) for c in children),
-        *(_varint(c.where[1]) for c in children),
-        *(_varint(c.where[2]) for c in children),
-        *(_varint(c.keys) for c in children),
-        *(_varint(c.tree_bytes) for c in children),
-        *(_varint(c.indirect_bytes) for c in children),
+        _varints([index[c.where[0]] for c in children]),
+        _varints([c.where[1] for c in children]),
+        _varints([c.where[2] for c in children]),
+        _varints([c.keys for c in children]),
+        _varints([c.tree_bytes for c in children]),
+        _varints([c.indirect_bytes for c in children]),
     ]))
 
 
 def _leaf_groups(entries: list[tuple[bytes, Value]]) -> list[list[tuple[bytes, Value]]]:
-    groups: list[list[tuple[bytes, Value]]] = [[]]
-    size = 0
-    for key, value in entries:
-        n = len(key) + 40 + (len(value) if isinstance(value, bytes) else 0)
-        if groups[-1] and size + n > _NODE_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append((key, value))
-        size += n
-    return groups
+    """``entries`` cut into leaves of at most _NODE_BYTES (estimated; at least one entry)."""
+    sizes = np.fromiter((len(k) + 40 + (len(v) if isinstance(v, bytes) else 0)
+                         for k, v in entries), np.int64, len(entries))
+    ends = np.cumsum(sizes)
+    groups, start = [], 0
+    while start < len(entries):
+        base = int(ends[start - 1]) if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, base + _NODE_BYTES, side="right")))
+        groups.append(entries[start:stop])
+        start = stop
+    return groups or [[]]
 
 
 def encode_tree(entries: list[tuple[bytes, Value]], node_file: str
