@@ -421,6 +421,11 @@ def test_local_reads_return_what_was_written_chunked_or_whole(tmp_path):
         for name, arr in expect.items():
             assert out[name].dtype == arr.dtype and out[name].shape == arr.shape
             assert out[name].tobytes() == arr.tobytes()
+            # aligned, so that a CPU jax.device_put adopts the buffer instead of copying it
+            assert arr.size == 0 or out[name].ctypes.data % ser.HOST_ALIGNMENT == 0, name
+    import jax
+    big = one_by_one["bf"]
+    assert jax.device_put(big).unsafe_buffer_pointer() == big.ctypes.data
 
 
 def test_small_arrays_lying_side_by_side_take_one_read_per_run(tmp_path, monkeypatch):
