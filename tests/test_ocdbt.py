@@ -67,15 +67,18 @@ def test_every_key_reads_back_exactly(tmp_path, monkeypatch, node_bytes):
     values = _values(3000)
     writer = _ocdbt.DatabaseWriter(tmp_path)
     items = list(values.items())
+    # half as documents (bytes: inline up to the limit), half as array data (views: never)
+    given = {k: v if i % 2 else memoryview(v) for i, (k, v) in enumerate(items)}
     for i in range(0, len(items), 700):  # several batches, hence several data files
-        _write(writer, [(k, memoryview(v)) for k, v in items[i:i + 700]])
+        _write(writer, [(k, given[k]) for k, _ in items[i:i + 700]])
     writer.finish()
     assert _read_all(tmp_path) == values
     version, = _manifest(tmp_path)["versions"]
     assert version["generation_number"] == 1
     assert version["root"]["statistics"]["num_keys"] == len(values)
     assert version["root"]["statistics"]["num_indirect_value_bytes"] == sum(
-        len(v) for v in values.values() if len(v) > _ocdbt.MAX_INLINE_VALUE_BYTES)
+        len(v) for v in given.values()
+        if isinstance(v, memoryview) or len(v) > _ocdbt.MAX_INLINE_VALUE_BYTES)
     if node_bytes:
         assert version["root_height"] >= 2
     else:
@@ -153,18 +156,21 @@ def test_read_index_of_an_orbax_checkpoint(tmp_path):
     assert np.array_equal(out["a"], state["a"]) and np.array_equal(out["b"]["c"], state["b"]["c"])
 
 
-def test_small_values_are_inline_and_large_ones_in_data_files(tmp_path):
+def test_small_documents_are_inline_and_array_data_in_data_files(tmp_path):
     writer = _ocdbt.DatabaseWriter(tmp_path)
-    _write(writer, [("a/.zarray", b"{}"), ("a/0", b"x" * 1024), ("b/0", b"y" * 1025)])
+    chunk = np.arange(4, dtype=np.int8)
+    _write(writer, [("a/.zarray", b"{}"), ("a/0", b"x" * 1024), ("b/0", b"y" * 1025),
+                    ("c/0", _ocdbt.as_bytes(chunk))])  # a view of an array: never inline
     writer.finish()
     root = _manifest(tmp_path)["versions"][0]["root"]["location"]
     node = ts.ocdbt.dump(ts.KvStore.open(f"file://{tmp_path}/").result(), root).result()
     kinds = {e["key"]: ("inline" if "inline_value" in e else "indirect") for e in node["entries"]}
-    assert kinds == {b"a/.zarray": "inline", b"a/0": "inline", b"b/0": "indirect"}
-    # the data file holds exactly the out-of-line value
-    data_files = [f for f in os.listdir(tmp_path / "d")
-                  if (tmp_path / "d" / f).stat().st_size == 1025]
-    assert len(data_files) == 1
+    assert kinds == {b"a/.zarray": "inline", b"a/0": "inline", b"b/0": "indirect",
+                     b"c/0": "indirect"}
+    # the data file holds exactly the out-of-line values, one after the other
+    contents = [(tmp_path / "d" / f).read_bytes() for f in os.listdir(tmp_path / "d")]
+    assert b"y" * 1025 + chunk.tobytes() in contents  # (the other file: the B+tree node)
+    assert _read_all(tmp_path)["c/0"] == chunk.tobytes()
 
 
 def test_a_database_with_nothing_written_leaves_no_files(tmp_path):
