@@ -124,6 +124,11 @@ def _gbps(nbytes: float, seconds: float) -> str:
     return f"{nbytes / seconds / 1e9:.2f}"
 
 
+def _ints(text: str) -> list[int]:
+    """``"1,64"`` -> [1, 64]; an empty option -> [] (that part is skipped)."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def _limits(r: dict) -> str:
     return f"{_gbps(r['bytes'], r['read_limit'])}; {_gbps(r['bytes'], r['fresh_read_limit'])}"
 
@@ -144,13 +149,13 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     print(f"{time.strftime('%Y-%m-%d %H:%M')}, {opts.repeats} repeat(s) per point (medians)\n")
     try:
-        for kib in [int(x) for x in opts.array_kib.split(",")]:
+        for kib in _ints(opts.array_kib):
             print(f"Arrays of {kib} KiB:\n")
             print("| arrays | state | blocking per array | durable per array | "
                   "cold restore per array | durable GB/s (write limit) | "
                   "restore GB/s (read limit; into fresh memory) |")
             print("|---:|---:|---:|---:|---:|---:|---:|")
-            for n in [int(x) for x in opts.arrays.split(",")]:
+            for n in _ints(opts.arrays):
                 r = run(n, kib * 256, work, opts.repeats)
                 print(f"| {n:,} | {r['bytes'] / 2**20:,.0f} MiB | "
                       f"{r['blocking'] / n * 1e6:.1f} us | {r['durable'] / n * 1e6:.1f} us | "
@@ -158,11 +163,14 @@ def main() -> int:
                       f"{_gbps(r['bytes'], r['durable'])} ({_gbps(r['bytes'], r['write_limit'])}) | "
                       f"{_gbps(r['bytes'], r['restore'])} ({_limits(r)}) |", flush=True)
             print()
+        sizes = _ints(opts.sizes_mib)
+        if not sizes:
+            return 0
         print("16 arrays:\n")
         print("| state | blocking | durable s | durable GB/s (write limit) | "
               "cold restore s | restore GB/s (read limit; into fresh memory) |")
         print("|---:|---:|---:|---:|---:|---:|")
-        for mib in [int(x) for x in opts.sizes_mib.split(",")]:
+        for mib in sizes:
             r = run(16, mib * 2**20 // 16 // 4, work, opts.repeats)
             print(f"| {mib:,} MiB | {r['blocking'] * 1e3:.1f} ms | {r['durable']:.2f} | "
                   f"{_gbps(r['bytes'], r['durable'])} ({_gbps(r['bytes'], r['write_limit'])}) | "
