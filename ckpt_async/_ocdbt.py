@@ -151,12 +151,12 @@ def _varints(values: Sequence[int] | np.ndarray) -> bytes:
     return out[np.arange(width) < count[:, None]].tobytes()
 
 
-def _prefix_lengths(keys: Sequence[bytes]) -> np.ndarray:
-    """The length of the common prefix of each key with the one before it (0 for the first)."""
+def _prefix_lengths(keys: Sequence[bytes], lens: np.ndarray) -> np.ndarray:
+    """The length of the common prefix of each key with the one before it (0 for the first);
+    ``lens``: the keys' lengths."""
     n = len(keys)
     out = np.zeros(n, np.int64)
     if n > 1:
-        lens = np.fromiter(map(len, keys), np.int64, n)
         width = max(1, int(lens.max()))
         grid = np.frombuffer(b"".join(k.ljust(width, b"\0") for k in keys),
                              np.uint8).reshape(n, width)
@@ -169,8 +169,8 @@ def _prefix_lengths(keys: Sequence[bytes]) -> np.ndarray:
 
 def _key_columns(keys: Sequence[bytes]) -> list[bytes]:
     """``key_prefix_length`` (after the first), ``key_suffix_length`` and the suffixes."""
-    prefixes = _prefix_lengths(keys)
     lens = np.fromiter(map(len, keys), np.int64, len(keys))
+    prefixes = _prefix_lengths(keys, lens)
     return [_varints(prefixes[1:]), _varints(lens - prefixes),
             b"".join(k[p:] for k, p in zip(keys, prefixes.tolist()))]
 

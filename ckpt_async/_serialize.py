@@ -549,10 +549,10 @@ def host_buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
     A large one is an anonymous mapping whose pages are populated in one call (Linux
     ``MAP_POPULATE``): TensorStore's first touch of 2 GiB page by page took 3-5 s on the
-    benchmark machine, populating it 0.6 s. (Arrays read with ``preadv`` are not populated
-    first: see :meth:`ItemReader.read_array`.) Being page-aligned, it becomes a CPU jax.Array without a copy
-    (``jax.device_put`` adopts 64-byte-aligned host buffers), and the mapping is released
-    with the last array that uses it. Blocks: call it from a worker thread.
+    benchmark machine, populating it 0.6 s (arrays read with ``preadv`` are not populated
+    first: see :meth:`ItemReader.read_array`). Being page-aligned, it becomes a CPU jax.Array
+    without a copy (``jax.device_put`` adopts 64-byte-aligned host buffers), and the mapping
+    is released with the last array that uses it. Blocks: call it from a worker thread.
     """
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
@@ -838,8 +838,8 @@ class ItemReader:
 
     async def read_array(self, name: str, plan: LocalPlan,
                          sums: dict[str, int] | None) -> np.ndarray | None:
-        """Array ``name`` read as :meth:`local_plan` planned it, into a buffer of its own
-        (:func:`host_buffer`); None: left to the driver path."""
+        """Array ``name`` read as :meth:`local_plan` planned it, into an aligned buffer of its
+        own (:func:`aligned_empty`); None: left to the driver path."""
         def read() -> np.ndarray | None:
             # Not populated first (unlike host_buffer): the kernel faults the pages in as it
             # copies. A warm restore of 16 arrays of 128 MiB took 6.3-7.0 s into populated

@@ -181,67 +181,6 @@ async def modified(path: AnyPath) -> float | None:
         return None
 
 
-_ANY_STEP = re.compile(r"(?:(.+)_)?(\d+)")
-
-
-def _parse_step(name: str, prefix: str | None) -> tuple[str | None, int] | None:
-    """(prefix, step) of a step directory's name; ``prefix`` None accepts any prefix."""
-    if _steps.is_leftover(name):
-        return None
-    if prefix is not None:
-        step = _steps.NameFormat(prefix or None).parse(name)
-        return None if step is None else (prefix or None, step)
-    m = _ANY_STEP.fullmatch(name)  # any prefix, any padding (Orbax's legacy rule)
-    return (m.group(1), int(m.group(2))) if m else None
-
-
-def _leftover_kind(name: str) -> str | None:
-    if _commit.is_tmp_name(name):
-        return "tmp"
-    if _steps.TODELETE_MARK in name:
-        return "todelete"
-    return None
-
-
-@dataclasses.dataclass
-class DirView:
-    """A manager directory: its committed steps (step -> entry name) and its leftovers
-    ((name, kind), kind "tmp", "todelete" or "uncommitted")."""
-
-    steps: dict[int, str]
-    leftovers: list[tuple[str, str]]
-
-
-async def scan_dir(directory: AnyPath, prefix: str | None) -> DirView:
-    """The steps and leftovers of ``directory`` as the library sees them (``_commit.scan``).
-
-    Locally every entry is committed, and the leftovers are the temporary and to-delete
-    entries. On an object store a step is committed iff its ``commit_success.txt`` exists; a
-    step-named entry without one is a save that never finished ("uncommitted"), as the
-    manager's ``cleanup_tmp_directories`` sees it. Without ``prefix`` such an entry counts only
-    when it is a bare number or shares the prefix of a committed step, so that no other data
-    under the prefix is taken for a leftover."""
-    names, visible = await _commit.scan(directory)
-    parsed = {n: p for n in sorted(names) if (p := _parse_step(n, prefix)) is not None}
-    candidates = [n for n in parsed if n in visible]
-    # the library's test of a committed checkpoint at a path (locally: a directory, not a file)
-    committed = await _gather([_commit.is_visible(directory / n) for n in candidates])
-    steps: dict[int, str] = {}
-    for name, ok in zip(candidates, committed):
-        if ok:
-            steps.setdefault(parsed[name][1], name)
-    used = {parsed[n][0] for n in steps.values()} | {None}
-    leftovers = []
-    for name in sorted(names):
-        kind = _leftover_kind(name)
-        if kind is None and name in parsed and name not in visible and (
-                prefix is not None or parsed[name][0] in used):
-            kind = "uncommitted"
-        if kind is not None:
-            leftovers.append((name, kind))
-    return DirView(dict(sorted(steps.items())), leftovers)
-
-
 async def step_doc(path: AnyPath) -> fmt.StepMetadata | None:
     """A step's ``_CHECKPOINT_METADATA`` (checked against its recorded crc32), or None."""
     doc, _ext = await _integrity.read_step_metadata(path)
@@ -337,7 +276,7 @@ async def resolve_checkpoint(path: AnyPath, step: int | None,
     if step is None and await is_checkpoint(path):
         await _check_committed(path)
         return path, None
-    steps = (await scan_dir(path, prefix)).steps
+    steps = (await _steps.scan_dir(path, prefix)).steps
     if not steps:
         if step is not None:
             raise CLIError(f"{path} holds no steps")
@@ -499,7 +438,7 @@ async def _leftover_entry(directory: AnyPath, name: str, kind: str) -> dict[str,
             "mtime": await modified(path)}
 
 
-async def leftovers(directory: AnyPath, view: DirView) -> list[dict[str, Any]]:
+async def leftovers(directory: AnyPath, view: _steps.DirView) -> list[dict[str, Any]]:
     return await _gather([_leftover_entry(directory, n, k) for n, k in view.leftovers])
 
 
@@ -515,7 +454,7 @@ def _fmt_metrics(m: Any) -> str:
 async def cmd_ls(a: argparse.Namespace, out: Any) -> int:
     directory = location(a.dir)
     await check_dir(directory)
-    view = await scan_dir(directory, a.step_prefix)
+    view = await _steps.scan_dir(directory, a.step_prefix)
     steps = await _gather([_step_entry(s, directory / n) for s, n in view.steps.items()])
     found = await leftovers(directory, view)
     if a.json:
@@ -665,7 +604,7 @@ class Progress:
 async def cmd_verify(a: argparse.Namespace, out: Any) -> int:
     path = location(a.path)
     await check_dir(path)
-    steps = (await scan_dir(path, a.step_prefix)).steps
+    steps = (await _steps.scan_dir(path, a.step_prefix)).steps
     if a.step is None and steps and not await is_checkpoint(path):
         targets: list[tuple[int | None, AnyPath]] = [(s, path / n) for s, n in steps.items()]
     else:
@@ -826,7 +765,7 @@ async def cmd_diff(a: argparse.Namespace, out: Any) -> int:
 async def cmd_gc(a: argparse.Namespace, out: Any) -> int:
     directory = location(a.dir)
     await check_dir(directory)
-    found = await leftovers(directory, await scan_dir(directory, a.step_prefix))
+    found = await leftovers(directory, await _steps.scan_dir(directory, a.step_prefix))
     if a.older_than > 0:
         ageless = [lo["name"] for lo in found if lo["mtime"] is None]
         if ageless:

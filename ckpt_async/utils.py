@@ -17,6 +17,7 @@ from . import _storage as storage
 from ._checkpointer import as_path
 from ._runtime import get_runtime
 from .errors import InvalidArgumentError
+from .manager import _steps
 from .multihost import is_primary_host, sync_global_processes
 from .tree import (
     deserialize_tree,
@@ -45,43 +46,26 @@ __all__ = [
 
 TMP_DIR_SUFFIX = fmt.TMP_SUFFIX
 
-_PREFIXED_STEP = re.compile(r"(.+)_(\d+)")
 _TMP_STEP = re.compile(r".*?_*?(\d+)" + re.escape(fmt.TMP_SUFFIX))
 
 
 def step_from_checkpoint_name(name: str) -> int:
     """The step of a step directory's name: ``12``, ``ckpt_0012``, or a temporary
     ``12.orbax-checkpoint-tmp-<ns>``. Raises ``ValueError`` for any other name."""
-    if name.isdigit():
-        return int(name)
-    if m := _PREFIXED_STEP.fullmatch(name):
-        return int(m.group(2))
+    if parsed := _steps.parse_step(name, None):
+        return parsed[1]
     if m := _TMP_STEP.match(name):
         return int(m.group(1))
     raise InvalidArgumentError(f"{name!r} is not a step directory's name")
 
 
-def _step_or_none(name: str) -> int | None:
-    if _commit.is_tmp_name(name) or not (name.isdigit() or _PREFIXED_STEP.fullmatch(name)):
-        return None
-    return step_from_checkpoint_name(name)
-
-
-async def _committed_steps(directory: Any) -> dict[str, int]:
-    """name -> step of every committed step directory in ``directory`` (none if it is absent)."""
-    names, visible = await _commit.scan(directory)
-    named = {n: s for n in names if n in visible and (s := _step_or_none(n)) is not None}
-    out = {}
-    for name, step in named.items():
-        if await _commit.is_visible(directory / name):  # a directory, not a stray file
-            out[name] = step
-    return out
+def _scan(checkpoint_dir: Any) -> _steps.DirView:
+    return get_runtime().call(_steps.scan_dir, as_path(checkpoint_dir), None)
 
 
 def checkpoint_steps(checkpoint_dir: Any) -> list[int]:
     """The committed steps in ``checkpoint_dir``, ascending (``[]`` when it does not exist)."""
-    named = get_runtime().call(_committed_steps, as_path(checkpoint_dir))
-    return sorted(named.values())
+    return list(_scan(checkpoint_dir).steps)
 
 
 def any_checkpoint_step(checkpoint_dir: Any) -> int | None:
@@ -106,8 +90,7 @@ def is_tmp_checkpoint(path: Any) -> bool:
 
 
 def tmp_checkpoints(checkpoint_dir: Any) -> list[str]:
-    """The names of the uncommitted step directories in ``checkpoint_dir``."""
-    directory = as_path(checkpoint_dir)
-    names, visible = get_runtime().call(_commit.scan, directory)
-    return sorted(n for n in names
-                  if _commit.is_tmp_name(n) or (n not in visible and _step_or_none(n) is not None))
+    """The names of the uncommitted step directories in ``checkpoint_dir`` (temporary ones, and
+    on an object store step prefixes without ``commit_success.txt``)."""
+    return [name for name, kind in _scan(checkpoint_dir).leftovers
+            if kind in ("tmp", "uncommitted")]

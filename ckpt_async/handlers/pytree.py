@@ -420,7 +420,14 @@ def _put_direct(arrays: list[np.ndarray], shardings: list[Any], out: list[Any]) 
     devices: dict[Any, list[Any]] = {}
     default: Any = None
     for i, (arr, sharding) in enumerate(zip(arrays, shardings, strict=True)):
-        if type(arr) is not np.ndarray or arr.dtype != jax.dtypes.canonicalize_dtype(arr.dtype):
+        if type(arr) is not np.ndarray:
+            continue
+        key = (arr.shape, arr.dtype)
+        if key not in avals:  # None: a dtype jax would convert (float64 without x64)
+            canonical = arr.dtype == jax.dtypes.canonicalize_dtype(arr.dtype)
+            avals[key] = _ShapedArray(arr.shape, arr.dtype) if canonical else None
+        aval = avals[key]
+        if aval is None:
             continue
         committed = sharding is not None
         if sharding is None:
@@ -434,10 +441,6 @@ def _put_direct(arrays: list[np.ndarray], shardings: list[Any], out: list[Any]) 
         device = devices.get(sharding)
         if device is None:
             device = devices[sharding] = list(sharding.device_set)
-        key = (arr.shape, arr.dtype)
-        aval = avals.get(key)
-        if aval is None:
-            aval = avals[key] = _ShapedArray(arr.shape, arr.dtype)
         out[i] = _batched_device_put(aval, sharding, [arr], device, committed)
 
 
@@ -536,16 +539,12 @@ class _Reader:
 
     @contextlib.asynccontextmanager
     async def _reading(self, name: str) -> AsyncIterator[np.ndarray]:
-        """The stored array ``name`` (checked), for as long as the caller places it. Arrays not
-        prefetched are read within a window of READ_WINDOW_BYTES, each into a buffer of its own
+        """The stored array ``name`` (checked; one not prefetched), for as long as the caller
+        places it. It is read within a window of READ_WINDOW_BYTES into a buffer of its own
         (``ItemReader.read_array`` from a local index, else :func:`ser.read_into_buffer`): on
         CPU that buffer becomes the restored jax.Array, on an accelerator it is freed once
         copied over, before the window admits more reads; so a restore peaks near the
         restored size, not twice it."""
-        arr = self._prefetched.pop(name, None)
-        if arr is not None:
-            yield arr
-            return
         plan = self.items.local_plan(name) if await self.items.index() is not None else None
         if plan is not None:
             async with self._window.hold(math.prod(plan[1]) * plan[0].itemsize):
@@ -642,16 +641,18 @@ class _Reader:
         text = self.shardings.get(name)
         return ser.sharding_from_json(text) if text is not None else None
 
-    def _stored_arrays(self, keys: Any) -> list[str]:
-        return [self._name(self.by_key[k]) for k in keys
-                if self.by_key[k].value_metadata.value_type in _STORED]
+    def _stored_arrays(self, named: Iterable[tuple[str, str]]) -> list[str]:
+        """The names among ``named`` ((key, name) pairs) whose values are stored arrays."""
+        return [name for key, name in named
+                if self.by_key[key].value_metadata.value_type in _STORED]
 
     async def restore_as_saved(self) -> Any:
         entries = list(self.by_key.values())
         spread = {k for k, e in self.by_key.items() if e.value_metadata.value_type == "jax.Array"
                   and (sh := self._saved_sharding(self._name(e))) is not None
                   and not sh.is_fully_addressable}
-        await self.prefetch(self._stored_arrays(k for k in self.by_key if k not in spread))
+        await self.prefetch(self._stored_arrays((k, self._name(e)) for k, e in self.by_key.items()
+                                                if k not in spread))
         values = await self._resolve(self._value_as_saved, ((e,) for e in entries))
         if self.skeleton is not None:
             return _tree.unflatten(self.skeleton, lambda i: values[i])
@@ -676,8 +677,8 @@ class _Reader:
 
         spread = {k: sh for k, _n, leaf in pairs if k in self.by_key
                   and (sh := _target_sharding(leaf, rargs.get(k))) is not None and spans(sh)}
-        await self.prefetch([n for k, n, _leaf in pairs if k in self.by_key and k not in spread
-                             and self.by_key[k].value_metadata.value_type in _STORED])
+        await self.prefetch(self._stored_arrays((k, n) for k, n, _leaf in pairs
+                                                if k in self.by_key and k not in spread))
 
         def one(key: str, name: str, tleaf: Any) -> Any:  # the value, or a coroutine
             entry = self.by_key[key]

@@ -1,4 +1,5 @@
-"""Step directory names, and which entries of a manager directory are what. Pure functions.
+"""Step directory names, and which entries of a manager directory are what (pure functions;
+:func:`scan_dir` lists a directory through ``_commit.scan``).
 
 Orbax's standard naming: ``<step>``, or ``<prefix>_<step>``, the step zero-padded to
 ``step_format_fixed_length`` digits. Temporary (``*.orbax-checkpoint-tmp*``) and to-delete
@@ -7,10 +8,14 @@ Orbax's standard naming: ``<step>``, or ``<prefix>_<step>``, the step zero-padde
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 
+from .. import _commit
 from .. import _format as fmt
+from .. import _storage as storage
+from .._paths import AnyPath
 
 TODELETE_MARK = ".orbax-checkpoint-todelete"
 
@@ -57,3 +62,65 @@ def steps_in(names: list[str], name_format: NameFormat) -> dict[int, str]:
         if step is not None:
             out[step] = name
     return out
+
+
+_ANY_STEP = re.compile(r"(?:(.+)_)?(\d+)")
+
+
+def parse_step(name: str, prefix: str | None) -> tuple[str | None, int] | None:
+    """(prefix, step) of a step directory's name; ``prefix`` None accepts any prefix and any
+    padding (Orbax's legacy rule: ``12``, ``ckpt_0012``)."""
+    if is_leftover(name):
+        return None
+    if prefix is not None:
+        step = NameFormat(prefix or None).parse(name)
+        return None if step is None else (prefix or None, step)
+    m = _ANY_STEP.fullmatch(name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def leftover_kind(name: str) -> str | None:
+    if _commit.is_tmp_name(name):
+        return "tmp"
+    if TODELETE_MARK in name:
+        return "todelete"
+    return None
+
+
+@dataclasses.dataclass
+class DirView:
+    """A manager directory: its committed steps (step -> entry name) and its leftovers
+    ((name, kind), kind "tmp", "todelete" or "uncommitted")."""
+
+    steps: dict[int, str]
+    leftovers: list[tuple[str, str]]
+
+
+async def scan_dir(directory: AnyPath, prefix: str | None) -> DirView:
+    """The steps and leftovers of ``directory`` as the library sees them (``_commit.scan``).
+
+    Locally a step is a directory (not a stray file) without a temporary name, and the
+    leftovers are the temporary and to-delete entries. On an object store a step is committed
+    iff its ``commit_success.txt`` exists; a step-named entry without one is a save that never
+    finished ("uncommitted"), as the manager's ``cleanup_tmp_directories`` sees it. Without
+    ``prefix`` such an entry counts only when it is a bare number or shares the prefix of a
+    committed step, so that no other data under the prefix is taken for a leftover."""
+    names, visible = await _commit.scan(directory)
+    parsed = {n: p for n in sorted(names) if (p := parse_step(n, prefix)) is not None}
+    candidates = [n for n in parsed if n in visible]
+    if storage.has_rename(directory):  # (on an object store, visible means the marker exists)
+        is_dir = await asyncio.gather(*(storage.is_dir(directory / n) for n in candidates))
+        candidates = [n for n, ok in zip(candidates, is_dir, strict=True) if ok]
+    steps: dict[int, str] = {}
+    for name in candidates:
+        steps.setdefault(parsed[name][1], name)
+    used = {parsed[n][0] for n in steps.values()} | {None}
+    leftovers = []
+    for name in sorted(names):
+        kind = leftover_kind(name)
+        if kind is None and name in parsed and name not in visible and (
+                prefix is not None or parsed[name][0] in used):
+            kind = "uncommitted"
+        if kind is not None:
+            leftovers.append((name, kind))
+    return DirView(dict(sorted(steps.items())), leftovers)
