@@ -98,15 +98,16 @@ async def commit(
         await _refuse_committed(final)  # before its documents are overwritten
     step_meta.commit_timestamp_nsecs = time.time_ns()
     doc = fmt.encode(step_meta)
-    await storage.write_bytes(tmp / fmt.CHECKPOINT_METADATA, doc, durable=False)
-    await storage.write_bytes(tmp / fmt.STEP_EXTENSION, fmt.encode(fmt.StepExtension(
-        checkpoint_metadata_crc32=zlib.crc32(doc), statistics=statistics)), durable=False)
-    for d in item_dirs:
-        await storage.write_bytes(d / fmt.COMMIT_SUCCESS, _marker(d), durable=False)
+    files: list[tuple[AnyPath, bytes]] = [
+        (tmp / fmt.CHECKPOINT_METADATA, doc),
+        (tmp / fmt.STEP_EXTENSION, fmt.encode(fmt.StepExtension(
+            checkpoint_metadata_crc32=zlib.crc32(doc), statistics=statistics))),
+        *((d / fmt.COMMIT_SUCCESS, _marker(d)) for d in item_dirs)]
     if not (storage.has_rename(final) and storage.has_rename(tmp)):
-        await _write_store_marker(final, replace)
+        await storage.write_files(files)
+        await _write_store_marker(final, replace)  # (last, once every other object is in)
         return
-    await storage.write_bytes(tmp / fmt.COMMIT_SUCCESS, _marker(tmp), durable=False)
+    await storage.write_files([*files, (tmp / fmt.COMMIT_SUCCESS, _marker(tmp))])
     await storage.fsync_tree(tmp)
     try:
         if replace and await storage.exists(final):

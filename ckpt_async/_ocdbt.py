@@ -328,8 +328,9 @@ def _pieces(buffers: Sequence[memoryview | bytes]) -> Iterator[list[memoryview]]
         yield group
 
 
-def _write_durable(path: Path, buffers: Sequence[memoryview | bytes]) -> None:
-    """Writes ``buffers`` one after the other into a new file ``path`` and fsyncs it."""
+def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync: bool) -> None:
+    """Writes ``buffers`` one after the other into a new file ``path`` and fsyncs it (unless
+    ``fsync`` is false)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         for group in _pieces(buffers):
@@ -342,7 +343,8 @@ def _write_durable(path: Path, buffers: Sequence[memoryview | bytes]) -> None:
                 done = 0
                 while view:
                     view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if fsync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -406,7 +408,7 @@ class DatabaseWriter:
         """Runs in a worker thread: writes a data file durably."""
         if data_file.buffers:
             self._make_dirs()
-            _write_durable(self.root / data_file.name, data_file.buffers)
+            _write_new(self.root / data_file.name, data_file.buffers, fsync=True)
 
     def finish(self) -> None:
         """Runs in a worker thread, after every write: writes the B+tree and the manifest."""
@@ -419,8 +421,12 @@ class DatabaseWriter:
         node_file = _new_file()
         nodes, root, height = encode_tree(entries, node_file)
         self._make_dirs()
-        _write_durable(self.root / node_file, [nodes])
-        _write_durable(self.root / "manifest.ocdbt", [manifest(root, height, uuid.uuid4().hex)])
+        # (A data file is fsynced as it is written, while the others are still being written;
+        # these two small files, written last, are left to the commit's fsync of the whole
+        # checkpoint, one journal commit for every small file, rather than two more here.)
+        _write_new(self.root / node_file, [nodes], fsync=False)
+        _write_new(self.root / "manifest.ocdbt", [manifest(root, height, uuid.uuid4().hex)],
+                       fsync=False)
 
 
 # -- reading ----------------------------------------------------------------------------------

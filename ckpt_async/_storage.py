@@ -15,6 +15,7 @@ path, with ``__cause__`` kept.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import errno
@@ -22,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -73,6 +75,30 @@ async def write_bytes(path: AnyPath, data: bytes, *, durable: bool = True) -> No
         await get_runtime().to_thread(_write_file, path, data, durable)
     except OSError as exc:
         raise CommitError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _write_files_sync(files: list[tuple[Path, bytes]]) -> None:
+    made: set[Path] = set()
+    for path, data in files:
+        try:
+            if path.parent not in made:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                made.add(path.parent)
+            _write_file(path, data, durable=False)
+        except OSError as exc:
+            raise CommitError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+async def write_files(files: Sequence[tuple[AnyPath, bytes]]) -> None:
+    """Writes small files (create or truncate; missing parent directories made), in order,
+    not fsynced: a commit's :func:`fsync_tree` makes them durable. Locally all in one
+    worker-thread call (one hop, not two per file); on an object store, concurrent PUTs."""
+    local = [(p, d) for p, d in files if not isinstance(p, StorePath)]
+    if local:
+        await get_runtime().to_thread(_write_files_sync, local)
+    remote = [_objstore.write_bytes(p, d) for p, d in files if isinstance(p, StorePath)]
+    if remote:
+        await asyncio.gather(*remote)
 
 
 async def write_new(path: StorePath, data: bytes) -> None:

@@ -149,14 +149,14 @@ def test_enospc_in_small_documents_at_commit(tmpfs, monkeypatch):
     directory = tmpfs / "run"
     mngr = manager(directory)
     holder: dict[str, Path] = {}
-    real_write = _storage.write_bytes
+    real_write = _storage.write_files
 
-    async def write_bytes(path, data, *, durable=True):
-        if path.name == "_CHECKPOINT_METADATA" and "filler" not in holder:
+    async def write_files(files):
+        if any(p.name == "_CHECKPOINT_METADATA" for p, _ in files) and "filler" not in holder:
             holder["filler"] = fill(tmpfs, leave=0)
-        await real_write(path, data, durable=durable)
+        await real_write(files)
 
-    monkeypatch.setattr(_storage, "write_bytes", write_bytes)
+    monkeypatch.setattr(_storage, "write_files", write_files)
     try:
         mngr.save(1, args=ocp.args.StandardSave(small(1)))
         with pytest.raises(CommitError, match="_CHECKPOINT_METADATA") as raised:
@@ -164,7 +164,7 @@ def test_enospc_in_small_documents_at_commit(tmpfs, monkeypatch):
         assert "No space left" in str(raised.value)
         assert leftovers(directory) == [] and mngr.all_steps() == []
         holder["filler"].unlink()
-        monkeypatch.setattr(_storage, "write_bytes", real_write)
+        monkeypatch.setattr(_storage, "write_files", real_write)
         mngr.save(1, args=ocp.args.StandardSave(small(1)))
         mngr.wait_until_finished()
         assert_bit_exact(mngr.restore(1), small(1))

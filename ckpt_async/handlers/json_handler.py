@@ -34,10 +34,11 @@ class JsonCheckpointHandler(CheckpointHandler):
         async def write() -> None:
             if not current_roles().is_primary:
                 return  # one document per item: the primary process writes it
-            await storage.makedirs(directory)
-            await storage.write_bytes(directory / self._filename, data)
-            await storage.write_bytes(directory / _integrity.CHECKSUMS,
-                                      _integrity.checksums_document({self._filename: data}, {}, {}))
+            # (made durable by the commit's fsync of the whole checkpoint)
+            await storage.write_files([
+                (directory / self._filename, data),
+                (directory / _integrity.CHECKSUMS,
+                 _integrity.checksums_document({self._filename: data}, {}, {}))])
 
         return Writer(write, len(data))
 

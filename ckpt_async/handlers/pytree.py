@@ -208,9 +208,7 @@ class PyTreeCheckpointHandler(CheckpointHandler):
             docs[_integrity.partial_checksums_name(roles.index) if roles.multi
                  else _integrity.CHECKSUMS] = _integrity.checksums_document(
                 docs, writer.checksums, writer.chunks)
-            for name, data in docs.items():
-                await storage.makedirs((directory / name).parent)
-                await storage.write_bytes(directory / name, data, durable=False)
+            await storage.write_files([(directory / name, data) for name, data in docs.items()])
 
         async def finalize() -> None:
             if roles.multi:
