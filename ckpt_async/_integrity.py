@@ -20,6 +20,7 @@ import numpy as np
 from . import _format as fmt
 from . import _serialize as ser
 from . import _storage as storage
+from ._ocdbt import IndexHint
 from ._paths import AnyPath
 from ._runtime import get_runtime, on_engine
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
@@ -41,13 +42,18 @@ class Checksums(msgspec.Struct):
     algorithm: str = "crc32"
     documents: dict[str, int] = {}
     arrays: dict[str, ArraySums] = {}
+    #: Where the item's OCDBT B+tree lies, when ckpt_async wrote it (``_ocdbt.read_index``
+    #: decodes it without TensorStore while the database's manifest is the one written).
+    index: IndexHint | None = None
 
 
 def checksums_document(documents: dict[str, bytes], arrays: dict[str, dict[str, int]],
-                       chunks: dict[str, tuple[int, ...]]) -> bytes:
+                       chunks: dict[str, tuple[int, ...]],
+                       index: IndexHint | None = None) -> bytes:
     return fmt.encode(Checksums(
         documents={name: zlib.crc32(data) for name, data in documents.items()},
-        arrays={name: ArraySums(list(chunks[name]), crc) for name, crc in arrays.items()}))
+        arrays={name: ArraySums(list(chunks[name]), crc) for name, crc in arrays.items()},
+        index=index))
 
 
 PARTIAL_CHECKSUMS = f"{CHECKSUMS}.parts"

@@ -15,16 +15,19 @@ See :class:`DatabaseWriter` for the order of its calls.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import struct
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import tensorstore as ts
 
@@ -374,6 +377,8 @@ class DatabaseWriter:
         self.root = root
         self._entries: list[tuple[bytes, Value]] = []
         self._lock = threading.Lock()
+        #: Where :meth:`finish` put the B+tree (for ``read_index``), once it has.
+        self.hint: IndexHint | None = None
 
     def add(self, values: Sequence[tuple[str, bytes | memoryview]]) -> DataFile:
         """Records ``values`` (key, data): documents (``bytes``) of up to
@@ -420,13 +425,15 @@ class DatabaseWriter:
                 raise ValueError(f"{self.root}: key {a[0].decode()!r} written twice")
         node_file = _new_file()
         nodes, root, height = encode_tree(entries, node_file)
+        head = manifest(root, height, uuid.uuid4().hex)
+        self.hint = IndexHint(zlib.crc32(head), node_file, zlib.crc32(nodes), len(nodes),
+                              root.where[1], root.where[2], height)
         self._make_dirs()
         # (A data file is fsynced as it is written, while the others are still being written;
         # these two small files, written last, are left to the commit's fsync of the whole
         # checkpoint, one journal commit for every small file, rather than two more here.)
         _write_new(self.root / node_file, [nodes], fsync=False)
-        _write_new(self.root / "manifest.ocdbt", [manifest(root, height, uuid.uuid4().hex)],
-                       fsync=False)
+        _write_new(self.root / "manifest.ocdbt", [head], fsync=False)
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -443,14 +450,143 @@ def _located(root: str, ref: str) -> tuple[str, int, int]:
     return f"{root}/{base}{path}", int(offset), int(length)
 
 
-def read_index(root: Path) -> dict[str, Located] | None:
+def _read_varints(buf: np.ndarray, pos: int, n: int) -> tuple[np.ndarray, int]:
+    """``n`` unsigned LEB128 varints back to back in ``buf`` (uint8) from ``pos``, decoded
+    column-wise with numpy (the inverse of :func:`_varints`); and the position after them."""
+    if n == 0:
+        return np.zeros(0, np.uint64), pos
+    seg = buf[pos:pos + 10 * n]
+    ends = np.flatnonzero(seg < 0x80)[:n]
+    if len(ends) < n:
+        raise ValueError("truncated varints")
+    stop = int(ends[-1]) + 1
+    starts = np.empty(n, np.int64)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    shift = (np.arange(stop) - np.repeat(starts, ends - starts + 1)) * 7
+    if int(shift.max()) > 63:
+        raise ValueError("varint out of range")
+    parts = (seg[:stop] & 0x7F).astype(np.uint64) << shift.astype(np.uint64)
+    return np.add.reduceat(parts, starts), pos + stop
+
+
+def _read_keys(buf: np.ndarray, pos: int, n: int, interior: bool = False
+               ) -> tuple[list[bytes], int]:
+    """A node's ``n`` prefix-compressed keys (or a data file table's paths)."""
+    prefixes, pos = _read_varints(buf, pos, max(n - 1, 0))
+    suffixes, pos = _read_varints(buf, pos, n)
+    if interior:
+        _common, pos = _read_varints(buf, pos, n)  # (0 where this module wrote the node)
+    raw = buf[pos:pos + int(suffixes.sum())].tobytes()
+    keys: list[bytes] = []
+    prev, at = b"", 0
+    for p, length in zip([0, *prefixes.tolist()], suffixes.tolist()):
+        prev = prev[:p] + raw[at:at + length]
+        keys.append(prev)
+        at += length
+    return keys, pos + at
+
+
+def _decode_node(data: bytes) -> tuple[int, np.ndarray, int]:
+    """An uncompressed node as this module writes it: its height, its bytes (uint8) and where
+    its body begins."""
+    if len(data) < 19 or struct.unpack(">I", data[:4])[0] != _BTREE_MAGIC or \
+            struct.unpack("<Q", data[4:12])[0] != len(data) or data[12:14] != b"\0\0":
+        raise ValueError("not an uncompressed B+tree node of version 0")
+    return data[14], np.frombuffer(data, np.uint8, len(data) - 4), 15
+
+
+def _file_names(buf: np.ndarray, pos: int) -> tuple[list[str], int]:
+    """A node's data file table (base path and relative path of each file, joined)."""
+    (count,), pos = _read_varints(buf, pos, 1)
+    n = int(count)
+    prefixes, pos = _read_varints(buf, pos, max(n - 1, 0))
+    suffixes, pos = _read_varints(buf, pos, n)
+    _base_lengths, pos = _read_varints(buf, pos, n)  # (the base is a prefix of the path)
+    raw = buf[pos:pos + int(suffixes.sum())].tobytes()
+    names, prev, at = [], b"", 0
+    for p, length in zip([0, *prefixes.tolist()], suffixes.tolist()):
+        prev = prev[:p] + raw[at:at + length]
+        names.append(prev.decode())
+        at += length
+    return names, pos + at
+
+
+def _index_from_nodes(root: Path, hint: IndexHint) -> dict[str, Located]:
+    """The index of a database this module wrote (``hint``: from its writer), from its node
+    file, decoded here: no TensorStore call (whose first one, in a cold process, pages in
+    tens of milliseconds of its code). ValueError when anything differs from what was
+    written."""
+    data = (root / hint.node_file).read_bytes()
+    if len(data) != hint.node_bytes or zlib.crc32(data) != hint.node_crc32:
+        raise ValueError("node file differs from the one written")
+    out: dict[str, Located] = {}
+    prefix = str(root)
+    pending = [(hint.root_offset, hint.root_length)]
+    while pending:
+        offset, length = pending.pop()
+        node = data[offset:offset + length]
+        height, buf, pos = _decode_node(node)
+        files, pos = _file_names(buf, pos)
+        (count,), pos = _read_varints(buf, pos, 1)
+        n = int(count)
+        keys, pos = _read_keys(buf, pos, n, interior=height > 0)
+        if height > 0:
+            _files, pos = _read_varints(buf, pos, n)
+            offsets, pos = _read_varints(buf, pos, n)
+            lengths, pos = _read_varints(buf, pos, n)
+            pending += zip(offsets.tolist(), lengths.tolist())
+            continue
+        lengths, pos = _read_varints(buf, pos, n)
+        kinds = node[pos:pos + n]
+        pos += n
+        file_ids, pos = _read_varints(buf, pos, n - kinds.count(0))
+        offsets, pos = _read_varints(buf, pos, len(file_ids))
+        paths = [f"{prefix}/{f}" for f in files]
+        refs = iter(zip(file_ids.tolist(), offsets.tolist()))
+        for key, kind, size in zip(keys, kinds, lengths.tolist()):
+            if kind == 0:
+                out[key.decode()] = node[pos:pos + size]
+                pos += size
+            else:
+                file_id, at = next(refs)
+                out[key.decode()] = (paths[file_id], at, size)
+        if pos != len(buf):
+            raise ValueError("leaf node longer than its entries")
+    return out
+
+
+class IndexHint(msgspec.Struct, frozen=True):
+    """Where a database's B+tree lies, as :class:`DatabaseWriter` wrote it: the crc32 of its
+    manifest (the database is still the one written when its manifest is), its node file
+    (name, crc32, size) and its root node (offset, length, height)."""
+
+    manifest_crc32: int
+    node_file: str
+    node_crc32: int
+    node_bytes: int
+    root_offset: int
+    root_length: int
+    height: int
+
+
+def read_index(root: Path, hint: IndexHint | None = None) -> dict[str, Located] | None:
     """Every key of the newest version of the OCDBT database in local directory ``root``,
-    with its value or where the value lies, from TensorStore's dump of the manifest and of
-    each B+tree node (whoever wrote them, compressed or not: a few calls in all, where reading
-    key by key costs a TensorStore future each). None: no database there. Blocks: call it
-    from a worker thread. Raises ValueError for a database TensorStore cannot read."""
-    if not (root / "manifest.ocdbt").is_file():
+    with its value or where the value lies. None: no database there. Blocks: call it from a
+    worker thread. Raises ValueError for a database TensorStore cannot read.
+
+    With the ``hint`` of a database :class:`DatabaseWriter` wrote, whose manifest is still
+    the one written, its nodes are decoded here; otherwise (any writer's database,
+    compressed nodes, references into merged databases, a database changed since) from
+    TensorStore's dump of the manifest and of each B+tree node (a few calls in all, where
+    reading key by key costs a TensorStore future each)."""
+    try:
+        head = (root / "manifest.ocdbt").read_bytes()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
+    if hint is not None and zlib.crc32(head) == hint.manifest_crc32:
+        with contextlib.suppress(ValueError, IndexError, OSError, UnicodeDecodeError):
+            return _index_from_nodes(root, hint)
     base = ts.KvStore.open({"driver": "file", "path": f"{root}/"}).result()
     versions = ts.ocdbt.dump(base).result().get("versions") or []
     out: dict[str, Located] = {}

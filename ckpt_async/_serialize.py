@@ -348,6 +348,13 @@ class ItemWriter:
         self._threads: list[concurrent.futures.Future[None]] = []
 
     @property
+    def index_hint(self) -> _ocdbt.IndexHint | None:
+        """Where :attr:`db`'s B+tree lies (after :meth:`finish`), when the item's database is
+        that one alone (a merge rewrites the manifest: the hint would then go unused)."""
+        alone = self.db is not None and self.db.root == self._item_dir and not self._used
+        return self.db.hint if alone and self.db is not None else None
+
+    @property
     def merged(self) -> list[AnyPath]:
         """The lane databases TensorStore wrote, to merge into the item's root database (none:
         everything is there already)."""
@@ -681,8 +688,10 @@ class ItemReader:
     a batch's requests issued at once and waited for. Anything else (compressed arrays,
     missing chunks, zarr3) is left to the zarr driver (``open_array``)."""
 
-    def __init__(self, item_dir: AnyPath, *, use_ocdbt: bool, use_zarr3: bool) -> None:
+    def __init__(self, item_dir: AnyPath, *, use_ocdbt: bool, use_zarr3: bool,
+                 hint: _ocdbt.IndexHint | None = None) -> None:
         self.item_dir = item_dir
+        self._hint = hint  # (from ``_CHECKSUMS``: where its writer put the B+tree)
         self.use_ocdbt = use_ocdbt
         self.use_zarr3 = use_zarr3
         self.ctx = new_context()
@@ -698,7 +707,7 @@ class ItemReader:
             if isinstance(self.item_dir, Path) and self.use_ocdbt and not self.use_zarr3:
                 with contextlib.suppress(ValueError):
                     self._index = await get_runtime().to_thread(_ocdbt.read_index,
-                                                                self.item_dir)
+                                                                self.item_dir, self._hint)
             return self._index
 
         if self._indexing is None:  # (the arrays of a restore ask for it concurrently)

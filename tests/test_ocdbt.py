@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 
 import jax
+import msgspec
 import numpy as np
 import orbax.checkpoint as orbax
 import pytest
@@ -114,6 +116,74 @@ def test_read_index_finds_every_key_where_tensorstore_reads_it(tmp_path, monkeyp
     writer.finish()
     assert _resolved_index(tmp_path) == values == _read_all(tmp_path)
     assert _ocdbt.read_index(tmp_path / "nothing-here") is None
+
+
+def _no_tensorstore_dump(monkeypatch) -> None:
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("ts.ocdbt.dump called")
+
+    monkeypatch.setattr(_ocdbt.ts.ocdbt, "dump", refuse)
+
+
+@pytest.mark.parametrize("node_bytes", [None, 2_000], ids=["one-leaf", "interior-levels"])
+def test_read_index_decodes_its_own_writers_nodes_without_tensorstore(tmp_path, monkeypatch,
+                                                                     node_bytes):
+    if node_bytes:
+        monkeypatch.setattr(_ocdbt, "_NODE_BYTES", node_bytes)
+    values = _values(3000, seed=5)
+    writer = _ocdbt.DatabaseWriter(tmp_path)
+    items = list(values.items())
+    given = {k: v if i % 2 else memoryview(v) for i, (k, v) in enumerate(items)}
+    for i in range(0, len(items), 700):
+        _write(writer, [(k, given[k]) for k, _ in items[i:i + 700]])
+    writer.finish()
+    hint = writer.hint
+    assert hint is not None and hint.height == (_manifest(tmp_path)["versions"][0]["root_height"])
+    if node_bytes:
+        assert hint.height >= 2
+    expected = _ocdbt.read_index(tmp_path)  # (TensorStore's dump)
+    with monkeypatch.context() as m:
+        _no_tensorstore_dump(m)
+        assert _ocdbt.read_index(tmp_path, hint) == expected
+    assert _resolved_index(tmp_path) == values
+
+
+def test_read_index_falls_back_to_tensorstore_when_the_hint_does_not_match(tmp_path,
+                                                                          monkeypatch):
+    values = _values(500, seed=6)
+    writer = _ocdbt.DatabaseWriter(tmp_path)
+    _write(writer, [(k, memoryview(v)) for k, v in values.items()])
+    writer.finish()
+    hint = writer.hint
+    assert hint is not None
+    expected = _ocdbt.read_index(tmp_path)
+    used: list[str] = []
+    real_dump = _ocdbt.ts.ocdbt.dump
+    monkeypatch.setattr(_ocdbt.ts.ocdbt, "dump",
+                        lambda *a: used.append("dump") or real_dump(*a))
+    # another manifest (the database was changed since: a merge, another writer), a node
+    # file that is not the one written, a root that is not a node
+    for wrong in (msgspec.structs.replace(hint, manifest_crc32=hint.manifest_crc32 ^ 1),
+                  msgspec.structs.replace(hint, node_crc32=hint.node_crc32 ^ 1),
+                  msgspec.structs.replace(hint, root_offset=1)):
+        used.clear()
+        assert _ocdbt.read_index(tmp_path, wrong) == expected
+        assert used, wrong
+    used.clear()
+    assert _ocdbt.read_index(tmp_path, hint) == expected and not used
+
+
+def test_restore_reads_the_index_its_checksums_point_to(tmp_path, monkeypatch):
+    state = {f"w{i}": np.arange(100 + i, dtype=np.float32) * i for i in range(40)}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "x", state)
+    sums = json.loads((tmp_path / "x" / "_CHECKSUMS").read_bytes())
+    assert sums["index"]["node_file"].startswith("d/")
+    _no_tensorstore_dump(monkeypatch)
+    with ocp.StandardCheckpointer() as ckptr:
+        out = ckptr.restore(tmp_path / "x")
+    for k, v in state.items():
+        assert out[k].dtype == v.dtype and np.array_equal(out[k], v)
 
 
 def test_read_index_follows_references_into_merged_databases(tmp_path):

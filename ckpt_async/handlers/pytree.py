@@ -207,7 +207,7 @@ class PyTreeCheckpointHandler(CheckpointHandler):
             # (with several processes the primary merges their checksums when finalizing)
             docs[_integrity.partial_checksums_name(roles.index) if roles.multi
                  else _integrity.CHECKSUMS] = _integrity.checksums_document(
-                docs, writer.checksums, writer.chunks)
+                docs, writer.checksums, writer.chunks, writer.index_hint)
             await storage.write_files([(directory / name, data) for name, data in docs.items()])
 
         async def finalize() -> None:
@@ -512,7 +512,8 @@ class _Reader:
         self.shardings = shardings
         self.strings = strings
         self.ctx = ser.new_context()
-        self.items = ser.ItemReader(directory, use_ocdbt=doc.use_ocdbt, use_zarr3=doc.use_zarr3)
+        self.items = ser.ItemReader(directory, use_ocdbt=doc.use_ocdbt, use_zarr3=doc.use_zarr3,
+                                    hint=sums.index if sums is not None else None)
         ext = doc.ckpt_async or {}
         self.skeleton = ext.get("skeleton")
         self.scalars: dict[str, str] = ext.get("scalars", {})
