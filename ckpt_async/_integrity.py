@@ -83,9 +83,8 @@ async def merge_partial_checksums(directory: AnyPath, count: int) -> None:
 
 async def read_checksums(directory: AnyPath) -> Checksums | None:
     path = directory / CHECKSUMS
-    if not await storage.exists(path):
-        return None
-    return fmt.decode(await storage.read_bytes(path), Checksums, where=str(path))
+    data = await storage.read_optional(path)
+    return None if data is None else fmt.decode(data, Checksums, where=str(path))
 
 
 def check_document(directory: AnyPath, name: str, data: bytes, sums: Checksums | None) -> None:

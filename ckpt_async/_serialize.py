@@ -66,6 +66,9 @@ def is_storable(dtype: np.dtype) -> bool:
 
 
 def new_context() -> ts.Context:
+    """A TensorStore context for one item's reads or writes. (Made only where TensorStore
+    reads or writes: the first in a process whose pages were dropped costs ~8 ms, paging in
+    TensorStore's code, where ckpt_async's own local reads and writes need none.)"""
     return ts.Context(
         {"file_io_concurrency": {"limit": 128}, "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}}
     )
@@ -331,7 +334,6 @@ class ItemWriter:
         # database instance of the shared context)
         self.file_size = data_file_size(total_bytes // lanes)
         self.direct_max_bytes = direct_max_bytes
-        self.ctx = new_context()
         self._kv: dict[int, ts.KvStore] = {}
         self._kv_lock = asyncio.Lock()
         self._load = [0] * lanes
@@ -346,6 +348,11 @@ class ItemWriter:
         self._finishing: concurrent.futures.Future[None] | None = None
         self._all_added: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._threads: list[concurrent.futures.Future[None]] = []
+
+    @functools.cached_property
+    def ctx(self) -> ts.Context:
+        """The TensorStore context of this item's TensorStore writes, made on first use."""
+        return new_context()
 
     @property
     def index_hint(self) -> _ocdbt.IndexHint | None:
@@ -694,25 +701,36 @@ class ItemReader:
         self._hint = hint  # (from ``_CHECKSUMS``: where its writer put the B+tree)
         self.use_ocdbt = use_ocdbt
         self.use_zarr3 = use_zarr3
-        self.ctx = new_context()
         self._index: dict[str, _ocdbt.Located] | None = None
         self._indexing: asyncio.Task[dict[str, _ocdbt.Located] | None] | None = None
         self._plans: dict[bytes, tuple[np.dtype, tuple[int, ...], tuple[int, ...]] | None] = {}
+
+    @functools.cached_property
+    def ctx(self) -> ts.Context:
+        """The TensorStore context of this item's TensorStore reads, made on first use."""
+        return new_context()
+
+    def start_index(self) -> asyncio.Future[dict[str, _ocdbt.Located] | None]:
+        """Starts reading the index (once, in a worker thread), so that it is read while the
+        caller plans the restore; :meth:`index` waits for it."""
+        if self._indexing is None:  # (the arrays of a restore ask for it concurrently)
+            async def read() -> dict[str, _ocdbt.Located] | None:
+                if isinstance(self.item_dir, Path) and self.use_ocdbt and not self.use_zarr3:
+                    with contextlib.suppress(ValueError):
+                        self._index = await get_runtime().to_thread(
+                            _ocdbt.read_index, self.item_dir, self._hint)
+                return self._index
+
+            self._indexing = asyncio.ensure_future(read())
+            # (a restore that fails before it asks for the index leaves no unread error)
+            self._indexing.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return self._indexing
 
     async def index(self) -> dict[str, _ocdbt.Located] | None:
         """The local database's index, read once; None where there is none to read (not a
         local directory, not OCDBT with zarr v2, or one TensorStore cannot read: the driver
         path then reports what is wrong)."""
-        async def read() -> dict[str, _ocdbt.Located] | None:
-            if isinstance(self.item_dir, Path) and self.use_ocdbt and not self.use_zarr3:
-                with contextlib.suppress(ValueError):
-                    self._index = await get_runtime().to_thread(_ocdbt.read_index,
-                                                                self.item_dir, self._hint)
-            return self._index
-
-        if self._indexing is None:  # (the arrays of a restore ask for it concurrently)
-            self._indexing = asyncio.ensure_future(read())
-        return await asyncio.shield(self._indexing)
+        return await asyncio.shield(self.start_index())
 
     def local_plan(self, name: str, max_bytes: float = math.inf) -> LocalPlan | None:
         """How to read stored array ``name`` from the local index (after :meth:`index`): None

@@ -118,6 +118,15 @@ async def read_bytes(path: AnyPath) -> bytes:
         raise CheckpointNotFoundError(f"{path} does not exist") from exc
 
 
+async def read_optional(path: AnyPath) -> bytes | None:
+    """The whole file, or None when there is none (one call, where ``exists`` and
+    ``read_bytes`` are two)."""
+    try:
+        return await read_bytes(path)
+    except CheckpointNotFoundError:
+        return None
+
+
 async def exists(path: AnyPath) -> bool:
     if isinstance(path, StorePath):
         return await _objstore.exists(path)

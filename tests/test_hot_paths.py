@@ -418,3 +418,29 @@ def test_a_failure_while_staging_leaves_no_file_behind(tmp_path, monkeypatch):
         time.sleep(0.2)  # (time enough for a stray write task to run)
     assert written == []
     assert os.listdir(tmp_path) == []
+
+
+def test_local_saves_and_restores_of_own_checkpoints_make_no_tensorstore_context(
+        tmp_path, monkeypatch) -> None:
+    """A local save, and a restore of what ckpt_async wrote, read and write without
+    TensorStore: no context is made (the first one in a cold process pages in its code), the
+    index comes from the B+tree nodes, and the documents are read concurrently."""
+    from ckpt_async import _ocdbt
+    from ckpt_async import _serialize as ser
+
+    state = {"w": np.arange(4096, dtype=np.float32), "b": {"x": np.ones((8, 8), np.int32)},
+             "j": jnp.arange(100, dtype=jnp.bfloat16)}
+    made: list[int] = []
+    real = ser.new_context
+    monkeypatch.setattr(ser, "new_context", lambda: made.append(1) or real())
+    monkeypatch.setattr(_ocdbt.ts.ocdbt, "dump", None)  # (any call would raise)
+    with ocp.CheckpointManager(tmp_path / "run") as mngr:
+        mngr.save(1, args=ocp.args.StandardSave(state))
+        mngr.wait_until_finished()
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        out = mngr.restore(1, args=ocp.args.StandardRestore(abstract))
+        as_saved = mngr.restore(1)
+    assert made == []
+    for tree in (out, as_saved):
+        for got, want in zip(jax.tree.leaves(tree), jax.tree.leaves(state)):
+            assert got.dtype == want.dtype and np.array_equal(np.asarray(got), np.asarray(want))

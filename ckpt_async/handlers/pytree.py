@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import tensorstore as ts
 
 from .. import _format as fmt
 from .. import _integrity, _tree
@@ -264,31 +265,28 @@ class PyTreeCheckpointHandler(CheckpointHandler):
     # -- read -----------------------------------------------------------------------------------
     async def read_documents(self, directory: AnyPath) -> tuple[
             fmt.TreeMetadata, dict[str, str], dict, _integrity.Checksums | None]:
-        """The item's documents, each checked against ``_CHECKSUMS`` when present."""
-        sums = await _integrity.read_checksums(directory)
-
-        async def read(name: str, required: bool) -> bytes | None:
-            path = directory / name
-            if not required and not await storage.exists(path):
-                return None
-            try:
-                data = await storage.read_bytes(path)
-            except CheckpointNotFoundError:
-                raise CheckpointNotFoundError(
-                    f"{directory} holds no pytree checkpoint ({name} is missing)") from None
-            _integrity.check_document(directory, name, data, sums)
-            return data
-
-        raw = await read(fmt.PYTREE_METADATA, True)
-        assert raw is not None  # required=True raised otherwise
+        """The item's documents (read at once), each checked against ``_CHECKSUMS`` when
+        present."""
+        sums, raw, raw_shardings, raw_strings = await asyncio.gather(
+            _integrity.read_checksums(directory),
+            storage.read_optional(directory / fmt.PYTREE_METADATA),
+            storage.read_optional(directory / fmt.SHARDING),
+            storage.read_optional(directory / fmt.STRINGS))
+        if raw is None:
+            raise CheckpointNotFoundError(
+                f"{directory} holds no pytree checkpoint ({fmt.PYTREE_METADATA} is missing)")
+        for name, data in ((fmt.PYTREE_METADATA, raw), (fmt.SHARDING, raw_shardings),
+                           (fmt.STRINGS, raw_strings)):
+            if data is not None:
+                _integrity.check_document(directory, name, data, sums)
         tree_doc = fmt.decode(raw, fmt.TreeMetadata, where=str(directory / fmt.PYTREE_METADATA))
         shardings: dict[str, str] = {}
-        if (raw := await read(fmt.SHARDING, False)) is not None:
-            enc = fmt.decode(raw, dict[str, str], where=str(directory / fmt.SHARDING))
+        if raw_shardings is not None:
+            enc = fmt.decode(raw_shardings, dict[str, str], where=str(directory / fmt.SHARDING))
             shardings = {base64.b64decode(k).decode(): v for k, v in enc.items()}
         strings: dict = {}
-        if (raw := await read(fmt.STRINGS, False)) is not None:
-            strings = fmt.decode(raw, dict, where=str(directory / fmt.STRINGS))
+        if raw_strings is not None:
+            strings = fmt.decode(raw_strings, dict, where=str(directory / fmt.STRINGS))
         return tree_doc, shardings, strings, sums
 
     async def restore(self, directory: AnyPath, args: PyTreeRestore | StandardRestore | None = None
@@ -511,7 +509,6 @@ class _Reader:
         self.doc = doc
         self.shardings = shardings
         self.strings = strings
-        self.ctx = ser.new_context()
         self.items = ser.ItemReader(directory, use_ocdbt=doc.use_ocdbt, use_zarr3=doc.use_zarr3,
                                     hint=sums.index if sums is not None else None)
         ext = doc.ckpt_async or {}
@@ -519,6 +516,11 @@ class _Reader:
         self.scalars: dict[str, str] = ext.get("scalars", {})
         # name -> (tuple key, entry), in the order they were stored
         self.by_key = {k: e for k, e in doc.tree_metadata.items()}
+
+    @property
+    def ctx(self) -> ts.Context:
+        """The item's TensorStore context (its reader's, made on first use)."""
+        return self.items.ctx
 
     def _name(self, entry: fmt.TreeEntry) -> str:
         return ".".join(k.key for k in entry.key_metadata)
@@ -646,6 +648,7 @@ class _Reader:
                 if self.by_key[key].value_metadata.value_type in _STORED]
 
     async def restore_as_saved(self) -> Any:
+        self.items.start_index()  # (read while the shardings are decoded)
         entries = list(self.by_key.values())
         spread = {k for k, e in self.by_key.items() if e.value_metadata.value_type == "jax.Array"
                   and (sh := self._saved_sharding(self._name(e))) is not None
@@ -658,6 +661,7 @@ class _Reader:
         return _tree.tree_from_key_metadata([(e.key_metadata, v) for e, v in zip(entries, values)])
 
     async def restore_into(self, target: Any, restore_args: Any, *, partial: bool) -> Any:
+        self.items.start_index()  # (read while the target is planned)
         pairs, rebuild = _tree.target_leaves(target)
         rargs: dict[str, Any] = {}
         if restore_args is not None and restore_args is not target:
