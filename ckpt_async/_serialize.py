@@ -21,7 +21,7 @@ import mmap
 import os
 import threading
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -386,27 +386,26 @@ class ItemWriter:
         return zdtype
 
     def _raw_values(self, batch: list[tuple[StoredArray, str]]
-                    ) -> tuple[list[tuple[str, memoryview | bytes]], Callable[[], None]]:
-        """A batch's keys and values as raw zarr (``.zarray`` documents and chunks, the chunks
-        views of the arrays' host buffers), and a function, for a worker thread, that records
-        each chunk's crc32 in :attr:`checksums`."""
+                    ) -> list[tuple[str, memoryview | bytes]]:
+        """A batch's keys and values as raw zarr: ``.zarray`` documents (bytes) and chunks
+        (views of the arrays' host buffers)."""
         values: list[tuple[str, memoryview | bytes]] = []
-        chunks: list[tuple[dict[str, int], str, memoryview]] = []
         for arr, zdtype in batch:
             values.append((f"{arr.name}/.zarray", zarray_document(arr.shape, arr.chunks, zdtype)))
-            sums = self.checksums.setdefault(arr.name, {})
+            self.checksums.setdefault(arr.name, {})
             for index, data in arr.shards:
                 if data.size:
-                    key = chunk_key(index, arr.chunks)
-                    raw = _ocdbt.as_bytes(np.ascontiguousarray(data))
-                    chunks.append((sums, key, raw))
-                    values.append((f"{arr.name}/{key}", raw))
+                    values.append((f"{arr.name}/{chunk_key(index, arr.chunks)}",
+                                   _ocdbt.as_bytes(np.ascontiguousarray(data))))
+        return values
 
-        def checksum() -> None:  # (zlib releases the GIL on large buffers)
-            for sums, key, raw in chunks:
-                sums[key] = zlib.crc32(raw)
-
-        return values, checksum
+    def _record(self, crcs: Iterable[tuple[str, int]]) -> None:
+        """Records the crc32 of chunks, given by key (``<array>/<chunk key>``; documents are
+        skipped), in :attr:`checksums`."""
+        for full, crc in crcs:
+            name, key = full.rsplit("/", 1)
+            if key != ".zarray":
+                self.checksums[name][key] = crc
 
     async def write(self, batch: list[StoredArray]) -> None:
         """Writes a batch of arrays: those :attr:`db` takes in one data file (in a worker
@@ -426,14 +425,15 @@ class ItemWriter:
         writes: list[Awaitable[Any]] = []
         if own:
             assert self.db is not None
-            values, checksum = self._raw_values(own)
-            data_file = self.db.add(values)
-            # One data file written in one worker thread while another checksums it (both
-            # without the GIL, on the arrays' own host buffers).
-            rt = get_runtime()
-            for job in (checksum, functools.partial(self.db.write, data_file)):
-                self._threads.append(rt.submit_background(job))
-                writes.append(asyncio.wrap_future(self._threads[-1]))
+            data_file = self.db.add(self._raw_values(own))
+            db = self.db
+
+            def write_file() -> None:
+                # (each chunk's crc32 is taken in this thread as it is written)
+                self._record(db.write(data_file).items())
+
+            self._threads.append(get_runtime().submit_background(write_file))
+            writes.append(asyncio.wrap_future(self._threads[-1]))
         self._count(added=1)
         if rest:
             writes.append(self._write_tensorstore(rest))
@@ -474,11 +474,15 @@ class ItemWriter:
             else:
                 direct.append((arr, zdtype))
         if direct:
-            values, checksum = self._raw_values(direct)
+            values = self._raw_values(direct)
             txn = ts.Transaction()
             kv = (await self._kvstore(lane)).with_transaction(txn)
             for key, value in values:
                 kv.write(key, bytes(value))  # (TensorStore takes bytes only)
+
+            def checksum() -> None:  # (zlib releases the GIL on large buffers)
+                self._record((k, zlib.crc32(v)) for k, v in values if isinstance(v, memoryview))
+
             others += [get_runtime().to_thread(checksum), txn.commit_async()]
         await asyncio.gather(*others)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import zlib
 
 import jax
 import msgspec
@@ -340,3 +341,15 @@ def test_a_failed_data_file_write_fails_the_commit_and_leaves_nothing(tmp_path, 
             ckptr.wait_until_finished()
     assert isinstance(ei.value.__cause__, OSError)
     assert os.listdir(tmp_path) == []
+
+
+def test_write_returns_each_values_crc32_taken_piece_by_piece(tmp_path, monkeypatch):
+    monkeypatch.setattr(_ocdbt, "WRITE_PIECE_BYTES", 4096)  # values split across pieces
+    rng = np.random.default_rng(9)
+    values = {f"a{i}/0": rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+              for i, n in enumerate([1, 100, 4095, 4096, 4097, 3 * 4096 + 5, 50_000, 7])}
+    writer = _ocdbt.DatabaseWriter(tmp_path)
+    crcs = writer.write(writer.add([(k, memoryview(v)) for k, v in values.items()]))
+    assert crcs == {k: zlib.crc32(v) for k, v in values.items()}
+    writer.finish()
+    assert _read_all(tmp_path) == values

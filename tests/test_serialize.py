@@ -320,7 +320,7 @@ def test_the_btree_is_written_while_the_last_data_file_still_is(tmp_path, monkey
     def slow_write(self, data_file):
         if data_file.buffers and not release.is_set():
             release.wait(5)  # the first data file is held until the manifest is there
-        real_write(self, data_file)
+        return real_write(self, data_file)
 
     monkeypatch.setattr(_ocdbt.DatabaseWriter, "write", slow_write)
 
@@ -359,7 +359,7 @@ def test_settle_waits_for_the_threads_a_failed_batch_left_running(tmp_path, monk
             raise OSError(28, "No space left on device")
         started.set()
         release.wait(5)
-        real_write(self, data_file)
+        return real_write(self, data_file)
 
     monkeypatch.setattr(_ocdbt.DatabaseWriter, "write", write)
     item = tmp_path / "item"
