@@ -311,24 +311,26 @@ def _new_file() -> str:
 
 #: Bytes handed to the kernel per ``writev``: between calls a background writer returns to
 #: user space, where the scheduler may run the training loop's threads instead.
-WRITE_PIECE_BYTES = int(os.environ.get("CKPT_PIECE", 1 << 20))
+WRITE_PIECE_BYTES = 1 << 20
 
 
-def _pieces(buffers: Sequence[memoryview | bytes]
+def _pieces(buffers: Sequence[memoryview | bytes], piece: int | None = None
             ) -> Iterator[tuple[list[memoryview], list[int]]]:
-    """``buffers`` as lists of views of about ``WRITE_PIECE_BYTES`` (at most ``IOV_MAX``),
-    each with the index in ``buffers`` of every view's buffer."""
+    """``buffers`` as lists of views of about ``piece`` bytes (``WRITE_PIECE_BYTES`` by
+    default; at most ``IOV_MAX`` views), each with the index in ``buffers`` of every view's
+    buffer."""
+    piece = piece or WRITE_PIECE_BYTES
     group: list[memoryview] = []
     owners: list[int] = []
     size = 0
     for i, b in enumerate(buffers):
         view = memoryview(b).cast("B")
-        for start in range(0, len(view), WRITE_PIECE_BYTES):
-            part = view[start:start + WRITE_PIECE_BYTES]
+        for start in range(0, len(view), piece):
+            part = view[start:start + piece]
             group.append(part)
             owners.append(i)
             size += len(part)
-            if size >= WRITE_PIECE_BYTES or len(group) == IOV_MAX:
+            if size >= piece or len(group) == IOV_MAX:
                 yield group, owners
                 group, owners, size = [], [], 0
     if group:
@@ -624,6 +626,39 @@ def read_index(root: Path, hint: IndexHint | None = None) -> dict[str, Located] 
             out[key] = inline if inline is not None else _located(prefix_of,
                                                                    e["indirect_value"])
     return out
+
+
+#: Bytes per ``preadv`` of a local restore, each piece checksummed while it is in the CPU's
+#: cache. Cold, 4 threads, crc32 of each piece as it lands (microbenchmarks on this project's
+#: benchmark VM): 16 files of 16 MiB 1.5-1.6 GB/s in 1 MiB pieces against 1.1-1.3 GB/s in one
+#: call per file (1.6-1.9 with 256 KiB pieces); 16 files of 128 MiB 1.50 GB/s against 1.56
+#: (1.26 with 256 KiB pieces). Cold quick ``large`` restore 170 ms against 223 ms (median of 8).
+READ_PIECE_BYTES = 1 << 20
+
+
+def read_into(fd: int, buffers: Sequence[memoryview], offset: int,
+              crcs: list[int] | None = None) -> int:
+    """Reads ``buffers`` back to back from ``offset``, in ``preadv`` calls of about
+    READ_PIECE_BYTES; with ``crcs`` (one 0 per buffer), each buffer's crc32, taken piece by
+    piece as it is read. Returns how many bytes it read: fewer only at the end of the file."""
+    total = 0
+    for group, owners in _pieces(buffers, READ_PIECE_BYTES):
+        want = sum(len(v) for v in group)
+        done = os.preadv(fd, group, offset + total)
+        if done < want:  # (a short read: the rest view by view, up to the end of the file)
+            at = offset + total  # where the view begins in the file
+            for view in group:
+                if done < len(view):
+                    done += read_exactly(fd, view[done:], at + done)
+                    if done < len(view):
+                        return at - offset + done
+                done -= len(view)
+                at += len(view)
+        if crcs is not None:
+            for view, i in zip(group, owners):
+                crcs[i] = zlib.crc32(view, crcs[i])
+        total += want
+    return total
 
 
 def read_exactly(fd: int, view: memoryview, offset: int) -> int:

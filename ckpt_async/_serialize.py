@@ -791,12 +791,11 @@ class ItemReader:
                     f"{self.item_dir}: key {name!r}: data file {path} is missing") from exc
         return fd
 
-    def _read_exactly(self, files: dict[str, int], path: str, name: str, view: memoryview,
-                      offset: int) -> None:
-        if _ocdbt.read_exactly(self._data_file(files, path, name), view, offset) != len(view):
-            raise CorruptCheckpointError(
-                f"{self.item_dir}: key {name!r}: data file {path} ends inside a chunk "
-                f"({len(view)} bytes from {offset})")
+    def _short(self, path: str, name: str, view: memoryview, offset: int
+               ) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{self.item_dir}: key {name!r}: data file {path} ends inside a chunk "
+            f"({len(view)} bytes from {offset})")
 
     def _read_chunks(self, name: str, plan: LocalPlan, out: np.ndarray,
                      sums: dict[str, int] | None, files: dict[str, int]) -> bool:
@@ -808,16 +807,21 @@ class ItemReader:
         bad = []
         for key, region, ref in refs:
             dest = _ocdbt.as_bytes(out) if whole else memoryview(bytearray(n))
+            expected = sums.get(key) if sums else None
+            crcs = [0]
             if isinstance(ref, bytes):
                 if len(ref) != n:
                     return False
                 dest[:] = ref
+                crcs[0] = zlib.crc32(dest)
             else:
                 path, offset, length = ref
                 if length != n:
                     return False
-                self._read_exactly(files, path, name, dest, offset)
-            if sums and key in sums and zlib.crc32(dest) != sums[key]:
+                fd = self._data_file(files, path, name)
+                if _ocdbt.read_into(fd, [dest], offset, crcs) != n:
+                    raise self._short(path, name, dest, offset)
+            if expected is not None and crcs[0] != expected:
                 bad.append(key)
             if not whole:
                 block = np.frombuffer(dest, dtype).reshape(chunks)
@@ -854,14 +858,14 @@ class ItemReader:
                 j += 1
             run = whole[i:j]
             fd = self._data_file(files, path, run[0][3])
-            got = os.preadv(fd, [_ocdbt.as_bytes(w[4]) for w in run], start)
-            for _path, offset, n, name, buffer, key in run:
-                view = _ocdbt.as_bytes(buffer)
-                if got < offset - start + n:  # (a short read: the rest one by one)
-                    done = max(0, got - (offset - start))
-                    self._read_exactly(files, path, name, view[done:], offset + done)
-                sums = expected(name)
-                if sums and key in sums and zlib.crc32(view) != sums[key]:
+            wanted = [(expected(w[3]) or {}).get(w[5]) for w in run]
+            views = [_ocdbt.as_bytes(w[4]) for w in run]
+            crcs = [0] * len(run) if any(c is not None for c in wanted) else None
+            got = _ocdbt.read_into(fd, views, start, crcs)
+            for k, (_path, offset, n, name, buffer, key) in enumerate(run):
+                if got < offset - start + n:
+                    raise self._short(path, name, views[k], offset)
+                if crcs is not None and wanted[k] is not None and crcs[k] != wanted[k]:
                     raise checksum_error(self.item_dir, name, [key])
                 out[name] = buffer
             i = j

@@ -353,3 +353,29 @@ def test_write_returns_each_values_crc32_taken_piece_by_piece(tmp_path, monkeypa
     assert crcs == {k: zlib.crc32(v) for k, v in values.items()}
     writer.finish()
     assert _read_all(tmp_path) == values
+
+
+def test_read_into_reads_in_pieces_with_each_buffers_crc32(tmp_path, monkeypatch):
+    monkeypatch.setattr(_ocdbt, "READ_PIECE_BYTES", 4096)
+    rng = np.random.default_rng(11)
+    sizes = [1, 100, 4095, 4096, 4097, 3 * 4096 + 5, 50_000, 7]
+    blobs = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 10 + b"".join(blobs))
+    calls = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: calls.append(
+        sum(len(b) for b in bufs)) or real(fd, bufs, off))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        views = [memoryview(bytearray(n)) for n in sizes]
+        crcs = [0] * len(sizes)
+        assert _ocdbt.read_into(fd, views, 10, crcs) == sum(sizes)
+        assert [bytes(v) for v in views] == blobs
+        assert crcs == [zlib.crc32(b) for b in blobs]
+        assert max(calls) < 2 * 4096 and len(calls) >= sum(sizes) // 8192
+        # past the end of the file: what is there, and no more
+        views = [memoryview(bytearray(n)) for n in sizes]
+        assert _ocdbt.read_into(fd, views, 10 + 5000) == sum(sizes) - 5000
+    finally:
+        os.close(fd)

@@ -432,6 +432,7 @@ def test_small_arrays_lying_side_by_side_take_one_read_per_run(tmp_path, monkeyp
     arrays = {f"a{i:03d}": np.full((300,), i, np.float32) for i in range(300)}  # (not inline)
     _write_items(tmp_path, [_stored(n, a) for n, a in arrays.items()])
     monkeypatch.setattr(_ocdbt, "IOV_MAX", 256)
+    monkeypatch.setattr(_ocdbt, "READ_PIECE_BYTES", 1 << 30)  # (pieces: test_ocdbt)
     calls = []
     real = os.preadv
 
