@@ -10,7 +10,9 @@ TensorStore and Orbax read the result like any database TensorStore wrote: one v
 B+tree holds every key; small values (the ``.zarray`` documents) inline in its leaves, the
 chunks in ``d/<random id>`` data files, one per batch.
 
-See :class:`DatabaseWriter` for the order of its calls.
+See :class:`DatabaseWriter` for the order of its calls. :func:`read_index` gives a restore
+every key's value or location: for a database written here (located by its
+:class:`IndexHint`) decoded here, for any other from TensorStore's dump of its nodes.
 """
 
 from __future__ import annotations
@@ -340,15 +342,14 @@ def _pieces(buffers: Sequence[memoryview | bytes], piece: int | None = None
 def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync: bool,
                crcs: list[int] | None = None) -> None:
     """Writes ``buffers`` one after the other into a new file ``path`` and fsyncs it (unless
-    ``fsync`` is false). ``crcs`` (one 0 per buffer): each buffer's crc32, computed piece by
-    piece just before the piece is written (while it is in the CPU's cache, in this thread:
-    no second thread taking turns with this one for the GIL, once per chunk)."""
+    ``fsync`` is false). ``crcs`` (one 0 per buffer): each buffer's crc32, taken first, by
+    this thread (one zlib call per buffer, the GIL released for each)."""
+    if crcs is not None:
+        for i, b in enumerate(buffers):
+            crcs[i] = zlib.crc32(b)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        for group, owners in _pieces(buffers):
-            if crcs is not None:
-                for view, i in zip(group, owners):
-                    crcs[i] = zlib.crc32(view, crcs[i])
+        for group, _ in _pieces(buffers):
             done = os.writev(fd, group)
             for view in group:  # after a short write, the rest buffer by buffer
                 if done >= len(view):
@@ -490,13 +491,16 @@ def _read_varints(buf: np.ndarray, pos: int, n: int) -> tuple[np.ndarray, int]:
     return np.add.reduceat(parts, starts), pos + stop
 
 
-def _read_keys(buf: np.ndarray, pos: int, n: int, interior: bool = False
+def _read_keys(buf: np.ndarray, pos: int, n: int, third_column: bool = False
                ) -> tuple[list[bytes], int]:
-    """A node's ``n`` prefix-compressed keys (or a data file table's paths)."""
+    """``n`` prefix-compressed keys: prefix lengths (after the first), suffix lengths, with
+    ``third_column`` one more column of ``n`` (an interior node's subtree common prefix
+    lengths, a data file table's base path lengths: 0 where this module wrote them), then
+    the suffixes."""
     prefixes, pos = _read_varints(buf, pos, max(n - 1, 0))
     suffixes, pos = _read_varints(buf, pos, n)
-    if interior:
-        _common, pos = _read_varints(buf, pos, n)  # (0 where this module wrote the node)
+    if third_column:
+        _third, pos = _read_varints(buf, pos, n)
     raw = buf[pos:pos + int(suffixes.sum())].tobytes()
     keys: list[bytes] = []
     prev, at = b"", 0
@@ -517,19 +521,10 @@ def _decode_node(data: bytes) -> tuple[int, np.ndarray, int]:
 
 
 def _file_names(buf: np.ndarray, pos: int) -> tuple[list[str], int]:
-    """A node's data file table (base path and relative path of each file, joined)."""
+    """A node's data file table: each file's path (its base path being a prefix of it)."""
     (count,), pos = _read_varints(buf, pos, 1)
-    n = int(count)
-    prefixes, pos = _read_varints(buf, pos, max(n - 1, 0))
-    suffixes, pos = _read_varints(buf, pos, n)
-    _base_lengths, pos = _read_varints(buf, pos, n)  # (the base is a prefix of the path)
-    raw = buf[pos:pos + int(suffixes.sum())].tobytes()
-    names, prev, at = [], b"", 0
-    for p, length in zip([0, *prefixes.tolist()], suffixes.tolist()):
-        prev = prev[:p] + raw[at:at + length]
-        names.append(prev.decode())
-        at += length
-    return names, pos + at
+    paths, pos = _read_keys(buf, pos, int(count), third_column=True)
+    return [path.decode() for path in paths], pos
 
 
 def _index_from_nodes(root: Path, hint: IndexHint) -> dict[str, Located]:
@@ -550,7 +545,7 @@ def _index_from_nodes(root: Path, hint: IndexHint) -> dict[str, Located]:
         files, pos = _file_names(buf, pos)
         (count,), pos = _read_varints(buf, pos, 1)
         n = int(count)
-        keys, pos = _read_keys(buf, pos, n, interior=height > 0)
+        keys, pos = _read_keys(buf, pos, n, third_column=height > 0)
         if height > 0:
             _files, pos = _read_varints(buf, pos, n)
             offsets, pos = _read_varints(buf, pos, n)

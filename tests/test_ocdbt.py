@@ -343,7 +343,7 @@ def test_a_failed_data_file_write_fails_the_commit_and_leaves_nothing(tmp_path, 
     assert os.listdir(tmp_path) == []
 
 
-def test_write_returns_each_values_crc32_taken_piece_by_piece(tmp_path, monkeypatch):
+def test_write_returns_each_values_crc32(tmp_path, monkeypatch):
     monkeypatch.setattr(_ocdbt, "WRITE_PIECE_BYTES", 4096)  # values split across pieces
     rng = np.random.default_rng(9)
     values = {f"a{i}/0": rng.integers(0, 256, n, dtype=np.uint8).tobytes()
