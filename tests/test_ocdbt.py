@@ -50,8 +50,26 @@ def _values(count: int, seed: int = 0) -> dict[str, bytes]:
             for i in range(count)}
 
 
+@pytest.fixture(params=[None, 2_000], ids=["one-leaf", "interior-levels"])
+def node_bytes(request, monkeypatch):
+    """The B+tree's node size: the default (one leaf here) or small (interior levels)."""
+    if request.param:
+        monkeypatch.setattr(_ocdbt, "_NODE_BYTES", request.param)
+    return request.param
+
+
 def _write(writer: _ocdbt.DatabaseWriter, values) -> None:
     writer.write(writer.add(values))
+
+
+def _write_database(root, given: dict, batch: int = 700) -> _ocdbt.DatabaseWriter:
+    """A database of ``given`` written in batches (hence several data files), finished."""
+    writer = _ocdbt.DatabaseWriter(root)
+    items = list(given.items())
+    for i in range(0, len(items), batch):
+        _write(writer, items[i:i + batch])
+    writer.finish()
+    return writer
 
 
 def _read_all(root) -> dict[str, bytes]:
@@ -63,18 +81,11 @@ def _manifest(root) -> dict:
     return ts.ocdbt.dump(ts.KvStore.open(f"file://{root}/").result()).result()
 
 
-@pytest.mark.parametrize("node_bytes", [None, 2_000], ids=["one-leaf", "interior-levels"])
-def test_every_key_reads_back_exactly(tmp_path, monkeypatch, node_bytes):
-    if node_bytes:
-        monkeypatch.setattr(_ocdbt, "_NODE_BYTES", node_bytes)
+def test_every_key_reads_back_exactly(tmp_path, node_bytes):
     values = _values(3000)
-    writer = _ocdbt.DatabaseWriter(tmp_path)
-    items = list(values.items())
     # half as documents (bytes: inline up to the limit), half as array data (views: never)
-    given = {k: v if i % 2 else memoryview(v) for i, (k, v) in enumerate(items)}
-    for i in range(0, len(items), 700):  # several batches, hence several data files
-        _write(writer, [(k, given[k]) for k, _ in items[i:i + 700]])
-    writer.finish()
+    given = {k: v if i % 2 else memoryview(v) for i, (k, v) in enumerate(values.items())}
+    _write_database(tmp_path, given)
     assert _read_all(tmp_path) == values
     version, = _manifest(tmp_path)["versions"]
     assert version["generation_number"] == 1
@@ -104,17 +115,9 @@ def _resolved_index(root) -> dict[str, bytes]:
     return out
 
 
-@pytest.mark.parametrize("node_bytes", [None, 2_000], ids=["one-leaf", "interior-levels"])
-def test_read_index_finds_every_key_where_tensorstore_reads_it(tmp_path, monkeypatch,
-                                                              node_bytes):
-    if node_bytes:
-        monkeypatch.setattr(_ocdbt, "_NODE_BYTES", node_bytes)
+def test_read_index_finds_every_key_where_tensorstore_reads_it(tmp_path, node_bytes):
     values = _values(3000, seed=3)
-    writer = _ocdbt.DatabaseWriter(tmp_path)
-    items = list(values.items())
-    for i in range(0, len(items), 700):
-        _write(writer, [(k, memoryview(v)) for k, v in items[i:i + 700]])
-    writer.finish()
+    _write_database(tmp_path, {k: memoryview(v) for k, v in values.items()})
     assert _resolved_index(tmp_path) == values == _read_all(tmp_path)
     assert _ocdbt.read_index(tmp_path / "nothing-here") is None
 
@@ -126,18 +129,11 @@ def _no_tensorstore_dump(monkeypatch) -> None:
     monkeypatch.setattr(_ocdbt.ts.ocdbt, "dump", refuse)
 
 
-@pytest.mark.parametrize("node_bytes", [None, 2_000], ids=["one-leaf", "interior-levels"])
 def test_read_index_decodes_its_own_writers_nodes_without_tensorstore(tmp_path, monkeypatch,
                                                                      node_bytes):
-    if node_bytes:
-        monkeypatch.setattr(_ocdbt, "_NODE_BYTES", node_bytes)
     values = _values(3000, seed=5)
-    writer = _ocdbt.DatabaseWriter(tmp_path)
-    items = list(values.items())
-    given = {k: v if i % 2 else memoryview(v) for i, (k, v) in enumerate(items)}
-    for i in range(0, len(items), 700):
-        _write(writer, [(k, given[k]) for k, _ in items[i:i + 700]])
-    writer.finish()
+    writer = _write_database(tmp_path, {k: v if i % 2 else memoryview(v)
+                                        for i, (k, v) in enumerate(values.items())})
     hint = writer.hint
     assert hint is not None and hint.height == (_manifest(tmp_path)["versions"][0]["root_height"])
     if node_bytes:
