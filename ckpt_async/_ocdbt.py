@@ -18,6 +18,7 @@ every key's value or location: for a database written here (located by its
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import struct
@@ -28,6 +29,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -339,11 +341,35 @@ def _pieces(buffers: Sequence[memoryview | bytes], piece: int | None = None
         yield group, owners
 
 
-def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync: bool,
+@functools.cache
+def _sync_file_range() -> Any:
+    """Linux's ``sync_file_range`` (through ctypes; Python has no binding), or None."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int) -> bool:
+    """Has the kernel start writing ``fd``'s dirty pages to the disk, without waiting for them
+    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``); False where that is not available. It makes
+    nothing durable: a later fsync does, sooner."""
+    fn = _sync_file_range()
+    return fn is not None and fn(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0
+
+
+def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, writeback: bool,
                crcs: list[int] | None = None) -> None:
-    """Writes ``buffers`` one after the other into a new file ``path`` and fsyncs it (unless
-    ``fsync`` is false). ``crcs`` (one 0 per buffer): each buffer's crc32, taken first, by
-    this thread (one zlib call per buffer, the GIL released for each)."""
+    """Writes ``buffers`` one after the other into a new file ``path``, then, if
+    ``writeback``, starts its writeback (:func:`start_writeback`; an fsync where there is
+    none). ``crcs`` (one 0 per buffer): each buffer's crc32, taken first, by this thread (one
+    zlib call per buffer, the GIL released for each)."""
     if crcs is not None:
         for i, b in enumerate(buffers):
             crcs[i] = zlib.crc32(b)
@@ -359,7 +385,7 @@ def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync: bool
                 done = 0
                 while view:
                     view = view[os.write(fd, view):]
-        if fsync:
+        if writeback and not start_writeback(fd):
             os.fsync(fd)
     finally:
         os.close(fd)
@@ -427,13 +453,17 @@ class DatabaseWriter:
         (self.root / "d").mkdir(exist_ok=True)
 
     def write(self, data_file: DataFile) -> dict[str, int]:
-        """Runs in a worker thread: writes a data file durably; returns the crc32 of each
-        value written there, by key."""
+        """Runs in a worker thread: writes a data file and starts its writeback; returns the
+        crc32 of each value written there, by key. Not durable yet: the commit's fsync of
+        the whole checkpoint makes it so. (An fsync here held this thread until the disk had
+        the file, so that with more files than threads the checksums and page-cache copies of
+        the next ones waited for the disk, and the disk then for them: full ``large`` 2.6 s
+        against 1.1 s, full ``mixed`` 1.22 s against 0.97 s, in-process medians of 5.)"""
         if not data_file.buffers:
             return {}
         self._make_dirs()
         crcs = [0] * len(data_file.buffers)
-        _write_new(self.root / data_file.name, data_file.buffers, fsync=True, crcs=crcs)
+        _write_new(self.root / data_file.name, data_file.buffers, writeback=True, crcs=crcs)
         return dict(zip(data_file.keys, crcs))
 
     def finish(self) -> None:
@@ -450,11 +480,10 @@ class DatabaseWriter:
         self.hint = IndexHint(zlib.crc32(head), node_file, zlib.crc32(nodes), len(nodes),
                               root.where[1], root.where[2], height)
         self._make_dirs()
-        # (A data file is fsynced as it is written, while the others are still being written;
-        # these two small files, written last, are left to the commit's fsync of the whole
-        # checkpoint, one journal commit for every small file, rather than two more here.)
-        _write_new(self.root / node_file, [nodes], fsync=False)
-        _write_new(self.root / "manifest.ocdbt", [head], fsync=False)
+        # (like the data files, left to the commit's fsync of the whole checkpoint: one journal
+        # commit for every small file, rather than two more here)
+        _write_new(self.root / node_file, [nodes], writeback=False)
+        _write_new(self.root / "manifest.ocdbt", [head], writeback=False)
 
 
 # -- reading ----------------------------------------------------------------------------------

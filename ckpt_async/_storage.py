@@ -9,7 +9,7 @@ create-once primitive there is :func:`write_new` (a conditional write).
 
 Every call is a coroutine that runs on the engine loop; blocking system calls leave it through
 the runtime's limiter. Array data does not pass through here: ``_ocdbt`` writes it locally
-(each data file fsynced as it is written), TensorStore elsewhere; the commit's
+(each data file's writeback started as it is written), TensorStore elsewhere; the commit's
 :func:`fsync_tree` makes every file of a checkpoint durable before its rename. OS errors are
 mapped to ckpt_async errors that name the path, with ``__cause__`` kept.
 """

@@ -339,6 +339,48 @@ def test_a_failed_data_file_write_fails_the_commit_and_leaves_nothing(tmp_path, 
     assert os.listdir(tmp_path) == []
 
 
+def _fsyncs(monkeypatch) -> list[str]:
+    """Records the path of every file ``_ocdbt`` fsyncs (by its descriptor)."""
+    seen: list[str] = []
+    real = os.fsync
+
+    def recording(fd):
+        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(_ocdbt.os, "fsync", recording)
+    return seen
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="needs Linux's /proc")
+def test_a_data_file_is_handed_to_the_disk_not_fsynced_by_its_writer(tmp_path, monkeypatch):
+    """The writer starts a data file's writeback (sync_file_range) and leaves its fsync to
+    the commit's fsync of the whole checkpoint; where the kernel has no sync_file_range, it
+    fsyncs the file itself."""
+    fsynced = _fsyncs(monkeypatch)
+    started: list[int] = []
+    real_start = _ocdbt.start_writeback
+    monkeypatch.setattr(_ocdbt, "start_writeback", lambda fd: started.append(fd) or real_start(fd))
+    writer = _ocdbt.DatabaseWriter(tmp_path / "a")
+    _write(writer, [("x/0", memoryview(b"1" * 5000))])
+    assert len(started) == 1 and fsynced == []
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    try:
+        os.write(fd, b"3" * 5000)
+        assert real_start(fd) is True  # Linux has it
+    finally:
+        os.close(fd)
+
+    monkeypatch.setattr(_ocdbt, "_sync_file_range", lambda: None)
+    monkeypatch.setattr(_ocdbt, "start_writeback", real_start)
+    writer = _ocdbt.DatabaseWriter(tmp_path / "b")
+    _write(writer, [("x/0", memoryview(b"2" * 5000))])
+    [data_file] = (tmp_path / "b" / "d").iterdir()
+    assert fsynced == [str(data_file)]
+    writer.finish()
+    assert _read_all(tmp_path / "b") == {"x/0": b"2" * 5000}
+
+
 def test_write_returns_each_values_crc32(tmp_path, monkeypatch):
     monkeypatch.setattr(_ocdbt, "WRITE_PIECE_BYTES", 4096)  # values split across pieces
     rng = np.random.default_rng(9)
