@@ -308,42 +308,51 @@ def _stored(name, arr):
                            ((tuple(slice(None) for _ in arr.shape), arr),))
 
 
-def test_the_btree_is_written_while_the_last_data_file_still_is(tmp_path, monkeypatch):
-    # expect_batches: once every batch is in, the B+tree and manifest go to the disk without
-    # waiting for the data files; finish() then only waits for them.
-
+def test_the_btree_is_written_once_the_data_is_in_the_page_cache_not_on_the_disk(
+        tmp_path, monkeypatch):
+    # expect_batches: once every batch's data file is in the page cache, the B+tree and
+    # manifest are written without waiting for the disk to take the data files (their
+    # writeback is held here); not before (one data file's copy is held first).
     arrays = {f"a{i}": np.full((300,), i, np.float64) for i in range(4)}
-    release = threading.Event()
-    manifest_during_write: list[bool] = []
-    real_write = _ocdbt.DatabaseWriter.write
+    copy, writeback = threading.Event(), threading.Event()  # (set: released)
+    real_write, real_writeback = _ocdbt.DatabaseWriter.write, _ocdbt.start_writeback
 
-    def slow_write(self, data_file):
-        if data_file.buffers and not release.is_set():
-            release.wait(5)  # the first data file is held until the manifest is there
-        return real_write(self, data_file)
+    def slow_write(self, data_file, copied=None):
+        if "a0/0" in data_file.keys:
+            copy.wait(5)
+        return real_write(self, data_file, copied)
+
+    def slow_writeback(fd):
+        writeback.wait(5)
+        return real_writeback(fd)
 
     monkeypatch.setattr(_ocdbt.DatabaseWriter, "write", slow_write)
+    monkeypatch.setattr(_ocdbt, "start_writeback", slow_writeback)
+    seen: list[bool] = []
 
     async def main():
         writer = ser.ItemWriter(tmp_path)
-        added = writer.expect_batches(2)
+        all_in = writer.expect_batches(2)
         items = list(arrays.items())
         first = asyncio.ensure_future(writer.write([_stored(n, a) for n, a in items[:2]]))
         second = asyncio.ensure_future(writer.write([_stored(n, a) for n, a in items[2:]]))
-        await asyncio.wrap_future(added)
-        for _ in range(500):  # the manifest appears while the first data file is held
+        await asyncio.sleep(0.2)
+        seen.append(all_in.done() or (tmp_path / "manifest.ocdbt").exists())
+        copy.set()
+        await asyncio.wrap_future(all_in)
+        for _ in range(500):  # the manifest appears while both writebacks are held
             if (tmp_path / "manifest.ocdbt").exists():
                 break
             await asyncio.sleep(0.01)
-        manifest_during_write.append((tmp_path / "manifest.ocdbt").exists())
-        release.set()
+        seen.append((tmp_path / "manifest.ocdbt").exists())
+        writeback.set()
         await asyncio.gather(first, second)
         await writer.finish()
         reader = ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
         return await reader.read_small(list(arrays))
 
     out = asyncio.run(main())
-    assert manifest_during_write == [True]
+    assert seen == [False, True]
     assert all(np.array_equal(out[n], a) for n, a in arrays.items())
 
 
@@ -354,12 +363,12 @@ def test_settle_waits_for_the_threads_a_failed_batch_left_running(tmp_path, monk
     started, release = threading.Event(), threading.Event()
     real_write = _ocdbt.DatabaseWriter.write
 
-    def write(self, data_file):
+    def write(self, data_file, copied=None):
         if b"bad" in b"".join(bytes(b[:3]) for b in data_file.buffers):
             raise OSError(28, "No space left on device")
         started.set()
         release.wait(5)
-        return real_write(self, data_file)
+        return real_write(self, data_file, copied)
 
     monkeypatch.setattr(_ocdbt.DatabaseWriter, "write", write)
     item = tmp_path / "item"

@@ -177,7 +177,7 @@ class PyTreeCheckpointHandler(CheckpointHandler):
             tracker.add(sum(a.nbytes for a in batch))
 
         tasks = await stage(to_stage, self._budget, write_batch)
-        all_added = writer.expect_batches(len(tasks))
+        all_in = writer.expect_batches(len(tasks))
         custom = copy.deepcopy(args.custom_metadata)  # the caller may change it after save()
 
         def documents() -> dict[str, bytes]:
@@ -187,13 +187,13 @@ class PyTreeCheckpointHandler(CheckpointHandler):
                 return self._documents(planned, skeleton, custom, roles)
 
         async def build_documents() -> dict[str, bytes]:
-            await asyncio.wrap_future(all_added)
+            await asyncio.wrap_future(all_in)
             return await asyncio.wrap_future(get_runtime().start_background(documents))
 
         async def write() -> None:
-            # The documents are built while the arrays are written, once every batch is on its
-            # way to the disk (the writes' threads then wait on it, not on the GIL), started
-            # at once (``start_background``: not queued behind the writes in the pool).
+            # The documents are built while the arrays are written, once every batch is in
+            # the page cache (the disk takes it from there), started at once
+            # (``start_background``: not queued behind the writes in the pool).
             building = asyncio.ensure_future(build_documents())
             try:
                 await asyncio.gather(*tasks)
