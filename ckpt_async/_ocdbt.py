@@ -460,11 +460,11 @@ class DatabaseWriter:
               ) -> dict[str, int]:
         """Runs in a worker thread: writes a data file (calling ``copied`` once it is in the
         page cache) and starts its writeback; returns the crc32 of each value written there,
-        by key. Not durable yet: the commit's fsync of
-        the whole checkpoint makes it so. (An fsync here held this thread until the disk had
-        the file, so that with more files than threads the checksums and page-cache copies of
-        the next ones waited for the disk, and the disk then for them: full ``large`` 2.6 s
-        against 1.1 s, full ``mixed`` 1.22 s against 0.97 s, in-process medians of 5.)"""
+        by key. Not durable yet: the commit's fsync of the whole checkpoint makes it so. (An
+        fsync here held this thread until the disk had the file, so that with more files than
+        threads the checksums and page-cache copies of the next ones waited for the disk, and
+        the disk then for them: full ``large`` 2.6 s against 1.1 s, full ``mixed`` 1.22 s
+        against 0.97 s, in-process medians of 5.)"""
         if not data_file.buffers:
             return {}
         self._make_dirs()
