@@ -363,7 +363,7 @@ def _sync_file_range() -> Any:
     """Linux's ``sync_file_range`` (through ctypes; Python has no binding), or None."""
     try:
         fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # (TypeError: no CDLL(None) on Windows)
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     fn.restype = ctypes.c_int
