@@ -317,6 +317,7 @@ class ItemWriter:
                  total_bytes: int = 0, process_index: int | None = None,
                  own_database: bool = True) -> None:
         self.compress = compress
+        self._process_index = process_index
         self.db: _ocdbt.DatabaseWriter | None = None
         lanes = lane_count(total_bytes)
         first_lane = 0
@@ -501,11 +502,16 @@ class ItemWriter:
         await asyncio.gather(*others)
 
     async def finish(self) -> None:
-        """After every :meth:`write`: completes :attr:`db` (its B+tree and manifest)."""
+        """After every :meth:`write`: completes :attr:`db` (its B+tree and manifest). With
+        several processes, each then fsyncs its own database: the primary's fsync of the
+        whole checkpoint before the commit reaches another host's page cache only as far as
+        the shared file system carries it. (One process leaves its files to that pass.)"""
         with self._count_lock:
             self._start_finish()
         if self._finishing is not None:
             await asyncio.wrap_future(self._finishing)
+        if self.db is not None and self._process_index is not None:
+            await storage.fsync_tree(self.db.root)
 
     async def settle(self) -> None:
         """Waits for every thread this writer started, whatever their outcome: after a

@@ -356,6 +356,36 @@ def test_the_btree_is_written_once_the_data_is_in_the_page_cache_not_on_the_disk
     assert all(np.array_equal(out[n], a) for n, a in arrays.items())
 
 
+@pytest.mark.parametrize("process_index", [None, 1])
+def test_each_process_of_several_fsyncs_its_own_database(tmp_path, monkeypatch, process_index):
+    # A data file's writer only starts its writeback; one process leaves the fsync to the
+    # commit's pass over the whole checkpoint, each of several fsyncs its own database in
+    # finish() (another host's page cache is not the primary's to flush).
+    fsynced: list[str] = []
+    real = os.fsync
+
+    def recording(fd):
+        fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+
+    async def main():
+        writer = ser.ItemWriter(tmp_path, process_index=process_index)
+        await writer.write([_stored("a", np.arange(3000, dtype=np.float64))])
+        await writer.finish()
+        return writer.db.root
+
+    root = asyncio.run(main())
+    files = {str(p) for p in root.rglob("*") if p.is_file()}
+    assert len(files) == 3  # a data file, the B+tree nodes, the manifest
+    if process_index is None:
+        assert fsynced == []
+    else:
+        assert root.name == ser.process_dir(process_index)
+        assert files <= set(fsynced) and str(root) in fsynced
+
+
 def test_settle_waits_for_the_threads_a_failed_batch_left_running(tmp_path, monkeypatch):
     # One batch fails at once while another's data file is still being written: settle()
     # returns only when that thread is done, so removing the directory afterwards leaves it
