@@ -8,3 +8,23 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 ).strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+import pytest  # noqa: E402 - after the environment above
+
+
+@pytest.fixture
+def fsynced(monkeypatch) -> list[str]:
+    """The path of every file and directory fsynced from here on (``os.fsync``, by the
+    descriptor's ``/proc/self/fd`` link), in order."""
+    if not os.path.exists("/proc/self/fd"):
+        pytest.skip("needs Linux's /proc to name a descriptor's file")
+    seen: list[str] = []
+    real = os.fsync
+
+    def recording(fd):
+        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    return seen

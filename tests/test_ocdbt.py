@@ -341,25 +341,11 @@ def test_a_failed_data_file_write_fails_the_commit_and_leaves_nothing(tmp_path, 
     assert os.listdir(tmp_path) == []
 
 
-def _fsyncs(monkeypatch) -> list[str]:
-    """Records the path of every file ``_ocdbt`` fsyncs (by its descriptor)."""
-    seen: list[str] = []
-    real = os.fsync
-
-    def recording(fd):
-        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real(fd)
-
-    monkeypatch.setattr(_ocdbt.os, "fsync", recording)
-    return seen
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="needs Linux's /proc")
-def test_a_data_file_is_handed_to_the_disk_not_fsynced_by_its_writer(tmp_path, monkeypatch):
+def test_a_data_file_is_handed_to_the_disk_not_fsynced_by_its_writer(tmp_path, monkeypatch,
+                                                                      fsynced):
     """The writer starts a data file's writeback (sync_file_range) and leaves its fsync to
     the commit's fsync of the whole checkpoint; where the kernel has no sync_file_range, it
     fsyncs the file itself."""
-    fsynced = _fsyncs(monkeypatch)
     started: list[int] = []
     real_start = _ocdbt.start_writeback
     monkeypatch.setattr(_ocdbt, "start_writeback", lambda fd: started.append(fd) or real_start(fd))

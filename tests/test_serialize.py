@@ -357,18 +357,10 @@ def test_the_btree_is_written_once_the_data_is_in_the_page_cache_not_on_the_disk
 
 
 @pytest.mark.parametrize("process_index", [None, 1])
-def test_each_process_of_several_fsyncs_its_own_database(tmp_path, monkeypatch, process_index):
+def test_each_process_of_several_fsyncs_its_own_database(tmp_path, fsynced, process_index):
     # A data file's writer only starts its writeback; one process leaves the fsync to the
     # commit's pass over the whole checkpoint, each of several fsyncs its own database in
     # finish() (another host's page cache is not the primary's to flush).
-    fsynced: list[str] = []
-    real = os.fsync
-
-    def recording(fd):
-        fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", recording)
 
     async def main():
         writer = ser.ItemWriter(tmp_path, process_index=process_index)
