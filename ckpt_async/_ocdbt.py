@@ -18,7 +18,6 @@ every key's value or location: for a database written here (located by its
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import os
 import struct
@@ -29,11 +28,12 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import numpy as np
 import tensorstore as ts
+
+from ._storage import start_writeback
 
 #: The configuration TensorStore gives a database it creates from ``_serialize.kvstore_spec``
 #: (which later writers, such as a merge, assume without reading it).
@@ -356,29 +356,6 @@ def _pieces(buffers: Sequence[memoryview | bytes], piece: int | None = None
                 group, owners, size = [], [], 0
     if group:
         yield group, owners
-
-
-@functools.cache
-def _sync_file_range() -> Any:
-    """Linux's ``sync_file_range`` (through ctypes; Python has no binding), or None."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError, TypeError):  # (TypeError: no CDLL(None) on Windows)
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def start_writeback(fd: int) -> bool:
-    """Has the kernel start writing ``fd``'s dirty pages to the disk, without waiting for them
-    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``); False where that is not available. It makes
-    nothing durable: a later fsync does, sooner."""
-    fn = _sync_file_range()
-    return fn is not None and fn(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0
 
 
 def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, writeback: bool,

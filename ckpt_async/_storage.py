@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import errno
+import functools
 import os
 import shutil
 import sys
@@ -43,6 +43,37 @@ def has_rename(path: Any) -> TypeGuard[Path]:
     return not isinstance(path, StorePath)
 
 
+@functools.cache
+def _libc() -> Any:
+    """The C library, through the process's global symbols (no ``find_library``, which runs
+    ``ldconfig``: ~2 ms); None where there is none to load (Windows)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except (OSError, TypeError):  # (TypeError: no CDLL(None) on Windows)
+        return None
+
+
+@functools.cache
+def _sync_file_range() -> Any:
+    """Linux's ``sync_file_range`` (through ctypes; Python has no binding), or None."""
+    fn = getattr(_libc(), "sync_file_range", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int) -> bool:
+    """Has the kernel start writing ``fd``'s dirty pages to the disk, without waiting for them
+    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``); False where that is not available. It makes
+    nothing durable: a later fsync does, sooner."""
+    fn = _sync_file_range()
+    return fn is not None and fn(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0
+
+
 def _fsync_path(path: str, directory: bool) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
@@ -60,11 +91,16 @@ def fsync_tree_sync(root: Path) -> None:
 
 
 def _write_file(path: Path, data: bytes, durable: bool) -> None:
+    """Writes ``path``; fsyncs it when ``durable``, else starts its writeback, so that the
+    fsync which makes it durable later finds it on the disk (a commit's fsync of ~15 small
+    documents: 1.9 against 3.9 ms)."""
     with open(path, "wb") as f:
         f.write(data)
+        f.flush()
         if durable:
-            f.flush()
             os.fsync(f.fileno())
+        else:
+            start_writeback(f.fileno())
 
 
 async def write_bytes(path: AnyPath, data: bytes, *, durable: bool = True) -> None:
@@ -231,15 +267,12 @@ def _renameat2_or_none() -> Any:
     if _renameat2_fn is None:
         _renameat2_fn = False
         if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-                fn = libc.renameat2
+            fn = getattr(_libc(), "renameat2", None)  # (None: glibc older than 2.28)
+            if fn is not None:
                 fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
                                ctypes.c_uint]
                 fn.restype = ctypes.c_int
                 _renameat2_fn = fn
-            except (OSError, AttributeError):  # old glibc or no libc: fall back
-                pass
     return _renameat2_fn or None
 
 

@@ -15,7 +15,7 @@ import pytest
 import tensorstore as ts
 
 import ckpt_async as ocp
-from ckpt_async import _ocdbt
+from ckpt_async import _ocdbt, _storage
 from ckpt_async import _serialize as ser
 from ckpt_async.errors import CommitError
 
@@ -359,7 +359,7 @@ def test_a_data_file_is_handed_to_the_disk_not_fsynced_by_its_writer(tmp_path, m
     finally:
         os.close(fd)
 
-    monkeypatch.setattr(_ocdbt, "_sync_file_range", lambda: None)
+    monkeypatch.setattr(_storage, "_sync_file_range", lambda: None)
     monkeypatch.setattr(_ocdbt, "start_writeback", real_start)
     writer = _ocdbt.DatabaseWriter(tmp_path / "b")
     _write(writer, [("x/0", memoryview(b"2" * 5000))])
@@ -367,6 +367,24 @@ def test_a_data_file_is_handed_to_the_disk_not_fsynced_by_its_writer(tmp_path, m
     assert fsynced == [str(data_file)]
     writer.finish()
     assert _read_all(tmp_path / "b") == {"x/0": b"2" * 5000}
+
+
+def test_small_documents_are_handed_to_the_disk_for_the_commits_fsync(tmp_path, monkeypatch,
+                                                                     fsynced):
+    """A save's small documents (written before the commit) start their writeback as they are
+    written, so that the commit's fsync of each finds it on the disk; none is fsynced here.
+    A durable write fsyncs its file at once."""
+    started: list[str] = []
+    real_start = _storage.start_writeback
+    monkeypatch.setattr(_storage, "start_writeback",
+                        lambda fd: started.append(os.readlink(f"/proc/self/fd/{fd}"))
+                        or real_start(fd))
+    docs = [(tmp_path / "a" / "_METADATA", b"{}"), (tmp_path / "b" / "c" / "_sharding", b"[]")]
+    _storage._write_files_sync(docs)
+    assert started == [str(p) for p, _ in docs] and fsynced == []
+    assert [p.read_bytes() for p, _ in docs] == [b"{}", b"[]"]
+    _storage._write_file(tmp_path / "d", b"x", durable=True)
+    assert fsynced == [str(tmp_path / "d")] and len(started) == 2
 
 
 def test_write_returns_each_values_crc32(tmp_path, monkeypatch):
