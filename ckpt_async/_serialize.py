@@ -54,6 +54,7 @@ def data_file_size(total_bytes: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256)
 def is_storable(dtype: np.dtype) -> bool:
     """Whether TensorStore's zarr driver stores ``dtype`` (ml_dtypes included, objects not)."""
     if dtype.hasobject or dtype.kind in "OSU" or dtype.fields is not None:
@@ -1024,25 +1025,45 @@ async def read_shape_dtype(
 
 
 # --- shardings, as Orbax writes them into ``_sharding`` -----------------------------------------
-@functools.lru_cache(maxsize=1024)
+def shard_shape(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> list[int]:
+    """The shape of each of an array's shards (a single device's: the array's own, without
+    jax's cache of every sharding and shape, whose key costs a Python ``__eq__`` per array)."""
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return list(shape)
+    return list(sharding.shard_shape(shape))
+
+
 def sharding_to_json(sharding: jax.sharding.Sharding) -> str | None:
+    """The ``_sharding`` entry of an array placed by ``sharding`` (Orbax's JSON), or None for a
+    kind of sharding it has none for. Made once per device or named sharding: a save asks for
+    it per array, and a mesh's is a walk over every device of it."""
     if isinstance(sharding, jax.sharding.SingleDeviceSharding):
         (device,) = sharding.device_set
-        return json.dumps({"sharding_type": "SingleDeviceSharding", "device_str": str(device)})
+        return _single_device_json(device)
     if isinstance(sharding, jax.sharding.NamedSharding):
-        mesh = sharding.mesh
-        return json.dumps(
-            {
-                "sharding_type": "NamedSharding",
-                "shape": [int(s) for s in mesh.devices.shape],
-                "axis_names": list(mesh.axis_names),
-                "partition_spec": [list(p) if isinstance(p, tuple) else p for p in sharding.spec],
-                "device_mesh": {
-                    "mesh": jax.tree.map(lambda d: {"id": d.id}, mesh.devices.tolist())
-                },
-            }
-        )
+        return _named_sharding_json(sharding)
     return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _single_device_json(device: jax.Device) -> str:
+    return json.dumps({"sharding_type": "SingleDeviceSharding", "device_str": str(device)})
+
+
+@functools.lru_cache(maxsize=1024)
+def _named_sharding_json(sharding: jax.sharding.NamedSharding) -> str:
+    mesh = sharding.mesh
+    return json.dumps(
+        {
+            "sharding_type": "NamedSharding",
+            "shape": [int(s) for s in mesh.devices.shape],
+            "axis_names": list(mesh.axis_names),
+            "partition_spec": [list(p) if isinstance(p, tuple) else p for p in sharding.spec],
+            "device_mesh": {
+                "mesh": jax.tree.map(lambda d: {"id": d.id}, mesh.devices.tolist())
+            },
+        }
+    )
 
 
 @functools.lru_cache(maxsize=1024)  # one text per sharding; not one parse per array

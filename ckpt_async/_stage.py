@@ -116,7 +116,11 @@ _CPU_SHARDINGS: dict[Any, tuple[bool, int]] = {}
 
 def cpu_sharding(sharding: Any) -> tuple[bool, int]:
     """Whether all of ``sharding``'s devices are CPUs, and how many devices it spans; cached,
-    as shardings are shared by many arrays."""
+    as shardings are shared by many arrays (a single device's is asked of the device itself:
+    each array has a sharding object of its own, whose ``__eq__`` is Python)."""
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        (device,) = sharding.device_set
+        return device.platform == "cpu", 1
     try:
         return _CPU_SHARDINGS[sharding]
     except (KeyError, TypeError):  # TypeError: an unhashable sharding
@@ -136,6 +140,8 @@ def _host_resident(value: Any) -> bool:
 
 
 def _nbytes(value: Any, dtype: np.dtype | None) -> int:
+    if dtype is None and isinstance(value, np.ndarray):
+        return value.nbytes
     dt = dtype if dtype is not None else value.dtype
     if not isinstance(dt, np.dtype):
         dt = np.dtype(dt)
@@ -167,14 +173,19 @@ def stage_sync(
                     pass
     batch: list[StoredArray] = []
     reserved = 0
+    bounded = budget.limit is not None
     for value, name, dtype in leaves:
-        n = _nbytes(value, dtype)
-        if batch and budget.would_block(n):
-            # The held batch must be written before its bytes come back: hand it over first.
-            hand_over(batch, reserved)
-            batch, reserved = [], 0
-        budget.acquire(n)
-        batch.append(host_copy(value, name, dtype))
+        if bounded:  # (its bytes reserved before they are staged)
+            n = _nbytes(value, dtype)
+            if batch and budget.would_block(n):
+                # The held batch must be written before its bytes come back: hand it over.
+                hand_over(batch, reserved)
+                batch, reserved = [], 0
+            budget.acquire(n)
+        staged = host_copy(value, name, dtype)
+        if not bounded:
+            n = staged.nbytes
+        batch.append(staged)
         reserved += n
         if reserved >= BATCH_BYTES or len(batch) >= BATCH_MAX_ARRAYS:
             hand_over(batch, reserved)

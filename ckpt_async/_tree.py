@@ -102,8 +102,13 @@ def flatten(tree: Any) -> tuple[list[Leaf], Any]:
                 return ["E", len(leaves) - 1, "Dict"]
             items = []
             for k, v in x.items():
-                _check_key(k, keys)
+                if type(k) is not str or not k:  # (a non-empty str: the common case, checked)
+                    _check_key(k, keys)
                 kt = "i" if isinstance(k, int) else "s"
+                if type(v) in _LEAF_TYPES:  # (a known leaf type: walk(v) inlined)
+                    leaves.append(Leaf((*keys, k), (*kts, fmt.KEY_DICT), v, f"{prefix}{k!s}"))
+                    items.append([k, kt, ["L", len(leaves) - 1]])
+                    continue
                 items.append([k, kt, walk(v, (*keys, k), (*kts, fmt.KEY_DICT), f"{prefix}{k!s}")])
             return ["D", items]
         if is_namedtuple(x):

@@ -70,19 +70,27 @@ class _Planned:
     scalar_tag: str | None = None
 
 
+#: Exact array types and the kind of leaf they are (jax.Array implementations added as met):
+#: most leaves are classified by one lookup.
+_ARRAY_KINDS: dict[type, str] = {np.ndarray: "np.ndarray"}
+
+
 def _classify(leaf: _tree.Leaf, save_arg: SaveArgs | None, where: str) -> _Planned:
     v = leaf.value
     cast = np.dtype(save_arg.dtype) if save_arg is not None and save_arg.dtype is not None else None
+    kind = _ARRAY_KINDS.get(type(v))
+    if kind is None and isinstance(v, jax.Array):
+        kind = _ARRAY_KINDS[type(v)] = "jax.Array"
+    if kind is not None:
+        _check_storable(leaf, v.dtype, cast, where)
+        return _Planned(leaf, kind, cast)
     if v is None:
         return _Planned(leaf, "None", None)
     if isinstance(v, (dict, list, tuple)) and not v:
         kind = "Dict" if isinstance(v, dict) else "List"
         return _Planned(leaf, kind, None, "tuple" if isinstance(v, tuple) else None)
-    if isinstance(v, (jax.Array, np.ndarray, np.generic)):
-        for dt in (v.dtype, cast):
-            if dt is not None and not ser.is_storable(np.dtype(dt)):
-                raise UnsupportedLeafError(f"{where}: leaf {leaf.name!r} has dtype {dt}, which "
-                                           "cannot be checkpointed")
+    if isinstance(v, (np.ndarray, np.generic)):
+        _check_storable(leaf, v.dtype, cast, where)
     if isinstance(v, jax.Array):
         return _Planned(leaf, "jax.Array", cast)
     if isinstance(v, np.ndarray):
@@ -100,6 +108,13 @@ def _classify(leaf: _tree.Leaf, save_arg: SaveArgs | None, where: str) -> _Plann
         f"{where}: leaf {leaf.name!r} is a {type(v).__module__}.{type(v).__qualname__}; supported "
         "leaves are jax.Array, np.ndarray, Python and NumPy scalars, strings and None"
     )
+
+
+def _check_storable(leaf: _tree.Leaf, dtype: Any, cast: np.dtype | None, where: str) -> None:
+    for dt in (dtype, cast):
+        if dt is not None and not ser.is_storable(np.dtype(dt)):
+            raise UnsupportedLeafError(f"{where}: leaf {leaf.name!r} has dtype {dt}, which "
+                                       "cannot be checkpointed")
 
 
 def _save_args_by_name(save_args: Any, where: str) -> dict[str, SaveArgs]:
@@ -229,26 +244,26 @@ class PyTreeCheckpointHandler(CheckpointHandler):
         array_metas: list[fmt.ArrayMetadataWrapper] = []
         strings: dict[str, str] = {}
         scalars: dict[str, str] = {}
+        key_entry, tree_entry, value_meta = fmt.KeyEntry, fmt.TreeEntry, fmt.ValueMetadata
         for p in planned:
             leaf = p.leaf
             write_shape = None
             if p.value_type == "jax.Array":
                 v = leaf.value
-                shard_shape = list(v.sharding.shard_shape(v.shape))
-                write_shape = shard_shape
+                write_shape = ser.shard_shape(v.sharding, v.shape)
                 sjson = ser.sharding_to_json(v.sharding)
                 if sjson is not None:
                     shardings[base64.b64encode(leaf.name.encode()).decode()] = sjson
                 array_metas.append(fmt.ArrayMetadataWrapper(fmt.ArrayMetadataEntry(
-                    leaf.name, shard_shape, shard_shape)))
+                    leaf.name, write_shape, write_shape)))
             elif p.value_type == "string":
                 strings[leaf.name] = leaf.value
             if p.scalar_tag is not None:
                 scalars[leaf.name] = p.scalar_tag
-            keys = [fmt.KeyEntry(str(k), kt) for k, kt in zip(leaf.keys, leaf.key_types)]
-            skip = p.value_type in _tree.EMPTY_TYPES
-            entries[leaf.tuple_key] = fmt.TreeEntry(
-                keys, fmt.ValueMetadata(p.value_type, skip, write_shape))
+            keys = list(map(str, leaf.keys))
+            entries[str(tuple(keys))] = tree_entry(  # (Leaf.tuple_key, its keys made once)
+                list(map(key_entry, keys, leaf.key_types)),
+                value_meta(p.value_type, p.value_type in _tree.EMPTY_TYPES, write_shape))
         tree_doc = fmt.TreeMetadata(
             entries, custom_metadata=custom,
             ckpt_async={"version": 1, "skeleton": skeleton, "scalars": scalars})
