@@ -89,6 +89,11 @@ def _apply(tables: tuple[np.ndarray, ...], r: np.ndarray) -> np.ndarray:
     return t0[r & 0xFF] ^ t1[(r >> 8) & 0xFF] ^ t2[(r >> 16) & 0xFF] ^ t3[r >> 24]
 
 
+# Made at import (~1 ms) rather than on a process's first B+tree of more than a few KB, whose
+# save would otherwise wait for them: every shift up to the largest node's length.
+_shift((MAX_DECODED_NODE_BYTES * 2).bit_length())
+
+
 def _advance(r: int, nbytes: int) -> int:
     """The register ``r`` after ``nbytes`` zero bytes."""
     reg = np.array(r, dtype=np.uint32)
