@@ -502,3 +502,25 @@ def test_local_reads_check_each_chunk_and_leave_foreign_encodings_to_the_driver(
         return await reader.read_array("x", plan, None)
 
     assert asyncio.run(plan_with_length(arr.nbytes - 8)) is None  # (say, compressed)
+
+
+def test_shard_shapes_and_sharding_documents_match_jax_and_are_made_once_per_sharding():
+    # A single device's shard shape is the array's own (taken without jax's cache, keyed by
+    # sharding objects); a named sharding's JSON is made once for equal shardings (distinct
+    # objects, as every array has its own) and reads back as the same sharding.
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+    devices = jax.devices()
+    mesh = jax.sharding.Mesh(np.array(devices[:4]).reshape(2, 2), ("x", "y"))
+    for sharding in (SingleDeviceSharding(devices[1]), NamedSharding(mesh, PartitionSpec("x")),
+                     NamedSharding(mesh, PartitionSpec(None, "y")),
+                     NamedSharding(mesh, PartitionSpec())):
+        assert ser.shard_shape(sharding, (8, 6)) == list(sharding.shard_shape((8, 6)))
+    a, b = NamedSharding(mesh, PartitionSpec("x")), NamedSharding(mesh, PartitionSpec("x"))
+    ser._named_sharding_json.cache_clear()
+    assert ser.sharding_to_json(a) == ser.sharding_to_json(b)
+    assert ser._named_sharding_json.cache_info().misses == 1
+    assert ser.sharding_from_json(ser.sharding_to_json(a)) == a
+    single = ser.sharding_to_json(SingleDeviceSharding(devices[2]))
+    assert ser.sharding_from_json(single) == SingleDeviceSharding(devices[2])
