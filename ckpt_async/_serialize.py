@@ -54,7 +54,6 @@ def data_file_size(total_bytes: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-@functools.lru_cache(maxsize=256)
 def is_storable(dtype: np.dtype) -> bool:
     """Whether TensorStore's zarr driver stores ``dtype`` (ml_dtypes included, objects not)."""
     if dtype.hasobject or dtype.kind in "OSU" or dtype.fields is not None:
