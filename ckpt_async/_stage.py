@@ -119,7 +119,8 @@ def cpu_sharding(sharding: Any) -> tuple[bool, int]:
     as shardings are shared by many arrays (a single device's is asked of the device itself:
     each array has a sharding object of its own, whose ``__eq__`` is Python)."""
     if isinstance(sharding, jax.sharding.SingleDeviceSharding):
-        (device,) = sharding.device_set
+        devices: Any = sharding.device_set
+        (device,) = devices
         return device.platform == "cpu", 1
     try:
         return _CPU_SHARDINGS[sharding]
