@@ -488,10 +488,20 @@ def interference(args: argparse.Namespace, res: dict[str, Any]) -> None:
         th.join()
         if err:
             raise err[0]
-        mean_base = statistics.fmean(base)
+        # The baseline brackets the commit: as many steps right after it as right before.
+        # (This VM's step time drifts by 10-20% over seconds; a baseline from before alone
+        # made a 21 s commit's ratio swing from -8% to +18% run to run.)
+        after = []
+        for _ in range(args.base_steps):
+            t = time.perf_counter()
+            x = step(x)
+            after.append(time.perf_counter() - t)
+        mean_base = statistics.fmean(base + after)
         res.update(
             step_base_ms=mean_base * 1e3,
-            step_base_median_ms=statistics.median(base) * 1e3,
+            step_base_median_ms=statistics.median(base + after) * 1e3,
+            step_before_ms=statistics.fmean(base) * 1e3,
+            step_after_ms=statistics.fmean(after) * 1e3,
             steps_during=len(during),
         )
         if during:
