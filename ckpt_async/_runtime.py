@@ -80,10 +80,10 @@ PACE_AVERAGE_SECONDS = 0.15
 PACE_ENV = "CKPT_ASYNC_BACKGROUND_PACE"
 #: Default pace of a commit while other threads keep the CPU busy, in bytes per second per
 #: CPU the process may use (the commit's CPU time grows with its bytes, the step's share of
-#: it shrinks with the CPUs): 96 MiB/s on the 2-core benchmark machine, about the rate at
-#: which full-size `mixed` commits went beside its training loop when TensorStore still wrote
-#: every array (85 MB/s, at the lowest priority, at 128 MiB/s).
-DEFAULT_PACE_PER_CPU = 48 << 20
+#: it shrinks with the CPUs): 64 MiB/s on the 2-core benchmark machine. Its training loop's
+#: steps beside a 2 GiB commit, against the steps right before and after it: +3.4% at
+#: 64 MiB/s (a 32 s commit), +10.5% at 96 MiB/s (21.5 s; medians of 7 and 8 runs).
+DEFAULT_PACE_PER_CPU = 32 << 20
 
 
 def _usable_cpus() -> int:
@@ -112,7 +112,7 @@ _pace = _pace_from_env()
 def set_background_pace(bytes_per_second: float | None) -> None:
     """Sets how fast a background commit writes while the process's other threads keep at
     least half of its CPUs busy (a training step running), process-wide: ``None`` or ``0``
-    for as fast as it can (also ``CKPT_ASYNC_BACKGROUND_PACE``; default 48 MiB/s per CPU the
+    for as fast as it can (also ``CKPT_ASYNC_BACKGROUND_PACE``; default 32 MiB/s per CPU the
     process may use).
 
     Checksums, copies and the kernel's work for file writes take CPU time whatever their

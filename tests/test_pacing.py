@@ -55,7 +55,7 @@ def pace():
 
 
 def test_the_pace_comes_from_the_environment_or_the_cpus(monkeypatch, pace) -> None:
-    default = 48 * 2**20 * _runtime._usable_cpus()
+    default = 32 * 2**20 * _runtime._usable_cpus()
     monkeypatch.delenv(_runtime.PACE_ENV, raising=False)
     assert _runtime._pace_from_env() == default
     for value, expected in [("268435456", 268435456.0), ("0", None), ("fast", default)]:
