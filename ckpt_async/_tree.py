@@ -36,7 +36,12 @@ class Leaf:
     @property
     def tuple_key(self) -> str:
         """The ``_METADATA`` key (``"('params', 'w')"``)."""
-        return str(tuple(str(k) for k in self.keys))
+        return tuple_key(tuple(map(str, self.keys)))
+
+
+def tuple_key(str_keys: Sequence[str]) -> str:
+    """The ``_METADATA`` key of a leaf whose keys, as strings, are ``str_keys``."""
+    return str(tuple(str_keys))
 
 
 def is_namedtuple(x: Any) -> bool:

@@ -261,7 +261,7 @@ class PyTreeCheckpointHandler(CheckpointHandler):
             if p.scalar_tag is not None:
                 scalars[leaf.name] = p.scalar_tag
             keys = list(map(str, leaf.keys))
-            entries[str(tuple(keys))] = tree_entry(  # (Leaf.tuple_key, its keys made once)
+            entries[_tree.tuple_key(keys)] = tree_entry(  # (Leaf.tuple_key, keys made once)
                 list(map(key_entry, keys, leaf.key_types)),
                 value_meta(p.value_type, p.value_type in _tree.EMPTY_TYPES, write_shape))
         tree_doc = fmt.TreeMetadata(
