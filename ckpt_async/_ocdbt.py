@@ -363,14 +363,14 @@ def _pieces(buffers: Sequence[memoryview | bytes], piece: int | None = None
         yield group, owners
 
 
-def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, writeback: bool,
+def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync_fallback: bool,
                crcs: list[int] | None = None, copied: Callable[[], None] | None = None
                ) -> None:
     """Writes ``buffers`` one after the other into a new file ``path``, calls ``copied``
-    (they are in the page cache), then, if ``writeback``, starts its writeback
-    (:func:`start_writeback`; an fsync where there is none). ``crcs`` (one 0 per buffer):
-    each buffer's crc32, taken first, by this thread (one zlib call per buffer, the GIL
-    released for each)."""
+    (they are in the page cache), then starts its writeback (:func:`start_writeback`; where
+    there is none, ``fsync_fallback`` fsyncs it instead). The commit's fsync of the whole
+    checkpoint makes it durable. ``crcs`` (one 0 per buffer): each buffer's crc32, taken
+    first, by this thread (one zlib call per buffer, the GIL released for each)."""
     if crcs is not None:
         for i, b in enumerate(buffers):
             crcs[i] = zlib.crc32(b)
@@ -388,7 +388,7 @@ def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, writeback: 
                     view = view[os.write(fd, view):]
         if copied is not None:
             copied()
-        if writeback and not start_writeback(fd):
+        if not start_writeback(fd) and fsync_fallback:
             os.fsync(fd)
     finally:
         os.close(fd)
@@ -468,7 +468,7 @@ class DatabaseWriter:
             return {}
         self._make_dirs()
         crcs = [0] * len(data_file.buffers)
-        _write_new(self.root / data_file.name, data_file.buffers, writeback=True, crcs=crcs,
+        _write_new(self.root / data_file.name, data_file.buffers, fsync_fallback=True, crcs=crcs,
                    copied=copied)
         return dict(zip(data_file.keys, crcs))
 
@@ -486,10 +486,10 @@ class DatabaseWriter:
         self.hint = IndexHint(zlib.crc32(head), node_file, zlib.crc32(nodes), len(nodes),
                               root.where[1], root.where[2], height)
         self._make_dirs()
-        # (like the data files, left to the commit's fsync of the whole checkpoint: one journal
-        # commit for every small file, rather than two more here)
-        _write_new(self.root / node_file, [nodes], writeback=False)
-        _write_new(self.root / "manifest.ocdbt", [head], writeback=False)
+        # (like the data files and the documents, left to the commit's fsync of the whole
+        # checkpoint: one journal commit for every small file, rather than two more here)
+        _write_new(self.root / node_file, [nodes], fsync_fallback=False)
+        _write_new(self.root / "manifest.ocdbt", [head], fsync_fallback=False)
 
 
 # -- reading ----------------------------------------------------------------------------------
