@@ -448,14 +448,18 @@ def interference(args: argparse.Namespace, res: dict[str, Any]) -> None:
         sum(metrics.values())
         return x.block_until_ready()
 
+    def timed_steps(x: Any, count: int) -> tuple[Any, list[float]]:
+        times = []
+        for _ in range(count):
+            t = time.perf_counter()
+            x = step(x)
+            times.append(time.perf_counter() - t)
+        return x, times
+
     x = x0
     for _ in range(5):
         x = step(x)
-    base = []
-    for _ in range(args.base_steps):
-        t = time.perf_counter()
-        x = step(x)
-        base.append(time.perf_counter() - t)
+    x, base = timed_steps(x, args.base_steps)
 
     root = work / f"interf_{args.impl}_{args.workload}"
     shutil.rmtree(root, ignore_errors=True)
@@ -491,11 +495,7 @@ def interference(args: argparse.Namespace, res: dict[str, Any]) -> None:
         # The baseline brackets the commit: as many steps right after it as right before.
         # (This VM's step time drifts by 10-20% over seconds; a baseline from before alone
         # made a 21 s commit's ratio swing from -8% to +18% run to run.)
-        after = []
-        for _ in range(args.base_steps):
-            t = time.perf_counter()
-            x = step(x)
-            after.append(time.perf_counter() - t)
+        x, after = timed_steps(x, args.base_steps)
         mean_base = statistics.fmean(base + after)
         res.update(
             step_base_ms=mean_base * 1e3,
