@@ -635,6 +635,11 @@ DIRECT_READ_MAX_BYTES = 1 << 20
 #: arrays are assembled, so a restore of many small arrays peaks near the restored size plus
 #: one batch, not twice the restored size.
 DIRECT_READ_BATCH_BYTES = 32 << 20
+#: ... and from a local index in batches of about this many bytes, read by several threads at
+#: once (:meth:`ItemReader.read_small`): each batch populates the region its arrays are carved
+#: from while the others read. Cold, 32 MiB in 512 arrays: 51 ms in 8 MiB batches against 56 ms
+#: in one; 1.5 GiB ``mixed``: 0.85 s against 1.0 s.
+LOCAL_READ_BATCH_BYTES = 8 << 20
 
 
 def _direct_plan(meta: dict[str, Any], max_bytes: float = DIRECT_READ_MAX_BYTES,
@@ -680,14 +685,16 @@ def _assemble(out: np.ndarray, chunks: tuple[int, ...], raw: dict[str, bytes]) -
 PlanT = TypeVar("PlanT", bound=tuple)
 
 
-def _read_batches(planned: list[tuple[str, PlanT]]) -> list[list[tuple[str, PlanT]]]:
+def _read_batches(planned: list[tuple[str, PlanT]], batch_bytes: int | None = None
+                  ) -> list[list[tuple[str, PlanT]]]:
     """``planned`` arrays (name, plan starting with dtype and shape), in order, cut into
-    batches of about DIRECT_READ_BATCH_BYTES."""
+    batches of about ``batch_bytes`` (DIRECT_READ_BATCH_BYTES by default)."""
+    batch_bytes = batch_bytes or DIRECT_READ_BATCH_BYTES
     batches: list[list[tuple[str, PlanT]]] = [[]]
     held = 0
     for name, plan in planned:
         nbytes = math.prod(plan[1]) * plan[0].itemsize
-        if held and held + nbytes > DIRECT_READ_BATCH_BYTES:
+        if held and held + nbytes > batch_bytes:
             batches.append([])
             held = 0
         batches[-1].append((name, plan))
@@ -700,6 +707,12 @@ def checksum_error(directory: AnyPath, name: str, bad: list[str]) -> CorruptChec
     return CorruptCheckpointError(
         f"{directory}: key {name!r} fails its checksum (chunks {', '.join(sorted(bad)[:8])}); "
         "the stored data is damaged")
+
+
+#: A local array stored as one chunk of more than this many bytes is read in segments of this
+#: size, each by a worker thread of its own (:meth:`ItemReader.read_array`), so that a few
+#: large arrays keep as many reads in flight as many arrays would.
+READ_SEGMENT_BYTES = 16 << 20
 
 
 #: A local array as :meth:`ItemReader.local_plan` gives it: dtype, shape, chunk shape, and for
@@ -895,15 +908,51 @@ class ItemReader:
     async def read_array(self, name: str, plan: LocalPlan,
                          sums: dict[str, int] | None) -> np.ndarray | None:
         """Array ``name`` read as :meth:`local_plan` planned it, into an aligned buffer of its
-        own (:func:`aligned_empty`); None: left to the driver path."""
-        def read() -> np.ndarray | None:
-            # Not populated first (unlike host_buffer): the kernel faults the pages in as it
-            # copies. A warm restore of 16 arrays of 128 MiB took 6.3-7.0 s into populated
-            # buffers, 1.5-1.8 s into these; cold restores were the same either way.
-            return self._read_batch([(name, plan)], [aligned_empty(plan[1], plan[0])],
-                                    lambda _name: sums).get(name)
+        own (:func:`aligned_empty`); None: left to the driver path. One stored as a single
+        chunk of more than READ_SEGMENT_BYTES is read in segments by several threads at once.
 
-        return await get_runtime().to_thread(read)
+        The buffer is not populated first (unlike host_buffer): the kernel faults the pages in
+        as it copies. A warm restore of 16 arrays of 128 MiB took 6.3-7.0 s into populated
+        buffers, 1.5-1.8 s into these; cold restores were the same either way."""
+        dtype, shape, chunks, refs = plan
+        nbytes = math.prod(shape) * dtype.itemsize
+        ref = refs[0][2] if len(refs) == 1 and tuple(chunks) == shape else None
+        rt = get_runtime()
+        if not (isinstance(ref, tuple) and ref[2] == nbytes and nbytes > READ_SEGMENT_BYTES):
+            return await rt.to_read_thread(lambda: self._read_batch(
+                [(name, plan)], [aligned_empty(shape, dtype)], lambda _name: sums).get(name))
+        key = refs[0][0]
+        expected = sums.get(key) if sums else None
+        buffer = aligned_empty(shape, dtype)
+        view = _ocdbt.as_bytes(buffer)
+        starts = range(0, nbytes, READ_SEGMENT_BYTES)
+        crcs = await asyncio.gather(*(
+            rt.to_read_thread(self._read_segment, name, ref, view[start:start + READ_SEGMENT_BYTES],
+                              start, expected is not None) for start in starts))
+        if expected is not None:
+            crc = crcs[0]
+            for start, part in zip(starts[1:], crcs[1:], strict=True):
+                crc = crc32_combine(crc, part, min(READ_SEGMENT_BYTES, nbytes - start))
+            if crc != expected:
+                raise checksum_error(self.item_dir, name, [key])
+        return buffer
+
+    def _read_segment(self, name: str, ref: tuple[str, int, int], part: memoryview, start: int,
+                      checksum: bool) -> int:
+        """Blocks (a worker thread): reads bytes ``start`` onwards of the value at ``ref`` (a
+        data file's path, offset, length) into ``part``, through a descriptor of its own (the
+        kernel reads ahead of each); returns their crc32 if ``checksum``, else 0."""
+        path, offset, _length = ref
+        crcs = [0] if checksum else None
+        files: dict[str, int] = {}
+        try:
+            fd = self._data_file(files, path, name)
+            if _ocdbt.read_into(fd, [part], offset + start, crcs) != len(part):
+                raise self._short(path, name, part, offset + start)
+        finally:
+            for fd in files.values():
+                os.close(fd)
+        return crcs[0] if crcs is not None else 0
 
     async def read_small(self, names: list[str],
                          expected: Callable[[str], dict[str, int] | None] | None = None,
@@ -935,7 +984,8 @@ class ItemReader:
             # reads whole stretches of its data files.
             return _read_batches(sorted(
                 ((name, p) for name in names
-                 if (p := self.local_plan(name, DIRECT_READ_MAX_BYTES)) is not None), key=where))
+                 if (p := self.local_plan(name, DIRECT_READ_MAX_BYTES)) is not None), key=where),
+                LOCAL_READ_BATCH_BYTES)
 
         def read(batch: list[tuple[str, LocalPlan]]) -> dict[str, np.ndarray]:
             return self._read_batch(batch, host_buffers([(p[1], p[0]) for _name, p in batch]),
@@ -943,7 +993,7 @@ class ItemReader:
 
         rt = get_runtime()
         out: dict[str, np.ndarray] = {}
-        for part in await asyncio.gather(*(rt.to_thread(read, b)
+        for part in await asyncio.gather(*(rt.to_read_thread(read, b)
                                            for b in await rt.to_thread(plan) if b)):
             out.update(part)
         return out
@@ -1001,6 +1051,42 @@ class ItemReader:
             # on 2 cores the reads, copies and checksums already take both)
             out.update(await get_runtime().to_thread(wait_chunks, issue(batch)))
         return out
+
+
+def _gf2_apply(matrix: list[int], vector: int) -> int:
+    """A 32x32 matrix over GF(2), given by its columns, applied to a 32-bit vector."""
+    out, i = 0, 0
+    while vector:
+        if vector & 1:
+            out ^= matrix[i]
+        vector >>= 1
+        i += 1
+    return out
+
+
+@functools.cache
+def _crc32_zeros(log2_bytes: int) -> list[int]:
+    """The linear map that ``2**log2_bytes`` zero bytes apply to a CRC-32 register (zlib's
+    reflected polynomial), as its 32 columns."""
+    if log2_bytes == 0:
+        op = [0xEDB88320] + [1 << i for i in range(31)]  # one zero bit
+        for _ in range(3):
+            op = [_gf2_apply(op, column) for column in op]
+        return op
+    half = _crc32_zeros(log2_bytes - 1)
+    return [_gf2_apply(half, column) for column in half]
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """``zlib.crc32(a + b)`` from ``crc1 = zlib.crc32(a)``, ``crc2 = zlib.crc32(b)`` and
+    ``len2 = len(b)`` (zlib's ``crc32_combine``, which Python's zlib does not offer)."""
+    k = 0
+    while len2:
+        if len2 & 1:
+            crc1 = _gf2_apply(_crc32_zeros(k), crc1)
+        len2 >>= 1
+        k += 1
+    return crc1 ^ crc2
 
 
 def crc32_of(arr: np.ndarray) -> int:

@@ -573,3 +573,22 @@ def test_cancelling_the_caller_stops_the_background_work_first() -> None:
 
     _on_engine(caller)
     assert events == ["stopped", "caller saw the cancellation"]
+
+
+def test_reads_of_data_files_get_twice_the_threads_of_other_blocking_work() -> None:
+    # A restore's reads mostly wait on the disk: to_read_thread admits 2x DEFAULT_THREADS at
+    # once (all of them meet at the barrier), to_thread DEFAULT_THREADS (one more times out).
+    rt = get_runtime()
+
+    def meet(barrier: threading.Barrier) -> int:
+        barrier.wait(timeout=2)
+        return threading.get_ident()
+
+    async def run(submit, count: int) -> list[int]:
+        barrier = threading.Barrier(count)
+        return await asyncio.gather(*(submit(meet, barrier) for _ in range(count)))
+
+    threads = _on_engine(lambda: run(rt.to_read_thread, 2 * _runtime.DEFAULT_THREADS))
+    assert len(set(threads)) == 2 * _runtime.DEFAULT_THREADS
+    with pytest.raises(threading.BrokenBarrierError):
+        _on_engine(lambda: run(rt.to_thread, _runtime.DEFAULT_THREADS + 1))

@@ -220,7 +220,7 @@ def test_one_lane_of_one_process_writes_into_the_item_directory(tmp_path):
 
 @pytest.mark.parametrize("batch_bytes", [1, 300, 1 << 20])
 def test_small_arrays_read_in_batches_come_back_whole(tmp_path, monkeypatch, batch_bytes):
-    monkeypatch.setattr(ser, "DIRECT_READ_BATCH_BYTES", batch_bytes)
+    monkeypatch.setattr(ser, "LOCAL_READ_BATCH_BYTES", batch_bytes)
     arrays = {f"a{i}": (np.arange(i * 7, dtype=np.int32) * (i + 1)).reshape(-1)
               for i in range(12)}
     arrays["s"] = np.array(3.5, np.float64)
@@ -503,6 +503,60 @@ def test_local_reads_check_each_chunk_and_leave_foreign_encodings_to_the_driver(
         return await reader.read_array("x", plan, None)
 
     assert asyncio.run(plan_with_length(arr.nbytes - 8)) is None  # (say, compressed)
+
+
+@pytest.mark.parametrize("sizes", [(0, 0), (1, 0), (0, 5), (7, 13), (1000, 4096),
+                                   (65537, (1 << 20) + 3)])
+def test_crc32_combine_matches_zlib_on_the_joined_bytes(sizes):
+    rng = np.random.default_rng(sum(sizes))
+    a, b = (rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes)
+    assert ser.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+
+
+def test_a_large_array_is_read_in_segments_by_several_threads_and_checked_whole(
+        tmp_path, monkeypatch):
+    arr = np.random.default_rng(9).standard_normal(10_000).astype(np.float32)  # 40,000 bytes
+    _write_items(tmp_path, [_stored("x", arr)])
+    monkeypatch.setattr(ser, "READ_SEGMENT_BYTES", 4096)  # 10 segments, the last of 3,136 bytes
+    threads, reads = set(), []
+    real = ser.ItemReader._read_segment
+
+    def segment(self, name, ref, part, start, checksum):
+        threads.add(threading.get_ident())
+        reads.append((start, len(part)))
+        return real(self, name, ref, part, start, checksum)
+
+    monkeypatch.setattr(ser.ItemReader, "_read_segment", segment)
+    right = {"0": zlib.crc32(arr.tobytes())}
+
+    async def read(sums, reader=None):
+        reader = reader or ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
+        await reader.index()
+        return await reader.read_array("x", reader.local_plan("x"), sums)
+
+    out = asyncio.run(read(right))
+    assert out.tobytes() == arr.tobytes() and out.ctypes.data % ser.HOST_ALIGNMENT == 0
+    assert sorted(reads) == [(s, min(4096, arr.nbytes - s)) for s in range(0, arr.nbytes, 4096)]
+    assert len(threads) > 1
+    with pytest.raises(CorruptCheckpointError, match=r"'x' fails its checksum \(chunks 0\)"):
+        asyncio.run(read({"0": right["0"] ^ 1}))
+    # A byte changed in the last segment on disk is caught by the combined checksum.
+    reader = ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
+    asyncio.run(reader.index())
+    (_key, _region, (path, offset, length)), = reader.local_plan("x")[3]
+    with open(path, "r+b") as f:
+        f.seek(offset + length - 1)
+        last = f.read(1)
+        f.seek(offset + length - 1)
+        f.write(bytes([last[0] ^ 0xFF]))
+    with pytest.raises(CorruptCheckpointError, match=r"'x' fails its checksum \(chunks 0\)"):
+        asyncio.run(read(right))
+    assert np.array_equal(asyncio.run(read(None))[:-1], arr[:-1])  # (unchecked: read as is)
+    # A data file cut short inside the array: the segment past its end names the file.
+    os.truncate(path, offset + length - 5000)
+    with pytest.raises(CorruptCheckpointError,
+                       match=rf"key 'x': data file {re.escape(path)} ends inside a chunk"):
+        asyncio.run(read(right))
 
 
 def test_shard_shapes_and_sharding_documents_match_jax_and_are_made_once_per_sharding():
