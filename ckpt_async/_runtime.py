@@ -121,7 +121,8 @@ def set_background_pace(bytes_per_second: float | None) -> None:
     slowed the steps by 30-50% (2 GiB on 2 cores), at 128 MiB/s by 6-10%, for a commit that
     took 17 s instead of 3. The pace applies only while the other threads are busy (measured
     every 50 ms from the CPU time of the process and of ckpt_async's and TensorStore's own
-    threads): a commit nobody trains beside, or that a caller waits for, runs at full speed,
+    threads): a commit nobody trains beside, or that a caller waits for (its checkpointer's
+    or manager's ``wait_until_finished``, ``restore`` or ``close``), runs at full speed,
     and none is paced past half its ``timeout_secs`` or half the time since the previous save
     of its manager. Linux only, and not at the ``"normal"`` background priority.
     """
@@ -595,6 +596,11 @@ class Runtime:
     def pacing(self) -> bool:
         """Whether background commits are paced now (:func:`set_background_pace`)."""
         return self._busy and _pace is not None and _priority != "normal" and self._can_pace
+
+    def wake_paced(self) -> None:
+        """Wakes the batches held by the pacer, to look again whether they may go (engine
+        loop only): after a commit's pace window was closed."""
+        self._wake_paced()
 
     def _wake_paced(self) -> None:
         while self._paced_waiting:

@@ -142,7 +142,12 @@ def test_unpaced_batches_run_together(monkeypatch, pace) -> None:
 
 
 @linux_only
-def test_a_commit_beside_a_busy_thread_is_paced(tmp_path, monkeypatch, pace) -> None:
+@pytest.mark.parametrize("waited", [False, True])
+def test_a_commit_beside_a_busy_thread_is_paced_unless_waited_for(tmp_path, monkeypatch, pace,
+                                                                  waited) -> None:
+    # Not waited for (the caller polls), its batches go one at a time at the pace; waited for
+    # with wait_until_finished, the commit is hurried: every batch goes at once, though the
+    # other thread still trains, and the next commit is paced again.
     monkeypatch.setattr(_runtime, "PACE_BUSY_SHARE", 0.1)
     monkeypatch.setattr(_runtime, "PACE_IDLE_SHARE", 0.05)
     monkeypatch.setattr(_stage, "BATCH_BYTES", 1)  # one array per batch
@@ -174,7 +179,14 @@ def test_a_commit_beside_a_busy_thread_is_paced(tmp_path, monkeypatch, pace) -> 
         try:
             time.sleep(0.3)
             ckptr.save(tmp_path / "c", args=ocp.args.StandardSave(state))
-            ckptr.wait_until_finished()
+            if waited:
+                ckptr.wait_until_finished()
+                hurried = list(writes)
+                writes.clear()
+                time.sleep(1.0)  # (paced for half the time since the last save at most)
+                ckptr.save(tmp_path / "d", args=ocp.args.StandardSave(state))
+            while ckptr.async_checkpointer.is_saving_in_progress():
+                time.sleep(0.01)
         finally:
             stop.set()
             trainer.join()
@@ -184,6 +196,9 @@ def test_a_commit_beside_a_busy_thread_is_paced(tmp_path, monkeypatch, pace) -> 
     for (s0, e0), (s1, _e1) in zip(writes, writes[1:]):
         assert s1 >= e0  # one batch at a time
     assert writes[-1][0] - writes[0][0] >= (count - 1) * 0.05 * 0.9
+    if waited:
+        assert len(hurried) == count
+        assert max(s for s, _ in hurried) - min(s for s, _ in hurried) < (count - 1) * 0.05 * 0.5
     for name, arr in state.items():
         np.testing.assert_array_equal(restored[name], arr)
 
@@ -231,11 +246,14 @@ def test_a_held_batch_goes_as_soon_as(monkeypatch, pace, release) -> None:
 
 def test_a_commit_is_paced_for_half_its_timeout_or_half_the_time_since_the_last_save(
         tmp_path, monkeypatch) -> None:
-    seen: list[tuple[float, _runtime.PaceWindow]] = []
+    # (time, window, its end when the save staged: closing the checkpointer waits for the
+    # commit, and that closes its window)
+    seen: list[tuple[float, _runtime.PaceWindow, float | None]] = []
     stage = pytree.stage
 
     async def spy(*args, **kwargs):
-        seen.append((time.monotonic(), _runtime.pace_window.get()))
+        window = _runtime.pace_window.get()
+        seen.append((time.monotonic(), window, window.until))
         return await stage(*args, **kwargs)
 
     monkeypatch.setattr(pytree, "stage", spy)
@@ -246,20 +264,20 @@ def test_a_commit_is_paced_for_half_its_timeout_or_half_the_time_since_the_last_
                 if i:
                     time.sleep(0.4)
                 ck.save(tmp_path / f"{timeout}-{i}", args=ocp.args.StandardSave({"x": np.ones(3)}))
-        (t0, first), (t1, second) = seen[-2:]
+        (t0, first, _), (t1, _second, until) = seen[-2:]
         assert first.until == 0.0  # the second save closed the first one's window
         gap = t1 - t0  # between the two saves: 0.4 s and the first's staging
-        assert second.until is not None and gap >= 0.4
-        assert abs((second.until - t1) - gap / 2) < 0.05  # paced for half of it at most
+        assert until is not None and gap >= 0.4
+        assert abs((until - t1) - gap / 2) < 0.05  # paced for half of it at most
     with ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler(),
                                async_options=ocp.AsyncOptions(timeout_secs=40.0)) as ck:
         ck.save(tmp_path / "once", args=ocp.args.StandardSave({"x": np.ones(3)}))
-    t, window = seen[-1]
-    assert window.until is not None and 19 <= window.until - t <= 20  # half the timeout
+    t, _window, until = seen[-1]
+    assert until is not None and 19 <= until - t <= 20  # half the timeout
     with ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler(),
                                async_options=ocp.AsyncOptions(timeout_secs=None)) as ck:
         ck.save(tmp_path / "unbounded", args=ocp.args.StandardSave({"x": np.ones(3)}))
-    assert seen[-1][1].until is None  # nothing bounds a first save without a timeout
+    assert seen[-1][2] is None  # nothing bounds a first save without a timeout
 
 
 def test_no_pacing_where_other_threads_cpu_clocks_are_refused(monkeypatch) -> None:
@@ -281,3 +299,36 @@ def test_the_first_commit_looks_back_to_the_runtimes_start() -> None:
         assert rt.foreground_cores > 0.5
     finally:
         rt.shutdown()
+
+
+@pytest.mark.parametrize("how", ["wait_until_finished", "restore", "synchronous save"])
+def test_a_manager_hurries_the_commit_its_caller_waits_for(tmp_path, monkeypatch, how) -> None:
+    # Whatever makes the caller wait for a commit in flight closes its pace window.
+    from ckpt_async._checkpointer import AsyncCheckpointer
+
+    hurried: list[float | None] = []
+    hurry = AsyncCheckpointer.hurry
+
+    def spy(self) -> None:
+        hurry(self)
+        hurried.append(self._window.until if self._window is not None else None)
+
+    monkeypatch.setattr(AsyncCheckpointer, "hurry", spy)
+    gate = threading.Event()  # holds the commit in flight until the caller waits
+    write = ser.ItemWriter.write
+
+    async def held(self, batch):
+        await asyncio.get_running_loop().run_in_executor(None, gate.wait, 10)
+        await write(self, batch)
+
+    monkeypatch.setattr(ser.ItemWriter, "write", held)
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=how != "synchronous save")
+    state = {"x": np.arange(4.0)}
+    with ocp.CheckpointManager(tmp_path, options=options) as mngr:
+        threading.Timer(0.2, gate.set).start()
+        mngr.save(0, args=ocp.args.StandardSave(state))
+        if how == "wait_until_finished":
+            mngr.wait_until_finished()
+        elif how == "restore":
+            np.testing.assert_array_equal(mngr.restore(0)["x"], state["x"])
+        assert hurried and hurried[0] == 0.0  # the window closed while the commit ran

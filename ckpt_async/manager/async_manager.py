@@ -329,7 +329,8 @@ class AsyncCheckpointManager:
         self._futures[step] = fut
         self._checkpoints = [c for c in candidates if c not in to_remove]
         fut.add_done_callback(lambda f: self._on_done(step, f, to_remove))  # type: ignore[arg-type]
-        if not self.options.enable_async_checkpointing:
+        if not self.options.enable_async_checkpointing and not fut.done():
+            self._checkpointer.hurry()  # (the caller waits for it)
             await fut
         return fut
 
@@ -394,7 +395,10 @@ class AsyncCheckpointManager:
 
     @on_engine
     async def wait_until_finished(self) -> None:
-        """Waits for every in-flight commit; raises the first failure."""
+        """Waits for every in-flight commit, unpaced (``AsyncCheckpointer.hurry``); raises the
+        first failure."""
+        if any(not f.done() for f in self._futures.values()):
+            self._checkpointer.hurry()
         for step in sorted(self._futures):
             fut = self._futures[step]
             try:
@@ -476,6 +480,7 @@ class AsyncCheckpointManager:
         step = _check_step(step)
         fut = self._futures.get(step)
         if fut is not None and not fut.done():
+            self._checkpointer.hurry()  # (the caller waits for it)
             await fut
         names = await self._step_names(root)
         if step not in names:
