@@ -121,8 +121,8 @@ def set_background_pace(bytes_per_second: float | None) -> None:
     slowed the steps by 30-50% (2 GiB on 2 cores), at 128 MiB/s by 6-10%, for a commit that
     took 17 s instead of 3. The pace applies only while the other threads are busy (measured
     every 50 ms from the CPU time of the process and of ckpt_async's and TensorStore's own
-    threads): a commit nobody trains beside, or that a caller waits for (its checkpointer's
-    or manager's ``wait_until_finished``, ``restore`` or ``close``), runs at full speed,
+    threads): a commit nobody trains beside, or that the thread that saved waits for (its
+    sync face's ``wait_until_finished`` or ``close``), runs at full speed,
     and none is paced past half its ``timeout_secs`` or half the time since the previous save
     of its manager. Linux only, and not at the ``"normal"`` background priority.
     """

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from ._checkpointer import AsyncCheckpointer as _AsyncCore
@@ -27,6 +28,7 @@ class AsyncCheckpointer:
         self._rt = get_runtime()
         self.async_checkpointer = _AsyncCore(handler, async_options=async_options, **orbax_options)
         self.last_commit: CommitFuture | None = None
+        self._saver: int | None = None  # the thread that saved last
 
     @property
     def handler(self) -> CheckpointHandler:
@@ -35,8 +37,16 @@ class AsyncCheckpointer:
     def save(self, directory: Any, *args: Any, **kwargs: Any) -> None:
         """Saves to ``directory`` (``args=...`` or Orbax's legacy ``save(path, item)``)."""
         self.last_commit = self._rt.call(self.async_checkpointer.save, directory, *args, **kwargs)
+        self._saver = threading.get_ident()
         if self._wait_on_save:
+            self._hurry_if_saver()
             self.last_commit.result()
+
+    def _hurry_if_saver(self) -> None:
+        """The thread that saved waits for the commit: it is not training meanwhile, so the
+        commit is not paced (``AsyncCheckpointer.hurry``)."""
+        if self._saver == threading.get_ident():
+            self.async_checkpointer.hurry()
 
     def restore(self, directory: Any, *args: Any, **kwargs: Any) -> Any:
         return self._rt.call(self.async_checkpointer.restore, directory, *args, **kwargs)
@@ -45,12 +55,14 @@ class AsyncCheckpointer:
         return self._rt.call(self.async_checkpointer.metadata, directory)
 
     def wait_until_finished(self) -> None:
+        self._hurry_if_saver()
         self._rt.call(self.async_checkpointer.wait_until_finished)
 
     def check_for_errors(self) -> None:
         self.async_checkpointer.check_for_errors()
 
     def close(self) -> None:
+        self._hurry_if_saver()
         self._rt.call(self.async_checkpointer.close)
 
     def __enter__(self) -> AsyncCheckpointer:

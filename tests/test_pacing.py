@@ -142,12 +142,13 @@ def test_unpaced_batches_run_together(monkeypatch, pace) -> None:
 
 
 @linux_only
-@pytest.mark.parametrize("waited", [False, True])
-def test_a_commit_beside_a_busy_thread_is_paced_unless_waited_for(tmp_path, monkeypatch, pace,
-                                                                  waited) -> None:
-    # Not waited for (the caller polls), its batches go one at a time at the pace; waited for
-    # with wait_until_finished, the commit is hurried: every batch goes at once, though the
-    # other thread still trains, and the next commit is paced again.
+@pytest.mark.parametrize("waited", [False, "by another thread", True])
+def test_a_commit_beside_a_busy_thread_is_paced_unless_its_saver_waits(
+        tmp_path, monkeypatch, pace, waited) -> None:
+    # Not waited for (the caller polls) or waited for by another thread, its batches go one at
+    # a time at the pace; waited for by the thread that saved, with wait_until_finished, the
+    # commit is hurried: every batch goes at once, though the other thread still trains, and
+    # the next commit is paced again.
     monkeypatch.setattr(_runtime, "PACE_BUSY_SHARE", 0.1)
     monkeypatch.setattr(_runtime, "PACE_IDLE_SHARE", 0.05)
     monkeypatch.setattr(_stage, "BATCH_BYTES", 1)  # one array per batch
@@ -179,7 +180,11 @@ def test_a_commit_beside_a_busy_thread_is_paced_unless_waited_for(tmp_path, monk
         try:
             time.sleep(0.3)
             ckptr.save(tmp_path / "c", args=ocp.args.StandardSave(state))
-            if waited:
+            if waited == "by another thread":
+                waiter = threading.Thread(target=ckptr.wait_until_finished)
+                waiter.start()
+                waiter.join()
+            elif waited:
                 ckptr.wait_until_finished()
                 hurried = list(writes)
                 writes.clear()
@@ -196,7 +201,7 @@ def test_a_commit_beside_a_busy_thread_is_paced_unless_waited_for(tmp_path, monk
     for (s0, e0), (s1, _e1) in zip(writes, writes[1:]):
         assert s1 >= e0  # one batch at a time
     assert writes[-1][0] - writes[0][0] >= (count - 1) * 0.05 * 0.9
-    if waited:
+    if waited is True:
         assert len(hurried) == count
         assert max(s for s, _ in hurried) - min(s for s, _ in hurried) < (count - 1) * 0.05 * 0.5
     for name, arr in state.items():
@@ -301,9 +306,11 @@ def test_the_first_commit_looks_back_to_the_runtimes_start() -> None:
         rt.shutdown()
 
 
-@pytest.mark.parametrize("how", ["wait_until_finished", "restore", "synchronous save"])
-def test_a_manager_hurries_the_commit_its_caller_waits_for(tmp_path, monkeypatch, how) -> None:
-    # Whatever makes the caller wait for a commit in flight closes its pace window.
+@pytest.mark.parametrize("how", ["wait_until_finished", "close", "synchronous save",
+                                 "wait_until_finished in another thread"])
+def test_a_manager_hurries_the_commit_its_saver_waits_for(tmp_path, monkeypatch, how) -> None:
+    # The thread that saved waiting for the commit in flight closes its pace window; another
+    # thread waiting does not.
     from ckpt_async._checkpointer import AsyncCheckpointer
 
     hurried: list[float | None] = []
@@ -324,11 +331,22 @@ def test_a_manager_hurries_the_commit_its_caller_waits_for(tmp_path, monkeypatch
     monkeypatch.setattr(ser.ItemWriter, "write", held)
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=how != "synchronous save")
     state = {"x": np.arange(4.0)}
-    with ocp.CheckpointManager(tmp_path, options=options) as mngr:
-        threading.Timer(0.2, gate.set).start()
-        mngr.save(0, args=ocp.args.StandardSave(state))
-        if how == "wait_until_finished":
-            mngr.wait_until_finished()
-        elif how == "restore":
-            np.testing.assert_array_equal(mngr.restore(0)["x"], state["x"])
+    mngr = ocp.CheckpointManager(tmp_path, options=options)
+    threading.Timer(0.2, gate.set).start()
+    mngr.save(0, args=ocp.args.StandardSave(state))
+    if how == "wait_until_finished":
+        mngr.wait_until_finished()
+    elif how == "wait_until_finished in another thread":
+        waiter = threading.Thread(target=mngr.wait_until_finished)
+        waiter.start()
+        waiter.join()
+    elif how == "close":
+        mngr.close()
+    if how == "wait_until_finished in another thread":
+        assert not hurried
+    else:
         assert hurried and hurried[0] == 0.0  # the window closed while the commit ran
+    mngr.close()
+    np.testing.assert_array_equal(
+        ocp.CheckpointManager(tmp_path).restore(0, args=ocp.args.StandardRestore())["x"],
+        state["x"])

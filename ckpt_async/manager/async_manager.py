@@ -393,12 +393,16 @@ class AsyncCheckpointManager:
         except KeyError:
             raise StepNotFoundError(f"no save of step {step} was made by this manager") from None
 
+    def hurry(self) -> None:
+        """Writes the commit in flight at full speed from now on, paced or not
+        (:meth:`AsyncCheckpointer.hurry`; any thread): for a caller about to wait for it with
+        nothing training meanwhile (the sync face does this when the thread that saved
+        waits)."""
+        self._checkpointer.hurry()
+
     @on_engine
     async def wait_until_finished(self) -> None:
-        """Waits for every in-flight commit, unpaced (``AsyncCheckpointer.hurry``); raises the
-        first failure."""
-        if any(not f.done() for f in self._futures.values()):
-            self._checkpointer.hurry()
+        """Waits for every in-flight commit; raises the first failure."""
         for step in sorted(self._futures):
             fut = self._futures[step]
             try:
@@ -480,7 +484,6 @@ class AsyncCheckpointManager:
         step = _check_step(step)
         fut = self._futures.get(step)
         if fut is not None and not fut.done():
-            self._checkpointer.hurry()  # (the caller waits for it)
             await fut
         names = await self._step_names(root)
         if step not in names:

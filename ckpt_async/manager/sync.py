@@ -6,6 +6,7 @@ Every call is forwarded to the async manager through the runtime; ``save`` keeps
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from .._runtime import CommitFuture, get_runtime
@@ -27,6 +28,7 @@ class CheckpointManager:
                  item_names: Any = None, item_handlers: Any = None,
                  handler_registry: Any = None, metadata: dict[str, Any] | None = None) -> None:
         self._rt = get_runtime()
+        self._saver: int | None = None  # the thread that saved last
         self.async_manager = AsyncCheckpointManager(
             directory, options, item_names=item_names, item_handlers=item_handlers,
             handler_registry=handler_registry, metadata=metadata)
@@ -41,7 +43,15 @@ class CheckpointManager:
         """Saves ``step`` (returns once staged); True when a save was started."""
         fut = self._rt.call(self.async_manager.save, step, args=args, metrics=metrics,
                             force=force, custom_metadata=custom_metadata)
+        if fut is not None:
+            self._saver = threading.get_ident()
         return fut is not None
+
+    def _hurry_if_saver(self) -> None:
+        """The thread that saved waits for the commit: it is not training meanwhile, so the
+        commit is not paced (``AsyncCheckpointManager.hurry``)."""
+        if self._saver == threading.get_ident():
+            self.async_manager.hurry()
 
     def commit_future(self, step: int) -> CommitFuture:
         """The completion future of ``step``'s commit: ``.result()``, ``add_done_callback``."""
@@ -84,12 +94,14 @@ class CheckpointManager:
         self._rt.call(self.async_manager.reload)
 
     def wait_until_finished(self) -> None:
+        self._hurry_if_saver()
         self._rt.call(self.async_manager.wait_until_finished)
 
     def check_for_errors(self) -> None:
         self.async_manager.check_for_errors()
 
     def close(self) -> None:
+        self._hurry_if_saver()
         self._rt.call(self.async_manager.close)
 
     def __enter__(self) -> CheckpointManager:
