@@ -28,6 +28,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 import numpy as np
@@ -94,16 +95,25 @@ def _apply(tables: tuple[np.ndarray, ...], r: np.ndarray) -> np.ndarray:
 _shift((MAX_DECODED_NODE_BYTES * 2).bit_length())
 
 
-def _advance(r: int, nbytes: int) -> int:
-    """The register ``r`` after ``nbytes`` zero bytes."""
-    reg = np.array(r, dtype=np.uint32)
+_V = TypeVar("_V")
+
+
+def _by_powers(value: _V, nbytes: int, step: Callable[[int, _V], _V]) -> _V:
+    """``value`` after ``nbytes`` zero bytes, given ``step(k, value)``, which applies
+    ``2**k`` of them."""
     k = 0
     while nbytes:
         if nbytes & 1:
-            reg = _apply(_shift(k), reg)
+            value = step(k, value)
         nbytes >>= 1
         k += 1
-    return int(reg)
+    return value
+
+
+def _advance(r: int, nbytes: int) -> int:
+    """The register ``r`` after ``nbytes`` zero bytes."""
+    return int(_by_powers(np.array(r, dtype=np.uint32), nbytes,
+                          lambda k, reg: _apply(_shift(k), reg)))
 
 
 def _crc0(buf: np.ndarray) -> int:
@@ -140,6 +150,37 @@ def crc32c(data: bytes) -> int:
     """CRC-32C of ``data`` (as ``google_crc32c`` / absl compute it)."""
     buf = np.frombuffer(data, dtype=np.uint8)
     return _advance(0xFFFFFFFF, len(buf)) ^ _crc0(buf) ^ 0xFFFFFFFF
+
+
+# -- CRC-32 (zlib's), the checksum of array chunks (``_CHECKSUMS``) ----------------------------
+def _gf2_apply(matrix: list[int], vector: int) -> int:
+    """A 32x32 matrix over GF(2), given by its columns, applied to a 32-bit vector."""
+    out, i = 0, 0
+    while vector:
+        if vector & 1:
+            out ^= matrix[i]
+        vector >>= 1
+        i += 1
+    return out
+
+
+@functools.cache
+def _crc32_zeros(log2_bytes: int) -> list[int]:
+    """The linear map that ``2**log2_bytes`` zero bytes apply to a CRC-32 register (zlib's
+    reflected polynomial), as its 32 columns."""
+    if log2_bytes == 0:
+        op = [0xEDB88320] + [1 << i for i in range(31)]  # one zero bit
+        for _ in range(3):
+            op = [_gf2_apply(op, column) for column in op]
+        return op
+    half = _crc32_zeros(log2_bytes - 1)
+    return [_gf2_apply(half, column) for column in half]
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """``zlib.crc32(a + b)`` from ``crc1 = zlib.crc32(a)``, ``crc2 = zlib.crc32(b)`` and
+    ``len2 = len(b)`` (zlib's ``crc32_combine``, which Python's zlib does not offer)."""
+    return _by_powers(crc1, len2, lambda k, crc: _gf2_apply(_crc32_zeros(k), crc)) ^ crc2
 
 
 # -- encoding ---------------------------------------------------------------------------------

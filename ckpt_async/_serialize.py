@@ -932,7 +932,7 @@ class ItemReader:
         if expected is not None:
             crc = crcs[0]
             for start, part in zip(starts[1:], crcs[1:], strict=True):
-                crc = crc32_combine(crc, part, min(READ_SEGMENT_BYTES, nbytes - start))
+                crc = _ocdbt.crc32_combine(crc, part, min(READ_SEGMENT_BYTES, nbytes - start))
             if crc != expected:
                 raise checksum_error(self.item_dir, name, [key])
         return buffer
@@ -1051,42 +1051,6 @@ class ItemReader:
             # on 2 cores the reads, copies and checksums already take both)
             out.update(await get_runtime().to_thread(wait_chunks, issue(batch)))
         return out
-
-
-def _gf2_apply(matrix: list[int], vector: int) -> int:
-    """A 32x32 matrix over GF(2), given by its columns, applied to a 32-bit vector."""
-    out, i = 0, 0
-    while vector:
-        if vector & 1:
-            out ^= matrix[i]
-        vector >>= 1
-        i += 1
-    return out
-
-
-@functools.cache
-def _crc32_zeros(log2_bytes: int) -> list[int]:
-    """The linear map that ``2**log2_bytes`` zero bytes apply to a CRC-32 register (zlib's
-    reflected polynomial), as its 32 columns."""
-    if log2_bytes == 0:
-        op = [0xEDB88320] + [1 << i for i in range(31)]  # one zero bit
-        for _ in range(3):
-            op = [_gf2_apply(op, column) for column in op]
-        return op
-    half = _crc32_zeros(log2_bytes - 1)
-    return [_gf2_apply(half, column) for column in half]
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """``zlib.crc32(a + b)`` from ``crc1 = zlib.crc32(a)``, ``crc2 = zlib.crc32(b)`` and
-    ``len2 = len(b)`` (zlib's ``crc32_combine``, which Python's zlib does not offer)."""
-    k = 0
-    while len2:
-        if len2 & 1:
-            crc1 = _gf2_apply(_crc32_zeros(k), crc1)
-        len2 >>= 1
-        k += 1
-    return crc1 ^ crc2
 
 
 def crc32_of(arr: np.ndarray) -> int:
