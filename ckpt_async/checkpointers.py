@@ -45,7 +45,8 @@ class AsyncCheckpointer:
     def _hurry_if_saver(self) -> None:
         """The thread that saved waits for the commit: it is not training meanwhile, so the
         commit is not paced (``AsyncCheckpointer.hurry``)."""
-        if self._saver == threading.get_ident():
+        if (self._saver == threading.get_ident() and self.last_commit is not None
+                and not self.last_commit.done()):
             self.async_checkpointer.hurry()
 
     def restore(self, directory: Any, *args: Any, **kwargs: Any) -> Any:

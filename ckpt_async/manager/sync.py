@@ -50,7 +50,7 @@ class CheckpointManager:
     def _hurry_if_saver(self) -> None:
         """The thread that saved waits for the commit: it is not training meanwhile, so the
         commit is not paced (``AsyncCheckpointManager.hurry``)."""
-        if self._saver == threading.get_ident():
+        if self._saver == threading.get_ident() and self.async_manager.is_saving_in_progress():
             self.async_manager.hurry()
 
     def commit_future(self, step: int) -> CommitFuture:
