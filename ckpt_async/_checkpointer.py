@@ -237,12 +237,12 @@ class AsyncCheckpointer:
         """Writes this checkpointer's commit in flight at full speed from now on: its pace
         window closes, as the next save would close it, and its held batches go at once (any
         thread). The sync faces call it when the thread that saved waits for the commit
-        (``wait_until_finished``, ``close``, a synchronous save): that thread is not training
-        then. (Another thread waiting proves nothing: the benchmark's training loop runs while
-        a helper thread waits.) Left to the CPU measure, a paced commit went back to full
-        speed only once its average had decayed, ~0.2 s after the caller stopped: the first
-        save of a process that had just built its state stalled that long after its first
-        batch (quick ``mixed``, 1 process in 2: 240 against 95 ms)."""
+        (``wait_until_finished``, ``restore``, ``close``, a synchronous save): that thread is
+        not training then. (Another thread waiting proves nothing: the benchmark's training
+        loop runs while a helper thread waits.) Left to the CPU measure, a paced commit went
+        back to full speed only once its average had decayed, ~0.2 s after the caller
+        stopped: the first save of a process that had just built its state stalled that long
+        after its first batch (quick ``mixed``, 1 process in 2: 240 against 95 ms)."""
         if self._window is not None:
             self._window.until = 0.0
             rt = get_runtime()

@@ -122,7 +122,7 @@ def set_background_pace(bytes_per_second: float | None) -> None:
     took 17 s instead of 3. The pace applies only while the other threads are busy (measured
     every 50 ms from the CPU time of the process and of ckpt_async's and TensorStore's own
     threads): a commit nobody trains beside, or that the thread that saved waits for (its
-    sync face's ``wait_until_finished`` or ``close``), runs at full speed,
+    sync face's ``wait_until_finished``, ``restore`` or ``close``), runs at full speed,
     and none is paced past half its ``timeout_secs`` or half the time since the previous save
     of its manager. Linux only, and not at the ``"normal"`` background priority.
     """

@@ -50,6 +50,7 @@ class AsyncCheckpointer:
             self.async_checkpointer.hurry()
 
     def restore(self, directory: Any, *args: Any, **kwargs: Any) -> Any:
+        self._hurry_if_saver()  # (a restore waits for the saves issued before it)
         return self._rt.call(self.async_checkpointer.restore, directory, *args, **kwargs)
 
     def metadata(self, directory: Any) -> Any:

@@ -306,7 +306,7 @@ def test_the_first_commit_looks_back_to_the_runtimes_start() -> None:
         rt.shutdown()
 
 
-@pytest.mark.parametrize("how", ["wait_until_finished", "close", "synchronous save",
+@pytest.mark.parametrize("how", ["wait_until_finished", "close", "restore", "synchronous save",
                                  "wait_until_finished in another thread"])
 def test_a_manager_hurries_the_commit_its_saver_waits_for(tmp_path, monkeypatch, how) -> None:
     # The thread that saved waiting for the commit in flight closes its pace window; another
@@ -342,6 +342,8 @@ def test_a_manager_hurries_the_commit_its_saver_waits_for(tmp_path, monkeypatch,
         waiter.join()
     elif how == "close":
         mngr.close()
+    elif how == "restore":
+        np.testing.assert_array_equal(mngr.restore(0)["x"], state["x"])
     mngr.close()  # (with nothing in flight any more: no hurry)
     if how == "wait_until_finished in another thread":
         assert not hurried

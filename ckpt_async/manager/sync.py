@@ -59,6 +59,7 @@ class CheckpointManager:
 
     def restore(self, step: int | None = None, args: CheckpointArgs | None = None,
                 directory: Any = None) -> Any:
+        self._hurry_if_saver()  # (a restore of a step in flight waits for its commit)
         return self._rt.call(self.async_manager.restore, step, args, directory)
 
     def item_metadata(self, step: int) -> Any:
