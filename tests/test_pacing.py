@@ -9,6 +9,7 @@ other threads rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -174,7 +175,8 @@ def test_a_commit_beside_a_busy_thread_is_paced_unless_its_saver_waits(
         other.save(tmp_path / "warm", args=ocp.args.StandardSave({"x": np.ones(3)}))
     # the next commit looks back from the end of that one
     writes.clear()
-    with ocp.StandardCheckpointer() as ckptr:
+    with contextlib.ExitStack() as stack:
+        ckptr = stack.enter_context(ocp.StandardCheckpointer())
         trainer = threading.Thread(target=train)
         trainer.start()
         try:
@@ -188,7 +190,11 @@ def test_a_commit_beside_a_busy_thread_is_paced_unless_its_saver_waits(
                 ckptr.wait_until_finished()
                 hurried = list(writes)
                 writes.clear()
-                time.sleep(1.0)  # (paced for half the time since the last save at most)
+                # The process's next commit beside the training is paced again. (Another
+                # checkpointer's, whose first commit may be paced for half its timeout: this
+                # one's next commit only for half the time since its last save, which a loaded
+                # machine's slow batches could outlast.)
+                ckptr = stack.enter_context(ocp.StandardCheckpointer())
                 ckptr.save(tmp_path / "d", args=ocp.args.StandardSave(state))
             while ckptr.async_checkpointer.is_saving_in_progress():
                 time.sleep(0.01)
@@ -201,9 +207,10 @@ def test_a_commit_beside_a_busy_thread_is_paced_unless_its_saver_waits(
     for (s0, e0), (s1, _e1) in zip(writes, writes[1:]):
         assert s1 >= e0  # one batch at a time
     assert writes[-1][0] - writes[0][0] >= (count - 1) * 0.05 * 0.9
-    if waited is True:
+    if waited is True:  # hurried: the held batches went together, not one at a time
+        hurried.sort()
         assert len(hurried) == count
-        assert max(s for s, _ in hurried) - min(s for s, _ in hurried) < (count - 1) * 0.05 * 0.5
+        assert any(s1 < e0 for (_s0, e0), (s1, _e1) in zip(hurried, hurried[1:]))
     for name, arr in state.items():
         np.testing.assert_array_equal(restored[name], arr)
 
