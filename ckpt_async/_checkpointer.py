@@ -194,7 +194,8 @@ class AsyncCheckpointer:
                               getattr(self.multiprocessing_options, "barrier_sync_key_prefix",
                                       None), label=f"saving {path}") if roles.multi else None
         token = multihost.use_roles(roles)  # the handlers read it; tasks spawned here copy it
-        pace_token = pace_window.set(self._pace_window())
+        window = self._pace_window()
+        pace_token = pace_window.set(window)
         # Objects kept out of collections while the commit runs (``heap_frozen``): frozen
         # before the collector resumes, so that what the blocking part allocated is frozen
         # with the rest, not traversed by a collection at once (4-10 ms for 4,096 arrays).
@@ -224,6 +225,7 @@ class AsyncCheckpointer:
             fut = get_runtime().spawn(self._finish(
                 writer, tmp, path, meta, item_dirs, force, on_commit, after, stats, sync))
             fut.add_done_callback(lambda _: frozen.close())
+            fut.add_done_callback(lambda _: window.close())  # (nothing left to pace or hurry)
         finally:
             if fut is None:
                 frozen.close()
@@ -243,8 +245,8 @@ class AsyncCheckpointer:
         back to full speed only once its average had decayed, ~0.2 s after the caller
         stopped: the first save of a process that had just built its state stalled that long
         after its first batch (quick ``mixed``, 1 process in 2: 240 against 95 ms)."""
-        if self._window is not None:
-            self._window.until = 0.0
+        if self._window is not None and self._window.open():  # (closed once it is done)
+            self._window.close()
             rt = get_runtime()
             rt.loop.call_soon_threadsafe(rt.wake_paced)
 
@@ -258,7 +260,7 @@ class AsyncCheckpointer:
                                  None if self._last_save is None else now - self._last_save)
                  if t is not None]
         if self._window is not None:
-            self._window.until = 0.0
+            self._window.close()
         self._last_save = now
         self._window = PaceWindow(now + min(spans) if spans else None)
         return self._window

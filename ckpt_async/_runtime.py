@@ -140,7 +140,8 @@ def background_pace() -> float | None:
 class PaceWindow:
     """Until when (monotonic time) the batches of one commit may be paced; None: no limit.
     The checkpointer sets it (half the commit's timeout, or half the time since its previous
-    save) and ends it early (``until = 0``) when the next save starts."""
+    save) and ends it early (:meth:`close`) when the next save starts, when somebody hurries
+    the commit, and when the commit is done."""
 
     __slots__ = ("until",)
 
@@ -149,6 +150,9 @@ class PaceWindow:
 
     def open(self) -> bool:
         return self.until is None or time.monotonic() < self.until
+
+    def close(self) -> None:
+        self.until = 0.0
 
 
 #: The pace window of the commit being staged (the write tasks copy it with the context).
@@ -427,17 +431,18 @@ class Runtime:
     async def to_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs blocking ``fn`` in a worker thread, bounded by the runtime's limiter; from
         background work (:func:`mark_background`), in a background-priority thread."""
-        if _background.get():
-            return await self.to_background_thread(fn, *args)
-        return await anyio.to_thread.run_sync(self._as_own, fn, args, limiter=self._limiter)
+        return await self._in_thread(self._limiter, fn, args)
 
     async def to_read_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """:meth:`to_thread` for blocking reads of data files, bounded by a limiter of their own
         of twice as many threads, which mostly wait on the disk."""
+        return await self._in_thread(self._read_limiter, fn, args)
+
+    async def _in_thread(self, limiter: anyio.CapacityLimiter, fn: Callable[..., T],
+                         args: tuple[Any, ...]) -> T:
         if _background.get():
             return await self.to_background_thread(fn, *args)
-        return await anyio.to_thread.run_sync(self._as_own, fn, args,
-                                              limiter=self._read_limiter)
+        return await anyio.to_thread.run_sync(self._as_own, fn, args, limiter=limiter)
 
     def _as_own(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         """Runs in a worker thread, counted as ckpt_async's own (:meth:`observe_cpu`)."""
@@ -557,7 +562,7 @@ class Runtime:
             return
         self.apply_tensorstore_priority()
         self.observe_cpu()
-        self._wake_paced()  # (the other threads may have left the CPU)
+        self.wake_paced()  # (the other threads may have left the CPU)
         self.loop.call_later(_SCAN_INTERVAL, self._scan_tick)
 
     # -- pacing ---------------------------------------------------------------------------------
@@ -599,10 +604,7 @@ class Runtime:
 
     def wake_paced(self) -> None:
         """Wakes the batches held by the pacer, to look again whether they may go (engine
-        loop only): after a commit's pace window was closed."""
-        self._wake_paced()
-
-    def _wake_paced(self) -> None:
+        loop only): when a batch ends, at each scan tick, after a pace window closed."""
         while self._paced_waiting:
             fut = self._paced_waiting.popleft()
             if not fut.done():
@@ -637,7 +639,7 @@ class Runtime:
                 await self._paced_wait(left)  # (woken at every scan tick: a closed window is seen)
         finally:
             self._paced_in_flight -= 1
-            self._wake_paced()
+            self.wake_paced()
 
     def apply_tensorstore_priority(self, level: str | None = None) -> list[int]:
         """Puts TensorStore's threads (found by name in ``/proc/self/task``) at ``level``

@@ -685,11 +685,10 @@ def _assemble(out: np.ndarray, chunks: tuple[int, ...], raw: dict[str, bytes]) -
 PlanT = TypeVar("PlanT", bound=tuple)
 
 
-def _read_batches(planned: list[tuple[str, PlanT]], batch_bytes: int | None = None
+def _read_batches(planned: list[tuple[str, PlanT]], batch_bytes: int
                   ) -> list[list[tuple[str, PlanT]]]:
     """``planned`` arrays (name, plan starting with dtype and shape), in order, cut into
-    batches of about ``batch_bytes`` (DIRECT_READ_BATCH_BYTES by default)."""
-    batch_bytes = batch_bytes or DIRECT_READ_BATCH_BYTES
+    batches of about ``batch_bytes``."""
     batches: list[list[tuple[str, PlanT]]] = [[]]
     held = 0
     for name, plan in planned:
@@ -1020,7 +1019,7 @@ class ItemReader:
 
         plans = await get_runtime().to_thread(wait_metas)
         batches = _read_batches([(name, plan) for name, plan in zip(names, plans, strict=True)
-                                 if plan is not None])
+                                 if plan is not None], DIRECT_READ_BATCH_BYTES)
 
         def issue(batch: list[tuple[str, Any]]) -> list[tuple[str, Any, dict[str, Any]]]:
             return [(name, plan, {k: kv.read(f"{name}/{k}") for k, _ in chunk_grid(plan[1],

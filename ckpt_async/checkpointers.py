@@ -13,6 +13,27 @@ from .handlers.base import CheckpointHandler
 from .handlers.pytree import PyTreeCheckpointHandler, StandardCheckpointHandler
 
 
+class SaverThread:
+    """The thread that saved last through a sync face. When it waits for the commit
+    (``wait_until_finished``, ``restore``, ``close``, a synchronous save), it is not training
+    meanwhile: the commit is hurried (``hurry``: no longer paced). Another thread waiting
+    proves nothing: a training loop may run on while a helper thread waits."""
+
+    __slots__ = ("ident",)
+
+    def __init__(self) -> None:
+        self.ident: int | None = None
+
+    def saved(self) -> None:
+        self.ident = threading.get_ident()
+
+    def waits(self, saver: Any) -> None:
+        """The calling thread is about to wait for ``saver``'s commit (an async checkpointer
+        or manager): hurried if it is the thread that saved."""
+        if self.ident == threading.get_ident():
+            saver.hurry()
+
+
 class AsyncCheckpointer:
     """Saves in the background: ``save`` returns once the item is staged in host memory.
 
@@ -28,7 +49,7 @@ class AsyncCheckpointer:
         self._rt = get_runtime()
         self.async_checkpointer = _AsyncCore(handler, async_options=async_options, **orbax_options)
         self.last_commit: CommitFuture | None = None
-        self._saver: int | None = None  # the thread that saved last
+        self._saver = SaverThread()
 
     @property
     def handler(self) -> CheckpointHandler:
@@ -37,34 +58,27 @@ class AsyncCheckpointer:
     def save(self, directory: Any, *args: Any, **kwargs: Any) -> None:
         """Saves to ``directory`` (``args=...`` or Orbax's legacy ``save(path, item)``)."""
         self.last_commit = self._rt.call(self.async_checkpointer.save, directory, *args, **kwargs)
-        self._saver = threading.get_ident()
+        self._saver.saved()
         if self._wait_on_save:
-            self._hurry_if_saver()
+            self._saver.waits(self.async_checkpointer)
             self.last_commit.result()
 
-    def _hurry_if_saver(self) -> None:
-        """The thread that saved waits for the commit: it is not training meanwhile, so the
-        commit is not paced (``AsyncCheckpointer.hurry``)."""
-        if (self._saver == threading.get_ident() and self.last_commit is not None
-                and not self.last_commit.done()):
-            self.async_checkpointer.hurry()
-
     def restore(self, directory: Any, *args: Any, **kwargs: Any) -> Any:
-        self._hurry_if_saver()  # (a restore waits for the saves issued before it)
+        self._saver.waits(self.async_checkpointer)  # (a restore waits for the saves issued before it)
         return self._rt.call(self.async_checkpointer.restore, directory, *args, **kwargs)
 
     def metadata(self, directory: Any) -> Any:
         return self._rt.call(self.async_checkpointer.metadata, directory)
 
     def wait_until_finished(self) -> None:
-        self._hurry_if_saver()
+        self._saver.waits(self.async_checkpointer)
         self._rt.call(self.async_checkpointer.wait_until_finished)
 
     def check_for_errors(self) -> None:
         self.async_checkpointer.check_for_errors()
 
     def close(self) -> None:
-        self._hurry_if_saver()
+        self._saver.waits(self.async_checkpointer)
         self._rt.call(self.async_checkpointer.close)
 
     def __enter__(self) -> AsyncCheckpointer:

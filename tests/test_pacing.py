@@ -242,7 +242,7 @@ def test_a_held_batch_goes_as_soon_as(monkeypatch, pace, release) -> None:
         if release == "the other threads rest":
             rt._busy = False  # what observe_cpu decides when they go quiet
         elif release == "the next save closed its window":
-            window.until = 0.0
+            window.close()
         ticks = asyncio.ensure_future(tick())  # the scan tick's wake-ups, without a commit
         await asyncio.wait_for(asyncio.gather(*tasks), 5)
         ticks.cancel()
@@ -250,7 +250,7 @@ def test_a_held_batch_goes_as_soon_as(monkeypatch, pace, release) -> None:
     async def tick() -> None:
         while True:
             await asyncio.sleep(_runtime._SCAN_INTERVAL)
-            rt._wake_paced()
+            rt.wake_paced()
 
     rt.call(main)
     assert order == ["first", "second"]
@@ -317,15 +317,17 @@ def test_the_first_commit_looks_back_to_the_runtimes_start() -> None:
                                  "wait_until_finished in another thread"])
 def test_a_manager_hurries_the_commit_its_saver_waits_for(tmp_path, monkeypatch, how) -> None:
     # The thread that saved waiting for the commit in flight closes its pace window; another
-    # thread waiting does not.
+    # thread waiting does not; once the commit is done its window is closed, and a hurry
+    # (the close below) finds nothing to do.
     from ckpt_async._checkpointer import AsyncCheckpointer
 
-    hurried: list[float | None] = []
+    hurried: list[tuple[bool, bool]] = []  # (window open before, after) each hurry
     hurry = AsyncCheckpointer.hurry
 
     def spy(self) -> None:
+        before = self._window.open()
         hurry(self)
-        hurried.append(self._window.until if self._window is not None else None)
+        hurried.append((before, self._window.open()))
 
     monkeypatch.setattr(AsyncCheckpointer, "hurry", spy)
     gate = threading.Event()  # holds the commit in flight until the caller waits
@@ -351,11 +353,11 @@ def test_a_manager_hurries_the_commit_its_saver_waits_for(tmp_path, monkeypatch,
         mngr.close()
     elif how == "restore":
         np.testing.assert_array_equal(mngr.restore(0)["x"], state["x"])
-    mngr.close()  # (with nothing in flight any more: no hurry)
+    mngr.close()  # (again, or the first time: the commit is done either way)
     if how == "wait_until_finished in another thread":
-        assert not hurried
+        assert hurried == [(False, False)]  # only the close, after the commit
     else:
-        assert hurried == [0.0]  # the window closed while the commit ran, once
+        assert hurried == [(True, False), (False, False)]  # closed while the commit ran
     np.testing.assert_array_equal(
         ocp.CheckpointManager(tmp_path).restore(0, args=ocp.args.StandardRestore())["x"],
         state["x"])

@@ -329,7 +329,7 @@ class AsyncCheckpointManager:
         self._futures[step] = fut
         self._checkpoints = [c for c in candidates if c not in to_remove]
         fut.add_done_callback(lambda f: self._on_done(step, f, to_remove))  # type: ignore[arg-type]
-        if not self.options.enable_async_checkpointing and not fut.done():
+        if not self.options.enable_async_checkpointing:
             self._checkpointer.hurry()  # (the caller waits for it)
             await fut
         return fut

@@ -6,11 +6,11 @@ Every call is forwarded to the async manager through the runtime; ``save`` keeps
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from .._runtime import CommitFuture, get_runtime
 from ..args import CheckpointArgs
+from ..checkpointers import SaverThread
 from .async_manager import AsyncCheckpointManager
 from .options import CheckpointManagerOptions
 
@@ -28,7 +28,7 @@ class CheckpointManager:
                  item_names: Any = None, item_handlers: Any = None,
                  handler_registry: Any = None, metadata: dict[str, Any] | None = None) -> None:
         self._rt = get_runtime()
-        self._saver: int | None = None  # the thread that saved last
+        self._saver = SaverThread()
         self.async_manager = AsyncCheckpointManager(
             directory, options, item_names=item_names, item_handlers=item_handlers,
             handler_registry=handler_registry, metadata=metadata)
@@ -44,14 +44,8 @@ class CheckpointManager:
         fut = self._rt.call(self.async_manager.save, step, args=args, metrics=metrics,
                             force=force, custom_metadata=custom_metadata)
         if fut is not None:
-            self._saver = threading.get_ident()
+            self._saver.saved()
         return fut is not None
-
-    def _hurry_if_saver(self) -> None:
-        """The thread that saved waits for the commit: it is not training meanwhile, so the
-        commit is not paced (``AsyncCheckpointManager.hurry``)."""
-        if self._saver == threading.get_ident() and self.async_manager.is_saving_in_progress():
-            self.async_manager.hurry()
 
     def commit_future(self, step: int) -> CommitFuture:
         """The completion future of ``step``'s commit: ``.result()``, ``add_done_callback``."""
@@ -59,7 +53,7 @@ class CheckpointManager:
 
     def restore(self, step: int | None = None, args: CheckpointArgs | None = None,
                 directory: Any = None) -> Any:
-        self._hurry_if_saver()  # (a restore of a step in flight waits for its commit)
+        self._saver.waits(self.async_manager)  # (a restore of a step in flight waits for its commit)
         return self._rt.call(self.async_manager.restore, step, args, directory)
 
     def item_metadata(self, step: int) -> Any:
@@ -95,14 +89,14 @@ class CheckpointManager:
         self._rt.call(self.async_manager.reload)
 
     def wait_until_finished(self) -> None:
-        self._hurry_if_saver()
+        self._saver.waits(self.async_manager)
         self._rt.call(self.async_manager.wait_until_finished)
 
     def check_for_errors(self) -> None:
         self.async_manager.check_for_errors()
 
     def close(self) -> None:
-        self._hurry_if_saver()
+        self._saver.waits(self.async_manager)
         self._rt.call(self.async_manager.close)
 
     def __enter__(self) -> CheckpointManager:
