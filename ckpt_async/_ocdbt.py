@@ -379,6 +379,11 @@ def _new_file() -> str:
 #: Bytes handed to the kernel per ``writev``: between calls a background writer returns to
 #: user space, where the scheduler may run the training loop's threads instead.
 WRITE_PIECE_BYTES = 1 << 20
+#: A data file's writeback is started each time this many more bytes are in the page cache,
+#: so the disk starts on a file while the rest of it is copied (rather than once it is whole:
+#: in-process medians of 12 interleaved durable saves, quick ``many_small`` 43 against 49 ms,
+#: quick ``mixed`` 110 against 120 ms, quick ``large`` 110 against 120 ms).
+WRITEBACK_STEP_BYTES = 2 << 20
 
 
 def _pieces(buffers: Sequence[memoryview | bytes], piece: int | None = None
@@ -404,32 +409,46 @@ def _pieces(buffers: Sequence[memoryview | bytes], piece: int | None = None
         yield group, owners
 
 
+def _write_all(fd: int, group: list[memoryview]) -> int:
+    """Writes ``group`` at ``fd``'s position (one ``writev``, then after a short write the
+    rest view by view); returns the bytes written."""
+    done = total = os.writev(fd, group)
+    for view in group:
+        if done >= len(view):
+            done -= len(view)
+            continue
+        view = view[done:]
+        done = 0
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+            total += n
+    return total
+
+
 def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync_fallback: bool,
                crcs: list[int] | None = None, copied: Callable[[], None] | None = None
                ) -> None:
-    """Writes ``buffers`` one after the other into a new file ``path``, calls ``copied``
-    (they are in the page cache), then starts its writeback (:func:`start_writeback`; where
-    there is none, ``fsync_fallback`` fsyncs it instead). The commit's fsync of the whole
-    checkpoint makes it durable. ``crcs`` (one 0 per buffer): each buffer's crc32, taken
-    first, by this thread (one zlib call per buffer, the GIL released for each)."""
-    if crcs is not None:
-        for i, b in enumerate(buffers):
-            crcs[i] = zlib.crc32(b)
+    """Writes ``buffers`` one after the other into a new file ``path``, starting the writeback
+    (:func:`start_writeback`) of every ``WRITEBACK_STEP_BYTES`` as it goes; calls ``copied``
+    (they are in the page cache), then starts the writeback of the rest (where there is none,
+    ``fsync_fallback`` fsyncs the file instead). The commit's fsync of the whole checkpoint
+    makes it durable. ``crcs`` (one 0 per buffer): each buffer's crc32, taken piece by piece
+    just before the piece is written, by this thread (the GIL released for each)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        for group, _ in _pieces(buffers):
-            done = os.writev(fd, group)
-            for view in group:  # after a short write, the rest buffer by buffer
-                if done >= len(view):
-                    done -= len(view)
-                    continue
-                view = view[done:]
-                done = 0
-                while view:
-                    view = view[os.write(fd, view):]
+        written = started = 0
+        for group, owners in _pieces(buffers):
+            if crcs is not None:
+                for view, i in zip(group, owners, strict=True):
+                    crcs[i] = zlib.crc32(view, crcs[i])
+            written += _write_all(fd, group)
+            if written - started >= WRITEBACK_STEP_BYTES and start_writeback(
+                    fd, started, written - started):
+                started = written
         if copied is not None:
             copied()
-        if not start_writeback(fd) and fsync_fallback:
+        if not start_writeback(fd, started) and fsync_fallback:
             os.fsync(fd)
     finally:
         os.close(fd)

@@ -66,12 +66,13 @@ def _sync_file_range() -> Any:
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-def start_writeback(fd: int) -> bool:
-    """Has the kernel start writing ``fd``'s dirty pages to the disk, without waiting for them
+def start_writeback(fd: int, offset: int = 0, length: int = 0) -> bool:
+    """Has the kernel start writing ``fd``'s dirty pages to the disk (those of ``length`` bytes
+    from ``offset``; 0: to the end of the file), without waiting for them
     (``sync_file_range(SYNC_FILE_RANGE_WRITE)``); False where that is not available. It makes
     nothing durable: a later fsync does, sooner."""
     fn = _sync_file_range()
-    return fn is not None and fn(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0
+    return fn is not None and fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0
 
 
 def _fsync_path(path: str, directory: bool) -> None:

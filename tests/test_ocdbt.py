@@ -348,7 +348,8 @@ def test_a_data_file_is_handed_to_the_disk_not_fsynced_by_its_writer(tmp_path, m
     sync_file_range, it fsyncs a data file itself."""
     started: list[int] = []
     real_start = _ocdbt.start_writeback
-    monkeypatch.setattr(_ocdbt, "start_writeback", lambda fd: started.append(fd) or real_start(fd))
+    monkeypatch.setattr(_ocdbt, "start_writeback",
+                        lambda fd, *a: started.append(fd) or real_start(fd, *a))
     writer = _ocdbt.DatabaseWriter(tmp_path / "a")
     _write(writer, [("x/0", memoryview(b"1" * 5000))])
     assert len(started) == 1 and fsynced == []
@@ -372,6 +373,36 @@ def test_a_data_file_is_handed_to_the_disk_not_fsynced_by_its_writer(tmp_path, m
     assert _read_all(tmp_path / "b") == {"x/0": b"2" * 5000}
 
 
+def test_a_data_files_writeback_starts_as_it_is_copied_not_once_it_is_whole(
+        tmp_path, monkeypatch, fsynced):
+    """Each WRITEBACK_STEP_BYTES in the page cache has its writeback started at once (ranges
+    back to back, each after its bytes were written); the rest once the file is whole."""
+    monkeypatch.setattr(_ocdbt, "WRITE_PIECE_BYTES", 4096)
+    monkeypatch.setattr(_ocdbt, "WRITEBACK_STEP_BYTES", 3 * 4096)
+    calls: list[tuple[int, int, int]] = []  # (offset, length, file size then)
+    real_start = _ocdbt.start_writeback
+
+    def recording(fd, offset=0, length=0):
+        calls.append((offset, length, os.fstat(fd).st_size))
+        return real_start(fd, offset, length)
+
+    monkeypatch.setattr(_ocdbt, "start_writeback", recording)
+    data = np.random.default_rng(3).integers(0, 256, 10 * 4096 + 100, dtype=np.uint8)
+    writer = _ocdbt.DatabaseWriter(tmp_path)
+    crcs = writer.write(writer.add([("a/0", memoryview(data[:5000].tobytes())),
+                                    ("b/0", memoryview(data[5000:].tobytes()))]))
+    *ranges, (last, rest, size) = calls
+    assert len(ranges) == 3 and (rest, size) == (0, data.size)
+    ends = [0] + [offset + length for offset, length, _ in ranges]
+    for (offset, length, size), start in zip(ranges, ends, strict=False):
+        assert offset == start and 3 * 4096 <= length < 4 * 4096 and size == offset + length
+    assert last == ends[-1]
+    assert crcs == {"a/0": zlib.crc32(data[:5000]), "b/0": zlib.crc32(data[5000:])}
+    assert fsynced == []
+    writer.finish()
+    assert _read_all(tmp_path) == {"a/0": data[:5000].tobytes(), "b/0": data[5000:].tobytes()}
+
+
 def test_small_documents_are_handed_to_the_disk_for_the_commits_fsync(tmp_path, monkeypatch,
                                                                      fsynced):
     """A save's small documents (written before the commit) start their writeback as they are
@@ -380,8 +411,8 @@ def test_small_documents_are_handed_to_the_disk_for_the_commits_fsync(tmp_path, 
     started: list[str] = []
     real_start = _storage.start_writeback
     monkeypatch.setattr(_storage, "start_writeback",
-                        lambda fd: started.append(os.readlink(f"/proc/self/fd/{fd}"))
-                        or real_start(fd))
+                        lambda fd, *a: started.append(os.readlink(f"/proc/self/fd/{fd}"))
+                        or real_start(fd, *a))
     docs = [(tmp_path / "a" / "_METADATA", b"{}"), (tmp_path / "b" / "c" / "_sharding", b"[]")]
     _storage._write_files_sync(docs)
     assert started == [str(p) for p, _ in docs] and fsynced == []

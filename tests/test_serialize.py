@@ -322,10 +322,10 @@ def test_the_btree_is_written_once_the_data_is_in_the_page_cache_not_on_the_disk
             copy.wait(5)
         return real_write(self, data_file, copied)
 
-    def slow_writeback(fd):
+    def slow_writeback(fd, *args):
         if os.fstat(fd).st_size > 1024:  # a data file's (2,400 bytes), not the B+tree's
             writeback.wait(5)
-        return real_writeback(fd)
+        return real_writeback(fd, *args)
 
     monkeypatch.setattr(_ocdbt.DatabaseWriter, "write", slow_write)
     monkeypatch.setattr(_ocdbt, "start_writeback", slow_writeback)
