@@ -433,7 +433,7 @@ class ItemWriter:
             db = self.db
 
             def write_file() -> None:
-                # (this thread takes each chunk's crc32, then writes the file: one job per
+                # (this thread takes each piece's crc32 just before writing it: one job per
                 # batch; a checksum job of its own beside it made commits slower)
                 self._record(db.write(data_file, lambda: self._count(copying=-1)).items())
 
