@@ -75,6 +75,27 @@ def start_writeback(fd: int, offset: int = 0, length: int = 0) -> bool:
     return fn is not None and fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0
 
 
+def file_system_type(path: Path) -> str | None:
+    """The type of the file system holding ``path`` (``ext4``, ``nfs4``, ...), from the
+    longest mount point above it in ``/proc/self/mountinfo``; None where that is unknown."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        target = os.path.realpath(path)
+    except OSError:
+        return None
+    best, kind = "", None
+    for line in lines:
+        fields = line.split(" ")
+        if "-" not in fields[6:]:
+            continue
+        mount = fields[4].replace("\\040", " ")
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, fields[fields.index("-", 6) + 1]
+    return kind
+
+
 def _fsync_path(path: str, directory: bool) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
 import zlib
+from pathlib import Path
 
 import jax
 import msgspec
@@ -401,6 +403,92 @@ def test_a_data_files_writeback_starts_as_it_is_copied_not_once_it_is_whole(
     assert fsynced == []
     writer.finish()
     assert _read_all(tmp_path) == {"a/0": data[:5000].tobytes(), "b/0": data[5000:].tobytes()}
+
+
+def _direct_values(rng) -> dict[str, bytes]:
+    # sizes around and across the staging buffer's (2 x DIRECT_ALIGN, set by the tests)
+    return {f"v{i}/0": rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+            for i, n in enumerate([1, 5000, 8192, 8193, 3 * 8192 + 5, 100, 4096])}
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
+def test_a_data_file_written_past_the_page_cache_is_the_same_file(tmp_path, monkeypatch):
+    """With ``direct`` the data file is written with O_DIRECT, through a staging buffer, in
+    aligned writes, and cut to its length: byte for byte the file the page cache path
+    writes, with the same crc32s."""
+    monkeypatch.setattr(_ocdbt, "DIRECT_PIECE_BYTES", 2 * _ocdbt.DIRECT_ALIGN)
+    values = _direct_values(np.random.default_rng(4))
+    import fcntl
+
+    direct_writes: list[int] = []
+    real_write = _ocdbt.os.write
+
+    def recording(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            direct_writes.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(_ocdbt.os, "write", recording)
+    sums, files = {}, {}
+    for direct in (False, True):
+        writer = _ocdbt.DatabaseWriter(tmp_path / str(direct), direct=direct)
+        sums[direct] = writer.write(writer.add([(k, memoryview(v)) for k, v in values.items()]))
+        [files[direct]] = (tmp_path / str(direct) / "d").iterdir()
+        writer.finish()
+        assert _read_all(tmp_path / str(direct)) == values
+    assert sums[True] == sums[False] == {k: zlib.crc32(v) for k, v in values.items()}
+    assert files[True].read_bytes() == files[False].read_bytes()
+    assert direct_writes and all(n % _ocdbt.DIRECT_ALIGN == 0 for n in direct_writes)
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
+@pytest.mark.parametrize("refused", ["open", "write"])
+def test_a_file_system_refusing_o_direct_gets_the_page_cache_path(tmp_path, monkeypatch,
+                                                                  refused):
+    """EINVAL for an O_DIRECT open, or for a write (an alignment beyond DIRECT_ALIGN): the
+    file is written through the page cache instead, whole, with the right crc32s."""
+    monkeypatch.setattr(_ocdbt, "DIRECT_PIECE_BYTES", 2 * _ocdbt.DIRECT_ALIGN)
+    values = _direct_values(np.random.default_rng(5))
+    real_open, real_write = _ocdbt.os.open, _ocdbt.os.write
+    direct_fds: set[int] = set()
+
+    def opening(path, flags, *a):
+        if flags & os.O_DIRECT and refused == "open":
+            raise OSError(errno.EINVAL, "Invalid argument")
+        fd = real_open(path, flags, *a)
+        if flags & os.O_DIRECT:
+            direct_fds.add(fd)
+        return fd
+
+    def writing(fd, data):
+        if fd in direct_fds and refused == "write":
+            direct_fds.discard(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(_ocdbt.os, "open", opening)
+    monkeypatch.setattr(_ocdbt.os, "write", writing)
+    writer = _ocdbt.DatabaseWriter(tmp_path, direct=True)
+    sums = writer.write(writer.add([(k, memoryview(v)) for k, v in values.items()]))
+    [data_file] = (tmp_path / "d").iterdir()
+    assert data_file.stat().st_size == sum(map(len, values.values()))
+    writer.finish()
+    assert sums == {k: zlib.crc32(v) for k, v in values.items()}
+    assert _read_all(tmp_path) == values
+    assert not direct_fds or refused == "open"  # the refused write was met
+
+
+def test_only_a_large_save_to_a_local_disk_goes_past_the_page_cache(tmp_path, monkeypatch):
+    """O_DIRECT for a process's save of DIRECT_IO_MIN_BYTES or more on a local disk's file
+    system (as /proc/self/mountinfo names it); through the page cache otherwise."""
+    assert _storage.file_system_type(Path("/proc/self")) == "proc"
+    monkeypatch.setattr(ser, "DIRECT_IO_FILE_SYSTEMS", {_storage.file_system_type(tmp_path)})
+    big = ser.DIRECT_IO_MIN_BYTES
+    assert ser.ItemWriter(tmp_path, total_bytes=big).db.direct
+    assert not ser.ItemWriter(tmp_path, total_bytes=big - 1).db.direct
+    monkeypatch.setattr(ser, "DIRECT_IO_FILE_SYSTEMS", {"ext4", "xfs"} - {
+        _storage.file_system_type(tmp_path)})
+    assert not ser.ItemWriter(tmp_path, total_bytes=big).db.direct  # e.g. NFS, FUSE, tmpfs
 
 
 def test_small_documents_are_handed_to_the_disk_for_the_commits_fsync(tmp_path, monkeypatch,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import jax
@@ -94,6 +95,30 @@ def test_a_save_written_in_several_databases_restores_in_orbax(tmp_path, mesh, m
     lanes = sorted(p.name for p in (tmp_path / "c").iterdir() if p.name.startswith("ocdbt."))
     assert lanes == [_serialize.process_dir(0, i) for i in range(1, len(lanes) + 1)]
     assert len(lanes) > 1
+    with orbax.StandardCheckpointer() as ockptr:
+        out = ockptr.restore(tmp_path / "c", abstract(state))
+    assert_state_equal(out, state)
+
+
+def test_data_files_written_past_the_page_cache_restore_in_orbax(tmp_path, mesh, monkeypatch):
+    # A large save writes its data files with O_DIRECT (made to happen here for a small one,
+    # with a staging buffer smaller than some arrays): the same files, which Orbax reads.
+    from ckpt_async import _ocdbt, _serialize
+
+    monkeypatch.setattr(_serialize, "DIRECT_IO_MIN_BYTES", 0)
+    monkeypatch.setattr(_serialize, "DIRECT_IO_FILE_SYSTEMS",
+                        {_serialize.storage.file_system_type(tmp_path)})
+    monkeypatch.setattr(_ocdbt, "DIRECT_PIECE_BYTES", 2 * _ocdbt.DIRECT_ALIGN)
+    opened: list[int] = []
+    real_open = _ocdbt.os.open
+    monkeypatch.setattr(_ocdbt.os, "open", lambda path, flags, *a: opened.append(flags)
+                        or real_open(path, flags, *a))
+    state = make_state(mesh)
+    state["big"] = np.arange(5000, dtype=np.float32)  # 20,000 bytes: several staging buffers
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", state)
+        ckptr.wait_until_finished()
+    assert any(flags & os.O_DIRECT for flags in opened)
     with orbax.StandardCheckpointer() as ockptr:
         out = ockptr.restore(tmp_path / "c", abstract(state))
     assert_state_equal(out, state)
