@@ -465,12 +465,6 @@ def _write_direct(path: Path, buffers: Sequence[memoryview | bytes], crcs: list[
     try:
         stage = _bounce_buffer()
         fill = total = 0
-
-        def flush(n: int) -> None:
-            view = stage.data[:n]
-            while view:
-                view = view[os.write(fd, view):]
-
         for i, b in enumerate(buffers):
             src = np.frombuffer(b, np.uint8)
             pos = 0
@@ -483,13 +477,13 @@ def _write_direct(path: Path, buffers: Sequence[memoryview | bytes], crcs: list[
                 fill += n
                 pos += n
                 if fill == len(stage):
-                    flush(fill)
+                    _write_all(fd, [stage.data[:fill]])
                     total += fill
                     fill = 0
         if fill:
             padded = -(-fill // DIRECT_ALIGN) * DIRECT_ALIGN
             stage[fill:padded] = 0
-            flush(padded)
+            _write_all(fd, [stage.data[:padded]])
             total += fill
             os.ftruncate(fd, total)
     except OSError as exc:

@@ -21,7 +21,7 @@ import mmap
 import os
 import threading
 import zlib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -733,6 +733,18 @@ def checksum_error(directory: AnyPath, name: str, bad: list[str]) -> CorruptChec
 READ_SEGMENT_BYTES = 16 << 20
 
 
+@contextlib.contextmanager
+def _descriptors() -> Iterator[dict[str, int]]:
+    """A dict of open file descriptors by path (:meth:`ItemReader._data_file` fills it),
+    all closed on leaving."""
+    files: dict[str, int] = {}
+    try:
+        yield files
+    finally:
+        for fd in files.values():
+            os.close(fd)
+
+
 #: A local array as :meth:`ItemReader.local_plan` gives it: dtype, shape, chunk shape, and for
 #: each chunk its key, its region of the array and its stored value (``_ocdbt.Located``).
 LocalPlan = tuple[np.dtype, tuple[int, ...], tuple[int, ...],
@@ -821,14 +833,10 @@ class ItemReader:
         (C-contiguous, of their shapes and dtypes), each chunk checked against
         ``expected(name)``; returns those read (the others are left to the driver path)."""
         out: dict[str, np.ndarray] = {}
-        files: dict[str, int] = {}
-        try:
+        with _descriptors() as files:
             for (name, plan), buffer in self._read_runs(batch, buffers, expected, files, out):
                 if self._read_chunks(name, plan, buffer, expected(name), files):
                     out[name] = buffer
-        finally:
-            for fd in files.values():
-                os.close(fd)
         return out
 
     def _data_file(self, files: dict[str, int], path: str, name: str) -> int:
@@ -962,14 +970,10 @@ class ItemReader:
         kernel reads ahead of each); returns their crc32 if ``checksum``, else 0."""
         path, offset, _length = ref
         crcs = [0] if checksum else None
-        files: dict[str, int] = {}
-        try:
+        with _descriptors() as files:
             fd = self._data_file(files, path, name)
             if _ocdbt.read_into(fd, [part], offset + start, crcs) != len(part):
                 raise self._short(path, name, part, offset + start)
-        finally:
-            for fd in files.values():
-                os.close(fd)
         return crcs[0] if crcs is not None else 0
 
     async def read_small(self, names: list[str],

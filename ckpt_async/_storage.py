@@ -87,12 +87,14 @@ def file_system_type(path: Path) -> str | None:
     best, kind = "", None
     for line in lines:
         fields = line.split(" ")
-        if "-" not in fields[6:]:
+        try:
+            kind_at = fields.index("-", 6) + 1  # (after the optional fields)
+        except ValueError:
             continue
         mount = fields[4].replace("\\040", " ")
         inside = target == mount or target.startswith(mount.rstrip("/") + "/")
-        if inside and len(mount) >= len(best):
-            best, kind = mount, fields[fields.index("-", 6) + 1]
+        if inside and len(mount) >= len(best) and kind_at < len(fields):
+            best, kind = mount, fields[kind_at]
     return kind
 
 
