@@ -607,7 +607,9 @@ class DatabaseWriter:
         threads the checksums and page-cache copies of the next ones waited for the disk, and
         the disk then for them: full ``large`` 2.6 s against 1.1 s, full ``mixed`` 1.22 s
         against 0.97 s, in-process medians of 5.)"""
-        if not data_file.buffers:
+        if not data_file.buffers:  # (every value inline: zero-size arrays' documents only)
+            if copied is not None:
+                copied()
             return {}
         self._make_dirs()
         crcs = [0] * len(data_file.buffers)

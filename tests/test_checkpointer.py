@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import ckpt_async as ocp
 import ckpt_async._serialize as ser
+import ckpt_async._stage as _stage
 import ckpt_async.aio
 from ckpt_async.errors import (
     CommitError,
@@ -125,6 +127,27 @@ def test_zero_dim_and_zero_size_arrays(tmp_path):
         assert_bits_equal(out[k], x)
     assert isinstance(out["j0"], jax.Array) and isinstance(out["jz"], jax.Array)
     assert type(out["n0"]) is np.ndarray and type(out["nz"]) is np.ndarray
+
+
+@pytest.mark.parametrize("tree", [
+    {"jz": jnp.zeros((0, 3), jnp.float32), "nz": np.zeros((0,), np.int8)},
+    # (a full first batch, then a batch of a zero-size array alone: no data file to write)
+    {"a": np.arange(_stage.BATCH_BYTES // 4, dtype=np.float32), "b": np.zeros((0, 2), np.int8)},
+], ids=["only_zero_size", "last_batch_zero_size"])
+def test_batches_of_zero_size_arrays_alone_commit(tmp_path, tree):
+    # Such a batch has nothing for a data file; the save used to wait for its copy forever.
+    out: list = []
+
+    def run() -> None:
+        with ocp.StandardCheckpointer() as ckptr:
+            out.append(save_restore(ckptr, tmp_path / "c", tree))
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the save never committed"
+    for k, x in tree.items():
+        assert_bits_equal(out[0][k], x)
 
 
 def test_special_float_values_are_bit_exact(tmp_path):
