@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workloads import BF16, WORKLOADS, flatten, unflatten  # noqa: E402
+from workloads import BF16, WORKLOADS, flatten, read_cache, unflatten  # noqa: E402
 
 CHUNK = 8 << 20
 
@@ -317,10 +317,13 @@ def make_impl(name: str, root: Path) -> Impl:
 # ----------------------------------------------------------------------------- measurements
 
 
-def build_tree(workload: str, quick: bool) -> tuple[Any, dict[str, np.ndarray], int, int]:
+def build_tree(workload: str, quick: bool, cache: str | None = None
+               ) -> tuple[Any, dict[str, np.ndarray], int, int]:
+    """The workload as jax arrays, its values as NumPy views, its bytes and array count; read
+    from ``cache`` (a folder :func:`workloads.write_cache` wrote) when given."""
     import jax
 
-    flat_np = flatten(WORKLOADS[workload](quick))
+    flat_np = read_cache(Path(cache)) if cache else flatten(WORKLOADS[workload](quick))
     flat_jax = {k: jax.device_put(v) for k, v in flat_np.items()}
     tree = block(unflatten(flat_jax))
     del flat_np
@@ -367,7 +370,7 @@ def maybe_profile(path: str | None, enabled: bool):
 
 def save_restore(args: argparse.Namespace, res: dict[str, Any]) -> None:
     work = Path(args.dir)
-    tree, expected, nbytes, narrays = build_tree(args.workload, args.quick)
+    tree, expected, nbytes, narrays = build_tree(args.workload, args.quick, args.workload_cache)
     res.update(bytes=nbytes, arrays=narrays)
     warm_up(args.impl, work)
     root = work / f"{args.impl}_{args.workload}"
@@ -427,7 +430,7 @@ def interference(args: argparse.Namespace, res: dict[str, Any]) -> None:
     import jax.numpy as jnp
 
     work = Path(args.dir)
-    tree, _expected, nbytes, narrays = build_tree(args.workload, args.quick)
+    tree, _expected, nbytes, narrays = build_tree(args.workload, args.quick, args.workload_cache)
     res.update(bytes=nbytes, arrays=narrays)
     warm_up(args.impl, work)
 
@@ -520,7 +523,8 @@ def interference(args: argparse.Namespace, res: dict[str, Any]) -> None:
 
 def physical(args: argparse.Namespace, res: dict[str, Any]) -> None:
     """Sequential write+fsync, cold sequential read and memcpy for the workload's byte count."""
-    flat = flatten(WORKLOADS[args.workload](args.quick))
+    flat = (read_cache(Path(args.workload_cache)) if args.workload_cache
+            else flatten(WORKLOADS[args.workload](args.quick)))
     nbytes = sum(a.nbytes for a in flat.values())
     res.update(bytes=nbytes, arrays=len(flat), api="large writes/reads, np.copyto")
     del flat
@@ -590,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", required=True)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--base-steps", type=int, default=30)
+    p.add_argument("--workload-cache", help="read the workload from this folder (run.py "
+                   "writes one per workload) rather than generating it")
     p.add_argument("--profile", help="write a cProfile of save+commit (main thread) here")
     args = p.parse_args(argv)
 

@@ -6,8 +6,11 @@ the checkpoint libraries. Sizes come in a full and a ``quick`` (scaled-down) fla
 
 from __future__ import annotations
 
+import json
+import os
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import ml_dtypes
@@ -112,3 +115,63 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
             node = node.setdefault(p, {})
         node[leaf] = v
     return out
+
+
+# ----------------------------------------------------------------------------- cache
+# Generating a workload's values takes longer than most measurements of it (quick
+# ``large_bf16``: 1.4 s per worker), so a run makes each workload once, in memory-backed
+# /dev/shm, and every worker reads its arrays from there into fresh memory, as generating them
+# would have left them.
+
+_INDEX = "index.json"
+#: Each workload's size, quick and full, in MiB (rounded up).
+_SIZES_MIB = {"large": (256, 2048), "large_bf16": (256, 2048), "many_small": (32, 256),
+              "mixed": (179, 1496)}
+_DATA = "data.bin"
+
+
+def write_cache(workload: str, quick: bool, directory: Path) -> None:
+    """Generates ``workload`` and writes its flat arrays to ``directory``."""
+    flat = flatten(WORKLOADS[workload](quick))
+    directory.mkdir(parents=True)
+    with open(directory / _DATA, "wb") as f:
+        for a in flat.values():
+            f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+    index = [(name, str(a.dtype), list(a.shape)) for name, a in flat.items()]
+    (directory / _INDEX).write_text(json.dumps(index))
+
+
+def read_cache(directory: Path) -> dict[str, np.ndarray]:
+    """The flat arrays :func:`write_cache` wrote, each read into an array of its own."""
+    out: dict[str, np.ndarray] = {}
+    with open(directory / _DATA, "rb", buffering=0) as f:
+        for name, dtype, shape in json.loads((directory / _INDEX).read_text()):
+            a = np.empty(shape, BF16 if dtype == "bfloat16" else np.dtype(dtype))
+            view = a.reshape(-1).view(np.uint8).data
+            if f.readinto(view) != len(view):
+                raise OSError(f"{directory / _DATA}: short read for {name}")
+            out[name] = a
+    return out
+
+
+def cache_directory(workloads: list[str], quick: bool, root: str = "/dev/shm"
+                    ) -> Path | None:
+    """Where to cache the workloads: a fresh folder in ``root`` when it is there and the
+    cache takes at most a quarter of the memory available and of ``root``'s free space;
+    None (every worker generates its workload) otherwise."""
+    if not os.path.isdir(root):
+        return None
+    need = sum(_SIZES_MIB[wl][0 if quick else 1] for wl in workloads) * MiB
+    st = os.statvfs(root)
+    available = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    if 4 * need > min(available, st.f_bavail * st.f_frsize):
+        return None
+    return Path(root) / f"ckpt_bench_workloads_{os.getpid()}"
+
