@@ -106,7 +106,7 @@ def host_copy(value: Any, name: str, dtype: np.dtype | None) -> StoredArray:
 #: 0.48 s), with no change in interference beyond the noise.
 BATCH_BYTES = 16 << 20
 BATCH_MAX_ARRAYS = 512
-#: Seconds a write waits before it starts (see ``write_then_release``).
+#: Seconds a write waits before it starts (see ``stage``'s ``write_batch``).
 HANDOFF_DELAY = 0.001
 
 
@@ -173,26 +173,34 @@ def stage_sync(
                 except Exception:  # noqa: BLE001 - a hint only; np.asarray copies anyway
                     pass
     batch: list[StoredArray] = []
-    reserved = 0
+    reserved = 0  # (bytes of ``batch``, and under a budget those of the leaf being staged)
     bounded = budget.limit is not None
-    for value, name, dtype in leaves:
-        if bounded:  # (its bytes reserved before they are staged)
-            n = _nbytes(value, dtype)
-            if batch and budget.would_block(n):
-                # The held batch must be written before its bytes come back: hand it over.
+    try:
+        for value, name, dtype in leaves:
+            if bounded:  # (its bytes reserved before they are staged)
+                n = _nbytes(value, dtype)
+                if batch and budget.would_block(n):
+                    # The held batch must be written before its bytes come back: hand it over.
+                    hand_over(batch, reserved)
+                    batch, reserved = [], 0
+                budget.acquire(n)
+                reserved += n
+            try:
+                staged = host_copy(value, name, dtype)
+            except Exception as exc:
+                exc.add_note(f"(while copying leaf {name!r} to host memory)")
+                raise
+            if not bounded:
+                reserved += staged.nbytes
+            batch.append(staged)
+            if reserved >= BATCH_BYTES or len(batch) >= BATCH_MAX_ARRAYS:
                 hand_over(batch, reserved)
                 batch, reserved = [], 0
-            budget.acquire(n)
-        staged = host_copy(value, name, dtype)
-        if not bounded:
-            n = staged.nbytes
-        batch.append(staged)
-        reserved += n
-        if reserved >= BATCH_BYTES or len(batch) >= BATCH_MAX_ARRAYS:
+        if batch:
             hand_over(batch, reserved)
-            batch, reserved = [], 0
-    if batch:
-        hand_over(batch, reserved)
+    except BaseException:
+        budget.release(reserved)  # (a batch not handed over is never written)
+        raise
 
 
 async def stage(
@@ -205,36 +213,35 @@ async def stage(
     tasks: list[asyncio.Task[None]] = []
     staged = False
 
-    async def write_then_release(batch: list[StoredArray], reserved: int) -> None:
+    async def write_batch(batch: list[StoredArray], reserved: int) -> None:
         mark_background()  # the writes outlive save(): they run at the background priority
         # Let the engine loop go idle first, so that the caller's thread, woken by save()'s
         # result, takes the GIL at once instead of after the interpreter's switch interval
         # (5 ms) of our writes' Python work.
         await asyncio.sleep(HANDOFF_DELAY)
         rt = get_runtime()
-        try:
-            # Paced while other threads keep the CPU busy, once save() has returned (a batch
-            # written while it stages may be what its memory budget waits for).
-            async with rt.paced(reserved) if staged else contextlib.nullcontext():
-                # Off the engine loop: the writes' Python work (tens of microseconds per small
-                # array) runs at the background priority too, not at the caller's.
-                await rt.in_background_loop(write, batch)
-        finally:
-            budget.release(reserved)
+        # Paced while other threads keep the CPU busy, once save() has returned (a batch
+        # written while it stages may be what its memory budget waits for).
+        async with rt.paced(reserved) if staged else contextlib.nullcontext():
+            # Off the engine loop: the writes' Python work (tens of microseconds per small
+            # array) runs at the background priority too, not at the caller's.
+            await rt.in_background_loop(write, batch)
+
+    def start_write(batch: list[StoredArray], reserved: int) -> None:
+        task = loop.create_task(write_batch(batch, reserved))
+        # (released when the task ends, however: also when it is cancelled before it ran)
+        task.add_done_callback(lambda _: budget.release(reserved))
+        tasks.append(task)
 
     def hand_over(batch: list[StoredArray], reserved: int) -> None:
-        loop.call_soon_threadsafe(
-            lambda: tasks.append(loop.create_task(write_then_release(batch, reserved))))
+        loop.call_soon_threadsafe(start_write, batch, reserved)
 
     if budget.limit is None and all(_host_resident(v) for v, _, _ in leaves):
         # Nothing to transfer: staging is a few microseconds per array, so it runs right here.
         # A worker thread would only fight the engine loop for the GIL (and lose by the
         # interpreter's 5 ms switch interval, again and again).
-        def hand_over_inline(batch: list[StoredArray], reserved: int) -> None:
-            tasks.append(loop.create_task(write_then_release(batch, reserved)))
-
         try:
-            stage_sync(leaves, budget, hand_over_inline, transfer=False)
+            stage_sync(leaves, budget, start_write, transfer=False)
         except BaseException:
             for t in tasks:  # (none has run yet: the loop was busy here)
                 t.cancel()

@@ -437,6 +437,31 @@ def test_host_memory_budget_smaller_than_state_round_trips(tmp_path, mesh):
         assert_bits_equal(out[k], v)
 
 
+@pytest.mark.parametrize("before", [1, 600], ids=["held_batch", "handed_over_batches"])
+def test_failed_staging_gives_the_memory_budget_back(tmp_path, before):
+    # A leaf that cannot be copied to the host (a deleted jax array) fails the save; the bytes
+    # reserved for it and for the arrays staged before it (held, or handed over in batches of
+    # BATCH_MAX_ARRAYS whose writes are cancelled) come back, so the next save does not wait.
+    handler = ocp.StandardCheckpointHandler(host_memory_budget_bytes=1 << 20)
+    gone = jnp.arange(3.0)
+    gone.delete()
+    tree = {**{f"w{i:03d}": np.ones(16, np.float32) for i in range(before)}, "x": gone}
+    with ocp.Checkpointer(handler) as ckptr:
+        with pytest.raises(RuntimeError, match="deleted") as err:
+            ckptr.save(tmp_path / "a", args=ocp.args.StandardSave(tree))
+        assert "leaf 'x'" in " ".join(err.value.__notes__)
+        done: list = []
+        worker = threading.Thread(target=lambda: done.append(ckptr.save(
+            tmp_path / "b", args=ocp.args.StandardSave({"w": np.ones(1 << 18, np.float32)}))),
+            daemon=True)
+        worker.start()
+        worker.join(60)
+        assert not worker.is_alive(), "the next save waited for the budget forever"
+        assert handler._budget._used == 0
+        assert_bits_equal(ckptr.restore(tmp_path / "b")["w"], np.ones(1 << 18, np.float32))
+    assert not (tmp_path / "a").exists()
+
+
 # --- the async face -----------------------------------------------------------------------------
 #: Bounds each await in the async-face tests, so a hang fails the test instead of the run.
 AWAIT_LIMIT_S = 3
