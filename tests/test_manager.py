@@ -357,6 +357,31 @@ def test_first_args_lock_in_the_handler(tmp_path):
     assert steps_on_disk(tmp_path) == ["0"]
 
 
+@pytest.mark.parametrize("compress", [False, True], ids=["own_ocdbt", "tensorstore"])
+def test_composite_item_failing_to_stage_stops_the_items_before_it(tmp_path, compress):
+    # Item "a" is staged (its writes start at once), then "b" cannot be: the save raises, and
+    # a's writes are stopped before the temporary directory goes, not left to write into it
+    # again (TensorStore's recreated `<tmp>/a/d/...` after the removal).
+    import jax.numpy as jnp
+
+    gone = jnp.arange(3.0)
+    gone.delete()
+    big = {f"k{i}": np.random.default_rng(i).random(1 << 20) for i in range(8)}  # 64 MiB
+    handler = ocp.CompositeCheckpointHandler(
+        a=ocp.StandardCheckpointHandler(use_compression=compress),
+        b=ocp.StandardCheckpointHandler())
+    with ocp.Checkpointer(handler) as ckptr:
+        with pytest.raises(RuntimeError, match="deleted"):
+            ckptr.save(tmp_path / "c", args=ocp.args.Composite(
+                a=ocp.args.StandardSave(big), b=ocp.args.StandardSave({"x": gone})))
+        assert os.listdir(tmp_path) == []
+        time.sleep(1.0)  # (long enough for a stray write of "a" to land)
+        assert os.listdir(tmp_path) == []
+        ckptr.save(tmp_path / "c", args=ocp.args.Composite(a=ocp.args.StandardSave(big)))
+        out = ckptr.restore(tmp_path / "c", args=ocp.args.Composite(a=ocp.args.StandardRestore()))
+    assert all(np.array_equal(out["a"][k], v) for k, v in big.items())
+
+
 def test_single_item_mode_and_composite_do_not_mix(tmp_path):
     with ocp.CheckpointManager(tmp_path) as mngr:
         mngr.save(0, args=ocp.args.StandardSave(tree(0)))

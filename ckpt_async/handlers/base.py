@@ -20,12 +20,16 @@ from .._paths import AnyPath
 class Writer:
     """The background half of a save: ``await write()`` writes this process's part of the
     staged item; ``await finalize()`` (primary process only, after every process wrote)
-    completes the item."""
+    completes the item. When the save fails before ``write()`` is called (another item of a
+    composite failed to stage), ``await abort()`` stops and waits for whatever ``stage``
+    already started writing, so that nothing writes into the directory about to go."""
 
     def __init__(self, write: Callable[[], Awaitable[None]], nbytes: int = 0,
-                 arrays: int = 0, finalize: Callable[[], Awaitable[None]] | None = None) -> None:
+                 arrays: int = 0, finalize: Callable[[], Awaitable[None]] | None = None,
+                 abort: Callable[[], Awaitable[None]] | None = None) -> None:
         self._write = write
         self._finalize = finalize
+        self._abort = abort
         self.nbytes = nbytes
         self.arrays = arrays
 
@@ -35,6 +39,10 @@ class Writer:
     async def finalize(self) -> None:
         if self._finalize is not None:
             await self._finalize()
+
+    async def abort(self) -> None:
+        if self._abort is not None:
+            await self._abort()
 
 
 class CheckpointHandler:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .. import _format as fmt
@@ -44,17 +45,32 @@ class CompositeCheckpointHandler(CheckpointHandler):
                     if a is not None}
         if not handlers:
             raise HandlerError(f"{directory}: Composite holds no item to save")
-        writers = {}
-        for name, a in args.items():
-            if a is None:
-                continue
-            writers[name] = await handlers[name].stage(directory / name, a)
+        writers: dict[str, Writer] = {}
+
+        async def abort() -> None:
+            await asyncio.gather(*(w.abort() for w in writers.values()))
+
+        try:
+            for name, a in args.items():
+                if a is not None:
+                    writers[name] = await handlers[name].stage(directory / name, a)
+        except BaseException:
+            await abort()  # (the items staged before this one have started writing)
+            raise
+
+        async def every(step: Callable[[Writer], Awaitable[None]]) -> None:
+            # Each item to its end before a failure is raised: the checkpointer then removes
+            # the directory, which no item may still be writing into.
+            for outcome in await asyncio.gather(*map(step, writers.values()),
+                                                return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    raise outcome
 
         async def write() -> None:
-            await asyncio.gather(*(w.write() for w in writers.values()))
+            await every(Writer.write)
 
         async def finalize() -> None:
-            await asyncio.gather(*(w.finalize() for w in writers.values()))
+            await every(Writer.finalize)
 
         self.last_item_handlers = {n: h.typestr for n, h in handlers.items()}
         for name, a in args.items():  # named with None: recorded, restored as None (Orbax)
@@ -62,7 +78,7 @@ class CompositeCheckpointHandler(CheckpointHandler):
             if locked is not None:
                 self.last_item_handlers[name] = locked.typestr
         return Writer(write, sum(w.nbytes for w in writers.values()),
-                      sum(w.arrays for w in writers.values()), finalize)
+                      sum(w.arrays for w in writers.values()), finalize, abort)
 
     async def _recorded(self, directory: AnyPath) -> dict[str, str]:
         """The item handlers a checkpoint's ``_CHECKPOINT_METADATA`` records."""

@@ -14,7 +14,7 @@ import contextlib
 import copy
 import json
 import math
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,7 +193,18 @@ class PyTreeCheckpointHandler(CheckpointHandler):
 
         tasks = await stage(to_stage, self._budget, write_batch)
         all_in = writer.expect_batches(len(tasks))
-        custom = copy.deepcopy(args.custom_metadata)  # the caller may change it after save()
+
+        async def abort(extra: Sequence[asyncio.Future[Any]] = ()) -> None:
+            for t in (*tasks, *extra):
+                t.cancel()
+            await asyncio.gather(*tasks, *extra, return_exceptions=True)
+            await writer.settle()
+
+        try:
+            custom = copy.deepcopy(args.custom_metadata)  # the caller may change it after save()
+        except BaseException:
+            await abort()
+            raise
 
         def documents() -> dict[str, bytes]:
             # Built off the blocking path: it needs only names, kinds and shardings. Its
@@ -215,10 +226,7 @@ class PyTreeCheckpointHandler(CheckpointHandler):
                 await writer.finish()
                 docs = await building
             except BaseException:
-                for t in (*tasks, building):
-                    t.cancel()
-                await asyncio.gather(*tasks, building, return_exceptions=True)
-                await writer.settle()
+                await abort([building])
                 raise
             # (with several processes the primary merges their checksums when finalizing)
             docs[_integrity.partial_checksums_name(roles.index) if roles.multi
@@ -233,7 +241,7 @@ class PyTreeCheckpointHandler(CheckpointHandler):
             elif writer.merged:
                 await ser.merge_databases(directory, writer.merged)
 
-        return Writer(write, nbytes, len(to_stage), finalize)
+        return Writer(write, nbytes, len(to_stage), finalize, abort)
 
     def _documents(self, planned: list[_Planned], skeleton: Any, custom: Any,
                    roles: Roles) -> dict[str, bytes]:
