@@ -97,7 +97,7 @@ async def commit(
     if not storage.has_rename(final) and not replace:
         await _refuse_committed(final)  # before its documents are overwritten
     step_meta.commit_timestamp_nsecs = time.time_ns()
-    doc = fmt.encode(step_meta)
+    doc = fmt.encode(step_meta, values=[step_meta.metrics, step_meta.custom_metadata])
     files: list[tuple[AnyPath, bytes]] = [
         (tmp / fmt.CHECKPOINT_METADATA, doc),
         (tmp / fmt.STEP_EXTENSION, fmt.encode(fmt.StepExtension(

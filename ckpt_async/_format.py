@@ -7,6 +7,8 @@ sizes are checked before decoding; a document that fails to decode raises
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
 import msgspec
@@ -118,12 +120,31 @@ _encoder = msgspec.json.Encoder()
 _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 
 
-def encode(doc: Any) -> bytes:
+def _non_finite(value: Any) -> bool:
+    """Whether ``value`` (builtins: dicts, lists, tuples, scalars) holds a NaN or infinity."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    return False
+
+
+def encode(doc: Any, *, values: Any = None) -> bytes:
+    """``doc`` as JSON. ``values``: the caller's values inside it (metrics, custom metadata, a
+    JSON item; ``doc`` itself when it is one): a NaN or infinity among them is written as
+    Python's ``json`` module writes it (``NaN``, ``Infinity``), as Orbax does, rather than
+    as ``null`` (msgspec), so that it reads back as it was."""
+    if values is not None and _non_finite(values):
+        return json.dumps(msgspec.to_builtins(doc, str_keys=True)).encode()
     return _encoder.encode(doc)
 
 
 def decode(data: bytes, type_: type[Any], *, where: str) -> Any:
-    """Decodes ``data`` as ``type_``; ``where`` names the file in the error."""
+    """Decodes ``data`` as ``type_``; ``where`` names the file in the error. A document with
+    ``NaN`` or ``Infinity`` (not JSON, but what Python's ``json`` writes for them: Orbax's
+    metrics and custom metadata, :func:`encode`'s ``values``) is read too."""
     if len(data) > MAX_DOCUMENT_BYTES:
         raise CorruptCheckpointError(f"{where}: {len(data)} bytes is larger than any valid document")
     dec = _decoders.get(type_)
@@ -131,5 +152,10 @@ def decode(data: bytes, type_: type[Any], *, where: str) -> Any:
         dec = _decoders[type_] = msgspec.json.Decoder(type_)
     try:
         return dec.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except msgspec.DecodeError as exc:
+        try:  # (the rare document with NaN or Infinity)
+            return msgspec.convert(json.loads(data), type_)
+        except (ValueError, msgspec.ValidationError):
+            raise CorruptCheckpointError(f"{where}: cannot decode ({exc})") from exc
+    except msgspec.ValidationError as exc:
         raise CorruptCheckpointError(f"{where}: cannot decode ({exc})") from exc

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import math
 import os
 import threading
 import time
@@ -597,6 +598,23 @@ def test_metrics_item_is_where_orbax_reads_it(tmp_path):
         out = mngr.restore(0)  # Orbax 0.12.8 restores the metrics item too
         assert set(out.keys()) == {"metrics", "state"} and out["metrics"] == {"loss": 0.25}
         assert mngr.best_step() == 0
+
+
+def test_non_finite_metrics_and_metadata_read_back_as_they_were(tmp_path):
+    # NaN and infinities are written as Python's json writes them (as Orbax does), not as
+    # null: a NaN loss must not come back as None, and best_fn must still rank after a reopen.
+    opts = lambda: ocp.CheckpointManagerOptions(best_fn=lambda m: m["loss"], best_mode="min")  # noqa: E731
+    custom = {"lr": float("inf"), "nested": [float("-inf"), 1]}
+    with ocp.CheckpointManager(tmp_path, options=opts(), metadata=custom) as mngr:
+        mngr.save(0, args=ocp.args.StandardSave(tree(0)), metrics={"loss": float("nan")},
+                  custom_metadata=custom)
+        mngr.save(1, args=ocp.args.StandardSave(tree(1)), metrics={"loss": 1.0})
+    assert "NaN" in (tmp_path / "0" / "metrics" / "metrics").read_text()
+    with ocp.CheckpointManager(tmp_path, options=opts()) as mngr:
+        assert mngr.best_step() == 1
+        assert math.isnan(mngr.metadata(0).metrics["loss"])
+        assert mngr.metadata(0).custom_metadata == custom
+        assert mngr.metadata().custom_metadata == custom
 
 
 def test_registered_item_absent_from_the_checkpoint_is_left_out(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import zlib
 
@@ -159,6 +160,33 @@ def test_composite_with_json_to_orbax(tmp_path, mesh):
             state=orbax.args.StandardRestore(abstract(state)), extra=orbax.args.JsonRestore()))
     assert_state_equal(out.state, state)
     assert out.extra == extra
+
+
+def test_non_finite_json_and_custom_metadata_both_ways(tmp_path):
+    doc = {"nan": float("nan"), "inf": float("inf"), "ninf": float("-inf"), "x": [1.5, None]}
+    custom = {"best": float("-inf")}
+
+    def same(out):
+        assert math.isnan(out["nan"]) and out["inf"] == math.inf and out["ninf"] == -math.inf
+        assert out["x"] == [1.5, None]
+
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+        ckptr.save(tmp_path / "ours", args=ocp.args.JsonSave(doc))
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "ours_tree", args=ocp.args.PyTreeSave(
+            {"a": np.arange(3)}, custom_metadata=custom))
+    with orbax.Checkpointer(orbax.JsonCheckpointHandler()) as ockptr:
+        same(ockptr.restore(tmp_path / "ours", args=orbax.args.JsonRestore()))
+        ockptr.save(tmp_path / "theirs", args=orbax.args.JsonSave(doc))
+    with orbax.PyTreeCheckpointer() as ockptr:
+        assert ockptr.metadata(tmp_path / "ours_tree").item_metadata.custom_metadata == custom
+        ockptr.save(tmp_path / "theirs_tree", args=orbax.args.PyTreeSave(
+            {"a": np.arange(3)}, custom_metadata=custom))
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+        same(ckptr.restore(tmp_path / "theirs", args=ocp.args.JsonRestore()))
+    with ocp.PyTreeCheckpointer() as ckptr:
+        assert ckptr.metadata(tmp_path / "theirs_tree").item_metadata.custom_metadata == custom
+        assert ckptr.metadata(tmp_path / "ours_tree").item_metadata.custom_metadata == custom
 
 
 # --- Orbax writes, ckpt_async restores -------------------------------------------------------

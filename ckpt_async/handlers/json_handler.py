@@ -11,7 +11,7 @@ from .. import _integrity
 from .. import _storage as storage
 from .._paths import AnyPath
 from ..args import JsonRestore, JsonSave, register_with_handler
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
+from ..errors import CheckpointNotFoundError, InvalidArgumentError
 from ..multihost import current_roles
 from .base import CheckpointHandler, Writer
 
@@ -27,8 +27,8 @@ class JsonCheckpointHandler(CheckpointHandler):
     async def stage(self, directory: AnyPath, args: JsonSave) -> Writer:
         try:
             # Encoding now is the snapshot: later mutation of the caller's dict is not saved.
-            data = msgspec.json.encode(args.item)
-        except (TypeError, msgspec.EncodeError) as exc:
+            data = fmt.encode(args.item, values=args.item)
+        except (TypeError, ValueError, msgspec.EncodeError) as exc:
             raise InvalidArgumentError(f"{directory}: item is not JSON-serializable: {exc}") from exc
 
         async def write() -> None:
@@ -50,10 +50,7 @@ class JsonCheckpointHandler(CheckpointHandler):
             raise CheckpointNotFoundError(f"{path} does not exist: no JSON item here") from None
         _integrity.check_document(directory, self._filename, data,
                                   await _integrity.read_checksums(directory))
-        try:
-            return msgspec.json.decode(data)
-        except msgspec.DecodeError as exc:
-            raise CorruptCheckpointError(f"{path}: invalid JSON ({exc})") from exc
+        return fmt.decode(data, Any, where=str(path))
 
     async def metadata(self, directory: AnyPath) -> None:
         return None

@@ -279,7 +279,7 @@ class PyTreeCheckpointHandler(CheckpointHandler):
                 fmt.encode(fmt.ArrayMetadatas(array_metas))}
         if not roles.is_primary:
             return docs
-        docs[fmt.PYTREE_METADATA] = fmt.encode(tree_doc)
+        docs[fmt.PYTREE_METADATA] = fmt.encode(tree_doc, values=custom)
         docs[fmt.SHARDING] = fmt.encode(shardings)
         if strings:
             docs[fmt.STRINGS] = fmt.encode(strings)

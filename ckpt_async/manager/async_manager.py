@@ -151,7 +151,8 @@ class AsyncCheckpointManager:
         if await storage.exists(path):
             return  # written by an earlier run; root metadata is written once
         await storage.makedirs(path.parent)
-        await storage.write_bytes(path, fmt.encode(fmt.RootMetadata({}, dict(custom))))
+        await storage.write_bytes(path, fmt.encode(fmt.RootMetadata({}, dict(custom)),
+                                                   values=custom))
 
     async def _step_names(self, root: Any = None) -> dict[int, str]:
         """Committed steps in ``root`` (default: this manager's directory): step -> name."""
