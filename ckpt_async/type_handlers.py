@@ -30,7 +30,11 @@ class RestoreArgs:
 
 @dataclasses.dataclass
 class ArrayRestoreArgs(RestoreArgs):
-    """Restore one leaf as a ``jax.Array`` placed on ``sharding`` (or ``mesh`` + ``mesh_axes``)."""
+    """Restore one leaf as a ``jax.Array`` placed on ``sharding`` (or ``mesh`` + ``mesh_axes``).
+
+    ``global_shape`` (or its alias ``shape``): the shape to restore into. With ``strict``
+    (the default) it must be the stored shape; with ``strict=False`` the stored array is cut
+    to it or padded with zeros, dimension by dimension (as Orbax does)."""
 
     restore_type: Any = jax.Array
     mesh: jax.sharding.Mesh | None = None
@@ -39,6 +43,15 @@ class ArrayRestoreArgs(RestoreArgs):
     global_shape: tuple[int, ...] | None = None
     shape: tuple[int, ...] | None = None
     strict: bool = True
+
+    def __post_init__(self) -> None:
+        if self.shape is not None and self.global_shape is not None and \
+                tuple(self.shape) != tuple(self.global_shape):
+            raise ValueError(f"ArrayRestoreArgs: shape {self.shape} and global_shape "
+                             f"{self.global_shape} differ; give one, or the same")
+        if self.global_shape is None:
+            self.global_shape = self.shape
+        self.shape = self.global_shape
 
     def resolved_sharding(self) -> jax.sharding.Sharding | None:
         if self.sharding is not None:

@@ -148,6 +148,28 @@ def scenario_main(cfg: dict, out: dict) -> None:
     out["checked"]["as saved"] = check_state(ocp.StandardCheckpointer().restore(
         cfg["save"][0]), mesh)
 
+    # Another shape than the stored one: refused with ``strict`` (the default), cut or padded
+    # with zeros without it; each process builds its devices' part of the global array.
+    spread = NamedSharding(mesh, ARRAYS["w"][2])
+    for shape in ((160, 24), (96, 40)):
+        def fit(strict: bool, shape=shape) -> dict:
+            return ocp.PyTreeCheckpointer().restore(cfg["save"][0], args=ocp.args.PyTreeRestore(
+                restore_args={"w": ocp.ArrayRestoreArgs(sharding=spread, global_shape=shape,
+                                                        strict=strict)}, partial_restore=True))
+        try:
+            fit(True)
+            out["checked"][f"w strict {shape}"] = "restored"
+        except ocp.errors.ShapeMismatchError as exc:
+            out["checked"][f"w strict {shape}"] = type(exc).__name__
+        arr = fit(False)["w"]
+        expected = np.zeros(shape, np.float32)
+        common = tuple(slice(0, min(a, b)) for a, b in zip(shape, ARRAYS["w"][0]))
+        expected[common] = full("w")[common]
+        assert arr.shape == shape and arr.sharding == spread, (arr.shape, arr.sharding)
+        for shard in arr.addressable_shards:
+            assert np.array_equal(np.asarray(shard.data), expected[shard.index]), shard.index
+        out["checked"][f"w fit {shape}"] = len(arr.addressable_shards)
+
     # Each process reads only the region its devices hold: damage in the data file process 1
     # wrote fails process 1's restore, while process 0 never reads those bytes.
     damaged = cfg["save"][0] + ".damaged"

@@ -150,6 +150,39 @@ def test_batches_of_zero_size_arrays_alone_commit(tmp_path, tree):
         assert_bits_equal(out[0][k], x)
 
 
+@pytest.mark.parametrize("shape", [(6, 2), (3, 5), (4, 3)], ids=["taller", "cut_pad", "same"])
+def test_array_restore_args_global_shape(tmp_path, mesh, shape):
+    # Orbax's semantics: strict (the default) refuses another shape than the stored one;
+    # strict=False cuts or pads with zeros, dimension by dimension; `shape` is an alias.
+    stored = np.arange(12, dtype=np.float32).reshape(4, 3) + 1
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", {"a": stored, "b": jnp.asarray(stored)})
+        expected = np.zeros(shape, np.float32)
+        common = tuple(slice(0, min(x, y)) for x, y in zip(shape, stored.shape))
+        expected[common] = stored[common]
+        sharding = NamedSharding(mesh, PartitionSpec())
+        for alias in ("global_shape", "shape"):
+            def restore(strict, alias=alias):
+                return ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(
+                    restore_args={k: ocp.ArrayRestoreArgs(sharding=sharding, strict=strict,
+                                                          **{alias: shape}) for k in "ab"}))
+            if shape != stored.shape:
+                with pytest.raises(ocp.errors.ShapeMismatchError, match="strict=False"):
+                    restore(True)
+            else:
+                assert_bits_equal(restore(True)["a"], stored)
+            out = restore(False)
+            for k in "ab":
+                assert isinstance(out[k], jax.Array) and out[k].sharding == sharding
+                assert_bits_equal(out[k], expected)
+        with pytest.raises(ocp.errors.ShapeMismatchError, match="asks for"):  # another rank
+            ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(restore_args={
+                "a": ocp.ArrayRestoreArgs(global_shape=(12,), strict=False),
+                "b": ocp.ArrayRestoreArgs()}))
+    with pytest.raises(ValueError, match="differ"):
+        ocp.ArrayRestoreArgs(shape=(1,), global_shape=(2,))
+
+
 def test_special_float_values_are_bit_exact(tmp_path):
     vals = [np.nan, np.inf, -np.inf, -0.0, 0.0, 1e-45, -np.nan]
     tree = {

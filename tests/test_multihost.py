@@ -99,6 +99,9 @@ def test_restore_reshards_what_other_topologies_saved(runs):
             for swapped in (False, True):
                 assert result["checked"][f"{path} swapped={swapped}"] == 3 * 2
         assert result["checked"]["as saved"] == 6  # no target: the saved shardings
+        for shape in ((160, 24), (96, 40)):  # (another shape: refused, or cut and padded)
+            assert result["checked"][f"w strict {shape}"] == "ShapeMismatchError"
+            assert result["checked"][f"w fit {shape}"] == 2
     for result in runs["restore4x2"]:  # on 4 x 2: saved on 2 x 2 (local and S3)
         for path in (p["p2x2"], p["s3_p2x2"]):
             for swapped in (False, True):

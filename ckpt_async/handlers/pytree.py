@@ -359,6 +359,39 @@ def _target_sharding(tleaf: Any, rarg: Any) -> jax.sharding.Sharding | None:
     return None
 
 
+def _requested_shape(tleaf: Any, rarg: Any) -> tuple[tuple[int, ...] | None, bool]:
+    """The shape a restore asks for (None: the stored one), and whether it must be the stored
+    one: an ArrayRestoreArgs' ``global_shape`` and ``strict``, else the target leaf's shape."""
+    for args in (rarg, tleaf):
+        if isinstance(args, ArrayRestoreArgs) and args.global_shape is not None:
+            return tuple(args.global_shape), args.strict
+    if isinstance(tleaf, RestoreArgs):
+        return None, True
+    shape = () if type(tleaf) in _SCALAR_DTYPES else getattr(tleaf, "shape", None)
+    return (None if shape is None else tuple(shape)), getattr(rarg, "strict", True)
+
+
+def _check_shape(where: AnyPath, name: str, stored: tuple[int, ...],
+                 wanted: tuple[int, ...] | None, strict: bool) -> None:
+    if wanted is None or wanted == stored:
+        return
+    if strict or len(wanted) != len(stored):
+        raise ShapeMismatchError(
+            f"{where}: key {name!r} is stored with shape {stored}, the restore asks for "
+            f"{wanted}" + ("" if len(wanted) != len(stored) else
+                           " (ArrayRestoreArgs(strict=False) pads or cuts it to that shape)"))
+
+
+def _fit(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``arr`` cut or padded with zeros to ``shape`` (same rank), each dimension from 0."""
+    if arr.shape == shape:
+        return arr
+    out = np.zeros(shape, arr.dtype)
+    common = tuple(slice(0, min(a, b)) for a, b in zip(arr.shape, shape, strict=True))
+    out[common] = arr[common]
+    return out
+
+
 class _Deferred:
     """An array to become a jax.Array in one batched ``jax.device_put`` with the others
     (:func:`_put_deferred`)."""
@@ -726,14 +759,14 @@ class _Reader:
     async def _read_spread(self, name: str, tleaf: Any, rarg: Any,
                            sharding: jax.sharding.Sharding) -> jax.Array:
         """The global array ``sharding`` describes, from the stored region this process's
-        devices hold (widened to whole chunks, so that every chunk read is checked)."""
+        devices hold (widened to whole chunks, so that every chunk read is checked); in the
+        shape the restore asks for (cut or padded with zeros when not ``strict``)."""
         store = await ser.open_array(self.ctx, self.dir, name, use_ocdbt=self.doc.use_ocdbt,
                                      use_zarr3=self.doc.use_zarr3)
-        shape = tuple(store.shape)
-        want = getattr(tleaf, "shape", None)
-        if want is not None and tuple(want) != shape:
-            raise ShapeMismatchError(f"{self.dir}: key {name!r} is stored with shape {shape}, "
-                                     f"the target asks for {tuple(want)}")
+        stored = tuple(store.shape)
+        wanted, strict = _requested_shape(tleaf, rarg)
+        _check_shape(self.dir, name, stored, wanted, strict)
+        shape = stored if wanted is None else wanted
         entry = self.sums.arrays.get(name) if self.sums is not None else None
         chunks = tuple(entry.chunks) if entry is not None else (1,) * len(shape)
         def bounds(index: tuple[slice, ...] | None) -> list[tuple[int, int, int]]:
@@ -743,9 +776,9 @@ class _Reader:
         indices = [[slice(a, z) for a, z, _ in bounds(idx)]
                    for idx in sharding.addressable_devices_indices_map(shape).values()]
         box = tuple(
-            slice(min(i[d].start for i in indices) // c * c,
+            slice(min(n, min(i[d].start for i in indices) // c * c),
                   min(n, -(-max(i[d].stop for i in indices) // c) * c))
-            for d, (n, c) in enumerate(zip(shape, chunks, strict=True)))
+            for d, (n, c) in enumerate(zip(stored, chunks, strict=True)))
         try:
             region = await store[box].read()
         except ValueError as exc:
@@ -759,19 +792,20 @@ class _Reader:
             region = region.astype(dtype, copy=False)
 
         def local(index: tuple[slice, ...] | None) -> np.ndarray:
-            return region[tuple(slice(a - b.start, z - b.start)
-                                for (a, z, _), b in zip(bounds(index), box, strict=True))]
+            want = bounds(index)
+            piece = region[tuple(slice(min(a, n) - b.start, min(z, n) - b.start)
+                                 for (a, z, _), b, n in zip(want, box, stored, strict=True))]
+            return _fit(piece, tuple(z - a for a, z, _ in want))  # (past the stored end: 0)
 
         return jax.make_array_from_callback(shape, sharding, local)
 
     def _place(self, name: str, arr: np.ndarray, tleaf: Any, rarg: Any, vt: str) -> Any:
         """Casts and places one restored array as the target leaf (or restore arg) asks (a
         jax.Array may come back as a :class:`_Deferred`)."""
-        shape = () if type(tleaf) in _SCALAR_DTYPES else getattr(tleaf, "shape", None)
-        if shape is not None and not isinstance(tleaf, RestoreArgs) and tuple(shape) != arr.shape:
-            raise ShapeMismatchError(
-                f"{self.dir}: key {name!r} is stored with shape {arr.shape}, the target asks for "
-                f"{tuple(shape)}")
+        wanted, strict = _requested_shape(tleaf, rarg)
+        _check_shape(self.dir, name, arr.shape, wanted, strict)
+        if wanted is not None:
+            arr = _fit(arr, wanted)
         dtype = getattr(rarg, "dtype", None) or getattr(tleaf, "dtype", None)
         if dtype is not None and not isinstance(tleaf, RestoreArgs) or getattr(rarg, "dtype", None):
             arr = arr.astype(dtype, copy=False)
