@@ -47,11 +47,12 @@ async def is_visible(path: AnyPath) -> bool:
 
 
 async def scan(directory: AnyPath) -> tuple[list[str], set[str]]:
-    """The entries of ``directory`` and the visible ones among them. Locally every entry is
-    visible (unfinished saves have temporary names); on an object store only the entries that
-    hold a commit marker (one listing of the prefix)."""
+    """The entries of ``directory`` and the visible ones among them. Locally every directory is
+    visible (unfinished saves have temporary names; a file or a dangling symlink named like a
+    step is no step, as in Orbax); on an object store only the entries that hold a commit
+    marker (one listing of the prefix)."""
     if storage.has_rename(directory):
-        names = await storage.listdir(directory)
+        names = await storage.listdirs(directory)
         return names, set(names)
     keys = await storage.listfiles(directory)
     names = sorted({k.split("/", 1)[0] for k in keys})

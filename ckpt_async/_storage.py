@@ -209,6 +209,19 @@ async def listdir(path: AnyPath) -> list[str]:
         return []
 
 
+async def listdirs(path: Path) -> list[str]:
+    """The names of the directories in local ``path`` (symlinks to directories included; a
+    file or a dangling symlink left out); none when ``path`` does not exist."""
+    def _dirs() -> list[str]:
+        try:
+            with os.scandir(path) as entries:
+                return [e.name for e in entries if e.is_dir()]
+        except FileNotFoundError:
+            return []
+
+    return await get_runtime().to_thread(_dirs)
+
+
 async def listfiles(path: AnyPath) -> list[str]:
     """Every file under ``path``, as paths relative to it with "/" separators."""
     if isinstance(path, StorePath):

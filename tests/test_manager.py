@@ -24,6 +24,7 @@ from ckpt_async.errors import (
     ClosedError,
     CommitError,
     CommitTimeoutError,
+    CorruptCheckpointError,
     HandlerError,
     InvalidArgumentError,
     StepAlreadyExistsError,
@@ -615,6 +616,33 @@ def test_non_finite_metrics_and_metadata_read_back_as_they_were(tmp_path):
         assert math.isnan(mngr.metadata(0).metrics["loss"])
         assert mngr.metadata(0).custom_metadata == custom
         assert mngr.metadata().custom_metadata == custom
+
+
+def test_stray_entries_named_like_steps_are_not_steps(tmp_path):
+    # As in Orbax: a file or a dangling symlink named like a step is ignored, not listed (a
+    # file became latest_step and failed restore(); a dangling symlink failed the listing).
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(0, args=ocp.args.StandardSave(tree(0)))
+    (tmp_path / "100").write_text("notes")
+    os.symlink(tmp_path / "nowhere", tmp_path / "5")
+    os.symlink(tmp_path / "0", tmp_path / "7")  # (a symlink to a step is one)
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        assert mngr.all_steps() == [0, 7] and mngr.latest_step() == 7
+        assert_tree_equal(mngr.restore(7, args=ocp.args.StandardRestore()), tree(0))
+
+
+def test_a_damaged_step_document_leaves_the_other_steps_usable(tmp_path, caplog):
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        for step in range(3):
+            mngr.save(step, args=ocp.args.StandardSave(tree(step)))
+    doc = tmp_path / "0" / fmt.CHECKPOINT_METADATA
+    doc.write_bytes(b"{" + doc.read_bytes()[1:-1] + b"x")  # bit rot: its checksum fails
+    with caplog.at_level("ERROR", logger="ckpt_async"), ocp.CheckpointManager(tmp_path) as mngr:
+        assert mngr.all_steps() == [0, 1, 2]
+        assert_tree_equal(mngr.restore(2), tree(2))
+        with pytest.raises(CorruptCheckpointError, match="_CHECKPOINT_METADATA"):
+            mngr.restore(0)
+    assert any(str(doc) in r.getMessage() for r in caplog.records)
 
 
 def test_registered_item_absent_from_the_checkpoint_is_left_out(tmp_path):

@@ -8,13 +8,11 @@ Orbax's standard naming: ``<step>``, or ``<prefix>_<step>``, the step zero-padde
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import re
 
 from .. import _commit
 from .. import _format as fmt
-from .. import _storage as storage
 from .._paths import AnyPath
 
 TODELETE_MARK = ".orbax-checkpoint-todelete"
@@ -108,9 +106,6 @@ async def scan_dir(directory: AnyPath, prefix: str | None) -> DirView:
     names, visible = await _commit.scan(directory)
     parsed = {n: p for n in sorted(names) if (p := parse_step(n, prefix)) is not None}
     candidates = [n for n in parsed if n in visible]
-    if storage.has_rename(directory):  # (on an object store, visible means the marker exists)
-        is_dir = await asyncio.gather(*(storage.is_dir(directory / n) for n in candidates))
-        candidates = [n for n, ok in zip(candidates, is_dir, strict=True) if ok]
     steps: dict[int, str] = {}
     for name in candidates:
         steps.setdefault(parsed[name][1], name)

@@ -27,6 +27,7 @@ from ..args import CheckpointArgs, Composite, JsonSave
 from ..checkpoint_managers import CheckpointInfo, DecisionContext, PreservationContext
 from ..errors import (
     ClosedError,
+    CorruptCheckpointError,
     InvalidArgumentError,
     StepAlreadyExistsError,
     StepNotFoundError,
@@ -171,13 +172,24 @@ class AsyncCheckpointManager:
         return infos
 
     async def _read_step_doc(self, path: AnyPath) -> fmt.StepMetadata | None:
-        meta, _ = await _integrity.read_step_metadata(path)
+        """A step's ``_CHECKPOINT_METADATA``; None when it has none, or (logged) when it is
+        damaged: one step's damaged document does not take the others from the manager (as
+        in Orbax); restoring that step still fails, naming it."""
+        try:
+            meta, _ = await _integrity.read_step_metadata(path)
+        except CorruptCheckpointError as exc:
+            log.error("%s; its time and metrics are unknown to the manager", exc)
+            return None
         return meta
 
     async def _read_metrics(self, path: AnyPath, meta: fmt.StepMetadata | None) -> Any:
         item = path / METRIC_ITEM_NAME / METRIC_ITEM_NAME
         if await storage.exists(item):  # Orbax writes metrics as a JSON item when best_fn is set
-            return fmt.decode(await storage.read_bytes(item), Any, where=str(item))
+            try:
+                return fmt.decode(await storage.read_bytes(item), Any, where=str(item))
+            except CorruptCheckpointError as exc:  # (as a damaged step document, above)
+                log.error("%s; the step's metrics are unknown to the manager", exc)
+                return None
         if self._persist_metrics and meta is not None and meta.metrics:
             return meta.metrics
         return None
