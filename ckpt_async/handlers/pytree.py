@@ -359,6 +359,10 @@ def _target_sharding(tleaf: Any, rarg: Any) -> jax.sharding.Sharding | None:
     return None
 
 
+#: Restore types that make a Python scalar of a one-element array.
+_PYTHON_SCALARS = (int, float, complex, bool)
+
+
 def _requested_shape(tleaf: Any, rarg: Any) -> tuple[tuple[int, ...] | None, bool]:
     """The shape a restore asks for (None: the stored one), and whether it must be the stored
     one: an ArrayRestoreArgs' ``global_shape`` and ``strict``, else the target leaf's shape."""
@@ -809,6 +813,12 @@ class _Reader:
         dtype = getattr(rarg, "dtype", None) or getattr(tleaf, "dtype", None)
         if dtype is not None and not isinstance(tleaf, RestoreArgs) or getattr(rarg, "dtype", None):
             arr = arr.astype(dtype, copy=False)
+        if getattr(rarg, "restore_type", None) in _PYTHON_SCALARS:  # int(...), as Orbax does
+            if arr.size != 1:
+                raise InvalidArgumentError(
+                    f"{self.dir}: key {name!r} is stored with shape {arr.shape}: restore_type="
+                    f"{rarg.restore_type.__name__} asks for a scalar")
+            return rarg.restore_type(arr.item())
         if isinstance(rarg, ArrayRestoreArgs) or (rarg is not None and rarg.restore_type is jax.Array):
             sharding = rarg.resolved_sharding() if isinstance(rarg, ArrayRestoreArgs) else None
             return _put(arr, sharding)
