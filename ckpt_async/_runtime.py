@@ -374,8 +374,17 @@ class Runtime:
     def submit(
         self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any
     ) -> concurrent.futures.Future[T]:
-        """Starts ``fn`` on the engine loop; returns a thread-safe future for its result."""
+        """Starts ``fn`` on the engine loop; returns a thread-safe future for its result.
+        Cancelling the future cancels ``fn``'s task (an async caller cancelled while it
+        awaits: a save then stops staging and removes what it wrote)."""
+        return self._submit(fn, args, kwargs)[0]
+
+    def _submit(self, fn: Callable[..., Coroutine[Any, Any, T]], args: tuple[Any, ...],
+                kwargs: dict[str, Any]
+                ) -> tuple[concurrent.futures.Future[T], concurrent.futures.Future[None]]:
+        """:meth:`submit`, and a future done once ``fn``'s task has ended, however."""
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        ended: concurrent.futures.Future[None] = concurrent.futures.Future()
 
         async def runner() -> None:
             try:
@@ -386,9 +395,18 @@ class Runtime:
             else:
                 if not fut.cancelled():
                     fut.set_result(result)
+            finally:
+                ended.set_result(None)
 
-        self.loop.call_soon_threadsafe(self._start_task, runner())
-        return fut
+        started: list[asyncio.Task[None]] = []
+
+        def cancelled(done: concurrent.futures.Future[T]) -> None:
+            if done.cancelled():  # (after the start below: callbacks run in order)
+                self.loop.call_soon_threadsafe(lambda: [t.cancel() for t in started])
+
+        self.loop.call_soon_threadsafe(lambda: started.append(self._start_task(runner())))
+        fut.add_done_callback(cancelled)
+        return fut, ended
 
     def _start_task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Creates a task on the engine loop and holds it until it is done (engine loop only)."""
@@ -400,7 +418,14 @@ class Runtime:
     async def run(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
         """Awaits ``fn`` on the engine loop from any loop (directly when already on it)."""
         if not self.on_engine_thread():
-            return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+            fut, ended = self._submit(fn, args, kwargs)
+            try:
+                return await asyncio.wrap_future(fut)
+            except asyncio.CancelledError:
+                # (``fn`` is being cancelled too: the caller hears of it once it has stopped)
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(asyncio.wrap_future(ended))
+                raise
         try:
             return await fn(*args, **kwargs)
         except BaseExceptionGroup as group:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import threading
 from collections.abc import Callable, Coroutine, Sequence
@@ -155,16 +156,22 @@ def total_bytes(leaves: Sequence[tuple[Any, str, np.dtype | None]]) -> int:
     return sum(_nbytes(v, d) for v, _, d in leaves)
 
 
+class StagingStopped(Exception):
+    """Raised in the staging thread when the save it stages was cancelled or failed."""
+
+
 def stage_sync(
     leaves: Sequence[tuple[Any, str, np.dtype | None]],
     budget: ByteBudget,
     hand_over: Callable[[list[StoredArray], int], None],
     *,
     transfer: bool = True,
+    stop: threading.Event | None = None,
 ) -> None:
     """Runs in a worker thread: copies each leaf to host and hands them over, in order, in
     batches (with the bytes reserved for them in ``budget``). ``transfer=False``: every leaf
-    is host-resident, no device-to-host copy to start."""
+    is host-resident, no device-to-host copy to start. ``stop`` set: raises
+    :class:`StagingStopped` before the next leaf."""
     if transfer:
         for value, _, _ in leaves:
             if isinstance(value, jax.Array) and not _host_resident(value):
@@ -177,6 +184,8 @@ def stage_sync(
     bounded = budget.limit is not None
     try:
         for value, name, dtype in leaves:
+            if stop is not None and stop.is_set():
+                raise StagingStopped
             if bounded:  # (its bytes reserved before they are staged)
                 n = _nbytes(value, dtype)
                 if batch and budget.would_block(n):
@@ -201,6 +210,13 @@ def stage_sync(
     except BaseException:
         budget.release(reserved)  # (a batch not handed over is never written)
         raise
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancels ``tasks`` and waits for them to end."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def stage(
@@ -243,17 +259,22 @@ async def stage(
         try:
             stage_sync(leaves, budget, start_write, transfer=False)
         except BaseException:
-            for t in tasks:  # (none has run yet: the loop was busy here)
-                t.cancel()
+            await _cancel(tasks)  # (none has run yet: the loop was busy here)
             raise
         staged = True  # (before any of the tasks runs)
         return tasks
+    stop = threading.Event()
+    job = asyncio.ensure_future(get_runtime().to_thread(
+        functools.partial(stage_sync, leaves, budget, hand_over, stop=stop)))
     try:
-        await get_runtime().to_thread(stage_sync, leaves, budget, hand_over)
+        await asyncio.shield(job)
     except BaseException:
+        # A cancelled save (or a failed leaf): the thread stops before its next leaf, and
+        # nothing it handed over is left writing into the directory about to be removed.
+        stop.set()
+        await asyncio.gather(job, return_exceptions=True)
         await asyncio.sleep(0)  # let pending hand-overs land so they are cancelled too
-        for t in tasks:
-            t.cancel()
+        await _cancel(tasks)
         raise
     await asyncio.sleep(0)  # the last call_soon_threadsafe callbacks run before we return
     staged = True

@@ -227,6 +227,56 @@ def test_failed_commit_raised_by_async_face(tmp_path, monkeypatch):
     assert steps_on_disk(tmp_path) == ["1"]
 
 
+def test_saves_awaited_at_once_run_one_after_the_other(tmp_path):
+    # Each used to read the step list before the other wrote it back: a committed step went
+    # missing from all_steps(), and the same step saved twice was accepted twice.
+    async def main():
+        opts = ocp.CheckpointManagerOptions(max_to_keep=10)
+        async with ckpt_async.aio.AsyncCheckpointManager(tmp_path, opts) as mngr:
+            futs = await asyncio.gather(*(mngr.save(s, args=ocp.args.StandardSave(tree(s)))
+                                          for s in (1, 2)))
+            await asyncio.wait_for(asyncio.gather(*futs), LIMIT_S)
+            assert mngr.all_steps() == [1, 2]
+            again = await asyncio.gather(*(mngr.save(3, args=ocp.args.StandardSave(tree(3)))
+                                           for _ in range(2)))
+            assert again[1] is None  # (not after the latest step: skipped, as in Orbax)
+            await mngr.wait_until_finished()
+            return mngr.all_steps()
+
+    assert asyncio.run(main()) == [1, 2, 3]
+    assert steps_on_disk(tmp_path) == ["1", "2", "3"]
+
+
+def test_cancelling_an_awaited_save_while_it_stages_abandons_it(tmp_path, monkeypatch):
+    # The save stops staging and removes its files before the caller hears CancelledError;
+    # a retry of the step then saves it. (It used to go on invisibly and commit, and the
+    # retry failed as "another writer committed it".)
+    import ckpt_async._stage as _stage
+
+    real = _stage.host_copy
+    monkeypatch.setattr(_stage, "host_copy", lambda *a: (time.sleep(0.02), real(*a))[1])
+    handler = ocp.StandardCheckpointHandler(host_memory_budget_bytes=1 << 20)
+    state = {f"x{i:02d}": np.full(4096, i, np.float32) for i in range(60)}  # ~1.2 s to stage
+
+    async def main():
+        async with ckpt_async.aio.AsyncCheckpointManager(tmp_path, item_handlers=handler) as mngr:
+            task = asyncio.create_task(mngr.save(4, args=ocp.args.StandardSave(state)))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert mngr.all_steps() == [] and not mngr.is_saving_in_progress()
+            assert [n for n in os.listdir(tmp_path) if n.startswith("4")] == []
+            assert handler._budget._used == 0
+            monkeypatch.undo()
+            await asyncio.wait_for(await mngr.save(4, args=ocp.args.StandardSave(state)), LIMIT_S)
+            return await mngr.restore(4)
+
+    out = asyncio.run(main())
+    assert all(np.array_equal(out[k], v) for k, v in state.items())
+    assert steps_on_disk(tmp_path) == ["4"]
+
+
 def test_commit_timeout_fails_the_step(tmp_path, gate):
     gate.hold("0")  # never released within the timeout
     opts = ocp.CheckpointManagerOptions(async_options=ocp.AsyncOptions(timeout_secs=0.3))

@@ -191,7 +191,11 @@ class PyTreeCheckpointHandler(CheckpointHandler):
             await writer.write(batch)
             tracker.add(sum(a.nbytes for a in batch))
 
-        tasks = await stage(to_stage, self._budget, write_batch)
+        try:
+            tasks = await stage(to_stage, self._budget, write_batch)
+        except BaseException:
+            await writer.settle()  # (the threads of batches handed over before the failure)
+            raise
         all_in = writer.expect_batches(len(tasks))
 
         async def abort(extra: Sequence[asyncio.Future[Any]] = ()) -> None:

@@ -111,6 +111,9 @@ class AsyncCheckpointManager:
             multiprocessing_options=self.options.multiprocessing_options)
         self._checkpoints: list[CheckpointInfo] = []
         self._futures: dict[int, CommitFuture] = {}
+        # One save() at a time, from its decision to its commit's registration: two awaited
+        # at once (asyncio.gather) each read the step list before the other wrote it back.
+        self._saving = asyncio.Lock()
         self._failures: list[BaseException] = []
         self._root_metadata = metadata
         self._closed = False
@@ -284,7 +287,14 @@ class AsyncCheckpointManager:
     @on_engine
     async def save(self, step: int, args: CheckpointArgs | None = None, metrics: Any = None,
                    force: bool = False, custom_metadata: dict | None = None) -> CommitFuture | None:
-        """Stages ``args`` as ``step``; returns the commit's future, or None when skipped."""
+        """Stages ``args`` as ``step``; returns the commit's future, or None when skipped.
+        Saves awaited at once run one after the other (their commits still overlap); a save
+        whose caller is cancelled while it stages is abandoned, its files removed."""
+        async with self._saving:
+            return await self._save(step, args, metrics, force, custom_metadata)
+
+    async def _save(self, step: int, args: CheckpointArgs | None, metrics: Any, force: bool,
+                    custom_metadata: dict | None) -> CommitFuture | None:
         await self._ensure_init()
         if self._closed:
             raise ClosedError(f"the manager of {self.directory} is closed")
