@@ -55,9 +55,11 @@ def test_deep_and_wide_trees_round_trip(tmp_path):
 @pytest.mark.parametrize("leaf", [object(), lambda x: x, np.array([object()]),
                                   np.array(["a", "b"])])
 def test_unsupported_leaves_write_nothing(tmp_path, leaf):
-    with ocp.PyTreeCheckpointer() as ckptr, pytest.raises(UnsupportedLeafError):
+    with ocp.PyTreeCheckpointer() as ckptr, pytest.raises(UnsupportedLeafError) as err:
         ckptr.save(tmp_path / "c", {"ok": np.ones(2), "bad": leaf})
     assert os.listdir(tmp_path) == []
+    # named as the caller knows it, not as the temporary directory that is gone
+    assert str(err.value).startswith(f"{tmp_path / 'c'}: leaf 'bad'"), str(err.value)
 
 
 def test_bad_paths(tmp_path):
@@ -69,6 +71,8 @@ def test_bad_paths(tmp_path):
             ckptr.save(tmp_path / "file" / "sub", {"a": np.ones(2)})
     with pytest.raises(InvalidArgumentError, match="not a directory"):
         ocp.CheckpointManager(tmp_path / "file")
+    with pytest.raises(InvalidArgumentError, match="is a file"):  # (was a CommitError)
+        ocp.CheckpointManager(tmp_path / "file" / "run")
     assert sorted(os.listdir(tmp_path)) == ["file"]
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from .. import _commit, _integrity, multihost
 from .. import _format as fmt
 from .. import _storage as storage
-from .._checkpointer import AsyncCheckpointer, AsyncOptions, as_path
+from .._checkpointer import AsyncCheckpointer, AsyncOptions, as_path, check_writable
 from .._paths import AnyPath
 from .._runtime import CommitFuture, get_runtime, on_engine
 from ..args import CheckpointArgs, Composite, JsonSave
@@ -130,8 +130,11 @@ class AsyncCheckpointManager:
         self._initialized = True
         self._roles = multihost.roles_for(self.options.multiprocessing_options)
         if self.options.create and not self.options.read_only:
-            if await storage.exists(self.directory) and not await storage.is_dir(self.directory):
-                raise InvalidArgumentError(f"{self.directory} exists and is not a directory")
+            if await storage.exists(self.directory):
+                if not await storage.is_dir(self.directory):
+                    raise InvalidArgumentError(f"{self.directory} exists and is not a directory")
+            else:  # (a file above it: InvalidArgumentError, as for a checkpointer)
+                await get_runtime().to_thread(check_writable, self.directory)
             await storage.makedirs(self.directory)
         # (with several processes the primary alone removes and writes shared files)
         if self.options.cleanup_tmp_directories and self._roles.is_primary:
