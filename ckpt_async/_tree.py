@@ -251,11 +251,13 @@ def target_leaves(
 
 
 def check_structure(
-    saved: set[str], wanted: set[str], *, where: str, allow_missing: bool = False
+    saved: set[str], wanted: set[str], *, where: str, allow_missing: bool = False,
+    allow_unexpected: bool = False,
 ) -> None:
-    """Raises StructureMismatchError naming the keys missing from or unexpected in a target."""
+    """Raises StructureMismatchError naming the keys missing from or unexpected in a target
+    (unless ``allow_missing`` / ``allow_unexpected``)."""
     missing = sorted(saved - wanted) if not allow_missing else []
-    unexpected = sorted(wanted - saved)
+    unexpected = sorted(wanted - saved) if not allow_unexpected else []
     if missing or unexpected:
         parts = []
         if missing:

@@ -381,6 +381,26 @@ def test_partial_restore_restores_a_subset(tmp_path):
     assert_bits_equal(out["b"]["c"], tree["b"]["c"])
 
 
+@pytest.mark.parametrize("face", ["pytree", "standard"])
+def test_partial_restore_keeps_the_targets_values_for_keys_not_saved(tmp_path, face):
+    # As in Orbax: a model that grew a parameter restores the old ones and keeps the new
+    # one's initial value (it was a StructureMismatchError).
+    saved = {"w": jnp.arange(4, dtype=jnp.float32), "n": np.ones(2, np.int8)}
+    new = jnp.full((3,), 7.0, jnp.float32)
+    target = {"w": jnp.zeros(4, jnp.float32), "new": new}
+    if face == "pytree":
+        ckptr, args = ocp.PyTreeCheckpointer(), ocp.args.PyTreeRestore(target, partial_restore=True)
+    else:
+        ckptr, args = ocp.StandardCheckpointer(), ocp.args.StandardRestore(target, strict=False)
+    with ckptr:
+        ckptr.save(tmp_path / "c", saved)
+        out = ckptr.restore(tmp_path / "c", args=args)
+        assert set(out) == {"w", "new"} and out["new"] is new
+        assert_bits_equal(out["w"], saved["w"])
+        with pytest.raises(StructureMismatchError, match=r"not in the checkpoint: \('new',\)"):
+            ckptr.restore(tmp_path / "c", args=type(args)(target))  # (not partial)
+
+
 class _Opaque:
     pass
 

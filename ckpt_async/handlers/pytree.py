@@ -732,7 +732,10 @@ class _Reader:
             rpairs, _ = _tree.target_leaves(restore_args)
             rargs = {k: a for k, _n, a in rpairs}
         wanted = {k for k, _n, _l in pairs}
-        _tree.check_structure(set(self.by_key), wanted, where=str(self.dir), allow_missing=partial)
+        # A partial restore takes what the target names: a key the checkpoint lacks comes back
+        # as the target's own value (as in Orbax: new parameters keep their initial values).
+        _tree.check_structure(set(self.by_key), wanted, where=str(self.dir), allow_missing=partial,
+                              allow_unexpected=partial)
         # A target sharded over other processes' devices too: this process reads only the
         # region its own devices hold (each process restores its part of the global array).
         spanning: dict[int, bool] = {}  # id(sharding) -> spans other processes (asked once)
@@ -748,7 +751,9 @@ class _Reader:
                                                 if k in self.by_key and k not in spread))
 
         def one(key: str, name: str, tleaf: Any) -> Any:  # the value, or a coroutine
-            entry = self.by_key[key]
+            entry = self.by_key.get(key)
+            if entry is None:  # (partial: not in the checkpoint)
+                return tleaf
             vt = entry.value_metadata.value_type
             if vt in _tree.EMPTY_TYPES:
                 return tleaf if tleaf is not None or vt == "None" else self._empty(vt, name)
