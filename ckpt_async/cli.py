@@ -263,6 +263,9 @@ async def checkpoint_items(path: AnyPath) -> list[Item]:
 
 
 async def _check_committed(path: AnyPath) -> None:
+    if _steps.is_leftover(path.name):
+        raise CLIError(f"{path} is a leftover of a save or deletion that did not finish (its "
+                       "temporary name), not a checkpoint; `ckpt-async gc` removes it")
     if not await _commit.is_visible(path):
         raise CLIError(f"{path} is not committed (no {fmt.COMMIT_SUCCESS}): a save that did "
                        "not finish, which no manager lists; `ckpt-async gc` removes it")
@@ -273,6 +276,8 @@ async def resolve_checkpoint(path: AnyPath, step: int | None,
     """``path`` itself when it is a checkpoint, else a step of the manager directory ``path``
     (``step``, or the latest)."""
     await check_dir(path)
+    if step is None and _steps.is_leftover(path.name):
+        await _check_committed(path)
     if step is None and await is_checkpoint(path):
         await _check_committed(path)
         return path, None

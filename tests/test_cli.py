@@ -287,6 +287,12 @@ def test_gc_removes_exactly_the_leftovers(capsys, run_dir, tmp_path):
     assert code == 0 and "no leftovers" in out
 
 
+@pytest.mark.parametrize("command", ["show", "verify"])
+def test_a_leftover_is_named_as_one_not_decoded(capsys, run_dir, command):
+    code, _, err = run(capsys, command, run_dir / "30.orbax-checkpoint-tmp-1234")
+    assert code == 1 and "is a leftover of a save or deletion that did not finish" in err
+
+
 def test_gc_older_than_keeps_fresh_leftovers(capsys, run_dir, tmp_path):
     work = tmp_path / "run"
     shutil.copytree(run_dir, work)
