@@ -173,6 +173,7 @@ async def _verify_json(item: AnyPath, report: VerifyReport) -> None:
     except CheckpointError as exc:
         report.problems.append(str(exc))
         return
+    checked = report.documents_checked
     for name in sorted(await storage.listdir(item)):
         if name in (fmt.COMMIT_SUCCESS, CHECKSUMS) or await storage.is_dir(item / name):
             continue
@@ -183,6 +184,9 @@ async def _verify_json(item: AnyPath, report: VerifyReport) -> None:
             report.documents_checked += 1
         except CheckpointError as exc:
             report.problems.append(str(exc))
+    if report.documents_checked == checked and not report.problems:
+        report.problems.append(f"{item}: neither a pytree item (no {fmt.PYTREE_METADATA}) nor "
+                               "a JSON item (no document): nothing to check")
 
 
 def verify(path: Any, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
@@ -205,6 +209,21 @@ async def averify(path: Any, progress: Callable[[int, int], None] | None = None)
     report = VerifyReport(root)
     if not await storage.is_dir(root):
         raise CheckpointNotFoundError(f"checkpoint {root} does not exist")
+    if not await storage.exists(root / fmt.CHECKPOINT_METADATA) and \
+            not await storage.exists(root / fmt.PYTREE_METADATA):
+        # A manager's directory: every step in it (as the CLI's verify does). Its step
+        # folders are not items, and taken for items they held nothing to check.
+        steps = [root / n for n in sorted(await storage.listdir(root))
+                 if await storage.exists(root / n / fmt.CHECKPOINT_METADATA)]
+        for step in steps:
+            sub = await averify(step, progress)
+            report.items_checked += sub.items_checked
+            report.arrays_checked += sub.arrays_checked
+            report.bytes_checked += sub.bytes_checked
+            report.documents_checked += sub.documents_checked
+            report.problems += sub.problems
+        if steps:
+            return report
     items: list[AnyPath] = []
     if await storage.exists(root / fmt.PYTREE_METADATA):
         items = [root]

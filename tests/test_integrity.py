@@ -53,6 +53,24 @@ def test_flipped_byte_in_array_data(tmp_path):
     assert not report.ok and any("big" in p for p in report.problems)
 
 
+def test_verify_of_a_manager_directory_checks_every_step(tmp_path):
+    # A manager's directory used to pass with nothing checked: its step folders were taken
+    # for items without documents.
+    with ocp.CheckpointManager(tmp_path / "run") as mngr:
+        for step in (1, 2):
+            mngr.save(step, args=ocp.args.StandardSave({"big": np.arange(1 << 18) + step}))
+    report = ocp.verify(tmp_path / "run")
+    assert report.ok and report.items_checked == 2 and report.arrays_checked == 2, report
+    f = _largest_data_file(tmp_path / "run" / "2")
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    f.write_bytes(bytes(data))
+    report = ocp.verify(tmp_path / "run")
+    assert not report.ok and all(str(tmp_path / "run" / "2") in p for p in report.problems)
+    (tmp_path / "empty" / "item").mkdir(parents=True)  # (not a checkpoint: nothing to check)
+    assert not ocp.verify(tmp_path / "empty").ok
+
+
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_truncated_or_missing_data_file(tmp_path, damage):
     _save(tmp_path / "c")
