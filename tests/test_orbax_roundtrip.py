@@ -162,6 +162,24 @@ def test_composite_with_json_to_orbax(tmp_path, mesh):
     assert out.extra == extra
 
 
+def test_numpy_scalars_of_standard_save_as_orbax_stores_them(tmp_path):
+    # Orbax's standard handler stores a NumPy scalar as a 0-d array and restores it as one,
+    # dtype kept; as "scalar" it came back to Orbax as a Python int or float.
+    tree = {"i": np.int32(3), "f": np.float32(1.5), "h": np.float16(-2), "p": 2.5}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "ours", tree)
+        ours = ckptr.restore(tmp_path / "ours")
+    with orbax.StandardCheckpointer() as ockptr:
+        ockptr.save(tmp_path / "theirs", tree)
+        theirs = ockptr.restore(tmp_path / "theirs")
+        from_ours = ockptr.restore(tmp_path / "ours")
+    for k in "ifh":
+        assert type(from_ours[k]) is type(theirs[k]) is np.ndarray and from_ours[k].shape == ()
+        assert from_ours[k].dtype == theirs[k].dtype == tree[k].dtype
+        assert type(ours[k]) is type(tree[k]) and ours[k] == tree[k]  # (ours keeps the type)
+    assert from_ours["p"] == theirs["p"] == ours["p"] == 2.5
+
+
 def test_non_finite_json_and_custom_metadata_both_ways(tmp_path):
     doc = {"nan": float("nan"), "inf": float("inf"), "ninf": float("-inf"), "x": [1.5, None]}
     custom = {"best": float("-inf")}

@@ -134,6 +134,7 @@ class PyTreeCheckpointHandler(CheckpointHandler):
 
     typestr = fmt.PYTREE_TYPESTR
     _allow_strings = True
+    _numpy_scalars_as_arrays = False
 
     def __init__(
         self,
@@ -155,6 +156,10 @@ class PyTreeCheckpointHandler(CheckpointHandler):
         leaves, skeleton = _tree.flatten(item)
         by_name = _save_args_by_name(save_args, where)
         planned = [_classify(leaf, by_name.get(leaf.name), where) for leaf in leaves]
+        if self._numpy_scalars_as_arrays:
+            for p in planned:  # (the tag still brings back the NumPy scalar type here)
+                if p.value_type == "scalar" and (p.scalar_tag or "").startswith("np:"):
+                    p.value_type = "np.ndarray"
         if not self._allow_strings:
             for p in planned:
                 if p.value_type == "string":
@@ -350,6 +355,9 @@ class StandardCheckpointHandler(PyTreeCheckpointHandler):
 
     typestr = fmt.STANDARD_TYPESTR
     _allow_strings = True
+    # Orbax's standard handler stores a NumPy scalar as a 0-d array ("np.ndarray"), which
+    # Orbax restores as one, dtype kept (as "scalar" it came back a Python int or float).
+    _numpy_scalars_as_arrays = True
 
 
 def _target_sharding(tleaf: Any, rarg: Any) -> jax.sharding.Sharding | None:
@@ -663,9 +671,14 @@ class _Reader:
             return self._saved_value(name, arr, vt, sharding)
         return self._read_as_saved(name, vt, sharding)
 
+    def _is_scalar(self, name: str, vt: str) -> bool:
+        """Whether the value saved as ``name`` was a scalar (a NumPy scalar's "np.ndarray"
+        entry, as the standard handler writes it, carries its tag)."""
+        return vt == "scalar" or (vt == "np.ndarray" and name in self.scalars)
+
     def _saved_value(self, name: str, arr: np.ndarray, vt: str,
                      sharding: jax.sharding.Sharding | None) -> Any:
-        if vt == "scalar":
+        if self._is_scalar(name, vt):
             return self._scalar(name, arr)
         if vt == "jax.Array":
             return _put(arr, sharding)
@@ -848,7 +861,7 @@ class _Reader:
             return tleaf.dtype.type(arr.item())
         if type(tleaf) in _SCALAR_DTYPES:
             return type(tleaf)(arr.item())
-        if vt == "scalar":
+        if self._is_scalar(name, vt):
             return self._scalar(name, arr)
         if vt == "jax.Array":
             return _put(arr, None)
@@ -867,7 +880,7 @@ class _Reader:
             shape, dtype, chunks = await ser.read_shape_dtype(
                 self.ctx, self.dir, name, use_ocdbt=self.doc.use_ocdbt,
                 use_zarr3=self.doc.use_zarr3)
-            if vt == "scalar":
+            if self._is_scalar(name, vt):
                 return ScalarMetadata(name, self.dir, shape, None, dtype, None)
             sharding = None
             if name in self.shardings:
