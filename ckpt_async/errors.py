@@ -55,6 +55,10 @@ class StepNotFoundError(CheckpointNotFoundError):
     """Raised when a step is not among a manager's committed steps."""
 
 
+class ItemNotFoundError(CheckpointNotFoundError, KeyError):
+    """Raised when a restore names an item the checkpoint does not hold (Orbax: KeyError)."""
+
+
 class CorruptCheckpointError(CheckpointError):
     """Raised when stored data or metadata fails to decode or verify."""
 
@@ -96,6 +100,7 @@ __all__ = [
     "CorruptCheckpointError",
     "HandlerError",
     "InvalidArgumentError",
+    "ItemNotFoundError",
     "NotWritableError",
     "ProcessFailedError",
     "ReadOnlyError",

@@ -704,6 +704,8 @@ def test_registered_item_absent_from_the_checkpoint_is_left_out(tmp_path):
         assert set(mngr.restore(0).keys()) == {"state"}  # as Orbax 0.12.8
         with pytest.raises(FileNotFoundError):
             mngr.restore(0, args=ocp.args.Composite(extra=None))
+        with pytest.raises(KeyError, match="'extra' is not in the checkpoint"):  # (as Orbax)
+            mngr.restore(0, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
 
 
 def test_item_saved_as_none_restores_as_none_also_after_reopen(tmp_path):

@@ -134,6 +134,7 @@ EXPECTED_BUILTINS: dict[str, set[type[BaseException]]] = {
     "NotWritableError": {PermissionError, OSError},
     "CheckpointNotFoundError": {FileNotFoundError, OSError},
     "StepNotFoundError": {FileNotFoundError, OSError},
+    "ItemNotFoundError": {FileNotFoundError, OSError, KeyError, LookupError},
     "CorruptCheckpointError": set(),
     "CommitError": set(),
     "CommitTimeoutError": {TimeoutError, OSError},

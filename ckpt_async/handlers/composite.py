@@ -11,7 +11,7 @@ from .. import _integrity
 from .. import _storage as storage
 from .._paths import AnyPath
 from ..args import CheckpointArgs, Composite, register_with_handler
-from ..errors import CheckpointNotFoundError, HandlerError
+from ..errors import HandlerError, ItemNotFoundError
 from .base import CheckpointHandler, Writer
 from .registry import DefaultCheckpointHandlerRegistry, handler_for_typestr
 
@@ -121,7 +121,7 @@ class CompositeCheckpointHandler(CheckpointHandler):
             wanted = dict(args.items())
             for name in wanted:
                 if name not in stored:
-                    raise CheckpointNotFoundError(
+                    raise ItemNotFoundError(
                         f"{directory}: item {name!r} is not in the checkpoint (it holds "
                         f"{sorted(stored)})")
         present = [n for n in wanted if n in stored]
