@@ -1133,6 +1133,7 @@ def _named_sharding_json(sharding: jax.sharding.NamedSharding) -> str:
             "sharding_type": "NamedSharding",
             "shape": [int(s) for s in mesh.devices.shape],
             "axis_names": list(mesh.axis_names),
+            "axis_types": [str(t) for t in mesh.axis_types],  # ("AxisType.Explicit", as Orbax)
             "partition_spec": [list(p) if isinstance(p, tuple) else p for p in sharding.spec],
             "device_mesh": {
                 "mesh": jax.tree.map(lambda d: {"id": d.id}, mesh.devices.tolist())
@@ -1162,5 +1163,19 @@ def sharding_from_json(text: str) -> jax.sharding.Sharding | None:
         spec = jax.sharding.PartitionSpec(
             *[tuple(p) if isinstance(p, list) else p for p in data["partition_spec"]]
         )
-        return jax.sharding.NamedSharding(jax.sharding.Mesh(devices, data["axis_names"]), spec)
+        mesh = jax.sharding.Mesh(devices, data["axis_names"],
+                                 axis_types=axis_types_from_json(data.get("axis_types")))
+        return jax.sharding.NamedSharding(mesh, spec)
     return None
+
+
+#: jax's axis types by the names a ``_sharding`` entry gives them ("AxisType.Explicit").
+_AXIS_TYPES = {str(t): t for t in jax.sharding.AxisType}
+
+
+def axis_types_from_json(names: list[str] | None) -> tuple[jax.sharding.AxisType, ...] | None:
+    """A mesh's axis types as a ``_sharding`` entry names them; None (jax's default) when it
+    names none, or one this jax does not know."""
+    if not names or any(n not in _AXIS_TYPES for n in names):
+        return None
+    return tuple(_AXIS_TYPES[n] for n in names)

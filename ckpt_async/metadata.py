@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from ._paths import AnyPath
+from ._serialize import axis_types_from_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,14 @@ class StorageMetadata:
 class SingleDeviceShardingMetadata:
     device_str: str
 
+    def to_jax_sharding(self) -> jax.sharding.SingleDeviceSharding:
+        """The sharding on this process's device of that name (``ValueError`` if none)."""
+        name = self.device_str.replace("TFRT_CPU_", "cpu:")
+        for device in jax.devices():
+            if str(device) == name:
+                return jax.sharding.SingleDeviceSharding(device)
+        raise ValueError(f"no device {self.device_str} in this process: {jax.devices()}")
+
     def __repr__(self) -> str:
         return f"SingleDeviceShardingMetadata(device_str={self.device_str})"
 
@@ -34,11 +43,30 @@ class NamedShardingMetadata:
     shape: tuple[int, ...]
     axis_names: tuple[str, ...]
     partition_spec: tuple[Any, ...]
+    axis_types: tuple[jax.sharding.AxisType, ...] | None = None
+    #: The mesh's device ids, nested as the mesh (None: ``jax.devices()`` in order).
+    device_mesh: Any = None
+
+    def to_jax_sharding(self) -> jax.sharding.NamedSharding:
+        """The sharding rebuilt on this process's devices (as Orbax's ``to_jax_sharding``)."""
+        if self.device_mesh is not None:
+            by_id = {d.id: d for d in jax.devices()}
+            ids = np.asarray(self.device_mesh).reshape(-1)
+            missing = [int(i) for i in ids if int(i) not in by_id]
+            if missing:
+                raise ValueError(f"devices {missing} of the saved mesh are not in this process")
+            devices = np.array([by_id[int(i)] for i in ids], dtype=object)
+        else:
+            devices = np.array(jax.devices(), dtype=object)
+        mesh = jax.sharding.Mesh(devices.reshape(self.shape), self.axis_names,
+                                 axis_types=self.axis_types)
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*self.partition_spec))
 
     def __repr__(self) -> str:
         return (
             f"NamedShardingMetadata(shape={list(self.shape)}, axis_names={list(self.axis_names)},"
-            f" partition_spec={self.partition_spec})"
+            f" axis_types={self.axis_types}, partition_spec={self.partition_spec})"
+            f" device_mesh={self.device_mesh}"
         )
 
 
@@ -48,10 +76,14 @@ def sharding_metadata_from_json(data: Mapping[str, Any] | None) -> Any:
     if data.get("sharding_type") == "SingleDeviceSharding":
         return SingleDeviceShardingMetadata(str(data.get("device_str")))
     if data.get("sharding_type") == "NamedSharding":
+        mesh = (data.get("device_mesh") or {}).get("mesh")
         return NamedShardingMetadata(
             tuple(data.get("shape", ())),
             tuple(data.get("axis_names", ())),
             tuple(tuple(p) if isinstance(p, list) else p for p in data.get("partition_spec", ())),
+            axis_types_from_json(data.get("axis_types")),
+            None if mesh is None else jax.tree.map(lambda d: d["id"], mesh,
+                                                   is_leaf=lambda x: isinstance(x, dict)),
         )
     return None
 

@@ -162,6 +162,35 @@ def test_composite_with_json_to_orbax(tmp_path, mesh):
     assert out.extra == extra
 
 
+def test_mesh_axis_types_and_metadata_shardings_both_ways(tmp_path):
+    # A mesh's axis types are written (as Orbax writes them) and come back; metadata's
+    # shardings rebuild the sharding (to_jax_sharding), a permuted device order included.
+    from jax.sharding import AxisType
+
+    devices = np.array(jax.devices())[[3, 1, 2, 0]].reshape(2, 2)
+    explicit = Mesh(devices, ("x", "y"), axis_types=(AxisType.Explicit,) * 2)
+    sharded = NamedSharding(explicit, PartitionSpec("x", "y"))
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[2])
+    tree = {"a": jax.device_put(np.arange(16, dtype=np.float32).reshape(4, 4), sharded),
+            "b": jax.device_put(np.ones(3, np.int8), single)}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "ours", tree)
+        restored = ckptr.restore(tmp_path / "ours")
+        meta = ckptr.metadata(tmp_path / "ours").item_metadata
+    with orbax.StandardCheckpointer() as ockptr:
+        theirs = ockptr.restore(tmp_path / "ours")
+        ockptr.save(tmp_path / "theirs", tree)
+    with ocp.StandardCheckpointer() as ckptr:
+        from_theirs = ckptr.restore(tmp_path / "theirs")
+    for out in (restored, theirs, from_theirs):
+        assert out["a"].sharding == sharded and out["b"].sharding == single
+        assert out["a"].sharding.mesh.axis_types == (AxisType.Explicit,) * 2
+        assert_bits_equal(out["a"], tree["a"])
+    assert meta["a"].sharding.to_jax_sharding() == sharded
+    assert meta["a"].sharding.axis_types == (AxisType.Explicit,) * 2
+    assert meta["b"].sharding.to_jax_sharding() == single
+
+
 def test_numpy_scalars_of_standard_save_as_orbax_stores_them(tmp_path):
     # Orbax's standard handler stores a NumPy scalar as a 0-d array and restores it as one,
     # dtype kept; as "scalar" it came back to Orbax as a Python int or float.
