@@ -217,6 +217,25 @@ def test_special_float_values_are_bit_exact(tmp_path):
 
 
 # --- sharding -----------------------------------------------------------------------------------
+def test_saved_on_devices_this_process_lacks_restores_to_the_default_device(
+        tmp_path, mesh, caplog, monkeypatch):
+    # (as from a larger topology: no sharding of this process matches what was saved) Said
+    # once, not silently; the values are the same (Orbax refuses it without a target).
+    tree = {k: jax.device_put(np.arange(8, dtype=np.float32) + i,
+                              NamedSharding(mesh, PartitionSpec(("x", "y"))))
+            for i, k in enumerate("ab")}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", tree)
+    monkeypatch.setattr(ser, "sharding_from_json", lambda text: None)
+    with caplog.at_level("WARNING", logger="ckpt_async"), ocp.StandardCheckpointer() as ckptr:
+        out = ckptr.restore(tmp_path / "c", args=ocp.args.StandardRestore())
+    for k, v in tree.items():
+        assert out[k].sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        assert_bits_equal(out[k], v)
+    said = [r.getMessage() for r in caplog.records if "does not have" in r.getMessage()]
+    assert len(said) == 1 and str(tmp_path / "c") in said[0], said
+
+
 @pytest.mark.parametrize("spec", [PartitionSpec("x", "y"), PartitionSpec(None, "y"),
                                   PartitionSpec(("x", "y")), PartitionSpec()])
 def test_sharded_arrays_restore_with_their_sharding(tmp_path, mesh, spec):

@@ -13,6 +13,7 @@ import collections
 import contextlib
 import copy
 import json
+import logging
 import math
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ from .base import CheckpointHandler, Writer
 
 _SCALAR_DTYPES = {bool: np.dtype(bool), int: np.dtype(np.int64), float: np.dtype(np.float64),
                   complex: np.dtype(np.complex128)}
+
+log = logging.getLogger("ckpt_async")
 
 
 @dataclass(slots=True, eq=False)  # (not frozen: a frozen __init__ costs 4x, per leaf)
@@ -586,6 +589,7 @@ class _Reader:
         ext = doc.ckpt_async or {}
         self.skeleton = ext.get("skeleton")
         self.scalars: dict[str, str] = ext.get("scalars", {})
+        self._told_devices = False  # (the default-device warning, once per restore)
         # name -> (tuple key, entry), in the order they were stored
         self.by_key = {k: e for k, e in doc.tree_metadata.items()}
 
@@ -715,9 +719,16 @@ class _Reader:
         return _put_deferred(values)
 
     def _saved_sharding(self, name: str) -> jax.sharding.Sharding | None:
-        """The sharding an array was saved with, when this run has all its devices."""
+        """The sharding an array was saved with, when this run has all its devices (else
+        None, the default device, said once per restore: Orbax refuses such a restore)."""
         text = self.shardings.get(name)
-        return ser.sharding_from_json(text) if text is not None else None
+        sharding = ser.sharding_from_json(text) if text is not None else None
+        if sharding is None and text is not None and not self._told_devices:
+            self._told_devices = True
+            log.warning("%s: array %r was saved on devices this process does not have; it and "
+                        "any others like it are restored to the default device (pass a target "
+                        "tree with shardings to place them)", self.dir, name)
+        return sharding
 
     def _stored_arrays(self, named: Iterable[tuple[str, str]]) -> list[str]:
         """The names among ``named`` ((key, name) pairs) whose values are stored arrays."""
