@@ -151,6 +151,14 @@ class VerifyReport:
     def ok(self) -> bool:
         return not self.problems
 
+    def add(self, other: VerifyReport) -> None:
+        """Counts what ``other`` (another checkpoint's report) checked and found, too."""
+        self.items_checked += other.items_checked
+        self.arrays_checked += other.arrays_checked
+        self.bytes_checked += other.bytes_checked
+        self.documents_checked += other.documents_checked
+        self.problems += other.problems
+
 
 async def _pytree_plan(item: AnyPath, report: VerifyReport) -> tuple[Any, Any, list[str]] | None:
     """Reads (and checks) an item's documents; the names of its stored arrays."""
@@ -173,7 +181,7 @@ async def _verify_json(item: AnyPath, report: VerifyReport) -> None:
     except CheckpointError as exc:
         report.problems.append(str(exc))
         return
-    checked = report.documents_checked
+    checked, problems = report.documents_checked, len(report.problems)
     for name in sorted(await storage.listdir(item)):
         if name in (fmt.COMMIT_SUCCESS, CHECKSUMS) or await storage.is_dir(item / name):
             continue
@@ -184,7 +192,7 @@ async def _verify_json(item: AnyPath, report: VerifyReport) -> None:
             report.documents_checked += 1
         except CheckpointError as exc:
             report.problems.append(str(exc))
-    if report.documents_checked == checked and not report.problems:
+    if report.documents_checked == checked and len(report.problems) == problems:
         report.problems.append(f"{item}: neither a pytree item (no {fmt.PYTREE_METADATA}) nor "
                                "a JSON item (no document): nothing to check")
 
@@ -216,12 +224,7 @@ async def averify(path: Any, progress: Callable[[int, int], None] | None = None)
         steps = [root / n for n in sorted(await storage.listdir(root))
                  if await storage.exists(root / n / fmt.CHECKPOINT_METADATA)]
         for step in steps:
-            sub = await averify(step, progress)
-            report.items_checked += sub.items_checked
-            report.arrays_checked += sub.arrays_checked
-            report.bytes_checked += sub.bytes_checked
-            report.documents_checked += sub.documents_checked
-            report.problems += sub.problems
+            report.add(await averify(step, progress))
         if steps:
             return report
     items: list[AnyPath] = []

@@ -398,13 +398,13 @@ class Runtime:
             finally:
                 ended.set_result(None)
 
-        started: list[asyncio.Task[None]] = []
+        task: list[asyncio.Task[None]] = []
 
         def cancelled(done: concurrent.futures.Future[T]) -> None:
-            if done.cancelled():  # (after the start below: callbacks run in order)
-                self.loop.call_soon_threadsafe(lambda: [t.cancel() for t in started])
+            if done.cancelled():  # (queued after the start below: callbacks run in order)
+                self.loop.call_soon_threadsafe(lambda: task[0].cancel())
 
-        self.loop.call_soon_threadsafe(lambda: started.append(self._start_task(runner())))
+        self.loop.call_soon_threadsafe(lambda: task.append(self._start_task(runner())))
         fut.add_done_callback(cancelled)
         return fut, ended
 

@@ -21,7 +21,7 @@ import mmap
 import os
 import threading
 import zlib
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -1146,27 +1146,46 @@ def _named_sharding_json(sharding: jax.sharding.NamedSharding) -> str:
 def sharding_from_json(text: str) -> jax.sharding.Sharding | None:
     """The sharding a ``_sharding`` entry describes, or None when this process lacks its devices."""
     data = json.loads(text)
-    by_id = {d.id: d for d in jax.devices()}
-    by_str = {str(d): d for d in jax.devices()}
     if data.get("sharding_type") == "SingleDeviceSharding":
-        dev = by_str.get(str(data.get("device_str", "")).replace("TFRT_CPU_", "cpu:"))
+        dev = device_named(str(data.get("device_str", "")))
         return jax.sharding.SingleDeviceSharding(dev) if dev is not None else None
     if data.get("sharding_type") == "NamedSharding":
         mesh_ids = data.get("device_mesh", {}).get("mesh")
-        shape = tuple(data["shape"])
         if mesh_ids is None:
             return None
-        ids = np.array(jax.tree.map(lambda d: d["id"], mesh_ids, is_leaf=lambda x: "id" in x))
-        if not all(int(i) in by_id for i in ids.flat):
+        ids = jax.tree.map(lambda d: d["id"], mesh_ids, is_leaf=lambda x: "id" in x)
+        try:
+            mesh = mesh_of(ids, tuple(data["shape"]), data["axis_names"],
+                           axis_types_from_json(data.get("axis_types")))
+        except ValueError:
             return None
-        devices = np.vectorize(lambda i: by_id[int(i)], otypes=[object])(ids).reshape(shape)
         spec = jax.sharding.PartitionSpec(
             *[tuple(p) if isinstance(p, list) else p for p in data["partition_spec"]]
         )
-        mesh = jax.sharding.Mesh(devices, data["axis_names"],
-                                 axis_types=axis_types_from_json(data.get("axis_types")))
         return jax.sharding.NamedSharding(mesh, spec)
     return None
+
+
+def device_named(name: str) -> jax.Device | None:
+    """This process's device that a ``_sharding`` entry names (``cpu:3``, or jax's older
+    ``TFRT_CPU_3``), if it has it."""
+    name = name.replace("TFRT_CPU_", "cpu:")
+    return next((d for d in jax.devices() if str(d) == name), None)
+
+
+def mesh_of(ids: Any, shape: tuple[int, ...], axis_names: Sequence[str],
+            axis_types: tuple[jax.sharding.AxisType, ...] | None) -> jax.sharding.Mesh:
+    """The mesh of this process's devices with ids ``ids`` (nested as the mesh; None:
+    ``jax.devices()`` in order); ``ValueError`` naming those it lacks."""
+    if ids is None:
+        devices = np.array(jax.devices(), dtype=object)
+    else:
+        by_id = {d.id: d for d in jax.devices()}
+        flat = [int(i) for i in np.asarray(ids).reshape(-1)]
+        if missing := [i for i in flat if i not in by_id]:
+            raise ValueError(f"devices {missing} of the saved mesh are not in this process")
+        devices = np.array([by_id[i] for i in flat], dtype=object)
+    return jax.sharding.Mesh(devices.reshape(shape), tuple(axis_names), axis_types=axis_types)
 
 
 #: jax's axis types by the names a ``_sharding`` entry gives them ("AxisType.Explicit").

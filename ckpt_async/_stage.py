@@ -212,8 +212,8 @@ def stage_sync(
         raise
 
 
-async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancels ``tasks`` and waits for them to end."""
+async def cancel_all(tasks: Sequence[asyncio.Future[Any]]) -> None:
+    """Cancels ``tasks`` and waits for them to end, however they end."""
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -259,7 +259,7 @@ async def stage(
         try:
             stage_sync(leaves, budget, start_write, transfer=False)
         except BaseException:
-            await _cancel(tasks)  # (none has run yet: the loop was busy here)
+            await cancel_all(tasks)  # (none has run yet: the loop was busy here)
             raise
         staged = True  # (before any of the tasks runs)
         return tasks
@@ -274,7 +274,7 @@ async def stage(
         stop.set()
         await asyncio.gather(job, return_exceptions=True)
         await asyncio.sleep(0)  # let pending hand-overs land so they are cancelled too
-        await _cancel(tasks)
+        await cancel_all(tasks)
         raise
     await asyncio.sleep(0)  # the last call_soon_threadsafe callbacks run before we return
     staged = True

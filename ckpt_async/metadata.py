@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from ._paths import AnyPath
-from ._serialize import axis_types_from_json
+from ._serialize import axis_types_from_json, device_named, mesh_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,11 +28,10 @@ class SingleDeviceShardingMetadata:
 
     def to_jax_sharding(self) -> jax.sharding.SingleDeviceSharding:
         """The sharding on this process's device of that name (``ValueError`` if none)."""
-        name = self.device_str.replace("TFRT_CPU_", "cpu:")
-        for device in jax.devices():
-            if str(device) == name:
-                return jax.sharding.SingleDeviceSharding(device)
-        raise ValueError(f"no device {self.device_str} in this process: {jax.devices()}")
+        device = device_named(self.device_str)
+        if device is None:
+            raise ValueError(f"no device {self.device_str} in this process: {jax.devices()}")
+        return jax.sharding.SingleDeviceSharding(device)
 
     def __repr__(self) -> str:
         return f"SingleDeviceShardingMetadata(device_str={self.device_str})"
@@ -49,17 +48,7 @@ class NamedShardingMetadata:
 
     def to_jax_sharding(self) -> jax.sharding.NamedSharding:
         """The sharding rebuilt on this process's devices (as Orbax's ``to_jax_sharding``)."""
-        if self.device_mesh is not None:
-            by_id = {d.id: d for d in jax.devices()}
-            ids = np.asarray(self.device_mesh).reshape(-1)
-            missing = [int(i) for i in ids if int(i) not in by_id]
-            if missing:
-                raise ValueError(f"devices {missing} of the saved mesh are not in this process")
-            devices = np.array([by_id[int(i)] for i in ids], dtype=object)
-        else:
-            devices = np.array(jax.devices(), dtype=object)
-        mesh = jax.sharding.Mesh(devices.reshape(self.shape), self.axis_names,
-                                 axis_types=self.axis_types)
+        mesh = mesh_of(self.device_mesh, self.shape, self.axis_names, self.axis_types)
         return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*self.partition_spec))
 
     def __repr__(self) -> str:

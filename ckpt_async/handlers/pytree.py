@@ -30,7 +30,7 @@ from .. import _storage as storage
 from .._paths import AnyPath, coerce
 from .._progress import Tracker
 from .._runtime import gc_paused, get_runtime
-from .._stage import ByteBudget, cpu_sharding, stage, total_bytes
+from .._stage import ByteBudget, cancel_all, cpu_sharding, stage, total_bytes
 from ..args import (
     PyTreeRestore,
     PyTreeSave,
@@ -78,7 +78,10 @@ class _Planned:
 _ARRAY_KINDS: dict[type, str] = {np.ndarray: "np.ndarray"}
 
 
-def _classify(leaf: _tree.Leaf, save_arg: SaveArgs | None, where: str) -> _Planned:
+def _classify(leaf: _tree.Leaf, save_arg: SaveArgs | None, where: str,
+              numpy_scalar: str = "scalar") -> _Planned:
+    """What ``leaf`` becomes; a NumPy scalar the ``numpy_scalar`` kind ("np.ndarray" in the
+    standard handler, as Orbax's; its tag still brings back its type here)."""
     v = leaf.value
     cast = np.dtype(save_arg.dtype) if save_arg is not None and save_arg.dtype is not None else None
     kind = _ARRAY_KINDS.get(type(v))
@@ -99,7 +102,7 @@ def _classify(leaf: _tree.Leaf, save_arg: SaveArgs | None, where: str) -> _Plann
     if isinstance(v, np.ndarray):
         return _Planned(leaf, "np.ndarray", cast)
     if isinstance(v, np.generic):
-        return _Planned(leaf, "scalar", cast or v.dtype, f"np:{v.dtype.name}")
+        return _Planned(leaf, numpy_scalar, cast or v.dtype, f"np:{v.dtype.name}")
     if type(v) is int and not np.iinfo(np.int64).min <= v <= np.iinfo(np.int64).max:
         raise UnsupportedLeafError(f"{where}: leaf {leaf.name!r} is an int outside the int64 "
                                    "range, which cannot be checkpointed")
@@ -158,11 +161,8 @@ class PyTreeCheckpointHandler(CheckpointHandler):
             raise InvalidArgumentError(f"{where}: nothing to save (item is None)")
         leaves, skeleton = _tree.flatten(item)
         by_name = _save_args_by_name(save_args, where)
-        planned = [_classify(leaf, by_name.get(leaf.name), where) for leaf in leaves]
-        if self._numpy_scalars_as_arrays:
-            for p in planned:  # (the tag still brings back the NumPy scalar type here)
-                if p.value_type == "scalar" and (p.scalar_tag or "").startswith("np:"):
-                    p.value_type = "np.ndarray"
+        kind = "np.ndarray" if self._numpy_scalars_as_arrays else "scalar"
+        planned = [_classify(leaf, by_name.get(leaf.name), where, kind) for leaf in leaves]
         if not self._allow_strings:
             for p in planned:
                 if p.value_type == "string":
@@ -207,9 +207,7 @@ class PyTreeCheckpointHandler(CheckpointHandler):
         all_in = writer.expect_batches(len(tasks))
 
         async def abort(extra: Sequence[asyncio.Future[Any]] = ()) -> None:
-            for t in (*tasks, *extra):
-                t.cancel()
-            await asyncio.gather(*tasks, *extra, return_exceptions=True)
+            await cancel_all([*tasks, *extra])
             await writer.settle()
 
         try:
