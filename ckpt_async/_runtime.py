@@ -269,6 +269,31 @@ def in_background() -> bool:
     return _background.get()
 
 
+#: Done (on the engine loop) once the thread blocked in the sync call that started this task
+#: has its result back; unset for async callers. See :func:`caller_back`.
+_caller_back: contextvars.ContextVar[asyncio.Future[None] | None] = contextvars.ContextVar(
+    "ckpt_async_caller_back", default=None)
+
+
+async def caller_back(at_most: float) -> None:
+    """Waits until the thread of the sync call this task runs for (``save()``) has its result
+    and runs again, for at most ``at_most`` seconds (all of it for an async caller,
+    whose loop this one cannot see). Work started after that takes the GIL from a thread that
+    already has it, rather than making the woken caller wait the interpreter's switch interval
+    (5 ms) for it."""
+    back = _caller_back.get()
+    if back is None:
+        await asyncio.sleep(at_most)
+    elif not back.done():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(back), at_most)
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 def _settle(fut: concurrent.futures.Future[T], task: asyncio.Task[T]) -> None:
     """Copies a finished task's outcome into a thread-safe future."""
     if task.cancelled():
@@ -368,8 +393,17 @@ class Runtime:
                 f"sync call {getattr(fn, '__qualname__', fn)!r} made from the ckpt_async engine "
                 "loop would deadlock; use the async face (ckpt_async.aio) there"
             )
-        # submit() unwraps single-member groups, so the caller sees the original exception.
-        return self.submit(fn, *args, **kwargs).result()
+        # _submit() unwraps single-member groups, so the caller sees the original exception.
+        back: list[asyncio.Future[None]] = []
+        fut = self._submit(fn, args, kwargs, back)[0]
+        try:
+            return fut.result()
+        finally:
+            # (none yet when the wait was interrupted before the runner ran; a task then
+            # waits its whole timeout)
+            if back:
+                with contextlib.suppress(RuntimeError):  # (a loop closed meanwhile)
+                    self.loop.call_soon_threadsafe(_set_done, back[0])
 
     def submit(
         self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any
@@ -380,13 +414,18 @@ class Runtime:
         return self._submit(fn, args, kwargs)[0]
 
     def _submit(self, fn: Callable[..., Coroutine[Any, Any, T]], args: tuple[Any, ...],
-                kwargs: dict[str, Any]
+                kwargs: dict[str, Any], back: list[asyncio.Future[None]] | None = None
                 ) -> tuple[concurrent.futures.Future[T], concurrent.futures.Future[None]]:
-        """:meth:`submit`, and a future done once ``fn``'s task has ended, however."""
+        """:meth:`submit`, and a future done once ``fn``'s task has ended, however. ``back``
+        (a sync call's): given the future :func:`caller_back` waits for, which the caller
+        sets once it has ``fn``'s result."""
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         ended: concurrent.futures.Future[None] = concurrent.futures.Future()
 
         async def runner() -> None:
+            if back is not None:
+                back.append(self.loop.create_future())
+                _caller_back.set(back[0])  # (this task's context, copied by those it starts)
             try:
                 result = await fn(*args, **kwargs)
             except BaseException as exc:  # noqa: BLE001 - handed to the future

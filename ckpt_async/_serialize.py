@@ -201,7 +201,10 @@ class StoredArray:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for _, a in self.shards)
+        shards = self.shards
+        if len(shards) == 1:  # (the common case, asked per array on the blocking path)
+            return shards[0][1].nbytes
+        return sum(a.nbytes for _, a in shards)
 
 
 async def write_array(
@@ -256,7 +259,22 @@ def chunk_key(index: tuple[slice, ...], chunks: tuple[int, ...]) -> str:
     """The zarr v2 key of the chunk starting at ``index`` (``"0"`` for a 0-d array)."""
     if not chunks:
         return "0"
+    if index is full_index(len(chunks)):  # (a single device's array: its one chunk)
+        return _ORIGIN_KEYS[len(chunks)]
     return ".".join(str((s.start or 0) // max(1, c)) for s, c in zip(index, chunks, strict=True))
+
+
+_FULL_INDEX: dict[int, tuple[slice, ...]] = {}
+_ORIGIN_KEYS: dict[int, str] = {}
+
+
+def full_index(ndim: int) -> tuple[slice, ...]:
+    """``(slice(None),) * ndim``, built once per rank: the index of an array held whole."""
+    index = _FULL_INDEX.get(ndim)
+    if index is None:
+        _ORIGIN_KEYS[ndim] = ".".join("0" * ndim)
+        index = _FULL_INDEX[ndim] = (slice(None),) * ndim
+    return index
 
 
 #: Grids of at most this many chunks are kept (per shape and chunk shape) once computed.

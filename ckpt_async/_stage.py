@@ -20,8 +20,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._runtime import get_runtime, mark_background
-from ._serialize import StoredArray
+from ._runtime import caller_back, get_runtime, mark_background
+from ._serialize import StoredArray, full_index
 
 
 class ByteBudget:
@@ -55,17 +55,6 @@ class ByteBudget:
             self._cond.notify_all()
 
 
-_FULL_INDEX: dict[int, tuple[slice, ...]] = {}
-
-
-def _full_index(ndim: int) -> tuple[slice, ...]:
-    """``(slice(None),) * ndim``, built once per rank."""
-    index = _FULL_INDEX.get(ndim)
-    if index is None:
-        index = _FULL_INDEX[ndim] = (slice(None),) * ndim
-    return index
-
-
 def host_copy(value: Any, name: str, dtype: np.dtype | None) -> StoredArray:
     """A host snapshot of one leaf (jax.Array, np.ndarray or scalar), cast to ``dtype``.
 
@@ -80,7 +69,7 @@ def host_copy(value: Any, name: str, dtype: np.dtype | None) -> StoredArray:
             if dtype is not None and host.dtype != dtype:
                 host = host.astype(dtype)
             shape = host.shape
-            return StoredArray(name, shape, host.dtype, shape, ((_full_index(len(shape)), host),))
+            return StoredArray(name, shape, host.dtype, shape, ((full_index(len(shape)), host),))
         shards = []
         for shard in value.addressable_shards:
             if shard.replica_id != 0:
@@ -96,7 +85,7 @@ def host_copy(value: Any, name: str, dtype: np.dtype | None) -> StoredArray:
         return StoredArray(name, tuple(value.shape), out_dtype, tuple(chunks), tuple(shards))
     host = np.array(value, dtype=dtype, copy=True, order="C")
     shape = host.shape
-    return StoredArray(name, shape, host.dtype, shape, ((_full_index(len(shape)), host),))
+    return StoredArray(name, shape, host.dtype, shape, ((full_index(len(shape)), host),))
 
 
 #: Staged arrays are handed to the engine loop in batches of about this many bytes (or
@@ -233,8 +222,13 @@ async def stage(
         mark_background()  # the writes outlive save(): they run at the background priority
         # Let the engine loop go idle first, so that the caller's thread, woken by save()'s
         # result, takes the GIL at once instead of after the interpreter's switch interval
-        # (5 ms) of our writes' Python work.
-        await asyncio.sleep(HANDOFF_DELAY)
+        # (5 ms) of our writes' Python work. Once staged, that is until the caller's thread
+        # runs again, as a sync save() says, rather than a fixed HANDOFF_DELAY (the durable
+        # commit of a 64-byte save: 7.1 against 8.4 ms, in-process medians of 20).
+        if staged:
+            await caller_back(HANDOFF_DELAY)
+        else:
+            await asyncio.sleep(HANDOFF_DELAY)
         rt = get_runtime()
         # Paced while other threads keep the CPU busy, once save() has returned (a batch
         # written while it stages may be what its memory budget waits for).

@@ -292,6 +292,32 @@ def test_async_face_from_the_engine_loop(tmp_path: Path) -> None:
     np.testing.assert_array_equal(restored["b"], np.ones((3, 4)))
 
 
+def test_writes_start_once_the_sync_caller_has_its_result(tmp_path: Path, monkeypatch) -> None:
+    # A sync save()'s writes wait for its caller's thread to run again (so the woken caller
+    # gets the GIL first), not for a fixed delay; an async caller's wait the whole delay.
+    from ckpt_async import _stage
+
+    waits: list[tuple[bool, bool]] = []  # (a sync caller's future, set when the wait ended)
+    wait = _stage.caller_back
+
+    async def recorded(at_most: float) -> None:
+        back = _runtime._caller_back.get()
+        await wait(at_most)
+        waits.append((back is not None, back is not None and back.done()))
+
+    monkeypatch.setattr(_stage, "caller_back", recorded)
+    monkeypatch.setattr(_stage, "HANDOFF_DELAY", 600.0)  # (a wait for it would hang the test)
+    with ocp.CheckpointManager(tmp_path / "sync") as mngr:
+        mngr.save(1, args=ocp.args.StandardSave(_state()))
+        mngr.wait_until_finished()
+    assert waits and all(w == (True, True) for w in waits)
+
+    waits.clear()
+    monkeypatch.setattr(_stage, "HANDOFF_DELAY", 0.001)
+    asyncio.run(_save_and_restore(tmp_path / "async"))
+    assert waits and all(w == (False, False) for w in waits)
+
+
 def test_user_loop_keeps_running_while_the_commit_runs(tmp_path: Path) -> None:
     # The commit lives on the engine loop: the user's loop is free to tick meanwhile.
     async def main() -> int:

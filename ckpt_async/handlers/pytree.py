@@ -268,8 +268,9 @@ class PyTreeCheckpointHandler(CheckpointHandler):
             write_shape = None
             if p.value_type == "jax.Array":
                 v = leaf.value
-                write_shape = ser.shard_shape(v.sharding, v.shape)
-                sjson = ser.sharding_to_json(v.sharding)
+                sharding = v.sharding
+                write_shape = ser.shard_shape(sharding, v.shape)
+                sjson = ser.sharding_to_json(sharding)
                 if sjson is not None:
                     shardings[base64.b64encode(leaf.name.encode()).decode()] = sjson
                 array_metas.append(fmt.ArrayMetadataWrapper(fmt.ArrayMetadataEntry(
