@@ -230,7 +230,7 @@ def _prefix_lengths(keys: Sequence[bytes], lens: np.ndarray) -> np.ndarray:
     out = np.zeros(n, np.int64)
     if n > 1:
         width = max(1, int(lens.max()))
-        grid = np.frombuffer(b"".join(k.ljust(width, b"\0") for k in keys),
+        grid = np.frombuffer(b"".join([k.ljust(width, b"\0") for k in keys]),
                              np.uint8).reshape(n, width)
         differ = grid[1:] != grid[:-1]
         first = np.where(differ.any(axis=1), differ.argmax(axis=1), width)
@@ -239,12 +239,14 @@ def _prefix_lengths(keys: Sequence[bytes], lens: np.ndarray) -> np.ndarray:
     return out
 
 
-def _key_columns(keys: Sequence[bytes]) -> list[bytes]:
-    """``key_prefix_length`` (after the first), ``key_suffix_length`` and the suffixes."""
-    lens = np.fromiter(map(len, keys), np.int64, len(keys))
+def _key_columns(keys: Sequence[bytes], lens: np.ndarray | None = None) -> list[bytes]:
+    """``key_prefix_length`` (after the first), ``key_suffix_length`` and the suffixes;
+    ``lens``: the keys' lengths, where known."""
+    if lens is None:
+        lens = np.fromiter(map(len, keys), np.int64, len(keys))
     prefixes = _prefix_lengths(keys, lens)
     return [_varints(prefixes[1:]), _varints(lens - prefixes),
-            b"".join(k[p:] for k, p in zip(keys, prefixes.tolist()))]
+            b"".join([k[p:] for k, p in zip(keys, prefixes.tolist())])]
 
 
 def _file_table(files: list[str]) -> tuple[bytes, dict[str, int]]:
@@ -269,17 +271,45 @@ def _node(height: int, body: bytes) -> bytes:
 Value = bytes | tuple[str, int, int]
 
 
-def encode_leaf(entries: Sequence[tuple[bytes, Value]]) -> bytes:
-    keys = [k for k, _ in entries]
-    values = [v for _, v in entries]
+@dataclass
+class _Entries:
+    """Sorted B+tree entries as columns, each computed once for every leaf node cut from
+    them (entry by entry in Python, they were most of a large tree's encoding)."""
+
+    keys: list[bytes]
+    values: list[Value]
+    key_lengths: np.ndarray
+    inline: np.ndarray  # bool: the value is inline bytes
+    #: Each value's length: of its bytes inline, else of its range in a data file.
+    value_lengths: np.ndarray
+
+    @classmethod
+    def of(cls, entries: Sequence[tuple[bytes, Value]]) -> _Entries:
+        keys = [k for k, _ in entries]
+        values = [v for _, v in entries]
+        inline = np.fromiter([type(v) is bytes for v in values], bool, len(values))
+        lengths = np.fromiter([len(v) if type(v) is bytes else v[2] for v in values], np.int64,
+                              len(values))
+        return cls(keys, values, np.fromiter(map(len, keys), np.int64, len(keys)), inline,
+                   lengths)
+
+    def cut(self, start: int, stop: int) -> _Entries:
+        return _Entries(self.keys[start:stop], self.values[start:stop],
+                        self.key_lengths[start:stop], self.inline[start:stop],
+                        self.value_lengths[start:stop])
+
+
+def encode_leaf(cols: _Entries) -> bytes:
+    values = cols.values
     inline = [v for v in values if isinstance(v, bytes)]
-    indirect = [v for v in values if isinstance(v, tuple)]
+    indirect = [v for v in values if not isinstance(v, bytes)]
     table, index = _file_table([v[0] for v in indirect])
+    files = ([0] * len(indirect) if len(index) == 1 else [index[v[0]] for v in indirect])
     return _node(0, b"".join([
-        table, _varint(len(entries)), *_key_columns(keys),
-        _varints([len(v) if isinstance(v, bytes) else v[2] for v in values]),
-        bytes(0 if isinstance(v, bytes) else 1 for v in values),
-        _varints([index[v[0]] for v in indirect]),
+        table, _varint(len(values)), *_key_columns(cols.keys, cols.key_lengths),
+        _varints(cols.value_lengths),
+        (~cols.inline).astype(np.uint8).tobytes(),  # 0: inline, 1: in a data file
+        _varints(files),
         _varints([v[1] for v in indirect]),
         *inline,
     ]))
@@ -314,30 +344,33 @@ def encode_interior(height: int, children: Sequence[_Child]) -> bytes:
     ]))
 
 
-def _leaf_groups(entries: list[tuple[bytes, Value]]) -> list[list[tuple[bytes, Value]]]:
-    """``entries`` cut into leaves of at most _NODE_BYTES (estimated; at least one entry)."""
-    sizes = np.fromiter((len(k) + 40 + (len(v) if isinstance(v, bytes) else 0)
-                         for k, v in entries), np.int64, len(entries))
-    ends = np.cumsum(sizes)
+def _leaf_groups(cols: _Entries) -> list[tuple[int, int]]:
+    """Where to cut entries into leaves of at most _NODE_BYTES (estimated; at least one
+    entry): each leaf's (start, stop)."""
+    ends = np.cumsum(cols.key_lengths + 40 + np.where(cols.inline, cols.value_lengths, 0))
     groups, start = [], 0
-    while start < len(entries):
+    while start < len(ends):
         base = int(ends[start - 1]) if start else 0
         stop = max(start + 1, int(np.searchsorted(ends, base + _NODE_BYTES, side="right")))
-        groups.append(entries[start:stop])
+        groups.append((start, stop))
         start = stop
-    return groups or [[]]
+    return groups or [(0, 0)]
 
 
 def encode_tree(entries: list[tuple[bytes, Value]], node_file: str
                 ) -> tuple[bytes, _Child, int]:
     """Every node of a B+tree over ``entries`` (sorted, unique keys), as the bytes of
     ``node_file`` (children first), the root's reference and its height."""
+    cols = _Entries.of(entries)
+    indirect_ends = np.cumsum(np.where(cols.inline, 0, cols.value_lengths))
     out = bytearray()
     level: list[_Child] = []
-    for group in _leaf_groups(entries):
-        node = encode_leaf(group)
-        level.append(_Child(group[0][0], (node_file, len(out), len(node)), len(group),
-                            len(node), sum(v[2] for _, v in group if isinstance(v, tuple))))
+    for start, stop in _leaf_groups(cols):
+        node = encode_leaf(cols.cut(start, stop))
+        indirect = int(indirect_ends[stop - 1]) - (int(indirect_ends[start - 1]) if start else 0)
+        level.append(_Child(cols.keys[start] if stop > start else b"",
+                            (node_file, len(out), len(node)), stop - start, len(node),
+                            indirect if stop > start else 0))
         out += node
     height = 0
     while len(level) > 1:
