@@ -96,7 +96,7 @@ def host_copy(value: Any, name: str, dtype: np.dtype | None) -> StoredArray:
 #: 0.48 s), with no change in interference beyond the noise.
 BATCH_BYTES = 16 << 20
 BATCH_MAX_ARRAYS = 512
-#: Seconds a write waits before it starts (see ``stage``'s ``write_batch``).
+#: Seconds a write waits at most before it starts (see ``stage``'s ``write_batch``).
 HANDOFF_DELAY = 0.001
 
 
