@@ -354,13 +354,13 @@ def _leaf_groups(cols: _Entries) -> list[tuple[int, int]]:
         stop = max(start + 1, int(np.searchsorted(ends, base + _NODE_BYTES, side="right")))
         groups.append((start, stop))
         start = stop
-    return groups or [(0, 0)]
+    return groups
 
 
 def encode_tree(entries: list[tuple[bytes, Value]], node_file: str
                 ) -> tuple[bytes, _Child, int]:
-    """Every node of a B+tree over ``entries`` (sorted, unique keys), as the bytes of
-    ``node_file`` (children first), the root's reference and its height."""
+    """Every node of a B+tree over ``entries`` (sorted, unique keys; at least one), as the
+    bytes of ``node_file`` (children first), the root's reference and its height."""
     cols = _Entries.of(entries)
     indirect_ends = np.cumsum(np.where(cols.inline, 0, cols.value_lengths))
     out = bytearray()
@@ -368,9 +368,8 @@ def encode_tree(entries: list[tuple[bytes, Value]], node_file: str
     for start, stop in _leaf_groups(cols):
         node = encode_leaf(cols.cut(start, stop))
         indirect = int(indirect_ends[stop - 1]) - (int(indirect_ends[start - 1]) if start else 0)
-        level.append(_Child(cols.keys[start] if stop > start else b"",
-                            (node_file, len(out), len(node)), stop - start, len(node),
-                            indirect if stop > start else 0))
+        level.append(_Child(cols.keys[start], (node_file, len(out), len(node)), stop - start,
+                            len(node), indirect))
         out += node
     height = 0
     while len(level) > 1:
@@ -608,9 +607,9 @@ class DatabaseWriter:
         self._lock = threading.Lock()
         # Through the page cache every batch is a range of one data file, reserved by add():
         # the disk then takes one file front to back rather than a file per batch at once.
-        # (In-process medians, interleaved: quick large 127 against 138 ms, quick mixed 101
-        # against 110 ms, full mixed 758 against 814 ms; many_small unchanged, whose two
-        # threads' copies into one file take turns on its lock.)
+        # (Fresh processes, interleaved, medians of 8: quick large 129 against 141 ms, quick
+        # mixed 102 against 112 ms; of 5: full mixed 748 against 856 ms; many_small
+        # unchanged, whose two threads' copies into one file take turns on its lock.)
         self._data_name = _new_file()
         self._data_end = 0
         #: Where :meth:`finish` put the B+tree (for ``read_index``), once it has.
