@@ -21,7 +21,7 @@ import mmap
 import os
 import threading
 import zlib
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -1168,10 +1168,9 @@ def sharding_from_json(text: str) -> jax.sharding.Sharding | None:
         dev = device_named(str(data.get("device_str", "")))
         return jax.sharding.SingleDeviceSharding(dev) if dev is not None else None
     if data.get("sharding_type") == "NamedSharding":
-        mesh_ids = data.get("device_mesh", {}).get("mesh")
-        if mesh_ids is None:
+        ids = mesh_ids(data)
+        if ids is None:
             return None
-        ids = jax.tree.map(lambda d: d["id"], mesh_ids, is_leaf=lambda x: "id" in x)
         try:
             mesh = mesh_of(ids, tuple(data["shape"]), data["axis_names"],
                            axis_types_from_json(data.get("axis_types")))
@@ -1182,6 +1181,14 @@ def sharding_from_json(text: str) -> jax.sharding.Sharding | None:
         )
         return jax.sharding.NamedSharding(mesh, spec)
     return None
+
+
+def mesh_ids(data: Mapping[str, Any]) -> Any:
+    """The device ids of a ``_sharding`` entry's mesh, nested as the mesh; None if it has
+    none."""
+    mesh = (data.get("device_mesh") or {}).get("mesh")
+    return None if mesh is None else jax.tree.map(lambda d: d["id"], mesh,
+                                                  is_leaf=lambda x: isinstance(x, dict))
 
 
 def device_named(name: str) -> jax.Device | None:

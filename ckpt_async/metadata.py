@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from ._paths import AnyPath
-from ._serialize import axis_types_from_json, device_named, mesh_of
+from ._serialize import axis_types_from_json, device_named, mesh_ids, mesh_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +54,8 @@ class NamedShardingMetadata:
     def __repr__(self) -> str:
         return (
             f"NamedShardingMetadata(shape={list(self.shape)}, axis_names={list(self.axis_names)},"
-            f" axis_types={self.axis_types}, partition_spec={self.partition_spec})"
-            f" device_mesh={self.device_mesh}"
+            f" axis_types={self.axis_types}, partition_spec={self.partition_spec},"
+            f" device_mesh={self.device_mesh})"
         )
 
 
@@ -65,14 +65,12 @@ def sharding_metadata_from_json(data: Mapping[str, Any] | None) -> Any:
     if data.get("sharding_type") == "SingleDeviceSharding":
         return SingleDeviceShardingMetadata(str(data.get("device_str")))
     if data.get("sharding_type") == "NamedSharding":
-        mesh = (data.get("device_mesh") or {}).get("mesh")
         return NamedShardingMetadata(
             tuple(data.get("shape", ())),
             tuple(data.get("axis_names", ())),
             tuple(tuple(p) if isinstance(p, list) else p for p in data.get("partition_spec", ())),
             axis_types_from_json(data.get("axis_types")),
-            None if mesh is None else jax.tree.map(lambda d: d["id"], mesh,
-                                                   is_leaf=lambda x: isinstance(x, dict)),
+            mesh_ids(data),
         )
     return None
 

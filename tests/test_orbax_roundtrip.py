@@ -188,6 +188,7 @@ def test_mesh_axis_types_and_metadata_shardings_both_ways(tmp_path):
         assert_bits_equal(out["a"], tree["a"])
     assert meta["a"].sharding.to_jax_sharding() == sharded
     assert meta["a"].sharding.axis_types == (AxisType.Explicit,) * 2
+    assert repr(meta["a"].sharding).endswith(f"device_mesh={[[3, 1], [2, 0]]})")
     assert meta["b"].sharding.to_jax_sharding() == single
 
 
