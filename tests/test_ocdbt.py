@@ -36,10 +36,10 @@ def test_crc32c_matches_the_standard_and_tensorstore():
     assert _ocdbt.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
     assert _ocdbt.crc32c(b"") == 0
     rng = np.random.default_rng(0)
-    # around the vectorised path's thresholds: bytewise below 256, blocks of 32 above (a
-    # power of two of them, the rest recursively)
-    for n in [1, 31, 255, 256, 257, 287, 2047, 2048, 2049, 4096, 4097, 65536 + 300, 300_001,
-              900_007]:
+    # around the vectorised path's thresholds: bytewise below 256, above it a power of two
+    # of blocks of 32 to 64 bytes, behind up to 8 zero bytes each
+    for n in [1, 31, 255, 256, 257, 287, 319, 320, 321, 505, 511, 2047, 2048, 2049, 4096,
+              4097, 65536 + 300, 95_804, 300_001, 900_007, 2_000_003]:
         data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
         assert _ocdbt.crc32c(data) == _reference_crc32c(data), n
     kv = ts.KvStore.open({"driver": "ocdbt", "base": "memory://"}).result()
