@@ -493,8 +493,8 @@ def _bounce_buffer() -> np.ndarray:
     return buf
 
 
-def _write_direct(path: Path, buffers: Sequence[memoryview | bytes], crcs: list[int] | None
-                  ) -> bool:
+def _write_direct(path: Path, buffers: Sequence[memoryview | bytes], crcs: list[int] | None,
+                  hold: Callable[[int], None] | None = None) -> bool:
     """Writes ``buffers`` one after the other into a new file ``path`` with ``O_DIRECT``: no
     page cache, the disk reads each ``DIRECT_PIECE_BYTES`` from this thread's staging buffer,
     into which they are copied (an array's own memory need not be aligned), and the file is
@@ -527,6 +527,8 @@ def _write_direct(path: Path, buffers: Sequence[memoryview | bytes], crcs: list[
                     _write_all(fd, [stage.data[:fill]])
                     total += fill
                     fill = 0
+                    if hold is not None:
+                        hold(total)
         if fill:
             padded = -(-fill // DIRECT_ALIGN) * DIRECT_ALIGN
             stage[fill:padded] = 0
@@ -550,7 +552,8 @@ def _write_direct(path: Path, buffers: Sequence[memoryview | bytes], crcs: list[
 
 def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync_fallback: bool,
                crcs: list[int] | None = None, copied: Callable[[], None] | None = None,
-               direct: bool = False, at: int | None = None) -> None:
+               direct: bool = False, at: int | None = None,
+               hold: Callable[[int], None] | None = None) -> None:
     """Writes ``buffers`` one after the other into a new file ``path``, starting the writeback
     (:func:`start_writeback`) of every ``WRITEBACK_STEP_BYTES`` as it goes; calls ``copied``
     (they are in the page cache), then starts the writeback of the rest (where there is none,
@@ -560,8 +563,9 @@ def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync_fallb
     ``direct``: written past the page cache (:func:`_write_direct`) where the file system
     takes ``O_DIRECT``; ``copied`` is then called once the disk has the bytes. ``at``: from
     that offset of ``path``, a file other writers may be writing other ranges of (made if it
-    is not there yet)."""
-    if direct and _write_direct(path, buffers, crcs):
+    is not there yet). ``hold(n)``: called once each piece is written, ``n`` the bytes written
+    so far (a paced commit's thread waits there: ``_runtime.BatchPace``)."""
+    if direct and _write_direct(path, buffers, crcs, hold):
         if copied is not None:
             copied()
         return
@@ -578,6 +582,8 @@ def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync_fallb
             if written - started >= WRITEBACK_STEP_BYTES and start_writeback(
                     fd, started, written - started):
                 started = written
+            if hold is not None:
+                hold(written - (at or 0))
         if copied is not None:
             copied()
         if written > started and not start_writeback(fd, started, written - started) \
@@ -662,10 +668,11 @@ class DatabaseWriter:
         self.root.mkdir(exist_ok=True)
         (self.root / "d").mkdir(exist_ok=True)
 
-    def write(self, data_file: DataFile, copied: Callable[[], None] | None = None
-              ) -> dict[str, int]:
+    def write(self, data_file: DataFile, copied: Callable[[], None] | None = None,
+              hold: Callable[[int], None] | None = None) -> dict[str, int]:
         """Runs in a worker thread: writes a data file (calling ``copied`` once it is in the
-        page cache) and starts its writeback; returns the crc32 of each value written there,
+        page cache, and ``hold`` after each piece: see :func:`_write_new`) and starts its
+        writeback; returns the crc32 of each value written there,
         by key. Not durable yet: the commit's fsync of the whole checkpoint makes it so. (An
         fsync here held this thread until the disk had the file, so that with more files than
         threads the checksums and page-cache copies of the next ones waited for the disk, and
@@ -678,7 +685,7 @@ class DatabaseWriter:
         self._make_dirs()
         crcs = [0] * len(data_file.buffers)
         _write_new(self.root / data_file.name, data_file.buffers, fsync_fallback=True, crcs=crcs,
-                   copied=copied, direct=self.direct, at=data_file.at)
+                   copied=copied, direct=self.direct, at=data_file.at, hold=hold)
         return dict(zip(data_file.keys, crcs))
 
     def finish(self) -> None:

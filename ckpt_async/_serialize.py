@@ -33,7 +33,7 @@ import tensorstore as ts
 from . import _ocdbt
 from . import _storage as storage
 from ._paths import AnyPath, kvstore_base
-from ._runtime import get_runtime
+from ._runtime import batch_pace, get_runtime
 from .errors import CorruptCheckpointError
 
 #: OCDBT data files are split at this size at most (Orbax uses 2 GiB on local filesystems).
@@ -467,6 +467,8 @@ class ItemWriter:
         if own:
             assert self.db is not None
             db = self.db
+            pace = batch_pace.get()  # (set while this batch is paced)
+            hold = pace.hold if pace is not None else None
 
             def write_file() -> None:
                 # The batch's keys and views are made here, not on the loop: there the next
@@ -476,7 +478,7 @@ class ItemWriter:
                 # This thread then takes each piece's crc32 just before writing it: one job
                 # per batch (a checksum job of its own beside it made commits slower).
                 data_file = db.add(self._raw_values(own))
-                self._record(db.write(data_file, lambda: self._count(copying=-1)).items())
+                self._record(db.write(data_file, lambda: self._count(copying=-1), hold=hold).items())
 
             self._count(copying=1)
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import ckpt_async as ocp
+from ckpt_async import _ocdbt as ocdbt
 from ckpt_async import _runtime, _stage
 from ckpt_async import _serialize as ser
 from ckpt_async._runtime import get_runtime
@@ -213,6 +214,71 @@ def test_a_commit_beside_a_busy_thread_is_paced_unless_its_saver_waits(
         assert any(s1 < e0 for (_s0, e0), (s1, _e1) in zip(hurried, hurried[1:]))
     for name, arr in state.items():
         np.testing.assert_array_equal(restored[name], arr)
+
+
+def test_a_paced_batchs_writer_holds_each_piece_to_the_pace(monkeypatch, pace) -> None:
+    rt = get_runtime()
+    monkeypatch.setattr(rt, "_can_pace", True)
+    monkeypatch.setattr(rt, "_busy", True)
+    pace(1_000_000)
+    held: list[float] = []
+
+    def writer(batch: _runtime.BatchPace) -> None:  # a batch's thread, after each piece
+        for done in (100_000, 200_000, 300_000):
+            batch.hold(done)
+            held.append(time.monotonic())
+
+    async def main() -> tuple[float, float]:
+        assert _runtime.batch_pace.get() is None  # (only around a paced batch)
+        window = _runtime.PaceWindow(None)
+        token = _runtime.pace_window.set(window)
+        try:
+            async with rt.paced(300_000):
+                start = time.monotonic()
+                batch = _runtime.batch_pace.get()
+                assert batch is not None
+                await asyncio.to_thread(writer, batch)
+                window.close()  # (the next save, or a waiting saver): no more holding
+                closed = time.monotonic()
+                batch.hold(10**9)
+                return start, time.monotonic() - closed
+        finally:
+            _runtime.pace_window.reset(token)
+
+    start, after_close = rt.call(main)
+    for due, at in zip((0.1, 0.2, 0.3), held, strict=True):
+        assert due * 0.95 <= at - start < due + 0.15
+    assert after_close < 0.05
+
+
+@linux_only
+def test_a_paced_commit_writes_its_pieces_at_the_pace(tmp_path, monkeypatch, pace) -> None:
+    # One 2 MiB array is one batch: at 4 MiB/s its two 1 MiB pieces go a quarter second
+    # apart, rather than together followed by a pause.
+    rt = get_runtime()
+    monkeypatch.setattr(rt, "_can_pace", True)
+    monkeypatch.setattr(rt, "_busy", True)
+    monkeypatch.setattr(rt, "observe_cpu", lambda: None)  # (busy, whatever the CPU does)
+    pace(4 << 20)
+    pieces: list[float] = []
+    write_all = ocdbt._write_all
+
+    def logged(fd, group):
+        n = write_all(fd, group)
+        if n == ocdbt.WRITE_PIECE_BYTES:
+            pieces.append(time.monotonic())
+        return n
+
+    monkeypatch.setattr(ocdbt, "_write_all", logged)
+    state = {"w": np.arange(2 << 18, dtype=np.float32)}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", args=ocp.args.StandardSave(state))
+        while ckptr.async_checkpointer.is_saving_in_progress():  # (waiting would hurry it)
+            time.sleep(0.01)
+        restored = ckptr.restore(tmp_path / "c")
+    assert len(pieces) == 2
+    assert pieces[1] - pieces[0] >= 0.25 * 0.9
+    np.testing.assert_array_equal(restored["w"], state["w"])
 
 
 @pytest.mark.parametrize("release", ["the other threads rest", "its window closed in time",
