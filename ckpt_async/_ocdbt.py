@@ -118,6 +118,7 @@ _MIN_BLOCK, _BLOCK_STEP = 32, 8
 for _width in range(_MIN_BLOCK, 2 * _MIN_BLOCK + 1, _BLOCK_STEP):
     for _level in range((MAX_DECODED_NODE_BYTES * 2 // _MIN_BLOCK).bit_length()):
         _zeros(_width << _level)
+del _width, _level
 
 
 _V = TypeVar("_V")
