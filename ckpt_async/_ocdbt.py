@@ -572,9 +572,9 @@ def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync_fallb
         return
     fd = os.open(path, _NEW_FILE_FLAGS if at is None else _SHARED_FILE_FLAGS, 0o644)
     try:
-        written = started = at or 0
-        if written:
-            os.lseek(fd, written, os.SEEK_SET)
+        begin = written = started = at or 0
+        if begin:
+            os.lseek(fd, begin, os.SEEK_SET)
         for group, owners in _pieces(buffers):
             if crcs is not None:
                 for view, i in zip(group, owners, strict=True):
@@ -584,7 +584,7 @@ def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync_fallb
                     fd, started, written - started):
                 started = written
             if hold is not None:
-                hold(written - (at or 0))
+                hold(written - begin)
         if copied is not None:
             copied()
         if written > started and not start_writeback(fd, started, written - started) \
@@ -644,10 +644,11 @@ class DatabaseWriter:
         writes. (Array chunks of 1 KiB inline made the B+tree of 20,000 such arrays 24 MB,
         whose CRC-32C and encoding were the whole tail of the save; any reader takes a value
         either way.)"""
-        inline = [(key, data) for key, data in values
-                  if len(data) <= MAX_INLINE_VALUE_BYTES and isinstance(data, bytes)]
-        stored = [(key, data) for key, data in values
-                  if len(data) > MAX_INLINE_VALUE_BYTES or not isinstance(data, bytes)]
+        inline: list[tuple[str, bytes | memoryview]] = []
+        stored: list[tuple[str, bytes | memoryview]] = []
+        for key, data in values:
+            (inline if len(data) <= MAX_INLINE_VALUE_BYTES and isinstance(data, bytes)
+             else stored).append((key, data))
         if self.direct:  # (a file per batch: O_DIRECT writes start at aligned offsets)
             name, at = _new_file(), None
         else:

@@ -247,7 +247,7 @@ def test_a_paced_batchs_writer_holds_each_piece_to_the_pace(monkeypatch, pace) -
 
     start, after_close = rt.call(main)
     for due, at in zip((0.1, 0.2, 0.3), held, strict=True):
-        assert due * 0.95 <= at - start < due + 0.15
+        assert due * 0.95 <= at - start < due + 0.2  # (not held for more than its due)
     assert after_close < 0.05
 
 
