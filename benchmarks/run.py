@@ -42,7 +42,7 @@ MiB = 1 << 20
 METRICS = [
     "block_s", "commit_s", "flush_after_s", "durable_s", "warm_restore_s", "cold_restore_s",
     "save_extra_rss_mib", "warm_restore_extra_rss_mib", "cold_restore_extra_rss_mib",
-    "files", "bytes_on_disk",
+    "files", "bytes_on_disk", "budget_mib", "budget_save_extra_rss_mib", "budget_durable_s",
 ]
 PHYS_METRICS = ["write_gbps", "read_gbps", "memcpy_gbps", "memcpy_s", "memcpy_fresh_gbps"]
 INTERF_METRICS = ["interference", "step_base_ms", "step_during_ms", "steps_during", "commit_s",
@@ -278,6 +278,10 @@ def targets(cells: dict[str, Any], rat: dict[str, Any], workloads: list[str]) ->
                 ratio = c[key] / state_mib
                 add(f"{what} +RSS <= 1.1x the state", wl, ratio <= 1.1,
                     f"{c[key]:.0f} MiB, {ratio:.2f}x the state")
+        if "budget_save_extra_rss_mib" in c:
+            extra, limit = c["budget_save_extra_rss_mib"], c["budget_mib"]
+            add("save +RSS <= 1.1x a host-memory budget", wl, extra <= 1.1 * limit,
+                f"{extra:.0f} MiB under a budget of {limit:.0f} MiB (NumPy leaves)")
         b = r["block_s"]
         if "budget_s" in b:
             add("blocking <= 1.2x memcpy + 20 us/array", wl, b["value"] <= b["budget_s"],

@@ -184,13 +184,14 @@ def stage_sync(
                 budget.acquire(n)
                 reserved += n
             try:
-                staged = host_copy(value, name, dtype)
+                # (into the batch, not a local too: a local would hold the last array handed
+                # over while the next one is copied, past its release from the budget)
+                batch.append(host_copy(value, name, dtype))
             except Exception as exc:
                 exc.add_note(f"(while copying leaf {name!r} to host memory)")
                 raise
             if not bounded:
-                reserved += staged.nbytes
-            batch.append(staged)
+                reserved += batch[-1].nbytes
             if reserved >= BATCH_BYTES or len(batch) >= BATCH_MAX_ARRAYS:
                 hand_over(batch, reserved)
                 batch, reserved = [], 0
