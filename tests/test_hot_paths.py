@@ -98,6 +98,28 @@ def test_staged_byte_counts(value, dtype, expected) -> None:
     assert _stage.total_bytes([(value, "x", dtype)]) == expected
 
 
+@pytest.mark.parametrize("dtype", [None, np.dtype(np.float16)])
+def test_an_own_copy_is_a_c_order_snapshot_in_a_mapping_of_its_own(dtype) -> None:
+    import mmap
+
+    source = (np.arange(2 << 18) % 2048).astype(np.float32).reshape(1024, 512).T  # 2 MiB, F-order
+    staged = _stage.host_copy(source, "a", dtype, own_memory=True)
+    (_index, host), = staged.shards
+
+    def owner(a):
+        while isinstance(a, np.ndarray):
+            a = a.base
+        return a.obj if isinstance(a, memoryview) else a
+
+    assert isinstance(owner(host), mmap.mmap) and host.flags.c_contiguous
+    want = source.astype(dtype or source.dtype)
+    assert host.dtype == want.dtype and np.array_equal(host, want)
+    source[0, 0] = -1.0  # the caller's later changes do not reach the snapshot
+    assert host[0, 0] == 0
+    small = _stage.host_copy(np.ones(16, np.float32), "b", None, own_memory=True)
+    assert owner(small.shards[0][1]) is None  # under OWN_MEMORY_MIN_BYTES: from NumPy
+
+
 def test_host_arrays_are_staged_without_a_transfer_hint(monkeypatch) -> None:
     calls = []
     arr = jnp.arange(8.0)
@@ -401,11 +423,11 @@ def test_a_failure_while_staging_leaves_no_file_behind(tmp_path, monkeypatch):
     real = _stage.host_copy
     calls = []
 
-    def failing(value, name, dtype):
+    def failing(value, name, dtype, **kwargs):
         calls.append(name)
         if len(calls) == 7:
             raise MemoryError("no room for the copy")
-        return real(value, name, dtype)
+        return real(value, name, dtype, **kwargs)
 
     monkeypatch.setattr(_stage, "host_copy", failing)
     from ckpt_async import _ocdbt

@@ -254,7 +254,7 @@ def test_cancelling_an_awaited_save_while_it_stages_abandons_it(tmp_path, monkey
     import ckpt_async._stage as _stage
 
     real = _stage.host_copy
-    monkeypatch.setattr(_stage, "host_copy", lambda *a: (time.sleep(0.02), real(*a))[1])
+    monkeypatch.setattr(_stage, "host_copy", lambda *a, **k: (time.sleep(0.02), real(*a, **k))[1])
     handler = ocp.StandardCheckpointHandler(host_memory_budget_bytes=1 << 20)
     state = {f"x{i:02d}": np.full(4096, i, np.float32) for i in range(60)}  # ~1.2 s to stage
 
