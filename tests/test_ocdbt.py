@@ -7,6 +7,8 @@ import errno
 import json
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -515,6 +517,13 @@ def test_only_a_large_save_to_a_local_disk_goes_past_the_page_cache(tmp_path, mo
     monkeypatch.setattr(ser, "DIRECT_IO_FILE_SYSTEMS", {"ext4", "xfs"} - {
         _storage.file_system_type(tmp_path)})
     assert not ser.ItemWriter(tmp_path, total_bytes=big).db.direct  # e.g. NFS, FUSE, tmpfs
+
+
+def test_the_direct_io_threshold_is_read_from_the_environment():
+    code = "import ckpt_async._serialize as s; print(s.DIRECT_IO_MIN_BYTES)"
+    env = dict(os.environ, CKPT_ASYNC_DIRECT_IO_MIN_BYTES=str(1 << 30))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.split() == [str(1 << 30)], out.stderr[-2000:]
 
 
 def test_small_documents_are_handed_to_the_disk_for_the_commits_fsync(tmp_path, monkeypatch,
