@@ -78,7 +78,10 @@ def own_copy(value: Any, dtype: np.dtype | None) -> np.ndarray:
     src = np.asarray(value)
     dt = src.dtype if dtype is None else np.dtype(dtype)
     nbytes = src.size * dt.itemsize
-    m = mmap.mmap(-1, nbytes, **_ANONYMOUS_FLAGS)
+    try:
+        m = mmap.mmap(-1, nbytes, **_ANONYMOUS_FLAGS)
+    except OSError:  # e.g. the process's map count at vm.max_map_count: from malloc then
+        return np.array(src, dtype=dt, copy=True, order="C")
     if nbytes >= HUGE_PAGES_MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
         with contextlib.suppress(OSError):  # (a kernel without transparent huge pages)
             m.madvise(mmap.MADV_HUGEPAGE)

@@ -120,6 +120,18 @@ def test_an_own_copy_is_a_c_order_snapshot_in_a_mapping_of_its_own(dtype) -> Non
     assert owner(small.shards[0][1]) is None  # under OWN_MEMORY_MIN_BYTES: from NumPy
 
 
+def test_an_own_copy_falls_back_to_malloc_when_no_mapping_is_left(monkeypatch) -> None:
+    import mmap
+
+    def refuse(*_a, **_k):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    source = np.arange(1 << 18, dtype=np.float32)  # 1 MiB
+    host = _stage.own_copy(source, np.dtype(np.float64))
+    assert host.dtype == np.float64 and np.array_equal(host, source)
+
+
 def test_host_arrays_are_staged_without_a_transfer_hint(monkeypatch) -> None:
     calls = []
     arr = jnp.arange(8.0)
