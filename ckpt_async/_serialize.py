@@ -33,7 +33,7 @@ import tensorstore as ts
 from . import _ocdbt
 from . import _storage as storage
 from ._paths import AnyPath, kvstore_base
-from ._runtime import batch_pace, get_runtime
+from ._runtime import batch_pace, get_runtime, log
 from .errors import CorruptCheckpointError
 
 #: OCDBT data files are split at this size at most (Orbax uses 2 GiB on local filesystems).
@@ -320,7 +320,23 @@ _cached_grid = functools.lru_cache(maxsize=4096)(_grid)
 #: training job reads through it, as they were. From ``CKPT_ASYNC_DIRECT_IO_MIN_BYTES`` when
 #: set: below 4 GiB, ``O_DIRECT`` takes about the same time every time (the benchmark's full
 #: ``large``, 4 pairs: 1.04-1.16 s against 1.02-1.05 s and one 3.6 s through the page cache).
-DIRECT_IO_MIN_BYTES = int(os.environ.get("CKPT_ASYNC_DIRECT_IO_MIN_BYTES", 4 << 30))
+DIRECT_IO_MIN_BYTES = 4 << 30
+DIRECT_IO_ENV = "CKPT_ASYNC_DIRECT_IO_MIN_BYTES"
+
+
+def _direct_io_min_from_env() -> int:
+    value = os.environ.get(DIRECT_IO_ENV, "").strip()
+    if not value:
+        return DIRECT_IO_MIN_BYTES
+    try:
+        return int(value)
+    except ValueError:
+        log.warning("%s=%r is not a number of bytes; using %d", DIRECT_IO_ENV, value,
+                    DIRECT_IO_MIN_BYTES)
+        return DIRECT_IO_MIN_BYTES
+
+
+DIRECT_IO_MIN_BYTES = _direct_io_min_from_env()
 #: File systems of local disks, where ``O_DIRECT`` goes straight to the device (on NFS and
 #: FUSE file systems each write would be a synchronous round trip).
 DIRECT_IO_FILE_SYSTEMS = frozenset({"ext4", "xfs", "btrfs", "f2fs"})
@@ -479,8 +495,15 @@ class ItemWriter:
                 # rather than 39 ms, the commit 231 against 213 ms, in-process medians of 8).
                 # This thread then takes each piece's crc32 just before writing it: one job
                 # per batch (a checksum job of its own beside it made commits slower).
-                data_file = db.add(self._raw_values(own))
-                self._record(db.write(data_file, lambda: self._count(copying=-1), hold=hold).items())
+                try:
+                    data_file = db.add(self._raw_values(own))
+                    self._record(db.write(data_file, lambda: self._count(copying=-1),
+                                          hold=hold).items())
+                finally:
+                    # The pool's work item keeps this function, and the arrays it closes
+                    # over, until after its result is out: a budget released by then must
+                    # not find them still in memory (a save peaked above its budget).
+                    own.clear()
 
             self._count(copying=1)
 

@@ -72,16 +72,17 @@ _ANONYMOUS_FLAGS = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(
 HUGE_PAGES_MIN_BYTES = 4 << 20
 
 
-def own_copy(value: Any, dtype: np.dtype | None) -> np.ndarray:
+def own_copy(value: Any, dtype: np.dtype | None) -> np.ndarray | None:
     """A C-order copy of ``value`` cast to ``dtype``, in an anonymous mapping of its own: the
-    system gets the memory back as soon as the last view of the copy goes."""
+    system gets the memory back as soon as the last view of the copy goes. None when no
+    mapping can be made (e.g. the process is at ``vm.max_map_count``)."""
     src = np.asarray(value)
     dt = src.dtype if dtype is None else np.dtype(dtype)
     nbytes = src.size * dt.itemsize
     try:
         m = mmap.mmap(-1, nbytes, **_ANONYMOUS_FLAGS)
-    except OSError:  # e.g. the process's map count at vm.max_map_count: from malloc then
-        return np.array(src, dtype=dt, copy=True, order="C")
+    except OSError:
+        return None
     if nbytes >= HUGE_PAGES_MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
         with contextlib.suppress(OSError):  # (a kernel without transparent huge pages)
             m.madvise(mmap.MADV_HUGEPAGE)
@@ -94,8 +95,8 @@ def host_copy(value: Any, name: str, dtype: np.dtype | None, *,
               own_memory: bool = False) -> StoredArray:
     """A host snapshot of one leaf (jax.Array, np.ndarray or scalar), cast to ``dtype``.
 
-    NumPy leaves are copied (the caller may mutate them in place); with ``own_memory``, one of
-    OWN_MEMORY_MIN_BYTES or more into memory of its own. A jax.Array is immutable:
+    NumPy leaves are copied (the caller may mutate them in place); with ``own_memory``, into
+    memory of their own where it can be had (:func:`own_copy`). A jax.Array is immutable:
     its host view is the snapshot. On CPU that view aliases the device buffer, and holding it
     keeps the buffer alive: jax neither frees it on ``delete()`` nor reuses it for donation
     while an external reference exists (``tests/test_checkpointer.py`` checks both).
@@ -120,10 +121,8 @@ def host_copy(value: Any, name: str, dtype: np.dtype | None, *,
         chunks = tuple(value.sharding.shard_shape(value.shape))
         out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(value.dtype)
         return StoredArray(name, tuple(value.shape), out_dtype, tuple(chunks), tuple(shards))
-    if own_memory and _nbytes(value, dtype) >= OWN_MEMORY_MIN_BYTES:
-        host = own_copy(value, dtype)
-    else:
-        host = np.array(value, dtype=dtype, copy=True, order="C")
+    own = own_copy(value, dtype) if own_memory else None
+    host = own if own is not None else np.array(value, dtype=dtype, copy=True, order="C")
     shape = host.shape
     return StoredArray(name, shape, host.dtype, shape, ((full_index(len(shape)), host),))
 
@@ -226,7 +225,8 @@ def stage_sync(
             try:
                 # (into the batch, not a local too: a local would hold the last array handed
                 # over while the next one is copied, past its release from the budget)
-                batch.append(host_copy(value, name, dtype, own_memory=bounded))
+                batch.append(host_copy(value, name, dtype,
+                                       own_memory=bounded and n >= OWN_MEMORY_MIN_BYTES))
             except Exception as exc:
                 exc.add_note(f"(while copying leaf {name!r} to host memory)")
                 raise

@@ -98,6 +98,13 @@ def test_staged_byte_counts(value, dtype, expected) -> None:
     assert _stage.total_bytes([(value, "x", dtype)]) == expected
 
 
+def _owner(a):
+    """What finally holds an array's memory: an mmap, or None (NumPy's own allocation)."""
+    while isinstance(a, np.ndarray):
+        a = a.base
+    return a.obj if isinstance(a, memoryview) else a
+
+
 @pytest.mark.parametrize("dtype", [None, np.dtype(np.float16)])
 def test_an_own_copy_is_a_c_order_snapshot_in_a_mapping_of_its_own(dtype) -> None:
     import mmap
@@ -105,19 +112,23 @@ def test_an_own_copy_is_a_c_order_snapshot_in_a_mapping_of_its_own(dtype) -> Non
     source = (np.arange(2 << 18) % 2048).astype(np.float32).reshape(1024, 512).T  # 2 MiB, F-order
     staged = _stage.host_copy(source, "a", dtype, own_memory=True)
     (_index, host), = staged.shards
-
-    def owner(a):
-        while isinstance(a, np.ndarray):
-            a = a.base
-        return a.obj if isinstance(a, memoryview) else a
-
-    assert isinstance(owner(host), mmap.mmap) and host.flags.c_contiguous
+    assert isinstance(_owner(host), mmap.mmap) and host.flags.c_contiguous
     want = source.astype(dtype or source.dtype)
     assert host.dtype == want.dtype and np.array_equal(host, want)
     source[0, 0] = -1.0  # the caller's later changes do not reach the snapshot
     assert host[0, 0] == 0
-    small = _stage.host_copy(np.ones(16, np.float32), "b", None, own_memory=True)
-    assert owner(small.shards[0][1]) is None  # under OWN_MEMORY_MIN_BYTES: from NumPy
+
+
+def test_only_large_leaves_staged_under_a_budget_get_memory_of_their_own() -> None:
+    import mmap
+
+    leaves = [(np.ones(1 << 18, np.float32), "big", None), (np.ones(16, np.float32), "small", None)]
+    for limit, owners in ((None, [None, None]), (8 << 20, [mmap.mmap, None])):
+        batches: list = []
+        _stage.stage_sync(leaves, _stage.ByteBudget(limit), lambda b, n: batches.append(b),
+                          transfer=False)
+        got = [_owner(a.shards[0][1]) for b in batches for a in b]
+        assert [type(o) if o is not None else None for o in got] == owners, limit
 
 
 def test_an_own_copy_falls_back_to_malloc_when_no_mapping_is_left(monkeypatch) -> None:
@@ -128,8 +139,9 @@ def test_an_own_copy_falls_back_to_malloc_when_no_mapping_is_left(monkeypatch) -
 
     monkeypatch.setattr(mmap, "mmap", refuse)
     source = np.arange(1 << 18, dtype=np.float32)  # 1 MiB
-    host = _stage.own_copy(source, np.dtype(np.float64))
-    assert host.dtype == np.float64 and np.array_equal(host, source)
+    assert _stage.own_copy(source, None) is None
+    (_index, host), = _stage.host_copy(source, "a", np.dtype(np.float64), own_memory=True).shards
+    assert host.dtype == np.float64 and np.array_equal(host, source) and _owner(host) is None
 
 
 def test_host_arrays_are_staged_without_a_transfer_hint(monkeypatch) -> None:

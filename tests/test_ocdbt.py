@@ -519,11 +519,14 @@ def test_only_a_large_save_to_a_local_disk_goes_past_the_page_cache(tmp_path, mo
     assert not ser.ItemWriter(tmp_path, total_bytes=big).db.direct  # e.g. NFS, FUSE, tmpfs
 
 
-def test_the_direct_io_threshold_is_read_from_the_environment():
+@pytest.mark.parametrize(("value", "expected"), [(str(1 << 30), 1 << 30), ("1GB", 4 << 30)])
+def test_the_direct_io_threshold_is_read_from_the_environment(value, expected):
+    """A number of bytes sets it; anything else is reported and the default kept."""
     code = "import ckpt_async._serialize as s; print(s.DIRECT_IO_MIN_BYTES)"
-    env = dict(os.environ, CKPT_ASYNC_DIRECT_IO_MIN_BYTES=str(1 << 30))
+    env = dict(os.environ, CKPT_ASYNC_DIRECT_IO_MIN_BYTES=value)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.stdout.split() == [str(1 << 30)], out.stderr[-2000:]
+    assert out.stdout.split() == [str(expected)], out.stderr[-2000:]
+    assert ("is not a number of bytes" in out.stderr) == (not value.isdigit())
 
 
 def test_small_documents_are_handed_to_the_disk_for_the_commits_fsync(tmp_path, monkeypatch,
