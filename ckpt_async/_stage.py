@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import functools
 import math
-import mmap
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ._ocdbt import anonymous_memory
 from ._runtime import caller_back, get_runtime, mark_background
 from ._serialize import StoredArray, full_index
 
@@ -62,14 +62,6 @@ class ByteBudget:
 #: 1-24 MiB under a 48 MiB budget peaked at 73 MiB above its baseline, full `mixed` (1.46 GiB
 #: in arrays of 0.003-96 MiB, budget 374 MiB) at 478-490 MiB.
 OWN_MEMORY_MIN_BYTES = 1 << 20
-_ANONYMOUS_FLAGS = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(
-    mmap, "MAP_ANONYMOUS") else {}
-
-
-#: An own copy of at least this many bytes asks for transparent huge pages, as NumPy does for
-#: its own arrays of 4 MiB or more: full `mixed` under its budget took 0.91-1.01 s to a durable
-#: commit with them, 1.08-1.24 s without, 0.79-0.96 s from malloc (fresh processes, 4 each).
-HUGE_PAGES_MIN_BYTES = 4 << 20
 
 
 def own_copy(value: Any, dtype: np.dtype | None) -> np.ndarray | None:
@@ -80,12 +72,9 @@ def own_copy(value: Any, dtype: np.dtype | None) -> np.ndarray | None:
     dt = src.dtype if dtype is None else np.dtype(dtype)
     nbytes = src.size * dt.itemsize
     try:
-        m = mmap.mmap(-1, nbytes, **_ANONYMOUS_FLAGS)
+        m = anonymous_memory(nbytes)
     except OSError:
         return None
-    if nbytes >= HUGE_PAGES_MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
-        with contextlib.suppress(OSError):  # (a kernel without transparent huge pages)
-            m.madvise(mmap.MADV_HUGEPAGE)
     out = np.frombuffer(m, dt, count=src.size).reshape(src.shape)
     np.copyto(out, src, casting="unsafe")
     return out

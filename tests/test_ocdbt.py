@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import errno
 import json
@@ -84,6 +85,11 @@ def _read_all(root) -> dict[str, bytes]:
     return {k.decode(): kv.read(k).result().value for k in kv.list().result()}
 
 
+def _laid_out(values) -> bytes:
+    """A data file's bytes holding ``values``: each zero-padded to a multiple of VALUE_ALIGN."""
+    return b"".join(bytes(v) + bytes(-len(v) % _ocdbt.VALUE_ALIGN) for v in values)
+
+
 def _manifest(root) -> dict:
     return ts.ocdbt.dump(ts.KvStore.open(f"file://{root}/").result()).result()
 
@@ -126,8 +132,8 @@ def test_batches_written_at_once_and_out_of_order_share_one_data_file(tmp_path):
         assert _read_all(root) == values
         data = [p for p in (root / "d").iterdir() if p.name != Path(writer.hint.node_file).name]
         assert len(data) == (4 if direct else 1)
-        if not direct:
-            assert data[0].read_bytes() == b"".join(bytes(v) for _, v in items)
+        if not direct:  # (each value zero-padded to the next multiple of VALUE_ALIGN)
+            assert data[0].read_bytes() == _laid_out(v for _, v in items)
 
 
 def _resolved_index(root) -> dict[str, bytes]:
@@ -265,7 +271,7 @@ def test_small_documents_are_inline_and_array_data_in_data_files(tmp_path):
                      b"c/0": "indirect"}
     # the data file holds exactly the out-of-line values, one after the other
     contents = [(tmp_path / "d" / f).read_bytes() for f in os.listdir(tmp_path / "d")]
-    assert b"y" * 1025 + chunk.tobytes() in contents  # (the other file: the B+tree node)
+    assert _laid_out([b"y" * 1025, chunk.tobytes()]) in contents  # (the other: the B+tree)
     assert _read_all(tmp_path)["c/0"] == chunk.tobytes()
 
 
@@ -414,20 +420,21 @@ def test_a_data_files_writeback_starts_as_it_is_copied_not_once_it_is_whole(
         return real_start(fd, offset, length)
 
     monkeypatch.setattr(_ocdbt, "start_writeback", recording)
-    data = np.random.default_rng(3).integers(0, 256, 10 * 4096 + 100, dtype=np.uint8)
+    # (values of whole multiples of VALUE_ALIGN: no padding between them)
+    data = np.random.default_rng(3).integers(0, 256, 10 * 4096 + 128, dtype=np.uint8)
     writer = _ocdbt.DatabaseWriter(tmp_path)
-    crcs = writer.write(writer.add([("a/0", memoryview(data[:5000].tobytes())),
-                                    ("b/0", memoryview(data[5000:].tobytes()))]))
+    crcs = writer.write(writer.add([("a/0", memoryview(data[:5056].tobytes())),
+                                    ("b/0", memoryview(data[5056:].tobytes()))]))
     *ranges, (last, rest, size) = calls
     assert len(ranges) == 3 and (last + rest, size) == (data.size, data.size)
     ends = [0] + [offset + length for offset, length, _ in ranges]
     for (offset, length, size), start in zip(ranges, ends, strict=False):
         assert offset == start and 3 * 4096 <= length < 4 * 4096 and size == offset + length
     assert last == ends[-1]
-    assert crcs == {"a/0": zlib.crc32(data[:5000]), "b/0": zlib.crc32(data[5000:])}
+    assert crcs == {"a/0": zlib.crc32(data[:5056]), "b/0": zlib.crc32(data[5056:])}
     assert fsynced == []
     writer.finish()
-    assert _read_all(tmp_path) == {"a/0": data[:5000].tobytes(), "b/0": data[5000:].tobytes()}
+    assert _read_all(tmp_path) == {"a/0": data[:5056].tobytes(), "b/0": data[5056:].tobytes()}
 
 
 def _direct_values(rng) -> dict[str, bytes]:
@@ -499,7 +506,7 @@ def test_a_file_system_refusing_o_direct_gets_the_page_cache_path(tmp_path, monk
     writer = _ocdbt.DatabaseWriter(tmp_path, direct=True)
     sums = writer.write(writer.add([(k, memoryview(v)) for k, v in values.items()]))
     [data_file] = (tmp_path / "d").iterdir()
-    assert data_file.stat().st_size == sum(map(len, values.values()))
+    assert data_file.read_bytes() == _laid_out(values.values())
     writer.finish()
     assert sums == {k: zlib.crc32(v) for k, v in values.items()}
     assert _read_all(tmp_path) == values
@@ -517,6 +524,40 @@ def test_only_a_large_save_to_a_local_disk_goes_past_the_page_cache(tmp_path, mo
     monkeypatch.setattr(ser, "DIRECT_IO_FILE_SYSTEMS", {"ext4", "xfs"} - {
         _storage.file_system_type(tmp_path)})
     assert not ser.ItemWriter(tmp_path, total_bytes=big).db.direct  # e.g. NFS, FUSE, tmpfs
+
+
+def test_only_a_large_restore_from_a_local_disk_reads_past_the_page_cache(tmp_path,
+                                                                          monkeypatch):
+    """O_DIRECT reads for a restore of DIRECT_IO_MIN_BYTES or more (the arrays it reads, not
+    the whole item) on a local disk's file system; through the page cache otherwise."""
+    arrays = {"a": np.arange(1000, dtype=np.float32), "b": np.ones((30, 7), np.float64)}
+
+    async def write():
+        writer = ser.ItemWriter(tmp_path)
+        await writer.write([ser.StoredArray(n, a.shape, a.dtype, a.shape,
+                                            ((tuple(slice(None) for _ in a.shape), a),))
+                            for n, a in arrays.items()])
+        await writer.finish()
+
+    asyncio.run(write())
+
+    def reads_direct(names, threshold, fs):
+        monkeypatch.setattr(ser, "DIRECT_IO_MIN_BYTES", threshold)
+        monkeypatch.setattr(ser, "DIRECT_IO_FILE_SYSTEMS", fs)
+
+        async def read():
+            reader = ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
+            out = await reader.read_small(names)
+            assert all(np.array_equal(out[n], arrays[n]) for n in names)
+            return reader.direct
+        return asyncio.run(read())
+
+    here = {_storage.file_system_type(tmp_path)}
+    both = arrays["a"].nbytes + arrays["b"].nbytes
+    assert reads_direct(["a", "b"], both, here)
+    assert not reads_direct(["a", "b"], both + 1, here)
+    assert not reads_direct(["a"], both, here)  # (a partial restore counts what it reads)
+    assert not reads_direct(["a", "b"], both, {"nfs4"})  # e.g. NFS, FUSE, tmpfs
 
 
 @pytest.mark.parametrize(("value", "expected"), [(str(1 << 30), 1 << 30), ("1GB", 4 << 30)])
@@ -557,6 +598,9 @@ def test_write_returns_each_values_crc32(tmp_path, monkeypatch):
     assert crcs == {k: zlib.crc32(v) for k, v in values.items()}
     writer.finish()
     assert _read_all(tmp_path) == values
+    # Every value starts at a multiple of VALUE_ALIGN, where jax adopts a buffer read there.
+    offsets = [v[1] for v in _ocdbt.read_index(tmp_path).values() if isinstance(v, tuple)]
+    assert len(offsets) == len(values) and all(o % _ocdbt.VALUE_ALIGN == 0 for o in offsets)
 
 
 def test_read_into_reads_in_pieces_with_each_buffers_crc32(tmp_path, monkeypatch):

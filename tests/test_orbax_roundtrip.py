@@ -123,6 +123,12 @@ def test_data_files_written_past_the_page_cache_restore_in_orbax(tmp_path, mesh,
     with orbax.StandardCheckpointer() as ockptr:
         out = ockptr.restore(tmp_path / "c", abstract(state))
     assert_state_equal(out, state)
+    # ... and which ckpt_async reads past the page cache too (a restore as large).
+    opened.clear()
+    with ocp.StandardCheckpointer() as ckptr:
+        assert_state_equal(ckptr.restore(tmp_path / "c", abstract(state)), state)
+    assert any(flags & os.O_DIRECT for flags in opened)
+
 
 
 SHARDING_FROM_FILE = pytest.mark.filterwarnings("ignore:Sharding info not provided:UserWarning")

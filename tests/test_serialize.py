@@ -460,24 +460,104 @@ def test_local_reads_return_what_was_written_chunked_or_whole(tmp_path):
     assert jax.device_put(big).unsafe_buffer_pointer() == big.ctypes.data
 
 
-def test_small_arrays_lying_side_by_side_take_one_read_per_run(tmp_path, monkeypatch):
-    arrays = {f"a{i:03d}": np.full((300,), i, np.float32) for i in range(300)}  # (not inline)
+@pytest.mark.parametrize(("size", "calls"), [(320, [256, 44]), (300, [255, 255, 87])])
+def test_small_arrays_lying_side_by_side_take_one_read_per_run(tmp_path, monkeypatch, size,
+                                                               calls):
+    # Arrays of 1,280 bytes lie back to back; of 1,200, 16 bytes of padding apart (each value
+    # starts at a multiple of VALUE_ALIGN), read into a scratch view between theirs: runs of
+    # 128 arrays and 127 paddings then (IOV_MAX views a call).
+    arrays = {f"a{i:03d}": np.full((size,), i, np.float32) for i in range(300)}  # (not inline)
     _write_items(tmp_path, [_stored(n, a) for n, a in arrays.items()])
     monkeypatch.setattr(_ocdbt, "IOV_MAX", 256)
     monkeypatch.setattr(_ocdbt, "READ_PIECE_BYTES", 1 << 30)  # (pieces: test_ocdbt)
-    calls = []
+    made = []
     real = os.preadv
 
     def counting(fd, buffers, offset):
-        calls.append(len(buffers))
+        made.append(len(buffers))
         return real(fd, buffers, offset)
 
     monkeypatch.setattr(os, "preadv", counting)
     reader = ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
     names = sorted(arrays, reverse=True)  # (any order: they are read in the order they lie)
-    out = asyncio.run(reader.read_small(names))
+    sums = {n: {"0": zlib.crc32(a.tobytes())} for n, a in arrays.items()}
+    out = asyncio.run(reader.read_small(names, sums.get))
     assert all(np.array_equal(out[n], a) for n, a in arrays.items())
-    assert calls == [256, 44]  # one data file, at most IOV_MAX buffers per call
+    assert made == calls  # one data file, at most IOV_MAX buffers per call
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_small_arrays_read_past_the_page_cache_are_views_of_aligned_regions(tmp_path,
+                                                                             monkeypatch,
+                                                                             packed):
+    # A restore past the page cache (ItemReader.direct) reads each run of arrays lying one
+    # after the other with reads whose file offset, length and memory are DIRECT_ALIGN-aligned,
+    # into a region laid out as the file is. ckpt_async pads every value to VALUE_ALIGN (64):
+    # one run. In a database with values packed back to back (``packed``, as TensorStore
+    # writes them), arrays at offsets jax's alignment does not allow (after the odd-sized
+    # "b0") are read through the page cache. Every one is checked, 64-byte aligned and
+    # bit-exact, whichever way it came.
+    arrays = {f"a{i:02d}": np.full((256,), i, np.float32) for i in range(40)}  # 1 KiB each
+    arrays |= {"b0": np.arange(1000, dtype=np.float16), "b1": np.arange(999, dtype=np.int8),
+               "c": np.full((256,), 7, np.float32)}
+    with monkeypatch.context() as m:
+        if packed:
+            m.setattr(_ocdbt, "VALUE_ALIGN", 1)
+        _write_items(tmp_path, [_stored(n, a) for n, a in arrays.items()])
+    reads, direct_fds = [], set()
+    real_read, real_open = _ocdbt.read_region, _ocdbt.open_direct
+
+    def read_region(fd, region, start, spans, crcs, piece=_ocdbt.READ_PIECE_BYTES):
+        reads.append((np.frombuffer(region, np.uint8).ctypes.data, len(region), start, piece))
+        return real_read(fd, region, start, spans, crcs, piece)
+
+    def open_direct(path):
+        fd = real_open(path)
+        if fd is not None:
+            assert os.O_DIRECT & __import__("fcntl").fcntl(fd, __import__("fcntl").F_GETFL)
+            direct_fds.add(fd)
+        return fd
+
+    monkeypatch.setattr(_ocdbt, "read_region", read_region)
+    monkeypatch.setattr(_ocdbt, "open_direct", open_direct)
+    sums = {n: {"0": zlib.crc32(a.tobytes())} for n, a in arrays.items()}
+
+    async def read():
+        reader = ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
+        await reader.index()
+        reader.direct = True
+        return await reader._read_local(sorted(arrays), sums.get)
+
+    out = asyncio.run(read())
+    assert sorted(out) == sorted(arrays)
+    for name, arr in arrays.items():
+        assert out[name].dtype == arr.dtype and out[name].tobytes() == arr.tobytes(), name
+        assert out[name].ctypes.data % ser.HOST_ALIGNMENT == 0, name
+    # One aligned read of the run from a00 to c (44 KiB), or when packed to b0 (40 KiB and
+    # 2,000 bytes: b1, at 42,960, and c are read through the page cache).
+    assert reads == [(reads[0][0], 45056, 0, _ocdbt.DIRECT_READ_PIECE_BYTES)]
+    in_region = out["c"].ctypes.data - reads[0][0] == 44032
+    assert in_region != packed
+    assert reads[0][0] % _ocdbt.DIRECT_ALIGN == 0
+    assert (out["a00"].ctypes.data, out["b0"].ctypes.data) == (reads[0][0], reads[0][0] + 40960)
+    assert direct_fds or _ocdbt.open_direct(str(next((tmp_path / "d").iterdir()))) is None
+    # A chunk damaged on disk fails its checksum, named; a data file cut short is named.
+    reader = ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
+    asyncio.run(reader.index())
+    (_key, _region, (path, offset, length)), = reader.local_plan("a07")[3]
+    with open(path, "r+b") as f:
+        f.seek(offset + 5)
+        f.write(b"\xff")
+        f.flush()
+        with pytest.raises(CorruptCheckpointError,
+                           match=r"'a07' fails its checksum \(chunks 0\)"):
+            asyncio.run(read())
+        f.seek(offset + 5)
+        f.write(b"\x00")
+    os.truncate(path, 30000)  # (whichever way it is read)
+    with pytest.raises(CorruptCheckpointError,
+                       match=rf"key 'a29': data file {re.escape(path)} ends inside a chunk"):
+        asyncio.run(read())
 
 
 def test_local_reads_check_each_chunk_and_leave_foreign_encodings_to_the_driver(tmp_path):
@@ -513,37 +593,48 @@ def test_crc32_combine_matches_zlib_on_the_joined_bytes(sizes):
     assert _ocdbt.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
 
 
+@pytest.mark.parametrize("direct", [False, True])
 def test_a_large_array_is_read_in_segments_by_several_threads_and_checked_whole(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, direct):
+    # With ``direct`` (a restore past the page cache), the segments cover the array's bytes
+    # widened to DIRECT_ALIGN in the file, as O_DIRECT reads must be; the array is a view of
+    # the region read, and its checksum is taken over its own bytes only.
     arr = np.random.default_rng(9).standard_normal(10_000).astype(np.float32)  # 40,000 bytes
-    _write_items(tmp_path, [_stored("x", arr)])
+    _write_items(tmp_path, [_stored("a", np.arange(16, dtype=np.float32)), _stored("x", arr)])
     monkeypatch.setattr(ser, "READ_SEGMENT_BYTES", 4096)  # 10 segments, the last of 3,136 bytes
     threads, reads = set(), []
     real = ser.ItemReader._read_segment
 
-    def segment(self, name, ref, part, start, checksum):
+    def segment(self, name, path, part, start, span, checksum, direct):
         threads.add(threading.get_ident())
         reads.append((start, len(part)))
-        return real(self, name, ref, part, start, checksum)
+        return real(self, name, path, part, start, span, checksum, direct)
 
     monkeypatch.setattr(ser.ItemReader, "_read_segment", segment)
     right = {"0": zlib.crc32(arr.tobytes())}
 
     async def read(sums, reader=None):
         reader = reader or ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
+        reader.direct = direct
         await reader.index()
         return await reader.read_array("x", reader.local_plan("x"), sums)
 
     out = asyncio.run(read(right))
     assert out.tobytes() == arr.tobytes() and out.ctypes.data % ser.HOST_ALIGNMENT == 0
-    assert sorted(reads) == [(s, min(4096, arr.nbytes - s)) for s in range(0, arr.nbytes, 4096)]
+    reader = ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
+    asyncio.run(reader.index())
+    (_key, _region, (path, offset, length)), = reader.local_plan("x")[3]
+    if direct:
+        assert offset == 64  # (after "a": the region starts 64 bytes before the array)
+        assert sorted(reads) == [(s, 4096) for s in range(0, offset + arr.nbytes, 4096)]
+        assert out.ctypes.data % 4096 == offset
+    else:
+        assert sorted(reads) == [(offset + s, min(4096, arr.nbytes - s))
+                                 for s in range(0, arr.nbytes, 4096)]
     assert len(threads) > 1
     with pytest.raises(CorruptCheckpointError, match=r"'x' fails its checksum \(chunks 0\)"):
         asyncio.run(read({"0": right["0"] ^ 1}))
     # A byte changed in the last segment on disk is caught by the combined checksum.
-    reader = ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
-    asyncio.run(reader.index())
-    (_key, _region, (path, offset, length)), = reader.local_plan("x")[3]
     with open(path, "r+b") as f:
         f.seek(offset + length - 1)
         last = f.read(1)
