@@ -1049,8 +1049,9 @@ class ItemReader:
         return True
 
     def _read_runs(self, batch: list[tuple[str, LocalPlan]], buffers: list[np.ndarray],
-                   expected: Callable[[str], dict[str, int] | None], files: dict[tuple[str, bool], int],
-                   out: dict[str, np.ndarray]) -> list[tuple[tuple[str, LocalPlan], np.ndarray]]:
+                   expected: Callable[[str], dict[str, int] | None],
+                   files: dict[tuple[str, bool], int], out: dict[str, np.ndarray]
+                   ) -> list[tuple[tuple[str, LocalPlan], np.ndarray]]:
         """Reads the arrays of ``batch`` stored as one chunk each, back to back in a data file,
         with one ``preadv`` per run of adjacent chunks (up to IOV_MAX of them): few large
         reads where one per array would meet a cold disk at a queue depth of one. Returns the

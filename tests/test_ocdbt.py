@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import errno
 import json
@@ -524,40 +523,6 @@ def test_only_a_large_save_to_a_local_disk_goes_past_the_page_cache(tmp_path, mo
     monkeypatch.setattr(ser, "DIRECT_IO_FILE_SYSTEMS", {"ext4", "xfs"} - {
         _storage.file_system_type(tmp_path)})
     assert not ser.ItemWriter(tmp_path, total_bytes=big).db.direct  # e.g. NFS, FUSE, tmpfs
-
-
-def test_only_a_large_restore_from_a_local_disk_reads_past_the_page_cache(tmp_path,
-                                                                          monkeypatch):
-    """O_DIRECT reads for a restore of DIRECT_IO_MIN_BYTES or more (the arrays it reads, not
-    the whole item) on a local disk's file system; through the page cache otherwise."""
-    arrays = {"a": np.arange(1000, dtype=np.float32), "b": np.ones((30, 7), np.float64)}
-
-    async def write():
-        writer = ser.ItemWriter(tmp_path)
-        await writer.write([ser.StoredArray(n, a.shape, a.dtype, a.shape,
-                                            ((tuple(slice(None) for _ in a.shape), a),))
-                            for n, a in arrays.items()])
-        await writer.finish()
-
-    asyncio.run(write())
-
-    def reads_direct(names, threshold, fs):
-        monkeypatch.setattr(ser, "DIRECT_IO_MIN_BYTES", threshold)
-        monkeypatch.setattr(ser, "DIRECT_IO_FILE_SYSTEMS", fs)
-
-        async def read():
-            reader = ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
-            out = await reader.read_small(names)
-            assert all(np.array_equal(out[n], arrays[n]) for n in names)
-            return reader.direct
-        return asyncio.run(read())
-
-    here = {_storage.file_system_type(tmp_path)}
-    both = arrays["a"].nbytes + arrays["b"].nbytes
-    assert reads_direct(["a", "b"], both, here)
-    assert not reads_direct(["a", "b"], both + 1, here)
-    assert not reads_direct(["a"], both, here)  # (a partial restore counts what it reads)
-    assert not reads_direct(["a", "b"], both, {"nfs4"})  # e.g. NFS, FUSE, tmpfs
 
 
 @pytest.mark.parametrize(("value", "expected"), [(str(1 << 30), 1 << 30), ("1GB", 4 << 30)])

@@ -16,6 +16,7 @@ import tensorstore as ts
 
 from ckpt_async import _ocdbt
 from ckpt_async import _serialize as ser
+from ckpt_async import _storage as storage
 from ckpt_async.errors import CorruptCheckpointError
 
 DTYPES = [np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
@@ -303,11 +304,6 @@ def test_host_buffers_share_one_region_each_aligned_and_apart(monkeypatch, mappi
     assert jax.device_put(bufs[2]).unsafe_buffer_pointer() == bufs[2].ctypes.data  # adopted
 
 
-def _stored(name, arr):
-    return ser.StoredArray(name, arr.shape, arr.dtype, arr.shape,
-                           ((tuple(slice(None) for _ in arr.shape), arr),))
-
-
 def test_the_btree_is_written_once_the_data_is_in_the_page_cache_not_on_the_disk(
         tmp_path, monkeypatch):
     # expect_batches: once every batch's data file is in the page cache, the B+tree and
@@ -558,6 +554,33 @@ def test_small_arrays_read_past_the_page_cache_are_views_of_aligned_regions(tmp_
     with pytest.raises(CorruptCheckpointError,
                        match=rf"key 'a29': data file {re.escape(path)} ends inside a chunk"):
         asyncio.run(read())
+
+
+def test_only_a_large_restore_from_a_local_disk_reads_past_the_page_cache(tmp_path,
+                                                                          monkeypatch):
+    """O_DIRECT reads for a restore of DIRECT_IO_MIN_BYTES or more (the arrays it reads, not
+    the whole item) on a local disk's file system; through the page cache otherwise."""
+    arrays = {"a": np.arange(1000, dtype=np.float32), "b": np.ones((30, 7), np.float64)}
+
+    _write_items(tmp_path, [_stored(n, a) for n, a in arrays.items()])
+
+    def reads_direct(names, threshold, fs):
+        monkeypatch.setattr(ser, "DIRECT_IO_MIN_BYTES", threshold)
+        monkeypatch.setattr(ser, "DIRECT_IO_FILE_SYSTEMS", fs)
+
+        async def read():
+            reader = ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
+            out = await reader.read_small(names)
+            assert all(np.array_equal(out[n], arrays[n]) for n in names)
+            return reader.direct
+        return asyncio.run(read())
+
+    here = {storage.file_system_type(tmp_path)}
+    both = arrays["a"].nbytes + arrays["b"].nbytes
+    assert reads_direct(["a", "b"], both, here)
+    assert not reads_direct(["a", "b"], both + 1, here)
+    assert not reads_direct(["a"], both, here)  # (a partial restore counts what it reads)
+    assert not reads_direct(["a", "b"], both, {"nfs4"})  # e.g. NFS, FUSE, tmpfs
 
 
 def test_local_reads_check_each_chunk_and_leave_foreign_encodings_to_the_driver(tmp_path):
