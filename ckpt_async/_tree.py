@@ -89,58 +89,63 @@ def _check_key(key: Any, path: tuple[Any, ...]) -> None:
         raise InvalidArgumentError(f"empty key at {path!r}: every key must be non-empty")
 
 
+def _walk(x: Any, keys: tuple[Any, ...], kts: tuple[int, ...], name: str,
+          leaves: list[Leaf]) -> Any:
+    """:func:`flatten`'s recursion: ``x``'s skeleton, its leaves appended to ``leaves``. (A
+    module function: a nested one refers to itself, a cycle that held the leaves, and so the
+    tree's arrays, until the garbage collector next ran; ``del state`` freed nothing.)"""
+    if _is_leaf_type(x):  # the common case first: one set lookup
+        leaves.append(Leaf(keys, kts, x, name))
+        return ["L", len(leaves) - 1]
+    if x is None:
+        leaves.append(Leaf(keys, kts, None, name))
+        return ["N", len(leaves) - 1]
+    prefix = name + "." if keys else ""
+    if isinstance(x, dict):
+        if not x:
+            leaves.append(Leaf(keys, kts, {}, name))
+            return ["E", len(leaves) - 1, "Dict"]
+        items = []
+        for k, v in x.items():
+            if type(k) is not str or not k:  # (a non-empty str: the common case, checked)
+                _check_key(k, keys)
+            kt = "i" if isinstance(k, int) else "s"
+            if type(v) in _LEAF_TYPES:  # (a known leaf type: _walk(v) inlined)
+                leaves.append(Leaf((*keys, k), (*kts, fmt.KEY_DICT), v, f"{prefix}{k!s}"))
+                items.append([k, kt, ["L", len(leaves) - 1]])
+                continue
+            items.append([k, kt, _walk(v, (*keys, k), (*kts, fmt.KEY_DICT), f"{prefix}{k!s}",
+                                       leaves)])
+        return ["D", items]
+    if is_namedtuple(x):
+        children = [_walk(v, (*keys, f), (*kts, fmt.KEY_DICT), f"{prefix}{f!s}", leaves)
+                    for f, v in zip(x._fields, x)]
+        cls = type(x)
+        return ["T", f"{cls.__module__}:{cls.__qualname__}", list(x._fields), children]
+    if isinstance(x, (list, tuple)):
+        if not x:
+            kind = "List" if isinstance(x, list) else "Tuple"
+            leaves.append(Leaf(keys, kts, x, name))
+            return ["E", len(leaves) - 1, kind]
+        tag = "l" if isinstance(x, list) else "t"
+        return [tag, [_walk(v, (*keys, i), (*kts, fmt.KEY_SEQUENCE), f"{prefix}{i!s}",
+                            leaves) for i, v in enumerate(x)]]
+    if _is_custom_node(x):
+        pairs, _ = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
+        items = []
+        for path, v in pairs:
+            k, key_type = _key_of(path[0])
+            items.append([k, "i" if isinstance(k, int) else "s",
+                          _walk(v, (*keys, k), (*kts, key_type), f"{prefix}{k!s}", leaves)])
+        return ["D", items]
+    leaves.append(Leaf(keys, kts, x, name))
+    return ["L", len(leaves) - 1]
+
+
 def flatten(tree: Any) -> tuple[list[Leaf], Any]:
     """Flattens ``tree`` into leaves (empty containers and None included) and its skeleton."""
     leaves: list[Leaf] = []
-
-    def walk(x: Any, keys: tuple[Any, ...], kts: tuple[int, ...], name: str) -> Any:
-        if _is_leaf_type(x):  # the common case first: one set lookup
-            leaves.append(Leaf(keys, kts, x, name))
-            return ["L", len(leaves) - 1]
-        if x is None:
-            leaves.append(Leaf(keys, kts, None, name))
-            return ["N", len(leaves) - 1]
-        prefix = name + "." if keys else ""
-        if isinstance(x, dict):
-            if not x:
-                leaves.append(Leaf(keys, kts, {}, name))
-                return ["E", len(leaves) - 1, "Dict"]
-            items = []
-            for k, v in x.items():
-                if type(k) is not str or not k:  # (a non-empty str: the common case, checked)
-                    _check_key(k, keys)
-                kt = "i" if isinstance(k, int) else "s"
-                if type(v) in _LEAF_TYPES:  # (a known leaf type: walk(v) inlined)
-                    leaves.append(Leaf((*keys, k), (*kts, fmt.KEY_DICT), v, f"{prefix}{k!s}"))
-                    items.append([k, kt, ["L", len(leaves) - 1]])
-                    continue
-                items.append([k, kt, walk(v, (*keys, k), (*kts, fmt.KEY_DICT), f"{prefix}{k!s}")])
-            return ["D", items]
-        if is_namedtuple(x):
-            children = [walk(v, (*keys, f), (*kts, fmt.KEY_DICT), f"{prefix}{f!s}")
-                        for f, v in zip(x._fields, x)]
-            cls = type(x)
-            return ["T", f"{cls.__module__}:{cls.__qualname__}", list(x._fields), children]
-        if isinstance(x, (list, tuple)):
-            if not x:
-                kind = "List" if isinstance(x, list) else "Tuple"
-                leaves.append(Leaf(keys, kts, x, name))
-                return ["E", len(leaves) - 1, kind]
-            tag = "l" if isinstance(x, list) else "t"
-            return [tag, [walk(v, (*keys, i), (*kts, fmt.KEY_SEQUENCE), f"{prefix}{i!s}")
-                          for i, v in enumerate(x)]]
-        if _is_custom_node(x):
-            pairs, _ = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
-            items = []
-            for path, v in pairs:
-                k, key_type = _key_of(path[0])
-                items.append([k, "i" if isinstance(k, int) else "s",
-                              walk(v, (*keys, k), (*kts, key_type), f"{prefix}{k!s}")])
-            return ["D", items]
-        leaves.append(Leaf(keys, kts, x, name))
-        return ["L", len(leaves) - 1]
-
-    skeleton = walk(tree, (), (), "")
+    skeleton = _walk(tree, (), (), "", leaves)
     seen: dict[str, tuple[Any, ...]] = {}
     for leaf in leaves:
         other = seen.setdefault(leaf.name, leaf.keys)
@@ -197,6 +202,16 @@ def skeleton_leaf_order(skeleton: Any) -> Iterator[int]:
             yield from skeleton_leaf_order(c)
 
 
+def _sequences_as_lists(node: Any, kinds: dict[int, int]) -> Any:
+    """``node`` with each dict whose keys ``kinds`` marks as a sequence's made a list."""
+    if not isinstance(node, dict) or not node:
+        return node
+    fixed = {k: _sequences_as_lists(v, kinds) for k, v in node.items()}
+    if kinds.get(id(node)) == fmt.KEY_SEQUENCE:
+        return [fixed[k] for k in sorted(fixed, key=int)]
+    return fixed
+
+
 def tree_from_key_metadata(entries: Sequence[tuple[list[fmt.KeyEntry], Any]]) -> Any:
     """Orbax's rebuild: nested dicts for dict keys, lists for sequence keys (str keys)."""
     if len(entries) == 1 and not entries[0][0]:
@@ -213,16 +228,7 @@ def tree_from_key_metadata(entries: Sequence[tuple[list[fmt.KeyEntry], Any]]) ->
             else:
                 node = node.setdefault(entry.key, {})
 
-    def fix(node: Any) -> Any:
-        if not isinstance(node, dict) or not node:
-            return node
-        kind = kinds.get(id(node))
-        fixed = {k: fix(v) for k, v in node.items()}
-        if kind == fmt.KEY_SEQUENCE:
-            return [fixed[k] for k in sorted(fixed, key=int)]
-        return fixed
-
-    return fix(root)
+    return _sequences_as_lists(root, kinds)
 
 
 def target_leaves(
