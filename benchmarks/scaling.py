@@ -19,6 +19,7 @@ first keeps one-time initialisation out of the figures. Prints Markdown tables (
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -100,6 +101,7 @@ def point(n: int, elems: int, root: Path) -> dict:
         t4 = time.perf_counter()
     _check(restored, n, elems)
     del restored
+    gc.collect()  # (jax lets go of the host buffers it adopted at its next operation or this)
     # The same restore in a new process, as a job restarting would make it.
     out = subprocess.run(
         [sys.executable, __file__, "--restore", str(n), str(elems), "--dir", str(root)],

@@ -520,6 +520,12 @@ def test_only_a_large_save_to_a_local_disk_goes_past_the_page_cache(tmp_path, mo
     big = ser.DIRECT_IO_MIN_BYTES
     assert ser.ItemWriter(tmp_path, total_bytes=big).db.direct
     assert not ser.ItemWriter(tmp_path, total_bytes=big - 1).db.direct
+    # Under a host-memory budget too small for the writer threads' staging buffers (their
+    # 5%), through the page cache.
+    least = ser.DIRECT_IO_MIN_BUDGET
+    assert least == 20 * ser.BACKGROUND_THREADS * _ocdbt.DIRECT_PIECE_BYTES
+    assert ser.ItemWriter(tmp_path, total_bytes=big, memory_budget=least).db.direct
+    assert not ser.ItemWriter(tmp_path, total_bytes=big, memory_budget=least - 1).db.direct
     monkeypatch.setattr(ser, "DIRECT_IO_FILE_SYSTEMS", {"ext4", "xfs"} - {
         _storage.file_system_type(tmp_path)})
     assert not ser.ItemWriter(tmp_path, total_bytes=big).db.direct  # e.g. NFS, FUSE, tmpfs

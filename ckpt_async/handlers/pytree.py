@@ -192,7 +192,8 @@ class PyTreeCheckpointHandler(CheckpointHandler):
         nbytes = total_bytes(to_stage)
         writer = ser.ItemWriter(directory, compress=self._compress, direct_max_bytes=(
             math.inf if self._budget.limit is not None else ser.DIRECT_WRITE_MAX_BYTES),
-            total_bytes=nbytes, process_index=roles.index if roles.multi else None)
+            total_bytes=nbytes, process_index=roles.index if roles.multi else None,
+            memory_budget=self._budget.limit)
         tracker = Tracker("save", directory, nbytes)
 
         async def write_batch(batch: list[ser.StoredArray]) -> None:
