@@ -493,6 +493,8 @@ def test_small_arrays_read_past_the_page_cache_are_views_of_aligned_regions(tmp_
     # writes them), arrays at offsets jax's alignment does not allow (after the odd-sized
     # "b0") are read through the page cache. Every one is checked, 64-byte aligned and
     # bit-exact, whichever way it came.
+    import fcntl
+
     arrays = {f"a{i:02d}": np.full((256,), i, np.float32) for i in range(40)}  # 1 KiB each
     arrays |= {"b0": np.arange(1000, dtype=np.float16), "b1": np.arange(999, dtype=np.int8),
                "c": np.full((256,), 7, np.float32)}
@@ -510,7 +512,7 @@ def test_small_arrays_read_past_the_page_cache_are_views_of_aligned_regions(tmp_
     def open_direct(path):
         fd = real_open(path)
         if fd is not None:
-            assert os.O_DIRECT & __import__("fcntl").fcntl(fd, __import__("fcntl").F_GETFL)
+            assert os.O_DIRECT & fcntl.fcntl(fd, fcntl.F_GETFL)
             direct_fds.add(fd)
         return fd
 
