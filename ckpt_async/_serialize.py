@@ -963,10 +963,11 @@ class ItemReader:
                            expected: Callable[[str], dict[str, int] | None]
                            ) -> dict[str, np.ndarray]:
         """:meth:`_read_batch` past the page cache: the arrays stored whole at offsets aligned
-        to HOST_ALIGNMENT are read, each run of them lying back to back in a data file with
-        aligned reads, into a region of fresh memory laid out as the file is, and each
-        becomes a view of its region (the region's other bytes, under DIRECT_ALIGN at either
-        end, are left unused). The others are read through the page cache."""
+        to HOST_ALIGNMENT are read, each run of them lying one after the other in a data
+        file with aligned reads, into a region of fresh memory laid out as the file is, and
+        each becomes a view of its region (the region's other bytes, the padding between
+        them and under DIRECT_ALIGN at either end, are left unused). The others are read
+        through the page cache."""
         whole, rest = [], []
         for name, plan in batch:
             ref = _whole_ref(plan)
@@ -1060,10 +1061,11 @@ class ItemReader:
                    expected: Callable[[str], dict[str, int] | None],
                    files: dict[tuple[str, bool], int], out: dict[str, np.ndarray]
                    ) -> list[tuple[tuple[str, LocalPlan], np.ndarray]]:
-        """Reads the arrays of ``batch`` stored as one chunk each, back to back in a data file,
-        with one ``preadv`` per run of adjacent chunks (up to IOV_MAX of them): few large
-        reads where one per array would meet a cold disk at a queue depth of one. Returns the
-        others, for :meth:`_read_chunks`."""
+        """Reads the arrays of ``batch`` stored as one chunk each, one after the other in a
+        data file, with one ``preadv`` per run of adjacent chunks (up to IOV_MAX views of them
+        and of the padding between them, :func:`_adjacent_runs`): few large reads where one
+        per array would meet a cold disk at a queue depth of one. Returns the others, for
+        :meth:`_read_chunks`."""
         rest = []
         # path, offset, length, array name, its buffer, the chunk's key
         whole: list[tuple[str, int, int, str, np.ndarray, str]] = []
