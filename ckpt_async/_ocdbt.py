@@ -487,6 +487,13 @@ DIRECT_PIECE_BYTES = 4 << 20
 #: Alignment of the file offsets, lengths and memory of ``O_DIRECT`` writes (the largest
 #: logical block size in common use).
 DIRECT_ALIGN = 4096
+
+
+def round_up(n: int, step: int) -> int:
+    """``n`` rounded up to a multiple of ``step``."""
+    return -(-n // step) * step
+
+
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _SHARED_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
 _bounce = threading.local()
@@ -537,7 +544,7 @@ def _write_direct(path: Path, buffers: Sequence[memoryview | bytes], crcs: list[
                     if hold is not None:
                         hold(total)
         if fill:
-            padded = -(-fill // DIRECT_ALIGN) * DIRECT_ALIGN
+            padded = round_up(fill, DIRECT_ALIGN)
             stage[fill:padded] = 0
             _write_all(fd, [stage.data[:padded]])
             total += fill

@@ -684,7 +684,7 @@ def host_buffers(specs: list[tuple[tuple[int, ...], np.dtype]]) -> list[np.ndarr
     offsets, total = [], 0
     for shape, dtype in specs:
         offsets.append(total)
-        total += -(-math.prod(shape) * dtype.itemsize // HOST_ALIGNMENT) * HOST_ALIGNMENT
+        total += _ocdbt.round_up(math.prod(shape) * dtype.itemsize, HOST_ALIGNMENT)
     region = host_buffer((total,), np.dtype(np.uint8))
     return [region[o:o + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
             for o, (shape, dtype) in zip(offsets, specs, strict=True)]
@@ -844,10 +844,6 @@ def _adjacent_runs(whole: list[_W], limit: int) -> Iterator[list[_W]]:
 _PADDING = memoryview(bytearray(_ocdbt.VALUE_ALIGN))
 
 
-def _round_up(n: int, step: int) -> int:
-    return -(-n // step) * step
-
-
 class ItemReader:
     """Reads an item's uncompressed zarr v2 arrays in OCDBT (what ckpt_async writes) without
     TensorStore's zarr driver, checking each chunk against its crc32 as it is read.
@@ -931,20 +927,16 @@ class ItemReader:
             refs.append((key, region, ref))
         return dtype, shape, chunks, refs
 
-    def _wants_direct(self, names: list[str]) -> bool:
-        """Whether a restore of the stored arrays ``names`` reads past the page cache: those
-        of them in the local index hold DIRECT_IO_MIN_BYTES or more, on a local disk's file
-        system (as a save of as many bytes writes them). A read through the page cache puts
-        every byte into a page of the cache and then into the array's own: on the benchmark
+    def _wants_direct(self, total_bytes: int) -> bool:
+        """Whether a restore of ``total_bytes`` of stored arrays from the local index reads
+        them past the page cache: DIRECT_IO_MIN_BYTES or more, on a local disk's file system
+        (as a save of as many bytes writes them). A read through the page cache puts every
+        byte into a page of the cache and then into the array's own: on the benchmark
         machine's VM, whose fresh pages are slow to touch, a cold read of 4 GiB into fresh
         memory ran at 0.30-1.04 GB/s that way (1 thread) or 0.91-1.06 GB/s (8 threads), and
         at 1.68-1.76 GB/s past the page cache (8 threads, 4 MiB reads); 256 MiB to 2 GiB
         read about as fast either way."""
-        total = 0
-        for name in names:
-            if (plan := self._raw_plan(name)) is not None:
-                total += math.prod(plan[1]) * plan[0].itemsize
-        return (total >= DIRECT_IO_MIN_BYTES and isinstance(self.item_dir, Path)
+        return (total_bytes >= DIRECT_IO_MIN_BYTES and isinstance(self.item_dir, Path)
                 and storage.file_system_type(self.item_dir) in DIRECT_IO_FILE_SYSTEMS)
 
     def _read_batch(self, batch: list[tuple[str, LocalPlan]], buffers: list[np.ndarray],
@@ -981,7 +973,7 @@ class ItemReader:
                 path, start, name = run[0][0], run[0][1], run[0][3]
                 base = start - start % _ocdbt.DIRECT_ALIGN
                 region = _ocdbt.direct_region(
-                    _round_up(run[-1][1] + run[-1][2] - base, _ocdbt.DIRECT_ALIGN))
+                    _ocdbt.round_up(run[-1][1] + run[-1][2] - base, _ocdbt.DIRECT_ALIGN))
                 spans = [(w[1] - base, w[1] - base + w[2]) for w in run]
                 wanted = [(expected(w[3]) or {}).get(w[4][3][0][0]) for w in run]
                 crcs = [0] * len(run) if any(c is not None for c in wanted) else None
@@ -1122,7 +1114,7 @@ class ItemReader:
         expected = sums.get(key) if sums else None
         if direct:  # (the region starts DIRECT_ALIGN-aligned in the file, as reads must)
             head = offset % _ocdbt.DIRECT_ALIGN
-            region = _ocdbt.direct_region(_round_up(head + nbytes, _ocdbt.DIRECT_ALIGN))
+            region = _ocdbt.direct_region(_ocdbt.round_up(head + nbytes, _ocdbt.DIRECT_ALIGN))
             buffer = region[head:head + nbytes].view(dtype).reshape(shape)
         else:
             head = 0
@@ -1171,7 +1163,6 @@ class ItemReader:
             return {}
         expected = expected or (lambda name: None)
         if await self.index() is not None:
-            self.direct = await get_runtime().to_thread(self._wants_direct, names)
             return await self._read_local(names, expected)
         return await self._read_direct(names, expected)
 
@@ -1179,18 +1170,25 @@ class ItemReader:
                           expected: Callable[[str], dict[str, int] | None],
                           ) -> dict[str, np.ndarray]:
         """Small arrays from the local index, in batches read concurrently, each batch into
-        buffers carved from one region (:func:`host_buffers`)."""
+        buffers carved from one region (:func:`host_buffers`). Decides :attr:`direct` from
+        the bytes of all the arrays ``names`` (the larger ones :meth:`read_array` reads)."""
         def where(item: tuple[str, LocalPlan]) -> tuple[str, int]:
             ref = item[1][3][0][2] if item[1][3] else b""
             return (ref[0], ref[1]) if isinstance(ref, tuple) else ("", 0)
 
         def plan() -> list[list[tuple[str, LocalPlan]]]:
+            small, total = [], 0
+            for name in names:
+                if (raw := self._raw_plan(name)) is None:
+                    continue
+                nbytes = math.prod(raw[1]) * raw[0].itemsize
+                total += nbytes
+                if nbytes <= DIRECT_READ_MAX_BYTES and (p := self.local_plan(name)) is not None:
+                    small.append((name, p))
+            self.direct = self._wants_direct(total)
             # In the order they lie on disk (the names come in any order), so that a batch
             # reads whole stretches of its data files.
-            return _read_batches(sorted(
-                ((name, p) for name in names
-                 if (p := self.local_plan(name, DIRECT_READ_MAX_BYTES)) is not None), key=where),
-                LOCAL_READ_BATCH_BYTES)
+            return _read_batches(sorted(small, key=where), LOCAL_READ_BATCH_BYTES)
 
         def read(batch: list[tuple[str, LocalPlan]]) -> dict[str, np.ndarray]:
             if self.direct:

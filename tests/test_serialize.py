@@ -520,11 +520,14 @@ def test_small_arrays_read_past_the_page_cache_are_views_of_aligned_regions(tmp_
     monkeypatch.setattr(_ocdbt, "open_direct", open_direct)
     sums = {n: {"0": zlib.crc32(a.tobytes())} for n, a in arrays.items()}
 
+    monkeypatch.setattr(ser, "DIRECT_IO_MIN_BYTES", 0)  # (a restore as large as 4 GiB)
+    monkeypatch.setattr(ser, "DIRECT_IO_FILE_SYSTEMS", {storage.file_system_type(tmp_path)})
+
     async def read():
         reader = ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
-        await reader.index()
-        reader.direct = True
-        return await reader._read_local(sorted(arrays), sums.get)
+        out = await reader.read_small(sorted(arrays), sums.get)
+        assert reader.direct
+        return out
 
     out = asyncio.run(read())
     assert sorted(out) == sorted(arrays)
