@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gc
 import json
 import math
 import os
 import threading
 import time
+import weakref
 
 import jax
 import numpy as np
@@ -138,6 +140,23 @@ def test_sync_save_returns_bool_and_commit_future_is_reachable(tmp_path, gate):
         with pytest.raises(StepNotFoundError):
             mngr.commit_future(7)
         assert_tree_equal(mngr.restore(0), tree(0))
+
+
+def test_commit_futures_of_retired_steps_are_let_go(tmp_path):
+    options = ocp.CheckpointManagerOptions(max_to_keep=2)
+    with ocp.CheckpointManager(tmp_path, options=options) as mngr:
+        mngr.save(0, args=ocp.args.StandardSave(tree(0)))
+        first = weakref.ref(mngr.commit_future(0))
+        for step in range(1, 6):
+            mngr.save(step, args=ocp.args.StandardSave(tree(step)))
+            mngr.wait_until_finished()
+        assert mngr.all_steps() == [4, 5]
+        assert mngr.commit_future(4).done() and mngr.commit_future(5).result(0) == tmp_path / "5"
+        for step in range(4):
+            with pytest.raises(StepNotFoundError, match=f"step {step} "):
+                mngr.commit_future(step)
+        gc.collect()
+        assert first() is None  # nothing holds the retired step's future any more
 
 
 def test_saves_in_flight_are_bounded_and_commit_in_step_order(tmp_path, gate):

@@ -354,11 +354,20 @@ class AsyncCheckpointManager:
         log.debug("step %d staged in %.3f s", step, time.perf_counter() - t0)
         self._futures[step] = fut
         self._checkpoints = [c for c in candidates if c not in to_remove]
+        self._forget_retired_futures()
         fut.add_done_callback(lambda f: self._on_done(step, f, to_remove))  # type: ignore[arg-type]
         if not self.options.enable_async_checkpointing:
             self._checkpointer.hurry()  # (the caller waits for it)
             await fut
         return fut
+
+    def _forget_retired_futures(self) -> None:
+        """Drops the completion futures of ended commits whose steps are no longer listed
+        (retired, or failed): a manager saving every few minutes for weeks would otherwise
+        keep one per save, and walk them all on every save and wait."""
+        listed = {c.step for c in self._checkpoints}
+        for step in [s for s, f in self._futures.items() if f.done() and s not in listed]:
+            del self._futures[step]
 
     async def _agree(self, what: str, decision: bool) -> bool:
         """``decision`` on one process; the primary's on every process of a multi-process run
@@ -413,11 +422,13 @@ class AsyncCheckpointManager:
         self._checkpoints = sorted(kept + back, key=lambda c: c.step)
 
     def commit_future(self, step: int) -> CommitFuture:
-        """The completion future of ``step``'s commit (saves made by this manager)."""
+        """The completion future of ``step``'s commit: a save made by this manager, in flight
+        or of a step still listed (those of retired steps are let go)."""
         try:
             return self._futures[step]
         except KeyError:
-            raise StepNotFoundError(f"no save of step {step} was made by this manager") from None
+            raise StepNotFoundError(f"no save of step {step} by this manager is in flight or "
+                                    f"still listed (in {self.directory})") from None
 
     def hurry(self) -> None:
         """Writes the commit in flight at full speed from now on, paced or not
