@@ -9,6 +9,7 @@ Checkpoints without ``_CHECKSUMS`` (written by Orbax) are read as before, unchec
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import zlib
 from collections.abc import Callable
@@ -124,13 +125,13 @@ async def read_step_metadata(
     """A step's ``_CHECKPOINT_METADATA`` (None when absent) and our ``_CKPT_ASYNC`` beside it,
     the former checked against the latter's crc32 when there is one."""
     path = step / fmt.CHECKPOINT_METADATA
-    if not await storage.exists(path):
+    data, raw_ext = await asyncio.gather(storage.read_optional(path),
+                                         storage.read_optional(step / fmt.STEP_EXTENSION))
+    if data is None:
         return None, None
-    data = await storage.read_bytes(path)
     ext = None
-    if await storage.exists(step / fmt.STEP_EXTENSION):
-        ext = fmt.decode(await storage.read_bytes(step / fmt.STEP_EXTENSION), fmt.StepExtension,
-                         where=str(step / fmt.STEP_EXTENSION))
+    if raw_ext is not None:
+        ext = fmt.decode(raw_ext, fmt.StepExtension, where=str(step / fmt.STEP_EXTENSION))
         if ext.checkpoint_metadata_crc32 not in (None, zlib.crc32(data)):
             raise CorruptCheckpointError(f"{path}: checksum mismatch (the file is damaged)")
     return fmt.decode(data, fmt.StepMetadata, where=str(path)), ext

@@ -209,9 +209,14 @@ async def listdir(path: AnyPath) -> list[str]:
         return []
 
 
-async def listdirs(path: Path) -> list[str]:
-    """The names of the directories in local ``path`` (symlinks to directories included; a
-    file or a dangling symlink left out); none when ``path`` does not exist."""
+async def listdirs(path: AnyPath) -> list[str]:
+    """The names of the directories in ``path`` (symlinks to directories included; a file or a
+    dangling symlink left out; on an object store, the names that prefix other keys); none
+    when ``path`` does not exist. One call, where ``listdir`` and an ``is_dir`` of each
+    entry are one more a name."""
+    if isinstance(path, StorePath):
+        return sorted({k.split("/", 1)[0] for k in await _objstore.list_keys(path) if "/" in k})
+
     def _dirs() -> list[str]:
         try:
             with os.scandir(path) as entries:

@@ -9,6 +9,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import threading
 import time
 import weakref
@@ -22,6 +23,7 @@ import ckpt_async as ocp
 import ckpt_async._commit as ca_commit
 import ckpt_async.aio
 from ckpt_async import _format as fmt
+from ckpt_async import _storage
 from ckpt_async.errors import (
     ClosedError,
     CommitError,
@@ -29,6 +31,7 @@ from ckpt_async.errors import (
     CorruptCheckpointError,
     HandlerError,
     InvalidArgumentError,
+    ItemNotFoundError,
     StepAlreadyExistsError,
     StepNotFoundError,
 )
@@ -725,6 +728,50 @@ def test_registered_item_absent_from_the_checkpoint_is_left_out(tmp_path):
             mngr.restore(0, args=ocp.args.Composite(extra=None))
         with pytest.raises(KeyError, match="'extra' is not in the checkpoint"):  # (as Orbax)
             mngr.restore(0, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
+
+
+def test_items_read_early_are_cancelled_when_the_step_does_not_hold_them(tmp_path):
+    # Restore args name every item: the items start reading before the step's listing and
+    # metadata are in. An item the step lacks, or damaged step metadata, still raises as
+    # before, and the item missing was not locked to the handler its args asked for.
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(tree(0))))
+        with pytest.raises(ItemNotFoundError, match=r"item 'other' is not in the checkpoint"):
+            mngr.restore(0, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                    other=ocp.args.JsonRestore()))
+        mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(tree(1)),
+                                             other=ocp.args.StandardSave(tree(2))))
+        mngr.wait_until_finished()
+        out = mngr.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                      other=ocp.args.StandardRestore()))
+        assert_tree_equal(out.state, tree(1))
+        assert_tree_equal(out.other, tree(2))
+    doc = tmp_path / "1" / fmt.CHECKPOINT_METADATA
+    doc.write_bytes(doc.read_bytes().replace(b'"metrics":{}', b'"metrics":{"x":1}'))
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        with pytest.raises(CorruptCheckpointError, match="_CHECKPOINT_METADATA"):
+            mngr.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+
+
+def test_a_listed_step_is_restored_without_listing_the_directory(tmp_path, monkeypatch):
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        for step in range(3):
+            mngr.save(step, args=ocp.args.StandardSave(tree(step)))
+        mngr.wait_until_finished()
+        listed = []
+        real = _storage.listdirs
+
+        async def listdirs(path):
+            listed.append(path)
+            return await real(path)
+
+        monkeypatch.setattr(_storage, "listdirs", listdirs)
+        assert_tree_equal(mngr.restore(1), tree(1))
+        assert tmp_path not in listed  # (the step's own listing is its items)
+        shutil.rmtree(tmp_path / "1")  # gone behind the manager's back: found out by listing
+        with pytest.raises(StepNotFoundError, match=r"step 1 does not exist"):
+            mngr.restore(1)
+        assert tmp_path in listed
 
 
 def test_item_saved_as_none_restores_as_none_also_after_reopen(tmp_path):

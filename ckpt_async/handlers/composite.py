@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -10,6 +11,7 @@ from .. import _format as fmt
 from .. import _integrity
 from .. import _storage as storage
 from .._paths import AnyPath
+from .._stage import cancel_all
 from ..args import CheckpointArgs, Composite, register_with_handler
 from ..errors import HandlerError, ItemNotFoundError
 from .base import CheckpointHandler, Writer
@@ -87,12 +89,12 @@ class CompositeCheckpointHandler(CheckpointHandler):
             return meta.item_handlers
         return {}
 
-    async def _stored_items(self, directory: AnyPath) -> dict[str, str | None]:
-        """Item names in a checkpoint, with the handler typestr its metadata records."""
-        recorded = await self._recorded(directory)
-        names = {n: recorded.get(n) for n in await storage.listdir(directory)
-                 if await storage.is_dir(directory / n)}
-        return names
+    async def _stored_items(self, directory: AnyPath) -> tuple[dict[str, str | None], dict[str, str]]:
+        """Item names in a checkpoint, with the handler typestr its metadata records; and every
+        item the metadata records (an item saved as ``None`` has no directory)."""
+        recorded, names = await asyncio.gather(self._recorded(directory),
+                                               storage.listdirs(directory))
+        return {n: recorded.get(n) for n in names}, recorded
 
     def _handler_for_restore(self, name: str, args: Any, typestr: str | None,
                              directory: AnyPath) -> CheckpointHandler:
@@ -113,28 +115,43 @@ class CompositeCheckpointHandler(CheckpointHandler):
     async def restore(self, directory: AnyPath, args: Composite | None = None) -> Composite:
         """Restores the items ``args`` names; with no args, every stored item, and ``None`` for
         an item the step's save named with ``None`` (Orbax 0.12: ``Composite(x=None)`` on save
-        records ``x``; an item only registered here, never saved, is left out)."""
-        stored = await self._stored_items(directory)
-        if args is None or not dict(args.items()):
-            wanted = {n: None for n in sorted(set(stored) | set(await self._recorded(directory)))}
-        else:
-            wanted = dict(args.items())
-            for name in wanted:
+        records ``x``; an item only registered here, never saved, is left out).
+
+        When ``args`` give every item's restore args, the items' handlers are known from them:
+        the items start reading while the step's listing and metadata are read (on a cold
+        disk or an object store, each a round trip of its own), and are cancelled if the
+        step turns out not to hold them or its metadata is damaged."""
+        given = dict(args.items()) if args is not None else {}
+        early: dict[str, asyncio.Future[Any]] = {}
+        if given and all(a is not None for a in given.values()):
+            # (not locked in before the step is known to hold them; a mismatch is raised below)
+            with contextlib.suppress(HandlerError):
+                handlers = {n: self.registry.resolve(n, a, lock=False) for n, a in given.items()}
+                early = {n: asyncio.ensure_future(h.restore(directory / n, given[n]))
+                         for n, h in handlers.items()}
+        try:
+            stored, recorded = await self._stored_items(directory)
+            for name in given:
                 if name not in stored:
                     raise ItemNotFoundError(
                         f"{directory}: item {name!r} is not in the checkpoint (it holds "
                         f"{sorted(stored)})")
-        present = [n for n in wanted if n in stored]
-        handlers = {n: self._handler_for_restore(n, wanted[n], stored.get(n), directory)
-                    for n in present}
-        results = await asyncio.gather(*(handlers[n].restore(directory / n, wanted[n])
-                                         for n in present))
+            wanted = given or {n: None for n in sorted(set(stored) | set(recorded))}
+            present = [n for n in wanted if n in stored]
+            handlers = {n: self._handler_for_restore(n, wanted[n], stored.get(n), directory)
+                        for n in present}
+            results = await asyncio.gather(*(
+                early[n] if n in early else handlers[n].restore(directory / n, wanted[n])
+                for n in present))
+        except BaseException:
+            await cancel_all(list(early.values()))
+            raise
         out = dict.fromkeys(wanted)
         out.update(zip(present, results))
         return Composite(**out)
 
     async def metadata(self, directory: AnyPath) -> Composite:
-        stored = await self._stored_items(directory)
+        stored, _recorded = await self._stored_items(directory)
         out = {}
         for name, typestr in stored.items():
             handler = self.registry.locked(name)

@@ -86,13 +86,17 @@ class DefaultCheckpointHandlerRegistry:
     def locked(self, item: str) -> CheckpointHandler | None:
         return self._handlers.get(item)
 
-    def resolve(self, item: str, args: CheckpointArgs) -> CheckpointHandler:
-        """The handler for ``args`` of ``item``: locked in on first use, enforced afterwards."""
+    def resolve(self, item: str, args: CheckpointArgs, *, lock: bool = True) -> CheckpointHandler:
+        """The handler for ``args`` of ``item``: locked in on first use, enforced afterwards.
+        With ``lock=False`` an item not yet locked is not locked in: a fresh handler of the
+        class ``args`` call for is returned (a later ``resolve`` locks the item in)."""
         cls = handler_class_for(args)
         if cls is None:
             raise HandlerError(f"item {item!r}: {type(args).__name__} is not a checkpoint args type")
         current = self._handlers.get(item)
         if current is None:
+            if not lock:
+                return cls()
             self.add(item, type(args))
             return self._handlers[item]
         if isinstance(current, cls):

@@ -522,11 +522,17 @@ class AsyncCheckpointManager:
         fut = self._futures.get(step)
         if fut is not None and not fut.done():
             await fut
-        names = await self._step_names(root)
-        if step not in names:
-            raise StepNotFoundError(f"step {step} does not exist in {root} (steps: "
-                                    f"{sorted(names)[-10:]})")
-        path = root / names[step]
+        path = self._step_path(step)
+        # A step this manager lists is where its name says (one look, where listing the
+        # directory costs a round trip that grows with the steps in it); any other is found by
+        # listing (a name of another format, another directory, a step deleted meanwhile).
+        if not (directory is None and any(c.step == step for c in self._checkpoints)
+                and await _commit.is_visible(path)):
+            names = await self._step_names(root)
+            if step not in names:
+                raise StepNotFoundError(f"step {step} does not exist in {root} (steps: "
+                                        f"{sorted(names)[-10:]})")
+            path = root / names[step]
         if self._default_item is None:
             self._default_item = await storage.is_dir(path / DEFAULT_ITEM_NAME)
         return step, path
