@@ -927,17 +927,28 @@ class ItemReader:
             refs.append((key, region, ref))
         return dtype, shape, chunks, refs
 
-    def _wants_direct(self, total_bytes: int) -> bool:
-        """Whether a restore of ``total_bytes`` of stored arrays from the local index reads
-        them past the page cache: DIRECT_IO_MIN_BYTES or more, on a local disk's file system
-        (as a save of as many bytes writes them). A read through the page cache puts every
-        byte into a page of the cache and then into the array's own: on the benchmark
-        machine's VM, whose fresh pages are slow to touch, a cold read of 4 GiB into fresh
-        memory ran at 0.30-1.04 GB/s that way (1 thread) or 0.91-1.06 GB/s (8 threads), and
-        at 1.68-1.76 GB/s past the page cache (8 threads, 4 MiB reads); 256 MiB to 2 GiB
-        read about as fast either way."""
-        return (total_bytes >= DIRECT_IO_MIN_BYTES and isinstance(self.item_dir, Path)
-                and storage.file_system_type(self.item_dir) in DIRECT_IO_FILE_SYSTEMS)
+    def _wants_direct(self, total_bytes: int, files: set[str]) -> bool:
+        """Whether a restore of ``total_bytes`` of stored arrays from the local index, in data
+        files ``files``, reads them past the page cache, on a local disk's file system: when
+        less than half of the files is in the page cache (Linux ``cachestat``), or from
+        DIRECT_IO_MIN_BYTES on (as a save of as many bytes writes them).
+
+        A read through the page cache puts every byte into a page of the cache and then into
+        the array's own. The benchmark machine's VM is slow at fresh pages, and its disk
+        serves a few deep streams of aligned reads faster than buffered reads by several
+        threads at once: cold restores, 12-16 each (quick workloads, interleaved processes),
+        ``large`` (256 MiB in 16 arrays) 138 against 151 ms, ``mixed`` (178 MiB in 301)
+        152 against 181 ms, ``many_small`` (32 MiB in 512) 43 against 61 ms; a cold read of
+        4 GiB into fresh memory 1.68-1.76 against 0.91-1.06 GB/s. From the page cache,
+        though, a copy is faster than reading the disk again (warm ``large`` 87 against
+        144 ms)."""
+        if not (isinstance(self.item_dir, Path)
+                and storage.file_system_type(self.item_dir) in DIRECT_IO_FILE_SYSTEMS):
+            return False
+        if total_bytes >= DIRECT_IO_MIN_BYTES:
+            return True
+        cached = storage.cached_fraction(sorted(files))
+        return cached is not None and cached < 0.5
 
     def _read_batch(self, batch: list[tuple[str, LocalPlan]], buffers: list[np.ndarray],
                     expected: Callable[[str], dict[str, int] | None]) -> dict[str, np.ndarray]:
@@ -1177,15 +1188,16 @@ class ItemReader:
             return (ref[0], ref[1]) if isinstance(ref, tuple) else ("", 0)
 
         def plan() -> list[list[tuple[str, LocalPlan]]]:
-            small, total = [], 0
+            small, total, files = [], 0, set[str]()
             for name in names:
-                if (raw := self._raw_plan(name)) is None:
+                if (p := self.local_plan(name)) is None:
                     continue
-                nbytes = math.prod(raw[1]) * raw[0].itemsize
+                nbytes = math.prod(p[1]) * p[0].itemsize
                 total += nbytes
-                if nbytes <= DIRECT_READ_MAX_BYTES and (p := self.local_plan(name)) is not None:
+                files.update(ref[0] for _key, _region, ref in p[3] if isinstance(ref, tuple))
+                if nbytes <= DIRECT_READ_MAX_BYTES:
                     small.append((name, p))
-            self.direct = self._wants_direct(total)
+            self.direct = self._wants_direct(total, files)
             # In the order they lie on disk (the names come in any order), so that a batch
             # reads whole stretches of its data files.
             return _read_batches(sorted(small, key=where), LOCAL_READ_BATCH_BYTES)

@@ -561,13 +561,27 @@ def test_small_arrays_read_past_the_page_cache_are_views_of_aligned_regions(tmp_
         asyncio.run(read())
 
 
-def test_only_a_large_restore_from_a_local_disk_reads_past_the_page_cache(tmp_path,
-                                                                          monkeypatch):
-    """O_DIRECT reads for a restore of DIRECT_IO_MIN_BYTES or more (the arrays it reads, not
-    the whole item) on a local disk's file system; through the page cache otherwise."""
+def _evict(paths):
+    """Drops files' pages from the page cache (written back first), as a cold start finds
+    them."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def test_a_restore_reads_past_the_page_cache_when_large_or_not_cached(tmp_path, monkeypatch):
+    """O_DIRECT reads on a local disk's file system for a restore whose data files are mostly
+    not in the page cache (where the kernel can tell: ``cachestat``), or of
+    DIRECT_IO_MIN_BYTES or more (the arrays it reads, not the whole item); through the page
+    cache otherwise."""
     arrays = {"a": np.arange(1000, dtype=np.float32), "b": np.ones((30, 7), np.float64)}
 
     _write_items(tmp_path, [_stored(n, a) for n, a in arrays.items()])
+    data_files = [str(p) for p in (tmp_path / "d").iterdir()]
 
     def reads_direct(names, threshold, fs):
         monkeypatch.setattr(ser, "DIRECT_IO_MIN_BYTES", threshold)
@@ -582,10 +596,22 @@ def test_only_a_large_restore_from_a_local_disk_reads_past_the_page_cache(tmp_pa
 
     here = {storage.file_system_type(tmp_path)}
     both = arrays["a"].nbytes + arrays["b"].nbytes
+    assert storage.cached_fraction(data_files) in (1.0, None)  # just written
     assert reads_direct(["a", "b"], both, here)
     assert not reads_direct(["a", "b"], both + 1, here)
     assert not reads_direct(["a"], both, here)  # (a partial restore counts what it reads)
     assert not reads_direct(["a", "b"], both, {"nfs4"})  # e.g. NFS, FUSE, tmpfs
+
+    _evict(data_files)
+    cached = storage.cached_fraction(data_files)
+    assert cached is None or cached < 0.5
+    # Not in the page cache: past it at any size; unless the kernel cannot tell.
+    assert reads_direct(["a"], both + 1, here) == (cached is not None)
+    assert not reads_direct(["a"], both + 1, {"nfs4"})
+    _evict(data_files)
+    with open(data_files[0], "rb") as f:  # the page cache holds them again
+        f.read()
+    assert storage.cached_fraction(data_files[:1]) in (1.0, None)
 
 
 def test_local_reads_check_each_chunk_and_leave_foreign_encodings_to_the_driver(tmp_path):
