@@ -221,6 +221,28 @@ class TestGcs(ObjectStoreSuite):
                 ckptr.restore("gs://no-such-bucket-here/run")
 
 
+def test_a_restore_lists_a_stored_step_once(store: GcsBucket):
+    """Each listing is a round trip to the bucket. A restore of a step this manager lists
+    looks for its commit marker, then lists the step's items once (where it was a listing
+    of the step and one of each entry in it, and an existence check before each step
+    document: 9 listings in all); the items' documents are read meanwhile."""
+    prefix = f"lists-{os.urandom(6).hex()}"
+    url = store.url(prefix)
+    state = {"a": np.arange(10), "b": np.ones((3, 4), np.float32)}
+    with ocp.CheckpointManager(url) as mngr:
+        mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             meta=ocp.args.JsonSave({"x": 1})))
+        mngr.wait_until_finished()
+        before = len(store.requests())
+        out = mngr.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                      meta=ocp.args.JsonRestore()))
+        requests = store.requests()[before:]
+    assert out.meta == {"x": 1}
+    assert all(np.array_equal(out.state[k], v) for k, v in state.items())
+    listings = [r for r in requests if r.startswith(f"GET /storage/v1/b/{store.name}/o?")]
+    assert len(listings) == 2, listings
+
+
 def test_command_line_on_gs(capsys, store: GcsBucket, tmp_path):
     """The CLI reaches gs:// through the same library calls as s3:// (tests/test_cli_s3.py
     covers each subcommand in depth): ls with a leftover, show, verify, gc, export/import."""
