@@ -930,25 +930,26 @@ class ItemReader:
     def _wants_direct(self, total_bytes: int, files: set[str]) -> bool:
         """Whether a restore of ``total_bytes`` of stored arrays from the local index, in data
         files ``files``, reads them past the page cache, on a local disk's file system: when
-        less than half of the files is in the page cache (Linux ``cachestat``), or from
-        DIRECT_IO_MIN_BYTES on (as a save of as many bytes writes them).
+        less than half of the files is in the page cache (Linux ``cachestat``); where the
+        kernel cannot tell, from DIRECT_IO_MIN_BYTES on (as a save of as many bytes writes
+        them).
 
         A read through the page cache puts every byte into a page of the cache and then into
         the array's own. The benchmark machine's VM is slow at fresh pages, and its disk
         serves a few deep streams of aligned reads faster than buffered reads by several
-        threads at once: cold restores, 12-16 each (quick workloads, interleaved processes),
-        ``large`` (256 MiB in 16 arrays) 138 against 151 ms, ``mixed`` (178 MiB in 301)
-        152 against 181 ms, ``many_small`` (32 MiB in 512) 43 against 61 ms; a cold read of
+        threads at once: cold restores, 12 each (quick workloads, interleaved processes),
+        ``large`` (256 MiB in 16 arrays) 130 against 177 ms, ``mixed`` (178 MiB in 301)
+        135 against 166 ms, ``many_small`` (32 MiB in 512) 42 against 60 ms; a cold read of
         4 GiB into fresh memory 1.68-1.76 against 0.91-1.06 GB/s. From the page cache,
-        though, a copy is faster than reading the disk again (warm ``large`` 87 against
-        144 ms)."""
+        though, a copy is faster than reading the disk again (warm ``large`` 64-67 against
+        129 ms)."""
         if not (isinstance(self.item_dir, Path)
                 and storage.file_system_type(self.item_dir) in DIRECT_IO_FILE_SYSTEMS):
             return False
-        if total_bytes >= DIRECT_IO_MIN_BYTES:
-            return True
         cached = storage.cached_fraction(sorted(files))
-        return cached is not None and cached < 0.5
+        if cached is None:
+            return total_bytes >= DIRECT_IO_MIN_BYTES
+        return cached < 0.5
 
     def _read_batch(self, batch: list[tuple[str, LocalPlan]], buffers: list[np.ndarray],
                     expected: Callable[[str], dict[str, int] | None]) -> dict[str, np.ndarray]:

@@ -28,3 +28,20 @@ def fsynced(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(os, "fsync", recording)
     return seen
+
+
+def _evict(paths) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+@pytest.fixture
+def evict():
+    """Drops files' pages from the page cache (written back first), as a job restarting on
+    another day finds them: ``evict(paths)``."""
+    return _evict

@@ -101,7 +101,8 @@ def test_a_save_written_in_several_databases_restores_in_orbax(tmp_path, mesh, m
     assert_state_equal(out, state)
 
 
-def test_data_files_written_past_the_page_cache_restore_in_orbax(tmp_path, mesh, monkeypatch):
+def test_data_files_written_past_the_page_cache_restore_in_orbax(tmp_path, mesh, monkeypatch,
+                                                                evict):
     # A large save writes its data files with O_DIRECT (made to happen here for a small one,
     # with a staging buffer smaller than some arrays): the same files, which Orbax reads.
     from ckpt_async import _ocdbt, _serialize
@@ -123,7 +124,9 @@ def test_data_files_written_past_the_page_cache_restore_in_orbax(tmp_path, mesh,
     with orbax.StandardCheckpointer() as ockptr:
         out = ockptr.restore(tmp_path / "c", abstract(state))
     assert_state_equal(out, state)
-    # ... and which ckpt_async reads past the page cache too (a restore as large).
+    # ... and which ckpt_async reads past the page cache too, once they are out of it (Orbax's
+    # restore read them into it).
+    evict((tmp_path / "c").rglob("d/*"))
     opened.clear()
     with ocp.StandardCheckpointer() as ckptr:
         assert_state_equal(ckptr.restore(tmp_path / "c", abstract(state)), state)
