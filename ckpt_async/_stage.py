@@ -60,8 +60,11 @@ class ByteBudget:
 #: of its own (:func:`own_copy`). Copies from malloc, freed as their writes land, stay in the
 #: heap as holes that later arrays of other sizes do not fit: a save of 276 MiB in arrays of
 #: 1-24 MiB under a 48 MiB budget peaked at 73 MiB above its baseline, full `mixed` (1.46 GiB
-#: in arrays of 0.003-96 MiB, budget 374 MiB) at 478-490 MiB.
-OWN_MEMORY_MIN_BYTES = 1 << 20
+#: in arrays of 0.003-96 MiB, budget 374 MiB) at 478-490 MiB. From 1 MiB only, quick `mixed`
+#: (178 MiB, a hundred arrays of 0.5-2 MiB) still peaked at 54-58 MiB under 44.6 in most
+#: runs: 128 KiB is where glibc starts handing out memory of its own mapping anyway (until
+#: its threshold grows to the sizes it has seen freed), and below it the holes are small.
+OWN_MEMORY_MIN_BYTES = 128 << 10
 
 
 def own_copy(value: Any, dtype: np.dtype | None) -> np.ndarray | None:
