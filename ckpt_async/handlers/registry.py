@@ -89,7 +89,7 @@ class DefaultCheckpointHandlerRegistry:
     def resolve(self, item: str, args: CheckpointArgs, *, lock: bool = True) -> CheckpointHandler:
         """The handler for ``args`` of ``item``: locked in on first use, enforced afterwards.
         With ``lock=False`` an item not yet locked is not locked in: a fresh handler of the
-        class ``args`` call for is returned (a later ``resolve`` locks the item in)."""
+        class ``args`` calls for is returned (a later ``resolve`` locks the item in)."""
         cls = handler_class_for(args)
         if cls is None:
             raise HandlerError(f"item {item!r}: {type(args).__name__} is not a checkpoint args type")
