@@ -864,6 +864,9 @@ class ItemReader:
         self._index: dict[str, _ocdbt.Located] | None = None
         self._indexing: asyncio.Task[dict[str, _ocdbt.Located] | None] | None = None
         self._plans: dict[bytes, tuple[np.dtype, tuple[int, ...], tuple[int, ...]] | None] = {}
+        # The plans of the larger arrays, made by read_small's planning, taken by local_plan
+        # when the arrays are read one by one.
+        self._planned: dict[str, LocalPlan] = {}
         #: Whether this restore reads its arrays past the page cache (:meth:`read_small`
         #: decides, from the bytes it restores).
         self.direct = False
@@ -909,12 +912,14 @@ class ItemReader:
                 self._plans[meta] = None
         return self._plans[meta]
 
-    def local_plan(self, name: str, max_bytes: float = math.inf) -> LocalPlan | None:
+    def local_plan(self, name: str) -> LocalPlan | None:
         """How to read stored array ``name`` from the local index (after :meth:`index`): None
-        if it is not there as uncompressed zarr v2 of at most ``max_bytes`` with every chunk
-        stored (a chunk never written holds the fill value: the driver path fills it in)."""
+        if it is not there as uncompressed zarr v2 with every chunk stored (a chunk never
+        written holds the fill value: the driver path fills it in)."""
+        if (planned := self._planned.pop(name, None)) is not None:
+            return planned
         plan = self._raw_plan(name)
-        if plan is None or math.prod(plan[1]) * plan[0].itemsize > max_bytes:
+        if plan is None:
             return None
         index = self._index
         assert index is not None
@@ -1198,6 +1203,8 @@ class ItemReader:
                 files.update(ref[0] for _key, _region, ref in p[3] if isinstance(ref, tuple))
                 if nbytes <= DIRECT_READ_MAX_BYTES:
                     small.append((name, p))
+                else:
+                    self._planned[name] = p
             self.direct = self._wants_direct(total, files)
             # In the order they lie on disk (the names come in any order), so that a batch
             # reads whole stretches of its data files.

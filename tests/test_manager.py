@@ -730,7 +730,7 @@ def test_registered_item_absent_from_the_checkpoint_is_left_out(tmp_path):
             mngr.restore(0, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
 
 
-def test_items_read_early_are_cancelled_when_the_step_does_not_hold_them(tmp_path):
+def test_restore_args_for_items_the_step_lacks_raise_and_lock_nothing_in(tmp_path):
     # Restore args name every item: the items start reading before the step's listing and
     # metadata are in. An item the step lacks, or damaged step metadata, still raises as
     # before, and the item missing was not locked to the handler its args asked for.
