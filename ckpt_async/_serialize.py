@@ -337,6 +337,11 @@ def _direct_io_min_from_env() -> int:
 
 
 DIRECT_IO_MIN_BYTES = _direct_io_min_from_env()
+#: A smaller save that could go past the page cache goes through it, from this many bytes on
+#: unless copying its first batch there turns out slow (``_ocdbt.PROBE_BYTES``). Below it,
+#: the other batches' wait while the first one is timed (1-2 ms) would be a noticeable part
+#: of the save, and a slow page cache costs it tens of milliseconds at most.
+PROBE_MIN_BYTES = 64 << 20
 #: File systems of local disks, where ``O_DIRECT`` goes straight to the device (on NFS and
 #: FUSE file systems each write would be a synchronous round trip).
 DIRECT_IO_FILE_SYSTEMS = frozenset({"ext4", "xfs", "btrfs", "f2fs"})
@@ -356,7 +361,8 @@ class ItemWriter:
     file, then the B+tree): the item directory's own database with one process, else
     ``process_dir(index)``; past the page cache for a save of ``DIRECT_IO_MIN_BYTES`` or more
     on a local disk's file system (under a ``memory_budget``, one of DIRECT_IO_MIN_BUDGET or
-    more). What it cannot take (compression, a dtype without a zarr v2 name,
+    more), and for one of PROBE_MIN_BYTES or more once its first batch found the page cache
+    slow. What it cannot take (compression, a dtype without a zarr v2 name,
     a shard smaller than its chunk) and everything on an object store goes through TensorStore:
     small arrays straight into its kvstore as a ``.zarray`` document and raw chunks, others
     through the zarr driver, all sharing one context and hence one OCDBT database instance per
@@ -383,11 +389,12 @@ class ItemWriter:
         first_lane = 0
         # (os.writev: POSIX only; elsewhere TensorStore writes everything)
         if own_database and isinstance(item_dir, Path) and not compress and hasattr(os, "writev"):
+            may_go_direct = ((memory_budget is None or memory_budget >= DIRECT_IO_MIN_BUDGET)
+                             and storage.file_system_type(item_dir) in DIRECT_IO_FILE_SYSTEMS)
             self.db = _ocdbt.DatabaseWriter(
                 item_dir if process_index is None else item_dir / process_dir(process_index),
-                direct=total_bytes >= DIRECT_IO_MIN_BYTES
-                and (memory_budget is None or memory_budget >= DIRECT_IO_MIN_BUDGET)
-                and storage.file_system_type(item_dir) in DIRECT_IO_FILE_SYSTEMS)
+                direct=may_go_direct and total_bytes >= DIRECT_IO_MIN_BYTES,
+                probe=may_go_direct and total_bytes >= PROBE_MIN_BYTES)
             lanes, first_lane = min(lanes, MAX_LANES - 1), 1
         if lanes == 1 and process_index is None and self.db is None:
             self.dirs = [item_dir]
