@@ -700,27 +700,29 @@ class DatabaseWriter:
         #: Where :meth:`finish` put the B+tree (for ``read_index``), once it has.
         self.hint: IndexHint | None = None
 
-    def add(self, values: Sequence[tuple[str, bytes | memoryview]]) -> DataFile:
+    def add(self, values: Sequence[tuple[str, bytes | memoryview]], *,
+            past_cache: bool = False) -> DataFile:
         """Records ``values`` (key, data): documents (``bytes``) of up to
         MAX_INLINE_VALUE_BYTES inline in the B+tree, everything else, array data given as
         views of the arrays' buffers included, one after the other in a range of the
         database's data file (with ``direct``, a new file of their own), which :meth:`write`
         writes. (Array chunks of 1 KiB inline made the B+tree of 20,000 such arrays 24 MB,
         whose CRC-32C and encoding were the whole tail of the save; any reader takes a value
-        either way.)"""
+        either way.) ``past_cache``: this batch is written past the page cache, whatever
+        :attr:`direct` says (the caller knows the file system takes it)."""
         inline: list[tuple[str, bytes | memoryview]] = []
         stored: list[tuple[str, bytes | memoryview]] = []
         for key, data in values:
             (inline if len(data) <= MAX_INLINE_VALUE_BYTES and isinstance(data, bytes)
              else stored).append((key, data))
         probe = False
-        if stored and not self._verdict.is_set():
+        if stored and not past_cache and not self._verdict.is_set():
             with self._lock:
                 probe, self._probe_taken = not self._probe_taken, True
             if not probe:
                 self._verdict.wait(PROBE_WAIT_S)
         with self._lock:
-            direct = self.direct
+            direct = self.direct or past_cache
             if direct:  # (a file per batch: O_DIRECT writes start at aligned offsets)
                 name, at = _new_file(), None
             else:

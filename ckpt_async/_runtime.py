@@ -172,12 +172,17 @@ class BatchPace:
     def __init__(self, rt: Runtime, window: PaceWindow | None, start: float) -> None:
         self._rt, self._window, self._start = rt, window, start
 
+    def active(self) -> bool:
+        """Whether the batch is paced now (the process's other threads busy, the commit's
+        window open)."""
+        return self._rt.paced_now(self._window) and _pace is not None
+
     def hold(self, done: int) -> None:
         """Blocks the writing thread while the commit is paced, until ``done`` bytes of the
         batch are due at the pace (looking again every scan interval: a closed window, or
         the other threads going idle, lets it go at once)."""
-        while self._rt.paced_now(self._window) and _pace is not None:
-            left = self._start + done / _pace - time.monotonic()
+        while self.active() and (pace := _pace) is not None:
+            left = self._start + done / pace - time.monotonic()
             if left <= 0:
                 return
             time.sleep(min(left, _SCAN_INTERVAL))

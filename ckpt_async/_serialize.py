@@ -385,12 +385,14 @@ class ItemWriter:
         self.compress = compress
         self._process_index = process_index
         self.db: _ocdbt.DatabaseWriter | None = None
+        self._may_go_direct = False
         lanes = lane_count(total_bytes)
         first_lane = 0
         # (os.writev: POSIX only; elsewhere TensorStore writes everything)
         if own_database and isinstance(item_dir, Path) and not compress and hasattr(os, "writev"):
             may_go_direct = ((memory_budget is None or memory_budget >= DIRECT_IO_MIN_BUDGET)
                              and storage.file_system_type(item_dir) in DIRECT_IO_FILE_SYSTEMS)
+            self._may_go_direct = may_go_direct
             self.db = _ocdbt.DatabaseWriter(
                 item_dir if process_index is None else item_dir / process_dir(process_index),
                 direct=may_go_direct and total_bytes >= DIRECT_IO_MIN_BYTES,
@@ -511,7 +513,12 @@ class ItemWriter:
                 # This thread then takes each piece's crc32 just before writing it: one job
                 # per batch (a checksum job of its own beside it made commits slower).
                 try:
-                    data_file = db.add(self._raw_values(own))
+                    # Paced (a training step beside it): past the page cache, where finding
+                    # fresh pages and the kernel's writeback would take CPU time at the
+                    # caller's priority, not the background's. Full ``large``'s steps
+                    # slowed by +1.8% (median of 5) rather than +8.6% through it.
+                    data_file = db.add(self._raw_values(own), past_cache=self._may_go_direct
+                                       and pace is not None and pace.active())
                     self._record(db.write(data_file, lambda: self._count(copying=-1),
                                           hold=hold).items())
                 finally:

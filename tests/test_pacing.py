@@ -251,14 +251,37 @@ def test_a_paced_batchs_writer_holds_each_piece_to_the_pace(monkeypatch, pace) -
     assert after_close < 0.05
 
 
+@pytest.fixture
+def direct_opens(monkeypatch) -> list[str]:
+    """The files _ocdbt opens with O_DIRECT (whether the file system then takes it or not);
+    a save's are under its temporary directory."""
+    opened: list[str] = []
+    real_open = ocdbt.os.open
+
+    def opening(path, flags, *a):
+        if flags & getattr(ocdbt.os, "O_DIRECT", 0):
+            opened.append(str(path))
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(ocdbt.os, "open", opening)
+    return opened
+
+
 @linux_only
-def test_a_paced_commit_writes_its_pieces_at_the_pace(tmp_path, monkeypatch, pace) -> None:
+@pytest.mark.parametrize("where", ["page cache", "past it"])
+def test_a_paced_commit_writes_its_pieces_at_the_pace(tmp_path, monkeypatch, pace, where,
+                                                      direct_opens) -> None:
     # One 2 MiB array is one batch: at 4 MiB/s its two 1 MiB pieces go a quarter second
-    # apart, rather than together followed by a pause.
+    # apart, rather than together followed by a pause. Where the file system takes O_DIRECT
+    # a paced batch is written past the page cache (the kernel's work for a write through it
+    # would run at the caller's priority); elsewhere through it, at the same pace.
     rt = get_runtime()
     monkeypatch.setattr(rt, "_can_pace", True)
     monkeypatch.setattr(rt, "_busy", True)
     monkeypatch.setattr(rt, "observe_cpu", lambda: None)  # (busy, whatever the CPU does)
+    monkeypatch.setattr(ser, "DIRECT_IO_FILE_SYSTEMS", frozenset(
+        {ser.storage.file_system_type(tmp_path)} if where == "past it" else ()))
+    monkeypatch.setattr(ocdbt, "DIRECT_PIECE_BYTES", ocdbt.WRITE_PIECE_BYTES)
     pace(4 << 20)
     pieces: list[float] = []
     write_all = ocdbt._write_all
@@ -279,6 +302,24 @@ def test_a_paced_commit_writes_its_pieces_at_the_pace(tmp_path, monkeypatch, pac
     assert len(pieces) == 2
     assert pieces[1] - pieces[0] >= 0.25 * 0.9
     np.testing.assert_array_equal(restored["w"], state["w"])
+    written = [p for p in direct_opens if ".orbax-checkpoint-tmp-" in p]  # (not the restore's)
+    assert len(written) == (where == "past it")
+
+
+@linux_only
+def test_an_unpaced_commit_goes_through_the_page_cache(tmp_path, monkeypatch, direct_opens
+                                                       ) -> None:
+    rt = get_runtime()
+    monkeypatch.setattr(rt, "_busy", False)
+    monkeypatch.setattr(rt, "observe_cpu", lambda: None)  # (idle, whatever the CPU does)
+    monkeypatch.setattr(ser, "DIRECT_IO_FILE_SYSTEMS",
+                        frozenset({ser.storage.file_system_type(tmp_path)}))
+    state = {"w": np.arange(2 << 18, dtype=np.float32)}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", args=ocp.args.StandardSave(state))
+        ckptr.wait_until_finished()
+        np.testing.assert_array_equal(ckptr.restore(tmp_path / "c")["w"], state["w"])
+    assert [p for p in direct_opens if ".orbax-checkpoint-tmp-" in p] == []
 
 
 @pytest.mark.parametrize("release", ["the other threads rest", "its window closed in time",
