@@ -17,6 +17,7 @@ every key's value or location: for a database written here (located by its
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import functools
@@ -492,24 +493,54 @@ DIRECT_PIECE_BYTES = 4 << 20
 DIRECT_ALIGN = 4096
 
 
-#: A save that may go past the page cache (:class:`DatabaseWriter`'s ``probe``) first copies
-#: this many bytes into it and times that copy by the writing thread's CPU time: finding and
-#: filling fresh pages, not waiting for the disk. At less than PAGE_CACHE_MIN_RATE bytes a
-#: second, the rest of the save is written past the page cache. Copies into the page cache
-#: run at 3-5 GB/s of CPU time on the benchmark machine; in some hours its VM hands out
-#: fresh pages about ten times slower, and saves through the page cache took 2-4 times their
-#: usual time (full ``large``: 3.19 and 2.31 s against 1.04-1.67 s; full ``mixed``: 3.15 and
-#: 4.38 s against 0.78-0.95 s), where ``O_DIRECT``, which touches no fresh memory, takes
-#: about the same time every time.
-PROBE_BYTES = 4 << 20
+#: A save through the page cache that could go past it (:class:`DatabaseWriter`'s
+#: ``watch``) times its copies into the page cache by the writing threads' CPU time: finding
+#: and filling fresh pages, not waiting for the disk. Once WATCH_BYTES of them in a row ran
+#: slower than PAGE_CACHE_MIN_RATE bytes a second, the rest of the save goes past the page
+#: cache: the ranges being written from their next piece on, every later batch in a file of
+#: its own. On the benchmark machine the copies run at 3-6 GB/s, and at 0.3 GB/s right after
+#: another process wrote gigabytes and freed its memory: a 2 GiB save then took 1.9-4.0 s
+#: to a durable commit through the page cache and 0.94-1.04 s past it (3 pairs, each after
+#: the benchmark's measurement of the disk's limits).
+WATCH_BYTES = 16 << 20
 PAGE_CACHE_MIN_RATE = 1e9
-#: How long, at most, a batch waits for the probe's verdict before it is written.
-PROBE_WAIT_S = 0.05
+
+
+class _Watch:
+    """The pace of one save's copies into the page cache (see WATCH_BYTES): :attr:`slow`
+    once a window of them was slow, for the rest of the save."""
+
+    __slots__ = ("slow", "_bytes", "_cpu", "_lock", "_on_slow")
+
+    def __init__(self, on_slow: Callable[[int, float], None]) -> None:
+        self.slow = False
+        self._bytes, self._cpu = 0, 0.0
+        self._lock = threading.Lock()
+        self._on_slow = on_slow
+
+    def sample(self, nbytes: int, cpu_s: float) -> None:
+        """``nbytes`` went into the page cache in ``cpu_s`` seconds of a thread's CPU time."""
+        with self._lock:
+            self._bytes += nbytes
+            self._cpu += cpu_s
+            if self._bytes < WATCH_BYTES:
+                return
+            window, cpu = self._bytes, self._cpu
+            self._bytes, self._cpu = 0, 0.0
+            went_slow = not self.slow and window < PAGE_CACHE_MIN_RATE * cpu
+            self.slow = self.slow or went_slow
+        if went_slow:
+            self._on_slow(window, cpu)
 
 
 def round_up(n: int, step: int) -> int:
     """``n`` rounded up to a multiple of ``step``."""
     return -(-n // step) * step
+
+
+def round_down(n: int, step: int) -> int:
+    """``n`` rounded down to a multiple of ``step``."""
+    return n // step * step
 
 
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -582,11 +613,99 @@ def _write_direct(path: Path, buffers: Sequence[memoryview | bytes], crcs: list[
     return True
 
 
+def _pwrite_all(fd: int, data: memoryview | np.ndarray, offset: int) -> None:
+    view = data.data.cast("B") if isinstance(data, np.ndarray) else data.cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _write_rest_direct(path: Path, fd: int, buffers: Sequence[memoryview | bytes], skip: int,
+                       pos: int, crcs: list[int] | None, hold: Callable[[int], None] | None,
+                       begin: int) -> bool:
+    """Writes what is left of a range of the shared data file ``path``, from byte ``skip`` of
+    ``buffers`` on, at offset ``pos``: its whole DIRECT_ALIGN blocks with ``O_DIRECT``
+    (through this thread's staging buffer), its ragged ends, which may share a block with the
+    ranges beside it, through the page cache (``fd``), carrying on the ``crcs``; ``hold``
+    after each piece, with the bytes written since ``begin``. False, with nothing written,
+    when no whole block is left or the file system refuses ``O_DIRECT``."""
+    flag = getattr(os, "O_DIRECT", 0)
+    rest: collections.deque[tuple[memoryview, int]] = collections.deque()
+    for i, b in enumerate(buffers):
+        view = memoryview(b).cast("B")
+        if skip < len(view):
+            rest.append((view[skip:], i))
+        skip = max(0, skip - len(view))
+    total = sum(len(v) for v, _ in rest)
+    head = min(total, -pos % DIRECT_ALIGN)
+    middle = round_down(total - head, DIRECT_ALIGN)
+    if not middle or not flag:
+        return False
+    try:
+        dfd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | flag)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise
+
+    def take(n: int) -> Iterator[tuple[memoryview, int]]:
+        while n:
+            view, i = rest.popleft()
+            if len(view) > n:
+                rest.appendleft((view[n:], i))
+                view = view[:n]
+            n -= len(view)
+            if crcs is not None:
+                crcs[i] = zlib.crc32(view, crcs[i])
+            yield view, i
+
+    try:
+        for part, _ in take(head):
+            _pwrite_all(fd, part, pos)
+            pos += len(part)
+        stage, fill, target = _bounce_buffer(), 0, dfd
+        for part, _ in take(middle):
+            src = np.frombuffer(part, np.uint8)
+            while len(src):
+                n = min(len(src), len(stage) - fill)
+                stage[fill:fill + n] = src[:n]  # (numpy's copy releases the GIL)
+                fill, src = fill + n, src[n:]
+                if fill == len(stage):
+                    target = _put_direct(target, fd, stage[:fill], pos)
+                    pos, fill = pos + fill, 0
+                    if hold is not None:
+                        hold(pos - begin)
+        if fill:  # (a multiple of DIRECT_ALIGN, as the middle is)
+            target = _put_direct(target, fd, stage[:fill], pos)
+            pos += fill
+        for part, _ in take(total - head - middle):
+            _pwrite_all(fd, part, pos)
+            pos += len(part)
+    finally:
+        os.close(dfd)
+    return True
+
+
+def _put_direct(target: int, fd: int, block: np.ndarray, pos: int) -> int:
+    """Writes ``block`` at ``pos`` through ``target`` (an ``O_DIRECT`` descriptor), or, once the
+    file system refused an ``O_DIRECT`` write (an alignment beyond DIRECT_ALIGN), through
+    ``fd``; returns the descriptor to write the next block through."""
+    if target != fd:
+        try:
+            _pwrite_all(target, block, pos)
+            return target
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    _pwrite_all(fd, block, pos)
+    return fd
+
+
 def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync_fallback: bool,
                crcs: list[int] | None = None, copied: Callable[[], None] | None = None,
                direct: bool = False, at: int | None = None,
                hold: Callable[[int], None] | None = None,
-               probe: Callable[[int, float], None] | None = None) -> None:
+               watch: _Watch | None = None) -> None:
     """Writes ``buffers`` one after the other into a new file ``path``, starting the writeback
     (:func:`start_writeback`) of every ``WRITEBACK_STEP_BYTES`` as it goes; calls ``copied``
     (they are in the page cache), then starts the writeback of the rest (where there is none,
@@ -597,9 +716,9 @@ def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync_fallb
     takes ``O_DIRECT``; ``copied`` is then called once the disk has the bytes. ``at``: from
     that offset of ``path``, a file other writers may be writing other ranges of (made if it
     is not there yet). ``hold(n)``: called once each piece is written, ``n`` the bytes written
-    so far (a paced commit's thread waits there: ``_runtime.BatchPace``). ``probe(n, s)``:
-    called once the first PROBE_BYTES (or all of them, if fewer) are in the page cache, ``n``
-    the bytes and ``s`` the CPU seconds this thread spent copying them there."""
+    so far (a paced commit's thread waits there: ``_runtime.BatchPace``). ``watch``: each
+    piece's copy into the page cache is timed there, and once it finds the page cache slow
+    the rest of a range of a shared file goes past it (:func:`_write_rest_direct`)."""
     if direct and _write_direct(path, buffers, crcs, hold):
         if copied is not None:
             copied()
@@ -609,29 +728,28 @@ def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync_fallb
         begin = written = started = at or 0
         if begin:
             os.lseek(fd, begin, os.SEEK_SET)
-        measured, cpu = 0, 0.0
         for group, owners in _pieces(buffers):
             if crcs is not None:
                 for view, i in zip(group, owners, strict=True):
                     crcs[i] = zlib.crc32(view, crcs[i])
-            if probe is None:
+            if watch is None:
                 written += _write_all(fd, group)
             else:
                 begin_cpu = time.thread_time()
                 n = _write_all(fd, group)
-                cpu += time.thread_time() - begin_cpu
-                measured += n
+                watch.sample(n, time.thread_time() - begin_cpu)
                 written += n
-                if measured >= PROBE_BYTES:
-                    probe(measured, cpu)
-                    probe = None
+                if watch.slow and at is not None and _write_rest_direct(
+                        path, fd, buffers, written - begin, written, crcs, hold, begin):
+                    start_writeback(fd, started, written - started)
+                    started = written = begin + sum(len(memoryview(b).cast("B"))
+                                                    for b in buffers)
+                    break
             if written - started >= WRITEBACK_STEP_BYTES and start_writeback(
                     fd, started, written - started):
                 started = written
             if hold is not None:
                 hold(written - begin)
-        if probe is not None:
-            probe(measured, cpu)
         if copied is not None:
             copied()
         if written > started and not start_writeback(fd, started, written - started) \
@@ -660,8 +778,6 @@ class DataFile:
     at: int | None = None
     #: Written past the page cache (:attr:`DatabaseWriter.direct` when it was added).
     direct: bool = False
-    #: Its copy into the page cache is timed (:attr:`DatabaseWriter.probe`).
-    probe: bool = False
 
 
 class DatabaseWriter:
@@ -671,23 +787,18 @@ class DatabaseWriter:
     returned (in a worker thread), any number of times and concurrently; then, once every
     write returned, :meth:`finish` (in a worker thread).
 
-    ``probe`` (through the page cache only): the first batch added is timed as it is copied
-    into the page cache (PROBE_BYTES of it); copied slower than PAGE_CACHE_MIN_RATE, every
-    batch added after it is written past the page cache. Batches added while the first one is
-    being timed wait for the verdict (PROBE_WAIT_S at most) on the thread that adds them.
+    ``watch`` (through the page cache only, on a file system that takes ``O_DIRECT``): the
+    copies into the page cache are timed, and once they run slow (WATCH_BYTES) the rest of
+    the save goes past the page cache.
     """
 
-    def __init__(self, root: Path, *, direct: bool = False, probe: bool = False) -> None:
+    def __init__(self, root: Path, *, direct: bool = False, watch: bool = False) -> None:
         self.root = root
         #: Data files written past the page cache (``O_DIRECT``, see :func:`_write_direct`):
-        #: from the start, or once the probe found the page cache slow.
+        #: from the start, or once the page cache was found slow.
         self.direct = direct
-        #: The first batch added is timed into the page cache.
-        self.probe = probe and not direct
-        self._verdict = threading.Event()
-        self._probe_taken = not self.probe
-        if not self.probe:
-            self._verdict.set()
+        #: The page cache's pace, while it is written through (None: not watched).
+        self.watch = _Watch(self._went_slow) if watch and not direct else None
         self._entries: list[tuple[bytes, Value]] = []
         self._lock = threading.Lock()
         # Through the page cache every batch is a range of one data file, reserved by add():
@@ -715,12 +826,6 @@ class DatabaseWriter:
         for key, data in values:
             (inline if len(data) <= MAX_INLINE_VALUE_BYTES and isinstance(data, bytes)
              else stored).append((key, data))
-        probe = False
-        if stored and not past_cache and not self._verdict.is_set():
-            with self._lock:
-                probe, self._probe_taken = not self._probe_taken, True
-            if not probe:
-                self._verdict.wait(PROBE_WAIT_S)
         with self._lock:
             direct = self.direct or past_cache
             if direct:  # (a file per batch: O_DIRECT writes start at aligned offsets)
@@ -744,18 +849,13 @@ class DatabaseWriter:
                 offset += gap
         with self._lock:
             self._entries.extend(entries)
-        return DataFile(name, buffers, keys, at, direct, probe)
+        return DataFile(name, buffers, keys, at, direct)
 
-    def _judge(self, nbytes: int, cpu_s: float) -> None:
-        """The probe's verdict: ``nbytes`` went into the page cache in ``cpu_s`` CPU seconds."""
-        if nbytes > PAGE_CACHE_MIN_RATE * cpu_s:
-            self._verdict.set()
-            return
+    def _went_slow(self, nbytes: int, cpu_s: float) -> None:
         with self._lock:
             self.direct = True
-        self._verdict.set()
-        log.info("%s: copying into the page cache ran at %.2f GB/s of CPU time (%d bytes); "
-                 "the rest of the save goes past it", self.root, nbytes / max(cpu_s, 1e-9) / 1e9,
+        log.info("%s: copies into the page cache ran at %.2f GB/s of CPU time (%d bytes); the "
+                 "rest of the save goes past it", self.root, nbytes / max(cpu_s, 1e-9) / 1e9,
                  nbytes)
 
     def _make_dirs(self) -> None:
@@ -778,15 +878,11 @@ class DatabaseWriter:
             if copied is not None:
                 copied()
             return {}
+        self._make_dirs()
         crcs = [0] * len(data_file.buffers)
-        try:
-            self._make_dirs()
-            _write_new(self.root / data_file.name, data_file.buffers, fsync_fallback=True,
-                       crcs=crcs, copied=copied, direct=data_file.direct, at=data_file.at,
-                       hold=hold, probe=self._judge if data_file.probe else None)
-        finally:
-            if data_file.probe:
-                self._verdict.set()  # (a failed probe leaves the rest as they were)
+        _write_new(self.root / data_file.name, data_file.buffers, fsync_fallback=True, crcs=crcs,
+                   copied=copied, direct=data_file.direct, at=data_file.at, hold=hold,
+                   watch=None if data_file.direct else self.watch)
         return {key: crc for key, crc in zip(data_file.keys, crcs, strict=True) if key}
 
     def finish(self) -> None:

@@ -337,11 +337,6 @@ def _direct_io_min_from_env() -> int:
 
 
 DIRECT_IO_MIN_BYTES = _direct_io_min_from_env()
-#: A smaller save that could go past the page cache goes through it, from this many bytes on
-#: unless copying its first batch there turns out slow (``_ocdbt.PROBE_BYTES``). Below it,
-#: the other batches' wait while the first one is timed (1-2 ms) would be a noticeable part
-#: of the save, and a slow page cache costs it tens of milliseconds at most.
-PROBE_MIN_BYTES = 64 << 20
 #: File systems of local disks, where ``O_DIRECT`` goes straight to the device (on NFS and
 #: FUSE file systems each write would be a synchronous round trip).
 DIRECT_IO_FILE_SYSTEMS = frozenset({"ext4", "xfs", "btrfs", "f2fs"})
@@ -361,8 +356,8 @@ class ItemWriter:
     file, then the B+tree): the item directory's own database with one process, else
     ``process_dir(index)``; past the page cache for a save of ``DIRECT_IO_MIN_BYTES`` or more
     on a local disk's file system (under a ``memory_budget``, one of DIRECT_IO_MIN_BUDGET or
-    more), and for one of PROBE_MIN_BYTES or more once its first batch found the page cache
-    slow. What it cannot take (compression, a dtype without a zarr v2 name,
+    more), and from wherever the page cache turns out slow (``_ocdbt.WATCH_BYTES``) in any
+    other save that could go past it. What it cannot take (compression, a dtype without a zarr v2 name,
     a shard smaller than its chunk) and everything on an object store goes through TensorStore:
     small arrays straight into its kvstore as a ``.zarray`` document and raw chunks, others
     through the zarr driver, all sharing one context and hence one OCDBT database instance per
@@ -396,7 +391,7 @@ class ItemWriter:
             self.db = _ocdbt.DatabaseWriter(
                 item_dir if process_index is None else item_dir / process_dir(process_index),
                 direct=may_go_direct and total_bytes >= DIRECT_IO_MIN_BYTES,
-                probe=may_go_direct and total_bytes >= PROBE_MIN_BYTES)
+                watch=may_go_direct)
             lanes, first_lane = min(lanes, MAX_LANES - 1), 1
         if lanes == 1 and process_index is None and self.db is None:
             self.dirs = [item_dir]

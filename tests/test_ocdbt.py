@@ -514,7 +514,7 @@ def test_a_file_system_refusing_o_direct_gets_the_page_cache_path(tmp_path, monk
 
 def _batches(count: int, seed: int) -> list[list[tuple[str, memoryview]]]:
     rng = np.random.default_rng(seed)
-    return [[(f"a{b}.w{i}/0.0", memoryview(rng.integers(0, 256, 3000 + 17 * i, np.uint8)
+    return [[(f"a{b}.w{i}/0.0", memoryview(rng.integers(0, 256, 9000 + 1717 * i, np.uint8)
                                            .tobytes())) for i in range(4)]
             for b in range(count)]
 
@@ -535,88 +535,63 @@ def opened_direct(monkeypatch) -> list[str]:
 
 
 @pytest.mark.parametrize("slow", [True, False], ids=["slow-page-cache", "fast-page-cache"])
-def test_the_first_batch_times_the_page_cache_and_the_rest_follow_its_verdict(
+def test_a_watched_save_goes_past_the_page_cache_from_where_it_turns_slow(
         tmp_path, monkeypatch, opened_direct, slow):
-    """With ``probe``, the first batch is copied into the page cache and timed; a batch added
-    meanwhile waits for the verdict. Slower than PAGE_CACHE_MIN_RATE: it and every later
-    batch go past the page cache, each into a file of its own; else all share the page-cache
-    data file. Either way every value reads back exactly, with its crc32."""
-    monkeypatch.setattr(_ocdbt, "PROBE_BYTES", 4096)
-    monkeypatch.setattr(_ocdbt, "PROBE_WAIT_S", 60.0)
+    """With ``watch``, each piece's copy into the page cache is timed. Once a window of them
+    ran slower than PAGE_CACHE_MIN_RATE, the ranges of the shared data file being written go
+    on past the page cache (their whole blocks with O_DIRECT, their ragged ends, which share
+    blocks with the ranges beside them, through it) and later batches each get a file of
+    their own. The shared file holds exactly its ranges' bytes, every value reads back with
+    its crc32."""
+    monkeypatch.setattr(_ocdbt, "WRITE_PIECE_BYTES", 4096)
+    monkeypatch.setattr(_ocdbt, "WATCH_BYTES", 8192)
+    monkeypatch.setattr(_ocdbt, "DIRECT_PIECE_BYTES", 2 * _ocdbt.DIRECT_ALIGN)
     monkeypatch.setattr(_ocdbt, "PAGE_CACHE_MIN_RATE", float("inf") if slow else 0.0)
-    first, *rest = _batches(4, seed=11)
-    writer = _ocdbt.DatabaseWriter(tmp_path, probe=True)
-    probe = writer.add(first)
-    assert probe.probe and not probe.direct and probe.at == 0
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        waiting = pool.submit(writer.add, rest[0])
-        with pytest.raises(concurrent.futures.TimeoutError):
-            waiting.result(timeout=0.2)  # (until the first batch is judged)
-        sums = writer.write(probe)
-        second = waiting.result(timeout=30)
-    later = [writer.add(b) for b in rest[1:]]
-    for data_file in [second, *later]:
-        assert not data_file.probe
-        assert data_file.direct == slow
-        assert (data_file.at is None) == slow  # (a file of its own)
-        sums |= writer.write(data_file)
-    writer.finish()
+    first, second, third = _batches(3, seed=11)
+    writer = _ocdbt.DatabaseWriter(tmp_path, watch=True)
+    shared = [writer.add(first), writer.add(second)]  # (the second one at an unaligned offset)
+    assert shared[1].name == shared[0].name and shared[1].at % _ocdbt.DIRECT_ALIGN
+    sums = writer.write(shared[0]) | writer.write(shared[1])
     assert writer.direct == slow
-    values = {k: bytes(v) for batch in [first, *rest] for k, v in batch}
+    later = writer.add(third)
+    assert later.direct == slow and (later.at is None) == slow  # (a file of its own)
+    sums |= writer.write(later)
+    writer.finish()
+    values = {k: bytes(v) for batch in (first, second, third) for k, v in batch}
     assert _read_all(tmp_path) == values
     assert sums == {k: zlib.crc32(v) for k, v in values.items()}
-    names = {d.name for d in [probe, second, *later]}
-    assert len(names) == (4 if slow else 1)
+    data = (tmp_path / shared[0].name).read_bytes()
+    assert data[:len(_laid_out(v for _, v in first + second))] == _laid_out(
+        v for _, v in first + second)
     if hasattr(os, "O_DIRECT"):
-        assert opened_direct == ([Path(d.name).name for d in [second, *later]] if slow else [])
-
-
-def test_a_probe_that_fails_lets_the_waiting_batches_go_at_once(tmp_path, monkeypatch):
-    """The first batch's write fails: the batches waiting for its verdict go through the page
-    cache at once, not after PROBE_WAIT_S."""
-    monkeypatch.setattr(_ocdbt, "PROBE_WAIT_S", 600.0)
-
-    def refuse(fd, group):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    first, second = _batches(2, seed=12)
-    writer = _ocdbt.DatabaseWriter(tmp_path, probe=True)
-    probe = writer.add(first)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        waiting = pool.submit(writer.add, second)
-        with monkeypatch.context() as m:
-            m.setattr(_ocdbt, "_write_all", refuse)
-            with pytest.raises(OSError, match="No space"):
-                writer.write(probe)
-        data_file = waiting.result(timeout=30)
-    assert not data_file.direct and not writer.direct
+        name = Path(shared[0].name).name
+        assert opened_direct == ([name, name, Path(later.name).name] if slow else [])
 
 
 def test_only_a_large_save_to_a_local_disk_goes_past_the_page_cache(tmp_path, monkeypatch):
     """O_DIRECT for a process's save of DIRECT_IO_MIN_BYTES or more on a local disk's file
-    system (as /proc/self/mountinfo names it); from PROBE_MIN_BYTES, where the page cache is
-    found slow; through the page cache otherwise."""
+    system (as /proc/self/mountinfo names it); in other saves there, from where the page
+    cache is found slow; through the page cache otherwise."""
     assert _storage.file_system_type(Path("/proc/self")) == "proc"
     monkeypatch.setattr(ser, "DIRECT_IO_FILE_SYSTEMS", {_storage.file_system_type(tmp_path)})
     big = ser.DIRECT_IO_MIN_BYTES
     assert ser.ItemWriter(tmp_path, total_bytes=big).db.direct
     assert not ser.ItemWriter(tmp_path, total_bytes=big - 1).db.direct
-    # From PROBE_MIN_BYTES, through the page cache unless its first batch finds it slow.
-    assert [ser.ItemWriter(tmp_path, total_bytes=n).db.probe
-            for n in (ser.PROBE_MIN_BYTES - 1, ser.PROBE_MIN_BYTES, big - 1, big)] == [
-        False, True, True, False]
+    # Below it, through the page cache as long as that is not found slow.
+    assert [ser.ItemWriter(tmp_path, total_bytes=n).db.watch is not None
+            for n in (1, big - 1, big)] == [True, True, False]
     # Under a host-memory budget too small for the writer threads' staging buffers (their
     # 5%), through the page cache.
     least = ser.DIRECT_IO_MIN_BUDGET
     assert least == 20 * ser.BACKGROUND_THREADS * _ocdbt.DIRECT_PIECE_BYTES
     assert ser.ItemWriter(tmp_path, total_bytes=big, memory_budget=least).db.direct
     assert not ser.ItemWriter(tmp_path, total_bytes=big, memory_budget=least - 1).db.direct
-    assert not ser.ItemWriter(tmp_path, total_bytes=big - 1, memory_budget=least - 1).db.probe
+    assert ser.ItemWriter(tmp_path, total_bytes=big - 1, memory_budget=least - 1).db.watch is None
     monkeypatch.setattr(ser, "DIRECT_IO_FILE_SYSTEMS", {"ext4", "xfs"} - {
         _storage.file_system_type(tmp_path)})
-    for n in (ser.PROBE_MIN_BYTES, big):  # e.g. NFS, FUSE, tmpfs
+    for n in (1, big):  # e.g. NFS, FUSE, tmpfs
         writer = ser.ItemWriter(tmp_path, total_bytes=n)
-        assert not writer.db.direct and not writer.db.probe
+        assert not writer.db.direct and writer.db.watch is None
 
 
 @pytest.mark.parametrize(("value", "expected"), [(str(1 << 30), 1 << 30), ("1GB", 4 << 30)])

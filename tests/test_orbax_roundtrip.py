@@ -135,14 +135,15 @@ def test_data_files_written_past_the_page_cache_restore_in_orbax(tmp_path, mesh,
 
 
 def test_a_save_that_found_the_page_cache_slow_restores_in_orbax(tmp_path, mesh, monkeypatch):
-    # Its first batch through the page cache (timed, and found slow: made so here), every
-    # other one past it in a data file of its own: Orbax reads them all.
+    # Its first batch through the page cache until it is found slow (made so here), its
+    # blocks after that past it, every other batch past it in a data file of its own: Orbax
+    # reads them all.
     from ckpt_async import _ocdbt, _serialize, _stage
 
-    monkeypatch.setattr(_serialize, "PROBE_MIN_BYTES", 0)
     monkeypatch.setattr(_serialize, "DIRECT_IO_FILE_SYSTEMS",
                         {_serialize.storage.file_system_type(tmp_path)})
     monkeypatch.setattr(_ocdbt, "PAGE_CACHE_MIN_RATE", float("inf"))
+    monkeypatch.setattr(_ocdbt, "WATCH_BYTES", 1)
     monkeypatch.setattr(_stage, "BATCH_BYTES", 1)  # (an array a batch)
     state = make_state(mesh)
     state["big"] = np.arange(5000, dtype=np.float32)
