@@ -499,7 +499,7 @@ DIRECT_ALIGN = 4096
 #: slower than PAGE_CACHE_MIN_RATE bytes a second, the rest of the save goes past the page
 #: cache: the ranges being written from their next piece on, every later batch in a file of
 #: its own. On the benchmark machine the copies run at 3-6 GB/s, and at 0.3 GB/s right after
-#: another process wrote gigabytes and freed its memory: a 2 GiB save then took 1.9-4.0 s
+#: another process wrote gigabytes and freed its memory: a 2 GiB save then took 1.9-3.9 s
 #: to a durable commit through the page cache and 0.94-1.04 s past it (3 pairs, each after
 #: the benchmark's measurement of the disk's limits).
 WATCH_BYTES = 16 << 20

@@ -357,8 +357,9 @@ class ItemWriter:
     ``process_dir(index)``; past the page cache for a save of ``DIRECT_IO_MIN_BYTES`` or more
     on a local disk's file system (under a ``memory_budget``, one of DIRECT_IO_MIN_BUDGET or
     more), and from wherever the page cache turns out slow (``_ocdbt.WATCH_BYTES``) in any
-    other save that could go past it. What it cannot take (compression, a dtype without a zarr v2 name,
-    a shard smaller than its chunk) and everything on an object store goes through TensorStore:
+    other save that could go past it, or while a background commit is paced. What it cannot
+    take (compression, a dtype without a zarr v2 name, a shard smaller than its chunk) and
+    everything on an object store goes through TensorStore:
     small arrays straight into its kvstore as a ``.zarray`` document and raw chunks, others
     through the zarr driver, all sharing one context and hence one OCDBT database instance per
     lane. Each such batch goes to the least loaded of ``lane_count(total_bytes)`` databases
@@ -511,7 +512,7 @@ class ItemWriter:
                     # Paced (a training step beside it): past the page cache, where finding
                     # fresh pages and the kernel's writeback would take CPU time at the
                     # caller's priority, not the background's. Full ``large``'s steps
-                    # slowed by +1.8% (median of 5) rather than +8.6% through it.
+                    # slowed by +0.1% rather than +6.4% through it (medians of 5).
                     data_file = db.add(self._raw_values(own), past_cache=self._may_go_direct
                                        and pace is not None and pace.active())
                     self._record(db.write(data_file, lambda: self._count(copying=-1),
