@@ -337,6 +337,12 @@ def _direct_io_min_from_env() -> int:
 
 
 DIRECT_IO_MIN_BYTES = _direct_io_min_from_env()
+#: A save of at least this many bytes that could go past the page cache watches its copies
+#: into it (``_ocdbt.WATCH_BYTES``) and goes past it from where they turn slow. Past the page
+#: cache each writer thread stages its writes in DIRECT_PIECE_BYTES of its own (32 MiB with 8
+#: threads), which a smaller save would notice: a 128 MiB save that switched held 32 MiB more
+#: than the 1 MiB it holds through the page cache.
+WATCH_MIN_BYTES = 256 << 20
 #: File systems of local disks, where ``O_DIRECT`` goes straight to the device (on NFS and
 #: FUSE file systems each write would be a synchronous round trip).
 DIRECT_IO_FILE_SYSTEMS = frozenset({"ext4", "xfs", "btrfs", "f2fs"})
@@ -356,8 +362,8 @@ class ItemWriter:
     file, then the B+tree): the item directory's own database with one process, else
     ``process_dir(index)``; past the page cache for a save of ``DIRECT_IO_MIN_BYTES`` or more
     on a local disk's file system (under a ``memory_budget``, one of DIRECT_IO_MIN_BUDGET or
-    more), and from wherever the page cache turns out slow (``_ocdbt.WATCH_BYTES``) in any
-    other save that could go past it, or while a background commit is paced. What it cannot
+    more), from wherever the page cache turns out slow (``_ocdbt.WATCH_BYTES``) in any other
+    save of WATCH_MIN_BYTES or more that could go past it, and while a background commit is paced. What it cannot
     take (compression, a dtype without a zarr v2 name, a shard smaller than its chunk) and
     everything on an object store goes through TensorStore:
     small arrays straight into its kvstore as a ``.zarray`` document and raw chunks, others
@@ -392,7 +398,7 @@ class ItemWriter:
             self.db = _ocdbt.DatabaseWriter(
                 item_dir if process_index is None else item_dir / process_dir(process_index),
                 direct=may_go_direct and total_bytes >= DIRECT_IO_MIN_BYTES,
-                watch=may_go_direct)
+                watch=may_go_direct and total_bytes >= WATCH_MIN_BYTES)
             lanes, first_lane = min(lanes, MAX_LANES - 1), 1
         if lanes == 1 and process_index is None and self.db is None:
             self.dirs = [item_dir]

@@ -570,16 +570,18 @@ def test_a_watched_save_goes_past_the_page_cache_from_where_it_turns_slow(
 
 def test_only_a_large_save_to_a_local_disk_goes_past_the_page_cache(tmp_path, monkeypatch):
     """O_DIRECT for a process's save of DIRECT_IO_MIN_BYTES or more on a local disk's file
-    system (as /proc/self/mountinfo names it); in other saves there, from where the page
-    cache is found slow; through the page cache otherwise."""
+    system (as /proc/self/mountinfo names it); in other saves there of WATCH_MIN_BYTES or
+    more, from where the page cache is found slow; through the page cache otherwise."""
     assert _storage.file_system_type(Path("/proc/self")) == "proc"
     monkeypatch.setattr(ser, "DIRECT_IO_FILE_SYSTEMS", {_storage.file_system_type(tmp_path)})
     big = ser.DIRECT_IO_MIN_BYTES
     assert ser.ItemWriter(tmp_path, total_bytes=big).db.direct
     assert not ser.ItemWriter(tmp_path, total_bytes=big - 1).db.direct
-    # Below it, through the page cache as long as that is not found slow.
+    # From WATCH_MIN_BYTES, through the page cache as long as that is not found slow.
+    least_watched = ser.WATCH_MIN_BYTES
     assert [ser.ItemWriter(tmp_path, total_bytes=n).db.watch is not None
-            for n in (1, big - 1, big)] == [True, True, False]
+            for n in (least_watched - 1, least_watched, big - 1, big)] == [
+        False, True, True, False]
     # Under a host-memory budget too small for the writer threads' staging buffers (their
     # 5%), through the page cache.
     least = ser.DIRECT_IO_MIN_BUDGET
@@ -589,7 +591,7 @@ def test_only_a_large_save_to_a_local_disk_goes_past_the_page_cache(tmp_path, mo
     assert ser.ItemWriter(tmp_path, total_bytes=big - 1, memory_budget=least - 1).db.watch is None
     monkeypatch.setattr(ser, "DIRECT_IO_FILE_SYSTEMS", {"ext4", "xfs"} - {
         _storage.file_system_type(tmp_path)})
-    for n in (1, big):  # e.g. NFS, FUSE, tmpfs
+    for n in (ser.WATCH_MIN_BYTES, big):  # e.g. NFS, FUSE, tmpfs
         writer = ser.ItemWriter(tmp_path, total_bytes=n)
         assert not writer.db.direct and writer.db.watch is None
 

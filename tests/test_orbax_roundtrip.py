@@ -144,6 +144,7 @@ def test_a_save_that_found_the_page_cache_slow_restores_in_orbax(tmp_path, mesh,
                         {_serialize.storage.file_system_type(tmp_path)})
     monkeypatch.setattr(_ocdbt, "PAGE_CACHE_MIN_RATE", float("inf"))
     monkeypatch.setattr(_ocdbt, "WATCH_BYTES", 1)
+    monkeypatch.setattr(_serialize, "WATCH_MIN_BYTES", 0)
     monkeypatch.setattr(_stage, "BATCH_BYTES", 1)  # (an array a batch)
     state = make_state(mesh)
     state["big"] = np.arange(5000, dtype=np.float32)
