@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -556,6 +556,27 @@ def _bounce_buffer() -> np.ndarray:
     return buf
 
 
+def _staged(parts: Iterable[tuple[memoryview, int]], crcs: list[int] | None
+            ) -> Iterator[np.ndarray]:
+    """The bytes of ``parts`` (views, each with the index in ``crcs`` of its buffer), in order,
+    copied into this thread's staging buffer: the buffer each time it is full, then what is
+    left in it. Each piece's crc32 is taken just before it is copied."""
+    stage, fill = _bounce_buffer(), 0
+    for view, i in parts:
+        src = np.frombuffer(view, np.uint8)
+        while len(src):
+            n = min(len(src), len(stage) - fill)
+            if crcs is not None:
+                crcs[i] = zlib.crc32(src[:n].data, crcs[i])
+            stage[fill:fill + n] = src[:n]  # (numpy's copy releases the GIL)
+            fill, src = fill + n, src[n:]
+            if fill == len(stage):
+                yield stage[:fill]
+                fill = 0
+    if fill:
+        yield stage[:fill]
+
+
 def _write_direct(path: Path, buffers: Sequence[memoryview | bytes], crcs: list[int] | None,
                   hold: Callable[[int], None] | None = None) -> bool:
     """Writes ``buffers`` one after the other into a new file ``path`` with ``O_DIRECT``: no
@@ -573,30 +594,19 @@ def _write_direct(path: Path, buffers: Sequence[memoryview | bytes], crcs: list[
             return False
         raise
     try:
-        stage = _bounce_buffer()
-        fill = total = 0
-        for i, b in enumerate(buffers):
-            src = np.frombuffer(b, np.uint8)
-            pos = 0
-            while pos < len(src):
-                n = min(len(src) - pos, len(stage) - fill)
-                part = src[pos:pos + n]
-                if crcs is not None:
-                    crcs[i] = zlib.crc32(part.data, crcs[i])
-                stage[fill:fill + n] = part  # (numpy's copy releases the GIL)
-                fill += n
-                pos += n
-                if fill == len(stage):
-                    _write_all(fd, [stage.data[:fill]])
-                    total += fill
-                    fill = 0
-                    if hold is not None:
-                        hold(total)
-        if fill:
-            padded = round_up(fill, DIRECT_ALIGN)
-            stage[fill:padded] = 0
-            _write_all(fd, [stage.data[:padded]])
-            total += fill
+        total = 0
+        parts = ((memoryview(b).cast("B"), i) for i, b in enumerate(buffers))
+        for block in _staged(parts, crcs):
+            n = len(block)
+            if n % DIRECT_ALIGN:  # (the last one, padded to a whole block)
+                stage = _bounce_buffer()
+                stage[n:round_up(n, DIRECT_ALIGN)] = 0
+                block = stage[:round_up(n, DIRECT_ALIGN)]
+            _write_all(fd, [block.data])
+            total += n
+            if hold is not None:
+                hold(total)
+        if total % DIRECT_ALIGN:
             os.ftruncate(fd, total)
     except OSError as exc:
         os.close(fd)
@@ -655,32 +665,25 @@ def _write_rest_direct(path: Path, fd: int, buffers: Sequence[memoryview | bytes
                 rest.appendleft((view[n:], i))
                 view = view[:n]
             n -= len(view)
-            if crcs is not None:
-                crcs[i] = zlib.crc32(view, crcs[i])
             yield view, i
 
+    def buffered(n: int, at: int) -> int:
+        for part, i in take(n):
+            if crcs is not None:
+                crcs[i] = zlib.crc32(part, crcs[i])
+            _pwrite_all(fd, part, at)
+            at += len(part)
+        return at
+
     try:
-        for part, _ in take(head):
-            _pwrite_all(fd, part, pos)
-            pos += len(part)
-        stage, fill, target = _bounce_buffer(), 0, dfd
-        for part, _ in take(middle):
-            src = np.frombuffer(part, np.uint8)
-            while len(src):
-                n = min(len(src), len(stage) - fill)
-                stage[fill:fill + n] = src[:n]  # (numpy's copy releases the GIL)
-                fill, src = fill + n, src[n:]
-                if fill == len(stage):
-                    target = _put_direct(target, fd, stage[:fill], pos)
-                    pos, fill = pos + fill, 0
-                    if hold is not None:
-                        hold(pos - begin)
-        if fill:  # (a multiple of DIRECT_ALIGN, as the middle is)
-            target = _put_direct(target, fd, stage[:fill], pos)
-            pos += fill
-        for part, _ in take(total - head - middle):
-            _pwrite_all(fd, part, pos)
-            pos += len(part)
+        pos = buffered(head, pos)
+        target = dfd
+        for block in _staged(take(middle), crcs):  # (whole blocks, as the middle is)
+            target = _put_direct(target, fd, block, pos)
+            pos += len(block)
+            if hold is not None:
+                hold(pos - begin)
+        buffered(total - head - middle, pos)
     finally:
         os.close(dfd)
     return True
