@@ -43,7 +43,7 @@ MIN_DATA_FILE_SIZE = 16 << 20
 #: A save's bytes are spread over about this many data files, which TensorStore writes (and
 #: fsyncs) concurrently: on the virtio disk of the benchmark machine a 2 GiB state took a
 #: median 1.15 s in 256 MiB files against 2.5 s in Orbax's 2 GiB ones and 3.9 s for one
-#: file per array written in turn (``docs/performance.md``, "Where the time goes").
+#: file per array written in turn (``docs/performance-history.md``, rounds 1-3).
 DATA_FILES_PER_SAVE = 8
 
 
