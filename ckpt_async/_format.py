@@ -88,7 +88,7 @@ class TreeMetadata(msgspec.Struct):
     use_ocdbt: bool = True
     use_zarr3: bool = False
     store_array_data_equal_to_fill_value: bool = True
-    custom_metadata: dict[str, Any] | None = None
+    custom_metadata: Any = None  # any JSON value, as Orbax takes it (not only an object)
     ckpt_async: dict[str, Any] | None = None
 
 

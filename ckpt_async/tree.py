@@ -11,18 +11,29 @@ from .errors import InvalidArgumentError
 
 
 def to_shape_dtype_struct(x: Any, dtype: Any = None, scalar_dtype: Any = None) -> Any:
-    """The abstract version of a leaf: ``jax.ShapeDtypeStruct`` with its sharding, if any."""
-    if isinstance(x, jax.ShapeDtypeStruct):
-        return x if dtype is None else x.update(dtype=dtype)
-    if isinstance(x, jax.Array):
-        return jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=x.sharding)
+    """The abstract version of a leaf, as Orbax makes it: a scalar (``int``, ``float``, a NumPy
+    number) stays a scalar (converted by ``scalar_dtype``, e.g. ``int``, if given); a NumPy
+    array becomes a ``jax.ShapeDtypeStruct``; anything else with a shape (or
+    ``global_shape``), a dtype and a sharding (``jax.Array``, ``ShapeDtypeStruct``,
+    ``ArrayRestoreArgs``, :class:`~ckpt_async.metadata.ArrayMetadata`, whose sharding is
+    rebuilt with ``to_jax_sharding()``) a ``ShapeDtypeStruct`` with that sharding. ``dtype``
+    overrides the array's. A random key array is described by its key data. Other leaves
+    (strings, ...) are returned as they are."""
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if isinstance(x, (int, float, np.number)):  # (bool is an int)
+        return x if scalar_dtype is None else scalar_dtype(x)
     if isinstance(x, (np.ndarray, np.generic)):
         return jax.ShapeDtypeStruct(x.shape, dtype or x.dtype)
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
-        if scalar_dtype is not None:
-            return jax.ShapeDtypeStruct((), scalar_dtype)
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        shape = getattr(x, "global_shape", None)
+    if shape is None or getattr(x, "dtype", None) is None:
         return x
-    return x
+    sharding = getattr(x, "sharding", None)
+    if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
+        sharding = sharding.to_jax_sharding()  # (a ShardingMetadata)
+    return jax.ShapeDtypeStruct(tuple(shape), dtype or x.dtype, sharding=sharding)
 
 
 def _key_name(key: Any) -> int | str:

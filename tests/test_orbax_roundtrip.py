@@ -271,6 +271,99 @@ def test_non_finite_json_and_custom_metadata_both_ways(tmp_path):
         assert ckptr.metadata(tmp_path / "ours_tree").item_metadata.custom_metadata == custom
 
 
+@pytest.mark.parametrize("custom", [[1, 2], "note", 3, None], ids=["list", "str", "int", "none"])
+def test_custom_metadata_of_any_json_kind_both_ways(tmp_path, custom):
+    # Orbax takes any JSON value as an item's custom metadata, not only an object.
+    tree = {"a": np.arange(3)}
+    for lib, name in ((ocp, "ours"), (orbax, "theirs")):
+        with lib.Checkpointer(lib.StandardCheckpointHandler()) as ckptr:
+            ckptr.save(tmp_path / name, args=lib.args.StandardSave(tree, custom_metadata=custom))
+    with orbax.StandardCheckpointer() as ockptr:
+        assert ockptr.metadata(tmp_path / "ours").item_metadata.custom_metadata == custom
+    with ocp.StandardCheckpointer() as ckptr:
+        for name in ("ours", "theirs"):
+            assert ckptr.metadata(tmp_path / name).item_metadata.custom_metadata == custom
+            assert_bits_equal(ckptr.restore(tmp_path / name)["a"], tree["a"])
+
+
+@pytest.mark.parametrize("rows", [6, 2], ids=["padded", "cut"])
+def test_standard_restore_not_strict_fits_arrays_as_orbax_does(tmp_path, mesh, rows):
+    # StandardRestore(strict=False): a stored array of another shape is cut or padded with
+    # zeros to the target's (Orbax 0.12.8), whichever library wrote it.
+    sharding = NamedSharding(mesh, PartitionSpec("x"))
+    stored = np.arange(16, dtype=np.float32).reshape(4, 4)
+    tree = {"embed": jax.device_put(stored, sharding), "host": stored + 1}
+    target = {"embed": jax.ShapeDtypeStruct((rows, 4), jnp.float32, sharding=sharding),
+              "host": jax.ShapeDtypeStruct((rows, 4), jnp.float32)}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "ours", tree)
+    with orbax.StandardCheckpointer() as ockptr:
+        ockptr.save(tmp_path / "theirs", tree)
+    results = {}
+    for lib in (ocp, orbax):
+        with lib.Checkpointer(lib.StandardCheckpointHandler()) as ckptr:
+            for name in ("ours", "theirs"):
+                results[lib.__name__, name] = ckptr.restore(
+                    tmp_path / name, args=lib.args.StandardRestore(target, strict=False))
+    expected = np.zeros((rows, 4), np.float32)
+    expected[:min(rows, 4)] = stored[:rows]
+    for out in results.values():
+        assert_bits_equal(out["embed"], expected)
+        assert out["embed"].sharding == sharding
+    # A NumPy array too (Orbax returns those in the stored shape, its docstring
+    # notwithstanding; ckpt_async fits every array alike).
+    host = expected + (np.arange(rows) < 4)[:, None].astype(np.float32)
+    for name in ("ours", "theirs"):
+        assert_bits_equal(results["ckpt_async", name]["host"], host)
+    with ocp.StandardCheckpointer() as ckptr, pytest.raises(ocp.errors.ShapeMismatchError):
+        ckptr.restore(tmp_path / "ours", target)  # (strict: the stored shape or an error)
+
+
+def test_scalars_into_abstract_targets_without_sharding_come_back_as_orbax_returns_them(
+        tmp_path):
+    tree = {"step": 3, "lr": 1.5, "a": np.arange(2, dtype=np.float32)}
+    target = {"step": jax.ShapeDtypeStruct((), jnp.int32),
+              "lr": jax.ShapeDtypeStruct((), jnp.float32),
+              "a": jax.ShapeDtypeStruct((2,), jnp.float32)}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "ours", tree)
+    with orbax.StandardCheckpointer() as ockptr:
+        ockptr.save(tmp_path / "theirs", tree)
+        expected = ockptr.restore(tmp_path / "ours", target)
+    for lib in (ocp, orbax):
+        with lib.StandardCheckpointer() as ckptr:
+            for name in ("ours", "theirs"):
+                out = ckptr.restore(tmp_path / name, target)
+                for k, v in out.items():
+                    assert type(v) is type(expected[k]) is np.ndarray
+                    assert_bits_equal(v, expected[k])
+
+
+def test_to_shape_dtype_struct_agrees_with_orbax(mesh):
+    key = jax.random.key(0)
+    leaves = [3, 1.5, True, np.float32(2.0), np.int8(-1), np.ones((2, 3), np.int8),
+              jnp.ones((2,), jnp.bfloat16), jax.ShapeDtypeStruct((4,), jnp.float32), key,
+              jax.device_put(np.ones((4, 2), np.float32), NamedSharding(mesh, PartitionSpec("x")))]
+    for leaf in leaves:
+        for kwargs in ({}, {"dtype": jnp.float16}, {"scalar_dtype": int}):
+            ours = ocp.utils.to_shape_dtype_struct(leaf, **kwargs)
+            theirs = orbax.utils.to_shape_dtype_struct(leaf, **kwargs)
+            assert type(ours) is type(theirs) and ours == theirs, (leaf, kwargs)
+
+
+def test_to_shape_dtype_struct_of_restore_metadata_rebuilds_the_sharding(tmp_path, mesh):
+    sharding = NamedSharding(mesh, PartitionSpec("x", "y"))
+    tree = {"w": jax.device_put(np.arange(8, dtype=np.float32).reshape(4, 2), sharding)}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", tree)
+        meta = ckptr.metadata(tmp_path / "c").item_metadata.tree
+        abstract_tree = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, meta)
+        assert abstract_tree == {"w": jax.ShapeDtypeStruct((4, 2), jnp.float32, sharding=sharding)}
+        out = ckptr.restore(tmp_path / "c", abstract_tree)
+    assert_bits_equal(out["w"], tree["w"])
+    assert out["w"].sharding == sharding
+
+
 # --- Orbax writes, ckpt_async restores -------------------------------------------------------
 FORMATS = [
     pytest.param(True, False, id="ocdbt-zarr2"),
@@ -336,7 +429,8 @@ def test_orbax_manager_directory_to_ckpt_async(tmp_path, mesh, item):
 
 
 MIXED = {"i": 3, "f": 0.5, "b": True, "npf": np.float32(2.5), "s": "hello",
-         "nested": {"t": "ünï"}, "n": None, "e": {}, "l": [1, 2.0]}
+         "nested": {"t": "ünï"}, "n": None, "e": {}, "l": [1, 2.0], "t": (),
+         "empties": [(), {}, []]}
 
 
 def test_orbax_scalars_strings_and_empties_restore_as_orbax_restores_them(tmp_path):
@@ -356,6 +450,7 @@ def test_ckpt_async_scalars_strings_and_empties_to_orbax(tmp_path):
         out = ockptr.restore(tmp_path / "c")
     assert out == {**MIXED, "npf": 2.5}
     assert type(out["i"]) is int and type(out["b"]) is bool and out["n"] is None
+    assert out["t"] == () and out["empties"] == [(), {}, []]  # (an empty tuple is a "Tuple")
 
 
 def test_ckpt_async_zero_size_arrays_to_orbax(tmp_path):

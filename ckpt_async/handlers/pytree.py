@@ -92,9 +92,9 @@ def _classify(leaf: _tree.Leaf, save_arg: SaveArgs | None, where: str,
         return _Planned(leaf, kind, cast)
     if v is None:
         return _Planned(leaf, "None", None)
-    if isinstance(v, (dict, list, tuple)) and not v:
-        kind = "Dict" if isinstance(v, dict) else "List"
-        return _Planned(leaf, kind, None, "tuple" if isinstance(v, tuple) else None)
+    if isinstance(v, (dict, list, tuple)) and not v:  # (Orbax's names for them)
+        return _Planned(leaf, "Dict" if isinstance(v, dict) else
+                        "Tuple" if isinstance(v, tuple) else "List", None)
     if isinstance(v, (np.ndarray, np.generic)):
         _check_storable(leaf, v.dtype, cast, where)
     if isinstance(v, jax.Array):
@@ -339,13 +339,15 @@ class PyTreeCheckpointHandler(CheckpointHandler):
         tree_doc, shardings, strings, sums = await self.read_documents(directory)
         target = getattr(args, "item", None)
         restore_args = getattr(args, "restore_args", None)
-        partial = bool(getattr(args, "partial_restore", False)) or (
-            isinstance(args, StandardRestore) and not args.strict)
+        # StandardRestore(strict=False): arrays are cut or padded to the target's shapes (as
+        # Orbax does), and the target may name a part of the checkpoint (which Orbax refuses).
+        loose = isinstance(args, StandardRestore) and not args.strict
+        partial = bool(getattr(args, "partial_restore", False)) or loose
         reader = _Reader(directory, tree_doc, shardings, strings, sums)
         if target is None and restore_args is None:
             return await reader.restore_as_saved()
         return await reader.restore_into(target if target is not None else restore_args,
-                                         restore_args, partial=partial)
+                                         restore_args, partial=partial, strict=not loose)
 
     async def metadata(self, directory: AnyPath) -> TreeMetadata:
         directory = coerce(directory)
@@ -590,6 +592,7 @@ class _Reader:
         self.skeleton = ext.get("skeleton")
         self.scalars: dict[str, str] = ext.get("scalars", {})
         self._told_devices = False  # (the default-device warning, once per restore)
+        self._strict = True  # (restore_into's)
         # name -> (tuple key, entry), in the order they were stored
         self.by_key = {k: e for k, e in doc.tree_metadata.items()}
 
@@ -647,7 +650,7 @@ class _Reader:
 
     def _empty(self, value_type: str, name: str) -> Any:
         if value_type == "List" and self.scalars.get(name) == "tuple":
-            return ()
+            return ()  # (as earlier ckpt_async wrote an empty tuple: a List tagged "tuple")
         empty: Any = _tree.EMPTY_TYPES[value_type]
         return empty() if value_type != "None" else None
 
@@ -748,8 +751,12 @@ class _Reader:
             return _tree.unflatten(self.skeleton, lambda i: values[i])
         return _tree.tree_from_key_metadata([(e.key_metadata, v) for e, v in zip(entries, values)])
 
-    async def restore_into(self, target: Any, restore_args: Any, *, partial: bool) -> Any:
+    async def restore_into(self, target: Any, restore_args: Any, *, partial: bool,
+                           strict: bool = True) -> Any:
+        """``target``'s leaves restored; ``strict=False``: every array cut or padded to the
+        shape its leaf asks for, whatever its restore args say."""
         self.items.start_index()  # (read while the target is planned)
+        self._strict = strict
         pairs, rebuild = _tree.target_leaves(target)
         rargs: dict[str, Any] = {}
         if restore_args is not None and restore_args is not target:
@@ -802,6 +809,7 @@ class _Reader:
                                      use_zarr3=self.doc.use_zarr3)
         stored = tuple(store.shape)
         wanted, strict = _requested_shape(tleaf, rarg)
+        strict = strict and self._strict
         _check_shape(self.dir, name, stored, wanted, strict)
         shape = stored if wanted is None else wanted
         entry = self.sums.arrays.get(name) if self.sums is not None else None
@@ -840,6 +848,7 @@ class _Reader:
         """Casts and places one restored array as the target leaf (or restore arg) asks (a
         jax.Array may come back as a :class:`_Deferred`)."""
         wanted, strict = _requested_shape(tleaf, rarg)
+        strict = strict and self._strict
         _check_shape(self.dir, name, arr.shape, wanted, strict)
         if wanted is not None:
             arr = _fit(arr, wanted)
@@ -859,8 +868,8 @@ class _Reader:
             return arr
         if isinstance(tleaf, (jax.Array, jax.ShapeDtypeStruct)):
             sharding = getattr(tleaf, "sharding", None)
-            if sharding is None and vt == "np.ndarray":
-                return arr  # an abstract target without sharding keeps the saved kind (Orbax)
+            if sharding is None and vt in ("np.ndarray", "scalar"):
+                return arr  # an abstract target without sharding: NumPy, as in Orbax
             if sharding is None:
                 sharding = self._saved_sharding(name)
             return _put(arr, sharding)
