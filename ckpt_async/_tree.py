@@ -132,12 +132,15 @@ def _walk(x: Any, keys: tuple[Any, ...], kts: tuple[int, ...], name: str,
                             leaves) for i, v in enumerate(x)]]
     if _is_custom_node(x):
         pairs, _ = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
-        items = []
+        items, sequence = [], True
         for path, v in pairs:
             k, key_type = _key_of(path[0])
+            sequence = sequence and key_type == fmt.KEY_SEQUENCE
             items.append([k, "i" if isinstance(k, int) else "s",
                           _walk(v, (*keys, k), (*kts, key_type), f"{prefix}{k!s}", leaves)])
-        return ["D", items]
+        # (a node whose children have no names, only places, comes back as a list: as Orbax
+        # restores it, from their key type)
+        return ["l", [child for _, _, child in items]] if sequence and items else ["D", items]
     leaves.append(Leaf(keys, kts, x, name))
     return ["L", len(leaves) - 1]
 

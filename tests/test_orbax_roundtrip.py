@@ -339,6 +339,28 @@ def test_scalars_into_abstract_targets_without_sharding_come_back_as_orbax_retur
                     assert_bits_equal(v, expected[k])
 
 
+class _Pair:
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+
+jax.tree_util.register_pytree_node(_Pair, lambda p: ((p.a, p.b), None), lambda _, ch: _Pair(*ch))
+
+
+def test_a_custom_node_without_keys_restores_as_a_list_as_in_orbax(tmp_path):
+    tree = {"p": _Pair(np.ones(2, np.float32), np.arange(3, dtype=np.int8))}
+    for lib, name in ((ocp, "ours"), (orbax, "theirs")):
+        with lib.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp_path / name, tree)
+    for lib in (ocp, orbax):
+        with lib.StandardCheckpointer() as ckptr:
+            for name in ("ours", "theirs"):
+                out = ckptr.restore(tmp_path / name)["p"]
+                assert type(out) is list and len(out) == 2, (lib.__name__, name, out)
+                assert_bits_equal(out[0], tree["p"].a)
+                assert_bits_equal(out[1], tree["p"].b)
+
+
 def test_to_shape_dtype_struct_agrees_with_orbax(mesh):
     key = jax.random.key(0)
     leaves = [3, 1.5, True, np.float32(2.0), np.int8(-1), np.ones((2, 3), np.int8),
