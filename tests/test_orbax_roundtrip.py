@@ -339,6 +339,30 @@ def test_scalars_into_abstract_targets_without_sharding_come_back_as_orbax_retur
                     assert_bits_equal(v, expected[k])
 
 
+def test_pytree_restore_takes_only_the_structure_of_its_item_as_orbax_does(tmp_path):
+    # PyTreeRestore(item): the item's leaves say where each value goes, not what it becomes;
+    # its restore_args do that.
+    tree = {"w": jnp.ones(3, jnp.bfloat16), "n": np.arange(3, dtype=np.int32)}
+    item = {"w": np.zeros(3), "n": np.zeros(3)}  # float64 placeholders
+    rargs = {"w": ocp.RestoreArgs(restore_type=np.ndarray), "n": ocp.RestoreArgs(dtype=np.int64)}
+    orargs = {"w": orbax.RestoreArgs(restore_type=np.ndarray),
+              "n": orbax.RestoreArgs(dtype=np.int64)}
+    for lib, name in ((ocp, "ours"), (orbax, "theirs")):
+        with lib.PyTreeCheckpointer() as ckptr:
+            ckptr.save(tmp_path / name, args=lib.args.PyTreeSave(tree))
+    for lib, restore_args in ((ocp, rargs), (orbax, orargs)):
+        with lib.PyTreeCheckpointer() as ckptr:
+            for name in ("ours", "theirs"):
+                plain = ckptr.restore(tmp_path / name, args=lib.args.PyTreeRestore(item=item))
+                assert isinstance(plain["w"], jax.Array) and type(plain["n"]) is np.ndarray
+                assert_bits_equal(plain["w"], tree["w"])
+                assert_bits_equal(plain["n"], tree["n"])
+                cast = ckptr.restore(tmp_path / name, args=lib.args.PyTreeRestore(
+                    item=item, restore_args=restore_args))
+                assert type(cast["w"]) is np.ndarray and cast["n"].dtype == np.int64
+                assert_bits_equal(cast["w"], np.asarray(tree["w"]))
+
+
 class _Pair:
     def __init__(self, a, b):
         self.a, self.b = a, b

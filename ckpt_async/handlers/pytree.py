@@ -346,8 +346,11 @@ class PyTreeCheckpointHandler(CheckpointHandler):
         reader = _Reader(directory, tree_doc, shardings, strings, sums)
         if target is None and restore_args is None:
             return await reader.restore_as_saved()
-        return await reader.restore_into(target if target is not None else restore_args,
-                                         restore_args, partial=partial, strict=not loose)
+        # PyTreeRestore's item gives the tree's structure only (Orbax): its leaves restore as
+        # saved, or as their restore_args say; StandardRestore's item gives their types too.
+        return await reader.restore_into(
+            target if target is not None else restore_args, restore_args, partial=partial,
+            strict=not loose, structure_only=isinstance(args, PyTreeRestore) and target is not None)
 
     async def metadata(self, directory: AnyPath) -> TreeMetadata:
         directory = coerce(directory)
@@ -752,9 +755,11 @@ class _Reader:
         return _tree.tree_from_key_metadata([(e.key_metadata, v) for e, v in zip(entries, values)])
 
     async def restore_into(self, target: Any, restore_args: Any, *, partial: bool,
-                           strict: bool = True) -> Any:
+                           strict: bool = True, structure_only: bool = False) -> Any:
         """``target``'s leaves restored; ``strict=False``: every array cut or padded to the
-        shape its leaf asks for, whatever its restore args say."""
+        shape its leaf asks for, whatever its restore args say; ``structure_only``: the
+        leaves of ``target`` give only where each value goes (each comes back as saved, or
+        as its restore args say), and a key the checkpoint lacks."""
         self.items.start_index()  # (read while the target is planned)
         self._strict = strict
         pairs, rebuild = _tree.target_leaves(target)
@@ -776,8 +781,8 @@ class _Reader:
                 known = spanning[id(sh)] = not sh.is_fully_addressable
             return known
 
-        spread = {k: sh for k, _n, leaf in pairs if k in self.by_key
-                  and (sh := _target_sharding(leaf, rargs.get(k))) is not None and spans(sh)}
+        spread = {k: sh for k, _n, leaf in pairs if k in self.by_key and (sh := _target_sharding(
+            None if structure_only else leaf, rargs.get(k))) is not None and spans(sh)}
         await self.prefetch(self._stored_arrays((k, n) for k, n, _leaf in pairs
                                                 if k in self.by_key and k not in spread))
 
@@ -791,6 +796,10 @@ class _Reader:
             if vt == "string":
                 return self.strings[name]
             rarg = rargs.get(key, tleaf if isinstance(tleaf, RestoreArgs) else None)
+            if structure_only:
+                if rarg is None:
+                    return self._value_as_saved(entry)
+                tleaf = None
             if key in spread:
                 return self._read_spread(name, tleaf, rarg, spread[key])
             arr = self._prefetched.pop(name, None)
