@@ -116,7 +116,18 @@ class RootMetadata(msgspec.Struct):
     custom_metadata: dict[str, Any] | None = None
 
 
-_encoder = msgspec.json.Encoder()
+def _builtin(value: Any) -> Any:
+    """A value of a subclass of a JSON type (``np.float64``, which ``np.mean`` returns, a
+    ``str`` enum) as that type, as Python's ``json`` module writes it; msgspec takes the exact
+    types only."""
+    for base in (bool, int, float, str):
+        if isinstance(value, base):
+            return base(value)
+    raise NotImplementedError(f"objects of type {type(value).__module__}."
+                              f"{type(value).__qualname__} cannot be written as JSON")
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_builtin)
 _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 
 
@@ -137,7 +148,7 @@ def encode(doc: Any, *, values: Any = None) -> bytes:
     Python's ``json`` module writes it (``NaN``, ``Infinity``), as Orbax does, rather than
     as ``null`` (msgspec), so that it reads back as it was."""
     if values is not None and _non_finite(values):
-        return json.dumps(msgspec.to_builtins(doc, str_keys=True)).encode()
+        return json.dumps(msgspec.to_builtins(doc, str_keys=True, enc_hook=_builtin)).encode()
     return _encoder.encode(doc)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 import zlib
@@ -361,6 +362,32 @@ def test_pytree_restore_takes_only_the_structure_of_its_item_as_orbax_does(tmp_p
                     item=item, restore_args=restore_args))
                 assert type(cast["w"]) is np.ndarray and cast["n"].dtype == np.int64
                 assert_bits_equal(cast["w"], np.asarray(tree["w"]))
+
+
+def test_json_documents_and_metrics_take_subclasses_of_json_types_as_orbax_does(tmp_path):
+    # np.mean gives an np.float64, a float: Orbax's json module writes it, so does ckpt_async.
+    class Mode(enum.StrEnum):
+        TRAIN = "train"
+
+    doc = {"lr": np.float64(1e-3), "mode": Mode.TRAIN, "steps": [np.float64(-0.0), 2]}
+    for lib, name in ((ocp, "ours"), (orbax, "theirs")):
+        with lib.Checkpointer(lib.JsonCheckpointHandler()) as ckptr:
+            ckptr.save(tmp_path / name, args=lib.args.JsonSave(doc))
+    for lib in (ocp, orbax):
+        with lib.Checkpointer(lib.JsonCheckpointHandler()) as ckptr:
+            for name in ("ours", "theirs"):
+                out = ckptr.restore(tmp_path / name, args=lib.args.JsonRestore())
+                assert out == {"lr": 1e-3, "mode": "train", "steps": [-0.0, 2]}
+                assert type(out["lr"]) is float and math.copysign(1, out["steps"][0]) == -1
+    options = ocp.CheckpointManagerOptions(best_fn=lambda m: m["loss"], best_mode="min")
+    with ocp.CheckpointManager(tmp_path / "run", options=options) as mngr:
+        for step, loss in enumerate(np.array([0.5, 0.25, 0.75])):
+            mngr.save(step, args=ocp.args.StandardSave({"a": np.ones(2)}),
+                      metrics={"loss": loss})  # (an np.float64)
+        mngr.wait_until_finished()
+        assert mngr.best_step() == 1
+    with orbax.CheckpointManager(tmp_path / "run") as omngr:
+        assert omngr.metadata(1).metrics == {"loss": 0.25}
 
 
 class _Pair:
