@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import random
+import subprocess
+import sys
 
 import numpy as np
 import orbax.checkpoint as orbax
@@ -215,3 +218,62 @@ def test_sequence_continues_after_reopen_like_orbax(tmp_path, seed):
         expected = run_orbax(tmp_path / "orbax", opts, calls)
         actual = run_ca_sync(tmp_path / "ca", opts, calls)
         assert actual == expected
+
+
+
+# The same calls through each library; each line's outcome ("ok" or the exception's
+# builtin base) must be the same. Orbax's runs in a process of its own: a save it refuses
+# leaves a thread waiting five minutes for a signal before the interpreter can exit.
+_LOCK_IN_CALLS = """
+import json, os, sys
+import numpy as np
+if sys.argv[1] == "orbax":
+    import orbax.checkpoint as lib
+else:
+    import ckpt_async as lib
+root, state, outcomes = sys.argv[2], {"a": np.ones(2)}, []
+
+def attempt(call):
+    try:
+        call()
+        outcomes.append("ok")
+    except ValueError:
+        outcomes.append("ValueError")
+
+mngr = lib.CheckpointManager(root + "/a")
+mngr.save(0, args=lib.args.Composite(state=lib.args.StandardSave(state)))
+mngr.wait_until_finished()
+attempt(lambda: mngr.restore(0, args=lib.args.Composite(state=lib.args.PyTreeRestore())))
+attempt(lambda: mngr.restore(0, args=lib.args.Composite(state=lib.args.StandardRestore())))
+attempt(lambda: mngr.save(1, args=lib.args.Composite(state=lib.args.PyTreeSave(state))))
+mngr.wait_until_finished()
+outcomes.append(mngr.all_steps())
+mngr = lib.CheckpointManager(root + "/b", item_handlers={"state": lib.StandardCheckpointHandler()})
+attempt(lambda: mngr.save(0, args=lib.args.Composite(state=lib.args.StandardSave(state),
+                                                     other=lib.args.JsonSave({"k": 1}))))
+attempt(lambda: mngr.save(1, args=lib.args.Composite(state=lib.args.StandardSave(state))))
+mngr.wait_until_finished()
+outcomes.append(mngr.all_steps())
+mngr = lib.CheckpointManager(root + "/c", item_names=("state", "cfg"))
+attempt(lambda: mngr.save(0, args=lib.args.Composite(state=lib.args.StandardSave(state),
+                                                     cfg=lib.args.JsonSave({"k": 1}))))
+attempt(lambda: mngr.save(1, args=lib.args.Composite(extra=lib.args.JsonSave({"k": 2}))))
+mngr.wait_until_finished()
+outcomes.append(mngr.all_steps())
+print(json.dumps(outcomes), flush=True)
+os._exit(0)
+"""
+
+
+def test_handler_lock_in_rules_as_orbax_enforces_them(tmp_path):
+    # An item locked to StandardCheckpointHandler takes Standard args only; a manager given
+    # its items (item_handlers, item_names) takes no other item.
+    outcomes = {}
+    for lib in ("ckpt_async", "orbax"):
+        (tmp_path / lib).mkdir()
+        done = subprocess.run([sys.executable, "-c", _LOCK_IN_CALLS, lib, str(tmp_path / lib)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outcomes[lib] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcomes["ckpt_async"] == outcomes["orbax"] == [
+        "ValueError", "ok", "ValueError", [0], "ValueError", "ok", [1], "ok", "ValueError", [0]]

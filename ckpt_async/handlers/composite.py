@@ -38,6 +38,8 @@ class CompositeCheckpointHandler(CheckpointHandler):
         for name, handler in item_handlers.items():
             self.registry.add(name, None, handler)
         self.item_names = tuple(item_names)
+        if item_names or item_handlers:
+            self.registry.limit_to([*item_names, *self.registry.locked_items()])
 
     def handler_for_save(self, name: str, args: CheckpointArgs) -> CheckpointHandler:
         return self.registry.resolve(name, args)

@@ -41,6 +41,13 @@ class DefaultCheckpointHandlerRegistry:
     def __init__(self) -> None:
         self._handlers: dict[str, CheckpointHandler] = {}
         self._args: dict[tuple[str, type], CheckpointHandler] = {}
+        #: The only items args may lock in (None: any), once a manager or composite handler
+        #: was given its items (``item_names``, ``item_handlers``), as in Orbax.
+        self._only: set[str] | None = None
+
+    def limit_to(self, items: Any) -> None:
+        """Lets args lock in only ``items`` (and the items registered already)."""
+        self._only = {*(self._only or ()), *items}
 
     def add(self, item: str | None, args: type | None, handler: Any = None) -> None:
         """Registers ``handler`` (or the handler class of ``args``) for ``item``."""
@@ -95,11 +102,18 @@ class DefaultCheckpointHandlerRegistry:
             raise HandlerError(f"item {item!r}: {type(args).__name__} is not a checkpoint args type")
         current = self._handlers.get(item)
         if current is None:
+            if self._only is not None and item not in self._only:
+                raise HandlerError(
+                    f"item {item!r} is not one of this manager's items ({sorted(self._only)}): "
+                    "with item_names or item_handlers given, only those can be saved or "
+                    "restored with args, as in Orbax")
             if not lock:
                 return cls()
             self.add(item, type(args))
             return self._handlers[item]
-        if isinstance(current, cls):
+        # (exactly the args the locked handler's class takes, as Orbax's registry keys them:
+        # the standard handler, a PyTree handler here, does not take PyTreeSave/PyTreeRestore)
+        if isinstance(args, tuple(args_classes_for(type(current)).values())):
             return current
         raise HandlerError(
             f'Item "{item}" and args "{args!r}" does not match with any registered handler! '

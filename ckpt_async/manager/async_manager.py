@@ -100,6 +100,8 @@ class AsyncCheckpointManager:
             self._default_item = False
         if item_names is not None:
             self._default_item = False
+        if item_names is not None or item_handlers:
+            registry.limit_to([*(item_names or ()), *registry.locked_items()])
         if not registry.has(METRIC_ITEM_NAME):
             # Orbax's metrics item: JSON in ``<step>/metrics/metrics``, so each library reads
             # the other's metrics (a default JsonCheckpointHandler would use ``metadata``).

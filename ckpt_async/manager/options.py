@@ -89,8 +89,8 @@ class CheckpointManagerOptions:
         if self.max_concurrent_saves < 1:
             raise InvalidArgumentError("CheckpointManagerOptions.max_concurrent_saves must be >= 1")
         if self.save_decision_policy is not None:
-            _conflict(self, "save_decision_policy",
-                      {"should_save_fn": None, "save_on_steps": None})
+            _conflict(self, "save_decision_policy",  # (save_interval_steps: 1 is its default)
+                      {"should_save_fn": None, "save_on_steps": None, "save_interval_steps": 1})
         if self.preservation_policy is not None:
             _conflict(self, "preservation_policy",
                       {"max_to_keep": None, "keep_time_interval": None, "keep_period": None,
