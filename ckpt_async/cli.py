@@ -426,15 +426,21 @@ async def _step_entry(step: int, path: AnyPath) -> dict[str, Any]:
     entry["commit_timestamp_nsecs"] = ns
     mtime = None if ns else await modified(path)
     entry["commit_time"] = _iso(ns) or _iso(int(mtime * 1e9) if mtime else None)
-    metrics = (doc.metrics if doc else None) or None
-    if await storage.exists(path / _METRICS / _METRICS):
-        with contextlib.suppress(CheckpointError):
-            metrics = await read_json_item(path / _METRICS, _METRICS)
-    entry["metrics"] = metrics
+    entry["metrics"] = await _step_metrics(path, doc)
     entry["committed"] = doc is not None or await storage.exists(path / fmt.COMMIT_SUCCESS)
     if problems:
         entry["problems"] = problems
     return entry
+
+
+async def _step_metrics(path: AnyPath, doc: Any) -> Any:
+    """A step's metrics: Orbax's ``metrics`` item where there is one, else those its
+    ``_CHECKPOINT_METADATA`` records (None: neither)."""
+    metrics = (doc.metrics if doc else None) or None
+    if await storage.exists(path / _METRICS / _METRICS):
+        with contextlib.suppress(CheckpointError):
+            metrics = await read_json_item(path / _METRICS, _METRICS)
+    return metrics
 
 
 async def _leftover_entry(directory: AnyPath, name: str, kind: str) -> dict[str, Any]:
@@ -516,8 +522,9 @@ async def cmd_show(a: argparse.Namespace, out: Any) -> int:
         if not items:
             raise CLIError(f"{path} has no item {a.item!r}")
     result: dict[str, Any] = {"path": str(path), "step": step, "items": []}
+    result["metrics"] = await _step_metrics(path, doc)
     if doc is not None:
-        result.update(commit_time=_iso(doc.commit_timestamp_nsecs), metrics=doc.metrics or None,
+        result.update(commit_time=_iso(doc.commit_timestamp_nsecs),
                       custom_metadata=doc.custom_metadata or None)
     for item in items:
         entry: dict[str, Any] = {"name": item.name, "handler": _short_handler(item.typestr),

@@ -164,6 +164,21 @@ def test_show_json_item_folder(capsys, run_dir):
         (None, "json", {"data_index": 40})]
 
 
+def test_ls_and_show_give_the_metrics_orbax_recorded(capsys, tmp_path):
+    # Orbax writes a step's metrics into its metrics item, not _CHECKPOINT_METADATA.
+    import orbax.checkpoint as orbax
+    options = orbax.CheckpointManagerOptions(best_fn=lambda m: m["loss"], best_mode="min")
+    with orbax.CheckpointManager(tmp_path / "run", options=options) as mngr:
+        mngr.save(1, args=orbax.args.StandardSave({"a": np.ones(2)}), metrics={"loss": 0.25})
+        mngr.wait_until_finished()
+    code, doc, _ = run_json(capsys, "ls", tmp_path / "run")
+    assert code == 0 and doc["steps"][0]["metrics"] == {"loss": 0.25}
+    code, doc, _ = run_json(capsys, "show", tmp_path / "run")
+    assert code == 0 and doc["metrics"] == {"loss": 0.25}
+    code, out, _ = run(capsys, "show", tmp_path / "run")
+    assert code == 0 and "metrics: loss=0.25" in out
+
+
 def test_orbax_checkpoint_show_verify_export(capsys, orbax_ckpt, tmp_path):
     code, doc, _ = run_json(capsys, "show", orbax_ckpt)
     assert code == 0
