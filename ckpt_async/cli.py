@@ -243,10 +243,16 @@ async def _items_of(path: AnyPath, doc: fmt.StepMetadata | None) -> list[Item]:
     keys = await storage.listfiles(path)
     files, dirs = _split(keys)
     handlers = doc.item_handlers if doc is not None else None
-    if isinstance(handlers, str) or (handlers is None and fmt.PYTREE_METADATA in files):
+    if handlers is None and (fmt.PYTREE_METADATA in files
+                             or (not dirs and _kind_of(None, keys) == "json")):
+        # One item's folder: its handler is recorded in the step above it, if any.
+        with contextlib.suppress(CheckpointError, OSError):
+            above = await step_doc(path.parent)
+            if above is not None and isinstance(above.item_handlers, dict):
+                handlers = above.item_handlers.get(path.name)
         return [Item(None, path, _kind_of(handlers, keys), handlers)]
-    if handlers is None and not dirs and _kind_of(None, keys) == "json":
-        return [Item(None, path, "json")]  # a JSON item's folder
+    if isinstance(handlers, str):
+        return [Item(None, path, _kind_of(handlers, keys), handlers)]
     recorded = handlers if isinstance(handlers, dict) else {}
     items = []
     for name in sorted(set(recorded) | set(dirs)):

@@ -155,13 +155,14 @@ def test_show_item_folder(capsys, run_dir):
     _, doc, _ = run_json(capsys, "show", run_dir / "20" / "state")
     assert {r["key"] for r in doc["items"][0]["leaves"]} == {
         "params.w", "params.b", "opt.0", "opt.1", "step"}
+    assert doc["items"][0]["handler"] == "StandardCheckpointHandler"  # (the step records it)
 
 
 def test_show_json_item_folder(capsys, run_dir):
     code, doc, _ = run_json(capsys, "show", run_dir / "20" / "extra")
     assert code == 0
-    assert [(i["name"], i["kind"], i["document"]) for i in doc["items"]] == [
-        (None, "json", {"data_index": 40})]
+    assert [(i["name"], i["kind"], i["document"], i["handler"]) for i in doc["items"]] == [
+        (None, "json", {"data_index": 40}, "JsonCheckpointHandler")]
 
 
 def test_ls_and_show_give_the_metrics_orbax_recorded(capsys, tmp_path):
