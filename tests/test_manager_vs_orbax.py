@@ -277,3 +277,28 @@ def test_handler_lock_in_rules_as_orbax_enforces_them(tmp_path):
         outcomes[lib] = json.loads(done.stdout.strip().splitlines()[-1])
     assert outcomes["ckpt_async"] == outcomes["orbax"] == [
         "ValueError", "ok", "ValueError", [0], "ValueError", "ok", [1], "ok", "ValueError", [0]]
+
+
+def test_step_name_formats_of_either_library_name_steps_alike(tmp_path):
+    state = {"a": np.ones(2)}
+    formats = {"ckpt_async": ca.path.step.standard_name_format(step_prefix="ckpt",
+                                                               step_format_fixed_length=4),
+               "orbax": orbax.path.step.standard_name_format(step_prefix="ckpt",
+                                                             step_format_fixed_length=4)}
+    for name, nf in formats.items():
+        with ca.CheckpointManager(tmp_path / name,
+                                  options=ca.CheckpointManagerOptions(step_name_format=nf)) as m:
+            m.save(3, args=ca.args.StandardSave(state))
+            m.save(12, args=ca.args.StandardSave(state))
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["ckpt_0003", "ckpt_0012"]
+        with orbax.CheckpointManager(tmp_path / name, options=orbax.CheckpointManagerOptions(
+                step_name_format=formats["orbax"])) as om:
+            assert om.all_steps() == [3, 12]
+
+    class Odd:
+        def build_name(self, step):
+            return f"s{step}"
+
+    with pytest.raises(ca.errors.InvalidArgumentError, match="step_name_format"):
+        ca.CheckpointManager(tmp_path / "odd",
+                             options=ca.CheckpointManagerOptions(step_name_format=Odd()))

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
 
 from .. import _commit
 from .. import _format as fmt
 from .._paths import AnyPath
+from ..errors import InvalidArgumentError
 
 TODELETE_MARK = ".orbax-checkpoint-todelete"
 
@@ -43,8 +45,29 @@ class NameFormat:
 
 
 def standard_name_format(step_prefix: str | None = None,
-                         step_format_fixed_length: int | None = None) -> NameFormat:
+                         step_format_fixed_length: int | None = None,
+                         single_host_load_and_broadcast: bool = False) -> NameFormat:
+    """Steps named ``<step>``, or ``<step_prefix>_<step>``, the step zero-padded to
+    ``step_format_fixed_length`` digits (Orbax's; ``single_host_load_and_broadcast`` is
+    accepted and has no effect)."""
     return NameFormat(step_prefix, step_format_fixed_length)
+
+
+def name_format_of(given: Any) -> NameFormat:
+    """``CheckpointManagerOptions.step_name_format`` as a :class:`NameFormat`: one of ours, or
+    Orbax's ``standard_name_format`` (same fields, same names)."""
+    if isinstance(given, NameFormat):
+        return given
+    ours = NameFormat(getattr(given, "step_prefix", None),
+                      getattr(given, "step_format_fixed_length", None))
+    build = getattr(given, "build_name", None)
+    if (not callable(build) or not hasattr(given, "step_prefix")
+            or any(build(s) != ours.build_name(s) for s in (0, 7, 123456))):
+        raise InvalidArgumentError(
+            f"CheckpointManagerOptions.step_name_format: {given!r} is not a standard name format; "
+            "use ckpt_async.path.step.standard_name_format(step_prefix=..., "
+            "step_format_fixed_length=...)")
+    return ours
 
 
 def is_leftover(name: str) -> bool:

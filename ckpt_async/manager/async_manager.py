@@ -84,8 +84,10 @@ class AsyncCheckpointManager:
     ) -> None:
         self.directory = as_path(directory)
         self.options = options or CheckpointManagerOptions()
-        self._name_format = self.options.step_name_format or _steps.standard_name_format(
-            self.options.step_prefix, self.options.step_format_fixed_length)
+        self._name_format = (
+            _steps.name_format_of(self.options.step_name_format)
+            if self.options.step_name_format is not None else _steps.standard_name_format(
+                self.options.step_prefix, self.options.step_format_fixed_length))
         self._save_policy = save_decision_policy_of(self.options)
         self._preservation_policy = preservation_policy_of(self.options)
         self._persist_metrics = uses_metrics(self._preservation_policy) or bool(self.options.best_fn)
