@@ -403,7 +403,8 @@ def _check_shape(where: AnyPath, name: str, stored: tuple[int, ...],
         raise ShapeMismatchError(
             f"{where}: key {name!r} is stored with shape {stored}, the restore asks for "
             f"{wanted}" + ("" if len(wanted) != len(stored) else
-                           " (ArrayRestoreArgs(strict=False) pads or cuts it to that shape)"))
+                           " (StandardRestore(..., strict=False) or ArrayRestoreArgs(strict=False)"
+                           " pads or cuts it to that shape)"))
 
 
 def _fit(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
