@@ -170,7 +170,18 @@ async def _pytree_plan(item: AnyPath, report: VerifyReport) -> tuple[Any, Any, l
     except CheckpointError as exc:
         report.problems.append(str(exc))
         return None
-    report.documents_checked += len(sums.documents) if sums else 1
+    report.documents_checked += 1
+    if sums is not None:  # (every other document the checksums name: array_metadatas/...)
+        for name, crc in sorted(sums.documents.items()):
+            if name == fmt.PYTREE_METADATA:
+                continue  # (read and checked above)
+            data = await storage.read_optional(item / name)
+            if data is None:
+                report.problems.append(f"{item / name}: missing (the checksums list it)")
+            elif zlib.crc32(data) != crc:
+                report.problems.append(f"{item / name}: checksum mismatch (the file is damaged)")
+            else:
+                report.documents_checked += 1
     names = [".".join(k.key for k in e.key_metadata) for e in tree_doc.tree_metadata.values()
              if e.value_metadata.value_type in ("jax.Array", "np.ndarray", "scalar")]
     return tree_doc, sums, names
@@ -198,6 +209,12 @@ async def _verify_json(item: AnyPath, report: VerifyReport) -> None:
                                "a JSON item (no document): nothing to check")
 
 
+async def _holds_arrays(item: AnyPath) -> bool:
+    """Whether a folder without ``_METADATA`` still holds a pytree item's array data."""
+    return (await storage.exists(item / "manifest.ocdbt")
+            or await storage.is_dir(item / fmt.ARRAY_METADATAS))
+
+
 def verify(path: Any, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
     """Checks a checkpoint (a step, or one item) without building arrays: every document
     decodes and matches its checksum, every array chunk is read and matches its checksum.
@@ -213,23 +230,31 @@ def verify(path: Any, progress: Callable[[int, int], None] | None = None) -> Ver
 async def averify(path: Any, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
     """The coroutine behind :func:`verify` (``ckpt_async.aio.verify``)."""
     from ._checkpointer import as_path  # the checkpointer imports the handlers, which import us
+    from .manager._steps import is_leftover
 
     root = as_path(path)
     report = VerifyReport(root)
     if not await storage.is_dir(root):
         raise CheckpointNotFoundError(f"checkpoint {root} does not exist")
-    if not await storage.exists(root / fmt.CHECKPOINT_METADATA) and \
-            not await storage.exists(root / fmt.PYTREE_METADATA):
-        # A manager's directory: every step in it (as the CLI's verify does). Its step
-        # folders are not items, and taken for items they held nothing to check.
+    if not any([await storage.exists(root / name) for name in (
+            fmt.CHECKPOINT_METADATA, fmt.PYTREE_METADATA, fmt.COMMIT_SUCCESS)]):
+        # A manager's directory: every step in it (as the CLI's verify does), committed ones
+        # whose _CHECKPOINT_METADATA is gone included; not the leftovers of a save or delete
+        # that did not finish, which no manager lists. Its step folders are not items, and
+        # taken for items they held nothing to check.
         steps = [root / n for n in sorted(await storage.listdir(root))
-                 if await storage.exists(root / n / fmt.CHECKPOINT_METADATA)]
+                 if not is_leftover(n) and (
+                     await storage.exists(root / n / fmt.CHECKPOINT_METADATA)
+                     or await storage.exists(root / n / fmt.COMMIT_SUCCESS))]
         for step in steps:
+            if not await storage.exists(step / fmt.CHECKPOINT_METADATA):
+                report.problems.append(f"{step / fmt.CHECKPOINT_METADATA}: missing (without it "
+                                       "a restore must name every item's args)")
             report.add(await averify(step, progress))
         if steps:
             return report
     items: list[AnyPath] = []
-    if await storage.exists(root / fmt.PYTREE_METADATA):
+    if await storage.exists(root / fmt.PYTREE_METADATA) or await _holds_arrays(root):
         items = [root]
     else:
         for name in sorted(await storage.listdir(root)):
@@ -248,6 +273,9 @@ async def averify(path: Any, progress: Callable[[int, int], None] | None = None)
         report.items_checked += 1
         if await storage.exists(item / fmt.PYTREE_METADATA):
             plans[item] = await _pytree_plan(item, report)
+        elif await _holds_arrays(item):
+            report.problems.append(f"{item / fmt.PYTREE_METADATA}: missing (the item holds "
+                                   "array data, which cannot be read without it)")
         else:
             await _verify_json(item, report)
     total = sum(len(p[2]) for p in plans.values() if p is not None)

@@ -71,6 +71,30 @@ def test_verify_of_a_manager_directory_checks_every_step(tmp_path):
     assert not ocp.verify(tmp_path / "empty").ok
 
 
+def test_verify_of_a_manager_directory_takes_the_steps_a_manager_lists(tmp_path):
+    # A half-deleted step (a kill in retention) is no step: not checked. A committed step
+    # whose _CHECKPOINT_METADATA is gone is one: checked, and the loss reported.
+    run = tmp_path / "run"
+    with ocp.CheckpointManager(run) as mngr:
+        for step in (1, 2, 3):
+            mngr.save(step, args=ocp.args.StandardSave({"big": np.arange(1 << 18) + step}))
+    (run / "1").rename(run / "1.orbax-checkpoint-todelete-123")
+    (run / "1.orbax-checkpoint-todelete-123" / "default" / "manifest.ocdbt").unlink()
+    report = ocp.verify(run)
+    assert report.ok and report.items_checked == 2, report.problems
+    (run / "2" / "_CHECKPOINT_METADATA").unlink()
+    f = _largest_data_file(run / "2")
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    f.write_bytes(bytes(data))
+    report = ocp.verify(run)
+    assert report.items_checked == 2 and len(report.problems) == 2, report.problems
+    assert report.problems[0].startswith(f"{run / '2' / '_CHECKPOINT_METADATA'}: missing")
+    assert str(run / "2" / "default") in report.problems[1] and "'big'" in report.problems[1]
+    with ocp.CheckpointManager(run) as mngr:
+        assert mngr.all_steps() == [2, 3]
+
+
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_truncated_or_missing_data_file(tmp_path, damage):
     _save(tmp_path / "c")
@@ -96,12 +120,35 @@ def test_garbled_metadata(tmp_path):
 def test_document_that_still_parses_but_changed(tmp_path):
     # A flipped digit leaves valid JSON: only the checksum can tell.
     _save(tmp_path / "c")
-    meta = tmp_path / "c" / "array_metadatas" / "process_0"
-    meta.write_bytes(meta.read_bytes().replace(b"4096", b"4097"))
     sharding = tmp_path / "c" / "_sharding"
     sharding.write_bytes(sharding.read_bytes().replace(b"cpu:0", b"cpu:1"))
     with pytest.raises(CorruptCheckpointError, match="_sharding"):
         _restore(tmp_path / "c")
+
+
+@pytest.mark.parametrize("damage", ["edit", "truncate", "delete"])
+@pytest.mark.parametrize("name", ["array_metadatas/process_0", "_sharding"])
+def test_verify_checks_every_document_the_checksums_list(tmp_path, damage, name):
+    # array_metadatas is no restore's business (Orbax's record of the write shapes); verify
+    # still finds it damaged or gone, as it does every document _CHECKSUMS lists.
+    _save(tmp_path / "c")
+    doc = tmp_path / "c" / name
+    if damage == "edit":
+        doc.write_bytes(doc.read_bytes().replace(b"4096", b"4097").replace(b"cpu:0", b"cpu:1"))
+    elif damage == "truncate":
+        doc.write_bytes(doc.read_bytes()[:20])
+    else:
+        doc.unlink()
+    report = ocp.verify(tmp_path / "c")
+    assert not report.ok and any(p.startswith(str(doc)) for p in report.problems), report.problems
+
+
+def test_verify_names_a_missing_tree_document(tmp_path):
+    _save(tmp_path / "c")
+    (tmp_path / "c" / "_METADATA").unlink()
+    report = ocp.verify(tmp_path / "c")
+    assert report.problems == [f"{tmp_path / 'c' / '_METADATA'}: missing (the item holds array "
+                               "data, which cannot be read without it)"]
 
 
 def test_manager_step_corruption_names_step_and_item(tmp_path):
