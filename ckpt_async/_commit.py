@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import time
 import zlib
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from pathlib import Path
 from . import _format as fmt
 from . import _storage as storage
 from ._paths import AnyPath, StorePath
-from .errors import CommitError, StepAlreadyExistsError
+from .errors import CommitError, NotWritableError, StepAlreadyExistsError
 
 
 def tmp_path_for(final: Path) -> Path:
@@ -61,6 +62,10 @@ async def scan(directory: AnyPath) -> tuple[list[str], set[str]]:
     return names, visible
 
 
+#: What a directory that cannot be written answers (read-only file system, permissions).
+_NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
 async def create_tmp(final: AnyPath) -> AnyPath:
     """Where a save of ``final`` writes: a new temporary directory, or, on an object store,
     ``final`` itself, cleared first (unlisted, then removed: leftovers of an unfinished save, or
@@ -73,8 +78,9 @@ async def create_tmp(final: AnyPath) -> AnyPath:
             await asyncio.sleep(0)
             tmp = tmp_path_for(final)
             await storage.mkdir_exclusive(tmp)
-        except OSError as exc:
-            raise CommitError(f"cannot create {tmp}: {exc.strerror or exc}") from exc
+        except OSError as exc:  # (a directory that cannot be written: as check_writable says)
+            cls = NotWritableError if exc.errno in _NOT_WRITABLE else CommitError
+            raise cls(f"cannot create {tmp}: {exc.strerror or exc}") from exc
         return tmp
     await storage.rmtree(final)
     return final

@@ -85,6 +85,17 @@ def test_unwritable_directory(tmp_path):
     try:
         with ocp.StandardCheckpointer() as ckptr, pytest.raises(NotWritableError):
             ckptr.save(ro / "c", {"a": np.ones(2)})
+        # A manager's directory that has turned read-only since: its next save raises the
+        # same, and what it holds still restores.
+        subprocess.run(["mount", "-o", "remount,rw", str(ro)], check=True)
+        with ocp.CheckpointManager(ro / "run") as mngr:
+            mngr.save(1, args=ocp.args.StandardSave({"a": np.ones(2)}))
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        with ocp.CheckpointManager(ro / "run") as mngr:
+            with pytest.raises(NotWritableError, match="Read-only"):
+                mngr.save(2, args=ocp.args.StandardSave({"a": np.zeros(2)}))
+            assert mngr.all_steps() == [1]
+            np.testing.assert_array_equal(mngr.restore(1)["a"], np.ones(2))
     finally:
         subprocess.run(["umount", str(ro)], check=True)
 
