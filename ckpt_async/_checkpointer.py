@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,20 @@ def _record_statistics(meta: fmt.StepMetadata, stats: dict[str, Any], t_write: f
     }
 
 
+async def _committed(directory: Any) -> AnyPath:
+    """``directory`` as a path, once it is known to hold a committed checkpoint: not there
+    raises CheckpointNotFoundError; the temporary directory of a save that did not finish (or
+    has not yet), InvalidArgumentError (Orbax: "Found incomplete checkpoint")."""
+    path = as_path(directory)
+    if _commit.is_tmp_name(path.name):
+        raise InvalidArgumentError(
+            f"{path} is the temporary directory of a save that has not finished (or never "
+            "will): not a checkpoint to restore")
+    if not await _commit.is_visible(path):
+        raise CheckpointNotFoundError(f"checkpoint {path} does not exist")
+    return path
+
+
 class AsyncCheckpointer:
     """Saves and restores one checkpoint at one path with ``handler``; coroutines throughout.
 
@@ -143,6 +158,9 @@ class AsyncCheckpointer:
         self.async_options = async_options or AsyncOptions()
         self.multiprocessing_options = multiprocessing_options
         self._pending: list[CommitFuture] = []
+        #: Where each commit in flight writes (a later save there waits for it).
+        self._pending_paths: weakref.WeakKeyDictionary[CommitFuture, AnyPath] = (
+            weakref.WeakKeyDictionary())
         self._closed = False
         self._last_save: float | None = None  # (monotonic) when save_staged last started
         self._window: PaceWindow | None = None  # how long its commit may be paced
@@ -163,11 +181,21 @@ class AsyncCheckpointer:
         self._check_open()
         self.check_for_errors()
         path = as_path(directory)
+        for name in ("item", "state"):  # (Orbax's legacy keywords for the item itself)
+            if args is None and not items and name in legacy:
+                items = (legacy.pop(name),)
         if args is None or not isinstance(args, CheckpointArgs):
             args = make_args(self.handler, "save", args if args is not None else
                              (items[0] if items else None), legacy)
         self._check_args(args, path)
         await get_runtime().to_thread(check_writable, path)
+        # A save to where a commit of ours is still in flight waits for it (as Orbax's waits
+        # for every previous save): otherwise a forced one cleared an object-store prefix the
+        # other was writing, and an unforced one failed only at its commit.
+        for fut in [f for f in self._pending if self._pending_paths.get(f) == path]:
+            with contextlib.suppress(Exception):  # (its failure: check_for_errors, below)
+                await fut
+        self.check_for_errors()
         if await _commit.is_visible(path) and not force:
             raise StepAlreadyExistsError(f"{path} already exists; pass force=True to overwrite it")
         return await self.save_staged(path, args, force=force, custom_metadata=custom_metadata,
@@ -236,6 +264,7 @@ class AsyncCheckpointer:
             multihost.reset_roles(token)
         if track:
             self._pending.append(fut)
+            self._pending_paths[fut] = path
         return fut
 
     def hurry(self) -> None:
@@ -384,9 +413,7 @@ class AsyncCheckpointer:
         """Restores the checkpoint at ``directory`` (after pending saves finish)."""
         self._check_open()
         await self.wait_until_finished()  # a restore sees every save issued before it
-        path = as_path(directory)
-        if not await _commit.is_visible(path):
-            raise CheckpointNotFoundError(f"checkpoint {path} does not exist")
+        path = await _committed(directory)
         if args is not None and not isinstance(args, CheckpointArgs):
             items, args = (args, *items), None
         if args is None and (items or legacy):
@@ -397,9 +424,7 @@ class AsyncCheckpointer:
     async def metadata(self, directory: Any) -> StepMetadata:
         """Step metadata of ``directory``, with its items' metadata (no arrays are read)."""
         await self.wait_until_finished()
-        path = as_path(directory)
-        if not await _commit.is_visible(path):
-            raise CheckpointNotFoundError(f"checkpoint {path} does not exist")
+        path = await _committed(directory)
         found, ext = await _integrity.read_step_metadata(path)
         doc = found or fmt.StepMetadata()
         statistics = (ext.statistics if ext is not None else None) or {}

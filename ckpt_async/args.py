@@ -71,6 +71,7 @@ class StandardRestore(CheckpointArgs):
     item: Any = None
     strict: bool = True
     support_layout: bool = False
+    fallback_sharding: Any = None  # (accepted; a restore places arrays as its target says)
 
 
 @dataclasses.dataclass
@@ -80,9 +81,10 @@ class PyTreeSave(CheckpointArgs):
     item: Any
     save_args: Any = None
     ocdbt_target_data_file_size: int | None = None
+    custom_metadata: Any = None
+    # (in Orbax's order above; these two only by keyword)
     enable_pinned_host_transfer: bool | None = None
     partial_update: bool = False
-    custom_metadata: Any = None
 
 
 @dataclasses.dataclass
@@ -91,9 +93,9 @@ class PyTreeRestore(CheckpointArgs):
 
     item: Any = None
     restore_args: Any = None
-    legacy_transform_fn: Any = None
     transforms: Any = None
     transforms_default_to_original: bool = True
+    legacy_transform_fn: Any = None
     partial_restore: bool = False
 
 

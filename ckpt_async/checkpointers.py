@@ -103,7 +103,15 @@ class StandardCheckpointer(AsyncCheckpointer):
 
 
 class PyTreeCheckpointer(Checkpointer):
-    """``Checkpointer(PyTreeCheckpointHandler())``: ``save(path, tree)``, ``restore(path)``."""
+    """``Checkpointer(PyTreeCheckpointHandler())``: ``save(path, tree)``, ``restore(path)``.
+    Orbax's arguments: ``use_compression`` goes to the handler; ``primary_host`` to the
+    multiprocessing options; ``use_ocdbt`` and ``use_zarr3`` are taken as the handler takes
+    them (every layout is read; one is written)."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(PyTreeCheckpointHandler(), **kwargs)
+    def __init__(self, primary_host: int | None = 0, use_ocdbt: bool = True,
+                 use_zarr3: bool = False, use_compression: bool = False, **kwargs: Any) -> None:
+        if primary_host != 0 and "multiprocessing_options" not in kwargs:
+            from .options import MultiprocessingOptions
+            kwargs["multiprocessing_options"] = MultiprocessingOptions(primary_host=primary_host)
+        super().__init__(PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3,
+                                                 use_compression=use_compression), **kwargs)

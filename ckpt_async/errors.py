@@ -34,7 +34,7 @@ class HandlerError(InvalidArgumentError):
     """Raised when an item's handler is unknown, or args do not match its locked-in handler."""
 
 
-class StepAlreadyExistsError(CheckpointError, FileExistsError):
+class StepAlreadyExistsError(CheckpointError, FileExistsError, ValueError):
     """Raised when saving to a path or step that already exists without ``force``."""
 
 

@@ -14,9 +14,10 @@ class SaveArgs:
 
     aggregate: bool = False
     dtype: Any = None
+    chunk_byte_size: int | None = None
+    shard_axes: tuple[int, ...] = ()
     write_chunk_shape: tuple[int, ...] | None = None
     read_chunk_shape: tuple[int, ...] | None = None
-    chunk_byte_size: int | None = None
 
 
 @dataclasses.dataclass

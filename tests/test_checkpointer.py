@@ -624,3 +624,35 @@ def test_async_face_background_failure(tmp_path, monkeypatch):
     finally:
         settle(futures)
     assert os.listdir(tmp_path) == []
+
+
+def test_checkpointer_calls_as_orbax_makes_them(tmp_path):
+    import ckpt_async.errors as errs
+    tree = {"a": np.arange(3)}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "kw", item=tree)  # (Orbax's legacy keyword)
+        np.testing.assert_array_equal(ckptr.restore(tmp_path / "kw")["a"], tree["a"])
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "state", state=tree)
+        # A save to where a commit is still in flight waits for it, then finds it there.
+        with pytest.raises(errs.StepAlreadyExistsError) as ei:
+            ckptr.save(tmp_path / "state", {"a": np.arange(4)})
+        assert isinstance(ei.value, ValueError)  # (as Orbax raises there)
+        ckptr.save(tmp_path / "state", {"a": np.arange(5)}, force=True)  # (right away)
+        np.testing.assert_array_equal(ckptr.restore(tmp_path / "state")["a"], np.arange(5))
+    tmp = tmp_path / "7.orbax-checkpoint-tmp-123"
+    (tmp_path / "state").rename(tmp)  # (what a save that did not finish leaves)
+    with ocp.StandardCheckpointer() as ckptr, pytest.raises(ValueError, match="temporary"):
+        ckptr.restore(tmp)
+
+
+def test_pytree_checkpointer_takes_orbax_constructor_arguments(tmp_path):
+    zeros = {"z": np.zeros(1 << 15, np.uint8)}
+    sizes = {}
+    for compress in (False, True):
+        with ocp.PyTreeCheckpointer(0, use_compression=compress) as ckptr:
+            ckptr.save(tmp_path / str(compress), zeros)
+            np.testing.assert_array_equal(ckptr.restore(tmp_path / str(compress))["z"], zeros["z"])
+        sizes[compress] = sum(p.stat().st_size for p in (tmp_path / str(compress)).rglob("*")
+                              if p.is_file())
+    assert sizes[True] < sizes[False] - 16_000  # (zstd: 32 KiB of zeros to almost nothing)

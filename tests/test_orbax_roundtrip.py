@@ -534,3 +534,18 @@ def test_ckpt_async_zero_size_arrays_to_orbax(tmp_path):
         out = ockptr.restore(tmp_path / "c")
     for k, v in tree.items():
         assert_bits_equal(out[k], v)
+
+
+def test_args_take_orbax_fields_in_orbax_order():
+    # Positional args mean what they mean in Orbax; ckpt_async's extra fields come after.
+    import dataclasses
+    for ours, theirs in ((ocp.args.StandardSave, orbax.args.StandardSave),
+                         (ocp.args.StandardRestore, orbax.args.StandardRestore),
+                         (ocp.args.PyTreeSave, orbax.args.PyTreeSave),
+                         (ocp.args.PyTreeRestore, orbax.args.PyTreeRestore),
+                         (ocp.args.JsonSave, orbax.args.JsonSave),
+                         (ocp.SaveArgs, orbax.SaveArgs), (ocp.RestoreArgs, orbax.RestoreArgs),
+                         (ocp.ArrayRestoreArgs, orbax.ArrayRestoreArgs)):
+        names = [f.name for f in dataclasses.fields(ours)]
+        orbax_names = [f.name for f in dataclasses.fields(theirs)]
+        assert names[:len(orbax_names)] == orbax_names, ours.__name__

@@ -129,7 +129,7 @@ EXPECTED_BUILTINS: dict[str, set[type[BaseException]]] = {
     "StructureMismatchError": {ValueError},
     "ShapeMismatchError": {ValueError},
     "HandlerError": {ValueError},
-    "StepAlreadyExistsError": {FileExistsError, OSError},
+    "StepAlreadyExistsError": {FileExistsError, OSError, ValueError},
     "ReadOnlyError": {PermissionError, OSError},
     "NotWritableError": {PermissionError, OSError},
     "CheckpointNotFoundError": {FileNotFoundError, OSError},
