@@ -363,9 +363,9 @@ class ItemWriter:
     ``process_dir(index)``; past the page cache for a save of ``DIRECT_IO_MIN_BYTES`` or more
     on a local disk's file system (under a ``memory_budget``, one of DIRECT_IO_MIN_BUDGET or
     more), from wherever the page cache turns out slow (``_ocdbt.WATCH_BYTES``) in any other
-    save of WATCH_MIN_BYTES or more that could go past it, and while a background commit is paced. What it cannot
-    take (compression, a dtype without a zarr v2 name, a shard smaller than its chunk) and
-    everything on an object store goes through TensorStore:
+    save of WATCH_MIN_BYTES or more that could go past it, and while a background commit is
+    paced. What it cannot take (compression, a dtype without a zarr v2 name, a shard smaller
+    than its chunk) and everything on an object store goes through TensorStore:
     small arrays straight into its kvstore as a ``.zarray`` document and raw chunks, others
     through the zarr driver, all sharing one context and hence one OCDBT database instance per
     lane. Each such batch goes to the least loaded of ``lane_count(total_bytes)`` databases

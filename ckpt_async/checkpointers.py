@@ -11,6 +11,7 @@ from ._checkpointer import AsyncOptions
 from ._runtime import CommitFuture, get_runtime
 from .handlers.base import CheckpointHandler
 from .handlers.pytree import PyTreeCheckpointHandler, StandardCheckpointHandler
+from .options import MultiprocessingOptions
 
 
 class SaverThread:
@@ -111,7 +112,6 @@ class PyTreeCheckpointer(Checkpointer):
     def __init__(self, primary_host: int | None = 0, use_ocdbt: bool = True,
                  use_zarr3: bool = False, use_compression: bool = False, **kwargs: Any) -> None:
         if primary_host != 0 and "multiprocessing_options" not in kwargs:
-            from .options import MultiprocessingOptions
             kwargs["multiprocessing_options"] = MultiprocessingOptions(primary_host=primary_host)
         super().__init__(PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3,
                                                  use_compression=use_compression), **kwargs)

@@ -243,16 +243,15 @@ async def _items_of(path: AnyPath, doc: fmt.StepMetadata | None) -> list[Item]:
     keys = await storage.listfiles(path)
     files, dirs = _split(keys)
     handlers = doc.item_handlers if doc is not None else None
-    if handlers is None and (fmt.PYTREE_METADATA in files
-                             or (not dirs and _kind_of(None, keys) == "json")):
-        # One item's folder: its handler is recorded in the step above it, if any.
-        with contextlib.suppress(CheckpointError, OSError):
-            above = await step_doc(path.parent)
-            if above is not None and isinstance(above.item_handlers, dict):
-                handlers = above.item_handlers.get(path.name)
-        return [Item(None, path, _kind_of(handlers, keys), handlers)]
-    if isinstance(handlers, str):
-        return [Item(None, path, _kind_of(handlers, keys), handlers)]
+    if isinstance(handlers, str) or (handlers is None and (
+            fmt.PYTREE_METADATA in files or (not dirs and _kind_of(None, keys) == "json"))):
+        single = handlers
+        if single is None:  # one item's folder: its handler is recorded in the step above
+            with contextlib.suppress(CheckpointError, OSError):
+                above = await step_doc(path.parent)
+                if above is not None and isinstance(above.item_handlers, dict):
+                    single = above.item_handlers.get(path.name)
+        return [Item(None, path, _kind_of(single, keys), single)]
     recorded = handlers if isinstance(handlers, dict) else {}
     items = []
     for name in sorted(set(recorded) | set(dirs)):
