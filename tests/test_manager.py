@@ -7,6 +7,7 @@ import asyncio
 import datetime
 import gc
 import json
+import logging
 import math
 import os
 import shutil
@@ -603,26 +604,32 @@ def test_read_only_and_create_false(tmp_path):
 
 
 @pytest.mark.parametrize(("fields", "names"), [
-    ({"save_decision_policy": "P", "save_on_steps": [1]}, ["save_decision_policy", "save_on_steps"]),
-    ({"save_decision_policy": "P", "should_save_fn": lambda s, last: True},
-     ["save_decision_policy", "should_save_fn"]),
-    ({"preservation_policy": "P", "max_to_keep": 2}, ["preservation_policy", "max_to_keep"]),
-    ({"preservation_policy": "P", "best_fn": len}, ["preservation_policy", "best_fn"]),
-    ({"preservation_policy": "P", "keep_period": 3}, ["preservation_policy", "keep_period"]),
-    ({"step_name_format": "F", "step_prefix": "p"}, ["step_name_format", "step_prefix"]),
     ({"best_mode": "median"}, ["best_mode"]),
+    ({"todelete_subdir": "a", "todelete_full_path": "b"}, ["todelete_subdir", "todelete_full_path"]),
+    ({"enable_per_process_directory_creation": True},
+     ["enable_per_process_directory_creation", "primary_host"]),
     ({"max_concurrent_saves": 0}, ["max_concurrent_saves"]),
 ])
 def test_invalid_option_combinations_name_the_fields(fields, names):
-    policies = {"save_decision_policy": ocp.checkpoint_managers.FixedIntervalPolicy(1),
-                "preservation_policy": ocp.checkpoint_managers.LatestN(1)}
-    kwargs = {k: policies.get(k, v) if v == "P" else v for k, v in fields.items()}
-    if kwargs.get("step_name_format") == "F":
-        kwargs["step_name_format"] = object()
     with pytest.raises(InvalidArgumentError) as ei:
-        ocp.CheckpointManagerOptions(**kwargs)
+        ocp.CheckpointManagerOptions(**fields)
     for name in names:
         assert name in str(ei.value)
+
+
+def test_fields_a_policy_overrides_are_named_in_a_warning(caplog):
+    # (what the policy then decides is compared with Orbax in test_manager_vs_orbax.py)
+    with caplog.at_level(logging.WARNING, logger="ckpt_async"):
+        ocp.CheckpointManagerOptions(
+            save_interval_steps=3, save_on_steps=[4],
+            save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(2))
+        ocp.CheckpointManagerOptions(
+            step_prefix="p", step_name_format=ocp.path.step.standard_name_format())
+        ocp.CheckpointManagerOptions(save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(2))
+    assert [r.getMessage() for r in caplog.records] == [
+        "CheckpointManagerOptions: save_decision_policy is set, so save_on_steps, "
+        "save_interval_steps are ignored",
+        "CheckpointManagerOptions: step_name_format is set, so step_prefix is ignored"]
 
 
 def test_should_save_reached_preemption_and_interval(tmp_path):
@@ -639,8 +646,10 @@ def test_should_save_reached_preemption_and_interval(tmp_path):
 
 def test_step_must_be_a_non_negative_int(tmp_path):
     with ocp.CheckpointManager(tmp_path) as mngr:
-        for bad in (-1, 1.5, "3", True):
-            with pytest.raises(InvalidArgumentError):
+        with pytest.raises(InvalidArgumentError):
+            mngr.save(-1, args=ocp.args.StandardSave(tree(0)))
+        for bad in (1.5, "3", True):
+            with pytest.raises(TypeError):
                 mngr.save(bad, args=ocp.args.StandardSave(tree(0)))
         assert mngr.save(np.int64(2), args=ocp.args.StandardSave(tree(2)))
         assert mngr.all_steps() == [2]

@@ -302,3 +302,117 @@ def test_step_name_formats_of_either_library_name_steps_alike(tmp_path):
     with pytest.raises(ca.errors.InvalidArgumentError, match="step_name_format"):
         ca.CheckpointManager(tmp_path / "odd",
                              options=ca.CheckpointManagerOptions(step_name_format=Odd()))
+
+
+# -- single calls, each run against both libraries ---------------------------------------------
+def _outcome(fn):
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - the exception's kind is the outcome compared
+        return [k.__name__ for k in (ValueError, TypeError, FileNotFoundError)
+                if isinstance(exc, k)]
+
+
+def _policy_beside_legacy_fields(lib, d):
+    cm = lib.checkpoint_managers
+    out = []
+    opts = lib.CheckpointManagerOptions(save_interval_steps=5,
+                                        save_decision_policy=cm.FixedIntervalPolicy(2))
+    with lib.CheckpointManager(d / "a", options=opts) as m:
+        out.append([m.should_save(s) for s in range(5)])  # the policy decides
+    opts = lib.CheckpointManagerOptions(
+        best_fn=_loss, best_mode="min",
+        preservation_policy=cm.BestN(get_metric_fn=_loss, reverse=True, n=2))
+    with lib.CheckpointManager(d / "b", options=opts) as m:
+        for s, loss in [(0, 3.0), (1, 1.0), (2, 2.0), (3, 5.0)]:
+            m.save(s, args=lib.args.StandardSave({"a": np.arange(3)}), metrics={"loss": loss})
+        m.wait_until_finished()
+        out.append([m.all_steps(), m.best_step(), m.metrics(1), m.metrics(3), m.metrics(9)])
+    for legacy in ({"max_to_keep": 0}, {"max_to_keep": 2}, {"keep_period": 3},
+                   {"keep_time_interval": datetime.timedelta(hours=1)}):
+        opts = lib.CheckpointManagerOptions(preservation_policy=cm.LatestN(1), **legacy)
+        out.append(_outcome(lambda o=opts: lib.CheckpointManager(d / "c", options=o).close()))
+    opts = lib.CheckpointManagerOptions(step_prefix="x", step_name_format=(
+        lib.path.step.standard_name_format(step_prefix="y")))
+    with lib.CheckpointManager(d / "e", options=opts) as m:
+        m.save(1, args=lib.args.StandardSave({"a": np.arange(3)}))
+    out.append(sorted(p.name for p in (d / "e").iterdir()))
+    return out
+
+
+def _step_names_and_times(lib, d):
+    # (steps written by Orbax: ckpt_async's step documents carry a checksum, so one edited
+    # below would read as damaged, which is also dated from its directory)
+    out = []
+    for name in ("007", "020", "1234", "ck_0005", "ck_01", "ck_010"):
+        with orbax.CheckpointManager(d / "w") as m:
+            m.save(7, args=orbax.args.StandardSave({"a": np.arange(3)}))
+        (d / "w" / "7").rename(d / name)
+    with lib.CheckpointManager(d, options=lib.CheckpointManagerOptions(create=False)) as m:
+        out.append(m.all_steps())
+    opts = lib.CheckpointManagerOptions(step_prefix="ck", step_format_fixed_length=3)
+    with lib.CheckpointManager(d, options=opts) as m:
+        out.append(m.all_steps())
+    # A step whose _CHECKPOINT_METADATA records no commit time dates from its directory's.
+    meta = d / "1234" / "_CHECKPOINT_METADATA"
+    doc = json.loads(meta.read_text())
+    doc.pop("commit_timestamp_nsecs")
+    meta.write_text(json.dumps(doc))
+    opts = lib.CheckpointManagerOptions(
+        save_decision_policy=lib.checkpoint_managers.ContinuousCheckpointingPolicy(
+            minimum_interval_secs=3600))
+    with lib.CheckpointManager(d, options=opts) as m:
+        out.append(m.should_save(1235))
+    return out
+
+
+def _metadata_and_arguments(lib, d):
+    out = []
+    opts = lib.CheckpointManagerOptions(save_root_metadata=False)
+    with lib.CheckpointManager(d / "r", options=opts, metadata={"run": "abc"}) as m:
+        out.append(m.metadata().custom_metadata)
+    out.append(sorted(p.name for p in (d / "r").iterdir()))
+    with lib.CheckpointManager(d / "r", metadata={"run": "abc"}) as m:
+        out.append(m.metadata().custom_metadata)
+        m.save(0, args=lib.args.StandardSave({"a": np.arange(3)}))
+        out.append(_outcome(lambda: m.item_metadata(None)))
+        out.append(_outcome(lambda: m.save("3", args=lib.args.StandardSave({"a": 1}))))
+    registry = lib.handlers.DefaultCheckpointHandlerRegistry()
+    for kwargs in ({"item_names": ("a",), "item_handlers": lib.StandardCheckpointHandler()},
+                   {"item_handlers": {"a": lib.StandardCheckpointHandler()},
+                    "handler_registry": registry},
+                   {"item_names": ("a",), "handler_registry": registry}):
+        out.append(_outcome(lambda k=kwargs: lib.CheckpointManager(d / "k", **k).close()))
+    for fields in ({"todelete_subdir": "a", "todelete_full_path": "b"},
+                   {"enable_per_process_directory_creation": True}):
+        out.append(_outcome(lambda f=fields: lib.CheckpointManagerOptions(**f)))
+    out.append(sorted(lib.CheckpointManagerOptions(save_on_steps=[4, 2]).save_on_steps))
+    return out
+
+
+class _Entries:
+    def __init__(self):
+        self.entries = []
+
+    def log_entry(self, entry):
+        self.entries.append(entry)
+
+
+def _logger_entries(lib, d):
+    logger = type("Entries", (_Entries, lib.logging.AbstractLogger), {})()
+    with lib.CheckpointManager(d, logger=logger) as m:
+        m.save(0, args=lib.args.StandardSave({"a": np.arange(3)}))
+        m.wait_until_finished()
+        m.restore(0)
+    return [(e["event_type"], e["step"], sorted(k for k, v in e.items() if v is not None))
+            for e in logger.entries]
+
+
+@pytest.mark.parametrize("case", [_policy_beside_legacy_fields, _step_names_and_times,
+                                  _metadata_and_arguments, _logger_entries])
+def test_manager_calls_answer_as_orbax(tmp_path, case):
+    answers = {}
+    for name, lib in (("ckpt_async", ca), ("orbax", orbax)):
+        (tmp_path / name).mkdir()
+        answers[name] = json.loads(json.dumps(case(lib, tmp_path / name), default=str))
+    assert answers["ckpt_async"] == answers["orbax"]

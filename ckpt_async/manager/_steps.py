@@ -36,12 +36,12 @@ class NameFormat:
         if is_leftover(name):
             return None
         prefix = re.escape(self.step_prefix) + "_" if self.step_prefix else ""
-        m = re.fullmatch(prefix + r"(\d+)", name)
-        if m is None:
-            return None
-        if self.step_format_fixed_length and len(m.group(1)) < self.step_format_fixed_length:
-            return None
-        return int(m.group(1))
+        n = self.step_format_fixed_length
+        # Orbax's: padded to exactly n digits, or longer without a leading zero; unpadded,
+        # no leading zero at all
+        digits = rf"0\d{{{n - 1}}}|[1-9]\d{{{n - 1}}}\d*" if n and n > 0 else r"0|[1-9]\d*"
+        m = re.fullmatch(f"{prefix}({digits})", name)
+        return None if m is None else int(m.group(1))
 
 
 def standard_name_format(step_prefix: str | None = None,

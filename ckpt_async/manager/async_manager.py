@@ -11,6 +11,7 @@ a step as soon as its save starts.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import logging
 import time
@@ -36,6 +37,8 @@ from ..handlers.base import CheckpointHandler
 from ..handlers.composite import CompositeCheckpointHandler
 from ..handlers.json_handler import JsonCheckpointHandler
 from ..handlers.registry import DefaultCheckpointHandlerRegistry
+from ..logging import AbstractLogger
+from ..logging.step_statistics import RestoreStepStatistics, SaveStepStatistics
 from ..metadata import RootMetadata, StepMetadata
 from . import _steps
 from .options import (
@@ -53,7 +56,7 @@ METRIC_ITEM_NAME = "metrics"
 
 def _check_step(step: Any) -> int:
     if isinstance(step, bool) or not hasattr(step, "__index__"):
-        raise InvalidArgumentError(f"step must be a non-negative integer, got {step!r}")
+        raise TypeError(f"step must be a non-negative integer, got {step!r}")
     step = int(step.__index__())
     if step < 0:
         raise InvalidArgumentError(f"step must be a non-negative integer, got {step}")
@@ -81,9 +84,21 @@ class AsyncCheckpointManager:
         item_handlers: CheckpointHandler | dict[str, CheckpointHandler] | None = None,
         handler_registry: DefaultCheckpointHandlerRegistry | None = None,
         metadata: dict[str, Any] | None = None,
+        logger: AbstractLogger | None = None,
     ) -> None:
+        if item_names is not None and isinstance(item_handlers, CheckpointHandler):
+            raise InvalidArgumentError(
+                "item_handlers in default item mode (a single handler) and item_names cannot "
+                "be given together")
+        for given, name in ((item_handlers, "item_handlers"), (item_names, "item_names")):
+            if given is not None and handler_registry is not None:
+                raise InvalidArgumentError(
+                    f"{name} and handler_registry are mutually exclusive; register the items' "
+                    "handlers in the registry")
         self.directory = as_path(directory)
         self.options = options or CheckpointManagerOptions()
+        self._logger = logger
+        self._last_save_time: float | None = None
         self._name_format = (
             _steps.name_format_of(self.options.step_name_format)
             if self.options.step_name_format is not None else _steps.standard_name_format(
@@ -145,7 +160,7 @@ class AsyncCheckpointManager:
             await self._cleanup_leftovers()
         self._checkpoints = await self._load_checkpoint_infos()
         if self._root_metadata is not None and not self.options.read_only and \
-                self._roles.is_primary:
+                self.options.save_root_metadata and self._roles.is_primary:
             await self._save_root_metadata(self._root_metadata)
 
     async def _cleanup_leftovers(self) -> None:
@@ -176,8 +191,9 @@ class AsyncCheckpointManager:
             path = self.directory / name
             meta = await self._read_step_doc(path)
             metrics = await self._read_metrics(path, meta)
-            mtime = await storage.mtime(path) if meta is None else 0.0
             ns = meta.commit_timestamp_nsecs if meta is not None else None
+            # (no commit time recorded: the directory's, as in Orbax)
+            mtime = await storage.mtime(path) if not ns else 0.0
             infos.append(CheckpointInfo(step, _utc(ns, mtime), metrics))
         return infos
 
@@ -302,6 +318,7 @@ class AsyncCheckpointManager:
 
     async def _save(self, step: int, args: CheckpointArgs | None, metrics: Any, force: bool,
                     custom_metadata: dict | None) -> CommitFuture | None:
+        started = time.time()
         await self._ensure_init()
         if self._closed:
             raise ClosedError(f"the manager of {self.directory} is closed")
@@ -327,7 +344,15 @@ class AsyncCheckpointManager:
             # rename is what decides a race, this only reports the common case early)
             raise StepAlreadyExistsError(f"Checkpoint for step {step} already exists in "
                                          f"{self.directory}.")
+        stats = SaveStepStatistics(
+            step=step, directory=str(self.directory),
+            synchronous=not self.options.enable_async_checkpointing,
+            checkpoint_manager_blocking_start_time=started,
+            time_between_consecutive_saves_sec=(
+                None if self._last_save_time is None else started - self._last_save_time))
+        self._last_save_time = t = time.time()
         await self._bound_in_flight()
+        stats.wait_for_prev_start_time, stats.wait_for_prev_duration_secs = t, time.time() - t
         items = dict(composite.items())
         if metrics is not None and self.options.best_fn is not None and \
                 not self.options.prevent_write_metrics:
@@ -337,8 +362,10 @@ class AsyncCheckpointManager:
             meta.metrics = dict(metrics) if isinstance(metrics, dict) else {"value": metrics}
         info = CheckpointInfo(step, datetime.datetime.now(tz=datetime.UTC), metrics)
         candidates = [*self._checkpoints, info]
+        t = time.time()
         keep = self._preservation_policy.should_preserve(candidates, context=PreservationContext())
         to_remove = [c for c, k in zip(candidates, keep, strict=True) if not k]
+        stats.get_old_steps_start_time, stats.get_old_steps_duration_secs = t, time.time() - t
         prev = self._futures[max(self._futures)] if self._futures else None
 
         async def retain(path: AnyPath, _meta: Any) -> None:
@@ -351,11 +378,13 @@ class AsyncCheckpointManager:
             else:  # Orbax's default: at most max_to_keep + 1 steps on disk at any moment
                 await self._delete_logged(step, [c.step for c in to_remove])
 
-        t0 = time.perf_counter()
+        t = time.time()
         fut = await self._checkpointer.save_staged(
             self._step_path(step), Composite(**items), step_metadata=meta, on_commit=retain,
             after=prev, track=False)
-        log.debug("step %d staged in %.3f s", step, time.perf_counter() - t0)
+        stats.checkpointer_blocking_start_time = t
+        stats.checkpointer_blocking_duration_secs = time.time() - t
+        log.debug("step %d staged in %.3f s", step, stats.checkpointer_blocking_duration_secs)
         self._futures[step] = fut
         self._checkpoints = [c for c in candidates if c not in to_remove]
         self._forget_retired_futures()
@@ -363,7 +392,20 @@ class AsyncCheckpointManager:
         if not self.options.enable_async_checkpointing:
             self._checkpointer.hurry()  # (the caller waits for it)
             await fut
+        stats.checkpoint_manager_blocking_duration_secs = time.time() - started
+        self._log_entry(stats)
         return fut
+
+    def _log_entry(self, stats: SaveStepStatistics | RestoreStepStatistics) -> None:
+        """Hands ``stats`` to the manager's logger; a logger's failure is logged, not raised
+        (the save or restore it describes went through)."""
+        if self._logger is None:
+            return
+        try:
+            self._logger.log_entry(dataclasses.asdict(stats))
+        except Exception:  # noqa: BLE001 - the user's logger; reported, not raised
+            log.exception("the logger of the manager of %s failed on a %s entry",
+                          self.directory, stats.event_type)
 
     def _forget_retired_futures(self) -> None:
         """Drops the completion futures of ended commits whose steps are no longer listed
@@ -545,22 +587,32 @@ class AsyncCheckpointManager:
     async def restore(self, step: int | None = None, args: CheckpointArgs | None = None,
                       directory: Any = None) -> Any:
         """Restores ``step`` (default: the latest): every item as saved, or as ``args`` ask."""
+        started = time.time()
         step, path = await self._resolve_step_dir(step, directory)
         if self._default_item:
             if isinstance(args, Composite):
                 raise InvalidArgumentError("Cannot restore a single (default) item with Composite")
-            result = await self._checkpointer.handler.restore(
-                path, Composite(**{DEFAULT_ITEM_NAME: args}))
-            return result[DEFAULT_ITEM_NAME]
-        if args is not None and not isinstance(args, Composite):
+            args = Composite(**{DEFAULT_ITEM_NAME: args})
+        elif args is not None and not isinstance(args, Composite):
             raise InvalidArgumentError(
                 f"step {step}: restoring several items needs Composite args, got "
                 f"{type(args).__name__}")
-        return await self._checkpointer.handler.restore(path, args)
+        t = time.time()
+        result = await self._checkpointer.handler.restore(path, args)
+        now = time.time()
+        self._log_entry(RestoreStepStatistics(
+            step=step, directory=str(self.directory), checkpointer_start_time=t,
+            checkpointer_duration_secs=now - t, checkpoint_manager_start_time=started,
+            checkpoint_manager_duration_secs=now - started))
+        return result[DEFAULT_ITEM_NAME] if self._default_item else result
 
     @on_engine
     async def item_metadata(self, step: int) -> Any:
         """The metadata of ``step``'s items (None for an item whose handler is unknown)."""
+        if step is None:
+            raise InvalidArgumentError(
+                "`step` must be provided: item metadata exists for a step, not for the root "
+                f"{self.directory}")
         meta = await self.metadata(step)
         assert isinstance(meta, StepMetadata)
         return meta.item_metadata
@@ -572,7 +624,10 @@ class AsyncCheckpointManager:
             await self._ensure_init()
             path = self.directory / fmt.ROOT_METADATA_DIR / fmt.ROOT_METADATA
             if not await storage.exists(path):
-                return RootMetadata(custom_metadata=dict(self._root_metadata or {}))
+                # (not written: read-only, not saved, or still on its way from the primary)
+                unsaved = self.options.read_only or self.options.save_root_metadata
+                return RootMetadata(
+                    custom_metadata=dict(self._root_metadata or {}) if unsaved else {})
             doc = fmt.decode(await storage.read_bytes(path), fmt.RootMetadata, where=str(path))
             return RootMetadata(custom_metadata=doc.custom_metadata)
         step, path = await self._resolve_step_dir(step)
@@ -583,6 +638,22 @@ class AsyncCheckpointManager:
         if metrics is not None:
             meta.metrics = metrics
         return meta
+
+    @on_engine
+    async def metrics(self, step: int) -> Any:
+        """The metrics saved with ``step`` (Orbax's ``metrics`` item, written when ``best_fn``
+        is set); None when it has none."""
+        await self._ensure_init()
+        name = self._name_format.build_name(_check_step(step))
+        item = self.directory / name / METRIC_ITEM_NAME / METRIC_ITEM_NAME
+        if not await storage.exists(item):
+            names = await self._step_names()
+            if step not in names:
+                return None
+            item = self.directory / names[step] / METRIC_ITEM_NAME / METRIC_ITEM_NAME
+            if not await storage.exists(item):
+                return None
+        return fmt.decode(await storage.read_bytes(item), Any, where=str(item))
 
     # -- lifecycle -------------------------------------------------------------------------------
     @on_engine

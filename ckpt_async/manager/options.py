@@ -89,34 +89,43 @@ class CheckpointManagerOptions:
         if self.max_concurrent_saves < 1:
             raise InvalidArgumentError("CheckpointManagerOptions.max_concurrent_saves must be >= 1")
         if self.save_decision_policy is not None:
-            _conflict(self, "save_decision_policy",  # (save_interval_steps: 1 is its default)
-                      {"should_save_fn": None, "save_on_steps": None, "save_interval_steps": 1})
-        if self.preservation_policy is not None:
-            _conflict(self, "preservation_policy",
-                      {"max_to_keep": None, "keep_time_interval": None, "keep_period": None,
-                       "best_fn": None})
-        if self.step_name_format is not None and (
-                self.step_prefix is not None or self.step_format_fixed_length is not None):
+            _overridden(self, "save_decision_policy",  # (save_interval_steps: 1 is its default)
+                        {"should_save_fn": None, "save_on_steps": None, "save_interval_steps": 1})
+        if self.step_name_format is not None:
+            _overridden(self, "step_name_format",
+                        {"step_prefix": None, "step_format_fixed_length": None})
+        if self.enable_per_process_directory_creation and \
+                self.multiprocessing_options.primary_host is not None:
             raise InvalidArgumentError(
-                "CheckpointManagerOptions: step_name_format conflicts with step_prefix / "
-                "step_format_fixed_length; set one or the other")
+                "CheckpointManagerOptions.enable_per_process_directory_creation can only be "
+                "used when multiprocessing_options.primary_host is None")
         if self.read_only:
             # Orbax's adjustments: a read-only manager neither saves, deletes nor creates.
             self.save_interval_steps = 0
             self.max_to_keep = None
             self.keep_time_interval = None
             self.keep_period = None
+            self.save_on_steps = None
+            self.should_save_fn = None
+            self.todelete_subdir = None
+            self.todelete_full_path = None
             self.create = False
             self.cleanup_tmp_directories = False
+        # (as Orbax stores it; a Container given is iterable in practice, as Orbax assumes)
+        self.save_on_steps = frozenset(self.save_on_steps or ())  # type: ignore[call-overload]
+        if self.todelete_subdir is not None and self.todelete_full_path is not None:
+            raise InvalidArgumentError(
+                "CheckpointManagerOptions: todelete_subdir and todelete_full_path cannot both "
+                "be set")
 
 
-def _conflict(opts: CheckpointManagerOptions, policy_field: str, legacy: dict[str, Any]) -> None:
-    """A policy object and the legacy fields it replaces cannot both be set."""
-    clashing = [name for name, default in legacy.items() if getattr(opts, name) != default]
-    if clashing:
-        raise InvalidArgumentError(
-            f"CheckpointManagerOptions: {policy_field} conflicts with {', '.join(clashing)}; "
-            f"express the legacy field(s) inside {policy_field} instead")
+def _overridden(opts: CheckpointManagerOptions, field: str, legacy: dict[str, Any]) -> None:
+    """``field`` overrides the older fields it replaces, as in Orbax; say so when any is set."""
+    ignored = [name for name, default in legacy.items()
+               if getattr(opts, name) not in (default, frozenset())]
+    if ignored:
+        log.warning("CheckpointManagerOptions: %s is set, so %s %s ignored", field,
+                    ", ".join(ignored), "is" if len(ignored) == 1 else "are")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +157,13 @@ def save_decision_policy_of(opts: CheckpointManagerOptions) -> Any:
 def preservation_policy_of(opts: CheckpointManagerOptions) -> Any:
     """The preservation policy the options describe (Orbax's mapping of the legacy fields)."""
     if opts.preservation_policy is not None:
+        # (Orbax's check, made by its manager: a falsy max_to_keep=0 or keep_period=0 passes)
+        clashing = [name for name in ("max_to_keep", "keep_period", "keep_time_interval")
+                    if getattr(opts, name)]
+        if clashing:
+            raise InvalidArgumentError(
+                f"CheckpointManagerOptions: preservation_policy and {', '.join(clashing)} are "
+                "mutually exclusive; express the latter inside preservation_policy")
         return opts.preservation_policy
     policies: list[Any] = []
     if opts.keep_period is not None:

@@ -26,12 +26,13 @@ class CheckpointManager:
 
     def __init__(self, directory: Any, options: CheckpointManagerOptions | None = None,
                  item_names: Any = None, item_handlers: Any = None,
-                 handler_registry: Any = None, metadata: dict[str, Any] | None = None) -> None:
+                 handler_registry: Any = None, metadata: dict[str, Any] | None = None,
+                 logger: Any = None) -> None:
         self._rt = get_runtime()
         self._saver = SaverThread()
         self.async_manager = AsyncCheckpointManager(
             directory, options, item_names=item_names, item_handlers=item_handlers,
-            handler_registry=handler_registry, metadata=metadata)
+            handler_registry=handler_registry, metadata=metadata, logger=logger)
         self._rt.call(self.async_manager._ensure_init)
 
     @property
@@ -61,6 +62,9 @@ class CheckpointManager:
 
     def metadata(self, step: int | None = None) -> Any:
         return self._rt.call(self.async_manager.metadata, step)
+
+    def metrics(self, step: int) -> Any:
+        return self._rt.call(self.async_manager.metrics, step)
 
     def all_steps(self, read: bool = False) -> list[int]:
         if read:
