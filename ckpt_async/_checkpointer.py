@@ -162,7 +162,7 @@ class AsyncCheckpointer:
         self._pending_paths: weakref.WeakKeyDictionary[CommitFuture, AnyPath] = (
             weakref.WeakKeyDictionary())
         self._closed = False
-        self._last_save: float | None = None  # (monotonic) when save_staged last started
+        self._last_save: float | None = None  # (monotonic) when _save_staged last started
         self._window: PaceWindow | None = None  # how long its commit may be paced
 
     # -- save -----------------------------------------------------------------------------------
@@ -198,11 +198,11 @@ class AsyncCheckpointer:
         self.check_for_errors()
         if await _commit.is_visible(path) and not force:
             raise StepAlreadyExistsError(f"{path} already exists; pass force=True to overwrite it")
-        return await self.save_staged(path, args, force=force, custom_metadata=custom_metadata,
+        return await self._save_staged(path, args, force=force, custom_metadata=custom_metadata,
                                       clear_leftovers=force)
 
     @on_engine
-    async def save_staged(self, path: AnyPath, args: CheckpointArgs, *, force: bool = False,
+    async def _save_staged(self, path: AnyPath, args: CheckpointArgs, *, force: bool = False,
                           custom_metadata: dict | None = None,
                           step_metadata: fmt.StepMetadata | None = None,
                           on_commit: Any = None, after: Any = None,
@@ -383,13 +383,14 @@ class AsyncCheckpointer:
     @on_engine
     async def wait_until_finished(self) -> None:
         """Waits for every pending commit; raises the first failure."""
-        pending, self._pending = self._pending, []
         errors = []
-        for fut in pending:
+        for fut in list(self._pending):
             try:
-                await fut
-            except BaseException as exc:  # noqa: BLE001 - collected, first re-raised
+                await fut  # (a cancelled wait raises here, leaving the rest pending)
+            except Exception as exc:  # noqa: BLE001 - collected, first re-raised
                 errors.append(exc)
+            with contextlib.suppress(ValueError):  # (or taken by check_for_errors meanwhile)
+                self._pending.remove(fut)
         if errors:
             raise errors[0]
 

@@ -123,8 +123,8 @@ def _builtin(value: Any) -> Any:
     for base in (bool, int, float, str):
         if isinstance(value, base):
             return base(value)
-    raise NotImplementedError(f"objects of type {type(value).__module__}."
-                              f"{type(value).__qualname__} cannot be written as JSON")
+    raise TypeError(f"Object of type {type(value).__module__}.{type(value).__qualname__} is "
+                    "not JSON serializable")
 
 
 _encoder = msgspec.json.Encoder(enc_hook=_builtin)
@@ -132,13 +132,17 @@ _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 
 
 def _non_finite(value: Any) -> bool:
-    """Whether ``value`` (builtins: dicts, lists, tuples, scalars) holds a NaN or infinity."""
+    """Whether ``value`` (builtins: dicts, lists, tuples, scalars) holds a NaN or infinity;
+    a set in it raises ``TypeError``, as Python's ``json`` module does (msgspec would write
+    it as a list, which reads back as one)."""
     if isinstance(value, float):
         return not math.isfinite(value)
     if isinstance(value, dict):
-        return any(_non_finite(v) for v in value.values())
+        return any([_non_finite(v) for v in value.values()])
     if isinstance(value, (list, tuple)):
-        return any(_non_finite(v) for v in value)
+        return any([_non_finite(v) for v in value])
+    if isinstance(value, (set, frozenset)):
+        raise TypeError("Object of type set is not JSON serializable")
     return False
 
 

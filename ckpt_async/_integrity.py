@@ -254,11 +254,14 @@ async def averify(path: Any, progress: Callable[[int, int], None] | None = None)
         if steps:
             return report
     items: list[AnyPath] = []
+    leftovers = 0
     if await storage.exists(root / fmt.PYTREE_METADATA) or await _holds_arrays(root):
         items = [root]
     else:
         for name in sorted(await storage.listdir(root)):
-            if await storage.is_dir(root / name):
+            if is_leftover(name):  # (an unfinished save's or delete's: no item)
+                leftovers += 1
+            elif await storage.is_dir(root / name):
                 items.append(root / name)
     if await storage.exists(root / fmt.CHECKPOINT_METADATA):
         try:
@@ -267,7 +270,9 @@ async def averify(path: Any, progress: Callable[[int, int], None] | None = None)
         except CheckpointError as exc:
             report.problems.append(str(exc))
     if not items:
-        report.problems.append(f"{root}: no checkpoint items found")
+        report.problems.append(f"{root}: no checkpoint items found" + (
+            f" (only {leftovers} leftover(s) of a save or delete that did not finish)"
+            if leftovers else ""))
     plans: dict[Any, Any] = {}
     for item in items:
         report.items_checked += 1

@@ -42,7 +42,7 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 
-from .errors import RuntimeUsageError
+from .errors import InvalidArgumentError, RuntimeUsageError
 
 T = TypeVar("T")
 
@@ -128,7 +128,8 @@ def set_background_pace(bytes_per_second: float | None) -> None:
     """
     global _pace
     if bytes_per_second is not None and bytes_per_second < 0:
-        raise ValueError(f"background pace must be positive or None, not {bytes_per_second!r}")
+        raise InvalidArgumentError(
+            f"background pace must be positive or None, not {bytes_per_second!r}")
     _pace = bytes_per_second or None
 
 
@@ -235,7 +236,8 @@ def set_background_priority(level: str) -> None:
     """
     global _priority
     if level not in PRIORITIES:
-        raise ValueError(f"background priority must be one of {PRIORITIES}, not {level!r}")
+        raise InvalidArgumentError(
+            f"background priority must be one of {PRIORITIES}, not {level!r}")
     _priority = level
     rt = _runtime
     if rt is not None:
@@ -428,9 +430,15 @@ class Runtime:
             )
         # _submit() unwraps single-member groups, so the caller sees the original exception.
         back: list[asyncio.Future[None]] = []
-        fut = self._submit(fn, args, kwargs, back)[0]
+        fut, ended = self._submit(fn, args, kwargs, back)
         try:
             return fut.result()
+        except BaseException:
+            # Interrupted (Ctrl-C): ``fn`` stops as a cancelled async call does (a save being
+            # staged is abandoned, its files removed) before the interrupt goes on.
+            if fut.cancel():
+                ended.result()
+            raise
         finally:
             # (none yet when the wait was interrupted before the runner ran; a task then
             # waits its whole timeout)
@@ -468,15 +476,24 @@ class Runtime:
                 if not fut.cancelled():
                     fut.set_result(result)
             finally:
+                _set_ended()
+
+        def _set_ended(*_: object) -> None:
+            if not ended.done():
                 ended.set_result(None)
 
         task: list[asyncio.Task[None]] = []
+
+        def start() -> None:
+            task.append(self._start_task(runner()))
+            # (a task cancelled before its first step never runs runner's ``finally``)
+            task[0].add_done_callback(_set_ended)
 
         def cancelled(done: concurrent.futures.Future[T]) -> None:
             if done.cancelled():  # (queued after the start below: callbacks run in order)
                 self.loop.call_soon_threadsafe(lambda: task[0].cancel())
 
-        self.loop.call_soon_threadsafe(lambda: task.append(self._start_task(runner())))
+        self.loop.call_soon_threadsafe(start)
         fut.add_done_callback(cancelled)
         return fut, ended
 

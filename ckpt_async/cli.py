@@ -790,7 +790,9 @@ async def cmd_gc(a: argparse.Namespace, out: Any) -> int:
                              "(object stores keep no directory times); run gc without it "
                              "while no job writes there")
         now = time.time()
+        young = len(found)
         found = [lo for lo in found if now - lo["mtime"] >= a.older_than]
+        young -= len(found)
     removed = []
     for lo in found:
         verb = "would remove" if a.dry_run else "removing"
@@ -807,7 +809,9 @@ async def cmd_gc(a: argparse.Namespace, out: Any) -> int:
         _print_json({"directory": str(directory), "leftovers": found, "removed": removed,
                      "dry_run": a.dry_run}, out)
     elif not found:
-        print(f"{directory}: no leftovers", file=out)
+        kept = (f" older than {a.older_than:g} s ({young} younger left alone)"
+                if a.older_than > 0 and young else "")
+        print(f"{directory}: no leftovers{kept}", file=out)
     else:
         sizes = [lo["bytes"] for lo in found]
         verb = "would free" if a.dry_run else "freed"

@@ -18,7 +18,11 @@ class InvalidArgumentError(CheckpointError, ValueError):
     """Raised when arguments, options or a tree are invalid, before anything is written."""
 
 
-class UnsupportedLeafError(InvalidArgumentError, TypeError):
+class InvalidTypeError(InvalidArgumentError, TypeError):
+    """Raised when an argument is of a type that is not accepted (a step that is no integer)."""
+
+
+class UnsupportedLeafError(InvalidTypeError):
     """Raised when a tree holds a leaf that cannot be checkpointed (objects, object arrays)."""
 
 
@@ -100,6 +104,7 @@ __all__ = [
     "CorruptCheckpointError",
     "HandlerError",
     "InvalidArgumentError",
+    "InvalidTypeError",
     "ItemNotFoundError",
     "NotWritableError",
     "ProcessFailedError",

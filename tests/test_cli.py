@@ -314,6 +314,8 @@ def test_gc_older_than_keeps_fresh_leftovers(capsys, run_dir, tmp_path):
     shutil.copytree(run_dir, work)
     _, doc, _ = run_json(capsys, "gc", work, "--older-than", "3600")
     assert doc["removed"] == [] and len(os.listdir(work)) == 5
+    code, out, _ = run(capsys, "gc", work, "--older-than", "3600")
+    assert code == 0 and out.strip() == f"{work}: no leftovers older than 3600 s (2 younger left alone)"
 
 
 # -- export / import ---------------------------------------------------------------------------

@@ -95,6 +95,14 @@ def test_verify_of_a_manager_directory_takes_the_steps_a_manager_lists(tmp_path)
         assert mngr.all_steps() == [2, 3]
 
 
+def test_verify_of_a_directory_holding_only_a_leftover_checks_no_item(tmp_path):
+    (tmp_path / "1.orbax-checkpoint-tmp-123" / "default").mkdir(parents=True)
+    report = ocp.verify(tmp_path)
+    assert report.items_checked == 0 and report.problems == [
+        f"{tmp_path}: no checkpoint items found (only 1 leftover(s) of a save or delete that "
+        "did not finish)"]
+
+
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_truncated_or_missing_data_file(tmp_path, damage):
     _save(tmp_path / "c")

@@ -35,6 +35,7 @@ from ckpt_async.errors import (
     ItemNotFoundError,
     StepAlreadyExistsError,
     StepNotFoundError,
+    UnsupportedLeafError,
 )
 
 LIMIT_S = 10
@@ -228,7 +229,8 @@ def test_failed_commit_is_raised_and_leaves_no_step(tmp_path, monkeypatch, raise
     # The failed step is gone, and the step it would have retired is back (never deleted).
     assert mngr.all_steps() == [1] and mngr.latest_step() == 1
     assert steps_on_disk(tmp_path) == ["1"]
-    assert_tree_equal(mngr.restore(1), tree(1))
+    with ocp.CheckpointManager(tmp_path) as reopened:
+        assert_tree_equal(reopened.restore(1), tree(1))
 
 
 def test_failed_commit_raised_by_async_face(tmp_path, monkeypatch):
@@ -298,6 +300,98 @@ def test_cancelling_an_awaited_save_while_it_stages_abandons_it(tmp_path, monkey
     out = asyncio.run(main())
     assert all(np.array_equal(out[k], v) for k, v in state.items())
     assert steps_on_disk(tmp_path) == ["4"]
+
+
+def test_a_save_waiting_for_an_earlier_commit_is_abandoned_when_cancelled(tmp_path, gate):
+    # max_concurrent_saves=1: save(2) waits for step 1's commit; cancelled there (a user's
+    # timeout), the caller hears of it at once and step 2 is never written.
+    release = gate.hold("1")
+
+    async def main():
+        opts = ocp.CheckpointManagerOptions(max_concurrent_saves=1)
+        async with ckpt_async.aio.AsyncCheckpointManager(tmp_path, opts) as mngr:
+            await mngr.save(1, args=ocp.args.StandardSave(tree(1)))
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(mngr.save(2, args=ocp.args.StandardSave(tree(2))), 0.2)
+            waited = time.monotonic() - started
+            release.set()
+            await mngr.wait_until_finished()
+            return waited, mngr.all_steps()
+
+    waited, steps = asyncio.run(main())
+    assert waited < LIMIT_S / 2  # (not held until step 1's commit, which is never released)
+    assert steps == [1] and steps_on_disk(tmp_path) == ["1"]
+
+
+def test_a_cancelled_wait_until_finished_leaves_the_commits_to_a_later_wait(tmp_path, gate):
+    release = gate.hold("1")
+    ckptr = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler())
+
+    async def main():
+        async_ckptr = ckptr.async_checkpointer
+        await async_ckptr.save(tmp_path / "1", args=ocp.args.StandardSave(tree(1)))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(async_ckptr.wait_until_finished(), 0.2)
+        release.set()
+        await async_ckptr.wait_until_finished()  # (still waits for step 1's commit)
+        assert (tmp_path / "1").is_dir()
+
+    asyncio.run(main())
+    ckptr.close()
+
+
+def test_a_fresh_async_manager_lists_the_steps_on_disk(tmp_path):
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        for step in (10, 20):
+            mngr.save(step, args=ocp.args.StandardSave(tree(step)))
+
+    async def main():
+        # Nothing awaited yet: the listing reads the directory first, as Orbax's constructor.
+        fresh = ckpt_async.aio.AsyncCheckpointManager(tmp_path)
+        listed = (fresh.latest_step(), fresh.all_steps())
+        # Calls made at once share one setup: each sees both steps.
+        other = ckpt_async.aio.AsyncCheckpointManager(tmp_path)
+        results = await asyncio.gather(other.restore(), other.restore(10),
+                                       other.save(5, args=ocp.args.StandardSave(tree(5))))
+        return listed, results
+
+    listed, (latest, ten, saved) = asyncio.run(main())
+    assert listed == (20, [10, 20])
+    assert_tree_equal(latest, tree(20))
+    assert_tree_equal(ten, tree(10))
+    assert saved is None and steps_on_disk(tmp_path) == ["10", "20"]
+
+
+def test_a_closed_manager_refuses_every_call(tmp_path):
+    mngr = ocp.CheckpointManager(tmp_path)
+    mngr.save(0, args=ocp.args.StandardSave(tree(0)))
+    mngr.close()
+    for call in (lambda: mngr.save(1, args=ocp.args.StandardSave(tree(1))),
+                 lambda: mngr.restore(0), lambda: mngr.metadata(0), lambda: mngr.metadata(),
+                 lambda: mngr.item_metadata(0), lambda: mngr.metrics(0), lambda: mngr.reload(),
+                 lambda: mngr.delete(0)):
+        with pytest.raises(ClosedError, match=str(tmp_path)):
+            call()
+    mngr.close()  # (again: nothing to do)
+    assert steps_on_disk(tmp_path) == ["0"]
+
+
+def test_documents_that_are_not_json_are_refused_before_anything_is_written(tmp_path):
+    # As Orbax (TypeError), and a CheckpointError naming the step or item.
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        for value in (object(), np.ones(2), {1, 2}):
+            with pytest.raises(UnsupportedLeafError, match="not JSON serializable"):
+                mngr.save(1, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(tree(1)), extra=ocp.args.JsonSave({"x": value})))
+            with pytest.raises(UnsupportedLeafError, match="step 1 of"):
+                mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(tree(1))),
+                          metrics={"x": value})
+            with pytest.raises(UnsupportedLeafError, match="step 1 of"):
+                mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(tree(1))),
+                          custom_metadata={"x": value})
+        assert mngr.all_steps() == []
+    assert os.listdir(tmp_path) == []
 
 
 def test_commit_timeout_fails_the_step(tmp_path, gate):

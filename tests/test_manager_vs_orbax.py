@@ -309,8 +309,10 @@ def _outcome(fn):
     try:
         return fn()
     except Exception as exc:  # noqa: BLE001 - the exception's kind is the outcome compared
-        return [k.__name__ for k in (ValueError, TypeError, FileNotFoundError)
-                if isinstance(exc, k)]
+        # (the most specific of the builtins Orbax raises: ckpt_async's InvalidTypeError is
+        # a ValueError too, as every InvalidArgumentError)
+        return next((k.__name__ for k in (TypeError, FileNotFoundError, ValueError)
+                     if isinstance(exc, k)), type(exc).__name__)
 
 
 def _policy_beside_legacy_fields(lib, d):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import inspect
+import re
 import types
 from pathlib import Path
 
@@ -54,6 +55,22 @@ def test_orbax_names_of_the_api_overview_are_exported() -> None:
         "SaveArgs", "type_handlers", "metadata", "handlers",
     }
     assert orbax_names <= set(ckpt_async.__all__)
+
+
+def test_the_reference_page_covers_every_public_name() -> None:
+    # docs/reference.md names its members (top level) and modules (each with its own names).
+    ref = (Path(__file__).resolve().parent.parent / "docs" / "reference.md").read_text()
+    members = set(re.findall(r"^\s+- (\w+)$", ref, re.M))
+    sections = set(re.findall(r"^::: ckpt_async\.([\w.]+)$", ref, re.M))
+    for name in ckpt_async.__all__:
+        obj = getattr(ckpt_async, name)
+        if isinstance(obj, types.ModuleType):
+            assert any(m == name or m.startswith(f"{name}.") for m in sections), \
+                f"no section for ckpt_async.{name}"
+        else:
+            assert name in members or any(
+                name in getattr(getattr(ckpt_async, m, None), "__all__", ())
+                for m in sections), f"{name} is in no section of docs/reference.md"
 
 
 def test_aio_exports_the_async_classes_and_the_future() -> None:
@@ -126,6 +143,7 @@ EXPECTED_BUILTINS: dict[str, set[type[BaseException]]] = {
     "CheckpointError": set(),
     "InvalidArgumentError": {ValueError},
     "UnsupportedLeafError": {ValueError, TypeError},
+    "InvalidTypeError": {ValueError, TypeError},
     "StructureMismatchError": {ValueError},
     "ShapeMismatchError": {ValueError},
     "HandlerError": {ValueError},

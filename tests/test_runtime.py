@@ -14,6 +14,7 @@ import asyncio
 import contextvars
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -618,3 +619,47 @@ def test_reads_of_data_files_get_twice_the_threads_of_other_blocking_work() -> N
     assert len(set(threads)) == 2 * _runtime.DEFAULT_THREADS
     with pytest.raises(threading.BrokenBarrierError):
         _on_engine(lambda: run(rt.to_thread, _runtime.DEFAULT_THREADS + 1))
+
+
+def test_a_caller_cancelled_before_its_call_starts_on_the_engine_hears_of_it() -> None:
+    # The engine's task is cancelled before its first step (it never runs its body): the
+    # caller's loop still gets CancelledError, rather than waiting forever.
+    rt = get_runtime()
+
+    async def slow() -> None:
+        await asyncio.sleep(30)
+
+    async def one() -> None:
+        task = asyncio.create_task(rt.run(slow))
+        await asyncio.sleep(0)  # (submitted; the engine may not have started it yet)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(task), 10)
+
+    async def main() -> None:
+        for _ in range(30):
+            await one()
+
+    asyncio.run(main())
+
+
+def test_an_interrupted_sync_call_cancels_its_engine_task_first() -> None:
+    # Ctrl-C in the thread that waits: the call's task is cancelled, and has stopped (its
+    # cleanup done) when the interrupt reaches the caller.
+    rt = get_runtime()
+    events: list[str] = []
+
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.05)
+            events.append("stopped")
+            raise
+
+    timer = threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        rt.call(slow)
+    events.append("interrupt raised")
+    assert events == ["stopped", "interrupt raised"]

@@ -11,7 +11,7 @@ from .. import _integrity
 from .. import _storage as storage
 from .._paths import AnyPath
 from ..args import JsonRestore, JsonSave, register_with_handler
-from ..errors import CheckpointNotFoundError, InvalidArgumentError
+from ..errors import CheckpointNotFoundError, UnsupportedLeafError
 from ..multihost import current_roles
 from .base import CheckpointHandler, Writer
 
@@ -29,7 +29,8 @@ class JsonCheckpointHandler(CheckpointHandler):
             # Encoding now is the snapshot: later mutation of the caller's dict is not saved.
             data = fmt.encode(args.item, values=args.item)
         except (TypeError, ValueError, msgspec.EncodeError) as exc:
-            raise InvalidArgumentError(f"{directory}: item is not JSON-serializable: {exc}") from exc
+            raise UnsupportedLeafError(
+                f"{directory}: item is not JSON-serializable: {exc}") from exc
 
         async def write() -> None:
             if not current_roles().is_primary:

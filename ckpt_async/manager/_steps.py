@@ -93,9 +93,9 @@ def parse_step(name: str, prefix: str | None) -> tuple[str | None, int] | None:
     padding (Orbax's legacy rule: ``12``, ``ckpt_0012``)."""
     if is_leftover(name):
         return None
-    if prefix is not None:
-        step = NameFormat(prefix or None).parse(name)
-        return None if step is None else (prefix or None, step)
+    if prefix is not None:  # (that prefix, any padding)
+        m = re.fullmatch((re.escape(prefix) + "_" if prefix else "") + r"(\d+)", name)
+        return None if m is None else (prefix or None, int(m.group(1)))
     m = _ANY_STEP.fullmatch(name)
     return (m.group(1), int(m.group(2))) if m else None
 

@@ -11,6 +11,7 @@ a step as soon as its save starts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -30,8 +31,10 @@ from ..errors import (
     ClosedError,
     CorruptCheckpointError,
     InvalidArgumentError,
+    InvalidTypeError,
     StepAlreadyExistsError,
     StepNotFoundError,
+    UnsupportedLeafError,
 )
 from ..handlers.base import CheckpointHandler
 from ..handlers.composite import CompositeCheckpointHandler
@@ -56,7 +59,7 @@ METRIC_ITEM_NAME = "metrics"
 
 def _check_step(step: Any) -> int:
     if isinstance(step, bool) or not hasattr(step, "__index__"):
-        raise TypeError(f"step must be a non-negative integer, got {step!r}")
+        raise InvalidTypeError(f"step must be a non-negative integer, got {step!r}")
     step = int(step.__index__())
     if step < 0:
         raise InvalidArgumentError(f"step must be a non-negative integer, got {step}")
@@ -141,12 +144,24 @@ class AsyncCheckpointManager:
         #: retention deletions waiting for the background deleter: (retiring step, steps)
         self._deletions: list[tuple[int, list[int]]] = []
         self._deleter: CommitFuture | None = None
+        self._init_lock = asyncio.Lock()
 
     # -- setup (on the engine loop, on first use) ------------------------------------------------
+    async def _open(self) -> None:
+        """Set up, and not closed."""
+        if self._closed:
+            raise ClosedError(f"the manager of {self.directory} is closed")
+        await self._ensure_init()
+
     async def _ensure_init(self) -> None:
         if self._initialized:
             return
-        self._initialized = True
+        async with self._init_lock:  # (calls made at once wait for one setup; a failed one
+            if not self._initialized:  # is tried again by the next call)
+                await self._initialize()
+                self._initialized = True
+
+    async def _initialize(self) -> None:
         self._roles = multihost.roles_for(self.options.multiprocessing_options)
         if self.options.create and not self.options.read_only:
             if await storage.exists(self.directory):
@@ -222,18 +237,30 @@ class AsyncCheckpointManager:
 
     # -- listing ---------------------------------------------------------------------------------
     def all_steps(self, read: bool = False) -> list[int]:
-        """The steps this manager lists, in order (in-flight saves included, as in Orbax)."""
-        return [c.step for c in self._checkpoints]
+        """The steps this manager lists, in order (in-flight saves included, as in Orbax);
+        ``read=True`` reads the directory again first (:meth:`reload`; not on the engine
+        loop, where ``await reload()`` does it)."""
+        if read:
+            get_runtime().call(self.reload)
+        return [c.step for c in self._listed()]
+
+    def _listed(self) -> list[CheckpointInfo]:
+        """The listed steps; the directory is read first when no call has read it yet (a
+        manager just built answers as Orbax's, whose constructor reads it)."""
+        if not self._initialized and not get_runtime().on_engine_thread():
+            get_runtime().call(self._ensure_init)
+        return self._checkpoints
 
     def latest_step(self) -> int | None:
         """The highest listed step, or None."""
-        return self._checkpoints[-1].step if self._checkpoints else None
+        listed = self._listed()
+        return listed[-1].step if listed else None
 
     def best_step(self) -> int | None:
         """The best step by ``best_fn`` (the latest one when no best_fn is set)."""
         if self.options.best_fn is None:
             return self.latest_step()
-        ranked = [c for c in self._checkpoints if c.metrics is not None]
+        ranked = [c for c in self._listed() if c.metrics is not None]
         if not ranked:
             return None
         ranked.sort(key=lambda c: self.options.best_fn(c.metrics),  # type: ignore[misc]
@@ -243,7 +270,7 @@ class AsyncCheckpointManager:
     @on_engine
     async def reload(self) -> None:
         """Re-reads the steps from the directory (after another writer changed it)."""
-        await self._ensure_init()
+        await self._open()
         self._checkpoints = await self._load_checkpoint_infos()
 
     def reached_preemption(self, step: int) -> bool:
@@ -319,9 +346,7 @@ class AsyncCheckpointManager:
     async def _save(self, step: int, args: CheckpointArgs | None, metrics: Any, force: bool,
                     custom_metadata: dict | None) -> CommitFuture | None:
         started = time.time()
-        await self._ensure_init()
-        if self._closed:
-            raise ClosedError(f"the manager of {self.directory} is closed")
+        await self._open()
         step = _check_step(step)
         self._raise_failure()
         composite = self._as_composite(args)
@@ -360,6 +385,12 @@ class AsyncCheckpointManager:
         meta = fmt.StepMetadata(custom_metadata=dict(custom_metadata or {}))
         if metrics is not None and not self.options.prevent_write_metrics:
             meta.metrics = dict(metrics) if isinstance(metrics, dict) else {"value": metrics}
+        try:  # (refused now, not by the commit in the background)
+            fmt.encode(meta, values=[meta.metrics, meta.custom_metadata])
+        except (TypeError, ValueError) as exc:
+            raise UnsupportedLeafError(
+                f"step {step} of {self.directory}: metrics and custom_metadata must be JSON "
+                f"documents: {exc}") from exc
         info = CheckpointInfo(step, datetime.datetime.now(tz=datetime.UTC), metrics)
         candidates = [*self._checkpoints, info]
         t = time.time()
@@ -379,7 +410,7 @@ class AsyncCheckpointManager:
                 await self._delete_logged(step, [c.step for c in to_remove])
 
         t = time.time()
-        fut = await self._checkpointer.save_staged(
+        fut = await self._checkpointer._save_staged(
             self._step_path(step), Composite(**items), step_metadata=meta, on_commit=retain,
             after=prev, track=False)
         stats.checkpointer_blocking_start_time = t
@@ -450,10 +481,9 @@ class AsyncCheckpointManager:
     async def _bound_in_flight(self) -> None:
         while sum(not f.done() for f in self._futures.values()) >= self.options.max_concurrent_saves:
             oldest = min(s for s, f in self._futures.items() if not f.done())
-            try:
+            # (a cancelled caller stops waiting here: its save was not started)
+            with contextlib.suppress(Exception):  # (a failure: recorded by _on_done, raised below)
                 await self._futures[oldest]
-            except BaseException:  # noqa: BLE001 - recorded by _on_done, raised below
-                pass
             self._raise_failure()
 
     def _on_done(self, step: int, fut: CommitFuture, removed: list[CheckpointInfo]) -> None:
@@ -486,12 +516,9 @@ class AsyncCheckpointManager:
     @on_engine
     async def wait_until_finished(self) -> None:
         """Waits for every in-flight commit; raises the first failure."""
-        for step in sorted(self._futures):
-            fut = self._futures[step]
-            try:
+        for fut in [self._futures[step] for step in sorted(self._futures)]:
+            with contextlib.suppress(Exception):  # (recorded by _on_done; a cancel is raised)
                 await fut
-            except BaseException:  # noqa: BLE001 - recorded by _on_done
-                pass
         while self._deleter is not None and not self._deleter.done():
             await self._deleter  # (logs its own failures; a deletion queued meanwhile is seen)
         self._raise_failure()
@@ -538,7 +565,7 @@ class AsyncCheckpointManager:
     @on_engine
     async def delete(self, step: int) -> None:
         """Deletes a listed step (after its commit, if in flight); unlisted first, then removed."""
-        await self._ensure_init()
+        await self._open()
         step = _check_step(step)
         if self.options.read_only:
             log.warning("%s is read only, delete will be skipped", self.directory)
@@ -554,7 +581,7 @@ class AsyncCheckpointManager:
 
     # -- restore / metadata ----------------------------------------------------------------------
     async def _resolve_step_dir(self, step: int | None, directory: Any = None) -> tuple[int, AnyPath]:
-        await self._ensure_init()
+        await self._open()
         root = as_path(directory) if directory is not None else self.directory
         if step is None:
             if directory is None:
@@ -621,7 +648,7 @@ class AsyncCheckpointManager:
     async def metadata(self, step: int | None = None) -> StepMetadata | RootMetadata:
         """Step metadata (metrics, timestamps, items) for ``step``; root metadata for None."""
         if step is None:
-            await self._ensure_init()
+            await self._open()
             path = self.directory / fmt.ROOT_METADATA_DIR / fmt.ROOT_METADATA
             if not await storage.exists(path):
                 # (not written: read-only, not saved, or still on its way from the primary)
@@ -643,7 +670,7 @@ class AsyncCheckpointManager:
     async def metrics(self, step: int) -> Any:
         """The metrics saved with ``step`` (Orbax's ``metrics`` item, written when ``best_fn``
         is set); None when it has none."""
-        await self._ensure_init()
+        await self._open()
         name = self._name_format.build_name(_check_step(step))
         item = self.directory / name / METRIC_ITEM_NAME / METRIC_ITEM_NAME
         if not await storage.exists(item):

@@ -33,7 +33,7 @@ class CheckpointManager:
         self.async_manager = AsyncCheckpointManager(
             directory, options, item_names=item_names, item_handlers=item_handlers,
             handler_registry=handler_registry, metadata=metadata, logger=logger)
-        self._rt.call(self.async_manager._ensure_init)
+        self._rt.call(self.async_manager._ensure_init)  # (errors now, as Orbax's)
 
     @property
     def directory(self) -> Any:
@@ -67,9 +67,7 @@ class CheckpointManager:
         return self._rt.call(self.async_manager.metrics, step)
 
     def all_steps(self, read: bool = False) -> list[int]:
-        if read:
-            self.reload()
-        return self.async_manager.all_steps()
+        return self.async_manager.all_steps(read)
 
     def latest_step(self) -> int | None:
         return self.async_manager.latest_step()
