@@ -9,6 +9,7 @@ from . import (
     args,
     checkpoint_manager,
     checkpoint_managers,
+    checkpoint_utils,
     errors,
     handlers,
     logging,
@@ -37,11 +38,12 @@ from .handlers import (
     StandardCheckpointHandler,
 )
 from .manager import AsyncCheckpointManager, CheckpointManager, CheckpointManagerOptions
-from .type_handlers import ArrayRestoreArgs, RestoreArgs, SaveArgs
+from .type_handlers import PLACEHOLDER, ArrayRestoreArgs, RestoreArgs, SaveArgs
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PLACEHOLDER",
     "ArrayRestoreArgs",
     "AsyncCheckpointHandler",
     "AsyncCheckpointer",
@@ -66,6 +68,7 @@ __all__ = [
     "aio",
     "args",
     "checkpoint_manager",
+    "checkpoint_utils",
     "checkpoint_managers",
     "errors",
     "handlers",

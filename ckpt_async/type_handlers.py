@@ -62,4 +62,14 @@ class ArrayRestoreArgs(RestoreArgs):
         return None
 
 
-__all__ = ["ArrayRestoreArgs", "RestoreArgs", "SaveArgs"]
+#: A leaf of a restore target (or ``item``) marked not to be restored: it comes back as
+#: ``PLACEHOLDER`` and its data is not read (Orbax's, the ``Ellipsis`` object).
+PLACEHOLDER = ...
+
+
+def is_placeholder(value: Any) -> bool:
+    """Whether ``value`` is :data:`PLACEHOLDER`."""
+    return value is PLACEHOLDER
+
+
+__all__ = ["PLACEHOLDER", "ArrayRestoreArgs", "RestoreArgs", "SaveArgs", "is_placeholder"]

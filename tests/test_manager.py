@@ -914,3 +914,37 @@ def test_closed_manager_refuses_to_save(tmp_path):
     mngr.close()
     with pytest.raises(ClosedError):
         mngr.save(1, args=ocp.args.StandardSave({"a": np.ones(2)}))
+
+
+def test_an_evaluator_waits_for_the_steps_a_trainer_commits(tmp_path):
+    cu = ocp.checkpoint_utils
+    with cu.wait_for_new_checkpoint(tmp_path / "run", timeout=0.2, seconds_to_sleep=0.05) as s:
+        assert s == -1  # (no directory yet)
+    committed = []
+
+    def trainer():
+        with ocp.CheckpointManager(tmp_path / "run") as mngr:
+            for step in (1, 2, 3):
+                time.sleep(0.3)
+                mngr.save(step, args=ocp.args.StandardSave(tree(step)))
+                mngr.wait_until_finished()
+                committed.append(step)
+
+    thread = threading.Thread(target=trainer)
+    thread.start()
+    seen = []
+    for step in cu.checkpoints_iterator(tmp_path / "run", seconds_to_sleep=0.02, timeout=3):
+        assert step in committed  # (yielded once committed, never before)
+        with ocp.CheckpointManager(tmp_path / "run", ocp.CheckpointManagerOptions(
+                read_only=True)) as reader:
+            assert_tree_equal(reader.restore(step), tree(step))
+        seen.append(step)
+    thread.join()
+    assert seen == [1, 2, 3]
+    with cu.wait_for_new_checkpoint(tmp_path / "run", until_step=2, timeout=1) as s:
+        assert s == 3
+    with cu.wait_for_new_checkpoint(tmp_path / "run", until_step=4, timeout=0.2,
+                                    seconds_to_sleep=0.05) as s:
+        assert s == -1
+    with pytest.raises(InvalidArgumentError, match="snapshot"):
+        next(cu.checkpoints_iterator(tmp_path / "run", snapshot_dir=tmp_path / "snap"))

@@ -549,3 +549,44 @@ def test_args_take_orbax_fields_in_orbax_order():
         names = [f.name for f in dataclasses.fields(ours)]
         orbax_names = [f.name for f in dataclasses.fields(theirs)]
         assert names[:len(orbax_names)] == orbax_names, ours.__name__
+
+
+# --- construct_restore_args and PLACEHOLDER, side by side with Orbax -------------------------
+def _describe(tree):
+    """Each leaf's type, dtype, shape, sharding and bits (or the PLACEHOLDER)."""
+    def leaf(x):
+        if x is ...:
+            return "PLACEHOLDER"
+        sharding = x.sharding.spec if isinstance(getattr(x, "sharding", None),
+                                                 NamedSharding) else None
+        arr = np.asarray(x)
+        return (type(x).__name__, str(arr.dtype), arr.shape, str(sharding),
+                zlib.crc32(arr.tobytes()))
+    return jax.tree_util.tree_map(leaf, tree, is_leaf=lambda x: x is ...)
+
+
+@pytest.mark.parametrize("writer", ["ckpt_async", "orbax"])
+def test_construct_restore_args_and_placeholders_restore_as_in_orbax(tmp_path, mesh, writer):
+    state = make_state(mesh)
+    lib_w = ocp if writer == "ckpt_async" else orbax
+    with lib_w.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", args=lib_w.args.PyTreeSave(state))
+    other = NamedSharding(mesh, PartitionSpec("y", None))
+    target = abstract(state)
+    target["params"]["w"] = jax.ShapeDtypeStruct((8, 4), np.float32, sharding=other)
+    outcomes = {}
+    for name, lib in (("ckpt_async", ocp), ("orbax", orbax)):
+        with lib.PyTreeCheckpointer() as ckptr:
+            ra = lib.checkpoint_utils.construct_restore_args(target)
+            full = ckptr.restore(tmp_path / "c", args=lib.args.PyTreeRestore(target, ra))
+            item = {**target, "opt": [lib.PLACEHOLDER, target["opt"][1]], "host": lib.PLACEHOLDER}
+            ra = lib.checkpoint_utils.construct_restore_args(item)
+            holes = ckptr.restore(tmp_path / "c", args=lib.args.PyTreeRestore(item, ra))
+            holes_item_only = ckptr.restore(tmp_path / "c", args=lib.args.PyTreeRestore(item))
+        outcomes[name] = [_describe(full), _describe(holes), _describe(holes_item_only),
+                          jax.tree_util.tree_map(lambda a: type(a).__name__, ra,
+                                                 is_leaf=lambda x: x is ...)]
+    assert outcomes["ckpt_async"] == outcomes["orbax"]
+    full, holes = outcomes["ckpt_async"][:2]
+    assert full["params"]["w"][3] == str(PartitionSpec("y", None))
+    assert holes["opt"][0] == holes["host"] == "PLACEHOLDER"

@@ -54,7 +54,7 @@ from ..metadata import (
     sharding_metadata_from_json,
 )
 from ..multihost import Roles, current_roles
-from ..type_handlers import ArrayRestoreArgs, RestoreArgs, SaveArgs
+from ..type_handlers import PLACEHOLDER, ArrayRestoreArgs, RestoreArgs, SaveArgs
 from .base import CheckpointHandler, Writer
 
 _SCALAR_DTYPES = {bool: np.dtype(bool), int: np.dtype(np.int64), float: np.dtype(np.float64),
@@ -769,6 +769,9 @@ class _Reader:
             rpairs, _ = _tree.target_leaves(restore_args)
             rargs = {k: a for k, _n, a in rpairs}
         wanted = {k for k, _n, _l in pairs}
+        # Leaves marked PLACEHOLDER (in the target or by their restore args) are not read.
+        skipped = {k for k, _n, leaf in pairs if leaf is PLACEHOLDER or getattr(
+            rargs.get(k), "restore_type", None) is type(PLACEHOLDER)}
         # A partial restore takes what the target names: a key the checkpoint lacks comes back
         # as the target's own value (as in Orbax: new parameters keep their initial values).
         _tree.check_structure(set(self.by_key), wanted, where=str(self.dir), allow_missing=partial,
@@ -784,10 +787,12 @@ class _Reader:
 
         spread = {k: sh for k, _n, leaf in pairs if k in self.by_key and (sh := _target_sharding(
             None if structure_only else leaf, rargs.get(k))) is not None and spans(sh)}
-        await self.prefetch(self._stored_arrays((k, n) for k, n, _leaf in pairs
-                                                if k in self.by_key and k not in spread))
+        await self.prefetch(self._stored_arrays((k, n) for k, n, _leaf in pairs if k in self.by_key
+                                                and k not in spread and k not in skipped))
 
         def one(key: str, name: str, tleaf: Any) -> Any:  # the value, or a coroutine
+            if key in skipped:
+                return PLACEHOLDER
             entry = self.by_key.get(key)
             if entry is None:  # (partial: not in the checkpoint)
                 return tleaf
