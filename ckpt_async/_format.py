@@ -146,6 +146,45 @@ def _non_finite(value: Any) -> bool:
     return False
 
 
+def _pointer_tokens(name: str) -> list[str]:
+    """A string leaf's name as the JSON Pointer Orbax reads and writes ``_strings.json``
+    through (``'/' + name``): split at ``/``, then ``~1`` -> ``/`` and ``~0`` -> ``~``."""
+    return [t.replace("~1", "/").replace("~0", "~") for t in name.split("/")]
+
+
+def strings_document(strings: dict[str, str]) -> dict[str, Any]:
+    """``_strings.json`` as Orbax writes it: each string at its name's JSON Pointer (a name
+    ``x/y`` is member ``y`` of member ``x``). Raises ``ValueError`` when one name's place
+    is inside another's string."""
+    doc: dict[str, Any] = {}
+    for name, value in strings.items():
+        *parents, last = _pointer_tokens(name)
+        node = doc
+        for token in parents:
+            node = node.setdefault(token, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"string leaf {name!r}: its JSON Pointer passes through "
+                                 "another string leaf")
+        if isinstance(node.get(last), dict):
+            raise ValueError(f"string leaf {name!r}: its JSON Pointer holds other string leaves")
+        node[last] = value
+    return doc
+
+
+def string_in(doc: dict[str, Any], name: str, *, flat: bool = False) -> Any:
+    """The string named ``name`` in a decoded ``_strings.json`` (at its JSON Pointer;
+    ``flat``: a plain member, as ckpt_async wrote it before it wrote Orbax's layout).
+    Raises ``KeyError``."""
+    if flat:
+        return doc[name]
+    node: Any = doc
+    for token in _pointer_tokens(name):
+        if not isinstance(node, dict):
+            raise KeyError(name)
+        node = node[token]
+    return node
+
+
 def encode(doc: Any, *, values: Any = None) -> bytes:
     """``doc`` as JSON. ``values``: the caller's values inside it (metrics, custom metadata, a
     JSON item; ``doc`` itself when it is one): a NaN or infinity among them is written as

@@ -91,8 +91,8 @@ def construct_restore_args(target: Any, sharding_tree: Any = None, set_global_sh
         sharding_tree = sharding_tree.tree
     # (sharding_tree has None where target has a leaf without sharding: map over target)
     flat, treedef = jax.tree_util.tree_flatten(tree, is_leaf=leaf)
-    shardings = treedef.flatten_up_to(sharding_tree)
-    out = treedef.unflatten([one(v, s) for v, s in zip(flat, shardings, strict=True)])
+    shardings = treedef.flatten_up_to(sharding_tree)  # type: ignore[attr-defined]
+    out = treedef.unflatten([one(v, s) for v, s in zip(flat, shardings, strict=True)])  # type: ignore[attr-defined]
     if isinstance(target, value_metadata.TreeMetadata):
         return value_metadata.TreeMetadata(out, target.custom_metadata, target.use_zarr3)
     return out

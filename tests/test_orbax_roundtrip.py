@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 import math
 import os
 import zlib
@@ -590,3 +591,70 @@ def test_construct_restore_args_and_placeholders_restore_as_in_orbax(tmp_path, m
     full, holes = outcomes["ckpt_async"][:2]
     assert full["params"]["w"][3] == str(PartitionSpec("y", None))
     assert holes["opt"][0] == holes["host"] == "PLACEHOLDER"
+
+
+def test_string_leaves_sit_at_their_json_pointers_as_orbax_writes_them(tmp_path):
+    # Orbax reads and writes _strings.json through the JSON Pointer '/' + name: a key "x/y"
+    # is member y of member x, and "~1" in a key is "/".
+    tree = {"x/y": "hello", "a~1b": "tilde", "plain": "p", "n": np.arange(3)}
+    files = {}
+    for name, lib in (("ckpt_async", ocp), ("orbax", orbax)):
+        with lib.PyTreeCheckpointer() as ckptr:
+            ckptr.save(tmp_path / name, args=lib.args.PyTreeSave(tree))
+        files[name] = json.loads((tmp_path / name / "_strings.json").read_text())
+    assert files["ckpt_async"] == files["orbax"] == {
+        "x": {"y": "hello"}, "a/b": "tilde", "plain": "p"}
+    for writer in files:
+        for lib in (ocp, orbax):
+            with lib.PyTreeCheckpointer() as ckptr:
+                out = ckptr.restore(tmp_path / writer)
+            assert {k: out[k] for k in ("x/y", "a~1b", "plain")} == {
+                "x/y": "hello", "a~1b": "tilde", "plain": "p"}, (writer, lib.__name__)
+    # Both spellings in one tree: each key gets its own string back, partial restores too.
+    both = {"a/b": "slash", "a~1b": "tilde"}
+    with orbax.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "both", args=orbax.args.PyTreeSave(both))
+    with ocp.PyTreeCheckpointer() as ckptr:
+        assert ckptr.restore(tmp_path / "both") == both
+        assert ckptr.restore(tmp_path / "both", args=ocp.args.PyTreeRestore(
+            {"a/b": ""}, partial_restore=True)) == {"a/b": "slash"}
+        with pytest.raises(ocp.errors.InvalidArgumentError, match="JSON Pointer"):
+            ckptr.save(tmp_path / "clash", args=ocp.args.PyTreeSave({"x": "s", "x/y": "t"}))
+
+
+def test_string_leaves_of_checkpoints_written_before_the_pointer_layout_read_back(
+        tmp_path, monkeypatch):
+    import ckpt_async._format as fmt
+    import ckpt_async.handlers.pytree as pytree_handler
+
+    tree = {"x/y": "hello", "a~1b": "tilde"}
+    with monkeypatch.context() as m:  # (the writer of ckpt_async's version 1: plain members)
+        m.setattr(pytree_handler, "STRINGS_AT_POINTERS", 1)
+        m.setattr(fmt, "strings_document", dict)
+        with ocp.PyTreeCheckpointer() as ckptr:
+            ckptr.save(tmp_path / "old", args=ocp.args.PyTreeSave(tree))
+    assert json.loads((tmp_path / "old" / "_strings.json").read_text()) == tree
+    with ocp.PyTreeCheckpointer() as ckptr:
+        assert ckptr.restore(tmp_path / "old") == tree
+
+
+@pytest.mark.parametrize("writer", ["ckpt_async", "orbax"])
+def test_scalar_restore_types_cast_as_orbax_casts_them(tmp_path, writer):
+    tree = {"f": 2.5, "i": 7, "g": np.float64(1.25), "one": np.arange(1)}
+    lib_w = ocp if writer == "ckpt_async" else orbax
+    with lib_w.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", args=lib_w.args.PyTreeSave(tree))
+    outcomes = {}
+    for name, lib in (("ckpt_async", ocp), ("orbax", orbax)):
+        ra = {"f": lib.RestoreArgs(restore_type=np.float32),
+              "i": lib.RestoreArgs(restore_type=np.int16),
+              "g": lib.RestoreArgs(restore_type=float), "one": lib.RestoreArgs()}
+        with lib.PyTreeCheckpointer() as ckptr:
+            out = ckptr.restore(tmp_path / "c", args=lib.args.PyTreeRestore(restore_args=ra))
+            with pytest.raises(ValueError):  # (a shape-(1,) array is no scalar)
+                ckptr.restore(tmp_path / "c", args=lib.args.PyTreeRestore(
+                    restore_args={**ra, "one": lib.RestoreArgs(restore_type=int)}))
+        outcomes[name] = {k: (type(v).__name__, repr(v)) for k, v in out.items() if k != "one"}
+    assert outcomes["ckpt_async"] == outcomes["orbax"] == {
+        "f": ("float32", "np.float32(2.5)"), "i": ("int16", "np.int16(7)"),
+        "g": ("float", "1.25")}

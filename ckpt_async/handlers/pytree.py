@@ -177,6 +177,11 @@ class PyTreeCheckpointHandler(CheckpointHandler):
         if getattr(args, "partial_update", False):
             raise InvalidArgumentError(f"{where}: PyTreeSave(partial_update=True) is not supported")
         planned, skeleton = self.plan(args.item, args.save_args, where)
+        strings = {p.leaf.name: p.leaf.value for p in planned if p.value_type == "string"}
+        try:
+            strings_doc = fmt.encode(fmt.strings_document(strings)) if strings else None
+        except ValueError as exc:
+            raise InvalidArgumentError(f"{where}: {exc}") from exc
         await storage.makedirs(directory)
         roles = current_roles()
         # With several processes each writes the shards it owns (replica 0) into its own OCDBT
@@ -221,7 +226,7 @@ class PyTreeCheckpointHandler(CheckpointHandler):
             # Built off the blocking path: it needs only names, kinds and shardings. Its
             # per-array objects are acyclic and die before the pause ends: no collection.
             with gc_paused():
-                return self._documents(planned, skeleton, custom, roles)
+                return self._documents(planned, skeleton, custom, roles, strings_doc)
 
         async def build_documents() -> dict[str, bytes]:
             await asyncio.wrap_future(all_in)
@@ -255,13 +260,12 @@ class PyTreeCheckpointHandler(CheckpointHandler):
         return Writer(write, nbytes, len(to_stage), finalize, abort)
 
     def _documents(self, planned: list[_Planned], skeleton: Any, custom: Any,
-                   roles: Roles) -> dict[str, bytes]:
+                   roles: Roles, strings_doc: bytes | None) -> dict[str, bytes]:
         """The item's documents this process writes: every one on the primary, only its own
-        ``array_metadatas/process_<i>`` on the others."""
+        ``array_metadatas/process_<i>`` on the others (``strings_doc``: ``_strings.json``)."""
         entries: dict[str, fmt.TreeEntry] = {}
         shardings: dict[str, str] = {}
         array_metas: list[fmt.ArrayMetadataWrapper] = []
-        strings: dict[str, str] = {}
         scalars: dict[str, str] = {}
         key_entry, tree_entry, value_meta = fmt.KeyEntry, fmt.TreeEntry, fmt.ValueMetadata
         for p in planned:
@@ -276,8 +280,6 @@ class PyTreeCheckpointHandler(CheckpointHandler):
                     shardings[base64.b64encode(leaf.name.encode()).decode()] = sjson
                 array_metas.append(fmt.ArrayMetadataWrapper(fmt.ArrayMetadataEntry(
                     leaf.name, write_shape, write_shape)))
-            elif p.value_type == "string":
-                strings[leaf.name] = leaf.value
             if p.scalar_tag is not None:
                 scalars[leaf.name] = p.scalar_tag
             keys = list(map(str, leaf.keys))
@@ -286,15 +288,16 @@ class PyTreeCheckpointHandler(CheckpointHandler):
                 value_meta(p.value_type, p.value_type in _tree.EMPTY_TYPES, write_shape))
         tree_doc = fmt.TreeMetadata(
             entries, custom_metadata=custom,
-            ckpt_async={"version": 1, "skeleton": skeleton, "scalars": scalars})
+            ckpt_async={"version": STRINGS_AT_POINTERS, "skeleton": skeleton,
+                        "scalars": scalars})
         docs = {f"{fmt.ARRAY_METADATAS}/process_{roles.index}":
                 fmt.encode(fmt.ArrayMetadatas(array_metas))}
         if not roles.is_primary:
             return docs
         docs[fmt.PYTREE_METADATA] = fmt.encode(tree_doc, values=custom)
         docs[fmt.SHARDING] = fmt.encode(shardings)
-        if strings:
-            docs[fmt.STRINGS] = fmt.encode(strings)
+        if strings_doc is not None:
+            docs[fmt.STRINGS] = strings_doc
         return docs
 
     # -- read -----------------------------------------------------------------------------------
@@ -573,6 +576,10 @@ class _ByteWindow:
             self._admit()
 
 
+#: ``ckpt_async.version`` in ``_METADATA`` from which ``_strings.json`` holds each string at
+#: its name's JSON Pointer, as Orbax's (version 1 held them as plain members).
+STRINGS_AT_POINTERS = 2
+
 #: Value types whose values are stored arrays.
 _STORED = frozenset({"jax.Array", "np.ndarray", "scalar"})
 
@@ -594,6 +601,7 @@ class _Reader:
                                     hint=sums.index if sums is not None else None)
         ext = doc.ckpt_async or {}
         self.skeleton = ext.get("skeleton")
+        self._flat_strings = ext.get("version", STRINGS_AT_POINTERS) < STRINGS_AT_POINTERS
         self.scalars: dict[str, str] = ext.get("scalars", {})
         self._told_devices = False  # (the default-device warning, once per restore)
         self._strict = True  # (restore_into's)
@@ -604,6 +612,13 @@ class _Reader:
     def ctx(self) -> ts.Context:
         """The item's TensorStore context (its reader's, made on first use)."""
         return self.items.ctx
+
+    def _string(self, name: str) -> Any:
+        try:
+            return fmt.string_in(self.strings, name, flat=self._flat_strings)
+        except KeyError:
+            raise CorruptCheckpointError(
+                f"{self.dir / fmt.STRINGS}: string leaf {name!r} is missing") from None
 
     def _name(self, entry: fmt.TreeEntry) -> str:
         return ".".join(k.key for k in entry.key_metadata)
@@ -673,7 +688,7 @@ class _Reader:
         if vt in _tree.EMPTY_TYPES:
             return self._empty(vt, name)
         if vt == "string":
-            return self.strings[name]
+            return self._string(name)
         sharding = self._saved_sharding(name) if vt == "jax.Array" else None
         if sharding is not None and not sharding.is_fully_addressable:
             return self._read_spread(name, None, None, sharding)
@@ -800,7 +815,7 @@ class _Reader:
             if vt in _tree.EMPTY_TYPES:
                 return tleaf if tleaf is not None or vt == "None" else self._empty(vt, name)
             if vt == "string":
-                return self.strings[name]
+                return self._string(name)
             rarg = rargs.get(key, tleaf if isinstance(tleaf, RestoreArgs) else None)
             if structure_only:
                 if rarg is None:
@@ -870,12 +885,14 @@ class _Reader:
         dtype = getattr(rarg, "dtype", None) or getattr(tleaf, "dtype", None)
         if dtype is not None and not isinstance(tleaf, RestoreArgs) or getattr(rarg, "dtype", None):
             arr = arr.astype(dtype, copy=False)
-        if getattr(rarg, "restore_type", None) in _PYTHON_SCALARS:  # int(...), as Orbax does
-            if arr.size != 1:
+        rtype = getattr(rarg, "restore_type", None)
+        if rtype in _PYTHON_SCALARS or (isinstance(rtype, type) and issubclass(rtype, np.generic)):
+            # int(...), np.float32(...): Orbax's scalar handler, for a 0-d array only
+            if arr.ndim != 0:
                 raise InvalidArgumentError(
                     f"{self.dir}: key {name!r} is stored with shape {arr.shape}: restore_type="
-                    f"{rarg.restore_type.__name__} asks for a scalar")
-            return rarg.restore_type(arr.item())
+                    f"{rtype.__name__} asks for a scalar")
+            return rtype(arr.item())
         if isinstance(rarg, ArrayRestoreArgs) or (rarg is not None and rarg.restore_type is jax.Array):
             sharding = rarg.resolved_sharding() if isinstance(rarg, ArrayRestoreArgs) else None
             return _put(arr, sharding)
