@@ -578,17 +578,23 @@ def test_background_loop_hands_back_errors() -> None:
         _on_engine(lambda: rt.in_background_loop(fail))
 
 
-def test_cancelling_the_caller_stops_the_background_work_first() -> None:
-    rt = get_runtime()
-    events: list[str] = []
-
+def _stops_slowly(events: list[str]):
+    """A coroutine function that runs until cancelled, then takes a while to stop (as a
+    TensorStore write does) and records "stopped"."""
     async def slow() -> None:
         try:
             await asyncio.sleep(30)
         except asyncio.CancelledError:
-            await asyncio.sleep(0.05)  # cleanup that takes a while, like a TensorStore write
+            await asyncio.sleep(0.05)
             events.append("stopped")
             raise
+    return slow
+
+
+def test_cancelling_the_caller_stops_the_background_work_first() -> None:
+    rt = get_runtime()
+    events: list[str] = []
+    slow = _stops_slowly(events)
 
     async def caller() -> None:
         task = asyncio.get_running_loop().create_task(rt.in_background_loop(slow))
@@ -648,15 +654,7 @@ def test_an_interrupted_sync_call_cancels_its_engine_task_first() -> None:
     # cleanup done) when the interrupt reaches the caller.
     rt = get_runtime()
     events: list[str] = []
-
-    async def slow() -> None:
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            await asyncio.sleep(0.05)
-            events.append("stopped")
-            raise
-
+    slow = _stops_slowly(events)
     timer = threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGINT))
     timer.start()
     with pytest.raises(KeyboardInterrupt):
