@@ -27,7 +27,14 @@ from ._integrity import VerifyReport, verify
 from ._paths import set_gcs_options, set_s3_options
 from ._progress import ProgressEvent, progress
 from ._runtime import CommitFuture, set_background_pace, set_background_priority
-from .checkpointers import AsyncCheckpointer, Checkpointer, PyTreeCheckpointer, StandardCheckpointer
+from .checkpoint_managers import AbstractCheckpointManager
+from .checkpointers import (
+    AbstractCheckpointer,
+    AsyncCheckpointer,
+    Checkpointer,
+    PyTreeCheckpointer,
+    StandardCheckpointer,
+)
 from .errors import CheckpointError
 from .handlers import (
     AsyncCheckpointHandler,
@@ -44,6 +51,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PLACEHOLDER",
+    "AbstractCheckpointManager",
+    "AbstractCheckpointer",
     "ArrayRestoreArgs",
     "AsyncCheckpointHandler",
     "AsyncCheckpointer",

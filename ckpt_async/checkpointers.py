@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import abc
 import threading
 from typing import Any
 
@@ -35,7 +36,27 @@ class SaverThread:
             saver.hurry()
 
 
-class AsyncCheckpointer:
+class AbstractCheckpointer(abc.ABC):
+    """The interface of a checkpointer (Orbax's): save to and restore from a path."""
+
+    @abc.abstractmethod
+    def save(self, directory: Any, *args: Any, **kwargs: Any) -> None:
+        """Saves to ``directory``."""
+
+    @abc.abstractmethod
+    def restore(self, directory: Any, *args: Any, **kwargs: Any) -> Any:
+        """Restores from ``directory``."""
+
+    @abc.abstractmethod
+    def metadata(self, directory: Any) -> Any:
+        """The metadata of the checkpoint at ``directory``."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Ends the checkpointer's work."""
+
+
+class AsyncCheckpointer(AbstractCheckpointer):
     """Saves in the background: ``save`` returns once the item is staged in host memory.
 
     >>> with AsyncCheckpointer(StandardCheckpointHandler()) as ckptr:   # doctest: +SKIP

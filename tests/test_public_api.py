@@ -219,3 +219,18 @@ def test_step_not_found_is_raised_as_file_not_found(tmp_path: Path) -> None:
         with pytest.raises(FileNotFoundError) as ei:
             mngr.restore(3)
     assert type(ei.value) is errors.StepNotFoundError
+
+
+def test_managers_and_checkpointers_have_orbax_abstract_interfaces() -> None:
+    members = [n for n in vars(ocp.AbstractCheckpointManager)
+               if not n.startswith("_") and callable(getattr(ocp.AbstractCheckpointManager, n))]
+    assert "save" in members and "metrics" in members
+    for cls in (ocp.CheckpointManager,):
+        for name in members:
+            theirs = inspect.signature(getattr(ocp.AbstractCheckpointManager, name)).parameters
+            ours = inspect.signature(getattr(cls, name)).parameters
+            assert list(ours) == list(theirs), (cls.__name__, name)
+    for cls in (ocp.Checkpointer, ocp.AsyncCheckpointer, ocp.StandardCheckpointer,
+                ocp.PyTreeCheckpointer):
+        assert issubclass(cls, ocp.AbstractCheckpointer)
+    assert ocp.checkpoint_managers.CheckpointManager is ocp.CheckpointManager

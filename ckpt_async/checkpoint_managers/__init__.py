@@ -1,6 +1,9 @@
 """Save-decision and preservation policies for the checkpoint manager (Orbax-compatible names)."""
 
+from typing import Any
+
 from . import preservation_policy, save_decision_policy
+from ._abstract import AbstractCheckpointManager
 from ._info import CheckpointInfo
 from .preservation_policy import (
     AnyPreservationPolicy,
@@ -27,10 +30,13 @@ from .save_decision_policy import (
 )
 
 __all__ = [
+    "AbstractCheckpointManager",
     "AnyPreservationPolicy",
     "AnySavePolicy",
     "BestN",
     "CheckpointInfo",
+    "CheckpointManager",
+    "CheckpointManagerOptions",
     "ContinuousCheckpointingPolicy",
     "CustomSteps",
     "DecisionContext",
@@ -50,3 +56,13 @@ __all__ = [
     "preservation_policy",
     "save_decision_policy",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Orbax's ``ocp.checkpoint_managers`` names the manager too (imported late: the manager
+    # imports the policies from here).
+    if name in ("CheckpointManager", "CheckpointManagerOptions"):
+        from .. import manager
+
+        return getattr(manager, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
