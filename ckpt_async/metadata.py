@@ -136,10 +136,18 @@ class TreeMetadata(Mapping[str, Any]):
         )
 
 
-jax.tree_util.register_pytree_node(
+def _tree_metadata_children(m: TreeMetadata) -> tuple[list[tuple[Any, Any]], Any]:
+    """The children of ``m.tree``'s root, with their keys: a TreeMetadata is its tree to
+    ``jax.tree`` functions (key paths as in the tree, as Orbax's)."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(m.tree, is_leaf=lambda x: x is not m.tree)
+    keyed = [(path[0] if path else jax.tree_util.SequenceKey(0), child) for path, child in flat]
+    return keyed, (treedef, m.custom_metadata, m.use_zarr3)
+
+
+jax.tree_util.register_pytree_with_keys(
     TreeMetadata,
-    lambda m: ((m.tree,), (m.custom_metadata, m.use_zarr3)),
-    lambda aux, children: TreeMetadata(children[0], *aux),
+    _tree_metadata_children,
+    lambda aux, children: TreeMetadata(jax.tree_util.tree_unflatten(aux[0], children), *aux[1:]),
 )
 
 

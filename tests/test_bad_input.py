@@ -130,4 +130,12 @@ def test_unsupported_orbax_options_raise_instead_of_being_ignored(tmp_path):
                                                                 partial_update=True))
         ckptr.save(tmp_path / "c", {"a": np.ones(2)})
         with pytest.raises(InvalidArgumentError, match="transforms"):
-            ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(transforms={}))
+            ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(
+                transforms={r"(.*)": object()}))
+
+
+def test_orbax_legacy_manager_constructor_is_refused_saying_so(tmp_path):
+    for legacy in (ocp.PyTreeCheckpointer(), {"state": ocp.PyTreeCheckpointer()}):
+        with pytest.raises(InvalidArgumentError, match="older constructor"):
+            ocp.CheckpointManager(tmp_path, legacy)
+    assert list(tmp_path.iterdir()) == []

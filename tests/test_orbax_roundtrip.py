@@ -658,3 +658,18 @@ def test_scalar_restore_types_cast_as_orbax_casts_them(tmp_path, writer):
     assert outcomes["ckpt_async"] == outcomes["orbax"] == {
         "f": ("float32", "np.float32(2.5)"), "i": ("int16", "np.int16(7)"),
         "g": ("float", "1.25")}
+
+
+def test_empty_transforms_restore_what_the_item_names_as_in_orbax(tmp_path):
+    # Orbax's older idiom for loading parameters alone (MaxText): transforms={}.
+    full = {"params": {"w": np.ones((2, 3), np.float32)}, "opt": {"mu": np.zeros(3)}, "step": 5}
+    outcomes = {}
+    for name, lib in (("ckpt_async", ocp), ("orbax", orbax)):
+        with lib.PyTreeCheckpointer() as ckptr:
+            ckptr.save(tmp_path / name, full)
+            item = {"params": {"w": np.zeros((2, 3), np.float32)}}
+            ra = {"params": {"w": lib.RestoreArgs(restore_type=np.ndarray)}}
+            out = ckptr.restore(tmp_path / name, item=item, transforms={}, restore_args=ra)
+        outcomes[name] = _describe(out)
+    assert outcomes["ckpt_async"] == outcomes["orbax"]
+    assert list(outcomes["orbax"]) == ["params"]

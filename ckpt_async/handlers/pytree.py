@@ -334,18 +334,24 @@ class PyTreeCheckpointHandler(CheckpointHandler):
 
     async def _restore(self, directory: AnyPath, args: PyTreeRestore | StandardRestore | None
                        ) -> Any:
-        if getattr(args, "transforms", None) is not None or getattr(
+        transforms = getattr(args, "transforms", None)
+        # transforms={} (each key of item from the checkpoint's same key): a partial restore,
+        # an idiom of Orbax's older API (MaxText loads its parameters so)
+        by_name = transforms == {} and getattr(args, "transforms_default_to_original", True)
+        if (transforms is not None and not by_name) or getattr(
                 args, "legacy_transform_fn", None) is not None:
             raise InvalidArgumentError(
                 f"{directory}: restore transforms are not supported by ckpt_async; restore the "
                 "tree as saved and transform it afterwards")
         tree_doc, shardings, strings, sums = await self.read_documents(directory)
-        target = getattr(args, "item", None)
-        restore_args = getattr(args, "restore_args", None)
+        # (a target or restore args built from item metadata: its tree, as in Orbax)
+        target, restore_args = (
+            getattr(x, "tree") if isinstance(x, TreeMetadata) else x
+            for x in (getattr(args, "item", None), getattr(args, "restore_args", None)))
         # StandardRestore(strict=False): arrays are cut or padded to the target's shapes (as
         # Orbax does), and the target may name a part of the checkpoint (which Orbax refuses).
         loose = isinstance(args, StandardRestore) and not args.strict
-        partial = bool(getattr(args, "partial_restore", False)) or loose
+        partial = bool(getattr(args, "partial_restore", False)) or loose or by_name
         reader = _Reader(directory, tree_doc, shardings, strings, sums)
         if target is None and restore_args is None:
             return await reader.restore_as_saved()
@@ -942,11 +948,10 @@ class _Reader:
             return ArrayMetadata(name, self.dir, shape, sharding, dtype, storage_meta)
 
         values = await asyncio.gather(*(one(e) for e in entries))
-        if self.skeleton is not None:
-            tree = _tree.unflatten(self.skeleton, lambda i: values[i])
-        else:
-            tree = _tree.tree_from_key_metadata(
-                [(e.key_metadata, v) for e, v in zip(entries, values)])
+        # The tree as Orbax describes it (from the key metadata: sequences as lists, custom
+        # nodes as dicts), whoever wrote it: code builds restore args and targets from it, and
+        # edits what they restore (brax assigns into a restored list).
+        tree = _tree.tree_from_key_metadata([(e.key_metadata, v) for e, v in zip(entries, values)])
         return TreeMetadata(tree, self.doc.custom_metadata, self.doc.use_zarr3)
 
 

@@ -89,6 +89,13 @@ class AsyncCheckpointManager:
         metadata: dict[str, Any] | None = None,
         logger: AbstractLogger | None = None,
     ) -> None:
+        if options is not None and not isinstance(options, CheckpointManagerOptions):
+            raise InvalidArgumentError(
+                f"CheckpointManager({directory!r}, ...): the second argument is options (a "
+                f"CheckpointManagerOptions), not {type(options).__name__}. Orbax's older "
+                "constructor, CheckpointManager(directory, checkpointers), is not supported: "
+                "pass item_handlers= (or nothing), and save(step, args=...) with "
+                "ocp.args.Composite(...) for several items")
         if item_names is not None and isinstance(item_handlers, CheckpointHandler):
             raise InvalidArgumentError(
                 "item_handlers in default item mode (a single handler) and item_names cannot "
