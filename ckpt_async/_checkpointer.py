@@ -15,6 +15,7 @@ import logging
 import os
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -188,25 +189,31 @@ class AsyncCheckpointer:
             args = make_args(self.handler, "save", args if args is not None else
                              (items[0] if items else None), legacy)
         self._check_args(args, path)
-        await get_runtime().to_thread(check_writable, path)
         # A save to where a commit of ours is still in flight waits for it (as Orbax's waits
         # for every previous save): otherwise a forced one cleared an object-store prefix the
         # other was writing, and an unforced one failed only at its commit.
         for fut in [f for f in self._pending if self._pending_paths.get(f) == path]:
             with contextlib.suppress(Exception):  # (its failure: check_for_errors, below)
                 await fut
-        self.check_for_errors()
-        if await _commit.is_visible(path) and not force:
-            raise StepAlreadyExistsError(f"{path} already exists; pass force=True to overwrite it")
+
+        async def precheck() -> None:
+            self.check_for_errors()
+            await get_runtime().to_thread(check_writable, path)
+            if await _commit.is_visible(path) and not force:
+                raise StepAlreadyExistsError(
+                    f"{path} already exists; pass force=True to overwrite it")
+
         return await self._save_staged(path, args, force=force, custom_metadata=custom_metadata,
-                                      clear_leftovers=force)
+                                      clear_leftovers=force, precheck=precheck)
 
     @on_engine
     async def _save_staged(self, path: AnyPath, args: CheckpointArgs, *, force: bool = False,
                           custom_metadata: dict | None = None,
                           step_metadata: fmt.StepMetadata | None = None,
                           on_commit: Any = None, after: Any = None,
-                          track: bool = True, clear_leftovers: bool = True) -> CommitFuture:
+                          track: bool = True, clear_leftovers: bool = True,
+                          precheck: Callable[[], Awaitable[None]] | None = None
+                          ) -> CommitFuture:
         """The save pipeline (used by the manager too): tmp dir, stage, background commit.
 
         ``after`` (an awaitable) is awaited before the commit, so commits land in order;
@@ -214,6 +221,9 @@ class AsyncCheckpointer:
         the future to the caller (the manager tracks its own) instead of ``wait_until_finished``.
         ``clear_leftovers=False``: an object-store prefix holding objects but no committed
         checkpoint is refused rather than cleared (the manager clears its unfinished steps).
+        ``precheck``: what must hold before anything is written (an earlier commit's failure
+        to raise, a writable directory, no such checkpoint yet); with several processes, what
+        fails on one fails the save on every one, at once (:meth:`_start`).
         """
         init_ns = time.time_ns()
         t0 = time.perf_counter()
@@ -230,7 +240,7 @@ class AsyncCheckpointer:
         frozen = contextlib.ExitStack()
         fut: CommitFuture | None = None
         try:
-            tmp = await self._start(path, sync, clear_leftovers)
+            tmp = await self._start(path, sync, clear_leftovers, precheck)
             try:
                 with gc_paused():  # no full collection in the middle of the blocking part
                     writer = await self.handler.stage(tmp, args)
@@ -297,10 +307,23 @@ class AsyncCheckpointer:
         self._window = PaceWindow(now + min(spans) if spans else None)
         return self._window
 
-    async def _start(self, path: AnyPath, sync: multihost.Sync | None,
-                     clear_leftovers: bool) -> AnyPath:
+    async def _start(self, path: AnyPath, sync: multihost.Sync | None, clear_leftovers: bool,
+                     precheck: Callable[[], Awaitable[None]] | None) -> AnyPath:
         """Where this save writes: the temporary directory, created by the primary process
-        and announced to the others."""
+        and announced to the others. With several processes, every one first says whether
+        its ``precheck`` passed: one that failed raises its error, the others a
+        ProcessFailedError naming it, before anything is written (and the operations of each
+        path stay in step across processes for the next save)."""
+        failed: BaseException | None = None
+        try:
+            if precheck is not None:
+                await precheck()
+        except Exception as exc:  # noqa: BLE001 - raised below, once the others know
+            failed = exc
+        if sync is not None:
+            await sync.arrive("ready", failed)
+        if failed is not None:
+            raise failed
         if sync is None:
             return await _create_tmp(path, clear_leftovers)
         if sync.roles.is_primary:

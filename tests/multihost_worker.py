@@ -235,8 +235,8 @@ def scenario_main(cfg: dict, out: dict) -> None:
     if me == 0:
         ckptr = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler(),
                                       async_options=ocp.AsyncOptions(timeout_secs=3))
-        ckptr.save(cfg["timeout_path"], args=ocp.args.StandardSave(make_state(mesh)))
         try:
+            ckptr.save(cfg["timeout_path"], args=ocp.args.StandardSave(make_state(mesh)))
             ckptr.wait_until_finished()
             raise AssertionError("a save that process 1 never joined raised nothing")
         except BarrierTimeoutError as exc:
@@ -260,6 +260,85 @@ def scenario_main(cfg: dict, out: dict) -> None:
     restored = ocp.StandardCheckpointer().restore(cfg["orbax_save"], target(mesh, True))
     out["checked"][f"orbax wrote {cfg['orbax_save']}"] = check_state(restored, mesh, True)
     scenario_restore_orbax(cfg, out)
+    scenario_consistency(cfg, out)
+
+
+def scenario_consistency(cfg: dict, out: dict) -> None:
+    """What fails on one process fails on every one at once, and every process lists the same
+    steps: an array on one process's devices only, a check failing on one process before the
+    save starts, deletions, and a save failing on one process only."""
+    import time
+
+    import ckpt_async as ocp
+    import ckpt_async._checkpointer as ckpt_core
+    from ckpt_async.errors import CheckpointError
+
+    me = jax.process_index()
+    mesh = make_mesh()
+    base = Path(cfg["consistency"])
+    fast = ocp.AsyncOptions(timeout_secs=60)
+
+    def outcome(fn) -> list:
+        started = time.monotonic()
+        try:
+            fn()
+            kind, message = "ok", ""
+        except CheckpointError as exc:
+            kind, message = type(exc).__name__, str(exc)
+        return [kind, message, round(time.monotonic() - started, 1)]
+
+    # A pipeline stage's parameters on process 1's devices only: refused everywhere.
+    stage_mesh = Mesh(np.array([d for d in jax.devices() if d.process_index == 1]), ("x",))
+    state = {"w": make_state(mesh)["w"],
+             "stage1": jax.device_put(np.arange(8.0), NamedSharding(stage_mesh, P("x")))}
+    ckptr = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler(), async_options=fast)
+    out["submesh"] = outcome(lambda: (ckptr.save(base / "submesh", args=ocp.args.StandardSave(
+        state)), ckptr.wait_until_finished()))
+    out["submesh_visible"] = (base / "submesh").exists()
+    barrier("submesh")
+
+    # Process 1 finds the directory unwritable before the save starts: both raise at once;
+    # the same save then goes through on both (each path's operations stay in step).
+    real = ckpt_core.check_writable
+    if me == 1:
+        def unwritable(path):
+            raise ocp.errors.NotWritableError(f"{path}: injected on process 1")
+        ckpt_core.check_writable = unwritable
+    out["unwritable"] = outcome(lambda: ckptr.save(
+        base / "ck", args=ocp.args.StandardSave(make_state(mesh))))
+    ckpt_core.check_writable = real
+    out["unwritable_retry"] = outcome(lambda: (ckptr.save(
+        base / "ck", args=ocp.args.StandardSave(make_state(mesh))), ckptr.wait_until_finished()))
+    out["checked"]["retried ck"] = check_state(
+        ocp.StandardCheckpointer().restore(base / "ck", target(mesh)), mesh)
+    ckptr.close()
+
+    # Deletions end on every process together: the listings agree, and the latest restores.
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, async_options=fast)
+    mngr = ocp.CheckpointManager(base / "run", options=options)
+    for step in range(3):
+        mngr.save(step, args=ocp.args.StandardSave(make_state(mesh)))
+    mngr.wait_until_finished()
+    out["listed_after_retention"] = mngr.all_steps(read=True)
+    barrier("listed")  # (else the primary may delete before the other process has listed)
+    mngr.delete(2)
+    mngr.reload()
+    out["listed_after_delete"] = [mngr.all_steps(), mngr.latest_step()]
+    out["checked"]["latest after delete"] = check_state(
+        mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(target(mesh))), mesh)
+
+    # Step 3 fails on process 1 only (a leaf it cannot save); the next save raises on both,
+    # at once, and the one after goes through on both.
+    bad = {**make_state(mesh), "loader": np.array([object()] if me == 1 else [1])}
+    out["step3"] = outcome(lambda: mngr.save(3, args=ocp.args.StandardSave(bad)))
+    if me == 0:  # (its save returned: the failure comes with the commit, here awaited)
+        out["step3_commit"] = type(mngr.commit_future(3).exception(60)).__name__
+    barrier("step3")
+    out["step4"] = outcome(lambda: mngr.save(4, args=ocp.args.StandardSave(make_state(mesh))))
+    out["step5"] = outcome(lambda: (mngr.save(5, args=ocp.args.StandardSave(make_state(mesh))),
+                                    mngr.wait_until_finished()))
+    out["listed_at_end"] = mngr.all_steps(read=True)
+    mngr.close()
 
 
 def main() -> None:

@@ -58,7 +58,7 @@ def runs(tmp_path_factory, s3_env):
         "restore": [p["p4x2"], p["p1x4"], p["p1x1"], p["s3_p4x2"]],
         "save": [p["p2x2"], p["s3_p2x2"]],
         "manager": p["run"], "timeout_path": p["timeout"], "orbax_save": p["orbax2x2"],
-        "orbax_restore": [p["p2x2"]],
+        "orbax_restore": [p["p2x2"]], "consistency": str(wd / "consistency"),
     }, wd)
     out["restore4x2"] = launch("restore", 4, 2, {
         **env, "restore": [p["p2x2"], p["s3_p2x2"], p["orbax2x2"]]}, wd)
@@ -163,7 +163,7 @@ def test_a_failing_process_fails_the_save_everywhere_and_nothing_is_visible(runs
 
 def test_a_missing_process_times_out_naming_it(runs):
     message = runs["main"][0]["timeout_error"]
-    assert "process 1 did not reach 'written' within 3 s" in message
+    assert "process 1 did not reach 'ready' within 3 s" in message
     timeout = Path(runs["paths"]["timeout"])
     assert not timeout.exists()
     assert not [n for n in os.listdir(timeout.parent) if n.startswith(timeout.name + ".")]
@@ -195,3 +195,31 @@ def test_one_process_roles_and_unsupported_options(tmp_path):
         with pytest.raises(ocp.errors.InvalidArgumentError):
             ckptr.save(tmp_path / "run" / "0", args=ocp.args.StandardSave({"x": np.zeros(2)}))
     assert not (tmp_path / "run" / "0").exists()
+
+
+def test_what_fails_on_one_process_fails_everywhere_at_once(runs):
+    p0, p1 = runs["main"]
+    # An array on process 1's devices only: refused (nobody could tell it was to be written).
+    assert p0["submesh"][0] == "UnsupportedLeafError" and "process 1 only" in p0["submesh"][1]
+    assert p1["submesh"][0] == "ProcessFailedError" and "process 0" in p1["submesh"][1]
+    assert not p0["submesh_visible"] and not p1["submesh_visible"]
+    # A check failing on process 1 before the save: both raise at once, and the retry saves.
+    assert p1["unwritable"][:2] == ["NotWritableError", p1["unwritable"][1]]
+    assert "injected on process 1" in p1["unwritable"][1]
+    assert p0["unwritable"][0] == "ProcessFailedError" and "process 1" in p0["unwritable"][1]
+    assert max(p0["unwritable"][2], p1["unwritable"][2]) < 30  # (not the 60 s timeout)
+    assert p0["unwritable_retry"][0] == p1["unwritable_retry"][0] == "ok"
+    assert p0["checked"]["retried ck"] == p1["checked"]["retried ck"] > 0
+    # Deletions and retention: every process lists what is on disk.
+    for result in (p0, p1):
+        assert result["listed_after_retention"] == [1, 2]
+        assert result["listed_after_delete"] == [[1], 1]
+        assert result["checked"]["latest after delete"] > 0
+    # A save failing on process 1 only: the next save raises on both, at once; then saves go on.
+    assert p1["step3"][0] == "UnsupportedLeafError" and p0["step3"][0] == "ok"
+    assert p0["step3_commit"] == "ProcessFailedError"
+    assert p0["step4"][0] == "ProcessFailedError" and p1["step4"][0] == "ProcessFailedError"
+    assert max(p0["step4"][2], p1["step4"][2]) < 30
+    assert p0["step5"][0] == p1["step5"][0] == "ok"
+    assert p0["listed_at_end"] == p1["listed_at_end"] == [1, 5]
+    assert sorted(os.listdir(Path(runs["dir"]) / "consistency" / "run")) == ["1", "5"]

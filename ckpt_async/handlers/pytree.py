@@ -182,8 +182,10 @@ class PyTreeCheckpointHandler(CheckpointHandler):
             strings_doc = fmt.encode(fmt.strings_document(strings)) if strings else None
         except ValueError as exc:
             raise InvalidArgumentError(f"{where}: {exc}") from exc
-        await storage.makedirs(directory)
         roles = current_roles()
+        if roles.multi and roles.is_primary:
+            _refuse_arrays_of_another_process_only(planned, roles, where)
+        await storage.makedirs(directory)
         # With several processes each writes the shards it owns (replica 0) into its own OCDBT
         # database, as Orbax does; arrays held whole by every process (NumPy, scalars, jax
         # arrays on this process's devices only) are written once, by the primary.
@@ -580,6 +582,22 @@ class _ByteWindow:
         finally:
             self.used -= n
             self._admit()
+
+
+def _refuse_arrays_of_another_process_only(planned: list[_Planned], roles: Roles,
+                                           where: str) -> None:
+    """A ``jax.Array`` on the devices of one other process only (a pipeline stage's
+    sub-mesh): that process cannot tell it from an array of its own, which the primary
+    writes, so nobody would write it (Orbax refuses such arrays too)."""
+    for p in planned:
+        if p.value_type != "jax.Array":
+            continue
+        owners = {d.process_index for d in p.leaf.value.sharding.device_set}
+        if len(owners) == 1 and roles.index not in owners:
+            raise UnsupportedLeafError(
+                f"{where}: leaf {p.leaf.name!r} is a jax.Array on the devices of process "
+                f"{owners.pop()} only, which cannot be told from that process's own (host-local) "
+                "array; shard it over a mesh that spans every process, or replicate it")
 
 
 #: ``ckpt_async.version`` in ``_METADATA`` from which ``_strings.json`` holds each string at

@@ -28,6 +28,7 @@ from .._runtime import CommitFuture, get_runtime, on_engine
 from ..args import CheckpointArgs, Composite, JsonSave
 from ..checkpoint_managers import CheckpointInfo, DecisionContext, PreservationContext
 from ..errors import (
+    CheckpointError,
     ClosedError,
     CorruptCheckpointError,
     InvalidArgumentError,
@@ -355,7 +356,9 @@ class AsyncCheckpointManager:
         started = time.time()
         await self._open()
         step = _check_step(step)
-        self._raise_failure()
+        multi = self._roles.multi
+        if not multi:  # (with several processes: in precheck below, where all raise at once)
+            self._raise_failure()
         composite = self._as_composite(args)
         if not await self._agree(f"decide:{self.directory}:{step}",
                                  force or self.should_save(step)):
@@ -371,11 +374,19 @@ class AsyncCheckpointManager:
         if self.options.read_only:
             log.warning("%s is read only: step %d was not saved", self.directory, step)
             return None
-        if step in self.all_steps() or (not force and await _commit.is_visible(self._step_path(step))):
-            # (on disk too: another writer may have committed it; the commit's create-once
-            # rename is what decides a race, this only reports the common case early)
-            raise StepAlreadyExistsError(f"Checkpoint for step {step} already exists in "
-                                         f"{self.directory}.")
+
+        async def precheck() -> None:
+            if multi:
+                self._raise_failure()
+            if step in self.all_steps() or (
+                    not force and await _commit.is_visible(self._step_path(step))):
+                # (on disk too: another writer may have committed it; the commit's
+                # create-once rename is what decides a race, this reports the common case)
+                raise StepAlreadyExistsError(f"Checkpoint for step {step} already exists in "
+                                             f"{self.directory}.")
+
+        if not multi:
+            await precheck()  # (before waiting for a commit in flight)
         stats = SaveStepStatistics(
             step=step, directory=str(self.directory),
             synchronous=not self.options.enable_async_checkpointing,
@@ -409,17 +420,23 @@ class AsyncCheckpointManager:
         async def retain(path: AnyPath, _meta: Any) -> None:
             # Orbax retires the new step too when the policy does not keep it (BestN with a
             # worse metric): unlisted now, deleted once committed.
-            if not to_remove:
-                return
-            if self.options.enable_background_delete:
+            if to_remove and self.options.enable_background_delete:
                 self._queue_deletion(step, [c.step for c in to_remove])
-            else:  # Orbax's default: at most max_to_keep + 1 steps on disk at any moment
+            elif to_remove:  # Orbax's default: at most max_to_keep + 1 steps on disk at once
                 await self._delete_logged(step, [c.step for c in to_remove])
+            if multi and not self.options.enable_background_delete:
+                # (no process's commit ends before the primary's deletions: each lists, and
+                # may restore, only what is on disk)
+                try:
+                    await self._meet(f"retain:{self.directory}:{step}", "retained")
+                except CheckpointError as exc:  # (the step is committed all the same)
+                    log.error("step %d of %s is committed, but the processes did not meet "
+                              "after its retention: %s", step, self.directory, exc)
 
         t = time.time()
         fut = await self._checkpointer._save_staged(
             self._step_path(step), Composite(**items), step_metadata=meta, on_commit=retain,
-            after=prev, track=False)
+            after=prev, track=False, precheck=precheck if multi else None)
         stats.checkpointer_blocking_start_time = t
         stats.checkpointer_blocking_duration_secs = time.time() - t
         log.debug("step %d staged in %.3f s", step, stats.checkpointer_blocking_duration_secs)
@@ -464,6 +481,14 @@ class AsyncCheckpointManager:
         answer = await sync.broadcast("decision", "save" if decision else "skip")
         return answer == "save"
 
+    async def _meet(self, what: str, phase: str) -> None:
+        """A barrier of every process of the run."""
+        sync = multihost.Sync(what, self._roles, (self.options.async_options or AsyncOptions())
+                              .timeout_secs, self.options.multiprocessing_options
+                              .barrier_sync_key_prefix)
+        await sync.arrive(phase)
+        await sync.cleanup()
+
     def _queue_deletion(self, step: int, steps: list[int]) -> None:
         """``enable_background_delete``: deletes ``steps`` (retired by ``step``'s commit) in
         the background, one deletion at a time, outside every commit, so that a slow deletion
@@ -491,7 +516,8 @@ class AsyncCheckpointManager:
             # (a cancelled caller stops waiting here: its save was not started)
             with contextlib.suppress(Exception):  # (a failure: recorded by _on_done, raised below)
                 await self._futures[oldest]
-            self._raise_failure()
+            if not self._roles.multi:  # (with several processes: by the save's precheck)
+                self._raise_failure()
 
     def _on_done(self, step: int, fut: CommitFuture, removed: list[CheckpointInfo]) -> None:
         """Runs when a commit ends (any thread): a failed step leaves the listing, and the
@@ -585,6 +611,8 @@ class AsyncCheckpointManager:
             await asyncio.shield(asyncio.wrap_future(fut))
         await self._delete_steps([step])
         self._checkpoints = [c for c in self._checkpoints if c.step != step]
+        if self._roles.multi:  # (as Orbax: every process returns once the step is gone)
+            await self._meet(f"delete:{self.directory}:{step}", "deleted")
 
     # -- restore / metadata ----------------------------------------------------------------------
     async def _resolve_step_dir(self, step: int | None, directory: Any = None) -> tuple[int, AnyPath]:
