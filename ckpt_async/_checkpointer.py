@@ -45,7 +45,7 @@ from .errors import (
     ProcessFailedError,
     StepAlreadyExistsError,
 )
-from .handlers.base import CheckpointHandler
+from .handlers.base import CheckpointHandler, adapt, typestr_of
 from .handlers.composite import CompositeCheckpointHandler
 from .metadata import StepMetadata
 
@@ -243,7 +243,7 @@ class AsyncCheckpointer:
             tmp = await self._start(path, sync, clear_leftovers, precheck)
             try:
                 with gc_paused():  # no full collection in the middle of the blocking part
-                    writer = await self.handler.stage(tmp, args)
+                    writer = await adapt(self.handler).stage(tmp, args)
                     frozen.enter_context(heap_frozen())
             except BaseException as exc:
                 if sync is not None:  # the others must not wait for this process's part
@@ -343,7 +343,7 @@ class AsyncCheckpointer:
     def _item_handlers(self) -> Any:
         if isinstance(self.handler, CompositeCheckpointHandler):
             return dict(getattr(self.handler, "last_item_handlers", {}))
-        return self.handler.typestr
+        return typestr_of(self.handler)
 
     async def _finish(self, writer: Any, tmp: AnyPath, path: AnyPath, meta: fmt.StepMetadata,
                       item_dirs: list[AnyPath], force: bool, on_commit: Any, after: Any,
@@ -442,7 +442,7 @@ class AsyncCheckpointer:
             items, args = (args, *items), None
         if args is None and (items or legacy):
             args = make_args(self.handler, "restore", items[0] if items else None, legacy)
-        return await self.handler.restore(path, args)
+        return await adapt(self.handler).restore(path, args)
 
     @on_engine
     async def metadata(self, directory: Any) -> StepMetadata:
@@ -454,7 +454,7 @@ class AsyncCheckpointer:
         statistics = (ext.statistics if ext is not None else None) or {}
         return StepMetadata(
             item_handlers=doc.item_handlers,
-            item_metadata=await self.handler.metadata(path),
+            item_metadata=await adapt(self.handler).metadata(path),
             metrics=doc.metrics,
             performance_metrics={**doc.performance_metrics, **statistics},
             init_timestamp_nsecs=doc.init_timestamp_nsecs,

@@ -11,9 +11,12 @@ processes wrote). The checkpointer makes the files durable and commits; a handle
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
+from .. import _storage as storage
 from .._paths import AnyPath
 
 
@@ -46,7 +49,12 @@ class Writer:
 
 
 class CheckpointHandler:
-    """Base of every handler. Subclasses implement the coroutines below."""
+    """Base of every handler. Subclasses implement the coroutines below.
+
+    A handler written to Orbax's interface instead (a subclass, or any object, with
+    synchronous ``save(directory, args)`` / ``restore(directory, args)`` / ``metadata`` /
+    ``finalize``, or a coroutine ``async_save`` returning futures) works too: it is driven
+    through :func:`adapt` (its synchronous methods run in worker threads)."""
 
     #: The type string written into ``_CHECKPOINT_METADATA`` (Orbax's, for compatibility).
     typestr: ClassVar[str] = ""
@@ -64,5 +72,87 @@ class CheckpointHandler:
         """Releases resources; the handler is not used afterwards."""
 
 
-# Orbax's name for a handler that may save asynchronously; every handler here does.
-AsyncCheckpointHandler = CheckpointHandler
+class AsyncCheckpointHandler(CheckpointHandler):
+    """A handler that saves in the background (Orbax's name): every handler of ckpt_async is
+    one. An Orbax-style subclass implements ``async_save(directory, args)``, a coroutine
+    that starts the writes and returns futures (``.result()``) the commit waits for."""
+
+
+def is_native(handler: Any) -> bool:
+    """Whether ``handler`` implements ckpt_async's coroutines (else Orbax's interface)."""
+    cls = type(handler)
+    return (isinstance(handler, CheckpointHandler) and cls.stage is not CheckpointHandler.stage
+            and inspect.iscoroutinefunction(cls.restore))
+
+
+def typestr_of(handler: Any) -> str:
+    """The type string ``_CHECKPOINT_METADATA`` records for ``handler``'s item."""
+    given = getattr(handler, "typestr", None)
+    if callable(given):  # (Orbax's handlers: a classmethod)
+        given = given()
+    cls = type(handler)
+    return given if isinstance(given, str) and given else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def adapt(handler: Any) -> CheckpointHandler:
+    """``handler`` itself, or, for a handler written to Orbax's interface, one driving it."""
+    return handler if is_native(handler) else _OrbaxStyle(handler)
+
+
+class _OrbaxStyle(AsyncCheckpointHandler):
+    """Drives a handler written to Orbax's interface: ``save`` runs while the item is staged
+    (it writes then, as Orbax's synchronous handlers do), ``async_save``'s futures are
+    waited for by the background write, ``finalize`` completes the item, and ``restore``
+    and ``metadata`` run in a worker thread."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.typestr = typestr_of(inner)  # type: ignore[misc]
+
+    async def stage(self, directory: AnyPath, args: Any) -> Writer:
+        from .._runtime import get_runtime
+
+        rt, inner = get_runtime(), self.inner
+        if isinstance(inner, CheckpointHandler) and type(inner).stage is not CheckpointHandler.stage:
+            return await inner.stage(directory, args)  # (ours, with some methods overridden)
+        await storage.makedirs(directory)  # (Orbax's handlers write into it)
+        async_save = getattr(inner, "async_save", None)
+        futures: Any = ()
+        if async_save is not None and inspect.iscoroutinefunction(async_save):
+            futures = await async_save(directory, args=args) or ()
+        else:
+            await rt.to_thread(functools.partial(inner.save, directory, args=args))
+
+        async def write() -> None:
+            for fut in futures:
+                await rt.to_thread(fut.result)
+
+        async def finalize() -> None:
+            if callable(getattr(inner, "finalize", None)):
+                await rt.to_thread(inner.finalize, directory)
+
+        return Writer(write, finalize=finalize)
+
+    async def restore(self, directory: AnyPath, args: Any = None) -> Any:
+        from .._runtime import get_runtime
+
+        if inspect.iscoroutinefunction(self.inner.restore):
+            return await self.inner.restore(directory, args)
+        return await get_runtime().to_thread(
+            functools.partial(self.inner.restore, directory, args=args))
+
+    async def metadata(self, directory: AnyPath) -> Any:
+        from .._runtime import get_runtime
+
+        if not callable(getattr(self.inner, "metadata", None)):
+            return None
+        if inspect.iscoroutinefunction(self.inner.metadata):
+            return await self.inner.metadata(directory)
+        try:
+            return await get_runtime().to_thread(self.inner.metadata, directory)
+        except NotImplementedError:
+            return None
+
+    def close(self) -> None:
+        if callable(getattr(self.inner, "close", None)):
+            self.inner.close()

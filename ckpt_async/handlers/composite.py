@@ -14,11 +14,11 @@ from .._paths import AnyPath
 from .._stage import cancel_all
 from ..args import CheckpointArgs, Composite, register_with_handler
 from ..errors import HandlerError, ItemNotFoundError
-from .base import CheckpointHandler, Writer
+from .base import AsyncCheckpointHandler, CheckpointHandler, Writer, adapt, typestr_of
 from .registry import DefaultCheckpointHandlerRegistry, handler_for_typestr
 
 
-class CompositeCheckpointHandler(CheckpointHandler):
+class CompositeCheckpointHandler(AsyncCheckpointHandler):
     """Saves ``Composite(name=args, ...)``: each item with its own handler, in ``<dir>/<name>``.
 
     Handlers come from the registry (eager configuration) or are locked in by the first args
@@ -57,7 +57,7 @@ class CompositeCheckpointHandler(CheckpointHandler):
         try:
             for name, a in args.items():
                 if a is not None:
-                    writers[name] = await handlers[name].stage(directory / name, a)
+                    writers[name] = await adapt(handlers[name]).stage(directory / name, a)
         except BaseException:
             await abort()  # (the items staged before this one have started writing)
             raise
@@ -76,11 +76,11 @@ class CompositeCheckpointHandler(CheckpointHandler):
         async def finalize() -> None:
             await every(Writer.finalize)
 
-        self.last_item_handlers = {n: h.typestr for n, h in handlers.items()}
+        self.last_item_handlers = {n: typestr_of(h) for n, h in handlers.items()}
         for name, a in args.items():  # named with None: recorded, restored as None (Orbax)
             locked = self.registry.locked(name) if a is None else None
             if locked is not None:
-                self.last_item_handlers[name] = locked.typestr
+                self.last_item_handlers[name] = typestr_of(locked)
         return Writer(write, sum(w.nbytes for w in writers.values()),
                       sum(w.arrays for w in writers.values()), finalize, abort)
 
@@ -129,7 +129,7 @@ class CompositeCheckpointHandler(CheckpointHandler):
             # (not locked in before the step is known to hold them; a mismatch is raised below)
             with contextlib.suppress(HandlerError):
                 handlers = {n: self.registry.resolve(n, a, lock=False) for n, a in given.items()}
-                early = {n: asyncio.ensure_future(h.restore(directory / n, given[n]))
+                early = {n: asyncio.ensure_future(adapt(h).restore(directory / n, given[n]))
                          for n, h in handlers.items()}
         try:
             stored, recorded = await self._stored_items(directory)
@@ -143,7 +143,7 @@ class CompositeCheckpointHandler(CheckpointHandler):
             handlers = {n: self._handler_for_restore(n, wanted[n], stored.get(n), directory)
                         for n in present}
             results = await asyncio.gather(*(
-                early[n] if n in early else handlers[n].restore(directory / n, wanted[n])
+                early[n] if n in early else adapt(handlers[n]).restore(directory / n, wanted[n])
                 for n in present))
         except BaseException:
             await cancel_all(list(early.values()))
@@ -159,7 +159,8 @@ class CompositeCheckpointHandler(CheckpointHandler):
             handler = self.registry.locked(name)
             if handler is None and typestr:
                 handler = handler_for_typestr(typestr)
-            out[name] = await handler.metadata(directory / name) if handler is not None else None
+            out[name] = (await adapt(handler).metadata(directory / name)
+                         if handler is not None else None)
         return Composite(**out)
 
 

@@ -13,10 +13,10 @@ from .._paths import AnyPath
 from ..args import JsonRestore, JsonSave, register_with_handler
 from ..errors import CheckpointNotFoundError, UnsupportedLeafError
 from ..multihost import current_roles
-from .base import CheckpointHandler, Writer
+from .base import AsyncCheckpointHandler, Writer
 
 
-class JsonCheckpointHandler(CheckpointHandler):
+class JsonCheckpointHandler(AsyncCheckpointHandler):
     """Saves and restores a JSON-serializable document (dicts, lists, numbers, strings)."""
 
     typestr = fmt.JSON_TYPESTR

@@ -55,7 +55,7 @@ from ..metadata import (
 )
 from ..multihost import Roles, current_roles
 from ..type_handlers import PLACEHOLDER, ArrayRestoreArgs, RestoreArgs, SaveArgs
-from .base import CheckpointHandler, Writer
+from .base import AsyncCheckpointHandler, Writer
 
 _SCALAR_DTYPES = {bool: np.dtype(bool), int: np.dtype(np.int64), float: np.dtype(np.float64),
                   complex: np.dtype(np.complex128)}
@@ -117,6 +117,11 @@ def _classify(leaf: _tree.Leaf, save_arg: SaveArgs | None, where: str,
 
 
 def _check_storable(leaf: _tree.Leaf, dtype: Any, cast: np.dtype | None, where: str) -> None:
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        raise UnsupportedLeafError(
+            f"{where}: leaf {leaf.name!r} is a typed PRNG key ({dtype}), which ckpt_async does "
+            "not save yet; save jax.random.key_data(key) and rebuild it with "
+            "jax.random.wrap_key_data")
     for dt in (dtype, cast):
         if dt is not None and not ser.is_storable(np.dtype(dt)):
             raise UnsupportedLeafError(f"{where}: leaf {leaf.name!r} has dtype {dt}, which "
@@ -130,7 +135,7 @@ def _save_args_by_name(save_args: Any, where: str) -> dict[str, SaveArgs]:
     return {name: a for _k, name, a in pairs if isinstance(a, SaveArgs)}
 
 
-class PyTreeCheckpointHandler(CheckpointHandler):
+class PyTreeCheckpointHandler(AsyncCheckpointHandler):
     """Saves and restores a pytree (``PyTreeSave`` / ``PyTreeRestore``).
 
     ``host_memory_budget_bytes`` bounds the bytes staged in host memory but not yet written:

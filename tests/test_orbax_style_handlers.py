@@ -1,0 +1,144 @@
+"""Handlers written to Orbax's interface (synchronous ``save`` / ``restore`` / ``metadata`` /
+``finalize``, or ``async_save`` returning futures), as grain's data-iterator handler and
+Orbax's custom-handler guide write them, in ckpt_async's checkpointers and managers, and
+side by side with orbax-checkpoint 0.12.8 on the same files."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import threading
+import time
+
+import numpy as np
+import orbax.checkpoint as orbax
+import pytest
+
+import ckpt_async as ocp
+
+
+class Iterator:
+    def __init__(self, pos: int = 0) -> None:
+        self.pos = pos
+
+
+class GrainLikeHandler:
+    """Duck-typed, as grain's PyGrainCheckpointHandler: no base class at all."""
+
+    def save(self, directory, item=None, args=None):
+        item = item or args.item
+        (directory / "process_0-of-1.json").write_text(json.dumps({"pos": item.pos}))
+
+    def restore(self, directory, item=None, args=None):
+        item = item or args.item
+        item.pos = json.loads((directory / "process_0-of-1.json").read_text())["pos"]
+        return item
+
+    def metadata(self, directory):
+        return None
+
+    def finalize(self, directory):
+        (directory / "finalized").write_text("yes")
+
+    def close(self):
+        pass
+
+    @classmethod
+    def typestr(cls):
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _grain_args(lib):
+    @lib.args.register_with_handler(GrainLikeHandler, for_save=True)
+    @dataclasses.dataclass
+    class IterSave(lib.args.CheckpointArgs):
+        item: object
+
+    @lib.args.register_with_handler(GrainLikeHandler, for_restore=True)
+    @dataclasses.dataclass
+    class IterRestore(lib.args.CheckpointArgs):
+        item: object
+
+    return IterSave, IterRestore
+
+
+GRAIN_ARGS = {lib: _grain_args(lib) for lib in (ocp, orbax)}
+
+
+@pytest.mark.parametrize(("writer", "reader"), [("ckpt_async", "ckpt_async"),
+                                                ("ckpt_async", "orbax"), ("orbax", "ckpt_async")])
+def test_a_duck_typed_handler_serves_an_item_of_a_manager(tmp_path, writer, reader):
+    libs = {"ckpt_async": ocp, "orbax": orbax}
+    w, r = libs[writer], libs[reader]
+    save, _ = GRAIN_ARGS[w]
+    with w.CheckpointManager(tmp_path, item_names=("state", "iter")) as mngr:
+        mngr.save(1, args=w.args.Composite(state=w.args.StandardSave({"a": np.arange(3)}),
+                                           iter=save(Iterator(7))))
+    step = tmp_path / "1"
+    assert json.loads((step / "iter" / "process_0-of-1.json").read_text()) == {"pos": 7}
+    assert (step / "iter" / "finalized").read_text() == "yes"
+    recorded = json.loads((step / "_CHECKPOINT_METADATA").read_text())["item_handlers"]
+    assert recorded["iter"] == GrainLikeHandler.typestr()
+    _, restore = GRAIN_ARGS[r]
+    with r.CheckpointManager(tmp_path, item_names=("state", "iter")) as mngr:
+        out = mngr.restore(1, args=r.args.Composite(state=r.args.StandardRestore(),
+                                                    iter=restore(Iterator())))
+    assert out["iter"].pos == 7
+    np.testing.assert_array_equal(out["state"]["a"], np.arange(3))
+
+
+class GuideHandler(ocp.CheckpointHandler):
+    """Orbax's custom-handler guide: a subclass with synchronous methods."""
+
+    def save(self, directory, args):
+        (directory / "doc.json").write_text(json.dumps(args.item))
+
+    def restore(self, directory, args=None):
+        return json.loads((directory / "doc.json").read_text())
+
+    def metadata(self, directory):
+        return {"files": sorted(p.name for p in directory.iterdir())}
+
+
+@ocp.args.register_with_handler(GuideHandler, for_save=True)
+@dataclasses.dataclass
+class GuideSave(ocp.args.CheckpointArgs):
+    item: object
+
+
+@ocp.args.register_with_handler(GuideHandler, for_restore=True)
+@dataclasses.dataclass
+class GuideRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+class GuideAsyncHandler(ocp.AsyncCheckpointHandler, GuideHandler):
+    """The guide's asynchronous variant: async_save starts the write and returns its future."""
+
+    written = threading.Event()
+
+    async def async_save(self, directory, args):
+        def write():
+            time.sleep(0.2)  # (still writing when save() returns)
+            (directory / "doc.json").write_text(json.dumps(args.item))
+            GuideAsyncHandler.written.set()
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        return [pool.submit(write)]
+
+
+def test_a_subclass_with_synchronous_methods_works_in_a_checkpointer(tmp_path):
+    with ocp.Checkpointer(GuideHandler()) as ckptr:
+        ckptr.save(tmp_path / "c", args=GuideSave({"a": 1}))
+        assert ckptr.restore(tmp_path / "c", args=GuideRestore()) == {"a": 1}
+        assert "doc.json" in ckptr.metadata(tmp_path / "c").item_metadata["files"]
+
+
+def test_async_save_futures_are_waited_for_before_the_commit(tmp_path):
+    assert issubclass(GuideAsyncHandler, ocp.CheckpointHandler)
+    with ocp.AsyncCheckpointer(GuideAsyncHandler()) as ckptr:
+        ckptr.save(tmp_path / "c", args=GuideSave({"b": 2}))
+        assert not GuideAsyncHandler.written.is_set()  # (returned while the write runs)
+        ckptr.wait_until_finished()
+        assert GuideAsyncHandler.written.is_set()
+        assert ckptr.restore(tmp_path / "c", args=GuideRestore()) == {"b": 2}
