@@ -246,13 +246,14 @@ class AsyncCheckpointer:
                     writer = await adapt(self.handler).stage(tmp, args)
                     frozen.enter_context(heap_frozen())
             except BaseException as exc:
+                if isinstance(exc, CheckpointError) and exc.args and isinstance(exc.args[0], str):
+                    # (named as the caller, and the other processes, know it: the temporary
+                    # directory is gone)
+                    exc.args = (exc.args[0].replace(str(tmp), str(path)), *exc.args[1:])
                 if sync is not None:  # the others must not wait for this process's part
                     await sync.arrive("written", exc)
                 if sync is None or roles.is_primary:
                     await _commit.abort(tmp)
-                if isinstance(exc, CheckpointError) and exc.args and isinstance(exc.args[0], str):
-                    # (named as the caller knows it: the temporary directory is gone)
-                    exc.args = (exc.args[0].replace(str(tmp), str(path)), *exc.args[1:])
                 raise
             meta = step_metadata or fmt.StepMetadata()
             meta.init_timestamp_nsecs = meta.init_timestamp_nsecs or init_ns

@@ -202,6 +202,7 @@ def test_what_fails_on_one_process_fails_everywhere_at_once(runs):
     # An array on process 1's devices only: refused (nobody could tell it was to be written).
     assert p0["submesh"][0] == "UnsupportedLeafError" and "process 1 only" in p0["submesh"][1]
     assert p1["submesh"][0] == "ProcessFailedError" and "process 0" in p1["submesh"][1]
+    assert "orbax-checkpoint-tmp" not in p1["submesh"][1]  # (the path as the user gave it)
     assert not p0["submesh_visible"] and not p1["submesh_visible"]
     # A check failing on process 1 before the save: both raise at once, and the retry saves.
     assert p1["unwritable"][:2] == ["NotWritableError", p1["unwritable"][1]]
