@@ -453,9 +453,17 @@ class AsyncCheckpointer:
         found, ext = await _integrity.read_step_metadata(path)
         doc = found or fmt.StepMetadata()
         statistics = (ext.statistics if ext is not None else None) or {}
+        try:
+            item_metadata = await adapt(self.handler).metadata(path)
+        except CheckpointNotFoundError:
+            if found is None:
+                raise
+            # A checkpoint, but none of this handler's (a manager's step of several items,
+            # each in its folder): no item metadata, as Orbax answers.
+            item_metadata = None
         return StepMetadata(
             item_handlers=doc.item_handlers,
-            item_metadata=await adapt(self.handler).metadata(path),
+            item_metadata=item_metadata,
             metrics=doc.metrics,
             performance_metrics={**doc.performance_metrics, **statistics},
             init_timestamp_nsecs=doc.init_timestamp_nsecs,

@@ -29,6 +29,7 @@ from .tree import (
 
 __all__ = [
     "TMP_DIR_SUFFIX",
+    "fully_replicated_host_local_array_to_global_array",
     "any_checkpoint_step",
     "checkpoint_steps",
     "deserialize_tree",
@@ -47,6 +48,26 @@ __all__ = [
 TMP_DIR_SUFFIX = fmt.TMP_SUFFIX
 
 _TMP_STEP = re.compile(r".*?_*?(\d+)" + re.escape(fmt.TMP_SUFFIX))
+
+
+def fully_replicated_host_local_array_to_global_array(arr: Any) -> Any:
+    """A ``jax.Array`` replicated over every device of the run, from ``arr``, which holds the
+    same value on each of this process's devices: ``pmap``'s output (one copy per device
+    along a leading axis, which is dropped) or an array replicated over the local devices
+    (Orbax's helper, for pmap-era training states)."""
+    import jax
+    import numpy as np
+
+    pieces = sorted((s.data for s in arr.addressable_shards),
+                    key=lambda d: next(iter(d.devices())).id)
+    shape = pieces[0].shape
+    if shape != arr.shape:  # (pmap: each device holds one slice of the leading axis)
+        pieces = [p[0] for p in pieces]
+        shape = shape[1:]
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
+    spec = jax.sharding.PartitionSpec(None) if shape else jax.sharding.PartitionSpec()
+    return jax.make_array_from_single_device_arrays(
+        shape, jax.sharding.NamedSharding(mesh, spec), pieces)
 
 
 def step_from_checkpoint_name(name: str) -> int:

@@ -149,3 +149,13 @@ def test_a_typed_prng_key_is_refused_naming_the_leaf_and_the_way_around(tmp_path
             ckptr.save(tmp_path / "c", {"rng": jax.random.key(0), "w": np.ones(2)})
         ckptr.save(tmp_path / "d", {"rng": jax.random.key_data(jax.random.key(0))})
     assert not (tmp_path / "c").exists()
+
+
+def test_handlers_take_orbax_arguments_and_refuse_unknown_ones():
+    ocp.PyTreeCheckpointHandler(None, use_ocdbt=True, use_zarr3=False, save_concurrent_gb=1,
+                                restore_concurrent_gb=1, enable_pinned_host_transfer=False)
+    ocp.StandardCheckpointHandler(save_concurrent_gb=96, restore_concurrent_gb=96)
+    ocp.JsonCheckpointHandler("metrics", multiprocessing_options=ocp.options.MultiprocessingOptions())
+    for handler in (ocp.PyTreeCheckpointHandler, ocp.StandardCheckpointHandler):
+        with pytest.raises(TypeError, match="'use_ocbdt'"):  # (a misspelling)
+            handler(use_ocbdt=True)

@@ -673,3 +673,17 @@ def test_empty_transforms_restore_what_the_item_names_as_in_orbax(tmp_path):
         outcomes[name] = _describe(out)
     assert outcomes["ckpt_async"] == outcomes["orbax"]
     assert list(outcomes["orbax"]) == ["params"]
+
+
+def test_checkpointer_metadata_of_a_managers_step_has_no_item_metadata_as_in_orbax(tmp_path):
+    # gemma's loader asks a step directory first, then descends into its item's folder.
+    for name, lib in (("ckpt_async", ocp), ("orbax", orbax)):
+        with lib.CheckpointManager(tmp_path / name) as mngr:
+            mngr.save(1, args=lib.args.Composite(default=lib.args.StandardSave(
+                {"params": {"w": np.ones(2)}})))
+        ckptr = lib.StandardCheckpointer()
+        assert ckptr.metadata(tmp_path / name / "1").item_metadata is None
+        tree = ckptr.metadata(tmp_path / name / "1" / "default").item_metadata.tree
+        assert list(tree) == ["params"] and tree["params"]["w"].shape == (2,)
+    with ocp.StandardCheckpointer() as ckptr, pytest.raises(ocp.errors.CheckpointNotFoundError):
+        ckptr.metadata(tmp_path / "nothing")

@@ -120,3 +120,16 @@ def test_step_queries_on_a_manager_directory_match_orbax(tmp_path: Path) -> None
 def test_primary_host_and_barrier_in_one_process() -> None:
     assert ocp.utils.is_primary_host(0) and not ocp.utils.is_primary_host(1)
     ocp.utils.sync_global_processes("test_utils")  # one process: returns at once
+
+
+def test_pmap_output_becomes_a_global_replicated_array_as_in_orbax(tmp_path):
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    stacked = jax.pmap(lambda v: v * 2)(jnp.stack([x] * jax.local_device_count()))
+    for lib in (orbax, ocp):  # (ckpt_async's result is the one saved below)
+        out = lib.utils.fully_replicated_host_local_array_to_global_array(stacked)
+        assert out.shape == (2, 3) and out.sharding.is_fully_replicated
+        assert len(out.sharding.device_set) == len(jax.devices())
+        np.testing.assert_array_equal(np.asarray(out), x * 2)
+    with ocp.StandardCheckpointer() as ckptr:  # (saved as any replicated array)
+        ckptr.save(tmp_path / "c", {"w": out})
+        np.testing.assert_array_equal(np.asarray(ckptr.restore(tmp_path / "c")["w"]), x * 2)

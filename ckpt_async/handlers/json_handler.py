@@ -21,7 +21,9 @@ class JsonCheckpointHandler(AsyncCheckpointHandler):
 
     typestr = fmt.JSON_TYPESTR
 
-    def __init__(self, filename: str | None = None) -> None:
+    def __init__(self, filename: str | None = None, *,
+                 multiprocessing_options: Any = None) -> None:
+        # (multiprocessing_options: Orbax's; the primary process writes the document here)
         self._filename = filename or fmt.JSON_ITEM
 
     async def stage(self, directory: AnyPath, args: JsonSave) -> Writer:

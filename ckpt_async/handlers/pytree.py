@@ -135,12 +135,22 @@ def _save_args_by_name(save_args: Any, where: str) -> dict[str, SaveArgs]:
     return {name: a for _k, name, a in pairs if isinstance(a, SaveArgs)}
 
 
+#: The other arguments of Orbax's PyTreeCheckpointHandler and StandardCheckpointHandler.
+_ORBAX_HANDLER_OPTIONS = frozenset({
+    "save_concurrent_gb", "restore_concurrent_gb", "save_device_host_concurrent_gb",
+    "memory_limit_options", "use_ocdbt", "use_zarr3", "multiprocessing_options",
+    "type_handler_registry", "handler_impl", "pytree_metadata_options",
+    "array_metadata_validator", "enable_pinned_host_transfer", "is_prioritized_key_fn"})
+
+
 class PyTreeCheckpointHandler(AsyncCheckpointHandler):
     """Saves and restores a pytree (``PyTreeSave`` / ``PyTreeRestore``).
 
     ``host_memory_budget_bytes`` bounds the bytes staged in host memory but not yet written:
     with a budget smaller than the state, ``save`` waits for writes (slower, never wrong).
     ``use_compression`` writes zstd-compressed chunks (Orbax's default; off here by default).
+    Orbax's other arguments are accepted, without effect (``use_ocdbt`` and ``use_zarr3``
+    included: see the migration guide); a name Orbax does not have raises ``TypeError``.
     """
 
     typestr = fmt.PYTREE_TYPESTR
@@ -149,11 +159,16 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
 
     def __init__(
         self,
+        aggregate_filename: str | None = None,
         *,
         host_memory_budget_bytes: int | None = None,
         use_compression: bool = False,
-        **_orbax_options: Any,
+        **orbax_options: Any,
     ) -> None:
+        unknown = sorted(set(orbax_options) - _ORBAX_HANDLER_OPTIONS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s) "
+                            f"{', '.join(map(repr, unknown))}")
         # One budget per handler: it bounds the bytes staged-but-unwritten of all its saves in
         # flight together, not of each save alone.
         self._budget = ByteBudget(host_memory_budget_bytes)
