@@ -141,16 +141,6 @@ def test_orbax_legacy_manager_constructor_is_refused_saying_so(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_typed_prng_key_is_refused_naming_the_leaf_and_the_way_around(tmp_path):
-    import jax
-
-    with ocp.StandardCheckpointer() as ckptr:
-        with pytest.raises(UnsupportedLeafError, match=r"'rng'.*key_data"):
-            ckptr.save(tmp_path / "c", {"rng": jax.random.key(0), "w": np.ones(2)})
-        ckptr.save(tmp_path / "d", {"rng": jax.random.key_data(jax.random.key(0))})
-    assert not (tmp_path / "c").exists()
-
-
 def test_handlers_take_orbax_arguments_and_refuse_unknown_ones():
     ocp.PyTreeCheckpointHandler(None, use_ocdbt=True, use_zarr3=False, save_concurrent_gb=1,
                                 restore_concurrent_gb=1, enable_pinned_host_transfer=False)

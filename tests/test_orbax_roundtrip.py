@@ -687,3 +687,35 @@ def test_checkpointer_metadata_of_a_managers_step_has_no_item_metadata_as_in_orb
         assert list(tree) == ["params"] and tree["params"]["w"].shape == (2,)
     with ocp.StandardCheckpointer() as ckptr, pytest.raises(ocp.errors.CheckpointNotFoundError):
         ckptr.metadata(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("writer", ["ckpt_async", "orbax"])
+def test_typed_prng_keys_round_trip_as_in_orbax(tmp_path, mesh, writer):
+    # flax NNX states hold typed keys (an RngStream): stored as their key data, with the
+    # implementation in array_metadatas (Orbax's ext_metadata.random_key_impl).
+    sharded = NamedSharding(mesh, PartitionSpec(("x", "y")))
+    tree = {"rng": jax.random.key(3), "keys": jax.device_put(jax.random.split(jax.random.key(1), 4),
+                                                           sharded),
+            "rbg": jax.random.key(5, impl="rbg"), "w": np.ones(2)}
+    lib_w = ocp if writer == "ckpt_async" else orbax
+    with lib_w.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", tree)
+    entries = json.loads((tmp_path / "c" / "array_metadatas" / "process_0").read_text())
+    impls = {e["array_metadata"]["param_name"]: e["array_metadata"]["ext_metadata"]
+             for e in entries["array_metadatas"] if e["array_metadata"].get("ext_metadata")}
+    assert impls == {"rng": {"random_key_impl": "threefry2x32"},
+                     "keys": {"random_key_impl": "threefry2x32"},
+                     "rbg": {"random_key_impl": "rbg"}}
+    for lib in (ocp, orbax):
+        with lib.StandardCheckpointer() as ckptr:
+            typed = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+                     for k, v in tree.items() if k != "w"}  # (targets of the keys' own types)
+            for out in (ckptr.restore(tmp_path / "c"),
+                        ckptr.restore(tmp_path / "c", jax.tree.map(
+                            lib.utils.to_shape_dtype_struct, tree)),
+                        ckptr.restore(tmp_path / "c", {**typed, "w": tree["w"]})):
+                for name in ("rng", "keys", "rbg"):
+                    got, want = out[name], tree[name]
+                    assert got.dtype == want.dtype and got.shape == want.shape, (lib, name)
+                    assert_bits_equal(jax.random.key_data(got), jax.random.key_data(want))
+                assert out["keys"].sharding.is_equivalent_to(sharded, 1), lib

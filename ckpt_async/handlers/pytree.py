@@ -71,6 +71,7 @@ class _Planned:
     value_type: str
     dtype: np.dtype | None
     scalar_tag: str | None = None
+    key_impl: str | None = None  # a typed PRNG key's implementation (its key data is staged)
 
 
 #: Exact array types and the kind of leaf they are (jax.Array implementations added as met):
@@ -84,6 +85,11 @@ def _classify(leaf: _tree.Leaf, save_arg: SaveArgs | None, where: str,
     standard handler, as Orbax's; its tag still brings back its type here)."""
     v = leaf.value
     cast = np.dtype(save_arg.dtype) if save_arg is not None and save_arg.dtype is not None else None
+    if isinstance(v, jax.Array) and jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key):
+        # A typed PRNG key: its key data is stored, and its implementation recorded, as Orbax
+        # does (``ext_metadata.random_key_impl`` in array_metadatas)
+        leaf.value = jax.random.key_data(v)
+        return _Planned(leaf, "jax.Array", None, key_impl=str(jax.random.key_impl(v)))
     kind = _ARRAY_KINDS.get(type(v))
     if kind is None and isinstance(v, jax.Array):
         kind = _ARRAY_KINDS[type(v)] = "jax.Array"
@@ -117,11 +123,6 @@ def _classify(leaf: _tree.Leaf, save_arg: SaveArgs | None, where: str,
 
 
 def _check_storable(leaf: _tree.Leaf, dtype: Any, cast: np.dtype | None, where: str) -> None:
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        raise UnsupportedLeafError(
-            f"{where}: leaf {leaf.name!r} is a typed PRNG key ({dtype}), which ckpt_async does "
-            "not save yet; save jax.random.key_data(key) and rebuild it with "
-            "jax.random.wrap_key_data")
     for dt in (dtype, cast):
         if dt is not None and not ser.is_storable(np.dtype(dt)):
             raise UnsupportedLeafError(f"{where}: leaf {leaf.name!r} has dtype {dt}, which "
@@ -289,6 +290,7 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         shardings: dict[str, str] = {}
         array_metas: list[fmt.ArrayMetadataWrapper] = []
         scalars: dict[str, str] = {}
+        random_keys: dict[str, str] = {}
         key_entry, tree_entry, value_meta = fmt.KeyEntry, fmt.TreeEntry, fmt.ValueMetadata
         for p in planned:
             leaf = p.leaf
@@ -300,8 +302,12 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
                 sjson = ser.sharding_to_json(sharding)
                 if sjson is not None:
                     shardings[base64.b64encode(leaf.name.encode()).decode()] = sjson
+                ext = None
+                if p.key_impl is not None:
+                    ext = {RANDOM_KEY_IMPL: p.key_impl}
+                    random_keys[leaf.name] = p.key_impl
                 array_metas.append(fmt.ArrayMetadataWrapper(fmt.ArrayMetadataEntry(
-                    leaf.name, write_shape, write_shape)))
+                    leaf.name, write_shape, write_shape, ext)))
             if p.scalar_tag is not None:
                 scalars[leaf.name] = p.scalar_tag
             keys = list(map(str, leaf.keys))
@@ -311,7 +317,7 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         tree_doc = fmt.TreeMetadata(
             entries, custom_metadata=custom,
             ckpt_async={"version": STRINGS_AT_POINTERS, "skeleton": skeleton,
-                        "scalars": scalars})
+                        "scalars": scalars, **({"random_keys": random_keys} if random_keys else {})})
         docs = {f"{fmt.ARRAY_METADATAS}/process_{roles.index}":
                 fmt.encode(fmt.ArrayMetadatas(array_metas))}
         if not roles.is_primary:
@@ -375,6 +381,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         loose = isinstance(args, StandardRestore) and not args.strict
         partial = bool(getattr(args, "partial_restore", False)) or loose or by_name
         reader = _Reader(directory, tree_doc, shardings, strings, sums)
+        if tree_doc.ckpt_async is None:  # (Orbax's: its typed PRNG keys are in array_metadatas)
+            reader.random_keys = await _random_keys_of(directory)
         if target is None and restore_args is None:
             return await reader.restore_as_saved()
         # PyTreeRestore's item gives the tree's structure only (Orbax): its leaves restore as
@@ -397,6 +405,37 @@ class StandardCheckpointHandler(PyTreeCheckpointHandler):
     # Orbax's standard handler stores a NumPy scalar as a 0-d array ("np.ndarray"), which
     # Orbax restores as one, dtype kept (as "scalar" it came back a Python int or float).
     _numpy_scalars_as_arrays = True
+
+
+def _is_random_key(leaf: Any) -> bool:
+    return isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)) and jax.dtypes.issubdtype(
+        leaf.dtype, jax.dtypes.prng_key)
+
+
+def _key_data_like(leaf: Any) -> jax.ShapeDtypeStruct:
+    """The key data of a typed PRNG key target: its shape and dtype, on the key's devices."""
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = (*sharding.spec, *([None] * (len(data.shape) - len(sharding.spec))))
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+
+
+async def _random_keys_of(directory: AnyPath) -> dict[str, str]:
+    """The typed PRNG keys Orbax recorded in an item's ``array_metadatas``: name -> impl."""
+    folder = directory / fmt.ARRAY_METADATAS
+    if not await storage.exists(folder):
+        return {}
+    keys: dict[str, str] = {}
+    for name in await storage.listdir(folder):
+        path = folder / name
+        doc = fmt.decode(await storage.read_bytes(path), fmt.ArrayMetadatas, where=str(path))
+        for wrapper in doc.array_metadatas:
+            entry = wrapper.array_metadata
+            if isinstance(entry.ext_metadata, dict) and RANDOM_KEY_IMPL in entry.ext_metadata:
+                keys[entry.param_name] = str(entry.ext_metadata[RANDOM_KEY_IMPL])
+    return keys
 
 
 def _target_sharding(tleaf: Any, rarg: Any) -> jax.sharding.Sharding | None:
@@ -620,6 +659,10 @@ def _refuse_arrays_of_another_process_only(planned: list[_Planned], roles: Roles
                 "array; shard it over a mesh that spans every process, or replicate it")
 
 
+#: ``ext_metadata`` key of array_metadatas naming a typed PRNG key's implementation (Orbax's).
+RANDOM_KEY_IMPL = "random_key_impl"
+
+
 #: ``ckpt_async.version`` in ``_METADATA`` from which ``_strings.json`` holds each string at
 #: its name's JSON Pointer, as Orbax's (version 1 held them as plain members).
 STRINGS_AT_POINTERS = 2
@@ -647,6 +690,8 @@ class _Reader:
         self.skeleton = ext.get("skeleton")
         self._flat_strings = ext.get("version", STRINGS_AT_POINTERS) < STRINGS_AT_POINTERS
         self.scalars: dict[str, str] = ext.get("scalars", {})
+        #: parameter name -> implementation of each typed PRNG key (stored as its key data)
+        self.random_keys: dict[str, str] = dict(ext.get("random_keys", {}))
         self._told_devices = False  # (the default-device warning, once per restore)
         self._strict = True  # (restore_into's)
         # name -> (tuple key, entry), in the order they were stored
@@ -810,6 +855,10 @@ class _Reader:
         await self.prefetch(self._stored_arrays((k, self._name(e)) for k, e in self.by_key.items()
                                                 if k not in spread))
         values = await self._resolve(self._value_as_saved, ((e,) for e in entries))
+        if self.random_keys:
+            for i, e in enumerate(entries):
+                if (impl := self.random_keys.get(self._name(e))) is not None:
+                    values[i] = jax.random.wrap_key_data(values[i], impl=impl)
         if self.skeleton is not None:
             return _tree.unflatten(self.skeleton, lambda i: values[i])
         return _tree.tree_from_key_metadata([(e.key_metadata, v) for e, v in zip(entries, values)])
@@ -831,6 +880,18 @@ class _Reader:
         # Leaves marked PLACEHOLDER (in the target or by their restore args) are not read.
         skipped = {k for k, _n, leaf in pairs if leaf is PLACEHOLDER or getattr(
             rargs.get(k), "restore_type", None) is type(PLACEHOLDER)}
+        # Typed PRNG keys are stored as their key data: a target leaf of a key type stands for
+        # its key data while it is read, and a key comes back, as in Orbax, unless the restore
+        # args ask for a NumPy array.
+        rekey: dict[int, str] = {}
+        for i, (k, name, leaf) in enumerate(pairs):
+            impl = self.random_keys.get(name) if self.random_keys else None
+            if impl is None or k in skipped or getattr(
+                    rargs.get(k), "restore_type", None) is np.ndarray:
+                continue
+            if _is_random_key(leaf):
+                pairs[i] = (k, name, _key_data_like(leaf))
+            rekey[i] = impl
         # A partial restore takes what the target names: a key the checkpoint lacks comes back
         # as the target's own value (as in Orbax: new parameters keep their initial values).
         _tree.check_structure(set(self.by_key), wanted, where=str(self.dir), allow_missing=partial,
@@ -872,7 +933,10 @@ class _Reader:
                 return self._place(name, arr, tleaf, rarg, vt)
             return self._read_placed(name, tleaf, rarg, vt)
 
-        return rebuild(await self._resolve(one, pairs))
+        values = await self._resolve(one, pairs)
+        for i, impl in rekey.items():
+            values[i] = jax.random.wrap_key_data(values[i], impl=impl)
+        return rebuild(values)
 
     async def _read_spread(self, name: str, tleaf: Any, rarg: Any,
                            sharding: jax.sharding.Sharding) -> jax.Array:
