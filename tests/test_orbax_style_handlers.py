@@ -49,21 +49,23 @@ class GrainLikeHandler:
         return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _grain_args(lib):
-    @lib.args.register_with_handler(GrainLikeHandler, for_save=True)
+def _args_for(lib, handler_cls):
+    """A save and a restore args class of ``lib`` for ``handler_cls``, as such handlers'
+    authors register them."""
+    @lib.args.register_with_handler(handler_cls, for_save=True)
     @dataclasses.dataclass
-    class IterSave(lib.args.CheckpointArgs):
-        item: object
+    class Save(lib.args.CheckpointArgs):
+        item: object = None
 
-    @lib.args.register_with_handler(GrainLikeHandler, for_restore=True)
+    @lib.args.register_with_handler(handler_cls, for_restore=True)
     @dataclasses.dataclass
-    class IterRestore(lib.args.CheckpointArgs):
-        item: object
+    class Restore(lib.args.CheckpointArgs):
+        item: object = None
 
-    return IterSave, IterRestore
+    return Save, Restore
 
 
-GRAIN_ARGS = {lib: _grain_args(lib) for lib in (ocp, orbax)}
+GRAIN_ARGS = {lib: _args_for(lib, GrainLikeHandler) for lib in (ocp, orbax)}
 
 
 @pytest.mark.parametrize(("writer", "reader"), [("ckpt_async", "ckpt_async"),
@@ -101,16 +103,7 @@ class GuideHandler(ocp.CheckpointHandler):
         return {"files": sorted(p.name for p in directory.iterdir())}
 
 
-@ocp.args.register_with_handler(GuideHandler, for_save=True)
-@dataclasses.dataclass
-class GuideSave(ocp.args.CheckpointArgs):
-    item: object
-
-
-@ocp.args.register_with_handler(GuideHandler, for_restore=True)
-@dataclasses.dataclass
-class GuideRestore(ocp.args.CheckpointArgs):
-    pass
+GuideSave, GuideRestore = _args_for(ocp, GuideHandler)
 
 
 class GuideAsyncHandler(ocp.AsyncCheckpointHandler, GuideHandler):
