@@ -475,17 +475,17 @@ class AsyncCheckpointManager:
         (a time-based policy may decide differently on each)."""
         if not self._roles.multi:
             return decision
-        sync = multihost.Sync(what, self._roles, (self.options.async_options or AsyncOptions())
+        answer = await self._sync(what).broadcast("decision", "save" if decision else "skip")
+        return answer == "save"
+
+    def _sync(self, what: str) -> multihost.Sync:
+        return multihost.Sync(what, self._roles, (self.options.async_options or AsyncOptions())
                               .timeout_secs, self.options.multiprocessing_options
                               .barrier_sync_key_prefix)
-        answer = await sync.broadcast("decision", "save" if decision else "skip")
-        return answer == "save"
 
     async def _meet(self, what: str, phase: str) -> None:
         """A barrier of every process of the run."""
-        sync = multihost.Sync(what, self._roles, (self.options.async_options or AsyncOptions())
-                              .timeout_secs, self.options.multiprocessing_options
-                              .barrier_sync_key_prefix)
+        sync = self._sync(what)
         await sync.arrive(phase)
         await sync.cleanup()
 
