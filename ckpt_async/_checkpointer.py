@@ -86,16 +86,34 @@ def check_writable(path: AnyPath) -> None:
         raise NotWritableError(f"cannot save to {path}: {parent} is not writable")
 
 
-async def _create_tmp(path: AnyPath, clear_leftovers: bool) -> AnyPath:
+async def _create_tmp(path: AnyPath, clear_leftovers: bool, mode: int | None = None) -> AnyPath:
     """``_commit.create_tmp``, except that an object-store prefix with objects but no commit
     marker (an unfinished save, a manager's directory, other data) is refused unless
     ``clear_leftovers``: a save writes in place there, clearing the prefix first. With several
-    processes the primary alone decides, before any process writes there."""
+    processes the primary alone decides, before any process writes there. ``mode``
+    (``FileOptions.path_permission_mode``): the permissions of a local checkpoint's
+    directory (0o750: not readable by others), kept by the commit's rename."""
     if not clear_leftovers and not storage.has_rename(path) and await storage.listfiles(path):
         raise StepAlreadyExistsError(
             f"{path} holds objects but no committed checkpoint (an unfinished save, a "
             "manager's directory, other data); pass force=True to replace them")
-    return await _commit.create_tmp(path)
+    tmp = await _commit.create_tmp(path)
+    if mode is not None and isinstance(tmp, Path):  # (masked by the umask, as mkdir's mode)
+        await get_runtime().to_thread(os.chmod, tmp, mode & ~_umask())
+    return tmp
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` sets it, for every
+    thread, while it reads it)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def make_args(handler: CheckpointHandler, kind: str, item: Any, kwargs: dict) -> CheckpointArgs:
@@ -152,10 +170,14 @@ class AsyncCheckpointer:
 
     def __init__(self, handler: CheckpointHandler, *, async_options: AsyncOptions | None = None,
                  multiprocessing_options: Any = None, **_orbax_options: Any) -> None:
-        if not isinstance(handler, CheckpointHandler):
+        if not isinstance(handler, CheckpointHandler) and not all(
+                callable(getattr(handler, m, None)) for m in ("save", "restore")):
             raise InvalidArgumentError(
-                f"{handler!r} is not a ckpt_async CheckpointHandler instance")
+                f"{handler!r} is not a CheckpointHandler: neither ckpt_async's nor one with "
+                "Orbax's save and restore methods")
         self.handler = handler
+        self._dir_mode: int | None = getattr(_orbax_options.get("file_options"),
+                                             "path_permission_mode", None)
         self.async_options = async_options or AsyncOptions()
         self.multiprocessing_options = multiprocessing_options
         self._pending: list[CommitFuture] = []
@@ -326,10 +348,10 @@ class AsyncCheckpointer:
         if failed is not None:
             raise failed
         if sync is None:
-            return await _create_tmp(path, clear_leftovers)
+            return await _create_tmp(path, clear_leftovers, self._dir_mode)
         if sync.roles.is_primary:
             try:
-                tmp = await _create_tmp(path, clear_leftovers)
+                tmp = await _create_tmp(path, clear_leftovers, self._dir_mode)
             except BaseException as exc:
                 await sync.broadcast("tmp", f"error:{exc}")
                 raise

@@ -418,3 +418,15 @@ def test_manager_calls_answer_as_orbax(tmp_path, case):
         (tmp_path / name).mkdir()
         answers[name] = json.loads(json.dumps(case(lib, tmp_path / name), default=str))
     assert answers["ckpt_async"] == answers["orbax"]
+
+
+def test_step_directories_take_the_permissions_file_options_give_as_in_orbax(tmp_path):
+    modes = {}
+    for name, lib in (("ckpt_async", ca), ("orbax", orbax)):
+        options = lib.CheckpointManagerOptions(
+            file_options=lib.checkpoint_manager.FileOptions(path_permission_mode=0o770))
+        with lib.CheckpointManager(tmp_path / name, options=options) as mngr:
+            mngr.save(1, args=lib.args.StandardSave({"a": np.arange(3)}))
+        modes[name] = (tmp_path / name / "1").stat().st_mode & 0o777
+    assert modes["ckpt_async"] == modes["orbax"]
+    assert modes["ckpt_async"] & 0o007 == 0  # (not readable by others)

@@ -135,3 +135,12 @@ def test_async_save_futures_are_waited_for_before_the_commit(tmp_path):
         ckptr.wait_until_finished()
         assert GuideAsyncHandler.written.is_set()
         assert ckptr.restore(tmp_path / "c", args=GuideRestore()) == {"b": 2}
+
+
+def test_a_duck_typed_handler_serves_a_checkpointer(tmp_path):
+    save, restore = GRAIN_ARGS[ocp]
+    with ocp.Checkpointer(GrainLikeHandler()) as ckptr:
+        ckptr.save(tmp_path / "it", args=save(Iterator(3)))
+        assert ckptr.restore(tmp_path / "it", args=restore(Iterator())).pos == 3
+    with pytest.raises(ocp.errors.InvalidArgumentError, match="not a CheckpointHandler"):
+        ocp.Checkpointer(object())

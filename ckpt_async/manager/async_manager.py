@@ -138,7 +138,8 @@ class AsyncCheckpointManager:
         self._checkpointer = AsyncCheckpointer(
             CompositeCheckpointHandler(handler_registry=registry),
             async_options=self.options.async_options or AsyncOptions(),
-            multiprocessing_options=self.options.multiprocessing_options)
+            multiprocessing_options=self.options.multiprocessing_options,
+            file_options=self.options.file_options)
         self._checkpoints: list[CheckpointInfo] = []
         self._futures: dict[int, CommitFuture] = {}
         # One save() at a time, from its decision to its commit's registration: two awaited
