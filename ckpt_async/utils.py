@@ -32,6 +32,7 @@ __all__ = [
     "fully_replicated_host_local_array_to_global_array",
     "any_checkpoint_step",
     "checkpoint_steps",
+    "checkpoint_steps_paths",
     "deserialize_tree",
     "from_flat_dict",
     "is_checkpoint_finalized",
@@ -87,6 +88,12 @@ def _scan(checkpoint_dir: Any) -> _steps.DirView:
 def checkpoint_steps(checkpoint_dir: Any) -> list[int]:
     """The committed steps in ``checkpoint_dir``, ascending (``[]`` when it does not exist)."""
     return list(_scan(checkpoint_dir).steps)
+
+
+def checkpoint_steps_paths(checkpoint_dir: Any) -> list[Any]:
+    """The directories of the committed steps in ``checkpoint_dir``, in step order."""
+    root = as_path(checkpoint_dir)
+    return [root / name for name in _scan(checkpoint_dir).steps.values()]
 
 
 def any_checkpoint_step(checkpoint_dir: Any) -> int | None:

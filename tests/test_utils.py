@@ -133,3 +133,20 @@ def test_pmap_output_becomes_a_global_replicated_array_as_in_orbax(tmp_path):
     with ocp.StandardCheckpointer() as ckptr:  # (saved as any replicated array)
         ckptr.save(tmp_path / "c", {"w": out})
         np.testing.assert_array_equal(np.asarray(ckptr.restore(tmp_path / "c")["w"]), x * 2)
+
+
+def test_step_paths_and_atomicity_names_as_in_orbax(tmp_path):
+    with ocp.CheckpointManager(tmp_path, ocp.CheckpointManagerOptions(
+            step_prefix="ckpt", step_format_fixed_length=4,
+            temporary_path_class=ocp.path.atomicity.CommitFileTemporaryPath)) as mngr:
+        for step in (3, 12):
+            mngr.save(step, args=ocp.args.StandardSave({"a": np.arange(2)}))
+    (tmp_path / "5.orbax-checkpoint-tmp-1").mkdir()  # (a leftover: no step)
+    for lib in (ocp, orbax):
+        assert sorted(Path(p).name for p in lib.utils.checkpoint_steps_paths(tmp_path)) == [
+            "ckpt_0003", "ckpt_0012"]
+        name_format = lib.path.step.standard_name_format(step_prefix="ckpt",
+                                                         step_format_fixed_length=4)
+        assert str(lib.step.build_step_path(tmp_path, name_format, 7)) == str(
+            tmp_path / "ckpt_0007")
+    assert ocp.path.atomicity.COMMIT_SUCCESS_FILE == orbax.path.atomicity.COMMIT_SUCCESS_FILE

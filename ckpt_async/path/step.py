@@ -6,6 +6,16 @@ and ``step_format_fixed_length`` do; Orbax's own ``standard_name_format`` object
 too.
 """
 
-from ..manager._steps import NameFormat, standard_name_format
+from typing import Any
 
-__all__ = ["NameFormat", "standard_name_format"]
+from .._checkpointer import as_path
+from .._paths import AnyPath
+from ..manager._steps import NameFormat, name_format_of, standard_name_format
+
+
+def build_step_path(base_path: Any, name_format: Any, step: int) -> AnyPath:
+    """Where ``step`` goes under ``base_path`` in ``name_format`` (ours or Orbax's)."""
+    return as_path(base_path) / name_format_of(name_format).build_name(step)
+
+
+__all__ = ["NameFormat", "build_step_path", "standard_name_format"]
