@@ -45,7 +45,7 @@ from .handlers import (
     StandardCheckpointHandler,
 )
 from .manager import AsyncCheckpointManager, CheckpointManager, CheckpointManagerOptions
-from .path import step  # (Orbax's alias of ocp.path.step)
+from .path import step as step  # (Orbax's alias of ocp.path.step)
 from .type_handlers import PLACEHOLDER, ArrayRestoreArgs, RestoreArgs, SaveArgs
 
 __version__ = "0.1.0"

@@ -416,6 +416,12 @@ class AsyncCheckpointer:
                     f"commit of {path} did not finish within {timeout} s") from exc
             if isinstance(exc, CheckpointError):
                 raise
+            if sync is not None and not primary and isinstance(exc, OSError) and \
+                    not await storage.exists(tmp):
+                raise ProcessFailedError(
+                    f"saving {path}: primary process {sync.roles.primary} abandoned the save "
+                    "while this process was still writing (its barrier timed out, or another "
+                    f"process failed), and removed {tmp}: {exc}") from exc
             raise CommitError(f"saving {path} failed: {exc}") from exc
         if on_commit is not None:
             await on_commit(path, meta)

@@ -340,6 +340,30 @@ def scenario_consistency(cfg: dict, out: dict) -> None:
     out["listed_at_end"] = mngr.all_steps(read=True)
     mngr.close()
 
+    # Process 1 writes too slowly: the primary gives up at its barrier, and process 1 hears
+    # why rather than of a missing file.
+    from ckpt_async import _serialize
+
+    original = _serialize.ItemWriter.write
+
+    async def slow_write(self, batch):  # (writes once the primary has given up)
+        import asyncio
+
+        for _ in range(200):
+            if not self._item_dir.exists():
+                break
+            await asyncio.sleep(0.05)
+        return await original(self, batch)
+
+    if me == 1:
+        _serialize.ItemWriter.write = slow_write
+    slow = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler(),
+                                 async_options=ocp.AsyncOptions(timeout_secs=3))
+    out["slow"] = outcome(lambda: (slow.save(base / "slow", args=ocp.args.StandardSave(
+        make_state(mesh))), slow.wait_until_finished()))
+    _serialize.ItemWriter.write = original
+    barrier("slow")
+
 
 def main() -> None:
     scenario, pid, n, port, cfg_path = sys.argv[1:6]

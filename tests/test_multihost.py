@@ -224,3 +224,7 @@ def test_what_fails_on_one_process_fails_everywhere_at_once(runs):
     assert p0["step5"][0] == p1["step5"][0] == "ok"
     assert p0["listed_at_end"] == p1["listed_at_end"] == [1, 5]
     assert sorted(os.listdir(Path(runs["dir"]) / "consistency" / "run")) == ["1", "5"]
+    # A process too slow for the timeout: the primary names it; it hears the primary gave up.
+    assert p0["slow"][0] == "BarrierTimeoutError" and "process 1" in p0["slow"][1]
+    assert p1["slow"][0] == "ProcessFailedError" and "abandoned the save" in p1["slow"][1]
+    assert not (Path(runs["dir"]) / "consistency" / "slow").exists()

@@ -9,7 +9,6 @@ import concurrent.futures
 import dataclasses
 import json
 import threading
-import time
 
 import numpy as np
 import orbax.checkpoint as orbax
@@ -109,11 +108,11 @@ GuideSave, GuideRestore = _args_for(ocp, GuideHandler)
 class GuideAsyncHandler(ocp.AsyncCheckpointHandler, GuideHandler):
     """The guide's asynchronous variant: async_save starts the write and returns its future."""
 
-    written = threading.Event()
+    release, written = threading.Event(), threading.Event()
 
     async def async_save(self, directory, args):
         def write():
-            time.sleep(0.2)  # (still writing when save() returns)
+            GuideAsyncHandler.release.wait(10)  # (still writing when save() returns)
             (directory / "doc.json").write_text(json.dumps(args.item))
             GuideAsyncHandler.written.set()
         pool = concurrent.futures.ThreadPoolExecutor(1)
@@ -132,6 +131,7 @@ def test_async_save_futures_are_waited_for_before_the_commit(tmp_path):
     with ocp.AsyncCheckpointer(GuideAsyncHandler()) as ckptr:
         ckptr.save(tmp_path / "c", args=GuideSave({"b": 2}))
         assert not GuideAsyncHandler.written.is_set()  # (returned while the write runs)
+        GuideAsyncHandler.release.set()
         ckptr.wait_until_finished()
         assert GuideAsyncHandler.written.is_set()
         assert ckptr.restore(tmp_path / "c", args=GuideRestore()) == {"b": 2}
