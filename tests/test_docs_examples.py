@@ -27,6 +27,11 @@ EXPECTED_LAST_LINES: dict[str, list[str]] = {
         r"kept on disk: \[40, 50, 60\]",
         r"restored step 60: bit-exact",
     ],
+    "data_iterator_and_evaluator.py": [
+        r"evaluated, each as it was committed: 60 last, in order: True",
+        r"kept on disk: \[40, 50, 60\]",
+        r"resumed at step 60: data position 60, w\[0\] = 18\.30",
+    ],
     "multihost.py": [
         r"steps kept: \[2, 3\]",
         r"process 0: restored its 2 shards, bit-exact: True",
