@@ -98,22 +98,6 @@ def construct_restore_args(target: Any, sharding_tree: Any = None, set_global_sh
     return out
 
 
-def _name_format(step_prefix: str | None, step_format_fixed_length: int | None,
-                 step_name_format: Any) -> _steps.NameFormat:
-    if step_name_format is not None:
-        return _steps.name_format_of(step_name_format)
-    return _steps.NameFormat(step_prefix, step_format_fixed_length)
-
-
-def _latest_step(directory: Any, name_format: _steps.NameFormat) -> int | None:
-    async def scan() -> int | None:
-        view = await _steps.scan_dir(directory, None)
-        steps = _steps.steps_in(list(view.steps.values()), name_format)
-        return max(steps, default=None)
-
-    return get_runtime().call(scan)
-
-
 def _no_snapshots(snapshot_dir: Any, set_immutable: Any) -> None:
     if snapshot_dir is not None or set_immutable:
         raise InvalidArgumentError(
@@ -132,7 +116,8 @@ def _wait(directory: Any, name_format: _steps.NameFormat, until_step: int | None
     roles = roles_for()
     if roles.is_primary:
         while True:
-            step = _latest_step(directory, name_format)
+            step = max(get_runtime().call(_steps.committed_steps, directory, name_format),
+                       default=None)
             if step is not None and (until_step is None or step >= until_step):
                 result = step
                 break
@@ -163,8 +148,8 @@ def wait_for_new_checkpoint(checkpoint_dir: Any, *, until_step: int | None = Non
     ``until_step`` when given), or -1 when ``timeout`` seconds pass first (and
     ``timeout_fn``, if given, returns True)."""
     _no_snapshots(snapshot_dir, set_immutable)
-    yield _wait(checkpoint_dir, _name_format(step_prefix, step_format_fixed_length,
-                                             step_name_format),
+    yield _wait(checkpoint_dir, _steps.name_format_for(step_name_format, step_prefix,
+                                                       step_format_fixed_length),
                 until_step, seconds_to_sleep, timeout, timeout_fn)
 
 
@@ -185,7 +170,7 @@ def checkpoints_iterator(checkpoint_dir: Any, *, min_interval_secs: float = 0,
     ...     evaluate(mngr.restore(step))
     """
     _no_snapshots(snapshot_dir, set_immutable)
-    name_format = _name_format(step_prefix, step_format_fixed_length, step_name_format)
+    name_format = _steps.name_format_for(step_name_format, step_prefix, step_format_fixed_length)
     step: int | None = None
     while True:
         found = _wait(checkpoint_dir, name_format, None if step is None else step + 1,

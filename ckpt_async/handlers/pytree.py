@@ -425,10 +425,8 @@ def _key_data_like(leaf: Any) -> jax.ShapeDtypeStruct:
 async def _random_keys_of(directory: AnyPath) -> dict[str, str]:
     """The typed PRNG keys Orbax recorded in an item's ``array_metadatas``: name -> impl."""
     folder = directory / fmt.ARRAY_METADATAS
-    if not await storage.exists(folder):
-        return {}
     keys: dict[str, str] = {}
-    for name in await storage.listdir(folder):
+    for name in await storage.listdir(folder):  # (none when it does not exist)
         path = folder / name
         doc = fmt.decode(await storage.read_bytes(path), fmt.ArrayMetadatas, where=str(path))
         for wrapper in doc.array_metadatas:

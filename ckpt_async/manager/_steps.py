@@ -70,6 +70,21 @@ def name_format_of(given: Any) -> NameFormat:
     return ours
 
 
+def name_format_for(step_name_format: Any, step_prefix: str | None = None,
+                    step_format_fixed_length: int | None = None) -> NameFormat:
+    """The name format options give: ``step_name_format`` when set (it overrides the other
+    two, as in Orbax), else ``<step_prefix>_<step>`` padded to the fixed length."""
+    if step_name_format is not None:
+        return name_format_of(step_name_format)
+    return standard_name_format(step_prefix, step_format_fixed_length)
+
+
+async def committed_steps(directory: AnyPath, name_format: NameFormat) -> dict[int, str]:
+    """The committed steps of ``directory`` in ``name_format``: step -> entry name."""
+    _names, visible = await _commit.scan(directory)
+    return steps_in(sorted(visible), name_format)
+
+
 def is_leftover(name: str) -> bool:
     """A temporary or half-deleted entry, left by a save or delete that did not finish."""
     return fmt.TMP_SUFFIX in name or TODELETE_MARK in name

@@ -110,10 +110,9 @@ class AsyncCheckpointManager:
         self.options = options or CheckpointManagerOptions()
         self._logger = logger
         self._last_save_time: float | None = None
-        self._name_format = (
-            _steps.name_format_of(self.options.step_name_format)
-            if self.options.step_name_format is not None else _steps.standard_name_format(
-                self.options.step_prefix, self.options.step_format_fixed_length))
+        self._name_format = _steps.name_format_for(
+            self.options.step_name_format, self.options.step_prefix,
+            self.options.step_format_fixed_length)
         self._save_policy = save_decision_policy_of(self.options)
         self._preservation_policy = preservation_policy_of(self.options)
         self._persist_metrics = uses_metrics(self._preservation_policy) or bool(self.options.best_fn)
@@ -206,8 +205,8 @@ class AsyncCheckpointManager:
 
     async def _step_names(self, root: Any = None) -> dict[int, str]:
         """Committed steps in ``root`` (default: this manager's directory): step -> name."""
-        _names, visible = await _commit.scan(self.directory if root is None else root)
-        return _steps.steps_in(sorted(visible), self._name_format)
+        return await _steps.committed_steps(self.directory if root is None else root,
+                                            self._name_format)
 
     async def _load_checkpoint_infos(self) -> list[CheckpointInfo]:
         infos = []
@@ -233,16 +232,24 @@ class AsyncCheckpointManager:
         return meta
 
     async def _read_metrics(self, path: AnyPath, meta: fmt.StepMetadata | None) -> Any:
-        item = path / METRIC_ITEM_NAME / METRIC_ITEM_NAME
-        if await storage.exists(item):  # Orbax writes metrics as a JSON item when best_fn is set
-            try:
-                return fmt.decode(await storage.read_bytes(item), Any, where=str(item))
-            except CorruptCheckpointError as exc:  # (as a damaged step document, above)
-                log.error("%s; the step's metrics are unknown to the manager", exc)
-                return None
+        found = await self._metrics_item(path)
+        if found is not None:
+            return found
         if self._persist_metrics and meta is not None and meta.metrics:
             return meta.metrics
         return None
+
+    @staticmethod
+    async def _metrics_item(path: AnyPath) -> Any:
+        """The step's ``metrics`` item (Orbax writes it when ``best_fn`` is set), or None."""
+        item = path / METRIC_ITEM_NAME / METRIC_ITEM_NAME
+        if not await storage.exists(item):
+            return None
+        try:
+            return fmt.decode(await storage.read_bytes(item), Any, where=str(item))
+        except CorruptCheckpointError as exc:  # (as a damaged step document, above)
+            log.error("%s; the step's metrics are unknown to the manager", exc)
+            return None
 
     # -- listing ---------------------------------------------------------------------------------
     def all_steps(self, read: bool = False) -> list[int]:
@@ -707,16 +714,8 @@ class AsyncCheckpointManager:
         """The metrics saved with ``step`` (Orbax's ``metrics`` item, written when ``best_fn``
         is set); None when it has none."""
         await self._open()
-        name = self._name_format.build_name(_check_step(step))
-        item = self.directory / name / METRIC_ITEM_NAME / METRIC_ITEM_NAME
-        if not await storage.exists(item):
-            names = await self._step_names()
-            if step not in names:
-                return None
-            item = self.directory / names[step] / METRIC_ITEM_NAME / METRIC_ITEM_NAME
-            if not await storage.exists(item):
-                return None
-        return fmt.decode(await storage.read_bytes(item), Any, where=str(item))
+        name = (await self._step_names()).get(_check_step(step))
+        return None if name is None else await self._metrics_item(self.directory / name)
 
     # -- lifecycle -------------------------------------------------------------------------------
     @on_engine
