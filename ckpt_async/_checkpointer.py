@@ -22,7 +22,7 @@ from typing import Any
 from . import _commit, _integrity, multihost
 from . import _format as fmt
 from . import _storage as storage
-from ._paths import AnyPath, StorePath
+from ._paths import AnyPath, StorePath, as_path
 from ._runtime import (
     CommitFuture,
     PaceWindow,
@@ -60,15 +60,6 @@ class AsyncOptions:
     barrier_sync_fn: Any = None
     post_finalization_callback: Any = None
     create_directories_asynchronously: bool = True
-
-
-def as_path(directory: Any) -> AnyPath:
-    """A checkpoint location: an absolute local Path, or a StorePath for ``s3://`` URLs."""
-    if isinstance(directory, StorePath):
-        return directory
-    if isinstance(directory, str) and "://" in directory:
-        return StorePath.parse(directory)
-    return Path(os.fspath(directory)).absolute()
 
 
 def check_writable(path: AnyPath) -> None:

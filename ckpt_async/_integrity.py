@@ -22,7 +22,7 @@ from . import _format as fmt
 from . import _serialize as ser
 from . import _storage as storage
 from ._ocdbt import IndexHint
-from ._paths import AnyPath
+from ._paths import AnyPath, as_path
 from ._runtime import get_runtime, on_engine
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 
@@ -229,7 +229,6 @@ def verify(path: Any, progress: Callable[[int, int], None] | None = None) -> Ver
 @on_engine
 async def averify(path: Any, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
     """The coroutine behind :func:`verify` (``ckpt_async.aio.verify``)."""
-    from ._checkpointer import as_path  # the checkpointer imports the handlers, which import us
     from .manager._steps import is_leftover
 
     root = as_path(path)

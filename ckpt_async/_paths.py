@@ -81,6 +81,15 @@ def is_store(path: Any) -> bool:
     return isinstance(path, StorePath)
 
 
+def as_path(directory: Any) -> AnyPath:
+    """A checkpoint location: an absolute local Path, or a StorePath for ``s3://`` URLs."""
+    if isinstance(directory, StorePath):
+        return directory
+    if isinstance(directory, str) and "://" in directory:
+        return StorePath.parse(directory)
+    return Path(os.fspath(directory)).absolute()
+
+
 def coerce(path: Any) -> AnyPath:
     """``path`` as a Path or StorePath (a StorePath is kept; anything else becomes a Path)."""
     return path if isinstance(path, StorePath) else Path(path)

@@ -547,6 +547,33 @@ class Runtime:
         background work (:func:`mark_background`), in a background-priority thread."""
         return await self._in_thread(self._limiter, fn, args)
 
+    async def to_own_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Runs blocking ``fn`` in a new thread of its own, in the caller's context: a
+        handler's synchronous method, which may call back into the engine loop (a subclass's
+        ``super().restore(...)``) and wait there. A thread of the bounded pools must not: with
+        every one of them waiting so, what they wait for could never get a thread."""
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        context = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+
+        def settle(exc: BaseException | None, result: Any) -> None:
+            if not done.done():  # (else the awaiting task was cancelled)
+                if exc is not None:
+                    done.set_exception(exc)
+                else:
+                    done.set_result(result)
+
+        def run() -> None:
+            try:
+                result = context.run(fn, *args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+                loop.call_soon_threadsafe(settle, exc, None)
+            else:
+                loop.call_soon_threadsafe(settle, None, result)
+
+        threading.Thread(target=run, name="ckpt_async-handler", daemon=True).start()
+        return await done
+
     async def to_read_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """:meth:`to_thread` for blocking reads of data files, bounded by a limiter of their own
         of twice as many threads, which mostly wait on the disk."""

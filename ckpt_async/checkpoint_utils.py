@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from . import metadata as value_metadata
-from ._checkpointer import as_path
+from ._paths import as_path
 from ._runtime import get_runtime
 from .errors import InvalidArgumentError
 from .manager import _steps

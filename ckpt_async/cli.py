@@ -33,8 +33,8 @@ import numpy as np
 from . import _commit, _integrity, _paths
 from . import _format as fmt
 from . import _storage as storage
-from ._checkpointer import AsyncCheckpointer, as_path
-from ._paths import AnyPath
+from ._checkpointer import AsyncCheckpointer
+from ._paths import AnyPath, as_path
 from ._runtime import get_runtime
 from .errors import CheckpointError, InvalidArgumentError, StepAlreadyExistsError
 from .handlers import JsonCheckpointHandler, PyTreeCheckpointHandler, StandardCheckpointHandler

@@ -14,7 +14,7 @@ from typing import Any
 from . import _commit
 from . import _format as fmt
 from . import _storage as storage
-from ._checkpointer import as_path
+from ._paths import as_path
 from ._runtime import get_runtime
 from .errors import InvalidArgumentError
 from .manager import _steps

@@ -5,6 +5,7 @@ side by side with orbax-checkpoint 0.12.8 on the same files."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import dataclasses
 import json
@@ -144,3 +145,88 @@ def test_a_duck_typed_handler_serves_a_checkpointer(tmp_path):
         assert ckptr.restore(tmp_path / "it", args=restore(Iterator())).pos == 3
     with pytest.raises(ocp.errors.InvalidArgumentError, match="not a CheckpointHandler"):
         ocp.Checkpointer(object())
+
+
+# -- the built-in handlers called as Orbax's ----------------------------------------------------
+
+TREE = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": {"n": np.int64(7)}, "s": "hi"}
+
+
+def _saved_step(tmp_path):
+    with ocp.CheckpointManager(tmp_path / "run") as mngr:
+        mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(TREE),
+                                             meta=ocp.args.JsonSave({"lr": 0.1})))
+    return tmp_path / "run" / "1"
+
+
+def _assert_tree(out):
+    np.testing.assert_array_equal(out["w"], TREE["w"])
+    assert out["w"].dtype == np.float32
+    assert out["b"]["n"] == 7 and out["s"] == "hi"
+
+
+@pytest.mark.parametrize("as_str", [True, False])
+def test_builtin_handlers_methods_are_synchronous_outside_the_engine(tmp_path, as_str):
+    step = _saved_step(tmp_path)
+    state, meta = (str(step / n) if as_str else step / n for n in ("state", "meta"))
+    tree = ocp.PyTreeCheckpointHandler().metadata(state).tree  # (as users of Orbax write it)
+    assert tree["w"].shape == (3, 4) and tree["w"].dtype == np.float32
+    _assert_tree(ocp.StandardCheckpointHandler().restore(state))
+    _assert_tree(ocp.PyTreeCheckpointHandler().restore(state, ocp.args.PyTreeRestore()))
+    assert ocp.JsonCheckpointHandler().restore(meta) == {"lr": 0.1}
+    assert ocp.JsonCheckpointHandler().metadata(meta) is None
+    with pytest.raises(ocp.errors.CheckpointNotFoundError, match="nowhere"):
+        ocp.StandardCheckpointHandler().metadata(tmp_path / "nowhere")
+
+
+def test_builtin_handlers_methods_are_synchronous_in_a_callers_event_loop(tmp_path):
+    step = _saved_step(tmp_path)
+
+    async def main():
+        return ocp.StandardCheckpointHandler().metadata(step / "state").tree
+
+    assert asyncio.run(main())["w"].shape == (3, 4)
+
+
+def test_a_handlers_save_writes_an_item_orbax_reads(tmp_path):
+    (tmp_path / "item").mkdir()
+    handler = ocp.StandardCheckpointHandler()
+    handler.save(tmp_path / "item", ocp.args.StandardSave(TREE))
+    handler.finalize(tmp_path / "item")
+    assert (tmp_path / "item" / "_METADATA").exists()
+    _assert_tree(handler.restore(tmp_path / "item"))
+    out = orbax.StandardCheckpointHandler().restore(tmp_path / "item")
+    np.testing.assert_array_equal(out["w"], TREE["w"])
+
+
+class Renaming(ocp.StandardCheckpointHandler):
+    """A subclass of a built-in handler overriding its methods with synchronous ones that
+    call the base class's, as Orbax users write them."""
+
+    saved: list[str] = []
+
+    def save(self, directory, args):
+        Renaming.saved.append(directory.name)
+        super().save(directory, args)
+
+    def restore(self, directory, args=None):
+        return {f"restored_{k}": v for k, v in super().restore(directory, args).items()}
+
+    def metadata(self, directory):
+        return sorted(super().metadata(directory).tree)
+
+
+def test_a_subclass_calling_the_builtin_methods_serves_many_items_at_once(tmp_path):
+    # More items than the runtime has pool threads: each subclass method waits for the base
+    # method it calls, which needs pool threads of its own.
+    names = [f"s{i}" for i in range(ocp._runtime.DEFAULT_THREADS + 2)]
+    Renaming.saved.clear()
+    with ocp.CheckpointManager(tmp_path, item_handlers={n: Renaming() for n in names}) as mngr:
+        mngr.save(1, args=ocp.args.Composite(**{n: ocp.args.StandardSave(TREE) for n in names}))
+        mngr.wait_until_finished()
+        assert sorted(Renaming.saved) == sorted(names)
+        out = mngr.restore(1, args=ocp.args.Composite(
+            **{n: ocp.args.StandardRestore() for n in names}))
+        assert mngr.item_metadata(1)[names[0]] == ["b", "s", "w"]
+    for n in names:
+        _assert_tree({k.removeprefix("restored_"): v for k, v in out[n].items()})

@@ -7,6 +7,11 @@ background, and ``await writer.finalize()`` completes it: with several processes
 them writes its part, and the primary alone finalizes once all have written (merging what the
 processes wrote). The checkpointer makes the files durable and commits; a handler never renames.
 ``restore`` and ``metadata`` read a committed item.
+
+Called from anywhere but the engine loop, the built-in handlers' ``save``, ``restore`` and
+``metadata`` are Orbax's synchronous methods (:func:`engine_method`):
+``ocp.PyTreeCheckpointHandler().metadata(path).tree`` works as it does with Orbax, and so does
+a subclass overriding ``restore`` with a synchronous method that calls ``super().restore``.
 """
 
 from __future__ import annotations
@@ -14,10 +19,37 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from .. import _storage as storage
-from .._paths import AnyPath
+from .._paths import AnyPath, as_path, coerce
+from .._runtime import get_runtime
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def engine_method(fn: _Method) -> _Method:
+    """Makes a handler's coroutine method (``fn(self, directory, ...)``) Orbax's synchronous
+    method too: on the engine loop, where the checkpointers call it, it gives the coroutine;
+    from any other thread it runs there, with ``directory`` as a path (a string, a
+    ``pathlib`` or ``etils`` path, an ``s3://`` URL), and returns the result. The caller's
+    own event loop, if any, waits meanwhile, as for Orbax's method."""
+
+    @functools.wraps(fn)
+    def method(self: Any, directory: Any, *args: Any, **kwargs: Any) -> Any:
+        rt = get_runtime()
+        if rt.on_engine_thread():
+            return fn(self, directory, *args, **kwargs)
+        return rt.call(fn, self, as_path(directory), *args, **kwargs)
+
+    method.__engine_coroutine__ = fn  # type: ignore[attr-defined]
+    return method  # type: ignore[return-value]
+
+
+def _awaitable(fn: Any) -> bool:
+    """Whether calling ``fn`` on the engine loop gives an awaitable: a coroutine function, or
+    an :func:`engine_method`."""
+    return inspect.iscoroutinefunction(fn) or hasattr(fn, "__engine_coroutine__")
 
 
 class Writer:
@@ -62,6 +94,17 @@ class CheckpointHandler:
     async def stage(self, directory: AnyPath, args: Any) -> Writer:
         raise NotImplementedError
 
+    @engine_method
+    async def save(self, directory: AnyPath, args: Any) -> None:
+        """Orbax's ``save``: writes the item into ``directory`` (which must exist), staged,
+        written and finalized at once. No commit: that is the checkpointer's."""
+        writer = await self.stage(coerce(directory), args)
+        await writer.write()
+        await writer.finalize()
+
+    def finalize(self, directory: Any) -> None:
+        """Orbax's ``finalize``: nothing left to do once :meth:`save` returned."""
+
     async def restore(self, directory: AnyPath, args: Any = None) -> Any:
         raise NotImplementedError
 
@@ -79,10 +122,11 @@ class AsyncCheckpointHandler(CheckpointHandler):
 
 
 def is_native(handler: Any) -> bool:
-    """Whether ``handler`` implements ckpt_async's coroutines (else Orbax's interface)."""
+    """Whether ``handler`` implements ckpt_async's coroutines (else Orbax's interface, or a
+    subclass of ours overriding some of them with Orbax's synchronous methods)."""
     cls = type(handler)
     return (isinstance(handler, CheckpointHandler) and cls.stage is not CheckpointHandler.stage
-            and inspect.iscoroutinefunction(cls.restore))
+            and all(_awaitable(getattr(cls, m)) for m in ("save", "restore", "metadata")))
 
 
 def typestr_of(handler: Any) -> str:
@@ -102,26 +146,25 @@ def adapt(handler: Any) -> CheckpointHandler:
 class _OrbaxStyle(AsyncCheckpointHandler):
     """Drives a handler written to Orbax's interface: ``save`` runs while the item is staged
     (it writes then, as Orbax's synchronous handlers do), ``async_save``'s futures are
-    waited for by the background write, ``finalize`` completes the item, and ``restore``
-    and ``metadata`` run in a worker thread."""
+    waited for by the background write, ``finalize`` completes the item; its synchronous
+    ``save``, ``restore`` and ``metadata`` run in threads of their own."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.typestr = typestr_of(inner)  # type: ignore[misc]
 
     async def stage(self, directory: AnyPath, args: Any) -> Writer:
-        from .._runtime import get_runtime
-
         rt, inner = get_runtime(), self.inner
-        if isinstance(inner, CheckpointHandler) and type(inner).stage is not CheckpointHandler.stage:
+        if isinstance(inner, CheckpointHandler) and type(inner).stage is not CheckpointHandler.stage \
+                and _awaitable(type(inner).save):
             return await inner.stage(directory, args)  # (ours, with some methods overridden)
         await storage.makedirs(directory)  # (Orbax's handlers write into it)
         async_save = getattr(inner, "async_save", None)
         futures: Any = ()
-        if async_save is not None and inspect.iscoroutinefunction(async_save):
+        if async_save is not None and _awaitable(async_save):
             futures = await async_save(directory, args=args) or ()
         else:
-            await rt.to_thread(functools.partial(inner.save, directory, args=args))
+            await rt.to_own_thread(inner.save, directory, args=args)
 
         async def write() -> None:
             for fut in futures:
@@ -134,22 +177,17 @@ class _OrbaxStyle(AsyncCheckpointHandler):
         return Writer(write, finalize=finalize)
 
     async def restore(self, directory: AnyPath, args: Any = None) -> Any:
-        from .._runtime import get_runtime
-
-        if inspect.iscoroutinefunction(self.inner.restore):
+        if _awaitable(self.inner.restore):
             return await self.inner.restore(directory, args)
-        return await get_runtime().to_thread(
-            functools.partial(self.inner.restore, directory, args=args))
+        return await get_runtime().to_own_thread(self.inner.restore, directory, args=args)
 
     async def metadata(self, directory: AnyPath) -> Any:
-        from .._runtime import get_runtime
-
         if not callable(getattr(self.inner, "metadata", None)):
             return None
-        if inspect.iscoroutinefunction(self.inner.metadata):
-            return await self.inner.metadata(directory)
         try:
-            return await get_runtime().to_thread(self.inner.metadata, directory)
+            if _awaitable(self.inner.metadata):
+                return await self.inner.metadata(directory)
+            return await get_runtime().to_own_thread(self.inner.metadata, directory)
         except NotImplementedError:
             return None
 

@@ -14,7 +14,14 @@ from .._paths import AnyPath
 from .._stage import cancel_all
 from ..args import CheckpointArgs, Composite, register_with_handler
 from ..errors import HandlerError, ItemNotFoundError
-from .base import AsyncCheckpointHandler, CheckpointHandler, Writer, adapt, typestr_of
+from .base import (
+    AsyncCheckpointHandler,
+    CheckpointHandler,
+    Writer,
+    adapt,
+    engine_method,
+    typestr_of,
+)
 from .registry import DefaultCheckpointHandlerRegistry, handler_for_typestr
 
 
@@ -114,6 +121,7 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
             )
         return handler
 
+    @engine_method
     async def restore(self, directory: AnyPath, args: Composite | None = None) -> Composite:
         """Restores the items ``args`` names; with no args, every stored item, and ``None`` for
         an item the step's save named with ``None`` (Orbax 0.12: ``Composite(x=None)`` on save
@@ -152,6 +160,7 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
         out.update(zip(present, results))
         return Composite(**out)
 
+    @engine_method
     async def metadata(self, directory: AnyPath) -> Composite:
         stored, _recorded = await self._stored_items(directory)
         out = {}

@@ -13,7 +13,7 @@ from .._paths import AnyPath
 from ..args import JsonRestore, JsonSave, register_with_handler
 from ..errors import CheckpointNotFoundError, UnsupportedLeafError
 from ..multihost import current_roles
-from .base import AsyncCheckpointHandler, Writer
+from .base import AsyncCheckpointHandler, Writer, engine_method
 
 
 class JsonCheckpointHandler(AsyncCheckpointHandler):
@@ -45,6 +45,7 @@ class JsonCheckpointHandler(AsyncCheckpointHandler):
 
         return Writer(write, len(data))
 
+    @engine_method
     async def restore(self, directory: AnyPath, args: JsonRestore | None = None) -> Any:
         path = directory / self._filename
         try:
@@ -55,6 +56,7 @@ class JsonCheckpointHandler(AsyncCheckpointHandler):
                                   await _integrity.read_checksums(directory))
         return fmt.decode(data, Any, where=str(path))
 
+    @engine_method
     async def metadata(self, directory: AnyPath) -> None:
         return None
 

@@ -55,7 +55,7 @@ from ..metadata import (
 )
 from ..multihost import Roles, current_roles
 from ..type_handlers import PLACEHOLDER, ArrayRestoreArgs, RestoreArgs, SaveArgs
-from .base import AsyncCheckpointHandler, Writer
+from .base import AsyncCheckpointHandler, Writer, engine_method
 
 _SCALAR_DTYPES = {bool: np.dtype(bool), int: np.dtype(np.int64), float: np.dtype(np.float64),
                   complex: np.dtype(np.complex128)}
@@ -355,6 +355,7 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
             strings = fmt.decode(raw_strings, dict, where=str(directory / fmt.STRINGS))
         return tree_doc, shardings, strings, sums
 
+    @engine_method
     async def restore(self, directory: AnyPath, args: PyTreeRestore | StandardRestore | None = None
                       ) -> Any:
         with gc_paused():  # per-array records are acyclic: no full collections mid-restore
@@ -391,6 +392,7 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
             target if target is not None else restore_args, restore_args, partial=partial,
             strict=not loose, structure_only=isinstance(args, PyTreeRestore) and target is not None)
 
+    @engine_method
     async def metadata(self, directory: AnyPath) -> TreeMetadata:
         directory = coerce(directory)
         tree_doc, shardings, _, sums = await self.read_documents(directory)

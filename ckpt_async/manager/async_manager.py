@@ -22,8 +22,8 @@ from typing import Any
 from .. import _commit, _integrity, multihost
 from .. import _format as fmt
 from .. import _storage as storage
-from .._checkpointer import AsyncCheckpointer, AsyncOptions, as_path, check_writable
-from .._paths import AnyPath
+from .._checkpointer import AsyncCheckpointer, AsyncOptions, check_writable
+from .._paths import AnyPath, as_path
 from .._runtime import CommitFuture, get_runtime, on_engine
 from ..args import CheckpointArgs, Composite, JsonSave
 from ..checkpoint_managers import CheckpointInfo, DecisionContext, PreservationContext

@@ -8,8 +8,7 @@ too.
 
 from typing import Any
 
-from .._checkpointer import as_path
-from .._paths import AnyPath
+from .._paths import AnyPath, as_path
 from ..manager._steps import NameFormat, name_format_of, standard_name_format
 
 
