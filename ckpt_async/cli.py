@@ -1104,7 +1104,7 @@ async def cmd_import(a: argparse.Namespace, out: Any) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ckpt-async", description="Inspect, verify, compare, clean and convert "
-                "Orbax / ckpt_async checkpoints, on local paths and s3:// URLs.")
+                "Orbax / ckpt_async checkpoints, on local paths and s3:// and gs:// URLs.")
     p.add_argument("--debug", action="store_true", help="print tracebacks on errors")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -1118,10 +1118,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = add_parser  # type: ignore[method-assign,assignment]
     sub.required = True
 
-    def step_opts(sp: argparse.ArgumentParser, step: bool = True) -> None:
+    def step_opts(sp: argparse.ArgumentParser, step: bool = True,
+                  default: str = "the latest") -> None:
         if step:
             sp.add_argument("--step", type=int, help="the step of a manager directory "
-                            "(default: the latest)")
+                            f"(default: {default})")
         sp.add_argument("--step-prefix", help="step directories are named <prefix>_<step> "
                         "(default: any prefix)")
 
@@ -1142,7 +1143,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("path", help="a checkpoint, or a manager directory (every step)")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress")
-    step_opts(sp)
+    step_opts(sp, default="every step")
     sp.set_defaults(fn=cmd_verify)
 
     sp = sub.add_parser("diff", help="compare two checkpoints (exit 1 when they differ)")
