@@ -127,6 +127,19 @@ def _builtin(value: Any) -> Any:
                     "not JSON serializable")
 
 
+def json_values(value: Any) -> Any:
+    """``value`` with every jax or NumPy array and NumPy scalar in it (the loss a jitted step
+    returns) as its Python number, or nested lists of them, through dicts, lists and tuples:
+    what a training loop passes as metrics, made JSON."""
+    if isinstance(value, dict):
+        return {k: json_values(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_values(v) for v in value]
+    if hasattr(value, "dtype") and callable(getattr(value, "tolist", None)):
+        return value.tolist()
+    return value
+
+
 _encoder = msgspec.json.Encoder(enc_hook=_builtin)
 _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 

@@ -793,6 +793,29 @@ def test_non_finite_metrics_and_metadata_read_back_as_they_were(tmp_path):
         assert mngr.metadata().custom_metadata == custom
 
 
+@pytest.mark.parametrize("best", [False, True])
+def test_metrics_from_a_jitted_step_are_written_as_numbers(tmp_path, best):
+    # A training loop passes its step's jax scalars (and NumPy values) as metrics: they are
+    # written as the numbers they hold, and best_fn ranks them as passed and after a reopen.
+    opts = lambda: ocp.CheckpointManagerOptions(  # noqa: E731
+        best_fn=(lambda m: m["loss"]) if best else None, best_mode="min")
+    loss = jax.jit(lambda x: (x * x).mean())
+    with ocp.CheckpointManager(tmp_path, options=opts()) as mngr:
+        for step, x in enumerate([3.0, 1.0, 2.0]):
+            assert mngr.save(step, args=ocp.args.StandardSave(tree(step)), metrics={
+                "loss": loss(jax.numpy.full(4, x)), "seen": np.int64(step), "hist": np.ones(2)})
+        if best:
+            assert mngr.best_step() == 1
+    with ocp.CheckpointManager(tmp_path, options=opts()) as mngr:
+        assert mngr.all_steps() == [0, 1, 2]
+        metrics = mngr.metadata(1).metrics
+        assert metrics == {"loss": 1.0, "seen": 1, "hist": [1.0, 1.0]}
+        assert type(metrics["loss"]) is float and type(metrics["seen"]) is int
+        if best:
+            assert mngr.best_step() == 1
+            assert mngr.metrics(1) == metrics
+
+
 def test_stray_entries_named_like_steps_are_not_steps(tmp_path):
     # As in Orbax: a file or a dangling symlink named like a step is ignored, not listed (a
     # file became latest_step and failed restore(); a dangling symlink failed the listing).

@@ -405,12 +405,15 @@ class AsyncCheckpointManager:
         await self._bound_in_flight()
         stats.wait_for_prev_start_time, stats.wait_for_prev_duration_secs = t, time.time() - t
         items = dict(composite.items())
+        # (written as JSON: a jitted step's jax scalars as the numbers they hold; best_fn is
+        # given the metrics as passed)
+        written = fmt.json_values(metrics)
         if metrics is not None and self.options.best_fn is not None and \
                 not self.options.prevent_write_metrics:
-            items[METRIC_ITEM_NAME] = JsonSave(metrics)
+            items[METRIC_ITEM_NAME] = JsonSave(written)
         meta = fmt.StepMetadata(custom_metadata=dict(custom_metadata or {}))
         if metrics is not None and not self.options.prevent_write_metrics:
-            meta.metrics = dict(metrics) if isinstance(metrics, dict) else {"value": metrics}
+            meta.metrics = written if isinstance(written, dict) else {"value": written}
         try:  # (refused now, not by the commit in the background)
             fmt.encode(meta, values=[meta.metrics, meta.custom_metadata])
         except (TypeError, ValueError) as exc:
