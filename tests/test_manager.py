@@ -384,9 +384,10 @@ def test_documents_that_are_not_json_are_refused_before_anything_is_written(tmp_
             with pytest.raises(UnsupportedLeafError, match="not JSON serializable"):
                 mngr.save(1, args=ocp.args.Composite(
                     state=ocp.args.StandardSave(tree(1)), extra=ocp.args.JsonSave({"x": value})))
-            with pytest.raises(UnsupportedLeafError, match="step 1 of"):
-                mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(tree(1))),
-                          metrics={"x": value})
+            if not isinstance(value, np.ndarray):  # (metrics take arrays: written as lists)
+                with pytest.raises(UnsupportedLeafError, match="step 1 of"):
+                    mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(tree(1))),
+                              metrics={"x": value})
             with pytest.raises(UnsupportedLeafError, match="step 1 of"):
                 mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(tree(1))),
                           custom_metadata={"x": value})

@@ -304,6 +304,89 @@ def test_step_name_formats_of_either_library_name_steps_alike(tmp_path):
                              options=ca.CheckpointManagerOptions(step_name_format=Odd()))
 
 
+def _pax_like_format(lib):
+    """A format of one's own, as Pax writes one: a NameFormat subclass naming steps
+    ``checkpoint_<8 digits>`` and finding them itself."""
+    import dataclasses
+    import pathlib
+
+    @dataclasses.dataclass(frozen=True)
+    class PaxLike(lib.step.NameFormat):
+        def build_name(self, step):
+            return f"checkpoint_{step:08d}"
+
+        def build_metadata(self, step_path, step=None):
+            step_path = pathlib.Path(step_path)
+            if lib.utils.is_tmp_checkpoint(step_path) or \
+                    not step_path.name.startswith("checkpoint_"):
+                return None
+            return lib.step.Metadata(step=int(step_path.name[11:]), path=step_path)
+
+        def find_step(self, base_path, step):
+            found = self.build_metadata(lib.step.build_step_path(base_path, self, step))
+            if found is None or not found.path.exists():
+                raise ValueError(f"no step {step}")
+            return found
+
+        def find_all(self, base_path):
+            return lib.step.build_step_metadatas(pathlib.Path(base_path).iterdir(),
+                                                 self.build_metadata)
+
+    return PaxLike()
+
+
+@pytest.mark.parametrize(("writer", "reader"), [("ckpt_async", "ckpt_async"),
+                                                ("ckpt_async", "orbax"), ("orbax", "ckpt_async")])
+def test_a_name_format_of_ones_own_finds_its_steps_again(tmp_path, writer, reader):
+    libs = {"ckpt_async": ca, "orbax": orbax}
+    w, r = libs[writer], libs[reader]
+    with w.CheckpointManager(tmp_path, options=w.CheckpointManagerOptions(
+            step_name_format=_pax_like_format(w))) as m:
+        for step in (7, 12):
+            m.save(step, args=w.args.StandardSave({"a": np.full(2, step)}))
+    (tmp_path / "notes").mkdir()  # (not a step in this format)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint_")) == [
+        "checkpoint_00000007", "checkpoint_00000012"]
+    nf = _pax_like_format(r)
+    with r.CheckpointManager(tmp_path, options=r.CheckpointManagerOptions(
+            step_name_format=nf)) as m:
+        assert m.all_steps() == [7, 12] and m.latest_step() == 12
+        np.testing.assert_array_equal(m.restore(7)["a"], np.full(2, 7))
+    assert r.step.latest_step_metadata(tmp_path, nf).step == 12
+    assert r.step.find_step_path(tmp_path, nf, step=7).name == "checkpoint_00000007"
+
+
+def test_step_helpers_answer_as_orbax(tmp_path):
+    with ca.CheckpointManager(tmp_path, options=ca.CheckpointManagerOptions(
+            step_prefix="ckpt")) as m:
+        for step in (3, 10):
+            m.save(step, args=ca.args.StandardSave({"a": np.ones(2)}))
+    (tmp_path / "ckpt_11.orbax-checkpoint-tmp-123").mkdir()
+    for lib in (ca, orbax):
+        nf = lib.step.standard_name_format(step_prefix="ckpt")
+        st = lib.step
+        assert sorted(st.checkpoint_steps(tmp_path)) == [3, 10], lib
+        assert st.is_path_finalized(tmp_path / "ckpt_3") and \
+            not st.is_path_finalized(tmp_path / "ckpt_11.orbax-checkpoint-tmp-123")
+        assert st.latest_step_metadata(tmp_path, nf).step == 10
+        assert {m.step for m in nf.find_all(tmp_path)} == {3, 10}
+        assert nf.find_step(tmp_path, 3).path.name == "ckpt_3"
+        with pytest.raises(ValueError):
+            nf.find_step(tmp_path, 4)
+        assert st.maybe_find_step_metadata(tmp_path, nf, step=4) is None
+        assert st.find_step_path(tmp_path, nf, step=11, include_uncommitted=True).name == \
+            "ckpt_11.orbax-checkpoint-tmp-123"
+        assert st.step_from_checkpoint_name("ckpt_0012") == 12
+        assert st.step_from_checkpoint_name("ckpt_11.orbax-checkpoint-tmp-123") == 11
+        assert f"ckpt_5{st.TMP_DIR_SUFFIX}".endswith(".orbax-checkpoint-tmp")
+        assert str(st.get_save_directory(5, tmp_path, "state", step_prefix="ckpt",
+                                         step_format_fixed_length=3)) == \
+            str(tmp_path / "ckpt_005" / "state")
+        both = st.composite_name_format(nf, [nf, st.standard_name_format()])
+        assert both.build_name(4) == "ckpt_4"
+        assert sorted(m.step for m in both.find_all(tmp_path)) == [3, 10]
+
+
 # -- single calls, each run against both libraries ---------------------------------------------
 def _outcome(fn):
     try:

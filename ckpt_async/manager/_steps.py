@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .. import _commit
@@ -20,12 +22,40 @@ from ..errors import InvalidArgumentError
 TODELETE_MARK = ".orbax-checkpoint-todelete"
 
 
+@dataclasses.dataclass
+class Metadata:
+    """A step found in a directory (Orbax's ``ocp.step.Metadata``): its number and path."""
+
+    step: int
+    path: Any
+
+
 @dataclasses.dataclass(frozen=True)
 class NameFormat:
-    """Builds and parses step directory names (Orbax's ``standard_name_format``)."""
+    """Builds and parses step directory names (Orbax's ``standard_name_format``).
+
+    A subclass naming steps otherwise (Orbax's ``NameFormat`` protocol, as Pax writes one)
+    overrides :meth:`build_name` and :meth:`find_all` (or :meth:`parse`): managers then list
+    a directory's steps through its ``find_all``, keeping those committed."""
 
     step_prefix: str | None = None
     step_format_fixed_length: int | None = None
+
+    def find_all(self, base_path: Any) -> Iterator[Metadata]:
+        """Every committed step under ``base_path`` in this format."""
+        from .._paths import as_path
+        from .._runtime import get_runtime
+
+        root = as_path(base_path)
+        for step, name in get_runtime().call(committed_steps, root, self).items():
+            yield Metadata(step, root / name)
+
+    def find_step(self, base_path: Any, step: int) -> Metadata:
+        """``step`` under ``base_path``; ``ValueError`` when it is not committed there."""
+        for found in self.find_all(base_path):
+            if found.step == step:
+                return found
+        raise ValueError(f"no committed step {step} in {base_path} named as {self}")
 
     def build_name(self, step: int) -> str:
         digits = f"{step:0{self.step_format_fixed_length}d}" if self.step_format_fixed_length else str(step)
@@ -53,21 +83,42 @@ def standard_name_format(step_prefix: str | None = None,
     return NameFormat(step_prefix, step_format_fixed_length)
 
 
-def name_format_of(given: Any) -> NameFormat:
-    """``CheckpointManagerOptions.step_name_format`` as a :class:`NameFormat`: one of ours, or
-    Orbax's ``standard_name_format`` (same fields, same names)."""
+def is_custom(name_format: Any) -> bool:
+    """Whether ``name_format`` names steps its own way: its steps are listed through its
+    ``find_all`` (a subclass of ours overriding it, or another object with one)."""
+    if isinstance(name_format, NameFormat):
+        return type(name_format).find_all is not NameFormat.find_all
+    return True
+
+
+def name_format_of(given: Any) -> Any:
+    """``CheckpointManagerOptions.step_name_format`` as a name format: one of ours (a
+    subclass included), Orbax's ``standard_name_format`` (same fields, same names, taken as
+    ours), or any other object with ``build_name(step)`` and ``find_all(base_path)``, as
+    Orbax's ``NameFormat`` protocol has them."""
+    where = "CheckpointManagerOptions.step_name_format"
     if isinstance(given, NameFormat):
+        cls = type(given)
+        if cls.build_name is not NameFormat.build_name and not is_custom(given) and \
+                cls.parse is NameFormat.parse:
+            raise InvalidArgumentError(
+                f"{where}: {cls.__qualname__} overrides build_name but neither find_all nor "
+                "parse, so the steps it names could not be found again")
         return given
+    build = getattr(given, "build_name", None)
+    if not callable(build):
+        raise InvalidArgumentError(f"{where}: {given!r} has no build_name(step)")
     ours = NameFormat(getattr(given, "step_prefix", None),
                       getattr(given, "step_format_fixed_length", None))
-    build = getattr(given, "build_name", None)
-    if (not callable(build) or not hasattr(given, "step_prefix")
-            or any(build(s) != ours.build_name(s) for s in (0, 7, 123456))):
+    if hasattr(given, "step_prefix") and all(build(s) == ours.build_name(s)
+                                             for s in (0, 7, 123456)):
+        return ours
+    if not callable(getattr(given, "find_all", None)):
         raise InvalidArgumentError(
-            f"CheckpointManagerOptions.step_name_format: {given!r} is not a standard name format; "
-            "use ckpt_async.path.step.standard_name_format(step_prefix=..., "
-            "step_format_fixed_length=...)")
-    return ours
+            f"{where}: {given!r} is not a standard name format and has no find_all(base_path) "
+            "to list its steps; use ckpt_async.path.step.standard_name_format(step_prefix=..., "
+            "step_format_fixed_length=...), or a NameFormat subclass")
+    return given
 
 
 def name_format_for(step_name_format: Any, step_prefix: str | None = None,
@@ -79,10 +130,33 @@ def name_format_for(step_name_format: Any, step_prefix: str | None = None,
     return standard_name_format(step_prefix, step_format_fixed_length)
 
 
-async def committed_steps(directory: AnyPath, name_format: NameFormat) -> dict[int, str]:
+async def committed_steps(directory: AnyPath, name_format: Any) -> dict[int, str]:
     """The committed steps of ``directory`` in ``name_format``: step -> entry name."""
     _names, visible = await _commit.scan(directory)
-    return steps_in(sorted(visible), name_format)
+    if not is_custom(name_format):
+        return steps_in(sorted(visible), name_format)
+    if not visible:
+        return {}
+    from .._runtime import get_runtime
+
+    # (its find_all, in a thread: it lists the directory itself, as Orbax's formats do)
+    base = directory if isinstance(directory, Path) else str(directory)
+    found = await get_runtime().to_thread(lambda: list(name_format.find_all(base)))
+    steps: dict[int, str] = {}
+    for m in found:  # (the first of a step's names found, as Orbax's find_step takes it)
+        if (name := PurePosixPath(str(m.path)).name) in visible:
+            steps.setdefault(int(m.step), name)
+    return dict(sorted(steps.items()))
+
+
+def parses_as_step(name_format: Any, name: str) -> bool:
+    """Whether ``name`` is a step's name in ``name_format`` (custom formats: as far as their
+    own ``parse``, where they have one, tells)."""
+    parse = getattr(name_format, "parse", None)
+    if not callable(parse) or (is_custom(name_format)
+                               and type(name_format).parse is NameFormat.parse):
+        return False
+    return parse(name) is not None
 
 
 def is_leftover(name: str) -> bool:

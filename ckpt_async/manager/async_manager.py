@@ -192,7 +192,7 @@ class AsyncCheckpointManager:
             # (on an object store, a step written in place without its commit marker is an
             # unfinished save too)
             if _steps.is_leftover(name) or (
-                    name not in visible and self._name_format.parse(name) is not None):
+                    name not in visible and _steps.parses_as_step(self._name_format, name)):
                 await storage.rmtree(self.directory / name)
 
     async def _save_root_metadata(self, custom: dict[str, Any]) -> None:
