@@ -660,6 +660,24 @@ def test_scalar_restore_types_cast_as_orbax_casts_them(tmp_path, writer):
         "g": ("float", "1.25")}
 
 
+def test_array_restore_args_asking_for_numpy_give_numpy_as_in_orbax(tmp_path):
+    # openpi's restore_params(..., restore_type=np.ndarray) passes ArrayRestoreArgs so.
+    w = jax.numpy.arange(8, dtype=jax.numpy.float32)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", {"w": w, "v": w * 2})
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    outcomes = {}
+    for name, lib in (("ckpt_async", ocp), ("orbax", orbax)):
+        ra = {"w": lib.ArrayRestoreArgs(restore_type=np.ndarray, sharding=sharding,
+                                        dtype=np.dtype("bfloat16")),
+              "v": lib.ArrayRestoreArgs(restore_type=np.ndarray)}
+        with lib.PyTreeCheckpointer() as ckptr:
+            out = ckptr.restore(tmp_path / "c", args=lib.args.PyTreeRestore(restore_args=ra))
+        outcomes[name] = {k: (type(v).__name__, str(v.dtype), v.tolist()) for k, v in out.items()}
+    assert outcomes["ckpt_async"] == outcomes["orbax"]
+    assert outcomes["orbax"]["w"][:2] == ("ndarray", "bfloat16")
+
+
 def test_empty_transforms_restore_what_the_item_names_as_in_orbax(tmp_path):
     # Orbax's older idiom for loading parameters alone (MaxText): transforms={}.
     full = {"params": {"w": np.ones((2, 3), np.float32)}, "opt": {"mu": np.zeros(3)}, "step": 5}

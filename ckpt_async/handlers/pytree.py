@@ -439,7 +439,10 @@ async def _random_keys_of(directory: AnyPath) -> dict[str, str]:
 
 
 def _target_sharding(tleaf: Any, rarg: Any) -> jax.sharding.Sharding | None:
-    """The sharding a restore target (or its ArrayRestoreArgs) asks for, if any."""
+    """The sharding a restore target (or its ArrayRestoreArgs) asks for, if any (none for a
+    NumPy array asked for: it is read whole)."""
+    if getattr(rarg, "restore_type", None) is np.ndarray:
+        return None
     if isinstance(rarg, ArrayRestoreArgs):
         return rarg.resolved_sharding()
     if isinstance(tleaf, ArrayRestoreArgs):
@@ -1001,11 +1004,11 @@ class _Reader:
                     f"{self.dir}: key {name!r} is stored with shape {arr.shape}: restore_type="
                     f"{rtype.__name__} asks for a scalar")
             return rtype(arr.item())
+        if rarg is not None and rarg.restore_type is np.ndarray:  # (ArrayRestoreArgs' too)
+            return arr
         if isinstance(rarg, ArrayRestoreArgs) or (rarg is not None and rarg.restore_type is jax.Array):
             sharding = rarg.resolved_sharding() if isinstance(rarg, ArrayRestoreArgs) else None
             return _put(arr, sharding)
-        if rarg is not None and rarg.restore_type is np.ndarray:
-            return arr
         if isinstance(tleaf, (jax.Array, jax.ShapeDtypeStruct)):
             sharding = getattr(tleaf, "sharding", None)
             if sharding is None and vt in ("np.ndarray", "scalar"):
