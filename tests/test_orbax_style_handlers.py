@@ -179,6 +179,24 @@ def test_builtin_handlers_methods_are_synchronous_outside_the_engine(tmp_path, a
         ocp.StandardCheckpointHandler().metadata(tmp_path / "nowhere")
 
 
+def test_builtin_handlers_take_orbaxs_legacy_keywords(tmp_path):
+    # As older Orbax code calls them: restore(directory=, item=, restore_args=), save(item=).
+    (tmp_path / "item").mkdir()
+    handler = ocp.PyTreeCheckpointHandler()
+    handler.save(tmp_path / "item", item=TREE)
+    ra = {"w": ocp.RestoreArgs(restore_type=np.ndarray), "b": {"n": ocp.RestoreArgs()},
+          "s": ocp.RestoreArgs()}
+    for lib in (ocp, orbax):
+        out = lib.PyTreeCheckpointHandler().restore(
+            directory=tmp_path / "item", item=TREE, transforms=None, restore_args=ra)
+        assert isinstance(out["w"], np.ndarray) and out["s"] == "hi", lib
+        np.testing.assert_array_equal(out["w"], TREE["w"])
+    (tmp_path / "doc").mkdir()
+    ocp.JsonCheckpointHandler().save(tmp_path / "doc", item={"k": [1, 2]})
+    assert ocp.JsonCheckpointHandler().restore(tmp_path / "doc") == {"k": [1, 2]}
+    assert orbax.JsonCheckpointHandler().restore(tmp_path / "doc") == {"k": [1, 2]}
+
+
 def test_builtin_handlers_methods_are_synchronous_in_a_callers_event_loop(tmp_path):
     step = _saved_step(tmp_path)
 

@@ -40,10 +40,28 @@ def engine_method(fn: _Method) -> _Method:
         rt = get_runtime()
         if rt.on_engine_thread():
             return fn(self, directory, *args, **kwargs)
+        if fn.__name__ in ("save", "restore"):
+            args, kwargs = _as_args(self, fn.__name__, args, kwargs)
         return rt.call(fn, self, as_path(directory), *args, **kwargs)
 
     method.__engine_coroutine__ = fn  # type: ignore[attr-defined]
     return method  # type: ignore[return-value]
+
+
+def _as_args(handler: Any, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+             ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A direct ``save`` / ``restore`` call's arguments, Orbax's legacy keywords included
+    (``restore(directory, item=..., restore_args=...)``, ``save(directory, item=...)``), as
+    the handler's args."""
+    from ..args import CheckpointArgs
+
+    given = kwargs.pop("args", None) if "args" in kwargs else (args[0] if args else None)
+    if isinstance(given, CheckpointArgs) or (given is None and not kwargs):
+        return (given,), {}
+    from .._checkpointer import make_args  # (the checkpointer imports this module)
+
+    item = given if given is not None else kwargs.pop("item", kwargs.pop("state", None))
+    return (make_args(handler, kind, item, kwargs),), {}
 
 
 def _awaitable(fn: Any) -> bool:
