@@ -18,6 +18,7 @@ from . import (
     options,
     path,
     test_utils,
+    transform_utils,
     tree,
     type_handlers,
     utils,
@@ -44,8 +45,10 @@ from .handlers import (
     PyTreeCheckpointHandler,
     StandardCheckpointHandler,
 )
+from .handlers.registry import DefaultCheckpointHandlerRegistry
 from .manager import AsyncCheckpointManager, CheckpointManager, CheckpointManagerOptions
 from .path import step as step  # (Orbax's alias of ocp.path.step)
+from .transform_utils import RestoreTransform, Transform, apply_transformations
 from .type_handlers import PLACEHOLDER, ArrayRestoreArgs, RestoreArgs, SaveArgs
 
 __version__ = "0.1.0"
@@ -66,16 +69,20 @@ __all__ = [
     "Checkpointer",
     "CommitFuture",
     "CompositeCheckpointHandler",
+    "DefaultCheckpointHandlerRegistry",
     "JsonCheckpointHandler",
     "ProgressEvent",
     "PyTreeCheckpointHandler",
     "PyTreeCheckpointer",
     "RestoreArgs",
+    "RestoreTransform",
     "SaveArgs",
     "StandardCheckpointHandler",
     "StandardCheckpointer",
+    "Transform",
     "VerifyReport",
     "aio",
+    "apply_transformations",
     "args",
     "checkpoint_manager",
     "checkpoint_utils",
@@ -93,6 +100,7 @@ __all__ = [
     "set_gcs_options",
     "set_s3_options",
     "test_utils",
+    "transform_utils",
     "tree",
     "type_handlers",
     "utils",

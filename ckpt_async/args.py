@@ -113,6 +113,11 @@ class JsonRestore(CheckpointArgs):
     item: Any = None
 
 
+class _NoItem(AttributeError, KeyError):
+    """An item a Composite lacks, asked for as an attribute: ``except KeyError`` (Orbax's
+    error) catches it, and ``hasattr`` is False."""
+
+
 class Composite(CheckpointArgs, Mapping[str, Any]):
     """Several named items, each with its own args (or ``None``): ``Composite(state=..., ...)``.
 
@@ -132,7 +137,7 @@ class Composite(CheckpointArgs, Mapping[str, Any]):
         try:
             return self.__dict__["_items"][name]
         except KeyError:
-            raise AttributeError(f"Composite has no item {name!r}") from None
+            raise _NoItem(f"Composite has no item {name!r}") from None
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("Composite is immutable")

@@ -16,8 +16,12 @@ from .manager import (
 )
 from .metadata import RootMetadata, StepMetadata
 
+#: Where Orbax's managers keep their root metadata (``<directory>/metadata``).
+METADATA_ITEM_NAME = "metadata"
+
 __all__ = [
     "DEFAULT_ITEM_NAME",
+    "METADATA_ITEM_NAME",
     "METRIC_ITEM_NAME",
     "AsyncCheckpointManager",
     "AsyncOptions",

@@ -76,11 +76,19 @@ def sharding_metadata_from_json(data: Mapping[str, Any] | None) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
-class ArrayMetadata:
-    """A stored array: name, shape, dtype, sharding and chunking."""
+class Metadata:
+    """A stored value of a tree: its name and the item directory it is in (Orbax's base of
+    every value metadata: ``isinstance(leaf, ocp.metadata.Metadata)`` tells a metadata tree's
+    leaves from values)."""
 
     name: str
     directory: AnyPath | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayMetadata(Metadata):
+    """A stored array: name, shape, dtype, sharding and chunking."""
+
     shape: tuple[int, ...]
     sharding: Any
     dtype: np.dtype
@@ -105,11 +113,8 @@ class ScalarMetadata(ArrayMetadata):
 
 
 @dataclasses.dataclass(frozen=True)
-class StringMetadata:
+class StringMetadata(Metadata):
     """A stored string."""
-
-    name: str
-    directory: AnyPath | None
 
 
 class TreeMetadata(Mapping[str, Any]):

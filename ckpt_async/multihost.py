@@ -54,6 +54,17 @@ _current: contextvars.ContextVar[Roles | None] = contextvars.ContextVar("ckpt_as
                                                                        default=None)
 
 
+def reached_preemption(step: int) -> bool:
+    """Whether JAX's preemption sync point was reached at ``step`` (False without a
+    preemption service)."""
+    try:
+        from jax.experimental import multihost_utils
+
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+    except Exception:  # noqa: BLE001 - no preemption service: not preempted
+        return False
+
+
 def process_index() -> int:
     return jax.process_index()
 
@@ -211,4 +222,5 @@ _stale: list[str] = []
 
 
 __all__ = ["Roles", "Sync", "current_roles", "is_primary_host", "process_count",
+           "reached_preemption",
            "process_index", "roles_for", "sync_global_processes"]

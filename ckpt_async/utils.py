@@ -18,8 +18,9 @@ from ._paths import as_path
 from ._runtime import get_runtime
 from .errors import InvalidArgumentError
 from .manager import _steps
-from .multihost import is_primary_host, sync_global_processes
+from .multihost import is_primary_host, reached_preemption, sync_global_processes
 from .tree import (
+    _key_name,
     deserialize_tree,
     from_flat_dict,
     serialize_tree,
@@ -35,15 +36,20 @@ __all__ = [
     "checkpoint_steps_paths",
     "deserialize_tree",
     "from_flat_dict",
+    "get_key_name",
+    "get_save_directory",
     "is_checkpoint_finalized",
     "is_primary_host",
+    "is_scalar",
     "is_tmp_checkpoint",
+    "reached_preemption",
     "serialize_tree",
     "step_from_checkpoint_name",
     "sync_global_processes",
     "tmp_checkpoints",
     "to_flat_dict",
     "to_shape_dtype_struct",
+    "tuple_path_from_keypath",
 ]
 
 TMP_DIR_SUFFIX = fmt.TMP_SUFFIX
@@ -69,6 +75,36 @@ def fully_replicated_host_local_array_to_global_array(arr: Any) -> Any:
     spec = jax.sharding.PartitionSpec(None) if shape else jax.sharding.PartitionSpec()
     return jax.make_array_from_single_device_arrays(
         shape, jax.sharding.NamedSharding(mesh, spec), pieces)
+
+
+def is_scalar(x: Any) -> bool:
+    """Whether ``x`` is a Python or NumPy number (Orbax's helper)."""
+    import numpy as np
+
+    return isinstance(x, int | float | np.number)
+
+
+def get_key_name(key: Any) -> int | str:
+    """A jax key path entry's name: a sequence index, or a dict key or attribute as ``str``."""
+    return _key_name(key)
+
+
+def tuple_path_from_keypath(keypath: tuple[Any, ...]) -> tuple[str, ...]:
+    """A jax key path (``tree_map_with_path``'s) as a tuple of its entries' names."""
+    return tuple(str(_key_name(k)) for k in keypath)
+
+
+def get_save_directory(step: int, directory: Any, name: str | None = None,
+                       step_prefix: str | None = None, override_directory: Any = None,
+                       step_format_fixed_length: int | None = None,
+                       step_name_format: Any = None) -> Any:
+    """The directory of ``step`` (and of item ``name`` in it) under ``directory``
+    (:func:`ckpt_async.path.step.get_save_directory`)."""
+    from .path import step as step_names
+
+    return step_names.get_save_directory(step, directory, name, step_prefix,
+                                         override_directory, step_format_fixed_length,
+                                         step_name_format)
 
 
 def step_from_checkpoint_name(name: str) -> int:

@@ -291,12 +291,7 @@ class AsyncCheckpointManager:
 
     def reached_preemption(self, step: int) -> bool:
         """Whether JAX's preemption sync point was reached at ``step`` (False without one)."""
-        try:
-            from jax.experimental import multihost_utils
-
-            return bool(multihost_utils.reached_preemption_sync_point(step))
-        except Exception:  # noqa: BLE001 - no preemption service: not preempted
-            return False
+        return multihost.reached_preemption(step)
 
     def is_saving_in_progress(self) -> bool:
         """Whether any commit of this manager is still in flight."""

@@ -9,7 +9,6 @@ the steps found, and managers keep those committed.
 """
 
 import dataclasses
-import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -23,16 +22,16 @@ from ..manager._steps import (
     standard_name_format,
 )
 from ..utils import (
+    TMP_DIR_SUFFIX,
     any_checkpoint_step,
     checkpoint_steps,
     checkpoint_steps_paths,
     is_checkpoint_finalized,
     is_tmp_checkpoint,
+    step_from_checkpoint_name,
     tmp_checkpoints,
 )
 
-#: What a save's temporary directory name has after the step's (Orbax's).
-TMP_DIR_SUFFIX = fmt.TMP_SUFFIX
 ALLOWED_STEP_NAME_PATTERN = r"(.+)_(\d+)"
 TMP_DIR_STEP_PATTERN = r".*?_*?(\d+)\.orbax-checkpoint-tmp"
 
@@ -97,17 +96,6 @@ def step_prefix_with_underscore(step_prefix: str | None) -> str:
 def is_standard_name_format(name_format: Any) -> bool:
     """Whether ``name_format`` is a standard one (``<prefix>_<step>``, padded or not)."""
     return isinstance(name_format, NameFormat) and not is_custom(name_format)
-
-
-def step_from_checkpoint_name(name: str) -> int:
-    """The step of a step directory's name (``12``, ``ckpt_12``, or a temporary one's)."""
-    if name.isdigit():
-        return int(name)
-    if m := re.fullmatch(ALLOWED_STEP_NAME_PATTERN, name):
-        return int(m.group(2))
-    if m := re.match(TMP_DIR_STEP_PATTERN, name):
-        return int(m.group(1))
-    raise ValueError(f"Unrecognized name format: {name}.")
 
 
 def is_path_finalized(path: Any) -> bool:

@@ -1,0 +1,98 @@
+"""ocp.transform_utils: tree transformations in memory, each case run beside orbax-checkpoint
+0.12.8 and compared, and the smaller Orbax names code imports."""
+
+from __future__ import annotations
+
+import numpy as np
+import orbax.checkpoint as orbax
+import pytest
+
+import ckpt_async as ocp
+
+ORIGINAL = {"enc": {"w": 1, "b": 2}, "dec": {"w": 3, "b": 4}, "step": 5, "extra": 6}
+
+
+def _cases(lib):
+    t = lib.transform_utils.Transform
+    new = {"encoder": {"w": 0, "b": 0}, "dec": {"w": 0, "b": 0}, "step": 0, "fresh": 9,
+           "double": 0}
+    return {
+        "regex rename": ({r"encoder/(.*)": t(original_key=r"enc/\1")}, new, True),
+        "value_fn and multi_value_fn": (
+            {"encoder/w": t(original_key="enc/w", value_fn=lambda v: v * 10),
+             "double": t(multi_value_fn=lambda key, tree: tree["step"] * 2)},
+            {"encoder": {"w": 0}, "double": 0, "step": 0}, True),
+        "fallback, new by default": ({"step": t(use_fallback=True)},
+                                     {"step": 0, "dec": {"w": 0}}, False),
+        "fallback, original by default": ({"step": t(use_fallback=True)},
+                                          {"step": 0, "dec": {"w": 0}}, True),
+        "later rule wins": ({r"dec/.*": t(original_key="extra"), "dec/w": t(original_key="step")},
+                            {"dec": {"w": 0, "b": 0}}, True),
+    }
+
+
+@pytest.mark.parametrize("case", list(_cases(ocp)))
+def test_apply_transformations_gives_what_orbax_gives(case):
+    outcomes = {}
+    for name, lib in (("ckpt_async", ocp), ("orbax", orbax)):
+        transforms, new, default = _cases(lib)[case]
+        outcomes[name] = lib.transform_utils.apply_transformations(
+            ORIGINAL, transforms, new, default_to_original=default)
+    assert outcomes["ckpt_async"] == outcomes["orbax"]
+
+
+def test_apply_transformations_refuses_what_orbax_refuses():
+    for lib in (ocp, orbax):
+        t = lib.transform_utils.Transform
+        with pytest.raises(ValueError):
+            lib.transform_utils.apply_transformations(
+                ORIGINAL, {"x": t(original_key="missing")}, {"x": 0})
+        with pytest.raises((ValueError, AssertionError)):
+            t(original_key="a", use_fallback=True)
+    assert ocp.apply_transformations is ocp.transform_utils.apply_transformations
+    assert issubclass(ocp.RestoreTransform, ocp.Transform)
+
+
+def test_intersect_and_merge_trees_as_orbax():
+    a = {"a": {"w": 1, "b": 2}, "c": 3, "only_a": 4}
+    b = {"a": {"w": 10, "b": 20}, "c": 30, "only_b": 5}
+    for fn in ("intersect_trees", "merge_trees"):
+        ours, theirs = (getattr(lib.transform_utils, fn)(a, b) for lib in (ocp, orbax))
+        assert ours == theirs, fn
+    target = {"a": {"w": None, "b": None}, "c": None}
+    assert ocp.transform_utils.intersect_trees(a, b, target=target) == \
+        orbax.transform_utils.intersect_trees(a, b, target=target)
+
+
+def test_value_metadata_shares_orbaxs_base_class(tmp_path):
+    tree = {"w": np.ones(3, np.float32), "s": "text", "n": 4}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave(tree))
+        meta = ckptr.metadata(tmp_path / "c").item_metadata.tree
+    assert all(isinstance(leaf, ocp.metadata.Metadata) for leaf in meta.values())
+    assert not isinstance(tree["w"], ocp.metadata.Metadata)
+
+
+def test_a_missing_item_of_a_restored_composite_is_a_key_error(tmp_path):
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"a": np.ones(2)})))
+        out = mngr.restore(1)
+    with pytest.raises(KeyError, match="cfg"):  # (Orbax raises KeyError for both)
+        out.cfg
+    assert not hasattr(out, "cfg") and hasattr(out, "state")
+
+
+def test_smaller_names_orbax_code_imports():
+    assert ocp.DefaultCheckpointHandlerRegistry is ocp.handlers.DefaultCheckpointHandlerRegistry
+    assert ocp.checkpoint_manager.METADATA_ITEM_NAME == \
+        orbax.checkpoint_manager.METADATA_ITEM_NAME
+    assert ocp.utils.reached_preemption(0) is ocp.multihost.reached_preemption(0) is False
+    for value in (1, 2.5, np.float32(1), "x", None, np.ones(2)):
+        assert ocp.utils.is_scalar(value) == orbax.utils.is_scalar(value)
+    import jax
+
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path({"a": [1, {"b": 2}]})[0]]
+    assert [ocp.utils.tuple_path_from_keypath(p) for p in paths] == \
+        [orbax.utils.tuple_path_from_keypath(p) for p in paths]
+    assert str(ocp.utils.get_save_directory(3, "/ck", "state", step_prefix="s")) == \
+        str(orbax.utils.get_save_directory(3, "/ck", "state", step_prefix="s"))
