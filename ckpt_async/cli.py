@@ -682,7 +682,10 @@ async def _flat_records(path: AnyPath) -> tuple[dict[str, dict[str, Any]], dict[
 
 
 def _sig(r: dict[str, Any]) -> tuple[Any, ...]:
-    return (r["kind"], r.get("dtype"), tuple(r.get("shape") or ()))
+    # (a scalar and a 0-d array of its dtype hold the same value: a NumPy scalar is the one
+    # under PyTreeSave and the other under StandardSave, as in Orbax)
+    kind = "array" if r["kind"] == "scalar" else r["kind"]
+    return (kind, r.get("dtype"), tuple(r.get("shape") or ()))
 
 
 def _sig_str(r: dict[str, Any]) -> str:

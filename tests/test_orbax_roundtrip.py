@@ -678,6 +678,20 @@ def test_array_restore_args_asking_for_numpy_give_numpy_as_in_orbax(tmp_path):
     assert outcomes["orbax"]["w"][:2] == ("ndarray", "bfloat16")
 
 
+@pytest.mark.parametrize("kind", ["Standard", "PyTree"])
+def test_item_metadata_kinds_of_leaves_as_orbax_reports_them(tmp_path, kind):
+    # A NumPy scalar under StandardSave is an array to Orbax (ArrayMetadata, with storage),
+    # and a scalar under PyTreeSave; tools read the chunk layout from either.
+    tree = {"a": np.ones(2, np.float32), "f": np.float32(1.5), "i": np.int64(3), "py": 2.0}
+    kinds = {}
+    for name, lib in (("ckpt_async", ocp), ("orbax", orbax)):
+        with lib.Checkpointer(getattr(lib, f"{kind}CheckpointHandler")()) as ckptr:
+            ckptr.save(tmp_path / name, args=getattr(lib.args, f"{kind}Save")(tree))
+            meta = ckptr.metadata(tmp_path / name).item_metadata.tree
+        kinds[name] = {k: (type(v).__name__, v.storage is not None) for k, v in meta.items()}
+    assert kinds["ckpt_async"] == kinds["orbax"]
+
+
 def test_empty_transforms_restore_what_the_item_names_as_in_orbax(tmp_path):
     # Orbax's older idiom for loading parameters alone (MaxText): transforms={}.
     full = {"params": {"w": np.ones((2, 3), np.float32)}, "opt": {"mu": np.zeros(3)}, "step": 5}

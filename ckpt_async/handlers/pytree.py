@@ -1043,7 +1043,7 @@ class _Reader:
             shape, dtype, chunks = await ser.read_shape_dtype(
                 self.ctx, self.dir, name, use_ocdbt=self.doc.use_ocdbt,
                 use_zarr3=self.doc.use_zarr3)
-            if self._is_scalar(name, vt):
+            if vt == "scalar":  # (a NumPy scalar of StandardSave's is an array here, as Orbax has it)
                 return ScalarMetadata(name, self.dir, shape, None, dtype, None)
             sharding = None
             if name in self.shardings:
