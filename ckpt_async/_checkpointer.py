@@ -45,7 +45,7 @@ from .errors import (
     ProcessFailedError,
     StepAlreadyExistsError,
 )
-from .handlers.base import CheckpointHandler, adapt, typestr_of
+from .handlers.base import CheckpointHandler, adapt, call_handler, typestr_of
 from .handlers.composite import CompositeCheckpointHandler
 from .metadata import StepMetadata
 
@@ -462,7 +462,7 @@ class AsyncCheckpointer:
             items, args = (args, *items), None
         if args is None and (items or legacy):
             args = make_args(self.handler, "restore", items[0] if items else None, legacy)
-        return await adapt(self.handler).restore(path, args)
+        return await call_handler(adapt(self.handler).restore, path, args)
 
     @on_engine
     async def metadata(self, directory: Any) -> StepMetadata:
@@ -473,7 +473,7 @@ class AsyncCheckpointer:
         doc = found or fmt.StepMetadata()
         statistics = (ext.statistics if ext is not None else None) or {}
         try:
-            item_metadata = await adapt(self.handler).metadata(path)
+            item_metadata = await call_handler(adapt(self.handler).metadata, path)
         except CheckpointNotFoundError:
             if found is None:
                 raise

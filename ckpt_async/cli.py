@@ -38,6 +38,7 @@ from ._paths import AnyPath, as_path
 from ._runtime import get_runtime
 from .errors import CheckpointError, InvalidArgumentError, StepAlreadyExistsError
 from .handlers import JsonCheckpointHandler, PyTreeCheckpointHandler, StandardCheckpointHandler
+from .handlers.base import call_handler
 from .manager import _steps
 
 T = TypeVar("T")
@@ -324,7 +325,7 @@ async def restore_item(item: Item) -> Any:
 
 async def read_json_item(path: AnyPath, filename: str) -> Any:
     """The document of a JSON item (checked against its ``_CHECKSUMS`` when it has one)."""
-    return await JsonCheckpointHandler(filename=filename).restore(path)
+    return await call_handler(JsonCheckpointHandler(filename=filename).restore, path)
 
 
 async def json_document(item: Item) -> Any:

@@ -71,7 +71,8 @@ def apply_transformations(original_tree: Any, transformations: Any, new_tree: An
     has one and ``default_to_original`` (else keeps its own); ``use_fallback`` takes the
     other tree's. Raises ``ValueError`` for a transformation naming a key the original tree
     does not have."""
-    if not new_tree and not to_flat_dict(new_tree):
+    if not to_flat_dict(new_tree) and not (isinstance(new_tree, dict | list | tuple)
+                                           and new_tree):
         return {}
     original = to_flat_dict(original_tree, sep="/")
     new = to_flat_dict(new_tree, sep="/")

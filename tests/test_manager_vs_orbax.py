@@ -11,6 +11,7 @@ keeps them), so a ``BestN`` preservation policy without ``best_fn`` is not compa
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime
 import json
 import random
@@ -354,6 +355,49 @@ def test_a_name_format_of_ones_own_finds_its_steps_again(tmp_path, writer, reade
         np.testing.assert_array_equal(m.restore(7)["a"], np.full(2, 7))
     assert r.step.latest_step_metadata(tmp_path, nf).step == 12
     assert r.step.find_step_path(tmp_path, nf, step=7).name == "checkpoint_00000007"
+
+
+def _in_thread(fn, timeout=60):
+    """fn() in a thread; its result, or a failure if it has not returned within ``timeout``
+    (a hang fails the test instead of the suite)."""
+    import threading
+
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert out, f"{fn} did not return within {timeout} s"
+    return out[0]
+
+
+def test_formats_built_on_the_standard_one_list_steps_without_hanging(tmp_path):
+    # A subclass filtering super().find_all(), and several managers at once listing through a
+    # composite of standard formats: each listing waits on the engine loop from a thread,
+    # which must not be one of the bounded pool's (they ran out, and the listing hung).
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class EvenOnly(ca.step.NameFormat):
+        def find_all(self, base_path):
+            return (m for m in super().find_all(base_path) if m.step % 2 == 0)
+
+    with ca.CheckpointManager(tmp_path) as m:
+        for step in (1, 2, 4):
+            m.save(step, args=ca.args.StandardSave({"a": np.ones(2)}))
+    (tmp_path / "6.orbax-checkpoint-tmp-1").mkdir()  # (a leftover is no step)
+
+    def reopen(nf):
+        with ca.CheckpointManager(tmp_path, options=ca.CheckpointManagerOptions(
+                step_name_format=nf)) as m:
+            return m.all_steps()
+
+    assert _in_thread(lambda: reopen(EvenOnly())) == [2, 4]
+    std = ca.step.standard_name_format()
+    both = ca.step.composite_name_format(std, [std, ca.step.standard_name_format("x")])
+    n = 2 * ca._runtime.DEFAULT_THREADS
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        listed = _in_thread(lambda: list(pool.map(lambda _: reopen(both), range(n))))
+    assert listed == [[1, 2, 4]] * n
 
 
 def test_step_helpers_answer_as_orbax(tmp_path):

@@ -248,3 +248,79 @@ def test_a_subclass_calling_the_builtin_methods_serves_many_items_at_once(tmp_pa
         assert mngr.item_metadata(1)[names[0]] == ["b", "s", "w"]
     for n in names:
         _assert_tree({k.removeprefix("restored_"): v for k, v in out[n].items()})
+
+
+def test_a_handler_method_called_from_a_done_callback_raises_rather_than_hangs(tmp_path):
+    # A commit future's done callbacks run on the engine loop: a synchronous call there could
+    # never finish, and a coroutine handed back would be dropped unawaited.
+    seen = []
+
+    def callback(_fut):
+        try:
+            seen.append(ocp.PyTreeCheckpointHandler().metadata(tmp_path / "1" / "default"))
+        except Exception as exc:  # noqa: BLE001 - recorded for the assertion
+            seen.append(exc)
+
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(1, args=ocp.args.StandardSave(TREE))
+        mngr.commit_future(1).add_done_callback(callback)
+        mngr.wait_until_finished()
+    assert len(seen) == 1 and isinstance(seen[0], ocp.errors.RuntimeUsageError)
+
+
+class Wrapping(ocp.AsyncCheckpointHandler):
+    """An Orbax-style handler delegating to a built-in one from its async_save and finalize."""
+
+    finalized: list[str] = []
+
+    def __init__(self):
+        self._inner = ocp.StandardCheckpointHandler()
+
+    async def async_save(self, directory, args):
+        self._inner.save(directory, args=ocp.args.StandardSave(args.item))
+        return []
+
+    def restore(self, directory, args=None):
+        return self._inner.restore(directory)
+
+    def finalize(self, directory):
+        Wrapping.finalized.append(directory.name)
+
+
+WrapSave, WrapRestore = _args_for(ocp, Wrapping)
+
+
+class FinalizingStandard(ocp.StandardCheckpointHandler):
+    finalized: list[str] = []
+
+    def finalize(self, directory):
+        FinalizingStandard.finalized.append(directory.name)
+
+
+def test_orbax_style_overrides_of_async_save_and_finalize_run(tmp_path):
+    Wrapping.finalized.clear()
+    FinalizingStandard.finalized.clear()
+    with ocp.AsyncCheckpointer(Wrapping()) as ckptr:
+        ckptr.save(tmp_path / "w", args=WrapSave(TREE))
+        ckptr.wait_until_finished()
+        _assert_tree(ckptr.restore(tmp_path / "w", args=WrapRestore()))
+    assert Wrapping.finalized and (tmp_path / "w" / "_METADATA").exists()
+    with ocp.AsyncCheckpointer(FinalizingStandard()) as ckptr:
+        ckptr.save(tmp_path / "f", args=ocp.args.StandardSave(TREE))
+        ckptr.wait_until_finished()
+        _assert_tree(ckptr.restore(tmp_path / "f"))
+    assert len(FinalizingStandard.finalized) == 1
+
+
+def test_legacy_positional_arguments_are_taken_in_orbaxs_order(tmp_path):
+    (tmp_path / "item").mkdir()
+    handler = ocp.PyTreeCheckpointHandler()
+    handler.save(tmp_path / "item", TREE)
+    ra = {"w": ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.int32),
+          "b": {"n": ocp.RestoreArgs()}, "s": ocp.RestoreArgs()}
+    out = handler.restore(tmp_path / "item", TREE, ra)  # (item, restore_args)
+    assert out["w"].dtype == np.int32  # (the restore args were taken, not dropped)
+    theirs = orbax.PyTreeCheckpointHandler().restore(tmp_path / "item", TREE, ra)
+    np.testing.assert_array_equal(out["w"], theirs["w"])
+    with pytest.raises(TypeError):
+        handler.restore(tmp_path / "item", TREE, ra, None, True, None, "one too many")

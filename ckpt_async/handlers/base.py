@@ -16,6 +16,8 @@ a subclass overriding ``restore`` with a synchronous method that calls ``super()
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
 import inspect
 from collections.abc import Awaitable, Callable
@@ -24,28 +26,56 @@ from typing import Any, ClassVar, TypeVar
 from .. import _storage as storage
 from .._paths import AnyPath, as_path, coerce
 from .._runtime import get_runtime
+from ..errors import RuntimeUsageError
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
+
+#: Set while ckpt_async awaits a handler's method (:func:`call_handler`): the built-in
+#: methods then give coroutines (to it, and to a subclass's ``await super().restore(...)``).
+_driving: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "ckpt_async_driving_handler", default=False)
+
+
+async def call_handler(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Awaits a handler's ``restore`` / ``metadata`` / ``save`` on the engine loop."""
+    token = _driving.set(True)
+    try:
+        return await method(*args, **kwargs)
+    finally:
+        _driving.reset(token)
 
 
 def engine_method(fn: _Method) -> _Method:
     """Makes a handler's coroutine method (``fn(self, directory, ...)``) Orbax's synchronous
-    method too: on the engine loop, where the checkpointers call it, it gives the coroutine;
-    from any other thread it runs there, with ``directory`` as a path (a string, a
-    ``pathlib`` or ``etils`` path, an ``s3://`` URL), and returns the result. The caller's
-    own event loop, if any, waits meanwhile, as for Orbax's method."""
+    method too: in a task of the engine loop, where the checkpointers (and a native
+    subclass's ``await super().restore(...)``) call it, it gives the coroutine; from any
+    other thread it runs there, with ``directory`` as a path (a string, a ``pathlib`` or
+    ``etils`` path, an ``s3://`` URL), and returns the result. The caller's own event loop,
+    if any, waits meanwhile, as for Orbax's method. Orbax-style handlers' methods never run
+    on the engine loop (:class:`_OrbaxStyle`), so their calls to these get results."""
 
     @functools.wraps(fn)
     def method(self: Any, directory: Any, *args: Any, **kwargs: Any) -> Any:
         rt = get_runtime()
         if rt.on_engine_thread():
+            if not _driving.get():  # (a done callback: nothing would await a coroutine)
+                raise RuntimeUsageError(
+                    f"{type(self).__name__}.{fn.__name__}() called on the ckpt_async engine "
+                    "loop (a done callback) would deadlock; call it from another thread")
             return fn(self, directory, *args, **kwargs)
         if fn.__name__ in ("save", "restore"):
             args, kwargs = _as_args(self, fn.__name__, args, kwargs)
-        return rt.call(fn, self, as_path(directory), *args, **kwargs)
+        return rt.call(call_handler, functools.partial(fn, self), as_path(directory), *args,
+                       **kwargs)
 
     method.__engine_coroutine__ = fn  # type: ignore[attr-defined]
     return method  # type: ignore[return-value]
+
+
+#: Orbax's legacy positional parameters of a handler's save and restore, after ``directory``.
+_LEGACY_POSITIONALS = {"save": ("item", "save_args"),
+                       "restore": ("item", "restore_args", "transforms",
+                                   "transforms_default_to_original", "legacy_transform_fn")}
 
 
 def _as_args(handler: Any, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -55,12 +85,25 @@ def _as_args(handler: Any, kind: str, args: tuple[Any, ...], kwargs: dict[str, A
     the handler's args."""
     from ..args import CheckpointArgs
 
+    if len(args) > 1 or (args and not isinstance(args[0], CheckpointArgs)):
+        names = _LEGACY_POSITIONALS[kind]  # (Orbax's parameters after ``directory``)
+        if len(args) > len(names):
+            raise TypeError(f"{type(handler).__name__}.{kind}() takes at most {len(names) + 1} "
+                            f"positional arguments after self ({len(args) + 1} given)")
+        for name, value in zip(names, args, strict=False):
+            if name in kwargs:
+                raise TypeError(f"{type(handler).__name__}.{kind}() got multiple values for "
+                                f"argument {name!r}")
+            kwargs[name] = value
+        args = ()
     given = kwargs.pop("args", None) if "args" in kwargs else (args[0] if args else None)
     if isinstance(given, CheckpointArgs) or (given is None and not kwargs):
         return (given,), {}
     from .._checkpointer import make_args  # (the checkpointer imports this module)
 
-    item = given if given is not None else kwargs.pop("item", kwargs.pop("state", None))
+    item = given if given is not None else kwargs.pop("item", None)
+    if item is None:
+        item = kwargs.pop("state", None)
     return (make_args(handler, kind, item, kwargs),), {}
 
 
@@ -144,7 +187,8 @@ def is_native(handler: Any) -> bool:
     subclass of ours overriding some of them with Orbax's synchronous methods)."""
     cls = type(handler)
     return (isinstance(handler, CheckpointHandler) and cls.stage is not CheckpointHandler.stage
-            and all(_awaitable(getattr(cls, m)) for m in ("save", "restore", "metadata")))
+            and all(_awaitable(getattr(cls, m)) for m in ("save", "restore", "metadata"))
+            and cls.finalize is CheckpointHandler.finalize and not hasattr(cls, "async_save"))
 
 
 def typestr_of(handler: Any) -> str:
@@ -173,14 +217,31 @@ class _OrbaxStyle(AsyncCheckpointHandler):
 
     async def stage(self, directory: AnyPath, args: Any) -> Writer:
         rt, inner = get_runtime(), self.inner
-        if isinstance(inner, CheckpointHandler) and type(inner).stage is not CheckpointHandler.stage \
-                and _awaitable(type(inner).save):
-            return await inner.stage(directory, args)  # (ours, with some methods overridden)
-        await storage.makedirs(directory)  # (Orbax's handlers write into it)
+        finalize_override = callable(getattr(inner, "finalize", None)) and not (
+            isinstance(inner, CheckpointHandler)
+            and type(inner).finalize is CheckpointHandler.finalize)
+
+        async def finalize() -> None:
+            if finalize_override:
+                await rt.to_own_thread(inner.finalize, directory)
+
         async_save = getattr(inner, "async_save", None)
+        if isinstance(inner, CheckpointHandler) and type(inner).stage is not CheckpointHandler.stage \
+                and _awaitable(type(inner).save) and async_save is None:
+            # Ours, with some methods overridden: staged as ours, then its own finalize.
+            writer = await inner.stage(directory, args)
+
+            async def finalize_both() -> None:
+                await writer.finalize()
+                await finalize()
+
+            return Writer(writer.write, writer.nbytes, writer.arrays, finalize_both, writer.abort)
+        await storage.makedirs(directory)  # (Orbax's handlers write into it)
         futures: Any = ()
         if async_save is not None and _awaitable(async_save):
-            futures = await async_save(directory, args=args) or ()
+            # On a loop of its own, off the engine loop: its calls to a built-in handler's
+            # methods then get results, as under Orbax.
+            futures = await rt.to_own_thread(asyncio.run, async_save(directory, args=args)) or ()
         else:
             await rt.to_own_thread(inner.save, directory, args=args)
 
@@ -188,15 +249,11 @@ class _OrbaxStyle(AsyncCheckpointHandler):
             for fut in futures:
                 await rt.to_thread(fut.result)
 
-        async def finalize() -> None:
-            if callable(getattr(inner, "finalize", None)):
-                await rt.to_thread(inner.finalize, directory)
-
         return Writer(write, finalize=finalize)
 
     async def restore(self, directory: AnyPath, args: Any = None) -> Any:
         if _awaitable(self.inner.restore):
-            return await self.inner.restore(directory, args)
+            return await call_handler(self.inner.restore, directory, args)
         return await get_runtime().to_own_thread(self.inner.restore, directory, args=args)
 
     async def metadata(self, directory: AnyPath) -> Any:
@@ -204,7 +261,7 @@ class _OrbaxStyle(AsyncCheckpointHandler):
             return None
         try:
             if _awaitable(self.inner.metadata):
-                return await self.inner.metadata(directory)
+                return await call_handler(self.inner.metadata, directory)
             return await get_runtime().to_own_thread(self.inner.metadata, directory)
         except NotImplementedError:
             return None

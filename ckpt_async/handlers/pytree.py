@@ -458,7 +458,10 @@ _PYTHON_SCALARS = (int, float, complex, bool)
 
 def _requested_shape(tleaf: Any, rarg: Any) -> tuple[tuple[int, ...] | None, bool]:
     """The shape a restore asks for (None: the stored one), and whether it must be the stored
-    one: an ArrayRestoreArgs' ``global_shape`` and ``strict``, else the target leaf's shape."""
+    one: an ArrayRestoreArgs' ``global_shape`` and ``strict``, else the target leaf's shape. (A
+    NumPy array asked for comes whole, whatever ``global_shape`` says, as in Orbax.)"""
+    if isinstance(rarg, ArrayRestoreArgs) and rarg.restore_type is np.ndarray:
+        return None, True
     for args in (rarg, tleaf):
         if isinstance(args, ArrayRestoreArgs) and args.global_shape is not None:
             return tuple(args.global_shape), args.strict

@@ -22,7 +22,7 @@ from ..errors import InvalidArgumentError
 TODELETE_MARK = ".orbax-checkpoint-todelete"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Metadata:
     """A step found in a directory (Orbax's ``ocp.step.Metadata``): its number and path."""
 
@@ -47,7 +47,9 @@ class NameFormat:
         from .._runtime import get_runtime
 
         root = as_path(base_path)
-        for step, name in get_runtime().call(committed_steps, root, self).items():
+        # (parsed as the standard format parses, whatever a subclass's find_all adds: it may
+        # call this one)
+        for step, name in get_runtime().call(standard_steps, root, self).items():
             yield Metadata(step, root / name)
 
     def find_step(self, base_path: Any, step: int) -> Metadata:
@@ -130,21 +132,29 @@ def name_format_for(step_name_format: Any, step_prefix: str | None = None,
     return standard_name_format(step_prefix, step_format_fixed_length)
 
 
+async def standard_steps(directory: AnyPath, name_format: NameFormat) -> dict[int, str]:
+    """The committed steps of ``directory`` whose names ``name_format.parse`` takes."""
+    _names, visible = await _commit.scan(directory)
+    return steps_in(sorted(visible), name_format)
+
+
 async def committed_steps(directory: AnyPath, name_format: Any) -> dict[int, str]:
     """The committed steps of ``directory`` in ``name_format``: step -> entry name."""
-    _names, visible = await _commit.scan(directory)
     if not is_custom(name_format):
-        return steps_in(sorted(visible), name_format)
+        return await standard_steps(directory, name_format)
+    _names, visible = await _commit.scan(directory)
     if not visible:
         return {}
     from .._runtime import get_runtime
 
-    # (its find_all, in a thread: it lists the directory itself, as Orbax's formats do)
+    # Its find_all, in a thread of its own: it lists the directory itself, as Orbax's formats
+    # do, and may wait on the engine loop (a standard format's find_all) meanwhile.
     base = directory if isinstance(directory, Path) else str(directory)
-    found = await get_runtime().to_thread(lambda: list(name_format.find_all(base)))
+    found = await get_runtime().to_own_thread(lambda: list(name_format.find_all(base)))
     steps: dict[int, str] = {}
     for m in found:  # (the first of a step's names found, as Orbax's find_step takes it)
-        if (name := PurePosixPath(str(m.path)).name) in visible:
+        name = PurePosixPath(str(m.path)).name
+        if name in visible and not is_leftover(name):
             steps.setdefault(int(m.step), name)
     return dict(sorted(steps.items()))
 

@@ -37,7 +37,7 @@ from ..errors import (
     StepNotFoundError,
     UnsupportedLeafError,
 )
-from ..handlers.base import CheckpointHandler
+from ..handlers.base import CheckpointHandler, call_handler
 from ..handlers.composite import CompositeCheckpointHandler
 from ..handlers.json_handler import JsonCheckpointHandler
 from ..handlers.registry import DefaultCheckpointHandlerRegistry
@@ -666,7 +666,7 @@ class AsyncCheckpointManager:
                 f"step {step}: restoring several items needs Composite args, got "
                 f"{type(args).__name__}")
         t = time.time()
-        result = await self._checkpointer.handler.restore(path, args)
+        result = await call_handler(self._checkpointer.handler.restore, path, args)
         now = time.time()
         self._log_entry(RestoreStepStatistics(
             step=step, directory=str(self.directory), checkpointer_start_time=t,
