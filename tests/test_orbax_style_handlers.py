@@ -324,3 +324,38 @@ def test_legacy_positional_arguments_are_taken_in_orbaxs_order(tmp_path):
     np.testing.assert_array_equal(out["w"], theirs["w"])
     with pytest.raises(TypeError):
         handler.restore(tmp_path / "item", TREE, ra, None, True, None, "one too many")
+
+
+class KerasLike(ocp.AsyncCheckpointHandler):
+    """As a Keras integration writes one: async_save awaits a built-in handler's async_save
+    (with Orbax's legacy item=) and adds a future of its own."""
+
+    def __init__(self):
+        self._pytree = ocp.PyTreeCheckpointHandler()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1)
+
+    async def async_save(self, directory, args):
+        futures = await self._pytree.async_save(directory, item=args.item)
+        return [*futures, self._pool.submit(
+            lambda: (directory / "extra.json").write_text(json.dumps({"ok": True})))]
+
+    def restore(self, directory, args=None):
+        return self._pytree.restore(directory)
+
+
+KerasSave, KerasRestore = _args_for(ocp, KerasLike)
+
+
+def test_a_built_in_handlers_async_save_serves_a_wrapping_handler(tmp_path):
+    with ocp.CheckpointManager(tmp_path, item_handlers={"model": KerasLike()}) as mngr:
+        mngr.save(1, args=ocp.args.Composite(model=KerasSave(TREE)))
+        mngr.wait_until_finished()
+        _assert_tree(mngr.restore(1, args=ocp.args.Composite(model=KerasRestore()))["model"])
+    assert json.loads((tmp_path / "1" / "model" / "extra.json").read_text()) == {"ok": True}
+    # Called directly from the caller's own event loop, as Orbax's is:
+    (tmp_path / "direct").mkdir()
+    futures = asyncio.run(ocp.StandardCheckpointHandler().async_save(
+        tmp_path / "direct", ocp.args.StandardSave(TREE)))
+    for fut in futures:
+        fut.result(timeout=60)
+    _assert_tree(ocp.StandardCheckpointHandler().restore(tmp_path / "direct"))

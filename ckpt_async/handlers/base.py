@@ -181,6 +181,31 @@ class AsyncCheckpointHandler(CheckpointHandler):
     one. An Orbax-style subclass implements ``async_save(directory, args)``, a coroutine
     that starts the writes and returns futures (``.result()``) the commit waits for."""
 
+    async def async_save(self, directory: Any, args: Any = None, **legacy: Any) -> list[Any]:
+        """Orbax's ``async_save``, from any event loop: stages the item into ``directory``
+        (which must exist) and returns one future, done once the item is written and
+        finalized (no commit: that is the checkpointer's). A handler of Orbax's interface
+        wrapping a built-in one awaits it so."""
+        (given,), _ = _as_args(self, "save", () if args is None else (args,), legacy)
+        rt = get_runtime()
+
+        async def start() -> Any:
+            writer = await self.stage(as_path(directory), given)
+
+            async def finish() -> None:
+                await writer.write()
+                await writer.finalize()
+
+            return rt.spawn(finish())
+
+        return [await rt.run(start)]
+
+
+def _overrides_async_save(cls: type) -> bool:
+    """Whether ``cls`` has an ``async_save`` of its own (Orbax's interface), not ours."""
+    found = getattr(cls, "async_save", None)
+    return found is not None and found is not AsyncCheckpointHandler.async_save
+
 
 def is_native(handler: Any) -> bool:
     """Whether ``handler`` implements ckpt_async's coroutines (else Orbax's interface, or a
@@ -188,7 +213,7 @@ def is_native(handler: Any) -> bool:
     cls = type(handler)
     return (isinstance(handler, CheckpointHandler) and cls.stage is not CheckpointHandler.stage
             and all(_awaitable(getattr(cls, m)) for m in ("save", "restore", "metadata"))
-            and cls.finalize is CheckpointHandler.finalize and not hasattr(cls, "async_save"))
+            and cls.finalize is CheckpointHandler.finalize and not _overrides_async_save(cls))
 
 
 def typestr_of(handler: Any) -> str:
@@ -225,7 +250,8 @@ class _OrbaxStyle(AsyncCheckpointHandler):
             if finalize_override:
                 await rt.to_own_thread(inner.finalize, directory)
 
-        async_save = getattr(inner, "async_save", None)
+        async_save = getattr(inner, "async_save", None) if _overrides_async_save(type(inner)) \
+            else None
         if isinstance(inner, CheckpointHandler) and type(inner).stage is not CheckpointHandler.stage \
                 and _awaitable(type(inner).save) and async_save is None:
             # Ours, with some methods overridden: staged as ours, then its own finalize.
