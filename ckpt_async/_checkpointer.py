@@ -56,7 +56,7 @@ log = logging.getLogger("ckpt_async")
 class AsyncOptions:
     """Options of background commits: ``timeout_secs`` fails a commit that takes longer."""
 
-    timeout_secs: float | None = 600
+    timeout_secs: float | None = 1200  # (Orbax's)
     barrier_sync_fn: Any = None
     post_finalization_callback: Any = None
     create_directories_asynchronously: bool = True

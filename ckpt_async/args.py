@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
+from .errors import InvalidArgumentError
+
 A = TypeVar("A", bound=type)
 
 #: args class -> handler class; filled by register_with_handler.
@@ -127,7 +129,7 @@ class Composite(CheckpointArgs, Mapping[str, Any]):
     def __init__(self, **items: Any) -> None:
         for name in items:
             if not name or "/" in name or name in (".", ".."):
-                raise ValueError(f"invalid item name {name!r}: it names a directory")
+                raise InvalidArgumentError(f"invalid item name {name!r}: it names a directory")
         object.__setattr__(self, "_items", dict(sorted(items.items())))
 
     def __getitem__(self, key: str) -> Any:

@@ -69,6 +69,8 @@ def construct_restore_args(target: Any, sharding_tree: Any = None, set_global_sh
                 return RestoreArgs(restore_type=np.ndarray, dtype=value.dtype)
             return array_args(value, sharding, value.dtype)
         if isinstance(value, jax.Array):
+            if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+                value = jax.random.key_data(value)  # (as stored, as Orbax's args say)
             return array_args(value, sharding, value.dtype)
         if isinstance(value, np.ndarray):
             return RestoreArgs(restore_type=np.ndarray, dtype=value.dtype)

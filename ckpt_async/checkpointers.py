@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 import threading
 from typing import Any
 
@@ -66,8 +67,11 @@ class AsyncCheckpointer(AbstractCheckpointer):
 
     _wait_on_save = False
 
-    def __init__(self, handler: CheckpointHandler, *, async_options: AsyncOptions | None = None,
-                 **orbax_options: Any) -> None:
+    def __init__(self, handler: CheckpointHandler, timeout_secs: float | None = None, *,
+                 async_options: AsyncOptions | None = None, **orbax_options: Any) -> None:
+        if timeout_secs is not None:  # (Orbax's older argument: it wins over async_options)
+            async_options = dataclasses.replace(async_options or AsyncOptions(),
+                                                timeout_secs=timeout_secs)
         self._rt = get_runtime()
         self.async_checkpointer = _AsyncCore(handler, async_options=async_options, **orbax_options)
         self.last_commit: CommitFuture | None = None

@@ -65,6 +65,22 @@ def reached_preemption(step: int) -> bool:
         return False
 
 
+def initialize_runtime_to_distributed_ids() -> None:
+    """Orbax's setup call after ``jax.distributed.initialize()`` (MaxText makes it): ckpt_async
+    keeps no mapping of process ids to set up (every process is known by
+    ``jax.process_index()``), so there is nothing to do."""
+
+
+def is_runtime_to_distributed_ids_initialized() -> bool:
+    """True: ckpt_async needs no mapping (:func:`initialize_runtime_to_distributed_ids`)."""
+    return True
+
+
+def is_pathways_backend() -> bool:
+    """False: ckpt_async runs on JAX's own multi-process runtime, not on Pathways."""
+    return False
+
+
 def process_index() -> int:
     return jax.process_index()
 
@@ -222,5 +238,6 @@ _stale: list[str] = []
 
 
 __all__ = ["Roles", "Sync", "current_roles", "is_primary_host", "process_count",
-           "reached_preemption",
+           "initialize_runtime_to_distributed_ids", "is_pathways_backend",
+           "is_runtime_to_distributed_ids_initialized", "reached_preemption",
            "process_index", "roles_for", "sync_global_processes"]

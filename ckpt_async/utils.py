@@ -18,7 +18,12 @@ from ._paths import as_path
 from ._runtime import get_runtime
 from .errors import InvalidArgumentError
 from .manager import _steps
-from .multihost import is_primary_host, reached_preemption, sync_global_processes
+from .multihost import (
+    is_pathways_backend,
+    is_primary_host,
+    reached_preemption,
+    sync_global_processes,
+)
 from .tree import (
     _key_name,
     deserialize_tree,
@@ -39,6 +44,7 @@ __all__ = [
     "get_key_name",
     "get_save_directory",
     "is_checkpoint_finalized",
+    "is_pathways_backend",
     "is_primary_host",
     "is_scalar",
     "is_tmp_checkpoint",

@@ -722,6 +722,30 @@ def test_checkpointer_metadata_of_a_managers_step_has_no_item_metadata_as_in_orb
 
 
 @pytest.mark.parametrize("writer", ["ckpt_async", "orbax"])
+def test_typed_prng_keys_restore_through_construct_restore_args_as_in_orbax(tmp_path, writer):
+    # flax NNX's idiom: PyTreeRestore(item=state, restore_args=construct_restore_args(state)),
+    # the state holding a Dropout's RngStream key; concrete or from jax.eval_shape.
+    tree = {"rng": jax.random.key(3), "w": np.ones(2, np.float32)}
+    lib_w = ocp if writer == "ckpt_async" else orbax
+    with lib_w.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", args=lib_w.args.PyTreeSave(tree))
+    concrete = {"rng": jax.random.key(9), "w": np.zeros(2, np.float32)}
+    abstract = jax.eval_shape(lambda: concrete)
+    outcomes = {}
+    for name, lib in (("ckpt_async", ocp), ("orbax", orbax)):
+        with lib.PyTreeCheckpointer() as ckptr:
+            got = [ckptr.restore(tmp_path / "c", args=lib.args.PyTreeRestore(
+                item=target, restore_args=lib.checkpoint_utils.construct_restore_args(target)))
+                for target in (concrete, abstract)]
+        outcomes[name] = [(str(o["rng"].dtype), np.asarray(
+            jax.random.key_data(o["rng"]) if jax.dtypes.issubdtype(
+                o["rng"].dtype, jax.dtypes.prng_key) else o["rng"]).tolist()) for o in got]
+    assert outcomes["ckpt_async"] == outcomes["orbax"]
+    assert outcomes["orbax"][0] == ("key<fry>", np.asarray(
+        jax.random.key_data(tree["rng"])).tolist())
+
+
+@pytest.mark.parametrize("writer", ["ckpt_async", "orbax"])
 def test_typed_prng_keys_round_trip_as_in_orbax(tmp_path, mesh, writer):
     # flax NNX states hold typed keys (an RngStream): stored as their key data, with the
     # implementation in array_metadatas (Orbax's ext_metadata.random_key_impl).

@@ -82,6 +82,23 @@ def test_a_missing_item_of_a_restored_composite_is_a_key_error(tmp_path):
     assert not hasattr(out, "cfg") and hasattr(out, "state")
 
 
+def test_options_and_setup_calls_orbax_code_makes():
+    # A Windows workaround, MaxText's setup after jax.distributed.initialize(), a checkpointer's
+    # older positional timeout, and the default timeout, as in Orbax.
+    with ocp.StandardCheckpointer(atomicity_options=ocp.options.AtomicityOptions(
+            mode=ocp.options.AtomicityMode.COMMIT_FILE)) as ckptr:
+        assert ckptr.async_checkpointer.async_options.timeout_secs == \
+            orbax.AsyncOptions().timeout_secs == 1200
+    with ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler(), 50) as ckptr:
+        assert ckptr.async_checkpointer.async_options.timeout_secs == 50
+    assert ocp.options.MemoryLimitOptions(max_transfer_concurrent_gb=4).max_transfer_concurrent_gb
+    ocp.CompositeCheckpointHandler("a", composite_options=ocp.CompositeOptions())
+    assert ocp.multihost.initialize_runtime_to_distributed_ids() is None
+    assert ocp.multihost.is_pathways_backend() is ocp.utils.is_pathways_backend() is False
+    with pytest.raises(ocp.errors.InvalidArgumentError):
+        ocp.args.Composite(**{"a/b": ocp.args.StandardSave({"x": 1})})
+
+
 def test_smaller_names_orbax_code_imports():
     assert ocp.DefaultCheckpointHandlerRegistry is ocp.handlers.DefaultCheckpointHandlerRegistry
     assert ocp.checkpoint_manager.METADATA_ITEM_NAME == \

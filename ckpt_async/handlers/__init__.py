@@ -1,7 +1,7 @@
 """Checkpoint handlers: how each kind of item is saved and restored."""
 
 from .base import AsyncCheckpointHandler, CheckpointHandler, Writer
-from .composite import CompositeCheckpointHandler
+from .composite import CompositeCheckpointHandler, CompositeOptions
 from .json_handler import JsonCheckpointHandler
 from .pytree import PyTreeCheckpointHandler, StandardCheckpointHandler
 from .registry import DefaultCheckpointHandlerRegistry
@@ -10,6 +10,7 @@ __all__ = [
     "AsyncCheckpointHandler",
     "CheckpointHandler",
     "CompositeCheckpointHandler",
+    "CompositeOptions",
     "DefaultCheckpointHandlerRegistry",
     "JsonCheckpointHandler",
     "PyTreeCheckpointHandler",

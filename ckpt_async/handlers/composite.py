@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,6 +26,18 @@ from .base import (
 from .registry import DefaultCheckpointHandlerRegistry, handler_for_typestr
 
 
+@dataclasses.dataclass
+class CompositeOptions:
+    """Orbax's options of a composite handler (``composite_options=``), accepted without
+    effect: a checkpointer's or manager's own options govern its saves."""
+
+    multiprocessing_options: Any = None
+    temporary_path_class: Any = None
+    file_options: Any = None
+    atomicity_options: Any = None
+    async_options: Any = None
+
+
 class CompositeCheckpointHandler(AsyncCheckpointHandler):
     """Saves ``Composite(name=args, ...)``: each item with its own handler, in ``<dir>/<name>``.
 
@@ -39,6 +52,7 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
         self,
         *item_names: str,
         handler_registry: DefaultCheckpointHandlerRegistry | None = None,
+        composite_options: CompositeOptions | None = None,
         **item_handlers: CheckpointHandler,
     ) -> None:
         self.registry = handler_registry or DefaultCheckpointHandlerRegistry()

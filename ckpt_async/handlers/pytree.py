@@ -12,6 +12,7 @@ import base64
 import collections
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -412,6 +413,10 @@ class StandardCheckpointHandler(PyTreeCheckpointHandler):
 def _is_random_key(leaf: Any) -> bool:
     return isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)) and jax.dtypes.issubdtype(
         leaf.dtype, jax.dtypes.prng_key)
+
+
+def _is_key_dtype(dtype: Any) -> bool:
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def _key_data_like(leaf: Any) -> jax.ShapeDtypeStruct:
@@ -892,9 +897,17 @@ class _Reader:
         rekey: dict[int, str] = {}
         for i, (k, name, leaf) in enumerate(pairs):
             impl = self.random_keys.get(name) if self.random_keys else None
-            if impl is None or k in skipped or getattr(
-                    rargs.get(k), "restore_type", None) is np.ndarray:
+            if impl is None or k in skipped:
                 continue
+            rarg = rargs.get(k)
+            if rarg is not None and _is_key_dtype(getattr(rarg, "dtype", None)):
+                # (restore args built from a key target, as Orbax's construct_restore_args
+                # makes them of an abstract key: the key data is read as stored)
+                rargs[k] = dataclasses.replace(rarg, dtype=None, **(
+                    {"global_shape": None, "shape": None}
+                    if isinstance(rarg, ArrayRestoreArgs) else {}))
+            if getattr(rarg, "restore_type", None) is np.ndarray:
+                continue  # (the key data, as a NumPy array)
             if _is_random_key(leaf):
                 pairs[i] = (k, name, _key_data_like(leaf))
             rekey[i] = impl
