@@ -574,6 +574,13 @@ class Runtime:
         threading.Thread(target=run, name="ckpt_async-handler", daemon=True).start()
         return await done
 
+    async def to_own_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Runs ``coro`` on an event loop of its own, in a thread of its own
+        (:meth:`to_own_thread`): an Orbax-style handler's ``async_save``, which may call a
+        built-in handler's synchronous methods, and they wait on the engine loop (or the
+        background loop, which neither may then block)."""
+        return await self.to_own_thread(asyncio.run, coro)
+
     async def to_read_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """:meth:`to_thread` for blocking reads of data files, bounded by a limiter of their own
         of twice as many threads, which mostly wait on the disk."""

@@ -16,7 +16,6 @@ a subclass overriding ``restore`` with a synchronous method that calls ``super()
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import functools
 import inspect
@@ -267,7 +266,7 @@ class _OrbaxStyle(AsyncCheckpointHandler):
         if async_save is not None and _awaitable(async_save):
             # On a loop of its own, off the engine loop: its calls to a built-in handler's
             # methods then get results, as under Orbax.
-            futures = await rt.to_own_thread(asyncio.run, async_save(directory, args=args)) or ()
+            futures = await rt.to_own_loop(async_save(directory, args=args)) or ()
         else:
             await rt.to_own_thread(inner.save, directory, args=args)
 

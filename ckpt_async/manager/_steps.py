@@ -16,7 +16,8 @@ from typing import Any
 
 from .. import _commit
 from .. import _format as fmt
-from .._paths import AnyPath
+from .._paths import AnyPath, as_path
+from .._runtime import get_runtime
 from ..errors import InvalidArgumentError
 
 TODELETE_MARK = ".orbax-checkpoint-todelete"
@@ -43,9 +44,6 @@ class NameFormat:
 
     def find_all(self, base_path: Any) -> Iterator[Metadata]:
         """Every committed step under ``base_path`` in this format."""
-        from .._paths import as_path
-        from .._runtime import get_runtime
-
         root = as_path(base_path)
         # (parsed as the standard format parses, whatever a subclass's find_all adds: it may
         # call this one)
@@ -145,8 +143,6 @@ async def committed_steps(directory: AnyPath, name_format: Any) -> dict[int, str
     _names, visible = await _commit.scan(directory)
     if not visible:
         return {}
-    from .._runtime import get_runtime
-
     # Its find_all, in a thread of its own: it lists the directory itself, as Orbax's formats
     # do, and may wait on the engine loop (a standard format's find_all) meanwhile.
     base = directory if isinstance(directory, Path) else str(directory)

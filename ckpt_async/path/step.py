@@ -98,14 +98,9 @@ def is_standard_name_format(name_format: Any) -> bool:
     return isinstance(name_format, NameFormat) and not is_custom(name_format)
 
 
-def is_path_finalized(path: Any) -> bool:
-    """Whether ``path`` is a committed checkpoint (:func:`is_checkpoint_finalized`)."""
-    return is_checkpoint_finalized(path)
-
-
-def is_path_temporary(path: Any) -> bool:
-    """Whether ``path`` is a save not committed (:func:`is_tmp_checkpoint`)."""
-    return is_tmp_checkpoint(path)
+#: Orbax's names of :func:`is_checkpoint_finalized` and :func:`is_tmp_checkpoint`.
+is_path_finalized = is_checkpoint_finalized
+is_path_temporary = is_tmp_checkpoint
 
 
 def latest_step_metadata(root_path: Any, name_format: Any) -> Metadata | None:
