@@ -1,0 +1,460 @@
+"""Device-to-host overlap on an accelerator: a save of arrays that live on a GPU (or TPU),
+ckpt_async and Orbax side by side, against the machine's own limits measured in the same run.
+
+    python benchmarks/device_overlap.py [--large-mib 4096] [--mixed full|quick|none]
+        [--repeats 3] [--impls ckpt_async,orbax] [--dir DIR] [--out results.json]
+
+A save of device arrays has two transfers to make: device to host (D2H), then host to disk.
+ckpt_async starts every array's D2H copy at once and hands each batch of arrays to a writer as
+soon as it reaches the host, so the disk is busy while the later arrays are still coming over.
+This script measures, per workload:
+
+- the limits: D2H of the whole state alone (``copy_to_host_async`` on every array, then each
+  one read), a sequential write + fsync of the same bytes alone, a cold sequential read, and
+  host-to-device (H2D) of the state;
+- per implementation (interleaved, fresh device arrays for every save, so no host copy jax
+  cached earlier is reused): blocking time (until ``save()`` returns: the state is then on the
+  host), durable time (``save()`` + ``wait_until_finished()`` + an fsync of every file), and a
+  cold restore into a target tree placed on the device (every array checked bit-exact there);
+- for ckpt_async, the timeline: when each array reached the host (the staging thread) and how
+  many bytes had been written by then (the library's progress events), giving the share of
+  the state already written when the last array reached the host, and the overlap
+  efficiency ``(d2h + write - durable) / min(d2h, write)``: 1 when the shorter transfer is
+  hidden entirely under the longer, 0 when they run one after the other.
+
+On a CPU-only machine the script runs too (its arrays are host-resident, so there is no D2H
+to overlap: the figures only check the script). Prints a Markdown table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+MiB = 1 << 20
+CHUNK = 8 * MiB
+
+
+# ----------------------------------------------------------------------------- the state
+
+
+def shapes(workload: str, large_mib: int, mixed: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{"a/b/c": (shape, dtype name)} of a workload: ``large`` float32 arrays of 128 MiB (or
+    fewer bytes each when the state is smaller), ``mixed`` the benchmark suite's transformer
+    train state (float32 params and two bfloat16 Adam moments)."""
+    if workload == "large":
+        count = max(1, large_mib // 128)
+        cols = 1024
+        rows = large_mib * MiB // count // 4 // cols
+        return {f"w/large_{i:05d}": ((rows, cols), "float32") for i in range(count)}
+    layers, d, vocab, max_len = (6, 512, 8192, 512) if mixed == "quick" else (24, 768, 32768, 1024)
+    out: dict[str, tuple[tuple[int, ...], str]] = {"step": ((), "int32")}
+    for part, dtype in (("params", "float32"), ("opt_state/mu", "bfloat16"),
+                        ("opt_state/nu", "bfloat16")):
+        out[f"{part}/embed/embedding"] = ((vocab, d), dtype)
+        out[f"{part}/pos_embed/embedding"] = ((max_len, d), dtype)
+        out[f"{part}/final_ln/scale"] = ((d,), dtype)
+        out[f"{part}/final_ln/bias"] = ((d,), dtype)
+        for i in range(layers):
+            p = f"{part}/layer_{i:02d}"
+            for proj in ("q", "k", "v", "o"):
+                out[f"{p}/{proj}/kernel"] = ((d, d), dtype)
+                out[f"{p}/{proj}/bias"] = ((d,), dtype)
+            for ln in ("ln1", "ln2"):
+                out[f"{p}/{ln}/scale"] = ((d,), dtype)
+                out[f"{p}/{ln}/bias"] = ((d,), dtype)
+            out[f"{p}/mlp_in/kernel"] = ((d, 4 * d), dtype)
+            out[f"{p}/mlp_in/bias"] = ((4 * d,), dtype)
+            out[f"{p}/mlp_out/kernel"] = ((4 * d, d), dtype)
+            out[f"{p}/mlp_out/bias"] = ((d,), dtype)
+    return out
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def flat_of(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(flat_of(v, f"{prefix}{k}/"))
+        return out
+    return {prefix[:-1]: tree}
+
+
+class State:
+    """Makes the workload's arrays on the device, the same values every time (seeded per
+    array), each time in fresh device buffers, and checks a restored tree bit-exactly."""
+
+    def __init__(self, spec: dict[str, tuple[tuple[int, ...], str]], device: Any) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        self.spec = spec
+        self.device = device
+        self.sharding = jax.sharding.SingleDeviceSharding(device)
+        self.nbytes = sum(jnp.dtype(dt).itemsize * math.prod(shape) for shape, dt in spec.values())
+
+        def make(key: Any, shape: tuple[int, ...], dtype: str) -> Any:
+            if dtype == "int32":
+                return jax.random.randint(key, shape, 0, 1 << 30, dtype=jnp.int32)
+            return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
+
+        self._make = jax.jit(make, static_argnums=(1, 2), out_shardings=self.sharding)
+
+        def same_bits(a: Any, b: Any) -> Any:
+            if a.dtype != b.dtype or a.shape != b.shape:
+                return jnp.bool_(False)
+            width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[a.dtype.itemsize]
+            return jnp.array_equal(jax.lax.bitcast_convert_type(a, width),
+                                   jax.lax.bitcast_convert_type(b, width))
+
+        self._same = jax.jit(same_bits)
+
+    def fresh(self) -> dict[str, Any]:
+        import jax
+
+        flat = {name: self._make(jax.random.key(i), shape, dt)
+                for i, (name, (shape, dt)) in enumerate(self.spec.items())}
+        return nest(jax.block_until_ready(flat))
+
+    def abstract(self) -> dict[str, Any]:
+        import jax
+
+        return nest({name: jax.ShapeDtypeStruct(shape, dt, sharding=self.sharding)
+                     for name, (shape, dt) in self.spec.items()})
+
+    def check(self, restored: Any) -> str | None:
+        """None when every array is bit-exact and on the device, else what differs first."""
+        got = flat_of(restored)
+        if set(got) != set(self.spec):
+            return f"keys differ: {sorted(set(self.spec) ^ set(got))[:3]}"
+        want = flat_of(self.fresh())
+        for name in self.spec:
+            g = got[name]
+            if getattr(g, "devices", lambda: set())() != {self.device}:
+                return f"{name}: restored on {getattr(g, 'devices', lambda: '?')()}"
+            if not bool(self._same(g, want[name])):
+                return f"{name}: values differ"
+        return None
+
+
+# ----------------------------------------------------------------------------- limits
+
+
+def limits(state: State, root: Path) -> dict[str, float | str]:
+    """D2H, write + fsync, cold read and H2D of the state's bytes, each alone."""
+    import jax
+    import numpy as np
+    from worker import drop_cache, fsync_path
+
+    out: dict[str, float | str] = {}
+    flat = list(flat_of(state.fresh()).values())
+    t0 = time.perf_counter()
+    for a in flat:
+        a.copy_to_host_async()
+    host = [np.asarray(a) for a in flat]
+    out["d2h_s"] = time.perf_counter() - t0
+    del flat
+    t0 = time.perf_counter()
+    back = jax.block_until_ready(jax.device_put(host, state.sharding))
+    out["h2d_s"] = time.perf_counter() - t0
+    del back, host
+    gc.collect()
+
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "blob"
+    chunk = memoryview(np.random.default_rng(0).integers(0, 255, CHUNK, dtype=np.uint8))
+    times = []
+    for _ in range(2):  # the best of two fresh-file passes
+        path.unlink(missing_ok=True)
+        os.sync()
+        t0 = time.perf_counter()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            left = state.nbytes
+            while left > 0:
+                left -= os.write(fd, chunk[: min(CHUNK, left)])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_path(root)
+        times.append(time.perf_counter() - t0)
+    out["write_s"] = min(times)
+    out["cold_method"] = drop_cache(root)
+    buf = memoryview(bytearray(CHUNK))
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+    out["read_s"] = time.perf_counter() - t0
+    shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- saves
+
+
+class Timeline:
+    """For ckpt_async: when each array reached the host (its staging thread's host copies)
+    and how many bytes were written when (its progress events), relative to ``t0``."""
+
+    def __init__(self) -> None:
+        self.staged: list[tuple[float, int]] = []
+        self.written: list[tuple[float, int]] = []
+        self.t0 = 0.0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Timeline:
+        import ckpt_async
+        from ckpt_async import _stage
+
+        self._orig = _stage.host_copy
+
+        def timed_host_copy(*args: Any, **kwargs: Any) -> Any:
+            out = self._orig(*args, **kwargs)
+            with self._lock:
+                self.staged.append((time.perf_counter() - self.t0, out.nbytes))
+            return out
+
+        _stage.host_copy = timed_host_copy
+        self._progress = ckpt_async.progress(self._on_progress)
+        self._progress.__enter__()
+        return self
+
+    def _on_progress(self, ev: Any) -> None:
+        if ev.kind == "save":
+            self.written.append((time.perf_counter() - self.t0, ev.done_bytes))
+
+    def __exit__(self, *exc: Any) -> None:
+        from ckpt_async import _stage
+
+        _stage.host_copy = self._orig
+        self._progress.__exit__(*exc)
+
+    def summary(self, nbytes: int) -> dict[str, Any]:
+        if not self.staged:
+            return {}
+        staged_end = max(t for t, _ in self.staged)
+        before = [b for t, b in self.written if t <= staged_end]
+        return {
+            "first_on_host_s": min(t for t, _ in self.staged),
+            "all_on_host_s": staged_end,
+            "first_written_s": min((t for t, _ in self.written), default=None),
+            "all_written_s": max((t for t, _ in self.written), default=None),
+            "written_when_all_on_host": (max(before) / nbytes) if before else 0.0,
+        }
+
+
+def make_manager(impl: str, root: Path) -> Any:
+    if impl == "ckpt_async":
+        import ckpt_async as ocp
+    else:
+        import orbax.checkpoint as ocp
+    return ocp, ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions())
+
+
+def one_save_restore(impl: str, state: State, root: Path) -> dict[str, Any]:
+    """A save of fresh device arrays and a cold restore onto the device, in this process."""
+    from worker import drop_cache, fsync_tree
+
+    res: dict[str, Any] = {"impl": impl}
+    shutil.rmtree(root, ignore_errors=True)
+    ocp, mgr = make_manager(impl, root)
+    tree = state.fresh()
+    gc.collect()
+    timeline = Timeline() if impl == "ckpt_async" else None
+    try:
+        if timeline is not None:
+            timeline.__enter__()
+        t0 = time.perf_counter()
+        if timeline is not None:
+            timeline.t0 = t0
+        mgr.save(1, args=ocp.args.StandardSave(tree))
+        res["blocking_s"] = time.perf_counter() - t0
+        mgr.wait_until_finished()
+        fsync_tree(root)
+        res["durable_s"] = time.perf_counter() - t0
+    finally:
+        if timeline is not None:
+            timeline.__exit__(None, None, None)
+    if timeline is not None:
+        res["timeline"] = timeline.summary(state.nbytes)
+    del tree
+    mgr.close()
+    gc.collect()
+    res["cold_method"] = drop_cache(root)
+    ocp, mgr = make_manager(impl, root)
+    t0 = time.perf_counter()
+    restored = mgr.restore(1, args=ocp.args.StandardRestore(state.abstract()))
+    import jax
+
+    jax.block_until_ready(restored)
+    res["restore_s"] = time.perf_counter() - t0
+    res["mismatch"] = state.check(restored)
+    mgr.close()
+    del restored
+    gc.collect()
+    shutil.rmtree(root, ignore_errors=True)
+    return res
+
+
+def warm_up(impl: str, device: Any, root: Path) -> None:
+    """A tiny save and restore: one-time initialisation is not timed."""
+    tiny = State({"a": ((256,), "float32"), "b": ((4, 8), "bfloat16")}, device)
+    one_save_restore(impl, tiny, root)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def med(runs: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def report(results: dict[str, Any]) -> str:
+    lines = [f"Device: {results['device']}; jax {results['jax']}; "
+             f"orbax-checkpoint {results.get('orbax_version', 'n/a')}; "
+             f"{results['repeats']} repeats (medians).", ""]
+    for wl, w in results["workloads"].items():
+        lim = w["limits"]
+        gb = w["bytes"] / 1e9
+        lines += [
+            f"### {wl}: {w['bytes'] / MiB:,.0f} MiB in {w['arrays']} arrays",
+            "",
+            f"Limits, each alone: D2H {lim['d2h_s']:.3f} s ({gb / lim['d2h_s']:.1f} GB/s), "
+            f"write + fsync {lim['write_s']:.3f} s ({gb / lim['write_s']:.2f} GB/s), "
+            f"cold read {lim['read_s']:.3f} s ({gb / lim['read_s']:.2f} GB/s, "
+            f"{lim['cold_method']}), H2D {lim['h2d_s']:.3f} s ({gb / lim['h2d_s']:.1f} GB/s). "
+            f"D2H then write, one after the other: {lim['d2h_s'] + lim['write_s']:.3f} s; "
+            f"the longer alone: {max(lim['d2h_s'], lim['write_s']):.3f} s.",
+            "",
+            "| impl | blocking s | durable s | durable vs D2H + write | durable vs the longer "
+            "| overlap efficiency | written when all on host | cold restore s "
+            "| restore vs read + H2D | bit-exact |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        serial = lim["d2h_s"] + lim["write_s"]
+        for impl, cell in w["impls"].items():
+            if "error" in cell:
+                lines.append(f"| {impl} | error: {cell['error'][:80]} | | | | | | | | |")
+                continue
+            d = cell["durable_s"]
+            eff = (serial - d) / min(lim["d2h_s"], lim["write_s"])
+            written = cell.get("written_when_all_on_host")
+            lines.append(
+                f"| {impl} | {cell['blocking_s']:.3f} ({cell['blocking_s'] / lim['d2h_s']:.2f}x D2H) "
+                f"| {d:.3f} | {d / serial:.2f}x | "
+                f"{d / max(lim['d2h_s'], lim['write_s']):.2f}x | {eff:.2f} | {'' if written is None else f'{written:.0%}'} | "
+                f"{cell['restore_s']:.3f} | "
+                f"{cell['restore_s'] / (lim['read_s'] + lim['h2d_s']):.2f}x | "
+                f"{'yes' if cell['exact'] else 'NO'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--large-mib", type=int, default=4096)
+    ap.add_argument("--mixed", choices=("full", "quick", "none"), default="full")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--impls", default="ckpt_async,orbax")
+    ap.add_argument("--dir", default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    import jax
+
+    device = jax.devices()[0]
+    impls = args.impls.split(",")
+    work = Path(args.dir or tempfile.mkdtemp(prefix="device_overlap_"))
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "device": f"{device.platform}: {device.device_kind}", "jax": jax.__version__,
+        "repeats": args.repeats, "workloads": {}, "cpus": os.cpu_count()}
+    if "orbax" in impls:
+        try:
+            import orbax.checkpoint as ocp_orbax
+            results["orbax_version"] = ocp_orbax.__version__
+        except Exception as exc:  # noqa: BLE001 - reported, the rest still runs
+            results["orbax_version"] = f"not importable: {exc!r}"
+            impls.remove("orbax")
+    for impl in list(impls):
+        try:
+            warm_up(impl, device, work / f"warm_{impl}")
+        except Exception as exc:  # noqa: BLE001 - reported, the other impl still runs
+            traceback.print_exc()
+            results.setdefault("warm_up_errors", {})[impl] = repr(exc)
+            impls.remove(impl)
+    workloads = ["large"] + ([] if args.mixed == "none" else ["mixed"])
+    failed = False
+    for wl in workloads:
+        state = State(shapes(wl, args.large_mib, args.mixed), device)
+        entry: dict[str, Any] = {"bytes": state.nbytes, "arrays": len(state.spec),
+                                 "limits": limits(state, work / "limits"), "runs": []}
+        print(f"{wl}: limits {entry['limits']}", flush=True)
+        for rep in range(args.repeats):
+            order = impls if rep % 2 == 0 else impls[::-1]
+            for impl in order:
+                try:
+                    run = one_save_restore(impl, state, work / f"{wl}_{impl}")
+                except Exception as exc:  # noqa: BLE001 - reported in the table
+                    traceback.print_exc()
+                    run = {"impl": impl, "error": repr(exc)}
+                print(f"{wl} {impl} #{rep}: {json.dumps(run)}", flush=True)
+                entry["runs"].append(run)
+                results["workloads"][wl] = entry
+                if args.out:  # what is done so far survives a run cut short
+                    Path(args.out).write_text(json.dumps(results, indent=1))
+        entry["impls"] = {}
+        for impl in impls:
+            runs = [r for r in entry["runs"] if r["impl"] == impl]
+            ok = [r for r in runs if "error" not in r]
+            if not ok:
+                entry["impls"][impl] = {"error": runs[0]["error"]}
+                failed = True
+                continue
+            cell = {k: med(ok, k) for k in ("blocking_s", "durable_s", "restore_s")}
+            cell["exact"] = all(r["mismatch"] is None for r in ok)
+            failed |= not cell["exact"]
+            if impl == "ckpt_async":
+                tl = [r["timeline"] for r in ok if r.get("timeline")]
+                for k in ("first_on_host_s", "all_on_host_s", "first_written_s",
+                          "all_written_s", "written_when_all_on_host"):
+                    cell[k] = med(tl, k)
+            entry["impls"][impl] = cell
+        results["workloads"][wl] = entry
+    shutil.rmtree(work, ignore_errors=True)
+    md = report(results)
+    print(md)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        Path(args.out).with_suffix(".md").write_text(md + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
