@@ -164,24 +164,51 @@ class State:
 # ----------------------------------------------------------------------------- limits
 
 
-def limits(state: State, root: Path) -> dict[str, float | str]:
+def limits(state: State, root: Path) -> dict[str, Any]:
     """D2H, write + fsync, cold read and H2D of the state's bytes, each alone."""
     import jax
     import numpy as np
     from worker import drop_cache, fsync_path
 
-    out: dict[str, float | str] = {}
+    out: dict[str, Any] = {}
     flat = list(flat_of(state.fresh()).values())
+    # How much a Python thread gets done while this one waits for the transfers (against
+    # the same time asleep): near 1 when the wait lets go of the GIL.
+    count = [0]
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            count[0] += 1
+
+    probe = threading.Thread(target=spin, daemon=True)
+    probe.start()
     t0 = time.perf_counter()
     for a in flat:
         a.copy_to_host_async()
     host = [np.asarray(a) for a in flat]
     out["d2h_s"] = time.perf_counter() - t0
+    during = count[0]
+    time.sleep(out["d2h_s"])
+    out["gil_free_during_d2h"] = during / max(1, count[0] - during)
+    stop.set()
+    probe.join()
     del flat
+    pinned_to = state.sharding.with_memory_kind("pinned_host")
+    flat = list(flat_of(state.fresh()).values())
+    t0 = time.perf_counter()
+    moved = jax.device_put(flat, [pinned_to] * len(flat))
+    pinned_host = [np.asarray(a) for a in moved]
+    out["d2h_pinned_s"] = time.perf_counter() - t0
+    out["pinned_asarray_is_a_view"] = bool(
+        pinned_host[0].__array_interface__["data"][0] == moved[0].unsafe_buffer_pointer())
+    del flat, moved, pinned_host
     t0 = time.perf_counter()
     back = jax.block_until_ready(jax.device_put(host, state.sharding))
     out["h2d_s"] = time.perf_counter() - t0
-    del back, host
+    del back
+    out.update(h2d_variants(host, state.sharding, pinned_to))
+    del host
     gc.collect()
 
     root.mkdir(parents=True, exist_ok=True)
@@ -214,6 +241,38 @@ def limits(state: State, root: Path) -> dict[str, float | str]:
     return out
 
 
+def h2d_variants(host: list[Any], sharding: Any, pinned_to: Any) -> dict[str, float]:
+    """Other ways to bring host arrays to the device, for a restore to choose from: the same
+    pageable copy again (is the first one's cost a one-time one?), through pinned host memory
+    (two hops), and in pieces of at most 16 MiB joined on the device."""
+    import jax
+    import jax.numpy as jnp
+
+    out = {}
+    t0 = time.perf_counter()
+    jax.block_until_ready(jax.device_put(host, sharding))
+    out["h2d_again_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pinned = jax.device_put(host, [pinned_to] * len(host))
+    jax.block_until_ready(jax.device_put(pinned, [sharding] * len(host)))
+    out["h2d_via_pinned_s"] = time.perf_counter() - t0
+    del pinned
+    join = jax.jit(lambda parts: jnp.concatenate(parts, axis=0))
+    t0 = time.perf_counter()
+    done = []
+    for a in host:
+        rows = max(1, (16 * MiB) // max(1, a[:1].nbytes)) if a.ndim else 0
+        if a.ndim == 0 or a.shape[0] <= rows:
+            done.append(jax.device_put(a, sharding))
+            continue
+        parts = jax.device_put([a[i:i + rows] for i in range(0, a.shape[0], rows)],
+                               [sharding] * -(-a.shape[0] // rows))
+        done.append(join(parts))
+    jax.block_until_ready(done)
+    out["h2d_in_pieces_s"] = time.perf_counter() - t0
+    return out
+
+
 # ----------------------------------------------------------------------------- saves
 
 
@@ -223,6 +282,7 @@ class Timeline:
 
     def __init__(self) -> None:
         self.staged: list[tuple[float, int]] = []
+        self.write_starts: list[float] = []
         self.written: list[tuple[float, int]] = []
         self.t0 = 0.0
         self._lock = threading.Lock()
@@ -240,6 +300,16 @@ class Timeline:
             return out
 
         _stage.host_copy = timed_host_copy
+        from ckpt_async import _serialize
+
+        self._orig_write = orig_write = _serialize.ItemWriter.write
+        starts = self.write_starts
+
+        async def timed_write(writer: Any, batch: Any) -> Any:
+            starts.append(time.perf_counter() - self.t0)
+            return await orig_write(writer, batch)
+
+        _serialize.ItemWriter.write = timed_write  # type: ignore[method-assign]
         self._progress = ckpt_async.progress(self._on_progress)
         self._progress.__enter__()
         return self
@@ -249,9 +319,10 @@ class Timeline:
             self.written.append((time.perf_counter() - self.t0, ev.done_bytes))
 
     def __exit__(self, *exc: Any) -> None:
-        from ckpt_async import _stage
+        from ckpt_async import _serialize, _stage
 
         _stage.host_copy = self._orig
+        _serialize.ItemWriter.write = self._orig_write  # type: ignore[method-assign]
         self._progress.__exit__(*exc)
 
     def summary(self, nbytes: int) -> dict[str, Any]:
@@ -262,6 +333,7 @@ class Timeline:
         return {
             "first_on_host_s": min(t for t, _ in self.staged),
             "all_on_host_s": staged_end,
+            "first_write_started_s": min(self.write_starts, default=None),
             "first_written_s": min((t for t, _ in self.written), default=None),
             "all_written_s": max((t for t, _ in self.written), default=None),
             "written_when_all_on_host": (max(before) / nbytes) if before else 0.0,
@@ -269,8 +341,12 @@ class Timeline:
 
 
 def make_manager(impl: str, root: Path) -> Any:
-    if impl == "ckpt_async":
+    if impl.startswith("ckpt_async"):
         import ckpt_async as ocp
+        from ckpt_async import _stage
+
+        # ckpt_async_pageable: the plain copy_to_host_async path, for comparison.
+        _stage.PINNED_HOST_TRANSFER = impl != "ckpt_async_pageable"
     else:
         import orbax.checkpoint as ocp
     return ocp, ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions())
@@ -285,7 +361,7 @@ def one_save_restore(impl: str, state: State, root: Path) -> dict[str, Any]:
     ocp, mgr = make_manager(impl, root)
     tree = state.fresh()
     gc.collect()
-    timeline = Timeline() if impl == "ckpt_async" else None
+    timeline = Timeline() if impl.startswith("ckpt_async") else None
     try:
         if timeline is not None:
             timeline.__enter__()
@@ -348,30 +424,40 @@ def report(results: dict[str, Any]) -> str:
             f"Limits, each alone: D2H {lim['d2h_s']:.3f} s ({gb / lim['d2h_s']:.1f} GB/s), "
             f"write + fsync {lim['write_s']:.3f} s ({gb / lim['write_s']:.2f} GB/s), "
             f"cold read {lim['read_s']:.3f} s ({gb / lim['read_s']:.2f} GB/s, "
-            f"{lim['cold_method']}), H2D {lim['h2d_s']:.3f} s ({gb / lim['h2d_s']:.1f} GB/s). "
+            f"{lim['cold_method']}), H2D {lim['h2d_s']:.3f} s ({gb / lim['h2d_s']:.1f} GB/s); "
+            f"D2H through pinned host memory {lim['d2h_pinned_s']:.3f} s "
+            f"({gb / lim['d2h_pinned_s']:.1f} GB/s; np.asarray of a pinned array "
+            f"{'is a view' if lim['pinned_asarray_is_a_view'] else 'copies'}); a Python thread "
+            f"ran at {lim['gil_free_during_d2h']:.0%} of its speed while another waited for "
+            f"the pageable D2H. "
+            + (f"H2D again {lim['h2d_again_s']:.3f} s, through pinned host memory "
+               f"{lim['h2d_via_pinned_s']:.3f} s, in pieces of 16 MiB "
+               f"{lim['h2d_in_pieces_s']:.3f} s. " if "h2d_again_s" in lim else "") +
             f"D2H then write, one after the other: {lim['d2h_s'] + lim['write_s']:.3f} s; "
             f"the longer alone: {max(lim['d2h_s'], lim['write_s']):.3f} s.",
             "",
             "| impl | blocking s | durable s | durable vs D2H + write | durable vs the longer "
-            "| overlap efficiency | written when all on host | cold restore s "
-            "| restore vs read + H2D | bit-exact |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| overlap efficiency | first write starts / all on host s "
+            "| written when all on host | cold restore s | restore vs read + H2D | bit-exact |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         serial = lim["d2h_s"] + lim["write_s"]
         for impl, cell in w["impls"].items():
             if "error" in cell:
-                lines.append(f"| {impl} | error: {cell['error'][:80]} | | | | | | | | |")
+                lines.append(f"| {impl} | error: {cell['error'][:80]} |" + " |" * 9)
                 continue
             d = cell["durable_s"]
             eff = (serial - d) / min(lim["d2h_s"], lim["write_s"])
             written = cell.get("written_when_all_on_host")
+            starts = ("" if cell.get("first_write_started_s") is None else
+                      f"{cell['first_write_started_s']:.3f} / {cell['all_on_host_s']:.3f}")
             lines.append(
-                f"| {impl} | {cell['blocking_s']:.3f} ({cell['blocking_s'] / lim['d2h_s']:.2f}x D2H) "
-                f"| {d:.3f} | {d / serial:.2f}x | "
-                f"{d / max(lim['d2h_s'], lim['write_s']):.2f}x | {eff:.2f} | {'' if written is None else f'{written:.0%}'} | "
-                f"{cell['restore_s']:.3f} | "
-                f"{cell['restore_s'] / (lim['read_s'] + lim['h2d_s']):.2f}x | "
-                f"{'yes' if cell['exact'] else 'NO'} |")
+                f"| {impl} | {cell['blocking_s']:.3f} "
+                f"({cell['blocking_s'] / lim['d2h_s']:.2f}x D2H) | {d:.3f} | {d / serial:.2f}x "
+                f"| {d / max(lim['d2h_s'], lim['write_s']):.2f}x | {eff:.2f} | {starts} "
+                f"| {'' if written is None else f'{written:.0%}'} | {cell['restore_s']:.3f} "
+                f"| {cell['restore_s'] / (lim['read_s'] + lim['h2d_s']):.2f}x "
+                f"| {'yes' if cell['exact'] else 'NO'} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -381,7 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--large-mib", type=int, default=4096)
     ap.add_argument("--mixed", choices=("full", "quick", "none"), default="full")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--impls", default="ckpt_async,orbax")
+    ap.add_argument("--impls", default="ckpt_async,ckpt_async_pageable,orbax",
+                    help="ckpt_async_pageable: ckpt_async without pinned host transfers")
+    ap.add_argument("--limits-after", action="store_true",
+                    help="measure the limits after the saves: the first save is then the "
+                         "process's first large transfer, as a trainer's first checkpoint is")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -413,9 +503,10 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for wl in workloads:
         state = State(shapes(wl, args.large_mib, args.mixed), device)
-        entry: dict[str, Any] = {"bytes": state.nbytes, "arrays": len(state.spec),
-                                 "limits": limits(state, work / "limits"), "runs": []}
-        print(f"{wl}: limits {entry['limits']}", flush=True)
+        entry: dict[str, Any] = {"bytes": state.nbytes, "arrays": len(state.spec), "runs": []}
+        if not args.limits_after:
+            entry["limits"] = limits(state, work / "limits")
+            print(f"{wl}: limits {entry['limits']}", flush=True)
         for rep in range(args.repeats):
             order = impls if rep % 2 == 0 else impls[::-1]
             for impl in order:
@@ -429,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
                 results["workloads"][wl] = entry
                 if args.out:  # what is done so far survives a run cut short
                     Path(args.out).write_text(json.dumps(results, indent=1))
+        if args.limits_after:
+            entry["limits"] = limits(state, work / "limits")
+            print(f"{wl}: limits {entry['limits']}", flush=True)
         entry["impls"] = {}
         for impl in impls:
             runs = [r for r in entry["runs"] if r["impl"] == impl]
@@ -440,9 +534,10 @@ def main(argv: list[str] | None = None) -> int:
             cell = {k: med(ok, k) for k in ("blocking_s", "durable_s", "restore_s")}
             cell["exact"] = all(r["mismatch"] is None for r in ok)
             failed |= not cell["exact"]
-            if impl == "ckpt_async":
+            if impl.startswith("ckpt_async"):
                 tl = [r["timeline"] for r in ok if r.get("timeline")]
-                for k in ("first_on_host_s", "all_on_host_s", "first_written_s",
+                for k in ("first_on_host_s", "all_on_host_s", "first_write_started_s",
+                          "first_written_s",
                           "all_written_s", "written_when_all_on_host"):
                     cell[k] = med(tl, k)
             entry["impls"][impl] = cell

@@ -21,6 +21,7 @@ import sys
 import numpy as np
 import orbax.checkpoint as orbax
 import pytest
+from _timeout import in_thread
 
 import ckpt_async as ca
 import ckpt_async._commit as ca_commit
@@ -357,19 +358,6 @@ def test_a_name_format_of_ones_own_finds_its_steps_again(tmp_path, writer, reade
     assert r.step.find_step_path(tmp_path, nf, step=7).name == "checkpoint_00000007"
 
 
-def _in_thread(fn, timeout=60):
-    """fn() in a thread; its result, or a failure if it has not returned within ``timeout``
-    (a hang fails the test instead of the suite)."""
-    import threading
-
-    out = []
-    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
-    t.start()
-    t.join(timeout)
-    assert out, f"{fn} did not return within {timeout} s"
-    return out[0]
-
-
 def test_formats_built_on_the_standard_one_list_steps_without_hanging(tmp_path):
     # A subclass filtering super().find_all(), and several managers at once listing through a
     # composite of standard formats: each listing waits on the engine loop from a thread,
@@ -391,12 +379,12 @@ def test_formats_built_on_the_standard_one_list_steps_without_hanging(tmp_path):
                 step_name_format=nf)) as m:
             return m.all_steps()
 
-    assert _in_thread(lambda: reopen(EvenOnly())) == [2, 4]
+    assert in_thread(lambda: reopen(EvenOnly())) == [2, 4]
     std = ca.step.standard_name_format()
     both = ca.step.composite_name_format(std, [std, ca.step.standard_name_format("x")])
     n = 2 * ca._runtime.DEFAULT_THREADS
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
-        listed = _in_thread(lambda: list(pool.map(lambda _: reopen(both), range(n))))
+        listed = in_thread(lambda: list(pool.map(lambda _: reopen(both), range(n))))
     assert listed == [[1, 2, 4]] * n
 
 

@@ -14,6 +14,7 @@ import threading
 import numpy as np
 import orbax.checkpoint as orbax
 import pytest
+from _timeout import in_thread
 
 import ckpt_async as ocp
 
@@ -239,13 +240,17 @@ def test_a_subclass_calling_the_builtin_methods_serves_many_items_at_once(tmp_pa
     # method it calls, which needs pool threads of its own.
     names = [f"s{i}" for i in range(ocp._runtime.DEFAULT_THREADS + 2)]
     Renaming.saved.clear()
-    with ocp.CheckpointManager(tmp_path, item_handlers={n: Renaming() for n in names}) as mngr:
-        mngr.save(1, args=ocp.args.Composite(**{n: ocp.args.StandardSave(TREE) for n in names}))
-        mngr.wait_until_finished()
-        assert sorted(Renaming.saved) == sorted(names)
-        out = mngr.restore(1, args=ocp.args.Composite(
-            **{n: ocp.args.StandardRestore() for n in names}))
-        assert mngr.item_metadata(1)[names[0]] == ["b", "s", "w"]
+
+    def save_and_restore():
+        with ocp.CheckpointManager(tmp_path, item_handlers={n: Renaming() for n in names}) as m:
+            m.save(1, args=ocp.args.Composite(**{n: ocp.args.StandardSave(TREE) for n in names}))
+            m.wait_until_finished()
+            assert sorted(Renaming.saved) == sorted(names)
+            assert m.item_metadata(1)[names[0]] == ["b", "s", "w"]
+            return m.restore(1, args=ocp.args.Composite(
+                **{n: ocp.args.StandardRestore() for n in names}))
+
+    out = in_thread(save_and_restore)
     for n in names:
         _assert_tree({k.removeprefix("restored_"): v for k, v in out[n].items()})
 

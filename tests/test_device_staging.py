@@ -1,0 +1,124 @@
+"""Staging of device-resident arrays through pinned host memory (the GPU path), run here on
+CPU devices: the test treats them as a GPU's (not host-resident, a platform with the pinned
+path), which CPU devices can be since they have a ``pinned_host`` memory kind too."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ckpt_async as ocp
+from ckpt_async import _stage
+from ckpt_async.errors import CheckpointError
+
+
+@pytest.fixture
+def as_gpu(monkeypatch):
+    """CPU arrays take the path a GPU's take; returns the list of pinned-host shardings
+    jax.device_put was asked to move arrays to."""
+    monkeypatch.setattr(_stage, "_host_resident", lambda value: not isinstance(value, jax.Array))
+    monkeypatch.setattr(_stage, "PINNED_HOST_PLATFORMS", frozenset({"cpu"}))
+    monkeypatch.setattr(_stage, "_PINNED", {})
+    moves: list = []
+    real = jax.device_put
+
+    def spy(x, device=None, **kw):
+        if isinstance(device, list):
+            moves.extend(d for d in device if getattr(d, "memory_kind", None) == "pinned_host")
+        return real(x, device, **kw)
+
+    monkeypatch.setattr(_stage.jax, "device_put", spy)
+    return moves
+
+
+def _mesh_array(shape, spec, dtype=jnp.float32):
+    mesh = jax.make_mesh((2, 2), ("a", "b"))
+    data = (np.arange(np.prod(shape)) * 0.25).astype(dtype).reshape(shape)
+    return jax.device_put(data, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))), data
+
+
+def test_device_arrays_reach_disk_through_pinned_host_memory(tmp_path, as_gpu):
+    single = jnp.arange(1000, dtype=jnp.bfloat16)
+    split, split_np = _mesh_array((8, 6), ("a", "b"))       # 4 shards, no replicas
+    replicated, rep_np = _mesh_array((8, 6), ("a",))        # 2 shards, each on 2 devices
+    tree = {"single": single, "split": split, "replicated": replicated, "n": np.int32(7)}
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp_path / "c", tree)
+    ckptr.wait_until_finished()
+    # One move to pinned host memory per array on one device, per replica-0 shard otherwise:
+    # the replicas, which are not written, stay on their devices.
+    assert len(as_gpu) == 1 + 4 + 2
+    restored = ckptr.restore(tmp_path / "c")
+    assert restored["single"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(restored["single"]).view(np.uint16),
+                                  np.asarray(single).view(np.uint16))
+    np.testing.assert_array_equal(np.asarray(restored["split"]), split_np)
+    np.testing.assert_array_equal(np.asarray(restored["replicated"]), rep_np)
+    assert int(restored["n"]) == 7
+    # Orbax's layout: one chunk per shard.
+    meta = ckptr.metadata(tmp_path / "c").item_metadata
+    assert tuple(meta["split"].storage.chunk_shape) == (4, 3)
+    assert tuple(meta["replicated"].storage.chunk_shape) == (4, 6)
+
+
+def test_a_cast_on_save_applies_to_pinned_copies(tmp_path, as_gpu):
+    split, split_np = _mesh_array((4, 4), ("a", "b"))
+    single = jnp.linspace(0, 1, 64, dtype=jnp.float32)
+    args = {"split": ocp.SaveArgs(dtype=np.float16), "single": ocp.SaveArgs(dtype=np.float16)}
+    ckptr = ocp.PyTreeCheckpointer()
+    ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave({"split": split, "single": single},
+                                                        save_args=args))
+    restored = ckptr.restore(tmp_path / "c")
+    assert restored["split"].dtype == np.float16 and restored["single"].dtype == np.float16
+    np.testing.assert_array_equal(np.asarray(restored["split"]), split_np.astype(np.float16))
+    np.testing.assert_array_equal(np.asarray(restored["single"]),
+                                  np.asarray(single).astype(np.float16))
+    assert len(as_gpu) == 4 + 1
+
+
+def test_under_a_memory_budget_each_transfer_starts_as_its_bytes_are_admitted(tmp_path, as_gpu,
+                                                                              monkeypatch):
+    arrays = {f"a{i}": jnp.full((64, 1024), i, jnp.float32) for i in range(6)}  # 256 KiB each
+    order: list[str] = []
+    real_start, real_acquire = _stage.start_transfers, _stage.ByteBudget.acquire
+
+    def start(values):
+        order.append("transfer")
+        return real_start(values)
+
+    def acquire(self, n):
+        order.append("admit")
+        return real_acquire(self, n)
+
+    monkeypatch.setattr(_stage, "start_transfers", start)
+    monkeypatch.setattr(_stage.ByteBudget, "acquire", acquire)
+    handler = ocp.StandardCheckpointHandler(host_memory_budget_bytes=512 << 10)
+    ckptr = ocp.Checkpointer(handler)
+    ckptr.save(tmp_path / "c", args=ocp.args.StandardSave(arrays))
+    assert order == ["admit", "transfer"] * 6
+    restored = ckptr.restore(tmp_path / "c", args=ocp.args.StandardRestore())
+    for i in range(6):
+        np.testing.assert_array_equal(np.asarray(restored[f"a{i}"]), np.full((64, 1024), i))
+
+
+def test_a_deleted_device_array_is_named_in_the_error(tmp_path, as_gpu):
+    gone = jnp.ones((16,))
+    gone.delete()
+    ckptr = ocp.StandardCheckpointer()
+    with pytest.raises((CheckpointError, RuntimeError, ValueError)) as info:
+        ckptr.save(tmp_path / "c", {"ok": jnp.zeros((4,)), "gone": gone})
+    assert "gone" in str(info.value) + "".join(getattr(info.value, "__notes__", []))
+    assert not (tmp_path / "c").exists()
+
+
+def test_the_plain_path_serves_arrays_when_pinned_transfers_are_off(tmp_path, as_gpu, monkeypatch):
+    monkeypatch.setattr(_stage, "PINNED_HOST_TRANSFER", False)
+    hinted: list = []
+    arr = jnp.arange(32.0)
+    monkeypatch.setattr(type(arr), "copy_to_host_async", lambda self: hinted.append(1))
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp_path / "c", {"x": arr})
+    assert as_gpu == [] and hinted == [1]
+    np.testing.assert_array_equal(np.asarray(ckptr.restore(tmp_path / "c")["x"]), np.arange(32.0))
