@@ -340,6 +340,10 @@ class Timeline:
         }
 
 
+#: ckpt_async_budget's host-memory budget, bytes (--budget-mib).
+BUDGET_BYTES = 512 * MiB
+
+
 def make_manager(impl: str, root: Path) -> Any:
     if impl.startswith("ckpt_async"):
         import ckpt_async as ocp
@@ -347,6 +351,10 @@ def make_manager(impl: str, root: Path) -> Any:
 
         # ckpt_async_pageable: the plain copy_to_host_async path, for comparison.
         _stage.PINNED_HOST_TRANSFER = impl != "ckpt_async_pageable"
+        if impl == "ckpt_async_budget":
+            handler = ocp.StandardCheckpointHandler(host_memory_budget_bytes=BUDGET_BYTES)
+            return ocp, ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(),
+                                              item_handlers=handler)
     else:
         import orbax.checkpoint as ocp
     return ocp, ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions())
@@ -354,7 +362,7 @@ def make_manager(impl: str, root: Path) -> Any:
 
 def one_save_restore(impl: str, state: State, root: Path) -> dict[str, Any]:
     """A save of fresh device arrays and a cold restore onto the device, in this process."""
-    from worker import drop_cache, fsync_tree
+    from worker import RssSampler, drop_cache, fsync_tree
 
     res: dict[str, Any] = {"impl": impl}
     shutil.rmtree(root, ignore_errors=True)
@@ -362,20 +370,23 @@ def one_save_restore(impl: str, state: State, root: Path) -> dict[str, Any]:
     tree = state.fresh()
     gc.collect()
     timeline = Timeline() if impl.startswith("ckpt_async") else None
+    rss = RssSampler()
     try:
         if timeline is not None:
             timeline.__enter__()
-        t0 = time.perf_counter()
-        if timeline is not None:
-            timeline.t0 = t0
-        mgr.save(1, args=ocp.args.StandardSave(tree))
-        res["blocking_s"] = time.perf_counter() - t0
-        mgr.wait_until_finished()
-        fsync_tree(root)
-        res["durable_s"] = time.perf_counter() - t0
+        with rss:
+            t0 = time.perf_counter()
+            if timeline is not None:
+                timeline.t0 = t0
+            mgr.save(1, args=ocp.args.StandardSave(tree))
+            res["blocking_s"] = time.perf_counter() - t0
+            mgr.wait_until_finished()
+            fsync_tree(root)
+            res["durable_s"] = time.perf_counter() - t0
     finally:
         if timeline is not None:
             timeline.__exit__(None, None, None)
+    res["save_rss_mib"] = rss.extra_mib
     if timeline is not None:
         res["timeline"] = timeline.summary(state.nbytes)
     del tree
@@ -438,13 +449,14 @@ def report(results: dict[str, Any]) -> str:
             "",
             "| impl | blocking s | durable s | durable vs D2H + write | durable vs the longer "
             "| overlap efficiency | first write starts / all on host s "
-            "| written when all on host | cold restore s | restore vs read + H2D | bit-exact |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| written when all on host | save +RSS MiB | cold restore s | restore vs read + H2D "
+            "| bit-exact |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         serial = lim["d2h_s"] + lim["write_s"]
         for impl, cell in w["impls"].items():
             if "error" in cell:
-                lines.append(f"| {impl} | error: {cell['error'][:80]} |" + " |" * 9)
+                lines.append(f"| {impl} | error: {cell['error'][:80]} |" + " |" * 10)
                 continue
             d = cell["durable_s"]
             eff = (serial - d) / min(lim["d2h_s"], lim["write_s"])
@@ -455,7 +467,8 @@ def report(results: dict[str, Any]) -> str:
                 f"| {impl} | {cell['blocking_s']:.3f} "
                 f"({cell['blocking_s'] / lim['d2h_s']:.2f}x D2H) | {d:.3f} | {d / serial:.2f}x "
                 f"| {d / max(lim['d2h_s'], lim['write_s']):.2f}x | {eff:.2f} | {starts} "
-                f"| {'' if written is None else f'{written:.0%}'} | {cell['restore_s']:.3f} "
+                f"| {'' if written is None else f'{written:.0%}'} | {cell['save_rss_mib']:.0f} "
+                f"| {cell['restore_s']:.3f} "
                 f"| {cell['restore_s'] / (lim['read_s'] + lim['h2d_s']):.2f}x "
                 f"| {'yes' if cell['exact'] else 'NO'} |")
         lines.append("")
@@ -468,16 +481,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mixed", choices=("full", "quick", "none"), default="full")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--impls", default="ckpt_async,ckpt_async_pageable,orbax",
-                    help="ckpt_async_pageable: ckpt_async without pinned host transfers")
+                    help="ckpt_async_pageable: ckpt_async without pinned host transfers; "
+                         "ckpt_async_budget: under a host-memory budget (--budget-mib)")
     ap.add_argument("--limits-after", action="store_true",
                     help="measure the limits after the saves: the first save is then the "
                          "process's first large transfer, as a trainer's first checkpoint is")
+    ap.add_argument("--budget-mib", type=int, default=512,
+                    help="host-memory budget of the ckpt_async_budget impl")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
     import jax
 
+    global BUDGET_BYTES
+    BUDGET_BYTES = args.budget_mib * MiB
     device = jax.devices()[0]
     impls = args.impls.split(",")
     work = Path(args.dir or tempfile.mkdtemp(prefix="device_overlap_"))
@@ -531,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
                 entry["impls"][impl] = {"error": runs[0]["error"]}
                 failed = True
                 continue
-            cell = {k: med(ok, k) for k in ("blocking_s", "durable_s", "restore_s")}
+            cell = {k: med(ok, k) for k in ("blocking_s", "durable_s", "restore_s",
+                                            "save_rss_mib")}
             cell["exact"] = all(r["mismatch"] is None for r in ok)
             failed |= not cell["exact"]
             if impl.startswith("ckpt_async"):

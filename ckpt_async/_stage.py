@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import math
 import threading
 from collections.abc import Callable, Coroutine, Sequence
@@ -24,6 +25,8 @@ import numpy as np
 from ._ocdbt import anonymous_memory
 from ._runtime import caller_back, get_runtime, mark_background
 from ._serialize import StoredArray, full_index
+
+log = logging.getLogger("ckpt_async")
 
 
 class ByteBudget:
@@ -42,6 +45,16 @@ class ByteBudget:
             while self._used > 0 and self._used + n > self.limit:
                 self._cond.wait()
             self._used += n
+
+    def try_acquire(self, n: int) -> bool:
+        """Takes ``n`` bytes if they fit under the limit now; never waits."""
+        if self.limit is None:
+            return True
+        with self._cond:
+            if self._used + n > self.limit:
+                return False
+            self._used += n
+            return True
 
     def would_block(self, n: int) -> bool:
         if self.limit is None:
@@ -98,9 +111,14 @@ def host_copy(value: Any, name: str, dtype: np.dtype | None, *,
         array = value.array
         out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(array.dtype)
         shards = []
-        for index, pinned in value.shards:
-            host = np.asarray(pinned)
-            shards.append((index, host if host.dtype == out_dtype else host.astype(out_dtype)))
+        try:
+            for index, pinned in value.shards:
+                host = np.asarray(pinned)
+                shards.append((index, host if host.dtype == out_dtype else host.astype(out_dtype)))
+        except Exception as exc:  # noqa: BLE001 - e.g. pinned memory ran out: the plain path
+            log.warning("ckpt_async: leaf %r did not reach pinned host memory (%s); copying it "
+                        "to pageable memory instead", name, exc)
+            return host_copy(array, name, dtype)
         chunks = tuple(array.sharding.shard_shape(array.shape))
         return StoredArray(name, tuple(array.shape), out_dtype, chunks, tuple(shards))
     if isinstance(value, jax.Array):
@@ -182,28 +200,31 @@ PINNED_HOST_TRANSFER = True
 #: Device platforms whose arrays take the pinned-host path (as Orbax's default: GPUs).
 PINNED_HOST_PLATFORMS = frozenset({"gpu"})
 
-#: sharding -> its pinned-host twin, or None where there is none (not a GPU, no such memory).
-_PINNED: dict[Any, Any] = {}
+#: sharding -> (PINNED_HOST_PLATFORMS when asked, its pinned-host twin or None where there is
+#: none: not a GPU, no such memory).
+_PINNED: dict[Any, tuple[frozenset[str], Any]] = {}
 
 
 def pinned_host_sharding(sharding: Any) -> Any:
     """``sharding`` in pinned host memory, on GPUs that have it; None elsewhere."""
+    platforms = PINNED_HOST_PLATFORMS
     try:
-        return _PINNED[sharding]
+        cached_for, found = _PINNED[sharding]
+        if cached_for is platforms:
+            return found
     except (KeyError, TypeError):
         pass
     found = None
     try:
-        devices = sharding.device_set
-        if all(d.platform in PINNED_HOST_PLATFORMS and any(m.kind == "pinned_host"
-                                           for m in d.addressable_memories())
-               for d in devices):
+        if all(d.platform in platforms
+               and any(m.kind == "pinned_host" for m in d.addressable_memories())
+               for d in sharding.device_set):
             found = sharding.with_memory_kind("pinned_host")
     except Exception:  # noqa: BLE001 - a jax or sharding without memory kinds: no such path
         found = None
     if len(_PINNED) < 256:
         with contextlib.suppress(TypeError):
-            _PINNED[sharding] = found
+            _PINNED[sharding] = (platforms, found)
     return found
 
 
@@ -236,7 +257,7 @@ def start_transfers(values: list[Any]) -> list[Any]:
                 if target is not None:
                     sources.append(value)
                     targets.append(target)
-                    owners.append((i, None))
+                    owners.append((i, full_index(value.ndim)))
                     continue
             else:
                 shards = [sh for sh in value.addressable_shards if sh.replica_id == 0]
@@ -246,6 +267,8 @@ def start_transfers(values: list[Any]) -> list[Any]:
                         sources.append(sh.data)
                         targets.append(target)
                         owners.append((i, sh.index))
+                    if not shards:  # (no replica-0 shard here: nothing of it to write)
+                        out[i] = PinnedShards(value, [])
                     continue
         try:
             value.copy_to_host_async()
@@ -255,18 +278,17 @@ def start_transfers(values: list[Any]) -> list[Any]:
         return out
     try:
         moved = jax.device_put(sources, targets)
-    except Exception:  # noqa: BLE001 - then the plain path, which reports real errors
+    except Exception as exc:  # noqa: BLE001 - then the plain path, which reports real errors
+        log.warning("ckpt_async: moving %d arrays to pinned host memory failed (%s); they "
+                    "are copied to pageable memory instead", len(sources), exc)
         for i in {i for i, _ in owners}:
             with contextlib.suppress(Exception):
                 values[i].copy_to_host_async()
         return out
     for (i, index), m in zip(owners, moved, strict=True):
-        if index is None:
-            out[i] = m
-        else:
-            if type(out[i]) is not PinnedShards:
-                out[i] = PinnedShards(values[i], [])
-            out[i].shards.append((index, m))
+        if type(out[i]) is not PinnedShards:
+            out[i] = PinnedShards(values[i], [])
+        out[i].shards.append((index, m))
     return out
 
 
@@ -313,9 +335,12 @@ def stage_sync(
         # (under a budget each array's transfer starts as its bytes are admitted, below)
         moved = start_transfers([v for v, _, _ in leaves])
         todo = [(m, name, dtype) for m, (_, name, dtype) in zip(moved, leaves, strict=True)]
+        del moved
     batch: list[StoredArray] = []
     reserved = 0  # (bytes of ``batch``, and under a budget those of the leaf being staged)
     bounded = budget.limit is not None
+    ahead: dict[int, Any] = {}  # under a budget: leaves whose transfer started early
+    ahead_bytes = 0  # (their bytes, admitted)
     try:
         for i in range(len(todo)):
             # (taken out of the list: a pinned-host transfer is the save's own memory, freed
@@ -326,14 +351,33 @@ def stage_sync(
                 raise StagingStopped
             if bounded:  # (its bytes reserved before they are staged)
                 n = _nbytes(value, dtype)
-                if batch and budget.would_block(n):
-                    # The held batch must be written before its bytes come back: hand it over.
-                    hand_over(batch, reserved)
-                    batch, reserved = [], 0
-                budget.acquire(n)
+                if i in ahead:
+                    value = ahead.pop(i)
+                    ahead_bytes -= n
+                else:
+                    if batch and budget.would_block(n):
+                        # The held batch must be written before its bytes come back: hand it
+                        # over. (Nothing is ahead here: those are the leaves right after.)
+                        hand_over(batch, reserved)
+                        batch, reserved = [], 0
+                    budget.acquire(n)
+                    if transfer:
+                        (value,) = start_transfers([value])
                 reserved += n
                 if transfer:
-                    (value,) = start_transfers([value])
+                    # The next device arrays' transfers start while this one comes over, as
+                    # far as the budget has room for them now.
+                    j = i + 1 + len(ahead)
+                    while j < len(todo):
+                        nxt, _, nxt_dtype = todo[j]
+                        if not isinstance(nxt, jax.Array) or _host_resident(nxt):
+                            break
+                        m = _nbytes(nxt, nxt_dtype)
+                        if not budget.try_acquire(m):
+                            break
+                        ahead_bytes += m
+                        (ahead[j],) = start_transfers([nxt])
+                        j += 1
             try:
                 # (into the batch, not a local too: a local would hold the last array handed
                 # over while the next one is copied, past its release from the budget)
@@ -351,7 +395,7 @@ def stage_sync(
         if batch:
             hand_over(batch, reserved)
     except BaseException:
-        budget.release(reserved)  # (a batch not handed over is never written)
+        budget.release(reserved + ahead_bytes)  # (a batch not handed over is never written)
         raise
 
 

@@ -20,7 +20,6 @@ def as_gpu(monkeypatch):
     jax.device_put was asked to move arrays to."""
     monkeypatch.setattr(_stage, "_host_resident", lambda value: not isinstance(value, jax.Array))
     monkeypatch.setattr(_stage, "PINNED_HOST_PLATFORMS", frozenset({"cpu"}))
-    monkeypatch.setattr(_stage, "_PINNED", {})
     moves: list = []
     real = jax.device_put
 
@@ -78,29 +77,117 @@ def test_a_cast_on_save_applies_to_pinned_copies(tmp_path, as_gpu):
     assert len(as_gpu) == 4 + 1
 
 
-def test_under_a_memory_budget_each_transfer_starts_as_its_bytes_are_admitted(tmp_path, as_gpu,
-                                                                              monkeypatch):
+def test_under_a_memory_budget_transfers_start_ahead_only_as_far_as_the_budget_admits(
+        tmp_path, as_gpu, monkeypatch):
     arrays = {f"a{i}": jnp.full((64, 1024), i, jnp.float32) for i in range(6)}  # 256 KiB each
-    order: list[str] = []
-    real_start, real_acquire = _stage.start_transfers, _stage.ByteBudget.acquire
+    limit = 512 << 10
+    handler = ocp.StandardCheckpointHandler(host_memory_budget_bytes=limit)
+    budget = handler._budget
+    events: list[tuple[str, int]] = []
+    real_start, real_copy = _stage.start_transfers, _stage.host_copy
 
     def start(values):
-        order.append("transfer")
+        # Every array moved to the host has its bytes admitted first, within the budget.
+        assert 0 < budget._used <= limit
+        events.append(("transfer", int(values[0][0, 0])))
         return real_start(values)
 
-    def acquire(self, n):
-        order.append("admit")
-        return real_acquire(self, n)
+    def copy(value, name, *args, **kwargs):
+        events.append(("staged", int(name.rsplit("a", 1)[1])))
+        return real_copy(value, name, *args, **kwargs)
 
     monkeypatch.setattr(_stage, "start_transfers", start)
-    monkeypatch.setattr(_stage.ByteBudget, "acquire", acquire)
-    handler = ocp.StandardCheckpointHandler(host_memory_budget_bytes=512 << 10)
+    monkeypatch.setattr(_stage, "host_copy", copy)
     ckptr = ocp.Checkpointer(handler)
     ckptr.save(tmp_path / "c", args=ocp.args.StandardSave(arrays))
-    assert order == ["admit", "transfer"] * 6
+    assert budget._used == 0
+    transfers = [k for e, k in events if e == "transfer"]
+    assert sorted(transfers) == list(range(6))
+    # The next array's transfer starts before this one is staged (the budget holds two).
+    assert events.index(("transfer", 1)) < events.index(("staged", 0))
     restored = ckptr.restore(tmp_path / "c", args=ocp.args.StandardRestore())
     for i in range(6):
         np.testing.assert_array_equal(np.asarray(restored[f"a{i}"]), np.full((64, 1024), i))
+
+
+def test_pinned_copies_are_let_go_as_their_arrays_are_written(tmp_path, as_gpu, monkeypatch):
+    # Without a budget every transfer starts at once; each pinned copy is the save's own and
+    # goes once its array is written, while later arrays still stage.
+    import gc
+    import time
+    import weakref
+
+    monkeypatch.setattr(_stage, "BATCH_MAX_ARRAYS", 1)  # each array written on its own
+    refs: list = []
+    real_put = jax.device_put
+
+    def recording_put(x, device=None, **kw):
+        out = real_put(x, device, **kw)
+        if isinstance(device, list):
+            refs.extend(weakref.ref(o) for o in out)
+        return out
+
+    monkeypatch.setattr(_stage.jax, "device_put", recording_put)
+    real_copy = _stage.host_copy
+    alive_later: list[bool] = []
+
+    def copy(value, name, *args, **kwargs):
+        if name == "a5":  # staging waits here until a0's pinned copy is gone, or 10 s
+            deadline = time.monotonic() + 10
+            while refs[0]() is not None and time.monotonic() < deadline:
+                gc.collect()
+                time.sleep(0.01)
+            alive_later.append(refs[0]() is not None)
+        return real_copy(value, name, *args, **kwargs)
+
+    monkeypatch.setattr(_stage, "host_copy", copy)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp_path / "c", {f"a{i}": jnp.full((1 << 16,), i, jnp.float32) for i in range(6)})
+    ckptr.wait_until_finished()
+    assert len(refs) == 6 and alive_later == [False]
+
+
+def test_a_failed_pinned_transfer_falls_back_to_pageable_memory(tmp_path, as_gpu, monkeypatch,
+                                                                caplog):
+    real_put = jax.device_put
+
+    def refuse_pinned(x, device=None, **kw):
+        if isinstance(device, list):
+            raise RuntimeError("out of pinned memory")
+        return real_put(x, device, **kw)
+
+    monkeypatch.setattr(_stage.jax, "device_put", refuse_pinned)
+    ckptr = ocp.StandardCheckpointer()
+    with caplog.at_level("WARNING", logger="ckpt_async"):
+        ckptr.save(tmp_path / "c", {"x": jnp.arange(64.0)})
+    assert "pinned host memory failed" in caplog.text
+    np.testing.assert_array_equal(np.asarray(ckptr.restore(tmp_path / "c")["x"]), np.arange(64.0))
+
+
+def test_a_pinned_copy_that_cannot_be_read_falls_back_to_pageable_memory(tmp_path, as_gpu,
+                                                                         monkeypatch, caplog):
+    class Unreadable:
+        def __array__(self, *args, **kwargs):
+            raise RuntimeError("pinned buffer lost")
+
+    real_start = _stage.start_transfers
+
+    def start(values):
+        out = real_start(values)
+        for v in out:
+            if type(v) is _stage.PinnedShards:
+                v.shards[:] = [(index, Unreadable()) for index, _ in v.shards]
+        return out
+
+    monkeypatch.setattr(_stage, "start_transfers", start)
+    split, split_np = _mesh_array((4, 4), ("a", "b"))
+    ckptr = ocp.StandardCheckpointer()
+    with caplog.at_level("WARNING", logger="ckpt_async"):
+        ckptr.save(tmp_path / "c", {"split": split, "one": jnp.arange(8.0)})
+    assert "did not reach pinned host memory" in caplog.text
+    restored = ckptr.restore(tmp_path / "c")
+    np.testing.assert_array_equal(np.asarray(restored["split"]), split_np)
+    np.testing.assert_array_equal(np.asarray(restored["one"]), np.arange(8.0))
 
 
 def test_a_deleted_device_array_is_named_in_the_error(tmp_path, as_gpu):
