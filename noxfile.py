@@ -38,3 +38,11 @@ def bench(session: nox.Session) -> None:
     """Side-by-side benchmark against Orbax, NumPy and safetensors (`-- --quick`)."""
     session.install("-e", ".[bench]")
     session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+@nox.session
+def bench_device(session: nox.Session) -> None:
+    """A save of arrays on an accelerator (GPU) against Orbax, with the device-to-host
+    overlap and the machine's limits (`-- --large-mib 4096 --repeats 3`)."""
+    session.install("-e", ".[bench]")
+    session.run("python", "benchmarks/device_overlap.py", *session.posargs)
