@@ -40,9 +40,11 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/run.py", *session.posargs)
 
 
-@nox.session
+@nox.session(venv_params=["--system-site-packages"])
 def bench_device(session: nox.Session) -> None:
     """A save of arrays on an accelerator (GPU) against Orbax, with the device-to-host
-    overlap and the machine's limits (`-- --large-mib 4096 --repeats 3`)."""
+    overlap and the machine's limits (`-- --large-mib 4096 --repeats 3`). The session sees
+    the system's packages, so that the jax with the accelerator's plugin installed there is
+    the one used (pip leaves what is already there)."""
     session.install("-e", ".[bench]")
     session.run("python", "benchmarks/device_overlap.py", *session.posargs)
