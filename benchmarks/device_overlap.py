@@ -45,6 +45,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from workloads import flatten, unflatten  # noqa: E402
+
 MiB = 1 << 20
 CHUNK = 8 * MiB
 
@@ -53,55 +55,35 @@ CHUNK = 8 * MiB
 
 
 def shapes(workload: str, large_mib: int, mixed: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{"a/b/c": (shape, dtype name)} of a workload: ``large`` float32 arrays of 128 MiB (or
+    """{"a.b.c": (shape, dtype name)} of a workload: ``large`` float32 arrays of 128 MiB (or
     fewer bytes each when the state is smaller), ``mixed`` the benchmark suite's transformer
     train state (float32 params and two bfloat16 Adam moments)."""
     if workload == "large":
         count = max(1, large_mib // 128)
         cols = 1024
         rows = large_mib * MiB // count // 4 // cols
-        return {f"w/large_{i:05d}": ((rows, cols), "float32") for i in range(count)}
+        return {f"w.large_{i:05d}": ((rows, cols), "float32") for i in range(count)}
     layers, d, vocab, max_len = (6, 512, 8192, 512) if mixed == "quick" else (24, 768, 32768, 1024)
     out: dict[str, tuple[tuple[int, ...], str]] = {"step": ((), "int32")}
-    for part, dtype in (("params", "float32"), ("opt_state/mu", "bfloat16"),
-                        ("opt_state/nu", "bfloat16")):
-        out[f"{part}/embed/embedding"] = ((vocab, d), dtype)
-        out[f"{part}/pos_embed/embedding"] = ((max_len, d), dtype)
-        out[f"{part}/final_ln/scale"] = ((d,), dtype)
-        out[f"{part}/final_ln/bias"] = ((d,), dtype)
+    for part, dtype in (("params", "float32"), ("opt_state.mu", "bfloat16"),
+                        ("opt_state.nu", "bfloat16")):
+        out[f"{part}.embed.embedding"] = ((vocab, d), dtype)
+        out[f"{part}.pos_embed.embedding"] = ((max_len, d), dtype)
+        out[f"{part}.final_ln.scale"] = ((d,), dtype)
+        out[f"{part}.final_ln.bias"] = ((d,), dtype)
         for i in range(layers):
-            p = f"{part}/layer_{i:02d}"
+            p = f"{part}.layer_{i:02d}"
             for proj in ("q", "k", "v", "o"):
-                out[f"{p}/{proj}/kernel"] = ((d, d), dtype)
-                out[f"{p}/{proj}/bias"] = ((d,), dtype)
+                out[f"{p}.{proj}.kernel"] = ((d, d), dtype)
+                out[f"{p}.{proj}.bias"] = ((d,), dtype)
             for ln in ("ln1", "ln2"):
-                out[f"{p}/{ln}/scale"] = ((d,), dtype)
-                out[f"{p}/{ln}/bias"] = ((d,), dtype)
-            out[f"{p}/mlp_in/kernel"] = ((d, 4 * d), dtype)
-            out[f"{p}/mlp_in/bias"] = ((4 * d,), dtype)
-            out[f"{p}/mlp_out/kernel"] = ((4 * d, d), dtype)
-            out[f"{p}/mlp_out/bias"] = ((d,), dtype)
+                out[f"{p}.{ln}.scale"] = ((d,), dtype)
+                out[f"{p}.{ln}.bias"] = ((d,), dtype)
+            out[f"{p}.mlp_in.kernel"] = ((d, 4 * d), dtype)
+            out[f"{p}.mlp_in.bias"] = ((4 * d,), dtype)
+            out[f"{p}.mlp_out.kernel"] = ((4 * d, d), dtype)
+            out[f"{p}.mlp_out.bias"] = ((d,), dtype)
     return out
-
-
-def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
-def flat_of(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(flat_of(v, f"{prefix}{k}/"))
-        return out
-    return {prefix[:-1]: tree}
 
 
 class State:
@@ -138,20 +120,20 @@ class State:
 
         flat = {name: self._make(jax.random.key(i), shape, dt)
                 for i, (name, (shape, dt)) in enumerate(self.spec.items())}
-        return nest(jax.block_until_ready(flat))
+        return unflatten(jax.block_until_ready(flat))
 
     def abstract(self) -> dict[str, Any]:
         import jax
 
-        return nest({name: jax.ShapeDtypeStruct(shape, dt, sharding=self.sharding)
+        return unflatten({name: jax.ShapeDtypeStruct(shape, dt, sharding=self.sharding)
                      for name, (shape, dt) in self.spec.items()})
 
     def check(self, restored: Any) -> str | None:
         """None when every array is bit-exact and on the device, else what differs first."""
-        got = flat_of(restored)
+        got = flatten(restored)
         if set(got) != set(self.spec):
             return f"keys differ: {sorted(set(self.spec) ^ set(got))[:3]}"
-        want = flat_of(self.fresh())
+        want = flatten(self.fresh())
         for name in self.spec:
             g = got[name]
             if getattr(g, "devices", lambda: set())() != {self.device}:
@@ -168,10 +150,10 @@ def limits(state: State, root: Path) -> dict[str, Any]:
     """D2H, write + fsync, cold read and H2D of the state's bytes, each alone."""
     import jax
     import numpy as np
-    from worker import drop_cache, fsync_path
+    from worker import disk_limits
 
     out: dict[str, Any] = {}
-    flat = list(flat_of(state.fresh()).values())
+    flat = list(flatten(state.fresh()).values())
     # How much a Python thread gets done while this one waits for the transfers (against
     # the same time asleep): near 1 when the wait lets go of the GIL.
     count = [0]
@@ -195,7 +177,7 @@ def limits(state: State, root: Path) -> dict[str, Any]:
     probe.join()
     del flat
     pinned_to = state.sharding.with_memory_kind("pinned_host")
-    flat = list(flat_of(state.fresh()).values())
+    flat = list(flatten(state.fresh()).values())
     t0 = time.perf_counter()
     moved = jax.device_put(flat, [pinned_to] * len(flat))
     pinned_host = [np.asarray(a) for a in moved]
@@ -211,33 +193,7 @@ def limits(state: State, root: Path) -> dict[str, Any]:
     del host
     gc.collect()
 
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / "blob"
-    chunk = memoryview(np.random.default_rng(0).integers(0, 255, CHUNK, dtype=np.uint8))
-    times = []
-    for _ in range(2):  # the best of two fresh-file passes
-        path.unlink(missing_ok=True)
-        os.sync()
-        t0 = time.perf_counter()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            left = state.nbytes
-            while left > 0:
-                left -= os.write(fd, chunk[: min(CHUNK, left)])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fsync_path(root)
-        times.append(time.perf_counter() - t0)
-    out["write_s"] = min(times)
-    out["cold_method"] = drop_cache(root)
-    buf = memoryview(bytearray(CHUNK))
-    t0 = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while f.readinto(buf):
-            pass
-    out["read_s"] = time.perf_counter() - t0
-    shutil.rmtree(root, ignore_errors=True)
+    out.update(disk_limits(root, state.nbytes))
     return out
 
 

@@ -551,22 +551,17 @@ def interference(args: argparse.Namespace, res: dict[str, Any]) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def physical(args: argparse.Namespace, res: dict[str, Any]) -> None:
-    """Sequential write+fsync, cold sequential read and memcpy for the workload's byte count."""
-    flat = (read_cache(Path(args.workload_cache)) if args.workload_cache
-            else flatten(WORKLOADS[args.workload](args.quick)))
-    nbytes = sum(a.nbytes for a in flat.values())
-    res.update(bytes=nbytes, arrays=len(flat), api="large writes/reads, np.copyto")
-    del flat
-    root = Path(args.dir) / f"physical_{args.workload}"
+def disk_limits(root: Path, nbytes: int) -> dict[str, Any]:
+    """A sequential write + fsync of ``nbytes`` into a fresh file under ``root`` (the best of
+    two passes) and a cold sequential read of it: ``write_s``, ``cold_method``, ``read_s``.
+    ``root`` is removed afterwards."""
     root.mkdir(parents=True, exist_ok=True)
     path = root / "blob"
-    rng = np.random.default_rng(0)
-    chunk = rng.integers(0, 255, CHUNK, dtype=np.uint8)
-    mv = memoryview(chunk)
+    mv = memoryview(np.random.default_rng(0).integers(0, 255, CHUNK, dtype=np.uint8))
+    out: dict[str, Any] = {}
     try:
         times = []
-        for _ in range(2):  # the limit is the best of two fresh-file passes
+        for _ in range(2):
             path.unlink(missing_ok=True)
             os.sync()
             t0 = time.perf_counter()
@@ -580,20 +575,29 @@ def physical(args: argparse.Namespace, res: dict[str, Any]) -> None:
                 os.close(fd)
             fsync_path(root)
             times.append(time.perf_counter() - t0)
-        res["write_s"] = min(times)
-        res["write_gbps"] = nbytes / res["write_s"] / 1e9
-
-        res["cold_method"] = drop_cache(root)
-        buf = bytearray(CHUNK)
-        bmv = memoryview(buf)
+        out["write_s"] = min(times)
+        out["cold_method"] = drop_cache(root)
+        bmv = memoryview(bytearray(CHUNK))
         t0 = time.perf_counter()
         with open(path, "rb", buffering=0) as f:
             while f.readinto(bmv):
                 pass
-        res["read_s"] = time.perf_counter() - t0
-        res["read_gbps"] = nbytes / res["read_s"] / 1e9
+        out["read_s"] = time.perf_counter() - t0
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def physical(args: argparse.Namespace, res: dict[str, Any]) -> None:
+    """Sequential write+fsync, cold sequential read and memcpy for the workload's byte count."""
+    flat = (read_cache(Path(args.workload_cache)) if args.workload_cache
+            else flatten(WORKLOADS[args.workload](args.quick)))
+    nbytes = sum(a.nbytes for a in flat.values())
+    res.update(bytes=nbytes, arrays=len(flat), api="large writes/reads, np.copyto")
+    del flat
+    res.update(disk_limits(Path(args.dir) / f"physical_{args.workload}", nbytes))
+    res["write_gbps"] = nbytes / res["write_s"] / 1e9
+    res["read_gbps"] = nbytes / res["read_s"] / 1e9
 
     src = np.frombuffer(np.random.default_rng(1).bytes(nbytes), dtype=np.uint8)
     dst = np.empty_like(src)
