@@ -116,7 +116,7 @@ def host_copy(value: Any, name: str, dtype: np.dtype | None, *,
                 host = np.asarray(pinned)
                 shards.append((index, host if host.dtype == out_dtype else host.astype(out_dtype)))
         except Exception as exc:  # noqa: BLE001 - e.g. pinned memory ran out: the plain path
-            log.warning("ckpt_async: leaf %r did not reach pinned host memory (%s); copying it "
+            log.warning("leaf %r did not reach pinned host memory (%s); copying it "
                         "to pageable memory instead", name, exc)
             return host_copy(array, name, dtype)
         chunks = tuple(array.sharding.shard_shape(array.shape))
@@ -279,7 +279,7 @@ def start_transfers(values: list[Any]) -> list[Any]:
     try:
         moved = jax.device_put(sources, targets)
     except Exception as exc:  # noqa: BLE001 - then the plain path, which reports real errors
-        log.warning("ckpt_async: moving %d arrays to pinned host memory failed (%s); they "
+        log.warning("moving %d arrays to pinned host memory failed (%s); they "
                     "are copied to pageable memory instead", len(sources), exc)
         for i in {i for i, _ in owners}:
             with contextlib.suppress(Exception):
