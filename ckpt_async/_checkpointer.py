@@ -363,6 +363,20 @@ class AsyncCheckpointer:
                       item_dirs: list[AnyPath], force: bool, on_commit: Any, after: Any,
                       stats: dict[str, Any], sync: multihost.Sync | None = None) -> AnyPath:
         primary = sync is None or sync.roles.is_primary
+        # Orbax's AsyncOptions.post_finalization_callback: called on every process once its
+        # part is written (the primary's finalized), before the step is committed; raising
+        # fails the save, and nothing is committed.
+        callback = self.async_options.post_finalization_callback
+        callback_failure: list[BaseException] = []
+
+        async def call_back() -> None:
+            try:
+                await get_runtime().to_own_thread(callback)
+            except BaseException as exc:
+                exc.add_note(f"(raised by the post_finalization_callback of the save of {path}; "
+                             "nothing was committed)")
+                callback_failure.append(exc)
+                raise
 
         async def run() -> None:
             t_write = time.perf_counter()
@@ -371,6 +385,8 @@ class AsyncCheckpointer:
             else:  # every process writes its part, then they meet; any failure stops them all
                 try:
                     await writer.write()
+                    if callback is not None and not primary:
+                        await call_back()
                 except BaseException as exc:
                     await sync.arrive("written", exc)
                     raise
@@ -382,6 +398,8 @@ class AsyncCheckpointer:
             if primary:
                 try:
                     await writer.finalize()
+                    if callback is not None:
+                        await call_back()
                     figures = _record_statistics(meta, stats, t_write, t_wait)
                     await _commit.commit(tmp, path, meta, item_dirs, replace=force,
                                          statistics=figures)
@@ -401,6 +419,8 @@ class AsyncCheckpointer:
         except BaseException as exc:
             if primary:
                 await _commit.abort(tmp)
+            if callback_failure and exc is callback_failure[0]:
+                raise  # (the caller's own exception, as Orbax raises it)
             if isinstance(exc, TimeoutError | asyncio.TimeoutError) and \
                     not isinstance(exc, CheckpointError):
                 raise CommitTimeoutError(

@@ -239,11 +239,13 @@ class PinnedShards:
         self.shards = shards
 
 
-def start_transfers(values: list[Any]) -> list[Any]:
+def start_transfers(values: list[Any], pinned: bool | None = None) -> list[Any]:
     """Starts the device-to-host copy of every device-resident jax.Array of ``values``,
     returning ``values`` with those going through pinned host memory
     (:data:`PINNED_HOST_TRANSFER`) replaced by :class:`PinnedShards`; the others get
-    ``copy_to_host_async``. Only the replica-0 shards are moved, as only they are written."""
+    ``copy_to_host_async``. Only the replica-0 shards are moved, as only they are written.
+    ``pinned``: the save's own choice (Orbax's ``enable_pinned_host_transfer``), if any."""
+    use_pinned = PINNED_HOST_TRANSFER if pinned is None else pinned
     out = list(values)
     sources: list[Any] = []
     targets: list[Any] = []
@@ -251,7 +253,7 @@ def start_transfers(values: list[Any]) -> list[Any]:
     for i, value in enumerate(values):
         if not isinstance(value, jax.Array) or _host_resident(value):
             continue
-        if PINNED_HOST_TRANSFER and not value.is_deleted():
+        if use_pinned and not value.is_deleted():
             if len(value.sharding.device_set) == 1:
                 target = pinned_host_sharding(value.sharding)
                 if target is not None:
@@ -325,6 +327,7 @@ def stage_sync(
     *,
     transfer: bool = True,
     stop: threading.Event | None = None,
+    pinned: bool | None = None,
 ) -> None:
     """Runs in a worker thread: copies each leaf to host and hands them over, in order, in
     batches (with the bytes reserved for them in ``budget``). ``transfer=False``: every leaf
@@ -333,7 +336,7 @@ def stage_sync(
     todo: list[Any] = list(leaves)
     if transfer and budget.limit is None:
         # (under a budget each array's transfer starts as its bytes are admitted, below)
-        moved = start_transfers([v for v, _, _ in leaves])
+        moved = start_transfers([v for v, _, _ in leaves], pinned)
         todo = [(m, name, dtype) for m, (_, name, dtype) in zip(moved, leaves, strict=True)]
         del moved
     batch: list[StoredArray] = []
@@ -362,7 +365,7 @@ def stage_sync(
                         batch, reserved = [], 0
                     budget.acquire(n)
                     if transfer:
-                        (value,) = start_transfers([value])
+                        (value,) = start_transfers([value], pinned)
                 reserved += n
                 if transfer:
                     # The next device arrays' transfers start while this one comes over, as
@@ -376,7 +379,7 @@ def stage_sync(
                         if not budget.try_acquire(m):
                             break
                         ahead_bytes += m
-                        (ahead[j],) = start_transfers([nxt])
+                        (ahead[j],) = start_transfers([nxt], pinned)
                         j += 1
             try:
                 # (into the batch, not a local too: a local would hold the last array handed
@@ -410,6 +413,8 @@ async def stage(
     leaves: Sequence[tuple[Any, str, np.dtype | None]],
     budget: ByteBudget,
     write: Callable[[list[StoredArray]], Coroutine[Any, Any, None]],
+    *,
+    pinned: bool | None = None,
 ) -> list[asyncio.Task[None]]:
     """Stages ``leaves``; returns the write tasks, started as each batch reached the host."""
     loop = asyncio.get_running_loop()
@@ -455,7 +460,7 @@ async def stage(
         return tasks
     stop = threading.Event()
     job = asyncio.ensure_future(get_runtime().to_thread(
-        functools.partial(stage_sync, leaves, budget, hand_over, stop=stop)))
+        functools.partial(stage_sync, leaves, budget, hand_over, stop=stop, pinned=pinned)))
     try:
         await asyncio.shield(job)
     except BaseException:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import importlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,21 @@ def is_namedtuple(x: Any) -> bool:
 
 def _is_custom_node(x: Any) -> bool:
     return not jax.tree_util.all_leaves([x])
+
+
+def is_empty_node(x: Any) -> bool:
+    """A pytree node without children other than None and an empty dict, list or tuple:
+    optax's ``EmptyState`` and ``MaskedNode``, an empty dataclass, NamedTuple or FrozenDict.
+    Orbax stores one as a leaf of its own, of value type "None" ("Dict" for a mapping), and
+    so does ckpt_async."""
+    if x is None or type(x) in (dict, list, tuple) or isinstance(x, jax.ShapeDtypeStruct) \
+            or _is_leaf_type(x):
+        return False
+    if is_namedtuple(x):
+        return not x
+    if isinstance(x, (dict, list, tuple)) or not _is_custom_node(x):
+        return False
+    return not jax.tree_util.tree_flatten(x, is_leaf=lambda y: y is not x)[0]
 
 
 #: Exact types known to be leaves, so most leaves skip jax's registry lookup; jax.Array
@@ -121,7 +136,11 @@ def _walk(x: Any, keys: tuple[Any, ...], kts: tuple[int, ...], name: str,
         children = [_walk(v, (*keys, f), (*kts, fmt.KEY_DICT), f"{prefix}{f!s}", leaves)
                     for f, v in zip(x._fields, x)]
         cls = type(x)
-        return ["T", f"{cls.__module__}:{cls.__qualname__}", list(x._fields), children]
+        node = ["T", f"{cls.__module__}:{cls.__qualname__}", list(x._fields), children]
+        if not x:  # (an empty node: a leaf of its own, as Orbax stores it, see "Z")
+            leaves.append(Leaf(keys, kts, x, name))
+            return ["Z", len(leaves) - 1, node]
+        return node
     if isinstance(x, (list, tuple)):
         if not x:
             kind = "List" if isinstance(x, list) else "Tuple"
@@ -138,9 +157,14 @@ def _walk(x: Any, keys: tuple[Any, ...], kts: tuple[int, ...], name: str,
             sequence = sequence and key_type == fmt.KEY_SEQUENCE
             items.append([k, "i" if isinstance(k, int) else "s",
                           _walk(v, (*keys, k), (*kts, key_type), f"{prefix}{k!s}", leaves)])
+        if not items:  # (an empty node: a leaf of its own, restored as None, or as an empty
+            # dict if it is a mapping, as in Orbax)
+            leaves.append(Leaf(keys, kts, x, name))
+            return ["E", len(leaves) - 1, "Dict"] if isinstance(x, Mapping) else \
+                ["N", len(leaves) - 1]
         # (a node whose children have no names, only places, comes back as a list: as Orbax
         # restores it, from their key type)
-        return ["l", [child for _, _, child in items]] if sequence and items else ["D", items]
+        return ["l", [child for _, _, child in items]] if sequence else ["D", items]
     leaves.append(Leaf(keys, kts, x, name))
     return ["L", len(leaves) - 1]
 
@@ -174,10 +198,19 @@ def _namedtuple_class(path: str, fields: list[str]) -> type:
 
 
 def unflatten(skeleton: Any, value_of: Callable[[int], Any]) -> Any:
-    """Rebuilds a tree from its skeleton; ``value_of(i)`` gives leaf ``i``'s value."""
+    """Rebuilds a tree from its skeleton; ``value_of(i)`` gives leaf ``i``'s value.
+
+    Skeleton nodes: ``L`` a leaf, ``N`` None, ``E`` an empty dict, list or tuple, ``D`` a dict
+    (or a custom node with named children), ``l``/``t`` a list/tuple, ``T`` a NamedTuple, ``Z``
+    an empty NamedTuple (optax's ``EmptyState``): a leaf (Orbax's "None" entry) and the node
+    it rebuilds as when restored as saved. (Another empty node is an ``N``: restored as
+    saved, it comes back as None, as from Orbax.)"""
     tag = skeleton[0]
     if tag in ("L", "N", "E"):
         return value_of(skeleton[1])
+    if tag == "Z":
+        value = value_of(skeleton[1])
+        return unflatten(skeleton[2], value_of) if value is None else value
     if tag == "D":
         return {k: unflatten(child, value_of) for k, _kt, child in skeleton[1]}
     if tag == "l":
@@ -192,7 +225,7 @@ def unflatten(skeleton: Any, value_of: Callable[[int], Any]) -> Any:
 
 def skeleton_leaf_order(skeleton: Any) -> Iterator[int]:
     tag = skeleton[0]
-    if tag in ("L", "N", "E"):
+    if tag in ("L", "N", "E", "Z"):
         yield skeleton[1]
     elif tag == "D":
         for _k, _kt, child in skeleton[1]:
@@ -239,11 +272,12 @@ def target_leaves(
 ) -> tuple[list[tuple[str, str, Any]], Callable[[Sequence[Any]], Any]]:
     """Flattens a restore target: ``(tuple_key, name, leaf)`` and a function rebuilding it.
 
-    None and empty containers are kept as leaves so a target may mirror them.
+    None, empty containers and empty nodes are kept as leaves so a target may mirror them.
     """
 
     def is_leaf(x: Any) -> bool:
-        return x is None or (isinstance(x, (dict, list, tuple)) and not is_namedtuple(x) and not x)
+        return x is None or (isinstance(x, (dict, list, tuple)) and not is_namedtuple(x) and not x
+                             ) or is_empty_node(x)
 
     try:
         pairs, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=is_leaf)

@@ -81,6 +81,9 @@ class AsyncCheckpointer(AbstractCheckpointer):
     def handler(self) -> CheckpointHandler:
         return self.async_checkpointer.handler
 
+    #: (Orbax's private name, which flax's ``checkpoints.restore_checkpoint`` reads)
+    _handler = handler
+
     def save(self, directory: Any, *args: Any, **kwargs: Any) -> None:
         """Saves to ``directory`` (``args=...`` or Orbax's legacy ``save(path, item)``)."""
         self.last_commit = self._rt.call(self.async_checkpointer.save, directory, *args, **kwargs)

@@ -76,6 +76,17 @@ def is_runtime_to_distributed_ids_initialized() -> bool:
     return True
 
 
+def initialize_distributed_to_device_ids() -> None:
+    """Orbax's other setup call after ``jax.distributed.initialize()`` (MaxText makes it
+    right after :func:`initialize_runtime_to_distributed_ids`): ckpt_async keeps no mapping of
+    process ids to device ids either, so there is nothing to do."""
+
+
+def is_distributed_to_device_ids_initialized() -> bool:
+    """True: ckpt_async needs no mapping (:func:`initialize_distributed_to_device_ids`)."""
+    return True
+
+
 def is_pathways_backend() -> bool:
     """False: ckpt_async runs on JAX's own multi-process runtime, not on Pathways."""
     return False
@@ -238,6 +249,7 @@ _stale: list[str] = []
 
 
 __all__ = ["Roles", "Sync", "current_roles", "is_primary_host", "process_count",
-           "initialize_runtime_to_distributed_ids", "is_pathways_backend",
+           "initialize_distributed_to_device_ids", "initialize_runtime_to_distributed_ids",
+           "is_distributed_to_device_ids_initialized", "is_pathways_backend",
            "is_runtime_to_distributed_ids_initialized", "reached_preemption",
            "process_index", "roles_for", "sync_global_processes"]

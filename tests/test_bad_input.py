@@ -134,11 +134,25 @@ def test_unsupported_orbax_options_raise_instead_of_being_ignored(tmp_path):
                 transforms={r"(.*)": object()}))
 
 
-def test_orbax_legacy_manager_constructor_is_refused_saying_so(tmp_path):
-    for legacy in (ocp.PyTreeCheckpointer(), {"state": ocp.PyTreeCheckpointer()}):
-        with pytest.raises(InvalidArgumentError, match="older constructor"):
-            ocp.CheckpointManager(tmp_path, legacy)
-    assert list(tmp_path.iterdir()) == []
+def test_orbax_legacy_manager_constructor_refuses_what_it_cannot_take(tmp_path):
+    # (what it takes is compared with Orbax in test_manager_vs_orbax.py)
+    with pytest.raises(InvalidArgumentError, match=r"checkpointers\['state'\] is a object"):
+        ocp.CheckpointManager(tmp_path / "a", {"state": object()})
+    with pytest.raises(InvalidArgumentError, match="reserved key"):
+        ocp.CheckpointManager(tmp_path / "b", {"metrics": ocp.PyTreeCheckpointer()})
+    with pytest.raises(InvalidArgumentError, match="cannot be given with item_names"):
+        ocp.CheckpointManager(tmp_path / "c", ocp.PyTreeCheckpointer(),
+                              item_handlers=ocp.PyTreeCheckpointHandler())
+    with pytest.raises(InvalidArgumentError, match="options given twice"):
+        ocp.CheckpointManager(tmp_path / "d", ocp.CheckpointManagerOptions(),
+                              ocp.CheckpointManagerOptions())
+    assert not any(tmp_path.iterdir())
+    with ocp.CheckpointManager(tmp_path / "e", item_handlers=ocp.PyTreeCheckpointHandler()) as m:
+        with pytest.raises(InvalidArgumentError, match="not both"):
+            m.save(1, args=ocp.args.PyTreeSave({"a": np.ones(2)}), items={"a": np.ones(2)})
+    with ocp.CheckpointManager(tmp_path / "f") as m:  # (no handler to build args from)
+        with pytest.raises(InvalidArgumentError, match="needs the item's handler"):
+            m.save(1, {"a": np.ones(2)})
 
 
 def test_handlers_take_orbax_arguments_and_refuse_unknown_ones():

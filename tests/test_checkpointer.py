@@ -658,3 +658,52 @@ def test_pytree_checkpointer_takes_orbax_constructor_arguments(tmp_path):
         sizes[compress] = sum(p.stat().st_size for p in (tmp_path / str(compress)).rglob("*")
                               if p.is_file())
     assert sizes[True] < sizes[False] - 16_000  # (zstd: 32 KiB of zeros to almost nothing)
+
+
+# Orbax's AsyncOptions.post_finalization_callback: called once a save is written and
+# finalized, before the step is committed; raising fails the save, and nothing is committed.
+def test_the_post_finalization_callback_runs_before_each_commit(tmp_path):
+    seen = []
+
+    def callback():
+        seen.append((threading.current_thread() is threading.main_thread(),
+                     (tmp_path / "x").exists(),
+                     sorted(p.name for p in tmp_path.iterdir())))
+
+    options = ocp.options.AsyncOptions(post_finalization_callback=callback)
+    ckptr = ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(), async_options=options)
+    ckptr.save(tmp_path / "x", args=ocp.args.PyTreeSave({"a": np.arange(3)}))
+    ckptr.wait_until_finished()
+    (on_main, committed, names), = seen
+    assert not on_main and not committed and names[0].startswith("x.orbax-checkpoint-tmp")
+    np.testing.assert_array_equal(ckptr.restore(tmp_path / "x")["a"], np.arange(3))
+    ckptr.close()
+
+
+def test_a_failing_post_finalization_callback_fails_the_save_with_its_error(tmp_path):
+    def callback():
+        raise RuntimeError("disk quota check failed")
+
+    options = ocp.options.AsyncOptions(post_finalization_callback=callback)
+    ckptr = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler(), async_options=options)
+    ckptr.save(tmp_path / "y", args=ocp.args.StandardSave({"a": np.ones(2)}))
+    with pytest.raises(RuntimeError, match="disk quota check failed") as info:
+        ckptr.wait_until_finished()
+    assert "nothing was committed" in "".join(info.value.__notes__)
+    assert list(tmp_path.iterdir()) == []  # neither the step nor its temporary directory
+    ckptr.close()
+
+
+def test_managers_call_the_post_finalization_callback_of_their_async_options(tmp_path):
+    calls = []
+    options = ocp.CheckpointManagerOptions(async_options=ocp.options.AsyncOptions(
+        post_finalization_callback=lambda: calls.append(1)))
+    with ocp.CheckpointManager(tmp_path / "m", options=options) as mngr:
+        for step in range(3):
+            mngr.save(step, args=ocp.args.StandardSave({"a": np.full(2, step)}))
+        mngr.wait_until_finished()
+        assert calls == [1, 1, 1] and mngr.all_steps() == [0, 1, 2]
+    sync_only = ocp.CheckpointManagerOptions(enable_async_checkpointing=False,
+                                             async_options=options.async_options)
+    with pytest.raises(ValueError, match="post_finalization_callback"):
+        ocp.CheckpointManager(tmp_path / "s", options=sync_only)

@@ -86,11 +86,11 @@ def test_under_a_memory_budget_transfers_start_ahead_only_as_far_as_the_budget_a
     events: list[tuple[str, int]] = []
     real_start, real_copy = _stage.start_transfers, _stage.host_copy
 
-    def start(values):
+    def start(values, *args):
         # Every array moved to the host has its bytes admitted first, within the budget.
         assert 0 < budget._used <= limit
         events.append(("transfer", int(values[0][0, 0])))
-        return real_start(values)
+        return real_start(values, *args)
 
     def copy(value, name, *args, **kwargs):
         events.append(("staged", int(name.rsplit("a", 1)[1])))
@@ -172,8 +172,8 @@ def test_a_pinned_copy_that_cannot_be_read_falls_back_to_pageable_memory(tmp_pat
 
     real_start = _stage.start_transfers
 
-    def start(values):
-        out = real_start(values)
+    def start(values, *args):
+        out = real_start(values, *args)
         for v in out:
             if type(v) is _stage.PinnedShards:
                 v.shards[:] = [(index, Unreadable()) for index, _ in v.shards]
@@ -209,3 +209,17 @@ def test_the_plain_path_serves_arrays_when_pinned_transfers_are_off(tmp_path, as
     ckptr.save(tmp_path / "c", {"x": arr})
     assert as_gpu == [] and hinted == [1]
     np.testing.assert_array_equal(np.asarray(ckptr.restore(tmp_path / "c")["x"]), np.arange(32.0))
+
+
+@pytest.mark.parametrize(("handler_says", "save_says", "pinned"), [
+    (None, None, True), (False, None, False), (None, False, False), (False, True, True)])
+def test_orbaxs_enable_pinned_host_transfer_chooses_the_path(tmp_path, as_gpu, handler_says,
+                                                             save_says, pinned):
+    handler = ocp.PyTreeCheckpointHandler(
+        **({} if handler_says is None else {"enable_pinned_host_transfer": handler_says}))
+    ckptr = ocp.Checkpointer(handler)
+    ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave(
+        {"x": jnp.arange(16.0)}, enable_pinned_host_transfer=save_says))
+    assert len(as_gpu) == (1 if pinned else 0)
+    np.testing.assert_array_equal(np.asarray(ckptr.restore(tmp_path / "c")["x"]),
+                                  np.arange(16.0))

@@ -18,6 +18,7 @@ import random
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import orbax.checkpoint as orbax
 import pytest
@@ -525,8 +526,64 @@ def _logger_entries(lib, d):
             for e in logger.entries]
 
 
+def _as_lists(tree):
+    return jax.tree.map(lambda x: np.asarray(x).tolist(), dict(tree))
+
+
+def _legacy_checkpointers(lib, d):
+    # Orbax's older constructor (octo's load/save_pretrained, Orbax's preemption notebook):
+    # one checkpointer (the default item) or a dict of them; save(step, items); restore(step,
+    # items=..., restore_kwargs=...).
+    out = []
+    tree = {"w": np.arange(4.0), "b": np.ones(2, np.float32)}
+    opts = lib.CheckpointManagerOptions(max_to_keep=2)
+    with lib.CheckpointManager(d / "one", lib.PyTreeCheckpointer(), opts) as m:
+        for step in (1, 2, 3):
+            out.append(m.save(step, {k: v * step for k, v in tree.items()}))
+            out.append(m.all_steps())  # (a synchronous checkpointer: committed on return)
+        out.append(_as_lists(m.restore(3)))
+        out.append(_as_lists(m.restore(2, items={"w": np.zeros(4), "b": np.zeros(2, np.float32)},
+                                       restore_kwargs={"restore_args": {
+                                           "w": lib.RestoreArgs(dtype=np.float32),
+                                           "b": lib.RestoreArgs()}})))
+    checkpointers = {"params": lib.AsyncCheckpointer(lib.PyTreeCheckpointHandler()),
+                     "meta": lib.Checkpointer(lib.JsonCheckpointHandler())}
+    with lib.CheckpointManager(d / "two", checkpointers, opts) as m:
+        out.append(m.save(5, {"params": tree, "meta": {"lr": 0.1}}))
+        m.wait_until_finished()
+        out.append(sorted(p.name for p in (d / "two" / "5").iterdir() if p.is_dir()))
+        both = m.restore(5)
+        out.append([_as_lists(both["params"]), both["meta"]])
+        only = m.restore(5, items={"meta": None})
+        out.append([sorted(only.keys()), only["meta"]])
+    out.append(_outcome(lambda: lib.CheckpointManager(d / "bad", {"x": object()})))
+    return out
+
+
+def _legacy_items_with_item_handlers(lib, d):
+    # openpi's checkpoints.py: a manager made with item_handlers, saved and restored with
+    # Orbax's older items (positional, items=), as in save_state / restore_state.
+    out = []
+    state = {"params": {"w": np.arange(3.0)}, "step": np.asarray(7)}
+    handlers = {"assets": lib.JsonCheckpointHandler(),
+                "train_state": lib.PyTreeCheckpointHandler()}
+    with lib.CheckpointManager(d / "m", item_handlers=handlers,
+                               options=lib.CheckpointManagerOptions(max_to_keep=1)) as m:
+        out.append(m.save(10, {"train_state": state, "assets": {"norm": [1, 2]}}))
+        m.wait_until_finished()
+        restored = m.restore(10, items={"train_state": state})
+        out.append([sorted(restored.keys()), _as_lists(restored["train_state"]["params"])])
+        out.append(_outcome(lambda: m.restore(10, items={"nope": state})))
+    with lib.CheckpointManager(d / "s", item_handlers=lib.StandardCheckpointHandler()) as m:
+        out.append(m.save(1, state))
+        m.wait_until_finished()
+        out.append(_as_lists(m.restore(1, state)["params"]))
+    return out
+
+
 @pytest.mark.parametrize("case", [_policy_beside_legacy_fields, _step_names_and_times,
-                                  _metadata_and_arguments, _logger_entries])
+                                  _metadata_and_arguments, _logger_entries,
+                                  _legacy_checkpointers, _legacy_items_with_item_handlers])
 def test_manager_calls_answer_as_orbax(tmp_path, case):
     answers = {}
     for name, lib in (("ckpt_async", ca), ("orbax", orbax)):

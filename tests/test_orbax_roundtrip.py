@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
 import enum
 import json
 import math
@@ -775,3 +777,140 @@ def test_typed_prng_keys_round_trip_as_in_orbax(tmp_path, mesh, writer):
                     assert got.dtype == want.dtype and got.shape == want.shape, (lib, name)
                     assert_bits_equal(jax.random.key_data(got), jax.random.key_data(want))
                 assert out["keys"].sharding.is_equivalent_to(sharded, 1), lib
+
+
+# Empty pytree nodes: optax's EmptyState (an empty NamedTuple, in every optax optimizer state)
+# and MaskedNode, an empty registered dataclass. Orbax stores each as a leaf of value type
+# "None" that is not read; a target names them as leaves.
+class EmptyState(tuple):  # (collections.namedtuple with no fields, as optax defines it)
+    __slots__ = ()
+    _fields: tuple = ()
+
+    def __new__(cls):
+        return tuple.__new__(cls, ())
+
+    def __repr__(self):
+        return "EmptyState()"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class EmptyNode:
+    pass
+
+
+class FrozenMap(collections.abc.Mapping):  # (as flax's FrozenDict: a mapping pytree node)
+    def __init__(self, data=()):
+        self._data = dict(data)
+
+    def __getitem__(self, k):
+        return self._data[k]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self):
+        return len(self._data)
+
+    def __eq__(self, other):
+        return type(other) is FrozenMap and self._data == other._data
+
+
+jax.tree_util.register_pytree_with_keys(
+    FrozenMap, lambda m: ([(jax.tree_util.DictKey(k), v) for k, v in m.items()], tuple(m)),
+    lambda keys, values: FrozenMap(zip(keys, values)))
+
+
+@pytest.mark.parametrize("writer", ["orbax", "ckpt_async"])
+def test_an_empty_mapping_node_is_an_empty_dict_entry_as_in_orbax(tmp_path, writer):
+    state = {"w": jnp.ones(2), "f": FrozenMap()}
+    lib = orbax if writer == "orbax" else ocp
+    lib.PyTreeCheckpointer().save(tmp_path / "c", args=lib.args.PyTreeSave(state))
+    entries = json.loads((tmp_path / "c" / "_METADATA").read_text())["tree_metadata"]
+    assert entries["('f',)"]["value_metadata"]["value_type"] == "Dict"
+    for reader in (orbax, ocp):
+        out = reader.PyTreeCheckpointer().restore(tmp_path / "c",
+                                                  args=reader.args.PyTreeRestore(state))
+        assert out["f"] == FrozenMap()
+        assert_bits_equal(out["w"], state["w"])
+
+
+def _optimizer_like_state():
+    return {"params": {"w": jnp.arange(6.0).reshape(2, 3)},
+            "opt_state": (EmptyState(), ({"mu": jnp.ones(3), "count": jnp.asarray(2)},
+                                         EmptyState()), EmptyNode()),
+            "step": jnp.asarray(5, jnp.int32)}
+
+
+def _same_state(out, expected):
+    assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(expected)
+    for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(expected),
+                    strict=True):
+        assert_bits_equal(a, b)
+
+
+@pytest.mark.parametrize("writer", ["orbax", "ckpt_async"])
+def test_empty_nodes_restore_into_a_target_across_the_libraries(tmp_path, writer):
+    state = _optimizer_like_state()
+    lib_w, lib_r = (orbax, ocp) if writer == "orbax" else (ocp, orbax)
+    ckptr = lib_w.StandardCheckpointer()
+    ckptr.save(tmp_path / "c", state)
+    ckptr.wait_until_finished()
+    # The same entries either way: a "None" leaf per empty node, not read.
+    entries = json.loads((tmp_path / "c" / "_METADATA").read_text())["tree_metadata"]
+    for key in ("('opt_state', '0')", "('opt_state', '1', '1')", "('opt_state', '2')"):
+        assert entries[key]["value_metadata"] == {"value_type": "None",
+                                                  "skip_deserialize": True}
+    for lib in (lib_r, lib_w):
+        reader = lib.StandardCheckpointer()
+        _same_state(reader.restore(tmp_path / "c", state), state)
+        _same_state(reader.restore(tmp_path / "c", jax.eval_shape(lambda: state)), state)
+    # Without a target, Orbax makes each empty node None (and the tuples lists).
+    as_orbax = orbax.PyTreeCheckpointer().restore(tmp_path / "c")
+    assert as_orbax["opt_state"][0] is None and as_orbax["opt_state"][2] is None
+
+
+def test_empty_nodes_restore_as_saved_and_from_checkpoints_without_their_entries(tmp_path):
+    state = _optimizer_like_state()
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp_path / "c", state)
+    ckptr.wait_until_finished()
+    out = ckptr.restore(tmp_path / "c")
+    assert out["opt_state"][0] == EmptyState() and out["opt_state"][1][1] == EmptyState()
+    assert out["opt_state"][2] is None  # (its class is not recorded: None, as from Orbax)
+    # ckpt_async 0.1.0 wrote no entry for an empty node (only its type in the skeleton): such
+    # a checkpoint still restores into a target naming the node.
+    path = tmp_path / "c" / "_METADATA"
+    doc = json.loads(path.read_text())
+    for key in ("('opt_state', '0')", "('opt_state', '1', '1')", "('opt_state', '2')"):
+        del doc["tree_metadata"][key]
+
+    gone = {1, 4, 5}  # (the three empty nodes' leaves; the others move up)
+    renumber = {i: i - sum(g < i for g in gone) for i in range(7) if i not in gone}
+
+    def old_skeleton(node):
+        if node[0] == "Z":
+            return node[2]
+        if node[0] == "N" and node[1] in gone:  # (the empty dataclass: then an empty dict)
+            return ["D", []]
+        if node[0] in ("L", "N", "E"):
+            return [node[0], renumber[node[1]], *node[2:]]
+        if node[0] == "D":
+            return ["D", [[k, kt, old_skeleton(c)] for k, kt, c in node[1]]]
+        if node[0] in ("l", "t"):
+            return [node[0], [old_skeleton(c) for c in node[1]]]
+        if node[0] == "T":
+            return [*node[:3], [old_skeleton(c) for c in node[3]]]
+        return node
+
+    doc["ckpt_async"]["skeleton"] = old_skeleton(doc["ckpt_async"]["skeleton"])
+    data = json.dumps(doc).encode()
+    path.write_bytes(data)
+    sums_path = tmp_path / "c" / "_CHECKSUMS"
+    sums = json.loads(sums_path.read_text())
+    sums["documents"]["_METADATA"] = zlib.crc32(data)
+    sums_path.write_text(json.dumps(sums))
+    _same_state(ckptr.restore(tmp_path / "c", state), state)
+    assert ckptr.restore(tmp_path / "c")["opt_state"][2] == {}  # (as 0.1.0 restored it)
+    with pytest.raises(ocp.errors.StructureMismatchError):  # (a leaf with data still counts)
+        ckptr.restore(tmp_path / "c", {**state, "extra": jnp.zeros(1)})

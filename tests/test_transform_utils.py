@@ -82,7 +82,7 @@ def test_a_missing_item_of_a_restored_composite_is_a_key_error(tmp_path):
     assert not hasattr(out, "cfg") and hasattr(out, "state")
 
 
-def test_options_and_setup_calls_orbax_code_makes():
+def test_options_and_setup_calls_orbax_code_makes(tmp_path):
     # A Windows workaround, MaxText's setup after jax.distributed.initialize(), a checkpointer's
     # older positional timeout, and the default timeout, as in Orbax.
     with ocp.StandardCheckpointer(atomicity_options=ocp.options.AtomicityOptions(
@@ -94,6 +94,13 @@ def test_options_and_setup_calls_orbax_code_makes():
     assert ocp.options.MemoryLimitOptions(max_transfer_concurrent_gb=4).max_transfer_concurrent_gb
     ocp.CompositeCheckpointHandler("a", composite_options=ocp.CompositeOptions())
     assert ocp.multihost.initialize_runtime_to_distributed_ids() is None
+    assert ocp.multihost.initialize_distributed_to_device_ids() is None  # (MaxText's next call)
+    assert ocp.multihost.is_distributed_to_device_ids_initialized() is True
+    # flax's checkpoints.restore_checkpoint reads a checkpointer's private _handler; octo's
+    # save_pretrained reads a manager's _directory.
+    assert ocp.PyTreeCheckpointer()._handler.__class__ is ocp.PyTreeCheckpointHandler
+    with ocp.CheckpointManager(tmp_path / "m") as mngr:
+        assert mngr._directory == mngr.directory
     assert ocp.multihost.is_pathways_backend() is ocp.utils.is_pathways_backend() is False
     with pytest.raises(ocp.errors.InvalidArgumentError):
         ocp.args.Composite(**{"a/b": ocp.args.StandardSave({"x": 1})})

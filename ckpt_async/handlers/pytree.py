@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +99,8 @@ def _classify(leaf: _tree.Leaf, save_arg: SaveArgs | None, where: str,
         return _Planned(leaf, kind, cast)
     if v is None:
         return _Planned(leaf, "None", None)
+    if _tree.is_empty_node(v):  # (an empty node: as Orbax, a "None" entry, "Dict" if a mapping)
+        return _Planned(leaf, "Dict" if isinstance(v, Mapping) else "None", None)
     if isinstance(v, (dict, list, tuple)) and not v:  # (Orbax's names for them)
         return _Planned(leaf, "Dict" if isinstance(v, dict) else
                         "Tuple" if isinstance(v, tuple) else "List", None)
@@ -168,6 +170,9 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         **orbax_options: Any,
     ) -> None:
         unknown = sorted(set(orbax_options) - _ORBAX_HANDLER_OPTIONS)
+        #: Orbax's switch of the pinned-host path of arrays on a GPU (None: ckpt_async's
+        #: default, ``_stage.PINNED_HOST_TRANSFER``); a save's own ``PyTreeSave`` one wins.
+        self._pinned: bool | None = orbax_options.get("enable_pinned_host_transfer")
         if unknown:
             raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s) "
                             f"{', '.join(map(repr, unknown))}")
@@ -230,7 +235,9 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
             tracker.add(sum(a.nbytes for a in batch))
 
         try:
-            tasks = await stage(to_stage, self._budget, write_batch)
+            pinned = getattr(args, "enable_pinned_host_transfer", None)
+            tasks = await stage(to_stage, self._budget, write_batch,
+                                pinned=self._pinned if pinned is None else pinned)
         except BaseException:
             await writer.settle()  # (the threads of batches handed over before the failure)
             raise
@@ -913,6 +920,9 @@ class _Reader:
             rekey[i] = impl
         # A partial restore takes what the target names: a key the checkpoint lacks comes back
         # as the target's own value (as in Orbax: new parameters keep their initial values).
+        # An empty node of the target (optax's EmptyState) that the checkpoint has no entry
+        # for, as ckpt_async before 0.1.1 wrote them, comes back as the target's own.
+        wanted -= {k for k, _n, leaf in pairs if k not in self.by_key and _tree.is_empty_node(leaf)}
         _tree.check_structure(set(self.by_key), wanted, where=str(self.dir), allow_missing=partial,
                               allow_unexpected=partial)
         # A target sharded over other processes' devices too: this process reads only the

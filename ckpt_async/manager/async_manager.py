@@ -25,7 +25,7 @@ from .. import _storage as storage
 from .._checkpointer import AsyncCheckpointer, AsyncOptions, check_writable
 from .._paths import AnyPath, as_path
 from .._runtime import CommitFuture, get_runtime, on_engine
-from ..args import CheckpointArgs, Composite, JsonSave
+from ..args import CheckpointArgs, Composite, JsonSave, args_classes_for
 from ..checkpoint_managers import CheckpointInfo, DecisionContext, PreservationContext
 from ..errors import (
     CheckpointError,
@@ -72,6 +72,61 @@ def _utc(ns: int | None, fallback: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(secs, tz=datetime.UTC)
 
 
+def _legacy_item_handlers(checkpointers: Any, directory: Any) -> tuple[Any, bool]:
+    """Orbax's older ``CheckpointManager(directory, checkpointers)``: the item handler(s) of
+    the checkpointer(s) (one: the default item; a dict: items by name), and whether any saves
+    in the background (else the manager saves synchronously, as Orbax's does then)."""
+    def handler_of(c: Any, name: str | None) -> CheckpointHandler:
+        handler = getattr(c, "handler", None)
+        if handler is None:
+            where = "checkpointers" if name is None else f"checkpointers[{name!r}]"
+            raise InvalidArgumentError(
+                f"CheckpointManager({directory!r}, checkpointers): {where} is a "
+                f"{type(c).__name__}, not a Checkpointer")
+        return handler
+
+    def is_async(c: Any) -> bool:
+        from ..checkpointers import Checkpointer
+
+        return not isinstance(c, Checkpointer)
+
+    if isinstance(checkpointers, dict):
+        for name in checkpointers:
+            if name == METRIC_ITEM_NAME:
+                raise InvalidArgumentError(f"Found {name!r} in `checkpointers`; this is a "
+                                           "reserved key.")
+        handlers = {name: handler_of(c, name) for name, c in checkpointers.items()}
+        return handlers, any(is_async(c) for c in checkpointers.values())
+    return handler_of(checkpointers, None), is_async(checkpointers)
+
+
+def legacy_args(registry: DefaultCheckpointHandlerRegistry, default_item: bool, kind: str,
+                items: Any, kwargs: Any) -> CheckpointArgs:
+    """Orbax's older ``save(step, items, save_kwargs)`` / ``restore(step, items,
+    restore_kwargs)``: each item's args of its registered handler (one item, or a dict of
+    them by name), as Orbax builds them."""
+    if default_item:
+        items, kwargs = {DEFAULT_ITEM_NAME: items}, {DEFAULT_ITEM_NAME: kwargs or {}}
+    else:
+        items, kwargs = items or {}, kwargs or {}
+        if not isinstance(items, dict) or not isinstance(kwargs, dict):
+            raise InvalidArgumentError(
+                f"items for several named items must be a dict of them by name, not "
+                f"{type(items).__name__}")
+    names = list(items) + [k for k in kwargs if k not in items and kind == "restore"]
+    built = {}
+    for name in names:
+        handler = registry.locked(name)
+        cls = args_classes_for(type(handler)).get(kind) if handler is not None else None
+        if cls is None:
+            raise InvalidArgumentError(
+                f'Unknown key "{name}": items= needs the item\'s handler (item_handlers= or '
+                "Orbax's checkpointers); or pass args=")
+        item, extra = items.get(name), dict(kwargs.get(name) or {})
+        built[name] = cls(item, **extra) if item is not None or kind == "save" else cls(**extra)
+    return built[DEFAULT_ITEM_NAME] if default_item else Composite(**built)
+
+
 class AsyncCheckpointManager:
     """Saves, lists, restores and retains the steps of one training run (coroutines).
 
@@ -83,20 +138,35 @@ class AsyncCheckpointManager:
     def __init__(
         self,
         directory: Any,
+        checkpointers: Any = None,
         options: CheckpointManagerOptions | None = None,
+        metadata: dict[str, Any] | None = None,
         item_names: Any = None,
         item_handlers: CheckpointHandler | dict[str, CheckpointHandler] | None = None,
-        handler_registry: DefaultCheckpointHandlerRegistry | None = None,
-        metadata: dict[str, Any] | None = None,
         logger: AbstractLogger | None = None,
+        handler_registry: DefaultCheckpointHandlerRegistry | None = None,
     ) -> None:
+        # Orbax's order of arguments. The second may also be the options (as ckpt_async
+        # took them), or Orbax's older checkpointers: a Checkpointer (one item) or a dict of
+        # them (named items), whose handlers become the item handlers.
+        if isinstance(checkpointers, CheckpointManagerOptions):
+            if options is not None:
+                raise InvalidArgumentError(
+                    f"CheckpointManager({directory!r}, ...): options given twice")
+            checkpointers, options = None, checkpointers
         if options is not None and not isinstance(options, CheckpointManagerOptions):
             raise InvalidArgumentError(
-                f"CheckpointManager({directory!r}, ...): the second argument is options (a "
-                f"CheckpointManagerOptions), not {type(options).__name__}. Orbax's older "
-                "constructor, CheckpointManager(directory, checkpointers), is not supported: "
-                "pass item_handlers= (or nothing), and save(step, args=...) with "
-                "ocp.args.Composite(...) for several items")
+                f"CheckpointManager({directory!r}, ...): options must be a "
+                f"CheckpointManagerOptions, not {type(options).__name__}")
+        if checkpointers is not None:
+            if item_names is not None or item_handlers is not None or handler_registry is not None:
+                raise InvalidArgumentError(
+                    "checkpointers (Orbax's older constructor) cannot be given with item_names, "
+                    "item_handlers or handler_registry")
+            item_handlers, use_async = _legacy_item_handlers(checkpointers, directory)
+            options = options or CheckpointManagerOptions()
+            if not use_async and options.enable_async_checkpointing:
+                options = dataclasses.replace(options, enable_async_checkpointing=False)
         if item_names is not None and isinstance(item_handlers, CheckpointHandler):
             raise InvalidArgumentError(
                 "item_handlers in default item mode (a single handler) and item_names cannot "
@@ -108,6 +178,11 @@ class AsyncCheckpointManager:
                     "handlers in the registry")
         self.directory = as_path(directory)
         self.options = options or CheckpointManagerOptions()
+        if not self.options.enable_async_checkpointing and getattr(
+                self.options.async_options, "post_finalization_callback", None) is not None:
+            raise InvalidArgumentError(  # (as Orbax: the callback is a background commit's)
+                "AsyncOptions.post_finalization_callback is only supported with "
+                "enable_async_checkpointing=True")
         self._logger = logger
         self._last_save_time: float | None = None
         self._name_format = _steps.name_format_for(
@@ -346,11 +421,18 @@ class AsyncCheckpointManager:
             raise exc
 
     @on_engine
-    async def save(self, step: int, args: CheckpointArgs | None = None, metrics: Any = None,
-                   force: bool = False, custom_metadata: dict | None = None) -> CommitFuture | None:
+    async def save(self, step: int, items: Any = None, save_kwargs: Any = None,
+                   metrics: Any = None, force: bool = False,
+                   args: CheckpointArgs | None = None,
+                   custom_metadata: dict | None = None) -> CommitFuture | None:
         """Stages ``args`` as ``step``; returns the commit's future, or None when skipped.
         Saves awaited at once run one after the other (their commits still overlap); a save
-        whose caller is cancelled while it stages is abandoned, its files removed."""
+        whose caller is cancelled while it stages is abandoned, its files removed.
+
+        The parameters are Orbax's, in its order. Its older form, ``save(step, items)`` (and
+        ``save_kwargs``), saves each item with the args of its handler (given by
+        ``item_handlers`` or Orbax's checkpointers); args given second are args."""
+        args = self._legacy("save", args, items, save_kwargs)
         async with self._saving:
             return await self._save(step, args, metrics, force, custom_metadata)
 
@@ -651,10 +733,30 @@ class AsyncCheckpointManager:
             self._default_item = await storage.is_dir(path / DEFAULT_ITEM_NAME)
         return step, path
 
+    def _legacy(self, kind: str, args: Any, items: Any, kwargs: Any) -> Any:
+        """``args``, or the args Orbax's older ``items`` (and their kwargs) stand for."""
+        if isinstance(items, CheckpointArgs) and kwargs is None:
+            if args is not None:
+                raise InvalidArgumentError(f"{kind}: args given twice")
+            return items  # (args given second, where Orbax has its items)
+        if items is None and kwargs is None:
+            return args
+        if args is not None:
+            raise InvalidArgumentError(f"{kind}: give args= or Orbax's older items=, not both")
+        default = self._default_item
+        if default is None:
+            default = not isinstance(items, dict) or self._registry.locked(DEFAULT_ITEM_NAME) \
+                is not None
+        return legacy_args(self._registry, default, kind, items, kwargs)
+
     @on_engine
-    async def restore(self, step: int | None = None, args: CheckpointArgs | None = None,
-                      directory: Any = None) -> Any:
-        """Restores ``step`` (default: the latest): every item as saved, or as ``args`` ask."""
+    async def restore(self, step: int | None = None, items: Any = None,
+                      restore_kwargs: Any = None, directory: Any = None,
+                      args: CheckpointArgs | None = None) -> Any:
+        """Restores ``step`` (default: the latest): every item as saved, or as ``args`` ask.
+        The parameters are Orbax's, in its order: its older form, ``restore(step, items)``
+        (and ``restore_kwargs``), restores each item with the args of its handler."""
+        args = self._legacy("restore", args, items, restore_kwargs)
         started = time.time()
         step, path = await self._resolve_step_dir(step, directory)
         if self._default_item:

@@ -24,26 +24,36 @@ class CheckpointManager:
     >>> mngr.wait_until_finished(); mngr.restore(0)                  # doctest: +SKIP
     """
 
-    def __init__(self, directory: Any, options: CheckpointManagerOptions | None = None,
-                 item_names: Any = None, item_handlers: Any = None,
-                 handler_registry: Any = None, metadata: dict[str, Any] | None = None,
-                 logger: Any = None) -> None:
+    def __init__(self, directory: Any, checkpointers: Any = None,
+                 options: CheckpointManagerOptions | None = None,
+                 metadata: dict[str, Any] | None = None, item_names: Any = None,
+                 item_handlers: Any = None, logger: Any = None,
+                 handler_registry: Any = None) -> None:
+        # (Orbax's order; the second argument may also be the options, or Orbax's older
+        # checkpointers: see AsyncCheckpointManager)
         self._rt = get_runtime()
         self._saver = SaverThread()
         self.async_manager = AsyncCheckpointManager(
-            directory, options, item_names=item_names, item_handlers=item_handlers,
-            handler_registry=handler_registry, metadata=metadata, logger=logger)
+            directory, checkpointers, options, metadata=metadata, item_names=item_names,
+            item_handlers=item_handlers, logger=logger, handler_registry=handler_registry)
         self._rt.call(self.async_manager._ensure_init)  # (errors now, as Orbax's)
 
     @property
     def directory(self) -> Any:
         return self.async_manager.directory
 
-    def save(self, step: int, args: CheckpointArgs | None = None, metrics: Any = None,
-             force: bool = False, custom_metadata: dict | None = None) -> bool:
-        """Saves ``step`` (returns once staged); True when a save was started."""
+    #: (Orbax's private name, which some projects read: octo's ``save_pretrained``)
+    _directory = directory
+
+    def save(self, step: int, items: Any = None, save_kwargs: Any = None, metrics: Any = None,
+             force: bool = False, args: CheckpointArgs | None = None,
+             custom_metadata: dict | None = None) -> bool:
+        """Saves ``step`` (returns once staged); True when a save was started. (Orbax's
+        parameters, in its order; its older ``save(step, items)`` too: see
+        AsyncCheckpointManager.save.)"""
         fut = self._rt.call(self.async_manager.save, step, args=args, metrics=metrics,
-                            force=force, custom_metadata=custom_metadata)
+                            force=force, custom_metadata=custom_metadata, items=items,
+                            save_kwargs=save_kwargs)
         if fut is not None:
             self._saver.saved()
         return fut is not None
@@ -52,10 +62,11 @@ class CheckpointManager:
         """The completion future of ``step``'s commit: ``.result()``, ``add_done_callback``."""
         return self.async_manager.commit_future(step)
 
-    def restore(self, step: int | None = None, args: CheckpointArgs | None = None,
-                directory: Any = None) -> Any:
+    def restore(self, step: int | None = None, items: Any = None, restore_kwargs: Any = None,
+                directory: Any = None, args: CheckpointArgs | None = None) -> Any:
         self._saver.waits(self.async_manager)  # (a restore of a step in flight waits for its commit)
-        return self._rt.call(self.async_manager.restore, step, args, directory)
+        return self._rt.call(self.async_manager.restore, step, items=items,
+                             restore_kwargs=restore_kwargs, directory=directory, args=args)
 
     def item_metadata(self, step: int) -> Any:
         return self._rt.call(self.async_manager.item_metadata, step)
