@@ -209,9 +209,11 @@ class StoredArray:
 
 async def write_array(
     ctx: ts.Context, item_dir: AnyPath, arr: StoredArray, *, compress: bool = False,
-    file_size: int = TARGET_DATA_FILE_SIZE,
+    file_size: int = TARGET_DATA_FILE_SIZE, use_ocdbt: bool = True,
 ) -> None:
-    spec = array_spec(item_dir, arr.name, write=True, file_size=file_size)
+    """Writes ``arr`` into the item's OCDBT database (``use_ocdbt=False``: as a zarr array of
+    its own at ``item_dir / arr.name``)."""
+    spec = array_spec(item_dir, arr.name, write=True, file_size=file_size, use_ocdbt=use_ocdbt)
     spec["metadata"] = _zarr_metadata(arr.shape, arr.chunks, compress)
     spec["dtype"] = arr.dtype.name
     store = await ts.open(spec, create=True, open=True, context=ctx)

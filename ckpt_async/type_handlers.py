@@ -1,11 +1,40 @@
-"""Per-leaf save and restore options (Orbax's ``type_handlers`` names)."""
+"""Orbax's ``type_handlers``: per-leaf save and restore options, and the TypeHandler layer.
+
+ckpt_async's pytree handlers write and read the leaves they know (arrays, scalars, strings)
+themselves, in batches, and consult the registry for two things only:
+
+- a leaf of a type they do not know, or of a known type whose registered handler is not one
+  of the built-in ones below, is handed to that handler (``serialize`` when saved,
+  ``deserialize`` by the ``typestr`` it was saved under when restored, ``metadata`` for
+  ``item_metadata``), as Orbax's PyTreeCheckpointHandler does;
+- with :class:`SingleReplicaArrayHandler` registered for ``jax.Array``, arrays restored with
+  :class:`SingleReplicaArrayRestoreArgs` across processes are read by the processes of one
+  replica only and broadcast to the others (``handlers/pytree.py``).
+
+The built-in handlers also work on their own, for a custom handler that hands parts of its
+value to them: they write each value as a zarr array at ``info.path`` (Orbax's layout
+without OCDBT) and read one from there, or from the item's OCDBT database when
+``info.is_ocdbt_checkpoint``.
+"""
 
 from __future__ import annotations
 
+import abc
+import asyncio
+import copy
 import dataclasses
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
+import tensorstore as ts
+
+from . import _serialize as ser
+from ._paths import coerce
+from .metadata import ArrayMetadata, ScalarMetadata, StorageMetadata, StringMetadata
+from .multihost import current_roles
 
 
 @dataclasses.dataclass
@@ -72,4 +101,443 @@ def is_placeholder(value: Any) -> bool:
     return value is PLACEHOLDER
 
 
-__all__ = ["PLACEHOLDER", "ArrayRestoreArgs", "RestoreArgs", "SaveArgs", "is_placeholder"]
+@dataclasses.dataclass
+class SingleReplicaArrayRestoreArgs(ArrayRestoreArgs):
+    """Restore args of :class:`SingleReplicaArrayHandler`: ``sharding`` is the array's
+    sharding; ``single_replica_sharding`` (which Orbax has deprecated) is accepted and not
+    needed."""
+
+    single_replica_sharding: jax.sharding.Sharding | None = None
+
+
+
+log = logging.getLogger("ckpt_async")
+
+
+class ParamInfo:
+    """What a :class:`TypeHandler` is told about one leaf: its ``name`` (the leaf's key path
+    joined with dots), ``parent_dir`` (the item's directory) and ``path`` (``parent_dir /
+    name``, where a handler writes the leaf's own files), and the TensorStore context and
+    layout of the item."""
+
+    def __init__(self, *, name: str, parent_dir: Any, path: Any = None, keypath: Any = None,
+                 skip_deserialize: bool | None = None, byte_limiter: Any = None,
+                 device_host_byte_limiter: Any = None, is_ocdbt_checkpoint: bool | None = None,
+                 use_compression: bool | None = False, use_zarr3: bool | None = False,
+                 ocdbt_target_data_file_size: int | None = None,
+                 ts_context: ts.Context | None = None, value_typestr: str | None = None,
+                 enable_pinned_host_transfer: bool = False,
+                 raise_array_data_missing_error: bool = True, write_shape: Any = None,
+                 is_prioritized_key_fn: Any = None) -> None:
+        self.name = name
+        self.parent_dir = coerce(parent_dir)
+        self.path = coerce(path) if path is not None else self.parent_dir / name
+        self.keypath = keypath
+        self.skip_deserialize = skip_deserialize
+        self.byte_limiter = byte_limiter
+        self.device_host_byte_limiter = device_host_byte_limiter
+        self.is_ocdbt_checkpoint = is_ocdbt_checkpoint
+        self.use_compression = use_compression
+        self.use_zarr3 = use_zarr3
+        self.ocdbt_target_data_file_size = ocdbt_target_data_file_size
+        self.ts_context = ts_context
+        self.value_typestr = value_typestr
+        self.enable_pinned_host_transfer = enable_pinned_host_transfer
+        self.raise_array_data_missing_error = raise_array_data_missing_error
+        self.write_shape = write_shape
+        self.is_prioritized_key_fn = is_prioritized_key_fn
+
+    def replace(self, **kwargs: Any) -> ParamInfo:
+        new = copy.copy(self)
+        for k, v in kwargs.items():
+            setattr(new, k, v)
+        return new
+
+    async def await_path_creation(self) -> None:
+        """(Orbax's; ckpt_async creates the item directory before any handler runs.)"""
+
+    def __repr__(self) -> str:
+        return f"ParamInfo(name={self.name!r}, parent_dir={str(self.parent_dir)!r})"
+
+
+class TypeHandler(abc.ABC):
+    """Writes and reads one kind of pytree leaf (Orbax's interface).
+
+    ``serialize`` may return futures (anything with ``result()``) for work it leaves running;
+    the save waits for them in a thread before it commits. Whatever a handler writes under
+    ``info.parent_dir`` is committed, or dropped, with the rest of the step."""
+
+    @abc.abstractmethod
+    def typestr(self) -> str:
+        """The name leaves of this kind are saved under (``_METADATA``'s ``value_type``)."""
+
+    @abc.abstractmethod
+    async def metadata(self, infos: Sequence[ParamInfo]) -> Sequence[Any]:
+        """The metadata of each stored leaf."""
+
+    @abc.abstractmethod
+    async def serialize(self, values: Sequence[Any], infos: Sequence[ParamInfo],
+                        args: Sequence[SaveArgs] | None = None) -> Sequence[Any]:
+        """Writes each value; returns futures of work still running, if any."""
+
+    @abc.abstractmethod
+    async def deserialize(self, infos: Sequence[ParamInfo],
+                          args: Sequence[RestoreArgs] | None = None) -> Sequence[Any]:
+        """Reads each value."""
+
+    def finalize(self, directory: Any) -> None:  # noqa: B027 - optional, as in Orbax
+        """Orbax's hook; its pytree handlers do not call it, nor do ckpt_async's."""
+
+    def memory_size(self, values: Sequence[Any]) -> Sequence[tuple[int, int]]:
+        """(write, read) bytes each value takes in host memory."""
+        sizes = [int(getattr(v, "nbytes", 0)) for v in values]
+        return [(n, n) for n in sizes]
+
+
+def _check_lengths(infos: Sequence[ParamInfo], *others: Sequence[Any] | None) -> None:
+    if not infos:
+        raise ValueError("Cannot pass TypeHandler input of length 0.")
+    for o in others:
+        if o is not None and len(o) != len(infos):
+            raise ValueError("Found input args with mismatched lengths.")
+
+
+def _context(info: ParamInfo) -> ts.Context:
+    return info.ts_context if info.ts_context is not None else ser.new_context()
+
+
+class _ArrayLike(TypeHandler):
+    """The built-in handlers of arrays and scalars, used on their own (see the module)."""
+
+    _typestr = ""
+
+    def typestr(self) -> str:
+        return self._typestr
+
+    def _writes_here(self, value: Any) -> bool:
+        """Whether this process writes ``value`` (a sharded jax.Array: its replica-0 shards
+        on every process; anything else: the primary process only)."""
+        return True
+
+    async def serialize(self, values: Sequence[Any], infos: Sequence[ParamInfo],
+                        args: Sequence[SaveArgs] | None = None) -> Sequence[Any]:
+        _check_lengths(infos, values, args)
+        primary = current_roles().is_primary
+        for i, (value, info) in enumerate(zip(values, infos, strict=True)):
+            arg = args[i] if args is not None else None
+            cast = np.dtype(arg.dtype) if arg is not None and arg.dtype is not None else None
+            if isinstance(value, jax.Array) and not value.is_fully_addressable:
+                shards = tuple((s.index, np.asarray(s.data)) for s in value.addressable_shards
+                               if s.replica_id == 0)
+                chunks = tuple(ser.shard_shape(value.sharding, value.shape))
+                shape, dtype = tuple(value.shape), np.dtype(value.dtype)
+            else:
+                if not primary:
+                    continue
+                host = np.asarray(value)
+                shape, dtype = host.shape, host.dtype
+                shards = ((ser.full_index(host.ndim), host),)
+                chunks = shape
+            if cast is not None:
+                shards = tuple((idx, a.astype(cast)) for idx, a in shards)
+                dtype = cast
+            stored = ser.StoredArray(info.name, shape, dtype, chunks, shards)
+            await ser.write_array(_context(info), info.parent_dir, stored, use_ocdbt=False,
+                                  compress=bool(info.use_compression))
+        return []
+
+    async def _read(self, info: ParamInfo) -> np.ndarray:
+        return await ser.read_array(_context(info), info.parent_dir, info.name,
+                                    use_ocdbt=bool(info.is_ocdbt_checkpoint),
+                                    use_zarr3=bool(info.use_zarr3))
+
+    async def deserialize(self, infos: Sequence[ParamInfo],
+                          args: Sequence[RestoreArgs] | None = None) -> Sequence[Any]:
+        _check_lengths(infos, args)
+        arrays = await asyncio.gather(*(self._read(info) for info in infos))
+        out = []
+        for i, arr in enumerate(arrays):
+            arg = args[i] if args is not None else None
+            if arg is not None and arg.dtype is not None:
+                arr = arr.astype(arg.dtype)
+            out.append(self._restored(arr, arg))
+        return out
+
+    def _restored(self, arr: np.ndarray, arg: RestoreArgs | None) -> Any:
+        return arr
+
+    async def metadata(self, infos: Sequence[ParamInfo]) -> Sequence[Any]:
+        _check_lengths(infos)
+
+        async def one(info: ParamInfo) -> Any:
+            shape, dtype, chunks = await ser.read_shape_dtype(
+                _context(info), info.parent_dir, info.name,
+                use_ocdbt=bool(info.is_ocdbt_checkpoint), use_zarr3=bool(info.use_zarr3))
+            kind = ScalarMetadata if self._typestr == "scalar" else ArrayMetadata
+            return kind(info.name, info.parent_dir, shape, None, dtype, StorageMetadata(chunks))
+
+        return await asyncio.gather(*(one(i) for i in infos))
+
+
+class NumpyHandler(_ArrayLike):
+    """NumPy arrays (Orbax's ``np.ndarray`` handler)."""
+
+    _typestr = "np.ndarray"
+
+    def __init__(self, metadata_key: str | None = None, ocdbt_process_id: str | None = None,
+                 deepcopy_host_arrays: bool = True) -> None:
+        self.metadata_key = metadata_key
+        self.ocdbt_process_id = ocdbt_process_id
+        self.deepcopy_host_arrays = deepcopy_host_arrays
+
+
+class ScalarHandler(NumpyHandler):
+    """Python and NumPy scalars."""
+
+    _typestr = "scalar"
+
+    def _restored(self, arr: np.ndarray, arg: RestoreArgs | None) -> Any:
+        rtype = getattr(arg, "restore_type", None)
+        if isinstance(rtype, type) and (rtype in (int, float, bool, complex)
+                                        or issubclass(rtype, np.generic)):
+            return rtype(arr.item())
+        return arr[()] if arr.ndim == 0 else arr
+
+
+class ArrayHandler(_ArrayLike):
+    """``jax.Array`` leaves. Restored with :class:`ArrayRestoreArgs` they are placed on its
+    sharding; ``primary_host``, ``replica_id`` and the replica-parallel options are Orbax's
+    and kept (ckpt_async writes the replica-0 shards of each array, from every process)."""
+
+    _typestr = "jax.Array"
+
+    def __init__(self, metadata_key: str | None = None, primary_host: int | None = 0,
+                 replica_id: int | None = 0, use_replica_parallel: bool | None = None,
+                 min_slice_bytes_for_replica_parallel: int | None = None,
+                 max_replicas_for_replica_parallel: int | None = None,
+                 enable_write_sharding_file: bool = True, array_metadata_store: Any = None,
+                 enable_replica_parallel_separate_folder: bool = False,
+                 dispatcher: Any = None, callback: Any = None) -> None:
+        self.metadata_key = metadata_key
+        self.primary_host = primary_host
+        self.replica_id = replica_id
+        self.use_replica_parallel = use_replica_parallel
+        self.min_slice_bytes_for_replica_parallel = min_slice_bytes_for_replica_parallel
+        self.max_replicas_for_replica_parallel = max_replicas_for_replica_parallel
+        self.enable_write_sharding_file = enable_write_sharding_file
+        self.array_metadata_store = array_metadata_store
+        self.enable_replica_parallel_separate_folder = enable_replica_parallel_separate_folder
+        if dispatcher is not None:
+            raise ValueError("ArrayHandler(dispatcher=...): Pathways dispatchers are not "
+                             "supported by ckpt_async")
+        self.callback = callback
+
+    def _restored(self, arr: np.ndarray, arg: RestoreArgs | None) -> Any:
+        if getattr(arg, "restore_type", None) is np.ndarray:
+            return arr
+        sharding = arg.resolved_sharding() if isinstance(arg, ArrayRestoreArgs) else None
+        if sharding is None:
+            return jax.device_put(arr)
+        return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+
+
+class SingleReplicaArrayHandler(ArrayHandler):
+    """Registered for ``jax.Array``: arrays restored with :class:`SingleReplicaArrayRestoreArgs`
+    onto a sharding that spans processes are read only by the processes of replica
+    ``primary_replica_id`` (the slice ``primary_replica_id`` of the mesh's axis
+    ``replica_axis_index``) and broadcast to the other replicas, at most
+    ``broadcast_memory_limit_bytes`` of arrays at a time (default: a fourth of the host's
+    memory times ``broadcast_memory_scaling_factor``). Saves are as :class:`ArrayHandler`'s."""
+
+    def __init__(self, replica_axis_index: int | None = 0, primary_replica_id: int | None = 0,
+                 broadcast_memory_limit_bytes: int | None = None,
+                 broadcast_memory_scaling_factor: float | None = 0.75, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.replica_axis_index = replica_axis_index or 0
+        self.primary_replica_id = primary_replica_id or 0
+        self.broadcast_memory_limit_bytes = broadcast_memory_limit_bytes
+        self.broadcast_memory_scaling_factor = broadcast_memory_scaling_factor
+
+
+class StringHandler(TypeHandler):
+    """Strings, each at its name's JSON pointer in ``filename`` of the item directory."""
+
+    def __init__(self, filename: str | None = None) -> None:
+        self._filename = filename or "_strings.json"
+
+    def typestr(self) -> str:
+        return "string"
+
+    def _spec(self, info: ParamInfo) -> dict[str, Any]:
+        kvstore = ser.kvstore_base(info.parent_dir)
+        return {"driver": "json", "kvstore": {**kvstore, "path": kvstore["path"] + self._filename},
+                "json_pointer": "/" + info.name}
+
+    async def serialize(self, values: Sequence[Any], infos: Sequence[ParamInfo],
+                        args: Sequence[SaveArgs] | None = None) -> Sequence[Any]:
+        _check_lengths(infos, values, args)
+        if current_roles().is_primary:
+            for value, info in zip(values, infos, strict=True):
+                store = await ts.open(self._spec(info), context=_context(info))
+                await store.write(value)
+        return []
+
+    async def deserialize(self, infos: Sequence[ParamInfo],
+                          args: Sequence[RestoreArgs] | None = None) -> Sequence[Any]:
+        _check_lengths(infos, args)
+
+        async def one(info: ParamInfo) -> Any:
+            store = await ts.open(self._spec(info), context=_context(info))
+            return (await store.read()).item()
+
+        return await asyncio.gather(*(one(i) for i in infos))
+
+    async def metadata(self, infos: Sequence[ParamInfo]) -> Sequence[Any]:
+        _check_lengths(infos)
+        return [StringMetadata(info.name, info.parent_dir) for info in infos]
+
+
+class PlaceholderHandler(TypeHandler):
+    """:data:`PLACEHOLDER` leaves: nothing is written, and they restore as themselves."""
+
+    def typestr(self) -> str:
+        return "placeholder"
+
+    async def serialize(self, values: Sequence[Any], infos: Sequence[ParamInfo],
+                        args: Sequence[SaveArgs] | None = None) -> Sequence[Any]:
+        return []
+
+    async def deserialize(self, infos: Sequence[ParamInfo],
+                          args: Sequence[RestoreArgs] | None = None) -> Sequence[Any]:
+        return [PLACEHOLDER] * len(infos)
+
+    async def metadata(self, infos: Sequence[ParamInfo]) -> Sequence[Any]:
+        return [PLACEHOLDER] * len(infos)
+
+
+#: Handlers whose leaves the pytree handlers write and read themselves.
+_BUILTIN_CLASSES = frozenset({NumpyHandler, ScalarHandler, ArrayHandler, SingleReplicaArrayHandler,
+                              StringHandler, PlaceholderHandler})
+_IO_METHODS = ("typestr", "serialize", "deserialize", "metadata")
+
+
+def is_builtin(handler: TypeHandler) -> bool:
+    """Whether ``handler`` is one of ckpt_async's built-in ones (a subclass that overrides how
+    values are written or read is not)."""
+    cls = type(handler)
+    base = next((b for b in cls.__mro__ if b in _BUILTIN_CLASSES), None)
+    return base is not None and all(getattr(cls, m) is getattr(base, m) for m in _IO_METHODS)
+
+
+class TypeHandlerRegistry:
+    """Type -> handler (the first entry whose test accepts the type wins), and typestr ->
+    handler."""
+
+    def __init__(self, *handlers: tuple[Any, TypeHandler]) -> None:
+        self._entries: list[tuple[Callable[[Any], bool], TypeHandler]] = []
+        self._by_typestr: dict[str, TypeHandler] = {}
+        self._custom: dict[type, TypeHandler | None] = {}  # (custom_handler's, per type)
+        #: whether any handler registered is not a built-in one (else saves need not ask)
+        self.has_custom = False
+        for ty, handler in handlers:
+            self.add(ty, handler, override=True, ignore_warnings=True)
+
+    def add(self, ty: Any, handler: TypeHandler, func: Callable[[Any], bool] | None = None,
+            override: bool = False, ignore_warnings: bool = False) -> None:
+        if not isinstance(handler, TypeHandler):
+            raise TypeError(f"register a TypeHandler for {ty!r}, not a {type(handler).__name__}")
+        if func is None:
+            def func(t: Any, ty: Any = ty) -> bool:
+                return isinstance(t, type) and issubclass(t, ty)
+        existing = next((i for i, (f, _h) in enumerate(self._entries) if f(ty)), None)
+        if existing is None:
+            if handler.typestr() in self._by_typestr and not override:
+                raise ValueError(f'Type "{ty}" has a `typestr` ("{handler.typestr()}") which '
+                                 "collides with that of an existing TypeHandler.")
+            self._entries.append((func, handler))
+        elif override:
+            if not ignore_warnings:
+                log.info("type handler registry: %s now handled by %s", ty, type(handler).__name__)
+            self._entries[existing] = (func, handler)
+        else:
+            raise ValueError(f'A TypeHandler for "{ty}" is already registered.')
+        self._by_typestr[handler.typestr()] = handler
+        self._custom.clear()
+        self.has_custom = not all(is_builtin(h) for _f, h in self._entries)
+
+    def get(self, ty: Any) -> TypeHandler:
+        if isinstance(ty, str):
+            if ty in self._by_typestr:
+                return self._by_typestr[ty]
+        else:
+            for func, handler in self._entries:
+                if func(ty):
+                    return handler
+        raise ValueError(f'Unknown type: "{ty}". Must register a TypeHandler.')
+
+    def has(self, ty: Any) -> bool:
+        try:
+            self.get(ty)
+        except ValueError:
+            return False
+        return True
+
+    def handler_for(self, ty: type) -> TypeHandler | None:
+        """The handler of ``ty``, or None."""
+        return next((h for func, h in self._entries if func(ty)), None)
+
+    def custom_handler(self, ty: type) -> TypeHandler | None:
+        """The handler of ``ty`` if one is registered and it is not a built-in one."""
+        try:
+            return self._custom[ty]
+        except KeyError:
+            pass
+        handler = self.handler_for(ty)
+        found = self._custom[ty] = None if handler is None or is_builtin(handler) else handler
+        return found
+
+
+_DEFAULT_TYPES: tuple[tuple[Any, Callable[[], TypeHandler]], ...] = (
+    (int, ScalarHandler), (float, ScalarHandler), (bytes, ScalarHandler),
+    (np.number, ScalarHandler), (np.ndarray, NumpyHandler), (jax.Array, ArrayHandler),
+    (str, StringHandler), (type(PLACEHOLDER), PlaceholderHandler))
+
+
+def create_type_handler_registry(*handlers: tuple[Any, TypeHandler]) -> TypeHandlerRegistry:
+    """A registry holding ``handlers`` only."""
+    return TypeHandlerRegistry(*handlers)
+
+
+GLOBAL_TYPE_HANDLER_REGISTRY = create_type_handler_registry(
+    *((ty, make()) for ty, make in _DEFAULT_TYPES))
+
+
+def register_type_handler(ty: Any, handler: TypeHandler,
+                          func: Callable[[Any], bool] | None = None,
+                          override: bool = False) -> None:
+    """Registers ``handler`` for ``ty`` (and its subclasses, or the types ``func`` accepts);
+    ``ValueError`` if one is registered already and not ``override``."""
+    GLOBAL_TYPE_HANDLER_REGISTRY.add(ty, handler, func, override)
+
+
+def get_type_handler(ty: Any) -> TypeHandler:
+    """The handler registered for ``ty`` (a type, or a typestr); ``ValueError`` if none."""
+    return GLOBAL_TYPE_HANDLER_REGISTRY.get(ty)
+
+
+def has_type_handler(ty: Any) -> bool:
+    return GLOBAL_TYPE_HANDLER_REGISTRY.has(ty)
+
+
+def supported_types() -> list[Any]:
+    """The types the default registry has handlers for."""
+    return [ty for ty, _make in _DEFAULT_TYPES]
+
+
+__all__ = [
+    "PLACEHOLDER", "ArrayHandler", "ArrayRestoreArgs", "NumpyHandler", "ParamInfo",
+    "PlaceholderHandler", "RestoreArgs", "SaveArgs", "ScalarHandler", "SingleReplicaArrayHandler",
+    "SingleReplicaArrayRestoreArgs", "StringHandler", "TypeHandler", "TypeHandlerRegistry",
+    "create_type_handler_registry", "get_type_handler", "has_type_handler", "is_placeholder",
+    "register_type_handler", "supported_types",
+]

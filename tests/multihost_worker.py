@@ -261,6 +261,78 @@ def scenario_main(cfg: dict, out: dict) -> None:
     out["checked"][f"orbax wrote {cfg['orbax_save']}"] = check_state(restored, mesh, True)
     scenario_restore_orbax(cfg, out)
     scenario_consistency(cfg, out)
+    scenario_single_replica(cfg, out)
+
+
+#: Arrays of the single-replica restores: bit patterns a float sum would not keep (-0.0, a NaN
+#: payload), and a complex one, which is read as any other array.
+def replica_arrays() -> dict[str, np.ndarray]:
+    f32 = np.random.default_rng(5).standard_normal((8, 6)).astype(np.float32)
+    f32[0, 0] = -0.0
+    f32.view(np.uint32)[0, 1] = 0x7FC0_1234  # (a NaN with a payload)
+    return {"f32": f32, "bf16": f32.astype(ml_dtypes.bfloat16), "i8": np.arange(48, dtype=np.int8)
+            .reshape(8, 6) - 20, "b": f32 > 0, "u16": f32.view(np.uint32).astype(np.uint16),
+            "c64": (f32 + 1j * f32[::-1]).astype(np.complex64)}
+
+
+def scenario_single_replica(cfg: dict, out: dict) -> None:
+    """SingleReplicaArrayHandler: the processes of one replica read, the others receive the
+    arrays by broadcast; returns the bytes each process read in each case."""
+    import ckpt_async as ocp
+    from ckpt_async import type_handlers as th
+
+    devices = np.array(jax.devices()).reshape(2, 2)  # row r: process r's two devices
+    saved = Mesh(devices, ("replica", "model"))
+    spec = P(None, "model")
+    data = replica_arrays()
+    path = cfg["single_replica"]
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(path, {k: jax.make_array_from_callback(v.shape, NamedSharding(saved, spec),
+                                                      lambda idx, v=v: v[idx])
+                      for k, v in data.items()})
+    ckptr.wait_until_finished()
+    # (case: mesh, replica axis, primary replica, broadcast memory limit): in the transposed
+    # mesh each replica has one device of each process, and both processes read.
+    cases = {"rows, replica 0": (devices, 0, 0, 100), "rows, replica 1": (devices, 0, 1, None),
+             "columns, global registry": (devices.T, 0, 0, None),
+             "replica axis 1": (devices.T, 1, 0, 1 << 20)}
+    out["single_replica"] = {"nbytes": {k: v.nbytes for k, v in data.items()}}
+    for case, (grid, axis, primary, limit) in cases.items():
+        names = ("model", "replica") if axis == 1 else ("replica", "model")
+        mesh = Mesh(grid, names)
+        handler = th.SingleReplicaArrayHandler(replica_axis_index=axis, primary_replica_id=primary,
+                                               broadcast_memory_limit_bytes=limit)
+        original = th.get_type_handler(jax.Array)
+        if "global" in case:  # (as MaxText does it)
+            th.register_type_handler(jax.Array, handler, override=True)
+            pytree = ocp.PyTreeCheckpointHandler()
+        else:
+            pytree = ocp.PyTreeCheckpointHandler(
+                type_handler_registry=th.create_type_handler_registry((jax.Array, handler)))
+        shardings = {k: NamedSharding(mesh, spec) for k in data}
+        args = {k: th.SingleReplicaArrayRestoreArgs(
+            sharding=shardings[k], global_shape=v.shape, dtype=v.dtype,
+            single_replica_sharding=NamedSharding(mesh, spec) if axis == 0 else None)
+            for k, v in data.items()}
+        read: list[int] = [0]
+
+        def count(event, read=read) -> None:
+            if event.kind == "restore":
+                read[0] = max(read[0], event.done_bytes)
+
+        with ocp.progress(count):
+            restored = ocp.Checkpointer(pytree).restore(path, args=ocp.args.PyTreeRestore(
+                item={k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in data.items()},
+                restore_args=args))
+        th.register_type_handler(jax.Array, original, override=True)
+        for k, v in data.items():
+            arr = restored[k]
+            assert arr.sharding == shardings[k] and arr.dtype == v.dtype, (case, k, arr.sharding)
+            for shard in arr.addressable_shards:
+                assert np.asarray(shard.data).tobytes() == np.ascontiguousarray(
+                    v[shard.index]).tobytes(), (case, k, shard.index)
+        out["single_replica"][case] = read[0]
+        barrier(f"single replica {case}")
 
 
 def scenario_consistency(cfg: dict, out: dict) -> None:

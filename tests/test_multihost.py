@@ -59,6 +59,7 @@ def runs(tmp_path_factory, s3_env):
         "save": [p["p2x2"], p["s3_p2x2"]],
         "manager": p["run"], "timeout_path": p["timeout"], "orbax_save": p["orbax2x2"],
         "orbax_restore": [p["p2x2"]], "consistency": str(wd / "consistency"),
+        "single_replica": str(wd / "single_replica"),
     }, wd)
     out["restore4x2"] = launch("restore", 4, 2, {
         **env, "restore": [p["p2x2"], p["s3_p2x2"], p["orbax2x2"]]}, wd)
@@ -129,6 +130,23 @@ def test_each_process_reads_and_checks_only_its_region(runs):
     kind, message = p1["damaged"]
     assert kind == "CorruptCheckpointError" and "fails its checksum" in message
     assert message.startswith(runs["paths"]["p2x2"] + ".damaged")
+
+
+def test_single_replica_restores_read_on_one_replica_and_broadcast(runs):
+    """SingleReplicaArrayHandler (MaxText's restore): only the primary replica's processes
+    read; the others get bit-exact arrays (-0.0 and a NaN payload kept) by broadcast. A
+    complex array is read by each process as any other array."""
+    p0, p1 = (r["single_replica"] for r in runs["main"])
+    nbytes = p0["nbytes"]
+    total, complex_ = sum(nbytes.values()), nbytes["c64"]
+    # Each replica is one process's devices: the primary's process reads every array, the
+    # other the complex one only.
+    for case in ("rows, replica 0", "replica axis 1"):
+        assert (p0[case], p1[case]) == (total, complex_), case
+    assert (p0["rows, replica 1"], p1["rows, replica 1"]) == (complex_, total)
+    # Each replica holds a device of each process: each process reads its device's half
+    # (and the half of the complex array its two devices hold).
+    assert p0["columns, global registry"] == p1["columns, global registry"] == total // 2
 
 
 def test_orbax_and_ckpt_async_read_each_others_multiprocess_checkpoints(runs):

@@ -13,6 +13,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -55,7 +56,18 @@ from ..metadata import (
     sharding_metadata_from_json,
 )
 from ..multihost import Roles, current_roles
-from ..type_handlers import PLACEHOLDER, ArrayRestoreArgs, RestoreArgs, SaveArgs
+from ..type_handlers import (
+    GLOBAL_TYPE_HANDLER_REGISTRY,
+    PLACEHOLDER,
+    ArrayRestoreArgs,
+    ParamInfo,
+    RestoreArgs,
+    SaveArgs,
+    SingleReplicaArrayHandler,
+    SingleReplicaArrayRestoreArgs,
+    TypeHandler,
+    TypeHandlerRegistry,
+)
 from .base import AsyncCheckpointHandler, Writer, engine_method
 
 _SCALAR_DTYPES = {bool: np.dtype(bool), int: np.dtype(np.int64), float: np.dtype(np.float64),
@@ -73,6 +85,7 @@ class _Planned:
     dtype: np.dtype | None
     scalar_tag: str | None = None
     key_impl: str | None = None  # a typed PRNG key's implementation (its key data is staged)
+    handler: TypeHandler | None = None  # a registered TypeHandler's leaf: it writes the leaf
 
 
 #: Exact array types and the kind of leaf they are (jax.Array implementations added as met):
@@ -81,10 +94,14 @@ _ARRAY_KINDS: dict[type, str] = {np.ndarray: "np.ndarray"}
 
 
 def _classify(leaf: _tree.Leaf, save_arg: SaveArgs | None, where: str,
-              numpy_scalar: str = "scalar") -> _Planned:
+              numpy_scalar: str = "scalar",
+              custom: Callable[[type], TypeHandler | None] | None = None) -> _Planned:
     """What ``leaf`` becomes; a NumPy scalar the ``numpy_scalar`` kind ("np.ndarray" in the
-    standard handler, as Orbax's; its tag still brings back its type here)."""
+    standard handler, as Orbax's; its tag still brings back its type here); ``custom`` gives
+    the TypeHandler that writes leaves of a type, if one is registered and not built in."""
     v = leaf.value
+    if custom is not None and (handler := custom(type(v))) is not None:
+        return _Planned(leaf, handler.typestr(), None, handler=handler)
     cast = np.dtype(save_arg.dtype) if save_arg is not None and save_arg.dtype is not None else None
     if isinstance(v, jax.Array) and jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key):
         # A typed PRNG key: its key data is stored, and its implementation recorded, as Orbax
@@ -121,7 +138,8 @@ def _classify(leaf: _tree.Leaf, save_arg: SaveArgs | None, where: str,
         return _Planned(leaf, "string", None)
     raise UnsupportedLeafError(
         f"{where}: leaf {leaf.name!r} is a {type(v).__module__}.{type(v).__qualname__}; supported "
-        "leaves are jax.Array, np.ndarray, Python and NumPy scalars, strings and None"
+        "leaves are jax.Array, np.ndarray, Python and NumPy scalars, strings and None, and types "
+        "with a TypeHandler registered (ocp.type_handlers.register_type_handler)"
     )
 
 
@@ -137,6 +155,45 @@ def _save_args_by_name(save_args: Any, where: str) -> dict[str, SaveArgs]:
         return {}
     pairs, _ = _tree.target_leaves(save_args)
     return {name: a for _k, name, a in pairs if isinstance(a, SaveArgs)}
+
+
+#: The key of ``_METADATA``'s ckpt_async extension naming the leaves TypeHandlers wrote.
+TYPE_HANDLED = "type_handlers"
+
+
+def _by_handler(items: Iterable[tuple[Any, Any]]) -> list[tuple[TypeHandler, list[Any]]]:
+    groups: dict[int, tuple[TypeHandler, list[Any]]] = {}
+    for handler, item in items:
+        groups.setdefault(id(handler), (handler, []))[1].append(item)
+    return list(groups.values())
+
+
+def _failed(exc: BaseException, handler: TypeHandler, what: str, where: str,
+            names: list[str]) -> BaseException:
+    shown = ", ".join(map(repr, names[:5])) + (" ..." if len(names) > 5 else "")
+    exc.add_note(f"{where}: {type(handler).__name__}.{what} failed on leaves {shown}")
+    return exc
+
+
+async def _serialize_custom(planned: list[_Planned], directory: AnyPath,
+                            save_args: Any) -> list[Any]:
+    """Has each registered TypeHandler write its leaves (all of its leaves in one call, as
+    Orbax does); returns the futures they left running."""
+    by_name = _save_args_by_name(save_args, str(directory))
+    ctx = ser.new_context()
+    running: list[Any] = []
+    for handler, group in _by_handler((p.handler, p) for p in planned):
+        names = [p.leaf.name for p in group]
+        infos = [ParamInfo(name=p.leaf.name, parent_dir=directory, keypath=tuple(p.leaf.keys),
+                           is_ocdbt_checkpoint=False, ts_context=ctx, value_typestr=p.value_type)
+                 for p in group]
+        try:
+            running.extend(await handler.serialize(
+                [p.leaf.value for p in group], infos,
+                [by_name.get(n) or SaveArgs() for n in names]) or ())
+        except Exception as exc:
+            raise _failed(exc, handler, "serialize", str(directory), names) from None
+    return running
 
 
 #: The other arguments of Orbax's PyTreeCheckpointHandler and StandardCheckpointHandler.
@@ -180,6 +237,13 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         # flight together, not of each save alone.
         self._budget = ByteBudget(host_memory_budget_bytes)
         self._compress = use_compression
+        self._type_registry: TypeHandlerRegistry | None = orbax_options.get(
+            "type_handler_registry")
+
+    @property
+    def type_registry(self) -> TypeHandlerRegistry:
+        """The TypeHandler registry this handler consults (its own, else the global one)."""
+        return self._type_registry or GLOBAL_TYPE_HANDLER_REGISTRY
 
     # -- save -----------------------------------------------------------------------------------
     def plan(self, item: Any, save_args: Any, where: str) -> tuple[list[_Planned], Any]:
@@ -189,10 +253,11 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         leaves, skeleton = _tree.flatten(item)
         by_name = _save_args_by_name(save_args, where)
         kind = "np.ndarray" if self._numpy_scalars_as_arrays else "scalar"
-        planned = [_classify(leaf, by_name.get(leaf.name), where, kind) for leaf in leaves]
+        custom = self.type_registry.custom_handler if self.type_registry.has_custom else None
+        planned = [_classify(leaf, by_name.get(leaf.name), where, kind, custom) for leaf in leaves]
         if not self._allow_strings:
             for p in planned:
-                if p.value_type == "string":
+                if p.value_type == "string" and p.handler is None:
                     raise UnsupportedLeafError(
                         f"{where}: leaf {p.leaf.name!r} is a string; StandardSave takes arrays and"
                         " scalars (use PyTreeSave for strings)"
@@ -204,7 +269,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         if getattr(args, "partial_update", False):
             raise InvalidArgumentError(f"{where}: PyTreeSave(partial_update=True) is not supported")
         planned, skeleton = self.plan(args.item, args.save_args, where)
-        strings = {p.leaf.name: p.leaf.value for p in planned if p.value_type == "string"}
+        strings = {p.leaf.name: p.leaf.value for p in planned
+                   if p.value_type == "string" and p.handler is None}
         try:
             strings_doc = fmt.encode(fmt.strings_document(strings)) if strings else None
         except ValueError as exc:
@@ -213,11 +279,15 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         if roles.multi and roles.is_primary:
             _refuse_arrays_of_another_process_only(planned, roles, where)
         await storage.makedirs(directory)
+        # Leaves of registered TypeHandlers are written by them, now (Orbax's contract: a
+        # handler copies what it needs before it returns, and may leave futures running).
+        custom = [p for p in planned if p.handler is not None]
+        running = await _serialize_custom(custom, directory, args.save_args) if custom else []
         # With several processes each writes the shards it owns (replica 0) into its own OCDBT
         # database, as Orbax does; arrays held whole by every process (NumPy, scalars, jax
         # arrays on this process's devices only) are written once, by the primary.
         to_stage = [(p.leaf.value, p.leaf.name, p.dtype) for p in planned
-                    if p.value_type in ("jax.Array", "np.ndarray", "scalar")
+                    if p.value_type in _STORED and p.handler is None
                     and (roles.is_primary or (p.value_type == "jax.Array"
                                               and not p.leaf.value.is_fully_addressable))]
         # Under a memory budget every array TensorStore writes takes its kvstore path (as every
@@ -270,6 +340,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
             building = asyncio.ensure_future(build_documents())
             try:
                 await asyncio.gather(*tasks)
+                for future in running:  # (a TypeHandler's own writes)
+                    await asyncio.to_thread(future.result)
                 await writer.finish()
                 docs = await building
             except BaseException:
@@ -299,11 +371,14 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         array_metas: list[fmt.ArrayMetadataWrapper] = []
         scalars: dict[str, str] = {}
         random_keys: dict[str, str] = {}
+        handled: dict[str, str] = {}  # leaves a TypeHandler wrote: name -> its typestr
         key_entry, tree_entry, value_meta = fmt.KeyEntry, fmt.TreeEntry, fmt.ValueMetadata
         for p in planned:
             leaf = p.leaf
             write_shape = None
-            if p.value_type == "jax.Array":
+            if p.handler is not None:
+                handled[leaf.name] = p.value_type
+            elif p.value_type == "jax.Array":
                 v = leaf.value
                 sharding = v.sharding
                 write_shape = ser.shard_shape(sharding, v.shape)
@@ -325,7 +400,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         tree_doc = fmt.TreeMetadata(
             entries, custom_metadata=custom,
             ckpt_async={"version": STRINGS_AT_POINTERS, "skeleton": skeleton,
-                        "scalars": scalars, **({"random_keys": random_keys} if random_keys else {})})
+                        "scalars": scalars, **({"random_keys": random_keys} if random_keys else {}),
+                        **({TYPE_HANDLED: handled} if handled else {})})
         docs = {f"{fmt.ARRAY_METADATAS}/process_{roles.index}":
                 fmt.encode(fmt.ArrayMetadatas(array_metas))}
         if not roles.is_primary:
@@ -389,7 +465,7 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         # Orbax does), and the target may name a part of the checkpoint (which Orbax refuses).
         loose = isinstance(args, StandardRestore) and not args.strict
         partial = bool(getattr(args, "partial_restore", False)) or loose or by_name
-        reader = _Reader(directory, tree_doc, shardings, strings, sums)
+        reader = _Reader(directory, tree_doc, shardings, strings, sums, self.type_registry)
         if tree_doc.ckpt_async is None:  # (Orbax's: its typed PRNG keys are in array_metadatas)
             reader.random_keys = await _random_keys_of(directory)
         if target is None and restore_args is None:
@@ -404,7 +480,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
     async def metadata(self, directory: AnyPath) -> TreeMetadata:
         directory = coerce(directory)
         tree_doc, shardings, _, sums = await self.read_documents(directory)
-        return await _Reader(directory, tree_doc, shardings, {}, sums).metadata()
+        return await _Reader(directory, tree_doc, shardings, {}, sums,
+                             self.type_registry).metadata()
 
 
 class StandardCheckpointHandler(PyTreeCheckpointHandler):
@@ -687,14 +764,137 @@ STRINGS_AT_POINTERS = 2
 
 #: Value types whose values are stored arrays.
 _STORED = frozenset({"jax.Array", "np.ndarray", "scalar"})
+#: The value types ckpt_async reads itself (any other was written by a TypeHandler).
+_BUILT_IN_TYPES = _STORED | {"string"} | set(_tree.EMPTY_TYPES)
+
+
+#: Unsigned integers of each width: arrays are broadcast as their bits, which a sum with
+#: zeros leaves exact (a float sum would turn -0.0 into 0.0).
+_BITS: dict[int, np.dtype] = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32),
+         8: np.dtype(np.uint64)}
+
+
+@dataclass(frozen=True, slots=True)
+class _ReplicaPlan:
+    """How an array sharded as ``target`` is broadcast from one replica: ``stacked`` shards
+    an array of the replicas stacked on a new first axis, one per replica."""
+
+    target: jax.sharding.NamedSharding
+    stacked: jax.sharding.NamedSharding
+    replicas: int
+    primary: int
+
+
+def _replica_plan(sharding: jax.sharding.Sharding,
+                  handler: SingleReplicaArrayHandler) -> _ReplicaPlan | None:
+    """The broadcast of an array sharded as ``sharding`` from replica
+    ``handler.primary_replica_id`` of its mesh's axis ``handler.replica_axis_index``; None
+    where there is nothing to broadcast (no such axis, one replica, or the array split over
+    it), and the array is read as any other."""
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return None
+    mesh = sharding.mesh
+    axis = handler.replica_axis_index
+    if not 0 <= axis < len(mesh.axis_names) or mesh.devices.shape[axis] < 2:
+        return None
+    name = mesh.axis_names[axis]
+    used = {a for part in sharding.spec if part is not None
+            for a in (part if isinstance(part, tuple) else (part,))}
+    if name in used or not 0 <= handler.primary_replica_id < mesh.devices.shape[axis]:
+        return None
+    stacked = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(name, *sharding.spec))
+    return _ReplicaPlan(sharding, stacked, mesh.devices.shape[axis], handler.primary_replica_id)
+
+
+@dataclass(slots=True, eq=False)
+class _Broadcast:
+    """An array read on the primary replica, to be broadcast (:func:`_broadcast`)."""
+
+    stacked: jax.Array
+    dtype: np.dtype
+    target: jax.sharding.NamedSharding
+    nbytes: int  # (the array's, once broadcast)
+
+
+def _broadcastable(dtype: np.dtype) -> bool:
+    """Whether arrays of ``dtype`` are broadcast as their bits (an unsigned integer as wide;
+    8 bytes wide only with jax's 64-bit types enabled)."""
+    if dtype == np.dtype(bool):
+        return True
+    if dtype.itemsize == 8 and not jax.config.read("jax_enable_x64"):
+        return False
+    for kind, info in ((np.integer, jax.numpy.iinfo), (np.inexact, jax.numpy.finfo)):
+        if jax.dtypes.issubdtype(dtype, kind) and not jax.dtypes.issubdtype(
+                dtype, np.complexfloating):
+            return dtype.itemsize in _BITS and info(dtype).bits == 8 * dtype.itemsize
+    return False
+
+
+@functools.lru_cache(maxsize=64)
+def _merge(dtypes: tuple[np.dtype, ...], targets: tuple[jax.sharding.Sharding, ...]) -> Any:
+    """A program summing each stacked array over its replicas (the primary's bits, zeros
+    elsewhere), back in its dtype, on its target sharding."""
+    def merge(*stacked: jax.Array) -> tuple[jax.Array, ...]:
+        out = []
+        for x, dtype in zip(stacked, dtypes, strict=True):
+            bits = x.sum(axis=0, dtype=x.dtype)
+            out.append(bits.astype(bool) if dtype == np.dtype(bool)
+                       else jax.lax.bitcast_convert_type(bits, dtype))
+        return tuple(out)
+
+    return jax.jit(merge, out_shardings=targets)
+
+
+def _broadcast_limit(handler: SingleReplicaArrayHandler) -> float:
+    """Bytes of arrays broadcast at a time: the handler's limit, else the scaling factor's
+    part of the free memory of the least free local device (unbounded where jax does not
+    tell it, as on CPU)."""
+    if handler.broadcast_memory_limit_bytes is not None:
+        return handler.broadcast_memory_limit_bytes
+    free = []
+    for device in jax.local_devices():
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        if stats and "bytes_limit" in stats:
+            free.append(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    return min(free) * (handler.broadcast_memory_scaling_factor or 0.75) if free else math.inf
+
+
+async def _broadcast(values: list[Any], handler: SingleReplicaArrayHandler) -> None:
+    """Replaces each :class:`_Broadcast` in ``values`` with its array on every replica: in
+    order (every process runs the same programs, in the same order) and in groups of at most
+    the handler's memory limit, each stacked array let go as soon as it is summed."""
+    idx = [i for i, v in enumerate(values) if type(v) is _Broadcast]
+    limit = _broadcast_limit(handler)
+    while idx:
+        group: list[int] = []
+        size = 0
+        while idx and (not group or size + values[idx[0]].nbytes <= limit):
+            size += values[idx[0]].nbytes
+            group.append(idx.pop(0))
+        todo = [values[i] for i in group]
+        for i in group:
+            values[i] = None
+
+        def run(todo: list[_Broadcast] = todo) -> tuple[jax.Array, ...]:
+            program = _merge(tuple(b.dtype for b in todo), tuple(b.target for b in todo))
+            out = program(*(b.stacked for b in todo))
+            for b in todo:
+                b.stacked.delete()
+            todo.clear()
+            return jax.block_until_ready(out)
+
+        for i, arr in zip(group, await asyncio.to_thread(run), strict=True):
+            values[i] = arr
 
 
 class _Reader:
     """Restores one pytree item from its decoded documents."""
 
     def __init__(self, directory: AnyPath, doc: fmt.TreeMetadata, shardings: dict[str, str],
-                 strings: dict[str, Any], sums: _integrity.Checksums | None = None) -> None:
+                 strings: dict[str, Any], sums: _integrity.Checksums | None = None,
+                 registry: TypeHandlerRegistry = GLOBAL_TYPE_HANDLER_REGISTRY) -> None:
         self.dir = directory
+        self.registry = registry
         self.sums = sums
         self.tracker = Tracker("restore", directory, None)
         self._prefetched: dict[str, np.ndarray] = {}
@@ -714,6 +914,11 @@ class _Reader:
         self._strict = True  # (restore_into's)
         # name -> (tuple key, entry), in the order they were stored
         self.by_key = {k: e for k, e in doc.tree_metadata.items()}
+        #: leaves a TypeHandler wrote (name -> typestr): ckpt_async's list, or in a checkpoint
+        #: of Orbax's every leaf of a value type not built in
+        self.handled: dict[str, str] = dict(ext.get(TYPE_HANDLED, {})) if ext else {
+            self._name(e): vt for e in doc.tree_metadata.values()
+            if (vt := e.value_metadata.value_type) not in _BUILT_IN_TYPES}
 
     @property
     def ctx(self) -> ts.Context:
@@ -792,6 +997,8 @@ class _Reader:
         """The value of ``entry`` as it was saved, or a coroutine that reads it."""
         vt = entry.value_metadata.value_type
         name = self._name(entry)
+        if self.handled and name in self.handled:
+            return self._read_handled(name, vt, None)
         if vt in _tree.EMPTY_TYPES:
             return self._empty(vt, name)
         if vt == "string":
@@ -862,7 +1069,8 @@ class _Reader:
     def _stored_arrays(self, named: Iterable[tuple[str, str]]) -> list[str]:
         """The names among ``named`` ((key, name) pairs) whose values are stored arrays."""
         return [name for key, name in named
-                if self.by_key[key].value_metadata.value_type in _STORED]
+                if self.by_key[key].value_metadata.value_type in _STORED
+                and name not in self.handled]
 
     async def restore_as_saved(self) -> Any:
         self.items.start_index()  # (read while the shardings are decoded)
@@ -936,6 +1144,7 @@ class _Reader:
 
         spread = {k: sh for k, _n, leaf in pairs if k in self.by_key and (sh := _target_sharding(
             None if structure_only else leaf, rargs.get(k))) is not None and spans(sh)}
+        array_handler = self.registry.handler_for(jax.Array) if spread else None
         await self.prefetch(self._stored_arrays((k, n) for k, n, _leaf in pairs if k in self.by_key
                                                 and k not in spread and k not in skipped))
 
@@ -946,6 +1155,9 @@ class _Reader:
             if entry is None:  # (partial: not in the checkpoint)
                 return tleaf
             vt = entry.value_metadata.value_type
+            if self.handled and name in self.handled:
+                rarg = rargs.get(key, tleaf if isinstance(tleaf, RestoreArgs) else None)
+                return self._read_handled(name, vt, rarg)
             if vt in _tree.EMPTY_TYPES:
                 return tleaf if tleaf is not None or vt == "None" else self._empty(vt, name)
             if vt == "string":
@@ -956,6 +1168,10 @@ class _Reader:
                     return self._value_as_saved(entry)
                 tleaf = None
             if key in spread:
+                if isinstance(rarg, SingleReplicaArrayRestoreArgs) and isinstance(
+                        array_handler, SingleReplicaArrayHandler) and (plan := _replica_plan(
+                            spread[key], array_handler)) is not None:
+                    return self._read_replica(name, tleaf, rarg, plan)
                 return self._read_spread(name, tleaf, rarg, spread[key])
             arr = self._prefetched.pop(name, None)
             if arr is not None:
@@ -963,6 +1179,8 @@ class _Reader:
             return self._read_placed(name, tleaf, rarg, vt)
 
         values = await self._resolve(one, pairs)
+        if isinstance(array_handler, SingleReplicaArrayHandler):
+            await _broadcast(values, array_handler)
         for i, impl in rekey.items():
             values[i] = jax.random.wrap_key_data(values[i], impl=impl)
         return rebuild(values)
@@ -972,6 +1190,47 @@ class _Reader:
         """The global array ``sharding`` describes, from the stored region this process's
         devices hold (widened to whole chunks, so that every chunk read is checked); in the
         shape the restore asks for (cut or padded with zeros when not ``strict``)."""
+        def devices_of(shape: tuple[int, ...]) -> list[tuple[slice, ...] | None]:
+            return list(sharding.addressable_devices_indices_map(shape).values())
+
+        shape, local = await self._read_region(name, tleaf, rarg, devices_of)
+        return jax.make_array_from_callback(shape, sharding, local)
+
+    async def _read_replica(self, name: str, tleaf: Any, rarg: Any,
+                            plan: _ReplicaPlan) -> _Broadcast | jax.Array:
+        """Array ``name`` read by the processes of the primary replica only, as the stacked
+        array :func:`_broadcast` sums over the replicas (zeros in the others); an array of a
+        dtype not broadcast so (complex, sub-byte) is read as any other."""
+        dtype = np.dtype(getattr(rarg, "dtype", None) or getattr(tleaf, "dtype", None)
+                         or (await ser.read_shape_dtype(
+                             self.ctx, self.dir, name, use_ocdbt=self.doc.use_ocdbt,
+                             use_zarr3=self.doc.use_zarr3))[1])
+        if not _broadcastable(dtype):
+            return await self._read_spread(name, tleaf, rarg, plan.target)
+
+        def primary_devices(shape: tuple[int, ...]) -> list[tuple[slice, ...] | None]:
+            return [idx[1:] for idx in plan.stacked.addressable_devices_indices_map(
+                (plan.replicas, *shape)).values() if idx and (idx[0].start or 0) == plan.primary]
+
+        shape, local = await self._read_region(name, tleaf, rarg, primary_devices)
+        bits = _BITS[dtype.itemsize]
+
+        def piece(index: tuple[slice, ...] | None) -> np.ndarray:
+            assert index is not None  # (the stacked array is split over its first axis)
+            if (index[0].start or 0) == plan.primary:
+                return np.ascontiguousarray(local(index[1:])).view(bits)[None]
+            return np.zeros([len(range(*s.indices(n))) for s, n in
+                             zip(index, (plan.replicas, *shape), strict=True)], bits)
+
+        stacked = jax.make_array_from_callback((plan.replicas, *shape), plan.stacked, piece)
+        return _Broadcast(stacked, dtype, plan.target, math.prod(shape) * dtype.itemsize)
+
+    async def _read_region(self, name: str, tleaf: Any, rarg: Any, devices_of: Callable[
+            [tuple[int, ...]], list[tuple[slice, ...] | None]]) -> tuple[
+            tuple[int, ...], Callable[[tuple[slice, ...] | None], np.ndarray]]:
+        """The shape the restore of ``name`` asks for, and a function giving the part of it
+        at an index, for each index in ``devices_of(shape)``: the region they cover is read
+        at once (nothing, if none)."""
         store = await ser.open_array(self.ctx, self.dir, name, use_ocdbt=self.doc.use_ocdbt,
                                      use_zarr3=self.doc.use_zarr3)
         stored = tuple(store.shape)
@@ -981,12 +1240,16 @@ class _Reader:
         shape = stored if wanted is None else wanted
         entry = self.sums.arrays.get(name) if self.sums is not None else None
         chunks = tuple(entry.chunks) if entry is not None else (1,) * len(shape)
+        dtype = getattr(rarg, "dtype", None) or getattr(tleaf, "dtype", None)
+
         def bounds(index: tuple[slice, ...] | None) -> list[tuple[int, int, int]]:
             index = index or tuple(slice(None) for _ in shape)
             return [s.indices(n) for s, n in zip(index, shape, strict=True)]
 
-        indices = [[slice(a, z) for a, z, _ in bounds(idx)]
-                   for idx in sharding.addressable_devices_indices_map(shape).values()]
+        indices = [[slice(a, z) for a, z, _ in bounds(idx)] for idx in devices_of(shape)]
+        if not indices:
+            return shape, lambda index: np.zeros(  # (nothing of this process's to read)
+                [z - a for a, z, _ in bounds(index)], dtype or store.dtype.numpy_dtype)
         box = tuple(
             slice(min(n, min(i[d].start for i in indices) // c * c),
                   min(n, -(-max(i[d].stop for i in indices) // c) * c))
@@ -999,7 +1262,6 @@ class _Reader:
         await _integrity.check_array(self.dir, name, region, self.sums,
                                      origin=tuple(b.start for b in box))
         self.tracker.add(region.nbytes)
-        dtype = getattr(rarg, "dtype", None) or getattr(tleaf, "dtype", None)
         if dtype is not None:
             region = region.astype(dtype, copy=False)
 
@@ -1009,7 +1271,7 @@ class _Reader:
                                  for (a, z, _), b, n in zip(want, box, stored, strict=True))]
             return _fit(piece, tuple(z - a for a, z, _ in want))  # (past the stored end: 0)
 
-        return jax.make_array_from_callback(shape, sharding, local)
+        return shape, local
 
     def _place(self, name: str, arr: np.ndarray, tleaf: Any, rarg: Any, vt: str) -> Any:
         """Casts and places one restored array as the target leaf (or restore arg) asks (a
@@ -1056,12 +1318,46 @@ class _Reader:
             return _put(arr, None)
         return arr
 
+    def _param(self, name: str, vt: str) -> tuple[TypeHandler, ParamInfo]:
+        """The TypeHandler that wrote leaf ``name`` (found by its typestr ``vt``), and what it
+        is told of the leaf."""
+        try:
+            handler = self.registry.get(vt)
+        except ValueError:
+            raise UnsupportedLeafError(
+                f"{self.dir}: leaf {name!r} was saved by a TypeHandler of typestr {vt!r}, and none "
+                "is registered for it (ocp.type_handlers.register_type_handler)") from None
+        # (what Orbax's own handlers wrote is in the item's OCDBT database; ckpt_async's
+        # built-in handlers, called by another, write zarr arrays of their own)
+        info = ParamInfo(name=name, parent_dir=self.dir, ts_context=self.ctx, value_typestr=vt,
+                         is_ocdbt_checkpoint=self.doc.use_ocdbt and self.doc.ckpt_async is None,
+                         use_zarr3=self.doc.use_zarr3)
+        return handler, info
+
+    async def _read_handled(self, name: str, vt: str, rarg: Any) -> Any:
+        handler, info = self._param(name, vt)
+        try:
+            values = await handler.deserialize([info], [rarg if rarg is not None else RestoreArgs()])
+        except Exception as exc:
+            raise _failed(exc, handler, "deserialize", str(self.dir), [name]) from None
+        self.tracker.add(int(getattr(values[0], "nbytes", 0)))
+        return values[0]
+
+    async def _handled_metadata(self, name: str, vt: str) -> Any:
+        handler, info = self._param(name, vt)
+        try:
+            return (await handler.metadata([info]))[0]
+        except Exception as exc:
+            raise _failed(exc, handler, "metadata", str(self.dir), [name]) from None
+
     async def metadata(self) -> TreeMetadata:
         entries = list(self.by_key.values())
 
         async def one(entry: fmt.TreeEntry) -> Any:
             vt = entry.value_metadata.value_type
             name = self._name(entry)
+            if self.handled and name in self.handled:
+                return await self._handled_metadata(name, vt)
             if vt in _tree.EMPTY_TYPES:
                 return self._empty(vt, name)
             if vt == "string":

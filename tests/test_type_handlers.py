@@ -1,0 +1,347 @@
+"""Orbax's TypeHandler layer: the registry's rules side by side with Orbax's, custom handlers
+for leaves of users' own types (written by the handler, in both libraries, both ways), the
+built-in handlers on their own, and SingleReplicaArrayRestoreArgs on one process (the
+broadcast across processes is in ``test_multihost.py``)."""
+
+# The handlers here read and write their small files as users' handlers often do: blocking.
+# ruff: noqa: ASYNC240
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import json
+import threading
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as orbax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import ckpt_async as ocp
+from ckpt_async import type_handlers as th
+from ckpt_async.errors import CommitError, UnsupportedLeafError
+
+LIBS = {"ckpt_async": ocp, "orbax": orbax}
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:  # a leaf: not a pytree node
+    x: float
+    y: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:  # a leaf of two arrays, which its handler hands to the built-in NumpyHandler
+    a: np.ndarray
+    b: np.ndarray
+
+
+def point_handler(lib):
+    """A handler of ``Point`` leaves written against ``lib``'s interface: one JSON file at
+    ``info.path`` per point (the same code runs under both libraries)."""
+
+    class PointHandler(lib.type_handlers.TypeHandler):
+        def typestr(self) -> str:
+            return "test.Point"
+
+        async def serialize(self, values, infos, args=None):
+            for value, info in zip(values, infos):
+                await info.await_path_creation()
+                Path(info.path).write_text(json.dumps(dataclasses.asdict(value)))
+            return []
+
+        async def deserialize(self, infos, args=None):
+            return [Point(**json.loads(Path(info.path).read_text())) for info in infos]
+
+        async def metadata(self, infos):
+            return [{"point": info.name} for info in infos]
+
+    return PointHandler()
+
+
+def pair_handler(lib):
+    class PairHandler(lib.type_handlers.TypeHandler):
+        numpy = lib.type_handlers.NumpyHandler()
+
+        def typestr(self) -> str:
+            return "test.Pair"
+
+        @staticmethod
+        def parts(infos):
+            return [i.replace(name=f"{i.name}.{p}", path=i.parent_dir / f"{i.name}.{p}")
+                    for i in infos for p in "ab"]
+
+        async def serialize(self, values, infos, args=None):
+            arrays = [getattr(v, p) for v in values for p in "ab"]
+            sargs = [lib.SaveArgs()] * len(arrays)
+            return await self.numpy.serialize(arrays, self.parts(infos), sargs)
+
+        async def deserialize(self, infos, args=None):
+            parts = self.parts(infos)
+            arrays = await self.numpy.deserialize(parts, [lib.RestoreArgs()] * len(parts))
+            return [Pair(arrays[2 * i], arrays[2 * i + 1]) for i in range(len(infos))]
+
+        async def metadata(self, infos):
+            parts = await self.numpy.metadata(self.parts(infos))
+            return [tuple(parts[2 * i:2 * i + 2]) for i in range(len(infos))]
+
+    return PairHandler()
+
+
+def registry(lib, *handlers):
+    t = lib.type_handlers
+    return t.create_type_handler_registry(
+        (int, t.ScalarHandler()), (np.ndarray, t.NumpyHandler()), (jax.Array, t.ArrayHandler()),
+        (str, t.StringHandler()), *handlers)
+
+
+def checkpointer(lib, reg):
+    return lib.Checkpointer(lib.PyTreeCheckpointHandler(type_handler_registry=reg))
+
+
+# --- the registry ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(LIBS))
+def test_registry_rules_are_orbaxs(name):
+    t = LIBS[name].type_handlers
+    reg = t.create_type_handler_registry((int, t.ScalarHandler()))
+    assert reg.get(int).typestr() == "scalar" and reg.get("scalar") is reg.get(int)
+    assert reg.has(bool) and not reg.has(str)  # (a subclass of a registered type has its handler)
+    with pytest.raises(ValueError, match="Unknown type"):
+        reg.get(str)
+    with pytest.raises(ValueError, match="already registered"):
+        reg.add(int, t.ScalarHandler())
+    with pytest.raises(ValueError, match="collides"):
+        reg.add(float, t.ScalarHandler())  # (another type, the same typestr)
+    reg.add(float, t.ScalarHandler(), override=True)
+    reg.add(int, t.NumpyHandler(), override=True)
+    assert reg.get(int).typestr() == "np.ndarray"
+    reg.add(Point, point_handler(LIBS[name]), func=lambda ty: ty is Point)
+    assert reg.get(Point).typestr() == "test.Point" and reg.has("test.Point")
+    assert t.supported_types() == [int, float, bytes, np.number, np.ndarray, jax.Array, str,
+                                   type(t.PLACEHOLDER) if hasattr(t, "PLACEHOLDER")
+                                   else type(orbax.PLACEHOLDER)]
+    assert t.get_type_handler(jax.Array).typestr() == "jax.Array"
+    assert t.has_type_handler(np.ndarray) and not t.has_type_handler(Point)
+    with pytest.raises(ValueError, match="already registered"):
+        t.register_type_handler(jax.Array, t.ArrayHandler())
+
+
+def test_get_and_register_again_restores_the_default_handler():
+    """MaxText's pattern: keep the registered ArrayHandler, register another, put it back."""
+    original = th.get_type_handler(jax.Array)
+    th.register_type_handler(jax.Array, th.SingleReplicaArrayHandler(), override=True)
+    try:
+        assert isinstance(th.get_type_handler(jax.Array), th.SingleReplicaArrayHandler)
+    finally:
+        th.register_type_handler(jax.Array, original, override=True)
+    assert th.get_type_handler(jax.Array) is original
+    assert not th.GLOBAL_TYPE_HANDLER_REGISTRY.has_custom
+
+
+# --- custom handlers ------------------------------------------------------------------------
+@pytest.mark.parametrize(("writer", "reader"), [(w, r) for w in LIBS for r in LIBS])
+def test_a_custom_handlers_leaves_move_between_the_libraries(tmp_path, writer, reader):
+    state = {"p": Point(1.5, -2.0), "w": np.arange(6, dtype=np.float32), "n": 3,
+             "nested": {"q": Point(0.0, 7.0)}}
+    path = tmp_path / "ckpt"
+    w = checkpointer(LIBS[writer], registry(LIBS[writer], (Point, point_handler(LIBS[writer]))))
+    w.save(path, args=LIBS[writer].args.PyTreeSave(state))
+    assert json.loads((path / "p").read_text()) == {"x": 1.5, "y": -2.0}
+    assert (path / "nested.q").exists()
+    r = checkpointer(LIBS[reader], registry(LIBS[reader], (Point, point_handler(LIBS[reader]))))
+    restored = r.restore(path)
+    assert restored["p"] == Point(1.5, -2.0) and restored["nested"]["q"] == Point(0.0, 7.0)
+    assert np.array_equal(restored["w"], state["w"]) and int(restored["n"]) == 3
+    if reader == "ckpt_async":
+        partial = r.restore(path, args=ocp.args.PyTreeRestore(
+            {"p": Point(0, 0), "nested": {"q": Point(0, 0)}}, partial_restore=True))
+        assert partial == {"p": Point(1.5, -2.0), "nested": {"q": Point(0.0, 7.0)}}
+    for ckptr in (w, r):
+        ckptr.close()
+
+
+def test_item_metadata_of_a_custom_leaf_is_its_handlers(tmp_path):
+    reg = registry(ocp, (Point, point_handler(ocp)))
+    ckptr = checkpointer(ocp, reg)
+    ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave({"p": Point(1, 2), "w": np.zeros(3)}))
+    meta = ckptr.metadata(tmp_path / "c").item_metadata
+    assert meta["p"] == {"point": "p"} and meta["w"].shape == (3,)
+
+
+def test_a_handler_may_hand_its_parts_to_the_built_in_ones(tmp_path):
+    """The built-in NumpyHandler on its own: ckpt_async's writes zarr arrays at info.path; it
+    reads Orbax's out of the item's OCDBT database, where Orbax's wrote them."""
+    pair = Pair(np.arange(12, dtype=np.int16).reshape(3, 4), np.linspace(0, 1, 5))
+    for writer in ("ckpt_async", "orbax"):
+        path = tmp_path / writer
+        w = checkpointer(LIBS[writer], registry(LIBS[writer], (Pair, pair_handler(LIBS[writer]))))
+        w.save(path, args=LIBS[writer].args.PyTreeSave({"pair": pair, "n": 1}))
+        w.close()
+        assert (path / "pair.a" / ".zarray").exists() == (writer == "ckpt_async")
+        r = checkpointer(ocp, registry(ocp, (Pair, pair_handler(ocp))))
+        got = r.restore(path)["pair"]
+        for part in "ab":
+            want = getattr(pair, part)
+            assert getattr(got, part).dtype == want.dtype
+            assert getattr(got, part).tobytes() == want.tobytes()
+        shapes = [m.shape for m in r.metadata(path).item_metadata["pair"]]
+        assert shapes == [(3, 4), (5,)]
+
+
+def test_a_failing_handler_fails_the_save_and_nothing_is_committed(tmp_path):
+    class Broken(th.TypeHandler):
+        def typestr(self):
+            return "test.Broken"
+
+        async def serialize(self, values, infos, args=None):
+            raise RuntimeError("cannot write points today")
+
+        async def deserialize(self, infos, args=None):
+            raise AssertionError
+
+        async def metadata(self, infos):
+            return []
+
+    mngr = ocp.CheckpointManager(tmp_path / "run", item_handlers=ocp.PyTreeCheckpointHandler(
+        type_handler_registry=registry(ocp, (Point, Broken()))))
+    with pytest.raises(RuntimeError, match="cannot write points today") as info:
+        mngr.save(0, args=ocp.args.PyTreeSave({"p": Point(1, 2), "w": np.ones(3)}))
+        mngr.wait_until_finished()
+    assert any("Broken.serialize failed on leaves 'p'" in n for n in info.value.__notes__)
+    assert mngr.all_steps() == [] and list((tmp_path / "run").iterdir()) == []
+    mngr.close()
+
+
+def test_a_handlers_futures_are_waited_for_before_the_commit(tmp_path):
+    """serialize may leave work running (Orbax's commit futures): the save commits once it
+    is done, and fails if it fails."""
+    release = threading.Event()
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+
+    class Later(th.TypeHandler):
+        def typestr(self):
+            return "test.Later"
+
+        async def serialize(self, values, infos, args=None):
+            def write(info=infos[0], value=values[0]):
+                release.wait(30)
+                if value.x < 0:
+                    raise OSError("the late write failed")
+                Path(info.path).write_text(json.dumps(dataclasses.asdict(value)))
+            return [pool.submit(write)]
+
+        async def deserialize(self, infos, args=None):
+            return [Point(**json.loads(Path(i.path).read_text())) for i in infos]
+
+        async def metadata(self, infos):
+            return []
+
+    ckptr = ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(
+        type_handler_registry=registry(ocp, (Point, Later()))))
+    ckptr.save(tmp_path / "ok", args=ocp.args.PyTreeSave({"p": Point(3, 4)}))
+    assert not (tmp_path / "ok").exists()  # (not committed while the write is pending)
+    release.set()
+    ckptr.wait_until_finished()
+    assert ckptr.restore(tmp_path / "ok") == {"p": Point(3, 4)}
+    ckptr.save(tmp_path / "bad", args=ocp.args.PyTreeSave({"p": Point(-1, 4)}))
+    with pytest.raises(CommitError, match="the late write failed") as failed:
+        ckptr.wait_until_finished()
+    assert isinstance(failed.value.__cause__, OSError)
+    assert not (tmp_path / "bad").exists()
+    ckptr.close()
+    pool.shutdown()
+
+
+def test_a_leaf_whose_handler_is_not_registered_names_it(tmp_path):
+    ckptr = checkpointer(ocp, registry(ocp, (Point, point_handler(ocp))))
+    ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave({"deep": {"p": Point(1, 2)}}))
+    with pytest.raises(UnsupportedLeafError, match=r"leaf 'deep\.p' was saved by a TypeHandler "
+                       r"of typestr 'test\.Point'"):
+        ocp.PyTreeCheckpointer().restore(tmp_path / "c")
+    with pytest.raises(UnsupportedLeafError, match="register_type_handler"):
+        ocp.PyTreeCheckpointer().save(tmp_path / "d", {"p": Point(1, 2)})
+
+
+def test_a_handler_registered_for_a_built_in_type_writes_its_leaves(tmp_path):
+    """A handler of users' for ``str`` (not the built-in one) takes every string leaf."""
+    class Upper(th.TypeHandler):
+        def typestr(self):
+            return "test.Upper"
+
+        async def serialize(self, values, infos, args=None):
+            for v, i in zip(values, infos):
+                Path(i.path).write_text(v.upper())
+            return []
+
+        async def deserialize(self, infos, args=None):
+            return [Path(i.path).read_text().lower() for i in infos]
+
+        async def metadata(self, infos):
+            return []
+
+    reg = registry(ocp)
+    reg.add(str, Upper(), override=True)
+    ckptr = checkpointer(ocp, reg)
+    ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave({"s": "hello", "w": np.ones(2)}))
+    assert (tmp_path / "c" / "s").read_text() == "HELLO"
+    assert not (tmp_path / "c" / "_strings.json").exists()
+    restored = ckptr.restore(tmp_path / "c")
+    assert restored["s"] == "hello" and np.array_equal(restored["w"], np.ones(2))
+
+
+# --- the built-in handlers on their own -----------------------------------------------------
+def test_built_in_handlers_write_and_read_on_their_own(tmp_path):
+    asyncio.run(built_in_handlers_on_their_own(tmp_path))
+
+
+async def built_in_handlers_on_their_own(tmp_path: Path) -> None:
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("a", "b"))
+    sharding = NamedSharding(mesh, P("a", "b"))
+    host = np.arange(32, dtype=np.float32).reshape(4, 8)
+    arr = jax.device_put(host, sharding)
+
+    def info(name):
+        return th.ParamInfo(name=name, parent_dir=tmp_path)
+
+    assert await th.ArrayHandler().serialize([arr], [info("arr")]) == []
+    await th.ScalarHandler().serialize([7], [info("seven")])
+    await th.StringHandler().serialize(["hi"], [info("s")])
+    assert (tmp_path / "arr" / ".zarray").exists()
+    (back,) = await th.ArrayHandler().deserialize(
+        [info("arr")], [th.ArrayRestoreArgs(sharding=sharding)])
+    assert back.sharding == sharding and np.array_equal(np.asarray(back), host)
+    (seven,) = await th.ScalarHandler().deserialize([info("seven")], [th.RestoreArgs(int)])
+    assert seven == 7 and type(seven) is int
+    assert await th.StringHandler().deserialize([info("s")]) == ["hi"]
+    (meta,) = await th.ArrayHandler().metadata([info("arr")])
+    assert meta.shape == (4, 8) and meta.dtype == np.float32
+    assert await th.PlaceholderHandler().deserialize([info("x")]) == [th.PLACEHOLDER]
+    with pytest.raises(ValueError, match="length 0"):
+        await th.NumpyHandler().deserialize([])
+
+
+# --- SingleReplicaArrayHandler on one process -----------------------------------------------
+def test_single_replica_restore_args_on_one_process(tmp_path):
+    """On one process every replica's devices are this process's: the array is read once and
+    placed on each (the broadcast across processes: test_multihost)."""
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("replica", "model"))
+    sharding = NamedSharding(mesh, P(None, "model"))
+    host = np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32)
+    saver = ocp.StandardCheckpointer()
+    saver.save(tmp_path / "c", {"w": jax.device_put(host, sharding)})
+    saver.wait_until_finished()
+    reg = registry(ocp)
+    reg.add(jax.Array, th.SingleReplicaArrayHandler(replica_axis_index=0), override=True)
+    args = th.SingleReplicaArrayRestoreArgs(
+        sharding=sharding, global_shape=(6, 8), dtype=np.float32,
+        single_replica_sharding=NamedSharding(Mesh(mesh.devices[:1], mesh.axis_names),
+                                              P(None, "model")))
+    restored = checkpointer(ocp, reg).restore(tmp_path / "c", args=ocp.args.PyTreeRestore(
+        item={"w": jax.ShapeDtypeStruct((6, 8), np.float32)}, restore_args={"w": args}))
+    assert restored["w"].sharding == sharding
+    assert np.asarray(restored["w"]).tobytes() == host.tobytes()
