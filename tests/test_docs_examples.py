@@ -35,7 +35,9 @@ EXPECTED_LAST_LINES: dict[str, list[str]] = {
     "multihost.py": [
         r"steps kept: \[2, 3\]",
         r"process 0: restored its 2 shards, bit-exact: True",
+        r"process 0: single-replica restore read 8 KiB, bit-exact: True",
         r"process 1: restored its 2 shards, bit-exact: True",
+        r"process 1: single-replica restore read 0 KiB, bit-exact: True",
     ],
 }
 
