@@ -100,8 +100,9 @@ def main() -> int:
         if any(p.returncode for p in procs):
             print("a process failed:", [p.returncode for p in procs], file=sys.stderr)
             return 1
-    for out in outputs:
-        print(out, end="")
+    for out in outputs:  # (without the lines jax's CPU collectives, gloo, log on stdout)
+        print("".join(line for line in out.splitlines(keepends=True)
+                      if not line.startswith("[Gloo]")), end="")
     return 0
 
 
