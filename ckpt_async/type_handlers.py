@@ -418,15 +418,14 @@ class PlaceholderHandler(TypeHandler):
 #: Handlers whose leaves the pytree handlers write and read themselves.
 _BUILTIN_CLASSES = frozenset({NumpyHandler, ScalarHandler, ArrayHandler, SingleReplicaArrayHandler,
                               StringHandler, PlaceholderHandler})
-_IO_METHODS = ("typestr", "serialize", "deserialize", "metadata")
 
 
-def is_builtin(handler: TypeHandler) -> bool:
-    """Whether ``handler`` is one of ckpt_async's built-in ones (a subclass that overrides how
-    values are written or read is not)."""
+def is_builtin(handler: TypeHandler, methods: tuple[str, ...] = ("typestr", "serialize")) -> bool:
+    """Whether ``handler`` writes (``methods``) as ckpt_async's built-in one it is: not a
+    subclass overriding them (one overriding only ``deserialize`` still writes as they do)."""
     cls = type(handler)
     base = next((b for b in cls.__mro__ if b in _BUILTIN_CLASSES), None)
-    return base is not None and all(getattr(cls, m) is getattr(base, m) for m in _IO_METHODS)
+    return base is not None and all(getattr(cls, m) is getattr(base, m) for m in methods)
 
 
 class TypeHandlerRegistry:
@@ -485,6 +484,17 @@ class TypeHandlerRegistry:
     def handler_for(self, ty: type) -> TypeHandler | None:
         """The handler of ``ty``, or None."""
         return next((h for func, h in self._entries if func(ty)), None)
+
+    def overriding_readers(self) -> dict[str, TypeHandler]:
+        """Array kinds (typestrs) whose handler is a built-in one's subclass that reads them
+        its own way (``deserialize`` overridden): it is given the leaves ckpt_async wrote."""
+        out = {}
+        for kind in ("jax.Array", "np.ndarray", "scalar"):
+            handler = self._by_typestr.get(kind)
+            if handler is not None and is_builtin(handler) and not is_builtin(
+                    handler, ("deserialize",)):
+                out[kind] = handler
+        return out
 
     def custom_handler(self, ty: type) -> TypeHandler | None:
         """The handler of ``ty`` if one is registered and it is not a built-in one."""

@@ -272,7 +272,7 @@ def replica_arrays() -> dict[str, np.ndarray]:
     f32.view(np.uint32)[0, 1] = 0x7FC0_1234  # (a NaN with a payload)
     return {"f32": f32, "bf16": f32.astype(ml_dtypes.bfloat16), "i8": np.arange(48, dtype=np.int8)
             .reshape(8, 6) - 20, "b": f32 > 0, "u16": f32.view(np.uint32).astype(np.uint16),
-            "c64": (f32 + 1j * f32[::-1]).astype(np.complex64)}
+            "c64": (f32 + 1j * f32[::-1]).astype(np.complex64), "step": np.array(-0.0, np.float32)}
 
 
 def scenario_single_replica(cfg: dict, out: dict) -> None:
@@ -287,7 +287,10 @@ def scenario_single_replica(cfg: dict, out: dict) -> None:
     data = replica_arrays()
     path = cfg["single_replica"]
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(path, {k: jax.make_array_from_callback(v.shape, NamedSharding(saved, spec),
+    def spec_of(v: np.ndarray) -> P:
+        return spec if v.ndim else P()
+
+    ckptr.save(path, {k: jax.make_array_from_callback(v.shape, NamedSharding(saved, spec_of(v)),
                                                       lambda idx, v=v: v[idx])
                       for k, v in data.items()})
     ckptr.wait_until_finished()
@@ -309,10 +312,10 @@ def scenario_single_replica(cfg: dict, out: dict) -> None:
         else:
             pytree = ocp.PyTreeCheckpointHandler(
                 type_handler_registry=th.create_type_handler_registry((jax.Array, handler)))
-        shardings = {k: NamedSharding(mesh, spec) for k in data}
+        shardings = {k: NamedSharding(mesh, spec_of(v)) for k, v in data.items()}
         args = {k: th.SingleReplicaArrayRestoreArgs(
             sharding=shardings[k], global_shape=v.shape, dtype=v.dtype,
-            single_replica_sharding=NamedSharding(mesh, spec) if axis == 0 else None)
+            single_replica_sharding=NamedSharding(mesh, spec_of(v)) if axis == 0 else None)
             for k, v in data.items()}
         read: list[int] = [0]
 
@@ -333,6 +336,28 @@ def scenario_single_replica(cfg: dict, out: dict) -> None:
                     v[shard.index]).tobytes(), (case, k, shard.index)
         out["single_replica"][case] = read[0]
         barrier(f"single replica {case}")
+
+    # Items of a Composite restore broadcast one item after the other, in name order, on
+    # every process alike (else the processes' collectives would pair different arrays).
+    mesh = Mesh(devices, ("replica", "model"))
+    replicated = NamedSharding(mesh, P())
+    items = {"b": np.full((4,), 2.0, np.float32), "a": np.full((4,), 1.0, np.float32)}
+    run = Path(path + ".composite")
+    with ocp.CheckpointManager(run) as mngr:
+        mngr.save(0, args=ocp.args.Composite(**{k: ocp.args.PyTreeSave({"x": v})
+                                                for k, v in items.items()}))
+    original = th.get_type_handler(jax.Array)
+    th.register_type_handler(jax.Array, th.SingleReplicaArrayHandler(), override=True)
+    with ocp.CheckpointManager(run) as mngr:
+        restored = mngr.restore(0, args=ocp.args.Composite(**{k: ocp.args.PyTreeRestore(
+            {"x": jax.ShapeDtypeStruct((4,), np.float32)}, restore_args={
+                "x": th.SingleReplicaArrayRestoreArgs(sharding=replicated)})
+            for k in items}))
+    th.register_type_handler(jax.Array, original, override=True)
+    for k, v in items.items():
+        for shard in restored[k]["x"].addressable_shards:
+            assert np.asarray(shard.data).tobytes() == v.tobytes(), (k, shard.device)
+    out["single_replica"]["composite"] = sorted(items)
 
 
 def scenario_consistency(cfg: dict, out: dict) -> None:

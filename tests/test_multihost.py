@@ -138,15 +138,17 @@ def test_single_replica_restores_read_on_one_replica_and_broadcast(runs):
     complex array is read by each process as any other array."""
     p0, p1 = (r["single_replica"] for r in runs["main"])
     nbytes = p0["nbytes"]
-    total, complex_ = sum(nbytes.values()), nbytes["c64"]
+    total, complex_, step = sum(nbytes.values()), nbytes["c64"], nbytes["step"]
     # Each replica is one process's devices: the primary's process reads every array, the
     # other the complex one only.
     for case in ("rows, replica 0", "replica axis 1"):
         assert (p0[case], p1[case]) == (total, complex_), case
     assert (p0["rows, replica 1"], p1["rows, replica 1"]) == (complex_, total)
     # Each replica holds a device of each process: each process reads its device's half
-    # (and the half of the complex array its two devices hold).
-    assert p0["columns, global registry"] == p1["columns, global registry"] == total // 2
+    # (and the half of the complex array its two devices hold), and the 0-d step whole.
+    half = (total - step) // 2 + step
+    assert p0["columns, global registry"] == p1["columns, global registry"] == half
+    assert p0["composite"] == p1["composite"] == ["a", "b"]
 
 
 def test_orbax_and_ckpt_async_read_each_others_multiprocess_checkpoints(runs):

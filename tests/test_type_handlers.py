@@ -345,3 +345,29 @@ def test_single_replica_restore_args_on_one_process(tmp_path):
         item={"w": jax.ShapeDtypeStruct((6, 8), np.float32)}, restore_args={"w": args}))
     assert restored["w"].sharding == sharding
     assert np.asarray(restored["w"]).tobytes() == host.tobytes()
+
+
+def test_a_subclass_reading_its_own_way_gets_the_leaves_ckpt_async_wrote(tmp_path):
+    """An ArrayHandler subclass overriding deserialize only: arrays are written as without it
+    (in the OCDBT database, which Orbax reads), and its deserialize is given each array with
+    restore args built from the target (its sharding), as Orbax gives them."""
+    calls = []
+
+    class Logging(th.ArrayHandler):
+        async def deserialize(self, infos, args=None):
+            calls.append([(i.name, type(a).__name__) for i, a in zip(infos, args)])
+            return await super().deserialize(infos, args)
+
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("a", "b"))
+    sharding = NamedSharding(mesh, P("a", "b"))
+    host = np.arange(32, dtype=np.float32).reshape(4, 8)
+    reg = registry(ocp)
+    reg.add(jax.Array, Logging(), override=True)
+    ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler(type_handler_registry=reg))
+    ckptr.save(tmp_path / "c", args=ocp.args.StandardSave({"w": jax.device_put(host, sharding)}))
+    assert not (tmp_path / "c" / "w").exists() and (tmp_path / "c" / "manifest.ocdbt").exists()
+    assert np.array_equal(orbax.StandardCheckpointer().restore(tmp_path / "c")["w"], host)
+    restored = ckptr.restore(tmp_path / "c", args=ocp.args.StandardRestore(
+        {"w": jax.ShapeDtypeStruct((4, 8), np.float32, sharding=sharding)}))
+    assert calls == [[("w", "ArrayRestoreArgs")]]
+    assert restored["w"].sharding == sharding and np.array_equal(np.asarray(restored["w"]), host)

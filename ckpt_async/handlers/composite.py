@@ -15,6 +15,7 @@ from .._paths import AnyPath
 from .._stage import cancel_all
 from ..args import CheckpointArgs, Composite, register_with_handler
 from ..errors import HandlerError, ItemNotFoundError
+from ..multihost import current_roles
 from .base import (
     AsyncCheckpointHandler,
     CheckpointHandler,
@@ -147,7 +148,11 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
         step turns out not to hold them or its metadata is damaged."""
         given = dict(args.items()) if args is not None else {}
         early: dict[str, asyncio.Future[Any]] = {}
-        if given and all(a is not None for a in given.values()):
+        # With several processes an item's restore may run collectives (single-replica
+        # broadcasts), which every process must run in the same order: the items are
+        # restored one at a time, in the order of their names (as Orbax does).
+        one_by_one = current_roles().multi
+        if given and all(a is not None for a in given.values()) and not one_by_one:
             # (not locked in before the step is known to hold them; a mismatch is raised below)
             with contextlib.suppress(HandlerError):
                 handlers = {n: self.registry.resolve(n, a, lock=False) for n, a in given.items()}
@@ -164,9 +169,15 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
             present = [n for n in wanted if n in stored]
             handlers = {n: self._handler_for_restore(n, wanted[n], stored.get(n), directory)
                         for n in present}
-            results = await asyncio.gather(*(
-                early[n] if n in early else adapt(handlers[n]).restore(directory / n, wanted[n])
-                for n in present))
+            if one_by_one:
+                by_name = {n: await adapt(handlers[n]).restore(directory / n, wanted[n])
+                           for n in sorted(present)}
+                results = [by_name[n] for n in present]
+            else:
+                results = await asyncio.gather(*(
+                    early[n] if n in early else adapt(handlers[n]).restore(directory / n,
+                                                                            wanted[n])
+                    for n in present))
         except BaseException:
             await cancel_all(list(early.values()))
             raise

@@ -527,6 +527,18 @@ async def _random_keys_of(directory: AnyPath) -> dict[str, str]:
     return keys
 
 
+def _args_of_target(tleaf: Any) -> RestoreArgs:
+    """The restore args a TypeHandler is given for a leaf of the target (as Orbax builds
+    them): an array's sharding, shape and dtype."""
+    if isinstance(tleaf, (jax.Array, jax.ShapeDtypeStruct)) and getattr(
+            tleaf, "sharding", None) is not None:
+        return ArrayRestoreArgs(sharding=tleaf.sharding, global_shape=tuple(tleaf.shape),
+                                dtype=tleaf.dtype)
+    if isinstance(tleaf, np.ndarray):
+        return RestoreArgs(restore_type=np.ndarray, dtype=tleaf.dtype)
+    return RestoreArgs()
+
+
 def _target_sharding(tleaf: Any, rarg: Any) -> jax.sharding.Sharding | None:
     """The sharding a restore target (or its ArrayRestoreArgs) asks for, if any (none for a
     NumPy array asked for: it is read whole)."""
@@ -919,6 +931,9 @@ class _Reader:
         self.handled: dict[str, str] = dict(ext.get(TYPE_HANDLED, {})) if ext else {
             self._name(e): vt for e in doc.tree_metadata.values()
             if (vt := e.value_metadata.value_type) not in _BUILT_IN_TYPES}
+        #: array kinds whose registered handler reads them its own way (a subclass of a
+        #: built-in one overriding ``deserialize``): kind -> handler
+        self.overridden = registry.overriding_readers()
 
     @property
     def ctx(self) -> ts.Context:
@@ -997,7 +1012,7 @@ class _Reader:
         """The value of ``entry`` as it was saved, or a coroutine that reads it."""
         vt = entry.value_metadata.value_type
         name = self._name(entry)
-        if self.handled and name in self.handled:
+        if name in self.handled or vt in self.overridden:
             return self._read_handled(name, vt, None)
         if vt in _tree.EMPTY_TYPES:
             return self._empty(vt, name)
@@ -1069,8 +1084,8 @@ class _Reader:
     def _stored_arrays(self, named: Iterable[tuple[str, str]]) -> list[str]:
         """The names among ``named`` ((key, name) pairs) whose values are stored arrays."""
         return [name for key, name in named
-                if self.by_key[key].value_metadata.value_type in _STORED
-                and name not in self.handled]
+                if (vt := self.by_key[key].value_metadata.value_type) in _STORED
+                and name not in self.handled and vt not in self.overridden]
 
     async def restore_as_saved(self) -> Any:
         self.items.start_index()  # (read while the shardings are decoded)
@@ -1155,9 +1170,10 @@ class _Reader:
             if entry is None:  # (partial: not in the checkpoint)
                 return tleaf
             vt = entry.value_metadata.value_type
-            if self.handled and name in self.handled:
+            if name in self.handled or vt in self.overridden:
                 rarg = rargs.get(key, tleaf if isinstance(tleaf, RestoreArgs) else None)
-                return self._read_handled(name, vt, rarg)
+                return self._read_handled(name, vt, rarg if rarg is not None or structure_only
+                                          else _args_of_target(tleaf))
             if vt in _tree.EMPTY_TYPES:
                 return tleaf if tleaf is not None or vt == "None" else self._empty(vt, name)
             if vt == "string":
@@ -1218,7 +1234,8 @@ class _Reader:
         def piece(index: tuple[slice, ...] | None) -> np.ndarray:
             assert index is not None  # (the stacked array is split over its first axis)
             if (index[0].start or 0) == plan.primary:
-                return np.ascontiguousarray(local(index[1:])).view(bits)[None]
+                part = local(index[1:])  # (a copy where not contiguous; a 0-d one stays 0-d)
+                return (part if part.flags.c_contiguous else part.copy()).view(bits)[None]
             return np.zeros([len(range(*s.indices(n))) for s, n in
                              zip(index, (plan.replicas, *shape), strict=True)], bits)
 
@@ -1329,9 +1346,9 @@ class _Reader:
                 "is registered for it (ocp.type_handlers.register_type_handler)") from None
         # (what Orbax's own handlers wrote is in the item's OCDBT database; ckpt_async's
         # built-in handlers, called by another, write zarr arrays of their own)
+        ocdbt = self.doc.use_ocdbt and (self.doc.ckpt_async is None or name not in self.handled)
         info = ParamInfo(name=name, parent_dir=self.dir, ts_context=self.ctx, value_typestr=vt,
-                         is_ocdbt_checkpoint=self.doc.use_ocdbt and self.doc.ckpt_async is None,
-                         use_zarr3=self.doc.use_zarr3)
+                         is_ocdbt_checkpoint=ocdbt, use_zarr3=self.doc.use_zarr3)
         return handler, info
 
     async def _read_handled(self, name: str, vt: str, rarg: Any) -> Any:
@@ -1356,7 +1373,7 @@ class _Reader:
         async def one(entry: fmt.TreeEntry) -> Any:
             vt = entry.value_metadata.value_type
             name = self._name(entry)
-            if self.handled and name in self.handled:
+            if name in self.handled or vt in self.overridden:
                 return await self._handled_metadata(name, vt)
             if vt in _tree.EMPTY_TYPES:
                 return self._empty(vt, name)
