@@ -272,7 +272,8 @@ def replica_arrays() -> dict[str, np.ndarray]:
     f32.view(np.uint32)[0, 1] = 0x7FC0_1234  # (a NaN with a payload)
     return {"f32": f32, "bf16": f32.astype(ml_dtypes.bfloat16), "i8": np.arange(48, dtype=np.int8)
             .reshape(8, 6) - 20, "b": f32 > 0, "u16": f32.view(np.uint32).astype(np.uint16),
-            "c64": (f32 + 1j * f32[::-1]).astype(np.complex64), "step": np.array(-0.0, np.float32)}
+            "c64": (f32 + 1j * f32[::-1]).astype(np.complex64), "step": np.array(-0.0, np.float32),
+            "empty": np.zeros((0, 4), np.float32)}
 
 
 def scenario_single_replica(cfg: dict, out: dict) -> None:

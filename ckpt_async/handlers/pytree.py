@@ -1270,7 +1270,7 @@ class _Reader:
         box = tuple(
             slice(min(n, min(i[d].start for i in indices) // c * c),
                   min(n, -(-max(i[d].stop for i in indices) // c) * c))
-            for d, (n, c) in enumerate(zip(stored, chunks, strict=True)))
+            for d, (n, c) in enumerate(zip(stored, (max(1, c) for c in chunks), strict=True)))
         try:
             region = await store[box].read()
         except ValueError as exc:
