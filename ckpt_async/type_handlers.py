@@ -33,6 +33,7 @@ import tensorstore as ts
 
 from . import _serialize as ser
 from ._paths import coerce
+from ._stage import host_copy
 from .metadata import ArrayMetadata, ScalarMetadata, StorageMetadata, StringMetadata
 from .multihost import current_roles
 
@@ -214,35 +215,20 @@ class _ArrayLike(TypeHandler):
     def typestr(self) -> str:
         return self._typestr
 
-    def _writes_here(self, value: Any) -> bool:
-        """Whether this process writes ``value`` (a sharded jax.Array: its replica-0 shards
-        on every process; anything else: the primary process only)."""
-        return True
-
     async def serialize(self, values: Sequence[Any], infos: Sequence[ParamInfo],
                         args: Sequence[SaveArgs] | None = None) -> Sequence[Any]:
+        """Writes each value (a jax.Array spread over processes: its replica-0 shards, from
+        every process; anything else from the primary process only)."""
         _check_lengths(infos, values, args)
         primary = current_roles().is_primary
         for i, (value, info) in enumerate(zip(values, infos, strict=True)):
+            if not primary and not (isinstance(value, jax.Array)
+                                    and not value.is_fully_addressable):
+                continue
             arg = args[i] if args is not None else None
             cast = np.dtype(arg.dtype) if arg is not None and arg.dtype is not None else None
-            if isinstance(value, jax.Array) and not value.is_fully_addressable:
-                shards = tuple((s.index, np.asarray(s.data)) for s in value.addressable_shards
-                               if s.replica_id == 0)
-                chunks = tuple(ser.shard_shape(value.sharding, value.shape))
-                shape, dtype = tuple(value.shape), np.dtype(value.dtype)
-            else:
-                if not primary:
-                    continue
-                host = np.asarray(value)
-                shape, dtype = host.shape, host.dtype
-                shards = ((ser.full_index(host.ndim), host),)
-                chunks = shape
-            if cast is not None:
-                shards = tuple((idx, a.astype(cast)) for idx, a in shards)
-                dtype = cast
-            stored = ser.StoredArray(info.name, shape, dtype, chunks, shards)
-            await ser.write_array(_context(info), info.parent_dir, stored, use_ocdbt=False,
+            await ser.write_array(_context(info), info.parent_dir,
+                                  host_copy(value, info.name, cast), use_ocdbt=False,
                                   compress=bool(info.use_compression))
         return []
 

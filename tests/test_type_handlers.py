@@ -123,8 +123,7 @@ def test_registry_rules_are_orbaxs(name):
     reg.add(Point, point_handler(LIBS[name]), func=lambda ty: ty is Point)
     assert reg.get(Point).typestr() == "test.Point" and reg.has("test.Point")
     assert t.supported_types() == [int, float, bytes, np.number, np.ndarray, jax.Array, str,
-                                   type(t.PLACEHOLDER) if hasattr(t, "PLACEHOLDER")
-                                   else type(orbax.PLACEHOLDER)]
+                                   type(...)]
     assert t.get_type_handler(jax.Array).typestr() == "jax.Array"
     assert t.has_type_handler(np.ndarray) and not t.has_type_handler(Point)
     with pytest.raises(ValueError, match="already registered"):

@@ -875,14 +875,14 @@ async def _broadcast(values: list[Any], handler: SingleReplicaArrayHandler) -> N
     """Replaces each :class:`_Broadcast` in ``values`` with its array on every replica: in
     order (every process runs the same programs, in the same order) and in groups of at most
     the handler's memory limit, each stacked array let go as soon as it is summed."""
-    idx = [i for i, v in enumerate(values) if type(v) is _Broadcast]
+    idx = collections.deque(i for i, v in enumerate(values) if type(v) is _Broadcast)
     limit = _broadcast_limit(handler)
     while idx:
         group: list[int] = []
         size = 0
         while idx and (not group or size + values[idx[0]].nbytes <= limit):
             size += values[idx[0]].nbytes
-            group.append(idx.pop(0))
+            group.append(idx.popleft())
         todo = [values[i] for i in group]
         for i in group:
             values[i] = None
