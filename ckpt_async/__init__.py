@@ -11,6 +11,7 @@ from . import (
     checkpoint_managers,
     checkpoint_utils,
     errors,
+    future,
     handlers,
     logging,
     metadata,
@@ -37,20 +38,29 @@ from .checkpointers import (
     StandardCheckpointer,
 )
 from .errors import CheckpointError
+from .future import Future
 from .handlers import (
+    ArrayCheckpointHandler,
     AsyncCheckpointHandler,
     CheckpointHandler,
+    CheckpointHandlerRegistry,
     CompositeCheckpointHandler,
     CompositeOptions,
+    JaxRandomKeyCheckpointHandler,
     JsonCheckpointHandler,
+    NumpyRandomKeyCheckpointHandler,
+    ProtoCheckpointHandler,
     PyTreeCheckpointHandler,
     StandardCheckpointHandler,
 )
 from .handlers.registry import DefaultCheckpointHandlerRegistry
 from .manager import AsyncCheckpointManager, CheckpointManager, CheckpointManagerOptions
 from .path import step as step  # (Orbax's alias of ocp.path.step)
-from .transform_utils import RestoreTransform, Transform, apply_transformations
+from .transform_utils import RestoreTransform, Transform, apply_transformations, merge_trees
 from .type_handlers import PLACEHOLDER, ArrayRestoreArgs, RestoreArgs, SaveArgs
+
+#: Orbax's other name of the args module (``ocp.checkpoint_args.CheckpointArgs``).
+checkpoint_args = args
 
 __version__ = "0.1.0"
 
@@ -58,6 +68,7 @@ __all__ = [
     "PLACEHOLDER",
     "AbstractCheckpointManager",
     "AbstractCheckpointer",
+    "ArrayCheckpointHandler",
     "ArrayRestoreArgs",
     "AsyncCheckpointHandler",
     "AsyncCheckpointer",
@@ -67,13 +78,18 @@ __all__ = [
     "CheckpointManager",
     "CheckpointManagerOptions",
     "CheckpointHandler",
+    "CheckpointHandlerRegistry",
     "Checkpointer",
     "CommitFuture",
     "CompositeCheckpointHandler",
     "CompositeOptions",
     "DefaultCheckpointHandlerRegistry",
+    "Future",
+    "JaxRandomKeyCheckpointHandler",
     "JsonCheckpointHandler",
+    "NumpyRandomKeyCheckpointHandler",
     "ProgressEvent",
+    "ProtoCheckpointHandler",
     "PyTreeCheckpointHandler",
     "PyTreeCheckpointer",
     "RestoreArgs",
@@ -90,8 +106,10 @@ __all__ = [
     "checkpoint_utils",
     "checkpoint_managers",
     "errors",
+    "future",
     "handlers",
     "logging",
+    "merge_trees",
     "metadata",
     "multihost",
     "options",

@@ -37,6 +37,10 @@ STANDARD_TYPESTR = _ORBAX + "standard_checkpoint_handler.StandardCheckpointHandl
 PYTREE_TYPESTR = _ORBAX + "pytree_checkpoint_handler.PyTreeCheckpointHandler"
 JSON_TYPESTR = _ORBAX + "json_checkpoint_handler.JsonCheckpointHandler"
 COMPOSITE_TYPESTR = _ORBAX + "composite_checkpoint_handler.CompositeCheckpointHandler"
+ARRAY_TYPESTR = _ORBAX + "array_checkpoint_handler.ArrayCheckpointHandler"
+JAX_RANDOM_KEY_TYPESTR = _ORBAX + "random_key_checkpoint_handler.JaxRandomKeyCheckpointHandler"
+NUMPY_RANDOM_KEY_TYPESTR = _ORBAX + "random_key_checkpoint_handler.NumpyRandomKeyCheckpointHandler"
+PROTO_TYPESTR = _ORBAX + "proto_checkpoint_handler.ProtoCheckpointHandler"
 
 KEY_SEQUENCE = 1
 KEY_DICT = 2

@@ -581,6 +581,43 @@ class Runtime:
         background loop, which neither may then block)."""
         return await self.to_own_thread(asyncio.run, coro)
 
+    def start_own_loop(self, coro: Coroutine[Any, Any, T], name: str | None = None
+                       ) -> tuple[concurrent.futures.Future[T], Callable[[], None]]:
+        """Starts ``coro`` at once, from any thread, on an event loop of its own in a thread
+        of its own (Orbax's ``CommitFuture``); returns its future and a function that
+        cancels it (the future then raises ``CancelledError``)."""
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+        lock = threading.Lock()
+        running: list[tuple[asyncio.AbstractEventLoop, asyncio.Task[T]]] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            try:
+                with lock:
+                    task = loop.create_task(coro)
+                    running.append((loop, task))
+                    if done.cancelled():
+                        task.cancel()
+                value = loop.run_until_complete(task)
+            except BaseException as exc:  # noqa: BLE001 - handed to the future
+                with contextlib.suppress(concurrent.futures.InvalidStateError):  # (cancelled)
+                    done.set_exception(exc)
+            else:
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    done.set_result(value)
+            finally:
+                loop.close()
+
+        def cancel() -> None:
+            with lock:
+                done.cancel()
+                for loop, task in running:
+                    with contextlib.suppress(RuntimeError):  # (its loop closed: it finished)
+                        loop.call_soon_threadsafe(task.cancel)
+
+        threading.Thread(target=run, name=name or "ckpt_async-handler", daemon=True).start()
+        return done, cancel
+
     async def to_read_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """:meth:`to_thread` for blocking reads of data files, bounded by a limiter of their own
         of twice as many threads, which mostly wait on the disk."""

@@ -115,6 +115,68 @@ class JsonRestore(CheckpointArgs):
     item: Any = None
 
 
+@dataclasses.dataclass
+class ArraySave(CheckpointArgs):
+    """Save one array or scalar (ArrayCheckpointHandler): a ``jax.Array``, a NumPy array, a
+    Python or NumPy number; ``save_args``: its :class:`~ckpt_async.SaveArgs`."""
+
+    item: Any
+    save_args: Any = None
+
+
+@dataclasses.dataclass
+class ArrayRestore(CheckpointArgs):
+    """Restore one array or scalar; ``restore_args``: its :class:`~ckpt_async.RestoreArgs`
+    (``ArrayRestoreArgs(sharding=...)``, ``RestoreArgs(restore_type=np.ndarray, dtype=...)``).
+    ``item`` is accepted and unused, as in Orbax."""
+
+    item: Any = None
+    restore_args: Any = None
+
+
+@dataclasses.dataclass
+class JaxRandomKeySave(CheckpointArgs):
+    """Save a JAX PRNG key (JaxRandomKeyCheckpointHandler): a typed key
+    (``jax.random.key``) or a raw ``uint32`` one (``jax.random.PRNGKey``)."""
+
+    item: Any
+    save_args: Any = None
+
+
+@dataclasses.dataclass
+class JaxRandomKeyRestore(CheckpointArgs):
+    """Restore a JAX PRNG key, typed if it was saved typed."""
+
+    restore_args: Any = None
+
+
+@dataclasses.dataclass
+class NumpyRandomKeySave(CheckpointArgs):
+    """Save a NumPy random state (NumpyRandomKeyCheckpointHandler): the legacy tuple of
+    ``np.random.get_state()``, or a bit generator's ``state`` dict."""
+
+    item: Any
+
+
+@dataclasses.dataclass
+class NumpyRandomKeyRestore(CheckpointArgs):
+    """Restore a NumPy random state, as the tuple or dict it was saved as."""
+
+
+@dataclasses.dataclass
+class ProtoSave(CheckpointArgs):
+    """Save a protocol buffer message (ProtoCheckpointHandler), in its text format."""
+
+    item: Any
+
+
+@dataclasses.dataclass
+class ProtoRestore(CheckpointArgs):
+    """Restore a protocol buffer message; ``item``: its class."""
+
+    item: Any
+
+
 class _NoItem(AttributeError, KeyError):
     """An item a Composite lacks, asked for as an attribute: ``except KeyError`` (Orbax's
     error) catches it, and ``hasattr`` is False."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import _format as fmt
 from ..args import CheckpointArgs, args_classes_for, handler_class_for
 from ..errors import HandlerError
 from .base import CheckpointHandler
@@ -20,14 +19,16 @@ def _new_handler(cls: type) -> CheckpointHandler:
 
 def handler_for_typestr(typestr: str) -> CheckpointHandler | None:
     """A fresh handler for a type string recorded in ``_CHECKPOINT_METADATA``."""
+    from .array import ArrayCheckpointHandler
     from .json_handler import JsonCheckpointHandler
+    from .proto import ProtoCheckpointHandler
     from .pytree import PyTreeCheckpointHandler, StandardCheckpointHandler
+    from .random_key import JaxRandomKeyCheckpointHandler, NumpyRandomKeyCheckpointHandler
 
-    known = {
-        fmt.STANDARD_TYPESTR: StandardCheckpointHandler,
-        fmt.PYTREE_TYPESTR: PyTreeCheckpointHandler,
-        fmt.JSON_TYPESTR: JsonCheckpointHandler,
-    }
+    known: dict[str, type] = {cls.typestr: cls for cls in (
+        StandardCheckpointHandler, PyTreeCheckpointHandler, JsonCheckpointHandler,
+        ArrayCheckpointHandler, JaxRandomKeyCheckpointHandler,
+        NumpyRandomKeyCheckpointHandler, ProtoCheckpointHandler)}
     cls = known.get(typestr)
     if cls is None:  # Orbax's public aliases and ours, by class name
         tail = typestr.rsplit(".", 1)[-1]
