@@ -32,6 +32,11 @@ EXPECTED_LAST_LINES: dict[str, list[str]] = {
         r"kept on disk: \[40, 50, 60\]",
         r"resumed at step 60: data position 60, w\[0\] = 18\.30",
     ],
+    "resume_random_state.py": [
+        r"resumed at step 6: key threefry2x32, 6 losses, lr 0\.1",
+        r"saved steps: \[3, 6\]",
+        r"resumed run matches the uninterrupted one bit-exactly: True",
+    ],
     "multihost.py": [
         r"steps kept: \[2, 3\]",
         r"process 0: restored its 2 shards, bit-exact: True",
