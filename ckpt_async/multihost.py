@@ -23,6 +23,7 @@ import asyncio
 import contextvars
 import dataclasses
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -144,11 +145,27 @@ def _client() -> Any:
 
 
 def sync_global_processes(name: str, timeout_secs: float = 600,
-                          processes: list[int] | None = None) -> None:
+                          processes: Iterable[int] | None = None, *,
+                          timeout: float | None = None,
+                          barrier_sync_fn: Callable[..., None] | None = None,
+                          record_event_name: str | None = None) -> None:
     """Blocks until every process (or those in ``processes``) has called this with ``name``.
-    Single-process: returns at once."""
-    if process_count() > 1:
-        _client().wait_at_barrier(f"{KEY_PREFIX}/{name}", int(timeout_secs * 1000), processes)
+    Single-process: returns at once. Orbax's keywords too: ``timeout`` (seconds, for
+    ``timeout_secs``) and ``barrier_sync_fn`` (called as ``fn(key=..., timeout_ms=...)``
+    instead of the distributed client's barrier); ``record_event_name`` is accepted."""
+    if timeout is not None:
+        timeout_secs = timeout
+    if process_count() <= 1:
+        return
+    key, timeout_ms = f"{KEY_PREFIX}/{name}", int(timeout_secs * 1000)
+    if barrier_sync_fn is not None:
+        barrier_sync_fn(key=key, timeout_ms=timeout_ms)
+        return
+    _client().wait_at_barrier(key, timeout_ms, None if processes is None else sorted(processes))
+
+
+#: Orbax's older name of :func:`sync_global_processes`.
+sync_global_devices = sync_global_processes
 
 
 _counters: dict[str, int] = {}
@@ -252,4 +269,4 @@ __all__ = ["Roles", "Sync", "current_roles", "is_primary_host", "process_count",
            "initialize_distributed_to_device_ids", "initialize_runtime_to_distributed_ids",
            "is_distributed_to_device_ids_initialized", "is_pathways_backend",
            "is_runtime_to_distributed_ids_initialized", "reached_preemption",
-           "process_index", "roles_for", "sync_global_processes"]
+           "process_index", "roles_for", "sync_global_devices", "sync_global_processes"]

@@ -22,6 +22,7 @@ from .multihost import (
     is_pathways_backend,
     is_primary_host,
     reached_preemption,
+    sync_global_devices,
     sync_global_processes,
 )
 from .tree import (
@@ -51,6 +52,7 @@ __all__ = [
     "reached_preemption",
     "serialize_tree",
     "step_from_checkpoint_name",
+    "sync_global_devices",
     "sync_global_processes",
     "tmp_checkpoints",
     "to_flat_dict",

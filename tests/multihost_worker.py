@@ -230,6 +230,17 @@ def scenario_main(cfg: dict, out: dict) -> None:
     _serialize.ItemWriter.write = original
     out["steps_after_failure"] = mngr.all_steps()
     ocp.multihost.sync_global_processes("after-step-3")
+    # Orbax's keywords and older name: a timeout in seconds, the processes as a set, and a
+    # barrier function of the caller's own (here the client's, recording its keys).
+    ocp.utils.sync_global_devices("orbax-keywords", timeout=60, processes={0, 1})
+    keys: list[str] = []
+
+    def own_barrier(*, key: str, timeout_ms: int) -> None:
+        keys.append(key)
+        jax._src.distributed.global_state.client.wait_at_barrier(key + "-own", timeout_ms)
+
+    ocp.utils.sync_global_processes("own-barrier", barrier_sync_fn=own_barrier)
+    out["own_barrier_keys"] = keys
 
     # Process 1 never arrives: process 0's save times out naming it.
     if me == 0:

@@ -168,6 +168,7 @@ def test_manager_retention_and_decisions_follow_the_primary(runs):
     for result in runs["main"]:
         assert result["steps"] == [1, 2]  # the primary's decision saved every step everywhere
         assert result["steps_after_failure"] == [1, 2]
+        assert result["own_barrier_keys"] == ["ckpt_async/own-barrier"], result
         assert result["steps_final"] == [2, 4]
     assert sorted(os.listdir(run)) == ["2", "4"]  # deleted by the primary; no leftovers
 
