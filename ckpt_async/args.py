@@ -57,6 +57,40 @@ def args_classes_for(handler_cls: type) -> dict[str, type]:
     return {}
 
 
+def get_registered_handler_cls(arg: CheckpointArgs | type) -> type:
+    """The handler class ``arg`` (an args class or instance) is registered with (Orbax's
+    name): ``TypeError`` for what is not an args class, ``ValueError`` for one registered
+    with none."""
+    cls = arg if isinstance(arg, type) else type(arg)
+    if not issubclass(cls, CheckpointArgs):
+        raise TypeError(f"{cls} must be a subclass of CheckpointArgs")
+    handler = _HANDLER_FOR_ARGS.get(cls)
+    if handler is None:
+        raise ValueError(f"no CheckpointHandler is registered for {cls.__name__}; use "
+                         "register_with_handler")
+    return handler
+
+
+def get_registered_args_cls(handler: Any) -> tuple[type, type]:
+    """The (save, restore) args classes registered with ``handler`` (a handler class or
+    instance), as Orbax gives them; ``ValueError`` where either is missing."""
+    cls = handler if isinstance(handler, type) else type(handler)
+    pair = _ARGS_FOR_HANDLER.get(cls, {})
+    for kind in ("save", "restore"):
+        if kind not in pair:
+            raise ValueError(f"no CheckpointArgs are registered for {kind} with {cls.__name__}")
+    return pair["save"], pair["restore"]
+
+
+def has_registered_args(handler: Any) -> bool:
+    """Whether ``handler`` (a class or instance) has save and restore args registered."""
+    try:
+        get_registered_args_cls(handler)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclasses.dataclass
 class StandardSave(CheckpointArgs):
     """Save a pytree of arrays and scalars (StandardCheckpointHandler)."""

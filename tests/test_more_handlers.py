@@ -803,3 +803,24 @@ def test_array_item_of_orbax_before_metadata_files(tmp_path):
             restore_args=ocp.ArrayRestoreArgs(sharding=sharding)))
         assert kind(out) == "jax" and out.sharding == sharding
         assert_bits_equal(out, item)
+
+
+@pytest.mark.parametrize("lib_name", list(LIBS))
+def test_args_registry_lookups_as_in_orbax(lib_name):
+    lib = LIBS[lib_name]
+    a = lib.args
+    assert a.get_registered_handler_cls(a.ArraySave) is lib.ArrayCheckpointHandler
+    assert a.get_registered_handler_cls(a.ProtoRestore(struct_pb2.Struct)) is \
+        lib.ProtoCheckpointHandler
+    save, restore = a.get_registered_args_cls(lib.JsonCheckpointHandler())
+    assert (save, restore) == (a.JsonSave, a.JsonRestore)
+    assert a.get_registered_args_cls(lib.JaxRandomKeyCheckpointHandler) == (
+        a.JaxRandomKeySave, a.JaxRandomKeyRestore)
+    assert a.has_registered_args(lib.NumpyRandomKeyCheckpointHandler)
+    assert not a.has_registered_args(object)
+    with pytest.raises(TypeError):
+        a.get_registered_handler_cls(int)
+    with pytest.raises(ValueError):
+        a.get_registered_handler_cls(a.CheckpointArgs)
+    with pytest.raises(ValueError):
+        a.get_registered_args_cls(object())
