@@ -194,21 +194,41 @@ def scenario_main(cfg: dict, out: dict) -> None:
         def should_save(self, step, previous_steps=None, *, context=None):
             return me == 0
 
+    first_array = next(iter(ARRAYS))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=2, save_decision_policy=PrimaryOnlyPolicy(),
         async_options=ocp.AsyncOptions(timeout_secs=120))
     mngr = ocp.CheckpointManager(cfg["manager"], options=options)
     for step in range(3):
+        state = make_state(mesh)
         fut = mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(make_state(mesh)),
-            meta=ocp.args.JsonSave({"step": step})))
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave({"step": step}),
+            # Orbax's smaller handlers across processes: an array spread over both, a key
+            arr=ocp.args.ArraySave(state[first_array]),
+            key=ocp.args.JaxRandomKeySave(jax.random.key(step))))
         assert fut is not None, f"process {me}: step {step} was skipped"
     mngr.wait_until_finished()
     out["steps"] = mngr.all_steps()
     restored = mngr.restore(2, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target(mesh, True)), meta=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(target(mesh, True)), meta=ocp.args.JsonRestore(),
+        arr=ocp.args.ArrayRestore(restore_args=ocp.ArrayRestoreArgs(
+            sharding=target(mesh, True)[first_array].sharding)),
+        key=ocp.args.JaxRandomKeyRestore(restore_args=ocp.ArrayRestoreArgs(
+            sharding=NamedSharding(mesh, P())))))
     out["checked"]["manager step 2"] = check_state(restored.state, mesh, True)
     assert restored.meta == {"step": 2}
+    expected = full(first_array)
+    for shard in restored.arr.addressable_shards:
+        assert np.asarray(shard.data).tobytes() == \
+            np.ascontiguousarray(expected[shard.index]).tobytes(), shard.index
+    out["checked"]["manager step 2 ArraySave"] = len(restored.arr.addressable_shards)
+    assert jax.random.key_data(restored.key).tolist() == \
+        jax.random.key_data(jax.random.key(2)).tolist()
+    # As saved: on the one device of process 0 it was saved from, which process 1 lacks.
+    as_saved = jax.random.key_data(mngr.restore(2, args=ocp.args.Composite(
+        key=ocp.args.JaxRandomKeyRestore())).key)
+    out["key as saved"] = [np.asarray(sh.data).tolist() for sh in as_saved.addressable_shards]
 
     # Process 1 fails while writing step 3: both raise, naming it; nothing becomes visible.
     original = _serialize.ItemWriter.write

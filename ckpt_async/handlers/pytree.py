@@ -1216,8 +1216,10 @@ class _Reader:
         def devices_of(shape: tuple[int, ...]) -> list[tuple[slice, ...] | None]:
             return list(sharding.addressable_devices_indices_map(shape).values())
 
-        shape, local = await self._read_region(name, tleaf, rarg, devices_of)
-        return jax.make_array_from_callback(shape, sharding, local)
+        shape, dtype, local = await self._read_region(name, tleaf, rarg, devices_of)
+        # (dtype: for a process none of whose devices hold a part, such as one not holding
+        # the single device an array was saved on)
+        return jax.make_array_from_callback(shape, sharding, local, dtype=dtype)
 
     async def _read_replica(self, name: str, tleaf: Any, rarg: Any,
                             plan: _ReplicaPlan) -> _Broadcast | jax.Array:
@@ -1235,7 +1237,7 @@ class _Reader:
             return [idx[1:] for idx in plan.stacked.addressable_devices_indices_map(
                 (plan.replicas, *shape)).values() if idx and (idx[0].start or 0) == plan.primary]
 
-        shape, local = await self._read_region(name, tleaf, rarg, primary_devices)
+        shape, _dtype, local = await self._read_region(name, tleaf, rarg, primary_devices)
         bits = _BITS[dtype.itemsize]
 
         def piece(index: tuple[slice, ...] | None) -> np.ndarray:
@@ -1251,10 +1253,10 @@ class _Reader:
 
     async def _read_region(self, name: str, tleaf: Any, rarg: Any, devices_of: Callable[
             [tuple[int, ...]], list[tuple[slice, ...] | None]]) -> tuple[
-            tuple[int, ...], Callable[[tuple[slice, ...] | None], np.ndarray]]:
-        """The shape the restore of ``name`` asks for, and a function giving the part of it
-        at an index, for each index in ``devices_of(shape)``: the region they cover is read
-        at once (nothing, if none)."""
+            tuple[int, ...], np.dtype, Callable[[tuple[slice, ...] | None], np.ndarray]]:
+        """The shape and dtype the restore of ``name`` asks for, and a function giving the
+        part of it at an index, for each index in ``devices_of(shape)``: the region they
+        cover is read at once (nothing, if none)."""
         store = await ser.open_array(self.ctx, self.dir, name, use_ocdbt=self.doc.use_ocdbt,
                                      use_zarr3=self.doc.use_zarr3)
         stored = tuple(store.shape)
@@ -1265,6 +1267,7 @@ class _Reader:
         entry = self.sums.arrays.get(name) if self.sums is not None else None
         chunks = tuple(entry.chunks) if entry is not None else (1,) * len(shape)
         dtype = getattr(rarg, "dtype", None) or getattr(tleaf, "dtype", None)
+        out_dtype = np.dtype(dtype or store.dtype.numpy_dtype)
 
         def bounds(index: tuple[slice, ...] | None) -> list[tuple[int, int, int]]:
             index = index or tuple(slice(None) for _ in shape)
@@ -1272,8 +1275,8 @@ class _Reader:
 
         indices = [[slice(a, z) for a, z, _ in bounds(idx)] for idx in devices_of(shape)]
         if not indices:
-            return shape, lambda index: np.zeros(  # (nothing of this process's to read)
-                [z - a for a, z, _ in bounds(index)], dtype or store.dtype.numpy_dtype)
+            return shape, out_dtype, lambda index: np.zeros(  # (nothing of this process's)
+                [z - a for a, z, _ in bounds(index)], out_dtype)
         box = tuple(
             slice(min(n, min(i[d].start for i in indices) // c * c),
                   min(n, -(-max(i[d].stop for i in indices) // c) * c))
@@ -1295,7 +1298,7 @@ class _Reader:
                                  for (a, z, _), b, n in zip(want, box, stored, strict=True))]
             return _fit(piece, tuple(z - a for a, z, _ in want))  # (past the stored end: 0)
 
-        return shape, local
+        return shape, out_dtype, local
 
     def _place(self, name: str, arr: np.ndarray, tleaf: Any, rarg: Any, vt: str) -> Any:
         """Casts and places one restored array as the target leaf (or restore arg) asks (a
