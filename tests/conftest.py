@@ -13,6 +13,17 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import pytest  # noqa: E402 - after the environment above
 
 
+@pytest.fixture(scope="module")
+def mesh():
+    """The four CPU devices as a 2 x 2 mesh ("x", "y")."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    assert len(jax.devices()) == 4, "the environment above sets four CPU devices"
+    return Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y"))
+
+
 @pytest.fixture
 def fsynced(monkeypatch) -> list[str]:
     """The path of every file and directory fsynced from here on (``os.fsync``, by the

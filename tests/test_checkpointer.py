@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from _checks import assert_bits_equal
+from jax.sharding import NamedSharding, PartitionSpec
 
 import ckpt_async as ocp
 import ckpt_async._serialize as ser
@@ -51,23 +52,10 @@ def sample(dtype, shape=(3, 4)) -> np.ndarray:
     return (np.arange(n) / 4).astype(dt).reshape(shape)
 
 
-def assert_bits_equal(actual, expected):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.dtype == expected.dtype
-    assert actual.shape == expected.shape
-    if expected.dtype.itemsize:
-        np.testing.assert_array_equal(actual.reshape(-1).view(np.uint8),
-                                      expected.reshape(-1).view(np.uint8))
-
 
 def no_tmp_dirs(parent) -> bool:
     return not [n for n in os.listdir(parent) if ".orbax-checkpoint-tmp" in n]
 
-
-@pytest.fixture(scope="module")
-def mesh():
-    assert len(jax.devices()) == 4, "tests/conftest.py sets four CPU devices"
-    return Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y"))
 
 
 SYNC_FACES = {

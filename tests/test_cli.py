@@ -47,10 +47,6 @@ def state(step: int, mesh: Mesh) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def mesh():
-    return Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("x", "y"))
-
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, mesh) -> Path:

@@ -18,7 +18,7 @@ import weakref
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 import ckpt_async as ocp
 import ckpt_async._commit as ca_commit
@@ -85,10 +85,6 @@ class CommitGate:
 def gate(monkeypatch):
     return CommitGate(monkeypatch)
 
-
-@pytest.fixture
-def mesh():
-    return Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("x", "y"))
 
 
 def fail_commit_of(monkeypatch, step_name: str):

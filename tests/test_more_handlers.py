@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as orbax  # a test dependency: missing is a failure
 import pytest
+from _checks import assert_bits_equal
 from google.protobuf import duration_pb2, struct_pb2, text_format, timestamp_pb2
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 import ckpt_async as ocp
 
@@ -47,21 +48,8 @@ TYPESTRS = {"state": STANDARD_T, "arr": ARRAY_T, "npa": ARRAY_T, "scal": ARRAY_T
             "key": JAX_KEY_T, "rawkey": JAX_KEY_T, "nplegacy": NP_KEY_T, "proto": PROTO_T}
 
 
-@pytest.fixture(scope="module")
-def mesh():
-    assert len(jax.devices()) == 4, "tests/conftest.py sets four CPU devices"
-    return Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y"))
-
 
 # --- values and checks --------------------------------------------------------------------------
-def assert_bits_equal(actual, expected):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.dtype == expected.dtype
-    assert actual.shape == expected.shape
-    np.testing.assert_array_equal(actual.reshape(-1).view(np.uint8),
-                                  expected.reshape(-1).view(np.uint8))
-
-
 def kind(x):
     """What a restored value is, as far as a user's code can tell."""
     if isinstance(x, jax.Array):

@@ -16,23 +16,10 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as orbax  # noqa: E402 - a test dependency: missing is a failure
 import pytest
+from _checks import assert_bits_equal
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import ckpt_async as ocp
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    assert len(jax.devices()) == 4, "tests/conftest.py sets four CPU devices"
-    return Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y"))
-
-
-def assert_bits_equal(actual, expected):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.dtype == expected.dtype
-    assert actual.shape == expected.shape
-    np.testing.assert_array_equal(actual.reshape(-1).view(np.uint8),
-                                  expected.reshape(-1).view(np.uint8))
 
 
 def make_state(mesh) -> dict:

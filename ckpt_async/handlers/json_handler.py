@@ -16,6 +16,34 @@ from ..multihost import current_roles
 from .base import AsyncCheckpointHandler, Writer, engine_method
 
 
+def document_writer(directory: AnyPath, filename: str, data: bytes) -> Writer:
+    """The writer of an item that is one document, ``data`` at ``directory/filename``, with
+    its checksum: the primary process writes it (made durable by the commit's fsync of the
+    whole checkpoint)."""
+
+    async def write() -> None:
+        if current_roles().is_primary:
+            await storage.write_files([
+                (directory / filename, data),
+                (directory / _integrity.CHECKSUMS,
+                 _integrity.checksums_document({filename: data}, {}, {}))])
+
+    return Writer(write, len(data))
+
+
+async def read_document(directory: AnyPath, filename: str, kind: str) -> bytes:
+    """The document of such an item, checked against its checksum where there is one;
+    ``kind`` names the item in the error when it is missing."""
+    path = directory / filename
+    try:
+        data = await storage.read_bytes(path)
+    except CheckpointNotFoundError:
+        raise CheckpointNotFoundError(f"{path} does not exist: no {kind} item here") from None
+    _integrity.check_document(directory, filename, data,
+                              await _integrity.read_checksums(directory))
+    return data
+
+
 class JsonCheckpointHandler(AsyncCheckpointHandler):
     """Saves and restores a JSON-serializable document (dicts, lists, numbers, strings)."""
 
@@ -34,27 +62,12 @@ class JsonCheckpointHandler(AsyncCheckpointHandler):
             raise UnsupportedLeafError(
                 f"{directory}: item is not JSON-serializable: {exc}") from exc
 
-        async def write() -> None:
-            if not current_roles().is_primary:
-                return  # one document per item: the primary process writes it
-            # (made durable by the commit's fsync of the whole checkpoint)
-            await storage.write_files([
-                (directory / self._filename, data),
-                (directory / _integrity.CHECKSUMS,
-                 _integrity.checksums_document({self._filename: data}, {}, {}))])
-
-        return Writer(write, len(data))
+        return document_writer(directory, self._filename, data)
 
     @engine_method
     async def restore(self, directory: AnyPath, args: JsonRestore | None = None) -> Any:
-        path = directory / self._filename
-        try:
-            data = await storage.read_bytes(path)
-        except CheckpointNotFoundError:
-            raise CheckpointNotFoundError(f"{path} does not exist: no JSON item here") from None
-        _integrity.check_document(directory, self._filename, data,
-                                  await _integrity.read_checksums(directory))
-        return fmt.decode(data, Any, where=str(path))
+        data = await read_document(directory, self._filename, "JSON")
+        return fmt.decode(data, Any, where=str(directory / self._filename))
 
     @engine_method
     async def metadata(self, directory: AnyPath) -> None:

@@ -9,13 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _format as fmt
-from .. import _integrity
-from .. import _storage as storage
 from .._paths import AnyPath, coerce
 from ..args import ProtoRestore, ProtoSave, register_with_handler
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError
-from ..multihost import current_roles
+from ..errors import CorruptCheckpointError
 from .base import AsyncCheckpointHandler, Writer, engine_method
+from .json_handler import document_writer, read_document
 
 _DEFAULT_FILENAME = "proto.pbtxt"
 
@@ -49,28 +47,16 @@ class ProtoCheckpointHandler(AsyncCheckpointHandler):
             raise TypeError(f"{directory}: ProtoSave takes a protocol buffer message, not "
                             f"{type(message).__name__}: {exc}") from exc
 
-        async def write() -> None:
-            if not current_roles().is_primary:
-                return
-            await storage.write_files([
-                (directory / self._filename, data),
-                (directory / _integrity.CHECKSUMS,
-                 _integrity.checksums_document({self._filename: data}, {}, {}))])
-
-        return Writer(write, len(data))
+        return document_writer(directory, self._filename, data)
 
     @engine_method
     async def restore(self, directory: AnyPath, args: ProtoRestore | None = None) -> Any:
         if args is None or args.item is None:
             raise ValueError(f"{directory}: restoring a protocol buffer needs its message "
                              "class: ProtoRestore(MessageClass)")
-        path = coerce(directory) / self._filename
-        try:
-            data = await storage.read_bytes(path)
-        except CheckpointNotFoundError:
-            raise CheckpointNotFoundError(f"{path} does not exist: no proto item here") from None
-        _integrity.check_document(directory, self._filename, data,
-                                  await _integrity.read_checksums(directory))
+        directory = coerce(directory)
+        data = await read_document(directory, self._filename, "proto")
+        path = directory / self._filename
         text_format = _text_format()
         try:
             return text_format.Parse(data.decode(), args.item())
