@@ -9,6 +9,7 @@ of these and forward every call.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -172,6 +173,8 @@ class AsyncCheckpointer:
         self.async_options = async_options or AsyncOptions()
         self.multiprocessing_options = multiprocessing_options
         self._pending: list[CommitFuture] = []
+        #: Commits :meth:`cancel` cancelled: their CancelledError is not a failure to report.
+        self._cancelled: weakref.WeakSet[CommitFuture] = weakref.WeakSet()
         #: Where each commit in flight writes (a later save there waits for it).
         self._pending_paths: weakref.WeakKeyDictionary[CommitFuture, AnyPath] = (
             weakref.WeakKeyDictionary())
@@ -206,8 +209,7 @@ class AsyncCheckpointer:
         # for every previous save): otherwise a forced one cleared an object-store prefix the
         # other was writing, and an unforced one failed only at its commit.
         for fut in [f for f in self._pending if self._pending_paths.get(f) == path]:
-            with contextlib.suppress(Exception):  # (its failure: check_for_errors, below)
-                await fut
+            await self._outcome(fut)  # (its failure: check_for_errors, below)
 
         async def precheck() -> None:
             self.check_for_errors()
@@ -419,6 +421,8 @@ class AsyncCheckpointer:
         except BaseException as exc:
             if primary:
                 await _commit.abort(tmp)
+            if isinstance(exc, asyncio.CancelledError):
+                raise  # (cancel(): nothing was committed, and what was written is gone)
             if callback_failure and exc is callback_failure[0]:
                 raise  # (the caller's own exception, as Orbax raises it)
             if isinstance(exc, TimeoutError | asyncio.TimeoutError) and \
@@ -443,15 +447,46 @@ class AsyncCheckpointer:
         return path
 
     # -- waiting --------------------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Cancels every commit of this checkpointer still in flight (Orbax's ``cancel``;
+        any thread). None of them becomes visible: each stops writing and removes its
+        temporary directory (one that had already renamed it stays, whole). Their futures
+        raise ``concurrent.futures.CancelledError``; :meth:`wait_until_finished` waits for
+        their clean-up and reports nothing of them. With several processes, every process
+        must cancel (the others' barriers would time out)."""
+        rt = get_runtime()
+        for fut in list(self._pending):
+            if not fut.done():
+                self._cancelled.add(fut)
+                rt.cancel_spawned(fut)
+
+    def _failure(self, fut: CommitFuture, exc: BaseException | None) -> BaseException | None:
+        """A finished commit's error to report: none for one :meth:`cancel` cancelled."""
+        if fut in self._cancelled and isinstance(exc, concurrent.futures.CancelledError):
+            return None
+        return exc
+
+    async def _outcome(self, fut: CommitFuture) -> BaseException | None:
+        """Waits for a commit of ours; returns its error to report (:meth:`_failure`). The
+        cancellation of the waiting task itself is raised (it leaves the commit running)."""
+        try:
+            await fut
+        except asyncio.CancelledError as exc:  # (asyncio's name for a cancelled commit's too)
+            task = asyncio.current_task()
+            if not fut.done() or (task is not None and task.cancelling()):
+                raise
+            return self._failure(fut, concurrent.futures.CancelledError(*exc.args))
+        except Exception as exc:  # noqa: BLE001 - given to the caller
+            return self._failure(fut, exc)
+        return None
+
     @on_engine
     async def wait_until_finished(self) -> None:
         """Waits for every pending commit; raises the first failure."""
         errors = []
         for fut in list(self._pending):
-            try:
-                await fut  # (a cancelled wait raises here, leaving the rest pending)
-            except Exception as exc:  # noqa: BLE001 - collected, first re-raised
-                errors.append(exc)
+            if (failure := await self._outcome(fut)) is not None:
+                errors.append(failure)
             with contextlib.suppress(ValueError):  # (or taken by check_for_errors meanwhile)
                 self._pending.remove(fut)
         if errors:
@@ -462,7 +497,7 @@ class AsyncCheckpointer:
         for fut in list(self._pending):
             if fut.done():
                 self._pending.remove(fut)
-                exc = fut.exception()
+                exc = self._failure(fut, fut.exception())
                 if exc is not None:
                     raise exc
 

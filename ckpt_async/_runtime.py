@@ -410,6 +410,9 @@ class Runtime:
         self._bg_tasks = 0
         self._ticking = False
         self._pending: weakref.WeakSet[concurrent.futures.Future[Any]] = weakref.WeakSet()
+        #: The task behind each future of spawn() still referenced (for cancel_spawned).
+        self._spawned: weakref.WeakKeyDictionary[CommitFuture, asyncio.Task[None]] = (
+            weakref.WeakKeyDictionary())
         # The loop holds tasks weakly only: keep every task we start until it is done, so a
         # background commit cannot be garbage-collected mid-flight.
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -525,7 +528,8 @@ class Runtime:
         raise exc
 
     def spawn(self, coro: Awaitable[T]) -> CommitFuture:
-        """Starts a background task on the engine loop (call from the engine loop)."""
+        """Starts a background task on the engine loop (call from the engine loop); its
+        future can be cancelled with :meth:`cancel_spawned`."""
         fut = CommitFuture()
         fut.set_running_or_notify_cancel()
 
@@ -533,14 +537,25 @@ class Runtime:
             mark_background()
             try:
                 result = await coro
+            except asyncio.CancelledError:  # (cancel_spawned: the future's own error type)
+                fut.set_exception(concurrent.futures.CancelledError(
+                    "cancelled before it finished"))
             except BaseException as exc:  # noqa: BLE001 - handed to the future
                 fut.set_exception(_unwrap(exc))
             else:
                 fut.set_result(result)
 
-        self._start_task(runner())
+        self._spawned[fut] = self._start_task(runner())
         self._pending.add(fut)
         return fut
+
+    def cancel_spawned(self, fut: CommitFuture) -> None:
+        """Cancels the task behind a future of :meth:`spawn` (any thread); its future then
+        raises ``concurrent.futures.CancelledError``, once the task has ended (what it does
+        on cancellation, such as removing what it wrote, runs first)."""
+        task = self._spawned.get(fut)
+        if task is not None and not fut.done():
+            self.loop.call_soon_threadsafe(task.cancel)
 
     async def to_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs blocking ``fn`` in a worker thread, bounded by the runtime's limiter; from

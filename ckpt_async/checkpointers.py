@@ -106,6 +106,11 @@ class AsyncCheckpointer(AbstractCheckpointer):
     def check_for_errors(self) -> None:
         self.async_checkpointer.check_for_errors()
 
+    def cancel(self) -> None:
+        """Cancels the saves still committing in the background: none of them becomes
+        visible (Orbax's ``cancel``; see :meth:`ckpt_async.aio.AsyncCheckpointer.cancel`)."""
+        self.async_checkpointer.cancel()
+
     def close(self) -> None:
         self._saver.waits(self.async_checkpointer)
         self._rt.call(self.async_checkpointer.close)

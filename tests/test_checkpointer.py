@@ -695,3 +695,44 @@ def test_managers_call_the_post_finalization_callback_of_their_async_options(tmp
                                              async_options=options.async_options)
     with pytest.raises(ValueError, match="post_finalization_callback"):
         ocp.CheckpointManager(tmp_path / "s", options=sync_only)
+
+
+@pytest.mark.parametrize("kind", ["pytree", "composite"])
+def test_cancel_stops_the_commits_in_flight(tmp_path, monkeypatch, kind):
+    # Orbax's AsyncCheckpointer.cancel(): the save in flight never becomes visible, what it
+    # wrote is removed, its future raises CancelledError, and the checkpointer goes on.
+    import concurrent.futures
+
+    writing = threading.Event()
+    real_write = ser.ItemWriter.write
+
+    async def stuck(self, batch):
+        writing.set()
+        await asyncio.sleep(120)  # (a disk that stopped answering: only cancel ends it)
+
+    monkeypatch.setattr(ser.ItemWriter, "write", stuck)
+    state = {"w": np.arange(64, dtype=np.float32), "b": np.ones(3, np.int8)}
+    if kind == "pytree":
+        ckptr, args = ocp.StandardCheckpointer(), ocp.args.StandardSave(state)
+    else:
+        ckptr = ocp.AsyncCheckpointer(ocp.CompositeCheckpointHandler())
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  meta=ocp.args.JsonSave({"step": 1}))
+    ckptr.cancel()  # nothing in flight: nothing happens
+    ckptr.save(tmp_path / "a", args=args)
+    assert writing.wait(30)
+    assert ckptr.async_checkpointer.is_saving_in_progress()
+    ckptr.cancel()
+    with pytest.raises(concurrent.futures.CancelledError):
+        ckptr.last_commit.result(timeout=60)
+    ckptr.wait_until_finished()  # the cancelled commit is not a failure to report
+    ckptr.check_for_errors()
+    assert os.listdir(tmp_path) == []  # not committed, its temporary directory removed
+    monkeypatch.setattr(ser.ItemWriter, "write", real_write)
+    ckptr.save(tmp_path / "a", args=args)
+    ckptr.wait_until_finished()
+    restored = ckptr.restore(tmp_path / "a")
+    restored = restored if kind == "pytree" else restored.state
+    for key, value in state.items():
+        assert_bits_equal(restored[key], value)
+    ckptr.close()
