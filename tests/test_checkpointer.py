@@ -736,3 +736,31 @@ def test_cancel_stops_the_commits_in_flight(tmp_path, monkeypatch, kind):
     for key, value in state.items():
         assert_bits_equal(restored[key], value)
     ckptr.close()
+
+
+def test_a_save_right_after_cancel_waits_for_the_cancelled_commit(tmp_path, monkeypatch):
+    import concurrent.futures
+
+    writing = threading.Event()
+    real_write = ser.ItemWriter.write
+
+    async def stuck(self, batch):
+        writing.set()
+        await asyncio.sleep(120)
+
+    monkeypatch.setattr(ser.ItemWriter, "write", stuck)
+    state = {"w": np.arange(16, dtype=np.float32)}
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp_path / "a", args=ocp.args.StandardSave(state))
+    assert writing.wait(30)
+    ckptr.cancel()
+    cancelled = ckptr.last_commit
+    monkeypatch.setattr(ser.ItemWriter, "write", real_write)
+    # The same path: this save waits for the cancelled commit's clean-up, then saves.
+    ckptr.save(tmp_path / "a", args=ocp.args.StandardSave(state))
+    with pytest.raises(concurrent.futures.CancelledError):
+        cancelled.result(timeout=60)
+    ckptr.wait_until_finished()
+    assert os.listdir(tmp_path) == ["a"]
+    assert_bits_equal(ckptr.restore(tmp_path / "a")["w"], state["w"])
+    ckptr.close()
