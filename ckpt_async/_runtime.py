@@ -620,7 +620,10 @@ class Runtime:
             else:
                 with contextlib.suppress(concurrent.futures.InvalidStateError):
                     done.set_result(value)
-            finally:
+            finally:  # (as asyncio.run ends its loop)
+                with contextlib.suppress(Exception):
+                    loop.run_until_complete(loop.shutdown_asyncgens())
+                    loop.run_until_complete(loop.shutdown_default_executor())
                 loop.close()
 
         def cancel() -> None:
