@@ -9,7 +9,10 @@ store a prefix holding ``commit_success.txt``.
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
+
+import jax
 
 from . import _commit
 from . import _format as fmt
@@ -26,6 +29,7 @@ from .multihost import (
     sync_global_processes,
 )
 from .tree import (
+    _is_empty_or_leaf,
     _key_name,
     deserialize_tree,
     from_flat_dict,
@@ -36,6 +40,7 @@ from .tree import (
 
 __all__ = [
     "TMP_DIR_SUFFIX",
+    "all_leaves_are_placeholders",
     "fully_replicated_host_local_array_to_global_array",
     "any_checkpoint_step",
     "checkpoint_steps",
@@ -45,11 +50,18 @@ __all__ = [
     "get_key_name",
     "get_save_directory",
     "is_checkpoint_finalized",
+    "is_empty_node",
+    "is_empty_or_leaf",
+    "is_gcs_path",
     "is_pathways_backend",
     "is_primary_host",
     "is_scalar",
     "is_tmp_checkpoint",
+    "leaf_is_placeholder",
+    "leaf_placeholder",
+    "name_from_leaf_placeholder",
     "reached_preemption",
+    "record_saved_duration",
     "serialize_tree",
     "step_from_checkpoint_name",
     "sync_global_devices",
@@ -166,3 +178,66 @@ def tmp_checkpoints(checkpoint_dir: Any) -> list[str]:
     on an object store step prefixes without ``commit_success.txt``)."""
     return [name for name, kind in _scan(checkpoint_dir).leftovers
             if kind in ("tmp", "uncommitted")]
+
+
+# -- Orbax's older helpers (t5x's checkpointing calls them) --------------------------------------
+#: Prefixes of the strings that stood in the msgpack tree of Orbax's first format for values
+#: saved elsewhere (by TensorStore, or aggregated into that file).
+_PLACEHOLDER_PREFIX = "PLACEHOLDER://"
+_AGGREGATED_PREFIX = "AGGREGATED://"
+
+
+def leaf_placeholder(name: str) -> str:
+    """The placeholder string of the value saved as ``name``."""
+    return _PLACEHOLDER_PREFIX + name
+
+
+def leaf_is_placeholder(leaf: Any) -> bool:
+    """Whether ``leaf`` is such a placeholder string."""
+    return isinstance(leaf, str) and leaf.startswith((_PLACEHOLDER_PREFIX, _AGGREGATED_PREFIX))
+
+
+def name_from_leaf_placeholder(placeholder: str) -> str:
+    """The name in a placeholder string; ``ValueError`` for anything else."""
+    for prefix in (_AGGREGATED_PREFIX, _PLACEHOLDER_PREFIX):
+        if isinstance(placeholder, str) and placeholder.startswith(prefix):
+            return placeholder[len(prefix):]
+    raise ValueError(f"{placeholder!r} is not a placeholder (no {_PLACEHOLDER_PREFIX!r} or "
+                     f"{_AGGREGATED_PREFIX!r} prefix)")
+
+
+def all_leaves_are_placeholders(tree: Any) -> bool:
+    """Whether every leaf of ``tree`` is a placeholder string."""
+    return all(leaf_is_placeholder(leaf) for leaf in jax.tree.leaves(tree))
+
+
+def is_empty_or_leaf(x: Any) -> bool:
+    """A leaf, or a pytree node without children (``{}``, ``[]``, ``()``, None, an empty
+    dataclass node)."""
+    return _is_empty_or_leaf(x)
+
+
+def is_empty_node(x: Any) -> bool:
+    """A pytree node without children (a leaf is not one)."""
+    return not jax.tree_util.all_leaves([x]) and _is_empty_or_leaf(x)
+
+
+def is_gcs_path(path: Any) -> bool:
+    """Whether ``path`` (a string or a path object) names a Google Cloud Storage location."""
+    return str(path).startswith("gs://")
+
+
+#: When the last checkpoint began (the process's start before the first).
+_last_checkpoint_start = time.time()
+
+
+def record_saved_duration(checkpoint_start_time: float) -> None:
+    """Records, as jax's monitoring event
+    ``/jax/checkpoint/write/duration_since_last_checkpoint_secs``, the time since the last
+    checkpoint began (since the process started, for the first): the training a checkpoint
+    begun at ``checkpoint_start_time`` (``time.time()``) keeps, as Orbax records it."""
+    global _last_checkpoint_start
+    jax.monitoring.record_event_duration_secs(
+        "/jax/checkpoint/write/duration_since_last_checkpoint_secs",
+        checkpoint_start_time - _last_checkpoint_start)
+    _last_checkpoint_start = checkpoint_start_time

@@ -4,6 +4,8 @@ same trees and the same directories (object stores: ``_objstore_suite``)."""
 from __future__ import annotations
 
 import collections
+import dataclasses
+import time
 from pathlib import Path
 
 import jax
@@ -150,3 +152,45 @@ def test_step_paths_and_atomicity_names_as_in_orbax(tmp_path):
         assert str(lib.step.build_step_path(tmp_path, name_format, 7)) == str(
             tmp_path / "ckpt_0007")
     assert ocp.path.atomicity.COMMIT_SUCCESS_FILE == orbax.path.atomicity.COMMIT_SUCCESS_FILE
+
+
+def test_older_helpers_answer_as_orbax_s():
+    # t5x's checkpointing calls these; each is checked against Orbax's on the same values.
+    @dataclasses.dataclass
+    class Empty:
+        pass
+
+    jax.tree_util.register_dataclass(Empty, data_fields=[], meta_fields=[])
+    values = [{}, [], (), None, 1, np.zeros(2), {"a": 1}, [None], Empty(), "PLACEHOLDER://x",
+              {"a": "PLACEHOLDER://a", "b": "AGGREGATED://b"}, {"a": "PLACEHOLDER://a", "b": 2}]
+    for fn in ("is_empty_node", "is_empty_or_leaf", "leaf_is_placeholder",
+               "all_leaves_are_placeholders"):
+        ours, theirs = getattr(ocp.utils, fn), getattr(orbax.utils, fn)
+        for v in values:
+            assert ours(v) == theirs(v), (fn, v)
+    for name in ("params.w", "a/b"):
+        held = ocp.utils.leaf_placeholder(name)
+        assert held == orbax.utils.leaf_placeholder(name)
+        assert ocp.utils.name_from_leaf_placeholder(held) == name
+        assert ocp.utils.name_from_leaf_placeholder("AGGREGATED://" + name) == name
+    with pytest.raises(ValueError):
+        ocp.utils.name_from_leaf_placeholder("params.w")
+    for path in ("gs://bucket/run", "/tmp/run", "s3://bucket/run"):
+        assert ocp.utils.is_gcs_path(path) == path.startswith("gs://")
+
+
+def test_record_saved_duration_records_the_time_since_the_last_checkpoint():
+    seen = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/checkpoint/write/duration_since_last_checkpoint_secs":
+            seen.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        now = time.time()
+        ocp.utils.record_saved_duration(now)
+        ocp.utils.record_saved_duration(now + 30.0)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert len(seen) == 2 and seen[0] >= 0 and seen[1] == pytest.approx(30.0)
