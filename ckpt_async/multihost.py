@@ -168,6 +168,16 @@ def sync_global_processes(name: str, timeout_secs: float = 600,
 sync_global_devices = sync_global_processes
 
 
+def broadcast_one_to_all(in_tree: Any, is_source: bool | None = None) -> Any:
+    """``in_tree`` of the source process (process 0 unless ``is_source`` says) on every
+    process (jax's ``multihost_utils.broadcast_one_to_all``, as Orbax calls it)."""
+    from jax.experimental import multihost_utils
+
+    if is_source is None:
+        is_source = process_index() == 0
+    return multihost_utils.broadcast_one_to_all(in_tree, is_source=is_source)
+
+
 _counters: dict[str, int] = {}
 
 
@@ -269,4 +279,4 @@ __all__ = ["Roles", "Sync", "current_roles", "is_primary_host", "process_count",
            "initialize_distributed_to_device_ids", "initialize_runtime_to_distributed_ids",
            "is_distributed_to_device_ids_initialized", "is_pathways_backend",
            "is_runtime_to_distributed_ids_initialized", "reached_preemption",
-           "process_index", "roles_for", "sync_global_devices", "sync_global_processes"]
+           "process_index", "roles_for", "sync_global_devices", "sync_global_processes", "broadcast_one_to_all"]

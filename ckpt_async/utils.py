@@ -22,6 +22,7 @@ from ._runtime import get_runtime
 from .errors import InvalidArgumentError
 from .manager import _steps
 from .multihost import (
+    broadcast_one_to_all,
     is_pathways_backend,
     is_primary_host,
     reached_preemption,
@@ -43,6 +44,7 @@ __all__ = [
     "all_leaves_are_placeholders",
     "fully_replicated_host_local_array_to_global_array",
     "any_checkpoint_step",
+    "broadcast_one_to_all",
     "checkpoint_steps",
     "checkpoint_steps_paths",
     "deserialize_tree",

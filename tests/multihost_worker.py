@@ -261,6 +261,7 @@ def scenario_main(cfg: dict, out: dict) -> None:
 
     ocp.utils.sync_global_processes("own-barrier", barrier_sync_fn=own_barrier)
     out["own_barrier_keys"] = keys
+    out["broadcast"] = int(ocp.utils.broadcast_one_to_all(np.int32(10 * me + 5)))
 
     # Process 1 never arrives: process 0's save times out naming it.
     if me == 0:
