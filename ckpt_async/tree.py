@@ -147,3 +147,12 @@ def from_flat_dict(flat_dict: dict[Any, Any], target: Any = None, sep: str | Non
             node = node.setdefault(name, {})
         node[parts[-1]] = take(key)
     return out
+
+
+def get_param_names(item: Any, *, include_empty_nodes: bool = True) -> Any:
+    """``item`` with each leaf replaced by its name in a checkpoint: its key path joined with
+    dots (``'params.dense.kernel'``, ``'layers.0.w'``), as Orbax names it. Empty nodes
+    (``{}``, None) are named too, unless ``include_empty_nodes=False``."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: ".".join(str(_key_name(k)) for k in path), item,
+        is_leaf=_is_empty_or_leaf if include_empty_nodes else None)

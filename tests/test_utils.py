@@ -194,3 +194,14 @@ def test_record_saved_duration_records_the_time_since_the_last_checkpoint():
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert len(seen) == 2 and seen[0] >= 0 and seen[1] == pytest.approx(30.0)
+
+
+def test_get_param_names_as_orbax_names_them():
+    Point = collections.namedtuple("Point", "x y")
+    trees = [{"a": {"b": 1, "c": [2, 3]}, "d": None, "e": {}},
+             {"layers": [{"w": np.ones(2)}, {"w": np.zeros(2)}], "step": 7},
+             Point(x=1, y={"z": 2}), {3: "int key", 4: (4, 5)}]
+    for tree in trees:
+        for include in (True, False):
+            assert ocp.tree.get_param_names(tree, include_empty_nodes=include) == \
+                orbax.tree.get_param_names(tree, include_empty_nodes=include), (tree, include)
