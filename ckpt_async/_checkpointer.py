@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -175,6 +176,9 @@ class AsyncCheckpointer:
         self._pending: list[CommitFuture] = []
         #: Commits :meth:`cancel` cancelled: their CancelledError is not a failure to report.
         self._cancelled: weakref.WeakSet[CommitFuture] = weakref.WeakSet()
+        #: Each commit's cancel request, which it checks where nothing it started is running.
+        self._cancel_requests: weakref.WeakKeyDictionary[CommitFuture, threading.Event] = (
+            weakref.WeakKeyDictionary())
         #: Where each commit in flight writes (a later save there waits for it).
         self._pending_paths: weakref.WeakKeyDictionary[CommitFuture, AnyPath] = (
             weakref.WeakKeyDictionary())
@@ -279,8 +283,11 @@ class AsyncCheckpointer:
                          if isinstance(args, Composite) else [])
             stats = {"bytes": writer.nbytes, "arrays": writer.arrays,
                      "blocking_secs": time.perf_counter() - t0, "started": t0}
+            cancel_request = threading.Event()
             fut = get_runtime().spawn(self._finish(
-                writer, tmp, path, meta, item_dirs, force, on_commit, after, stats, sync))
+                writer, tmp, path, meta, item_dirs, force, on_commit, after, stats, sync,
+                cancel_request))
+            self._cancel_requests[fut] = cancel_request
             fut.add_done_callback(lambda _: frozen.close())
             fut.add_done_callback(lambda _: window.close())  # (nothing left to pace or hurry)
         finally:
@@ -363,8 +370,16 @@ class AsyncCheckpointer:
 
     async def _finish(self, writer: Any, tmp: AnyPath, path: AnyPath, meta: fmt.StepMetadata,
                       item_dirs: list[AnyPath], force: bool, on_commit: Any, after: Any,
-                      stats: dict[str, Any], sync: multihost.Sync | None = None) -> AnyPath:
+                      stats: dict[str, Any], sync: multihost.Sync | None = None,
+                      cancel_request: threading.Event | None = None) -> AnyPath:
         primary = sync is None or sync.roles.is_primary
+
+        def check_cancel() -> None:
+            """:meth:`cancel`: dropped here, where nothing this commit started is running."""
+            if cancel_request is not None and cancel_request.is_set():
+                raise concurrent.futures.CancelledError(
+                    f"the save of {path} was cancelled; nothing was committed")
+
         # Orbax's AsyncOptions.post_finalization_callback: called on every process once its
         # part is written (the primary's finalized), before the step is committed; raising
         # fails the save, and nothing is committed.
@@ -384,9 +399,11 @@ class AsyncCheckpointer:
             t_write = time.perf_counter()
             if sync is None:
                 await writer.write()
+                check_cancel()
             else:  # every process writes its part, then they meet; any failure stops them all
                 try:
                     await writer.write()
+                    check_cancel()
                     if callback is not None and not primary:
                         await call_back()
                 except BaseException as exc:
@@ -399,10 +416,12 @@ class AsyncCheckpointer:
                     await after  # the earlier save's own failure is reported by its future
             if primary:
                 try:
+                    check_cancel()
                     await writer.finalize()
                     if callback is not None:
                         await call_back()
                     figures = _record_statistics(meta, stats, t_write, t_wait)
+                    check_cancel()
                     await _commit.commit(tmp, path, meta, item_dirs, replace=force,
                                          statistics=figures)
                 except BaseException as exc:
@@ -421,7 +440,7 @@ class AsyncCheckpointer:
         except BaseException as exc:
             if primary:
                 await _commit.abort(tmp)
-            if isinstance(exc, asyncio.CancelledError):
+            if isinstance(exc, concurrent.futures.CancelledError):
                 raise  # (cancel(): nothing was committed, and what was written is gone)
             if callback_failure and exc is callback_failure[0]:
                 raise  # (the caller's own exception, as Orbax raises it)
@@ -449,16 +468,18 @@ class AsyncCheckpointer:
     # -- waiting --------------------------------------------------------------------------------
     def cancel(self) -> None:
         """Cancels every commit of this checkpointer still in flight (Orbax's ``cancel``;
-        any thread). None of them becomes visible: each stops writing and removes its
-        temporary directory (one that had already renamed it stays, whole). Their futures
-        raise ``concurrent.futures.CancelledError``; :meth:`wait_until_finished` waits for
-        their clean-up and reports nothing of them. With several processes, every process
-        must cancel (the others' barriers would time out)."""
-        rt = get_runtime()
+        any thread): each is dropped instead of committed, at the first point where nothing
+        it started is still running (once the writes under way have ended; a commit already
+        renaming its directory into place is past it, and commits). A dropped commit never
+        becomes visible and its temporary directory is removed; its future raises
+        ``concurrent.futures.CancelledError``, and :meth:`wait_until_finished` waits for it
+        and reports nothing of it. With several processes, cancelling on one drops the
+        commit on all (theirs fail, naming this process)."""
         for fut in list(self._pending):
-            if not fut.done():
+            request = self._cancel_requests.get(fut)
+            if request is not None and not fut.done():
                 self._cancelled.add(fut)
-                rt.cancel_spawned(fut)
+                request.set()
 
     def _failure(self, fut: CommitFuture, exc: BaseException | None) -> BaseException | None:
         """A finished commit's error to report: none for one :meth:`cancel` cancelled."""

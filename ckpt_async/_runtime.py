@@ -410,9 +410,6 @@ class Runtime:
         self._bg_tasks = 0
         self._ticking = False
         self._pending: weakref.WeakSet[concurrent.futures.Future[Any]] = weakref.WeakSet()
-        #: The task behind each future of spawn() still referenced (for cancel_spawned).
-        self._spawned: weakref.WeakKeyDictionary[CommitFuture, asyncio.Task[None]] = (
-            weakref.WeakKeyDictionary())
         # The loop holds tasks weakly only: keep every task we start until it is done, so a
         # background commit cannot be garbage-collected mid-flight.
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -528,8 +525,7 @@ class Runtime:
         raise exc
 
     def spawn(self, coro: Awaitable[T]) -> CommitFuture:
-        """Starts a background task on the engine loop (call from the engine loop); its
-        future can be cancelled with :meth:`cancel_spawned`."""
+        """Starts a background task on the engine loop (call from the engine loop)."""
         fut = CommitFuture()
         fut.set_running_or_notify_cancel()
 
@@ -537,25 +533,14 @@ class Runtime:
             mark_background()
             try:
                 result = await coro
-            except asyncio.CancelledError:  # (cancel_spawned: the future's own error type)
-                fut.set_exception(concurrent.futures.CancelledError(
-                    "cancelled before it finished"))
             except BaseException as exc:  # noqa: BLE001 - handed to the future
                 fut.set_exception(_unwrap(exc))
             else:
                 fut.set_result(result)
 
-        self._spawned[fut] = self._start_task(runner())
+        self._start_task(runner())
         self._pending.add(fut)
         return fut
-
-    def cancel_spawned(self, fut: CommitFuture) -> None:
-        """Cancels the task behind a future of :meth:`spawn` (any thread); its future then
-        raises ``concurrent.futures.CancelledError``, once the task has ended (what it does
-        on cancellation, such as removing what it wrote, runs first)."""
-        task = self._spawned.get(fut)
-        if task is not None and not fut.done():
-            self.loop.call_soon_threadsafe(task.cancel)
 
     async def to_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs blocking ``fn`` in a worker thread, bounded by the runtime's limiter; from
@@ -600,10 +585,11 @@ class Runtime:
                        ) -> tuple[concurrent.futures.Future[T], Callable[[], None]]:
         """Starts ``coro`` at once, from any thread, on an event loop of its own in a thread
         of its own (Orbax's ``CommitFuture``); returns its future and a function that
-        cancels it (the future then raises ``CancelledError``)."""
+        cancels the coroutine (the future raises ``CancelledError`` once it has ended)."""
         done: concurrent.futures.Future[T] = concurrent.futures.Future()
         lock = threading.Lock()
         running: list[tuple[asyncio.AbstractEventLoop, asyncio.Task[T]]] = []
+        cancelled: list[bool] = []
 
         def run() -> None:
             loop = asyncio.new_event_loop()
@@ -611,15 +597,15 @@ class Runtime:
                 with lock:
                     task = loop.create_task(coro)
                     running.append((loop, task))
-                    if done.cancelled():
+                    if cancelled:
                         task.cancel()
                 value = loop.run_until_complete(task)
+            except asyncio.CancelledError:
+                done.set_exception(concurrent.futures.CancelledError(f"{name} was cancelled"))
             except BaseException as exc:  # noqa: BLE001 - handed to the future
-                with contextlib.suppress(concurrent.futures.InvalidStateError):  # (cancelled)
-                    done.set_exception(exc)
+                done.set_exception(exc)
             else:
-                with contextlib.suppress(concurrent.futures.InvalidStateError):
-                    done.set_result(value)
+                done.set_result(value)
             finally:  # (as asyncio.run ends its loop)
                 with contextlib.suppress(Exception):
                     loop.run_until_complete(loop.shutdown_asyncgens())
@@ -628,7 +614,7 @@ class Runtime:
 
         def cancel() -> None:
             with lock:
-                done.cancel()
+                cancelled.append(True)
                 for loop, task in running:
                     with contextlib.suppress(RuntimeError):  # (its loop closed: it finished)
                         loop.call_soon_threadsafe(task.cancel)

@@ -150,18 +150,20 @@ def sync_global_processes(name: str, timeout_secs: float = 600,
                           barrier_sync_fn: Callable[..., None] | None = None,
                           record_event_name: str | None = None) -> None:
     """Blocks until every process (or those in ``processes``) has called this with ``name``.
-    Single-process: returns at once. Orbax's keywords too: ``timeout`` (seconds, for
-    ``timeout_secs``) and ``barrier_sync_fn`` (called as ``fn(key=..., timeout_ms=...)``
-    instead of the distributed client's barrier); ``record_event_name`` is accepted."""
+    Single-process, or with ``processes`` this one alone: returns at once. Orbax's keywords
+    too: ``timeout`` (seconds, for ``timeout_secs``) and ``barrier_sync_fn`` (called as
+    ``fn(key=name, timeout_ms=...)`` instead of the distributed client's barrier);
+    ``record_event_name`` is accepted."""
     if timeout is not None:
         timeout_secs = timeout
-    if process_count() <= 1:
+    processes = None if processes is None else sorted(set(processes))
+    if process_count() <= 1 or processes == [process_index()]:  # (nobody else to wait for)
         return
-    key, timeout_ms = f"{KEY_PREFIX}/{name}", int(timeout_secs * 1000)
+    timeout_ms = int(timeout_secs * 1000)
     if barrier_sync_fn is not None:
-        barrier_sync_fn(key=key, timeout_ms=timeout_ms)
+        barrier_sync_fn(key=name, timeout_ms=timeout_ms)
         return
-    _client().wait_at_barrier(key, timeout_ms, None if processes is None else sorted(processes))
+    _client().wait_at_barrier(f"{KEY_PREFIX}/{name}", timeout_ms, processes)
 
 
 #: Orbax's older name of :func:`sync_global_processes`.

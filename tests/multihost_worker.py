@@ -260,6 +260,8 @@ def scenario_main(cfg: dict, out: dict) -> None:
         jax._src.distributed.global_state.client.wait_at_barrier(key + "-own", timeout_ms)
 
     ocp.utils.sync_global_processes("own-barrier", barrier_sync_fn=own_barrier)
+    # This process alone: nobody to wait for (Orbax skips it too), whatever the function.
+    ocp.utils.sync_global_processes("alone", processes={me}, barrier_sync_fn=own_barrier)
     out["own_barrier_keys"] = keys
     out["broadcast"] = int(ocp.utils.broadcast_one_to_all(np.int32(10 * me + 5)))
 

@@ -697,20 +697,29 @@ def test_managers_call_the_post_finalization_callback_of_their_async_options(tmp
         ocp.CheckpointManager(tmp_path / "s", options=sync_only)
 
 
-@pytest.mark.parametrize("kind", ["pytree", "composite"])
-def test_cancel_stops_the_commits_in_flight(tmp_path, monkeypatch, kind):
-    # Orbax's AsyncCheckpointer.cancel(): the save in flight never becomes visible, what it
-    # wrote is removed, its future raises CancelledError, and the checkpointer goes on.
-    import concurrent.futures
-
-    writing = threading.Event()
+def _held_writes(monkeypatch):
+    """Makes every batch write wait for ``release`` (set by the test) before it writes;
+    ``writing`` is set once one is waiting."""
+    writing, release = threading.Event(), threading.Event()
     real_write = ser.ItemWriter.write
 
-    async def stuck(self, batch):
+    async def held(self, batch):
         writing.set()
-        await asyncio.sleep(120)  # (a disk that stopped answering: only cancel ends it)
+        await asyncio.to_thread(release.wait, 60)
+        await real_write(self, batch)
 
-    monkeypatch.setattr(ser.ItemWriter, "write", stuck)
+    monkeypatch.setattr(ser.ItemWriter, "write", held)
+    return writing, release
+
+
+@pytest.mark.parametrize("kind", ["pytree", "composite"])
+def test_cancel_drops_the_commits_in_flight(tmp_path, monkeypatch, kind):
+    # Orbax's AsyncCheckpointer.cancel(): the save in flight is dropped once the writes under
+    # way end (nothing it started is left running), never becomes visible, its temporary
+    # directory is removed, its future raises CancelledError, and the checkpointer goes on.
+    import concurrent.futures
+
+    writing, release = _held_writes(monkeypatch)
     state = {"w": np.arange(64, dtype=np.float32), "b": np.ones(3, np.int8)}
     if kind == "pytree":
         ckptr, args = ocp.StandardCheckpointer(), ocp.args.StandardSave(state)
@@ -721,14 +730,15 @@ def test_cancel_stops_the_commits_in_flight(tmp_path, monkeypatch, kind):
     ckptr.cancel()  # nothing in flight: nothing happens
     ckptr.save(tmp_path / "a", args=args)
     assert writing.wait(30)
-    assert ckptr.async_checkpointer.is_saving_in_progress()
     ckptr.cancel()
+    cancelled = ckptr.last_commit
+    assert not cancelled.done()  # (its write is still under way: not cut short)
+    release.set()
     with pytest.raises(concurrent.futures.CancelledError):
-        ckptr.last_commit.result(timeout=60)
+        cancelled.result(timeout=60)
     ckptr.wait_until_finished()  # the cancelled commit is not a failure to report
     ckptr.check_for_errors()
     assert os.listdir(tmp_path) == []  # not committed, its temporary directory removed
-    monkeypatch.setattr(ser.ItemWriter, "write", real_write)
     ckptr.save(tmp_path / "a", args=args)
     ckptr.wait_until_finished()
     restored = ckptr.restore(tmp_path / "a")
@@ -741,21 +751,14 @@ def test_cancel_stops_the_commits_in_flight(tmp_path, monkeypatch, kind):
 def test_a_save_right_after_cancel_waits_for_the_cancelled_commit(tmp_path, monkeypatch):
     import concurrent.futures
 
-    writing = threading.Event()
-    real_write = ser.ItemWriter.write
-
-    async def stuck(self, batch):
-        writing.set()
-        await asyncio.sleep(120)
-
-    monkeypatch.setattr(ser.ItemWriter, "write", stuck)
+    writing, release = _held_writes(monkeypatch)
     state = {"w": np.arange(16, dtype=np.float32)}
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(tmp_path / "a", args=ocp.args.StandardSave(state))
     assert writing.wait(30)
     ckptr.cancel()
     cancelled = ckptr.last_commit
-    monkeypatch.setattr(ser.ItemWriter, "write", real_write)
+    release.set()
     # The same path: this save waits for the cancelled commit's clean-up, then saves.
     ckptr.save(tmp_path / "a", args=ocp.args.StandardSave(state))
     with pytest.raises(concurrent.futures.CancelledError):
@@ -763,4 +766,54 @@ def test_a_save_right_after_cancel_waits_for_the_cancelled_commit(tmp_path, monk
     ckptr.wait_until_finished()
     assert os.listdir(tmp_path) == ["a"]
     assert_bits_equal(ckptr.restore(tmp_path / "a")["w"], state["w"])
+    ckptr.close()
+
+
+def test_a_commit_past_its_last_check_commits_despite_cancel(tmp_path, monkeypatch):
+    # A cancel that arrives while the commit renames its directory into place is too late:
+    # the step is whole and visible, and its future says so.
+    from ckpt_async import _commit
+
+    renaming, release = threading.Event(), threading.Event()
+    real_commit = _commit.commit
+
+    async def slow_commit(*args, **kwargs):
+        renaming.set()
+        await asyncio.to_thread(release.wait, 60)
+        return await real_commit(*args, **kwargs)
+
+    monkeypatch.setattr(_commit, "commit", slow_commit)
+    state = {"w": np.arange(16, dtype=np.float32)}
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp_path / "a", args=ocp.args.StandardSave(state))
+    assert renaming.wait(30)
+    ckptr.cancel()
+    release.set()
+    assert ckptr.last_commit.result(timeout=60) == tmp_path / "a"
+    ckptr.wait_until_finished()
+    assert_bits_equal(ckptr.restore(tmp_path / "a")["w"], state["w"])
+    ckptr.close()
+
+
+def test_cancel_of_real_writes_leaves_a_whole_checkpoint_or_nothing(tmp_path):
+    # No stand-ins: compressed TensorStore writes and data-file threads are under way when
+    # cancel() lands. Whichever way it ends, nothing is left half-written: a dropped commit
+    # leaves no directory at all, one past its last check is whole.
+    import concurrent.futures
+
+    rng = np.random.default_rng(0)
+    state = {f"w{i}": rng.standard_normal(1 << 20).astype(np.float32) for i in range(8)}
+    ckptr = ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(use_compression=True))
+    ckptr.save(tmp_path / "a", args=ocp.args.PyTreeSave(state))
+    ckptr.cancel()
+    try:
+        ckptr.last_commit.result(timeout=120)
+    except concurrent.futures.CancelledError:
+        ckptr.wait_until_finished()
+        assert os.listdir(tmp_path) == []
+    else:
+        assert os.listdir(tmp_path) == ["a"]
+        restored = ckptr.restore(tmp_path / "a")
+        for key, value in state.items():
+            assert_bits_equal(restored[key], value)
     ckptr.close()

@@ -812,3 +812,24 @@ def test_args_registry_lookups_as_in_orbax(lib_name):
         a.get_registered_handler_cls(a.CheckpointArgs)
     with pytest.raises(ValueError):
         a.get_registered_args_cls(object())
+
+
+def test_a_cancelled_commit_future_ends_after_its_coroutine():
+    # As Orbax's: result() raises CancelledError once the coroutine has run its clean-up.
+    cleaned = threading.Event()
+    started = threading.Event()
+
+    async def write():
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        finally:
+            await asyncio.sleep(0.2)  # (the clean-up of a write cut short)
+            cleaned.set()
+
+    fut = ocp.future.CommitFutureAwaitingContractedSignals(write(), name="w")
+    assert started.wait(10)
+    fut.cancel()
+    with pytest.raises(concurrent.futures.CancelledError):
+        fut.result(timeout=30)
+    assert cleaned.is_set()

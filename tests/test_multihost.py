@@ -168,7 +168,7 @@ def test_manager_retention_and_decisions_follow_the_primary(runs):
     for result in runs["main"]:
         assert result["steps"] == [1, 2]  # the primary's decision saved every step everywhere
         assert result["steps_after_failure"] == [1, 2]
-        assert result["own_barrier_keys"] == ["ckpt_async/own-barrier"], result
+        assert result["own_barrier_keys"] == ["own-barrier"], result
         assert result["broadcast"] == 5  # process 0's value, on both
         assert result["checked"]["manager step 2"] == 6
         assert result["checked"]["manager step 2 ArraySave"] == 2  # its shards, bit-exact

@@ -20,6 +20,7 @@ from .. import _storage as storage
 from .. import type_handlers
 from .._paths import AnyPath, coerce
 from ..args import ArrayRestore, ArraySave, PyTreeRestore, PyTreeSave, register_with_handler
+from ..errors import UnsupportedLeafError
 from .base import AsyncCheckpointHandler, Writer, engine_method
 from .pytree import PyTreeCheckpointHandler
 
@@ -32,8 +33,9 @@ def _is_supported(item: Any) -> bool:
 
 class ArrayCheckpointHandler(AsyncCheckpointHandler):
     """Saves and restores one array or scalar (``ArraySave`` / ``ArrayRestore``): a
-    ``jax.Array`` restores as a ``jax.Array``, a NumPy array as a NumPy array, a number as a
-    Python number, unless the restore args say otherwise."""
+    ``jax.Array`` restores as a ``jax.Array``, a NumPy array as a NumPy array, a Python
+    number as one and a NumPy scalar with its type (Orbax gives a Python number), unless
+    the restore args say otherwise."""
 
     typestr = fmt.ARRAY_TYPESTR
 
@@ -44,7 +46,7 @@ class ArrayCheckpointHandler(AsyncCheckpointHandler):
     async def stage(self, directory: AnyPath, args: ArraySave) -> Writer:
         item = args.item
         if not _is_supported(item):
-            raise TypeError(f"{directory}: ArraySave takes an array or a scalar, not "
+            raise UnsupportedLeafError(f"{directory}: ArraySave takes an array or a scalar, not "
                             f"{type(item).__name__}")
         save_args = None if args.save_args is None else {self._name: args.save_args}
         return await self._pytree.stage(directory, PyTreeSave({self._name: item},

@@ -11,7 +11,7 @@ from typing import Any
 from .. import _format as fmt
 from .._paths import AnyPath, coerce
 from ..args import ProtoRestore, ProtoSave, register_with_handler
-from ..errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError, UnsupportedLeafError
 from .base import AsyncCheckpointHandler, Writer, engine_method
 from .json_handler import document_writer, read_document
 
@@ -44,7 +44,7 @@ class ProtoCheckpointHandler(AsyncCheckpointHandler):
             # Encoding now is the snapshot: later changes to the message are not saved.
             data = _text_format().MessageToString(message).encode()
         except (AttributeError, TypeError) as exc:
-            raise TypeError(f"{directory}: ProtoSave takes a protocol buffer message, not "
+            raise UnsupportedLeafError(f"{directory}: ProtoSave takes a protocol buffer message, not "
                             f"{type(message).__name__}: {exc}") from exc
 
         return document_writer(directory, self._filename, data)

@@ -34,6 +34,7 @@ from ..args import (
     PyTreeSave,
     register_with_handler,
 )
+from ..errors import UnsupportedLeafError
 from .array import ArrayCheckpointHandler
 from .base import AsyncCheckpointHandler, CheckpointHandler, Writer, engine_method
 from .json_handler import JsonCheckpointHandler
@@ -103,7 +104,7 @@ class JaxRandomKeyCheckpointHandler(_RandomKeyHandler):
     async def stage(self, directory: AnyPath, args: JaxRandomKeySave) -> Writer:
         item = args.item
         if not isinstance(item, jax.Array):
-            raise TypeError(f"{directory}: JaxRandomKeySave takes a jax.Array key, not "
+            raise UnsupportedLeafError(f"{directory}: JaxRandomKeySave takes a jax.Array key, not "
                             f"{type(item).__name__}")
         description: dict[str, Any] = {"typed": False}
         if jax.dtypes.issubdtype(item.dtype, jax.dtypes.prng_key):
@@ -176,7 +177,7 @@ class NumpyRandomKeyCheckpointHandler(_RandomKeyHandler):
             if as_strings:
                 description[_INTS_AS_STRINGS] = as_strings
         else:
-            raise TypeError(f"{directory}: NumpyRandomKeySave takes the tuple of "
+            raise UnsupportedLeafError(f"{directory}: NumpyRandomKeySave takes the tuple of "
                             "np.random.get_state() or a bit generator's state dict, not "
                             f"{type(item).__name__}")
         return await self._stage_parts(directory, PyTreeSave(item), description)
