@@ -833,3 +833,14 @@ def test_a_cancelled_commit_future_ends_after_its_coroutine():
     with pytest.raises(concurrent.futures.CancelledError):
         fut.result(timeout=30)
     assert cleaned.is_set()
+
+
+def test_orbax_reads_a_pcg64_state_with_its_big_integers_as_strings(tmp_path):
+    # (docs/guide.md says so: Orbax cannot save this state, and reads ckpt_async's so)
+    state = np.random.default_rng(1).bit_generator.state
+    with ocp.Checkpointer(ocp.NumpyRandomKeyCheckpointHandler()) as ckptr:
+        ckptr.save(tmp_path / "a", args=ocp.args.NumpyRandomKeySave(state))
+    with orbax.Checkpointer(orbax.NumpyRandomKeyCheckpointHandler()) as ockptr:
+        read = ockptr.restore(tmp_path / "a", args=orbax.args.NumpyRandomKeyRestore())
+    assert read["state"] == {k: str(v) for k, v in state["state"].items()}
+    assert read["bit_generator"] == "PCG64"
