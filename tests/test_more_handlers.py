@@ -844,3 +844,18 @@ def test_orbax_reads_a_pcg64_state_with_its_big_integers_as_strings(tmp_path):
         read = ockptr.restore(tmp_path / "a", args=orbax.args.NumpyRandomKeyRestore())
     assert read["state"] == {k: str(v) for k, v in state["state"].items()}
     assert read["bit_generator"] == "PCG64"
+
+
+@pytest.mark.parametrize("lib_name", list(LIBS))
+def test_registry_refuses_a_pair_twice_and_misses_with_a_key_error(lib_name):
+    lib = LIBS[lib_name]
+    registry = lib.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add("state", lib.args.StandardSave)
+    registry.add("state", lib.args.StandardRestore)
+    with pytest.raises(ValueError, match="already exists"):
+        registry.add("state", lib.args.StandardSave)
+    assert isinstance(registry.get("state", lib.args.StandardSave({})),
+                      lib.StandardCheckpointHandler)
+    with pytest.raises(KeyError):
+        registry.get("other", lib.args.StandardSave)
+    assert not registry.has("other", lib.args.StandardSave)

@@ -36,6 +36,18 @@ def handler_for_typestr(typestr: str) -> CheckpointHandler | None:
     return cls() if cls is not None else None
 
 
+class AlreadyExistsError(HandlerError):
+    """An ``add`` of an (item, args type) pair the registry already holds (Orbax's; a
+    ``ValueError``)."""
+
+
+class NoEntryError(HandlerError, KeyError):
+    """A ``get`` of what the registry does not hold (Orbax's; a ``KeyError``)."""
+
+    def __str__(self) -> str:  # (a KeyError's would quote the message)
+        return str(self.args[0]) if self.args else ""
+
+
 class DefaultCheckpointHandlerRegistry:
     """Maps item names to handlers: ``add(item, args_type_or_handler)``, ``get``, ``has``."""
 
@@ -51,7 +63,13 @@ class DefaultCheckpointHandlerRegistry:
         self._only = {*(self._only or ()), *items}
 
     def add(self, item: str | None, args: type | None, handler: Any = None) -> None:
-        """Registers ``handler`` (or the handler class of ``args``) for ``item``."""
+        """Registers ``handler`` (or the handler class of ``args``) for ``item``;
+        :class:`AlreadyExistsError` if the pair is registered already, as in Orbax."""
+        if args is not None and not isinstance(args, type):
+            args = type(args)  # (an args instance, as Orbax takes it)
+        if args is not None and (item, args) in self._args:
+            raise AlreadyExistsError(
+                f"Entry for item={item} and args_type={args} already exists in the registry.")
         if handler is None:
             cls = handler_class_for(args) if args is not None else None
             if cls is None:
@@ -73,12 +91,14 @@ class DefaultCheckpointHandlerRegistry:
                 self._args[(item, a)] = handler  # type: ignore[index]
 
     def get(self, item: str | None, args: type | None = None) -> CheckpointHandler:
+        if args is not None and not isinstance(args, type):
+            args = type(args)  # (an args instance, as Orbax takes it)
         if args is None:
             handler = self._handlers.get(item)  # type: ignore[arg-type]
         else:
             handler = self._args.get((item, args)) or self._args.get((None, args))  # type: ignore[arg-type]
         if handler is None:
-            raise HandlerError(f"no handler registered for item {item!r} and args {args!r}")
+            raise NoEntryError(f"no handler registered for item {item!r} and args {args!r}")
         return handler
 
     def has(self, item: str | None, args: type | None = None) -> bool:
