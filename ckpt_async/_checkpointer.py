@@ -473,8 +473,8 @@ class AsyncCheckpointer:
         renaming its directory into place is past it, and commits). A dropped commit never
         becomes visible and its temporary directory is removed; its future raises
         ``concurrent.futures.CancelledError``, and :meth:`wait_until_finished` waits for it
-        and reports nothing of it. With several processes, cancelling on one drops the
-        commit on all (theirs fail, naming this process)."""
+        and reports nothing of it. With several processes, call it on every process: a
+        commit one process drops fails on the others."""
         for fut in list(self._pending):
             request = self._cancel_requests.get(fut)
             if request is not None and not fut.done():
