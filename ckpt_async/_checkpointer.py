@@ -153,6 +153,12 @@ async def _committed(directory: Any) -> AnyPath:
     return path
 
 
+#: How long a commit that failed or timed out waits for its writer's abort (the writes it
+#: started, a handler's futures, asked to stop) before it removes its temporary directory
+#: anyway: a disk that stopped answering must not hold the failure there.
+ABORT_GRACE_SECS = 30.0
+
+
 class AsyncCheckpointer:
     """Saves and restores one checkpoint at one path with ``handler``; coroutines throughout.
 
@@ -438,6 +444,10 @@ class AsyncCheckpointer:
             await asyncio.wait_for(run(), None if timeout is None else
                                    timeout * (1 if sync is None else 1.5))
         except BaseException as exc:
+            # (a commit that timed out was cancelled mid-write: what it started is waited
+            # for, a while, before its directory goes; a failed or dropped one has ended)
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(writer.abort(), ABORT_GRACE_SECS)
             if primary:
                 await _commit.abort(tmp)
             if isinstance(exc, concurrent.futures.CancelledError):

@@ -428,6 +428,10 @@ class ItemWriter:
         self._finishing: concurrent.futures.Future[None] | None = None
         self._all_in: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._threads: list[concurrent.futures.Future[None]] = []
+        #: The batches written through TensorStore (each a task, shielded from the
+        #: cancellation of the batch's writer: TensorStore's writes go on regardless, and
+        #: :meth:`settle` waits for them).
+        self._store_writes: list[tuple[asyncio.AbstractEventLoop, asyncio.Task[None]]] = []
 
     @functools.cached_property
     def ctx(self) -> ts.Context:
@@ -537,7 +541,9 @@ class ItemWriter:
             writes.append(asyncio.wrap_future(self._threads[-1]))
         self._count(added=1)
         if rest:
-            writes.append(self._write_tensorstore(rest))
+            task = asyncio.ensure_future(self._write_tensorstore(rest))
+            self._store_writes.append((asyncio.get_running_loop(), task))
+            writes.append(asyncio.shield(task))
         await asyncio.gather(*writes)
 
     def expect_batches(self, count: int) -> concurrent.futures.Future[None]:
@@ -608,11 +614,21 @@ class ItemWriter:
             await storage.fsync_tree(self.db.root)
 
     async def settle(self) -> None:
-        """Waits for every thread this writer started, whatever their outcome: after a
-        failure, nothing is left writing into the directory it is about to remove."""
+        """Waits for every thread and TensorStore write this writer started, whatever their
+        outcome: after a failure, nothing is left writing into the directory it is about to
+        remove."""
         threads = [*self._threads, self._finishing]
-        await asyncio.gather(*(asyncio.wrap_future(t) for t in threads if t is not None),
-                             return_exceptions=True)
+        here = asyncio.get_running_loop()
+
+        async def ended(task: asyncio.Task[None]) -> None:
+            await asyncio.gather(task, return_exceptions=True)
+
+        await asyncio.gather(
+            *(asyncio.wrap_future(t) for t in threads if t is not None),
+            *(ended(task) if loop is here else  # (batches are written on the background loop)
+              asyncio.wrap_future(asyncio.run_coroutine_threadsafe(ended(task), loop))
+              for loop, task in self._store_writes),
+            return_exceptions=True)
 
     async def _write_large(self, arr: StoredArray, lane: int) -> None:
         def checksum() -> dict[str, int]:  # zlib releases the GIL on large buffers

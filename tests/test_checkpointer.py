@@ -6,6 +6,7 @@ import asyncio
 import collections
 import os
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ import ckpt_async._stage as _stage
 import ckpt_async.aio
 from ckpt_async.errors import (
     CommitError,
+    CommitTimeoutError,
     ShapeMismatchError,
     StepAlreadyExistsError,
     StructureMismatchError,
@@ -813,6 +815,28 @@ def test_cancel_of_real_writes_leaves_a_whole_checkpoint_or_nothing(tmp_path):
         assert os.listdir(tmp_path) == []
     else:
         assert os.listdir(tmp_path) == ["a"]
+        restored = ckptr.restore(tmp_path / "a")
+        for key, value in state.items():
+            assert_bits_equal(restored[key], value)
+    ckptr.close()
+
+
+def test_a_commit_that_times_out_leaves_nothing_behind(tmp_path):
+    # Its task is cancelled mid-write: the TensorStore writes and threads it started are
+    # waited for before its temporary directory goes (they used to recreate it afterwards).
+    rng = np.random.default_rng(1)
+    state = {f"w{i}": rng.standard_normal(1 << 20).astype(np.float32) for i in range(16)}
+    ckptr = ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(use_compression=True),
+                                  async_options=ocp.AsyncOptions(timeout_secs=0.05))
+    ckptr.save(tmp_path / "a", args=ocp.args.PyTreeSave(state))
+    try:
+        ckptr.wait_until_finished()
+    except CommitTimeoutError:
+        # (and stays so: stray writes used to recreate the directory a moment later)
+        for _ in range(20):
+            assert os.listdir(tmp_path) == []
+            time.sleep(0.1)
+    else:  # (a machine fast enough to commit within the timeout: then it is whole)
         restored = ckptr.restore(tmp_path / "a")
         for key, value in state.items():
             assert_bits_equal(restored[key], value)

@@ -16,6 +16,7 @@ a subclass overriding ``restore`` with a synchronous method that calls ``super()
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -274,7 +275,18 @@ class _OrbaxStyle(AsyncCheckpointHandler):
             for fut in futures:
                 await rt.to_thread(fut.result)
 
-        return Writer(write, finalize=finalize)
+        async def abort() -> None:
+            # (the save failed or timed out: its futures are asked to stop, and waited for,
+            # before the directory they write into is removed)
+            for fut in futures:
+                with contextlib.suppress(Exception):
+                    if callable(getattr(fut, "cancel", None)):
+                        fut.cancel()
+            for fut in futures:
+                with contextlib.suppress(BaseException):
+                    await rt.to_thread(fut.result)
+
+        return Writer(write, finalize=finalize, abort=abort)
 
     async def restore(self, directory: AnyPath, args: Any = None) -> Any:
         if _awaitable(self.inner.restore):
