@@ -60,7 +60,7 @@ def test_example_runs_and_prints_its_result(script: str, tmp_path: Path) -> None
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TMPDIR": str(tmp_path)}
     out = subprocess.run([sys.executable, str(EXAMPLES / script)], capture_output=True,
                          text=True, timeout=120, cwd=tmp_path, env=env)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[:6000] + out.stderr[-6000:]
     expected = EXPECTED_LAST_LINES[script]
     lines = out.stdout.splitlines()
     assert len(lines) >= len(expected), out.stdout

@@ -969,3 +969,24 @@ def test_an_evaluator_waits_for_the_steps_a_trainer_commits(tmp_path):
         assert s == -1
     with pytest.raises(InvalidArgumentError, match="snapshot"):
         next(cu.checkpoints_iterator(tmp_path / "run", snapshot_dir=tmp_path / "snap"))
+
+
+def test_a_step_deleted_while_the_manager_opens_is_left_out(tmp_path, monkeypatch):
+    # Another manager's retention removes a step between this one listing the directory and
+    # reading the step's time (its _CHECKPOINT_METADATA goes first): it is not there, and
+    # opening the manager does not fail with FileNotFoundError (the evaluator of
+    # docs/examples/data_iterator_and_evaluator.py hit this once).
+    from ckpt_async.manager import _steps
+
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(1, args=ocp.args.StandardSave(tree(1)))
+    real = _steps.committed_steps
+
+    async def listed_with_a_vanished_step(directory, name_format):
+        return {**await real(directory, name_format), 2: "2"}  # ("2" is gone from disk)
+
+    monkeypatch.setattr(_steps, "committed_steps", listed_with_a_vanished_step)
+    with ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(
+            read_only=True)) as reader:
+        assert reader.all_steps() == [1]
+        assert_tree_equal(reader.restore(1), tree(1))

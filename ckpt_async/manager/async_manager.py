@@ -290,8 +290,12 @@ class AsyncCheckpointManager:
             meta = await self._read_step_doc(path)
             metrics = await self._read_metrics(path, meta)
             ns = meta.commit_timestamp_nsecs if meta is not None else None
-            # (no commit time recorded: the directory's, as in Orbax)
-            mtime = await storage.mtime(path) if not ns else 0.0
+            mtime = 0.0
+            if not ns:  # (no commit time recorded: the directory's, as in Orbax)
+                try:
+                    mtime = await storage.mtime(path)
+                except FileNotFoundError:
+                    continue  # (deleted since it was listed: another manager's retention)
             infos.append(CheckpointInfo(step, _utc(ns, mtime), metrics))
         return infos
 
