@@ -180,9 +180,8 @@ class AsyncCheckpointer:
         self.async_options = async_options or AsyncOptions()
         self.multiprocessing_options = multiprocessing_options
         self._pending: list[CommitFuture] = []
-        #: Commits :meth:`cancel` cancelled: their CancelledError is not a failure to report.
-        self._cancelled: weakref.WeakSet[CommitFuture] = weakref.WeakSet()
-        #: Each commit's cancel request, which it checks where nothing it started is running.
+        #: Each commit's cancel request, which it checks where nothing it started is running
+        #: (once set by :meth:`cancel`, its CancelledError is not a failure to report).
         self._cancel_requests: weakref.WeakKeyDictionary[CommitFuture, threading.Event] = (
             weakref.WeakKeyDictionary())
         #: Where each commit in flight writes (a later save there waits for it).
@@ -488,12 +487,13 @@ class AsyncCheckpointer:
         for fut in list(self._pending):
             request = self._cancel_requests.get(fut)
             if request is not None and not fut.done():
-                self._cancelled.add(fut)
                 request.set()
 
     def _failure(self, fut: CommitFuture, exc: BaseException | None) -> BaseException | None:
         """A finished commit's error to report: none for one :meth:`cancel` cancelled."""
-        if fut in self._cancelled and isinstance(exc, concurrent.futures.CancelledError):
+        request = self._cancel_requests.get(fut)
+        if request is not None and request.is_set() and \
+                isinstance(exc, concurrent.futures.CancelledError):
             return None
         return exc
 

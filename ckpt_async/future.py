@@ -97,12 +97,6 @@ class CommitFutureAwaitingContractedSignals(CommitFuture):
     """Orbax's usual future of a handler's background write: a :class:`CommitFuture` (the
     contracted signals it would wait for have no counterpart in ckpt_async)."""
 
-    def __init__(self, coro: Coroutine[Any, Any, Any], *, name: str | None = None,
-                 send_signals: Sequence[Any] | None = None,
-                 timeout_secs: int | None = None, operation_id: str | None = None) -> None:
-        super().__init__(coro, name=name, send_signals=send_signals,
-                         timeout_secs=timeout_secs, operation_id=operation_id)
-
 
 __all__ = ["ChainedFuture", "CommitFuture", "CommitFutureAwaitingContractedSignals", "Future",
            "NoopFuture"]

@@ -213,10 +213,9 @@ def all_leaves_are_placeholders(tree: Any) -> bool:
     return all(leaf_is_placeholder(leaf) for leaf in jax.tree.leaves(tree))
 
 
-def is_empty_or_leaf(x: Any) -> bool:
-    """A leaf, or a pytree node without children (``{}``, ``[]``, ``()``, None, an empty
-    dataclass node)."""
-    return _is_empty_or_leaf(x)
+#: A leaf, or a pytree node without children (``{}``, ``[]``, ``()``, None, an empty
+#: dataclass node).
+is_empty_or_leaf = _is_empty_or_leaf
 
 
 def is_empty_node(x: Any) -> bool:

@@ -46,8 +46,8 @@ class ArrayCheckpointHandler(AsyncCheckpointHandler):
     async def stage(self, directory: AnyPath, args: ArraySave) -> Writer:
         item = args.item
         if not _is_supported(item):
-            raise UnsupportedLeafError(f"{directory}: ArraySave takes an array or a scalar, not "
-                            f"{type(item).__name__}")
+            raise UnsupportedLeafError(
+                f"{directory}: ArraySave takes an array or a scalar, not {type(item).__name__}")
         save_args = None if args.save_args is None else {self._name: args.save_args}
         return await self._pytree.stage(directory, PyTreeSave({self._name: item},
                                                               save_args=save_args))

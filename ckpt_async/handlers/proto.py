@@ -44,8 +44,9 @@ class ProtoCheckpointHandler(AsyncCheckpointHandler):
             # Encoding now is the snapshot: later changes to the message are not saved.
             data = _text_format().MessageToString(message).encode()
         except (AttributeError, TypeError) as exc:
-            raise UnsupportedLeafError(f"{directory}: ProtoSave takes a protocol buffer message, not "
-                            f"{type(message).__name__}: {exc}") from exc
+            raise UnsupportedLeafError(
+                f"{directory}: ProtoSave takes a protocol buffer message, not "
+                f"{type(message).__name__}: {exc}") from exc
 
         return document_writer(directory, self._filename, data)
 

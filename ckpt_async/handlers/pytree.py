@@ -553,10 +553,8 @@ def _target_sharding(tleaf: Any, rarg: Any) -> jax.sharding.Sharding | None:
     return None
 
 
-#: A Python scalar's recorded type (the ``scalars`` of ckpt_async's extension) -> (the type,
-#: the NumPy dtype kinds of arrays it is rebuilt from).
-_PYTHON_SCALAR_KINDS: dict[str, tuple[type, str]] = {
-    "int": (int, "iu"), "float": (float, "f"), "bool": (bool, "b"), "complex": (complex, "c")}
+#: A Python scalar's recorded type (the ``scalars`` of ckpt_async's extension) -> the type.
+_PYTHON_SCALAR_TAGS = {t.__name__: t for t in _SCALAR_DTYPES}
 #: Restore types that make a Python scalar of a one-element array.
 _PYTHON_SCALARS = (int, float, complex, bool)
 
@@ -1006,11 +1004,12 @@ class _Reader:
 
     def _scalar(self, name: str, arr: np.ndarray) -> Any:
         tag = self.scalars.get(name)
-        if tag in _PYTHON_SCALAR_KINDS:
+        if tag in _PYTHON_SCALAR_TAGS:
             # (its saved type, unless a restore arg's dtype cast it to another kind: an int
             # restored with dtype=float32 is a float, as Orbax gives it)
-            kind = _PYTHON_SCALAR_KINDS[tag]
-            return kind[0](arr.item()) if arr.dtype.kind in kind[1] else arr.item()
+            cls = _PYTHON_SCALAR_TAGS[tag]
+            same_kind = arr.dtype.kind in ("iu" if cls is int else _SCALAR_DTYPES[cls].kind)
+            return cls(arr.item()) if same_kind else arr.item()
         if tag and tag.startswith("np:"):
             return arr.dtype.type(arr.item()) if arr.dtype.name == tag[3:] else arr[()]
         return arr.item()

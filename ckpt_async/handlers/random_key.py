@@ -13,7 +13,6 @@ such a state).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,8 +24,10 @@ from .._paths import AnyPath, coerce
 from ..args import (
     ArrayRestore,
     ArraySave,
+    Composite,
     JaxRandomKeyRestore,
     JaxRandomKeySave,
+    JsonRestore,
     JsonSave,
     NumpyRandomKeyRestore,
     NumpyRandomKeySave,
@@ -37,54 +38,34 @@ from ..args import (
 from ..errors import UnsupportedLeafError
 from .array import ArrayCheckpointHandler
 from .base import AsyncCheckpointHandler, CheckpointHandler, Writer, engine_method
+from .composite import CompositeCheckpointHandler
 from .json_handler import JsonCheckpointHandler
 from .pytree import PyTreeCheckpointHandler
-
-
-def _both(first: Writer, second: Writer) -> Writer:
-    """One writer for two parts of an item, written and finalized side by side."""
-
-    async def write() -> None:
-        await asyncio.gather(first.write(), second.write())
-
-    async def finalize() -> None:
-        await asyncio.gather(first.finalize(), second.finalize())
-
-    async def abort() -> None:
-        await asyncio.gather(first.abort(), second.abort())
-
-    return Writer(write, first.nbytes + second.nbytes, first.arrays + second.arrays,
-                  finalize, abort)
+from .registry import DefaultCheckpointHandlerRegistry
 
 
 class _RandomKeyHandler(AsyncCheckpointHandler):
-    """The two parts of a random key item: the key (``self._key``'s handler) and its JSON
-    description."""
+    """The two parts of a random key item, as a composite of them (as Orbax has it): the key
+    (``key_handler``'s item) and its JSON description."""
 
     def __init__(self, key_name: str, key_handler: CheckpointHandler) -> None:
         self._key_name = key_name
         self._metadata_name = f"{key_name}_metadata"
-        self._key = key_handler
-        self._json = JsonCheckpointHandler()
+        parts = DefaultCheckpointHandlerRegistry()
+        parts.add(self._key_name, None, key_handler)
+        parts.add(self._metadata_name, None, JsonCheckpointHandler())
+        self._parts = CompositeCheckpointHandler(handler_registry=parts)
 
     async def _stage_parts(self, directory: AnyPath, key_args: Any,
                            description: dict[str, Any]) -> Writer:
-        key_writer = await self._key.stage(directory / self._key_name, key_args)
-        try:
-            json_writer = await self._json.stage(directory / self._metadata_name,
-                                                 JsonSave(description))
-        except BaseException:
-            await key_writer.abort()
-            raise
-        return _both(key_writer, json_writer)
+        return await self._parts.stage(directory, Composite(**{
+            self._key_name: key_args, self._metadata_name: JsonSave(description)}))
 
     async def _restore_parts(self, directory: AnyPath, key_args: Any
                              ) -> tuple[Any, Mapping[str, Any]]:
-        directory = coerce(directory)
-        key, description = await asyncio.gather(
-            self._key.restore(directory / self._key_name, key_args),
-            self._json.restore(directory / self._metadata_name))
-        return key, description
+        parts = await self._parts.restore(coerce(directory), Composite(**{
+            self._key_name: key_args, self._metadata_name: JsonRestore()}))
+        return parts[self._key_name], parts[self._metadata_name]
 
     @engine_method
     async def metadata(self, directory: AnyPath) -> None:
@@ -104,8 +85,8 @@ class JaxRandomKeyCheckpointHandler(_RandomKeyHandler):
     async def stage(self, directory: AnyPath, args: JaxRandomKeySave) -> Writer:
         item = args.item
         if not isinstance(item, jax.Array):
-            raise UnsupportedLeafError(f"{directory}: JaxRandomKeySave takes a jax.Array key, not "
-                            f"{type(item).__name__}")
+            raise UnsupportedLeafError(
+                f"{directory}: JaxRandomKeySave takes a jax.Array key, not {type(item).__name__}")
         description: dict[str, Any] = {"typed": False}
         if jax.dtypes.issubdtype(item.dtype, jax.dtypes.prng_key):
             description = {"typed": True, "impl": str(jax.random.key_impl(item))}
@@ -177,9 +158,9 @@ class NumpyRandomKeyCheckpointHandler(_RandomKeyHandler):
             if as_strings:
                 description[_INTS_AS_STRINGS] = as_strings
         else:
-            raise UnsupportedLeafError(f"{directory}: NumpyRandomKeySave takes the tuple of "
-                            "np.random.get_state() or a bit generator's state dict, not "
-                            f"{type(item).__name__}")
+            raise UnsupportedLeafError(
+                f"{directory}: NumpyRandomKeySave takes the tuple of np.random.get_state() or "
+                f"a bit generator's state dict, not {type(item).__name__}")
         return await self._stage_parts(directory, PyTreeSave(item), description)
 
     @engine_method
