@@ -15,8 +15,12 @@ enforces it). One :class:`Runtime` exists per process, created lazily by :func:`
   background priority (:meth:`Runtime.in_background_loop`);
 - the sync face reaches the async face through :meth:`Runtime.call`; a sync call from the engine
   loop itself raises :class:`~ckpt_async.errors.RuntimeUsageError` instead of deadlocking;
-- at interpreter exit, pending commits are finished and the loop is stopped (before Python joins
-  worker threads); after ``fork`` the child starts with no runtime and builds its own.
+- at interpreter exit (once the main thread has finished), the calls in flight and the pending
+  commits are finished and the loop is stopped, before Python joins worker threads; from then
+  on a call from a thread still running is refused with a
+  :class:`~ckpt_async.errors.RuntimeUsageError` (Python's thread pools refuse new work then
+  too), rather than left waiting on a stopped loop; after ``fork`` the child starts with no
+  runtime and builds its own.
 """
 
 from __future__ import annotations
@@ -304,6 +308,11 @@ def in_background() -> bool:
     return _background.get()
 
 
+#: Set in the tasks of calls (:meth:`Runtime.call`, ...) and what they start: a call made on
+#: behalf of one in flight (a handler's thread calling back in) is taken at shutdown too.
+_in_call: contextvars.ContextVar[bool] = contextvars.ContextVar("ckpt_async_in_call",
+                                                                default=False)
+
 #: Done (on the engine loop) once the thread blocked in the sync call that started this task
 #: has its result back; unset for async callers. See :func:`caller_back`.
 _caller_back: contextvars.ContextVar[asyncio.Future[None] | None] = contextvars.ContextVar(
@@ -413,10 +422,20 @@ class Runtime:
         # The loop holds tasks weakly only: keep every task we start until it is done, so a
         # background commit cannot be garbage-collected mid-flight.
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Calls in flight (:meth:`call`, :meth:`submit`, :meth:`run` from another loop), which
+        # :meth:`shutdown` lets finish; ``_closed`` is set and read under ``_close_lock``, so
+        # no call slips in between shutdown's look at them and the loop's stop.
+        self._calls: weakref.WeakSet[concurrent.futures.Future[Any]] = weakref.WeakSet()
+        self._close_lock = threading.Lock()
         self._closed = False
         self.observe_cpu()  # the first commit looks back from here (training since then)
 
     # -- where are we ---------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`shutdown` has begun (at interpreter exit): new calls are refused."""
+        return self._closed
+
     def on_engine_thread(self) -> bool:
         return threading.get_ident() == self._thread_ident
 
@@ -464,6 +483,7 @@ class Runtime:
         ended: concurrent.futures.Future[None] = concurrent.futures.Future()
 
         async def runner() -> None:
+            _in_call.set(True)  # (this task's context, and that of what it starts)
             if back is not None:
                 back.append(self.loop.create_future())
                 _caller_back.set(back[0])  # (this task's context, copied by those it starts)
@@ -493,7 +513,15 @@ class Runtime:
             if done.cancelled():  # (queued after the start below: callbacks run in order)
                 self.loop.call_soon_threadsafe(lambda: task[0].cancel())
 
-        self.loop.call_soon_threadsafe(start)
+        with self._close_lock:
+            if self._closed and not _in_call.get():
+                raise RuntimeUsageError(
+                    f"{getattr(fn, '__qualname__', fn)!r} was not started: ckpt_async has shut "
+                    "down because the interpreter is exiting (its main thread has finished; "
+                    "Python's thread pools refuse new work from then on too). Join the threads "
+                    "that save or restore checkpoints before the main thread ends.")
+            self._calls.add(fut)
+            self.loop.call_soon_threadsafe(start)
         fut.add_done_callback(cancelled)
         return fut, ended
 
@@ -867,16 +895,21 @@ class Runtime:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def shutdown(self, wait: bool = True) -> None:
-        """Finishes pending commits (``wait``) and stops the loop."""
-        if self._closed:
-            return
-        self._closed = True
+        """Refuses new calls; finishes (``wait``) the calls in flight, and what they start
+        (a call made on behalf of one, such as an Orbax-style handler's call into a built-in
+        one, is still taken), then every pending commit; stops the loop."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
         if wait and not self.on_engine_thread():
-            for fut in [f for f in self._pending if not f.done()]:
-                try:
-                    fut.result()
-                except BaseException as exc:  # noqa: BLE001 - nobody is left to raise it to
-                    log.error("a background commit failed at exit: %s", exc)
+            while waiting := [f for f in (*self._calls, *self._pending) if not f.done()]:
+                for fut in waiting:
+                    try:
+                        fut.result()
+                    except BaseException as exc:  # noqa: BLE001 - nobody is left to raise it to
+                        if fut in self._pending:  # (a call's caller gets its own outcome)
+                            log.error("a background commit failed at exit: %s", exc)
         with contextlib.suppress(BaseException):
             self._portal_cm.__exit__(None, None, None)
         if self._bg_loop is not None:
@@ -971,8 +1004,10 @@ def get_runtime() -> Runtime:
 
 
 def _shutdown_at_exit() -> None:
-    global _runtime
-    rt, _runtime = _runtime, None
+    # The runtime stays the process's, closed: a thread still running gets its refusal (a
+    # runtime made anew would mix its loop with the tasks of this one, and its thread pools
+    # would be refused by Python's own exit).
+    rt = _runtime
     if rt is not None:
         rt.shutdown(wait=True)
 

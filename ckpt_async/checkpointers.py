@@ -112,6 +112,8 @@ class AsyncCheckpointer(AbstractCheckpointer):
         self.async_checkpointer.cancel()
 
     def close(self) -> None:
+        if self._rt.closed:  # (interpreter exit: its commits were finished, failures logged)
+            return
         self._saver.waits(self.async_checkpointer)
         self._rt.call(self.async_checkpointer.close)
 

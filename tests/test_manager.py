@@ -990,3 +990,43 @@ def test_a_step_deleted_while_the_manager_opens_is_left_out(tmp_path, monkeypatc
             read_only=True)) as reader:
         assert reader.all_steps() == [1]
         assert_tree_equal(reader.restore(1), tree(1))
+
+
+@pytest.mark.parametrize("read", ["restore", "item_metadata"])
+def test_a_step_deleted_while_it_is_read_raises_step_not_found(tmp_path, monkeypatch, read):
+    # An evaluator reads a step the trainer's retention removes meanwhile: the read fails
+    # with StepNotFoundError saying so (a FileNotFoundError), not with the
+    # CorruptCheckpointError of the data file it no longer found (the evaluator of
+    # docs/examples/data_iterator_and_evaluator.py met that once in ~90 runs).
+    from ckpt_async.handlers import pytree
+
+    with ocp.CheckpointManager(tmp_path) as trainer:
+        trainer.save(1, args=ocp.args.StandardSave(tree(1)))
+        trainer.wait_until_finished()
+        real = pytree.PyTreeCheckpointHandler.read_documents
+
+        async def retired_meanwhile(self, directory):
+            documents = await real(self, directory)  # (read before the retention came)
+            await trainer.async_manager.delete(1)
+            return documents
+
+        with ocp.CheckpointManager(tmp_path, ocp.CheckpointManagerOptions(
+                read_only=True)) as reader:
+            monkeypatch.setattr(pytree.PyTreeCheckpointHandler, "read_documents",
+                                retired_meanwhile)
+            with pytest.raises(StepNotFoundError,
+                               match=r"step 1 of .* was deleted while it was being read") as info:
+                getattr(reader, read)(1)
+            assert isinstance(info.value, FileNotFoundError)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_damaged_step_still_present_is_reported_as_damaged(tmp_path):
+    # (the step is still there: its read's own error stands)
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(1, args=ocp.args.StandardSave(tree(1)))
+    item = tmp_path / "1" / "default"
+    data = next(p for p in (item / "d").iterdir())
+    data.write_bytes(b"\0" * data.stat().st_size)
+    with ocp.CheckpointManager(tmp_path) as mngr, pytest.raises(CorruptCheckpointError):
+        mngr.restore(1)

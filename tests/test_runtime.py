@@ -513,6 +513,62 @@ def test_in_flight_commit_is_finished_at_exit(tmp_path: Path, kind: str) -> None
     np.testing.assert_array_equal(restored["b"], np.ones((256, 256)))
 
 
+THREAD_OUTLIVES_MAIN = """
+    import dataclasses, sys, threading, time, numpy as np
+    import ckpt_async as ocp
+    path = sys.argv[1]
+    in_flight = threading.Event()
+
+    class SlowHandler:  # Orbax's interface: its save runs while save() is in flight
+        def save(self, directory, args):
+            in_flight.set()
+            time.sleep(0.5)  # (the main thread ends meanwhile)
+            (directory / 'note.txt').write_text(args.text)
+        def restore(self, directory, args=None):
+            return (directory / 'note.txt').read_text()
+        def metadata(self, directory):
+            return None
+
+    @ocp.args.register_with_handler(SlowHandler, for_save=True)
+    @dataclasses.dataclass
+    class NoteSave(ocp.args.CheckpointArgs):
+        text: str
+
+    def train():
+        with ocp.CheckpointManager(path) as mngr:
+            saved = mngr.save(1, args=ocp.args.Composite(
+                state=ocp.args.StandardSave({'w': np.arange(8.0)}), note=NoteSave('one')))
+            print('first save returned', saved, flush=True)
+            try:
+                mngr.save(2, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave({'w': np.zeros(8)}), note=NoteSave('two')))
+            except ocp.errors.RuntimeUsageError as exc:
+                print('second save refused:', 'interpreter is exiting' in str(exc), flush=True)
+
+    threading.Thread(target=train).start()
+    in_flight.wait()
+    # The main thread ends here, with the thread's first save in flight.
+"""
+
+
+def test_a_thread_outliving_the_main_thread_has_its_call_finished_then_refused(
+        tmp_path: Path) -> None:
+    # Exit begins when the main thread ends. The call in flight then is finished and its step
+    # committed; the thread's next call is refused at once, where it used to wait forever on
+    # the stopped loop (or, through a second runtime, fail mixing two loops).
+    out = _run_python(THREAD_OUTLIVES_MAIN, str(tmp_path / "run"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["first save returned True",
+                                           "second save refused: True"], out.stdout
+    assert "Traceback" not in out.stderr, out.stderr
+    assert sorted(os.listdir(tmp_path / "run")) == ["1"]  # no step 2, no temporary directory
+    assert (tmp_path / "run" / "1" / "commit_success.txt").exists()
+    with ocp.CheckpointManager(tmp_path / "run") as mngr:
+        restored = mngr.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    np.testing.assert_array_equal(restored["state"]["w"], np.arange(8.0))
+    assert (tmp_path / "run" / "1" / "note" / "note.txt").read_text() == "one"
+
+
 def test_exit_without_any_save_is_quick() -> None:
     t0 = time.monotonic()
     out = _run_python("""

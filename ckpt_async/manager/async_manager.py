@@ -772,13 +772,29 @@ class AsyncCheckpointManager:
                 f"step {step}: restoring several items needs Composite args, got "
                 f"{type(args).__name__}")
         t = time.time()
-        result = await call_handler(self._checkpointer.handler.restore, path, args)
+        async with self._reading(step, path):
+            result = await call_handler(self._checkpointer.handler.restore, path, args)
         now = time.time()
         self._log_entry(RestoreStepStatistics(
             step=step, directory=str(self.directory), checkpointer_start_time=t,
             checkpointer_duration_secs=now - t, checkpoint_manager_start_time=started,
             checkpoint_manager_duration_secs=now - started))
         return result[DEFAULT_ITEM_NAME] if self._default_item else result
+
+    @contextlib.asynccontextmanager
+    async def _reading(self, step: int, path: AnyPath) -> Any:
+        """Around a read of ``step`` at ``path``: a read that fails because the step was
+        deleted meanwhile (by another manager's retention or ``delete``: an evaluator reading
+        the steps a trainer retires) raises StepNotFoundError saying so, rather than the
+        missing file or the damaged-looking checkpoint it met."""
+        try:
+            yield
+        except Exception as exc:
+            if isinstance(exc, StepNotFoundError) or await _commit.is_visible(path):
+                raise
+            raise StepNotFoundError(
+                f"step {step} of {self.directory} was deleted while it was being read (by "
+                f"another manager's retention or delete): {exc}") from exc
 
     @on_engine
     async def item_metadata(self, step: int) -> Any:
@@ -805,10 +821,11 @@ class AsyncCheckpointManager:
             doc = fmt.decode(await storage.read_bytes(path), fmt.RootMetadata, where=str(path))
             return RootMetadata(custom_metadata=doc.custom_metadata)
         step, path = await self._resolve_step_dir(step)
-        meta = await self._checkpointer.metadata(path)
+        async with self._reading(step, path):
+            meta = await self._checkpointer.metadata(path)
+            metrics = await self._read_metrics(path, await self._read_step_doc(path))
         if self._default_item and meta.item_metadata is not None:
             meta.item_metadata = meta.item_metadata.get(DEFAULT_ITEM_NAME)
-        metrics = await self._read_metrics(path, await self._read_step_doc(path))
         if metrics is not None:
             meta.metrics = metrics
         return meta

@@ -109,6 +109,8 @@ class CheckpointManager:
         self.async_manager.check_for_errors()
 
     def close(self) -> None:
+        if self._rt.closed:  # (interpreter exit: its commits were finished, failures logged)
+            return
         self._saver.waits(self.async_manager)
         self._rt.call(self.async_manager.close)
 

@@ -4,7 +4,8 @@ follows it: Orbax code, run with ``import ckpt_async as ocp``.
 - The iterator's handler is written to Orbax's handler interface (synchronous ``save`` and
   ``restore``, as grain's ``PyGrainCheckpointHandler`` is): ckpt_async drives it unchanged.
 - The evaluator waits for each newly committed step (``checkpoints_iterator``) and restores
-  only the parameters, leaving the optimizer state unread (``ocp.PLACEHOLDER``).
+  only the parameters, leaving the optimizer state unread (``ocp.PLACEHOLDER``); a step the
+  trainer's retention removes before the evaluator has read it is skipped.
 
 Run: ``python docs/examples/data_iterator_and_evaluator.py`` (a few seconds on a CPU).
 """
@@ -80,13 +81,18 @@ def evaluate(directory: Path, trainer: threading.Thread) -> list[int]:
             directory, seconds_to_sleep=0.05, timeout=0.5, timeout_fn=lambda: not trainer.is_alive()):
         with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
                 read_only=True)) as reader:
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                                    reader.item_metadata(step)["state"].tree)
-            # (each leaf of the optimizer state marked not to be read)
-            abstract["opt_state"] = jax.tree.map(lambda _: ocp.PLACEHOLDER,
-                                                 abstract["opt_state"])
-            restored = reader.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract)))
+            try:
+                abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                                        reader.item_metadata(step)["state"].tree)
+                # (each leaf of the optimizer state marked not to be read)
+                abstract["opt_state"] = jax.tree.map(lambda _: ocp.PLACEHOLDER,
+                                                     abstract["opt_state"])
+                restored = reader.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract)))
+            except FileNotFoundError:
+                # The trainer's retention (max_to_keep) removed the step before it was read
+                # (ckpt_async raises StepNotFoundError, a FileNotFoundError, saying so).
+                continue
         assert restored["state"]["opt_state"]["mu"] is ocp.PLACEHOLDER
         evaluated.append(step)
     return evaluated
