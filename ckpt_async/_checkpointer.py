@@ -153,6 +153,39 @@ async def _committed(directory: Any) -> AnyPath:
     return path
 
 
+@contextlib.asynccontextmanager
+async def reading(path: AnyPath, what: str,
+                  error: type[CheckpointNotFoundError] = CheckpointNotFoundError) -> Any:
+    """Around a read of the checkpoint at ``path`` (``what`` names it): a read that fails
+    because the checkpoint was deleted meanwhile (by another manager's retention or
+    ``delete``: an evaluator reading the steps a trainer retires) raises ``error`` saying so,
+    rather than the missing file, or the damaged-looking checkpoint, that it met."""
+    try:
+        yield
+    except Exception as exc:
+        if getattr(exc, "deleted_while_read", False):  # (an inner read said so already)
+            if isinstance(exc, error):
+                raise
+            cause = exc.__cause__ or exc
+        elif isinstance(exc, error) or not await _gone(path):
+            raise
+        else:
+            cause = exc
+        deleted = error(f"{what} was deleted while it was being read (by another manager's "
+                        f"retention or delete, or another process): {cause}")
+        deleted.deleted_while_read = True  # type: ignore[attr-defined]
+        raise deleted from cause
+
+
+async def _gone(path: AnyPath) -> bool:
+    """Whether the checkpoint at ``path`` is no longer there (False when that cannot be told:
+    the read's own error then stands)."""
+    try:
+        return not await _commit.is_visible(path)
+    except Exception:  # noqa: BLE001 - the caller raises the read's error instead
+        return False
+
+
 #: How long a commit that failed or timed out waits for its writer's abort (the writes it
 #: started, a handler's futures, asked to stop) before it removes its temporary directory
 #: anyway: a disk that stopped answering must not hold the failure there.
@@ -548,24 +581,26 @@ class AsyncCheckpointer:
             items, args = (args, *items), None
         if args is None and (items or legacy):
             args = make_args(self.handler, "restore", items[0] if items else None, legacy)
-        return await call_handler(adapt(self.handler).restore, path, args)
+        async with reading(path, f"checkpoint {path}"):
+            return await call_handler(adapt(self.handler).restore, path, args)
 
     @on_engine
     async def metadata(self, directory: Any) -> StepMetadata:
         """Step metadata of ``directory``, with its items' metadata (no arrays are read)."""
         await self.wait_until_finished()
         path = await _committed(directory)
-        found, ext = await _integrity.read_step_metadata(path)
+        async with reading(path, f"checkpoint {path}"):
+            found, ext = await _integrity.read_step_metadata(path)
+            try:
+                item_metadata = await call_handler(adapt(self.handler).metadata, path)
+            except CheckpointNotFoundError:
+                if found is None or await _gone(path):
+                    raise
+                # A checkpoint, but none of this handler's (a manager's step of several
+                # items, each in its folder): no item metadata, as Orbax answers.
+                item_metadata = None
         doc = found or fmt.StepMetadata()
         statistics = (ext.statistics if ext is not None else None) or {}
-        try:
-            item_metadata = await call_handler(adapt(self.handler).metadata, path)
-        except CheckpointNotFoundError:
-            if found is None:
-                raise
-            # A checkpoint, but none of this handler's (a manager's step of several items,
-            # each in its folder): no item metadata, as Orbax answers.
-            item_metadata = None
         return StepMetadata(
             item_handlers=doc.item_handlers,
             item_metadata=item_metadata,

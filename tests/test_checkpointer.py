@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import shutil
 import threading
 import time
 
@@ -841,3 +842,25 @@ def test_a_commit_that_times_out_leaves_nothing_behind(tmp_path):
         for key, value in state.items():
             assert_bits_equal(restored[key], value)
     ckptr.close()
+
+
+def test_a_checkpoint_deleted_while_it_is_read_raises_checkpoint_not_found(tmp_path, monkeypatch):
+    # (the manager's form of this says which step: tests/test_manager.py)
+    from ckpt_async.handlers import pytree
+
+    path = tmp_path / "ckpt"
+    real = pytree.PyTreeCheckpointHandler.read_documents
+
+    async def removed_meanwhile(self, directory):
+        documents = await real(self, directory)
+        shutil.rmtree(path)
+        return documents
+
+    monkeypatch.setattr(pytree.PyTreeCheckpointHandler, "read_documents", removed_meanwhile)
+    for read in ("restore", "metadata"):
+        with ocp.StandardCheckpointer() as ckptr:
+            with ocp.StandardCheckpointer() as writer:
+                writer.save(path, args=ocp.args.StandardSave({"a": np.arange(4.0)}))
+            with pytest.raises(ocp.errors.CheckpointNotFoundError,
+                               match=f"checkpoint {path} was deleted while it was being read"):
+                getattr(ckptr, read)(path)

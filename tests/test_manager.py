@@ -1018,6 +1018,7 @@ def test_a_step_deleted_while_it_is_read_raises_step_not_found(tmp_path, monkeyp
                                match=r"step 1 of .* was deleted while it was being read") as info:
                 getattr(reader, read)(1)
             assert isinstance(info.value, FileNotFoundError)
+            assert str(info.value).count("deleted while") == 1  # (said once, of the step)
     assert os.listdir(tmp_path) == []
 
 

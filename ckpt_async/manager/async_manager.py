@@ -22,7 +22,7 @@ from typing import Any
 from .. import _commit, _integrity, multihost
 from .. import _format as fmt
 from .. import _storage as storage
-from .._checkpointer import AsyncCheckpointer, AsyncOptions, check_writable
+from .._checkpointer import AsyncCheckpointer, AsyncOptions, check_writable, reading
 from .._paths import AnyPath, as_path
 from .._runtime import CommitFuture, get_runtime, on_engine
 from ..args import CheckpointArgs, Composite, JsonSave, args_classes_for
@@ -772,7 +772,7 @@ class AsyncCheckpointManager:
                 f"step {step}: restoring several items needs Composite args, got "
                 f"{type(args).__name__}")
         t = time.time()
-        async with self._reading(step, path):
+        async with reading(path, f"step {step} of {self.directory}", StepNotFoundError):
             result = await call_handler(self._checkpointer.handler.restore, path, args)
         now = time.time()
         self._log_entry(RestoreStepStatistics(
@@ -780,21 +780,6 @@ class AsyncCheckpointManager:
             checkpointer_duration_secs=now - t, checkpoint_manager_start_time=started,
             checkpoint_manager_duration_secs=now - started))
         return result[DEFAULT_ITEM_NAME] if self._default_item else result
-
-    @contextlib.asynccontextmanager
-    async def _reading(self, step: int, path: AnyPath) -> Any:
-        """Around a read of ``step`` at ``path``: a read that fails because the step was
-        deleted meanwhile (by another manager's retention or ``delete``: an evaluator reading
-        the steps a trainer retires) raises StepNotFoundError saying so, rather than the
-        missing file or the damaged-looking checkpoint it met."""
-        try:
-            yield
-        except Exception as exc:
-            if isinstance(exc, StepNotFoundError) or await _commit.is_visible(path):
-                raise
-            raise StepNotFoundError(
-                f"step {step} of {self.directory} was deleted while it was being read (by "
-                f"another manager's retention or delete): {exc}") from exc
 
     @on_engine
     async def item_metadata(self, step: int) -> Any:
@@ -821,7 +806,7 @@ class AsyncCheckpointManager:
             doc = fmt.decode(await storage.read_bytes(path), fmt.RootMetadata, where=str(path))
             return RootMetadata(custom_metadata=doc.custom_metadata)
         step, path = await self._resolve_step_dir(step)
-        async with self._reading(step, path):
+        async with reading(path, f"step {step} of {self.directory}", StepNotFoundError):
             meta = await self._checkpointer.metadata(path)
             metrics = await self._read_metrics(path, await self._read_step_doc(path))
         if self._default_item and meta.item_metadata is not None:
