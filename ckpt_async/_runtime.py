@@ -15,8 +15,9 @@ enforces it). One :class:`Runtime` exists per process, created lazily by :func:`
   background priority (:meth:`Runtime.in_background_loop`);
 - the sync face reaches the async face through :meth:`Runtime.call`; a sync call from the engine
   loop itself raises :class:`~ckpt_async.errors.RuntimeUsageError` instead of deadlocking;
-- at interpreter exit (once the main thread has finished), the calls in flight and the pending
-  commits are finished and the loop is stopped, before Python joins worker threads; from then
+- at interpreter exit (once the main thread has finished), the calls in flight (from
+  threads other than daemon threads) and the pending commits are finished and the loop is
+  stopped, before Python joins worker threads; from then
   on a call from a thread still running is refused with a
   :class:`~ckpt_async.errors.RuntimeUsageError` (Python's thread pools refuse new work then
   too), rather than left waiting on a stopped loop; after ``fork`` the child starts with no
@@ -422,9 +423,10 @@ class Runtime:
         # The loop holds tasks weakly only: keep every task we start until it is done, so a
         # background commit cannot be garbage-collected mid-flight.
         self._tasks: set[asyncio.Task[Any]] = set()
-        # Calls in flight (:meth:`call`, :meth:`submit`, :meth:`run` from another loop), which
-        # :meth:`shutdown` lets finish; ``_closed`` is set and read under ``_close_lock``, so
-        # no call slips in between shutdown's look at them and the loop's stop.
+        # Calls in flight from threads Python waits for at exit (not daemon threads: one may
+        # be parked in a call for days, a multi-process barrier, and exit must not wait for
+        # it), which :meth:`shutdown` lets finish; ``_closed`` is set and read under
+        # ``_close_lock``, so no call slips in between shutdown's look at them and the stop.
         self._calls: weakref.WeakSet[concurrent.futures.Future[Any]] = weakref.WeakSet()
         self._close_lock = threading.Lock()
         self._closed = False
@@ -520,7 +522,8 @@ class Runtime:
                     "down because the interpreter is exiting (its main thread has finished; "
                     "Python's thread pools refuse new work from then on too). Join the threads "
                     "that save or restore checkpoints before the main thread ends.")
-            self._calls.add(fut)
+            if not threading.current_thread().daemon:
+                self._calls.add(fut)
             self.loop.call_soon_threadsafe(start)
         fut.add_done_callback(cancelled)
         return fut, ended
@@ -895,9 +898,10 @@ class Runtime:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def shutdown(self, wait: bool = True) -> None:
-        """Refuses new calls; finishes (``wait``) the calls in flight, and what they start
-        (a call made on behalf of one, such as an Orbax-style handler's call into a built-in
-        one, is still taken), then every pending commit; stops the loop."""
+        """Refuses new calls; finishes (``wait``) the calls in flight from threads that are
+        not daemon threads, and what they start (a call made on behalf of one, such as an
+        Orbax-style handler's call into a built-in one, is still taken), then every pending
+        commit; stops the loop (a daemon thread's call still in flight is cancelled)."""
         with self._close_lock:
             if self._closed:
                 return

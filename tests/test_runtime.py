@@ -569,6 +569,19 @@ def test_a_thread_outliving_the_main_thread_has_its_call_finished_then_refused(
     assert (tmp_path / "run" / "1" / "note" / "note.txt").read_text() == "one"
 
 
+
+def test_a_daemon_threads_call_in_flight_does_not_hold_up_exit(tmp_path: Path) -> None:
+    # Python does not wait for daemon threads, and neither does exit for their calls (one
+    # may be parked in a call for hours, waiting for another process): it is cancelled.
+    script = THREAD_OUTLIVES_MAIN.replace("time.sleep(0.5)", "time.sleep(60)").replace(
+        "threading.Thread(target=train)", "threading.Thread(target=train, daemon=True)")
+    t0 = time.monotonic()
+    out = _run_python(script, str(tmp_path / "run"))
+    assert out.returncode == 0, out.stderr
+    assert time.monotonic() - t0 < 30
+    assert out.stdout == ""  # (the thread's save never returned)
+    assert not (tmp_path / "run" / "1").exists()  # nothing committed
+
 def test_exit_without_any_save_is_quick() -> None:
     t0 = time.monotonic()
     out = _run_python("""
