@@ -167,7 +167,7 @@ async def reading(path: AnyPath, what: str,
             if isinstance(exc, error):
                 raise
             cause = exc.__cause__ or exc
-        elif isinstance(exc, error) or not await _gone(path):
+        elif not await _gone(path):
             raise
         else:
             cause = exc
