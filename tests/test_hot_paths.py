@@ -176,9 +176,9 @@ def test_restore_runs_with_the_collector_paused(tmp_path, monkeypatch) -> None:
 
 
 def test_heap_freeze_nests_and_leaves_a_callers_freeze_alone() -> None:
-    from ckpt_async._runtime import heap_frozen
+    from ckpt_async._runtime import INTERPRETER_FROZEN, heap_frozen
 
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() <= INTERPRETER_FROZEN  # (3.12's own, else none)
     with heap_frozen():
         frozen = gc.get_freeze_count()
         assert frozen > 0

@@ -469,6 +469,13 @@ def test_forked_child_gets_a_fresh_runtime_and_can_save_and_restore(tmp_path: Pa
 
 
 # -- (g) at exit, an in-flight commit is finished, not lost, and exit does not hang --------------
+#: CPython 3.12.0-3.12.2 start no thread once exit has begun, even in a hook that runs before
+#: the non-daemon threads are joined (gh-113964, fixed in 3.12.3): a commit in flight at exit
+#: whose next step needs a new worker thread fails there, logged, its temporary directory
+#: left behind. These tests then fail, as the guide says they do.
+NO_THREADS_AT_EXIT = pytest.mark.xfail(
+    (3, 12, 0) <= sys.version_info[:3] < (3, 12, 3), strict=True,
+    reason="CPython 3.12.0-3.12.2 start no thread at interpreter exit (gh-113964)")
 EXIT_SCRIPT = """
     import asyncio, sys, numpy as np
     import ckpt_async as ocp
@@ -494,6 +501,7 @@ EXIT_SCRIPT = """
 """
 
 
+@NO_THREADS_AT_EXIT
 @pytest.mark.parametrize("kind", ["checkpointer", "manager"])
 def test_in_flight_commit_is_finished_at_exit(tmp_path: Path, kind: str) -> None:
     target = tmp_path / "ckpt"
@@ -551,6 +559,7 @@ THREAD_OUTLIVES_MAIN = """
 """
 
 
+@NO_THREADS_AT_EXIT
 def test_a_thread_outliving_the_main_thread_has_its_call_finished_then_refused(
         tmp_path: Path) -> None:
     # Exit begins when the main thread ends. The call in flight then is finished and its step
@@ -595,6 +604,7 @@ def test_exit_without_any_save_is_quick() -> None:
     assert time.monotonic() - t0 < 30
 
 
+@NO_THREADS_AT_EXIT
 def test_failed_commit_at_exit_is_logged_not_lost(tmp_path: Path) -> None:
     out = _run_python("""
         import logging, sys, numpy as np
