@@ -859,3 +859,25 @@ def test_registry_refuses_a_pair_twice_and_misses_with_a_key_error(lib_name):
     with pytest.raises(KeyError):
         registry.get("other", lib.args.StandardSave)
     assert not registry.has("other", lib.args.StandardSave)
+
+
+@pytest.mark.parametrize("lib_name", list(LIBS))
+def test_create_default_handler_registry_as_in_orbax(lib_name, tmp_path):
+    lib = LIBS[lib_name]
+    state, meta = lib.StandardCheckpointHandler(), lib.JsonCheckpointHandler()
+    registry = lib.handlers.create_default_handler_registry(state=state, meta=meta)
+    assert registry.get("state", lib.args.StandardSave) is state
+    assert registry.get("state", lib.args.StandardRestore) is state
+    assert registry.get("meta", lib.args.JsonRestore) is meta
+    assert not registry.has("meta", lib.args.StandardSave)
+    tree = {"w": np.arange(4.0)}
+    with lib.CheckpointManager(tmp_path, handler_registry=registry) as mngr:
+        mngr.save(1, args=lib.args.Composite(state=lib.args.StandardSave(tree),
+                                             meta=lib.args.JsonSave({"lr": 0.5})))
+        mngr.wait_until_finished()
+        out = mngr.restore(1, args=lib.args.Composite(state=lib.args.StandardRestore(),
+                                                      meta=lib.args.JsonRestore()))
+    assert_bits_equal(out["state"]["w"], tree["w"])
+    assert out["meta"] == {"lr": 0.5}
+    with pytest.raises(ValueError):
+        lib.handlers.create_default_handler_registry(other=object())

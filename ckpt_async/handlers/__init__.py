@@ -26,7 +26,7 @@ from .json_handler import JsonCheckpointHandler
 from .proto import ProtoCheckpointHandler
 from .pytree import PyTreeCheckpointHandler, StandardCheckpointHandler
 from .random_key import JaxRandomKeyCheckpointHandler, NumpyRandomKeyCheckpointHandler
-from .registry import DefaultCheckpointHandlerRegistry
+from .registry import DefaultCheckpointHandlerRegistry, create_default_handler_registry
 
 #: Orbax's other name of the registry class.
 CheckpointHandlerRegistry = DefaultCheckpointHandlerRegistry
@@ -43,6 +43,7 @@ __all__ = [
     "CompositeOptions",
     "CompositeResults",
     "DefaultCheckpointHandlerRegistry",
+    "create_default_handler_registry",
     "JaxRandomKeyCheckpointHandler",
     "JaxRandomKeyRestoreArgs",
     "JaxRandomKeySaveArgs",

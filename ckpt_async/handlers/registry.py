@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..args import CheckpointArgs, args_classes_for, handler_class_for
+from ..args import CheckpointArgs, args_classes_for, get_registered_args_cls, handler_class_for
 from ..errors import HandlerError
 from .base import CheckpointHandler
 
@@ -140,3 +140,14 @@ class DefaultCheckpointHandlerRegistry:
             f'Item "{item}" and args "{args!r}" does not match with any registered handler! '
             f"Item {item!r} is locked to {type(current).__name__}, and {type(args).__name__} is "
             f"handled by {cls.__name__}; use a new manager to change an item's type")
+
+
+def create_default_handler_registry(**items_to_handlers: Any) -> DefaultCheckpointHandlerRegistry:
+    """Orbax's ``handlers.create_default_handler_registry``: a registry holding each item's
+    handler under both args classes registered with it (``ValueError`` for a handler with
+    no save or no restore args registered)."""
+    registry = DefaultCheckpointHandlerRegistry()
+    for item, handler in items_to_handlers.items():
+        for args_cls in get_registered_args_cls(handler):
+            registry.add(item, args_cls, handler)
+    return registry
