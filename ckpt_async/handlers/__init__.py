@@ -43,7 +43,6 @@ __all__ = [
     "CompositeOptions",
     "CompositeResults",
     "DefaultCheckpointHandlerRegistry",
-    "create_default_handler_registry",
     "JaxRandomKeyCheckpointHandler",
     "JaxRandomKeyRestoreArgs",
     "JaxRandomKeySaveArgs",
@@ -63,4 +62,5 @@ __all__ = [
     "StandardRestoreArgs",
     "StandardSaveArgs",
     "Writer",
+    "create_default_handler_registry",
 ]
