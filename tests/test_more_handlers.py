@@ -37,15 +37,16 @@ import ckpt_async as ocp
 
 LIBS = {"ckpt_async": ocp, "orbax": orbax}
 
-_H = "orbax.checkpoint._src.handlers."
-#: Orbax's type strings of the handlers, as Orbax records them in ``_CHECKPOINT_METADATA``.
-ARRAY_T = _H + "array_checkpoint_handler.ArrayCheckpointHandler"
-JAX_KEY_T = _H + "random_key_checkpoint_handler.JaxRandomKeyCheckpointHandler"
-NP_KEY_T = _H + "random_key_checkpoint_handler.NumpyRandomKeyCheckpointHandler"
-PROTO_T = _H + "proto_checkpoint_handler.ProtoCheckpointHandler"
-STANDARD_T = _H + "standard_checkpoint_handler.StandardCheckpointHandler"
-TYPESTRS = {"state": STANDARD_T, "arr": ARRAY_T, "npa": ARRAY_T, "scal": ARRAY_T,
-            "key": JAX_KEY_T, "rawkey": JAX_KEY_T, "nplegacy": NP_KEY_T, "proto": PROTO_T}
+#: The type strings Orbax records in ``_CHECKPOINT_METADATA`` for these items, from Orbax.
+_T = {name: getattr(orbax, name).typestr() for name in (
+    "ArrayCheckpointHandler", "JaxRandomKeyCheckpointHandler",
+    "NumpyRandomKeyCheckpointHandler", "ProtoCheckpointHandler", "StandardCheckpointHandler")}
+TYPESTRS = {"state": _T["StandardCheckpointHandler"], "arr": _T["ArrayCheckpointHandler"],
+            "npa": _T["ArrayCheckpointHandler"], "scal": _T["ArrayCheckpointHandler"],
+            "key": _T["JaxRandomKeyCheckpointHandler"],
+            "rawkey": _T["JaxRandomKeyCheckpointHandler"],
+            "nplegacy": _T["NumpyRandomKeyCheckpointHandler"],
+            "proto": _T["ProtoCheckpointHandler"]}
 
 
 
