@@ -281,4 +281,5 @@ __all__ = ["Roles", "Sync", "current_roles", "is_primary_host", "process_count",
            "initialize_distributed_to_device_ids", "initialize_runtime_to_distributed_ids",
            "is_distributed_to_device_ids_initialized", "is_pathways_backend",
            "is_runtime_to_distributed_ids_initialized", "reached_preemption",
-           "process_index", "roles_for", "sync_global_devices", "sync_global_processes", "broadcast_one_to_all"]
+           "process_index", "roles_for", "sync_global_devices", "sync_global_processes",
+           "broadcast_one_to_all"]
