@@ -5,6 +5,7 @@ public map.
 """
 
 from . import (
+    aggregate_handlers,
     aio,
     args,
     checkpoint_manager,
@@ -15,6 +16,7 @@ from . import (
     handlers,
     logging,
     metadata,
+    msgpack_utils,
     multihost,
     options,
     path,
@@ -99,6 +101,7 @@ __all__ = [
     "StandardCheckpointer",
     "Transform",
     "VerifyReport",
+    "aggregate_handlers",
     "aio",
     "apply_transformations",
     "args",
@@ -111,6 +114,7 @@ __all__ = [
     "logging",
     "merge_trees",
     "metadata",
+    "msgpack_utils",
     "multihost",
     "options",
     "path",

@@ -166,7 +166,8 @@ async def _pytree_plan(item: AnyPath, report: VerifyReport) -> tuple[Any, Any, l
     from .handlers.pytree import PyTreeCheckpointHandler
 
     try:
-        tree_doc, _shardings, _strings, sums = await PyTreeCheckpointHandler().read_documents(item)
+        tree_doc, _shardings, _strings, sums, _aggregated = (
+            await PyTreeCheckpointHandler().read_documents(item))
     except CheckpointError as exc:
         report.problems.append(str(exc))
         return None
@@ -182,8 +183,11 @@ async def _pytree_plan(item: AnyPath, report: VerifyReport) -> tuple[Any, Any, l
                 report.problems.append(f"{item / name}: checksum mismatch (the file is damaged)")
             else:
                 report.documents_checked += 1
+    # (a value aggregated into the msgpack file of Orbax's first format was checked as that
+    # file was read: no array of its own is stored)
     names = [".".join(k.key for k in e.key_metadata) for e in tree_doc.tree_metadata.values()
-             if e.value_metadata.value_type in ("jax.Array", "np.ndarray", "scalar")]
+             if e.value_metadata.value_type in ("jax.Array", "np.ndarray", "scalar")
+             and not e.value_metadata.skip_deserialize]
     return tree_doc, sums, names
 
 
@@ -207,6 +211,16 @@ async def _verify_json(item: AnyPath, report: VerifyReport) -> None:
     if report.documents_checked == checked and len(report.problems) == problems:
         report.problems.append(f"{item}: neither a pytree item (no {fmt.PYTREE_METADATA}) nor "
                                "a JSON item (no document): nothing to check")
+
+
+async def _is_pytree(item: AnyPath) -> bool:
+    """Whether a folder is a pytree item: ``_METADATA``, or the msgpack file of Orbax's first
+    format, which may stand alone."""
+    from .handlers._legacy import AGGREGATE_FILE
+
+    return (await storage.exists(item / fmt.PYTREE_METADATA)
+            or (await storage.exists(item / AGGREGATE_FILE)
+                and not await storage.is_dir(item / AGGREGATE_FILE)))
 
 
 async def _holds_arrays(item: AnyPath) -> bool:
@@ -254,7 +268,7 @@ async def averify(path: Any, progress: Callable[[int, int], None] | None = None)
             return report
     items: list[AnyPath] = []
     leftovers = 0
-    if await storage.exists(root / fmt.PYTREE_METADATA) or await _holds_arrays(root):
+    if await _is_pytree(root) or await _holds_arrays(root):
         items = [root]
     else:
         for name in sorted(await storage.listdir(root)):
@@ -275,7 +289,7 @@ async def averify(path: Any, progress: Callable[[int, int], None] | None = None)
     plans: dict[Any, Any] = {}
     for item in items:
         report.items_checked += 1
-        if await storage.exists(item / fmt.PYTREE_METADATA):
+        if await _is_pytree(item):
             plans[item] = await _pytree_plan(item, report)
         elif await _holds_arrays(item):
             report.problems.append(f"{item / fmt.PYTREE_METADATA}: missing (the item holds "

@@ -232,6 +232,20 @@ async def write_array(
 #: a commit of the quick `mixed` state slowed a training loop by 18-33%, with 256 KiB by
 #: 7-13%, for a commit about 10% longer.
 DIRECT_WRITE_MAX_BYTES = 256 << 10
+def dtype_named(name: str | bytes) -> np.dtype:
+    """The dtype of a name NumPy or ml_dtypes gives (``"float32"``, ``"bfloat16"``, ...)."""
+    if isinstance(name, bytes):
+        name = name.decode()
+    try:
+        return np.dtype(name)
+    except TypeError:
+        import ml_dtypes
+
+        if not isinstance(kind := getattr(ml_dtypes, name, None), type):
+            raise TypeError(f"data type {name!r} not understood") from None
+        return np.dtype(kind)
+
+
 # ml_dtypes names TensorStore's zarr v2 driver writes as the ``dtype`` of ``.zarray``.
 _ZARR_V2_NAMED = {"bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e4m3b11fnuz",
                   "float8_e5m2", "float8_e5m2fnuz"}

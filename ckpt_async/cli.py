@@ -36,8 +36,10 @@ from . import _storage as storage
 from ._checkpointer import AsyncCheckpointer
 from ._paths import AnyPath, as_path
 from ._runtime import get_runtime
+from ._serialize import dtype_named
 from .errors import CheckpointError, InvalidArgumentError, StepAlreadyExistsError
 from .handlers import JsonCheckpointHandler, PyTreeCheckpointHandler, StandardCheckpointHandler
+from .handlers._legacy import AGGREGATE_FILE
 from .handlers.base import call_handler
 from .manager import _steps
 
@@ -218,14 +220,23 @@ class Item:
         return self.name if self.name is not None else "(item)"
 
 
-def _kind_of(typestr: str | None, keys: list[str]) -> str:
+def _first_format(keys: list[str], name: str) -> bool:
+    """Whether the folder ``name`` (its files ``keys``) is a pytree item of Orbax's first
+    format: its msgpack file without ``_METADATA`` (a JSON item's one file is named after the
+    item)."""
+    files, dirs = _split(keys)
+    return (fmt.PYTREE_METADATA not in files and AGGREGATE_FILE in files
+            and (bool(dirs) or name != AGGREGATE_FILE))
+
+
+def _kind_of(typestr: str | None, keys: list[str], name: str) -> str:
     """An item's kind from its recorded handler, else from its files (``keys``)."""
     tail = _short_handler(typestr) if typestr else ""
     if tail in ("StandardCheckpointHandler", "PyTreeCheckpointHandler"):
         return "pytree"
     if tail == "JsonCheckpointHandler":
         return "json"
-    if fmt.PYTREE_METADATA in keys:
+    if fmt.PYTREE_METADATA in keys or _first_format(keys, name):
         return "pytree"
     if typestr is None:
         files, dirs = _split(keys)
@@ -245,21 +256,22 @@ async def _items_of(path: AnyPath, doc: fmt.StepMetadata | None) -> list[Item]:
     files, dirs = _split(keys)
     handlers = doc.item_handlers if doc is not None else None
     if isinstance(handlers, str) or (handlers is None and (
-            fmt.PYTREE_METADATA in files or (not dirs and _kind_of(None, keys) == "json"))):
+            fmt.PYTREE_METADATA in files or _first_format(keys, path.name)
+            or (not dirs and _kind_of(None, keys, path.name) == "json"))):
         single = handlers
         if single is None:  # one item's folder: its handler is recorded in the step above
             with contextlib.suppress(CheckpointError, OSError):
                 above = await step_doc(path.parent)
                 if above is not None and isinstance(above.item_handlers, dict):
                     single = above.item_handlers.get(path.name)
-        return [Item(None, path, _kind_of(single, keys), single)]
+        return [Item(None, path, _kind_of(single, keys, path.name), single)]
     recorded = handlers if isinstance(handlers, dict) else {}
     items = []
     for name in sorted(set(recorded) | set(dirs)):
         if name not in dirs:
             continue  # recorded but saved as None
         typestr = recorded.get(name)
-        items.append(Item(name, path / name, _kind_of(typestr, dirs[name]), typestr))
+        items.append(Item(name, path / name, _kind_of(typestr, dirs[name], name), typestr))
     return items
 
 
@@ -836,15 +848,6 @@ _NP_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
 META_KEY = "ckpt_async"
 
 
-def _np_dtype(name: str) -> np.dtype:
-    try:
-        return np.dtype(name)
-    except TypeError:
-        import ml_dtypes
-
-        return np.dtype(getattr(ml_dtypes, name))
-
-
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
     """Writes a safetensors file (little-endian, header padded to 8 bytes)."""
     header: dict[str, Any] = {"__metadata__": metadata}
@@ -901,7 +904,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
             st = spec.get("dtype")
             if st not in _ST_DTYPES:
                 raise CLIError(f"{path}: tensor {name!r} has dtype {st}, not supported here")
-            dtype = _np_dtype(_ST_DTYPES[st])
+            dtype = dtype_named(_ST_DTYPES[st])
             shape = tuple(int(s) for s in spec["shape"])
             begin, end = (int(x) for x in spec["data_offsets"])
             if end - begin != math.prod(shape) * dtype.itemsize or base + end > size:
@@ -934,8 +937,8 @@ async def _pick_item(path: AnyPath, name: str | None) -> Item:
 async def _disk_skeleton(item: Item) -> tuple[Any, Any] | None:
     """The skeleton and custom metadata recorded in the item's ``_METADATA``."""
     try:
-        doc, _shardings, _strings, _sums = await PyTreeCheckpointHandler().read_documents(
-            item.path)
+        doc, _shardings, _strings, _sums, _aggregated = (
+            await PyTreeCheckpointHandler().read_documents(item.path))
     except CheckpointError:  # fall back to the restored tree's structure
         return None
     return (doc.ckpt_async or {}).get("skeleton"), doc.custom_metadata
@@ -1057,7 +1060,7 @@ def _rebuild(tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> Any:
             raise CLIError(f"tensor {name!r} is missing from the file")
         arr = tensors[name]
         if "raw_dtype" in spec:
-            dt = _np_dtype(spec["raw_dtype"])
+            dt = dtype_named(spec["raw_dtype"])
             arr = np.ascontiguousarray(arr).view(dt).reshape(arr.shape[:-1])
         if kind == "jax":
             return jax.device_put(arr)

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, TypeAlias, TypeVar, Union
 
 import jax
 import numpy as np
 
 from .errors import InvalidArgumentError
+
+#: Orbax's type aliases, for annotations: any pytree; a pytree of ``T`` leaves; one entry of
+#: a key path (as ``jax.tree_util`` gives them); a key path; a JSON document.
+PyTree = Any
+_T = TypeVar("_T")
+PyTreeOf = Union[PyTree, _T]  # noqa: UP007 - (a runtime alias: ``|`` cannot take Any)
+PyTreeKey: TypeAlias = (jax.tree_util.SequenceKey | jax.tree_util.DictKey | jax.tree_util.GetAttrKey
+             | jax.tree_util.FlattenedIndexKey)
+PyTreePath = tuple[PyTreeKey, ...]
+JsonType = Union[list[Any], dict[str, Any]]  # noqa: UP007
 
 
 def to_shape_dtype_struct(x: Any, dtype: Any = None, scalar_dtype: Any = None) -> Any:
@@ -64,19 +75,29 @@ def serialize_tree(tree: Any, keep_empty_nodes: bool = False) -> Any:
     """``tree`` as nested dicts and lists, keyed as the checkpoint names its leaves: tuples
     become lists, namedtuples and other keyed nodes dicts (Orbax's ``serialize_tree``). Empty
     containers and None are dropped unless ``keep_empty_nodes``."""
-    flat = _flat_with_path(tree, keep_empty_nodes)
-    if not flat:
-        raise InvalidArgumentError("cannot serialize an empty tree: it could be {} or []")
-    if not flat[0][0]:
-        return flat[0][1]  # the tree is one leaf
-    root: Any = [] if isinstance(flat[0][0][0], jax.tree_util.SequenceKey) else {}
-    for path, value in flat:
+    return from_flattened_with_keypath(_flat_with_path(tree, keep_empty_nodes))
+
+
+def _is_sequence_key(key: Any) -> bool:
+    return isinstance(key, (jax.tree_util.SequenceKey, jax.tree_util.FlattenedIndexKey))
+
+
+def from_flattened_with_keypath(flat_with_keys: list[tuple[tuple[Any, ...], Any]]) -> Any:
+    """The tree of ``(key path, value)`` pairs (``jax.tree_util.tree_flatten_with_path``'s):
+    nested dicts for dict keys and attributes, lists for sequence indices (a tuple or a named
+    tuple comes back as a list or a dict)."""
+    if not flat_with_keys:
+        raise InvalidArgumentError("cannot build a tree of no leaves: it could be {} or []")
+    if not flat_with_keys[0][0]:
+        return flat_with_keys[0][1]  # the tree is one leaf
+    root: Any = [] if _is_sequence_key(flat_with_keys[0][0][0]) else {}
+    for path, value in flat_with_keys:
         node = root
         for i, key in enumerate(path):
             name = _key_name(key)
             last = i == len(path) - 1
             if not last:
-                child: Any = [] if isinstance(path[i + 1], jax.tree_util.SequenceKey) else {}
+                child: Any = [] if _is_sequence_key(path[i + 1]) else {}
             if isinstance(node, list):
                 if not isinstance(name, int):
                     raise InvalidArgumentError(f"key {name!r} mixed with sequence indices")
@@ -156,3 +177,67 @@ def get_param_names(item: Any, *, include_empty_nodes: bool = True) -> Any:
     return jax.tree_util.tree_map_with_path(
         lambda path, _: ".".join(str(_key_name(k)) for k in path), item,
         is_leaf=_is_empty_or_leaf if include_empty_nodes else None)
+
+
+def str_keypath(keypath: tuple[Any, ...]) -> tuple[str, ...]:
+    """A jax key path as the strings a checkpoint names its keys by (``('layers', '0', 'w')``)."""
+    return tuple(str(_key_name(k)) for k in keypath)
+
+
+def is_flat_dict(tree: Any) -> bool:
+    """Whether ``tree`` is a dict whose every value is a leaf."""
+    return isinstance(tree, dict) and all(jax.tree_util.all_leaves([v]) for v in tree.values())
+
+
+class Diff(NamedTuple):
+    """Where :func:`tree_difference` found two trees to differ: the left and right sides."""
+
+    lhs: Any
+    rhs: Any
+
+
+def tree_difference(a: Any, b: Any, *, is_leaf: Callable[[Any], bool] | None = None,
+                    leaves_equal: Callable[[Any, Any], bool] | None = None) -> Any:
+    """How the structures of ``a`` and ``b`` differ (Orbax's ``tree_difference``): None when
+    they do not; else a tree, a prefix of both, holding a :class:`Diff` where they part:
+    leaves that are not ``leaves_equal`` (by default: of another type), nodes of different
+    types (``Diff(type_a, type_b)``), sequences of different lengths (``Diff((type, len),
+    (type, len))``), mapping keys one side lacks (``Diff(value, None)``). Equal entries of a
+    mapping are left out, of a sequence are None.
+
+    >>> tree_difference({'x': [1, 2], 'y': 1}, {'x': [1, 2, 3], 'y': 1.0})
+    {'x': Diff(lhs=(<class 'list'>, 2), rhs=(<class 'list'>, 3)), 'y': Diff(lhs=1, rhs=1.0)}
+    """
+    leaf = is_leaf or (lambda t: jax.tree_util.all_leaves([t]))
+    equal = leaves_equal or (lambda x, y: type(x) is type(y))
+
+    def mapping_diff(x: Mapping[Any, Any], y: Mapping[Any, Any]) -> dict[Any, Any]:
+        out = {k: d for k in x if k in y if (d := diff(x[k], y[k])) is not None}
+        out.update((k, Diff(v, None)) for k, v in x.items() if k not in y)
+        out.update((k, Diff(None, v)) for k, v in y.items() if k not in x)
+        return out
+
+    def diff(x: Any, y: Any) -> Any:
+        if leaf(x) and leaf(y):
+            return None if equal(x, y) else Diff(x, y)
+        if type(x) is not type(y):
+            return Diff(type(x), type(y))
+        if isinstance(x, tuple) and hasattr(x, "_fields"):  # (a named tuple)
+            parts = [diff(i, j) for i, j in zip(x, y)]
+            return None if all(p is None for p in parts) else type(x)(*parts)
+        if isinstance(x, (list, tuple)):
+            if len(x) != len(y):
+                return Diff((type(x), len(x)), (type(y), len(y)))
+            parts = [diff(i, j) for i, j in zip(x, y)]
+            return None if all(p is None for p in parts) else type(x)(parts)
+        if isinstance(x, Mapping):
+            return mapping_diff(x, y) or None
+        # another pytree node: its children by key (rebuilt as ``x``'s node where they differ)
+        x_children, treedef = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda t: t is not x)
+        y_children, _ = jax.tree_util.tree_flatten_with_path(y, is_leaf=lambda t: t is not y)
+        found = mapping_diff(dict(x_children), dict(y_children))
+        if not found:
+            return None
+        return jax.tree_util.tree_unflatten(treedef, [found.get(k) for k, _ in x_children])
+
+    return diff(a, b)

@@ -40,7 +40,8 @@ from .multihost import current_roles
 
 @dataclasses.dataclass
 class SaveArgs:
-    """How to save one leaf: ``dtype`` casts before writing."""
+    """How to save one leaf: ``dtype`` casts before writing. ``aggregate`` is ignored, as in
+    Orbax 0.12 (older Orbax wrote such leaves into a msgpack file; ckpt_async reads those)."""
 
     aggregate: bool = False
     dtype: Any = None
@@ -48,6 +49,16 @@ class SaveArgs:
     shard_axes: tuple[int, ...] = ()
     write_chunk_shape: tuple[int, ...] | None = None
     read_chunk_shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        global _told_aggregate
+        if self.aggregate and not _told_aggregate:
+            _told_aggregate = True
+            log.warning("SaveArgs(aggregate=True) is deprecated and ignored (as in Orbax 0.12): "
+                        "the leaf is saved as any other")
+
+
+_told_aggregate = False  # (the warning above: once a process)
 
 
 @dataclasses.dataclass

@@ -20,6 +20,7 @@ from . import _storage as storage
 from ._paths import as_path
 from ._runtime import get_runtime
 from .errors import InvalidArgumentError
+from .handlers._legacy import leaf_is_placeholder, leaf_placeholder, name_from_leaf_placeholder
 from .manager import _steps
 from .multihost import (
     broadcast_one_to_all,
@@ -30,16 +31,20 @@ from .multihost import (
     sync_global_processes,
 )
 from .tree import (
+    PyTree,
     _is_empty_or_leaf,
+    _is_sequence_key,
     _key_name,
     deserialize_tree,
     from_flat_dict,
+    from_flattened_with_keypath,
     serialize_tree,
     to_flat_dict,
     to_shape_dtype_struct,
 )
 
 __all__ = [
+    "PyTree",
     "TMP_DIR_SUFFIX",
     "all_leaves_are_placeholders",
     "fully_replicated_host_local_array_to_global_array",
@@ -49,19 +54,23 @@ __all__ = [
     "checkpoint_steps_paths",
     "deserialize_tree",
     "from_flat_dict",
+    "from_flattened_with_keypath",
     "get_key_name",
     "get_save_directory",
     "is_checkpoint_finalized",
+    "is_dict_key",
     "is_empty_node",
     "is_empty_or_leaf",
     "is_gcs_path",
     "is_pathways_backend",
     "is_primary_host",
     "is_scalar",
+    "is_sequence_key",
     "is_tmp_checkpoint",
     "leaf_is_placeholder",
     "leaf_placeholder",
     "name_from_leaf_placeholder",
+    "pytree_structure",
     "reached_preemption",
     "record_saved_duration",
     "serialize_tree",
@@ -183,29 +192,35 @@ def tmp_checkpoints(checkpoint_dir: Any) -> list[str]:
 
 
 # -- Orbax's older helpers (t5x's checkpointing calls them) --------------------------------------
-#: Prefixes of the strings that stood in the msgpack tree of Orbax's first format for values
-#: saved elsewhere (by TensorStore, or aggregated into that file).
-_PLACEHOLDER_PREFIX = "PLACEHOLDER://"
-_AGGREGATED_PREFIX = "AGGREGATED://"
+def is_dict_key(key: Any) -> bool:
+    """Whether a jax key path entry names a dict key or an attribute."""
+    return isinstance(key, (jax.tree_util.DictKey, jax.tree_util.GetAttrKey))
 
 
-def leaf_placeholder(name: str) -> str:
-    """The placeholder string of the value saved as ``name``."""
-    return _PLACEHOLDER_PREFIX + name
+def is_sequence_key(key: Any) -> bool:
+    """Whether a jax key path entry is a sequence index (or a keyless node's child number)."""
+    return _is_sequence_key(key)
 
 
-def leaf_is_placeholder(leaf: Any) -> bool:
-    """Whether ``leaf`` is such a placeholder string."""
-    return isinstance(leaf, str) and leaf.startswith((_PLACEHOLDER_PREFIX, _AGGREGATED_PREFIX))
-
-
-def name_from_leaf_placeholder(placeholder: str) -> str:
-    """The name in a placeholder string; ``ValueError`` for anything else."""
-    for prefix in (_AGGREGATED_PREFIX, _PLACEHOLDER_PREFIX):
-        if isinstance(placeholder, str) and placeholder.startswith(prefix):
-            return placeholder[len(prefix):]
-    raise ValueError(f"{placeholder!r} is not a placeholder (no {_PLACEHOLDER_PREFIX!r} or "
-                     f"{_AGGREGATED_PREFIX!r} prefix)")
+def pytree_structure(directory: Any) -> Any:
+    """The tree a folder of one array per directory (Orbax's layout without OCDBT) holds, as
+    Orbax infers it where nothing records it: nested dicts from the directories' names split
+    at dots, each leaf the placeholder of its array (``PLACEHOLDER://params.w``). Only
+    directories count (Orbax's counts the item's files too); ``_sharding``, ``_METADATA``
+    and ``array_metadatas`` are left out, as in Orbax."""
+    path = as_path(directory)
+    if not get_runtime().call(storage.is_dir, path):
+        raise FileNotFoundError(f"{path}: no such directory")
+    tree: dict[str, Any] = {}
+    for name in sorted(get_runtime().call(storage.listdirs, path)):
+        if name in (fmt.SHARDING, fmt.PYTREE_METADATA, fmt.ARRAY_METADATAS):
+            continue
+        *parents, last = name.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = leaf_placeholder(name)
+    return tree
 
 
 def all_leaves_are_placeholders(tree: Any) -> bool:

@@ -205,3 +205,64 @@ def test_get_param_names_as_orbax_names_them():
         for include in (True, False):
             assert ocp.tree.get_param_names(tree, include_empty_nodes=include) == \
                 orbax.tree.get_param_names(tree, include_empty_nodes=include), (tree, include)
+
+
+@dataclasses.dataclass
+class _Pair:
+    u: object
+    v: object
+
+
+jax.tree_util.register_dataclass(_Pair, data_fields=["u", "v"], meta_fields=[])
+
+
+class _Node:
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+
+jax.tree_util.register_pytree_node(_Node, lambda n: ((n.a, n.b), None), lambda _, c: _Node(*c))
+
+
+@pytest.mark.parametrize("a,b", [
+    ({"x": [1, 2, 3], "y": "same", "z": {"p": {}, "q": 4, "r": 6}},
+     {"x": [1, 3], "y": "same", "z": {"p": {}, "q": 5, "s": 6}}),
+    ({"a": NT(1, 2)}, {"a": NT(1, 2.0)}),
+    (_Pair(1, 2.0), _Pair(1, 2)),
+    ((1, [2]), (1, [2, 3])),
+    ({"a": 1}, [1]),
+    ({"a": None}, {"a": 1}),
+    ([1, np.zeros(2)], [1, np.ones(2)]),
+])
+def test_tree_difference_as_orbax_s(a, b) -> None:
+    assert ocp.tree.tree_difference(a, b) == orbax.tree.tree_difference(a, b)
+    assert ocp.tree.tree_difference(a, a) is None
+    eq = lambda x, y: np.array_equal(x, y)  # noqa: E731
+    assert repr(ocp.tree.tree_difference(a, b, leaves_equal=eq)) == repr(
+        orbax.tree.tree_difference(a, b, leaves_equal=eq))
+
+
+def test_tree_path_helpers_as_orbax_s() -> None:
+    tree = {"a": [1, _Pair(2, {"b": 3})], "n": _Node(4, 5), "t": (6,)}
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for path, _ in flat:
+        assert ocp.tree.str_keypath(path) == orbax.tree.str_keypath(path)
+        for key in path:
+            assert ocp.utils.is_dict_key(key) == orbax.utils.is_dict_key(key)
+            assert ocp.utils.is_sequence_key(key) == orbax.utils.is_sequence_key(key)
+    assert ocp.utils.from_flattened_with_keypath(flat) == orbax.utils.from_flattened_with_keypath(
+        flat) == {"a": [1, {"u": 2, "v": {"b": 3}}], "n": [4, 5], "t": [6]}
+    with pytest.raises(ValueError, match="no leaves"):
+        ocp.utils.from_flattened_with_keypath([])
+    for t in ({"a": 1, "b": np.zeros(2)}, {"a": {"b": 1}}, {"a": None}, [1], {}):
+        assert ocp.tree.is_flat_dict(t) == orbax.tree.is_flat_dict(t), t
+
+
+def test_pytree_structure_of_arrays_one_per_directory(tmp_path) -> None:
+    tree = {"params": {"w": np.arange(4), "b": np.ones(2)}, "step": np.int32(3)}
+    orbax.Checkpointer(orbax.PyTreeCheckpointHandler(use_ocdbt=False)).save(tmp_path / "c", tree)
+    expected = {"params": {"w": "PLACEHOLDER://params.w", "b": "PLACEHOLDER://params.b"},
+                "step": "PLACEHOLDER://step"}
+    assert ocp.utils.pytree_structure(tmp_path / "c") == expected
+    with pytest.raises(FileNotFoundError):
+        ocp.utils.pytree_structure(tmp_path / "missing")

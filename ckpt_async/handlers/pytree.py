@@ -41,7 +41,6 @@ from ..args import (
     register_with_handler,
 )
 from ..errors import (
-    CheckpointNotFoundError,
     CorruptCheckpointError,
     InvalidArgumentError,
     ShapeMismatchError,
@@ -68,6 +67,7 @@ from ..type_handlers import (
     TypeHandler,
     TypeHandlerRegistry,
 )
+from . import _legacy
 from .base import AsyncCheckpointHandler, Writer, engine_method
 
 _SCALAR_DTYPES = {bool: np.dtype(bool), int: np.dtype(np.int64), float: np.dtype(np.float64),
@@ -239,6 +239,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         self._compress = use_compression
         self._type_registry: TypeHandlerRegistry | None = orbax_options.get(
             "type_handler_registry")
+        #: the msgpack file of Orbax's first format (read, never written: ``_legacy``)
+        self._aggregate_file = aggregate_filename or _legacy.AGGREGATE_FILE
 
     @property
     def type_registry(self) -> TypeHandlerRegistry:
@@ -414,22 +416,28 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
 
     # -- read -----------------------------------------------------------------------------------
     async def read_documents(self, directory: AnyPath) -> tuple[
-            fmt.TreeMetadata, dict[str, str], dict, _integrity.Checksums | None]:
+            fmt.TreeMetadata, dict[str, str], dict, _integrity.Checksums | None,
+            _legacy.Aggregated | None]:
         """The item's documents (read at once), each checked against ``_CHECKSUMS`` when
-        present."""
+        present, and the values an Orbax before 0.5 aggregated into its msgpack file."""
         sums, raw, raw_shardings, raw_strings = await asyncio.gather(
             _integrity.read_checksums(directory),
             storage.read_optional(directory / fmt.PYTREE_METADATA),
             storage.read_optional(directory / fmt.SHARDING),
             storage.read_optional(directory / fmt.STRINGS))
-        if raw is None:
-            raise CheckpointNotFoundError(
-                f"{directory} holds no pytree checkpoint ({fmt.PYTREE_METADATA} is missing)")
+        if raw is None:  # (Orbax before 0.3: the tree is in the msgpack file; else none is here)
+            doc, in_file = await _legacy.tree_without_metadata(directory, self._aggregate_file)
+            return doc, {}, {}, sums, in_file
         for name, data in ((fmt.PYTREE_METADATA, raw), (fmt.SHARDING, raw_shardings),
                            (fmt.STRINGS, raw_strings)):
             if data is not None:
                 _integrity.check_document(directory, name, data, sums)
         tree_doc = fmt.decode(raw, fmt.TreeMetadata, where=str(directory / fmt.PYTREE_METADATA))
+        if tree_doc.ckpt_async is None and b'"use_ocdbt"' not in raw:  # (Orbax before 0.5)
+            tree_doc.use_ocdbt = await storage.exists(directory / _legacy.OCDBT_MANIFEST)
+        aggregated: _legacy.Aggregated | None = None
+        if names := _legacy.aggregated_names(tree_doc):
+            aggregated = await _legacy.aggregated_values(directory, self._aggregate_file, names)
         shardings: dict[str, str] = {}
         if raw_shardings is not None:
             enc = fmt.decode(raw_shardings, dict[str, str], where=str(directory / fmt.SHARDING))
@@ -437,7 +445,7 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         strings: dict = {}
         if raw_strings is not None:
             strings = fmt.decode(raw_strings, dict, where=str(directory / fmt.STRINGS))
-        return tree_doc, shardings, strings, sums
+        return tree_doc, shardings, strings, sums, aggregated
 
     @engine_method
     async def restore(self, directory: AnyPath, args: PyTreeRestore | StandardRestore | None = None
@@ -456,7 +464,7 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
             raise InvalidArgumentError(
                 f"{directory}: restore transforms are not supported by ckpt_async; restore the "
                 "tree as saved and transform it afterwards")
-        tree_doc, shardings, strings, sums = await self.read_documents(directory)
+        tree_doc, shardings, strings, sums, aggregated = await self.read_documents(directory)
         # (a target or restore args built from item metadata: its tree, as in Orbax)
         target, restore_args = (
             getattr(x, "tree") if isinstance(x, TreeMetadata) else x
@@ -465,7 +473,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         # Orbax does), and the target may name a part of the checkpoint (which Orbax refuses).
         loose = isinstance(args, StandardRestore) and not args.strict
         partial = bool(getattr(args, "partial_restore", False)) or loose or by_name
-        reader = _Reader(directory, tree_doc, shardings, strings, sums, self.type_registry)
+        reader = _Reader(directory, tree_doc, shardings, strings, sums, self.type_registry,
+                         aggregated)
         if tree_doc.ckpt_async is None:  # (Orbax's: its typed PRNG keys are in array_metadatas)
             reader.random_keys = await _random_keys_of(directory)
         if target is None and restore_args is None:
@@ -479,9 +488,9 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
     @engine_method
     async def metadata(self, directory: AnyPath) -> TreeMetadata:
         directory = coerce(directory)
-        tree_doc, shardings, _, sums = await self.read_documents(directory)
-        return await _Reader(directory, tree_doc, shardings, {}, sums,
-                             self.type_registry).metadata()
+        tree_doc, shardings, _, sums, aggregated = await self.read_documents(directory)
+        return await _Reader(directory, tree_doc, shardings, {}, sums, self.type_registry,
+                             aggregated).metadata()
 
 
 class StandardCheckpointHandler(PyTreeCheckpointHandler):
@@ -906,7 +915,8 @@ class _Reader:
 
     def __init__(self, directory: AnyPath, doc: fmt.TreeMetadata, shardings: dict[str, str],
                  strings: dict[str, Any], sums: _integrity.Checksums | None = None,
-                 registry: TypeHandlerRegistry = GLOBAL_TYPE_HANDLER_REGISTRY) -> None:
+                 registry: TypeHandlerRegistry = GLOBAL_TYPE_HANDLER_REGISTRY,
+                 aggregated: _legacy.Aggregated | None = None) -> None:
         self.dir = directory
         self.registry = registry
         self.sums = sums
@@ -922,6 +932,14 @@ class _Reader:
         self.skeleton = ext.get("skeleton")
         self._flat_strings = ext.get("version", STRINGS_AT_POINTERS) < STRINGS_AT_POINTERS
         self.scalars: dict[str, str] = ext.get("scalars", {})
+        #: values of Orbax's first format, from its msgpack file (name -> value): numbers as
+        #: arrays, placed as if read (``_prefetched``), strings as they are
+        self.aggregated: dict[str, Any] = {}
+        if aggregated is not None:
+            self.aggregated = aggregated.values
+            self.scalars = {**self.scalars, **aggregated.scalars}
+            self._prefetched.update((n, v) for n, v in self.aggregated.items()
+                                    if isinstance(v, np.ndarray))
         #: parameter name -> implementation of each typed PRNG key (stored as its key data)
         self.random_keys: dict[str, str] = dict(ext.get("random_keys", {}))
         self._told_devices = False  # (the default-device warning, once per restore)
@@ -943,6 +961,8 @@ class _Reader:
         return self.items.ctx
 
     def _string(self, name: str) -> Any:
+        if name in self.aggregated:
+            return self.aggregated[name]
         try:
             return fmt.string_in(self.strings, name, flat=self._flat_strings)
         except KeyError:
@@ -1025,7 +1045,8 @@ class _Reader:
         if vt == "string":
             return self._string(name)
         sharding = self._saved_sharding(name) if vt == "jax.Array" else None
-        if sharding is not None and not sharding.is_fully_addressable:
+        if sharding is not None and not sharding.is_fully_addressable and (
+                name not in self.aggregated):
             return self._read_spread(name, None, None, sharding)
         arr = self._prefetched.pop(name, None)
         if arr is not None:
@@ -1091,7 +1112,8 @@ class _Reader:
         """The names among ``named`` ((key, name) pairs) whose values are stored arrays."""
         return [name for key, name in named
                 if (vt := self.by_key[key].value_metadata.value_type) in _STORED
-                and name not in self.handled and vt not in self.overridden]
+                and name not in self.handled and vt not in self.overridden
+                and name not in self.aggregated]
 
     async def restore_as_saved(self) -> Any:
         self.items.start_index()  # (read while the shardings are decoded)
@@ -1163,8 +1185,9 @@ class _Reader:
                 known = spanning[id(sh)] = not sh.is_fully_addressable
             return known
 
-        spread = {k: sh for k, _n, leaf in pairs if k in self.by_key and (sh := _target_sharding(
-            None if structure_only else leaf, rargs.get(k))) is not None and spans(sh)}
+        spread = {k: sh for k, n, leaf in pairs if k in self.by_key and n not in self.aggregated
+                  and (sh := _target_sharding(None if structure_only else leaf, rargs.get(k)))
+                  is not None and spans(sh)}
         array_handler = self.registry.handler_for(jax.Array) if spread else None
         await self.prefetch(self._stored_arrays((k, n) for k, n, _leaf in pairs if k in self.by_key
                                                 and k not in spread and k not in skipped))
@@ -1388,9 +1411,13 @@ class _Reader:
                 return self._empty(vt, name)
             if vt == "string":
                 return StringMetadata(name, self.dir)
-            shape, dtype, chunks = await ser.read_shape_dtype(
-                self.ctx, self.dir, name, use_ocdbt=self.doc.use_ocdbt,
-                use_zarr3=self.doc.use_zarr3)
+            if name in self.aggregated:  # (its value is at hand)
+                arr = self.aggregated[name]
+                shape, dtype, chunks = arr.shape, arr.dtype, None
+            else:
+                shape, dtype, chunks = await ser.read_shape_dtype(
+                    self.ctx, self.dir, name, use_ocdbt=self.doc.use_ocdbt,
+                    use_zarr3=self.doc.use_zarr3)
             if vt == "scalar":  # (a NumPy scalar of StandardSave's is an array here, as Orbax has it)
                 return ScalarMetadata(name, self.dir, shape, None, dtype, None)
             sharding = None
