@@ -1,8 +1,9 @@
-"""Tree transformations (Orbax's ``ocp.transform_utils``), applied to trees in memory.
+"""Tree transformations (Orbax's ``ocp.transform_utils``).
 
-A restore reads a tree as it was saved (``PyTreeRestore(transforms=...)`` is refused); these
-functions then reshape it: :func:`apply_transformations` renames, recomputes or carries over
-keys, :func:`intersect_trees` and :func:`merge_trees` combine trees by their key paths.
+``PyTreeRestore(transforms=...)`` reshapes a checkpoint as it is read, with the same
+:class:`Transform` rules; these functions reshape trees in memory: :func:`apply_transformations`
+renames, recomputes or carries over keys, :func:`intersect_trees` and :func:`merge_trees`
+combine trees by their key paths.
 Keys are paths of the tree's keys joined by ``/``; a transformation's key is a regular
 expression over them.
 """
@@ -49,8 +50,10 @@ class Transform:
 
 @dataclasses.dataclass
 class RestoreTransform(Transform):
-    """Orbax's transformation for restores (its functions also take ``RestoreArgs``); for
-    type annotations and ``isinstance`` here, as restores do not transform."""
+    """A transformation of ``PyTreeRestore(transforms=...)`` that computes its key from
+    several of the checkpoint's: ``multi_value_fn(key, tree, restore_args)``, where ``tree``
+    holds the keys ``multi_value_fn_input_args`` (regular expressions) names, each read with
+    the ``RestoreArgs`` given there, and ``restore_args`` are the result key's."""
 
     value_fn: Callable[[Any, RestoreArgs], Any] | None = None
     multi_value_fn: Callable[[str, Any, RestoreArgs], Any] | None = None

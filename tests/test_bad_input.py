@@ -129,8 +129,12 @@ def test_unsupported_orbax_options_raise_instead_of_being_ignored(tmp_path):
             ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave({"a": np.ones(2)},
                                                                 partial_update=True))
         ckptr.save(tmp_path / "c", {"a": np.ones(2)})
-        with pytest.raises(InvalidArgumentError, match="transforms"):
+        with pytest.raises(InvalidArgumentError, match="legacy_transform_fn"):
             ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(
+                item={"a": 0}, legacy_transform_fn=lambda *a: a))
+        with pytest.raises(InvalidArgumentError, match=r"'\(\.\*\)' is a object, not an"):
+            ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(
+                item={"a": 0}, restore_args={"a": ocp.RestoreArgs()},
                 transforms={r"(.*)": object()}))
 
 

@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import math
+import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,8 @@ from ..metadata import (
     sharding_metadata_from_json,
 )
 from ..multihost import Roles, current_roles
+from ..transform_utils import RestoreTransform, Transform, apply_transformations
+from ..tree import from_flat_dict, to_flat_dict
 from ..type_handlers import (
     GLOBAL_TYPE_HANDLER_REGISTRY,
     PLACEHOLDER,
@@ -456,14 +459,14 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
     async def _restore(self, directory: AnyPath, args: PyTreeRestore | StandardRestore | None
                        ) -> Any:
         transforms = getattr(args, "transforms", None)
+        to_original = getattr(args, "transforms_default_to_original", True)
         # transforms={} (each key of item from the checkpoint's same key): a partial restore,
         # an idiom of Orbax's older API (MaxText loads its parameters so)
-        by_name = transforms == {} and getattr(args, "transforms_default_to_original", True)
-        if (transforms is not None and not by_name) or getattr(
-                args, "legacy_transform_fn", None) is not None:
+        by_name = transforms == {} and to_original
+        if getattr(args, "legacy_transform_fn", None) is not None:
             raise InvalidArgumentError(
-                f"{directory}: restore transforms are not supported by ckpt_async; restore the "
-                "tree as saved and transform it afterwards")
+                f"{directory}: legacy_transform_fn is not supported by ckpt_async; pass "
+                "`transforms` (ocp.Transform), or restore the tree and transform it afterwards")
         tree_doc, shardings, strings, sums, aggregated = await self.read_documents(directory)
         # (a target or restore args built from item metadata: its tree, as in Orbax)
         target, restore_args = (
@@ -477,6 +480,9 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
                          aggregated)
         if tree_doc.ckpt_async is None:  # (Orbax's: its typed PRNG keys are in array_metadatas)
             reader.random_keys = await _random_keys_of(directory)
+        if transforms is not None and not by_name:
+            return await _restore_transformed(reader, target, restore_args, transforms,
+                                              to_original)
         if target is None and restore_args is None:
             return await reader.restore_as_saved()
         # PyTreeRestore's item gives the tree's structure only (Orbax): its leaves restore as
@@ -501,6 +507,76 @@ class StandardCheckpointHandler(PyTreeCheckpointHandler):
     # Orbax's standard handler stores a NumPy scalar as a 0-d array ("np.ndarray"), which
     # Orbax restores as one, dtype kept (as "scalar" it came back a Python int or float).
     _numpy_scalars_as_arrays = True
+
+
+def _input_args(key: str, rules: dict[str, Transform], out_args: dict[str, Any]) -> Any:
+    """The restore args the checkpoint's ``key`` is read with for ``rules`` to use it (Orbax's
+    reverse of the transformations), or None: a multi_value_fn's input, or the source of a
+    result key (itself, or the ``original_key`` a rule renames it from)."""
+    for pattern, rule in rules.items():
+        if rule.multi_value_fn is not None:
+            for regex, args in (getattr(rule, "multi_value_fn_input_args", None) or {}).items():
+                if re.fullmatch(regex, key):
+                    return args
+        elif not rule.use_fallback:
+            for out_key, args in out_args.items():
+                if (m := re.fullmatch(pattern, out_key)) is not None and key == (
+                        out_key if rule.original_key is None else m.expand(str(rule.original_key))):
+                    return args
+    return None
+
+
+async def _restore_transformed(reader: _Reader, item: Any, restore_args: Any, transforms: Any,
+                               to_original: bool) -> Any:
+    """``PyTreeRestore(transforms=...)``: the checkpoint's keys the transformations (or the
+    keys of ``item`` they carry over) use, read with the restore args of the result's keys,
+    then :func:`apply_transformations` into ``item``'s structure; the others are not read."""
+    where = reader.dir
+    if item is None:
+        raise InvalidArgumentError(f"{where}: a restore with `transforms` needs `item`, the "
+                                   "structure of its result")
+    if restore_args is None:
+        raise InvalidArgumentError(f"{where}: a restore with `transforms` needs `restore_args`, "
+                                   "in the structure of `item`")
+    rules: dict[str, Transform] = to_flat_dict(
+        transforms, sep="/", is_leaf=lambda x: isinstance(x, Transform))
+    for pattern, rule in rules.items():
+        if not isinstance(rule, Transform):
+            raise InvalidArgumentError(f"{where}: transform {pattern!r} is a "
+                                       f"{type(rule).__name__}, not an ocp.Transform")
+        if rule.multi_value_fn is None:
+            continue
+        if not isinstance(rule, RestoreTransform):
+            raise InvalidArgumentError(f"{where}: transform {pattern!r}: a restore's "
+                                       "multi_value_fn needs a RestoreTransform")
+        if rule.multi_value_fn_input_args is None:
+            raise InvalidArgumentError(f"{where}: transform {pattern!r}: multi_value_fn needs "
+                                       "multi_value_fn_input_args (the keys it reads)")
+    out_args = to_flat_dict(restore_args, sep="/")
+    wanted: dict[str, Any] = {}
+    for entry in reader.by_key.values():
+        if entry.value_metadata.value_type in _tree.EMPTY_TYPES:
+            continue
+        key = "/".join(k.key for k in entry.key_metadata)
+        args = _input_args(key, rules, out_args)
+        if args is None and key in out_args:
+            fallback = any(rule.use_fallback and re.fullmatch(p, key) for p, rule in rules.items())
+            args = out_args[key] if fallback != to_original else None
+        if args is not None:
+            wanted[key] = args
+    original: Any = {}
+    if wanted:
+        needed = from_flat_dict(wanted, sep="/")
+        original = await reader.restore_into(needed, needed, partial=True)
+
+    def bound(rule: Transform) -> Transform:
+        fn = rule.multi_value_fn
+        if fn is None:
+            return rule
+        return Transform(multi_value_fn=lambda key, tree: fn(key, tree, out_args[key]))
+
+    return apply_transformations(original, {p: bound(r) for p, r in rules.items()}, item,
+                                 to_original)
 
 
 def _is_random_key(leaf: Any) -> bool:
