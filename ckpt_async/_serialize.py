@@ -32,7 +32,7 @@ import tensorstore as ts
 
 from . import _ocdbt
 from . import _storage as storage
-from ._paths import AnyPath, kvstore_base
+from ._paths import AnyPath, below, kvstore_base
 from ._runtime import BACKGROUND_THREADS, batch_pace, get_runtime, log
 from .errors import CorruptCheckpointError
 
@@ -185,7 +185,7 @@ def array_spec(
         kv = kvstore_spec(item_dir, use_ocdbt=True, write=write, file_size=file_size)
         kv["path"] = name + "/"
     else:
-        kv = kvstore_spec(item_dir / name, use_ocdbt=False, write=write)
+        kv = kvstore_spec(below(item_dir, name, "array"), use_ocdbt=False, write=write)
     return {"driver": "zarr3" if use_zarr3 else "zarr", "kvstore": kv, "recheck_cached_data": False}
 
 

@@ -11,6 +11,7 @@ import pytest
 
 import ckpt_async as ocp
 from ckpt_async.errors import (
+    CorruptCheckpointError,
     HandlerError,
     InvalidArgumentError,
     NotWritableError,
@@ -167,3 +168,34 @@ def test_handlers_take_orbax_arguments_and_refuse_unknown_ones():
     for handler in (ocp.PyTreeCheckpointHandler, ocp.StandardCheckpointHandler):
         with pytest.raises(TypeError, match="'use_ocbdt'"):  # (a misspelling)
             handler(use_ocbdt=True)
+
+
+@pytest.mark.parametrize("bad", ["{outside}", "../outside/s", "a/../../outside/s"])
+def test_leaf_names_cannot_reach_outside_the_checkpoint(tmp_path, bad):
+    """A tampered _METADATA of a checkpoint with one folder per array (Orbax's
+    use_ocdbt=False) naming a path elsewhere: the restore refuses it rather than reading
+    whatever array is there (Orbax 0.12.8 reads it)."""
+    import json
+
+    import orbax.checkpoint as orbax
+
+    handler = orbax.PyTreeCheckpointHandler(use_ocdbt=False)
+    orbax.Checkpointer(handler).save(tmp_path / "outside", {"s": np.arange(5) * 100})
+    orbax.Checkpointer(handler).save(tmp_path / "ckpt", {"safe": np.arange(5)})
+    doc = json.loads((tmp_path / "ckpt" / "_METADATA").read_text())
+    entry = doc["tree_metadata"].pop("('safe',)")
+    name = bad.format(outside=tmp_path / "outside" / "s")
+    entry["key_metadata"][0]["key"] = name
+    doc["tree_metadata"][str((name,))] = entry
+    (tmp_path / "ckpt" / "_METADATA").write_text(json.dumps(doc))
+    with pytest.raises(CorruptCheckpointError, match="outside the checkpoint"):
+        ocp.PyTreeCheckpointer().restore(tmp_path / "ckpt")
+    with pytest.raises(CorruptCheckpointError, match="outside the checkpoint"):
+        ocp.PyTreeCheckpointHandler().metadata(tmp_path / "ckpt")
+    assert not ocp.verify(tmp_path / "ckpt").ok
+    # (the same name in the msgpack file of Orbax's first format)
+    (tmp_path / "ckpt" / "_METADATA").unlink()
+    (tmp_path / "ckpt" / "checkpoint").write_bytes(ocp.msgpack_utils.msgpack_serialize(
+        {name: ocp.utils.leaf_placeholder(name)}))
+    with pytest.raises(CorruptCheckpointError, match="outside the checkpoint"):
+        ocp.PyTreeCheckpointer().restore(tmp_path / "ckpt")

@@ -30,7 +30,7 @@ from .. import _format as fmt
 from .. import _integrity, _tree
 from .. import _serialize as ser
 from .. import _storage as storage
-from .._paths import AnyPath, coerce
+from .._paths import AnyPath, below, coerce
 from .._progress import Tracker
 from .._runtime import gc_paused, get_runtime
 from .._stage import ByteBudget, cancel_all, cpu_sharding, stage, total_bytes
@@ -1455,6 +1455,7 @@ class _Reader:
         # (what Orbax's own handlers wrote is in the item's OCDBT database; ckpt_async's
         # built-in handlers, called by another, write zarr arrays of their own)
         ocdbt = self.doc.use_ocdbt and (self.doc.ckpt_async is None or name not in self.handled)
+        below(self.dir, name, "leaf")  # (a handler may read files at its name)
         info = ParamInfo(name=name, parent_dir=self.dir, ts_context=self.ctx, value_typestr=vt,
                          is_ocdbt_checkpoint=ocdbt, use_zarr3=self.doc.use_zarr3)
         return handler, info
