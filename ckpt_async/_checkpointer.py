@@ -49,7 +49,7 @@ from .errors import (
 )
 from .handlers.base import CheckpointHandler, adapt, call_handler, typestr_of
 from .handlers.composite import CompositeCheckpointHandler
-from .metadata import StepMetadata
+from .metadata import StepMetadata, step_metadata_of
 
 log = logging.getLogger("ckpt_async")
 
@@ -599,17 +599,7 @@ class AsyncCheckpointer:
                 # A checkpoint, but none of this handler's (a manager's step of several
                 # items, each in its folder): no item metadata, as Orbax answers.
                 item_metadata = None
-        doc = found or fmt.StepMetadata()
-        statistics = (ext.statistics if ext is not None else None) or {}
-        return StepMetadata(
-            item_handlers=doc.item_handlers,
-            item_metadata=item_metadata,
-            metrics=doc.metrics,
-            performance_metrics={**doc.performance_metrics, **statistics},
-            init_timestamp_nsecs=doc.init_timestamp_nsecs,
-            commit_timestamp_nsecs=doc.commit_timestamp_nsecs,
-            custom_metadata=doc.custom_metadata,
-        )
+        return step_metadata_of(found, ext, item_metadata)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def _check_open(self) -> None:

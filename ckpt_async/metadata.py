@@ -5,15 +5,20 @@ The reprs follow Orbax's, so printed results read the same in both libraries.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
-from ._paths import AnyPath
-from ._serialize import axis_types_from_json, device_named, mesh_ids, mesh_of
+from . import _format as fmt
+from ._integrity import read_step_metadata
+from ._paths import AnyPath, as_path
+from ._runtime import get_runtime
+from ._serialize import axis_types_from_json, device_named, mesh_ids, mesh_of, sharding_to_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,8 +27,39 @@ class StorageMetadata:
     write_shape: tuple[int, ...] | None = None
 
 
+class ShardingMetadata(abc.ABC):
+    """How a saved ``jax.Array`` was placed, as ``_sharding`` records it (Orbax's base of
+    :class:`NamedShardingMetadata` and :class:`SingleDeviceShardingMetadata`)."""
+
+    @classmethod
+    def from_jax_sharding(cls, jax_sharding: jax.sharding.Sharding) -> ShardingMetadata:
+        """The metadata of a ``NamedSharding`` or ``SingleDeviceSharding`` (on a subclass,
+        of its kind only); ``ValueError`` for another."""
+        text = sharding_to_json(jax_sharding)
+        meta = sharding_metadata_from_json(json.loads(text)) if text is not None else None
+        if meta is None or not isinstance(meta, cls):
+            raise ValueError(f"{cls.__name__} cannot describe {jax_sharding!r}")
+        return meta
+
+    @classmethod
+    def from_deserialized_dict(cls, deserialized_dict: Mapping[str, Any]) -> ShardingMetadata:
+        """The metadata of a decoded ``_sharding`` entry; ``ValueError`` for another kind."""
+        meta = sharding_metadata_from_json(deserialized_dict)
+        if meta is None or not isinstance(meta, cls):
+            raise ValueError(f"{cls.__name__} cannot read {dict(deserialized_dict)!r}")
+        return meta
+
+    @abc.abstractmethod
+    def to_jax_sharding(self) -> jax.sharding.Sharding:
+        """The sharding, on this process's devices."""
+
+    @abc.abstractmethod
+    def to_serialized_string(self) -> str:
+        """The ``_sharding`` entry (JSON) of this metadata."""
+
+
 @dataclasses.dataclass(frozen=True)
-class SingleDeviceShardingMetadata:
+class SingleDeviceShardingMetadata(ShardingMetadata):
     device_str: str
 
     def to_jax_sharding(self) -> jax.sharding.SingleDeviceSharding:
@@ -33,12 +69,15 @@ class SingleDeviceShardingMetadata:
             raise ValueError(f"no device {self.device_str} in this process: {jax.devices()}")
         return jax.sharding.SingleDeviceSharding(device)
 
+    def to_serialized_string(self) -> str:
+        return json.dumps({"sharding_type": "SingleDeviceSharding", "device_str": self.device_str})
+
     def __repr__(self) -> str:
         return f"SingleDeviceShardingMetadata(device_str={self.device_str})"
 
 
 @dataclasses.dataclass(frozen=True)
-class NamedShardingMetadata:
+class NamedShardingMetadata(ShardingMetadata):
     shape: tuple[int, ...]
     axis_names: tuple[str, ...]
     partition_spec: tuple[Any, ...]
@@ -50,6 +89,18 @@ class NamedShardingMetadata:
         """The sharding rebuilt on this process's devices (as Orbax's ``to_jax_sharding``)."""
         mesh = mesh_of(self.device_mesh, self.shape, self.axis_names, self.axis_types)
         return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*self.partition_spec))
+
+    def to_serialized_string(self) -> str:
+        doc: dict[str, Any] = {
+            "sharding_type": "NamedSharding", "shape": list(self.shape),
+            "axis_names": list(self.axis_names),
+            "partition_spec": [list(p) if isinstance(p, tuple) else p
+                               for p in self.partition_spec]}
+        if self.axis_types is not None:
+            doc["axis_types"] = [str(t) for t in self.axis_types]
+        if self.device_mesh is not None:
+            doc["device_mesh"] = {"mesh": jax.tree.map(lambda i: {"id": int(i)}, self.device_mesh)}
+        return json.dumps(doc)
 
     def __repr__(self) -> str:
         return (
@@ -167,6 +218,33 @@ class StepMetadata:
     init_timestamp_nsecs: int | None = None
     commit_timestamp_nsecs: int | None = None
     custom_metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def step_metadata_of(doc: fmt.StepMetadata | None, ext: fmt.StepExtension | None,
+                     item_metadata: Any = None) -> StepMetadata:
+    """The :class:`StepMetadata` of a step's decoded ``_CHECKPOINT_METADATA`` (None: absent)
+    and ``_CKPT_ASYNC`` (its save's statistics join the performance metrics)."""
+    doc = doc or fmt.StepMetadata()
+    statistics = (ext.statistics if ext is not None else None) or {}
+    return StepMetadata(
+        item_handlers=doc.item_handlers,
+        item_metadata=item_metadata,
+        metrics=doc.metrics,
+        performance_metrics={**doc.performance_metrics, **statistics},
+        init_timestamp_nsecs=doc.init_timestamp_nsecs,
+        commit_timestamp_nsecs=doc.commit_timestamp_nsecs,
+        custom_metadata=doc.custom_metadata,
+    )
+
+
+def get_step_metadata(path: Any) -> StepMetadata:
+    """The metadata ``_CHECKPOINT_METADATA`` records for the step directory ``path``, without
+    its items' (Orbax's ``get_step_metadata``); ``ValueError`` where there is none."""
+    step = as_path(path)
+    doc, ext = get_runtime().call(read_step_metadata, step)
+    if doc is None:
+        raise ValueError(f"Step metadata not found at {step / fmt.CHECKPOINT_METADATA}")
+    return step_metadata_of(doc, ext)
 
 
 @dataclasses.dataclass

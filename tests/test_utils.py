@@ -266,3 +266,42 @@ def test_pytree_structure_of_arrays_one_per_directory(tmp_path) -> None:
     assert ocp.utils.pytree_structure(tmp_path / "c") == expected
     with pytest.raises(FileNotFoundError):
         ocp.utils.pytree_structure(tmp_path / "missing")
+
+
+def test_get_step_metadata_reads_a_step_as_orbax_s(tmp_path) -> None:
+    with ocp.CheckpointManager(tmp_path / "ours") as mngr:
+        mngr.save(1, args=ocp.args.StandardSave({"a": np.arange(3)}), metrics={"loss": 0.5})
+    with orbax.CheckpointManager(tmp_path / "theirs") as mngr:
+        mngr.save(1, args=orbax.args.StandardSave({"a": np.arange(3)}), metrics={"loss": 0.5})
+    for run in ("ours", "theirs"):
+        ours = ocp.metadata.get_step_metadata(tmp_path / run / "1")
+        theirs = orbax.metadata.get_step_metadata(tmp_path / run / "1")
+        for field in ("item_handlers", "item_metadata", "metrics", "init_timestamp_nsecs",
+                      "commit_timestamp_nsecs", "custom_metadata"):
+            assert getattr(ours, field) == getattr(theirs, field), (run, field)
+        assert ours.commit_timestamp_nsecs > 0
+        # (ckpt_async records a save's metrics; Orbax only with a best_fn)
+        assert ours.metrics == ({"loss": 0.5} if run == "ours" else {})
+    with pytest.raises(ValueError, match="Step metadata not found"):
+        ocp.metadata.get_step_metadata(tmp_path)
+
+
+def test_sharding_metadata_as_orbax_s(mesh) -> None:
+    import json
+
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    for sharding in (NamedSharding(mesh, PartitionSpec("x", None)),
+                     NamedSharding(mesh, PartitionSpec(("x", "y"))),
+                     jax.sharding.SingleDeviceSharding(jax.devices()[1])):
+        ours = ocp.metadata.ShardingMetadata.from_jax_sharding(sharding)
+        assert isinstance(ours, ocp.metadata.ShardingMetadata)
+        theirs = getattr(orbax.metadata, type(ours).__name__).from_jax_sharding(sharding)
+        assert json.loads(ours.to_serialized_string()) == json.loads(
+            theirs.to_serialized_string())
+        assert ours.to_jax_sharding() == sharding
+        assert ocp.metadata.ShardingMetadata.from_deserialized_dict(
+            json.loads(theirs.to_serialized_string())) == ours
+    with pytest.raises(ValueError, match="cannot describe"):
+        ocp.metadata.SingleDeviceShardingMetadata.from_jax_sharding(
+            NamedSharding(mesh, PartitionSpec()))
