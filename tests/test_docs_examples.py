@@ -32,6 +32,10 @@ EXPECTED_LAST_LINES: dict[str, list[str]] = {
         r"kept on disk: \[40, 50, 60\]",
         r"resumed at step 60: data position 60, w\[0\] = 18\.30",
     ],
+    "model_surgery.py": [
+        r"layers: \['0', '1'\] embed: \(10, 4\) head kept: True step: 0",
+        r"renamed layers, old embedding rows and std bit-exact: True",
+    ],
     "resume_random_state.py": [
         r"resumed at step 6: key threefry2x32, 6 losses, lr 0\.1",
         r"saved steps: \[3, 6\]",
