@@ -541,10 +541,53 @@ def supported_types() -> list[Any]:
     return [ty for ty, _make in _DEFAULT_TYPES]
 
 
+def is_supported_empty_value(value: Any, pytree_metadata_options: Any = None) -> bool:
+    """Whether ``value`` is an empty node a pytree checkpoint records as such: None, or an
+    empty dict, list or tuple (not a named tuple). ``pytree_metadata_options`` is accepted
+    for Orbax's signature."""
+    return value is None or (type(value) in (dict, list, tuple) and not value)
+
+
+def is_supported_type(value: Any, pytree_metadata_options: Any = None) -> bool:
+    """Whether a pytree handler saves ``value``: an empty node, or a value whose type the
+    global registry has a handler for."""
+    return is_supported_empty_value(value) or has_type_handler(type(value))
+
+
+def is_ocdbt_checkpoint(path: Any) -> bool:
+    """Whether the item directory ``path`` holds its arrays in an OCDBT database."""
+    from ._runtime import get_runtime
+    from ._storage import exists
+
+    return bool(get_runtime().call(exists, coerce(path) / "manifest.ocdbt"))
+
+
+def get_ts_context(*, use_ocdbt: bool = True, file_io_concurrency_limit: int | None = None,
+                   data_copy_concurrency_limit: int | None = None) -> ts.Context:
+    """A TensorStore context as ckpt_async reads and writes an item with (an OCDBT node cache,
+    file I/O concurrency), for a handler's or a user's own TensorStore calls."""
+    spec: dict[str, Any] = {"file_io_concurrency": {"limit": file_io_concurrency_limit or 128}}
+    if use_ocdbt:
+        spec["cache_pool#ocdbt"] = {"total_bytes_limit": 100_000_000}
+    if data_copy_concurrency_limit is not None:
+        spec["data_copy_concurrency"] = {"limit": data_copy_concurrency_limit}
+    return ts.Context(spec)
+
+
+def get_json_tspec_read(info: ParamInfo, use_ocdbt: bool, metadata_key: str | None = None,
+                        raise_array_data_missing_error: bool = True) -> dict[str, Any]:
+    """The TensorStore spec that opens the array ``info`` names for reading (in the item's
+    OCDBT database, or its own zarr folder; zarr v3 where ``info.use_zarr3``)."""
+    return ser.array_spec(info.parent_dir, info.name, use_ocdbt=use_ocdbt,
+                          use_zarr3=bool(info.use_zarr3))
+
+
 __all__ = [
     "PLACEHOLDER", "ArrayHandler", "ArrayRestoreArgs", "NumpyHandler", "ParamInfo",
     "PlaceholderHandler", "RestoreArgs", "SaveArgs", "ScalarHandler", "SingleReplicaArrayHandler",
     "SingleReplicaArrayRestoreArgs", "StringHandler", "TypeHandler", "TypeHandlerRegistry",
-    "create_type_handler_registry", "get_type_handler", "has_type_handler", "is_placeholder",
-    "register_type_handler", "supported_types",
+    "create_type_handler_registry", "get_json_tspec_read", "get_ts_context",
+    "get_type_handler", "has_type_handler", "is_ocdbt_checkpoint", "is_placeholder",
+    "is_supported_empty_value", "is_supported_type", "register_type_handler",
+    "supported_types",
 ]

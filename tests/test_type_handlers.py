@@ -370,3 +370,32 @@ def test_a_subclass_reading_its_own_way_gets_the_leaves_ckpt_async_wrote(tmp_pat
         {"w": jax.ShapeDtypeStruct((4, 8), np.float32, sharding=sharding)}))
     assert calls == [[("w", "ArrayRestoreArgs")]]
     assert restored["w"].sharding == sharding and np.array_equal(np.asarray(restored["w"]), host)
+
+
+def test_orbax_s_type_handler_queries() -> None:
+    import collections
+
+    nt = collections.namedtuple("nt", "a")
+    values = [None, {}, [], (), nt(1), 1, 1.5, True, b"x", "x", np.zeros(2), np.float32(1),
+              jax.numpy.zeros(2), object(), {"a": 1}, [1]]
+    for v in values:
+        for fn in ("is_supported_empty_value", "is_supported_type"):
+            ours = getattr(ocp.type_handlers, fn)(v)
+            assert ours == getattr(orbax.type_handlers, fn)(v), (fn, v)
+
+
+def test_tensorstore_specs_open_the_saved_arrays(tmp_path) -> None:
+    import tensorstore as ts
+
+    value = np.arange(12, dtype=np.float32).reshape(3, 4)
+    ocp.PyTreeCheckpointer().save(tmp_path / "ocdbt", {"w": value})
+    orbax.Checkpointer(orbax.PyTreeCheckpointHandler(use_ocdbt=False)).save(
+        tmp_path / "folders", {"w": value})
+    for name, ocdbt in (("ocdbt", True), ("folders", False)):
+        assert ocp.type_handlers.is_ocdbt_checkpoint(tmp_path / name) is ocdbt
+        assert orbax.type_handlers.is_ocdbt_checkpoint(tmp_path / name) is ocdbt
+        info = ocp.type_handlers.ParamInfo(name="w", parent_dir=tmp_path / name)
+        spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=ocdbt)
+        context = ocp.type_handlers.get_ts_context(use_ocdbt=ocdbt)
+        np.testing.assert_array_equal(ts.open(spec, context=context).result().read().result(),
+                                      value)
