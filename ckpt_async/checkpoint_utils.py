@@ -33,7 +33,11 @@ from .type_handlers import PLACEHOLDER, ArrayRestoreArgs, RestoreArgs
 
 log = logging.getLogger("ckpt_async")
 
-__all__ = ["checkpoints_iterator", "construct_restore_args", "wait_for_new_checkpoint"]
+__all__ = ["STANDARD_ARRAY_TYPES", "checkpoints_iterator", "construct_restore_args",
+           "wait_for_new_checkpoint"]
+
+#: The leaf types Orbax's standard handler takes as arrays or scalars.
+STANDARD_ARRAY_TYPES = (int, float, np.ndarray, jax.Array)
 
 
 def _python_type(dtype: Any) -> type:

@@ -24,7 +24,7 @@ import contextvars
 import dataclasses
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 
@@ -170,6 +170,28 @@ def sync_global_processes(name: str, timeout_secs: float = 600,
 sync_global_devices = sync_global_processes
 
 
+class BarrierSyncFn(Protocol):
+    """A barrier: blocks until every process taking part has called it with ``key``, or
+    ``timeout_ms`` has passed."""
+
+    def __call__(self, *, key: str, timeout_ms: int) -> None: ...
+
+
+def get_barrier_sync_fn(*, processes: Iterable[int] | None = None) -> BarrierSyncFn:
+    """A barrier across every process (or those in ``processes``), as Orbax's
+    ``get_barrier_sync_fn`` gives it: ``fn(key=..., timeout_ms=...)``, a no-op when nobody
+    else takes part; ``ValueError`` if this process is not among ``processes``."""
+    wanted = None if processes is None else sorted(set(processes))
+    if wanted is not None and process_index() not in wanted:
+        raise ValueError(f"a barrier across processes {wanted} was asked for in process "
+                         f"{process_index()}, which is not among them")
+
+    def barrier(*, key: str, timeout_ms: int) -> None:
+        sync_global_processes(key, timeout_ms / 1000, wanted)
+
+    return barrier
+
+
 def broadcast_one_to_all(in_tree: Any, is_source: bool | None = None) -> Any:
     """``in_tree`` of the source process (process 0 unless ``is_source`` says) on every
     process (jax's ``multihost_utils.broadcast_one_to_all``, as Orbax calls it)."""
@@ -277,7 +299,7 @@ class Sync:
 _stale: list[str] = []
 
 
-__all__ = ["Roles", "Sync", "current_roles", "is_primary_host", "process_count",
+__all__ = ["BarrierSyncFn", "Roles", "Sync", "current_roles", "get_barrier_sync_fn", "is_primary_host", "process_count",
            "initialize_distributed_to_device_ids", "initialize_runtime_to_distributed_ids",
            "is_distributed_to_device_ids_initialized", "is_pathways_backend",
            "is_runtime_to_distributed_ids_initialized", "reached_preemption",

@@ -22,6 +22,11 @@ from .type_handlers import RestoreArgs
 
 log = logging.getLogger(__name__)
 
+#: A ``Transform``'s ``value_fn`` (the original value -> the new one) and ``multi_value_fn``
+#: (the new key and the whole original tree -> the new value), as Orbax types them.
+ValueFn = Callable[[Any], Any]
+MultiValueFn = Callable[[str, Any], Any]
+
 
 @dataclasses.dataclass
 class Transform:
@@ -129,5 +134,5 @@ def intersect_trees(*trees: Any, target: Any = None) -> Any:
     return from_flat_dict({k: v for k, v in flats[-1].items() if k in common}, target=target)
 
 
-__all__ = ["RestoreTransform", "Transform", "apply_transformations", "intersect_trees",
-           "merge_trees"]
+__all__ = ["MultiValueFn", "RestoreTransform", "Transform", "ValueFn", "apply_transformations",
+           "intersect_trees", "merge_trees"]

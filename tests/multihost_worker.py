@@ -263,6 +263,10 @@ def scenario_main(cfg: dict, out: dict) -> None:
     # This process alone: nobody to wait for (Orbax skips it too), whatever the function.
     ocp.utils.sync_global_processes("alone", processes={me}, barrier_sync_fn=own_barrier)
     out["own_barrier_keys"] = keys
+    # Orbax's barrier function: both processes pass it (a lone one would time out here).
+    for processes in (None, {0, 1}):
+        ocp.multihost.get_barrier_sync_fn(processes=processes)(
+            key=f"barrier-fn-{processes is None}", timeout_ms=60_000)
     out["broadcast"] = int(ocp.utils.broadcast_one_to_all(np.int32(10 * me + 5)))
 
     # Process 1 never arrives: process 0's save times out naming it.

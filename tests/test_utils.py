@@ -305,3 +305,12 @@ def test_sharding_metadata_as_orbax_s(mesh) -> None:
     with pytest.raises(ValueError, match="cannot describe"):
         ocp.metadata.SingleDeviceShardingMetadata.from_jax_sharding(
             NamedSharding(mesh, PartitionSpec()))
+
+
+def test_orbax_s_small_names_in_one_process() -> None:
+    barrier = ocp.multihost.get_barrier_sync_fn()
+    barrier(key="alone", timeout_ms=1)  # (nobody else to wait for)
+    ocp.multihost.get_barrier_sync_fn(processes={0})(key="alone", timeout_ms=1)
+    with pytest.raises(ValueError, match="not among them"):
+        ocp.multihost.get_barrier_sync_fn(processes={1, 2})
+    assert ocp.checkpoint_utils.STANDARD_ARRAY_TYPES == orbax.checkpoint_utils.STANDARD_ARRAY_TYPES
