@@ -314,3 +314,13 @@ def test_orbax_s_small_names_in_one_process() -> None:
     with pytest.raises(ValueError, match="not among them"):
         ocp.multihost.get_barrier_sync_fn(processes={1, 2})
     assert ocp.checkpoint_utils.STANDARD_ARRAY_TYPES == orbax.checkpoint_utils.STANDARD_ARRAY_TYPES
+
+
+@pytest.mark.parametrize("shape", [(), (3,), (8,), (16, 6), (6, 16), (5, 7), (4, 4), (12, 2, 8)])
+def test_construct_maximal_shardings_as_orbax_s(shape) -> None:
+    tree = {"x": jax.ShapeDtypeStruct(shape, np.float32)}
+    ours = ocp.arrays.construct_maximal_shardings(tree)["x"]
+    theirs = orbax.arrays.construct_maximal_shardings(tree)["x"]
+    assert ours.mesh.shape == theirs.mesh.shape and ours.spec == theirs.spec
+    assert ours.mesh.devices.tolist() == theirs.mesh.devices.tolist()
+    assert ocp.arrays.to_shape_dtype_struct is ocp.tree.to_shape_dtype_struct
