@@ -1,0 +1,75 @@
+"""Orbax's ``ocp.serialization``: one ``jax.Array`` to and from a TensorStore spec, for code
+that drives TensorStore itself (a spec of its own, a layout of its own). Checkpoints go
+through the handlers instead, which batch many arrays into one database."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import jax
+import numpy as np
+import tensorstore as ts
+
+from . import tensorstore_utils
+from . import tensorstore_utils as ts_utils
+from .tensorstore_utils import get_ts_context
+
+__all__ = ["async_deserialize", "async_serialize", "get_ts_context", "tensorstore_utils",
+           "ts_utils"]
+
+
+async def async_serialize(arr_inp: jax.Array, tensorstore_spec: dict[str, Any],
+                          context: ts.Context | None = None, primary_host: int | None = 0,
+                          replica_id: int = 0, use_replica_parallel: bool = True,
+                          transaction: ts.Transaction | None = None,
+                          byte_limiter: Any = None) -> None:
+    """Writes ``arr_inp`` to the array ``tensorstore_spec`` names (created with the array's
+    shape and dtype, a shard a chunk, unless the spec says otherwise): each of this
+    process's shards of replica ``replica_id``. ``primary_host``, ``use_replica_parallel``
+    and ``byte_limiter`` are accepted for Orbax's signature."""
+    shards = [s for s in arr_inp.addressable_shards if s.replica_id == replica_id]
+    chunk = arr_inp.sharding.shard_shape(arr_inp.shape) if arr_inp.ndim else ()
+    store = await ts.open(
+        ts.Spec(tensorstore_spec), create=True, open=True, context=context or get_ts_context(),
+        dtype=ts.dtype(np.dtype(arr_inp.dtype).name), shape=arr_inp.shape,
+        chunk_layout=ts.ChunkLayout(chunk_shape=[max(1, c) for c in chunk]) if chunk else None)
+    if transaction is not None:
+        store = store.with_transaction(transaction)
+    await asyncio.gather(*(store[s.index].write(np.asarray(s.data)) for s in shards))
+
+
+async def async_deserialize(user_sharding: jax.sharding.Sharding,
+                            tensorstore_spec: ts.Spec | dict[str, Any],
+                            global_shape: tuple[int, ...] | None = None, dtype: Any = None, *,
+                            byte_limiter: Any = None, context: ts.Context | None = None,
+                            assume_metadata: bool = False, strict: bool = True,
+                            ) -> tuple[jax.Array, int]:
+    """The array ``tensorstore_spec`` names, placed by ``user_sharding`` (each device's part
+    read by itself), cast to ``dtype``, and the bytes read. ``global_shape`` other than the
+    stored one: ``ValueError`` when ``strict``, else the array cut or padded with zeros."""
+    spec = tensorstore_spec if isinstance(tensorstore_spec, ts.Spec) else ts.Spec(
+        tensorstore_spec)
+    store = await ts.open(spec, open=True, assume_metadata=assume_metadata,
+                          context=context or get_ts_context())
+    stored = tuple(store.shape)
+    shape = stored if global_shape is None else tuple(global_shape)
+    if strict and shape != stored:
+        raise ValueError(f"{spec}: the stored shape {stored} is not the requested {shape} "
+                         "(strict=False cuts or pads it)")
+    out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(store.dtype.numpy_dtype)
+    by_device = user_sharding.addressable_devices_indices_map(shape)
+
+    async def part(index: tuple[slice, ...] | None) -> np.ndarray:
+        bounds = [s.indices(n)[:2] for s, n in zip(index or (), shape)]
+        want = tuple(z - a for a, z in bounds)
+        within = tuple(slice(min(a, n), min(z, n)) for (a, z), n in zip(bounds, stored))
+        got = await store[within].read() if stored else await store.read()
+        out = np.zeros(want, out_dtype)
+        out[tuple(slice(0, g) for g in got.shape)] = got
+        return out
+
+    parts = await asyncio.gather(*(part(i) for i in by_device.values()))
+    arrays = [jax.device_put(p, d) for p, d in zip(parts, by_device)]
+    return (jax.make_array_from_single_device_arrays(shape, user_sharding, arrays),
+            sum(p.nbytes for p in parts))
