@@ -359,3 +359,49 @@ def test_serialization_of_one_array_both_ways_with_orbax(tmp_path, mesh, driver)
     np.testing.assert_array_equal(np.asarray(out), expected)
     with pytest.raises(ValueError, match="not the requested"):
         asyncio.run(ocp.serialization.async_deserialize(other, spec("ours"), global_shape=(8, 12)))
+
+
+def test_test_utils_as_orbax_s(tmp_path, mesh, caplog) -> None:
+    import unittest
+
+    from jax.sharding import PartitionSpec
+
+    for add in (0, 3):
+        _same(ocp.test_utils.setup_pytree(add), orbax.test_utils.setup_pytree(add))
+    value = np.arange(32, dtype=np.int32).reshape(4, 8)
+    ours = ocp.test_utils.create_sharded_array(value, mesh, PartitionSpec("x", "y"))
+    theirs = orbax.test_utils.create_sharded_array(value, mesh, PartitionSpec("x", "y"))
+    assert ours.sharding == theirs.sharding
+    case = unittest.TestCase()
+    ocp.test_utils.assert_tree_equal(case, {"a": theirs, "b": None}, {"a": ours, "b": None})
+    ocp.test_utils.assert_tree_same_structure(case, {"a": 1}, {"a": 2})
+    with pytest.raises(AssertionError):
+        ocp.test_utils.assert_tree_equal(case, {"a": value}, {"a": value.astype(np.int64)})
+    with pytest.raises(AssertionError):
+        ocp.test_utils.assert_tree_equal(case, {"a": value}, {"a": value + 1})
+    with pytest.raises(AssertionError):
+        ocp.test_utils.assert_tree_equal(case, {"a": value}, {"b": value})
+    # An interrupted save's leftovers, as either library fakes them (Orbax's takes an
+    # etils path): a manager removes them at start (cleanup_tmp_directories). (Orbax's
+    # manager does so in a thread of its own, after its constructor returns.)
+    from etils import epath
+
+    for lib in (ocp.test_utils, orbax.test_utils):
+        run = tmp_path / lib.__name__
+        run.mkdir()
+        item = Path(lib.save_fake_tmp_dir(epath.Path(run), 5, "state", subdirs=["d"]))
+        assert item.name.startswith("state.orbax-checkpoint-tmp") and (item / "d").is_dir()
+        assert item.parent.name.startswith("5.orbax-checkpoint-tmp")
+        assert ocp.utils.tmp_checkpoints(run) == [item.parent.name]
+        ocp.CheckpointManager(run, options=ocp.CheckpointManagerOptions(
+            cleanup_tmp_directories=True)).close()
+        assert not list(run.iterdir()), lib.__name__
+    item = ocp.test_utils.save_fake_tmp_dir(tmp_path / "shown", 7, "state")
+    with caplog.at_level("INFO", logger="ckpt_async"):
+        ocp.test_utils.print_directory(tmp_path / "shown")
+    lines = [r.getMessage() for r in caplog.records if r.name == "ckpt_async"]
+    assert lines == [f"Printing directory tree: {tmp_path / 'shown'}/",
+                     f"..{item.parent.name}/", f"....{item.name}/"]
+    assert ocp.test_utils.empty_directory(tmp_path / "shown") and not list(
+        (tmp_path / "shown").iterdir())
+    assert not ocp.test_utils.empty_directory(tmp_path / "missing")
