@@ -882,3 +882,22 @@ def test_create_default_handler_registry_as_in_orbax(lib_name, tmp_path):
     assert out["meta"] == {"lr": 0.5}
     with pytest.raises(ValueError):
         lib.handlers.create_default_handler_registry(other=object())
+
+
+def test_a_damaged_proto_raises_what_orbax_and_ckpt_async_callers_catch(tmp_path):
+    from ckpt_async.errors import CorruptCheckpointError
+
+    msg = PROTOS["timestamp"]()
+    # (written by Orbax, which records no checksum: the parse meets the damage; in a
+    # checkpoint of ckpt_async's the checksum does, first)
+    with orbax.Checkpointer(orbax.ProtoCheckpointHandler()) as ockptr:
+        ockptr.save(tmp_path / "p", args=orbax.args.ProtoSave(msg))
+    (tmp_path / "p" / "proto.pbtxt").write_text("seconds: oops")
+    with ocp.Checkpointer(ocp.ProtoCheckpointHandler()) as ckptr:
+        with pytest.raises(text_format.ParseError) as caught:
+            ckptr.restore(tmp_path / "p", args=ocp.args.ProtoRestore(timestamp_pb2.Timestamp))
+    assert isinstance(caught.value, CorruptCheckpointError)
+    assert "proto.pbtxt is not a Timestamp in text format" in str(caught.value)
+    with pytest.raises(text_format.ParseError):  # (Orbax's, on the same file)
+        orbax.ProtoCheckpointHandler().restore(
+            tmp_path / "p", args=orbax.args.ProtoRestore(timestamp_pb2.Timestamp))

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from .. import _format as fmt
@@ -25,6 +26,14 @@ def _text_format() -> Any:
         raise ImportError("ProtoCheckpointHandler needs the protobuf package "
                           "(pip install protobuf)") from exc
     return text_format
+
+
+@functools.cache
+def _corrupt_proto_error() -> type[CorruptCheckpointError]:
+    """A damaged text message's error: ckpt_async's ``CorruptCheckpointError`` and protobuf's
+    ``text_format.ParseError`` (what Orbax's restore raises) at once."""
+    return type("CorruptProtoError", (CorruptCheckpointError, _text_format().ParseError),
+                {"__module__": __name__})
 
 
 class ProtoCheckpointHandler(AsyncCheckpointHandler):
@@ -62,7 +71,7 @@ class ProtoCheckpointHandler(AsyncCheckpointHandler):
         try:
             return text_format.Parse(data.decode(), args.item())
         except (text_format.ParseError, UnicodeDecodeError) as exc:
-            raise CorruptCheckpointError(
+            raise _corrupt_proto_error()(
                 f"{path} is not a {args.item.__name__} in text format: {exc}") from exc
 
     @engine_method
