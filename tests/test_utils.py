@@ -405,3 +405,27 @@ def test_test_utils_as_orbax_s(tmp_path, mesh, caplog) -> None:
     assert ocp.test_utils.empty_directory(tmp_path / "shown") and not list(
         (tmp_path / "shown").iterdir())
     assert not ocp.test_utils.empty_directory(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("trees,overwrite", [
+    (({"a": 1, "b": {"c": 2}}, {"d": 3, "b": {"e": 4}}), False),
+    (({"a": 1, "b": {"c": 2}}, {"a": 100}), True),
+    (({"a": 1}, {"a": 2}), False),
+    (({"x": NT(1, None)}, {"x": NT(None, 2)}), True),
+    (({"l": [1, None]}, {"l": [None, 3]}), True),
+    (({"l": [1, None]}, {"l": [None, 3, 4]}), True),
+    ((_Pair(1, None), _Pair(None, 2)), True),
+    (({"a": 1}, [1]), False),
+    (({"a": 1}, [1]), True),
+    (({"a": {"b": 1}}, {"a": 5}), True),
+    ((), False),
+    (({"t": (1, None)}, {"t": (None, 2)}, {"z": 0}), True),
+])
+def test_tree_merge_trees_as_orbax_s(trees, overwrite) -> None:
+    def run(lib):
+        try:
+            return repr(lib.tree.merge_trees(*trees, overwrite=overwrite))
+        except ValueError as exc:
+            return f"ValueError: {exc}"
+
+    assert run(ocp) == run(orbax)
