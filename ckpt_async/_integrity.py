@@ -21,7 +21,7 @@ import numpy as np
 from . import _format as fmt
 from . import _serialize as ser
 from . import _storage as storage
-from ._ocdbt import IndexHint
+from ._ocdbt import MANIFEST, IndexHint
 from ._paths import AnyPath, as_path
 from ._runtime import get_runtime, on_engine
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
@@ -225,7 +225,7 @@ async def _is_pytree(item: AnyPath) -> bool:
 
 async def _holds_arrays(item: AnyPath) -> bool:
     """Whether a folder without ``_METADATA`` still holds a pytree item's array data."""
-    return (await storage.exists(item / "manifest.ocdbt")
+    return (await storage.exists(item / MANIFEST)
             or await storage.is_dir(item / fmt.ARRAY_METADATAS))
 
 

@@ -40,6 +40,9 @@ import tensorstore as ts
 
 from ._storage import start_writeback
 
+#: The database's manifest, at the root of an item: its presence says an item is in OCDBT.
+MANIFEST = "manifest.ocdbt"
+
 log = logging.getLogger("ckpt_async")
 
 #: The configuration TensorStore gives a database it creates from ``_serialize.kvstore_spec``
@@ -905,7 +908,7 @@ class DatabaseWriter:
         # (like the data files and the documents, left to the commit's fsync of the whole
         # checkpoint: one journal commit for every small file, rather than two more here)
         _write_new(self.root / node_file, [nodes], fsync_fallback=False)
-        _write_new(self.root / "manifest.ocdbt", [head], fsync_fallback=False)
+        _write_new(self.root / MANIFEST, [head], fsync_fallback=False)
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -1047,7 +1050,7 @@ def read_index(root: Path, hint: IndexHint | None = None) -> dict[str, Located] 
     TensorStore's dump of the manifest and of each B+tree node (a few calls in all, where
     reading key by key costs a TensorStore future each)."""
     try:
-        head = (root / "manifest.ocdbt").read_bytes()
+        head = (root / MANIFEST).read_bytes()
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
     if hint is not None and zlib.crc32(head) == hint.manifest_crc32:

@@ -146,7 +146,7 @@ async def merge_process_databases(item_dir: AnyPath, count: int) -> None:
 
 async def merge_databases(item_dir: AnyPath, children: list[AnyPath]) -> None:
     """Merges the OCDBT databases among ``children`` that exist into the item's root one."""
-    present = await asyncio.gather(*(storage.exists(c / "manifest.ocdbt") for c in children))
+    present = await asyncio.gather(*(storage.exists(c / _ocdbt.MANIFEST) for c in children))
     children = [c for c, ok in zip(children, present, strict=True) if ok]
     if not children:
         return  # nothing but documents in this item

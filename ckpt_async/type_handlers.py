@@ -32,6 +32,7 @@ import numpy as np
 import tensorstore as ts
 
 from . import _serialize as ser
+from ._ocdbt import MANIFEST
 from ._paths import coerce
 from ._stage import host_copy
 from .metadata import ArrayMetadata, ScalarMetadata, StorageMetadata, StringMetadata
@@ -559,7 +560,7 @@ def is_ocdbt_checkpoint(path: Any) -> bool:
     from ._runtime import get_runtime
     from ._storage import exists
 
-    return bool(get_runtime().call(exists, coerce(path) / "manifest.ocdbt"))
+    return bool(get_runtime().call(exists, coerce(path) / MANIFEST))
 
 
 def get_ts_context(*, use_ocdbt: bool = True, file_io_concurrency_limit: int | None = None,

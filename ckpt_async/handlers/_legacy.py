@@ -24,6 +24,7 @@ import numpy as np
 from .. import _format as fmt
 from .. import _storage as storage
 from .. import _tree
+from .._ocdbt import MANIFEST
 from .._paths import AnyPath
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..msgpack_utils import msgpack_restore
@@ -55,7 +56,6 @@ def name_from_leaf_placeholder(placeholder: str) -> str:
 
 #: The aggregate file's name unless a handler's ``aggregate_filename`` says another.
 AGGREGATE_FILE = "checkpoint"
-OCDBT_MANIFEST = "manifest.ocdbt"
 
 _DICT_KEY, _SEQUENCE_KEY = 2, 1
 
@@ -152,7 +152,7 @@ async def tree_without_metadata(directory: AnyPath, filename: str) -> tuple[
             meta = fmt.ValueMetadata(_value_type(value), skip_deserialize=True)
             aggregated.add(name, value)
         entries[_tree.tuple_key([k.key for k in path])] = fmt.TreeEntry(list(path), meta)
-    use_ocdbt = await storage.exists(directory / OCDBT_MANIFEST)
+    use_ocdbt = await storage.exists(directory / MANIFEST)
     return fmt.TreeMetadata(entries, use_ocdbt=use_ocdbt, use_zarr3=False), aggregated
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from .. import _format as fmt
 from .. import _storage as storage
 from .. import type_handlers
+from .._ocdbt import MANIFEST
 from .._paths import AnyPath, coerce
 from ..args import ArrayRestore, ArraySave, PyTreeRestore, PyTreeSave, register_with_handler
 from ..errors import UnsupportedLeafError
@@ -72,7 +73,7 @@ class ArrayCheckpointHandler(AsyncCheckpointHandler):
             else np.ndarray)
         info = type_handlers.ParamInfo(
             name=self._name, parent_dir=directory, skip_deserialize=False,
-            is_ocdbt_checkpoint=await storage.exists(directory / "manifest.ocdbt"))
+            is_ocdbt_checkpoint=await storage.exists(directory / MANIFEST))
         handler = type_handlers.get_type_handler(restore_type)
         (value,) = await handler.deserialize([info], args=[restore_args])
         return value

@@ -30,6 +30,7 @@ from .. import _format as fmt
 from .. import _integrity, _tree
 from .. import _serialize as ser
 from .. import _storage as storage
+from .._ocdbt import MANIFEST
 from .._paths import AnyPath, below, coerce
 from .._progress import Tracker
 from .._runtime import gc_paused, get_runtime
@@ -437,7 +438,7 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
                 _integrity.check_document(directory, name, data, sums)
         tree_doc = fmt.decode(raw, fmt.TreeMetadata, where=str(directory / fmt.PYTREE_METADATA))
         if tree_doc.ckpt_async is None and b'"use_ocdbt"' not in raw:  # (Orbax before 0.5)
-            tree_doc.use_ocdbt = await storage.exists(directory / _legacy.OCDBT_MANIFEST)
+            tree_doc.use_ocdbt = await storage.exists(directory / MANIFEST)
         aggregated: _legacy.Aggregated | None = None
         if names := _legacy.aggregated_names(tree_doc):
             aggregated = await _legacy.aggregated_values(directory, self._aggregate_file, names)
