@@ -379,3 +379,23 @@ class ObjectStoreSuite:
             assert mngr.all_steps() == [2]
         assert peak[0] == 1  # one step's objects at a time
         assert sorted({k.split("/")[0] for k in store.keys(prefix)}) == ["2"]
+
+    def test_orbax_first_format_checkpoints_restore_from_the_store(self, store: Bucket,
+                                                                     prefix: str):
+        """Checkpoints Orbax 0.2.3 and 0.4.8 wrote (tests/data/orbax_legacy), put in the
+        bucket as Orbax left them there (each with its commit marker): a msgpack file alone
+        with one folder per array, and one beside _METADATA with the values in it."""
+        from pathlib import Path
+
+        data = Path(__file__).parent / "data" / "orbax_legacy"
+        url = store.url(prefix)
+        for name in ("orbax-0.2.3/mixed", "orbax-0.4.8/aggregate_all", "orbax-0.4.8/no_ocdbt"):
+            for f in (data / name).rglob("*"):
+                if f.is_file():
+                    store.put(f"{prefix}/{name}/{f.relative_to(data / name)}", f.read_bytes())
+            store.put(f"{prefix}/{name}/commit_success.txt", b"")
+            got = ocp.PyTreeCheckpointer().restore(f"{url}/{name}")
+            np.testing.assert_array_equal(
+                got["params"]["w"], np.arange(12, dtype=np.float32).reshape(3, 4))
+            assert got["name"] == "run" and got["lst"][1] == 3 and got["empty"] == {}
+            assert got["params"]["b"].dtype == ml_dtypes.bfloat16
