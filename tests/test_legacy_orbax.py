@@ -318,3 +318,15 @@ def test_cli_shows_old_checkpoints(copy, capsys, tmp_path):
     (tmp_path / "checkpoint" / "checkpoint").write_text('{"a": 1}')
     (item,) = show(tmp_path / "checkpoint")
     assert (item["kind"], item["document"]) == ("json", {"a": 1})
+
+
+def test_a_msgpack_file_alone_with_values_of_every_kind(tmp_path):
+    """Such a file, as Orbax's first format wrote it for a tree all of whose leaves were
+    aggregated: bytes and complex numbers come back too, as Orbax gives them."""
+    tree = {"b": b"raw", "c": 1 + 2j, "l": [1, 2.5], "n": None, "f": np.float16(0.5),
+            "a": np.arange(3, dtype=np.uint8)}
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "checkpoint").write_bytes(orbax.msgpack_utils.msgpack_serialize(tree))
+    ours = ocp.PyTreeCheckpointer().restore(tmp_path / "c")
+    assert_same(ours, orbax.PyTreeCheckpointer().restore(tmp_path / "c"))
+    assert_same(ours, tree)

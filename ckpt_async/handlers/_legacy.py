@@ -89,7 +89,7 @@ def _value_type(value: Any) -> str:
     for name, kind in _tree.EMPTY_TYPES.items():
         if type(value) is kind and not value:
             return name
-    if isinstance(value, str):
+    if isinstance(value, (str, bytes)):  # (bytes too: msgpack holds them, and so they return)
         return "string"
     if isinstance(value, (np.generic, bool, int, float, complex)):
         return "scalar"
