@@ -38,6 +38,7 @@ from .args import CheckpointArgs, Composite, args_classes_for, handler_class_for
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    CheckpointReplacedError,
     ClosedError,
     CommitError,
     CommitTimeoutError,
@@ -159,7 +160,10 @@ async def reading(path: AnyPath, what: str,
     """Around a read of the checkpoint at ``path`` (``what`` names it): a read that fails
     because the checkpoint was deleted meanwhile (by another manager's retention or
     ``delete``: an evaluator reading the steps a trainer retires) raises ``error`` saying so,
-    rather than the missing file, or the damaged-looking checkpoint, that it met."""
+    rather than the missing file, or the damaged-looking checkpoint, that it met; one that
+    fails because the checkpoint was replaced meanwhile (a forced save of the same path)
+    raises :class:`CheckpointReplacedError`."""
+    before = _identity(path)
     try:
         yield
     except Exception as exc:
@@ -168,13 +172,30 @@ async def reading(path: AnyPath, what: str,
                 raise
             cause = exc.__cause__ or exc
         elif not await _gone(path):
-            raise
+            if isinstance(exc, CheckpointReplacedError) or before is None or (
+                    _identity(path) in (None, before)):
+                raise
+            raise CheckpointReplacedError(
+                f"{what} was replaced (by a forced save) while it was being read; read it "
+                f"again for the new one: {exc}") from exc
         else:
             cause = exc
         deleted = error(f"{what} was deleted while it was being read (by another manager's "
                         f"retention or delete, or another process): {cause}")
         deleted.deleted_while_read = True  # type: ignore[attr-defined]
         raise deleted from cause
+
+
+def _identity(path: AnyPath) -> tuple[int, int] | None:
+    """Which directory a local ``path`` names now (a replacing save renames another one in
+    its place); None on an object store or when it cannot be told."""
+    if not storage.has_rename(path):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 async def _gone(path: AnyPath) -> bool:

@@ -67,6 +67,10 @@ class CorruptCheckpointError(CheckpointError):
     """Raised when stored data or metadata fails to decode or verify."""
 
 
+class CheckpointReplacedError(CheckpointError):
+    """Raised when a forced save replaces a checkpoint while it is being read."""
+
+
 # --- serialize / commit (background) -----------------------------------------------------------
 class CommitError(CheckpointError):
     """Raised when writing or committing a checkpoint failed; no step was made visible."""
@@ -97,6 +101,7 @@ class ClosedError(CheckpointError, RuntimeError):
 __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
+    "CheckpointReplacedError",
     "ClosedError",
     "BarrierTimeoutError",
     "CommitError",

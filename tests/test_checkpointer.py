@@ -864,3 +864,32 @@ def test_a_checkpoint_deleted_while_it_is_read_raises_checkpoint_not_found(tmp_p
             with pytest.raises(ocp.errors.CheckpointNotFoundError,
                                match=f"checkpoint {path} was deleted while it was being read"):
                 getattr(ckptr, read)(path)
+
+
+def test_a_checkpoint_replaced_while_it_is_read_raises_checkpoint_replaced(tmp_path,
+                                                                           monkeypatch):
+    """A forced save of the same path (another one renamed in its place) in the middle of a
+    read, after its documents and index were read and before its data: the read meets files
+    of both, and says that, not that the checkpoint is damaged."""
+    from ckpt_async.handlers import pytree
+
+    path, other = tmp_path / "ckpt", tmp_path / "other"
+    rng = np.random.default_rng(0)
+    with ocp.StandardCheckpointer() as writer:
+        for p in (path, other):
+            writer.save(p, args=ocp.args.StandardSave(
+                {k: rng.standard_normal(1 << 14) for k in "abcdefgh"}))
+    real = pytree._Reader.prefetch
+
+    async def replaced_meanwhile(self, names):
+        shutil.rmtree(path)
+        os.rename(other, path)
+        return await real(self, names)
+
+    monkeypatch.setattr(pytree._Reader, "prefetch", replaced_meanwhile)
+    with ocp.StandardCheckpointer() as reader:
+        with pytest.raises(ocp.errors.CheckpointReplacedError,
+                           match=f"checkpoint {path} was replaced .* while it was being read"):
+            reader.restore(path)
+        monkeypatch.setattr(pytree._Reader, "prefetch", real)
+        assert sorted(reader.restore(path)) == list("abcdefgh")  # (read again: the new one)
