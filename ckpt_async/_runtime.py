@@ -454,6 +454,14 @@ class Runtime:
         fut, ended = self._submit(fn, args, kwargs, back)
         try:
             return fut.result()
+        except (concurrent.futures.CancelledError, asyncio.CancelledError):
+            if not self._closed:
+                raise
+            # (a daemon thread's call in flight when exit began: Python does not wait for it)
+            raise RuntimeUsageError(
+                f"{getattr(fn, '__qualname__', fn)!r} was cancelled: the interpreter is exiting "
+                "and this call came from a daemon thread, which Python does not wait for: it "
+                "did not finish (a save it made is not committed)") from None
         except BaseException:
             # Interrupted (Ctrl-C): ``fn`` stops as a cancelled async call does (a save being
             # staged is abandoned, its files removed) before the interrupt goes on.

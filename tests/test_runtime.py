@@ -591,6 +591,37 @@ def test_a_daemon_threads_call_in_flight_does_not_hold_up_exit(tmp_path: Path) -
     assert out.stdout == ""  # (the thread's save never returned)
     assert not (tmp_path / "run" / "1").exists()  # nothing committed
 
+def test_a_daemon_threads_call_cancelled_at_exit_says_why() -> None:
+    # What the daemon thread above meets, where it can be caught: not a bare CancelledError.
+    out = _run_python("""
+        import asyncio, threading
+        from ckpt_async import _runtime
+        from ckpt_async.errors import RuntimeUsageError
+        rt = _runtime.get_runtime()
+        started, done, caught = threading.Event(), threading.Event(), []
+
+        async def parked():
+            started.set()
+            await asyncio.sleep(60)
+
+        def daemon():
+            try:
+                rt.call(parked)
+            except BaseException as exc:
+                caught.append(exc)
+            done.set()
+
+        threading.Thread(target=daemon, daemon=True).start()
+        started.wait()
+        rt.shutdown()  # (what interpreter exit does)
+        assert done.wait(10)
+        print(type(caught[0]).__name__, caught[0])
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(
+        "RuntimeUsageError 'parked' was cancelled: the interpreter is exiting"), out.stdout
+
+
 def test_exit_without_any_save_is_quick() -> None:
     t0 = time.monotonic()
     out = _run_python("""
