@@ -65,13 +65,28 @@ def is_storable(dtype: np.dtype) -> bool:
     return True
 
 
-def new_context() -> ts.Context:
-    """A TensorStore context for one item's reads or writes. (Made only where TensorStore
-    reads or writes: the first in a process whose pages were dropped costs ~8 ms, paging in
-    TensorStore's code, where ckpt_async's own local reads and writes need none.)"""
-    return ts.Context(
-        {"file_io_concurrency": {"limit": 128}, "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}}
-    )
+def new_context(*, use_ocdbt: bool = True, file_io_concurrency_limit: int | None = None,
+                data_copy_concurrency_limit: int | None = None) -> ts.Context:
+    """A TensorStore context for one item's reads or writes (an OCDBT node cache unless
+    ``use_ocdbt=False``). (Made only where TensorStore reads or writes: the first in a
+    process whose pages were dropped costs ~8 ms, paging in TensorStore's code, where
+    ckpt_async's own local reads and writes need none.)"""
+    spec: dict[str, Any] = {"file_io_concurrency": {"limit": file_io_concurrency_limit or 128}}
+    if use_ocdbt:
+        spec["cache_pool#ocdbt"] = {"total_bytes_limit": 100_000_000}
+    if data_copy_concurrency_limit is not None:
+        spec["data_copy_concurrency"] = {"limit": data_copy_concurrency_limit}
+    return ts.Context(spec)
+
+
+def fit(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``arr`` cut or padded with zeros to ``shape`` (same rank), each dimension from 0."""
+    if arr.shape == shape:
+        return arr
+    out = np.zeros(shape, arr.dtype)
+    common = tuple(slice(0, min(a, b)) for a, b in zip(arr.shape, shape, strict=True))
+    out[common] = arr[common]
+    return out
 
 
 #: How restores read local files: ``memmap`` copies from the page cache through a mapping,

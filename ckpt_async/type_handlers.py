@@ -567,12 +567,9 @@ def get_ts_context(*, use_ocdbt: bool = True, file_io_concurrency_limit: int | N
                    data_copy_concurrency_limit: int | None = None) -> ts.Context:
     """A TensorStore context as ckpt_async reads and writes an item with (an OCDBT node cache,
     file I/O concurrency), for a handler's or a user's own TensorStore calls."""
-    spec: dict[str, Any] = {"file_io_concurrency": {"limit": file_io_concurrency_limit or 128}}
-    if use_ocdbt:
-        spec["cache_pool#ocdbt"] = {"total_bytes_limit": 100_000_000}
-    if data_copy_concurrency_limit is not None:
-        spec["data_copy_concurrency"] = {"limit": data_copy_concurrency_limit}
-    return ts.Context(spec)
+    return ser.new_context(use_ocdbt=use_ocdbt,
+                           file_io_concurrency_limit=file_io_concurrency_limit,
+                           data_copy_concurrency_limit=data_copy_concurrency_limit)
 
 
 def get_json_tspec_read(info: ParamInfo, use_ocdbt: bool, metadata_key: str | None = None,

@@ -672,16 +672,6 @@ def _check_shape(where: AnyPath, name: str, stored: tuple[int, ...],
                            " pads or cuts it to that shape)"))
 
 
-def _fit(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """``arr`` cut or padded with zeros to ``shape`` (same rank), each dimension from 0."""
-    if arr.shape == shape:
-        return arr
-    out = np.zeros(shape, arr.dtype)
-    common = tuple(slice(0, min(a, b)) for a, b in zip(arr.shape, shape, strict=True))
-    out[common] = arr[common]
-    return out
-
-
 class _Deferred:
     """An array to become a jax.Array in one batched ``jax.device_put`` with the others
     (:func:`_put_deferred`)."""
@@ -1395,7 +1385,7 @@ class _Reader:
             want = bounds(index)
             piece = region[tuple(slice(min(a, n) - b.start, min(z, n) - b.start)
                                  for (a, z, _), b, n in zip(want, box, stored, strict=True))]
-            return _fit(piece, tuple(z - a for a, z, _ in want))  # (past the stored end: 0)
+            return ser.fit(piece, tuple(z - a for a, z, _ in want))  # (past the stored end: 0)
 
         return shape, out_dtype, local
 
@@ -1406,7 +1396,7 @@ class _Reader:
         strict = strict and self._strict
         _check_shape(self.dir, name, arr.shape, wanted, strict)
         if wanted is not None:
-            arr = _fit(arr, wanted)
+            arr = ser.fit(arr, wanted)
         dtype = getattr(rarg, "dtype", None) or getattr(tleaf, "dtype", None)
         if dtype is not None and not isinstance(tleaf, RestoreArgs) or getattr(rarg, "dtype", None):
             arr = arr.astype(dtype, copy=False)

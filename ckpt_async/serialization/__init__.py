@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import tensorstore as ts
 
+from .._serialize import fit
 from . import tensorstore_utils
 from . import tensorstore_utils as ts_utils
 from .tensorstore_utils import get_ts_context
@@ -62,12 +63,9 @@ async def async_deserialize(user_sharding: jax.sharding.Sharding,
 
     async def part(index: tuple[slice, ...] | None) -> np.ndarray:
         bounds = [s.indices(n)[:2] for s, n in zip(index or (), shape)]
-        want = tuple(z - a for a, z in bounds)
         within = tuple(slice(min(a, n), min(z, n)) for (a, z), n in zip(bounds, stored))
         got = await store[within].read() if stored else await store.read()
-        out = np.zeros(want, out_dtype)
-        out[tuple(slice(0, g) for g in got.shape)] = got
-        return out
+        return fit(got.astype(out_dtype, copy=False), tuple(z - a for a, z in bounds))
 
     parts = await asyncio.gather(*(part(i) for i in by_device.values()))
     arrays = [jax.device_put(p, d) for p, d in zip(parts, by_device)]
