@@ -244,6 +244,7 @@ class AsyncCheckpointer:
         self._closed = False
         self._last_save: float | None = None  # (monotonic) when _save_staged last started
         self._window: PaceWindow | None = None  # how long its commit may be paced
+        self._committing: set[CommitFuture] = set()  # every commit in flight (tracked or not)
 
     # -- save -----------------------------------------------------------------------------------
     def _check_args(self, args: CheckpointArgs, directory: AnyPath) -> None:
@@ -347,6 +348,12 @@ class AsyncCheckpointer:
                 writer, tmp, path, meta, item_dirs, force, on_commit, after, stats, sync,
                 cancel_request))
             self._cancel_requests[fut] = cancel_request
+            self._committing.add(fut)
+            fut.add_done_callback(self._committing.discard)
+            if (timeout := self.async_options.timeout_secs) is not None:
+                # Half its time gone: raised to the normal priority for the rest, so that
+                # processes keeping every core busy cannot make it time out.
+                get_runtime().boost_after(fut, timeout / 2)
             fut.add_done_callback(lambda _: frozen.close())
             fut.add_done_callback(lambda _: window.close())  # (nothing left to pace or hurry)
         finally:
@@ -368,11 +375,14 @@ class AsyncCheckpointer:
         loop runs while a helper thread waits.) Left to the CPU measure, a paced commit went
         back to full speed only once its average had decayed, ~0.2 s after the caller
         stopped: the first save of a process that had just built its state stalled that long
-        after its first batch (quick ``mixed``, 1 process in 2: 240 against 95 ms)."""
+        after its first batch (quick ``mixed``, 1 process in 2: 240 against 95 ms). Its
+        threads run at the normal priority until it is done (``Runtime.boost``)."""
+        rt = get_runtime()
         if self._window is not None and self._window.open():  # (closed once it is done)
             self._window.close()
-            rt = get_runtime()
             rt.loop.call_soon_threadsafe(rt.wake_paced)
+        for fut in list(self._committing):  # (and at the normal CPU priority, until done)
+            rt.boost(fut)
 
     def _pace_window(self) -> PaceWindow:
         """How long this save's commit may be paced (``_runtime.pace_window``): half its

@@ -66,7 +66,11 @@ PROBE = textwrap.dedent("""
 
     _commit.commit = spy
     ckptr.save(sys.argv[1] + "/b", args=ocp.args.StandardSave(state))
-    ckptr.wait_until_finished()
+    # (waited for by another thread: the thread that saved would have it hurried, and its
+    # threads raised to the normal priority: test_a_waiting_caller_raises_the_commit)
+    waiter = threading.Thread(target=ckptr.wait_until_finished)
+    waiter.start()
+    waiter.join()
     after = during
     idle_again = threads()
     rt = _runtime.get_runtime()
@@ -235,3 +239,78 @@ def test_a_commits_writes_run_on_the_background_loop(tmp_path, monkeypatch) -> N
         out = ckptr.restore(tmp_path / "c")
     np.testing.assert_array_equal(out["big"], state["big"])
     assert seen and set(seen) == {"ckpt_async-bg-loop"}
+
+
+BOOST_PROBE = textwrap.dedent("""
+    import asyncio, json, os, sys, threading, time
+    import numpy as np
+    import ckpt_async as ocp
+    from ckpt_async import _commit, _runtime
+    ocp.set_background_priority(sys.argv[3])
+    rt = _runtime.get_runtime()
+    mode = sys.argv[2]
+
+    def levels():  # (policy, nice) of ckpt_async's background threads
+        out = set()
+        for tid in list(rt._bg_levels):
+            try:
+                out.add((os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)))
+            except OSError:  # (ended)
+                pass
+        return sorted(out)
+
+    seen = []
+    commit = _commit.commit
+
+    async def spy(*args, **kwargs):
+        # The first commit's last step waits for its caller to wait for it (a second in
+        # the mode where no one who counts does).
+        if not seen:
+            deadline = time.monotonic() + (1 if mode == "other_thread" else 30)
+            while not rt._boosted and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            seen.append(levels())
+        return await commit(*args, **kwargs)
+
+    _commit.commit = spy
+    state = {"a": np.arange(1 << 16, dtype=np.float32), "b": np.arange(10.0)}
+    options = ocp.CheckpointManagerOptions(max_concurrent_saves=1, async_options=(
+        ocp.AsyncOptions(timeout_secs=6) if mode == "half_timeout" else None))
+    mngr = ocp.CheckpointManager(sys.argv[1], options=options)
+    mngr.save(0, args=ocp.args.StandardSave(state))
+    if mode == "wait":
+        mngr.wait_until_finished()
+    elif mode == "next_save":  # (waits in save() for the commit in flight)
+        mngr.save(1, args=ocp.args.StandardSave(state))
+    elif mode in ("other_thread", "half_timeout"):
+        waiter = threading.Thread(target=mngr.wait_until_finished)
+        waiter.start()
+        waiter.join()
+    mngr.wait_until_finished()
+    time.sleep(0.05)  # (the done callbacks have run)
+    print(json.dumps({"during": seen[0], "after": levels(), "boosted": len(rt._boosted),
+                      "steps": mngr.all_steps()}))
+    mngr.close()
+""")
+
+
+@linux_only
+@pytest.mark.parametrize("mode", ["wait", "next_save", "other_thread", "half_timeout"])
+@pytest.mark.parametrize("level", ["idle", "low"])
+def test_a_waiting_caller_raises_the_commit(tmp_path, mode, level) -> None:
+    """The thread that saved, waiting for the commit (in ``wait_until_finished``, or in a
+    save that waits for ``max_concurrent_saves``), is not training: until the commit is done
+    its background threads run at the normal priority, where the process may raise them.
+    Another thread waiting changes nothing (a training loop may run beside it), until half the
+    commit's timeout has passed (here 3 s of 6)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", BOOST_PROBE, str(tmp_path / "m"), mode, level],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    lowered = [[os.SCHED_IDLE, 0]] if level == "idle" else [[os.SCHED_OTHER, 19]]
+    raised = mode != "other_thread" and _runtime.may_raise_priority()
+    assert out["during"] == ([[os.SCHED_OTHER, 0]] if raised else lowered), out
+    assert out["after"] == lowered, out  # back at the background level once it is done
+    assert out["boosted"] == 0
+    assert out["steps"] == ([0, 1] if mode == "next_save" else [0])

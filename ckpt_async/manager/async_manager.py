@@ -602,6 +602,19 @@ class AsyncCheckpointManager:
             log.error("step %d is committed, but deleting old steps %s of %s failed: %s",
                       step, steps, self.directory, exc)
 
+    def save_waits(self, step: int, force: bool = False) -> bool:
+        """Whether ``save(step)`` would wait now for a commit in flight: the save decision
+        policy takes the step, and ``max_concurrent_saves`` commits are in flight (any
+        thread). The sync face then hurries them, for the thread that saved them. (False with
+        several processes: there the policy's preemption check is a sync point, taken once.)"""
+        if self._roles.multi or sum(not f.done() for f in self._futures.values()) < \
+                self.options.max_concurrent_saves:
+            return False
+        try:
+            return force or self.should_save(step)
+        except Exception:  # noqa: BLE001 - save() itself raises it
+            return False
+
     async def _bound_in_flight(self) -> None:
         while sum(not f.done() for f in self._futures.values()) >= self.options.max_concurrent_saves:
             oldest = min(s for s, f in self._futures.items() if not f.done())

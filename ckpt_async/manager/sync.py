@@ -51,6 +51,8 @@ class CheckpointManager:
         """Saves ``step`` (returns once staged); True when a save was started. (Orbax's
         parameters, in its order; its older ``save(step, items)`` too: see
         AsyncCheckpointManager.save.)"""
+        if self.async_manager.save_waits(step, force):
+            self._saver.waits(self.async_manager)  # (not training while it waits for them)
         fut = self._rt.call(self.async_manager.save, step, args=args, metrics=metrics,
                             force=force, custom_metadata=custom_metadata, items=items,
                             save_kwargs=save_kwargs)

@@ -1,0 +1,184 @@
+"""A checkpoint the trainer waits for while other processes keep every core busy.
+
+    python benchmarks/busy_machine.py [--busy N] [--workloads mixed,many_small] [--full]
+        [--repeats 3] [--impls ckpt_async,ckpt_async_lowered,orbax] [--dir DIR] [--out FILE]
+
+A training job's input pipeline often runs in processes of its own (data loader workers) that
+keep the machine's cores busy while the trainer waits for a checkpoint: at the end of a run,
+before an evaluation, or in ``save()`` when ``max_concurrent_saves`` commits are in flight.
+ckpt_async runs a commit's work at ``SCHED_IDLE`` so that it does not slow the training
+loop; that must not leave the trainer waiting behind processes that take every core.
+
+Each measurement is a fresh process (``--child``): it builds the workload as jax arrays,
+warms the library up, starts ``N`` busy processes (``while True: pass``, at the normal
+priority; N defaults to the number of usable CPUs), then times ``save()`` +
+``wait_until_finished()`` (the durable commit) with them running, stops them, and restores
+the checkpoint into an abstract target, checked bit-exact. The same save is also timed with
+no busy process (``quiet``), in the same process, before. Implementations are interleaved
+(a different order each repeat); figures are medians.
+
+- ``ckpt_async``: as shipped. The thread that saved waits, so the commit's threads run at the
+  normal priority until it is done (``Runtime.boost``; where the process may raise a
+  thread's priority: root, ``CAP_SYS_NICE`` or ``RLIMIT_NICE``).
+- ``ckpt_async_lowered``: the same with that raise switched off, i.e. the commit stays at the
+  background priority (ckpt_async before round 29). Each child gives up after
+  ``--timeout`` seconds (a commit at ``SCHED_IDLE`` behind busy processes may wait that long).
+- ``orbax``: orbax-checkpoint's ``CheckpointManager`` with its defaults.
+
+Prints a Markdown table and writes JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from worker import abstract_of, block, build_tree, check_exact, make_impl, warm_up  # noqa: E402
+
+IMPLS = ("ckpt_async", "ckpt_async_lowered", "orbax")
+
+
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _durable(impl_name: str, tree: Any, root: Path) -> float:
+    impl = make_impl("orbax" if impl_name == "orbax" else "ckpt_async", root)
+    start = time.perf_counter()
+    impl.save(tree)
+    impl.wait()
+    took = time.perf_counter() - start
+    impl.close()
+    return took
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    """One measurement (runs in a fresh process)."""
+    work = Path(args.dir)
+    base = "orbax" if args.child == "orbax" else "ckpt_async"
+    if args.child == "ckpt_async_lowered":
+        from ckpt_async import _runtime
+
+        _runtime.get_runtime()._may_boost = False
+    tree, expected, nbytes, count = build_tree(args.workload, not args.full)
+    warm_up(base, work)
+    quiet = _durable(args.child, tree, work / "quiet")
+    shutil.rmtree(work / "quiet", ignore_errors=True)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(args.busy)]
+    try:
+        time.sleep(0.3)  # (they are running)
+        took = _durable(args.child, tree, work / "busy")
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    impl = make_impl(base, work / "busy")
+    bad = check_exact(expected, block(impl.restore(abstract_of(tree))))
+    impl.close()
+    return {"impl": args.child, "workload": args.workload, "bytes": nbytes, "arrays": count,
+            "quiet_s": quiet, "busy_s": took, "bit_exact": bad is None, "mismatch": bad}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    impls = args.impls.split(",")
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    scratch = Path(args.dir or tempfile.mkdtemp(prefix="busy-"))
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    try:
+        for workload in args.workloads.split(","):
+            runs: dict[str, list[dict[str, Any]]] = {i: [] for i in impls}
+            for r in range(args.repeats):
+                order = impls[r % len(impls):] + impls[:r % len(impls)]
+                for impl in order if r % 2 == 0 else order[::-1]:
+                    work = scratch / f"{workload}-{impl}-{r}"
+                    cmd = [sys.executable, __file__, "--child", impl, "--workload", workload,
+                           "--busy", str(args.busy), "--dir", str(work)] + (
+                               ["--full"] if args.full else [])
+                    try:
+                        proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                                              timeout=args.timeout)
+                        if proc.returncode != 0:
+                            raise RuntimeError(proc.stderr[-2000:])
+                        out = json.loads(proc.stdout.strip().splitlines()[-1])
+                    except subprocess.TimeoutExpired:
+                        out = {"impl": impl, "workload": workload, "timed_out": args.timeout}
+                    runs[impl].append(out)
+                    print(json.dumps(out), file=sys.stderr, flush=True)
+                    shutil.rmtree(work, ignore_errors=True)
+            results[workload] = runs
+    finally:
+        if not args.dir:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return {"busy_processes": args.busy, "cpus": _usable_cpus(), "repeats": args.repeats,
+            "mode": "full" if args.full else "quick", "results": results}
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in runs if key in r]
+    return statistics.median(values) if values and len(values) == len(runs) else None
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [f"{report['busy_processes']} busy processes on {report['cpus']} CPUs, "
+             f"{report['mode']} workloads, medians of {report['repeats']}.", ""]
+    for workload, runs in report["results"].items():
+        first = next(r for rs in runs.values() for r in rs if "bytes" in r)
+        lines += [f"#### {workload}: {first['bytes'] / 2**20:.0f} MiB in {first['arrays']} "
+                  "arrays", "",
+                  "| impl | durable, quiet s | durable, busy s | busy / quiet | vs Orbax, busy "
+                  "| bit-exact |", "|---|---:|---:|---:|---:|---|"]
+        orbax = _median(runs.get("orbax", []), "busy_s")
+        for impl, rs in runs.items():
+            quiet, busy = _median(rs, "quiet_s"), _median(rs, "busy_s")
+            timed_out = sum("timed_out" in r for r in rs)
+            busy_text = (f"{busy:.3f}" if busy is not None
+                         else f"> {rs[0].get('timed_out', '?')} ({timed_out} timed out)")
+            ratio = f"{busy / quiet:.1f}x" if busy and quiet else ""
+            vs = f"{busy / orbax:.2f}x" if busy and orbax else ""
+            exact = "yes" if all(r.get("bit_exact") for r in rs if "bit_exact" in r) else "NO"
+            lines.append(f"| {impl} | {quiet:.3f} | {busy_text} | {ratio} | {vs} | {exact} |"
+                         if quiet is not None else f"| {impl} | | {busy_text} | | | {exact} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--busy", type=int, default=_usable_cpus())
+    p.add_argument("--workloads", default="mixed,many_small")
+    p.add_argument("--full", action="store_true", help="full-size workloads (default quick)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--dir", default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
+    p.add_argument("--workload", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    report = run(args)
+    text = table(report)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(json.dumps({**report, "table": text}, indent=1))
+    bad = [r for rs in report["results"].values() for v in rs.values() for r in v
+           if r.get("bit_exact") is False]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
