@@ -48,3 +48,11 @@ def bench_device(session: nox.Session) -> None:
     the one used (pip leaves what is already there)."""
     session.install("-e", ".[bench]")
     session.run("python", "benchmarks/device_overlap.py", *session.posargs)
+
+
+@nox.session
+def bench_busy(session: nox.Session) -> None:
+    """A save the trainer waits for while other processes keep every core busy, against
+    Orbax (`-- --repeats 3`)."""
+    session.install("-e", ".[bench]")
+    session.run("python", "benchmarks/busy_machine.py", *session.posargs)

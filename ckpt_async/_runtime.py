@@ -234,7 +234,8 @@ def set_background_priority(level: str) -> None:
     priority when no commit is in flight, at ``"low"`` they stay at the lower priority after
     the commit. While the thread that saved waits for a commit (the sync faces'
     ``wait_until_finished``, ``restore``, ``close``, a synchronous save, a save waiting for
-    ``max_concurrent_saves``), that commit's work runs at the normal priority until it is done
+    ``max_concurrent_saves``; the interpreter's exit), that commit's work runs at the normal
+    priority until it is done
     (:meth:`Runtime.boost`). Raising a thread's priority again needs a privilege
     (:func:`may_raise_priority`: root, ``CAP_SYS_NICE``, or ``RLIMIT_NICE`` of 20 or more);
     without it neither happens, and TensorStore's threads
@@ -977,6 +978,8 @@ class Runtime:
                 return
             self._closed = True
         if wait and not self.on_engine_thread():
+            for commit in list(self._pending):  # (nothing trains any more: at full priority)
+                self.boost(commit)
             while waiting := [f for f in (*self._calls, *self._pending) if not f.done()]:
                 for fut in waiting:
                     try:

@@ -270,6 +270,8 @@ BOOST_PROBE = textwrap.dedent("""
             while not rt._boosted and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             seen.append(levels())
+            if mode == "exit":
+                print(json.dumps({"during": seen[0]}), flush=True)
         return await commit(*args, **kwargs)
 
     _commit.commit = spy
@@ -278,6 +280,8 @@ BOOST_PROBE = textwrap.dedent("""
         ocp.AsyncOptions(timeout_secs=6) if mode == "half_timeout" else None))
     mngr = ocp.CheckpointManager(sys.argv[1], options=options)
     mngr.save(0, args=ocp.args.StandardSave(state))
+    if mode == "exit":  # (the interpreter's exit finishes the commit)
+        sys.exit(0)
     if mode == "wait":
         mngr.wait_until_finished()
     elif mode == "next_save":  # (waits in save() for the commit in flight)
@@ -295,14 +299,16 @@ BOOST_PROBE = textwrap.dedent("""
 
 
 @linux_only
-@pytest.mark.parametrize("mode", ["wait", "next_save", "other_thread", "half_timeout"])
+@pytest.mark.parametrize("mode", ["wait", "next_save", "other_thread", "half_timeout",
+                                  "exit"])
 @pytest.mark.parametrize("level", ["idle", "low"])
 def test_a_waiting_caller_raises_the_commit(tmp_path, mode, level) -> None:
     """The thread that saved, waiting for the commit (in ``wait_until_finished``, or in a
     save that waits for ``max_concurrent_saves``), is not training: until the commit is done
     its background threads run at the normal priority, where the process may raise them.
     Another thread waiting changes nothing (a training loop may run beside it), until half the
-    commit's timeout has passed (here 3 s of 6)."""
+    commit's timeout has passed (here 3 s of 6). A commit finished at the interpreter's exit
+    is raised too."""
     proc = subprocess.run(
         [sys.executable, "-c", BOOST_PROBE, str(tmp_path / "m"), mode, level],
         capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -311,6 +317,9 @@ def test_a_waiting_caller_raises_the_commit(tmp_path, mode, level) -> None:
     lowered = [[os.SCHED_IDLE, 0]] if level == "idle" else [[os.SCHED_OTHER, 19]]
     raised = mode != "other_thread" and _runtime.may_raise_priority()
     assert out["during"] == ([[os.SCHED_OTHER, 0]] if raised else lowered), out
+    if mode == "exit":
+        assert (tmp_path / "m" / "0" / "_CHECKPOINT_METADATA").is_file()  # committed at exit
+        return
     assert out["after"] == lowered, out  # back at the background level once it is done
     assert out["boosted"] == 0
     assert out["steps"] == ([0, 1] if mode == "next_save" else [0])
