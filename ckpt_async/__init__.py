@@ -32,7 +32,12 @@ from ._checkpointer import AsyncOptions
 from ._integrity import VerifyReport, verify
 from ._paths import set_gcs_options, set_s3_options
 from ._progress import ProgressEvent, progress
-from ._runtime import CommitFuture, set_background_pace, set_background_priority
+from ._runtime import (
+    CommitFuture,
+    may_raise_priority,
+    set_background_pace,
+    set_background_priority,
+)
 from .checkpoint_managers import AbstractCheckpointManager
 from .checkpointers import (
     AbstractCheckpointer,
@@ -115,6 +120,7 @@ __all__ = [
     "future",
     "handlers",
     "logging",
+    "may_raise_priority",
     "merge_trees",
     "metadata",
     "msgpack_utils",
