@@ -234,15 +234,14 @@ def set_background_priority(level: str) -> None:
     priority when no commit is in flight, at ``"low"`` they stay at the lower priority after
     the commit. While the thread that saved waits for a commit (the sync faces'
     ``wait_until_finished``, ``restore``, ``close``, a synchronous save, a save waiting for
-    ``max_concurrent_saves``; the interpreter's exit), that commit's work runs at the normal
-    priority until it is done
-    (:meth:`Runtime.boost`). Raising a thread's priority again needs a privilege
-    (:func:`may_raise_priority`: root, ``CAP_SYS_NICE``, or ``RLIMIT_NICE`` of 20 or more);
-    without it neither happens, and TensorStore's threads
-    stay lowered after the first commit, so later restores in the process run at the
-    background priority too (which costs time only while other work keeps the CPU busy), and
-    going back to ``"normal"`` leaves lowered threads where they are. Linux only; elsewhere it
-    does nothing.
+    ``max_concurrent_saves``; the interpreter's exit), and once half its timeout has passed,
+    that commit's work runs at the normal priority until it is done (:meth:`Runtime.boost`).
+    Raising a thread's priority again needs a privilege (:func:`may_raise_priority`: root,
+    ``CAP_SYS_NICE``, or ``RLIMIT_NICE`` of 20 or more); without it neither happens, and
+    TensorStore's threads stay lowered after the first commit, so later restores in the
+    process run at the background priority too (which costs time only while other work keeps
+    the CPU busy), and going back to ``"normal"`` leaves lowered threads where they are. Linux
+    only; elsewhere it does nothing.
     """
     global _priority
     if level not in PRIORITIES:

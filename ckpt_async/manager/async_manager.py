@@ -374,7 +374,7 @@ class AsyncCheckpointManager:
 
     def is_saving_in_progress(self) -> bool:
         """Whether any commit of this manager is still in flight."""
-        return any(not f.done() for f in self._futures.values())
+        return self._in_flight() > 0
 
     def should_save(self, step: int) -> bool:
         """Whether ``save(step)`` would write a checkpoint (Orbax's rules)."""
@@ -607,16 +607,19 @@ class AsyncCheckpointManager:
         policy takes the step, and ``max_concurrent_saves`` commits are in flight (any
         thread). The sync face then hurries them, for the thread that saved them. (False with
         several processes: there the policy's preemption check is a sync point, taken once.)"""
-        if self._roles.multi or sum(not f.done() for f in self._futures.values()) < \
-                self.options.max_concurrent_saves:
+        if self._roles.multi or self._in_flight() < self.options.max_concurrent_saves:
             return False
         try:
             return force or self.should_save(step)
         except Exception:  # noqa: BLE001 - save() itself raises it
             return False
 
+    def _in_flight(self) -> int:
+        """How many of this manager's commits are in flight (any thread)."""
+        return sum(not f.done() for f in list(self._futures.values()))  # (a copy: any thread)
+
     async def _bound_in_flight(self) -> None:
-        while sum(not f.done() for f in self._futures.values()) >= self.options.max_concurrent_saves:
+        while self._in_flight() >= self.options.max_concurrent_saves:
             oldest = min(s for s, f in self._futures.items() if not f.done())
             # (a cancelled caller stops waiting here: its save was not started)
             with contextlib.suppress(Exception):  # (a failure: recorded by _on_done, raised below)
