@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
+import pytest
+
+#: CPython 3.12.0-3.12.2 start no thread once exit has begun, even in a hook that runs before
+#: the non-daemon threads are joined (gh-113964, fixed in 3.12.3): a commit in flight at exit
+#: whose next step needs a new worker thread fails there, logged, its temporary directory
+#: left behind. Tests of commits finished at exit then fail, as the guide says they do.
+NO_THREADS_AT_EXIT = pytest.mark.xfail(
+    (3, 12, 0) <= sys.version_info[:3] < (3, 12, 3), strict=True,
+    reason="CPython 3.12.0-3.12.2 start no thread at interpreter exit (gh-113964)")
 
 
 def assert_bits_equal(actual, expected) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _checks import NO_THREADS_AT_EXIT
 
 import ckpt_async as ocp
 from ckpt_async import _runtime
@@ -469,13 +470,6 @@ def test_forked_child_gets_a_fresh_runtime_and_can_save_and_restore(tmp_path: Pa
 
 
 # -- (g) at exit, an in-flight commit is finished, not lost, and exit does not hang --------------
-#: CPython 3.12.0-3.12.2 start no thread once exit has begun, even in a hook that runs before
-#: the non-daemon threads are joined (gh-113964, fixed in 3.12.3): a commit in flight at exit
-#: whose next step needs a new worker thread fails there, logged, its temporary directory
-#: left behind. These tests then fail, as the guide says they do.
-NO_THREADS_AT_EXIT = pytest.mark.xfail(
-    (3, 12, 0) <= sys.version_info[:3] < (3, 12, 3), strict=True,
-    reason="CPython 3.12.0-3.12.2 start no thread at interpreter exit (gh-113964)")
 EXIT_SCRIPT = """
     import asyncio, sys, numpy as np
     import ckpt_async as ocp
