@@ -69,6 +69,7 @@ def test_example_runs_and_prints_its_result(script: str, tmp_path: Path) -> None
     lines = out.stdout.splitlines()
     assert len(lines) >= len(expected), out.stdout
     for pattern, line in zip(expected, lines[-len(expected):], strict=True):
-        assert re.fullmatch(pattern, line), f"{line!r} does not match {pattern!r}"
+        assert re.fullmatch(pattern, line), (
+            f"{line!r} does not match {pattern!r}; the output's end:\n{out.stdout[-3000:]}")
     # The script cleans up after itself: nothing is left in the temporary directory.
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("ckpt_async_")]
