@@ -17,10 +17,12 @@ the checkpoint into an abstract target, checked bit-exact. The same save is also
 no busy process (``quiet``), in the same process, before. Implementations are interleaved
 (a different order each repeat); figures are medians.
 
-- ``ckpt_async``: as shipped. The thread that saved waits, so the commit's threads run at the
-  normal priority until it is done (``Runtime.boost``; where the process may raise a
-  thread's priority: root, ``CAP_SYS_NICE`` or ``RLIMIT_NICE``).
-- ``ckpt_async_lowered``: the same with that raise switched off, i.e. the commit stays at the
+- ``ckpt_async``: as shipped. The thread that saved waits, so the commit is boosted until it
+  is done (``Runtime.boost``): its threads run at the normal priority where the process may
+  raise a thread's priority (root, ``CAP_SYS_NICE`` or ``RLIMIT_NICE``), and elsewhere its
+  work moves to threads that were never lowered (run the script under
+  ``capsh --drop=cap_sys_nice --`` to see that case as root).
+- ``ckpt_async_lowered``: the same with the boost switched off, i.e. the commit stays at the
   background priority (ckpt_async before round 29). Each child gives up after
   ``--timeout`` seconds (a commit at ``SCHED_IDLE`` behind busy processes may wait that long).
 - ``orbax``: orbax-checkpoint's ``CheckpointManager`` with its defaults.
@@ -70,7 +72,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     if args.child == "ckpt_async_lowered":
         from ckpt_async import _runtime
 
-        _runtime.get_runtime()._may_boost = False
+        _runtime.get_runtime().boost = lambda commit: None  # type: ignore[method-assign]
     tree, expected, nbytes, count = build_tree(args.workload, not args.full)
     warm_up(base, work)
     quiet = _durable(args.child, tree, work / "quiet")

@@ -711,7 +711,8 @@ def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync_fallb
                crcs: list[int] | None = None, copied: Callable[[], None] | None = None,
                direct: bool = False, at: int | None = None,
                hold: Callable[[int], None] | None = None,
-               watch: _Watch | None = None) -> None:
+               watch: _Watch | None = None,
+               relocate: Callable[[Callable[[], None]], bool] | None = None) -> None:
     """Writes ``buffers`` one after the other into a new file ``path``, starting the writeback
     (:func:`start_writeback`) of every ``WRITEBACK_STEP_BYTES`` as it goes; calls ``copied``
     (they are in the page cache), then starts the writeback of the rest (where there is none,
@@ -724,7 +725,9 @@ def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync_fallb
     is not there yet). ``hold(n)``: called once each piece is written, ``n`` the bytes written
     so far (a paced commit's thread waits there: ``_runtime.BatchPace``). ``watch``: each
     piece's copy into the page cache is timed there, and once it finds the page cache slow
-    the rest of a range of a shared file goes past it (:func:`_write_rest_direct`)."""
+    the rest of a range of a shared file goes past it (:func:`_write_rest_direct`).
+    ``relocate(rest)``: asked after each piece whether the remaining pieces go on in another
+    thread (it runs ``rest`` there, waits, and says True: ``Runtime.run_raised``)."""
     if direct and _write_direct(path, buffers, crcs, hold):
         if copied is not None:
             copied()
@@ -734,28 +737,41 @@ def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync_fallb
         begin = written = started = at or 0
         if begin:
             os.lseek(fd, begin, os.SEEK_SET)
-        for group, owners in _pieces(buffers):
-            if crcs is not None:
-                for view, i in zip(group, owners, strict=True):
-                    crcs[i] = zlib.crc32(view, crcs[i])
-            if watch is None:
-                written += _write_all(fd, group)
-            else:
-                begin_cpu = time.thread_time()
-                n = _write_all(fd, group)
-                watch.sample(n, time.thread_time() - begin_cpu)
-                written += n
-                if watch.slow and at is not None and _write_rest_direct(
-                        path, fd, buffers, written - begin, written, crcs, hold, begin):
-                    start_writeback(fd, started, written - started)
-                    started = written = begin + sum(len(memoryview(b).cast("B"))
-                                                    for b in buffers)
-                    break
-            if written - started >= WRITEBACK_STEP_BYTES and start_writeback(
-                    fd, started, written - started):
-                started = written
-            if hold is not None:
-                hold(written - begin)
+        pieces = _pieces(buffers)
+        rest: list[Callable[[], None]] = []  # (write_pieces, for ``relocate``)
+
+        def write_pieces() -> None:  # (from where the last call left ``pieces``)
+            nonlocal written, started
+            for group, owners in pieces:
+                if crcs is not None:
+                    for view, i in zip(group, owners, strict=True):
+                        crcs[i] = zlib.crc32(view, crcs[i])
+                if watch is None:
+                    written += _write_all(fd, group)
+                else:
+                    begin_cpu = time.thread_time()
+                    n = _write_all(fd, group)
+                    watch.sample(n, time.thread_time() - begin_cpu)
+                    written += n
+                    if watch.slow and at is not None and _write_rest_direct(
+                            path, fd, buffers, written - begin, written, crcs, hold, begin):
+                        start_writeback(fd, started, written - started)
+                        started = written = begin + sum(len(memoryview(b).cast("B"))
+                                                        for b in buffers)
+                        return
+                if written - started >= WRITEBACK_STEP_BYTES and start_writeback(
+                        fd, started, written - started):
+                    started = written
+                if hold is not None:
+                    hold(written - begin)
+                if relocate is not None and relocate(rest[0]):
+                    return
+
+        rest.append(write_pieces)
+        try:
+            write_pieces()
+        finally:
+            rest.clear()  # (a cycle through it would keep ``buffers`` alive until a collection)
         if copied is not None:
             copied()
         if written > started and not start_writeback(fd, started, written - started) \
@@ -871,10 +887,12 @@ class DatabaseWriter:
         (self.root / "d").mkdir(exist_ok=True)
 
     def write(self, data_file: DataFile, copied: Callable[[], None] | None = None,
-              hold: Callable[[int], None] | None = None) -> dict[str, int]:
+              hold: Callable[[int], None] | None = None,
+              relocate: Callable[[Callable[[], None]], bool] | None = None) -> dict[str, int]:
         """Runs in a worker thread: writes a data file (calling ``copied`` once it is in the
         page cache, and ``hold`` after each piece: see :func:`_write_new`) and starts its
-        writeback; returns the crc32 of each value written there,
+        writeback (``relocate``: see :func:`_write_new`); returns the crc32 of each value
+        written there,
         by key. Not durable yet: the commit's fsync of the whole checkpoint makes it so. (An
         fsync here held this thread until the disk had the file, so that with more files than
         threads the checksums and page-cache copies of the next ones waited for the disk, and
@@ -888,7 +906,7 @@ class DatabaseWriter:
         crcs = [0] * len(data_file.buffers)
         _write_new(self.root / data_file.name, data_file.buffers, fsync_fallback=True, crcs=crcs,
                    copied=copied, direct=data_file.direct, at=data_file.at, hold=hold,
-                   watch=None if data_file.direct else self.watch)
+                   watch=None if data_file.direct else self.watch, relocate=relocate)
         return {key: crc for key, crc in zip(data_file.keys, crcs, strict=True) if key}
 
     def finish(self) -> None:

@@ -36,6 +36,7 @@ import gc
 import logging
 import math
 import os
+import queue
 import sys
 import threading
 import time
@@ -371,6 +372,41 @@ class CommitFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         return asyncio.wrap_future(self).__await__()
 
 
+class UnloweredPool:
+    """Threads for the work of boosted commits where no thread can be raised again
+    (:meth:`Runtime.run_raised`), all started at once by the thread that makes the pool: a
+    thread starts at its creator's priority, and a pool thread started on demand by a lowered
+    thread would be lowered too (``ThreadPoolExecutor`` starts them in the submitting
+    thread)."""
+
+    def __init__(self, threads: int) -> None:
+        self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[..., Any],
+                                            tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._threads = threads
+        for i in range(threads):
+            threading.Thread(target=self._work, name=f"ckpt_async-raised_{i}",
+                             daemon=True).start()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._jobs.put((fut, fn, args))
+        return fut
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fut, fn, args = job
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as exc:  # noqa: BLE001 - handed to the future
+                    fut.set_exception(exc)
+            del job, fut, fn, args  # (nothing of the last job kept while waiting)
+
+    def shutdown(self) -> None:
+        for _ in range(self._threads):
+            self._jobs.put(None)
+
+
 class Runtime:
     """Owns the engine loop thread and the limiter for blocking work."""
 
@@ -398,6 +434,9 @@ class Runtime:
         self._boosted: set[concurrent.futures.Future[Any]] = set()
         self._levels_lock = threading.Lock()
         self._may_boost = _CAN_SET_PRIORITY and may_raise_priority()
+        #: Where the process may not raise a thread's priority (:meth:`run_raised`): threads
+        #: never lowered, for the work of boosted commits (made by the first boost).
+        self._raised_pool: UnloweredPool | None = None
         self._bg_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(threads, BACKGROUND_THREADS), thread_name_prefix="ckpt_async-bg",
             initializer=self._set_background_priority)
@@ -694,15 +733,43 @@ class Runtime:
     def submit_background(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
         """Starts blocking ``fn`` in a background-priority worker thread; returns its future
         (which, unlike an awaited :meth:`to_thread`, can still be waited for once the task
-        awaiting it was cancelled)."""
+        awaiting it was cancelled). While a commit is boosted where no thread can be raised,
+        in a thread never lowered (:meth:`run_raised`)."""
+        if self._unraisable_boost():
+            return self._raised().submit(self._as_own, fn, args)
         return self._bg_pool.submit(self._in_background, fn, args)
 
     def start_background(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
         """Runs blocking ``fn`` at the background priority in a pool of its own, so that it
         starts at once rather than queued behind the data writes; returns its future. (Its
         threads live on: a thread that ended between two CPU observations would have its time
-        counted as the foreground's, and a commit paced for it.)"""
+        counted as the foreground's, and a commit paced for it.) As :meth:`submit_background`
+        while a boosted commit's threads cannot be raised."""
+        if self._unraisable_boost():
+            return self._raised().submit(self._as_own, fn, args)
         return self._now_pool.submit(self._in_background, fn, args)
+
+    def _unraisable_boost(self) -> bool:
+        """Whether a commit is boosted where this process may not raise a thread's priority:
+        its work then goes to threads that were never lowered."""
+        return bool(self._boosted) and self._raised_pool is not None and not self._may_boost
+
+    def _raised(self) -> UnloweredPool:
+        assert self._raised_pool is not None
+        return self._raised_pool
+
+    def run_raised(self, rest: Callable[[], None]) -> bool:
+        """Called by a background thread between two pieces of a long job (a data file's
+        writes): where a commit is boosted but this thread, lowered, cannot be raised (no
+        privilege: :func:`may_raise_priority`), runs ``rest``, the job's remaining pieces, in
+        a thread never lowered and waits for it, then returns True; otherwise returns False
+        at once and the job goes on here. At ``SCHED_IDLE`` behind busy processes the rest of
+        a 64 MiB batch could take minutes."""
+        if not self._unraisable_boost() or \
+                self._bg_levels.get(threading.get_native_id(), "normal") == "normal":
+            return False
+        self._raised().submit(self._as_own, rest, ()).result()
+        return True
 
     def _in_background(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         """Runs in a background thread: puts it at the background priority first (once per
@@ -719,7 +786,10 @@ class Runtime:
         it takes CPU time from a training loop's threads only when they leave it idle; the
         engine loop, which serves ``save()`` and ``restore()``, keeps the caller's priority.
         Cancelling the caller cancels ``fn`` and returns only once it has stopped (nothing it
-        started is left writing)."""
+        started is left writing). While a commit is boosted where the background loop's
+        thread cannot be raised, ``fn`` runs in the caller's task instead."""
+        if self._unraisable_boost():
+            return await fn(*args)
         loop = self._background_loop()
         done: concurrent.futures.Future[T] = concurrent.futures.Future()
         task: list[asyncio.Task[T]] = []
@@ -773,8 +843,8 @@ class Runtime:
 
     def background_level(self) -> str:
         """The level background work runs at now: the background priority, or ``"normal"``
-        while a caller waits for a commit (:meth:`boost`)."""
-        return "normal" if self._boosted else _priority
+        while a commit is boosted where the process may raise threads (:meth:`boost`)."""
+        return "normal" if self._boosted and self._may_boost else _priority
 
     def boost(self, commit: concurrent.futures.Future[Any]) -> None:
         """Until ``commit`` is done, every background thread, TensorStore's included, runs
@@ -785,14 +855,19 @@ class Runtime:
         while other processes keep every core busy: with two busy processes on the 2-core
         benchmark machine, a save of 178 MiB and a wait for it took 29 s rather than 0.18 s
         (``benchmarks/busy_machine.py``)."""
-        if not self._may_boost or _priority == "normal":
+        if _priority == "normal" or not _CAN_SET_PRIORITY:
             return
         with self._levels_lock:
             if commit.done() or commit in self._boosted:
                 return
             self._boosted.add(commit)
-            if len(self._boosted) == 1:
+            if len(self._boosted) == 1 and self._may_boost:
                 self._apply_levels()
+            elif not self._may_boost and self._raised_pool is None:
+                # (started here: the thread that boosts is the caller's, the engine's or the
+                # exiting main thread, none of them lowered)
+                with contextlib.suppress(RuntimeError):  # (no thread starts at exit: 3.12.0-2)
+                    self._raised_pool = UnloweredPool(min(8, DEFAULT_THREADS))
         commit.add_done_callback(self._unboost)
 
     def boost_after(self, commit: concurrent.futures.Future[Any], seconds: float) -> None:
@@ -810,7 +885,7 @@ class Runtime:
         with self._levels_lock:
             if commit in self._boosted:
                 self._boosted.discard(commit)
-                if not self._boosted:
+                if not self._boosted and self._may_boost:
                     self._apply_levels()
 
     def _apply_levels(self) -> None:
@@ -992,6 +1067,8 @@ class Runtime:
             self._bg_loop.call_soon_threadsafe(self._bg_loop.stop)
         self._bg_pool.shutdown(wait=False)
         self._now_pool.shutdown(wait=False)
+        if self._raised_pool is not None:
+            self._raised_pool.shutdown()
 
 
 _runtime: Runtime | None = None

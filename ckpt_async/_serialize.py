@@ -557,7 +557,7 @@ class ItemWriter:
                     data_file = db.add(self._raw_values(own), past_cache=self._may_go_direct
                                        and pace is not None and pace.active())
                     self._record(db.write(data_file, lambda: self._count(copying=-1),
-                                          hold=hold).items())
+                                          hold=hold, relocate=get_runtime().run_raised).items())
                 finally:
                     # The pool's work item keeps this function, and the arrays it closes
                     # over, until after its result is out: a budget released by then must

@@ -236,7 +236,11 @@ def test_a_commits_writes_run_on_the_background_loop(tmp_path, monkeypatch) -> N
     state = {"big": np.arange(1 << 18, dtype=np.float32), "small": np.arange(10.0)}
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp_path / "c", state)
-        ckptr.wait_until_finished()
+        # (waited for by another thread: where no thread can be raised, a commit the thread
+        # that saved waits for runs in the caller's task instead, see below)
+        waiter = threading.Thread(target=ckptr.wait_until_finished)
+        waiter.start()
+        waiter.join()
         out = ckptr.restore(tmp_path / "c")
     np.testing.assert_array_equal(out["big"], state["big"])
     assert seen and set(seen) == {"ckpt_async-bg-loop"}
@@ -312,6 +316,9 @@ def test_a_waiting_caller_raises_the_commit(tmp_path, mode, level) -> None:
     Another thread waiting changes nothing (a training loop may run beside it), until half the
     commit's timeout has passed (here 3 s of 6). A commit finished at the interpreter's exit
     is raised too."""
+    if not _runtime.may_raise_priority():
+        pytest.skip("this process may not raise a thread's priority: where it may not, the "
+                    "boosted work moves instead (test_work_moves_to_unlowered_threads_...)")
     proc = subprocess.run(
         [sys.executable, "-c", BOOST_PROBE, str(tmp_path / "m"), mode, level],
         capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -326,3 +333,108 @@ def test_a_waiting_caller_raises_the_commit(tmp_path, mode, level) -> None:
     assert out["after"] == lowered, out  # back at the background level once it is done
     assert out["boosted"] == 0
     assert out["steps"] == ([0, 1] if mode == "next_save" else [0])
+
+
+UNRAISABLE_PROBE = textwrap.dedent("""
+    import asyncio, concurrent.futures, json, os, sys, threading, time
+    import numpy as np
+    import ckpt_async as ocp
+    from ckpt_async import _ocdbt, _runtime
+    rt = _runtime.get_runtime()
+    rt._may_boost = False  # as in a process without the privilege to raise a thread again
+    mode = sys.argv[2]
+
+    def policy():
+        return os.sched_getscheduler(0)
+
+    out = {}
+    if mode == "runtime":
+        out["before"] = rt.submit_background(policy).result()
+        started, go = threading.Event(), threading.Event()
+
+        def job():  # on a lowered thread when the boost comes
+            here = policy()
+            started.set()
+            go.wait()
+            rest = []
+            moved = rt.run_raised(lambda: rest.append(policy()))
+            return here, moved, rest
+
+        running = rt.submit_background(job)
+        started.wait()
+        commit = concurrent.futures.Future()
+        rt.boost(commit)
+        out["boosted_submit"] = rt.submit_background(policy).result()
+        out["boosted_start"] = rt.start_background(policy).result()
+
+        async def loop_thread():
+            return threading.current_thread().name
+
+        async def on_background_loop():
+            return await rt.in_background_loop(loop_thread)
+
+        out["boosted_loop"] = rt.call(on_background_loop)
+        go.set()
+        out["running"] = running.result()
+        commit.set_result(None)  # done: unboosted
+        out["after_submit"] = rt.submit_background(policy).result()
+        out["after_relocate"] = rt.submit_background(rt.run_raised, lambda: None).result()
+    else:  # a save whose data file is being written on a lowered thread when the boost comes
+        write, write_all = _ocdbt.DatabaseWriter.write, _ocdbt._write_all
+        policies = []
+
+        def held_write(self, *args, **kwargs):
+            policies.append(("job", policy()))
+            deadline = time.monotonic() + 30
+            while not rt._boosted and time.monotonic() < deadline:
+                time.sleep(0.005)
+            return write(self, *args, **kwargs)
+
+        def spied_write_all(fd, group):
+            policies.append(("piece", policy()))
+            return write_all(fd, group)
+
+        _ocdbt.DatabaseWriter.write = held_write
+        _ocdbt._write_all = spied_write_all
+        state = {"a": np.arange(1 << 20, dtype=np.float32)}  # 4 MiB: 4 pieces of 1 MiB
+        # (boosted by its timeout, half of it gone, while another thread waits: the data
+        # file's job started lowered before)
+        options = ocp.CheckpointManagerOptions(async_options=ocp.AsyncOptions(timeout_secs=4))
+        with ocp.CheckpointManager(sys.argv[1], options=options) as mngr:
+            mngr.save(0, args=ocp.args.StandardSave(state))
+            waiter = threading.Thread(target=mngr.wait_until_finished)
+            waiter.start()
+            waiter.join()
+            restored = mngr.restore(0, args=ocp.args.StandardRestore(state))
+        out["policies"] = policies
+        out["exact"] = bool(np.array_equal(np.asarray(restored["a"]), state["a"]))
+    print(json.dumps(out))
+""")
+
+
+@linux_only
+@pytest.mark.parametrize("mode", ["runtime", "save"])
+def test_work_moves_to_unlowered_threads_where_none_can_be_raised(tmp_path, mode) -> None:
+    """Without the privilege to raise a thread again, a boosted commit's work runs in threads
+    that were never lowered: new jobs go there, the background loop's part runs in the
+    caller's task, and a data file being written on a lowered thread goes on there from its
+    next piece. Once the commit is done, background work is lowered again."""
+    proc = subprocess.run(
+        [sys.executable, "-c", UNRAISABLE_PROBE, str(tmp_path / "m"), mode],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    idle, normal = os.SCHED_IDLE, os.SCHED_OTHER
+    if mode == "runtime":
+        assert out["before"] == idle
+        assert out["boosted_submit"] == normal and out["boosted_start"] == normal
+        assert out["boosted_loop"] == "ckpt_async-engine", out  # (not ckpt_async-bg-loop)
+        assert out["running"] == [idle, True, [normal]]  # started lowered, went on raised
+        assert out["after_submit"] == idle
+        assert out["after_relocate"] is False
+    else:
+        assert out["exact"] is True
+        kinds = [tuple(p) for p in out["policies"]]
+        assert kinds[0] == ("job", idle), kinds  # the data file's job started lowered
+        pieces = [p for k, p in kinds if k == "piece"]
+        assert pieces[0] == idle and set(pieces[1:]) == {normal}, kinds  # then moved

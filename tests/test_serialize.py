@@ -313,10 +313,10 @@ def test_the_btree_is_written_once_the_data_is_in_the_page_cache_not_on_the_disk
     copy, writeback = threading.Event(), threading.Event()  # (set: released)
     real_write, real_writeback = _ocdbt.DatabaseWriter.write, _ocdbt.start_writeback
 
-    def slow_write(self, data_file, copied=None, hold=None):
+    def slow_write(self, data_file, copied=None, **kwargs):
         if "a0/0" in data_file.keys:
             copy.wait(5)
-        return real_write(self, data_file, copied, hold)
+        return real_write(self, data_file, copied, **kwargs)
 
     def slow_writeback(fd, *args):
         if os.fstat(fd).st_size > 1024:  # a data file's (2,400 bytes), not the B+tree's
@@ -382,12 +382,12 @@ def test_settle_waits_for_the_threads_a_failed_batch_left_running(tmp_path, monk
     started, release = threading.Event(), threading.Event()
     real_write = _ocdbt.DatabaseWriter.write
 
-    def write(self, data_file, copied=None, hold=None):
+    def write(self, data_file, copied=None, **kwargs):
         if b"bad" in b"".join(bytes(b[:3]) for b in data_file.buffers):
             raise OSError(28, "No space left on device")
         started.set()
         release.wait(5)
-        return real_write(self, data_file, copied, hold)
+        return real_write(self, data_file, copied, **kwargs)
 
     monkeypatch.setattr(_ocdbt.DatabaseWriter, "write", write)
     item = tmp_path / "item"
