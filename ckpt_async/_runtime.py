@@ -238,11 +238,12 @@ def set_background_priority(level: str) -> None:
     ``max_concurrent_saves``; the interpreter's exit), and once half its timeout has passed,
     that commit's work runs at the normal priority until it is done (:meth:`Runtime.boost`).
     Raising a thread's priority again needs a privilege (:func:`may_raise_priority`: root,
-    ``CAP_SYS_NICE``, or ``RLIMIT_NICE`` of 20 or more); without it neither happens, and
-    TensorStore's threads stay lowered after the first commit, so later restores in the
-    process run at the background priority too (which costs time only while other work keeps
-    the CPU busy), and going back to ``"normal"`` leaves lowered threads where they are. Linux
-    only; elsewhere it does nothing.
+    ``CAP_SYS_NICE``, or ``RLIMIT_NICE`` of 20 or more); without it such a commit's work moves
+    to threads that were never lowered instead, and TensorStore's threads stay lowered after
+    the first commit, so later restores in the process run at the background priority too
+    (which costs time only while other work keeps the CPU busy), and going back to
+    ``"normal"`` leaves lowered threads where they are. Linux only; elsewhere it does
+    nothing.
     """
     global _priority
     if level not in PRIORITIES:
@@ -849,12 +850,13 @@ class Runtime:
     def boost(self, commit: concurrent.futures.Future[Any]) -> None:
         """Until ``commit`` is done, every background thread, TensorStore's included, runs
         at the normal priority, where the process may raise them back
-        (:func:`may_raise_priority`); any thread. Called when the thread that saved waits for
+        (:func:`may_raise_priority`); elsewhere background work moves to threads never
+        lowered (:meth:`run_raised`). Any thread. Called when the thread that saved waits for
         it (``AsyncCheckpointer.hurry``: that thread is not training), and once half the
         commit's timeout has passed. At ``SCHED_IDLE`` a commit gets next to no CPU time
         while other processes keep every core busy: with two busy processes on the 2-core
-        benchmark machine, a save of 178 MiB and a wait for it took 29 s rather than 0.18 s
-        (``benchmarks/busy_machine.py``)."""
+        benchmark machine, a save of 178 MiB and a wait for it took 17-29 s rather than
+        0.16-0.18 s (``benchmarks/busy_machine.py``)."""
         if _priority == "normal" or not _CAN_SET_PRIORITY:
             return
         with self._levels_lock:
