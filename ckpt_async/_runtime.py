@@ -384,11 +384,14 @@ class UnloweredPool:
         self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[..., Any],
                                             tuple[Any, ...]] | None] = queue.SimpleQueue()
         self._threads = threads
+        self._closed = False
         for i in range(threads):
             threading.Thread(target=self._work, name=f"ckpt_async-raised_{i}",
                              daemon=True).start()
 
     def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        if self._closed:  # (its threads are gone: the future would never be done)
+            raise RuntimeError("cannot schedule new futures after shutdown")
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._jobs.put((fut, fn, args))
         return fut
@@ -404,6 +407,7 @@ class UnloweredPool:
             del job, fut, fn, args  # (nothing of the last job kept while waiting)
 
     def shutdown(self) -> None:
+        self._closed = True
         for _ in range(self._threads):
             self._jobs.put(None)
 

@@ -438,3 +438,12 @@ def test_work_moves_to_unlowered_threads_where_none_can_be_raised(tmp_path, mode
         assert kinds[0] == ("job", idle), kinds  # the data file's job started lowered
         pieces = [p for k, p in kinds if k == "piece"]
         assert pieces[0] == idle and set(pieces[1:]) == {normal}, kinds  # then moved
+
+
+def test_an_unlowered_pool_runs_jobs_and_refuses_them_once_shut_down() -> None:
+    pool = _runtime.UnloweredPool(1)
+    assert pool.submit(lambda x: x + 1, 1).result(5) == 2
+    assert isinstance(pool.submit(int, "not a number").exception(5), ValueError)
+    pool.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(lambda: None)  # (rather than a future no thread would ever finish)
