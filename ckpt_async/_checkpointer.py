@@ -244,7 +244,6 @@ class AsyncCheckpointer:
         self._closed = False
         self._last_save: float | None = None  # (monotonic) when _save_staged last started
         self._window: PaceWindow | None = None  # how long its commit may be paced
-        self._committing: set[CommitFuture] = set()  # every commit in flight (tracked or not)
 
     # -- save -----------------------------------------------------------------------------------
     def _check_args(self, args: CheckpointArgs, directory: AnyPath) -> None:
@@ -348,8 +347,6 @@ class AsyncCheckpointer:
                 writer, tmp, path, meta, item_dirs, force, on_commit, after, stats, sync,
                 cancel_request))
             self._cancel_requests[fut] = cancel_request
-            self._committing.add(fut)
-            fut.add_done_callback(self._committing.discard)
             if (timeout := self.async_options.timeout_secs) is not None:
                 # Half its time gone: raised to the normal priority for the rest, so that
                 # processes keeping every core busy cannot make it time out.
@@ -381,8 +378,11 @@ class AsyncCheckpointer:
         if self._window is not None and self._window.open():  # (closed once it is done)
             self._window.close()
             rt.loop.call_soon_threadsafe(rt.wake_paced)
-        for fut in list(self._committing):  # (and at the normal CPU priority, until done)
-            rt.boost(fut)
+        # (and at the normal CPU priority until done: every commit of ours, the manager's
+        # untracked ones too, has a cancel request; ``keyrefs`` copies them at once)
+        for ref in self._cancel_requests.keyrefs():
+            if (fut := ref()) is not None:
+                rt.boost(fut)
 
     def _pace_window(self) -> PaceWindow:
         """How long this save's commit may be paced (``_runtime.pace_window``): half its

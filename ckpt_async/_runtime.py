@@ -740,8 +740,8 @@ class Runtime:
         (which, unlike an awaited :meth:`to_thread`, can still be waited for once the task
         awaiting it was cancelled). While a commit is boosted where no thread can be raised,
         in a thread never lowered (:meth:`run_raised`)."""
-        if self._unraisable_boost():
-            return self._raised().submit(self._as_own, fn, args)
+        if (pool := self._unlowered()) is not None:
+            return pool.submit(self._as_own, fn, args)
         return self._bg_pool.submit(self._in_background, fn, args)
 
     def start_background(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
@@ -750,18 +750,14 @@ class Runtime:
         threads live on: a thread that ended between two CPU observations would have its time
         counted as the foreground's, and a commit paced for it.) As :meth:`submit_background`
         while a boosted commit's threads cannot be raised."""
-        if self._unraisable_boost():
-            return self._raised().submit(self._as_own, fn, args)
+        if (pool := self._unlowered()) is not None:
+            return pool.submit(self._as_own, fn, args)
         return self._now_pool.submit(self._in_background, fn, args)
 
-    def _unraisable_boost(self) -> bool:
-        """Whether a commit is boosted where this process may not raise a thread's priority:
-        its work then goes to threads that were never lowered."""
-        return bool(self._boosted) and self._raised_pool is not None and not self._may_boost
-
-    def _raised(self) -> UnloweredPool:
-        assert self._raised_pool is not None
-        return self._raised_pool
+    def _unlowered(self) -> UnloweredPool | None:
+        """Where a commit is boosted but this process may not raise a thread's priority, the
+        threads never lowered that its work goes to; else None."""
+        return self._raised_pool if self._boosted and not self._may_boost else None
 
     def run_raised(self, rest: Callable[[], None]) -> bool:
         """Called by a background thread between two pieces of a long job (a data file's
@@ -770,10 +766,10 @@ class Runtime:
         a thread never lowered and waits for it, then returns True; otherwise returns False
         at once and the job goes on here. At ``SCHED_IDLE`` behind busy processes the rest of
         a 64 MiB batch could take minutes."""
-        if not self._unraisable_boost() or \
-                self._bg_levels.get(threading.get_native_id(), "normal") == "normal":
+        pool = self._unlowered()
+        if pool is None or self._bg_levels.get(threading.get_native_id(), "normal") == "normal":
             return False
-        self._raised().submit(self._as_own, rest, ()).result()
+        pool.submit(self._as_own, rest, ()).result()
         return True
 
     def _in_background(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
@@ -793,7 +789,7 @@ class Runtime:
         Cancelling the caller cancels ``fn`` and returns only once it has stopped (nothing it
         started is left writing). While a commit is boosted where the background loop's
         thread cannot be raised, ``fn`` runs in the caller's task instead."""
-        if self._unraisable_boost():
+        if self._unlowered() is not None:
             return await fn(*args)
         loop = self._background_loop()
         done: concurrent.futures.Future[T] = concurrent.futures.Future()
