@@ -862,14 +862,15 @@ class Runtime:
         with self._levels_lock:
             if commit.done() or commit in self._boosted:
                 return
+            if not self._may_boost and self._raised_pool is None:
+                # (started here: the thread that boosts is the caller's, the engine's or the
+                # exiting main thread, none of them lowered; before the commit counts as
+                # boosted, so that a thread which sees it boosted finds the pool there)
+                with contextlib.suppress(RuntimeError):  # (no thread starts at exit: 3.12.0-2)
+                    self._raised_pool = UnloweredPool(min(8, DEFAULT_THREADS))
             self._boosted.add(commit)
             if len(self._boosted) == 1 and self._may_boost:
                 self._apply_levels()
-            elif not self._may_boost and self._raised_pool is None:
-                # (started here: the thread that boosts is the caller's, the engine's or the
-                # exiting main thread, none of them lowered)
-                with contextlib.suppress(RuntimeError):  # (no thread starts at exit: 3.12.0-2)
-                    self._raised_pool = UnloweredPool(min(8, DEFAULT_THREADS))
         commit.add_done_callback(self._unboost)
 
     def boost_after(self, commit: concurrent.futures.Future[Any], seconds: float) -> None:

@@ -394,8 +394,15 @@ UNRAISABLE_PROBE = textwrap.dedent("""
             policies.append(("piece", policy()))
             return write_all(fd, group)
 
+        pool_init = _runtime.UnloweredPool.__init__
+
+        def slow_pool_init(self, *args):  # its threads start slowly, as behind busy processes
+            time.sleep(0.5)
+            pool_init(self, *args)
+
         _ocdbt.DatabaseWriter.write = held_write
         _ocdbt._write_all = spied_write_all
+        _runtime.UnloweredPool.__init__ = slow_pool_init
         state = {"a": np.arange(1 << 20, dtype=np.float32)}  # 4 MiB: 4 pieces of 1 MiB
         # (boosted by its timeout, half of it gone, while another thread waits: the data
         # file's job started lowered before)
