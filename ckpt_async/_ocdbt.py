@@ -551,6 +551,26 @@ _SHARED_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
 _bounce = threading.local()
 
 
+#: ``relocate(rest)``: asked after each piece of a data file whether its other pieces go on in
+#: another thread (see :func:`_drive`).
+Relocate = Callable[[Callable[[], None]], bool]
+
+
+def _drive(steps: Iterator[None], relocate: Relocate | None) -> None:
+    """Runs ``steps`` (a generator that writes one piece of a file per step) to its end. After
+    each piece, ``relocate(rest)`` may take the rest: it runs ``rest`` in another thread
+    (never lowered: ``Runtime.run_raised``), waits for it and says True. (The generator then
+    goes on there, with its staging buffer, whose thread waits.)"""
+    for _ in steps:
+        if relocate is not None and relocate(functools.partial(_drain, steps)):
+            return
+
+
+def _drain(steps: Iterator[None]) -> None:
+    for _ in steps:
+        pass
+
+
 def _bounce_buffer() -> np.ndarray:
     """This thread's page-aligned staging buffer for ``O_DIRECT`` writes (made once)."""
     buf = getattr(_bounce, "buf", None)
@@ -559,12 +579,13 @@ def _bounce_buffer() -> np.ndarray:
     return buf
 
 
-def _staged(parts: Iterable[tuple[memoryview, int]], crcs: list[int] | None
-            ) -> Iterator[np.ndarray]:
+def _staged(parts: Iterable[tuple[memoryview, int]], crcs: list[int] | None,
+            stage: np.ndarray) -> Iterator[np.ndarray]:
     """The bytes of ``parts`` (views, each with the index in ``crcs`` of its buffer), in order,
-    copied into this thread's staging buffer: the buffer each time it is full, then what is
-    left in it. Each piece's crc32 is taken just before it is copied."""
-    stage, fill = _bounce_buffer(), 0
+    copied into ``stage`` (a thread's staging buffer: that thread's, which waits while
+    another goes on with the rest, see :func:`_drive`): the buffer each time it is full, then
+    what is left in it. Each piece's crc32 is taken just before it is copied."""
+    fill = 0
     for view, i in parts:
         src = np.frombuffer(view, np.uint8)
         while len(src):
@@ -581,12 +602,14 @@ def _staged(parts: Iterable[tuple[memoryview, int]], crcs: list[int] | None
 
 
 def _write_direct(path: Path, buffers: Sequence[memoryview | bytes], crcs: list[int] | None,
-                  hold: Callable[[int], None] | None = None) -> bool:
+                  hold: Callable[[int], None] | None = None,
+                  relocate: Relocate | None = None) -> bool:
     """Writes ``buffers`` one after the other into a new file ``path`` with ``O_DIRECT``: no
     page cache, the disk reads each ``DIRECT_PIECE_BYTES`` from this thread's staging buffer,
     into which they are copied (an array's own memory need not be aligned), and the file is
     cut to its exact length at the end. False, with nothing left at ``path``: the file system
-    refuses ``O_DIRECT`` (the caller writes it through the page cache instead)."""
+    refuses ``O_DIRECT`` (the caller writes it through the page cache instead). ``hold``,
+    ``relocate``: see :func:`_write_new`."""
     flags = getattr(os, "O_DIRECT", 0)
     if not flags:
         return False
@@ -596,19 +619,25 @@ def _write_direct(path: Path, buffers: Sequence[memoryview | bytes], crcs: list[
         if exc.errno == errno.EINVAL:
             return False
         raise
-    try:
-        total = 0
+    total = 0
+
+    def blocks_written() -> Iterator[None]:
+        nonlocal total
+        stage = _bounce_buffer()
         parts = ((memoryview(b).cast("B"), i) for i, b in enumerate(buffers))
-        for block in _staged(parts, crcs):
+        for block in _staged(parts, crcs, stage):
             n = len(block)
             if n % DIRECT_ALIGN:  # (the last one, padded to a whole block)
-                stage = _bounce_buffer()
                 stage[n:round_up(n, DIRECT_ALIGN)] = 0
                 block = stage[:round_up(n, DIRECT_ALIGN)]
             _write_all(fd, [block.data])
             total += n
             if hold is not None:
                 hold(total)
+            yield
+
+    try:
+        _drive(blocks_written(), relocate)
         if total % DIRECT_ALIGN:
             os.ftruncate(fd, total)
     except OSError as exc:
@@ -635,13 +664,14 @@ def _pwrite_all(fd: int, data: memoryview | np.ndarray, offset: int) -> None:
 
 def _write_rest_direct(path: Path, fd: int, buffers: Sequence[memoryview | bytes], skip: int,
                        pos: int, crcs: list[int] | None, hold: Callable[[int], None] | None,
-                       begin: int) -> bool:
+                       begin: int, relocate: Relocate | None = None) -> bool:
     """Writes what is left of a range of the shared data file ``path``, from byte ``skip`` of
     ``buffers`` on, at offset ``pos``: its whole DIRECT_ALIGN blocks with ``O_DIRECT``
     (through this thread's staging buffer), its ragged ends, which may share a block with the
     ranges beside it, through the page cache (``fd``), carrying on the ``crcs``; ``hold``
-    after each piece, with the bytes written since ``begin``. False, with nothing written,
-    when no whole block is left or the file system refuses ``O_DIRECT``."""
+    after each piece, with the bytes written since ``begin``; ``relocate``: see
+    :func:`_write_new`. False, with nothing written, when no whole block is left or the file
+    system refuses ``O_DIRECT``."""
     flag = getattr(os, "O_DIRECT", 0)
     rest: collections.deque[tuple[memoryview, int]] = collections.deque()
     for i, b in enumerate(buffers):
@@ -678,15 +708,21 @@ def _write_rest_direct(path: Path, fd: int, buffers: Sequence[memoryview | bytes
             at += len(part)
         return at
 
-    try:
-        pos = buffered(head, pos)
+    def blocks_written() -> Iterator[None]:
+        nonlocal pos
         target = dfd
-        for block in _staged(take(middle), crcs):  # (whole blocks, as the middle is)
+        # (whole blocks, as the middle is)
+        for block in _staged(take(middle), crcs, _bounce_buffer()):
             target = _put_direct(target, fd, block, pos)
             pos += len(block)
             if hold is not None:
                 hold(pos - begin)
+            yield
         buffered(total - head - middle, pos)
+
+    try:
+        pos = buffered(head, pos)
+        _drive(blocks_written(), relocate)
     finally:
         os.close(dfd)
     return True
@@ -711,8 +747,7 @@ def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync_fallb
                crcs: list[int] | None = None, copied: Callable[[], None] | None = None,
                direct: bool = False, at: int | None = None,
                hold: Callable[[int], None] | None = None,
-               watch: _Watch | None = None,
-               relocate: Callable[[Callable[[], None]], bool] | None = None) -> None:
+               watch: _Watch | None = None, relocate: Relocate | None = None) -> None:
     """Writes ``buffers`` one after the other into a new file ``path``, starting the writeback
     (:func:`start_writeback`) of every ``WRITEBACK_STEP_BYTES`` as it goes; calls ``copied``
     (they are in the page cache), then starts the writeback of the rest (where there is none,
@@ -727,8 +762,9 @@ def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync_fallb
     piece's copy into the page cache is timed there, and once it finds the page cache slow
     the rest of a range of a shared file goes past it (:func:`_write_rest_direct`).
     ``relocate(rest)``: asked after each piece whether the remaining pieces go on in another
-    thread (it runs ``rest`` there, waits, and says True: ``Runtime.run_raised``)."""
-    if direct and _write_direct(path, buffers, crcs, hold):
+    thread (it runs ``rest`` there, waits, and says True: ``Runtime.run_raised``), whichever
+    way they are written (:func:`_drive`)."""
+    if direct and _write_direct(path, buffers, crcs, hold, relocate):
         if copied is not None:
             copied()
         return
@@ -737,12 +773,10 @@ def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync_fallb
         begin = written = started = at or 0
         if begin:
             os.lseek(fd, begin, os.SEEK_SET)
-        pieces = _pieces(buffers)
-        rest: list[Callable[[], None]] = []  # (write_pieces, for ``relocate``)
 
-        def write_pieces() -> None:  # (from where the last call left ``pieces``)
+        def pieces_written() -> Iterator[None]:
             nonlocal written, started
-            for group, owners in pieces:
+            for group, owners in _pieces(buffers):
                 if crcs is not None:
                     for view, i in zip(group, owners, strict=True):
                         crcs[i] = zlib.crc32(view, crcs[i])
@@ -754,7 +788,8 @@ def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync_fallb
                     watch.sample(n, time.thread_time() - begin_cpu)
                     written += n
                     if watch.slow and at is not None and _write_rest_direct(
-                            path, fd, buffers, written - begin, written, crcs, hold, begin):
+                            path, fd, buffers, written - begin, written, crcs, hold, begin,
+                            relocate):
                         start_writeback(fd, started, written - started)
                         started = written = begin + sum(len(memoryview(b).cast("B"))
                                                         for b in buffers)
@@ -764,14 +799,9 @@ def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync_fallb
                     started = written
                 if hold is not None:
                     hold(written - begin)
-                if relocate is not None and relocate(rest[0]):
-                    return
+                yield
 
-        rest.append(write_pieces)
-        try:
-            write_pieces()
-        finally:
-            rest.clear()  # (a cycle through it would keep ``buffers`` alive until a collection)
+        _drive(pieces_written(), relocate)
         if copied is not None:
             copied()
         if written > started and not start_writeback(fd, started, written - started) \
@@ -888,7 +918,7 @@ class DatabaseWriter:
 
     def write(self, data_file: DataFile, copied: Callable[[], None] | None = None,
               hold: Callable[[int], None] | None = None,
-              relocate: Callable[[Callable[[], None]], bool] | None = None) -> dict[str, int]:
+              relocate: Relocate | None = None) -> dict[str, int]:
         """Runs in a worker thread: writes a data file (calling ``copied`` once it is in the
         page cache, and ``hold`` after each piece: see :func:`_write_new`) and starts its
         writeback (``relocate``: see :func:`_write_new`); returns the crc32 of each value

@@ -9,6 +9,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import zlib
 from pathlib import Path
 
@@ -566,6 +567,61 @@ def test_a_watched_save_goes_past_the_page_cache_from_where_it_turns_slow(
     if hasattr(os, "O_DIRECT"):
         name = Path(shared[0].name).name
         assert opened_direct == ([name, name, Path(later.name).name] if slow else [])
+
+
+@pytest.mark.parametrize("way", ["page-cache", "direct", "slow-page-cache"])
+def test_a_data_files_rest_goes_on_in_the_thread_relocate_gives(tmp_path, monkeypatch, way):
+    """``relocate(rest)`` (``Runtime.run_raised``), asked after each piece, may run the
+    file's other pieces in another thread, whichever way it is written: through the page
+    cache, past it, or past it from where the page cache turned slow (there the first piece
+    past it is where it moves). The file and the crc32s are those one thread writes; the
+    staging buffer the other thread goes on with, and pads the last block in, is the first
+    thread's, which waits."""
+    if way != "page-cache" and not hasattr(os, "O_DIRECT"):
+        pytest.skip("O_DIRECT is Linux's")
+    monkeypatch.setattr(_ocdbt, "WRITE_PIECE_BYTES", 4096)
+    monkeypatch.setattr(_ocdbt, "WATCH_BYTES", 8192)
+    monkeypatch.setattr(_ocdbt, "DIRECT_PIECE_BYTES", 2 * _ocdbt.DIRECT_ALIGN)
+    monkeypatch.setattr(_ocdbt, "PAGE_CACHE_MIN_RATE", float("inf"))
+    writes: list[int] = []  # the thread of each write
+    for name in ("writev", "pwrite"):
+        real = getattr(_ocdbt.os, name)
+
+        def recording(*args, real=real):
+            writes.append(threading.get_ident())
+            return real(*args)
+
+        monkeypatch.setattr(_ocdbt.os, name, recording)
+    asked: list[int] = []
+    moves_at = 2 if way == "slow-page-cache" else 1  # (its first ask: after the first 2 pieces)
+
+    def relocate(rest) -> bool:
+        asked.append(len(writes))
+        if len(asked) != moves_at:
+            return False
+        other = threading.Thread(target=rest)
+        other.start()
+        other.join()
+        return True
+
+    values = _direct_values(np.random.default_rng(6))
+    writer = _ocdbt.DatabaseWriter(tmp_path, direct=way == "direct",
+                                   watch=way == "slow-page-cache")
+    before = writer.add([(k.replace("v", "u"), memoryview(v)) for k, v in values.items()])
+    data_file = writer.add([(k, memoryview(v)) for k, v in values.items()])
+    sums = writer.write(data_file, relocate=relocate)
+    moved_writes = writes[asked[-1]:]
+    writer.write(before)  # (with slow-page-cache, a range of the shared file before this one)
+    writer.finish()
+    here = threading.get_ident()
+    moved = asked[moves_at - 1]
+    assert len(asked) == moves_at and moved > 0 and moved_writes
+    assert set(writes[:moved]) == {here} and here not in moved_writes
+    assert sums == {k: zlib.crc32(v) for k, v in values.items()}
+    assert {k: v for k, v in _read_all(tmp_path).items() if k in values} == values
+    assert writer.direct == (way != "page-cache")  # (slow-page-cache: it did turn slow)
+    if way == "slow-page-cache":
+        assert data_file.at % _ocdbt.DIRECT_ALIGN  # (a range with ragged ends)
 
 
 def test_only_a_large_save_to_a_local_disk_goes_past_the_page_cache(tmp_path, monkeypatch):
