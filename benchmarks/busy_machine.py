@@ -1,7 +1,8 @@
 """A checkpoint the trainer waits for while other processes keep every core busy.
 
     python benchmarks/busy_machine.py [--busy N] [--workloads mixed,many_small] [--full]
-        [--repeats 3] [--impls ckpt_async,ckpt_async_lowered,orbax] [--dir DIR] [--out FILE]
+        [--repeats 3] [--impls ckpt_async,ckpt_async_lowered,orbax] [--budget-mib M]
+        [--dir DIR] [--out FILE]
 
 A training job's input pipeline often runs in processes of its own (data loader workers) that
 keep the machine's cores busy while the trainer waits for a checkpoint: at the end of a run,
@@ -26,6 +27,11 @@ no busy process (``quiet``), in the same process, before. Implementations are in
   background priority (ckpt_async before round 29). Each child gives up after
   ``--timeout`` seconds (a commit at ``SCHED_IDLE`` behind busy processes may wait that long).
 - ``orbax``: orbax-checkpoint's ``CheckpointManager`` with its defaults.
+
+``--budget-mib M``: ckpt_async saves under a host-memory budget of ``M`` MiB
+(``StandardCheckpointHandler(host_memory_budget_bytes=...)``), so that ``save()`` itself waits
+for the commit's first writes; the table then also gives the time until ``save()`` returned.
+Orbax keeps its defaults (its ``save_concurrent_gb`` counts whole GB).
 
 Prints a Markdown table and writes JSON (``--out``).
 """
@@ -55,14 +61,24 @@ def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _durable(impl_name: str, tree: Any, root: Path) -> float:
+def _durable(impl_name: str, tree: Any, root: Path, budget_mib: int | None
+             ) -> tuple[float, float]:
+    """Seconds until ``save()`` returned and until the commit was durable."""
     impl = make_impl("orbax" if impl_name == "orbax" else "ckpt_async", root)
+    if budget_mib and impl_name != "orbax":
+        import ckpt_async as ocp
+
+        impl.close()
+        impl.mgr = ocp.CheckpointManager(  # type: ignore[attr-defined]
+            root, item_handlers=ocp.StandardCheckpointHandler(
+                host_memory_budget_bytes=budget_mib << 20))
     start = time.perf_counter()
     impl.save(tree)
+    returned = time.perf_counter() - start
     impl.wait()
     took = time.perf_counter() - start
     impl.close()
-    return took
+    return returned, took
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
@@ -75,13 +91,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         _runtime.get_runtime().boost = lambda commit: None  # type: ignore[method-assign]
     tree, expected, nbytes, count = build_tree(args.workload, not args.full)
     warm_up(base, work)
-    quiet = _durable(args.child, tree, work / "quiet")
+    _, quiet = _durable(args.child, tree, work / "quiet", args.budget_mib)
     shutil.rmtree(work / "quiet", ignore_errors=True)
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
             for _ in range(args.busy)]
     try:
         time.sleep(0.3)  # (they are running)
-        took = _durable(args.child, tree, work / "busy")
+        returned, took = _durable(args.child, tree, work / "busy", args.budget_mib)
     finally:
         for proc in busy:
             proc.kill()
@@ -90,7 +106,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     bad = check_exact(expected, block(impl.restore(abstract_of(tree))))
     impl.close()
     return {"impl": args.child, "workload": args.workload, "bytes": nbytes, "arrays": count,
-            "quiet_s": quiet, "busy_s": took, "bit_exact": bad is None, "mismatch": bad}
+            "quiet_s": quiet, "busy_s": took, "busy_save_s": returned, "bit_exact": bad is None,
+            "mismatch": bad}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -107,7 +124,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     work = scratch / f"{workload}-{impl}-{r}"
                     cmd = [sys.executable, __file__, "--child", impl, "--workload", workload,
                            "--busy", str(args.busy), "--dir", str(work)] + (
-                               ["--full"] if args.full else [])
+                               ["--full"] if args.full else []) + (
+                           ["--budget-mib", str(args.budget_mib)] if args.budget_mib else [])
                     try:
                         proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                                               timeout=args.timeout)
@@ -124,7 +142,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.dir:
             shutil.rmtree(scratch, ignore_errors=True)
     return {"busy_processes": args.busy, "cpus": _usable_cpus(), "repeats": args.repeats,
-            "mode": "full" if args.full else "quick", "results": results}
+            "mode": "full" if args.full else "quick", "budget_mib": args.budget_mib,
+            "results": results}
 
 
 def _median(runs: list[dict[str, Any]], key: str) -> float | None:
@@ -133,14 +152,17 @@ def _median(runs: list[dict[str, Any]], key: str) -> float | None:
 
 
 def table(report: dict[str, Any]) -> str:
+    budget = report.get("budget_mib")
     lines = [f"{report['busy_processes']} busy processes on {report['cpus']} CPUs, "
-             f"{report['mode']} workloads, medians of {report['repeats']}.", ""]
+             f"{report['mode']} workloads, medians of {report['repeats']}"
+             + (f"; ckpt_async under a {budget} MiB host-memory budget." if budget else ".")
+             + " Save() and wait: durable; save() returns: its blocking part.", ""]
     for workload, runs in report["results"].items():
         first = next(r for rs in runs.values() for r in rs if "bytes" in r)
         lines += [f"#### {workload}: {first['bytes'] / 2**20:.0f} MiB in {first['arrays']} "
                   "arrays", "",
                   "| impl | durable, quiet s | durable, busy s | busy / quiet | vs Orbax, busy "
-                  "| bit-exact |", "|---|---:|---:|---:|---:|---|"]
+                  "| save() returns, busy s | bit-exact |", "|---|---:|---:|---:|---:|---:|---|"]
         orbax = _median(runs.get("orbax", []), "busy_s")
         for impl, rs in runs.items():
             quiet, busy = _median(rs, "quiet_s"), _median(rs, "busy_s")
@@ -149,9 +171,12 @@ def table(report: dict[str, Any]) -> str:
                          else f"> {rs[0].get('timed_out', '?')} ({timed_out} timed out)")
             ratio = f"{busy / quiet:.1f}x" if busy and quiet else ""
             vs = f"{busy / orbax:.2f}x" if busy and orbax else ""
+            returned = _median(rs, "busy_save_s")
+            returned_text = f"{returned:.3f}" if returned is not None else ""
             exact = "yes" if all(r.get("bit_exact") for r in rs if "bit_exact" in r) else "NO"
-            lines.append(f"| {impl} | {quiet:.3f} | {busy_text} | {ratio} | {vs} | {exact} |"
-                         if quiet is not None else f"| {impl} | | {busy_text} | | | {exact} |")
+            lines.append(f"| {impl} | {quiet:.3f} | {busy_text} | {ratio} | {vs} | "
+                         f"{returned_text} | {exact} |" if quiet is not None
+                         else f"| {impl} | | {busy_text} | | | | {exact} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -164,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--budget-mib", type=int, default=None,
+                   help="ckpt_async saves under this host-memory budget")
     p.add_argument("--dir", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)

@@ -11,6 +11,7 @@ delete its arrays. An optional :class:`ByteBudget` bounds the bytes staged but n
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -37,11 +38,14 @@ class ByteBudget:
         self._used = 0
         self._cond = threading.Condition()
 
-    def acquire(self, n: int) -> None:
+    def acquire(self, n: int, before_waiting: Callable[[], None] | None = None) -> None:
+        """Takes ``n`` bytes, waiting until they fit (``before_waiting`` called first, if it
+        must wait); one array larger than the whole budget still goes through, alone."""
         if self.limit is None:
             return
         with self._cond:
-            # One array larger than the whole budget still goes through, alone.
+            if before_waiting is not None and self._used > 0 and self._used + n > self.limit:
+                before_waiting()
             while self._used > 0 and self._used + n > self.limit:
                 self._cond.wait()
             self._used += n
@@ -344,6 +348,18 @@ def stage_sync(
     bounded = budget.limit is not None
     ahead: dict[int, Any] = {}  # under a budget: leaves whose transfer started early
     ahead_bytes = 0  # (their bytes, admitted)
+    waited: concurrent.futures.Future[None] | None = None
+
+    def boost() -> None:
+        # From the first wait for the budget until staging ends, the save's caller waits for
+        # the commit's own writes: they run at the normal priority (``Runtime.boost``). At
+        # the background one, behind two busy processes on 2 cores, a save of 256 MiB under
+        # a 32 MiB budget blocked its caller 18-25 s rather than 0.1-0.5 s.
+        nonlocal waited
+        if waited is None:
+            waited = concurrent.futures.Future()
+            get_runtime().boost(waited)
+
     try:
         for i in range(len(todo)):
             # (taken out of the list: a pinned-host transfer is the save's own memory, freed
@@ -363,7 +379,7 @@ def stage_sync(
                         # over. (Nothing is ahead here: those are the leaves right after.)
                         hand_over(batch, reserved)
                         batch, reserved = [], 0
-                    budget.acquire(n)
+                    budget.acquire(n, boost)
                     if transfer:
                         (value,) = start_transfers([value], pinned)
                 reserved += n
@@ -400,6 +416,9 @@ def stage_sync(
     except BaseException:
         budget.release(reserved + ahead_bytes)  # (a batch not handed over is never written)
         raise
+    finally:
+        if waited is not None:
+            waited.set_result(None)  # (the rest of the commit at the background priority)
 
 
 async def cancel_all(tasks: Sequence[asyncio.Future[Any]]) -> None:

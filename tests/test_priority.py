@@ -447,6 +447,74 @@ def test_work_moves_to_unlowered_threads_where_none_can_be_raised(tmp_path, mode
         assert pieces[0] == idle and set(pieces[1:]) == {normal}, kinds  # then moved
 
 
+BUDGET_PROBE = textwrap.dedent("""
+    import json, os, sys, time
+    import numpy as np
+    import ckpt_async as ocp
+    from ckpt_async import _ocdbt, _runtime
+    ocp.set_background_priority("idle")
+    rt = _runtime.get_runtime()
+    if sys.argv[2] == "may_not":
+        rt._may_boost = False  # as in a process without the privilege to raise a thread again
+    write, write_all = _ocdbt.DatabaseWriter.write, _ocdbt._write_all
+    pieces, jobs, saving = [], [], [True]
+
+    def held_write(self, *args, **kwargs):
+        # The budget is full until the first batch is written: save() waits for it. The
+        # writes that start first are held until the commit is boosted, or for 10 s.
+        jobs.append(os.sched_getscheduler(0))
+        if not pieces:
+            deadline = time.monotonic() + 10
+            while not rt._boosted and time.monotonic() < deadline:
+                time.sleep(0.005)
+            time.sleep(0.02)  # (the boost's raise is through)
+        return write(self, *args, **kwargs)
+
+    def spied_write_all(fd, group):  # (while save() has not returned)
+        if saving[0]:
+            pieces.append((os.sched_getscheduler(0), bool(rt._boosted)))  # (in this order)
+        return write_all(fd, group)
+
+    _ocdbt.DatabaseWriter.write = held_write
+    _ocdbt._write_all = spied_write_all
+    state = {f"a{i}": np.full((1 << 20,), i, np.float32) for i in range(6)}  # 6 x 4 MiB
+    handler = ocp.StandardCheckpointHandler(host_memory_budget_bytes=8 << 20)
+    with ocp.CheckpointManager(sys.argv[1], item_handlers=handler) as mngr:
+        mngr.save(0, args=ocp.args.StandardSave(state))
+        saving[0] = False
+        boosted_after = len(rt._boosted)
+        after = rt.submit_background(os.sched_getscheduler, 0).result()
+        mngr.wait_until_finished()
+        restored = mngr.restore(0, args=ocp.args.StandardRestore(state))
+    exact = all(np.array_equal(np.asarray(restored[k]), v) for k, v in state.items())
+    print(json.dumps({"pieces": pieces, "jobs": jobs, "boosted_after": boosted_after,
+                      "after": after, "exact": exact}))
+""")
+
+
+@linux_only
+@pytest.mark.parametrize("privilege", ["may", "may_not"])
+def test_a_save_waiting_for_its_memory_budget_raises_its_writes(tmp_path, privilege) -> None:
+    """Under a host-memory budget, ``save()`` waits for the commit's first writes to give
+    bytes back: from that wait until staging ends, the commit is boosted (its writes at the
+    normal priority, or moved to threads never lowered), and lowered again once ``save()``
+    returns."""
+    if privilege == "may" and not _runtime.may_raise_priority():
+        pytest.skip("this process may not raise a thread's priority (the may_not case runs)")
+    proc = subprocess.run(
+        [sys.executable, "-c", BUDGET_PROBE, str(tmp_path / "m"), privilege],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    idle, normal = os.SCHED_IDLE, os.SCHED_OTHER
+    assert out["exact"] is True and out["boosted_after"] == 0 and out["after"] == idle
+    boosted = [policy for policy, was_boosted in out["pieces"] if was_boosted]
+    assert normal in boosted, out
+    # A job started lowered goes on raised (may), or moves after its first piece (may not).
+    lowered = boosted.count(idle)
+    assert lowered == 0 if privilege == "may" else lowered <= out["jobs"].count(idle), out
+
+
 def test_an_unlowered_pool_runs_jobs_and_refuses_them_once_shut_down() -> None:
     pool = _runtime.UnloweredPool(1)
     assert pool.submit(lambda x: x + 1, 1).result(5) == 2
