@@ -965,12 +965,12 @@ class DatabaseWriter:
 Located = bytes | tuple[str, int, int]
 
 
-def _located(root: str, ref: str) -> tuple[str, int, int]:
+def _located(prefix: str, ref: str) -> tuple[str, int, int]:
     """A dumped reference ``<kind>:<base path>:<relative path>:<offset>:<length>`` as the
-    file's path, the offset and the length."""
+    file's path (after ``prefix``), the offset and the length."""
     _kind, base, rest = ref.split(":", 2)
     path, offset, length = rest.rsplit(":", 2)
-    return f"{root}/{base}{path}", int(offset), int(length)
+    return f"{prefix}{base}{path}", int(offset), int(length)
 
 
 def _read_varints(buf: np.ndarray, pos: int, n: int) -> tuple[np.ndarray, int]:
@@ -1105,11 +1105,19 @@ def read_index(root: Path, hint: IndexHint | None = None) -> dict[str, Located] 
         with contextlib.suppress(ValueError, IndexError, OSError, UnicodeDecodeError):
             return _index_from_nodes(root, hint)
     base = ts.KvStore.open({"driver": "file", "path": f"{root}/"}).result()
+    return dumped_index(base, f"{root}/")
+
+
+def dumped_index(base: ts.KvStore, under: str = "") -> dict[str, Located]:
+    """Every key of the newest version of the OCDBT database in kvstore ``base`` (any driver:
+    a local directory, an object store's prefix), from TensorStore's dump of its manifest and
+    of each B+tree node, with its value or where the value lies: a data file's key in
+    ``base``, after ``under``. Blocks. Raises ValueError where ``base`` holds no database
+    TensorStore can read."""
     versions = ts.ocdbt.dump(base).result().get("versions") or []
     out: dict[str, Located] = {}
     top = versions[-1]["root"].get("location") if versions else None
     pending = [(top, b"")] if top else []
-    prefix_of = str(root)
     while pending:
         location, prefix = pending.pop()
         node = ts.ocdbt.dump(base, location).result()
@@ -1120,8 +1128,7 @@ def read_index(root: Path, hint: IndexHint | None = None) -> dict[str, Located] 
         for e in node["entries"]:
             key = (prefix + e["key"]).decode()
             inline = e.get("inline_value")
-            out[key] = inline if inline is not None else _located(prefix_of,
-                                                                   e["indirect_value"])
+            out[key] = inline if inline is not None else _located(under, e["indirect_value"])
     return out
 
 

@@ -800,7 +800,8 @@ def _direct_plan(meta: dict[str, Any], max_bytes: float = DIRECT_READ_MAX_BYTES,
     return dtype, shape, chunks
 
 
-def _assemble(out: np.ndarray, chunks: tuple[int, ...], raw: dict[str, bytes]) -> bool:
+def _assemble(out: np.ndarray, chunks: tuple[int, ...],
+              raw: Mapping[str, bytes | memoryview]) -> bool:
     """Fills ``out`` from the raw chunks of the array; False when a chunk is missing (the
     array is then left to the driver)."""
     if not out.size:
@@ -961,10 +962,10 @@ class ItemReader:
         path then reports what is wrong)."""
         return await asyncio.shield(self.start_index())
 
-    def _raw_plan(self, name: str) -> tuple[np.dtype, tuple[int, ...], tuple[int, ...]] | None:
-        """dtype, shape and chunks of stored array ``name`` from its ``.zarray`` in the local
-        index, when it is uncompressed zarr v2; else None."""
-        index = self._index
+    def _raw_plan(self, name: str, index: Mapping[str, _ocdbt.Located] | None
+                  ) -> tuple[np.dtype, tuple[int, ...], tuple[int, ...]] | None:
+        """dtype, shape and chunks of stored array ``name`` from its ``.zarray`` in ``index``,
+        when it is uncompressed zarr v2; else None."""
         meta = index.get(f"{name}/.zarray") if index is not None else None
         if not isinstance(meta, bytes):
             return None
@@ -981,10 +982,14 @@ class ItemReader:
         written holds the fill value: the driver path fills it in)."""
         if (planned := self._planned.pop(name, None)) is not None:
             return planned
-        plan = self._raw_plan(name)
+        return self._plan_in(self._index, name)
+
+    def _plan_in(self, index: Mapping[str, _ocdbt.Located] | None, name: str
+                 ) -> LocalPlan | None:
+        """:meth:`local_plan` from ``index`` (a local one, or an object store's)."""
+        plan = self._raw_plan(name, index)
         if plan is None:
             return None
-        index = self._index
         assert index is not None
         dtype, shape, chunks = plan
         refs = []
@@ -1289,6 +1294,17 @@ class ItemReader:
     async def _read_direct(self, names: list[str],
                            expected: Callable[[str], dict[str, int] | None],
                            ) -> dict[str, np.ndarray]:
+        """Small arrays from an object store: by the database's index, in few ranged reads
+        (:meth:`_read_remote`); where TensorStore cannot dump that index, key by key."""
+        rt = get_runtime()
+        try:
+            base = await ts.KvStore.open(kvstore_spec(self.item_dir, use_ocdbt=False,
+                                                      write=False), context=self.ctx)
+            index = await rt.to_thread(_ocdbt.dumped_index, base)
+        except ValueError:
+            index = None
+        if index:
+            return await self._read_remote(names, expected, base, index)
         try:
             kv = await ts.KvStore.open(kvstore_spec(self.item_dir, use_ocdbt=True, write=False),
                                        context=self.ctx)
@@ -1339,6 +1355,110 @@ class ItemReader:
             # on 2 cores the reads, copies and checksums already take both)
             out.update(await get_runtime().to_thread(wait_chunks, issue(batch)))
         return out
+
+
+    async def _read_remote(self, names: list[str],
+                           expected: Callable[[str], dict[str, int] | None],
+                           base: ts.KvStore, index: Mapping[str, _ocdbt.Located],
+                           ) -> dict[str, np.ndarray]:
+        """The small arrays among ``names`` from the object store's database whose ``index``
+        (keys in ``base``) says where their chunks lie: each batch's chunks, one after the
+        other in a few data files, in ranged reads of whole stretches (:func:`coalesced`),
+        issued at once; each chunk checked against ``expected`` and copied into its array.
+        Arrays that are not raw zarr v2 chunks, every one stored, are left to the driver."""
+        def plan() -> list[list[tuple[str, LocalPlan]]]:
+            small = []
+            for name in names:
+                p = self._plan_in(index, name)
+                if p is not None and math.prod(p[1]) * p[0].itemsize <= DIRECT_READ_MAX_BYTES:
+                    small.append((name, p))
+            small.sort(key=lambda item: next(
+                (ref for _k, _r, ref in item[1][3] if isinstance(ref, tuple)), ("", 0, 0)))
+            return _read_batches(small, DIRECT_READ_BATCH_BYTES)
+
+        def issue(batch: list[tuple[str, LocalPlan]]) -> tuple[
+                list[tuple[str, int, int]], dict[tuple[str, int, int], int], list[Any]]:
+            ranges, where = coalesced([ref for _name, p in batch for _k, _r, ref in p[3]
+                                       if isinstance(ref, tuple)])
+            return ranges, where, [base.read(path, byte_range=slice(start, end))
+                                   for path, start, end in ranges]
+
+        def wait(batch: list[tuple[str, LocalPlan]], ranges: list[tuple[str, int, int]],
+                 where: dict[tuple[str, int, int], int], futs: list[Any],
+                 ) -> dict[str, np.ndarray]:
+            got = []
+            for (path, start, end), fut in zip(ranges, futs, strict=True):
+                value = memoryview(fut.result().value)
+                if len(value) < end - start:
+                    raise CorruptCheckpointError(
+                        f"{self.item_dir}: data file {path} ends at {start + len(value)}, "
+                        f"inside the chunks stored up to {end}")
+                got.append(value)
+            futs.clear()
+            out = {}
+            buffers = host_buffers([(p[1], p[0]) for _name, p in batch])
+            for (name, (dtype, _shape, chunks, refs)), buffer in zip(batch, buffers,
+                                                                      strict=True):
+                size = math.prod(chunks) * dtype.itemsize
+                raw: dict[str, bytes | memoryview] = {}
+                for key, _region, ref in refs:
+                    if isinstance(ref, tuple):
+                        i = where[ref]
+                        at = ref[1] - ranges[i][1]
+                        raw[key] = got[i][at:at + ref[2]]
+                    else:
+                        raw[key] = ref
+                if any(len(v) != size for v in raw.values()):
+                    continue  # (not raw chunks: the driver reads it)
+                sums = expected(name)
+                if sums:
+                    bad = [k for k, crc in sums.items() if k in raw and zlib.crc32(raw[k]) != crc]
+                    if bad:
+                        raise checksum_error(self.item_dir, name, bad)
+                if _assemble(buffer, chunks, raw):
+                    out[name] = buffer
+            return out
+
+        rt = get_runtime()
+        out: dict[str, np.ndarray] = {}
+        for batch in await rt.to_thread(plan):
+            if batch:
+                out.update(await rt.to_thread(wait, batch, *issue(batch)))
+        return out
+
+
+#: A restore from an object store reads the chunks of small arrays in ranges that take in the
+#: bytes between two chunks up to this many (a request costs more than reading as many bytes:
+#: tens of milliseconds to its first byte on S3) ...
+REMOTE_READ_GAP_BYTES = 1 << 20
+#: ... and stop at this many bytes, so that a batch's ranges are read by several requests at
+#: once.
+REMOTE_READ_RANGE_BYTES = 8 << 20
+
+
+def coalesced(refs: Iterable[tuple[str, int, int]], gap: int | None = None,
+              most: int | None = None,
+              ) -> tuple[list[tuple[str, int, int]], dict[tuple[str, int, int], int]]:
+    """Byte ranges ``(path, start, end)`` of data files covering ``refs`` (path, offset,
+    length), each taking in gaps of up to ``gap`` bytes (REMOTE_READ_GAP_BYTES) and spanning
+    at most ``most`` (REMOTE_READ_RANGE_BYTES) unless one ref is larger; and the index of
+    the range holding each ref."""
+    gap = REMOTE_READ_GAP_BYTES if gap is None else gap
+    most = REMOTE_READ_RANGE_BYTES if most is None else most
+    ranges: list[tuple[str, int, int]] = []
+    where: dict[tuple[str, int, int], int] = {}
+    for ref in sorted(set(refs)):
+        path, offset, length = ref
+        if ranges:
+            last_path, start, end = ranges[-1]
+            if (last_path == path and offset - end <= gap
+                    and max(end, offset + length) - start <= most):
+                ranges[-1] = (path, start, max(end, offset + length))
+                where[ref] = len(ranges) - 1
+                continue
+        ranges.append((path, offset, offset + length))
+        where[ref] = len(ranges) - 1
+    return ranges, where
 
 
 def crc32_of(arr: np.ndarray) -> int:

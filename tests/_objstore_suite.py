@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import tensorstore as ts
 
 import ckpt_async as ocp
 from ckpt_async import _commit, _objstore
@@ -250,6 +251,41 @@ class ObjectStoreSuite:
         # a damaged document is named too
         store.put(f"{prefix}/_METADATA", b"{not json")
         with ocp.StandardCheckpointer() as ckptr, pytest.raises(CorruptCheckpointError):
+            ckptr.restore(url)
+
+    def test_small_arrays_come_in_a_few_ranged_reads(self, store: Bucket, prefix: str,
+                                                      monkeypatch: pytest.MonkeyPatch):
+        """A restore of many small arrays reads the database's index, then their chunks in a
+        few ranged reads of whole stretches of the data file, not a request per chunk; each
+        chunk is checked against its checksum, and a damaged one names its array."""
+        url = store.url(prefix)
+        rng = np.random.default_rng(7)
+        st = {f"w{i:03d}": rng.standard_normal(500 + 7 * i).astype(np.float32)
+              for i in range(120)}  # (1 MiB in all: each array under DIRECT_READ_MAX_BYTES)
+        st["bf"] = rng.standard_normal((30, 3)).astype(ml_dtypes.bfloat16)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(url, st)
+        reads: list[tuple[str, slice | None]] = []
+        real = ts.KvStore.read
+
+        def spied(kv, key, *args, **kwargs):
+            reads.append((key, kwargs.get("byte_range")))
+            return real(kv, key, *args, **kwargs)
+
+        monkeypatch.setattr(ts.KvStore, "read", spied)
+        with ocp.StandardCheckpointer() as ckptr:
+            assert_same(ckptr.restore(url), st)
+        ranged = [(key, r) for key, r in reads if r is not None]
+        assert ranged and len(ranged) <= 2, reads  # (one data file, 1 MiB)
+        assert all(key.startswith("d/") for key, _r in ranged)
+        assert len(reads) < 20, reads  # (documents, the manifest: not one per array)
+        monkeypatch.undo()  # (its own record of the method, not the unbound ``real``)
+        [data_key] = [k for k in store.keys(prefix) if k.startswith("d/")]
+        body = bytearray(store.get(f"{prefix}/{data_key}"))
+        body[len(body) // 2] ^= 0x40
+        store.put(f"{prefix}/{data_key}", bytes(body))
+        with ocp.StandardCheckpointer() as ckptr, pytest.raises(
+                CorruptCheckpointError, match=r"key 'w\d{3}' fails its checksum"):
             ckptr.restore(url)
 
     # -- create-once commit marker -------------------------------------------------------------

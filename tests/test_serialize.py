@@ -718,3 +718,22 @@ def test_shard_shapes_and_sharding_documents_match_jax_and_are_made_once_per_sha
     assert ser.sharding_from_json(ser.sharding_to_json(a)) == a
     single = ser.sharding_to_json(SingleDeviceSharding(devices[2]))
     assert ser.sharding_from_json(single) == SingleDeviceSharding(devices[2])
+
+
+def test_coalesced_ranges_take_in_small_gaps_and_stop_at_their_size():
+    """The ranged reads of a restore from an object store: refs of one data file closer than
+    ``gap`` share a range, up to ``most`` bytes a range (a ref larger than that has one of
+    its own); refs of other files, or further apart, start new ranges; each ref maps to the
+    range that holds it, duplicates included."""
+    refs = [("d/b", 0, 10), ("d/a", 100, 50), ("d/a", 0, 40), ("d/a", 60, 30),  # gap 20
+            ("d/a", 300, 10),   # gap 150: a new range
+            ("d/a", 310, 200),  # adjacent, but the range would span 210 > 200
+            ("d/a", 0, 40)]     # a duplicate
+    ranges, where = ser.coalesced(refs, gap=100, most=200)
+    assert ranges == [("d/a", 0, 150), ("d/a", 300, 310), ("d/a", 310, 510), ("d/b", 0, 10)]
+    assert where == {("d/a", 0, 40): 0, ("d/a", 60, 30): 0, ("d/a", 100, 50): 0,
+                     ("d/a", 300, 10): 1, ("d/a", 310, 200): 2, ("d/b", 0, 10): 3}
+    for ref, i in where.items():  # every ref lies inside its range
+        path, start, end = ranges[i]
+        assert ref[0] == path and start <= ref[1] and ref[1] + ref[2] <= end
+    assert ser.coalesced([]) == ([], {})
