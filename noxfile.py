@@ -56,3 +56,11 @@ def bench_busy(session: nox.Session) -> None:
     Orbax (`-- --repeats 3`)."""
     session.install("-e", ".[bench]")
     session.run("python", "benchmarks/busy_machine.py", *session.posargs)
+
+
+@nox.session
+def bench_objstore(session: nox.Session) -> None:
+    """Save and restore on moto's S3 server on 127.0.0.1, with the requests each makes
+    (`-- --repeats 3`)."""
+    session.install("-e", ".[bench]")
+    session.run("python", "benchmarks/object_store.py", *session.posargs)

@@ -1,0 +1,230 @@
+"""Checkpoints on an S3-compatible object store: moto's server, on 127.0.0.1.
+
+    python benchmarks/object_store.py [--workloads many_small,mixed] [--full] [--repeats 3]
+        [--impls ckpt_async,ckpt_async_per_chunk,orbax] [--out FILE]
+
+Starts ``moto_server`` (``moto[server]``) on a free loopback port in a process of its own, with
+its request log in a file, and creates a bucket. Each measurement is a fresh process
+(``--child``): it builds the quick (or ``--full``) workload as jax arrays, then times a
+``CheckpointManager`` save + ``wait_until_finished()`` to ``s3://bucket/...`` (durable: the
+commit marker is written) and, with a new manager, a restore into an abstract target, checked
+bit-exact; it counts the requests the server logged during each phase. Implementations are
+interleaved (a different order each repeat); figures are medians.
+
+- ``ckpt_async``: as shipped. A restore reads the database's index, then the chunks of small
+  arrays (up to 1 MiB each) in a few ranged reads of the data files
+  (``ItemReader._read_remote``); larger arrays through TensorStore's zarr driver.
+- ``ckpt_async_per_chunk``: the same with the index switched off (``_ocdbt.dumped_index``
+  refuses), so every small array's chunk is a request of its own through TensorStore's OCDBT
+  kvstore: ckpt_async before round 30.
+- ``orbax``: orbax-checkpoint's ``CheckpointManager`` with its defaults, given the same URL
+  as an ``etils.epath.Path``. orbax-checkpoint 0.12.8 does not save there: without ``s3fs``
+  epath refuses the URL ("Install s3fs to access S3"); with it, Orbax's TensorStore spec
+  builder wants an absolute path and gets ``s3:/bucket/...``. The table says so rather than
+  leave it out.
+
+moto serves requests from one Python process: the figures measure the number of requests and
+what each costs the client as much as the transfer, and a real store's first-byte latency
+(tens of milliseconds on S3) makes every request saved worth more there.
+
+Prints a Markdown table and writes JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from worker import abstract_of, block, build_tree, check_exact  # noqa: E402
+
+IMPLS = ("ckpt_async", "ckpt_async_per_chunk", "orbax")
+BUCKET = "ckpt-bench"
+_REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)*(GET|PUT|POST|HEAD|DELETE) ')
+
+
+def _requests(log: Path, since: int) -> tuple[dict[str, int], int]:
+    """The requests the server logged after byte ``since`` of its log, by method; and the
+    log's size now (the server logs each request once it has answered it)."""
+    time.sleep(0.2)  # (the last answers' lines)
+    text = log.read_bytes()
+    return dict(collections.Counter(_REQUEST.findall(text[since:].decode(errors="replace")))), \
+        len(text)
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    """One measurement (runs in a fresh process, with the server's environment)."""
+    log = Path(args.log)
+    if args.child == "orbax":
+        import orbax.checkpoint as ocp
+        from etils import epath
+
+        url: Any = epath.Path(args.url)
+    else:
+        import ckpt_async as ocp
+
+        url = args.url
+        if args.child == "ckpt_async_per_chunk":
+            from ckpt_async import _ocdbt
+
+            def refuse(*_args: Any, **_kwargs: Any) -> Any:
+                raise ValueError("the index is switched off")
+
+            _ocdbt.dumped_index = refuse  # type: ignore[assignment]
+    tree, expected, nbytes, count = build_tree(args.workload, not args.full)
+    out: dict[str, Any] = {"impl": args.child, "workload": args.workload, "bytes": nbytes,
+                           "arrays": count}
+    _, at = _requests(log, 0)
+    try:
+        mngr = ocp.CheckpointManager(url, options=ocp.CheckpointManagerOptions())
+        start = time.perf_counter()
+        mngr.save(0, args=ocp.args.StandardSave(tree))
+        mngr.wait_until_finished()
+        out["save_s"] = time.perf_counter() - start
+        mngr.close()
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        out["failed"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        return out
+    out["save_requests"], at = _requests(log, at)
+    mngr = ocp.CheckpointManager(url, options=ocp.CheckpointManagerOptions())
+    start = time.perf_counter()
+    restored = block(mngr.restore(0, args=ocp.args.StandardRestore(abstract_of(tree))))
+    out["restore_s"] = time.perf_counter() - start
+    mngr.close()
+    out["restore_requests"], _ = _requests(log, at)
+    bad = check_exact(expected, restored)
+    out.update(bit_exact=bad is None, mismatch=bad)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    impls = args.impls.split(",")
+    port = _free_port()
+    scratch = Path(tempfile.mkdtemp(prefix="objstore-"))
+    log = scratch / "moto.log"
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+           "AWS_EC2_METADATA_DISABLED": "true", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_CONFIG_FILE": os.devnull,
+           "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    with log.open("wb") as sink:
+        server = subprocess.Popen([sys.executable, "-u", "-m", "moto.server", "-H", "127.0.0.1",
+                                   "-p", str(port)], stdout=sink, stderr=subprocess.STDOUT,
+                                  env=env)
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    try:
+        import boto3
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                             aws_access_key_id="testing", aws_secret_access_key="testing"
+                             ).create_bucket(Bucket=BUCKET)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        for workload in args.workloads.split(","):
+            runs: dict[str, list[dict[str, Any]]] = {i: [] for i in impls}
+            for r in range(args.repeats):
+                order = impls[r % len(impls):] + impls[:r % len(impls)]
+                for impl in order if r % 2 == 0 else order[::-1]:
+                    cmd = [sys.executable, __file__, "--child", impl, "--workload", workload,
+                           "--url", f"s3://{BUCKET}/{workload}-{impl}-{r}", "--log", str(log)
+                           ] + (["--full"] if args.full else [])
+                    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                                          timeout=args.timeout)
+                    if proc.returncode != 0:
+                        raise RuntimeError(proc.stderr[-2000:])
+                    out = json.loads(proc.stdout.strip().splitlines()[-1])
+                    runs[impl].append(out)
+                    print(json.dumps(out), file=sys.stderr, flush=True)
+            results[workload] = runs
+    finally:
+        server.terminate()
+        server.wait()
+    return {"repeats": args.repeats, "mode": "full" if args.full else "quick",
+            "results": results}
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in runs if key in r]
+    return statistics.median(values) if values and len(values) == len(runs) else None
+
+
+def _calls(requests: dict[str, int] | None) -> str:
+    return ", ".join(f"{n} {m}" for m, n in sorted(requests.items())) if requests else ""
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [f"moto's S3 server on 127.0.0.1, {report['mode']} workloads, medians of "
+             f"{report['repeats']}; requests of the last repeat.", ""]
+    for workload, runs in report["results"].items():
+        first = next(r for rs in runs.values() for r in rs if "bytes" in r)
+        lines += [f"#### {workload}: {first['bytes'] / 2**20:.0f} MiB in {first['arrays']} "
+                  "arrays", "",
+                  "| impl | save + wait s | restore s | restore vs per-chunk | save requests "
+                  "| restore requests | bit-exact |", "|---|---:|---:|---:|---|---|---|"]
+        base = _median(runs.get("ckpt_async_per_chunk", []), "restore_s")
+        for impl, rs in runs.items():
+            if any("failed" in r for r in rs):
+                lines.append(f"| {impl} | failed: `{rs[0].get('failed', '')}` | | | | | |")
+                continue
+            save, restore = _median(rs, "save_s"), _median(rs, "restore_s")
+            vs = f"{restore / base:.2f}x" if restore and base else ""
+            exact = "yes" if all(r.get("bit_exact") for r in rs) else "NO"
+            lines.append(f"| {impl} | {save:.3f} | {restore:.3f} | {vs} | "
+                         f"{_calls(rs[-1].get('save_requests'))} | "
+                         f"{_calls(rs[-1].get('restore_requests'))} | {exact} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workloads", default="many_small,mixed")
+    p.add_argument("--full", action="store_true", help="full-size workloads (default quick)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--out", default=None)
+    p.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
+    p.add_argument("--workload", help=argparse.SUPPRESS)
+    p.add_argument("--url", help=argparse.SUPPRESS)
+    p.add_argument("--log", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    report = run(args)
+    text = table(report)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(json.dumps({**report, "table": text}, indent=1))
+    bad = [r for rs in report["results"].values() for v in rs.values() for r in v
+           if r.get("bit_exact") is False]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
