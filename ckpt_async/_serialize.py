@@ -1238,9 +1238,10 @@ class ItemReader:
     async def read_small(self, names: list[str],
                          expected: Callable[[str], dict[str, int] | None] | None = None,
                          ) -> dict[str, np.ndarray]:
-        """The arrays among ``names`` of at most DIRECT_READ_MAX_BYTES that are uncompressed
-        zarr v2 chunks in OCDBT (what ckpt_async writes), read in batches; the others are left
-        to :meth:`read_array` or the zarr driver.
+        """The arrays among ``names`` of at most DIRECT_READ_MAX_BYTES (on an object store,
+        REMOTE_READ_RANGE_BYTES) that are uncompressed zarr v2 chunks in OCDBT (what
+        ckpt_async writes), read in batches; the others are left to :meth:`read_array` or the
+        zarr driver.
 
         ``expected(name)``: the crc32 of each of the array's chunks (``_CHECKSUMS``), checked
         on the raw bytes as they arrive, in the reading thread (CorruptCheckpointError)."""
@@ -1361,16 +1362,19 @@ class ItemReader:
                            expected: Callable[[str], dict[str, int] | None],
                            base: ts.KvStore, index: Mapping[str, _ocdbt.Located],
                            ) -> dict[str, np.ndarray]:
-        """The small arrays among ``names`` from the object store's database whose ``index``
-        (keys in ``base``) says where their chunks lie: each batch's chunks, one after the
-        other in a few data files, in ranged reads of whole stretches (:func:`coalesced`),
-        issued at once; each chunk checked against ``expected`` and copied into its array.
-        Arrays that are not raw zarr v2 chunks, every one stored, are left to the driver."""
+        """The arrays among ``names`` of up to REMOTE_READ_RANGE_BYTES from the object store's
+        database whose ``index`` (keys in ``base``) says where their chunks lie: each batch's
+        chunks, one after the other in a few data files, in ranged reads of whole stretches
+        (:func:`coalesced`), issued at once, the next batch's while this one's chunks are
+        checked against ``expected`` and copied into their arrays. Arrays that are not raw
+        zarr v2 chunks, every one stored, are left to the driver. (Against moto's S3 server,
+        quick ``mixed``: 0.51 s and 54 requests, against 0.68 s with arrays of up to 1 MiB
+        only and no overlap, 0.95 s and 212 requests key by key; medians of 3.)"""
         def plan() -> list[list[tuple[str, LocalPlan]]]:
             small = []
             for name in names:
                 p = self._plan_in(index, name)
-                if p is not None and math.prod(p[1]) * p[0].itemsize <= DIRECT_READ_MAX_BYTES:
+                if p is not None and math.prod(p[1]) * p[0].itemsize <= REMOTE_READ_RANGE_BYTES:
                     small.append((name, p))
             small.sort(key=lambda item: next(
                 (ref for _k, _r, ref in item[1][3] if isinstance(ref, tuple)), ("", 0, 0)))
@@ -1421,9 +1425,14 @@ class ItemReader:
 
         rt = get_runtime()
         out: dict[str, np.ndarray] = {}
-        for batch in await rt.to_thread(plan):
-            if batch:
-                out.update(await rt.to_thread(wait, batch, *issue(batch)))
+        held: tuple[Any, ...] | None = None  # (the batch being read while the one before is
+        for batch in await rt.to_thread(plan):  # checked and copied: two batches at most)
+            issued = (batch, *issue(batch)) if batch else None
+            if held is not None:
+                out.update(await rt.to_thread(wait, *held))
+            held = issued
+        if held is not None:
+            out.update(await rt.to_thread(wait, *held))
         return out
 
 
@@ -1432,7 +1441,7 @@ class ItemReader:
 #: tens of milliseconds to its first byte on S3) ...
 REMOTE_READ_GAP_BYTES = 1 << 20
 #: ... and stop at this many bytes, so that a batch's ranges are read by several requests at
-#: once.
+#: once; arrays of up to this many bytes are read so (larger ones by the zarr driver).
 REMOTE_READ_RANGE_BYTES = 8 << 20
 
 

@@ -23,6 +23,7 @@ import tensorstore as ts
 
 import ckpt_async as ocp
 from ckpt_async import _commit, _objstore
+from ckpt_async import _serialize as ser
 from ckpt_async._paths import StorePath
 from ckpt_async._runtime import get_runtime
 from ckpt_async.errors import (
@@ -256,13 +257,17 @@ class ObjectStoreSuite:
     def test_small_arrays_come_in_a_few_ranged_reads(self, store: Bucket, prefix: str,
                                                       monkeypatch: pytest.MonkeyPatch):
         """A restore of many small arrays reads the database's index, then their chunks in a
-        few ranged reads of whole stretches of the data file, not a request per chunk; each
-        chunk is checked against its checksum, and a damaged one names its array."""
+        few ranged reads of whole stretches of the data file, not a request per chunk, a
+        batch's while the one before is copied; each chunk is checked against its checksum,
+        and a damaged one names its array. Arrays of up to REMOTE_READ_RANGE_BYTES come so."""
+        monkeypatch.setattr(ser, "DIRECT_READ_BATCH_BYTES", 256 << 10)  # (several batches)
+        monkeypatch.setattr(ser, "REMOTE_READ_RANGE_BYTES", 4 << 20)
         url = store.url(prefix)
         rng = np.random.default_rng(7)
         st = {f"w{i:03d}": rng.standard_normal(500 + 7 * i).astype(np.float32)
-              for i in range(120)}  # (1 MiB in all: each array under DIRECT_READ_MAX_BYTES)
-        st["bf"] = rng.standard_normal((30, 3)).astype(ml_dtypes.bfloat16)
+              for i in range(120)}  # (430 KiB in all)
+        st["bf"] = rng.standard_normal((30, 3)).astype(ml_dtypes.bfloat16)  # (stored inline)
+        st["mid"] = rng.standard_normal(3 << 18).astype(np.float32)  # 3 MiB: ranged too
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(url, st)
         reads: list[tuple[str, slice | None]] = []
@@ -276,16 +281,18 @@ class ObjectStoreSuite:
         with ocp.StandardCheckpointer() as ckptr:
             assert_same(ckptr.restore(url), st)
         ranged = [(key, r) for key, r in reads if r is not None]
-        assert ranged and len(ranged) <= 2, reads  # (one data file, 1 MiB)
+        assert 3 <= len(ranged) <= 8, reads  # (a range per batch of 256 KiB, "mid" one)
         assert all(key.startswith("d/") for key, _r in ranged)
-        assert len(reads) < 20, reads  # (documents, the manifest: not one per array)
+        assert sum(r.stop - r.start for _key, r in ranged) >= sum(
+            np.asarray(v).nbytes for k, v in st.items() if k != "bf")  # (every array's)
+        assert len(reads) < 25, reads  # (documents, the manifest: not one per array)
         monkeypatch.undo()  # (its own record of the method, not the unbound ``real``)
-        [data_key] = [k for k in store.keys(prefix) if k.startswith("d/")]
-        body = bytearray(store.get(f"{prefix}/{data_key}"))
-        body[len(body) // 2] ^= 0x40
-        store.put(f"{prefix}/{data_key}", bytes(body))
+        for data_key in [k for k in store.keys(prefix) if k.startswith("d/")]:
+            body = bytearray(store.get(f"{prefix}/{data_key}"))
+            body[len(body) // 2] ^= 0x40
+            store.put(f"{prefix}/{data_key}", bytes(body))
         with ocp.StandardCheckpointer() as ckptr, pytest.raises(
-                CorruptCheckpointError, match=r"key 'w\d{3}' fails its checksum"):
+                CorruptCheckpointError, match=r"key '(w\d{3}|mid)' fails its checksum"):
             ckptr.restore(url)
 
     # -- create-once commit marker -------------------------------------------------------------
