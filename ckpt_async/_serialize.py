@@ -1378,7 +1378,7 @@ class ItemReader:
                     small.append((name, p))
             small.sort(key=lambda item: next(
                 (ref for _k, _r, ref in item[1][3] if isinstance(ref, tuple)), ("", 0, 0)))
-            return _read_batches(small, DIRECT_READ_BATCH_BYTES)
+            return _read_batches(small, REMOTE_READ_BATCH_BYTES)
 
         def issue(batch: list[tuple[str, LocalPlan]]) -> tuple[
                 list[tuple[str, int, int]], dict[tuple[str, int, int], int], list[Any]]:
@@ -1441,8 +1441,11 @@ class ItemReader:
 #: tens of milliseconds to its first byte on S3) ...
 REMOTE_READ_GAP_BYTES = 1 << 20
 #: ... and stop at this many bytes, so that a batch's ranges are read by several requests at
-#: once; arrays of up to this many bytes are read so (larger ones by the zarr driver).
+#: once; arrays of up to this many bytes are read so (larger ones by the zarr driver) ...
 REMOTE_READ_RANGE_BYTES = 8 << 20
+#: ... in batches of about this many bytes, two at a time (one read while the other is
+#: copied): the bytes read and not yet copied stay within DIRECT_READ_BATCH_BYTES.
+REMOTE_READ_BATCH_BYTES = DIRECT_READ_BATCH_BYTES // 2
 
 
 def coalesced(refs: Iterable[tuple[str, int, int]], gap: int | None = None,

@@ -260,7 +260,7 @@ class ObjectStoreSuite:
         few ranged reads of whole stretches of the data file, not a request per chunk, a
         batch's while the one before is copied; each chunk is checked against its checksum,
         and a damaged one names its array. Arrays of up to REMOTE_READ_RANGE_BYTES come so."""
-        monkeypatch.setattr(ser, "DIRECT_READ_BATCH_BYTES", 256 << 10)  # (several batches)
+        monkeypatch.setattr(ser, "REMOTE_READ_BATCH_BYTES", 256 << 10)  # (several batches)
         monkeypatch.setattr(ser, "REMOTE_READ_RANGE_BYTES", 4 << 20)
         url = store.url(prefix)
         rng = np.random.default_rng(7)
