@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,7 +51,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from worker import abstract_of, block, build_tree, check_exact, make_impl, warm_up  # noqa: E402
+from worker import (  # noqa: E402
+    abstract_of,
+    block,
+    build_tree,
+    check_exact,
+    interleaved,
+    make_impl,
+    median_of,
+    report_out,
+    run_child,
+    warm_up,
+)
 
 IMPLS = ("ckpt_async", "ckpt_async_lowered", "orbax")
 
@@ -118,25 +128,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         for workload in args.workloads.split(","):
             runs: dict[str, list[dict[str, Any]]] = {i: [] for i in impls}
-            for r in range(args.repeats):
-                order = impls[r % len(impls):] + impls[:r % len(impls)]
-                for impl in order if r % 2 == 0 else order[::-1]:
-                    work = scratch / f"{workload}-{impl}-{r}"
-                    cmd = [sys.executable, __file__, "--child", impl, "--workload", workload,
-                           "--busy", str(args.busy), "--dir", str(work)] + (
-                               ["--full"] if args.full else []) + (
-                           ["--budget-mib", str(args.budget_mib)] if args.budget_mib else [])
-                    try:
-                        proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                                              timeout=args.timeout)
-                        if proc.returncode != 0:
-                            raise RuntimeError(proc.stderr[-2000:])
-                        out = json.loads(proc.stdout.strip().splitlines()[-1])
-                    except subprocess.TimeoutExpired:
-                        out = {"impl": impl, "workload": workload, "timed_out": args.timeout}
-                    runs[impl].append(out)
-                    print(json.dumps(out), file=sys.stderr, flush=True)
-                    shutil.rmtree(work, ignore_errors=True)
+            for r, impl in interleaved(impls, args.repeats):
+                work = scratch / f"{workload}-{impl}-{r}"
+                cmd = [sys.executable, __file__, "--child", impl, "--workload", workload,
+                       "--busy", str(args.busy), "--dir", str(work)] + (
+                           ["--full"] if args.full else []) + (
+                       ["--budget-mib", str(args.budget_mib)] if args.budget_mib else [])
+                try:
+                    out = run_child(cmd, env, args.timeout)
+                except subprocess.TimeoutExpired:
+                    out = {"impl": impl, "workload": workload, "timed_out": args.timeout}
+                runs[impl].append(out)
+                shutil.rmtree(work, ignore_errors=True)
             results[workload] = runs
     finally:
         if not args.dir:
@@ -145,10 +148,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "mode": "full" if args.full else "quick", "budget_mib": args.budget_mib,
             "results": results}
 
-
-def _median(runs: list[dict[str, Any]], key: str) -> float | None:
-    values = [r[key] for r in runs if key in r]
-    return statistics.median(values) if values and len(values) == len(runs) else None
 
 
 def table(report: dict[str, Any]) -> str:
@@ -163,15 +162,15 @@ def table(report: dict[str, Any]) -> str:
                   "arrays", "",
                   "| impl | durable, quiet s | durable, busy s | busy / quiet | vs Orbax, busy "
                   "| save() returns, busy s | bit-exact |", "|---|---:|---:|---:|---:|---:|---|"]
-        orbax = _median(runs.get("orbax", []), "busy_s")
+        orbax = median_of(runs.get("orbax", []), "busy_s")
         for impl, rs in runs.items():
-            quiet, busy = _median(rs, "quiet_s"), _median(rs, "busy_s")
+            quiet, busy = median_of(rs, "quiet_s"), median_of(rs, "busy_s")
             timed_out = sum("timed_out" in r for r in rs)
             busy_text = (f"{busy:.3f}" if busy is not None
                          else f"> {rs[0].get('timed_out', '?')} ({timed_out} timed out)")
             ratio = f"{busy / quiet:.1f}x" if busy and quiet else ""
             vs = f"{busy / orbax:.2f}x" if busy and orbax else ""
-            returned = _median(rs, "busy_save_s")
+            returned = median_of(rs, "busy_save_s")
             returned_text = f"{returned:.3f}" if returned is not None else ""
             exact = "yes" if all(r.get("bit_exact") for r in rs if "bit_exact" in r) else "NO"
             lines.append(f"| {impl} | {quiet:.3f} | {busy_text} | {ratio} | {vs} | "
@@ -200,13 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args)))
         return 0
     report = run(args)
-    text = table(report)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(json.dumps({**report, "table": text}, indent=1))
-    bad = [r for rs in report["results"].values() for v in rs.values() for r in v
-           if r.get("bit_exact") is False]
-    return 1 if bad else 0
+    return report_out(report, table(report), args.out)
 
 
 if __name__ == "__main__":

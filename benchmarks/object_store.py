@@ -38,7 +38,6 @@ import json
 import os
 import re
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,7 +47,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from worker import abstract_of, block, build_tree, check_exact  # noqa: E402
+from worker import (  # noqa: E402
+    abstract_of,
+    block,
+    build_tree,
+    check_exact,
+    interleaved,
+    median_of,
+    report_out,
+    run_child,
+)
 
 IMPLS = ("ckpt_async", "ckpt_async_per_chunk", "orbax")
 BUCKET = "ckpt-bench"
@@ -146,19 +154,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(0.2)
         for workload in args.workloads.split(","):
             runs: dict[str, list[dict[str, Any]]] = {i: [] for i in impls}
-            for r in range(args.repeats):
-                order = impls[r % len(impls):] + impls[:r % len(impls)]
-                for impl in order if r % 2 == 0 else order[::-1]:
-                    cmd = [sys.executable, __file__, "--child", impl, "--workload", workload,
-                           "--url", f"s3://{BUCKET}/{workload}-{impl}-{r}", "--log", str(log)
-                           ] + (["--full"] if args.full else [])
-                    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                                          timeout=args.timeout)
-                    if proc.returncode != 0:
-                        raise RuntimeError(proc.stderr[-2000:])
-                    out = json.loads(proc.stdout.strip().splitlines()[-1])
-                    runs[impl].append(out)
-                    print(json.dumps(out), file=sys.stderr, flush=True)
+            for r, impl in interleaved(impls, args.repeats):
+                cmd = [sys.executable, __file__, "--child", impl, "--workload", workload,
+                       "--url", f"s3://{BUCKET}/{workload}-{impl}-{r}", "--log", str(log)
+                       ] + (["--full"] if args.full else [])
+                runs[impl].append(run_child(cmd, env, args.timeout))
             results[workload] = runs
     finally:
         server.terminate()
@@ -166,10 +166,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"repeats": args.repeats, "mode": "full" if args.full else "quick",
             "results": results}
 
-
-def _median(runs: list[dict[str, Any]], key: str) -> float | None:
-    values = [r[key] for r in runs if key in r]
-    return statistics.median(values) if values and len(values) == len(runs) else None
 
 
 def _calls(requests: dict[str, int] | None) -> str:
@@ -185,12 +181,12 @@ def table(report: dict[str, Any]) -> str:
                   "arrays", "",
                   "| impl | save + wait s | restore s | restore vs per-chunk | save requests "
                   "| restore requests | bit-exact |", "|---|---:|---:|---:|---|---|---|"]
-        base = _median(runs.get("ckpt_async_per_chunk", []), "restore_s")
+        base = median_of(runs.get("ckpt_async_per_chunk", []), "restore_s")
         for impl, rs in runs.items():
             if any("failed" in r for r in rs):
                 lines.append(f"| {impl} | failed: `{rs[0].get('failed', '')}` | | | | | |")
                 continue
-            save, restore = _median(rs, "save_s"), _median(rs, "restore_s")
+            save, restore = median_of(rs, "save_s"), median_of(rs, "restore_s")
             vs = f"{restore / base:.2f}x" if restore and base else ""
             exact = "yes" if all(r.get("bit_exact") for r in rs) else "NO"
             lines.append(f"| {impl} | {save:.3f} | {restore:.3f} | {vs} | "
@@ -217,13 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args)))
         return 0
     report = run(args)
-    text = table(report)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(json.dumps({**report, "table": text}, indent=1))
-    bad = [r for rs in report["results"].values() for v in rs.values() for r in v
-           if r.get("bit_exact") is False]
-    return 1 if bad else 0
+    return report_out(report, table(report), args.out)
 
 
 if __name__ == "__main__":

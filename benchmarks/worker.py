@@ -17,10 +17,12 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +185,43 @@ def check_exact(expected: dict[str, np.ndarray], restored: Any) -> str | None:
         if not np.array_equal(bits(g), bits(e)):
             return f"{k}: values differ"
     return None
+
+
+def interleaved(impls: list[str], repeats: int) -> Iterator[tuple[int, str]]:
+    """(repeat, impl) in a side script's order: each repeat starts at another impl, every
+    other repeat backwards."""
+    for r in range(repeats):
+        order = impls[r % len(impls):] + impls[:r % len(impls)]
+        for impl in order if r % 2 == 0 else order[::-1]:
+            yield r, impl
+
+
+def run_child(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """Runs one measurement's process; returns the JSON of its last output line (raises
+    RuntimeError with its stderr's end if it failed, TimeoutExpired after ``timeout``)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps(out), file=sys.stderr, flush=True)
+    return out
+
+
+def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
+    """The median of ``key`` over ``runs``; None unless every run has it."""
+    values = [r[key] for r in runs if key in r]
+    return statistics.median(values) if values and len(values) == len(runs) else None
+
+
+def report_out(report: dict[str, Any], text: str, out: str | None) -> int:
+    """Prints a side script's table ``text``, writes ``report`` and it as JSON to ``out``;
+    returns its exit code: 1 if any run's restore was not bit-exact."""
+    print(text)
+    if out:
+        Path(out).write_text(json.dumps({**report, "table": text}, indent=1))
+    bad = [r for rs in report["results"].values() for v in rs.values() for r in v
+           if r.get("bit_exact") is False]
+    return 1 if bad else 0
 
 
 def block(tree: Any) -> Any:

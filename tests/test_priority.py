@@ -87,12 +87,17 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def _probe(tmp_path, level: str, env: dict | None = None) -> dict:
+def _run_probe(script: str, *args: str, env: dict | None = None) -> dict:
+    """Runs a probe script in a fresh process; returns the JSON of its last output line."""
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE, str(tmp_path), level], capture_output=True, text=True,
+        [sys.executable, "-c", script, *args], capture_output=True, text=True,
         timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
     assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _probe(tmp_path, level: str, env: dict | None = None) -> dict:
+    out = _run_probe(PROBE, str(tmp_path), level, env=env)
     out["threads"] = {int(k): v for k, v in out["threads"].items()}
     out["python_names"] = {int(k): v for k, v in out["python_names"].items()}
     return out
@@ -319,11 +324,7 @@ def test_a_waiting_caller_raises_the_commit(tmp_path, mode, level) -> None:
     if not _runtime.may_raise_priority():
         pytest.skip("this process may not raise a thread's priority: where it may not, the "
                     "boosted work moves instead (test_work_moves_to_unlowered_threads_...)")
-    proc = subprocess.run(
-        [sys.executable, "-c", BOOST_PROBE, str(tmp_path / "m"), mode, level],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _run_probe(BOOST_PROBE, str(tmp_path / "m"), mode, level)
     lowered = [[os.SCHED_IDLE, 0]] if level == "idle" else [[os.SCHED_OTHER, 19]]
     raised = mode != "other_thread" and _runtime.may_raise_priority()
     assert out["during"] == ([[os.SCHED_OTHER, 0]] if raised else lowered), out
@@ -426,11 +427,7 @@ def test_work_moves_to_unlowered_threads_where_none_can_be_raised(tmp_path, mode
     that were never lowered: new jobs go there, the background loop's part runs in the
     caller's task, and a data file being written on a lowered thread goes on there from its
     next piece. Once the commit is done, background work is lowered again."""
-    proc = subprocess.run(
-        [sys.executable, "-c", UNRAISABLE_PROBE, str(tmp_path / "m"), mode],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _run_probe(UNRAISABLE_PROBE, str(tmp_path / "m"), mode)
     idle, normal = os.SCHED_IDLE, os.SCHED_OTHER
     if mode == "runtime":
         assert out["before"] == idle
@@ -501,11 +498,7 @@ def test_a_save_waiting_for_its_memory_budget_raises_its_writes(tmp_path, privil
     returns."""
     if privilege == "may" and not _runtime.may_raise_priority():
         pytest.skip("this process may not raise a thread's priority (the may_not case runs)")
-    proc = subprocess.run(
-        [sys.executable, "-c", BUDGET_PROBE, str(tmp_path / "m"), privilege],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _run_probe(BUDGET_PROBE, str(tmp_path / "m"), privilege)
     idle, normal = os.SCHED_IDLE, os.SCHED_OTHER
     assert out["exact"] is True and out["boosted_after"] == 0 and out["after"] == idle
     boosted = [policy for policy, was_boosted in out["pieces"] if was_boosted]
