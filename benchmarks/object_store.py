@@ -11,8 +11,8 @@ commit marker is written) and, with a new manager, a restore into an abstract ta
 bit-exact; it counts the requests the server logged during each phase. Implementations are
 interleaved (a different order each repeat); figures are medians.
 
-- ``ckpt_async``: as shipped. A restore reads the database's index, then the chunks of small
-  arrays (up to 1 MiB each) in a few ranged reads of the data files
+- ``ckpt_async``: as shipped. A restore reads the database's index, then the chunks of the
+  arrays of up to 8 MiB in a few ranged reads of the data files
   (``ItemReader._read_remote``); larger arrays through TensorStore's zarr driver.
 - ``ckpt_async_per_chunk``: the same with the index switched off (``_ocdbt.dumped_index``
   refuses), so every small array's chunk is a request of its own through TensorStore's OCDBT

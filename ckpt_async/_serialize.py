@@ -1368,8 +1368,8 @@ class ItemReader:
         (:func:`coalesced`), issued at once, the next batch's while this one's chunks are
         checked against ``expected`` and copied into their arrays. Arrays that are not raw
         zarr v2 chunks, every one stored, are left to the driver. (Against moto's S3 server,
-        quick ``mixed``: 0.51 s and 54 requests, against 0.68 s with arrays of up to 1 MiB
-        only and no overlap, 0.95 s and 212 requests key by key; medians of 3.)"""
+        medians of 3: quick ``mixed`` 0.55 s in 75 requests against 1.10 s in 211 key by
+        key, quick ``many_small`` 0.16 s in 25 against 2.12 s in 532.)"""
         def plan() -> list[list[tuple[str, LocalPlan]]]:
             small = []
             for name in names:
