@@ -1357,7 +1357,6 @@ class ItemReader:
             out.update(await get_runtime().to_thread(wait_chunks, issue(batch)))
         return out
 
-
     async def _read_remote(self, names: list[str],
                            expected: Callable[[str], dict[str, int] | None],
                            base: ts.KvStore, index: Mapping[str, _ocdbt.Located],
@@ -1462,12 +1461,13 @@ REMOTE_READ_GAP_BYTES = 1 << 20
 #: once ...
 REMOTE_READ_RANGE_BYTES = 4 << 20
 #: ... for the arrays of up to this many bytes (larger ones are read by the zarr driver,
-#: which held more: quick ``mixed`` from moto's S3 server peaked at 1.16-1.26x the restored
-#: size key by key, 1.00x with these read so) ...
+#: which holds more: quick ``mixed`` from moto's S3 server peaked at 1.16-1.26x the restored
+#: size key by key, 1.13-1.14x with these read so) ...
 REMOTE_READ_MAX_BYTES = 8 << 20
 #: ... in batches of about this many bytes, two at a time (one read while the other is
 #: copied). Full ``many_small`` (256 MiB in 4,096 arrays) from moto's S3 server peaked at
-#: 1.13x the restored size with two batches of 16 MiB (ranges of 8 MiB), 1.05x key by key.
+#: 1.08-1.13x the restored size (1.13x with two batches of 16 MiB in ranges of 8 MiB; 1.05x
+#: key by key).
 REMOTE_READ_BATCH_BYTES = 8 << 20
 
 
