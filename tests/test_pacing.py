@@ -387,7 +387,10 @@ def test_a_commit_is_paced_for_half_its_timeout_or_half_the_time_since_the_last_
         assert first.until == 0.0  # the second save closed the first one's window
         gap = t1 - t0  # between the two saves: 0.4 s and the first's staging
         assert until is not None and gap >= 0.4
-        assert abs((until - t1) - gap / 2) < 0.05  # paced for half of it at most
+        # Paced for half of it at most (measured here between the stagings, there between the
+        # save() calls: on a loaded machine those differ by tens of ms; a whole gap or half
+        # the timeout would be 0.2 s or 20 s off).
+        assert abs((until - t1) - gap / 2) < 0.1
     with ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler(),
                                async_options=ocp.AsyncOptions(timeout_secs=40.0)) as ck:
         ck.save(tmp_path / "once", args=ocp.args.StandardSave({"x": np.ones(3)}))
