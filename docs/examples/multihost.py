@@ -17,11 +17,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 
 PROCESSES, DEVICES_EACH = 2, 2
 
 
-def worker(process_id: int, port: int, directory: str) -> None:
+def worker(process_id: int, port: int, directory: str,
+           report: Callable[[str], None] = print) -> None:
     import jax
 
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=PROCESSES,
@@ -51,9 +53,9 @@ def worker(process_id: int, port: int, directory: str) -> None:
         exact = all(np.array_equal(np.asarray(s.data), full[s.index])
                     for s in restored["w"].addressable_shards)
         if jax.process_index() == 0:
-            print(f"steps kept: {mngr.all_steps()}")
-        print(f"process {jax.process_index()}: restored its "
-              f"{len(restored['w'].addressable_shards)} shards, bit-exact: {exact}")
+            report(f"steps kept: {mngr.all_steps()}")
+        report(f"process {jax.process_index()}: restored its "
+               f"{len(restored['w'].addressable_shards)} shards, bit-exact: {exact}")
 
     # MaxText's single-replica restore: the mesh's "data" axis holds two replicas of a model
     # split over "model"; only replica 0's process reads, and the other replica gets the
@@ -75,8 +77,8 @@ def worker(process_id: int, port: int, directory: str) -> None:
         th.register_type_handler(jax.Array, original, override=True)
         exact = all(np.array_equal(np.asarray(s.data), full[s.index])
                     for s in restored["w"].addressable_shards)
-        print(f"process {jax.process_index()}: single-replica restore read "
-              f"{max(read, default=0) // 1024} KiB, bit-exact: {exact}")
+        report(f"process {jax.process_index()}: single-replica restore read "
+               f"{max(read, default=0) // 1024} KiB, bit-exact: {exact}")
     jax.distributed.shutdown()
 
 
@@ -88,11 +90,15 @@ def main() -> int:
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_EACH}"}
     with tempfile.TemporaryDirectory() as tmp:
         directory = os.path.join(tmp, "run")
+        # Each worker reports into a file of its own: on stdout its lines could be cut by
+        # what jax's CPU collectives (gloo) log there from C++, part of a line at a time.
+        reports = [os.path.join(tmp, f"report-{i}.txt") for i in range(PROCESSES)]
         procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(i), str(port),
-                                   directory], env=env, stdout=subprocess.PIPE, text=True)
-                 for i in range(PROCESSES)]
+                                   directory, reports[i]], env=env,
+                                  stdout=subprocess.DEVNULL) for i in range(PROCESSES)]
         try:
-            outputs = [p.communicate(timeout=120)[0] for p in procs]
+            for p in procs:
+                p.wait(timeout=120)
         finally:
             for p in procs:  # one failed or hung: stop the others too
                 if p.poll() is None:
@@ -100,14 +106,16 @@ def main() -> int:
         if any(p.returncode for p in procs):
             print("a process failed:", [p.returncode for p in procs], file=sys.stderr)
             return 1
-    for out in outputs:  # (without the lines jax's CPU collectives, gloo, log on stdout)
-        print("".join(line for line in out.splitlines(keepends=True)
-                      if not line.startswith("[Gloo]")), end="")
+        for path in reports:
+            with open(path) as f:
+                print(f.read(), end="")
     return 0
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+        with open(sys.argv[5], "w") as lines:
+            worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
+                   lambda text: print(text, file=lines, flush=True))
     else:
         sys.exit(main())
