@@ -39,7 +39,6 @@ Prints a Markdown table and writes JSON (``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -59,8 +58,9 @@ from worker import (  # noqa: E402
     interleaved,
     make_impl,
     median_of,
-    report_out,
     run_child,
+    side_main,
+    side_parser,
     warm_up,
 )
 
@@ -181,25 +181,12 @@ def table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = side_parser(__doc__, IMPLS, "mixed,many_small", 120.0)
     p.add_argument("--busy", type=int, default=_usable_cpus())
-    p.add_argument("--workloads", default="mixed,many_small")
-    p.add_argument("--full", action="store_true", help="full-size workloads (default quick)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--impls", default=",".join(IMPLS))
-    p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--budget-mib", type=int, default=None,
                    help="ckpt_async saves under this host-memory budget")
     p.add_argument("--dir", default=None)
-    p.add_argument("--out", default=None)
-    p.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
-    p.add_argument("--workload", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(args)))
-        return 0
-    report = run(args)
-    return report_out(report, table(report), args.out)
+    return side_main(p.parse_args(argv), child, run, table)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import re
 import socket
@@ -54,8 +53,9 @@ from worker import (  # noqa: E402
     check_exact,
     interleaved,
     median_of,
-    report_out,
     run_child,
+    side_main,
+    side_parser,
 )
 
 IMPLS = ("ckpt_async", "ckpt_async_per_chunk", "orbax")
@@ -197,23 +197,10 @@ def table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workloads", default="many_small,mixed")
-    p.add_argument("--full", action="store_true", help="full-size workloads (default quick)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--impls", default=",".join(IMPLS))
-    p.add_argument("--timeout", type=float, default=600.0)
-    p.add_argument("--out", default=None)
-    p.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
-    p.add_argument("--workload", help=argparse.SUPPRESS)
+    p = side_parser(__doc__, IMPLS, "many_small,mixed", 600.0)
     p.add_argument("--url", help=argparse.SUPPRESS)
     p.add_argument("--log", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(args)))
-        return 0
-    report = run(args)
-    return report_out(report, table(report), args.out)
+    return side_main(p.parse_args(argv), child, run, table)
 
 
 if __name__ == "__main__":

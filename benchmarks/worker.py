@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -213,12 +213,37 @@ def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
     return statistics.median(values) if values and len(values) == len(runs) else None
 
 
-def report_out(report: dict[str, Any], text: str, out: str | None) -> int:
-    """Prints a side script's table ``text``, writes ``report`` and it as JSON to ``out``;
-    returns its exit code: 1 if any run's restore was not bit-exact."""
+def side_parser(doc: str, impls: tuple[str, ...], workloads: str,
+                timeout: float) -> argparse.ArgumentParser:
+    """The options every side script (busy_machine.py, object_store.py) takes: workloads,
+    ``--full``, repeats, implementations, a child's timeout, ``--out``, and the hidden ones
+    of a measurement's own process (``--child``, ``--workload``)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--workloads", default=workloads)
+    p.add_argument("--full", action="store_true", help="full-size workloads (default quick)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--impls", default=",".join(impls))
+    p.add_argument("--timeout", type=float, default=timeout)
+    p.add_argument("--out", default=None)
+    p.add_argument("--child", choices=impls, help=argparse.SUPPRESS)
+    p.add_argument("--workload", help=argparse.SUPPRESS)
+    return p
+
+
+def side_main(args: argparse.Namespace, child: Callable[[argparse.Namespace], dict[str, Any]],
+              run: Callable[[argparse.Namespace], dict[str, Any]],
+              table: Callable[[dict[str, Any]], str]) -> int:
+    """A side script's entry: one measurement (``--child``), printed as JSON; or the whole
+    run, its table printed and, with ``--out``, written with the report as JSON. The exit
+    code is 1 if any run's restore was not bit-exact."""
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    report = run(args)
+    text = table(report)
     print(text)
-    if out:
-        Path(out).write_text(json.dumps({**report, "table": text}, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps({**report, "table": text}, indent=1))
     bad = [r for rs in report["results"].values() for v in rs.values() for r in v
            if r.get("bit_exact") is False]
     return 1 if bad else 0
