@@ -38,14 +38,12 @@ class ByteBudget:
         self._used = 0
         self._cond = threading.Condition()
 
-    def acquire(self, n: int, before_waiting: Callable[[], None] | None = None) -> None:
-        """Takes ``n`` bytes, waiting until they fit (``before_waiting`` called first, if it
-        must wait); one array larger than the whole budget still goes through, alone."""
+    def acquire(self, n: int) -> None:
+        """Takes ``n`` bytes, waiting until they fit; one array larger than the whole budget
+        still goes through, alone."""
         if self.limit is None:
             return
         with self._cond:
-            if before_waiting is not None and self._used > 0 and self._used + n > self.limit:
-                before_waiting()
             while self._used > 0 and self._used + n > self.limit:
                 self._cond.wait()
             self._used += n
@@ -348,18 +346,7 @@ def stage_sync(
     bounded = budget.limit is not None
     ahead: dict[int, Any] = {}  # under a budget: leaves whose transfer started early
     ahead_bytes = 0  # (their bytes, admitted)
-    waited: concurrent.futures.Future[None] | None = None
-
-    def boost() -> None:
-        # From the first wait for the budget until staging ends, the save's caller waits for
-        # the commit's own writes: they run at the normal priority (``Runtime.boost``). At
-        # the background one, behind two busy processes on 2 cores, a save of 256 MiB under
-        # a 32 MiB budget blocked its caller 18-25 s rather than 0.1-0.5 s.
-        nonlocal waited
-        if waited is None:
-            waited = concurrent.futures.Future()
-            get_runtime().boost(waited)
-
+    waited: concurrent.futures.Future[None] | None = None  # (boosted: see below)
     try:
         for i in range(len(todo)):
             # (taken out of the list: a pinned-host transfer is the save's own memory, freed
@@ -374,12 +361,21 @@ def stage_sync(
                     value = ahead.pop(i)
                     ahead_bytes -= n
                 else:
-                    if batch and budget.would_block(n):
-                        # The held batch must be written before its bytes come back: hand it
-                        # over. (Nothing is ahead here: those are the leaves right after.)
-                        hand_over(batch, reserved)
-                        batch, reserved = [], 0
-                    budget.acquire(n, boost)
+                    if budget.would_block(n):
+                        if waited is None:
+                            # From the first wait for the budget until staging ends, the
+                            # save's caller waits for the commit's own writes: they run at
+                            # the normal priority (``Runtime.boost``). At the background one,
+                            # behind two busy processes on 2 cores, a save of 256 MiB under a
+                            # 32 MiB budget blocked its caller 18-25 s rather than 0.1-0.5 s.
+                            waited = concurrent.futures.Future()
+                            get_runtime().boost(waited)
+                        if batch:
+                            # The held batch must be written before its bytes come back: hand
+                            # it over. (Nothing is ahead here: those are the leaves right after.)
+                            hand_over(batch, reserved)
+                            batch, reserved = [], 0
+                    budget.acquire(n)
                     if transfer:
                         (value,) = start_transfers([value], pinned)
                 reserved += n
