@@ -318,6 +318,12 @@ def machine() -> dict[str, Any]:
             versions[mod] = getattr(m, "__version__", "?")
         except Exception as e:  # noqa: BLE001
             versions[mod] = f"unavailable ({type(e).__name__})"
+    try:  # (which crc32 ckpt_async's checksums take: the fast extra's zlib-ng, else zlib)
+        from ckpt_async import _crc
+
+        versions["ckpt_async crc32"] = _crc.IMPLEMENTATION
+    except Exception as e:  # noqa: BLE001
+        versions["ckpt_async crc32"] = f"unavailable ({type(e).__name__})"
     return {"cpu": cpu, "cores": os.cpu_count(), "memory": mem,
             "kernel": platform.release(), "python": platform.python_version(),
             "versions": versions}

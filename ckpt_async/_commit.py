@@ -20,12 +20,12 @@ import asyncio
 import contextlib
 import errno
 import time
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import _format as fmt
 from . import _storage as storage
+from ._crc import crc32
 from ._paths import AnyPath, StorePath
 from .errors import CommitError, NotWritableError, StepAlreadyExistsError
 
@@ -108,7 +108,7 @@ async def commit(
     files: list[tuple[AnyPath, bytes]] = [
         (tmp / fmt.CHECKPOINT_METADATA, doc),
         (tmp / fmt.STEP_EXTENSION, fmt.encode(fmt.StepExtension(
-            checkpoint_metadata_crc32=zlib.crc32(doc), statistics=statistics))),
+            checkpoint_metadata_crc32=crc32(doc), statistics=statistics))),
         *((d / fmt.COMMIT_SUCCESS, _marker(d)) for d in item_dirs)]
     if not (storage.has_rename(final) and storage.has_rename(tmp)):
         await storage.write_files(files)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 from . import _format as fmt
 from . import _serialize as ser
 from . import _storage as storage
+from ._crc import crc32
 from ._ocdbt import MANIFEST, IndexHint
 from ._paths import AnyPath, as_path
 from ._runtime import get_runtime, on_engine
@@ -52,7 +52,7 @@ def checksums_document(documents: dict[str, bytes], arrays: dict[str, dict[str, 
                        chunks: dict[str, tuple[int, ...]],
                        index: IndexHint | None = None) -> bytes:
     return fmt.encode(Checksums(
-        documents={name: zlib.crc32(data) for name, data in documents.items()},
+        documents={name: crc32(data) for name, data in documents.items()},
         arrays={name: ArraySums(list(chunks[name]), crc) for name, crc in arrays.items()},
         index=index))
 
@@ -90,7 +90,7 @@ async def read_checksums(directory: AnyPath) -> Checksums | None:
 
 def check_document(directory: AnyPath, name: str, data: bytes, sums: Checksums | None) -> None:
     expected = sums.documents.get(name) if sums is not None else None
-    if expected is not None and zlib.crc32(data) != expected:
+    if expected is not None and crc32(data) != expected:
         raise CorruptCheckpointError(f"{directory / name}: checksum mismatch (the file is damaged)")
 
 
@@ -132,7 +132,7 @@ async def read_step_metadata(
     ext = None
     if raw_ext is not None:
         ext = fmt.decode(raw_ext, fmt.StepExtension, where=str(step / fmt.STEP_EXTENSION))
-        if ext.checkpoint_metadata_crc32 not in (None, zlib.crc32(data)):
+        if ext.checkpoint_metadata_crc32 not in (None, crc32(data)):
             raise CorruptCheckpointError(f"{path}: checksum mismatch (the file is damaged)")
     return fmt.decode(data, fmt.StepMetadata, where=str(path)), ext
 
@@ -179,7 +179,7 @@ async def _pytree_plan(item: AnyPath, report: VerifyReport) -> tuple[Any, Any, l
             data = await storage.read_optional(item / name)
             if data is None:
                 report.problems.append(f"{item / name}: missing (the checksums list it)")
-            elif zlib.crc32(data) != crc:
+            elif crc32(data) != crc:
                 report.problems.append(f"{item / name}: checksum mismatch (the file is damaged)")
             else:
                 report.documents_checked += 1

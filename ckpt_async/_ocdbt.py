@@ -28,7 +28,6 @@ import struct
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import msgspec
 import numpy as np
 import tensorstore as ts
 
+from ._crc import crc32
 from ._storage import start_writeback
 
 #: The database's manifest, at the root of an item: its presence says an item is in OCDBT.
@@ -208,7 +208,7 @@ def _crc32_zeros(log2_bytes: int) -> list[int]:
 
 
 def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """``zlib.crc32(a + b)`` from ``crc1 = zlib.crc32(a)``, ``crc2 = zlib.crc32(b)`` and
+    """``crc32(a + b)`` from ``crc1 = crc32(a)``, ``crc2 = crc32(b)`` and
     ``len2 = len(b)`` (zlib's ``crc32_combine``, which Python's zlib does not offer)."""
     return _by_powers(crc1, len2, lambda k, crc: _gf2_apply(_crc32_zeros(k), crc)) ^ crc2
 
@@ -591,7 +591,7 @@ def _staged(parts: Iterable[tuple[memoryview, int]], crcs: list[int] | None,
         while len(src):
             n = min(len(src), len(stage) - fill)
             if crcs is not None:
-                crcs[i] = zlib.crc32(src[:n].data, crcs[i])
+                crcs[i] = crc32(src[:n].data, crcs[i])
             stage[fill:fill + n] = src[:n]  # (numpy's copy releases the GIL)
             fill, src = fill + n, src[n:]
             if fill == len(stage):
@@ -703,7 +703,7 @@ def _write_rest_direct(path: Path, fd: int, buffers: Sequence[memoryview | bytes
     def buffered(n: int, at: int) -> int:
         for part, i in take(n):
             if crcs is not None:
-                crcs[i] = zlib.crc32(part, crcs[i])
+                crcs[i] = crc32(part, crcs[i])
             _pwrite_all(fd, part, at)
             at += len(part)
         return at
@@ -779,7 +779,7 @@ def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync_fallb
             for group, owners in _pieces(buffers):
                 if crcs is not None:
                     for view, i in zip(group, owners, strict=True):
-                        crcs[i] = zlib.crc32(view, crcs[i])
+                        crcs[i] = crc32(view, crcs[i])
                 if watch is None:
                     written += _write_all(fd, group)
                 else:
@@ -950,7 +950,7 @@ class DatabaseWriter:
         node_file = _new_file()
         nodes, root, height = encode_tree(entries, node_file)
         head = manifest(root, height, uuid.uuid4().hex)
-        self.hint = IndexHint(zlib.crc32(head), node_file, zlib.crc32(nodes), len(nodes),
+        self.hint = IndexHint(crc32(head), node_file, crc32(nodes), len(nodes),
                               root.where[1], root.where[2], height)
         self._make_dirs()
         # (like the data files and the documents, left to the commit's fsync of the whole
@@ -1035,7 +1035,7 @@ def _index_from_nodes(root: Path, hint: IndexHint) -> dict[str, Located]:
     tens of milliseconds of its code). ValueError when anything differs from what was
     written."""
     data = (root / hint.node_file).read_bytes()
-    if len(data) != hint.node_bytes or zlib.crc32(data) != hint.node_crc32:
+    if len(data) != hint.node_bytes or crc32(data) != hint.node_crc32:
         raise ValueError("node file differs from the one written")
     out: dict[str, Located] = {}
     prefix = str(root)
@@ -1101,7 +1101,7 @@ def read_index(root: Path, hint: IndexHint | None = None) -> dict[str, Located] 
         head = (root / MANIFEST).read_bytes()
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
-    if hint is not None and zlib.crc32(head) == hint.manifest_crc32:
+    if hint is not None and crc32(head) == hint.manifest_crc32:
         with contextlib.suppress(ValueError, IndexError, OSError, UnicodeDecodeError):
             return _index_from_nodes(root, hint)
     base = ts.KvStore.open({"driver": "file", "path": f"{root}/"}).result()
@@ -1160,7 +1160,7 @@ def read_into(fd: int, buffers: Sequence[memoryview], offset: int,
                 at += len(view)
         if crcs is not None:
             for view, i in zip(group, owners):
-                crcs[i] = zlib.crc32(view, crcs[i])
+                crcs[i] = crc32(view, crcs[i])
         total += want
     return total
 
@@ -1234,7 +1234,7 @@ def read_region(fd: int, region: memoryview, start: int, spans: Sequence[tuple[i
             while k < len(spans) and spans[k][0] < end:
                 begin, stop = spans[k]
                 if max(begin, total) < min(stop, end):
-                    crcs[k] = zlib.crc32(region[max(begin, total):min(stop, end)], crcs[k])
+                    crcs[k] = crc32(region[max(begin, total):min(stop, end)], crcs[k])
                 if stop > end:
                     break
                 k += 1

@@ -20,7 +20,6 @@ import math
 import mmap
 import os
 import threading
-import zlib
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import tensorstore as ts
 
 from . import _ocdbt
 from . import _storage as storage
+from ._crc import crc32
 from ._paths import AnyPath, below, kvstore_base
 from ._runtime import BACKGROUND_THREADS, batch_pace, get_runtime, log
 from .errors import CorruptCheckpointError
@@ -624,8 +624,8 @@ class ItemWriter:
             for key, value in values:
                 kv.write(key, bytes(value))  # (TensorStore takes bytes only)
 
-            def checksum() -> None:  # (zlib releases the GIL on large buffers)
-                self._record((k, zlib.crc32(v)) for k, v in values if isinstance(v, memoryview))
+            def checksum() -> None:  # (crc32 releases the GIL on large buffers)
+                self._record((k, crc32(v)) for k, v in values if isinstance(v, memoryview))
 
             others += [get_runtime().to_thread(checksum), txn.commit_async()]
         await asyncio.gather(*others)
@@ -660,7 +660,7 @@ class ItemWriter:
             return_exceptions=True)
 
     async def _write_large(self, arr: StoredArray, lane: int) -> None:
-        def checksum() -> dict[str, int]:  # zlib releases the GIL on large buffers
+        def checksum() -> dict[str, int]:  # (crc32 releases the GIL on large buffers)
             return {chunk_key(i, arr.chunks): crc32_of(d) for i, d in arr.shards if d.size}
 
         sums, _ = await asyncio.gather(
@@ -1117,7 +1117,7 @@ class ItemReader:
                     return False
                 dest[:] = ref
                 if crcs is not None:
-                    crcs[0] = zlib.crc32(dest)
+                    crcs[0] = crc32(dest)
             else:
                 path, offset, length = ref
                 if length != n:
@@ -1343,7 +1343,7 @@ class ItemReader:
                 futs.clear()  # (each chunk's bytes go as soon as its array is assembled)
                 sums = expected(name)
                 if sums:  # the bytes as read, here rather than on the engine loop
-                    bad = [k for k, crc in sums.items() if k in raw and zlib.crc32(raw[k]) != crc]
+                    bad = [k for k, crc in sums.items() if k in raw and crc32(raw[k]) != crc]
                     if bad:
                         raise checksum_error(self.item_dir, name, bad)
                 if _assemble(buffer, plan[2], raw):
@@ -1447,7 +1447,7 @@ class ItemReader:
             return False
         sums = expected(name)
         if sums:
-            bad = [k for k, crc in sums.items() if k in raw and zlib.crc32(raw[k]) != crc]
+            bad = [k for k, crc in sums.items() if k in raw and crc32(raw[k]) != crc]
             if bad:
                 raise checksum_error(self.item_dir, name, bad)
         return _assemble(buffer, chunks, raw)
@@ -1499,7 +1499,7 @@ def coalesced(refs: Iterable[tuple[str, int, int]], gap: int | None = None,
 def crc32_of(arr: np.ndarray) -> int:
     """crc32 of an array's bytes in C order (as its zarr chunk holds them)."""
     flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
-    return zlib.crc32(flat.data)
+    return crc32(flat.data)
 
 
 def chunk_checksums(arr: np.ndarray, chunks: tuple[int, ...]) -> dict[str, int]:
