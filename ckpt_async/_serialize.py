@@ -32,7 +32,7 @@ import tensorstore as ts
 from . import _ocdbt
 from . import _storage as storage
 from ._crc import crc32
-from ._paths import AnyPath, below, kvstore_base
+from ._paths import AnyPath, StorePath, below, kvstore_base
 from ._runtime import BACKGROUND_THREADS, batch_pace, get_runtime, log
 from .errors import CorruptCheckpointError
 
@@ -395,8 +395,11 @@ class ItemWriter:
     on a local disk's file system (under a ``memory_budget``, one of DIRECT_IO_MIN_BUDGET or
     more), from wherever the page cache turns out slow (``_ocdbt.WATCH_BYTES``) in any other
     save of WATCH_MIN_BYTES or more that could go past it, and while a background commit is
-    paced. What it cannot take (compression, a dtype without a zarr v2 name, a shard smaller
-    than its chunk) and everything on an object store goes through TensorStore:
+    paced. On an object store the same database goes under the item's prefix
+    (:class:`_ocdbt.RemoteDatabaseWriter`: each batch one data file object, one PUT), for
+    arrays of up to ``_ocdbt.REMOTE_VALUE_MAX_BYTES``. What it cannot take (compression, a
+    dtype without a zarr v2 name, a shard smaller than its chunk; on an object store, larger
+    arrays) goes through TensorStore:
     small arrays straight into its kvstore as a ``.zarray`` document and raw chunks, others
     through the zarr driver, all sharing one context and hence one OCDBT database instance per
     lane. Each such batch goes to the least loaded of ``lane_count(total_bytes)`` databases
@@ -421,15 +424,21 @@ class ItemWriter:
         self._may_go_direct = False
         lanes = lane_count(total_bytes)
         first_lane = 0
+        #: The largest array :attr:`db` takes (the others go through TensorStore).
+        self._db_max_bytes = math.inf
+        sub = "" if process_index is None else process_dir(process_index)
         # (os.writev: POSIX only; elsewhere TensorStore writes everything)
         if own_database and isinstance(item_dir, Path) and not compress and hasattr(os, "writev"):
             may_go_direct = ((memory_budget is None or memory_budget >= DIRECT_IO_MIN_BUDGET)
                              and storage.file_system_type(item_dir) in DIRECT_IO_FILE_SYSTEMS)
             self._may_go_direct = may_go_direct
             self.db = _ocdbt.DatabaseWriter(
-                item_dir if process_index is None else item_dir / process_dir(process_index),
-                direct=may_go_direct and total_bytes >= DIRECT_IO_MIN_BYTES,
+                item_dir / sub, direct=may_go_direct and total_bytes >= DIRECT_IO_MIN_BYTES,
                 watch=may_go_direct and total_bytes >= WATCH_MIN_BYTES)
+        elif own_database and isinstance(item_dir, StorePath) and not compress:
+            self.db = _ocdbt.RemoteDatabaseWriter(item_dir / sub)
+            self._db_max_bytes = _ocdbt.REMOTE_VALUE_MAX_BYTES
+        if self.db is not None:
             lanes, first_lane = min(lanes, MAX_LANES - 1), 1
         if lanes == 1 and process_index is None and self.db is None:
             self.dirs = [item_dir]
@@ -531,7 +540,7 @@ class ItemWriter:
         for arr in batch:
             self.chunks[arr.name] = arr.chunks
             zdtype = self._raw_dtype(arr)
-            if self.db is not None and zdtype is not None:
+            if self.db is not None and zdtype is not None and arr.nbytes <= self._db_max_bytes:
                 own.append((arr, zdtype))
             else:
                 rest.append((arr, zdtype))
@@ -539,6 +548,8 @@ class ItemWriter:
         if own:
             assert self.db is not None
             db = self.db
+            if isinstance(db, _ocdbt.RemoteDatabaseWriter):
+                await db.open()
             pace = batch_pace.get()  # (set while this batch is paced)
             hold = pace.hold if pace is not None else None
 
