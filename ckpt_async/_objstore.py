@@ -22,7 +22,7 @@ _roots: dict[tuple[str, ...], ts.KvStore] = {}
 os.register_at_fork(after_in_child=_roots.clear)  # TensorStore handles do not survive a fork
 
 
-async def bucket(path: _paths.StorePath) -> ts.KvStore:
+async def _root(path: _paths.StorePath) -> ts.KvStore:
     """The bucket's kvstore (keys are relative to the bucket), opened once per bucket and
     configuration; a changed endpoint, region or project opens a new one."""
     spec = _paths.kvstore_base(_paths.StorePath(path.bucket, "", path.scheme))
@@ -55,7 +55,7 @@ def _dir_prefix(path: _paths.StorePath) -> str:
 async def list_keys(path: _paths.StorePath) -> list[str]:
     """Keys under the "directory" ``path``, relative to it."""
     prefix = _dir_prefix(path)
-    kv = await bucket(path)
+    kv = await _root(path)
     try:
         keys = await kv.list(_prefix_range(prefix))
     except Exception as exc:
@@ -64,7 +64,7 @@ async def list_keys(path: _paths.StorePath) -> list[str]:
 
 
 async def write_bytes(path: _paths.StorePath, data: bytes) -> None:
-    kv = await bucket(path)
+    kv = await _root(path)
     try:
         await kv.write(path.key, data)
     except Exception as exc:
@@ -77,7 +77,7 @@ async def write_new(path: _paths.StorePath, data: bytes) -> None:
     conditional on it: TensorStore sends it as ``ifGenerationMatch=0`` to GCS and as
     ``If-None-Match: *`` to S3 (after a HEAD check on endpoints other than AWS's), so the
     store decides a race between two writers atomically where it honours the precondition."""
-    kv = await bucket(path)
+    kv = await _root(path)
     try:
         current = await kv.read(path.key)
         if current.state == "value":
@@ -92,7 +92,7 @@ async def write_new(path: _paths.StorePath, data: bytes) -> None:
 
 
 async def read_bytes(path: _paths.StorePath) -> bytes:
-    kv = await bucket(path)
+    kv = await _root(path)
     try:
         result = await kv.read(path.key)
     except Exception as exc:
@@ -104,7 +104,7 @@ async def read_bytes(path: _paths.StorePath) -> bytes:
 
 async def exists(path: _paths.StorePath) -> bool:
     """An object at ``path``, or any object under it (a "directory")."""
-    kv = await bucket(path)
+    kv = await _root(path)
     try:
         keys = await kv.list(ts.KvStore.KeyRange(path.key, path.key + "0"))
     except Exception as exc:
@@ -124,7 +124,7 @@ async def listdir(path: _paths.StorePath) -> list[str]:
 
 async def delete(path: _paths.StorePath) -> None:
     """Deletes the one object at ``path`` (missing is fine)."""
-    kv = await bucket(path)
+    kv = await _root(path)
     try:
         await kv.delete_range(ts.KvStore.KeyRange(path.key, path.key + "\x00"))
     except Exception as exc:
@@ -137,7 +137,7 @@ async def delete_prefix(path: _paths.StorePath) -> None:
     default: ``TENSORSTORE_S3_REQUEST_CONCURRENCY`` / ``TENSORSTORE_GCS_REQUEST_CONCURRENCY``)."""
     if not path.key:
         raise CommitError(f"{path}: refusing to delete a whole bucket")
-    kv = await bucket(path)
+    kv = await _root(path)
     try:
         await kv.delete_range(_prefix_range(_dir_prefix(path)))
     except Exception as exc:

@@ -1,5 +1,4 @@
-"""Writes an OCDBT database without TensorStore's writer: on a local filesystem, and under an
-object-store prefix (:class:`RemoteDatabaseWriter`).
+"""Writes an OCDBT database on a local filesystem without TensorStore's writer.
 
 TensorStore's OCDBT writer takes each value as a Python ``bytes`` object: for every array one
 copy into ``bytes``, a second into TensorStore's buffers, a Python call per key, then the
@@ -38,11 +37,8 @@ import msgspec
 import numpy as np
 import tensorstore as ts
 
-from . import _objstore
 from ._crc import crc32
-from ._paths import AnyPath, StorePath
 from ._storage import start_writeback
-from .errors import CommitError
 
 #: The database's manifest, at the root of an item: its presence says an item is in OCDBT.
 MANIFEST = "manifest.ocdbt"
@@ -848,7 +844,7 @@ class DatabaseWriter:
     the save goes past the page cache.
     """
 
-    def __init__(self, root: AnyPath, *, direct: bool = False, watch: bool = False) -> None:
+    def __init__(self, root: Path, *, direct: bool = False, watch: bool = False) -> None:
         self.root = root
         #: Data files written past the page cache (``O_DIRECT``, see :func:`_write_direct`):
         #: from the start, or once the page cache was found slow.
@@ -914,23 +910,11 @@ class DatabaseWriter:
                  "rest of the save goes past it", self.root, nbytes / max(cpu_s, 1e-9) / 1e9,
                  nbytes)
 
-    @property
-    def _local_root(self) -> Path:
-        assert isinstance(self.root, Path), self.root
-        return self.root
-
     def _make_dirs(self) -> None:
         # (not the parents: a writer left running after a failed save removed them fails
         # rather than making them again)
-        self._local_root.mkdir(exist_ok=True)
-        (self._local_root / "d").mkdir(exist_ok=True)
-
-    def _store(self, files: Sequence[tuple[str, bytes]]) -> None:
-        """Writes the database's small files whole (its B+tree's file, the manifest): like the
-        data files and the documents, left to the commit's fsync of the whole checkpoint (one
-        journal commit for every small file, rather than two more here)."""
-        for name, data in files:
-            _write_new(self._local_root / name, [data], fsync_fallback=False)
+        self.root.mkdir(exist_ok=True)
+        (self.root / "d").mkdir(exist_ok=True)
 
     def write(self, data_file: DataFile, copied: Callable[[], None] | None = None,
               hold: Callable[[int], None] | None = None,
@@ -950,7 +934,7 @@ class DatabaseWriter:
             return {}
         self._make_dirs()
         crcs = [0] * len(data_file.buffers)
-        _write_new(self._local_root / data_file.name, data_file.buffers, fsync_fallback=True, crcs=crcs,
+        _write_new(self.root / data_file.name, data_file.buffers, fsync_fallback=True, crcs=crcs,
                    copied=copied, direct=data_file.direct, at=data_file.at, hold=hold,
                    watch=None if data_file.direct else self.watch, relocate=relocate)
         return {key: crc for key, crc in zip(data_file.keys, crcs, strict=True) if key}
@@ -969,78 +953,10 @@ class DatabaseWriter:
         self.hint = IndexHint(crc32(head), node_file, crc32(nodes), len(nodes),
                               root.where[1], root.where[2], height)
         self._make_dirs()
-        self._store([(node_file, nodes), (MANIFEST, head)])
-
-
-#: The largest array a database on an object store takes into its data files
-#: (:class:`RemoteDatabaseWriter`); larger ones go through TensorStore's zarr driver, chunk by
-#: chunk, rather than through a copy of their bytes in one request.
-REMOTE_VALUE_MAX_BYTES = 16 << 20
-
-
-class RemoteDatabaseWriter(DatabaseWriter):
-    """A :class:`DatabaseWriter` of a database under an object-store prefix: each batch is one
-    data file object, written with one PUT of a copy of its bytes, then the B+tree and the
-    manifest are two more. (Through TensorStore's OCDBT driver each batch, and each array over
-    256 KiB, was a commit of its own: the manifest read, the data and a B+tree node written,
-    the manifest written back, one after the other.) Await :meth:`open` before the first
-    :meth:`write`; a completed PUT is durable, and nothing is visible before the step's commit
-    marker."""
-
-    def __init__(self, root: StorePath) -> None:
-        super().__init__(root, direct=True)  # (a data file per batch: objects are written whole)
-        self._kv: ts.KvStore | None = None
-
-    async def open(self) -> None:
-        if self._kv is None:
-            self._kv = await _objstore.bucket(self._remote_root)
-
-    @property
-    def _remote_root(self) -> StorePath:
-        assert isinstance(self.root, StorePath), self.root
-        return self.root
-
-    def _make_dirs(self) -> None:
-        pass  # (an object store has none)
-
-    def _store(self, files: Sequence[tuple[str, bytes]]) -> None:
-        """A PUT of each of ``files`` (name, bytes), all issued at once, then waited for in
-        this (worker) thread."""
-        assert self._kv is not None, "RemoteDatabaseWriter.open() was not awaited"
-        kv, root = self._kv, self._remote_root
-        writes = []
-        for name, data in files:
-            try:
-                writes.append((root / name, kv.write((root / name).key, data)))
-            except Exception as exc:
-                raise CommitError(f"cannot write {root / name}: {exc}") from exc
-        for path, write in writes:
-            try:
-                write.result()
-            except Exception as exc:
-                raise CommitError(f"cannot write {path}: {exc}") from exc
-
-    def write(self, data_file: DataFile, copied: Callable[[], None] | None = None,
-              hold: Callable[[int], None] | None = None,
-              relocate: Relocate | None = None) -> dict[str, int]:
-        """Runs in a worker thread: takes each value's crc32, copies the batch into one
-        ``bytes`` (TensorStore takes no other buffer; ``copied`` is called then: the arrays'
-        own buffers are not needed any more) and PUTs it. ``hold``: called with the bytes
-        written, once they are; ``relocate`` is not used (the request's work runs in
-        TensorStore's threads)."""
-        if not data_file.buffers:
-            if copied is not None:
-                copied()
-            return {}
-        crcs = {key: crc32(buf) for key, buf in zip(data_file.keys, data_file.buffers,
-                                                     strict=True) if key}
-        data = b"".join(data_file.buffers)
-        if copied is not None:
-            copied()
-        self._store([(data_file.name, data)])
-        if hold is not None:
-            hold(len(data))
-        return crcs
+        # (like the data files and the documents, left to the commit's fsync of the whole
+        # checkpoint: one journal commit for every small file, rather than two more here)
+        _write_new(self.root / node_file, [nodes], fsync_fallback=False)
+        _write_new(self.root / MANIFEST, [head], fsync_fallback=False)
 
 
 # -- reading ----------------------------------------------------------------------------------

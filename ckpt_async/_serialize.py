@@ -11,6 +11,7 @@ array per directory, zarr v2 or v3, compressed or not.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import functools
@@ -32,7 +33,7 @@ import tensorstore as ts
 from . import _ocdbt
 from . import _storage as storage
 from ._crc import crc32
-from ._paths import AnyPath, StorePath, below, kvstore_base
+from ._paths import AnyPath, below, kvstore_base
 from ._runtime import BACKGROUND_THREADS, batch_pace, get_runtime, log
 from .errors import CorruptCheckpointError
 
@@ -395,11 +396,8 @@ class ItemWriter:
     on a local disk's file system (under a ``memory_budget``, one of DIRECT_IO_MIN_BUDGET or
     more), from wherever the page cache turns out slow (``_ocdbt.WATCH_BYTES``) in any other
     save of WATCH_MIN_BYTES or more that could go past it, and while a background commit is
-    paced. On an object store the same database goes under the item's prefix
-    (:class:`_ocdbt.RemoteDatabaseWriter`: each batch one data file object, one PUT), for
-    arrays of up to ``_ocdbt.REMOTE_VALUE_MAX_BYTES``. What it cannot take (compression, a
-    dtype without a zarr v2 name, a shard smaller than its chunk; on an object store, larger
-    arrays) goes through TensorStore:
+    paced. What it cannot take (compression, a dtype without a zarr v2 name, a shard smaller
+    than its chunk) and everything on an object store goes through TensorStore:
     small arrays straight into its kvstore as a ``.zarray`` document and raw chunks, others
     through the zarr driver, all sharing one context and hence one OCDBT database instance per
     lane. Each such batch goes to the least loaded of ``lane_count(total_bytes)`` databases
@@ -424,21 +422,15 @@ class ItemWriter:
         self._may_go_direct = False
         lanes = lane_count(total_bytes)
         first_lane = 0
-        #: The largest array :attr:`db` takes (the others go through TensorStore).
-        self._db_max_bytes = math.inf
-        sub = "" if process_index is None else process_dir(process_index)
         # (os.writev: POSIX only; elsewhere TensorStore writes everything)
         if own_database and isinstance(item_dir, Path) and not compress and hasattr(os, "writev"):
             may_go_direct = ((memory_budget is None or memory_budget >= DIRECT_IO_MIN_BUDGET)
                              and storage.file_system_type(item_dir) in DIRECT_IO_FILE_SYSTEMS)
             self._may_go_direct = may_go_direct
             self.db = _ocdbt.DatabaseWriter(
-                item_dir / sub, direct=may_go_direct and total_bytes >= DIRECT_IO_MIN_BYTES,
+                item_dir if process_index is None else item_dir / process_dir(process_index),
+                direct=may_go_direct and total_bytes >= DIRECT_IO_MIN_BYTES,
                 watch=may_go_direct and total_bytes >= WATCH_MIN_BYTES)
-        elif own_database and isinstance(item_dir, StorePath) and not compress:
-            self.db = _ocdbt.RemoteDatabaseWriter(item_dir / sub)
-            self._db_max_bytes = _ocdbt.REMOTE_VALUE_MAX_BYTES
-        if self.db is not None:
             lanes, first_lane = min(lanes, MAX_LANES - 1), 1
         if lanes == 1 and process_index is None and self.db is None:
             self.dirs = [item_dir]
@@ -540,7 +532,7 @@ class ItemWriter:
         for arr in batch:
             self.chunks[arr.name] = arr.chunks
             zdtype = self._raw_dtype(arr)
-            if self.db is not None and zdtype is not None and arr.nbytes <= self._db_max_bytes:
+            if self.db is not None and zdtype is not None:
                 own.append((arr, zdtype))
             else:
                 rest.append((arr, zdtype))
@@ -548,8 +540,6 @@ class ItemWriter:
         if own:
             assert self.db is not None
             db = self.db
-            if isinstance(db, _ocdbt.RemoteDatabaseWriter):
-                await db.open()
             pace = batch_pace.get()  # (set while this batch is paced)
             hold = pace.hold if pace is not None else None
 
@@ -1375,8 +1365,8 @@ class ItemReader:
         """The arrays among ``names`` of up to REMOTE_READ_MAX_BYTES from the object store's
         database whose ``index`` (keys in ``base``) says where their chunks lie: each batch's
         chunks, one after the other in a few data files, in ranged reads of whole stretches
-        (:func:`coalesced`), issued at once, the next batch's while this one's chunks are
-        checked against ``expected`` and copied into their arrays. Arrays that are not raw
+        (:func:`coalesced`), issued at once, the next REMOTE_READ_BATCHES - 1 batches' while
+        this one's chunks are checked against ``expected`` and copied into their arrays. Arrays that are not raw
         zarr v2 chunks, every one stored, are left to the driver. (Against moto's S3 server,
         medians of 3: quick ``mixed`` 0.55 s in 75 requests against 1.10 s in 211 key by
         key, quick ``many_small`` 0.16 s in 25 against 2.12 s in 532.)"""
@@ -1425,14 +1415,15 @@ class ItemReader:
 
         rt = get_runtime()
         out: dict[str, np.ndarray] = {}
-        held: tuple[Any, ...] | None = None  # (the batch being read while the one before is
-        for batch in await rt.to_thread(plan):  # checked and copied: two batches at most)
-            issued = (batch, *issue(batch)) if batch else None
-            if held is not None:
-                out.update(await rt.to_thread(wait, *held))
-            held = issued
-        if held is not None:
-            out.update(await rt.to_thread(wait, *held))
+        # (the batches being read while the oldest is checked and copied)
+        held: collections.deque[tuple[Any, ...]] = collections.deque()
+        for batch in await rt.to_thread(plan):
+            if batch:
+                held.append((batch, *issue(batch)))
+            if len(held) >= REMOTE_READ_BATCHES:
+                out.update(await rt.to_thread(wait, *held.popleft()))
+        while held:
+            out.update(await rt.to_thread(wait, *held.popleft()))
         return out
 
     def _take_remote(self, name: str, plan: LocalPlan, buffer: np.ndarray,
@@ -1475,11 +1466,16 @@ REMOTE_READ_RANGE_BYTES = 4 << 20
 #: which holds more: quick ``mixed`` from moto's S3 server peaked at 1.16-1.26x the restored
 #: size key by key, 1.13-1.14x with these read so) ...
 REMOTE_READ_MAX_BYTES = 8 << 20
-#: ... in batches of about this many bytes, two at a time (one read while the other is
-#: copied). Full ``many_small`` (256 MiB in 4,096 arrays) from moto's S3 server peaked at
-#: 1.08-1.13x the restored size (1.13x with two batches of 16 MiB in ranges of 8 MiB; 1.05x
-#: key by key).
+#: ... in batches of about this many bytes ...
 REMOTE_READ_BATCH_BYTES = 8 << 20
+#: ... this many at a time (the others read while the oldest is checked and copied). With two,
+#: full ``many_small`` (256 MiB in 4,096 arrays) from moto's S3 server peaked at 1.08-1.13x
+#: the restored size (1.13x with two batches of 16 MiB in ranges of 8 MiB; 1.05x key by key).
+#: With four, quick ``mixed`` from fake-gcs-server, each request held 20 ms as a real store's
+#: latency would: 0.53-0.62 s against 0.65-0.69 s with two, at 1.20-1.24x against
+#: 1.17-1.21x the restored size; on loopback 0.19-0.20 s against 0.21-0.22 s, 1.11x against
+#: 1.10x (in-process, 3 each). Ranges of 2 MiB, for more requests at once, did not help.
+REMOTE_READ_BATCHES = 4
 
 
 def coalesced(refs: Iterable[tuple[str, int, int]], gap: int | None = None,
