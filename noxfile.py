@@ -61,6 +61,7 @@ def bench_busy(session: nox.Session) -> None:
 @nox.session
 def bench_objstore(session: nox.Session) -> None:
     """Save and restore on moto's S3 server on 127.0.0.1, with the requests each makes
-    (`-- --repeats 3`)."""
+    (`-- --repeats 3`; `-- --store gcs --latency-ms 20`: fake-gcs-server, each request held
+    20 ms)."""
     session.install("-e", ".[bench]")
     session.run("python", "benchmarks/object_store.py", *session.posargs)

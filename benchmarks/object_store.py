@@ -52,7 +52,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,34 +147,37 @@ def _latency_proxy(port: int, latency_s: float) -> int:
     bound: list[int] = []
     length = re.compile(rb"(?im)^content-length:[ \t]*(\d+)")
 
-    async def requests(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def requests() -> Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]:
+        """Passes on one connection's requests, each after the wait."""
         head, body_left = b"", 0  # (the current request's headers so far; its body to come)
-        try:
-            while data := await reader.read(1 << 16):
-                while data:
-                    if body_left:
-                        writer.write(data[:body_left])
-                        data, body_left = data[body_left:], max(0, body_left - len(data))
-                        continue
-                    if not head:  # a request begins
-                        await asyncio.sleep(latency_s)
-                    end = (head + data).find(b"\r\n\r\n")
-                    take = len(data) if end < 0 else end + 4 - len(head)
-                    writer.write(data[:take])
-                    head, data = head + data[:take], data[take:]
-                    if end >= 0:
-                        found = length.search(head)
-                        head, body_left = b"", int(found.group(1)) if found else 0
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
 
-    async def answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def forward(data: bytes, writer: asyncio.StreamWriter) -> None:
+            nonlocal head, body_left
+            while data:
+                if body_left:
+                    writer.write(data[:body_left])
+                    data, body_left = data[body_left:], max(0, body_left - len(data))
+                    continue
+                if not head:  # a request begins
+                    await asyncio.sleep(latency_s)
+                end = (head + data).find(b"\r\n\r\n")
+                take = len(data) if end < 0 else end + 4 - len(head)
+                writer.write(data[:take])
+                head, data = head + data[:take], data[take:]
+                if end >= 0:
+                    found = length.search(head)
+                    head, body_left = b"", int(found.group(1)) if found else 0
+
+        return forward
+
+    async def answer(data: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(data)
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   forward: Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]) -> None:
         try:
             while data := await reader.read(1 << 16):
-                writer.write(data)
+                await forward(data, writer)
                 await writer.drain()
         except ConnectionError:
             pass
@@ -187,7 +190,8 @@ def _latency_proxy(port: int, latency_s: float) -> int:
         except OSError:
             writer.close()
             return
-        await asyncio.gather(requests(reader, up_writer), answers(up_reader, writer))
+        await asyncio.gather(pump(reader, up_writer, requests()),
+                             pump(up_reader, writer, answer))
 
     async def serve() -> None:
         server = await asyncio.start_server(connect, "127.0.0.1", 0)

@@ -14,12 +14,10 @@ asks for it: an ImportError names the missing package when it is not there).
 
 from __future__ import annotations
 
-import logging
-import os
 import zlib
 from collections.abc import Callable
 
-log = logging.getLogger("ckpt_async")
+from ._runtime import env_choice
 
 ENV = "CKPT_ASYNC_CRC32"
 CHOICES = ("auto", "zlib", "zlib-ng")
@@ -41,11 +39,7 @@ def _pick(choice: str) -> tuple[Callable[..., int], str]:
 
 
 def _from_env() -> str:
-    value = os.environ.get(ENV, "").strip().lower() or "auto"
-    if value not in CHOICES:
-        log.warning("%s=%r is not one of %s; using 'auto'", ENV, value, CHOICES)
-        return "auto"
-    return value
+    return env_choice(ENV, CHOICES, "auto")
 
 
 #: ``crc32(data, value=0)``: zlib's crc32 of a contiguous buffer (bytes, memoryview,

@@ -209,12 +209,19 @@ def _thread_cpu(tid: int) -> float | None:
         return None
 
 
-def _priority_from_env() -> str:
-    value = os.environ.get(PRIORITY_ENV, "idle").strip().lower() or "idle"
-    if value not in PRIORITIES:
-        log.warning("%s=%r is not one of %s; using 'idle'", PRIORITY_ENV, value, PRIORITIES)
-        return "idle"
+def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    """The environment variable ``name`` (stripped, in lower case) when it is one of
+    ``choices``; ``default`` when it is unset or empty, and, with a warning, when it is
+    anything else."""
+    value = os.environ.get(name, "").strip().lower() or default
+    if value not in choices:
+        log.warning("%s=%r is not one of %s; using %r", name, value, choices, default)
+        return default
     return value
+
+
+def _priority_from_env() -> str:
+    return env_choice(PRIORITY_ENV, PRIORITIES, "idle")
 
 
 _priority = _priority_from_env()
