@@ -1117,18 +1117,20 @@ def dumped_index(base: ts.KvStore, under: str = "") -> dict[str, Located]:
     versions = ts.ocdbt.dump(base).result().get("versions") or []
     out: dict[str, Located] = {}
     top = versions[-1]["root"].get("location") if versions else None
-    pending = [(top, b"")] if top else []
-    while pending:
-        location, prefix = pending.pop()
-        node = ts.ocdbt.dump(base, location).result()
-        if node["height"] > 0:  # (a child's keys exclude the subtree prefix its parent took)
-            pending += [(e["location"], prefix + e["subtree_common_prefix"])
-                        for e in node["entries"]]
-            continue
-        for e in node["entries"]:
-            key = (prefix + e["key"]).decode()
-            inline = e.get("inline_value")
-            out[key] = inline if inline is not None else _located(under, e["indirect_value"])
+    level = [(top, b"")] if top else []
+    while level:  # (a level's nodes read at once: on an object store each is a request)
+        dumps = [(ts.ocdbt.dump(base, location), prefix) for location, prefix in level]
+        level = []
+        for dump, prefix in dumps:
+            node = dump.result()
+            if node["height"] > 0:  # (a child's keys exclude the subtree prefix its parent took)
+                level += [(e["location"], prefix + e["subtree_common_prefix"])
+                          for e in node["entries"]]
+                continue
+            for e in node["entries"]:
+                key = (prefix + e["key"]).decode()
+                inline = e.get("inline_value")
+                out[key] = inline if inline is not None else _located(under, e["indirect_value"])
     return out
 
 

@@ -157,6 +157,48 @@ def test_read_index_finds_every_key_where_tensorstore_reads_it(tmp_path, node_by
     assert _ocdbt.read_index(tmp_path / "nothing-here") is None
 
 
+def test_the_dump_of_a_database_asks_for_a_levels_nodes_at_once(tmp_path, monkeypatch):
+    """TensorStore's dump of a database's index (an object store's restore, or a database
+    this module did not write) requests every node of a B+tree level before it waits for
+    the first: on an object store each is a request (30,000 arrays on fake-gcs-server, each
+    request held 20 ms: 0.17 s against 0.47 s node by node)."""
+    monkeypatch.setattr(_ocdbt, "_NODE_BYTES", 2_000)
+    values = _values(3000, seed=5)
+    _write_database(tmp_path, {k: memoryview(v) for k, v in values.items()})
+    events: list[tuple[str, str]] = []
+    real = _ocdbt.ts.ocdbt.dump
+
+    class Logged:
+        def __init__(self, fut, where):
+            self.fut, self.where = fut, where
+
+        def result(self):
+            events.append(("wait", self.where))
+            return self.fut.result()
+
+    def spied(base, node=None, **kwargs):
+        where = "manifest" if node is None else node
+        events.append(("ask", where))
+        return Logged(real(base, node, **kwargs) if node else real(base, **kwargs), where)
+
+    monkeypatch.setattr(_ocdbt.ts.ocdbt, "dump", spied)
+    base = _ocdbt.ts.KvStore.open({"driver": "file", "path": str(tmp_path) + "/"}).result()
+    index = _ocdbt.dumped_index(base)
+    assert set(index) == set(values)
+    runs: list[list] = []  # (runs of consecutive asks, or waits, for nodes)
+    for kind, where in events:
+        if where != "manifest":
+            if runs and runs[-1][0] == kind:
+                runs[-1][1] += 1
+            else:
+                runs.append([kind, 1])
+    asks = [n for kind, n in runs if kind == "ask"]
+    waits = [n for kind, n in runs if kind == "wait"]
+    # level by level: every node of a level asked for, then every one waited for
+    height = _manifest(tmp_path)["versions"][0]["root_height"]
+    assert asks == waits and len(asks) == height + 1 >= 3 and asks[0] == 1 and asks[-1] > 1
+
+
 def _no_tensorstore_dump(monkeypatch) -> None:
     def refuse(*_args, **_kwargs):
         raise AssertionError("ts.ocdbt.dump called")
