@@ -737,3 +737,23 @@ def test_coalesced_ranges_take_in_small_gaps_and_stop_at_their_size():
         path, start, end = ranges[i]
         assert ref[0] == path and start <= ref[1] and ref[1] + ref[2] <= end
     assert ser.coalesced([]) == ([], {})
+
+
+@pytest.mark.parametrize("shape,chunks,dtype", [
+    ((), (), np.float32), ((7,), (7,), np.int8), ((3, 0), (3, 0), np.float64),
+    ((64, 33), (32, 33), ml_dtypes.bfloat16), ((2, 3, 4), (1, 3, 4), np.bool_),
+    ((5,), (5,), np.complex64), ((4, 4), (4, 4), np.uint64)])
+def test_the_zarray_ckpt_async_writes_is_the_one_tensorstore_writes(shape, chunks, dtype):
+    """The ``.zarray`` documents ckpt_async writes itself (beside raw chunks, and for the
+    arrays the zarr driver then writes with ``assume_metadata``) are byte for byte those
+    TensorStore's zarr driver writes when it creates the array."""
+    ctx = ts.Context()
+    spec = {"driver": "zarr", "kvstore": {"driver": "memory", "path": "a/"},
+            "metadata": ser._zarr_metadata(shape, chunks, compress=False),
+            "dtype": np.dtype(dtype).name}
+    ts.open(spec, create=True, open=True, context=ctx).result()
+    kv = ts.KvStore.open({"driver": "memory"}, context=ctx).result()
+    written = kv.read("a/.zarray").result().value
+    zdtype = ser.zarr_v2_dtype(np.dtype(dtype))
+    assert zdtype is not None
+    assert ser.zarray_document(shape, chunks, zdtype) == written
