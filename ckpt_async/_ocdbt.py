@@ -744,18 +744,16 @@ def _put_direct(target: int, fd: int, block: np.ndarray, pos: int) -> int:
 
 
 def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync_fallback: bool,
-               crcs: list[int] | None = None, copied: Callable[[], None] | None = None,
-               direct: bool = False, at: int | None = None,
+               crcs: list[int] | None = None, direct: bool = False, at: int | None = None,
                hold: Callable[[int], None] | None = None,
                watch: _Watch | None = None, relocate: Relocate | None = None) -> None:
     """Writes ``buffers`` one after the other into a new file ``path``, starting the writeback
-    (:func:`start_writeback`) of every ``WRITEBACK_STEP_BYTES`` as it goes; calls ``copied``
-    (they are in the page cache), then starts the writeback of the rest (where there is none,
-    ``fsync_fallback`` fsyncs the file instead). The commit's fsync of the whole checkpoint
+    (:func:`start_writeback`) of every ``WRITEBACK_STEP_BYTES`` as it goes, then that of the
+    rest (where there is none, ``fsync_fallback`` fsyncs the file instead). The commit's fsync of the whole checkpoint
     makes it durable. ``crcs`` (one 0 per buffer): each buffer's crc32, taken piece by piece
     just before the piece is written, by this thread (the GIL released for each).
     ``direct``: written past the page cache (:func:`_write_direct`) where the file system
-    takes ``O_DIRECT``; ``copied`` is then called once the disk has the bytes. ``at``: from
+    takes ``O_DIRECT``. ``at``: from
     that offset of ``path``, a file other writers may be writing other ranges of (made if it
     is not there yet). ``hold(n)``: called once each piece is written, ``n`` the bytes written
     so far (a paced commit's thread waits there: ``_runtime.BatchPace``). ``watch``: each
@@ -765,8 +763,6 @@ def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync_fallb
     thread (it runs ``rest`` there, waits, and says True: ``Runtime.run_raised``), whichever
     way they are written (:func:`_drive`)."""
     if direct and _write_direct(path, buffers, crcs, hold, relocate):
-        if copied is not None:
-            copied()
         return
     fd = os.open(path, _NEW_FILE_FLAGS if at is None else _SHARED_FILE_FLAGS, 0o644)
     try:
@@ -802,8 +798,6 @@ def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync_fallb
                 yield
 
         _drive(pieces_written(), relocate)
-        if copied is not None:
-            copied()
         if written > started and not start_writeback(fd, started, written - started) \
                 and fsync_fallback:
             os.fsync(fd)
@@ -837,7 +831,8 @@ class DatabaseWriter:
 
     Call order: :meth:`add` for each batch (cheap, any thread), and :meth:`write` of what it
     returned (in a worker thread), any number of times and concurrently; then, once every
-    write returned, :meth:`finish` (in a worker thread).
+    add returned, :meth:`finish` (in a worker thread; writes may still be running: the B+tree
+    needs each value's place only, which :meth:`add` fixed).
 
     ``watch`` (through the page cache only, on a file system that takes ``O_DIRECT``): the
     copies into the page cache are timed, and once they run slow (WATCH_BYTES) the rest of
@@ -916,31 +911,26 @@ class DatabaseWriter:
         self.root.mkdir(exist_ok=True)
         (self.root / "d").mkdir(exist_ok=True)
 
-    def write(self, data_file: DataFile, copied: Callable[[], None] | None = None,
-              hold: Callable[[int], None] | None = None,
+    def write(self, data_file: DataFile, hold: Callable[[int], None] | None = None,
               relocate: Relocate | None = None) -> dict[str, int]:
-        """Runs in a worker thread: writes a data file (calling ``copied`` once it is in the
-        page cache, and ``hold`` after each piece: see :func:`_write_new`) and starts its
-        writeback (``relocate``: see :func:`_write_new`); returns the crc32 of each value
-        written there,
-        by key. Not durable yet: the commit's fsync of the whole checkpoint makes it so. (An
+        """Runs in a worker thread: writes a data file (calling ``hold`` after each piece:
+        see :func:`_write_new`) and starts its writeback (``relocate``: see
+        :func:`_write_new`); returns the crc32 of each value written there, by key. Not durable yet: the commit's fsync of the whole checkpoint makes it so. (An
         fsync here held this thread until the disk had the file, so that with more files than
         threads the checksums and page-cache copies of the next ones waited for the disk, and
         the disk then for them: full ``large`` 2.6 s against 1.1 s, full ``mixed`` 1.22 s
         against 0.97 s, in-process medians of 5.)"""
         if not data_file.buffers:  # (every value inline: zero-size arrays' documents only)
-            if copied is not None:
-                copied()
             return {}
         self._make_dirs()
         crcs = [0] * len(data_file.buffers)
         _write_new(self.root / data_file.name, data_file.buffers, fsync_fallback=True, crcs=crcs,
-                   copied=copied, direct=data_file.direct, at=data_file.at, hold=hold,
+                   direct=data_file.direct, at=data_file.at, hold=hold,
                    watch=None if data_file.direct else self.watch, relocate=relocate)
         return {key: crc for key, crc in zip(data_file.keys, crcs, strict=True) if key}
 
     def finish(self) -> None:
-        """Runs in a worker thread, after every write: writes the B+tree and the manifest."""
+        """Runs in a worker thread, after every add: writes the B+tree and the manifest."""
         if not self._entries:
             return  # nothing was added: no database
         entries = sorted(self._entries)

@@ -459,7 +459,7 @@ def test_a_failure_while_staging_leaves_no_file_behind(tmp_path, monkeypatch):
     monkeypatch.setattr(_stage, "host_copy", failing)
     from ckpt_async import _ocdbt
     written = []
-    monkeypatch.setattr(_ocdbt.DatabaseWriter, "write", lambda self, f, copied=None, **_: written.append(f))
+    monkeypatch.setattr(_ocdbt.DatabaseWriter, "write", lambda self, f, **_: written.append(f))
     state = {f"p{i}": np.full((8192,), i, np.float32) for i in range(8)}
     with ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler()) as ckptr:
         with pytest.raises(MemoryError, match="no room"):

@@ -392,7 +392,8 @@ UNRAISABLE_PROBE = textwrap.dedent("""
             return write(self, *args, **kwargs)
 
         def spied_write_all(fd, group):
-            policies.append(("piece", policy()))
+            if sum(len(view) for view in group) > 4096:  # (the data file's, not the B+tree's)
+                policies.append(("piece", policy()))
             return write_all(fd, group)
 
         pool_init = _runtime.UnloweredPool.__init__

@@ -304,25 +304,33 @@ def test_host_buffers_share_one_region_each_aligned_and_apart(monkeypatch, mappi
     assert jax.device_put(bufs[2]).unsafe_buffer_pointer() == bufs[2].ctypes.data  # adopted
 
 
-def test_the_btree_is_written_once_the_data_is_in_the_page_cache_not_on_the_disk(
+def test_the_btree_is_written_once_every_key_has_its_place_while_the_data_is_written(
         tmp_path, monkeypatch):
-    # expect_batches: once every batch's data file is in the page cache, the B+tree and
-    # manifest are written without waiting for the disk to take the data files (their
-    # writeback is held here); not before (one data file's copy is held first).
+    # expect_batches: once every batch is handed over and its keys have their places in the
+    # database, the B+tree and manifest are written, while a data file is still being copied
+    # into the page cache (held here) and none has reached the disk (writebacks held); not
+    # before (the last batch's add is held first).
     arrays = {f"a{i}": np.full((300,), i, np.float64) for i in range(4)}
-    copy, writeback = threading.Event(), threading.Event()  # (set: released)
-    real_write, real_writeback = _ocdbt.DatabaseWriter.write, _ocdbt.start_writeback
+    place, copy, writeback = threading.Event(), threading.Event(), threading.Event()
+    real_add, real_write = _ocdbt.DatabaseWriter.add, _ocdbt.DatabaseWriter.write
+    real_writeback = _ocdbt.start_writeback
 
-    def slow_write(self, data_file, copied=None, **kwargs):
+    def slow_add(self, values, **kwargs):
+        if any(key.startswith("a2/") for key, _ in values):
+            place.wait(5)
+        return real_add(self, values, **kwargs)
+
+    def slow_write(self, data_file, **kwargs):
         if "a0/0" in data_file.keys:
             copy.wait(5)
-        return real_write(self, data_file, copied, **kwargs)
+        return real_write(self, data_file, **kwargs)
 
     def slow_writeback(fd, *args):
         if os.fstat(fd).st_size > 1024:  # a data file's (2,400 bytes), not the B+tree's
             writeback.wait(5)
         return real_writeback(fd, *args)
 
+    monkeypatch.setattr(_ocdbt.DatabaseWriter, "add", slow_add)
     monkeypatch.setattr(_ocdbt.DatabaseWriter, "write", slow_write)
     monkeypatch.setattr(_ocdbt, "start_writeback", slow_writeback)
     seen: list[bool] = []
@@ -335,13 +343,14 @@ def test_the_btree_is_written_once_the_data_is_in_the_page_cache_not_on_the_disk
         second = asyncio.ensure_future(writer.write([_stored(n, a) for n, a in items[2:]]))
         await asyncio.sleep(0.2)
         seen.append(all_in.done() or (tmp_path / "manifest.ocdbt").exists())
-        copy.set()
+        place.set()
         await asyncio.wrap_future(all_in)
-        for _ in range(500):  # the manifest appears while both writebacks are held
+        for _ in range(500):  # the manifest appears while the first batch's copy is held
             if (tmp_path / "manifest.ocdbt").exists():
                 break
             await asyncio.sleep(0.01)
-        seen.append((tmp_path / "manifest.ocdbt").exists())
+        seen.append((tmp_path / "manifest.ocdbt").exists() and not first.done())
+        copy.set()
         writeback.set()
         await asyncio.gather(first, second)
         await writer.finish()
@@ -382,12 +391,12 @@ def test_settle_waits_for_the_threads_a_failed_batch_left_running(tmp_path, monk
     started, release = threading.Event(), threading.Event()
     real_write = _ocdbt.DatabaseWriter.write
 
-    def write(self, data_file, copied=None, **kwargs):
+    def write(self, data_file, **kwargs):
         if b"bad" in b"".join(bytes(b[:3]) for b in data_file.buffers):
             raise OSError(28, "No space left on device")
         started.set()
         release.wait(5)
-        return real_write(self, data_file, copied, **kwargs)
+        return real_write(self, data_file, **kwargs)
 
     monkeypatch.setattr(_ocdbt.DatabaseWriter, "write", write)
     item = tmp_path / "item"
