@@ -291,7 +291,7 @@ class ObjectStoreSuite:
             np.asarray(v).nbytes for k, v in st.items() if k != "bf")  # (every array's)
         assert len(reads) < 25, reads  # (documents, the manifest: not one per array)
         monkeypatch.undo()  # (its own record of the method, not the unbound ``real``)
-        for data_key in [k for k in store.keys(prefix) if k.startswith("d/")]:
+        for data_key in {key for key, _r in ranged}:  # (the chunks' files, not a B+tree's)
             body = bytearray(store.get(f"{prefix}/{data_key}"))
             body[len(body) // 2] ^= 0x40
             store.put(f"{prefix}/{data_key}", bytes(body))

@@ -284,7 +284,14 @@ def test_a_paced_commit_writes_its_pieces_at_the_pace(tmp_path, monkeypatch, pac
     monkeypatch.setattr(ocdbt, "DIRECT_PIECE_BYTES", ocdbt.WRITE_PIECE_BYTES)
     pace(4 << 20)
     pieces: list[float] = []
+    starts: list[float] = []  # (each paced batch's clock: its pieces are due from there)
     write_all = ocdbt._write_all
+    batch_pace = _runtime.BatchPace
+
+    class Clocked(batch_pace):
+        def __init__(self, rt, window, start) -> None:
+            starts.append(start)
+            super().__init__(rt, window, start)
 
     def logged(fd, group):
         n = write_all(fd, group)
@@ -293,14 +300,17 @@ def test_a_paced_commit_writes_its_pieces_at_the_pace(tmp_path, monkeypatch, pac
         return n
 
     monkeypatch.setattr(ocdbt, "_write_all", logged)
+    monkeypatch.setattr(_runtime, "BatchPace", Clocked)
     state = {"w": np.arange(2 << 18, dtype=np.float32)}
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp_path / "c", args=ocp.args.StandardSave(state))
         while ckptr.async_checkpointer.is_saving_in_progress():  # (waiting would hurry it)
             time.sleep(0.01)
         restored = ckptr.restore(tmp_path / "c")
-    assert len(pieces) == 2
-    assert pieces[1] - pieces[0] >= 0.25 * 0.9
+    assert len(pieces) == 2 and len(starts) == 1
+    # the second piece is due a quarter second after the batch's clock started (the first
+    # may be late on a loaded machine, the second then follows sooner: the pace is kept)
+    assert pieces[1] - starts[0] >= 0.25 * 0.99
     np.testing.assert_array_equal(restored["w"], state["w"])
     written = [p for p in direct_opens if ".orbax-checkpoint-tmp-" in p]  # (not the restore's)
     assert len(written) == (where == "past it")
