@@ -682,10 +682,12 @@ def test_background_loop_hands_back_errors() -> None:
         _on_engine(lambda: rt.in_background_loop(fail))
 
 
-def _stops_slowly(events: list[str]):
+def _stops_slowly(events: list[str], started: threading.Event | None = None):
     """A coroutine function that runs until cancelled, then takes a while to stop (as a
-    TensorStore write does) and records "stopped"."""
+    TensorStore write does) and records "stopped"; sets ``started`` once it runs."""
     async def slow() -> None:
+        if started is not None:
+            started.set()
         try:
             await asyncio.sleep(30)
         except asyncio.CancelledError:
@@ -698,11 +700,14 @@ def _stops_slowly(events: list[str]):
 def test_cancelling_the_caller_stops_the_background_work_first() -> None:
     rt = get_runtime()
     events: list[str] = []
-    slow = _stops_slowly(events)
+    started = threading.Event()
+    slow = _stops_slowly(events, started)
 
     async def caller() -> None:
         task = asyncio.get_running_loop().create_task(rt.in_background_loop(slow))
-        await asyncio.sleep(0.05)
+        # (once it runs: the background loop's thread, at the background priority, may take
+        # a while to start it on a loaded machine; cancelled before, nothing would stop)
+        assert await asyncio.to_thread(started.wait, 30)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
