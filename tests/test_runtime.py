@@ -769,6 +769,9 @@ def test_an_interrupted_sync_call_cancels_its_engine_task_first() -> None:
     # 30 s and raised nothing, twice in the suite's runs without CAP_SYS_NICE)
     main = threading.main_thread().ident
     assert main is not None and threading.get_ident() == main
+    # (Python's own handler, whatever this process inherited: started in the background of a
+    # shell without job control, or under nohup, SIGINT is ignored and nothing is raised)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     handler, start = signal.getsignal(signal.SIGINT), time.monotonic()
     try:
         threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGINT)).start()
@@ -779,5 +782,7 @@ def test_an_interrupted_sync_call_cancels_its_engine_task_first() -> None:
         pytest.fail(f"no KeyboardInterrupt; the call returned after "
                     f"{time.monotonic() - start:.1f} s; SIGINT's handler {handler!r}; "
                     f"{threading.active_count()} threads")
+    finally:
+        signal.signal(signal.SIGINT, before)
     events.append("interrupt raised")
     assert events == ["stopped", "interrupt raised"]
