@@ -5,8 +5,8 @@ same bytes written by a bare writer, each measurement in a fresh process.
     python benchmarks/save_timeline.py --workload many_small --quick --bare
     python benchmarks/save_timeline.py --workload mixed --quick --repeats 1 --threads
 
-A save (``CheckpointManager`` + ``StandardSave`` of the workload as jax arrays, after a tiny
-warm-up save): when ``save()`` returned, when the first and the last data ``writev`` ran
+A save (the benchmark's: ``CheckpointManager`` + ``StandardSave`` of the workload as jax
+arrays, after its warm-up): when ``save()`` returned, when the first and the last data ``writev`` ran
 (the copies into the page cache), and when ``wait_until_finished()`` returned; ``--threads``
 also prints each thread's ``writev`` and ``fsync`` calls. The bare writer (``--bare``): two
 threads, each taking the crc32 of half of the arrays' buffers and writing them in 1 MiB
@@ -32,16 +32,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from worker import build_tree, fsync_path, make_impl, warm_up  # noqa: E402
+
 #: Bytes per ``writev`` and between two writeback starts of the bare writer (as the
 #: database writer's WRITE_PIECE_BYTES and WRITEBACK_STEP_BYTES).
 PIECE = 1 << 20
 WRITEBACK_STEP = 2 << 20
-
-
-def _arrays(workload: str, quick: bool) -> dict[str, Any]:
-    import workloads
-
-    return workloads.flatten(getattr(workloads, workload)(quick))
 
 
 class _Calls:
@@ -65,9 +61,15 @@ class _Calls:
             return result
         return timed
 
-    def data_writes(self, min_bytes: int = PIECE // 2) -> list[tuple[float, float]]:
-        """(start, end) of each ``writev`` of a data file's piece (not a small file's)."""
-        return [(s, e) for _t, name, s, e, n in self.calls if name == "writev" and n >= min_bytes]
+    def summary(self, threads: bool, done_ms: float, **marks: float) -> dict[str, Any]:
+        """``marks``, when the first and the last ``writev`` of a data file's piece (not a
+        small file's) ran, ``done_ms``; with ``threads``, :meth:`by_thread` too."""
+        writes = [(s, e) for _t, name, s, e, n in self.calls if name == "writev" and n >= PIECE // 2]
+        out: dict[str, Any] = {**marks, "first_write_ms": min(s for s, _ in writes),
+                               "last_write_ms": max(e for _, e in writes), "done_ms": done_ms}
+        if threads:
+            out["threads"] = self.by_thread()
+        return out
 
     def by_thread(self) -> list[str]:
         rows: dict[tuple[str, str], list[float]] = {}
@@ -83,32 +85,20 @@ class _Calls:
 
 
 def one_save(workload: str, quick: bool, threads: bool) -> dict[str, Any]:
-    import jax
-    import jax.numpy as jnp
-
-    import ckpt_async as ocp
-
-    state = {k: jnp.asarray(v) for k, v in _arrays(workload, quick).items()}
-    jax.block_until_ready(state)
+    tree, _expected, _nbytes, _count = build_tree(workload, quick)
     root = Path(tempfile.mkdtemp(prefix="ckpt_async_timeline_", dir=os.environ.get("TMPDIR")))
     try:
-        with ocp.CheckpointManager(root / "warmup") as mngr:
-            mngr.save(0, args=ocp.args.StandardSave({"x": jnp.arange(8)}))
+        warm_up("ckpt_async", root)
+        impl = make_impl("ckpt_async", root / "run")  # (the benchmark's save, as it makes it)
         calls = _Calls()
-        with ocp.CheckpointManager(root / "run") as mngr:
-            calls.t0 = time.perf_counter()
-            mngr.save(1, args=ocp.args.StandardSave(state))
-            returned = (time.perf_counter() - calls.t0) * 1e3
-            mngr.wait_until_finished()
-            done = (time.perf_counter() - calls.t0) * 1e3
+        impl.save(tree)
+        returned = (time.perf_counter() - calls.t0) * 1e3
+        impl.wait()
+        done = (time.perf_counter() - calls.t0) * 1e3
+        impl.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    writes = calls.data_writes()
-    out = {"returned_ms": returned, "first_write_ms": min(s for s, _ in writes),
-           "last_write_ms": max(e for _, e in writes), "done_ms": done}
-    if threads:
-        out["threads"] = calls.by_thread()
-    return out
+    return calls.summary(threads, returned_ms=returned, done_ms=done)
 
 
 def _groups(views: list[memoryview]) -> list[list[memoryview]]:
@@ -150,38 +140,29 @@ def one_bare(workload: str, quick: bool, separate: bool, threads: bool) -> dict[
     from ckpt_async._crc import crc32
     from ckpt_async._storage import start_writeback
 
+    _tree, expected, _nbytes, _count = build_tree(workload, quick)
     views = [np.ascontiguousarray(a).reshape(-1).view(np.uint8).data  # (bfloat16 too)
-             for a in _arrays(workload, quick).values()]
+             for a in expected.values()]
     half = len(views) // 2
     parts = [views[:half], views[half:]]
     root = Path(tempfile.mkdtemp(prefix="ckpt_async_bare_", dir=os.environ.get("TMPDIR")))
     try:
-        calls = _Calls()
         offsets = [0, 0] if separate else [0, sum(map(len, parts[0]))]
         paths = [root / "a", root / "b"] if separate else [root / "a", root / "a"]
         workers = [threading.Thread(target=_write_range, name=f"bare-{i}",
                                     args=(paths[i], parts[i], offsets[i], crc32, start_writeback))
                    for i in range(2)]
-        calls.t0 = time.perf_counter()
+        calls = _Calls()
         for w in workers:
             w.start()
         for w in workers:
             w.join()
         for path in sorted(set(paths)) + [root]:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(path)
         done = (time.perf_counter() - calls.t0) * 1e3
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    writes = calls.data_writes()
-    out = {"first_write_ms": min(s for s, _ in writes),
-           "last_write_ms": max(e for _, e in writes), "done_ms": done}
-    if threads:
-        out["threads"] = calls.by_thread()
-    return out
+    return calls.summary(threads, done_ms=done)
 
 
 def main() -> None:

@@ -293,9 +293,8 @@ def test_a_paced_commit_writes_its_pieces_at_the_pace(tmp_path, monkeypatch, pac
     pieces: list[float] = []
     starts: list[float] = []  # (each paced batch's clock: its pieces are due from there)
     write_all = ocdbt._write_all
-    batch_pace = _runtime.BatchPace
 
-    class Clocked(batch_pace):
+    class Clocked(_runtime.BatchPace):
         def __init__(self, rt, window, start) -> None:
             starts.append(start)
             super().__init__(rt, window, start)

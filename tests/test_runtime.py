@@ -771,8 +771,7 @@ def test_an_interrupted_sync_call_cancels_its_engine_task_first() -> None:
     assert main is not None and threading.get_ident() == main
     # (Python's own handler, whatever this process inherited: started in the background of a
     # shell without job control, or under nohup, SIGINT is ignored and nothing is raised)
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    handler, start = signal.getsignal(signal.SIGINT), time.monotonic()
+    before, start = signal.signal(signal.SIGINT, signal.default_int_handler), time.monotonic()
     try:
         threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGINT)).start()
         rt.call(slow)
@@ -780,7 +779,7 @@ def test_an_interrupted_sync_call_cancels_its_engine_task_first() -> None:
         pass
     else:  # (what to look at, should it happen again)
         pytest.fail(f"no KeyboardInterrupt; the call returned after "
-                    f"{time.monotonic() - start:.1f} s; SIGINT's handler {handler!r}; "
+                    f"{time.monotonic() - start:.1f} s; SIGINT's handler before {before!r}; "
                     f"{threading.active_count()} threads")
     finally:
         signal.signal(signal.SIGINT, before)
