@@ -4,11 +4,16 @@ same bytes written by a bare writer, each measurement in a fresh process.
     python benchmarks/save_timeline.py --workload many_small --quick --repeats 10
     python benchmarks/save_timeline.py --workload many_small --quick --bare
     python benchmarks/save_timeline.py --workload mixed --quick --repeats 1 --threads
+    python benchmarks/save_timeline.py --workload many_small --quick --repeats 1 --phases
 
 A save (the benchmark's: ``CheckpointManager`` + ``StandardSave`` of the workload as jax
 arrays, after its warm-up): when ``save()`` returned, when the first and the last data ``writev`` ran
 (the copies into the page cache), and when ``wait_until_finished()`` returned; ``--threads``
-also prints each thread's ``writev`` and ``fsync`` calls. The bare writer (``--bare``): two
+also prints each thread's ``writev`` and ``fsync`` calls; ``--phases`` the steps of the save
+(:data:`PHASES`: the plan, the staging, each batch's keys and writes, the B+tree, the
+documents, the small files, the fsync pass, the rename), by thread: first start, last end,
+calls and time in them. ``cpu_ms`` is the process's CPU time from ``save()`` to the durable
+commit (beside ``done_ms``: how many cores the save kept busy). The bare writer (``--bare``): two
 threads, each taking the crc32 of half of the arrays' buffers and writing them in 1 MiB
 ``writev`` calls, starting the writeback every 2 MiB, into ranges of one new file (or a file
 each with ``--separate``), then an fsync of the file(s) and of the folder: the disk and the
@@ -33,6 +38,25 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from worker import build_tree, fsync_path, make_impl, warm_up  # noqa: E402
+
+#: The steps of a save ``--phases`` times: (module, function or ``Class.method``).
+PHASES = [
+    ("ckpt_async._commit", "create_tmp"),
+    ("ckpt_async.handlers.pytree", "PyTreeCheckpointHandler.plan"),
+    ("ckpt_async.handlers.pytree", "PyTreeCheckpointHandler.stage"),
+    ("ckpt_async._stage", "stage_sync"),
+    ("ckpt_async._serialize", "ItemWriter.write"),
+    ("ckpt_async._serialize", "ItemWriter._raw_values"),
+    ("ckpt_async._ocdbt", "DatabaseWriter.add"),
+    ("ckpt_async._ocdbt", "DatabaseWriter.write"),
+    ("ckpt_async._ocdbt", "DatabaseWriter.finish"),
+    ("ckpt_async.handlers.pytree", "PyTreeCheckpointHandler._documents"),
+    ("ckpt_async._serialize", "ItemWriter.finish"),
+    ("ckpt_async._integrity", "checksums_document"),
+    ("ckpt_async._storage", "_write_files_sync"),
+    ("ckpt_async._storage", "fsync_tree_sync"),
+    ("ckpt_async._storage", "rename_durable"),
+]
 
 #: Bytes per ``writev`` and between two writeback starts of the bare writer (as the
 #: database writer's WRITE_PIECE_BYTES and WRITEBACK_STEP_BYTES).
@@ -61,12 +85,56 @@ class _Calls:
             return result
         return timed
 
-    def summary(self, threads: bool, done_ms: float, **marks: float) -> dict[str, Any]:
+    def time_phases(self) -> None:
+        """Wraps each of :data:`PHASES` so that its calls are recorded as the ``writev`` and
+        ``fsync`` calls are (0 bytes)."""
+        import importlib
+
+        for module, attr in PHASES:
+            owner: Any = importlib.import_module(module)
+            *path, name = attr.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+            setattr(owner, name, self._timed(attr, getattr(owner, name)))
+
+    def _timed(self, label: str, fn: Any) -> Any:
+        import asyncio
+        import functools
+
+        def record(start: float) -> None:
+            self.calls.append((threading.current_thread().name, label,
+                               (start - self.t0) * 1e3,
+                               (time.perf_counter() - self.t0) * 1e3, 0))
+
+        if asyncio.iscoroutinefunction(fn):
+            @functools.wraps(fn)
+            async def timed_async(*args: Any, **kwargs: Any) -> Any:
+                start = time.perf_counter()
+                try:
+                    return await fn(*args, **kwargs)
+                finally:
+                    record(start)
+            return timed_async
+
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                record(start)
+        return timed
+
+    def summary(self, threads: bool, done_ms: float, cpu_ms: float | None = None,
+                **marks: float) -> dict[str, Any]:
         """``marks``, when the first and the last ``writev`` of a data file's piece (not a
-        small file's) ran, ``done_ms``; with ``threads``, :meth:`by_thread` too."""
+        small file's) ran, ``done_ms``, ``cpu_ms`` if given; with ``threads``,
+        :meth:`by_thread` too."""
         writes = [(s, e) for _t, name, s, e, n in self.calls if name == "writev" and n >= PIECE // 2]
         out: dict[str, Any] = {**marks, "first_write_ms": min(s for s, _ in writes),
                                "last_write_ms": max(e for _, e in writes), "done_ms": done_ms}
+        if cpu_ms is not None:
+            out["cpu_ms"] = cpu_ms
         if threads:
             out["threads"] = self.by_thread()
         return out
@@ -79,26 +147,30 @@ class _Calls:
             row[2] += 1
             row[3] += n
             row[4] += e - s
-        return [f"  {t:24s} {name:6s} {s:8.2f} .. {e:8.2f} ms  {c:4d} calls  "
+        return [f"  {t:24s} {name:34s} {s:8.2f} .. {e:8.2f} ms  {c:4d} calls  "
                 f"{n / 2**20:7.2f} MiB  {busy:7.2f} ms in them"
                 for (t, name), (s, e, c, n, busy) in sorted(rows.items(), key=lambda r: r[1][0])]
 
 
-def one_save(workload: str, quick: bool, threads: bool) -> dict[str, Any]:
+def one_save(workload: str, quick: bool, threads: bool, phases: bool = False) -> dict[str, Any]:
     tree, _expected, _nbytes, _count = build_tree(workload, quick)
     root = Path(tempfile.mkdtemp(prefix="ckpt_async_timeline_", dir=os.environ.get("TMPDIR")))
     try:
         warm_up("ckpt_async", root)
         impl = make_impl("ckpt_async", root / "run")  # (the benchmark's save, as it makes it)
         calls = _Calls()
+        if phases:
+            calls.time_phases()
+        cpu = time.process_time()
         impl.save(tree)
         returned = (time.perf_counter() - calls.t0) * 1e3
         impl.wait()
         done = (time.perf_counter() - calls.t0) * 1e3
+        cpu = (time.process_time() - cpu) * 1e3
         impl.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return calls.summary(threads, returned_ms=returned, done_ms=done)
+    return calls.summary(threads or phases, returned_ms=returned, done_ms=done, cpu_ms=cpu)
 
 
 def _groups(views: list[memoryview]) -> list[list[memoryview]]:
@@ -175,17 +247,20 @@ def main() -> None:
     parser.add_argument("--separate", action="store_true",
                         help="the bare writer's threads write a file each")
     parser.add_argument("--threads", action="store_true", help="each thread's calls too")
+    parser.add_argument("--phases", action="store_true",
+                        help="each thread's calls and the steps of the save (PHASES) too")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         result = (one_bare(args.workload, args.quick, args.separate, args.threads) if args.bare
-                  else one_save(args.workload, args.quick, args.threads))
+                  else one_save(args.workload, args.quick, args.threads, args.phases))
         print(json.dumps(result))
         return
     command = [sys.executable, __file__, "--one", "--workload", args.workload,
                *(["--quick"] if args.quick else []), *(["--bare"] if args.bare else []),
                *(["--separate"] if args.separate else []),
-               *(["--threads"] if args.threads else [])]
+               *(["--threads"] if args.threads else []),
+               *(["--phases"] if args.phases else [])]
     runs = []
     for _ in range(args.repeats):
         proc = subprocess.run(command, capture_output=True, text=True)
