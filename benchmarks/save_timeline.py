@@ -23,6 +23,9 @@ copies, without anything else a checkpoint does. Medians of the repeats are prin
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
+import importlib
 import json
 import os
 import shutil
@@ -65,31 +68,18 @@ WRITEBACK_STEP = 2 << 20
 
 
 class _Calls:
-    """Wraps ``os.writev`` and ``os.fsync``: each call's start and end (ms from ``t0``),
-    thread and bytes."""
+    """Wraps ``os.writev`` and ``os.fsync`` (and with :meth:`time_phases` the steps of a
+    save): each call's start and end (ms from ``t0``), thread and bytes."""
 
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
         self.calls: list[tuple[str, str, float, float, int]] = []
         for name in ("writev", "fsync"):
-            setattr(os, name, self._wrap(name, getattr(os, name)))
-
-    def _wrap(self, name: str, fn: Any) -> Any:
-        def timed(*args: Any) -> Any:
-            start = time.perf_counter()
-            result = fn(*args)
-            end = time.perf_counter()
-            self.calls.append((threading.current_thread().name, name,
-                               (start - self.t0) * 1e3, (end - self.t0) * 1e3,
-                               result if name == "writev" else 0))
-            return result
-        return timed
+            setattr(os, name, self._timed(name, getattr(os, name), counts_bytes=name == "writev"))
 
     def time_phases(self) -> None:
         """Wraps each of :data:`PHASES` so that its calls are recorded as the ``writev`` and
         ``fsync`` calls are (0 bytes)."""
-        import importlib
-
         for module, attr in PHASES:
             owner: Any = importlib.import_module(module)
             *path, name = attr.split(".")
@@ -97,32 +87,33 @@ class _Calls:
                 owner = getattr(owner, part)
             setattr(owner, name, self._timed(attr, getattr(owner, name)))
 
-    def _timed(self, label: str, fn: Any) -> Any:
-        import asyncio
-        import functools
-
-        def record(start: float) -> None:
+    def _timed(self, label: str, fn: Any, counts_bytes: bool = False) -> Any:
+        """``fn`` (a function or a coroutine function), each call recorded under ``label``
+        (with ``counts_bytes``, its result as the bytes)."""
+        def record(start: float, result: Any) -> None:
             self.calls.append((threading.current_thread().name, label,
-                               (start - self.t0) * 1e3,
-                               (time.perf_counter() - self.t0) * 1e3, 0))
+                               (start - self.t0) * 1e3, (time.perf_counter() - self.t0) * 1e3,
+                               result if counts_bytes and isinstance(result, int) else 0))
 
         if asyncio.iscoroutinefunction(fn):
             @functools.wraps(fn)
             async def timed_async(*args: Any, **kwargs: Any) -> Any:
-                start = time.perf_counter()
+                start, result = time.perf_counter(), None
                 try:
-                    return await fn(*args, **kwargs)
+                    result = await fn(*args, **kwargs)
+                    return result
                 finally:
-                    record(start)
+                    record(start, result)
             return timed_async
 
         @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
+            start, result = time.perf_counter(), None
             try:
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
+                return result
             finally:
-                record(start)
+                record(start, result)
         return timed
 
     def summary(self, threads: bool, done_ms: float, cpu_ms: float | None = None,
