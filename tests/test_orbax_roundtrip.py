@@ -8,6 +8,8 @@ import enum
 import json
 import math
 import os
+import threading
+import time
 import zlib
 
 import jax
@@ -137,6 +139,21 @@ def test_a_save_that_found_the_page_cache_slow_restores_in_orbax(tmp_path, mesh,
     monkeypatch.setattr(_ocdbt, "WATCH_BYTES", 1)
     monkeypatch.setattr(_serialize, "WATCH_MIN_BYTES", 0)
     monkeypatch.setattr(_stage, "BATCH_BYTES", 1)  # (an array a batch)
+    # The batches are added to the database by their writer threads, concurrently: every one
+    # but the first waits until the first has found the page cache slow (else all of them
+    # may be added before that, as seen on Python 3.13, and share one data file).
+    real_add, added, lock = _ocdbt.DatabaseWriter.add, [], threading.Lock()
+
+    def add_once_slow(self, values, **kwargs):
+        with lock:
+            first = not added
+            added.append(len(values))
+        deadline = time.monotonic() + 10
+        while not first and not self.direct and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return real_add(self, values, **kwargs)
+
+    monkeypatch.setattr(_ocdbt.DatabaseWriter, "add", add_once_slow)
     state = make_state(mesh)
     state["big"] = np.arange(5000, dtype=np.float32)
     with ocp.StandardCheckpointer() as ckptr:
