@@ -142,15 +142,13 @@ def test_a_save_that_found_the_page_cache_slow_restores_in_orbax(tmp_path, mesh,
     # The batches are added to the database by their writer threads, concurrently: every one
     # but the first waits until the first has found the page cache slow (else all of them
     # may be added before that, as seen on Python 3.13, and share one data file).
-    real_add, added, lock = _ocdbt.DatabaseWriter.add, [], threading.Lock()
+    real_add, first_taken = _ocdbt.DatabaseWriter.add, threading.Lock()
 
     def add_once_slow(self, values, **kwargs):
-        with lock:
-            first = not added
-            added.append(len(values))
-        deadline = time.monotonic() + 10
-        while not first and not self.direct and time.monotonic() < deadline:
-            time.sleep(0.001)
+        if not first_taken.acquire(blocking=False):  # (held from the first add on)
+            deadline = time.monotonic() + 10
+            while not self.direct and time.monotonic() < deadline:
+                time.sleep(0.001)
         return real_add(self, values, **kwargs)
 
     monkeypatch.setattr(_ocdbt.DatabaseWriter, "add", add_once_slow)
