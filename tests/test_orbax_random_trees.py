@@ -5,11 +5,16 @@ Fortran order, 0-d to 3-d, zero-size included), jax arrays on one device or shar
 2 x 2 mesh, Python scalars and None, in 13 dtypes. The tree is saved by each library and
 restored by the other (and by ckpt_async itself), without a target and into one; then both
 libraries restore ckpt_async's checkpoint into a second target that casts floats and ints and
-moves arrays onto other shardings, and must give the same bits. Written by hand, the other
-tests of the format pin single cases; these cover their combinations.
+moves arrays onto other shardings, and must give the same bits. A second test saves seeded
+PyTreeSave trees (strings, bools, int dict keys, namedtuples, None and empty containers too)
+with both libraries and restores each without a target: every reader must see what Orbax
+sees in its own checkpoint. Written by hand, the other tests of the format pin single cases;
+these cover their combinations.
 """
 
 from __future__ import annotations
+
+import collections
 
 import jax
 import ml_dtypes
@@ -159,3 +164,72 @@ def test_random_trees_both_ways_with_casts_and_reshards(tmp_path, mesh, seed):
                 assert np.dtype(got.dtype) == np.dtype(want.dtype), key
             if isinstance(want, jax.ShapeDtypeStruct) and want.sharding is not None:
                 assert got.sharding.is_equivalent_to(want.sharding, len(want.shape)), key
+
+
+PairTuple = collections.namedtuple("PairTuple", ["alpha", "beta"])
+
+
+def _pytree_leaf(rng: np.random.Generator):
+    x = rng.random()
+    if x < 0.45:
+        dtype = [np.float32, np.int32, ml_dtypes.bfloat16, np.uint8, np.float64][rng.integers(5)]
+        shape = tuple(int(rng.integers(1, 5)) for _ in range(int(rng.integers(0, 3))))
+        value = np.asarray(rng.standard_normal(shape) * 10).astype(dtype)
+        return value if rng.random() < 0.5 or dtype == np.float64 else jax.device_put(value)
+    if x < 0.55:
+        return float(rng.standard_normal())
+    if x < 0.65:
+        return int(rng.integers(-5, 5))
+    if x < 0.72:
+        return bool(rng.random() < 0.5)
+    if x < 0.80:
+        return f"s{rng.integers(100)}"
+    return [None, {}, [], ()][int(rng.integers(4))]
+
+
+def random_pytree(rng: np.random.Generator, depth: int = 0):
+    """Containers PyTreeSave takes (str and int dict keys, lists, tuples, namedtuples) over
+    arrays, Python scalars, strings, None and empty containers."""
+    r = rng.random()
+    if depth >= 3 or r < 0.3:
+        return _pytree_leaf(rng)
+    children = [random_pytree(rng, depth + 1) for _ in range(int(rng.integers(1, 4)))]
+    if r < 0.6:
+        return {f"k{i}": c for i, c in enumerate(children)}
+    if r < 0.7:
+        return dict(enumerate(children))
+    if r < 0.8:
+        return children
+    return tuple(children) if r < 0.9 else PairTuple(children[0], children[-1])
+
+
+def describe(tree):
+    """Containers (their types and keys), leaf types and leaf bytes, comparable with ==."""
+    if isinstance(tree, dict):
+        return "dict", sorted(((type(k).__name__, str(k)), describe(v)) for k, v in tree.items())
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree).__name__, [describe(v) for v in tree]
+    if isinstance(tree, list | tuple):
+        return type(tree).__name__, [describe(v) for v in tree]
+    if isinstance(tree, np.ndarray | jax.Array | np.generic):
+        a = np.asarray(tree)
+        return ("jax.Array" if isinstance(tree, jax.Array) else type(tree).__name__,
+                str(a.dtype), a.shape, a.tobytes())
+    return type(tree).__name__, repr(tree)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_random_pytrees_restore_without_a_target_as_orbax_restores_them(tmp_path, seed):
+    """Orbax reads ckpt_async's PyTreeSave as it reads its own, and ckpt_async reads Orbax's
+    as Orbax does: the same containers, keys, leaf types and bytes."""
+    tree = {"root": random_pytree(np.random.default_rng(seed))}
+    for name, library in LIBRARIES.items():
+        with library.PyTreeCheckpointer() as ckptr:
+            ckptr.save(tmp_path / name, args=library.args.PyTreeSave(tree))
+    restored = {}
+    for reader, library in LIBRARIES.items():
+        for writer in LIBRARIES:
+            with library.PyTreeCheckpointer() as ckptr:
+                restored[reader, writer] = describe(ckptr.restore(tmp_path / writer))
+    assert restored["orbax", "ckpt_async"] == restored["orbax", "orbax"]
+    assert restored["ckpt_async", "orbax"] == restored["orbax", "orbax"]
