@@ -785,3 +785,31 @@ def test_an_interrupted_sync_call_cancels_its_engine_task_first() -> None:
         signal.signal(signal.SIGINT, before)
     events.append("interrupt raised")
     assert events == ["stopped", "interrupt raised"]
+
+
+def test_a_finished_commit_leaves_no_timer_on_the_engine_loop(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """Each commit with a timeout sets a timer for half of it (its priority raised then). Once
+    the commit is done the timer is cancelled: left to fire 10 minutes later (the default
+    timeout's half), each save's timer and the context it ran in stayed alive until then."""
+    rt = get_runtime()
+    timers: list[asyncio.TimerHandle] = []
+    call_later = rt.loop.call_later
+
+    def recording(delay, callback, *args, context=None):
+        timers.append(call_later(delay, callback, *args, context=context))
+        return timers[-1]
+
+    monkeypatch.setattr(rt.loop, "call_later", recording)
+    state = {"a": np.arange(64, dtype=np.float32)}
+    with ocp.CheckpointManager(tmp_path / "m") as mngr:  # (Orbax's default timeout, 1200 s)
+        for step in range(5):
+            mngr.save(step, args=ocp.args.StandardSave(state))
+        mngr.wait_until_finished()
+    # (the half-timeout timers and any other of the commits' timeouts: minutes away)
+    later = [t for t in timers if t.when() - rt.loop.time() > 300]
+    assert len(later) >= 5
+    deadline = time.monotonic() + 5  # (cancelled on the engine loop, soon after each commit)
+    while not all(t.cancelled() for t in later) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(t.cancelled() for t in later)
