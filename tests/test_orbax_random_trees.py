@@ -8,7 +8,9 @@ libraries restore ckpt_async's checkpoint into a second target that casts floats
 moves arrays onto other shardings, and must give the same bits. A second test saves seeded
 PyTreeSave trees (strings, bools, int dict keys, namedtuples, None and empty containers too)
 with both libraries and restores each without a target: every reader must see what Orbax
-sees in its own checkpoint. Written by hand, the other tests of the format pin single cases;
+sees in its own checkpoint. A third restores random parts of random trees
+(``partial_restore=True``, restore args for each leaf) from either library's checkpoint, and
+ckpt_async must give what Orbax gives. Written by hand, the other tests of the format pin single cases;
 these cover their combinations.
 """
 
@@ -233,3 +235,41 @@ def test_random_pytrees_restore_without_a_target_as_orbax_restores_them(tmp_path
                 restored[reader, writer] = describe(ckptr.restore(tmp_path / writer))
     assert restored["orbax", "ckpt_async"] == restored["orbax", "orbax"]
     assert restored["ckpt_async", "orbax"] == restored["orbax", "orbax"]
+
+
+def _pruned(rng: np.random.Generator, tree):
+    """``tree`` with some keys of each dict left out (at least one kept)."""
+    if isinstance(tree, dict):
+        keys = [k for k in tree if rng.random() < 0.6] or list(tree)[:1]
+        return {k: _pruned(rng, tree[k]) for k in keys}
+    return tree
+
+
+def _restore_args(library, tree):
+    def args(x):
+        if isinstance(x, jax.Array):
+            return library.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype)
+        if isinstance(x, np.ndarray):
+            return library.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype)
+        return library.RestoreArgs()
+    return jax.tree.map(args, tree)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_partial_restores_give_what_orbax_gives(tmp_path, mesh, seed):
+    """``PyTreeRestore(partial_restore=True)`` of a random part of a random tree, with restore
+    args for each leaf, from either library's checkpoint: ckpt_async's result is Orbax's."""
+    rng = np.random.default_rng(seed)
+    tree = {name: random_tree(rng, mesh, allow_empty=False) for name in ("a", "b", "c")}
+    tree = {k: v for k, v in tree.items() if v is not None} or {"a": np.arange(3)}
+    part = _pruned(rng, tree)
+    for writer, library in LIBRARIES.items():
+        with library.PyTreeCheckpointer() as ckptr:
+            ckptr.save(tmp_path / writer, args=library.args.PyTreeSave(tree))
+        restored = {}
+        for reader, lib in LIBRARIES.items():
+            args = lib.args.PyTreeRestore(item=part, restore_args=_restore_args(lib, part),
+                                          partial_restore=True)
+            with lib.PyTreeCheckpointer() as ckptr:
+                restored[reader] = describe(ckptr.restore(tmp_path / writer, args=args))
+        assert restored["ckpt_async"] == restored["orbax"], writer
