@@ -916,3 +916,21 @@ def test_empty_nodes_restore_as_saved_and_from_checkpoints_without_their_entries
     assert ckptr.restore(tmp_path / "c")["opt_state"][2] == {}  # (as 0.1.0 restored it)
     with pytest.raises(ocp.errors.StructureMismatchError):  # (a leaf with data still counts)
         ckptr.restore(tmp_path / "c", {**state, "extra": jnp.zeros(1)})
+
+
+def test_an_empty_dict_in_a_partial_restore_item_reads_none_of_that_subtree(tmp_path):
+    """``PyTreeRestore(item, partial_restore=True)`` with ``{}`` where the checkpoint has a
+    subtree: ckpt_async gives ``{}`` there and reads the rest; Orbax refuses such an item (the
+    migration note's "More is accepted")."""
+    tree = {"a": {"x": np.arange(3), "y": np.ones(2)}, "b": np.arange(4.0)}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave(tree))
+    part = {"a": {}, "b": np.zeros(4)}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        out = ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(item=part,
+                                                                         partial_restore=True))
+    assert out["a"] == {} and set(out) == {"a", "b"}
+    assert_bits_equal(out["b"], tree["b"])
+    with orbax.PyTreeCheckpointer() as ckptr, pytest.raises(TypeError):
+        ckptr.restore(tmp_path / "c", args=orbax.args.PyTreeRestore(item=part,
+                                                                    partial_restore=True))
