@@ -25,6 +25,7 @@ import ckpt_async._commit as ca_commit
 import ckpt_async.aio
 from ckpt_async import _format as fmt
 from ckpt_async import _storage
+from ckpt_async._runtime import CommitFuture
 from ckpt_async.errors import (
     ClosedError,
     CommitError,
@@ -227,6 +228,31 @@ def test_failed_commit_is_raised_and_leaves_no_step(tmp_path, monkeypatch, raise
     assert steps_on_disk(tmp_path) == ["1"]
     with ocp.CheckpointManager(tmp_path) as reopened:
         assert_tree_equal(reopened.restore(1), tree(1))
+
+
+def test_a_failure_the_future_shows_is_already_in_the_manager(tmp_path, monkeypatch):
+    """Done callbacks run after ``result()`` has returned to its waiters. The manager records
+    a failed commit before: a caller that has just seen the future fail finds the step gone
+    from the listing and the failure in ``check_for_errors()``, however late the callbacks
+    run (here each future's 0.3 s late)."""
+    invoke = CommitFuture._invoke_callbacks
+
+    def late(self):
+        time.sleep(0.3)
+        invoke(self)
+
+    monkeypatch.setattr(CommitFuture, "_invoke_callbacks", late)
+    fail_commit_of(monkeypatch, "2")
+    mngr = ocp.CheckpointManager(tmp_path)
+    mngr.save(1, args=ocp.args.StandardSave(tree(1)))
+    mngr.wait_until_finished()
+    mngr.save(2, args=ocp.args.StandardSave(tree(2)))
+    with pytest.raises(CommitError):
+        mngr.commit_future(2).result(LIMIT_S)
+    assert mngr.all_steps() == [1]
+    with pytest.raises(CommitError):
+        mngr.check_for_errors()
+    mngr.close()
 
 
 def test_failed_commit_raised_by_async_face(tmp_path, monkeypatch):

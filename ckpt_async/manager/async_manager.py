@@ -535,7 +535,7 @@ class AsyncCheckpointManager:
         self._futures[step] = fut
         self._checkpoints = [c for c in candidates if c not in to_remove]
         self._forget_retired_futures()
-        fut.add_done_callback(lambda f: self._on_done(step, f, to_remove))  # type: ignore[arg-type]
+        fut.on_settle(lambda exc: self._on_done(step, exc, to_remove))
         if not self.options.enable_async_checkpointing:
             self._checkpointer.hurry()  # (the caller waits for it)
             await fut
@@ -627,10 +627,11 @@ class AsyncCheckpointManager:
             if not self._roles.multi:  # (with several processes: by the save's precheck)
                 self._raise_failure()
 
-    def _on_done(self, step: int, fut: CommitFuture, removed: list[CheckpointInfo]) -> None:
-        """Runs when a commit ends (any thread): a failed step leaves the listing, and the
-        steps it would have retired come back (they were never deleted)."""
-        exc = fut.exception()
+    def _on_done(self, step: int, exc: BaseException | None,
+                 removed: list[CheckpointInfo]) -> None:
+        """Runs when a commit ends, before its future tells anyone (any thread): a failed
+        step leaves the listing, and the steps it would have retired come back (they were
+        never deleted)."""
         if exc is None:
             return
         self._failures.append(exc)
