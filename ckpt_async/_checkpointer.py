@@ -318,7 +318,20 @@ class AsyncCheckpointer:
         frozen = contextlib.ExitStack()
         fut: CommitFuture | None = None
         try:
-            tmp = await self._start(path, sync, clear_leftovers, precheck)
+            starting = asyncio.ensure_future(self._start(path, sync, clear_leftovers, precheck))
+            try:
+                tmp = await asyncio.shield(starting)
+            except asyncio.CancelledError as exc:
+                # The directory is made in a thread, which a cancelled caller does not stop:
+                # once the start has ended, what it made is removed (else a cancelled save
+                # could leave its temporary directory behind until the next manager opened).
+                started = (await asyncio.gather(starting, return_exceptions=True))[0]
+                if not isinstance(started, BaseException):
+                    if sync is not None:
+                        await sync.arrive("written", exc)
+                    if sync is None or roles.is_primary:
+                        await _commit.abort(started)
+                raise
             try:
                 with gc_paused():  # no full collection in the middle of the blocking part
                     writer = await adapt(self.handler).stage(tmp, args)

@@ -324,6 +324,40 @@ def test_cancelling_an_awaited_save_while_it_stages_abandons_it(tmp_path, monkey
     assert steps_on_disk(tmp_path) == ["4"]
 
 
+def test_a_save_cancelled_while_its_directory_is_made_leaves_none(tmp_path, monkeypatch):
+    """The temporary directory is made in a worker thread, which a cancelled caller does not
+    stop: the save waits for it and removes it before the caller hears CancelledError. (It
+    was left behind: 0-3 of 4 managers saving concurrently, some saves cancelled, kept one.)"""
+    real = ca_commit.create_tmp
+    made = threading.Event()  # (set on the engine loop, read on this test's own)
+
+    async def create_tmp(final):
+        tmp = await real(final)
+        made.set()
+        await asyncio.sleep(0.5)  # (the caller is cancelled here, the directory made)
+        return tmp
+
+    monkeypatch.setattr(ca_commit, "create_tmp", create_tmp)
+
+    async def main():
+        async with ckpt_async.aio.AsyncCheckpointManager(tmp_path) as mngr:
+            task = asyncio.create_task(mngr.save(3, args=ocp.args.StandardSave(tree(3))))
+            assert await asyncio.to_thread(made.wait, LIMIT_S)
+            assert [n for n in os.listdir(tmp_path) if "tmp" in n]  # (it is there now)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert os.listdir(tmp_path) == []
+            assert mngr.all_steps() == [] and not mngr.is_saving_in_progress()
+            monkeypatch.undo()
+            await asyncio.wait_for(await mngr.save(3, args=ocp.args.StandardSave(tree(3))),
+                                   LIMIT_S)
+            return await mngr.restore(3)
+
+    assert_tree_equal(asyncio.run(main()), tree(3))
+    assert steps_on_disk(tmp_path) == ["3"]
+
+
 def test_a_save_waiting_for_an_earlier_commit_is_abandoned_when_cancelled(tmp_path, gate):
     # max_concurrent_saves=1: save(2) waits for step 1's commit; cancelled there (a user's
     # timeout), the caller hears of it at once and step 2 is never written.
