@@ -317,6 +317,14 @@ class AsyncCheckpointer:
         # with the rest, not traversed by a collection at once (4-10 ms for 4,096 arrays).
         frozen = contextlib.ExitStack()
         fut: CommitFuture | None = None
+
+        async def abandon(tmp: AnyPath, exc: BaseException) -> None:
+            """Gives the save up once its directory exists: the others told, it removed."""
+            if sync is not None:  # the others must not wait for this process's part
+                await sync.arrive("written", exc)
+            if sync is None or roles.is_primary:
+                await _commit.abort(tmp)
+
         try:
             starting = asyncio.ensure_future(self._start(path, sync, clear_leftovers, precheck))
             try:
@@ -327,10 +335,7 @@ class AsyncCheckpointer:
                 # could leave its temporary directory behind until the next manager opened).
                 started = (await asyncio.gather(starting, return_exceptions=True))[0]
                 if not isinstance(started, BaseException):
-                    if sync is not None:
-                        await sync.arrive("written", exc)
-                    if sync is None or roles.is_primary:
-                        await _commit.abort(started)
+                    await abandon(started, exc)
                 raise
             try:
                 with gc_paused():  # no full collection in the middle of the blocking part
@@ -341,10 +346,7 @@ class AsyncCheckpointer:
                     # (named as the caller, and the other processes, know it: the temporary
                     # directory is gone)
                     exc.args = (exc.args[0].replace(str(tmp), str(path)), *exc.args[1:])
-                if sync is not None:  # the others must not wait for this process's part
-                    await sync.arrive("written", exc)
-                if sync is None or roles.is_primary:
-                    await _commit.abort(tmp)
+                await abandon(tmp, exc)
                 raise
             meta = step_metadata or fmt.StepMetadata()
             meta.init_timestamp_nsecs = meta.init_timestamp_nsecs or init_ns
