@@ -3,15 +3,15 @@
 Each seed builds a tree of nested dicts, lists and tuples whose leaves are NumPy arrays (C and
 Fortran order, 0-d to 3-d, zero-size included), jax arrays on one device or sharded over the
 2 x 2 mesh, Python scalars and None, in 13 dtypes. The tree is saved by each library and
-restored by the other (and by ckpt_async itself), without a target and into one; then both
-libraries restore ckpt_async's checkpoint into a second target that casts floats and ints and
+restored by both libraries, without a target and into one; then both restore each
+checkpoint into a second target that casts floats and ints and
 moves arrays onto other shardings, and must give the same bits. A second test saves seeded
 PyTreeSave trees (strings, bools, int dict keys, namedtuples, None and empty containers too)
 with both libraries and restores each without a target: every reader must see what Orbax
 sees in its own checkpoint. A third restores random parts of random trees
 (``partial_restore=True``, restore args for each leaf) from either library's checkpoint, and
-ckpt_async must give what Orbax gives. Written by hand, the other tests of the format pin single cases;
-these cover their combinations.
+ckpt_async must give what Orbax gives. Written by hand, the other tests of the format pin
+single cases; these cover their combinations.
 """
 
 from __future__ import annotations
@@ -101,6 +101,16 @@ def assert_same_leaves(got, expected, where: str) -> None:
             assert_bits_equal(got_leaves[key], value)
 
 
+def assert_placed_as(got, target) -> None:
+    """Each leaf of ``got`` has the dtype of ``target``'s leaf (an array or a
+    ShapeDtypeStruct), and the sharding where the target names one."""
+    for (key, want), leaf in zip(_leaves(target).items(), _leaves(got).values(), strict=True):
+        if isinstance(want, jax.ShapeDtypeStruct | np.ndarray | jax.Array):
+            assert np.dtype(leaf.dtype) == np.dtype(want.dtype), key
+        if getattr(want, "sharding", None) is not None:
+            assert leaf.sharding.is_equivalent_to(want.sharding, len(want.shape)), key
+
+
 def _target(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
                         if isinstance(x, jax.Array) else x, tree)
@@ -149,23 +159,16 @@ def test_random_trees_both_ways_with_casts_and_reshards(tmp_path, mesh, seed):
         _save(writer, path, tree)
         for reader in LIBRARIES:
             assert_same_leaves(_restore(reader, path), tree, f"{writer} -> {reader}")
-            restored = _restore(reader, path, _target(tree))
+            target = _target(tree)
+            restored = _restore(reader, path, target)
             assert_same_leaves(restored, tree, f"{writer} -> {reader}, into a target")
-            for (key, want), got in zip(_leaves(tree).items(), _leaves(restored).values(),
-                                        strict=True):
-                if isinstance(want, jax.Array):
-                    assert got.sharding.is_equivalent_to(want.sharding, want.ndim), key
+            assert_placed_as(restored, target)
 
         recast = jax.tree.map(lambda x: _recast(rng, mesh, x), tree)
         theirs = _restore("orbax", path, recast)
         ours = _restore("ckpt_async", path, recast)
         assert_same_leaves(ours, theirs, f"{writer}'s, cast and resharded, against Orbax's")
-        for (key, want), got in zip(_leaves(recast).items(), _leaves(ours).values(),
-                                    strict=True):
-            if isinstance(want, jax.ShapeDtypeStruct | np.ndarray):
-                assert np.dtype(got.dtype) == np.dtype(want.dtype), key
-            if isinstance(want, jax.ShapeDtypeStruct) and want.sharding is not None:
-                assert got.sharding.is_equivalent_to(want.sharding, len(want.shape)), key
+        assert_placed_as(ours, recast)
 
 
 PairTuple = collections.namedtuple("PairTuple", ["alpha", "beta"])
@@ -209,9 +212,7 @@ def describe(tree):
     """Containers (their types and keys), leaf types and leaf bytes, comparable with ==."""
     if isinstance(tree, dict):
         return "dict", sorted(((type(k).__name__, str(k)), describe(v)) for k, v in tree.items())
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree).__name__, [describe(v) for v in tree]
-    if isinstance(tree, list | tuple):
+    if isinstance(tree, list | tuple):  # (a namedtuple by its class's name)
         return type(tree).__name__, [describe(v) for v in tree]
     if isinstance(tree, np.ndarray | jax.Array | np.generic):
         a = np.asarray(tree)
