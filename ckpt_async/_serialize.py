@@ -35,7 +35,7 @@ from . import _storage as storage
 from ._crc import crc32
 from ._paths import AnyPath, below, kvstore_base
 from ._runtime import BACKGROUND_THREADS, batch_pace, get_runtime, log
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, UnreadableCheckpointError
 
 #: OCDBT data files are split at this size at most (Orbax uses 2 GiB on local filesystems).
 TARGET_DATA_FILE_SIZE = 256 << 20
@@ -1083,9 +1083,9 @@ class ItemReader:
                 spans = [(w[1] - base, w[1] - base + w[2]) for w in run]
                 wanted = [(expected(w[3]) or {}).get(w[4][3][0][0]) for w in run]
                 crcs = [0] * len(run) if any(c is not None for c in wanted) else None
-                got = _ocdbt.read_region(self._data_file(files, path, name, direct=True),
-                                         region.data, base, spans, crcs,
-                                         _ocdbt.DIRECT_READ_PIECE_BYTES)
+                got = self._pread(path, name, _ocdbt.read_region,
+                                  self._data_file(files, path, name, direct=True),
+                                  region.data, base, spans, crcs, _ocdbt.DIRECT_READ_PIECE_BYTES)
                 for k, ((begin, end), (_path, offset, n, name, plan)) in enumerate(
                         zip(spans, run, strict=True)):
                     if got < end:
@@ -1113,6 +1113,8 @@ class ItemReader:
             except FileNotFoundError as exc:
                 raise CorruptCheckpointError(
                     f"{self.item_dir}: key {name!r}: data file {path} is missing") from exc
+            except OSError as exc:
+                raise self._unreadable(path, name, exc) from exc
             files[path, direct] = fd
         return fd
 
@@ -1120,6 +1122,20 @@ class ItemReader:
         return CorruptCheckpointError(
             f"{self.item_dir}: key {name!r}: data file {path} ends inside a chunk "
             f"({length} bytes from {offset})")
+
+    def _unreadable(self, path: str, name: str, exc: OSError) -> UnreadableCheckpointError:
+        return UnreadableCheckpointError(
+            f"{self.item_dir}: key {name!r}: data file {path} cannot be read "
+            f"({exc.strerror or exc})")
+
+    def _pread(self, path: str, name: str, read: Callable[..., int], *args: Any) -> int:
+        """``read(*args)`` (:func:`_ocdbt.read_into` or :func:`_ocdbt.read_region` of data file
+        ``path``), an OS error of it (an I/O error, a directory in the file's place) raised
+        naming the file and the key."""
+        try:
+            return read(*args)
+        except OSError as exc:
+            raise self._unreadable(path, name, exc) from exc
 
     def _read_chunks(self, name: str, plan: LocalPlan, out: np.ndarray,
                      sums: dict[str, int] | None, files: dict[tuple[str, bool], int]) -> bool:
@@ -1144,7 +1160,7 @@ class ItemReader:
                 if length != n:
                     return False
                 fd = self._data_file(files, path, name)
-                if _ocdbt.read_into(fd, [dest], offset, crcs) != n:
+                if self._pread(path, name, _ocdbt.read_into, fd, [dest], offset, crcs) != n:
                     raise self._short(path, name, n, offset)
             if crcs is not None and crcs[0] != expected:
                 bad.append(key)
@@ -1187,7 +1203,7 @@ class ItemReader:
                 views.append(_ocdbt.as_bytes(w[4]))
                 at = w[1] + w[2]
             crcs = [0] * len(views) if any(c is not None for c in wanted) else None
-            got = _ocdbt.read_into(fd, views, start, crcs)
+            got = self._pread(path, run[0][3], _ocdbt.read_into, fd, views, start, crcs)
             for (_path, offset, n, name, buffer, key), slot, want in zip(run, slots, wanted,
                                                                          strict=True):
                 if got < offset - start + n:
@@ -1252,7 +1268,8 @@ class ItemReader:
         with _descriptors() as files:
             fd = self._data_file(files, path, name, direct)
             piece = _ocdbt.DIRECT_READ_PIECE_BYTES if direct else _ocdbt.READ_PIECE_BYTES
-            if _ocdbt.read_region(fd, part, start, [span], crcs, piece) < span[1]:
+            if self._pread(path, name, _ocdbt.read_region, fd, part, start, [span], crcs,
+                           piece) < span[1]:
                 raise self._short(path, name, span[1] - span[0], start + span[0])
         return crcs[0] if crcs is not None else 0
 

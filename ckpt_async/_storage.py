@@ -17,12 +17,14 @@ mapped to ckpt_async errors that name the path, with ``__cause__`` kept.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import functools
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -35,7 +37,7 @@ from . import _objstore
 from ._format import COMMIT_SUCCESS
 from ._paths import AnyPath, StorePath
 from ._runtime import get_runtime
-from .errors import CheckpointNotFoundError, CommitError
+from .errors import CheckpointNotFoundError, CommitError, UnreadableCheckpointError
 
 
 def has_rename(path: Any) -> TypeGuard[Path]:
@@ -180,6 +182,30 @@ async def write_bytes(path: AnyPath, data: bytes, *, durable: bool = True) -> No
         raise CommitError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
+def _replace_sync(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        _write_file(tmp, data, durable=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_path(str(path.parent), directory=True)
+
+
+async def replace_whole(path: AnyPath, data: bytes) -> None:
+    """Writes ``path`` whole or not at all, replacing what is there: a crash at any moment
+    leaves the old file or the new one, never a part (locally a temporary file beside it,
+    fsynced and renamed over it, the directory fsynced; on an object store, one PUT)."""
+    if isinstance(path, StorePath):
+        return await _objstore.write_bytes(path, data)
+    try:
+        await get_runtime().to_thread(_replace_sync, path, data)
+    except OSError as exc:
+        raise CommitError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
 def _write_files_sync(files: list[tuple[Path, bytes]]) -> None:
     made: set[Path] = set()
     for path, data in files:
@@ -212,13 +238,17 @@ async def write_new(path: StorePath, data: bytes) -> None:
 
 
 async def read_bytes(path: AnyPath) -> bytes:
-    """Reads the whole file; a missing file raises CheckpointNotFoundError naming it."""
+    """Reads the whole file; a missing file raises CheckpointNotFoundError naming it, one that
+    cannot be read (an I/O error, no permission, a directory in its place)
+    UnreadableCheckpointError."""
     if isinstance(path, StorePath):
         return await _objstore.read_bytes(path)
     try:
         return await get_runtime().to_thread(Path(path).read_bytes)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, NotADirectoryError) as exc:
         raise CheckpointNotFoundError(f"{path} does not exist") from exc
+    except OSError as exc:
+        raise UnreadableCheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
 async def read_optional(path: AnyPath) -> bytes | None:

@@ -67,6 +67,11 @@ class CorruptCheckpointError(CheckpointError):
     """Raised when stored data or metadata fails to decode or verify."""
 
 
+class UnreadableCheckpointError(CorruptCheckpointError, OSError):
+    """Raised when a checkpoint's file is there but cannot be read (an I/O error, no
+    permission, a directory in its place); names the file."""
+
+
 class CheckpointReplacedError(CheckpointError):
     """Raised when a forced save replaces a checkpoint while it is being read."""
 
@@ -119,5 +124,6 @@ __all__ = [
     "StepAlreadyExistsError",
     "StepNotFoundError",
     "StructureMismatchError",
+    "UnreadableCheckpointError",
     "UnsupportedLeafError",
 ]

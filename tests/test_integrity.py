@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 import ckpt_async as ocp
-from ckpt_async.errors import CorruptCheckpointError
+from ckpt_async.errors import CorruptCheckpointError, UnreadableCheckpointError
 
 
 def _save(path: Path) -> dict:
@@ -114,6 +115,36 @@ def test_truncated_or_missing_data_file(tmp_path, damage):
     with pytest.raises(CorruptCheckpointError) as ei:
         _restore(tmp_path / "c")
     assert str(tmp_path / "c") in str(ei.value)
+    assert not ocp.verify(tmp_path / "c").ok
+
+
+@pytest.mark.parametrize("damage", ["a directory in its place", "an I/O error"])
+def test_a_data_file_that_cannot_be_read_is_named_with_the_key(tmp_path, monkeypatch, damage):
+    _save(tmp_path / "c")
+    f = _largest_data_file(tmp_path / "c")
+    if damage == "an I/O error":  # (as a bad sector gives: the file opens, its reads fail)
+        def preadv(*_args):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        monkeypatch.setattr(os, "preadv", preadv)
+    else:
+        f.unlink()
+        f.mkdir()
+    with pytest.raises(UnreadableCheckpointError) as ei:
+        _restore(tmp_path / "c")
+    assert isinstance(ei.value, OSError)  # (what code written against Orbax catches)
+    assert f"data file {f} cannot be read" in str(ei.value) and "key 'big'" in str(ei.value)
+    if damage == "a directory in its place":  # (verify reads through TensorStore)
+        report = ocp.verify(tmp_path / "c")
+        assert not report.ok and any("array 'big' cannot be read" in p for p in report.problems)
+
+
+@pytest.mark.parametrize("name", ["_METADATA", "_sharding", "_CHECKSUMS"])
+def test_a_document_that_cannot_be_read_is_named(tmp_path, name):
+    _save(tmp_path / "c")
+    (tmp_path / "c" / name).unlink()
+    (tmp_path / "c" / name).mkdir()
+    with pytest.raises(UnreadableCheckpointError, match=f"cannot read {tmp_path / 'c' / name}"):
+        _restore(tmp_path / "c")
     assert not ocp.verify(tmp_path / "c").ok
 
 

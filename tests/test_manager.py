@@ -10,7 +10,12 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import weakref
@@ -693,6 +698,46 @@ def test_step_metadata_and_root_metadata(tmp_path):
         assert mngr.metadata().custom_metadata == {"run": "abc"}  # written once
 
 
+def test_root_metadata_cut_short_is_never_left_behind(tmp_path):
+    # A process killed while it writes _ROOT_METADATA leaves no part of it: the next manager
+    # writes it whole. (Written in place, as Orbax does, a cut-short file stayed for good.)
+    child = textwrap.dedent("""
+        import os, signal, sys
+        import ckpt_async as ocp
+        from ckpt_async import _storage
+        def write_half(path, data, durable):
+            with open(path, "wb") as f:
+                f.write(data[:len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        _storage._write_file = write_half
+        ocp.CheckpointManager(sys.argv[1], metadata={"run": "abc"})
+    """)
+    proc = subprocess.run([sys.executable, "-c", child, str(tmp_path)], timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / fmt.ROOT_METADATA_DIR / fmt.ROOT_METADATA).exists()
+    with ocp.CheckpointManager(tmp_path, metadata={"run": "abc"}) as mngr:
+        assert mngr.metadata().custom_metadata == {"run": "abc"}
+    with ocp.CheckpointManager(tmp_path, ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+        assert mngr.metadata().custom_metadata == {"run": "abc"}
+
+
+def test_root_metadata_left_damaged_is_written_again(tmp_path, caplog):
+    # (as a write of Orbax's, in place, cut short leaves it)
+    with ocp.CheckpointManager(tmp_path, metadata={"run": "abc"}):
+        pass
+    path = tmp_path / fmt.ROOT_METADATA_DIR / fmt.ROOT_METADATA
+    path.write_bytes(path.read_bytes()[:10])
+    with ocp.CheckpointManager(tmp_path, ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+        with pytest.raises(CorruptCheckpointError, match=re.escape(str(path))):
+            mngr.metadata()
+    assert len(path.read_bytes()) == 10  # (a read-only manager writes nothing)
+    with caplog.at_level("WARNING", logger="ckpt_async"), \
+            ocp.CheckpointManager(tmp_path, metadata={"run": "new"}) as mngr:
+        assert mngr.metadata().custom_metadata == {"run": "new"}
+    assert any(str(path) in r.getMessage() for r in caplog.records)
+    assert sorted(os.listdir(path.parent)) == [fmt.ROOT_METADATA]
+
+
 def test_step_prefix_fixed_length_delete_and_reload(tmp_path):
     opts = ocp.CheckpointManagerOptions(step_prefix="ckpt", step_format_fixed_length=4)
     with ocp.CheckpointManager(tmp_path, opts) as mngr:
@@ -898,6 +943,24 @@ def test_a_damaged_step_document_leaves_the_other_steps_usable(tmp_path, caplog)
         with pytest.raises(CorruptCheckpointError, match="_CHECKPOINT_METADATA"):
             mngr.restore(0)
     assert any(str(doc) in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("name", [fmt.CHECKPOINT_METADATA, fmt.STEP_EXTENSION, "metrics/metrics"])
+def test_a_step_document_that_cannot_be_read_leaves_the_other_steps_usable(tmp_path, caplog,
+                                                                          name):
+    # (an I/O error or no permission takes the same path as this directory in its place)
+    options = ocp.CheckpointManagerOptions(best_fn=lambda m: m["loss"])
+    with ocp.CheckpointManager(tmp_path, options) as mngr:
+        for step in range(3):
+            mngr.save(step, args=ocp.args.StandardSave(tree(step)), metrics={"loss": float(step)})
+    doc = tmp_path / "0" / name
+    doc.unlink()
+    doc.mkdir()
+    with caplog.at_level("ERROR", logger="ckpt_async"), \
+            ocp.CheckpointManager(tmp_path, options) as mngr:
+        assert mngr.all_steps() == [0, 1, 2] and mngr.best_step() == 2
+        assert_tree_equal(mngr.restore(2), tree(2))
+    assert any(f"cannot read {doc}" in r.getMessage() for r in caplog.records)
 
 
 def test_registered_item_absent_from_the_checkpoint_is_left_out(tmp_path):

@@ -272,11 +272,16 @@ class AsyncCheckpointManager:
 
     async def _save_root_metadata(self, custom: dict[str, Any]) -> None:
         path = self.directory / fmt.ROOT_METADATA_DIR / fmt.ROOT_METADATA
-        if await storage.exists(path):
-            return  # written by an earlier run; root metadata is written once
+        try:
+            data = await storage.read_optional(path)
+            if data is not None:
+                fmt.decode(data, fmt.RootMetadata, where=str(path))
+                return  # written by an earlier run; root metadata is written once
+        except CorruptCheckpointError as exc:  # (e.g. Orbax's, cut short: it writes in place)
+            log.warning("%s; writing this manager's root metadata in its place", exc)
         await storage.makedirs(path.parent)
-        await storage.write_bytes(path, fmt.encode(fmt.RootMetadata({}, dict(custom)),
-                                                   values=custom))
+        await storage.replace_whole(path, fmt.encode(fmt.RootMetadata({}, dict(custom)),
+                                                     values=custom))
 
     async def _step_names(self, root: Any = None) -> dict[int, str]:
         """Committed steps in ``root`` (default: this manager's directory): step -> name."""
