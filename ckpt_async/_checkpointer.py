@@ -241,6 +241,9 @@ class AsyncCheckpointer:
         #: Where each commit in flight writes (a later save there waits for it).
         self._pending_paths: weakref.WeakKeyDictionary[CommitFuture, AnyPath] = (
             weakref.WeakKeyDictionary())
+        #: Each path a save of ours is under way to, until its commit is among ``_pending``:
+        #: [a lock the saves there take in turn, how many hold it or wait for it].
+        self._saving_to: dict[AnyPath, list[Any]] = {}
         self._closed = False
         self._last_save: float | None = None  # (monotonic) when _save_staged last started
         self._window: PaceWindow | None = None  # how long its commit may be paced
@@ -268,11 +271,6 @@ class AsyncCheckpointer:
             args = make_args(self.handler, "save", args if args is not None else
                              (items[0] if items else None), legacy)
         self._check_args(args, path)
-        # A save to where a commit of ours is still in flight waits for it (as Orbax's waits
-        # for every previous save): otherwise a forced one cleared an object-store prefix the
-        # other was writing, and an unforced one failed only at its commit.
-        for fut in [f for f in self._pending if self._pending_paths.get(f) == path]:
-            await self._outcome(fut)  # (its failure: check_for_errors, below)
 
         async def precheck() -> None:
             self.check_for_errors()
@@ -281,8 +279,23 @@ class AsyncCheckpointer:
                 raise StepAlreadyExistsError(
                     f"{path} already exists; pass force=True to overwrite it")
 
-        return await self._save_staged(path, args, force=force, custom_metadata=custom_metadata,
-                                      clear_leftovers=force, precheck=precheck)
+        # A save to where another of ours is under way waits for it, staging and commit (as
+        # Orbax's waits for every previous save): otherwise a forced one cleared an
+        # object-store prefix the other was writing, two forced ones committed in the order
+        # their writes ended, and an unforced one failed only at its commit.
+        entry = self._saving_to.setdefault(path, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                for fut in [f for f in self._pending if self._pending_paths.get(f) == path]:
+                    await self._outcome(fut)  # (its failure: check_for_errors, in precheck)
+                return await self._save_staged(
+                    path, args, force=force, custom_metadata=custom_metadata,
+                    clear_leftovers=force, precheck=precheck)
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._saving_to[path]
 
     @on_engine
     async def _save_staged(self, path: AnyPath, args: CheckpointArgs, *, force: bool = False,

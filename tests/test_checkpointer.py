@@ -772,6 +772,51 @@ def test_a_save_right_after_cancel_waits_for_the_cancelled_commit(tmp_path, monk
     ckptr.close()
 
 
+@pytest.mark.parametrize("force", [True, False])
+def test_a_save_to_where_another_is_under_way_waits_for_it(tmp_path, monkeypatch, force):
+    # A second save to the same path while the first is still staging: forced, it replaces
+    # the first (the path held the first one's data, whichever commit ended last); unforced,
+    # save() itself raises (the first one failed at its commit).
+    from ckpt_async import _commit
+
+    started, release = threading.Event(), threading.Event()
+    real = _commit.create_tmp
+
+    async def create_tmp(final):
+        tmp = await real(final)
+        if not started.is_set():
+            started.set()
+            await asyncio.to_thread(release.wait, 60)
+        return tmp
+
+    monkeypatch.setattr(_commit, "create_tmp", create_tmp)
+    path = tmp_path / "a"
+    first, second = {"w": np.zeros(4, np.float32)}, {"w": np.ones(4, np.float32)}
+
+    async def main():
+        ckptr = ckpt_async.aio.AsyncCheckpointer(ocp.StandardCheckpointHandler())
+        one = asyncio.create_task(ckptr.save(path, args=ocp.args.StandardSave(first)))
+        assert await asyncio.to_thread(started.wait, 60)
+        two = asyncio.create_task(ckptr.save(path, args=ocp.args.StandardSave(second),
+                                             force=force))
+        await asyncio.sleep(0.05)
+        assert not two.done() and [n for n in os.listdir(tmp_path) if "tmp" in n]
+        release.set()
+        await (await one)
+        if force:
+            await (await two)
+        else:
+            with pytest.raises(StepAlreadyExistsError):
+                await two
+        await ckptr.wait_until_finished()
+        restored = await ckptr.restore(path)
+        await ckptr.close()
+        return restored
+
+    assert_bits_equal(asyncio.run(main())["w"], (second if force else first)["w"])
+    assert os.listdir(tmp_path) == ["a"]
+
+
 def test_a_commit_past_its_last_check_commits_despite_cancel(tmp_path, monkeypatch):
     # A cancel that arrives while the commit renames its directory into place is too late:
     # the step is whole and visible, and its future says so.

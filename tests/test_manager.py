@@ -92,6 +92,101 @@ def gate(monkeypatch):
     return CommitGate(monkeypatch)
 
 
+class StartGate:
+    """Holds the save of chosen steps right after its temporary directory is made (the save
+    under way, its step not listed yet) until released."""
+
+    def __init__(self, monkeypatch):
+        self.started: dict[str, threading.Event] = {}
+        self.release: dict[str, threading.Event] = {}
+        real = ca_commit.create_tmp
+
+        async def create_tmp(final):
+            tmp = await real(final)
+            if final.name in self.release:
+                self.started[final.name].set()
+                await asyncio.to_thread(self.release[final.name].wait, LIMIT_S)
+            return tmp
+
+        monkeypatch.setattr(ca_commit, "create_tmp", create_tmp)
+
+    def hold(self, name: str) -> tuple[threading.Event, threading.Event]:
+        """(set once the save of ``name`` is held, set it to let the save go on)"""
+        self.started[name], self.release[name] = threading.Event(), threading.Event()
+        return self.started[name], self.release[name]
+
+
+@pytest.fixture
+def start_gate(monkeypatch):
+    return StartGate(monkeypatch)
+
+
+def test_a_step_deleted_while_a_later_save_is_under_way_stays_deleted(tmp_path, start_gate):
+    # (the save listed its steps as they were before it staged: step 1 came back, gone from
+    # the disk, and restore(1) of a listed step raised StepNotFoundError)
+    started, release = start_gate.hold("2")
+
+    async def main():
+        async with ckpt_async.aio.AsyncCheckpointManager(tmp_path) as mngr:
+            await (await mngr.save(1, args=ocp.args.StandardSave(tree(1))))
+            save = asyncio.create_task(mngr.save(2, args=ocp.args.StandardSave(tree(2))))
+            assert await asyncio.to_thread(started.wait, LIMIT_S)
+            await mngr.delete(1)
+            release.set()
+            await (await save)
+            assert mngr.all_steps() == [2]
+            return await mngr.restore(2)
+
+    assert_tree_equal(asyncio.run(main()), tree(2))
+    assert steps_on_disk(tmp_path) == ["2"]
+
+
+def test_a_commit_failing_while_the_next_save_is_under_way_leaves_the_listing(
+        tmp_path, monkeypatch, start_gate):
+    fail_commit_of(monkeypatch, "1")
+    started, release = start_gate.hold("2")
+
+    async def main():
+        async with ckpt_async.aio.AsyncCheckpointManager(tmp_path) as mngr:
+            first = await mngr.save(1, args=ocp.args.StandardSave(tree(1)))
+            save = asyncio.create_task(mngr.save(2, args=ocp.args.StandardSave(tree(2))))
+            assert await asyncio.to_thread(started.wait, LIMIT_S)
+            with pytest.raises(CommitError):
+                await first
+            release.set()
+            await (await save)
+            assert mngr.all_steps() == [2] and mngr.latest_step() == 2
+            with pytest.raises(CommitError):
+                await mngr.wait_until_finished()  # (step 1's failure, reported once)
+
+    asyncio.run(main())
+    assert steps_on_disk(tmp_path) == ["2"]
+
+
+def test_close_waits_for_a_save_under_way(tmp_path, start_gate):
+    # (close() returned while the save staged; its commit then ran on the closed manager,
+    # where no one would hear of its failure)
+    started, release = start_gate.hold("1")
+
+    async def main():
+        mngr = ckpt_async.aio.AsyncCheckpointManager(tmp_path)
+        save = asyncio.create_task(mngr.save(1, args=ocp.args.StandardSave(tree(1))))
+        assert await asyncio.to_thread(started.wait, LIMIT_S)
+        closing = asyncio.create_task(mngr.close())
+        await asyncio.sleep(0.05)
+        assert not closing.done()
+        release.set()
+        await asyncio.wait_for(closing, LIMIT_S)
+        assert save.done() and save.result().done()
+        assert steps_on_disk(tmp_path) == ["1"]
+        with pytest.raises(ClosedError):
+            await mngr.save(2, args=ocp.args.StandardSave(tree(2)))
+
+    asyncio.run(main())
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        assert_tree_equal(mngr.restore(1), tree(1))
+
+
 
 def fail_commit_of(monkeypatch, step_name: str):
     """Makes the commit of one step fail (an I/O error in the background)."""

@@ -538,7 +538,12 @@ class AsyncCheckpointManager:
         stats.checkpointer_blocking_duration_secs = time.time() - t
         log.debug("step %d staged in %.3f s", step, stats.checkpointer_blocking_duration_secs)
         self._futures[step] = fut
-        self._checkpoints = [c for c in candidates if c not in to_remove]
+        # (the listing as it is now, not as it was before staging: a delete(), a commit that
+        # failed or a reload() meanwhile stays done)
+        retired = {c.step for c in to_remove}
+        self._checkpoints = [c for c in self._checkpoints if c.step not in retired]
+        if step not in retired:
+            self._checkpoints.append(info)
         self._forget_retired_futures()
         fut.on_settle(lambda exc: self._on_done(step, exc, to_remove))
         if not self.options.enable_async_checkpointing:
@@ -852,6 +857,8 @@ class AsyncCheckpointManager:
         if self._closed:
             return
         self._closed = True
+        async with self._saving:  # (a save under way puts its commit among those waited for;
+            pass                   # those queued behind it find the manager closed)
         await self.wait_until_finished()
 
     @on_engine
