@@ -68,8 +68,7 @@ class CorruptCheckpointError(CheckpointError):
 
 
 class UnreadableCheckpointError(CorruptCheckpointError, OSError):
-    """Raised when a checkpoint's file is there but cannot be read (an I/O error, no
-    permission, a directory in its place); names the file."""
+    """Raised when a checkpoint's file exists but cannot be read (an I/O error, no access)."""
 
 
 class CheckpointReplacedError(CheckpointError):

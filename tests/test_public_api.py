@@ -156,6 +156,7 @@ EXPECTED_BUILTINS: dict[str, set[type[BaseException]]] = {
     "StepNotFoundError": {FileNotFoundError, OSError},
     "ItemNotFoundError": {FileNotFoundError, OSError, KeyError, LookupError},
     "CorruptCheckpointError": set(),
+    "UnreadableCheckpointError": {OSError},
     "CheckpointReplacedError": set(),
     "CommitError": set(),
     "CommitTimeoutError": {TimeoutError, OSError},
