@@ -13,7 +13,7 @@ from .. import _integrity
 from .. import _storage as storage
 from .._paths import AnyPath
 from .._stage import cancel_all
-from ..args import CheckpointArgs, Composite, register_with_handler
+from ..args import CheckpointArgs, Composite, args_classes_for, register_with_handler
 from ..errors import HandlerError, ItemNotFoundError
 from ..multihost import current_roles
 from .base import (
@@ -22,6 +22,7 @@ from .base import (
     Writer,
     adapt,
     engine_method,
+    is_native,
     typestr_of,
 )
 from .registry import DefaultCheckpointHandlerRegistry, handler_for_typestr
@@ -66,20 +67,37 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
     def handler_for_save(self, name: str, args: CheckpointArgs) -> CheckpointHandler:
         return self.registry.resolve(name, args)
 
+    def _none_args(self, name: str, directory: AnyPath) -> tuple[CheckpointHandler, Any]:
+        """An item given as ``None`` to save, as Orbax saves it: its configured (or locked-in)
+        handler is handed no item (a JSON item is written as ``null``; a pytree item refuses
+        it), and without one the save is refused."""
+        handler = self.registry.locked(name)
+        if handler is None:
+            raise HandlerError(
+                f"{directory}: item {name!r} is None and no handler is configured for it; "
+                f"pass its save args (e.g. Composite({name}=JsonSave(...))) or configure its "
+                "handler (item_handlers=)")
+        if not is_native(handler):
+            return handler, None  # (a handler written to Orbax's interface gets args=None)
+        cls = args_classes_for(type(handler)).get("save")
+        if cls is None:
+            raise HandlerError(f"{directory}: item {name!r} is None and its handler, "
+                               f"{type(handler).__name__}, has no save args to take it")
+        return handler, cls(None)
+
     async def stage(self, directory: AnyPath, args: Composite) -> Writer:
-        handlers = {name: self.handler_for_save(name, a) for name, a in args.items()
-                    if a is not None}
-        if not handlers:
+        if not args.items():
             raise HandlerError(f"{directory}: Composite holds no item to save")
+        handlers = {name: (self.handler_for_save(name, a), a) if a is not None
+                    else self._none_args(name, directory) for name, a in args.items()}
         writers: dict[str, Writer] = {}
 
         async def abort() -> None:
             await asyncio.gather(*(w.abort() for w in writers.values()))
 
         try:
-            for name, a in args.items():
-                if a is not None:
-                    writers[name] = await adapt(handlers[name]).stage(directory / name, a)
+            for name, (handler, a) in handlers.items():
+                writers[name] = await adapt(handler).stage(directory / name, a)
         except BaseException:
             await abort()  # (the items staged before this one have started writing)
             raise
@@ -98,11 +116,7 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
         async def finalize() -> None:
             await every(Writer.finalize)
 
-        self.last_item_handlers = {n: typestr_of(h) for n, h in handlers.items()}
-        for name, a in args.items():  # named with None: recorded, restored as None (Orbax)
-            locked = self.registry.locked(name) if a is None else None
-            if locked is not None:
-                self.last_item_handlers[name] = typestr_of(locked)
+        self.last_item_handlers = {n: typestr_of(h) for n, (h, _a) in handlers.items()}
         return Writer(write, sum(w.nbytes for w in writers.values()),
                       sum(w.arrays for w in writers.values()), finalize, abort)
 
@@ -139,8 +153,8 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
     @engine_method
     async def restore(self, directory: AnyPath, args: Composite | None = None) -> Composite:
         """Restores the items ``args`` names; with no args, every stored item, and ``None`` for
-        an item the step's save named with ``None`` (Orbax 0.12: ``Composite(x=None)`` on save
-        records ``x``; an item only registered here, never saved, is left out).
+        an item the step records without a folder (ckpt_async before round 36 saved
+        ``Composite(x=None)`` so; an item only registered here, never saved, is left out).
 
         When ``args`` give every item's restore args, the items' handlers are known from them:
         the items start reading while the step's listing and metadata are read (on a cold
