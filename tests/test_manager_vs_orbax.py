@@ -263,6 +263,15 @@ attempt(lambda: mngr.save(0, args=lib.args.Composite(state=lib.args.StandardSave
 attempt(lambda: mngr.save(1, args=lib.args.Composite(extra=lib.args.JsonSave({"k": 2}))))
 mngr.wait_until_finished()
 outcomes.append(mngr.all_steps())
+mngr = lib.CheckpointManager(root + "/d")
+mngr.save(0, args=lib.args.PyTreeSave(state))
+mngr.wait_until_finished()
+mngr = lib.CheckpointManager(root + "/d")  # (a restore without args locks in what it recorded)
+attempt(lambda: mngr.restore(0))
+attempt(lambda: mngr.restore(0, args=lib.args.StandardRestore()))
+attempt(lambda: mngr.save(1, args=lib.args.StandardSave(state)))
+mngr.wait_until_finished()
+outcomes.append(mngr.all_steps())
 print(json.dumps(outcomes), flush=True)
 os._exit(0)
 """
@@ -279,7 +288,8 @@ def test_handler_lock_in_rules_as_orbax_enforces_them(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         outcomes[lib] = json.loads(done.stdout.strip().splitlines()[-1])
     assert outcomes["ckpt_async"] == outcomes["orbax"] == [
-        "ValueError", "ok", "ValueError", [0], "ValueError", "ok", [1], "ok", "ValueError", [0]]
+        "ValueError", "ok", "ValueError", [0], "ValueError", "ok", [1], "ok", "ValueError", [0],
+        "ok", "ValueError", "ValueError", [0]]
 
 
 # (a process of its own for each library: Orbax's refused saves leave threads behind that

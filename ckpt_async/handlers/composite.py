@@ -148,7 +148,8 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
                 f"(e.g. Composite({name}=StandardRestore())) or register one with "
                 f"handlers.DefaultCheckpointHandlerRegistry().add({name!r}, StandardRestore)"
             )
-        return handler
+        self.registry.add(name, None, handler)  # (locked in, as Orbax locks the handler the
+        return handler                           # checkpoint records when it restores so)
 
     @engine_method
     async def restore(self, directory: AnyPath, args: Composite | None = None) -> Composite:
