@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import datetime
 import json
+import os
 import random
 import subprocess
 import sys
@@ -648,9 +649,27 @@ def _legacy_items_with_item_handlers(lib, d):
     return out
 
 
+def _broadcast_option_against_the_name_format(lib, d):
+    # single_host_load_and_broadcast of the options and of step_name_format must agree
+    fmt = lib.step.standard_name_format
+    out = [_outcome(lambda: lib.CheckpointManagerOptions(
+        single_host_load_and_broadcast=True, step_name_format=fmt()) and "ok"),
+        _outcome(lambda: lib.CheckpointManagerOptions(
+            step_name_format=fmt(single_host_load_and_broadcast=True)) and "ok")]
+    opts = lib.CheckpointManagerOptions(
+        single_host_load_and_broadcast=True,
+        step_name_format=fmt(step_prefix="s", single_host_load_and_broadcast=True))
+    with lib.CheckpointManager(d, options=opts) as m:
+        out.append(m.save(3, args=lib.args.StandardSave({"w": np.ones(2)})))
+        m.wait_until_finished()
+        out.append([m.all_steps(), m.all_steps(read=True), sorted(os.listdir(d))])
+    return out
+
+
 @pytest.mark.parametrize("case", [_policy_beside_legacy_fields, _step_names_and_times,
                                   _metadata_and_arguments, _logger_entries,
-                                  _legacy_checkpointers, _legacy_items_with_item_handlers])
+                                  _legacy_checkpointers, _legacy_items_with_item_handlers,
+                                  _broadcast_option_against_the_name_format])
 def test_manager_calls_answer_as_orbax(tmp_path, case):
     answers = {}
     for name, lib in (("ckpt_async", ca), ("orbax", orbax)):

@@ -41,6 +41,9 @@ class NameFormat:
 
     step_prefix: str | None = None
     step_format_fixed_length: int | None = None
+    #: Orbax's: list steps on one process and broadcast them (accepted, without effect: each
+    #: process lists them; checked against the manager option of that name, as in Orbax).
+    single_host_load_and_broadcast: bool = False
 
     def find_all(self, base_path: Any) -> Iterator[Metadata]:
         """Every committed step under ``base_path`` in this format."""
@@ -80,7 +83,7 @@ def standard_name_format(step_prefix: str | None = None,
     """Steps named ``<step>``, or ``<step_prefix>_<step>``, the step zero-padded to
     ``step_format_fixed_length`` digits (Orbax's; ``single_host_load_and_broadcast`` is
     accepted and has no effect)."""
-    return NameFormat(step_prefix, step_format_fixed_length)
+    return NameFormat(step_prefix, step_format_fixed_length, single_host_load_and_broadcast)
 
 
 def is_custom(name_format: Any) -> bool:
@@ -109,7 +112,8 @@ def name_format_of(given: Any) -> Any:
     if not callable(build):
         raise InvalidArgumentError(f"{where}: {given!r} has no build_name(step)")
     ours = NameFormat(getattr(given, "step_prefix", None),
-                      getattr(given, "step_format_fixed_length", None))
+                      getattr(given, "step_format_fixed_length", None),
+                      bool(getattr(given, "single_host_load_and_broadcast", False)))
     if hasattr(given, "step_prefix") and all(build(s) == ours.build_name(s)
                                              for s in (0, 7, 123456)):
         return ours

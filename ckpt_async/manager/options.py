@@ -94,6 +94,16 @@ class CheckpointManagerOptions:
         if self.step_name_format is not None:
             _overridden(self, "step_name_format",
                         {"step_prefix": None, "step_format_fixed_length": None})
+        # (both ways, as Orbax checks them)
+        by_format = bool(getattr(self.step_name_format, "single_host_load_and_broadcast", False))
+        if self.single_host_load_and_broadcast and self.step_name_format and not by_format:
+            raise InvalidArgumentError(
+                "CheckpointManagerOptions.single_host_load_and_broadcast=True requires "
+                "step_name_format.single_host_load_and_broadcast=True")
+        if by_format and not self.single_host_load_and_broadcast:
+            raise InvalidArgumentError(
+                "step_name_format.single_host_load_and_broadcast=True but "
+                "CheckpointManagerOptions.single_host_load_and_broadcast=False; set it to True")
         if self.enable_per_process_directory_creation and \
                 self.multiprocessing_options.primary_host is not None:
             raise InvalidArgumentError(
