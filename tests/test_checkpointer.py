@@ -245,6 +245,32 @@ def test_sharded_arrays_restore_with_their_sharding(tmp_path, mesh, spec):
             assert_bits_equal(s_out.data, s_in.data)
 
 
+@pytest.mark.parametrize("how", ["RestoreArgs()", "RestoreArgs(dtype)", "ArrayRestoreArgs()",
+                                 "ArrayRestoreArgs(global_shape)", "its metadata as target"])
+def test_a_restore_naming_no_sharding_places_arrays_as_they_were_saved(tmp_path, mesh, how):
+    # As Orbax places them, from the checkpoint's _sharding (they went to the default device)
+    tree = {"w": jax.device_put(np.arange(32, dtype=np.float32).reshape(8, 4),
+                                NamedSharding(mesh, PartitionSpec("x", "y"))),
+            "k": jax.device_put(np.arange(4, dtype=np.float32), jax.devices()[2])}
+    args = {"RestoreArgs()": lambda _: ocp.RestoreArgs(),
+            "RestoreArgs(dtype)": lambda _: ocp.RestoreArgs(dtype=np.float16),
+            "ArrayRestoreArgs()": lambda _: ocp.ArrayRestoreArgs(),
+            "ArrayRestoreArgs(global_shape)": lambda x: ocp.ArrayRestoreArgs(
+                global_shape=(x.shape[0] + 2, *x.shape[1:]), strict=False)}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave(tree))
+        if how == "its metadata as target":
+            out = ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(
+                ckptr.metadata(tmp_path / "c").item_metadata.tree))
+        else:
+            out = ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(
+                tree, restore_args=jax.tree.map(args[how], tree)))
+    for key, value in tree.items():
+        assert out[key].sharding == value.sharding, key
+        n = value.shape[0]
+        assert_bits_equal(np.asarray(out[key])[:n].astype(np.float32), np.asarray(value))
+
+
 def test_restore_into_shape_dtype_struct_places_and_casts(tmp_path, mesh):
     x = np.arange(32, dtype=np.float32).reshape(8, 4)
     target_sharding = NamedSharding(mesh, PartitionSpec("y", "x"))

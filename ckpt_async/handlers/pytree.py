@@ -1410,9 +1410,11 @@ class _Reader:
             return rtype(arr.item())
         if rarg is not None and rarg.restore_type is np.ndarray:  # (ArrayRestoreArgs' too)
             return arr
+        # (a jax.Array whose restore names no sharding is placed as it was saved, as Orbax
+        # places it: its sharding, where this process has its devices)
         if isinstance(rarg, ArrayRestoreArgs) or (rarg is not None and rarg.restore_type is jax.Array):
             sharding = rarg.resolved_sharding() if isinstance(rarg, ArrayRestoreArgs) else None
-            return _put(arr, sharding)
+            return _put(arr, self._saved_sharding(name) if sharding is None else sharding)
         if isinstance(tleaf, (jax.Array, jax.ShapeDtypeStruct)):
             sharding = getattr(tleaf, "sharding", None)
             if sharding is None and vt in ("np.ndarray", "scalar"):
@@ -1421,7 +1423,7 @@ class _Reader:
                 sharding = self._saved_sharding(name)
             return _put(arr, sharding)
         if isinstance(tleaf, ArrayMetadata) and not isinstance(tleaf, ScalarMetadata):
-            return _put(arr, None) if tleaf.sharding is not None else arr
+            return _put(arr, self._saved_sharding(name)) if tleaf.sharding is not None else arr
         if isinstance(tleaf, np.ndarray):
             return arr
         if isinstance(tleaf, np.generic):
@@ -1431,7 +1433,7 @@ class _Reader:
         if self._is_scalar(name, vt):
             return self._scalar(name, arr)
         if vt == "jax.Array":
-            return _put(arr, None)
+            return _put(arr, self._saved_sharding(name))
         return arr
 
     def _param(self, name: str, vt: str) -> tuple[TypeHandler, ParamInfo]:
