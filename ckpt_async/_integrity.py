@@ -191,26 +191,67 @@ async def _pytree_plan(item: AnyPath, report: VerifyReport) -> tuple[Any, Any, l
     return tree_doc, sums, names
 
 
-async def _verify_json(item: AnyPath, report: VerifyReport) -> None:
+#: Files of a folder that are not its documents: the commit marker, the checksums, and the
+#: step's own documents (checked on their own).
+_NOT_DOCUMENTS = (fmt.COMMIT_SUCCESS, CHECKSUMS, fmt.CHECKPOINT_METADATA, fmt.STEP_EXTENSION)
+
+
+def _is_proto(typestr: str | None, name: str) -> bool:
+    """Whether a document is a protocol buffer message in text format (a ProtoSave item's)."""
+    return name.endswith(".pbtxt") or (typestr or "").endswith(".ProtoCheckpointHandler")
+
+
+async def _verify_documents(item: AnyPath, names: list[str], typestr: str | None,
+                            report: VerifyReport) -> None:
+    """Checks the documents ``names`` of an item: each against its checksum where one is
+    recorded, and decoded (JSON; a protocol buffer's text format as text)."""
     try:
         sums = await read_checksums(item)
     except CheckpointError as exc:
         report.problems.append(str(exc))
         return
-    checked, problems = report.documents_checked, len(report.problems)
-    for name in sorted(await storage.listdir(item)):
-        if name in (fmt.COMMIT_SUCCESS, CHECKSUMS) or await storage.is_dir(item / name):
-            continue
+    for name in names:
         try:
             data = await storage.read_bytes(item / name)
             check_document(item, name, data, sums)
-            fmt.decode(data, Any, where=f"{item / name}: invalid JSON")
+            if not _is_proto(typestr, name):
+                fmt.decode(data, Any, where=f"{item / name}: invalid JSON")
+            else:  # (the message's class is not recorded: its text is what can be checked)
+                try:
+                    data.decode()
+                except UnicodeDecodeError as exc:
+                    raise CorruptCheckpointError(f"{item / name}: not a protocol buffer "
+                                                 f"message in text format ({exc})") from None
             report.documents_checked += 1
         except CheckpointError as exc:
             report.problems.append(str(exc))
-    if report.documents_checked == checked and len(report.problems) == problems:
-        report.problems.append(f"{item}: neither a pytree item (no {fmt.PYTREE_METADATA}) nor "
-                               "a JSON item (no document): nothing to check")
+
+
+async def _check_folder(folder: AnyPath, typestr: str | None, report: VerifyReport,
+                        plans: dict[Any, Any]) -> bool:
+    """Checks one item's folder by what it holds: a pytree item (its documents now, its arrays
+    planned in ``plans``), a composite of parts (a random key item: its key, a pytree, and the
+    key's JSON description, each checked so), or documents (a JSON or proto item). False when
+    it holds nothing to check."""
+    from .manager._steps import is_leftover
+
+    if await _is_pytree(folder):
+        plans[folder] = await _pytree_plan(folder, report)
+        return True
+    if await _holds_arrays(folder):
+        report.problems.append(f"{folder / fmt.PYTREE_METADATA}: missing (the item holds "
+                               "array data, which cannot be read without it)")
+        return True
+    names = sorted(await storage.listdir(folder))
+    parts = [n for n in await storage.listdirs(folder) if not is_leftover(n)]
+    if parts:
+        for name in sorted(parts):
+            if not await _check_folder(folder / name, None, report, plans):
+                report.problems.append(f"{folder / name}: holds nothing to check")
+        return True
+    documents = [n for n in names if n not in _NOT_DOCUMENTS and not is_leftover(n)]
+    await _verify_documents(folder, documents, typestr, report)
+    return bool(documents)
 
 
 async def _is_pytree(item: AnyPath) -> bool:
@@ -240,6 +281,48 @@ def verify(path: Any, progress: Callable[[int, int], None] | None = None) -> Ver
     return get_runtime().call(averify, path, progress)
 
 
+async def manager_steps(root: AnyPath) -> list[AnyPath]:
+    """The steps of a manager's directory ``root`` that :func:`verify` checks: every folder
+    holding ``_CHECKPOINT_METADATA`` or a commit marker (committed steps whose
+    ``_CHECKPOINT_METADATA`` is gone included), and every folder it cannot list (reported,
+    not skipped); not the leftovers of a save or delete that did not finish, which no manager
+    lists, nor other folders. Empty when ``root`` is itself a checkpoint."""
+    from .manager._steps import is_leftover
+
+    names = await storage.listdir(root)
+    if any(n in names for n in (fmt.CHECKPOINT_METADATA, fmt.PYTREE_METADATA,
+                                fmt.COMMIT_SUCCESS)):
+        return []
+
+    async def is_step(name: str) -> bool:
+        try:
+            inside = await storage.listdir(root / name)
+        except NotADirectoryError:
+            return False
+        except OSError:
+            return await storage.is_dir(root / name)
+        return fmt.CHECKPOINT_METADATA in inside or fmt.COMMIT_SUCCESS in inside
+
+    return [root / n for n in sorted(names) if not is_leftover(n) and await is_step(n)]
+
+
+async def averify_step(step: AnyPath,
+                       progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """Checks one step of a manager's directory (one of :func:`manager_steps`), as
+    :func:`verify` of the directory does: a step it cannot read, or whose
+    ``_CHECKPOINT_METADATA`` is gone, is reported, not raised."""
+    report = VerifyReport(step)
+    try:
+        if not await storage.exists(step / fmt.CHECKPOINT_METADATA):
+            report.problems.append(f"{step / fmt.CHECKPOINT_METADATA}: missing (without it "
+                                   "a restore must name every item's args)")
+        report.add(await averify(step, progress))
+    except (CheckpointError, OSError) as exc:
+        report.problems.append(f"{step}: cannot be read ({exc})" if isinstance(exc, OSError)
+                               else str(exc))
+    return report
+
+
 @on_engine
 async def averify(path: Any, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
     """The coroutine behind :func:`verify` (``ckpt_async.aio.verify``)."""
@@ -249,53 +332,41 @@ async def averify(path: Any, progress: Callable[[int, int], None] | None = None)
     report = VerifyReport(root)
     if not await storage.is_dir(root):
         raise CheckpointNotFoundError(f"checkpoint {root} does not exist")
-    if not any([await storage.exists(root / name) for name in (
-            fmt.CHECKPOINT_METADATA, fmt.PYTREE_METADATA, fmt.COMMIT_SUCCESS)]):
-        # A manager's directory: every step in it (as the CLI's verify does), committed ones
-        # whose _CHECKPOINT_METADATA is gone included; not the leftovers of a save or delete
-        # that did not finish, which no manager lists. Its step folders are not items, and
-        # taken for items they held nothing to check.
-        steps = [root / n for n in sorted(await storage.listdir(root))
-                 if not is_leftover(n) and (
-                     await storage.exists(root / n / fmt.CHECKPOINT_METADATA)
-                     or await storage.exists(root / n / fmt.COMMIT_SUCCESS))]
-        for step in steps:
-            if not await storage.exists(step / fmt.CHECKPOINT_METADATA):
-                report.problems.append(f"{step / fmt.CHECKPOINT_METADATA}: missing (without it "
-                                       "a restore must name every item's args)")
-            report.add(await averify(step, progress))
-        if steps:
-            return report
-    items: list[AnyPath] = []
-    leftovers = 0
-    if await _is_pytree(root) or await _holds_arrays(root):
-        items = [root]
-    else:
-        for name in sorted(await storage.listdir(root)):
-            if is_leftover(name):  # (an unfinished save's or delete's: no item)
-                leftovers += 1
-            elif await storage.is_dir(root / name):
-                items.append(root / name)
+    # A manager's directory: every step in it (as the CLI's verify does). Its step folders
+    # are not items, and taken for items they held nothing to check.
+    steps = await manager_steps(root)
+    for step in steps:
+        report.add(await averify_step(step, progress))
+    if steps:
+        return report
+    metadata = None
     if await storage.exists(root / fmt.CHECKPOINT_METADATA):
         try:
-            await read_step_metadata(root)
+            metadata, _ext = await read_step_metadata(root)
             report.documents_checked += 1
         except CheckpointError as exc:
             report.problems.append(str(exc))
-    if not items:
-        report.problems.append(f"{root}: no checkpoint items found" + (
-            f" (only {leftovers} leftover(s) of a save or delete that did not finish)"
-            if leftovers else ""))
+    handlers = metadata.item_handlers if metadata is not None else None
     plans: dict[Any, Any] = {}
-    for item in items:
-        report.items_checked += 1
-        if await _is_pytree(item):
-            plans[item] = await _pytree_plan(item, report)
-        elif await _holds_arrays(item):
-            report.problems.append(f"{item / fmt.PYTREE_METADATA}: missing (the item holds "
-                                   "array data, which cannot be read without it)")
+    items = [n for n in await storage.listdirs(root) if not is_leftover(n)]
+    if await _is_pytree(root) or await _holds_arrays(root) or not items:
+        # one item: the checkpoint's own folder (a pytree, or a document: a JSON item)
+        single = handlers if isinstance(handlers, str) else None
+        if await _check_folder(root, single, report, plans):
+            report.items_checked += 1
         else:
-            await _verify_json(item, report)
+            leftovers = sum(map(is_leftover, await storage.listdir(root)))
+            report.problems.append(f"{root}: no checkpoint items found" + (
+                f" (only {leftovers} leftover(s) of a save or delete that did not finish)"
+                if leftovers else ""))
+        items = []
+    for name in sorted(items):
+        report.items_checked += 1
+        typestr = handlers.get(name) if isinstance(handlers, dict) else None
+        if not await _check_folder(root / name, typestr, report, plans):
+            report.problems.append(f"{root / name}: neither a pytree item (no "
+                                   f"{fmt.PYTREE_METADATA}) nor a document item (no "
+                                   "document): nothing to check")
     total = sum(len(p[2]) for p in plans.values() if p is not None)
     done = 0
     for item, plan in plans.items():

@@ -41,6 +41,7 @@ from .errors import CheckpointError, InvalidArgumentError, StepAlreadyExistsErro
 from .handlers import JsonCheckpointHandler, PyTreeCheckpointHandler, StandardCheckpointHandler
 from .handlers._legacy import AGGREGATE_FILE
 from .handlers.base import call_handler
+from .handlers.json_handler import read_document
 from .manager import _steps
 
 T = TypeVar("T")
@@ -212,7 +213,7 @@ class Item:
 
     name: str | None
     path: AnyPath
-    kind: str  # "pytree" | "json" | "unknown"
+    kind: str  # "pytree" | "json" | "proto" | "random_key" | "unknown"
     typestr: str | None = None
 
     @property
@@ -236,13 +237,20 @@ def _kind_of(typestr: str | None, keys: list[str], name: str) -> str:
         return "pytree"
     if tail == "JsonCheckpointHandler":
         return "json"
+    if tail == "ProtoCheckpointHandler":
+        return "proto"
+    if tail in ("JaxRandomKeyCheckpointHandler", "NumpyRandomKeyCheckpointHandler"):
+        return "random_key"
     if fmt.PYTREE_METADATA in keys or _first_format(keys, name):
         return "pytree"
     if typestr is None:
         files, dirs = _split(keys)
         docs = [f for f in files if f not in _NOT_DOCUMENTS]
-        if len(docs) == 1 and not dirs:
-            return "json"  # a JSON item (Orbax names its file after the item or `metadata`)
+        if len(docs) == 1 and not dirs:  # (any other lone file is no item's)
+            if docs[0].endswith(".pbtxt"):
+                return "proto"
+            if docs[0] in (fmt.JSON_ITEM, name):
+                return "json"  # a JSON item (Orbax names its file after the item or `metadata`)
     return "unknown"
 
 
@@ -255,15 +263,15 @@ async def _items_of(path: AnyPath, doc: fmt.StepMetadata | None) -> list[Item]:
     keys = await storage.listfiles(path)
     files, dirs = _split(keys)
     handlers = doc.item_handlers if doc is not None else None
-    if isinstance(handlers, str) or (handlers is None and (
+    single = handlers if isinstance(handlers, str) else None
+    if handlers is None:  # one item's folder? its handler is recorded in the step above
+        with contextlib.suppress(CheckpointError, OSError):
+            above = await step_doc(path.parent)
+            if above is not None and isinstance(above.item_handlers, dict):
+                single = above.item_handlers.get(path.name)
+    if single is not None or (handlers is None and (
             fmt.PYTREE_METADATA in files or _first_format(keys, path.name)
-            or (not dirs and _kind_of(None, keys, path.name) == "json"))):
-        single = handlers
-        if single is None:  # one item's folder: its handler is recorded in the step above
-            with contextlib.suppress(CheckpointError, OSError):
-                above = await step_doc(path.parent)
-                if above is not None and isinstance(above.item_handlers, dict):
-                    single = above.item_handlers.get(path.name)
+            or (not dirs and _kind_of(None, keys, path.name) != "unknown"))):
         return [Item(None, path, _kind_of(single, keys, path.name), single)]
     recorded = handlers if isinstance(handlers, dict) else {}
     items = []
@@ -347,6 +355,26 @@ async def json_document(item: Item) -> Any:
         raise CLIError(f"{item.path}: the JSON item holds no document")
     preferred = [f for f in docs if f in (fmt.JSON_ITEM, item.path.name)]
     return await read_json_item(item.path, (preferred or docs)[0])
+
+
+async def proto_text(item: Item) -> str:
+    """The text format of a ProtoSave item's message (checked against its ``_CHECKSUMS``)."""
+    files, _dirs = _split(await storage.listfiles(item.path))
+    docs = sorted(f for f in files if f.endswith(".pbtxt")) or ["proto.pbtxt"]
+    data = await read_document(item.path, docs[0], "proto")
+    return data.decode(errors="replace")
+
+
+async def random_key_parts(item: Item) -> tuple[Item, Any]:
+    """A random key item's two parts: its key (a pytree item) and the key's description."""
+    _files, dirs = _split(await storage.listfiles(item.path))
+    desc = [d for d in dirs if d.endswith("_metadata")]
+    keys = [d for d in dirs if d not in desc]
+    if len(desc) != 1 or len(keys) != 1:
+        raise CLIError(f"{item.path}: a random key item holds its key and <key>_metadata/ "
+                       f"(found: {', '.join(sorted(dirs)) or 'nothing'})")
+    return (Item(keys[0], item.path / keys[0], "pytree"),
+            await read_json_item(item.path / desc[0], fmt.JSON_ITEM))
 
 
 def _is_namedtuple(x: Any) -> bool:
@@ -554,6 +582,11 @@ async def cmd_show(a: argparse.Namespace, out: Any) -> int:
             entry["bytes"] = sum(r.get("bytes", 0) for r in recs)
         elif item.kind == "json":
             entry["document"] = await json_document(item)
+        elif item.kind == "proto":
+            entry["text"] = await proto_text(item)
+        elif item.kind == "random_key":
+            key, entry["document"] = await random_key_parts(item)
+            entry["leaves"] = await item_records(key)
         result["items"].append(entry)
     if a.json:
         _print_json(result, out)
@@ -570,11 +603,14 @@ async def cmd_show(a: argparse.Namespace, out: Any) -> int:
             print(f"{name}  [{entry['handler']}]  {entry['arrays']} arrays, "
                   f"{human_bytes(entry['bytes'])}", file=out)
             _print_tree(entry["leaves"], out)
-        elif entry["kind"] == "json":
-            text = json.dumps(entry["document"])
+        elif entry["kind"] in ("json", "proto", "random_key"):
+            text = entry.get("text") or json.dumps(entry["document"])
+            text = " ".join(text.split())
             if len(text) > 200:
                 text = text[:197] + "..."
             print(f"{name}  [{entry['handler']}]  {text}", file=out)
+            if entry["kind"] == "random_key":
+                _print_tree(entry["leaves"], out)
         else:
             print(f"{name}  [{entry['handler']}]  (not inspected: unknown handler)", file=out)
     return 0
@@ -634,22 +670,24 @@ class Progress:
 async def cmd_verify(a: argparse.Namespace, out: Any) -> int:
     path = location(a.path)
     await check_dir(path)
-    steps = (await _steps.scan_dir(path, a.step_prefix)).steps
-    if a.step is None and steps and not await is_checkpoint(path):
-        targets: list[tuple[int | None, AnyPath]] = [(s, path / n) for s, n in steps.items()]
-    else:
+    # (a manager directory's steps, each checked, as ckpt_async.verify checks them)
+    steps = [] if a.step is not None else [
+        (parsed[1] if parsed else None, p) for p in await _integrity.manager_steps(path)
+        if (parsed := _steps.parse_step(p.name, a.step_prefix)) or a.step_prefix is None]
+    check = _integrity.averify_step
+    if not steps:
         p, s = await resolve_checkpoint(path, a.step, a.step_prefix)
-        targets = [(s, p)]
+        steps, check = [(s, p)], _integrity.averify
     prog_out = sys.stderr if a.json else out
     tty = bool(getattr(prog_out, "isatty", lambda: False)())
     results = []
     failed = False
-    for step, target in targets:
+    for step, target in steps:
         label = f"step {step}" if step is not None else str(target)
         bar = None if a.quiet else Progress(f"verifying {label}", prog_out, tty,
                                             in_bytes=False)  # averify() counts arrays
         try:
-            report = await _integrity.averify(target, bar)
+            report = await check(target, bar)
         finally:
             if bar is not None:
                 bar.close()

@@ -231,6 +231,73 @@ def test_verify_fails_on_corruption(capsys, run_dir, tmp_path, damage):
     assert "failed" in err and "Traceback" not in err
 
 
+def test_verify_and_show_random_key_proto_and_json_only_checkpoints(capsys, tmp_path):
+    from google.protobuf import duration_pb2
+    with ocp.CheckpointManager(tmp_path / "run") as mngr:
+        mngr.save(1, args=ocp.args.Composite(
+            rng=ocp.args.JaxRandomKeySave(jax.random.key(0)),
+            np_rng=ocp.args.NumpyRandomKeySave(np.random.get_state()),
+            spec=ocp.args.ProtoSave(duration_pb2.Duration(seconds=5)),
+            extra=ocp.args.JsonSave({"i": 1})))
+    ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(tmp_path / "doc",
+                                                       args=ocp.args.JsonSave({"a": 1}))
+    for path in ("run", "run/1/extra", "run/1/rng", "run/1/spec", "doc"):
+        code, out, err = run(capsys, "verify", "-q", tmp_path / path)
+        assert code == 0 and out.startswith("OK") and err == "", (path, out, err)
+    code, doc, _ = run_json(capsys, "show", tmp_path / "run")
+    items = {i["name"]: i for i in doc["items"]}
+    assert items["spec"]["kind"] == "proto" and items["spec"]["text"] == "seconds: 5\n"
+    assert items["rng"]["kind"] == "random_key"
+    assert items["rng"]["document"] == {"typed": True, "impl": "threefry2x32"}
+    assert [(r["dtype"], r["shape"]) for r in items["rng"]["leaves"]] == [("uint32", [2])]
+    code, out, _ = run(capsys, "show", tmp_path / "run")
+    assert code == 0 and "unknown handler" not in out
+    assert "spec  [ProtoCheckpointHandler]  seconds: 5" in out
+
+
+def test_a_directory_that_is_no_checkpoint_is_said_to_hold_none(capsys, tmp_path):
+    (tmp_path / "proj" / "notes").mkdir(parents=True)
+    (tmp_path / "proj" / "notes" / "readme.txt").write_text("hello")
+    (tmp_path / "proj" / "src").mkdir()
+    (tmp_path / "proj" / "src" / "a.py").write_text("x = 1")
+    for command in ("show", "verify", "diff"):
+        extra = [tmp_path / "proj"] if command == "diff" else []
+        code, out, err = run(capsys, command, tmp_path / "proj", *extra)
+        assert (code, out, err) == (
+            1, "",
+            f"ckpt-async {command}: error: {tmp_path / 'proj'} holds no checkpoint and no "
+            "steps\n")
+
+
+def test_verify_of_a_manager_directory_agrees_with_the_library(capsys, tmp_path, monkeypatch):
+    # A step without _CHECKPOINT_METADATA used to pass, an empty step-named folder to fail, and
+    # a step that could not be read stopped the command.
+    with ocp.CheckpointManager(tmp_path / "run") as mngr:
+        for step in (1, 2, 3):
+            mngr.save(step, args=ocp.args.StandardSave({"w": np.ones(4)}))
+    (tmp_path / "run" / "1" / "_CHECKPOINT_METADATA").unlink()
+    (tmp_path / "run" / "7").mkdir()
+    code, doc, err = run_json(capsys, "verify", "-q", tmp_path / "run")
+    assert code == 1 and [(c["step"], c["ok"]) for c in doc["checkpoints"]] == [
+        (1, False), (2, True), (3, True)]
+    assert doc["checkpoints"][0]["problems"] == ocp.verify(tmp_path / "run").problems
+    assert err == "verify: 1 of 3 checkpoint(s) failed\n"
+
+    from ckpt_async import _storage
+    listdir, bad = _storage.listdir, tmp_path / "run" / "2"
+
+    async def denied(path):
+        if path == bad:
+            raise PermissionError(13, "Permission denied", str(path))
+        return await listdir(path)
+
+    monkeypatch.setattr(_storage, "listdir", denied)
+    code, out, err = run(capsys, "verify", "-q", tmp_path / "run")
+    assert code == 1 and err == "verify: 2 of 3 checkpoint(s) failed\n"
+    assert f"FAIL  step 2: 0 arrays, 0 B checked\n  problem: {bad}: cannot be read" in out
+    assert out.rstrip().splitlines()[-1] == "OK  step 3: 1 arrays, 32 B checked"
+
+
 def test_verify_missing_path(capsys, tmp_path):
     code, _, err = run(capsys, "verify", tmp_path / "nope")
     assert code == 1 and "does not exist" in err and len(err.strip().splitlines()) == 1

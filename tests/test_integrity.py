@@ -258,3 +258,70 @@ def test_a_region_is_checked_against_the_chunks_it_holds(tmp_path):
     region[0, 0] += 1
     with pytest.raises(CorruptCheckpointError, match=r"'w' fails its checksum \(chunks 1\.1\)"):
         asyncio.run(_integrity.check_array(tmp_path, "w", region, sums, origin=(4, 3)))
+
+
+def _other_items(path: Path) -> None:
+    import jax
+    from google.protobuf import duration_pb2
+    with ocp.CheckpointManager(path) as mngr:
+        mngr.save(1, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"w": np.ones(3)}),
+            rng=ocp.args.JaxRandomKeySave(jax.random.key(0)),
+            np_rng=ocp.args.NumpyRandomKeySave(np.random.get_state()),
+            spec=ocp.args.ProtoSave(duration_pb2.Duration(seconds=5))))
+
+
+def test_verify_checks_random_key_and_proto_items(tmp_path):
+    # They used to fail a healthy checkpoint: "nothing to check", "proto.pbtxt: invalid JSON".
+    _other_items(tmp_path / "run")
+    step = tmp_path / "run" / "1"
+    report = ocp.verify(step)
+    assert report.ok, report.problems
+    assert report.items_checked == 4 and report.arrays_checked == 1 + 1 + 4  # (the state name is a string)
+    for item in ("rng", "spec"):
+        assert ocp.verify(step / item).ok
+    (step / "spec" / "proto.pbtxt").write_bytes(b"seconds: 6\n")
+    desc = step / "rng" / "jax_random_key_metadata" / "metadata"
+    desc.write_bytes(desc.read_bytes().replace(b"true", b"false"))
+    problems = ocp.verify(tmp_path / "run").problems
+    assert problems == [f"{step / 'rng' / 'jax_random_key_metadata' / 'metadata'}: checksum "
+                        "mismatch (the file is damaged)",
+                        f"{step / 'spec' / 'proto.pbtxt'}: checksum mismatch (the file is "
+                        "damaged)"]
+
+
+def test_verify_checks_json_only_checkpoints_and_items(tmp_path):
+    import orbax.checkpoint as orbax
+    ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(tmp_path / "doc",
+                                                       args=ocp.args.JsonSave({"a": 1}))
+    ckptr = orbax.Checkpointer(orbax.JsonCheckpointHandler())
+    ckptr.save(tmp_path / "odoc", args=orbax.args.JsonSave({"a": 1}))
+    with ocp.CheckpointManager(tmp_path / "run") as mngr:
+        mngr.save(1, args=ocp.args.Composite(extra=ocp.args.JsonSave({"i": 1})))
+    for path in ("doc", "odoc", "run", "run/1", "run/1/extra"):
+        report = ocp.verify(tmp_path / path)
+        assert report.ok and report.items_checked == 1 and report.documents_checked >= 1, (
+            path, report.problems)
+    (tmp_path / "doc" / "metadata").write_bytes(b'{"a": 2}')
+    assert ocp.verify(tmp_path / "doc").problems == [
+        f"{tmp_path / 'doc' / 'metadata'}: checksum mismatch (the file is damaged)"]
+
+
+def test_verify_of_a_manager_directory_reports_an_unreadable_step_and_goes_on(
+        tmp_path, monkeypatch):
+    from ckpt_async import _storage
+    with ocp.CheckpointManager(tmp_path / "run") as mngr:
+        for step in (1, 2, 3):
+            mngr.save(step, args=ocp.args.StandardSave({"w": np.ones(4)}))
+    listdir = _storage.listdir
+    bad = tmp_path / "run" / "2"
+
+    async def denied(path):
+        if path == bad:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return await listdir(path)
+
+    monkeypatch.setattr(_storage, "listdir", denied)
+    report = ocp.verify(tmp_path / "run")
+    assert report.items_checked == 2 and report.arrays_checked == 2
+    assert len(report.problems) == 1 and report.problems[0].startswith(f"{bad}: cannot be read")
