@@ -259,6 +259,22 @@ async def is_checkpoint(path: AnyPath) -> bool:
             or await storage.exists(path / fmt.PYTREE_METADATA))
 
 
+async def scan(directory: AnyPath, prefix: str | None) -> _steps.DirView:
+    """The steps and leftovers of a manager directory (``_steps.scan_dir``), real steps only:
+    none in a checkpoint's own folder (its items' folders are no steps) and, without
+    ``prefix``, a ``<prefix>_<step>`` name only when it is a committed checkpoint's folder and
+    no step of the directory is a bare number (a ``tensorboard_1/`` or a ``ckpt_000200/``
+    beside steps ``20/``, ``30/`` is none: a manager names all its steps one way)."""
+    if await is_checkpoint(directory):
+        return _steps.DirView({}, [])
+    view = await _steps.scan_dir(directory, prefix)
+    if prefix is None:
+        bare = {s: n for s, n in view.steps.items() if n.isdigit()}
+        view.steps = bare or {s: n for s, n in view.steps.items() if await is_checkpoint(
+            directory / n) or await storage.exists(directory / n / fmt.COMMIT_SUCCESS)}
+    return view
+
+
 async def _items_of(path: AnyPath, doc: fmt.StepMetadata | None) -> list[Item]:
     keys = await storage.listfiles(path)
     files, dirs = _split(keys)
@@ -307,7 +323,7 @@ async def resolve_checkpoint(path: AnyPath, step: int | None,
     if step is None and await is_checkpoint(path):
         await _check_committed(path)
         return path, None
-    steps = (await _steps.scan_dir(path, prefix)).steps
+    steps = (await scan(path, prefix)).steps
     if not steps:
         if step is not None:
             raise CLIError(f"{path} holds no steps")
@@ -511,7 +527,7 @@ def _fmt_metrics(m: Any) -> str:
 async def cmd_ls(a: argparse.Namespace, out: Any) -> int:
     directory = location(a.dir)
     await check_dir(directory)
-    view = await _steps.scan_dir(directory, a.step_prefix)
+    view = await scan(directory, a.step_prefix)
     steps = await _gather([_step_entry(s, directory / n) for s, n in view.steps.items()])
     found = await leftovers(directory, view)
     if a.json:
@@ -526,7 +542,8 @@ async def cmd_ls(a: argparse.Namespace, out: Any) -> int:
     for lo in found:
         rows.append([lo["name"], f"leftover ({lo['kind']})", _size(lo["bytes"]), "-", "-"])
     if len(rows) == 1:
-        print(f"{directory}: no steps", file=out)
+        what = " (a checkpoint, not a manager directory)" if await is_checkpoint(directory) else ""
+        print(f"{directory}: no steps{what}", file=out)
         return 0
     _table(rows, out)
     sizes = [s["bytes"] for s in steps]
@@ -836,7 +853,7 @@ async def cmd_diff(a: argparse.Namespace, out: Any) -> int:
 async def cmd_gc(a: argparse.Namespace, out: Any) -> int:
     directory = location(a.dir)
     await check_dir(directory)
-    found = await leftovers(directory, await _steps.scan_dir(directory, a.step_prefix))
+    found = await leftovers(directory, await scan(directory, a.step_prefix))
     if a.older_than > 0:
         ageless = [lo["name"] for lo in found if lo["mtime"] is None]
         if ageless:

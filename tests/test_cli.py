@@ -122,6 +122,33 @@ def test_ls_step_prefix(capsys, tmp_path):
     assert doc["steps"] == []
 
 
+def test_only_real_step_directories_are_steps(capsys, tmp_path, orbax_ckpt):
+    # Any <anything>_<digits> folder used to be a step: a tensorboard_1/ beside the steps, a
+    # ckpt_000200/ chosen over the latest step 40, an Orbax checkpoint's ocdbt.process_0/.
+    run_ = tmp_path / "run"
+    with ocp.CheckpointManager(run_) as mngr:
+        for step in (20, 40):
+            mngr.save(step, args=ocp.args.StandardSave({"w": np.ones(2)}))
+    opts = ocp.CheckpointManagerOptions(step_prefix="ckpt", step_format_fixed_length=6)
+    with ocp.CheckpointManager(run_, options=opts) as mngr:
+        mngr.save(200, args=ocp.args.StandardSave({"w": np.ones(2)}))
+    (run_ / "tensorboard_1").mkdir()
+    _, doc, _ = run_json(capsys, "ls", run_)
+    assert [(s["step"], s["name"]) for s in doc["steps"]] == [(20, "20"), (40, "40")]
+    _, doc, _ = run_json(capsys, "show", run_)
+    assert doc["step"] == 40
+    _, doc, _ = run_json(capsys, "ls", run_, "--step-prefix", "ckpt")
+    assert [s["name"] for s in doc["steps"]] == ["ckpt_000200"]
+    (run_ / "20").rename(tmp_path / "20")
+    (run_ / "40").rename(tmp_path / "40")  # only prefixed steps: the committed ones count
+    _, doc, _ = run_json(capsys, "ls", run_)
+    assert [s["name"] for s in doc["steps"]] == ["ckpt_000200"]
+    assert (orbax_ckpt / "ocdbt.process_0").is_dir()
+    code, out, _ = run(capsys, "ls", orbax_ckpt)
+    assert (code, out) == (0, f"{orbax_ckpt}: no steps (a checkpoint, not a manager "
+                              "directory)\n")
+
+
 # -- show --------------------------------------------------------------------------------------
 
 
