@@ -1129,6 +1129,20 @@ def _rebuild(tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> Any:
     return _tree.unflatten(meta["skeleton"], value)
 
 
+async def _check_replaceable(dest: AnyPath) -> None:
+    """Raises CLIError unless ``import --force`` may replace ``dest``: an empty directory or
+    one single checkpoint, never a manager directory nor anything else."""
+    if not await storage.is_dir(dest):
+        raise CLIError(f"{dest} is not a directory; --force replaces only a checkpoint")
+    if not await storage.listdir(dest):
+        return
+    if steps := (await scan(dest, None)).steps or await _integrity.manager_steps(dest):
+        raise CLIError(f"{dest} is a manager directory ({len(steps)} step(s)); --force "
+                       "replaces only a single checkpoint")
+    if not await is_checkpoint(dest):
+        raise CLIError(f"{dest} is not a checkpoint; --force replaces only a checkpoint")
+
+
 async def cmd_import(a: argparse.Namespace, out: Any) -> int:
     from . import args as ocp_args
 
@@ -1137,6 +1151,8 @@ async def cmd_import(a: argparse.Namespace, out: Any) -> int:
     if not a.force and await storage.exists(dest):
         # (on an object store a save clears a prefix that holds no committed checkpoint)
         raise CLIError(f"{dest} exists; pass --force to overwrite it")
+    if a.force and await storage.exists(dest):
+        await _check_replaceable(dest)
     tensors, metadata = await get_runtime().to_thread(read_safetensors, source)
     custom = None
     if META_KEY in metadata:

@@ -535,3 +535,35 @@ def test_python_dash_m(run_dir):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert [s["step"] for s in json.loads(proc.stdout)["steps"]] == [0, 10, 20]
+
+
+def test_import_force_replaces_only_a_checkpoint(capsys, tmp_path, monkeypatch):
+    # --force used to delete whatever --to named: a manager directory, unrelated files, `.`.
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp_path / "src", args=ocp.args.StandardSave({"x": np.zeros(3)}))
+    ckptr.save(tmp_path / "old", args=ocp.args.StandardSave({"y": np.ones(2)}))
+    ckptr.close()
+    assert run(capsys, "export", tmp_path / "src", "--to", tmp_path / "m.safetensors")[0] == 0
+    with ocp.CheckpointManager(tmp_path / "run") as mngr:
+        mngr.save(1, args=ocp.args.StandardSave({"w": np.ones(2)}))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.txt").write_text("keep")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "notes")
+    for to, why in [("run", "is a manager directory (1 step(s)); --force replaces only a "
+                            "single checkpoint"),
+                    ("notes", "is not a checkpoint; --force replaces only a checkpoint"),
+                    (".", "is not a checkpoint; --force replaces only a checkpoint"),
+                    ("notes/thesis.txt", "is not a directory; --force replaces only a "
+                                         "checkpoint")]:
+        dest = tmp_path / to if to != "." else to
+        code, out, err = run(capsys, "import", tmp_path / "m.safetensors", "--to", dest,
+                             "--force")
+        assert (code, out, err) == (1, "", f"ckpt-async import: error: {dest} {why}\n")
+    assert os.listdir(tmp_path / "run") == ["1"] and (tmp_path / "run" / "1").is_dir()
+    assert os.listdir(tmp_path / "notes") == ["thesis.txt"]
+    for to in ("old", "empty"):
+        code, _, err = run(capsys, "import", tmp_path / "m.safetensors", "--to",
+                           tmp_path / to, "--force")
+        assert code == 0, err
+        assert list(ocp.StandardCheckpointer().restore(tmp_path / to)) == ["x"]
