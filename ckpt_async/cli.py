@@ -102,8 +102,22 @@ def _json_default(x: Any) -> Any:
     return str(x)
 
 
+def _finite(x: Any) -> Any:
+    """``x`` with every non-finite float as the string ``"NaN"``, ``"Infinity"`` or
+    ``"-Infinity"`` (JSON has no such numbers)."""
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
 def _print_json(doc: Any, out: Any) -> None:
-    print(json.dumps(doc, indent=2, default=_json_default, allow_nan=True), file=out)
+    print(json.dumps(_finite(doc), indent=2, default=_json_default, allow_nan=False), file=out)
 
 
 # -- locations -------------------------------------------------------------------------------

@@ -567,3 +567,26 @@ def test_import_force_replaces_only_a_checkpoint(capsys, tmp_path, monkeypatch):
                            tmp_path / to, "--force")
         assert code == 0, err
         assert list(ocp.StandardCheckpointer().restore(tmp_path / to)) == ["x"]
+
+
+def _strict_json(text):
+    def reject(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=reject)
+
+
+def test_json_output_stays_valid_with_nan_and_infinity(capsys, tmp_path):
+    with ocp.CheckpointManager(tmp_path / "run") as mngr:
+        mngr.save(1, args=ocp.args.StandardSave({"w": np.array([np.nan, 1.0], np.float32)}),
+                  metrics={"loss": float("nan")})
+        mngr.save(2, args=ocp.args.StandardSave({"w": np.array([1.0, 1.0], np.float32)}),
+                  metrics={"loss": float("-inf")})
+    _, out, _ = run(capsys, "ls", tmp_path / "run", "--json")
+    assert [s["metrics"] for s in _strict_json(out)["steps"]] == [
+        {"loss": "NaN"}, {"loss": "-Infinity"}]
+    _, out, _ = run(capsys, "show", tmp_path / "run", "--step", "1", "--json")
+    assert _strict_json(out)["metrics"] == {"loss": "NaN"}
+    code, out, _ = run(capsys, "diff", tmp_path / "run" / "1", tmp_path / "run" / "2",
+                       "--values", "--json")
+    assert code == 1
+    assert _strict_json(out)["values"][0]["max_abs_diff"] == "Infinity"
