@@ -23,6 +23,8 @@ import math
 import os
 import re
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
@@ -917,8 +919,17 @@ _NP_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
 META_KEY = "ckpt_async"
 
 
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """Writes a safetensors file (little-endian, header padded to 8 bytes)."""
+def temporary_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file of a unique name beside ``path``: (descriptor, name)."""
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str],
+                      stop: threading.Event | None = None,
+                      tmp: tuple[int, str] | None = None) -> None:
+    """Writes a safetensors file (little-endian, header padded to 8 bytes) through ``tmp``
+    (else a new :func:`temporary_beside` it), removed on any failure, and when ``stop`` is
+    set (the command was interrupted) before the file is in place."""
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     arrays = []
@@ -935,15 +946,24 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict
         arrays.append(arr)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for arr in arrays:
-            f.write(arr.reshape(-1).view(np.uint8).data if arr.size else b"")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, name = tmp or temporary_beside(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for arr in arrays:
+                if stop is not None and stop.is_set():
+                    raise KeyboardInterrupt
+                f.write(arr.reshape(-1).view(np.uint8).data if arr.size else b"")
+            f.flush()
+            os.fsync(f.fileno())
+        if stop is not None and stop.is_set():
+            raise KeyboardInterrupt
+        os.replace(name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        raise
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -1064,8 +1084,16 @@ async def cmd_export(a: argparse.Namespace, out: Any) -> int:
             spec["name"] = leaf.name
         specs.append(spec)
     meta = {"version": 1, "skeleton": skeleton, "leaves": specs, "custom_metadata": custom}
-    await get_runtime().to_thread(write_safetensors, dest, tensors,
-                                  {"format": "pt", META_KEY: json.dumps(meta)})
+    # (interrupted, the command removes the file while its thread, writing on, stops there)
+    stop, tmp = threading.Event(), temporary_beside(dest)
+    try:
+        await get_runtime().to_thread(write_safetensors, dest, tensors,
+                                      {"format": "pt", META_KEY: json.dumps(meta)}, stop, tmp)
+    except BaseException:
+        stop.set()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp[1])
+        raise
     total = sum(t.nbytes for t in tensors.values())
     print(f"wrote {dest}: {len(tensors)} tensors, {human_bytes(total)} (from {item.path})",
           file=out)

@@ -590,3 +590,27 @@ def test_json_output_stays_valid_with_nan_and_infinity(capsys, tmp_path):
                        "--values", "--json")
     assert code == 1
     assert _strict_json(out)["values"][0]["max_abs_diff"] == "Infinity"
+
+
+def test_export_leaves_no_temporary_file_and_keeps_an_unrelated_one(capsys, tmp_path,
+                                                                      monkeypatch):
+    # export wrote FILE.tmp, left it on a failure or Ctrl-C, and overwrote one that was there.
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp_path / "c", args=ocp.args.StandardSave({"a": np.ones(3)}))
+    ckptr.close()
+    (tmp_path / "m.safetensors.tmp").write_text("my notes")
+    (tmp_path / "outdir").mkdir()
+    code, _, err = run(capsys, "export", tmp_path / "c", "--to", tmp_path / "outdir", "--force")
+    assert code == 1 and str(tmp_path / "outdir") in err
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(cli.os, "fsync", interrupted)
+        code, _, err = run(capsys, "export", tmp_path / "c", "--to", tmp_path / "m.safetensors")
+    assert (code, err) == (130, "ckpt-async: interrupted\n")
+    assert sorted(os.listdir(tmp_path)) == ["c", "m.safetensors.tmp", "outdir"]
+    assert run(capsys, "export", tmp_path / "c", "--to", tmp_path / "m.safetensors")[0] == 0
+    assert sorted(os.listdir(tmp_path)) == ["c", "m.safetensors", "m.safetensors.tmp", "outdir"]
+    assert (tmp_path / "m.safetensors.tmp").read_text() == "my notes"
