@@ -191,11 +191,25 @@ async def stored_bytes(path: AnyPath) -> int | None:
         return None
 
 
-async def modified(path: AnyPath) -> float | None:
-    """Modification time of ``path``; None on an object store, which has no directory times."""
+def _newest_mtime(path: Path) -> float:
+    """The newest modification time of ``path`` and of anything under it."""
+    newest = path.lstat().st_mtime
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
+async def modified(path: AnyPath, anywhere: bool = False) -> float | None:
+    """Modification time of ``path`` (``anywhere``: the newest of anything under it, as a
+    save in flight writes deep inside); None on an object store, which has no directory
+    times."""
     if not storage.has_rename(path):
         return None
     try:
+        if anywhere:
+            return await get_runtime().to_thread(_newest_mtime, path)
         return await storage.mtime(path)
     except OSError:
         return None
@@ -524,7 +538,7 @@ async def _step_metrics(path: AnyPath, doc: Any) -> Any:
 async def _leftover_entry(directory: AnyPath, name: str, kind: str) -> dict[str, Any]:
     path = directory / name
     return {"name": name, "path": str(path), "kind": kind, "bytes": await stored_bytes(path),
-            "mtime": await modified(path)}
+            "mtime": await modified(path, anywhere=True)}
 
 
 async def leftovers(directory: AnyPath, view: _steps.DirView) -> list[dict[str, Any]]:
@@ -1222,6 +1236,13 @@ async def cmd_import(a: argparse.Namespace, out: Any) -> int:
 
 # -- the parser --------------------------------------------------------------------------------
 
+def _seconds(arg: str) -> float:
+    value = float(arg)
+    if not value >= 0:  # (NaN included)
+        raise argparse.ArgumentTypeError(f"{arg}: not a number of seconds (0 or more)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ckpt-async", description="Inspect, verify, compare, clean and convert "
                 "Orbax / ckpt_async checkpoints, on local paths and s3:// and gs:// URLs.")
@@ -1277,7 +1298,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("gc", help="remove temporary and half-deleted leftovers")
     sp.add_argument("dir")
     sp.add_argument("--dry-run", action="store_true", help="only list them")
-    sp.add_argument("--older-than", type=float, default=0.0, metavar="SECONDS",
+    sp.add_argument("--older-than", type=_seconds, default=0.0, metavar="SECONDS",
                     help="only leftovers last modified at least this long ago")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     step_opts(sp, step=False)

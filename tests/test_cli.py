@@ -614,3 +614,22 @@ def test_export_leaves_no_temporary_file_and_keeps_an_unrelated_one(capsys, tmp_
     assert run(capsys, "export", tmp_path / "c", "--to", tmp_path / "m.safetensors")[0] == 0
     assert sorted(os.listdir(tmp_path)) == ["c", "m.safetensors", "m.safetensors.tmp", "outdir"]
     assert (tmp_path / "m.safetensors.tmp").read_text() == "my notes"
+
+
+def test_gc_older_than_ages_a_leftover_by_its_newest_file(capsys, tmp_path):
+    # A save in flight writes deep inside its tmp folder; only the top folder's mtime counted.
+    tmp = tmp_path / "100.orbax-checkpoint-tmp-1796230000000000000"
+    (tmp / "state" / "d").mkdir(parents=True)
+    (tmp / "state" / "d" / "fresh").write_text("chunk written just now")
+    old = os.stat(tmp).st_mtime - 7200
+    for p in (tmp / "state" / "d", tmp / "state", tmp):
+        os.utime(p, (old, old))
+    code, out, _ = run(capsys, "gc", tmp_path, "--older-than", "3600")
+    assert code == 0 and out == f"{tmp_path}: no leftovers older than 3600 s (1 younger left alone)\n"
+    assert (tmp / "state" / "d" / "fresh").is_file()
+    os.utime(tmp / "state" / "d" / "fresh", (old, old))
+    code, out, _ = run(capsys, "gc", tmp_path, "--older-than", "3600", "--dry-run")
+    assert code == 0 and out.startswith(f"would remove {tmp.name}")
+    for bad in ("-1", "nan"):
+        code, _, err = run(capsys, "gc", tmp_path, "--older-than", bad)
+        assert code == 2 and "not a number of seconds" in err
