@@ -7,8 +7,8 @@ Also ``python -m ckpt_async``. A location is a local path or an object-store URL
 only through the library (``_storage``, ``_commit.scan``, ``_integrity``, the checkpointers and
 handlers), so one code path serves both. Arrays are read only where a command needs their
 values (``verify``, ``diff --values``, ``export``). ``main(argv)`` returns the exit status:
-0 success, 1 a failure (or, for ``verify`` and ``diff``, problems or differences), 2 a usage
-error.
+0 success, 1 a failure (or, for ``verify``, problems; for ``diff``, differences), 2 a usage
+error (and for ``diff``, any failure), 130 interrupted, 141 the output pipe closed.
 """
 
 from __future__ import annotations
@@ -1353,13 +1353,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ckpt-async: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # (`ckpt-async show ... | head`): quiet, as a Unix tool is
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            # (nothing more reaches the closed pipe, not even the flush at exit)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # (killed by SIGPIPE)
     except Exception as exc:  # noqa: BLE001 - one line, unless --debug
         if debug or a.debug:
             raise
         msg = _tidy(exc) if isinstance(exc, CLIError) else f"{type(exc).__name__}: {_tidy(exc)}"
         line = msg.splitlines()[0] if msg.strip() else repr(exc)
         print(f"ckpt-async {a.command}: error: {line}", file=sys.stderr)
-        return 2 if isinstance(exc, UsageError) else 1
+        # (diff's 1 says the checkpoints differ: trouble is 2, as diff(1) has it)
+        return 2 if isinstance(exc, UsageError) or a.command == "diff" else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

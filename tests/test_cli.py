@@ -291,7 +291,7 @@ def test_a_directory_that_is_no_checkpoint_is_said_to_hold_none(capsys, tmp_path
         extra = [tmp_path / "proj"] if command == "diff" else []
         code, out, err = run(capsys, command, tmp_path / "proj", *extra)
         assert (code, out, err) == (
-            1, "",
+            2 if command == "diff" else 1, "",
             f"ckpt-async {command}: error: {tmp_path / 'proj'} holds no checkpoint and no "
             "steps\n")
 
@@ -633,3 +633,28 @@ def test_gc_older_than_ages_a_leftover_by_its_newest_file(capsys, tmp_path):
     for bad in ("-1", "nan"):
         code, _, err = run(capsys, "gc", tmp_path, "--older-than", bad)
         assert code == 2 and "not a number of seconds" in err
+
+
+def test_diff_trouble_exits_2_as_diff1(capsys, run_dir, tmp_path):
+    assert run(capsys, "diff", run_dir / "10", run_dir / "20")[0] == 1  # they differ
+    code, out, err = run(capsys, "diff", run_dir / "10", tmp_path / "missing")
+    assert (code, out, err) == (2, "", f"ckpt-async diff: error: {tmp_path / 'missing'} does "
+                                       "not exist\n")
+    step = copy_step(run_dir, tmp_path)
+    (step / "state" / "_METADATA").write_bytes(b"garbled")
+    code, _, err = run(capsys, "diff", run_dir / "10", step)
+    assert code == 2 and err.startswith("ckpt-async diff: error: ")
+
+
+def test_a_closed_output_pipe_ends_quietly(capsys, run_dir, monkeypatch):
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    code = cli.main(["show", str(run_dir), "--json"])
+    monkeypatch.undo()
+    assert code == 141 and capsys.readouterr().err == ""
