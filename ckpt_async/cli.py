@@ -520,8 +520,10 @@ async def _step_entry(step: int, path: AnyPath) -> dict[str, Any]:
     entry["commit_time"] = _iso(ns) or _iso(int(mtime * 1e9) if mtime else None)
     entry["metrics"] = await _step_metrics(path, doc)
     entry["committed"] = doc is not None or await storage.exists(path / fmt.COMMIT_SUCCESS)
-    if problems:
-        entry["problems"] = problems
+    if doc is None and not problems:
+        problems.append(f"no {fmt.CHECKPOINT_METADATA}" + (
+            " (COMMITTED is the folder's modification time)" if mtime else ""))
+    entry["problems"] = problems
     return entry
 
 
@@ -565,10 +567,10 @@ async def cmd_ls(a: argparse.Namespace, out: Any) -> int:
                      "leftovers": found}, out)
         return 0
     rows = [["STEP", "COMMITTED (UTC)", "SIZE", "ITEMS", "METRICS"]]
-    for s in steps:
-        flag = "" if s["committed"] else "  (no _CHECKPOINT_METADATA)"
-        rows.append([str(s["step"]), s["commit_time"] or "-", _size(s["bytes"]),
-                     ",".join(s["items"]) or "-", _fmt_metrics(s["metrics"]) + flag])
+    for s in steps:  # (a step with problems is marked "!", its problems listed below)
+        rows.append([f"{s['step']}{' !' if s['problems'] else ''}", s["commit_time"] or "-",
+                     _size(s["bytes"]), ",".join(s["items"]) or "-",
+                     _fmt_metrics(s["metrics"])])
     for lo in found:
         rows.append([lo["name"], f"leftover ({lo['kind']})", _size(lo["bytes"]), "-", "-"])
     if len(rows) == 1:
@@ -580,6 +582,9 @@ async def cmd_ls(a: argparse.Namespace, out: Any) -> int:
     total = f", {human_bytes(sum(sizes))}" if None not in sizes else ""
     tail = f", {len(found)} leftover(s) (remove with: ckpt-async gc)" if found else ""
     print(f"{len(steps)} step(s){total}{tail}", file=out)
+    for s in steps:
+        for problem in s["problems"]:
+            print(f"! step {s['step']}: {problem}", file=out)
     return 0
 
 

@@ -658,3 +658,37 @@ def test_a_closed_output_pipe_ends_quietly(capsys, run_dir, monkeypatch):
     code = cli.main(["show", str(run_dir), "--json"])
     monkeypatch.undo()
     assert code == 141 and capsys.readouterr().err == ""
+
+
+def test_ls_marks_damaged_and_unreadable_steps(capsys, tmp_path, monkeypatch):
+    # Their problems were only in --json (undocumented), the commit time silently an mtime.
+    with ocp.CheckpointManager(tmp_path / "run") as mngr:
+        for step in (1, 2, 3):
+            mngr.save(step, args=ocp.args.StandardSave({"w": np.ones(4)}))
+    (tmp_path / "run" / "2" / "_CHECKPOINT_METADATA").write_bytes(b"garbage")
+    (tmp_path / "run" / "3" / "_CHECKPOINT_METADATA").unlink()
+    (tmp_path / "run" / "3" / "_CKPT_ASYNC").unlink()
+    code, doc, _ = run_json(capsys, "ls", tmp_path / "run")
+    problems = {s["step"]: s["problems"] for s in doc["steps"]}
+    assert code == 0 and problems[1] == [] and len(problems[2]) == 1
+    assert problems[3] == ["no _CHECKPOINT_METADATA (COMMITTED is the folder's modification "
+                           "time)"]
+    code, out, _ = run(capsys, "ls", tmp_path / "run")
+    lines = out.splitlines()
+    assert [line.split()[:2] for line in lines[1:4]] == [
+        ["1", lines[1].split()[1]], ["2", "!"], ["3", "!"]]
+    assert lines[4].startswith("3 step(s)")
+    assert lines[5].startswith(f"! step 2: {tmp_path / 'run' / '2' / '_CHECKPOINT_METADATA'}")
+    assert lines[6] == f"! step 3: {problems[3][0]}"
+    real = cli.step_doc
+
+    async def denied(path):
+        if path.name == "1":
+            raise PermissionError(13, "Permission denied", str(path / "_CHECKPOINT_METADATA"))
+        return await real(path)
+
+    monkeypatch.setattr(cli, "step_doc", denied)
+    code, out, _ = run(capsys, "ls", tmp_path / "run")
+    assert code == 0 and out.splitlines()[1].startswith("1 !")
+    assert "no _CHECKPOINT_METADATA" not in out.splitlines()[1]
+    assert f"! step 1: [Errno 13] Permission denied: '{tmp_path / 'run' / '1'}" in out
