@@ -286,13 +286,15 @@ async def manager_steps(root: AnyPath) -> list[AnyPath]:
     holding ``_CHECKPOINT_METADATA`` or a commit marker (committed steps whose
     ``_CHECKPOINT_METADATA`` is gone included), and every folder it cannot list (reported,
     not skipped); not the leftovers of a save or delete that did not finish, which no manager
-    lists, nor other folders. Empty when ``root`` is itself a checkpoint."""
+    lists, nor other folders, nor, on an object store, a step without its commit marker.
+    Empty when ``root`` is itself a checkpoint."""
+    from ._commit import scan
     from .manager._steps import is_leftover
 
-    names = await storage.listdir(root)
-    if any(n in names for n in (fmt.CHECKPOINT_METADATA, fmt.PYTREE_METADATA,
-                                fmt.COMMIT_SUCCESS)):
+    if any([await storage.exists(root / n) for n in (
+            fmt.CHECKPOINT_METADATA, fmt.PYTREE_METADATA, fmt.COMMIT_SUCCESS)]):
         return []
+    _names, visible = await scan(root)  # (on an object store: the committed ones)
 
     async def is_step(name: str) -> bool:
         try:
@@ -303,7 +305,7 @@ async def manager_steps(root: AnyPath) -> list[AnyPath]:
             return await storage.is_dir(root / name)
         return fmt.CHECKPOINT_METADATA in inside or fmt.COMMIT_SUCCESS in inside
 
-    return [root / n for n in sorted(names) if not is_leftover(n) and await is_step(n)]
+    return [root / n for n in sorted(visible) if not is_leftover(n) and await is_step(n)]
 
 
 async def averify_step(step: AnyPath,

@@ -311,14 +311,17 @@ def test_verify_of_a_manager_directory_agrees_with_the_library(capsys, tmp_path,
     assert err == "verify: 1 of 3 checkpoint(s) failed\n"
 
     from ckpt_async import _storage
-    listdir, bad = _storage.listdir, tmp_path / "run" / "2"
+    bad = tmp_path / "run" / "2"
 
-    async def denied(path):
-        if path == bad:
-            raise PermissionError(13, "Permission denied", str(path))
-        return await listdir(path)
+    def denied(real):  # (as a folder without permission, which root could still read)
+        async def listing(path):
+            if path == bad:
+                raise PermissionError(13, "Permission denied", str(path))
+            return await real(path)
+        return listing
 
-    monkeypatch.setattr(_storage, "listdir", denied)
+    for name in ("listdir", "listdirs"):
+        monkeypatch.setattr(_storage, name, denied(getattr(_storage, name)))
     code, out, err = run(capsys, "verify", "-q", tmp_path / "run")
     assert code == 1 and err == "verify: 2 of 3 checkpoint(s) failed\n"
     assert f"FAIL  step 2: 0 arrays, 0 B checked\n  problem: {bad}: cannot be read" in out

@@ -313,15 +313,17 @@ def test_verify_of_a_manager_directory_reports_an_unreadable_step_and_goes_on(
     with ocp.CheckpointManager(tmp_path / "run") as mngr:
         for step in (1, 2, 3):
             mngr.save(step, args=ocp.args.StandardSave({"w": np.ones(4)}))
-    listdir = _storage.listdir
     bad = tmp_path / "run" / "2"
 
-    async def denied(path):
-        if path == bad:
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return await listdir(path)
+    def denied(real):  # (as a folder without permission, which root could still read)
+        async def listing(path):
+            if path == bad:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return await real(path)
+        return listing
 
-    monkeypatch.setattr(_storage, "listdir", denied)
+    for name in ("listdir", "listdirs"):
+        monkeypatch.setattr(_storage, name, denied(getattr(_storage, name)))
     report = ocp.verify(tmp_path / "run")
     assert report.items_checked == 2 and report.arrays_checked == 2
     assert len(report.problems) == 1 and report.problems[0].startswith(f"{bad}: cannot be read")
