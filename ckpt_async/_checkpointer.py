@@ -208,9 +208,13 @@ async def _gone(path: AnyPath) -> bool:
 
 
 #: How long a commit that failed or timed out waits for its writer's abort (the writes it
-#: started, a handler's futures, asked to stop) before it removes its temporary directory
-#: anyway: a disk that stopped answering must not hold the failure there.
+#: started, a handler's futures, asked to stop), and then for the removal of its temporary
+#: directory, at most (and at most its ``timeout_secs``, or ABORT_GRACE_MIN_SECS if that is
+#: more): a disk or store that stopped answering must not hold the failure there. (Writes
+#: that were only cancelled end within a second or so: stopped any sooner, TensorStore's
+#: writes of a commit timed out after 0.05 s recreated its directory after its removal.)
 ABORT_GRACE_SECS = 30.0
+ABORT_GRACE_MIN_SECS = 5.0
 
 
 class AsyncCheckpointer:
@@ -537,10 +541,14 @@ class AsyncCheckpointer:
         except BaseException as exc:
             # (a commit that timed out was cancelled mid-write: what it started is waited
             # for, a while, before its directory goes; a failed or dropped one has ended)
+            # (no longer than the commit's own timeout, or ABORT_GRACE_MIN_SECS)
+            grace = ABORT_GRACE_SECS if timeout is None else min(
+                ABORT_GRACE_SECS, max(timeout, ABORT_GRACE_MIN_SECS))
             with contextlib.suppress(BaseException):
-                await asyncio.wait_for(writer.abort(), ABORT_GRACE_SECS)
-            if primary:
-                await _commit.abort(tmp)
+                await asyncio.wait_for(writer.abort(), grace)
+            if primary:  # (shielded: a removal that takes longer goes on in the background)
+                with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                    await asyncio.wait_for(_commit.abort(tmp), grace)
             if isinstance(exc, concurrent.futures.CancelledError):
                 raise  # (cancel(): nothing was committed, and what was written is gone)
             if callback_failure and exc is callback_failure[0]:

@@ -915,6 +915,36 @@ def test_a_commit_that_times_out_leaves_nothing_behind(tmp_path):
     ckptr.close()
 
 
+def test_a_commit_whose_writes_stall_times_out_on_time(tmp_path, monkeypatch):
+    # A store that stops answering (an S3 endpoint answering 503 to every PUT, which
+    # TensorStore retries for many minutes): the commit fails with CommitTimeoutError once
+    # its timeout and ABORT_GRACE_SECS have passed. (It waited for the stalled writes
+    # themselves: still blocked after 10 minutes.)
+    from ckpt_async import _checkpointer, _ocdbt
+
+    stalled, release = threading.Event(), threading.Event()
+    real = _ocdbt.DatabaseWriter.write
+
+    def stall(self, *args, **kwargs):
+        stalled.set()
+        release.wait(120)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(_ocdbt.DatabaseWriter, "write", stall)
+    monkeypatch.setattr(_checkpointer, "ABORT_GRACE_SECS", 0.5)
+    ckptr = ocp.StandardCheckpointer(async_options=ocp.AsyncOptions(timeout_secs=0.5))
+    try:
+        ckptr.save(tmp_path / "a", args=ocp.args.StandardSave({"w": np.arange(1024.0)}))
+        started = time.monotonic()
+        with pytest.raises(CommitTimeoutError):
+            ckptr.wait_until_finished()
+        assert stalled.is_set() and time.monotonic() - started < 30
+        assert not (tmp_path / "a").exists()
+    finally:
+        release.set()
+        ckptr.close()
+
+
 def test_a_checkpoint_deleted_while_it_is_read_raises_checkpoint_not_found(tmp_path, monkeypatch):
     # (the manager's form of this says which step: tests/test_manager.py)
     from ckpt_async.handlers import pytree

@@ -350,6 +350,12 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
                     await asyncio.to_thread(future.result)
                 await writer.finish()
                 docs = await building
+            except asyncio.CancelledError:
+                # (a commit that timed out or was dropped: its writes are asked to stop here,
+                # and its checkpointer waits for them only a while, ABORT_GRACE_SECS, before
+                # the directory goes: a store that stopped answering keeps retrying them)
+                await cancel_all([*tasks, building])
+                raise
             except BaseException:
                 await abort([building])
                 raise
