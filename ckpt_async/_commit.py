@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import errno
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from . import _format as fmt
 from . import _storage as storage
 from ._crc import crc32
 from ._paths import AnyPath, StorePath
-from .errors import CommitError, NotWritableError, StepAlreadyExistsError
+from .errors import CheckpointError, CommitError, NotWritableError, StepAlreadyExistsError
 
 
 def tmp_path_for(final: Path) -> Path:
@@ -152,9 +153,15 @@ async def _write_store_marker(final: AnyPath, replace: bool) -> None:
         return
     if not isinstance(marker, StorePath):  # callers check has_rename(): a programming error
         raise CommitError(f"{final}: not an object store")
+    # (this save's own marker: a write whose response was lost, retried by TensorStore or
+    # checked again, finds this one there, which is no lost race)
+    ours = _marker(final) + f" (save {uuid.uuid4().hex})".encode()
     try:
-        await storage.write_new(marker, _marker(final))
+        await storage.write_new(marker, ours)
     except FileExistsError as exc:
+        with contextlib.suppress(CheckpointError):
+            if await storage.read_bytes(marker) == ours:
+                return
         raise _lost_race(final) from exc
 
 

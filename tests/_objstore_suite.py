@@ -336,6 +336,26 @@ class ObjectStoreSuite:
         with ocp.CheckpointManager(url) as mngr:
             assert mngr.all_steps() == [3]
 
+    def test_a_marker_write_whose_response_was_lost_commits_the_step(
+            self, store: Bucket, prefix: str, monkeypatch: pytest.MonkeyPatch):
+        """The marker's PUT is applied but its response lost (a reset, a 500 after the
+        write): TensorStore's retry, or its check, finds a marker there. It is this save's
+        own, so the step is committed. (It was reported as another writer's, with a
+        StepAlreadyExistsError and the step unlisted by the manager that saved it.)"""
+        url = store.url(prefix)
+        real = _objstore.write_new
+
+        async def applied_then_lost(path, data):
+            await real(path, data)
+            raise FileExistsError(f"{path} exists")  # (what the retried write finds)
+
+        monkeypatch.setattr(_objstore, "write_new", applied_then_lost)
+        with ocp.CheckpointManager(url) as mngr:
+            assert mngr.save(3, args=ocp.args.StandardSave(state(3)))
+            mngr.wait_until_finished()
+            assert mngr.all_steps() == [3]
+            assert_same(mngr.restore(3), state(3))
+
     def test_a_committed_step_is_refused_before_its_documents_are_touched(
             self, store: Bucket, prefix: str, monkeypatch: pytest.MonkeyPatch):
         """When the other writer's marker is already there as the commit starts, the commit
