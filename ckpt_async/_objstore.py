@@ -16,7 +16,13 @@ import os
 import tensorstore as ts
 
 from . import _paths
-from .errors import CheckpointError, CheckpointNotFoundError, CommitError
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CommitError,
+    UnreadableCheckpointError,
+    not_read,
+)
 
 _roots: dict[tuple[str, ...], ts.KvStore] = {}
 os.register_at_fork(after_in_child=_roots.clear)  # TensorStore handles do not survive a fork
@@ -96,7 +102,8 @@ async def read_bytes(path: _paths.StorePath) -> bytes:
     try:
         result = await kv.read(path.key)
     except Exception as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+        cls = UnreadableCheckpointError if not_read(exc) else CheckpointError
+        raise cls(f"cannot read {path}: {exc}") from exc
     if result.state != "value":
         raise CheckpointNotFoundError(f"{path} does not exist")
     return bytes(result.value)

@@ -35,7 +35,7 @@ from . import _storage as storage
 from ._crc import crc32
 from ._paths import AnyPath, below, kvstore_base
 from ._runtime import BACKGROUND_THREADS, batch_pace, get_runtime, log
-from .errors import CorruptCheckpointError, UnreadableCheckpointError
+from .errors import CorruptCheckpointError, UnreadableCheckpointError, read_failure
 
 #: OCDBT data files are split at this size at most (Orbax uses 2 GiB on local filesystems).
 TARGET_DATA_FILE_SIZE = 256 << 20
@@ -698,7 +698,7 @@ async def open_array(ctx: ts.Context, item_dir: AnyPath, name: str, *, use_ocdbt
     try:
         return await ts.open(spec, open=True, read=True, context=ctx)
     except ValueError as exc:
-        raise CorruptCheckpointError(f"{item_dir}: array {name!r} cannot be opened ({exc})") from exc
+        raise read_failure(f"{item_dir}: array {name!r} cannot be opened", exc) from exc
 
 
 async def read_array(

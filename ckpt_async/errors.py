@@ -102,6 +102,23 @@ class ClosedError(CheckpointError, RuntimeError):
     """Raised when an operation is attempted on a closed checkpointer or manager."""
 
 
+#: TensorStore's status codes of a read that did not happen (denied, or the store did not
+#: answer), as opposed to one that found the data damaged.
+_NOT_READ = ("PERMISSION_DENIED", "UNAUTHENTICATED", "UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+def not_read(exc: BaseException) -> bool:
+    """Whether a TensorStore error says the data was not read at all (no access, the store
+    did not answer): :class:`UnreadableCheckpointError`, not damage."""
+    return str(exc).startswith(_NOT_READ)
+
+
+def read_failure(message: str, exc: BaseException) -> CheckpointError:
+    """The error for a read of stored data that failed with TensorStore's ``exc``."""
+    cls = UnreadableCheckpointError if not_read(exc) else CorruptCheckpointError
+    return cls(f"{message} ({exc})")
+
+
 __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",

@@ -128,3 +128,37 @@ class TestS3(ObjectStoreSuite):
             winners = asyncio.run(race(key))
             assert len(winners) == 1, (trial, winners)
             assert store.get(key) == f"writer {winners[0]}".encode()
+
+
+@pytest.mark.parametrize("status, unreadable", [
+    ("PERMISSION_DENIED", True), ("UNAUTHENTICATED", True), ("UNAVAILABLE", True),
+    ("DATA_LOSS", False)])
+def test_a_read_the_store_refused_is_unreadable_not_damage(monkeypatch, status, unreadable):
+    # An object the store denies (403) or does not serve is no damaged checkpoint: code that
+    # deletes what it finds damaged must not delete a good step over a policy change. (Such
+    # reads raised CorruptCheckpointError, or a plain CheckpointError.)
+    import ckpt_async._serialize as ser
+    from ckpt_async.errors import CorruptCheckpointError, UnreadableCheckpointError
+
+    refusal = ValueError(f"{status}: AccessDenied: Access Denied")
+
+    class Refusing:
+        async def read(self, key):
+            raise refusal
+
+    async def root(path):
+        return Refusing()
+
+    async def refused_open(*args, **kwargs):
+        raise refusal
+
+    monkeypatch.setattr(_objstore, "_root", root)
+    monkeypatch.setattr(ser.ts, "open", refused_open)
+    item = StorePath.parse("s3://bucket/run/1/default")
+    for call in (lambda: _objstore.read_bytes(item / "_METADATA"),
+                 lambda: ser.open_array(None, item, "x", use_ocdbt=True, use_zarr3=False)):
+        with pytest.raises(ocp.errors.CheckpointError) as caught:
+            asyncio.run(call())
+        assert isinstance(caught.value, UnreadableCheckpointError) == unreadable
+        assert str(item) in str(caught.value) and status in str(caught.value)
+    assert isinstance(caught.value, CorruptCheckpointError)  # (open_array's, either way)
