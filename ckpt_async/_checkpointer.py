@@ -540,8 +540,8 @@ class AsyncCheckpointer:
                                    timeout * (1 if sync is None else 1.5))
         except BaseException as exc:
             # (a commit that timed out was cancelled mid-write: what it started is waited
-            # for, a while, before its directory goes; a failed or dropped one has ended)
-            # (no longer than the commit's own timeout, or ABORT_GRACE_MIN_SECS)
+            # for, a while, before its directory goes; a failed or dropped one has ended. A
+            # while: no longer than the commit's own timeout, or ABORT_GRACE_MIN_SECS)
             grace = ABORT_GRACE_SECS if timeout is None else min(
                 ABORT_GRACE_SECS, max(timeout, ABORT_GRACE_MIN_SECS))
             with contextlib.suppress(BaseException):
