@@ -148,6 +148,17 @@ def test_a_document_that_cannot_be_read_is_named(tmp_path, name):
     assert not ocp.verify(tmp_path / "c").ok
 
 
+def test_checksums_gone_from_an_item_ckpt_async_wrote_are_damage(tmp_path):
+    # (a restore checked nothing then, silently; an item Orbax wrote has none, and restores:
+    # test_orbax_roundtrip.py)
+    _save(tmp_path / "c")
+    (tmp_path / "c" / "_CHECKSUMS").unlink()
+    with pytest.raises(CorruptCheckpointError, match=f"{tmp_path / 'c' / '_CHECKSUMS'}: missing"):
+        _restore(tmp_path / "c")
+    report = ocp.verify(tmp_path / "c")
+    assert any("_CHECKSUMS: missing" in p for p in report.problems), report.problems
+
+
 def test_garbled_metadata(tmp_path):
     _save(tmp_path / "c")
     (tmp_path / "c" / "_METADATA").write_bytes(b'{"tree_metadata": {"(\'big\',)": 1')

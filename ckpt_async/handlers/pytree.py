@@ -443,6 +443,12 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
             if data is not None:
                 _integrity.check_document(directory, name, data, sums)
         tree_doc = fmt.decode(raw, fmt.TreeMetadata, where=str(directory / fmt.PYTREE_METADATA))
+        if sums is None and tree_doc.ckpt_async is not None:
+            # (ckpt_async writes every item of its own with them; Orbax's have none)
+            raise CorruptCheckpointError(
+                f"{directory / _integrity.CHECKSUMS}: missing (ckpt_async wrote this item with "
+                "the checksums of its data and documents: without them nothing could be "
+                "checked)")
         if tree_doc.ckpt_async is None and b'"use_ocdbt"' not in raw:  # (Orbax before 0.5)
             tree_doc.use_ocdbt = await storage.exists(directory / MANIFEST)
         aggregated: _legacy.Aggregated | None = None
