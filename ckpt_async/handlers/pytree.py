@@ -319,9 +319,10 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
             raise
         all_in = writer.expect_batches(len(tasks))
 
-        async def abort(extra: Sequence[asyncio.Future[Any]] = ()) -> None:
+        async def abort(extra: Sequence[asyncio.Future[Any]] = (), settle: bool = True) -> None:
             await cancel_all([*tasks, *extra])
-            await writer.settle()
+            if settle:
+                await writer.settle()
 
         try:
             custom = copy.deepcopy(args.custom_metadata)  # the caller may change it after save()
@@ -350,14 +351,11 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
                     await asyncio.to_thread(future.result)
                 await writer.finish()
                 docs = await building
-            except asyncio.CancelledError:
-                # (a commit that timed out or was dropped: its writes are asked to stop here,
-                # and its checkpointer waits for them only a while, ABORT_GRACE_SECS, before
-                # the directory goes: a store that stopped answering keeps retrying them)
-                await cancel_all([*tasks, building])
-                raise
-            except BaseException:
-                await abort([building])
+            except BaseException as exc:
+                # (a commit that timed out or was dropped is not held here by writes a store
+                # that stopped answering keeps retrying: its checkpointer waits for them only
+                # a while, ABORT_GRACE_SECS, before the directory goes)
+                await abort([building], settle=not isinstance(exc, asyncio.CancelledError))
                 raise
             # (with several processes the primary merges their checksums when finalizing)
             docs[_integrity.partial_checksums_name(roles.index) if roles.multi
