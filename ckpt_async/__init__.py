@@ -5,6 +5,7 @@ public map.
 """
 
 from . import (
+    abstract_checkpoint_manager,
     aggregate_handlers,
     aio,
     args,
@@ -113,6 +114,7 @@ __all__ = [
     "apply_transformations",
     "args",
     "arrays",
+    "abstract_checkpoint_manager",
     "checkpoint_manager",
     "checkpoint_utils",
     "checkpoint_managers",

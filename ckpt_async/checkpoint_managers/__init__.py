@@ -4,7 +4,7 @@ from typing import Any
 
 from . import preservation_policy, save_decision_policy
 from ._abstract import AbstractCheckpointManager
-from ._info import CheckpointInfo
+from ._info import CheckpointInfo, PolicyCheckpointInfo
 from .preservation_policy import (
     AnyPreservationPolicy,
     BestN,
@@ -47,6 +47,7 @@ __all__ = [
     "InitialSavePolicy",
     "LatestDuration",
     "LatestN",
+    "PolicyCheckpointInfo",
     "PreemptionCheckpointingPolicy",
     "PreservationContext",
     "PreservationPolicy",

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from typing import Any
+from typing import Any, Protocol
+
+
+class PolicyCheckpointInfo(Protocol):
+    """What a save or preservation policy reads of a checkpoint (Orbax's protocol, for
+    annotating policies of your own): :class:`CheckpointInfo` is one."""
+
+    step: int
+    metrics: dict[str, Any] | None
+    time: datetime.datetime
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,11 +14,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _format as fmt
-from ._integrity import read_step_metadata
-from ._paths import AnyPath, as_path
-from ._runtime import get_runtime
-from ._serialize import axis_types_from_json, device_named, mesh_ids, mesh_of, sharding_to_json
+from .. import _format as fmt
+from .._integrity import read_step_metadata
+from .._paths import AnyPath, as_path
+from .._runtime import get_runtime
+from .._serialize import axis_types_from_json, device_named, mesh_ids, mesh_of, sharding_to_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,3 +252,8 @@ class RootMetadata:
     """A manager directory's metadata (``CheckpointManager(metadata=...)``)."""
 
     custom_metadata: dict[str, Any] | None = None
+
+
+# Orbax's submodules (imported last: they take their names from this module).
+from . import tree as tree  # noqa: E402, F811
+from . import value as value  # noqa: E402
