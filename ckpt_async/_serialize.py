@@ -188,6 +188,21 @@ def _zarr_metadata(shape: tuple[int, ...], chunks: tuple[int, ...], compress: bo
     }
 
 
+def array_prefix(name: str) -> str:
+    """The prefix of stored array ``name``'s keys in an item's database: ``name/``, and none
+    for a tree that is one bare array (name ``''``: its ``.zarray`` and chunks at the root,
+    where Orbax puts them)."""
+    return f"{name}/" if name else ""
+
+
+def stored_prefix(name: str, index: Mapping[str, Any]) -> str:
+    """:func:`array_prefix` of ``name`` as ``index`` holds it: a bare array written by
+    ckpt_async before round 37 has its keys under ``/`` (read by the direct paths only)."""
+    if not name and ".zarray" not in index and "/.zarray" in index:
+        return "/"
+    return array_prefix(name)
+
+
 def array_spec(
     item_dir: AnyPath,
     name: str,
@@ -199,7 +214,7 @@ def array_spec(
 ) -> dict[str, Any]:
     if use_ocdbt:
         kv = kvstore_spec(item_dir, use_ocdbt=True, write=write, file_size=file_size)
-        kv["path"] = name + "/"
+        kv["path"] = array_prefix(name)
     else:
         kv = kvstore_spec(below(item_dir, name, "array"), use_ocdbt=False, write=write)
     return {"driver": "zarr3" if use_zarr3 else "zarr", "kvstore": kv, "recheck_cached_data": False}
@@ -511,11 +526,12 @@ class ItemWriter:
         (views of the arrays' host buffers)."""
         values: list[tuple[str, memoryview | bytes]] = []
         for arr, zdtype in batch:
-            values.append((f"{arr.name}/.zarray", zarray_document(arr.shape, arr.chunks, zdtype)))
+            prefix = array_prefix(arr.name)
+            values.append((f"{prefix}.zarray", zarray_document(arr.shape, arr.chunks, zdtype)))
             self.checksums.setdefault(arr.name, {})
             for index, data in arr.shards:
                 if data.size:
-                    values.append((f"{arr.name}/{chunk_key(index, arr.chunks)}",
+                    values.append((f"{prefix}{chunk_key(index, arr.chunks)}",
                                    _ocdbt.as_bytes(np.ascontiguousarray(data))))
         return values
 
@@ -523,7 +539,7 @@ class ItemWriter:
         """Records the crc32 of chunks, given by key (``<array>/<chunk key>``; documents are
         skipped), in :attr:`checksums`."""
         for full, crc in crcs:
-            name, key = full.rsplit("/", 1)
+            name, _, key = full.rpartition("/")
             if key != ".zarray":
                 self.checksums[name][key] = crc
 
@@ -632,7 +648,7 @@ class ItemWriter:
             if self.compress or zdtype is None:
                 others.append(self._write_large(arr, lane))
             elif arr.nbytes > self.direct_max_bytes:
-                documents.append((f"{arr.name}/.zarray",
+                documents.append((f"{array_prefix(arr.name)}.zarray",
                                   zarray_document(arr.shape, arr.chunks, zdtype)))
                 others.append(self._write_large(arr, lane, metadata_written=True))
             else:
@@ -987,7 +1003,9 @@ class ItemReader:
                   ) -> tuple[np.dtype, tuple[int, ...], tuple[int, ...]] | None:
         """dtype, shape and chunks of stored array ``name`` from its ``.zarray`` in ``index``,
         when it is uncompressed zarr v2; else None."""
-        meta = index.get(f"{name}/.zarray") if index is not None else None
+        if index is None:
+            return None
+        meta = index.get(f"{stored_prefix(name, index)}.zarray")
         if not isinstance(meta, bytes):
             return None
         if meta not in self._plans:
@@ -1014,8 +1032,9 @@ class ItemReader:
         assert index is not None
         dtype, shape, chunks = plan
         refs = []
+        prefix = stored_prefix(name, index)
         for key, region in chunk_grid(shape, chunks):
-            ref = index.get(f"{name}/{key}")
+            ref = index.get(f"{prefix}{key}")
             if ref is None:
                 return None
             refs.append((key, region, ref))
@@ -1349,7 +1368,7 @@ class ItemReader:
                                        context=self.ctx)
         except ValueError:
             return {}  # let the driver path report what is wrong
-        metas = [kv.read(f"{n}/.zarray") for n in names]
+        metas = [kv.read(f"{array_prefix(n)}.zarray") for n in names]
 
         def wait_metas() -> list[Any]:
             out = []
@@ -1366,8 +1385,8 @@ class ItemReader:
                                  if plan is not None], DIRECT_READ_BATCH_BYTES)
 
         def issue(batch: list[tuple[str, Any]]) -> list[tuple[str, Any, dict[str, Any]]]:
-            return [(name, plan, {k: kv.read(f"{name}/{k}") for k, _ in chunk_grid(plan[1],
-                                                                                  plan[2])})
+            return [(name, plan, {k: kv.read(f"{array_prefix(name)}{k}")
+                                  for k, _ in chunk_grid(plan[1], plan[2])})
                     for name, plan in batch]
 
         def wait_chunks(wanted: list[tuple[str, Any, dict[str, Any]]]) -> dict[str, np.ndarray]:

@@ -934,3 +934,31 @@ def test_an_empty_dict_in_a_partial_restore_item_reads_none_of_that_subtree(tmp_
     with orbax.PyTreeCheckpointer() as ckptr, pytest.raises(TypeError):
         ckptr.restore(tmp_path / "c", args=orbax.args.PyTreeRestore(item=part,
                                                                     partial_restore=True))
+
+
+@pytest.mark.parametrize("how", ["raw", "large", "compressed"])
+def test_a_bare_array_as_the_whole_tree_is_stored_at_the_items_root_as_orbax_stores_it(
+        tmp_path, how):
+    # (its keys were ``/.zarray`` and ``/0``: Orbax could not open it, nor metadata() or verify)
+    rows = 40_000 if how == "large" else 4  # (large: 960 KB, written by the zarr driver)
+    value = np.arange(rows * 6, dtype=np.int32).reshape(rows, 6)
+    handler = ocp.PyTreeCheckpointHandler(use_compression=how == "compressed")
+    with ocp.Checkpointer(handler) as ckptr:
+        ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave(value))
+        meta = ckptr.metadata(tmp_path / "c").item_metadata
+        assert (meta.tree.shape, meta.tree.dtype) == ((rows, 6), np.int32)
+        assert_bits_equal(ckptr.restore(tmp_path / "c"), value)
+    assert ocp.verify(tmp_path / "c").ok
+    with orbax.PyTreeCheckpointer() as ockptr:
+        assert_bits_equal(ockptr.restore(tmp_path / "c"), value)
+
+
+def test_a_bare_array_written_under_a_slash_before_restores(tmp_path, monkeypatch):
+    import ckpt_async._serialize as ser
+
+    with monkeypatch.context() as m:  # (the layout ckpt_async wrote before: keys under '/')
+        m.setattr(ser, "array_prefix", lambda name: f"{name}/")
+        with ocp.PyTreeCheckpointer() as ckptr:
+            ckptr.save(tmp_path / "old", args=ocp.args.PyTreeSave(np.arange(5)))
+    with ocp.PyTreeCheckpointer() as ckptr:
+        assert_bits_equal(ckptr.restore(tmp_path / "old"), np.arange(5))
