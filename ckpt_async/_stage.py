@@ -99,6 +99,9 @@ def own_copy(value: Any, dtype: np.dtype | None) -> np.ndarray | None:
     return out
 
 
+_NATIVE = np.dtype(np.float32)
+
+
 def host_copy(value: Any, name: str, dtype: np.dtype | None, *,
               own_memory: bool = False) -> StoredArray:
     """A host snapshot of one leaf (jax.Array, np.ndarray or scalar), cast to ``dtype``.
@@ -143,6 +146,11 @@ def host_copy(value: Any, name: str, dtype: np.dtype | None, *,
         chunks = tuple(value.sharding.shard_shape(value.shape))
         out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(value.dtype)
         return StoredArray(name, tuple(value.shape), out_dtype, tuple(chunks), tuple(shards))
+    if dtype is None:
+        if not getattr(value, "dtype", _NATIVE).isnative:
+            dtype = value.dtype.newbyteorder("=")  # ('>f4': stored as Orbax stores it, '<f4')
+    elif not np.dtype(dtype).isnative:
+        dtype = np.dtype(dtype).newbyteorder("=")
     own = own_copy(value, dtype) if own_memory else None
     host = own if own is not None else np.array(value, dtype=dtype, copy=True, order="C")
     shape = host.shape
