@@ -984,3 +984,16 @@ def test_big_endian_numpy_leaves_are_stored_in_native_order_as_orbax_stores_them
         theirs = ockptr.restore(tmp_path / "c")
     for key, value in tree.items():
         assert_bits_equal(theirs[key], value.astype(value.dtype.newbyteorder("=")))
+
+
+def test_python_ints_past_int64_are_stored_as_uint64_as_orbax_stores_them(tmp_path):
+    tree = {"max": 2**64 - 1, "mid": 2**63, "neg": -(2**63)}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave(tree))
+        out = ckptr.restore(tmp_path / "c")
+        assert out == tree and all(type(v) is int for v in out.values())
+        with pytest.raises(ocp.errors.UnsupportedLeafError, match="uint64"):
+            ckptr.save(tmp_path / "d", args=ocp.args.PyTreeSave({"x": 2**64}))
+    assert not (tmp_path / "d").exists()
+    with orbax.PyTreeCheckpointer() as ockptr:
+        assert {k: int(v) for k, v in ockptr.restore(tmp_path / "c").items()} == tree

@@ -97,6 +97,10 @@ class _Planned:
 _ARRAY_KINDS: dict[type, str] = {np.ndarray: "np.ndarray"}
 
 
+_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
+_UINT64_MAX = int(np.iinfo(np.uint64).max)
+
+
 def _classify(leaf: _tree.Leaf, save_arg: SaveArgs | None, where: str,
               numpy_scalar: str = "scalar",
               custom: Callable[[type], TypeHandler | None] | None = None) -> _Planned:
@@ -133,9 +137,11 @@ def _classify(leaf: _tree.Leaf, save_arg: SaveArgs | None, where: str,
         return _Planned(leaf, "np.ndarray", cast)
     if isinstance(v, np.generic):
         return _Planned(leaf, numpy_scalar, cast or v.dtype, f"np:{v.dtype.name}")
-    if type(v) is int and not np.iinfo(np.int64).min <= v <= np.iinfo(np.int64).max:
+    if type(v) is int and not _INT64_MIN <= v <= _INT64_MAX:
+        if 0 <= v <= _UINT64_MAX:  # (as Orbax stores it: a uint64 scalar)
+            return _Planned(leaf, "scalar", cast or np.dtype(np.uint64), "int")
         raise UnsupportedLeafError(f"{where}: leaf {leaf.name!r} is an int outside the int64 "
-                                   "range, which cannot be checkpointed")
+                                   "and uint64 ranges, which cannot be checkpointed")
     if type(v) in _SCALAR_DTYPES:
         return _Planned(leaf, "scalar", cast or _SCALAR_DTYPES[type(v)], type(v).__name__)
     if isinstance(v, str):
