@@ -95,13 +95,18 @@ def _key_of(entry: Any) -> tuple[Any, int]:
     raise InvalidArgumentError(f"unsupported pytree key {entry!r}")
 
 
-def _check_key(key: Any, path: tuple[Any, ...]) -> None:
+def _checked_key(key: Any, path: tuple[Any, ...]) -> str | int:
+    """A dict key that is not a non-empty str, as it is stored: an int (a NumPy integer as
+    the int it equals, e.g. a key from ``np.unique``); refused if anything else."""
+    if isinstance(key, np.integer):
+        return int(key)
     if isinstance(key, bool) or not isinstance(key, (str, int)):
         raise InvalidArgumentError(
             f"key {key!r} at {path!r} is a {type(key).__name__}; dict keys must be str or int"
         )
     if key == "":
         raise InvalidArgumentError(f"empty key at {path!r}: every key must be non-empty")
+    return key
 
 
 def _walk(x: Any, keys: tuple[Any, ...], kts: tuple[int, ...], name: str,
@@ -123,7 +128,7 @@ def _walk(x: Any, keys: tuple[Any, ...], kts: tuple[int, ...], name: str,
         items = []
         for k, v in x.items():
             if type(k) is not str or not k:  # (a non-empty str: the common case, checked)
-                _check_key(k, keys)
+                k = _checked_key(k, keys)
             kt = "i" if isinstance(k, int) else "s"
             if type(v) in _LEAF_TYPES:  # (a known leaf type: _walk(v) inlined)
                 leaves.append(Leaf((*keys, k), (*kts, fmt.KEY_DICT), v, f"{prefix}{k!s}"))
@@ -169,12 +174,23 @@ def _walk(x: Any, keys: tuple[Any, ...], kts: tuple[int, ...], name: str,
     return ["L", len(leaves) - 1]
 
 
+#: The deepest nesting a saved tree may have: its skeleton in ``_METADATA`` nests three JSON
+#: levels for each of a dict's, and on Python 3.11 msgspec's encoder stops at Python's
+#: recursion limit (1,000), at about 330 dicts deep; refused at ``save()``, not at the commit.
+MAX_DEPTH = 300
+
+
 def flatten(tree: Any) -> tuple[list[Leaf], Any]:
     """Flattens ``tree`` into leaves (empty containers and None included) and its skeleton."""
     leaves: list[Leaf] = []
     skeleton = _walk(tree, (), (), "", leaves)
     seen: dict[str, tuple[Any, ...]] = {}
     for leaf in leaves:
+        if len(leaf.keys) > MAX_DEPTH:
+            raise InvalidArgumentError(
+                f"the tree is nested {len(leaf.keys)} levels deep at {leaf.keys[:3]!r}...; "
+                f"at most {MAX_DEPTH} levels can be saved (its _METADATA document could not "
+                "be written)")
         other = seen.setdefault(leaf.name, leaf.keys)
         if other != leaf.keys:
             raise InvalidArgumentError(

@@ -199,3 +199,43 @@ def test_leaf_names_cannot_reach_outside_the_checkpoint(tmp_path, bad):
         {name: ocp.utils.leaf_placeholder(name)}))
     with pytest.raises(CorruptCheckpointError, match="outside the checkpoint"):
         ocp.PyTreeCheckpointer().restore(tmp_path / "ckpt")
+
+
+def test_a_deleted_jax_array_is_refused_naming_the_step_item_and_leaf(tmp_path):
+    # (it raised jax's bare RuntimeError, naming nothing)
+    gone = jnp.arange(4.0) + 1
+    gone.delete()
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        with pytest.raises(UnsupportedLeafError, match=r"/7/default: leaf 'params\.w' .*deleted"):
+            mngr.save(7, args=ocp.args.StandardSave({"params": {"w": gone}, "b": np.ones(2)}))
+        assert mngr.all_steps() == [] and not (tmp_path / "7").exists()
+
+
+def test_a_tree_nested_past_the_limit_is_refused_at_save_not_at_the_commit(tmp_path):
+    # (save() returned True and the commit failed: msgspec's encoder ran out of recursion)
+    from ckpt_async._tree import MAX_DEPTH
+
+    def nested(depth):
+        tree = np.arange(2)
+        for _ in range(depth):
+            tree = {"k": tree}
+        return tree
+
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        with pytest.raises(InvalidArgumentError, match=rf"/1/default: .* at most {MAX_DEPTH}"):
+            mngr.save(1, args=ocp.args.StandardSave(nested(MAX_DEPTH + 50)))
+        assert mngr.save(2, args=ocp.args.StandardSave(nested(MAX_DEPTH)))
+        mngr.wait_until_finished()
+        out = mngr.restore(2)
+    for _ in range(MAX_DEPTH):
+        out = out["k"]
+    np.testing.assert_array_equal(out, np.arange(2))
+
+
+def test_numpy_integer_keys_are_saved_as_the_ints_they_equal(tmp_path):
+    # (keys from np.unique were refused; Orbax saves them)
+    tree = {"per_class": {k: np.full(2, k) for k in np.unique(np.array([3, 1, 3]))}}
+    out = _round_trip(tmp_path / "c", tree)
+    assert list(out["per_class"]) == [1, 3]
+    assert all(type(k) is int for k in out["per_class"])
+    np.testing.assert_array_equal(out["per_class"][np.int64(3)], np.full(2, 3))

@@ -121,6 +121,9 @@ def _classify(leaf: _tree.Leaf, save_arg: SaveArgs | None, where: str,
         kind = _ARRAY_KINDS[type(v)] = "jax.Array"
     if kind is not None:
         _check_storable(leaf, v.dtype, cast, where)
+        if kind == "jax.Array" and v.is_deleted():
+            raise UnsupportedLeafError(f"{where}: leaf {leaf.name!r} is a jax.Array that has been "
+                                       "deleted (donated to a jitted function?)")
         return _Planned(leaf, kind, cast)
     if v is None:
         return _Planned(leaf, "None", None)
@@ -262,7 +265,10 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         """Pure: validates the tree and decides what each leaf becomes. Raises before any I/O."""
         if item is None:
             raise InvalidArgumentError(f"{where}: nothing to save (item is None)")
-        leaves, skeleton = _tree.flatten(item)
+        try:
+            leaves, skeleton = _tree.flatten(item)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"{where}: {exc}") from None
         by_name = _save_args_by_name(save_args, where)
         kind = "np.ndarray" if self._numpy_scalars_as_arrays else "scalar"
         custom = self.type_registry.custom_handler if self.type_registry.has_custom else None
