@@ -24,3 +24,18 @@ def assert_bits_equal(actual, expected) -> None:
     if expected.dtype.itemsize:
         np.testing.assert_array_equal(actual.reshape(-1).view(np.uint8),
                                       expected.reshape(-1).view(np.uint8))
+
+
+def fail_host_copy(monkeypatch, leaf: str) -> None:
+    """Makes staging fail at the host copy of leaf ``leaf`` (``RuntimeError('... lost ...')``),
+    as a device that loses an array mid-save: after the leaves before it were staged."""
+    import ckpt_async._stage as stage
+
+    real = stage.host_copy
+
+    def host_copy(value, name, *args, **kwargs):
+        if name == leaf:
+            raise RuntimeError(f"the device lost leaf {name!r}")
+        return real(value, name, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "host_copy", host_copy)

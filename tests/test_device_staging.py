@@ -11,7 +11,7 @@ import pytest
 
 import ckpt_async as ocp
 from ckpt_async import _stage
-from ckpt_async.errors import CheckpointError
+from ckpt_async.errors import UnsupportedLeafError
 
 
 @pytest.fixture
@@ -194,9 +194,8 @@ def test_a_deleted_device_array_is_named_in_the_error(tmp_path, as_gpu):
     gone = jnp.ones((16,))
     gone.delete()
     ckptr = ocp.StandardCheckpointer()
-    with pytest.raises((CheckpointError, RuntimeError, ValueError)) as info:
+    with pytest.raises(UnsupportedLeafError, match="leaf 'gone' .* deleted"):
         ckptr.save(tmp_path / "c", {"ok": jnp.zeros((4,)), "gone": gone})
-    assert "gone" in str(info.value) + "".join(getattr(info.value, "__notes__", []))
     assert not (tmp_path / "c").exists()
 
 

@@ -997,3 +997,25 @@ def test_python_ints_past_int64_are_stored_as_uint64_as_orbax_stores_them(tmp_pa
     assert not (tmp_path / "d").exists()
     with orbax.PyTreeCheckpointer() as ockptr:
         assert {k: int(v) for k, v in ockptr.restore(tmp_path / "c").items()} == tree
+
+
+@pytest.mark.parametrize("args", ["standard", "pytree"])
+def test_a_none_leaf_of_the_target_is_not_read_and_comes_back_none_as_in_orbax(tmp_path, args):
+    # (it was read and returned: a table the caller meant to leave behind came into memory)
+    tree = {"emb": np.ones((100, 8), np.float32), "w": np.arange(3.0), "s": "text"}
+    target = {"emb": None, "w": np.zeros(3), "s": None}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave(tree))
+    restore = (ocp.args.StandardRestore(target) if args == "standard"
+               else ocp.args.PyTreeRestore(target))
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ours = ckptr.restore(tmp_path / "c", args=restore)
+    theirs_args = (orbax.args.StandardRestore(target) if args == "standard"
+                   else orbax.args.PyTreeRestore(target))
+    handler = (orbax.StandardCheckpointHandler() if args == "standard"
+               else orbax.PyTreeCheckpointHandler())
+    with orbax.Checkpointer(handler) as ockptr:
+        theirs = ockptr.restore(tmp_path / "c", args=theirs_args)
+    assert ours["emb"] is None and ours["s"] is None
+    assert {k: v is None for k, v in ours.items()} == {k: v is None for k, v in theirs.items()}
+    assert_bits_equal(ours["w"], tree["w"])

@@ -1235,8 +1235,12 @@ class _Reader:
             rpairs, _ = _tree.target_leaves(restore_args)
             rargs = {k: a for k, _n, a in rpairs}
         wanted = {k for k, _n, _l in pairs}
-        # Leaves marked PLACEHOLDER (in the target or by their restore args) are not read.
-        skipped = {k for k, _n, leaf in pairs if leaf is PLACEHOLDER or getattr(
+        # Leaves marked PLACEHOLDER (in the target or by their restore args) are not read; nor
+        # are those the target (an item, not restore args) gives as None: they come back None,
+        # as in Orbax (to jax a None is a node without leaves).
+        unread = {k for k, _n, leaf in pairs if leaf is None} if target is not restore_args \
+            else set()
+        skipped = unread | {k for k, _n, leaf in pairs if leaf is PLACEHOLDER or getattr(
             rargs.get(k), "restore_type", None) is type(PLACEHOLDER)}
         # Typed PRNG keys are stored as their key data: a target leaf of a key type stands for
         # its key data while it is read, and a key comes back, as in Orbax, unless the restore
@@ -1283,7 +1287,7 @@ class _Reader:
 
         def one(key: str, name: str, tleaf: Any) -> Any:  # the value, or a coroutine
             if key in skipped:
-                return PLACEHOLDER
+                return None if key in unread else PLACEHOLDER
             entry = self.by_key.get(key)
             if entry is None:  # (partial: not in the checkpoint)
                 return tleaf
