@@ -476,10 +476,15 @@ async def stage(
         # interpreter's 5 ms switch interval, again and again).
         try:
             stage_sync(leaves, budget, start_write, transfer=False)
+            # A cancel that came while the loop was busy here (a KeyboardInterrupt in a sync
+            # save(), a wait_for that timed out: its timer runs after this task's next step)
+            # lands now, and abandons the save, as one during a threaded staging does.
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
         except BaseException:
-            await cancel_all(tasks)  # (none has run yet: the loop was busy here)
+            await cancel_all(tasks)  # (none has written yet)
             raise
-        staged = True  # (before any of the tasks runs)
+        staged = True
         return tasks
     stop = threading.Event()
     job = asyncio.ensure_future(get_runtime().to_thread(

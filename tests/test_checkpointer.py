@@ -545,6 +545,26 @@ def test_host_memory_budget_smaller_than_state_round_trips(tmp_path, mesh):
         assert_bits_equal(out[k], v)
 
 
+def test_a_cancel_that_lands_while_arrays_stage_inline_abandons_the_save(tmp_path, monkeypatch):
+    # Host arrays with no memory budget stage on the engine loop itself, which is busy: a
+    # cancel made meanwhile (a KeyboardInterrupt in a sync save(), a wait_for's timer) takes
+    # effect once staging is done. The save is abandoned then, as one cancelled during
+    # threaded staging is: the caller is told it was cancelled, and no step appears.
+    stage_sync = _stage.stage_sync
+
+    def cancelled_while_busy(*args, **kwargs):
+        out = stage_sync(*args, **kwargs)
+        asyncio.current_task().cancel()
+        return out
+
+    monkeypatch.setattr(_stage, "stage_sync", cancelled_while_busy)
+    with ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        with pytest.raises(asyncio.CancelledError):
+            ckptr.save(tmp_path / "c", args=ocp.args.StandardSave({"a": np.arange(10)}))
+        ckptr.wait_until_finished()
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("before", [1, 600], ids=["held_batch", "handed_over_batches"])
 def test_failed_staging_gives_the_memory_budget_back(tmp_path, monkeypatch, before):
     # A leaf that cannot be copied to the host fails the save; the bytes reserved for it and
