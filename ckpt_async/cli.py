@@ -44,6 +44,7 @@ from .handlers import JsonCheckpointHandler, PyTreeCheckpointHandler, StandardCh
 from .handlers._legacy import AGGREGATE_FILE
 from .handlers.base import call_handler
 from .handlers.json_handler import read_document
+from .handlers.pytree import _is_random_key, random_key_impls
 from .manager import _steps
 
 T = TypeVar("T")
@@ -457,8 +458,9 @@ def _sharding_str(sharding: Any) -> str | None:
     return str(sharding)
 
 
-def leaf_record(keys: tuple[str, ...], leaf: Any) -> dict[str, Any]:
-    """A metadata leaf as a JSON-able record."""
+def leaf_record(keys: tuple[str, ...], leaf: Any, key_impl: str | None = None) -> dict[str, Any]:
+    """A metadata leaf as a JSON-able record (``key_impl``: the implementation of the typed
+    PRNG key whose key data the array is)."""
     from .metadata import ArrayMetadata, ScalarMetadata, StringMetadata
 
     rec: dict[str, Any] = {"key": ".".join(keys)}
@@ -468,6 +470,8 @@ def leaf_record(keys: tuple[str, ...], leaf: Any) -> dict[str, Any]:
         rec.update(kind="scalar" if isinstance(leaf, ScalarMetadata) else "array",
                    shape=shape, dtype=dtype.name, bytes=math.prod(shape) * dtype.itemsize,
                    sharding=_sharding_str(leaf.sharding))
+        if key_impl is not None:
+            rec["random_key"] = key_impl
         storage = getattr(leaf, "storage", None)
         if storage is not None and storage.chunk_shape is not None:
             rec["chunk_shape"] = [int(s) for s in storage.chunk_shape]
@@ -484,8 +488,10 @@ def leaf_record(keys: tuple[str, ...], leaf: Any) -> dict[str, Any]:
 
 async def item_records(item: Item) -> list[dict[str, Any]]:
     meta = await item_metadata(item)
+    doc, *_ = await PyTreeCheckpointHandler().read_documents(item.path)
+    keys = await random_key_impls(item.path, doc)  # (stored as key data, as Orbax does)
     tree = getattr(meta, "tree", meta)
-    return [leaf_record(k, leaf) for k, leaf in walk_tree(tree)]
+    return [leaf_record(k, leaf, keys.get(".".join(k))) for k, leaf in walk_tree(tree)]
 
 
 # -- ls ----------------------------------------------------------------------------------------
@@ -598,6 +604,8 @@ def _describe(rec: dict[str, Any]) -> str:
         parts = [f"{rec['dtype']}{shape}", human_bytes(rec["bytes"])]
         if kind == "scalar":
             parts.append("scalar")
+        if rec.get("random_key"):
+            parts.append(f"random key ({rec['random_key']})")
         if rec.get("sharding"):
             parts.append(rec["sharding"])
         return "  ".join(parts)
@@ -672,7 +680,11 @@ async def cmd_show(a: argparse.Namespace, out: Any) -> int:
 
 
 def _restored_leaves(tree: Any) -> dict[str, Any]:
-    return {".".join(k): v for k, v in walk_tree(tree)}
+    """The leaves of a restored tree by key; a typed PRNG key as its key data."""
+    import jax
+
+    return {".".join(k): jax.random.key_data(v) if _is_random_key(v) else v
+            for k, v in walk_tree(tree)}
 
 
 _ANNOTATION = re.compile(r"\s*\[[\w .-]+='.*?'\]", re.S)
@@ -788,12 +800,13 @@ def _sig(r: dict[str, Any]) -> tuple[Any, ...]:
     # (a scalar and a 0-d array of its dtype hold the same value: a NumPy scalar is the one
     # under PyTreeSave and the other under StandardSave, as in Orbax)
     kind = "array" if r["kind"] == "scalar" else r["kind"]
-    return (kind, r.get("dtype"), tuple(r.get("shape") or ()))
+    return (kind, r.get("dtype"), tuple(r.get("shape") or ()), r.get("random_key"))
 
 
 def _sig_str(r: dict[str, Any]) -> str:
     if r["kind"] in ("array", "scalar"):
-        return f"{r['dtype']}[{','.join(str(s) for s in r['shape'])}]"
+        key = f" random key ({r['random_key']})" if r.get("random_key") else ""
+        return f"{r['dtype']}[{','.join(str(s) for s in r['shape'])}]{key}"
     return r["kind"] if r["kind"] != "empty" else f"empty {r['container']}"
 
 
@@ -1058,6 +1071,9 @@ def _leaf_spec(value: Any) -> tuple[dict[str, Any], np.ndarray | None]:
 
     if isinstance(value, str):
         return {"kind": "string", "value": value}, None
+    if _is_random_key(value):  # its key data, and its implementation to wrap it again
+        return ({"kind": "jax", "key_impl": str(jax.random.key_impl(value))},
+                np.asarray(jax.random.key_data(value)))
     if isinstance(value, jax.Array):
         return {"kind": "jax"}, np.asarray(value)
     if isinstance(value, np.ndarray):
@@ -1179,6 +1195,8 @@ def _rebuild(tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> Any:
             dt = dtype_named(spec["raw_dtype"])
             arr = np.ascontiguousarray(arr).view(dt).reshape(arr.shape[:-1])
         if kind == "jax":
+            if "key_impl" in spec:  # a typed PRNG key, exported as its key data
+                return jax.random.wrap_key_data(jax.device_put(arr), impl=spec["key_impl"])
             return jax.device_put(arr)
         if kind == "np":
             return arr

@@ -492,6 +492,59 @@ def test_export_needs_item_for_several_pytrees(capsys, tmp_path, run_dir):
     assert code == 1 and "--force" in err
 
 
+def test_typed_prng_keys_are_shown_diffed_and_exported_as_key_data(capsys, tmp_path):
+    # export and diff --values failed on them (NumPy cannot take a key<fry> array); show gave
+    # their key data without saying it is a key's
+    import orbax.checkpoint as orbax
+    import safetensors
+
+    def keys(seed):
+        return {"k": jax.random.key(seed), "r": jax.random.key(1, impl="rbg"),
+                "x": np.arange(3)}
+
+    ckptr = ocp.StandardCheckpointer()
+    for name, tree in (("a", keys(0)), ("b", keys(7)), ("plain", {
+            **keys(0), "k": jax.random.key_data(jax.random.key(0))})):
+        ckptr.save(tmp_path / name, args=ocp.args.StandardSave(tree))
+    ckptr.close()
+    theirs = orbax.StandardCheckpointer()  # (Orbax records the keys in array_metadatas)
+    theirs.save(tmp_path / "orbax", keys(0))
+    theirs.wait_until_finished()
+    theirs.close()
+
+    for path in ("a", "orbax"):
+        code, doc, _ = run_json(capsys, "show", tmp_path / path)
+        leaves = {r["key"]: r for r in doc["items"][0]["leaves"]}
+        assert code == 0 and "random_key" not in leaves["x"]
+        assert [(leaves[k]["dtype"], leaves[k]["shape"], leaves[k]["random_key"])
+                for k in ("k", "r")] == [("uint32", [2], "threefry2x32"), ("uint32", [4], "rbg")]
+    code, out, _ = run(capsys, "show", tmp_path / "a")
+    assert code == 0 and "uint32[4]  16 B  random key (rbg)" in out
+
+    code, doc, _ = run_json(capsys, "diff", tmp_path / "a", tmp_path / "b", "--values")
+    assert code == 1 and doc["changed"] == []
+    assert [(v["key"], v["size"]) for v in doc["values"]] == [("k", 2)]
+    code, out, _ = run(capsys, "diff", tmp_path / "a", tmp_path / "orbax", "--values")
+    assert (code, out) == (0, "identical (values compared)\n")
+    code, doc, _ = run_json(capsys, "diff", tmp_path / "plain", tmp_path / "a")
+    assert code == 1 and doc["changed"] == [{"key": "k", "a": "uint32[2]", "what": "shape/dtype",
+                                             "b": "uint32[2] random key (threefry2x32)"}]
+
+    for path in ("a", "orbax"):
+        out_file = tmp_path / f"{path}.safetensors"
+        assert run(capsys, "export", tmp_path / path, "--to", out_file)[0] == 0
+        with safetensors.safe_open(out_file, framework="np") as f:
+            np.testing.assert_array_equal(f.get_tensor("k"),
+                                          jax.random.key_data(jax.random.key(0)))
+        assert run(capsys, "import", out_file, "--to", tmp_path / f"{path}_back")[0] == 0
+        back = ocp.StandardCheckpointer().restore(tmp_path / f"{path}_back")
+        for k in ("k", "r"):
+            assert back[k].dtype == keys(0)[k].dtype  # key<fry>, key<rbg>
+            assert_same_tree(jax.random.key_data(back[k]), jax.random.key_data(keys(0)[k]))
+        code, out, _ = run(capsys, "diff", tmp_path / "a", tmp_path / f"{path}_back", "--values")
+        assert (code, out) == (0, "identical (values compared)\n")
+
+
 def test_import_plain_safetensors_nests_names(capsys, tmp_path):
     import safetensors.numpy as st_numpy
     st_numpy.save_file({"model.layer.0.weight": np.ones((2, 2), np.float32),

@@ -501,8 +501,7 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         partial = bool(getattr(args, "partial_restore", False)) or loose or by_name
         reader = _Reader(directory, tree_doc, shardings, strings, sums, self.type_registry,
                          aggregated)
-        if tree_doc.ckpt_async is None:  # (Orbax's: its typed PRNG keys are in array_metadatas)
-            reader.random_keys = await _random_keys_of(directory)
+        reader.random_keys = await random_key_impls(directory, tree_doc)
         if transforms is not None and not by_name:
             return await _restore_transformed(reader, target, restore_args, transforms,
                                               to_original)
@@ -619,6 +618,15 @@ def _key_data_like(leaf: Any) -> jax.ShapeDtypeStruct:
         spec = (*sharding.spec, *([None] * (len(data.shape) - len(sharding.spec))))
         sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
     return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+
+
+async def random_key_impls(directory: AnyPath, tree_doc: fmt.TreeMetadata) -> dict[str, str]:
+    """The typed PRNG keys of an item (each stored as its key data): parameter name -> impl,
+    as ckpt_async's extension key records them, else (a checkpoint of Orbax's) as its
+    ``array_metadatas`` do."""
+    if tree_doc.ckpt_async is not None:
+        return dict(tree_doc.ckpt_async.get("random_keys", {}))
+    return await _random_keys_of(directory)
 
 
 async def _random_keys_of(directory: AnyPath) -> dict[str, str]:
