@@ -192,8 +192,8 @@ async def _pytree_plan(item: AnyPath, report: VerifyReport) -> tuple[Any, Any, l
 
 
 #: Files of a folder that are not its documents: the commit marker, the checksums, and the
-#: step's own documents (checked on their own).
-_NOT_DOCUMENTS = (fmt.COMMIT_SUCCESS, CHECKSUMS, fmt.CHECKPOINT_METADATA, fmt.STEP_EXTENSION)
+#: step's own documents (checked on their own), the step-level files of ``_format``.
+NOT_DOCUMENTS = (fmt.COMMIT_SUCCESS, CHECKSUMS, fmt.CHECKPOINT_METADATA, fmt.STEP_EXTENSION)
 
 
 def _is_proto(typestr: str | None, name: str) -> bool:
@@ -249,7 +249,7 @@ async def _check_folder(folder: AnyPath, typestr: str | None, report: VerifyRepo
             if not await _check_folder(folder / name, None, report, plans):
                 report.problems.append(f"{folder / name}: holds nothing to check")
         return True
-    documents = [n for n in names if n not in _NOT_DOCUMENTS and not is_leftover(n)]
+    documents = [n for n in names if n not in NOT_DOCUMENTS and not is_leftover(n)]
     await _verify_documents(folder, documents, typestr, report)
     return bool(documents)
 

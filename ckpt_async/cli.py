@@ -235,9 +235,6 @@ def _split(keys: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     return files, dirs
 
 
-_NOT_DOCUMENTS = {fmt.COMMIT_SUCCESS, _integrity.CHECKSUMS}
-
-
 @dataclasses.dataclass
 class Item:
     """One item of a checkpoint: ``name`` None for a single-item checkpoint."""
@@ -276,7 +273,7 @@ def _kind_of(typestr: str | None, keys: list[str], name: str) -> str:
         return "pytree"
     if typestr is None:
         files, dirs = _split(keys)
-        docs = [f for f in files if f not in _NOT_DOCUMENTS]
+        docs = [f for f in files if f not in _integrity.NOT_DOCUMENTS]
         if len(docs) == 1 and not dirs:  # (any other lone file is no item's)
             if docs[0].endswith(".pbtxt"):
                 return "proto"
@@ -397,7 +394,7 @@ async def read_json_item(path: AnyPath, filename: str) -> Any:
 
 async def json_document(item: Item) -> Any:
     files, _dirs = _split(await storage.listfiles(item.path))
-    docs = sorted(f for f in files if f not in _NOT_DOCUMENTS)
+    docs = sorted(f for f in files if f not in _integrity.NOT_DOCUMENTS)
     if not docs:
         raise CLIError(f"{item.path}: the JSON item holds no document")
     preferred = [f for f in docs if f in (fmt.JSON_ITEM, item.path.name)]

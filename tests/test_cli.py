@@ -188,6 +188,24 @@ def test_show_json_item_folder(capsys, run_dir):
         (None, "json", {"data_index": 40}, "JsonCheckpointHandler")]
 
 
+def test_a_json_item_with_its_own_filename_is_its_document_not_the_step_files(capsys, tmp_path):
+    # beside state.json lie _CHECKPOINT_METADATA and _CKPT_ASYNC: show gave the step's
+    # metadata as the document, and diff found two equal documents different (its timestamps)
+    for name, doc in (("a", {"x": 1}), ("b", {"x": 1}), ("c", {"x": 2})):
+        ckptr = ocp.Checkpointer(ocp.JsonCheckpointHandler(filename="state.json"))
+        ckptr.save(tmp_path / name, args=ocp.args.JsonSave(doc))
+        ckptr.close()
+    assert {"_CHECKPOINT_METADATA", "_CKPT_ASYNC", "state.json"} <= set(
+        os.listdir(tmp_path / "a"))
+    code, doc, _ = run_json(capsys, "show", tmp_path / "a")
+    assert code == 0 and [(i["kind"], i["document"]) for i in doc["items"]] == [
+        ("json", {"x": 1})]
+    code, out, _ = run(capsys, "diff", tmp_path / "a", tmp_path / "b")
+    assert (code, out) == (0, "identical (shapes and dtypes)\n")
+    code, out, _ = run(capsys, "diff", tmp_path / "a", tmp_path / "c")
+    assert (code, out) == (1, "~ (json)  document differs\n")
+
+
 def test_ls_and_show_give_the_metrics_orbax_recorded(capsys, tmp_path):
     # Orbax writes a step's metrics into its metrics item, not _CHECKPOINT_METADATA.
     import orbax.checkpoint as orbax
