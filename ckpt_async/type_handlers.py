@@ -35,6 +35,7 @@ from . import _serialize as ser
 from ._ocdbt import MANIFEST
 from ._paths import coerce
 from ._stage import host_copy
+from ._tree import is_namedtuple
 from .metadata import ArrayMetadata, ScalarMetadata, StorageMetadata, StringMetadata
 from .multihost import current_roles
 
@@ -544,15 +545,18 @@ def supported_types() -> list[Any]:
 
 def is_supported_empty_value(value: Any, pytree_metadata_options: Any = None) -> bool:
     """Whether ``value`` is an empty node a pytree checkpoint records as such: None, or an
-    empty dict, list or tuple (not a named tuple). ``pytree_metadata_options`` is accepted
-    for Orbax's signature."""
+    empty dict, list or tuple; an empty named tuple only with Orbax's
+    ``PyTreeMetadataOptions(support_rich_types=True)``, as in Orbax."""
+    if is_namedtuple(value):
+        return not value and bool(getattr(pytree_metadata_options, "support_rich_types", False))
     return value is None or (type(value) in (dict, list, tuple) and not value)
 
 
 def is_supported_type(value: Any, pytree_metadata_options: Any = None) -> bool:
     """Whether a pytree handler saves ``value``: an empty node, or a value whose type the
     global registry has a handler for."""
-    return is_supported_empty_value(value) or has_type_handler(type(value))
+    return (is_supported_empty_value(value, pytree_metadata_options)
+            or has_type_handler(type(value)))
 
 
 def is_ocdbt_checkpoint(path: Any) -> bool:

@@ -375,13 +375,44 @@ def test_a_subclass_reading_its_own_way_gets_the_leaves_ckpt_async_wrote(tmp_pat
 def test_orbax_s_type_handler_queries() -> None:
     import collections
 
+    from orbax.checkpoint._src.metadata.pytree_metadata_options import PyTreeMetadataOptions
+
     nt = collections.namedtuple("nt", "a")
-    values = [None, {}, [], (), nt(1), 1, 1.5, True, b"x", "x", np.zeros(2), np.float32(1),
-              jax.numpy.zeros(2), object(), {"a": 1}, [1]]
+    empty_nt = collections.namedtuple("empty_nt", [])
+    values = [None, {}, [], (), nt(1), empty_nt(), 1, 1.5, True, b"x", "x", np.zeros(2),
+              np.float32(1), jax.numpy.zeros(2), object(), {"a": 1}, [1]]
     for v in values:
         for fn in ("is_supported_empty_value", "is_supported_type"):
             ours = getattr(ocp.type_handlers, fn)(v)
             assert ours == getattr(orbax.type_handlers, fn)(v), (fn, v)
+            # (with rich types an empty named tuple is an empty node: it was refused here)
+            for rich in (False, True):
+                options = PyTreeMetadataOptions(support_rich_types=rich)
+                ours = getattr(ocp.type_handlers, fn)(v, options)
+                assert ours == getattr(orbax.type_handlers, fn)(v, options), (fn, v, rich)
+
+
+def test_support_rich_types_warns_once_that_it_has_no_effect(monkeypatch) -> None:
+    # it was accepted and silently ignored
+    import warnings
+
+    from orbax.checkpoint._src.metadata.pytree_metadata_options import PyTreeMetadataOptions
+
+    from ckpt_async.handlers import pytree
+
+    monkeypatch.setattr(pytree, "_told_rich_types", False, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ocp.PyTreeCheckpointHandler(pytree_metadata_options=PyTreeMetadataOptions())
+        assert caught == []
+        for _ in range(2):
+            ocp.StandardCheckpointHandler(
+                pytree_metadata_options=PyTreeMetadataOptions(support_rich_types=True))
+    assert [w.category for w in caught] == [UserWarning]
+    assert str(caught[0].message).startswith(
+        "StandardCheckpointHandler(pytree_metadata_options=PyTreeMetadataOptions("
+        "support_rich_types=True)) has no effect in ckpt_async")
+    assert caught[0].filename == __file__  # (the line that passed the option)
 
 
 def test_tensorstore_specs_open_the_saved_arrays(tmp_path) -> None:

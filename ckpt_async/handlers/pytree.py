@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import re
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -217,6 +218,24 @@ _ORBAX_HANDLER_OPTIONS = frozenset({
     "array_metadata_validator", "enable_pinned_host_transfer", "is_prioritized_key_fn"})
 
 
+_told_rich_types = False
+
+
+def _warn_rich_types(handler: str) -> None:
+    """Says, once per process, that ``support_rich_types=True`` changes nothing here."""
+    global _told_rich_types
+    if _told_rich_types:
+        return
+    _told_rich_types = True
+    warnings.warn(
+        f"{handler}(pytree_metadata_options=PyTreeMetadataOptions(support_rich_types=True)) "
+        "has no effect in ckpt_async: Orbax's rich-typed 'value_metadata_tree' is neither "
+        "written to _METADATA (Orbax, reading with rich types, gives lists and dicts for the "
+        "tuples and named tuples) nor read from a checkpoint Orbax wrote (it restores as "
+        "without rich types); a checkpoint ckpt_async wrote restores with its tuples and "
+        "named tuples either way (see docs/migration.md)", UserWarning, stacklevel=3)
+
+
 class PyTreeCheckpointHandler(AsyncCheckpointHandler):
     """Saves and restores a pytree (``PyTreeSave`` / ``PyTreeRestore``).
 
@@ -246,6 +265,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         if unknown:
             raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s) "
                             f"{', '.join(map(repr, unknown))}")
+        if getattr(orbax_options.get("pytree_metadata_options"), "support_rich_types", False):
+            _warn_rich_types(type(self).__name__)
         # One budget per handler: it bounds the bytes staged-but-unwritten of all its saves in
         # flight together, not of each save alone.
         self._budget = ByteBudget(host_memory_budget_bytes)
