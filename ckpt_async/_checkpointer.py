@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -242,6 +243,9 @@ class AsyncCheckpointer:
         #: (once set by :meth:`cancel`, its CancelledError is not a failure to report).
         self._cancel_requests: weakref.WeakKeyDictionary[CommitFuture, threading.Event] = (
             weakref.WeakKeyDictionary())
+        #: Every commit of ours in flight, the manager's untracked ones too, each let go as it
+        #: ends (:meth:`hurry` walks these, not every commit a manager still holds).
+        self._in_flight: set[CommitFuture] = set()
         #: Where each commit in flight writes (a later save there waits for it).
         self._pending_paths: weakref.WeakKeyDictionary[CommitFuture, AnyPath] = (
             weakref.WeakKeyDictionary())
@@ -379,6 +383,8 @@ class AsyncCheckpointer:
                 writer, tmp, path, meta, item_dirs, force, on_commit, after, stats, sync,
                 cancel_request))
             self._cancel_requests[fut] = cancel_request
+            self._in_flight.add(fut)
+            fut.on_settle(functools.partial(self._let_go, fut))
             if (timeout := self.async_options.timeout_secs) is not None:
                 # Half its time gone: raised to the normal priority for the rest, so that
                 # processes keeping every core busy cannot make it time out.
@@ -395,6 +401,11 @@ class AsyncCheckpointer:
             self._pending_paths[fut] = path
         return fut
 
+    def _let_go(self, fut: CommitFuture, _exc: BaseException | None) -> None:
+        """A commit has ended (engine loop, before anyone waiting learns it): no longer in
+        flight."""
+        self._in_flight.discard(fut)
+
     def hurry(self) -> None:
         """Writes this checkpointer's commit in flight at full speed from now on: its pace
         window closes, as the next save would close it, and its held batches go at once (any
@@ -410,11 +421,9 @@ class AsyncCheckpointer:
         if self._window is not None and self._window.open():  # (closed once it is done)
             self._window.close()
             rt.loop.call_soon_threadsafe(rt.wake_paced)
-        # (and at the normal CPU priority until done: every commit of ours, the manager's
-        # untracked ones too, has a cancel request; ``keyrefs`` copies them at once)
-        for ref in self._cancel_requests.keyrefs():
-            if (fut := ref()) is not None:
-                rt.boost(fut)
+        # (and at the normal CPU priority until done; a copy: the engine loop lets them go)
+        for fut in list(self._in_flight):
+            rt.boost(fut)
 
     def _pace_window(self) -> PaceWindow:
         """How long this save's commit may be paced (``_runtime.pace_window``): half its

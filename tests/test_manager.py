@@ -262,6 +262,45 @@ def test_commit_futures_of_retired_steps_are_let_go(tmp_path):
         assert first() is None  # nothing holds the retired step's future any more
 
 
+def test_a_manager_keeping_every_step_walks_only_its_commits_in_flight(tmp_path, monkeypatch,
+                                                                       gate):
+    """max_to_keep=None: every step stays listed, with its commit future. A save, a wait,
+    ``hurry`` and ``is_saving_in_progress`` ask only the commits in flight whether they ended
+    (before, every listed step's, several times: a save slowed as steps accumulated), and
+    ``wait_until_finished`` still waits for those and raises their failures."""
+    asked: list[CommitFuture] = []
+    done = CommitFuture.done
+
+    def counted(self):
+        asked.append(self)
+        return done(self)
+
+    monkeypatch.setattr(CommitFuture, "done", counted)
+    with ocp.CheckpointManager(tmp_path, ocp.CheckpointManagerOptions(max_to_keep=None)) as mngr:
+        inner = mngr.async_manager
+        for step in range(20):
+            asked.clear()
+            mngr.save(step, args=ocp.args.StandardSave(tree(step)))
+            mngr.wait_until_finished()
+            inner.hurry()
+            assert not mngr.is_saving_in_progress()
+            assert set(asked) <= {mngr.commit_future(step)}, step  # none of the earlier steps'
+        assert not inner._in_flight_steps and not inner._checkpointer._in_flight
+        release = gate.hold("20")
+        mngr.save(20, args=ocp.args.StandardSave(tree(20)))
+        assert mngr.is_saving_in_progress() and set(inner._in_flight_steps) == {20}
+        threading.Timer(0.2, release.set).start()
+        mngr.wait_until_finished()  # waits for the commit held 0.2 s
+        assert mngr.commit_future(20).result(0) == tmp_path / "20"
+        fail_commit_of(monkeypatch, "21")
+        mngr.save(21, args=ocp.args.StandardSave(tree(21)))
+        with pytest.raises(CommitError, match="I/O error"):
+            mngr.wait_until_finished()
+        assert not inner._in_flight_steps and not inner._checkpointer._in_flight
+        assert mngr.all_steps() == list(range(21)) and mngr.commit_future(0).done()
+        assert_tree_equal(mngr.restore(20), tree(20))
+
+
 def test_saves_in_flight_are_bounded_and_commit_in_step_order(tmp_path, gate):
     releases = {s: gate.hold(str(s)) for s in (1, 2)}
 

@@ -216,6 +216,9 @@ class AsyncCheckpointManager:
             file_options=self.options.file_options)
         self._checkpoints: list[CheckpointInfo] = []
         self._futures: dict[int, CommitFuture] = {}
+        #: The commits of ``_futures`` still in flight, each let go as it ends (by
+        #: :meth:`_on_done`): what a save or a wait walks, however many steps are listed.
+        self._in_flight_steps: dict[int, CommitFuture] = {}
         # One save() at a time, from its decision to its commit's registration: two awaited
         # at once (asyncio.gather) each read the step list before the other wrote it back.
         self._saving = asyncio.Lock()
@@ -512,7 +515,9 @@ class AsyncCheckpointManager:
         keep = self._preservation_policy.should_preserve(candidates, context=PreservationContext())
         to_remove = [c for c, k in zip(candidates, keep, strict=True) if not k]
         stats.get_old_steps_start_time, stats.get_old_steps_duration_secs = t, time.time() - t
-        prev = self._futures[max(self._futures)] if self._futures else None
+        # (the commit in flight of the highest step: each lands after the one before it)
+        prev = self._in_flight_steps[max(self._in_flight_steps)] if self._in_flight_steps \
+            else None
 
         async def retain(path: AnyPath, _meta: Any) -> None:
             # Orbax retires the new step too when the policy does not keep it (BestN with a
@@ -538,6 +543,7 @@ class AsyncCheckpointManager:
         stats.checkpointer_blocking_duration_secs = time.time() - t
         log.debug("step %d staged in %.3f s", step, stats.checkpointer_blocking_duration_secs)
         self._futures[step] = fut
+        self._in_flight_steps[step] = fut
         # (the listing as it is now, not as it was before staging: a delete(), a commit that
         # failed or a reload() meanwhile stays done)
         retired = {c.step for c in to_remove}
@@ -545,7 +551,7 @@ class AsyncCheckpointManager:
         if step not in retired:
             self._checkpoints.append(info)
         self._forget_retired_futures()
-        fut.on_settle(lambda exc: self._on_done(step, exc, to_remove))
+        fut.on_settle(lambda exc: self._on_done(step, fut, exc, to_remove))
         if not self.options.enable_async_checkpointing:
             self._checkpointer.hurry()  # (the caller waits for it)
             await fut
@@ -567,10 +573,11 @@ class AsyncCheckpointManager:
     def _forget_retired_futures(self) -> None:
         """Drops the completion futures of ended commits whose steps are no longer listed
         (retired, or failed): a manager saving every few minutes for weeks would otherwise
-        keep one per save, and walk them all on every save and wait."""
+        keep one per save. (Only those of unlisted steps are asked whether they ended.)"""
         listed = {c.step for c in self._checkpoints}
-        for step in [s for s, f in self._futures.items() if f.done() and s not in listed]:
-            del self._futures[step]
+        for step in [s for s in self._futures if s not in listed]:
+            if self._futures[step].done():
+                del self._futures[step]
 
     async def _agree(self, what: str, decision: bool) -> bool:
         """``decision`` on one process; the primary's on every process of a multi-process run
@@ -626,22 +633,24 @@ class AsyncCheckpointManager:
 
     def _in_flight(self) -> int:
         """How many of this manager's commits are in flight (any thread)."""
-        return sum(not f.done() for f in list(self._futures.values()))  # (a copy: any thread)
+        return len(self._in_flight_steps)
 
     async def _bound_in_flight(self) -> None:
         while self._in_flight() >= self.options.max_concurrent_saves:
-            oldest = min(s for s, f in self._futures.items() if not f.done())
+            oldest = self._in_flight_steps[min(self._in_flight_steps)]
             # (a cancelled caller stops waiting here: its save was not started)
             with contextlib.suppress(Exception):  # (a failure: recorded by _on_done, raised below)
-                await self._futures[oldest]
+                await oldest
             if not self._roles.multi:  # (with several processes: by the save's precheck)
                 self._raise_failure()
 
-    def _on_done(self, step: int, exc: BaseException | None,
+    def _on_done(self, step: int, fut: CommitFuture, exc: BaseException | None,
                  removed: list[CheckpointInfo]) -> None:
-        """Runs when a commit ends, before its future tells anyone (any thread): a failed
-        step leaves the listing, and the steps it would have retired come back (they were
-        never deleted)."""
+        """Runs when a commit ends, before its future tells anyone (any thread): it is no
+        longer in flight; a failed step leaves the listing, and the steps it would have
+        retired come back (they were never deleted)."""
+        if self._in_flight_steps.get(step) is fut:
+            del self._in_flight_steps[step]
         if exc is None:
             return
         self._failures.append(exc)
@@ -668,7 +677,7 @@ class AsyncCheckpointManager:
     @on_engine
     async def wait_until_finished(self) -> None:
         """Waits for every in-flight commit; raises the first failure."""
-        for fut in [self._futures[step] for step in sorted(self._futures)]:
+        for fut in [self._in_flight_steps[s] for s in sorted(self._in_flight_steps)]:
             with contextlib.suppress(Exception):  # (recorded by _on_done; a cancel is raised)
                 await fut
         while self._deleter is not None and not self._deleter.done():
