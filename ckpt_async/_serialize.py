@@ -14,6 +14,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import functools
 import itertools
 import json
@@ -35,7 +36,12 @@ from . import _storage as storage
 from ._crc import crc32
 from ._paths import AnyPath, below, kvstore_base
 from ._runtime import BACKGROUND_THREADS, batch_pace, get_runtime, log
-from .errors import CorruptCheckpointError, UnreadableCheckpointError, read_failure
+from .errors import (
+    CorruptCheckpointError,
+    OutOfMemoryError,
+    UnreadableCheckpointError,
+    read_failure,
+)
 
 #: OCDBT data files are split at this size at most (Orbax uses 2 GiB on local filesystems).
 TARGET_DATA_FILE_SIZE = 256 << 20
@@ -790,6 +796,31 @@ def host_buffers(specs: list[tuple[tuple[int, ...], np.dtype]]) -> list[np.ndarr
             for o, (shape, dtype) in zip(offsets, specs, strict=True)]
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says no memory was to be had: NumPy's MemoryError, or ENOMEM from a
+    mapping (:func:`host_buffer`, :func:`_ocdbt.anonymous_memory`)."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and
+                                            exc.errno == errno.ENOMEM)
+
+
+@contextlib.contextmanager
+def allocating(directory: AnyPath, names: Sequence[str], nbytes: int) -> Iterator[None]:
+    """Around the allocation of the host buffers that the arrays ``names`` of the item at
+    ``directory`` are read into (``nbytes`` in all): none to be had raises
+    :class:`OutOfMemoryError` naming them and the bytes (a bare MemoryError named nothing)."""
+    try:
+        yield
+    except (MemoryError, OSError) as exc:
+        if isinstance(exc, OutOfMemoryError) or not out_of_memory(exc):
+            raise
+        what = f"key {names[0]!r}" + (f" (and {len(names) - 1} other arrays read with it)"
+                                       if len(names) > 1 else "")
+        raise OutOfMemoryError(
+            f"{directory}: {what}: out of host memory allocating {nbytes} bytes"
+            + (f" ({nbytes / 2**20:.1f} MiB)" if nbytes >= 2**20 else "") + " to restore into"
+            + (f" ({exc})" if str(exc) else "")) from exc
+
+
 async def read_into_buffer(ctx: ts.Context, store: Any) -> np.ndarray:
     """All of ``store`` read straight into a fresh :func:`host_buffer` (``store.read()``
     would return TensorStore's own, 16-byte-aligned buffer, which jax copies again)."""
@@ -1097,8 +1128,9 @@ class ItemReader:
             for run in _adjacent_runs(whole, 2 * len(whole)):
                 path, start, name = run[0][0], run[0][1], run[0][3]
                 base = start - start % _ocdbt.DIRECT_ALIGN
-                region = _ocdbt.direct_region(
-                    _ocdbt.round_up(run[-1][1] + run[-1][2] - base, _ocdbt.DIRECT_ALIGN))
+                size = _ocdbt.round_up(run[-1][1] + run[-1][2] - base, _ocdbt.DIRECT_ALIGN)
+                with allocating(self.item_dir, [w[3] for w in run], size):
+                    region = _ocdbt.direct_region(size)
                 spans = [(w[1] - base, w[1] - base + w[2]) for w in run]
                 wanted = [(expected(w[3]) or {}).get(w[4][3][0][0]) for w in run]
                 crcs = [0] * len(run) if any(c is not None for c in wanted) else None
@@ -1113,8 +1145,7 @@ class ItemReader:
                         raise checksum_error(self.item_dir, name, [plan[3][0][0]])
                     out[name] = region[begin:end].view(plan[0]).reshape(plan[1])
         if rest:
-            out.update(self._read_batch(rest, host_buffers([(p[1], p[0]) for _n, p in rest]),
-                                        expected))
+            out.update(self._read_batch(rest, self._buffers(rest), expected))
         return out
 
     def _data_file(self, files: dict[tuple[str, bool], int], path: str, name: str,
@@ -1136,6 +1167,14 @@ class ItemReader:
                 raise self._unreadable(path, name, exc) from exc
             files[path, direct] = fd
         return fd
+
+    def _buffers(self, batch: Sequence[tuple[str, Any]]) -> list[np.ndarray]:
+        """:func:`host_buffers` for the arrays of ``batch`` (name, plan): no memory for them
+        raises :class:`OutOfMemoryError` naming them (:func:`allocating`)."""
+        specs = [(plan[1], plan[0]) for _name, plan in batch]
+        with allocating(self.item_dir, [name for name, _plan in batch],
+                        sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs)):
+            return host_buffers(specs)
 
     def _short(self, path: str, name: str, length: int, offset: int) -> CorruptCheckpointError:
         return CorruptCheckpointError(
@@ -1248,19 +1287,25 @@ class ItemReader:
         rt = get_runtime()
         direct = self.direct and ref is not None and ref[1] % HOST_ALIGNMENT == 0
         if ref is None or not (direct or nbytes > READ_SEGMENT_BYTES):
-            return await rt.to_read_thread(lambda: self._read_batch(
-                [(name, plan)], [aligned_empty(shape, dtype)], lambda _name: sums).get(name))
+            def read() -> np.ndarray | None:
+                with allocating(self.item_dir, [name], nbytes):
+                    buffer = aligned_empty(shape, dtype)
+                return self._read_batch([(name, plan)], [buffer], lambda _name: sums).get(name)
+
+            return await rt.to_read_thread(read)
         path, offset, _length = ref
         key = refs[0][0]
         expected = sums.get(key) if sums else None
-        if direct:  # (the region starts DIRECT_ALIGN-aligned in the file, as reads must)
-            head = offset % _ocdbt.DIRECT_ALIGN
-            region = _ocdbt.direct_region(_ocdbt.round_up(head + nbytes, _ocdbt.DIRECT_ALIGN))
-            buffer = region[head:head + nbytes].view(dtype).reshape(shape)
-        else:
-            head = 0
-            buffer = aligned_empty(shape, dtype)
-            region = buffer.reshape(-1).view(np.uint8)
+        with allocating(self.item_dir, [name], nbytes):
+            if direct:  # (the region starts DIRECT_ALIGN-aligned in the file, as reads must)
+                head = offset % _ocdbt.DIRECT_ALIGN
+                region = _ocdbt.direct_region(_ocdbt.round_up(head + nbytes,
+                                                              _ocdbt.DIRECT_ALIGN))
+                buffer = region[head:head + nbytes].view(dtype).reshape(shape)
+            else:
+                head = 0
+                buffer = aligned_empty(shape, dtype)
+                region = buffer.reshape(-1).view(np.uint8)
         # Each segment: where it starts in the region, and the array's bytes in it.
         segments = [(start, (max(head - start, 0), min(head + nbytes - start, READ_SEGMENT_BYTES)))
                     for start in range(0, len(region), READ_SEGMENT_BYTES)]
@@ -1339,8 +1384,7 @@ class ItemReader:
         def read(batch: list[tuple[str, LocalPlan]]) -> dict[str, np.ndarray]:
             if self.direct:
                 return self._read_batch_direct(batch, expected)
-            return self._read_batch(batch, host_buffers([(p[1], p[0]) for _name, p in batch]),
-                                    expected)
+            return self._read_batch(batch, self._buffers(batch), expected)
 
         rt = get_runtime()
         out: dict[str, np.ndarray] = {}
@@ -1391,7 +1435,7 @@ class ItemReader:
 
         def wait_chunks(wanted: list[tuple[str, Any, dict[str, Any]]]) -> dict[str, np.ndarray]:
             out = {}
-            buffers = host_buffers([(plan[1], plan[0]) for _name, plan, _futs in wanted])
+            buffers = self._buffers([(name, plan) for name, plan, _futs in wanted])
             for (name, plan, futs), buffer in zip(wanted, buffers, strict=True):
                 try:
                     raw = {k: v for k, f in futs.items() if (v := f.result().value)}
@@ -1461,7 +1505,7 @@ class ItemReader:
             for i, j in last.items():
                 done_with.setdefault(j, []).append(i)
             out = {}
-            buffers = host_buffers([(p[1], p[0]) for _name, p in batch])
+            buffers = self._buffers(batch)
             for j, ((name, plan), buffer) in enumerate(zip(batch, buffers, strict=True)):
                 if self._take_remote(name, plan, buffer, ranges, where, got, expected):
                     out[name] = buffer

@@ -75,6 +75,10 @@ class CheckpointReplacedError(CheckpointError):
     """Raised when a forced save replaces a checkpoint while it is being read."""
 
 
+class OutOfMemoryError(CheckpointError, MemoryError):
+    """Raised when a restore finds no host memory for an array, naming it and its bytes."""
+
+
 # --- serialize / commit (background) -----------------------------------------------------------
 class CommitError(CheckpointError):
     """Raised when writing or committing a checkpoint failed; no step was made visible."""
@@ -133,6 +137,7 @@ __all__ = [
     "InvalidTypeError",
     "ItemNotFoundError",
     "NotWritableError",
+    "OutOfMemoryError",
     "ProcessFailedError",
     "ReadOnlyError",
     "RuntimeUsageError",

@@ -158,6 +158,7 @@ EXPECTED_BUILTINS: dict[str, set[type[BaseException]]] = {
     "CorruptCheckpointError": set(),
     "UnreadableCheckpointError": {OSError},
     "CheckpointReplacedError": set(),
+    "OutOfMemoryError": {MemoryError},
     "CommitError": set(),
     "CommitTimeoutError": {TimeoutError, OSError},
     "ProcessFailedError": set(),

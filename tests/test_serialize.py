@@ -766,3 +766,46 @@ def test_the_zarray_ckpt_async_writes_is_the_one_tensorstore_writes(shape, chunk
     zdtype = ser.zarr_v2_dtype(np.dtype(dtype))
     assert zdtype is not None
     assert ser.zarray_document(shape, chunks, zdtype) == written
+
+
+@pytest.mark.parametrize("where", ["batch", "one_by_one", "driver"])
+def test_a_restore_out_of_host_memory_names_the_array_and_the_bytes(tmp_path, monkeypatch,
+                                                                   where):
+    """No memory for an array's buffer (NumPy's MemoryError; ENOMEM from a mapping) raises
+    OutOfMemoryError, still a MemoryError, naming the step's item, the array and the bytes
+    asked for: a bare MemoryError named nothing. Small arrays are read in batches into one
+    region (``host_buffers``), larger ones one by one (``aligned_empty``), and without a
+    local index through TensorStore's driver into a mapping (``host_buffer``)."""
+    import errno
+
+    import ckpt_async as ocp
+    from ckpt_async.errors import OutOfMemoryError
+
+    state = {"small": np.arange(8, dtype=np.float32), "big": np.ones(1 << 19, np.float32)}
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(3, args=ocp.args.StandardSave(state))
+    name, nbytes = ("small", 32) if where == "batch" else ("big", 1 << 21)
+    if where == "driver":
+        async def nothing(self, *args):
+            return None if not args else {}
+
+        monkeypatch.setattr(ser.ItemReader, "index", nothing)
+        monkeypatch.setattr(ser.ItemReader, "read_small", nothing)
+    real = ser.host_buffer if where != "one_by_one" else ser.aligned_empty
+    cause = OSError(errno.ENOMEM, "Cannot allocate memory") if where == "driver" else \
+        MemoryError()
+
+    def refuse(shape, dtype):
+        size = np.prod(shape) * np.dtype(dtype).itemsize
+        if size == nbytes or (where == "batch" and size < 1 << 20):  # (a batch's region)
+            raise cause
+        return real(shape, dtype)
+
+    monkeypatch.setattr(ser, "host_buffer" if where != "one_by_one" else "aligned_empty",
+                        refuse)
+    with ocp.CheckpointManager(tmp_path) as mngr, pytest.raises(OutOfMemoryError) as ei:
+        mngr.restore(3)
+    assert isinstance(ei.value, MemoryError) and ei.value.__cause__ is cause
+    assert str(ei.value).startswith(
+        f"{tmp_path / '3' / 'default'}: key {name!r}: out of host memory allocating "
+        f"{nbytes} bytes"), ei.value

@@ -1125,7 +1125,8 @@ class _Reader:
         nbytes = math.prod(store.shape) * np.dtype(store.dtype.numpy_dtype).itemsize
         async with self._window.hold(nbytes):
             try:
-                arr = await ser.read_into_buffer(self.ctx, store)
+                with ser.allocating(self.dir, [name], nbytes):
+                    arr = await ser.read_into_buffer(self.ctx, store)
             except ValueError as exc:
                 raise CorruptCheckpointError(
                     f"{self.dir}: array {name!r} cannot be read ({exc})") from exc
