@@ -14,6 +14,7 @@ from ckpt_async.errors import (
     CorruptCheckpointError,
     HandlerError,
     InvalidArgumentError,
+    InvalidTypeError,
     NotWritableError,
     StepNotFoundError,
     UnsupportedLeafError,
@@ -168,6 +169,26 @@ def test_handlers_take_orbax_arguments_and_refuse_unknown_ones():
     for handler in (ocp.PyTreeCheckpointHandler, ocp.StandardCheckpointHandler):
         with pytest.raises(TypeError, match="'use_ocbdt'"):  # (a misspelling)
             handler(use_ocbdt=True)
+
+
+@pytest.mark.parametrize("handler", [ocp.PyTreeCheckpointHandler, ocp.StandardCheckpointHandler])
+def test_a_host_memory_budget_is_a_positive_int_or_none(tmp_path, handler):
+    """Refused when the handler is made, naming the option: a budget of 0 or less (every
+    array was staged alone), a float, a bool, a string (taken, then failing the save with
+    a bare TypeError). None is no budget; a NumPy int is an int."""
+    name = handler.__name__
+    for bad, error in ((0, InvalidArgumentError), (-1, InvalidArgumentError),
+                       (1.5, InvalidTypeError), (True, InvalidTypeError),
+                       ("1GB", InvalidTypeError)):
+        with pytest.raises(error, match=rf"^{name}\(host_memory_budget_bytes={bad!r}\): must"):
+            handler(host_memory_budget_bytes=bad)
+    assert issubclass(InvalidTypeError, ValueError)
+    for good in (None, 1, np.int64(1 << 20)):
+        with ocp.AsyncCheckpointer(handler(host_memory_budget_bytes=good)) as ckptr:
+            path = tmp_path / f"{name}-{good}"
+            ckptr.save(path, {"a": np.arange(4), "b": np.ones(3)})
+            out = ckptr.restore(path)
+        np.testing.assert_array_equal(out["a"], np.arange(4))
 
 
 @pytest.mark.parametrize("bad", ["{outside}", "../outside/s", "a/../../outside/s"])

@@ -46,6 +46,7 @@ from ..args import (
 from ..errors import (
     CorruptCheckpointError,
     InvalidArgumentError,
+    InvalidTypeError,
     ShapeMismatchError,
     UnsupportedLeafError,
 )
@@ -236,6 +237,21 @@ def _warn_rich_types(handler: str) -> None:
         "named tuples either way (see docs/migration.md)", UserWarning, stacklevel=3)
 
 
+def _budget_bytes(value: Any, handler: str) -> int | None:
+    """``host_memory_budget_bytes`` checked: None (no budget) or a positive int. (0 or less
+    staged every array alone, a float or a string was taken, the latter failing the save.)"""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise InvalidTypeError(f"{handler}(host_memory_budget_bytes={value!r}): must be an int "
+                               "(bytes), or None for no budget")
+    value = int(value.__index__())
+    if value <= 0:
+        raise InvalidArgumentError(f"{handler}(host_memory_budget_bytes={value}): must be "
+                                   "positive (bytes), or None for no budget")
+    return value
+
+
 class PyTreeCheckpointHandler(AsyncCheckpointHandler):
     """Saves and restores a pytree (``PyTreeSave`` / ``PyTreeRestore``).
 
@@ -269,7 +285,7 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
             _warn_rich_types(type(self).__name__)
         # One budget per handler: it bounds the bytes staged-but-unwritten of all its saves in
         # flight together, not of each save alone.
-        self._budget = ByteBudget(host_memory_budget_bytes)
+        self._budget = ByteBudget(_budget_bytes(host_memory_budget_bytes, type(self).__name__))
         self._compress = use_compression
         self._type_registry: TypeHandlerRegistry | None = orbax_options.get(
             "type_handler_registry")
