@@ -682,6 +682,68 @@ def test_array_restore_args_asking_for_numpy_give_numpy_as_in_orbax(tmp_path):
     assert outcomes["orbax"]["w"][:2] == ("ndarray", "bfloat16")
 
 
+# (a script per library: Orbax's refused restore leaves its coroutines unawaited behind it)
+_OPEN_ARRAY_RESTORE_ARGS = """
+import json, os, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+lib = __import__("orbax.checkpoint" if sys.argv[1] == "orbax" else "ckpt_async",
+                 fromlist=["_"])
+single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+split = NamedSharding(Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y")), PartitionSpec("x"))
+item = {"a": np.zeros((4, 6), np.float16),
+        "b": jax.ShapeDtypeStruct((8,), jnp.int16, sharding=split),
+        "s": np.float64(0),  # (0-d: gives nothing, in Orbax too)
+        "loose": np.zeros(3, np.int64)}  # (its restore args are not strict: nothing)
+ra = {"a": lib.ArrayRestoreArgs(sharding=single), "b": lib.ArrayRestoreArgs(sharding=split),
+      "s": lib.ArrayRestoreArgs(sharding=single),
+      "loose": lib.ArrayRestoreArgs(sharding=single, strict=False)}
+with lib.PyTreeCheckpointer() as ckptr:
+    out = ckptr.restore(sys.argv[2], args=lib.args.PyTreeRestore(item=item, restore_args=ra))
+    result = {k: [type(v).__name__, str(v.dtype), list(v.shape), np.asarray(v).tolist(),
+                  v.sharding == ra[k].sharding] for k, v in out.items()}
+    try:
+        ckptr.restore(sys.argv[2], args=lib.args.PyTreeRestore(
+            item={**item, "a": np.zeros((2, 6), np.float32)}, restore_args=ra))
+    except ValueError as exc:
+        result["other shape"] = type(exc).__name__
+print(json.dumps(result), flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("writer", ["ckpt_async", "orbax"])
+def test_array_restore_args_leaving_dtype_and_shape_open_take_the_items_as_in_orbax(
+        tmp_path, writer):
+    """PyTreeRestore(item, restore_args) whose ArrayRestoreArgs name a sharding but no dtype
+    or shape: Orbax takes them from the item's leaf (an array of one dimension or more, with
+    strict restore args), so the array comes back in the item's dtype and a shape other than
+    the stored one is refused. (ckpt_async read them as saved, the item's leaves ignored.)"""
+    import subprocess
+    import sys
+
+    tree = {"a": np.arange(24, dtype=np.float32).reshape(4, 6) / 3,
+            "b": np.arange(8, dtype=np.int32) * 1000, "s": np.float32(2.5),
+            "loose": np.arange(3, dtype=np.float32) + 0.5}
+    lib_w = ocp if writer == "ckpt_async" else orbax
+    with lib_w.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", args=lib_w.args.PyTreeSave(tree))
+    outcomes = {}
+    for lib in ("ckpt_async", "orbax"):
+        done = subprocess.run([sys.executable, "-c", _OPEN_ARRAY_RESTORE_ARGS, lib,
+                               str(tmp_path / "c")], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outcomes[lib] = json.loads(done.stdout.strip().splitlines()[-1])
+    mismatch = outcomes["ckpt_async"].pop("other shape")
+    assert mismatch == "ShapeMismatchError" and outcomes["orbax"].pop("other shape") == "ValueError"
+    assert outcomes["ckpt_async"] == outcomes["orbax"]
+    assert {k: v[1] for k, v in outcomes["orbax"].items()} == {
+        "a": "float16", "b": "int16", "s": "float32", "loose": "float32"}
+    assert all(v[4] for v in outcomes["orbax"].values())  # (on the shardings asked for)
+    assert_bits_equal(np.asarray(outcomes["orbax"]["a"][3], np.float16),
+                      tree["a"].astype(np.float16))
+
+
 @pytest.mark.parametrize("kind", ["Standard", "PyTree"])
 def test_item_metadata_kinds_of_leaves_as_orbax_reports_them(tmp_path, kind):
     # A NumPy scalar under StandardSave is an array to Orbax (ArrayMetadata, with storage),

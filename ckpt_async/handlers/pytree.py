@@ -692,6 +692,23 @@ def _args_of_target(tleaf: Any) -> RestoreArgs:
     return RestoreArgs()
 
 
+def _completed_by_item(leaf: Any, rarg: ArrayRestoreArgs) -> ArrayRestoreArgs:
+    """The ArrayRestoreArgs of a PyTreeRestore with an item, as Orbax completes them
+    (``_update_array_restore_args``): strict ones that leave the shape or the dtype open take
+    them from the item's leaf, an array of one dimension or more (not a typed PRNG key; a
+    0-d array, a scalar or a type gives nothing)."""
+    shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+    if isinstance(leaf, type) or not rarg.strict or not shape or dtype is None or \
+            _is_key_dtype(dtype):
+        return rarg
+    updates: dict[str, Any] = {}
+    if rarg.global_shape is None:
+        updates["global_shape"] = tuple(shape)
+    if rarg.dtype is None:
+        updates["dtype"] = dtype
+    return dataclasses.replace(rarg, **updates) if updates else rarg
+
+
 def _target_sharding(tleaf: Any, rarg: Any) -> jax.sharding.Sharding | None:
     """The sharding a restore target (or its ArrayRestoreArgs) asks for, if any (none for a
     NumPy array asked for: it is read whole)."""
@@ -1280,6 +1297,10 @@ class _Reader:
         if restore_args is not None and restore_args is not target:
             rpairs, _ = _tree.target_leaves(restore_args)
             rargs = {k: a for k, _n, a in rpairs}
+        if structure_only:  # (the item's leaves fill in what their ArrayRestoreArgs leave open)
+            for k, _n, leaf in pairs:
+                if isinstance(rarg := rargs.get(k), ArrayRestoreArgs):
+                    rargs[k] = _completed_by_item(leaf, rarg)
         wanted = {k for k, _n, _l in pairs}
         # Leaves marked PLACEHOLDER (in the target or by their restore args) are not read; nor
         # are those the target (an item, not restore args) gives as None: they come back None,
