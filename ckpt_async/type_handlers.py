@@ -24,7 +24,7 @@ import asyncio
 import copy
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -545,11 +545,12 @@ def supported_types() -> list[Any]:
 
 def is_supported_empty_value(value: Any, pytree_metadata_options: Any = None) -> bool:
     """Whether ``value`` is an empty node a pytree checkpoint records as such: None, or an
-    empty dict, list or tuple; an empty named tuple only with Orbax's
-    ``PyTreeMetadataOptions(support_rich_types=True)``, as in Orbax."""
+    empty dict, list, tuple or other mapping (an ``OrderedDict``, ``defaultdict``, ...); an
+    empty named tuple only with Orbax's ``PyTreeMetadataOptions(support_rich_types=True)``,
+    as in Orbax."""
     if is_namedtuple(value):
         return not value and bool(getattr(pytree_metadata_options, "support_rich_types", False))
-    return value is None or (type(value) in (dict, list, tuple) and not value)
+    return value is None or (isinstance(value, (dict, list, tuple, Mapping)) and not value)
 
 
 def is_supported_type(value: Any, pytree_metadata_options: Any = None) -> bool:

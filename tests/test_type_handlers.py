@@ -9,6 +9,8 @@ broadcast across processes is in ``test_multihost.py``)."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import collections.abc
 import concurrent.futures
 import dataclasses
 import json
@@ -372,15 +374,33 @@ def test_a_subclass_reading_its_own_way_gets_the_leaves_ckpt_async_wrote(tmp_pat
     assert restored["w"].sharding == sharding and np.array_equal(np.asarray(restored["w"]), host)
 
 
+class _Mapping(collections.abc.Mapping):  # a mapping that is no dict (and no pytree node)
+    def __init__(self, items=()):
+        self._items = dict(items)
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+
 def test_orbax_s_type_handler_queries() -> None:
-    import collections
+    import types
 
     from orbax.checkpoint._src.metadata.pytree_metadata_options import PyTreeMetadataOptions
 
     nt = collections.namedtuple("nt", "a")
     empty_nt = collections.namedtuple("empty_nt", [])
+    # (an empty mapping of another type than dict, and an empty list subclass, were refused)
     values = [None, {}, [], (), nt(1), empty_nt(), 1, 1.5, True, b"x", "x", np.zeros(2),
-              np.float32(1), jax.numpy.zeros(2), object(), {"a": 1}, [1]]
+              np.float32(1), jax.numpy.zeros(2), object(), {"a": 1}, [1],
+              collections.OrderedDict(), collections.OrderedDict(a=1),
+              collections.defaultdict(list), types.MappingProxyType({}), _Mapping(),
+              _Mapping({"a": 1}), type("L", (list,), {})()]
     for v in values:
         for fn in ("is_supported_empty_value", "is_supported_type"):
             ours = getattr(ocp.type_handlers, fn)(v)
@@ -390,6 +410,26 @@ def test_orbax_s_type_handler_queries() -> None:
                 options = PyTreeMetadataOptions(support_rich_types=rich)
                 ours = getattr(ocp.type_handlers, fn)(v, options)
                 assert ours == getattr(orbax.type_handlers, fn)(v, options), (fn, v, rich)
+
+
+@pytest.mark.parametrize("empty", [collections.OrderedDict, lambda: collections.defaultdict(list)],
+                         ids=["OrderedDict", "defaultdict"])
+@pytest.mark.parametrize(("writer", "reader"), [("ckpt_async", "orbax"), ("orbax", "ckpt_async"),
+                                                ("ckpt_async", "ckpt_async")])
+def test_an_empty_mapping_restores_as_orbax_restores_it(tmp_path, empty, writer, reader) -> None:
+    """An empty OrderedDict or defaultdict in a saved tree is an empty node ("Dict") and
+    comes back an empty dict, with its metadata, as in Orbax, whichever library wrote it."""
+    tree = {"a": np.arange(3), "e": empty(), "n": {"o": empty()}}
+    LIBS[writer].PyTreeCheckpointer().save(tmp_path / "c", tree)
+    ckptr = LIBS[reader].PyTreeCheckpointer()
+    restored = ckptr.restore(tmp_path / "c")
+    assert type(restored["e"]) is dict and restored["e"] == {} and restored["n"] == {"o": {}}
+    assert np.array_equal(restored["a"], tree["a"])
+    meta = ckptr.metadata(tmp_path / "c")
+    meta = getattr(meta, "item_metadata", meta).tree
+    assert meta["e"] == {} and meta["n"] == {"o": {}}
+    saved = json.loads((tmp_path / "c" / "_METADATA").read_text())["tree_metadata"]
+    assert saved["('e',)"]["value_metadata"]["value_type"] == "Dict"
 
 
 def test_support_rich_types_warns_once_that_it_has_no_effect(monkeypatch) -> None:
