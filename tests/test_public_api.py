@@ -323,3 +323,22 @@ def test_value_metadata_entries_read_and_write_the_metadata_document(tmp_path: P
                                 "write_shape": [4, 2]}
     assert ocp.metadata.tree.ValueMetadataEntry.from_json(shaped.to_json()) == shaped
     assert ocp.metadata.value.ArrayMetadata is ocp.metadata.ArrayMetadata
+
+
+def test_value_metadata_entries_read_with_the_pytree_metadata_options() -> None:
+    """An empty named tuple's entry reads as Orbax reads it: of value type "None" unless the
+    options support rich types (it stayed "NamedTuple")."""
+    import orbax.checkpoint as orbax
+    from orbax.checkpoint._src.metadata.pytree_metadata_options import PyTreeMetadataOptions
+
+    for value_type in ("NamedTuple", "None", "Dict", "List", "Tuple", "jax.Array"):
+        doc = {"value_type": value_type, "skip_deserialize": True, "write_shape": [2]}
+        for rich in (False, True):
+            options = PyTreeMetadataOptions(support_rich_types=rich)
+            ours = ocp.metadata.tree.ValueMetadataEntry.from_json(doc, options)
+            theirs = orbax.metadata.tree.ValueMetadataEntry.from_json(doc, options)
+            assert ours.to_json() == theirs.to_json(), (value_type, rich)
+        # (without options, as with Orbax's default ones: no rich types)
+        assert ocp.metadata.tree.ValueMetadataEntry.from_json(doc).to_json() == \
+            orbax.metadata.tree.ValueMetadataEntry.from_json(
+                doc, PyTreeMetadataOptions()).to_json()

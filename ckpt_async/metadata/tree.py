@@ -30,10 +30,14 @@ class ValueMetadataEntry:
     @classmethod
     def from_json(cls, json_dict: Mapping[str, Any],
                   pytree_metadata_options: Any = None) -> ValueMetadataEntry:
-        """The entry of a ``value_metadata`` object read from ``_METADATA``. (Orbax's
-        ``pytree_metadata_options`` is accepted; the type names are kept as written.)"""
-        del pytree_metadata_options
+        """The entry of a ``value_metadata`` object read from ``_METADATA``. An empty named
+        tuple's ``'NamedTuple'`` reads as ``'None'`` unless ``pytree_metadata_options`` (Orbax's
+        ``PyTreeMetadataOptions``) has ``support_rich_types``, as in Orbax."""
+        value_type = json_dict["value_type"]
+        if value_type == "NamedTuple" and not getattr(pytree_metadata_options,
+                                                      "support_rich_types", False):
+            value_type = "None"
         shape = json_dict.get("write_shape")
-        return cls(value_type=json_dict["value_type"],
+        return cls(value_type=value_type,
                    skip_deserialize=json_dict["skip_deserialize"],
                    write_shape=tuple(shape) if shape is not None else None)
