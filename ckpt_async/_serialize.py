@@ -201,11 +201,16 @@ def array_prefix(name: str) -> str:
     return f"{name}/" if name else ""
 
 
+#: Where a bare array (name ``''``) written by ckpt_async before round 37 has its keys.
+LEGACY_BARE_PREFIX = "/"
+
+
 def stored_prefix(name: str, index: Mapping[str, Any]) -> str:
     """:func:`array_prefix` of ``name`` as ``index`` holds it: a bare array written by
-    ckpt_async before round 37 has its keys under ``/`` (read by the direct paths only)."""
-    if not name and ".zarray" not in index and "/.zarray" in index:
-        return "/"
+    ckpt_async before round 37 has its keys under ``/`` (the TensorStore paths find it
+    with :func:`_open_for_reading`)."""
+    if not name and ".zarray" not in index and f"{LEGACY_BARE_PREFIX}.zarray" in index:
+        return LEGACY_BARE_PREFIX
     return array_prefix(name)
 
 
@@ -713,12 +718,34 @@ class ItemWriter:
         self.checksums[arr.name] = sums
 
 
-async def open_array(ctx: ts.Context, item_dir: AnyPath, name: str, *, use_ocdbt: bool,
-                     use_zarr3: bool) -> Any:
-    """Opens one stored array for reading (a TensorStore; nothing is read yet)."""
+async def _open_for_reading(ctx: ts.Context, item_dir: AnyPath, name: str, *, use_ocdbt: bool,
+                            use_zarr3: bool) -> Any:
+    """Opens stored array ``name`` for reading; a bare array (name ``''``) that is not at the
+    database's root is looked for where ckpt_async wrote it before round 37 (under ``/``).
+    TensorStore's ``ValueError`` (the one at the root) if it cannot be opened."""
     spec = array_spec(item_dir, name, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3)
     try:
         return await ts.open(spec, open=True, read=True, context=ctx)
+    except ValueError:
+        if name or not use_ocdbt:
+            raise
+        # (a spec's kvstore path loses its leading '/' in the zarr driver; an open KvStore's
+        # keeps it)
+        with contextlib.suppress(ValueError):
+            kv = await ts.KvStore.open({**spec["kvstore"], "path": LEGACY_BARE_PREFIX},
+                                       context=ctx)
+            if (await kv.read(".zarray")).state == "value":
+                return await ts.open({k: v for k, v in spec.items() if k != "kvstore"},
+                                     kvstore=kv, open=True, read=True, context=ctx)
+        raise
+
+
+async def open_array(ctx: ts.Context, item_dir: AnyPath, name: str, *, use_ocdbt: bool,
+                     use_zarr3: bool) -> Any:
+    """Opens one stored array for reading (a TensorStore; nothing is read yet)."""
+    try:
+        return await _open_for_reading(ctx, item_dir, name, use_ocdbt=use_ocdbt,
+                                       use_zarr3=use_zarr3)
     except ValueError as exc:
         raise read_failure(f"{item_dir}: array {name!r} cannot be opened", exc) from exc
 
@@ -733,9 +760,9 @@ async def read_array(
     index: tuple[slice, ...] | None = None,
 ) -> np.ndarray:
     """Reads one stored array (or the ``index`` region of it) into host memory."""
-    spec = array_spec(item_dir, name, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3)
     try:
-        store = await ts.open(spec, open=True, read=True, context=ctx)
+        store = await _open_for_reading(ctx, item_dir, name, use_ocdbt=use_ocdbt,
+                                        use_zarr3=use_zarr3)
         if index is not None:
             store = store[index]
         return await store.read()

@@ -1015,15 +1015,33 @@ def test_a_bare_array_as_the_whole_tree_is_stored_at_the_items_root_as_orbax_sto
         assert_bits_equal(ockptr.restore(tmp_path / "c"), value)
 
 
-def test_a_bare_array_written_under_a_slash_before_restores(tmp_path, monkeypatch):
-    import ckpt_async._serialize as ser
+@pytest.mark.parametrize("rows", [5, 240_000])  # (raw, and large: its chunks by the driver)
+def test_a_bare_array_written_under_a_slash_before_restores_reads_and_verifies(
+        tmp_path, monkeypatch, capsys, rows):
+    # (it restored, but metadata(), verify and the CLI's verify could not open it)
+    import asyncio
 
+    import ckpt_async._ocdbt as ocdbt
+    import ckpt_async._serialize as ser
+    from ckpt_async import cli
+
+    value = np.arange(rows, dtype=np.int32)
     with monkeypatch.context() as m:  # (the layout ckpt_async wrote before: keys under '/')
         m.setattr(ser, "array_prefix", lambda name: f"{name}/")
         with ocp.PyTreeCheckpointer() as ckptr:
-            ckptr.save(tmp_path / "old", args=ocp.args.PyTreeSave(np.arange(5)))
+            ckptr.save(tmp_path / "old", args=ocp.args.PyTreeSave(value))
+    keys = set(ocdbt.read_index(tmp_path / "old"))
+    assert "/.zarray" in keys and ".zarray" not in keys
     with ocp.PyTreeCheckpointer() as ckptr:
-        assert_bits_equal(ckptr.restore(tmp_path / "old"), np.arange(5))
+        assert_bits_equal(ckptr.restore(tmp_path / "old"), value)
+        meta = ckptr.metadata(tmp_path / "old").item_metadata.tree
+    assert (meta.shape, meta.dtype) == ((rows,), np.int32)
+    meta = ocp.PyTreeCheckpointHandler().metadata(tmp_path / "old").tree
+    assert (meta.shape, meta.dtype) == ((rows,), np.int32)
+    for report in (ocp.verify(tmp_path / "old"), asyncio.run(ocp.aio.verify(tmp_path / "old"))):
+        assert report.ok and report.arrays_checked == 1 and report.bytes_checked == value.nbytes
+    assert cli.main(["verify", str(tmp_path / "old")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"OK  {tmp_path / 'old'}: 1 arrays")
 
 
 @pytest.mark.parametrize("compressed", [False, True])
