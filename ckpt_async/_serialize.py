@@ -895,6 +895,31 @@ def _direct_plan(meta: dict[str, Any], max_bytes: float = DIRECT_READ_MAX_BYTES,
     return dtype, shape, chunks
 
 
+Layout = tuple[tuple[int, ...], np.dtype, tuple[int, ...]]
+
+
+def zarray_layout(document: bytes) -> Layout | None:
+    """Shape, dtype and chunk shape of a zarr v2 ``.zarray`` document (compressed or not), as
+    :func:`read_shape_dtype` has them from TensorStore's zarr driver; None for a document
+    that driver may read otherwise (or not at all): filters, a byte order not native, a dtype
+    TensorStore does not write so."""
+    try:
+        meta = json.loads(document)
+        zdtype = meta["dtype"]
+        if meta.get("zarr_format") != 2 or meta.get("filters") or not isinstance(zdtype, str):
+            return None
+        dtype = dtype_named(zdtype)
+        shape = tuple(int(n) for n in meta["shape"])
+        chunks = tuple(int(c) for c in meta["chunks"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    named = dtype.name if dtype.type.__module__.startswith("ml_dtypes") else None
+    if (not dtype.isnative or zdtype not in (zarr_v2_dtype(dtype), named)
+            or not is_storable(dtype) or len(chunks) != len(shape)):
+        return None
+    return shape, dtype, chunks
+
+
 def _assemble(out: np.ndarray, chunks: tuple[int, ...],
               raw: Mapping[str, bytes | memoryview]) -> bool:
     """Fills ``out`` from the raw chunks of the array; False when a chunk is missing (the
@@ -1381,6 +1406,40 @@ class ItemReader:
             return await self._read_local(names, expected)
         return await self._read_direct(names, expected)
 
+    async def layouts(self, names: Sequence[str]) -> dict[str, Layout]:
+        """Shape, dtype and chunk shape of the stored arrays among ``names`` whose zarr v2
+        ``.zarray`` lies inline in the database's index (local, else an object store's as
+        :meth:`read_small` reads it), without opening each: the others (zarr3, not OCDBT, no
+        such document in the index) are left to :func:`read_shape_dtype`."""
+        if not (self.use_ocdbt and not self.use_zarr3 and names):
+            return {}
+        index = await self.index()
+        if index is None:
+            index = (await self._remote_index() or (None, None))[1]
+        if not index:
+            return {}
+
+        def parse() -> dict[str, Layout]:
+            out = {}
+            for name in names:
+                document = index.get(f"{stored_prefix(name, index)}.zarray")
+                if isinstance(document, bytes) and (layout := zarray_layout(document)):
+                    out[name] = layout
+            return out
+
+        return await get_runtime().to_thread(parse)
+
+    async def _remote_index(self) -> tuple[ts.KvStore, dict[str, _ocdbt.Located]] | None:
+        """The kvstore of an object store's item and its database's index (dumped by
+        TensorStore); None where it cannot be dumped."""
+        try:
+            base = await ts.KvStore.open(kvstore_spec(self.item_dir, use_ocdbt=False,
+                                                      write=False), context=self.ctx)
+            index = await get_runtime().to_thread(_ocdbt.dumped_index, base)
+        except ValueError:
+            return None
+        return (base, index) if index else None
+
     async def _read_local(self, names: list[str],
                           expected: Callable[[str], dict[str, int] | None],
                           ) -> dict[str, np.ndarray]:
@@ -1425,15 +1484,8 @@ class ItemReader:
                            ) -> dict[str, np.ndarray]:
         """Small arrays from an object store: by the database's index, in few ranged reads
         (:meth:`_read_remote`); where TensorStore cannot dump that index, key by key."""
-        rt = get_runtime()
-        try:
-            base = await ts.KvStore.open(kvstore_spec(self.item_dir, use_ocdbt=False,
-                                                      write=False), context=self.ctx)
-            index = await rt.to_thread(_ocdbt.dumped_index, base)
-        except ValueError:
-            index = None
-        if index:
-            return await self._read_remote(names, expected, base, index)
+        if (remote := await self._remote_index()) is not None:
+            return await self._read_remote(names, expected, *remote)
         try:
             kv = await ts.KvStore.open(kvstore_spec(self.item_dir, use_ocdbt=True, write=False),
                                        context=self.ctx)

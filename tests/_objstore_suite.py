@@ -170,6 +170,23 @@ class ObjectStoreSuite:
         assert "commit_success.txt" in stored and "manifest.ocdbt" in stored
         assert ocp.verify(url).ok
 
+    def test_metadata_of_many_arrays_opens_no_tensorstore_per_array(
+            self, store: Bucket, prefix: str, monkeypatch: pytest.MonkeyPatch):
+        # (the shapes come from the database's index; each array was opened, a request each)
+        tree = {f"p{i:03d}": np.full((i % 5, 2), i, np.float32) for i in range(120)}
+        tree["bf"] = np.ones((3, 3), ml_dtypes.bfloat16)
+        url = store.url(prefix)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(url, tree)
+        opened: list = []
+        real = ts.open
+        monkeypatch.setattr(ts, "open", lambda *a, **k: opened.append(a) or real(*a, **k))
+        with ocp.StandardCheckpointer() as ckptr:
+            meta = ckptr.metadata(url).item_metadata
+        assert opened == []
+        assert {k: (m.shape, m.dtype, m.storage.chunk_shape) for k, m in meta.items()} == {
+            k: (v.shape, v.dtype, tuple(max(1, n) for n in v.shape)) for k, v in tree.items()}
+
     def test_step_without_marker_is_not_listed_and_is_cleaned_up(self, store: Bucket,
                                                                  prefix: str):
         url = store.url(prefix)

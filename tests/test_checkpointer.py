@@ -531,6 +531,90 @@ def test_metadata_does_not_read_array_data(tmp_path, monkeypatch):
     assert meta["a"].shape == (5, 2) and meta["a"].dtype == np.float16
 
 
+def _count_opens(monkeypatch) -> list:
+    """Records the arguments of each TensorStore open (``ts.open``) from here on."""
+    import tensorstore as ts
+
+    opened: list = []
+    real = ts.open
+
+    def counted(*args, **kwargs):
+        opened.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ts, "open", counted)
+    return opened
+
+
+def _metadata_by_opening(monkeypatch, path):
+    """metadata() of item ``path`` with each array opened by TensorStore (the index's
+    ``.zarray`` documents left unread), and the number of TensorStore opens it took."""
+    with monkeypatch.context() as m:
+        async def nothing(self, names):
+            return {}
+
+        m.setattr(ser.ItemReader, "layouts", nothing)
+        opened = _count_opens(m)
+        with ocp.PyTreeCheckpointer() as ckptr:
+            return ckptr.metadata(path).item_metadata.tree, len(opened)
+
+
+@pytest.mark.parametrize("writer", ["raw", "compressed", "orbax", "orbax_zarr3"])
+def test_metadata_from_the_index_is_what_opening_each_array_gives(tmp_path, monkeypatch, mesh,
+                                                                    writer):
+    """Shapes, dtypes and chunks read from the ``.zarray`` documents of the database's index
+    equal those TensorStore gives opening each array; zarr3 (no ``.zarray``) opens them."""
+    import orbax.checkpoint as orbax
+
+    sharding = NamedSharding(mesh, PartitionSpec("x"))
+    tree = {"f32": np.arange(6, dtype=np.float32).reshape(2, 3),
+            "bf16": np.ones((3, 2), ml_dtypes.bfloat16),
+            "f8": np.ones(4, ml_dtypes.float8_e4m3fn), "f16": np.ones(2, np.float16),
+            "b": np.array([True, False]), "c64": np.ones(2, np.complex64),
+            "u8": np.arange(3, dtype=np.uint8), "np_scalar": np.float64(2.5), "int": 3, "float": 1.5,
+            "sharded": jax.device_put(np.arange(16, dtype=np.int32).reshape(8, 2), sharding),
+            "large": np.arange(100_000, dtype=np.int64),  # (written by the zarr driver)
+            "nested": {"s": "text", "e": {}, "x": np.zeros((2, 2, 2), np.uint16)}}
+    if writer in ("raw", "compressed"):  # (Orbax's save refuses these)
+        tree["i4"] = np.arange(-4, 4, dtype=ml_dtypes.int4)
+        tree["empty"] = np.zeros((0, 3), np.int16)
+        handler = ocp.PyTreeCheckpointHandler(use_compression=writer == "compressed")
+        with ocp.Checkpointer(handler) as ckptr:
+            ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave(tree))
+    else:
+        handler = orbax.PyTreeCheckpointHandler(use_zarr3=writer == "orbax_zarr3")
+        with orbax.Checkpointer(handler) as ockptr:
+            ockptr.save(tmp_path / "c", args=orbax.args.PyTreeSave(tree))
+    arrays = len(jax.tree.leaves(tree)) - 1  # (not the string)
+    expected, opens = _metadata_by_opening(monkeypatch, tmp_path / "c")
+    assert opens == arrays
+    with monkeypatch.context() as m:
+        opened = _count_opens(m)
+        with ocp.PyTreeCheckpointer() as ckptr:
+            meta = ckptr.metadata(tmp_path / "c").item_metadata.tree
+    assert len(opened) == (arrays if writer == "orbax_zarr3" else 0)
+    assert meta == expected
+    flat, expected_flat = jax.tree.leaves(meta), jax.tree.leaves(expected)
+    assert [(type(a), a.dtype.str, a.dtype.name) for a in flat if hasattr(a, "dtype")] == \
+        [(type(a), a.dtype.str, a.dtype.name) for a in expected_flat if hasattr(a, "dtype")]
+    assert meta["int"].shape == () and meta["bf16"].dtype == ml_dtypes.bfloat16
+    if "empty" in tree:
+        assert meta["empty"].shape == (0, 3) and meta["empty"].storage.chunk_shape == (1, 3)
+
+
+def test_metadata_of_many_arrays_opens_no_tensorstore_per_array(tmp_path, monkeypatch):
+    # (it opened each array with TensorStore: seconds for thousands of arrays)
+    tree = {f"p{i:03d}": np.full((i % 7, 3), i, np.float32) for i in range(300)}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", tree)
+    opened = _count_opens(monkeypatch)
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(tmp_path / "c").item_metadata
+    assert opened == []
+    assert {k: (m.shape, m.dtype) for k, m in meta.items()} == {
+        k: (v.shape, v.dtype) for k, v in tree.items()}
+
+
 def test_host_memory_budget_smaller_than_state_round_trips(tmp_path, mesh):
     rng = np.random.default_rng(0)
     tree = {f"p{i}": rng.standard_normal((64, 64)).astype(np.float32) for i in range(12)}

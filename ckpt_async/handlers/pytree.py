@@ -1564,6 +1564,13 @@ class _Reader:
 
     async def metadata(self) -> TreeMetadata:
         entries = list(self.by_key.values())
+        # (the shapes and dtypes the database's index holds, read at once: opening thousands
+        # of arrays one by one took seconds)
+        layouts = await self.items.layouts([
+            name for e in entries
+            if (vt := e.value_metadata.value_type) not in _tree.EMPTY_TYPES and vt != "string"
+            and vt not in self.overridden and (name := self._name(e)) not in self.handled
+            and name not in self.aggregated])
 
         async def one(entry: fmt.TreeEntry) -> Any:
             vt = entry.value_metadata.value_type
@@ -1577,6 +1584,8 @@ class _Reader:
             if name in self.aggregated:  # (its value is at hand)
                 arr = self.aggregated[name]
                 shape, dtype, chunks = arr.shape, arr.dtype, None
+            elif name in layouts:
+                shape, dtype, chunks = layouts[name]
             else:
                 shape, dtype, chunks = await ser.read_shape_dtype(
                     self.ctx, self.dir, name, use_ocdbt=self.doc.use_ocdbt,
