@@ -17,6 +17,7 @@ from ckpt_async.errors import (
     InvalidTypeError,
     NotWritableError,
     StepNotFoundError,
+    StructureMismatchError,
     UnsupportedLeafError,
 )
 
@@ -260,3 +261,22 @@ def test_numpy_integer_keys_are_saved_as_the_ints_they_equal(tmp_path):
     assert list(out["per_class"]) == [1, 3]
     assert all(type(k) is int for k in out["per_class"])
     np.testing.assert_array_equal(out["per_class"][np.int64(3)], np.full(2, 3))
+
+
+def test_an_item_saved_as_a_tree_is_not_restored_as_an_array(tmp_path):
+    # (a bare KeyError: 'checkpoint', naming nothing)
+    tree = {"params": {"w": np.ones(2)}, "step": 3}
+    with ocp.CheckpointManager(tmp_path / "run") as mngr:
+        mngr.save(1, args=ocp.args.StandardSave(tree))
+    tree_error = r"/run/1/default: the item is a tree \(leaves: params/w, step\).*StandardRestore"
+    with ocp.CheckpointManager(tmp_path / "run") as mngr:
+        for args in (ocp.args.ArrayRestore(), ocp.args.ArrayRestore(np.ones(2))):
+            with pytest.raises(StructureMismatchError, match=tree_error):
+                mngr.restore(1, args=args)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", tree)
+    with ocp.Checkpointer(ocp.ArrayCheckpointHandler()) as ckptr:
+        with pytest.raises(StructureMismatchError, match=r"/c: the item is a tree"):
+            ckptr.restore(tmp_path / "c")
+        ckptr.save(tmp_path / "a", np.arange(3))
+        np.testing.assert_array_equal(ckptr.restore(tmp_path / "a"), np.arange(3))

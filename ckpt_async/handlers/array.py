@@ -21,7 +21,7 @@ from .. import type_handlers
 from .._ocdbt import MANIFEST
 from .._paths import AnyPath, coerce
 from ..args import ArrayRestore, ArraySave, PyTreeRestore, PyTreeSave, register_with_handler
-from ..errors import UnsupportedLeafError
+from ..errors import StructureMismatchError, UnsupportedLeafError
 from .base import AsyncCheckpointHandler, Writer, engine_method
 from .pytree import PyTreeCheckpointHandler
 
@@ -57,12 +57,27 @@ class ArrayCheckpointHandler(AsyncCheckpointHandler):
     async def restore(self, directory: AnyPath, args: ArrayRestore | None = None) -> Any:
         directory = coerce(directory)
         args = args if args is not None else ArrayRestore()
-        if not await storage.exists(directory / fmt.PYTREE_METADATA):
+        raw = await storage.read_optional(directory / fmt.PYTREE_METADATA)
+        if raw is None:
             return await self._restore_legacy(directory, args.restore_args)
+        self._check_holds_array(directory, fmt.decode(
+            raw, fmt.TreeMetadata, where=str(directory / fmt.PYTREE_METADATA)))
         restored = await self._pytree.restore(directory, PyTreeRestore(
             None if args.item is None else {self._name: args.item},
             restore_args=None if args.restore_args is None else {self._name: args.restore_args}))
         return restored[self._name]
+
+    def _check_holds_array(self, directory: AnyPath, doc: fmt.TreeMetadata) -> None:
+        """``StructureMismatchError`` unless the item holds this handler's one value (an item
+        saved as a tree, by the pytree or standard handler, gave a bare ``KeyError``)."""
+        keys = [[k.key for k in e.key_metadata] for e in doc.tree_metadata.values()]
+        if keys != [[self._name]]:
+            shown = (", ".join("/".join(k) for k in keys[:5]) or "none") + (
+                ", ..." if len(keys) > 5 else "")
+            raise StructureMismatchError(
+                f"{directory}: the item is a tree (leaves: {shown}), not one "
+                f"array saved by ArrayCheckpointHandler (as {self._name!r}); restore it with "
+                "ocp.args.StandardRestore or ocp.args.PyTreeRestore")
 
     async def _restore_legacy(self, directory: AnyPath, restore_args: Any) -> Any:
         """An item written before Orbax wrote ``_METADATA``: its array read by the type
