@@ -95,12 +95,13 @@ def is_store(path: Any) -> bool:
 
 
 def as_path(directory: Any) -> AnyPath:
-    """A checkpoint location: an absolute local Path, or a StorePath for ``s3://`` URLs."""
+    """A checkpoint location: an absolute local Path (a leading ``~`` or ``~user`` expanded
+    to the home directory, as the shell does), or a StorePath for ``s3://`` URLs."""
     if isinstance(directory, StorePath):
         return directory
     if isinstance(directory, str) and "://" in directory:
         return StorePath.parse(directory)
-    return Path(os.fspath(directory)).absolute()
+    return Path(os.path.expanduser(os.fspath(directory))).absolute()
 
 
 def coerce(path: Any) -> AnyPath:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -280,3 +281,20 @@ def test_an_item_saved_as_a_tree_is_not_restored_as_an_array(tmp_path):
             ckptr.restore(tmp_path / "c")
         ckptr.save(tmp_path / "a", np.arange(3))
         np.testing.assert_array_equal(ckptr.restore(tmp_path / "a"), np.arange(3))
+
+
+def test_a_leading_tilde_is_the_home_directory(tmp_path, monkeypatch):
+    # (a directory named '~' was made in the working directory)
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    with ocp.CheckpointManager("~/run") as mngr:
+        assert mngr.directory == home / "run"
+        mngr.save(1, args=ocp.args.StandardSave({"a": np.arange(3)}))
+    with ocp.CheckpointManager(Path("~/run")) as mngr:
+        np.testing.assert_array_equal(mngr.restore(1)["a"], np.arange(3))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save("~/c", {"a": np.arange(2)})
+        np.testing.assert_array_equal(ckptr.restore("~/c")["a"], np.arange(2))
+    assert sorted(os.listdir(home)) == ["c", "run"] and os.listdir(cwd) == []
