@@ -65,6 +65,13 @@ class AsyncOptions:
     post_finalization_callback: Any = None
     create_directories_asynchronously: bool = True
 
+    def __post_init__(self) -> None:
+        # (Orbax takes them, and every commit then times out)
+        if self.timeout_secs is not None and self.timeout_secs <= 0:
+            raise InvalidArgumentError(
+                f"AsyncOptions.timeout_secs must be a positive number of seconds or None (no "
+                f"timeout), got {self.timeout_secs!r}")
+
 
 def check_writable(path: AnyPath) -> None:
     """Raises before anything is written when ``path`` cannot become a checkpoint directory."""

@@ -298,3 +298,28 @@ def test_a_leading_tilde_is_the_home_directory(tmp_path, monkeypatch):
         ckptr.save("~/c", {"a": np.arange(2)})
         np.testing.assert_array_equal(ckptr.restore("~/c")["a"], np.arange(2))
     assert sorted(os.listdir(home)) == ["c", "run"] and os.listdir(cwd) == []
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: ocp.CheckpointManagerOptions(save_interval_steps=0), "save_interval_steps .* got 0"),
+    (lambda: ocp.CheckpointManagerOptions(save_interval_steps=-2), "save_interval_steps .* got -2"),
+    (lambda: ocp.CheckpointManagerOptions(keep_period=0), "keep_period .* got 0"),
+    (lambda: ocp.CheckpointManagerOptions(keep_period=-3), "keep_period .* got -3"),
+    (lambda: ocp.AsyncOptions(timeout_secs=0), "timeout_secs .* got 0"),
+    (lambda: ocp.AsyncOptions(timeout_secs=-1.5), r"timeout_secs .* got -1\.5"),
+    (lambda: ocp.StandardCheckpointer(async_options=ocp.AsyncOptions(timeout_secs=0)),
+     "timeout_secs .* got 0")])
+def test_options_without_meaning_are_refused_at_construction(make, message):
+    # (0 failed the first save or the cleanup after it, ZeroDivisionError for the interval;
+    # a negative interval acted as its absolute value; a commit timed out at once)
+    with pytest.raises(InvalidArgumentError, match=message):
+        make()
+
+
+def test_options_that_are_left_alone_still_construct(tmp_path):
+    ocp.CheckpointManagerOptions(save_interval_steps=None, keep_period=None)
+    ocp.AsyncOptions(timeout_secs=None)
+    read_only = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=5)
+    assert read_only.save_interval_steps == 0  # (set by read_only, as in Orbax)
+    with ocp.CheckpointManager(tmp_path, options=read_only) as mngr:
+        assert mngr.all_steps() == []

@@ -88,6 +88,14 @@ class CheckpointManagerOptions:
                 f"{self.max_to_keep}")
         if self.max_concurrent_saves < 1:
             raise InvalidArgumentError("CheckpointManagerOptions.max_concurrent_saves must be >= 1")
+        # (Orbax takes these: 0 fails the first save or cleanup, a negative interval acts as
+        # its absolute value; read_only sets save_interval_steps=0 itself, as in Orbax)
+        for name in ("save_interval_steps", "keep_period"):
+            value = getattr(self, name)
+            if not self.read_only and value is not None and value <= 0:
+                raise InvalidArgumentError(
+                    f"CheckpointManagerOptions.{name} must be a positive number of steps or "
+                    f"None, got {value!r}")
         if self.save_decision_policy is not None:
             _overridden(self, "save_decision_policy",  # (save_interval_steps: 1 is its default)
                         {"should_save_fn": None, "save_on_steps": None, "save_interval_steps": 1})
