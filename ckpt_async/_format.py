@@ -27,6 +27,8 @@ JSON_ITEM = "metadata"
 ROOT_METADATA_DIR = "metadata"
 ROOT_METADATA = "_ROOT_METADATA"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
+#: The files a step's directory holds beside its items' folders (no item may take their names).
+STEP_FILES = (CHECKPOINT_METADATA, STEP_EXTENSION, COMMIT_SUCCESS)
 
 #: Largest small document read (metadata files); a bigger one is treated as corrupt.
 MAX_DOCUMENT_BYTES = 1 << 30

@@ -323,3 +323,21 @@ def test_options_that_are_left_alone_still_construct(tmp_path):
     assert read_only.save_interval_steps == 0  # (set by read_only, as in Orbax)
     with ocp.CheckpointManager(tmp_path, options=read_only) as mngr:
         assert mngr.all_steps() == []
+
+
+@pytest.mark.parametrize("name", ["_CHECKPOINT_METADATA", "_CKPT_ASYNC", "commit_success.txt"])
+def test_an_item_cannot_take_the_name_of_a_file_of_the_step(tmp_path, name):
+    # (its folder was written, then the commit failed: "Is a directory")
+    items = {name: ocp.args.StandardSave({"a": np.ones(2)}), "ok": ocp.args.JsonSave({"x": 1})}
+    message = rf"/run/3: item name '{name}' is reserved"
+    with ocp.CheckpointManager(tmp_path / "run") as mngr:
+        with pytest.raises(InvalidArgumentError, match=message):
+            mngr.save(3, args=ocp.args.Composite(**items))
+        assert mngr.all_steps() == [] and os.listdir(tmp_path / "run") == []
+        items.pop(name)
+        mngr.save(4, args=ocp.args.Composite(**items))  # (the manager goes on)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        with pytest.raises(InvalidArgumentError, match=rf"/c: item name '{name}' is reserved"):
+            ckptr.save(tmp_path / "c", ocp.args.Composite(**{name: ocp.args.JsonSave({})}))
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+    assert sorted(os.listdir(tmp_path / "run")) == ["4"]

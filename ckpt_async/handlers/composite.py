@@ -14,7 +14,7 @@ from .. import _storage as storage
 from .._paths import AnyPath
 from .._stage import cancel_all
 from ..args import CheckpointArgs, Composite, args_classes_for, register_with_handler
-from ..errors import HandlerError, ItemNotFoundError
+from ..errors import HandlerError, InvalidArgumentError, ItemNotFoundError
 from ..multihost import current_roles
 from .base import (
     AsyncCheckpointHandler,
@@ -88,6 +88,11 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
     async def stage(self, directory: AnyPath, args: Composite) -> Writer:
         if not args.items():
             raise HandlerError(f"{directory}: Composite holds no item to save")
+        for name in args:
+            if name in fmt.STEP_FILES:  # (the commit failed writing the file: "Is a directory")
+                raise InvalidArgumentError(
+                    f"{directory}: item name {name!r} is reserved: the checkpoint's own file "
+                    f"of that name is written beside the items' folders; rename the item")
         handlers = {name: (self.handler_for_save(name, a), a) if a is not None
                     else self._none_args(name, directory) for name, a in args.items()}
         writers: dict[str, Writer] = {}
