@@ -341,3 +341,20 @@ def test_an_item_cannot_take_the_name_of_a_file_of_the_step(tmp_path, name):
             ckptr.save(tmp_path / "c", ocp.args.Composite(**{name: ocp.args.JsonSave({})}))
     assert sorted(os.listdir(tmp_path)) == ["run"]
     assert sorted(os.listdir(tmp_path / "run")) == ["4"]
+
+
+@pytest.mark.parametrize("metrics", [None, {"loss": 0.5}])
+def test_an_item_named_metrics_is_refused_when_best_fn_ranks_the_metrics(tmp_path, metrics):
+    # (with metrics given, the item was replaced by them and lost, as Orbax does; without,
+    # the item was read back as the step's metrics and ranked by best_fn)
+    opts = ocp.CheckpointManagerOptions(best_fn=lambda m: m["loss"], best_mode="min")
+    items = {"metrics": ocp.args.JsonSave({"mine": 1}),
+             "state": ocp.args.StandardSave({"a": np.ones(2)})}
+    with ocp.CheckpointManager(tmp_path, options=opts) as mngr:
+        with pytest.raises(InvalidArgumentError,
+                           match=r"step 1 of .*: item 'metrics' is the manager's own"):
+            mngr.save(1, args=ocp.args.Composite(**items), metrics=metrics)
+        assert mngr.all_steps() == [] and os.listdir(tmp_path) == []
+    with ocp.CheckpointManager(tmp_path / "plain") as mngr:  # (no best_fn: an item as any)
+        mngr.save(1, args=ocp.args.Composite(**items), metrics=metrics)
+        assert mngr.restore(1)["metrics"] == {"mine": 1}

@@ -457,6 +457,12 @@ class AsyncCheckpointManager:
         if not multi:  # (with several processes: in precheck below, where all raise at once)
             self._raise_failure()
         composite = self._as_composite(args)
+        if METRIC_ITEM_NAME in composite and self.options.best_fn is not None:
+            # (Orbax puts the metrics in its place when they are given, dropping the item)
+            raise InvalidArgumentError(
+                f"step {step} of {self.directory}: item {METRIC_ITEM_NAME!r} is the manager's "
+                "own when best_fn is set (it holds the metrics passed to save(), which best_fn "
+                "ranks, also when the manager reopens the directory); rename the item")
         if not await self._agree(f"decide:{self.directory}:{step}",
                                  force or self.should_save(step)):
             latest = self.latest_step()
