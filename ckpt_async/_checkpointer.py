@@ -35,7 +35,7 @@ from ._runtime import (
     on_engine,
     pace_window,
 )
-from .args import CheckpointArgs, Composite, args_classes_for, handler_class_for
+from .args import CheckpointArgs, Composite, args_classes_for, handler_class_for, refuse_non_args
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -118,8 +118,13 @@ def _umask() -> int:
     return 0o022
 
 
-def make_args(handler: CheckpointHandler, kind: str, item: Any, kwargs: dict) -> CheckpointArgs:
-    """Orbax's legacy call style ``save(path, item, save_args=...)`` as args for ``handler``."""
+def make_args(handler: CheckpointHandler, kind: str, item: Any, kwargs: dict,
+              where: Any = None) -> CheckpointArgs:
+    """Orbax's legacy call style ``save(path, item, save_args=...)`` as args for ``handler``;
+    ``where``: the checkpoint's path, named in errors."""
+    if isinstance(item, type) and issubclass(item, CheckpointArgs):  # (args=StandardSave)
+        refuse_non_args(item, kind, str(where) if where is not None else
+                        f"{type(handler).__name__}.{kind}()")
     cls = args_classes_for(type(handler)).get(kind)
     if cls is None:
         raise InvalidArgumentError(f"{type(handler).__name__} needs explicit args= for {kind}")
@@ -284,7 +289,7 @@ class AsyncCheckpointer:
                 items = (legacy.pop(name),)
         if args is None or not isinstance(args, CheckpointArgs):
             args = make_args(self.handler, "save", args if args is not None else
-                             (items[0] if items else None), legacy)
+                             (items[0] if items else None), legacy, path)
         self._check_args(args, path)
 
         async def precheck() -> None:
@@ -663,7 +668,8 @@ class AsyncCheckpointer:
         if args is not None and not isinstance(args, CheckpointArgs):
             items, args = (args, *items), None
         if args is None and (items or legacy):
-            args = make_args(self.handler, "restore", items[0] if items else None, legacy)
+            args = make_args(self.handler, "restore", items[0] if items else None, legacy,
+                             path)
         async with reading(path, f"checkpoint {path}"):
             return await call_handler(adapt(self.handler).restore, path, args)
 

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, InvalidTypeError
 
 A = TypeVar("A", bound=type)
 
@@ -48,6 +48,27 @@ def handler_class_for(args: CheckpointArgs | type) -> type | None:
         if klass in _HANDLER_FOR_ARGS:
             return _HANDLER_FOR_ARGS[klass]
     return None
+
+
+def refuse_non_args(given: Any, kind: str, where: str, *, several: bool = False) -> None:
+    """``InvalidTypeError`` unless ``given`` is checkpoint args (an instance): an args class
+    given for its instance, or a tree given for its args, named with the call to make.
+    ``kind``: ``"save"`` or ``"restore"``; ``several``: the args of several items (a
+    ``Composite``) are expected."""
+    if isinstance(given, CheckpointArgs):
+        return
+
+    item = f"ocp.args.Standard{kind.capitalize()}(state)"
+    if isinstance(given, type) and issubclass(given, CheckpointArgs):
+        fix = (f"ocp.args.Composite(name={item}, ...)" if issubclass(given, Composite)
+               else f"ocp.args.{given.__name__}({'state' if kind == 'save' else ''})")
+        raise InvalidTypeError(
+            f"{where}: args is the class ocp.args.{given.__name__}, not an instance of it; "
+            f"pass {fix}")
+    fix = f"ocp.args.Composite(name={item}, ...)" if several else item
+    raise InvalidTypeError(
+        f"{where}: args is a {type(given).__module__}.{type(given).__qualname__}, not "
+        f"checkpoint args; wrap the item in its handler's args, e.g. {fix}")
 
 
 def args_classes_for(handler_cls: type) -> dict[str, type]:

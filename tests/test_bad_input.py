@@ -358,3 +358,42 @@ def test_an_item_named_metrics_is_refused_when_best_fn_ranks_the_metrics(tmp_pat
     with ocp.CheckpointManager(tmp_path / "plain") as mngr:  # (no best_fn: an item as any)
         mngr.save(1, args=ocp.args.Composite(**items), metrics=metrics)
         assert mngr.restore(1)["metrics"] == {"mine": 1}
+
+
+def test_an_args_class_or_a_tree_given_for_args_names_the_call_to_make(tmp_path):
+    # (the manager said "found type" / "found dict" or "dict is not a checkpoint args type";
+    # a checkpointer saved the class as a leaf, or restored it as a target)
+    state = {"a": np.arange(3)}
+    cls = r"args is the class ocp\.args\.{}, not an instance of it; pass ocp\.args\.{}\({}\)"
+    tree = r"args is a builtins\.dict, not checkpoint args; .* e\.g\. {}"
+    with ocp.CheckpointManager(tmp_path / "run") as mngr:
+        with pytest.raises(InvalidTypeError, match="step 1 of .*/run: " + cls.format(
+                "StandardSave", "StandardSave", "state")):
+            mngr.save(1, args=ocp.args.StandardSave)
+        with pytest.raises(InvalidTypeError, match="step 1 of .*/run: " + tree.format(
+                r"ocp\.args\.StandardSave\(state\)")):
+            mngr.save(1, args=state)
+        mngr.save(1, args=ocp.args.StandardSave(state))
+        with pytest.raises(InvalidTypeError, match="step 1 .*" + cls.format(
+                "StandardRestore", "StandardRestore", "")):
+            mngr.restore(1, args=ocp.args.StandardRestore)
+        with pytest.raises(InvalidTypeError, match="step 1 .*" + tree.format(
+                r"ocp\.args\.StandardRestore\(state\)")):
+            mngr.restore(1, args=state)
+    with ocp.CheckpointManager(tmp_path / "multi", item_names=("s",)) as mngr:
+        with pytest.raises(InvalidTypeError, match=r"/multi/1: item 's': " + cls.format(
+                "StandardSave", "StandardSave", "state")):
+            mngr.save(1, args=ocp.args.Composite(s=ocp.args.StandardSave))
+        with pytest.raises(InvalidTypeError, match=r"step 1 .*" + tree.format(
+                r"ocp\.args\.Composite\(name=ocp\.args\.StandardSave\(state\), \.\.\.\)")):
+            mngr.save(1, args=state)
+    with ocp.StandardCheckpointer() as ckptr:
+        with pytest.raises(InvalidTypeError, match="/c: " + cls.format(
+                "StandardSave", "StandardSave", "state")):
+            ckptr.save(tmp_path / "c", args=ocp.args.StandardSave)
+        ckptr.save(tmp_path / "c", state)
+        with pytest.raises(InvalidTypeError, match="/c: " + cls.format(
+                "StandardRestore", "StandardRestore", "")):
+            ckptr.restore(tmp_path / "c", args=ocp.args.StandardRestore)
+    assert sorted(os.listdir(tmp_path)) == ["c", "multi", "run"]
+    assert os.listdir(tmp_path / "run") == ["1"] and os.listdir(tmp_path / "multi") == []

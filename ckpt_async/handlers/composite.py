@@ -13,7 +13,13 @@ from .. import _integrity
 from .. import _storage as storage
 from .._paths import AnyPath
 from .._stage import cancel_all
-from ..args import CheckpointArgs, Composite, args_classes_for, register_with_handler
+from ..args import (
+    CheckpointArgs,
+    Composite,
+    args_classes_for,
+    refuse_non_args,
+    register_with_handler,
+)
 from ..errors import HandlerError, InvalidArgumentError, ItemNotFoundError
 from ..multihost import current_roles
 from .base import (
@@ -88,7 +94,9 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
     async def stage(self, directory: AnyPath, args: Composite) -> Writer:
         if not args.items():
             raise HandlerError(f"{directory}: Composite holds no item to save")
-        for name in args:
+        for name, a in args.items():
+            if a is not None:
+                refuse_non_args(a, "save", f"{directory}: item {name!r}")
             if name in fmt.STEP_FILES:  # (the commit failed writing the file: "Is a directory")
                 raise InvalidArgumentError(
                     f"{directory}: item name {name!r} is reserved: the checkpoint's own file "
@@ -167,6 +175,9 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
         disk or an object store, each a round trip of its own), and are cancelled if the
         step turns out not to hold them or its metadata is damaged."""
         given = dict(args.items()) if args is not None else {}
+        for name, a in given.items():
+            if a is not None:
+                refuse_non_args(a, "restore", f"{directory}: item {name!r}")
         early: dict[str, asyncio.Future[Any]] = {}
         # With several processes an item's restore may run collectives (single-replica
         # broadcasts), which every process must run in the same order: the items are

@@ -25,7 +25,7 @@ from .. import _storage as storage
 from .._checkpointer import AsyncCheckpointer, AsyncOptions, check_writable, reading
 from .._paths import AnyPath, as_path
 from .._runtime import CommitFuture, get_runtime, on_engine
-from ..args import CheckpointArgs, Composite, JsonSave, args_classes_for
+from ..args import CheckpointArgs, Composite, JsonSave, args_classes_for, refuse_non_args
 from ..checkpoint_managers import CheckpointInfo, DecisionContext, PreservationContext
 from ..errors import (
     CheckpointError,
@@ -404,12 +404,11 @@ class AsyncCheckpointManager:
     def _step_path(self, step: int) -> AnyPath:
         return self.directory / self._name_format.build_name(step)
 
-    def _as_composite(self, args: CheckpointArgs | None) -> Composite:
+    def _as_composite(self, args: CheckpointArgs | None, step: int) -> Composite:
         if args is None:
             raise InvalidArgumentError("Must provide `args` for `save`.")
-        if not isinstance(args, CheckpointArgs):
-            raise InvalidArgumentError(
-                f"Expected args of type `CheckpointArgs`; found {type(args).__name__}")
+        refuse_non_args(args, "save", f"step {step} of {self.directory}",
+                        several=self._default_item is False)
         is_composite = isinstance(args, Composite)
         if self._default_item is None:
             self._default_item = not is_composite
@@ -456,7 +455,7 @@ class AsyncCheckpointManager:
         multi = self._roles.multi
         if not multi:  # (with several processes: in precheck below, where all raise at once)
             self._raise_failure()
-        composite = self._as_composite(args)
+        composite = self._as_composite(args, step)
         if METRIC_ITEM_NAME in composite and self.options.best_fn is not None:
             # (Orbax puts the metrics in its place when they are given, dropping the item)
             raise InvalidArgumentError(
@@ -805,6 +804,9 @@ class AsyncCheckpointManager:
         args = self._legacy("restore", args, items, restore_kwargs)
         started = time.time()
         step, path = await self._resolve_step_dir(step, directory)
+        if args is not None:
+            refuse_non_args(args, "restore", f"step {step} of {self.directory}",
+                            several=self._default_item is False)
         if self._default_item:
             if isinstance(args, Composite):
                 raise InvalidArgumentError("Cannot restore a single (default) item with Composite")
