@@ -163,6 +163,8 @@ async def _committed(directory: Any) -> AnyPath:
             f"{path} is the temporary directory of a save that has not finished (or never "
             "will): not a checkpoint to restore")
     if not await _commit.is_visible(path):
+        if await storage.is_file(path):  # (it said the checkpoint did not exist)
+            raise InvalidArgumentError(f"{path} is a file, not a checkpoint directory")
         raise CheckpointNotFoundError(f"checkpoint {path} does not exist")
     return path
 

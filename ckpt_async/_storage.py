@@ -272,6 +272,13 @@ async def is_dir(path: AnyPath) -> bool:
     return await aiofiles.os.path.isdir(path)
 
 
+async def is_file(path: AnyPath) -> bool:
+    """Whether a local file (or a link to one) is at ``path``; False on an object store."""
+    if isinstance(path, StorePath):
+        return False
+    return await aiofiles.os.path.isfile(path)
+
+
 async def listdir(path: AnyPath) -> list[str]:
     if isinstance(path, StorePath):
         return await _objstore.listdir(path)

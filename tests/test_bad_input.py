@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -397,3 +398,30 @@ def test_an_args_class_or_a_tree_given_for_args_names_the_call_to_make(tmp_path)
             ckptr.restore(tmp_path / "c", args=ocp.args.StandardRestore)
     assert sorted(os.listdir(tmp_path)) == ["c", "multi", "run"]
     assert os.listdir(tmp_path / "run") == ["1"] and os.listdir(tmp_path / "multi") == []
+
+
+def test_a_file_where_a_checkpoint_directory_is_expected_is_named(tmp_path):
+    # (CheckpointNotFoundError: "does not exist"; the manager's StepNotFoundError the same;
+    # an item's folder replaced by a file came back None)
+    (tmp_path / "file").write_text("x")
+    with ocp.StandardCheckpointer() as ckptr:
+        for read in (ckptr.restore, ckptr.metadata):
+            with pytest.raises(InvalidArgumentError, match=r"/file is a file, not a checkpoint"):
+                read(tmp_path / "file")
+    with ocp.CheckpointManager(tmp_path / "run") as mngr:
+        for step in (1, 2):
+            mngr.save(step, args=ocp.args.StandardSave({"a": np.arange(2)}))
+    shutil.rmtree(tmp_path / "run" / "2")
+    (tmp_path / "run" / "2").write_text("x")
+    shutil.rmtree(tmp_path / "run" / "1" / "default")
+    (tmp_path / "run" / "1" / "default").write_text("x")
+    with ocp.CheckpointManager(tmp_path / "run") as mngr:
+        assert mngr.all_steps() == [1]  # (a file is no step, as in Orbax)
+        with pytest.raises(InvalidArgumentError, match=r"step 2 of .*/run: .*/run/2 is a file"):
+            mngr.restore(2)
+        with pytest.raises(CorruptCheckpointError,
+                           match=r"/run/1/default: item 'default' is a file"):
+            mngr.restore(1)
+    with ocp.CheckpointManager(tmp_path / "run", item_names=("default",)) as mngr:
+        with pytest.raises(CorruptCheckpointError, match=r"item 'default' is a file"):
+            mngr.restore(1, args=ocp.args.Composite(default=ocp.args.StandardRestore()))

@@ -20,7 +20,7 @@ from ..args import (
     refuse_non_args,
     register_with_handler,
 )
-from ..errors import HandlerError, InvalidArgumentError, ItemNotFoundError
+from ..errors import CorruptCheckpointError, HandlerError, InvalidArgumentError, ItemNotFoundError
 from ..multihost import current_roles
 from .base import (
     AsyncCheckpointHandler,
@@ -191,6 +191,10 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
                          for n, h in handlers.items()}
         try:
             stored, recorded = await self._stored_items(directory)
+            for name in [n for n in given or recorded if n not in stored]:
+                if await storage.is_file(directory / name):  # (it came back None, or missing)
+                    raise CorruptCheckpointError(
+                        f"{directory / name}: item {name!r} is a file, not the item's directory")
             for name in given:
                 if name not in stored:
                     raise ItemNotFoundError(

@@ -771,6 +771,10 @@ class AsyncCheckpointManager:
                 and await _commit.is_visible(path)):
             names = await self._step_names(root)
             if step not in names:
+                named = root / self._name_format.build_name(step)
+                if await storage.is_file(named):  # (no step, as in Orbax, but not missing)
+                    raise InvalidArgumentError(
+                        f"step {step} of {root}: {named} is a file, not a step directory")
                 raise StepNotFoundError(f"step {step} does not exist in {root} (steps: "
                                         f"{sorted(names)[-10:]})")
             path = root / names[step]
