@@ -425,3 +425,33 @@ def test_a_file_where_a_checkpoint_directory_is_expected_is_named(tmp_path):
     with ocp.CheckpointManager(tmp_path / "run", item_names=("default",)) as mngr:
         with pytest.raises(CorruptCheckpointError, match=r"item 'default' is a file"):
             mngr.restore(1, args=ocp.args.Composite(default=ocp.args.StandardRestore()))
+
+
+def test_args_of_the_other_item_mode_are_refused_with_the_mode_and_the_call_to_make(tmp_path):
+    # (Orbax's messages alone, which name neither the step, the mode's cause nor the fix)
+    state = {"a": np.arange(2)}
+    single = r"single-item mode \({}\): pass the item's args alone, args=ocp\.args\.{}\(\.\.\.\)"
+    multi = (r"multi-item mode \({}\): pass args=ocp\.args\.Composite\({}=ocp\.args\.{}\(\.\.\.\), "
+             r"\.\.\.\)")
+    with ocp.CheckpointManager(tmp_path / "s") as mngr:
+        mngr.save(1, args=ocp.args.StandardSave(state))
+        with pytest.raises(InvalidArgumentError, match=r"step 2 of .*/s: Cannot provide .*" +
+                           single.format("its first save, of step 1, was given StandardSave "
+                                         "args", "StandardSave")):
+            mngr.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    with ocp.CheckpointManager(tmp_path / "s") as mngr:
+        with pytest.raises(InvalidArgumentError, match=r"step 1 of .*/s: .*" + single.format(
+                "step 1, the first it read, holds item 'default'", "StandardRestore")):
+            mngr.restore(1, args=ocp.args.Composite(default=ocp.args.StandardRestore()))
+    with ocp.CheckpointManager(tmp_path / "m", item_names=("state", "extra")) as mngr:
+        with pytest.raises(InvalidArgumentError, match=r"step 1 of .*/m: Must provide .*" +
+                           multi.format(r"it was built with the items \['extra', 'state'\]",
+                                        "extra", "StandardSave")):
+            mngr.save(1, args=ocp.args.StandardSave(state))
+        mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             extra=ocp.args.JsonSave({})))
+    with ocp.CheckpointManager(tmp_path / "m") as mngr:
+        with pytest.raises(InvalidArgumentError, match=multi.format(
+                "step 1, the first it read, has no item 'default'", "name", "StandardRestore")):
+            mngr.restore(1, args=ocp.args.StandardRestore())
+        assert mngr.restore(1, args=ocp.args.Composite(extra=None))["extra"] == {}

@@ -192,16 +192,22 @@ class AsyncCheckpointManager:
         self._preservation_policy = preservation_policy_of(self.options)
         self._persist_metrics = uses_metrics(self._preservation_policy) or bool(self.options.best_fn)
         registry = handler_registry or DefaultCheckpointHandlerRegistry()
+        # Single-item (default) mode: args are one item's; else a Composite of named items.
+        # Known from the constructor, else from the first save or the first step restored;
+        # ``_mode_by`` says which, for the error that advises a caller of the other mode.
         self._default_item: bool | None = None
+        self._mode_by = ""
+        self._named: list[str] = []  # (the items it was built with)
         if isinstance(item_handlers, CheckpointHandler):
             registry.add(DEFAULT_ITEM_NAME, None, item_handlers)
-            self._default_item = True
-        elif item_handlers:
-            for name, handler in item_handlers.items():
+            self._default_item, self._mode_by = True, "it was built with a single handler"
+        else:  # (item_names beside a single handler was refused above)
+            for name, handler in (item_handlers or {}).items():
                 registry.add(name, None, handler)
-            self._default_item = False
-        if item_names is not None:
-            self._default_item = False
+            if item_names is not None or item_handlers:
+                self._named = sorted({*(item_names or ()), *(item_handlers or {})})
+                self._default_item = False
+                self._mode_by = f"it was built with the items {self._named}"
         if item_names is not None or item_handlers:
             registry.limit_to([*(item_names or ()), *registry.locked_items()])
         if not registry.has(METRIC_ITEM_NAME):
@@ -412,18 +418,36 @@ class AsyncCheckpointManager:
         is_composite = isinstance(args, Composite)
         if self._default_item is None:
             self._default_item = not is_composite
-        if self._default_item and is_composite:
-            raise InvalidArgumentError(
-                "Cannot provide `args` of type `Composite` when dealing with a single, unnamed "
-                "(default) checkpointable object.")
-        if not self._default_item and not is_composite:
-            raise InvalidArgumentError(
-                "Must provide `args` of type `Composite` when dealing with multiple "
-                "checkpointable objects.")
+            self._mode_by = f"its first save, of step {step}, was given {type(args).__name__} args"
+        if self._default_item == is_composite:
+            raise self._mode_error("save", step, args)
         if self._default_item:
             return Composite(**{DEFAULT_ITEM_NAME: args})
         assert isinstance(args, Composite)
         return args
+
+    def _mode_error(self, kind: str, step: int, args: CheckpointArgs) -> InvalidArgumentError:
+        """The error for ``args`` of the other mode than this manager's (Orbax's message,
+        then which mode this manager is in, why, and the call to make)."""
+        where = f"step {step} of {self.directory}"
+        if self._default_item:
+            inner = [a for a in args.values() if a is not None] if isinstance(
+                args, Composite) else []
+            alone = type(inner[0]).__name__ if len(inner) == 1 else f"Standard{kind.capitalize()}"
+            return InvalidArgumentError(
+                f"{where}: Cannot provide `args` of type `Composite` when dealing with a "
+                f"single, unnamed (default) checkpointable object. This manager is in "
+                f"single-item mode ({self._mode_by}): pass the item's args alone, "
+                f"args=ocp.args.{alone}(...); several named items need a manager built with "
+                "item_names=(...), in a directory of their own")
+        name = next(iter(self._named or [n for n in self._registry.locked_items()
+                                         if n != METRIC_ITEM_NAME]), "name")
+        return InvalidArgumentError(
+            f"{where}: Must provide `args` of type `Composite` when dealing with multiple "
+            f"checkpointable objects. This manager is in multi-item mode ({self._mode_by}): "
+            f"pass args=ocp.args.Composite({name}=ocp.args.{type(args).__name__}(...), ...); "
+            "a single unnamed item needs a manager built without item_names, in a directory "
+            "of its own")
 
     def _raise_failure(self) -> None:
         if self._failures:
@@ -780,6 +804,9 @@ class AsyncCheckpointManager:
             path = root / names[step]
         if self._default_item is None:
             self._default_item = await storage.is_dir(path / DEFAULT_ITEM_NAME)
+            self._mode_by = (f"step {step}, the first it read, "
+                             f"{'holds' if self._default_item else 'has no'} item "
+                             f"{DEFAULT_ITEM_NAME!r}")
         return step, path
 
     def _legacy(self, kind: str, args: Any, items: Any, kwargs: Any) -> Any:
@@ -811,14 +838,10 @@ class AsyncCheckpointManager:
         if args is not None:
             refuse_non_args(args, "restore", f"step {step} of {self.directory}",
                             several=self._default_item is False)
+        if args is not None and self._default_item == isinstance(args, Composite):
+            raise self._mode_error("restore", step, args)
         if self._default_item:
-            if isinstance(args, Composite):
-                raise InvalidArgumentError("Cannot restore a single (default) item with Composite")
             args = Composite(**{DEFAULT_ITEM_NAME: args})
-        elif args is not None and not isinstance(args, Composite):
-            raise InvalidArgumentError(
-                f"step {step}: restoring several items needs Composite args, got "
-                f"{type(args).__name__}")
         t = time.time()
         async with reading(path, f"step {step} of {self.directory}", StepNotFoundError):
             result = await call_handler(self._checkpointer.handler.restore, path, args)
