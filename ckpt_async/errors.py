@@ -34,6 +34,10 @@ class ShapeMismatchError(InvalidArgumentError):
     """Raised when a restore target's shape differs from the stored array's."""
 
 
+class ShardingMismatchError(InvalidArgumentError):
+    """Raised when a restore's sharding does not split an array's shape evenly (jax's error)."""
+
+
 class HandlerError(InvalidArgumentError):
     """Raised when an item's handler is unknown, or args do not match its locked-in handler."""
 
@@ -142,6 +146,7 @@ __all__ = [
     "ReadOnlyError",
     "RuntimeUsageError",
     "ShapeMismatchError",
+    "ShardingMismatchError",
     "StepAlreadyExistsError",
     "StepNotFoundError",
     "StructureMismatchError",

@@ -18,6 +18,7 @@ from ckpt_async.errors import (
     InvalidArgumentError,
     InvalidTypeError,
     NotWritableError,
+    ShardingMismatchError,
     StepNotFoundError,
     StructureMismatchError,
     UnsupportedLeafError,
@@ -455,3 +456,31 @@ def test_args_of_the_other_item_mode_are_refused_with_the_mode_and_the_call_to_m
                 "step 1, the first it read, has no item 'default'", "name", "StandardRestore")):
             mngr.restore(1, args=ocp.args.StandardRestore())
         assert mngr.restore(1, args=ocp.args.Composite(extra=None))["extra"] == {}
+
+
+def test_a_sharding_that_does_not_split_the_array_is_named_with_the_leaf(tmp_path, mesh):
+    # (jax's IndivisibleError from inside the placement, naming no leaf; still a ValueError)
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    split = NamedSharding(mesh, PartitionSpec("x"))  # (2 ways: 5 rows do not split)
+    tree = {"params": {"w": np.arange(10.0).reshape(5, 2)}, "b": np.arange(4.0)}
+    message = r"/c: key 'params\.w' of shape \(5, 2\): the sharding .* does not split it evenly"
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", tree)
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=split),
+                              tree)
+        with pytest.raises(ShardingMismatchError, match=message) as err:
+            ckptr.restore(tmp_path / "c", target)
+        assert isinstance(err.value, ValueError) and isinstance(err.value.__cause__, ValueError)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        with pytest.raises(ShardingMismatchError, match=message):
+            ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(restore_args={
+                "params": {"w": ocp.ArrayRestoreArgs(sharding=split)},
+                "b": ocp.ArrayRestoreArgs(sharding=split)}))
+        out = ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(restore_args={
+            "params": {"w": ocp.ArrayRestoreArgs(sharding=split, global_shape=(6, 2),
+                                                 strict=False)},
+            "b": ocp.ArrayRestoreArgs(sharding=split)}))
+    assert out["params"]["w"].sharding == split and out["params"]["w"].shape == (6, 2)
+    np.testing.assert_array_equal(out["b"], tree["b"])

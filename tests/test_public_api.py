@@ -148,6 +148,7 @@ EXPECTED_BUILTINS: dict[str, set[type[BaseException]]] = {
     "InvalidTypeError": {ValueError, TypeError},
     "StructureMismatchError": {ValueError},
     "ShapeMismatchError": {ValueError},
+    "ShardingMismatchError": {ValueError},
     "HandlerError": {ValueError},
     "StepAlreadyExistsError": {FileExistsError, OSError, ValueError},
     "ReadOnlyError": {PermissionError, OSError},

@@ -48,6 +48,7 @@ from ..errors import (
     InvalidArgumentError,
     InvalidTypeError,
     ShapeMismatchError,
+    ShardingMismatchError,
     UnsupportedLeafError,
 )
 from ..metadata import (
@@ -744,6 +745,20 @@ def _requested_shape(tleaf: Any, rarg: Any) -> tuple[tuple[int, ...] | None, boo
     return (None if shape is None else tuple(shape)), getattr(rarg, "strict", True)
 
 
+def _check_sharding(where: AnyPath, name: str, shape: tuple[int, ...],
+                    sharding: jax.sharding.Sharding | None) -> None:
+    """``ShardingMismatchError`` unless ``sharding`` splits ``shape`` evenly (jax raised its
+    ``IndivisibleError`` from inside the placement, naming no leaf)."""
+    if sharding is None or isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return
+    try:
+        sharding.shard_shape(shape)
+    except ValueError as exc:
+        raise ShardingMismatchError(
+            f"{where}: key {name!r} of shape {shape}: the sharding the restore asks for does "
+            f"not split it evenly ({exc})") from exc
+
+
 def _check_shape(where: AnyPath, name: str, stored: tuple[int, ...],
                  wanted: tuple[int, ...] | None, strict: bool) -> None:
     if wanted is None or wanted == stored:
@@ -1210,12 +1225,17 @@ class _Reader:
         entry, as the standard handler writes it, carries its tag)."""
         return vt == "scalar" or (vt == "np.ndarray" and name in self.scalars)
 
+    def _put(self, name: str, arr: np.ndarray, sharding: jax.sharding.Sharding | None) -> Any:
+        """``arr`` placed as ``sharding`` says (:func:`_put`), once it is known to split it."""
+        _check_sharding(self.dir, name, arr.shape, sharding)
+        return _put(arr, sharding)
+
     def _saved_value(self, name: str, arr: np.ndarray, vt: str,
                      sharding: jax.sharding.Sharding | None) -> Any:
         if self._is_scalar(name, vt):
             return self._scalar(name, arr)
         if vt == "jax.Array":
-            return _put(arr, sharding)
+            return self._put(name, arr, sharding)
         return arr
 
     async def _read_as_saved(self, name: str, vt: str,
@@ -1507,16 +1527,16 @@ class _Reader:
         # places it: its sharding, where this process has its devices)
         if isinstance(rarg, ArrayRestoreArgs) or (rarg is not None and rarg.restore_type is jax.Array):
             sharding = rarg.resolved_sharding() if isinstance(rarg, ArrayRestoreArgs) else None
-            return _put(arr, self._saved_sharding(name) if sharding is None else sharding)
+            return self._put(name, arr, self._saved_sharding(name) if sharding is None else sharding)
         if isinstance(tleaf, (jax.Array, jax.ShapeDtypeStruct)):
             sharding = getattr(tleaf, "sharding", None)
             if sharding is None and vt in ("np.ndarray", "scalar"):
                 return arr  # an abstract target without sharding: NumPy, as in Orbax
             if sharding is None:
                 sharding = self._saved_sharding(name)
-            return _put(arr, sharding)
+            return self._put(name, arr, sharding)
         if isinstance(tleaf, ArrayMetadata) and not isinstance(tleaf, ScalarMetadata):
-            return _put(arr, self._saved_sharding(name)) if tleaf.sharding is not None else arr
+            return self._put(name, arr, self._saved_sharding(name)) if tleaf.sharding is not None else arr
         if isinstance(tleaf, np.ndarray):
             return arr
         if isinstance(tleaf, np.generic):
@@ -1526,7 +1546,7 @@ class _Reader:
         if self._is_scalar(name, vt):
             return self._scalar(name, arr)
         if vt == "jax.Array":
-            return _put(arr, self._saved_sharding(name))
+            return self._put(name, arr, self._saved_sharding(name))
         return arr
 
     def _param(self, name: str, vt: str) -> tuple[TypeHandler, ParamInfo]:
