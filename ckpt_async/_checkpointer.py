@@ -325,18 +325,20 @@ class AsyncCheckpointer:
                           step_metadata: fmt.StepMetadata | None = None,
                           on_commit: Any = None, after: Any = None,
                           track: bool = True, clear_leftovers: bool = True,
-                          precheck: Callable[[], Awaitable[None]] | None = None
-                          ) -> CommitFuture:
+                          precheck: Callable[[], Awaitable[None]] | None = None,
+                          what: str | None = None) -> CommitFuture:
         """The save pipeline (used by the manager too): tmp dir, stage, background commit.
 
-        ``after`` (an awaitable) is awaited before the commit, so commits land in order;
+        ``after`` (an earlier commit's future) is waited for before the commit, so commits
+        land in order;
         ``on_commit(path, meta)`` runs once the checkpoint is visible. ``track=False`` leaves
         the future to the caller (the manager tracks its own) instead of ``wait_until_finished``.
         ``clear_leftovers=False``: an object-store prefix holding objects but no committed
         checkpoint is refused rather than cleared (the manager clears its unfinished steps).
         ``precheck``: what must hold before anything is written (an earlier commit's failure
         to raise, a writable directory, no such checkpoint yet); with several processes, what
-        fails on one fails the save on every one, at once (:meth:`_start`).
+        fails on one fails the save on every one, at once (:meth:`_start`). ``what``: the
+        commit, as its failure is logged if nobody retrieves it (default: its path).
         """
         init_ns = time.time_ns()
         t0 = time.perf_counter()
@@ -395,7 +397,7 @@ class AsyncCheckpointer:
             cancel_request = threading.Event()
             fut = get_runtime().spawn(self._finish(
                 writer, tmp, path, meta, item_dirs, force, on_commit, after, stats, sync,
-                cancel_request))
+                cancel_request), what or f"the commit of {path}")
             self._cancel_requests[fut] = cancel_request
             self._in_flight.add(fut)
             fut.on_settle(functools.partial(self._let_go, fut))
@@ -537,7 +539,7 @@ class AsyncCheckpointer:
             t_wait = time.perf_counter()
             if after is not None:
                 with contextlib.suppress(BaseException):
-                    await after  # the earlier save's own failure is reported by its future
+                    await after.ended()  # (its own failure is reported by its owner)
             if primary:
                 try:
                     check_cancel()

@@ -374,13 +374,70 @@ class CommitFuture(concurrent.futures.Future):  # type: ignore[type-arg]
 
     ``.result(timeout)``, ``.done()`` and ``.add_done_callback`` work from sync code;
     ``await fut`` works from any event loop (the engine's or the caller's).
+
+    A commit's failure that nobody retrieves (``result()``, ``exception()`` or ``await`` on
+    the future, or the checkpointer's or manager's ``wait_until_finished()``, ``close()``,
+    ``check_for_errors()`` or next ``save()`` raising it) is logged, once, on the
+    ``ckpt_async`` logger: at interpreter exit, or when the future is garbage-collected
+    before that (as asyncio logs a task's exception that was never retrieved).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, what: str | None = None) -> None:
         super().__init__()
         self._settle_lock = threading.Lock()
         self._settling: list[Callable[[BaseException | None], None]] | None = []
         self._outcome: BaseException | None = None
+        #: What the commit is (``the commit of step 3 of /run``), for the log of a failure
+        #: nobody retrieved; None: not logged (work that logs its own failures).
+        self.what = what
+        self._unretrieved = False
+        self._pid = os.getpid()  # (a forked child's copy is the parent's to log)
+
+    def result(self, timeout: float | None = None) -> Any:
+        try:
+            return super().result(timeout)
+        except BaseException as exc:
+            if exc is self._outcome:  # (not a timeout of this wait)
+                self.retrieved()
+            raise
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        exc = super().exception(timeout)
+        if exc is not None:
+            self.retrieved()
+        return exc
+
+    def retrieved(self) -> None:
+        """Its failure was told to somebody (its owner raised it): not logged."""
+        self._unretrieved = False
+
+    async def ended(self) -> None:
+        """Waits until the commit has ended, however, without retrieving its failure (an
+        earlier commit awaited by a later one: its failure stays its own to report)."""
+        if self.done():
+            return
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: concurrent.futures.Future[Any]) -> None:
+            with contextlib.suppress(RuntimeError):  # (the loop closed: nobody waits)
+                loop.call_soon_threadsafe(_set_done, waiter)
+
+        self.add_done_callback(wake)
+        await waiter
+
+    def log_unretrieved(self) -> None:
+        """Logs its failure if nobody retrieved it (once)."""
+        if not self._unretrieved or self._pid != os.getpid():
+            return
+        self._unretrieved = False
+        exc = self._outcome
+        log.error("%s failed, and nobody retrieved the error (wait_until_finished(), close(), "
+                  "check_for_errors() or the commit's future): %s", self.what, exc,
+                  exc_info=exc)
+
+    def __del__(self) -> None:
+        self.log_unretrieved()
 
     def __await__(self):  # type: ignore[no-untyped-def]
         return asyncio.wrap_future(self).__await__()
@@ -412,6 +469,9 @@ class CommitFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         super().set_result(result)
 
     def set_exception(self, exception: BaseException | None) -> None:
+        # (a commit dropped by cancel(), or cancelled, failed nobody)
+        self._unretrieved = self.what is not None and not isinstance(
+            exception, asyncio.CancelledError | concurrent.futures.CancelledError)
         self._settle(exception)
         super().set_exception(exception)
 
@@ -660,9 +720,10 @@ class Runtime:
         # Raised outside the handler, so the member is not chained to its group (as submit does).
         raise exc
 
-    def spawn(self, coro: Awaitable[T]) -> CommitFuture:
-        """Starts a background task on the engine loop (call from the engine loop)."""
-        fut = CommitFuture()
+    def spawn(self, coro: Awaitable[T], what: str | None = None) -> CommitFuture:
+        """Starts a background task on the engine loop (call from the engine loop); ``what``
+        it is (a commit), to log its failure if nobody retrieves it (:class:`CommitFuture`)."""
+        fut = CommitFuture(what)
         fut.set_running_or_notify_cancel()
 
         async def runner() -> None:
@@ -1110,12 +1171,10 @@ class Runtime:
             for commit in list(self._pending):  # (nothing trains any more: at full priority)
                 self.boost(commit)
             while waiting := [f for f in (*self._calls, *self._pending) if not f.done()]:
-                for fut in waiting:
-                    try:
-                        fut.result()
-                    except BaseException as exc:  # noqa: BLE001 - nobody is left to raise it to
-                        if fut in self._pending:  # (a call's caller gets its own outcome)
-                            log.error("a background commit failed at exit: %s", exc)
+                concurrent.futures.wait(waiting)  # (a call's caller gets its own outcome)
+        for fut in list(self._pending):  # (nobody is left to retrieve a failure from now on)
+            if isinstance(fut, CommitFuture):
+                fut.log_unretrieved()
         with contextlib.suppress(BaseException):
             self._portal_cm.__exit__(None, None, None)
         if self._bg_loop is not None:

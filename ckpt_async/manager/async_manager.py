@@ -228,7 +228,8 @@ class AsyncCheckpointManager:
         # One save() at a time, from its decision to its commit's registration: two awaited
         # at once (asyncio.gather) each read the step list before the other wrote it back.
         self._saving = asyncio.Lock()
-        self._failures: list[BaseException] = []
+        #: The failures of commits not yet raised, with their futures.
+        self._failures: list[tuple[BaseException, CommitFuture]] = []
         self._root_metadata = metadata
         self._closed = False
         self._initialized = False
@@ -451,9 +452,10 @@ class AsyncCheckpointManager:
 
     def _raise_failure(self) -> None:
         if self._failures:
-            exc = self._failures.pop(0)
-            self._failures.clear()
-            raise exc
+            failures, self._failures = self._failures, []
+            for _, fut in failures:  # (told now: the first raised, the others with it)
+                fut.retrieved()
+            raise failures[0][0]
 
     @on_engine
     async def save(self, step: int, items: Any = None, save_kwargs: Any = None,
@@ -567,7 +569,8 @@ class AsyncCheckpointManager:
         t = time.time()
         fut = await self._checkpointer._save_staged(
             self._step_path(step), Composite(**items), step_metadata=meta, on_commit=retain,
-            after=prev, track=False, precheck=precheck if multi else None)
+            after=prev, track=False, precheck=precheck if multi else None,
+            what=f"the commit of step {step} of {self.directory}")
         stats.checkpointer_blocking_start_time = t
         stats.checkpointer_blocking_duration_secs = time.time() - t
         log.debug("step %d staged in %.3f s", step, stats.checkpointer_blocking_duration_secs)
@@ -682,7 +685,7 @@ class AsyncCheckpointManager:
             del self._in_flight_steps[step]
         if exc is None:
             return
-        self._failures.append(exc)
+        self._failures.append((exc, fut))
         kept = [c for c in self._checkpoints if c.step != step]
         back = [c for c in removed if c.step != step and c.step not in {k.step for k in kept}]
         self._checkpoints = sorted(kept + back, key=lambda c: c.step)
