@@ -584,7 +584,8 @@ class Runtime:
         # be parked in a call for days, a multi-process barrier, and exit must not wait for
         # it), which :meth:`shutdown` lets finish; ``_closed`` is set and read under
         # ``_close_lock``, so no call slips in between shutdown's look at them and the stop.
-        self._calls: weakref.WeakSet[concurrent.futures.Future[Any]] = weakref.WeakSet()
+        self._calls: weakref.WeakKeyDictionary[concurrent.futures.Future[Any], str] = (
+            weakref.WeakKeyDictionary())  # (-> the name of the function called)
         self._close_lock = threading.Lock()
         self._closed = False
         self.observe_cpu()  # the first commit looks back from here (training since then)
@@ -688,7 +689,7 @@ class Runtime:
                     "Python's thread pools refuse new work from then on too). Join the threads "
                     "that save or restore checkpoints before the main thread ends.")
             if not threading.current_thread().daemon:
-                self._calls.add(fut)
+                self._calls[fut] = getattr(fn, "__qualname__", repr(fn))
             self.loop.call_soon_threadsafe(start)
         fut.add_done_callback(cancelled)
         return fut, ended
@@ -1162,27 +1163,49 @@ class Runtime:
         """Refuses new calls; finishes (``wait``) the calls in flight from threads that are
         not daemon threads, and what they start (a call made on behalf of one, such as an
         Orbax-style handler's call into a built-in one, is still taken), then every pending
-        commit; stops the loop (a daemon thread's call still in flight is cancelled)."""
+        commit; stops the loop (a daemon thread's call still in flight is cancelled).
+        Interrupted while it waits (Ctrl-C, or a signal handler's ``sys.exit``), it logs what
+        it abandons, stops without waiting any more, and raises the interrupt."""
         with self._close_lock:
             if self._closed:
                 return
             self._closed = True
+        interrupted: KeyboardInterrupt | SystemExit | None = None
         if wait and not self.on_engine_thread():
-            for commit in list(self._pending):  # (nothing trains any more: at full priority)
-                self.boost(commit)
-            while waiting := [f for f in (*self._calls, *self._pending) if not f.done()]:
-                concurrent.futures.wait(waiting)  # (a call's caller gets its own outcome)
+            try:
+                for commit in list(self._pending):  # (nothing trains any more: full priority)
+                    self.boost(commit)
+                while waiting := [f for f in (*self._calls, *self._pending) if not f.done()]:
+                    concurrent.futures.wait(waiting)  # (a call's caller gets its own outcome)
+            except (KeyboardInterrupt, SystemExit) as exc:
+                interrupted = exc
+                self._log_abandoned(exc)
         for fut in list(self._pending):  # (nobody is left to retrieve a failure from now on)
             if isinstance(fut, CommitFuture):
                 fut.log_unretrieved()
-        with contextlib.suppress(BaseException):
-            self._portal_cm.__exit__(None, None, None)
+        if interrupted is None:  # (else not: the loop's exit waits for its tasks to stop)
+            with contextlib.suppress(BaseException):
+                self._portal_cm.__exit__(None, None, None)
         if self._bg_loop is not None:
             self._bg_loop.call_soon_threadsafe(self._bg_loop.stop)
         self._bg_pool.shutdown(wait=False)
         self._now_pool.shutdown(wait=False)
         if self._raised_pool is not None:
             self._raised_pool.shutdown()
+        if interrupted is not None:
+            raise interrupted
+
+    def _log_abandoned(self, exc: BaseException) -> None:
+        """Logs the commits and calls in flight that an interrupted :meth:`shutdown` leaves
+        unfinished."""
+        commits = [f.what or "a background task" for f in list(self._pending)
+                   if not f.done() and isinstance(f, CommitFuture)]
+        calls = [f"the call {name!r}" for f, name in list(self._calls.items()) if not f.done()]
+        if commits or calls:
+            log.error("%s at exit, while ckpt_async finished its work: abandoned %s, not "
+                      "committed (a save leaves a temporary directory, which readers ignore "
+                      "and `ckpt-async gc` removes)", type(exc).__name__,
+                      ", ".join(commits + calls))
 
 
 _runtime: Runtime | None = None

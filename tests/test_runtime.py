@@ -616,6 +616,60 @@ def test_a_daemon_threads_call_cancelled_at_exit_says_why() -> None:
         "RuntimeUsageError 'parked' was cancelled: the interpreter is exiting"), out.stdout
 
 
+INTERRUPTED_AT_EXIT = """
+    import asyncio, signal, sys, threading, time, numpy as np
+    import ckpt_async as ocp
+    from ckpt_async import _commit
+    how, root = sys.argv[1], sys.argv[2]
+    real_commit = _commit.commit
+    async def slow_commit(*args, **kwargs):  # (far longer than the test waits)
+        await asyncio.sleep(600)
+        await real_commit(*args, **kwargs)
+    _commit.commit = slow_commit
+    state = ocp.args.StandardSave({'a': np.zeros(4)})
+    ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler()).save(root + '/c', args=state)
+    ocp.CheckpointManager(root + '/m').save(7, args=state)
+    main = threading.main_thread().ident
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))  # (a handler's sys.exit)
+
+    def interrupt():  # once exit waits for the commits
+        while True:
+            frame, names = sys._current_frames().get(main), []
+            while frame is not None:
+                names.append(frame.f_code.co_name)
+                frame = frame.f_back
+            if 'shutdown' in names and names[0] in ('wait', 'acquire'):
+                break
+            time.sleep(0.01)
+        signal.pthread_kill(main, getattr(signal, how))
+
+    threading.Thread(target=interrupt, daemon=True).start()
+"""
+
+
+@NO_THREADS_AT_EXIT
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_while_exit_waits_abandons_the_commits_and_goes_on(
+        tmp_path: Path, how: str) -> None:
+    # Ctrl-C (or a signal handler's sys.exit) while exit waits for commits in flight: what is
+    # abandoned is logged, naming each commit, and the interrupt goes on; the commits are not
+    # made. It used to be swallowed, and exit went on waiting for them.
+    out = _run_python(INTERRUPTED_AT_EXIT, how, str(tmp_path))
+    assert out.returncode == 0, out.stderr  # (Python's: an exception at exit is printed)
+    kind = "KeyboardInterrupt" if how == "SIGINT" else "SystemExit"
+    abandoned = re.findall(rf"^{kind} at exit, while ckpt_async finished its work: "
+                           r"abandoned (.*), not committed", out.stderr, re.M)
+    assert len(abandoned) == 1, out.stderr
+    assert sorted(abandoned[0].split(", ")) == [
+        f"the commit of {tmp_path / 'c'}", f"the commit of step 7 of {tmp_path / 'm'}"]
+    assert kind in out.stderr.split("Exception ignored in:")[1]  # (raised on)
+    # Nothing committed; the temporary directories stay (readers ignore them).
+    assert [re.sub(r"tmp-\d+$", "tmp-N", n) for n in sorted(os.listdir(tmp_path))] == [
+        "c.orbax-checkpoint-tmp-N", "m"]
+    assert [re.sub(r"tmp-\d+$", "tmp-N", n) for n in os.listdir(tmp_path / "m")] == [
+        "7.orbax-checkpoint-tmp-N"]
+
+
 def test_exit_without_any_save_is_quick() -> None:
     t0 = time.monotonic()
     out = _run_python("""
