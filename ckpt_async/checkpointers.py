@@ -72,7 +72,6 @@ class AsyncCheckpointer(AbstractCheckpointer):
         if timeout_secs is not None:  # (Orbax's older argument: it wins over async_options)
             async_options = dataclasses.replace(async_options or AsyncOptions(),
                                                 timeout_secs=timeout_secs)
-        self._rt = get_runtime()
         self.async_checkpointer = _AsyncCore(handler, async_options=async_options, **orbax_options)
         self.last_commit: CommitFuture | None = None
         self._saver = SaverThread()
@@ -86,7 +85,8 @@ class AsyncCheckpointer(AbstractCheckpointer):
 
     def save(self, directory: Any, *args: Any, **kwargs: Any) -> None:
         """Saves to ``directory`` (``args=...`` or Orbax's legacy ``save(path, item)``)."""
-        self.last_commit = self._rt.call(self.async_checkpointer.save, directory, *args, **kwargs)
+        self.last_commit = get_runtime().call(self.async_checkpointer.save, directory, *args,
+                                              **kwargs)
         self._saver.saved()
         if self._wait_on_save:
             self._saver.waits(self.async_checkpointer)
@@ -94,14 +94,14 @@ class AsyncCheckpointer(AbstractCheckpointer):
 
     def restore(self, directory: Any, *args: Any, **kwargs: Any) -> Any:
         self._saver.waits(self.async_checkpointer)  # (a restore waits for the saves issued before it)
-        return self._rt.call(self.async_checkpointer.restore, directory, *args, **kwargs)
+        return get_runtime().call(self.async_checkpointer.restore, directory, *args, **kwargs)
 
     def metadata(self, directory: Any) -> Any:
-        return self._rt.call(self.async_checkpointer.metadata, directory)
+        return get_runtime().call(self.async_checkpointer.metadata, directory)
 
     def wait_until_finished(self) -> None:
         self._saver.waits(self.async_checkpointer)
-        self._rt.call(self.async_checkpointer.wait_until_finished)
+        get_runtime().call(self.async_checkpointer.wait_until_finished)
 
     def check_for_errors(self) -> None:
         self.async_checkpointer.check_for_errors()
@@ -112,10 +112,10 @@ class AsyncCheckpointer(AbstractCheckpointer):
         self.async_checkpointer.cancel()
 
     def close(self) -> None:
-        if self._rt.closed:  # (interpreter exit: its commits were finished, failures logged)
+        if get_runtime().closed:  # (interpreter exit: commits were finished, failures logged)
             return
         self._saver.waits(self.async_checkpointer)
-        self._rt.call(self.async_checkpointer.close)
+        get_runtime().call(self.async_checkpointer.close)
 
     def __enter__(self) -> AsyncCheckpointer:
         return self

@@ -111,10 +111,8 @@ def test_one_runtime_per_process_across_threads_and_facades(tmp_path: Path) -> N
     for t in threads:
         t.join(10)
     assert len(seen) == 8 and all(rt is seen[0] for rt in seen)
-    with ocp.CheckpointManager(tmp_path / "m") as mngr:
-        assert mngr._rt is seen[0]
-    with ocp.StandardCheckpointer() as ckptr:
-        assert ckptr._rt is seen[0]
+    with ocp.CheckpointManager(tmp_path / "m"), ocp.StandardCheckpointer():
+        assert get_runtime() is seen[0]
     engines = [t for t in threading.enumerate() if t.name == "ckpt_async-engine"]
     assert len(engines) == 1 and engines[0].daemon
 
@@ -418,7 +416,7 @@ def test_commit_futures_of_the_sync_faces(tmp_path: Path) -> None:
 
 # -- (f) after fork, the child gets a fresh runtime ------------------------------------------------
 FORK_SCRIPT = """
-    import os, sys, numpy as np
+    import os, signal, sys, numpy as np
     import ckpt_async as ocp
     from ckpt_async import _runtime
     root = sys.argv[1]
@@ -426,12 +424,25 @@ FORK_SCRIPT = """
     # aborts a forked child once the parent has used it, so the parent writes JSON only.
     json_ckptr = ocp.Checkpointer(ocp.JsonCheckpointHandler())
     json_ckptr.save(os.path.join(root, 'parent'), args=ocp.args.JsonSave({'x': 1}))
+    json_mngr = ocp.CheckpointManager(os.path.join(root, 'json_mngr'),
+                                      item_handlers=ocp.JsonCheckpointHandler())
+    json_mngr.save(1, args=ocp.args.JsonSave({'x': 1}))
+    json_mngr.wait_until_finished()
     parent_rt = _runtime.get_runtime()
     pid = os.fork()
     if pid == 0:
         code = 1
+        signal.alarm(30)  # (a child that hangs ends)
         try:
             assert _runtime._runtime is None, 'the child inherited the parent runtime'
+            # The parent's sync objects work in the child, on the child's runtime.
+            assert json_ckptr.restore(os.path.join(root, 'parent')) == {'x': 1}
+            json_ckptr.save(os.path.join(root, 'child_json'), args=ocp.args.JsonSave({'c': 1}))
+            json_mngr.save(2, args=ocp.args.JsonSave({'c': 2}))
+            json_mngr.wait_until_finished()
+            assert json_mngr.restore(1) == {'x': 1} and json_mngr.restore(2) == {'c': 2}
+            assert json_mngr.all_steps() == [1, 2]
+            json_mngr.close()
             state = {'w': np.arange(100_000, dtype=np.float32)}
             with ocp.CheckpointManager(os.path.join(root, 'child')) as mngr:
                 mngr.save(3, args=ocp.args.StandardSave(state))
@@ -465,7 +476,8 @@ def test_forked_child_gets_a_fresh_runtime_and_can_save_and_restore(tmp_path: Pa
     out = _run_python(FORK_SCRIPT, str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.split() == ["child", "ok", "parent", "ok"]
-    assert sorted(os.listdir(tmp_path)) == ["child", "parent", "parent2"]
+    assert sorted(os.listdir(tmp_path)) == ["child", "child_json", "json_mngr", "parent",
+                                            "parent2"]
     assert sorted(os.listdir(tmp_path / "child")) == ["3"]
 
 

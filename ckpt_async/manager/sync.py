@@ -31,12 +31,11 @@ class CheckpointManager:
                  handler_registry: Any = None) -> None:
         # (Orbax's order; the second argument may also be the options, or Orbax's older
         # checkpointers: see AsyncCheckpointManager)
-        self._rt = get_runtime()
         self._saver = SaverThread()
         self.async_manager = AsyncCheckpointManager(
             directory, checkpointers, options, metadata=metadata, item_names=item_names,
             item_handlers=item_handlers, logger=logger, handler_registry=handler_registry)
-        self._rt.call(self.async_manager._ensure_init)  # (errors now, as Orbax's)
+        get_runtime().call(self.async_manager._ensure_init)  # (errors now, as Orbax's)
 
     @property
     def directory(self) -> Any:
@@ -53,9 +52,9 @@ class CheckpointManager:
         AsyncCheckpointManager.save.)"""
         if self.async_manager.save_waits(step, force):
             self._saver.waits(self.async_manager)  # (not training while it waits for them)
-        fut = self._rt.call(self.async_manager.save, step, args=args, metrics=metrics,
-                            force=force, custom_metadata=custom_metadata, items=items,
-                            save_kwargs=save_kwargs)
+        fut = get_runtime().call(self.async_manager.save, step, args=args, metrics=metrics,
+                                 force=force, custom_metadata=custom_metadata, items=items,
+                                 save_kwargs=save_kwargs)
         if fut is not None:
             self._saver.saved()
         return fut is not None
@@ -67,17 +66,17 @@ class CheckpointManager:
     def restore(self, step: int | None = None, items: Any = None, restore_kwargs: Any = None,
                 directory: Any = None, args: CheckpointArgs | None = None) -> Any:
         self._saver.waits(self.async_manager)  # (a restore of a step in flight waits for its commit)
-        return self._rt.call(self.async_manager.restore, step, items=items,
-                             restore_kwargs=restore_kwargs, directory=directory, args=args)
+        return get_runtime().call(self.async_manager.restore, step, items=items,
+                                  restore_kwargs=restore_kwargs, directory=directory, args=args)
 
     def item_metadata(self, step: int) -> Any:
-        return self._rt.call(self.async_manager.item_metadata, step)
+        return get_runtime().call(self.async_manager.item_metadata, step)
 
     def metadata(self, step: int | None = None) -> Any:
-        return self._rt.call(self.async_manager.metadata, step)
+        return get_runtime().call(self.async_manager.metadata, step)
 
     def metrics(self, step: int) -> Any:
-        return self._rt.call(self.async_manager.metrics, step)
+        return get_runtime().call(self.async_manager.metrics, step)
 
     def all_steps(self, read: bool = False) -> list[int]:
         return self.async_manager.all_steps(read)
@@ -98,23 +97,23 @@ class CheckpointManager:
         return self.async_manager.is_saving_in_progress()
 
     def delete(self, step: int) -> None:
-        self._rt.call(self.async_manager.delete, step)
+        get_runtime().call(self.async_manager.delete, step)
 
     def reload(self) -> None:
-        self._rt.call(self.async_manager.reload)
+        get_runtime().call(self.async_manager.reload)
 
     def wait_until_finished(self) -> None:
         self._saver.waits(self.async_manager)
-        self._rt.call(self.async_manager.wait_until_finished)
+        get_runtime().call(self.async_manager.wait_until_finished)
 
     def check_for_errors(self) -> None:
         self.async_manager.check_for_errors()
 
     def close(self) -> None:
-        if self._rt.closed:  # (interpreter exit: its commits were finished, failures logged)
+        if get_runtime().closed:  # (interpreter exit: commits were finished, failures logged)
             return
         self._saver.waits(self.async_manager)
-        self._rt.call(self.async_manager.close)
+        get_runtime().call(self.async_manager.close)
 
     def __enter__(self) -> CheckpointManager:
         return self
