@@ -266,7 +266,8 @@ class AsyncCheckpointer:
         #: Each path a save of ours is under way to, until its commit is among ``_pending``:
         #: [a lock the saves there take in turn, how many hold it or wait for it].
         self._saving_to: dict[AnyPath, list[Any]] = {}
-        self._closed = False
+        self._closed = False  # (refuses new saves and restores; set once close() begins)
+        self._close_done = False  # (close() has waited for every commit)
         self._last_save: float | None = None  # (monotonic) when _save_staged last started
         self._window: PaceWindow | None = None  # how long its commit may be paced
 
@@ -701,11 +702,21 @@ class AsyncCheckpointer:
 
     @on_engine
     async def close(self) -> None:
-        """Waits for pending commits, then closes; raises a commit's failure."""
-        if self._closed:
+        """Waits for pending commits, then closes; raises a commit's failure. Interrupted
+        while it waits (its caller cancelled, Ctrl-C on the sync face), it refuses new saves
+        already, and the next ``close()`` waits for the commits still in flight."""
+        if self._close_done:
             return
+        self._closed = True
         try:
             await self.wait_until_finished()
-        finally:
-            self._closed = True
-            self.handler.close()
+        except asyncio.CancelledError:
+            raise  # (interrupted: not closed yet)
+        except BaseException:
+            self._close_handler()
+            raise
+        self._close_handler()
+
+    def _close_handler(self) -> None:
+        self._close_done = True
+        self.handler.close()

@@ -27,7 +27,7 @@ import pytest
 from _checks import NO_THREADS_AT_EXIT
 
 import ckpt_async as ocp
-from ckpt_async import _runtime
+from ckpt_async import _commit, _runtime
 from ckpt_async._runtime import CommitFuture, Runtime, get_runtime
 from ckpt_async.errors import RuntimeUsageError, StepNotFoundError
 
@@ -928,6 +928,58 @@ def test_an_interrupted_sync_call_cancels_its_engine_task_first() -> None:
         signal.signal(signal.SIGINT, before)
     events.append("interrupt raised")
     assert events == ["stopped", "interrupt raised"]
+
+
+@pytest.mark.parametrize("kind", ["checkpointer", "manager"])
+def test_a_close_after_an_interrupted_close_waits_for_the_commit(
+        tmp_path: Path, monkeypatch, kind: str) -> None:
+    # Ctrl-C while close() waits for a commit: closed to new saves at once, and the next
+    # close() waits for the commit. (It returned at once, the commit still in flight: the
+    # first close had marked the object closed before its wait ended.)
+    release, real_commit = threading.Event(), _commit.commit
+
+    async def held_commit(*args, **kwargs):
+        await get_runtime().to_thread(release.wait)
+        await real_commit(*args, **kwargs)
+
+    monkeypatch.setattr(_commit, "commit", held_commit)
+    state = ocp.args.StandardSave({"a": np.arange(4.0)})
+    if kind == "checkpointer":
+        obj = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler())
+        obj.save(tmp_path / "c", args=state)
+        fut, inner, step_dir = obj.last_commit, obj.async_checkpointer, tmp_path / "c"
+    else:
+        obj = ocp.CheckpointManager(tmp_path / "m")
+        obj.save(1, args=state)
+        fut, inner, step_dir = obj.commit_future(1), obj.async_manager, tmp_path / "m" / "1"
+    main, waits, real_wait = threading.main_thread().ident, [], inner.wait_until_finished
+    assert main is not None and threading.get_ident() == main
+
+    async def wait() -> None:  # (close() waits here: the first time, Ctrl-C lands meanwhile)
+        waits.append(len(waits))
+        if len(waits) == 1:
+            signal.pthread_kill(main, signal.SIGINT)
+        else:
+            release.set()
+        await real_wait()
+
+    monkeypatch.setattr(inner, "wait_until_finished", wait)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            obj.close()
+        signal.signal(signal.SIGINT, before)
+        assert not fut.done() and not step_dir.exists()
+        with pytest.raises(ocp.errors.ClosedError):
+            obj.save(tmp_path / "other" if kind == "checkpointer" else 2, args=state)
+        obj.close()
+        assert fut.done() and fut.result() == step_dir
+        assert (step_dir / "commit_success.txt").exists()
+        obj.close()  # (closed now: returns at once)
+        assert waits == [0, 1]
+    finally:
+        signal.signal(signal.SIGINT, before)
+        release.set()  # (a failure here leaves no commit held)
 
 
 def test_a_finished_commit_leaves_no_timer_on_the_engine_loop(tmp_path: Path,

@@ -231,7 +231,8 @@ class AsyncCheckpointManager:
         #: The failures of commits not yet raised, with their futures.
         self._failures: list[tuple[BaseException, CommitFuture]] = []
         self._root_metadata = metadata
-        self._closed = False
+        self._closed = False  # (refuses new calls; set once close() begins)
+        self._close_done = False  # (close() has waited for every commit)
         self._initialized = False
         self._roles = multihost.Roles()
         #: retention deletions waiting for the background deleter: (retiring step, steps)
@@ -900,13 +901,22 @@ class AsyncCheckpointManager:
     # -- lifecycle -------------------------------------------------------------------------------
     @on_engine
     async def close(self) -> None:
-        """Waits for in-flight commits and retention; raises a commit's failure."""
-        if self._closed:
+        """Waits for in-flight commits and retention; raises a commit's failure. Interrupted
+        while it waits (its caller cancelled, Ctrl-C on the sync face), it refuses new saves
+        already, and the next ``close()`` waits for the commits still in flight."""
+        if self._close_done:
             return
         self._closed = True
         async with self._saving:  # (a save under way puts its commit among those waited for;
             pass                   # those queued behind it find the manager closed)
-        await self.wait_until_finished()
+        try:
+            await self.wait_until_finished()
+        except asyncio.CancelledError:
+            raise  # (interrupted: not closed yet)
+        except BaseException:
+            self._close_done = True
+            raise
+        self._close_done = True
 
     @on_engine
     async def __aenter__(self) -> AsyncCheckpointManager:
