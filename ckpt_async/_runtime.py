@@ -1310,10 +1310,18 @@ def _shutdown_at_exit() -> None:
 
 
 def _reset_after_fork() -> None:
-    # The engine thread does not exist in the child: forget the parent's runtime.
-    global _runtime, _lock
+    # The engine thread does not exist in the child: forget the parent's runtime. Nor do the
+    # threads that paused the collector or froze the heap (a save staging, a commit in flight,
+    # which never ends in the child): undone, as it was before them.
+    global _runtime, _lock, _gc_lock, _gc_pauses, _frozen, _froze
     _runtime = None
     _lock = threading.Lock()
+    _gc_lock = threading.Lock()
+    if _gc_pauses and _gc_was_enabled:
+        gc.enable()
+    if _froze:
+        gc.unfreeze()
+    _gc_pauses, _frozen, _froze = 0, 0, False
 
 
 def _register_exit_hook() -> None:
