@@ -373,7 +373,8 @@ class CommitFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     """A thread-safe future that is also awaitable from any asyncio loop.
 
     ``.result(timeout)``, ``.done()`` and ``.add_done_callback`` work from sync code;
-    ``await fut`` works from any event loop (the engine's or the caller's).
+    ``await fut`` works from any asyncio event loop, uvloop included (the engine's or the
+    caller's).
 
     A commit's failure that nobody retrieves (``result()``, ``exception()`` or ``await`` on
     the future, or the checkpointer's or manager's ``wait_until_finished()``, ``close()``,

@@ -282,6 +282,16 @@ def test_async_face_from_the_users_own_loop(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path / "m")) == ["1", "2"]
 
 
+def test_async_face_from_a_uvloop_loop(tmp_path: Path) -> None:
+    # (the docs say "any asyncio event loop, uvloop included")
+    uvloop = pytest.importorskip("uvloop")
+    restored, steps, loop = uvloop.run(_save_and_restore(tmp_path / "m"))
+    assert isinstance(loop, uvloop.Loop)
+    assert steps == [1, 2]
+    np.testing.assert_array_equal(restored["w"], _state()["w"])
+    assert sorted(os.listdir(tmp_path / "m")) == ["1", "2"]
+
+
 def test_async_face_from_the_engine_loop(tmp_path: Path) -> None:
     async def on_engine():
         return await _save_and_restore(tmp_path / "m")
