@@ -284,7 +284,7 @@ def test_async_face_from_the_users_own_loop(tmp_path: Path) -> None:
 
 def test_async_face_from_a_uvloop_loop(tmp_path: Path) -> None:
     # (the docs say "any asyncio event loop, uvloop included")
-    uvloop = pytest.importorskip("uvloop")
+    import uvloop  # (a test dependency)
     restored, steps, loop = uvloop.run(_save_and_restore(tmp_path / "m"))
     assert isinstance(loop, uvloop.Loop)
     assert steps == [1, 2]
