@@ -3,7 +3,8 @@
 ``launch(scenario, processes, devices, config)`` starts ``processes`` Python processes running
 ``tests/multihost_worker.py``: each one initializes ``jax.distributed`` against a coordinator on
 127.0.0.1 (a free port) with ``devices`` CPU devices of its own, runs ``scenario`` and writes
-what it found to ``<workdir>/<scenario>.<process>.json``. As soon as one process fails, every
+what it found to ``<workdir>/<scenario>.<process>.json``. The workers import this checkout's
+``ckpt_async`` (its root comes first on their ``PYTHONPATH``), not one installed elsewhere. As soon as one process fails, every
 sibling is killed, and the whole run has a deadline, so no test can hang CI.
 """
 
@@ -20,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
+#: The checkout the tests run from: first on the workers' path, so that they import its
+#: ``ckpt_async`` (a worker's own path starts with ``tests/``, and an installed copy would win)
+ROOT = WORKER.resolve().parents[1]
 
 
 def free_port() -> int:
@@ -42,6 +46,7 @@ def launch(scenario: str, processes: int, devices: int, config: dict[str, Any],
         "JAX_PLATFORMS": "cpu",
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])]),
     })
     cfg = workdir / f"{scenario}.config.json"
     cfg.write_text(json.dumps(config))

@@ -501,6 +501,10 @@ def scenario_consistency(cfg: dict, out: dict) -> None:
     barrier("slow")
 
 
+def scenario_small(cfg: dict, out: dict) -> None:
+    """The small run (2 processes x 1 device, tiny arrays): what main() records."""
+
+
 def main() -> None:
     scenario, pid, n, port, cfg_path = sys.argv[1:6]
     cfg = json.loads(Path(cfg_path).read_text())
@@ -509,8 +513,11 @@ def main() -> None:
     os.environ.update(cfg.get("env", {}))
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=int(n), process_id=int(pid),
                                initialization_timeout=120, heartbeat_timeout_seconds=60)
+    import ckpt_async
+
     out: dict = {"process": jax.process_index(), "devices": len(jax.devices()),
-                 "local_devices": len(jax.local_devices()), "checked": {}}
+                 "local_devices": len(jax.local_devices()), "checked": {},
+                 "ckpt_async": ckpt_async.__file__}  # (the checkout's, not an installed one)
     globals()[f"scenario_{scenario}"](cfg, out)
     Path(cfg_path).with_name(f"{scenario}.{pid}.json").write_text(json.dumps(out))
     sys.stdout.flush()

@@ -8,6 +8,8 @@ Three launches (``tests/_multihost.py``), in order, each with several checks:
    a process never arriving, and Orbax writing and reading across the processes;
 3. 4 x 2: restore what 2 x 2 saved.
 
+A small run (2 x 1, tiny arrays) checks the coordination itself.
+
 This process (one process, four CPU devices) saves the 1 x 4 and 1 x 1 checkpoints and
 restores the 2 x 2 ones. The S3 checkpoints live on moto's server on 127.0.0.1.
 """
@@ -23,7 +25,7 @@ import orbax.checkpoint as orbax
 import pytest
 import tensorstore as ts
 from _moto import client_for, moto_s3
-from _multihost import launch
+from _multihost import ROOT, launch
 from multihost_worker import check_state, make_mesh, make_state, target
 
 import ckpt_async as ocp
@@ -66,10 +68,26 @@ def runs(tmp_path_factory, s3_env):
     return out
 
 
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """The small run's results, one per process. (Launched without the caller's PYTHONPATH:
+    the workers still import this checkout's ckpt_async, not the one installed.)"""
+    wd = tmp_path_factory.mktemp("multihost_small")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("PYTHONPATH", raising=False)
+        return launch("small", 2, 1, {}, wd)
+
+
 def test_every_process_joins_with_its_devices(runs):
     assert [(r["process"], r["devices"], r["local_devices"]) for r in runs["save4x2"]] == [
         (i, 8, 2) for i in range(4)]
     assert [(r["process"], r["devices"]) for r in runs["main"]] == [(0, 4), (1, 4)]
+    for run in ("save4x2", "main", "restore4x2"):
+        assert {r["ckpt_async"] for r in runs[run]} == {str(ROOT / "ckpt_async" / "__init__.py")}
+
+
+def test_workers_import_the_checkout_under_test(small):
+    assert [r["ckpt_async"] for r in small] == [str(ROOT / "ckpt_async" / "__init__.py")] * 2
 
 
 def test_each_process_writes_its_shards_into_its_own_database(runs):
