@@ -102,7 +102,10 @@ def process_count() -> int:
 
 
 def is_primary_host(primary_host: int | None = 0) -> bool:
-    return process_index() == (primary_host or 0)
+    """Whether this process is ``primary_host``; True on every process for None (every
+    process is its own primary, as in Orbax: a handler given ``primary_host=None`` writes on
+    each one)."""
+    return primary_host is None or process_index() == primary_host
 
 
 def roles_for(options: Any = None) -> Roles:

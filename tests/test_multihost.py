@@ -224,7 +224,10 @@ def test_object_store_layout_and_marker(runs, s3_env):
 
 def test_one_process_roles_and_unsupported_options(tmp_path):
     assert (ocp.multihost.process_index(), ocp.multihost.process_count()) == (0, 1)
-    assert ocp.multihost.is_primary_host(0)
+    assert ocp.multihost.is_primary_host(0) and ocp.multihost.is_primary_host(None)
+    # (Orbax's "every process its own primary": one process, 0, commits ckpt_async's saves)
+    assert ocp.multihost.roles_for(ocp.options.MultiprocessingOptions(primary_host=None)) == \
+        ocp.multihost.Roles(0, 1, 0)
     ocp.multihost.sync_global_processes("alone")  # nobody to wait for
     bad = [ocp.options.MultiprocessingOptions(primary_host=3),
            ocp.options.MultiprocessingOptions(active_processes={0})]

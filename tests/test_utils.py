@@ -124,6 +124,24 @@ def test_primary_host_and_barrier_in_one_process() -> None:
     ocp.utils.sync_global_processes("test_utils")  # one process: returns at once
 
 
+def test_primary_host_none_is_every_process_as_in_orbax(monkeypatch, tmp_path) -> None:
+    """On process 1 of a run: ``is_primary_host(None)`` is True (every process its own
+    primary), and a MsgpackHandler given ``primary_host=None`` writes there, as Orbax's."""
+    import asyncio
+
+    monkeypatch.setattr(jax, "process_index", lambda *args, **kwargs: 1)
+    for primary in (None, 0, 1):
+        assert ocp.utils.is_primary_host(primary) is orbax.utils.is_primary_host(primary) \
+            is (primary != 0), primary
+    for primary, written in ((None, True), (0, False)):
+        path = tmp_path / f"checkpoint-{primary}"
+        for lib in (ocp, orbax):
+            handler = lib.aggregate_handlers.MsgpackHandler(primary_host=primary)
+            asyncio.run(handler.serialize(path, {"a": 1})).result()
+            assert path.exists() is written, (lib.__name__, primary)
+            path.unlink(missing_ok=True)
+
+
 def test_pmap_output_becomes_a_global_replicated_array_as_in_orbax(tmp_path):
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     stacked = jax.pmap(lambda v: v * 2)(jnp.stack([x] * jax.local_device_count()))
