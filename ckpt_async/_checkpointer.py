@@ -411,6 +411,8 @@ class AsyncCheckpointer:
         finally:
             if fut is None:
                 frozen.close()
+                if sync is not None:  # (the save ended here: this process is done with it)
+                    await sync.leave()
             pace_window.reset(pace_token)
             multihost.reset_roles(token)
         if track:
@@ -557,7 +559,6 @@ class AsyncCheckpointer:
                     raise
             if sync is not None:  # nobody's save returns before the step is visible
                 await sync.arrive("committed")
-                await sync.cleanup()
 
         timeout = self.async_options.timeout_secs
         try:
@@ -592,6 +593,9 @@ class AsyncCheckpointer:
                     "while this process was still writing (its barrier timed out, or another "
                     f"process failed), and removed {tmp}: {exc}") from exc
             raise CommitError(f"saving {path} failed: {exc}") from exc
+        finally:
+            if sync is not None:  # (done with the save's keys, whatever its outcome)
+                await sync.leave()
         if on_commit is not None:
             await on_commit(path, meta)
         total = time.perf_counter() - stats["started"]

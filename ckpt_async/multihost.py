@@ -15,6 +15,8 @@ databases and commits. They meet at barriers kept in the distributed client's ke
 Keys are ``ckpt_async/<operation>/<phase>/<process>``; an operation is named after what it does
 and where (``save:/ckpts/7:0``), counted per process, so every process derives the same names
 as long as they call the same operations in the same order, as multi-controller JAX requires.
+Each process leaves an operation once it reads none of its keys again, whatever its outcome;
+the last one to leave deletes them all, so a long run leaves nothing behind in the store.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
@@ -32,6 +35,8 @@ from ._runtime import get_runtime
 from .errors import BarrierTimeoutError, InvalidArgumentError, ProcessFailedError
 
 KEY_PREFIX = "ckpt_async"
+
+log = logging.getLogger("ckpt_async")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +214,9 @@ _counters: dict[str, int] = {}
 
 
 class Sync:
-    """Barriers and broadcasts of one collective operation, over the distributed KV store."""
+    """Barriers and broadcasts of one collective operation, over the distributed KV store.
+    Every process calls :meth:`leave` once it is done with the operation (it went through
+    or failed): the last one deletes its keys."""
 
     def __init__(self, what: str, roles: Roles, timeout: float | None,
                  key_prefix: str | None = None, *, label: str | None = None) -> None:
@@ -219,7 +226,7 @@ class Sync:
         self.roles = roles
         self.timeout = 600.0 if timeout is None else float(timeout)
         self.root = f"{key_prefix or KEY_PREFIX}/{what}:{n}"
-        self._mine: list[str] = []
+        self._left = False
 
     def _key(self, phase: str, index: int | None = None) -> str:
         return f"{self.root}/{phase}/" + ("" if index is None else str(index))
@@ -238,7 +245,6 @@ class Sync:
         value = "ok" if error is None else "error:" + (str(error) or type(error).__name__)
         rt = get_runtime()
         await rt.to_thread(client.key_value_set, key, value)
-        self._mine.append(key)
         if error is not None and not self.roles.is_primary:
             return
         deadline = time.monotonic() + self.timeout
@@ -273,7 +279,6 @@ class Sync:
         if self.roles.is_primary:
             assert value is not None
             await rt.to_thread(client.key_value_set, key, value)
-            self._mine.append(key)
             return value
         try:
             return await rt.to_thread(client.blocking_key_value_get, key,
@@ -283,23 +288,24 @@ class Sync:
                 f"{self.what}: primary process {self.roles.primary} did not provide "
                 f"'{phase}' within {self.timeout:g} s ({exc}); nothing was committed") from exc
 
-    async def cleanup(self) -> None:
-        """Deletes this process's keys once this operation's last barrier is complete: those
-        of its earlier phases (everyone is past them), and the last-barrier keys of the
-        operation before (everyone is past that one too). This operation's last-barrier key
-        stays until the next one: a slower process may still be reading it."""
-        global _stale
+    async def leave(self) -> None:
+        """This process is done with the operation: it reads none of its keys again (it went
+        through, or failed here or elsewhere). Each process counts itself out on
+        ``<root>/left``; the one that makes the count complete is the last reader, and deletes
+        every key of the operation (its directory), including those of processes that failed
+        early. A second call does nothing. (A process that never takes part, one dead or
+        never called, leaves the keys behind: nobody can tell it will not come.)"""
+        if self._left:
+            return
+        self._left = True
         client = _client()
-        keys = [*_stale, *self._mine[:-1]]
-        _stale, self._mine = self._mine[-1:], []
-        for key in keys:
-            try:
-                await get_runtime().to_thread(client.key_value_delete, key)
-            except Exception:  # noqa: BLE001 - a leftover key costs a few bytes
-                pass
-
-
-_stale: list[str] = []
+        rt = get_runtime()
+        try:
+            if await rt.to_thread(client.key_value_increment, f"{self.root}/left", 1) >= \
+                    self.roles.count:
+                await rt.to_thread(client.key_value_delete, self.root)
+        except Exception as exc:  # noqa: BLE001 - leftover keys cost a few bytes each
+            log.debug("%s: the keys of %s were not deleted: %s", self.what, self.root, exc)
 
 
 __all__ = ["BarrierSyncFn", "Roles", "Sync", "current_roles", "get_barrier_sync_fn", "is_primary_host", "process_count",

@@ -501,8 +501,69 @@ def scenario_consistency(cfg: dict, out: dict) -> None:
     barrier("slow")
 
 
+def kv_keys(name: str) -> list[str]:
+    """The keys ckpt_async holds in the distributed key-value store once every process is
+    past ``name`` (and before any goes on)."""
+    from jax._src import distributed
+
+    barrier(name)
+    keys = sorted(k for k, _ in distributed.global_state.client.key_value_dir_get("ckpt_async/"))
+    barrier(f"{name} listed")
+    return keys
+
+
 def scenario_small(cfg: dict, out: dict) -> None:
-    """The small run (2 processes x 1 device, tiny arrays): what main() records."""
+    """The small run (2 processes x 1 device, tiny arrays): the keys each kind of operation
+    leaves in the key-value store once every process is past it (none), after it went
+    through or failed."""
+    import ckpt_async as ocp
+    import ckpt_async._checkpointer as ckpt_core
+    from ckpt_async import _serialize
+    from ckpt_async.errors import CheckpointError
+
+    me = jax.process_index()
+    base = Path(cfg["dir"])
+    mesh = Mesh(np.array(jax.devices()), ("a",))
+
+    def tiny() -> dict:
+        return {"x": jax.make_array_from_callback((4,), NamedSharding(mesh, P("a")),
+                                                  lambda idx: np.arange(4.0)[idx]), "step": 1}
+
+    def outcome(fn) -> str:
+        try:
+            fn()
+            return "ok"
+        except CheckpointError as exc:
+            return type(exc).__name__
+
+    out["keys"] = {}
+    ckptr = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler(),
+                                  async_options=ocp.AsyncOptions(timeout_secs=60))
+
+    def save(name: str) -> str:
+        return outcome(lambda: (ckptr.save(base / name, args=ocp.args.StandardSave(tiny())),
+                                ckptr.wait_until_finished()))
+
+    # Saves that go through, and that fail before ('ready') and while writing ('written').
+    out["saved"] = save("saved")
+    out["keys"]["saved"] = kv_keys("saved")
+    real_check = ckpt_core.check_writable
+    if me == 1:
+        def unwritable(path):
+            raise ocp.errors.NotWritableError(f"{path}: injected on process 1")
+        ckpt_core.check_writable = unwritable
+    out["unwritable"] = save("unwritable")
+    ckpt_core.check_writable = real_check
+    out["keys"]["unwritable"] = kv_keys("unwritable")
+    real_write = _serialize.ItemWriter.write
+    if me == 1:
+        async def failing_write(self, batch):
+            raise OSError("injected failure on process 1")
+        _serialize.ItemWriter.write = failing_write
+    out["write_failed"] = save("write_failed")
+    _serialize.ItemWriter.write = real_write
+    out["keys"]["write_failed"] = kv_keys("write_failed")
+    ckptr.close()
 
 
 def main() -> None:

@@ -75,7 +75,7 @@ def small(tmp_path_factory):
     wd = tmp_path_factory.mktemp("multihost_small")
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("PYTHONPATH", raising=False)
-        return launch("small", 2, 1, {}, wd)
+        return launch("small", 2, 1, {"dir": str(wd)}, wd)
 
 
 def test_every_process_joins_with_its_devices(runs):
@@ -88,6 +88,17 @@ def test_every_process_joins_with_its_devices(runs):
 
 def test_workers_import_the_checkout_under_test(small):
     assert [r["ckpt_async"] for r in small] == [str(ROOT / "ckpt_async" / "__init__.py")] * 2
+
+
+def test_operations_delete_their_keys_once_every_process_is_past_them(small):
+    """Each save's barrier keys are gone from the key-value store once both processes are
+    done with it, whether it went through or failed (before writing, or while writing)."""
+    p0, p1 = small
+    assert p0["saved"] == p1["saved"] == "ok"
+    assert (p0["unwritable"], p1["unwritable"]) == ("ProcessFailedError", "NotWritableError")
+    assert (p0["write_failed"], p1["write_failed"]) == ("ProcessFailedError", "CommitError")
+    for result in small:
+        assert result["keys"] == {"saved": [], "unwritable": [], "write_failed": []}
 
 
 def test_each_process_writes_its_shards_into_its_own_database(runs):

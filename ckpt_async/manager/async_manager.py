@@ -628,8 +628,10 @@ class AsyncCheckpointManager:
     async def _meet(self, what: str, phase: str) -> None:
         """A barrier of every process of the run."""
         sync = self._sync(what)
-        await sync.arrive(phase)
-        await sync.cleanup()
+        try:
+            await sync.arrive(phase)
+        finally:
+            await sync.leave()
 
     def _queue_deletion(self, step: int, steps: list[int]) -> None:
         """``enable_background_delete``: deletes ``steps`` (retired by ``step``'s commit) in
