@@ -135,7 +135,10 @@ def _wait(directory: Any, name_format: _steps.NameFormat, until_step: int | None
         # (the others wait as long as the primary may: its timeout, or 20 days)
         sync = Sync(f"wait_for_new_checkpoint:{directory}:{until_step}", roles,
                     2e6 if timeout is None else timeout + 60)
-        result = int(get_runtime().call(sync.broadcast, "step", str(result)))
+        try:
+            result = int(get_runtime().call(sync.broadcast, "step", str(result)))
+        finally:
+            get_runtime().call(sync.leave)
     if result == -1:
         log.info("timed out waiting for a new checkpoint in %s", directory)
     return result

@@ -565,6 +565,19 @@ def scenario_small(cfg: dict, out: dict) -> None:
     out["keys"]["write_failed"] = kv_keys("write_failed")
     ckptr.close()
 
+    # A manager's decisions (save, skip), its retention and a deletion; waiting for a step.
+    options = ocp.CheckpointManagerOptions(save_interval_steps=2, max_to_keep=2,
+                                           async_options=ocp.AsyncOptions(timeout_secs=60))
+    with ocp.CheckpointManager(base / "run", options=options) as mngr:
+        out["decided"] = [bool(mngr.save(step, args=ocp.args.StandardSave(tiny())))
+                          for step in range(5)]
+        mngr.wait_until_finished()
+        mngr.delete(2)
+        out["steps"] = mngr.all_steps()
+    with ocp.checkpoint_utils.wait_for_new_checkpoint(base / "run", until_step=4) as step:
+        out["waited"] = step
+    out["keys"]["manager"] = kv_keys("manager")
+
 
 def main() -> None:
     scenario, pid, n, port, cfg_path = sys.argv[1:6]

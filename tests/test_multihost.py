@@ -98,7 +98,18 @@ def test_operations_delete_their_keys_once_every_process_is_past_them(small):
     assert (p0["unwritable"], p1["unwritable"]) == ("ProcessFailedError", "NotWritableError")
     assert (p0["write_failed"], p1["write_failed"]) == ("ProcessFailedError", "CommitError")
     for result in small:
-        assert result["keys"] == {"saved": [], "unwritable": [], "write_failed": []}
+        assert result["keys"]["saved"] == result["keys"]["unwritable"] == \
+            result["keys"]["write_failed"] == []
+
+
+def test_a_managers_decisions_leave_no_keys_behind(small):
+    """A manager broadcasts its save decision for every step it is called with (saved or
+    skipped): those keys, its retention's and a deletion's, and wait_for_new_checkpoint's,
+    are gone once both processes have read them."""
+    for result in small:
+        assert result["decided"] == [True, False, True, False, True]
+        assert (result["steps"], result["waited"]) == ([4], 4)
+        assert result["keys"]["manager"] == []
 
 
 def test_each_process_writes_its_shards_into_its_own_database(runs):

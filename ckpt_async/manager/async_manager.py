@@ -617,7 +617,11 @@ class AsyncCheckpointManager:
         (a time-based policy may decide differently on each)."""
         if not self._roles.multi:
             return decision
-        answer = await self._sync(what).broadcast("decision", "save" if decision else "skip")
+        sync = self._sync(what)
+        try:
+            answer = await sync.broadcast("decision", "save" if decision else "skip")
+        finally:  # (its key goes once every process has read it: one a step, for weeks)
+            await sync.leave()
         return answer == "save"
 
     def _sync(self, what: str) -> multihost.Sync:
