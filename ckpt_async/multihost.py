@@ -10,7 +10,9 @@ databases and commits. They meet at barriers kept in the distributed client's ke
   failed (and why) as soon as one arrives with an error;
 - a barrier that is not complete within the timeout raises
   :class:`~ckpt_async.errors.BarrierTimeoutError` on every waiting process, naming the processes
-  that did not arrive; no step becomes visible.
+  that did not arrive; no step becomes visible. A process that gives up says so in its key, so
+  a process still waiting, or arriving late, raises it at once (naming who gave up, where)
+  rather than going on alone into a wait of its own full timeout.
 
 Keys are ``ckpt_async/<operation>/<phase>/<process>``; an operation is named after what it does
 and where (``save:/ckpts/7:0``), counted per process, so every process derives the same names
@@ -238,7 +240,8 @@ class Sync:
         than the primary returns at once (its caller raises its own error), while the primary
         still waits for everyone, so it cleans up only once nobody writes any more. Raises
         ProcessFailedError naming the processes that arrived with an error, and
-        BarrierTimeoutError naming those that did not arrive within the timeout.
+        BarrierTimeoutError naming those that did not arrive within the timeout (this
+        process's, or another's that gave up: its key says so, ``timeout:<why>``).
         """
         client = _client()
         key = self._key(phase, self.roles.index)
@@ -260,14 +263,25 @@ class Sync:
                     f"{self.what}: process{'es' if len(failed) > 1 else ''} "
                     + ", ".join(f"{i} ({msg})" for i, msg in sorted(failed.items()))
                     + f" failed before '{phase}'; nothing was committed")
+            gave_up = sorted((i, v[8:]) for i, v in arrived.items()
+                             if v.startswith("timeout:") and i != self.roles.index)
+            if gave_up:  # (everyone may be here now: the one that gave up has gone all the same)
+                i, why = gave_up[0]
+                raise BarrierTimeoutError(
+                    f"{self.what}: process {i} gave up waiting at '{phase}' before this "
+                    f"process could go on ({why}); nothing was committed")
             if everyone:
                 return
             if time.monotonic() > deadline:
                 missing = sorted(set(range(self.roles.count)) - set(arrived))
-                raise BarrierTimeoutError(
-                    f"{self.what}: process{'es' if len(missing) > 1 else ''} "
-                    f"{', '.join(map(str, missing))} did not reach '{phase}' within "
-                    f"{self.timeout:g} s; nothing was committed")
+                why = (f"process{'es' if len(missing) > 1 else ''} "
+                       f"{', '.join(map(str, missing))} did not reach '{phase}' within "
+                       f"{self.timeout:g} s")
+                try:  # (the others, and late comers, raise at once rather than wait on)
+                    await rt.to_thread(client.key_value_set, key, "timeout:" + why, True)
+                except Exception as exc:  # noqa: BLE001 - the others time out on their own
+                    log.debug("%s: could not say this process gave up: %s", self.what, exc)
+                raise BarrierTimeoutError(f"{self.what}: {why}; nothing was committed")
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.05)
 

@@ -523,6 +523,7 @@ def scenario_small(cfg: dict, out: dict) -> None:
 
     me = jax.process_index()
     base = Path(cfg["dir"])
+    out["dir"] = str(base)
     mesh = Mesh(np.array(jax.devices()), ("a",))
 
     def tiny() -> dict:
@@ -577,6 +578,33 @@ def scenario_small(cfg: dict, out: dict) -> None:
     with ocp.checkpoint_utils.wait_for_new_checkpoint(base / "run", until_step=4) as step:
         out["waited"] = step
     out["keys"]["manager"] = kv_keys("manager")
+
+    # Process 1 comes to a save's first barrier only once process 0 has given up waiting
+    # there: it raises at once, naming process 0 and the barrier (it went on before, and
+    # waited its own timeout for the directory process 0 was never to create).
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if me == 1:
+        def late(path):
+            client.blocking_key_value_get("test/late/gave-up", 60_000)
+        ckpt_core.check_writable = late
+    ckptr = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler(), async_options=ocp.AsyncOptions(
+        timeout_secs=2 if me == 0 else 10))
+    try:
+        ckptr.save(base / "late", args=ocp.args.StandardSave(tiny()))
+        out["late"] = ["ok"]
+    except CheckpointError as exc:
+        out["late"] = [type(exc).__name__, str(exc)]
+    if me == 0:
+        client.key_value_set("test/late/gave-up", "yes")
+    ckpt_core.check_writable = real_check
+    ckptr.close()
+    out["late_visible"] = (base / "late").exists()
+    barrier("late")
+    if me == 0:
+        client.key_value_delete("test/late")
+    out["keys"]["late"] = kv_keys("late")
 
 
 def main() -> None:

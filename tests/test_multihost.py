@@ -112,6 +112,18 @@ def test_a_managers_decisions_leave_no_keys_behind(small):
         assert result["keys"]["manager"] == []
 
 
+def test_a_process_arriving_after_another_gave_up_raises_at_once_naming_it(small):
+    p0, p1 = small
+    path = str(Path(p0["dir"]) / "late")
+    assert p0["late"] == ["BarrierTimeoutError", f"saving {path}: process 1 did not reach "
+                          "'ready' within 2 s; nothing was committed"]
+    assert p1["late"] == ["BarrierTimeoutError", f"saving {path}: process 0 gave up waiting at "
+                          "'ready' before this process could go on (process 1 did not reach "
+                          "'ready' within 2 s); nothing was committed"]
+    assert not p0["late_visible"] and not p1["late_visible"]
+    assert p0["keys"]["late"] == p1["keys"]["late"] == []
+
+
 def test_each_process_writes_its_shards_into_its_own_database(runs):
     item = Path(runs["paths"]["p2x2"])
     names = sorted(os.listdir(item))
