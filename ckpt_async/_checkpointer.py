@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from . import _commit, _integrity, multihost
+from . import _commit, _integrity, _same_tree, multihost
 from . import _format as fmt
 from . import _storage as storage
 from ._paths import AnyPath, StorePath, as_path
@@ -364,7 +364,8 @@ class AsyncCheckpointer:
                 await _commit.abort(tmp)
 
         try:
-            starting = asyncio.ensure_future(self._start(path, sync, clear_leftovers, precheck))
+            starting = asyncio.ensure_future(self._start(path, args, sync, clear_leftovers,
+                                                         precheck))
             try:
                 tmp = await asyncio.shield(starting)
             except asyncio.CancelledError as exc:
@@ -459,21 +460,29 @@ class AsyncCheckpointer:
         self._window = PaceWindow(now + min(spans) if spans else None)
         return self._window
 
-    async def _start(self, path: AnyPath, sync: multihost.Sync | None, clear_leftovers: bool,
+    async def _start(self, path: AnyPath, args: CheckpointArgs, sync: multihost.Sync | None,
+                     clear_leftovers: bool,
                      precheck: Callable[[], Awaitable[None]] | None) -> AnyPath:
         """Where this save writes: the temporary directory, created by the primary process
         and announced to the others. With several processes, every one first says whether
         its ``precheck`` passed: one that failed raises its error, the others a
         ProcessFailedError naming it, before anything is written (and the operations of each
-        path stay in step across processes for the next save)."""
+        path stay in step across processes for the next save). They bring their tree's
+        digest too: trees that differ are refused on every process (StructureMismatchError,
+        naming the first leaf that differs), before anything is written."""
         failed: BaseException | None = None
+        tree: list[str] = []
         try:
             if precheck is not None:
                 await precheck()
+            if sync is not None:
+                tree = _same_tree.describe(args)
         except Exception as exc:  # noqa: BLE001 - raised below, once the others know
             failed = exc
         if sync is not None:
-            await sync.arrive("ready", failed)
+            digests = await sync.arrive("ready", failed, note=_same_tree.digest(tree))
+            if failed is None:
+                await _same_tree.agree(sync, tree, digests)
         if failed is not None:
             raise failed
         if sync is None:

@@ -27,7 +27,7 @@ class UnsupportedLeafError(InvalidTypeError):
 
 
 class StructureMismatchError(InvalidArgumentError):
-    """Raised when a restore target's tree structure differs from the checkpoint's."""
+    """Raised when a restore target's tree differs from the stored one, or processes' trees do."""
 
 
 class ShapeMismatchError(InvalidArgumentError):

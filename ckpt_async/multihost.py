@@ -233,8 +233,10 @@ class Sync:
     def _key(self, phase: str, index: int | None = None) -> str:
         return f"{self.root}/{phase}/" + ("" if index is None else str(index))
 
-    async def arrive(self, phase: str, error: BaseException | str | None = None) -> None:
-        """Arrives at ``phase`` and waits until every process has.
+    async def arrive(self, phase: str, error: BaseException | str | None = None,
+                     note: str = "") -> dict[int, str]:
+        """Arrives at ``phase`` and waits until every process has; returns each process's
+        ``note`` (what it brought along: its tree's digest, say), by process.
 
         Arriving with ``error`` tells the others this process failed; a failed process other
         than the primary returns at once (its caller raises its own error), while the primary
@@ -245,11 +247,11 @@ class Sync:
         """
         client = _client()
         key = self._key(phase, self.roles.index)
-        value = "ok" if error is None else "error:" + (str(error) or type(error).__name__)
+        value = f"ok:{note}" if error is None else "error:" + (str(error) or type(error).__name__)
         rt = get_runtime()
         await rt.to_thread(client.key_value_set, key, value)
         if error is not None and not self.roles.is_primary:
-            return
+            return {}
         deadline = time.monotonic() + self.timeout
         delay = 0.001
         while True:
@@ -271,7 +273,7 @@ class Sync:
                     f"{self.what}: process {i} gave up waiting at '{phase}' before this "
                     f"process could go on ({why}); nothing was committed")
             if everyone:
-                return
+                return {i: v[3:] for i, v in arrived.items() if v.startswith("ok:")}
             if time.monotonic() > deadline:
                 missing = sorted(set(range(self.roles.count)) - set(arrived))
                 why = (f"process{'es' if len(missing) > 1 else ''} "
@@ -285,12 +287,15 @@ class Sync:
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.05)
 
-    async def broadcast(self, phase: str, value: str | None = None) -> str:
-        """The primary's ``value`` on every process (the primary passes it, others None)."""
+    async def broadcast(self, phase: str, value: str | None = None,
+                        source: int | None = None) -> str:
+        """The ``value`` of process ``source`` (the primary unless given) on every process
+        (``source`` passes it, the others None)."""
         client = _client()
-        key = self._key(phase, self.roles.primary)
+        source = self.roles.primary if source is None else source
+        key = self._key(phase, source)
         rt = get_runtime()
-        if self.roles.is_primary:
+        if self.roles.index == source:
             assert value is not None
             await rt.to_thread(client.key_value_set, key, value)
             return value
@@ -298,8 +303,9 @@ class Sync:
             return await rt.to_thread(client.blocking_key_value_get, key,
                                       int(self.timeout * 1000))
         except Exception as exc:  # jax raises a plain XlaRuntimeError on DEADLINE_EXCEEDED
+            who = "primary process" if source == self.roles.primary else "process"
             raise BarrierTimeoutError(
-                f"{self.what}: primary process {self.roles.primary} did not provide "
+                f"{self.what}: {who} {source} did not provide "
                 f"'{phase}' within {self.timeout:g} s ({exc}); nothing was committed") from exc
 
     async def leave(self) -> None:

@@ -606,6 +606,33 @@ def scenario_small(cfg: dict, out: dict) -> None:
         client.key_value_delete("test/late")
     out["keys"]["late"] = kv_keys("late")
 
+    # Process 1 saves another tree (its part of x in float16, and a leaf more): refused on
+    # both before anything is written, naming the first leaf that differs (process 1 wrote
+    # its float16 shard under the primary's float32 metadata). A NumPy leaf that differs is
+    # the primary's to write, as in Orbax: not compared.
+    ckptr = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler(),
+                                  async_options=ocp.AsyncOptions(timeout_secs=60))
+    dtype = np.float32 if me == 0 else np.float16
+    other = {"x": jax.make_array_from_callback((4,), NamedSharding(mesh, P("a")),
+                                               lambda idx: np.arange(4, dtype=dtype)[idx]),
+             "step": 1, "host": np.zeros(3 + me), **({"y": 1} if me else {})}
+    try:
+        ckptr.save(base / "other_tree", args=ocp.args.StandardSave(other))
+        ckptr.wait_until_finished()
+        out["other_tree"] = ["ok"]
+    except CheckpointError as exc:
+        out["other_tree"] = [type(exc).__name__, str(exc)]
+    out["other_tree_visible"] = [(base / "other_tree").exists(),
+                                 sorted(p.name for p in base.glob("other_tree*"))]
+    out["keys"]["other_tree"] = kv_keys("other_tree")
+    out["same_tree_after"] = save("other_tree")  # (then the same tree saves)
+    ckptr.save(base / "numpy_differs", args=ocp.args.StandardSave({**tiny(), "host": np.full(
+        2 + me, me, np.int32)}))
+    ckptr.wait_until_finished()
+    out["numpy_differs"] = ocp.StandardCheckpointer().restore(base / "numpy_differs")[
+        "host"].tolist()
+    ckptr.close()
+
 
 def main() -> None:
     scenario, pid, n, port, cfg_path = sys.argv[1:6]

@@ -124,6 +124,20 @@ def test_a_process_arriving_after_another_gave_up_raises_at_once_naming_it(small
     assert p0["keys"]["late"] == p1["keys"]["late"] == []
 
 
+def test_processes_saving_different_trees_are_refused_on_every_process(small):
+    path = str(Path(small[0]["dir"]) / "other_tree")
+    for result in small:
+        assert result["other_tree"] == [
+            "StructureMismatchError", f"saving {path}: process 1 saves another tree than "
+            "process 0, the primary (first difference: 'x' is float32[4] on process 0, "
+            "float16[4] on process 1); every process must save the same tree (paths, shapes "
+            "and dtypes); nothing was written"]
+        assert result["other_tree_visible"] == [False, []]  # (no temporary directory either)
+        assert result["keys"]["other_tree"] == []
+        assert result["same_tree_after"] == "ok"
+        assert result["numpy_differs"] == [0, 0]  # (the primary's)
+
+
 def test_each_process_writes_its_shards_into_its_own_database(runs):
     item = Path(runs["paths"]["p2x2"])
     names = sorted(os.listdir(item))
@@ -309,3 +323,26 @@ def test_what_fails_on_one_process_fails_everywhere_at_once(runs):
     assert p0["slow"][0] == "BarrierTimeoutError" and "process 1" in p0["slow"][1]
     assert p1["slow"][0] == "ProcessFailedError" and "abandoned the save" in p1["slow"][1]
     assert not (Path(runs["dir"]) / "consistency" / "slow").exists()
+
+
+def test_tree_descriptions_and_where_they_first_differ(mesh):
+    """What the processes of a save compare (ckpt_async._same_tree): every leaf's path, the
+    shape and dtype of jax.Arrays only, and the names and kinds of the other items."""
+    from ckpt_async import _same_tree
+
+    w = jax.device_put(np.zeros((4, 2), np.float32))
+    args = ocp.args.Composite(state=ocp.args.StandardSave({"params": {"w": w}, "host": np.ones(3),
+                                                           "step": 1}),
+                              meta=ocp.args.JsonSave({"anything": 1}))
+    lines = _same_tree.describe(args)
+    assert lines == ["meta: JsonSave", "state/host: ", "state/params/w: float32[4, 2]",
+                     "state/step: "]  # (sorted: a dict's order is not compared)
+    assert _same_tree.describe(ocp.args.StandardSave(w)) == [": float32[4, 2]"]
+    assert _same_tree.digest(lines) == _same_tree.digest(list(lines))
+    assert _same_tree.digest(lines) != _same_tree.digest(lines[:-1])
+    differ = [(lines[:-1], "'state/step' is saved by a only"),
+              ([*lines, "state/x: "], "'state/x' is saved by b only"),
+              ([*lines[:2], "state/params/w: ", *lines[3:]],
+               "'state/params/w' is float32[4, 2] on a, no jax.Array on b")]
+    for other, where in differ:
+        assert _same_tree.first_difference(lines, other, "a", "b") == where
