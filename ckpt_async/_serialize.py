@@ -39,6 +39,7 @@ from ._runtime import BACKGROUND_THREADS, batch_pace, get_runtime, log
 from .errors import (
     CorruptCheckpointError,
     OutOfMemoryError,
+    ShardingMismatchError,
     UnreadableCheckpointError,
     read_failure,
 )
@@ -1709,6 +1710,20 @@ def shard_shape(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> list
     if isinstance(sharding, jax.sharding.SingleDeviceSharding):
         return list(shape)
     return list(sharding.shard_shape(shape))
+
+
+def check_sharding(where: AnyPath, name: str, shape: tuple[int, ...],
+                   sharding: jax.sharding.Sharding | None) -> None:
+    """``ShardingMismatchError`` unless ``sharding`` splits ``shape`` evenly: a restore's
+    placement raised jax's ``IndivisibleError``, naming no leaf (kept as the ``__cause__``)."""
+    if sharding is None or isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return
+    try:
+        sharding.shard_shape(shape)
+    except ValueError as exc:
+        raise ShardingMismatchError(
+            f"{where}: key {name!r} of shape {shape}: the sharding the restore asks for does "
+            f"not split it evenly ({exc})") from exc
 
 
 def sharding_to_json(sharding: jax.sharding.Sharding) -> str | None:

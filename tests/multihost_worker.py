@@ -633,6 +633,19 @@ def scenario_small(cfg: dict, out: dict) -> None:
         "host"].tolist()
     ckptr.close()
 
+    # A restore target sharded over both processes' devices that does not split the array
+    # (3 rows, 2 devices): each process reads its region only, and raises naming the leaf.
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(base / "odd", {"x": np.arange(3.0, dtype=np.float32)})
+        ckptr.wait_until_finished()
+        try:
+            ckptr.restore(base / "odd", {"x": jax.ShapeDtypeStruct(
+                (3,), np.float32, sharding=NamedSharding(mesh, P("a")))})
+            out["indivisible"] = ["ok"]
+        except ValueError as exc:
+            out["indivisible"] = [type(exc).__name__, str(exc).split(" (Sharding ")[0],
+                                  type(exc.__cause__).__name__]
+
 
 def main() -> None:
     scenario, pid, n, port, cfg_path = sys.argv[1:6]

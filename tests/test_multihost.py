@@ -138,6 +138,16 @@ def test_processes_saving_different_trees_are_refused_on_every_process(small):
         assert result["numpy_differs"] == [0, 0]  # (the primary's)
 
 
+def test_a_sharding_that_does_not_split_an_array_is_named_on_every_process(small):
+    """The region read of a target spanning both processes checks the sharding as the
+    single-process placement does (jax's IndivisibleError, naming no leaf, is the cause)."""
+    path = Path(small[0]["dir"]) / "odd"
+    for result in small:
+        assert result["indivisible"] == [
+            "ShardingMismatchError", f"{path}: key 'x' of shape (3,): the sharding the "
+            "restore asks for does not split it evenly", "IndivisibleError"]
+
+
 def test_each_process_writes_its_shards_into_its_own_database(runs):
     item = Path(runs["paths"]["p2x2"])
     names = sorted(os.listdir(item))

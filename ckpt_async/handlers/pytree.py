@@ -48,7 +48,6 @@ from ..errors import (
     InvalidArgumentError,
     InvalidTypeError,
     ShapeMismatchError,
-    ShardingMismatchError,
     UnsupportedLeafError,
 )
 from ..metadata import (
@@ -745,20 +744,6 @@ def _requested_shape(tleaf: Any, rarg: Any) -> tuple[tuple[int, ...] | None, boo
     return (None if shape is None else tuple(shape)), getattr(rarg, "strict", True)
 
 
-def _check_sharding(where: AnyPath, name: str, shape: tuple[int, ...],
-                    sharding: jax.sharding.Sharding | None) -> None:
-    """``ShardingMismatchError`` unless ``sharding`` splits ``shape`` evenly (jax raised its
-    ``IndivisibleError`` from inside the placement, naming no leaf)."""
-    if sharding is None or isinstance(sharding, jax.sharding.SingleDeviceSharding):
-        return
-    try:
-        sharding.shard_shape(shape)
-    except ValueError as exc:
-        raise ShardingMismatchError(
-            f"{where}: key {name!r} of shape {shape}: the sharding the restore asks for does "
-            f"not split it evenly ({exc})") from exc
-
-
 def _check_shape(where: AnyPath, name: str, stored: tuple[int, ...],
                  wanted: tuple[int, ...] | None, strict: bool) -> None:
     if wanted is None or wanted == stored:
@@ -1227,7 +1212,7 @@ class _Reader:
 
     def _put(self, name: str, arr: np.ndarray, sharding: jax.sharding.Sharding | None) -> Any:
         """``arr`` placed as ``sharding`` says (:func:`_put`), once it is known to split it."""
-        _check_sharding(self.dir, name, arr.shape, sharding)
+        ser.check_sharding(self.dir, name, arr.shape, sharding)
         return _put(arr, sharding)
 
     def _saved_value(self, name: str, arr: np.ndarray, vt: str,
@@ -1418,7 +1403,7 @@ class _Reader:
         def devices_of(shape: tuple[int, ...]) -> list[tuple[slice, ...] | None]:
             return list(sharding.addressable_devices_indices_map(shape).values())
 
-        shape, dtype, local = await self._read_region(name, tleaf, rarg, devices_of)
+        shape, dtype, local = await self._read_region(name, tleaf, rarg, sharding, devices_of)
         # (dtype: for a process none of whose devices hold a part, such as one not holding
         # the single device an array was saved on)
         return jax.make_array_from_callback(shape, sharding, local, dtype=dtype)
@@ -1439,7 +1424,8 @@ class _Reader:
             return [idx[1:] for idx in plan.stacked.addressable_devices_indices_map(
                 (plan.replicas, *shape)).values() if idx and (idx[0].start or 0) == plan.primary]
 
-        shape, _dtype, local = await self._read_region(name, tleaf, rarg, primary_devices)
+        shape, _dtype, local = await self._read_region(name, tleaf, rarg, plan.target,
+                                                       primary_devices)
         bits = _BITS[dtype.itemsize]
 
         def piece(index: tuple[slice, ...] | None) -> np.ndarray:
@@ -1453,12 +1439,14 @@ class _Reader:
         stacked = jax.make_array_from_callback((plan.replicas, *shape), plan.stacked, piece)
         return _Broadcast(stacked, dtype, plan.target, math.prod(shape) * dtype.itemsize)
 
-    async def _read_region(self, name: str, tleaf: Any, rarg: Any, devices_of: Callable[
+    async def _read_region(self, name: str, tleaf: Any, rarg: Any,
+                           sharding: jax.sharding.Sharding, devices_of: Callable[
             [tuple[int, ...]], list[tuple[slice, ...] | None]]) -> tuple[
             tuple[int, ...], np.dtype, Callable[[tuple[slice, ...] | None], np.ndarray]]:
         """The shape and dtype the restore of ``name`` asks for, and a function giving the
         part of it at an index, for each index in ``devices_of(shape)``: the region they
-        cover is read at once (nothing, if none)."""
+        cover is read at once (nothing, if none). ``ShardingMismatchError`` unless
+        ``sharding``, the array's, splits that shape evenly."""
         store = await ser.open_array(self.ctx, self.dir, name, use_ocdbt=self.doc.use_ocdbt,
                                      use_zarr3=self.doc.use_zarr3)
         stored = tuple(store.shape)
@@ -1466,6 +1454,7 @@ class _Reader:
         strict = strict and self._strict
         _check_shape(self.dir, name, stored, wanted, strict)
         shape = stored if wanted is None else wanted
+        ser.check_sharding(self.dir, name, shape, sharding)
         entry = self.sums.arrays.get(name) if self.sums is not None else None
         chunks = tuple(entry.chunks) if entry is not None else (1,) * len(shape)
         dtype = getattr(rarg, "dtype", None) or getattr(tleaf, "dtype", None)
