@@ -259,10 +259,10 @@ class _ArrayLike(TypeHandler):
             arg = args[i] if args is not None else None
             if arg is not None and arg.dtype is not None:
                 arr = arr.astype(arg.dtype)
-            out.append(self._restored(arr, arg))
+            out.append(self._restored(arr, arg, infos[i]))
         return out
 
-    def _restored(self, arr: np.ndarray, arg: RestoreArgs | None) -> Any:
+    def _restored(self, arr: np.ndarray, arg: RestoreArgs | None, info: ParamInfo) -> Any:
         return arr
 
     async def metadata(self, infos: Sequence[ParamInfo]) -> Sequence[Any]:
@@ -295,7 +295,7 @@ class ScalarHandler(NumpyHandler):
 
     _typestr = "scalar"
 
-    def _restored(self, arr: np.ndarray, arg: RestoreArgs | None) -> Any:
+    def _restored(self, arr: np.ndarray, arg: RestoreArgs | None, info: ParamInfo) -> Any:
         rtype = getattr(arg, "restore_type", None)
         if isinstance(rtype, type) and (rtype in (int, float, bool, complex)
                                         or issubclass(rtype, np.generic)):
@@ -331,12 +331,13 @@ class ArrayHandler(_ArrayLike):
                              "supported by ckpt_async")
         self.callback = callback
 
-    def _restored(self, arr: np.ndarray, arg: RestoreArgs | None) -> Any:
+    def _restored(self, arr: np.ndarray, arg: RestoreArgs | None, info: ParamInfo) -> Any:
         if getattr(arg, "restore_type", None) is np.ndarray:
             return arr
         sharding = arg.resolved_sharding() if isinstance(arg, ArrayRestoreArgs) else None
         if sharding is None:
             return jax.device_put(arr)
+        ser.check_sharding(info.parent_dir, info.name, arr.shape, sharding)
         return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
 
 

@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 import ckpt_async as ocp
 from ckpt_async import type_handlers as th
-from ckpt_async.errors import CommitError, UnsupportedLeafError
+from ckpt_async.errors import CommitError, ShardingMismatchError, UnsupportedLeafError
 
 LIBS = {"ckpt_async": ocp, "orbax": orbax}
 
@@ -372,6 +372,31 @@ def test_a_subclass_reading_its_own_way_gets_the_leaves_ckpt_async_wrote(tmp_pat
         {"w": jax.ShapeDtypeStruct((4, 8), np.float32, sharding=sharding)}))
     assert calls == [[("w", "ArrayRestoreArgs")]]
     assert restored["w"].sharding == sharding and np.array_equal(np.asarray(restored["w"]), host)
+
+
+def test_a_sharding_that_does_not_split_the_array_is_named_by_the_array_handler(tmp_path):
+    """ArrayHandler.deserialize, on its own and as a subclass reading its own way in a
+    restore: ShardingMismatchError naming the leaf, jax's IndivisibleError (naming none, as
+    it came before) its cause."""
+    class Own(th.ArrayHandler):
+        async def deserialize(self, infos, args=None):
+            return await super().deserialize(infos, args)
+
+    split = NamedSharding(Mesh(np.array(jax.devices()[:2]), ("a",)), P("a"))  # (5 rows: no)
+    host = np.arange(10, dtype=np.float32).reshape(5, 2)
+    reg = registry(ocp)
+    reg.add(jax.Array, Own(), override=True)
+    ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler(type_handler_registry=reg))
+    ckptr.save(tmp_path / "c", args=ocp.args.StandardSave({"w": jax.device_put(host)}))
+    message = r"/{}: key '{}' of shape \(5, 2\): the sharding the restore asks for does not split"
+    with pytest.raises(ShardingMismatchError, match=message.format("c", "w")) as err:
+        ckptr.restore(tmp_path / "c", args=ocp.args.StandardRestore(
+            {"w": jax.ShapeDtypeStruct((5, 2), np.float32, sharding=split)}))
+    assert type(err.value.__cause__).__name__ == "IndivisibleError"
+    info = th.ParamInfo(name="arr", parent_dir=tmp_path / "own")
+    asyncio.run(th.ArrayHandler().serialize([jax.device_put(host)], [info]))
+    with pytest.raises(ShardingMismatchError, match=message.format("own", "arr")):
+        asyncio.run(th.ArrayHandler().deserialize([info], [th.ArrayRestoreArgs(sharding=split)]))
 
 
 class _Mapping(collections.abc.Mapping):  # a mapping that is no dict (and no pytree node)

@@ -207,7 +207,7 @@ async def _serialize_custom(planned: list[_Planned], directory: AnyPath,
                 [p.leaf.value for p in group], infos,
                 [by_name.get(n) or SaveArgs() for n in names]) or ())
         except Exception as exc:
-            raise _failed(exc, handler, "serialize", str(directory), names) from None
+            raise _failed(exc, handler, "serialize", str(directory), names)
     return running
 
 
@@ -1560,7 +1560,7 @@ class _Reader:
         try:
             values = await handler.deserialize([info], [rarg if rarg is not None else RestoreArgs()])
         except Exception as exc:
-            raise _failed(exc, handler, "deserialize", str(self.dir), [name]) from None
+            raise _failed(exc, handler, "deserialize", str(self.dir), [name])
         self.tracker.add(int(getattr(values[0], "nbytes", 0)))
         return values[0]
 
@@ -1569,7 +1569,7 @@ class _Reader:
         try:
             return (await handler.metadata([info]))[0]
         except Exception as exc:
-            raise _failed(exc, handler, "metadata", str(self.dir), [name]) from None
+            raise _failed(exc, handler, "metadata", str(self.dir), [name])
 
     async def metadata(self) -> TreeMetadata:
         entries = list(self.by_key.values())
