@@ -484,3 +484,12 @@ def test_a_sharding_that_does_not_split_the_array_is_named_with_the_leaf(tmp_pat
             "b": ocp.ArrayRestoreArgs(sharding=split)}))
     assert out["params"]["w"].sharding == split and out["params"]["w"].shape == (6, 2)
     np.testing.assert_array_equal(out["b"], tree["b"])
+    # A manager's restore names the step's item directory (StandardRestore, PyTreeRestore).
+    with ocp.CheckpointManager(tmp_path / "m", item_names=("std", "tree")) as mngr:
+        mngr.save(1, args=ocp.args.Composite(std=ocp.args.StandardSave(tree),
+                                             tree=ocp.args.PyTreeSave(tree)))
+        mngr.wait_until_finished()
+        for item, args in (("std", ocp.args.StandardRestore(target)), ("tree", ocp.args.PyTreeRestore(
+                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))):
+            with pytest.raises(ShardingMismatchError, match=message.replace("/c:", f"/m/1/{item}:")):
+                mngr.restore(1, args=ocp.args.Composite(**{item: args}))
