@@ -550,8 +550,9 @@ class AsyncCheckpointer:
                 await sync.arrive("written")
             t_wait = time.perf_counter()
             if after is not None:
-                with contextlib.suppress(BaseException):
-                    await after.ended()  # (its own failure is reported by its owner)
+                # (its failure is its owner's to report: ended() does not raise it; this
+                # commit's timeout, landing here, does stop this commit)
+                await after.ended()
             if primary:
                 try:
                     check_cancel()

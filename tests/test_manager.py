@@ -4,6 +4,7 @@ saves, failures, retention after commit, items and handlers, options, metadata."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import gc
 import json
@@ -600,6 +601,40 @@ def test_commit_timeout_fails_the_step(tmp_path, gate):
         mngr.wait_until_finished()
     mngr.close()
     assert mngr.all_steps() == [] and steps_on_disk(tmp_path) == []
+
+
+def test_a_commit_timing_out_while_it_waits_for_the_one_before_it_fails(tmp_path, monkeypatch):
+    # Step 1's commit times out and takes long to remove its directory; step 2's commit,
+    # waiting for it, times out there. It used to swallow its own timeout, wait on, and
+    # commit well past timeout_secs.
+    real_commit, real_abort = ca_commit.commit, ca_commit.abort
+
+    async def held(tmp, path, *args, **kwargs):
+        if path.name == "1":
+            await asyncio.sleep(LIMIT_S)  # (until its timeout cancels it)
+        return await real_commit(tmp, path, *args, **kwargs)
+
+    async def slow_abort(tmp):
+        if tmp.name.startswith("1"):
+            await asyncio.sleep(1.5)  # (step 2's timeout passes meanwhile)
+        return await real_abort(tmp)
+
+    monkeypatch.setattr(ca_commit, "commit", held)
+    monkeypatch.setattr(ca_commit, "abort", slow_abort)
+    opts = ocp.CheckpointManagerOptions(async_options=ocp.AsyncOptions(timeout_secs=0.3))
+
+    async def main():
+        mngr = ckpt_async.aio.AsyncCheckpointManager(tmp_path, opts)
+        futs = [await mngr.save(s, args=ocp.args.StandardSave(tree(s))) for s in (1, 2)]
+        for step, fut in zip((1, 2), futs, strict=True):
+            with pytest.raises(CommitTimeoutError, match=f"/{step} did not finish"):
+                await asyncio.wait_for(fut, LIMIT_S)
+        with contextlib.suppress(CommitTimeoutError):
+            await mngr.close()
+        return mngr.all_steps()
+
+    assert asyncio.run(main()) == []
+    assert steps_on_disk(tmp_path) == []
 
 
 # --- retention ------------------------------------------------------------------------------------
