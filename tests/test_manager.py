@@ -748,6 +748,28 @@ def test_composite_items_restore_all_subset_and_with_target(tmp_path, mesh):
         assert meta["state"]["w"].shape == (4, 4) and meta["state"]["w"].dtype == np.float32
 
 
+def test_close_closes_each_item_handler_once(tmp_path):
+    # As Orbax's CheckpointManager.close() (its checkpointer's close closes the composite
+    # handler, which closes each registered handler); they were never closed.
+    closed = []
+
+    class Closing(ocp.StandardCheckpointHandler):
+        def close(self):
+            closed.append(self)
+
+    state, other = Closing(), Closing()
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add("other", ocp.args.StandardSave, other)  # (two args types, one handler)
+    registry.add("other", ocp.args.StandardRestore, other)
+    mngr = ocp.CheckpointManager(tmp_path / "a", item_handlers={"state": state})
+    mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(tree(1))))
+    mngr.close()
+    mngr.close()
+    with ocp.CheckpointManager(tmp_path / "b", handler_registry=registry):
+        pass
+    assert closed == [state, other]
+
+
 def test_first_args_lock_in_the_handler(tmp_path):
     with ocp.CheckpointManager(tmp_path) as mngr:
         mngr.save(0, args=ocp.args.Composite(x=ocp.args.JsonSave({"a": 1})))

@@ -114,6 +114,11 @@ class DefaultCheckpointHandlerRegistry:
     def locked(self, item: str) -> CheckpointHandler | None:
         return self._handlers.get(item)
 
+    def handlers(self) -> list[CheckpointHandler]:
+        """Every handler registered or locked in, each once (Orbax's
+        ``_get_unique_registered_items_and_handlers``)."""
+        return list({id(h): h for h in (*self._handlers.values(), *self._args.values())}.values())
+
     def resolve(self, item: str, args: CheckpointArgs, *, lock: bool = True) -> CheckpointHandler:
         """The handler for ``args`` of ``item``: locked in on first use, enforced afterwards.
         With ``lock=False`` an item not yet locked is not locked in: a fresh handler of the

@@ -907,9 +907,10 @@ class AsyncCheckpointManager:
     # -- lifecycle -------------------------------------------------------------------------------
     @on_engine
     async def close(self) -> None:
-        """Waits for in-flight commits and retention; raises a commit's failure. Interrupted
-        while it waits (its caller cancelled, Ctrl-C on the sync face), it refuses new saves
-        already, and the next ``close()`` waits for the commits still in flight."""
+        """Waits for in-flight commits and retention, then closes the items' handlers (as
+        Orbax's, once); raises a commit's failure. Interrupted while it waits (its caller
+        cancelled, Ctrl-C on the sync face), it refuses new saves already, and the next
+        ``close()`` waits for the commits still in flight."""
         if self._close_done:
             return
         self._closed = True
@@ -921,8 +922,10 @@ class AsyncCheckpointManager:
             raise  # (interrupted: not closed yet)
         except BaseException:
             self._close_done = True
+            self._checkpointer._close_handler()
             raise
         self._close_done = True
+        self._checkpointer._close_handler()
 
     @on_engine
     async def __aenter__(self) -> AsyncCheckpointManager:
