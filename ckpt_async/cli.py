@@ -128,9 +128,10 @@ def _print_json(doc: Any, out: Any) -> None:
 
 def location(arg: str) -> AnyPath:
     """A checkpoint location from the command line: a URL (``s3://bucket/prefix``) as the
-    library parses it, else a local path as typed."""
+    library parses it, else a local path as typed, a leading ``~`` expanded (as the library's
+    paths are, and as the shell does where it is not quoted)."""
     if "://" not in arg:
-        return Path(arg)
+        return Path(os.path.expanduser(arg))
     try:
         return as_path(arg)
     except InvalidArgumentError as exc:
@@ -138,11 +139,12 @@ def location(arg: str) -> AnyPath:
 
 
 def local_file(arg: str, what: str) -> Path:
-    """A safetensors file: local only (the CLI writes and reads it with ``open``)."""
+    """A safetensors file: local only (the CLI writes and reads it with ``open``), a leading
+    ``~`` expanded."""
     if "://" in arg:
         raise UsageError(f"{what} {arg}: the safetensors file must be a local path "
                          "(checkpoints may be URLs)")
-    return Path(arg)
+    return Path(os.path.expanduser(arg))
 
 
 async def _gather(coros: list[Coroutine[Any, Any, T]], limit: int = 16) -> list[T]:

@@ -492,6 +492,23 @@ def test_export_import_round_trip_bit_exact(capsys, tmp_path, mesh):
         np.testing.assert_array_equal(f.get_tensor("3.0"), np.arange(4, dtype=np.float64))
 
 
+def test_paths_with_a_leading_tilde_are_in_the_home_directory(capsys, tmp_path, monkeypatch):
+    # As the library's own paths ('~/ckpts' quoted, or from a config file); the CLI looked
+    # for a directory named '~' in the working directory.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "..")
+    with ocp.CheckpointManager("~/run") as mngr:
+        mngr.save(1, args=ocp.args.StandardSave({"x": np.arange(3, dtype=np.int32)}))
+    code, doc, _ = run_json(capsys, "ls", "~/run")
+    assert code == 0 and [s["step"] for s in doc["steps"]] == [1]
+    assert run(capsys, "export", "~/run/1", "--to", "~/x.safetensors")[0] == 0
+    assert run(capsys, "import", "~/x.safetensors", "--to", "~/back")[0] == 0
+    back = ocp.PyTreeCheckpointer().restore(tmp_path / "back")
+    np.testing.assert_array_equal(back["x"], np.arange(3, dtype=np.int32))
+    assert back["x"].dtype == np.int32
+    assert not (tmp_path.parent / "~").exists()
+
+
 def test_export_needs_item_for_several_pytrees(capsys, tmp_path, run_dir):
     step = tmp_path / "two"
     with ocp.CheckpointManager(tmp_path / "m") as mngr:
