@@ -307,6 +307,9 @@ def test_a_leading_tilde_is_the_home_directory(tmp_path, monkeypatch):
     (lambda: ocp.CheckpointManagerOptions(save_interval_steps=-2), "save_interval_steps .* got -2"),
     (lambda: ocp.CheckpointManagerOptions(keep_period=0), "keep_period .* got 0"),
     (lambda: ocp.CheckpointManagerOptions(keep_period=-3), "keep_period .* got -3"),
+    (lambda: ocp.CheckpointManagerOptions(  # (beside a policy too, unlike max_to_keep=0)
+        keep_period=0, preservation_policy=ocp.checkpoint_managers.LatestN(1)),
+     "keep_period .* got 0"),
     (lambda: ocp.AsyncOptions(timeout_secs=0), "timeout_secs .* got 0"),
     (lambda: ocp.AsyncOptions(timeout_secs=-1.5), r"timeout_secs .* got -1\.5"),
     (lambda: ocp.StandardCheckpointer(async_options=ocp.AsyncOptions(timeout_secs=0)),

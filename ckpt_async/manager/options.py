@@ -175,7 +175,9 @@ def save_decision_policy_of(opts: CheckpointManagerOptions) -> Any:
 def preservation_policy_of(opts: CheckpointManagerOptions) -> Any:
     """The preservation policy the options describe (Orbax's mapping of the legacy fields)."""
     if opts.preservation_policy is not None:
-        # (Orbax's check, made by its manager: a falsy max_to_keep=0 or keep_period=0 passes)
+        # (Orbax's check, made by its manager, on truthiness: max_to_keep=0 and a zero
+        # keep_time_interval pass; keep_period is None or positive here, as __post_init__
+        # refuses 0 or less)
         clashing = [name for name in ("max_to_keep", "keep_period", "keep_time_interval")
                     if getattr(opts, name)]
         if clashing:
