@@ -1712,18 +1712,20 @@ def shard_shape(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> list
     return list(sharding.shard_shape(shape))
 
 
-def check_sharding(where: AnyPath, name: str, shape: tuple[int, ...],
+def check_sharding(where: AnyPath | str, name: str | None, shape: tuple[int, ...],
                    sharding: jax.sharding.Sharding | None) -> None:
     """``ShardingMismatchError`` unless ``sharding`` splits ``shape`` evenly: a restore's
-    placement raised jax's ``IndivisibleError``, naming no leaf (kept as the ``__cause__``)."""
+    placement raised jax's ``IndivisibleError``, naming no leaf (kept as the ``__cause__``).
+    ``name`` None: ``where`` names the array alone."""
     if sharding is None or isinstance(sharding, jax.sharding.SingleDeviceSharding):
         return
     try:
         sharding.shard_shape(shape)
     except ValueError as exc:
+        what = f"key {name!r} of shape {shape}" if name is not None else f"shape {shape}"
         raise ShardingMismatchError(
-            f"{where}: key {name!r} of shape {shape}: the sharding the restore asks for does "
-            f"not split it evenly ({exc})") from exc
+            f"{where}: {what}: the sharding the restore asks for does not split it evenly "
+            f"({exc})") from exc
 
 
 def sharding_to_json(sharding: jax.sharding.Sharding) -> str | None:

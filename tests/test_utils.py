@@ -15,7 +15,7 @@ import orbax.checkpoint as orbax
 import pytest
 
 import ckpt_async as ocp
-from ckpt_async.errors import InvalidArgumentError
+from ckpt_async.errors import InvalidArgumentError, ShardingMismatchError
 
 NT = collections.namedtuple("NT", "x y")
 
@@ -377,6 +377,12 @@ def test_serialization_of_one_array_both_ways_with_orbax(tmp_path, mesh, driver)
     np.testing.assert_array_equal(np.asarray(out), expected)
     with pytest.raises(ValueError, match="not the requested"):
         asyncio.run(ocp.serialization.async_deserialize(other, spec("ours"), global_shape=(8, 12)))
+    # A sharding that does not split the shape evenly names the array (jax's bare
+    # IndivisibleError named none; kept as the cause).
+    with pytest.raises(ShardingMismatchError, match=r"/ours/: shape \(7, 8\): the sharding") as err:
+        asyncio.run(ocp.serialization.async_deserialize(sharding, spec("ours"),
+                                                        global_shape=(7, 8), strict=False))
+    assert isinstance(err.value.__cause__, ValueError)
 
 
 def test_test_utils_as_orbax_s(tmp_path, mesh, caplog) -> None:

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import tensorstore as ts
 
-from .._serialize import fit
+from .._serialize import check_sharding, fit
 from . import tensorstore_utils
 from . import tensorstore_utils as ts_utils
 from .tensorstore_utils import get_ts_context
@@ -59,6 +59,9 @@ async def async_deserialize(user_sharding: jax.sharding.Sharding,
         raise ValueError(f"{spec}: the stored shape {stored} is not the requested {shape} "
                          "(strict=False cuts or pads it)")
     out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(store.dtype.numpy_dtype)
+    # (jax's bare IndivisibleError named no array)
+    check_sharding(spec.kvstore.url if spec.kvstore is not None else str(spec), None, shape,
+                   user_sharding)
     by_device = user_sharding.addressable_devices_indices_map(shape)
 
     async def part(index: tuple[slice, ...] | None) -> np.ndarray:
