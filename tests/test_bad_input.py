@@ -330,6 +330,18 @@ def test_options_that_are_left_alone_still_construct(tmp_path):
         assert mngr.all_steps() == []
 
 
+
+def test_save_interval_steps_is_ignored_beside_should_save_fn(tmp_path):
+    # (Orbax documents save_interval_steps as ignored when should_save_fn is given: 0 there
+    # was refused, where Orbax saves as should_save_fn decides)
+    opts = ocp.CheckpointManagerOptions(save_interval_steps=0,
+                                        should_save_fn=lambda step, _latest=None: step % 2 == 0)
+    with ocp.CheckpointManager(tmp_path, options=opts) as mngr:
+        saved = [mngr.save(s, args=ocp.args.StandardSave({"a": np.arange(3)})) for s in range(4)]
+        mngr.wait_until_finished()
+        assert saved == [True, False, True, False] and mngr.all_steps() == [0, 2]
+
+
 @pytest.mark.parametrize("name", ["_CHECKPOINT_METADATA", "_CKPT_ASYNC", "commit_success.txt"])
 def test_an_item_cannot_take_the_name_of_a_file_of_the_step(tmp_path, name):
     # (its folder was written, then the commit failed: "Is a directory")

@@ -89,10 +89,12 @@ class CheckpointManagerOptions:
         if self.max_concurrent_saves < 1:
             raise InvalidArgumentError("CheckpointManagerOptions.max_concurrent_saves must be >= 1")
         # (Orbax takes these: 0 fails the first save or cleanup, a negative interval acts as
-        # its absolute value; read_only sets save_interval_steps=0 itself, as in Orbax)
+        # its absolute value; read_only sets save_interval_steps=0 itself, as in Orbax; with
+        # should_save_fn, save_interval_steps is ignored, as Orbax documents, so any goes)
         for name in ("save_interval_steps", "keep_period"):
             value = getattr(self, name)
-            if not self.read_only and value is not None and value <= 0:
+            ignored = name == "save_interval_steps" and self.should_save_fn is not None
+            if not self.read_only and not ignored and value is not None and value <= 0:
                 raise InvalidArgumentError(
                     f"CheckpointManagerOptions.{name} must be a positive number of steps or "
                     f"None, got {value!r}")
