@@ -307,9 +307,6 @@ def test_a_leading_tilde_is_the_home_directory(tmp_path, monkeypatch):
     (lambda: ocp.CheckpointManagerOptions(save_interval_steps=-2), "save_interval_steps .* got -2"),
     (lambda: ocp.CheckpointManagerOptions(keep_period=0), "keep_period .* got 0"),
     (lambda: ocp.CheckpointManagerOptions(keep_period=-3), "keep_period .* got -3"),
-    (lambda: ocp.CheckpointManagerOptions(  # (beside a policy too, unlike max_to_keep=0)
-        keep_period=0, preservation_policy=ocp.checkpoint_managers.LatestN(1)),
-     "keep_period .* got 0"),
     (lambda: ocp.AsyncOptions(timeout_secs=0), "timeout_secs .* got 0"),
     (lambda: ocp.AsyncOptions(timeout_secs=-1.5), r"timeout_secs .* got -1\.5"),
     (lambda: ocp.StandardCheckpointer(async_options=ocp.AsyncOptions(timeout_secs=0)),
@@ -340,6 +337,21 @@ def test_save_interval_steps_is_ignored_beside_should_save_fn(tmp_path):
         saved = [mngr.save(s, args=ocp.args.StandardSave({"a": np.arange(3)})) for s in range(4)]
         mngr.wait_until_finished()
         assert saved == [True, False, True, False] and mngr.all_steps() == [0, 2]
+
+
+def test_keep_period_of_zero_is_ignored_beside_a_preservation_policy(tmp_path):
+    # (as in Orbax, whose clash check is on truthiness: keep_period=0 beside a policy was
+    # refused, where Orbax keeps what the policy keeps; a non-zero one still clashes)
+    policy = ocp.checkpoint_managers.LatestN(2)
+    opts = ocp.CheckpointManagerOptions(keep_period=0, preservation_policy=policy)
+    with ocp.CheckpointManager(tmp_path / "run", options=opts) as mngr:
+        for step in range(4):
+            mngr.save(step, args=ocp.args.StandardSave({"a": np.arange(3)}))
+        mngr.wait_until_finished()
+        assert mngr.all_steps() == [2, 3]
+    with pytest.raises(InvalidArgumentError, match="keep_period"):
+        ocp.CheckpointManager(tmp_path / "other", options=ocp.CheckpointManagerOptions(
+            keep_period=-3, preservation_policy=policy))
 
 
 @pytest.mark.parametrize("name", ["_CHECKPOINT_METADATA", "_CKPT_ASYNC", "commit_success.txt"])

@@ -90,10 +90,12 @@ class CheckpointManagerOptions:
             raise InvalidArgumentError("CheckpointManagerOptions.max_concurrent_saves must be >= 1")
         # (Orbax takes these: 0 fails the first save or cleanup, a negative interval acts as
         # its absolute value; read_only sets save_interval_steps=0 itself, as in Orbax; with
-        # should_save_fn, save_interval_steps is ignored, as Orbax documents, so any goes)
+        # should_save_fn, save_interval_steps is ignored, as Orbax documents, so any goes; so
+        # is keep_period beside a preservation_policy, where a non-zero one clashes with it)
         for name in ("save_interval_steps", "keep_period"):
             value = getattr(self, name)
-            ignored = name == "save_interval_steps" and self.should_save_fn is not None
+            ignored = (self.should_save_fn if name == "save_interval_steps"
+                       else self.preservation_policy) is not None
             if not self.read_only and not ignored and value is not None and value <= 0:
                 raise InvalidArgumentError(
                     f"CheckpointManagerOptions.{name} must be a positive number of steps or "
@@ -177,9 +179,8 @@ def save_decision_policy_of(opts: CheckpointManagerOptions) -> Any:
 def preservation_policy_of(opts: CheckpointManagerOptions) -> Any:
     """The preservation policy the options describe (Orbax's mapping of the legacy fields)."""
     if opts.preservation_policy is not None:
-        # (Orbax's check, made by its manager, on truthiness: max_to_keep=0 and a zero
-        # keep_time_interval pass; keep_period is None or positive here, as __post_init__
-        # refuses 0 or less)
+        # (Orbax's check, made by its manager, on truthiness: max_to_keep=0, keep_period=0
+        # and a zero keep_time_interval pass, ignored)
         clashing = [name for name in ("max_to_keep", "keep_period", "keep_time_interval")
                     if getattr(opts, name)]
         if clashing:
