@@ -732,5 +732,7 @@ class AsyncCheckpointer:
         self._close_handler()
 
     def _close_handler(self) -> None:
+        if self._close_done:  # (two close() calls at once: both waited; the handler closes once)
+            return
         self._close_done = True
         self.handler.close()

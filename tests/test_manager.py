@@ -769,6 +769,14 @@ def test_close_closes_each_item_handler_once(tmp_path):
         pass
     assert closed == [state, other]
 
+    async def closed_twice_at_once():  # (both wait for the commit; one closes the handler)
+        mngr = ckpt_async.aio.AsyncCheckpointManager(tmp_path / "c", item_handlers={"x": state})
+        await mngr.save(1, args=ocp.args.Composite(x=ocp.args.StandardSave(tree(1))))
+        await asyncio.gather(mngr.close(), mngr.close())
+
+    asyncio.run(closed_twice_at_once())
+    assert closed == [state, other, state]
+
 
 def test_first_args_lock_in_the_handler(tmp_path):
     with ocp.CheckpointManager(tmp_path) as mngr:
