@@ -313,11 +313,27 @@ class Sync:
         through, or failed here or elsewhere). Each process counts itself out on
         ``<root>/left``; the one that makes the count complete is the last reader, and deletes
         every key of the operation (its directory), including those of processes that failed
-        early. A second call does nothing. (A process that never takes part, one dead or
-        never called, leaves the keys behind: nobody can tell it will not come.)"""
+        early. A second call does nothing. A cancel arriving meanwhile (leave() runs where its
+        caller was cancelled, so this is often the second) is raised once that is done. (A
+        process that never takes part, one dead or never called, leaves the keys behind:
+        nobody can tell it will not come.)"""
         if self._left:
             return
         self._left = True
+        # (a task of its own, awaited to its end: leave() runs where its caller was cancelled,
+        # and a second cancel arriving meanwhile must not skip the deletion; it is raised after)
+        counting = asyncio.ensure_future(self._count_out())
+        cancelled: asyncio.CancelledError | None = None
+        while not counting.done():
+            try:
+                await asyncio.shield(counting)
+            except asyncio.CancelledError as exc:
+                cancelled = exc
+        counting.result()
+        if cancelled is not None:
+            raise cancelled
+
+    async def _count_out(self) -> None:
         client = _client()
         rt = get_runtime()
         try:
