@@ -396,6 +396,54 @@ def test_a_failure_the_future_shows_is_already_in_the_manager(tmp_path, monkeypa
     mngr.close()
 
 
+def test_a_failure_recorded_while_check_for_errors_takes_them_is_reported(tmp_path):
+    """check_for_errors() in a caller's thread takes the failures while the thread ending
+    another commit records its own (held here between reading the list and appending to it):
+    that failure is reported with the others (their first raised, each future told), never
+    left behind in a list nobody reads, to be logged as unretrieved."""
+    mngr = ocp.CheckpointManager(tmp_path)
+    manager = mngr.async_manager
+    entered, go = threading.Event(), threading.Event()
+    told = []
+
+    class Future:
+        def __init__(self, step):
+            self.step = step
+
+        def retrieved(self):
+            told.append(self.step)
+
+    class Held(list):
+        def append(self, item):
+            entered.set()
+            assert go.wait(LIMIT_S)
+            super().append(item)
+
+    earlier = CommitError(f"saving {tmp_path / '2'} failed")
+    manager._failures = Held([(earlier, Future(2))])
+    recorder = threading.Thread(target=manager._on_done, args=(
+        3, Future(3), CommitError(f"saving {tmp_path / '3'} failed"), []))
+    recorder.start()
+    assert entered.wait(LIMIT_S)
+    raised = []
+
+    def check():
+        try:
+            manager.check_for_errors()
+        except CommitError as exc:
+            raised.append(exc)
+
+    checker = threading.Thread(target=check)
+    checker.start()
+    checker.join(0.5)  # (let it take the failures, if it can before the append ends)
+    go.set()
+    recorder.join(LIMIT_S)
+    checker.join(LIMIT_S)
+    check()  # (the next call: nothing left)
+    assert raised == [earlier] and told == [2, 3]
+    mngr.close()
+
+
 def test_failed_commit_raised_by_async_face(tmp_path, monkeypatch):
     fail_commit_of(monkeypatch, "0")
 

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import datetime
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -228,8 +229,11 @@ class AsyncCheckpointManager:
         # One save() at a time, from its decision to its commit's registration: two awaited
         # at once (asyncio.gather) each read the step list before the other wrote it back.
         self._saving = asyncio.Lock()
-        #: The failures of commits not yet raised, with their futures.
+        #: The failures of commits not yet raised, with their futures; recorded (by
+        #: :meth:`_on_done`, in the thread that ends the commit) and taken (by a caller's
+        #: check_for_errors(), in its own thread) under ``_failures_lock``.
         self._failures: list[tuple[BaseException, CommitFuture]] = []
+        self._failures_lock = threading.Lock()
         self._root_metadata = metadata
         self._closed = False  # (refuses new calls; set once close() begins)
         self._close_done = False  # (close() has waited for every commit)
@@ -452,8 +456,11 @@ class AsyncCheckpointManager:
             "of its own")
 
     def _raise_failure(self) -> None:
-        if self._failures:
+        # (taken whole under the lock: a failure recorded meanwhile is either in what is
+        # taken here, or in the list left for the next call, never in one let go)
+        with self._failures_lock:
             failures, self._failures = self._failures, []
+        if failures:
             for _, fut in failures:  # (told now: the first raised, the others with it)
                 fut.retrieved()
             raise failures[0][0]
@@ -692,7 +699,8 @@ class AsyncCheckpointManager:
             del self._in_flight_steps[step]
         if exc is None:
             return
-        self._failures.append((exc, fut))
+        with self._failures_lock:
+            self._failures.append((exc, fut))
         kept = [c for c in self._checkpoints if c.step != step]
         back = [c for c in removed if c.step != step and c.step not in {k.step for k in kept}]
         self._checkpoints = sorted(kept + back, key=lambda c: c.step)
