@@ -877,18 +877,31 @@ DIRECT_READ_BATCH_BYTES = 32 << 20
 LOCAL_READ_BATCH_BYTES = 8 << 20
 
 
+def _zarray_fields(meta: Any) -> tuple[Any, tuple[int, ...], tuple[int, ...]] | None:
+    """The dtype field, shape and chunk shape of a parsed zarr v2 ``.zarray`` document; None
+    for another format, one with filters, or fields missing or malformed."""
+    if not isinstance(meta, dict):
+        return None
+    try:
+        if meta.get("zarr_format") != 2 or meta.get("filters"):
+            return None
+        return (meta["dtype"], tuple(int(s) for s in meta["shape"]),
+                tuple(int(c) for c in meta["chunks"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _direct_plan(meta: dict[str, Any], max_bytes: float = DIRECT_READ_MAX_BYTES,
                  ) -> tuple[np.dtype, tuple[int, ...], tuple[int, ...]] | None:
     """dtype, shape and chunks of a ``.zarray`` that can be read as raw chunks (an array of at
     most ``max_bytes``); else None."""
+    fields = _zarray_fields(meta)
+    if (fields is None or meta.get("compressor") is not None
+            or meta.get("order", "C") != "C" or meta.get("dimension_separator", ".") != "."):
+        return None
+    zdtype, shape, chunks = fields
     try:
-        if (meta.get("zarr_format") != 2 or meta.get("compressor") is not None
-                or meta.get("filters") or meta.get("order", "C") != "C"
-                or meta.get("dimension_separator", ".") != "."):
-            return None
-        dtype = np.dtype(meta["dtype"])
-        shape = tuple(int(s) for s in meta["shape"])
-        chunks = tuple(int(c) for c in meta["chunks"])
+        dtype = np.dtype(zdtype)
     except (KeyError, TypeError, ValueError):
         return None
     if dtype.hasobject or math.prod(shape) * dtype.itemsize > max_bytes:
@@ -905,13 +918,14 @@ def zarray_layout(document: bytes) -> Layout | None:
     that driver may read otherwise (or not at all): filters, a byte order not native, a dtype
     TensorStore does not write so."""
     try:
-        meta = json.loads(document)
-        zdtype = meta["dtype"]
-        if meta.get("zarr_format") != 2 or meta.get("filters") or not isinstance(zdtype, str):
-            return None
+        fields = _zarray_fields(json.loads(document))
+    except (TypeError, ValueError):
+        return None
+    if fields is None or not isinstance(fields[0], str):
+        return None
+    zdtype, shape, chunks = fields
+    try:
         dtype = dtype_named(zdtype)
-        shape = tuple(int(n) for n in meta["shape"])
-        chunks = tuple(int(c) for c in meta["chunks"])
     except (KeyError, TypeError, ValueError):
         return None
     named = dtype.name if dtype.type.__module__.startswith("ml_dtypes") else None
