@@ -15,10 +15,13 @@ databases and commits. They meet at barriers kept in the distributed client's ke
   rather than going on alone into a wait of its own full timeout.
 
 Keys are ``ckpt_async/<operation>/<phase>/<process>``; an operation is named after what it does
-and where (``save:/ckpts/7:0``), counted per process, so every process derives the same names
-as long as they call the same operations in the same order, as multi-controller JAX requires.
-Each process leaves an operation once it reads none of its keys again, whatever its outcome;
-the last one to leave deletes them all, so a long run leaves nothing behind in the store.
+and where (``save:/ckpts/7:op``), so every process derives the same names as long as they call
+the same operations, as multi-controller JAX requires. Each process leaves an operation once
+it reads none of its keys again, whatever its outcome; the last one to leave deletes them all,
+so a long run leaves nothing behind in the store. An operation called again (a step saved
+again after a delete) has the same keys: a process joins it only once every process has left
+the previous call and its keys are gone, so nothing is kept per operation in the processes
+either.
 """
 
 from __future__ import annotations
@@ -212,23 +215,51 @@ def broadcast_one_to_all(in_tree: Any, is_source: bool | None = None) -> Any:
     return multihost_utils.broadcast_one_to_all(in_tree, is_source=is_source)
 
 
-_counters: dict[str, int] = {}
-
-
 class Sync:
     """Barriers and broadcasts of one collective operation, over the distributed KV store.
     Every process calls :meth:`leave` once it is done with the operation (it went through
-    or failed): the last one deletes its keys."""
+    or failed): the last one deletes its keys.
+
+    The keys are ``<prefix>/<what>:op/...``, the same each time ``what`` is used again (a
+    step saved again after a delete): a process joins a use only once every process has left
+    the one before, whose keys the last of them deleted (:meth:`_join`), so no use reads
+    another's keys, and the process keeps nothing per operation name."""
 
     def __init__(self, what: str, roles: Roles, timeout: float | None,
                  key_prefix: str | None = None, *, label: str | None = None) -> None:
-        n = _counters.get(what, 0)
-        _counters[what] = n + 1
         self.what = label or what  # errors say this
         self.roles = roles
         self.timeout = 600.0 if timeout is None else float(timeout)
-        self.root = f"{key_prefix or KEY_PREFIX}/{what}:{n}"
+        self.root = f"{key_prefix or KEY_PREFIX}/{what}:op"
+        self._joining: asyncio.Future[None] | None = None
         self._left = False
+
+    async def _join(self) -> None:
+        """Marks this process in the operation's keys (``<root>/joined/<process>``, counted
+        up), once the previous use of the name has ended everywhere: this process's mark of
+        that use is there until every process has left it and the last deleted its keys
+        (deletion of a directory is one step of the store). Before the first key of this
+        process is written or read, so once per operation; raises BarrierTimeoutError when
+        the previous use does not end within the timeout (a process still in it, or one that
+        never left it)."""
+        if self._joining is None:
+            self._joining = asyncio.ensure_future(self._mark())
+        await asyncio.shield(self._joining)
+
+    async def _mark(self) -> None:
+        client = _client()
+        rt = get_runtime()
+        key = f"{self.root}/joined/{self.roles.index}"
+        deadline = time.monotonic() + self.timeout
+        delay = 0.001
+        while await rt.to_thread(client.key_value_increment, key, 1) > 1:
+            if time.monotonic() > deadline:
+                raise BarrierTimeoutError(
+                    f"{self.what}: its previous use (the same operation, called again) did "
+                    f"not end on every process within {self.timeout:g} s; nothing was "
+                    "committed")
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.05)
 
     def _key(self, phase: str, index: int | None = None) -> str:
         return f"{self.root}/{phase}/" + ("" if index is None else str(index))
@@ -245,6 +276,7 @@ class Sync:
         BarrierTimeoutError naming those that did not arrive within the timeout (this
         process's, or another's that gave up: its key says so, ``timeout:<why>``).
         """
+        await self._join()
         client = _client()
         key = self._key(phase, self.roles.index)
         value = f"ok:{note}" if error is None else "error:" + (str(error) or type(error).__name__)
@@ -291,6 +323,7 @@ class Sync:
                         source: int | None = None) -> str:
         """The ``value`` of process ``source`` (the primary unless given) on every process
         (``source`` passes it, the others None)."""
+        await self._join()
         client = _client()
         source = self.roles.primary if source is None else source
         key = self._key(phase, source)
@@ -334,6 +367,11 @@ class Sync:
             raise cancelled
 
     async def _count_out(self) -> None:
+        try:  # (a process that read or wrote nothing joins first: the next use waits for it)
+            await self._join()
+        except Exception as exc:  # noqa: BLE001 - (its previous use never ended: the keys
+            log.debug("%s: not counted out: %s", self.what, exc)  # there are not this use's)
+            return
         client = _client()
         rt = get_runtime()
         try:
