@@ -667,7 +667,10 @@ class AsyncCheckpointer:
         """Raises the error of a finished, failed commit (once), without waiting."""
         for fut in list(self._pending):
             if fut.done():
-                self._pending.remove(fut)
+                try:
+                    self._pending.remove(fut)
+                except ValueError:  # (wait_until_finished took it meanwhile, and reports it)
+                    continue
                 exc = self._failure(fut, fut.exception())
                 if exc is not None:
                     raise exc

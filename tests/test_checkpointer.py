@@ -1098,3 +1098,24 @@ def test_a_checkpoint_replaced_while_it_is_read_raises_checkpoint_replaced(tmp_p
             reader.restore(path)
         monkeypatch.setattr(pytree._Reader, "prefetch", real)
         assert sorted(reader.restore(path)) == list("abcdefgh")  # (read again: the new one)
+
+
+def test_check_for_errors_beside_wait_until_finished_taking_the_same_commit(tmp_path):
+    # check_for_errors() runs in the caller's thread while wait_until_finished() (on the
+    # engine loop) takes finished commits off the same list: a commit it took between the
+    # copy of the list and the removal is reported there, not raised here as a ValueError.
+    ckptr = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler())
+    pending = ckptr.async_checkpointer._pending
+
+    class TakenMeanwhile:
+        def done(self):
+            pending.remove(self)  # (what wait_until_finished does, in another thread)
+            return True
+
+        def exception(self):
+            return OSError("disk full")
+
+    pending.append(TakenMeanwhile())
+    ckptr.check_for_errors()  # nothing left to report here
+    assert pending == []
+    ckptr.close()
