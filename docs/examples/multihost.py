@@ -41,7 +41,7 @@ def worker(process_id: int, port: int, directory: str,
              "step": 7}
 
     options = ocp.CheckpointManagerOptions(max_to_keep=2)
-    with ocp.CheckpointManager(directory, options) as mngr:
+    with ocp.CheckpointManager(directory, options=options) as mngr:
         for step in (1, 2, 3):
             mngr.save(step, args=ocp.args.StandardSave(state))
         mngr.wait_until_finished()
