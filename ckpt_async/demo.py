@@ -4,8 +4,10 @@ Run: ``python -m ckpt_async.demo [--dir DIR] [--steps N] [--every K]``. It train
 MLP with Adam on a synthetic regression task, saves the train state (params, optimizer moments,
 step, RNG key) plus a JSON item through ``CheckpointManager`` every K steps (keeping the 3
 latest), and prints how long each ``save()`` blocked the loop. Afterwards it restores the
-latest step into a fresh manager, checks every array bit for bit against the state it saved,
-resumes training from it, and checks that the resumed run matches the uninterrupted one.
+oldest step kept into a fresh manager, checks every array bit for bit against the state it
+saved, resumes training from it, and checks that the resumed run matches the uninterrupted one.
+``--dir`` must be a new or empty directory (the run is left there); by default a temporary one
+is used and removed.
 """
 
 from __future__ import annotations
@@ -73,13 +75,17 @@ def assert_same(a: Any, b: Any) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", type=Path, default=None, help="checkpoint directory (default: temp)")
+    ap.add_argument("--dir", type=Path, default=None,
+                    help="a new or empty checkpoint directory, kept afterwards (default: a "
+                         "temporary one, removed)")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--width", type=int, default=1024)
     opts = ap.parse_args(argv)
+    if opts.dir is not None and opts.dir.is_dir() and any(opts.dir.iterdir()):
+        # (never removed: it may hold a run of the user's own)
+        ap.error(f"--dir {opts.dir} is not empty: give a new or empty directory")
     root = opts.dir or Path(tempfile.mkdtemp(prefix="ckpt_async_demo_"))
-    shutil.rmtree(root, ignore_errors=True)
 
     state = init_state(jax.random.PRNGKey(0), opts.width)
     nbytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(state))
@@ -113,21 +119,21 @@ def main(argv: list[str] | None = None) -> int:
     # one kept, so that there is training left to replay after it).
     abstract = jax.tree.map(ocp.tree.to_shape_dtype_struct, state)
     with ocp.CheckpointManager(root) as mngr:
-        latest = mngr.all_steps()[0]
+        first = mngr.all_steps()[0]
         t0 = time.perf_counter()
-        restored = mngr.restore(latest, args=ocp.args.Composite(
+        restored = mngr.restore(first, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), info=ocp.args.JsonRestore()))
         took = time.perf_counter() - t0
-    n = assert_same(restored.state, saved[latest])
-    assert restored.info["step"] == latest
-    print(f"restored step {latest} in {took * 1e3:.1f} ms: {n} arrays bit-exact")
+    n = assert_same(restored.state, saved[first])
+    assert restored.info["step"] == first
+    print(f"restored step {first} in {took * 1e3:.1f} ms: {n} arrays bit-exact")
 
     # Resume from the checkpoint and compare with the run that never stopped.
     resumed = restored.state
-    for _ in range(latest, opts.steps):
+    for _ in range(first, opts.steps):
         resumed, _ = train_step(resumed)
     assert_same(jax.tree.map(np.asarray, resumed), jax.tree.map(np.asarray, state))
-    print(f"resumed from step {latest} to {opts.steps}: identical to the uninterrupted run")
+    print(f"resumed from step {first} to {opts.steps}: identical to the uninterrupted run")
     if opts.dir is None:
         shutil.rmtree(root, ignore_errors=True)
     return 0
