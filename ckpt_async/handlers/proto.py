@@ -12,7 +12,7 @@ from typing import Any
 from .. import _format as fmt
 from .._paths import AnyPath, coerce
 from ..args import ProtoRestore, ProtoSave, register_with_handler
-from ..errors import CorruptCheckpointError, UnsupportedLeafError
+from ..errors import CorruptCheckpointError, InvalidArgumentError, UnsupportedLeafError
 from .base import AsyncCheckpointHandler, Writer, engine_method
 from .json_handler import document_writer, read_document
 
@@ -62,8 +62,8 @@ class ProtoCheckpointHandler(AsyncCheckpointHandler):
     @engine_method
     async def restore(self, directory: AnyPath, args: ProtoRestore | None = None) -> Any:
         if args is None or args.item is None:
-            raise ValueError(f"{directory}: restoring a protocol buffer needs its message "
-                             "class: ProtoRestore(MessageClass)")
+            raise InvalidArgumentError(f"{directory}: restoring a protocol buffer needs its "
+                                       "message class: ProtoRestore(MessageClass)")
         directory = coerce(directory)
         data = await read_document(directory, self._filename, "proto")
         path = directory / self._filename
