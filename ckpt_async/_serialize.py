@@ -97,6 +97,38 @@ def fit(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
+def cast(arr: Any, dtype: Any, out: np.ndarray | None = None) -> np.ndarray:
+    """``arr`` converted to ``dtype`` (into ``out`` when given) as TensorStore's ``cast``
+    driver converts it: Orbax casts through that driver when it saves with
+    ``SaveArgs(dtype=...)`` and restores with a dtype, and NumPy (ml_dtypes for bfloat16 and
+    the float8 types) converts some values otherwise: NaN payloads, floats out of an
+    integer type's range (bfloat16 -1.0 to uint8 is 0 there, 255 in TensorStore), large
+    integers to bfloat16. NumPy's conversion where TensorStore has none (complex to bool,
+    uint4: Orbax refuses those casts). A new C-order array unless ``arr`` is already of
+    ``dtype``."""
+    src = np.asarray(arr)
+    dtype = np.dtype(dtype)
+    if not src.dtype.isnative:  # (TensorStore reads a '>f4' array's bytes as '<f4')
+        src = src.astype(src.dtype.newbyteorder("="), order="C")
+    if src.dtype == dtype.newbyteorder("="):
+        if out is None:
+            return src if src.dtype == dtype else src.astype(dtype, order="C")
+        np.copyto(out, src)
+        return out
+    try:
+        converted = ts.cast(ts.array(src), ts.dtype(dtype.newbyteorder("=").name))
+        if out is None:
+            result = converted.read().result()
+            return result if result.dtype == dtype else result.astype(dtype)
+        ts.array(out).write(converted).result()
+        return out
+    except ValueError:  # (no such TensorStore type, or no conversion between the two)
+        if out is None:
+            return src.astype(dtype, order="C")
+        np.copyto(out, src, casting="unsafe")
+        return out
+
+
 #: How restores read local files: ``memmap`` copies from the page cache through a mapping,
 #: where the default reads into a fresh buffer first (for a cold 2 GiB restore: 1.5 s of
 #: system CPU instead of 3-5 s, half the page faults). Committed files are never rewritten

@@ -25,7 +25,7 @@ import numpy as np
 
 from ._ocdbt import anonymous_memory
 from ._runtime import caller_back, get_runtime, mark_background
-from ._serialize import StoredArray, full_index
+from ._serialize import StoredArray, cast, full_index
 
 log = logging.getLogger("ckpt_async")
 
@@ -95,8 +95,7 @@ def own_copy(value: Any, dtype: np.dtype | None) -> np.ndarray | None:
     except OSError:
         return None
     out = np.frombuffer(m, dt, count=src.size).reshape(src.shape)
-    np.copyto(out, src, casting="unsafe")
-    return out
+    return cast(src, dt, out)
 
 
 _NATIVE = np.dtype(np.float32)
@@ -119,7 +118,7 @@ def host_copy(value: Any, name: str, dtype: np.dtype | None, *,
         try:
             for index, pinned in value.shards:
                 host = np.asarray(pinned)
-                shards.append((index, host if host.dtype == out_dtype else host.astype(out_dtype)))
+                shards.append((index, cast(host, out_dtype)))
         except Exception as exc:  # noqa: BLE001 - e.g. pinned memory ran out: the plain path
             log.warning("leaf %r did not reach pinned host memory (%s); copying it "
                         "to pageable memory instead", name, exc)
@@ -129,8 +128,8 @@ def host_copy(value: Any, name: str, dtype: np.dtype | None, *,
     if isinstance(value, jax.Array):
         if len(value.sharding.device_set) == 1:  # the common case, without Shard objects
             host = np.asarray(value)
-            if dtype is not None and host.dtype != dtype:
-                host = host.astype(dtype)
+            if dtype is not None:
+                host = cast(host, dtype)
             shape = host.shape
             return StoredArray(name, shape, host.dtype, shape, ((full_index(len(shape)), host),))
         shards = []
@@ -138,8 +137,8 @@ def host_copy(value: Any, name: str, dtype: np.dtype | None, *,
             if shard.replica_id != 0:
                 continue
             host = np.asarray(shard.data)
-            if dtype is not None and host.dtype != dtype:
-                host = host.astype(dtype)
+            if dtype is not None:
+                host = cast(host, dtype)
             shards.append((shard.index, host))
         # One chunk per shard (Orbax's layout), the same on every process, even one that owns
         # no replica-0 shard of this array.
@@ -152,7 +151,12 @@ def host_copy(value: Any, name: str, dtype: np.dtype | None, *,
     elif not np.dtype(dtype).isnative:
         dtype = np.dtype(dtype).newbyteorder("=")
     own = own_copy(value, dtype) if own_memory else None
-    host = own if own is not None else np.array(value, dtype=dtype, copy=True, order="C")
+    if own is not None:
+        host = own
+    else:
+        src = np.asarray(value)
+        host = (np.array(src, copy=True, order="C") if dtype is None or src.dtype == dtype
+                else cast(src, dtype))  # (a new C-order array)
     shape = host.shape
     return StoredArray(name, shape, host.dtype, shape, ((full_index(len(shape)), host),))
 

@@ -258,7 +258,7 @@ class _ArrayLike(TypeHandler):
         for i, arr in enumerate(arrays):
             arg = args[i] if args is not None else None
             if arg is not None and arg.dtype is not None:
-                arr = arr.astype(arg.dtype)
+                arr = ser.cast(arr, arg.dtype)  # (as Orbax's read spec casts)
             out.append(self._restored(arr, arg, infos[i]))
         return out
 

@@ -682,6 +682,40 @@ def test_array_restore_args_asking_for_numpy_give_numpy_as_in_orbax(tmp_path):
     assert outcomes["orbax"]["w"][:2] == ("ndarray", "bfloat16")
 
 
+
+@pytest.mark.parametrize("dtype", ["uint8", "int32", "uint64", "bfloat16", "float16"])
+def test_dtype_casts_give_orbax_s_bits_for_nans_and_values_out_of_range(tmp_path, dtype):
+    """Orbax casts through TensorStore's cast driver, on save (SaveArgs(dtype=...)) and on
+    restore (RestoreArgs(dtype=...)); NumPy and ml_dtypes convert NaN payloads, floats out of
+    an integer type's range (bfloat16 -1.0 as uint8: 0, TensorStore 255) and some large
+    integers (to bfloat16) otherwise. ckpt_async gave NumPy's bits."""
+    f32 = np.array([np.nan, -np.nan, -1.0, -2.5, 300.0, 7e4, 3e9, -3e9, 1e19, np.inf, 0.5],
+                   np.float32)
+    f32[:1].view(np.uint32)[0] = 0x7F800001  # (a signalling NaN)
+    with np.errstate(over="ignore"):
+        f16 = f32.astype(np.float16)
+    tree = {"f32": f32, "bf16": f32.astype(ml_dtypes.bfloat16),
+            "j_bf16": jnp.asarray(f32.astype(ml_dtypes.bfloat16)), "f16": f16,
+            "u32": np.array([4286578625, 1128267838, 5], np.uint32),
+            "i64": np.array([-3377699631938747431, -1625799494611433063], np.int64)}
+    with orbax.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", args=orbax.args.PyTreeSave(tree))
+    restored = {}
+    for name, lib in (("ckpt_async", ocp), ("orbax", orbax)):
+        args = lib.args.PyTreeRestore(restore_args={k: lib.RestoreArgs(dtype=np.dtype(dtype))
+                                                    for k in tree})
+        with lib.PyTreeCheckpointer() as ckptr:
+            restored[name] = ckptr.restore(tmp_path / "c", args=args)
+            ckptr.save(tmp_path / name, args=lib.args.PyTreeSave(
+                tree, save_args={k: lib.SaveArgs(dtype=np.dtype(dtype)) for k in tree}))
+    with orbax.PyTreeCheckpointer() as ckptr:
+        saved = {name: ckptr.restore(tmp_path / name) for name in ("ckpt_async", "orbax")}
+    for key in tree:
+        assert_bits_equal(restored["ckpt_async"][key], restored["orbax"][key])
+        assert_bits_equal(saved["ckpt_async"][key], saved["orbax"][key])
+    assert np.asarray(restored["orbax"]["bf16"]).dtype == np.dtype(dtype)
+
+
 # (a script per library: Orbax's refused restore leaves its coroutines unawaited behind it)
 _OPEN_ARRAY_RESTORE_ARGS = """
 import json, os, sys

@@ -1481,7 +1481,7 @@ class _Reader:
                                      origin=tuple(b.start for b in box))
         self.tracker.add(region.nbytes)
         if dtype is not None:
-            region = region.astype(dtype, copy=False)
+            region = ser.cast(region, dtype)
 
         def local(index: tuple[slice, ...] | None) -> np.ndarray:
             want = bounds(index)
@@ -1501,7 +1501,7 @@ class _Reader:
             arr = ser.fit(arr, wanted)
         dtype = getattr(rarg, "dtype", None) or getattr(tleaf, "dtype", None)
         if dtype is not None and not isinstance(tleaf, RestoreArgs) or getattr(rarg, "dtype", None):
-            arr = arr.astype(dtype, copy=False)
+            arr = ser.cast(arr, dtype)
         rtype = getattr(rarg, "restore_type", None)
         if rtype in _PYTHON_SCALARS or (isinstance(rtype, type) and issubclass(rtype, np.generic)):
             # int(...), np.float32(...): Orbax's scalar handler, for a 0-d array only
