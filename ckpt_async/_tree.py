@@ -254,18 +254,24 @@ def skeleton_leaf_order(skeleton: Any) -> Iterator[int]:
             yield from skeleton_leaf_order(c)
 
 
-def _sequences_as_lists(node: Any, kinds: dict[int, int]) -> Any:
-    """``node`` with each dict whose keys ``kinds`` marks as a sequence's made a list."""
+def _sequences_as_lists(node: Any, kinds: dict[int, int], sort_keys: bool) -> Any:
+    """``node`` with each dict whose keys ``kinds`` marks as a sequence's made a list (and
+    the others' keys sorted, with ``sort_keys``)."""
     if not isinstance(node, dict) or not node:
         return node
-    fixed = {k: _sequences_as_lists(v, kinds) for k, v in node.items()}
+    fixed = {k: _sequences_as_lists(node[k], kinds, sort_keys)
+             for k in (sorted(node) if sort_keys else node)}
     if kinds.get(id(node)) == fmt.KEY_SEQUENCE:
         return [fixed[k] for k in sorted(fixed, key=int)]
     return fixed
 
 
-def tree_from_key_metadata(entries: Sequence[tuple[list[fmt.KeyEntry], Any]]) -> Any:
-    """Orbax's rebuild: nested dicts for dict keys, lists for sequence keys (str keys)."""
+def tree_from_key_metadata(entries: Sequence[tuple[list[fmt.KeyEntry], Any]], *,
+                           sort_keys: bool = False) -> Any:
+    """Orbax's rebuild: nested dicts for dict keys, lists for sequence keys (str keys).
+
+    ``sort_keys``: each dict's keys sorted, as Orbax gives them (its rebuild passes through
+    jax's tree functions); otherwise in the order of ``entries`` (the saved order)."""
     if len(entries) == 1 and not entries[0][0]:
         return entries[0][1]
     root: dict[str, Any] = {}
@@ -280,7 +286,7 @@ def tree_from_key_metadata(entries: Sequence[tuple[list[fmt.KeyEntry], Any]]) ->
             else:
                 node = node.setdefault(entry.key, {})
 
-    return _sequences_as_lists(root, kinds)
+    return _sequences_as_lists(root, kinds, sort_keys)
 
 
 def target_leaves(

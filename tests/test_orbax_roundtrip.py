@@ -521,6 +521,38 @@ def test_orbax_scalars_strings_and_empties_restore_as_orbax_restores_them(tmp_pa
     assert jax.tree_util.tree_map(type, out) == jax.tree_util.tree_map(type, expected)
 
 
+@pytest.mark.parametrize("kind", ["Standard", "PyTree"])
+def test_orbax_dicts_of_fields_in_their_order_come_back_sorted_as_in_orbax(tmp_path, kind):
+    """A dataclass's fields (flax's TrainState: step, params, opt_state) or an OrderedDict are
+    saved in their own order; Orbax gives them back as dicts with sorted keys, in a restore
+    without a target and in the metadata tree. ckpt_async gave them in the saved order."""
+
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass
+    class State:
+        step: jax.Array
+        params: dict
+        opt_state: collections.OrderedDict
+
+    state = State(jnp.asarray(3), {"w": jnp.ones(2)},
+                  collections.OrderedDict([("mu", jnp.zeros(2)), ("10", jnp.ones(1)),
+                                           ("9", jnp.ones(1))]))
+    with getattr(orbax, f"{kind}Checkpointer")() as ockptr:
+        ockptr.save(tmp_path / "c", state)
+        expected = ockptr.restore(tmp_path / "c")
+        expected_meta = ockptr.metadata(tmp_path / "c").item_metadata.tree
+    with getattr(ocp, f"{kind}Checkpointer")() as ckptr:
+        out = ckptr.restore(tmp_path / "c")
+        meta = ckptr.metadata(tmp_path / "c").item_metadata.tree
+
+    def keys(tree):
+        return [(k, keys(v)) for k, v in tree.items()] if isinstance(tree, dict) else None
+
+    assert keys(out) == keys(expected_meta) == keys(meta) == keys(expected) == [
+        ("opt_state", [("10", None), ("9", None), ("mu", None)]), ("params", [("w", None)]),
+        ("step", None)]
+
+
 def test_ckpt_async_scalars_strings_and_empties_to_orbax(tmp_path):
     with ocp.PyTreeCheckpointer() as ckptr:
         ckptr.save(tmp_path / "c", MIXED)

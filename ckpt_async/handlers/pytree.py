@@ -1287,7 +1287,9 @@ class _Reader:
                     values[i] = jax.random.wrap_key_data(values[i], impl=impl)
         if self.skeleton is not None:
             return _tree.unflatten(self.skeleton, lambda i: values[i])
-        return _tree.tree_from_key_metadata([(e.key_metadata, v) for e, v in zip(entries, values)])
+        # (Orbax's checkpoint: its dicts as Orbax gives them, keys sorted)
+        return _tree.tree_from_key_metadata(
+            [(e.key_metadata, v) for e, v in zip(entries, values)], sort_keys=True)
 
     async def restore_into(self, target: Any, restore_args: Any, *, partial: bool,
                            strict: bool = True, structure_only: bool = False) -> Any:
@@ -1611,8 +1613,12 @@ class _Reader:
         values = await asyncio.gather(*(one(e) for e in entries))
         # The tree as Orbax describes it (from the key metadata: sequences as lists, custom
         # nodes as dicts), whoever wrote it: code builds restore args and targets from it, and
-        # edits what they restore (brax assigns into a restored list).
-        tree = _tree.tree_from_key_metadata([(e.key_metadata, v) for e, v in zip(entries, values)])
+        # edits what they restore (brax assigns into a restored list). Dicts keep the saved
+        # order where ckpt_async wrote the checkpoint, and are sorted as Orbax sorts them where
+        # Orbax did.
+        tree = _tree.tree_from_key_metadata(
+            [(e.key_metadata, v) for e, v in zip(entries, values)],
+            sort_keys=self.skeleton is None)
         return TreeMetadata(tree, self.doc.custom_metadata, self.doc.use_zarr3)
 
 
