@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import importlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from . import _format as fmt
-from .errors import InvalidArgumentError, StructureMismatchError
+from .errors import InvalidArgumentError, InvalidTypeError, StructureMismatchError
 
 EMPTY_TYPES = {"Dict": dict, "List": list, "Tuple": tuple, "None": type(None)}
 
@@ -313,6 +313,44 @@ def target_leaves(
         keys = [_key_of(p)[0] for p in path]
         out.append((str(tuple(str(k) for k in keys)), ".".join(str(k) for k in keys), leaf))
     return out, lambda values: jax.tree_util.tree_unflatten(treedef, values)
+
+
+def check_partial_containers(target: Any, saved: Iterable[Sequence[fmt.KeyEntry]], *,
+                             where: str) -> None:
+    """Orbax's partial restore (its ``tree_trim``) leaves out the keys of a dict that the
+    target does not name, but takes a list or tuple whole: one of another length than the
+    checkpoint's raises ``StructureMismatchError`` (a ValueError, as Orbax's), and a sequence
+    where the checkpoint has a dict, or a dict where it has a sequence, ``InvalidTypeError``
+    (a TypeError, as Orbax's). Empty containers of the target are not checked."""
+    kinds: dict[tuple[str, ...], int] = {}  # (the checkpoint's nodes: their key type)
+    lengths: dict[tuple[str, ...], int] = {}
+    for key_meta in saved:
+        for depth, entry in enumerate(key_meta):
+            node = tuple(k.key for k in key_meta[:depth])
+            kinds[node] = entry.key_type
+            if entry.key_type == fmt.KEY_SEQUENCE:
+                lengths[node] = max(lengths.get(node, 0), int(entry.key) + 1)
+    wanted_kinds: dict[tuple[str, ...], int] = {}
+    wanted_lengths: dict[tuple[str, ...], int] = {}
+    for leaf in flatten(target)[0]:
+        for depth, (key, key_type) in enumerate(zip(leaf.keys, leaf.key_types, strict=True)):
+            node = tuple(map(str, leaf.keys[:depth]))
+            wanted_kinds[node] = key_type
+            if key_type == fmt.KEY_SEQUENCE:
+                wanted_lengths[node] = max(wanted_lengths.get(node, 0), int(key) + 1)
+    names = {fmt.KEY_SEQUENCE: "a sequence", fmt.KEY_DICT: "a dict"}
+    for node, kind in wanted_kinds.items():
+        if node not in kinds:
+            continue
+        if kinds[node] != kind:
+            raise InvalidTypeError(
+                f"{where}: partial restore: the target has {names.get(kind, kind)} at "
+                f"{node!r}, the checkpoint {names.get(kinds[node], kinds[node])}")
+        if kind == fmt.KEY_SEQUENCE and wanted_lengths[node] != lengths[node]:
+            raise StructureMismatchError(
+                f"{where}: partial restore: the target's sequence at {node!r} has "
+                f"{wanted_lengths[node]} elements, the checkpoint's {lengths[node]} (a partial "
+                "restore takes a list or tuple whole, as Orbax's does)")
 
 
 def check_structure(

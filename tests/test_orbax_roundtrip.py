@@ -1064,6 +1064,41 @@ def test_an_empty_dict_in_a_partial_restore_item_reads_none_of_that_subtree(tmp_
                                                                     partial_restore=True))
 
 
+@pytest.mark.parametrize("writer", ["ckpt_async", "orbax"])
+def test_a_partial_restore_takes_lists_whole_as_orbax_does(tmp_path, writer):
+    """A partial restore leaves out dict keys the item does not name, but a list or tuple of
+    the item must have the checkpoint's length (ValueError), and a sequence where the
+    checkpoint has a dict or the other way round is refused (TypeError), as Orbax's
+    ``tree_trim`` refuses them. ckpt_async restored a prefix of the list (or added the item's
+    values past its end, or took a dict's '0' for a list's first element)."""
+    tree = {"l": [np.arange(2.0), np.arange(3)], "d": {"x": np.ones(2), "y": 3},
+            "n": {"m": [[1, 2], [3]]}}
+    lib_w = ocp if writer == "ckpt_async" else orbax
+    with lib_w.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", args=lib_w.args.PyTreeSave(tree))
+    items = {"short": ({"l": [np.zeros(2)]}, ValueError),
+             "long": ({"l": [np.zeros(2), np.zeros(3), np.zeros(1)]}, ValueError),
+             "short tuple": ({"l": (np.zeros(2),)}, ValueError),
+             "nested": ({"n": {"m": [[1], [3]]}}, ValueError),
+             "dict for a list": ({"l": {"0": np.zeros(2)}}, TypeError),
+             "list for a dict": ({"d": [np.zeros(2)]}, TypeError)}
+    for name, (item, error) in items.items():
+        for lib in (ocp, orbax):
+            with lib.PyTreeCheckpointer() as ckptr, pytest.raises(error):
+                ckptr.restore(tmp_path / "c", args=lib.args.PyTreeRestore(
+                    item=item, partial_restore=True))
+                pytest.fail(f"{name}: {lib.__name__} restored it")
+    with ocp.PyTreeCheckpointer() as ckptr:
+        with pytest.raises(ocp.errors.StructureMismatchError, match=r"\('l',\).* 1 elements, "
+                                                                     r"the checkpoint's 2"):
+            ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(
+                item={"l": [np.zeros(2)]}, partial_restore=True))
+        out = ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(
+            item={"l": [np.zeros(2), np.zeros(3)], "d": {"y": 0}}, partial_restore=True))
+    assert out["d"] == {"y": 3} and set(out) == {"l", "d"}
+    assert_bits_equal(out["l"][1], tree["l"][1])
+
+
 @pytest.mark.parametrize("how", ["raw", "large", "compressed"])
 def test_a_bare_array_as_the_whole_tree_is_stored_at_the_items_root_as_orbax_stores_it(
         tmp_path, how):

@@ -544,6 +544,9 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
                                               to_original)
         if target is None and restore_args is None:
             return await reader.restore_as_saved()
+        if target is not None and getattr(args, "partial_restore", False):
+            _tree.check_partial_containers(
+                target, (e.key_metadata for e in reader.by_key.values()), where=str(directory))
         # PyTreeRestore's item gives the tree's structure only (Orbax): its leaves restore as
         # saved, or as their restore_args say; StandardRestore's item gives their types too.
         return await reader.restore_into(
