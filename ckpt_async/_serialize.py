@@ -97,6 +97,20 @@ def fit(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
+#: Float widenings NumPy (ml_dtypes) converts to the same bits as TensorStore, for every value
+#: of the source type, NaNs included (each checked over all 65,536); NumPy's are 2-4x faster.
+_EXACT_WIDENINGS = frozenset({("bfloat16", "float32"), ("bfloat16", "float64"),
+                              ("float16", "float32")})
+
+
+def _same_in_numpy(src: np.dtype, dst: np.dtype) -> bool:
+    """Whether NumPy converts ``src`` to ``dst`` as TensorStore's cast driver does: a
+    widening of integers (or bools) to integers, or one of :data:`_EXACT_WIDENINGS`."""
+    if src.kind in "biu" and dst.kind in "biu":
+        return bool(np.can_cast(src, dst, "safe"))
+    return (src.name, dst.name) in _EXACT_WIDENINGS
+
+
 def cast(arr: Any, dtype: Any, out: np.ndarray | None = None) -> np.ndarray:
     """``arr`` converted to ``dtype`` (into ``out`` when given) as TensorStore's ``cast``
     driver converts it: Orbax casts through that driver when it saves with
@@ -114,6 +128,11 @@ def cast(arr: Any, dtype: Any, out: np.ndarray | None = None) -> np.ndarray:
         if out is None:
             return src if src.dtype == dtype else src.astype(dtype, order="C")
         np.copyto(out, src)
+        return out
+    if _same_in_numpy(src.dtype, dtype):
+        if out is None:
+            return src.astype(dtype, order="C")
+        np.copyto(out, src, casting="unsafe")
         return out
     try:
         converted = ts.cast(ts.array(src), ts.dtype(dtype.newbyteorder("=").name))

@@ -1200,3 +1200,22 @@ def test_a_none_leaf_of_the_target_is_not_read_and_comes_back_none_as_in_orbax(t
     assert ours["emb"] is None and ours["s"] is None
     assert {k: v is None for k, v in ours.items()} == {k: v is None for k, v in theirs.items()}
     assert_bits_equal(ours["w"], tree["w"])
+
+
+@pytest.mark.parametrize("src,dst", [("bfloat16", "float32"), ("bfloat16", "float64"),
+                                     ("float16", "float32")])
+def test_the_widenings_cast_with_numpy_give_tensorstore_s_bits(src, dst):
+    # _serialize.cast converts these with NumPy (faster) and every other pair through
+    # TensorStore's cast driver, as Orbax does: for these two, every source value, NaNs with
+    # their payloads included, must come out with the same bits either way.
+    import ml_dtypes  # noqa: F401 - (registers bfloat16 with NumPy)
+    import tensorstore as ts
+
+    from ckpt_async import _serialize
+
+    values = np.arange(1 << 16, dtype=np.uint16).view(np.dtype(src))
+    assert _serialize._same_in_numpy(values.dtype, np.dtype(dst))
+    through_ts = ts.cast(ts.array(values), ts.dtype(dst)).read().result()
+    ours = _serialize.cast(values, np.dtype(dst))
+    bits = np.dtype(f"u{np.dtype(dst).itemsize}")
+    np.testing.assert_array_equal(ours.view(bits), through_ts.view(bits))
