@@ -430,14 +430,28 @@ def rename_noreplace_sync(src: Path, dst: Path) -> None:
 
 async def rename_durable(src: Path, dst: Path) -> None:
     """Renames ``src`` to ``dst`` (which must not exist: FileExistsError, create-once) and
-    fsyncs the parent directory, so the rename survives a power loss."""
+    fsyncs the parent directory, so the rename survives a power loss; where that fsync fails
+    the rename is undone before its error is raised."""
     _no_rename(src)
 
     def _rename() -> None:
         rename_noreplace_sync(src, dst)
-        _fsync_path(str(dst.parent), directory=True)
+        try:
+            _fsync_path(str(dst.parent), directory=True)
+        except OSError as exc:
+            # Not known to be durable, and reported as failed: undone, so that the caller's
+            # failure leaves the names as they were (a commit that raises lists no step).
+            with contextlib.suppress(OSError):
+                rename_noreplace_sync(dst, src)
+            raise _undone(exc, dst.parent) from exc
 
     await get_runtime().to_thread(_rename)
+
+
+def _undone(exc: OSError, parent: Path) -> OSError:
+    """``exc``, the fsync of ``parent`` after a rename that was then undone, saying so."""
+    return OSError(exc.errno, f"{exc.strerror or exc} (fsync of {parent} after the rename; "
+                   "the rename was undone)", str(parent))
 
 
 async def exchange_durable(src: Path, dst: Path) -> bool:
@@ -448,7 +462,12 @@ async def exchange_durable(src: Path, dst: Path) -> bool:
     def _exchange() -> bool:
         if not renameat2(str(src), str(dst), RENAME_EXCHANGE):
             return False
-        _fsync_path(str(dst.parent), directory=True)
+        try:
+            _fsync_path(str(dst.parent), directory=True)
+        except OSError as exc:  # (as rename_durable: undone)
+            with contextlib.suppress(OSError):
+                renameat2(str(src), str(dst), RENAME_EXCHANGE)
+            raise _undone(exc, dst.parent) from exc
         return True
 
     return await get_runtime().to_thread(_exchange)

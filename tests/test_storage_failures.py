@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -279,3 +280,59 @@ def test_stalled_array_write_times_out(tmp_path, monkeypatch):
         assert leftovers(directory) == [] and mngr.all_steps() == []
     finally:
         mngr.close()
+
+
+def test_eio_on_the_fsync_after_the_rename_takes_the_step_back(tmp_path, monkeypatch):
+    """The parent directory's fsync after the commit's rename fails: the rename is not known
+    to be durable and the commit raises, so the step must not be left on disk (it used to be:
+    the manager did not list it, a reopened one did, and saving it again was refused)."""
+    directory = tmp_path / "run"
+    real = _storage._fsync_path
+
+    def failing(path, **kwargs):
+        if path == str(tmp_path / "run"):  # (the manager's directory: after the rename)
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+        return real(path, **kwargs)
+
+    mngr = manager(directory)
+    try:
+        mngr.save(1, args=ocp.args.StandardSave(small(1)))
+        mngr.wait_until_finished()
+        monkeypatch.setattr(_storage, "_fsync_path", failing)
+        mngr.save(2, args=ocp.args.StandardSave(small(2)))
+        with pytest.raises(CommitError) as raised:
+            mngr.wait_until_finished()
+        assert sorted(os.listdir(directory)) == ["1"]
+        assert mngr.all_steps() == [1]
+        assert re.search(r"cannot rename .*/2: Input/output error \(fsync of .*the rename was "
+                         r"undone\)", str(raised.value)), raised.value
+        monkeypatch.setattr(_storage, "_fsync_path", real)
+        mngr.save(2, args=ocp.args.StandardSave(small(2)))
+        mngr.wait_until_finished()
+        assert mngr.all_steps() == [1, 2]
+        assert_bit_exact(mngr.restore(2), small(2))
+    finally:
+        mngr.close()
+
+
+def test_eio_on_the_fsync_after_a_forced_replace_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    """The same after a forced save's atomic exchange: the old checkpoint is put back."""
+    path = tmp_path / "ckpt"
+    real = _storage._fsync_path
+
+    def failing(p, **kwargs):
+        if p == str(tmp_path):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), p)
+        return real(p, **kwargs)
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, small(1))
+        ckptr.wait_until_finished()
+        monkeypatch.setattr(_storage, "_fsync_path", failing)
+        with pytest.raises(CommitError) as raised:
+            ckptr.save(path, small(2), force=True)
+            ckptr.wait_until_finished()
+        monkeypatch.setattr(_storage, "_fsync_path", real)
+        assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+        assert_bit_exact(ckptr.restore(path), small(1))
+        assert "the rename was undone" in str(raised.value), raised.value
