@@ -39,6 +39,7 @@ import tensorstore as ts
 
 from ._crc import crc32
 from ._storage import start_writeback
+from .errors import UnreadableCheckpointError
 
 #: The database's manifest, at the root of an item: its presence says an item is in OCDBT.
 MANIFEST = "manifest.ocdbt"
@@ -1080,7 +1081,8 @@ class IndexHint(msgspec.Struct, frozen=True):
 def read_index(root: Path, hint: IndexHint | None = None) -> dict[str, Located] | None:
     """Every key of the newest version of the OCDBT database in local directory ``root``,
     with its value or where the value lies. None: no database there. Blocks: call it from a
-    worker thread. Raises ValueError for a database TensorStore cannot read.
+    worker thread. Raises ValueError for a database TensorStore cannot read,
+    UnreadableCheckpointError for a manifest that is there but cannot be read.
 
     With the ``hint`` of a database :class:`DatabaseWriter` wrote, whose manifest is still
     the one written, its nodes are decoded here; otherwise (any writer's database,
@@ -1089,8 +1091,11 @@ def read_index(root: Path, hint: IndexHint | None = None) -> dict[str, Located] 
     reading key by key costs a TensorStore future each)."""
     try:
         head = (root / MANIFEST).read_bytes()
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as exc:  # (there, but not to be read: an I/O error, no access, a directory)
+        raise UnreadableCheckpointError(
+            f"cannot read {root / MANIFEST}: {exc.strerror or exc}") from exc
     if hint is not None and crc32(head) == hint.manifest_crc32:
         with contextlib.suppress(ValueError, IndexError, OSError, UnicodeDecodeError):
             return _index_from_nodes(root, hint)

@@ -138,14 +138,33 @@ def test_a_data_file_that_cannot_be_read_is_named_with_the_key(tmp_path, monkeyp
         assert not report.ok and any("array 'big' cannot be read" in p for p in report.problems)
 
 
-@pytest.mark.parametrize("name", ["_METADATA", "_sharding", "_CHECKSUMS"])
+@pytest.mark.parametrize("name", ["_METADATA", "_sharding", "_CHECKSUMS", "manifest.ocdbt"])
 def test_a_document_that_cannot_be_read_is_named(tmp_path, name):
+    # (the OCDBT manifest, a directory in its place, raised CorruptCheckpointError naming an
+    # array's .zarray, not the manifest, until round 39)
     _save(tmp_path / "c")
     (tmp_path / "c" / name).unlink()
     (tmp_path / "c" / name).mkdir()
     with pytest.raises(UnreadableCheckpointError, match=f"cannot read {tmp_path / 'c' / name}"):
         _restore(tmp_path / "c")
     assert not ocp.verify(tmp_path / "c").ok
+
+
+def test_a_manifest_read_error_is_unreadable_not_a_bare_os_error(tmp_path, monkeypatch):
+    # (an I/O error or EACCES reading manifest.ocdbt came out as a bare OSError until round 39)
+    _save(tmp_path / "c")
+    manifest = tmp_path / "c" / "manifest.ocdbt"
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self == manifest:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.raises(UnreadableCheckpointError,
+                       match=f"cannot read {manifest}: Input/output error"):
+        _restore(tmp_path / "c")
 
 
 def test_checksums_gone_from_an_item_ckpt_async_wrote_are_damage(tmp_path):
