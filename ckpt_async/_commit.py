@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import time
 import uuid
 from collections.abc import Sequence
@@ -63,10 +62,6 @@ async def scan(directory: AnyPath) -> tuple[list[str], set[str]]:
     return names, visible
 
 
-#: What a directory that cannot be written answers (read-only file system, permissions).
-_NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
-
-
 async def create_tmp(final: AnyPath) -> AnyPath:
     """Where a save of ``final`` writes: a new temporary directory, or, on an object store,
     ``final`` itself, cleared first (unlisted, then removed: leftovers of an unfinished save, or
@@ -79,8 +74,10 @@ async def create_tmp(final: AnyPath) -> AnyPath:
             await asyncio.sleep(0)
             tmp = tmp_path_for(final)
             await storage.mkdir_exclusive(tmp)
+        except CheckpointError:
+            raise  # (the directory above it could not be made: makedirs named it)
         except OSError as exc:  # (a directory that cannot be written: as check_writable says)
-            cls = NotWritableError if exc.errno in _NOT_WRITABLE else CommitError
+            cls = NotWritableError if exc.errno in storage.NOT_WRITABLE else CommitError
             raise cls(f"cannot create {tmp}: {exc.strerror or exc}") from exc
         return tmp
     await storage.rmtree(final)

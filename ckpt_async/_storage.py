@@ -37,7 +37,12 @@ from . import _objstore
 from ._format import COMMIT_SUCCESS
 from ._paths import AnyPath, StorePath
 from ._runtime import get_runtime
-from .errors import CheckpointNotFoundError, CommitError, UnreadableCheckpointError
+from .errors import (
+    CheckpointNotFoundError,
+    CommitError,
+    NotWritableError,
+    UnreadableCheckpointError,
+)
 
 
 def has_rename(path: Any) -> TypeGuard[Path]:
@@ -329,13 +334,21 @@ async def mtime(path: AnyPath) -> float:
     return (await get_runtime().to_thread(os.stat, path)).st_mtime
 
 
+#: What a directory that cannot be written answers (read-only file system, permissions).
+NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
 async def makedirs(path: AnyPath) -> None:
+    """Creates ``path`` and the directories above it; one that cannot be written (where
+    ``os.access`` said it could: root on NFS with root squashed, a security module) raises
+    NotWritableError, as a save's temporary directory does."""
     if isinstance(path, StorePath):
         return  # object stores have no directories
     try:
         await aiofiles.os.makedirs(path, exist_ok=True)
     except OSError as exc:
-        raise CommitError(f"cannot create directory {path}: {exc.strerror or exc}") from exc
+        cls = NotWritableError if exc.errno in NOT_WRITABLE else CommitError
+        raise cls(f"cannot create directory {path}: {exc.strerror or exc}") from exc
 
 
 async def mkdir_exclusive(path: Path) -> None:

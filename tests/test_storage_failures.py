@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import subprocess
 import time
 import uuid
@@ -25,7 +26,7 @@ import pytest
 
 import ckpt_async as ocp
 from ckpt_async import _storage
-from ckpt_async.errors import CommitError, CommitTimeoutError
+from ckpt_async.errors import CommitError, CommitTimeoutError, NotWritableError
 from ckpt_async.manager import _steps
 
 TMPFS_BYTES = 8 * 1024 * 1024
@@ -336,3 +337,36 @@ def test_eio_on_the_fsync_after_a_forced_replace_keeps_the_old_checkpoint(tmp_pa
         assert sorted(os.listdir(tmp_path)) == ["ckpt"]
         assert_bit_exact(ckptr.restore(path), small(1))
         assert "the rename was undone" in str(raised.value), raised.value
+
+
+def test_a_directory_refusing_creation_raises_not_writable(tmp_path, monkeypatch):
+    """EACCES where ``os.access`` said the parent may be written (root on NFS with root
+    squashed, a security module): the manager's directory, and a save's after it was removed
+    under a running manager, raise NotWritableError naming it, as a read-only file system
+    does (both raised CommitError, the first at construction)."""
+    real = os.mkdir
+
+    def refusing(path, *args, **kwargs):
+        if os.fspath(path).startswith(str(tmp_path / "run")):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", refusing)
+    with pytest.raises(NotWritableError, match=f"cannot create directory {tmp_path / 'run'}"):
+        manager(tmp_path / "run")
+    monkeypatch.setattr(os, "mkdir", real)
+    mngr = manager(tmp_path / "run")
+    try:
+        mngr.save(1, args=ocp.args.StandardSave(small(1)))
+        mngr.wait_until_finished()
+        shutil.rmtree(tmp_path / "run")
+        monkeypatch.setattr(os, "mkdir", refusing)
+        with pytest.raises(NotWritableError, match=f"cannot create directory {tmp_path / 'run'}"):
+            mngr.save(2, args=ocp.args.StandardSave(small(2)))
+        assert os.listdir(tmp_path) == []
+        monkeypatch.setattr(os, "mkdir", real)
+        mngr.save(2, args=ocp.args.StandardSave(small(2)))
+        mngr.wait_until_finished()
+        assert_bit_exact(mngr.restore(2), small(2))
+    finally:
+        mngr.close()
