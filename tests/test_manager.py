@@ -1400,6 +1400,32 @@ def test_a_step_deleted_while_it_is_read_raises_step_not_found(tmp_path, monkeyp
     assert os.listdir(tmp_path) == []
 
 
+def test_a_step_retired_while_its_metrics_are_listed_leaves_the_listing_usable(tmp_path,
+                                                                              monkeypatch):
+    # An evaluator with best_fn (re)lists while the trainer's retention takes a step away
+    # between the look for its metrics item and the read of it: until round 39 the listing
+    # (the constructor, reload()) raised CheckpointNotFoundError naming the metrics file.
+    opts = ocp.CheckpointManagerOptions(best_fn=lambda m: m["loss"], best_mode="min")
+    with ocp.CheckpointManager(tmp_path, opts) as trainer:
+        for step in (1, 2):
+            trainer.save(step, args=ocp.args.StandardSave(tree(step)),
+                         metrics={"loss": 1.0 / step})
+    real = _storage.read_bytes
+    metrics = tmp_path / "1" / "metrics" / "metrics"
+
+    async def retired_meanwhile(path):
+        if path == metrics and (tmp_path / "1").exists():  # (as a retention renames it)
+            os.rename(tmp_path / "1", tmp_path / "1.orbax-checkpoint-todelete-1")
+        return await real(path)
+
+    monkeypatch.setattr(_storage, "read_bytes", retired_meanwhile)
+    with ocp.CheckpointManager(tmp_path, opts) as evaluator:
+        assert evaluator.best_step() == 2
+        with pytest.raises(StepNotFoundError):
+            evaluator.restore(1)
+        assert_tree_equal(evaluator.restore(2), tree(2))
+
+
 def test_a_damaged_step_still_present_is_reported_as_damaged(tmp_path):
     # (the step is still there: its read's own error stands)
     with ocp.CheckpointManager(tmp_path) as mngr:

@@ -342,10 +342,11 @@ class AsyncCheckpointManager:
     async def _metrics_item(path: AnyPath) -> Any:
         """The step's ``metrics`` item (Orbax writes it when ``best_fn`` is set), or None."""
         item = path / METRIC_ITEM_NAME / METRIC_ITEM_NAME
-        if not await storage.exists(item):
-            return None
         try:
-            return fmt.decode(await storage.read_bytes(item), Any, where=str(item))
+            # (one read, no look first: a step another manager's retention took away
+            # between the two made the listing raise CheckpointNotFoundError)
+            data = await storage.read_optional(item)
+            return None if data is None else fmt.decode(data, Any, where=str(item))
         except CorruptCheckpointError as exc:  # (as a damaged step document, above)
             log.error("%s; the step's metrics are unknown to the manager", exc)
             return None
