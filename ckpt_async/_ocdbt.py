@@ -806,6 +806,19 @@ def _write_new(path: Path, buffers: Sequence[memoryview | bytes], *, fsync_fallb
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An OSError raised inside names ``path`` when it names no file: those of the calls on a
+    descriptor (``writev``, ``pwrite``, ``fsync``) do not, and a full disk then failed a
+    commit naming neither the file nor its item."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+
+
 def as_bytes(arr: np.ndarray) -> memoryview:
     """The bytes of a C-contiguous array, without a copy (any dtype, ml_dtypes included)."""
     return arr.reshape(-1).view(np.uint8).data
@@ -925,9 +938,11 @@ class DatabaseWriter:
             return {}
         self._make_dirs()
         crcs = [0] * len(data_file.buffers)
-        _write_new(self.root / data_file.name, data_file.buffers, fsync_fallback=True, crcs=crcs,
-                   direct=data_file.direct, at=data_file.at, hold=hold,
-                   watch=None if data_file.direct else self.watch, relocate=relocate)
+        path = self.root / data_file.name
+        with _naming(path):
+            _write_new(path, data_file.buffers, fsync_fallback=True, crcs=crcs,
+                       direct=data_file.direct, at=data_file.at, hold=hold,
+                       watch=None if data_file.direct else self.watch, relocate=relocate)
         return {key: crc for key, crc in zip(data_file.keys, crcs, strict=True) if key}
 
     def finish(self) -> None:
@@ -946,8 +961,9 @@ class DatabaseWriter:
         self._make_dirs()
         # (like the data files and the documents, left to the commit's fsync of the whole
         # checkpoint: one journal commit for every small file, rather than two more here)
-        _write_new(self.root / node_file, [nodes], fsync_fallback=False)
-        _write_new(self.root / MANIFEST, [head], fsync_fallback=False)
+        for name, data in ((node_file, nodes), (MANIFEST, head)):
+            with _naming(self.root / name):
+                _write_new(self.root / name, [data], fsync_fallback=False)
 
 
 # -- reading ----------------------------------------------------------------------------------

@@ -370,3 +370,31 @@ def test_a_directory_refusing_creation_raises_not_writable(tmp_path, monkeypatch
         assert_bit_exact(mngr.restore(2), small(2))
     finally:
         mngr.close()
+
+
+def test_a_data_file_write_error_names_the_file_and_item(tmp_path, monkeypatch):
+    """A full disk met by the array data's ``writev`` (whose OSError names no file): the
+    CommitError names the step, the item and the data file (it named only the step)."""
+    directory = tmp_path / "run"
+    real = os.writev
+
+    def full(fd, buffers):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # (as the kernel's: no name)
+
+    mngr = ocp.CheckpointManager(directory, item_names=("params",))
+    try:
+        monkeypatch.setattr(os, "writev", full)
+        mngr.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(big(1))))
+        with pytest.raises(CommitError) as raised:
+            mngr.wait_until_finished()
+        message = str(raised.value)
+        assert f"saving {directory / '1'} failed" in message and "No space left" in message
+        assert re.search(rf"{directory}/1\.orbax-checkpoint-tmp-\d+/params/d/\w+", message), \
+            message
+        assert leftovers(directory) == [] and mngr.all_steps() == []
+        monkeypatch.setattr(os, "writev", real)
+        mngr.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(big(1))))
+        mngr.wait_until_finished()
+        assert_bit_exact(mngr.restore(1)["params"], big(1))
+    finally:
+        mngr.close()
