@@ -48,7 +48,7 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 
-from .errors import InvalidArgumentError, RuntimeUsageError
+from .errors import ClosedError, InvalidArgumentError, RuntimeUsageError
 
 T = TypeVar("T")
 
@@ -495,7 +495,7 @@ class UnloweredPool:
 
     def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
         if self._closed:  # (its threads are gone: the future would never be done)
-            raise RuntimeError("cannot schedule new futures after shutdown")
+            raise ClosedError("cannot schedule new futures after shutdown")
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._jobs.put((fut, fn, args))
         return fut

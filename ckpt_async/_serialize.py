@@ -38,6 +38,7 @@ from ._paths import AnyPath, below, kvstore_base
 from ._runtime import BACKGROUND_THREADS, batch_pace, get_runtime, log
 from .errors import (
     CorruptCheckpointError,
+    InvalidArgumentError,
     OutOfMemoryError,
     ShardingMismatchError,
     UnreadableCheckpointError,
@@ -1875,7 +1876,8 @@ def mesh_of(ids: Any, shape: tuple[int, ...], axis_names: Sequence[str],
         by_id = {d.id: d for d in jax.devices()}
         flat = [int(i) for i in np.asarray(ids).reshape(-1)]
         if missing := [i for i in flat if i not in by_id]:
-            raise ValueError(f"devices {missing} of the saved mesh are not in this process")
+            raise InvalidArgumentError(f"devices {missing} of the saved mesh are not in this "
+                                       "process")
         devices = np.array([by_id[i] for i in flat], dtype=object)
     return jax.sharding.Mesh(devices.reshape(shape), tuple(axis_names), axis_types=axis_types)
 

@@ -14,6 +14,7 @@ from typing import Any
 from . import _storage as storage
 from ._paths import AnyPath, coerce
 from ._runtime import get_runtime
+from .errors import CheckpointNotFoundError
 from .future import CommitFutureAwaitingContractedSignals
 from .msgpack_utils import msgpack_restore, msgpack_serialize
 from .multihost import is_primary_host
@@ -67,7 +68,8 @@ class MsgpackHandler(AggregateHandler):
         target: AnyPath = coerce(path)
         data = get_runtime().call(storage.read_optional, target)
         if data is None:
-            raise FileNotFoundError(f"{target}: no such file (a msgpack checkpoint was expected)")
+            raise CheckpointNotFoundError(f"{target}: no such file (a msgpack checkpoint was "
+                                          "expected)")
         return msgpack_restore(data)
 
     def close(self) -> None:

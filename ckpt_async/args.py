@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from .errors import InvalidArgumentError, InvalidTypeError
+from .errors import HandlerError, InvalidArgumentError, InvalidTypeError
 
 A = TypeVar("A", bound=type)
 
@@ -84,11 +84,11 @@ def get_registered_handler_cls(arg: CheckpointArgs | type) -> type:
     with none."""
     cls = arg if isinstance(arg, type) else type(arg)
     if not issubclass(cls, CheckpointArgs):
-        raise TypeError(f"{cls} must be a subclass of CheckpointArgs")
+        raise InvalidTypeError(f"{cls} must be a subclass of CheckpointArgs")
     handler = _HANDLER_FOR_ARGS.get(cls)
     if handler is None:
-        raise ValueError(f"no CheckpointHandler is registered for {cls.__name__}; use "
-                         "register_with_handler")
+        raise HandlerError(f"no CheckpointHandler is registered for {cls.__name__}; use "
+                           "register_with_handler")
     return handler
 
 
@@ -99,7 +99,7 @@ def get_registered_args_cls(handler: Any) -> tuple[type, type]:
     pair = _ARGS_FOR_HANDLER.get(cls, {})
     for kind in ("save", "restore"):
         if kind not in pair:
-            raise ValueError(f"no CheckpointArgs are registered for {kind} with {cls.__name__}")
+            raise HandlerError(f"no CheckpointArgs are registered for {kind} with {cls.__name__}")
     return pair["save"], pair["restore"]
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from ._ocdbt import as_bytes
 from ._serialize import dtype_named
+from .errors import InvalidArgumentError, UnsupportedLeafError
 
 __all__ = ["MAX_CHUNK_SIZE", "msgpack_restore", "msgpack_serialize"]
 
@@ -41,8 +42,8 @@ _plain_decoder = msgspec.msgpack.Decoder()
 
 def _array_payload(arr: np.ndarray) -> bytes:
     if arr.dtype.hasobject or arr.dtype.fields is not None:
-        raise ValueError(f"arrays of dtype {arr.dtype} (objects or fields) cannot be written "
-                         "to msgpack")
+        raise UnsupportedLeafError(f"arrays of dtype {arr.dtype} (objects or fields) cannot be "
+                                   "written to msgpack")
     return _encoder.encode((arr.shape, arr.dtype.name, as_bytes(np.ascontiguousarray(arr))))
 
 
@@ -89,7 +90,8 @@ def _encodable(node: Any, chunk: bool) -> Any:
         return msgspec.msgpack.Ext(_COMPLEX, _encoder.encode((node.real, node.imag)))
     if node is None or type(node) in (bool, int, float, str, bytes):
         return node
-    raise ValueError(f"msgpack cannot hold a value of type {type(node).__name__}: {node!r}")
+    raise UnsupportedLeafError(f"msgpack cannot hold a value of type {type(node).__name__}: "
+                               f"{node!r}")
 
 
 def _ext(code: int, data: memoryview) -> Any:
@@ -102,7 +104,7 @@ def _ext(code: int, data: memoryview) -> Any:
         return complex(real, imag)
     if code == _TUPLE:
         return tuple(_decoder.decode(data))
-    raise ValueError(f"msgpack extension type {code} is not one of Orbax's")
+    raise InvalidArgumentError(f"msgpack extension type {code} is not one of Orbax's")
 
 
 _decoder = msgspec.msgpack.Decoder(ext_hook=_ext)
@@ -132,4 +134,4 @@ def msgpack_restore(encoded_pytree: bytes | bytearray | memoryview) -> Any:
     try:
         return _joined(_decoder.decode(encoded_pytree))
     except msgspec.DecodeError as exc:
-        raise ValueError(f"not a msgpack-encoded tree: {exc}") from exc
+        raise InvalidArgumentError(f"not a msgpack-encoded tree: {exc}") from exc

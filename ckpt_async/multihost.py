@@ -196,8 +196,8 @@ def get_barrier_sync_fn(*, processes: Iterable[int] | None = None) -> BarrierSyn
     else takes part; ``ValueError`` if this process is not among ``processes``."""
     wanted = None if processes is None else sorted(set(processes))
     if wanted is not None and process_index() not in wanted:
-        raise ValueError(f"a barrier across processes {wanted} was asked for in process "
-                         f"{process_index()}, which is not among them")
+        raise InvalidArgumentError(f"a barrier across processes {wanted} was asked for in process "
+                                   f"{process_index()}, which is not among them")
 
     def barrier(*, key: str, timeout_ms: int) -> None:
         sync_global_processes(key, timeout_ms / 1000, wanted)

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from ._commit import tmp_path_for
+from .errors import InvalidArgumentError
 from .tree import to_flat_dict
 
 log = logging.getLogger("ckpt_async")
@@ -48,7 +49,7 @@ def print_directory(directory: Any, level: int = 0) -> None:
     does: a folder as ``..name/``, each level two dots deeper."""
     path = Path(directory)
     if not path.is_dir():
-        raise ValueError(f"{path} is not a directory")
+        raise InvalidArgumentError(f"{path} is not a directory")
     log.info("Printing directory tree: %s/" if level == 0 else "%s%s/",
              *((path,) if level == 0 else (".." * level, path.name)))
     for entry in sorted(path.iterdir()):

@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from .errors import InvalidArgumentError, StructureMismatchError
 from .tree import from_flat_dict, to_flat_dict
 from .type_handlers import RestoreArgs
 
@@ -48,9 +49,9 @@ class Transform:
                  self.multi_value_fn is not None]
         if sum(given) > 1 or (self.value_fn is not None
                               and (self.use_fallback or self.multi_value_fn is not None)):
-            raise ValueError(f"{type(self).__name__}: original_key, use_fallback and "
-                             "multi_value_fn exclude each other, and value_fn goes with "
-                             "original_key alone")
+            raise InvalidArgumentError(f"{type(self).__name__}: original_key, use_fallback and "
+                                       "multi_value_fn exclude each other, and value_fn goes with "
+                                       "original_key alone")
 
 
 @dataclasses.dataclass
@@ -67,7 +68,8 @@ class RestoreTransform(Transform):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.multi_value_fn_input_args is not None and self.multi_value_fn is None:
-            raise ValueError("RestoreTransform: multi_value_fn_input_args needs multi_value_fn")
+            raise InvalidArgumentError("RestoreTransform: multi_value_fn_input_args needs "
+                                       "multi_value_fn")
 
 
 def apply_transformations(original_tree: Any, transformations: Any, new_tree: Any,
@@ -97,7 +99,8 @@ def apply_transformations(original_tree: Any, transformations: Any, new_tree: An
             if rule.use_fallback:
                 if not default_to_original:
                     if key not in original:
-                        raise ValueError(f"{key} is not in the original tree (use_fallback)")
+                        raise StructureMismatchError(f"{key} is not in the original tree "
+                                                     "(use_fallback)")
                     new[key] = original[key]
             elif rule.multi_value_fn is not None:
                 new[key] = rule.multi_value_fn(key, original_tree)
@@ -105,7 +108,8 @@ def apply_transformations(original_tree: Any, transformations: Any, new_tree: An
                 source = key if rule.original_key is None else match.expand(
                     str(rule.original_key))
                 if source not in original:
-                    raise ValueError(f"transformation key {source!r} is not in the original tree")
+                    raise StructureMismatchError(f"transformation key {source!r} is not in the "
+                                                 "original tree")
                 value = original[source]
                 new[key] = value if rule.value_fn is None else rule.value_fn(value)
         if not matched:

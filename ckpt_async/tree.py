@@ -9,7 +9,7 @@ from typing import Any, NamedTuple, TypeAlias, TypeVar, Union
 import jax
 import numpy as np
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, StructureMismatchError
 
 #: Orbax's type aliases, for annotations: any pytree; a pytree of ``T`` leaves; one entry of
 #: a key path (as ``jax.tree_util`` gives them); a key path; a JSON document.
@@ -259,7 +259,7 @@ def _as_mapping(node: Any) -> Any:
 
 def _merge_two(new: Any, old: Any, overwrite: bool, leaf: Callable[[Any], bool]) -> Any:
     if type(new) is not type(old) and not overwrite:
-        raise ValueError(f"Types do not match: {type(new)} and {type(old)}")
+        raise StructureMismatchError(f"Types do not match: {type(new)} and {type(old)}")
     if leaf(new) or leaf(old):
         return new if new is not None else old
     named = isinstance(new, tuple) and hasattr(new, "_fields")
@@ -275,7 +275,8 @@ def _merge_two(new: Any, old: Any, overwrite: bool, leaf: Callable[[Any], bool])
             return merged
     if isinstance(new, Sequence) and not isinstance(new, str):
         if len(new) != len(old):
-            raise ValueError(f"Sequence lengths do not match: {len(new)} and {len(old)}")
+            raise StructureMismatchError(f"Sequence lengths do not match: {len(new)} and "
+                                         f"{len(old)}")
         items = [_merge_two(a, b, overwrite, leaf) for a, b in zip(new, old)]
         try:
             return type(new)(items)  # type: ignore[call-arg]
@@ -308,7 +309,7 @@ def merge_trees(*trees: Any, overwrite: bool = False,
         for tree in trees:
             keys = set(to_flat_dict(tree, is_leaf=leaf))
             if common := seen & keys:
-                raise ValueError(f"Found common key paths when overwrite is False: "
-                                 f"{sorted(common)}")
+                raise InvalidArgumentError(f"Found common key paths when overwrite is False: "
+                                           f"{sorted(common)}")
             seen |= keys
     return functools.reduce(lambda acc, tree: _merge_two(tree, acc, overwrite, leaf), trees)

@@ -36,6 +36,7 @@ from ._ocdbt import MANIFEST
 from ._paths import coerce
 from ._stage import host_copy
 from ._tree import is_namedtuple
+from .errors import InvalidArgumentError, InvalidTypeError
 from .metadata import ArrayMetadata, ScalarMetadata, StorageMetadata, StringMetadata
 from .multihost import current_roles
 
@@ -91,8 +92,8 @@ class ArrayRestoreArgs(RestoreArgs):
     def __post_init__(self) -> None:
         if self.shape is not None and self.global_shape is not None and \
                 tuple(self.shape) != tuple(self.global_shape):
-            raise ValueError(f"ArrayRestoreArgs: shape {self.shape} and global_shape "
-                             f"{self.global_shape} differ; give one, or the same")
+            raise InvalidArgumentError(f"ArrayRestoreArgs: shape {self.shape} and global_shape "
+                                       f"{self.global_shape} differ; give one, or the same")
         if self.global_shape is None:
             self.global_shape = self.shape
         self.shape = self.global_shape
@@ -210,10 +211,10 @@ class TypeHandler(abc.ABC):
 
 def _check_lengths(infos: Sequence[ParamInfo], *others: Sequence[Any] | None) -> None:
     if not infos:
-        raise ValueError("Cannot pass TypeHandler input of length 0.")
+        raise InvalidArgumentError("Cannot pass TypeHandler input of length 0.")
     for o in others:
         if o is not None and len(o) != len(infos):
-            raise ValueError("Found input args with mismatched lengths.")
+            raise InvalidArgumentError("Found input args with mismatched lengths.")
 
 
 def _context(info: ParamInfo) -> ts.Context:
@@ -327,8 +328,8 @@ class ArrayHandler(_ArrayLike):
         self.array_metadata_store = array_metadata_store
         self.enable_replica_parallel_separate_folder = enable_replica_parallel_separate_folder
         if dispatcher is not None:
-            raise ValueError("ArrayHandler(dispatcher=...): Pathways dispatchers are not "
-                             "supported by ckpt_async")
+            raise InvalidArgumentError("ArrayHandler(dispatcher=...): Pathways dispatchers are not "
+                                       "supported by ckpt_async")
         self.callback = callback
 
     def _restored(self, arr: np.ndarray, arg: RestoreArgs | None, info: ParamInfo) -> Any:
@@ -444,22 +445,24 @@ class TypeHandlerRegistry:
     def add(self, ty: Any, handler: TypeHandler, func: Callable[[Any], bool] | None = None,
             override: bool = False, ignore_warnings: bool = False) -> None:
         if not isinstance(handler, TypeHandler):
-            raise TypeError(f"register a TypeHandler for {ty!r}, not a {type(handler).__name__}")
+            raise InvalidTypeError(f"register a TypeHandler for {ty!r}, not a "
+                                   f"{type(handler).__name__}")
         if func is None:
             def func(t: Any, ty: Any = ty) -> bool:
                 return isinstance(t, type) and issubclass(t, ty)
         existing = next((i for i, (f, _h) in enumerate(self._entries) if f(ty)), None)
         if existing is None:
             if handler.typestr() in self._by_typestr and not override:
-                raise ValueError(f'Type "{ty}" has a `typestr` ("{handler.typestr()}") which '
-                                 "collides with that of an existing TypeHandler.")
+                raise InvalidArgumentError(f'Type "{ty}" has a `typestr` ("{handler.typestr()}")'
+                                           " which collides with that of an existing "
+                                           "TypeHandler.")
             self._entries.append((func, handler))
         elif override:
             if not ignore_warnings:
                 log.info("type handler registry: %s now handled by %s", ty, type(handler).__name__)
             self._entries[existing] = (func, handler)
         else:
-            raise ValueError(f'A TypeHandler for "{ty}" is already registered.')
+            raise InvalidArgumentError(f'A TypeHandler for "{ty}" is already registered.')
         self._by_typestr[handler.typestr()] = handler
         self._custom.clear()
         self.has_custom = not all(is_builtin(h) for _f, h in self._entries)
@@ -472,7 +475,7 @@ class TypeHandlerRegistry:
             for func, handler in self._entries:
                 if func(ty):
                     return handler
-        raise ValueError(f'Unknown type: "{ty}". Must register a TypeHandler.')
+        raise InvalidArgumentError(f'Unknown type: "{ty}". Must register a TypeHandler.')
 
     def has(self, ty: Any) -> bool:
         try:

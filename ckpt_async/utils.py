@@ -19,7 +19,7 @@ from . import _format as fmt
 from . import _storage as storage
 from ._paths import as_path
 from ._runtime import get_runtime
-from .errors import InvalidArgumentError
+from .errors import CheckpointNotFoundError, InvalidArgumentError
 from .handlers._legacy import leaf_is_placeholder, leaf_placeholder, name_from_leaf_placeholder
 from .manager import _steps
 from .multihost import (
@@ -210,7 +210,7 @@ def pytree_structure(directory: Any) -> Any:
     and ``array_metadatas`` are left out, as in Orbax."""
     path = as_path(directory)
     if not get_runtime().call(storage.is_dir, path):
-        raise FileNotFoundError(f"{path}: no such directory")
+        raise CheckpointNotFoundError(f"{path}: no such directory")
     tree: dict[str, Any] = {}
     for name in sorted(get_runtime().call(storage.listdirs, path)):
         if name in (fmt.SHARDING, fmt.PYTREE_METADATA, fmt.ARRAY_METADATAS):

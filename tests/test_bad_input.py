@@ -13,11 +13,13 @@ import pytest
 
 import ckpt_async as ocp
 from ckpt_async.errors import (
+    CheckpointNotFoundError,
     CorruptCheckpointError,
     HandlerError,
     InvalidArgumentError,
     InvalidTypeError,
     NotWritableError,
+    ShapeMismatchError,
     ShardingMismatchError,
     StepNotFoundError,
     StructureMismatchError,
@@ -520,3 +522,78 @@ def test_a_sharding_that_does_not_split_the_array_is_named_with_the_leaf(tmp_pat
                 target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))):
             with pytest.raises(ShardingMismatchError, match=message.replace("/c:", f"/m/1/{item}:")):
                 mngr.restore(1, args=ocp.args.Composite(**{item: args}))
+
+
+class _UnregisteredArgs(ocp.args.CheckpointArgs):
+    """Args no handler is registered with."""
+
+
+def _deserialize_in_another_shape(path):
+    import asyncio
+
+    import jax
+    import tensorstore as ts
+
+    spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(path / "a")}}
+    ts.open(spec, create=True, shape=[2], dtype=ts.int32).result()
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    asyncio.run(ocp.serialization.async_deserialize(sharding, spec, global_shape=(3,)))
+
+
+def _find_missing_step(path):
+    ocp.path.step.standard_name_format().find_step(path, 3)
+
+
+@pytest.mark.parametrize("call, error, builtin", [
+    # (ocp.tree, ocp.transform_utils, ocp.msgpack_utils)
+    (lambda p: ocp.tree.merge_trees({"a": 1}, {"a": 2}), InvalidArgumentError, ValueError),
+    (lambda p: ocp.tree.merge_trees({"a": [1]}, {"a": [1, 2]}, overwrite=True),
+     StructureMismatchError, ValueError),
+    (lambda p: ocp.transform_utils.Transform(original_key="a", use_fallback=True),
+     InvalidArgumentError, ValueError),
+    (lambda p: ocp.transform_utils.apply_transformations(
+        {"a": 1}, {"b": ocp.transform_utils.Transform(original_key="c")}, {"b": 0}),
+     StructureMismatchError, ValueError),
+    (lambda p: ocp.msgpack_utils.msgpack_serialize({"a": {1, 2}}), UnsupportedLeafError,
+     ValueError),
+    (lambda p: ocp.msgpack_utils.msgpack_restore(b"\xc1"), InvalidArgumentError, ValueError),
+    # (ocp.type_handlers, ocp.serialization)
+    (lambda p: ocp.type_handlers.get_type_handler(_UnregisteredArgs), InvalidArgumentError,
+     ValueError),
+    (lambda p: ocp.type_handlers.register_type_handler(int, object()), InvalidTypeError,
+     TypeError),
+    (lambda p: ocp.type_handlers.ArrayRestoreArgs(shape=(2,), global_shape=(3,)),
+     InvalidArgumentError, ValueError),
+    (_deserialize_in_another_shape, ShapeMismatchError, ValueError),
+    # (ocp.path.step, ocp.metadata, ocp.multihost)
+    (_find_missing_step, InvalidArgumentError, ValueError),
+    (lambda p: ocp.path.step.get_save_directory(1, None), InvalidArgumentError, ValueError),
+    (lambda p: ocp.metadata.get_step_metadata(p), InvalidArgumentError, ValueError),
+    (lambda p: ocp.metadata.SingleDeviceShardingMetadata("nodevice:9").to_jax_sharding(),
+     InvalidArgumentError, ValueError),
+    (lambda p: ocp.multihost.get_barrier_sync_fn(processes=[5]), InvalidArgumentError,
+     ValueError),
+    # (args, preservation policies, handlers)
+    (lambda p: ocp.args.get_registered_handler_cls(int), InvalidTypeError, TypeError),
+    (lambda p: ocp.args.get_registered_handler_cls(_UnregisteredArgs), HandlerError,
+     ValueError),
+    (lambda p: ocp.checkpoint_managers.EveryNSteps(interval_steps=0).should_preserve(
+        [], context=None), InvalidArgumentError, ValueError),
+    (lambda p: ocp.PyTreeCheckpointHandler(no_such_option=1), InvalidTypeError, TypeError),
+    (lambda p: ocp.StandardCheckpointHandler().save(p / "c", 1, 2, 3), InvalidTypeError,
+     TypeError),
+    (lambda p: ocp.aggregate_handlers.MsgpackHandler().deserialize(p / "c"),
+     CheckpointNotFoundError, FileNotFoundError),
+    # (ocp.utils, ocp.test_utils)
+    (lambda p: ocp.utils.name_from_leaf_placeholder("params.w"), InvalidArgumentError,
+     ValueError),
+    (lambda p: ocp.utils.pytree_structure(p / "c"), CheckpointNotFoundError, FileNotFoundError),
+    (lambda p: ocp.test_utils.print_directory(p / "c"), InvalidArgumentError, ValueError),
+])
+def test_errors_of_the_public_api_are_checkpoint_errors_and_orbaxs_builtins(tmp_path, call,
+                                                                             error, builtin):
+    # (each raised the bare builtin, outside the CheckpointError tree the guide promises)
+    with pytest.raises(error) as err:
+        call(tmp_path)
+    assert type(err.value) is error
+    assert isinstance(err.value, ocp.errors.CheckpointError) and isinstance(err.value, builtin)

@@ -13,6 +13,7 @@ import datetime
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from ..errors import InvalidArgumentError
 from ._info import CheckpointInfo
 
 
@@ -102,7 +103,7 @@ class EveryNSteps(PreservationPolicy):
 
     def should_preserve(self, checkpoints, *, context) -> list[bool]:
         if self.interval_steps == 0:
-            raise ValueError("interval_steps must not be 0.")
+            raise InvalidArgumentError("interval_steps must not be 0.")
         if self.exact_interval:
             flags = [ckpt.step % self.interval_steps == 0 for ckpt in checkpoints]
         else:
@@ -131,7 +132,7 @@ class EveryNStepsClosest(PreservationPolicy):
 
     def should_preserve(self, checkpoints, *, context) -> list[bool]:
         if self.interval_steps == 0:
-            raise ValueError("interval_steps must not be 0.")
+            raise InvalidArgumentError("interval_steps must not be 0.")
         if not checkpoints:
             return []
         best: dict[int, tuple[int, int]] = {}  # grid index -> (distance, checkpoint index)
@@ -172,7 +173,7 @@ class AnyPreservationPolicy(PreservationPolicy):
         for policy in self.policies:
             decided = list(policy.should_preserve(checkpoints, context=context))
             if len(decided) != len(flags):
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"{policy!r} returned {len(decided)} flags for {len(flags)} checkpoints."
                 )
             flags = [bool(a or b) for a, b in zip(flags, decided, strict=True)]

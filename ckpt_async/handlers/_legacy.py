@@ -26,7 +26,7 @@ from .. import _storage as storage
 from .. import _tree
 from .._ocdbt import MANIFEST
 from .._paths import AnyPath
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
 from ..msgpack_utils import msgpack_restore
 
 #: Prefixes of the strings that stood in the msgpack tree of Orbax's first format for values
@@ -50,8 +50,8 @@ def name_from_leaf_placeholder(placeholder: str) -> str:
     for prefix in (_AGGREGATED_PREFIX, PLACEHOLDER_PREFIX):
         if isinstance(placeholder, str) and placeholder.startswith(prefix):
             return placeholder[len(prefix):]
-    raise ValueError(f"{placeholder!r} is not a placeholder (no {PLACEHOLDER_PREFIX!r} or "
-                     f"{_AGGREGATED_PREFIX!r} prefix)")
+    raise InvalidArgumentError(f"{placeholder!r} is not a placeholder (no "
+                               f"{PLACEHOLDER_PREFIX!r} or {_AGGREGATED_PREFIX!r} prefix)")
 
 
 #: The aggregate file's name unless a handler's ``aggregate_filename`` says another.

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, TypeVar
 from .. import _storage as storage
 from .._paths import AnyPath, as_path, coerce
 from .._runtime import get_runtime
-from ..errors import RuntimeUsageError
+from ..errors import InvalidTypeError, RuntimeUsageError
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
@@ -88,12 +88,13 @@ def _as_args(handler: Any, kind: str, args: tuple[Any, ...], kwargs: dict[str, A
     if len(args) > 1 or (args and not isinstance(args[0], CheckpointArgs)):
         names = _LEGACY_POSITIONALS[kind]  # (Orbax's parameters after ``directory``)
         if len(args) > len(names):
-            raise TypeError(f"{type(handler).__name__}.{kind}() takes at most {len(names) + 1} "
-                            f"positional arguments after self ({len(args) + 1} given)")
+            raise InvalidTypeError(f"{type(handler).__name__}.{kind}() takes at most "
+                                   f"{len(names) + 1} positional arguments after self "
+                                   f"({len(args) + 1} given)")
         for name, value in zip(names, args, strict=False):
             if name in kwargs:
-                raise TypeError(f"{type(handler).__name__}.{kind}() got multiple values for "
-                                f"argument {name!r}")
+                raise InvalidTypeError(f"{type(handler).__name__}.{kind}() got multiple values for "
+                                       f"argument {name!r}")
             kwargs[name] = value
         args = ()
     given = kwargs.pop("args", None) if "args" in kwargs else (args[0] if args else None)

@@ -279,8 +279,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         #: default, ``_stage.PINNED_HOST_TRANSFER``); a save's own ``PyTreeSave`` one wins.
         self._pinned: bool | None = orbax_options.get("enable_pinned_host_transfer")
         if unknown:
-            raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s) "
-                            f"{', '.join(map(repr, unknown))}")
+            raise InvalidTypeError(f"{type(self).__name__}() got unexpected keyword argument(s) "
+                                   f"{', '.join(map(repr, unknown))}")
         if getattr(orbax_options.get("pytree_metadata_options"), "support_rich_types", False):
             _warn_rich_types(type(self).__name__)
         # One budget per handler: it bounds the bytes staged-but-unwritten of all its saves in

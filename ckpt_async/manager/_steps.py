@@ -58,7 +58,7 @@ class NameFormat:
         for found in self.find_all(base_path):
             if found.step == step:
                 return found
-        raise ValueError(f"no committed step {step} in {base_path} named as {self}")
+        raise InvalidArgumentError(f"no committed step {step} in {base_path} named as {self}")
 
     def build_name(self, step: int) -> str:
         digits = f"{step:0{self.step_format_fixed_length}d}" if self.step_format_fixed_length else str(step)

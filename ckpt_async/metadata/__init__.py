@@ -19,6 +19,7 @@ from .._integrity import read_step_metadata
 from .._paths import AnyPath, as_path
 from .._runtime import get_runtime
 from .._serialize import axis_types_from_json, device_named, mesh_ids, mesh_of, sharding_to_json
+from ..errors import InvalidArgumentError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,7 @@ class ShardingMetadata(abc.ABC):
         text = sharding_to_json(jax_sharding)
         meta = sharding_metadata_from_json(json.loads(text)) if text is not None else None
         if meta is None or not isinstance(meta, cls):
-            raise ValueError(f"{cls.__name__} cannot describe {jax_sharding!r}")
+            raise InvalidArgumentError(f"{cls.__name__} cannot describe {jax_sharding!r}")
         return meta
 
     @classmethod
@@ -46,7 +47,7 @@ class ShardingMetadata(abc.ABC):
         """The metadata of a decoded ``_sharding`` entry; ``ValueError`` for another kind."""
         meta = sharding_metadata_from_json(deserialized_dict)
         if meta is None or not isinstance(meta, cls):
-            raise ValueError(f"{cls.__name__} cannot read {dict(deserialized_dict)!r}")
+            raise InvalidArgumentError(f"{cls.__name__} cannot read {dict(deserialized_dict)!r}")
         return meta
 
     @abc.abstractmethod
@@ -66,7 +67,8 @@ class SingleDeviceShardingMetadata(ShardingMetadata):
         """The sharding on this process's device of that name (``ValueError`` if none)."""
         device = device_named(self.device_str)
         if device is None:
-            raise ValueError(f"no device {self.device_str} in this process: {jax.devices()}")
+            raise InvalidArgumentError(f"no device {self.device_str} in this process: "
+                                       f"{jax.devices()}")
         return jax.sharding.SingleDeviceSharding(device)
 
     def to_serialized_string(self) -> str:
@@ -243,7 +245,7 @@ def get_step_metadata(path: Any) -> StepMetadata:
     step = as_path(path)
     doc, ext = get_runtime().call(read_step_metadata, step)
     if doc is None:
-        raise ValueError(f"Step metadata not found at {step / fmt.CHECKPOINT_METADATA}")
+        raise InvalidArgumentError(f"Step metadata not found at {step / fmt.CHECKPOINT_METADATA}")
     return step_metadata_of(doc, ext)
 
 

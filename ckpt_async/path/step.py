@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import _format as fmt
 from .._paths import AnyPath, as_path
+from ..errors import InvalidArgumentError
 from ..manager._steps import (
     Metadata,
     NameFormat,
@@ -48,8 +49,9 @@ class _CompositeNameFormat(NameFormat):
 
     def __post_init__(self) -> None:
         if self.write_name_format not in self.read_name_formats:
-            raise ValueError(f"write_name_format: {self.write_name_format} must be present in "
-                             f"read_name_formats: {list(self.read_name_formats)}")
+            raise InvalidArgumentError(f"write_name_format: {self.write_name_format} must be "
+                                       f"present in read_name_formats: "
+                                       f"{list(self.read_name_formats)}")
 
     def build_name(self, step: int) -> str:
         return str(self.write_name_format.build_name(step))
@@ -69,7 +71,7 @@ class _CompositeNameFormat(NameFormat):
                 return name_format_of(nf).find_step(base_path, step)  # type: ignore[no-any-return]
             except ValueError as exc:
                 errors.append(str(exc))
-        raise ValueError("\n".join(errors))
+        raise InvalidArgumentError("\n".join(errors))
 
 
 def composite_name_format(write_name_format: Any, read_name_formats: Iterable[Any]) -> NameFormat:
@@ -138,7 +140,7 @@ def step_metadata_of_checkpoint_path(checkpoint_path: Any, name_format: Any) -> 
     for found in name_format_of(name_format).find_all(path.parent):
         if found.path.name == path.name:
             return found
-    raise ValueError(f"{path} is no committed step of {name_format}")
+    raise InvalidArgumentError(f"{path} is no committed step of {name_format}")
 
 
 def get_save_directory(step: int, directory: Any, name: str | None = None,
@@ -148,7 +150,7 @@ def get_save_directory(step: int, directory: Any, name: str | None = None,
     """The directory of ``step`` (and item ``name`` in it) under ``directory``, as Orbax
     names it; ``override_directory`` instead of the step's, when given."""
     if directory is None:
-        raise ValueError("Directory cannot be None.")
+        raise InvalidArgumentError("Directory cannot be None.")
     if override_directory is not None:
         result = as_path(override_directory)
     else:

@@ -12,6 +12,7 @@ import numpy as np
 import tensorstore as ts
 
 from .._serialize import check_sharding, fit
+from ..errors import ShapeMismatchError
 from . import tensorstore_utils
 from . import tensorstore_utils as ts_utils
 from .tensorstore_utils import get_ts_context
@@ -56,8 +57,8 @@ async def async_deserialize(user_sharding: jax.sharding.Sharding,
     stored = tuple(store.shape)
     shape = stored if global_shape is None else tuple(global_shape)
     if strict and shape != stored:
-        raise ValueError(f"{spec}: the stored shape {stored} is not the requested {shape} "
-                         "(strict=False cuts or pads it)")
+        raise ShapeMismatchError(f"{spec}: the stored shape {stored} is not the requested {shape} "
+                                 "(strict=False cuts or pads it)")
     out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(store.dtype.numpy_dtype)
     # (jax's bare IndivisibleError named no array)
     check_sharding(spec.kvstore.url if spec.kvstore is not None else str(spec), None, shape,
