@@ -25,7 +25,7 @@ import numpy as np
 
 from ._ocdbt import as_bytes
 from ._serialize import dtype_named
-from .errors import InvalidArgumentError, UnsupportedLeafError
+from .errors import InvalidArgumentError, InvalidTypeError, UnsupportedLeafError
 
 __all__ = ["MAX_CHUNK_SIZE", "msgpack_restore", "msgpack_serialize"]
 
@@ -130,8 +130,15 @@ def msgpack_serialize(pytree: Any, in_place: bool = False) -> bytes:
 
 def msgpack_restore(encoded_pytree: bytes | bytearray | memoryview) -> Any:
     """The tree in msgpack bytes written by :func:`msgpack_serialize` (or by Orbax or flax):
-    arrays come back as read-only NumPy arrays over the bytes read, chunked ones joined."""
+    arrays come back as read-only NumPy arrays over the bytes read, chunked ones joined.
+    Bytes that hold no such tree raise :class:`~ckpt_async.errors.InvalidArgumentError` (a
+    ``ValueError``; :class:`~ckpt_async.errors.InvalidTypeError`, also a ``TypeError``, for
+    an array of a dtype NumPy does not know, as Orbax's ``TypeError``)."""
     try:
         return _joined(_decoder.decode(encoded_pytree))
-    except msgspec.DecodeError as exc:
+    except InvalidArgumentError:
+        raise
+    except TypeError as exc:  # (an array's dtype name or payload that is none)
+        raise InvalidTypeError(f"not a msgpack-encoded tree: {exc}") from exc
+    except (msgspec.DecodeError, ValueError, LookupError) as exc:
         raise InvalidArgumentError(f"not a msgpack-encoded tree: {exc}") from exc

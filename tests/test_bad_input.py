@@ -557,6 +557,7 @@ def _find_missing_step(path):
     (lambda p: ocp.msgpack_utils.msgpack_serialize({"a": {1, 2}}), UnsupportedLeafError,
      ValueError),
     (lambda p: ocp.msgpack_utils.msgpack_restore(b"\xc1"), InvalidArgumentError, ValueError),
+    (lambda p: ocp.msgpack_utils.msgpack_restore(b"\xd4\x01\x05"), InvalidTypeError, TypeError),
     # (ocp.type_handlers, ocp.serialization)
     (lambda p: ocp.type_handlers.get_type_handler(_UnregisteredArgs), InvalidArgumentError,
      ValueError),

@@ -15,6 +15,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import ml_dtypes
+import msgspec
 import numpy as np
 import orbax.checkpoint as orbax
 import pytest
@@ -199,6 +200,26 @@ def test_damaged_or_missing_aggregate_files_name_the_file(copy):
     del tree["params"]["w"]
     (path / "checkpoint").write_bytes(orbax.msgpack_utils.msgpack_serialize(tree))
     with pytest.raises(CorruptCheckpointError, match="the value of leaf 'params.w' is not there"):
+        ocp.PyTreeCheckpointer().restore(path)
+
+
+def _array_ext(shape, dtype_name, data):
+    """An array as the msgpack extension value of Orbax's first format encodes it."""
+    return msgspec.msgpack.Ext(1, msgspec.msgpack.encode((shape, dtype_name, data)))
+
+
+@pytest.mark.parametrize("value, message", [
+    (_array_ext((2,), "nonsense", bytes(8)), "data type 'nonsense' not understood"),
+    (msgspec.msgpack.Ext(1, msgspec.msgpack.encode(5)), "cannot unpack"),
+    ({"__msgpack_chunked_array__": True, "shape": {"0": 2}}, "'chunks'"),
+])
+def test_an_aggregate_file_that_does_not_decode_is_corrupt(copy, value, message):
+    # (each raised a bare TypeError or KeyError, outside ckpt_async's errors, where a file
+    # that is no msgpack at all raised CorruptCheckpointError)
+    path = copy("0.3.5", "aggregate_all")
+    (path / "checkpoint").write_bytes(msgspec.msgpack.encode({"w": value}))
+    with pytest.raises(CorruptCheckpointError,
+                       match=f"checkpoint: not a msgpack-encoded tree: {message}"):
         ocp.PyTreeCheckpointer().restore(path)
 
 
