@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import zlib
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -184,6 +186,24 @@ def test_garbled_metadata(tmp_path):
     with pytest.raises(CorruptCheckpointError, match="_METADATA"):
         _restore(tmp_path / "c")
     assert not ocp.verify(tmp_path / "c").ok
+
+
+@pytest.mark.parametrize("skeleton", [["X", 0], ["D", [["big", "s"]]], ["L", 99], 5])
+def test_a_recorded_tree_that_does_not_decode_is_corrupt(tmp_path, skeleton):
+    # A _METADATA whose checksum matches (written so) but whose tree record is none: the
+    # restore raised the bare ValueError, IndexError or TypeError of the decoding.
+    _save(tmp_path / "c")
+    doc = json.loads((tmp_path / "c" / "_METADATA").read_bytes())
+    doc["ckpt_async"]["skeleton"] = skeleton
+    data = json.dumps(doc).encode()
+    (tmp_path / "c" / "_METADATA").write_bytes(data)
+    sums = json.loads((tmp_path / "c" / "_CHECKSUMS").read_bytes())
+    sums["documents"]["_METADATA"] = zlib.crc32(data)
+    (tmp_path / "c" / "_CHECKSUMS").write_text(json.dumps(sums))
+    with pytest.raises(CorruptCheckpointError,
+                       match=f"^{tmp_path / 'c' / '_METADATA'}: the tree it records does not "
+                             "decode"):
+        _restore(tmp_path / "c")
 
 
 def test_document_that_still_parses_but_changed(tmp_path):

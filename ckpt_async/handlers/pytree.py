@@ -1289,7 +1289,12 @@ class _Reader:
                 if (impl := self.random_keys.get(self._name(e))) is not None:
                     values[i] = jax.random.wrap_key_data(values[i], impl=impl)
         if self.skeleton is not None:
-            return _tree.unflatten(self.skeleton, lambda i: values[i])
+            try:
+                return _tree.unflatten(self.skeleton, lambda i: values[i])
+            except (LookupError, TypeError, ValueError) as exc:  # (a skeleton that is none)
+                raise CorruptCheckpointError(
+                    f"{self.dir / fmt.PYTREE_METADATA}: the tree it records does not decode "
+                    f"({exc!r})") from exc
         # (Orbax's checkpoint: its dicts as Orbax gives them, keys sorted)
         return _tree.tree_from_key_metadata(
             [(e.key_metadata, v) for e, v in zip(entries, values)], sort_keys=True)
