@@ -944,6 +944,18 @@ def test_step_metadata_and_root_metadata(tmp_path):
         assert mngr.metadata().custom_metadata == {"run": "abc"}  # written once
 
 
+@pytest.mark.parametrize("value, message", [(object(), "Object of type builtins.object"),
+                                            ({1, 2}, "Object of type set")])
+def test_root_metadata_that_is_no_json_is_refused_naming_the_file(tmp_path, value, message):
+    # (a bare TypeError, outside ckpt_async's errors, before; still a TypeError)
+    path = tmp_path / fmt.ROOT_METADATA_DIR / fmt.ROOT_METADATA
+    with pytest.raises(ocp.errors.UnsupportedLeafError,
+                       match=f"^{path}: CheckpointManager\\(metadata=...\\) must be a JSON "
+                             f"document: {message}") as err:
+        ocp.CheckpointManager(tmp_path, metadata={"run": value})
+    assert isinstance(err.value, TypeError) and not path.exists()
+
+
 def test_root_metadata_cut_short_is_never_left_behind(tmp_path):
     # A process killed while it writes _ROOT_METADATA leaves no part of it: the next manager
     # writes it whole. (Written in place, as Orbax does, a cut-short file stayed for good.)

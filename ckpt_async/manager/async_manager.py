@@ -294,9 +294,14 @@ class AsyncCheckpointManager:
                 return  # written by an earlier run; root metadata is written once
         except CorruptCheckpointError as exc:  # (e.g. Orbax's, cut short: it writes in place)
             log.warning("%s; writing this manager's root metadata in its place", exc)
+        try:
+            document = fmt.encode(fmt.RootMetadata({}, dict(custom)), values=custom)
+        except (TypeError, ValueError) as exc:
+            raise UnsupportedLeafError(
+                f"{path}: CheckpointManager(metadata=...) must be a JSON document: {exc}"
+            ) from exc
         await storage.makedirs(path.parent)
-        await storage.replace_whole(path, fmt.encode(fmt.RootMetadata({}, dict(custom)),
-                                                     values=custom))
+        await storage.replace_whole(path, document)
 
     async def _step_names(self, root: Any = None) -> dict[int, str]:
         """Committed steps in ``root`` (default: this manager's directory): step -> name."""
