@@ -294,6 +294,8 @@ class AsyncCheckpointer:
             args = make_args(self.handler, "save", args if args is not None else
                              (items[0] if items else None), legacy, path)
         self._check_args(args, path)
+        if custom_metadata is not None:
+            fmt.require_json(custom_metadata, f"saving {path}: custom_metadata")
 
         async def precheck() -> None:
             self.check_for_errors()

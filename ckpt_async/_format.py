@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, UnsupportedLeafError
 
 # File and directory names, as Orbax writes them.
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
@@ -212,6 +212,16 @@ def encode(doc: Any, *, values: Any = None) -> bytes:
     if values is not None and _non_finite(values):
         return json.dumps(msgspec.to_builtins(doc, str_keys=True, enc_hook=_builtin)).encode()
     return _encoder.encode(doc)
+
+
+def require_json(values: Any, what: str) -> None:
+    """Raises UnsupportedLeafError (a TypeError) saying that ``what`` must be a JSON document
+    when ``values`` is none (custom metadata, metrics): refused when they are given, not by
+    the commit in the background once the arrays are written."""
+    try:
+        encode(values, values=values)
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedLeafError(f"{what} must be a JSON document: {exc}") from exc
 
 
 def decode(data: bytes, type_: type[Any], *, where: str) -> Any:

@@ -598,3 +598,28 @@ def test_errors_of_the_public_api_are_checkpoint_errors_and_orbaxs_builtins(tmp_
         call(tmp_path)
     assert type(err.value) is error
     assert isinstance(err.value, ocp.errors.CheckpointError) and isinstance(err.value, builtin)
+
+
+@pytest.mark.parametrize("how", ["checkpointer", "pytree_save"])
+def test_custom_metadata_that_is_no_json_is_refused_at_save_not_at_the_commit(tmp_path, how):
+    # Refused before any array is written (it failed as a CommitError in the background,
+    # after the data), naming the path, as the manager's check of its own custom_metadata does.
+    tree = {"x": np.arange(4.0)}
+    if how == "checkpointer":
+        ckptr = ocp.StandardCheckpointer()
+        save = lambda: ckptr.save(tmp_path / "c", args=ocp.args.StandardSave(tree),  # noqa: E731
+                                  custom_metadata={"o": object()})
+    else:
+        ckptr = ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler())
+        save = lambda: ckptr.save(  # noqa: E731
+            tmp_path / "c", args=ocp.args.PyTreeSave(tree, custom_metadata={"s": {1, 2}}))
+    with ckptr:
+        with pytest.raises(UnsupportedLeafError, match=r"c: custom_metadata must be a JSON") as e:
+            save()
+        assert isinstance(e.value, TypeError)
+        ckptr.wait_until_finished()
+        assert os.listdir(tmp_path) == []  # nothing written, not even a temporary directory
+        ckptr.save(tmp_path / "c", args=ocp.args.StandardSave(tree) if how == "checkpointer"
+                   else ocp.args.PyTreeSave(tree))
+        ckptr.wait_until_finished()
+        np.testing.assert_array_equal(ckptr.restore(tmp_path / "c")["x"], tree["x"])

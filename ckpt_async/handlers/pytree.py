@@ -323,6 +323,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         where = str(directory)
         if getattr(args, "partial_update", False):
             raise InvalidArgumentError(f"{where}: PyTreeSave(partial_update=True) is not supported")
+        if args.custom_metadata is not None:
+            fmt.require_json(args.custom_metadata, f"{where}: custom_metadata")
         planned, skeleton = self.plan(args.item, args.save_args, where)
         strings = {p.leaf.name: p.leaf.value for p in planned
                    if p.value_type == "string" and p.handler is None}

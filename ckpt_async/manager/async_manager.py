@@ -548,12 +548,8 @@ class AsyncCheckpointManager:
         meta = fmt.StepMetadata(custom_metadata=dict(custom_metadata or {}))
         if metrics is not None and not self.options.prevent_write_metrics:
             meta.metrics = written if isinstance(written, dict) else {"value": written}
-        try:  # (refused now, not by the commit in the background)
-            fmt.encode(meta, values=[meta.metrics, meta.custom_metadata])
-        except (TypeError, ValueError) as exc:
-            raise UnsupportedLeafError(
-                f"step {step} of {self.directory}: metrics and custom_metadata must be JSON "
-                f"documents: {exc}") from exc
+        fmt.require_json([meta.metrics, meta.custom_metadata],
+                         f"step {step} of {self.directory}: metrics and custom_metadata")
         info = CheckpointInfo(step, datetime.datetime.now(tz=datetime.UTC), metrics)
         candidates = [*self._checkpoints, info]
         t = time.time()
