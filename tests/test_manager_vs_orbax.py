@@ -666,10 +666,28 @@ def _broadcast_option_against_the_name_format(lib, d):
     return out
 
 
+def _an_empty_step_prefix(lib, d):
+    # step_prefix="" is a prefix: its underscore is written ("_7"), as Orbax writes it, and
+    # a name without it is no step of that format
+    out = []
+    (d / "3").mkdir()
+    for opts in ({"step_prefix": ""}, {"step_prefix": "", "step_format_fixed_length": 3}):
+        with lib.CheckpointManager(d / str(len(opts)),
+                                   options=lib.CheckpointManagerOptions(**opts)) as m:
+            m.save(7, args=lib.args.StandardSave({"a": np.arange(3)}))
+            m.wait_until_finished()
+            out.append([m.all_steps(), sorted(os.listdir(d / str(len(opts))))])
+    with lib.CheckpointManager(d, options=lib.CheckpointManagerOptions(step_prefix="")) as m:
+        out.append(m.all_steps())
+    out.append(lib.step.standard_name_format(step_prefix="").build_name(5))
+    return out
+
+
 @pytest.mark.parametrize("case", [_policy_beside_legacy_fields, _step_names_and_times,
                                   _metadata_and_arguments, _logger_entries,
                                   _legacy_checkpointers, _legacy_items_with_item_handlers,
-                                  _broadcast_option_against_the_name_format])
+                                  _broadcast_option_against_the_name_format,
+                                  _an_empty_step_prefix])
 def test_manager_calls_answer_as_orbax(tmp_path, case):
     answers = {}
     for name, lib in (("ckpt_async", ca), ("orbax", orbax)):

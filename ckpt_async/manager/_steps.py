@@ -62,13 +62,14 @@ class NameFormat:
 
     def build_name(self, step: int) -> str:
         digits = f"{step:0{self.step_format_fixed_length}d}" if self.step_format_fixed_length else str(step)
-        return f"{self.step_prefix}_{digits}" if self.step_prefix else digits
+        # (Orbax's: a prefix of "" still takes its underscore, "_12")
+        return digits if self.step_prefix is None else f"{self.step_prefix}_{digits}"
 
     def parse(self, name: str) -> int | None:
         """The step a directory name denotes, or None when it is no step of this format."""
         if is_leftover(name):
             return None
-        prefix = re.escape(self.step_prefix) + "_" if self.step_prefix else ""
+        prefix = "" if self.step_prefix is None else re.escape(self.step_prefix) + "_"
         n = self.step_format_fixed_length
         # Orbax's: padded to exactly n digits, or longer without a leading zero; unpadded,
         # no leading zero at all
