@@ -175,8 +175,10 @@ def test_rename_moves_when_the_destination_is_free(tmp_path, rename_mode):
     assert not src.exists() and (dst / "mine").read_text() == "src"
 
 
-def test_commit_refuses_a_step_another_writer_committed(tmp_path):
-    """One process, two managers: the one that committed second is told, and loses nothing
+@pytest.mark.parametrize("force", [False, True])
+def test_commit_refuses_a_step_another_writer_committed(tmp_path, force):
+    """One process, two managers: the one that committed second is told, by save() (also a
+    forced one: force overrides the save decision, it replaces no step), and loses nothing
     of the first writer's step."""
     directory = tmp_path / "run"
     a = ocp.CheckpointManager(directory)
@@ -185,7 +187,7 @@ def test_commit_refuses_a_step_another_writer_committed(tmp_path):
         a.save(1, args=ocp.args.StandardSave({"x": np.arange(4)}))
         a.wait_until_finished()
         with pytest.raises(ocp.errors.StepAlreadyExistsError, match="already exists"):
-            b.save(1, args=ocp.args.StandardSave({"x": np.arange(4) * 2}))
+            b.save(1, args=ocp.args.StandardSave({"x": np.arange(4) * 2}), force=force)
         b.reload()
         assert b.all_steps() == [1]
         np.testing.assert_array_equal(b.restore(1)["x"], np.arange(4))

@@ -520,10 +520,10 @@ class AsyncCheckpointManager:
         async def precheck() -> None:
             if multi:
                 self._raise_failure()
-            if step in self.all_steps() or (
-                    not force and await _commit.is_visible(self._step_path(step))):
+            if step in self.all_steps() or await _commit.is_visible(self._step_path(step)):
                 # (on disk too: another writer may have committed it; the commit's
-                # create-once rename is what decides a race, this reports the common case)
+                # create-once rename is what decides a race, this reports the common case.
+                # force=True too: it overrides the save decision policy, it replaces nothing)
                 raise StepAlreadyExistsError(f"Checkpoint for step {step} already exists in "
                                              f"{self.directory}.")
 
