@@ -65,8 +65,11 @@ async def scan(directory: AnyPath) -> tuple[list[str], set[str]]:
 async def create_tmp(final: AnyPath) -> AnyPath:
     """Where a save of ``final`` writes: a new temporary directory, or, on an object store,
     ``final`` itself, cleared first (unlisted, then removed: leftovers of an unfinished save, or
-    the checkpoint a forced save replaces)."""
+    the checkpoint a forced save replaces). Locally, Orbax's own temporary directory for
+    ``final`` (``<name>.orbax-checkpoint-tmp``, the leftover of a save of it that did not
+    finish) is removed first, as Orbax removes it."""
     if storage.has_rename(final):
+        await storage.rmtree(final.parent / f"{final.name}{fmt.TMP_SUFFIX}")
         tmp = tmp_path_for(final)
         try:
             await storage.mkdir_exclusive(tmp)

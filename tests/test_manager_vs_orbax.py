@@ -683,11 +683,32 @@ def _an_empty_step_prefix(lib, d):
     return out
 
 
+def _an_unfinished_orbax_save_of_the_step(lib, d):
+    # Orbax's temporary directory of a step (<name>.orbax-checkpoint-tmp, left by a save
+    # that did not finish) is removed by the next save of that step, without
+    # cleanup_tmp_directories; another step's, or a temporary name with a suffix, stays
+    out = []
+    for name in ("ck_5.orbax-checkpoint-tmp/default.orbax-checkpoint-tmp",
+                 "ck_6.orbax-checkpoint-tmp/default", "ck_5.orbax-checkpoint-tmp-123/default"):
+        (d / "m" / name).mkdir(parents=True)
+    with lib.CheckpointManager(d / "m", options=lib.CheckpointManagerOptions(
+            step_prefix="ck")) as m:
+        out.append(m.save(5, args=lib.args.StandardSave({"a": np.arange(3)})))
+        m.wait_until_finished()
+        out.append(m.all_steps())
+    out.append(sorted(os.listdir(d / "m")))
+    (d / "c" / "x.orbax-checkpoint-tmp").mkdir(parents=True)
+    with lib.StandardCheckpointer() as ckptr:
+        ckptr.save(d / "c" / "x", {"a": np.arange(3)})
+    out.append(sorted(os.listdir(d / "c")))
+    return out
+
+
 @pytest.mark.parametrize("case", [_policy_beside_legacy_fields, _step_names_and_times,
                                   _metadata_and_arguments, _logger_entries,
                                   _legacy_checkpointers, _legacy_items_with_item_handlers,
                                   _broadcast_option_against_the_name_format,
-                                  _an_empty_step_prefix])
+                                  _an_empty_step_prefix, _an_unfinished_orbax_save_of_the_step])
 def test_manager_calls_answer_as_orbax(tmp_path, case):
     answers = {}
     for name, lib in (("ckpt_async", ca), ("orbax", orbax)):
