@@ -923,6 +923,18 @@ def test_item_handlers_configure_items(tmp_path):
         assert mngr.item_metadata(0)["b"].shape == ()
 
 
+@pytest.mark.parametrize("items", [{"item_handlers": {}}, {"item_names": ()}])
+def test_no_items_given_up_front_is_a_manager_of_no_items(tmp_path, items):
+    # As in Orbax: item_handlers={} (say, built from an empty list) is item_names=(): a
+    # manager of several named items, none of them this one (it took {} for None: any item)
+    with ocp.CheckpointManager(tmp_path, **items) as mngr:
+        with pytest.raises(ValueError, match="multiple checkpointable objects"):
+            mngr.save(0, args=ocp.args.StandardSave(tree(0)))
+        with pytest.raises(ValueError):
+            mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(tree(1))))
+        assert mngr.all_steps() == [] and os.listdir(tmp_path) == []
+
+
 # --- listing, metadata, naming, options -----------------------------------------------------------
 def test_step_metadata_and_root_metadata(tmp_path):
     before = time.time()

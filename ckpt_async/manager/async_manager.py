@@ -205,11 +205,11 @@ class AsyncCheckpointManager:
         else:  # (item_names beside a single handler was refused above)
             for name, handler in (item_handlers or {}).items():
                 registry.add(name, None, handler)
-            if item_names is not None or item_handlers:
+            if item_names is not None or item_handlers is not None:  # ({}: no items, as ())
                 self._named = sorted({*(item_names or ()), *(item_handlers or {})})
                 self._default_item = False
                 self._mode_by = f"it was built with the items {self._named}"
-        if item_names is not None or item_handlers:
+        if item_names is not None or item_handlers is not None:
             registry.limit_to([*(item_names or ()), *registry.locked_items()])
         if not registry.has(METRIC_ITEM_NAME):
             # Orbax's metrics item: JSON in ``<step>/metrics/metrics``, so each library reads
