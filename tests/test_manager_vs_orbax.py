@@ -704,11 +704,26 @@ def _an_unfinished_orbax_save_of_the_step(lib, d):
     return out
 
 
+def _a_step_of_named_items_read_as_one_item(lib, d):
+    # A manager of one unnamed item asked for a step saved with named items, without args: a
+    # ValueError (the manager's mode does not fit the step), not a missing checkpoint
+    # (FileNotFoundError, which training loops take for "start from scratch")
+    with lib.CheckpointManager(d) as m:
+        m.save(1, args=lib.args.Composite(state=lib.args.StandardSave({"a": np.arange(3)})))
+    out = []
+    with lib.CheckpointManager(d, item_handlers=lib.StandardCheckpointHandler()) as m:
+        out.append(_outcome(lambda: m.restore(1)))
+        out.append(_outcome(lambda: m.item_metadata(1)))
+        out.append(_outcome(lambda: m.metadata(1)))
+    return out
+
+
 @pytest.mark.parametrize("case", [_policy_beside_legacy_fields, _step_names_and_times,
                                   _metadata_and_arguments, _logger_entries,
                                   _legacy_checkpointers, _legacy_items_with_item_handlers,
                                   _broadcast_option_against_the_name_format,
-                                  _an_empty_step_prefix, _an_unfinished_orbax_save_of_the_step])
+                                  _an_empty_step_prefix, _an_unfinished_orbax_save_of_the_step,
+                                  _a_step_of_named_items_read_as_one_item])
 def test_manager_calls_answer_as_orbax(tmp_path, case):
     answers = {}
     for name, lib in (("ckpt_async", ca), ("orbax", orbax)):

@@ -34,6 +34,7 @@ from ..errors import (
     CorruptCheckpointError,
     InvalidArgumentError,
     InvalidTypeError,
+    ItemNotFoundError,
     StepAlreadyExistsError,
     StepNotFoundError,
     UnsupportedLeafError,
@@ -860,17 +861,32 @@ class AsyncCheckpointManager:
                             several=self._default_item is False)
         if args is not None and self._default_item == isinstance(args, Composite):
             raise self._mode_error("restore", step, args)
+        bare = self._default_item and args is None  # (the step decides what is read)
         if self._default_item:
             args = Composite(**{DEFAULT_ITEM_NAME: args})
         t = time.time()
         async with reading(path, f"step {step} of {self.directory}", StepNotFoundError):
-            result = await call_handler(self._checkpointer.handler.restore, path, args)
+            try:
+                result = await call_handler(self._checkpointer.handler.restore, path, args)
+            except ItemNotFoundError as exc:  # (with args: Orbax's KeyError, as it is)
+                if not bare:
+                    raise
+                raise self._no_default_item(step, path) from exc
         now = time.time()
         self._log_entry(RestoreStepStatistics(
             step=step, directory=str(self.directory), checkpointer_start_time=t,
             checkpointer_duration_secs=now - t, checkpoint_manager_start_time=started,
             checkpoint_manager_duration_secs=now - started))
         return result[DEFAULT_ITEM_NAME] if self._default_item else result
+
+    def _no_default_item(self, step: int, path: AnyPath) -> InvalidArgumentError:
+        """A step of named items read by a manager of one unnamed item (a ``ValueError``, as
+        Orbax raises; not a missing checkpoint)."""
+        return InvalidArgumentError(
+            f"step {step} of {self.directory} holds no {DEFAULT_ITEM_NAME!r} item (it was "
+            f"saved with named items, in {path}), but this manager is in single-item mode "
+            f"({self._mode_by}): read it with a manager of named items (item_names=(...)) "
+            "and Composite args")
 
     @on_engine
     async def item_metadata(self, step: int) -> Any:
@@ -901,6 +917,8 @@ class AsyncCheckpointManager:
             meta = await self._checkpointer.metadata(path)
             metrics = await self._read_metrics(path, await self._read_step_doc(path))
         if self._default_item and meta.item_metadata is not None:
+            if DEFAULT_ITEM_NAME not in meta.item_metadata:
+                raise self._no_default_item(step, path)
             meta.item_metadata = meta.item_metadata.get(DEFAULT_ITEM_NAME)
         if metrics is not None:
             meta.metrics = metrics
