@@ -37,7 +37,13 @@ from ._paths import coerce
 from ._stage import host_copy
 from ._tree import is_namedtuple
 from .errors import InvalidArgumentError, InvalidTypeError
-from .metadata import ArrayMetadata, ScalarMetadata, StorageMetadata, StringMetadata
+from .metadata import (
+    ArrayMetadata,
+    ScalarMetadata,
+    ShardingMetadata,
+    StorageMetadata,
+    StringMetadata,
+)
 from .multihost import current_roles
 
 
@@ -84,7 +90,7 @@ class ArrayRestoreArgs(RestoreArgs):
     restore_type: Any = jax.Array
     mesh: jax.sharding.Mesh | None = None
     mesh_axes: jax.sharding.PartitionSpec | None = None
-    sharding: jax.sharding.Sharding | None = None
+    sharding: jax.sharding.Sharding | ShardingMetadata | None = None
     global_shape: tuple[int, ...] | None = None
     shape: tuple[int, ...] | None = None
     strict: bool = True
@@ -98,12 +104,20 @@ class ArrayRestoreArgs(RestoreArgs):
             self.global_shape = self.shape
         self.shape = self.global_shape
 
-    def resolved_sharding(self) -> jax.sharding.Sharding | None:
-        if self.sharding is not None:
-            return self.sharding
-        if self.mesh is not None and self.mesh_axes is not None:
+    def resolved_sharding(self, where: str = "ArrayRestoreArgs") -> jax.sharding.Sharding | None:
+        """The sharding to restore into: ``sharding`` (a :class:`ShardingMetadata` becomes its
+        jax sharding, ``to_jax_sharding()``, as in Orbax), else ``mesh`` + ``mesh_axes``.
+        Another kind of ``sharding`` raises InvalidArgumentError."""
+        sharding = self.sharding
+        if isinstance(sharding, ShardingMetadata):
+            return sharding.to_jax_sharding()
+        if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
+            raise InvalidArgumentError(
+                f"{where}: sharding={sharding!r} is no jax.sharding.Sharding (nor a "
+                "ShardingMetadata)")
+        if sharding is None and self.mesh is not None and self.mesh_axes is not None:
             return jax.sharding.NamedSharding(self.mesh, self.mesh_axes)
-        return None
+        return sharding
 
 
 #: A leaf of a restore target (or ``item``) marked not to be restored: it comes back as

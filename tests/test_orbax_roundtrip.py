@@ -629,6 +629,35 @@ def test_construct_restore_args_and_placeholders_restore_as_in_orbax(tmp_path, m
     assert holes["opt"][0] == holes["host"] == "PLACEHOLDER"
 
 
+@pytest.mark.parametrize("writer", ["ckpt_async", "orbax"])
+def test_array_restore_args_take_sharding_metadata_as_orbax_does(tmp_path, mesh, writer):
+    # ArrayRestoreArgs(sharding=...) takes a ShardingMetadata too (Orbax: to_jax_sharding()),
+    # as item_metadata() gives them; something else is refused, naming the key.
+    state = make_state(mesh)
+    lib_w = ocp if writer == "ckpt_async" else orbax
+    with lib_w.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", args=lib_w.args.PyTreeSave(state))
+    named = NamedSharding(mesh, PartitionSpec("y", None))
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[3])
+    outcomes = {}
+    for name, lib in (("ckpt_async", ocp), ("orbax", orbax)):
+        ra = lib.checkpoint_utils.construct_restore_args(state)
+        ra["params"]["w"] = lib.ArrayRestoreArgs(
+            sharding=lib.metadata.NamedShardingMetadata.from_jax_sharding(named))
+        ra["opt"][0] = lib.ArrayRestoreArgs(
+            sharding=lib.metadata.SingleDeviceShardingMetadata.from_jax_sharding(single))
+        with lib.PyTreeCheckpointer() as ckptr:
+            out = ckptr.restore(tmp_path / "c", args=lib.args.PyTreeRestore(state, ra))
+        outcomes[name] = (_describe(out), out["params"]["w"].sharding, out["opt"][0].sharding)
+    assert outcomes["ckpt_async"] == outcomes["orbax"]
+    assert outcomes["ckpt_async"][1:] == (named, single)
+    ra = ocp.checkpoint_utils.construct_restore_args(state)
+    ra["params"]["w"] = ocp.ArrayRestoreArgs(sharding=abstract(state)["params"]["w"])
+    with ocp.PyTreeCheckpointer() as ckptr, pytest.raises(
+            ocp.errors.InvalidArgumentError, match=r"c: key 'params\.w': sharding=ShapeDtype"):
+        ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(state, ra))
+
+
 def test_string_leaves_sit_at_their_json_pointers_as_orbax_writes_them(tmp_path):
     # Orbax reads and writes _strings.json through the JSON Pointer '/' + name: a key "x/y"
     # is member y of member x, and "~1" in a key is "/".

@@ -714,15 +714,15 @@ def _completed_by_item(leaf: Any, rarg: ArrayRestoreArgs) -> ArrayRestoreArgs:
     return dataclasses.replace(rarg, **updates) if updates else rarg
 
 
-def _target_sharding(tleaf: Any, rarg: Any) -> jax.sharding.Sharding | None:
+def _target_sharding(tleaf: Any, rarg: Any, where: str) -> jax.sharding.Sharding | None:
     """The sharding a restore target (or its ArrayRestoreArgs) asks for, if any (none for a
     NumPy array asked for: it is read whole)."""
     if getattr(rarg, "restore_type", None) is np.ndarray:
         return None
     if isinstance(rarg, ArrayRestoreArgs):
-        return rarg.resolved_sharding()
+        return rarg.resolved_sharding(where)
     if isinstance(tleaf, ArrayRestoreArgs):
-        return tleaf.resolved_sharding()
+        return tleaf.resolved_sharding(where)
     if isinstance(tleaf, (jax.Array, jax.ShapeDtypeStruct)):
         return getattr(tleaf, "sharding", None)
     return None
@@ -1363,7 +1363,8 @@ class _Reader:
             return known
 
         spread = {k: sh for k, n, leaf in pairs if k in self.by_key and n not in self.aggregated
-                  and (sh := _target_sharding(None if structure_only else leaf, rargs.get(k)))
+                  and (sh := _target_sharding(None if structure_only else leaf, rargs.get(k),
+                                               f"{self.dir}: key {n!r}"))
                   is not None and spans(sh)}
         array_handler = self.registry.handler_for(jax.Array) if spread else None
         await self.prefetch(self._stored_arrays((k, n) for k, n, _leaf in pairs if k in self.by_key
