@@ -81,7 +81,8 @@ class RestoreArgs:
 
 @dataclasses.dataclass
 class ArrayRestoreArgs(RestoreArgs):
-    """Restore one leaf as a ``jax.Array`` placed on ``sharding`` (or ``mesh`` + ``mesh_axes``).
+    """Restore one leaf as a ``jax.Array`` placed on ``mesh`` + ``mesh_axes`` when both are
+    given, else on ``sharding`` (as Orbax's ArrayHandler places it).
 
     ``global_shape`` (or its alias ``shape``): the shape to restore into. With ``strict``
     (the default) it must be the stored shape; with ``strict=False`` the stored array is cut
@@ -105,9 +106,12 @@ class ArrayRestoreArgs(RestoreArgs):
         self.shape = self.global_shape
 
     def resolved_sharding(self, where: str = "ArrayRestoreArgs") -> jax.sharding.Sharding | None:
-        """The sharding to restore into: ``sharding`` (a :class:`ShardingMetadata` becomes its
-        jax sharding, ``to_jax_sharding()``, as in Orbax), else ``mesh`` + ``mesh_axes``.
-        Another kind of ``sharding`` raises InvalidArgumentError."""
+        """The sharding to restore into, as Orbax's ArrayHandler resolves it: ``mesh`` +
+        ``mesh_axes`` when both are given (even beside a ``sharding``), else ``sharding`` (a
+        :class:`ShardingMetadata` becomes its jax sharding, ``to_jax_sharding()``). Another
+        kind of ``sharding`` raises InvalidArgumentError."""
+        if self.mesh is not None and self.mesh_axes is not None:
+            return jax.sharding.NamedSharding(self.mesh, self.mesh_axes)
         sharding = self.sharding
         if isinstance(sharding, ShardingMetadata):
             return sharding.to_jax_sharding()
@@ -115,8 +119,6 @@ class ArrayRestoreArgs(RestoreArgs):
             raise InvalidArgumentError(
                 f"{where}: sharding={sharding!r} is no jax.sharding.Sharding (nor a "
                 "ShardingMetadata)")
-        if sharding is None and self.mesh is not None and self.mesh_axes is not None:
-            return jax.sharding.NamedSharding(self.mesh, self.mesh_axes)
         return sharding
 
 

@@ -658,6 +658,26 @@ def test_array_restore_args_take_sharding_metadata_as_orbax_does(tmp_path, mesh,
         ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(state, ra))
 
 
+def test_array_restore_args_with_a_mesh_and_a_sharding_take_the_mesh_as_orbax_does(
+        tmp_path, mesh):
+    # Orbax's ArrayHandler builds NamedSharding(mesh, mesh_axes) when both are given, whatever
+    # `sharding` says (its docstring says the opposite; its code is what users get).
+    state = make_state(mesh)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave(state))
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[3])
+    outcomes = {}
+    for name, lib in (("ckpt_async", ocp), ("orbax", orbax)):
+        ra = lib.checkpoint_utils.construct_restore_args(state)
+        ra["params"]["w"] = lib.ArrayRestoreArgs(sharding=single, mesh=mesh,
+                                                 mesh_axes=PartitionSpec(None, "x"))
+        with lib.PyTreeCheckpointer() as ckptr:
+            out = ckptr.restore(tmp_path / "c", args=lib.args.PyTreeRestore(state, ra))
+        outcomes[name] = (_describe(out), out["params"]["w"].sharding)
+    assert outcomes["ckpt_async"] == outcomes["orbax"]
+    assert outcomes["ckpt_async"][1] == NamedSharding(mesh, PartitionSpec(None, "x"))
+
+
 def test_string_leaves_sit_at_their_json_pointers_as_orbax_writes_them(tmp_path):
     # Orbax reads and writes _strings.json through the JSON Pointer '/' + name: a key "x/y"
     # is member y of member x, and "~1" in a key is "/".
