@@ -139,11 +139,16 @@ async def delete(path: _paths.StorePath) -> None:
 
 
 async def delete_prefix(path: _paths.StorePath) -> None:
-    """Deletes every object under ``path`` (missing is fine). TensorStore lists the prefix and
+    """Deletes every object under ``path`` (missing is fine; a bucket's root only when the
+    bucket is empty). TensorStore lists the prefix and
     issues the deletions concurrently, at most its request-concurrency limit at once (32 by
     default: ``TENSORSTORE_S3_REQUEST_CONCURRENCY`` / ``TENSORSTORE_GCS_REQUEST_CONCURRENCY``)."""
-    if not path.key:
-        raise CommitError(f"{path}: refusing to delete a whole bucket")
+    if not path.key:  # (a checkpoint at a bucket's root: a save there clears it first)
+        if await list_keys(path):
+            raise CommitError(f"{path}: refusing to delete every object in the bucket (a "
+                              "checkpoint at a bucket's root is not replaced; save under a "
+                              "prefix)")
+        return  # an empty bucket: nothing to delete
     kv = await _root(path)
     try:
         await kv.delete_range(_prefix_range(_dir_prefix(path)))

@@ -363,7 +363,8 @@ async def rmtree(path: AnyPath) -> None:
     first, so a removal that stops half-way leaves an unlisted leftover, never a listed step
     with missing objects."""
     if isinstance(path, StorePath):
-        await _objstore.delete(path / COMMIT_SUCCESS)
+        if path.key:  # (a bucket's root: delete_prefix refuses before any deletion)
+            await _objstore.delete(path / COMMIT_SUCCESS)
         await _objstore.delete_prefix(path)
         return
     await get_runtime().to_thread(lambda: shutil.rmtree(path, ignore_errors=True))

@@ -51,14 +51,15 @@ def client_for(env: dict[str, str]):  # noqa: ANN201 - boto3's client type is ge
 
 
 def list_keys(client, bucket: str, prefix: str) -> list[str]:  # noqa: ANN001
-    """Every key under ``prefix/``, relative to it, sorted (all pages)."""
+    """Every key under ``prefix/`` ("": the whole bucket), relative to it, sorted (all pages)."""
     out, token = [], None
+    start = prefix + "/" if prefix else ""
     while True:
-        kw = {"Bucket": bucket, "Prefix": prefix + "/"}
+        kw = {"Bucket": bucket, "Prefix": start}
         if token:
             kw["ContinuationToken"] = token
         page = client.list_objects_v2(**kw)
-        out += [o["Key"][len(prefix) + 1:] for o in page.get("Contents", [])]
+        out += [o["Key"][len(start):] for o in page.get("Contents", [])]
         if not page.get("IsTruncated"):
             return sorted(out)
         token = page["NextContinuationToken"]

@@ -9,6 +9,7 @@ and a race of writers on one commit marker decided by the server (``If-None-Matc
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import numpy as np
 import pytest
@@ -85,6 +86,24 @@ class TestS3(ObjectStoreSuite):
         with ocp.StandardCheckpointer() as ckptr:
             with pytest.raises(ocp.errors.CheckpointError, match="no-such-bucket-here"):
                 ckptr.save("s3://no-such-bucket-here/run", {"x": np.arange(3)})
+
+    def test_a_checkpoint_at_the_root_of_an_empty_bucket(self, store):
+        # A save clears its prefix first; at a bucket's root that refused (CommitError
+        # "refusing to delete a whole bucket") even with nothing there to delete.
+        bucket = f"root-{uuid.uuid4().hex[:8]}"
+        store.client.create_bucket(Bucket=bucket)
+        url = f"s3://{bucket}"
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(url, {"x": np.arange(3)})
+            ckptr.wait_until_finished()
+            np.testing.assert_array_equal(ckptr.restore(url)["x"], np.arange(3))
+            # force=True would delete every object in the bucket: refused, nothing removed
+            before = list_keys(store.client, bucket, "")
+            with pytest.raises(ocp.errors.CommitError, match=f"s3://{bucket}/: refusing"):
+                ckptr.save(url, {"x": np.arange(4)}, force=True)
+            assert list_keys(store.client, bucket, "") == before
+            assert "commit_success.txt" in before
+        assert ocp.verify(url).ok
 
     def test_racing_writers_of_one_marker_exactly_one_wins(self, store, prefix):
         """Eight writers create one marker at once, twenty times over: exactly one is let in
