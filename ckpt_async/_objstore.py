@@ -110,7 +110,10 @@ async def read_bytes(path: _paths.StorePath) -> bytes:
 
 
 async def exists(path: _paths.StorePath) -> bool:
-    """An object at ``path``, or any object under it (a "directory")."""
+    """An object at ``path``, or any object under it (a "directory"; a bucket's root: any
+    object in the bucket)."""
+    if not path.key:
+        return bool(await list_keys(path))
     kv = await _root(path)
     try:
         keys = await kv.list(ts.KvStore.KeyRange(path.key, path.key + "0"))

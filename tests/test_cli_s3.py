@@ -125,6 +125,20 @@ def test_missing_prefix_and_bucket_are_one_line_errors_naming_the_url(capsys, en
     assert code == 2 and "nosuch://bucket/run" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_checkpoint_at_a_bucket_root(capsys, s3):
+    # (the root of a bucket was said not to exist: its existence check found no key)
+    bucket = f"cli-root-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    url = f"s3://{bucket}"
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(url, state(4))
+    code, out, _ = run(capsys, "show", url)
+    assert code == 0 and out.startswith(f"{url}/  committed ")
+    assert "params.w  float32[64,32]" in out
+    code, out, _ = run(capsys, "verify", url, "-q")
+    assert code == 0 and out.startswith(f"OK  {url}/: 4 arrays")
+
+
 # -- show --------------------------------------------------------------------------------------
 
 
