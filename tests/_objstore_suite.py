@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 import uuid
 
 import jax.numpy as jnp
@@ -452,8 +453,9 @@ class ObjectStoreSuite:
             mngr.save(1, args=ocp.args.StandardSave({"x": np.full(4, 1)}))
             mngr.save(2, args=ocp.args.StandardSave({"x": np.full(4, 2)}))  # does not wait
             assert mngr.all_steps() == [2]
-            for _ in range(500):  # step 0's marker goes first: it is unlisted while held
-                if "0/commit_success.txt" not in store.keys(prefix):
+            deadline = time.monotonic() + 120  # (generous: two busy cores in CI)
+            while time.monotonic() < deadline:  # step 0's marker goes first: it is unlisted
+                if "0/commit_success.txt" not in store.keys(prefix):  # while held
                     break
                 threading.Event().wait(0.01)
             assert "0/commit_success.txt" not in store.keys(prefix)

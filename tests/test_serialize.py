@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import threading
+import time
 import zlib
 
 import ml_dtypes
@@ -345,8 +346,9 @@ def test_the_btree_is_written_once_every_key_has_its_place_while_the_data_is_wri
         seen.append(all_in.done() or (tmp_path / "manifest.ocdbt").exists())
         place.set()
         await asyncio.wrap_future(all_in)
-        for _ in range(500):  # the manifest appears while the first batch's copy is held
-            if (tmp_path / "manifest.ocdbt").exists():
+        deadline = time.monotonic() + 120  # (generous: two busy cores in CI)
+        while time.monotonic() < deadline:  # the manifest appears while the first batch's
+            if (tmp_path / "manifest.ocdbt").exists():  # copy is held
                 break
             await asyncio.sleep(0.01)
         seen.append((tmp_path / "manifest.ocdbt").exists() and not first.done())
