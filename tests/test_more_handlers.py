@@ -888,6 +888,40 @@ def test_create_default_handler_registry_as_in_orbax(lib_name, tmp_path):
         lib.handlers.create_default_handler_registry(other=object())
 
 
+@pytest.mark.parametrize("lib_name", list(LIBS))
+def test_general_registry_entries_serve_any_item_with_their_own_handler(lib_name, tmp_path):
+    # An entry of item None is a general one: its handler (here one writing `doc.json`)
+    # serves an item no entry names, and `get`/`has` of an item find only its own entries.
+    # ckpt_async wrote the item with a default handler (its `metadata` file), answered
+    # `get("b", JsonSave)` with the general handler, refused two general entries of two
+    # handler types, and had no `get_all_entries`.
+    lib = LIBS[lib_name]
+    registry = lib.handlers.DefaultCheckpointHandlerRegistry()
+    doc = lib.JsonCheckpointHandler(filename="doc.json")
+    registry.add(None, lib.args.JsonSave, doc)
+    registry.add(None, lib.args.JsonRestore, doc)
+    registry.add(None, lib.args.StandardSave)
+    assert not registry.has("b", lib.args.JsonSave)
+    with pytest.raises(KeyError):
+        registry.get("b", lib.args.JsonSave)
+    assert registry.get(None, lib.args.JsonRestore) is doc
+    assert set(registry.get_all_entries()) == {
+        (None, lib.args.JsonSave), (None, lib.args.JsonRestore), (None, lib.args.StandardSave)}
+    copy = lib.handlers.DefaultCheckpointHandlerRegistry(registry)
+    assert copy.get_all_entries() == registry.get_all_entries()
+    with lib.CheckpointManager(tmp_path, handler_registry=registry) as mngr:
+        mngr.save(1, args=lib.args.Composite(cfg=lib.args.JsonSave({"lr": 0.5}),
+                                             log=lib.args.JsonSave([1, 2])))
+        mngr.wait_until_finished()
+        out = mngr.restore(1, args=lib.args.Composite(cfg=lib.args.JsonRestore()))
+    assert out["cfg"] == {"lr": 0.5}
+    for item in ("cfg", "log"):
+        assert (tmp_path / "1" / item / "doc.json").exists()
+        assert not (tmp_path / "1" / item / "metadata").exists()
+    # The manager locked its copy of the registry in, not the caller's.
+    assert not registry.has("cfg", lib.args.JsonSave)
+
+
 def test_a_damaged_proto_raises_what_orbax_and_ckpt_async_callers_catch(tmp_path):
     from ckpt_async.errors import CorruptCheckpointError
 

@@ -63,7 +63,8 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
         composite_options: CompositeOptions | None = None,
         **item_handlers: CheckpointHandler,
     ) -> None:
-        self.registry = handler_registry or DefaultCheckpointHandlerRegistry()
+        # (a copy, as Orbax's: lock-ins of this handler's items do not reach the caller's)
+        self.registry = DefaultCheckpointHandlerRegistry(handler_registry)
         for name, handler in item_handlers.items():
             self.registry.add(name, None, handler)
         self.item_names = tuple(item_names)

@@ -49,14 +49,34 @@ class NoEntryError(HandlerError, KeyError):
 
 
 class DefaultCheckpointHandlerRegistry:
-    """Maps item names to handlers: ``add(item, args_type_or_handler)``, ``get``, ``has``."""
+    """Maps item names to handlers: ``add(item, args_type_or_handler)``, ``get``, ``has``.
 
-    def __init__(self) -> None:
-        self._handlers: dict[str, CheckpointHandler] = {}
-        self._args: dict[tuple[str, type], CheckpointHandler] = {}
+    An entry of item ``None`` is a general one: the handler of any item not registered
+    otherwise whose args are of that type (Orbax's). ``DefaultCheckpointHandlerRegistry(other)``
+    starts with ``other``'s entries (the same handlers), as Orbax's does; a composite handler
+    (and so a manager) works on such a copy of the registry it is given, whose lock-ins do not
+    reach the caller's."""
+
+    def __init__(self, other_registry: Any = None) -> None:
+        self._handlers: dict[str | None, CheckpointHandler] = {}
+        self._args: dict[tuple[str | None, type], CheckpointHandler] = {}
         #: The only items args may lock in (None: any), once a manager or composite handler
         #: was given its items (``item_names``, ``item_handlers``), as in Orbax.
         self._only: set[str] | None = None
+        if isinstance(other_registry, DefaultCheckpointHandlerRegistry):
+            self._handlers = dict(other_registry._handlers)
+            self._args = dict(other_registry._args)
+            self._only = None if other_registry._only is None else set(other_registry._only)
+        elif other_registry is not None:  # (any registry of Orbax's protocol)
+            for (item, args_type), handler in other_registry.get_all_entries().items():
+                self.add(item, args_type, handler)
+
+    def get_all_entries(self) -> dict[tuple[str | None, type], CheckpointHandler]:
+        """Every ``(item, args type)`` entry with its handler (Orbax's)."""
+        return self._args
+
+    def __repr__(self) -> str:
+        return f"DefaultCheckpointHandlerRegistry({self._args})"
 
     def limit_to(self, items: Any) -> None:
         """Lets args lock in only ``items`` (and the items registered already)."""
@@ -74,29 +94,30 @@ class DefaultCheckpointHandlerRegistry:
             cls = handler_class_for(args) if args is not None else None
             if cls is None:
                 raise HandlerError(f"no handler is known for args type {args!r}; pass one")
-            current = self._handlers.get(item)  # type: ignore[arg-type]
+            current = self._handlers.get(item) if item is not None else None
             handler = current if isinstance(current, cls) else cls()
         elif isinstance(handler, type):
             handler = handler()
-        current = self._handlers.get(item)  # type: ignore[arg-type]
-        if current is not None and type(current) is not type(handler):
-            raise HandlerError(
-                f"item {item!r} is already handled by {type(current).__name__}; cannot also "
-                f"register {type(handler).__name__}")
-        self._handlers[item] = handler  # type: ignore[index]
+        if item is not None:  # (general entries, of item None, lock no item in)
+            current = self._handlers.get(item)
+            if current is not None and type(current) is not type(handler):
+                raise HandlerError(
+                    f"item {item!r} is already handled by {type(current).__name__}; cannot "
+                    f"also register {type(handler).__name__}")
+            self._handlers[item] = handler
         if args is not None:
-            self._args[(item, args)] = handler  # type: ignore[index]
+            self._args[(item, args)] = handler
         else:
             for a in args_classes_for(type(handler)).values():
-                self._args[(item, a)] = handler  # type: ignore[index]
+                self._args[(item, a)] = handler
 
     def get(self, item: str | None, args: type | None = None) -> CheckpointHandler:
         if args is not None and not isinstance(args, type):
             args = type(args)  # (an args instance, as Orbax takes it)
         if args is None:
-            handler = self._handlers.get(item)  # type: ignore[arg-type]
+            handler = self._handlers.get(item)
         else:
-            handler = self._args.get((item, args)) or self._args.get((None, args))  # type: ignore[arg-type]
+            handler = self._args.get((item, args))
         if handler is None:
             raise NoEntryError(f"no handler registered for item {item!r} and args {args!r}")
         return handler
@@ -123,10 +144,19 @@ class DefaultCheckpointHandlerRegistry:
         """The handler for ``args`` of ``item``: locked in on first use, enforced afterwards.
         With ``lock=False`` an item not yet locked is not locked in: a fresh handler of the
         class ``args`` calls for is returned (a later ``resolve`` locks the item in)."""
+        entry = self._args.get((item, type(args)))
+        if entry is not None:  # (registered for the pair, its args class maybe only here)
+            return entry
+        current = self._handlers.get(item)
+        general = self._args.get((None, type(args)))
+        if current is None and general is not None:
+            # (a general entry's handler, registered for the item as Orbax's composite does)
+            if lock:
+                self.add(item, type(args), general)
+            return general
         cls = handler_class_for(args)
         if cls is None:
             raise HandlerError(f"item {item!r}: {type(args).__name__} is not a checkpoint args type")
-        current = self._handlers.get(item)
         if current is None:
             if self._only is not None and item not in self._only:
                 raise HandlerError(

@@ -216,9 +216,10 @@ class AsyncCheckpointManager:
             # Orbax's metrics item: JSON in ``<step>/metrics/metrics``, so each library reads
             # the other's metrics (a default JsonCheckpointHandler would use ``metadata``).
             registry.add(METRIC_ITEM_NAME, None, JsonCheckpointHandler(filename=METRIC_ITEM_NAME))
-        self._registry = registry
+        composite = CompositeCheckpointHandler(handler_registry=registry)
+        self._registry = composite.registry  # (its copy, which lock-ins change)
         self._checkpointer = AsyncCheckpointer(
-            CompositeCheckpointHandler(handler_registry=registry),
+            composite,
             async_options=self.options.async_options or AsyncOptions(),
             multiprocessing_options=self.options.multiprocessing_options,
             file_options=self.options.file_options)
