@@ -922,6 +922,29 @@ def test_general_registry_entries_serve_any_item_with_their_own_handler(lib_name
     assert not registry.has("cfg", lib.args.JsonSave)
 
 
+@pytest.mark.parametrize("lib_name", list(LIBS))
+def test_composite_handler_takes_a_registry_or_items_and_an_item_without_handler(lib_name,
+                                                                                 tmp_path):
+    # ckpt_async took a registry beside item names or handlers (Orbax refuses the pair with a
+    # ValueError), and refused an item handler of None (HandlerError), which Orbax takes as
+    # an item whose handler its first args lock in.
+    lib = LIBS[lib_name]
+    registry = lib.handlers.DefaultCheckpointHandlerRegistry()
+    with pytest.raises(ValueError):
+        lib.CompositeCheckpointHandler(handler_registry=registry, a=lib.JsonCheckpointHandler())
+    with pytest.raises(ValueError):
+        lib.CompositeCheckpointHandler("a", handler_registry=registry)
+    handler = lib.CompositeCheckpointHandler(a=None, b=lib.JsonCheckpointHandler())
+    with lib.Checkpointer(handler) as ckptr:
+        ckptr.save(tmp_path / "c", args=lib.args.Composite(
+            a=lib.args.StandardSave({"w": np.arange(3.0)}), b=lib.args.JsonSave([1])))
+        with pytest.raises(ValueError):  # (only its items)
+            ckptr.save(tmp_path / "d", args=lib.args.Composite(z=lib.args.JsonSave(1)))
+        out = ckptr.restore(tmp_path / "c")
+    assert_bits_equal(out["a"]["w"], np.arange(3.0))
+    assert out["b"] == [1]
+
+
 def test_a_damaged_proto_raises_what_orbax_and_ckpt_async_callers_catch(tmp_path):
     from ckpt_async.errors import CorruptCheckpointError
 

@@ -63,13 +63,19 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
         composite_options: CompositeOptions | None = None,
         **item_handlers: CheckpointHandler,
     ) -> None:
+        for given, what in ((item_handlers, "item handlers"), (item_names, "item names")):
+            if given and handler_registry is not None:  # (as Orbax refuses them)
+                raise InvalidArgumentError(
+                    f"CompositeCheckpointHandler: handler_registry and {what} were both given; "
+                    "register the items' handlers in the registry")
         # (a copy, as Orbax's: lock-ins of this handler's items do not reach the caller's)
         self.registry = DefaultCheckpointHandlerRegistry(handler_registry)
         for name, handler in item_handlers.items():
-            self.registry.add(name, None, handler)
+            if handler is not None:  # (None: an item name, its handler locked in by args)
+                self.registry.add(name, None, handler)
         self.item_names = tuple(item_names)
         if item_names or item_handlers:
-            self.registry.limit_to([*item_names, *self.registry.locked_items()])
+            self.registry.limit_to([*item_names, *item_handlers, *self.registry.locked_items()])
 
     def close(self) -> None:
         """Closes each item's handler, as Orbax's (once per handler, however many items or
