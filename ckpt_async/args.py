@@ -71,6 +71,11 @@ def refuse_non_args(given: Any, kind: str, where: str, *, several: bool = False)
         f"checkpoint args; wrap the item in its handler's args, e.g. {fix}")
 
 
+def registered_handler_classes() -> list[type]:
+    """Every handler class some args class is registered with, each once."""
+    return list(dict.fromkeys(_HANDLER_FOR_ARGS.values()))
+
+
 def args_classes_for(handler_cls: type) -> dict[str, type]:
     for klass in handler_cls.__mro__:
         if klass in _ARGS_FOR_HANDLER:

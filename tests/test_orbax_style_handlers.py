@@ -364,3 +364,39 @@ def test_a_built_in_handlers_async_save_serves_a_wrapping_handler(tmp_path):
     for fut in futures:
         fut.result(timeout=60)
     _assert_tree(ocp.StandardCheckpointHandler().restore(tmp_path / "direct"))
+
+
+@pytest.mark.parametrize("lib_name", ["ckpt_async", "orbax"])
+def test_an_item_of_a_handler_registered_with_its_args_restores_without_args(tmp_path, lib_name):
+    # A handler of one's own whose args are registered with it (register_with_handler) is
+    # found from the type string _CHECKPOINT_METADATA records: a manager just opened restores
+    # the item without args, handing the handler its restore args built with no arguments,
+    # and then gives its item_metadata. ckpt_async knew only its built-in handlers' type
+    # strings: the restore raised HandlerError (and item_metadata gave None).
+    lib = {"ckpt_async": ocp, "orbax": orbax}[lib_name]
+
+    @dataclasses.dataclass
+    class CounterSave(lib.args.CheckpointArgs):
+        item: int
+
+    @dataclasses.dataclass
+    class CounterRestore(lib.args.CheckpointArgs):
+        offset: int = 100
+
+    class CounterHandler(lib.CheckpointHandler):
+        def save(self, directory, args):
+            (directory / "count").write_text(str(args.item))
+
+        def restore(self, directory, args=None):
+            return int((directory / "count").read_text()) + args.offset
+
+        def metadata(self, directory):
+            return {"bytes": len((directory / "count").read_text())}
+
+    lib.args.register_with_handler(CounterHandler, for_save=True)(CounterSave)
+    lib.args.register_with_handler(CounterHandler, for_restore=True)(CounterRestore)
+    with lib.CheckpointManager(tmp_path) as mngr:
+        mngr.save(1, args=lib.args.Composite(count=CounterSave(7)))
+    with lib.CheckpointManager(tmp_path) as mngr:
+        assert mngr.restore(1)["count"] == 107
+        assert mngr.item_metadata(1)["count"] == {"bytes": 1}

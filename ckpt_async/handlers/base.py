@@ -217,6 +217,18 @@ def is_native(handler: Any) -> bool:
             and cls.finalize is CheckpointHandler.finalize and not _overrides_async_save(cls))
 
 
+def class_typestr(cls: type) -> str:
+    """The type string of a handler class: its ``typestr`` (a class attribute, or Orbax's
+    classmethod), else its module and qualified name, as Orbax derives it."""
+    given = getattr(cls, "typestr", None)
+    if callable(given):
+        try:
+            given = given()
+        except TypeError:  # (an instance method)
+            given = None
+    return given if isinstance(given, str) and given else f"{cls.__module__}.{cls.__qualname__}"
+
+
 def typestr_of(handler: Any) -> str:
     """The type string ``_CHECKPOINT_METADATA`` records for ``handler``'s item."""
     given = getattr(handler, "typestr", None)

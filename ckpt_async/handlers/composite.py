@@ -46,6 +46,17 @@ class CompositeOptions:
     async_options: Any = None
 
 
+def _default_restore_args(handler: CheckpointHandler) -> Any:
+    """The args an item restored without any gets: for a handler of Orbax's interface, its
+    restore args class built with no arguments, as Orbax builds them (None where there is
+    none such); ckpt_async's own take None."""
+    cls = None if is_native(handler) else args_classes_for(type(handler)).get("restore")
+    try:
+        return cls() if cls is not None else None
+    except TypeError:  # (not default-constructible: the handler gets None)
+        return None
+
+
 class CompositeCheckpointHandler(AsyncCheckpointHandler):
     """Saves ``Composite(name=args, ...)``: each item with its own handler, in ``<dir>/<name>``.
 
@@ -218,6 +229,8 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
             present = [n for n in wanted if n in stored]
             handlers = {n: self._handler_for_restore(n, wanted[n], stored.get(n), directory)
                         for n in present}
+            if not given:  # (a handler of Orbax's interface gets its default restore args)
+                wanted.update({n: _default_restore_args(handlers[n]) for n in present})
             if one_by_one:
                 by_name = {n: await adapt(handlers[n]).restore(directory / n, wanted[n])
                            for n in sorted(present)}

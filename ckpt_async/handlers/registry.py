@@ -8,9 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..args import CheckpointArgs, args_classes_for, get_registered_args_cls, handler_class_for
+from ..args import (
+    CheckpointArgs,
+    args_classes_for,
+    get_registered_args_cls,
+    handler_class_for,
+    registered_handler_classes,
+)
 from ..errors import HandlerError
-from .base import CheckpointHandler
+from .base import CheckpointHandler, class_typestr
 
 
 def _new_handler(cls: type) -> CheckpointHandler:
@@ -33,7 +39,13 @@ def handler_for_typestr(typestr: str) -> CheckpointHandler | None:
     if cls is None:  # Orbax's public aliases and ours, by class name
         tail = typestr.rsplit(".", 1)[-1]
         cls = {c.__name__: c for c in known.values()}.get(tail)
-    return cls() if cls is not None else None
+    if cls is None:  # a handler of one's own, its args registered with it (as Orbax finds it)
+        cls = next((c for c in registered_handler_classes() if class_typestr(c) == typestr),
+                   None)
+    try:
+        return cls() if cls is not None else None
+    except TypeError:  # (not default-constructible: its args must name it)
+        return None
 
 
 class AlreadyExistsError(HandlerError):
