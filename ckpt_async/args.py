@@ -28,9 +28,18 @@ class CheckpointArgs:
 def register_with_handler(
     handler_cls: type, *, for_save: bool = False, for_restore: bool = False
 ) -> Callable[[A], A]:
-    """Class decorator: ``args_cls`` is handled by ``handler_cls`` (Orbax's name and meaning)."""
+    """Class decorator: ``args_cls`` is handled by ``handler_cls`` (Orbax's name and meaning):
+    ``ValueError`` unless it is for save, restore or both, ``TypeError`` for a class that
+    is no :class:`CheckpointArgs`, as in Orbax."""
+    if not for_save and not for_restore:
+        raise InvalidArgumentError(
+            f"register_with_handler({handler_cls.__name__}): for_save and for_restore cannot "
+            "both be False")
 
     def deco(args_cls: A) -> A:
+        if not (isinstance(args_cls, type) and issubclass(args_cls, CheckpointArgs)):
+            raise InvalidTypeError(f"{args_cls} must subclass CheckpointArgs in order to be "
+                                   f"registered with {handler_cls.__name__}")
         _HANDLER_FOR_ARGS[args_cls] = handler_cls
         pair = _ARGS_FOR_HANDLER.setdefault(handler_cls, {})
         if for_save:

@@ -819,6 +819,29 @@ def test_args_registry_lookups_as_in_orbax(lib_name):
         a.get_registered_args_cls(object())
 
 
+@pytest.mark.parametrize("lib_name", list(LIBS))
+def test_register_with_handler_refuses_what_orbax_refuses(lib_name):
+    # ckpt_async registered args for neither save nor restore, and a class that is no
+    # CheckpointArgs, where Orbax raises ValueError and TypeError.
+    lib = LIBS[lib_name]
+
+    class Handler(lib.CheckpointHandler):
+        pass
+
+    @dataclasses.dataclass
+    class Args(lib.args.CheckpointArgs):
+        item: int = 0
+
+    with pytest.raises(ValueError):
+        lib.args.register_with_handler(Handler)
+    with pytest.raises(TypeError):
+        lib.args.register_with_handler(Handler, for_save=True)(dict)
+    with pytest.raises(ValueError):  # (nothing was registered)
+        lib.args.get_registered_handler_cls(Args)
+    assert lib.args.register_with_handler(Handler, for_save=True)(Args) is Args
+    assert lib.args.get_registered_handler_cls(Args) is Handler
+
+
 def test_a_cancelled_commit_future_ends_after_its_coroutine():
     # As Orbax's: result() raises CancelledError once the coroutine has run its clean-up.
     cleaned = threading.Event()
