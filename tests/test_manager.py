@@ -906,6 +906,23 @@ def test_item_whose_handler_cannot_be_known(tmp_path):
         assert_tree_equal(out["state"], tree(0))
 
 
+def test_item_metadata_gives_none_for_an_item_whose_metadata_is_missing(tmp_path):
+    # As Orbax: the item whose _METADATA is gone has metadata None, the others theirs. The
+    # whole item_metadata was None, for every item.
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(tree(0)),
+                                             other=ocp.args.StandardSave(tree(1)),
+                                             cfg=ocp.args.JsonSave({"k": 1})))
+    os.remove(tmp_path / "0" / "state" / fmt.PYTREE_METADATA)
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        meta = mngr.item_metadata(0)
+        assert set(meta) == {"state", "other", "cfg"}
+        assert meta["state"] is None and meta["cfg"] is None
+        assert meta["other"].tree["a"].shape == np.asarray(tree(1)["a"]).shape
+        with pytest.raises(FileNotFoundError):
+            mngr.restore(0, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+
+
 def test_item_handlers_configure_items(tmp_path):
     handlers = {"state": ocp.StandardCheckpointHandler(), "cfg": ocp.JsonCheckpointHandler()}
     with ocp.CheckpointManager(tmp_path, item_handlers=handlers) as mngr:

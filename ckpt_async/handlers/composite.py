@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,7 +21,13 @@ from ..args import (
     refuse_non_args,
     register_with_handler,
 )
-from ..errors import CorruptCheckpointError, HandlerError, InvalidArgumentError, ItemNotFoundError
+from ..errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    HandlerError,
+    InvalidArgumentError,
+    ItemNotFoundError,
+)
 from ..multihost import current_roles
 from .base import (
     AsyncCheckpointHandler,
@@ -32,6 +39,8 @@ from .base import (
     typestr_of,
 )
 from .registry import DefaultCheckpointHandlerRegistry, handler_for_typestr
+
+log = logging.getLogger("ckpt_async")
 
 
 @dataclasses.dataclass
@@ -255,9 +264,22 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
             handler = self.registry.locked(name)
             if handler is None and typestr:
                 handler = handler_for_typestr(typestr)
-            out[name] = (await adapt(handler).metadata(directory / name)
+            out[name] = (await self._item_metadata(handler, directory, name)
                          if handler is not None else None)
         return Composite(**out)
+
+    @staticmethod
+    async def _item_metadata(handler: CheckpointHandler, directory: AnyPath, name: str) -> Any:
+        """An item's metadata; None, as Orbax gives it, where its files are missing (a pytree
+        item without ``_METADATA``): the other items' metadata is still given."""
+        try:
+            return await adapt(handler).metadata(directory / name)
+        except CheckpointNotFoundError as exc:
+            if not await storage.is_dir(directory / name):
+                raise  # (the item, or the step, went while it was read)
+            log.warning("%s: item %r is in the checkpoint, but its metadata cannot be read "
+                        "(%s); its metadata is None", directory, name, exc)
+            return None
 
 
 register_with_handler(CompositeCheckpointHandler, for_save=True, for_restore=True)(Composite)
