@@ -749,6 +749,26 @@ def test_async_face_background_failure(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_pytree_restore_refuses_another_handlers_args(tmp_path):
+    # Their fields were read as a PyTreeRestore's: a Composite or a JsonRestore restored the
+    # whole tree, an ArrayRestore's item was taken for a target. Orbax's handler fails on
+    # them too (reading fields they lack).
+    from ckpt_async.errors import HandlerError
+
+    tree = {"a": np.arange(3), "b": np.float32(2.0)}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", args=ocp.args.StandardSave(tree))
+        ckptr.wait_until_finished()
+        for args in (ocp.args.JsonRestore(), ocp.args.ArrayRestore({"a": np.zeros(3)}),
+                     ocp.args.Composite(a=ocp.args.StandardRestore())):
+            with pytest.raises(HandlerError, match=f"{type(args).__name__} cannot be restored"):
+                ckptr.restore(tmp_path / "c", args=args)
+        for args in (ocp.args.StandardRestore(), ocp.args.PyTreeRestore(), None):
+            assert_bits_equal(ckptr.restore(tmp_path / "c", args=args)["a"], tree["a"])
+    with pytest.raises(ValueError, match="JsonRestore cannot be restored"):
+        ocp.PyTreeCheckpointHandler().restore(tmp_path / "c", ocp.args.JsonRestore())
+
+
 def test_checkpointer_calls_as_orbax_makes_them(tmp_path):
     import ckpt_async.errors as errs
     tree = {"a": np.arange(3)}

@@ -37,6 +37,7 @@ from .._progress import Tracker
 from .._runtime import gc_paused, get_runtime
 from .._stage import ByteBudget, cancel_all, cpu_sharding, stage, total_bytes
 from ..args import (
+    CheckpointArgs,
     PyTreeRestore,
     PyTreeSave,
     StandardRestore,
@@ -45,6 +46,7 @@ from ..args import (
 )
 from ..errors import (
     CorruptCheckpointError,
+    HandlerError,
     InvalidArgumentError,
     InvalidTypeError,
     ShapeMismatchError,
@@ -515,6 +517,14 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
     @engine_method
     async def restore(self, directory: AnyPath, args: PyTreeRestore | StandardRestore | None = None
                       ) -> Any:
+        if isinstance(args, CheckpointArgs) and not isinstance(args, PyTreeRestore |
+                                                               StandardRestore):
+            # (read for their fields, another handler's args were taken for a target: a
+            # Composite, a JsonRestore restored the whole tree; Orbax's handler fails on them)
+            raise HandlerError(
+                f"{directory}: {type(args).__name__} cannot be restored by "
+                f"{type(self).__name__}; pass ocp.args.StandardRestore or "
+                "ocp.args.PyTreeRestore")
         with gc_paused():  # per-array records are acyclic: no full collections mid-restore
             return await self._restore(coerce(directory), args)
 
