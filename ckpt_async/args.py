@@ -261,7 +261,7 @@ class Composite(CheckpointArgs, Mapping[str, Any]):
         for name in items:
             if not name or "/" in name or name in (".", ".."):
                 raise InvalidArgumentError(f"invalid item name {name!r}: it names a directory")
-        object.__setattr__(self, "_items", dict(sorted(items.items())))
+        object.__setattr__(self, "_items", dict(items))  # (in the order given, as Orbax's)
 
     def __getitem__(self, key: str) -> Any:
         return self._items[key]
@@ -285,7 +285,9 @@ class Composite(CheckpointArgs, Mapping[str, Any]):
         return f"Composite({self._items!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Composite) and self._items == other._items
+        if not isinstance(other, Mapping):  # (equal to a mapping of the same items, as Orbax's)
+            return NotImplemented
+        return self._items == dict(other.items())
 
     def __hash__(self) -> int:
         return id(self)

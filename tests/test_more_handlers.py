@@ -968,6 +968,24 @@ def test_composite_handler_takes_a_registry_or_items_and_an_item_without_handler
     assert out["b"] == [1]
 
 
+@pytest.mark.parametrize("lib_name", list(LIBS))
+def test_composite_keeps_its_items_order_and_equals_a_mapping(lib_name, tmp_path):
+    # ckpt_async sorted a Composite's items by name (list(Composite(b=.., a=..)) gave
+    # ['a', 'b']) and a Composite equalled no dict of the same items.
+    lib = LIBS[lib_name]
+    args = lib.args.Composite(zeta=lib.args.JsonSave([1]), alpha=lib.args.JsonSave({"k": 2}))
+    assert list(args) == ["zeta", "alpha"]
+    assert [v.item for v in args.values()] == [[1], {"k": 2}]
+    assert lib.args.Composite(b=1, a=2) == {"a": 2, "b": 1}
+    assert lib.args.Composite(b=1, a=2) != {"a": 2}
+    with lib.Checkpointer(lib.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(tmp_path / "c", args=args)
+        out = ckptr.restore(tmp_path / "c", args=lib.args.Composite(
+            zeta=lib.args.JsonRestore(), alpha=lib.args.JsonRestore()))
+    assert list(out) == ["alpha", "zeta"]  # (a restore's result: in the order of the names)
+    assert out == {"alpha": {"k": 2}, "zeta": [1]}
+
+
 def test_a_damaged_proto_raises_what_orbax_and_ckpt_async_callers_catch(tmp_path):
     from ckpt_async.errors import CorruptCheckpointError
 

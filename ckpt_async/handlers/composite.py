@@ -135,8 +135,9 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
                 raise InvalidArgumentError(
                     f"{directory}: item name {name!r} is reserved: the checkpoint's own file "
                     f"of that name is written beside the items' folders; rename the item")
+        # (in the order of their names, whatever order each process gave them in)
         handlers = {name: (self.handler_for_save(name, a), a) if a is not None
-                    else self._none_args(name, directory) for name, a in args.items()}
+                    else self._none_args(name, directory) for name, a in sorted(args.items())}
         writers: dict[str, Writer] = {}
 
         async def abort() -> None:
@@ -252,7 +253,7 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
         except BaseException:
             await cancel_all(list(early.values()))
             raise
-        out = dict.fromkeys(wanted)
+        out = dict.fromkeys(sorted(wanted))  # (in the order of their names, as Orbax's)
         out.update(zip(present, results))
         return Composite(**out)
 
