@@ -705,7 +705,7 @@ class AsyncCheckpointer:
         async with reading(path, f"checkpoint {path}"):
             found, ext = await _integrity.read_step_metadata(path)
             try:
-                item_metadata = await call_handler(adapt(self.handler).metadata, path)
+                item_metadata = await self._item_metadata(path)
             except CheckpointNotFoundError:
                 if found is None or await _gone(path):
                     raise
@@ -713,6 +713,15 @@ class AsyncCheckpointer:
                 # items, each in its folder): no item metadata, as Orbax answers.
                 item_metadata = None
         return step_metadata_of(found, ext, item_metadata)
+
+    async def _item_metadata(self, path: AnyPath) -> Any:
+        """The handler's item metadata: a composite handler's (whose ``metadata`` gives the
+        whole step's, as Orbax's) is its items'."""
+        if type(self.handler).metadata is CompositeCheckpointHandler.metadata:
+            assert isinstance(self.handler, CompositeCheckpointHandler)
+            return await call_handler(self.handler.items_metadata, path)
+        found = await call_handler(adapt(self.handler).metadata, path)
+        return found.item_metadata if isinstance(found, StepMetadata) else found
 
     # -- lifecycle ------------------------------------------------------------------------------
     def _check_open(self) -> None:

@@ -400,3 +400,27 @@ def test_an_item_of_a_handler_registered_with_its_args_restores_without_args(tmp
     with lib.CheckpointManager(tmp_path) as mngr:
         assert mngr.restore(1)["count"] == 107
         assert mngr.item_metadata(1)["count"] == {"bytes": 1}
+
+
+@pytest.mark.parametrize("lib_name", ["ckpt_async", "orbax"])
+def test_a_composite_handlers_metadata_is_the_steps(tmp_path, lib_name):
+    # As Orbax's: CompositeCheckpointHandler().metadata(path) gives the step's StepMetadata,
+    # its items' metadata in item_metadata; it gave the items' Composite alone.
+    lib = {"ckpt_async": ocp, "orbax": orbax}[lib_name]
+    with lib.Checkpointer(lib.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(tmp_path / "c", args=lib.args.Composite(
+            state=lib.args.StandardSave({"w": np.arange(4.0)}), cfg=lib.args.JsonSave([1])),
+            custom_metadata={"run": 7})
+        through_checkpointer = ckptr.metadata(tmp_path / "c")
+    from etils import epath
+
+    meta = lib.CompositeCheckpointHandler().metadata(epath.Path(tmp_path / "c"))
+    assert isinstance(meta, lib.metadata.StepMetadata)
+    assert set(meta.item_handlers) == {"state", "cfg"}
+    assert meta.custom_metadata == {"run": 7}
+    assert set(meta.item_metadata) == {"state", "cfg"}
+    assert meta.item_metadata["cfg"] is None
+    if lib is ocp:  # (Orbax's handler, told no item's handler, gives None for each)
+        assert meta.item_metadata["state"].tree["w"].shape == (4,)
+    assert set(through_checkpointer.item_metadata) == {"state", "cfg"}
+    assert through_checkpointer.item_metadata["state"].tree["w"].shape == (4,)

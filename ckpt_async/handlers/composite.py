@@ -28,6 +28,7 @@ from ..errors import (
     InvalidArgumentError,
     ItemNotFoundError,
 )
+from ..metadata import StepMetadata, step_metadata_of
 from ..multihost import current_roles
 from .base import (
     AsyncCheckpointHandler,
@@ -258,7 +259,15 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
         return Composite(**out)
 
     @engine_method
-    async def metadata(self, directory: AnyPath) -> Composite:
+    async def metadata(self, directory: AnyPath) -> StepMetadata:
+        """Orbax's: the step's metadata (``_CHECKPOINT_METADATA``), each item's metadata in
+        its ``item_metadata`` (:meth:`items_metadata`)."""
+        (doc, ext), items = await asyncio.gather(_integrity.read_step_metadata(directory),
+                                                 self.items_metadata(directory))
+        return step_metadata_of(doc, ext, items)
+
+    async def items_metadata(self, directory: AnyPath) -> Composite:
+        """Each item's metadata (None for an item whose handler is unknown)."""
         stored, _recorded = await self._stored_items(directory)
         out = {}
         for name, typestr in stored.items():
