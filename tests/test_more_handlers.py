@@ -986,6 +986,22 @@ def test_composite_keeps_its_items_order_and_equals_a_mapping(lib_name, tmp_path
     assert out == {"alpha": {"k": 2}, "zeta": [1]}
 
 
+@pytest.mark.parametrize("lib_name", list(LIBS))
+def test_a_composite_checkpointer_refuses_a_single_handlers_checkpoint(lib_name, tmp_path):
+    # A checkpoint of one handler (_CHECKPOINT_METADATA records item_handlers as one type
+    # string) read by a composite handler: ckpt_async took the item's own folders (OCDBT's
+    # `d`, `array_metadatas`) for items, failing on an item 'array_metadatas' and giving
+    # metadata of such items; Orbax raises ValueError.
+    lib = LIBS[lib_name]
+    with lib.Checkpointer(lib.StandardCheckpointHandler()) as ckptr:
+        ckptr.save(tmp_path / "c", args=lib.args.StandardSave({"w": np.arange(4.0)}))
+    with lib.Checkpointer(lib.CompositeCheckpointHandler()) as ckptr:
+        with pytest.raises(ValueError, match="non-composite handler|not by a composite"):
+            ckptr.restore(tmp_path / "c")
+        with pytest.raises(ValueError, match="non-composite handler|not by a composite"):
+            ckptr.metadata(tmp_path / "c")
+
+
 def test_a_damaged_proto_raises_what_orbax_and_ckpt_async_callers_catch(tmp_path):
     from ckpt_async.errors import CorruptCheckpointError
 

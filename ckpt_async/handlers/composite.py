@@ -76,6 +76,9 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
     """
 
     typestr = fmt.COMPOSITE_TYPESTR
+    #: True for a composite of one item's parts (the random key handlers'): its directory is
+    #: the item's, whose ``_CHECKPOINT_METADATA`` (if any) records the item's handler.
+    within_item = False
 
     def __init__(
         self,
@@ -171,7 +174,15 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
 
     async def _recorded(self, directory: AnyPath) -> dict[str, str]:
         """The item handlers a checkpoint's ``_CHECKPOINT_METADATA`` records."""
+        if self.within_item:
+            return {}
         meta, _ = await _integrity.read_step_metadata(directory)
+        if meta is not None and isinstance(meta.item_handlers, str):
+            # (its folders are one item's: OCDBT's `d`, `array_metadatas`, taken for items)
+            raise HandlerError(
+                f"{directory}: the checkpoint was saved by one handler, "
+                f"{meta.item_handlers.rsplit('.', 1)[-1]}, not by a composite handler; read "
+                "it with a checkpointer of that handler (as Orbax refuses it)")
         if meta is not None and isinstance(meta.item_handlers, dict):
             return meta.item_handlers
         return {}

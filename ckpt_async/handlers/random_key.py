@@ -55,6 +55,7 @@ class _RandomKeyHandler(AsyncCheckpointHandler):
         parts.add(self._key_name, None, key_handler)
         parts.add(self._metadata_name, None, JsonCheckpointHandler())
         self._parts = CompositeCheckpointHandler(handler_registry=parts)
+        self._parts.within_item = True
 
     async def _stage_parts(self, directory: AnyPath, key_args: Any,
                            description: dict[str, Any]) -> Writer:
