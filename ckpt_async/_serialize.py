@@ -132,9 +132,10 @@ def cast(arr: Any, dtype: Any, out: np.ndarray | None = None) -> np.ndarray:
         np.copyto(out, src)
         return out
     if _same_in_numpy(src.dtype, dtype):
-        if out is None:
-            return src.astype(dtype, order="C")
-        np.copyto(out, src, casting="unsafe")
+        with np.errstate(invalid="ignore"):  # (a signalling NaN, quieted as TensorStore does)
+            if out is None:
+                return src.astype(dtype, order="C")
+            np.copyto(out, src, casting="unsafe")
         return out
     try:
         converted = ts.cast(ts.array(src), ts.dtype(dtype.newbyteorder("=").name))
