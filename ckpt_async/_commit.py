@@ -69,10 +69,10 @@ async def create_tmp(final: AnyPath) -> AnyPath:
     ``final`` (``<name>.orbax-checkpoint-tmp``, the leftover of a save of it that did not
     finish) is removed first, as Orbax removes it."""
     if storage.has_rename(final):
-        await storage.rmtree(final.parent / f"{final.name}{fmt.TMP_SUFFIX}")
         tmp = tmp_path_for(final)
         try:
-            await storage.mkdir_exclusive(tmp)
+            await storage.mkdir_exclusive(
+                tmp, replacing=final.parent / f"{final.name}{fmt.TMP_SUFFIX}")
         except FileExistsError:  # two saves in the same nanosecond: take the next name
             await asyncio.sleep(0)
             tmp = tmp_path_for(final)

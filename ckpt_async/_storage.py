@@ -344,18 +344,31 @@ async def makedirs(path: AnyPath) -> None:
     NotWritableError, as a save's temporary directory does."""
     if isinstance(path, StorePath):
         return  # object stores have no directories
+    await get_runtime().to_thread(_makedirs_sync, path)
+
+
+def _makedirs_sync(path: Path) -> None:
     try:
-        await aiofiles.os.makedirs(path, exist_ok=True)
+        os.makedirs(path, exist_ok=True)
     except OSError as exc:
         cls = NotWritableError if exc.errno in NOT_WRITABLE else CommitError
         raise cls(f"cannot create directory {path}: {exc.strerror or exc}") from exc
 
 
-async def mkdir_exclusive(path: Path) -> None:
-    """Creates ``path``; raises FileExistsError when it exists (create-once)."""
+async def mkdir_exclusive(path: Path, *, replacing: Path | None = None) -> None:
+    """Creates ``path`` (and the directories above it); raises FileExistsError when it exists
+    (create-once). ``replacing``: a directory removed first where there is one (a leftover
+    the new one stands for). One trip to a worker thread for all of it: this is on every
+    save's blocking path (a trip each took 0.3-0.4 ms more there)."""
     _no_rename(path)
-    await makedirs(path.parent)
-    await aiofiles.os.mkdir(path)
+
+    def make() -> None:
+        if replacing is not None and os.path.lexists(replacing):
+            shutil.rmtree(replacing, ignore_errors=True)
+        _makedirs_sync(path.parent)
+        os.mkdir(path)
+
+    await get_runtime().to_thread(make)
 
 
 async def rmtree(path: AnyPath) -> None:
