@@ -27,7 +27,7 @@ from . import _format as fmt
 from . import _storage as storage
 from ._crc import crc32
 from ._paths import AnyPath, StorePath
-from .errors import CheckpointError, CommitError, NotWritableError, StepAlreadyExistsError
+from .errors import CheckpointError, CommitError, StepAlreadyExistsError
 
 
 def tmp_path_for(final: Path) -> Path:
@@ -80,8 +80,7 @@ async def create_tmp(final: AnyPath) -> AnyPath:
         except CheckpointError:
             raise  # (the directory above it could not be made: makedirs named it)
         except OSError as exc:  # (a directory that cannot be written: as check_writable says)
-            cls = NotWritableError if exc.errno in storage.NOT_WRITABLE else CommitError
-            raise cls(f"cannot create {tmp}: {exc.strerror or exc}") from exc
+            raise storage.not_created(tmp, exc) from exc
         return tmp
     await storage.rmtree(final)
     return final

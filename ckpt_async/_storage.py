@@ -347,12 +347,18 @@ async def makedirs(path: AnyPath) -> None:
     await get_runtime().to_thread(_makedirs_sync, path)
 
 
+def not_created(path: AnyPath, exc: OSError) -> CommitError | NotWritableError:
+    """The error of a directory ``path`` that could not be made: NotWritableError where the
+    place cannot be written, else CommitError."""
+    cls = NotWritableError if exc.errno in NOT_WRITABLE else CommitError
+    return cls(f"cannot create directory {path}: {exc.strerror or exc}")
+
+
 def _makedirs_sync(path: Path) -> None:
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
-        cls = NotWritableError if exc.errno in NOT_WRITABLE else CommitError
-        raise cls(f"cannot create directory {path}: {exc.strerror or exc}") from exc
+        raise not_created(path, exc) from exc
 
 
 async def mkdir_exclusive(path: Path, *, replacing: Path | None = None) -> None:

@@ -234,8 +234,7 @@ def typestr_of(handler: Any) -> str:
     given = getattr(handler, "typestr", None)
     if callable(given):  # (Orbax's handlers: a classmethod)
         given = given()
-    cls = type(handler)
-    return given if isinstance(given, str) and given else f"{cls.__module__}.{cls.__qualname__}"
+    return given if isinstance(given, str) and given else class_typestr(type(handler))
 
 
 def adapt(handler: Any) -> CheckpointHandler:

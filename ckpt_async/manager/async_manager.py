@@ -37,7 +37,6 @@ from ..errors import (
     ItemNotFoundError,
     StepAlreadyExistsError,
     StepNotFoundError,
-    UnsupportedLeafError,
 )
 from ..handlers.base import CheckpointHandler, call_handler
 from ..handlers.composite import CompositeCheckpointHandler
@@ -296,14 +295,10 @@ class AsyncCheckpointManager:
                 return  # written by an earlier run; root metadata is written once
         except CorruptCheckpointError as exc:  # (e.g. Orbax's, cut short: it writes in place)
             log.warning("%s; writing this manager's root metadata in its place", exc)
-        try:
-            document = fmt.encode(fmt.RootMetadata({}, dict(custom)), values=custom)
-        except (TypeError, ValueError) as exc:
-            raise UnsupportedLeafError(
-                f"{path}: CheckpointManager(metadata=...) must be a JSON document: {exc}"
-            ) from exc
+        fmt.require_json(custom, f"{path}: CheckpointManager(metadata=...)")
         await storage.makedirs(path.parent)
-        await storage.replace_whole(path, document)
+        await storage.replace_whole(path, fmt.encode(fmt.RootMetadata({}, dict(custom)),
+                                                     values=custom))
 
     async def _step_names(self, root: Any = None) -> dict[int, str]:
         """Committed steps in ``root`` (default: this manager's directory): step -> name."""
