@@ -470,7 +470,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         if not roles.is_primary:
             return docs
         docs[fmt.PYTREE_METADATA] = fmt.encode(tree_doc, values=custom)
-        docs[fmt.SHARDING] = fmt.encode(shardings)
+        if shardings:  # (as Orbax: no ``_sharding`` for a tree without jax arrays)
+            docs[fmt.SHARDING] = fmt.encode(shardings)
         if strings_doc is not None:
             docs[fmt.STRINGS] = strings_doc
         return docs
