@@ -279,12 +279,14 @@ def _key_columns(keys: Sequence[bytes], lens: np.ndarray | None = None) -> list[
 
 
 def _file_table(files: list[str]) -> tuple[bytes, dict[str, int]]:
-    """A node's data file table (every base path empty) and each file's index in it."""
+    """A node's data file table and each file's index in it. A file's base path is what
+    precedes its ``d/<id>`` (``ocdbt.process_0/``, as in Orbax's merged databases; else
+    empty)."""
     files = sorted(set(files))
     paths = [f.encode() for f in files]
     prefix_lengths, suffix_lengths, suffixes = _key_columns(paths)
     table = b"".join([_varint(len(paths)), prefix_lengths, suffix_lengths,
-                      _varints([0] * len(paths)), suffixes])
+                      _varints([f.rindex("d/") for f in files]), suffixes])
     return table, {f: i for i, f in enumerate(files)}
 
 
@@ -435,8 +437,8 @@ def manifest(root: _Child, height: int, db_uuid: str) -> bytes:
 
 
 # -- the writer -------------------------------------------------------------------------------
-def _new_file() -> str:
-    return "d/" + os.urandom(16).hex()
+def _new_file(base: str = "") -> str:
+    return f"{base}d/{os.urandom(16).hex()}"
 
 
 #: Bytes handed to the kernel per ``writev``: between calls a background writer returns to
@@ -851,10 +853,16 @@ class DatabaseWriter:
     ``watch`` (through the page cache only, on a file system that takes ``O_DIRECT``): the
     copies into the page cache are timed, and once they run slow (WATCH_BYTES) the rest of
     the save goes past the page cache.
+
+    ``data_base``: the folder (``"ocdbt.process_0/"``) of the data files, in ``root``; the
+    B+tree's node file is in ``root / "d"``. That is the layout of a database Orbax merged
+    from its processes' (whose data lie in their folders), as Orbax writes one process's.
     """
 
-    def __init__(self, root: Path, *, direct: bool = False, watch: bool = False) -> None:
+    def __init__(self, root: Path, *, direct: bool = False, watch: bool = False,
+                 data_base: str = "") -> None:
         self.root = root
+        self.data_base = data_base
         #: Data files written past the page cache (``O_DIRECT``, see :func:`_write_direct`):
         #: from the start, or once the page cache was found slow.
         self.direct = direct
@@ -867,7 +875,7 @@ class DatabaseWriter:
         # (Fresh processes, interleaved, medians of 8: quick large 129 against 141 ms, quick
         # mixed 102 against 112 ms; of 5: full mixed 748 against 856 ms; many_small
         # unchanged, whose two threads' copies into one file take turns on its lock.)
-        self._data_name = _new_file()
+        self._data_name = _new_file(data_base)
         self._data_end = 0
         #: Where :meth:`finish` put the B+tree (for ``read_index``), once it has.
         self.hint: IndexHint | None = None
@@ -890,7 +898,7 @@ class DatabaseWriter:
         with self._lock:
             direct = self.direct or past_cache
             if direct:  # (a file per batch: O_DIRECT writes start at aligned offsets)
-                name, at = _new_file(), None
+                name, at = _new_file(self.data_base), None
             else:
                 name, at = self._data_name, self._data_end
                 self._data_end += sum(len(chunk) + -len(chunk) % VALUE_ALIGN
@@ -919,11 +927,14 @@ class DatabaseWriter:
                  "rest of the save goes past it", self.root, nbytes / max(cpu_s, 1e-9) / 1e9,
                  nbytes)
 
-    def _make_dirs(self) -> None:
-        # (not the parents: a writer left running after a failed save removed them fails
-        # rather than making them again)
+    def _make_dirs(self, base: str) -> None:
+        """Makes ``root / base / "d"`` (and ``root``, ``root / base``). (Not the parents: a
+        writer left running after a failed save removed them fails rather than making them
+        again.)"""
         self.root.mkdir(exist_ok=True)
-        (self.root / "d").mkdir(exist_ok=True)
+        if base:
+            (self.root / base).mkdir(exist_ok=True)
+        (self.root / base / "d").mkdir(exist_ok=True)
 
     def write(self, data_file: DataFile, hold: Callable[[int], None] | None = None,
               relocate: Relocate | None = None) -> dict[str, int]:
@@ -936,7 +947,7 @@ class DatabaseWriter:
         against 0.97 s, in-process medians of 5.)"""
         if not data_file.buffers:  # (every value inline: zero-size arrays' documents only)
             return {}
-        self._make_dirs()
+        self._make_dirs(self.data_base)
         crcs = [0] * len(data_file.buffers)
         path = self.root / data_file.name
         with _naming(path):
@@ -958,7 +969,7 @@ class DatabaseWriter:
         head = manifest(root, height, uuid.uuid4().hex)
         self.hint = IndexHint(crc32(head), node_file, crc32(nodes), len(nodes),
                               root.where[1], root.where[2], height)
-        self._make_dirs()
+        self._make_dirs("")
         # (like the data files and the documents, left to the commit's fsync of the whole
         # checkpoint: one journal commit for every small file, rather than two more here)
         for name, data in ((node_file, nodes), (MANIFEST, head)):

@@ -513,10 +513,13 @@ class ItemWriter:
             may_go_direct = ((memory_budget is None or memory_budget >= DIRECT_IO_MIN_BUDGET)
                              and storage.file_system_type(item_dir) in DIRECT_IO_FILE_SYSTEMS)
             self._may_go_direct = may_go_direct
+            # (one process: the item's own database, its data files in ocdbt.process_0/d/
+            # and its B+tree in d/, where Orbax's merge of its one process's leaves them)
             self.db = _ocdbt.DatabaseWriter(
                 item_dir if process_index is None else item_dir / process_dir(process_index),
                 direct=may_go_direct and total_bytes >= DIRECT_IO_MIN_BYTES,
-                watch=may_go_direct and total_bytes >= WATCH_MIN_BYTES)
+                watch=may_go_direct and total_bytes >= WATCH_MIN_BYTES,
+                data_base=f"{process_dir(0)}/" if process_index is None else "")
             lanes, first_lane = min(lanes, MAX_LANES - 1), 1
         if lanes == 1 and process_index is None and self.db is None:
             self.dirs = [item_dir]

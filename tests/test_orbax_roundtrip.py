@@ -70,6 +70,32 @@ def test_standard_checkpointer_to_orbax(tmp_path, mesh):
     assert_state_equal(out, state)
 
 
+def test_data_files_lie_in_the_process_folder_where_orbax_puts_them(tmp_path):
+    # Orbax's item: the B+tree in d/, the data in ocdbt.process_0/d/ (its process's database,
+    # merged into the item's by reference); ckpt_async's too. Orbax restores it.
+    import tensorstore as ts
+
+    from ckpt_async import _ocdbt
+
+    # (random, so that Orbax's compressed chunks are too large to be inline in its B+tree)
+    rng = np.random.default_rng(0)
+    tree = {"w": rng.standard_normal((32, 32)).astype(np.float32),
+            "b": jnp.asarray(rng.integers(0, 2**15, 1000, dtype=np.int16))}
+    for lib, name in ((ocp, "ours"), (orbax, "theirs")):
+        with lib.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp_path / name, tree)
+        item = tmp_path / name
+        index = _ocdbt.dumped_index(ts.KvStore.open({"driver": "file",
+                                                     "path": f"{item}/"}).result())
+        data = {where[0] for where in index.values() if isinstance(where, tuple)}
+        assert data and all(f.startswith("ocdbt.process_0/d/") for f in data), (name, data)
+        assert {f.rpartition("/")[2] for f in data} <= set(
+            os.listdir(item / "ocdbt.process_0" / "d")), name
+        assert os.listdir(item / "d"), name  # (the B+tree)
+    with orbax.StandardCheckpointer() as ockptr:
+        assert_state_equal(ockptr.restore(tmp_path / "ours", abstract(tree)), tree)
+
+
 def test_a_save_written_in_several_databases_restores_in_orbax(tmp_path, mesh, monkeypatch):
     # What ckpt_async's own database does not take goes through TensorStore into further OCDBT
     # databases ("lanes"), merged into the item's root one (ckpt_async's) at the end: made to
@@ -86,9 +112,10 @@ def test_a_save_written_in_several_databases_restores_in_orbax(tmp_path, mesh, m
         ckptr.save(tmp_path / "c", state)
         ckptr.wait_until_finished()
         assert_state_equal(ckptr.restore(tmp_path / "c", abstract(state)), state)
+    # (ocdbt.process_0/ holds the data files of ckpt_async's own database)
     lanes = sorted(p.name for p in (tmp_path / "c").iterdir() if p.name.startswith("ocdbt."))
-    assert lanes == [_serialize.process_dir(0, i) for i in range(1, len(lanes) + 1)]
-    assert len(lanes) > 1
+    assert lanes == [_serialize.process_dir(0, i) for i in range(len(lanes))]
+    assert len(lanes) > 2
     with orbax.StandardCheckpointer() as ockptr:
         out = ockptr.restore(tmp_path / "c", abstract(state))
     assert_state_equal(out, state)

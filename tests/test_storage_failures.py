@@ -389,7 +389,8 @@ def test_a_data_file_write_error_names_the_file_and_item(tmp_path, monkeypatch):
             mngr.wait_until_finished()
         message = str(raised.value)
         assert f"saving {directory / '1'} failed" in message and "No space left" in message
-        assert re.search(rf"{directory}/1\.orbax-checkpoint-tmp-\d+/params/d/\w+", message), \
+        assert re.search(
+            rf"{directory}/1\.orbax-checkpoint-tmp-\d+/params/ocdbt\.process_0/d/\w+", message), \
             message
         assert leftovers(directory) == [] and mngr.all_steps() == []
         monkeypatch.setattr(os, "writev", real)
