@@ -14,6 +14,7 @@ import collections.abc
 import concurrent.futures
 import dataclasses
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -495,3 +496,19 @@ def test_tensorstore_specs_open_the_saved_arrays(tmp_path) -> None:
         context = ocp.type_handlers.get_ts_context(use_ocdbt=ocdbt)
         np.testing.assert_array_equal(ts.open(spec, context=context).result().read().result(),
                                       value)
+
+
+def test_jax_s_array_serialization_context_is_reachable_after_importing_ckpt_async() -> None:
+    # Orbax's format guide parents its own TensorStore context on jax's, reached as an
+    # attribute, which Orbax's import makes: ckpt_async's too. (A fresh interpreter: this one
+    # imported Orbax.)
+    import subprocess
+    import sys
+
+    code = ("import jax, tensorstore as ts, ckpt_async\n"
+            "ts.Context({'cache_pool#ocdbt': {'total_bytes_limit': 10**6}},\n"
+            "           parent=jax.experimental.array_serialization.serialization.TS_CONTEXT)\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0 and out.stdout == "ok\n", out.stderr[-2000:]

@@ -8,6 +8,11 @@ import asyncio
 from typing import Any
 
 import jax
+
+# (imported as Orbax imports it, so that ``jax.experimental.array_serialization`` is an
+# attribute after ``import ckpt_async``: Orbax's format guide parents its TensorStore context
+# on ``jax.experimental.array_serialization.serialization.TS_CONTEXT``)
+import jax.experimental.array_serialization.serialization  # noqa: F401
 import numpy as np
 import tensorstore as ts
 
