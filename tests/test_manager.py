@@ -1086,6 +1086,23 @@ def test_read_only_and_create_false(tmp_path):
     assert steps_on_disk(tmp_path) == ["0"]
 
 
+def test_a_restore_from_a_directory_that_does_not_exist_says_so(tmp_path):
+    # (a mistyped path: "step 1 does not exist in ... (steps: [])" hid the cause)
+    absent = tmp_path / "typo"
+    with ocp.CheckpointManager(absent, ocp.CheckpointManagerOptions(create=False)) as mngr:
+        for call in (lambda: mngr.restore(1), lambda: mngr.metadata(1), mngr.restore):
+            with pytest.raises(StepNotFoundError) as ei:
+                call()
+            assert f"{absent}" in str(ei.value)
+            assert "the directory does not exist" in str(ei.value)
+        with pytest.raises(StepNotFoundError, match=r"step 1 does not exist"):
+            mngr.restore(1)
+    with ocp.CheckpointManager(tmp_path / "empty") as mngr:  # there, and empty
+        with pytest.raises(StepNotFoundError, match=r"step 1 does not exist in .*empty "
+                           r"\(no steps\)$"):
+            mngr.restore(1)
+
+
 @pytest.mark.parametrize(("fields", "names"), [
     ({"best_mode": "median"}, ["best_mode"]),
     ({"todelete_subdir": "a", "todelete_full_path": "b"}, ["todelete_subdir", "todelete_full_path"]),

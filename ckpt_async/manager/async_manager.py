@@ -101,6 +101,11 @@ def _legacy_item_handlers(checkpointers: Any, directory: Any) -> tuple[Any, bool
     return handler_of(checkpointers, None), is_async(checkpointers)
 
 
+async def _missing(root: AnyPath) -> str:
+    """``': the directory does not exist'`` when ``root`` does not (a mistyped path), else ''."""
+    return "" if await storage.exists(root) else ": the directory does not exist"
+
+
 def legacy_args(registry: DefaultCheckpointHandlerRegistry, default_item: bool, kind: str,
                 items: Any, kwargs: Any) -> CheckpointArgs:
     """Orbax's older ``save(step, items, save_kwargs)`` / ``restore(step, items,
@@ -799,7 +804,7 @@ class AsyncCheckpointManager:
                 names = await self._step_names(root)
                 step = max(names) if names else None
             if step is None:
-                raise StepNotFoundError(f"No steps found in {root}.")
+                raise StepNotFoundError(f"No steps found in {root}{await _missing(root)}.")
         step = _check_step(step)
         fut = self._futures.get(step)
         if fut is not None and not fut.done():
@@ -816,8 +821,10 @@ class AsyncCheckpointManager:
                 if await storage.is_file(named):  # (no step, as in Orbax, but not missing)
                     raise InvalidArgumentError(
                         f"step {step} of {root}: {named} is a file, not a step directory")
-                raise StepNotFoundError(f"step {step} does not exist in {root} (steps: "
-                                        f"{sorted(names)[-10:]})")
+                raise StepNotFoundError(
+                    f"step {step} does not exist in {root} "
+                    + (f"(steps: {sorted(names)[-10:]})" if names else
+                       f"(no steps{await _missing(root)})"))
             path = root / names[step]
         if self._default_item is None:
             self._default_item = await storage.is_dir(path / DEFAULT_ITEM_NAME)
