@@ -284,7 +284,7 @@ class AsyncCheckpointer:
                    force: bool = False, custom_metadata: dict | None = None,
                    **legacy: Any) -> CommitFuture:
         """Stages the item and starts its commit; returns the commit's future."""
-        self._check_open()
+        self._check_open("save to", directory)
         self.check_for_errors()
         path = as_path(directory)
         for name in ("item", "state"):  # (Orbax's legacy keywords for the item itself)
@@ -686,7 +686,7 @@ class AsyncCheckpointer:
     async def restore(self, directory: Any, args: CheckpointArgs | None = None, *items: Any,
                       **legacy: Any) -> Any:
         """Restores the checkpoint at ``directory`` (after pending saves finish)."""
-        self._check_open()
+        self._check_open("restore", directory)
         await self.wait_until_finished()  # a restore sees every save issued before it
         path = await _committed(directory)
         if args is not None and not isinstance(args, CheckpointArgs):
@@ -724,9 +724,9 @@ class AsyncCheckpointer:
         return found.item_metadata if isinstance(found, StepMetadata) else found
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def _check_open(self) -> None:
+    def _check_open(self, call: str, directory: Any) -> None:
         if self._closed:
-            raise ClosedError("this checkpointer is closed")
+            raise ClosedError(f"cannot {call} {directory}: this checkpointer is closed")
 
     @on_engine
     async def close(self) -> None:

@@ -22,6 +22,7 @@ import ckpt_async._serialize as ser
 import ckpt_async._stage as _stage
 import ckpt_async.aio
 from ckpt_async.errors import (
+    ClosedError,
     CommitError,
     CommitTimeoutError,
     ShapeMismatchError,
@@ -819,6 +820,20 @@ def test_the_post_finalization_callback_runs_before_each_commit(tmp_path):
     assert not on_main and not committed and names[0].startswith("x.orbax-checkpoint-tmp")
     np.testing.assert_array_equal(ckptr.restore(tmp_path / "x")["a"], np.arange(3))
     ckptr.close()
+
+
+def test_a_closed_checkpointer_names_the_path_it_refuses(tmp_path):
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp_path / "a", {"a": np.ones(2)})
+    ckptr.close()
+    ckptr.close()  # (again: nothing to do)
+    for call, words in ((lambda: ckptr.save(tmp_path / "b", {"a": np.ones(2)}), "save to"),
+                        (lambda: ckptr.restore(tmp_path / "a"), "restore")):
+        with pytest.raises(ClosedError) as ei:
+            call()
+        assert str(ei.value).startswith(f"cannot {words} {tmp_path}/")
+        assert "closed" in str(ei.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
 def test_a_failing_post_finalization_callback_fails_the_save_with_its_error(tmp_path):
