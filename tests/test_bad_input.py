@@ -163,8 +163,18 @@ def test_orbax_legacy_manager_constructor_refuses_what_it_cannot_take(tmp_path):
         with pytest.raises(InvalidArgumentError, match="not both"):
             m.save(1, args=ocp.args.PyTreeSave({"a": np.ones(2)}), items={"a": np.ones(2)})
     with ocp.CheckpointManager(tmp_path / "f") as m:  # (no handler to build args from)
-        with pytest.raises(InvalidArgumentError, match="needs the item's handler"):
-            m.save(1, {"a": np.ones(2)})
+        # (a tree given as the older items: the step, the directory, the key and the call)
+        for call, kind in ((lambda: m.save(1, {"a": np.ones(2)}), "Save"),
+                           (lambda: m.restore(1, {"a": np.ones(2)}), "Restore")):
+            with pytest.raises(InvalidArgumentError) as ei:
+                call()
+            assert str(ei.value).startswith(f'step 1 of {tmp_path / "f"}: Unknown key "a": ')
+            assert f"args=ocp.args.Standard{kind}(...)" in str(ei.value)
+        with pytest.raises(InvalidArgumentError, match=r"^the latest step of .*/f: Unknown"):
+            m.restore(None, {"a": np.ones(2)})
+    with ocp.CheckpointManager(tmp_path / "g", item_names=("a", "b")) as m:
+        with pytest.raises(InvalidArgumentError, match=r"^step 1 of .*/g: items for several"):
+            m.save(1, [np.ones(2)])
 
 
 def test_handlers_take_orbax_arguments_and_refuse_unknown_ones():

@@ -107,17 +107,17 @@ async def _missing(root: AnyPath) -> str:
 
 
 def legacy_args(registry: DefaultCheckpointHandlerRegistry, default_item: bool, kind: str,
-                items: Any, kwargs: Any) -> CheckpointArgs:
+                items: Any, kwargs: Any, where: str) -> CheckpointArgs:
     """Orbax's older ``save(step, items, save_kwargs)`` / ``restore(step, items,
     restore_kwargs)``: each item's args of its registered handler (one item, or a dict of
-    them by name), as Orbax builds them."""
+    them by name), as Orbax builds them. ``where`` (the step and directory) starts errors."""
     if default_item:
         items, kwargs = {DEFAULT_ITEM_NAME: items}, {DEFAULT_ITEM_NAME: kwargs or {}}
     else:
         items, kwargs = items or {}, kwargs or {}
         if not isinstance(items, dict) or not isinstance(kwargs, dict):
             raise InvalidArgumentError(
-                f"items for several named items must be a dict of them by name, not "
+                f"{where}: items for several named items must be a dict of them by name, not "
                 f"{type(items).__name__}")
     names = list(items) + [k for k in kwargs if k not in items and kind == "restore"]
     built = {}
@@ -126,8 +126,10 @@ def legacy_args(registry: DefaultCheckpointHandlerRegistry, default_item: bool, 
         cls = args_classes_for(type(handler)).get(kind) if handler is not None else None
         if cls is None:
             raise InvalidArgumentError(
-                f'Unknown key "{name}": items= needs the item\'s handler (item_handlers= or '
-                "Orbax's checkpointers); or pass args=")
+                f'{where}: Unknown key "{name}": {kind}(step, items) takes a dict of items by '
+                f"name, each with a handler (item_handlers= or Orbax's checkpointers), and "
+                f'this manager has none for "{name}"; to {kind} a tree, pass '
+                f"args=ocp.args.Standard{kind.capitalize()}(...)")
         item, extra = items.get(name), dict(kwargs.get(name) or {})
         built[name] = cls(item, **extra) if item is not None or kind == "save" else cls(**extra)
     return built[DEFAULT_ITEM_NAME] if default_item else Composite(**built)
@@ -485,7 +487,7 @@ class AsyncCheckpointManager:
         The parameters are Orbax's, in its order. Its older form, ``save(step, items)`` (and
         ``save_kwargs``), saves each item with the args of its handler (given by
         ``item_handlers`` or Orbax's checkpointers); args given second are args."""
-        args = self._legacy("save", args, items, save_kwargs)
+        args = self._legacy("save", step, args, items, save_kwargs)
         async with self._saving:
             return await self._save(step, args, metrics, force, custom_metadata)
 
@@ -833,7 +835,7 @@ class AsyncCheckpointManager:
                              f"{DEFAULT_ITEM_NAME!r}")
         return step, path
 
-    def _legacy(self, kind: str, args: Any, items: Any, kwargs: Any) -> Any:
+    def _legacy(self, kind: str, step: Any, args: Any, items: Any, kwargs: Any) -> Any:
         """``args``, or the args Orbax's older ``items`` (and their kwargs) stand for."""
         if isinstance(items, CheckpointArgs) and kwargs is None:
             if args is not None:
@@ -847,7 +849,9 @@ class AsyncCheckpointManager:
         if default is None:
             default = not isinstance(items, dict) or self._registry.locked(DEFAULT_ITEM_NAME) \
                 is not None
-        return legacy_args(self._registry, default, kind, items, kwargs)
+        where = f"step {step} of {self.directory}" if step is not None else \
+            f"the latest step of {self.directory}"
+        return legacy_args(self._registry, default, kind, items, kwargs, where)
 
     @on_engine
     async def restore(self, step: int | None = None, items: Any = None,
@@ -856,7 +860,7 @@ class AsyncCheckpointManager:
         """Restores ``step`` (default: the latest): every item as saved, or as ``args`` ask.
         The parameters are Orbax's, in its order: its older form, ``restore(step, items)``
         (and ``restore_kwargs``), restores each item with the args of its handler."""
-        args = self._legacy("restore", args, items, restore_kwargs)
+        args = self._legacy("restore", step, args, items, restore_kwargs)
         started = time.time()
         step, path = await self._resolve_step_dir(step, directory)
         if args is not None:
