@@ -490,6 +490,12 @@ def test_args_of_the_other_item_mode_are_refused_with_the_mode_and_the_call_to_m
             mngr.save(1, args=ocp.args.StandardSave(state))
         mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                              extra=ocp.args.JsonSave({})))
+        # (the item these args are for, once the items are locked: not 'extra', a JSON item)
+        for args, item in ((ocp.args.StandardRestore(), "state"), (ocp.args.JsonRestore(), "extra")):
+            with pytest.raises(InvalidArgumentError, match=multi.format(
+                    r"it was built with the items \['extra', 'state'\]", item,
+                    type(args).__name__)):
+                mngr.restore(1, args=args)
     with ocp.CheckpointManager(tmp_path / "m") as mngr:
         with pytest.raises(InvalidArgumentError, match=multi.format(
                 "step 1, the first it read, has no item 'default'", "name", "StandardRestore")):

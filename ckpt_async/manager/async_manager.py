@@ -456,8 +456,11 @@ class AsyncCheckpointManager:
                 f"single-item mode ({self._mode_by}): pass the item's args alone, "
                 f"args=ocp.args.{alone}(...); several named items need a manager built with "
                 "item_names=(...), in a directory of their own")
-        name = next(iter(self._named or [n for n in self._registry.locked_items()
-                                         if n != METRIC_ITEM_NAME]), "name")
+        names = list(self._named or [n for n in self._registry.locked_items()
+                                     if n != METRIC_ITEM_NAME])
+        takes = [n for n in names if (h := self._registry.locked(n)) is not None
+                 and type(args) in args_classes_for(type(h)).values()]
+        name = next(iter(takes + names), "name")  # (an item these args are for, if any)
         return InvalidArgumentError(
             f"{where}: Must provide `args` of type `Composite` when dealing with multiple "
             f"checkpointable objects. This manager is in multi-item mode ({self._mode_by}): "
