@@ -1086,6 +1086,39 @@ def test_read_only_and_create_false(tmp_path):
     assert steps_on_disk(tmp_path) == ["0"]
 
 
+def test_one_manager_called_from_several_threads_at_once(tmp_path):
+    # (the guide: calls from several threads run on the engine loop, saves one at a time in
+    # the order they arrive; a step arriving after a later one's is skipped, not an error)
+    with ocp.CheckpointManager(tmp_path, ocp.CheckpointManagerOptions(max_to_keep=None)) as mngr:
+        mngr.save(0, args=ocp.args.StandardSave(tree(0)))
+        start, saved, restored = threading.Barrier(4), {}, []
+
+        def saver(first: int) -> None:
+            start.wait()
+            for step in range(first, 13, 3):
+                saved[step] = mngr.save(step, args=ocp.args.StandardSave(tree(step)))
+
+        def reader() -> None:
+            start.wait()
+            for _ in range(4):
+                restored.append(mngr.restore(0, args=ocp.args.StandardRestore(tree(0))))
+
+        threads = [threading.Thread(target=saver, args=(k,)) for k in (1, 2, 3)]
+        threads.append(threading.Thread(target=reader))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        mngr.wait_until_finished()
+        kept = [0] + sorted(s for s, ok in saved.items() if ok)
+        assert len(saved) == 12 and mngr.all_steps() == kept and 12 in kept
+        for step in kept:
+            assert_tree_equal(mngr.restore(step), tree(step))
+        for r in restored:
+            assert_tree_equal(r, tree(0))
+    assert steps_on_disk(tmp_path) == sorted(str(s) for s in kept)
+
+
 def test_a_restore_from_a_directory_that_does_not_exist_says_so(tmp_path):
     # (a mistyped path: "step 1 does not exist in ... (steps: [])" hid the cause)
     absent = tmp_path / "typo"
