@@ -22,6 +22,7 @@ import ckpt_async._serialize as ser
 import ckpt_async._stage as _stage
 import ckpt_async.aio
 from ckpt_async.errors import (
+    CheckpointNotFoundError,
     ClosedError,
     CommitError,
     CommitTimeoutError,
@@ -820,6 +821,27 @@ def test_the_post_finalization_callback_runs_before_each_commit(tmp_path):
     assert not on_main and not committed and names[0].startswith("x.orbax-checkpoint-tmp")
     np.testing.assert_array_equal(ckptr.restore(tmp_path / "x")["a"], np.arange(3))
     ckptr.close()
+
+
+def test_a_checkpointer_given_a_managers_step_or_directory_says_what_to_pass(tmp_path):
+    # (a common slip: the step's folder, or the run's, where the item's folder is needed)
+    with ocp.CheckpointManager(tmp_path / "run") as mngr:
+        for step in (2, 10):
+            mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"a": np.ones(2)}),
+                                                    extra=ocp.args.JsonSave({})))
+    with ocp.StandardCheckpointer() as ckptr:
+        with pytest.raises(CheckpointNotFoundError) as ei:
+            ckptr.restore(tmp_path / "run" / "10")
+        assert str(ei.value).startswith(f"{tmp_path}/run/10 holds no pytree checkpoint")
+        assert f"holding the items ['state']: restore an item's folder ({tmp_path}/run/10/state)" \
+            in str(ei.value)
+        with pytest.raises(CheckpointNotFoundError, match=r"/run holds no pytree .*; it is a "
+                           r"CheckpointManager's directory \(steps 2, 10\)"):
+            ckptr.restore(tmp_path / "run")
+        with pytest.raises(CheckpointNotFoundError, match=r"first format is there\)$"):
+            ckptr.restore(tmp_path / "run" / "10" / "extra")  # (no hint where none fits)
+        np.testing.assert_array_equal(ckptr.restore(tmp_path / "run" / "10" / "state")["a"],
+                                      np.ones(2))
 
 
 def test_a_closed_checkpointer_names_the_path_it_refuses(tmp_path):

@@ -26,7 +26,12 @@ from .. import _storage as storage
 from .. import _tree
 from .._ocdbt import MANIFEST
 from .._paths import AnyPath
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
+from ..errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+)
 from ..msgpack_utils import msgpack_restore
 
 #: Prefixes of the strings that stood in the msgpack tree of Orbax's first format for values
@@ -130,6 +135,29 @@ class Aggregated:
             self.scalars[name] = tag
 
 
+async def _manager_hint(directory: AnyPath) -> str:
+    """Where ``directory`` is a manager's step, or a manager's directory, rather than an item
+    (a common slip): what it holds and what to pass instead; else ''."""
+    async def with_file(parent: AnyPath, name: str) -> list[str]:
+        return sorted([d for d in await storage.listdirs(parent)
+                       if await storage.exists(parent / d / name)], key=lambda d: (len(d), d))
+
+    try:
+        if await storage.exists(directory / fmt.CHECKPOINT_METADATA):
+            items = await with_file(directory, fmt.PYTREE_METADATA)
+            if items:
+                return (f"; it is a step of a CheckpointManager, holding the items {items}: "
+                        f"restore an item's folder ({directory / items[0]}), or the step "
+                        f"with a CheckpointManager")
+        elif steps := await with_file(directory, fmt.CHECKPOINT_METADATA):
+            return (f"; it is a CheckpointManager's directory (steps "
+                    f"{', '.join(steps[-10:])}): restore a step with a CheckpointManager, or "
+                    f"an item's folder in a step")
+    except (OSError, CheckpointError):
+        pass  # (a hint only: the error stands without it)
+    return ""
+
+
 async def tree_without_metadata(directory: AnyPath, filename: str) -> tuple[
         fmt.TreeMetadata, Aggregated]:
     """The item's tree from its aggregate file alone (Orbax before 0.3)."""
@@ -137,7 +165,7 @@ async def tree_without_metadata(directory: AnyPath, filename: str) -> tuple[
     if tree is None:
         raise CheckpointNotFoundError(
             f"{directory} holds no pytree checkpoint (neither {fmt.PYTREE_METADATA} nor the "
-            f"{filename!r} file of Orbax's first format is there)")
+            f"{filename!r} file of Orbax's first format is there){await _manager_hint(directory)}")
     aggregated = Aggregated()
     entries: dict[str, fmt.TreeEntry] = {}
     for path, value in _leaves(tree):
