@@ -118,6 +118,15 @@ def test_manager_bad_steps_and_args_leave_earlier_steps(tmp_path):
         for step in (1.5, "2", True):
             with pytest.raises(TypeError):
                 mngr.save(step, args=ocp.args.StandardSave(state))
+        # (a train state's step array of another kind: a bare TypeError about indices before)
+        for step in (jnp.array([2]), jnp.array(2.0), np.array([2, 3])):
+            for call in (lambda: mngr.save(step, args=ocp.args.StandardSave(state)),
+                         lambda: mngr.restore(step)):
+                with pytest.raises(InvalidTypeError, match=r"^step must be a non-negative "
+                                   r"integer, got (Array|array)\("):
+                    call()
+        assert mngr.save(jnp.array(2, jnp.int32), args=ocp.args.StandardSave(state))
+        mngr.delete(2)
         with pytest.raises(InvalidArgumentError):
             mngr.save(2, args={"a": 1})  # not CheckpointArgs
         with pytest.raises(HandlerError):

@@ -62,7 +62,10 @@ METRIC_ITEM_NAME = "metrics"
 def _check_step(step: Any) -> int:
     if isinstance(step, bool) or not hasattr(step, "__index__"):
         raise InvalidTypeError(f"step must be a non-negative integer, got {step!r}")
-    step = int(step.__index__())
+    try:
+        step = int(step.__index__())
+    except TypeError as exc:  # (an array of floats, or of more than one element: jax, NumPy)
+        raise InvalidTypeError(f"step must be a non-negative integer, got {step!r}") from exc
     if step < 0:
         raise InvalidArgumentError(f"step must be a non-negative integer, got {step}")
     return step
