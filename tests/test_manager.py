@@ -1068,7 +1068,7 @@ def test_cleanup_tmp_directories_and_leftovers_are_never_steps(tmp_path):
     assert steps_on_disk(tmp_path) == []
 
 
-def test_read_only_and_create_false(tmp_path):
+def test_read_only_and_create_false(tmp_path, caplog):
     with ocp.CheckpointManager(tmp_path / "absent",
                                ocp.CheckpointManagerOptions(create=False)) as mngr:
         assert mngr.all_steps() == [] and mngr.latest_step() is None  # Orbax: no error
@@ -1076,8 +1076,11 @@ def test_read_only_and_create_false(tmp_path):
     with ocp.CheckpointManager(tmp_path) as mngr:
         mngr.save(0, args=ocp.args.StandardSave(tree(0)))
     opts = ocp.CheckpointManagerOptions(read_only=True)
-    with ocp.CheckpointManager(tmp_path, opts) as mngr:
+    with ocp.CheckpointManager(tmp_path, opts) as mngr, \
+            caplog.at_level("WARNING", logger="ckpt_async"):
         assert mngr.should_save(1) is False
+        assert any(f"{tmp_path} is read only, save of step 1 will be skipped" in r.getMessage()
+                   for r in caplog.records)
         assert mngr.save(1, args=ocp.args.StandardSave(tree(1))) is False
         assert mngr.save(1, args=ocp.args.StandardSave(tree(1)), force=True) is False
         mngr.delete(0)

@@ -412,7 +412,7 @@ class AsyncCheckpointManager:
     def should_save(self, step: int) -> bool:
         """Whether ``save(step)`` would write a checkpoint (Orbax's rules)."""
         if self.options.read_only:
-            log.warning("%s is read only, save will be skipped", self.directory)
+            log.warning("%s is read only, save of step %s will be skipped", self.directory, step)
             return False
         latest = self.latest_step()
         if latest is not None and latest >= step:
