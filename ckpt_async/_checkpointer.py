@@ -48,6 +48,7 @@ from .errors import (
     NotWritableError,
     ProcessFailedError,
     StepAlreadyExistsError,
+    describe,
 )
 from .handlers.base import CheckpointHandler, adapt, call_handler, typestr_of
 from .handlers.composite import CompositeCheckpointHandler
@@ -604,7 +605,7 @@ class AsyncCheckpointer:
                     f"saving {path}: primary process {sync.roles.primary} abandoned the save "
                     "while this process was still writing (its barrier timed out, or another "
                     f"process failed), and removed {tmp}: {exc}") from exc
-            raise CommitError(f"saving {path} failed: {exc}") from exc
+            raise CommitError(f"saving {path} failed: {describe(exc)}") from exc
         finally:
             if sync is not None:  # (done with the save's keys, whatever its outcome)
                 await sync.leave()

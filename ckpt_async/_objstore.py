@@ -5,8 +5,10 @@ delete_range``), with the per-scheme kvstore spec from :func:`_paths.kvstore_bas
 An object store has no directories, no rename and no fsync: a "directory" exists while some
 object's key starts with its prefix, a completed PUT is durable, and visibility is decided by
 the commit marker (see ``_commit``), written create-once by :func:`write_new`. TensorStore
-failures are mapped to ckpt_async errors that name the ``s3://`` / ``gs://`` path, with
-``__cause__`` kept.
+failures are mapped to ckpt_async errors that name the ``s3://`` / ``gs://`` path and the
+endpoint, with the store's answer made readable (its error code and message, the HTTP status:
+:func:`errors.describe`) and TensorStore's own error, raw response included, kept as the
+``__cause__``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .errors import (
     CheckpointNotFoundError,
     CommitError,
     UnreadableCheckpointError,
+    describe,
     not_read,
 )
 
@@ -47,6 +50,12 @@ async def _root(path: _paths.StorePath) -> ts.KvStore:
     return kv
 
 
+def _failed(cls: type[CheckpointError], what: str, path: _paths.StorePath,
+            exc: BaseException) -> CheckpointError:
+    """The error for a request on ``path`` that failed with TensorStore's ``exc``."""
+    return cls(f"cannot {what} {path}: {describe(exc, _paths.endpoint_of(path))}")
+
+
 def _prefix_range(prefix: str) -> ts.KvStore.KeyRange:
     """Every key starting with ``prefix`` ("" : the whole bucket)."""
     if not prefix:
@@ -65,7 +74,7 @@ async def list_keys(path: _paths.StorePath) -> list[str]:
     try:
         keys = await kv.list(_prefix_range(prefix))
     except Exception as exc:
-        raise CheckpointError(f"cannot list {path}: {exc}") from exc
+        raise _failed(CheckpointError, "list", path, exc) from exc
     return sorted(k.decode()[len(prefix):] for k in keys)
 
 
@@ -74,7 +83,7 @@ async def write_bytes(path: _paths.StorePath, data: bytes) -> None:
     try:
         await kv.write(path.key, data)
     except Exception as exc:
-        raise CommitError(f"cannot write {path}: {exc}") from exc
+        raise _failed(CommitError, "write", path, exc) from exc
 
 
 async def write_new(path: _paths.StorePath, data: bytes) -> None:
@@ -92,7 +101,7 @@ async def write_new(path: _paths.StorePath, data: bytes) -> None:
     except FileExistsError:
         raise
     except Exception as exc:
-        raise CommitError(f"cannot write {path}: {exc}") from exc
+        raise _failed(CommitError, "write", path, exc) from exc
     if not stamp.generation:  # the precondition failed: another writer created it first
         raise FileExistsError(f"{path} exists")
 
@@ -103,7 +112,7 @@ async def read_bytes(path: _paths.StorePath) -> bytes:
         result = await kv.read(path.key)
     except Exception as exc:
         cls = UnreadableCheckpointError if not_read(exc) else CheckpointError
-        raise cls(f"cannot read {path}: {exc}") from exc
+        raise _failed(cls, "read", path, exc) from exc
     if result.state != "value":
         raise CheckpointNotFoundError(f"{path} does not exist")
     return bytes(result.value)
@@ -118,7 +127,7 @@ async def exists(path: _paths.StorePath) -> bool:
     try:
         keys = await kv.list(ts.KvStore.KeyRange(path.key, path.key + "0"))
     except Exception as exc:
-        raise CheckpointError(f"cannot list {path}: {exc}") from exc
+        raise _failed(CheckpointError, "list", path, exc) from exc
     own, below = path.key.encode(), path.key.encode() + b"/"
     return any(k == own or k.startswith(below) for k in keys)
 
@@ -138,7 +147,7 @@ async def delete(path: _paths.StorePath) -> None:
     try:
         await kv.delete_range(ts.KvStore.KeyRange(path.key, path.key + "\x00"))
     except Exception as exc:
-        raise CommitError(f"cannot delete {path}: {exc}") from exc
+        raise _failed(CommitError, "delete", path, exc) from exc
 
 
 async def delete_prefix(path: _paths.StorePath) -> None:
@@ -156,4 +165,4 @@ async def delete_prefix(path: _paths.StorePath) -> None:
     try:
         await kv.delete_range(_prefix_range(_dir_prefix(path)))
     except Exception as exc:
-        raise CommitError(f"cannot delete {path}: {exc}") from exc
+        raise _failed(CommitError, "delete", path, exc) from exc

@@ -125,12 +125,20 @@ def set_s3_options(*, endpoint: str | None = None, region: str | None = None) ->
     _s3_options["region"] = region
 
 
+def _s3_endpoint() -> tuple[str | None, str]:
+    """The S3 endpoint (None: AWS's) and what set it."""
+    if _s3_options["endpoint"]:
+        return _s3_options["endpoint"], "set_s3_options"
+    for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if os.environ.get(var):
+            return os.environ[var], var
+    return None, ""
+
+
 def s3_endpoint_region() -> tuple[str | None, str | None]:
-    endpoint = (_s3_options["endpoint"] or os.environ.get("AWS_ENDPOINT_URL_S3")
-                or os.environ.get("AWS_ENDPOINT_URL") or None)
     region = (_s3_options["region"] or os.environ.get("AWS_REGION")
               or os.environ.get("AWS_DEFAULT_REGION") or None)
-    return endpoint, region
+    return _s3_endpoint()[0], region
 
 
 # -- GCS options ----------------------------------------------------------------------------------
@@ -172,6 +180,22 @@ def set_gcs_options(*, endpoint: str | None = None, user_project: str | None = N
 def gcs_endpoint_project() -> tuple[str | None, str | None]:
     """The endpoint TensorStore's gcs driver will use (None: Google's) and the billing project."""
     return os.environ.get(GCS_ENDPOINT_ENV) or None, _gcs_options["user_project"]
+
+
+def endpoint_of(path: StorePath) -> str:
+    """Where the requests for ``path`` go, and what set that, for error messages."""
+    if path.scheme == "gs":
+        endpoint = gcs_endpoint_project()[0]
+        if endpoint is None:
+            return "https://storage.googleapis.com (Google's; TENSORSTORE_GCS_HTTP_URL unset)"
+        by = ("set_gcs_options" if _gcs_options["endpoint"] and
+              endpoint == _gcs_options["endpoint"].rstrip("/") else GCS_ENDPOINT_ENV)
+        return f"{endpoint} set by {by}"
+    endpoint, by = _s3_endpoint()
+    if endpoint is None:
+        return ("AWS S3's own (set_s3_options, AWS_ENDPOINT_URL_S3 and AWS_ENDPOINT_URL "
+                "unset)")
+    return f"{endpoint} set by {by}"
 
 
 def kvstore_base(path: AnyPath) -> dict[str, Any]:

@@ -8,6 +8,8 @@ Foreign errors (TensorStore, OS, msgspec) are mapped at one boundary with ``__ca
 
 from __future__ import annotations
 
+import re
+
 
 class CheckpointError(Exception):
     """Raised for any failure of ckpt_async; the base of every other error here."""
@@ -121,10 +123,41 @@ def not_read(exc: BaseException) -> bool:
     return str(exc).startswith(_NOT_READ)
 
 
+#: The payloads TensorStore appends to an HTTP request's error: `` [name='value']``.
+_PAYLOAD = re.compile(r" \[([\w.-]+)='((?:[^'\\]|\\.)*)'\]")
+_XML_CODE = re.compile(r"<Code>([^<]+)</Code>")
+_XML_MESSAGE = re.compile(r"<Message>([^<]+)</Message>")
+_JSON_MESSAGE = re.compile(r'"message\\?"\s*:\s*\\?"(.+?)\\?"')
+
+
+def describe(exc: BaseException, endpoint: str | None = None) -> str:
+    """TensorStore's error ``exc`` as one readable line. An object store's answer comes
+    with the raw response attached (``[http_response_body='<?xml ...']``, request ids, curl
+    codes): those are left out (``exc``, kept as the ``__cause__``, has them), the store's
+    error code and message are taken from the body where the text lacks them, and the HTTP
+    status and ``endpoint`` (where the request went) are named. Any other error: its text."""
+    text = str(exc)
+    payloads = dict(_PAYLOAD.findall(text))
+    if not payloads.keys() & {"http_response_code", "http_response_body", "curl_code"}:
+        return text
+    head = _PAYLOAD.sub("", text).replace("CURL error ", "").strip().rstrip(":")
+    body = payloads.get("http_response_body", "")
+    code = _XML_CODE.search(body)
+    message = _XML_MESSAGE.search(body) or _JSON_MESSAGE.search(body)
+    if code and code.group(1) not in head:
+        head += f": {code.group(1)}"
+    if message and message.group(1) not in head:
+        head += f": {message.group(1)}"
+    where = [f"HTTP {payloads['http_response_code']}"] if "http_response_code" in payloads else []
+    if endpoint:
+        where.append(f"endpoint {endpoint}")
+    return head + (f" ({'; '.join(where)})" if where else "")
+
+
 def read_failure(message: str, exc: BaseException) -> CheckpointError:
     """The error for a read of stored data that failed with TensorStore's ``exc``."""
     cls = UnreadableCheckpointError if not_read(exc) else CorruptCheckpointError
-    return cls(f"{message} ({exc})")
+    return cls(f"{message} ({describe(exc)})")
 
 
 __all__ = [

@@ -215,8 +215,13 @@ class TestGcs(ObjectStoreSuite):
         visible, raised by wait_until_finished."""
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save("gs://no-such-bucket-here/run", {"x": np.arange(3)})
-            with pytest.raises(CommitError, match=r"gs://no-such-bucket-here/run.*Not Found"):
+            with pytest.raises(CommitError) as caught:
                 ckptr.wait_until_finished()
+            # GCS's message and status, not its JSON answer (kept in __cause__)
+            assert re.fullmatch(r"saving gs://no-such-bucket-here/run failed: NOT_FOUND: .*"
+                                r"gs://no-such-bucket-here/run/: Not Found \(HTTP 404\)",
+                                str(caught.value)), str(caught.value)
+            assert '"code\\":404' in str(caught.value.__cause__)
             with pytest.raises(CheckpointNotFoundError):
                 ckptr.restore("gs://no-such-bucket-here/run")
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import boto3
+import moto.settings
 import numpy as np
 import pytest
 import tensorstore as ts
@@ -82,10 +84,34 @@ class TestS3(ObjectStoreSuite):
     def test_unknown_scheme_and_missing_bucket(self, store):
         with pytest.raises(InvalidArgumentError, match="hdfs://"):
             ocp.CheckpointManager("hdfs://bucket/run")
-        # a missing bucket fails the save when it checks the path, before anything is written
+        # a missing bucket fails the save when it checks the path, before anything is written:
+        # S3's error code and message, not its XML answer (which stays in __cause__)
         with ocp.StandardCheckpointer() as ckptr:
-            with pytest.raises(ocp.errors.CheckpointError, match="no-such-bucket-here"):
+            with pytest.raises(ocp.errors.CheckpointError) as caught:
                 ckptr.save("s3://no-such-bucket-here/run", {"x": np.arange(3)})
+        assert_store_error(caught.value, "cannot list s3://no-such-bucket-here/run/"
+                           "commit_success.txt: NOT_FOUND: "
+                           "NoSuchBucket: The specified bucket does not exist (HTTP 404; "
+                           f"endpoint {store.endpoint} set by AWS_ENDPOINT_URL)",
+                           "<Code>NoSuchBucket</Code>")
+
+    def test_access_denied_is_readable(self, store, prefix, monkeypatch):
+        """A request the store refuses (moto checking IAM, for a user with no policy): the
+        error names the URL, S3's code and message, the HTTP status and the endpoint."""
+        bucket = f"denied-{uuid.uuid4().hex[:8]}"  # (a bucket not opened yet by this process)
+        store.client.create_bucket(Bucket=bucket)
+        iam = boto3.client("iam", endpoint_url=store.endpoint, region_name=REGION)
+        iam.create_user(UserName=bucket)
+        key = iam.create_access_key(UserName=bucket)["AccessKey"]
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # IAM checked
+        with pytest.raises(ocp.errors.CheckpointError) as caught:
+            ocp.CheckpointManager(f"s3://{bucket}/{prefix}")
+        assert_store_error(caught.value, f"cannot list s3://{bucket}/{prefix}: "
+                           "PERMISSION_DENIED: AccessDenied: Access Denied (HTTP 403; "
+                           f"endpoint {store.endpoint} set by AWS_ENDPOINT_URL)",
+                           "<Code>AccessDenied</Code>")
 
     def test_a_checkpoint_at_the_root_of_an_empty_bucket(self, store):
         # A save clears its prefix first; at a bucket's root that refused (CommitError
@@ -147,6 +173,13 @@ class TestS3(ObjectStoreSuite):
             winners = asyncio.run(race(key))
             assert len(winners) == 1, (trial, winners)
             assert store.get(key) == f"writer {winners[0]}".encode()
+
+
+def assert_store_error(exc: BaseException, message: str, raw: str) -> None:
+    """``exc`` is a plain CheckpointError reading ``message``, its cause the store's ``raw``
+    answer."""
+    assert type(exc) is ocp.errors.CheckpointError and str(exc) == message, str(exc)
+    assert raw in str(exc.__cause__) and "<" not in str(exc)
 
 
 @pytest.mark.parametrize("status, unreadable", [
