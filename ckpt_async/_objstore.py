@@ -5,6 +5,12 @@ delete_range``), with the per-scheme kvstore spec from :func:`_paths.kvstore_bas
 An object store has no directories, no rename and no fsync: a "directory" exists while some
 object's key starts with its prefix, a completed PUT is durable, and visibility is decided by
 the commit marker (see ``_commit``), written create-once by :func:`write_new`. TensorStore
+The first request to a bucket (per configuration, per process) checks that the endpoint answers,
+with a few quick retries and a deadline (``CKPT_ASYNC_STORE_FIRST_CONTACT_SECS``, 30 s by
+default): a wrong endpoint, an unknown host or no network raise
+:class:`~ckpt_async.errors.StoreUnreachableError` then, rather than after TensorStore's retries
+of every later request (about a quarter of an hour by default, ``CKPT_ASYNC_STORE_RETRIES``),
+which are there for a store that stops answering for a while during a run. TensorStore
 failures are mapped to ckpt_async errors that name the ``s3://`` / ``gs://`` path and the
 endpoint, with the store's answer made readable (its error code and message, the HTTP status:
 :func:`errors.describe`) and TensorStore's own error, raw response included, kept as the
@@ -13,7 +19,10 @@ endpoint, with the store's answer made readable (its error code and message, the
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+from typing import Any
 
 import tensorstore as ts
 
@@ -22,10 +31,14 @@ from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CommitError,
+    StoreUnreachableError,
     UnreadableCheckpointError,
     describe,
+    gave_up,
     not_read,
 )
+
+log = logging.getLogger("ckpt_async")
 
 _roots: dict[tuple[str, ...], ts.KvStore] = {}
 os.register_at_fork(after_in_child=_roots.clear)  # TensorStore handles do not survive a fork
@@ -33,21 +46,93 @@ os.register_at_fork(after_in_child=_roots.clear)  # TensorStore handles do not s
 
 async def _root(path: _paths.StorePath) -> ts.KvStore:
     """The bucket's kvstore (keys are relative to the bucket), opened once per bucket and
-    configuration; a changed endpoint, region or project opens a new one."""
+    configuration, after its :func:`_first_contact`; a changed endpoint, region, project or
+    retry policy opens a new one."""
     spec = _paths.kvstore_base(_paths.StorePath(path.bucket, "", path.scheme))
     endpoint = (_paths.gcs_endpoint_project()[0] if path.scheme == "gs"
                 else spec.get("endpoint"))
     cache_key = (path.scheme, path.bucket, str(endpoint), repr(sorted(spec.items())))
     kv = _roots.get(cache_key)
     if kv is None:
+        await _first_contact(path, spec)
         try:
             # Its own context: TensorStore reuses an open driver for an equal spec within one
             # context, and the gcs driver's endpoint (an environment variable) is not in it.
             kv = await ts.KvStore.open(spec, context=ts.Context())
         except Exception as exc:
-            raise CheckpointError(f"cannot open {path.scheme}://{path.bucket}: {exc}") from exc
+            raise _failed(CheckpointError, "open", path, exc) from exc
         _roots[cache_key] = kv
     return kv
+
+
+FIRST_CONTACT_ENV = "CKPT_ASYNC_STORE_FIRST_CONTACT_SECS"
+FIRST_CONTACT_SECS = 30.0
+#: What the first request to a bucket reads: any answer will do, "no such key" the likeliest.
+PROBE_KEY = ".ckpt_async-first-contact"
+
+
+def first_contact_secs() -> float:
+    """How long the first request to a bucket may take, retries included
+    (``CKPT_ASYNC_STORE_FIRST_CONTACT_SECS``; 0: no such check)."""
+    value = os.environ.get(FIRST_CONTACT_ENV, "").strip()
+    if not value:
+        return FIRST_CONTACT_SECS
+    try:
+        secs = float(value)
+        if not secs >= 0:
+            raise ValueError(value)
+    except ValueError:
+        log.warning("%s=%r is not a number of seconds; using %g", FIRST_CONTACT_ENV, value,
+                    FIRST_CONTACT_SECS)
+        return FIRST_CONTACT_SECS
+    return secs
+
+
+def first_contact_retries(secs: float) -> dict[str, Any]:
+    """TensorStore's retry policy for the first request to a bucket: from a quarter of a
+    second (at most a sixteenth of ``secs``), doubling up to 4 s (at most a quarter of
+    ``secs``), as many retries as fit in three quarters of ``secs`` even with TensorStore's
+    jitter (up to the initial delay added to each), so that they run out before the deadline
+    and the error can say why."""
+    initial, longest = min(0.25, secs / 16), min(4.0, secs / 4)
+    retries, waited = 0, 0.0
+    while True:
+        delay = min(initial * 2 ** retries + initial, longest)
+        if waited + delay > 0.75 * secs:
+            break
+        waited += delay
+        retries += 1
+    return {"max_retries": retries, "initial_delay": f"{initial:g}s",
+            "max_delay": f"{longest:g}s"}
+
+
+async def _first_contact(path: _paths.StorePath, spec: dict[str, Any]) -> None:
+    """One read from the bucket with few quick retries (:func:`first_contact_retries`) and a
+    deadline: :class:`StoreUnreachableError` naming ``path`` and the endpoint when the store
+    does not answer (a wrong endpoint or port, an unknown host, no network, a server that
+    accepts and never replies), instead of TensorStore's retries of a quarter of an hour. Any
+    answer will do, a refusal included: the request that needs what is refused reports it."""
+    secs = first_contact_secs()
+    if not secs:
+        return
+    resource = _paths.retries_resource(path.scheme)
+    probe = {**spec, "context": {**spec.get("context", {}),
+                                 resource: first_contact_retries(secs)}}
+    where = f"cannot reach {path} at endpoint {_paths.endpoint_of(path)}"
+    bound = (f"the first request to a bucket may take {secs:g} s: {FIRST_CONTACT_ENV}; "
+             "check the endpoint, its port and the network")
+
+    async def ask() -> None:
+        kv = await ts.KvStore.open(probe, context=ts.Context())
+        await kv.read(PROBE_KEY)
+
+    try:
+        await asyncio.wait_for(ask(), secs)
+    except TimeoutError as exc:
+        raise StoreUnreachableError(f"{where}: no answer within {secs:g} s ({bound})") from exc
+    except Exception as exc:
+        if gave_up(exc):
+            raise StoreUnreachableError(f"{where}: {describe(exc)} ({bound})") from exc
 
 
 def _failed(cls: type[CheckpointError], what: str, path: _paths.StorePath,

@@ -20,11 +20,19 @@ variable; credentials come from Google's default chain as TensorStore implements
 (``GOOGLE_AUTH_TOKEN_FOR_TESTING``, ``GOOGLE_APPLICATION_CREDENTIALS``, gcloud's
 application-default credentials, then the GCE metadata server at ``GCE_METADATA_ROOT``); a
 requester-pays billing project is set with ``set_gcs_options(user_project=...)``.
+
+Both: TensorStore retries a request that failed for want of an answer (a refused connection, an
+unknown host, 5xx, 429) with backoff, 32 times from 1 s up to 32 s apart by default (about a
+quarter of an hour); ``CKPT_ASYNC_STORE_RETRIES`` sets that policy (:func:`request_retries`).
+The first request to a bucket is bounded far tighter (``_objstore``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -198,6 +206,43 @@ def endpoint_of(path: StorePath) -> str:
     return f"{endpoint} set by {by}"
 
 
+# -- retries (both) -------------------------------------------------------------------------------
+RETRIES_ENV = "CKPT_ASYNC_STORE_RETRIES"
+_RETRY_MEMBERS = ("max_retries", "initial_delay", "max_delay")
+
+
+def request_retries() -> dict[str, Any] | None:
+    """TensorStore's retry policy for object-store requests from ``CKPT_ASYNC_STORE_RETRIES``:
+    a number of retries, or a JSON object of TensorStore's ``max_retries``, ``initial_delay``
+    and ``max_delay`` (e.g. ``{"max_retries": 8, "max_delay": "8s"}``); None (TensorStore's
+    own: 32 retries, 1 s doubling to 32 s) when unset, and, with a warning, when invalid."""
+    return _parse_retries(os.environ.get(RETRIES_ENV, "").strip())
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_retries(value: str) -> dict[str, Any] | None:
+    if not value:
+        return None
+    try:
+        policy = {"max_retries": int(value)} if value.isdigit() else json.loads(value)
+        if not isinstance(policy, dict) or not set(policy) <= set(_RETRY_MEMBERS):
+            raise ValueError(f"not an object of {', '.join(_RETRY_MEMBERS)}")
+        import tensorstore as ts  # (checks the values: a negative count, a bad duration)
+
+        ts.Context({"s3_request_retries": policy})
+    except ValueError as exc:
+        logging.getLogger("ckpt_async").warning(
+            "%s=%r is not a number of retries or a JSON object of %s (%s); using TensorStore's "
+            "retry policy", RETRIES_ENV, value, ", ".join(_RETRY_MEMBERS), exc)
+        return None
+    return policy
+
+
+def retries_resource(scheme: str) -> str:
+    """The name of TensorStore's context resource for the retries of ``scheme``'s driver."""
+    return "gcs_request_retries" if scheme == "gs" else "s3_request_retries"
+
+
 def kvstore_base(path: AnyPath) -> dict[str, Any]:
     """TensorStore kvstore spec of the "directory" ``path`` (its key prefix, ending in "/")."""
     spec: dict[str, Any]
@@ -209,11 +254,14 @@ def kvstore_base(path: AnyPath) -> dict[str, Any]:
         _endpoint, project = gcs_endpoint_project()
         if project:
             spec["gcs_user_project"] = {"project_id": project}
-        return spec
-    spec = {"driver": "s3", "bucket": path.bucket, "path": key_prefix}
-    endpoint, region = s3_endpoint_region()
-    if endpoint:
-        spec["endpoint"] = endpoint
-    if region:
-        spec["aws_region"] = region
+    else:
+        spec = {"driver": "s3", "bucket": path.bucket, "path": key_prefix}
+        endpoint, region = s3_endpoint_region()
+        if endpoint:
+            spec["endpoint"] = endpoint
+        if region:
+            spec["aws_region"] = region
+    retries = request_retries()
+    if retries is not None:
+        spec["context"] = {retries_resource(path.scheme): retries}
     return spec

@@ -825,8 +825,9 @@ async def read_array(
             store = store[index]
         return await store.read()
     except ValueError as exc:
-        # The item's metadata lists the array: a missing, truncated or garbled one is damage.
-        raise CorruptCheckpointError(f"{item_dir}: array {name!r} cannot be read ({exc})") from exc
+        # The item's metadata lists the array: a missing, truncated or garbled one is damage
+        # (one the store refused or did not serve is not).
+        raise read_failure(f"{item_dir}: array {name!r} cannot be read", exc) from exc
 
 
 #: Restore buffers from this size on are mapped with their pages populated up front.

@@ -56,6 +56,10 @@ class NotWritableError(CheckpointError, PermissionError):
     """Raised when the checkpoint's directory cannot be written (permissions, read-only FS)."""
 
 
+class StoreUnreachableError(CheckpointError, ConnectionError):
+    """Raised when an object store's endpoint does not answer the first request to a bucket."""
+
+
 # --- restore ----------------------------------------------------------------------------------
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """Raised when a checkpoint path, item or key does not exist."""
@@ -115,12 +119,23 @@ class ClosedError(CheckpointError, RuntimeError):
 #: TensorStore's status codes of a read that did not happen (denied, or the store did not
 #: answer), as opposed to one that found the data damaged.
 _NOT_READ = ("PERMISSION_DENIED", "UNAUTHENTICATED", "UNAVAILABLE", "DEADLINE_EXCEEDED")
+#: How TensorStore reports a request it gave up retrying (a refused connection, an unknown
+#: host, 5xx answers): ``ABORTED: All 32 retry attempts failed: ...``, also inside the error
+#: of what needed it (``ABORTED: Error opening "zarr" driver: ...: All 32 retry ...``).
+_RETRIES_EXHAUSTED = re.compile(r"\bAll \d+ retry attempts failed\b")
+
+
+def gave_up(exc: BaseException) -> bool:
+    """Whether a TensorStore error says the store never answered usefully: it could not be
+    reached, or kept failing, until TensorStore stopped retrying."""
+    return (str(exc).startswith(("UNAVAILABLE", "DEADLINE_EXCEEDED"))
+            or _RETRIES_EXHAUSTED.search(str(exc)) is not None)
 
 
 def not_read(exc: BaseException) -> bool:
     """Whether a TensorStore error says the data was not read at all (no access, the store
     did not answer): :class:`UnreadableCheckpointError`, not damage."""
-    return str(exc).startswith(_NOT_READ)
+    return str(exc).startswith(_NOT_READ) or gave_up(exc)
 
 
 #: The payloads TensorStore appends to an HTTP request's error: `` [name='value']``.
@@ -182,6 +197,7 @@ __all__ = [
     "ShardingMismatchError",
     "StepAlreadyExistsError",
     "StepNotFoundError",
+    "StoreUnreachableError",
     "StructureMismatchError",
     "UnreadableCheckpointError",
     "UnsupportedLeafError",

@@ -3,7 +3,7 @@
 ``with moto_s3("bucket") as env:`` starts the server on a free port, creates the buckets, and
 sets (then restores) the AWS variables: test credentials, the endpoint, no profile files and
 no cloud metadata service. ``env`` is what was set (``env["AWS_ENDPOINT_URL"]`` included), for
-subprocesses that need the same.
+subprocesses that need the same. ``moto_s3_server`` gives the server as well.
 """
 
 from __future__ import annotations
@@ -22,6 +22,15 @@ REGION = "us-east-1"
 
 @contextlib.contextmanager
 def moto_s3(*buckets: str) -> Iterator[dict[str, str]]:
+    with moto_s3_server(*buckets) as (_server, env):
+        yield env
+
+
+@contextlib.contextmanager
+def moto_s3_server(*buckets: str) -> Iterator[tuple[moto_server.ThreadedMotoServer,
+                                                    dict[str, str]]]:
+    """:func:`moto_s3`, with the server too (a test may ``stop()`` it: its port then refuses
+    connections)."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -41,9 +50,9 @@ def moto_s3(*buckets: str) -> Iterator[dict[str, str]]:
             client = client_for(env)
             for bucket in buckets:
                 client.create_bucket(Bucket=bucket)
-            yield env
+            yield server, env
     finally:
-        server.stop()
+        server.stop()  # (again, if the test stopped it: a no-op)
 
 
 def client_for(env: dict[str, str]):  # noqa: ANN201 - boto3's client type is generated

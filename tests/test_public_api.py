@@ -158,6 +158,7 @@ EXPECTED_BUILTINS: dict[str, set[type[BaseException]]] = {
     "ItemNotFoundError": {FileNotFoundError, OSError, KeyError, LookupError},
     "CorruptCheckpointError": set(),
     "UnreadableCheckpointError": {OSError},
+    "StoreUnreachableError": {ConnectionError, OSError},
     "CheckpointReplacedError": set(),
     "OutOfMemoryError": {MemoryError},
     "CommitError": set(),

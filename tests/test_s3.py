@@ -9,6 +9,8 @@ and a race of writers on one commit marker decided by the server (``If-None-Matc
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import uuid
 
 import boto3
@@ -16,13 +18,19 @@ import moto.settings
 import numpy as np
 import pytest
 import tensorstore as ts
-from _moto import REGION, client_for, list_keys, moto_s3
+from _moto import REGION, client_for, list_keys, moto_s3, moto_s3_server
 from _objstore_suite import Bucket, ObjectStoreSuite, small_round_trip
 
 import ckpt_async as ocp
 from ckpt_async import _objstore
-from ckpt_async._paths import StorePath, kvstore_base
-from ckpt_async.errors import InvalidArgumentError
+from ckpt_async import _serialize as ser
+from ckpt_async._paths import RETRIES_ENV, StorePath, kvstore_base
+from ckpt_async.errors import (
+    CheckpointError,
+    InvalidArgumentError,
+    StoreUnreachableError,
+    UnreadableCheckpointError,
+)
 
 BUCKET = "ckpt-async-test"
 
@@ -184,18 +192,18 @@ def assert_store_error(exc: BaseException, message: str, raw: str) -> None:
 
 @pytest.mark.parametrize("status, unreadable", [
     ("PERMISSION_DENIED", True), ("UNAUTHENTICATED", True), ("UNAVAILABLE", True),
-    ("DATA_LOSS", False)])
+    ("ABORTED: All 32 retry attempts failed", True), ("DATA_LOSS", False)])
 def test_a_read_the_store_refused_is_unreadable_not_damage(monkeypatch, status, unreadable):
     # An object the store denies (403) or does not serve is no damaged checkpoint: code that
     # deletes what it finds damaged must not delete a good step over a policy change. (Such
-    # reads raised CorruptCheckpointError, or a plain CheckpointError.)
-    import ckpt_async._serialize as ser
-    from ckpt_async.errors import CorruptCheckpointError, UnreadableCheckpointError
+    # reads raised CorruptCheckpointError, or a plain CheckpointError; until round 40 also
+    # those TensorStore gave up retrying, the store not answering.)
+    from ckpt_async.errors import CorruptCheckpointError
 
     refusal = ValueError(f"{status}: AccessDenied: Access Denied")
 
     class Refusing:
-        async def read(self, key):
+        async def read(self, key=None):
             raise refusal
 
     async def root(path):
@@ -204,13 +212,127 @@ def test_a_read_the_store_refused_is_unreadable_not_damage(monkeypatch, status, 
     async def refused_open(*args, **kwargs):
         raise refusal
 
+    async def refusing_store(*args, **kwargs):
+        return Refusing()
+
     monkeypatch.setattr(_objstore, "_root", root)
     monkeypatch.setattr(ser.ts, "open", refused_open)
     item = StorePath.parse("s3://bucket/run/1/default")
+
+    async def read_array():
+        monkeypatch.setattr(ser, "_open_for_reading", refusing_store)
+        return await ser.read_array(None, item, "x", use_ocdbt=True, use_zarr3=False)
+
     for call in (lambda: _objstore.read_bytes(item / "_METADATA"),
-                 lambda: ser.open_array(None, item, "x", use_ocdbt=True, use_zarr3=False)):
+                 lambda: ser.open_array(None, item, "x", use_ocdbt=True, use_zarr3=False),
+                 read_array):
         with pytest.raises(ocp.errors.CheckpointError) as caught:
             asyncio.run(call())
         assert isinstance(caught.value, UnreadableCheckpointError) == unreadable
         assert str(item) in str(caught.value) and status in str(caught.value)
     assert isinstance(caught.value, CorruptCheckpointError)  # (open_array's, either way)
+
+
+# -- an endpoint that does not answer ---------------------------------------------------------
+@contextlib.contextmanager
+def dead_endpoint(kind: str):
+    """An endpoint on 127.0.0.1 that never answers: a port nothing listens on (refused), a
+    socket that never accepts (the kernel completes the connection; no reply ever comes), or a
+    host name that does not resolve."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        if kind == "silent":
+            sock.listen(8)
+        port = sock.getsockname()[1]
+        if kind == "closed port":
+            sock.close()
+        yield (f"http://{uuid.uuid4().hex[:8]}.invalid:9000" if kind == "unknown host"
+               else f"http://127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize("kind", ["closed port", "silent", "unknown host"])
+def test_an_endpoint_that_does_not_answer_fails_the_first_request(store, monkeypatch, kind):
+    """A wrong endpoint raised nothing for a quarter of an hour (TensorStore's retries of
+    every request); the first request to a bucket now gives up within its own bound (here
+    1 s: the default is 30) with StoreUnreachableError naming the URL and the endpoint."""
+    monkeypatch.setenv(_objstore.FIRST_CONTACT_ENV, "1")
+    with dead_endpoint(kind) as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        with pytest.raises(StoreUnreachableError) as caught:
+            ocp.CheckpointManager(f"s3://{BUCKET}/run")
+    message = str(caught.value)
+    assert message.startswith(f"cannot reach s3://{BUCKET}/run at endpoint {endpoint} set by "
+                              "AWS_ENDPOINT_URL: "), message
+    assert _objstore.FIRST_CONTACT_ENV in message and "curl_code" not in message
+    if kind == "closed port":
+        assert "Could not connect to server" in message, message
+    if kind == "silent":
+        assert "no answer within 1 s" in message, message
+    with pytest.raises(StoreUnreachableError):  # (nothing cached: asked again, and again refused)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.restore(f"s3://{BUCKET}/run")
+
+
+def test_the_first_request_is_bounded_by_default(monkeypatch):
+    """Without CKPT_ASYNC_STORE_FIRST_CONTACT_SECS the first request to a bucket gives up
+    within 30 s (retries running out before it, so that the error says why); TensorStore's
+    own policy for every request would retry for a quarter of an hour."""
+    monkeypatch.delenv(_objstore.FIRST_CONTACT_ENV, raising=False)
+    secs = _objstore.first_contact_secs()
+    policy = _objstore.first_contact_retries(secs)
+    ts.Context({"s3_request_retries": policy, "gcs_request_retries": policy})  # (valid)
+    initial, longest = (float(policy[k].rstrip("s")) for k in ("initial_delay", "max_delay"))
+    worst = sum(min(initial * 2 ** i + initial, longest) for i in range(policy["max_retries"]))
+    assert secs == 30 and policy["max_retries"] >= 5 and worst <= 0.75 * secs, (policy, worst)
+    monkeypatch.setenv(_objstore.FIRST_CONTACT_ENV, "soon")
+    assert _objstore.first_contact_secs() == 30  # (warned: not a number)
+
+
+def test_a_store_that_stops_answering_during_a_run(monkeypatch):
+    """Past the first request, TensorStore's retries apply (set short here by
+    CKPT_ASYNC_STORE_RETRIES: the default retries for about a quarter of an hour). Once they
+    run out: a restore raises UnreadableCheckpointError (not damage: it was never read) and a
+    save fails, each naming the step's URL and why."""
+    monkeypatch.setenv(RETRIES_ENV, '{"max_retries": 1, "initial_delay": "10ms", '
+                                    '"max_delay": "10ms"}')
+    with moto_s3_server("stops") as (server, env):
+        mngr = ocp.CheckpointManager("s3://stops/run")
+        try:
+            mngr.save(1, args=ocp.args.StandardSave({"a": np.arange(8)}))
+            mngr.wait_until_finished()
+            read_small = ser.ItemReader.read_small
+
+            async def stop_then_read(self, *args):  # (the step listed, its documents read)
+                server.stop()
+                return await read_small(self, *args)
+
+            monkeypatch.setattr(ser.ItemReader, "read_small", stop_then_read)
+            with pytest.raises(UnreadableCheckpointError) as caught:
+                mngr.restore(1)
+            assert type(caught.value) is UnreadableCheckpointError
+            assert str(caught.value).startswith("s3://stops/run/1/default: array 'a' cannot be "
+                                                "opened"), caught.value
+            assert "All 1 retry attempts failed: Could not connect" in str(caught.value)
+            with pytest.raises(CheckpointError) as caught:  # (save() looks for the step)
+                mngr.save(2, args=ocp.args.StandardSave({"a": np.arange(8)}))
+            assert type(caught.value) is CheckpointError and str(caught.value).startswith(
+                "cannot list s3://stops/run/2/commit_success.txt: ABORTED: All 1 retry "
+                f"attempts failed: Could not connect to server: Failed to connect to "
+                f"{env['AWS_ENDPOINT_URL'][7:].replace(':', ' port ')}"), caught.value
+        finally:
+            with contextlib.suppress(CheckpointError):
+                mngr.close()
+
+
+def test_a_retry_policy_that_is_not_one_is_ignored_with_a_warning(monkeypatch, caplog):
+    path = StorePath.parse("s3://bucket/run")
+    monkeypatch.setenv(RETRIES_ENV, "3")
+    assert kvstore_base(path)["context"] == {"s3_request_retries": {"max_retries": 3}}
+    monkeypatch.setenv(RETRIES_ENV, '{"max_retries": 3, "max_delay": "2s"}')
+    assert kvstore_base(StorePath("b", "k", "gs"))["context"] == {
+        "gcs_request_retries": {"max_retries": 3, "max_delay": "2s"}}
+    for bad in ("-1", '{"retries": 3}', '{"max_delay": "soon"}'):
+        monkeypatch.setenv(RETRIES_ENV, bad)
+        caplog.clear()
+        assert "context" not in kvstore_base(path), bad
+        assert RETRIES_ENV in caplog.text, bad

@@ -51,6 +51,7 @@ from ..errors import (
     InvalidTypeError,
     ShapeMismatchError,
     UnsupportedLeafError,
+    read_failure,
 )
 from ..metadata import (
     ArrayMetadata,
@@ -1177,8 +1178,7 @@ class _Reader:
                 with ser.allocating(self.dir, [name], nbytes):
                     arr = await ser.read_into_buffer(self.ctx, store)
             except ValueError as exc:
-                raise CorruptCheckpointError(
-                    f"{self.dir}: array {name!r} cannot be read ({exc})") from exc
+                raise read_failure(f"{self.dir}: array {name!r} cannot be read", exc) from exc
             await _integrity.check_array(self.dir, name, arr, self.sums)
             self.tracker.add(arr.nbytes)
             yield arr
@@ -1499,8 +1499,7 @@ class _Reader:
         try:
             region = await store[box].read()
         except ValueError as exc:
-            raise CorruptCheckpointError(
-                f"{self.dir}: array {name!r} cannot be read ({exc})") from exc
+            raise read_failure(f"{self.dir}: array {name!r} cannot be read", exc) from exc
         await _integrity.check_array(self.dir, name, region, self.sums,
                                      origin=tuple(b.start for b in box))
         self.tracker.add(region.nbytes)
