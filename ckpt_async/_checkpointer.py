@@ -202,6 +202,14 @@ async def reading(path: AnyPath, what: str,
         raise deleted from cause
 
 
+def _save_failed(exc: CheckpointError, path: AnyPath) -> CheckpointError:
+    """A commit's failure that the storage reported about its temporary directory (removed by
+    now: the error names the checkpoint the save was for first), or as a plain
+    CheckpointError (an object store's listing or read: the commit failed, CommitError)."""
+    cls = CommitError if type(exc) is CheckpointError else type(exc)
+    return cls(f"saving {path} failed: {exc}")
+
+
 def _identity(path: AnyPath) -> tuple[int, int] | None:
     """Which directory a local ``path`` names now (a replacing save renames another one in
     its place); None on an object store or when it cannot be told."""
@@ -598,6 +606,8 @@ class AsyncCheckpointer:
                 raise CommitTimeoutError(
                     f"commit of {path} did not finish within {timeout} s") from exc
             if isinstance(exc, CheckpointError):
+                if type(exc) is CheckpointError or (tmp != path and str(tmp) in str(exc)):
+                    raise _save_failed(exc, path) from exc
                 raise
             if sync is not None and not primary and isinstance(exc, OSError) and \
                     not await storage.exists(tmp):

@@ -22,11 +22,12 @@ from _moto import REGION, client_for, list_keys, moto_s3, moto_s3_server
 from _objstore_suite import Bucket, ObjectStoreSuite, small_round_trip
 
 import ckpt_async as ocp
-from ckpt_async import _objstore
+from ckpt_async import _commit, _objstore
 from ckpt_async import _serialize as ser
 from ckpt_async._paths import RETRIES_ENV, StorePath, kvstore_base
 from ckpt_async.errors import (
     CheckpointError,
+    CommitError,
     InvalidArgumentError,
     StoreUnreachableError,
     UnreadableCheckpointError,
@@ -322,6 +323,28 @@ def test_a_store_that_stops_answering_during_a_run(monkeypatch):
         finally:
             with contextlib.suppress(CheckpointError):
                 mngr.close()
+
+
+def test_a_commit_the_store_stops_answering_in_names_the_step(monkeypatch):
+    """The commit's requests fail (the server stopped as it begins): CommitError saying which
+    save failed, then why (the commit's listing raised a plain CheckpointError)."""
+    monkeypatch.setenv(RETRIES_ENV, "0")
+    with moto_s3_server("commit-stops") as (server, _env):
+        commit = _commit.commit
+
+        async def stop_then_commit(*args, **kwargs):
+            server.stop()
+            return await commit(*args, **kwargs)
+
+        monkeypatch.setattr(_commit, "commit", stop_then_commit)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save("s3://commit-stops/run/7", {"a": np.arange(8)})
+            with pytest.raises(CommitError) as caught:
+                ckptr.wait_until_finished()
+    assert type(caught.value) is CommitError and str(caught.value).startswith(
+        "saving s3://commit-stops/run/7 failed: cannot list "
+        "s3://commit-stops/run/7/commit_success.txt: ABORTED: All 0 retry attempts failed: "
+        "Could not connect to server"), caught.value
 
 
 def test_a_retry_policy_that_is_not_one_is_ignored_with_a_warning(monkeypatch, caplog):
