@@ -296,6 +296,14 @@ def target_leaves(
 
     None, empty containers and empty nodes are kept as leaves so a target may mirror them.
     """
+    paths, rebuild = target_paths(target)
+    return [(tuple_key(keys), name, leaf) for keys, name, leaf in paths], rebuild
+
+
+def target_paths(
+    target: Any,
+) -> tuple[list[tuple[tuple[str, ...], str, Any]], Callable[[Sequence[Any]], Any]]:
+    """:func:`target_leaves` with each leaf's keys as a tuple of strings."""
 
     def is_leaf(x: Any) -> bool:
         return x is None or (isinstance(x, (dict, list, tuple)) and not is_namedtuple(x) and not x
@@ -306,13 +314,28 @@ def target_leaves(
     except ValueError:
         # jax sorts dict keys and cannot order a dict mixing str and int keys; our walk can.
         leaves, skeleton = flatten(target)
-        out = [(leaf.tuple_key, leaf.name, leaf.value) for leaf in leaves]
+        out = [(tuple(map(str, leaf.keys)), leaf.name, leaf.value) for leaf in leaves]
         return out, lambda values: unflatten(skeleton, values.__getitem__)
     out = []
     for path, leaf in pairs:
-        keys = [_key_of(p)[0] for p in path]
-        out.append((str(tuple(str(k) for k in keys)), ".".join(str(k) for k in keys), leaf))
+        keys = tuple(str(_key_of(p)[0]) for p in path)
+        out.append((keys, ".".join(keys), leaf))
     return out, lambda values: jax.tree_util.tree_unflatten(treedef, values)
+
+
+def args_off_the_tree(args_tree: Any, item: Any, kind: type) -> tuple[list[str], list[str]]:
+    """The args of type ``kind`` (``SaveArgs``, ``RestoreArgs``) in ``args_tree`` that stand
+    at no leaf of ``item``: the names of those at one of its subtrees (``''``: the whole
+    tree), and of those under keys it does not have. (Orbax maps args onto the item leaf by
+    leaf, and refuses both.)"""
+    leaves = {keys for keys, _name, _leaf in target_paths(item)[0]}
+    nodes = {keys[:depth] for keys in leaves for depth in range(len(keys))}
+    inner: list[str] = []
+    outside: list[str] = []
+    for keys, name, arg in target_paths(args_tree)[0]:
+        if isinstance(arg, kind) and keys not in leaves:
+            (inner if keys in nodes else outside).append(name)
+    return inner, outside
 
 
 def check_partial_containers(target: Any, saved: Iterable[Sequence[fmt.KeyEntry]], *,

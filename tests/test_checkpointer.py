@@ -411,6 +411,27 @@ def test_save_args_cast_before_writing(tmp_path):
     assert meta["n"].dtype == ml_dtypes.bfloat16 and meta["j"].dtype == np.float16
 
 
+def test_save_args_that_name_no_leaf_are_refused(tmp_path):
+    # A SaveArgs where the tree has a subtree, or under a key it lacks, was dropped without a
+    # word (a cast asked for a whole layer saved it in its own dtype); Orbax refuses both
+    # (ValueError). Leaves the save args leave out are saved with the default SaveArgs.
+    tree = {"w": np.linspace(0, 1, 4), "layer": {"k": np.ones(3), "b": np.zeros(2)}}
+    half = ocp.SaveArgs(dtype=np.float16)
+    cases = {"subtree": ({"w": half, "layer": half}, r"at 'layer' \(a subtree"),
+             "whole": (half, r"at the whole tree \(a subtree"),
+             "lacking": ({"w": half, "layr": {"k": half}}, r"at 'layr\.k' \(not in the item"),
+             "list": ({"layer": [half, half]}, r"at 'layer\.0', 'layer\.1' \(not in the item")}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        for name, (save_args, message) in cases.items():
+            with pytest.raises(StructureMismatchError, match=message):
+                ckptr.save(tmp_path / name, args=ocp.args.PyTreeSave(tree, save_args=save_args))
+            assert not (tmp_path / name).exists()
+        ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave(tree, save_args={"w": half}))
+        out = ckptr.restore(tmp_path / "c")
+    assert_bits_equal(out["w"], tree["w"].astype(np.float16))
+    assert_bits_equal(out["layer"]["k"], tree["layer"]["k"])
+
+
 def test_partial_restore_restores_a_subset(tmp_path):
     tree = {"a": np.arange(4), "b": {"c": np.ones(3, np.float16), "d": 5}, "s": "x"}
     with ocp.PyTreeCheckpointer() as ckptr:

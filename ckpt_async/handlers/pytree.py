@@ -50,6 +50,7 @@ from ..errors import (
     InvalidArgumentError,
     InvalidTypeError,
     ShapeMismatchError,
+    StructureMismatchError,
     UnsupportedLeafError,
     read_failure,
 )
@@ -173,6 +174,27 @@ def _save_args_by_name(save_args: Any, where: str) -> dict[str, SaveArgs]:
         return {}
     pairs, _ = _tree.target_leaves(save_args)
     return {name: a for _k, name, a in pairs if isinstance(a, SaveArgs)}
+
+
+def _refuse_args_off_the_tree(args_tree: Any, item: Any, kind: type, where: str, *,
+                              partial: bool = False) -> None:
+    """Raises when save or restore args stand at no leaf of ``item`` (they would not be
+    used), as Orbax refuses args whose structure is not the item's: ``StructureMismatchError``
+    (a ValueError). Partial restores (Orbax trims the args to the item) ignore args under
+    keys the item lacks, and refuse args standing for a subtree of it with
+    ``InvalidTypeError`` (a TypeError), as Orbax's do."""
+    inner, outside = _tree.args_off_the_tree(args_tree, item, kind)
+    if partial:
+        outside = []
+    if not inner and not outside:
+        return
+    shown = [f"at {', '.join(repr(n) if n else 'the whole tree' for n in names[:5])}"
+             f"{' ...' if len(names) > 5 else ''} ({what})" for names, what in (
+                 (inner, "a subtree of the item: give one per leaf"),
+                 (outside, "not in the item")) if names]
+    error = InvalidTypeError if partial else StructureMismatchError
+    raise error(f"{where}: {kind.__name__} that stand at no leaf of the item would not be used: "
+                f"{'; '.join(shown)}")
 
 
 #: The key of ``_METADATA``'s ckpt_async extension naming the leaves TypeHandlers wrote.
@@ -310,6 +332,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         except InvalidArgumentError as exc:
             raise InvalidArgumentError(f"{where}: {exc}") from None
         by_name = _save_args_by_name(save_args, where)
+        if not by_name.keys() <= {leaf.name for leaf in leaves}:
+            _refuse_args_off_the_tree(save_args, item, SaveArgs, where)
         kind = "np.ndarray" if self._numpy_scalars_as_arrays else "scalar"
         custom = self.type_registry.custom_handler if self.type_registry.has_custom else None
         planned = [_classify(leaf, by_name.get(leaf.name), where, kind, custom) for leaf in leaves]
