@@ -432,6 +432,35 @@ def test_save_args_that_name_no_leaf_are_refused(tmp_path):
     assert_bits_equal(out["layer"]["k"], tree["layer"]["k"])
 
 
+def test_restore_args_that_name_no_leaf_of_the_item_are_refused(tmp_path):
+    # Restore args are taken leaf by leaf of the item: one standing for a subtree of it, or
+    # under a key it lacks, was dropped without a word (its dtype or sharding not applied).
+    # Orbax refuses both (ValueError); a partial restore ignores args of keys outside the
+    # item and refuses one for a subtree (TypeError), as Orbax's does.
+    tree = {"w": np.arange(4.0), "layer": {"k": np.ones(3), "b": np.zeros(2)}}
+    half = ocp.RestoreArgs(dtype=np.float16)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", tree)
+
+        def restore(item, restore_args, **kw):
+            return ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(
+                item, restore_args=restore_args, **kw))
+
+        with pytest.raises(StructureMismatchError, match=r"at 'layer' \(a subtree"):
+            restore(tree, {"w": half, "layer": half})
+        with pytest.raises(StructureMismatchError, match=r"at 'layr\.k' \(not in the item"):
+            restore(tree, {"w": half, "layr": {"k": half}})
+        for kw in ({"partial_restore": True}, {"transforms": {}}):
+            with pytest.raises(TypeError, match=r"at 'layer' \(a subtree"):
+                restore({"layer": {"k": 0}}, {"layer": half}, **kw)
+            out = restore({"w": 0}, {"w": half, "layer": {"k": half, "b": half}}, **kw)
+            assert set(out) == {"w"}
+            assert_bits_equal(out["w"], tree["w"].astype(np.float16))
+        out = restore(tree, {"layer": {"k": half}})  # (the others: the default RestoreArgs)
+    assert_bits_equal(out["layer"]["k"], tree["layer"]["k"].astype(np.float16))
+    assert_bits_equal(out["w"], tree["w"])
+
+
 def test_partial_restore_restores_a_subset(tmp_path):
     tree = {"a": np.arange(4), "b": {"c": np.ones(3, np.float16), "d": 5}, "s": "x"}
     with ocp.PyTreeCheckpointer() as ckptr:

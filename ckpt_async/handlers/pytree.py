@@ -1349,6 +1349,10 @@ class _Reader:
         if restore_args is not None and restore_args is not target:
             rpairs, _ = _tree.target_leaves(restore_args)
             rargs = {k: a for k, _n, a in rpairs}
+            if not {k for k, a in rargs.items() if isinstance(a, RestoreArgs)} <= {
+                    k for k, _n, _l in pairs}:
+                _refuse_args_off_the_tree(restore_args, target, RestoreArgs, str(self.dir),
+                                          partial=partial)
         if structure_only:  # (the item's leaves fill in what their ArrayRestoreArgs leave open)
             for k, _n, leaf in pairs:
                 if isinstance(rarg := rargs.get(k), ArrayRestoreArgs):
