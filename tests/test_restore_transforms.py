@@ -163,6 +163,42 @@ def test_refused_as_orbax_refuses(saved):
             item=item, legacy_transform_fn=lambda *a: a))
 
 
+def test_a_key_read_without_restore_args_is_refused_as_orbax_refuses_it(saved):
+    # A result key taken from the checkpoint (carried over, renamed, or kept beside a
+    # use_fallback rule that does not default to the original) needs restore args: Orbax
+    # raises KeyError without them. ckpt_async did not read such a key and returned the
+    # item's own value in its place (a silent 0 for a restored array).
+    def total(key, tree, args):
+        return tree["b"].sum()
+
+    cases = [  # item, transforms of a library, transforms_default_to_original, keys
+        ({"a": {"x": 0, "y": 0}, "b": 0}, lambda lib: {"b": lib.Transform(value_fn=lambda v: v)},
+         True, "'a/x', 'a/y', 'b'"),  # (a/x and a/y carried over)
+        ({"w": 0, "b": 0}, lambda lib: {"w": lib.Transform(original_key="a/x")}, True,
+         "'b', 'w'"),
+        ({"b": 0, "step": 0}, lambda lib: {"b": lib.Transform(use_fallback=True)}, False, "'b'"),
+        ({"w": 0, "step": 0}, lambda lib: {"w": lib.RestoreTransform(
+            multi_value_fn=total, multi_value_fn_input_args={"b": lib.RestoreArgs()})},
+         True, "'w'")]
+    for item, transforms, to_original, keys in cases:
+        with pytest.raises(InvalidArgumentError, match=f"no restore args for {keys}:"):
+            ocp.PyTreeCheckpointer().restore(saved, args=ocp.args.PyTreeRestore(
+                item=item, restore_args={"step": ocp.RestoreArgs()}, transforms=transforms(ocp),
+                transforms_default_to_original=to_original))
+        with pytest.raises(KeyError):
+            orbax.PyTreeCheckpointer().restore(saved, args=orbax.args.PyTreeRestore(
+                item=item, restore_args={"step": orbax.RestoreArgs()},
+                transforms=transforms(orbax), transforms_default_to_original=to_original))
+    # A key the result takes from the item needs none, in both.
+    mine = np.full(4, -1, np.int32)
+    item = {"b": mine, "step": 0}
+    ours, theirs = both(saved, item, {"step": ocp.RestoreArgs()},
+                        {"b": ocp.Transform(use_fallback=True)},
+                        {"b": orbax.Transform(use_fallback=True)}, {"step": orbax.RestoreArgs()})
+    assert_same(ours, theirs)
+    assert ours["b"] is mine and ours["step"] == 3
+
+
 def test_orbax_s_older_call_style(saved):
     item = {"w": 0, "step": 0}
     out = ocp.PyTreeCheckpointer().restore(saved, item=item, restore_args=np_args(item),

@@ -609,6 +609,14 @@ class StandardCheckpointHandler(PyTreeCheckpointHandler):
     _numpy_scalars_as_arrays = True
 
 
+@dataclass(frozen=True)
+class _NoArgs:
+    """In place of the args of a key of a transformed restore's result that ``restore_args``
+    has none for."""
+
+    key: str
+
+
 def _input_args(key: str, rules: dict[str, Transform], out_args: dict[str, Any]) -> Any:
     """The restore args the checkpoint's ``key`` is read with for ``rules`` to use it (Orbax's
     reverse of the transformations), or None: a multi_value_fn's input, or the source of a
@@ -652,7 +660,9 @@ async def _restore_transformed(reader: _Reader, item: Any, restore_args: Any, tr
         if rule.multi_value_fn_input_args is None:
             raise InvalidArgumentError(f"{where}: transform {pattern!r}: multi_value_fn needs "
                                        "multi_value_fn_input_args (the keys it reads)")
-    out_args = to_flat_dict(restore_args, sep="/")
+    # (every key of the result: a key the checkpoint gives it needs restore args, as in Orbax)
+    out_args: dict[str, Any] = {key: _NoArgs(key) for key in to_flat_dict(item, sep="/")}
+    out_args.update(to_flat_dict(restore_args, sep="/"))
     wanted: dict[str, Any] = {}
     for entry in reader.by_key.values():
         if entry.value_metadata.value_type in _tree.EMPTY_TYPES:
@@ -664,6 +674,15 @@ async def _restore_transformed(reader: _Reader, item: Any, restore_args: Any, tr
             args = out_args[key] if fallback != to_original else None
         if args is not None:
             wanted[key] = args
+    missing = sorted({args.key for args in wanted.values() if isinstance(args, _NoArgs)} | {
+        key for key, args in out_args.items() if isinstance(args, _NoArgs) and any(
+            rule.multi_value_fn is not None and re.fullmatch(p, key) for p, rule in rules.items())})
+    if missing:
+        raise InvalidArgumentError(
+            f"{where}: no restore args for {', '.join(map(repr, missing[:10]))}"
+            f"{' ...' if len(missing) > 10 else ''}: the result takes them from the checkpoint, "
+            "and a restore with `transforms` reads each with its key's restore args (Orbax "
+            "raises KeyError)")
     original: Any = {}
     if wanted:
         needed = from_flat_dict(wanted, sep="/")
