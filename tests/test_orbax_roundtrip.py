@@ -660,6 +660,41 @@ def test_construct_restore_args_and_placeholders_restore_as_in_orbax(tmp_path, m
     assert holes["opt"][0] == holes["host"] == "PLACEHOLDER"
 
 
+def test_placeholders_are_skipped_where_orbax_reads_them_or_refuses_them(tmp_path):
+    """The migration guide's differences: leaves marked PLACEHOLDER are not read in a
+    partial restore (Orbax reads them there) nor in a ``StandardRestore`` (Orbax refuses the
+    target); ``transforms={}`` needs no restore args (Orbax refuses it without them)."""
+    tree = {"params": {"w": np.arange(4.0), "b": np.ones(2)}, "opt": [np.arange(3)], "n": 7}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave(tree))
+    item = {"params": {"w": ocp.PLACEHOLDER, "b": np.zeros(2)}, "n": 0}
+    for lib in (ocp, orbax):
+        with lib.PyTreeCheckpointer() as ckptr:
+            out = ckptr.restore(tmp_path / "c", args=lib.args.PyTreeRestore(
+                item, partial_restore=True))
+        assert set(out) == {"params", "n"} and out["n"] == 7
+        assert_bits_equal(out["params"]["b"], tree["params"]["b"])
+        if lib is ocp:
+            assert out["params"]["w"] is ocp.PLACEHOLDER
+        else:
+            assert_bits_equal(out["params"]["w"], tree["params"]["w"])
+    with ocp.PyTreeCheckpointer() as ckptr:
+        out = ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(
+            {"params": {"b": 0}}, transforms={}))
+    assert set(out) == {"params"} and set(out["params"]) == {"b"}
+    with orbax.PyTreeCheckpointer() as ckptr, pytest.raises(ValueError, match="restore_args"):
+        ckptr.restore(tmp_path / "c", args=orbax.args.PyTreeRestore(
+            {"params": {"b": 0}}, transforms={}))
+    arrays = {"w": np.arange(4.0), "b": np.ones(2)}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "s", arrays)
+        out = ckptr.restore(tmp_path / "s", {"w": ocp.PLACEHOLDER, "b": np.zeros(2)})
+    assert out["w"] is ocp.PLACEHOLDER
+    assert_bits_equal(out["b"], arrays["b"])
+    with orbax.StandardCheckpointer() as ckptr, pytest.raises(ValueError, match="Unsupported"):
+        ckptr.restore(tmp_path / "s", {"w": orbax.PLACEHOLDER, "b": np.zeros(2)})
+
+
 @pytest.mark.parametrize("writer", ["ckpt_async", "orbax"])
 def test_array_restore_args_take_sharding_metadata_as_orbax_does(tmp_path, mesh, writer):
     # ArrayRestoreArgs(sharding=...) takes a ShardingMetadata too (Orbax: to_jax_sharding()),
