@@ -275,10 +275,11 @@ def test_numpy_scalars_of_standard_save_as_orbax_stores_them(tmp_path):
         assert from_ours[k].dtype == theirs[k].dtype == tree[k].dtype
         assert type(ours[k]) is type(tree[k]) and ours[k] == tree[k]  # (ours keeps the type)
     assert from_ours["p"] == theirs["p"] == ours["p"] == 2.5
-    # No jax array, no sharding: neither library writes a ``_sharding`` (ckpt_async wrote
-    # ``{}`` until round 40)
-    assert not (tmp_path / "ours" / "_sharding").exists()
-    assert not (tmp_path / "theirs" / "_sharding").exists()
+    # No jax array: neither library writes a ``_sharding`` or ``array_metadatas`` (ckpt_async
+    # wrote ``{}`` and an empty list there until round 40)
+    for name in ("_sharding", "array_metadatas"):
+        assert not (tmp_path / "ours" / name).exists()
+        assert not (tmp_path / "theirs" / name).exists()
 
 
 def test_non_finite_json_and_custom_metadata_both_ways(tmp_path):

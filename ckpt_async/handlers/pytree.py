@@ -490,12 +490,13 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
             ckpt_async={"version": STRINGS_AT_POINTERS, "skeleton": skeleton,
                         "scalars": scalars, **({"random_keys": random_keys} if random_keys else {}),
                         **({TYPE_HANDLED: handled} if handled else {})})
+        # (as Orbax: no ``array_metadatas`` nor ``_sharding`` for a tree without jax arrays)
         docs = {f"{fmt.ARRAY_METADATAS}/process_{roles.index}":
-                fmt.encode(fmt.ArrayMetadatas(array_metas))}
+                fmt.encode(fmt.ArrayMetadatas(array_metas))} if array_metas else {}
         if not roles.is_primary:
             return docs
         docs[fmt.PYTREE_METADATA] = fmt.encode(tree_doc, values=custom)
-        if shardings:  # (as Orbax: no ``_sharding`` for a tree without jax arrays)
+        if shardings:
             docs[fmt.SHARDING] = fmt.encode(shardings)
         if strings_doc is not None:
             docs[fmt.STRINGS] = strings_doc
