@@ -1191,6 +1191,21 @@ def test_step_must_be_a_non_negative_int(tmp_path):
         assert mngr.all_steps() == [2]
 
 
+def test_a_step_not_after_the_latest_is_skipped_with_a_warning_unless_it_is_the_latest(
+        tmp_path, caplog):
+    # (a resumed loop saves the step it restored again: INFO, where until round 40 it warned
+    # on every restart; an earlier step still warns)
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        mngr.save(3, args=ocp.args.StandardSave(tree(3)))
+        with caplog.at_level("INFO", logger="ckpt_async"):
+            assert not mngr.save(3, args=ocp.args.StandardSave(tree(3)))
+            assert not mngr.save(2, args=ocp.args.StandardSave(tree(2)))
+    said = {r.getMessage(): r.levelname for r in caplog.records if "was not saved" in r.getMessage()}
+    assert said == {
+        f"step 3 of {tmp_path} was not saved: it is the latest step already": "INFO",
+        f"step 2 of {tmp_path} was not saved: it is not after the latest step 3": "WARNING"}
+
+
 def test_async_context_manager_and_keep_time_interval(tmp_path):
     async def main():
         opts = ocp.CheckpointManagerOptions(

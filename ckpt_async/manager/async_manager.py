@@ -515,10 +515,14 @@ class AsyncCheckpointManager:
         if not await self._agree(f"decide:{self.directory}:{step}",
                                  force or self.should_save(step)):
             latest = self.latest_step()
-            if not self.options.read_only and latest is not None and step <= latest:
+            if not self.options.read_only and latest is not None and step < latest:
                 # Orbax answers False here; training loops rely on that, so keep it, but say why.
                 log.warning("step %d of %s was not saved: it is not after the latest step %d",
                             step, self.directory, latest)
+            elif not self.options.read_only and step == latest:
+                # (a resumed loop saves the step it restored again: said, not warned about)
+                log.info("step %d of %s was not saved: it is the latest step already", step,
+                         self.directory)
             else:
                 log.debug("step %d of %s: the save decision policy skips it", step,
                           self.directory)
