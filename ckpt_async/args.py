@@ -289,5 +289,4 @@ class Composite(CheckpointArgs, Mapping[str, Any]):
             return NotImplemented
         return self._items == dict(other.items())
 
-    def __hash__(self) -> int:
-        return id(self)
+    __hash__ = None  # type: ignore[assignment]  # (equal by contents, so unhashable, as Orbax's)

@@ -971,13 +971,16 @@ def test_composite_handler_takes_a_registry_or_items_and_an_item_without_handler
 @pytest.mark.parametrize("lib_name", list(LIBS))
 def test_composite_keeps_its_items_order_and_equals_a_mapping(lib_name, tmp_path):
     # ckpt_async sorted a Composite's items by name (list(Composite(b=.., a=..)) gave
-    # ['a', 'b']) and a Composite equalled no dict of the same items.
+    # ['a', 'b']) and a Composite equalled no dict of the same items. Then it hashed by
+    # identity, so two equal Composites hashed apart; as a mapping it is unhashable.
     lib = LIBS[lib_name]
     args = lib.args.Composite(zeta=lib.args.JsonSave([1]), alpha=lib.args.JsonSave({"k": 2}))
     assert list(args) == ["zeta", "alpha"]
     assert [v.item for v in args.values()] == [[1], {"k": 2}]
     assert lib.args.Composite(b=1, a=2) == {"a": 2, "b": 1}
     assert lib.args.Composite(b=1, a=2) != {"a": 2}
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(lib.args.Composite(a=1))
     with lib.Checkpointer(lib.CompositeCheckpointHandler()) as ckptr:
         ckptr.save(tmp_path / "c", args=args)
         out = ckptr.restore(tmp_path / "c", args=lib.args.Composite(
