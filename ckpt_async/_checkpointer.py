@@ -633,10 +633,11 @@ class AsyncCheckpointer:
         any thread): each is dropped instead of committed, at the first point where nothing
         it started is still running (once the writes under way have ended; a commit already
         renaming its directory into place is past it, and commits). A dropped commit never
-        becomes visible and its temporary directory is removed; its future raises
-        ``concurrent.futures.CancelledError``, and :meth:`wait_until_finished` waits for it
-        and reports nothing of it. With several processes, call it on every process: a
-        commit one process drops fails on the others."""
+        becomes visible and its temporary directory is removed; its future ends cancelled
+        (``cancelled()``; ``result()`` raises ``concurrent.futures.CancelledError``), and
+        :meth:`wait_until_finished` waits for it and reports nothing of it. With several
+        processes, call it on every process: a commit one process drops fails on the
+        others."""
         for fut in list(self._pending):
             request = self._cancel_requests.get(fut)
             if request is not None and not fut.done():
@@ -655,11 +656,11 @@ class AsyncCheckpointer:
         cancellation of the waiting task itself is raised (it leaves the commit running)."""
         try:
             await fut
-        except asyncio.CancelledError as exc:  # (asyncio's name for a cancelled commit's too)
+        except asyncio.CancelledError:  # (asyncio's name for a cancelled commit's too)
             task = asyncio.current_task()
             if not fut.done() or (task is not None and task.cancelling()):
                 raise
-            return self._failure(fut, concurrent.futures.CancelledError(*exc.args))
+            return self._failure(fut, fut.cancelled_error())
         except Exception as exc:  # noqa: BLE001 - given to the caller
             return self._failure(fut, exc)
         return None
@@ -684,7 +685,8 @@ class AsyncCheckpointer:
                     self._pending.remove(fut)
                 except ValueError:  # (wait_until_finished took it meanwhile, and reports it)
                     continue
-                exc = self._failure(fut, fut.exception())
+                exc = self._failure(fut, fut.cancelled_error() if fut.cancelled() else
+                                    fut.exception())
                 if exc is not None:
                     raise exc
 

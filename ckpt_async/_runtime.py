@@ -381,6 +381,11 @@ class CommitFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     ``check_for_errors()`` or next ``save()`` raising it) is logged, once, on the
     ``ckpt_async`` logger: at interpreter exit, or when the future is garbage-collected
     before that (as asyncio logs a task's exception that was never retrieved).
+
+    A commit dropped by its checkpointer's ``cancel()`` (or whose task was cancelled) ends
+    the future cancelled, as ``concurrent.futures`` has it: ``cancelled()`` and ``done()``
+    are True, and ``result()`` and ``exception()`` raise ``CancelledError`` (saying which
+    save). Its own ``cancel()`` refuses, as for any running future (False).
     """
 
     def __init__(self, what: str | None = None) -> None:
@@ -397,16 +402,26 @@ class CommitFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     def result(self, timeout: float | None = None) -> Any:
         try:
             return super().result(timeout)
+        except concurrent.futures.CancelledError:
+            raise self.cancelled_error() from None
         except BaseException as exc:
             if exc is self._outcome:  # (not a timeout of this wait)
                 self.retrieved()
             raise
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        exc = super().exception(timeout)
+        try:
+            exc = super().exception(timeout)
+        except concurrent.futures.CancelledError:
+            raise self.cancelled_error() from None
         if exc is not None:
             self.retrieved()
         return exc
+
+    def cancelled_error(self) -> concurrent.futures.CancelledError:
+        """The ``CancelledError`` that ``result()`` raises once the commit was cancelled,
+        with its message (which save)."""
+        return concurrent.futures.CancelledError(*getattr(self._outcome, "args", ()))
 
     def retrieved(self) -> None:
         """Its failure was told to somebody (its owner raised it): not logged."""
@@ -471,10 +486,23 @@ class CommitFuture(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def set_exception(self, exception: BaseException | None) -> None:
         # (a commit dropped by cancel(), or cancelled, failed nobody)
-        self._unretrieved = self.what is not None and not isinstance(
-            exception, asyncio.CancelledError | concurrent.futures.CancelledError)
+        cancelled = isinstance(exception,
+                               asyncio.CancelledError | concurrent.futures.CancelledError)
+        self._unretrieved = self.what is not None and not cancelled
         self._settle(exception)
-        super().set_exception(exception)
+        if not cancelled:
+            super().set_exception(exception)
+            return
+        # Ended cancelled, as Future.cancel() ends a pending future (which it refuses for a
+        # running one) and as an executor then tells those waiting in wait() or as_completed().
+        with self._condition:
+            if self._state != concurrent.futures._base.RUNNING:
+                raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
+            self._state = concurrent.futures._base.CANCELLED_AND_NOTIFIED
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
 
 
 class UnloweredPool:

@@ -973,9 +973,23 @@ def test_cancel_drops_the_commits_in_flight(tmp_path, monkeypatch, kind):
     ckptr.cancel()
     cancelled = ckptr.last_commit
     assert not cancelled.done()  # (its write is still under way: not cut short)
+    assert not cancelled.cancel()  # (a running future's own cancel() refuses)
+    # The future ends cancelled, as concurrent.futures has it (it raised CancelledError while
+    # cancelled() stayed False, exception() returned the error, wait() counted it finished).
+    called, waited, callback_ran = [], [], threading.Event()
+    cancelled.add_done_callback(lambda f: (called.append(f.cancelled()), callback_ran.set()))
+    waiting = threading.Thread(
+        target=lambda: waited.append(concurrent.futures.wait([cancelled], timeout=60)))
+    waiting.start()
     release.set()
-    with pytest.raises(concurrent.futures.CancelledError):
+    with pytest.raises(concurrent.futures.CancelledError, match="save of .* was cancelled"):
         cancelled.result(timeout=60)
+    waiting.join(60)
+    assert callback_ran.wait(60)  # (callbacks run after result() has returned to waiters)
+    assert cancelled.cancelled() and cancelled.done() and not cancelled.running()
+    with pytest.raises(concurrent.futures.CancelledError):
+        cancelled.exception()
+    assert called == [True] and waited[0].done == {cancelled}
     ckptr.wait_until_finished()  # the cancelled commit is not a failure to report
     ckptr.check_for_errors()
     assert os.listdir(tmp_path) == []  # not committed, its temporary directory removed
