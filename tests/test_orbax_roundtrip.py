@@ -812,6 +812,31 @@ def test_scalar_restore_types_cast_as_orbax_casts_them(tmp_path, writer):
         "g": ("float", "1.25")}
 
 
+def test_a_restore_type_the_leaf_cannot_restore_as_is_refused_as_in_orbax(tmp_path):
+    # ckpt_async ignored such a restore_type and gave the leaf as stored; Orbax raises a
+    # ValueError (a string read as an array or an array as a string, a type no TypeHandler is
+    # registered for). ckpt_async refuses before reading, naming the key.
+    tree = {"w": np.arange(4, dtype=np.float32), "s": "text", "i": 3}
+    with orbax.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", args=orbax.args.PyTreeSave(tree))
+    mismatch, no_type = ocp.errors.InvalidArgumentError, ocp.errors.InvalidTypeError
+    cases = [("w", str, mismatch), ("s", np.ndarray, mismatch), ("s", int, mismatch),
+             ("w", dict, no_type), ("i", object, no_type)]
+    for name, lib in (("ckpt_async", ocp), ("orbax", orbax)):
+        with lib.PyTreeCheckpointer() as ckptr:
+            for key, rtype, error in cases:
+                ra = {k: lib.RestoreArgs(restore_type=rtype if k == key else None) for k in tree}
+                with pytest.raises(error if name == "ckpt_async" else ValueError,
+                                   match=f"'{key}'" if name == "ckpt_async" else None):
+                    ckptr.restore(tmp_path / "c", args=lib.args.PyTreeRestore(restore_args=ra))
+    # bytes: Orbax makes bytes(7) of an int (seven zero bytes), and fails on a float; refused
+    with ocp.PyTreeCheckpointer() as ckptr:
+        with pytest.raises(ocp.errors.InvalidTypeError, match="'i'.*bytes"):
+            ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(restore_args={
+                "w": ocp.RestoreArgs(), "s": ocp.RestoreArgs(),
+                "i": ocp.RestoreArgs(restore_type=bytes)}))
+
+
 def test_array_restore_args_asking_for_numpy_give_numpy_as_in_orbax(tmp_path):
     # openpi's restore_params(..., restore_type=np.ndarray) passes ArrayRestoreArgs so.
     w = jax.numpy.arange(8, dtype=jax.numpy.float32)

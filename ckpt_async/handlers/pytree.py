@@ -1412,6 +1412,11 @@ class _Reader:
         wanted -= {k for k, _n, leaf in pairs if k not in self.by_key and _tree.is_empty_node(leaf)}
         _tree.check_structure(set(self.by_key), wanted, where=str(self.dir), allow_missing=partial,
                               allow_unexpected=partial)
+        for k, name, leaf in pairs:
+            rtype = getattr(rargs.get(k, leaf), "restore_type", None)
+            if rtype is not None and k not in skipped and (entry := self.by_key.get(k)) \
+                    is not None and name not in self.handled:
+                self._check_restore_type(name, entry.value_metadata.value_type, rtype)
         # A target sharded over other processes' devices too: this process reads only the
         # region its own devices hold (each process restores its part of the global array).
         spanning: dict[int, bool] = {}  # id(sharding) -> spans other processes (asked once)
@@ -1466,6 +1471,31 @@ class _Reader:
         for i, impl in rekey.items():
             values[i] = jax.random.wrap_key_data(values[i], impl=impl)
         return rebuild(values)
+
+    def _check_restore_type(self, name: str, vt: str, rtype: Any) -> None:
+        """Refuses a ``restore_type`` that leaf ``name``, stored as ``vt``, cannot restore as
+        (Orbax's ``ValueError``s, before anything is read): a string as anything but ``str``,
+        anything else as ``str``; ``bytes``; a type no leaf restores as (no TypeHandler is
+        registered for it; a scalar type on an array of more than one element: when read)."""
+        if vt in _tree.EMPTY_TYPES or vt in self.overridden:
+            return
+        what = getattr(rtype, "__name__", repr(rtype))
+        if (vt == "string") != (rtype is str):
+            raise InvalidArgumentError(
+                f"{self.dir}: key {name!r} is stored as " + (
+                    f"a string: restore_type={what} asks for another type (str restores it)"
+                    if vt == "string" else f"an array ({vt}): restore_type=str asks for a string"))
+        if rtype is str or rtype in _PYTHON_SCALARS or (isinstance(rtype, type) and issubclass(
+                rtype, np.generic | np.ndarray | jax.Array)):
+            return
+        if rtype is bytes:
+            raise InvalidTypeError(f"{self.dir}: key {name!r}: restore_type=bytes: no leaf "
+                                   "restores as bytes")
+        if not isinstance(rtype, type) or self.registry.handler_for(rtype) is None:
+            raise InvalidTypeError(
+                f"{self.dir}: key {name!r}: restore_type={what} is no type a leaf restores as "
+                "(jax.Array, np.ndarray, a scalar type, str, or a type a TypeHandler is "
+                "registered for: ocp.type_handlers.register_type_handler)")
 
     async def _read_spread(self, name: str, tleaf: Any, rarg: Any,
                            sharding: jax.sharding.Sharding) -> jax.Array:
