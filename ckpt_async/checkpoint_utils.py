@@ -5,7 +5,7 @@ the steps a trainer writes (an evaluator's loop).
 ``jax.ShapeDtypeStruct``, a NumPy array, a scalar, a string, a metadata leaf or
 :data:`~ckpt_async.type_handlers.PLACEHOLDER`) gives the restore args that restore it as it
 is: a ``jax.Array`` on its sharding (or the one ``sharding_tree`` gives), a NumPy array or a
-scalar of its dtype.
+scalar of its dtype (NumPy scalars and ``complex`` too, which Orbax's refuses).
 
 ``wait_for_new_checkpoint`` and ``checkpoints_iterator`` watch a manager's directory for
 committed steps. Orbax's snapshots (a copy of the step kept from the trainer's retention

@@ -696,6 +696,21 @@ def test_placeholders_are_skipped_where_orbax_reads_them_or_refuses_them(tmp_pat
         ckptr.restore(tmp_path / "s", {"w": orbax.PLACEHOLDER, "b": np.zeros(2)})
 
 
+def test_construct_restore_args_takes_numpy_scalars_orbax_refuses(tmp_path):
+    # A documented superset: Orbax's construct_restore_args raises ValueError for a NumPy
+    # scalar (other than np.float64) or a complex leaf; ckpt_async's restores each as its type.
+    tree = {"f": np.float32(1.5), "i": np.int64(-3), "b": np.bool_(True), "c": 1 - 2j}
+    for key in ("f", "i", "b", "c"):
+        with pytest.raises(ValueError, match="Unsupported type"):
+            orbax.checkpoint_utils.construct_restore_args({key: tree[key]})
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave(tree))
+        ra = ocp.checkpoint_utils.construct_restore_args(tree)
+        out = ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(tree, ra))
+    assert {k: type(v) for k, v in out.items()} == {k: type(v) for k, v in tree.items()}
+    assert out == tree
+
+
 @pytest.mark.parametrize("writer", ["ckpt_async", "orbax"])
 def test_array_restore_args_take_sharding_metadata_as_orbax_does(tmp_path, mesh, writer):
     # ArrayRestoreArgs(sharding=...) takes a ShardingMetadata too (Orbax: to_jax_sharding()),
