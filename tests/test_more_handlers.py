@@ -346,6 +346,20 @@ def test_array_handler_checkpoint_name(tmp_path):
         assert_bits_equal(ockptr.restore(tmp_path / "a"), item)
 
 
+def test_array_handler_metadata_is_the_values_shape_and_dtype(tmp_path):
+    # A documented superset: Orbax's ArrayCheckpointHandler.metadata gives None (a manager's
+    # item_metadata of such an item too); ckpt_async's gives the value's metadata, unread.
+    with ocp.Checkpointer(ocp.ArrayCheckpointHandler()) as ckptr:
+        ckptr.save(tmp_path / "a", args=ocp.args.ArraySave(np.zeros((2, 3), np.float16)))
+        ckptr.save(tmp_path / "s", args=ocp.args.ArraySave(7))
+    meta = ocp.ArrayCheckpointHandler().metadata(tmp_path / "a")
+    assert type(meta) is ocp.metadata.ArrayMetadata
+    assert (meta.shape, meta.dtype) == ((2, 3), np.float16)
+    meta = ocp.ArrayCheckpointHandler().metadata(tmp_path / "s")
+    assert type(meta) is ocp.metadata.ScalarMetadata and meta.shape == ()
+    assert orbax.ArrayCheckpointHandler().metadata(tmp_path / "a") is None
+
+
 JAX_KEYS = {
     "typed": lambda: jax.random.key(3),
     "raw": lambda: jax.random.PRNGKey(5),
