@@ -11,6 +11,8 @@ from typing import Any
 from ._checkpointer import AsyncCheckpointer as _AsyncCore
 from ._checkpointer import AsyncOptions
 from ._runtime import CommitFuture, get_runtime
+from .args import CheckpointArgs, StandardRestore, StandardSave
+from .errors import InvalidArgumentError
 from .handlers.base import CheckpointHandler
 from .handlers.pytree import PyTreeCheckpointHandler, StandardCheckpointHandler
 from .options import MultiprocessingOptions
@@ -131,11 +133,38 @@ class Checkpointer(AsyncCheckpointer):
 
 
 class StandardCheckpointer(AsyncCheckpointer):
-    """``AsyncCheckpointer(StandardCheckpointHandler())``: ``save(path, state)``,
-    ``restore(path, abstract_state)``."""
+    """``AsyncCheckpointer(StandardCheckpointHandler())`` with Orbax's signatures:
+    ``save(path, state, *, save_args=None, force=False, custom_metadata=None)`` and
+    ``restore(path, target=None, *, strict=True)``. Each also takes ``args=`` (a
+    ``StandardSave``, a ``StandardRestore``) instead, as every checkpointer of ckpt_async
+    does (Orbax's refuses it)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(StandardCheckpointHandler(), **kwargs)
+
+    def save(self, directory: Any, state: Any = None, *, save_args: Any = None,
+             force: bool = False, custom_metadata: dict | None = None,
+             args: CheckpointArgs | None = None) -> None:
+        """Saves ``state`` (a pytree of arrays and scalars) to ``directory``."""
+        if args is None:
+            args = state if isinstance(state, CheckpointArgs) else StandardSave(state, save_args)
+        elif state is not None or save_args is not None:
+            raise InvalidArgumentError(f"StandardCheckpointer.save({directory}): pass the state "
+                                       "(and save_args) or args=, not both")
+        super().save(directory, args=args, force=force, custom_metadata=custom_metadata)
+
+    def restore(self, directory: Any, target: Any = None, *, strict: bool = True,
+                args: CheckpointArgs | None = None) -> Any:
+        """Restores the pytree at ``directory``, into ``target``'s structure, shapes, dtypes
+        and shardings if given (``strict=False``: arrays of another shape are cut or padded
+        to the target's)."""
+        if args is None:
+            args = target if isinstance(target, CheckpointArgs) else StandardRestore(
+                target, strict=strict)
+        elif target is not None or not strict:
+            raise InvalidArgumentError(f"StandardCheckpointer.restore({directory}): pass the "
+                                       "target (and strict) or args=, not both")
+        return super().restore(directory, args=args)
 
 
 class PyTreeCheckpointer(Checkpointer):

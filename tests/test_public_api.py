@@ -241,6 +241,31 @@ def test_managers_and_checkpointers_have_orbax_abstract_interfaces() -> None:
     assert ocp.checkpoint_managers.CheckpointManager is ocp.CheckpointManager
 
 
+def test_standard_checkpointer_takes_orbaxs_signatures_and_args() -> None:
+    # Its save and restore took anything (save(path, *args, **kwargs)): restore(path, tree,
+    # True) dropped the True, restore(path, item=tree) worked. Now Orbax's parameters, in
+    # Orbax's order, and args= beside them (Orbax's refuses it); misuse raises before any I/O.
+    import orbax.checkpoint as orbax
+
+    for name, extra in (("save", ["args"]), ("restore", ["args"])):
+        theirs = list(inspect.signature(getattr(orbax.StandardCheckpointer, name)).parameters)
+        ours = list(inspect.signature(getattr(ocp.StandardCheckpointer, name)).parameters)
+        assert ours == theirs + extra, name
+    tree = {"w": 1.0}
+    for lib in (ocp, orbax):
+        ckptr = lib.StandardCheckpointer()
+        with pytest.raises(TypeError):
+            ckptr.restore("/nowhere", tree, True)  # (strict is keyword-only)
+        with pytest.raises(TypeError):
+            ckptr.restore("/nowhere", item=tree)
+        with pytest.raises(TypeError):
+            ckptr.save("/nowhere", tree, None)  # (save_args is keyword-only)
+        ckptr.close()
+    with ocp.StandardCheckpointer() as ckptr, pytest.raises(
+            errors.InvalidArgumentError, match="not both"):
+        ckptr.restore("/nowhere", tree, args=ocp.args.StandardRestore(tree))
+
+
 # Names Orbax 0.12.8's public modules export that ckpt_async does not, each for a reason the
 # migration guide gives (docs/migration.md "Not implemented"). Anything else Orbax exports
 # must exist here under the same module path.
