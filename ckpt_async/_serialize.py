@@ -21,6 +21,7 @@ import json
 import math
 import mmap
 import os
+import re
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -334,16 +335,27 @@ async def write_array(
 #: a commit of the quick `mixed` state slowed a training loop by 18-33%, with 256 KiB by
 #: 7-13%, for a commit about 10% longer.
 DIRECT_WRITE_MAX_BYTES = 256 << 10
-def dtype_named(name: str | bytes) -> np.dtype:
-    """The dtype of a name NumPy or ml_dtypes gives (``"float32"``, ``"bfloat16"``, ...)."""
+#: What a dtype's name is (``float32``, ``bfloat16``, ``<f4``, ``|b1``). A name read from a
+#: file is handed to NumPy only so: ``np.dtype`` raises SyntaxError for some other strings
+#: (``"(1e999,)f4"``) and kills the process for others (``"m8[Y/0]"``: a floating point
+#: exception); for these it raises TypeError only.
+_DTYPE_NAME = re.compile(r"[<>|=]?[A-Za-z][A-Za-z0-9_]*")
+
+
+def dtype_named(name: Any) -> np.dtype:
+    """The dtype of a name NumPy or ml_dtypes gives (``"float32"``, ``"bfloat16"``, ``"<f4"``,
+    ...); ``TypeError`` for anything else (another string, another type)."""
     if isinstance(name, bytes):
         name = name.decode()
+    if not isinstance(name, str) or not _DTYPE_NAME.fullmatch(name):
+        raise TypeError(f"data type {name!r} not understood")
     try:
         return np.dtype(name)
     except TypeError:
         import ml_dtypes
 
-        if not isinstance(kind := getattr(ml_dtypes, name, None), type):
+        kind = getattr(ml_dtypes, name, None)
+        if not (isinstance(kind, type) and issubclass(kind, np.generic)):
             raise TypeError(f"data type {name!r} not understood") from None
         return np.dtype(kind)
 
@@ -959,8 +971,8 @@ def _direct_plan(meta: dict[str, Any], max_bytes: float = DIRECT_READ_MAX_BYTES,
         return None
     zdtype, shape, chunks = fields
     try:
-        dtype = np.dtype(zdtype)
-    except (KeyError, TypeError, ValueError):
+        dtype = dtype_named(zdtype)
+    except TypeError:
         return None
     if dtype.hasobject or math.prod(shape) * dtype.itemsize > max_bytes:
         return None
@@ -979,12 +991,12 @@ def zarray_layout(document: bytes) -> Layout | None:
         fields = _zarray_fields(json.loads(document))
     except (TypeError, ValueError):
         return None
-    if fields is None or not isinstance(fields[0], str):
+    if fields is None:
         return None
     zdtype, shape, chunks = fields
     try:
         dtype = dtype_named(zdtype)
-    except (KeyError, TypeError, ValueError):
+    except TypeError:
         return None
     named = dtype.name if dtype.type.__module__.startswith("ml_dtypes") else None
     if (not dtype.isnative or zdtype not in (zarr_v2_dtype(dtype), named)

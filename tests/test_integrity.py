@@ -140,6 +140,21 @@ def test_a_data_file_that_cannot_be_read_is_named_with_the_key(tmp_path, monkeyp
         assert not report.ok and any("array 'big' cannot be read" in p for p in report.problems)
 
 
+def test_a_zarray_naming_no_dtype_is_damage(tmp_path):
+    # (a .zarray whose dtype NumPy fails to parse raised its SyntaxError out of restore and
+    # metadata; another such dtype, "m8[Y/0]", killed the process: test_serialize.py)
+    import tensorstore as ts
+
+    _save(tmp_path / "c")
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{tmp_path / 'c'}/"}).result()
+    meta = json.loads(kv.read("b/.zarray").result().value)
+    kv.write("b/.zarray", json.dumps({**meta, "dtype": "(1e999,)f4"}).encode()).result()
+    with pytest.raises(CorruptCheckpointError, match="array 'b' cannot be opened"):
+        _restore(tmp_path / "c")
+    with ocp.PyTreeCheckpointer() as ckptr, pytest.raises(CorruptCheckpointError, match="'b'"):
+        ckptr.metadata(tmp_path / "c")
+
+
 @pytest.mark.parametrize("name", ["_METADATA", "_sharding", "_CHECKSUMS", "manifest.ocdbt"])
 def test_a_document_that_cannot_be_read_is_named(tmp_path, name):
     # (the OCDBT manifest, a directory in its place, raised CorruptCheckpointError naming an

@@ -750,6 +750,22 @@ def test_coalesced_ranges_take_in_small_gaps_and_stop_at_their_size():
     assert ser.coalesced([]) == ([], {})
 
 
+def test_dtype_names_read_from_files_reach_numpy_only_as_names():
+    # np.dtype raises SyntaxError for "(1e999,)f4" and kills the process (a floating point
+    # exception) for "m8[Y/0]": a .zarray or msgpack file naming them did so to a restore.
+    # (The SyntaxError case first: without the check the test fails there, cleanly.)
+    for name in ("(1e999,)f4", "m8[Y/0]", "f4,i4", "", None, 4, [["a", "<f4"]], "finfo"):
+        with pytest.raises(TypeError, match="not understood"):
+            ser.dtype_named(name)
+        zarray = {"zarr_format": 2, "dtype": name, "shape": [2], "chunks": [2],
+                  "compressor": None, "filters": None, "order": "C"}
+        assert ser._direct_plan(zarray) is None
+    for name, dtype in (("float32", np.float32), ("<f4", np.float32), ("|b1", np.bool_),
+                        (b"int8", np.int8), ("bfloat16", ml_dtypes.bfloat16),
+                        ("float8_e4m3fn", ml_dtypes.float8_e4m3fn), (">c16", ">c16")):
+        assert ser.dtype_named(name) == np.dtype(dtype)
+
+
 @pytest.mark.parametrize("shape,chunks,dtype", [
     ((), (), np.float32), ((7,), (7,), np.int8), ((3, 0), (3, 0), np.float64),
     ((64, 33), (32, 33), ml_dtypes.bfloat16), ((2, 3, 4), (1, 3, 4), np.bool_),
