@@ -26,7 +26,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -469,22 +469,22 @@ async def rename_durable(src: Path, dst: Path) -> None:
 
     def _rename() -> None:
         rename_noreplace_sync(src, dst)
-        try:
-            _fsync_path(str(dst.parent), directory=True)
-        except OSError as exc:
-            # Not known to be durable, and reported as failed: undone, so that the caller's
-            # failure leaves the names as they were (a commit that raises lists no step).
-            with contextlib.suppress(OSError):
-                rename_noreplace_sync(dst, src)
-            raise _undone(exc, dst.parent) from exc
+        _fsync_parent_or_undo(dst, lambda: rename_noreplace_sync(dst, src))
 
     await get_runtime().to_thread(_rename)
 
 
-def _undone(exc: OSError, parent: Path) -> OSError:
-    """``exc``, the fsync of ``parent`` after a rename that was then undone, saying so."""
-    return OSError(exc.errno, f"{exc.strerror or exc} (fsync of {parent} after the rename; "
-                   "the rename was undone)", str(parent))
+def _fsync_parent_or_undo(dst: Path, undo: Callable[[], object]) -> None:
+    """fsyncs the parent directory after a rename to ``dst``. Where that fails the rename is
+    not known to be durable and is reported as failed: ``undo()`` puts the names back (so a
+    commit that raises lists no step), and the fsync's error is raised, saying so."""
+    try:
+        _fsync_path(str(dst.parent), directory=True)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            undo()
+        raise OSError(exc.errno, f"{exc.strerror or exc} (fsync of {dst.parent} after the "
+                      "rename; the rename was undone)", str(dst.parent)) from exc
 
 
 async def exchange_durable(src: Path, dst: Path) -> bool:
@@ -495,12 +495,7 @@ async def exchange_durable(src: Path, dst: Path) -> bool:
     def _exchange() -> bool:
         if not renameat2(str(src), str(dst), RENAME_EXCHANGE):
             return False
-        try:
-            _fsync_path(str(dst.parent), directory=True)
-        except OSError as exc:  # (as rename_durable: undone)
-            with contextlib.suppress(OSError):
-                renameat2(str(src), str(dst), RENAME_EXCHANGE)
-            raise _undone(exc, dst.parent) from exc
+        _fsync_parent_or_undo(dst, lambda: renameat2(str(src), str(dst), RENAME_EXCHANGE))
         return True
 
     return await get_runtime().to_thread(_exchange)
