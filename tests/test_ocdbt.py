@@ -761,3 +761,33 @@ def test_read_into_reads_in_pieces_with_each_buffers_crc32(tmp_path, monkeypatch
         assert _ocdbt.read_into(fd, views, 10 + 5000) == sum(sizes) - 5000
     finally:
         os.close(fd)
+
+
+def test_checkpoints_of_the_layout_before_round_40_still_restore_and_verify(tmp_path,
+                                                                             monkeypatch):
+    # Until round 40 a local save's data files lay in the item's d/ beside its B+tree (every
+    # base path empty); since, in ocdbt.process_0/d/. Those checkpoints keep restoring, by
+    # the index read directly and through TensorStore, and verify clean.
+    real_init = _ocdbt.DatabaseWriter.__init__
+
+    def old_layout(self, root, **kwargs):
+        real_init(self, root, **{**kwargs, "data_base": ""})
+
+    rng = np.random.default_rng(1)
+    tree = {"w": rng.standard_normal((64, 64)).astype(np.float32),
+            "b": jax.numpy.asarray(rng.integers(0, 99, 500, dtype=np.int32))}
+    with monkeypatch.context() as patch:
+        patch.setattr(_ocdbt.DatabaseWriter, "__init__", old_layout)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp_path / "old", tree)
+    assert not (tmp_path / "old" / "ocdbt.process_0").exists()
+    assert len(os.listdir(tmp_path / "old" / "d")) >= 2  # (the B+tree and the data)
+    with ocp.StandardCheckpointer() as ckptr:
+        out = ckptr.restore(tmp_path / "old")
+    for key, want in tree.items():
+        np.testing.assert_array_equal(np.asarray(out[key]), np.asarray(want))
+    assert ocp.verify(tmp_path / "old").ok
+    with orbax.StandardCheckpointer() as ockptr:
+        theirs = ockptr.restore(tmp_path / "old")
+    for key, want in tree.items():
+        np.testing.assert_array_equal(np.asarray(theirs[key]), np.asarray(want))
