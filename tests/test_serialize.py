@@ -533,7 +533,7 @@ def test_small_arrays_read_past_the_page_cache_are_views_of_aligned_regions(tmp_
 
     monkeypatch.setattr(ser, "DIRECT_IO_MIN_BYTES", 0)  # (a restore as large as 4 GiB)
     monkeypatch.setattr(ser, "DIRECT_IO_FILE_SYSTEMS", {storage.file_system_type(tmp_path)})
-    evict((tmp_path / "d").iterdir())  # (as a restart finds them)
+    evict(tmp_path.rglob("d/*"))  # (as a restart finds them)
 
     async def read():
         reader = ser.ItemReader(tmp_path, use_ocdbt=True, use_zarr3=False)
@@ -582,7 +582,7 @@ def test_a_restore_reads_past_the_page_cache_when_its_data_is_not_in_it(tmp_path
     arrays = {"a": np.arange(1000, dtype=np.float32), "b": np.ones((30, 7), np.float64)}
 
     _write_items(tmp_path, [_stored(n, a) for n, a in arrays.items()])
-    data_files = [str(p) for p in (tmp_path / "d").iterdir()]
+    data_files = [str(p) for p in tmp_path.rglob("d/*")]  # (B+tree and data)
 
     def reads_direct(names, threshold, fs):
         monkeypatch.setattr(ser, "DIRECT_IO_MIN_BYTES", threshold)
