@@ -283,7 +283,10 @@ def array_spec(
         kv = kvstore_spec(item_dir, use_ocdbt=True, write=write, file_size=file_size)
         kv["path"] = array_prefix(name)
     else:
-        kv = kvstore_spec(below(item_dir, name, "array"), use_ocdbt=False, write=write)
+        # (a tree that is one bare array: its zarr array is the item's folder itself, as
+        # Orbax stores it)
+        folder = below(item_dir, name, "array") if name else item_dir
+        kv = kvstore_spec(folder, use_ocdbt=False, write=write)
     return {"driver": "zarr3" if use_zarr3 else "zarr", "kvstore": kv, "recheck_cached_data": False}
 
 
