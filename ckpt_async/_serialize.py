@@ -748,7 +748,7 @@ class ItemWriter:
                 self._record((k, crc32(v)) for k, v in values if isinstance(v, memoryview))
 
             others += [get_runtime().to_thread(checksum), txn.commit_async()]
-        await asyncio.gather(*others)
+        await gather_all(others)
 
     async def finish(self) -> None:
         """After every :meth:`write`: completes :attr:`db` (its B+tree and manifest). With
@@ -784,11 +784,23 @@ class ItemWriter:
         def checksum() -> dict[str, int]:  # (crc32 releases the GIL on large buffers)
             return {chunk_key(i, arr.chunks): crc32_of(d) for i, d in arr.shards if d.size}
 
-        sums, _ = await asyncio.gather(
+        sums, _ = await gather_all([
             get_runtime().to_thread(checksum),
             write_array(self.ctx, self.dirs[lane], arr, compress=self.compress,
-                        file_size=self.file_size, metadata_written=metadata_written))
+                        file_size=self.file_size, metadata_written=metadata_written)])
         self.checksums[arr.name] = sums
+
+
+async def gather_all(aws: Iterable[Awaitable[Any]]) -> list[Any]:
+    """The results of ``aws``, run concurrently; when one fails, its error once every other
+    has ended (``asyncio.gather`` raises at once and leaves the others running: a batch's
+    other writes then landed after the failed save's directory was removed, leaving it
+    behind)."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
 
 
 async def _open_for_reading(ctx: ts.Context, item_dir: AnyPath, name: str, *, use_ocdbt: bool,

@@ -12,6 +12,7 @@ half-visible.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import re
@@ -402,3 +403,40 @@ def test_a_data_file_write_error_names_the_file_and_item(tmp_path, monkeypatch):
         assert_bit_exact(mngr.restore(1)["params"], big(1))
     finally:
         mngr.close()
+
+
+def test_a_failed_array_write_waits_for_the_others_before_the_directory_goes(tmp_path,
+                                                                             monkeypatch):
+    """A compressed save (written through TensorStore's zarr driver): array 'b' fails while
+    'a' of the same batch is still being written. The temporary directory is removed only
+    once 'a' has landed (its write landed after the removal and left the directory behind).
+    'a' waits for the removal to start, or half a second where nothing removes before it."""
+    import threading
+
+    from ckpt_async import _serialize
+
+    real_write, real_rmtree = _serialize.write_array, _storage.rmtree
+    removing = threading.Event()
+    events: list[str] = []
+
+    async def write_array(ctx, item_dir, arr, **kwargs):
+        if arr.name == "b":
+            raise OSError("injected failure writing b")
+        await asyncio.to_thread(removing.wait, 0.5)
+        await real_write(ctx, item_dir, arr, **kwargs)
+        events.append("a written")
+
+    async def rmtree(path):
+        events.append("removal")
+        removing.set()
+        await real_rmtree(path)
+
+    monkeypatch.setattr(_serialize, "write_array", write_array)
+    monkeypatch.setattr(_storage, "rmtree", rmtree)
+    handler = ocp.PyTreeCheckpointHandler(use_compression=True)
+    with pytest.raises(CommitError, match="injected failure writing b"), \
+            ocp.Checkpointer(handler) as ckptr:
+        ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave({"a": np.arange(4),
+                                                              "b": np.ones(3)}))
+    assert events == ["a written", "removal"]
+    assert os.listdir(tmp_path) == []
