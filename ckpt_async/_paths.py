@@ -85,13 +85,19 @@ class StorePath:
 AnyPath = Path | StorePath
 
 
+def escapes(name: str) -> bool:
+    """Whether ``directory / name`` would not lie inside ``directory``: an empty or absolute
+    ``name``, or one with a ``..`` part (or a NUL character)."""
+    parts = name.replace("\\", "/").split("/")
+    return not name or parts[0] == "" or ".." in parts or "\0" in name
+
+
 def below(directory: Any, name: str, what: str) -> Any:
     """``directory / name`` for a ``name`` a checkpoint's documents give (a leaf stored in a
     folder of its own); ``CorruptCheckpointError`` where it would lie outside ``directory``:
     an empty or absolute name, or one with a ``..`` part. A tampered ``_METADATA`` would
     otherwise have a restore read arrays from elsewhere on the machine or in the bucket."""
-    parts = name.replace("\\", "/").split("/")
-    if not name or parts[0] == "" or ".." in parts or "\0" in name:
+    if escapes(name):
         raise CorruptCheckpointError(
             f"{directory}: {what} {name!r} names a path outside the checkpoint (empty, "
             "absolute or with '..'); refusing to read it")

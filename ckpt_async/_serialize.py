@@ -1,4 +1,5 @@
-"""Array bytes to and from TensorStore, in Orbax's layout (zarr in an OCDBT database).
+"""Array bytes to and from TensorStore, in Orbax's layout (zarr in an OCDBT database; or, as
+the handlers' ``use_ocdbt`` and ``use_zarr3`` say, a zarr folder per array, zarr v3).
 
 Reads run on the engine loop, a commit's writes on the background loop
 (``Runtime.in_background_loop``); TensorStore's own threads do the I/O and its futures are
@@ -250,6 +251,24 @@ def _zarr_metadata(shape: tuple[int, ...], chunks: tuple[int, ...], compress: bo
     }
 
 
+def _zarr3_metadata(shape: tuple[int, ...], chunks: tuple[int, ...], compress: bool) -> dict:
+    """zarr v3 metadata as Orbax writes it (``use_zarr3=True``): each chunk a shard of one
+    inner chunk (``sharding_indexed``, its index checked by CRC-32C), zstd level 3 inside
+    when compressed."""
+    chunk_shape = [max(1, c) for c in chunks]
+    codecs: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    if compress:
+        codecs.append({"name": "zstd", "configuration": {"level": 3}})
+    little = {"name": "bytes", "configuration": {"endian": "little"}}
+    return {
+        "shape": list(shape),
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk_shape}},
+        "codecs": [{"name": "sharding_indexed", "configuration": {
+            "chunk_shape": chunk_shape, "codecs": codecs,
+            "index_codecs": [little, {"name": "crc32c"}], "index_location": "end"}}],
+    }
+
+
 def array_prefix(name: str) -> str:
     """The prefix of stored array ``name``'s keys in an item's database: ``name/``, and none
     for a tree that is one bare array (name ``''``: its ``.zarray`` and chunks at the root,
@@ -310,14 +329,22 @@ class StoredArray:
 
 async def write_array(
     ctx: ts.Context, item_dir: AnyPath, arr: StoredArray, *, compress: bool = False,
-    file_size: int = TARGET_DATA_FILE_SIZE, use_ocdbt: bool = True,
+    file_size: int = TARGET_DATA_FILE_SIZE, use_ocdbt: bool = True, use_zarr3: bool = False,
     metadata_written: bool = False,
 ) -> None:
     """Writes ``arr`` into the item's OCDBT database (``use_ocdbt=False``: as a zarr array of
-    its own at ``item_dir / arr.name``); ``metadata_written``: its ``.zarray`` is written
-    already (or in the same commit), only its chunks are written here."""
-    spec = array_spec(item_dir, arr.name, write=True, file_size=file_size, use_ocdbt=use_ocdbt)
-    spec["metadata"] = _zarr_metadata(arr.shape, arr.chunks, compress)
+    its own at ``item_dir / arr.name``), as zarr v2 (``use_zarr3``: v3, as Orbax writes it);
+    ``metadata_written``: its ``.zarray`` is written already (or in the same commit), only its
+    chunks are written here."""
+    spec = array_spec(item_dir, arr.name, write=True, file_size=file_size, use_ocdbt=use_ocdbt,
+                      use_zarr3=use_zarr3)
+    if use_zarr3:
+        spec["metadata"] = _zarr3_metadata(arr.shape, arr.chunks, compress)
+        # (zarr v3 has a fill value, 0: a chunk of zeros is stored all the same, as Orbax
+        # stores it, whose reads take a missing chunk for damage)
+        spec["store_data_equal_to_fill_value"] = True
+    else:
+        spec["metadata"] = _zarr_metadata(arr.shape, arr.chunks, compress)
     spec["dtype"] = arr.dtype.name
     if metadata_written:
         store = await ts.open(spec, open=True, assume_metadata=True, context=ctx)
@@ -506,6 +533,12 @@ class ItemWriter:
     ``process_dir(index, lane)`` folders, which :attr:`merged` lists for
     :func:`merge_databases`.
 
+    Orbax's other layouts (``use_ocdbt=False``: a zarr array in a folder of its own per
+    array; ``use_zarr3=True``: zarr v3) are written by TensorStore's zarr driver alone, each
+    array with its metadata, as Orbax writes them: in OCDBT, into the ``process_dir(index)``
+    database, merged into the root one (as Orbax's, even for one process); without it, from
+    every process into the same folders (each writes the chunks of its shards).
+
     Call order: :meth:`write` for each batch (concurrently), then :meth:`finish` once.
     :meth:`expect_batches` (optional, any time before :meth:`finish`) says how many batches
     there will be: once the last one's keys have their places in :attr:`db`, its B+tree is
@@ -516,15 +549,21 @@ class ItemWriter:
     def __init__(self, item_dir: AnyPath, *, compress: bool = False,
                  direct_max_bytes: float = DIRECT_WRITE_MAX_BYTES,
                  total_bytes: int = 0, process_index: int | None = None,
-                 own_database: bool = True, memory_budget: int | None = None) -> None:
+                 own_database: bool = True, memory_budget: int | None = None,
+                 use_ocdbt: bool = True, use_zarr3: bool = False) -> None:
         self.compress = compress
         self._process_index = process_index
         self.db: _ocdbt.DatabaseWriter | None = None
         self._may_go_direct = False
-        lanes = lane_count(total_bytes)
+        self.use_ocdbt, self.use_zarr3 = use_ocdbt, use_zarr3
+        #: Whether the layout is another of Orbax's than its default (OCDBT and zarr v2):
+        #: written through the zarr driver alone, in one database per process at most.
+        self.other_layout = not use_ocdbt or use_zarr3
+        lanes = 1 if self.other_layout else lane_count(total_bytes)
         first_lane = 0
         # (os.writev: POSIX only; elsewhere TensorStore writes everything)
-        if own_database and isinstance(item_dir, Path) and not compress and hasattr(os, "writev"):
+        if own_database and not self.other_layout and isinstance(item_dir, Path) and \
+                not compress and hasattr(os, "writev"):
             may_go_direct = ((memory_budget is None or memory_budget >= DIRECT_IO_MIN_BUDGET)
                              and storage.file_system_type(item_dir) in DIRECT_IO_FILE_SYSTEMS)
             self._may_go_direct = may_go_direct
@@ -536,7 +575,8 @@ class ItemWriter:
                 watch=may_go_direct and total_bytes >= WATCH_MIN_BYTES,
                 data_base=f"{process_dir(0)}/" if process_index is None else "")
             lanes, first_lane = min(lanes, MAX_LANES - 1), 1
-        if lanes == 1 and process_index is None and self.db is None:
+        if not use_ocdbt or (lanes == 1 and process_index is None and self.db is None
+                             and not self.other_layout):
             self.dirs = [item_dir]
         else:
             self.dirs = [item_dir / process_dir(process_index or 0, first_lane + i)
@@ -724,6 +764,11 @@ class ItemWriter:
         1.28-1.31 s.)"""
         lane = self._load.index(min(self._load))
         self._used.add(lane)
+        if self.other_layout:
+            for arr, _zdtype in batch:
+                self._load[lane] += arr.nbytes
+            await gather_all([self._write_large(arr, lane) for arr, _zdtype in batch])
+            return
         direct: list[tuple[StoredArray, str]] = []
         documents: list[tuple[str, bytes]] = []
         others: list[Awaitable[Any]] = []
@@ -787,7 +832,8 @@ class ItemWriter:
         sums, _ = await gather_all([
             get_runtime().to_thread(checksum),
             write_array(self.ctx, self.dirs[lane], arr, compress=self.compress,
-                        file_size=self.file_size, metadata_written=metadata_written)])
+                        file_size=self.file_size, metadata_written=metadata_written,
+                        use_ocdbt=self.use_ocdbt, use_zarr3=self.use_zarr3)])
         self.checksums[arr.name] = sums
 
 

@@ -169,9 +169,9 @@ class StandardCheckpointer(AsyncCheckpointer):
 
 class PyTreeCheckpointer(Checkpointer):
     """``Checkpointer(PyTreeCheckpointHandler())``: ``save(path, tree)``, ``restore(path)``.
-    Orbax's arguments: ``use_compression`` goes to the handler; ``primary_host`` to the
-    multiprocessing options; ``use_ocdbt`` and ``use_zarr3`` are taken as the handler takes
-    them (every layout is read; one is written)."""
+    Orbax's arguments: ``use_compression``, ``use_ocdbt`` and ``use_zarr3`` go to the handler
+    (the latter two write Orbax's layout for them; every layout is read); ``primary_host`` to
+    the multiprocessing options."""
 
     def __init__(self, primary_host: int | None = 0, use_ocdbt: bool = True,
                  use_zarr3: bool = False, use_compression: bool = False, **kwargs: Any) -> None:

@@ -247,8 +247,10 @@ class _ArrayLike(TypeHandler):
 
     async def serialize(self, values: Sequence[Any], infos: Sequence[ParamInfo],
                         args: Sequence[SaveArgs] | None = None) -> Sequence[Any]:
-        """Writes each value (a jax.Array spread over processes: its replica-0 shards, from
-        every process; anything else from the primary process only)."""
+        """Writes each value as a zarr array in a folder of its own, ``info.name`` in
+        ``info.parent_dir`` (zarr v3 where ``info.use_zarr3``; a jax.Array spread over
+        processes: its replica-0 shards, from every process; anything else from the primary
+        process only)."""
         _check_lengths(infos, values, args)
         primary = current_roles().is_primary
         for i, (value, info) in enumerate(zip(values, infos, strict=True)):
@@ -259,6 +261,7 @@ class _ArrayLike(TypeHandler):
             cast = np.dtype(arg.dtype) if arg is not None and arg.dtype is not None else None
             await ser.write_array(_context(info), info.parent_dir,
                                   host_copy(value, info.name, cast), use_ocdbt=False,
+                                  use_zarr3=bool(info.use_zarr3),
                                   compress=bool(info.use_compression))
         return []
 

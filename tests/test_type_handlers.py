@@ -195,6 +195,23 @@ def test_a_handler_may_hand_its_parts_to_the_built_in_ones(tmp_path):
         assert shapes == [(3, 4), (5,)]
 
 
+@pytest.mark.parametrize("use_ocdbt", [True, False])
+def test_a_handlers_parts_take_the_items_zarr_version(tmp_path, use_ocdbt):
+    """Saved with use_zarr3=True, a leaf's handler is told so (``info.use_zarr3``), as its
+    restore is: the built-in NumpyHandler writes its parts as zarr v3 (it wrote zarr v2,
+    which the restore then opened as v3 and failed)."""
+    pair = Pair(np.arange(12, dtype=np.int16).reshape(3, 4), np.linspace(0, 1, 5))
+    reg = registry(ocp, (Pair, pair_handler(ocp)))
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=reg, use_ocdbt=use_ocdbt,
+                                          use_zarr3=True)
+    with ocp.Checkpointer(handler) as ckptr:
+        ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave({"pair": pair, "w": np.ones(3)}))
+        got = ckptr.restore(tmp_path / "c")["pair"]
+    assert (tmp_path / "c" / "pair.a" / "zarr.json").exists()
+    for part in "ab":
+        assert getattr(got, part).tobytes() == getattr(pair, part).tobytes()
+
+
 def test_a_failing_handler_fails_the_save_and_nothing_is_committed(tmp_path):
     class Broken(th.TypeHandler):
         def typestr(self):

@@ -2,7 +2,8 @@
 
 Layout of an item directory (Orbax's): ``_METADATA`` (tree), ``_sharding``,
 ``array_metadatas/process_0``, ``_strings.json`` when the tree holds strings, and the arrays
-in an OCDBT database (``manifest.ocdbt``, ``d/``).
+in an OCDBT database (``manifest.ocdbt``, ``d/``), or with ``use_ocdbt=False`` each in a
+zarr folder of its own (zarr v3 with ``use_zarr3=True``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .. import _integrity, _tree
 from .. import _serialize as ser
 from .. import _storage as storage
 from .._ocdbt import MANIFEST
-from .._paths import AnyPath, below, coerce
+from .._paths import AnyPath, below, coerce, escapes
 from .._progress import Tracker
 from .._runtime import gc_paused, get_runtime
 from .._stage import ByteBudget, cancel_all, cpu_sharding, stage, total_bytes
@@ -216,16 +217,18 @@ def _failed(exc: BaseException, handler: TypeHandler, what: str, where: str,
 
 
 async def _serialize_custom(planned: list[_Planned], directory: AnyPath,
-                            save_args: Any) -> list[Any]:
+                            save_args: Any, use_zarr3: bool) -> list[Any]:
     """Has each registered TypeHandler write its leaves (all of its leaves in one call, as
-    Orbax does); returns the futures they left running."""
+    Orbax does, told the item's zarr version: a restore tells it the same); returns the
+    futures they left running."""
     by_name = _save_args_by_name(save_args, str(directory))
     ctx = ser.new_context()
     running: list[Any] = []
     for handler, group in _by_handler((p.handler, p) for p in planned):
         names = [p.leaf.name for p in group]
         infos = [ParamInfo(name=p.leaf.name, parent_dir=directory, keypath=tuple(p.leaf.keys),
-                           is_ocdbt_checkpoint=False, ts_context=ctx, value_typestr=p.value_type)
+                           is_ocdbt_checkpoint=False, use_zarr3=use_zarr3, ts_context=ctx,
+                           value_typestr=p.value_type)
                  for p in group]
         try:
             running.extend(await handler.serialize(
@@ -283,8 +286,10 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
     ``host_memory_budget_bytes`` bounds the bytes staged in host memory but not yet written:
     with a budget smaller than the state, ``save`` waits for writes (slower, never wrong).
     ``use_compression`` writes zstd-compressed chunks (Orbax's default; off here by default).
-    Orbax's other arguments are accepted, without effect (``use_ocdbt`` and ``use_zarr3``
-    included: see the migration guide); a name Orbax does not have raises ``TypeError``.
+    ``use_ocdbt=False`` writes each array as a zarr array in a folder of its own, and
+    ``use_zarr3=True`` as zarr v3, in Orbax's layout for those options (``docs/format.md``);
+    every layout is read whatever they say. Orbax's other arguments are accepted, without
+    effect (see the migration guide); a name Orbax does not have raises ``TypeError``.
     """
 
     typestr = fmt.PYTREE_TYPESTR
@@ -312,6 +317,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         # flight together, not of each save alone.
         self._budget = ByteBudget(_budget_bytes(host_memory_budget_bytes, type(self).__name__))
         self._compress = use_compression
+        self._use_ocdbt = bool(orbax_options.get("use_ocdbt", True))
+        self._use_zarr3 = bool(orbax_options.get("use_zarr3", False))
         self._type_registry: TypeHandlerRegistry | None = orbax_options.get(
             "type_handler_registry")
         #: the msgpack file of Orbax's first format (read, never written: ``_legacy``)
@@ -362,11 +369,14 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         roles = current_roles()
         if roles.multi and roles.is_primary:
             _refuse_arrays_of_another_process_only(planned, roles, where)
+        if not self._use_ocdbt:
+            _refuse_names_without_folders(planned, where)
         await storage.makedirs(directory)
         # Leaves of registered TypeHandlers are written by them, now (Orbax's contract: a
         # handler copies what it needs before it returns, and may leave futures running).
         custom = [p for p in planned if p.handler is not None]
-        running = await _serialize_custom(custom, directory, args.save_args) if custom else []
+        running = (await _serialize_custom(custom, directory, args.save_args, self._use_zarr3)
+                   if custom else [])
         # With several processes each writes the shards it owns (replica 0) into its own OCDBT
         # database, as Orbax does; arrays held whole by every process (NumPy, scalars, jax
         # arrays on this process's devices only) are written once, by the primary.
@@ -381,7 +391,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         writer = ser.ItemWriter(directory, compress=self._compress, direct_max_bytes=(
             math.inf if self._budget.limit is not None else ser.DIRECT_WRITE_MAX_BYTES),
             total_bytes=nbytes, process_index=roles.index if roles.multi else None,
-            memory_budget=self._budget.limit)
+            memory_budget=self._budget.limit, use_ocdbt=self._use_ocdbt,
+            use_zarr3=self._use_zarr3)
         tracker = Tracker("save", directory, nbytes)
 
         async def write_batch(batch: list[ser.StoredArray]) -> None:
@@ -486,7 +497,7 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
                 list(map(key_entry, keys, leaf.key_types)),
                 value_meta(p.value_type, p.value_type in _tree.EMPTY_TYPES, write_shape))
         tree_doc = fmt.TreeMetadata(
-            entries, custom_metadata=custom,
+            entries, use_ocdbt=self._use_ocdbt, use_zarr3=self._use_zarr3, custom_metadata=custom,
             ckpt_async={"version": STRINGS_AT_POINTERS, "skeleton": skeleton,
                         "scalars": scalars, **({"random_keys": random_keys} if random_keys else {}),
                         **({TYPE_HANDLED: handled} if handled else {})})
@@ -987,6 +998,27 @@ def _refuse_arrays_of_another_process_only(planned: list[_Planned], roles: Roles
                 f"{where}: leaf {p.leaf.name!r} is a jax.Array on the devices of process "
                 f"{owners.pop()} only, which cannot be told from that process's own (host-local) "
                 "array; shard it over a mesh that spans every process, or replicate it")
+
+
+#: The entries of an item's folder that no array's own folder may take (``use_ocdbt=False``).
+_ITEM_ENTRIES = frozenset({fmt.PYTREE_METADATA, fmt.SHARDING, fmt.STRINGS, fmt.ARRAY_METADATAS,
+                           _integrity.CHECKSUMS, _integrity.PARTIAL_CHECKSUMS})
+
+
+def _refuse_names_without_folders(planned: list[_Planned], where: str) -> None:
+    """Without OCDBT each stored array has the folder of its name: a name that would lie
+    outside the item (``..``, absolute), or on one of its documents, is refused before
+    anything is written. (An empty name, a tree that is one bare array, is the item's own
+    folder.)"""
+    for p in planned:
+        name = p.leaf.name
+        if p.value_type not in _STORED or p.handler is not None or not name:
+            continue
+        if escapes(name) or name.replace("\\", "/").split("/")[0] in _ITEM_ENTRIES:
+            raise InvalidArgumentError(
+                f"{where}: leaf {name!r} cannot be stored in a folder of its own "
+                "(use_ocdbt=False): the folder would lie outside the item or on one of its "
+                "documents; rename the key, or save with use_ocdbt=True")
 
 
 #: ``ext_metadata`` key of array_metadatas naming a typed PRNG key's implementation (Orbax's).
