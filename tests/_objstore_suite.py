@@ -272,6 +272,30 @@ class ObjectStoreSuite:
         with ocp.StandardCheckpointer() as ckptr, pytest.raises(CorruptCheckpointError):
             ckptr.restore(url)
 
+    @pytest.mark.parametrize(("use_ocdbt", "use_zarr3"), [(False, False), (True, True),
+                                                          (False, True)])
+    def test_orbax_other_layouts(self, store: Bucket, prefix: str, use_ocdbt: bool,
+                                 use_zarr3: bool):
+        """use_ocdbt=False (an array's zarr objects under its name) and use_zarr3=True: saved
+        in Orbax's layout, restored and verified; a damaged chunk object is caught."""
+        url = store.url(prefix)
+        tree = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "step": 3}
+        handler = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3)
+        with ocp.Checkpointer(handler) as ckptr:
+            ckptr.save(url, args=ocp.args.PyTreeSave(tree))
+            assert_same(ckptr.restore(url), tree)
+        keys = store.keys(prefix)
+        assert ("manifest.ocdbt" in keys) == use_ocdbt
+        assert (f"w/{'zarr.json' if use_zarr3 else '.zarray'}" in keys) != use_ocdbt
+        assert ocp.verify(url).ok
+        if not use_ocdbt:
+            chunk = f"{prefix}/w/{'c/0/0' if use_zarr3 else '0.0'}"
+            body = bytearray(store.get(chunk))
+            body[4] ^= 0x40  # (a byte of w[0, 1], first in the chunk either way)
+            store.put(chunk, bytes(body))
+            report = ocp.verify(url)
+            assert not report.ok and any("'w'" in p for p in report.problems), report.problems
+
     @pytest.mark.parametrize("in_flight", [1, 4])
     def test_small_arrays_come_in_a_few_ranged_reads(self, store: Bucket, prefix: str,
                                                       monkeypatch: pytest.MonkeyPatch,
