@@ -633,6 +633,18 @@ def scenario_small(cfg: dict, out: dict) -> None:
         "host"].tolist()
     ckptr.close()
 
+    # Orbax's other layouts: each process writes its shard of x (without OCDBT into the same
+    # folder x/, a chunk file each; in OCDBT with zarr v3 into its own database), the primary
+    # the rest; each restores its shard.
+    out["layouts"] = {}
+    for use_ocdbt, use_zarr3 in ((False, False), (True, True), (False, True)):
+        name = f"layout_{int(use_ocdbt)}{int(use_zarr3)}"
+        handler = ocp.StandardCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3)
+        with ocp.Checkpointer(handler) as ckptr:
+            ckptr.save(base / name, args=ocp.args.StandardSave(tiny()))
+            got = ckptr.restore(base / name, args=ocp.args.StandardRestore(tiny()))
+        out["layouts"][name] = [np.asarray(s.data).tolist() for s in got["x"].addressable_shards]
+
     # A restore target sharded over both processes' devices that does not split the array
     # (3 rows, 2 devices): each process reads its region only, and raises naming the leaf.
     with ocp.StandardCheckpointer() as ckptr:

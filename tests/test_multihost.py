@@ -26,6 +26,8 @@ import pytest
 import tensorstore as ts
 from _moto import client_for, moto_s3
 from _multihost import ROOT, launch
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from multihost_worker import check_state, make_mesh, make_state, target
 
 import ckpt_async as ocp
@@ -136,6 +138,28 @@ def test_processes_saving_different_trees_are_refused_on_every_process(small):
         assert result["keys"]["other_tree"] == []
         assert result["same_tree_after"] == "ok"
         assert result["numpy_differs"] == [0, 0]  # (the primary's)
+
+
+@pytest.mark.parametrize("layout", ["layout_00", "layout_11", "layout_01"])
+def test_orbax_other_layouts_written_by_two_processes(small, layout):
+    """use_ocdbt=False: both processes write their shard's chunk into the array's one folder;
+    use_zarr3=True in OCDBT: each its own database, merged. Both libraries restore it."""
+    assert [r["layouts"][layout] for r in small] == [[[0.0, 1.0]], [[2.0, 3.0]]]
+    item = Path(small[0]["dir"]) / layout
+    use_ocdbt, use_zarr3 = layout[-2:] == "11", layout[-1] == "1"
+    if use_ocdbt:
+        assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(item))
+    else:
+        chunks = item / "x" / "c" if use_zarr3 else item / "x"
+        assert {"0", "1"} <= set(os.listdir(chunks))
+    mesh = Mesh(np.array(jax.devices()[:2]), ("a",))
+    want = {"x": jax.ShapeDtypeStruct((4,), np.float32, sharding=NamedSharding(mesh, P("a"))),
+            "step": 0}
+    for lib in (orbax, ocp):
+        with lib.StandardCheckpointer() as ckptr:
+            got = ckptr.restore(item, want)
+        assert np.asarray(got["x"]).tolist() == [0.0, 1.0, 2.0, 3.0] and got["step"] == 1
+    assert ocp.verify(item).ok
 
 
 def test_a_sharding_that_does_not_split_an_array_is_named_on_every_process(small):
