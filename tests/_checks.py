@@ -39,3 +39,8 @@ def fail_host_copy(monkeypatch, leaf: str) -> None:
         return real(value, name, *args, **kwargs)
 
     monkeypatch.setattr(stage, "host_copy", host_copy)
+
+
+def files_under(directory) -> list[str]:
+    """The files below ``directory`` (a ``pathlib.Path``), as sorted relative paths."""
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())

@@ -11,9 +11,11 @@ import dataclasses
 import json
 import threading
 
+import jax
 import numpy as np
 import orbax.checkpoint as orbax
 import pytest
+from _checks import assert_bits_equal, files_under
 from _timeout import in_thread
 
 import ckpt_async as ocp
@@ -424,3 +426,45 @@ def test_a_composite_handlers_metadata_is_the_steps(tmp_path, lib_name):
         assert meta.item_metadata["state"].tree["w"].shape == (4,)
     assert set(through_checkpointer.item_metadata) == {"state", "cfg"}
     assert through_checkpointer.item_metadata["state"].tree["w"].shape == (4,)
+
+
+#: Items saved twice into one directory: their handler, and the args of each save.
+OVER_AN_ITEM = {
+    "standard": (ocp.StandardCheckpointHandler,
+                 lambda v: ocp.args.StandardSave({"w": np.full(3, v)})),
+    "array": (ocp.ArrayCheckpointHandler, lambda v: ocp.args.ArraySave(np.full(3, v))),
+    "composite": (ocp.CompositeCheckpointHandler, lambda v: ocp.args.Composite(
+        cfg=ocp.args.JsonSave({"v": v}), state=ocp.args.StandardSave({"w": np.full(3, v)}))),
+    "jax key": (ocp.JaxRandomKeyCheckpointHandler,
+                lambda v: ocp.args.JaxRandomKeySave(jax.random.key(v))),
+}
+
+
+@pytest.mark.parametrize("how", ["save", "async_save"])
+@pytest.mark.parametrize("case", list(OVER_AN_ITEM))
+def test_a_direct_save_over_an_item_is_refused_before_anything_is_written(tmp_path, case, how):
+    # Orbax's pytree handlers write over the item in place (its composite refuses at
+    # finalize, FileExistsError). ckpt_async's new database would be refused by the old one's
+    # manifest only once its data files were written: a bare FileExistsError, the files left.
+    cls, args = OVER_AN_ITEM[case]
+    item = tmp_path / "item"
+    cls().save(item, args(1))
+    before = files_under(item)
+    with pytest.raises(ocp.errors.StepAlreadyExistsError, match=f"^{item} already holds") as e:
+        if how == "save":
+            cls().save(item, args(2))
+        else:
+            asyncio.run(cls().async_save(item, args(2)))
+    assert isinstance(e.value, FileExistsError) and isinstance(e.value, ValueError)
+    assert files_under(item) == before
+    if case == "standard":  # (the item there is the first save's)
+        assert_bits_equal(cls().restore(item)["w"], np.full(3, 1))
+
+
+def test_a_direct_save_over_a_json_item_writes_over_it_as_orbaxs(tmp_path):
+    for lib in (ocp, orbax):
+        (tmp_path / lib.__name__).mkdir()
+        for v in (1, 2):
+            lib.JsonCheckpointHandler().save(tmp_path / lib.__name__,
+                                             args=lib.args.JsonSave({"v": v}))
+        assert ocp.JsonCheckpointHandler().restore(tmp_path / lib.__name__) == {"v": 2}

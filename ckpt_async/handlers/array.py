@@ -53,6 +53,9 @@ class ArrayCheckpointHandler(AsyncCheckpointHandler):
         return await self._pytree.stage(directory, PyTreeSave({self._name: item},
                                                               save_args=save_args))
 
+    async def existing_item(self, directory: AnyPath, args: Any) -> AnyPath | None:
+        return await self._pytree.existing_item(directory, None)
+
     @engine_method
     async def restore(self, directory: AnyPath, args: ArrayRestore | None = None) -> Any:
         directory = coerce(directory)

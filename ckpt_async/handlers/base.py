@@ -26,7 +26,7 @@ from typing import Any, ClassVar, TypeVar
 from .. import _storage as storage
 from .._paths import AnyPath, as_path, coerce
 from .._runtime import get_runtime
-from ..errors import InvalidTypeError, RuntimeUsageError
+from ..errors import InvalidTypeError, RuntimeUsageError, StepAlreadyExistsError
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
@@ -108,6 +108,17 @@ def _as_args(handler: Any, kind: str, args: tuple[Any, ...], kwargs: dict[str, A
     return (make_args(handler, kind, item, kwargs),), {}
 
 
+async def _refuse_existing(handler: CheckpointHandler, directory: AnyPath, args: Any) -> None:
+    """Raises StepAlreadyExistsError, before anything is written, where a direct save of
+    ``args`` into ``directory`` would have to write over an item already there."""
+    found = await handler.existing_item(directory, args)
+    if found is not None:
+        raise StepAlreadyExistsError(
+            f"{directory} already holds a checkpoint item ({found} is there): "
+            f"{type(handler).__name__} saves an item into a directory without one, never "
+            "over one; save into another directory, or remove this one first")
+
+
 def _awaitable(fn: Any) -> bool:
     """Whether calling ``fn`` on the engine loop gives an awaitable: a coroutine function, or
     an :func:`engine_method`."""
@@ -158,11 +169,24 @@ class CheckpointHandler:
 
     @engine_method
     async def save(self, directory: AnyPath, args: Any) -> None:
-        """Orbax's ``save``: writes the item into ``directory`` (which must exist), staged,
-        written and finalized at once. No commit: that is the checkpointer's."""
-        writer = await self.stage(coerce(directory), args)
+        """Orbax's ``save``: writes the item into ``directory`` (made if it is not there),
+        staged, written and finalized at once. No commit: that is the checkpointer's. A
+        directory already holding an item this handler would have to write over
+        (:meth:`existing_item`) raises ``StepAlreadyExistsError`` before anything is written
+        (Orbax's pytree handlers overwrite it in place)."""
+        directory = coerce(directory)
+        await _refuse_existing(self, directory, args)
+        writer = await self.stage(directory, args)
         await writer.write()
         await writer.finalize()
+
+    async def existing_item(self, directory: AnyPath, args: Any) -> AnyPath | None:
+        """The file showing that ``directory`` already holds an item which a save of
+        ``args`` there would have to write over, something this handler does not do; None
+        where there is none (or the handler writes over it, as over a JSON document).
+        :meth:`save` and :meth:`AsyncCheckpointHandler.async_save` refuse such a directory;
+        the checkpointers save into new ones."""
+        return None
 
     def finalize(self, directory: Any) -> None:
         """Orbax's ``finalize``: nothing left to do once :meth:`save` returned."""
@@ -184,14 +208,17 @@ class AsyncCheckpointHandler(CheckpointHandler):
 
     async def async_save(self, directory: Any, args: Any = None, **legacy: Any) -> list[Any]:
         """Orbax's ``async_save``, from any event loop: stages the item into ``directory``
-        (which must exist) and returns one future, done once the item is written and
+        (made if it is not there) and returns one future, done once the item is written and
         finalized (no commit: that is the checkpointer's). A handler of Orbax's interface
-        wrapping a built-in one awaits it so."""
+        wrapping a built-in one awaits it so. A directory already holding an item raises
+        ``StepAlreadyExistsError`` here, before anything is written, as :meth:`save` does."""
         (given,), _ = _as_args(self, "save", () if args is None else (args,), legacy)
         rt = get_runtime()
 
         async def start() -> Any:
-            writer = await self.stage(as_path(directory), given)
+            path = as_path(directory)
+            await _refuse_existing(self, path, given)
+            writer = await self.stage(path, given)
 
             async def finish() -> None:
                 await writer.write()
@@ -299,6 +326,11 @@ class _OrbaxStyle(AsyncCheckpointHandler):
                     await rt.to_thread(fut.result)
 
         return Writer(write, finalize=finalize, abort=abort)
+
+    async def existing_item(self, directory: AnyPath, args: Any) -> AnyPath | None:
+        if isinstance(self.inner, CheckpointHandler):  # (a subclass of ours)
+            return await self.inner.existing_item(directory, args)
+        return None
 
     async def restore(self, directory: AnyPath, args: Any = None) -> Any:
         if _awaitable(self.inner.restore):

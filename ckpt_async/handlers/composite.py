@@ -172,6 +172,19 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
         return Writer(write, sum(w.nbytes for w in writers.values()),
                       sum(w.arrays for w in writers.values()), finalize, abort)
 
+    async def existing_item(self, directory: AnyPath, args: Any) -> AnyPath | None:
+        """The first of ``args``'s items whose folder already holds an item its handler
+        would have to write over (an Orbax composite refuses it when finalizing)."""
+        if not isinstance(args, Composite):
+            return None  # (stage refuses it)
+        for name, a in sorted(args.items()):
+            if isinstance(a, CheckpointArgs) and name not in fmt.STEP_FILES:
+                found = await adapt(self.handler_for_save(name, a)).existing_item(
+                    directory / name, a)
+                if found is not None:
+                    return found
+        return None
+
     async def _recorded(self, directory: AnyPath) -> dict[str, str]:
         """The item handlers a checkpoint's ``_CHECKPOINT_METADATA`` records."""
         if self.within_item:

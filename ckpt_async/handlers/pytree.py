@@ -461,6 +461,13 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
 
         return Writer(write, nbytes, len(to_stage), finalize, abort)
 
+    async def existing_item(self, directory: AnyPath, args: Any) -> AnyPath | None:
+        """The OCDBT manifest of an item already in ``directory``: the arrays go into a new
+        database there, whose manifest would be refused by that one only once the data files
+        were written."""
+        manifest = coerce(directory) / MANIFEST
+        return manifest if await storage.exists(manifest) else None
+
     def _documents(self, planned: list[_Planned], skeleton: Any, custom: Any,
                    roles: Roles, strings_doc: bytes | None) -> dict[str, bytes]:
         """The item's documents this process writes: every one on the primary, only its own

@@ -50,6 +50,7 @@ class _RandomKeyHandler(AsyncCheckpointHandler):
 
     def __init__(self, key_name: str, key_handler: CheckpointHandler) -> None:
         self._key_name = key_name
+        self._key_handler = key_handler
         self._metadata_name = f"{key_name}_metadata"
         parts = DefaultCheckpointHandlerRegistry()
         parts.add(self._key_name, None, key_handler)
@@ -61,6 +62,9 @@ class _RandomKeyHandler(AsyncCheckpointHandler):
                            description: dict[str, Any]) -> Writer:
         return await self._parts.stage(directory, Composite(**{
             self._key_name: key_args, self._metadata_name: JsonSave(description)}))
+
+    async def existing_item(self, directory: AnyPath, args: Any) -> AnyPath | None:
+        return await self._key_handler.existing_item(coerce(directory) / self._key_name, None)
 
     async def _restore_parts(self, directory: AnyPath, key_args: Any
                              ) -> tuple[Any, Mapping[str, Any]]:
