@@ -46,6 +46,7 @@ from .errors import (
     HandlerError,
     InvalidArgumentError,
     NotWritableError,
+    PathNotADirectoryError,
     ProcessFailedError,
     StepAlreadyExistsError,
     describe,
@@ -79,12 +80,13 @@ def check_writable(path: AnyPath) -> None:
     if isinstance(path, StorePath):
         return  # no directories to check; a denied write fails the commit, naming the key
     if path.exists() and not path.is_dir():
-        raise InvalidArgumentError(f"{path} exists and is not a directory")
+        raise PathNotADirectoryError(f"{path} exists and is not a directory")
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise InvalidArgumentError(f"cannot save to {path}: {parent} is a file, not a directory")
+        raise PathNotADirectoryError(
+            f"cannot save to {path}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise NotWritableError(f"cannot save to {path}: {parent} is not writable")
 

@@ -40,6 +40,10 @@ class ShardingMismatchError(InvalidArgumentError):
     """Raised when a restore's sharding does not split an array's shape evenly (jax's error)."""
 
 
+class PathNotADirectoryError(InvalidArgumentError, NotADirectoryError):
+    """Raised when a path to save into is a file, or lies under one, before anything is written."""
+
+
 class HandlerError(InvalidArgumentError):
     """Raised when an item's handler is unknown, or args do not match its locked-in handler."""
 
@@ -190,6 +194,7 @@ __all__ = [
     "ItemNotFoundError",
     "NotWritableError",
     "OutOfMemoryError",
+    "PathNotADirectoryError",
     "ProcessFailedError",
     "ReadOnlyError",
     "RuntimeUsageError",

@@ -468,3 +468,19 @@ def test_a_direct_save_over_a_json_item_writes_over_it_as_orbaxs(tmp_path):
             lib.JsonCheckpointHandler().save(tmp_path / lib.__name__,
                                              args=lib.args.JsonSave({"v": v}))
         assert ocp.JsonCheckpointHandler().restore(tmp_path / lib.__name__) == {"v": 2}
+
+
+@pytest.mark.parametrize("under", [False, True], ids=["the file", "below it"])
+@pytest.mark.parametrize("case", ["standard", "composite", "json"])
+def test_a_direct_save_to_a_file_raises_what_orbax_callers_catch(tmp_path, case, under):
+    # Orbax raises a ValueError (pytree handlers: TensorStore's) or a NotADirectoryError
+    # (JSON, composite, random keys); ckpt_async raised a CommitError, neither of them.
+    (tmp_path / "f").write_text("mine")
+    path = tmp_path / "f" / "item" if under else tmp_path / "f"
+    handler, args = (OVER_AN_ITEM[case] if case != "json" else
+                     (ocp.JsonCheckpointHandler, lambda v: ocp.args.JsonSave({"v": v})))
+    for save in (handler().save, lambda p, a: asyncio.run(handler().async_save(p, a))):
+        with pytest.raises(ocp.errors.PathNotADirectoryError, match=str(tmp_path / "f")) as e:
+            save(path, args(1))
+        assert isinstance(e.value, ValueError) and isinstance(e.value, NotADirectoryError)
+    assert files_under(tmp_path) == ["f"] and (tmp_path / "f").read_text() == "mine"

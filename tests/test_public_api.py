@@ -149,6 +149,7 @@ EXPECTED_BUILTINS: dict[str, set[type[BaseException]]] = {
     "StructureMismatchError": {ValueError},
     "ShapeMismatchError": {ValueError},
     "ShardingMismatchError": {ValueError},
+    "PathNotADirectoryError": {ValueError, NotADirectoryError, OSError},
     "HandlerError": {ValueError},
     "StepAlreadyExistsError": {FileExistsError, OSError, ValueError},
     "ReadOnlyError": {PermissionError, OSError},

@@ -21,6 +21,7 @@ import contextvars
 import functools
 import inspect
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from .. import _storage as storage
@@ -108,9 +109,20 @@ def _as_args(handler: Any, kind: str, args: tuple[Any, ...], kwargs: dict[str, A
     return (make_args(handler, kind, item, kwargs),), {}
 
 
+def _check_place(directory: AnyPath) -> None:
+    """Raises PathNotADirectoryError where ``directory`` is a file or lies under one (and
+    NotWritableError where it cannot be made), as the checkpointers do for their paths."""
+    if isinstance(directory, Path) and not directory.is_dir():
+        from .._checkpointer import check_writable  # (the checkpointer imports this module)
+
+        check_writable(directory)
+
+
 async def _refuse_existing(handler: CheckpointHandler, directory: AnyPath, args: Any) -> None:
-    """Raises StepAlreadyExistsError, before anything is written, where a direct save of
-    ``args`` into ``directory`` would have to write over an item already there."""
+    """Raises, before anything is written, where a direct save of ``args`` into
+    ``directory`` cannot be: PathNotADirectoryError where it is a file or lies under one,
+    StepAlreadyExistsError where it would have to write over an item already there."""
+    await get_runtime().to_thread(_check_place, directory)
     found = await handler.existing_item(directory, args)
     if found is not None:
         raise StepAlreadyExistsError(

@@ -35,6 +35,7 @@ from ..errors import (
     InvalidArgumentError,
     InvalidTypeError,
     ItemNotFoundError,
+    PathNotADirectoryError,
     StepAlreadyExistsError,
     StepNotFoundError,
 )
@@ -275,8 +276,9 @@ class AsyncCheckpointManager:
         if self.options.create and not self.options.read_only:
             if await storage.exists(self.directory):
                 if not await storage.is_dir(self.directory):
-                    raise InvalidArgumentError(f"{self.directory} exists and is not a directory")
-            else:  # (a file above it: InvalidArgumentError, as for a checkpointer)
+                    raise PathNotADirectoryError(
+                        f"{self.directory} exists and is not a directory")
+            else:  # (a file above it: PathNotADirectoryError, as for a checkpointer)
                 await get_runtime().to_thread(check_writable, self.directory)
             await storage.makedirs(self.directory)
         # (with several processes the primary alone removes and writes shared files)
