@@ -321,6 +321,19 @@ def test_array_handler_on_its_own(tmp_path, mesh, name):
     check_array(h.restore(d), item, name, OWN_KIND)
 
 
+@pytest.mark.parametrize("there", ["empty", "missing"])
+def test_array_handler_restore_without_an_item_is_file_not_found_as_in_orbax(tmp_path, there):
+    # (it was a CorruptCheckpointError, about TensorStore failing to open 'checkpoint')
+    path = tmp_path / there
+    if there == "empty":
+        path.mkdir()
+    with pytest.raises(FileNotFoundError):
+        orbax.ArrayCheckpointHandler().restore(path, args=orbax.args.ArrayRestore())
+    with pytest.raises(ocp.errors.CheckpointNotFoundError,
+                       match=f"^{path} holds no array item"):
+        ocp.ArrayCheckpointHandler().restore(path)
+
+
 @pytest.mark.parametrize("name", ["jax", "sharded", "numpy", "float", "int"])
 def test_array_handler_in_a_checkpointer_both_ways(tmp_path, mesh, name):
     item = array_items(mesh)[name]

@@ -10,6 +10,7 @@ the type handlers.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import jax
@@ -21,7 +22,7 @@ from .. import type_handlers
 from .._ocdbt import MANIFEST
 from .._paths import AnyPath, coerce
 from ..args import ArrayRestore, ArraySave, PyTreeRestore, PyTreeSave, register_with_handler
-from ..errors import StructureMismatchError, UnsupportedLeafError
+from ..errors import CheckpointNotFoundError, StructureMismatchError, UnsupportedLeafError
 from .base import AsyncCheckpointHandler, Writer, engine_method
 from .pytree import PyTreeCheckpointHandler
 
@@ -62,6 +63,13 @@ class ArrayCheckpointHandler(AsyncCheckpointHandler):
         args = args if args is not None else ArrayRestore()
         raw = await storage.read_optional(directory / fmt.PYTREE_METADATA)
         if raw is None:
+            # (an item of Orbax before _METADATA: its array in the folder of its name, or in
+            # the item's OCDBT database)
+            if not any(await asyncio.gather(storage.exists(directory / self._name),
+                                            storage.exists(directory / MANIFEST))):
+                raise CheckpointNotFoundError(
+                    f"{directory} holds no array item (neither {fmt.PYTREE_METADATA} nor "
+                    f"{self._name!r} is there)")
             return await self._restore_legacy(directory, args.restore_args)
         self._check_holds_array(directory, fmt.decode(
             raw, fmt.TreeMetadata, where=str(directory / fmt.PYTREE_METADATA)))
