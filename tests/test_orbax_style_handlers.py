@@ -484,3 +484,17 @@ def test_a_direct_save_to_a_file_raises_what_orbax_callers_catch(tmp_path, case,
             save(path, args(1))
         assert isinstance(e.value, ValueError) and isinstance(e.value, NotADirectoryError)
     assert files_under(tmp_path) == ["f"] and (tmp_path / "f").read_text() == "mine"
+
+
+def test_a_composite_handlers_metadata_of_a_missing_directory_is_file_not_found(tmp_path):
+    # (ckpt_async gave a StepMetadata without items, as for an empty directory)
+    from etils import epath
+
+    with pytest.raises(FileNotFoundError):
+        orbax.CompositeCheckpointHandler().metadata(epath.Path(tmp_path / "nowhere"))
+    with pytest.raises(ocp.errors.CheckpointNotFoundError, match=f"^{tmp_path / 'nowhere'} "):
+        ocp.CompositeCheckpointHandler().metadata(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()  # (no items: an empty Composite, in both)
+    for lib in (ocp, orbax):
+        assert not lib.CompositeCheckpointHandler().metadata(
+            epath.Path(tmp_path / "empty")).item_metadata

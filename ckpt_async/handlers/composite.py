@@ -285,9 +285,13 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
     @engine_method
     async def metadata(self, directory: AnyPath) -> StepMetadata:
         """Orbax's: the step's metadata (``_CHECKPOINT_METADATA``), each item's metadata in
-        its ``item_metadata`` (:meth:`items_metadata`)."""
-        (doc, ext), items = await asyncio.gather(_integrity.read_step_metadata(directory),
-                                                 self.items_metadata(directory))
+        its ``item_metadata`` (:meth:`items_metadata`); a directory that is not there raises
+        CheckpointNotFoundError (a FileNotFoundError, as Orbax's)."""
+        (doc, ext), items, there = await asyncio.gather(
+            _integrity.read_step_metadata(directory), self.items_metadata(directory),
+            storage.is_dir(directory))
+        if not there:
+            raise CheckpointNotFoundError(f"{directory} does not exist: no checkpoint there")
         return step_metadata_of(doc, ext, items)
 
     async def items_metadata(self, directory: AnyPath) -> Composite:
