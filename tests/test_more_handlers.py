@@ -529,6 +529,16 @@ CASTS = {
         dtype=jnp.bfloat16, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))),
     "scal as numpy": ("scal", lambda lib: lib.RestoreArgs(restore_type=np.ndarray)),
     "iscal cast float32": ("iscal", lambda lib: lib.RestoreArgs(dtype=np.float32)),
+    # ArrayRestoreArgs without a restore_type: the stored type, its dtype cast
+    "npa as stored": ("npa", lambda lib: lib.ArrayRestoreArgs(restore_type=None)),
+    "npa as stored float32": ("npa", lambda lib: lib.ArrayRestoreArgs(
+        restore_type=None, dtype=np.float32, sharding=jax.sharding.SingleDeviceSharding(
+            jax.devices()[1]))),
+    "scal as stored": ("scal", lambda lib: lib.ArrayRestoreArgs(restore_type=None)),
+    "iscal as stored float32": ("iscal", lambda lib: lib.ArrayRestoreArgs(restore_type=None,
+                                                                          dtype=np.float32)),
+    "arr as stored": ("arr", lambda lib: lib.ArrayRestoreArgs(
+        restore_type=None, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[1]))),
 }
 CAST_ITEMS = {
     "arr": jnp.asarray(np.linspace(-3, 3, 12, dtype=np.float32).reshape(3, 4)),

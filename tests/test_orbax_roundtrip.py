@@ -887,6 +887,30 @@ def test_array_restore_args_asking_for_numpy_give_numpy_as_in_orbax(tmp_path):
     assert outcomes["orbax"]["w"][:2] == ("ndarray", "bfloat16")
 
 
+def test_array_restore_args_without_a_restore_type_give_the_stored_type_as_in_orbax(tmp_path):
+    # (a NumPy scalar is left out: Orbax gives a Python number, ckpt_async the NumPy scalar)
+    tree = {"n": np.arange(3, dtype=np.int16), "i": 7, "f": 2.5, "z": np.array(4, np.int32),
+            "j": jnp.arange(3.0)}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", tree)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[1])
+    outcomes = {}
+    for name, lib in (("ckpt_async", ocp), ("orbax", orbax)):
+        ra = {k: lib.ArrayRestoreArgs(restore_type=None, sharding=sharding) for k in tree}
+        ra["i"] = lib.ArrayRestoreArgs(restore_type=None, dtype=np.float32)
+        for item in (None, tree):  # (restore args alone, and beside an item)
+            with lib.PyTreeCheckpointer() as ckptr:
+                out = ckptr.restore(tmp_path / "c", args=lib.args.PyTreeRestore(
+                    item=item, restore_args=ra))
+            outcomes[name, item is None] = {k: (type(v).__name__, np.asarray(v).dtype.name,
+                                                np.asarray(v).tolist()) for k, v in out.items()}
+            assert out["j"].sharding == sharding
+    assert outcomes["ckpt_async", True] == outcomes["orbax", True] == \
+        outcomes["ckpt_async", False] == outcomes["orbax", False]
+    assert [outcomes["orbax", True][k][0] for k in tree] == [
+        "ndarray", "float", "float", "ndarray", "ArrayImpl"]
+
+
 
 @pytest.mark.parametrize("dtype", ["uint8", "int32", "uint64", "bfloat16", "float16"])
 def test_dtype_casts_give_orbax_s_bits_for_nans_and_values_out_of_range(tmp_path, dtype):

@@ -1416,6 +1416,20 @@ class _Reader:
             for k, _n, leaf in pairs:
                 if isinstance(rarg := rargs.get(k), ArrayRestoreArgs):
                     rargs[k] = _completed_by_item(leaf, rarg)
+        # ArrayRestoreArgs(restore_type=None) asks for the stored type, as in Orbax: a leaf
+        # saved as a NumPy array or a scalar comes back as one (only its dtype applies; such
+        # a leaf is read whole, as for restore_type=np.ndarray), a jax.Array as a jax.Array
+        for i, (k, name, leaf) in enumerate(pairs):
+            rarg = rargs.get(k, leaf)
+            if isinstance(rarg, ArrayRestoreArgs) and rarg.restore_type is None and (
+                    entry := self.by_key.get(k)) is not None and name not in self.handled \
+                    and (vt := entry.value_metadata.value_type) not in self.overridden:
+                rarg = dataclasses.replace(rarg, restore_type=jax.Array) if vt == "jax.Array" \
+                    else RestoreArgs(dtype=rarg.dtype)
+                if k in rargs:
+                    rargs[k] = rarg
+                else:
+                    pairs[i] = (k, name, rarg)
         wanted = {k for k, _n, _l in pairs}
         # Leaves marked PLACEHOLDER (in the target or by their restore args) are not read; nor
         # are those the target (an item, not restore args) gives as None: they come back None,
