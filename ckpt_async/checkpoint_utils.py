@@ -5,7 +5,7 @@ the steps a trainer writes (an evaluator's loop).
 ``jax.ShapeDtypeStruct``, a NumPy array, a scalar, a string, a metadata leaf or
 :data:`~ckpt_async.type_handlers.PLACEHOLDER`) gives the restore args that restore it as it
 is: a ``jax.Array`` on its sharding (or the one ``sharding_tree`` gives), a NumPy array or a
-scalar of its dtype (NumPy scalars and ``complex`` too, which Orbax's refuses).
+scalar of its dtype (NumPy scalars, ml_dtypes' too, and ``complex``, which Orbax's refuses).
 
 ``wait_for_new_checkpoint`` and ``checkpoints_iterator`` watch a manager's directory for
 committed steps. Orbax's snapshots (a copy of the step kept from the trainer's retention
@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from . import _serialize as ser
 from . import metadata as value_metadata
 from ._paths import as_path
 from ._runtime import get_runtime
@@ -78,7 +79,11 @@ def construct_restore_args(target: Any, sharding_tree: Any = None, set_global_sh
             return array_args(value, sharding, value.dtype)
         if isinstance(value, np.ndarray):
             return RestoreArgs(restore_type=np.ndarray, dtype=value.dtype)
-        if isinstance(value, (int, float, complex, np.number, np.bool_, str)):
+        if isinstance(value, str):  # (np.str_ too, as in Orbax)
+            return RestoreArgs(restore_type=str)
+        if isinstance(value, (int, float, complex)) or (
+                isinstance(value, np.generic) and ser.is_storable(value.dtype)):
+            # (NumPy scalars, ml_dtypes' bfloat16 and float8 among them: as they are saved)
             return RestoreArgs(restore_type=type(value))
         raise InvalidArgumentError(f"construct_restore_args: unsupported leaf type {type(value)}")
 

@@ -715,9 +715,11 @@ def test_placeholders_are_skipped_where_orbax_reads_them_or_refuses_them(tmp_pat
 
 def test_construct_restore_args_takes_numpy_scalars_orbax_refuses(tmp_path):
     # A documented superset: Orbax's construct_restore_args raises ValueError for a NumPy
-    # scalar (other than np.float64) or a complex leaf; ckpt_async's restores each as its type.
-    tree = {"f": np.float32(1.5), "i": np.int64(-3), "b": np.bool_(True), "c": 1 - 2j}
-    for key in ("f", "i", "b", "c"):
+    # scalar (other than np.float64) or a complex leaf; ckpt_async's restores each as its type,
+    # ml_dtypes' scalars (which both save) included.
+    tree = {"f": np.float32(1.5), "i": np.int64(-3), "b": np.bool_(True), "c": 1 - 2j,
+            "h": ml_dtypes.bfloat16(-2.5), "e": ml_dtypes.float8_e4m3fn(3), "n": ml_dtypes.int4(-7)}
+    for key in tree:
         with pytest.raises(ValueError, match="Unsupported type"):
             orbax.checkpoint_utils.construct_restore_args({key: tree[key]})
     with ocp.PyTreeCheckpointer() as ckptr:
@@ -726,6 +728,12 @@ def test_construct_restore_args_takes_numpy_scalars_orbax_refuses(tmp_path):
         out = ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(tree, ra))
     assert {k: type(v) for k, v in out.items()} == {k: type(v) for k, v in tree.items()}
     assert out == tree
+    # a NumPy string gives str, as in Orbax; a NumPy scalar that cannot be saved is refused
+    for lib in (ocp, orbax):
+        assert lib.checkpoint_utils.construct_restore_args({"s": np.str_("x")})["s"] == \
+            lib.RestoreArgs(restore_type=str)
+    with pytest.raises(ocp.errors.InvalidArgumentError, match="datetime64"):
+        ocp.checkpoint_utils.construct_restore_args({"t": np.datetime64(1, "D")})
 
 
 @pytest.mark.parametrize("writer", ["ckpt_async", "orbax"])
