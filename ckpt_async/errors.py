@@ -44,6 +44,13 @@ class PathNotADirectoryError(InvalidArgumentError, NotADirectoryError):
     """Raised when a path to save into is a file, or lies under one, before anything is written."""
 
 
+class MissingKeyError(InvalidArgumentError, KeyError):
+    """Raised when a tree or its restore args lack a key that is needed (Orbax: KeyError)."""
+
+    def __str__(self) -> str:  # (a KeyError's would quote the message)
+        return str(self.args[0]) if self.args else ""
+
+
 class HandlerError(InvalidArgumentError):
     """Raised when an item's handler is unknown, or args do not match its locked-in handler."""
 
@@ -192,6 +199,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidTypeError",
     "ItemNotFoundError",
+    "MissingKeyError",
     "NotWritableError",
     "OutOfMemoryError",
     "PathNotADirectoryError",

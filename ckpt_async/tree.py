@@ -9,7 +9,7 @@ from typing import Any, NamedTuple, TypeAlias, TypeVar, Union
 import jax
 import numpy as np
 
-from .errors import InvalidArgumentError, StructureMismatchError
+from .errors import InvalidArgumentError, MissingKeyError, StructureMismatchError
 
 #: Orbax's type aliases, for annotations: any pytree; a pytree of ``T`` leaves; one entry of
 #: a key path (as ``jax.tree_util`` gives them); a key path; a JSON document.
@@ -130,7 +130,9 @@ def deserialize_tree(serialized: Any, target: Any, keep_empty_nodes: bool = Fals
                 node = node[name]
             except (KeyError, IndexError, TypeError) as exc:
                 where = "/".join(str(_key_name(k)) for k in path)
-                raise InvalidArgumentError(f"no value for {where!r} in the serialized tree") from exc
+                # (a dict without the key: Orbax's KeyError, mixed in)
+                cls = MissingKeyError if isinstance(exc, KeyError) else InvalidArgumentError
+                raise cls(f"no value for {where!r} in the serialized tree") from exc
         return node
 
     return jax.tree_util.tree_map_with_path(
@@ -155,7 +157,7 @@ def from_flat_dict(flat_dict: dict[Any, Any], target: Any = None, sep: str | Non
         keys = to_flat_dict(target, sep=sep)
         missing = [k for k in keys if k not in flat_dict]
         if missing:
-            raise InvalidArgumentError(f"flat_dict has no value for {missing[:5]} of the target")
+            raise MissingKeyError(f"flat_dict has no value for {missing[:5]} of the target")
         return jax.tree.unflatten(jax.tree.structure(target), [take(k) for k in keys])
     if sep is None and () in flat_dict:
         if len(flat_dict) != 1:

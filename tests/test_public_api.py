@@ -157,6 +157,7 @@ EXPECTED_BUILTINS: dict[str, set[type[BaseException]]] = {
     "CheckpointNotFoundError": {FileNotFoundError, OSError},
     "StepNotFoundError": {FileNotFoundError, OSError},
     "ItemNotFoundError": {FileNotFoundError, OSError, KeyError, LookupError},
+    "MissingKeyError": {ValueError, KeyError, LookupError},
     "CorruptCheckpointError": set(),
     "UnreadableCheckpointError": {OSError},
     "StoreUnreachableError": {ConnectionError, OSError},

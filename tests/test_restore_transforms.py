@@ -167,7 +167,8 @@ def test_a_key_read_without_restore_args_is_refused_as_orbax_refuses_it(saved):
     # A result key taken from the checkpoint (carried over, renamed, or kept beside a
     # use_fallback rule that does not default to the original) needs restore args: Orbax
     # raises KeyError without them. ckpt_async did not read such a key and returned the
-    # item's own value in its place (a silent 0 for a restored array).
+    # item's own value in its place (a silent 0 for a restored array); its error is a
+    # KeyError too, so that code catching Orbax's keeps working.
     def total(key, tree, args):
         return tree["b"].sum()
 
@@ -181,10 +182,12 @@ def test_a_key_read_without_restore_args_is_refused_as_orbax_refuses_it(saved):
             multi_value_fn=total, multi_value_fn_input_args={"b": lib.RestoreArgs()})},
          True, "'w'")]
     for item, transforms, to_original, keys in cases:
-        with pytest.raises(InvalidArgumentError, match=f"no restore args for {keys}:"):
+        with pytest.raises(KeyError, match=f"no restore args for {keys}:") as caught:
             ocp.PyTreeCheckpointer().restore(saved, args=ocp.args.PyTreeRestore(
                 item=item, restore_args={"step": ocp.RestoreArgs()}, transforms=transforms(ocp),
                 transforms_default_to_original=to_original))
+        assert isinstance(caught.value, InvalidArgumentError)
+        assert str(caught.value).startswith(f"{saved}: no restore args")  # (not quoted)
         with pytest.raises(KeyError):
             orbax.PyTreeCheckpointer().restore(saved, args=orbax.args.PyTreeRestore(
                 item=item, restore_args={"step": orbax.RestoreArgs()},

@@ -15,7 +15,7 @@ import orbax.checkpoint as orbax
 import pytest
 
 import ckpt_async as ocp
-from ckpt_async.errors import InvalidArgumentError, ShardingMismatchError
+from ckpt_async.errors import InvalidArgumentError, MissingKeyError, ShardingMismatchError
 
 NT = collections.namedtuple("NT", "x y")
 
@@ -64,10 +64,18 @@ def test_from_flat_dict_inplace_and_errors() -> None:
     assert ocp.utils.from_flat_dict(flat, sep="/", inplace=True) == {"a": {"b": 1, "c": 2}, "d": 3}
     assert flat == {}
     assert ocp.utils.from_flat_dict({(): 5}) == 5
-    with pytest.raises(InvalidArgumentError, match="'b'"):
+    # A key the target has and the values lack: Orbax's KeyError, an InvalidArgumentError too
+    for lib in (ocp, orbax):
+        with pytest.raises(KeyError):
+            lib.utils.from_flat_dict({("a",): 1}, target={"a": 0, "b": 0})
+        with pytest.raises(KeyError):
+            lib.tree.deserialize_tree({"a": {}}, {"a": {"z": 1}})
+    with pytest.raises(MissingKeyError, match=r"^flat_dict has no value for \[\('b',\)\]"):
         ocp.utils.from_flat_dict({("a",): 1}, target={"a": 0, "b": 0})
-    with pytest.raises(InvalidArgumentError, match="no value for 'a/z'"):
+    with pytest.raises(MissingKeyError, match="^no value for 'a/z'"):
         ocp.tree.deserialize_tree({"a": {}}, {"a": {"z": 1}})
+    with pytest.raises(InvalidArgumentError, match="no value for 'a/1'"):  # (Orbax: IndexError)
+        ocp.tree.deserialize_tree({"a": [1]}, {"a": [0, 0]})
 
 
 def test_to_shape_dtype_struct_is_the_tree_helper() -> None:

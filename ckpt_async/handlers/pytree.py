@@ -50,6 +50,7 @@ from ..errors import (
     HandlerError,
     InvalidArgumentError,
     InvalidTypeError,
+    MissingKeyError,
     ShapeMismatchError,
     StructureMismatchError,
     UnsupportedLeafError,
@@ -697,11 +698,10 @@ async def _restore_transformed(reader: _Reader, item: Any, restore_args: Any, tr
         key for key, args in out_args.items() if isinstance(args, _NoArgs) and any(
             rule.multi_value_fn is not None and re.fullmatch(p, key) for p, rule in rules.items())})
     if missing:
-        raise InvalidArgumentError(
+        raise MissingKeyError(
             f"{where}: no restore args for {', '.join(map(repr, missing[:10]))}"
             f"{' ...' if len(missing) > 10 else ''}: the result takes them from the checkpoint, "
-            "and a restore with `transforms` reads each with its key's restore args (Orbax "
-            "raises KeyError)")
+            "and a restore with `transforms` reads each with its key's restore args")
     original: Any = {}
     if wanted:
         needed = from_flat_dict(wanted, sep="/")

@@ -15,7 +15,7 @@ from ..args import (
     handler_class_for,
     registered_handler_classes,
 )
-from ..errors import HandlerError
+from ..errors import HandlerError, MissingKeyError
 from .base import CheckpointHandler, class_typestr
 
 
@@ -53,11 +53,8 @@ class AlreadyExistsError(HandlerError):
     ``ValueError``)."""
 
 
-class NoEntryError(HandlerError, KeyError):
+class NoEntryError(HandlerError, MissingKeyError):
     """A ``get`` of what the registry does not hold (Orbax's; a ``KeyError``)."""
-
-    def __str__(self) -> str:  # (a KeyError's would quote the message)
-        return str(self.args[0]) if self.args else ""
 
 
 class DefaultCheckpointHandlerRegistry:
