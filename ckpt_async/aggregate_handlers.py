@@ -16,7 +16,7 @@ from ._paths import AnyPath, coerce
 from ._runtime import get_runtime
 from .errors import CheckpointNotFoundError
 from .future import CommitFutureAwaitingContractedSignals
-from .msgpack_utils import msgpack_restore, msgpack_serialize
+from .msgpack_utils import msgpack_serialize, read_tree
 from .multihost import is_primary_host
 from .tree import serialize_tree
 
@@ -70,7 +70,7 @@ class MsgpackHandler(AggregateHandler):
         if data is None:
             raise CheckpointNotFoundError(f"{target}: no such file (a msgpack checkpoint was "
                                           "expected)")
-        return msgpack_restore(data)
+        return read_tree(data, target)
 
     def close(self) -> None:
         pass

@@ -25,7 +25,12 @@ import numpy as np
 
 from ._ocdbt import as_bytes
 from ._serialize import dtype_named
-from .errors import InvalidArgumentError, InvalidTypeError, UnsupportedLeafError
+from .errors import (
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    UnsupportedLeafError,
+)
 
 __all__ = ["MAX_CHUNK_SIZE", "msgpack_restore", "msgpack_serialize"]
 
@@ -142,3 +147,22 @@ def msgpack_restore(encoded_pytree: bytes | bytearray | memoryview) -> Any:
         raise InvalidTypeError(f"not a msgpack-encoded tree: {exc}") from exc
     except (msgspec.DecodeError, ValueError, LookupError) as exc:
         raise InvalidArgumentError(f"not a msgpack-encoded tree: {exc}") from exc
+
+
+class CorruptMsgpackError(CorruptCheckpointError, ValueError):
+    """Raised when a checkpoint's msgpack file holds no tree (Orbax: msgpack's ValueError)."""
+
+
+class CorruptMsgpackTypeError(CorruptMsgpackError, TypeError):
+    """Raised when a checkpoint's msgpack file holds an array of no known dtype (Orbax: TypeError)."""
+
+
+def read_tree(data: bytes | bytearray | memoryview, path: Any) -> Any:
+    """:func:`msgpack_restore` of the bytes of the checkpoint's file ``path``: bytes that hold
+    no tree are damage, a :class:`CorruptMsgpackError` naming the file (a ``ValueError``, and
+    a ``TypeError`` where msgpack_restore's is one, as Orbax's are)."""
+    try:
+        return msgpack_restore(data)
+    except InvalidArgumentError as exc:
+        cls = CorruptMsgpackTypeError if isinstance(exc, TypeError) else CorruptMsgpackError
+        raise cls(f"{path}: {exc}") from exc

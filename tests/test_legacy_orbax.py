@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import re
 import shutil
 
 import jax
@@ -306,6 +307,30 @@ def test_msgpack_handler_writes_what_orbaxs_reads(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         handler.deserialize(tmp_path / "missing")
     assert isinstance(handler, ocp.aggregate_handlers.AggregateHandler)
+
+
+def test_msgpack_handler_finds_a_damaged_file_corrupt_as_the_pytree_handler_does(tmp_path):
+    # Damage, naming the file, and the builtin Orbax's handler raises there (ValueError;
+    # TypeError for an array of an unknown dtype), so that code catching Orbax's still works.
+    # (It raised InvalidArgumentError without the file's name, as bad input.)
+    good = ocp.msgpack_utils.msgpack_serialize({"a": np.arange(3)})
+    cases = {"cut": (good[:-3], ValueError), "extra": (good + b"\x01", ValueError),
+             "dtype": (good.replace(b"int64", b"intxx"), TypeError)}
+    for name, (data, builtin) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "checkpoint").write_bytes(data)
+        with pytest.raises(builtin):
+            orbax.aggregate_handlers.MsgpackHandler().deserialize(tmp_path / name / "checkpoint")
+        errors = []
+        for read in (ocp.aggregate_handlers.MsgpackHandler().deserialize,
+                     lambda path: ocp.PyTreeCheckpointer().restore(path.parent)):
+            with pytest.raises(CorruptCheckpointError,
+                               match=re.escape(f"{tmp_path / name / 'checkpoint'}: not a "
+                                               "msgpack-encoded tree")) as caught:
+                read(tmp_path / name / "checkpoint")
+            assert isinstance(caught.value, builtin)
+            errors.append(type(caught.value))
+        assert errors[0] is errors[1], name
 
 
 def test_save_args_aggregate_is_ignored_with_a_warning(tmp_path, caplog, monkeypatch):

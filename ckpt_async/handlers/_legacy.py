@@ -32,7 +32,7 @@ from ..errors import (
     CorruptCheckpointError,
     InvalidArgumentError,
 )
-from ..msgpack_utils import msgpack_restore
+from ..msgpack_utils import read_tree
 
 #: Prefixes of the strings that stood in the msgpack tree of Orbax's first format for values
 #: saved elsewhere (by TensorStore, or aggregated into that file).
@@ -115,10 +115,7 @@ async def _read_aggregate(directory: AnyPath, filename: str) -> Any:
     data = await storage.read_optional(path)
     if data is None:
         return None
-    try:
-        return msgpack_restore(data)
-    except ValueError as exc:
-        raise CorruptCheckpointError(f"{path}: {exc}") from exc
+    return read_tree(data, path)
 
 
 class Aggregated:
