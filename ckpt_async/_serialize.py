@@ -1715,14 +1715,28 @@ class ItemReader:
         def wait(batch: list[tuple[str, LocalPlan]], ranges: list[tuple[str, int, int]],
                  where: dict[tuple[str, int, int], int], futs: list[Any],
                  ) -> dict[str, np.ndarray]:
+            def users(i: int) -> str:  # (the arrays with chunks in range i)
+                names = [name for name, p in batch
+                         if any(isinstance(ref, tuple) and where[ref] == i for _k, _r, ref in p[3])]
+                return f"key {names[0]!r}" + (f" (and {len(names) - 1} other arrays read "
+                                              "with it)" if len(names) > 1 else "")
+
             got: list[memoryview | None] = []
             for i, (path, start, end) in enumerate(ranges):
-                value = memoryview(futs[i].result().value)
+                try:
+                    result = futs[i].result()
+                except ValueError as exc:  # (denied, out of range: TensorStore's error)
+                    raise read_failure(f"{self.item_dir}: {users(i)}: data file {path} cannot "
+                                       f"be read (bytes {start} to {end})", exc) from exc
+                value = memoryview(result.value)
                 futs[i] = None  # (TensorStore's copy of the bytes goes now, not with the batch)
+                if result.state == "missing":
+                    raise CorruptCheckpointError(
+                        f"{self.item_dir}: {users(i)}: data file {path} is missing")
                 if len(value) < end - start:
                     raise CorruptCheckpointError(
-                        f"{self.item_dir}: data file {path} ends at {start + len(value)}, "
-                        f"inside the chunks stored up to {end}")
+                        f"{self.item_dir}: {users(i)}: data file {path} ends at "
+                        f"{start + len(value)}, inside the chunks stored up to {end}")
                 got.append(value)
             last = {where[ref]: j for j, (_name, p) in enumerate(batch)
                     for _k, _r, ref in p[3] if isinstance(ref, tuple)}

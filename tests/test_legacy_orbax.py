@@ -204,6 +204,15 @@ def test_damaged_or_missing_aggregate_files_name_the_file(copy):
         ocp.PyTreeCheckpointer().restore(path)
 
 
+def test_a_damaged_chunk_of_an_array_in_its_own_folder_names_the_array(copy):
+    # (the zarr driver's read of an array of a checkpoint without OCDBT, the chunk cut short)
+    path = copy("0.4.8", "no_ocdbt")
+    (path / "params.w" / "0.0").write_bytes(b"abc")
+    with pytest.raises(CorruptCheckpointError,
+                       match=re.escape(f"{path}: array 'params.w' cannot be read (")):
+        ocp.PyTreeCheckpointer().restore(path)
+
+
 def _array_ext(shape, dtype_name, data):
     """An array as the msgpack extension value of Orbax's first format encodes it."""
     return msgspec.msgpack.Ext(1, msgspec.msgpack.encode((shape, dtype_name, data)))

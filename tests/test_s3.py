@@ -28,6 +28,7 @@ from ckpt_async._paths import RETRIES_ENV, StorePath, kvstore_base
 from ckpt_async.errors import (
     CheckpointError,
     CommitError,
+    CorruptCheckpointError,
     InvalidArgumentError,
     StoreUnreachableError,
     UnreadableCheckpointError,
@@ -183,6 +184,47 @@ class TestS3(ObjectStoreSuite):
             assert len(winners) == 1, (trial, winners)
             assert store.get(key) == f"writer {winners[0]}".encode()
 
+    @pytest.mark.parametrize("damage", ["cut short", "deleted", "denied"])
+    def test_a_ranged_read_of_small_arrays_that_fails_names_them(self, store, prefix,
+                                                                 monkeypatch, damage):
+        """The data file is damaged, or the store refuses it, after the database's index was
+        read and before the ranged read of the small arrays' chunks: the error names the
+        arrays and the file, damage as CorruptCheckpointError, a refusal as
+        UnreadableCheckpointError. (A read past the end of the object raised TensorStore's
+        bare ValueError.)"""
+        url = store.url(prefix)
+        tree = {"a": np.arange(4000, dtype=np.float32), "b": np.arange(3000, dtype=np.int32)}
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(url, tree)
+        real = ts.KvStore.read
+
+        class Refused:
+            def result(self):
+                raise ValueError("PERMISSION_DENIED: AccessDenied: Access Denied")
+
+        def damaging(kv, key, *args, **kwargs):
+            if kwargs.get("byte_range") is None or not key.startswith("d/"):
+                return real(kv, key, *args, **kwargs)
+            if damage == "denied":
+                return Refused()
+            if damage == "deleted":
+                store.delete(f"{prefix}/{key}")
+            else:
+                store.put(f"{prefix}/{key}", b"short")
+            return real(kv, key, *args, **kwargs)
+
+        monkeypatch.setattr(ts.KvStore, "read", damaging)
+        with ocp.StandardCheckpointer() as ckptr, pytest.raises(CorruptCheckpointError) as caught:
+            ckptr.restore(url)
+        message = str(caught.value)
+        assert message.startswith(f"{url}: key 'a' (and 1 other arrays read with it): data "
+                                  "file d/"), message
+        assert ({"cut short": "cannot be read (bytes 0 to ", "deleted": "is missing",
+                 "denied": "cannot be read (bytes 0 to "}[damage] in message), message
+        if damage != "deleted":
+            assert ("OUT_OF_RANGE" if damage == "cut short" else "PERMISSION_DENIED") in message
+        assert isinstance(caught.value, UnreadableCheckpointError) == (damage == "denied")
+
 
 def assert_store_error(exc: BaseException, message: str, raw: str) -> None:
     """``exc`` is a plain CheckpointError reading ``message``, its cause the store's ``raw``
@@ -199,8 +241,6 @@ def test_a_read_the_store_refused_is_unreadable_not_damage(monkeypatch, status, 
     # deletes what it finds damaged must not delete a good step over a policy change. (Such
     # reads raised CorruptCheckpointError, or a plain CheckpointError; until round 40 also
     # those TensorStore gave up retrying, the store not answering.)
-    from ckpt_async.errors import CorruptCheckpointError
-
     refusal = ValueError(f"{status}: AccessDenied: Access Denied")
 
     class Refusing:
