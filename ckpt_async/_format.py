@@ -93,7 +93,9 @@ class TreeMetadata(msgspec.Struct):
     tree_metadata: dict[str, TreeEntry]
     use_ocdbt: bool = True
     use_zarr3: bool = False
-    store_array_data_equal_to_fill_value: bool = True
+    # (every chunk stored, a missing one damage: ckpt_async writes True; absent, as before
+    # Orbax 0.5, which could leave out chunks equal to the fill value, False, as Orbax reads it)
+    store_array_data_equal_to_fill_value: bool = False
     custom_metadata: Any = None  # any JSON value, as Orbax takes it (not only an object)
     ckpt_async: dict[str, Any] | None = None
 

@@ -378,8 +378,9 @@ async def averify(path: Any, progress: Callable[[int, int], None] | None = None)
         ctx = ser.new_context()
         for name in names:
             try:
-                arr = await ser.read_array(ctx, item, name, use_ocdbt=tree_doc.use_ocdbt,
-                                           use_zarr3=tree_doc.use_zarr3)
+                arr = await ser.read_array(
+                    ctx, item, name, use_ocdbt=tree_doc.use_ocdbt, use_zarr3=tree_doc.use_zarr3,
+                    fill_missing=not tree_doc.store_array_data_equal_to_fill_value)
                 await check_array(item, name, arr, sums)
                 report.arrays_checked += 1
                 report.bytes_checked += arr.nbytes

@@ -297,7 +297,13 @@ def array_spec(
     use_zarr3: bool = False,
     write: bool = False,
     file_size: int = TARGET_DATA_FILE_SIZE,
+    fill_missing: bool = False,
 ) -> dict[str, Any]:
+    """The zarr driver's spec of stored array ``name``. A read of a chunk that is not there
+    fails (a deleted or lost file is damage, not zeros), as Orbax reads a checkpoint whose
+    ``_METADATA`` says every chunk was stored (``store_array_data_equal_to_fill_value``,
+    true since Orbax 0.5 and in every ckpt_async checkpoint); ``fill_missing``: it reads as
+    the fill value instead, as for checkpoints that left such chunks out."""
     if use_ocdbt:
         kv = kvstore_spec(item_dir, use_ocdbt=True, write=write, file_size=file_size)
         kv["path"] = array_prefix(name)
@@ -306,7 +312,10 @@ def array_spec(
         # Orbax stores it)
         folder = below(item_dir, name, "array") if name else item_dir
         kv = kvstore_spec(folder, use_ocdbt=False, write=write)
-    return {"driver": "zarr3" if use_zarr3 else "zarr", "kvstore": kv, "recheck_cached_data": False}
+    spec = {"driver": "zarr3" if use_zarr3 else "zarr", "kvstore": kv, "recheck_cached_data": False}
+    if not write:
+        spec["fill_missing_data_reads"] = fill_missing
+    return spec
 
 
 @dataclass(slots=True, eq=False)  # (not frozen: a frozen __init__ costs 4x, per array)
@@ -850,11 +859,13 @@ async def gather_all(aws: Iterable[Awaitable[Any]]) -> list[Any]:
 
 
 async def _open_for_reading(ctx: ts.Context, item_dir: AnyPath, name: str, *, use_ocdbt: bool,
-                            use_zarr3: bool) -> Any:
-    """Opens stored array ``name`` for reading; a bare array (name ``''``) that is not at the
-    database's root is looked for where ckpt_async wrote it before round 37 (under ``/``).
-    TensorStore's ``ValueError`` (the one at the root) if it cannot be opened."""
-    spec = array_spec(item_dir, name, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3)
+                            use_zarr3: bool, fill_missing: bool = False) -> Any:
+    """Opens stored array ``name`` for reading (``fill_missing``: see :func:`array_spec`); a
+    bare array (name ``''``) that is not at the database's root is looked for where
+    ckpt_async wrote it before round 37 (under ``/``). TensorStore's ``ValueError`` (the one
+    at the root) if it cannot be opened."""
+    spec = array_spec(item_dir, name, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3,
+                      fill_missing=fill_missing)
     try:
         return await ts.open(spec, open=True, read=True, context=ctx)
     except ValueError:
@@ -872,11 +883,12 @@ async def _open_for_reading(ctx: ts.Context, item_dir: AnyPath, name: str, *, us
 
 
 async def open_array(ctx: ts.Context, item_dir: AnyPath, name: str, *, use_ocdbt: bool,
-                     use_zarr3: bool) -> Any:
-    """Opens one stored array for reading (a TensorStore; nothing is read yet)."""
+                     use_zarr3: bool, fill_missing: bool = False) -> Any:
+    """Opens one stored array for reading (a TensorStore; nothing is read yet;
+    ``fill_missing``: see :func:`array_spec`)."""
     try:
         return await _open_for_reading(ctx, item_dir, name, use_ocdbt=use_ocdbt,
-                                       use_zarr3=use_zarr3)
+                                       use_zarr3=use_zarr3, fill_missing=fill_missing)
     except ValueError as exc:
         raise read_failure(f"{item_dir}: array {name!r} cannot be opened", exc) from exc
 
@@ -889,11 +901,13 @@ async def read_array(
     use_ocdbt: bool,
     use_zarr3: bool,
     index: tuple[slice, ...] | None = None,
+    fill_missing: bool = False,
 ) -> np.ndarray:
-    """Reads one stored array (or the ``index`` region of it) into host memory."""
+    """Reads one stored array (or the ``index`` region of it) into host memory
+    (``fill_missing``: see :func:`array_spec`)."""
     try:
         store = await _open_for_reading(ctx, item_dir, name, use_ocdbt=use_ocdbt,
-                                        use_zarr3=use_zarr3)
+                                        use_zarr3=use_zarr3, fill_missing=fill_missing)
         if index is not None:
             store = store[index]
         return await store.read()

@@ -268,7 +268,8 @@ class _ArrayLike(TypeHandler):
     async def _read(self, info: ParamInfo) -> np.ndarray:
         return await ser.read_array(_context(info), info.parent_dir, info.name,
                                     use_ocdbt=bool(info.is_ocdbt_checkpoint),
-                                    use_zarr3=bool(info.use_zarr3))
+                                    use_zarr3=bool(info.use_zarr3),
+                                    fill_missing=not info.raise_array_data_missing_error)
 
     async def deserialize(self, infos: Sequence[ParamInfo],
                           args: Sequence[RestoreArgs] | None = None) -> Sequence[Any]:
@@ -605,7 +606,8 @@ def get_json_tspec_read(info: ParamInfo, use_ocdbt: bool, metadata_key: str | No
     """The TensorStore spec that opens the array ``info`` names for reading (in the item's
     OCDBT database, or its own zarr folder; zarr v3 where ``info.use_zarr3``)."""
     return ser.array_spec(info.parent_dir, info.name, use_ocdbt=use_ocdbt,
-                          use_zarr3=bool(info.use_zarr3))
+                          use_zarr3=bool(info.use_zarr3),
+                          fill_missing=not raise_array_data_missing_error)
 
 
 __all__ = [

@@ -1432,3 +1432,37 @@ def test_the_widenings_cast_with_numpy_give_tensorstore_s_bits(src, dst):
     ours = _serialize.cast(values, np.dtype(dst))
     bits = np.dtype(f"u{np.dtype(dst).itemsize}")
     np.testing.assert_array_equal(ours.view(bits), through_ts.view(bits))
+
+
+@pytest.mark.parametrize("use_zarr3", [False, True])
+def test_a_chunk_missing_from_an_orbax_checkpoint_is_damage_unless_it_says_it_left_them_out(
+        tmp_path, use_zarr3):
+    # Orbax (0.5 on) stores every chunk and says so in _METADATA
+    # (store_array_data_equal_to_fill_value): a chunk not there is an error in its restore, as
+    # in ckpt_async's, which until round 40 read it as zeros. A checkpoint saying it left out
+    # chunks equal to the fill value reads one as the fill value, in both; so does one whose
+    # _METADATA does not say (written before Orbax 0.5, which left such chunks out).
+    tree = {"w": np.arange(64, dtype=np.float32).reshape(8, 8) + 1}
+    with orbax.PyTreeCheckpointer(use_ocdbt=False, use_zarr3=use_zarr3) as ockptr:
+        ockptr.save(tmp_path / "c", tree)
+    chunks = [p for p in (tmp_path / "c" / "w").rglob("*") if p.is_file()
+              and not p.name.startswith((".z", "zarr.json"))]
+    assert len(chunks) == 1
+    chunks[0].unlink()
+    with ocp.PyTreeCheckpointer() as ckptr, \
+            pytest.raises(ocp.errors.CorruptCheckpointError, match="'w'.*missing"):
+        ckptr.restore(tmp_path / "c")
+    meta = tmp_path / "c" / "_METADATA"
+    doc = json.loads(meta.read_text())
+    for said in (False, None):
+        if said is None:
+            del doc["store_array_data_equal_to_fill_value"]
+        else:
+            doc["store_array_data_equal_to_fill_value"] = said
+        meta.write_text(json.dumps(doc))
+        with ocp.PyTreeCheckpointer() as ckptr:
+            out = ckptr.restore(tmp_path / "c")
+        with orbax.PyTreeCheckpointer() as ockptr:
+            theirs = ockptr.restore(tmp_path / "c")
+        assert_bits_equal(np.asarray(out["w"]), np.zeros((8, 8), np.float32))
+        assert_bits_equal(np.asarray(theirs["w"]), np.zeros((8, 8), np.float32))

@@ -506,6 +506,7 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
                 value_meta(p.value_type, p.value_type in _tree.EMPTY_TYPES, write_shape))
         tree_doc = fmt.TreeMetadata(
             entries, use_ocdbt=self._use_ocdbt, use_zarr3=self._use_zarr3, custom_metadata=custom,
+            store_array_data_equal_to_fill_value=True,  # (every chunk is stored)
             ckpt_async={"version": STRINGS_AT_POINTERS, "skeleton": skeleton,
                         "scalars": scalars, **({"random_keys": random_keys} if random_keys else {}),
                         **({TYPE_HANDLED: handled} if handled else {})})
@@ -1175,6 +1176,9 @@ class _Reader:
         self._prefetched: dict[str, np.ndarray] = {}
         self._window = _ByteWindow(READ_WINDOW_BYTES)
         self.doc = doc
+        # (a chunk not there is damage, unless the checkpoint says it left out chunks equal
+        # to the fill value, as Orbax before 0.5 did)
+        self._fill_missing = not doc.store_array_data_equal_to_fill_value
         self.shardings = shardings
         self.strings = strings
         self.items = ser.ItemReader(directory, use_ocdbt=doc.use_ocdbt, use_zarr3=doc.use_zarr3,
@@ -1254,7 +1258,7 @@ class _Reader:
                     del arr
                     return
         store = await ser.open_array(self.ctx, self.dir, name, use_ocdbt=self.doc.use_ocdbt,
-                                     use_zarr3=self.doc.use_zarr3)
+                                     use_zarr3=self.doc.use_zarr3, fill_missing=self._fill_missing)
         nbytes = math.prod(store.shape) * np.dtype(store.dtype.numpy_dtype).itemsize
         async with self._window.hold(nbytes):
             try:
@@ -1603,7 +1607,7 @@ class _Reader:
         cover is read at once (nothing, if none). ``ShardingMismatchError`` unless
         ``sharding``, the array's, splits that shape evenly."""
         store = await ser.open_array(self.ctx, self.dir, name, use_ocdbt=self.doc.use_ocdbt,
-                                     use_zarr3=self.doc.use_zarr3)
+                                     use_zarr3=self.doc.use_zarr3, fill_missing=self._fill_missing)
         stored = tuple(store.shape)
         wanted, strict = _requested_shape(tleaf, rarg)
         strict = strict and self._strict
@@ -1706,7 +1710,8 @@ class _Reader:
         ocdbt = self.doc.use_ocdbt and (self.doc.ckpt_async is None or name not in self.handled)
         below(self.dir, name, "leaf")  # (a handler may read files at its name)
         info = ParamInfo(name=name, parent_dir=self.dir, ts_context=self.ctx, value_typestr=vt,
-                         is_ocdbt_checkpoint=ocdbt, use_zarr3=self.doc.use_zarr3)
+                         is_ocdbt_checkpoint=ocdbt, use_zarr3=self.doc.use_zarr3,
+                         raise_array_data_missing_error=not self._fill_missing)
         return handler, info
 
     async def _read_handled(self, name: str, vt: str, rarg: Any) -> Any:
