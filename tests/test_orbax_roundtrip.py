@@ -736,6 +736,20 @@ def test_construct_restore_args_takes_numpy_scalars_orbax_refuses(tmp_path):
         ocp.checkpoint_utils.construct_restore_args({"t": np.datetime64(1, "D")})
 
 
+def test_a_numpy_string_leaf_is_saved_as_a_string_as_orbax_saves_it(tmp_path):
+    # (np.str_ is a NumPy scalar and a str: ckpt_async refused it as a NumPy scalar of a dtype
+    # it cannot store until round 40; Orbax saves it as a string, and both give a str back)
+    tree = {"s": np.str_("hello"), "a": np.arange(3)}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "ours", tree)
+        ours = ckptr.restore(tmp_path / "ours")
+    with orbax.PyTreeCheckpointer() as ockptr:
+        theirs = ockptr.restore(tmp_path / "ours")
+    for out in (ours, theirs):
+        assert type(out["s"]) is str and out["s"] == "hello"
+        assert_bits_equal(np.asarray(out["a"]), tree["a"])
+
+
 @pytest.mark.parametrize("writer", ["ckpt_async", "orbax"])
 def test_array_restore_args_take_sharding_metadata_as_orbax_does(tmp_path, mesh, writer):
     # ArrayRestoreArgs(sharding=...) takes a ShardingMetadata too (Orbax: to_jax_sharding()),

@@ -140,6 +140,8 @@ def _classify(leaf: _tree.Leaf, save_arg: SaveArgs | None, where: str,
     if isinstance(v, (dict, list, tuple)) and not v:  # (Orbax's names for them)
         return _Planned(leaf, "Dict" if isinstance(v, dict) else
                         "Tuple" if isinstance(v, tuple) else "List", None)
+    if isinstance(v, str):  # (np.str_ too, as Orbax stores it, before NumPy's scalars)
+        return _Planned(leaf, "string", None)
     if isinstance(v, (np.ndarray, np.generic)):
         _check_storable(leaf, v.dtype, cast, where)
     if isinstance(v, jax.Array):
@@ -155,8 +157,6 @@ def _classify(leaf: _tree.Leaf, save_arg: SaveArgs | None, where: str,
                                    "and uint64 ranges, which cannot be checkpointed")
     if type(v) in _SCALAR_DTYPES:
         return _Planned(leaf, "scalar", cast or _SCALAR_DTYPES[type(v)], type(v).__name__)
-    if isinstance(v, str):
-        return _Planned(leaf, "string", None)
     raise UnsupportedLeafError(
         f"{where}: leaf {leaf.name!r} is a {type(v).__module__}.{type(v).__qualname__}; supported "
         "leaves are jax.Array, np.ndarray, Python and NumPy scalars, strings and None, and types "
