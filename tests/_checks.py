@@ -15,6 +15,13 @@ NO_THREADS_AT_EXIT = pytest.mark.xfail(
     (3, 12, 0) <= sys.version_info[:3] < (3, 12, 3), strict=True,
     reason="CPython 3.12.0-3.12.2 start no thread at interpreter exit (gh-113964)")
 
+#: (use_ocdbt, use_zarr3) of Orbax's layouts other than the default (OCDBT, zarr v2).
+LAYOUTS = [
+    pytest.param(False, False, id="plain-zarr2"),
+    pytest.param(True, True, id="ocdbt-zarr3"),
+    pytest.param(False, True, id="plain-zarr3"),
+]
+
 
 def assert_bits_equal(actual, expected) -> None:
     """Same dtype, shape and bytes (so -0.0 and NaN payloads count)."""

@@ -7,16 +7,22 @@ in the first milliseconds after a commit's rename (where retention runs), and in
 deleting an old step. After each kill the parent opens the directory with a new manager (with
 and without ``cleanup_tmp_directories``) and checks that every listed step restores bit-exact,
 that no committed step was lost beyond retention, and the next child goes on saving, the
-interrupted step number included. ``CKPT_CRASH_SEED`` picks another seed.
+interrupted step number included. ``CKPT_CRASH_SEED`` picks another seed. A lighter variant
+does the same in Orbax's other layouts (``use_ocdbt=False``, ``use_zarr3=True``, both; raw and
+compressed) with a small state and five kills, two of them with a whole save written but not
+renamed, whose temporary directory ``cleanup_tmp_directories`` must remove.
 
-Durability order (what a power loss needs): a child saves one checkpoint under ``strace -f -y``
-(``-y`` prints the path behind each file descriptor); every file and directory of the step must
-be fsynced before the rename that makes it visible, and the parent directory after it. Skipped
-when strace is absent or may not trace.
+Durability order (what a power loss needs): a child saves one step in each layout (the default
+one and Orbax's other ones, raw and compressed) under ``strace -f -y`` (``-y`` prints the path
+behind each file descriptor); every file and directory of a step must be fsynced before the
+rename that makes it visible, and the parent directory after it. Skipped when strace is absent
+or may not trace.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import os
 import queue
 import random
@@ -32,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _checks import LAYOUTS
 
 import ckpt_async as ocp
 from ckpt_async.manager import _steps
@@ -45,10 +52,10 @@ CHILD_TIMEOUT = 60
 STRACE_TIMEOUT = 120
 
 STATE = textwrap.dedent("""
-    def state(step):
+    def state(step, count=48):
         rng = np.random.default_rng(step)
         out = {}
-        for i in range(48):
+        for i in range(count):
             kind = i % 4
             if kind == 0:
                 out[f"w{i:02d}"] = rng.standard_normal((64, 256)).astype(np.float32)
@@ -67,13 +74,17 @@ CHILD = textwrap.dedent(r"""
     import numpy as np
     import ckpt_async as ocp
     from ckpt_async import _commit, _storage
+    from ckpt_async._format import TMP_SUFFIX
     from ckpt_async.manager import _steps
 """) + STATE + textwrap.dedent(r"""
+    seen = []
     def say(*words):
-        sys.stdout.write(" ".join(str(w) for w in words) + "\n")
+        seen.append(" ".join(str(w) for w in words))
+        sys.stdout.write(seen[-1] + "\n")
         sys.stdout.flush()
 
     directory, cleanup, hook, last = sys.argv[1], sys.argv[2] == "1", sys.argv[3], int(sys.argv[4])
+    layout, count = sys.argv[5], int(sys.argv[6])  # layout: "-" (default) or "<ocdbt>:<zarr3>:<zstd>"
 
     real_commit = _commit.commit
     async def commit(tmp, final, *args, **kwargs):
@@ -93,15 +104,25 @@ CHILD = textwrap.dedent(r"""
                 time.sleep(60)
             await real_rmtree(path)
         _storage.rmtree = rmtree
+    if hook == "pre-rename":  # commit one step; stop before the next one's rename, then wait
+        real_rename = _storage.rename_durable
+        async def rename_durable(tmp, final):
+            if TMP_SUFFIX in tmp.name and any(x.startswith("renamed") for x in seen):
+                say("pre-rename", tmp.name)
+                time.sleep(60)
+            await real_rename(tmp, final)
+        _storage.rename_durable = rename_durable
 
+    handler = None if layout == "-" else ocp.StandardCheckpointHandler(
+        use_ocdbt=layout[0] == "1", use_zarr3=layout[2] == "1", use_compression=layout[4] == "1")
     mngr = ocp.CheckpointManager(directory, ocp.CheckpointManagerOptions(
-        max_to_keep=2, cleanup_tmp_directories=cleanup))
+        max_to_keep=2, cleanup_tmp_directories=cleanup), item_handlers=handler)
     say("ready", mngr.latest_step())
     armed = True
     step = (mngr.latest_step() or 0) + 1
     while last < 0 or step <= last:
         say("saving", step)
-        mngr.save(step, args=ocp.args.StandardSave(state(step)))
+        mngr.save(step, args=ocp.args.StandardSave(state(step, count)))
         step += 1
     mngr.wait_until_finished()
     mngr.close()
@@ -109,21 +130,22 @@ CHILD = textwrap.dedent(r"""
 """)
 
 
-def expected_state(step: int) -> dict:
+def expected_state(step: int, count: int = 48) -> dict:
     namespace: dict = {"np": np}
     exec(STATE, namespace)
-    return namespace["state"](step)
+    return namespace["state"](step, count)
 
 
 class Child:
     """A child process saving in a loop; its stdout lines arrive on a queue."""
 
-    def __init__(self, directory: Path, cleanup: bool, hook: str = "", last: int = -1):
+    def __init__(self, directory: Path, cleanup: bool, hook: str = "", last: int = -1,
+                 layout: str = "-", count: int = 48):
         env = {**os.environ, "JAX_PLATFORMS": "cpu"}
         self.stderr = open(directory.parent / "child.stderr", "w+")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-c", CHILD, str(directory), "1" if cleanup else "0", hook or "-",
-             str(last)],
+             str(last), layout, str(count)],
             stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
@@ -177,19 +199,20 @@ def assert_bit_exact(restored: dict, expected: dict, where: str) -> None:
 
 
 def verify(directory: Path, cleanup: bool, committed: int | None, where: str,
-           stats: dict[str, int] | None = None) -> list[int]:
+           stats: dict[str, int] | None = None, count: int = 48) -> list[int]:
     """Opens ``directory`` with a new manager; every listed step restores bit-exact."""
     mngr = ocp.CheckpointManager(directory, ocp.CheckpointManagerOptions(
         max_to_keep=2, cleanup_tmp_directories=cleanup))
     try:
         steps = mngr.all_steps()
         names = os.listdir(directory)
+        assert {str(step) for step in steps} <= set(names), f"{where}: {steps}, {names}"
         if cleanup:
             assert not [n for n in names if _steps.is_leftover(n)], f"{where}: {names}"
         if committed is not None:  # nothing committed is lost, beyond what retention deletes
             assert steps and steps[-1] >= committed, f"{where}: committed {committed}, {steps}"
         for step in steps:
-            expected = expected_state(step)
+            expected = expected_state(step, count)
             assert_bit_exact(mngr.restore(step), expected, f"{where}: step {step}")
             if stats is not None:
                 stats["restores"] = stats.get("restores", 0) + 1
@@ -269,17 +292,104 @@ def test_sigkill_at_random_moments_leaves_only_restorable_steps(tmp_path):
     assert resaved > 0, "no kill interrupted a save whose step was then saved again"
 
 
+#: Orbax's other layouts under SIGKILL (use_ocdbt=False, use_zarr3=True, both; raw and
+#: compressed), a few kills of a small state: (layout, compressed, where the kill lands).
+#: ``pre-rename``: after one commit, the next step's whole tree written and fsynced, its
+#: rename not done. Each layout commits at least one step (raw or compressed).
+LAYOUT_KILLS = [("plain-zarr2", True, "window"), ("ocdbt-zarr3", True, "pre-rename"),
+                ("plain-zarr3", True, "post-commit"), ("plain-zarr2", False, "pre-rename"),
+                ("plain-zarr3", False, "window")]
+LAYOUT_ARRAYS = 8  # 2 of each dtype, 0.3 MiB a step
+
+
+@pytest.mark.slow
+def test_sigkill_in_the_other_layouts_leaves_only_restorable_steps(tmp_path):
+    rng = random.Random(SEED)
+    directory = tmp_path / "run"
+    flags = {p.id: p.values for p in LAYOUTS}
+    committed: int | None = None
+    leftovers = 0
+    stats: dict[str, int] = {}
+    restored = set()  # (use_ocdbt, use_zarr3) of the steps restored
+    for i, (layout, compress, mode) in enumerate(LAYOUT_KILLS):
+        use_ocdbt, use_zarr3 = flags[layout]
+        where = f"seed {SEED}, kill {i} ({layout}, {mode})"
+        child = Child(directory, cleanup=False, hook=mode, layout=f"{use_ocdbt:d}:{use_zarr3:d}:"
+                      f"{compress:d}", count=LAYOUT_ARRAYS)
+        try:
+            latest = child.wait_for("ready").split()[1]
+            if committed is not None:
+                assert latest != "None" and int(latest) >= committed, f"{where}: sees {latest}"
+            child.wait_for("saving")
+            if mode == "window":
+                time.sleep(rng.uniform(0.0, 0.15))
+            elif mode == "post-commit":
+                child.wait_for("renamed", rng.randint(1, 2))
+                time.sleep(rng.uniform(0.0, 0.004))
+            else:
+                tmp = directory / child.wait_for("pre-rename").split()[1]
+        finally:
+            child.kill()
+        renamed = [int(x.split()[1]) for x in child.seen if x.startswith("renamed")]
+        if renamed:
+            committed = max(renamed)
+        if mode == "pre-rename":  # the killed save's tree is there, unlisted; cleanup removes it
+            array = tmp / "default" / ("w00" if not use_ocdbt else "ocdbt.process_0")
+            assert array.is_dir() and any(array.iterdir()), f"{where}: {tmp}"
+            leftovers += 1
+        steps = verify(directory, cleanup=mode == "pre-rename", committed=committed,
+                       where=where, stats=stats, count=LAYOUT_ARRAYS)
+        assert not (mode == "pre-rename" and tmp.exists()), f"{where}: {tmp} left"
+        assert len(steps) <= 3, f"{where}: retention lost track: {steps}"
+        for step in steps:
+            doc = json.loads((directory / str(step) / "default" / "_METADATA").read_text())
+            restored.add((doc["use_ocdbt"], doc["use_zarr3"]))
+    assert restored >= set(flags.values()), restored  # each layout's steps were restored
+    print(f"\nother layouts: {len(LAYOUT_KILLS)} kills survived, seed {SEED}, "
+          f"{stats['restores']} step restores bit-exact, {leftovers} killed saves' "
+          "temporary directories removed by cleanup_tmp_directories")
+
+
 # -- durability order, observed with strace ---------------------------------------------------
+
+
+def layout_files(use_ocdbt: bool, use_zarr3: bool) -> list[str]:
+    """Files one of Orbax's other layouts puts in a step (``*``: any name): an array's folder
+    with its zarr document and chunk (v3: its shard, ``c/0``), or the process database that
+    zarr v3 in OCDBT writes, merged into the item's."""
+    if use_ocdbt:
+        return ["default/d/*", "default/ocdbt.process_0/manifest.ocdbt",
+                "default/ocdbt.process_0/d/*"]
+    return ["default/w0/zarr.json", "default/w0/c/0"] if use_zarr3 else [
+        "default/w0/.zarray", "default/w0/0"]
+
+
+#: The layouts the strace child saves, each in a directory of its own: name, use_ocdbt,
+#: use_zarr3, use_compression, and files of that layout the step must hold. (The default
+#: layout's data files are in ocdbt.process_0/d/, its B+tree in d/; compressed, TensorStore
+#: writes both in d/.)
+FSYNC_LAYOUTS = [
+    ("default", True, False, False, ["default/d/*", "default/ocdbt.process_0/d/*"]),
+    ("default-zstd", True, False, True, ["default/d/*"]),
+    *((f"{p.id}-{kind}", *p.values, kind == "zstd", layout_files(*p.values))
+      for p in LAYOUTS for kind in ("raw", "zstd")),
+]
+
 FSYNC_CHILD = textwrap.dedent("""
     import sys
     import numpy as np
     import ckpt_async as ocp
     state = {f"w{i}": np.arange(20000, dtype=np.float32) * i for i in range(12)}
     state["small"] = np.int32(7)
-    mngr = ocp.CheckpointManager(sys.argv[1])
-    mngr.save(1, args=ocp.args.StandardSave(state))
-    mngr.wait_until_finished()
-    mngr.close()
+    for layout in sys.argv[2:]:
+        name, use_ocdbt, use_zarr3, compress = layout.split(":")
+        handler = None if name == "default" else ocp.StandardCheckpointHandler(
+            use_ocdbt=use_ocdbt == "1", use_zarr3=use_zarr3 == "1",
+            use_compression=compress == "1")
+        mngr = ocp.CheckpointManager(f"{sys.argv[1]}/{name}", item_handlers=handler)
+        mngr.save(1, args=ocp.args.StandardSave(state))
+        mngr.wait_until_finished()
+        mngr.close()
 """)
 
 LINE = re.compile(r"^(\d+)\s+(.*)$")
@@ -322,26 +432,41 @@ def parse_strace(trace: str) -> list[tuple[str, list[str]]]:
 
 @pytest.mark.slow
 def test_every_file_and_directory_is_fsynced_before_the_rename(tmp_path):
+    """In every layout: the default one, Orbax's other ones, each raw and compressed."""
     strace = shutil.which("strace")
     if strace is None:
         pytest.skip("strace is not installed (apt-get install strace) - durability order "
                     "is not observed")
-    directory = tmp_path / "run"
     log = tmp_path / "trace.txt"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
         [strace, "-f", "-qq", "-y", "-s", "4096", "-o", str(log),
          "-e", "trace=fsync,fdatasync,rename,renameat,renameat2",
-         sys.executable, "-c", FSYNC_CHILD, str(directory)],
+         sys.executable, "-c", FSYNC_CHILD, str(tmp_path),
+         *(f"{name}:{o:d}:{z:d}:{c:d}" for name, o, z, c, _ in FSYNC_LAYOUTS)],
         capture_output=True, text=True, timeout=STRACE_TIMEOUT, env=env)
     if proc.returncode != 0 and ("ptrace" in proc.stderr or "Operation not permitted"
                                  in proc.stderr):
         pytest.skip(f"strace cannot trace here: {proc.stderr.strip()[-300:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     calls = parse_strace(log.read_text())
+    counts, missing = [], {}
+    for name, _, _, _, landmarks in FSYNC_LAYOUTS:
+        entries, missing[name] = durability(calls, tmp_path / name, landmarks)
+        counts.append(f"{name} {entries}")
+    missing = {name: rels for name, rels in missing.items() if rels}
+    assert not missing, f"not fsynced before the rename: {missing}"
+    print(f"\ndurability: files and directories fsynced before the rename ({', '.join(counts)}), "
+          f"parent fsynced after; {sum(n in ('fsync', 'fdatasync') for n, _ in calls)} fsyncs")
+
+
+def durability(calls: list[tuple[str, list[str]]], directory: Path,
+               landmarks: list[str]) -> tuple[int, list[str]]:
+    """How many files and directories ``directory``'s step 1 holds (``landmarks`` among them),
+    and those not fsynced before the one rename onto it; ``directory`` must be fsynced after
+    it."""
     final = directory / "1"
     assert final.is_dir()
-
     renames = [i for i, (name, paths) in enumerate(calls)
                if name.startswith("rename") and len(paths) >= 2 and paths[1] == str(final)]
     assert len(renames) == 1, f"expected one rename onto {final}: {calls[-20:]}"
@@ -352,20 +477,15 @@ def test_every_file_and_directory_is_fsynced_before_the_rename(tmp_path):
 
     fsynced_before = {p for name, paths in calls[:at] if name in ("fsync", "fdatasync")
                       for p in paths}
-    entries = [final]
-    for root, dirs, files in os.walk(final):
-        entries += [os.path.join(root, n) for n in dirs + files]
-    missing = []
-    for entry in entries:
-        rel = os.path.relpath(entry, final)
-        as_tmp = os.path.normpath(os.path.join(tmp, rel))
-        if as_tmp not in fsynced_before:
-            missing.append(rel)
+    entries = [os.path.relpath(os.path.join(root, n), final)
+               for root, dirs, files in os.walk(final) for n in dirs + files]
+    for landmark in landmarks:  # (the layout's own files: per-array folders, shards, ...)
+        assert [e for e in entries if fnmatch.fnmatch(e, landmark)], f"{final}: no {landmark}"
+    missing = [rel for rel in [".", *entries]
+               if os.path.normpath(os.path.join(tmp, rel)) not in fsynced_before]
     assert len(entries) > 10, entries  # a real tree: data files, metadata, markers, dirs
-    assert not missing, f"not fsynced before the rename: {missing}"
 
     after = [p for name, paths in calls[at + 1:] if name in ("fsync", "fdatasync")
              for p in paths]
-    assert str(directory) in after, "the parent directory was not fsynced after the rename"
-    print(f"\ndurability: {len(entries)} files and directories fsynced before the rename, "
-          f"parent fsynced after; {sum(n in ('fsync', 'fdatasync') for n, _ in calls)} fsyncs")
+    assert str(directory) in after, f"{directory} was not fsynced after the rename"
+    return len(entries) + 1, missing

@@ -16,19 +16,13 @@ import numpy as np
 import orbax.checkpoint as orbax
 import pytest
 import tensorstore as ts
-from _checks import assert_bits_equal
+from _checks import LAYOUTS, assert_bits_equal
 from jax.sharding import NamedSharding, PartitionSpec
 
 import ckpt_async as ocp
 from ckpt_async import _serialize, _stage, cli
 from ckpt_async.errors import CommitError, CorruptCheckpointError, InvalidArgumentError
 
-#: (use_ocdbt, use_zarr3) of the layouts other than the default (OCDBT, zarr v2).
-LAYOUTS = [
-    pytest.param(False, False, id="plain-zarr2"),
-    pytest.param(True, True, id="ocdbt-zarr3"),
-    pytest.param(False, True, id="plain-zarr3"),
-]
 #: ckpt_async's own files beside Orbax's.
 OURS = {"_CHECKSUMS", "_CKPT_ASYNC"}
 
