@@ -737,9 +737,13 @@ class Runtime:
             try:
                 return await asyncio.wrap_future(fut)
             except asyncio.CancelledError:
-                # (``fn`` is being cancelled too: the caller hears of it once it has stopped)
-                with contextlib.suppress(BaseException):
-                    await asyncio.shield(asyncio.wrap_future(ended))
+                # (``fn`` is being cancelled too: the caller hears of it once it has stopped,
+                # also when cancelled again meanwhile, as anyio's cancel scopes cancel a task
+                # again and again until it ends)
+                stopped = asyncio.wrap_future(ended)
+                while not stopped.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.shield(stopped)
                 raise
         try:
             return await fn(*args, **kwargs)

@@ -910,6 +910,35 @@ def test_cancelling_the_caller_stops_the_background_work_first() -> None:
     assert events == ["stopped", "caller saw the cancellation"]
 
 
+def test_a_caller_in_an_anyio_cancel_scope_hears_of_it_once_the_call_stopped() -> None:
+    # anyio's cancel scopes (asyncio backend) cancel the task again and again until it ends:
+    # the caller still hears of it only once the engine's task has stopped. (The second
+    # cancel ended the wait: an async save cancelled so returned while it still staged, its
+    # temporary directory there.)
+    import anyio
+
+    rt = get_runtime()
+    events: list[str] = []
+    started = threading.Event()
+    slow = _stops_slowly(events, started)
+
+    async def main() -> None:
+        scope = anyio.CancelScope()
+
+        async def call() -> None:
+            with scope:
+                await rt.run(slow)
+            events.append("caller saw the cancellation")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            assert await anyio.to_thread.run_sync(started.wait, 30)
+            scope.cancel()
+
+    anyio.run(main)
+    assert events == ["stopped", "caller saw the cancellation"]
+
+
 def test_reads_of_data_files_get_twice_the_threads_of_other_blocking_work() -> None:
     # A restore's reads mostly wait on the disk: to_read_thread admits 2x DEFAULT_THREADS at
     # once (all of them meet at the barrier), to_thread DEFAULT_THREADS (one more times out).
