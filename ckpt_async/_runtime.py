@@ -347,6 +347,21 @@ async def caller_back(at_most: float) -> None:
             await asyncio.wait_for(asyncio.shield(back), at_most)
 
 
+def require_asyncio(what: str, then: str) -> None:
+    """Raises :class:`RuntimeUsageError` unless an asyncio event loop runs in this thread
+    (``what`` was awaited; ``then``: what became of it, and what to do instead). The async
+    face awaits asyncio futures, which another event loop (trio, anyio's trio backend) cannot
+    wait for: it raised its own error only once the call had started on the engine loop,
+    where a save then went on and committed."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeUsageError(
+            f"{what} was awaited outside an asyncio event loop (trio, or anyio's trio "
+            "backend?): the async face (ckpt_async.aio, CommitFuture) needs asyncio, uvloop "
+            f"or anyio's asyncio backend; {then}") from None
+
+
 def _set_done(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -374,7 +389,7 @@ class CommitFuture(concurrent.futures.Future):  # type: ignore[type-arg]
 
     ``.result(timeout)``, ``.done()`` and ``.add_done_callback`` work from sync code;
     ``await fut`` works from any asyncio event loop, uvloop included (the engine's or the
-    caller's).
+    caller's); awaited under trio, it raises :class:`~ckpt_async.errors.RuntimeUsageError`.
 
     A commit's failure that nobody retrieves (``result()``, ``exception()`` or ``await`` on
     the future, or the checkpointer's or manager's ``wait_until_finished()``, ``close()``,
@@ -456,6 +471,9 @@ class CommitFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         self.log_unretrieved()
 
     def __await__(self):  # type: ignore[no-untyped-def]
+        require_asyncio(f"the completion future of {self.what or 'a commit'}", (
+            "the commit goes on. Elsewhere, wait for it with result() in a worker thread "
+            "(trio.to_thread.run_sync)"))
         return asyncio.wrap_future(self).__await__()
 
     def on_settle(self, fn: Callable[[BaseException | None], None]) -> None:
@@ -731,8 +749,12 @@ class Runtime:
         return task
 
     async def run(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
-        """Awaits ``fn`` on the engine loop from any loop (directly when already on it)."""
+        """Awaits ``fn`` on the engine loop from any asyncio loop (directly when already on
+        it); awaited outside an asyncio loop (trio), raises before ``fn`` starts."""
         if not self.on_engine_thread():
+            require_asyncio(f"{getattr(fn, '__qualname__', fn)!r}", (
+                "nothing was started. Elsewhere, call the sync face from a worker thread "
+                "(trio.to_thread.run_sync)"))
             fut, ended = self._submit(fn, args, kwargs)
             try:
                 return await asyncio.wrap_future(fut)

@@ -410,6 +410,24 @@ def test_commit_future_is_awaitable_on_the_users_loop() -> None:
     assert asyncio.run(main()) == "committed"
 
 
+def test_the_async_face_outside_an_asyncio_loop_refuses_before_it_starts(tmp_path: Path) -> None:
+    # What trio (or anyio's trio backend) does with a coroutine: send(None), with no asyncio
+    # loop running. The call raises RuntimeUsageError and starts nothing. (It started the save
+    # on the engine loop and handed trio an asyncio future: trio raised its TypeError, and the
+    # save went on and committed.)
+    mngr = ocp.aio.AsyncCheckpointManager(tmp_path / "m")
+    call = mngr.save(1, args=ocp.args.StandardSave(_state()))
+    with pytest.raises(RuntimeUsageError, match="outside an asyncio event loop.*nothing was "
+                                                "started"):
+        call.send(None)
+    fut, release = _blocked_future()
+    with pytest.raises(RuntimeUsageError, match="outside an asyncio event loop.*commit goes on"):
+        fut.__await__()
+    release.set()
+    assert fut.result(timeout=30) == "committed"
+    assert not (tmp_path / "m").exists()
+
+
 def test_commit_futures_of_the_sync_faces(tmp_path: Path) -> None:
     with ocp.CheckpointManager(tmp_path / "m") as mngr:
         assert mngr.save(0, args=ocp.args.StandardSave(_state()))
