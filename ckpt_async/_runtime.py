@@ -42,7 +42,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -1329,6 +1329,27 @@ def heap_frozen() -> Any:
             if _frozen == 0 and _froze:
                 gc.unfreeze()
                 _froze = False
+
+
+class EngineLocal(Generic[T]):
+    """What ``factory()`` makes for the engine loop of this process, made anew in a forked
+    child on its first use there (engine loop only): an ``asyncio.Lock`` of a manager made
+    before the fork. The child has an engine loop of its own: a lock bound to the parent's
+    (as one is, once two calls have met at it) raised asyncio's ``RuntimeError`` ("bound to a
+    different event loop") in the child when two of its calls met there, and one held at the
+    fork, by a task the child does not have, was never released."""
+
+    __slots__ = ("_factory", "_pid", "_value")
+
+    def __init__(self, factory: Callable[[], T]) -> None:
+        self._factory = factory
+        self._pid = os.getpid()
+        self._value = factory()
+
+    def get(self) -> T:
+        if self._pid != os.getpid():
+            self._pid, self._value = os.getpid(), self._factory()
+        return self._value
 
 
 def on_engine(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., Coroutine[Any, Any, T]]:

@@ -444,7 +444,7 @@ def test_commit_futures_of_the_sync_faces(tmp_path: Path) -> None:
 
 # -- (f) after fork, the child gets a fresh runtime ------------------------------------------------
 FORK_SCRIPT = """
-    import os, signal, sys, numpy as np
+    import asyncio, os, signal, sys, numpy as np
     import ckpt_async as ocp
     from ckpt_async import _runtime
     root = sys.argv[1]
@@ -456,6 +456,16 @@ FORK_SCRIPT = """
                                       item_handlers=ocp.JsonCheckpointHandler())
     json_mngr.save(1, args=ocp.args.JsonSave({'x': 1}))
     json_mngr.wait_until_finished()
+    async_mngr = ocp.aio.AsyncCheckpointManager(os.path.join(root, 'async_mngr'),
+                                                item_handlers=ocp.JsonCheckpointHandler())
+
+    async def save_two(*steps):  # (saves awaited at once: they meet at the manager's lock)
+        futs = await asyncio.gather(*(async_mngr.save(s, args=ocp.args.JsonSave({'s': s}))
+                                      for s in steps))
+        await asyncio.gather(*futs)
+        return async_mngr.all_steps()
+
+    assert asyncio.run(save_two(1, 2)) == [1, 2]
     parent_rt = _runtime.get_runtime()
     pid = os.fork()
     if pid == 0:
@@ -471,6 +481,8 @@ FORK_SCRIPT = """
             assert json_mngr.restore(1) == {'x': 1} and json_mngr.restore(2) == {'c': 2}
             assert json_mngr.all_steps() == [1, 2]
             json_mngr.close()
+            # (a lock the parent's engine loop had used raised RuntimeError here)
+            assert asyncio.run(save_two(3, 4)) == [1, 2, 3, 4]
             state = {'w': np.arange(100_000, dtype=np.float32)}
             with ocp.CheckpointManager(os.path.join(root, 'child')) as mngr:
                 mngr.save(3, args=ocp.args.StandardSave(state))
@@ -504,8 +516,8 @@ def test_forked_child_gets_a_fresh_runtime_and_can_save_and_restore(tmp_path: Pa
     out = _run_python(FORK_SCRIPT, str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.split() == ["child", "ok", "parent", "ok"]
-    assert sorted(os.listdir(tmp_path)) == ["child", "child_json", "json_mngr", "parent",
-                                            "parent2"]
+    assert sorted(os.listdir(tmp_path)) == ["async_mngr", "child", "child_json", "json_mngr",
+                                            "parent", "parent2"]
     assert sorted(os.listdir(tmp_path / "child")) == ["3"]
 
 

@@ -25,7 +25,7 @@ from .. import _format as fmt
 from .. import _storage as storage
 from .._checkpointer import AsyncCheckpointer, AsyncOptions, check_writable, reading
 from .._paths import AnyPath, as_path
-from .._runtime import CommitFuture, get_runtime, on_engine
+from .._runtime import CommitFuture, EngineLocal, get_runtime, on_engine
 from ..args import CheckpointArgs, Composite, JsonSave, args_classes_for, refuse_non_args
 from ..checkpoint_managers import CheckpointInfo, DecisionContext, PreservationContext
 from ..errors import (
@@ -240,7 +240,7 @@ class AsyncCheckpointManager:
         self._in_flight_steps: dict[int, CommitFuture] = {}
         # One save() at a time, from its decision to its commit's registration: two awaited
         # at once (asyncio.gather) each read the step list before the other wrote it back.
-        self._saving = asyncio.Lock()
+        self._saving = EngineLocal(asyncio.Lock)
         #: The failures of commits not yet raised, with their futures; recorded (by
         #: :meth:`_on_done`, in the thread that ends the commit) and taken (by a caller's
         #: check_for_errors(), in its own thread) under ``_failures_lock``.
@@ -254,7 +254,7 @@ class AsyncCheckpointManager:
         #: retention deletions waiting for the background deleter: (retiring step, steps)
         self._deletions: list[tuple[int, list[int]]] = []
         self._deleter: CommitFuture | None = None
-        self._init_lock = asyncio.Lock()
+        self._init_lock = EngineLocal(asyncio.Lock)
 
     # -- setup (on the engine loop, on first use) ------------------------------------------------
     async def _open(self) -> None:
@@ -266,8 +266,9 @@ class AsyncCheckpointManager:
     async def _ensure_init(self) -> None:
         if self._initialized:
             return
-        async with self._init_lock:  # (calls made at once wait for one setup; a failed one
-            if not self._initialized:  # is tried again by the next call)
+        # (calls made at once wait for one setup; a failed one is tried again by the next call)
+        async with self._init_lock.get():
+            if not self._initialized:
                 await self._initialize()
                 self._initialized = True
 
@@ -496,7 +497,7 @@ class AsyncCheckpointManager:
         ``save_kwargs``), saves each item with the args of its handler (given by
         ``item_handlers`` or Orbax's checkpointers); args given second are args."""
         args = self._legacy("save", step, args, items, save_kwargs)
-        async with self._saving:
+        async with self._saving.get():
             return await self._save(step, args, metrics, force, custom_metadata)
 
     async def _save(self, step: int, args: CheckpointArgs | None, metrics: Any, force: bool,
@@ -961,8 +962,10 @@ class AsyncCheckpointManager:
         if self._close_done:
             return
         self._closed = True
-        async with self._saving:  # (a save under way puts its commit among those waited for;
-            pass                   # those queued behind it find the manager closed)
+        # (a save under way puts its commit among those waited for; those queued behind it
+        # find the manager closed)
+        async with self._saving.get():
+            pass
         try:
             await self.wait_until_finished()
         except asyncio.CancelledError:
