@@ -414,7 +414,22 @@ class CommitFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         self._unretrieved = False
         self._pid = os.getpid()  # (a forked child's copy is the parent's to log)
 
+    def _refuse_engine_wait(self, timeout: float | None) -> None:
+        """A wait for this commit on the engine thread (a done callback, a progress callback,
+        a coroutine run there), which the commit needs to end, raises RuntimeUsageError: it
+        hung the engine, and every save and restore of the process, for good (or, with a
+        timeout, stalled them all that long and then timed out). A look without waiting
+        (``timeout=0``) is let through."""
+        rt = _runtime
+        if (timeout is None or timeout > 0) and not self.done() and rt is not None and \
+                rt.on_engine_thread():
+            raise RuntimeUsageError(
+                f"waiting for {self.what or 'a commit'} on the ckpt_async engine thread (in a "
+                "done callback?) would deadlock: the commit runs there. Hand the wait to your "
+                "own loop or thread (loop.call_soon_threadsafe, then await the future there)")
+
     def result(self, timeout: float | None = None) -> Any:
+        self._refuse_engine_wait(timeout)
         try:
             return super().result(timeout)
         except concurrent.futures.CancelledError:
@@ -425,6 +440,7 @@ class CommitFuture(concurrent.futures.Future):  # type: ignore[type-arg]
             raise
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._refuse_engine_wait(timeout)
         try:
             exc = super().exception(timeout)
         except concurrent.futures.CancelledError:

@@ -120,9 +120,9 @@ class BarrierTimeoutError(CommitTimeoutError):
 
 # --- runtime ------------------------------------------------------------------------------------
 class RuntimeUsageError(CheckpointError, RuntimeError):
-    """Raised when the sync face is called from the engine loop (it would deadlock), when a
-    call is made once the interpreter's exit has begun, and when the async face is awaited
-    outside an asyncio event loop (trio)."""
+    """Raised when the sync face is called from the engine loop, or a commit future not done
+    is waited for there (it would deadlock), when a call is made once the interpreter's exit
+    has begun, and when the async face is awaited outside an asyncio event loop (trio)."""
 
 
 class ClosedError(CheckpointError, RuntimeError):

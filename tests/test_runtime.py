@@ -400,6 +400,39 @@ def test_commit_future_from_sync_code() -> None:
     assert late == ["committed"]
 
 
+def test_waiting_for_a_commit_on_the_engine_thread_raises_instead_of_deadlocking() -> None:
+    # A done callback runs on the engine thread, where every commit runs: one that waited
+    # there for a commit not done yet hung the engine, every save of the process, for good.
+    blocked, release = _blocked_future()
+    first, release_first = _blocked_future()
+    seen: list[object] = []
+    called = threading.Event()
+
+    def callback(_: CommitFuture) -> None:
+        try:
+            try:  # (without the check: a 2 s stall, then TimeoutError)
+                blocked.result(timeout=2)
+            except BaseException as exc:  # noqa: BLE001 - recorded
+                seen.append(type(exc))
+            if seen == [RuntimeUsageError]:  # (else these would wait forever)
+                for wait in (blocked.result, blocked.exception):
+                    with pytest.raises(RuntimeUsageError, match="engine thread.*deadlock"):
+                        wait()
+                    seen.append("refused")
+            with pytest.raises(TimeoutError):  # (a look without waiting stays allowed)
+                blocked.result(timeout=0)
+            seen.append("looked")
+        finally:
+            called.set()
+
+    first.add_done_callback(callback)
+    release_first.set()
+    assert called.wait(30)
+    assert seen == [RuntimeUsageError, "refused", "refused", "looked"]
+    release.set()
+    assert blocked.result(timeout=30) == "committed"
+
+
 def test_commit_future_is_awaitable_on_the_users_loop() -> None:
     fut, release = _blocked_future()
 
