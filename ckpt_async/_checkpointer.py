@@ -667,6 +667,16 @@ class AsyncCheckpointer:
             return self._failure(fut, exc)
         return None
 
+    async def _saved_before(self, directory: Any) -> None:
+        """Waits for the saves to ``directory`` under way, called before this call (their
+        commits are then pending): ``asyncio.gather(save(p), restore(p))`` reads what the
+        save wrote, rather than finding nothing there yet. (Saves to a path take its lock in
+        turn: those called later wait.)"""
+        entry = self._saving_to.get(as_path(directory))
+        if entry is not None:
+            async with entry[0]:
+                pass
+
     @on_engine
     async def wait_until_finished(self) -> None:
         """Waits for every pending commit; raises the first failure."""
@@ -702,6 +712,7 @@ class AsyncCheckpointer:
                       **legacy: Any) -> Any:
         """Restores the checkpoint at ``directory`` (after pending saves finish)."""
         self._check_open("restore", directory)
+        await self._saved_before(directory)
         await self.wait_until_finished()  # a restore sees every save issued before it
         path = await _committed(directory)
         if args is not None and not isinstance(args, CheckpointArgs):
@@ -715,6 +726,7 @@ class AsyncCheckpointer:
     @on_engine
     async def metadata(self, directory: Any) -> StepMetadata:
         """Step metadata of ``directory``, with its items' metadata (no arrays are read)."""
+        await self._saved_before(directory)
         await self.wait_until_finished()
         path = await _committed(directory)
         async with reading(path, f"checkpoint {path}"):

@@ -777,6 +777,26 @@ def test_async_face_round_trip(tmp_path, mesh):
     assert meta.item_metadata["n"].dtype == np.uint16
 
 
+def test_async_face_restore_gathered_with_a_save_there_reads_that_save(tmp_path):
+    # The save is called first: the restore (and metadata) there wait for it, as the calls'
+    # order says. (Both raised CheckpointNotFoundError: the save had not staged yet.)
+    state = {"a": sample(np.float32)}
+
+    async def main():
+        ckptr = ckpt_async.aio.AsyncCheckpointer(ocp.StandardCheckpointHandler())
+        try:
+            return await asyncio.wait_for(asyncio.gather(
+                ckptr.save(tmp_path / "c", args=ocp.args.StandardSave(state)),
+                ckptr.restore(tmp_path / "c"), ckptr.metadata(str(tmp_path / "c"))),
+                AWAIT_LIMIT_S)
+        finally:
+            await ckptr.close()
+
+    _, out, meta = asyncio.run(main())
+    assert_bits_equal(out["a"], state["a"])
+    assert meta.item_metadata["a"].dtype == np.float32
+
+
 def test_async_face_background_failure(tmp_path, monkeypatch):
     async def failing_write(*_a, **_k):
         raise OSError(5, "I/O error")

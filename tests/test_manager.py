@@ -483,6 +483,23 @@ def test_saves_awaited_at_once_run_one_after_the_other(tmp_path):
     assert steps_on_disk(tmp_path) == ["1", "2", "3"]
 
 
+def test_a_restore_gathered_with_a_save_of_its_step_reads_that_save(tmp_path):
+    # The save is called first: the restore (and metadata) of its step wait for it to stage,
+    # then for its commit, as the calls' order says. (Both raised StepNotFoundError: the
+    # save had not staged yet.) A restore of another step does not wait for it.
+    async def main():
+        async with ckpt_async.aio.AsyncCheckpointManager(tmp_path) as mngr:
+            await mngr.save(1, args=ocp.args.StandardSave(tree(1)))
+            return await asyncio.wait_for(asyncio.gather(
+                mngr.save(2, args=ocp.args.StandardSave(tree(2))), mngr.restore(2),
+                mngr.metadata(2), mngr.restore(1)), LIMIT_S)
+
+    _, two, meta, one = asyncio.run(main())
+    assert_tree_equal(two, tree(2))
+    assert_tree_equal(one, tree(1))
+    assert meta.commit_timestamp_nsecs and steps_on_disk(tmp_path) == ["1", "2"]
+
+
 def test_cancelling_an_awaited_save_while_it_stages_abandons_it(tmp_path, monkeypatch):
     # The save stops staging and removes its files before the caller hears CancelledError;
     # a retry of the step then saves it. (It used to go on invisibly and commit, and the

@@ -241,6 +241,9 @@ class AsyncCheckpointManager:
         # One save() at a time, from its decision to its commit's registration: two awaited
         # at once (asyncio.gather) each read the step list before the other wrote it back.
         self._saving = EngineLocal(asyncio.Lock)
+        #: The steps of the save() calls under way (how many of each), until each returns: a
+        #: restore of one of them waits for the saves before it (``_resolve_step_dir``).
+        self._under_way: dict[int, int] = {}
         #: The failures of commits not yet raised, with their futures; recorded (by
         #: :meth:`_on_done`, in the thread that ends the commit) and taken (by a caller's
         #: check_for_errors(), in its own thread) under ``_failures_lock``.
@@ -497,8 +500,20 @@ class AsyncCheckpointManager:
         ``save_kwargs``), saves each item with the args of its handler (given by
         ``item_handlers`` or Orbax's checkpointers); args given second are args."""
         args = self._legacy("save", step, args, items, save_kwargs)
-        async with self._saving.get():
-            return await self._save(step, args, metrics, force, custom_metadata)
+        try:
+            under_way: int | None = _check_step(step)
+        except CheckpointError:
+            under_way = None  # (refused by _save, in its turn)
+        if under_way is not None:
+            self._under_way[under_way] = self._under_way.get(under_way, 0) + 1
+        try:
+            async with self._saving.get():
+                return await self._save(step, args, metrics, force, custom_metadata)
+        finally:
+            if under_way is not None:
+                self._under_way[under_way] -= 1
+                if not self._under_way[under_way]:
+                    del self._under_way[under_way]
 
     async def _save(self, step: int, args: CheckpointArgs | None, metrics: Any, force: bool,
                     custom_metadata: dict | None) -> CommitFuture | None:
@@ -821,6 +836,12 @@ class AsyncCheckpointManager:
             if step is None:
                 raise StepNotFoundError(f"No steps found in {root}{await _missing(root)}.")
         step = _check_step(step)
+        if directory is None and step in self._under_way:
+            # A save of this step called before (asyncio.gather(save(5), restore(5)), a save
+            # task just started): read once it has staged, as the calls' order says, rather
+            # than found missing. (Saves take the lock in turn: those called later wait.)
+            async with self._saving.get():
+                pass
         fut = self._futures.get(step)
         if fut is not None and not fut.done():
             await fut
