@@ -777,3 +777,9 @@ class AsyncCheckpointer:
             return
         self._close_done = True
         self.handler.close()
+
+    async def __aenter__(self) -> AsyncCheckpointer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -777,6 +777,23 @@ def test_async_face_round_trip(tmp_path, mesh):
     assert meta.item_metadata["n"].dtype == np.uint16
 
 
+def test_async_checkpointer_is_an_async_context_manager(tmp_path):
+    # (as the async manager is: leaving the block waits for the commits and closes; until
+    # round 40 ``async with`` an AsyncCheckpointer raised TypeError)
+    tree = {"a": sample(np.float32)}
+
+    async def main():
+        async with ckpt_async.aio.AsyncCheckpointer(ocp.StandardCheckpointHandler()) as ckptr:
+            await ckptr.save(tmp_path / "c", args=ocp.args.StandardSave(tree))
+        assert (tmp_path / "c").is_dir() and no_tmp_dirs(tmp_path)  # (committed at exit)
+        with pytest.raises(ClosedError):
+            await ckptr.save(tmp_path / "d", args=ocp.args.StandardSave(tree))
+
+    asyncio.run(main())
+    with ocp.StandardCheckpointer() as ckptr:
+        assert_bits_equal(ckptr.restore(tmp_path / "c")["a"], tree["a"])
+
+
 def test_async_face_restore_gathered_with_a_save_there_reads_that_save(tmp_path):
     # The save is called first: the restore (and metadata) there wait for it, as the calls'
     # order says. (Both raised CheckpointNotFoundError: the save had not staged yet.)
