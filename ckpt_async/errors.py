@@ -51,6 +51,10 @@ class MissingKeyError(InvalidArgumentError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class MissingIndexError(InvalidArgumentError, IndexError):
+    """Raised when a tree's list is too short for an index that is needed (Orbax: IndexError)."""
+
+
 class HandlerError(InvalidArgumentError):
     """Raised when an item's handler is unknown, or args do not match its locked-in handler."""
 
@@ -201,6 +205,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidTypeError",
     "ItemNotFoundError",
+    "MissingIndexError",
     "MissingKeyError",
     "NotWritableError",
     "OutOfMemoryError",

@@ -9,7 +9,13 @@ from typing import Any, NamedTuple, TypeAlias, TypeVar, Union
 import jax
 import numpy as np
 
-from .errors import InvalidArgumentError, MissingKeyError, StructureMismatchError
+from .errors import (
+    InvalidArgumentError,
+    InvalidTypeError,
+    MissingIndexError,
+    MissingKeyError,
+    StructureMismatchError,
+)
 
 #: Orbax's type aliases, for annotations: any pytree; a pytree of ``T`` leaves; one entry of
 #: a key path (as ``jax.tree_util`` gives them); a key path; a JSON document.
@@ -118,11 +124,15 @@ def from_flattened_with_keypath(flat_with_keys: list[tuple[tuple[Any, ...], Any]
 
 def deserialize_tree(serialized: Any, target: Any, keep_empty_nodes: bool = False) -> Any:
     """The inverse of :func:`serialize_tree`: ``serialized``'s values in ``target``'s
-    structure (tuples, namedtuples and custom nodes as in ``target``)."""
+    structure (tuples, namedtuples and custom nodes as in ``target``). Where ``serialized``
+    lacks a value the target has, the builtin Orbax raises is mixed in: ``MissingKeyError``
+    (a ``KeyError``) for a dict without the key, ``MissingIndexError`` (an ``IndexError``)
+    for a list too short, ``InvalidTypeError`` (a ``TypeError``) for a leaf, or a list where
+    the target has a key that is not an index."""
 
     def lookup(path: tuple[Any, ...], _: Any) -> Any:
         node = serialized
-        for key in path:
+        for depth, key in enumerate(path):
             name = _key_name(key)
             if isinstance(node, dict) and name not in node:
                 name = str(name)
@@ -130,9 +140,16 @@ def deserialize_tree(serialized: Any, target: Any, keep_empty_nodes: bool = Fals
                 node = node[name]
             except (KeyError, IndexError, TypeError) as exc:
                 where = "/".join(str(_key_name(k)) for k in path)
-                # (a dict without the key: Orbax's KeyError, mixed in)
-                cls = MissingKeyError if isinstance(exc, KeyError) else InvalidArgumentError
-                raise cls(f"no value for {where!r} in the serialized tree") from exc
+                at = "/".join(str(_key_name(k)) for k in path[:depth])
+                at = f"at {at!r}" if at else "as the root"
+                missing = f"no value for {where!r} in the serialized tree"
+                if isinstance(exc, KeyError):
+                    raise MissingKeyError(missing) from exc
+                if isinstance(exc, IndexError):
+                    raise MissingIndexError(
+                        f"{missing} (its list {at} has {len(node)} elements)") from exc
+                raise InvalidTypeError(
+                    f"{missing} (it has a value of type {type(node).__name__} {at})") from exc
         return node
 
     return jax.tree_util.tree_map_with_path(

@@ -158,6 +158,7 @@ EXPECTED_BUILTINS: dict[str, set[type[BaseException]]] = {
     "StepNotFoundError": {FileNotFoundError, OSError},
     "ItemNotFoundError": {FileNotFoundError, OSError, KeyError, LookupError},
     "MissingKeyError": {ValueError, KeyError, LookupError},
+    "MissingIndexError": {ValueError, IndexError, LookupError},
     "CorruptCheckpointError": set(),
     "UnreadableCheckpointError": {OSError},
     "StoreUnreachableError": {ConnectionError, OSError},

@@ -15,7 +15,13 @@ import orbax.checkpoint as orbax
 import pytest
 
 import ckpt_async as ocp
-from ckpt_async.errors import InvalidArgumentError, MissingKeyError, ShardingMismatchError
+from ckpt_async.errors import (
+    InvalidArgumentError,
+    InvalidTypeError,
+    MissingIndexError,
+    MissingKeyError,
+    ShardingMismatchError,
+)
 
 NT = collections.namedtuple("NT", "x y")
 
@@ -74,8 +80,27 @@ def test_from_flat_dict_inplace_and_errors() -> None:
         ocp.utils.from_flat_dict({("a",): 1}, target={"a": 0, "b": 0})
     with pytest.raises(MissingKeyError, match="^no value for 'a/z'"):
         ocp.tree.deserialize_tree({"a": {}}, {"a": {"z": 1}})
-    with pytest.raises(InvalidArgumentError, match="no value for 'a/1'"):  # (Orbax: IndexError)
-        ocp.tree.deserialize_tree({"a": [1]}, {"a": [0, 0]})
+
+
+@pytest.mark.parametrize("serialized,target,builtin,cls,message", [
+    ({"a": [1]}, {"a": [0, 0]}, IndexError, MissingIndexError,
+     r"^no value for 'a/1' in the serialized tree \(its list at 'a' has 1 elements\)$"),
+    ([1], [0, 0], IndexError, MissingIndexError, r"'1' .* \(its list as the root has 1 "),
+    ({"a": [1]}, {"a": {"x": 0}}, TypeError, InvalidTypeError,
+     r"^no value for 'a/x' in the serialized tree \(it has a value of type list at 'a'\)$"),
+    ({"a": 1}, {"a": [0]}, TypeError, InvalidTypeError, r"'a/0' .* type int at 'a'\)$"),
+    ({"a": None}, {"a": {"b": 0}}, TypeError, InvalidTypeError, r"type NoneType at 'a'\)$"),
+])
+def test_deserialize_tree_raises_the_builtin_orbax_raises(serialized, target, builtin, cls,
+                                                          message) -> None:
+    """A serialized tree lacking what the target has: the builtin Orbax raises (IndexError
+    for a list too short, TypeError where there is no container to look in), mixed into an
+    InvalidArgumentError naming the key and what is there instead."""
+    with pytest.raises(builtin):
+        orbax.tree.deserialize_tree(serialized, target)
+    with pytest.raises(cls, match=message) as caught:
+        ocp.tree.deserialize_tree(serialized, target)
+    assert isinstance(caught.value, builtin) and isinstance(caught.value, InvalidArgumentError)
 
 
 def test_to_shape_dtype_struct_is_the_tree_helper() -> None:
