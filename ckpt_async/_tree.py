@@ -338,13 +338,15 @@ def args_off_the_tree(args_tree: Any, item: Any, kind: type) -> tuple[list[str],
     return inner, outside
 
 
-def check_partial_containers(target: Any, saved: Iterable[Sequence[fmt.KeyEntry]], *,
-                             where: str) -> None:
-    """Orbax's partial restore (its ``tree_trim``) leaves out the keys of a dict that the
-    target does not name, but takes a list or tuple whole: one of another length than the
-    checkpoint's raises ``StructureMismatchError`` (a ValueError, as Orbax's), and a sequence
-    where the checkpoint has a dict, or a dict where it has a sequence, ``InvalidTypeError``
-    (a TypeError, as Orbax's). Empty containers of the target are not checked."""
+#: How the messages name a node by its key type.
+_CONTAINER_NAMES = {fmt.KEY_SEQUENCE: "a list or tuple", fmt.KEY_DICT: "a dict"}
+
+
+def _containers(target: Any, saved: Iterable[Sequence[fmt.KeyEntry]]) -> tuple[
+        dict[tuple[str, ...], int], dict[tuple[str, ...], int],
+        dict[tuple[str, ...], int], dict[tuple[str, ...], int]]:
+    """The nodes of ``target`` and of the checkpoint (``saved``: its leaves' key metadata),
+    by their key paths as strings: each one's key type, and each sequence's length."""
     kinds: dict[tuple[str, ...], int] = {}  # (the checkpoint's nodes: their key type)
     lengths: dict[tuple[str, ...], int] = {}
     for key_meta in saved:
@@ -361,14 +363,38 @@ def check_partial_containers(target: Any, saved: Iterable[Sequence[fmt.KeyEntry]
             wanted_kinds[node] = key_type
             if key_type == fmt.KEY_SEQUENCE:
                 wanted_lengths[node] = max(wanted_lengths.get(node, 0), int(key) + 1)
-    names = {fmt.KEY_SEQUENCE: "a sequence", fmt.KEY_DICT: "a dict"}
+    return wanted_kinds, wanted_lengths, kinds, lengths
+
+
+def _kinds_differ(node: tuple[str, ...], kind: int, saved_kind: int) -> str:
+    return (f"the target has {_CONTAINER_NAMES.get(kind, kind)} at {node!r}, the checkpoint "
+            f"{_CONTAINER_NAMES.get(saved_kind, saved_kind)}")
+
+
+def container_mismatch(target: Any, saved: Iterable[Sequence[fmt.KeyEntry]]) -> str | None:
+    """Where ``target`` has a dict and the checkpoint a sequence, or the other way round
+    (their keys as strings may be the same: a dict's ``'0'`` is not a list's index 0), said
+    as "the target has a dict at ('a',), the checkpoint a list or tuple"; None where none
+    does."""
+    wanted_kinds, _, kinds, _ = _containers(target, saved)
+    return next((_kinds_differ(node, kind, kinds[node]) for node, kind in wanted_kinds.items()
+                 if node in kinds and kinds[node] != kind), None)
+
+
+def check_partial_containers(target: Any, saved: Iterable[Sequence[fmt.KeyEntry]], *,
+                             where: str) -> None:
+    """Orbax's partial restore (its ``tree_trim``) leaves out the keys of a dict that the
+    target does not name, but takes a list or tuple whole: one of another length than the
+    checkpoint's raises ``StructureMismatchError`` (a ValueError, as Orbax's), and a sequence
+    where the checkpoint has a dict, or a dict where it has a sequence, ``InvalidTypeError``
+    (a TypeError, as Orbax's). Empty containers of the target are not checked."""
+    wanted_kinds, wanted_lengths, kinds, lengths = _containers(target, saved)
     for node, kind in wanted_kinds.items():
         if node not in kinds:
             continue
         if kinds[node] != kind:
             raise InvalidTypeError(
-                f"{where}: partial restore: the target has {names.get(kind, kind)} at "
-                f"{node!r}, the checkpoint {names.get(kinds[node], kinds[node])}")
+                f"{where}: partial restore: {_kinds_differ(node, kind, kinds[node])}")
         if kind == fmt.KEY_SEQUENCE and wanted_lengths[node] != lengths[node]:
             raise StructureMismatchError(
                 f"{where}: partial restore: the target's sequence at {node!r} has "
@@ -378,18 +404,21 @@ def check_partial_containers(target: Any, saved: Iterable[Sequence[fmt.KeyEntry]
 
 def check_structure(
     saved: set[str], wanted: set[str], *, where: str, allow_missing: bool = False,
-    allow_unexpected: bool = False,
+    allow_unexpected: bool = False, why: Callable[[], str | None] | None = None,
 ) -> None:
     """Raises StructureMismatchError naming the keys missing from or unexpected in a target
-    (unless ``allow_missing`` / ``allow_unexpected``)."""
+    (unless ``allow_missing`` / ``allow_unexpected``), or, where ``why()`` (asked then) says
+    what else differs (:func:`container_mismatch`), that."""
     missing = sorted(saved - wanted) if not allow_missing else []
     unexpected = sorted(wanted - saved) if not allow_unexpected else []
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing from the target: {', '.join(missing[:20])}")
-        if unexpected:
-            parts.append(f"not in the checkpoint: {', '.join(unexpected[:20])}")
+        # (a dict of the target where the checkpoint has a list: its keys '0', '1', ... are
+        # no indices, so the keys it lacks or has beyond the list's would mislead)
+        found = why() if why is not None else None
+        parts = [found] if found is not None else [
+            f"{label}: {', '.join(keys[:20])}" for label, keys in (
+                ("missing from the target", missing), ("not in the checkpoint", unexpected))
+            if keys]
         raise StructureMismatchError(
             f"{where}: the target tree's structure differs from the checkpoint's ({'; '.join(parts)})"
         )

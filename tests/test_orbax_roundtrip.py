@@ -1318,6 +1318,32 @@ def test_a_partial_restore_takes_lists_whole_as_orbax_does(tmp_path, writer):
     assert_bits_equal(out["l"][1], tree["l"][1])
 
 
+@pytest.mark.parametrize("writer", ["ckpt_async", "orbax"])
+def test_a_dict_where_the_checkpoint_has_a_list_is_named_as_such(tmp_path, writer):
+    """A restore (not partial) into a target with a dict of keys '0', ... where the
+    checkpoint has a list, or a list where it has a dict: refused (a ValueError, as Orbax
+    refuses it), the message naming the node and what each side has there. It read
+    "missing from the target: ('l', '1')", as if the dict's '0' were the list's index 0."""
+    tree = {"l": [np.arange(2.0), np.arange(3)], "d": {"x": np.ones(2)}}
+    lib_w = ocp if writer == "ckpt_async" else orbax
+    with lib_w.PyTreeCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "c", args=lib_w.args.PyTreeSave(tree))
+    items = {"dict for a list": ({"l": {"0": np.zeros(2)}, "d": {"x": np.zeros(2)}},
+                                 r"the target has a dict at \('l',\), the checkpoint a list "
+                                 r"or tuple\)$"),
+             "list for a dict": ({"l": [np.zeros(2), np.zeros(3)], "d": [np.zeros(2)]},
+                                 r"the target has a list or tuple at \('d',\), the checkpoint "
+                                 r"a dict\)$")}
+    for item, message in items.values():
+        with orbax.PyTreeCheckpointer() as ckptr, pytest.raises(ValueError):
+            ckptr.restore(tmp_path / "c", args=orbax.args.PyTreeRestore(item=item))
+        with ocp.PyTreeCheckpointer() as ckptr, pytest.raises(
+                ocp.errors.StructureMismatchError,
+                match=r"/c: the target tree's structure differs from the checkpoint's \(" +
+                message):
+            ckptr.restore(tmp_path / "c", args=ocp.args.PyTreeRestore(item=item))
+
+
 @pytest.mark.parametrize("how", ["raw", "large", "compressed"])
 def test_a_bare_array_as_the_whole_tree_is_stored_at_the_items_root_as_orbax_stores_it(
         tmp_path, how):

@@ -1468,7 +1468,8 @@ class _Reader:
         # for, as ckpt_async before 0.1.1 wrote them, comes back as the target's own.
         wanted -= {k for k, _n, leaf in pairs if k not in self.by_key and _tree.is_empty_node(leaf)}
         _tree.check_structure(set(self.by_key), wanted, where=str(self.dir), allow_missing=partial,
-                              allow_unexpected=partial)
+                              allow_unexpected=partial, why=lambda: _tree.container_mismatch(
+                                  target, (e.key_metadata for e in self.by_key.values())))
         for k, name, leaf in pairs:
             rtype = getattr(rargs.get(k, leaf), "restore_type", None)
             if rtype is not None and k not in skipped and (entry := self.by_key.get(k)) \
