@@ -20,6 +20,7 @@ endpoint, with the store's answer made readable (its error code and message, the
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 from typing import Any
@@ -40,28 +41,56 @@ from .errors import (
 
 log = logging.getLogger("ckpt_async")
 
-_roots: dict[tuple[str, ...], ts.KvStore] = {}
+#: The bucket kvstores opened, by configuration: each with the digest of the credentials
+#: source it was opened under (:func:`_credentials_source`).
+_roots: dict[tuple[str, ...], tuple[str, ts.KvStore]] = {}
 os.register_at_fork(after_in_child=_roots.clear)  # TensorStore handles do not survive a fork
+
+#: What TensorStore's s3 driver (the AWS default chain) takes its credentials from, read when
+#: a kvstore is opened and never again: keys in the environment (they do not expire), else
+#: the profile and its files named there, else web identity, container or instance
+#: credentials (those expire, and the driver fetches them again when they do).
+_AWS_CREDENTIAL_VARS = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_ROLE_ARN", "AWS_ROLE_SESSION_NAME",
+    "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_EC2_METADATA_DISABLED")
+
+
+def _credentials_source(scheme: str) -> str:
+    """A digest of where an ``s3://`` kvstore opened now would take its credentials from
+    (the variables above): one keeps the credentials it was opened with, so rotated ones
+    (new session keys in the environment, another profile) need a new one. A digest: the
+    keys themselves are not kept. ``gs://``: "" (TensorStore's gcs driver takes Google's
+    credentials from one provider shared by the whole process, whichever kvstore asks)."""
+    if scheme != "s3":
+        return ""
+    env = repr([os.environ.get(var) for var in _AWS_CREDENTIAL_VARS])
+    return hashlib.sha256(env.encode()).hexdigest()
 
 
 async def _root(path: _paths.StorePath) -> ts.KvStore:
     """The bucket's kvstore (keys are relative to the bucket), opened once per bucket and
     configuration, after its :func:`_first_contact`; a changed endpoint, region, project or
-    retry policy opens a new one."""
+    retry policy opens a new one, and so do changed credentials (:func:`_credentials_source`;
+    without a first contact again)."""
     spec = _paths.kvstore_base(_paths.StorePath(path.bucket, "", path.scheme))
     endpoint = (_paths.gcs_endpoint_project()[0] if path.scheme == "gs"
                 else spec.get("endpoint"))
     cache_key = (path.scheme, path.bucket, str(endpoint), repr(sorted(spec.items())))
-    kv = _roots.get(cache_key)
-    if kv is None:
+    source = _credentials_source(path.scheme)
+    cached = _roots.get(cache_key)
+    if cached is not None and cached[0] == source:
+        return cached[1]
+    if cached is None:
         await _first_contact(path, spec)
-        try:
-            # Its own context: TensorStore reuses an open driver for an equal spec within one
-            # context, and the gcs driver's endpoint (an environment variable) is not in it.
-            kv = await ts.KvStore.open(spec, context=ts.Context())
-        except Exception as exc:
-            raise _failed(CheckpointError, "open", path, exc) from exc
-        _roots[cache_key] = kv
+    try:
+        # Its own context: TensorStore reuses an open driver for an equal spec within one
+        # context, and the gcs driver's endpoint (an environment variable) is not in it.
+        kv = await ts.KvStore.open(spec, context=ts.Context())
+    except Exception as exc:
+        raise _failed(CheckpointError, "open", path, exc) from exc
+    _roots[cache_key] = (source, kv)
     return kv
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import uuid
 
@@ -140,6 +141,38 @@ class TestS3(ObjectStoreSuite):
             assert list_keys(store.client, bucket, "") == before
             assert "commit_success.txt" in before
         assert ocp.verify(url).ok
+
+    def test_rotated_credentials_are_taken_by_the_next_request(self, store, prefix,
+                                                               monkeypatch):
+        """A process whose keys are rotated mid-run (new ones in the environment, the old
+        ones revoked) goes on reading and writing with the new ones. The bucket's kvstore,
+        opened once, kept the keys it was opened with: every request was then refused
+        (InvalidAccessKeyId). The cache holds no key."""
+        iam = boto3.client("iam", endpoint_url=store.endpoint, region_name=REGION)
+        user = f"rotated-{uuid.uuid4().hex[:8]}"
+        iam.create_user(UserName=user)
+        iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        old, new = (iam.create_access_key(UserName=user)["AccessKey"] for _ in range(2))
+
+        def use(key: dict[str, str], *, checked: bool) -> None:
+            monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+            monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT",
+                                0 if checked else float("inf"))  # (0: IAM checked)
+
+        path = StorePath.parse(store.url(f"{prefix}/doc"))
+        use(old, checked=True)
+        asyncio.run(_objstore.write_bytes(path, b"before"))
+        use(old, checked=False)
+        iam.delete_access_key(UserName=user, AccessKeyId=old["AccessKeyId"])
+        use(new, checked=True)
+        assert asyncio.run(_objstore.read_bytes(path)) == b"before"
+        asyncio.run(_objstore.write_bytes(path, b"after"))
+        use(new, checked=False)
+        assert store.get(f"{prefix}/doc") == b"after"
+        assert not any(k["SecretAccessKey"] in repr(_objstore._roots) for k in (old, new))
 
     def test_racing_writers_of_one_marker_exactly_one_wins(self, store, prefix):
         """Eight writers create one marker at once, twenty times over: exactly one is let in
