@@ -39,7 +39,7 @@ import tensorstore as ts
 
 from ._crc import crc32
 from ._storage import start_writeback
-from .errors import UnreadableCheckpointError
+from .errors import StepAlreadyExistsError, UnreadableCheckpointError
 
 #: The database's manifest, at the root of an item: its presence says an item is in OCDBT.
 MANIFEST = "manifest.ocdbt"
@@ -877,6 +877,8 @@ class DatabaseWriter:
         # unchanged, whose two threads' copies into one file take turns on its lock.)
         self._data_name = _new_file(data_base)
         self._data_end = 0
+        #: The data files :meth:`add` gave writes of (their names in ``root``).
+        self._data_files: set[str] = set()
         #: Where :meth:`finish` put the B+tree (for ``read_index``), once it has.
         self.hint: IndexHint | None = None
 
@@ -903,6 +905,8 @@ class DatabaseWriter:
                 name, at = self._data_name, self._data_end
                 self._data_end += sum(len(chunk) + -len(chunk) % VALUE_ALIGN
                                       for _, chunk in stored)
+            if stored:
+                self._data_files.add(name)
         entries: list[tuple[bytes, Value]] = [(key.encode(), bytes(doc)) for key, doc in inline]
         buffers: list[bytes | memoryview] = []
         keys: list[str] = []
@@ -957,7 +961,10 @@ class DatabaseWriter:
         return {key: crc for key, crc in zip(data_file.keys, crcs, strict=True) if key}
 
     def finish(self) -> None:
-        """Runs in a worker thread, after every add: writes the B+tree and the manifest."""
+        """Runs in a worker thread, after every add: writes the B+tree and the manifest.
+        Where another writer made the manifest meanwhile (two saves into one new folder),
+        this one's B+tree node goes and StepAlreadyExistsError names the folder; its data
+        files are :meth:`discard`'s, once their writes ended."""
         if not self._entries:
             return  # nothing was added: no database
         entries = sorted(self._entries)
@@ -972,9 +979,23 @@ class DatabaseWriter:
         self._make_dirs("")
         # (like the data files and the documents, left to the commit's fsync of the whole
         # checkpoint: one journal commit for every small file, rather than two more here)
-        for name, data in ((node_file, nodes), (MANIFEST, head)):
-            with _naming(self.root / name):
-                _write_new(self.root / name, [data], fsync_fallback=False)
+        with _naming(self.root / node_file):
+            _write_new(self.root / node_file, [nodes], fsync_fallback=False)
+        try:
+            with _naming(self.root / MANIFEST):
+                _write_new(self.root / MANIFEST, [head], fsync_fallback=False)
+        except FileExistsError as exc:
+            (self.root / node_file).unlink(missing_ok=True)
+            raise StepAlreadyExistsError(
+                f"{self.root} already holds a checkpoint item: another save made its "
+                f"{MANIFEST} while this one wrote its data (two saves into one folder); this "
+                "save's data files there are removed") from exc
+
+    def discard(self) -> None:
+        """Removes the data files this writer wrote (after a failed :meth:`finish`, once
+        every write ended): those of its own names, never another writer's."""
+        for name in self._data_files:
+            (self.root / name).unlink(missing_ok=True)
 
 
 # -- reading ----------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from .errors import (
     InvalidArgumentError,
     OutOfMemoryError,
     ShardingMismatchError,
+    StepAlreadyExistsError,
     UnreadableCheckpointError,
     read_failure,
 )
@@ -812,7 +813,15 @@ class ItemWriter:
         with self._count_lock:
             self._start_finish()
         if self._finishing is not None:
-            await asyncio.wrap_future(self._finishing)
+            try:
+                await asyncio.wrap_future(self._finishing)
+            except StepAlreadyExistsError:
+                # (another save into this folder made its database first: this save's data
+                # files go, once every write to them ended)
+                await self.settle()
+                assert self.db is not None
+                await get_runtime().to_thread(self.db.discard)
+                raise
         if self.db is not None and self._process_index is not None:
             await storage.fsync_tree(self.db.root)
 

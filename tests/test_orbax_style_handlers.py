@@ -19,6 +19,7 @@ from _checks import assert_bits_equal, files_under
 from _timeout import in_thread
 
 import ckpt_async as ocp
+from ckpt_async import _ocdbt
 
 
 class Iterator:
@@ -459,6 +460,33 @@ def test_a_direct_save_over_an_item_is_refused_before_anything_is_written(tmp_pa
     assert files_under(item) == before
     if case == "standard":  # (the item there is the first save's)
         assert_bits_equal(cls().restore(item)["w"], np.full(3, 1))
+
+
+def test_two_direct_saves_racing_into_one_new_folder_the_loser_is_refused_and_cleans_up(
+        tmp_path, monkeypatch):
+    """Two handler saves into one new folder both pass the check for an item there; the one
+    whose manifest comes second (made here just before its own: the other save runs then)
+    raises StepAlreadyExistsError naming the folder and removes what it wrote there, its data
+    files and B+tree node, leaving the other's item whole. It raised a bare FileExistsError
+    on manifest.ocdbt and left its files behind."""
+    item = tmp_path / "item"
+    finish = _ocdbt.DatabaseWriter.finish
+    seen: dict[str, object] = {}
+
+    def other_save_first(db: _ocdbt.DatabaseWriter) -> None:
+        monkeypatch.setattr(_ocdbt.DatabaseWriter, "finish", finish)  # (the other's own)
+        ocp.StandardCheckpointHandler().save(item, ocp.args.StandardSave({"w": np.full(3, 1)}))
+        seen["files"] = set(files_under(item))
+        seen["own"] = set(db._data_files)  # (this save's, by their names)
+        finish(db)
+
+    monkeypatch.setattr(_ocdbt.DatabaseWriter, "finish", other_save_first)
+    with pytest.raises(ocp.errors.StepAlreadyExistsError,
+                       match=f"^{item} already holds a checkpoint item: another save made "
+                             "its manifest.ocdbt while this one"):
+        ocp.StandardCheckpointHandler().save(item, ocp.args.StandardSave({"w": np.full(3, 2)}))
+    assert seen["own"] and files_under(item) == sorted(seen["files"] - seen["own"])
+    assert_bits_equal(ocp.StandardCheckpointHandler().restore(item)["w"], np.full(3, 1))
 
 
 def test_a_direct_save_over_a_json_item_writes_over_it_as_orbaxs(tmp_path):
