@@ -124,9 +124,7 @@ class BarrierTimeoutError(CommitTimeoutError):
 
 # --- runtime ------------------------------------------------------------------------------------
 class RuntimeUsageError(CheckpointError, RuntimeError):
-    """Raised when the sync face is called from the engine loop, or a commit future not done
-    is waited for there (it would deadlock), when a call is made once the interpreter's exit
-    has begun, and when the async face is awaited outside an asyncio event loop (trio)."""
+    """Raised when a call would deadlock on the engine thread, comes at exit, or is not asyncio's."""
 
 
 class ClosedError(CheckpointError, RuntimeError):
