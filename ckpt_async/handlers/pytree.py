@@ -340,7 +340,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         except InvalidArgumentError as exc:
             raise InvalidArgumentError(f"{where}: {exc}") from None
         by_name = _save_args_by_name(save_args, where)
-        if not by_name.keys() <= {leaf.name for leaf in leaves}:
+        # (no set of every leaf's name on the blocking path unless save args are given)
+        if by_name and not by_name.keys() <= {leaf.name for leaf in leaves}:
             _refuse_args_off_the_tree(save_args, item, SaveArgs, where)
         kind = "np.ndarray" if self._numpy_scalars_as_arrays else "scalar"
         custom = self.type_registry.custom_handler if self.type_registry.has_custom else None
