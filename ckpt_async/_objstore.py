@@ -46,26 +46,39 @@ log = logging.getLogger("ckpt_async")
 _roots: dict[tuple[str, ...], tuple[str, ts.KvStore]] = {}
 os.register_at_fork(after_in_child=_roots.clear)  # TensorStore handles do not survive a fork
 
-#: What TensorStore's s3 driver (the AWS default chain) takes its credentials from, read when
-#: a kvstore is opened and never again: keys in the environment (they do not expire), else
-#: the profile and its files named there, else web identity, container or instance
-#: credentials (those expire, and the driver fetches them again when they do).
+#: What TensorStore's s3 driver (the AWS default chain, :func:`_paths.s3_credentials`) takes
+#: its credentials from, read when a kvstore is opened and never again: keys in the
+#: environment, else the profile in the shared credentials and config files (their paths from
+#: these variables or ``$HOME``), neither of which expire, else web identity, container or
+#: instance credentials (those expire, and the driver fetches them again when they do).
 _AWS_CREDENTIAL_VARS = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-    "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_ROLE_ARN", "AWS_ROLE_SESSION_NAME",
-    "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_EC2_METADATA_DISABLED")
+    "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "HOME", "AWS_ROLE_ARN",
+    "AWS_ROLE_SESSION_NAME", "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_EC2_METADATA_DISABLED")
+
+
+def _file_version(path: str) -> tuple[int, ...] | None:
+    """What changes when ``path`` is written or replaced (None: no such file)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _credentials_source(scheme: str) -> str:
     """A digest of where an ``s3://`` kvstore opened now would take its credentials from
-    (the variables above): one keeps the credentials it was opened with, so rotated ones
-    (new session keys in the environment, another profile) need a new one. A digest: the
-    keys themselves are not kept. ``gs://``: "" (TensorStore's gcs driver takes Google's
+    (the variables above, and the versions of the profile files): one keeps the credentials
+    it was opened with, so rotated ones (new session keys in the environment, another
+    profile, keys written anew into a profile file) need a new one. A digest: the keys
+    themselves are not kept. ``gs://``: "" (TensorStore's gcs driver takes Google's
     credentials from one provider shared by the whole process, whichever kvstore asks)."""
     if scheme != "s3":
         return ""
-    env = repr([os.environ.get(var) for var in _AWS_CREDENTIAL_VARS])
+    env = repr([os.environ.get(var) for var in _AWS_CREDENTIAL_VARS]
+               + [_file_version(f) for f in _paths.aws_profile_files()])
     return hashlib.sha256(env.encode()).hexdigest()
 
 
@@ -77,7 +90,9 @@ async def _root(path: _paths.StorePath) -> ts.KvStore:
     spec = _paths.kvstore_base(_paths.StorePath(path.bucket, "", path.scheme))
     endpoint = (_paths.gcs_endpoint_project()[0] if path.scheme == "gs"
                 else spec.get("endpoint"))
-    cache_key = (path.scheme, path.bucket, str(endpoint), repr(sorted(spec.items())))
+    # (its credentials, the profile's name, are the source's: a change opens it anew below)
+    cache_key = (path.scheme, path.bucket, str(endpoint),
+                 repr(sorted((k, v) for k, v in spec.items() if k != "aws_credentials")))
     source = _credentials_source(path.scheme)
     cached = _roots.get(cache_key)
     if cached is not None and cached[0] == source:

@@ -9,10 +9,12 @@ reach them. It deliberately has no ``__fspath__``: no object-store path can reac
 :func:`kvstore_base` turns a path into the TensorStore kvstore spec every byte goes through:
 ``file`` locally, ``s3`` for ``s3://`` and ``gcs`` (the JSON API over HTTP) for ``gs://``.
 
-S3: endpoint, region and credentials come from the standard environment variables
-(``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``,
-``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, or a profile), or
-from :func:`set_s3_options`, which wins over the environment.
+S3: endpoint and region come from the standard environment variables
+(``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``), or
+from :func:`set_s3_options`, which wins over the environment; credentials from the AWS default
+chain (:func:`s3_credentials`: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
+``AWS_SESSION_TOKEN``, else the profile ``AWS_PROFILE`` or ``default`` in the shared
+credentials and config files, else web identity, container or instance credentials).
 
 GCS: TensorStore takes the endpoint only from ``TENSORSTORE_GCS_HTTP_URL`` (process-wide; unset:
 ``https://storage.googleapis.com``), so :func:`set_gcs_options` ``(endpoint=...)`` sets that
@@ -155,6 +157,32 @@ def s3_endpoint_region() -> tuple[str | None, str | None]:
     return _s3_endpoint()[0], region
 
 
+# -- S3 credentials -------------------------------------------------------------------------------
+def aws_profile() -> str:
+    """The AWS profile the credentials are taken from: ``AWS_PROFILE``, else ``default``."""
+    return os.environ.get("AWS_PROFILE") or "default"
+
+
+def aws_profile_files() -> tuple[str, str]:
+    """The shared credentials file and the config file, as the AWS SDKs find them:
+    ``AWS_SHARED_CREDENTIALS_FILE`` (else ``~/.aws/credentials``) and ``AWS_CONFIG_FILE`` (else
+    ``~/.aws/config``), a leading ``~`` being ``$HOME``."""
+    return (os.path.expanduser(os.environ.get("AWS_SHARED_CREDENTIALS_FILE")
+                               or "~/.aws/credentials"),
+            os.path.expanduser(os.environ.get("AWS_CONFIG_FILE") or "~/.aws/config"))
+
+
+def s3_credentials() -> dict[str, Any]:
+    """TensorStore's ``aws_credentials`` for an s3 kvstore: the AWS default chain (keys in the
+    environment, the profile in the shared credentials and config files, web identity,
+    container, instance metadata; unsigned requests when none gives any), with the profile
+    named. Named because TensorStore (0.1.86, and its sources since) passes the chain an empty
+    profile name where none is given, not "none": the chain then looks for a profile called ""
+    and never reads the profile files, so keys kept only there were never used (every request
+    went out unsigned)."""
+    return {"type": "default", "profile": aws_profile()}
+
+
 # -- GCS options ----------------------------------------------------------------------------------
 GCS_ENDPOINT_ENV = "TENSORSTORE_GCS_HTTP_URL"
 _gcs_options: dict[str, str | None] = {"endpoint": None, "user_project": None}
@@ -267,6 +295,7 @@ def kvstore_base(path: AnyPath) -> dict[str, Any]:
             spec["endpoint"] = endpoint
         if region:
             spec["aws_region"] = region
+        spec["aws_credentials"] = s3_credentials()
     retries = request_retries()
     if retries is not None:
         spec["context"] = {retries_resource(path.scheme): retries}

@@ -20,7 +20,15 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from _moto import client_for, list_keys, moto_s3
+from _moto import (
+    WRONG_KEYS,
+    client_for,
+    iam_keys,
+    keys_checked,
+    list_keys,
+    moto_s3,
+    profile,
+)
 from test_cli import run, run_json
 
 import ckpt_async as ocp
@@ -178,6 +186,29 @@ def test_verify_every_committed_step(capsys, s3_run):
                for c in doc["checkpoints"])
     code, out, _ = run(capsys, "verify", f"{url}/2", "-q")
     assert code == 0 and out.startswith(f"OK  {url}/2: 4 arrays")
+
+
+def test_keys_from_the_profile_aws_profile_names(capsys, endpoint, s3_run, monkeypatch,
+                                                 tmp_path):
+    """The command line signs its requests with the keys of ``AWS_PROFILE``'s profile in
+    ``~/.aws/credentials`` (moto checking every request): they were never read, and requests
+    went out unsigned. Keys the store refuses: a one-line error naming the URL and S3's
+    refusal."""
+    _prefix, url = s3_run
+    keys = iam_keys(endpoint)
+    keys_checked(monkeypatch, tmp_path / "home")
+    credentials = tmp_path / "home" / ".aws" / "credentials"
+    credentials.parent.mkdir()
+    credentials.write_text(profile("default", WRONG_KEYS) + profile("ci", keys))
+    monkeypatch.setenv("AWS_PROFILE", "ci")
+    code, doc, _ = run_json(capsys, "ls", url)
+    assert code == 0 and [s["step"] for s in doc["steps"]] == [1, 2]
+    code, doc, _ = run_json(capsys, "verify", f"{url}/2")
+    assert code == 0 and doc["ok"]
+    monkeypatch.setenv("AWS_PROFILE", "default")
+    code, _, err = run(capsys, "ls", url)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"cannot list {url}" in err and "InvalidAccessKeyId" in err, err
 
 
 def test_verify_names_the_key_of_a_damaged_object(capsys, s3):

@@ -19,7 +19,19 @@ import moto.settings
 import numpy as np
 import pytest
 import tensorstore as ts
-from _moto import REGION, client_for, list_keys, moto_s3, moto_s3_server
+from _moto import (
+    REGION,
+    WRONG_KEYS,
+    client_for,
+    iam_client,
+    iam_keys,
+    keys_checked,
+    list_keys,
+    moto_s3,
+    moto_s3_server,
+    profile,
+    unchecked,
+)
 from _objstore_suite import Bucket, ObjectStoreSuite, small_round_trip
 
 import ckpt_async as ocp
@@ -432,3 +444,93 @@ def test_a_retry_policy_that_is_not_one_is_ignored_with_a_warning(monkeypatch, c
         caplog.clear()
         assert "context" not in kvstore_base(path), bad
         assert RETRIES_ENV in caplog.text, bad
+
+
+# -- credentials from the AWS profile files ---------------------------------------------------
+@pytest.fixture
+def prefix() -> str:
+    return f"cred-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def no_env_keys(store, monkeypatch, tmp_path):
+    """:func:`_moto.keys_checked`: credentials must come from where a test puts them."""
+    keys_checked(monkeypatch, tmp_path / "home")
+    return tmp_path
+
+
+def round_trip_checked(url: str) -> None:
+    """A save and a restore at ``url``, bit-exact, through a manager (its listing, metadata,
+    marker and arrays)."""
+    tree = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "n": np.int64(7)}
+    with ocp.CheckpointManager(url) as mngr:
+        mngr.save(1, args=ocp.args.StandardSave(tree))
+        mngr.wait_until_finished()
+    with ocp.CheckpointManager(url) as mngr:
+        assert mngr.all_steps() == [1]
+        got = mngr.restore(1, args=ocp.args.StandardRestore())
+    np.testing.assert_array_equal(got["w"], tree["w"])
+    assert got["n"] == 7
+
+
+@pytest.mark.parametrize("where", ["~/.aws/credentials", "AWS_SHARED_CREDENTIALS_FILE",
+                                   "~/.aws/config", "AWS_CONFIG_FILE"])
+def test_keys_from_a_profile_file(store, prefix, no_env_keys, monkeypatch, where):
+    """Keys kept only in a profile file sign every request of a save and a restore. They
+    were never read (TensorStore's default chain looked for a profile named ""): requests
+    went out unsigned, refused by any bucket that is not public."""
+    keys, home = iam_keys(store.endpoint), no_env_keys / "home"
+    config = "config" in where.lower()
+    text = profile("default", keys, config=config)
+    if where.startswith("~"):
+        (home / ".aws").mkdir()
+        (home / ".aws" / where.rsplit("/", 1)[1]).write_text(text)
+    else:
+        (no_env_keys / "aws-file").write_text(text)
+        monkeypatch.setenv(where, str(no_env_keys / "aws-file"))
+    round_trip_checked(store.url(prefix))
+
+
+def test_aws_profile_selects_a_profile_and_keys_in_the_environment_come_first(
+        store, prefix, no_env_keys, monkeypatch):
+    """``AWS_PROFILE`` names the profile, in the credentials file or the config file (the
+    default profile's keys here are refused); keys in the environment win over any profile.
+    A change of either is taken by the next request (the bucket's kvstore opened anew)."""
+    good, other = iam_keys(store.endpoint), iam_keys(store.endpoint)
+    (no_env_keys / "credentials").write_text(profile("default", WRONG_KEYS)
+                                             + profile("good", good))
+    (no_env_keys / "config").write_text(profile("other", other, config=True))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(no_env_keys / "credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(no_env_keys / "config"))
+    url = store.url(prefix)
+    with pytest.raises(CheckpointError, match="InvalidAccessKeyId"):
+        ocp.CheckpointManager(url)  # the default profile
+    monkeypatch.setenv("AWS_PROFILE", "good")
+    round_trip_checked(url)
+    monkeypatch.setenv("AWS_PROFILE", "other")  # (from the config file)
+    round_trip_checked(url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", WRONG_KEYS["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", WRONG_KEYS["SecretAccessKey"])
+    with pytest.raises(CheckpointError, match="InvalidAccessKeyId"):
+        ocp.CheckpointManager(url)
+
+
+def test_a_profile_file_written_anew_is_taken_by_the_next_request(store, prefix, no_env_keys,
+                                                                 monkeypatch):
+    """Keys rotated in the credentials file (the old ones revoked) are used by the next
+    request to a bucket already in use: its kvstore, which keeps the keys it was opened with,
+    is opened anew when the file changes."""
+    old = iam_keys(store.endpoint)
+    credentials = no_env_keys / "credentials"
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    credentials.write_text(profile("default", old))
+    path = StorePath.parse(store.url(f"{prefix}/doc"))
+    asyncio.run(_objstore.write_bytes(path, b"before"))
+    new = iam_keys(store.endpoint)
+    credentials.write_text(profile("default", new))
+    with unchecked():
+        iam_client(store.endpoint).delete_access_key(UserName=old["UserName"],
+                                                     AccessKeyId=old["AccessKeyId"])
+    assert asyncio.run(_objstore.read_bytes(path)) == b"before"
+    asyncio.run(_objstore.write_bytes(path, b"after"))
+    assert not any(k["SecretAccessKey"] in repr(_objstore._roots) for k in (old, new))
