@@ -37,6 +37,7 @@ from .errors import (
     describe,
     gave_up,
     not_read,
+    refused,
 )
 
 log = logging.getLogger("ckpt_async")
@@ -181,8 +182,12 @@ async def _first_contact(path: _paths.StorePath, spec: dict[str, Any]) -> None:
 
 def _failed(cls: type[CheckpointError], what: str, path: _paths.StorePath,
             exc: BaseException) -> CheckpointError:
-    """The error for a request on ``path`` that failed with TensorStore's ``exc``."""
-    return cls(f"cannot {what} {path}: {describe(exc, _paths.endpoint_of(path))}")
+    """The error for a request on ``path`` that failed with TensorStore's ``exc``; one S3
+    refused names the credentials it was sent with (:func:`_paths.aws_credentials_source`)."""
+    where = _paths.endpoint_of(path)
+    if path.scheme == "s3" and refused(exc):
+        where += f"; credentials: {_paths.aws_credentials_source()}"
+    return cls(f"cannot {what} {path}: {describe(exc, where)}")
 
 
 def _prefix_range(prefix: str) -> ts.KvStore.KeyRange:

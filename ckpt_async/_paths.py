@@ -183,6 +183,43 @@ def s3_credentials() -> dict[str, Any]:
     return {"type": "default", "profile": aws_profile()}
 
 
+def _profile_in(path: str, section: str) -> bool | None:
+    """Whether the INI file ``path`` has a ``[section]`` (None: no such file, or unreadable)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return any(" ".join(line.strip()[1:-1].split()) == section for line in f
+                       if line.strip().startswith("[") and line.strip().endswith("]"))
+    except OSError:
+        return None
+
+
+def aws_credentials_source() -> str:
+    """Where the AWS default chain takes its credentials from now, in words, for the error of a
+    request the store refused: the environment's keys, or the profile and the file it is in,
+    or what the chain would try after those (never the keys themselves)."""
+    env = os.environ
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        return "keys from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
+    profile, (credentials, config) = aws_profile(), aws_profile_files()
+    by = " (AWS_PROFILE)" if env.get("AWS_PROFILE") else ""
+    sections = [(credentials, profile), (config, f"profile {profile}")]
+    if profile == "default":
+        sections.append((config, "default"))
+    for path, section in sections:
+        if _profile_in(path, section):
+            return f"profile {profile!r}{by} of {path}"
+    missing = f"no keys in the environment, no profile {profile!r}{by} in {credentials} or {config}"
+    if env.get("AWS_WEB_IDENTITY_TOKEN_FILE") and env.get("AWS_ROLE_ARN"):
+        return f"{missing}: web identity (AWS_WEB_IDENTITY_TOKEN_FILE, AWS_ROLE_ARN)"
+    if (env.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+            or env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI")):
+        return f"{missing}: the container's (AWS_CONTAINER_CREDENTIALS_*)"
+    if env.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
+        return f"none ({missing}, instance metadata disabled): requests are sent unsigned"
+    return (f"{missing}: the instance metadata service's on an EC2 instance, else none "
+            "(requests are sent unsigned)")
+
+
 # -- GCS options ----------------------------------------------------------------------------------
 GCS_ENDPOINT_ENV = "TENSORSTORE_GCS_HTTP_URL"
 _gcs_options: dict[str, str | None] = {"endpoint": None, "user_project": None}

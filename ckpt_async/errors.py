@@ -153,6 +153,14 @@ def not_read(exc: BaseException) -> bool:
     return str(exc).startswith(_NOT_READ) or gave_up(exc)
 
 
+def refused(exc: BaseException) -> bool:
+    """Whether a TensorStore error is the store refusing the request: no access, or
+    credentials it does not accept (HTTP 401 or 403)."""
+    text = str(exc)
+    return (text.startswith(("PERMISSION_DENIED", "UNAUTHENTICATED"))
+            or re.search(r"\[http_response_code='40[13]'\]", text) is not None)
+
+
 #: The payloads TensorStore appends to an HTTP request's error: `` [name='value']``.
 _PAYLOAD = re.compile(r" \[([\w.-]+)='((?:[^'\\]|\\.)*)'\]")
 _XML_CODE = re.compile(r"<Code>([^<]+)</Code>")

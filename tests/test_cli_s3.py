@@ -192,8 +192,8 @@ def test_keys_from_the_profile_aws_profile_names(capsys, endpoint, s3_run, monke
                                                  tmp_path):
     """The command line signs its requests with the keys of ``AWS_PROFILE``'s profile in
     ``~/.aws/credentials`` (moto checking every request): they were never read, and requests
-    went out unsigned. Keys the store refuses: a one-line error naming the URL and S3's
-    refusal."""
+    went out unsigned. Keys the store refuses: a one-line error naming the URL, S3's refusal
+    and the profile they came from."""
     _prefix, url = s3_run
     keys = iam_keys(endpoint)
     keys_checked(monkeypatch, tmp_path / "home")
@@ -209,6 +209,7 @@ def test_keys_from_the_profile_aws_profile_names(capsys, endpoint, s3_run, monke
     code, _, err = run(capsys, "ls", url)
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert f"cannot list {url}" in err and "InvalidAccessKeyId" in err, err
+    assert f"credentials: profile 'default' (AWS_PROFILE) of {credentials})" in err, err
 
 
 def test_verify_names_the_key_of_a_damaged_object(capsys, s3):

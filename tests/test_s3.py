@@ -35,7 +35,7 @@ from _moto import (
 from _objstore_suite import Bucket, ObjectStoreSuite, small_round_trip
 
 import ckpt_async as ocp
-from ckpt_async import _commit, _objstore
+from ckpt_async import _commit, _objstore, _paths
 from ckpt_async import _serialize as ser
 from ckpt_async._paths import RETRIES_ENV, StorePath, kvstore_base
 from ckpt_async.errors import (
@@ -133,8 +133,9 @@ class TestS3(ObjectStoreSuite):
             ocp.CheckpointManager(f"s3://{bucket}/{prefix}")
         assert_store_error(caught.value, f"cannot list s3://{bucket}/{prefix}: "
                            "PERMISSION_DENIED: AccessDenied: Access Denied (HTTP 403; "
-                           f"endpoint {store.endpoint} set by AWS_ENDPOINT_URL)",
-                           "<Code>AccessDenied</Code>")
+                           f"endpoint {store.endpoint} set by AWS_ENDPOINT_URL; credentials: "
+                           "keys from the environment (AWS_ACCESS_KEY_ID, "
+                           "AWS_SECRET_ACCESS_KEY))", "<Code>AccessDenied</Code>")
 
     def test_a_checkpoint_at_the_root_of_an_empty_bucket(self, store):
         # A save clears its prefix first; at a bucket's root that refused (CommitError
@@ -534,3 +535,102 @@ def test_a_profile_file_written_anew_is_taken_by_the_next_request(store, prefix,
     assert asyncio.run(_objstore.read_bytes(path)) == b"before"
     asyncio.run(_objstore.write_bytes(path, b"after"))
     assert not any(k["SecretAccessKey"] in repr(_objstore._roots) for k in (old, new))
+
+
+@pytest.mark.parametrize("wrong", ["key id", "secret"])
+def test_wrong_keys_in_a_profile_are_a_readable_error(store, prefix, no_env_keys, monkeypatch,
+                                                      wrong):
+    """A save or a restore whose keys the store refuses fails (CheckpointError, from the
+    listing each begins with) naming the URL, S3's code and message, the endpoint and where
+    the keys came from: the profile and its file. Its objects are never read."""
+    keys = iam_keys(store.endpoint)
+    url = store.url(prefix)
+    credentials = no_env_keys / "credentials"
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_PROFILE", "train")
+    credentials.write_text(profile("train", keys))
+    with ocp.StandardCheckpointer() as ckptr:  # (a checkpoint there, saved with the right keys)
+        ckptr.save(url, {"x": np.arange(3)})
+    credentials.write_text(profile("train", {
+        "AccessKeyId": WRONG_KEYS["AccessKeyId"] if wrong == "key id" else keys["AccessKeyId"],
+        "SecretAccessKey": WRONG_KEYS["SecretAccessKey"]}))
+    refusal = ("InvalidAccessKeyId: The AWS Access Key Id you provided does not exist in our "
+               "records." if wrong == "key id" else "SignatureDoesNotMatch: The request "
+               "signature we calculated does not match the signature you provided. Check your "
+               "key and signing method.")
+    where = (f"(HTTP 403; endpoint {store.endpoint} set by AWS_ENDPOINT_URL; credentials: "
+             f"profile 'train' (AWS_PROFILE) of {credentials})")
+    with ocp.StandardCheckpointer() as ckptr:
+        with pytest.raises(CheckpointError) as caught:
+            ckptr.save(f"{url}/new", {"x": np.arange(3)})
+        assert_store_error(caught.value, f"cannot list {url}/new/commit_success.txt: "
+                           f"PERMISSION_DENIED: {refusal} {where}", refusal.split(":")[0])
+        with pytest.raises(CheckpointError) as caught:
+            ckptr.restore(url)
+        assert_store_error(caught.value, f"cannot list {url}/commit_success.txt: "
+                           f"PERMISSION_DENIED: {refusal} {where}", refusal.split(":")[0])
+    assert keys["SecretAccessKey"] not in str(caught.value)
+
+
+def test_a_refusal_without_credentials_says_requests_were_unsigned(monkeypatch, tmp_path):
+    """With no keys in the environment and no profile in the files the chain would read, a
+    refused request says so: it was sent unsigned (moto cannot answer an unsigned request
+    when it checks credentials, so the refusal is AWS's answer, made up here)."""
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE",
+                "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".aws").mkdir()
+    (tmp_path / ".aws" / "credentials").write_text("[other]\naws_access_key_id = A\n")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    path = StorePath.parse("s3://bucket/run/1/_CHECKPOINT_METADATA")
+    refusal = ValueError("PERMISSION_DENIED: AccessDenied: Access Denied "
+                         "[http_response_code='403'] [http_response_body='<Error/>']")
+    files = f"{tmp_path}/.aws/credentials or {tmp_path}/.aws/config"
+    assert str(_objstore._failed(UnreadableCheckpointError, "read", path, refusal)) == (
+        f"cannot read {path}: PERMISSION_DENIED: AccessDenied: Access Denied (HTTP 403; "
+        f"endpoint {_paths.endpoint_of(path)}; credentials: none (no keys in the "
+        f"environment, no profile 'default' in {files}, instance metadata disabled): "
+        "requests are sent unsigned)")
+    monkeypatch.delenv("AWS_EC2_METADATA_DISABLED")
+    assert _paths.aws_credentials_source() == (
+        f"no keys in the environment, no profile 'default' in {files}: the instance metadata "
+        "service's on an EC2 instance, else none (requests are sent unsigned)")
+    monkeypatch.setenv("AWS_PROFILE", "other")
+    assert _paths.aws_credentials_source() == (
+        f"profile 'other' (AWS_PROFILE) of {tmp_path}/.aws/credentials")
+    # (only a refusal names them: a missing bucket, an unreachable store do not)
+    missing = ValueError("NOT_FOUND: NoSuchBucket [http_response_code='404']")
+    assert "credentials" not in str(_objstore._failed(CheckpointError, "list", path, missing))
+
+
+def test_a_public_bucket_is_read_without_credentials(store, monkeypatch, tmp_path):
+    """With no credentials anywhere the chain looks, requests go unsigned: a bucket whose
+    policy lets anyone read is restored from (bit-exact); one that does not refuses, and the
+    error says that no credentials were found and the requests went unsigned."""
+    bucket = f"public-{uuid.uuid4().hex[:8]}"
+    store.client.create_bucket(Bucket=bucket)
+    tree = {"w": np.arange(6, dtype=np.float32)}
+    with ocp.StandardCheckpointer() as ckptr:  # (saved with the fixture's keys)
+        ckptr.save(f"s3://{bucket}/run", tree)
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SHARED_CREDENTIALS_FILE",
+                "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv(RETRIES_ENV, "1")
+    with ocp.StandardCheckpointer() as ckptr, pytest.raises(UnreadableCheckpointError) as caught:
+        ckptr.restore(f"s3://{bucket}/run")
+    assert str(caught.value).startswith(f"cannot read s3://{bucket}/run/"), caught.value
+    assert str(caught.value).endswith(
+        "PERMISSION_DENIED: Unknown (HTTP 403; endpoint "
+        f"{store.endpoint} set by AWS_ENDPOINT_URL; credentials: none (no keys in the "
+        f"environment, no profile 'default' in {tmp_path}/.aws/credentials or "
+        f"{tmp_path}/.aws/config, instance metadata disabled): requests are sent unsigned)"), (
+        caught.value)
+    store.client.put_bucket_policy(Bucket=bucket, Policy=json.dumps({
+        "Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
+            "Resource": f"arn:aws:s3:::{bucket}/*"}]}))
+    with ocp.StandardCheckpointer() as ckptr:
+        np.testing.assert_array_equal(ckptr.restore(f"s3://{bucket}/run")["w"], tree["w"])
