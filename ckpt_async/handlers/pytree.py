@@ -719,6 +719,12 @@ async def _restore_transformed(reader: _Reader, item: Any, restore_args: Any, tr
                                  to_original)
 
 
+def _is_empty_target(leaf: Any) -> bool:
+    """Whether a target's leaf is an empty node or container (``EmptyState()``, ``{}``,
+    ``()``), which a stored empty node restores as."""
+    return _tree.is_empty_node(leaf) or (type(leaf) in (dict, list, tuple) and not leaf)
+
+
 def _is_random_key(leaf: Any) -> bool:
     return isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)) and jax.dtypes.issubdtype(
         leaf.dtype, jax.dtypes.prng_key)
@@ -1505,7 +1511,11 @@ class _Reader:
                 return self._read_handled(name, vt, rarg if rarg is not None or structure_only
                                           else _args_of_target(tleaf))
             if vt in _tree.EMPTY_TYPES:
-                return tleaf if tleaf is not None or vt == "None" else self._empty(vt, name)
+                # (the target's own empty node, EmptyState, comes back as itself; a leaf of
+                # the target where the checkpoint has an empty node, an abstract array of a
+                # state masked when saved or restore args, comes back as the stored node, as
+                # in Orbax: None)
+                return tleaf if _is_empty_target(tleaf) else self._empty(vt, name)
             if vt == "string":
                 return self._string(name)
             rarg = rargs.get(key, tleaf if isinstance(tleaf, RestoreArgs) else None)
