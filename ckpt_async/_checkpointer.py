@@ -35,7 +35,14 @@ from ._runtime import (
     on_engine,
     pace_window,
 )
-from .args import CheckpointArgs, Composite, args_classes_for, handler_class_for, refuse_non_args
+from .args import (
+    CheckpointArgs,
+    Composite,
+    args_classes_for,
+    handler_class_for,
+    refuse_non_args,
+    register_with_handler,
+)
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -51,7 +58,14 @@ from .errors import (
     StepAlreadyExistsError,
     describe,
 )
-from .handlers.base import CheckpointHandler, adapt, call_handler, typestr_of
+from .handlers.base import (
+    CheckpointHandler,
+    adapt,
+    call_handler,
+    is_native,
+    overrides_async_save,
+    typestr_of,
+)
 from .handlers.composite import CompositeCheckpointHandler
 from .metadata import StepMetadata, step_metadata_of
 
@@ -136,6 +150,91 @@ def make_args(handler: CheckpointHandler, kind: str, item: Any, kwargs: dict,
     if "target" in kwargs:
         kwargs["item"] = kwargs.pop("target")
     return cls(item, **kwargs) if item is not None else cls(**kwargs)
+
+
+class LegacyArgs(CheckpointArgs):
+    """The arguments of a checkpointer's ``save`` or ``restore`` for a handler with no args
+    registered (:class:`LegacyHandlerWrapper`), handed to its methods as they were given."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.kwargs = kwargs
+
+
+class LegacyHandlerWrapper:
+    """A handler written to Orbax's older interface, with no args registered for it
+    (``save(directory, item, extra_args)``, ``restore(directory, item=None, ...)``), as a
+    checkpointer holds it, as Orbax's does: ``ckptr.save(path, item, extra)`` calls the
+    handler's ``save(directory, item, extra)``, ``ckptr.restore(path)`` its
+    ``restore(directory)``. The step records Orbax's type string of its wrapper."""
+
+    def __init__(self, handler: Any) -> None:
+        self.handler = handler
+
+    @staticmethod
+    def of(handler: Any) -> LegacyHandlerWrapper:
+        """The wrapper of ``handler``: one with ``async_save`` if it has one of its own."""
+        cls = AsyncLegacyHandlerWrapper if overrides_async_save(type(handler)) else \
+            LegacyHandlerWrapper
+        return cls(handler)
+
+    @classmethod
+    def typestr(cls) -> str:
+        return ("orbax.checkpoint._src.handlers.composite_checkpoint_handler."
+                "_LegacyCheckpointHandlerWrapper")
+
+    @staticmethod
+    def _split(args: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if args is None:
+            return (), {}
+        return (args.args, args.kwargs) if isinstance(args, LegacyArgs) else ((args,), {})
+
+    def save(self, directory: Any, args: Any = None) -> Any:
+        a, kw = self._split(args)
+        return self.handler.save(directory, *a, **kw)
+
+    def restore(self, directory: Any, args: Any = None) -> Any:
+        a, kw = self._split(args)
+        return self.handler.restore(directory, *a, **kw)
+
+    def metadata(self, directory: Any) -> Any:
+        method = getattr(self.handler, "metadata", None)
+        return method(directory) if callable(method) else None
+
+    def finalize(self, directory: Any) -> None:
+        method = getattr(self.handler, "finalize", None)
+        if callable(method):
+            method(directory)
+
+    def close(self) -> None:
+        method = getattr(self.handler, "close", None)
+        if callable(method):
+            method()
+
+
+class AsyncLegacyHandlerWrapper(LegacyHandlerWrapper):
+    """:class:`LegacyHandlerWrapper` of a handler with an ``async_save``, which it calls."""
+
+    @classmethod
+    def typestr(cls) -> str:
+        return ("orbax.checkpoint._src.handlers.composite_checkpoint_handler."
+                "_AsyncLegacyCheckpointHandlerWrapper")
+
+    async def async_save(self, directory: Any, args: Any = None) -> Any:
+        a, kw = self._split(args)
+        return await self.handler.async_save(directory, *a, **kw)
+
+
+register_with_handler(LegacyHandlerWrapper, for_save=True, for_restore=True)(LegacyArgs)
+
+
+def _needs_legacy_wrapper(handler: Any) -> bool:
+    """Whether ``handler`` is one of Orbax's interface with no save and restore args
+    registered for it (Orbax's checkpointers then wrap it, passing arguments through)."""
+    pair = args_classes_for(type(handler))
+    return not is_native(handler) and not isinstance(handler, (
+        CompositeCheckpointHandler, LegacyHandlerWrapper)) and not (
+        "save" in pair and "restore" in pair)
 
 
 def _record_statistics(meta: fmt.StepMetadata, stats: dict[str, Any], t_write: float,
@@ -258,6 +357,8 @@ class AsyncCheckpointer:
             raise InvalidArgumentError(
                 f"{handler!r} is not a CheckpointHandler: neither ckpt_async's nor one with "
                 "Orbax's save and restore methods")
+        if _needs_legacy_wrapper(handler):  # (duck-typed, as any handler of Orbax's interface)
+            handler = LegacyHandlerWrapper.of(handler)  # type: ignore[assignment]
         self.handler = handler
         self._dir_mode: int | None = getattr(_orbax_options.get("file_options"),
                                              "path_permission_mode", None)
@@ -298,6 +399,9 @@ class AsyncCheckpointer:
         self._check_open("save to", directory)
         self.check_for_errors()
         path = as_path(directory)
+        if isinstance(self.handler, LegacyHandlerWrapper) and not isinstance(
+                args, CheckpointArgs):  # (the arguments go to the handler as they are)
+            args = LegacyArgs(*(() if args is None else (args,)), *items, **legacy)
         for name in ("item", "state"):  # (Orbax's legacy keywords for the item itself)
             if args is None and not items and name in legacy:
                 items = (legacy.pop(name),)
@@ -717,6 +821,8 @@ class AsyncCheckpointer:
         path = await _committed(directory)
         if args is not None and not isinstance(args, CheckpointArgs):
             items, args = (args, *items), None
+        if isinstance(self.handler, LegacyHandlerWrapper) and args is None:
+            args = LegacyArgs(*items, **legacy)  # (the arguments go to the handler as they are)
         if args is None and (items or legacy):
             args = make_args(self.handler, "restore", items[0] if items else None, legacy,
                              path)

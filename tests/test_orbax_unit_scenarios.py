@@ -6,6 +6,8 @@ Orbax does. Real TensorStore on ``tmp_path``; nothing mocked."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import orbax.checkpoint as orbax
@@ -80,3 +82,55 @@ def test_a_target_leaf_where_the_checkpoint_has_an_empty_node_comes_back_none(
             assert_bits_equal(out["b"], state["b"])
             assert_bits_equal(out["c"]["a"], state["c"]["a"])
             assert out["b"].sharding == state["b"].sharding
+
+
+def _legacy_handlers(lib, calls):
+    """Handlers written to Orbax's older interface, with no args registered for them
+    (Orbax's checkpointer tests' ``MyCheckpointHandler``): a synchronous one, and an
+    asynchronous one. Each records the calls it gets in ``calls``."""
+    class Legacy(lib.CheckpointHandler):
+        def save(self, directory, item, extra_args=None):
+            calls.append(("save", item, extra_args))
+            (directory / "item.txt").write_text(repr(item))
+
+        def restore(self, directory, item=None, extra_args=None):
+            return ("restored", (directory / "item.txt").read_text(), item, extra_args)
+
+    class LegacyAsync(lib.AsyncCheckpointHandler):
+        async def async_save(self, directory, item, extra_args=None):
+            calls.append(("async_save", item, extra_args))
+            return []
+
+        def save(self, directory, item, extra_args=None):
+            calls.append(("save", item, extra_args))
+
+        def restore(self, directory, item=None, extra_args=None):
+            return ("restored", item, extra_args)
+
+    return {"sync": Legacy, "async": LegacyAsync}
+
+
+@pytest.mark.parametrize(("ckptr", "kind"), [("Checkpointer", "sync"), ("Checkpointer", "async"),
+                                             ("AsyncCheckpointer", "async")])
+def test_a_handler_with_no_registered_args_gets_the_checkpointers_arguments(
+        tmp_path, ckptr, kind):
+    # Orbax's checkpointers wrap a handler that has no CheckpointArgs registered and pass
+    # save's and restore's arguments through to it (checkpointer_test_utils' test_legacy_api):
+    # ckpt_async raised "needs explicit args= for save".
+    results = {}
+    for name, lib in LIBS.items():
+        path = epath.Path(tmp_path / name / "ckpt")
+        calls: list = []
+        with getattr(lib, ckptr)(_legacy_handlers(lib, calls)[kind]()) as ck:
+            ck.save(path, {"a": 1}, {"special_args": True})
+            if ckptr == "AsyncCheckpointer":
+                ck.wait_until_finished()
+            results[name] = (
+                [call[1:] for call in calls],  # (the sync Checkpointer: save, async_save in ours)
+                json.loads((path / "_CHECKPOINT_METADATA").read_text())["item_handlers"],
+                ck.restore(path),
+                ck.restore(path, {"b": 2}, extra_args=3),
+                ck.restore(path, item={"c": 4}),
+                (path / "item.txt").exists())
+    assert results["ckpt_async"] == results["orbax"]
+    assert results["orbax"][0] == [({"a": 1}, {"special_args": True})]

@@ -241,7 +241,7 @@ class AsyncCheckpointHandler(CheckpointHandler):
         return [await rt.run(start)]
 
 
-def _overrides_async_save(cls: type) -> bool:
+def overrides_async_save(cls: type) -> bool:
     """Whether ``cls`` has an ``async_save`` of its own (Orbax's interface), not ours."""
     found = getattr(cls, "async_save", None)
     return found is not None and found is not AsyncCheckpointHandler.async_save
@@ -253,7 +253,7 @@ def is_native(handler: Any) -> bool:
     cls = type(handler)
     return (isinstance(handler, CheckpointHandler) and cls.stage is not CheckpointHandler.stage
             and all(_awaitable(getattr(cls, m)) for m in ("save", "restore", "metadata"))
-            and cls.finalize is CheckpointHandler.finalize and not _overrides_async_save(cls))
+            and cls.finalize is CheckpointHandler.finalize and not overrides_async_save(cls))
 
 
 def class_typestr(cls: type) -> str:
@@ -301,7 +301,7 @@ class _OrbaxStyle(AsyncCheckpointHandler):
             if finalize_override:
                 await rt.to_own_thread(inner.finalize, directory)
 
-        async_save = getattr(inner, "async_save", None) if _overrides_async_save(type(inner)) \
+        async_save = getattr(inner, "async_save", None) if overrides_async_save(type(inner)) \
             else None
         if isinstance(inner, CheckpointHandler) and type(inner).stage is not CheckpointHandler.stage \
                 and _awaitable(type(inner).save) and async_save is None:
