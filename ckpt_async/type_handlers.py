@@ -321,7 +321,9 @@ class ScalarHandler(NumpyHandler):
         if isinstance(rtype, type) and (rtype in (int, float, bool, complex)
                                         or issubclass(rtype, np.generic)):
             return rtype(arr.item())
-        return arr[()] if arr.ndim == 0 else arr
+        # (a Python scalar, as Orbax's gives it: the pytree handlers bring back the type each
+        # scalar was saved as themselves)
+        return arr.item() if arr.ndim == 0 else arr
 
 
 class ArrayHandler(_ArrayLike):

@@ -6,6 +6,7 @@ Orbax does. Real TensorStore on ``tmp_path``; nothing mocked."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import jax
@@ -134,3 +135,30 @@ def test_a_handler_with_no_registered_args_gets_the_checkpointers_arguments(
                 (path / "item.txt").exists())
     assert results["ckpt_async"] == results["orbax"]
     assert results["orbax"][0] == [({"a": 1}, {"special_args": True})]
+
+
+def test_a_scalar_handler_of_ones_own_restores_python_scalars(tmp_path):
+    # A ScalarHandler subclass in a handler's own type handler registry (Orbax's
+    # test_local_registry) writes the ints; they come back as Python ints, as Orbax's
+    # ScalarHandler gives them, also through ScalarHandler.deserialize itself. ckpt_async
+    # gave NumPy scalars (np.int64(4)).
+    out = {}
+    for name, lib in LIBS.items():
+        class PlusOne(lib.type_handlers.ScalarHandler):
+            async def serialize(self, values, infos, args=None):
+                return await super().serialize([v + 1 for v in values], infos, args)
+
+        registry = lib.type_handlers.create_type_handler_registry((int, PlusOne()))
+        handler = lib.PyTreeCheckpointHandler(type_handler_registry=registry)
+        path = epath.Path(tmp_path / name)
+        handler.save(path, args=lib.args.PyTreeSave({"a": 3, "b": [7, -2]}))
+        handler.finalize(path)
+        out[name] = handler.restore(path)
+    # ScalarHandler on its own, read without restore args: a Python int too (ckpt_async's
+    # own, on what it wrote).
+    info = ocp.type_handlers.ParamInfo(name="seven", parent_dir=tmp_path / "own")
+    asyncio.run(ocp.type_handlers.ScalarHandler().serialize([7], [info]))
+    (seven,) = asyncio.run(ocp.type_handlers.ScalarHandler().deserialize([info]))
+    assert type(seven) is int and seven == 7
+    assert out["ckpt_async"] == out["orbax"] == {"a": 4, "b": [8, -1]}
+    assert all(type(v) is int for v in jax.tree.leaves(out["ckpt_async"]))
