@@ -162,3 +162,22 @@ def test_a_scalar_handler_of_ones_own_restores_python_scalars(tmp_path):
     assert type(seven) is int and seven == 7
     assert out["ckpt_async"] == out["orbax"] == {"a": 4, "b": [8, -1]}
     assert all(type(v) is int for v in jax.tree.leaves(out["ckpt_async"]))
+
+
+def test_scalar_metadata_is_made_with_a_dtype_alone_and_gives_restore_args(mesh):
+    # Orbax's checkpoint_utils test builds ScalarMetadata(name=..., directory=..., dtype=...)
+    # (shape () and no sharding by default) and gives such a tree to
+    # construct_restore_args; ckpt_async's ScalarMetadata wanted shape and sharding.
+    out = {}
+    for name, lib in LIBS.items():
+        md = lib.metadata
+        scalar = md.ScalarMetadata(name="", directory=None, dtype=np.int32)
+        assert scalar.shape == () and scalar.sharding is None
+        tree = {"a": scalar,
+                "b": md.ArrayMetadata(name="", directory=None, shape=(2, 4), sharding=None,
+                                      dtype=np.float64),
+                "d": md.StringMetadata(name="", directory=None)}
+        args = lib.checkpoint_utils.construct_restore_args(tree)
+        out[name] = {k: (type(v).__name__, v.restore_type, v.dtype) for k, v in args.items()}
+    assert out["ckpt_async"] == out["orbax"]
+    assert out["orbax"]["a"] == ("RestoreArgs", int, np.int32)

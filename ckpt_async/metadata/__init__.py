@@ -156,7 +156,12 @@ class ArrayMetadata(Metadata):
 
 @dataclasses.dataclass(frozen=True)
 class ScalarMetadata(ArrayMetadata):
-    """A stored Python or NumPy scalar."""
+    """A stored Python or NumPy scalar: ``ScalarMetadata(name=..., directory=...,
+    dtype=...)``, its shape ``()`` and no sharding unless given, as Orbax's."""
+
+    shape: tuple[int, ...] = ()
+    sharding: Any = None
+    dtype: np.dtype = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return (
