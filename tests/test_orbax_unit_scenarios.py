@@ -181,3 +181,24 @@ def test_scalar_metadata_is_made_with_a_dtype_alone_and_gives_restore_args(mesh)
         out[name] = {k: (type(v).__name__, v.restore_type, v.dtype) for k, v in args.items()}
     assert out["ckpt_async"] == out["orbax"]
     assert out["orbax"]["a"] == ("RestoreArgs", int, np.int32)
+
+
+@pytest.mark.parametrize("lib", [orbax, ocp], ids=["orbax", "ckpt_async"])
+def test_a_handler_that_needs_arguments_is_refused_by_the_registry_with_a_value_error(lib):
+    """Registering args whose handler class cannot be made without arguments (given as the
+    class, or found from the args) is a ValueError naming the item; an instance registers."""
+
+    class NeedsArgs(lib.handlers.JsonCheckpointHandler):
+        def __init__(self, prefix):
+            super().__init__()
+            self.prefix = prefix
+
+    registry = lib.handlers.DefaultCheckpointHandlerRegistry()
+    with pytest.raises(ValueError, match="state"):
+        registry.add("state", lib.args.JsonSave, NeedsArgs)
+    registry.add("state", lib.args.JsonSave, NeedsArgs("x"))
+    assert registry.get("state", lib.args.JsonSave).prefix == "x"
+    if lib is ocp:
+        with pytest.raises(ocp.errors.HandlerError, match="NeedsArgs cannot be made"):
+            ocp.handlers.DefaultCheckpointHandlerRegistry().add("s", ocp.args.JsonSave,
+                                                               NeedsArgs)

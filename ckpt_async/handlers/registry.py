@@ -19,8 +19,16 @@ from ..errors import HandlerError, MissingKeyError
 from .base import CheckpointHandler, class_typestr
 
 
-def _new_handler(cls: type) -> CheckpointHandler:
-    return cls()
+def _construct(cls: type, item: str | None, args: type | None) -> CheckpointHandler:
+    """``cls()`` for a registry entry: HandlerError (a ValueError, as Orbax raises) where the
+    class needs arguments, saying to register an instance."""
+    try:
+        return cls()
+    except TypeError as exc:
+        raise HandlerError(
+            f"cannot register item={item!r}, args_type={getattr(args, '__name__', args)}: "
+            f"{cls.__name__} cannot be made without arguments ({exc}); register an instance "
+            "of it as the handler") from exc
 
 
 def handler_for_typestr(typestr: str) -> CheckpointHandler | None:
@@ -104,9 +112,9 @@ class DefaultCheckpointHandlerRegistry:
             if cls is None:
                 raise HandlerError(f"no handler is known for args type {args!r}; pass one")
             current = self._handlers.get(item) if item is not None else None
-            handler = current if isinstance(current, cls) else cls()
+            handler = current if isinstance(current, cls) else _construct(cls, item, args)
         elif isinstance(handler, type):
-            handler = handler()
+            handler = _construct(handler, item, args)
         if item is not None:  # (general entries, of item None, lock no item in)
             current = self._handlers.get(item)
             if current is not None and type(current) is not type(handler):
