@@ -41,11 +41,13 @@ def register_with_handler(
             raise InvalidTypeError(f"{args_cls} must subclass CheckpointArgs in order to be "
                                    f"registered with {handler_cls.__name__}")
         _HANDLER_FOR_ARGS[args_cls] = handler_cls
+        # (the first args class registered for each kind stays the handler's, as in Orbax:
+        # another registered later, e.g. one's own for a built-in handler, does not replace it)
         pair = _ARGS_FOR_HANDLER.setdefault(handler_cls, {})
         if for_save:
-            pair["save"] = args_cls
+            pair.setdefault("save", args_cls)
         if for_restore:
-            pair["restore"] = args_cls
+            pair.setdefault("restore", args_cls)
         return args_cls
 
     return deco

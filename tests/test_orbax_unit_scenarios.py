@@ -202,3 +202,17 @@ def test_a_handler_that_needs_arguments_is_refused_by_the_registry_with_a_value_
         with pytest.raises(ocp.errors.HandlerError, match="NeedsArgs cannot be made"):
             ocp.handlers.DefaultCheckpointHandlerRegistry().add("s", ocp.args.JsonSave,
                                                                NeedsArgs)
+
+
+@pytest.mark.parametrize("lib", [orbax, ocp], ids=["orbax", "ckpt_async"])
+def test_the_first_args_registered_with_a_handler_stay_its_args(lib):
+    """Args of one's own registered with a handler that has args already (here a built-in
+    one) are taken for that handler, but the handler's registered args stay the first."""
+
+    @lib.args.register_with_handler(lib.StandardCheckpointHandler, for_save=True)
+    class MyStandardSave(lib.args.StandardSave):
+        pass
+
+    assert lib.args.get_registered_handler_cls(MyStandardSave) is lib.StandardCheckpointHandler
+    assert lib.args.get_registered_args_cls(lib.StandardCheckpointHandler) == (
+        lib.args.StandardSave, lib.args.StandardRestore)
