@@ -860,8 +860,10 @@ class DatabaseWriter:
     """
 
     def __init__(self, root: Path, *, direct: bool = False, watch: bool = False,
-                 data_base: str = "") -> None:
+                 data_base: str = "", db_uuid: str | None = None) -> None:
         self.root = root
+        #: The database's uuid, in its manifest (random unless given).
+        self.db_uuid = db_uuid or uuid.uuid4().hex
         self.data_base = data_base
         #: Data files written past the page cache (``O_DIRECT``, see :func:`_write_direct`):
         #: from the start, or once the page cache was found slow.
@@ -973,7 +975,7 @@ class DatabaseWriter:
                 raise ValueError(f"{self.root}: key {a[0].decode()!r} written twice")
         node_file = _new_file()
         nodes, root, height = encode_tree(entries, node_file)
-        head = manifest(root, height, uuid.uuid4().hex)
+        head = manifest(root, height, self.db_uuid)
         self.hint = IndexHint(crc32(head), node_file, crc32(nodes), len(nodes),
                               root.where[1], root.where[2], height)
         self._make_dirs("")

@@ -24,6 +24,7 @@ import mmap
 import os
 import re
 import threading
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,10 +169,12 @@ def _for_reading(base: dict[str, Any]) -> dict[str, Any]:
 
 
 def kvstore_spec(item_dir: AnyPath, *, use_ocdbt: bool, write: bool,
-                 file_size: int = TARGET_DATA_FILE_SIZE) -> dict[str, Any]:
+                 file_size: int = TARGET_DATA_FILE_SIZE,
+                 db_uuid: str | None = None) -> dict[str, Any]:
     """The kvstore holding an item's arrays; for OCDBT, the item directory's database (on the
     local filesystem, or on an object store's key prefix for a StorePath), writing data files
-    of about ``file_size`` bytes."""
+    of about ``file_size`` bytes. ``db_uuid``: the database's own (its writer's, see
+    :class:`ItemWriter`): a commit into a database of another uuid fails (:func:`lost_race`)."""
     base = kvstore_base(item_dir)
     if not write:
         base = _for_reading(base)
@@ -190,6 +193,8 @@ def kvstore_spec(item_dir: AnyPath, *, use_ocdbt: bool, write: bool,
             "max_decoded_node_bytes": 1_000_000,
             "manifest_kind": "single",
         }
+        if db_uuid is not None:
+            spec["config"]["uuid"] = db_uuid
         spec["assume_config"] = True
         spec["target_data_file_size"] = file_size
     return spec
@@ -211,6 +216,20 @@ def process_dir(index: int, lane: int = 0) -> str:
     return f"ocdbt.process_{index}" if lane == 0 else f"ocdbt.process_{index}.{lane}"
 
 
+def lane_dir(lane: int, db_uuid: str) -> str:
+    """The folder of a single process's further OCDBT database ``lane`` inside an item, named
+    for its writer (the start of its ``db_uuid``): two saves into one folder never write into
+    one such database (Orbax reads the item's root database only, which lists where the data
+    lie)."""
+    return f"{process_dir(0, lane)}.{db_uuid[:12]}"
+
+
+def lost_race(exc: BaseException) -> bool:
+    """Whether a TensorStore commit failed on a database another writer made: its manifest
+    has another uuid than the writer's (:func:`kvstore_spec`)."""
+    return isinstance(exc, ValueError) and "Configuration mismatch on uuid" in str(exc)
+
+
 def lane_count(total_bytes: int) -> int:
     """How many OCDBT databases a process writes ``total_bytes`` into."""
     return int(min(MAX_LANES, max(1, total_bytes // LANE_BYTES)))
@@ -224,15 +243,18 @@ async def merge_process_databases(item_dir: AnyPath, count: int) -> None:
                                      for lane in range(MAX_LANES)])
 
 
-async def merge_databases(item_dir: AnyPath, children: list[AnyPath]) -> None:
-    """Merges the OCDBT databases among ``children`` that exist into the item's root one."""
+async def merge_databases(item_dir: AnyPath, children: list[AnyPath],
+                          db_uuid: str | None = None) -> None:
+    """Merges the OCDBT databases among ``children`` that exist into the item's root one
+    (``db_uuid``: that one's, as :func:`kvstore_spec` takes it)."""
     present = await asyncio.gather(*(storage.exists(c / _ocdbt.MANIFEST) for c in children))
     children = [c for c, ok in zip(children, present, strict=True) if ok]
     if not children:
         return  # nothing but documents in this item
     ctx = new_context()
     parent, *kids = await asyncio.gather(
-        ts.KvStore.open(kvstore_spec(item_dir, use_ocdbt=True, write=True), context=ctx),
+        ts.KvStore.open(kvstore_spec(item_dir, use_ocdbt=True, write=True, db_uuid=db_uuid),
+                        context=ctx),
         # (the children opened with the parent's write spec: TensorStore copies a range by
         # reference only between databases whose base kvstores are configured alike)
         *(ts.KvStore.open(kvstore_spec(c, use_ocdbt=True, write=True), context=ctx)
@@ -299,6 +321,7 @@ def array_spec(
     write: bool = False,
     file_size: int = TARGET_DATA_FILE_SIZE,
     fill_missing: bool = False,
+    db_uuid: str | None = None,
 ) -> dict[str, Any]:
     """The zarr driver's spec of stored array ``name``. A read of a chunk that is not there
     fails (a deleted or lost file is damage, not zeros), as Orbax reads a checkpoint whose
@@ -306,7 +329,8 @@ def array_spec(
     true since Orbax 0.5 and in every ckpt_async checkpoint); ``fill_missing``: it reads as
     the fill value instead, as for checkpoints that left such chunks out."""
     if use_ocdbt:
-        kv = kvstore_spec(item_dir, use_ocdbt=True, write=write, file_size=file_size)
+        kv = kvstore_spec(item_dir, use_ocdbt=True, write=write, file_size=file_size,
+                          db_uuid=db_uuid)
         kv["path"] = array_prefix(name)
     else:
         # (a tree that is one bare array: its zarr array is the item's folder itself, as
@@ -340,14 +364,14 @@ class StoredArray:
 async def write_array(
     ctx: ts.Context, item_dir: AnyPath, arr: StoredArray, *, compress: bool = False,
     file_size: int = TARGET_DATA_FILE_SIZE, use_ocdbt: bool = True, use_zarr3: bool = False,
-    metadata_written: bool = False,
+    metadata_written: bool = False, db_uuid: str | None = None,
 ) -> None:
     """Writes ``arr`` into the item's OCDBT database (``use_ocdbt=False``: as a zarr array of
     its own at ``item_dir / arr.name``), as zarr v2 (``use_zarr3``: v3, as Orbax writes it);
     ``metadata_written``: its ``.zarray`` is written already (or in the same commit), only its
-    chunks are written here."""
+    chunks are written here. ``db_uuid``: the database's (:func:`kvstore_spec`)."""
     spec = array_spec(item_dir, arr.name, write=True, file_size=file_size, use_ocdbt=use_ocdbt,
-                      use_zarr3=use_zarr3)
+                      use_zarr3=use_zarr3, db_uuid=db_uuid)
     if use_zarr3:
         spec["metadata"] = _zarr3_metadata(arr.shape, arr.chunks, compress)
         # (zarr v3 has a fill value, 0: a chunk of zeros is stored all the same, as Orbax
@@ -549,6 +573,14 @@ class ItemWriter:
     database, merged into the root one (as Orbax's, even for one process); without it, from
     every process into the same folders (each writes the chunks of its shards).
 
+    Two saves into one folder (direct handler saves, or in place on an object store) never
+    mix their data: every database this writer makes has its uuid (:attr:`db_uuid`), and a
+    commit into one another writer made first fails; a single process's further databases
+    are folders of its own (:func:`lane_dir`), merged into the root one before the item's
+    documents are written. The save whose root database comes second raises
+    StepAlreadyExistsError (:meth:`race_error`) and removes what it can tell is its own
+    (:meth:`discard`).
+
     Call order: :meth:`write` for each batch (concurrently), then :meth:`finish` once.
     :meth:`expect_batches` (optional, any time before :meth:`finish`) says how many batches
     there will be: once the last one's keys have their places in :attr:`db`, its B+tree is
@@ -566,6 +598,11 @@ class ItemWriter:
         self.db: _ocdbt.DatabaseWriter | None = None
         self._may_go_direct = False
         self.use_ocdbt, self.use_zarr3 = use_ocdbt, use_zarr3
+        #: The uuid of every OCDBT database this writer makes (:func:`kvstore_spec`).
+        self.db_uuid = uuid.uuid4().hex
+        #: Set once this writer found another save's database in its place (a lost race).
+        self.lost_race = False
+        self._discarded = False
         #: Whether the layout is another of Orbax's than its default (OCDBT and zarr v2):
         #: written through the zarr driver alone, in one database per process at most.
         self.other_layout = not use_ocdbt or use_zarr3
@@ -583,11 +620,18 @@ class ItemWriter:
                 item_dir if process_index is None else item_dir / process_dir(process_index),
                 direct=may_go_direct and total_bytes >= DIRECT_IO_MIN_BYTES,
                 watch=may_go_direct and total_bytes >= WATCH_MIN_BYTES,
-                data_base=f"{process_dir(0)}/" if process_index is None else "")
+                data_base=f"{process_dir(0)}/" if process_index is None else "",
+                db_uuid=self.db_uuid)
             lanes, first_lane = min(lanes, MAX_LANES - 1), 1
+        #: Whether :attr:`dirs` are this save's own folders (:func:`lane_dir`).
+        self._own_dirs = False
         if not use_ocdbt or (lanes == 1 and process_index is None and self.db is None
                              and not self.other_layout):
             self.dirs = [item_dir]
+        elif process_index is None and not self.other_layout:
+            self._own_dirs = True
+            self.dirs = [item_dir / lane_dir(first_lane + i, self.db_uuid)
+                         for i in range(lanes)]
         else:
             self.dirs = [item_dir / process_dir(process_index or 0, first_lane + i)
                          for i in range(lanes)]
@@ -641,7 +685,7 @@ class ItemWriter:
         async with self._kv_lock:
             if lane not in self._kv:
                 spec = kvstore_spec(self.dirs[lane], use_ocdbt=True, write=True,
-                                    file_size=self.file_size)
+                                    file_size=self.file_size, db_uuid=self.db_uuid)
                 self._kv[lane] = await ts.KvStore.open(spec, context=self.ctx)
             return self._kv[lane]
 
@@ -774,6 +818,25 @@ class ItemWriter:
         1.28-1.31 s.)"""
         lane = self._load.index(min(self._load))
         self._used.add(lane)
+        try:
+            await self._write_to(lane, batch)
+        except Exception as exc:
+            if lost_race(exc):
+                raise self.race_error(self.dirs[lane]) from exc
+            raise
+
+    def race_error(self, database: AnyPath) -> StepAlreadyExistsError:
+        """The error of a lost race: another save made the OCDBT database at ``database`` (in
+        the item) while this one wrote its data."""
+        self.lost_race = True
+        where = _ocdbt.MANIFEST if database == self._item_dir else \
+            f"{str(database)[len(str(self._item_dir)) + 1:]}/{_ocdbt.MANIFEST}"
+        return StepAlreadyExistsError(
+            f"{self._item_dir} already holds a checkpoint item: another save made its {where} "
+            "while this one wrote its data (two saves into one folder); this save was "
+            "abandoned and its own files there are removed")
+
+    async def _write_to(self, lane: int, batch: list[tuple[StoredArray, str | None]]) -> None:
         if self.other_layout:
             for arr, _zdtype in batch:
                 self._load[lane] += arr.nbytes
@@ -806,24 +869,47 @@ class ItemWriter:
         await gather_all(others)
 
     async def finish(self) -> None:
-        """After every :meth:`write`: completes :attr:`db` (its B+tree and manifest). With
-        several processes, each then fsyncs its own database: the primary's fsync of the
-        whole checkpoint before the commit reaches another host's page cache only as far as
-        the shared file system carries it. (One process leaves its files to that pass.)"""
+        """After every :meth:`write`: completes :attr:`db` (its B+tree and manifest), and with
+        one process merges :attr:`merged` into the item's root database (before the item's
+        documents are written: a save that lost a race never writes them). With several
+        processes, each then fsyncs its own database: the primary's fsync of the whole
+        checkpoint before the commit reaches another host's page cache only as far as the
+        shared file system carries it. (One process leaves its files to that pass.)"""
         with self._count_lock:
             self._start_finish()
-        if self._finishing is not None:
-            try:
+        try:
+            if self._finishing is not None:
                 await asyncio.wrap_future(self._finishing)
-            except StepAlreadyExistsError:
-                # (another save into this folder made its database first: this save's data
-                # files go, once every write to them ended)
-                await self.settle()
-                assert self.db is not None
-                await get_runtime().to_thread(self.db.discard)
-                raise
+            if self._process_index is None and self.merged:
+                try:
+                    await merge_databases(self._item_dir, self.merged, self.db_uuid)
+                except Exception as exc:
+                    if lost_race(exc):
+                        raise self.race_error(self._item_dir) from exc
+                    raise
+        except StepAlreadyExistsError:
+            # (another save into this folder made its database first: this save's files
+            # go, once every write to them ended)
+            self.lost_race = True
+            await self.discard()
+            raise
         if self.db is not None and self._process_index is not None:
             await storage.fsync_tree(self.db.root)
+
+    async def discard(self) -> None:
+        """After a lost race (:attr:`lost_race`): waits for every write this writer started,
+        then removes what is its own: :attr:`db`'s data files and its own databases'
+        folders (:func:`lane_dir`). (What TensorStore wrote into a database the other save
+        made, the item's root or Orbax's ``ocdbt.process_0`` of zarr v3, has names no one
+        records: left there, unreferenced.)"""
+        await self.settle()
+        if self._discarded:
+            return
+        self._discarded = True
+        if self.db is not None:
+            await get_runtime().to_thread(self.db.discard)
+        if self._own_dirs:
+            await asyncio.gather(*(storage.rmtree(d) for d in self.dirs))
 
     async def settle(self) -> None:
         """Waits for every thread and TensorStore write this writer started, whatever their
@@ -851,7 +937,8 @@ class ItemWriter:
             get_runtime().to_thread(checksum),
             write_array(self.ctx, self.dirs[lane], arr, compress=self.compress,
                         file_size=self.file_size, metadata_written=metadata_written,
-                        use_ocdbt=self.use_ocdbt, use_zarr3=self.use_zarr3)])
+                        use_ocdbt=self.use_ocdbt, use_zarr3=self.use_zarr3,
+                        db_uuid=self.db_uuid)])
         self.checksums[arr.name] = sums
 
 

@@ -367,10 +367,8 @@ def test_what_only_tensorstore_writes_is_merged_into_our_database(tmp_path):
         await writer.write([ser.StoredArray(n, a.shape, a.dtype, a.shape,
                                             ((tuple(slice(None) for _ in a.shape), a),))
                             for n, a in arrays.items()])
-        await writer.finish()
-        assert writer.merged == [tmp_path / ser.process_dir(0, 1)]
-        assert {k.split("/")[0] for k in _read_all(tmp_path)} == {"f"}
-        await ser.merge_databases(tmp_path, writer.merged)
+        await writer.finish()  # (our database, then the lane's merged into it)
+        assert writer.merged == [tmp_path / ser.lane_dir(1, writer.db_uuid)]
         assert {k.split("/")[0] for k in _read_all(tmp_path)} == {"f", "i4"}
         ctx = ser.new_context()
         return {n: await ser.read_into_buffer(ctx, await ser.open_array(

@@ -112,9 +112,12 @@ def test_a_save_written_in_several_databases_restores_in_orbax(tmp_path, mesh, m
         ckptr.save(tmp_path / "c", state)
         ckptr.wait_until_finished()
         assert_state_equal(ckptr.restore(tmp_path / "c", abstract(state)), state)
-    # (ocdbt.process_0/ holds the data files of ckpt_async's own database)
+    # (ocdbt.process_0/ holds the data files of ckpt_async's own database; the lanes are
+    # named for their save's writer, ocdbt.process_0.<lane>.<its uuid's start>)
     lanes = sorted(p.name for p in (tmp_path / "c").iterdir() if p.name.startswith("ocdbt."))
-    assert lanes == [_serialize.process_dir(0, i) for i in range(len(lanes))]
+    token = lanes[-1].rsplit(".", 1)[1]
+    assert lanes == [_serialize.process_dir(0)] + [
+        _serialize.lane_dir(i, token) for i in range(1, len(lanes))]
     assert len(lanes) > 2
     with orbax.StandardCheckpointer() as ockptr:
         out = ockptr.restore(tmp_path / "c", abstract(state))

@@ -210,8 +210,10 @@ def test_batches_spread_over_lanes_and_merge_into_the_root_database(tmp_path, mo
     for name, arr in arrays.items():
         np.testing.assert_array_equal(out[name], arr)
     index = [0] if processes is None else list(range(processes))
+    # (one process: folders of the writer's own, named for it; else Orbax's, per process)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ocdbt.")) == sorted(
-        ser.process_dir(i, lane) for i in index for lane in range(3))
+        ser.lane_dir(lane, writers[0].db_uuid) if processes is None else ser.process_dir(i, lane)
+        for i in index for lane in range(3))
     assert all(len(w.dirs) == 3 and w.merged == w.dirs for w in writers)
 
 

@@ -447,6 +447,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
                 # that stopped answering keeps retrying: its checkpointer waits for them only
                 # a while, ABORT_GRACE_SECS, before the directory goes)
                 await abort([building], settle=not isinstance(exc, asyncio.CancelledError))
+                if writer.lost_race:  # (another save's item is there: its own files go)
+                    await writer.discard()
                 raise
             # (with several processes the primary merges their checksums when finalizing)
             docs[_integrity.partial_checksums_name(roles.index) if roles.multi
@@ -458,8 +460,6 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
             if roles.multi:
                 await ser.merge_process_databases(directory, roles.count)
                 await _integrity.merge_partial_checksums(directory, roles.count)
-            elif writer.merged:
-                await ser.merge_databases(directory, writer.merged)
 
         return Writer(write, nbytes, len(to_stage), finalize, abort)
 
