@@ -116,7 +116,9 @@ async def _create_tmp(path: AnyPath, clear_leftovers: bool, mode: int | None = N
         raise StepAlreadyExistsError(
             f"{path} holds objects but no committed checkpoint (an unfinished save, a "
             "manager's directory, other data); pass force=True to replace them")
-    tmp = await _commit.create_tmp(path)
+    # (not cleared where it was found empty: objects there now are another save's, begun
+    # since, which a removal would cut from under it; the race for the item decides)
+    tmp = await _commit.create_tmp(path, clear=clear_leftovers)
     if mode is not None and isinstance(tmp, Path):  # (masked by the umask, as mkdir's mode)
         await get_runtime().to_thread(os.chmod, tmp, mode & ~_umask())
     return tmp
@@ -700,7 +702,10 @@ class AsyncCheckpointer:
                 ABORT_GRACE_SECS, max(timeout, ABORT_GRACE_MIN_SECS))
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(writer.abort(), grace)
-            if primary:  # (shielded: a removal that takes longer goes on in the background)
+            # (in place, on an object store, a save that lost the race for an item's database
+            # to another save of this path leaves that one's objects alone: its own are gone)
+            lost = isinstance(exc, StepAlreadyExistsError) and tmp == path
+            if primary and not lost:  # (shielded: a longer removal goes on in the background)
                 with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                     await asyncio.wait_for(_commit.abort(tmp), grace)
             if isinstance(exc, concurrent.futures.CancelledError):

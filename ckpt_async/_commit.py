@@ -62,12 +62,13 @@ async def scan(directory: AnyPath) -> tuple[list[str], set[str]]:
     return names, visible
 
 
-async def create_tmp(final: AnyPath) -> AnyPath:
+async def create_tmp(final: AnyPath, clear: bool = True) -> AnyPath:
     """Where a save of ``final`` writes: a new temporary directory, or, on an object store,
     ``final`` itself, cleared first (unlisted, then removed: leftovers of an unfinished save, or
-    the checkpoint a forced save replaces). Locally, Orbax's own temporary directory for
-    ``final`` (``<name>.orbax-checkpoint-tmp``, the leftover of a save of it that did not
-    finish) is removed first, as Orbax removes it."""
+    the checkpoint a forced save replaces) unless ``clear`` is false (the caller found no
+    object there: what is there now is another save's of the same path, which began since).
+    Locally, Orbax's own temporary directory for ``final`` (``<name>.orbax-checkpoint-tmp``,
+    the leftover of a save of it that did not finish) is removed first, as Orbax removes it."""
     if storage.has_rename(final):
         tmp = tmp_path_for(final)
         try:
@@ -82,7 +83,8 @@ async def create_tmp(final: AnyPath) -> AnyPath:
         except OSError as exc:  # (a directory that cannot be written: as check_writable says)
             raise storage.not_created(tmp, exc) from exc
         return tmp
-    await storage.rmtree(final)
+    if clear:
+        await storage.rmtree(final)
     return final
 
 

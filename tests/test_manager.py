@@ -103,8 +103,8 @@ class StartGate:
         self.release: dict[str, threading.Event] = {}
         real = ca_commit.create_tmp
 
-        async def create_tmp(final):
-            tmp = await real(final)
+        async def create_tmp(final, clear=True):
+            tmp = await real(final, clear)
             if final.name in self.release:
                 self.started[final.name].set()
                 await asyncio.to_thread(self.release[final.name].wait, LIMIT_S)
@@ -537,8 +537,8 @@ def test_a_save_cancelled_while_its_directory_is_made_leaves_none(tmp_path, monk
     real = ca_commit.create_tmp
     made = threading.Event()  # (set on the engine loop, read on this test's own)
 
-    async def create_tmp(final):
-        tmp = await real(final)
+    async def create_tmp(final, clear=True):
+        tmp = await real(final, clear)
         made.set()
         await asyncio.sleep(0.5)  # (the caller is cancelled here, the directory made)
         return tmp
