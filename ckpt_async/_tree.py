@@ -290,18 +290,20 @@ def tree_from_key_metadata(entries: Sequence[tuple[list[fmt.KeyEntry], Any]], *,
 
 
 def target_leaves(
-    target: Any,
+    target: Any, kinds: list[list[int]] | None = None,
 ) -> tuple[list[tuple[str, str, Any]], Callable[[Sequence[Any]], Any]]:
     """Flattens a restore target: ``(tuple_key, name, leaf)`` and a function rebuilding it.
 
     None, empty containers and empty nodes are kept as leaves so a target may mirror them.
+    ``kinds``: a list each leaf's key types (1 sequence, 2 dict, as ``_METADATA`` has them)
+    are appended to, in the leaves' order.
     """
-    paths, rebuild = target_paths(target)
+    paths, rebuild = target_paths(target, kinds)
     return [(tuple_key(keys), name, leaf) for keys, name, leaf in paths], rebuild
 
 
 def target_paths(
-    target: Any,
+    target: Any, kinds: list[list[int]] | None = None,
 ) -> tuple[list[tuple[tuple[str, ...], str, Any]], Callable[[Sequence[Any]], Any]]:
     """:func:`target_leaves` with each leaf's keys as a tuple of strings."""
 
@@ -315,11 +317,21 @@ def target_paths(
         # jax sorts dict keys and cannot order a dict mixing str and int keys; our walk can.
         leaves, skeleton = flatten(target)
         out = [(tuple(map(str, leaf.keys)), leaf.name, leaf.value) for leaf in leaves]
+        if kinds is not None:
+            kinds.extend(list(leaf.key_types) for leaf in leaves)
         return out, lambda values: unflatten(skeleton, values.__getitem__)
     out = []
+    # (the key types of a path, by the types of its entries: a few kinds of path per tree,
+    # each one's list shared by its leaves)
+    by_entry_types: dict[tuple[type, ...], list[int]] = {}
     for path, leaf in pairs:
         keys = tuple(str(_key_of(p)[0]) for p in path)
         out.append((keys, ".".join(keys), leaf))
+        if kinds is not None:
+            entry_types = tuple(map(type, path))
+            if (path_kinds := by_entry_types.get(entry_types)) is None:
+                path_kinds = by_entry_types[entry_types] = [_key_of(p)[1] for p in path]
+            kinds.append(path_kinds)
     return out, lambda values: jax.tree_util.tree_unflatten(treedef, values)
 
 
@@ -342,11 +354,13 @@ def args_off_the_tree(args_tree: Any, item: Any, kind: type) -> tuple[list[str],
 _CONTAINER_NAMES = {fmt.KEY_SEQUENCE: "a list or tuple", fmt.KEY_DICT: "a dict"}
 
 
-def _containers(target: Any, saved: Iterable[Sequence[fmt.KeyEntry]]) -> tuple[
+def _containers(target: Any, saved: Iterable[Sequence[fmt.KeyEntry]],
+                leaves: list[Leaf] | None = None) -> tuple[
         dict[tuple[str, ...], int], dict[tuple[str, ...], int],
         dict[tuple[str, ...], int], dict[tuple[str, ...], int]]:
-    """The nodes of ``target`` and of the checkpoint (``saved``: its leaves' key metadata),
-    by their key paths as strings: each one's key type, and each sequence's length."""
+    """The nodes of ``target`` (``leaves``: its leaves, if flattened already) and of the
+    checkpoint (``saved``: its leaves' key metadata), by their key paths as strings: each
+    one's key type, and each sequence's length."""
     kinds: dict[tuple[str, ...], int] = {}  # (the checkpoint's nodes: their key type)
     lengths: dict[tuple[str, ...], int] = {}
     for key_meta in saved:
@@ -357,7 +371,7 @@ def _containers(target: Any, saved: Iterable[Sequence[fmt.KeyEntry]]) -> tuple[
                 lengths[node] = max(lengths.get(node, 0), int(entry.key) + 1)
     wanted_kinds: dict[tuple[str, ...], int] = {}
     wanted_lengths: dict[tuple[str, ...], int] = {}
-    for leaf in flatten(target)[0]:
+    for leaf in flatten(target)[0] if leaves is None else leaves:
         for depth, (key, key_type) in enumerate(zip(leaf.keys, leaf.key_types, strict=True)):
             node = tuple(map(str, leaf.keys[:depth]))
             wanted_kinds[node] = key_type
@@ -366,9 +380,28 @@ def _containers(target: Any, saved: Iterable[Sequence[fmt.KeyEntry]]) -> tuple[
     return wanted_kinds, wanted_lengths, kinds, lengths
 
 
-def _kinds_differ(node: tuple[str, ...], kind: int, saved_kind: int) -> str:
-    return (f"the target has {_CONTAINER_NAMES.get(kind, kind)} at {node!r}, the checkpoint "
+def _kinds_differ(node: tuple[str, ...], kind: int, saved_kind: int,
+                  sides: tuple[str, str] = ("the target has", "the checkpoint")) -> str:
+    return (f"{sides[0]} {_CONTAINER_NAMES.get(kind, kind)} at {node!r}, {sides[1]} "
             f"{_CONTAINER_NAMES.get(saved_kind, saved_kind)}")
+
+
+def kinds_differ_at(key_meta: Sequence[fmt.KeyEntry], kinds: Sequence[int],
+                    sides: tuple[str, str] = ("the target has", "the checkpoint")) -> str:
+    """Where a target's leaf whose key types are ``kinds`` and the checkpoint's entry of the
+    same keys (``key_meta``) part: the node that is a dict on one side and a list or tuple
+    on the other, said as :func:`container_mismatch` says it (``sides``: how the two are
+    named)."""
+    depth = next(d for d, (entry, kind) in enumerate(zip(key_meta, kinds, strict=True))
+                 if entry.key_type != kind)
+    return _kinds_differ(tuple(e.key for e in key_meta[:depth]), kinds[depth],
+                         key_meta[depth].key_type, sides)
+
+
+def is_empty_value(x: Any) -> bool:
+    """An empty dict, list or tuple, or an empty node (:func:`is_empty_node`): a leaf of a
+    target that holds no value."""
+    return (isinstance(x, (dict, list, tuple)) and not x) or is_empty_node(x)
 
 
 def container_mismatch(target: Any, saved: Iterable[Sequence[fmt.KeyEntry]]) -> str | None:
@@ -387,8 +420,12 @@ def check_partial_containers(target: Any, saved: Iterable[Sequence[fmt.KeyEntry]
     target does not name, but takes a list or tuple whole: one of another length than the
     checkpoint's raises ``StructureMismatchError`` (a ValueError, as Orbax's), and a sequence
     where the checkpoint has a dict, or a dict where it has a sequence, ``InvalidTypeError``
-    (a TypeError, as Orbax's). Empty containers of the target are not checked."""
-    wanted_kinds, wanted_lengths, kinds, lengths = _containers(target, saved)
+    (a TypeError, as Orbax's), as does a value of the target where the checkpoint has a
+    subtree, or a subtree of the target where the checkpoint has a leaf (None and empty
+    containers included). Empty containers and None of the target are not checked."""
+    saved = list(saved)
+    leaves = flatten(target)[0]
+    wanted_kinds, wanted_lengths, kinds, lengths = _containers(target, saved, leaves)
     for node, kind in wanted_kinds.items():
         if node not in kinds:
             continue
@@ -400,6 +437,17 @@ def check_partial_containers(target: Any, saved: Iterable[Sequence[fmt.KeyEntry]
                 f"{where}: partial restore: the target's sequence at {node!r} has "
                 f"{wanted_lengths[node]} elements, the checkpoint's {lengths[node]} (a partial "
                 "restore takes a list or tuple whole, as Orbax's does)")
+    stored = {tuple(e.key for e in key_meta) for key_meta in saved}
+    for node in wanted_kinds:
+        if node in stored:
+            raise InvalidTypeError(f"{where}: partial restore: the target has a subtree at "
+                                   f"{node!r}, the checkpoint a leaf")
+    for leaf in leaves:
+        if (keys := tuple(map(str, leaf.keys))) in kinds and leaf.value is not None \
+                and not is_empty_value(leaf.value):
+            raise InvalidTypeError(
+                f"{where}: partial restore: the target has a {type(leaf.value).__name__} at "
+                f"{keys!r}, the checkpoint a subtree ({_CONTAINER_NAMES[kinds[keys]]})")
 
 
 def check_structure(

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import math
@@ -611,7 +612,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         # saved, or as their restore_args say; StandardRestore's item gives their types too.
         return await reader.restore_into(
             target if target is not None else restore_args, restore_args, partial=partial,
-            strict=not loose, structure_only=isinstance(args, PyTreeRestore) and target is not None)
+            strict=not loose, structure_only=isinstance(args, PyTreeRestore) and target is not None,
+            standard=isinstance(args, StandardRestore))
 
     @engine_method
     async def metadata(self, directory: AnyPath) -> TreeMetadata:
@@ -707,7 +709,8 @@ async def _restore_transformed(reader: _Reader, item: Any, restore_args: Any, tr
     original: Any = {}
     if wanted:
         needed = from_flat_dict(wanted, sep="/")
-        original = await reader.restore_into(needed, needed, partial=True)
+        # (its dicts stand for the checkpoint's lists too: built from the keys)
+        original = await reader.restore_into(needed, needed, partial=True, check_kinds=False)
 
     def bound(rule: Transform) -> Transform:
         fn = rule.multi_value_fn
@@ -717,12 +720,6 @@ async def _restore_transformed(reader: _Reader, item: Any, restore_args: Any, tr
 
     return apply_transformations(original, {p: bound(r) for p, r in rules.items()}, item,
                                  to_original)
-
-
-def _is_empty_target(leaf: Any) -> bool:
-    """Whether a target's leaf is an empty node or container (``EmptyState()``, ``{}``,
-    ``()``), which a stored empty node restores as."""
-    return _tree.is_empty_node(leaf) or (type(leaf) in (dict, list, tuple) and not leaf)
 
 
 def _is_random_key(leaf: Any) -> bool:
@@ -814,6 +811,13 @@ def _target_sharding(tleaf: Any, rarg: Any, where: str) -> jax.sharding.Sharding
 _PYTHON_SCALAR_TAGS = {t.__name__: t for t in _SCALAR_DTYPES}
 #: Restore types that make a Python scalar of a one-element array.
 _PYTHON_SCALARS = (int, float, complex, bool)
+#: What the messages call a leaf the checkpoint holds as None or an empty container.
+_EMPTY_NAMES = {"None": "None", "Dict": "an empty dict", "List": "an empty list",
+                "Tuple": "an empty tuple"}
+#: A key of a ``_METADATA`` entry (its keys as a tuple's repr) that is a number.
+_INDEX_KEY = re.compile(r"'[0-9]+'")
+#: A target's leaf of these types, empty, holds no value (read nothing into it).
+_CONTAINERS = frozenset({dict, list, tuple})
 
 
 def _requested_shape(tleaf: Any, rarg: Any) -> tuple[tuple[int, ...] | None, bool]:
@@ -1407,18 +1411,29 @@ class _Reader:
             [(e.key_metadata, v) for e, v in zip(entries, values)], sort_keys=True)
 
     async def restore_into(self, target: Any, restore_args: Any, *, partial: bool,
-                           strict: bool = True, structure_only: bool = False) -> Any:
+                           strict: bool = True, structure_only: bool = False,
+                           standard: bool = False, check_kinds: bool = True) -> Any:
         """``target``'s leaves restored; ``strict=False``: every array cut or padded to the
         shape its leaf asks for, whatever its restore args say; ``structure_only``: the
         leaves of ``target`` give only where each value goes (each comes back as saved, or
-        as its restore args say), and a key the checkpoint lacks."""
+        as its restore args say), and a key the checkpoint lacks; ``standard``: a
+        StandardRestore's target (a value where the checkpoint holds None or an empty
+        container is refused); ``check_kinds=False``: a target whose dicts may stand for the
+        checkpoint's lists (built from its keys)."""
         self.items.start_index()  # (read while the target is planned)
         self._strict = strict
-        pairs, rebuild = _tree.target_leaves(target)
+        check_kinds = check_kinds and self._has_index_keys(partial)
+        kinds: list[list[int]] | None = [] if check_kinds else None
+        pairs, rebuild = _tree.target_leaves(target, kinds)
         rargs: dict[str, Any] = {}
+        rkinds: dict[str, list[int]] = {}  # (the restore args' key types, where given apart)
         if restore_args is not None and restore_args is not target:
-            rpairs, _ = _tree.target_leaves(restore_args)
-            rargs = {k: a for k, _n, a in rpairs}
+            restore_kinds: list[list[int]] | None = [] if check_kinds else None
+            rpairs, _ = _tree.target_leaves(restore_args, restore_kinds)
+            # (an empty container among them stands for no args, as in Orbax)
+            rargs = {k: a for k, _n, a in rpairs if type(a) not in _CONTAINERS}
+            if restore_kinds is not None:
+                rkinds = {k: kk for (k, _n, _a), kk in zip(rpairs, restore_kinds)}
             if not {k for k, a in rargs.items() if isinstance(a, RestoreArgs)} <= {
                     k for k, _n, _l in pairs}:
                 _refuse_args_off_the_tree(restore_args, target, RestoreArgs, str(self.dir),
@@ -1477,11 +1492,47 @@ class _Reader:
         _tree.check_structure(set(self.by_key), wanted, where=str(self.dir), allow_missing=partial,
                               allow_unexpected=partial, why=lambda: _tree.container_mismatch(
                                   target, (e.key_metadata for e in self.by_key.values())))
-        for k, name, leaf in pairs:
+        # The target's leaves beside the checkpoint's entries, in one walk, before anything
+        # is read: a node that is a dict on one side and a list or tuple on the other, which
+        # the keys as strings do not show (a dict's '0' is not a list's index 0), is refused
+        # as Orbax refuses it; a value of a StandardRestore's target where the checkpoint
+        # holds None or an empty container is refused, as Orbax's StandardRestore refuses it
+        # (another target gets the stored one, as from Orbax); an empty container of the
+        # target (an item, not restore args) where the checkpoint has a value is not read:
+        # it comes back, as in Orbax.
+        by_key = self.by_key
+        kept: set[str] = set()
+        for (k, name, leaf), leaf_kinds in zip(pairs, kinds if kinds is not None
+                                               else itertools.repeat(None)):
+            if (entry := by_key.get(k)) is None:
+                continue
+            if leaf_kinds is not None and [e.key_type for e in entry.key_metadata] != leaf_kinds:
+                raise StructureMismatchError(
+                    f"{self.dir}: the target tree's structure differs from the checkpoint's "
+                    f"({_tree.kinds_differ_at(entry.key_metadata, leaf_kinds)})")
+            if rkinds and (arg_kinds := rkinds.get(k)) is not None and arg_kinds != leaf_kinds:
+                differ = _tree.kinds_differ_at(entry.key_metadata, arg_kinds,
+                                               sides=("the restore args have", "the target"))
+                raise StructureMismatchError(
+                    f"{self.dir}: the restore args' structure differs from the target's "
+                    f"({differ})")
+            if k in skipped:
+                continue
+            vt = entry.value_metadata.value_type
+            if vt in _tree.EMPTY_TYPES:
+                if standard and leaf is not None and not _tree.is_empty_value(leaf):
+                    raise StructureMismatchError(
+                        f"{self.dir}: the target tree's structure differs from the "
+                        f"checkpoint's (the checkpoint holds {_EMPTY_NAMES[vt]} at "
+                        f"{tuple(e.key for e in entry.key_metadata)!r}, the target a "
+                        f"{type(leaf).__name__})")
+            elif type(leaf) in _CONTAINERS and not leaf and target is not restore_args \
+                    and name not in self.handled:
+                kept.add(k)
             rtype = getattr(rargs.get(k, leaf), "restore_type", None)
-            if rtype is not None and k not in skipped and (entry := self.by_key.get(k)) \
-                    is not None and name not in self.handled:
-                self._check_restore_type(name, entry.value_metadata.value_type, rtype)
+            if rtype is not None and name not in self.handled:
+                self._check_restore_type(name, vt, rtype)
+        skipped |= kept
         # A target sharded over other processes' devices too: this process reads only the
         # region its own devices hold (each process restores its part of the global array).
         spanning: dict[int, bool] = {}  # id(sharding) -> spans other processes (asked once)
@@ -1501,7 +1552,7 @@ class _Reader:
 
         def one(key: str, name: str, tleaf: Any) -> Any:  # the value, or a coroutine
             if key in skipped:
-                return None if key in unread else PLACEHOLDER
+                return None if key in unread else tleaf if key in kept else PLACEHOLDER
             entry = self.by_key.get(key)
             if entry is None:  # (partial: not in the checkpoint)
                 return tleaf
@@ -1511,11 +1562,11 @@ class _Reader:
                 return self._read_handled(name, vt, rarg if rarg is not None or structure_only
                                           else _args_of_target(tleaf))
             if vt in _tree.EMPTY_TYPES:
-                # (the target's own empty node, EmptyState, comes back as itself; a leaf of
-                # the target where the checkpoint has an empty node, an abstract array of a
-                # state masked when saved or restore args, comes back as the stored node, as
-                # in Orbax: None)
-                return tleaf if _is_empty_target(tleaf) else self._empty(vt, name)
+                # (the target's own empty node, EmptyState, {} or (), comes back as itself;
+                # a value of the target where the checkpoint has an empty node, an abstract
+                # array of a state masked when saved or restore args, comes back as the
+                # stored node, as in Orbax: None)
+                return tleaf if _tree.is_empty_value(tleaf) else self._empty(vt, name)
             if vt == "string":
                 return self._string(name)
             rarg = rargs.get(key, tleaf if isinstance(tleaf, RestoreArgs) else None)
@@ -1540,6 +1591,15 @@ class _Reader:
         for i, impl in rekey.items():
             values[i] = jax.random.wrap_key_data(values[i], impl=impl)
         return rebuild(values)
+
+    def _has_index_keys(self, partial: bool) -> bool:
+        """Whether a target could have a dict where the checkpoint has a list or tuple, or
+        the other way round, with the same keys as strings: only where some key of the
+        checkpoint is a number. A list's keys start at '0', and so do (but in a partial
+        restore) the keys of a dict matched to a target's list: a search of the keys' text,
+        not of every leaf's key types, rules out most trees of dicts."""
+        text = " ".join(self.by_key)
+        return "'0'" in text if not partial else _INDEX_KEY.search(text) is not None
 
     def _check_restore_type(self, name: str, vt: str, rtype: Any) -> None:
         """Refuses a ``restore_type`` that leaf ``name``, stored as ``vt``, cannot restore as
