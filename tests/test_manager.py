@@ -165,6 +165,40 @@ def test_a_commit_failing_while_the_next_save_is_under_way_leaves_the_listing(
     assert steps_on_disk(tmp_path) == ["2"]
 
 
+def test_a_failed_step_stays_unlisted_when_the_save_retiring_it_fails_too(tmp_path,
+                                                                          monkeypatch):
+    # max_to_keep=1: the save of step 1 retires step 0. Step 0's commit fails, then step 1's:
+    # step 1's failure gave back the steps it had retired, step 0 among them, so all_steps()
+    # listed a step that was never committed (nothing on disk; its restore failed). Orbax
+    # lists no step there.
+    real = ca_commit.commit
+    release = threading.Event()
+
+    async def commit(tmp, path, *args, **kwargs):
+        if path.name == "0":
+            await asyncio.to_thread(release.wait, LIMIT_S)
+        if path.name in ("0", "1"):
+            raise OSError(5, "I/O error")
+        return await real(tmp, path, *args, **kwargs)
+
+    monkeypatch.setattr(ca_commit, "commit", commit)
+    options = ocp.CheckpointManagerOptions(max_to_keep=1)
+    with ocp.CheckpointManager(tmp_path, options=options) as mngr:
+        assert mngr.save(0, args=ocp.args.StandardSave(tree(0)))
+        assert mngr.save(1, args=ocp.args.StandardSave(tree(1)))  # (step 0 still in flight)
+        assert mngr.all_steps() == [1]
+        release.set()
+        with pytest.raises(CommitError):
+            mngr.wait_until_finished()
+        assert mngr.commit_future(1).exception(LIMIT_S) is not None
+        assert mngr.all_steps() == [] and mngr.latest_step() is None
+        assert mngr.all_steps(read=True) == []
+        assert mngr.save(2, args=ocp.args.StandardSave(tree(2)))
+        mngr.wait_until_finished()
+        assert mngr.all_steps() == [2]
+    assert steps_on_disk(tmp_path) == ["2"]
+
+
 def test_close_waits_for_a_save_under_way(tmp_path, start_gate):
     # (close() returned while the save staged; its commit then ran on the closed manager,
     # where no one would hear of its failure)

@@ -249,6 +249,10 @@ class AsyncCheckpointManager:
         #: check_for_errors(), in its own thread) under ``_failures_lock``.
         self._failures: list[tuple[BaseException, CommitFuture]] = []
         self._failures_lock = threading.Lock()
+        #: The steps whose commit failed while saves were in flight (by :meth:`_on_done`):
+        #: a later save that retired one of them and fails too does not list it again.
+        #: Emptied once no commit is in flight (no failure can give a step back then).
+        self._failed_steps: set[int] = set()
         self._root_metadata = metadata
         self._closed = False  # (refuses new calls; set once close() begins)
         self._close_done = False  # (close() has waited for every commit)
@@ -618,6 +622,7 @@ class AsyncCheckpointManager:
         log.debug("step %d staged in %.3f s", step, stats.checkpointer_blocking_duration_secs)
         self._futures[step] = fut
         self._in_flight_steps[step] = fut
+        self._failed_steps.discard(step)  # (saved again: this save's commit decides)
         # (the listing as it is now, not as it was before staging: a delete(), a commit that
         # failed or a reload() meanwhile stays done)
         retired = {c.step for c in to_remove}
@@ -728,16 +733,20 @@ class AsyncCheckpointManager:
                  removed: list[CheckpointInfo]) -> None:
         """Runs when a commit ends, before its future tells anyone (any thread): it is no
         longer in flight; a failed step leaves the listing, and the steps it would have
-        retired come back (they were never deleted)."""
+        retired come back (they were never deleted), but for those whose own commit failed."""
         if self._in_flight_steps.get(step) is fut:
             del self._in_flight_steps[step]
-        if exc is None:
-            return
-        with self._failures_lock:
-            self._failures.append((exc, fut))
-        kept = [c for c in self._checkpoints if c.step != step]
-        back = [c for c in removed if c.step != step and c.step not in {k.step for k in kept}]
-        self._checkpoints = sorted(kept + back, key=lambda c: c.step)
+        if exc is not None:
+            with self._failures_lock:
+                self._failures.append((exc, fut))
+            self._failed_steps.add(step)
+            kept = [c for c in self._checkpoints if c.step != step]
+            # (not a retired step whose own commit failed before this one: never on disk)
+            back = [c for c in removed if c.step not in self._failed_steps
+                    and c.step not in {k.step for k in kept}]
+            self._checkpoints = sorted(kept + back, key=lambda c: c.step)
+        if not self._in_flight_steps:
+            self._failed_steps.clear()
 
     def commit_future(self, step: int) -> CommitFuture:
         """The completion future of ``step``'s commit: a save made by this manager, in flight
