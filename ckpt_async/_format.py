@@ -26,6 +26,9 @@ COMMIT_SUCCESS = "commit_success.txt"
 JSON_ITEM = "metadata"
 ROOT_METADATA_DIR = "metadata"
 ROOT_METADATA = "_ROOT_METADATA"
+#: Where Orbax before 0.10 kept a manager's metadata (a JSON item's file), read when there is
+#: no ``ROOT_METADATA``: ``metadata/metadata``.
+LEGACY_ROOT_METADATA = "metadata"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 #: The files a step's directory holds beside its items' folders (no item may take their names).
 STEP_FILES = (CHECKPOINT_METADATA, STEP_EXTENSION, COMMIT_SUCCESS)
@@ -122,6 +125,21 @@ class RootMetadata(msgspec.Struct):
 
     internal_metadata: dict[str, Any] | None = {}
     custom_metadata: dict[str, Any] | None = None
+
+
+def legacy_root_custom_metadata(data: bytes, *, where: str) -> dict[str, Any]:
+    """The custom metadata of Orbax's older root metadata file (``LEGACY_ROOT_METADATA``):
+    the document's ``custom_metadata``, or its other keys (the user's dict, as older Orbax
+    wrote it), as Orbax reads it; both at once is refused, as Orbax refuses it."""
+    doc = decode(data, dict[str, Any], where=where)
+    custom = doc.pop("custom_metadata", None) or {}
+    doc.pop("internal_metadata", None)
+    if not isinstance(custom, dict):
+        raise CorruptCheckpointError(f"{where}: custom_metadata is not a JSON object")
+    if custom and doc:
+        raise CorruptCheckpointError(f"{where}: holds custom_metadata and other keys besides "
+                                     f"({', '.join(sorted(doc))})")
+    return dict(custom or doc)
 
 
 def _builtin(value: Any) -> Any:

@@ -718,12 +718,41 @@ def _a_step_of_named_items_read_as_one_item(lib, d):
     return out
 
 
+def _root_metadata_an_older_orbax_wrote(lib, d):
+    # Orbax before 0.10 kept a manager's metadata in metadata/metadata (the JSON item of a
+    # Checkpointer(JsonCheckpointHandler())): read where metadata/_ROOT_METADATA is missing,
+    # whatever the options; a manager given metadata writes _ROOT_METADATA beside it, which
+    # is read from then on
+    out = []
+    (d / "metadata").mkdir()
+    (d / "metadata" / "metadata").write_text(json.dumps({"run": "abc", "lr": 0.5}))
+    for opts, meta in (({}, None), ({"read_only": True}, {"run": "given"}),
+                       ({"save_root_metadata": False}, {"run": "given"})):
+        with lib.CheckpointManager(d, options=lib.CheckpointManagerOptions(**opts),
+                                   metadata=meta) as m:
+            out.append(m.metadata().custom_metadata)
+    out.append(sorted(os.listdir(d / "metadata")))
+    with lib.CheckpointManager(d, metadata={"run": "new"}) as m:
+        out.append(m.metadata().custom_metadata)
+    with lib.CheckpointManager(d) as m:
+        out.append(m.metadata().custom_metadata)
+    out.append(sorted(os.listdir(d / "metadata")))
+    # (a document with its own custom_metadata field: that field)
+    (d / "o" / "metadata").mkdir(parents=True)
+    (d / "o" / "metadata" / "metadata").write_text(json.dumps(
+        {"custom_metadata": {"run": "abc"}, "internal_metadata": {}}))
+    with lib.CheckpointManager(d / "o") as m:
+        out.append(m.metadata().custom_metadata)
+    return out
+
+
 @pytest.mark.parametrize("case", [_policy_beside_legacy_fields, _step_names_and_times,
                                   _metadata_and_arguments, _logger_entries,
                                   _legacy_checkpointers, _legacy_items_with_item_handlers,
                                   _broadcast_option_against_the_name_format,
                                   _an_empty_step_prefix, _an_unfinished_orbax_save_of_the_step,
-                                  _a_step_of_named_items_read_as_one_item])
+                                  _a_step_of_named_items_read_as_one_item,
+                                  _root_metadata_an_older_orbax_wrote])
 def test_manager_calls_answer_as_orbax(tmp_path, case):
     answers = {}
     for name, lib in (("ckpt_async", ca), ("orbax", orbax)):

@@ -956,6 +956,11 @@ class AsyncCheckpointManager:
             await self._open()
             path = self.directory / fmt.ROOT_METADATA_DIR / fmt.ROOT_METADATA
             if not await storage.exists(path):
+                legacy = path.parent / fmt.LEGACY_ROOT_METADATA  # (Orbax before 0.10)
+                data = await storage.read_optional(legacy)
+                if data is not None:
+                    return RootMetadata(custom_metadata=fmt.legacy_root_custom_metadata(
+                        data, where=str(legacy)))
                 # (not written: read-only, not saved, or still on its way from the primary)
                 unsaved = self.options.read_only or self.options.save_root_metadata
                 return RootMetadata(
