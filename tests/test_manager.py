@@ -922,6 +922,20 @@ def test_single_item_mode_and_composite_do_not_mix(tmp_path):
             mngr.save(0, args=ocp.args.StandardSave(tree(0)))
 
 
+def test_args_given_second_are_args(tmp_path):
+    # (ckpt_async's older calls: save(step, args), restore(step, args); Orbax takes its older
+    # items there and refuses CheckpointArgs with a ValueError. Args given twice are refused.)
+    with ocp.CheckpointManager(tmp_path, item_names=("a",)) as mngr:
+        assert mngr.save(0, ocp.args.Composite(a=ocp.args.StandardSave(tree(0))))
+        mngr.wait_until_finished()
+        assert_tree_equal(mngr.restore(0, ocp.args.Composite(a=ocp.args.StandardRestore())).a,
+                          tree(0))
+        with pytest.raises(InvalidArgumentError, match="args given twice"):
+            mngr.save(1, ocp.args.Composite(a=ocp.args.StandardSave(tree(1))),
+                      args=ocp.args.Composite(a=ocp.args.StandardSave(tree(1))))
+        assert mngr.all_steps() == [0]
+
+
 def test_registry_configures_items_eagerly(tmp_path):
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     registry.add("state", ocp.args.StandardSave)
