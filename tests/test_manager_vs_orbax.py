@@ -746,13 +746,48 @@ def _root_metadata_an_older_orbax_wrote(lib, d):
     return out
 
 
+class _FailingResult:
+    def result(self, timeout=None):
+        raise SystemError("the handler's write failed")
+
+
+def _a_synchronous_save_that_fails(lib, d):
+    # A synchronous save (a Checkpointer, or enable_async_checkpointing=False) raises its
+    # failure itself: told once, not again by wait_until_finished(), the next save or close()
+    class Failing(lib.PyTreeCheckpointHandler):
+        async def async_save(self, directory, *args, **kwargs):
+            return [*(await super().async_save(directory, *args, **kwargs) or []),
+                    _FailingResult()]
+
+    def raised(fn):
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - whether it raised is compared (SystemError in
+            return "raised"  # Orbax, a CommitError in ckpt_async)
+        return "ok"
+
+    out = []
+    m = lib.CheckpointManager(d / "c", lib.Checkpointer(Failing()))
+    out.append(raised(lambda: m.save(0, {"a": np.arange(3)})))
+    out += [m.all_steps(), raised(m.wait_until_finished), raised(m.check_for_errors)]
+    out.append(raised(lambda: m.save(1, {"a": np.arange(3)})))
+    out += [m.all_steps(), raised(m.close)]
+    m = lib.CheckpointManager(d / "o", item_handlers=Failing(),
+                              options=lib.CheckpointManagerOptions(
+                                  enable_async_checkpointing=False))
+    out.append(raised(lambda: m.save(0, args=lib.args.PyTreeSave({"a": np.arange(3)}))))
+    out += [m.all_steps(), raised(m.wait_until_finished), raised(m.close)]
+    return out
+
+
 @pytest.mark.parametrize("case", [_policy_beside_legacy_fields, _step_names_and_times,
                                   _metadata_and_arguments, _logger_entries,
                                   _legacy_checkpointers, _legacy_items_with_item_handlers,
                                   _broadcast_option_against_the_name_format,
                                   _an_empty_step_prefix, _an_unfinished_orbax_save_of_the_step,
                                   _a_step_of_named_items_read_as_one_item,
-                                  _root_metadata_an_older_orbax_wrote])
+                                  _root_metadata_an_older_orbax_wrote,
+                                  _a_synchronous_save_that_fails])
 def test_manager_calls_answer_as_orbax(tmp_path, case):
     answers = {}
     for name, lib in (("ckpt_async", ca), ("orbax", orbax)):

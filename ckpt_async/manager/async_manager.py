@@ -481,6 +481,13 @@ class AsyncCheckpointManager:
             "a single unnamed item needs a manager built without item_names, in a directory "
             "of its own")
 
+    def _told(self, fut: CommitFuture) -> None:
+        """The failure of ``fut`` was raised to the caller that saved (a synchronous save):
+        no later call raises it again."""
+        with self._failures_lock:
+            self._failures = [(e, f) for e, f in self._failures if f is not fut]
+        fut.retrieved()
+
     def _raise_failure(self) -> None:
         # (taken whole under the lock: a failure recorded meanwhile is either in what is
         # taken here, or in the list left for the next call, never in one let go)
@@ -633,7 +640,11 @@ class AsyncCheckpointManager:
         fut.on_settle(lambda exc: self._on_done(step, fut, exc, to_remove))
         if not self.options.enable_async_checkpointing:
             self._checkpointer.hurry()  # (the caller waits for it)
-            await fut
+            try:
+                await fut
+            except BaseException:
+                self._told(fut)  # (this save raises it: not again by the next call)
+                raise
         stats.checkpoint_manager_blocking_duration_secs = time.time() - started
         self._log_entry(stats)
         return fut
