@@ -777,6 +777,12 @@ def _a_synchronous_save_that_fails(lib, d):
                                   enable_async_checkpointing=False))
     out.append(raised(lambda: m.save(0, args=lib.args.PyTreeSave({"a": np.arange(3)}))))
     out += [m.all_steps(), raised(m.wait_until_finished), raised(m.close)]
+    # Orbax's older constructor saves as its checkpointers do: an AsyncCheckpointer in the
+    # background, whatever enable_async_checkpointing says (its failure comes at the wait)
+    m = lib.CheckpointManager(d / "a", lib.AsyncCheckpointer(Failing()),
+                              lib.CheckpointManagerOptions(enable_async_checkpointing=False))
+    out.append(raised(lambda: m.save(0, {"a": np.arange(3)})))
+    out += [raised(m.wait_until_finished), m.all_steps(), raised(m.close)]
     return out
 
 

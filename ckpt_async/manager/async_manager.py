@@ -80,7 +80,8 @@ def _utc(ns: int | None, fallback: float) -> datetime.datetime:
 def _legacy_item_handlers(checkpointers: Any, directory: Any) -> tuple[Any, bool]:
     """Orbax's older ``CheckpointManager(directory, checkpointers)``: the item handler(s) of
     the checkpointer(s) (one: the default item; a dict: items by name), and whether any saves
-    in the background (else the manager saves synchronously, as Orbax's does then)."""
+    in the background (then the manager does; else it saves synchronously; as Orbax's, whatever
+    ``enable_async_checkpointing`` says)."""
     def handler_of(c: Any, name: str | None) -> CheckpointHandler:
         handler = getattr(c, "handler", None)
         if handler is None:
@@ -177,8 +178,9 @@ class AsyncCheckpointManager:
                     "item_handlers or handler_registry")
             item_handlers, use_async = _legacy_item_handlers(checkpointers, directory)
             options = options or CheckpointManagerOptions()
-            if not use_async and options.enable_async_checkpointing:
-                options = dataclasses.replace(options, enable_async_checkpointing=False)
+            # (as Orbax: the checkpointers decide, whatever enable_async_checkpointing says)
+            if options.enable_async_checkpointing != use_async:
+                options = dataclasses.replace(options, enable_async_checkpointing=use_async)
         if item_names is not None and isinstance(item_handlers, CheckpointHandler):
             raise InvalidArgumentError(
                 "item_handlers in default item mode (a single handler) and item_names cannot "
