@@ -199,6 +199,45 @@ def test_a_failed_step_stays_unlisted_when_the_save_retiring_it_fails_too(tmp_pa
     assert steps_on_disk(tmp_path) == ["2"]
 
 
+def test_a_step_failing_while_the_save_retiring_it_stages_stays_unlisted(tmp_path,
+                                                                          monkeypatch):
+    # max_to_keep=1: the save of step 1 retires step 0, whose commit fails while step 1 is
+    # still staging (no commit in flight then), and step 1's commit fails too: step 1's
+    # failure gave back step 0 (its list of retired steps was made before step 0 failed), so
+    # all_steps() named a step that was never committed.
+    real = ca_commit.commit
+    release = threading.Event()
+
+    async def commit(tmp, path, *args, **kwargs):
+        if path.name == "0":
+            await asyncio.to_thread(release.wait, LIMIT_S)
+        if path.name in ("0", "1"):
+            raise OSError(5, "I/O error")
+        return await real(tmp, path, *args, **kwargs)
+
+    monkeypatch.setattr(ca_commit, "commit", commit)
+    options = ocp.CheckpointManagerOptions(max_to_keep=1)
+    with ocp.CheckpointManager(tmp_path, options=options) as mngr:
+        assert mngr.save(0, args=ocp.args.StandardSave(tree(0)))
+        ckptr = mngr.async_manager._checkpointer
+        staged = ckptr._save_staged
+
+        async def save_staged(path, *args, **kwargs):
+            if path.name == "1":  # (step 0's commit fails, and is done, before step 1 stages)
+                release.set()
+                await asyncio.to_thread(mngr.commit_future(0).exception, LIMIT_S)
+            return await staged(path, *args, **kwargs)
+
+        monkeypatch.setattr(ckptr, "_save_staged", save_staged)
+        assert mngr.save(1, args=ocp.args.StandardSave(tree(1)))
+        assert mngr.commit_future(1).exception(LIMIT_S) is not None
+        with pytest.raises(CommitError):
+            mngr.wait_until_finished()
+        assert mngr.all_steps() == [] and mngr.latest_step() is None
+        assert mngr.all_steps(read=True) == []
+    assert steps_on_disk(tmp_path) == []
+
+
 def test_close_waits_for_a_save_under_way(tmp_path, start_gate):
     # (close() returned while the save staged; its commit then ran on the closed manager,
     # where no one would hear of its failure)

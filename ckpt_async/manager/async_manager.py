@@ -635,11 +635,15 @@ class AsyncCheckpointManager:
         # (the listing as it is now, not as it was before staging: a delete(), a commit that
         # failed or a reload() meanwhile stays done)
         retired = {c.step for c in to_remove}
+        # (what this commit's failure gives back: the retired steps still listed now, not
+        # one whose commit failed, or that was deleted, while this save staged)
+        listed = {c.step for c in self._checkpoints}
+        given_back = [c for c in to_remove if c.step in listed]
         self._checkpoints = [c for c in self._checkpoints if c.step not in retired]
         if step not in retired:
             self._checkpoints.append(info)
         self._forget_retired_futures()
-        fut.on_settle(lambda exc: self._on_done(step, fut, exc, to_remove))
+        fut.on_settle(lambda exc: self._on_done(step, fut, exc, given_back))
         if not self.options.enable_async_checkpointing:
             self._checkpointer.hurry()  # (the caller waits for it)
             try:
