@@ -20,7 +20,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from . import _commit, _integrity, _same_tree, multihost
 from . import _format as fmt
@@ -163,12 +163,18 @@ class LegacyArgs(CheckpointArgs):
         self.kwargs = kwargs
 
 
-class LegacyHandlerWrapper:
+class LegacyHandlerWrapper(CheckpointHandler):
     """A handler written to Orbax's older interface, with no args registered for it
     (``save(directory, item, extra_args)``, ``restore(directory, item=None, ...)``), as a
     checkpointer holds it, as Orbax's does: ``ckptr.save(path, item, extra)`` calls the
     handler's ``save(directory, item, extra)``, ``ckptr.restore(path)`` its
-    ``restore(directory)``. The step records Orbax's type string of its wrapper."""
+    ``restore(directory)``. The step records Orbax's type string of its wrapper. A
+    CheckpointHandler of Orbax's interface (synchronous methods, driven through
+    :func:`~.handlers.base.adapt`), so that a manager takes the checkpointer's handler as an
+    item's (Orbax's older ``CheckpointManager(directory, checkpointers)``)."""
+
+    typestr: ClassVar[str] = ("orbax.checkpoint._src.handlers.composite_checkpoint_handler."
+                              "_LegacyCheckpointHandlerWrapper")
 
     def __init__(self, handler: Any) -> None:
         self.handler = handler
@@ -180,26 +186,21 @@ class LegacyHandlerWrapper:
             LegacyHandlerWrapper
         return cls(handler)
 
-    @classmethod
-    def typestr(cls) -> str:
-        return ("orbax.checkpoint._src.handlers.composite_checkpoint_handler."
-                "_LegacyCheckpointHandlerWrapper")
-
     @staticmethod
     def _split(args: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         if args is None:
             return (), {}
         return (args.args, args.kwargs) if isinstance(args, LegacyArgs) else ((args,), {})
 
-    def save(self, directory: Any, args: Any = None) -> Any:
+    def save(self, directory: Any, args: Any = None) -> Any:  # type: ignore[override]
         a, kw = self._split(args)
         return self.handler.save(directory, *a, **kw)
 
-    def restore(self, directory: Any, args: Any = None) -> Any:
+    def restore(self, directory: Any, args: Any = None) -> Any:  # type: ignore[override]
         a, kw = self._split(args)
         return self.handler.restore(directory, *a, **kw)
 
-    def metadata(self, directory: Any) -> Any:
+    def metadata(self, directory: Any) -> Any:  # type: ignore[override]
         method = getattr(self.handler, "metadata", None)
         return method(directory) if callable(method) else None
 
@@ -217,10 +218,8 @@ class LegacyHandlerWrapper:
 class AsyncLegacyHandlerWrapper(LegacyHandlerWrapper):
     """:class:`LegacyHandlerWrapper` of a handler with an ``async_save``, which it calls."""
 
-    @classmethod
-    def typestr(cls) -> str:
-        return ("orbax.checkpoint._src.handlers.composite_checkpoint_handler."
-                "_AsyncLegacyCheckpointHandlerWrapper")
+    typestr: ClassVar[str] = ("orbax.checkpoint._src.handlers.composite_checkpoint_handler."
+                              "_AsyncLegacyCheckpointHandlerWrapper")
 
     async def async_save(self, directory: Any, args: Any = None) -> Any:
         a, kw = self._split(args)
@@ -360,7 +359,7 @@ class AsyncCheckpointer:
                 f"{handler!r} is not a CheckpointHandler: neither ckpt_async's nor one with "
                 "Orbax's save and restore methods")
         if _needs_legacy_wrapper(handler):  # (duck-typed, as any handler of Orbax's interface)
-            handler = LegacyHandlerWrapper.of(handler)  # type: ignore[assignment]
+            handler = LegacyHandlerWrapper.of(handler)
         self.handler = handler
         self._dir_mode: int | None = getattr(_orbax_options.get("file_options"),
                                              "path_permission_mode", None)

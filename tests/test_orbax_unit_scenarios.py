@@ -216,3 +216,24 @@ def test_the_first_args_registered_with_a_handler_stay_its_args(lib):
     assert lib.args.get_registered_handler_cls(MyStandardSave) is lib.StandardCheckpointHandler
     assert lib.args.get_registered_args_cls(lib.StandardCheckpointHandler) == (
         lib.args.StandardSave, lib.args.StandardRestore)
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_a_manager_of_checkpointers_of_handlers_with_no_registered_args(tmp_path, named):
+    # Orbax's older CheckpointManager(directory, checkpointers) takes a checkpointer of such a
+    # handler (its wrapper) as an item's handler, one or by name: ckpt_async's wrapper was no
+    # CheckpointHandler, and the manager took a single one for a dict of them (AttributeError:
+    # no attribute 'items').
+    results = {}
+    for name, lib in LIBS.items():
+        calls: list = []
+        ckptr = lib.Checkpointer(_legacy_handlers(lib, calls)["sync"]())
+        with lib.CheckpointManager(epath.Path(tmp_path / name), {"x": ckptr} if named
+                                   else ckptr) as mngr:
+            mngr.save(0, {"x": {"a": 1}} if named else {"a": 1})
+            mngr.wait_until_finished()
+            restored = mngr.restore(0)
+            results[name] = ([call[1:] for call in calls], mngr.all_steps(),
+                             dict(restored) if named else restored)
+    assert results["ckpt_async"] == results["orbax"]
+    assert results["orbax"][0] == [({"a": 1}, None)]
