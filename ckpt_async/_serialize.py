@@ -217,8 +217,8 @@ def process_dir(index: int, lane: int = 0) -> str:
 
 
 def lane_dir(lane: int, db_uuid: str) -> str:
-    """The folder of a single process's further OCDBT database ``lane`` inside an item, named
-    for its writer (the start of its ``db_uuid``): two saves into one folder never write into
+    """The folder of a single process's OCDBT database ``lane`` inside an item (one that is
+    not the item's root database), named for its writer (the start of its ``db_uuid``): two saves into one folder never write into
     one such database (Orbax reads the item's root database only, which lists where the data
     lie)."""
     return f"{process_dir(0, lane)}.{db_uuid[:12]}"
@@ -564,8 +564,8 @@ class ItemWriter:
     through the zarr driver, all sharing one context and hence one OCDBT database instance per
     lane. Each such batch goes to the least loaded of ``lane_count(total_bytes)`` databases
     ("lanes"): the item directory itself when it is the only database of a single process, else
-    ``process_dir(index, lane)`` folders, which :attr:`merged` lists for
-    :func:`merge_databases`.
+    folders of this save's own with one process (:func:`lane_dir`) or ``process_dir(index,
+    lane)`` with several, which :attr:`merged` lists for :func:`merge_databases`.
 
     Orbax's other layouts (``use_ocdbt=False``: a zarr array in a folder of its own per
     array; ``use_zarr3=True``: zarr v3) are written by TensorStore's zarr driver alone, each
