@@ -165,12 +165,9 @@ def test_a_commit_failing_while_the_next_save_is_under_way_leaves_the_listing(
     assert steps_on_disk(tmp_path) == ["2"]
 
 
-def test_a_failed_step_stays_unlisted_when_the_save_retiring_it_fails_too(tmp_path,
-                                                                          monkeypatch):
-    # max_to_keep=1: the save of step 1 retires step 0. Step 0's commit fails, then step 1's:
-    # step 1's failure gave back the steps it had retired, step 0 among them, so all_steps()
-    # listed a step that was never committed (nothing on disk; its restore failed). Orbax
-    # lists no step there.
+def _fail_commits_of_0_and_1(monkeypatch) -> threading.Event:
+    """Makes the commits of steps 0 and 1 fail (I/O error), step 0's once the returned event
+    is set."""
     real = ca_commit.commit
     release = threading.Event()
 
@@ -182,6 +179,16 @@ def test_a_failed_step_stays_unlisted_when_the_save_retiring_it_fails_too(tmp_pa
         return await real(tmp, path, *args, **kwargs)
 
     monkeypatch.setattr(ca_commit, "commit", commit)
+    return release
+
+
+def test_a_failed_step_stays_unlisted_when_the_save_retiring_it_fails_too(tmp_path,
+                                                                          monkeypatch):
+    # max_to_keep=1: the save of step 1 retires step 0. Step 0's commit fails, then step 1's:
+    # step 1's failure gave back the steps it had retired, step 0 among them, so all_steps()
+    # listed a step that was never committed (nothing on disk; its restore failed). Orbax
+    # lists no step there.
+    release = _fail_commits_of_0_and_1(monkeypatch)
     options = ocp.CheckpointManagerOptions(max_to_keep=1)
     with ocp.CheckpointManager(tmp_path, options=options) as mngr:
         assert mngr.save(0, args=ocp.args.StandardSave(tree(0)))
@@ -205,17 +212,7 @@ def test_a_step_failing_while_the_save_retiring_it_stages_stays_unlisted(tmp_pat
     # still staging (no commit in flight then), and step 1's commit fails too: step 1's
     # failure gave back step 0 (its list of retired steps was made before step 0 failed), so
     # all_steps() named a step that was never committed.
-    real = ca_commit.commit
-    release = threading.Event()
-
-    async def commit(tmp, path, *args, **kwargs):
-        if path.name == "0":
-            await asyncio.to_thread(release.wait, LIMIT_S)
-        if path.name in ("0", "1"):
-            raise OSError(5, "I/O error")
-        return await real(tmp, path, *args, **kwargs)
-
-    monkeypatch.setattr(ca_commit, "commit", commit)
+    release = _fail_commits_of_0_and_1(monkeypatch)
     options = ocp.CheckpointManagerOptions(max_to_keep=1)
     with ocp.CheckpointManager(tmp_path, options=options) as mngr:
         assert mngr.save(0, args=ocp.args.StandardSave(tree(0)))
