@@ -173,6 +173,12 @@ class Child:
                 if count == 0:
                     return line
 
+    def ready(self, committed: int | None, where: str) -> None:
+        """Waits for the child's start; its manager must see the last step known committed."""
+        latest = self.wait_for("ready").split()[1]
+        if committed is not None:
+            assert latest != "None" and int(latest) >= committed, f"{where}: sees {latest}"
+
     def err(self) -> str:
         self.stderr.seek(0)
         return self.stderr.read()[-3000:]
@@ -242,9 +248,7 @@ def test_sigkill_at_random_moments_leaves_only_restorable_steps(tmp_path):
         where = f"seed {SEED}, kill {i} ({mode})"
         child = Child(directory, cleanup, hook="mid-delete" if mode == "mid-delete" else "")
         try:
-            latest = child.wait_for("ready").split()[1]
-            if committed is not None:
-                assert latest != "None" and int(latest) >= committed, f"{where}: sees {latest}"
+            child.ready(committed, where)
             first = int(child.wait_for("saving").split()[1])
             if interrupted is not None and first == interrupted:
                 resaved += 1
@@ -317,9 +321,7 @@ def test_sigkill_in_the_other_layouts_leaves_only_restorable_steps(tmp_path):
         child = Child(directory, cleanup=False, hook=mode, layout=f"{use_ocdbt:d}:{use_zarr3:d}:"
                       f"{compress:d}", count=LAYOUT_ARRAYS)
         try:
-            latest = child.wait_for("ready").split()[1]
-            if committed is not None:
-                assert latest != "None" and int(latest) >= committed, f"{where}: sees {latest}"
+            child.ready(committed, where)
             child.wait_for("saving")
             if mode == "window":
                 time.sleep(rng.uniform(0.0, 0.15))
