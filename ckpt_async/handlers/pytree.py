@@ -493,7 +493,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
                 write_shape = ser.shard_shape(sharding, v.shape)
                 sjson = ser.sharding_to_json(sharding)
                 if sjson is not None:
-                    shardings[base64.b64encode(leaf.name.encode()).decode()] = sjson
+                    # (the key: the name in URL-safe base64, as Orbax writes and looks it up)
+                    shardings[base64.urlsafe_b64encode(leaf.name.encode()).decode()] = sjson
                 ext = None
                 if p.key_impl is not None:
                     ext = {RANDOM_KEY_IMPL: p.key_impl}
@@ -557,7 +558,9 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         shardings: dict[str, str] = {}
         if raw_shardings is not None:
             enc = fmt.decode(raw_shardings, dict[str, str], where=str(directory / fmt.SHARDING))
-            shardings = {base64.b64decode(k).decode(): v for k, v in enc.items()}
+            # (URL-safe base64, Orbax's; it also decodes the standard '+' and '/' that
+            # ckpt_async wrote before for names such as 'ab~')
+            shardings = {base64.urlsafe_b64decode(k).decode(): v for k, v in enc.items()}
         strings: dict = {}
         if raw_strings is not None:
             strings = fmt.decode(raw_strings, dict, where=str(directory / fmt.STRINGS))
