@@ -36,7 +36,7 @@ from ._ocdbt import MANIFEST
 from ._paths import coerce
 from ._stage import host_copy
 from ._tree import is_namedtuple
-from .errors import InvalidArgumentError, InvalidTypeError
+from .errors import InvalidArgumentError, InvalidTypeError, ShapeMismatchError
 from .metadata import (
     ArrayMetadata,
     ScalarMetadata,
@@ -355,6 +355,15 @@ class ArrayHandler(_ArrayLike):
         self.callback = callback
 
     def _restored(self, arr: np.ndarray, arg: RestoreArgs | None, info: ParamInfo) -> Any:
+        shape = getattr(arg, "global_shape", None)
+        if shape is not None and tuple(shape) != arr.shape:
+            # (as Orbax's: the stored shape, or with strict=False the array cut or padded
+            # with zeros to it)
+            if getattr(arg, "strict", True) or len(shape) != arr.ndim:
+                raise ShapeMismatchError(
+                    f"{info.path}: the requested shape {tuple(shape)} is not the stored "
+                    f"shape {arr.shape} (ArrayRestoreArgs(strict=False) cuts or pads it)")
+            arr = ser.fit(arr, tuple(shape))
         if getattr(arg, "restore_type", None) is np.ndarray:
             return arr
         sharding = arg.resolved_sharding() if isinstance(arg, ArrayRestoreArgs) else None

@@ -67,3 +67,59 @@ def test_sharding_entries_ckpt_async_wrote_in_standard_base64_still_read(tmp_pat
     assert meta["ab~"].sharding == ocp.metadata.NamedShardingMetadata.from_jax_sharding(sharding)
     with ocp.StandardCheckpointer() as ckptr:
         assert ckptr.restore(path)["ab~"].sharding == sharding
+
+
+def _param(lib, directory, name="a"):
+    from etils import epath
+
+    return lib.type_handlers.ParamInfo(name=name, parent_dir=epath.Path(directory),
+                                       is_ocdbt_checkpoint=False)
+
+
+def _handler_save(lib, directory, values, handler=None):
+    import asyncio
+
+    handler = handler or lib.type_handlers.ArrayHandler()
+    infos = [_param(lib, directory, f"v{i}") for i in range(len(values))]
+
+    async def save():
+        for future in await handler.serialize(values, infos) or ():
+            future.result()
+
+    asyncio.run(save())
+    return infos
+
+
+@pytest.mark.parametrize("writer", ["ckpt_async", "orbax"])
+def test_array_handler_restores_into_global_shape_as_orbax_s(tmp_path, mesh, writer):
+    # ArrayHandler.deserialize with ArrayRestoreArgs(global_shape=...): strict (the
+    # default) refuses another shape with a ValueError, strict=False cuts or pads with
+    # zeros (Orbax's test_padding / test_truncation, through the handler). ckpt_async's
+    # ignored global_shape and gave the stored array.
+    import asyncio
+
+    value = jax.device_put(np.arange(32, dtype=np.int32), NamedSharding(mesh, PartitionSpec("x")))
+    _handler_save(LIBS[writer], tmp_path, [value])
+    sharding = NamedSharding(mesh, PartitionSpec(("x", "y")))
+    for shape, strict in [((40,), False), ((16,), False), ((40,), True), ((16,), True),
+                          ((32,), True)]:
+        outs = {}
+        for name, lib in LIBS.items():
+            args = lib.type_handlers.ArrayRestoreArgs(sharding=sharding, global_shape=shape,
+                                                      strict=strict)
+            info = _param(lib, tmp_path, "v0")
+            try:
+                (outs[name],) = asyncio.run(lib.type_handlers.ArrayHandler().deserialize(
+                    [info], [args]))
+            except ValueError as exc:
+                outs[name] = type(exc)
+        if shape != (32,) and strict:
+            assert outs["orbax"] is ValueError
+            assert issubclass(outs["ckpt_async"], ocp.errors.ShapeMismatchError)
+            continue
+        expected = np.zeros(shape, np.int32)
+        n = min(32, shape[0])
+        expected[:n] = np.arange(n)
+        for name, out in outs.items():
+            assert out.shape == shape and out.sharding == sharding, name
+            assert np.asarray(out).tobytes() == expected.tobytes(), name
