@@ -263,6 +263,9 @@ class Composite(CheckpointArgs, Mapping[str, Any]):
         for name in items:
             if not name or "/" in name or name in (".", ".."):
                 raise InvalidArgumentError(f"invalid item name {name!r}: it names a directory")
+            if name.startswith("__"):  # (kept for options, as Orbax keeps them)
+                raise InvalidArgumentError(
+                    f'Composite keys cannot start with "__": {name!r} (as in Orbax)')
         object.__setattr__(self, "_items", dict(items))  # (in the order given, as Orbax's)
 
     def __getitem__(self, key: str) -> Any:
