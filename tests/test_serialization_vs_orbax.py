@@ -137,3 +137,34 @@ def test_composite_keys_starting_with_two_underscores_are_refused_as_orbax_s():
         ocp.args.Composite(__invalid_name=2)
     for lib in LIBS.values():  # (one underscore, or others after the first, are items)
         assert dict(lib.args.Composite(_a=1, a__b=2).items()) == {"_a": 1, "a__b": 2}
+
+
+def test_async_deserialize_reads_each_part_once_and_counts_bytes_as_orbax(tmp_path, mesh):
+    # ocp.serialization.async_deserialize reads each distinct part of the array once and
+    # puts it on every device holding it, and returns the bytes read as Orbax counts them
+    # (whole stored chunks). ckpt_async's read a replicated array once a device (four reads
+    # of the whole array on four devices) and counted the bytes it handed back.
+    import asyncio
+
+    data = np.arange(16, dtype=np.int32).reshape(8, 2)
+    saved = jax.device_put(data, NamedSharding(mesh, PartitionSpec("x", "y")))
+    spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / "a")}}
+    asyncio.run(ocp.serialization.async_serialize(saved, dict(spec)))
+    line = jax.sharding.Mesh(np.array(jax.devices()[:3]), ("x",))
+    cases = [(NamedSharding(mesh, PartitionSpec()), None),            # replicated: one read
+             (NamedSharding(mesh, PartitionSpec("x")), None),         # each row block twice
+             (NamedSharding(mesh, PartitionSpec(None, "x")), np.float32),
+             (NamedSharding(line, PartitionSpec()), np.int16)]
+    for sharding, dtype in cases:
+        got = {}
+        for name, lib in LIBS.items():
+            out, nbytes = asyncio.run(lib.serialization.async_deserialize(
+                sharding, dict(spec), dtype=dtype))
+            assert out.sharding == sharding
+            want = data.astype(dtype or data.dtype)
+            assert np.asarray(out).tobytes() == want.tobytes(), name
+            for shard in out.addressable_shards:
+                assert np.asarray(shard.data).tobytes() == want[shard.index].tobytes()
+            got[name] = nbytes
+        assert got["ckpt_async"] == got["orbax"], (sharding, got)
+    assert got["ckpt_async"] == data.nbytes  # (the replicated one: the array, once)

@@ -5,6 +5,7 @@ through the handlers instead, which batch many arrays into one database."""
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import jax
@@ -52,8 +53,9 @@ async def async_deserialize(user_sharding: jax.sharding.Sharding,
                             byte_limiter: Any = None, context: ts.Context | None = None,
                             assume_metadata: bool = False, strict: bool = True,
                             ) -> tuple[jax.Array, int]:
-    """The array ``tensorstore_spec`` names, placed by ``user_sharding`` (each device's part
-    read by itself), cast to ``dtype``, and the bytes read. ``global_shape`` other than the
+    """The array ``tensorstore_spec`` names, placed by ``user_sharding`` (each distinct part
+    read once, for all the devices that hold it), cast to ``dtype``, and the bytes read (the
+    stored chunks each read touches, as Orbax counts them). ``global_shape`` other than the
     stored one: ``ValueError`` when ``strict``, else the array cut or padded with zeros."""
     spec = tensorstore_spec if isinstance(tensorstore_spec, ts.Spec) else ts.Spec(
         tensorstore_spec)
@@ -68,15 +70,39 @@ async def async_deserialize(user_sharding: jax.sharding.Sharding,
     # (jax's bare IndivisibleError named no array)
     check_sharding(spec.kvstore.url if spec.kvstore is not None else str(spec), None, shape,
                    user_sharding)
-    by_device = user_sharding.addressable_devices_indices_map(shape)
+    # Each distinct part is read once and put on every device that holds it (a replicated
+    # array is read once, not once a device), as Orbax's reads.
+    parts: dict[tuple[tuple[int, int], ...], list[jax.Device]] = {}
+    for device, index in user_sharding.addressable_devices_indices_map(shape).items():
+        bounds = tuple(s.indices(n)[:2] for s, n in zip(index or (), shape))
+        parts.setdefault(bounds, []).append(device)
 
-    async def part(index: tuple[slice, ...] | None) -> np.ndarray:
-        bounds = [s.indices(n)[:2] for s, n in zip(index or (), shape)]
+    async def part(bounds: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, int]:
         within = tuple(slice(min(a, n), min(z, n)) for (a, z), n in zip(bounds, stored))
         got = await store[within].read() if stored else await store.read()
-        return fit(got.astype(out_dtype, copy=False), tuple(z - a for a, z in bounds))
+        return (fit(got.astype(out_dtype, copy=False), tuple(z - a for a, z in bounds)),
+                _read_footprint(store, within))
 
-    parts = await asyncio.gather(*(part(i) for i in by_device.values()))
-    arrays = [jax.device_put(p, d) for p, d in zip(parts, by_device)]
-    return (jax.make_array_from_single_device_arrays(shape, user_sharding, arrays),
-            sum(p.nbytes for p in parts))
+    read = await asyncio.gather(*(part(b) for b in parts))
+    arrays = [jax.device_put(data, d) for (data, _n), devices in zip(read, parts.values())
+              for d in devices]
+    devices = [d for group in parts.values() for d in group]
+    by_device = dict(zip(devices, arrays))
+    ordered = [by_device[d] for d in user_sharding.addressable_devices_indices_map(shape)]
+    return (jax.make_array_from_single_device_arrays(shape, user_sharding, ordered),
+            sum(n for _data, n in read))
+
+
+def _read_footprint(store: ts.TensorStore, within: tuple[slice, ...]) -> int:
+    """The bytes a read of ``within`` takes from the store, as Orbax counts them: whole
+    chunks (of the stored dtype) along each dimension, or the region itself where the store
+    is not chunked (an in-memory ``array`` spec)."""
+    size = np.dtype(store.dtype.numpy_dtype).itemsize
+    template = store.chunk_layout.read_chunk_template
+    if not all(template[i].finite for i in range(store.rank)):
+        return size * math.prod(s.stop - s.start for s in within)
+    for i, sl in enumerate(within):
+        chunk, origin = template.shape[i], template.origin[i]
+        lower, upper = sl.start - origin, sl.stop - origin
+        size *= -(-upper // chunk) * chunk - lower // chunk * chunk
+    return size
