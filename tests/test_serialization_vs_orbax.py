@@ -168,3 +168,29 @@ def test_async_deserialize_reads_each_part_once_and_counts_bytes_as_orbax(tmp_pa
             got[name] = nbytes
         assert got["ckpt_async"] == got["orbax"], (sharding, got)
     assert got["ckpt_async"] == data.nbytes  # (the replicated one: the array, once)
+
+
+def test_async_deserialize_places_parts_with_a_format_s_layout(tmp_path, mesh):
+    # Orbax's test_load_with_layout: async_deserialize takes a jax Format (a device-local
+    # layout and a sharding) and gives an array of that format. ckpt_async's raised
+    # AttributeError ('Format' object has no attribute 'shard_shape').
+    import asyncio
+
+    from jax.experimental.layout import Format, Layout
+
+    data = np.arange(32, dtype=np.int32).reshape(8, 4)
+    sharding = NamedSharding(mesh, PartitionSpec("x", "y"))
+    arr = jax.device_put(data, sharding)
+    spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / "a")}}
+    asyncio.run(orbax.serialization.async_serialize(arr, dict(spec)))
+    own = arr.format.layout
+    flipped = Format(Layout(own.major_to_minor[::-1], own.tiling), sharding=sharding)
+    for fmt in (flipped, Format(own, sharding=sharding)):
+        for lib in LIBS.values():
+            out, _ = asyncio.run(lib.serialization.async_deserialize(fmt, dict(spec)))
+            assert out.format == fmt, lib.__name__
+            assert np.asarray(out).tobytes() == data.tobytes()
+            for shard in out.addressable_shards:
+                assert np.asarray(shard.data).tobytes() == data[shard.index].tobytes()
+    with pytest.raises(ocp.errors.InvalidArgumentError):
+        asyncio.run(ocp.serialization.async_deserialize("not a sharding", dict(spec)))

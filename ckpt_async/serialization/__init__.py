@@ -16,9 +16,10 @@ import jax
 import jax.experimental.array_serialization.serialization  # noqa: F401
 import numpy as np
 import tensorstore as ts
+from jax.experimental.layout import Format
 
 from .._serialize import check_sharding, fit
-from ..errors import ShapeMismatchError
+from ..errors import InvalidArgumentError, ShapeMismatchError
 from . import tensorstore_utils
 from . import tensorstore_utils as ts_utils
 from .tensorstore_utils import get_ts_context
@@ -47,7 +48,7 @@ async def async_serialize(arr_inp: jax.Array, tensorstore_spec: dict[str, Any],
     await asyncio.gather(*(store[s.index].write(np.asarray(s.data)) for s in shards))
 
 
-async def async_deserialize(user_sharding: jax.sharding.Sharding,
+async def async_deserialize(user_sharding: jax.sharding.Sharding | Format,
                             tensorstore_spec: ts.Spec | dict[str, Any],
                             global_shape: tuple[int, ...] | None = None, dtype: Any = None, *,
                             byte_limiter: Any = None, context: ts.Context | None = None,
@@ -56,7 +57,18 @@ async def async_deserialize(user_sharding: jax.sharding.Sharding,
     """The array ``tensorstore_spec`` names, placed by ``user_sharding`` (each distinct part
     read once, for all the devices that hold it), cast to ``dtype``, and the bytes read (the
     stored chunks each read touches, as Orbax counts them). ``global_shape`` other than the
-    stored one: ``ValueError`` when ``strict``, else the array cut or padded with zeros."""
+    stored one: ``ValueError`` when ``strict``, else the array cut or padded with zeros.
+    ``user_sharding`` may be a ``jax.experimental.layout.Format`` (a layout and a sharding):
+    each device's part is then placed with that layout, as Orbax places it."""
+    layout = None
+    given: Any = user_sharding
+    if isinstance(given, Format):
+        layout, given = given.layout, given.sharding
+    if not isinstance(given, jax.sharding.Sharding):
+        raise InvalidArgumentError(
+            f"async_deserialize: {user_sharding!r} is no jax.sharding.Sharding (nor a Format "
+            "of one)")
+    sharding: jax.sharding.Sharding = given
     spec = tensorstore_spec if isinstance(tensorstore_spec, ts.Spec) else ts.Spec(
         tensorstore_spec)
     store = await ts.open(spec, open=True, assume_metadata=assume_metadata,
@@ -69,11 +81,11 @@ async def async_deserialize(user_sharding: jax.sharding.Sharding,
     out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(store.dtype.numpy_dtype)
     # (jax's bare IndivisibleError named no array)
     check_sharding(spec.kvstore.url if spec.kvstore is not None else str(spec), None, shape,
-                   user_sharding)
+                   sharding)
     # Each distinct part is read once and put on every device that holds it (a replicated
     # array is read once, not once a device), as Orbax's reads.
     parts: dict[tuple[tuple[int, int], ...], list[jax.Device]] = {}
-    for device, index in user_sharding.addressable_devices_indices_map(shape).items():
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
         bounds = tuple(s.indices(n)[:2] for s, n in zip(index or (), shape))
         parts.setdefault(bounds, []).append(device)
 
@@ -84,12 +96,19 @@ async def async_deserialize(user_sharding: jax.sharding.Sharding,
                 _read_footprint(store, within))
 
     read = await asyncio.gather(*(part(b) for b in parts))
-    arrays = [jax.device_put(data, d) for (data, _n), devices in zip(read, parts.values())
+
+    def place(device: jax.Device) -> Any:
+        if layout is None:
+            return device
+        return Format(layout, jax.sharding.SingleDeviceSharding(
+            device, memory_kind=sharding.memory_kind))
+
+    arrays = [jax.device_put(data, place(d)) for (data, _n), devices in zip(read, parts.values())
               for d in devices]
     devices = [d for group in parts.values() for d in group]
     by_device = dict(zip(devices, arrays))
-    ordered = [by_device[d] for d in user_sharding.addressable_devices_indices_map(shape)]
-    return (jax.make_array_from_single_device_arrays(shape, user_sharding, ordered),
+    ordered = [by_device[d] for d in sharding.addressable_devices_indices_map(shape)]
+    return (jax.make_array_from_single_device_arrays(shape, sharding, ordered),
             sum(n for _data, n in read))
 
 
