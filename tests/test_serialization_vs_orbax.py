@@ -194,3 +194,18 @@ def test_async_deserialize_places_parts_with_a_format_s_layout(tmp_path, mesh):
                 assert np.asarray(shard.data).tobytes() == data[shard.index].tobytes()
     with pytest.raises(ocp.errors.InvalidArgumentError):
         asyncio.run(ocp.serialization.async_deserialize("not a sharding", dict(spec)))
+
+
+def test_maximal_shardings_over_some_devices_split_as_far_as_those_allow():
+    # Documented (migration.md): over a subset of the devices, ckpt_async splits an array as
+    # far as the devices given allow; Orbax 0.12.8 compares the shape with
+    # jax.device_count() and replicates. Over all the devices the two agree.
+    tree = {"a": jax.ShapeDtypeStruct((2,), np.float32)}
+    two = jax.devices()[:2]
+    ours = ocp.arrays.construct_maximal_shardings(tree, devices=two)["a"]
+    theirs = orbax.arrays.construct_maximal_shardings(tree, devices=two)["a"]
+    assert ours.spec == PartitionSpec("a") and ours.shard_shape((2,)) == (1,)
+    assert theirs.spec == PartitionSpec() and theirs.shard_shape((2,)) == (2,)
+    every = [ocp.arrays.construct_maximal_shardings(tree)["a"],
+             orbax.arrays.construct_maximal_shardings(tree)["a"]]
+    assert every[0].spec == every[1].spec and every[0].mesh.shape == every[1].mesh.shape
