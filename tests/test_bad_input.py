@@ -360,6 +360,24 @@ def test_save_interval_steps_is_ignored_beside_should_save_fn(tmp_path):
         assert saved == [True, False, True, False] and mngr.all_steps() == [0, 2]
 
 
+def test_save_interval_steps_is_ignored_beside_a_save_decision_policy(tmp_path):
+    # (Orbax's manager decides by the policy alone, so save_interval_steps=0 there is taken
+    # and never used; it was refused, as if no policy had been given)
+    policy = ocp.checkpoint_managers.FixedIntervalPolicy(2)
+    opts = ocp.CheckpointManagerOptions(save_interval_steps=0, save_decision_policy=policy)
+    assert opts.save_interval_steps == 0
+    with ocp.CheckpointManager(tmp_path, options=opts) as mngr:
+        saved = [mngr.save(s, args=ocp.args.StandardSave({"a": np.arange(3)})) for s in range(4)]
+        mngr.wait_until_finished()
+        assert saved == [True, False, True, False] and mngr.all_steps() == [0, 2]
+    import orbax.checkpoint as orbax_ocp  # (Orbax takes the same options)
+
+    orbax_opts = orbax_ocp.CheckpointManagerOptions(
+        save_interval_steps=0,
+        save_decision_policy=orbax_ocp.checkpoint_managers.FixedIntervalPolicy(2))
+    assert orbax_opts.save_interval_steps == 0
+
+
 def test_keep_period_of_zero_is_ignored_beside_a_preservation_policy(tmp_path):
     # (as in Orbax, whose clash check is on truthiness: keep_period=0 beside a policy was
     # refused, where Orbax keeps what the policy keeps; a non-zero one still clashes)

@@ -90,12 +90,14 @@ class CheckpointManagerOptions:
             raise InvalidArgumentError("CheckpointManagerOptions.max_concurrent_saves must be >= 1")
         # (Orbax takes these: 0 fails the first save or cleanup, a negative interval acts as
         # its absolute value; read_only sets save_interval_steps=0 itself, as in Orbax; with
-        # should_save_fn, save_interval_steps is ignored, as Orbax documents, so any goes; so
-        # is keep_period beside a preservation_policy, where a non-zero one clashes with it)
+        # should_save_fn or a save_decision_policy, save_interval_steps is ignored, as Orbax
+        # documents, so any goes; so is keep_period beside a preservation_policy, where a
+        # non-zero one clashes with it)
         for name in ("save_interval_steps", "keep_period"):
             value = getattr(self, name)
-            ignored = (self.should_save_fn if name == "save_interval_steps"
-                       else self.preservation_policy) is not None
+            ignored = (self.should_save_fn is not None or self.save_decision_policy is not None
+                       if name == "save_interval_steps" else
+                       self.preservation_policy is not None)
             if not self.read_only and not ignored and value is not None and value <= 0:
                 raise InvalidArgumentError(
                     f"CheckpointManagerOptions.{name} must be a positive number of steps or "
