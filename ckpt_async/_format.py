@@ -8,12 +8,15 @@ sizes are checked before decoding; a document that fails to decode raises
 from __future__ import annotations
 
 import json
+import logging
 import math
 from typing import Any
 
 import msgspec
 
 from .errors import CorruptCheckpointError, UnsupportedLeafError
+
+log = logging.getLogger("ckpt_async")
 
 # File and directory names, as Orbax writes them.
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
@@ -60,6 +63,42 @@ class StepMetadata(msgspec.Struct):
     init_timestamp_nsecs: int | None = None
     commit_timestamp_nsecs: int | None = None
     custom_metadata: dict[str, Any] = {}
+
+
+def _fold_unknown_keys(doc: dict[str, Any], fields: tuple[str, ...],
+                       defaults: tuple[str, ...], where: str) -> dict[str, Any]:
+    """``doc`` (a decoded step or root document) as Orbax 0.12 reads it: the fields in
+    ``defaults`` given as ``null`` are empty objects, and keys it does not know go into
+    ``custom_metadata`` (what Orbax 0.10 and 0.11 wrote: ``custom``, ``format``,
+    ``item_metadata``). Where ``custom_metadata`` is set already, Orbax refuses the document
+    (from ``all_steps()`` too); here the unknown keys are left out, with a warning."""
+    doc = {**doc, **{name: {} for name in defaults if doc.get(name) is None}}
+    unknown = [key for key in doc if key not in fields]
+    if unknown:
+        if doc["custom_metadata"]:
+            log.warning("%s: unknown keys %s are left out (custom_metadata is set)", where,
+                        ", ".join(unknown))
+        elif isinstance(doc["custom_metadata"], dict):
+            doc["custom_metadata"] = {key: doc[key] for key in unknown}
+        for key in unknown:
+            del doc[key]
+    return doc
+
+
+def _decode_folded(data: bytes, type_: Any, defaults: tuple[str, ...], where: str) -> Any:
+    doc = decode(data, dict[str, Any], where=where)
+    doc = _fold_unknown_keys(doc, type_.__struct_fields__, defaults, where)
+    try:
+        return msgspec.convert(doc, type_)
+    except msgspec.ValidationError as exc:
+        raise CorruptCheckpointError(f"{where}: cannot decode ({exc})") from exc
+
+
+def decode_step_metadata(data: bytes, *, where: str) -> StepMetadata:
+    """A step's ``_CHECKPOINT_METADATA``, read as Orbax 0.12 reads it (unknown keys of older
+    Orbax in ``custom_metadata``, ``null`` metrics as none)."""
+    return _decode_folded(data, StepMetadata,
+                          ("metrics", "performance_metrics", "custom_metadata"), where)
 
 
 class StepExtension(msgspec.Struct):

@@ -134,7 +134,7 @@ async def read_step_metadata(
         ext = fmt.decode(raw_ext, fmt.StepExtension, where=str(step / fmt.STEP_EXTENSION))
         if ext.checkpoint_metadata_crc32 not in (None, crc32(data)):
             raise CorruptCheckpointError(f"{path}: checksum mismatch (the file is damaged)")
-    return fmt.decode(data, fmt.StepMetadata, where=str(path)), ext
+    return fmt.decode_step_metadata(data, where=str(path)), ext
 
 
 @dataclasses.dataclass

@@ -1,0 +1,80 @@
+"""Step and root metadata, and the metadata objects, side by side with Orbax 0.12.8.
+
+Scenarios of Orbax's metadata unit tests (``_src/metadata/checkpoint_test.py``,
+``sharding_test.py``) run through the public API of both libraries, on documents both
+write and on those older Orbax versions wrote.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import orbax.checkpoint as orbax
+import pytest
+
+import ckpt_async as ca
+
+LIBS = [pytest.param(orbax, id="orbax"), pytest.param(ca, id="ckpt_async")]
+
+
+def _orbax_step(tmp_path, name="run"):
+    """A manager directory of one step (0), written by Orbax; its step document."""
+    d = tmp_path / name
+    with orbax.CheckpointManager(d) as m:
+        m.save(0, args=orbax.args.StandardSave({"a": np.arange(4)}))
+        m.wait_until_finished()
+    return d, json.loads((d / "0" / "_CHECKPOINT_METADATA").read_text())
+
+
+# What Orbax 0.10 and 0.11 wrote into _CHECKPOINT_METADATA, for keys 0.12 renamed or dropped
+# (`custom`, `format`, `item_metadata`), and fields given as null
+_OLDER_STEP_DOCUMENTS = {
+    "orbax_0.11.5": lambda doc: {**{k: v for k, v in doc.items() if k != "custom_metadata"},
+                                 "custom": {"run": "abc"}},
+    "orbax_0.10": lambda doc: {**{k: v for k, v in doc.items() if k != "custom_metadata"},
+                               "format": None, "item_metadata": {"default": None},
+                               "custom": {}},
+    "null_fields": lambda doc: {**doc, "metrics": None, "performance_metrics": None,
+                                "custom_metadata": None},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(_OLDER_STEP_DOCUMENTS))
+def test_a_step_document_of_older_orbax_reads_as_orbax_reads_it(tmp_path, variant):
+    # Orbax 0.12 puts the keys it does not know into custom_metadata (its "backwards
+    # compatibility"), and takes null metrics as none; ckpt_async dropped the keys
+    # (custom_metadata came back {}) and refused the nulls as damage
+    d, doc = _orbax_step(tmp_path)
+    (d / "0" / "_CHECKPOINT_METADATA").write_text(json.dumps(
+        _OLDER_STEP_DOCUMENTS[variant](doc)))
+
+    def read(lib):
+        with lib.CheckpointManager(d) as m:
+            meta = m.metadata(0)
+            restored = m.restore(0, args=lib.args.StandardRestore())
+            steps = m.all_steps()
+        direct = lib.metadata.get_step_metadata(d / "0")
+        return (meta.custom_metadata, meta.metrics, meta.init_timestamp_nsecs,
+                direct.custom_metadata, direct.metrics, steps, restored["a"].tolist())
+
+    ours, theirs = read(ca), read(orbax)
+    assert ours == theirs
+    if variant == "orbax_0.11.5":
+        assert ours[0] == {"custom": {"run": "abc"}}
+
+
+def test_unknown_keys_beside_custom_metadata_are_left_out(tmp_path, caplog):
+    # (Orbax refuses such a document everywhere, all_steps() included, with a ValueError;
+    # ckpt_async keeps custom_metadata, leaves the keys out and says so: see migration.md)
+    d, doc = _orbax_step(tmp_path)
+    path = d / "0" / "_CHECKPOINT_METADATA"
+    path.write_text(json.dumps({**doc, "custom_metadata": {"a": 1}, "blah": 2}))
+    with pytest.raises(ValueError, match="unknown key blah"):
+        with orbax.CheckpointManager(d) as m:
+            m.all_steps()
+    with ca.CheckpointManager(d) as m:
+        assert m.all_steps() == [0]
+        assert m.metadata(0).custom_metadata == {"a": 1}
+        assert m.restore(0)["a"].tolist() == [0, 1, 2, 3]
+    assert "blah" in caplog.text and str(path) in caplog.text
