@@ -166,6 +166,13 @@ class RootMetadata(msgspec.Struct):
     custom_metadata: dict[str, Any] | None = None
 
 
+def decode_root_metadata(data: bytes, *, where: str) -> RootMetadata:
+    """A manager's ``_ROOT_METADATA``, read as Orbax 0.12 reads it: ``custom_metadata``
+    (``{}`` where absent or ``null``), and the keys Orbax 0.10 and 0.11 wrote (``custom``,
+    ``format``) in it."""
+    return _decode_folded(data, RootMetadata, ("internal_metadata", "custom_metadata"), where)
+
+
 def legacy_root_custom_metadata(data: bytes, *, where: str) -> dict[str, Any]:
     """The custom metadata of Orbax's older root metadata file (``LEGACY_ROOT_METADATA``):
     the document's ``custom_metadata``, or its other keys (the user's dict, as older Orbax

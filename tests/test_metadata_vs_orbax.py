@@ -78,3 +78,36 @@ def test_unknown_keys_beside_custom_metadata_are_left_out(tmp_path, caplog):
         assert m.metadata(0).custom_metadata == {"a": 1}
         assert m.restore(0)["a"].tolist() == [0, 1, 2, 3]
     assert "blah" in caplog.text and str(path) in caplog.text
+
+
+# _ROOT_METADATA as Orbax 0.10 ({"format": ..., "custom": ...}), 0.11.0 (only what was set:
+# {} without metadata) and 0.11.1-0.11.8 ({"custom": ...}) wrote it, and with a null field
+_OLDER_ROOT_DOCUMENTS = {
+    "orbax_0.10": {"format": None, "custom": {"run": "abc"}},
+    "orbax_0.11.0": {},
+    "orbax_0.11.5": {"custom": {"run": "abc"}},
+    "null_custom_metadata": {"internal_metadata": None, "custom_metadata": None},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(_OLDER_ROOT_DOCUMENTS))
+def test_a_root_document_of_older_orbax_reads_as_orbax_reads_it(tmp_path, variant):
+    # Orbax 0.12 puts the keys it does not know into custom_metadata, and gives {} for none;
+    # ckpt_async gave custom_metadata=None for each of these
+    def read(lib):
+        d = tmp_path / lib.__name__
+        (d / "metadata").mkdir(parents=True)
+        (d / "metadata" / "_ROOT_METADATA").write_text(json.dumps(
+            _OLDER_ROOT_DOCUMENTS[variant]))
+        with lib.CheckpointManager(d) as m:
+            first = m.metadata().custom_metadata
+        # (written once: a later manager's metadata= does not replace it)
+        with lib.CheckpointManager(d, metadata={"run": "new"}) as m:
+            m.save(0, args=lib.args.StandardSave({"a": np.arange(3)}))
+            m.wait_until_finished()
+            second = m.metadata().custom_metadata
+        return first, second, json.loads((d / "metadata" / "_ROOT_METADATA").read_text())
+
+    ours, theirs = read(ca), read(orbax)
+    assert ours == theirs
+    assert isinstance(ours[0], dict)

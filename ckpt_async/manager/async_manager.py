@@ -313,7 +313,7 @@ class AsyncCheckpointManager:
         try:
             data = await storage.read_optional(path)
             if data is not None:
-                fmt.decode(data, fmt.RootMetadata, where=str(path))
+                fmt.decode_root_metadata(data, where=str(path))
                 return  # written by an earlier run; root metadata is written once
         except CorruptCheckpointError as exc:  # (e.g. Orbax's, cut short: it writes in place)
             log.warning("%s; writing this manager's root metadata in its place", exc)
@@ -982,7 +982,7 @@ class AsyncCheckpointManager:
                 unsaved = self.options.read_only or self.options.save_root_metadata
                 return RootMetadata(
                     custom_metadata=dict(self._root_metadata or {}) if unsaved else {})
-            doc = fmt.decode(await storage.read_bytes(path), fmt.RootMetadata, where=str(path))
+            doc = fmt.decode_root_metadata(await storage.read_bytes(path), where=str(path))
             return RootMetadata(custom_metadata=doc.custom_metadata)
         step, path = await self._resolve_step_dir(step)
         async with reading(path, f"step {step} of {self.directory}", StepNotFoundError):
