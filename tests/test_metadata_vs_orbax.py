@@ -111,3 +111,26 @@ def test_a_root_document_of_older_orbax_reads_as_orbax_reads_it(tmp_path, varian
     ours, theirs = read(ca), read(orbax)
     assert ours == theirs
     assert isinstance(ours[0], dict)
+
+
+@pytest.mark.parametrize("axis_types", [None, "explicit"])
+def test_named_sharding_metadata_made_by_hand_serializes_as_orbax_s(axis_types):
+    # Orbax's sharding_test makes one with shape=np.array([1]) and axis_names=['x']:
+    # to_serialized_string() raised TypeError (np.int64 is not JSON), and the text put
+    # partition_spec before axis_types
+    import jax
+
+    types = None if axis_types is None else (jax.sharding.AxisType.Explicit,)
+
+    def made(lib):
+        m = lib.metadata.NamedShardingMetadata(shape=np.array([1]), axis_names=["x"],
+                                               partition_spec=(None,), axis_types=types)
+        text = m.to_serialized_string()
+        back = lib.metadata.NamedShardingMetadata.from_deserialized_dict(json.loads(text))
+        return text, back == m, list(m.shape), list(m.axis_names)
+
+    ours, theirs = made(ca), made(orbax)
+    assert ours == theirs
+    if axis_types is None:
+        assert ours[0] == ('{"sharding_type": "NamedSharding", "shape": [1], "axis_names": '
+                           '["x"], "partition_spec": [null]}')

@@ -87,19 +87,31 @@ class NamedShardingMetadata(ShardingMetadata):
     #: The mesh's device ids, nested as the mesh (None: ``jax.devices()`` in order).
     device_mesh: Any = None
 
+    def __post_init__(self) -> None:
+        # (made by hand as Orbax's are: the shape a NumPy array, the axis names a list)
+        set_ = object.__setattr__
+        set_(self, "shape", tuple(int(n) for n in np.asarray(self.shape).reshape(-1)))
+        set_(self, "axis_names", tuple(str(a) for a in self.axis_names))
+        set_(self, "partition_spec", tuple(tuple(p) if isinstance(p, list) else p
+                                           for p in self.partition_spec))
+        if self.axis_types is not None:
+            set_(self, "axis_types", tuple(self.axis_types))
+        if isinstance(self.device_mesh, np.ndarray):
+            set_(self, "device_mesh", self.device_mesh.tolist())
+
     def to_jax_sharding(self) -> jax.sharding.NamedSharding:
         """The sharding rebuilt on this process's devices (as Orbax's ``to_jax_sharding``)."""
         mesh = mesh_of(self.device_mesh, self.shape, self.axis_names, self.axis_types)
         return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*self.partition_spec))
 
     def to_serialized_string(self) -> str:
-        doc: dict[str, Any] = {
-            "sharding_type": "NamedSharding", "shape": list(self.shape),
-            "axis_names": list(self.axis_names),
-            "partition_spec": [list(p) if isinstance(p, tuple) else p
-                               for p in self.partition_spec]}
+        # (Orbax's text: its keys in its order)
+        doc: dict[str, Any] = {"sharding_type": "NamedSharding", "shape": list(self.shape),
+                               "axis_names": list(self.axis_names)}
         if self.axis_types is not None:
             doc["axis_types"] = [str(t) for t in self.axis_types]
+        doc["partition_spec"] = [list(p) if isinstance(p, tuple) else p
+                                 for p in self.partition_spec]
         if self.device_mesh is not None:
             doc["device_mesh"] = {"mesh": jax.tree.map(lambda i: {"id": int(i)}, self.device_mesh)}
         return json.dumps(doc)
