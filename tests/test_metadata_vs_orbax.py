@@ -134,3 +134,24 @@ def test_named_sharding_metadata_made_by_hand_serializes_as_orbax_s(axis_types):
     if axis_types is None:
         assert ours[0] == ('{"sharding_type": "NamedSharding", "shape": [1], "axis_names": '
                            '["x"], "partition_spec": [null]}')
+
+
+def test_single_device_sharding_metadata_of_jax_s_older_cpu_name_is_the_same_device():
+    # (checkpoints saved on CPU with older jax name the device TFRT_CPU_0: Orbax's compares
+    # equal to cpu:0, as the sharding it gives back is on cpu:0; ckpt_async's compared unequal)
+    import jax
+
+    def compare(lib):
+        old = lib.metadata.SingleDeviceShardingMetadata(device_str="TFRT_CPU_0")
+        now = lib.metadata.SingleDeviceShardingMetadata.from_jax_sharding(
+            jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]))
+        other = lib.metadata.SingleDeviceShardingMetadata(device_str="cpu:1")
+        return (now.device_str, old == now, now == old, old == other,
+                old.to_jax_sharding() == now.to_jax_sharding(), old.to_serialized_string())
+
+    ours = compare(ca)
+    assert ours == compare(orbax) == ("cpu:0", True, True, False, True,
+                                      '{"sharding_type": "SingleDeviceSharding", '
+                                      '"device_str": "TFRT_CPU_0"}')
+    assert len({ca.metadata.SingleDeviceShardingMetadata("TFRT_CPU_0"),
+                ca.metadata.SingleDeviceShardingMetadata("cpu:0")}) == 1

@@ -74,6 +74,19 @@ class SingleDeviceShardingMetadata(ShardingMetadata):
     def to_serialized_string(self) -> str:
         return json.dumps({"sharding_type": "SingleDeviceSharding", "device_str": self.device_str})
 
+    def _device(self) -> str:
+        return self.device_str.replace("TFRT_CPU_", "cpu:")  # (jax's older name of a CPU)
+
+    def __eq__(self, other: object) -> bool:
+        """The same device, by its name now or jax's older one (``TFRT_CPU_0`` is ``cpu:0``,
+        as in Orbax)."""
+        if not isinstance(other, SingleDeviceShardingMetadata):
+            return NotImplemented
+        return self._device() == other._device()
+
+    def __hash__(self) -> int:
+        return hash(self._device())
+
     def __repr__(self) -> str:
         return f"SingleDeviceShardingMetadata(device_str={self.device_str})"
 
