@@ -155,3 +155,13 @@ def test_single_device_sharding_metadata_of_jax_s_older_cpu_name_is_the_same_dev
                                       '"device_str": "TFRT_CPU_0"}')
     assert len({ca.metadata.SingleDeviceShardingMetadata("TFRT_CPU_0"),
                 ca.metadata.SingleDeviceShardingMetadata("cpu:0")}) == 1
+
+
+def test_metadata_objects_made_without_arguments_are_orbax_s():
+    # (RootMetadata() had custom_metadata=None where Orbax's has {})
+    assert ca.metadata.RootMetadata().custom_metadata == {}
+    assert orbax.metadata.RootMetadata().custom_metadata == {}
+    ours, theirs = ca.metadata.StepMetadata(), orbax.metadata.StepMetadata()
+    for name in ("item_handlers", "item_metadata", "metrics", "init_timestamp_nsecs",
+                 "commit_timestamp_nsecs", "custom_metadata"):
+        assert getattr(ours, name) == getattr(theirs, name), name

@@ -281,9 +281,10 @@ def get_step_metadata(path: Any) -> StepMetadata:
 
 @dataclasses.dataclass
 class RootMetadata:
-    """A manager directory's metadata (``CheckpointManager(metadata=...)``)."""
+    """A manager directory's metadata (``CheckpointManager(metadata=...)``; ``{}`` for
+    none, as Orbax's)."""
 
-    custom_metadata: dict[str, Any] | None = None
+    custom_metadata: dict[str, Any] | None = dataclasses.field(default_factory=dict)
 
 
 # Orbax's submodules (imported last: they take their names from this module).
