@@ -9,6 +9,9 @@ Orbax's standard naming: ``<step>``, or ``<prefix>_<step>``, the step zero-padde
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import functools
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -16,6 +19,7 @@ from typing import Any
 
 from .. import _commit
 from .. import _format as fmt
+from .. import _storage as storage
 from .._paths import AnyPath, as_path
 from .._runtime import get_runtime
 from ..errors import InvalidArgumentError
@@ -25,10 +29,46 @@ TODELETE_MARK = ".orbax-checkpoint-todelete"
 
 @dataclasses.dataclass(frozen=True)
 class Metadata:
-    """A step found in a directory (Orbax's ``ocp.step.Metadata``): its number and path."""
+    """A step found in a directory (Orbax's ``ocp.step.Metadata``): its number and path, and
+    the times its ``_CHECKPOINT_METADATA`` records (read once, when first asked for)."""
 
     step: int
     path: Any
+
+    @functools.cached_property
+    def _checkpoint_metadata(self) -> fmt.StepMetadata | None:
+        from .._integrity import read_step_metadata
+        from ..errors import CheckpointError
+
+        try:
+            doc, _ext = get_runtime().call(read_step_metadata, as_path(self.path))
+        except CheckpointError as exc:  # (damaged: no times known, as Orbax reads it)
+            logging.getLogger("ckpt_async").warning("%s; its times are unknown", exc)
+            return None
+        return doc
+
+    @property
+    def init_timestamp_nsecs(self) -> int | None:
+        """When the step's save began (ns since the epoch), or None when it records none."""
+        doc = self._checkpoint_metadata
+        return None if doc is None else doc.init_timestamp_nsecs
+
+    @property
+    def commit_timestamp_nsecs(self) -> int | None:
+        """When the step was committed (ns since the epoch), or None when it records none."""
+        doc = self._checkpoint_metadata
+        return None if doc is None else doc.commit_timestamp_nsecs
+
+    @property
+    def commit_timestamp(self) -> datetime.datetime:
+        """When the step was committed, in UTC: the recorded time, else (as in Orbax) the
+        modification time of its directory."""
+        ns = self.commit_timestamp_nsecs
+        if ns is not None:
+            secs = ns / 1e9
+        else:
+            secs = get_runtime().call(storage.mtime, as_path(self.path))
+        return datetime.datetime.fromtimestamp(secs, tz=datetime.UTC)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,50 @@
+"""Scenarios of Orbax's unit tests of its path and step layer (``path/step_test.py``,
+``path/atomicity_test.py``, ``path/temporary_paths_test.py``, ``path/format_utils_test.py``,
+``path/deleter_test.py``), run side by side with orbax-checkpoint 0.12.8 on real directories:
+the same calls through ``ocp.step`` / ``ocp.path`` of each library, and the answers compared
+(values, types, exception kinds). Each test is one place where ckpt_async answered
+differently, and was made to answer as Orbax does."""
+
+from __future__ import annotations
+
+import datetime
+
+import numpy as np
+import orbax.checkpoint as orbax
+import pytest
+
+import ckpt_async as ocp
+
+LIBS = {"ckpt_async": ocp, "orbax": orbax}
+
+
+@pytest.mark.parametrize("writer", ["ckpt_async", "orbax"])
+@pytest.mark.parametrize("reader", ["ckpt_async", "orbax"])
+def test_step_metadata_gives_the_times_the_step_records(tmp_path, writer, reader):
+    w, r = LIBS[writer], LIBS[reader]
+    with w.CheckpointManager(tmp_path / "run") as m:
+        m.save(1, args=w.args.StandardSave({"a": np.arange(3)}))
+    found = r.step.standard_name_format().find_step(tmp_path / "run", 1)
+    assert isinstance(found.init_timestamp_nsecs, int)
+    assert isinstance(found.commit_timestamp_nsecs, int)
+    assert found.init_timestamp_nsecs <= found.commit_timestamp_nsecs
+    assert found.commit_timestamp == datetime.datetime.fromtimestamp(
+        found.commit_timestamp_nsecs / 1e9, tz=datetime.UTC)
+    ours = ocp.step.standard_name_format().find_step(tmp_path / "run", 1)
+    theirs = orbax.step.standard_name_format().find_step(tmp_path / "run", 1)
+    assert (ours.init_timestamp_nsecs, ours.commit_timestamp_nsecs) == (
+        theirs.init_timestamp_nsecs, theirs.commit_timestamp_nsecs)
+
+
+def test_step_metadata_without_a_metadata_file_has_no_times(tmp_path):
+    from etils import epath
+
+    (tmp_path / "step_1").mkdir()
+    for lib in LIBS.values():
+        found = lib.step.standard_name_format(step_prefix="step").find_step(
+            epath.Path(tmp_path), 1)
+        assert found.init_timestamp_nsecs is None and found.commit_timestamp_nsecs is None
+        # (the directory's modification time, as in Orbax; Orbax's in whole seconds)
+        mtime = datetime.datetime.fromtimestamp((tmp_path / "step_1").stat().st_mtime,
+                                                tz=datetime.UTC)
+        assert abs(found.commit_timestamp - mtime) < datetime.timedelta(seconds=1)
