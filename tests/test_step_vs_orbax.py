@@ -48,3 +48,43 @@ def test_step_metadata_without_a_metadata_file_has_no_times(tmp_path):
         mtime = datetime.datetime.fromtimestamp((tmp_path / "step_1").stat().st_mtime,
                                                 tz=datetime.UTC)
         assert abs(found.commit_timestamp - mtime) < datetime.timedelta(seconds=1)
+
+
+def test_name_formats_print_as_orbax_prints_them():
+    for lib in LIBS.values():
+        st = lib.step
+        assert str(st.standard_name_format(step_prefix="step")) == \
+            'StandardNameFormat("step_1234")'
+        assert str(st.standard_name_format(step_prefix="step", step_format_fixed_length=8)) == \
+            'StandardNameFormat("step_00001234")'
+        write = st.standard_name_format(step_prefix="write", step_format_fixed_length=8)
+        both = st.composite_name_format(write_name_format=write, read_name_formats=[
+            write, st.standard_name_format(step_prefix="read")])
+        assert str(both) == ('Composite([StandardNameFormat("write_00001234"),'
+                             'StandardNameFormat("read_1234")])')
+
+
+def test_standard_name_format_takes_orbaxs_keywords(tmp_path):
+    (tmp_path / "x_3").mkdir()
+    for lib in LIBS.values():
+        atom = lib.path.atomicity
+        nf = lib.step.standard_name_format(
+            step_prefix="x", temporary_path_cls=atom.AtomicRenameTemporaryPath,
+            atomicity_options=None)
+        assert nf.build_name(3) == "x_3"
+        assert [m.step for m in nf.find_all(tmp_path)] == [3]
+
+
+def test_single_host_load_and_broadcast_name_format():
+    for lib in LIBS.values():
+        st = lib.step
+        std = st.standard_name_format(step_prefix="s", step_format_fixed_length=3)
+        both = st.single_host_load_and_broadcast_name_format(std)
+        assert not std.single_host_load_and_broadcast and both.single_host_load_and_broadcast
+        assert both.build_name(7) == "s_007" and st.is_standard_name_format(both)
+        composite = st.composite_name_format(write_name_format=std, read_name_formats=[std])
+        with pytest.raises(ValueError):
+            st.single_host_load_and_broadcast_name_format(composite)
+    # A manager asking for it accepts the format it makes.
+    nf = ocp.step.single_host_load_and_broadcast_name_format(ocp.step.standard_name_format())
+    ocp.CheckpointManagerOptions(step_name_format=nf, single_host_load_and_broadcast=True)

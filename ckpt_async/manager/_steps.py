@@ -84,6 +84,15 @@ class NameFormat:
     #: Orbax's: list steps on one process and broadcast them (accepted, without effect: each
     #: process lists them; checked against the manager option of that name, as in Orbax).
     single_host_load_and_broadcast: bool = False
+    #: Orbax's ``temporary_path_cls`` and ``atomicity_options`` (accepted, without effect, as
+    #: the manager options of those names: a step is listed once it is committed either way).
+    temporary_path_cls: Any = None
+    atomicity_options: Any = None
+
+    def __str__(self) -> str:
+        if is_custom(self):
+            return repr(self)
+        return f'StandardNameFormat("{self.build_name(1234)}")'  # (Orbax's)
 
     def find_all(self, base_path: Any) -> Iterator[Metadata]:
         """Every committed step under ``base_path`` in this format."""
@@ -120,11 +129,14 @@ class NameFormat:
 
 def standard_name_format(step_prefix: str | None = None,
                          step_format_fixed_length: int | None = None,
-                         single_host_load_and_broadcast: bool = False) -> NameFormat:
+                         single_host_load_and_broadcast: bool = False,
+                         temporary_path_cls: Any = None,
+                         atomicity_options: Any = None) -> NameFormat:
     """Steps named ``<step>``, or ``<step_prefix>_<step>``, the step zero-padded to
-    ``step_format_fixed_length`` digits (Orbax's; ``single_host_load_and_broadcast`` is
-    accepted and has no effect)."""
-    return NameFormat(step_prefix, step_format_fixed_length, single_host_load_and_broadcast)
+    ``step_format_fixed_length`` digits (Orbax's; ``single_host_load_and_broadcast``,
+    ``temporary_path_cls`` and ``atomicity_options`` are accepted and have no effect)."""
+    return NameFormat(step_prefix, step_format_fixed_length, single_host_load_and_broadcast,
+                      temporary_path_cls, atomicity_options)
 
 
 def is_custom(name_format: Any) -> bool:

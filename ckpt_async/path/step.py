@@ -53,6 +53,9 @@ class _CompositeNameFormat(NameFormat):
                                        f"present in read_name_formats: "
                                        f"{list(self.read_name_formats)}")
 
+    def __str__(self) -> str:
+        return f"Composite([{','.join(str(f) for f in self.read_name_formats)}])"  # (Orbax's)
+
     def build_name(self, step: int) -> str:
         return str(self.write_name_format.build_name(step))
 
@@ -98,6 +101,15 @@ def step_prefix_with_underscore(step_prefix: str | None) -> str:
 def is_standard_name_format(name_format: Any) -> bool:
     """Whether ``name_format`` is a standard one (``<prefix>_<step>``, padded or not)."""
     return isinstance(name_format, NameFormat) and not is_custom(name_format)
+
+
+def single_host_load_and_broadcast_name_format(name_format: Any) -> NameFormat:
+    """``name_format`` (a standard one) with ``single_host_load_and_broadcast=True``, as a
+    manager with that option wants it; ``ValueError`` for any other format (as in Orbax)."""
+    if not is_standard_name_format(name_format):
+        raise InvalidArgumentError("single_host_load_and_broadcast is only supported for "
+                                   f"standard name formats. Got {name_format}.")
+    return dataclasses.replace(name_format, single_host_load_and_broadcast=True)
 
 
 #: Orbax's names of :func:`is_checkpoint_finalized` and :func:`is_tmp_checkpoint`.
@@ -165,6 +177,7 @@ __all__ = [
     "checkpoint_steps", "checkpoint_steps_paths", "composite_name_format", "find_step_path", "get_save_directory",
     "is_checkpoint_finalized", "is_path_finalized", "is_path_temporary",
     "is_standard_name_format", "is_tmp_checkpoint", "latest_step_metadata",
-    "maybe_find_step_metadata", "standard_name_format", "step_from_checkpoint_name",
+    "maybe_find_step_metadata", "single_host_load_and_broadcast_name_format",
+    "standard_name_format", "step_from_checkpoint_name",
     "step_metadata_of_checkpoint_path", "step_prefix_with_underscore", "tmp_checkpoints",
 ]
