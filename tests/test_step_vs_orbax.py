@@ -88,3 +88,20 @@ def test_single_host_load_and_broadcast_name_format():
     # A manager asking for it accepts the format it makes.
     nf = ocp.step.single_host_load_and_broadcast_name_format(ocp.step.standard_name_format())
     ocp.CheckpointManagerOptions(step_name_format=nf, single_host_load_and_broadcast=True)
+
+
+@pytest.mark.parametrize(("step", "name", "prefix", "length", "expected"), [
+    (3, None, None, None, "dir/3"), (3, "params", "checkpoint", None, "dir/checkpoint_3/params"),
+    (3, None, None, 2, "dir/03"), (555, "params", "foo", 8, "dir/foo_00000555/params")])
+def test_save_directories_of_a_relative_path_stay_relative(step, name, prefix, length, expected):
+    for lib in LIBS.values():
+        for mod in (lib.step, lib.utils):
+            got = mod.get_save_directory(step, "dir", name=name, step_prefix=prefix,
+                                         step_format_fixed_length=length)
+            assert str(got) == expected, lib
+        assert str(lib.step.get_save_directory(
+            42, "path/to/my/dir", name="params", step_prefix="foobar_",
+            override_directory="a/different/dir/path")) == "a/different/dir/path/params"
+        assert str(lib.step.build_step_path("runs", lib.step.standard_name_format(), 4)) == \
+            "runs/4"
+

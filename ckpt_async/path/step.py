@@ -9,11 +9,13 @@ the steps found, and managers keep those committed.
 """
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from .. import _format as fmt
-from .._paths import AnyPath, as_path
+from .._paths import AnyPath, StorePath, as_path
 from ..errors import InvalidArgumentError
 from ..manager._steps import (
     Metadata,
@@ -37,9 +39,17 @@ ALLOWED_STEP_NAME_PATTERN = r"(.+)_(\d+)"
 TMP_DIR_STEP_PATTERN = r".*?_*?(\d+)\.orbax-checkpoint-tmp"
 
 
+def _as_given(path: Any) -> AnyPath:
+    """``path`` as a path object, as it is given: a relative one stays relative (these
+    functions build names; they do not resolve them against the working directory)."""
+    if isinstance(path, StorePath) or (isinstance(path, str) and "://" in path):
+        return as_path(path)
+    return Path(os.fspath(path))
+
+
 def build_step_path(base_path: Any, name_format: Any, step: int) -> AnyPath:
     """Where ``step`` goes under ``base_path`` in ``name_format`` (ours or Orbax's)."""
-    return as_path(base_path) / name_format_of(name_format).build_name(step)
+    return _as_given(base_path) / name_format_of(name_format).build_name(step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +174,7 @@ def get_save_directory(step: int, directory: Any, name: str | None = None,
     if directory is None:
         raise InvalidArgumentError("Directory cannot be None.")
     if override_directory is not None:
-        result = as_path(override_directory)
+        result = _as_given(override_directory)
     else:
         result = build_step_path(directory, step_name_format or standard_name_format(
             step_prefix=step_prefix, step_format_fixed_length=step_format_fixed_length), step)
