@@ -177,11 +177,18 @@ def is_checkpoint_finalized(path: Any) -> bool:
 
 def is_tmp_checkpoint(path: Any) -> bool:
     """Whether ``path`` is a save that has not committed (yet or ever): a temporary directory
-    locally, a prefix without ``commit_success.txt`` on an object store."""
+    locally, a prefix without ``commit_success.txt`` on an object store; False where there is
+    no directory."""
     p = as_path(path)
+    return get_runtime().call(_is_tmp, p)
+
+
+async def _is_tmp(p: Any) -> bool:
+    if not await storage.is_dir(p):  # (nothing there, or a file: no save, as in Orbax)
+        return False
     if _commit.is_tmp_name(p.name):
         return True
-    return not storage.has_rename(p) and not get_runtime().call(_commit.is_visible, p)
+    return not storage.has_rename(p) and not await _commit.is_visible(p)
 
 
 def tmp_checkpoints(checkpoint_dir: Any) -> list[str]:

@@ -105,3 +105,14 @@ def test_save_directories_of_a_relative_path_stay_relative(step, name, prefix, l
         assert str(lib.step.build_step_path("runs", lib.step.standard_name_format(), 4)) == \
             "runs/4"
 
+
+def test_a_temporary_name_with_nothing_there_is_no_temporary_checkpoint(tmp_path):
+    (tmp_path / "5.orbax-checkpoint-tmp-1").mkdir()
+    (tmp_path / "6.orbax-checkpoint-tmp-1").write_text("a file")
+    for lib in LIBS.values():
+        for is_tmp in (lib.step.is_path_temporary, lib.utils.is_tmp_checkpoint):
+            assert is_tmp(tmp_path / "5.orbax-checkpoint-tmp-1")
+            assert not is_tmp(tmp_path / "6.orbax-checkpoint-tmp-1")
+            assert not is_tmp(tmp_path / "7.orbax-checkpoint-tmp-1")
+            assert not is_tmp(tmp_path / "7")
+
