@@ -116,3 +116,12 @@ def test_a_temporary_name_with_nothing_there_is_no_temporary_checkpoint(tmp_path
             assert not is_tmp(tmp_path / "7.orbax-checkpoint-tmp-1")
             assert not is_tmp(tmp_path / "7")
 
+
+def test_a_file_holds_no_steps(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for lib in LIBS.values():
+        nf = lib.step.standard_name_format()
+        assert list(nf.find_all(tmp_path / "afile")) == []
+        assert lib.step.latest_step_metadata(tmp_path / "afile", nf) is None
+        with pytest.raises(ValueError):
+            nf.find_step(tmp_path / "afile", 1)

@@ -99,7 +99,11 @@ class NameFormat:
         root = as_path(base_path)
         # (parsed as the standard format parses, whatever a subclass's find_all adds: it may
         # call this one)
-        for step, name in get_runtime().call(standard_steps, root, self).items():
+        try:
+            found = get_runtime().call(standard_steps, root, self)
+        except NotADirectoryError:  # (a file: no steps under it, as Orbax finds none)
+            return
+        for step, name in found.items():
             yield Metadata(step, root / name)
 
     def find_step(self, base_path: Any, step: int) -> Metadata:
