@@ -120,6 +120,15 @@ def as_path(directory: Any) -> AnyPath:
     return Path(os.path.expanduser(os.fspath(directory))).absolute()
 
 
+def as_given(path: Any) -> AnyPath:
+    """``path`` as a path object, as it is given: a Path (a relative one stays relative, a
+    ``~`` stays as it is), or a StorePath for ``s3://`` and ``gs://`` URLs. For functions
+    that build names and resolve nothing, as Orbax's ``epath.Path(path)``."""
+    if isinstance(path, StorePath) or (isinstance(path, str) and "://" in path):
+        return as_path(path)
+    return Path(os.fspath(path))
+
+
 def coerce(path: Any) -> AnyPath:
     """``path`` as a Path or StorePath (a StorePath is kept; anything else becomes a Path)."""
     return path if isinstance(path, StorePath) else Path(path)

@@ -17,7 +17,7 @@ import jax
 from . import _commit
 from . import _format as fmt
 from . import _storage as storage
-from ._paths import as_path
+from ._paths import as_given, as_path
 from ._runtime import get_runtime
 from .errors import CheckpointNotFoundError, InvalidArgumentError
 from .handlers._legacy import leaf_is_placeholder, leaf_placeholder, name_from_leaf_placeholder
@@ -47,6 +47,7 @@ __all__ = [
     "PyTree",
     "TMP_DIR_SUFFIX",
     "all_leaves_are_placeholders",
+    "all_temporary_paths",
     "fully_replicated_host_local_array_to_global_array",
     "any_checkpoint_step",
     "broadcast_one_to_all",
@@ -168,19 +169,83 @@ def any_checkpoint_step(checkpoint_dir: Any) -> int | None:
     return max(checkpoint_steps(checkpoint_dir), default=None)
 
 
-def is_checkpoint_finalized(path: Any) -> bool:
+def _temporary_path_class(path: Any, temporary_path_cls: Any, atomicity_options: Any) -> Any:
+    """The temporary-path class that decides for ``path`` (Orbax's classes taken as ours)."""
+    from .path import atomicity, atomicity_defaults
+
+    cls = temporary_path_cls or atomicity_defaults.get_default_temporary_path_class(
+        path, atomicity_options=atomicity_options)
+    if getattr(cls, "__module__", "").startswith("orbax.") and cls.__name__ in (
+            "AtomicRenameTemporaryPath", "CommitFileTemporaryPath"):
+        cls = getattr(atomicity, cls.__name__)
+    return cls
+
+
+def _validates(check: Any, path: Any) -> bool:
+    """Whether the coroutine ``check(path)`` (a temporary-path class's ``validate`` or
+    ``validate_final``) passes: a ``ValidationError`` (a ``ValueError``) says it does not."""
+    try:
+        get_runtime().call(check, path)
+    except ValueError:
+        return False
+    return True
+
+
+def _legacy_rename_classes(cls: Any, atomicity_options: Any) -> list[Any]:
+    from .path import atomicity
+
+    if getattr(atomicity_options, "allow_legacy_atomic_rename", False) and \
+            cls is not atomicity.AtomicRenameTemporaryPath:
+        return [atomicity.AtomicRenameTemporaryPath]
+    return []
+
+
+def is_checkpoint_finalized(path: Any, *, temporary_path_cls: Any = None,
+                            atomicity_options: Any = None) -> bool:
     """Whether ``path`` is a committed checkpoint: a directory without the temporary suffix
-    locally, a prefix holding ``commit_success.txt`` on an object store."""
-    p = as_path(path)
-    return not _commit.is_tmp_name(p.name) and get_runtime().call(_commit.is_visible, p)
+    locally, a prefix holding ``commit_success.txt`` on an object store. Given
+    ``temporary_path_cls`` (or ``atomicity_options`` naming a mode), as that class's
+    ``validate_final`` says (``CommitFileTemporaryPath``: a directory holding
+    ``commit_success.txt``), as in Orbax."""
+    if temporary_path_cls is None and atomicity_options is None:
+        p = as_path(path)
+        return not _commit.is_tmp_name(p.name) and get_runtime().call(_commit.is_visible, p)
+    p = as_given(path)
+    cls = _temporary_path_class(p, temporary_path_cls, atomicity_options)
+    return any(_validates(c.validate_final, p)
+               for c in [cls, *_legacy_rename_classes(cls, atomicity_options)])
 
 
-def is_tmp_checkpoint(path: Any) -> bool:
+def is_tmp_checkpoint(path: Any, *, temporary_path_cls: Any = None,
+                      atomicity_options: Any = None) -> bool:
     """Whether ``path`` is a save that has not committed (yet or ever): a temporary directory
     locally, a prefix without ``commit_success.txt`` on an object store; False where there is
-    no directory."""
-    p = as_path(path)
-    return get_runtime().call(_is_tmp, p)
+    no directory. Given ``temporary_path_cls`` (or ``atomicity_options`` naming a mode), as
+    that class's ``validate`` says (``CommitFileTemporaryPath``: a directory without
+    ``commit_success.txt``), as in Orbax."""
+    if temporary_path_cls is None and atomicity_options is None:
+        return get_runtime().call(_is_tmp, as_path(path))
+    p = as_given(path)
+    cls = _temporary_path_class(p, temporary_path_cls, atomicity_options)
+    if any(_validates(c.validate_final, p) for c in _legacy_rename_classes(
+            cls, atomicity_options)):
+        return False
+    return _validates(cls.validate, p)
+
+
+def all_temporary_paths(root_directory: Any, *, temporary_path_cls: Any = None,
+                        atomicity_options: Any = None) -> list[Any]:
+    """The temporary paths (``TemporaryPath`` objects: ``.get()``, ``.get_final()``) of the
+    saves in ``root_directory`` that are not committed; ``[]`` where it does not exist."""
+    root = as_given(root_directory)
+    found = []
+    for name in sorted(get_runtime().call(storage.listdirs, root)):
+        p = root / name
+        if is_tmp_checkpoint(p, temporary_path_cls=temporary_path_cls,
+                             atomicity_options=atomicity_options):
+            cls = _temporary_path_class(p, temporary_path_cls, atomicity_options)
+            found.append(cls.from_temporary(p))
+    return found
 
 
 async def _is_tmp(p: Any) -> bool:

@@ -9,13 +9,11 @@ the steps found, and managers keep those committed.
 """
 
 import dataclasses
-import os
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 from .. import _format as fmt
-from .._paths import AnyPath, StorePath, as_path
+from .._paths import AnyPath, as_given, as_path
 from ..errors import InvalidArgumentError
 from ..manager._steps import (
     Metadata,
@@ -26,6 +24,7 @@ from ..manager._steps import (
 )
 from ..utils import (
     TMP_DIR_SUFFIX,
+    all_temporary_paths,
     any_checkpoint_step,
     checkpoint_steps,
     checkpoint_steps_paths,
@@ -39,17 +38,9 @@ ALLOWED_STEP_NAME_PATTERN = r"(.+)_(\d+)"
 TMP_DIR_STEP_PATTERN = r".*?_*?(\d+)\.orbax-checkpoint-tmp"
 
 
-def _as_given(path: Any) -> AnyPath:
-    """``path`` as a path object, as it is given: a relative one stays relative (these
-    functions build names; they do not resolve them against the working directory)."""
-    if isinstance(path, StorePath) or (isinstance(path, str) and "://" in path):
-        return as_path(path)
-    return Path(os.fspath(path))
-
-
 def build_step_path(base_path: Any, name_format: Any, step: int) -> AnyPath:
     """Where ``step`` goes under ``base_path`` in ``name_format`` (ours or Orbax's)."""
-    return _as_given(base_path) / name_format_of(name_format).build_name(step)
+    return as_given(base_path) / name_format_of(name_format).build_name(step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +165,7 @@ def get_save_directory(step: int, directory: Any, name: str | None = None,
     if directory is None:
         raise InvalidArgumentError("Directory cannot be None.")
     if override_directory is not None:
-        result = _as_given(override_directory)
+        result = as_given(override_directory)
     else:
         result = build_step_path(directory, step_name_format or standard_name_format(
             step_prefix=step_prefix, step_format_fixed_length=step_format_fixed_length), step)
@@ -183,6 +174,7 @@ def get_save_directory(step: int, directory: Any, name: str | None = None,
 
 __all__ = [
     "ALLOWED_STEP_NAME_PATTERN", "TMP_DIR_STEP_PATTERN", "TMP_DIR_SUFFIX", "Metadata",
+    "all_temporary_paths",
     "NameFormat", "any_checkpoint_step", "build_step_metadatas", "build_step_path",
     "checkpoint_steps", "checkpoint_steps_paths", "composite_name_format", "find_step_path", "get_save_directory",
     "is_checkpoint_finalized", "is_path_finalized", "is_path_temporary",
