@@ -243,3 +243,39 @@ def test_a_commit_file_path_is_not_made_over_a_committed_checkpoint(tmp_path):
     assert (tmp_path / "done" / "data").exists()
     asyncio.run(atom.CommitFileTemporaryPath.from_final(tmp_path / "half").create())
     assert list((tmp_path / "half").iterdir()) == []
+
+
+def _format_answers(lib, d):
+    fu = lib.path.format_utils
+    out = {}
+    for rel in ("", "run", "run/0", "run/0/default", "items", "items/0", "items/0/params",
+                "ckpt", "ckpt_nometa", "ckpt_nometa/0", "dummy_file.txt", "nope"):
+        try:
+            out[rel] = fu.is_orbax_checkpoint(d / rel)
+        except Exception as exc:  # noqa: BLE001 - the kind is compared
+            out[rel] = next(k.__name__ for k in (FileNotFoundError, NotADirectoryError,
+                                                 Exception) if isinstance(exc, k))
+    out["ocdbt"] = (fu.is_ocdbt_checkpoint(d / "ckpt"), fu.is_ocdbt_checkpoint(d / "run"))
+    return out
+
+
+@pytest.mark.parametrize("writer", ["ckpt_async", "orbax"])
+def test_is_orbax_checkpoint_answers_as_orbaxs(tmp_path, writer):
+    w = LIBS[writer]
+    tree = {"a": 1, "b": np.arange(8)}
+    (tmp_path / "dummy_file.txt").write_text("foo")
+    with w.Checkpointer(w.PyTreeCheckpointHandler()) as ckptr:
+        ckptr.save(tmp_path / "ckpt", args=w.args.PyTreeSave(tree))
+    with w.CheckpointManager(tmp_path / "run") as m:
+        m.save(0, args=w.args.StandardSave(tree))
+    with w.CheckpointManager(tmp_path / "items", item_names=("params", "state")) as m:
+        m.save(0, args=w.args.Composite(params=w.args.StandardSave(tree),
+                                        state=w.args.StandardSave(tree)))
+    with w.CheckpointManager(tmp_path / "ckpt_nometa") as m:
+        m.save(0, args=w.args.StandardSave(tree))
+    (tmp_path / "ckpt_nometa" / "0" / "_CHECKPOINT_METADATA").unlink()
+    ours, theirs = _format_answers(ocp, tmp_path), _format_answers(orbax, tmp_path)
+    assert ours == theirs
+    assert theirs["run/0"] and theirs["items/0/params"] and not theirs["run"]
+    assert theirs["nope"] == "FileNotFoundError"
+    assert theirs["dummy_file.txt"] == "NotADirectoryError"
