@@ -279,3 +279,14 @@ def test_is_orbax_checkpoint_answers_as_orbaxs(tmp_path, writer):
     assert theirs["run/0"] and theirs["items/0/params"] and not theirs["run"]
     assert theirs["nope"] == "FileNotFoundError"
     assert theirs["dummy_file.txt"] == "NotADirectoryError"
+
+
+def test_a_missing_directory_has_no_steps(tmp_path):
+    # (Orbax's any_checkpoint_step raises FileNotFoundError there, its checkpoint_steps
+    # gives []; ckpt_async answers None, as docs/migration.md says)
+    for mod in (ocp.utils, ocp.step):
+        assert mod.any_checkpoint_step(tmp_path / "nope") is None
+        assert mod.checkpoint_steps(tmp_path / "nope") == []
+    assert orbax.utils.checkpoint_steps(tmp_path / "nope") == []
+    with pytest.raises(FileNotFoundError):
+        orbax.utils.any_checkpoint_step(tmp_path / "nope")
