@@ -58,8 +58,10 @@ class Transform:
 class RestoreTransform(Transform):
     """A transformation of ``PyTreeRestore(transforms=...)`` that computes its key from
     several of the checkpoint's: ``multi_value_fn(key, tree, restore_args)``, where ``tree``
-    holds the keys ``multi_value_fn_input_args`` (regular expressions) names, each read with
-    the ``RestoreArgs`` given there, and ``restore_args`` are the result key's."""
+    is the checkpoint's tree (dicts and lists, as Orbax gives it) holding the keys
+    ``multi_value_fn_input_args`` (regular expressions) names, each read with the
+    ``RestoreArgs`` given there (``PLACEHOLDER`` at the keys not read), and ``restore_args``
+    are the result key's."""
 
     value_fn: Callable[[Any, RestoreArgs], Any] | None = None
     multi_value_fn: Callable[[str, Any, RestoreArgs], Any] | None = None

@@ -208,3 +208,31 @@ def test_orbax_s_older_call_style(saved):
                                            transforms={"w": ocp.Transform(original_key="a/x")})
     assert_bits_equal(out["w"], STATE["a"]["x"])
     assert out["step"] == 3
+
+
+def test_multi_value_fn_gets_the_checkpoint_s_structure(tmp_path):
+    # Orbax hands a multi_value_fn the checkpoint's whole tree, its lists as lists: a
+    # function indexing a list of layers works. ckpt_async handed it the keys it read, in
+    # dicts keyed '0', '1', ... (tree['layers'][0] a KeyError, iterating them gave strings).
+    state = {"layers": [{"k": np.full(2, i, np.int32)} for i in range(3)], "step": 5}
+    path = tmp_path / "ckpt"
+    orbax.PyTreeCheckpointer().save(path, args=orbax.args.PyTreeSave(state))
+    seen = {}
+
+    def total(key, tree, args):
+        seen[len(seen)] = tree
+        return sum(layer["k"] for layer in tree["layers"]) + tree["layers"][1]["k"]
+
+    item = {"total": 0}
+    ours, theirs = both(
+        path, item, {"total": ocp.RestoreArgs(restore_type=np.ndarray)},
+        {"total": ocp.RestoreTransform(multi_value_fn=total, multi_value_fn_input_args={
+            r"layers/.*": ocp.RestoreArgs(restore_type=np.ndarray)})},
+        {"total": orbax.RestoreTransform(multi_value_fn=total, multi_value_fn_input_args={
+            r"layers/.*": orbax.RestoreArgs(restore_type=np.ndarray)})},
+        {"total": orbax.RestoreArgs(restore_type=np.ndarray)})
+    assert_same(ours, theirs)
+    assert_bits_equal(ours["total"], np.full(2, 4, np.int32))
+    mine = seen[0]  # (ours ran first) the keys it did not read: placeholders, not read
+    assert list(mine) == list(seen[1]) == ["layers", "step"]
+    assert type(mine["layers"]) is list and mine["step"] is ocp.PLACEHOLDER

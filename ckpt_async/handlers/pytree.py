@@ -661,6 +661,28 @@ def _input_args(key: str, rules: dict[str, Transform], out_args: dict[str, Any])
     return None
 
 
+def _checkpoint_tree(reader: _Reader, read: Any, wanted: Mapping[str, Any]) -> Any:
+    """The tree a transformed restore hands its transformations (a ``multi_value_fn`` gets it
+    whole), as Orbax's: the checkpoint's structure, as its key metadata has it (dicts, their
+    keys sorted, and lists), with the values read (``read``, nested dicts by the keys of
+    ``wanted``) at their keys, empty nodes as their empty values and ``PLACEHOLDER`` at the
+    keys not read (Orbax puts its internal metadata entries there)."""
+    entries = []
+    for entry in reader.by_key.values():
+        keys = [k.key for k in entry.key_metadata]
+        empty: Any = _tree.EMPTY_TYPES.get(entry.value_metadata.value_type)
+        if empty is not None:
+            value: Any = empty()
+        elif "/".join(keys) in wanted:
+            value = functools.reduce(lambda node, k: node[k], keys, read)
+        else:
+            value = PLACEHOLDER
+        entries.append((entry.key_metadata, value))
+    if not entries:
+        return {}
+    return _tree.tree_from_key_metadata(entries, sort_keys=True)
+
+
 async def _restore_transformed(reader: _Reader, item: Any, restore_args: Any, transforms: Any,
                                to_original: bool) -> Any:
     """``PyTreeRestore(transforms=...)``: the checkpoint's keys the transformations (or the
@@ -709,11 +731,12 @@ async def _restore_transformed(reader: _Reader, item: Any, restore_args: Any, tr
             f"{where}: no restore args for {', '.join(map(repr, missing[:10]))}"
             f"{' ...' if len(missing) > 10 else ''}: the result takes them from the checkpoint, "
             "and a restore with `transforms` reads each with its key's restore args")
-    original: Any = {}
+    read: Any = {}
     if wanted:
         needed = from_flat_dict(wanted, sep="/")
         # (its dicts stand for the checkpoint's lists too: built from the keys)
-        original = await reader.restore_into(needed, needed, partial=True, check_kinds=False)
+        read = await reader.restore_into(needed, needed, partial=True, check_kinds=False)
+    original = _checkpoint_tree(reader, read, wanted)
 
     def bound(rule: Transform) -> Transform:
         fn = rule.multi_value_fn
