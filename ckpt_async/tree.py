@@ -122,10 +122,29 @@ def from_flattened_with_keypath(flat_with_keys: list[tuple[tuple[Any, ...], Any]
     return root
 
 
+def _child(node: Any, key: Any) -> Any:
+    """The child of a node that is not a dict, list or tuple (a dataclass, a named tuple, a
+    pytree node of one's own) at one key of a jax key path, as Orbax looks it up: by index or
+    dict key, by attribute, or by its place among the node's children."""
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        try:
+            return getattr(node, key.name)
+        except AttributeError as exc:
+            raise KeyError(key.name) from exc
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
+        children = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)[0]
+        if (len(children) == 1 and children[0] is node) or not 0 <= key.key < len(children):
+            raise KeyError(key.key)  # (a leaf has no children: KeyError too, as in Orbax)
+        return children[key.key]
+    return node[_key_name(key) if isinstance(key, jax.tree_util.SequenceKey) else key.key]
+
+
 def deserialize_tree(serialized: Any, target: Any, keep_empty_nodes: bool = False) -> Any:
     """The inverse of :func:`serialize_tree`: ``serialized``'s values in ``target``'s
-    structure (tuples, namedtuples and custom nodes as in ``target``). Where ``serialized``
-    lacks a value the target has, the builtin Orbax raises is mixed in: ``MissingKeyError``
+    structure (tuples, namedtuples and custom nodes as in ``target``). ``serialized`` may
+    hold such nodes too (a dataclass, a named tuple, a node of one's own), looked up by
+    attribute or by place, as in Orbax. Where ``serialized`` lacks a value the target has,
+    the builtin Orbax raises is mixed in: ``MissingKeyError``
     (a ``KeyError``) for a dict without the key, ``MissingIndexError`` (an ``IndexError``)
     for a list too short, ``InvalidTypeError`` (a ``TypeError``) for a leaf, or a list where
     the target has a key that is not an index."""
@@ -137,7 +156,7 @@ def deserialize_tree(serialized: Any, target: Any, keep_empty_nodes: bool = Fals
             if isinstance(node, dict) and name not in node:
                 name = str(name)
             try:
-                node = node[name]
+                node = node[name] if type(node) in (dict, list, tuple) else _child(node, key)
             except (KeyError, IndexError, TypeError) as exc:
                 where = "/".join(str(_key_name(k)) for k in path)
                 at = "/".join(str(_key_name(k)) for k in path[:depth])

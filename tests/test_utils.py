@@ -275,6 +275,30 @@ class _Node:
 jax.tree_util.register_pytree_node(_Node, lambda n: ((n.a, n.b), None), lambda _, c: _Node(*c))
 
 
+@pytest.mark.parametrize("serialized,target", [
+    (_Pair(1, "test"), _Pair(0, "")),
+    ({"k": _Pair([1, 2], {"z": 3})}, {"k": _Pair([0, 0], {"z": 0})}),
+    ([_Node({"q": 1}, 2)], [_Node({"q": 0}, 0)]),
+    ({"p": NT(1, 2)}, {"p": NT(0, 0)}),
+])
+def test_deserialize_tree_of_nodes_not_dicts_or_lists_as_orbax(serialized, target) -> None:
+    # A serialized tree that keeps its dataclasses, named tuples or nodes of one's own (as
+    # Orbax's rich-typed metadata does) is looked up by attribute or place, as in Orbax;
+    # ckpt_async indexed them as dicts and lists, and raised InvalidTypeError.
+    ours = ocp.tree.deserialize_tree(serialized, target)
+    theirs = orbax.tree.deserialize_tree(serialized, target)
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs) == jax.tree.structure(target)
+    assert jax.tree.leaves(ours) == jax.tree.leaves(theirs) == jax.tree.leaves(serialized)
+    for lib in (ocp, orbax):  # (an attribute or a child it lacks: KeyError in both; a dict
+        # key asked of a dataclass: TypeError in both)
+        with pytest.raises(KeyError):
+            lib.tree.deserialize_tree(_Pair(1, 2), NT(0, 0))
+        with pytest.raises(KeyError):
+            lib.tree.deserialize_tree(_Node(1, 2), _Node(0, _Node(0, 0)))
+        with pytest.raises(TypeError):
+            lib.tree.deserialize_tree(_Pair(1, 2), {"u": 0, "v": 0})
+
+
 @pytest.mark.parametrize("a,b", [
     ({"x": [1, 2, 3], "y": "same", "z": {"p": {}, "q": 4, "r": 6}},
      {"x": [1, 3], "y": "same", "z": {"p": {}, "q": 5, "s": 6}}),
