@@ -74,6 +74,16 @@ class RestoreTransform(Transform):
                                        "multi_value_fn")
 
 
+def _truthy(tree: Any) -> bool:
+    """Whether a tree without leaves is kept by :func:`apply_transformations`, as by Orbax's:
+    a non-empty container (``{'a': None}``), or a node that is not empty (a dataclass whose
+    fields are None); not ``{}``, ``[]`` or None."""
+    try:
+        return bool(tree)
+    except Exception:  # noqa: BLE001 - (a node whose truth raises: kept)
+        return True
+
+
 def apply_transformations(original_tree: Any, transformations: Any, new_tree: Any,
                           default_to_original: bool = True) -> Any:
     """``new_tree``'s structure with values taken from ``original_tree`` as
@@ -83,8 +93,7 @@ def apply_transformations(original_tree: Any, transformations: Any, new_tree: An
     has one and ``default_to_original`` (else keeps its own); ``use_fallback`` takes the
     other tree's. Raises ``ValueError`` for a transformation naming a key the original tree
     does not have."""
-    if not to_flat_dict(new_tree) and not (isinstance(new_tree, dict | list | tuple)
-                                           and new_tree):
+    if not to_flat_dict(new_tree) and not _truthy(new_tree):  # (no leaves: {}, None, [])
         return {}
     original = to_flat_dict(original_tree, sep="/")
     new = to_flat_dict(new_tree, sep="/")

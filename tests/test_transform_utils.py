@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import numpy as np
 import orbax.checkpoint as orbax
 import pytest
@@ -51,6 +54,27 @@ def test_apply_transformations_refuses_what_orbax_refuses():
             t(original_key="a", use_fallback=True)
     assert ocp.apply_transformations is ocp.transform_utils.apply_transformations
     assert issubclass(ocp.RestoreTransform, ocp.Transform)
+
+
+@dataclasses.dataclass
+class _Fields:
+    a: object = None
+    b: object = None
+
+
+jax.tree_util.register_dataclass(_Fields, data_fields=["a", "b"], meta_fields=[])
+
+
+@pytest.mark.parametrize("new", [_Fields(), {"a": None}, [None], {}, [], None],
+                         ids=["dataclass of Nones", "dict of None", "list of None", "{}", "[]",
+                              "None"])
+def test_a_new_tree_without_leaves_as_orbax(new):
+    # Orbax returns {} for a new tree of no leaves only where it is empty itself ({}, [],
+    # None); a dataclass whose fields are all None comes back as itself. ckpt_async gave {}
+    # for any node but a non-empty dict, list or tuple.
+    ours = ocp.transform_utils.apply_transformations({"a": 1}, {}, new)
+    theirs = orbax.transform_utils.apply_transformations({"a": 1}, {}, new)
+    assert type(ours) is type(theirs) and ours == theirs
 
 
 def test_intersect_and_merge_trees_as_orbax():
