@@ -306,6 +306,22 @@ def test_msgpack_refuses_what_it_cannot_hold():
         ocp.msgpack_utils.msgpack_restore(b"\xd4\x09\x00")
 
 
+def test_msgpack_differences_from_orbax_that_migration_md_names():
+    # int keys: written alike by both, restored by ckpt_async only (Orbax: strict_map_key)
+    data = orbax.msgpack_utils.msgpack_serialize({1: "a", 2: {3: np.int8(4)}})
+    assert data == ocp.msgpack_utils.msgpack_serialize({1: "a", 2: {3: np.int8(4)}})
+    assert ocp.msgpack_utils.msgpack_restore(data) == {1: "a", 2: {3: np.int8(4)}}
+    with pytest.raises(ValueError, match="strict_map_key"):
+        orbax.msgpack_utils.msgpack_restore(data)
+    # in_place=True: the same bytes; ckpt_async leaves the tree as it is
+    trees = {lib: {"a": jnp.ones(2), "n": {"b": jnp.zeros(1)}} for lib in ("ours", "orbax")}
+    assert ocp.msgpack_utils.msgpack_serialize(trees["ours"], in_place=True) == \
+        orbax.msgpack_utils.msgpack_serialize(trees["orbax"], in_place=True)
+    assert isinstance(trees["ours"]["a"], jax.Array) and isinstance(trees["ours"]["n"]["b"],
+                                                                   jax.Array)
+    assert type(trees["orbax"]["a"]) is np.ndarray
+
+
 def test_msgpack_handler_writes_what_orbaxs_reads(tmp_path):
     tree = {"a": np.arange(3), "b": [1, "two"], "c": {}, "d": None}
     handler = ocp.aggregate_handlers.MsgpackHandler()

@@ -11,6 +11,7 @@ import orbax.checkpoint as orbax
 import pytest
 
 import ckpt_async as ocp
+from ckpt_async.errors import InvalidArgumentError
 
 ORIGINAL = {"enc": {"w": 1, "b": 2}, "dec": {"w": 3, "b": 4}, "step": 5, "extra": 6}
 
@@ -50,8 +51,18 @@ def test_apply_transformations_refuses_what_orbax_refuses():
         with pytest.raises(ValueError):
             lib.transform_utils.apply_transformations(
                 ORIGINAL, {"x": t(original_key="missing")}, {"x": 0})
-        with pytest.raises((ValueError, AssertionError)):
-            t(original_key="a", use_fallback=True)
+    # Arguments that exclude each other: InvalidArgumentError naming them, where Orbax's fail
+    # an assert (see migration.md)
+    for kwargs in ({"original_key": "a", "use_fallback": True},
+                   {"value_fn": abs, "multi_value_fn": max}, {"use_fallback": True, "value_fn": abs}):
+        with pytest.raises(InvalidArgumentError, match="exclude each other"):
+            ocp.Transform(**kwargs)
+        with pytest.raises(AssertionError):
+            orbax.Transform(**kwargs)
+    with pytest.raises(InvalidArgumentError, match="needs multi_value_fn"):
+        ocp.RestoreTransform(multi_value_fn_input_args={"a": None})
+    with pytest.raises(AssertionError):
+        orbax.RestoreTransform(multi_value_fn_input_args={"a": None})
     assert ocp.apply_transformations is ocp.transform_utils.apply_transformations
     assert issubclass(ocp.RestoreTransform, ocp.Transform)
 
