@@ -91,6 +91,25 @@ def small_round_trip(store: Bucket, prefix: str) -> None:
     assert "commit_success.txt" in store.keys(prefix)
 
 
+def _run_other_first(monkeypatch: pytest.MonkeyPatch, owner: object, name: str,
+                     other, *, after: bool = False) -> None:
+    """Patches coroutine ``owner.name`` (a class's method, or a module's function): its first
+    call first runs ``other()`` to its end in a thread (``after``: once the call returned),
+    then goes on; unpatched from then on."""
+    original = getattr(owner, name)
+
+    async def patched(*args, **kwargs):
+        monkeypatch.setattr(owner, name, original)  # (the other save's calls: as they are)
+        if after:
+            result = await original(*args, **kwargs)
+            await asyncio.to_thread(other)
+            return result
+        await asyncio.to_thread(other)
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, patched)
+
+
 class ObjectStoreSuite:
     """The shared tests; a subclass named ``Test...`` in a test module runs them (with that
     module's ``store`` fixture). Every test works under its own fresh key prefix."""
@@ -444,6 +463,50 @@ class ObjectStoreSuite:
             np.testing.assert_array_equal(ckptr.restore(f"{store.url(prefix)}/run")["a"],
                                           np.arange(3))
         assert "notes.txt" not in store.keys(f"{prefix}/run")  # force: replaced, as asked
+
+    # -- two saves racing into one prefix ------------------------------------------------------
+    @pytest.mark.parametrize("winner", [1, 2])
+    def test_two_direct_saves_racing_into_one_prefix(self, store: Bucket, prefix: str,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     winner: int):
+        """Two handler saves of different values into one new prefix, both past the check for
+        an item there: TensorStore writes both into the item's root database. Save 2 runs
+        before save 1 writes (one batch), or once save 1's first batch is in (one array a
+        batch). The save whose commit meets the other's database raises
+        StepAlreadyExistsError naming the item; the other's item restores bit-exact. Before,
+        both succeeded, their commits adding to one database (the item held the later
+        save's keys over the earlier's, under either's documents)."""
+        from ckpt_async import _stage
+
+        if winner == 1:
+            monkeypatch.setattr(_stage, "BATCH_MAX_ARRAYS", 1)
+        url = f"{store.url(prefix)}/item"
+        errors: dict[int, BaseException | None] = {}
+
+        def tree(value: int) -> dict:
+            return {f"a{i}": np.full((300,), value, np.float32) for i in range(4)}
+
+        def save(value: int) -> None:
+            try:
+                ocp.PyTreeCheckpointHandler().save(url, ocp.args.PyTreeSave(tree(value)))
+                errors[value] = None
+            except StepAlreadyExistsError as exc:
+                errors[value] = exc
+
+        async def nothing_there(self, directory, args):
+            return None  # (both saves checked the prefix before either wrote there)
+
+        monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "existing_item", nothing_there)
+        _run_other_first(monkeypatch, ser.ItemWriter, "_write_tensorstore", lambda: save(2),
+                         after=winner == 1)
+        save(1)
+        assert [v for v, e in errors.items() if e is None] == [winner], errors
+        (lost,) = [e for e in errors.values() if e is not None]
+        assert str(lost).startswith(f"{url} already holds a checkpoint item: another save "
+                                    "made its manifest.ocdbt while this one wrote"), lost
+        got = ocp.PyTreeCheckpointHandler().restore(url)
+        assert_same(got, tree(winner))
+        assert ocp.verify(url).ok
 
     # -- retention deletes ---------------------------------------------------------------------
     def test_retention_deletes_in_the_background_one_step_at_a_time(
