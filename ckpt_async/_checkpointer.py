@@ -108,17 +108,24 @@ def check_writable(path: AnyPath) -> None:
 async def _create_tmp(path: AnyPath, clear_leftovers: bool, mode: int | None = None) -> AnyPath:
     """``_commit.create_tmp``, except that an object-store prefix with objects but no commit
     marker (an unfinished save, a manager's directory, other data) is refused unless
-    ``clear_leftovers``: a save writes in place there, clearing the prefix first. With several
+    ``clear_leftovers``: a save writes in place there, clearing first the objects it found
+    there (the prefix is listed once, here, for both). With several
     processes the primary alone decides, before any process writes there. ``mode``
     (``FileOptions.path_permission_mode``): the permissions of a local checkpoint's
     directory (0o750: not readable by others), kept by the commit's rename."""
-    if not clear_leftovers and not storage.has_rename(path) and await storage.listfiles(path):
-        raise StepAlreadyExistsError(
-            f"{path} holds objects but no committed checkpoint (an unfinished save, a "
-            "manager's directory, other data); pass force=True to replace them")
-    # (not cleared where it was found empty: objects there now are another save's, begun
-    # since, which a removal would cut from under it; the race for the item decides)
-    tmp = await _commit.create_tmp(path, clear=clear_leftovers)
+    clear: bool | list[str] = clear_leftovers
+    if not storage.has_rename(path):
+        found = await storage.listfiles(path)
+        if found and not clear_leftovers:
+            raise StepAlreadyExistsError(
+                f"{path} holds objects but no committed checkpoint (an unfinished save, a "
+                "manager's directory, other data); pass force=True to replace them")
+        # Only what was found is cleared (nothing where the prefix was empty): objects there
+        # now besides are another save's of this path, begun since, which a removal would cut
+        # from under it, even once committed (a forced save replaces the checkpoint it found,
+        # not one made during it); the race for the item decides between them.
+        clear = found if clear_leftovers else False
+    tmp = await _commit.create_tmp(path, clear=clear)
     if mode is not None and isinstance(tmp, Path):  # (masked by the umask, as mkdir's mode)
         await get_runtime().to_thread(os.chmod, tmp, mode & ~_umask())
     return tmp

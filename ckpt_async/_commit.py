@@ -62,11 +62,12 @@ async def scan(directory: AnyPath) -> tuple[list[str], set[str]]:
     return names, visible
 
 
-async def create_tmp(final: AnyPath, clear: bool = True) -> AnyPath:
+async def create_tmp(final: AnyPath, clear: bool | list[str] = True) -> AnyPath:
     """Where a save of ``final`` writes: a new temporary directory, or, on an object store,
     ``final`` itself, cleared first (unlisted, then removed: leftovers of an unfinished save, or
-    the checkpoint a forced save replaces) unless ``clear`` is false (the caller found no
-    object there: what is there now is another save's of the same path, which began since).
+    the checkpoint a forced save replaces): of everything, or of the objects ``clear`` names
+    only (those the caller found there: what is there now besides is another save's of the
+    same path, which began since), or of nothing where ``clear`` is false or empty.
     Locally, Orbax's own temporary directory for ``final`` (``<name>.orbax-checkpoint-tmp``,
     the leftover of a save of it that did not finish) is removed first, as Orbax removes it."""
     if storage.has_rename(final):
@@ -83,8 +84,10 @@ async def create_tmp(final: AnyPath, clear: bool = True) -> AnyPath:
         except OSError as exc:  # (a directory that cannot be written: as check_writable says)
             raise storage.not_created(tmp, exc) from exc
         return tmp
-    if clear:
+    if clear is True:
         await storage.rmtree(final)
+    elif clear:
+        await storage.remove_files(final, clear)
     return final
 
 

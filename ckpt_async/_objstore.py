@@ -284,6 +284,24 @@ async def delete(path: _paths.StorePath) -> None:
         raise _failed(CommitError, "delete", path, exc) from exc
 
 
+async def delete_keys(path: _paths.StorePath, names: list[str]) -> None:
+    """Deletes the objects ``names`` (relative to the "directory" ``path``, as
+    :func:`list_keys` gives them; missing is fine), concurrently; none at a bucket's root
+    (as :func:`delete_prefix`, which refuses to empty a bucket)."""
+    if not names:
+        return
+    if not path.key:
+        raise CommitError(f"{path}: refusing to delete every object in the bucket (a "
+                          "checkpoint at a bucket's root is not replaced; save under a prefix)")
+    kv = await _root(path)
+    prefix = _dir_prefix(path)
+    try:
+        await asyncio.gather(*(kv.delete_range(ts.KvStore.KeyRange(prefix + n, prefix + n + "\x00"))
+                               for n in names))
+    except Exception as exc:
+        raise _failed(CommitError, "delete", path, exc) from exc
+
+
 async def delete_prefix(path: _paths.StorePath) -> None:
     """Deletes every object under ``path`` (missing is fine; a bucket's root only when the
     bucket is empty). TensorStore lists the prefix and

@@ -389,6 +389,24 @@ async def rmtree(path: AnyPath) -> None:
     await get_runtime().to_thread(lambda: shutil.rmtree(path, ignore_errors=True))
 
 
+async def remove_files(path: AnyPath, names: list[str]) -> None:
+    """Removes the files ``names`` under ``path`` (relative, as :func:`listfiles` gives them;
+    missing is fine), and nothing else: on an object store the commit marker first, as
+    :func:`rmtree` removes it. Locally, the directories left empty stay."""
+    if isinstance(path, StorePath):
+        if COMMIT_SUCCESS in names:
+            await _objstore.delete_keys(path, [COMMIT_SUCCESS])
+        await _objstore.delete_keys(path, [n for n in names if n != COMMIT_SUCCESS])
+        return
+
+    def _remove() -> None:
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path / name)
+
+    await get_runtime().to_thread(_remove)
+
+
 async def fsync_tree(root: AnyPath) -> None:
     if isinstance(root, StorePath):
         return  # a completed PUT is durable

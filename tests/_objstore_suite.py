@@ -508,6 +508,65 @@ class ObjectStoreSuite:
         assert_same(got, tree(winner))
         assert ocp.verify(url).ok
 
+    def test_two_checkpointer_saves_racing_to_one_path(self, store: Bucket, prefix: str,
+                                                       monkeypatch: pytest.MonkeyPatch):
+        """Two checkpointers' saves of one new path, in place, both past the look at it: the
+        second runs to its end (committed) once the first has looked and before it writes.
+        The first meets the second's database and raises StepAlreadyExistsError naming the
+        path; it leaves the prefix to the second, whose checkpoint restores bit-exact (round
+        41: the loser removed the whole prefix, and a save that found the path empty cleared
+        it before writing)."""
+        url = f"{store.url(prefix)}/ck"
+
+        def tree(value: int) -> dict:
+            return {"x": np.full(8, value, np.float32), "y": np.arange(5) * value}
+
+        def other() -> None:
+            with ocp.StandardCheckpointer() as ckptr:
+                ckptr.save(url, tree(2))
+
+        _run_other_first(monkeypatch, _commit, "create_tmp", other)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(url, tree(1))
+            with pytest.raises(StepAlreadyExistsError, match=re.escape(url)):
+                ckptr.wait_until_finished()
+            assert_same(ckptr.restore(url), tree(2))
+        assert ocp.verify(url).ok
+
+    def test_a_forced_save_clears_only_what_it_found(self, store: Bucket, prefix: str,
+                                                     monkeypatch: pytest.MonkeyPatch):
+        """force=True clears what it found at the path, and nothing more. Found empty: another
+        save of the path that commits after the forced save looked, before it writes, keeps
+        its checkpoint (bit-exact), and the forced save, which meets that save's database,
+        raises StepAlreadyExistsError. Found holding a checkpoint: that one is replaced, and
+        an object put there after the look stays. Before, the forced save removed the whole
+        prefix once it had looked: the other save's committed checkpoint went (its save had
+        returned), and the forced save committed its own in its place."""
+        url = f"{store.url(prefix)}/ck"
+
+        def tree(value: int) -> dict:
+            return {"x": np.full(8, value, np.float32)}
+
+        def other() -> None:
+            with ocp.StandardCheckpointer() as ckptr:
+                ckptr.save(url, tree(2))
+
+        _run_other_first(monkeypatch, _commit, "create_tmp", other)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(url, tree(1), force=True)
+            with pytest.raises(StepAlreadyExistsError, match=re.escape(url)):
+                ckptr.wait_until_finished()
+            assert_same(ckptr.restore(url), tree(2))
+        assert ocp.verify(url).ok
+
+        _run_other_first(monkeypatch, _commit, "create_tmp",
+                         lambda: store.put(f"{prefix}/ck/late.txt", b"put after the look"))
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(url, tree(3), force=True)
+            ckptr.wait_until_finished()
+            assert_same(ckptr.restore(url), tree(3))
+        assert store.get(f"{prefix}/ck/late.txt") == b"put after the look"
+
     # -- retention deletes ---------------------------------------------------------------------
     def test_retention_deletes_in_the_background_one_step_at_a_time(
             self, store: Bucket, prefix: str, monkeypatch: pytest.MonkeyPatch):
