@@ -708,9 +708,16 @@ class AsyncCheckpointer:
                 ABORT_GRACE_SECS, max(timeout, ABORT_GRACE_MIN_SECS))
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(writer.abort(), grace)
-            # (in place, on an object store, a save that lost the race for an item's database
-            # to another save of this path leaves that one's objects alone: its own are gone)
+            # In place, on an object store, a save that lost the race for an item's database
+            # to another save of this path (on any process: the barriers say so on every one)
+            # leaves that one's objects alone: each process removes only its own.
             lost = isinstance(exc, StepAlreadyExistsError) and tmp == path
+            if lost:
+                try:
+                    await asyncio.wait_for(writer.discard(), grace)
+                except Exception as failure:  # noqa: BLE001 - the lost race is the error
+                    log.warning("saving %s: this process's own files were not all removed "
+                                "after the lost race: %s", path, describe(failure))
             if primary and not lost:  # (shielded: a longer removal goes on in the background)
                 with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                     await asyncio.wait_for(_commit.abort(tmp), grace)

@@ -644,6 +644,8 @@ class ItemWriter:
         self._kv_lock = asyncio.Lock()
         self._load = [0] * lanes
         self._used: set[int] = set()
+        #: The lanes a commit of this writer's went into: databases it made (its uuid).
+        self._won: set[int] = set()
         #: name -> chunk key -> crc32 of the chunk's bytes as written (``_CHECKSUMS``).
         self.checksums: dict[str, dict[str, int]] = {}
         self.chunks: dict[str, tuple[int, ...]] = {}
@@ -824,6 +826,7 @@ class ItemWriter:
             if lost_race(exc):
                 raise self.race_error(self.dirs[lane]) from exc
             raise
+        self._won.add(lane)
 
     def race_error(self, database: AnyPath) -> StepAlreadyExistsError:
         """The error of a lost race: another save made the OCDBT database at ``database`` (in
@@ -897,19 +900,21 @@ class ItemWriter:
             await storage.fsync_tree(self.db.root)
 
     async def discard(self) -> None:
-        """After a lost race (:attr:`lost_race`): waits for every write this writer started,
-        then removes what is its own: :attr:`db`'s data files and its own databases'
-        folders (:func:`lane_dir`). (What TensorStore wrote into a database the other save
-        made, the item's root or Orbax's ``ocdbt.process_0`` of zarr v3, has names no one
-        records: left there, unreferenced.)"""
+        """After a lost race (:attr:`lost_race`, or another process of the save lost one):
+        waits for every write this writer started, then removes what is its own: :attr:`db`'s
+        data files, its own databases' folders (:func:`lane_dir`), and the other folders of
+        databases it committed into (``process_dir``: it made them, with its uuid, which any
+        other save's commit there refuses, so no other save's item lists them). (What
+        TensorStore wrote into a database the other save made, the item's root or another
+        process database, has names no one records: left there, unreferenced.)"""
         await self.settle()
         if self._discarded:
             return
         self._discarded = True
         if self.db is not None:
             await get_runtime().to_thread(self.db.discard)
-        if self._own_dirs:
-            await asyncio.gather(*(storage.rmtree(d) for d in self.dirs))
+        own = self.dirs if self._own_dirs else [self.dirs[i] for i in sorted(self._won)]
+        await asyncio.gather(*(storage.rmtree(d) for d in own if d != self._item_dir))
 
     async def settle(self) -> None:
         """Waits for every thread and TensorStore write this writer started, whatever their

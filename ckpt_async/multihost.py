@@ -37,7 +37,12 @@ from typing import Any, Protocol
 import jax
 
 from ._runtime import get_runtime
-from .errors import BarrierTimeoutError, InvalidArgumentError, ProcessFailedError
+from .errors import (
+    BarrierTimeoutError,
+    InvalidArgumentError,
+    ProcessFailedError,
+    StepAlreadyExistsError,
+)
 
 KEY_PREFIX = "ckpt_async"
 
@@ -275,11 +280,19 @@ class Sync:
         ProcessFailedError naming the processes that arrived with an error, and
         BarrierTimeoutError naming those that did not arrive within the timeout (this
         process's, or another's that gave up: its key says so, ``timeout:<why>``).
+
+        An error that is a StepAlreadyExistsError (a lost race: another save of the same path
+        made a database this save wrote into, or committed first) is carried as such
+        (``lost:<why>``): where any process that arrived lost the race, this process raises
+        StepAlreadyExistsError instead of ProcessFailedError, so that every process of the
+        save treats it as lost (the prefix is the other save's: each removes only its own).
         """
         await self._join()
         client = _client()
         key = self._key(phase, self.roles.index)
-        value = f"ok:{note}" if error is None else "error:" + (str(error) or type(error).__name__)
+        value = f"ok:{note}" if error is None else (
+            "lost:" if isinstance(error, StepAlreadyExistsError) else "error:") + (
+            str(error) or type(error).__name__)
         rt = get_runtime()
         await rt.to_thread(client.key_value_set, key, value)
         if error is not None and not self.roles.is_primary:
@@ -290,9 +303,17 @@ class Sync:
             entries = await rt.to_thread(client.key_value_dir_get, self._key(phase))
             arrived = {int(k.rsplit("/", 1)[1]): v for k, v in entries}
             everyone = len(arrived) >= self.roles.count
-            failed = {i: v[6:] for i, v in arrived.items()
-                      if v.startswith("error:") and i != self.roles.index}
+            failed = {i: v.split(":", 1)[1] for i, v in arrived.items()
+                      if v.startswith(("error:", "lost:")) and i != self.roles.index}
             if failed and (everyone or not self.roles.is_primary):
+                lost = sorted((i, v[5:]) for i, v in arrived.items() if v.startswith("lost:"))
+                if lost:
+                    i, why = lost[0]
+                    raise StepAlreadyExistsError(
+                        f"{self.what}: another save of the same path got there first: process "
+                        f"{i} found it there before '{phase}' ({why}); this save was abandoned "
+                        "on every process, each removing only its own files; nothing was "
+                        "committed")
                 raise ProcessFailedError(
                     f"{self.what}: process{'es' if len(failed) > 1 else ''} "
                     + ", ".join(f"{i} ({msg})" for i, msg in sorted(failed.items()))

@@ -659,6 +659,92 @@ def scenario_small(cfg: dict, out: dict) -> None:
                                   type(exc.__cause__).__name__]
 
 
+def run_other_first(cls: type, name: str, other, *, only: int | None = None) -> None:
+    """Patches coroutine method ``cls.name`` (on process ``only``, or on every one): its first
+    call first runs ``other()`` to its end in a thread, then goes on; unpatched from then on
+    (the other save's calls run as they are)."""
+    import asyncio
+
+    if only is not None and jax.process_index() != only:
+        return
+    original = getattr(cls, name)
+
+    async def patched(self, *args, **kwargs):
+        setattr(cls, name, original)
+        await asyncio.to_thread(other)
+        return await original(self, *args, **kwargs)
+
+    setattr(cls, name, patched)
+
+
+def scenario_race(cfg: dict, out: dict) -> None:
+    """Two saves in place into one object-store prefix, each race forced by pausing save A at
+    a chosen point while the other runs to its end (committed). ``sym``: A is paused on both
+    processes before it writes, B (two processes, barrier keys of their own) saves the same
+    tree; both of A's processes meet B's databases. ``asym``: B's tree has no shard on
+    process 0, so A's primary makes its database while A's process 1 meets B's. Records A's
+    outcome on each process and what a restore of the path gives."""
+    import ckpt_async as ocp
+    from ckpt_async import _serialize
+    from ckpt_async.errors import CheckpointError
+
+    devices = jax.devices()
+    timeouts = ocp.AsyncOptions(timeout_secs=120)
+
+    def sharded(value: float, order=(0, 1), spec=P("a")) -> dict:
+        mesh = Mesh(np.array([devices[i] for i in order]), ("a",))
+        return {"x": jax.make_array_from_callback(
+            (8,), NamedSharding(mesh, spec), lambda idx: np.full(8, value, np.float32)[idx])}
+
+    def other_save(path: str, tree: dict):
+        def run() -> None:
+            with ocp.AsyncCheckpointer(
+                    ocp.StandardCheckpointHandler(), async_options=timeouts,
+                    multiprocessing_options=ocp.options.MultiprocessingOptions(
+                        barrier_sync_key_prefix="other")) as ckptr:
+                ckptr.save(path, args=ocp.args.StandardSave(tree))
+        return run
+
+    def outcome(path: str, tree: dict) -> list:
+        ckptr = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler(), async_options=timeouts)
+        try:
+            ckptr.save(path, args=ocp.args.StandardSave(tree))
+            ckptr.wait_until_finished()
+            result = ["ok", ""]
+        except CheckpointError as exc:
+            result = [type(exc).__name__, str(exc)]
+        ckptr.close()
+        return result
+
+    def restored(path: str, committed: bool = True) -> list:
+        """x as restored (whole, on each process) from ``path``: a checkpoint, or an item a
+        handler's save wrote (no commit marker)."""
+        try:
+            if not committed:
+                return ocp.PyTreeCheckpointHandler().restore(path)["x"].tolist()
+            whole = NamedSharding(Mesh(np.array(devices), ("a",)), P())
+            got = ocp.StandardCheckpointer().restore(path, {
+                "x": jax.ShapeDtypeStruct((8,), np.float32, sharding=whole)})["x"]
+            return np.asarray(got.addressable_shards[0].data).tolist()
+        except Exception as exc:  # noqa: BLE001 - (a mix of both saves: whatever it raises)
+            return [type(exc).__name__]
+
+    base = cfg["url"]
+    out["race"] = {}
+    # sym: both of A's processes meet B's databases.
+    run_other_first(_serialize.ItemWriter, "write", other_save(f"{base}/sym", sharded(2.0)))
+    out["race"]["sym"] = outcome(f"{base}/sym", sharded(1.0))
+    barrier("sym")
+    out["race"]["sym restored"] = restored(f"{base}/sym")
+    # asym: B's x is replicated with replica 0 on process 1's device: B's process 0 writes no
+    # database; A's process 0 makes its own, A's process 1 meets B's.
+    run_other_first(_serialize.ItemWriter, "write",
+                    other_save(f"{base}/asym", sharded(2.0, (1, 0), P())))
+    out["race"]["asym"] = outcome(f"{base}/asym", sharded(1.0))
+    barrier("asym")
+    out["race"]["asym restored"] = restored(f"{base}/asym")
+
+
 def main() -> None:
     scenario, pid, n, port, cfg_path = sys.argv[1:6]
     cfg = json.loads(Path(cfg_path).read_text())

@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as orbax
 import pytest
 import tensorstore as ts
-from _moto import client_for, moto_s3
+from _moto import client_for, list_keys, moto_s3
 from _multihost import ROOT, launch
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -78,6 +78,14 @@ def small(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("PYTHONPATH", raising=False)
         return launch("small", 2, 1, {"dir": str(wd)}, wd)
+
+
+@pytest.fixture(scope="module")
+def race(tmp_path_factory, s3_env):
+    """The racing run's results (2 x 1), one per process, and the prefix it saved under."""
+    wd = tmp_path_factory.mktemp("multihost_race")
+    return launch("race", 2, 1, {"env": s3_env, "url": f"s3://{BUCKET}/{wd.name}"}, wd), \
+        wd.name
 
 
 def test_every_process_joins_with_its_devices(runs):
@@ -380,3 +388,28 @@ def test_tree_descriptions_and_where_they_first_differ(mesh):
                "'state/params/w' is float32[4, 2] on a, no jax.Array on b")]
     for other, where in differ:
         assert _same_tree.first_difference(lines, other, "a", "b") == where
+
+
+@pytest.mark.parametrize("case", ["sym", "asym"])
+def test_a_save_losing_a_race_in_place_leaves_the_winner_whole(race, s3_env, case):
+    """Two saves into one object-store prefix (``multihost_worker.scenario_race``): the one
+    that meets the other's database, on any of its processes, raises StepAlreadyExistsError
+    naming the path on every process, removes only its own databases and leaves the prefix to
+    the winner, whose checkpoint restores bit-exact. Before, where a process other than the
+    primary lost, the primary raised ProcessFailedError and removed the whole prefix, the
+    winner's committed checkpoint with it (and in asym had written its documents over the
+    winner's before it learnt of the race)."""
+    results, name = race
+    url = f"s3://{BUCKET}/{name}/{case}"
+    for result in results:
+        kind, message = result["race"][case]
+        assert kind == "StepAlreadyExistsError", (result["process"], kind, message)
+        assert url in message, message
+        assert result["race"][f"{case} restored"] == [2.0] * 8  # the winner's values
+    assert ocp.verify(url).ok
+    keys = list_keys(client_for(s3_env), BUCKET, f"{name}/{case}")
+    assert "commit_success.txt" in keys
+    folders = {k.split("/")[0] for k in keys if k.startswith("ocdbt.process_")}
+    # (the loser's own databases are gone: asym's winner wrote none for process 0)
+    assert folders == {"sym": {"ocdbt.process_0", "ocdbt.process_1"},
+                       "asym": {"ocdbt.process_1"}}[case]

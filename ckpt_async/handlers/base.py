@@ -142,14 +142,19 @@ class Writer:
     staged item; ``await finalize()`` (primary process only, after every process wrote)
     completes the item. When the save fails before ``write()`` is called (another item of a
     composite failed to stage), ``await abort()`` stops and waits for whatever ``stage``
-    already started writing, so that nothing writes into the directory about to go."""
+    already started writing, so that nothing writes into the directory about to go. When
+    the save lost a race to another save of the same path writing in place (an object store:
+    the directory is the other's too, and stays), ``await discard()``, after ``abort()``,
+    removes what is this save's own there and nothing else."""
 
     def __init__(self, write: Callable[[], Awaitable[None]], nbytes: int = 0,
                  arrays: int = 0, finalize: Callable[[], Awaitable[None]] | None = None,
-                 abort: Callable[[], Awaitable[None]] | None = None) -> None:
+                 abort: Callable[[], Awaitable[None]] | None = None,
+                 discard: Callable[[], Awaitable[None]] | None = None) -> None:
         self._write = write
         self._finalize = finalize
         self._abort = abort
+        self._discard = discard
         self.nbytes = nbytes
         self.arrays = arrays
 
@@ -163,6 +168,10 @@ class Writer:
     async def abort(self) -> None:
         if self._abort is not None:
             await self._abort()
+
+    async def discard(self) -> None:
+        if self._discard is not None:
+            await self._discard()
 
 
 class CheckpointHandler:
@@ -312,7 +321,8 @@ class _OrbaxStyle(AsyncCheckpointHandler):
                 await writer.finalize()
                 await finalize()
 
-            return Writer(writer.write, writer.nbytes, writer.arrays, finalize_both, writer.abort)
+            return Writer(writer.write, writer.nbytes, writer.arrays, finalize_both, writer.abort,
+                          writer.discard)
         await storage.makedirs(directory)  # (Orbax's handlers write into it)
         futures: Any = ()
         if async_save is not None and _awaitable(async_save):

@@ -168,9 +168,12 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
         async def finalize() -> None:
             await every(Writer.finalize)
 
+        async def discard() -> None:
+            await every(Writer.discard)
+
         self.last_item_handlers = {n: typestr_of(h) for n, (h, _a) in handlers.items()}
         return Writer(write, sum(w.nbytes for w in writers.values()),
-                      sum(w.arrays for w in writers.values()), finalize, abort)
+                      sum(w.arrays for w in writers.values()), finalize, abort, discard)
 
     async def existing_item(self, directory: AnyPath, args: Any) -> AnyPath | None:
         """The first of ``args``'s items whose folder already holds an item its handler

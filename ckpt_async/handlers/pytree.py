@@ -455,14 +455,25 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
             docs[_integrity.partial_checksums_name(roles.index) if roles.multi
                  else _integrity.CHECKSUMS] = _integrity.checksums_document(
                 docs, writer.checksums, writer.chunks, writer.index_hint)
-            await storage.write_files([(directory / name, data) for name, data in docs.items()])
+            files = [(directory / name, data) for name, data in docs.items()]
+            if roles.multi and roles.is_primary:
+                primary_docs.extend(files)  # (once the root database is this save's)
+                return
+            await storage.write_files(files)
+
+        primary_docs: list[tuple[AnyPath, bytes]] = []
 
         async def finalize() -> None:
             if roles.multi:
+                # The primary's documents are written only once every process's part is in
+                # (each database went to this save) and merged, as a single process writes its
+                # own after its merge: a save that lost a race on another process, writing in
+                # place on an object store, never writes them over the winner's.
                 await ser.merge_process_databases(directory, roles.count)
+                await storage.write_files(primary_docs)
                 await _integrity.merge_partial_checksums(directory, roles.count)
 
-        return Writer(write, nbytes, len(to_stage), finalize, abort)
+        return Writer(write, nbytes, len(to_stage), finalize, abort, writer.discard)
 
     async def existing_item(self, directory: AnyPath, args: Any) -> AnyPath | None:
         """The OCDBT manifest of an item already in ``directory``: the arrays go into a new
