@@ -235,12 +235,15 @@ def lane_count(total_bytes: int) -> int:
     return int(min(MAX_LANES, max(1, total_bytes // LANE_BYTES)))
 
 
-async def merge_process_databases(item_dir: AnyPath, count: int) -> None:
+async def merge_process_databases(item_dir: AnyPath, count: int,
+                                  db_uuid: str | None = None) -> None:
     """Makes the item's root OCDBT database list every key of the per-process databases
     (Orbax's merge: the root manifest references their data files where they lie; nothing is
-    copied). Runs on the primary process after every process has written."""
+    copied). Runs on the primary process after every process has written. ``db_uuid``: the
+    root database's (this save's, :func:`kvstore_spec`): a root database another save made
+    refuses the merge (:func:`lost_race`)."""
     await merge_databases(item_dir, [item_dir / process_dir(i, lane) for i in range(count)
-                                     for lane in range(MAX_LANES)])
+                                     for lane in range(MAX_LANES)], db_uuid)
 
 
 async def merge_databases(item_dir: AnyPath, children: list[AnyPath],

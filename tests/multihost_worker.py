@@ -682,8 +682,12 @@ def scenario_race(cfg: dict, out: dict) -> None:
     a chosen point while the other runs to its end (committed). ``sym``: A is paused on both
     processes before it writes, B (two processes, barrier keys of their own) saves the same
     tree; both of A's processes meet B's databases. ``asym``: B's tree has no shard on
-    process 0, so A's primary makes its database while A's process 1 meets B's. Records A's
-    outcome on each process and what a restore of the path gives."""
+    process 0, so A's primary makes its database while A's process 1 meets B's. ``merge``:
+    A's primary is paused before it finishes its part while a single-process save (another
+    Python) writes the item's root database and documents; A's merge then meets it. Records
+    A's outcome on each process and what a restore of the path gives."""
+    import subprocess
+
     import ckpt_async as ocp
     from ckpt_async import _serialize
     from ckpt_async.errors import CheckpointError
@@ -743,6 +747,17 @@ def scenario_race(cfg: dict, out: dict) -> None:
     out["race"]["asym"] = outcome(f"{base}/asym", sharded(1.0))
     barrier("asym")
     out["race"]["asym restored"] = restored(f"{base}/asym")
+    # merge: a single-process direct save writes the root database and documents while A's
+    # primary is paused before finishing its part.
+    single = (
+        "import numpy as np, ckpt_async as ocp\n"
+        f"ocp.PyTreeCheckpointHandler().save({base + '/merge'!r}, "
+        "ocp.args.PyTreeSave({'x': np.full(8, 2.0, np.float32)}))\n")
+    run_other_first(_serialize.ItemWriter, "finish", lambda: subprocess.run(
+        [sys.executable, "-c", single], check=True, timeout=170), only=0)
+    out["race"]["merge"] = outcome(f"{base}/merge", sharded(1.0))
+    barrier("merge")
+    out["race"]["merge restored"] = restored(f"{base}/merge", committed=False)
 
 
 def main() -> None:

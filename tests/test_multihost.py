@@ -390,15 +390,17 @@ def test_tree_descriptions_and_where_they_first_differ(mesh):
         assert _same_tree.first_difference(lines, other, "a", "b") == where
 
 
-@pytest.mark.parametrize("case", ["sym", "asym"])
+@pytest.mark.parametrize("case", ["sym", "asym", "merge"])
 def test_a_save_losing_a_race_in_place_leaves_the_winner_whole(race, s3_env, case):
     """Two saves into one object-store prefix (``multihost_worker.scenario_race``): the one
     that meets the other's database, on any of its processes, raises StepAlreadyExistsError
     naming the path on every process, removes only its own databases and leaves the prefix to
     the winner, whose checkpoint restores bit-exact. Before, where a process other than the
-    primary lost, the primary raised ProcessFailedError and removed the whole prefix, the
-    winner's committed checkpoint with it (and in asym had written its documents over the
-    winner's before it learnt of the race)."""
+    primary lost (sym, asym), the primary raised ProcessFailedError and removed the whole
+    prefix, the winner's committed checkpoint with it (and in asym had written its documents
+    over the winner's before it learnt of the race); in merge, the multi-process save's merge
+    took the root database the single-process save had made as its own, added its keys to it
+    and succeeded, over the other's documents."""
     results, name = race
     url = f"s3://{BUCKET}/{name}/{case}"
     for result in results:
@@ -408,8 +410,9 @@ def test_a_save_losing_a_race_in_place_leaves_the_winner_whole(race, s3_env, cas
         assert result["race"][f"{case} restored"] == [2.0] * 8  # the winner's values
     assert ocp.verify(url).ok
     keys = list_keys(client_for(s3_env), BUCKET, f"{name}/{case}")
-    assert "commit_success.txt" in keys
+    assert ("commit_success.txt" in keys) == (case != "merge")  # (a handler's save: no marker)
     folders = {k.split("/")[0] for k in keys if k.startswith("ocdbt.process_")}
-    # (the loser's own databases are gone: asym's winner wrote none for process 0)
+    # (the loser's own databases are gone: asym's winner wrote none for process 0, and the
+    # single-process winner of merge none at all)
     assert folders == {"sym": {"ocdbt.process_0", "ocdbt.process_1"},
-                       "asym": {"ocdbt.process_1"}}[case]
+                       "asym": {"ocdbt.process_1"}, "merge": set()}[case]

@@ -468,8 +468,19 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
                 # The primary's documents are written only once every process's part is in
                 # (each database went to this save) and merged, as a single process writes its
                 # own after its merge: a save that lost a race on another process, writing in
-                # place on an object store, never writes them over the winner's.
-                await ser.merge_process_databases(directory, roles.count)
+                # place on an object store, never writes them over the winner's. The item's
+                # root database carries the uuid of the primary's writer: the per-process
+                # databases do not decide every race alone (a single process's save of this
+                # path writes none of them, only the root one, and so does a save whose
+                # primary is another process, or whose processes hold no shard), and a merge
+                # into a root database another save made fails as a lost race rather than
+                # adding this save's keys to the other's.
+                try:
+                    await ser.merge_process_databases(directory, roles.count, writer.db_uuid)
+                except Exception as exc:
+                    if ser.lost_race(exc):
+                        raise writer.race_error(directory) from exc
+                    raise
                 await storage.write_files(primary_docs)
                 await _integrity.merge_partial_checksums(directory, roles.count)
 
