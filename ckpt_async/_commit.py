@@ -119,7 +119,9 @@ async def commit(
         await storage.write_files(files)
         await _write_store_marker(final, replace)  # (last, once every other object is in)
         return
-    await storage.write_files([*files, (tmp / fmt.COMMIT_SUCCESS, _marker(tmp))])
+    # (the step's marker names where the step is committed, as Orbax's does; each item's
+    # names its folder as it was written, inside the temporary directory, as Orbax's too)
+    await storage.write_files([*files, (tmp / fmt.COMMIT_SUCCESS, _marker(final))])
     await storage.fsync_tree(tmp)
     try:
         if replace and await storage.exists(final):

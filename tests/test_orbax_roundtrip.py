@@ -96,6 +96,27 @@ def test_data_files_lie_in_the_process_folder_where_orbax_puts_them(tmp_path):
         assert_state_equal(ockptr.restore(tmp_path / "ours", abstract(tree)), tree)
 
 
+def test_the_step_marker_names_the_committed_path_as_orbax_writes_it(tmp_path):
+    # commit_success.txt of a step names where the step is committed (Orbax's format guide
+    # prints it); ckpt_async's named its temporary directory, which is gone after the rename.
+    # An item's marker names its folder as written, inside the temporary directory, in both.
+    tree = {"a": np.arange(4), "b": {"c": 3}}
+    for lib, name in ((ocp, "ours"), (orbax, "theirs")):
+        with lib.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp_path / name / "ckpt", tree)
+        with lib.CheckpointManager(tmp_path / name / "run", item_names=("state", "extra")) as m:
+            m.save(0, args=lib.args.Composite(state=lib.args.StandardSave(tree),
+                                              extra=lib.args.JsonSave({"x": 1})))
+            m.wait_until_finished()
+        for step in (tmp_path / name / "ckpt", tmp_path / name / "run" / "0"):
+            text = (step / "commit_success.txt").read_text()
+            assert text == f"Checkpoint commit was successful to {step}", (name, text)
+        item_text = (tmp_path / name / "run" / "0" / "state" / "commit_success.txt").read_text()
+        prefix = f"Checkpoint commit was successful to {tmp_path / name / 'run' / '0'}"
+        assert item_text.startswith(prefix + ".orbax-checkpoint-tmp"), (name, item_text)
+        assert item_text.endswith("/state"), (name, item_text)
+
+
 def test_a_save_written_in_several_databases_restores_in_orbax(tmp_path, mesh, monkeypatch):
     # What ckpt_async's own database does not take goes through TensorStore into further OCDBT
     # databases ("lanes"), merged into the item's root one (ckpt_async's) at the end: made to
