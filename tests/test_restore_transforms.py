@@ -47,6 +47,20 @@ def assert_same(ours, theirs):
         assert type(x) is type(y), (jax.tree_util.keystr(path), type(x), type(y))
 
 
+def both_summed(path, key, fn, pattern):
+    """Both restores of ``{key: 0}`` through the multi_value_fn ``fn`` over the NumPy
+    arrays the regex ``pattern`` names; checks that they agree and returns ours."""
+    def transform(lib):
+        return {key: lib.RestoreTransform(multi_value_fn=fn, multi_value_fn_input_args={
+            pattern: lib.RestoreArgs(restore_type=np.ndarray)})}
+
+    ours, theirs = both(path, {key: 0}, {key: ocp.RestoreArgs(restore_type=np.ndarray)},
+                        transform(ocp), transform(orbax),
+                        {key: orbax.RestoreArgs(restore_type=np.ndarray)})
+    assert_same(ours, theirs)
+    return ours
+
+
 def np_args(tree):
     return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
 
@@ -110,15 +124,7 @@ def test_multi_value_fn_gets_the_tree_and_its_restore_args(saved):
         seen.append((key, type(args).__name__))
         return tree["a"]["x"] + tree["a"]["y"]
 
-    item = {"sum": 0}
-    ours, theirs = both(
-        saved, item, {"sum": ocp.RestoreArgs(restore_type=np.ndarray)},
-        {"sum": ocp.RestoreTransform(multi_value_fn=total, multi_value_fn_input_args={
-            r"a/.*": ocp.RestoreArgs(restore_type=np.ndarray)})},
-        {"sum": orbax.RestoreTransform(multi_value_fn=total, multi_value_fn_input_args={
-            r"a/.*": orbax.RestoreArgs(restore_type=np.ndarray)})},
-        {"sum": orbax.RestoreArgs(restore_type=np.ndarray)})
-    assert_same(ours, theirs)
+    ours = both_summed(saved, "sum", total, r"a/.*")
     assert_bits_equal(ours["sum"], STATE["a"]["x"] + STATE["a"]["y"])
     assert seen == [("sum", "RestoreArgs")] * 2
 
@@ -223,15 +229,7 @@ def test_multi_value_fn_gets_the_checkpoint_s_structure(tmp_path):
         seen[len(seen)] = tree
         return sum(layer["k"] for layer in tree["layers"]) + tree["layers"][1]["k"]
 
-    item = {"total": 0}
-    ours, theirs = both(
-        path, item, {"total": ocp.RestoreArgs(restore_type=np.ndarray)},
-        {"total": ocp.RestoreTransform(multi_value_fn=total, multi_value_fn_input_args={
-            r"layers/.*": ocp.RestoreArgs(restore_type=np.ndarray)})},
-        {"total": orbax.RestoreTransform(multi_value_fn=total, multi_value_fn_input_args={
-            r"layers/.*": orbax.RestoreArgs(restore_type=np.ndarray)})},
-        {"total": orbax.RestoreArgs(restore_type=np.ndarray)})
-    assert_same(ours, theirs)
+    ours = both_summed(path, "total", total, r"layers/.*")
     assert_bits_equal(ours["total"], np.full(2, 4, np.int32))
     mine = seen[0]  # (ours ran first) the keys it did not read: placeholders, not read
     assert list(mine) == list(seen[1]) == ["layers", "step"]

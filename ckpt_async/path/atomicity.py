@@ -43,10 +43,10 @@ def _final_of(tmp_path: AnyPath) -> AnyPath:
     return tmp_path.parent / tmp_path.name[:at]
 
 
-async def _is_link(path: AnyPath) -> bool:
-    if isinstance(path, StorePath):
-        return False
-    return await get_runtime().to_thread(path.is_symlink)
+async def _refuse_link(path: AnyPath) -> None:
+    if not isinstance(path, StorePath) and await get_runtime().to_thread(path.is_symlink):
+        raise ValidationError(f"Path {path} is a symbolic link and cannot be treated as "
+                              "a temporary checkpoint.")
 
 
 async def _require_dir(class_name: str, path: AnyPath) -> None:
@@ -111,9 +111,7 @@ class AtomicRenameTemporaryPath(TemporaryPathBase):
     @on_engine
     async def validate(cls, temporary_path: Any) -> None:
         path = as_given(temporary_path)
-        if await _is_link(path):
-            raise ValidationError(f"Path {path} is a symbolic link and cannot be treated as "
-                                  "a temporary checkpoint.")
+        await _refuse_link(path)
         if TMP_DIR_SUFFIX not in path.name:
             raise ValidationError(f'Expected {cls.__name__} ({path}) to end with '
                                   f'"{TMP_DIR_SUFFIX}".')
@@ -175,9 +173,7 @@ class CommitFileTemporaryPath(TemporaryPathBase):
     @on_engine
     async def validate(cls, temporary_path: Any) -> None:
         path = as_given(temporary_path)
-        if await _is_link(path):
-            raise ValidationError(f"Path {path} is a symbolic link and cannot be treated as "
-                                  "a temporary checkpoint.")
+        await _refuse_link(path)
         if await storage.exists(path / COMMIT_SUCCESS_FILE):
             raise ValidationError(f'Expected {cls.__name__} ({path}) not to contain the '
                                   f'"{COMMIT_SUCCESS_FILE}" file.')
