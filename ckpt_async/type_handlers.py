@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import base64
 import copy
 import dataclasses
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -31,7 +33,9 @@ import jax
 import numpy as np
 import tensorstore as ts
 
+from . import _format as fmt
 from . import _serialize as ser
+from . import _storage as storage
 from ._ocdbt import MANIFEST
 from ._paths import coerce
 from ._stage import host_copy
@@ -43,6 +47,7 @@ from .metadata import (
     ShardingMetadata,
     StorageMetadata,
     StringMetadata,
+    sharding_metadata_from_json,
 )
 from .multihost import current_roles
 
@@ -271,32 +276,84 @@ class _ArrayLike(TypeHandler):
                                     use_zarr3=bool(info.use_zarr3),
                                     fill_missing=not info.raise_array_data_missing_error)
 
+    async def _read_all(self, infos: Sequence[ParamInfo],
+                        args: Sequence[RestoreArgs] | None) -> list[np.ndarray]:
+        """Each stored array, cast to its restore args' ``dtype`` (as Orbax's read spec casts)."""
+        arrays = list(await asyncio.gather(*(self._read(info) for info in infos)))
+        for i, arg in enumerate(args or ()):
+            if arg is not None and arg.dtype is not None:
+                arrays[i] = ser.cast(arrays[i], arg.dtype)
+        return arrays
+
     async def deserialize(self, infos: Sequence[ParamInfo],
                           args: Sequence[RestoreArgs] | None = None) -> Sequence[Any]:
         _check_lengths(infos, args)
-        arrays = await asyncio.gather(*(self._read(info) for info in infos))
-        out = []
-        for i, arr in enumerate(arrays):
-            arg = args[i] if args is not None else None
-            if arg is not None and arg.dtype is not None:
-                arr = ser.cast(arr, arg.dtype)  # (as Orbax's read spec casts)
-            out.append(self._restored(arr, arg, infos[i]))
-        return out
+        arrays = await self._read_all(infos, args)
+        return [self._restored(arr, args[i] if args is not None else None, infos[i])
+                for i, arr in enumerate(arrays)]
 
     def _restored(self, arr: np.ndarray, arg: RestoreArgs | None, info: ParamInfo) -> Any:
         return arr
 
+    async def _sharding_metadatas(self, infos: Sequence[ParamInfo]) -> list[Any]:
+        return [None] * len(infos)
+
     async def metadata(self, infos: Sequence[ParamInfo]) -> Sequence[Any]:
         _check_lengths(infos)
 
-        async def one(info: ParamInfo) -> Any:
+        async def one(info: ParamInfo, sharding: Any) -> Any:
             shape, dtype, chunks = await ser.read_shape_dtype(
                 _context(info), info.parent_dir, info.name,
                 use_ocdbt=bool(info.is_ocdbt_checkpoint), use_zarr3=bool(info.use_zarr3))
             kind = ScalarMetadata if self._typestr == "scalar" else ArrayMetadata
-            return kind(info.name, info.parent_dir, shape, None, dtype, StorageMetadata(chunks))
+            return kind(info.name, info.parent_dir, shape, sharding, dtype,
+                        StorageMetadata(chunks))
 
-        return await asyncio.gather(*(one(i) for i in infos))
+        shardings = await self._sharding_metadatas(infos)
+        return await asyncio.gather(*(one(i, s) for i, s in zip(infos, shardings, strict=True)))
+
+
+def _sharding_key(name: str) -> str:
+    """The key of array ``name``'s entry in ``_sharding``: its name in URL-safe base64, as
+    Orbax writes and looks it up (and the pytree handlers write)."""
+    return base64.urlsafe_b64encode(name.encode()).decode()
+
+
+async def _write_sharding_entries(entries: Sequence[tuple[ParamInfo, str]]) -> None:
+    """Adds each ``(info, entry)`` to the ``_sharding`` document of ``info.parent_dir``, at its
+    name's key, as Orbax's ArrayHandler does: one TensorStore transaction per document, which
+    keeps the entries already there."""
+    by_dir: dict[str, list[tuple[ParamInfo, str]]] = {}
+    for info, text in entries:
+        by_dir.setdefault(str(info.parent_dir), []).append((info, text))
+    for group in by_dir.values():
+        kvstore = ser.kvstore_base(group[0][0].parent_dir)
+        kvstore = {**kvstore, "path": kvstore["path"] + fmt.SHARDING}
+        txn = ts.Transaction()
+        for info, text in group:
+            store = await ts.open({"driver": "json", "kvstore": kvstore,
+                                   "json_pointer": "/" + _sharding_key(info.name)},
+                                  context=_context(info))
+            await store.with_transaction(txn).write(text)
+        await txn.commit_async()
+
+
+async def _sharding_documents(infos: Sequence[ParamInfo]) -> dict[str, dict[str, str] | None]:
+    """The ``_sharding`` document of each ``info.parent_dir`` (name -> entry), None where
+    there is none."""
+    dirs = {str(info.parent_dir): info.parent_dir for info in infos}
+
+    async def one(directory: Any) -> dict[str, str] | None:
+        raw = await storage.read_optional(directory / fmt.SHARDING)
+        if raw is None:
+            return None
+        enc = fmt.decode(raw, dict[str, str], where=str(directory / fmt.SHARDING))
+        # (URL-safe base64, Orbax's; the standard '+' and '/' decode too, as in the pytree
+        # handlers)
+        return {base64.urlsafe_b64decode(k).decode(): v for k, v in enc.items()}
+
+    docs = await asyncio.gather(*(one(d) for d in dirs.values()))
+    return dict(zip(dirs, docs, strict=True))
 
 
 class NumpyHandler(_ArrayLike):
@@ -354,7 +411,83 @@ class ArrayHandler(_ArrayLike):
                                        "supported by ckpt_async")
         self.callback = callback
 
-    def _restored(self, arr: np.ndarray, arg: RestoreArgs | None, info: ParamInfo) -> Any:
+    async def serialize(self, values: Sequence[Any], infos: Sequence[ParamInfo],
+                        args: Sequence[SaveArgs] | None = None) -> Sequence[Any]:
+        """Writes each array as :class:`NumpyHandler` does, and its sharding into the
+        ``_sharding`` document of ``info.parent_dir`` (unless ``enable_write_sharding_file``
+        is false; from the primary process), where :meth:`deserialize` finds it when restore
+        args give none and :meth:`metadata` reads it, as Orbax's ArrayHandler does."""
+        futures = await super().serialize(values, infos, args)
+        if self.enable_write_sharding_file and current_roles().is_primary:
+            entries = [(info, text) for value, info in zip(values, infos, strict=True)
+                       if isinstance(value, jax.Array)
+                       and (text := ser.sharding_to_json(value.sharding)) is not None]
+            if entries:
+                await _write_sharding_entries(entries)
+        return futures
+
+    async def _sharding_metadatas(self, infos: Sequence[ParamInfo]) -> list[Any]:
+        docs = await _sharding_documents(infos)
+        out = []
+        for info in infos:
+            text = (docs[str(info.parent_dir)] or {}).get(info.name)
+            out.append(sharding_metadata_from_json(json.loads(text)) if text else None)
+        return out
+
+    async def _shardings(self, infos: Sequence[ParamInfo], args: Sequence[RestoreArgs]
+                         ) -> list[jax.sharding.Sharding | None]:
+        """The sharding each array is restored onto: its restore args' (``mesh`` +
+        ``mesh_axes``, or ``sharding``), else the one ``_sharding`` recorded when it was saved
+        (as Orbax's); None for one restored as ``np.ndarray``."""
+        out: list[jax.sharding.Sharding | None] = [None] * len(infos)
+        wanted = []
+        for i, arg in enumerate(args):
+            if getattr(arg, "restore_type", None) is np.ndarray:
+                continue
+            if isinstance(arg, ArrayRestoreArgs):
+                out[i] = arg.resolved_sharding(f"{infos[i].path}: ArrayRestoreArgs")
+            if out[i] is None:
+                wanted.append(i)
+        if not wanted:
+            return out
+        docs = await _sharding_documents([infos[i] for i in wanted])
+        for i in wanted:
+            info = infos[i]
+            doc = docs[str(info.parent_dir)]
+            text = doc.get(info.name) if doc is not None else None
+            if text is None:
+                where = ("there is no " + fmt.SHARDING if doc is None
+                         else f"{fmt.SHARDING} has no entry for it")
+                raise InvalidArgumentError(
+                    f"{info.parent_dir}: array {info.name!r} has no sharding to restore onto: "
+                    f"its restore args give none and {where} (pass "
+                    "ArrayRestoreArgs(sharding=...), or mesh and mesh_axes)")
+            out[i] = ser.sharding_from_json(text)
+            if out[i] is None:
+                raise InvalidArgumentError(
+                    f"{info.parent_dir}: array {info.name!r} was saved on devices this process "
+                    "does not have; pass ArrayRestoreArgs(sharding=...) to place it")
+        return out
+
+    async def deserialize(self, infos: Sequence[ParamInfo],
+                          args: Sequence[RestoreArgs] | None = None) -> Sequence[Any]:
+        """Reads each array onto its restore args' sharding, or the one it was saved with
+        (see :meth:`serialize`); restore args are needed (``ValueError`` without them, as in
+        Orbax); ``restore_type=np.ndarray`` gives the NumPy array."""
+        if args is None:
+            where = str(infos[0].parent_dir) if infos else "ArrayHandler.deserialize"
+            raise InvalidArgumentError(
+                f"{where}: ArrayHandler.deserialize needs restore args to restore as jax.Array "
+                "(ArrayRestoreArgs, or RestoreArgs() to restore each array onto the sharding it "
+                "was saved with)")
+        _check_lengths(infos, args)
+        shardings = await self._shardings(infos, args)
+        arrays = await self._read_all(infos, args)
+        return [self._placed(arr, arg, info, sharding)
+                for arr, arg, info, sharding in zip(arrays, args, infos, shardings, strict=True)]
+
+    def _placed(self, arr: np.ndarray, arg: RestoreArgs, info: ParamInfo,
+                sharding: jax.sharding.Sharding | None) -> Any:
         shape = getattr(arg, "global_shape", None)
         if shape is not None and tuple(shape) != arr.shape:
             # (as Orbax's: the stored shape, or with strict=False the array cut or padded
@@ -364,11 +497,8 @@ class ArrayHandler(_ArrayLike):
                     f"{info.path}: the requested shape {tuple(shape)} is not the stored "
                     f"shape {arr.shape} (ArrayRestoreArgs(strict=False) cuts or pads it)")
             arr = ser.fit(arr, tuple(shape))
-        if getattr(arg, "restore_type", None) is np.ndarray:
+        if sharding is None:  # (restore_type=np.ndarray)
             return arr
-        sharding = arg.resolved_sharding() if isinstance(arg, ArrayRestoreArgs) else None
-        if sharding is None:
-            return jax.device_put(arr)
         ser.check_sharding(info.parent_dir, info.name, arr.shape, sharding)
         return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
 

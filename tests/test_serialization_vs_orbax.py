@@ -209,3 +209,75 @@ def test_maximal_shardings_over_some_devices_split_as_far_as_those_allow():
     every = [ocp.arrays.construct_maximal_shardings(tree)["a"],
              orbax.arrays.construct_maximal_shardings(tree)["a"]]
     assert every[0].spec == every[1].spec and every[0].mesh.shape == every[1].mesh.shape
+
+
+def _run_handler(handler, method, *call_args):
+    import asyncio
+
+    async def go():
+        out = await getattr(handler, method)(*call_args)
+        if method == "serialize":
+            for future in out or ():
+                future.result()
+        return out
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("writer", ["ckpt_async", "orbax"])
+def test_array_handler_on_its_own_records_and_restores_the_saved_sharding(tmp_path, mesh,
+                                                                          writer):
+    # Orbax's ArrayHandler records each array's sharding in the `_sharding` document of
+    # info.parent_dir (its name in URL-safe base64 the key): metadata() gives it, and
+    # deserialize with restore args that name no sharding restores onto it; without restore
+    # args it raises ValueError. ckpt_async's wrote no `_sharding`: metadata gave
+    # sharding=None, RestoreArgs() a single-device array, args=None an array.
+    sharding = NamedSharding(mesh, PartitionSpec("x", "y"))
+    data = np.arange(32, dtype=np.float32).reshape(4, 8)
+    value = jax.device_put(data, sharding)
+    lib = LIBS[writer]
+    _run_handler(lib.type_handlers.ArrayHandler(), "serialize", [value],
+                 [_param(lib, tmp_path, "a~b")])
+    _run_handler(lib.type_handlers.ArrayHandler(enable_write_sharding_file=False), "serialize",
+                 [value], [_param(lib, tmp_path, "quiet")])
+    doc = json.loads((tmp_path / "_sharding").read_text())
+    assert list(doc) == ["YX5i"]  # ('a~b' in URL-safe base64; nothing for 'quiet')
+    assert json.loads(doc["YX5i"]) == json.loads(ocp.metadata.NamedShardingMetadata
+                                                 .from_jax_sharding(sharding)
+                                                 .to_serialized_string())
+    for name, reader in LIBS.items():
+        th = reader.type_handlers
+        (meta,) = _run_handler(th.ArrayHandler(), "metadata", [_param(reader, tmp_path, "a~b")])
+        assert meta.sharding is not None and meta.sharding.to_jax_sharding() == sharding, name
+        assert meta.shape == (4, 8) and meta.dtype == np.float32
+        for args in ([th.RestoreArgs()], [th.ArrayRestoreArgs()]):
+            (out,) = _run_handler(th.ArrayHandler(), "deserialize",
+                                  [_param(reader, tmp_path, "a~b")], args)
+            assert isinstance(out, jax.Array) and out.sharding == sharding, name
+            assert np.asarray(out).tobytes() == data.tobytes()
+        with pytest.raises(ValueError):
+            _run_handler(th.ArrayHandler(), "deserialize", [_param(reader, tmp_path, "a~b")])
+        with pytest.raises(ValueError):  # (no entry for it: no sharding to restore onto)
+            _run_handler(th.ArrayHandler(), "deserialize", [_param(reader, tmp_path, "quiet")],
+                         [th.RestoreArgs()])
+        (out,) = _run_handler(th.ArrayHandler(), "deserialize",
+                              [_param(reader, tmp_path, "quiet")],
+                              [th.ArrayRestoreArgs(sharding=sharding)])
+        assert out.sharding == sharding and np.asarray(out).tobytes() == data.tobytes()
+    with pytest.raises(ocp.errors.InvalidArgumentError, match="'quiet' has no sharding"):
+        _run_handler(ocp.type_handlers.ArrayHandler(), "deserialize",
+                     [_param(ocp, tmp_path, "quiet")], [ocp.type_handlers.RestoreArgs()])
+    (meta,) = _run_handler(ocp.type_handlers.ArrayHandler(), "metadata",
+                           [_param(ocp, tmp_path, "quiet")])
+    assert meta.sharding is None  # (Orbax's raises ValueError there: see migration.md)
+    # No `_sharding` at all: both refuse restore args without a sharding.
+    for name, reader in LIBS.items():
+        other = tmp_path / f"none_{name}"
+        other.mkdir()
+        _run_handler(reader.type_handlers.ArrayHandler(enable_write_sharding_file=False),
+                     "serialize", [value], [_param(reader, other, "a")])
+        assert not (other / "_sharding").exists()
+        for lib in LIBS.values():
+            with pytest.raises(ValueError):
+                _run_handler(lib.type_handlers.ArrayHandler(), "deserialize",
+                             [_param(lib, other, "a")], [lib.type_handlers.RestoreArgs()])

@@ -344,6 +344,54 @@ async def built_in_handlers_on_their_own(tmp_path: Path) -> None:
         await th.NumpyHandler().deserialize([])
 
 
+def test_a_handler_s_arrays_keep_their_shardings_beside_the_item_s_own(tmp_path):
+    """A handler handing jax arrays to the built-in ArrayHandler: it records their shardings
+    in the item's ``_sharding`` (as Orbax's does), which the item's own entries join rather
+    than replace, and its ``deserialize`` with ``RestoreArgs()`` restores them onto those."""
+    @dataclasses.dataclass(frozen=True)
+    class Wrapped:
+        value: jax.Array
+
+    class WrappedHandler(th.TypeHandler):
+        arrays = th.ArrayHandler()
+
+        def typestr(self):
+            return "test.Wrapped"
+
+        @staticmethod
+        def parts(infos):
+            return [i.replace(name=f"{i.name}.v", path=i.parent_dir / f"{i.name}.v",
+                              is_ocdbt_checkpoint=False) for i in infos]
+
+        async def serialize(self, values, infos, args=None):
+            return await self.arrays.serialize([v.value for v in values], self.parts(infos))
+
+        async def deserialize(self, infos, args=None):
+            out = await self.arrays.deserialize(self.parts(infos), [th.RestoreArgs()] * len(infos))
+            return [Wrapped(v) for v in out]
+
+        async def metadata(self, infos):
+            return await self.arrays.metadata(self.parts(infos))
+
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("a", "b"))
+    split, rows = NamedSharding(mesh, P("a", "b")), NamedSharding(mesh, P("a"))
+    host = np.arange(32, dtype=np.float32).reshape(4, 8)
+    reg = registry(ocp, (Wrapped, WrappedHandler()))
+    with checkpointer(ocp, reg) as ckptr:
+        ckptr.save(tmp_path / "c", args=ocp.args.PyTreeSave(
+            {"w": Wrapped(jax.device_put(host, split)), "own": jax.device_put(host, rows)}))
+        assert set(json.loads((tmp_path / "c" / "_sharding").read_text())) == {"dy52", "b3du"}
+        restored = ckptr.restore(tmp_path / "c")
+        meta = ckptr.metadata(tmp_path / "c").item_metadata
+    assert restored["w"].value.sharding == split and restored["own"].sharding == rows
+    assert np.asarray(restored["w"].value).tobytes() == host.tobytes()
+    assert meta["w"].sharding.to_jax_sharding() == split
+    # (Orbax reads the item's own arrays, with their shardings)
+    assert orbax.PyTreeCheckpointer().restore(tmp_path / "c", args=orbax.args.PyTreeRestore(
+        {"own": jax.ShapeDtypeStruct((4, 8), np.float32)}, partial_restore=True)
+    )["own"].sharding == rows
+
+
 # --- SingleReplicaArrayHandler on one process -----------------------------------------------
 def test_single_replica_restore_args_on_one_process(tmp_path):
     """On one process every replica's devices are this process's: the array is read once and

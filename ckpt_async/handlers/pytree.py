@@ -241,6 +241,20 @@ async def _serialize_custom(planned: list[_Planned], directory: AnyPath,
     return running
 
 
+async def _keep_handlers_shardings(directory: AnyPath, docs: dict[str, bytes]) -> None:
+    """Keeps in the item's ``_sharding`` document (``docs``) the entries TypeHandlers wrote
+    there while they saved their leaves (the built-in ArrayHandler, handed arrays by a handler
+    of the user's, records each one's sharding there, as Orbax's does): the item's own
+    document would replace them."""
+    raw = await storage.read_optional(directory / fmt.SHARDING)
+    if raw is None:
+        return
+    theirs = fmt.decode(raw, dict[str, str], where=str(directory / fmt.SHARDING))
+    ours = (fmt.decode(docs[fmt.SHARDING], dict[str, str], where=fmt.SHARDING)
+            if fmt.SHARDING in docs else {})
+    docs[fmt.SHARDING] = fmt.encode({**theirs, **ours})
+
+
 #: The other arguments of Orbax's PyTreeCheckpointHandler and StandardCheckpointHandler.
 _ORBAX_HANDLER_OPTIONS = frozenset({
     "save_concurrent_gb", "restore_concurrent_gb", "save_device_host_concurrent_gb",
@@ -380,6 +394,7 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
         custom = [p for p in planned if p.handler is not None]
         running = (await _serialize_custom(custom, directory, args.save_args, self._use_zarr3)
                    if custom else [])
+        handed = bool(custom)
         # With several processes each writes the shards it owns (replica 0) into its own OCDBT
         # database, as Orbax does; arrays held whole by every process (NumPy, scalars, jax
         # arrays on this process's devices only) are written once, by the primary.
@@ -443,6 +458,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
                     await asyncio.to_thread(future.result)
                 await writer.finish()
                 docs = await building
+                if handed and roles.is_primary:
+                    await _keep_handlers_shardings(directory, docs)
             except BaseException as exc:
                 # (a commit that timed out or was dropped is not held here by writes a store
                 # that stopped answering keeps retrying: its checkpointer waits for them only
