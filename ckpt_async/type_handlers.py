@@ -356,6 +356,73 @@ async def _sharding_documents(infos: Sequence[ParamInfo]) -> dict[str, dict[str,
     return dict(zip(dirs, docs, strict=True))
 
 
+#: ``ext_metadata`` key of ``array_metadatas`` naming a typed PRNG key's implementation
+#: (Orbax's; the pytree handlers' too).
+_RANDOM_KEY_IMPL = "random_key_impl"
+
+
+def _is_key_dtype(dtype: Any) -> bool:
+    """Whether ``dtype`` is a typed PRNG key's (``jax.random.key(...).dtype``)."""
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _key_data_shape(arg: RestoreArgs) -> tuple[int, ...] | None:
+    """The shape of the key data stored for a typed PRNG key of ``arg``'s ``dtype`` and
+    ``global_shape`` (its trailing dimensions added), or None without a shape."""
+    shape = getattr(arg, "global_shape", None)
+    if shape is None:
+        return None
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(tuple(shape), arg.dtype))
+    return tuple(data.shape)
+
+
+def _as_key_data(arg: RestoreArgs) -> RestoreArgs:
+    """Restore args naming a typed PRNG key's dtype (and shape) as those of its stored key
+    data, which is read as stored (as Orbax reads it); others as they are."""
+    if arg is None or not _is_key_dtype(arg.dtype):
+        return arg
+    if isinstance(arg, ArrayRestoreArgs) and (shape := _key_data_shape(arg)) is not None:
+        return dataclasses.replace(arg, dtype=None, global_shape=shape, shape=shape)
+    return dataclasses.replace(arg, dtype=None)
+
+
+async def _record_array_metadatas(infos: Sequence[ParamInfo], values: Sequence[jax.Array],
+                                  impls: Sequence[str | None]) -> None:
+    """Adds each array's write shape and chunk shape, and a typed PRNG key's implementation
+    (``ext_metadata.random_key_impl``), to this process's ``array_metadatas/process_<i>``
+    document of ``info.parent_dir``, as Orbax's ArrayHandler with an ``array_metadata_store``
+    records them (entries of other names kept)."""
+    index = current_roles().index
+    by_dir: dict[str, list[tuple[ParamInfo, jax.Array, str | None]]] = {}
+    for info, value, impl in zip(infos, values, impls, strict=True):
+        by_dir.setdefault(str(info.parent_dir), []).append((info, value, impl))
+    for group in by_dir.values():
+        path = group[0][0].parent_dir / fmt.ARRAY_METADATAS / f"process_{index}"
+        raw = await storage.read_optional(path)
+        entries = {w.array_metadata.param_name: w for w in (
+            fmt.decode(raw, fmt.ArrayMetadatas, where=str(path)).array_metadatas
+            if raw is not None else [])}
+        for info, value, impl in group:
+            shape = ser.shard_shape(value.sharding, tuple(value.shape))
+            entries[info.name] = fmt.ArrayMetadataWrapper(fmt.ArrayMetadataEntry(
+                info.name, shape, shape, {_RANDOM_KEY_IMPL: impl} if impl is not None else None))
+        await storage.write_files([(path, fmt.encode(fmt.ArrayMetadatas(list(entries.values()))))])
+
+
+async def _recorded_key_impls(directory: Any) -> dict[str, str]:
+    """The typed PRNG keys the ``array_metadatas`` of ``directory`` record: name -> impl."""
+    folder = directory / fmt.ARRAY_METADATAS
+    keys: dict[str, str] = {}
+    for name in await storage.listdir(folder):  # (none when it does not exist)
+        path = folder / name
+        doc = fmt.decode(await storage.read_bytes(path), fmt.ArrayMetadatas, where=str(path))
+        for wrapper in doc.array_metadatas:
+            entry = wrapper.array_metadata
+            if isinstance(entry.ext_metadata, dict) and _RANDOM_KEY_IMPL in entry.ext_metadata:
+                keys.setdefault(entry.param_name, str(entry.ext_metadata[_RANDOM_KEY_IMPL]))
+    return keys
+
+
 class NumpyHandler(_ArrayLike):
     """NumPy arrays (Orbax's ``np.ndarray`` handler)."""
 
@@ -417,6 +484,12 @@ class ArrayHandler(_ArrayLike):
         ``_sharding`` document of ``info.parent_dir`` (unless ``enable_write_sharding_file``
         is false; from the primary process), where :meth:`deserialize` finds it when restore
         args give none and :meth:`metadata` reads it, as Orbax's ArrayHandler does."""
+        _check_lengths(infos, values, args)
+        # (a typed PRNG key is stored as its key data, as Orbax stores it)
+        impls = [str(jax.random.key_impl(v)) if isinstance(v, jax.Array)
+                 and _is_key_dtype(v.dtype) else None for v in values]
+        values = [jax.random.key_data(v) if impl is not None else v
+                  for v, impl in zip(values, impls, strict=True)]
         futures = await super().serialize(values, infos, args)
         if self.enable_write_sharding_file and current_roles().is_primary:
             entries = [(info, text) for value, info in zip(values, infos, strict=True)
@@ -424,6 +497,11 @@ class ArrayHandler(_ArrayLike):
                        and (text := ser.sharding_to_json(value.sharding)) is not None]
             if entries:
                 await _write_sharding_entries(entries)
+        if self.array_metadata_store is not None:
+            arrays = [(i, v, k) for i, v, k in zip(infos, values, impls, strict=True)
+                      if isinstance(v, jax.Array)]
+            if arrays:
+                await _record_array_metadatas(*zip(*arrays, strict=True))
         return futures
 
     async def _sharding_metadatas(self, infos: Sequence[ParamInfo]) -> list[Any]:
@@ -445,7 +523,15 @@ class ArrayHandler(_ArrayLike):
             if getattr(arg, "restore_type", None) is np.ndarray:
                 continue
             if isinstance(arg, ArrayRestoreArgs):
-                out[i] = arg.resolved_sharding(f"{infos[i].path}: ArrayRestoreArgs")
+                out[i] = sharding = arg.resolved_sharding(f"{infos[i].path}: ArrayRestoreArgs")
+                shape = arg.global_shape
+                if (isinstance(sharding, jax.sharding.NamedSharding) and _is_key_dtype(arg.dtype)
+                        and shape is not None):
+                    # (a typed PRNG key's stored key data has trailing dimensions: they are
+                    # not split, as in Orbax)
+                    trailing = len(_key_data_shape(arg) or ()) - len(shape)
+                    out[i] = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
+                        *sharding.spec, *[None] * trailing))
             if out[i] is None:
                 wanted.append(i)
         if not wanted:
@@ -482,9 +568,21 @@ class ArrayHandler(_ArrayLike):
                 "was saved with)")
         _check_lengths(infos, args)
         shardings = await self._shardings(infos, args)
+        args = [_as_key_data(arg) for arg in args]
         arrays = await self._read_all(infos, args)
-        return [self._placed(arr, arg, info, sharding)
-                for arr, arg, info, sharding in zip(arrays, args, infos, shardings, strict=True)]
+        out = [self._placed(arr, arg, info, sharding)
+               for arr, arg, info, sharding in zip(arrays, args, infos, shardings, strict=True)]
+        if self.array_metadata_store is not None:
+            # (as Orbax's with an array_metadata_store: the keys it records come back as keys)
+            dirs = {str(i.parent_dir): i.parent_dir for i in infos}
+            found = await asyncio.gather(*(_recorded_key_impls(d) for d in dirs.values()))
+            impls = dict(zip(dirs, found, strict=True))
+            for i, info in enumerate(infos):
+                impl = impls[str(info.parent_dir)].get(info.name)
+                if impl is not None and isinstance(out[i], jax.Array) and not _is_key_dtype(
+                        out[i].dtype):
+                    out[i] = jax.random.wrap_key_data(out[i], impl=impl)
+        return out
 
     def _placed(self, arr: np.ndarray, arg: RestoreArgs, info: ParamInfo,
                 sharding: jax.sharding.Sharding | None) -> Any:

@@ -7,6 +7,7 @@ answered differently. Real TensorStore on ``tmp_path``; nothing mocked."""
 
 from __future__ import annotations
 
+import base64
 import json
 import zlib
 
@@ -281,3 +282,65 @@ def test_array_handler_on_its_own_records_and_restores_the_saved_sharding(tmp_pa
             with pytest.raises(ValueError):
                 _run_handler(lib.type_handlers.ArrayHandler(), "deserialize",
                              [_param(lib, other, "a")], [lib.type_handlers.RestoreArgs()])
+
+
+def _described(value):
+    """(kind, dtype, shape, sharding, bytes) of a restored array; a typed PRNG key by its key
+    data."""
+    is_key = jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
+    data = jax.random.key_data(value) if is_key else value
+    return (is_key, str(value.dtype), value.shape, value.sharding, np.asarray(data).tobytes())
+
+
+@pytest.mark.parametrize("with_store", [False, True])
+@pytest.mark.parametrize("writer", ["ckpt_async", "orbax"])
+def test_array_handler_on_its_own_saves_typed_prng_keys_as_orbax_s(tmp_path, mesh, writer,
+                                                                   with_store):
+    # Orbax's test_array_serialization_with_random_key: ArrayHandler.serialize of typed PRNG
+    # keys writes their key data (and its sharding into `_sharding`). Restored by the handler
+    # alone they come back as that key data, or, with an array_metadata_store (which records
+    # each key's implementation in array_metadatas), as keys. ckpt_async's raised TypeError
+    # (a key array cannot be converted to a NumPy array).
+    from orbax.checkpoint._src.metadata import array_metadata_store
+
+    def store():
+        return {"array_metadata_store": array_metadata_store.Store()} if with_store else {}
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    rows = NamedSharding(mesh, PartitionSpec("x"))
+    keys = [jax.random.key(1), jax.random.key(2, impl="rbg"), jax.random.PRNGKey(5),
+            jax.device_put(jax.random.split(jax.random.key(10), 4), rows)]
+    names = [f"k{i}" for i in range(len(keys))]
+    lib = LIBS[writer]
+    _run_handler(lib.type_handlers.ArrayHandler(**store()), "serialize", keys,
+                 [_param(lib, tmp_path, n) for n in names])
+    for name, key in zip(names, keys, strict=True):
+        data = np.asarray(jax.random.key_data(key))
+        stored = json.loads((tmp_path / name / ".zarray").read_text())
+        assert (stored["shape"], stored["dtype"]) == (list(data.shape), "<u4")
+    doc = json.loads((tmp_path / "_sharding").read_text())
+    assert set(doc) == {base64.urlsafe_b64encode(n.encode()).decode() for n in names}
+    assert json.loads(doc["azM="]) == json.loads(  # (the key data's: P('x', None))
+        ocp.metadata.NamedShardingMetadata.from_jax_sharding(
+            jax.random.key_data(keys[3]).sharding).to_serialized_string())
+    assert (tmp_path / "array_metadatas" / "process_0").exists() == with_store
+    arg_sets = {
+        "sharding": lambda th: [th.ArrayRestoreArgs(sharding=replicated)] * 3 + [
+            th.ArrayRestoreArgs(sharding=rows)],
+        "saved": lambda th: [th.RestoreArgs()] * 4,
+        "key dtype": lambda th: [th.ArrayRestoreArgs(
+            sharding=rows if k.ndim else replicated, dtype=k.dtype, global_shape=k.shape)
+            for k in keys]}
+    for label, make in arg_sets.items():
+        got = {}
+        for reader, rlib in LIBS.items():
+            th = rlib.type_handlers
+            out = _run_handler(th.ArrayHandler(**store()), "deserialize",
+                               [_param(rlib, tmp_path, n) for n in names], make(th))
+            got[reader] = [_described(v) for v in out]
+        assert got["ckpt_async"] == got["orbax"], label
+        for (is_key, dtype, *_rest, data), key in zip(got["orbax"], keys, strict=True):
+            typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+            assert is_key == (with_store and typed), label
+            assert dtype == (str(key.dtype) if is_key else "uint32")
+            assert data == np.asarray(jax.random.key_data(key)).tobytes()

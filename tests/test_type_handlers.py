@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as orbax
 import pytest
@@ -390,6 +391,27 @@ def test_a_handler_s_arrays_keep_their_shardings_beside_the_item_s_own(tmp_path)
     assert orbax.PyTreeCheckpointer().restore(tmp_path / "c", args=orbax.args.PyTreeRestore(
         {"own": jax.ShapeDtypeStruct((4, 8), np.float32)}, partial_restore=True)
     )["own"].sharding == rows
+
+
+def test_an_array_handler_with_a_metadata_store_gives_keys_a_pytree_restore_keeps(tmp_path):
+    """An ArrayHandler subclass reading its own way, made with an array_metadata_store (it then
+    restores typed PRNG keys as keys, as Orbax's does): the restore does not wrap them again
+    (jax refused: wrap_key_data of a key array)."""
+    from orbax.checkpoint._src.metadata import array_metadata_store
+
+    class Own(th.ArrayHandler):
+        async def deserialize(self, infos, args=None):
+            return await super().deserialize(infos, args)
+
+    reg = registry(ocp)
+    reg.add(jax.Array, Own(array_metadata_store=array_metadata_store.Store()), override=True)
+    key = jax.random.key(7, impl="rbg")
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler(type_handler_registry=reg)) as ckptr:
+        ckptr.save(tmp_path / "c", args=ocp.args.StandardSave({"k": key, "w": jnp.ones(3)}))
+        for args in (None, ocp.args.StandardRestore({"k": key, "w": jnp.ones(3)})):
+            back = ckptr.restore(tmp_path / "c", args=args)["k"]
+            assert back.dtype == key.dtype
+            assert np.array_equal(jax.random.key_data(back), jax.random.key_data(key))
 
 
 # --- SingleReplicaArrayHandler on one process -----------------------------------------------

@@ -241,18 +241,28 @@ async def _serialize_custom(planned: list[_Planned], directory: AnyPath,
     return running
 
 
-async def _keep_handlers_shardings(directory: AnyPath, docs: dict[str, bytes]) -> None:
-    """Keeps in the item's ``_sharding`` document (``docs``) the entries TypeHandlers wrote
-    there while they saved their leaves (the built-in ArrayHandler, handed arrays by a handler
-    of the user's, records each one's sharding there, as Orbax's does): the item's own
-    document would replace them."""
-    raw = await storage.read_optional(directory / fmt.SHARDING)
-    if raw is None:
-        return
-    theirs = fmt.decode(raw, dict[str, str], where=str(directory / fmt.SHARDING))
-    ours = (fmt.decode(docs[fmt.SHARDING], dict[str, str], where=fmt.SHARDING)
-            if fmt.SHARDING in docs else {})
-    docs[fmt.SHARDING] = fmt.encode({**theirs, **ours})
+async def _keep_handlers_documents(directory: AnyPath, docs: dict[str, bytes]) -> None:
+    """Keeps in the item's ``_sharding`` and ``array_metadatas/process_<i>`` (``docs``, this
+    process's) the entries TypeHandlers wrote there while they saved their leaves (the
+    built-in ArrayHandler, handed arrays by a handler of the user's, records each one's
+    sharding, and with an ``array_metadata_store`` its shapes and a PRNG key's
+    implementation, as Orbax's does): the item's own documents would replace them."""
+    names = [n for n in docs if n.startswith(f"{fmt.ARRAY_METADATAS}/")]
+    names += [fmt.SHARDING] if fmt.PYTREE_METADATA in docs else []  # (the primary writes it)
+    found = await asyncio.gather(*(storage.read_optional(directory / n) for n in names))
+    for name, raw in zip(names, found, strict=True):
+        if raw is None:
+            continue
+        where = str(directory / name)
+        if name == fmt.SHARDING:
+            theirs = fmt.decode(raw, dict[str, str], where=where)
+            ours = fmt.decode(docs[name], dict[str, str], where=where) if name in docs else {}
+            docs[name] = fmt.encode({**theirs, **ours})
+            continue
+        entries = {w.array_metadata.param_name: w for w in [
+            *fmt.decode(raw, fmt.ArrayMetadatas, where=where).array_metadatas,
+            *fmt.decode(docs[name], fmt.ArrayMetadatas, where=where).array_metadatas]}
+        docs[name] = fmt.encode(fmt.ArrayMetadatas(list(entries.values())))
 
 
 #: The other arguments of Orbax's PyTreeCheckpointHandler and StandardCheckpointHandler.
@@ -458,8 +468,8 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
                     await asyncio.to_thread(future.result)
                 await writer.finish()
                 docs = await building
-                if handed and roles.is_primary:
-                    await _keep_handlers_shardings(directory, docs)
+                if handed:
+                    await _keep_handlers_documents(directory, docs)
             except BaseException as exc:
                 # (a commit that timed out or was dropped is not held here by writes a store
                 # that stopped answering keeps retrying: its checkpointer waits for them only
@@ -1462,7 +1472,8 @@ class _Reader:
         values = await self._resolve(self._value_as_saved, ((e,) for e in entries))
         if self.random_keys:
             for i, e in enumerate(entries):
-                if (impl := self.random_keys.get(self._name(e))) is not None:
+                if (impl := self.random_keys.get(self._name(e))) is not None and \
+                        not _is_random_key(values[i]):  # (an ArrayHandler subclass may give keys)
                     values[i] = jax.random.wrap_key_data(values[i], impl=impl)
         if self.skeleton is not None:
             try:
@@ -1659,7 +1670,8 @@ class _Reader:
         if isinstance(array_handler, SingleReplicaArrayHandler):
             await _broadcast(values, array_handler)
         for i, impl in rekey.items():
-            values[i] = jax.random.wrap_key_data(values[i], impl=impl)
+            if not _is_random_key(values[i]):  # (an ArrayHandler subclass may give keys)
+                values[i] = jax.random.wrap_key_data(values[i], impl=impl)
         return rebuild(values)
 
     def _has_index_keys(self, partial: bool) -> bool:
