@@ -13,8 +13,8 @@ themselves, in batches, and consult the registry for two things only:
 
 The built-in handlers also work on their own, for a custom handler that hands parts of its
 value to them: they write each value as a zarr array at ``info.path`` (Orbax's layout
-without OCDBT) and read one from there, or from the item's OCDBT database when
-``info.is_ocdbt_checkpoint``.
+without OCDBT, also when ``info.is_ocdbt_checkpoint``) and read one from there, or from the
+item's OCDBT database when ``info.is_ocdbt_checkpoint`` and it holds the value.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import copy
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -37,10 +37,15 @@ from . import _format as fmt
 from . import _serialize as ser
 from . import _storage as storage
 from ._ocdbt import MANIFEST
-from ._paths import coerce
+from ._paths import coerce, escapes
 from ._stage import host_copy
 from ._tree import is_namedtuple
-from .errors import InvalidArgumentError, InvalidTypeError, ShapeMismatchError
+from .errors import (
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    ShapeMismatchError,
+)
 from .metadata import (
     ArrayMetadata,
     ScalarMetadata,
@@ -148,6 +153,7 @@ class SingleReplicaArrayRestoreArgs(ArrayRestoreArgs):
 
 
 log = logging.getLogger("ckpt_async")
+T = TypeVar("T")
 
 
 class ParamInfo:
@@ -271,10 +277,12 @@ class _ArrayLike(TypeHandler):
         return []
 
     async def _read(self, info: ParamInfo) -> np.ndarray:
-        return await ser.read_array(_context(info), info.parent_dir, info.name,
-                                    use_ocdbt=bool(info.is_ocdbt_checkpoint),
-                                    use_zarr3=bool(info.use_zarr3),
-                                    fill_missing=not info.raise_array_data_missing_error)
+        async def read(use_ocdbt: bool) -> np.ndarray:
+            return await ser.read_array(_context(info), info.parent_dir, info.name,
+                                        use_ocdbt=use_ocdbt, use_zarr3=bool(info.use_zarr3),
+                                        fill_missing=not info.raise_array_data_missing_error)
+
+        return await _in_database_or_folder(info, read)
 
     async def _read_all(self, infos: Sequence[ParamInfo],
                         args: Sequence[RestoreArgs] | None) -> list[np.ndarray]:
@@ -302,15 +310,34 @@ class _ArrayLike(TypeHandler):
         _check_lengths(infos)
 
         async def one(info: ParamInfo, sharding: Any) -> Any:
-            shape, dtype, chunks = await ser.read_shape_dtype(
-                _context(info), info.parent_dir, info.name,
-                use_ocdbt=bool(info.is_ocdbt_checkpoint), use_zarr3=bool(info.use_zarr3))
+            async def layout(use_ocdbt: bool) -> tuple[Any, ...]:
+                return await ser.read_shape_dtype(_context(info), info.parent_dir, info.name,
+                                                  use_ocdbt=use_ocdbt,
+                                                  use_zarr3=bool(info.use_zarr3))
+
+            shape, dtype, chunks = await _in_database_or_folder(info, layout)
             kind = ScalarMetadata if self._typestr == "scalar" else ArrayMetadata
             return kind(info.name, info.parent_dir, shape, sharding, dtype,
                         StorageMetadata(chunks))
 
         shardings = await self._sharding_metadatas(infos)
         return await asyncio.gather(*(one(i, s) for i, s in zip(infos, shardings, strict=True)))
+
+
+async def _in_database_or_folder(info: ParamInfo, fn: Callable[[bool], Awaitable[T]]) -> T:
+    """``fn(use_ocdbt)`` on the array ``info`` names: in the item's OCDBT database where
+    ``info.is_ocdbt_checkpoint`` (where Orbax's handlers, and the pytree handlers, write it),
+    else, or when the database does not hold it, in its zarr folder ``info.parent_dir /
+    info.name`` (where the built-in handlers on their own write it, OCDBT or not)."""
+    if not info.is_ocdbt_checkpoint:
+        return await fn(False)
+    try:
+        return await fn(True)
+    except CorruptCheckpointError:
+        meta = "zarr.json" if info.use_zarr3 else ".zarray"
+        if escapes(info.name) or not await storage.exists(info.parent_dir / info.name / meta):
+            raise
+    return await fn(False)
 
 
 def _sharding_key(name: str) -> str:

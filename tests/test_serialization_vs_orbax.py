@@ -344,3 +344,71 @@ def test_array_handler_on_its_own_saves_typed_prng_keys_as_orbax_s(tmp_path, mes
             assert is_key == (with_store and typed), label
             assert dtype == (str(key.dtype) if is_key else "uint32")
             assert data == np.asarray(jax.random.key_data(key)).tobytes()
+
+
+@pytest.mark.parametrize("use_zarr3", [False, True])
+def test_handlers_on_their_own_with_ocdbt_read_back_what_they_wrote(tmp_path, mesh, use_zarr3):
+    # ParamInfo(is_ocdbt_checkpoint=True) with the handlers on their own (Orbax's
+    # test_local_serialization, test_metadata): ckpt_async's write each value into a zarr
+    # folder of its own, then looked for it in the item's OCDBT database only and raised
+    # CorruptCheckpointError. They read it from its folder where the database does not hold
+    # it; Orbax's write per-process databases that its merge_ocdbt_per_process_files (not
+    # exported) merges, and read them there, which ckpt_async's read too (migration.md).
+    from orbax.checkpoint._src.serialization import ocdbt_utils
+
+    sharding = NamedSharding(mesh, PartitionSpec(("x", "y")))
+    values = {"ArrayHandler": [jax.device_put(np.arange(32, dtype=np.int32), sharding)],
+              "NumpyHandler": [np.arange(8, dtype=np.int32),
+                               np.arange(12, dtype=np.float32).reshape(3, 4)]}
+
+    def infos(lib, directory, n, ocdbt=True):
+        from etils import epath
+
+        context = lib.type_handlers.get_ts_context(use_ocdbt=ocdbt)
+        return [lib.type_handlers.ParamInfo(
+            name=str(i), parent_dir=epath.Path(directory), is_ocdbt_checkpoint=ocdbt,
+            use_zarr3=use_zarr3, ts_context=context) for i in range(n)]
+
+    def args(lib, handler):
+        if handler == "ArrayHandler":
+            return [lib.type_handlers.ArrayRestoreArgs(sharding=sharding)]
+        return [lib.type_handlers.RestoreArgs()] * 2
+
+    for handler, vals in values.items():
+        for writer, lib in LIBS.items():
+            directory = tmp_path / f"{handler}_{writer}"
+            directory.mkdir()
+            _run_handler(getattr(lib.type_handlers, handler)(), "serialize", vals,
+                         infos(lib, directory, len(vals)))
+            if lib is orbax:
+                import asyncio
+
+                asyncio.run(ocdbt_utils.merge_ocdbt_per_process_files(
+                    directory, ts_context=orbax.type_handlers.get_ts_context(),
+                    use_zarr3=use_zarr3))
+            # (ckpt_async's: a zarr folder per value, as without OCDBT)
+            assert (directory / "0").is_dir() == (writer == "ckpt_async")
+            readers = {"ckpt_async": ocp} if writer == "ckpt_async" else LIBS
+            for reader, rlib in readers.items():
+                th = getattr(rlib.type_handlers, handler)()
+                got = _run_handler(th, "deserialize", infos(rlib, directory, len(vals)),
+                                   args(rlib, handler))
+                for want, out in zip(vals, got, strict=True):
+                    assert type(out) is type(want), (handler, writer, reader)
+                    assert np.asarray(out).tobytes() == np.asarray(want).tobytes()
+                metas = _run_handler(th, "metadata", infos(rlib, directory, len(vals)))
+                assert [(m.shape, m.dtype) for m in metas] == [(v.shape, v.dtype) for v in vals]
+            if writer == "ckpt_async":
+                # (Orbax reads ckpt_async's folders when told they are no OCDBT database)
+                th = getattr(orbax.type_handlers, handler)()
+                got = _run_handler(th, "deserialize",
+                                   infos(orbax, directory, len(vals), ocdbt=False),
+                                   args(orbax, handler))
+                assert [np.asarray(o).tobytes() for o in got] == [
+                    np.asarray(v).tobytes() for v in vals]
+                with pytest.raises(ValueError):
+                    _run_handler(th, "deserialize", infos(orbax, directory, len(vals)),
+                                 args(orbax, handler))
+    with pytest.raises(ocp.errors.CorruptCheckpointError):  # (neither there nor in a folder)
+        _run_handler(ocp.type_handlers.NumpyHandler(), "deserialize",
+                     infos(ocp, tmp_path / "NumpyHandler_ckpt_async", 3)[2:])
