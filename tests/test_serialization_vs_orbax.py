@@ -412,3 +412,28 @@ def test_handlers_on_their_own_with_ocdbt_read_back_what_they_wrote(tmp_path, me
     with pytest.raises(ocp.errors.CorruptCheckpointError):  # (neither there nor in a folder)
         _run_handler(ocp.type_handlers.NumpyHandler(), "deserialize",
                      infos(ocp, tmp_path / "NumpyHandler_ckpt_async", 3)[2:])
+
+
+def test_standard_save_of_a_single_array_or_number_is_accepted_and_orbax_reads_it(tmp_path,
+                                                                                  mesh):
+    # Documented (migration.md, "More is accepted"): StandardSave of one jax.Array or number
+    # (no tree around it) is saved by ckpt_async as a tree of one bare leaf; Orbax refuses it
+    # (ValueError: use ArrayCheckpointHandler / ArraySave) and restores what ckpt_async wrote.
+    sharding = NamedSharding(mesh, PartitionSpec("x"))
+    values = {"array": jax.device_put(np.arange(8, dtype=np.float32).reshape(4, 2), sharding),
+              "int": 3, "float": 2.5}
+    for label, value in values.items():
+        with pytest.raises(ValueError, match="ArraySave"):
+            with orbax.Checkpointer(orbax.StandardCheckpointHandler()) as ckptr:
+                ckptr.save(tmp_path / f"orbax_{label}", args=orbax.args.StandardSave(value))
+        path = tmp_path / label
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+            ckptr.save(path, args=ocp.args.StandardSave(value))
+        for lib in LIBS.values():
+            with lib.Checkpointer(lib.StandardCheckpointHandler()) as ckptr:
+                out = ckptr.restore(path)
+            if label == "array":
+                assert isinstance(out, jax.Array) and out.sharding == sharding, lib.__name__
+                assert np.asarray(out).tobytes() == np.asarray(value).tobytes()
+            else:
+                assert type(out) is type(value) and out == value, lib.__name__
