@@ -316,9 +316,10 @@ class _ArrayLike(TypeHandler):
                                                   use_zarr3=bool(info.use_zarr3))
 
             shape, dtype, chunks = await _in_database_or_folder(info, layout)
-            kind = ScalarMetadata if self._typestr == "scalar" else ArrayMetadata
-            return kind(info.name, info.parent_dir, shape, sharding, dtype,
-                        StorageMetadata(chunks))
+            if self._typestr == "scalar":  # (no storage metadata, as Orbax's gives)
+                return ScalarMetadata(info.name, info.parent_dir, shape, sharding, dtype, None)
+            return ArrayMetadata(info.name, info.parent_dir, shape, sharding, dtype,
+                                 StorageMetadata(chunks))
 
         shardings = await self._sharding_metadatas(infos)
         return await asyncio.gather(*(one(i, s) for i, s in zip(infos, shardings, strict=True)))

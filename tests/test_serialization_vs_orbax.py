@@ -437,3 +437,22 @@ def test_standard_save_of_a_single_array_or_number_is_accepted_and_orbax_reads_i
                 assert np.asarray(out).tobytes() == np.asarray(value).tobytes()
             else:
                 assert type(out) is type(value) and out == value, lib.__name__
+
+
+@pytest.mark.parametrize("writer", ["ckpt_async", "orbax"])
+def test_scalar_handler_metadata_has_no_storage_as_orbax_s(tmp_path, writer):
+    # ScalarHandler.metadata gives storage=None, as Orbax's (and the pytree handlers' scalar
+    # metadata) does; ckpt_async's gave StorageMetadata(chunk_shape=()).
+    lib = LIBS[writer]
+    values = [3, 2.5, np.float32(1.5)]
+    names = ["i", "f", "n"]
+    _run_handler(lib.type_handlers.ScalarHandler(), "serialize", values,
+                 [_param(lib, tmp_path, n) for n in names])
+    got = {}
+    for name, rlib in LIBS.items():
+        metas = _run_handler(rlib.type_handlers.ScalarHandler(), "metadata",
+                             [_param(rlib, tmp_path, n) for n in names])
+        got[name] = [(type(m).__name__, m.name, m.shape, m.sharding, m.dtype, m.storage)
+                     for m in metas]
+    assert got["ckpt_async"] == got["orbax"]
+    assert [m[-1] for m in got["ckpt_async"]] == [None] * 3
