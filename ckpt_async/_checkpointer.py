@@ -105,14 +105,17 @@ def check_writable(path: AnyPath) -> None:
         raise NotWritableError(f"cannot save to {path}: {parent} is not writable")
 
 
-async def _create_tmp(path: AnyPath, clear_leftovers: bool, mode: int | None = None) -> AnyPath:
+async def _create_tmp(path: AnyPath, clear_leftovers: bool, mode: int | None = None,
+                      marker: bool = False) -> AnyPath:
     """``_commit.create_tmp``, except that an object-store prefix with objects but no commit
     marker (an unfinished save, a manager's directory, other data) is refused unless
     ``clear_leftovers``: a save writes in place there, clearing first the objects it found
     there (the prefix is listed once, here, for both). With several
     processes the primary alone decides, before any process writes there. ``mode``
     (``FileOptions.path_permission_mode``): the permissions of a local checkpoint's
-    directory (0o750: not readable by others), kept by the commit's rename."""
+    directory (0o750: not readable by others), kept by the commit's rename. ``marker``
+    (Orbax's commit-file mode): a local directory at ``path`` without its commit marker is an
+    unfinished save, removed first when ``clear_leftovers``."""
     clear: bool | list[str] = clear_leftovers
     if not storage.has_rename(path):
         found = await storage.listfiles(path)
@@ -125,7 +128,7 @@ async def _create_tmp(path: AnyPath, clear_leftovers: bool, mode: int | None = N
         # from under it, even once committed (a forced save replaces the checkpoint it found,
         # not one made during it); the race for the item decides between them.
         clear = found if clear_leftovers else False
-    tmp = await _commit.create_tmp(path, clear=clear)
+    tmp = await _commit.create_tmp(path, clear=clear, marker=marker)
     if mode is not None and isinstance(tmp, Path):  # (masked by the umask, as mkdir's mode)
         await get_runtime().to_thread(os.chmod, tmp, mode & ~_umask())
     return tmp
@@ -263,15 +266,20 @@ def _record_statistics(meta: fmt.StepMetadata, stats: dict[str, Any], t_write: f
     }
 
 
-async def _committed(directory: Any) -> AnyPath:
+async def _committed(directory: Any, marker: bool = False) -> AnyPath:
     """``directory`` as a path, once it is known to hold a committed checkpoint: not there
     raises CheckpointNotFoundError; the temporary directory of a save that did not finish (or
-    has not yet), InvalidArgumentError (Orbax: "Found incomplete checkpoint")."""
+    has not yet), or with ``marker`` (Orbax's commit-file mode) a local directory without its
+    commit marker, InvalidArgumentError (Orbax: "Found incomplete checkpoint")."""
     path = as_path(directory)
     if _commit.is_tmp_name(path.name):
         raise InvalidArgumentError(
             f"{path} is the temporary directory of a save that has not finished (or never "
             "will): not a checkpoint to restore")
+    if marker and await _commit.is_visible(path) and not await _commit.is_visible(path, marker):
+        raise InvalidArgumentError(
+            f"{path} is an incomplete checkpoint: it has no {fmt.COMMIT_SUCCESS} (a save that "
+            "did not finish, in the commit-file mode its options name)")
     if not await _commit.is_visible(path):
         if await storage.is_file(path):  # (it said the checkpoint did not exist)
             raise InvalidArgumentError(f"{path} is a file, not a checkpoint directory")
@@ -370,6 +378,11 @@ class AsyncCheckpointer:
         self.handler = handler
         self._dir_mode: int | None = getattr(_orbax_options.get("file_options"),
                                              "path_permission_mode", None)
+        #: Orbax's commit-file mode (``temporary_path_class=CommitFileTemporaryPath`` or
+        #: ``atomicity_options``): a local checkpoint counts once its ``commit_success.txt``
+        #: is there (this library's saves still rename, and write it).
+        self._marker = _commit.requires_marker(_orbax_options.get("temporary_path_class"),
+                                               _orbax_options.get("atomicity_options"))
         self.async_options = async_options or AsyncOptions()
         self.multiprocessing_options = multiprocessing_options
         self._pending: list[CommitFuture] = []
@@ -611,10 +624,10 @@ class AsyncCheckpointer:
         if failed is not None:
             raise failed
         if sync is None:
-            return await _create_tmp(path, clear_leftovers, self._dir_mode)
+            return await _create_tmp(path, clear_leftovers, self._dir_mode, self._marker)
         if sync.roles.is_primary:
             try:
-                tmp = await _create_tmp(path, clear_leftovers, self._dir_mode)
+                tmp = await _create_tmp(path, clear_leftovers, self._dir_mode, self._marker)
             except BaseException as exc:
                 await sync.broadcast("tmp", f"error:{exc}")
                 raise
@@ -836,7 +849,7 @@ class AsyncCheckpointer:
         self._check_open("restore", directory)
         await self._saved_before(directory)
         await self.wait_until_finished()  # a restore sees every save issued before it
-        path = await _committed(directory)
+        path = await _committed(directory, self._marker)
         if args is not None and not isinstance(args, CheckpointArgs):
             items, args = (args, *items), None
         if isinstance(self.handler, LegacyHandlerWrapper) and args is None:
@@ -852,7 +865,7 @@ class AsyncCheckpointer:
         """Step metadata of ``directory``, with its items' metadata (no arrays are read)."""
         await self._saved_before(directory)
         await self.wait_until_finished()
-        path = await _committed(directory)
+        path = await _committed(directory, self._marker)
         async with reading(path, f"checkpoint {path}"):
             found, ext = await _integrity.read_step_metadata(path)
             try:

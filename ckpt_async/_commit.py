@@ -12,22 +12,32 @@ Removal deletes the marker first (``_storage.rmtree``). The marker is written cr
 conditional write, ``_storage.write_new``): of two writers of one step, the store lets one
 marker in and the other commit raises StepAlreadyExistsError, as the local create-once rename
 does; a forced save (``replace``) writes it unconditionally.
+
+Orbax's commit-file mode (``temporary_path_class=CommitFileTemporaryPath``, or
+``AtomicityOptions(mode=AtomicityMode.COMMIT_FILE)``) writes a local step in place too, so that
+a run of it killed mid-save leaves a step directory without ``commit_success.txt``. Where
+those options are given (:func:`requires_marker`), the local checks take the marker, as on an
+object store (``marker=True``): such a directory is no step, and a save of it replaces it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import _format as fmt
 from . import _storage as storage
 from ._crc import crc32
 from ._paths import AnyPath, StorePath
 from .errors import CheckpointError, CommitError, StepAlreadyExistsError
+
+log = logging.getLogger("ckpt_async")
 
 
 def tmp_path_for(final: Path) -> Path:
@@ -39,22 +49,49 @@ def is_tmp_name(name: str) -> bool:
     return fmt.TMP_SUFFIX in name
 
 
-async def is_visible(path: AnyPath) -> bool:
+def _is_commit_file_class(cls: Any) -> bool:
+    """Whether ``cls`` is (a subclass of) ``CommitFileTemporaryPath``, ours or Orbax's."""
+    return any(c.__name__ == "CommitFileTemporaryPath" for c in getattr(cls, "__mro__", ()))
+
+
+def requires_marker(temporary_path_cls: Any = None, atomicity_options: Any = None) -> bool:
+    """Whether Orbax's options (a checkpointer's or manager's ``temporary_path_class`` and
+    ``atomicity_options``, a name format's ``temporary_path_cls``) make a local step count only
+    once its ``commit_success.txt`` is there, as Orbax's ``is_path_finalized`` decides: the
+    class given, else the atomicity mode; ``allow_legacy_atomic_rename`` takes a directory
+    without it too (a step written by a rename)."""
+    if temporary_path_cls is not None:
+        commit_file = _is_commit_file_class(temporary_path_cls)
+    else:
+        mode = getattr(atomicity_options, "mode", None)
+        commit_file = getattr(mode, "value", mode) == "commit_file"
+    return commit_file and not getattr(atomicity_options, "allow_legacy_atomic_rename", False)
+
+
+async def is_visible(path: AnyPath, marker: bool = False) -> bool:
     """Whether a committed checkpoint is at ``path``: on a local filesystem, the directory
-    (the rename is the commit); on an object store, its commit marker."""
+    (the rename is the commit), or with ``marker`` a directory holding its commit marker; on
+    an object store, its commit marker."""
     if storage.has_rename(path):
+        if marker:
+            return await storage.is_dir(path) and await storage.exists(path / fmt.COMMIT_SUCCESS)
         return await storage.is_dir(path)
     return await storage.exists(path / fmt.COMMIT_SUCCESS)
 
 
-async def scan(directory: AnyPath) -> tuple[list[str], set[str]]:
+async def scan(directory: AnyPath, marker: bool = False) -> tuple[list[str], set[str]]:
     """The entries of ``directory`` and the visible ones among them. Locally every directory is
     visible (unfinished saves have temporary names; a file or a dangling symlink named like a
-    step is no step, as in Orbax); on an object store only the entries that hold a commit
-    marker (one listing of the prefix)."""
+    step is no step, as in Orbax), or with ``marker`` those holding a commit marker; on an
+    object store only the entries that hold a commit marker (one listing of the prefix)."""
     if storage.has_rename(directory):
         names = await storage.listdirs(directory)
-        return names, set(names)
+        if not marker:
+            return names, set(names)
+        candidates = [n for n in names if not is_tmp_name(n)]
+        held = await asyncio.gather(*(storage.exists(directory / n / fmt.COMMIT_SUCCESS)
+                                      for n in candidates))
+        return names, {n for n, h in zip(candidates, held, strict=True) if h}
     keys = await storage.listfiles(directory)
     names = sorted({k.split("/", 1)[0] for k in keys})
     visible = {k.split("/", 1)[0] for k in keys if k.endswith("/" + fmt.COMMIT_SUCCESS)
@@ -62,15 +99,23 @@ async def scan(directory: AnyPath) -> tuple[list[str], set[str]]:
     return names, visible
 
 
-async def create_tmp(final: AnyPath, clear: bool | list[str] = True) -> AnyPath:
+async def create_tmp(final: AnyPath, clear: bool | list[str] = True,
+                     marker: bool = False) -> AnyPath:
     """Where a save of ``final`` writes: a new temporary directory, or, on an object store,
     ``final`` itself, cleared first (unlisted, then removed: leftovers of an unfinished save, or
     the checkpoint a forced save replaces): of everything, or of the objects ``clear`` names
     only (those the caller found there: what is there now besides is another save's of the
     same path, which began since), or of nothing where ``clear`` is false or empty.
     Locally, Orbax's own temporary directory for ``final`` (``<name>.orbax-checkpoint-tmp``,
-    the leftover of a save of it that did not finish) is removed first, as Orbax removes it."""
+    the leftover of a save of it that did not finish) is removed first, as Orbax removes it;
+    with ``marker`` and ``clear``, so is ``final`` when it is a directory without its commit
+    marker (a save of Orbax's commit-file mode that did not finish, as Orbax removes it)."""
     if storage.has_rename(final):
+        if marker and clear and await storage.is_dir(final) and not await is_visible(
+                final, marker=True):
+            log.warning("%s holds a save that was never committed (no %s); removing it",
+                        final, fmt.COMMIT_SUCCESS)
+            await storage.rmtree(final)
         tmp = tmp_path_for(final)
         try:
             await storage.mkdir_exclusive(

@@ -9,7 +9,9 @@ from .manager.options import FileOptions, MultiprocessingOptions
 
 class AtomicityMode(enum.Enum):
     """How a checkpoint is made visible (Orbax's): ckpt_async renames locally and writes a
-    commit marker on object stores, whichever mode is asked for."""
+    commit marker on object stores, whichever mode is asked for. ``COMMIT_FILE`` (in which
+    Orbax writes local steps in place) makes a local step count only once its
+    ``commit_success.txt`` is there, as in Orbax."""
 
     AUTO = "auto"
     COMMIT_FILE = "commit_file"
@@ -18,8 +20,9 @@ class AtomicityMode(enum.Enum):
 
 @dataclasses.dataclass
 class AtomicityOptions:
-    """Orbax's atomicity options, accepted by checkpointers and managers (``atomicity_options=``)
-    and without effect: see :class:`AtomicityMode`."""
+    """Orbax's atomicity options, taken by checkpointers and managers (``atomicity_options=``):
+    see :class:`AtomicityMode` (``allow_legacy_atomic_rename``: a local step without its
+    ``commit_success.txt`` counts in ``COMMIT_FILE`` mode too)."""
 
     mode: AtomicityMode = AtomicityMode.AUTO
     allow_legacy_atomic_rename: bool = False

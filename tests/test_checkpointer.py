@@ -1070,8 +1070,8 @@ def test_a_save_to_where_another_is_under_way_waits_for_it(tmp_path, monkeypatch
     started, release = threading.Event(), threading.Event()
     real = _commit.create_tmp
 
-    async def create_tmp(final, clear=True):
-        tmp = await real(final, clear)
+    async def create_tmp(final, clear=True, **kw):
+        tmp = await real(final, clear, **kw)
         if not started.is_set():
             started.set()
             await asyncio.to_thread(release.wait, 60)

@@ -103,8 +103,8 @@ class StartGate:
         self.release: dict[str, threading.Event] = {}
         real = ca_commit.create_tmp
 
-        async def create_tmp(final, clear=True):
-            tmp = await real(final, clear)
+        async def create_tmp(final, clear=True, **kw):
+            tmp = await real(final, clear, **kw)
             if final.name in self.release:
                 self.started[final.name].set()
                 await asyncio.to_thread(self.release[final.name].wait, LIMIT_S)
@@ -607,8 +607,8 @@ def test_a_save_cancelled_while_its_directory_is_made_leaves_none(tmp_path, monk
     real = ca_commit.create_tmp
     made = threading.Event()  # (set on the engine loop, read on this test's own)
 
-    async def create_tmp(final, clear=True):
-        tmp = await real(final, clear)
+    async def create_tmp(final, clear=True, **kw):
+        tmp = await real(final, clear, **kw)
         made.set()
         await asyncio.sleep(0.5)  # (the caller is cancelled here, the directory made)
         return tmp
@@ -1570,8 +1570,8 @@ def test_a_step_deleted_while_the_manager_opens_is_left_out(tmp_path, monkeypatc
         mngr.save(1, args=ocp.args.StandardSave(tree(1)))
     real = _steps.committed_steps
 
-    async def listed_with_a_vanished_step(directory, name_format):
-        return {**await real(directory, name_format), 2: "2"}  # ("2" is gone from disk)
+    async def listed_with_a_vanished_step(directory, name_format, **kw):
+        return {**await real(directory, name_format, **kw), 2: "2"}  # ("2" is gone from disk)
 
     monkeypatch.setattr(_steps, "committed_steps", listed_with_a_vanished_step)
     with ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(

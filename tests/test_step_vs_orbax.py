@@ -290,3 +290,130 @@ def test_a_missing_directory_has_no_steps(tmp_path):
     assert orbax.utils.checkpoint_steps(tmp_path / "nope") == []
     with pytest.raises(FileNotFoundError):
         orbax.utils.any_checkpoint_step(tmp_path / "nope")
+
+
+# -- Orbax's commit-file mode: a step written in place counts once commit_success.txt is there --
+_CRASHING_COMMIT_FILE_RUN = """
+import os, sys
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint._src.path import atomicity
+
+real = atomicity.CommitFileTemporaryPath.finalize
+
+async def finalize(self, *args, **kwargs):  # killed before step 2's commit_success.txt
+    if self.get_final().name == "2":
+        os._exit(3)
+    return await real(self, *args, **kwargs)
+
+atomicity.CommitFileTemporaryPath.finalize = finalize
+options = ocp.CheckpointManagerOptions(
+    temporary_path_class=ocp.path.atomicity.CommitFileTemporaryPath)
+with ocp.CheckpointManager(sys.argv[1], options=options) as m:
+    for step in (1, 2):
+        m.save(step, args=ocp.args.StandardSave({"a": np.arange(3) + 10 * step}))
+        m.wait_until_finished()
+"""
+
+
+@pytest.fixture(scope="module")
+def crashed_commit_file_run(tmp_path_factory):
+    """A directory as an Orbax run in commit-file mode leaves it when it is killed while
+    committing step 2: ``1/`` committed, ``2/`` written in place without its marker."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("crashed") / "run"
+    done = subprocess.run([sys.executable, "-c", _CRASHING_COMMIT_FILE_RUN, str(root)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert (root / "1" / "commit_success.txt").exists()
+    assert (root / "2" / "default").is_dir() and not (root / "2" / "commit_success.txt").exists()
+    return root
+
+
+def _commit_file_options(lib, how):
+    if how == "temporary_path_class":
+        return lib.CheckpointManagerOptions(
+            temporary_path_class=lib.path.atomicity.CommitFileTemporaryPath)
+    if how == "atomicity_options":
+        return lib.CheckpointManagerOptions(atomicity_options=lib.options.AtomicityOptions(
+            mode=lib.options.AtomicityMode.COMMIT_FILE))
+    return lib.CheckpointManagerOptions(step_name_format=lib.step.standard_name_format(
+        temporary_path_cls=lib.path.atomicity.CommitFileTemporaryPath))
+
+
+@pytest.mark.parametrize("how", ["temporary_path_class", "atomicity_options", "step_name_format"])
+@pytest.mark.parametrize("writer", ["ckpt_async", "orbax"])
+def test_a_step_a_commit_file_run_did_not_commit_is_no_step(
+        tmp_path, crashed_commit_file_run, how, writer):
+    import shutil
+
+    answers = {}
+    for name, lib in LIBS.items():
+        d = tmp_path / name
+        shutil.copytree(crashed_commit_file_run, d)
+        with lib.CheckpointManager(d, options=_commit_file_options(lib, how)) as m:
+            steps = (m.all_steps(), m.latest_step())
+            one = m.restore(1, args=lib.args.StandardRestore())["a"].tolist()
+            with pytest.raises(ValueError):  # (Orbax: "Found incomplete checkpoint")
+                m.restore(2, args=lib.args.StandardRestore())
+        answers[name] = (steps, one)
+    assert answers["ckpt_async"] == answers["orbax"] == (([1], 1), [10, 11, 12])
+    # The name formats find the same; a checkpointer of that mode refuses the step, as Orbax's.
+    for lib in LIBS.values():
+        cf = lib.path.atomicity.CommitFileTemporaryPath
+        nf = lib.step.standard_name_format(temporary_path_cls=cf)
+        assert [s.step for s in nf.find_all(crashed_commit_file_run)] == [1]
+        with pytest.raises(ValueError):
+            nf.find_step(crashed_commit_file_run, 2)
+        with lib.Checkpointer(lib.StandardCheckpointHandler(), temporary_path_class=cf) as c:
+            with pytest.raises(ValueError):
+                c.restore(crashed_commit_file_run / "2")
+    # Saving step 2 again replaces the unfinished save; the other library lists and reads it.
+    w = LIBS[writer]
+    d = tmp_path / writer
+    with w.CheckpointManager(d, options=_commit_file_options(w, how)) as m:
+        assert m.save(2, args=w.args.StandardSave({"a": np.arange(3) + 200}))
+        m.wait_until_finished()
+    assert (d / "2" / "commit_success.txt").exists()
+    for lib in LIBS.values():
+        with lib.CheckpointManager(d, options=_commit_file_options(lib, how)) as m:
+            assert m.all_steps() == [1, 2]
+            assert m.restore(2, args=lib.args.StandardRestore())["a"].tolist() == [200, 201, 202]
+
+
+def test_without_the_commit_file_mode_both_list_a_step_without_its_marker(
+        tmp_path, crashed_commit_file_run):
+    # (a run of the default mode commits by a rename: a directory at a step's name is
+    # committed, with or without commit_success.txt, in both libraries)
+    for lib in LIBS.values():
+        with lib.CheckpointManager(crashed_commit_file_run,
+                                   options=lib.CheckpointManagerOptions(read_only=True)) as m:
+            assert m.all_steps() == [1, 2]
+        legacy = lib.CheckpointManagerOptions(
+            read_only=True, atomicity_options=lib.options.AtomicityOptions(
+                mode=lib.options.AtomicityMode.COMMIT_FILE, allow_legacy_atomic_rename=True))
+        with lib.CheckpointManager(crashed_commit_file_run, options=legacy) as m:
+            assert m.all_steps() == [1, 2]
+        assert sorted(lib.utils.checkpoint_steps(crashed_commit_file_run)) == [1, 2]
+        assert sorted(s.step for s in lib.step.standard_name_format().find_all(
+            crashed_commit_file_run)) == [1, 2]
+
+
+@pytest.mark.parametrize("how", ["temporary_path_class", "atomicity_options"])
+def test_cleanup_removes_a_step_a_commit_file_run_did_not_commit(
+        tmp_path, crashed_commit_file_run, how):
+    import dataclasses
+    import shutil
+
+    for name, lib in LIBS.items():
+        d = tmp_path / name
+        shutil.copytree(crashed_commit_file_run, d)
+        options = dataclasses.replace(_commit_file_options(lib, how), cleanup_tmp_directories=True)
+        with lib.CheckpointManager(d, options=options) as m:
+            assert m.all_steps() == [1]
+            # (Orbax's cleanup runs in the background until the next save waits for it)
+            m.save(3, args=lib.args.StandardSave({"a": np.arange(3)}))
+            m.wait_until_finished()
+        assert sorted(p.name for p in d.iterdir()) == ["1", "3"], name

@@ -84,8 +84,10 @@ class NameFormat:
     #: Orbax's: list steps on one process and broadcast them (accepted, without effect: each
     #: process lists them; checked against the manager option of that name, as in Orbax).
     single_host_load_and_broadcast: bool = False
-    #: Orbax's ``temporary_path_cls`` and ``atomicity_options`` (accepted, without effect, as
-    #: the manager options of those names: a step is listed once it is committed either way).
+    #: Orbax's ``temporary_path_cls`` and ``atomicity_options``: naming the commit-file mode
+    #: (``CommitFileTemporaryPath``, ``AtomicityMode.COMMIT_FILE``), a local step is found
+    #: once its ``commit_success.txt`` is there, as in Orbax (a run of that mode writes steps
+    #: in place: one killed mid-save leaves a directory without it).
     temporary_path_cls: Any = None
     atomicity_options: Any = None
 
@@ -137,8 +139,9 @@ def standard_name_format(step_prefix: str | None = None,
                          temporary_path_cls: Any = None,
                          atomicity_options: Any = None) -> NameFormat:
     """Steps named ``<step>``, or ``<step_prefix>_<step>``, the step zero-padded to
-    ``step_format_fixed_length`` digits (Orbax's; ``single_host_load_and_broadcast``,
-    ``temporary_path_cls`` and ``atomicity_options`` are accepted and have no effect)."""
+    ``step_format_fixed_length`` digits (Orbax's; ``single_host_load_and_broadcast`` is
+    accepted and has no effect; ``temporary_path_cls`` / ``atomicity_options`` naming the
+    commit-file mode find only the steps holding ``commit_success.txt``, as Orbax's)."""
     return NameFormat(step_prefix, step_format_fixed_length, single_host_load_and_broadcast,
                       temporary_path_cls, atomicity_options)
 
@@ -170,7 +173,9 @@ def name_format_of(given: Any) -> Any:
         raise InvalidArgumentError(f"{where}: {given!r} has no build_name(step)")
     ours = NameFormat(getattr(given, "step_prefix", None),
                       getattr(given, "step_format_fixed_length", None),
-                      bool(getattr(given, "single_host_load_and_broadcast", False)))
+                      bool(getattr(given, "single_host_load_and_broadcast", False)),
+                      getattr(given, "temporary_path_cls", None),
+                      getattr(given, "atomicity_options", None))
     if hasattr(given, "step_prefix") and all(build(s) == ours.build_name(s)
                                              for s in (0, 7, 123456)):
         return ours
@@ -191,17 +196,30 @@ def name_format_for(step_name_format: Any, step_prefix: str | None = None,
     return standard_name_format(step_prefix, step_format_fixed_length)
 
 
-async def standard_steps(directory: AnyPath, name_format: NameFormat) -> dict[int, str]:
-    """The committed steps of ``directory`` whose names ``name_format.parse`` takes."""
-    _names, visible = await _commit.scan(directory)
+def format_requires_marker(name_format: Any) -> bool:
+    """Whether ``name_format``'s ``temporary_path_cls`` / ``atomicity_options`` name Orbax's
+    commit-file mode: its steps count once their ``commit_success.txt`` is there
+    (:func:`ckpt_async._commit.requires_marker`)."""
+    return _commit.requires_marker(getattr(name_format, "temporary_path_cls", None),
+                                   getattr(name_format, "atomicity_options", None))
+
+
+async def standard_steps(directory: AnyPath, name_format: NameFormat,
+                         marker: bool = False) -> dict[int, str]:
+    """The committed steps of ``directory`` whose names ``name_format.parse`` takes (with
+    ``marker``, or a format naming the commit-file mode, those holding ``commit_success.txt``)."""
+    _names, visible = await _commit.scan(
+        directory, marker=marker or format_requires_marker(name_format))
     return steps_in(sorted(visible), name_format)
 
 
-async def committed_steps(directory: AnyPath, name_format: Any) -> dict[int, str]:
-    """The committed steps of ``directory`` in ``name_format``: step -> entry name."""
+async def committed_steps(directory: AnyPath, name_format: Any,
+                          marker: bool = False) -> dict[int, str]:
+    """The committed steps of ``directory`` in ``name_format``: step -> entry name (with
+    ``marker``, locally too only those holding ``commit_success.txt``)."""
     if not is_custom(name_format):
-        return await standard_steps(directory, name_format)
-    _names, visible = await _commit.scan(directory)
+        return await standard_steps(directory, name_format, marker)
+    _names, visible = await _commit.scan(directory, marker=marker)
     if not visible:
         return {}
     # Its find_all, in a thread of its own: it lists the directory itself, as Orbax's formats

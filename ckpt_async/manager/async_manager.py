@@ -202,6 +202,13 @@ class AsyncCheckpointManager:
         self._name_format = _steps.name_format_for(
             self.options.step_name_format, self.options.step_prefix,
             self.options.step_format_fixed_length)
+        #: Orbax's commit-file mode, named by the options or the step name format (as Orbax's
+        #: lists steps, and writes them in place): a local step counts once its
+        #: ``commit_success.txt`` is there, so that a step an Orbax run of that mode was
+        #: killed while writing is neither listed nor restored (a save of it replaces it).
+        self._marker = _commit.requires_marker(self.options.temporary_path_class,
+                                               self.options.atomicity_options) or \
+            _steps.format_requires_marker(self._name_format)
         self._save_policy = save_decision_policy_of(self.options)
         self._preservation_policy = preservation_policy_of(self.options)
         self._persist_metrics = uses_metrics(self._preservation_policy) or bool(self.options.best_fn)
@@ -235,6 +242,7 @@ class AsyncCheckpointManager:
             async_options=self.options.async_options or AsyncOptions(),
             multiprocessing_options=self.options.multiprocessing_options,
             file_options=self.options.file_options)
+        self._checkpointer._marker = self._marker
         self._checkpoints: list[CheckpointInfo] = []
         self._futures: dict[int, CommitFuture] = {}
         #: The commits of ``_futures`` still in flight, each let go as it ends (by
@@ -300,7 +308,7 @@ class AsyncCheckpointManager:
             await self._save_root_metadata(self._root_metadata)
 
     async def _cleanup_leftovers(self) -> None:
-        names, visible = await _commit.scan(self.directory)
+        names, visible = await _commit.scan(self.directory, marker=self._marker)
         for name in names:
             # (on an object store, a step written in place without its commit marker is an
             # unfinished save too)
@@ -325,7 +333,7 @@ class AsyncCheckpointManager:
     async def _step_names(self, root: Any = None) -> dict[int, str]:
         """Committed steps in ``root`` (default: this manager's directory): step -> name."""
         return await _steps.committed_steps(self.directory if root is None else root,
-                                            self._name_format)
+                                            self._name_format, marker=self._marker)
 
     async def _load_checkpoint_infos(self) -> list[CheckpointInfo]:
         infos = []
@@ -565,7 +573,8 @@ class AsyncCheckpointManager:
         async def precheck() -> None:
             if multi:
                 self._raise_failure()
-            if step in self.all_steps() or await _commit.is_visible(self._step_path(step)):
+            if step in self.all_steps() or await _commit.is_visible(self._step_path(step),
+                                                                    self._marker):
                 # (on disk too: another writer may have committed it; the commit's
                 # create-once rename is what decides a race, this reports the common case.
                 # force=True too: it overrides the save decision policy, it replaces nothing)
@@ -876,13 +885,18 @@ class AsyncCheckpointManager:
         # directory costs a round trip that grows with the steps in it); any other is found by
         # listing (a name of another format, another directory, a step deleted meanwhile).
         if not (directory is None and any(c.step == step for c in self._checkpoints)
-                and await _commit.is_visible(path)):
+                and await _commit.is_visible(path, self._marker)):
             names = await self._step_names(root)
             if step not in names:
                 named = root / self._name_format.build_name(step)
                 if await storage.is_file(named):  # (no step, as in Orbax, but not missing)
                     raise InvalidArgumentError(
                         f"step {step} of {root}: {named} is a file, not a step directory")
+                if self._marker and storage.has_rename(named) and await storage.is_dir(named):
+                    raise InvalidArgumentError(  # (as Orbax: "Found incomplete checkpoint")
+                        f"step {step} of {root} is an incomplete checkpoint: {named} has no "
+                        f"{fmt.COMMIT_SUCCESS} (a save that did not finish, in the commit-file "
+                        "mode the options name)")
                 raise StepNotFoundError(
                     f"step {step} does not exist in {root} "
                     + (f"(steps: {sorted(names)[-10:]})" if names else

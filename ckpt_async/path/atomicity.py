@@ -10,9 +10,10 @@ directory of its own and commits it as Orbax's handlers do:
   means copying it).
 
 Both fsync what was written before the commit. ``CheckpointManagerOptions(temporary_path_class=...)``
-takes either name and changes nothing: ckpt_async's own saves rename on a local filesystem
-and write the marker on an object store, and write ``commit_success.txt`` in both, so each
-library reads either layout.
+takes either name: ckpt_async's own saves rename on a local filesystem and write the marker on
+an object store, and write ``commit_success.txt`` in both, so each library reads either
+layout; naming ``CommitFileTemporaryPath`` (Orbax's commit-file mode, which writes local steps
+in place) makes a local step count only once its ``commit_success.txt`` is there, as in Orbax.
 """
 
 from __future__ import annotations
