@@ -417,3 +417,75 @@ def test_cleanup_removes_a_step_a_commit_file_run_did_not_commit(
             m.save(3, args=lib.args.StandardSave({"a": np.arange(3)}))
             m.wait_until_finished()
         assert sorted(p.name for p in d.iterdir()) == ["1", "3"], name
+
+
+# -- ocp.path.deleter (Orbax's deleter_test scenarios) -------------------------------------------
+def _saved_steps(lib, directory, steps, **options):
+    with lib.CheckpointManager(directory, options=lib.CheckpointManagerOptions(**options)) as m:
+        for step in steps:
+            m.save(step, args=lib.args.StandardSave({"a": np.arange(3) + step}))
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+@pytest.mark.parametrize("todelete_subdir", [None, "some_delete_dir"])
+@pytest.mark.parametrize("writer", ["ckpt_async", "orbax"])
+def test_a_deleter_deletes_a_step_as_orbaxs(tmp_path, threaded, todelete_subdir, writer):
+    found = {}
+    for name, lib in LIBS.items():
+        d = tmp_path / name
+        _saved_steps(LIBS[writer], d, [1, 2, 3], step_prefix="ckpt")
+        deleter = lib.path.deleter.create_checkpoint_deleter(
+            d, name_format=lib.step.standard_name_format(step_prefix="ckpt"), primary_host=None,
+            todelete_subdir=todelete_subdir, todelete_full_path=None,
+            enable_background_delete=threaded)
+        assert type(deleter).__name__ == (
+            "ThreadedCheckpointDeleter" if threaded else "StandardCheckpointDeleter")
+        deleter.delete_steps([2])
+        deleter.delete(7)  # (no such step: logged and skipped)
+        deleter.close()
+        found[name] = [p for p in _tree(d) if p.count("/") <= 2]  # (data files: random names)
+        # what is left is read by both libraries
+        for reader in LIBS.values():
+            with reader.CheckpointManager(d, options=reader.CheckpointManagerOptions(
+                    step_prefix="ckpt", read_only=True)) as m:
+                assert m.all_steps() == [1, 3]
+                assert m.restore(3, args=reader.args.StandardRestore())["a"].tolist() == [3, 4, 5]
+    assert found["ckpt_async"] == found["orbax"]
+    assert not any(p.startswith("ckpt_2") for p in found["orbax"])
+    if todelete_subdir:
+        assert f"{todelete_subdir}/ckpt_2/_CHECKPOINT_METADATA" in found["orbax"]
+
+
+def test_a_deleter_of_another_primary_process_deletes_nothing(tmp_path):
+    from etils import epath
+
+    tmp_path = epath.Path(tmp_path)  # (Orbax's PathDeleter takes only these)
+    for name, lib in LIBS.items():
+        (tmp_path / name / "1").mkdir(parents=True)
+        deleter = lib.path.deleter.StandardCheckpointDeleter(
+            tmp_path / name, name_format=lib.step.standard_name_format(), primary_host=1)
+        deleter.delete(1)
+        deleter.close()
+        assert (tmp_path / name / "1").is_dir()
+        lib.path.deleter.PathDeleter(tmp_path / name).delete(
+            tmp_path / name / "1", destination=tmp_path / name / "moved" / "1")
+        assert _tree(tmp_path / name) == ["moved/", "moved/1/"]
+        lib.path.deleter.PathDeleter(tmp_path / name).delete(tmp_path / name / "moved")
+        assert _tree(tmp_path / name) == []
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_a_deleter_that_cannot_move_a_step_raises_oserror(tmp_path, threaded):
+    # (todelete_subdir already holds a copy of the step: delete(), or a background deleter's
+    # close(), raises, and the step stays)
+    for name, lib in LIBS.items():
+        (tmp_path / name / "2").mkdir(parents=True)
+        (tmp_path / name / "old" / "2").mkdir(parents=True)
+        (tmp_path / name / "old" / "2" / "x").write_text("an earlier copy")
+        deleter = lib.path.deleter.create_checkpoint_deleter(
+            tmp_path / name, name_format=lib.step.standard_name_format(), primary_host=None,
+            todelete_subdir="old", enable_background_delete=threaded)
+        with pytest.raises(OSError):
+            deleter.delete(2)
+            deleter.close()
+        assert (tmp_path / name / "2").is_dir(), name

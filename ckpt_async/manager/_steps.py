@@ -8,11 +8,13 @@ Orbax's standard naming: ``<step>``, or ``<prefix>_<step>``, the step zero-padde
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
 import logging
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -280,6 +282,32 @@ def leftover_kind(name: str) -> str | None:
     if TODELETE_MARK in name:
         return "todelete"
     return None
+
+
+async def remove_step(directory: AnyPath, name: str, todelete_subdir: str | None = None,
+                      dest_name: str | None = None) -> None:
+    """Deletes the entry ``name`` of ``directory`` (a step), unlisting it first: locally it is
+    renamed to a to-delete leftover and then removed, or, with ``todelete_subdir``, moved to
+    ``<directory>/<todelete_subdir>/<dest_name or name>``, so that a kill in between leaves a
+    leftover, never a listed step with missing files; on an object store its commit marker is
+    deleted before its objects (``todelete_subdir`` is not honoured there: moving means
+    copying every object). One already gone (deleted by another manager) is no error."""
+    if not isinstance(directory, Path) or not storage.has_rename(directory):
+        await storage.rmtree(directory / name)
+        return
+    path = directory / name
+    if todelete_subdir:
+        dest_dir = directory / todelete_subdir
+        await storage.makedirs(dest_dir)
+        with contextlib.suppress(FileNotFoundError):
+            await storage.rename_durable(path, dest_dir / (dest_name or name))
+        return
+    doomed = directory / f"{name}{TODELETE_MARK}-{time.time_ns()}"
+    try:
+        await storage.rename_durable(path, doomed)
+    except FileNotFoundError:
+        return
+    await storage.rmtree(doomed)
 
 
 @dataclasses.dataclass

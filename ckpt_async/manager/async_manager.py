@@ -17,7 +17,6 @@ import datetime
 import logging
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from .. import _commit, _integrity, multihost
@@ -811,33 +810,8 @@ class AsyncCheckpointManager:
         names = await self._step_names()
         for step in steps:
             name = names.get(step)
-            if name is None:
-                continue
-            if storage.has_rename(self.directory):
-                await self._delete_local(self.directory, name)
-            else:
-                # Object store: rmtree deletes the commit marker (unlists) before the objects;
-                # todelete_subdir is not honoured (moving means copying every object).
-                await storage.rmtree(self.directory / name)
-
-    async def _delete_local(self, directory: Path, name: str) -> None:
-        path = directory / name
-        # Unlist first (one rename), then remove: a kill in between leaves a leftover,
-        # never a listed step with missing files.
-        if self.options.todelete_subdir:
-            dest_dir = directory / self.options.todelete_subdir
-            await storage.makedirs(dest_dir)
-            try:
-                await storage.rename_durable(path, dest_dir / name)
-            except FileNotFoundError:
-                pass  # already deleted (by another manager on this directory)
-            return
-        doomed = directory / f"{name}{_steps.TODELETE_MARK}-{time.time_ns()}"
-        try:
-            await storage.rename_durable(path, doomed)
-        except FileNotFoundError:
-            return  # already deleted (by another manager on this directory)
-        await storage.rmtree(doomed)
+            if name is not None:
+                await _steps.remove_step(self.directory, name, self.options.todelete_subdir)
 
     @on_engine
     async def delete(self, step: int) -> None:
