@@ -19,6 +19,7 @@ from ..args import PyTreeRestore as PyTreeRestoreArgs
 from ..args import PyTreeSave as PyTreeSaveArgs
 from ..args import StandardRestore as StandardRestoreArgs
 from ..args import StandardSave as StandardSaveArgs
+from . import registry as handler_registration  # (Orbax's name of the registry's module)
 from .array import ArrayCheckpointHandler
 from .base import AsyncCheckpointHandler, CheckpointHandler, Writer
 from .composite import CompositeCheckpointHandler, CompositeOptions
@@ -26,10 +27,11 @@ from .json_handler import JsonCheckpointHandler
 from .proto import ProtoCheckpointHandler
 from .pytree import PyTreeCheckpointHandler, StandardCheckpointHandler
 from .random_key import JaxRandomKeyCheckpointHandler, NumpyRandomKeyCheckpointHandler
-from .registry import DefaultCheckpointHandlerRegistry, create_default_handler_registry
-
-#: Orbax's other name of the registry class.
-CheckpointHandlerRegistry = DefaultCheckpointHandlerRegistry
+from .registry import (
+    CheckpointHandlerRegistry,
+    DefaultCheckpointHandlerRegistry,
+    create_default_handler_registry,
+)
 
 __all__ = [
     "ArrayCheckpointHandler",
@@ -63,4 +65,5 @@ __all__ = [
     "StandardSaveArgs",
     "Writer",
     "create_default_handler_registry",
+    "handler_registration",
 ]

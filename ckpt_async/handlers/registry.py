@@ -194,6 +194,10 @@ class DefaultCheckpointHandlerRegistry:
             f"handled by {cls.__name__}; use a new manager to change an item's type")
 
 
+#: Orbax's other name of the registry class.
+CheckpointHandlerRegistry = DefaultCheckpointHandlerRegistry
+
+
 def create_default_handler_registry(**items_to_handlers: Any) -> DefaultCheckpointHandlerRegistry:
     """Orbax's ``handlers.create_default_handler_registry``: a registry holding each item's
     handler under both args classes registered with it (``ValueError`` for a handler with
