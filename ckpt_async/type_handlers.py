@@ -386,7 +386,9 @@ async def _sharding_documents(infos: Sequence[ParamInfo]) -> dict[str, dict[str,
 
 #: ``ext_metadata`` key of ``array_metadatas`` naming a typed PRNG key's implementation
 #: (Orbax's; the pytree handlers' too).
-_RANDOM_KEY_IMPL = "random_key_impl"
+#: The ``ext_metadata`` key of ``array_metadatas`` entries naming a typed PRNG key's
+#: implementation (as Orbax writes it).
+RANDOM_KEY_IMPL = "random_key_impl"
 
 
 def _is_key_dtype(dtype: Any) -> bool:
@@ -433,11 +435,11 @@ async def _record_array_metadatas(infos: Sequence[ParamInfo], values: Sequence[j
         for info, value, impl in group:
             shape = ser.shard_shape(value.sharding, tuple(value.shape))
             entries[info.name] = fmt.ArrayMetadataWrapper(fmt.ArrayMetadataEntry(
-                info.name, shape, shape, {_RANDOM_KEY_IMPL: impl} if impl is not None else None))
+                info.name, shape, shape, {RANDOM_KEY_IMPL: impl} if impl is not None else None))
         await storage.write_files([(path, fmt.encode(fmt.ArrayMetadatas(list(entries.values()))))])
 
 
-async def _recorded_key_impls(directory: Any) -> dict[str, str]:
+async def recorded_key_impls(directory: Any) -> dict[str, str]:
     """The typed PRNG keys the ``array_metadatas`` of ``directory`` record: name -> impl."""
     folder = directory / fmt.ARRAY_METADATAS
     keys: dict[str, str] = {}
@@ -446,8 +448,8 @@ async def _recorded_key_impls(directory: Any) -> dict[str, str]:
         doc = fmt.decode(await storage.read_bytes(path), fmt.ArrayMetadatas, where=str(path))
         for wrapper in doc.array_metadatas:
             entry = wrapper.array_metadata
-            if isinstance(entry.ext_metadata, dict) and _RANDOM_KEY_IMPL in entry.ext_metadata:
-                keys.setdefault(entry.param_name, str(entry.ext_metadata[_RANDOM_KEY_IMPL]))
+            if isinstance(entry.ext_metadata, dict) and RANDOM_KEY_IMPL in entry.ext_metadata:
+                keys.setdefault(entry.param_name, str(entry.ext_metadata[RANDOM_KEY_IMPL]))
     return keys
 
 
@@ -603,7 +605,7 @@ class ArrayHandler(_ArrayLike):
         if self.array_metadata_store is not None:
             # (as Orbax's with an array_metadata_store: the keys it records come back as keys)
             dirs = {str(i.parent_dir): i.parent_dir for i in infos}
-            found = await asyncio.gather(*(_recorded_key_impls(d) for d in dirs.values()))
+            found = await asyncio.gather(*(recorded_key_impls(d) for d in dirs.values()))
             impls = dict(zip(dirs, found, strict=True))
             for i, info in enumerate(infos):
                 impl = impls[str(info.parent_dir)].get(info.name)

@@ -71,6 +71,7 @@ from ..tree import from_flat_dict, to_flat_dict
 from ..type_handlers import (
     GLOBAL_TYPE_HANDLER_REGISTRY,
     PLACEHOLDER,
+    RANDOM_KEY_IMPL,
     ArrayRestoreArgs,
     ParamInfo,
     RestoreArgs,
@@ -79,6 +80,7 @@ from ..type_handlers import (
     SingleReplicaArrayRestoreArgs,
     TypeHandler,
     TypeHandlerRegistry,
+    recorded_key_impls,
 )
 from . import _legacy
 from .base import AsyncCheckpointHandler, Writer, engine_method
@@ -822,21 +824,7 @@ async def random_key_impls(directory: AnyPath, tree_doc: fmt.TreeMetadata) -> di
     ``array_metadatas`` do."""
     if tree_doc.ckpt_async is not None:
         return dict(tree_doc.ckpt_async.get("random_keys", {}))
-    return await _random_keys_of(directory)
-
-
-async def _random_keys_of(directory: AnyPath) -> dict[str, str]:
-    """The typed PRNG keys Orbax recorded in an item's ``array_metadatas``: name -> impl."""
-    folder = directory / fmt.ARRAY_METADATAS
-    keys: dict[str, str] = {}
-    for name in await storage.listdir(folder):  # (none when it does not exist)
-        path = folder / name
-        doc = fmt.decode(await storage.read_bytes(path), fmt.ArrayMetadatas, where=str(path))
-        for wrapper in doc.array_metadatas:
-            entry = wrapper.array_metadata
-            if isinstance(entry.ext_metadata, dict) and RANDOM_KEY_IMPL in entry.ext_metadata:
-                keys[entry.param_name] = str(entry.ext_metadata[RANDOM_KEY_IMPL])
-    return keys
+    return await recorded_key_impls(directory)
 
 
 def _args_of_target(tleaf: Any) -> RestoreArgs:
@@ -1116,7 +1104,6 @@ def _refuse_names_without_folders(planned: list[_Planned], where: str) -> None:
 
 
 #: ``ext_metadata`` key of array_metadatas naming a typed PRNG key's implementation (Orbax's).
-RANDOM_KEY_IMPL = "random_key_impl"
 
 
 #: ``ckpt_async.version`` in ``_METADATA`` from which ``_strings.json`` holds each string at
