@@ -456,3 +456,30 @@ def test_scalar_handler_metadata_has_no_storage_as_orbax_s(tmp_path, writer):
                      for m in metas]
     assert got["ckpt_async"] == got["orbax"]
     assert [m[-1] for m in got["ckpt_async"]] == [None] * 3
+
+
+def test_array_handler_on_its_own_keeps_to_restore_type_where_orbax_s_gives_a_jax_array(
+        tmp_path, mesh):
+    # migration.md: ArrayHandler used on its own with ArrayRestoreArgs(restore_type=np.ndarray)
+    # gives NumPy in ckpt_async, a jax.Array in Orbax (which ignores restore_type there);
+    # through a pytree checkpointer both give NumPy.
+    sharding = NamedSharding(mesh, PartitionSpec("x"))
+    data = np.arange(16, dtype=np.float32)
+    value = jax.device_put(data, sharding)
+    (tmp_path / "h").mkdir()
+    _handler_save(ocp, tmp_path / "h", [value])
+    outs = {}
+    for name, lib in LIBS.items():
+        args = lib.type_handlers.ArrayRestoreArgs(restore_type=np.ndarray, sharding=sharding)
+        (outs[name],) = _run_handler(lib.type_handlers.ArrayHandler(), "deserialize",
+                                     [_param(lib, tmp_path / "h", "v0")], [args])
+        assert np.asarray(outs[name]).tobytes() == data.tobytes(), name
+    assert type(outs["ckpt_async"]) is np.ndarray
+    assert isinstance(outs["orbax"], jax.Array)
+    ocp.PyTreeCheckpointer().save(tmp_path / "t", {"a": value})
+    for name, lib in LIBS.items():
+        restored = lib.PyTreeCheckpointer().restore(tmp_path / "t", args=lib.args.PyTreeRestore(
+            restore_args={"a": lib.ArrayRestoreArgs(restore_type=np.ndarray,
+                                                    sharding=sharding)}))
+        assert type(restored["a"]) is np.ndarray, name
+        assert restored["a"].tobytes() == data.tobytes(), name
