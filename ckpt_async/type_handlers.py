@@ -341,10 +341,18 @@ async def _in_database_or_folder(info: ParamInfo, fn: Callable[[bool], Awaitable
     return await fn(False)
 
 
-def _sharding_key(name: str) -> str:
+def sharding_key(name: str) -> str:
     """The key of array ``name``'s entry in ``_sharding``: its name in URL-safe base64, as
-    Orbax writes and looks it up (and the pytree handlers write)."""
+    Orbax writes and looks it up (for this handler and the pytree handlers alike)."""
     return base64.urlsafe_b64encode(name.encode()).decode()
+
+
+def decode_sharding_document(raw: bytes, where: str) -> dict[str, str]:
+    """A ``_sharding`` document: array name -> entry. Its keys are URL-safe base64, Orbax's;
+    the standard '+' and '/' decode too (ckpt_async wrote them before, for names such as
+    'ab~')."""
+    enc = fmt.decode(raw, dict[str, str], where=where)
+    return {base64.urlsafe_b64decode(k).decode(): v for k, v in enc.items()}
 
 
 async def _write_sharding_entries(entries: Sequence[tuple[ParamInfo, str]]) -> None:
@@ -360,7 +368,7 @@ async def _write_sharding_entries(entries: Sequence[tuple[ParamInfo, str]]) -> N
         txn = ts.Transaction()
         for info, text in group:
             store = await ts.open({"driver": "json", "kvstore": kvstore,
-                                   "json_pointer": "/" + _sharding_key(info.name)},
+                                   "json_pointer": "/" + sharding_key(info.name)},
                                   context=_context(info))
             await store.with_transaction(txn).write(text)
         await txn.commit_async()
@@ -375,10 +383,7 @@ async def _sharding_documents(infos: Sequence[ParamInfo]) -> dict[str, dict[str,
         raw = await storage.read_optional(directory / fmt.SHARDING)
         if raw is None:
             return None
-        enc = fmt.decode(raw, dict[str, str], where=str(directory / fmt.SHARDING))
-        # (URL-safe base64, Orbax's; the standard '+' and '/' decode too, as in the pytree
-        # handlers)
-        return {base64.urlsafe_b64decode(k).decode(): v for k, v in enc.items()}
+        return decode_sharding_document(raw, str(directory / fmt.SHARDING))
 
     docs = await asyncio.gather(*(one(d) for d in dirs.values()))
     return dict(zip(dirs, docs, strict=True))

@@ -9,7 +9,6 @@ zarr folder of its own (zarr v3 with ``use_zarr3=True``).
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import contextlib
 import copy
@@ -80,7 +79,9 @@ from ..type_handlers import (
     SingleReplicaArrayRestoreArgs,
     TypeHandler,
     TypeHandlerRegistry,
+    decode_sharding_document,
     recorded_key_impls,
+    sharding_key,
 )
 from . import _legacy
 from .base import AsyncCheckpointHandler, Writer, engine_method
@@ -544,8 +545,7 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
                 write_shape = ser.shard_shape(sharding, v.shape)
                 sjson = ser.sharding_to_json(sharding)
                 if sjson is not None:
-                    # (the key: the name in URL-safe base64, as Orbax writes and looks it up)
-                    shardings[base64.urlsafe_b64encode(leaf.name.encode()).decode()] = sjson
+                    shardings[sharding_key(leaf.name)] = sjson
                 ext = None
                 if p.key_impl is not None:
                     ext = {RANDOM_KEY_IMPL: p.key_impl}
@@ -608,10 +608,7 @@ class PyTreeCheckpointHandler(AsyncCheckpointHandler):
             aggregated = await _legacy.aggregated_values(directory, self._aggregate_file, names)
         shardings: dict[str, str] = {}
         if raw_shardings is not None:
-            enc = fmt.decode(raw_shardings, dict[str, str], where=str(directory / fmt.SHARDING))
-            # (URL-safe base64, Orbax's; it also decodes the standard '+' and '/' that
-            # ckpt_async wrote before for names such as 'ab~')
-            shardings = {base64.urlsafe_b64decode(k).decode(): v for k, v in enc.items()}
+            shardings = decode_sharding_document(raw_shardings, str(directory / fmt.SHARDING))
         strings: dict = {}
         if raw_strings is not None:
             strings = fmt.decode(raw_strings, dict, where=str(directory / fmt.STRINGS))
