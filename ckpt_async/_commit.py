@@ -136,7 +136,8 @@ async def create_tmp(final: AnyPath, clear: bool | list[str] = True,
     return final
 
 
-def _marker(path: AnyPath) -> bytes:
+def marker_text(path: AnyPath) -> bytes:
+    """What a ``commit_success.txt`` says (Orbax's text): the path it commits."""
     return f"Checkpoint commit was successful to {path}".encode()
 
 
@@ -159,14 +160,14 @@ async def commit(
         (tmp / fmt.CHECKPOINT_METADATA, doc),
         (tmp / fmt.STEP_EXTENSION, fmt.encode(fmt.StepExtension(
             checkpoint_metadata_crc32=crc32(doc), statistics=statistics))),
-        *((d / fmt.COMMIT_SUCCESS, _marker(d)) for d in item_dirs)]
+        *((d / fmt.COMMIT_SUCCESS, marker_text(d)) for d in item_dirs)]
     if not (storage.has_rename(final) and storage.has_rename(tmp)):
         await storage.write_files(files)
         await _write_store_marker(final, replace)  # (last, once every other object is in)
         return
     # (the step's marker names where the step is committed, as Orbax's does; each item's
     # names its folder as it was written, inside the temporary directory, as Orbax's too)
-    await storage.write_files([*files, (tmp / fmt.COMMIT_SUCCESS, _marker(final))])
+    await storage.write_files([*files, (tmp / fmt.COMMIT_SUCCESS, marker_text(final))])
     await storage.fsync_tree(tmp)
     try:
         if replace and await storage.exists(final):
@@ -200,13 +201,13 @@ async def _write_store_marker(final: AnyPath, replace: bool) -> None:
     the old checkpoint when it started and overwrites whatever marker is there now)."""
     marker = final / fmt.COMMIT_SUCCESS
     if replace:
-        await storage.write_bytes(marker, _marker(final))
+        await storage.write_bytes(marker, marker_text(final))
         return
     if not isinstance(marker, StorePath):  # callers check has_rename(): a programming error
         raise CommitError(f"{final}: not an object store")
     # (this save's own marker: a write whose response was lost, retried by TensorStore or
     # checked again, finds this one there, which is no lost race)
-    ours = _marker(final) + f" (save {uuid.uuid4().hex})".encode()
+    ours = marker_text(final) + f" (save {uuid.uuid4().hex})".encode()
     try:
         await storage.write_new(marker, ours)
     except FileExistsError as exc:

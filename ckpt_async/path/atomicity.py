@@ -24,6 +24,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from .. import _commit
 from .. import _storage as storage
 from .._paths import AnyPath, StorePath, as_given
 from .._runtime import get_runtime, on_engine
@@ -72,8 +73,7 @@ async def _make_fresh(path: AnyPath, mode: int | None) -> None:
 
 
 async def _write_commit_file(directory: AnyPath, final_path: AnyPath) -> None:
-    await storage.replace_whole(directory / COMMIT_SUCCESS_FILE,
-                                f"Checkpoint commit was successful to {final_path}".encode())
+    await storage.replace_whole(directory / COMMIT_SUCCESS_FILE, _commit.marker_text(final_path))
 
 
 class TemporaryPathBase(TemporaryPath):
